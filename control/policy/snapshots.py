@@ -1,0 +1,49 @@
+"""Immutable snapshots the pure policies read. No I/O, no actors: the live scheduler and the simulator
+build these from what they know and call the same policy functions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class RunningSnapshot:
+    request_id: str
+    num_tokens: int
+    num_blocks: int
+    priority: int = 0
+    decoding: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceSnapshot:
+    """One instance's load as last reported (plus what the scheduler dispatched since)."""
+
+    instance_id: str
+    num_total_blocks: int
+    num_free_blocks: int
+    num_running: int
+    num_waiting: int
+    waiting_blocks: int = 0  # KV blocks every waiting request needs
+    head_waiting_blocks: int = 0  # KV blocks the first waiting request needs
+    num_preempted: int = 0
+    draining: bool = False
+    model: str = ""
+    block_size: int = 32
+    running: tuple[RunningSnapshot, ...] = ()
+
+    @property
+    def num_high_priority(self) -> int:
+        return sum(1 for r in self.running if r.priority > 0)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestDemand:
+    """What dispatch knows of a new request."""
+
+    request_id: str
+    num_prompt_tokens: int
+    num_blocks: int
+    priority: int = 0
+    model: str = ""
+    prefix_block_hashes: tuple[int, ...] = ()

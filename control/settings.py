@@ -1,0 +1,183 @@
+"""One settings model for every Drover default.
+
+Sources, lowest to highest precedence: the defaults below, a TOML file (``--config`` or ``DROVER_CONFIG``),
+environment variables (``DROVER_<SECTION>__<FIELD>``, e.g. ``DROVER_NATS__URL``), then CLI flags
+(applied by the CLI through :func:`load_settings` overrides). Each field says where its default comes from.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class NatsSettings(_Section):
+    url: str | None = Field(
+        None, description="NATS server URL(s), comma-separated. None: start an embedded nats-server."
+    )
+    embedded_host: str = Field("127.0.0.1", description="Bind address of the embedded server (loopback).")
+    embedded_jetstream: bool = Field(True, description="Enable JetStream in the embedded server.")
+    max_payload_bytes: int = Field(
+        8 * 1024 * 1024, description="Embedded server max_payload; NATS docs advise <= 8 MB."
+    )
+    connect_timeout_s: float = Field(5.0, description="Connect timeout for nats-py.")
+    request_timeout_s: float = Field(5.0, description="Default timeout of a request/reply on the bus.")
+    user: str | None = Field(None, description="NATS user name (with password).")
+    password: str | None = Field(None, description="NATS password.")
+    creds_file: str | None = Field(None, description="NATS credentials file (nkeys/JWT).")
+    tls_ca_file: str | None = Field(None, description="CA bundle to verify the NATS server's TLS cert.")
+
+
+class ModelSettings(_Section):
+    path: str | None = Field(
+        None, description="Hugging Face model directory. None: the generated tiny model (built once, cached)."
+    )
+    name: str = Field("drover-tiny", description="Model name engines advertise and requests may name.")
+    cache_dir: str = Field(
+        str(Path.home() / ".cache" / "drover"), description="Where generated models are cached."
+    )
+    max_model_len: int = Field(2048, description="Context length of an instance (prompt + output).")
+    dtype: str = Field("float32", description="Engine dtype; float32 keeps greedy output exact on CPU.")
+
+
+class EngineSettings(_Section):
+    kind: Literal["vllm", "sim"] = Field("vllm", description="Engine implementation an instance runs.")
+    block_size: int = Field(32, description="KV block size in tokens; vLLM-CPU needs a multiple of 32.")
+    max_num_seqs: int = Field(16, description="Max requests decoding at once (vLLM max_num_seqs).")
+    max_num_batched_tokens: int = Field(2048, description="Token budget of one engine step.")
+    kv_cache_gib: float = Field(0.25, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE), GiB.")
+    cpu_threads: int = Field(1, description="Torch threads per engine; CI has 2 cores for everything.")
+    heartbeat_interval_s: float = Field(0.25, description="How often an engine publishes its load.")
+    sim_num_blocks: int = Field(512, description="KV blocks of a simulated instance.")
+    sim_time_scale: float = Field(
+        1.0, description="Simulated engines in live mode: wall seconds per modelled second."
+    )
+    seed: int = Field(0, description="Sampling seed passed to engines.")
+
+
+class SchedulerSettings(_Section):
+    dispatch_policy: Literal["round_robin", "least_loaded", "freeness", "prefix_affinity"] = Field(
+        "freeness", description="Dispatch policy; 'freeness' is Llumnix's virtual-usage policy."
+    )
+    watermark_blocks: int = Field(
+        0, description="Blocks kept free on every instance in freeness (Llumnix watermark)."
+    )
+    instance_stale_after_s: float = Field(
+        3.0, description="An instance whose last heartbeat is older is not dispatched to."
+    )
+    max_queued_requests: int = Field(
+        1024, description="Requests held when no instance can take them; beyond: Overloaded."
+    )
+
+
+class LimitsSettings(_Section):
+    max_prompt_tokens: int = Field(
+        0, description="Largest prompt accepted; 0 means the instances' max_model_len - 1."
+    )
+    max_new_tokens: int = Field(4096, description="Largest max_tokens a request may ask for.")
+    max_message_bytes: int = Field(4 * 1024 * 1024, description="Submissions larger than this are refused.")
+
+
+class ObservabilitySettings(_Section):
+    exporter: Literal["none", "console", "jsonl", "otlp"] = Field(
+        "jsonl", description="Span exporter: none, console, JSON lines file, or OTLP over HTTP."
+    )
+    jsonl_path: str = Field(".drover/traces.jsonl", description="File the jsonl exporter appends to.")
+    otlp_endpoint: str = Field(
+        "http://127.0.0.1:6006/v1/traces", description="OTLP/HTTP traces endpoint (Phoenix default)."
+    )
+    service_name: str = Field("drover", description="OpenTelemetry service.name prefix.")
+    log_level: str = Field("INFO", description="Python log level.")
+
+
+class SupervisorSettings(_Section):
+    restart_backoff_initial_s: float = Field(0.1, description="First restart delay of a failed actor.")
+    restart_backoff_max_s: float = Field(5.0, description="Cap of the exponential restart delay.")
+    max_restarts: int = Field(10, description="Restarts within restart_window_s before giving up.")
+    restart_window_s: float = Field(60.0, description="Window over which max_restarts is counted.")
+
+
+class DemoSettings(_Section):
+    instances: int = Field(2, description="Engine instances `drover up` starts.")
+    requests: int = Field(16, description="Requests the demo workload submits.")
+    max_tokens: int = Field(32, description="Tokens each demo request generates.")
+    concurrency: int = Field(8, description="Demo requests in flight at once.")
+
+
+class Settings(BaseSettings):
+    """Every Drover setting; sections map to TOML tables and ``DROVER_<SECTION>__<FIELD>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DROVER_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
+    )
+
+    nats: NatsSettings = NatsSettings()
+    model: ModelSettings = ModelSettings()
+    engine: EngineSettings = EngineSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+    limits: LimitsSettings = LimitsSettings()
+    observability: ObservabilitySettings = ObservabilitySettings()
+    supervisor: SupervisorSettings = SupervisorSettings()
+    demo: DemoSettings = DemoSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Init kwargs carry CLI flags merged over the TOML file (see load_settings); env sits between.
+        return (init_settings, env_settings)
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _env_overrides() -> dict[str, Any]:
+    """Environment values as a nested dict, so they override file values field by field."""
+    nested: dict[str, Any] = {}
+    for key, value in os.environ.items():
+        if not key.startswith("DROVER_") or key == "DROVER_CONFIG" or "__" not in key:
+            continue
+        section, _, field = key.removeprefix("DROVER_").lower().partition("__")
+        nested.setdefault(section, {})[field] = value
+    return nested
+
+
+def load_settings(
+    config_file: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> Settings:
+    """Build the effective settings: defaults < TOML file < environment < ``overrides`` (CLI flags).
+
+    ``overrides`` is nested by section, e.g. ``{"nats": {"url": "nats://..."}}``; None values are ignored.
+    """
+    path = config_file or os.environ.get("DROVER_CONFIG")
+    file_values: dict[str, Any] = {}
+    if path:
+        with open(path, "rb") as handle:
+            file_values = tomllib.load(handle)
+    flag_values = {
+        section: {k: v for k, v in fields.items() if v is not None}
+        for section, fields in (overrides or {}).items()
+    }
+    merged = _deep_merge(_deep_merge(file_values, _env_overrides()), flag_values)
+    return Settings(**merged)
