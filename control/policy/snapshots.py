@@ -17,7 +17,12 @@ class RunningSnapshot:
 
 @dataclass(frozen=True, slots=True)
 class InstanceSnapshot:
-    """One instance's load as last reported (plus what the scheduler dispatched since)."""
+    """One instance's load as last reported (plus what the scheduler dispatched since).
+
+    ``running`` is in admission order (oldest first), which the ``last_come`` migration pick relies on.
+    ``cached_prefix_hashes`` is optional: engines that can report the prefix-block hashes they hold fill
+    it; otherwise prefix-affinity dispatch learns holders from its own dispatch history.
+    """
 
     instance_id: str
     num_total_blocks: int
@@ -31,10 +36,19 @@ class InstanceSnapshot:
     model: str = ""
     block_size: int = 32
     running: tuple[RunningSnapshot, ...] = ()
+    cached_prefix_hashes: frozenset[int] = frozenset()
 
     @property
     def num_high_priority(self) -> int:
         return sum(1 for r in self.running if r.priority > 0)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_total_blocks - self.num_free_blocks
+
+    @property
+    def is_empty(self) -> bool:
+        return self.num_running == 0 and self.num_waiting == 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,128 @@
+"""Tunable policy parameters, with the Llumnix paper's values as defaults (see /work/shared/SEEDS.md).
+
+Both dataclasses are frozen: the live scheduler swaps in a new instance on ``drover policy set`` (use
+:func:`dataclasses.replace` or :meth:`PolicyParams.with_updates`), so a decision always reads one
+consistent set of values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+MigrationPick = Literal["shortest", "longest", "last_come", "first_come"]
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchParams:
+    """What dispatch policies read."""
+
+    watermark_blocks: int = 0
+    """Blocks kept free on every instance in freeness (Llumnix watermark; Drover's scheduler default 0)."""
+    high_priority_load_cap_tokens: int = 1600
+    """Llumnix priority headroom: an instance hosting high-priority requests behaves as if it held only
+    this many tokens of KV (the paper caps such instances' load around 1.6k tokens)."""
+    affinity_min_freeness: float = 3.0
+    """Prefix affinity and high-priority packing only choose an instance whose dispatch freeness is at
+    least this (blocks per request); below it they fall back to plain freeness. Default: Llumnix's
+    migration threshold, i.e. "not a migration source"."""
+    prefix_min_match_blocks: int = 1
+    """Fewest leading prefix blocks an instance must hold for prefix affinity to prefer it."""
+    prefix_history_blocks: int = 0
+    """Prefix hashes remembered per instance from dispatch history (LRU); 0 = the instance's KV blocks."""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyParams:
+    """Every scheduling knob ``drover policy get/set`` exposes. Defaults are the Llumnix paper's values."""
+
+    dispatch_policy: str = "freeness"
+    """One of ``control.policy.dispatch.POLICY_NAMES``."""
+    watermark_blocks: int = 0
+    high_priority_load_cap_tokens: int = 1600
+    affinity_min_freeness: float = 3.0
+    prefix_min_match_blocks: int = 1
+    prefix_history_blocks: int = 0
+
+    migration_enabled: bool = True
+    migrate_threshold: float = 3.0
+    """Freeness (blocks per request) below which an instance is a migration source and above which it is a
+    destination (Llumnix default 3)."""
+    migration_period_s: float = 0.05
+    """How often pairing runs (Llumnix: every 0.05 s)."""
+    migration_pick: MigrationPick = "shortest"
+    """Which running request moves: the shortest decode by default (Llumnix); low priority always first."""
+    max_migrations_per_instance: int = 1
+    """Concurrent migrations an instance takes part in, as source or destination (Llumnix default 1)."""
+    max_migrations_total: int = 0
+    """Concurrent migrations cluster-wide; 0 = no global cap (Llumnix has none)."""
+    priority_isolation: bool = True
+    """Move normal requests off instances that host high-priority ones (headroom makes them sources)."""
+    last_stage_max_blocks: int = 16
+    """Stop-and-copy when at most this many blocks are left to copy (Llumnix: 16; 4 in its first release)."""
+    max_stages: int = 3
+    """Abort a migration that has not reached stop-and-copy after this many stages (Llumnix: 3)."""
+
+    def dispatch_params(self) -> DispatchParams:
+        return DispatchParams(
+            watermark_blocks=self.watermark_blocks,
+            high_priority_load_cap_tokens=self.high_priority_load_cap_tokens,
+            affinity_min_freeness=self.affinity_min_freeness,
+            prefix_min_match_blocks=self.prefix_min_match_blocks,
+            prefix_history_blocks=self.prefix_history_blocks,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def with_updates(self, **changes: Any) -> PolicyParams:
+        """A copy with ``changes`` applied, type-coerced from strings (the CLI sends text) and validated."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        coerced: dict[str, Any] = {}
+        for name, value in changes.items():
+            if name not in fields:
+                raise ValueError(f"unknown policy parameter {name!r}; known: {', '.join(sorted(fields))}")
+            coerced[name] = _coerce(value, type(getattr(self, name)), name)
+        updated = dataclasses.replace(self, **coerced)
+        updated.validate()
+        return updated
+
+    def validate(self) -> None:
+        """Raise ValueError with an actionable message when a value is out of range."""
+        from control.policy.dispatch import POLICY_NAMES  # late: dispatch imports this module
+
+        if self.dispatch_policy not in POLICY_NAMES:
+            raise ValueError(f"dispatch_policy must be one of {POLICY_NAMES}, got {self.dispatch_policy!r}")
+        if self.migration_pick not in ("shortest", "longest", "last_come", "first_come"):
+            raise ValueError(
+                f"migration_pick {self.migration_pick!r} is not shortest/longest/last_come/first_come"
+            )
+        for name in ("watermark_blocks", "max_migrations_total", "prefix_history_blocks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        for name in ("max_migrations_per_instance", "max_stages", "high_priority_load_cap_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.migration_period_s <= 0:
+            raise ValueError("migration_period_s must be > 0")
+
+
+def _coerce(value: Any, kind: type, name: str) -> Any:
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    if isinstance(value, str):
+        if kind is bool:
+            lowered = value.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"{name} expects true/false, got {value!r}")
+        try:
+            return kind(value)
+        except ValueError as exc:
+            raise ValueError(f"{name} expects {kind.__name__}, got {value!r}") from exc
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    raise ValueError(f"{name} expects {kind.__name__}, got {type(value).__name__}")
