@@ -181,3 +181,21 @@ def load_settings(
     }
     merged = _deep_merge(_deep_merge(file_values, _env_overrides()), flag_values)
     return Settings(**merged)
+
+
+def dump_toml(settings: Settings) -> str:
+    """The settings as a TOML document (None values omitted), loadable by :func:`load_settings`."""
+
+    def scalar(value: Any) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, int | float):
+            return repr(value)
+        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines: list[str] = []
+    for section, fields in settings.model_dump(mode="json").items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {scalar(value)}" for key, value in fields.items() if value is not None)
+        lines.append("")
+    return "\n".join(lines)

@@ -295,7 +295,7 @@ def _peek(data: bytes) -> tuple[str | None, int | None, str | None]:
     """Best-effort read of kind, version and request_id from an undecodable message."""
     try:
         raw = msgspec.msgpack.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, ValueError):  # ValueError: invalid UTF-8 inside a str
         return None, None, None
     if not isinstance(raw, dict):
         return None, None, None
@@ -315,7 +315,7 @@ def decode(data: bytes) -> Message:
     """Decode one bus message or raise :class:`ProtocolError` with a code for the error reply."""
     try:
         message = _decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
         kind, version, rid = _peek(data)
         if kind is not None and kind not in _KNOWN_KINDS:
             raise ProtocolError(ErrorCode.UNKNOWN_KIND, f"unknown message kind {kind!r}", rid) from exc

@@ -1,0 +1,94 @@
+"""The control-plane process: bus, SupervisorActor and its children, wired to their NATS subjects."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+import pykka
+
+from actors.scheduler import SchedulerActor, Tick
+from actors.supervisor import ActorSlot, GetStatus, SupervisorActor
+from control.settings import Settings
+from engines.tokenizer import Tokenizer
+from transport import subjects
+from transport.bus import Bus, Envelope
+from transport.messages import ErrorCode, StatusReply
+
+log = logging.getLogger(__name__)
+
+
+class ControlPlane:
+    """Starts and stops the control plane's actors; bus handlers only hand envelopes to actor slots."""
+
+    def __init__(self, settings: Settings, bus: Bus, tokenizer: Tokenizer, *, tick_interval_s: float = 0.25) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.tokenizer = tokenizer
+        self.tick_interval_s = tick_interval_s
+        self.supervisor: pykka.ActorRef[Any] | None = None
+        self.scheduler: ActorSlot | None = None
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick_loop, name="control-tick", daemon=True)
+
+    def start(self) -> ControlPlane:
+        sup = self.settings.supervisor
+        self.supervisor = SupervisorActor.start(
+            backoff_initial_s=sup.restart_backoff_initial_s,
+            backoff_max_s=sup.restart_backoff_max_s,
+            max_restarts=sup.max_restarts,
+            restart_window_s=sup.restart_window_s,
+        )
+
+        def make_scheduler(parent: pykka.ActorRef[Any], name: str) -> pykka.ActorRef[Any]:
+            return SchedulerActor.start(self.bus, self.settings, self.tokenizer, parent, name)
+
+        self.scheduler = self.supervisor.proxy().start_child("scheduler", make_scheduler).get(timeout=10)
+        scheduler = self.scheduler
+        self.bus.subscribe(subjects.SUBMIT, scheduler.tell, queue=subjects.CONTROL_QUEUE)
+        self.bus.subscribe(subjects.CANCEL, scheduler.tell, queue=subjects.CONTROL_QUEUE)
+        self.bus.subscribe(subjects.heartbeat("*"), scheduler.tell)
+        self.bus.subscribe(subjects.ENGINE_EVENTS, scheduler.tell)
+        self.bus.subscribe(subjects.admin("status"), self._on_status, queue=subjects.CONTROL_QUEUE)
+        self._ticker.start()
+        log.info("control plane started")
+        return self
+
+    async def _on_status(self, envelope: Envelope) -> None:
+        """Answer with the scheduler's view plus each actor's supervision state."""
+        assert self.scheduler is not None and self.supervisor is not None
+        try:
+            status: StatusReply = await asyncio.to_thread(self._ask_status)
+        except Exception as exc:
+            self.bus.reply_error(envelope.reply, ErrorCode.INTERNAL, f"status unavailable: {exc}")
+            return
+        if envelope.reply:
+            await self.bus.apublish(envelope.reply, status)
+
+    def _ask_status(self) -> StatusReply:
+        assert self.scheduler is not None and self.supervisor is not None
+        ref = self.scheduler.ref
+        if ref is None:
+            raise RuntimeError("scheduler is restarting")
+        status: StatusReply = ref.proxy().status().get(timeout=5)
+        actors: dict[str, str] = self.supervisor.ask(GetStatus(), timeout=5)
+        return StatusReply(
+            instances=status.instances,
+            requests=status.requests,
+            queued=status.queued,
+            dispatch_policy=status.dispatch_policy,
+            actors=actors,
+        )
+
+    def _tick_loop(self) -> None:
+        while not self._stop.wait(self.tick_interval_s):
+            if self.scheduler is not None:
+                self.scheduler.tell(Tick())
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.supervisor is not None and self.supervisor.is_alive():
+            self.supervisor.stop(timeout=10)
+        log.info("control plane stopped")

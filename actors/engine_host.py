@@ -1,0 +1,101 @@
+"""An engine-host process: one engine instance, its EngineActor and its heartbeat, joined to the bus."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pykka
+
+from actors.engine_actor import EngineActor, Heartbeater
+from control.settings import Settings
+from engines.base import Engine
+from engines.tokenizer import Tokenizer, load_tokenizer
+from transport import subjects
+from transport.bus import Bus
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model_dir(settings: Settings) -> Path:
+    """The configured model directory, or Drover's generated tiny model (built once, cached)."""
+    if settings.model.path:
+        return Path(settings.model.path)
+    from engines.tiny_model import TINY, ensure_model
+
+    return ensure_model(Path(settings.model.cache_dir), TINY)
+
+
+def build_engine(settings: Settings, instance_id: str) -> tuple[Engine, Tokenizer]:
+    """Construct (not start) the configured engine kind for ``instance_id``."""
+    eng = settings.engine
+    if eng.kind == "sim":
+        from engines.sim import SimEngine
+
+        sim = SimEngine(
+            instance_id,
+            model_name=settings.model.name,
+            block_size=eng.block_size,
+            num_blocks=eng.sim_num_blocks,
+            max_num_seqs=eng.max_num_seqs,
+            max_num_batched_tokens=eng.max_num_batched_tokens,
+            max_model_len=settings.model.max_model_len,
+            time_scale=eng.sim_time_scale,
+            seed=eng.seed,
+        )
+        return sim, load_tokenizer(None)
+    model_dir = resolve_model_dir(settings)
+    from engines.vllm.engine import VllmEngine
+
+    vllm_engine = VllmEngine(
+        instance_id,
+        model_dir,
+        model_name=settings.model.name,
+        block_size=eng.block_size,
+        max_model_len=settings.model.max_model_len,
+        max_num_seqs=eng.max_num_seqs,
+        max_num_batched_tokens=eng.max_num_batched_tokens,
+        kv_cache_gib=eng.kv_cache_gib,
+        dtype=settings.model.dtype,
+        cpu_threads=eng.cpu_threads,
+        seed=eng.seed,
+    )
+    return vllm_engine, load_tokenizer(model_dir)
+
+
+class EngineHost:
+    def __init__(self, settings: Settings, bus: Bus, engine: Engine, tokenizer: Tokenizer) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.actor: pykka.ActorRef[Any] | None = None
+        self.heartbeater = Heartbeater(bus, engine, settings.engine.heartbeat_interval_s)
+
+    @property
+    def instance_id(self) -> str:
+        return self.engine.info.instance_id
+
+    def start(self, timeout_s: float = 600.0) -> EngineHost:
+        self.bus.run(self.engine.start()).result(timeout=timeout_s)
+        self.actor = EngineActor.start(self.bus, self.engine, self.tokenizer)
+        actor = self.actor
+        self.bus.subscribe(subjects.engine(self.instance_id), actor.tell)
+        self.heartbeater.start()
+        log.info("engine %s serving (%s)", self.instance_id, self.engine.info.engine_kind)
+        return self
+
+    def stop(self) -> None:
+        self.heartbeater.state = "stopping"
+        try:
+            self.heartbeater.beat()
+        except Exception:
+            log.debug("final heartbeat failed", exc_info=True)
+        self.heartbeater.stop()
+        if self.actor is not None and self.actor.is_alive():
+            self.actor.stop(timeout=10)
+        try:
+            self.bus.run(self.engine.shutdown()).result(timeout=30)
+        except Exception:
+            log.warning("engine %s shutdown failed", self.instance_id, exc_info=True)

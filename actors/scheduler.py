@@ -1,0 +1,400 @@
+"""SchedulerActor: admits client requests, tokenizes them, dispatches them to instances by policy, and
+keeps the cluster's instance and request tables (from heartbeats and engine events).
+
+It never blocks: every input is a message (an ``Envelope`` from the bus or an internal tick), every output
+a non-blocking publish. Dispatch decisions come from ``control.policy.dispatch`` (pure, shared with the
+simulator).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import secrets
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import pykka
+from opentelemetry import trace
+
+from actors.supervisor import SupervisedActor
+from control.policy.dispatch import DispatchIndex, make_dispatch_policy
+from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot
+from control.settings import Settings
+from engines.tokenizer import Tokenizer
+from observability import spans
+from observability.tracing import extract_context, inject_headers, tracer
+from transport import subjects
+from transport.bus import Bus, Envelope
+from transport.messages import (
+    Accepted,
+    Cancel,
+    CancelAck,
+    EngineAbort,
+    EngineAdd,
+    EngineInfo,
+    EngineRequestEnded,
+    ErrorCode,
+    InstanceHeartbeat,
+    InstanceLoad,
+    InstanceStatus,
+    RequestDone,
+    RequestStatus,
+    StatusQuery,
+    StatusReply,
+    SubmitRequest,
+    Usage,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class InstanceRecord:
+    info: EngineInfo
+    load: InstanceLoad
+    last_seen: float  # time.monotonic()
+    state: str = "serving"
+    draining: bool = False
+    dispatched: int = 0
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    submit: SubmitRequest
+    request_id: str
+    cancel_token: str
+    prompt_token_ids: list[int]
+    arrival: float  # time.time()
+    headers: dict[str, str]
+    instance_id: str | None = None
+    state: str = "queued"  # queued | running
+    served_by: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Periodic housekeeping: expire stale instances, retry queued requests."""
+
+
+class SchedulerActor(SupervisedActor):
+    def __init__(
+        self,
+        bus: Bus,
+        settings: Settings,
+        tokenizer: Tokenizer,
+        supervisor: pykka.ActorRef[Any] | None = None,
+        name: str = "scheduler",
+    ) -> None:
+        super().__init__(supervisor, name)
+        self.bus = bus
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self.instances: dict[str, InstanceRecord] = {}
+        self.requests: dict[str, RequestRecord] = {}
+        self.queue: deque[str] = deque()
+        self.policy: DispatchIndex = make_dispatch_policy(settings.scheduler.dispatch_policy)
+
+    # ------------------------------------------------------------------------------------------- dispatching
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Envelope):
+            return self._on_envelope(message)
+        if isinstance(message, Tick):
+            self._tick()
+        return None
+
+    def _on_envelope(self, envelope: Envelope) -> None:
+        message = envelope.message
+        if isinstance(message, InstanceHeartbeat):
+            self._on_heartbeat(message)
+        elif isinstance(message, SubmitRequest):
+            self._on_submit(message, envelope)
+        elif isinstance(message, EngineRequestEnded):
+            self._on_request_ended(message)
+        elif isinstance(message, Cancel):
+            self._on_cancel(message, envelope.reply)
+        elif isinstance(message, StatusQuery):
+            if envelope.reply:
+                self.bus.publish(envelope.reply, self.status())
+        else:
+            self.bus.reply_error(
+                envelope.reply,
+                ErrorCode.INVALID_REQUEST,
+                f"{type(message).__name__} is not accepted on {envelope.subject}",
+                getattr(message, "request_id", None),
+            )
+
+    # ------------------------------------------------------------------------------------------- instances
+    def _on_heartbeat(self, beat: InstanceHeartbeat) -> None:
+        instance_id = beat.info.instance_id
+        record = self.instances.get(instance_id)
+        is_new = record is None
+        if record is None:
+            record = InstanceRecord(info=beat.info, load=beat.load, last_seen=time.monotonic())
+            self.instances[instance_id] = record
+            log.info("instance %s joined (%s, %d blocks)", instance_id, beat.info.engine_kind, beat.info.num_blocks)
+        record.info, record.load, record.last_seen = beat.info, beat.load, time.monotonic()
+        record.state, record.draining = beat.state, beat.draining
+        self.policy.upsert(self._snapshot(record))
+        if is_new:
+            self._drain_queue()
+
+    def _snapshot(self, record: InstanceRecord) -> InstanceSnapshot:
+        load = record.load
+        return InstanceSnapshot(
+            instance_id=record.info.instance_id,
+            num_total_blocks=load.num_total_blocks,
+            num_free_blocks=load.num_free_blocks,
+            num_running=load.num_running,
+            num_waiting=load.num_waiting,
+            waiting_blocks=load.waiting_blocks,
+            head_waiting_blocks=load.head_waiting_blocks,
+            num_preempted=load.num_preempted,
+            draining=record.draining or record.state != "serving",
+            model=record.info.model,
+            block_size=record.info.block_size,
+            running=tuple(
+                RunningSnapshot(
+                    request_id=r.request_id,
+                    num_tokens=r.num_tokens,
+                    num_blocks=r.num_blocks,
+                    priority=r.priority,
+                    decoding=r.decoding,
+                )
+                for r in load.running
+            ),
+        )
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        stale_after = self.settings.scheduler.instance_stale_after_s
+        for instance_id, record in list(self.instances.items()):
+            if now - record.last_seen > stale_after:
+                log.warning("instance %s missed heartbeats for %.1fs: removed", instance_id, now - record.last_seen)
+                self.instances.pop(instance_id)
+                self.policy.remove(instance_id)
+        self._drain_queue()
+
+    # ------------------------------------------------------------------------------------------- submission
+    def _max_prompt_tokens(self, model: str) -> int:
+        configured = self.settings.limits.max_prompt_tokens
+        if configured > 0:
+            return configured
+        lengths = [r.info.max_model_len for r in self.instances.values() if not model or r.info.model == model]
+        return (min(lengths) if lengths else self.settings.model.max_model_len) - 1
+
+    def _validate(self, submit: SubmitRequest) -> str | None:
+        """A user-facing reason the request is invalid, or None."""
+        if (submit.prompt is None) == (submit.prompt_token_ids is None):
+            return "give exactly one of prompt or prompt_token_ids"
+        if submit.prompt is not None and not submit.prompt:
+            return "prompt is empty"
+        if submit.prompt_token_ids is not None and not submit.prompt_token_ids:
+            return "prompt_token_ids is empty"
+        if submit.prompt_token_ids is not None and any(t < 0 for t in submit.prompt_token_ids):
+            return "prompt_token_ids must be non-negative"
+        sampling = submit.sampling
+        if not 1 <= sampling.max_tokens <= self.settings.limits.max_new_tokens:
+            return f"max_tokens must be in 1..{self.settings.limits.max_new_tokens}"
+        if sampling.temperature < 0 or not math.isfinite(sampling.temperature):
+            return "temperature must be >= 0"
+        if not 0 < sampling.top_p <= 1:
+            return "top_p must be in (0, 1]"
+        if submit.request_id is not None:
+            try:
+                subjects.validate_token(submit.request_id)
+            except ValueError:
+                return "request_id must be 1-128 characters without '.', '*', '>' or whitespace"
+        return None
+
+    def _on_submit(self, submit: SubmitRequest, envelope: Envelope) -> None:
+        reply_to = submit.reply_to or envelope.reply
+        if not reply_to:
+            log.warning("submit without reply subject dropped")
+            return
+        reason = self._validate(submit)
+        if reason is not None:
+            self.bus.reply_error(reply_to, ErrorCode.INVALID_REQUEST, reason, submit.request_id)
+            return
+        request_id = submit.request_id or uuid.uuid4().hex
+        existing = self.requests.get(request_id)
+        if existing is not None:
+            if existing.submit.reply_to == reply_to:  # a client retry: acknowledge again, run once
+                self.bus.publish(
+                    reply_to,
+                    Accepted(
+                        request_id=request_id,
+                        cancel_token=existing.cancel_token,
+                        prompt_tokens=len(existing.prompt_token_ids),
+                    ),
+                )
+            else:
+                self.bus.reply_error(
+                    reply_to, ErrorCode.DUPLICATE_REQUEST, f"request id {request_id} is in use", request_id
+                )
+            return
+        token_ids = (
+            list(submit.prompt_token_ids)
+            if submit.prompt_token_ids is not None
+            else self.tokenizer.encode(submit.prompt or "")
+        )
+        limit = self._max_prompt_tokens(submit.model or "")
+        if len(token_ids) > limit:
+            self.bus.reply_error(
+                reply_to,
+                ErrorCode.PROMPT_TOO_LONG,
+                f"prompt has {len(token_ids)} tokens; this deployment accepts at most {limit}",
+                request_id,
+            )
+            return
+        if len(self.queue) >= self.settings.scheduler.max_queued_requests and self._no_room(request_id, token_ids, submit):
+            self.bus.reply_error(
+                reply_to, ErrorCode.OVERLOADED, "request queue is full; retry later", request_id
+            )
+            return
+        record = RequestRecord(
+            submit=submit,
+            request_id=request_id,
+            cancel_token=secrets.token_urlsafe(16),
+            prompt_token_ids=token_ids,
+            arrival=time.time(),
+            headers=envelope.headers,
+        )
+        self.requests[request_id] = record
+        self.bus.publish(
+            reply_to,
+            Accepted(request_id=request_id, cancel_token=record.cancel_token, prompt_tokens=len(token_ids)),
+        )
+        if not self._dispatch(record):
+            self.queue.append(request_id)
+
+    def _no_room(self, request_id: str, token_ids: list[int], submit: SubmitRequest) -> bool:
+        return self.policy.choose(self._demand(request_id, token_ids, submit)) is None
+
+    def _demand(self, request_id: str, token_ids: list[int], submit: SubmitRequest) -> RequestDemand:
+        block_size = next(iter(self.instances.values())).info.block_size if self.instances else 32
+        return RequestDemand(
+            request_id=request_id,
+            num_prompt_tokens=len(token_ids),
+            num_blocks=-(-len(token_ids) // block_size),
+            priority=submit.priority,
+            model=submit.model or "",
+        )
+
+    def _dispatch(self, record: RequestRecord) -> bool:
+        demand = self._demand(record.request_id, record.prompt_token_ids, record.submit)
+        instance_id = self.policy.choose(demand)
+        if instance_id is None:
+            return False
+        instance = self.instances[instance_id]
+        submit = record.submit
+        with tracer().start_as_current_span(
+            spans.SCHEDULER_DISPATCH,
+            context=extract_context(record.headers),
+            kind=trace.SpanKind.PRODUCER,
+            attributes={
+                spans.REQUEST_ID: record.request_id,
+                spans.INSTANCE_ID: instance_id,
+                spans.DISPATCH_POLICY: self.policy.name,
+                spans.PRIORITY: submit.priority,
+                spans.REQUEST_CLASS: str(submit.request_class),
+                spans.GEN_AI_USAGE_INPUT_TOKENS: len(record.prompt_token_ids),
+                spans.MESSAGING_SYSTEM: "nats",
+                "drover.queue_s": time.time() - record.arrival,
+            },
+        ):
+            headers = inject_headers()
+        self.bus.publish(
+            subjects.engine(instance_id),
+            EngineAdd(
+                request_id=record.request_id,
+                prompt_token_ids=record.prompt_token_ids,
+                sampling=submit.sampling,
+                reply_to=submit.reply_to,
+                priority=submit.priority,
+                request_class=submit.request_class,
+                arrival_time=record.arrival,
+                stream_text=submit.stream_text,
+            ),
+            headers=headers,
+        )
+        self.policy.on_dispatched(instance_id, demand)
+        instance.dispatched += 1
+        record.instance_id, record.state = instance_id, "running"
+        record.served_by.append(instance_id)
+        return True
+
+    def _drain_queue(self) -> None:
+        while self.queue:
+            record = self.requests.get(self.queue[0])
+            if record is None:
+                self.queue.popleft()
+                continue
+            if not self._dispatch(record):
+                return
+            self.queue.popleft()
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+    def _on_request_ended(self, ended: EngineRequestEnded) -> None:
+        record = self.requests.get(ended.request_id)
+        if record is None or record.instance_id != ended.instance_id:
+            return  # a late or duplicate event (e.g. after migration): the current owner reports again
+        self.requests.pop(ended.request_id)
+
+    def _on_cancel(self, cancel: Cancel, reply: str) -> None:
+        target = cancel.reply_to or reply
+        record = self.requests.get(cancel.request_id)
+        # A wrong token gets the same answer as an unknown id: ids of other clients reveal nothing.
+        if record is None or not hmac.compare_digest(record.cancel_token, cancel.cancel_token):
+            self.bus.reply_error(
+                target, ErrorCode.UNKNOWN_REQUEST, f"no request {cancel.request_id} to cancel", cancel.request_id
+            )
+            return
+        if record.state == "queued":
+            self.requests.pop(cancel.request_id)
+            self.bus.publish(
+                record.submit.reply_to,
+                RequestDone(
+                    request_id=cancel.request_id,
+                    finish_reason="abort",
+                    usage=Usage(prompt_tokens=len(record.prompt_token_ids), completion_tokens=0),
+                ),
+            )
+        elif record.instance_id is not None:
+            self.bus.publish(subjects.engine(record.instance_id), EngineAbort(request_id=cancel.request_id))
+        if target:
+            self.bus.publish(target, CancelAck(request_id=cancel.request_id))
+
+    # ------------------------------------------------------------------------------------------- status
+    def status(self) -> StatusReply:
+        now_mono, now = time.monotonic(), time.time()
+        return StatusReply(
+            instances=[
+                InstanceStatus(
+                    info=r.info,
+                    load=r.load,
+                    age_s=now_mono - r.last_seen,
+                    state="draining" if r.draining else r.state,
+                    dispatched=r.dispatched,
+                )
+                for r in sorted(self.instances.values(), key=lambda r: r.info.instance_id)
+            ],
+            requests=[
+                RequestStatus(
+                    request_id=r.request_id,
+                    instance_id=r.instance_id,
+                    state=r.state,
+                    prompt_tokens=len(r.prompt_token_ids),
+                    age_s=now - r.arrival,
+                    priority=r.submit.priority,
+                    request_class=r.submit.request_class,
+                )
+                for r in self.requests.values()
+            ],
+            queued=len(self.queue),
+            dispatch_policy=self.policy.name,
+        )

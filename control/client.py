@@ -1,0 +1,286 @@
+"""The Python client: submit requests over NATS and stream their tokens back.
+
+Any NATS client in any language can do the same (see the README's wire schema): publish a msgpack
+``SubmitRequest`` on ``drover.v1.submit`` with ``reply_to`` set to an inbox you subscribe to, and read
+``Accepted``, ``TokenChunk``s and a final ``RequestDone`` (or ``ErrorReply``) from it. Chunks carry their
+index: the client drops duplicates and reorders, so each token is delivered once, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from opentelemetry import trace
+
+from observability import spans
+from observability.tracing import inject_headers, tracer
+from transport import subjects
+from transport.messages import (
+    Accepted,
+    Cancel,
+    CancelAck,
+    ErrorCode,
+    ErrorReply,
+    Message,
+    ProtocolError,
+    RequestClass,
+    RequestDone,
+    SamplingParams,
+    StatusQuery,
+    StatusReply,
+    SubmitRequest,
+    TokenChunk,
+    decode,
+    encode,
+)
+
+
+class DroverError(Exception):
+    """An error reply from Drover; ``code`` is an :class:`ErrorCode`."""
+
+    def __init__(self, code: ErrorCode | str, message: str, request_id: str | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+@dataclass(slots=True)
+class StreamEvent:
+    """One delivery to the caller: new tokens (in order, no duplicates) with their arrival time."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    instance_id: str
+    received_at: float
+
+
+@dataclass(slots=True)
+class RequestResult:
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    done: RequestDone | None = None
+    accepted: Accepted | None = None
+    submitted_at: float = 0.0
+    token_times: list[float] = field(default_factory=list)  # arrival time of each token
+    instances: list[str] = field(default_factory=list)  # instance of each chunk, in order
+
+    @property
+    def ttft_s(self) -> float:
+        return self.token_times[0] - self.submitted_at if self.token_times else float("nan")
+
+    @property
+    def inter_token_s(self) -> list[float]:
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:], strict=False)]
+
+
+class RequestStream:
+    """A submitted request: iterate it for tokens; ``result()`` waits for the end."""
+
+    def __init__(self, client: DroverClient, request_id: str | None, submitted_at: float) -> None:
+        self._client = client
+        self.request_id = request_id
+        self.submitted_at = submitted_at
+        self._queue: asyncio.Queue[Message] = asyncio.Queue()
+        self._next_index = 0
+        self._held: dict[int, TokenChunk] = {}  # chunks that arrived ahead of a gap
+        self.accepted: asyncio.Future[Accepted] = asyncio.get_running_loop().create_future()
+        self.result_data = RequestResult(request_id=request_id or "", submitted_at=submitted_at)
+        self._subscription: Subscription | None = None
+        self._finished = False
+
+    def _deliver(self, message: Message) -> None:
+        self._queue.put_nowait(message)
+
+    async def events(self) -> AsyncIterator[StreamEvent]:
+        """Token deliveries, each token once and in order; raises DroverError on an error reply."""
+        try:
+            while not self._finished:
+                message = await self._queue.get()
+                if isinstance(message, Accepted):
+                    self.request_id = self.result_data.request_id = message.request_id
+                    self.result_data.accepted = message
+                    if not self.accepted.done():
+                        self.accepted.set_result(message)
+                elif isinstance(message, TokenChunk):
+                    for event in self._on_chunk(message):
+                        yield event
+                elif isinstance(message, RequestDone):
+                    self.result_data.done = message
+                    self._finished = True
+                elif isinstance(message, ErrorReply):
+                    self._finished = True
+                    error = DroverError(message.code, message.message, message.request_id)
+                    if not self.accepted.done():
+                        self.accepted.set_exception(error)
+                    raise error
+        finally:
+            await self.close()
+
+    def _on_chunk(self, chunk: TokenChunk) -> list[StreamEvent]:
+        now = time.perf_counter()
+        end = chunk.index + len(chunk.token_ids)
+        if end <= self._next_index:
+            return []  # a duplicate (e.g. replayed after migration or failover)
+        if chunk.index > self._next_index:
+            self._held[chunk.index] = chunk  # arrived ahead of a gap: hold until the gap fills
+            return []
+        events = []
+        pending: TokenChunk | None = chunk
+        while pending is not None:
+            skip = self._next_index - pending.index
+            tokens = pending.token_ids[skip:]
+            if tokens:
+                events.append(
+                    StreamEvent(self._next_index, tokens, pending.text if skip == 0 else "", pending.instance_id, now)
+                )
+                self.result_data.token_ids.extend(tokens)
+                self.result_data.text += pending.text if skip == 0 else ""
+                self.result_data.token_times.extend([now] * len(tokens))
+                self.result_data.instances.append(pending.instance_id)
+                self._next_index += len(tokens)
+            pending = self._held.pop(self._next_index, None)
+        return events
+
+    async def result(self) -> RequestResult:
+        async for _ in self.events():
+            pass
+        return self.result_data
+
+    async def cancel(self, timeout_s: float = 5.0) -> None:
+        accepted = await asyncio.wait_for(asyncio.shield(self.accepted), timeout_s)
+        await self._client.cancel(accepted.request_id, accepted.cancel_token, timeout_s=timeout_s)
+
+    async def close(self) -> None:
+        if self._subscription is not None:
+            sub, self._subscription = self._subscription, None
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                pass
+
+
+class DroverClient:
+    def __init__(self, url: str, *, name: str = "drover-client", inbox_prefix: str | None = None) -> None:
+        self.url = url
+        self.name = name
+        self.inbox_prefix = inbox_prefix
+        self._nc: NatsClient | None = None
+
+    async def connect(self, **kwargs: object) -> DroverClient:
+        options: dict[str, object] = {"servers": self.url.split(","), "name": self.name, **kwargs}
+        if self.inbox_prefix:
+            options["inbox_prefix"] = self.inbox_prefix
+        self._nc = await nats.connect(**options)  # type: ignore[arg-type]
+        return self
+
+    async def close(self) -> None:
+        if self._nc is not None:
+            await self._nc.drain()
+            self._nc = None
+
+    async def __aenter__(self) -> DroverClient:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def nc(self) -> NatsClient:
+        if self._nc is None:
+            raise RuntimeError("client not connected: call connect()")
+        return self._nc
+
+    async def submit(
+        self,
+        prompt: str | None = None,
+        *,
+        prompt_token_ids: list[int] | None = None,
+        max_tokens: int = 16,
+        temperature: float = 0.0,
+        sampling: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        request_class: RequestClass = RequestClass.INTERACTIVE,
+        model: str | None = None,
+    ) -> RequestStream:
+        """Publish a request and return its stream (tokens start flowing at once)."""
+        inbox = self.nc.new_inbox()
+        stream = RequestStream(self, request_id, time.perf_counter())
+
+        async def on_message(msg: Msg) -> None:
+            try:
+                stream._deliver(decode(msg.data))
+            except ProtocolError as exc:
+                stream._deliver(ErrorReply(code=exc.code, message=str(exc)))
+
+        stream._subscription = await self.nc.subscribe(inbox, cb=on_message)
+        submit = SubmitRequest(
+            reply_to=inbox,
+            request_id=request_id,
+            prompt=prompt,
+            prompt_token_ids=prompt_token_ids,
+            sampling=sampling or SamplingParams(max_tokens=max_tokens, temperature=temperature),
+            priority=priority,
+            request_class=request_class,
+            model=model,
+            client_id=self.name,
+        )
+        with tracer().start_as_current_span(
+            spans.CLIENT_SUBMIT,
+            kind=trace.SpanKind.PRODUCER,
+            attributes={spans.MESSAGING_SYSTEM: "nats", spans.MESSAGING_DESTINATION: subjects.SUBMIT},
+        ):
+            headers = inject_headers()
+        await self.nc.publish(subjects.SUBMIT, encode(submit), reply=inbox, headers=headers)
+        return stream
+
+    async def generate(self, prompt: str | None = None, **kwargs: object) -> RequestResult:
+        """Submit and wait for the whole result."""
+        stream = await self.submit(prompt, **kwargs)  # type: ignore[arg-type]
+        return await stream.result()
+
+    async def cancel(self, request_id: str, cancel_token: str, *, timeout_s: float = 5.0) -> None:
+        reply = await self.nc.request(
+            subjects.CANCEL,
+            encode(Cancel(request_id=request_id, cancel_token=cancel_token)),
+            timeout=timeout_s,
+        )
+        message = decode(reply.data)
+        if isinstance(message, ErrorReply):
+            raise DroverError(message.code, message.message, message.request_id)
+        if not isinstance(message, CancelAck):
+            raise DroverError(ErrorCode.INTERNAL, f"unexpected reply {type(message).__name__}")
+
+    async def status(self, *, timeout_s: float = 5.0) -> StatusReply:
+        reply = await self.nc.request(subjects.admin("status"), encode(StatusQuery()), timeout=timeout_s)
+        message = decode(reply.data)
+        if isinstance(message, ErrorReply):
+            raise DroverError(message.code, message.message)
+        if not isinstance(message, StatusReply):
+            raise DroverError(ErrorCode.INTERNAL, f"unexpected reply {type(message).__name__}")
+        return message
+
+    async def wait_for_instances(self, count: int, *, timeout_s: float = 120.0) -> StatusReply:
+        """Wait until ``count`` instances are serving (used by `drover up` and tests)."""
+        deadline = time.monotonic() + timeout_s
+        last: StatusReply | None = None
+        while time.monotonic() < deadline:
+            try:
+                last = await self.status(timeout_s=2.0)
+                if sum(1 for i in last.instances if i.state == "serving") >= count:
+                    return last
+            except (TimeoutError, nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                pass
+            await asyncio.sleep(0.2)
+        have = 0 if last is None else len(last.instances)
+        raise TimeoutError(f"{have} of {count} instances serving after {timeout_s:.0f}s")

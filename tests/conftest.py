@@ -1,0 +1,27 @@
+"""Session-wide fixtures: one real nats-server for the whole session (tests use real servers, never mocks)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from transport.nats_server import EmbeddedNatsServer
+
+os.environ.setdefault("DROVER_OBSERVABILITY__EXPORTER", "none")
+logging.getLogger("nats").setLevel(logging.WARNING)
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[EmbeddedNatsServer]:
+    server = EmbeddedNatsServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_url(nats_server: EmbeddedNatsServer) -> str:
+    return nats_server.url
