@@ -172,6 +172,7 @@ class EngineActor(pykka.ThreadingActor):
                             token_ids=output.new_token_ids,
                             text=text,
                             instance_id=self.instance_id,
+                            produced_at=time.time(),
                         ),
                     )
                     index += len(output.new_token_ids)

@@ -71,7 +71,8 @@ class RequestResult:
     done: RequestDone | None = None
     accepted: Accepted | None = None
     submitted_at: float = 0.0
-    token_times: list[float] = field(default_factory=list)  # arrival time of each token
+    token_times: list[float] = field(default_factory=list)  # arrival time of each token (perf_counter)
+    transit_s: list[float] = field(default_factory=list)  # engine -> client delay of each chunk (wall clock)
     instances: list[str] = field(default_factory=list)  # instance of each chunk, in order
 
     @property
@@ -128,6 +129,8 @@ class RequestStream:
 
     def _on_chunk(self, chunk: TokenChunk) -> list[StreamEvent]:
         now = time.perf_counter()
+        if chunk.produced_at:
+            self.result_data.transit_s.append(time.time() - chunk.produced_at)
         end = chunk.index + len(chunk.token_ids)
         if end <= self._next_index:
             return []  # a duplicate (e.g. replayed after migration or failover)

@@ -25,3 +25,18 @@ def nats_server() -> Iterator[EmbeddedNatsServer]:
 @pytest.fixture(scope="session")
 def nats_url(nats_server: EmbeddedNatsServer) -> str:
     return nats_server.url
+
+
+@pytest.fixture(scope="session")
+def span_exporter():  # type: ignore[no-untyped-def]
+    """An in-memory span exporter on this process's tracer provider (set once per process)."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    return exporter

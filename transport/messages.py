@@ -91,6 +91,7 @@ class TokenChunk(_Msg, frozen=True, tag="chunk"):
     token_ids: list[int]
     text: str = ""
     instance_id: str = ""
+    produced_at: float = 0.0  # engine's time.time() when the tokens left the engine (latency breakdown)
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True):
