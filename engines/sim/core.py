@@ -1,0 +1,499 @@
+"""Discrete-event core of the simulated engine: paged KV blocks, continuous batching, preemption.
+
+No clock of its own and no I/O: the caller says when a step starts (``plan(now)``) and when it ends
+(``finish_plan()``), so the same core runs in virtual time inside the cluster simulator and in real time
+inside :class:`engines.sim.engine.SimEngine`.
+
+Scheduling follows vLLM v1 (``vllm/v1/core/sched/scheduler.py``): each step has a token budget
+(``max_num_batched_tokens``); running requests are scheduled first, in admission order (decode needs one
+token, a prefill in progress takes what the budget leaves, chunked); a request that cannot get the KV
+blocks it needs preempts the *newest* running request (recompute: its blocks are freed and it goes back to
+the front of the waiting queue) until it fits or preempts itself; then, if nothing was preempted this step,
+waiting requests are admitted in order while ``max_num_seqs`` and the budget allow and their blocks fit.
+A request produces a token when its context is fully computed (the end of prefill, then every decode).
+
+Fast-forward: when a step is decode-only and nothing can change until the earliest request finishes or
+the blocks run out, ``plan(now, max_steps>1)`` plans a run of identical-shape steps at once; the caller can
+``advance_to(t)`` to materialise the state inside the run and ``truncate(t)`` it when something external
+happens (a new request, a migration), exactly as if it had stepped one by one.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from engines.sim.cost_model import DEFAULT_COST_MODEL, CostModel
+
+WAITING, RUNNING, FINISHED, REMOVED = "waiting", "running", "finished", "removed"
+
+
+@dataclass(frozen=True, slots=True)
+class SimEngineConfig:
+    """Shape of a simulated instance (defaults match Drover's live engine settings)."""
+
+    block_size: int = 32
+    num_blocks: int = 512
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    chunked_prefill: bool = True  # vLLM v1 default; Llumnix's vLLM v0 prefilled whole prompts
+    watermark_blocks: int = 0  # blocks kept free when admitting (vLLM v0 used 1 %; v1 none)
+
+
+@dataclass(slots=True, eq=False)
+class SimRequest:
+    """Mutable state of one request inside a core (counts only; token ids live in the live wrapper)."""
+
+    request_id: str
+    prompt_len: int
+    max_tokens: int  # total output tokens wanted, counting ones generated before a resume
+    target_output: int = 0  # where it stops (<= max_tokens; earlier when a stop probability fires)
+    num_output: int = 0
+    num_computed: int = 0
+    num_blocks: int = 0
+    priority: int = 0
+    arrival_time: float = 0.0
+    state: str = WAITING
+    admitted_time: float = -1.0
+    first_token_time: float = -1.0
+    finish_time: float = -1.0
+    num_preemptions: int = 0
+    recomputed_tokens: int = 0
+    preempted_at: float = -1.0
+    preemption_loss: float = 0.0
+    tag: object = None  # the caller's per-request data (the simulator's metrics record)
+    _waiting_need: int = field(default=0, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.target_output <= 0:
+            self.target_output = self.max_tokens
+
+    @property
+    def context_len(self) -> int:
+        return self.prompt_len + self.num_output
+
+    @property
+    def finished(self) -> bool:
+        return self.num_output >= self.target_output
+
+
+@dataclass(frozen=True, slots=True)
+class SimOutput:
+    """Tokens a request produced in a finished plan (``new_tokens`` >= 1)."""
+
+    request: SimRequest
+    new_tokens: int
+    finished: bool
+    first: bool  # this output carries the request's first token
+
+
+@dataclass(slots=True)
+class _Plan:
+    start: float
+    end: float
+    steps: int
+    done: int
+    entries: list[tuple[SimRequest, int]]  # (request, tokens computed this step) for single steps
+    decode_seqs: int
+    context0: int  # sum of decode contexts at the first step (multi-step runs only)
+    base_computed: list[int]  # per entry, num_computed at plan time (multi-step runs only)
+
+
+class SimEngineCore:
+    """One simulated instance. Not thread-safe; one owner drives it."""
+
+    def __init__(self, config: SimEngineConfig | None = None, cost_model: CostModel | None = None) -> None:
+        self.config = config or SimEngineConfig()
+        self.cost = cost_model or DEFAULT_COST_MODEL
+        self.running: list[SimRequest] = []
+        self.waiting: deque[SimRequest] = deque()
+        self.requests: dict[str, SimRequest] = {}
+        self.allocated_blocks = 0  # held by running requests
+        self.reserved_blocks = 0  # capacity held for incoming migrations
+        self.outgoing_blocks = 0  # held by requests migrating out, until commit
+        self.waiting_blocks = 0  # blocks all waiting requests need
+        self.num_preemptions = 0  # cumulative
+        self.num_steps = 0
+        self.busy_time = 0.0
+        self.version = 0  # bumped whenever block-level state changes (the simulator's snapshot cache key)
+        self._plan: _Plan | None = None
+        self._pending_removal: dict[str, bool] = {}  # request id -> keep its blocks
+
+    # ------------------------------------------------------------------------------------------ capacity
+    @property
+    def num_free_blocks(self) -> int:
+        return self.config.num_blocks - self.allocated_blocks - self.reserved_blocks - self.outgoing_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.config.block_size) if num_tokens > 0 else 0
+
+    def max_request_blocks(self, prompt_len: int, max_tokens: int) -> int:
+        return self.blocks_for(min(prompt_len + max_tokens, self.config.max_model_len))
+
+    def can_ever_fit(self, prompt_len: int, max_tokens: int) -> str | None:
+        """A user-facing reason this request can never run here, or None."""
+        if prompt_len <= 0:
+            return "empty prompt"
+        if prompt_len >= self.config.max_model_len:
+            return f"prompt of {prompt_len} tokens does not fit max_model_len {self.config.max_model_len}"
+        if self.max_request_blocks(prompt_len, max_tokens) > self.config.num_blocks:
+            return f"request needs more than the instance's {self.config.num_blocks} KV blocks"
+        return None
+
+    # ------------------------------------------------------------------------------------------ requests
+    @property
+    def has_plan(self) -> bool:
+        return self._plan is not None
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def add(self, request: SimRequest) -> None:
+        """Queue a new (or resumed-by-recompute) request; it is considered at the next step.
+
+        Raises ValueError when it could never run here (see :meth:`can_ever_fit`): it would preempt
+        itself forever.
+        """
+        reason = self.can_ever_fit(request.context_len, request.max_tokens - request.num_output)
+        if reason is not None:
+            raise ValueError(reason)
+        cap = self.config.max_model_len - request.prompt_len
+        request.target_output = min(request.target_output, request.max_tokens, max(1, cap))
+        request.num_computed = 0
+        request.num_blocks = 0
+        self.requests[request.request_id] = request
+        self._push_waiting(request, front=False)
+
+    def add_resumed(self, request: SimRequest, now: float, reservation_blocks: int = 0) -> bool:
+        """Resume a migrated request whose KV was copied in: it runs straight away, holding its blocks.
+
+        ``reservation_blocks`` (held for it by :meth:`reserve`) are converted into its allocation. Returns
+        False (and changes nothing) when the blocks are not there.
+        """
+        needed = self.blocks_for(request.context_len)
+        released = min(reservation_blocks, self.reserved_blocks)
+        if needed > self.num_free_blocks + released:
+            return False
+        self.reserved_blocks -= released
+        request.num_computed = max(0, request.context_len - 1)
+        request.num_blocks = needed
+        request.state = RUNNING
+        request.admitted_time = now
+        self.allocated_blocks += needed
+        self.running.append(request)
+        self.requests[request.request_id] = request
+        self.version += 1
+        return True
+
+    def remove(self, request_id: str, *, keep_blocks: bool = False) -> SimRequest | None:
+        """Take a request out (abort, or stop for migration).
+
+        During a plan the request is removed when the plan finishes (it still gets that step's token);
+        otherwise now. ``keep_blocks`` moves its blocks to ``outgoing_blocks`` (a migration's source holds
+        them until :meth:`release_outgoing`).
+        """
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        if self._plan is not None and request.state == RUNNING and self._in_plan(request):
+            self._pending_removal[request_id] = keep_blocks
+            return request
+        self._detach(request, keep_blocks=keep_blocks)
+        return request
+
+    def release_outgoing(self, num_blocks: int) -> None:
+        self.outgoing_blocks = max(0, self.outgoing_blocks - num_blocks)
+        self.version += 1
+
+    def reserve(self, num_blocks: int) -> bool:
+        """Hold ``num_blocks`` more for an incoming migration; False when they are not free."""
+        if num_blocks > self.num_free_blocks:
+            return False
+        self.reserved_blocks += num_blocks
+        self.version += 1
+        return True
+
+    def release_reservation(self, num_blocks: int) -> None:
+        self.reserved_blocks = max(0, self.reserved_blocks - num_blocks)
+        self.version += 1
+
+    # ------------------------------------------------------------------------------------------ stepping
+    def plan(self, now: float, max_steps: int = 1) -> float | None:
+        """Schedule the next step (or a decode-only run of up to ``max_steps``); return when it ends.
+
+        None: nothing to run. Must be followed by :meth:`finish_plan` (at the returned time) before the
+        next plan.
+        """
+        assert self._plan is None, "finish_plan() before planning again"
+        if not self.running and not self.waiting:
+            return None
+        budget = self.config.max_num_batched_tokens
+        entries: list[tuple[SimRequest, int]] = []
+        preempted = False
+        prefill_tokens = decode_seqs = decode_context = 0
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            need = request.context_len - request.num_computed
+            n = min(need, budget)
+            fits, preempted_now = self._allocate_or_preempt(request, n, now)
+            preempted = preempted or preempted_now
+            if not fits:  # it preempted itself: it was the newest, nothing runs after it
+                break
+            entries.append((request, n))
+            budget -= n
+            if need == 1 and request.num_computed > 0:
+                decode_seqs += 1
+                decode_context += request.context_len
+            else:
+                prefill_tokens += n
+            i += 1
+        if not preempted:
+            while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
+                request = self.waiting[0]
+                need = request.context_len - request.num_computed
+                if not self.config.chunked_prefill and need > budget and entries:
+                    break
+                n = need if not self.config.chunked_prefill else min(need, budget)
+                new_blocks = self.blocks_for(request.num_computed + n) - request.num_blocks
+                if new_blocks > self.num_free_blocks - self.config.watermark_blocks:
+                    break
+                self._pop_waiting()
+                request.state = RUNNING
+                if request.admitted_time < 0:
+                    request.admitted_time = now
+                request.num_blocks += new_blocks
+                self.allocated_blocks += new_blocks
+                self.running.append(request)
+                entries.append((request, n))
+                budget -= n
+                prefill_tokens += n
+                self.version += 1
+        if not entries:
+            return None
+        steps = 1
+        base_computed: list[int] = []
+        if max_steps > 1 and prefill_tokens == 0 and not preempted:
+            steps = self._decode_run_length(entries, max_steps)
+            if steps > 1:
+                base_computed = [r.num_computed for r, _ in entries]
+        if steps > 1:
+            duration_ms = self.cost.decode_run_ms(decode_seqs, decode_context, steps)
+        else:
+            duration_ms = self.cost.step_ms(prefill_tokens, decode_seqs, decode_context)
+        end = now + duration_ms / 1000.0
+        self._plan = _Plan(now, end, steps, 0, entries, decode_seqs, decode_context, base_computed)
+        return end
+
+    @property
+    def plan_end(self) -> float | None:
+        return self._plan.end if self._plan is not None else None
+
+    def finish_plan(self) -> list[SimOutput]:
+        """Commit the planned step(s); return the requests that produced tokens."""
+        plan = self._plan
+        assert plan is not None, "no plan to finish"
+        outputs = self._commit_single(plan) if plan.steps == 1 else self._commit_run(plan, plan.steps)
+        self.num_steps += plan.steps
+        self.busy_time += plan.end - plan.start
+        self._plan = None
+        if self._pending_removal:
+            for request_id, keep in list(self._pending_removal.items()):
+                request = self.requests.get(request_id)
+                if request is not None and request.state == RUNNING:
+                    self._detach(request, keep_blocks=keep)
+            self._pending_removal.clear()
+        return outputs
+
+    def advance_to(self, t: float) -> None:
+        """Materialise the whole steps of a multi-step run that have ended by ``t`` (loads stay exact)."""
+        plan = self._plan
+        if plan is None or plan.steps == 1 or t <= plan.start:
+            return
+        elapsed_ms = (t - plan.start) * 1000.0
+        done = self.cost.decode_steps_within(plan.decode_seqs, plan.context0, elapsed_ms, plan.steps)
+        done = min(done, plan.steps - 1)  # the last step's outputs are committed by finish_plan
+        if done > plan.done:
+            self._materialise(plan, done)
+
+    def truncate(self, t: float) -> float | None:
+        """End a multi-step run at the first step boundary at or after ``t``; return the (new) end time."""
+        plan = self._plan
+        if plan is None:
+            return None
+        if plan.steps == 1:
+            return plan.end
+        self.advance_to(t)
+        elapsed_ms = (t - plan.start) * 1000.0
+        done_by_t = self.cost.decode_steps_within(plan.decode_seqs, plan.context0, elapsed_ms, plan.steps)
+        new_steps = min(plan.steps, done_by_t + 1)
+        if new_steps < plan.steps:
+            plan.steps = new_steps
+            plan.end = plan.start + self.cost.decode_run_ms(plan.decode_seqs, plan.context0, new_steps) / 1000
+        return plan.end
+
+    # ------------------------------------------------------------------------------------------ reporting
+    def head_waiting_blocks(self) -> int:
+        return self.waiting[0]._waiting_need if self.waiting else 0
+
+    def running_requests(self) -> Iterable[SimRequest]:
+        return self.running
+
+    # ------------------------------------------------------------------------------------------ internals
+    def _in_plan(self, request: SimRequest) -> bool:
+        plan = self._plan
+        return plan is not None and any(r is request for r, _ in plan.entries)
+
+    def _push_waiting(self, request: SimRequest, *, front: bool) -> None:
+        request.state = WAITING
+        request._waiting_need = self.blocks_for(request.context_len)
+        self.waiting_blocks += request._waiting_need
+        if front:
+            self.waiting.appendleft(request)
+        else:
+            self.waiting.append(request)
+        self.version += 1
+
+    def _pop_waiting(self) -> SimRequest:
+        request = self.waiting.popleft()
+        self.waiting_blocks -= request._waiting_need
+        return request
+
+    def _detach(self, request: SimRequest, *, keep_blocks: bool) -> None:
+        if request.state == RUNNING:
+            self.running.remove(request)
+            self.allocated_blocks -= request.num_blocks
+            if keep_blocks:
+                self.outgoing_blocks += request.num_blocks
+        elif request.state == WAITING:
+            self.waiting.remove(request)
+            self.waiting_blocks -= request._waiting_need
+        request.state = REMOVED
+        request.num_blocks = 0
+        self.requests.pop(request.request_id, None)
+        self.version += 1
+
+    def _allocate_or_preempt(self, request: SimRequest, n: int, now: float) -> tuple[bool, bool]:
+        """Give ``request`` the blocks for ``n`` more tokens, preempting the newest running requests.
+
+        Returns (it got them, something was preempted).
+        """
+        needed = self.blocks_for(request.num_computed + n) - request.num_blocks
+        preempted_any = False
+        while needed > self.num_free_blocks:
+            victim = self.running[-1]
+            self._preempt(victim, now)
+            preempted_any = True
+            if victim is request:
+                return False, True
+        if needed > 0:
+            request.num_blocks += needed
+            self.allocated_blocks += needed
+            self.version += 1
+        return True, preempted_any
+
+    def _preempt(self, request: SimRequest, now: float) -> None:
+        self.running.pop()
+        self.allocated_blocks -= request.num_blocks
+        request.recomputed_tokens += request.num_computed
+        request.num_blocks = 0
+        request.num_computed = 0
+        request.num_preemptions += 1
+        if request.preempted_at < 0:
+            request.preempted_at = now
+        self.num_preemptions += 1
+        self._push_waiting(request, front=True)
+
+    def _decode_run_length(self, entries: list[tuple[SimRequest, int]], max_steps: int) -> int:
+        """Longest run of identical decode steps that changes nothing but token counts and blocks."""
+        # A waiting head was tried this step and did not fit (seats, budget or blocks); in a decode run the
+        # seats and budget stay the same and free blocks only shrink, so it stays blocked until the run ends.
+        k = max_steps
+        for request, _ in entries:
+            k = min(k, request.target_output - request.num_output)
+        k = max(1, k)
+        if k == 1:
+            return 1
+        free = self.num_free_blocks
+        bs = self.config.block_size
+
+        def extra_blocks(steps: int) -> int:
+            # blocks beyond the first step's allocation needed to run ``steps`` steps
+            return sum(-(-(r.num_computed + steps) // bs) - r.num_blocks for r, _ in entries)
+
+        if extra_blocks(k) <= free:
+            return k
+        lo, hi = 1, k  # extra_blocks(lo) == 0 <= free; extra_blocks(hi) > free
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if extra_blocks(mid) <= free:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def _commit_single(self, plan: _Plan) -> list[SimOutput]:
+        outputs: list[SimOutput] = []
+        end = plan.end
+        for request, n in plan.entries:
+            if request.state != RUNNING:
+                continue
+            request.num_computed += n
+            if request.num_computed >= request.context_len:
+                outputs.append(self._emit(request, 1, end))
+        return outputs
+
+    def _materialise(self, plan: _Plan, done: int) -> None:
+        """Apply steps [plan.done, done) of a multi-step run without emitting outputs."""
+        delta = done - plan.done
+        bs = self.config.block_size
+        added = 0
+        for (request, _), base in zip(plan.entries, plan.base_computed, strict=True):
+            request.num_computed += delta
+            request.num_output += delta
+            blocks = -(-(base + done + 1) // bs)
+            added += blocks - request.num_blocks
+            request.num_blocks = blocks
+        if added:
+            self.allocated_blocks += added
+            self.version += 1
+        plan.done = done
+
+    def _commit_run(self, plan: _Plan, steps: int) -> list[SimOutput]:
+        delta = steps - plan.done
+        outputs: list[SimOutput] = []
+        bs = self.config.block_size
+        added = 0
+        for (request, _), base in zip(plan.entries, plan.base_computed, strict=True):
+            request.num_computed += delta
+            blocks = -(-(base + steps) // bs)
+            added += blocks - request.num_blocks
+            request.num_blocks = blocks
+            outputs.append(self._emit(request, delta, plan.end))
+        self.allocated_blocks += added
+        if added:
+            self.version += 1
+        return outputs
+
+    def _emit(self, request: SimRequest, new_tokens: int, now: float) -> SimOutput:
+        """Count the tokens sampled since the last output; finish the request at its target."""
+        request.num_output += new_tokens
+        first = request.first_token_time < 0
+        if first:
+            request.first_token_time = now
+        if request.preempted_at >= 0:
+            request.preemption_loss += now - request.preempted_at
+            request.preempted_at = -1.0
+        finished = request.num_output >= request.target_output
+        if finished:
+            request.finish_time = now
+            self.running.remove(request)
+            self.allocated_blocks -= request.num_blocks
+            request.num_blocks = 0
+            request.state = FINISHED
+            self.requests.pop(request.request_id, None)
+            self.version += 1
+        return SimOutput(request, new_tokens, finished, first)

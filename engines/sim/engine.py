@@ -1,0 +1,285 @@
+"""``SimEngine``: the simulated engine behind the live ``Engine`` protocol (asyncio, real time).
+
+It drives a :class:`~engines.sim.core.SimEngineCore` one step at a time on the event loop, sleeping each
+step's modelled latency times ``time_scale``, and streams deterministic token ids: the token at output
+position ``p`` of request ``r`` is a seeded hash of (seed, r, p) in the byte range 3..258 (so it decodes as
+text with :class:`engines.tokenizer.ByteTokenizer`). A resumed request (``output_token_ids`` non-empty,
+after migration or failover) therefore continues with exactly the tokens it would have produced.
+
+It never emits EOS unless ``stop_probability`` > 0: then each request stops after a geometric number of
+tokens drawn from the same seeded hash (the last token is EOS, id 2), identical wherever it resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import math
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from engines.base import EngineError, EngineOutput, EngineRequest
+from engines.sim.core import SimEngineConfig, SimEngineCore, SimOutput, SimRequest
+from engines.sim.cost_model import DEFAULT_COST_MODEL, CostModel
+from transport.messages import EngineInfo, InstanceLoad, RunningRequest
+
+TOKEN_LOW = 3  # first byte token id (engines.tokenizer.BYTE_OFFSET)
+TOKEN_SPAN = 256
+EOS_TOKEN_ID = 2
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def request_seed(seed: int, request_id: str) -> int:
+    """Stable 64-bit seed of a request (Python's str hash is salted per process, so use blake2b)."""
+    digest = hashlib.blake2b(f"{seed}:{request_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def token_at(req_seed: int, position: int) -> int:
+    """The token a request generates at output ``position``: in 3..258."""
+    return TOKEN_LOW + _splitmix64(req_seed + position) % TOKEN_SPAN
+
+
+def stop_length(req_seed: int, stop_probability: float, max_tokens: int) -> int:
+    """Output length under a per-token stop probability (geometric), capped at ``max_tokens``."""
+    if stop_probability <= 0.0:
+        return max_tokens
+    if stop_probability >= 1.0:
+        return 1
+    u = (_splitmix64(req_seed ^ 0x5DEECE66D) >> 11) / float(1 << 53)
+    u = max(u, 1e-300)
+    return max(1, min(max_tokens, 1 + int(math.log(u) / math.log1p(-stop_probability))))
+
+
+@dataclass(slots=True, eq=False)
+class _Live:
+    request: EngineRequest
+    sim: SimRequest
+    seed: int
+    queue: asyncio.Queue[EngineOutput] = field(default_factory=asyncio.Queue)
+    done: bool = False
+
+
+class SimEngine:
+    """A simulated instance for live clusters: the ``Engine`` protocol over a cost-model core."""
+
+    def __init__(
+        self,
+        instance_id: str,
+        *,
+        model_name: str = "drover-tiny",
+        block_size: int = 32,
+        num_blocks: int = 512,
+        max_num_seqs: int = 16,
+        max_num_batched_tokens: int = 2048,
+        max_model_len: int = 2048,
+        time_scale: float = 1.0,
+        cost_model: CostModel | None = None,
+        seed: int = 0,
+        stop_probability: float = 0.0,
+        chunked_prefill: bool = True,
+    ) -> None:
+        if time_scale < 0:
+            raise ValueError("time_scale must be >= 0")
+        self.instance_id = instance_id
+        self.time_scale = time_scale
+        self.seed = seed
+        self.stop_probability = stop_probability
+        self.cost_model = cost_model or DEFAULT_COST_MODEL
+        self.config = SimEngineConfig(
+            block_size=block_size,
+            num_blocks=num_blocks,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=max_model_len,
+            chunked_prefill=chunked_prefill,
+        )
+        self.core = SimEngineCore(self.config, self.cost_model)
+        self._info = EngineInfo(
+            instance_id=instance_id,
+            engine_kind="sim",
+            model=model_name,
+            dtype="float16",
+            block_size=block_size,
+            num_blocks=num_blocks,
+            max_model_len=max_model_len,
+            kv_layout=f"sim:{self.cost_model.name}",
+        )
+        self._live: dict[str, _Live] = {}
+        self._clock = 0.0  # modelled seconds since start
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._reported_preemptions = 0
+        self._stopped = False
+
+    # ------------------------------------------------------------------------------------------ protocol
+    @property
+    def info(self) -> EngineInfo:
+        return self._info
+
+    @property
+    def clock(self) -> float:
+        """Modelled seconds this engine has run (the sum of its step latencies and idle gaps)."""
+        return self._clock
+
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        self._wake = asyncio.Event()
+        self._stopped = False
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name=f"sim-engine-{self.instance_id}")
+
+    async def shutdown(self) -> None:
+        for request_id in list(self._live):
+            await self.abort(request_id)
+        self._stopped = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        """Validate now (raising EngineError), then stream outputs through an async generator."""
+        if self._task is None:
+            raise EngineError(f"sim engine {self.instance_id} is not started")
+        if request.request_id in self._live:
+            raise EngineError(f"request {request.request_id} is already running on {self.instance_id}")
+        context = len(request.prompt_token_ids) + len(request.output_token_ids)
+        reason = self.core.can_ever_fit(context, request.remaining_tokens)
+        if reason is not None:
+            raise EngineError(f"{self.instance_id}: {reason}")
+        req_seed = request_seed(self.seed, request.request_id)
+        stop_p = 0.0 if request.sampling.ignore_eos else self.stop_probability
+        target = stop_length(req_seed, stop_p, request.sampling.max_tokens)
+        num_output = len(request.output_token_ids)
+        sim = SimRequest(
+            request_id=request.request_id,
+            prompt_len=len(request.prompt_token_ids),
+            max_tokens=request.sampling.max_tokens,
+            target_output=max(target, num_output + 1),
+            num_output=num_output,
+            priority=request.priority,
+            arrival_time=self._clock,
+        )
+        live = _Live(request, sim, req_seed)
+        self._live[request.request_id] = live
+        if request.remaining_tokens == 0:
+            live.done = True
+            live.queue.put_nowait(EngineOutput(request.request_id, [], "length"))
+        else:
+            self.core.add(sim)
+            self._kick()
+        return self._stream(live)
+
+    async def abort(self, request_id: str) -> None:
+        live = self._live.get(request_id)
+        if live is None:
+            return
+        self.core.remove(request_id)
+        self._finish(live, [], "abort")
+        self._kick()
+
+    def load(self) -> InstanceLoad:
+        core = self.core
+        preempted = core.num_preemptions - self._reported_preemptions
+        self._reported_preemptions = core.num_preemptions
+        return InstanceLoad(
+            num_total_blocks=core.config.num_blocks,
+            num_free_blocks=core.num_free_blocks,
+            num_running=len(core.running),
+            num_waiting=len(core.waiting),
+            waiting_blocks=core.waiting_blocks,
+            head_waiting_blocks=core.head_waiting_blocks(),
+            num_preempted=preempted,
+            running=[
+                RunningRequest(
+                    request_id=r.request_id,
+                    num_tokens=r.context_len,
+                    num_blocks=r.num_blocks,
+                    priority=r.priority,
+                    decoding=r.num_output > 0 and r.num_computed >= r.context_len - 1,
+                )
+                for r in core.running
+            ],
+        )
+
+    # ------------------------------------------------------------------------------------------ internals
+    async def _stream(self, live: _Live) -> AsyncIterator[EngineOutput]:
+        try:
+            while True:
+                output = await live.queue.get()
+                yield output
+                if output.finished:
+                    return
+        finally:
+            if not live.done:  # the consumer went away: abort in the engine
+                self.core.remove(live.request.request_id)
+                live.done = True
+                self._kick()
+            self._live.pop(live.request.request_id, None)
+
+    def _kick(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _finish(self, live: _Live, tokens: list[int], reason: str) -> None:
+        if live.done:
+            return
+        live.done = True
+        live.queue.put_nowait(EngineOutput(live.request.request_id, tokens, reason))
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        idle_since = loop.time()
+        while not self._stopped:
+            end = self.core.plan(self._clock, 1) if self.core.has_work else None
+            if end is None:
+                self._wake.clear()
+                await self._wake.wait()
+                self._clock += (loop.time() - idle_since) / self.time_scale if self.time_scale > 0 else 0.0
+                idle_since = loop.time()
+                continue
+            await asyncio.sleep((end - self._clock) * self.time_scale)
+            self._clock = end
+            idle_since = loop.time()
+            self._deliver(self.core.finish_plan())
+
+    def _deliver(self, outputs: list[SimOutput]) -> None:
+        for out in outputs:
+            live = self._live.get(out.request.request_id)
+            if live is None or live.done:
+                continue
+            sim = out.request
+            start = sim.num_output - out.new_tokens
+            tokens = [token_at(live.seed, p) for p in range(start, sim.num_output)]
+            reason: str | None = None
+            stop_ids = live.request.sampling.stop_token_ids
+            if stop_ids:
+                for k, token in enumerate(tokens):
+                    if token in stop_ids:
+                        tokens = tokens[: k + 1]
+                        reason = "stop"
+                        break
+            if reason is None and out.finished:
+                if sim.num_output < sim.max_tokens:  # the stop probability fired: end with EOS
+                    tokens[-1] = EOS_TOKEN_ID
+                    reason = "stop"
+                else:
+                    reason = "length"
+            if reason is not None:
+                if not out.finished:
+                    self.core.remove(sim.request_id)
+                self._finish(live, tokens, reason)
+            else:
+                live.queue.put_nowait(EngineOutput(sim.request_id, tokens))
