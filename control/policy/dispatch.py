@@ -219,11 +219,7 @@ class RoundRobinIndex(_IndexBase):
 
     def upsert(self, snapshot: InstanceSnapshot) -> None:
         old = self._entries.get(snapshot.instance_id)
-        if (
-            old is not None
-            and old.snapshot.draining == snapshot.draining
-            and old.snapshot.model == snapshot.model
-        ):
+        if old is not None and old.snapshot.draining == snapshot.draining and old.snapshot.model == snapshot.model:
             old.snapshot = snapshot  # keep its place in the ring
             old.extra_waiting = old.extra_blocks = 0
             return
@@ -250,9 +246,7 @@ class LeastLoadedIndex(_IndexBase):
     name = "least_loaded"
 
     def _keys(self, entry: _Entry) -> tuple[tuple[float, str] | None, ...]:
-        return (
-            (physical_usage(entry.snapshot, extra_blocks=entry.extra_blocks), entry.snapshot.instance_id),
-        )
+        return ((physical_usage(entry.snapshot, extra_blocks=entry.extra_blocks), entry.snapshot.instance_id),)
 
     def choose(self, demand: RequestDemand) -> str | None:
         pool = self._pool(demand.model)

@@ -76,18 +76,12 @@ def dispatch_freeness(
     if num_requests == 0:
         return INF
     available = (
-        snapshot.num_free_blocks
-        - watermark_blocks
-        - headroom_blocks
-        - snapshot.waiting_blocks
-        - extra_waiting_blocks
+        snapshot.num_free_blocks - watermark_blocks - headroom_blocks - snapshot.waiting_blocks - extra_waiting_blocks
     )
     return available / num_requests
 
 
-def migration_freeness(
-    snapshot: InstanceSnapshot, *, watermark_blocks: int = 0, headroom_blocks: int = 0
-) -> float:
+def migration_freeness(snapshot: InstanceSnapshot, *, watermark_blocks: int = 0, headroom_blocks: int = 0) -> float:
     """Freeness for migration: only the head of the queue counts (it is what blocks the instance now)."""
     if snapshot.draining:
         return -INF

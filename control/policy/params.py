@@ -95,9 +95,7 @@ class PolicyParams:
         if self.dispatch_policy not in POLICY_NAMES:
             raise ValueError(f"dispatch_policy must be one of {POLICY_NAMES}, got {self.dispatch_policy!r}")
         if self.migration_pick not in ("shortest", "longest", "last_come", "first_come"):
-            raise ValueError(
-                f"migration_pick {self.migration_pick!r} is not shortest/longest/last_come/first_come"
-            )
+            raise ValueError(f"migration_pick {self.migration_pick!r} is not shortest/longest/last_come/first_come")
         for name in ("watermark_blocks", "max_migrations_total", "prefix_history_blocks"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")

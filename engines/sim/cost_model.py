@@ -51,10 +51,7 @@ class CostModel:
             return 0.0
         per_step = self.fixed_ms + self.decode_ms_per_seq * self._round(decode_seqs)
         growth = self.decode_ms_per_context_token * decode_seqs
-        return (
-            steps * (per_step + self.decode_ms_per_context_token * context0)
-            + growth * steps * (steps - 1) / 2
-        )
+        return steps * (per_step + self.decode_ms_per_context_token * context0) + growth * steps * (steps - 1) / 2
 
     def decode_steps_within(self, decode_seqs: int, context0: int, elapsed_ms: float, max_steps: int) -> int:
         """How many whole steps of such a run have finished after ``elapsed_ms`` (0..max_steps)."""

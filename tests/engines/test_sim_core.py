@@ -106,9 +106,7 @@ def test_fast_forward_matches_step_by_step(seed: int, n: int, num_blocks: int, m
     results = []
     for max_steps in (1, 10_000):
         core = SimEngineCore(config, LLAMA7B_A100)
-        requests = [
-            r for r in make_requests(n, seed) if core.can_ever_fit(r.prompt_len, r.max_tokens) is None
-        ]
+        requests = [r for r in make_requests(n, seed) if core.can_ever_fit(r.prompt_len, r.max_tokens) is None]
         for r in requests:
             core.add(r)
         run_to_completion(core, max_steps)
