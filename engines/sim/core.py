@@ -120,6 +120,7 @@ class SimEngineCore:
         self.version = 0  # bumped whenever block-level state changes (the simulator's snapshot cache key)
         self._plan: _Plan | None = None
         self._pending_removal: dict[str, bool] = {}  # request id -> keep its blocks
+        self._outgoing: dict[str, int] = {}  # request id -> blocks held for its migration
 
     # ------------------------------------------------------------------------------------------ capacity
     @property
@@ -170,8 +171,8 @@ class SimEngineCore:
     def add_resumed(self, request: SimRequest, now: float, reservation_blocks: int = 0) -> bool:
         """Resume a migrated request whose KV was copied in: it runs straight away, holding its blocks.
 
-        ``reservation_blocks`` (held for it by :meth:`reserve`) are converted into its allocation. Returns
-        False (and changes nothing) when the blocks are not there.
+        ``reservation_blocks`` (held for it with :meth:`reserve`) are released first and its allocation
+        taken from them. Returns False (changing nothing) when the blocks are not there.
         """
         needed = self.blocks_for(request.context_len)
         released = min(reservation_blocks, self.reserved_blocks)
@@ -181,7 +182,8 @@ class SimEngineCore:
         request.num_computed = max(0, request.context_len - 1)
         request.num_blocks = needed
         request.state = RUNNING
-        request.admitted_time = now
+        if request.admitted_time < 0:
+            request.admitted_time = now
         self.allocated_blocks += needed
         self.running.append(request)
         self.requests[request.request_id] = request
@@ -193,7 +195,7 @@ class SimEngineCore:
 
         During a plan the request is removed when the plan finishes (it still gets that step's token);
         otherwise now. ``keep_blocks`` moves its blocks to ``outgoing_blocks`` (a migration's source holds
-        them until :meth:`release_outgoing`).
+        them until :meth:`release_outgoing` of that request).
         """
         request = self.requests.get(request_id)
         if request is None:
@@ -204,9 +206,13 @@ class SimEngineCore:
         self._detach(request, keep_blocks=keep_blocks)
         return request
 
-    def release_outgoing(self, num_blocks: int) -> None:
-        self.outgoing_blocks = max(0, self.outgoing_blocks - num_blocks)
-        self.version += 1
+    def release_outgoing(self, request_id: str) -> int:
+        """Free the blocks a migrated-out request held here (after the destination resumed it)."""
+        blocks = self._outgoing.pop(request_id, 0)
+        self.outgoing_blocks -= blocks
+        if blocks:
+            self.version += 1
+        return blocks
 
     def reserve(self, num_blocks: int) -> bool:
         """Hold ``num_blocks`` more for an incoming migration; False when they are not free."""
@@ -366,8 +372,9 @@ class SimEngineCore:
         if request.state == RUNNING:
             self.running.remove(request)
             self.allocated_blocks -= request.num_blocks
-            if keep_blocks:
+            if keep_blocks and request.num_blocks:
                 self.outgoing_blocks += request.num_blocks
+                self._outgoing[request.request_id] = request.num_blocks
         elif request.state == WAITING:
             self.waiting.remove(request)
             self.waiting_blocks -= request._waiting_need
