@@ -21,18 +21,25 @@ import pykka
 from opentelemetry import trace
 
 from engines.base import Engine, EngineError, EngineRequest
+from engines.migration import FrozenRequest, KvEndpoint, MigratableEngine, StageReport
 from engines.tokenizer import IncrementalDetokenizer, Tokenizer
 from observability import spans
 from observability.tracing import extract_context, tracer
 from transport import subjects
 from transport.bus import Bus, Envelope
 from transport.messages import (
+    AdminReply,
     EngineAbort,
     EngineAdd,
     EngineRequestEnded,
     ErrorCode,
     ErrorReply,
     InstanceHeartbeat,
+    MigrateIn,
+    MigrateInReply,
+    MigrateOut,
+    MigrateOutReply,
+    MigrationStageInfo,
     RequestDone,
     Timings,
     TokenChunk,
@@ -47,6 +54,15 @@ class _Running:
     add: EngineAdd
     future: concurrent.futures.Future[None]
     started_at: float = field(default_factory=time.time)
+
+
+@dataclass(slots=True)
+class _Stream:
+    """Loop-side state of one request's token stream (touched only on the bus loop)."""
+
+    add: EngineAdd
+    index: int  # next output index to send
+    migrated_out: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +81,8 @@ class EngineActor(pykka.ThreadingActor):
         self.instance_id = engine.info.instance_id
         self.running: dict[str, _Running] = {}
         self.draining = False
+        self._streams: dict[str, _Stream] = {}  # loop-only
+        self._migrations_out: dict[str, str] = {}  # migration id -> request id (loop-only)
 
     # ------------------------------------------------------------------------------------------- messages
     def on_receive(self, message: object) -> object:
@@ -77,7 +95,11 @@ class EngineActor(pykka.ThreadingActor):
     def _on_envelope(self, envelope: Envelope) -> None:
         message = envelope.message
         if isinstance(message, EngineAdd):
-            self._add(message, envelope.headers)
+            accepted = self._add(message, envelope.headers)
+            if envelope.reply:
+                self.bus.publish(envelope.reply, AdminReply(ok=accepted, message="added" if accepted else "refused"))
+        elif isinstance(message, MigrateOut | MigrateIn):
+            self.bus.run(self._migration_op(message, envelope.reply))
         elif isinstance(message, EngineAbort):
             self._abort(message, envelope.reply)
         else:
@@ -86,7 +108,7 @@ class EngineActor(pykka.ThreadingActor):
                 envelope.reply, ErrorCode.INVALID_REQUEST, f"engine does not take {type(message).__name__}"
             )
 
-    def _add(self, add: EngineAdd, headers: dict[str, str]) -> None:
+    def _add(self, add: EngineAdd, headers: dict[str, str]) -> bool:
         if add.request_id in self.running:
             self.bus.publish(
                 add.reply_to,
@@ -96,14 +118,15 @@ class EngineActor(pykka.ThreadingActor):
                     request_id=add.request_id,
                 ),
             )
-            return
+            return False
         context_len = len(add.prompt_token_ids) + len(add.output_token_ids)
         max_len = self.engine.info.max_model_len
         if not add.prompt_token_ids or context_len >= max_len:
             self._reject(add, ErrorCode.PROMPT_TOO_LONG, f"context of {context_len} tokens; limit {max_len - 1}")
-            return
+            return False
         future = self.bus.run(self._serve(add, headers))
         self.running[add.request_id] = _Running(add=add, future=future)
+        return True
 
     def _abort(self, abort: EngineAbort, reply: str) -> None:
         if abort.request_id not in self.running:
@@ -140,7 +163,8 @@ class EngineActor(pykka.ThreadingActor):
             kv_transfer=add.kv_transfer,
         )
         detok = IncrementalDetokenizer(self.tokenizer)
-        index = len(add.output_token_ids)
+        stream = _Stream(add=add, index=len(add.output_token_ids))
+        self._streams[add.request_id] = stream
         added_at = time.time()
         first_token_at: float | None = None
         finish_reason = "abort"
@@ -164,18 +188,7 @@ class EngineActor(pykka.ThreadingActor):
                         first_token_at = time.time()
                         span.add_event("first_token")
                     text = detok.push(output.new_token_ids) if add.stream_text else ""
-                    await self.bus.apublish(
-                        add.reply_to,
-                        TokenChunk(
-                            request_id=add.request_id,
-                            index=index,
-                            token_ids=output.new_token_ids,
-                            text=text,
-                            instance_id=self.instance_id,
-                            produced_at=time.time(),
-                        ),
-                    )
-                    index += len(output.new_token_ids)
+                    await self._send_tokens(stream, output.new_token_ids, text)
                 if output.finish_reason is not None:
                     finish_reason = output.finish_reason
                     break
@@ -197,6 +210,10 @@ class EngineActor(pykka.ThreadingActor):
             )
         finally:
             now = time.time()
+            self._streams.pop(add.request_id, None)
+            index = stream.index
+            if stream.migrated_out:
+                finish_reason = "migrated"
             if finish_reason not in ("error", "migrated"):
                 await self.bus.apublish(
                     add.reply_to,
@@ -230,6 +247,108 @@ class EngineActor(pykka.ThreadingActor):
             span.end()
             if self.actor_ref.is_alive():
                 self.actor_ref.tell(_Ended(add.request_id))
+
+
+    async def _send_tokens(self, stream: _Stream, token_ids: list[int], text: str) -> None:
+        add = stream.add
+        await self.bus.apublish(
+            add.reply_to,
+            TokenChunk(
+                request_id=add.request_id,
+                index=stream.index,
+                token_ids=token_ids,
+                text=text,
+                instance_id=self.instance_id,
+                produced_at=time.time(),
+            ),
+        )
+        stream.index += len(token_ids)
+
+    # ------------------------------------------------------------------------------------------- migration
+    def _migratable(self) -> MigratableEngine:
+        if not isinstance(self.engine, MigratableEngine):
+            raise EngineError(f"{self.engine.info.engine_kind} engines cannot migrate requests")
+        return self.engine
+
+    async def _migration_op(self, message: MigrateOut | MigrateIn, reply: str) -> None:
+        """Run one migration step on the engine and answer the migrator (runs on the bus loop)."""
+        try:
+            answer = await (self._migrate_out(message) if isinstance(message, MigrateOut) else self._migrate_in(message))
+        except Exception as exc:
+            log.warning("engine %s: migration %s %s failed: %s", self.instance_id, message.op,
+                        message.migration_id, exc)
+            answer = (MigrateOutReply if isinstance(message, MigrateOut) else MigrateInReply)(
+                migration_id=message.migration_id, ok=False, error=f"{type(exc).__name__}: {exc}")
+        if reply:
+            await self.bus.apublish(reply, answer)
+
+    async def _migrate_in(self, message: MigrateIn) -> MigrateInReply:
+        engine = self._migratable()
+        if message.op == "reserve":
+            endpoint = await engine.migrate_in_reserve(message.migration_id, message.num_blocks)
+            if endpoint is None:
+                return MigrateInReply(migration_id=message.migration_id, ok=False,
+                                      error=f"{message.num_blocks} blocks are not free on {self.instance_id}")
+            return MigrateInReply(migration_id=message.migration_id, ok=True, address=endpoint.address)
+        if message.op == "release":
+            await engine.migrate_in_release(message.migration_id)
+            return MigrateInReply(migration_id=message.migration_id, ok=True)
+        raise ValueError(f"unknown migrate_in op {message.op!r}")
+
+    async def _migrate_out(self, message: MigrateOut) -> MigrateOutReply:
+        engine = self._migratable()
+        mid = message.migration_id
+        if message.op == "begin":
+            if message.request_id not in self._streams:
+                raise EngineError(f"no request {message.request_id} on {self.instance_id}")
+            endpoint = KvEndpoint(instance_id=message.destination_instance, address=message.destination_address,
+                                  migration_id=mid)
+            total = await engine.migrate_out_begin(message.request_id, mid, endpoint)
+            self._migrations_out[mid] = message.request_id
+            return MigrateOutReply(migration_id=mid, ok=True, total_blocks=total)
+        if message.op == "stage":
+            report = await engine.migrate_out_stage(mid)
+            return MigrateOutReply(migration_id=mid, ok=True, total_blocks=report.total_blocks,
+                                   stage=_stage_info(report))
+        if message.op == "stop":
+            frozen = await engine.migrate_out_stop(mid)
+            return await self._frozen_reply(mid, frozen)
+        if message.op == "commit":
+            await engine.migrate_out_commit(mid)
+            self._migrations_out.pop(mid, None)
+            return MigrateOutReply(migration_id=mid, ok=True)
+        if message.op == "abort":
+            frozen_or_none = await engine.migrate_out_abort(mid)
+            self._migrations_out.pop(mid, None)
+            if frozen_or_none is None:
+                return MigrateOutReply(migration_id=mid, ok=True)
+            return await self._frozen_reply(mid, frozen_or_none)
+        raise ValueError(f"unknown migrate_out op {message.op!r}")
+
+    async def _frozen_reply(self, mid: str, frozen: FrozenRequest) -> MigrateOutReply:
+        """The stopped request's exact state; first send the client any tokens sampled but not yet sent."""
+        stream = self._streams.get(frozen.request_id)
+        if stream is None:
+            raise EngineError(f"request {frozen.request_id} has no stream on {self.instance_id}")
+        stream.migrated_out = True
+        tail = frozen.output_token_ids[stream.index:]
+        if tail:
+            await self._send_tokens(stream, tail, "")
+        add = stream.add
+        return MigrateOutReply(
+            migration_id=mid, ok=True, total_blocks=frozen.num_blocks, stage=_stage_info(frozen.final_stage),
+            request_id=frozen.request_id, prompt_token_ids=frozen.prompt_token_ids,
+            output_token_ids=frozen.output_token_ids, kv_transfer=frozen.kv_transfer, reply_to=add.reply_to,
+            sampling=add.sampling, priority=add.priority, served_by=[*add.served_by, self.instance_id],
+        )
+
+
+def _stage_info(report: StageReport) -> MigrationStageInfo:
+    return MigrationStageInfo(
+        stage=report.stage, copied_blocks=report.copied_blocks, copied_bytes=report.copied_bytes,
+        remaining_blocks=report.remaining_blocks, total_blocks=report.total_blocks,
+        duration_s=report.duration_s, request_finished=report.request_finished,
+    )
 
 
 class Heartbeater:

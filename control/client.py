@@ -100,32 +100,36 @@ class RequestStream:
         self._finished = False
 
     def _deliver(self, message: Message) -> None:
+        if isinstance(message, Accepted):  # resolved at once, so cancel() works without iterating
+            self.request_id = self.result_data.request_id = message.request_id
+            self.result_data.accepted = message
+            if not self.accepted.done():
+                self.accepted.set_result(message)
+            return
         self._queue.put_nowait(message)
 
     async def events(self) -> AsyncIterator[StreamEvent]:
-        """Token deliveries, each token once and in order; raises DroverError on an error reply."""
-        try:
-            while not self._finished:
-                message = await self._queue.get()
-                if isinstance(message, Accepted):
-                    self.request_id = self.result_data.request_id = message.request_id
-                    self.result_data.accepted = message
-                    if not self.accepted.done():
-                        self.accepted.set_result(message)
-                elif isinstance(message, TokenChunk):
-                    for event in self._on_chunk(message):
-                        yield event
-                elif isinstance(message, RequestDone):
-                    self.result_data.done = message
-                    self._finished = True
-                elif isinstance(message, ErrorReply):
-                    self._finished = True
-                    error = DroverError(message.code, message.message, message.request_id)
-                    if not self.accepted.done():
-                        self.accepted.set_exception(error)
-                    raise error
-        finally:
-            await self.close()
+        """Token deliveries, each token once and in order; raises DroverError on an error reply.
+
+        Breaking out and iterating again later resumes where it left off (the inbox stays subscribed
+        until the request ends)."""
+        while not self._finished:
+            message = await self._queue.get()
+            if isinstance(message, TokenChunk):
+                for event in self._on_chunk(message):
+                    yield event
+            elif isinstance(message, RequestDone):
+                self.result_data.done = message
+                self._finished = True
+                await self.close()
+            elif isinstance(message, ErrorReply):
+                self._finished = True
+                await self.close()
+                error = DroverError(message.code, message.message, message.request_id)
+                if not self.accepted.done():
+                    self.accepted.set_exception(error)
+                    self.accepted.exception()  # mark retrieved: the caller gets it from events()
+                raise error
 
     def _on_chunk(self, chunk: TokenChunk) -> list[StreamEvent]:
         now = time.perf_counter()

@@ -79,6 +79,21 @@ class SchedulerSettings(_Section):
     )
 
 
+class MigrationSettings(_Section):
+    last_stage_max_blocks: int = Field(
+        1,
+        description="Stop-and-copy once at most this many new blocks remain (Llumnix: 16; ours copy fast, "
+        "so a 1-block last stage keeps downtime to about one decode step).",
+    )
+    max_stages: int = Field(8, description="Pre-copy stages before giving up (Llumnix: 3).")
+    op_timeout_s: float = Field(30.0, description="Timeout of one migration step (a stage copy, stop, resume).")
+    max_per_instance: int = Field(1, description="Concurrent migrations an instance takes part in (Llumnix: 1).")
+    max_global: int = Field(64, description="Concurrent migrations in the cluster.")
+    reserve_headroom_blocks: int = Field(
+        2, description="Extra blocks reserved at the destination for tokens decoded during the copy."
+    )
+
+
 class LimitsSettings(_Section):
     max_prompt_tokens: int = Field(
         0, description="Largest prompt accepted; 0 means the instances' max_model_len - 1."
@@ -124,6 +139,7 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     engine: EngineSettings = EngineSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
+    migration: MigrationSettings = MigrationSettings()
     limits: LimitsSettings = LimitsSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
     supervisor: SupervisorSettings = SupervisorSettings()

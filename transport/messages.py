@@ -224,6 +224,83 @@ class EngineRequestEnded(_Msg, frozen=True, tag="engine_ended"):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Live migration (MigratorActor <-> engines; operators -> migrator)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class MigrationStageInfo(msgspec.Struct, frozen=True, kw_only=True):
+    stage: int
+    copied_blocks: int
+    copied_bytes: int
+    remaining_blocks: int
+    total_blocks: int
+    duration_s: float
+    request_finished: bool = False
+
+
+class MigrateOut(_Msg, frozen=True, tag="migrate_out"):
+    """Migrator -> source engine. ``op``: begin | stage | stop | commit | abort."""
+
+    op: str
+    migration_id: str
+    request_id: str = ""
+    destination_instance: str = ""
+    destination_address: str = ""
+
+
+class MigrateOutReply(_Msg, frozen=True, tag="migrate_out_reply"):
+    migration_id: str
+    ok: bool
+    error: str = ""
+    total_blocks: int = 0
+    stage: MigrationStageInfo | None = None
+    # After stop: the exact token state the destination resumes from.
+    request_id: str = ""
+    prompt_token_ids: list[int] = []
+    output_token_ids: list[int] = []
+    kv_transfer: dict[str, Any] | None = None
+    reply_to: str = ""  # the client's inbox (source knows it)
+    sampling: SamplingParams | None = None
+    priority: int = 0
+    served_by: list[str] = []
+
+
+class MigrateIn(_Msg, frozen=True, tag="migrate_in"):
+    """Migrator -> destination engine. ``op``: reserve | release."""
+
+    op: str
+    migration_id: str
+    num_blocks: int = 0
+
+
+class MigrateInReply(_Msg, frozen=True, tag="migrate_in_reply"):
+    migration_id: str
+    ok: bool
+    address: str = ""
+    error: str = ""
+
+
+class MigrateCommand(_Msg, frozen=True, tag="migrate"):
+    """Operator or scheduler -> migrator: move ``request_id`` (to ``destination``, or where policy says)."""
+
+    request_id: str
+    destination: str = ""
+    reason: str = "operator"
+
+
+class DrainCommand(_Msg, frozen=True, tag="drain"):
+    """Operator -> control plane: move every request off ``instance_id``, then mark it drained."""
+
+    instance_id: str
+
+
+class AdminReply(_Msg, frozen=True, tag="admin_reply"):
+    ok: bool
+    message: str
+    details: dict[str, Any] = {}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Admin (operators, CLI)
 # ---------------------------------------------------------------------------------------------------------
 
@@ -273,6 +350,13 @@ Message: TypeAlias = (
     | EngineRequestEnded
     | StatusQuery
     | StatusReply
+    | MigrateOut
+    | MigrateOutReply
+    | MigrateIn
+    | MigrateInReply
+    | MigrateCommand
+    | DrainCommand
+    | AdminReply
 )
 
 _encoder = msgspec.msgpack.Encoder()
