@@ -9,7 +9,8 @@ from typing import Any
 
 import pykka
 
-from actors.scheduler import SchedulerActor, Tick
+from actors.migrator import MigratorActor
+from actors.scheduler import MigrationTick, SchedulerActor, Tick
 from actors.supervisor import ActorSlot, GetStatus, SupervisorActor
 from control.settings import Settings
 from engines.tokenizer import Tokenizer
@@ -30,8 +31,12 @@ class ControlPlane:
         self.tick_interval_s = tick_interval_s
         self.supervisor: pykka.ActorRef[Any] | None = None
         self.scheduler: ActorSlot | None = None
+        self.migrator: ActorSlot | None = None
+        self.peers: dict[str, ActorSlot] = {}
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_loop, name="control-tick", daemon=True)
+        self._migration_ticker = threading.Thread(target=self._migration_tick_loop, name="migration-tick",
+                                                  daemon=True)
 
     def start(self) -> ControlPlane:
         sup = self.settings.supervisor
@@ -42,17 +47,28 @@ class ControlPlane:
             restart_window_s=sup.restart_window_s,
         )
 
+        peers = self.peers
+
         def make_scheduler(parent: pykka.ActorRef[Any], name: str) -> pykka.ActorRef[Any]:
-            return SchedulerActor.start(self.bus, self.settings, self.tokenizer, parent, name)
+            return SchedulerActor.start(self.bus, self.settings, self.tokenizer, parent, name, peers)
+
+        def make_migrator(parent: pykka.ActorRef[Any], name: str) -> pykka.ActorRef[Any]:
+            return MigratorActor.start(self.bus, self.settings.migration, peers["scheduler"], parent, name)
 
         self.scheduler = self.supervisor.proxy().start_child("scheduler", make_scheduler).get(timeout=10)
+        peers["scheduler"] = self.scheduler
+        self.migrator = self.supervisor.proxy().start_child("migrator", make_migrator).get(timeout=10)
+        peers["migrator"] = self.migrator
         scheduler = self.scheduler
         self.bus.subscribe(subjects.SUBMIT, scheduler.tell, queue=subjects.CONTROL_QUEUE)
         self.bus.subscribe(subjects.CANCEL, scheduler.tell, queue=subjects.CONTROL_QUEUE)
         self.bus.subscribe(subjects.heartbeat("*"), scheduler.tell)
         self.bus.subscribe(subjects.ENGINE_EVENTS, scheduler.tell)
         self.bus.subscribe(subjects.admin("status"), self._on_status, queue=subjects.CONTROL_QUEUE)
+        for verb in ("migrate", "drain", "policy"):
+            self.bus.subscribe(subjects.admin(verb), scheduler.tell, queue=subjects.CONTROL_QUEUE)
         self._ticker.start()
+        self._migration_ticker.start()
         log.info("control plane started")
         return self
 
@@ -86,6 +102,11 @@ class ControlPlane:
         while not self._stop.wait(self.tick_interval_s):
             if self.scheduler is not None:
                 self.scheduler.tell(Tick())
+
+    def _migration_tick_loop(self) -> None:
+        while not self._stop.wait(self.settings.policy.migration_period_s):
+            if self.scheduler is not None:
+                self.scheduler.tell(MigrationTick())
 
     def stop(self) -> None:
         self._stop.set()

@@ -382,6 +382,7 @@ class Heartbeater:
                 sent_at=time.time(),
                 draining=self.state == "draining",
                 state=self.state,
+                can_migrate=isinstance(self.engine, MigratableEngine),
             ),
         )
 

@@ -173,6 +173,7 @@ class MigratorActor(SupervisedActor):
         log.info("migration of %s refused: %s", start.request_id, why)
         if start.reply_to:
             self.bus.publish(start.reply_to, AdminReply(ok=False, message=why))
+        self.scheduler.tell(MigrationEnded("", start.request_id, start.source, start.destination, False, why))
 
     # ------------------------------------------------------------------------------------------- protocol
     async def _ask(self, instance_id: str, message: Message) -> Message:

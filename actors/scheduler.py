@@ -21,8 +21,11 @@ from typing import Any
 import pykka
 from opentelemetry import trace
 
+from actors.migrator import MigrationEnded, StartMigration
 from actors.supervisor import SupervisedActor
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy
+from control.policy.migration import InFlightMigration, plan_migrations
+from control.policy.params import PolicyParams
 from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot
 from control.settings import Settings
 from engines.tokenizer import Tokenizer
@@ -32,6 +35,11 @@ from transport import subjects
 from transport.bus import Bus, Envelope
 from transport.messages import (
     Accepted,
+    AdminReply,
+    DrainCommand,
+    MigrateCommand,
+    PolicyQuery,
+    PolicyUpdate,
     Cancel,
     CancelAck,
     EngineAbort,
@@ -59,7 +67,9 @@ class InstanceRecord:
     load: InstanceLoad
     last_seen: float  # time.monotonic()
     state: str = "serving"
-    draining: bool = False
+    draining: bool = False  # the engine says so
+    drain_requested: bool = False  # an operator asked (drover drain)
+    can_migrate: bool = False
     dispatched: int = 0
 
 
@@ -81,6 +91,11 @@ class Tick:
     """Periodic housekeeping: expire stale instances, retry queued requests."""
 
 
+@dataclass(frozen=True, slots=True)
+class MigrationTick:
+    """Every ``policy.migration_period_s``: plan migrations (Llumnix pairing) and start them."""
+
+
 class SchedulerActor(SupervisedActor):
     def __init__(
         self,
@@ -89,15 +104,21 @@ class SchedulerActor(SupervisedActor):
         tokenizer: Tokenizer,
         supervisor: pykka.ActorRef[Any] | None = None,
         name: str = "scheduler",
+        peers: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(supervisor, name)
         self.bus = bus
         self.settings = settings
         self.tokenizer = tokenizer
+        self.peers = peers if peers is not None else {}  # "migrator" -> its ActorSlot
         self.instances: dict[str, InstanceRecord] = {}
         self.requests: dict[str, RequestRecord] = {}
         self.queue: deque[str] = deque()
-        self.policy: DispatchIndex = make_dispatch_policy(settings.scheduler.dispatch_policy)
+        self.params: PolicyParams = settings.policy
+        self.policy: DispatchIndex = make_dispatch_policy(self.params.dispatch_policy, self.params.dispatch_params())
+        self.migrations: dict[str, InFlightMigration] = {}  # request id -> migration in flight
+        self.migrations_done = 0
+        self.migrations_aborted = 0
 
     # ------------------------------------------------------------------------------------------- dispatching
     def on_receive(self, message: Any) -> Any:
@@ -105,6 +126,10 @@ class SchedulerActor(SupervisedActor):
             return self._on_envelope(message)
         if isinstance(message, Tick):
             self._tick()
+        elif isinstance(message, MigrationTick):
+            self._plan_migrations()
+        elif isinstance(message, MigrationEnded):
+            self._on_migration_ended(message)
         return None
 
     def _on_envelope(self, envelope: Envelope) -> None:
@@ -120,6 +145,12 @@ class SchedulerActor(SupervisedActor):
         elif isinstance(message, StatusQuery):
             if envelope.reply:
                 self.bus.publish(envelope.reply, self.status())
+        elif isinstance(message, MigrateCommand):
+            self._on_migrate_command(message, envelope.reply)
+        elif isinstance(message, DrainCommand):
+            self._on_drain(message, envelope.reply)
+        elif isinstance(message, PolicyQuery | PolicyUpdate):
+            self._on_policy(message, envelope.reply)
         else:
             self.bus.reply_error(
                 envelope.reply,
@@ -138,7 +169,7 @@ class SchedulerActor(SupervisedActor):
             self.instances[instance_id] = record
             log.info("instance %s joined (%s, %d blocks)", instance_id, beat.info.engine_kind, beat.info.num_blocks)
         record.info, record.load, record.last_seen = beat.info, beat.load, time.monotonic()
-        record.state, record.draining = beat.state, beat.draining
+        record.state, record.draining, record.can_migrate = beat.state, beat.draining, beat.can_migrate
         self.policy.upsert(self._snapshot(record))
         if is_new:
             self._drain_queue()
@@ -154,7 +185,7 @@ class SchedulerActor(SupervisedActor):
             waiting_blocks=load.waiting_blocks,
             head_waiting_blocks=load.head_waiting_blocks,
             num_preempted=load.num_preempted,
-            draining=record.draining or record.state != "serving",
+            draining=record.draining or record.drain_requested or record.state != "serving",
             model=record.info.model,
             block_size=record.info.block_size,
             running=tuple(
@@ -340,10 +371,112 @@ class SchedulerActor(SupervisedActor):
 
     # ------------------------------------------------------------------------------------------- lifecycle
     def _on_request_ended(self, ended: EngineRequestEnded) -> None:
+        if ended.finish_reason == "migrated":
+            return  # it lives on at the destination; MigrationEnded moves the record
         record = self.requests.get(ended.request_id)
         if record is None or record.instance_id != ended.instance_id:
             return  # a late or duplicate event (e.g. after migration): the current owner reports again
         self.requests.pop(ended.request_id)
+
+    # ------------------------------------------------------------------------------------------- migration
+    def _start_migration(
+        self, request_id: str, source: str, destination: str, num_blocks: int, reason: str, reply_to: str = ""
+    ) -> bool:
+        migrator = self.peers.get("migrator")
+        if migrator is None:
+            self.bus.reply_error(reply_to, ErrorCode.MIGRATION_FAILED, "no migrator runs in this control plane")
+            return False
+        self.migrations[request_id] = InFlightMigration(source, destination, request_id)
+        migrator.tell(StartMigration(request_id, source, destination, num_blocks, reason, reply_to))
+        return True
+
+    def _migratable_snapshots(self) -> list[InstanceSnapshot]:
+        return [self._snapshot(r) for r in self.instances.values() if r.can_migrate]
+
+    def _plan_migrations(self) -> None:
+        if not self.params.migration_enabled:
+            return
+        decisions = plan_migrations(self._migratable_snapshots(), list(self.migrations.values()), self.params)
+        for d in decisions:
+            self._start_migration(d.request_id, d.source_id, d.destination_id, d.num_blocks, d.reason)
+
+    def _on_migration_ended(self, ended: MigrationEnded) -> None:
+        self.migrations.pop(ended.request_id, None)
+        if ended.ok:
+            self.migrations_done += 1
+        else:
+            self.migrations_aborted += 1
+        record = self.requests.get(ended.request_id)
+        if record is not None and ended.ok:
+            record.instance_id = ended.destination
+            record.served_by.append(ended.destination)
+
+    def _on_migrate_command(self, command: MigrateCommand, reply: str) -> None:
+        record = self.requests.get(command.request_id)
+        if record is None or record.instance_id is None:
+            self.bus.reply_error(reply, ErrorCode.UNKNOWN_REQUEST, f"no running request {command.request_id}",
+                                 command.request_id)
+            return
+        source = self.instances.get(record.instance_id)
+        if source is None or not source.can_migrate:
+            self.bus.reply_error(reply, ErrorCode.MIGRATION_FAILED,
+                                 f"instance {record.instance_id} cannot migrate requests", command.request_id)
+            return
+        destination = command.destination or self._pick_destination(source)
+        target = self.instances.get(destination) if destination else None
+        if target is None:
+            self.bus.reply_error(reply, ErrorCode.UNKNOWN_INSTANCE,
+                                 f"no instance {command.destination or '(any compatible)'} to migrate to")
+            return
+        if destination == source.info.instance_id or not target.can_migrate or \
+                not target.info.compatible_with(source.info):
+            self.bus.reply_error(reply, ErrorCode.MIGRATION_FAILED,
+                                 f"{destination} is not a compatible migration destination for {source.info.instance_id}")
+            return
+        if command.request_id in self.migrations:
+            self.bus.reply_error(reply, ErrorCode.MIGRATION_FAILED, f"{command.request_id} is already migrating")
+            return
+        blocks = next((r.num_blocks for r in source.load.running if r.request_id == command.request_id),
+                      -(-len(record.prompt_token_ids) // source.info.block_size))
+        self._start_migration(command.request_id, source.info.instance_id, destination, blocks, command.reason,
+                              reply)
+
+    def _pick_destination(self, source: InstanceRecord) -> str | None:
+        candidates = [r for r in self.instances.values()
+                      if r is not source and r.can_migrate and not r.drain_requested
+                      and r.info.compatible_with(source.info)]
+        best = max(candidates, key=lambda r: r.load.num_free_blocks, default=None)
+        return best.info.instance_id if best else None
+
+    def _on_drain(self, command: DrainCommand, reply: str) -> None:
+        record = self.instances.get(command.instance_id)
+        if record is None:
+            self.bus.reply_error(reply, ErrorCode.UNKNOWN_INSTANCE, f"no instance {command.instance_id}")
+            return
+        record.drain_requested = True
+        self.policy.upsert(self._snapshot(record))  # no new dispatches from now on
+        running = [r.request_id for r in record.load.running]
+        if reply:
+            self.bus.publish(reply, AdminReply(
+                ok=True, message=f"draining {command.instance_id}: {len(running)} requests to move",
+                details={"running": running, "can_migrate": record.can_migrate}))
+
+    def _on_policy(self, message: PolicyQuery | PolicyUpdate, reply: str) -> None:
+        if isinstance(message, PolicyUpdate):
+            try:
+                params = self.params.with_updates(**message.changes)
+            except ValueError as exc:
+                self.bus.reply_error(reply, ErrorCode.INVALID_REQUEST, str(exc))
+                return
+            if params.dispatch_policy != self.params.dispatch_policy or \
+                    params.dispatch_params() != self.params.dispatch_params():
+                self.policy = make_dispatch_policy(params.dispatch_policy, params.dispatch_params())
+                for record in self.instances.values():
+                    self.policy.upsert(self._snapshot(record))
+            self.params = params
+            log.info("policy updated: %s", message.changes)
+        if reply:
+            self.bus.publish(reply, AdminReply(ok=True, message="policy", details=self.params.as_dict()))
 
     def _on_cancel(self, cancel: Cancel, reply: str) -> None:
         target = cancel.reply_to or reply
@@ -378,7 +511,7 @@ class SchedulerActor(SupervisedActor):
                     info=r.info,
                     load=r.load,
                     age_s=now_mono - r.last_seen,
-                    state="draining" if r.draining else r.state,
+                    state=_instance_state(r),
                     dispatched=r.dispatched,
                 )
                 for r in sorted(self.instances.values(), key=lambda r: r.info.instance_id)
@@ -398,3 +531,9 @@ class SchedulerActor(SupervisedActor):
             queued=len(self.queue),
             dispatch_policy=self.policy.name,
         )
+
+
+def _instance_state(record: InstanceRecord) -> str:
+    if record.drain_requested or record.draining:
+        return "drained" if record.load.num_running == 0 and record.load.num_waiting == 0 else "draining"
+    return record.state

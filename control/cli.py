@@ -66,7 +66,7 @@ def control_serve(
     """Run the control plane (Supervisor, Scheduler) until SIGTERM."""
     from control.processes import serve_control
 
-    serve_control(settings({"scheduler": {"dispatch_policy": policy}}))
+    serve_control(settings({"policy": {"dispatch_policy": policy}}))
 
 
 @engine_app.command("serve")

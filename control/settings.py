@@ -12,8 +12,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from control.policy.params import PolicyParams
+
+# Drover's live defaults that differ from the Llumnix paper's (PolicyParams holds the paper's):
+# our KV copies are fast, so a 1-block last stage keeps downtime to about one decode step, and more stages
+# are affordable before giving up.
+LIVE_POLICY_DEFAULTS = PolicyParams(last_stage_max_blocks=1, max_stages=8)
 
 
 class _Section(BaseModel):
@@ -65,12 +72,6 @@ class EngineSettings(_Section):
 
 
 class SchedulerSettings(_Section):
-    dispatch_policy: Literal["round_robin", "least_loaded", "freeness", "prefix_affinity"] = Field(
-        "freeness", description="Dispatch policy; 'freeness' is Llumnix's virtual-usage policy."
-    )
-    watermark_blocks: int = Field(
-        0, description="Blocks kept free on every instance in freeness (Llumnix watermark)."
-    )
     instance_stale_after_s: float = Field(
         3.0, description="An instance whose last heartbeat is older is not dispatched to."
     )
@@ -80,15 +81,9 @@ class SchedulerSettings(_Section):
 
 
 class MigrationSettings(_Section):
-    last_stage_max_blocks: int = Field(
-        1,
-        description="Stop-and-copy once at most this many new blocks remain (Llumnix: 16; ours copy fast, "
-        "so a 1-block last stage keeps downtime to about one decode step).",
-    )
-    max_stages: int = Field(8, description="Pre-copy stages before giving up (Llumnix: 3).")
+    """How the MigratorActor runs a migration; *when* to migrate is policy (``[policy]``)."""
+
     op_timeout_s: float = Field(30.0, description="Timeout of one migration step (a stage copy, stop, resume).")
-    max_per_instance: int = Field(1, description="Concurrent migrations an instance takes part in (Llumnix: 1).")
-    max_global: int = Field(64, description="Concurrent migrations in the cluster.")
     reserve_headroom_blocks: int = Field(
         2, description="Extra blocks reserved at the destination for tokens decoded during the copy."
     )
@@ -139,11 +134,21 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     engine: EngineSettings = EngineSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
+    policy: PolicyParams = Field(
+        LIVE_POLICY_DEFAULTS,
+        description="Dispatch and migration policy knobs (control/policy/params.py documents each); "
+        "changeable at run time with `drover policy set`.",
+    )
     migration: MigrationSettings = MigrationSettings()
     limits: LimitsSettings = LimitsSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
     supervisor: SupervisorSettings = SupervisorSettings()
     demo: DemoSettings = DemoSettings()
+
+    @model_validator(mode="after")
+    def _check_policy(self) -> Settings:
+        self.policy.validate()
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -196,6 +201,8 @@ def load_settings(
         for section, fields in (overrides or {}).items()
     }
     merged = _deep_merge(_deep_merge(file_values, _env_overrides()), flag_values)
+    # Policy values override field by field on top of Drover's live defaults (a dataclass, not a section).
+    merged = _deep_merge({"policy": LIVE_POLICY_DEFAULTS.as_dict()}, merged)
     return Settings(**merged)
 
 

@@ -189,6 +189,7 @@ class InstanceHeartbeat(_Msg, frozen=True, tag="heartbeat"):
     sent_at: float  # time.time() at the sender
     draining: bool = False
     state: str = "serving"  # "starting" | "serving" | "draining" | "stopping"
+    can_migrate: bool = False  # the engine implements live migration
 
 
 class EngineAdd(_Msg, frozen=True, tag="engine_add"):
@@ -294,6 +295,16 @@ class DrainCommand(_Msg, frozen=True, tag="drain"):
     instance_id: str
 
 
+class PolicyQuery(_Msg, frozen=True, tag="policy_query"):
+    pass
+
+
+class PolicyUpdate(_Msg, frozen=True, tag="policy_update"):
+    """Operator -> scheduler: set policy parameters (values as text; validated and coerced)."""
+
+    changes: dict[str, str]
+
+
 class AdminReply(_Msg, frozen=True, tag="admin_reply"):
     ok: bool
     message: str
@@ -357,6 +368,8 @@ Message: TypeAlias = (
     | MigrateCommand
     | DrainCommand
     | AdminReply
+    | PolicyQuery
+    | PolicyUpdate
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -12,7 +12,8 @@ def test_defaults_come_from_the_model() -> None:
     s = load_settings()
     assert s.engine.block_size % 32 == 0
     assert s.nats.url is None
-    assert s.scheduler.dispatch_policy == "freeness"
+    assert s.policy.dispatch_policy == "freeness"
+    assert s.policy.last_stage_max_blocks == 1  # Drover live default (Llumnix: 16)
 
 
 def test_precedence_file_then_env_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
