@@ -37,9 +37,13 @@ class InstanceSnapshot:
     block_size: int = 32
     running: tuple[RunningSnapshot, ...] = ()
     cached_prefix_hashes: frozenset[int] = frozenset()
+    high_priority_count: int = -1
+    """Running requests with priority > 0 when the builder counted them; -1: count ``running``."""
 
     @property
     def num_high_priority(self) -> int:
+        if self.high_priority_count >= 0:
+            return self.high_priority_count
         return sum(1 for r in self.running if r.priority > 0)
 
     @property

@@ -297,6 +297,16 @@ class ClusterSimulator:
         core = inst.core
         preempted = core.num_preemptions - inst.reported_preemptions
         inst.reported_preemptions = core.num_preemptions
+        running = tuple(
+            RunningSnapshot(
+                r.request_id,
+                r.context_len,
+                r.num_blocks,
+                r.priority,
+                r.num_output > 0 and r.num_computed >= r.context_len - 1,
+            )
+            for r in core.running
+        )
         return InstanceSnapshot(
             instance_id=inst.instance_id,
             num_total_blocks=core.config.num_blocks,
@@ -309,16 +319,8 @@ class ClusterSimulator:
             draining=inst.draining,
             model=self.config.model,
             block_size=core.config.block_size,
-            running=tuple(
-                RunningSnapshot(
-                    r.request_id,
-                    r.context_len,
-                    r.num_blocks,
-                    r.priority,
-                    r.num_output > 0 and r.num_computed >= r.context_len - 1,
-                )
-                for r in core.running
-            ),
+            running=running,
+            high_priority_count=sum(1 for r in running if r.priority > 0),
         )
 
     # ------------------------------------------------------------------------------------------ migration
