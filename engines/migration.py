@@ -1,21 +1,41 @@
 """Engine-side live-migration protocol (Llumnix multi-stage pre-copy), driven by the MigratorActor.
 
-Source side, in order: ``migrate_out_begin`` -> ``migrate_out_stage`` (repeat while the request keeps
-decoding; each copies only blocks filled since the last stage) -> ``migrate_out_stop`` (stop the request,
-copy the remaining blocks, return the exact token state) -> ``migrate_out_commit`` (free the source's
-blocks; the request's ``generate`` iterator there ends with ``finish_reason="migrated"``).
-``migrate_out_abort`` at any point before commit leaves the request running (or, after stop, returns the
-frozen state so the caller can resume it).
+Order of calls (the MigratorActor's): ``dst.migrate_in_reserve`` (capacity + staging, returns the KV data
+address) -> ``src.migrate_out_begin`` -> ``src.migrate_out_stage`` (repeat while the request keeps decoding;
+each copies only the full blocks written since the last stage; grow the reservation between stages) ->
+``src.migrate_out_stop`` -> ``dst.generate(EngineRequest(..., output_token_ids=frozen.output_token_ids,
+kv_transfer=frozen.kv_transfer))`` -> ``src.migrate_out_commit``.
 
-Destination side: ``migrate_in_reserve`` holds capacity (and a staging buffer) before each stage;
-KV arrives over the data plane; ``generate(EngineRequest(..., kv_transfer=handle))`` resumes the request
-loading that KV instead of recomputing it; ``migrate_in_release`` drops a reservation on every abort path.
+Source side semantics:
+- ``migrate_out_stage`` returns a :class:`StageReport` once the destination acknowledged the stage's blocks;
+  ``request_finished=True`` when the request ended at the source meanwhile (the migration is then over).
+- ``migrate_out_stop`` stops the request (it no longer decodes at the source), copies the remaining blocks
+  (the partial last one included) and returns the exact token state, taken from the engine's own state:
+  ``output_token_ids`` may hold tokens the source's ``generate`` iterator never yielded (sampled before the
+  stop, not yet streamed): the caller sends the client ``output_token_ids[already_sent:]``.
+- After stop the source's ``generate`` iterator yields nothing more; it ends with ``finish_reason="migrated"``
+  at ``migrate_out_commit`` (or at ``migrate_out_abort``). Commit frees nothing that is not already freed:
+  the source's blocks are released as soon as the last stage is acknowledged.
+- ``migrate_out_abort`` at any point: before stop the request goes on at the source and it returns None;
+  after stop it returns the frozen state (with an empty ``kv_transfer``) so the caller can resume the request
+  elsewhere by recompute.
+
+Destination side: ``migrate_in_reserve`` holds capacity (and staging) for ``num_blocks`` in total; KV arrives
+over the data plane (:mod:`transport.kv_data`) at ``KvEndpoint.address``; ``generate`` with the frozen
+``kv_transfer`` handle loads the staged KV instead of recomputing it and releases the reservation itself;
+``migrate_in_release`` drops a reservation on every abort path (idempotent).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
+
+from engines.base import EngineError
+
+
+class MigrationAborted(EngineError):
+    """A migration cannot complete; the message says why (the request keeps running where it was)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,10 +65,10 @@ class FrozenRequest:
 
 @dataclass(frozen=True, slots=True)
 class KvEndpoint:
-    """Where a destination receives KV blocks (data-plane address)."""
+    """Where a destination receives KV blocks (data-plane address, see :mod:`transport.kv_data`)."""
 
     instance_id: str
-    address: str  # e.g. "tcp://127.0.0.1:45123" or a NATS subject
+    address: str  # e.g. "tcp://127.0.0.1:45123"
     migration_id: str
 
 

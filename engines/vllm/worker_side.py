@@ -1,0 +1,315 @@
+"""Worker half of the migration connector (runs in vLLM's worker process, next to the KV tensors).
+
+Source role: sends the blocks each :class:`~engines.vllm.connector.SendJob` names straight from the KV
+cache memory over the data plane (one sender thread per migration, started before the step's forward so
+the copy overlaps decoding), reports each acknowledged stage to the engine, and holds a finished request's
+blocks until its sends are done (``finished_sending``). Destination role: runs the data-plane server that
+receives blocks into a preallocated staging pool under per-migration reservations, and scatters staged
+blocks into a resumed request's blocks in ``start_load_kv``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from engines.vllm import control
+from engines.vllm.connector import LoadJob, MigrationMetadata, SendJob
+from transport import kv_data
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STAGING_BLOCKS = 256
+
+
+class _KvCache:
+    """The worker's KV tensors seen as blocks of raw bytes: segment ``l`` of block ``b`` is layer l's block b."""
+
+    def __init__(self, kv_caches: dict[str, torch.Tensor], vllm_config: VllmConfig) -> None:
+        layers: list[torch.Tensor] = []
+        seen: set[int] = set()
+        for tensor in kv_caches.values():  # layers sharing a cache (KV sharing) are sent once
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                layers.append(tensor)
+        first = layers[0]
+        if any(t.shape != first.shape or t.dtype != first.dtype for t in layers):
+            raise ValueError("migration needs every KV layer to have the same shape and dtype")
+        self.device = first.device
+        self.num_blocks = int(first.shape[0])
+        self.num_layers = len(layers)
+        # Byte views [num_blocks, segment_nbytes] per layer. Blocks are copied whole: on CPU, K is packed
+        # inside a block in an ISA-dependent layout, so a block is opaque bytes.
+        self.layers = [t.view(torch.uint8).reshape(self.num_blocks, -1) for t in layers]
+        if any(not t.is_contiguous() for t in self.layers):
+            raise ValueError("migration needs each KV layer to be one contiguous [num_blocks, ...] tensor")
+        self.segment_nbytes = int(self.layers[0].shape[1])
+        self.block_nbytes = self.segment_nbytes * self.num_layers
+        self._host_layers = [t.numpy() for t in self.layers] if self.device.type == "cpu" else None
+        self.layout = _layout_string(first, self.num_layers, vllm_config)
+
+    def segments(self, block_id: int, bounce: torch.Tensor | None) -> list[memoryview]:
+        """The block's bytes, layer by layer; off-CPU caches are first copied into ``bounce``."""
+        if self._host_layers is not None:
+            return [memoryview(layer[block_id]) for layer in self._host_layers]
+        assert bounce is not None
+        for index, layer in enumerate(self.layers):
+            bounce[index].copy_(layer[block_id])
+        return [memoryview(row) for row in bounce.numpy()]
+
+    def scatter(self, staging: torch.Tensor, slots: list[int], block_ids: list[int]) -> None:
+        """Copy staging slots into KV blocks (one indexed copy per layer)."""
+        slot_index = torch.tensor(slots, dtype=torch.long)
+        block_index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        for index, layer in enumerate(self.layers):
+            rows = staging[:, index].index_select(0, slot_index)
+            layer.index_copy_(0, block_index, rows.to(self.device, non_blocking=True))
+
+
+def _layout_string(tensor: torch.Tensor, num_layers: int, vllm_config: VllmConfig) -> str:
+    """Identifies the bytes of a block: engines migrate only between equal layouts."""
+    isa = "native"
+    if tensor.device.type == "cpu":
+        try:
+            from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+            cache = vllm_config.cache_config
+            isa = _get_attn_isa(tensor.dtype, cache.block_size, None, cache.cache_dtype)
+        except Exception:  # a vLLM without that helper: fall back to the platform name
+            isa = "cpu"
+    shape = "x".join(str(d) for d in tensor.shape[1:])
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    return f"vllm/{tensor.device.type}/{isa}/{dtype}/L{num_layers}/{shape}"
+
+
+class _Sender:
+    """One migration's outgoing stream: a thread sending its jobs in order."""
+
+    def __init__(self, side: WorkerSide, migration_id: str, destination: str) -> None:
+        self.side = side
+        self.migration_id = migration_id
+        self.destination = destination
+        self.jobs: queue.Queue[SendJob | None] = queue.Queue()
+        self.cancelled = False
+        self._stream: kv_data.KvSender | None = None
+        self._error = ""
+        self._thread = threading.Thread(target=self._run, name=f"kv-send-{migration_id}", daemon=True)
+        self._thread.start()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.jobs.put(None)
+
+    def _run(self) -> None:
+        cache = self.side.cache
+        assert cache is not None
+        bounce = None
+        if cache.device.type != "cpu":
+            bounce = torch.empty((cache.num_layers, cache.segment_nbytes), dtype=torch.uint8, pin_memory=True)
+        try:
+            while True:
+                job = self.jobs.get()
+                if job is not None:
+                    try:
+                        self._send(job, cache, bounce)
+                    finally:
+                        self.side.job_done(job)
+                # Retire after the final stage or a cancel, unless jobs raced in (they still get job_done).
+                if (job is None or job.final) and self.side.retire(self):
+                    return
+        finally:
+            if self._stream is not None:
+                self._stream.close()
+
+    def _send(self, job: SendJob, cache: _KvCache, bounce: torch.Tensor | None) -> None:
+        start = time.perf_counter()
+        if self.cancelled:
+            self._error = self._error or "migration cancelled"
+        if not self._error:
+            try:
+                if self._stream is None:
+                    self._stream = kv_data.connect(
+                        self.destination, self.migration_id, cache.layout, cache.block_nbytes
+                    )
+                blocks = [(index, cache.segments(block_id, bounce)) for index, block_id in job.blocks]
+                ack = self._stream.send_stage(job.stage, blocks, job.meta)
+                self.side.report(
+                    control.StageSent(
+                        migration_id=self.migration_id,
+                        stage=job.stage,
+                        num_blocks=ack.num_blocks,
+                        nbytes=ack.nbytes,
+                        seconds=time.perf_counter() - start,
+                        final=job.final,
+                    )
+                )
+                return
+            except kv_data.KvTransferError as exc:
+                self._error = str(exc)
+        self.side.report(
+            control.StageSent(migration_id=self.migration_id, stage=job.stage, final=job.final, error=self._error)
+        )
+
+
+class WorkerSide:
+    def __init__(self, vllm_config: VllmConfig, extra: dict[str, Any]) -> None:
+        self.vllm_config = vllm_config
+        self.extra = extra
+        self.cache: _KvCache | None = None
+        self.staging: torch.Tensor | None = None
+        self.pool: kv_data.StagingPool | None = None
+        self._server: kv_data.KvServer | None = None
+        self._control: control.ControlClient | None = None
+        self._lock = threading.Lock()
+        self._senders: dict[str, _Sender] = {}
+        self._in_flight: dict[str, int] = {}  # vLLM request id -> send jobs queued or running
+        self._to_release: set[str] = set()
+        self._finished_seen: set[str] = set()
+        self._load_errors: set[int] = set()
+
+    # Setup ------------------------------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self.cache = cache = _KvCache(kv_caches, self.vllm_config)
+        num_slots = int(self.extra.get("staging_blocks", DEFAULT_STAGING_BLOCKS))
+        # zeros(), not empty(): touch every page now, not while receiving (page faults are ~25x slower).
+        self.staging = torch.zeros((num_slots, cache.num_layers, cache.segment_nbytes), dtype=torch.uint8)
+        staging_rows = self.staging.numpy().reshape(num_slots, -1)
+        self.pool = kv_data.StagingPool(
+            num_slots,
+            cache.block_nbytes,
+            cache.layout,
+            buffer_of=lambda slot: memoryview(staging_rows[slot]),
+            on_stage=self._stage_received,
+        )
+        transport = kv_data.transport_for(str(self.extra.get("data_scheme", "tcp")) + "://")
+        self._server = transport.serve(str(self.extra.get("data_host", "127.0.0.1")), self.pool)
+        self._control = control.ControlClient(
+            self.extra["control_path"],
+            control.Hello(
+                role="worker",
+                pid=os.getpid(),
+                data_address=self._server.address,
+                kv_layout=cache.layout,
+                block_nbytes=cache.block_nbytes,
+                staging_blocks=num_slots,
+            ),
+            self._on_command,
+        )
+
+    def shutdown(self) -> None:
+        with self._lock:
+            senders = list(self._senders.values())
+        for sender in senders:
+            sender.cancel()
+        if self._server is not None:
+            self._server.close()
+        if self._control is not None:
+            self._control.close()
+
+    # Commands from the engine (control thread) ------------------------------------------------------------
+
+    def _on_command(self, frame: control.Frame) -> None:
+        assert self._control is not None and self.pool is not None
+        if isinstance(frame, control.Reserve):
+            if self.pool.reserve(frame.migration_id, frame.num_blocks):
+                self._control.reply(frame)
+            else:
+                self._control.reply(
+                    frame,
+                    ok=False,
+                    error=f"staging cannot hold {frame.num_blocks} blocks "
+                    f"({self.pool.num_slots - self.pool.reserved_blocks()} of {self.pool.num_slots} free)",
+                )
+        elif isinstance(frame, control.Release):
+            self._control.reply(frame, freed=self.pool.release(frame.migration_id))
+        else:
+            self._control.reply(frame, ok=False, error=f"the worker side does not handle {type(frame).__name__}")
+
+    def report(self, frame: control.Frame) -> None:
+        if self._control is not None:
+            self._control.send(frame)
+
+    def _stage_received(self, migration_id: str, stage: int, num_blocks: int, meta: dict[str, Any]) -> None:
+        self.report(control.StageReceived(migration_id=migration_id, stage=stage, num_blocks=num_blocks, meta=meta))
+
+    # Per step (worker thread) -----------------------------------------------------------------------------
+
+    def on_step_metadata(self, metadata: MigrationMetadata) -> None:
+        with self._lock:
+            for job in metadata.sends:
+                sender = self._senders.get(job.migration_id)
+                if sender is None:
+                    sender = self._senders[job.migration_id] = _Sender(self, job.migration_id, job.destination)
+                self._in_flight[job.request_id] = self._in_flight.get(job.request_id, 0) + 1
+                sender.jobs.put(job)
+            for migration_id in metadata.cancels:
+                cancelled = self._senders.get(migration_id)
+                if cancelled is not None:
+                    cancelled.cancel()
+            self._to_release.update(metadata.releases)
+
+    def job_done(self, job: SendJob) -> None:
+        with self._lock:
+            left = self._in_flight.get(job.request_id, 0) - 1
+            if left > 0:
+                self._in_flight[job.request_id] = left
+            else:
+                self._in_flight.pop(job.request_id, None)
+
+    def retire(self, sender: _Sender) -> bool:
+        """Forget a sender whose stream ended; False if new jobs arrived meanwhile (it must go on)."""
+        with self._lock:
+            if not sender.jobs.empty():
+                return False
+            if self._senders.get(sender.migration_id) is sender:
+                del self._senders[sender.migration_id]
+            return True
+
+    def finished_sending(self, finished_req_ids: set[str]) -> set[str] | None:
+        """Finished requests whose blocks we held and no longer need (vLLM frees them)."""
+        with self._lock:
+            self._finished_seen.update(finished_req_ids)
+            done = {rid for rid in self._to_release if rid in self._finished_seen and rid not in self._in_flight}
+            self._to_release -= done
+            self._finished_seen -= done
+        return done or None
+
+    def load(self, jobs: list[LoadJob]) -> None:
+        """Scatter staged blocks into resumed requests' blocks; runs before the step's forward."""
+        for job in jobs:
+            assert self.pool is not None and self.cache is not None and self.staging is not None
+            start = time.perf_counter()
+            indices = [index for index, _ in job.blocks]
+            slots = self.pool.slots_of(job.migration_id, indices)
+            present = [
+                (slot, block_id) for slot, (_, block_id) in zip(slots, job.blocks, strict=True) if slot is not None
+            ]
+            missing = [block_id for slot, (_, block_id) in zip(slots, job.blocks, strict=True) if slot is None]
+            if present:
+                self.cache.scatter(self.staging, [s for s, _ in present], [b for _, b in present])
+            if missing:  # vLLM recomputes from the first missing block (kv_load_failure_policy="recompute")
+                log.warning("migration %s: %d blocks missing from staging", job.migration_id, len(missing))
+                self._load_errors.update(missing)
+            self.pool.release(job.migration_id)
+            self.report(
+                control.Loaded(
+                    migration_id=job.migration_id,
+                    num_blocks=len(present),
+                    seconds=time.perf_counter() - start,
+                    missing_blocks=len(missing),
+                )
+            )
+
+    def take_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
