@@ -88,17 +88,29 @@ def plan_migrations(
     cap = params.max_migrations_per_instance
     threshold = params.migrate_threshold
 
+    # Pass 1, sources only: an instance without running requests has nothing to move, so most of a lightly
+    # loaded cluster is skipped without computing anything, and a round without sources ends here.
     sources: dict[tuple[str, int], list[_Rated]] = {}
+    source_ids: set[str] = set()
+    for snapshot in snapshots:
+        if snapshot.num_running == 0 or (busy and busy.get(snapshot.instance_id, 0) >= cap):
+            continue
+        rated = _rate(snapshot, params)
+        if snapshot.draining or rated.freeness < threshold or snapshot.num_preempted > 0:
+            sources.setdefault((snapshot.model, snapshot.block_size), []).append(rated)
+            source_ids.add(snapshot.instance_id)
+    if not sources:
+        return []
     destinations: dict[tuple[str, int], list[_Rated]] = {}
     for snapshot in snapshots:
+        if snapshot.draining or snapshot.num_preempted > 0 or snapshot.instance_id in source_ids:
+            continue
+        if (snapshot.model, snapshot.block_size) not in sources:
+            continue
         if busy and busy.get(snapshot.instance_id, 0) >= cap:
             continue
         rated = _rate(snapshot, params)
-        freeness = rated.freeness
-        if snapshot.draining or freeness < threshold or snapshot.num_preempted > 0:
-            if snapshot.num_running > 0:
-                sources.setdefault((snapshot.model, snapshot.block_size), []).append(rated)
-        elif freeness > threshold:
+        if rated.freeness > threshold:
             destinations.setdefault((snapshot.model, snapshot.block_size), []).append(rated)
 
     decisions: list[MigrationDecision] = []

@@ -83,7 +83,6 @@ class _Instance:
     version: int = 0  # of its scheduled step-end event
     plan_end: float | None = None
     draining: bool = False
-    snapshot: InstanceSnapshot | None = None
     snapshot_core_version: int = -1
     reported_preemptions: int = 0
 
@@ -142,6 +141,11 @@ class ClusterSimulator:
         self._migrations_dirty = True
         self._finished = 0
         self._next_mid = 0
+        # Instances a tick must look at: the ones running a plan (their blocks grow) and the ones touched
+        # since the last tick. Indices, iterated sorted, so the run stays deterministic.
+        self._busy: set[int] = set()
+        self._touched: set[int] = set(range(config.num_instances))
+        self._snapshots: list[InstanceSnapshot] = []
 
     # ------------------------------------------------------------------------------------------ running
     def run(self) -> SimulationResult:
@@ -175,6 +179,7 @@ class ClusterSimulator:
                 drained = self.instances[cast(int, payload)]
                 drained.draining = True
                 drained.snapshot_core_version = -1
+                self._touched.add(drained.index)
         wall = time.perf_counter() - started
         return summarize(
             list(self._records.values()),
@@ -195,17 +200,22 @@ class ClusterSimulator:
     def _schedule(self, inst: _Instance) -> None:
         """Plan the instance's next step (run) if it has none, and queue its end."""
         core = inst.core
+        self._touched.add(inst.index)
         if core.has_plan:
             return
         end = core.plan(self.now, _FAST_FORWARD)
         inst.version += 1
         inst.plan_end = end
         if end is not None:
+            self._busy.add(inst.index)
             self._push(end, _STEP_END, (inst, inst.version))
+        else:
+            self._busy.discard(inst.index)
 
     def _interrupt(self, inst: _Instance) -> None:
         """Something external touches the instance now: cut its run at the step in progress."""
         core = inst.core
+        self._touched.add(inst.index)
         if not core.has_plan:
             return
         core.advance_to(self.now)
@@ -268,20 +278,31 @@ class ClusterSimulator:
     # ------------------------------------------------------------------------------------------ ticks
     def _on_tick(self) -> None:
         self.counters.ticks += 1
-        snapshots: list[InstanceSnapshot] = []
         changed = False
-        for inst in self.instances:
+        if not self._snapshots:
+            self._snapshots = [self._snapshot(inst) for inst in self.instances]
+        candidates = self._busy | self._touched
+        refresh_next: set[int] = set()
+        for index in sorted(candidates):
+            inst = self.instances[index]
             core = inst.core
             if core.has_plan:
                 core.advance_to(self.now)
-            stale = inst.snapshot is None or inst.snapshot_core_version != core.version
-            if stale or (inst.snapshot is not None and inst.snapshot.num_preempted):
-                inst.snapshot = self._snapshot(inst)
+            previous = self._snapshots[index]
+            if (
+                inst.snapshot_core_version != core.version
+                or previous.num_preempted
+                or previous.draining != inst.draining
+            ):
+                snapshot = self._snapshot(inst)
                 inst.snapshot_core_version = core.version
-                self.index.upsert(inst.snapshot)
+                self._snapshots[index] = snapshot
+                self.index.upsert(snapshot)
                 changed = True
-            assert inst.snapshot is not None
-            snapshots.append(inst.snapshot)
+                if snapshot.num_preempted:
+                    refresh_next.add(index)  # report "no new preemption" next time
+        self._touched = refresh_next
+        snapshots = self._snapshots
         while self._pending:
             if not self._dispatch(self._pending[0]):
                 break
