@@ -183,7 +183,7 @@ class EngineActor(pykka.ThreadingActor):
         )
         try:
             async for output in self.engine.generate(request):
-                if output.new_token_ids:
+                if output.new_token_ids and not stream.migrated_out:  # after a stop the tail covers them
                     if first_token_at is None:
                         first_token_at = time.time()
                         span.add_event("first_token")
@@ -250,19 +250,21 @@ class EngineActor(pykka.ThreadingActor):
 
 
     async def _send_tokens(self, stream: _Stream, token_ids: list[int], text: str) -> None:
+        # Claim the index range before the first await: a concurrent sender (the migration tail) must see it.
+        index = stream.index
+        stream.index += len(token_ids)
         add = stream.add
         await self.bus.apublish(
             add.reply_to,
             TokenChunk(
                 request_id=add.request_id,
-                index=stream.index,
+                index=index,
                 token_ids=token_ids,
                 text=text,
                 instance_id=self.instance_id,
                 produced_at=time.time(),
             ),
         )
-        stream.index += len(token_ids)
 
     # ------------------------------------------------------------------------------------------- migration
     def _migratable(self) -> MigratableEngine:

@@ -31,9 +31,9 @@ def build_engine(settings: Settings, instance_id: str) -> tuple[Engine, Tokenize
     """Construct (not start) the configured engine kind for ``instance_id``."""
     eng = settings.engine
     if eng.kind == "sim":
-        from engines.sim import SimEngine
+        from engines.sim.live_migration import MigratableSimEngine
 
-        sim = SimEngine(
+        sim = MigratableSimEngine(
             instance_id,
             model_name=settings.model.name,
             block_size=eng.block_size,

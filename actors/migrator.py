@@ -31,6 +31,7 @@ import pykka
 from opentelemetry import trace
 
 from actors.supervisor import SupervisedActor
+from control.policy.params import PolicyParams
 from control.settings import MigrationSettings
 from observability import spans
 from observability.tracing import tracer
@@ -61,6 +62,7 @@ class StartMigration:
     source: str
     destination: str
     num_blocks: int
+    params: PolicyParams  # the scheduler's policy at decision time: caps and stage knobs
     reason: str = "policy"
     reply_to: str = ""  # operator inbox for an AdminReply
 
@@ -154,14 +156,14 @@ class MigratorActor(SupervisedActor):
     def _start(self, start: StartMigration) -> str | None:
         """Begin a migration unless a cap forbids it; returns its id, or None when refused."""
         busy = self.busy_instances()
-        cap = self.settings.max_per_instance
+        cap = start.params.max_migrations_per_instance
         if any(m.start.request_id == start.request_id for m in self.in_flight.values()):
             self._refuse(start, f"request {start.request_id} is already migrating")
             return None
         if busy.get(start.source, 0) >= cap or busy.get(start.destination, 0) >= cap:
             self._refuse(start, "an instance already takes part in its maximum of concurrent migrations")
             return None
-        if len(self.in_flight) >= self.settings.max_global:
+        if 0 < start.params.max_migrations_total <= len(self.in_flight):
             self._refuse(start, "the cluster-wide cap of concurrent migrations is reached")
             return None
         migration_id = uuid.uuid4().hex[:16]
@@ -222,7 +224,7 @@ class MigratorActor(SupervisedActor):
                                         destination_instance=dst, destination_address=address)
                 begun = True
                 reserved = start.num_blocks + headroom
-                for stage in range(self.settings.max_stages):
+                for stage in range(start.params.max_stages):
                     if begin.total_blocks + headroom > reserved:
                         reserved = begin.total_blocks + headroom
                         await self._reserve(dst, migration_id, reserved)
@@ -241,7 +243,7 @@ class MigratorActor(SupervisedActor):
                     if info.request_finished:
                         raise MigrationFailed("the request finished during migration")
                     begin = reply
-                    if info.remaining_blocks <= self.settings.last_stage_max_blocks:
+                    if info.remaining_blocks <= start.params.last_stage_max_blocks:
                         break
                 if begin.total_blocks + headroom > reserved:
                     await self._reserve(dst, migration_id, begin.total_blocks + headroom)

@@ -387,7 +387,7 @@ class SchedulerActor(SupervisedActor):
             self.bus.reply_error(reply_to, ErrorCode.MIGRATION_FAILED, "no migrator runs in this control plane")
             return False
         self.migrations[request_id] = InFlightMigration(source, destination, request_id)
-        migrator.tell(StartMigration(request_id, source, destination, num_blocks, reason, reply_to))
+        migrator.tell(StartMigration(request_id, source, destination, num_blocks, self.params, reason, reply_to))
         return True
 
     def _migratable_snapshots(self) -> list[InstanceSnapshot]:
@@ -453,10 +453,12 @@ class SchedulerActor(SupervisedActor):
         if record is None:
             self.bus.reply_error(reply, ErrorCode.UNKNOWN_INSTANCE, f"no instance {command.instance_id}")
             return
-        record.drain_requested = True
-        self.policy.upsert(self._snapshot(record))  # no new dispatches from now on
+        record.drain_requested = not command.undo
+        self.policy.upsert(self._snapshot(record))  # no new dispatches from now on (or again, on undo)
         running = [r.request_id for r in record.load.running]
-        if reply:
+        if command.undo:
+            self.bus.publish(reply, AdminReply(ok=True, message=f"{command.instance_id} is back in service"))
+        elif reply:
             self.bus.publish(reply, AdminReply(
                 ok=True, message=f"draining {command.instance_id}: {len(running)} requests to move",
                 details={"running": running, "can_migrate": record.can_migrate}))

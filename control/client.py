@@ -24,6 +24,11 @@ from observability.tracing import inject_headers, tracer
 from transport import subjects
 from transport.messages import (
     Accepted,
+    AdminReply,
+    DrainCommand,
+    MigrateCommand,
+    PolicyQuery,
+    PolicyUpdate,
     Cancel,
     CancelAck,
     ErrorCode,
@@ -276,6 +281,32 @@ class DroverClient:
         if not isinstance(message, StatusReply):
             raise DroverError(ErrorCode.INTERNAL, f"unexpected reply {type(message).__name__}")
         return message
+
+    async def _admin(self, verb: str, message: Message, timeout_s: float) -> AdminReply:
+        reply = await self.nc.request(subjects.admin(verb), encode(message), timeout=timeout_s)
+        answer = decode(reply.data)
+        if isinstance(answer, ErrorReply):
+            raise DroverError(answer.code, answer.message, answer.request_id)
+        if not isinstance(answer, AdminReply):
+            raise DroverError(ErrorCode.INTERNAL, f"unexpected reply {type(answer).__name__}")
+        return answer
+
+    async def migrate(self, request_id: str, destination: str = "", *, timeout_s: float = 60.0) -> AdminReply:
+        """Live-migrate a running request (to ``destination``, or the freest compatible instance).
+
+        Returns when the migration committed or aborted; ``ok`` says which, ``details`` has the figures."""
+        return await self._admin("migrate", MigrateCommand(request_id=request_id, destination=destination),
+                                 timeout_s)
+
+    async def drain(self, instance_id: str, *, undo: bool = False, timeout_s: float = 5.0) -> AdminReply:
+        """Stop dispatching to an instance and migrate its requests away (poll status for 'drained');
+        ``undo`` puts it back into service."""
+        return await self._admin("drain", DrainCommand(instance_id=instance_id, undo=undo), timeout_s)
+
+    async def policy(self, changes: dict[str, str] | None = None, *, timeout_s: float = 5.0) -> dict[str, object]:
+        """Read (or, with ``changes``, set then read) the scheduler's policy parameters."""
+        message: Message = PolicyUpdate(changes=changes) if changes else PolicyQuery()
+        return dict((await self._admin("policy", message, timeout_s)).details)
 
     async def wait_for_instances(self, count: int, *, timeout_s: float = 120.0) -> StatusReply:
         """Wait until ``count`` instances are serving (used by `drover up` and tests)."""

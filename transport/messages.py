@@ -290,9 +290,11 @@ class MigrateCommand(_Msg, frozen=True, tag="migrate"):
 
 
 class DrainCommand(_Msg, frozen=True, tag="drain"):
-    """Operator -> control plane: move every request off ``instance_id``, then mark it drained."""
+    """Operator -> control plane: move every request off ``instance_id``, then mark it drained.
+    ``undo`` puts a drained instance back into service."""
 
     instance_id: str
+    undo: bool = False
 
 
 class PolicyQuery(_Msg, frozen=True, tag="policy_query"):

@@ -177,7 +177,7 @@ class SimEngine:
             live.done = True
             live.queue.put_nowait(EngineOutput(request.request_id, [], "length"))
         else:
-            self.core.add(sim)
+            self._admit(request, sim)
             self._kick()
         return self._stream(live)
 
@@ -214,6 +214,10 @@ class SimEngine:
         )
 
     # ------------------------------------------------------------------------------------------ internals
+    def _admit(self, request: EngineRequest, sim: SimRequest) -> None:
+        """Put a validated request into the core (recompute); live migration overrides this to load KV."""
+        self.core.add(sim)
+
     async def _stream(self, live: _Live) -> AsyncIterator[EngineOutput]:
         try:
             while True:

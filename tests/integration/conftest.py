@@ -10,7 +10,7 @@ from engines.tokenizer import ByteTokenizer
 
 
 def make_sim_cluster(nats_url: str, instances: int = 2, **engine_kwargs: object) -> InProcessCluster:
-    from engines.sim import SimEngine
+    from engines.sim.live_migration import MigratableSimEngine as SimEngine
 
     settings = load_settings(
         overrides={"nats": {"url": nats_url}, "engine": {"kind": "sim", "heartbeat_interval_s": 0.05}}
