@@ -310,14 +310,15 @@ class PrefixAffinityIndex(FreenessIndex):
 
     Holders come from snapshots' ``cached_prefix_hashes`` when engines report them (authoritative), and
     otherwise from dispatch history: each dispatch records its prefix hashes on the chosen instance, in an
-    LRU bounded by the instance's KV size (a cache cannot hold more blocks than that).
+    LRU bounded by the instance's KV size (a cache cannot hold more blocks than that). Each block remembers
+    only its ``prefix_holders_per_block`` most recent holders, which bounds a decision's cost.
     """
 
     name = "prefix_affinity"
 
     def __init__(self, params: DispatchParams) -> None:
         super().__init__(params)
-        self._holders: dict[int, set[str]] = {}
+        self._holders: dict[int, OrderedDict[str, None]] = {}  # most recent holder last
         self._history: dict[str, OrderedDict[int, None]] = {}
 
     def upsert(self, snapshot: InstanceSnapshot) -> None:
@@ -378,7 +379,11 @@ class PrefixAffinityIndex(FreenessIndex):
                 history.move_to_end(prefix_hash)
             else:
                 history[prefix_hash] = None
-                self._holders.setdefault(prefix_hash, set()).add(instance_id)
+            holders = self._holders.setdefault(prefix_hash, OrderedDict())
+            holders[instance_id] = None
+            holders.move_to_end(instance_id)
+            if len(holders) > self.params.prefix_holders_per_block:
+                holders.popitem(last=False)  # its history entry stays; dropping it later is a no-op
         entry = self._entries.get(instance_id)
         capacity = self.params.prefix_history_blocks or (entry.snapshot.num_total_blocks if entry else 0)
         while len(history) > max(1, capacity):
@@ -392,6 +397,6 @@ class PrefixAffinityIndex(FreenessIndex):
     def _drop_holder(self, prefix_hash: int, instance_id: str) -> None:
         holders = self._holders.get(prefix_hash)
         if holders is not None:
-            holders.discard(instance_id)
+            holders.pop(instance_id, None)
             if not holders:
                 del self._holders[prefix_hash]

@@ -31,6 +31,9 @@ class DispatchParams:
     """Fewest leading prefix blocks an instance must hold for prefix affinity to prefer it."""
     prefix_history_blocks: int = 0
     """Prefix hashes remembered per instance from dispatch history (LRU); 0 = the instance's KV blocks."""
+    prefix_holders_per_block: int = 4
+    """Instances remembered per prefix block (the most recent ones): bounds a decision's cost when a popular
+    prefix is cached everywhere; a few candidates are enough to find one with room."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +47,7 @@ class PolicyParams:
     affinity_min_freeness: float = 3.0
     prefix_min_match_blocks: int = 1
     prefix_history_blocks: int = 0
+    prefix_holders_per_block: int = 4
 
     migration_enabled: bool = True
     migrate_threshold: float = 3.0
@@ -71,6 +75,7 @@ class PolicyParams:
             affinity_min_freeness=self.affinity_min_freeness,
             prefix_min_match_blocks=self.prefix_min_match_blocks,
             prefix_history_blocks=self.prefix_history_blocks,
+            prefix_holders_per_block=self.prefix_holders_per_block,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -99,7 +104,12 @@ class PolicyParams:
         for name in ("watermark_blocks", "max_migrations_total", "prefix_history_blocks"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
-        for name in ("max_migrations_per_instance", "max_stages", "high_priority_load_cap_tokens"):
+        for name in (
+            "max_migrations_per_instance",
+            "max_stages",
+            "high_priority_load_cap_tokens",
+            "prefix_holders_per_block",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.migration_period_s <= 0:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from control.policy.dispatch import (
     POLICY_NAMES,
     FreenessIndex,
+    PrefixAffinityIndex,
     make_dispatch_policy,
     prefix_block_hashes,
 )
@@ -211,3 +212,14 @@ def test_unknown_policy_name() -> None:
     with pytest.raises(ValueError, match="unknown dispatch policy"):
         make_dispatch_policy("fastest")
     assert isinstance(make_dispatch_policy("freeness"), FreenessIndex)
+
+
+def test_prefix_holders_are_bounded_to_the_most_recent() -> None:
+    params = DispatchParams(prefix_holders_per_block=2)
+    index = make_dispatch_policy("prefix_affinity", params)
+    hashes = prefix_block_hashes(list(range(64)), 32)
+    for iid in ("a", "b", "c"):
+        index.upsert(snap(iid, free=90, running=1))
+        index.on_dispatched(iid, RequestDemand(f"r-{iid}", 64, 2, prefix_block_hashes=hashes))
+    assert isinstance(index, PrefixAffinityIndex)
+    assert index.holders(hashes[0]) == frozenset({"b", "c"})
