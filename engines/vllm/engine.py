@@ -113,6 +113,7 @@ class _Outgoing:
     frozen: asyncio.Future[control.Frozen]
     stages: dict[int, asyncio.Future[control.StageSent]] = field(default_factory=dict)
     stop_armed: bool = False
+    aborted: bool = False
     result: FrozenRequest | None = None
 
     def stage_future(self, stage: int) -> asyncio.Future[control.StageSent]:
@@ -173,6 +174,10 @@ class VllmEngine:
         self._control_dir: str | None = None
         self._eos_token_ids = _eos_token_ids(self.model_dir)
         self._kv_layout = ""
+        self.migration_counters: dict[str, int] = dict.fromkeys(
+            ("stages_sent", "blocks_sent", "bytes_sent", "blocks_loaded", "blocks_missing"), 0
+        )
+        """Totals since start, for observability and tests (blocks_loaded > 0 proves KV was not recomputed)."""
 
     # ------------------------------------------------------------------------------------------ Engine
     @property
@@ -320,19 +325,22 @@ class VllmEngine:
         self._requests[rid] = state
         try:
             outputs = self._llm.generate(prompt, self._sampling_params(request, load_id), request_id=rid)
+            held: list[int] = []  # produced after a stop: part of the frozen state, never yielded here
             async for output in outputs:
                 completion = output.outputs[0]
                 new = list(completion.token_ids)
                 state.streamed += len(new)
-                if output.finished and state.stopped and completion.finish_reason == "abort":
-                    # Stopped for migration: stay silent until commit/abort ends the request here.
-                    if new:
-                        yield EngineOutput(rid, new)
-                    assert state.end is not None
-                    yield EngineOutput(rid, [], await state.end)
-                    return
                 reason = _FINISH_REASONS.get(completion.finish_reason or "", "abort") if output.finished else None
-                yield EngineOutput(rid, new, reason)
+                if state.stopped and reason != "stop" and reason != "length":
+                    held += new
+                    if output.finished:  # the stop's abort: silent until commit/abort ends it here
+                        assert state.end is not None
+                        yield EngineOutput(rid, [], await state.end)
+                        return
+                    continue
+                # (A natural finish that raced a stop ends normally; the stop then fails.)
+                yield EngineOutput(rid, held + new, reason)
+                held = []
                 if output.finished:
                     return
         finally:
@@ -421,6 +429,8 @@ class VllmEngine:
 
     def _on_connector_event(self, frame: control.Frame) -> None:
         if isinstance(frame, control.StageSent):
+            if not frame.error:
+                self._count(stages_sent=1, blocks_sent=frame.num_blocks, bytes_sent=frame.nbytes)
             outgoing = self._outgoing.get(frame.migration_id)
             if outgoing is not None:
                 _resolve(outgoing.stage_future(frame.stage), frame)
@@ -434,10 +444,15 @@ class VllmEngine:
                 _resolve(outgoing.ended, frame)
         elif isinstance(frame, control.Loaded):
             self._reserved.pop(frame.migration_id, None)
+            self._count(blocks_loaded=frame.num_blocks, blocks_missing=frame.missing_blocks)
             if frame.missing_blocks:
                 log.warning(
                     "migration %s: %d blocks were missing and are recomputed", frame.migration_id, frame.missing_blocks
                 )
+
+    def _count(self, **increments: int) -> None:
+        for key, value in increments.items():
+            self.migration_counters[key] += value
 
     def _outgoing_of(self, migration_id: str) -> _Outgoing:
         outgoing = self._outgoing.get(migration_id)
@@ -536,6 +551,9 @@ class VllmEngine:
             await self._channel().call("scheduler", control.Stop(migration_id=migration_id))
         except control.ControlError as exc:
             raise MigrationAborted(str(exc)) from exc
+        if outgoing.aborted:  # an abort raced in: nothing was stopped, the request goes on here
+            raise MigrationAborted(f"migration {migration_id} was aborted")
+        # From here the iterator yields nothing: whatever it has not yielded is in the frozen state's tail.
         outgoing.stop_armed = True
         state.stopped = True
         state.end = asyncio.get_running_loop().create_future()
@@ -546,6 +564,8 @@ class VllmEngine:
         sent: control.StageSent = await self._wait(outgoing, outgoing.stage_future(frozen.final_stage), "final ack")
         if sent.error:
             raise MigrationAborted(f"final stage of {migration_id} failed: {sent.error}")
+        if outgoing.aborted:
+            raise MigrationAborted(f"migration {migration_id} was aborted")
         outgoing.result = self._frozen_request(outgoing, state, frozen, start, sent)
         return outgoing.result
 
@@ -595,37 +615,40 @@ class VllmEngine:
             state.end.set_result(reason)
 
     async def migrate_out_abort(self, migration_id: str) -> FrozenRequest | None:
-        outgoing = self._outgoing.pop(migration_id, None)
+        outgoing = self._outgoing.get(migration_id)
         if outgoing is None:
             return None
+        outgoing.aborted = True  # a stop in flight sees it and backs off (or fails once it stopped)
+        aborted = control.MigrationEnded(migration_id=migration_id, reason="aborted")
         state = self._requests.get(outgoing.request_id)
-        if not outgoing.stop_armed:
-            if state is not None:
-                state.migration_id = None
-            with contextlib.suppress(control.ControlError):
-                await self._channel().call("scheduler", control.Cancel(migration_id=migration_id))
-            _resolve(outgoing.ended, control.MigrationEnded(migration_id=migration_id, reason="aborted"))
-            return None
-        # Stopped (or stopping): the request no longer runs here; hand back its state for a recompute.
-        with contextlib.suppress(control.ControlError):
-            await self._channel().call("scheduler", control.Cancel(migration_id=migration_id))
-        result = outgoing.result
-        if result is None and state is not None:
-            with contextlib.suppress(MigrationAborted):
-                frozen = await self._wait(outgoing, outgoing.frozen, "frozen state")
-                result = self._frozen_request(outgoing, state, frozen, time.perf_counter(), None)
-        _resolve(outgoing.ended, control.MigrationEnded(migration_id=migration_id, reason="aborted"))
-        self._end_stopped(outgoing.request_id, "migrated")
-        if result is None:
-            return None
-        return FrozenRequest(
-            request_id=result.request_id,
-            prompt_token_ids=result.prompt_token_ids,
-            output_token_ids=result.output_token_ids,
-            num_blocks=result.num_blocks,
-            final_stage=result.final_stage,
-            kv_transfer={},
-        )
+        try:
+            if not outgoing.stop_armed:
+                if state is not None:
+                    state.migration_id = None
+                with contextlib.suppress(control.ControlError):
+                    await self._channel().call("scheduler", control.Cancel(migration_id=migration_id))
+                return None
+            # Stopped (or stopping): the request no longer runs here; hand back its state for a recompute.
+            # No Cancel: the scheduler side must still see the stop's abort through, to report the state.
+            result = outgoing.result
+            if result is None and state is not None:
+                with contextlib.suppress(MigrationAborted):
+                    frozen = await self._wait(outgoing, outgoing.frozen, "frozen state")
+                    result = self._frozen_request(outgoing, state, frozen, time.perf_counter(), None)
+            self._end_stopped(outgoing.request_id, "migrated")
+            if result is None:  # it finished on its own before it stopped
+                return None
+            return FrozenRequest(
+                request_id=result.request_id,
+                prompt_token_ids=result.prompt_token_ids,
+                output_token_ids=result.output_token_ids,
+                num_blocks=result.num_blocks,
+                final_stage=result.final_stage,
+                kv_transfer={},
+            )
+        finally:
+            _resolve(outgoing.ended, aborted)
+            self._outgoing.pop(migration_id, None)
 
     async def migrate_in_reserve(self, migration_id: str, num_blocks: int) -> KvEndpoint | None:
         channel = self._channel()
