@@ -13,6 +13,7 @@ from control.policy.migration import (
     REASON_PREEMPTION,
     REASON_PRIORITY,
     InFlightMigration,
+    MigrationDecision,
     plan_migrations,
 )
 from control.policy.params import PolicyParams
@@ -178,7 +179,8 @@ def test_invariants(
 
     # caps: per instance (in flight + new) and cluster-wide
     load: dict[str, int] = {}
-    for m in [*in_flight, *decisions]:
+    pairs: list[InFlightMigration | MigrationDecision] = [*in_flight, *decisions]
+    for m in pairs:
         load[m.source_id] = load.get(m.source_id, 0) + 1
         load[m.destination_id] = load.get(m.destination_id, 0) + 1
     new_ids = {d.source_id for d in decisions} | {d.destination_id for d in decisions}
