@@ -86,6 +86,25 @@ class EngineHost:
         log.info("engine %s serving (%s)", self.instance_id, self.engine.info.engine_kind)
         return self
 
+    async def astart(self, *, engine_started: bool = False) -> EngineHost:
+        """Start from inside the bus's event loop (a bus created with ``loop=``)."""
+        if not engine_started:
+            await self.engine.start()
+        self.actor = EngineActor.start(self.bus, self.engine, self.tokenizer)
+        await self.bus.asubscribe(subjects.engine(self.instance_id), self.actor.tell)
+        self.heartbeater.start()
+        return self
+
+    async def astop(self, *, stop_engine: bool = False) -> None:
+        """Leave the cluster from inside the bus's loop; the engine keeps running unless ``stop_engine``."""
+        self.heartbeater.state = "stopping"
+        self.heartbeater.beat()
+        self.heartbeater.stop()
+        if self.actor is not None and self.actor.is_alive():
+            self.actor.stop(block=False)
+        if stop_engine:
+            await self.engine.shutdown()
+
     def stop(self) -> None:
         self.heartbeater.state = "stopping"
         try:

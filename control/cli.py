@@ -29,6 +29,10 @@ app.add_typer(config_app, name="config")
 console = Console()
 
 
+# The CLI is short-lived: fail fast when the cluster is not there instead of retrying for minutes.
+_CLI_CONNECT: dict[str, Any] = {"connect_timeout": 2, "max_reconnect_attempts": 1, "reconnect_time_wait": 0.2}
+
+
 class _State:
     config: Path | None = None
     overrides: dict[str, dict[str, Any]] = {}
@@ -152,7 +156,7 @@ def submit(
     url = _need_url(settings())
 
     async def go() -> int:
-        async with DroverClient(url, name="drover-cli") as client:
+        async with DroverClient(url, name="drover-cli") as client:  # noqa: SIM117
             req = await client.submit(prompt, max_tokens=max_tokens, temperature=temperature,
                                       priority=priority, request_id=request_id)
             try:
@@ -180,19 +184,7 @@ def submit(
 
 
 def _status() -> Any:
-    from control.client import DroverClient
-
-    url = _need_url(settings())
-
-    async def go() -> Any:
-        async with DroverClient(url, name="drover-cli") as client:
-            return await client.status()
-
-    try:
-        return asyncio.run(go())
-    except Exception as exc:
-        console.print(f"[red]no answer from the control plane at {url}:[/] {exc!r}")
-        raise typer.Exit(1) from exc
+    return _admin_call(lambda c: c.status())
 
 
 def _instances_table(status: Any) -> Table:
@@ -242,6 +234,109 @@ def instances() -> None:
 def requests_cmd() -> None:
     """Requests the control plane knows (queued and running)."""
     console.print(_requests_table(_status()))
+
+
+def _admin_call(call: Any) -> Any:
+    """Run an admin coroutine factory ``call(client)`` against the cluster; print errors, exit 1."""
+    from control.client import DroverClient, DroverError
+
+    url = _need_url(settings())
+
+    async def go() -> Any:
+        client = await DroverClient(url, name="drover-cli").connect(**_CLI_CONNECT)
+        try:
+            return await call(client)
+        finally:
+            await client.close()
+
+    try:
+        return asyncio.run(go())
+    except DroverError as exc:
+        console.print(f"[red]{exc.code}[/]: {exc.message}")
+        raise typer.Exit(1) from exc
+    except Exception as exc:
+        console.print(f"[red]no answer from the control plane at {url}:[/] {exc!r}")
+        raise typer.Exit(1) from exc
+
+
+@app.command()
+def migrate(
+    request_id: str = typer.Argument(..., help="Running request to move."),
+    to: str = typer.Option("", "--to", help="Destination instance (default: the freest compatible one)."),
+) -> None:
+    """Live-migrate a running request with its KV cache; waits for commit or abort."""
+    reply = _admin_call(lambda c: c.migrate(request_id, to))
+    colour = "green" if reply.ok else "red"
+    console.print(f"[{colour}]{reply.message}[/] " + " ".join(f"{k}={v}" for k, v in reply.details.items()))
+    raise typer.Exit(0 if reply.ok else 1)
+
+
+@app.command()
+def drain(
+    instance_id: str = typer.Argument(..., help="Instance to drain."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until every request has moved off."),
+    timeout_s: float = typer.Option(300.0, "--timeout", help="Seconds to wait."),
+    undo: bool = typer.Option(False, "--undo", help="Put a drained instance back into service."),
+) -> None:
+    """Stop dispatching to an instance and migrate its running requests away."""
+    reply = _admin_call(lambda c: c.drain(instance_id, undo=undo))
+    console.print(reply.message)
+    if undo or not wait:
+        return
+
+    async def watch(client: Any) -> str:
+        deadline = time.monotonic() + timeout_s
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                      console=console, transient=True) as progress:
+            task = progress.add_task(f"draining {instance_id}")
+            while time.monotonic() < deadline:
+                status = await client.status()
+                inst = next((i for i in status.instances if i.info.instance_id == instance_id), None)
+                if inst is None:
+                    return "gone"
+                progress.update(task, description=f"draining {instance_id}: {inst.load.num_running} running, "
+                                                  f"{inst.load.num_waiting} waiting")
+                if inst.state == "drained":
+                    return "drained"
+                await asyncio.sleep(0.2)
+        return "timeout"
+
+    outcome = _admin_call(watch)
+    console.print(f"{instance_id}: {outcome}")
+    raise typer.Exit(0 if outcome in ("drained", "gone") else 1)
+
+
+policy_app = typer.Typer(help="Scheduling policy parameters (dispatch, migration), changeable at run time.",
+                         no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
+
+
+def _print_policy(values: dict[str, Any]) -> None:
+    table = Table(title="policy")
+    table.add_column("parameter")
+    table.add_column("value", justify="right")
+    for key, value in values.items():
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+@policy_app.command("get")
+def policy_get() -> None:
+    """Show the scheduler's current policy parameters."""
+    _print_policy(_admin_call(lambda c: c.policy()))
+
+
+@policy_app.command("set")
+def policy_set(assignments: list[str] = typer.Argument(..., help="NAME=VALUE pairs.")) -> None:
+    """Change policy parameters, e.g. `drover policy set dispatch_policy=least_loaded migrate_threshold=5`."""
+    changes: dict[str, str] = {}
+    for item in assignments:
+        name, sep, value = item.partition("=")
+        if not sep:
+            console.print(f"[red]expected NAME=VALUE, got {item!r}[/]")
+            raise typer.Exit(2)
+        changes[name.strip()] = value.strip()
+    _print_policy(_admin_call(lambda c: c.policy(changes)))
 
 
 @config_app.command("show")

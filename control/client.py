@@ -9,6 +9,7 @@ index: the client drops duplicates and reorders, so each token is delivered once
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -86,7 +87,13 @@ class RequestResult:
 
     @property
     def inter_token_s(self) -> list[float]:
-        return [b - a for a, b in zip(self.token_times, self.token_times[1:], strict=False)]
+        """One gap per token after the first: a chunk of n tokens that arrived d after the previous chunk
+        gives n gaps of d/n (tokens that travel together share the wait, as in vLLM's serving benchmark)."""
+        chunks = [(at, len(list(group))) for at, group in itertools.groupby(self.token_times)]
+        gaps: list[float] = []
+        for (previous, _), (at, n) in itertools.pairwise(chunks):
+            gaps.extend([(at - previous) / n] * n)
+        return gaps
 
 
 class RequestStream:

@@ -71,9 +71,12 @@ def _error_target(msg: Msg, data: bytes) -> str | None:
 
 
 class Bus:
-    def __init__(self, options: BusOptions) -> None:
+    def __init__(self, options: BusOptions, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """``loop``: run on an existing event loop (start with :meth:`astart` from inside it) instead of a
+        loop thread of the bus's own (start with :meth:`start`)."""
         self.options = options
-        self.loop = asyncio.new_event_loop()
+        self._own_loop = loop is None
+        self.loop = loop or asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name=f"bus-{options.name}", daemon=True)
         self._nc: NatsClient | None = None
         self._subscriptions: list[Subscription] = []
@@ -85,9 +88,19 @@ class Bus:
         self.loop.run_forever()
 
     def start(self) -> Bus:
+        if not self._own_loop:
+            raise RuntimeError("a bus on an existing loop starts with `await bus.astart()`")
         self._thread.start()
         self.run(self._connect()).result(timeout=self.options.connect_timeout_s + 5)
         return self
+
+    async def astart(self) -> Bus:
+        """Connect from inside the bus's loop (a bus created with ``loop=``)."""
+        await self._connect()
+        return self
+
+    async def astop(self) -> None:
+        await self._close()
 
     async def _connect(self) -> None:
         opts = self.options
@@ -123,6 +136,8 @@ class Bus:
         log.info("nats reconnected (%s)", self.options.name)
 
     def stop(self, timeout_s: float = 5.0) -> None:
+        if not self._own_loop:
+            raise RuntimeError("a bus on an existing loop stops with `await bus.astop()`")
         if not self._thread.is_alive():
             return
         with contextlib.suppress(Exception):
