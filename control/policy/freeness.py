@@ -7,8 +7,14 @@ instance drains). Freeness = (capacity - virtual usage) / the requests it counts
 * migration: F = (free - watermark - headroom - blocks(first waiting)) / (running + [waiting > 0])
 
 An empty instance has F = +inf; a draining one F = -inf (its fake request of infinite usage), so it is
-never a dispatch target and always a migration source. Plain functions: the dispatch index, the migration
-planner, the simulator and the autoscaler all call these.
+never a dispatch target and always a migration source.
+
+One deviation from the paper's ratio: when the numerator is negative (an overloaded instance, or one whose
+headroom exceeds its free blocks), dividing by the request count would rank a *busier* instance as freer
+(-100/50 > -100/2). We multiply instead (F = available x requests), which keeps F decreasing in both
+usage and request count; for available >= 0 it is exactly the paper's formula.
+
+Plain functions: the dispatch index, the migration planner, the simulator and the autoscaler call these.
 """
 
 from __future__ import annotations
@@ -18,6 +24,11 @@ import math
 from control.policy.snapshots import InstanceSnapshot
 
 INF = math.inf
+
+
+def per_request(available: float, num_requests: int) -> float:
+    """Available blocks per request, monotone when ``available`` is negative (see the module docstring)."""
+    return available / num_requests if available >= 0 else available * num_requests
 
 
 def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
@@ -78,7 +89,7 @@ def dispatch_freeness(
     available = (
         snapshot.num_free_blocks - watermark_blocks - headroom_blocks - snapshot.waiting_blocks - extra_waiting_blocks
     )
-    return available / num_requests
+    return per_request(available, num_requests)
 
 
 def migration_freeness(snapshot: InstanceSnapshot, *, watermark_blocks: int = 0, headroom_blocks: int = 0) -> float:
@@ -91,7 +102,7 @@ def migration_freeness(snapshot: InstanceSnapshot, *, watermark_blocks: int = 0,
         return INF
     head = snapshot.head_waiting_blocks if has_waiting else 0
     available = snapshot.num_free_blocks - watermark_blocks - headroom_blocks - head
-    return available / num_requests
+    return per_request(available, num_requests)
 
 
 def physical_usage(snapshot: InstanceSnapshot, *, extra_blocks: int = 0) -> float:

@@ -28,7 +28,7 @@ import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from control.policy.freeness import priority_headroom_blocks
+from control.policy.freeness import per_request, priority_headroom_blocks
 from control.policy.params import PolicyParams
 from control.policy.snapshots import InstanceSnapshot, RunningSnapshot
 
@@ -141,10 +141,10 @@ def _rate(snapshot: InstanceSnapshot, params: PolicyParams) -> _Rated:
     available = snapshot.num_free_blocks - params.watermark_blocks
     if waiting:
         available -= snapshot.head_waiting_blocks
-    raw = available / num_requests
+    raw = available / num_requests if available >= 0 else available * num_requests
     if params.priority_isolation and snapshot.num_high_priority:
         headroom = priority_headroom_blocks(snapshot, params.high_priority_load_cap_tokens, hosts_high_priority=True)
-        return _Rated(snapshot, (available - headroom) / num_requests, raw)
+        return _Rated(snapshot, per_request(available - headroom, num_requests), raw)
     return _Rated(snapshot, raw, raw)
 
 

@@ -203,6 +203,10 @@ def test_freeness_formulas() -> None:
     assert dispatch_freeness(snap("e", free=0)) == math.inf
     assert dispatch_freeness(snap("d", free=100, draining=True)) == -math.inf
     assert migration_freeness(snap("d", free=100, draining=True)) == -math.inf
+    # overloaded: a busier instance must not look freer (the paper's ratio would invert here)
+    assert dispatch_freeness(snap("busy", free=0, running=50, waiting=1, waiting_blocks=20)) < dispatch_freeness(
+        snap("idle", free=0, running=2, waiting=1, waiting_blocks=20)
+    )
     hp = snap("h", free=90, running=2, total=100, high=1)
     assert priority_headroom_blocks(hp, 1600) == 50
     assert priority_headroom_blocks(snap("n", free=90, running=2), 1600) == 0

@@ -14,6 +14,7 @@ from control.policy.migration import (
     REASON_PRIORITY,
     InFlightMigration,
     MigrationDecision,
+    destination_room,
     plan_migrations,
 )
 from control.policy.params import PolicyParams
@@ -206,7 +207,8 @@ def test_invariants(
             assert request.priority == 0
         # low priority first: no lower-priority movable request was skipped unless it could not fit
         assert all(
-            r.priority >= request.priority or r.num_blocks + 1 > dst.num_free_blocks
+            r.priority >= request.priority
+            or r.num_blocks + 1 > destination_room(dst, params, high_priority=r.priority > 0)
             for r in src.running
             if r.request_id not in migrating
         )
