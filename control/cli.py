@@ -349,5 +349,9 @@ def config_show(as_json: bool = typer.Option(False, "--json")) -> None:
         console.print(dump_toml(s), markup=False, highlight=False)
 
 
+from control.cli_operator import register as _register_operator_commands  # noqa: E402
+
+_register_operator_commands(app)
+
 if __name__ == "__main__":
     app()
