@@ -96,6 +96,9 @@ class ControlPlane:
             queued=status.queued,
             dispatch_policy=status.dispatch_policy,
             actors=actors,
+            migrations_completed=status.migrations_completed,
+            migrations_aborted=status.migrations_aborted,
+            migrations_in_flight=status.migrations_in_flight,
         )
 
     def _tick_loop(self) -> None:

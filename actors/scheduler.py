@@ -532,6 +532,9 @@ class SchedulerActor(SupervisedActor):
             ],
             queued=len(self.queue),
             dispatch_policy=self.policy.name,
+            migrations_completed=self.migrations_done,
+            migrations_aborted=self.migrations_aborted,
+            migrations_in_flight=sorted(self.migrations),
         )
 
 

@@ -346,6 +346,9 @@ class StatusReply(_Msg, frozen=True, tag="status"):
     queued: int
     dispatch_policy: str
     actors: dict[str, str] = {}
+    migrations_completed: int = 0
+    migrations_aborted: int = 0
+    migrations_in_flight: list[str] = []  # request ids being migrated
 
 
 # The union every receiver decodes. Append new kinds at the end.
