@@ -348,45 +348,55 @@ class PrefixAffinityIndex(FreenessIndex):
         return frozenset(self._holders.get(prefix_hash, ()))
 
     def _best_holder(self, demand: RequestDemand, hashes: Sequence[int]) -> str | None:
-        """Deepest prefix block held by an eligible instance with enough freeness; best freeness wins ties."""
-        found: list[str] = []
-        depth = 0
-        for prefix_hash in hashes:
-            holders = self._holders.get(prefix_hash)
-            if not holders:
-                break
-            eligible = [iid for iid in holders if self._eligible(iid, demand)]
-            if not eligible:
-                break
-            found, depth = eligible, depth + 1
-        if depth < self.params.prefix_min_match_blocks:
-            return None
-        high = demand.priority > 0
-        ranked = [(-self.freeness(self._entries[iid], as_high_priority=high), iid) for iid in found]
-        ranked = [key for key in ranked if -key[0] >= self.params.affinity_min_freeness]
-        return min(ranked)[1] if ranked else None
+        """The eligible holder of the deepest prefix block that has enough freeness (best freeness wins).
 
-    def _eligible(self, instance_id: str, demand: RequestDemand) -> bool:
-        entry = self._entries.get(instance_id)
-        if entry is None or entry.snapshot.draining:
-            return False
-        return demand.model == ANY_MODEL or entry.snapshot.model == demand.model
+        Walks from the deepest block up: hashes are chained, so holding block i means holding the whole
+        prefix up to it; a prompt's unique tail costs one dictionary miss per block.
+        """
+        high = demand.priority > 0
+        floor = self.params.affinity_min_freeness
+        entries = self._entries
+        for depth in range(len(hashes), self.params.prefix_min_match_blocks - 1, -1):
+            holders = self._holders.get(hashes[depth - 1])
+            if not holders:
+                continue
+            best: tuple[float, str] | None = None
+            for iid in holders:
+                entry = entries.get(iid)
+                if entry is None or entry.snapshot.draining:
+                    continue
+                if demand.model and entry.snapshot.model != demand.model:
+                    continue
+                freeness = self.freeness(entry, as_high_priority=high)
+                if freeness >= floor and (best is None or (-freeness, iid) < best):
+                    best = (-freeness, iid)
+            if best is not None:
+                return best[1]
+        return None
 
     def _remember(self, instance_id: str, hashes: Iterable[int]) -> None:
-        history = self._history.setdefault(instance_id, OrderedDict())
+        history = self._history.get(instance_id)
+        if history is None:
+            history = self._history[instance_id] = OrderedDict()
+        holders_of = self._holders
+        cap = self.params.prefix_holders_per_block
         for prefix_hash in hashes:
             if prefix_hash in history:
                 history.move_to_end(prefix_hash)
             else:
                 history[prefix_hash] = None
-            holders = self._holders.setdefault(prefix_hash, OrderedDict())
-            holders[instance_id] = None
-            holders.move_to_end(instance_id)
-            if len(holders) > self.params.prefix_holders_per_block:
-                holders.popitem(last=False)  # its history entry stays; dropping it later is a no-op
+            holders = holders_of.get(prefix_hash)
+            if holders is None:
+                holders_of[prefix_hash] = OrderedDict({instance_id: None})
+            elif instance_id in holders:
+                holders.move_to_end(instance_id)
+            else:
+                holders[instance_id] = None
+                if len(holders) > cap:
+                    holders.popitem(last=False)  # its history entry stays; dropping it later is a no-op
         entry = self._entries.get(instance_id)
-        capacity = self.params.prefix_history_blocks or (entry.snapshot.num_total_blocks if entry else 0)
-        while len(history) > max(1, capacity):
+        capacity = max(1, self.params.prefix_history_blocks or (entry.snapshot.num_total_blocks if entry else 0))
+        while len(history) > capacity:
             evicted, _ = history.popitem(last=False)
             self._drop_holder(evicted, instance_id)
 

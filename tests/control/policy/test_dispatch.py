@@ -227,3 +227,19 @@ def test_prefix_holders_are_bounded_to_the_most_recent() -> None:
         index.on_dispatched(iid, RequestDemand(f"r-{iid}", 64, 2, prefix_block_hashes=hashes))
     assert isinstance(index, PrefixAffinityIndex)
     assert index.holders(hashes[0]) == frozenset({"b", "c"})
+
+
+def test_prefix_affinity_prefers_the_longest_match_with_room() -> None:
+    tokens = list(range(256))
+    full = prefix_block_hashes(tokens, 32)  # 8 blocks
+    index = make_dispatch_policy("prefix_affinity")
+    index.upsert(snap("short", free=60, running=1))
+    index.upsert(snap("long", free=40, running=1))
+    index.upsert(snap("none", free=99, running=0))
+    index.on_dispatched("short", RequestDemand("a", 64, 2, prefix_block_hashes=full[:2]))
+    index.on_dispatched("long", RequestDemand("b", 192, 6, prefix_block_hashes=full[:6]))
+    index.upsert(snap("short", free=60, running=1))
+    index.upsert(snap("long", free=40, running=1))
+    assert index.choose(RequestDemand("c", 256, 8, prefix_block_hashes=full)) == "long"
+    index.upsert(snap("long", free=2, running=1))  # deepest holder has no room: next-deepest
+    assert index.choose(RequestDemand("d", 256, 8, prefix_block_hashes=full)) == "short"
