@@ -1,0 +1,241 @@
+"""Drover's metrics: OpenTelemetry instruments exported in Prometheus text format.
+
+One :class:`Metrics` per process (``metrics()``), on its own ``MeterProvider`` and Prometheus
+``CollectorRegistry``, so tests and embedded clusters never fight over globals. The OpenTelemetry
+Prometheus exporter (``opentelemetry-exporter-prometheus``) turns ``drover.ttft`` with unit ``s`` into
+``drover_ttft_seconds`` and counters into ``*_total``, following Prometheus naming conventions.
+Serve it with :func:`start_metrics_server` (its own thread) or render it into any HTTP handler.
+
+Names (labels in braces):
+
+- cluster request path: ``drover_requests_total{outcome,request_class}``, ``drover_ttft_seconds{request_class}``,
+  ``drover_inter_token_seconds{request_class}``, ``drover_tokens_total{kind,request_class}``
+- migrations: ``drover_migrations_total{outcome}``, ``drover_migration_bytes_total``,
+  ``drover_migration_downtime_seconds``
+- instances and queue: ``drover_instance_free_blocks{instance}``, ``drover_instance_total_blocks{instance}``,
+  ``drover_instance_running_requests{instance}``, ``drover_instance_waiting_requests{instance}``,
+  ``drover_instance_dispatched_total{instance}``, ``drover_instances{state}``, ``drover_queue_depth``,
+  ``drover_requests_in_flight``
+- gateway: ``drover_gateway_requests_total{endpoint,status,client}``, ``drover_gateway_ttft_seconds{request_class}``,
+  ``drover_gateway_inter_token_seconds{request_class}``, ``drover_gateway_tokens_total{kind,client}``,
+  ``drover_gateway_request_duration_seconds{endpoint}``
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.resources import Resource
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, start_http_server
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# Latency buckets, seconds. TTFT spans queueing (seconds under load); inter-token is one decode step
+# (milliseconds on GPUs, tens of ms on CPU); downtime is Llumnix's stop-and-copy (sub-ms to tens of ms).
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+INTER_TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+DOWNTIME_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceGauges:
+    """One instance's load, as the instance gauges show it."""
+
+    instance_id: str
+    state: str
+    free_blocks: int
+    total_blocks: int
+    running: int
+    waiting: int
+    dispatched: int = 0
+
+
+class Metrics:
+    """Every Drover instrument; methods are cheap (a few µs) and thread-safe (the SDK locks)."""
+
+    def __init__(self, service_name: str = "drover") -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._reader = PrometheusMetricReader(registry=self.registry, scope_info_enabled=False,
+                                              disable_target_info=True)
+        self._provider = MeterProvider(metric_readers=[self._reader],
+                                       resource=Resource.create({"service.name": service_name}))
+        meter = self._provider.get_meter("drover")
+        self._lock = threading.Lock()
+        self._instances: dict[str, InstanceGauges] = {}
+        self._queued = 0
+        self._in_flight = 0
+
+        # Request path (scheduler and engines)
+        self._requests = meter.create_counter("drover.requests", description="Requests ended, by outcome "
+                                              "(finish reason or error code) and class.")
+        self._tokens = meter.create_counter("drover.tokens", description="Tokens by kind (prompt, completion).")
+        self._ttft = meter.create_histogram("drover.ttft", unit="s", description="Arrival to first token.",
+                                            explicit_bucket_boundaries_advisory=TTFT_BUCKETS)
+        self._itl = meter.create_histogram("drover.inter_token", unit="s", description="Gap between tokens.",
+                                           explicit_bucket_boundaries_advisory=INTER_TOKEN_BUCKETS)
+        # Migrations
+        self._migrations = meter.create_counter("drover.migrations", description="Migrations by outcome.")
+        self._migration_bytes = meter.create_counter("drover.migration.bytes", unit="By",
+                                                     description="KV bytes copied by migrations.")
+        self._downtime = meter.create_histogram("drover.migration.downtime", unit="s",
+                                                description="Stop-and-copy downtime of committed migrations.",
+                                                explicit_bucket_boundaries_advisory=DOWNTIME_BUCKETS)
+        # Instances and queue: observed when scraped, from the last values set
+        meter.create_observable_gauge("drover.instance.free_blocks", [self._observe("free_blocks")],
+                                      description="Free KV blocks of an instance.")
+        meter.create_observable_gauge("drover.instance.total_blocks", [self._observe("total_blocks")],
+                                      description="KV blocks of an instance.")
+        meter.create_observable_gauge("drover.instance.running_requests", [self._observe("running")],
+                                      description="Requests decoding on an instance.")
+        meter.create_observable_gauge("drover.instance.waiting_requests", [self._observe("waiting")],
+                                      description="Requests waiting in an instance's queue.")
+        meter.create_observable_counter("drover.instance.dispatched", [self._observe("dispatched")],
+                                        description="Requests the scheduler dispatched to an instance.")
+        meter.create_observable_gauge("drover.instances", [self._observe_states],
+                                      description="Instances by state.")
+        meter.create_observable_gauge("drover.queue_depth", [lambda _: [Observation(self._queued)]],
+                                      description="Requests queued at the scheduler (no instance could take them).")
+        meter.create_observable_gauge("drover.requests_in_flight", [lambda _: [Observation(self._in_flight)]],
+                                      description="Requests the scheduler tracks (queued + running).")
+        # Gateway
+        self._gw_requests = meter.create_counter("drover.gateway.requests",
+                                                 description="Gateway HTTP requests by endpoint and status.")
+        self._gw_tokens = meter.create_counter("drover.gateway.tokens", description="Tokens by kind and client.")
+        self._gw_ttft = meter.create_histogram("drover.gateway.ttft", unit="s",
+                                               description="Gateway arrival to first streamed text.",
+                                               explicit_bucket_boundaries_advisory=TTFT_BUCKETS)
+        self._gw_itl = meter.create_histogram("drover.gateway.inter_token", unit="s",
+                                              description="Gap between tokens seen by the gateway.",
+                                              explicit_bucket_boundaries_advisory=INTER_TOKEN_BUCKETS)
+        self._gw_duration = meter.create_histogram("drover.gateway.request_duration", unit="s",
+                                                   description="Gateway request duration.",
+                                                   explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
+
+    # ------------------------------------------------------------------------------------------- request path
+    def request_finished(self, outcome: str, request_class: str, prompt_tokens: int = 0,
+                         completion_tokens: int = 0) -> None:
+        """A request ended: ``outcome`` is its finish reason (stop, length, abort) or an error code."""
+        self._requests.add(1, {"outcome": outcome, "request_class": request_class})
+        if prompt_tokens:
+            self._tokens.add(prompt_tokens, {"kind": "prompt", "request_class": request_class})
+        if completion_tokens:
+            self._tokens.add(completion_tokens, {"kind": "completion", "request_class": request_class})
+
+    def observe_ttft(self, seconds: float, request_class: str) -> None:
+        self._ttft.record(seconds, {"request_class": request_class})
+
+    def observe_inter_token(self, gaps_s: Iterable[float], request_class: str) -> None:
+        attributes = {"request_class": request_class}
+        for gap in gaps_s:
+            self._itl.record(gap, attributes)
+
+    def migration_finished(self, outcome: str, copied_bytes: int = 0, downtime_s: float = 0.0) -> None:
+        """A migration ended: ``outcome`` is committed, aborted or refused."""
+        self._migrations.add(1, {"outcome": outcome})
+        if copied_bytes:
+            self._migration_bytes.add(copied_bytes)
+        if outcome == "committed":
+            self._downtime.record(downtime_s)
+
+    # ------------------------------------------------------------------------------------------- instances
+    def update_instance(self, gauges: InstanceGauges) -> None:
+        with self._lock:
+            self._instances[gauges.instance_id] = gauges
+
+    def remove_instance(self, instance_id: str) -> None:
+        with self._lock:
+            self._instances.pop(instance_id, None)
+
+    def set_instances(self, instances: Sequence[InstanceGauges]) -> None:
+        """Replace every instance's gauges (instances not listed disappear from the output)."""
+        with self._lock:
+            self._instances = {g.instance_id: g for g in instances}
+
+    def set_scheduler(self, queued: int, in_flight: int) -> None:
+        self._queued, self._in_flight = queued, in_flight
+
+    def _observe(self, field: str) -> Callable[[CallbackOptions], list[Observation]]:
+        def callback(_: CallbackOptions) -> list[Observation]:
+            with self._lock:
+                rows = list(self._instances.values())
+            return [Observation(getattr(g, field), {"instance": g.instance_id}) for g in rows]
+
+        return callback
+
+    def _observe_states(self, _: CallbackOptions) -> list[Observation]:
+        with self._lock:
+            states = Counter(g.state for g in self._instances.values())
+        return [Observation(count, {"state": state}) for state, count in sorted(states.items())]
+
+    # ------------------------------------------------------------------------------------------- gateway
+    def gateway_request(self, endpoint: str, status: int, client: str, duration_s: float | None = None) -> None:
+        self._gw_requests.add(1, {"endpoint": endpoint, "status": str(status), "client": client})
+        if duration_s is not None:
+            self._gw_duration.record(duration_s, {"endpoint": endpoint})
+
+    def gateway_tokens(self, client: str, prompt_tokens: int, completion_tokens: int) -> None:
+        if prompt_tokens:
+            self._gw_tokens.add(prompt_tokens, {"kind": "prompt", "client": client})
+        if completion_tokens:
+            self._gw_tokens.add(completion_tokens, {"kind": "completion", "client": client})
+
+    def gateway_ttft(self, seconds: float, request_class: str) -> None:
+        self._gw_ttft.record(seconds, {"request_class": request_class})
+
+    def gateway_inter_token(self, gaps_s: Iterable[float], request_class: str) -> None:
+        attributes = {"request_class": request_class}
+        for gap in gaps_s:
+            self._gw_itl.record(gap, attributes)
+
+    # ------------------------------------------------------------------------------------------- export
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every series with data."""
+        return generate_latest(self.registry)
+
+    def shutdown(self) -> None:
+        self._provider.shutdown()
+
+
+_process_metrics: Metrics | None = None
+_process_lock = threading.Lock()
+
+
+def metrics() -> Metrics:
+    """This process's metrics (created on first use; recording costs microseconds whether served or not)."""
+    global _process_metrics
+    with _process_lock:
+        if _process_metrics is None:
+            _process_metrics = Metrics()
+        return _process_metrics
+
+
+@dataclass
+class MetricsServer:
+    """A running Prometheus scrape endpoint (``GET /metrics`` on its own daemon thread)."""
+
+    server: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_port)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=2)
+
+
+def start_metrics_server(port: int, host: str = "127.0.0.1", source: Metrics | None = None) -> MetricsServer:
+    """Serve ``source`` (default: this process's metrics) for Prometheus; port 0 picks a free port."""
+    registry = (source or metrics()).registry
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    return MetricsServer(server, thread)
