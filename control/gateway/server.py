@@ -1,0 +1,74 @@
+"""Running the gateway: in the foreground (``drover gateway``) or on a thread of its own (tests, benchmarks).
+
+HTTPS when ``ssl_certfile`` and ``ssl_keyfile`` are set (uvicorn's TLS).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import uvicorn
+from fastapi import FastAPI
+
+from control.gateway.app import create_app
+from control.gateway.settings import GatewaySettings
+from observability.metrics import Metrics
+
+
+def uvicorn_server(app: FastAPI, settings: GatewaySettings, log_level: str = "warning") -> uvicorn.Server:
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ssl_certfile=settings.ssl_certfile,
+        ssl_keyfile=settings.ssl_keyfile,
+        log_level=log_level,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
+    return uvicorn.Server(config)
+
+
+def serve(settings: GatewaySettings, nats_url: str, *, log_level: str = "info") -> None:
+    """Serve until SIGINT/SIGTERM (uvicorn handles both)."""
+    uvicorn_server(create_app(settings, nats_url), settings, log_level).run()
+
+
+class GatewayThread:
+    """A gateway serving from a daemon thread (its own event loop); ``port=0`` picks a free port."""
+
+    def __init__(self, settings: GatewaySettings, nats_url: str, metrics: Metrics | None = None) -> None:
+        self.app = create_app(settings, nats_url, metrics)
+        self.settings = settings
+        self.server = uvicorn_server(self.app, settings)
+        self._thread = threading.Thread(target=self.server.run, name="drover-gateway", daemon=True)
+
+    def start(self, timeout_s: float = 10.0) -> GatewayThread:
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the gateway did not start (see its log)")
+            time.sleep(0.01)
+        return self
+
+    @property
+    def port(self) -> int:
+        return int(self.server.servers[0].sockets[0].getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.settings.tls else "http"
+        return f"{scheme}://{self.settings.host}:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> GatewayThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
