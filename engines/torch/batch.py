@@ -1,0 +1,98 @@
+"""The stage boundary: what one forward step hands from one pipeline stage to the next.
+
+A :class:`StageBatch` carries everything a stage needs to run its layers on one step without any
+scheduler state: token ids (first stage) or hidden states (later stages), each token's position, each
+request's block table and context length, and which rows the last stage turns into logits. It is plain
+tensors, so it travels between processes as bytes (:meth:`StageBatch.to_bytes`) as easily as it is passed
+between stages in one process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import msgspec
+import torch
+
+from engines.torch.config import DTYPES
+
+
+class _WireTensor(msgspec.Struct, frozen=True, array_like=True):
+    dtype: str
+    shape: list[int]
+    data: bytes
+
+
+class _WireBatch(msgspec.Struct, frozen=True, tag="stage_batch"):
+    v: int
+    tensors: dict[str, _WireTensor]
+
+
+_WIRE_VERSION = 1
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()} | {torch.int64: "int64", torch.int32: "int32"}
+_NAMED_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(_WireBatch)
+
+
+def tensor_to_wire(tensor: torch.Tensor) -> _WireTensor:
+    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return _WireTensor(_DTYPE_NAMES[tensor.dtype], list(tensor.shape), data)
+
+
+def tensor_from_wire(wire: _WireTensor) -> torch.Tensor:
+    raw = torch.frombuffer(bytearray(wire.data), dtype=torch.uint8) if wire.data else torch.empty(0, dtype=torch.uint8)
+    return raw.view(_NAMED_DTYPES[wire.dtype]).reshape(wire.shape)
+
+
+@dataclass(frozen=True, slots=True)
+class StageBatch:
+    """One step's input to a stage. Rows are the step's tokens, grouped by request (``query_start``).
+
+    ``context_lens[b]`` counts request b's tokens whose KV exists once this step has written its chunk;
+    the chunk covers positions ``context_lens[b] - query_len[b] .. context_lens[b] - 1``.
+    """
+
+    positions: torch.Tensor  # [T] int64
+    query_start: torch.Tensor  # [B + 1] int64, cumulative row offsets
+    context_lens: torch.Tensor  # [B] int64
+    block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
+    logits_indices: torch.Tensor  # [N] int64: rows whose logits the last stage returns
+    token_ids: torch.Tensor | None = None  # [T] int64, input of the first stage
+    hidden: torch.Tensor | None = None  # [T, hidden_size], input of later stages
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.shape[0])
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.context_lens.shape[0])
+
+    def with_hidden(self, hidden: torch.Tensor) -> StageBatch:
+        """The same step for the next stage: hidden states replace the token ids."""
+        return dataclasses.replace(self, token_ids=None, hidden=hidden)
+
+    def to_bytes(self) -> bytes:
+        tensors = {
+            f.name: tensor_to_wire(value)
+            for f in dataclasses.fields(self)
+            if (value := getattr(self, f.name)) is not None
+        }
+        return _encoder.encode(_WireBatch(_WIRE_VERSION, tensors))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> StageBatch:
+        wire = _decoder.decode(data)
+        if wire.v != _WIRE_VERSION:
+            raise ValueError(f"stage batch version {wire.v} is not {_WIRE_VERSION}")
+        return cls(**{name: tensor_from_wire(t) for name, t in wire.tensors.items()})
+
+
+@dataclass(frozen=True, slots=True)
+class StageResult:
+    """A stage's output: hidden states for the next stage, or (last stage) logits of ``logits_indices``."""
+
+    hidden: torch.Tensor | None = None
+    logits: torch.Tensor | None = None

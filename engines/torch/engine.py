@@ -1,0 +1,545 @@
+"""``TorchEngine``: the torch Llama engine behind Drover's ``Engine`` protocol.
+
+The event loop owns all scheduling state; only the forward pass and sampling of each step run in a worker
+thread (``asyncio.to_thread``), so the loop stays responsive to new requests, aborts and heartbeats while
+a step computes. Requests join and leave between steps.
+
+Beyond the protocol it exposes what KunServe needs: :meth:`TorchEngine.drop_layers` /
+:meth:`TorchEngine.restore_layers` (parameter-centric memory), :meth:`TorchEngine.export_kv` /
+:meth:`TorchEngine.import_kv` (moving a request's KV for layers that change owner), and leading a
+:class:`~engines.torch.pipeline.PipelineGroup` (see :mod:`engines.torch.group`). Invariant: a request never
+computes on missing KV: after layers come back, a running request whose KV for them was not imported is
+recomputed (preempted) before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engines.base import EngineError, EngineOutput, EngineRequest
+from engines.torch.config import LlamaConfig
+from engines.torch.core import EngineCore, StageRunner, StepPlan
+from engines.torch.kv_cache import BlockAllocator
+from engines.torch.sampler import request_seed
+from engines.torch.scheduler import Scheduler, SeqStatus, Sequence, SeqUpdate
+from engines.torch.stage import MemoryReport, ModelStage
+from transport.messages import EngineInfo, InstanceLoad, RunningRequest
+
+log = logging.getLogger(__name__)
+
+ENGINE_KIND = "torch"
+KV_PAYLOAD_VERSION = 1
+
+
+@dataclass(slots=True, eq=False)
+class _Live:
+    request: EngineRequest
+    seq: Sequence
+    queue: asyncio.Queue[EngineOutput] = field(default_factory=asyncio.Queue)
+    done: bool = False
+
+
+class TorchEngine:
+    """A Llama model (or a contiguous layer range of one) with paged KV, continuous batching, drop/restore."""
+
+    def __init__(
+        self,
+        instance_id: str,
+        model_dir: str | Path,
+        *,
+        model_name: str,
+        block_size: int = 32,
+        num_blocks: int | None = None,
+        max_num_seqs: int = 16,
+        max_num_batched_tokens: int = 2048,
+        max_model_len: int = 2048,
+        dtype: str = "float32",
+        layer_range: tuple[int, int] | None = None,
+        memory_budget_bytes: int | None = None,
+        seed: int = 0,
+        threads: int = 1,
+    ) -> None:
+        """``num_blocks``: KV blocks (default 512); derived from ``memory_budget_bytes`` minus the weights when
+        a budget is given. ``layer_range``: hold only layers [first, last) (a pipeline stage; it serves
+        requests only as the leader of a group that covers every layer). ``threads``: torch intra-op
+        threads, set process-wide at start."""
+        if max_num_batched_tokens < 1 or max_num_seqs < 1 or block_size < 1:
+            raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
+        self.instance_id = instance_id
+        self.model_dir = Path(model_dir)
+        self.model_name = model_name
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.dtype = dtype
+        self.seed = seed
+        self.threads = threads
+        self.config = LlamaConfig.from_model_dir(self.model_dir)
+        self._layer_range = layer_range
+        self._num_blocks_arg = num_blocks
+        self._budget_arg = memory_budget_bytes
+        self._stage: ModelStage | None = None
+        self._core: EngineCore | None = None
+        self._live: dict[str, _Live] = {}
+        self._missing_kv: dict[str, set[int]] = {}  # request -> held layers whose KV it lacks
+        self.role = "standalone"  # | "leader" (runs a pipeline group) | "member" (a stage of another's group)
+        self._wake: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._pause_depth = 0
+        self._stopped = False
+        self._reported_preemptions = 0
+        self._load = InstanceLoad(num_total_blocks=0, num_free_blocks=0, num_running=0, num_waiting=0)
+
+    # ------------------------------------------------------------------------------------------ accessors
+    @property
+    def stage(self) -> ModelStage:
+        if self._stage is None:
+            raise EngineError(f"torch engine {self.instance_id} is not started")
+        return self._stage
+
+    @property
+    def core(self) -> EngineCore:
+        if self._core is None:
+            raise EngineError(f"torch engine {self.instance_id} is not started")
+        return self._core
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.core.scheduler
+
+    @property
+    def allocator(self) -> BlockAllocator:
+        return self.core.scheduler.allocator
+
+    @property
+    def kv_layout(self) -> str:
+        """Equal layouts can exchange KV blocks: dtype, block shape and the model's layer count."""
+        c = self.config
+        return f"torch/{self.dtype}/blk{self.block_size}/kv{c.num_kv_heads}x{c.head_dim}/L{c.num_layers}"
+
+    # ------------------------------------------------------------------------------------------ Engine
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            instance_id=self.instance_id,
+            engine_kind=ENGINE_KIND,
+            model=self.model_name,
+            dtype=self.dtype,
+            block_size=self.block_size,
+            num_blocks=self._core.scheduler.allocator.num_blocks if self._core else 0,
+            max_model_len=self.max_model_len,
+            kv_layout=self.kv_layout,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+        )
+
+    def build(self) -> None:
+        """Load the weights and allocate the KV pool (blocking; :meth:`start` runs it in a thread)."""
+        if self._core is not None:
+            return
+        torch.set_num_threads(self.threads)
+        stage = ModelStage(
+            self.model_dir,
+            layer_range=self._layer_range,
+            block_size=self.block_size,
+            num_blocks=self._num_blocks_arg,
+            memory_budget_bytes=self._budget_arg,
+            dtype=self.dtype,
+            config=self.config,
+        )
+        scheduler = Scheduler(
+            BlockAllocator(stage.num_blocks),
+            block_size=self.block_size,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+        )
+        self._stage, self._core = stage, EngineCore(stage, scheduler)
+        self._publish_load()
+
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        await asyncio.to_thread(self.build)
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopped = False
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"torch-engine-{self.instance_id}")
+
+    async def shutdown(self) -> None:
+        for request_id in list(self._live):
+            await self.abort(request_id)
+        self._stopped = True
+        self._kick()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task  # ends after the step in flight, if any
+            self._task = None
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        """Validate now (raising :class:`EngineError`), then stream outputs."""
+        self._validate(request)
+        seq = self._sequence(request)
+        live = _Live(request, seq)
+        if request.remaining_tokens == 0:
+            live.done = True
+            live.queue.put_nowait(EngineOutput(request.request_id, [], "length"))
+        else:
+            self._admit(request, seq)
+        self._live[request.request_id] = live
+        self._publish_load()
+        self._kick()
+        return self._stream(live)
+
+    async def abort(self, request_id: str) -> None:
+        live = self._live.get(request_id)
+        if live is None:
+            return
+        self.scheduler.abort(request_id)
+        self._missing_kv.pop(request_id, None)
+        self._finish(live, [], "abort")
+        self._publish_load()
+        self._kick()
+
+    def load(self) -> InstanceLoad:
+        """The snapshot published after the last step (safe from the heartbeat thread)."""
+        snapshot = self._load
+        total = self._core.scheduler.num_preemptions if self._core else 0
+        preempted, self._reported_preemptions = total - self._reported_preemptions, total
+        return InstanceLoad(
+            num_total_blocks=snapshot.num_total_blocks,
+            num_free_blocks=snapshot.num_free_blocks,
+            num_running=snapshot.num_running,
+            num_waiting=snapshot.num_waiting,
+            waiting_blocks=snapshot.waiting_blocks,
+            head_waiting_blocks=snapshot.head_waiting_blocks,
+            num_preempted=preempted,
+            running=snapshot.running,
+        )
+
+    # ------------------------------------------------------------------------------------------ requests
+    def _validate(self, request: EngineRequest) -> None:
+        if self._task is None or self._core is None:
+            raise EngineError(f"torch engine {self.instance_id} is not started")
+        if self.role == "member":
+            raise EngineError(f"{self.instance_id} serves as a stage of a pipeline group; send requests to its leader")
+        if not self._runner_complete():
+            first, last = self.stage.layer_range
+            raise EngineError(f"{self.instance_id} holds layers [{first}, {last}) only; it cannot run a request alone")
+        if request.request_id in self._live:
+            raise EngineError(f"request {request.request_id} is already running on {self.instance_id}")
+        if not request.prompt_token_ids:
+            raise EngineError("empty prompt")
+        context = len(request.prompt_token_ids) + len(request.output_token_ids)
+        if context >= self.max_model_len:
+            raise EngineError(f"{context} context tokens do not fit max_model_len {self.max_model_len}")
+        if any(not 0 <= t < self.config.vocab_size for t in request.prompt_token_ids + request.output_token_ids):
+            raise EngineError(f"token ids must be in [0, {self.config.vocab_size})")
+        longest = min(context + request.remaining_tokens, self.max_model_len)
+        if self.scheduler.blocks_for(longest) > self.allocator.num_blocks:
+            raise EngineError(
+                f"{self.instance_id}: a request of up to {longest} tokens needs "
+                f"{self.scheduler.blocks_for(longest)} KV blocks; the pool has {self.allocator.num_blocks}"
+            )
+
+    def _sequence(self, request: EngineRequest) -> Sequence:
+        sampling = request.sampling
+        stop = set(sampling.stop_token_ids)
+        if not sampling.ignore_eos:
+            stop.update(self.config.eos_token_ids)
+        return Sequence(
+            request_id=request.request_id,
+            token_ids=[*request.prompt_token_ids, *request.output_token_ids],
+            num_prompt_tokens=len(request.prompt_token_ids),
+            max_output_tokens=sampling.max_tokens,
+            stop_token_ids=frozenset(stop),
+            priority=request.priority,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            seed=sampling.seed if sampling.seed is not None else request_seed(self.seed, request.request_id),
+        )
+
+    def _admit(self, request: EngineRequest, seq: Sequence) -> None:
+        """Queue a validated request: recompute its context, or load KV handed over in ``kv_transfer``."""
+        payload = (request.kv_transfer or {}).get("torch_kv")
+        if payload is None:
+            self.scheduler.add(seq)
+            return
+        num_tokens = int(payload["num_tokens"])
+        if num_tokens > seq.num_tokens or sorted(payload["kv"]) != self.core.runner.held_layers():
+            raise EngineError(f"KV handed over for {request.request_id} does not cover this engine's layers")
+        blocks = self.scheduler.blocks_for(num_tokens)
+        if not self.allocator.can_allocate(blocks):
+            raise EngineError(f"{self.instance_id}: no room for the {blocks} KV blocks of {request.request_id}")
+        seq.block_ids = self.allocator.allocate(blocks)
+        self.core.runner.import_kv(payload["kv"], seq.block_ids)
+        seq.num_computed = num_tokens
+        self.scheduler.add_running(seq)
+
+    async def _stream(self, live: _Live) -> AsyncIterator[EngineOutput]:
+        try:
+            while True:
+                output = await live.queue.get()
+                yield output
+                if output.finished:
+                    return
+        finally:
+            if not live.done:  # the consumer went away: abort in the engine
+                live.done = True
+                self.scheduler.abort(live.request.request_id)
+                self._missing_kv.pop(live.request.request_id, None)
+                self._publish_load()
+                self._kick()
+            self._live.pop(live.request.request_id, None)
+
+    def _finish(self, live: _Live, tokens: list[int], reason: str) -> None:
+        if live.done:
+            return
+        live.done = True
+        live.queue.put_nowait(EngineOutput(live.request.request_id, tokens, reason))
+
+    def _deliver(self, updates: list[SeqUpdate]) -> None:
+        for update in updates:
+            live = self._live.get(update.seq.request_id)
+            if live is None or live.done or live.seq is not update.seq:
+                continue
+            if update.finish_reason is not None:
+                self._missing_kv.pop(update.seq.request_id, None)
+                self._finish(live, update.new_token_ids, update.finish_reason)
+            else:
+                live.queue.put_nowait(EngineOutput(update.seq.request_id, update.new_token_ids))
+
+    # ------------------------------------------------------------------------------------------ step loop
+    def _kick(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _runner_complete(self) -> bool:
+        return self._core is not None and self._core.runner.held_layers() == list(range(self.config.num_layers))
+
+    def _can_step(self) -> bool:
+        return self._pause_depth == 0 and self.role != "member" and self._runner_complete() and self.scheduler.has_work
+
+    async def _run(self) -> None:
+        assert self._wake is not None and self._idle is not None
+        while not self._stopped:
+            plan: StepPlan | None = None
+            if self._can_step():
+                self._recompute_missing_kv()
+                plan = self.core.schedule()
+                self._publish_load()
+            if plan is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            self._idle.clear()
+            try:
+                sampled = await asyncio.to_thread(self.core.execute, plan)
+            except Exception as exc:
+                log.exception("torch engine %s: step failed", self.instance_id)
+                self._fail_step(plan, exc)
+            else:
+                self._deliver(self.core.commit(plan, sampled))
+            finally:
+                self._publish_load()
+                self._idle.set()
+            await asyncio.sleep(0)  # let consumers and new requests in between steps
+
+    def _fail_step(self, plan: StepPlan, exc: Exception) -> None:
+        """A failed forward leaves the step's KV undefined: end its requests (the client sees an abort)."""
+        for chunk in plan.output.chunks:
+            live = self._live.get(chunk.seq.request_id)
+            self.scheduler.abort(chunk.seq.request_id)
+            if live is not None:
+                self._finish(live, [], "abort")
+
+    def _recompute_missing_kv(self) -> None:
+        for request_id in list(self._missing_kv):
+            seq = self.scheduler.requests.get(request_id)
+            if seq is not None and seq.status is SeqStatus.RUNNING and seq.block_ids:
+                log.info(
+                    "torch engine %s: recomputing %s (KV of restored layers missing)", self.instance_id, request_id
+                )
+                self.scheduler.preempt(seq)
+            del self._missing_kv[request_id]
+
+    def _publish_load(self) -> None:
+        if self._core is None:
+            return
+        if self.role == "member":
+            self._load = InstanceLoad(num_total_blocks=0, num_free_blocks=0, num_running=0, num_waiting=0)
+            return
+        scheduler = self.scheduler
+        self._load = InstanceLoad(
+            num_total_blocks=scheduler.allocator.num_blocks,
+            num_free_blocks=scheduler.allocator.num_free,
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
+            waiting_blocks=scheduler.waiting_blocks,
+            head_waiting_blocks=scheduler.head_waiting_blocks(),
+            running=[
+                RunningRequest(
+                    request_id=s.request_id,
+                    num_tokens=s.num_tokens,
+                    num_blocks=len(s.block_ids),
+                    priority=s.priority,
+                    decoding=s.decoding,
+                )
+                for s in scheduler.running
+            ],
+        )
+
+    # ------------------------------------------------------------------------------------------ pausing
+    @contextlib.asynccontextmanager
+    async def paused(self) -> AsyncIterator[None]:
+        """No step runs inside this block (entered once the step in flight, if any, has committed)."""
+        self._pause_depth += 1
+        try:
+            if self._idle is not None:
+                await self._idle.wait()
+            yield
+        finally:
+            self._pause_depth -= 1
+            self._publish_load()
+            self._kick()
+
+    def _require_paused(self, what: str) -> None:
+        if self._task is not None and self._pause_depth == 0:
+            raise EngineError(f"{what} needs the engine paused (async with engine.paused(): ...)")
+
+    # ------------------------------------------------------------------------------------------ KV transfer
+    def export_kv(self, request_id: str, layers: list[int]) -> dict[str, Any]:
+        """A running request's KV for ``layers`` (copied tensors), to hand to the layers' new owner.
+
+        Call inside :meth:`paused` so that the request does not advance between export and import.
+        """
+        self._require_paused("export_kv")
+        seq = self._running_seq(request_id)
+        blocks = seq.block_ids[: self.scheduler.blocks_for(seq.num_computed)]
+        return {
+            "v": KV_PAYLOAD_VERSION,
+            "request_id": request_id,
+            "num_tokens": seq.num_computed,
+            "block_size": self.block_size,
+            "layers": sorted(layers),
+            "kv": self.core.runner.export_kv(sorted(layers), blocks),
+        }
+
+    def import_kv(self, request_id: str, payload: dict[str, Any]) -> None:
+        """Write KV exported by :meth:`export_kv` (same request, same token count) into its blocks here."""
+        self._require_paused("import_kv")
+        seq = self._running_seq(request_id)
+        if int(payload["block_size"]) != self.block_size or int(payload["num_tokens"]) != seq.num_computed:
+            raise EngineError(
+                f"KV of {request_id} covers {payload['num_tokens']} tokens in blocks of {payload['block_size']}; "
+                f"here it has {seq.num_computed} in blocks of {self.block_size}"
+            )
+        kv: dict[int, torch.Tensor] = payload["kv"]
+        self.core.runner.import_kv(kv, seq.block_ids[: self.scheduler.blocks_for(seq.num_computed)])
+        missing = self._missing_kv.get(request_id)
+        if missing is not None:
+            missing.difference_update(kv)
+            if not missing:
+                del self._missing_kv[request_id]
+
+    def _running_seq(self, request_id: str) -> Sequence:
+        seq = self._core.scheduler.requests.get(request_id) if self._core else None
+        if seq is None or seq.status is not SeqStatus.RUNNING:
+            raise EngineError(f"no running request {request_id} on {self.instance_id}")
+        return seq
+
+    def requests_with_kv(self) -> list[str]:
+        """Running requests that hold KV blocks (those whose KV must move when layers change owner)."""
+        return [s.request_id for s in self.scheduler.seqs_holding_blocks()]
+
+    # ------------------------------------------------------------------------------------------ drop/restore
+    async def drop_layers(self, keep: tuple[int, int]) -> MemoryReport:
+        """Free every layer outside ``keep`` and turn the bytes into KV blocks for the kept layers.
+
+        Running requests keep their KV for the kept layers; their KV for the dropped layers is gone (export
+        it first, inside :meth:`paused`, to move it). The engine runs requests again only once its layers
+        are complete: restored, or as the leader of a group (:mod:`engines.torch.group`).
+        """
+        async with self.paused():
+            return await asyncio.to_thread(self.drop_layers_now, keep)
+
+    def drop_layers_now(self, keep: tuple[int, int]) -> MemoryReport:
+        """:meth:`drop_layers` for a caller that already holds the pause (or before start)."""
+        self._require_paused("drop_layers")
+        report = self.stage.drop_layers(keep)
+        if self.core.runner is self.stage:
+            self.allocator.resize(self.stage.num_blocks)
+        self._publish_load()
+        return report
+
+    async def restore_layers(self) -> MemoryReport:
+        """Reload the layers dropped earlier; the KV pool shrinks back so the budget holds.
+
+        Running requests whose blocks do not fit the smaller pool are preempted (recomputed later);
+        the others keep their KV for the layers held throughout and must get the restored layers' KV
+        through :meth:`import_kv` before the engine resumes, or they are recomputed.
+        """
+        async with self.paused():
+            return await asyncio.to_thread(self.restore_layers_now)
+
+    def restore_layers_now(self, num_blocks: int | None = None) -> MemoryReport:
+        self._require_paused("restore_layers")
+        if self.core.runner is not self.stage:
+            raise EngineError(f"{self.instance_id} leads a pipeline group: dissolve the group to restore")
+        before = set(self.stage.held_layers())
+        target = num_blocks if num_blocks is not None else self.stage.home_num_blocks
+        self.fit_blocks(target)
+        report = self.stage.restore_layers(num_blocks=target)
+        self.allocator.resize(self.stage.num_blocks)
+        restored = set(self.stage.held_layers()) - before
+        if restored:
+            for seq in self.scheduler.seqs_holding_blocks():
+                self._missing_kv.setdefault(seq.request_id, set()).update(restored)
+        self._publish_load()
+        return report
+
+    def fit_blocks(self, num_blocks: int) -> list[str]:
+        """Make every used block id fall below ``num_blocks``: preempt the latest, lowest-priority running
+        requests until the rest fit, then compact (moving KV in every stage). Returns the preempted ids."""
+        scheduler = self.scheduler
+        preempted: list[str] = []
+        victims = sorted(scheduler.running, key=lambda s: (s.priority, -s.order))
+        while self.allocator.num_used > num_blocks and victims:
+            victim = victims.pop(0)
+            if victim.block_ids:
+                scheduler.preempt(victim)
+                preempted.append(victim.request_id)
+        moves = self.allocator.compaction_plan(num_blocks)
+        self.core.runner.move_blocks(moves)
+        scheduler.remap_blocks(moves)
+        return preempted
+
+    # ------------------------------------------------------------------------------------------ groups
+    def use_runner(self, runner: StageRunner, role: str) -> None:
+        """Compute on ``runner`` from the next step (a group's pipeline, or this engine's own stage)."""
+        self._require_paused("use_runner")
+        capacity = runner.num_blocks
+        self.fit_blocks(capacity)  # usually a no-op: a group's pools are at least as large as the old ones
+        self.core.runner = runner
+        self.allocator.resize(capacity)
+        self.role = role
+        self._publish_load()
+
+    def mark_missing_kv(self, layers: set[int]) -> None:
+        """Every request holding blocks lacks KV for ``layers`` (import it, or it is recomputed)."""
+        for seq in self.scheduler.seqs_holding_blocks():
+            self._missing_kv.setdefault(seq.request_id, set()).update(layers)
