@@ -43,14 +43,22 @@ class GatewayThread:
         self.app = create_app(settings, nats_url, metrics)
         self.settings = settings
         self.server = uvicorn_server(self.app, settings)
-        self._thread = threading.Thread(target=self.server.run, name="drover-gateway", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="drover-gateway", daemon=True)
+        self._failure: BaseException | None = None
+
+    def _run(self) -> None:
+        try:
+            self.server.run()
+        except BaseException as exc:  # uvicorn exits with SystemExit(3) when the app fails to start
+            self._failure = exc
 
     def start(self, timeout_s: float = 10.0) -> GatewayThread:
         self._thread.start()
         deadline = time.monotonic() + timeout_s
         while not self.server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the gateway did not start (see its log)")
+                why = self.app.state.gateway.startup_error or self._failure or "timed out"
+                raise RuntimeError(f"the gateway did not start: {why}")
             time.sleep(0.01)
         return self
 

@@ -51,9 +51,20 @@ class Gateway:
         self._models: list[str] = []
         self._models_at = -float("inf")
         self._background: set[asyncio.Task[Any]] = set()
+        self.startup_error: Exception | None = None
 
     async def start(self) -> None:
-        await self.client.connect()
+        """Connect (fail fast: a gateway that cannot reach NATS at start is misconfigured); once connected,
+        nats-py reconnects forever, so a NATS restart only fails the requests in flight."""
+        timeout_s = self.settings.nats_connect_timeout_s
+        try:
+            await asyncio.wait_for(self.client.connect(connect_timeout=timeout_s, max_reconnect_attempts=-1,
+                                                       reconnect_time_wait=0.5, error_cb=_log_nats_error),
+                                   timeout_s)
+        except Exception as exc:
+            self.startup_error = RuntimeError(f"cannot reach NATS at {self.client.url} within {timeout_s:g}s "
+                                              f"({type(exc).__name__})")
+            raise self.startup_error from exc
 
     async def stop(self) -> None:
         if self._background:
@@ -122,6 +133,10 @@ class Gateway:
                 raise unavailable(f"could not submit to Drover: {type(exc).__name__}") from exc
             raise
         return Generation(self, spec, principal, stream, span, arrived)
+
+
+async def _log_nats_error(exc: Exception) -> None:
+    log.warning("nats: %r", exc)  # one line, not nats-py's default traceback per reconnect attempt
 
 
 class Generation:

@@ -47,6 +47,7 @@ class GatewaySettings(_Section):
     models_cache_s: float = Field(
         2.0, ge=0, description="How long the model list from the cluster's status is reused before asking again."
     )
+    nats_connect_timeout_s: float = Field(5.0, gt=0, description="Give up starting when NATS is not reachable.")
     cancel_timeout_s: float = Field(5.0, gt=0, description="Timeout of the cancel sent when a client goes away.")
     metrics_enabled: bool = Field(True, description="Serve Prometheus metrics on /metrics of the gateway.")
     client_name: str = Field("drover-gateway", description="NATS connection name of the gateway.")
