@@ -1,0 +1,216 @@
+"""Pipeline stages and KunServe groups: g-stage pipelines compute exactly what the full model computes, the
+stage boundary survives its wire form, and drop -> generate -> restore across engines keeps running
+requests' tokens identical to an undisturbed run without recomputing them."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from engines.base import EngineError
+from engines.torch import LayerGroup, ModelStage, PipelineGroup, StageBatch, TorchEngine, serialize_hop, split_layers
+from engines.torch.core import EngineCore, StageRunner
+from engines.torch.kv_cache import BlockAllocator
+from engines.torch.scheduler import Scheduler, Sequence
+from tests.engines.test_torch_engine import (
+    LOGITS_ATOL,
+    NEW_TOKENS,
+    PROMPTS,
+    assert_no_leak,
+    collect,
+    collect_stream,
+    engines,
+    hf_model,
+    model_dir,
+    reference,
+    request,
+    start_engine,
+)
+
+__all__ = ["engines", "hf_model", "model_dir", "reference"]  # fixtures shared with test_torch_engine
+
+torch.set_num_threads(1)
+
+
+def stages_for(model_dir: Path, groups: int, num_blocks: int = 64, block_size: int = 4) -> list[ModelStage]:
+    return [
+        ModelStage(model_dir, layer_range=r, num_blocks=num_blocks, block_size=block_size)
+        for r in split_layers(4, groups)
+    ]
+
+
+def run_core(runner: StageRunner, prompts: list[list[int]], budget: int = 7) -> list[list[int]]:
+    """Greedy continuations through ``runner`` with chunked prefill; checks that no block leaks."""
+    allocator = BlockAllocator(runner.num_blocks)
+    scheduler = Scheduler(allocator, block_size=4, max_num_seqs=8, max_num_batched_tokens=budget, max_model_len=512)
+    core = EngineCore(runner, scheduler)
+    seqs = [Sequence(f"s{i}", list(p), len(p), NEW_TOKENS) for i, p in enumerate(prompts)]
+    for seq in seqs:
+        scheduler.add(seq)
+    while scheduler.has_work:
+        core.step()
+    assert allocator.num_free == allocator.num_blocks
+    return [seq.output_token_ids for seq in seqs]
+
+
+def full_batch(prompt: list[int]) -> StageBatch:
+    n = len(prompt)
+    return StageBatch(
+        positions=torch.arange(n),
+        query_start=torch.tensor([0, n]),
+        context_lens=torch.tensor([n]),
+        block_tables=torch.arange(-(-n // 4))[None, :],
+        logits_indices=torch.arange(n),
+        token_ids=torch.tensor(prompt),
+    )
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_pipeline_logits_equal_full_model_and_transformers(model_dir: Path, hf_model: Any, groups: int) -> None:
+    prompt = PROMPTS[3]
+    full = ModelStage(model_dir, num_blocks=64, block_size=4).forward(full_batch(prompt)).logits
+    piped = PipelineGroup(stages_for(model_dir, groups)).forward(full_batch(prompt)).logits
+    assert full is not None and piped is not None
+    assert torch.equal(piped, full)  # the same arithmetic, split at layer boundaries
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([prompt])).logits[0]
+    assert (piped - ref).abs().max().item() < LOGITS_ATOL
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_pipeline_group_generates_the_full_models_tokens(
+    model_dir: Path, reference: dict[int, list[int]], groups: int
+) -> None:
+    expected = [reference[i] for i in range(len(PROMPTS))]
+    assert run_core(PipelineGroup(stages_for(model_dir, groups)), PROMPTS) == expected
+    assert run_core(PipelineGroup(stages_for(model_dir, groups), hop=serialize_hop), PROMPTS) == expected
+
+
+def test_stage_batch_round_trips_through_bytes() -> None:
+    batch = StageBatch(
+        positions=torch.arange(5),
+        query_start=torch.tensor([0, 2, 5]),
+        context_lens=torch.tensor([2, 9]),
+        block_tables=torch.tensor([[0, 0], [3, 1]]),
+        logits_indices=torch.tensor([1, 4]),
+        hidden=torch.randn(5, 8).to(torch.bfloat16),
+    )
+    back = StageBatch.from_bytes(batch.to_bytes())
+    assert back.token_ids is None and back.hidden is not None and batch.hidden is not None
+    assert back.hidden.dtype == torch.bfloat16 and torch.equal(back.hidden, batch.hidden)
+    for name in ("positions", "query_start", "context_lens", "block_tables", "logits_indices"):
+        assert torch.equal(getattr(back, name), getattr(batch, name))
+
+
+def test_pipeline_checks_its_stages(model_dir: Path) -> None:
+    first, _, third = (ModelStage(model_dir, layer_range=r, num_blocks=4) for r in [(0, 1), (1, 2), (2, 4)])
+    with pytest.raises(ValueError, match="do not follow"):
+        PipelineGroup([first, third])
+    with pytest.raises(ValueError, match="first stage needs token ids"):
+        first.forward(full_batch([1, 2]).with_hidden(torch.zeros(2, 256)))
+
+
+def test_stage_drop_and_restore_memory(model_dir: Path) -> None:
+    stage = ModelStage(model_dir, num_blocks=64, block_size=4)
+    full_weights, full_kv = stage.weight_bytes, stage.kv_bytes
+    report = stage.drop_layers((2, 4))
+    assert sorted(stage.layers) == [2, 3] and stage.kv.layers == [2, 3]
+    assert stage.edge.embed is None and stage.edge.lm_head is not None
+    assert report.weight_bytes_after == stage.config.weight_bytes(2, 4, 4) < full_weights
+    assert report.kv_blocks_after == (report.budget_bytes - report.weight_bytes_after) // stage.kv.block_bytes
+    assert report.weight_bytes_after + report.kv_bytes_after <= report.budget_bytes == full_weights + full_kv
+    back = stage.restore_layers()
+    assert (back.weight_bytes_after, back.kv_blocks_after, back.kv_bytes_after) == (full_weights, 64, full_kv)
+
+
+# ---------------------------------------------------------------------------------------------- groups
+async def _take(stream: Any, count: int, into: list[int]) -> None:
+    while len(into) < count:
+        into += (await anext(stream)).new_token_ids
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+async def test_drop_generate_restore_keeps_running_tokens(
+    model_dir: Path, reference: dict[int, list[int]], engines: list[TorchEngine], groups: int
+) -> None:
+    members = [
+        await start_engine(engines, model_dir, f"g{groups}-{r}", block_size=4, num_blocks=48) for r in range(groups)
+    ]
+    leader = members[0]
+    long_stream = leader.generate(request("long", PROMPTS[3]))
+    short_stream = leader.generate(request("short", PROMPTS[0]))
+    got_long: list[int] = []
+    got_short: list[int] = []
+    await _take(long_stream, 6, got_long)
+    await _take(short_stream, 6, got_short)
+
+    group, formed = await LayerGroup.form(members)
+    assert formed.ranges == split_layers(4, groups)
+    assert formed.moved_requests == 2 and formed.moved_kv_bytes > 0
+    assert formed.kv_blocks_after > formed.kv_blocks_before  # freed weights became KV blocks
+    assert formed.freed_weight_bytes > 0
+    assert all(r.kv_blocks_after > r.kv_blocks_before for r in formed.stages)
+    assert leader.role == "leader" and all(m.role == "member" for m in members[1:])
+    with pytest.raises(EngineError, match="stage of a pipeline group"):
+        members[1].generate(request("x", PROMPTS[2]))
+    assert members[1].load().num_total_blocks == 0
+
+    await _take(long_stream, 14, got_long)
+    joined = await collect(leader, request("joined", PROMPTS[1]))  # admitted and finished while grouped
+    assert joined[0] == reference[1]
+
+    restored = await group.dissolve()
+    assert restored.kv_blocks_after == 48 and not restored.preempted
+    assert all(r.layers_after == (0, 4) for r in restored.stages)
+    assert leader.role == "standalone" and all(m.role == "standalone" for m in members)
+    got_long += await collect_stream(long_stream)
+    got_short += await collect_stream(short_stream)
+    assert got_long == reference[3]
+    assert got_short == reference[0]
+    assert leader.scheduler.num_preemptions == 0  # KV moved with its layers; nothing was recomputed
+    for engine in members:
+        assert_no_leak(engine)
+    member_tokens = await collect(members[-1], request("after", PROMPTS[2]))  # members serve alone again
+    assert member_tokens[0] == reference[2]
+
+
+async def test_dissolve_preempts_what_no_longer_fits(
+    model_dir: Path, reference: dict[int, list[int]], engines: list[TorchEngine]
+) -> None:
+    """The group's pool is larger than the leader's own: requests admitted under the group that do not fit
+    after the restore are recomputed, and still produce exactly their tokens."""
+    members = [
+        await start_engine(engines, model_dir, f"small-{r}", block_size=4, num_blocks=20, max_num_batched_tokens=16)
+        for r in range(2)
+    ]
+    group, formed = await LayerGroup.form(members)
+    assert formed.kv_blocks_after > 40
+    streams = [members[0].generate(request(f"p{i}", PROMPTS[i])) for i in range(3)]
+    got: list[list[int]] = [[], [], []]
+    for stream, into in zip(streams, got, strict=True):
+        await _take(stream, 12, into)
+    assert members[0].allocator.num_used > 20  # 6 + 14 + 4 blocks (at least) of 4 tokens
+    restored = await group.dissolve()
+    assert restored.preempted
+    for stream, into in zip(streams, got, strict=True):
+        into += await collect_stream(stream)
+    assert got == [reference[i] for i in range(3)]
+    assert_no_leak(members[0])
+
+
+async def test_group_checks_its_members(model_dir: Path, engines: list[TorchEngine]) -> None:
+    a = await start_engine(engines, model_dir, "ca", num_blocks=16)
+    b = await start_engine(engines, model_dir, "cb", num_blocks=16)
+    stream = b.generate(request("busy", PROMPTS[0], max_tokens=500))
+    await anext(stream)
+    with pytest.raises(EngineError, match="drain or migrate"):
+        await LayerGroup.form([a, b])
+    await b.abort("busy")
+    await collect_stream(stream)
+    await asyncio.sleep(0)
+    with pytest.raises(ValueError, match="at least two"):
+        await LayerGroup.form([a])
