@@ -10,6 +10,8 @@ Names (labels in braces):
 
 - cluster request path: ``drover_requests_total{outcome,request_class}``, ``drover_ttft_seconds{request_class}``,
   ``drover_inter_token_seconds{request_class}``, ``drover_tokens_total{kind,request_class}``
+- engines (from their events on the bus): ``drover_engine_requests_total{instance,finish_reason}`` (a
+  ``migrated`` finish is a request leaving its source instance)
 - migrations: ``drover_migrations_total{outcome}``, ``drover_migration_bytes_total``,
   ``drover_migration_downtime_seconds``
 - instances and queue: ``drover_instance_free_blocks{instance}``, ``drover_instance_total_blocks{instance}``,
@@ -81,6 +83,8 @@ class Metrics:
                                             explicit_bucket_boundaries_advisory=TTFT_BUCKETS)
         self._itl = meter.create_histogram("drover.inter_token", unit="s", description="Gap between tokens.",
                                            explicit_bucket_boundaries_advisory=INTER_TOKEN_BUCKETS)
+        self._engine_ended = meter.create_counter("drover.engine.requests",
+                                                  description="Requests that left an instance, by finish reason.")
         # Migrations
         self._migrations = meter.create_counter("drover.migrations", description="Migrations by outcome.")
         self._migration_bytes = meter.create_counter("drover.migration.bytes", unit="By",
@@ -136,6 +140,9 @@ class Metrics:
         attributes = {"request_class": request_class}
         for gap in gaps_s:
             self._itl.record(gap, attributes)
+
+    def engine_request_ended(self, instance_id: str, finish_reason: str) -> None:
+        self._engine_ended.add(1, {"instance": instance_id, "finish_reason": finish_reason})
 
     def migration_finished(self, outcome: str, copied_bytes: int = 0, downtime_s: float = 0.0) -> None:
         """A migration ended: ``outcome`` is committed, aborted or refused."""
