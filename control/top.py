@@ -1,0 +1,163 @@
+"""`drover top`: a live terminal dashboard of a cluster, redrawn from the control plane's status.
+
+Each frame shows the instances (kind, state, KV use, running, waiting, dispatch rate), the scheduler's queue
+and requests in flight by state and class, and the requests that changed instance since the last frame
+(live migrations or failover: the status has no migration table, so moves are inferred between frames).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from control.client import DroverClient
+from transport.messages import InstanceStatus, StatusReply
+
+KV_BAR_WIDTH = 20
+OLDEST_SHOWN = 8
+
+
+@dataclass
+class TopState:
+    """What one frame needs from earlier frames: dispatch counters and where each request ran."""
+
+    previous: StatusReply | None = None
+    previous_at: float = 0.0
+    placements: dict[str, str] = field(default_factory=dict)  # request id -> instance id
+    moves_seen: int = 0
+    recent_moves: list[tuple[str, str, str]] = field(default_factory=list)  # request, from, to
+
+    def observe(self, status: StatusReply, now: float) -> dict[str, float]:
+        """Record ``status``; returns dispatches per second per instance since the previous frame."""
+        rates: dict[str, float] = {}
+        if self.previous is not None and now > self.previous_at:
+            before = {i.info.instance_id: i.dispatched for i in self.previous.instances}
+            for inst in status.instances:
+                iid = inst.info.instance_id
+                if iid in before:
+                    rates[iid] = max(0, inst.dispatched - before[iid]) / (now - self.previous_at)
+        moves: list[tuple[str, str, str]] = []
+        placements: dict[str, str] = {}
+        for req in status.requests:
+            if req.instance_id is None:
+                continue
+            was = self.placements.get(req.request_id)
+            if was is not None and was != req.instance_id:
+                moves.append((req.request_id, was, req.instance_id))
+            placements[req.request_id] = req.instance_id
+        self.moves_seen += len(moves)
+        self.recent_moves = (moves + self.recent_moves)[:OLDEST_SHOWN]
+        self.placements = placements
+        self.previous, self.previous_at = status, now
+        return rates
+
+
+def kv_bar(inst: InstanceStatus, width: int = KV_BAR_WIDTH) -> Text:
+    """Used KV blocks as a bar, coloured by how full the instance is."""
+    total = max(1, inst.load.num_total_blocks)
+    used = total - inst.load.num_free_blocks
+    fraction = min(1.0, max(0.0, used / total))
+    filled = round(fraction * width)
+    colour = "green" if fraction < 0.6 else "yellow" if fraction < 0.85 else "red"
+    bar = Text("█" * filled, style=colour)
+    bar.append("·" * (width - filled), style="dim")
+    bar.append(f" {fraction * 100:5.1f}%")
+    return bar
+
+
+def _state(state: str) -> Text:
+    colour = {"serving": "green", "draining": "yellow", "drained": "blue", "starting": "cyan"}.get(state, "red")
+    return Text(state, style=colour)
+
+
+def render_frame(status: StatusReply, rates: dict[str, float], state: TopState, *, url: str = "",
+                 interval_s: float = 0.0) -> RenderableType:
+    """One dashboard frame (a pure function of the status and the history in ``state``)."""
+    serving = sum(1 for i in status.instances if i.state == "serving")
+    running = sum(1 for r in status.requests if r.state == "running")
+    header = Text.assemble(
+        ("drover top", "bold"), f"  {url}  " if url else "  ",
+        f"policy {status.dispatch_policy}  ",
+        f"instances {serving}/{len(status.instances)} serving  ",
+        f"queued {status.queued}  in flight {len(status.requests)} ({running} running)  ",
+        f"moves seen {state.moves_seen}",
+        (f"  every {interval_s:g}s" if interval_s else "", "dim"),
+    )
+    instances = Table(title="instances", title_justify="left", expand=True)
+    for column, justify in (("instance", "left"), ("kind", "left"), ("model", "left"), ("state", "left"),
+                            ("KV used", "left"), ("free/total", "right"), ("running", "right"),
+                            ("waiting", "right"), ("dispatched", "right"), ("disp/s", "right"),
+                            ("heartbeat", "right")):
+        instances.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for inst in status.instances:
+        load = inst.load
+        rate = rates.get(inst.info.instance_id)
+        instances.add_row(inst.info.instance_id, inst.info.engine_kind, inst.info.model, _state(inst.state),
+                          kv_bar(inst), f"{load.num_free_blocks}/{load.num_total_blocks}", str(load.num_running),
+                          str(load.num_waiting), str(inst.dispatched), "-" if rate is None else f"{rate:.1f}",
+                          f"{inst.age_s:.1f}s ago")
+    by_class = Counter((str(r.request_class), r.state) for r in status.requests)
+    requests = Table(title="requests in flight", title_justify="left")
+    requests.add_column("class")
+    requests.add_column("queued", justify="right")
+    requests.add_column("running", justify="right")
+    requests.add_column("high priority", justify="right")
+    for request_class in sorted({c for c, _ in by_class} | {"interactive"}):
+        high = sum(1 for r in status.requests if str(r.request_class) == request_class and r.priority > 0)
+        requests.add_row(request_class, str(by_class[(request_class, "queued")]),
+                         str(by_class[(request_class, "running")]), str(high))
+    oldest = Table(title=f"oldest requests (of {len(status.requests)})", title_justify="left")
+    for column in ("request", "instance", "state", "prompt", "prio", "age s"):
+        oldest.add_column(column, justify="right" if column in ("prompt", "prio", "age s") else "left")
+    for req in sorted(status.requests, key=lambda r: -r.age_s)[:OLDEST_SHOWN]:
+        oldest.add_row(req.request_id, req.instance_id or "-", req.state, str(req.prompt_tokens),
+                       str(req.priority), f"{req.age_s:.1f}")
+    parts: list[RenderableType] = [header, instances, requests, oldest]
+    if state.recent_moves:
+        moves = Table(title="recent moves (migration or failover)", title_justify="left")
+        for column in ("request", "from", "to"):
+            moves.add_column(column)
+        for rid, source, destination in state.recent_moves:
+            moves.add_row(rid, source, destination)
+        parts.append(moves)
+    if status.actors:
+        parts.append(Text("actors: " + ", ".join(f"{k}={v}" for k, v in sorted(status.actors.items())),
+                          style="dim"))
+    return Group(*parts)
+
+
+async def run_top(url: str, *, interval_s: float = 1.0, once: bool = False, console: Console | None = None,
+                  connect_options: dict[str, object] | None = None) -> None:
+    """Poll the cluster at ``url`` and redraw every ``interval_s``; ``once`` prints one frame and returns.
+
+    A frame needs two polls for dispatch rates, so ``once`` polls twice, ``interval_s`` apart (at most 1 s)."""
+    console = console or Console()
+    state = TopState()
+    client = await DroverClient(url, name="drover-top").connect(**(connect_options or {}))
+    try:
+        if once:
+            state.observe(await client.status(), time.monotonic())
+            await asyncio.sleep(min(interval_s, 1.0))
+            status = await client.status()
+            console.print(render_frame(status, state.observe(status, time.monotonic()), state, url=url))
+            return
+        with Live(console=console, auto_refresh=False, screen=False) as live:
+            while True:
+                try:
+                    status = await client.status()
+                except Exception as exc:  # keep the last frame and say why it is stale; retry next tick
+                    live.update(Group(live.renderable, Text(f"no answer from the control plane: {exc!r}",
+                                                            style="red")), refresh=True)
+                else:
+                    rates = state.observe(status, time.monotonic())
+                    live.update(render_frame(status, rates, state, url=url, interval_s=interval_s), refresh=True)
+                await asyncio.sleep(interval_s)
+    finally:
+        await client.close()
