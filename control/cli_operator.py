@@ -10,6 +10,27 @@ from typing import Any
 import typer
 
 
+def _settings(ctx: typer.Context) -> Any:
+    """Effective settings from the root command's global options (--config, --nats-url, --log-level).
+
+    Read from the click context rather than control.cli's module state: under ``python -m control.cli``
+    that module runs as ``__main__`` and an import of ``control.cli`` would see a second, empty copy."""
+    from control.settings import load_settings
+
+    root = ctx.find_root().params
+    return load_settings(root.get("config"), {"nats": {"url": root.get("nats_url")},
+                                              "observability": {"log_level": root.get("log_level")}})
+
+
+def _need_url(s: Any) -> str:
+    from control.cli import console
+
+    if not s.nats.url:
+        console.print("[red]no NATS URL:[/] pass --nats-url or set DROVER_NATS__URL (the cluster's server)")
+        raise typer.Exit(2)
+    return str(s.nats.url)
+
+
 def _gateway_settings(base: Any, overrides: dict[str, Any]) -> Any:
     """The ``[gateway]`` section with flag overrides. Until ``Settings`` has a ``gateway`` section, the
     defaults of :class:`GatewaySettings` stand in for it."""
@@ -36,6 +57,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def gateway(
+        ctx: typer.Context,
         host: str | None = typer.Option(None, "--host", help="Bind address (default 127.0.0.1)."),
         port: int | None = typer.Option(None, "--port", help="Port (default 8000)."),
         api_key: list[str] = typer.Option([], "--api-key", help="KEY=CLIENT_ID; repeat. None: no auth."),
@@ -50,8 +72,8 @@ def register(app: typer.Typer) -> None:
         from observability.logs import setup_logging
         from observability.tracing import setup_tracing, shutdown_tracing
 
-        s = cli.settings()
-        url = cli._need_url(s)
+        s = _settings(ctx)
+        url = _need_url(s)
         overrides: dict[str, Any] = {"host": host, "port": port, "requests_per_minute": requests_per_minute,
                                      "token_quota": token_quota, "ssl_certfile": ssl_certfile,
                                      "ssl_keyfile": ssl_keyfile}
@@ -76,6 +98,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def top(
+        ctx: typer.Context,
         interval: float = typer.Option(1.0, "--interval", "-i", min=0.1, help="Seconds between refreshes."),
         once: bool = typer.Option(False, "--once", help="Print one frame and exit."),
     ) -> None:
@@ -83,7 +106,7 @@ def register(app: typer.Typer) -> None:
         from control import cli
         from control.top import run_top
 
-        url = cli._need_url(cli.settings())
+        url = _need_url(_settings(ctx))
         try:
             asyncio.run(run_top(url, interval_s=interval, once=once, console=cli.console,
                                 connect_options=cli._CLI_CONNECT))
@@ -95,6 +118,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("trace")
     def trace_cmd(
+        ctx: typer.Context,
         request_id: str = typer.Argument(..., help="Request id (the gateway's response id) or a trace id."),
         files: list[Path] = typer.Option([], "--file", "-f", help="JSON-lines span files (default: the "
                                          "observability.jsonl_path setting); repeat for several."),
@@ -104,7 +128,7 @@ def register(app: typer.Typer) -> None:
         from control import cli
         from observability.trace_view import TraceNotFound, find_request_spans, render_waterfall
 
-        paths = files or [Path(cli.settings().observability.jsonl_path)]
+        paths = files or [Path(_settings(ctx).observability.jsonl_path)]
         missing = [str(p) for p in paths if not p.exists()]
         if missing:
             cli.console.print(f"[red]no span file {', '.join(missing)}[/] (spans are written there with the "
@@ -119,6 +143,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def metrics(
+        ctx: typer.Context,
         port: int = typer.Option(9400, "--port", help="Prometheus scrape port."),
         host: str = typer.Option("127.0.0.1", "--host", help="Bind address."),
         interval: float = typer.Option(1.0, "--interval", min=0.1, help="Seconds between status polls."),
@@ -127,7 +152,7 @@ def register(app: typer.Typer) -> None:
         """Serve cluster metrics for Prometheus (instance load, queue, engine request outcomes)."""
         from control import cli
 
-        url = cli._need_url(cli.settings())
+        url = _need_url(_settings(ctx))
         try:
             asyncio.run(_serve_metrics(url, host, port, interval, once, cli._CLI_CONNECT if once else {}))
         except Exception as exc:

@@ -356,3 +356,42 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
                                            serialization.NoEncryption()))
     return cert_path, key_path
 
+
+
+def test_drover_gateway_command_serves_openai_clients(cluster: InProcessCluster) -> None:
+    """`drover gateway` as its own process (the CLI wiring, flags and API keys)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "control.cli", "--nats-url", cluster.url, "gateway", "--port", str(port),
+         "--api-key", f"{ALICE}=alice"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "DROVER_OBSERVABILITY__EXPORTER": "none"},
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, proc.communicate()[0]
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "drover gateway did not become ready"
+            time.sleep(0.1)
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key=ALICE, max_retries=0)
+        assert c.completions.create(model=MODEL, prompt="cli", max_tokens=3).usage.completion_tokens == 3  # type: ignore[union-attr]
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="sk-wrong-key", max_retries=0).models.list()
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=15)[0]
+    assert proc.returncode in (0, -15), out  # uvicorn re-raises SIGTERM after its graceful shutdown
+    assert f"gateway on http://127.0.0.1:{port}/v1" in out and "Application shutdown complete" in out
