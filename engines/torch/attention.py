@@ -19,13 +19,13 @@ from engines.torch.batch import StageBatch
 
 @dataclass(frozen=True, slots=True)
 class AttentionMetadata:
-    write_blocks: torch.Tensor  # [T] block id of each new token's slot
-    write_offsets: torch.Tensor  # [T] offset in that block
-    read_blocks: torch.Tensor  # [B, Lmax] block id of each context position (0 where padded)
-    read_offsets: torch.Tensor  # [B, Lmax]
+    key_slots: torch.Tensor  # [T] row of each new token's K in a pool viewed as [num_blocks * 2 * block_size, ...]
+    value_slots: torch.Tensor  # [T] same for V
+    read_blocks: torch.Tensor  # [B * max_blocks] every request's block table, flattened (0 where padded)
+    max_blocks: int
     query_rows: torch.Tensor  # [B, Qmax] row of each padded query slot (0 where padded)
     unpad_index: torch.Tensor  # [T] index of each row in the flattened [B * Qmax] padded layout
-    mask: torch.Tensor  # [B, 1, Qmax, Lmax] True where a query may attend a key
+    mask: torch.Tensor  # [B, 1, Qmax, max_blocks * block_size] True where a query may attend a key
 
     @classmethod
     def build(cls, batch: StageBatch, block_size: int) -> AttentionMetadata:
@@ -35,16 +35,14 @@ class AttentionMetadata:
         num_seqs = batch.num_seqs
         seq_of_row = torch.repeat_interleave(torch.arange(num_seqs), query_lens)
         tables = batch.block_tables
+        max_blocks = tables.shape[1]
         write_blocks = tables[seq_of_row, positions // block_size]
-        write_offsets = positions % block_size
+        key_slots = write_blocks * (2 * block_size) + positions % block_size
+        value_slots = key_slots + block_size
 
         max_query = int(query_lens.max()) if num_seqs else 0
-        max_context = int(batch.context_lens.max()) if num_seqs else 0
-        key_pos = torch.arange(max_context)
-        key_valid = key_pos[None, :] < batch.context_lens[:, None]  # [B, Lmax]
-        block_index = (key_pos // block_size).clamp(max=tables.shape[1] - 1)
-        read_blocks = torch.where(key_valid, tables[:, block_index], 0)
-        read_offsets = (key_pos % block_size).expand(num_seqs, -1)
+        key_pos = torch.arange(max_blocks * block_size)
+        key_valid = key_pos[None, :] < batch.context_lens[:, None]  # [B, L]
 
         slot = torch.arange(max_query)
         query_valid = slot[None, :] < query_lens[:, None]  # [B, Qmax]
@@ -54,7 +52,7 @@ class AttentionMetadata:
         # Padded query slots attend key 0 only: softmax over an all-masked row would give NaN.
         mask[:, :, 0] |= ~query_valid
         unpad_index = (seq_of_row * max_query) + (torch.arange(positions.shape[0]) - starts[seq_of_row])
-        return cls(write_blocks, write_offsets, read_blocks, read_offsets, query_rows, unpad_index, mask[:, None])
+        return cls(key_slots, value_slots, tables.reshape(-1), max_blocks, query_rows, unpad_index, mask[:, None])
 
 
 def paged_attention(
@@ -69,15 +67,18 @@ def paged_attention(
 
     ``pool`` is one layer's ``[num_blocks, 2, block_size, kv_heads, dim]``; ``q`` is ``[T, heads, dim]``.
     """
-    pool[meta.write_blocks, 0, meta.write_offsets] = k
-    pool[meta.write_blocks, 1, meta.write_offsets] = v
-    keys = pool[meta.read_blocks, 0, meta.read_offsets].transpose(1, 2)  # [B, kv_heads, Lmax, dim]
-    values = pool[meta.read_blocks, 1, meta.read_offsets].transpose(1, 2)
+    _, _, block_size, kv_heads, dim = pool.shape
+    rows = pool.view(-1, kv_heads, dim)
+    rows.index_copy_(0, meta.key_slots, k)
+    rows.index_copy_(0, meta.value_slots, v)
+    # Whole blocks of each request: [B, max_blocks, 2, block_size, kv_heads, dim] (contiguous block copies).
+    blocks = pool.index_select(0, meta.read_blocks).view(-1, meta.max_blocks, 2, block_size, kv_heads, dim)
+    num_seqs = blocks.shape[0]
+    keys = blocks[:, :, 0].reshape(num_seqs, -1, kv_heads, dim).transpose(1, 2)  # [B, kv_heads, L, dim]
+    values = blocks[:, :, 1].reshape(num_seqs, -1, kv_heads, dim).transpose(1, 2)
     queries = q[meta.query_rows].transpose(1, 2)  # [B, heads, Qmax, dim]
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        keys = keys.repeat_interleave(groups, dim=1)
-        values = values.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.mask, scale=scale)
-    out = out.transpose(1, 2).reshape(-1, q.shape[1] * q.shape[2])  # [B * Qmax, heads * dim]
+    out = F.scaled_dot_product_attention(
+        queries, keys, values, attn_mask=meta.mask, scale=scale, enable_gqa=q.shape[1] != kv_heads
+    )
+    out = out.transpose(1, 2).reshape(-1, q.shape[1] * dim)  # [B * Qmax, heads * dim]
     return out[meta.unpad_index]

@@ -341,8 +341,8 @@ class TorchEngine:
             if self._can_step():
                 self._recompute_missing_kv()
                 plan = self.core.schedule()
-                self._publish_load()
             if plan is None:
+                self._publish_load()
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -357,7 +357,7 @@ class TorchEngine:
             finally:
                 self._publish_load()
                 self._idle.set()
-            await asyncio.sleep(0)  # let consumers and new requests in between steps
+            # No yield here: consumers read this step's tokens while the next step computes in its thread.
 
     def _fail_step(self, plan: StepPlan, exc: Exception) -> None:
         """A failed forward leaves the step's KV undefined: end its requests (the client sees an abort)."""
