@@ -37,7 +37,9 @@ if TYPE_CHECKING:
     from engines.vllm.worker_side import WorkerSide
 
 PARAMS_KEY = "drover"
-"""Key of Drover's entry in a request's ``kv_transfer_params``: {"rid": ..., "load": ..., "kv_tokens": ...}."""
+"""Key of Drover's entry in a request's ``kv_transfer_params``: ``rid`` (Drover's request id); for a request
+that loads migrated KV also ``load`` (migration id), ``kv_tokens`` (tokens whose KV is staged) and
+``preload`` (True for a destination-side warm-up that leaves staging in place)."""
 
 
 @dataclass
@@ -60,6 +62,7 @@ class LoadJob:
     migration_id: str
     request_id: str
     blocks: list[tuple[int, int]]
+    release: bool = True  # free the migration's staging afterwards (False for a preload)
 
 
 @dataclass
@@ -128,7 +131,7 @@ class DroverMigrationConnector(KVConnectorBase_V1):
         return
 
     def wait_for_save(self) -> None:
-        return
+        self.worker.after_forward()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return self.worker.finished_sending(finished_req_ids), None

@@ -91,6 +91,16 @@ class Release(_Frame, frozen=True, tag="release"):
     migration_id: str
 
 
+class PreloadPlan(_Frame, frozen=True, tag="preload_plan"):
+    """Engine -> worker (destination), no reply: whether a received stage is being preloaded. The worker
+    acknowledges the stage to the source only once that preload ran, so the source stops the request
+    when the destination is not busy with it."""
+
+    migration_id: str
+    stage: int
+    preload: bool
+
+
 # Events (connector -> engine) --------------------------------------------------------------------------
 
 
@@ -141,6 +151,7 @@ class Loaded(_Frame, frozen=True, tag="loaded"):
     num_blocks: int
     seconds: float
     missing_blocks: int = 0
+    preload: bool = False
 
 
 Frame: TypeAlias = (
@@ -152,6 +163,7 @@ Frame: TypeAlias = (
     | Cancel
     | Reserve
     | Release
+    | PreloadPlan
     | StageSent
     | Frozen
     | MigrationEnded
@@ -230,6 +242,12 @@ class ControlServer:
         if not reply.ok:
             raise ControlError(reply.error)
         return reply
+
+    def notify(self, role: str, frame: Frame) -> None:
+        """Send a frame that has no reply; dropped if that side is not connected."""
+        peer = self._peers.get(role)
+        if peer is not None:
+            peer.writer.write(encode_frame(frame))
 
     async def close(self) -> None:
         self._closed = True

@@ -144,10 +144,12 @@ class VllmEngine:
         staging_blocks: int | None = None,
         data_host: str = "127.0.0.1",
         stage_timeout_s: float = 120.0,
+        enable_preload: bool = True,
     ) -> None:
         """``staging_blocks``: receive buffer for incoming migrations (default: two max-length requests).
         ``data_host``: address this engine's KV data-plane server binds and advertises (use a routable one
-        across hosts)."""
+        across hosts). ``enable_preload``: as stages arrive, load their blocks into the prefix cache (a
+        one-token warm-up request per stage), so that resuming loads only the last blocks."""
         self.instance_id = instance_id
         self.model_dir = Path(model_dir)
         self.model_name = model_name
@@ -164,6 +166,8 @@ class VllmEngine:
         self.staging_blocks = staging_blocks or 2 * math.ceil(max_model_len / block_size)
         self.data_host = data_host
         self.stage_timeout_s = stage_timeout_s
+        self.enable_preload = enable_preload and enable_prefix_caching
+        self._preloads: dict[str, _Preload] = {}  # incoming migration id -> warm-ups submitted
         self._llm: Any = None
         self._num_blocks = 0
         self._stats = _LoadLogger()
@@ -175,7 +179,7 @@ class VllmEngine:
         self._eos_token_ids = _eos_token_ids(self.model_dir)
         self._kv_layout = ""
         self.migration_counters: dict[str, int] = dict.fromkeys(
-            ("stages_sent", "blocks_sent", "bytes_sent", "blocks_loaded", "blocks_missing"), 0
+            ("stages_sent", "blocks_sent", "bytes_sent", "blocks_loaded", "blocks_preloaded", "blocks_missing"), 0
         )
         """Totals since start, for observability and tests (blocks_loaded > 0 proves KV was not recomputed)."""
 
@@ -209,6 +213,7 @@ class VllmEngine:
                 "control_path": self._control.path,
                 "staging_blocks": self.staging_blocks,
                 "data_host": self.data_host,
+                "preload": self.enable_preload,
             }
         args = self._engine_args(extra)
         try:
@@ -319,8 +324,12 @@ class VllmEngine:
         prompt = TokensPrompt(prompt_token_ids=context)
         load_id = str(request.kv_transfer["migration_id"]) if request.kv_transfer else None
         if load_id is not None:
-            # The migrated KV is the source's bytes; a per-migration salt keeps other cached prefixes out.
+            # The migrated KV is the source's bytes; a per-migration salt keeps other cached prefixes out
+            # (and lets the preloaded blocks, cached under the same salt, be found).
             prompt["cache_salt"] = load_id
+            # Warm-ups still in flight are not awaited: vLLM schedules them first (FCFS), so the resume
+            # finds their blocks cached, or loads the rest from staging itself.
+            self._preloads.pop(load_id, None)
         state = _Request(request, len(context))
         self._requests[rid] = state
         try:
@@ -442,9 +451,15 @@ class VllmEngine:
             outgoing = self._outgoing.get(frame.migration_id)
             if outgoing is not None:
                 _resolve(outgoing.ended, frame)
+        elif isinstance(frame, control.StageReceived):
+            self._preload(frame)
         elif isinstance(frame, control.Loaded):
-            self._reserved.pop(frame.migration_id, None)
-            self._count(blocks_loaded=frame.num_blocks, blocks_missing=frame.missing_blocks)
+            if frame.preload:
+                self._count(blocks_preloaded=frame.num_blocks)
+            else:
+                self._reserved.pop(frame.migration_id, None)
+                self._count(blocks_loaded=frame.num_blocks)
+            self._count(blocks_missing=frame.missing_blocks)
             if frame.missing_blocks:
                 log.warning(
                     "migration %s: %d blocks were missing and are recomputed", frame.migration_id, frame.missing_blocks
@@ -650,6 +665,55 @@ class VllmEngine:
             _resolve(outgoing.ended, aborted)
             self._outgoing.pop(migration_id, None)
 
+    def _preload(self, received: control.StageReceived) -> None:
+        """Warm the prefix cache with a received stage's full blocks (a one-token request that loads them),
+        and tell the worker whether it should hold the stage's ack until that ran."""
+        if "tokens" not in received.meta:
+            return
+        submitted = self._submit_preload(received.migration_id, received.meta["tokens"])
+        if self._control is not None:
+            self._control.notify(
+                "worker",
+                control.PreloadPlan(migration_id=received.migration_id, stage=received.stage, preload=submitted),
+            )
+
+    def _submit_preload(self, migration_id: str, tokens: list[int]) -> bool:
+        if not self.enable_preload or migration_id not in self._reserved or self._llm is None:
+            return False
+        full = (len(tokens) - 1) // self.block_size
+        preload = self._preloads.setdefault(migration_id, _Preload())
+        if full <= preload.blocks:
+            return False
+        preload.blocks = full
+        kv_tokens = full * self.block_size
+        request_id = f"drover-preload-{migration_id}-{len(preload.tasks)}"
+        preload.tasks.append(
+            asyncio.ensure_future(self._warm_up(request_id, migration_id, tokens[: kv_tokens + 1], kv_tokens))
+        )
+        return True
+
+    async def _warm_up(self, request_id: str, migration_id: str, prompt_ids: list[int], kv_tokens: int) -> None:
+        from vllm import SamplingParams as VllmSamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params = {"rid": request_id, "load": migration_id, "kv_tokens": kv_tokens, "preload": True}
+        sampling = VllmSamplingParams(
+            max_tokens=1,
+            temperature=0.0,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+            detokenize=False,
+            extra_args={"kv_transfer_params": {PARAMS_KEY: params}},
+        )
+        prompt = TokensPrompt(prompt_token_ids=prompt_ids, cache_salt=migration_id)
+        try:
+            async for _ in self._llm.generate(prompt, sampling, request_id=request_id):
+                pass
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a failed warm-up only costs the resume a larger load
+            log.warning("preload %s failed: %s", request_id, exc)
+
     async def migrate_in_reserve(self, migration_id: str, num_blocks: int) -> KvEndpoint | None:
         channel = self._channel()
         held = self._reserved.get(migration_id, 0)
@@ -671,9 +735,20 @@ class VllmEngine:
 
     async def _release_staging(self, migration_id: str) -> None:
         self._reserved.pop(migration_id, None)
+        preload = self._preloads.pop(migration_id, None)
+        if preload is not None:
+            for task in preload.tasks:
+                task.cancel()  # aborts the warm-up in vLLM
+            await asyncio.gather(*preload.tasks, return_exceptions=True)
         if self._control is not None:
             with contextlib.suppress(control.ControlError):
                 await self._control.call("worker", control.Release(migration_id=migration_id))
+
+
+@dataclass
+class _Preload:
+    blocks: int = 0  # full blocks preloaded (or being preloaded)
+    tasks: list[asyncio.Future[None]] = field(default_factory=list)
 
 
 def _resolve(future: asyncio.Future[Any], value: Any) -> None:

@@ -53,7 +53,7 @@ class SchedulerSide:
         self._outgoing: dict[str, _Outgoing] = {}  # migration id -> state
         self._stage_commands: deque[control.Stage] = deque()
         self._pending = MigrationMetadata()
-        self._loads_started: set[str] = set()  # migration ids whose staged KV a resumed request took
+        self._loads_started: set[str] = set()  # vLLM ids of requests that took their staged KV already
         self._control = control.ControlClient(
             extra["control_path"], control.Hello(role="scheduler", pid=os.getpid()), self._on_command
         )
@@ -112,7 +112,7 @@ class SchedulerSide:
     def num_loadable_tokens(self, request: Request, num_computed_tokens: int) -> int:
         """Tokens of a resumed request whose KV waits in staging, beyond what the prefix cache has."""
         params = _drover_params(request)
-        if params is None or "load" not in params or params["load"] in self._loads_started:
+        if params is None or "load" not in params or request.request_id in self._loads_started:
             return 0
         # vLLM must compute at least one token itself, so the last one is never loaded.
         kv_tokens = min(int(params["kv_tokens"]), request.num_tokens - 1)
@@ -120,17 +120,18 @@ class SchedulerSide:
 
     def after_alloc(self, request: Request, block_ids: list[int], num_external_tokens: int) -> None:
         params = _drover_params(request)
-        if params is None or "load" not in params or params["load"] in self._loads_started:
+        if params is None or "load" not in params or request.request_id in self._loads_started:
             return
-        migration_id = str(params["load"])
-        self._loads_started.add(migration_id)  # a later preemption recomputes; staging is gone by then
+        # Once only: if the request is preempted later it recomputes (its staging is gone by then).
+        self._loads_started.add(request.request_id)
         pairs: list[tuple[int, int]] = []
         if num_external_tokens > 0:
             kv_tokens = min(int(params["kv_tokens"]), request.num_tokens - 1)
             first = (kv_tokens - num_external_tokens) // self.block_size
             pairs = [(i, block_ids[i]) for i in range(first, self._blocks_for(kv_tokens))]
+        job = LoadJob(str(params["load"]), request.request_id, pairs, release=not params.get("preload", False))
         with self._lock:
-            self._pending.loads.append(LoadJob(migration_id, request.request_id, pairs))
+            self._pending.loads.append(job)
 
     def build_metadata(self, scheduler_output: SchedulerOutput) -> MigrationMetadata:
         with self._lock:
@@ -150,6 +151,7 @@ class SchedulerSide:
         """Freeze a stopped request (send its last blocks, report its tokens); True delays the block free."""
         params = _drover_params(request)
         rid = str(params["rid"]) if params and "rid" in params else None
+        self._loads_started.discard(request.request_id)
         with self._lock:
             if rid is not None and self._live.get(rid) is request:
                 del self._live[rid]
@@ -198,8 +200,17 @@ class SchedulerSide:
         stage = migration.next_stage
         migration.next_stage += 1
         migration.sent_blocks = max(migration.sent_blocks, full)
+        # The tokens of the copied full blocks (and the next one) let the destination preload them.
+        tokens = list(request.all_token_ids[: full * self.block_size + 1])
         self._pending.sends.append(
-            SendJob(migration.migration_id, request.request_id, stage, migration.destination, blocks)
+            SendJob(
+                migration.migration_id,
+                request.request_id,
+                stage,
+                migration.destination,
+                blocks,
+                meta={"tokens": tokens},
+            )
         )
         self._control.reply(
             command,
