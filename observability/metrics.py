@@ -36,6 +36,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, start_http_server
+from pydantic import BaseModel, ConfigDict, Field
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -45,6 +46,18 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 INTER_TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 DOWNTIME_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class MetricsSettings(BaseModel):
+    """``[metrics]``: where a process serves its Prometheus endpoint (0: not served; recording still works)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    host: str = Field("127.0.0.1", description="Bind address of the scrape endpoints.")
+    control_port: int = Field(0, ge=0, le=65535, description="Control plane's /metrics port; 0: off.")
+    engine_port: int = Field(
+        0, ge=0, le=65535, description="An engine host's /metrics port; 0: off. One engine host per machine, "
+        "or set it per process (DROVER_METRICS__ENGINE_PORT).")
 
 
 @dataclass(frozen=True, slots=True)

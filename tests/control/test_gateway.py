@@ -20,9 +20,10 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from actors.local_cluster import InProcessCluster
 from control.client import DroverClient
-from control.gateway import ApiKeySettings, GatewaySettings, GatewayThread
 from control.gateway.prompts import render_chat
+from control.gateway.server import GatewayThread
 from control.gateway.service import GATEWAY_REQUEST_SPAN
+from control.gateway.settings import ApiKeySettings, GatewaySettings
 from observability import spans
 from tests.integration.conftest import make_sim_cluster
 from transport import subjects
