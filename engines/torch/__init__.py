@@ -6,12 +6,13 @@ parameter-centric memory needs both. Modules, one job each: ``config`` (model sh
 ``kv_cache`` (block allocator, per-layer pools), ``batch`` (the stage boundary), ``stage`` (a layer range
 with its KV, drop/restore), ``pipeline`` (stages chained), ``scheduler`` (continuous batching, chunked
 prefill, preemption), ``sampler``, ``core`` (one step), ``engine`` (the asyncio ``Engine``), ``group``
-(KunServe groups of engines).
+(KunServe groups of engines), ``migration`` (live migration over the KV data plane).
 """
 
 from engines.torch.batch import StageBatch, StageResult
 from engines.torch.engine import TorchEngine
 from engines.torch.group import GroupReport, LayerGroup, split_layers
+from engines.torch.migration import MigratableTorchEngine
 from engines.torch.pipeline import PipelineGroup, serialize_hop
 from engines.torch.stage import MemoryReport, ModelStage
 
@@ -19,6 +20,7 @@ __all__ = [
     "GroupReport",
     "LayerGroup",
     "MemoryReport",
+    "MigratableTorchEngine",
     "ModelStage",
     "PipelineGroup",
     "StageBatch",

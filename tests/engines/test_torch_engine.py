@@ -15,11 +15,13 @@ import pytest_asyncio
 import torch
 
 from engines.base import Engine, EngineError, EngineOutput, EngineRequest
+from engines.migration import FrozenRequest, MigratableEngine, StageReport
 from engines.tiny_model import TINY, ensure_model
 from engines.torch import ModelStage, StageBatch, TorchEngine
 from engines.torch.config import LlamaConfig
 from engines.torch.core import EngineCore
 from engines.torch.kv_cache import BlockAllocator
+from engines.torch.migration import MigratableTorchEngine
 from engines.torch.scheduler import Scheduler, Sequence
 from transport.messages import InstanceLoad, SamplingParams
 
@@ -392,5 +394,153 @@ async def test_kv_moves_between_engines(
     assert b.core.num_steps - steps_before == NEW_TOKENS - len(outputs)  # one decode per token: nothing recomputed
     with pytest.raises(EngineError, match="paused"):
         a.export_kv("m", [0])
+    assert_no_leak(a)
+    assert_no_leak(b)
+
+
+# ---------------------------------------------------------------------------------------------- live migration
+class Client:
+    """One request as a client sees it across engines (as an EngineActor streams it): tokens once, in order."""
+
+    def __init__(self, request_id: str, prompt: list[int], max_tokens: int = NEW_TOKENS) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        self.tokens: list[int] = []
+        self.reasons: list[str] = []
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def on(self, engine: TorchEngine, kv_transfer: dict[str, Any] | None = None) -> None:
+        stream = engine.generate(
+            EngineRequest(self.request_id, self.prompt, self.sampling, list(self.tokens), kv_transfer=kv_transfer)
+        )
+
+        async def consume() -> None:
+            async for out in stream:
+                self.tokens += out.new_token_ids
+                if out.finish_reason is not None:
+                    self.reasons.append(out.finish_reason)
+
+        self.tasks.append(asyncio.create_task(consume()))
+
+    def take_tail(self, frozen: FrozenRequest) -> None:
+        assert frozen.output_token_ids[: len(self.tokens)] == self.tokens
+        self.tokens += frozen.output_token_ids[len(self.tokens) :]
+
+    async def wait_tokens(self, count: int) -> None:
+        async with asyncio.timeout(30):
+            while len(self.tokens) < count:
+                await asyncio.sleep(0.001)
+
+    async def finish(self) -> None:
+        await asyncio.wait_for(asyncio.gather(*self.tasks), 30)
+
+
+async def migrate(
+    src: MigratableTorchEngine, dst: MigratableTorchEngine, client: Client, mid: str
+) -> list[StageReport]:
+    """The MigratorActor's order: reserve, begin, pre-copy stages, stop, resume at dst, commit."""
+    blocks = src.scheduler.blocks_for(len(client.prompt) + len(client.tokens))
+    endpoint = await dst.migrate_in_reserve(mid, blocks + 2)
+    assert endpoint is not None and endpoint.address.startswith("tcp://")
+    await src.migrate_out_begin(client.request_id, mid, endpoint)
+    reports = []
+    for _ in range(4):
+        report = await src.migrate_out_stage(mid)
+        assert not report.request_finished
+        reports.append(report)
+        assert await dst.migrate_in_reserve(mid, report.total_blocks + 2) is not None
+    frozen = await src.migrate_out_stop(mid)
+    assert frozen.final_stage.copied_blocks >= 1  # at least the partial last block
+    client.take_tail(frozen)
+    client.on(dst, frozen.kv_transfer)
+    await src.migrate_out_commit(mid)
+    return reports
+
+
+async def start_migratable(made: list[TorchEngine], model_dir: Path, name: str, **kwargs: Any) -> MigratableTorchEngine:
+    engine = MigratableTorchEngine(name, model_dir, model_name=TINY.name, block_size=4, num_blocks=96, **kwargs)
+    await engine.start()
+    made.append(engine)
+    assert await engine.migrate_in_reserve("warm-up", 1) is not None  # staging and data server up front
+    await engine.migrate_in_release("warm-up")
+    return engine
+
+
+async def test_live_migration_back_and_forth_matches_never_migrated(
+    model_dir: Path, engines: list[TorchEngine]
+) -> None:
+    a = await start_migratable(engines, model_dir, "mig-a")
+    b = await start_migratable(engines, model_dir, "mig-b")
+    assert isinstance(a, MigratableEngine)
+    expected, _ = await collect(a, request("ref", PROMPTS[3], max_tokens=120))
+    client = Client("m", PROMPTS[3], max_tokens=120)
+    client.on(a)
+    await client.wait_tokens(10)
+    reports = await migrate(a, b, client, "ab")
+    assert reports[0].copied_blocks > 0 and sum(r.copied_blocks for r in reports) >= reports[0].total_blocks - 2
+    assert_no_leak(a)  # the source's blocks went with the last stage
+    await client.wait_tokens(len(client.tokens) + 10)
+    await migrate(b, a, client, "ba")
+    await client.finish()
+    assert client.tokens == expected
+    assert client.reasons == ["migrated", "migrated", "length"]
+    assert a.migration_counters["blocks_loaded"] > 0 and b.migration_counters["blocks_loaded"] > 0
+    assert a.migration_counters["recomputed"] == b.migration_counters["recomputed"] == 0
+    await asyncio.sleep(0.01)
+    assert_no_leak(a)
+    assert_no_leak(b)
+
+
+async def test_migration_abort_paths(model_dir: Path, engines: list[TorchEngine]) -> None:
+    a = await start_migratable(engines, model_dir, "ab-a")
+    b = await start_migratable(engines, model_dir, "ab-b")
+    expected, _ = await collect(a, request("ref", PROMPTS[1], max_tokens=120))
+
+    # Before the stop: the request goes on at the source; the destination releases its reservation.
+    client = Client("x", PROMPTS[1], max_tokens=120)
+    client.on(a)
+    await client.wait_tokens(5)
+    endpoint = await b.migrate_in_reserve("m1", 40)
+    assert endpoint is not None and b.load().num_free_blocks == b.allocator.num_blocks - 40
+    await a.migrate_out_begin("x", "m1", endpoint)
+    await a.migrate_out_stage("m1")
+    assert await a.migrate_out_abort("m1") is None
+    await b.migrate_in_release("m1")
+    await b.migrate_in_release("m1")  # idempotent
+    await client.finish()
+    assert client.tokens == expected and client.reasons == ["length"]
+    assert_no_leak(b)
+
+    # After the stop: the frozen state (no KV) resumes elsewhere by recompute, with the same tokens.
+    client = Client("y", PROMPTS[1], max_tokens=120)
+    client.on(a)
+    await client.wait_tokens(5)
+    endpoint = await b.migrate_in_reserve("m2", 40)
+    assert endpoint is not None
+    await a.migrate_out_begin("y", "m2", endpoint)
+    await a.migrate_out_stop("m2")
+    frozen = await a.migrate_out_abort("m2")
+    assert frozen is not None and frozen.kv_transfer == {}
+    await b.migrate_in_release("m2")
+    client.take_tail(frozen)
+    client.on(b)
+    await client.finish()
+    assert client.tokens == expected and client.reasons == ["migrated", "length"]
+
+    # The destination cannot hold the blocks; a request that ends while migrating reports it.
+    assert await b.migrate_in_reserve("big", b.allocator.num_blocks + 1) is None
+    client = Client("z", PROMPTS[0], max_tokens=12)
+    client.on(a)
+    await client.wait_tokens(1)
+    endpoint = await b.migrate_in_reserve("m3", 10)
+    assert endpoint is not None
+    await a.migrate_out_begin("z", "m3", endpoint)
+    await client.finish()
+    assert (await a.migrate_out_stage("m3")).request_finished
+    with pytest.raises(EngineError, match="ended before it could stop"):
+        await a.migrate_out_stop("m3")
+    assert await a.migrate_out_abort("m3") is None
+    await b.migrate_in_release("m3")
     assert_no_leak(a)
     assert_no_leak(b)
