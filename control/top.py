@@ -1,8 +1,8 @@
 """`drover top`: a live terminal dashboard of a cluster, redrawn from the control plane's status.
 
 Each frame shows the instances (kind, state, KV use, running, waiting, dispatch rate), the scheduler's queue
-and requests in flight by state and class, and the requests that changed instance since the last frame
-(live migrations or failover: the status has no migration table, so moves are inferred between frames).
+and requests in flight by state and class, the scheduler's migration tally, and the requests that changed
+instance between frames (a committed migration, or a failover after an engine died).
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ def render_frame(status: StatusReply, rates: dict[str, float], state: TopState, 
         f"policy {status.dispatch_policy}  ",
         f"instances {serving}/{len(status.instances)} serving  ",
         f"queued {status.queued}  in flight {len(status.requests)} ({running} running)  ",
-        f"moves seen {state.moves_seen}",
+        f"migrations {len(status.migrations_in_flight)} running, {status.migrations_completed} done, "
+        f"{status.migrations_aborted} aborted  moves seen {state.moves_seen}",
         (f"  every {interval_s:g}s" if interval_s else "", "dim"),
     )
     instances = Table(title="instances", title_justify="left", expand=True)
@@ -116,9 +117,11 @@ def render_frame(status: StatusReply, rates: dict[str, float], state: TopState, 
     oldest = Table(title=f"oldest requests (of {len(status.requests)})", title_justify="left")
     for column in ("request", "instance", "state", "prompt", "prio", "age s"):
         oldest.add_column(column, justify="right" if column in ("prompt", "prio", "age s") else "left")
+    migrating = set(status.migrations_in_flight)
     for req in sorted(status.requests, key=lambda r: -r.age_s)[:OLDEST_SHOWN]:
-        oldest.add_row(req.request_id, req.instance_id or "-", req.state, str(req.prompt_tokens),
-                       str(req.priority), f"{req.age_s:.1f}")
+        oldest.add_row(req.request_id, req.instance_id or "-",
+                       req.state + (" (migrating)" if req.request_id in migrating else ""),
+                       str(req.prompt_tokens), str(req.priority), f"{req.age_s:.1f}")
     parts: list[RenderableType] = [header, instances, requests, oldest]
     if state.recent_moves:
         moves = Table(title="recent moves (migration or failover)", title_justify="left")

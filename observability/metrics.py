@@ -17,7 +17,8 @@ Names (labels in braces):
 - instances and queue: ``drover_instance_free_blocks{instance}``, ``drover_instance_total_blocks{instance}``,
   ``drover_instance_running_requests{instance}``, ``drover_instance_waiting_requests{instance}``,
   ``drover_instance_dispatched_total{instance}``, ``drover_instances{state}``, ``drover_queue_depth``,
-  ``drover_requests_in_flight``
+  ``drover_requests_in_flight``, ``drover_migrations_in_flight``,
+  ``drover_scheduler_migrations_total{outcome}`` (the scheduler's own tally, from its status)
 - gateway: ``drover_gateway_requests_total{endpoint,status,client}``, ``drover_gateway_ttft_seconds{request_class}``,
   ``drover_gateway_inter_token_seconds{request_class}``, ``drover_gateway_tokens_total{kind,client}``,
   ``drover_gateway_request_duration_seconds{endpoint}``
@@ -87,6 +88,8 @@ class Metrics:
         self._instances: dict[str, InstanceGauges] = {}
         self._queued = 0
         self._in_flight = 0
+        self._scheduler_migrations = {"committed": 0, "aborted": 0}
+        self._migrations_in_flight = 0
 
         # Request path (scheduler and engines)
         self._requests = meter.create_counter("drover.requests", description="Requests ended, by outcome "
@@ -122,6 +125,13 @@ class Metrics:
                                       description="Requests queued at the scheduler (no instance could take them).")
         meter.create_observable_gauge("drover.requests_in_flight", [lambda _: [Observation(self._in_flight)]],
                                       description="Requests the scheduler tracks (queued + running).")
+        meter.create_observable_gauge("drover.migrations_in_flight",
+                                      [lambda _: [Observation(self._migrations_in_flight)]],
+                                      description="Live migrations running now.")
+        meter.create_observable_counter(
+            "drover.scheduler.migrations",
+            [lambda _: [Observation(n, {"outcome": o}) for o, n in sorted(self._scheduler_migrations.items())]],
+            description="Migrations the scheduler saw end, by outcome (resets when the scheduler restarts).")
         # Gateway
         self._gw_requests = meter.create_counter("drover.gateway.requests",
                                                  description="Gateway HTTP requests by endpoint and status.")
@@ -181,6 +191,11 @@ class Metrics:
 
     def set_scheduler(self, queued: int, in_flight: int) -> None:
         self._queued, self._in_flight = queued, in_flight
+
+    def set_migrations(self, completed: int, aborted: int, in_flight: int) -> None:
+        """The scheduler's migration tally (cumulative since it started) and migrations running now."""
+        self._scheduler_migrations = {"committed": completed, "aborted": aborted}
+        self._migrations_in_flight = in_flight
 
     def _observe(self, field: str) -> Callable[[CallbackOptions], list[Observation]]:
         def callback(_: CallbackOptions) -> list[Observation]:

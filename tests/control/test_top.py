@@ -64,7 +64,7 @@ def test_top_once_shows_instances_and_requests(cluster: InProcessCluster) -> Non
     assert "sim-0" in out and "sim-1" in out and "serving" in out
     assert "policy freeness" in out and "in flight 3 (3 running)" in out
     assert "top-busy-0" in out  # among the oldest requests
-    assert "disp/s" in out and "/512" in out
+    assert "disp/s" in out and "/512" in out and "migrations 0 running" in out
 
 
 def test_top_without_a_control_plane_is_a_clear_error() -> None:
@@ -96,7 +96,7 @@ def test_metrics_once_exports_instance_gauges(cluster: InProcessCluster) -> None
     code, out = drover(cluster, "metrics", "--once")
     assert code == 0, out
     assert 'drover_instance_total_blocks{instance="sim-0"} 512.0' in out
-    assert "drover_queue_depth" in out
+    assert "drover_queue_depth" in out and "drover_migrations_in_flight 0.0" in out
 
 
 def test_trace_shows_a_real_request(cluster: InProcessCluster, span_exporter: Any, tmp_path: Path) -> None:

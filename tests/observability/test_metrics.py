@@ -58,7 +58,10 @@ def test_migration_and_instance_series(served: tuple[Metrics, MetricsServer]) ->
     metrics.set_instances([InstanceGauges("sim-0", "serving", 100, 512, 3, 1, 7),
                            InstanceGauges("sim-1", "draining", 500, 512, 0, 0, 2)])
     metrics.set_scheduler(queued=2, in_flight=6)
+    metrics.set_migrations(completed=5, aborted=1, in_flight=2)
     series = scrape(server)
+    assert series['drover_scheduler_migrations_total{outcome="committed"}'] == 5
+    assert series["drover_migrations_in_flight"] == 2
     assert series['drover_migrations_total{outcome="committed"}'] == 1
     assert series["drover_migration_bytes_total"] == (1 << 20) + 4096
     assert series["drover_migration_downtime_seconds_count"] == 1  # only committed migrations have downtime
