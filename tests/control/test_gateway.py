@@ -396,3 +396,22 @@ def test_drover_gateway_command_serves_openai_clients(cluster: InProcessCluster)
         out = proc.communicate(timeout=15)[0]
     assert proc.returncode in (0, -15), out  # uvicorn re-raises SIGTERM after its graceful shutdown
     assert f"gateway on http://127.0.0.1:{port}/v1" in out and "Application shutdown complete" in out
+
+
+async def test_concurrent_streams_each_get_their_whole_answer(gateway: GatewayThread) -> None:
+    api = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key=ALICE, max_retries=0, timeout=60)
+
+    async def one(i: int) -> tuple[int, str | None]:
+        tokens, reason = 0, None
+        stream = await api.completions.create(model=MODEL, prompt=f"concurrent {i}", max_tokens=20, stream=True,
+                                              stream_options={"include_usage": True})
+        async for chunk in stream:
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+            if chunk.choices and chunk.choices[0].finish_reason:
+                reason = chunk.choices[0].finish_reason
+        return tokens, reason
+
+    results = await asyncio.gather(*(one(i) for i in range(16)))
+    await api.close()
+    assert results == [(20, "length")] * 16
