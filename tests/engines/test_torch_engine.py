@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +14,13 @@ import pytest
 import pytest_asyncio
 import torch
 
+from actors.local_cluster import InProcessCluster
+from control.client import DroverClient
+from control.settings import load_settings
 from engines.base import Engine, EngineError, EngineOutput, EngineRequest
-from engines.migration import FrozenRequest, MigratableEngine, StageReport
+from engines.migration import FrozenRequest, MigratableEngine, MigrationAborted, StageReport
 from engines.tiny_model import TINY, ensure_model
+from engines.tokenizer import ByteTokenizer
 from engines.torch import ModelStage, StageBatch, TorchEngine
 from engines.torch.config import LlamaConfig
 from engines.torch.core import EngineCore
@@ -27,15 +31,13 @@ from transport.messages import InstanceLoad, SamplingParams
 
 torch.set_num_threads(1)
 
-PROMPTS: list[list[int]] = [
-    [1, *(b + 3 for b in text.encode())]
-    for text in (
-        "hello world",
-        "The quick brown fox jumps over the lazy dog",
-        "a",
-        "Drover is a control plane for LLM serving clusters; KunServe drops layers under bursts.",
-    )
+TEXTS = [
+    "hello world",
+    "The quick brown fox jumps over the lazy dog",
+    "a",
+    "Drover is a control plane for LLM serving clusters; KunServe drops layers under bursts.",
 ]
+PROMPTS: list[list[int]] = [ByteTokenizer().encode(text) for text in TEXTS]
 NEW_TOKENS = 24
 LOGITS_ATOL = 1e-4  # float32, max abs difference against transformers
 
@@ -528,6 +530,25 @@ async def test_migration_abort_paths(model_dir: Path, engines: list[TorchEngine]
     await client.finish()
     assert client.tokens == expected and client.reasons == ["migrated", "length"]
 
+    # The stop copies more blocks than the destination reserved: the stop fails, the frozen state comes
+    # back without KV and the request resumes by recompute, with the same tokens.
+    client = Client("w", PROMPTS[1], max_tokens=120)
+    client.on(a)
+    await client.wait_tokens(5)
+    endpoint = await b.migrate_in_reserve("m4", 2)
+    assert endpoint is not None
+    await a.migrate_out_begin("w", "m4", endpoint)
+    with pytest.raises(MigrationAborted, match="exceeds the reservation"):
+        await a.migrate_out_stop("m4")
+    frozen = await a.migrate_out_abort("m4")
+    assert frozen is not None and frozen.kv_transfer == {}
+    await b.migrate_in_release("m4")
+    assert_no_leak(a)
+    client.take_tail(frozen)
+    client.on(b)
+    await client.finish()
+    assert client.tokens == expected
+
     # The destination cannot hold the blocks; a request that ends while migrating reports it.
     assert await b.migrate_in_reserve("big", b.allocator.num_blocks + 1) is None
     client = Client("z", PROMPTS[0], max_tokens=12)
@@ -544,3 +565,54 @@ async def test_migration_abort_paths(model_dir: Path, engines: list[TorchEngine]
     await b.migrate_in_release("m3")
     assert_no_leak(a)
     assert_no_leak(b)
+
+
+# ---------------------------------------------------------------------------------------------- through Drover
+@pytest.fixture(scope="module")
+def torch_cluster(nats_url: str, model_dir: Path) -> Iterator[InProcessCluster]:
+    """Control plane + two migratable torch engines on real NATS and real actors, in this process."""
+    settings = load_settings(overrides={"nats": {"url": nats_url}, "engine": {"heartbeat_interval_s": 0.05}})
+    cluster = InProcessCluster(settings=settings, tokenizer=ByteTokenizer())
+    cluster.start_control()
+    for name in ("torch-a", "torch-b"):
+        # block_size 32: the migrator's headroom (2 blocks) must cover what the fast tiny model decodes
+        # between the last pre-copy stage and the stop.
+        engine = MigratableTorchEngine(name, model_dir, model_name=settings.model.name, block_size=32, num_blocks=64)
+        cluster.add_engine(engine)
+    yield cluster
+    cluster.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def drover(torch_cluster: InProcessCluster) -> AsyncIterator[DroverClient]:
+    client = await DroverClient(torch_cluster.url, name="torch-client").connect()
+    await client.wait_for_instances(2, timeout_s=30)
+    await client.policy({"migration_enabled": "false"})  # the test decides every move
+    yield client
+    await client.close()
+
+
+async def test_dispatch_and_migration_through_drover(drover: DroverClient, reference: dict[int, list[int]]) -> None:
+    sampling = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+    results = await asyncio.gather(*(drover.generate(text, sampling=sampling) for text in TEXTS))
+    assert [r.token_ids for r in results] == [reference[i] for i in range(len(TEXTS))]
+    assert {r.done.instances[0] for r in results if r.done} == {"torch-a", "torch-b"}
+    status = await drover.status()
+    assert {i.info.engine_kind for i in status.instances} == {"torch"}
+
+    long = SamplingParams(max_tokens=300, ignore_eos=True)
+    expected = (await drover.generate(TEXTS[3], sampling=long)).token_ids
+    stream = await drover.submit(TEXTS[3], sampling=long, request_id="torch-mig")
+    replies = []
+    for target in (10, 100):
+        async for _ in stream.events():
+            if len(stream.result_data.token_ids) >= target:
+                break
+        status = await drover.status()
+        source = next(r.instance_id for r in status.requests if r.request_id == "torch-mig")
+        replies.append(await drover.migrate("torch-mig", "torch-b" if source == "torch-a" else "torch-a"))
+    result = await stream.result()
+    assert result.token_ids == expected  # exact whether a migration moved KV or fell back to a recompute
+    assert result.done is not None
+    assert any(r.ok for r in replies), [r.message for r in replies]
+    assert len(result.done.instances) >= 2
