@@ -341,6 +341,7 @@ class TorchEngine:
             if self._can_step():
                 self._recompute_missing_kv()
                 plan = self.core.schedule()
+                self._deliver([SeqUpdate(seq, [], "abort") for seq in self.scheduler.drain_unfit()])
             if plan is None:
                 self._publish_load()
                 self._wake.clear()

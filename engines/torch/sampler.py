@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 _MASK63 = (1 << 63) - 1
+_MIN_TEMPERATURE = 1e-5  # below this, logits / temperature overflows: treat as greedy (as vLLM does)
 
 
 def request_seed(engine_seed: int, request_id: str) -> int:
@@ -38,7 +39,7 @@ class SamplingRow:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        return self.temperature < _MIN_TEMPERATURE
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
@@ -61,7 +62,8 @@ def _sample_row(logits: torch.Tensor, row: SamplingRow) -> int:
     if row.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         cumulative = torch.cumsum(sorted_probs, dim=-1)
-        drop = (cumulative - sorted_probs) >= row.top_p  # keep the smallest prefix reaching top_p (>= 1 token)
+        drop = (cumulative - sorted_probs) >= row.top_p  # keep the smallest prefix reaching top_p
+        drop[0] = False  # and always the most likely token (top_p <= 0 would otherwise drop them all)
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
     generator = torch.Generator().manual_seed(_step_seed(row.seed, row.output_index))

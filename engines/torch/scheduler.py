@@ -118,6 +118,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.unfit: list[Sequence] = []  # finished by schedule(): they can never fit the pool (drain_unfit())
 
     # ------------------------------------------------------------------------------------------ queries
     @property
@@ -244,6 +245,7 @@ class Scheduler:
                 n = min(seq.num_tokens, budget)
                 if self.blocks_for(seq.num_tokens + 1) > self.allocator.num_blocks:
                     self.finish(seq, "abort")  # can never fit here (the pool shrank under it)
+                    self.unfit.append(seq)
                     continue
                 if not self._grow(seq, n):
                     break
@@ -253,6 +255,11 @@ class Scheduler:
                 chunks.append(ScheduledChunk(seq, 0, n, n == seq.num_tokens))
                 budget -= n
         return SchedulerOutput(chunks, preempted)
+
+    def drain_unfit(self) -> list[Sequence]:
+        """Sequences :meth:`schedule` ended because they can no longer fit (their owners must be told)."""
+        unfit, self.unfit = self.unfit, []
+        return unfit
 
     def commit(self, output: SchedulerOutput, sampled: list[int]) -> list[SeqUpdate]:
         """Apply a finished step: advance computed tokens, append sampled ones (one per ``sample`` chunk)."""

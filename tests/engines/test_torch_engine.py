@@ -26,6 +26,7 @@ from engines.torch.config import LlamaConfig
 from engines.torch.core import EngineCore
 from engines.torch.kv_cache import BlockAllocator
 from engines.torch.migration import MigratableTorchEngine
+from engines.torch.sampler import SamplingRow, sample
 from engines.torch.scheduler import Scheduler, Sequence
 from transport.messages import InstanceLoad, SamplingParams
 
@@ -317,6 +318,17 @@ async def test_seeded_sampling_is_reproducible_and_survives_preemption(
     assert await run(roomy, 8) != first
     greedy = [(await collect(roomy, request(f"g{i}", PROMPTS[i])))[0] for i in range(3)]
     assert greedy != first  # the sampled path really sampled
+
+
+def test_sampler_degenerate_settings_pick_the_top_token() -> None:
+    logits = torch.randn(4, 320, generator=torch.Generator().manual_seed(3))
+    rows = [
+        SamplingRow(temperature=1.0, top_p=0.0, seed=1),
+        SamplingRow(temperature=1e-7, seed=2),
+        SamplingRow(temperature=2.0, top_k=1, seed=3),
+        SamplingRow(),
+    ]
+    assert sample(logits, rows) == logits.argmax(dim=-1).tolist()
 
 
 # ---------------------------------------------------------------------------------------------- memory

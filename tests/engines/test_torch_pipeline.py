@@ -214,3 +214,22 @@ async def test_group_checks_its_members(model_dir: Path, engines: list[TorchEngi
     await asyncio.sleep(0)
     with pytest.raises(ValueError, match="at least two"):
         await LayerGroup.form([a])
+
+
+async def test_request_that_no_longer_fits_after_dissolve_is_aborted(
+    model_dir: Path, engines: list[TorchEngine]
+) -> None:
+    """A request admitted under the group's larger pool that cannot fit the leader's own pool ends as an
+    abort when the group dissolves (rather than waiting forever)."""
+    members = [await start_engine(engines, model_dir, f"fit-{r}", block_size=4, num_blocks=20) for r in range(2)]
+    with pytest.raises(EngineError, match="KV blocks"):
+        members[0].generate(request("big", PROMPTS[3]))  # 112 tokens = 28 blocks > 20
+    group, _ = await LayerGroup.form(members)
+    stream = members[0].generate(request("big", PROMPTS[3]))
+    got: list[int] = []
+    await _take(stream, 3, got)
+    restored = await group.dissolve()
+    assert restored.preempted == ["big"]
+    outputs = [out async for out in stream]
+    assert outputs[-1].finish_reason == "abort"
+    assert_no_leak(members[0])
