@@ -6,7 +6,8 @@ parameter-centric memory needs both. Modules, one job each: ``config`` (model sh
 ``kv_cache`` (block allocator, per-layer pools), ``batch`` (the stage boundary), ``stage`` (a layer range
 with its KV, drop/restore), ``pipeline`` (stages chained), ``scheduler`` (continuous batching, chunked
 prefill, preemption), ``sampler``, ``core`` (one step), ``engine`` (the asyncio ``Engine``), ``group``
-(KunServe groups of engines), ``migration`` (live migration over the KV data plane).
+(KunServe groups of engines), ``migration`` (live migration over the KV data plane), ``remote`` (a stage
+in another process).
 """
 
 from engines.torch.batch import StageBatch, StageResult
@@ -14,6 +15,7 @@ from engines.torch.engine import TorchEngine
 from engines.torch.group import GroupReport, LayerGroup, split_layers
 from engines.torch.migration import MigratableTorchEngine
 from engines.torch.pipeline import PipelineGroup, serialize_hop
+from engines.torch.remote import RemoteStage, StageServer
 from engines.torch.stage import MemoryReport, ModelStage
 
 __all__ = [
@@ -23,8 +25,10 @@ __all__ = [
     "MigratableTorchEngine",
     "ModelStage",
     "PipelineGroup",
+    "RemoteStage",
     "StageBatch",
     "StageResult",
+    "StageServer",
     "TorchEngine",
     "serialize_hop",
     "split_layers",

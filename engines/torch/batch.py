@@ -18,32 +18,47 @@ import torch
 from engines.torch.config import DTYPES
 
 
-class _WireTensor(msgspec.Struct, frozen=True, array_like=True):
+class WireTensor(msgspec.Struct, frozen=True, array_like=True):
+    """A tensor as bytes: dtype name, shape and the raw (native-endian) data."""
+
     dtype: str
     shape: list[int]
     data: bytes
 
 
-class _WireBatch(msgspec.Struct, frozen=True, tag="stage_batch"):
+class _WireTensors(msgspec.Struct, frozen=True):
     v: int
-    tensors: dict[str, _WireTensor]
+    kind: str
+    tensors: dict[str, WireTensor]
 
 
 _WIRE_VERSION = 1
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()} | {torch.int64: "int64", torch.int32: "int32"}
 _NAMED_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(_WireBatch)
+_decoder = msgspec.msgpack.Decoder(_WireTensors)
 
 
-def tensor_to_wire(tensor: torch.Tensor) -> _WireTensor:
+def tensor_to_wire(tensor: torch.Tensor) -> WireTensor:
     data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-    return _WireTensor(_DTYPE_NAMES[tensor.dtype], list(tensor.shape), data)
+    return WireTensor(_DTYPE_NAMES[tensor.dtype], list(tensor.shape), data)
 
 
-def tensor_from_wire(wire: _WireTensor) -> torch.Tensor:
+def tensor_from_wire(wire: WireTensor) -> torch.Tensor:
     raw = torch.frombuffer(bytearray(wire.data), dtype=torch.uint8) if wire.data else torch.empty(0, dtype=torch.uint8)
     return raw.view(_NAMED_DTYPES[wire.dtype]).reshape(wire.shape)
+
+
+def encode_tensors(kind: str, tensors: dict[str, torch.Tensor]) -> bytes:
+    """Named tensors as one msgpack message (``kind`` says what they are, checked on decode)."""
+    return _encoder.encode(_WireTensors(_WIRE_VERSION, kind, {k: tensor_to_wire(t) for k, t in tensors.items()}))
+
+
+def decode_tensors(data: bytes, kind: str) -> dict[str, torch.Tensor]:
+    wire = _decoder.decode(data)
+    if wire.v != _WIRE_VERSION or wire.kind != kind:
+        raise ValueError(f"expected {kind} v{_WIRE_VERSION}, got {wire.kind} v{wire.v}")
+    return {name: tensor_from_wire(t) for name, t in wire.tensors.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,19 +90,12 @@ class StageBatch:
         return dataclasses.replace(self, token_ids=None, hidden=hidden)
 
     def to_bytes(self) -> bytes:
-        tensors = {
-            f.name: tensor_to_wire(value)
-            for f in dataclasses.fields(self)
-            if (value := getattr(self, f.name)) is not None
-        }
-        return _encoder.encode(_WireBatch(_WIRE_VERSION, tensors))
+        fields = dataclasses.fields(self)
+        return encode_tensors("stage_batch", {f.name: v for f in fields if (v := getattr(self, f.name)) is not None})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> StageBatch:
-        wire = _decoder.decode(data)
-        if wire.v != _WIRE_VERSION:
-            raise ValueError(f"stage batch version {wire.v} is not {_WIRE_VERSION}")
-        return cls(**{name: tensor_from_wire(t) for name, t in wire.tensors.items()})
+        return cls(**decode_tensors(data, "stage_batch"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,3 +104,11 @@ class StageResult:
 
     hidden: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+
+    def to_bytes(self) -> bytes:
+        fields = dataclasses.fields(self)
+        return encode_tensors("stage_result", {f.name: v for f in fields if (v := getattr(self, f.name)) is not None})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> StageResult:
+        return cls(**decode_tensors(data, "stage_result"))

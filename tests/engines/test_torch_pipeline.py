@@ -5,6 +5,9 @@ requests' tokens identical to an undisturbed run without recomputing them."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,7 @@ from engines.base import EngineError
 from engines.torch import LayerGroup, ModelStage, PipelineGroup, StageBatch, TorchEngine, serialize_hop, split_layers
 from engines.torch.core import EngineCore, StageRunner
 from engines.torch.kv_cache import BlockAllocator
+from engines.torch.remote import RemoteStage, RemoteStageError
 from engines.torch.scheduler import Scheduler, Sequence
 from tests.engines.test_torch_engine import (
     LOGITS_ATOL,
@@ -104,6 +108,35 @@ def test_stage_batch_round_trips_through_bytes() -> None:
     assert back.hidden.dtype == torch.bfloat16 and torch.equal(back.hidden, batch.hidden)
     for name in ("positions", "query_start", "context_lens", "block_tables", "logits_indices"):
         assert torch.equal(getattr(back, name), getattr(batch, name))
+
+
+def test_stage_in_another_process(model_dir: Path, reference: dict[int, list[int]]) -> None:
+    """Layers 2-3 run in a child process behind a StageServer; activations and KV cross as bytes over TCP."""
+    repo = Path(__file__).resolve().parents[2]
+    command = [sys.executable, "-m", "engines.torch.remote", str(model_dir), "--first", "2", "--last", "4"]
+    command += ["--block-size", "4", "--num-blocks", "64"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen(command, cwd=repo, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        assert line.startswith("listening tcp://"), line
+        remote = RemoteStage(line.split()[1])
+        assert (remote.layer_range, remote.num_blocks) == ((2, 4), 64)
+        local = ModelStage(model_dir, layer_range=(0, 2), num_blocks=64, block_size=4)
+        assert run_core(PipelineGroup([local, remote]), PROMPTS) == [reference[i] for i in range(len(PROMPTS))]
+        kv = remote.export_kv([2, 3], [0, 1])
+        remote.import_kv(kv, [7, 9])
+        assert all(torch.equal(kv[layer], back) for layer, back in remote.export_kv([2, 3], [7, 9]).items())
+        report = remote.drop_layers((3, 4))
+        assert remote.layer_range == (3, 4) and report.kv_blocks_after > 64
+        with pytest.raises(RemoteStageError, match="not held"):
+            remote.import_kv({2: kv[2]}, [0, 1])
+        remote.close()
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(timeout=30)
 
 
 def test_pipeline_checks_its_stages(model_dir: Path) -> None:
