@@ -79,7 +79,7 @@ async def direct_once(client: DroverClient, request_id: str, prompt: str, max_to
 async def gateway_once(api: openai.AsyncOpenAI, model: str, request_id: str, prompt: str, max_tokens: int) -> Run:
     started = time.perf_counter()
     stream = await api.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
-                                          stream=True, extra_body={"request_id": request_id})
+                                          stream=True, extra_body={"request_id": request_id, "ignore_eos": True})
     run = Run([], [], [])
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].text:

@@ -3,10 +3,11 @@
 Honoured: ``model``, ``prompt`` / ``messages``, ``max_tokens`` (chat: also ``max_completion_tokens``),
 ``temperature`` (OpenAI's default 1.0), ``top_p``, ``seed``, ``stop`` (applied by the gateway to the text),
 ``stream`` and ``stream_options.include_usage``, ``n=1``. Drover extras in the body: ``priority`` (int, > 0
-is high), ``request_class`` (``interactive`` | ``batch``) and ``request_id`` (becomes the response ``id``;
-``drover trace`` finds the request by it). Fields that would change the answer but are not implemented
-(``n`` > 1, ``logprobs``, ``echo``, ``tools``, penalties, ...) are refused with a 400 that names them;
-other unknown fields are ignored, as OpenAI clients send many.
+is high), ``request_class`` (``interactive`` | ``batch``), ``request_id`` (becomes the response ``id``;
+``drover trace`` finds the request by it) and ``ignore_eos`` (as in vLLM's server; for benchmarks).
+Fields that would change the answer but are not implemented (``n`` > 1, ``logprobs``, ``echo``, ``tools``,
+penalties, ...) are refused with a 400 that names them; other unknown fields are ignored, as OpenAI clients
+send many.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class _Common(_Body):
     priority: int = 0
     request_class: RequestClass = RequestClass.INTERACTIVE
     request_id: str | None = None
+    ignore_eos: bool = False  # as vLLM's OpenAI server: generate max_tokens whatever the model says
 
 
 class CompletionRequest(_Common):
@@ -133,6 +135,7 @@ def _spec(body: _Common, prefix: str, max_tokens: int, prompt: str | None, token
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         seed=body.seed,
+        ignore_eos=body.ignore_eos,
     )
     return GenerationSpec(
         request_id=_request_id(body, prefix),

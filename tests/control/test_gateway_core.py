@@ -99,11 +99,13 @@ def test_chat_template() -> None:
 
 def test_request_translation() -> None:
     spec = completion_spec(CompletionRequest(model="m", prompt=[1, 5, 7], max_tokens=3, temperature=0.5,
-                                             top_p=0.9, seed=7, stop="\n", priority=2, request_class="batch"))
+                                             top_p=0.9, seed=7, stop="\n", priority=2, request_class="batch",
+                                             ignore_eos=True))
     assert spec.prompt is None and spec.prompt_token_ids == [1, 5, 7]
     assert (spec.sampling.max_tokens, spec.sampling.temperature, spec.sampling.top_p, spec.sampling.seed) == \
         (3, 0.5, 0.9, 7)
     assert spec.stops == ("\n",) and spec.priority == 2 and spec.request_class == "batch"
+    assert spec.sampling.ignore_eos
     assert spec.request_id.startswith("cmpl-")
     chat = chat_spec(ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}]), 99)
     assert chat.sampling.max_tokens == 99 and chat.sampling.temperature == 1.0  # OpenAI's defaults
