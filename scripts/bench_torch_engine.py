@@ -6,8 +6,8 @@ Same process, same model, same prompts, same thread count, run side by side:
                  requests submitted at once.
 Output tokens per second at batch 1 and 8 (decode-dominated: short prompts, long outputs; best of
 ``--repeat`` alternating runs), and how many sequences came out token-identical (greedy float32: a random
-model can hit near-ties, ~1e-6 apart, where batch shape alone decides, in transformers as well). Then the memory side: an
-engine with a fixed budget drops to 1/g of the layers (g = 2, 4) and reports weight bytes and KV blocks
+model can hit near-ties, ~1e-6 apart, where batch shape alone decides, in transformers as well). Then the
+memory side: an engine with a fixed budget drops to 1/g of the layers (g = 2, 4) and reports weight bytes and KV blocks
 before and after, and a 2-engine group forms and dissolves around a running request (time, KV moved).
 
     python -m scripts.bench_torch_engine [--model tiny|migration-bench] [--prompt-len 32] [--new-tokens 128]
