@@ -92,7 +92,11 @@ class MigratableTorchEngine(TorchEngine):
     async def shutdown(self) -> None:
         for out in list(self._outgoing.values()):
             await asyncio.to_thread(out.sender.close)
+            if out.stopped:
+                self._end_stopped(out)
         self._outgoing.clear()
+        for migration_id in list(self._incoming):
+            self._release_incoming(migration_id)
         await super().shutdown()
         if self._server is not None:
             self._server.close()
