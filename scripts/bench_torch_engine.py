@@ -123,7 +123,7 @@ async def memory(model_dir: Path, spec: ModelSpec, args: argparse.Namespace, con
         engine = TorchEngine(f"m{groups}", model_dir, model_name=spec.name, memory_budget_bytes=budget)
         engine.build()
         keep = split_layers(num_layers, groups)[0]
-        report = engine.drop_layers_now(keep)
+        report = await engine.drop_layers(keep)
         table.add_row(
             str(groups),
             f"{keep[0]}-{keep[1]}",

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,7 @@ class TorchEngine:
         self._idle: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._pause_depth = 0
+        self._reshaping = 0  # a stage drop/restore is running in a worker thread
         self._stopped = False
         self._reported_preemptions = 0
         self._load = InstanceLoad(num_total_blocks=0, num_free_blocks=0, num_running=0, num_waiting=0)
@@ -241,6 +242,8 @@ class TorchEngine:
             raise EngineError(f"{self.instance_id} holds layers [{first}, {last}) only; it cannot run a request alone")
         if request.request_id in self._live:
             raise EngineError(f"request {request.request_id} is already running on {self.instance_id}")
+        if request.kv_transfer and self._reshaping:
+            raise EngineError(f"{self.instance_id} is reshaping its memory (layers dropped or restored); retry")
         if not request.prompt_token_ids:
             raise EngineError("empty prompt")
         context = len(request.prompt_token_ids) + len(request.output_token_ids)
@@ -476,12 +479,16 @@ class TorchEngine:
         are complete: restored, or as the leader of a group (:mod:`engines.torch.group`).
         """
         async with self.paused():
-            return await asyncio.to_thread(self.drop_layers_now, keep)
+            return await self.drop_layers_paused(keep)
 
-    def drop_layers_now(self, keep: tuple[int, int]) -> MemoryReport:
-        """:meth:`drop_layers` for a caller that already holds the pause (or before start)."""
+    async def drop_layers_paused(self, keep: tuple[int, int]) -> MemoryReport:
+        """:meth:`drop_layers` for a caller that already holds :meth:`paused` (a group forming).
+
+        Only the stage's work (freeing weights, regrowing pools) runs in a worker thread; block accounting
+        stays on the event loop, where aborts and new requests touch it meanwhile.
+        """
         self._require_paused("drop_layers")
-        report = self.stage.drop_layers(keep)
+        report = await self._reshape(self.stage.drop_layers, keep)
         if self.core.runner is self.stage:
             self.allocator.resize(self.stage.num_blocks)
         self._publish_load()
@@ -495,23 +502,29 @@ class TorchEngine:
         through :meth:`import_kv` before the engine resumes, or they are recomputed.
         """
         async with self.paused():
-            return await asyncio.to_thread(self.restore_layers_now)
+            return await self.restore_layers_paused()
 
-    def restore_layers_now(self, num_blocks: int | None = None) -> MemoryReport:
+    async def restore_layers_paused(self, num_blocks: int | None = None) -> MemoryReport:
+        """:meth:`restore_layers` for a caller that already holds :meth:`paused` (a group dissolving)."""
         self._require_paused("restore_layers")
         if self.core.runner is not self.stage:
             raise EngineError(f"{self.instance_id} leads a pipeline group: dissolve the group to restore")
         before = set(self.stage.held_layers())
         target = num_blocks if num_blocks is not None else self.stage.home_num_blocks
         self.fit_blocks(target)
-        report = self.stage.restore_layers(num_blocks=target)
+        report = await self._reshape(self.stage.restore_layers, None, target)
         self.allocator.resize(self.stage.num_blocks)
-        restored = set(self.stage.held_layers()) - before
-        if restored:
-            for seq in self.scheduler.seqs_holding_blocks():
-                self._missing_kv.setdefault(seq.request_id, set()).update(restored)
+        self.mark_missing_kv(set(self.stage.held_layers()) - before)
         self._publish_load()
         return report
+
+    async def _reshape(self, operation: Callable[..., MemoryReport], *args: Any) -> MemoryReport:
+        """Run a stage drop/restore in a worker thread; meanwhile no KV may be loaded into the pools."""
+        self._reshaping += 1
+        try:
+            return await asyncio.to_thread(operation, *args)
+        finally:
+            self._reshaping -= 1
 
     def fit_blocks(self, num_blocks: int) -> list[str]:
         """Make every used block id fall below ``num_blocks``: preempt the latest, lowest-priority running
@@ -542,5 +555,7 @@ class TorchEngine:
 
     def mark_missing_kv(self, layers: set[int]) -> None:
         """Every request holding blocks lacks KV for ``layers`` (import it, or it is recomputed)."""
+        if not layers:
+            return
         for seq in self.scheduler.seqs_holding_blocks():
             self._missing_kv.setdefault(seq.request_id, set()).update(layers)

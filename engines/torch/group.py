@@ -14,7 +14,6 @@ pipeline runs one micro-batch at a time, in one process.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import Sequence
@@ -96,7 +95,7 @@ class LayerGroup:
                 for r in range(1, len(engines))
                 for request_id in moving
             ]
-            reports = [await asyncio.to_thread(e.drop_layers_now, ranges[r]) for r, e in enumerate(engines)]
+            reports = [await e.drop_layers_paused(ranges[r]) for r, e in enumerate(engines)]
             pipeline = PipelineGroup([e.stage for e in engines], hop=hop)
             leader.use_runner(pipeline, "leader")
             for member in engines[1:]:
@@ -130,11 +129,11 @@ class LayerGroup:
             moving = leader.requests_with_kv()
             payloads = [leader.export_kv(request_id, returning) for request_id in moving]
             leader.use_runner(leader.stage, "standalone")
-            reports = [await asyncio.to_thread(leader.restore_layers_now, target)]
+            reports = [await leader.restore_layers_paused(target)]
             for payload in payloads:
                 leader.import_kv(payload["request_id"], payload)
             for member in self.engines[1:]:
-                reports.append(await asyncio.to_thread(member.restore_layers_now))
+                reports.append(await member.restore_layers_paused())
                 member.use_runner(member.stage, "standalone")
             return GroupReport(
                 ranges=[(0, leader.config.num_layers)] * len(self.engines),

@@ -111,9 +111,13 @@ class MigratableTorchEngine(TorchEngine):
         if self._outgoing or self._incoming:
             raise EngineError(f"{what} waits until {self.instance_id}'s migrations are over")
 
-    def drop_layers_now(self, keep: tuple[int, int]) -> MemoryReport:
+    async def drop_layers_paused(self, keep: tuple[int, int]) -> MemoryReport:
         self._require_no_migrations("dropping layers")
-        return super().drop_layers_now(keep)
+        return await super().drop_layers_paused(keep)
+
+    async def restore_layers_paused(self, num_blocks: int | None = None) -> MemoryReport:
+        self._require_no_migrations("restoring layers")
+        return await super().restore_layers_paused(num_blocks)
 
     def use_runner(self, runner: StageRunner, role: str) -> None:
         self._require_no_migrations("joining or leaving a group")
@@ -280,6 +284,8 @@ class MigratableTorchEngine(TorchEngine):
 
     async def migrate_in_reserve(self, migration_id: str, num_blocks: int) -> KvEndpoint | None:
         self._require_alone()
+        if self._reshaping:
+            return None  # the pools are being reallocated: no capacity to promise now
         staging = await asyncio.to_thread(self._ensure_staging)
         assert self._server is not None
         incoming = self._incoming.get(migration_id) or _Incoming()
