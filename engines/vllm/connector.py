@@ -88,7 +88,7 @@ class DroverMigrationConnector(KVConnectorBase_V1):
         else:
             from engines.vllm.worker_side import WorkerSide
 
-            self._worker = WorkerSide(vllm_config, extra)
+            self._worker = WorkerSide(vllm_config, extra, kv_cache_config.num_blocks)
 
     @property
     def requires_kv_delivery(self) -> bool:

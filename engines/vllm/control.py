@@ -198,13 +198,16 @@ class _Peer:
 class ControlServer:
     """Listens for the two connector halves; sends them commands and hands their events to ``on_event``."""
 
-    def __init__(self, path: str, on_event: Callable[[Frame], None]) -> None:
+    def __init__(
+        self, path: str, on_event: Callable[[Frame], None], on_disconnect: Callable[[str], None] | None = None
+    ) -> None:
         self.path = path
         self._on_event = on_event
+        self._on_disconnect = on_disconnect
         self._server: asyncio.base_events.Server | None = None
         self._peers: dict[str, _Peer] = {}
         self._joined: dict[str, asyncio.Event] = {"scheduler": asyncio.Event(), "worker": asyncio.Event()}
-        self._pending: dict[int, asyncio.Future[Reply]] = {}
+        self._pending: dict[int, tuple[str, asyncio.Future[Reply]]] = {}
         self._seq = itertools.count(1)
         self._closed = False
 
@@ -230,7 +233,7 @@ class ControlServer:
             raise ControlError(f"the connector's {role} side is not connected")
         seq = next(self._seq)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._pending[seq] = future
+        self._pending[seq] = (role, future)
         try:
             peer.writer.write(encode_frame(msgspec.structs.replace(frame, seq=seq)))
             async with asyncio.timeout(timeout_s):
@@ -249,6 +252,10 @@ class ControlServer:
         if peer is not None:
             peer.writer.write(encode_frame(frame))
 
+    def expect_disconnect(self) -> None:
+        """The engine is shutting vLLM down: its connector halves leaving is no news."""
+        self._closed = True
+
     async def close(self) -> None:
         self._closed = True
         for peer in self._peers.values():
@@ -257,9 +264,12 @@ class ControlServer:
             self._server.close()
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(ControlError("engine shut down"))
+        self._fail_pending(None, "engine shut down")
+
+    def _fail_pending(self, role: str | None, why: str) -> None:
+        for pending_role, future in self._pending.values():
+            if (role is None or pending_role == role) and not future.done():
+                future.set_exception(ControlError(why))
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         role = ""
@@ -272,9 +282,9 @@ class ControlServer:
                     self._peers[role] = _Peer(frame, writer)
                     self._joined.setdefault(role, asyncio.Event()).set()
                 elif isinstance(frame, Reply):
-                    future = self._pending.get(frame.seq)
-                    if future is not None and not future.done():
-                        future.set_result(frame)
+                    pending = self._pending.get(frame.seq)
+                    if pending is not None and not pending[1].done():
+                        pending[1].set_result(frame)
                 else:
                     self._on_event(frame)
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -286,6 +296,9 @@ class ControlServer:
                 del self._peers[role]
                 if not self._closed:
                     log.warning("the migration connector's %s side disconnected", role)
+                    self._fail_pending(role, f"the connector's {role} side disconnected")
+                    if self._on_disconnect is not None:
+                        self._on_disconnect(role)
             writer.close()
 
 

@@ -206,7 +206,7 @@ class VllmEngine:
         if self.enable_migration:
             self._control_dir = tempfile.mkdtemp(prefix="drover-vllm-")
             self._control = control.ControlServer(
-                os.path.join(self._control_dir, "control.sock"), self._on_connector_event
+                os.path.join(self._control_dir, "control.sock"), self._on_connector_event, self._on_connector_lost
             )
             await self._control.start()
             extra = {
@@ -280,6 +280,8 @@ class VllmEngine:
         for state in list(self._requests.values()):
             if state.end is not None and not state.end.done():
                 state.end.set_result("abort")
+        if self._control is not None:
+            self._control.expect_disconnect()
         if llm is not None:
             with contextlib.suppress(Exception):
                 await llm.abort(list(self._requests))
@@ -464,6 +466,12 @@ class VllmEngine:
                 log.warning(
                     "migration %s: %d blocks were missing and are recomputed", frame.migration_id, frame.missing_blocks
                 )
+
+    def _on_connector_lost(self, role: str) -> None:
+        """vLLM's process died (or shut down): no migration out of this engine can complete."""
+        for outgoing in self._outgoing.values():
+            reason = f"engine {self.instance_id} lost its connector's {role} side"
+            _resolve(outgoing.ended, control.MigrationEnded(migration_id=outgoing.migration_id, reason=reason))
 
     def _count(self, **increments: int) -> None:
         for key, value in increments.items():

@@ -11,6 +11,7 @@ blocks into a resumed request's blocks in ``start_load_kv``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import threading
@@ -35,9 +36,16 @@ PRELOAD_TIMEOUT_S = 10.0  # longest it waits for that preload to run
 
 
 class _KvCache:
-    """The worker's KV tensors seen as blocks of raw bytes: segment ``l`` of block ``b`` is layer l's block b."""
+    """The worker's KV tensors seen as blocks of raw bytes.
 
-    def __init__(self, kv_caches: dict[str, torch.Tensor], vllm_config: VllmConfig) -> None:
+    A layer's tensor is viewed as ``[outer, num_blocks, inner]`` bytes around its block dimension: on CPU
+    the block is outermost (``[num_blocks, kv_heads, block_size, 2*head_dim]``, outer = 1); GPU layouts
+    such as ``[2, num_blocks, ...]`` put K and V outside it (outer = 2). A block is then ``num_layers *
+    outer`` contiguous segments, copied whole: on CPU, K is packed inside a block in an ISA-dependent
+    layout, so a block is opaque bytes.
+    """
+
+    def __init__(self, kv_caches: dict[str, torch.Tensor], vllm_config: VllmConfig, num_blocks: int) -> None:
         layers: list[torch.Tensor] = []
         seen: set[int] = set()
         for tensor in kv_caches.values():  # layers sharing a cache (KV sharing) are sent once
@@ -47,30 +55,32 @@ class _KvCache:
         first = layers[0]
         if any(t.shape != first.shape or t.dtype != first.dtype for t in layers):
             raise ValueError("migration needs every KV layer to have the same shape and dtype")
+        if not all(t.is_contiguous() for t in layers):
+            raise ValueError("migration needs contiguous KV layer tensors")
+        block_dim = list(first.shape).index(num_blocks) if num_blocks in first.shape else 0
         self.device = first.device
-        self.num_blocks = int(first.shape[0])
+        self.num_blocks = int(first.shape[block_dim])
         self.num_layers = len(layers)
-        # Byte views [num_blocks, segment_nbytes] per layer. Blocks are copied whole: on CPU, K is packed
-        # inside a block in an ISA-dependent layout, so a block is opaque bytes.
-        self.layers = [t.view(torch.uint8).reshape(self.num_blocks, -1) for t in layers]
-        if any(not t.is_contiguous() for t in self.layers):
-            raise ValueError("migration needs each KV layer to be one contiguous [num_blocks, ...] tensor")
-        self.segment_nbytes = int(self.layers[0].shape[1])
-        self.block_nbytes = self.segment_nbytes * self.num_layers
-        self._host_layers = [t.numpy() for t in self.layers] if self.device.type == "cpu" else None
-        self.layout = _layout_string(first, self.num_layers, vllm_config)
+        self.outer = math.prod(first.shape[:block_dim])
+        self.layers = [t.view(torch.uint8).reshape(self.outer, self.num_blocks, -1) for t in layers]
+        self.num_segments = self.num_layers * self.outer
+        self.segment_nbytes = int(self.layers[0].shape[2])
+        self.block_nbytes = self.segment_nbytes * self.num_segments
+        self._host = [t.numpy() for t in self.layers] if self.device.type == "cpu" else None
+        self.layout = _layout_string(first, block_dim, self.num_layers, vllm_config)
 
     def segments(self, block_id: int, bounce: torch.Tensor | None) -> list[memoryview]:
-        """The block's bytes, layer by layer; off-CPU caches are first copied into ``bounce``."""
-        if self._host_layers is not None:
-            return [memoryview(layer[block_id]) for layer in self._host_layers]
+        """The block's bytes (layer-major); off-CPU caches are first copied into the host ``bounce`` buffer."""
+        if self._host is not None:
+            return [memoryview(layer[o, block_id]) for layer in self._host for o in range(self.outer)]
         assert bounce is not None
         for index, layer in enumerate(self.layers):
-            bounce[index].copy_(layer[block_id])
+            bounce[index * self.outer : (index + 1) * self.outer].copy_(layer[:, block_id])
         return [memoryview(row) for row in bounce.numpy()]
 
     def scatter(self, staging: torch.Tensor, slots: list[int], block_ids: list[int]) -> None:
-        """Copy staging slots into KV blocks, one slice copy per layer and run of consecutive ids.
+        """Copy staging slots (``[slot, segment, bytes]``) into KV blocks: one slice copy per segment and
+        run of consecutive ids.
 
         No gather into a temporary: a fresh tensor page-faults on first touch, which made a 128 MiB
         scatter take 150-450 ms instead of ~15 ms. Slots and new blocks are mostly consecutive, so the
@@ -79,7 +89,9 @@ class _KvCache:
         for slot_start, block_start, count in _runs(slots, block_ids):
             source = staging[slot_start : slot_start + count]
             for index, layer in enumerate(self.layers):
-                layer[block_start : block_start + count].copy_(source[:, index], non_blocking=True)
+                for o in range(self.outer):
+                    target = layer[o, block_start : block_start + count]
+                    target.copy_(source[:, index * self.outer + o], non_blocking=True)
 
 
 def _runs(slots: list[int], block_ids: list[int]) -> list[tuple[int, int, int]]:
@@ -95,7 +107,7 @@ def _runs(slots: list[int], block_ids: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
-def _layout_string(tensor: torch.Tensor, num_layers: int, vllm_config: VllmConfig) -> str:
+def _layout_string(tensor: torch.Tensor, block_dim: int, num_layers: int, vllm_config: VllmConfig) -> str:
     """Identifies the bytes of a block: engines migrate only between equal layouts."""
     isa = "native"
     if tensor.device.type == "cpu":
@@ -106,7 +118,7 @@ def _layout_string(tensor: torch.Tensor, num_layers: int, vllm_config: VllmConfi
             isa = _get_attn_isa(tensor.dtype, cache.block_size, None, cache.cache_dtype)
         except Exception:  # a vLLM without that helper: fall back to the platform name
             isa = "cpu"
-    shape = "x".join(str(d) for d in tensor.shape[1:])
+    shape = "x".join("B" if i == block_dim else str(d) for i, d in enumerate(tensor.shape))
     dtype = str(tensor.dtype).removeprefix("torch.")
     return f"vllm/{tensor.device.type}/{isa}/{dtype}/L{num_layers}/{shape}"
 
@@ -141,7 +153,7 @@ class _Sender:
         assert cache is not None
         bounce = None
         if cache.device.type != "cpu":
-            bounce = torch.empty((cache.num_layers, cache.segment_nbytes), dtype=torch.uint8, pin_memory=True)
+            bounce = torch.empty((cache.num_segments, cache.segment_nbytes), dtype=torch.uint8, pin_memory=True)
         try:
             while True:
                 job = self.jobs.get()
@@ -188,8 +200,9 @@ class _Sender:
 
 
 class WorkerSide:
-    def __init__(self, vllm_config: VllmConfig, extra: dict[str, Any]) -> None:
+    def __init__(self, vllm_config: VllmConfig, extra: dict[str, Any], num_blocks: int) -> None:
         self.vllm_config = vllm_config
+        self.num_blocks = num_blocks
         self.extra = extra
         self.cache: _KvCache | None = None
         self.staging: torch.Tensor | None = None
@@ -208,10 +221,10 @@ class WorkerSide:
     # Setup ------------------------------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        self.cache = cache = _KvCache(kv_caches, self.vllm_config)
+        self.cache = cache = _KvCache(kv_caches, self.vllm_config, self.num_blocks)
         num_slots = int(self.extra.get("staging_blocks", DEFAULT_STAGING_BLOCKS))
         # zeros(), not empty(): touch every page now, not while receiving (page faults are ~25x slower).
-        self.staging = torch.zeros((num_slots, cache.num_layers, cache.segment_nbytes), dtype=torch.uint8)
+        self.staging = torch.zeros((num_slots, cache.num_segments, cache.segment_nbytes), dtype=torch.uint8)
         staging_rows = self.staging.numpy().reshape(num_slots, -1)
         self.pool = kv_data.StagingPool(
             num_slots,
