@@ -256,6 +256,3 @@ class ModelStage:
 
     def move_blocks(self, moves: dict[int, int]) -> None:
         self.kv.move_blocks(moves)
-
-    def resize_kv(self, num_blocks: int) -> None:
-        self.kv.resize(num_blocks)
