@@ -16,6 +16,7 @@ from control.settings import Settings
 from engines.tokenizer import Tokenizer
 from transport import subjects
 from transport.bus import Bus, Envelope
+from transport.output_stream import ensure_output_stream
 from transport.messages import ErrorCode, StatusReply
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class ControlPlane:
         self.scheduler: ActorSlot | None = None
         self.migrator: ActorSlot | None = None
         self.peers: dict[str, ActorSlot] = {}
+        self.output_stream = False
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_loop, name="control-tick", daemon=True)
         self._migration_ticker = threading.Thread(target=self._migration_tick_loop, name="migration-tick",
@@ -47,6 +49,9 @@ class ControlPlane:
             restart_window_s=sup.restart_window_s,
         )
 
+        rel = self.settings.reliability
+        self.output_stream = self.bus.run(ensure_output_stream(
+            self.bus.nc, max_age_s=rel.output_retention_s, max_bytes=rel.output_max_bytes)).result(timeout=15)
         peers = self.peers
 
         def make_scheduler(parent: pykka.ActorRef[Any], name: str) -> pykka.ActorRef[Any]:
@@ -89,7 +94,7 @@ class ControlPlane:
         if ref is None:
             raise RuntimeError("scheduler is restarting")
         status: StatusReply = ref.proxy().status().get(timeout=5)
-        actors: dict[str, str] = self.supervisor.ask(GetStatus(), timeout=5)
+        actors: dict[str, str] = self.supervisor.ask(GetStatus(), timeout=5)  # type: ignore[assignment]
         return StatusReply(
             instances=status.instances,
             requests=status.requests,

@@ -23,7 +23,7 @@ from opentelemetry import trace
 
 from actors.migrator import MigrationEnded, StartMigration
 from actors.supervisor import SupervisedActor
-from control.policy.dispatch import DispatchIndex, make_dispatch_policy
+from control.policy.dispatch import DispatchIndex, make_dispatch_policy, prefix_block_hashes
 from control.policy.migration import InFlightMigration, plan_migrations
 from control.policy.params import PolicyParams
 from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot
@@ -33,6 +33,7 @@ from observability import spans
 from observability.tracing import extract_context, inject_headers, tracer
 from transport import subjects
 from transport.bus import Bus, Envelope
+from transport.output_stream import delivered_tokens
 from transport.messages import (
     Accepted,
     AdminReply,
@@ -82,13 +83,25 @@ class RequestRecord:
     arrival: float  # time.time()
     headers: dict[str, str]
     instance_id: str | None = None
-    state: str = "queued"  # queued | running
+    state: str = "queued"  # queued | running | recovering
     served_by: list[str] = field(default_factory=list)
+    resume_tokens: list[int] = field(default_factory=list)  # delivered before a failover
+    failovers: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Tick:
     """Periodic housekeeping: expire stale instances, retry queued requests."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Recovered:
+    """What a failed-over request's client had received (read back from the output stream)."""
+
+    request_id: str
+    tokens: list[int]
+    finished: bool
+    error: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +143,8 @@ class SchedulerActor(SupervisedActor):
             self._plan_migrations()
         elif isinstance(message, MigrationEnded):
             self._on_migration_ended(message)
+        elif isinstance(message, _Recovered):
+            self._on_recovered(message)
         return None
 
     def _on_envelope(self, envelope: Envelope) -> None:
@@ -204,11 +219,61 @@ class SchedulerActor(SupervisedActor):
         now = time.monotonic()
         stale_after = self.settings.scheduler.instance_stale_after_s
         for instance_id, record in list(self.instances.items()):
-            if now - record.last_seen > stale_after:
-                log.warning("instance %s missed heartbeats for %.1fs: removed", instance_id, now - record.last_seen)
+            if now - record.last_seen > stale_after or record.state == "stopping":
+                if record.state != "stopping":
+                    log.warning("instance %s missed heartbeats for %.1fs: declared dead", instance_id,
+                                now - record.last_seen)
                 self.instances.pop(instance_id)
                 self.policy.remove(instance_id)
+                self._fail_over(instance_id)
         self._drain_queue()
+
+    # ------------------------------------------------------------------------------------------- failover
+    def _fail_over(self, dead_instance: str) -> None:
+        """Resume every request of a dead instance elsewhere, from the tokens its client already has."""
+        for record in list(self.requests.values()):
+            if record.instance_id != dead_instance or record.state != "running":
+                continue
+            self.migrations.pop(record.request_id, None)
+            record.failovers += 1
+            if record.failovers > self.settings.reliability.failover_max_attempts:
+                self._fail_request(record, f"engine {dead_instance} failed; retry limit reached")
+                continue
+            if not record.submit.reply_to.startswith(subjects.INBOX_ROOT + "."):
+                self._fail_request(record, f"engine {dead_instance} failed (use an inbox under "
+                                           f"{subjects.INBOX_ROOT} to have streams resumed)")
+                continue
+            record.state, record.instance_id = "recovering", None
+            self.bus.run(self._read_delivered(record.request_id, record.submit.reply_to))
+
+    async def _read_delivered(self, request_id: str, reply_to: str) -> None:
+        try:
+            tokens, finished = await delivered_tokens(self.bus.nc, reply_to, request_id)
+            result = _Recovered(request_id, tokens, finished)
+        except Exception as exc:
+            result = _Recovered(request_id, [], False, f"output stream unreadable: {exc!r}")
+        if self.actor_ref.is_alive():
+            self.actor_ref.tell(result)
+
+    def _on_recovered(self, recovered: _Recovered) -> None:
+        record = self.requests.get(recovered.request_id)
+        if record is None or record.state != "recovering":
+            return
+        if recovered.error:
+            self._fail_request(record, recovered.error)
+            return
+        if recovered.finished:
+            self.requests.pop(recovered.request_id)
+            return
+        log.info("request %s fails over after %d delivered tokens", recovered.request_id, len(recovered.tokens))
+        record.resume_tokens = recovered.tokens
+        record.state = "queued"
+        if not self._dispatch(record):
+            self.queue.append(record.request_id)
+
+    def _fail_request(self, record: RequestRecord, why: str) -> None:
+        self.requests.pop(record.request_id, None)
+        self.bus.reply_error(record.submit.reply_to, ErrorCode.ENGINE_FAILED, why, record.request_id)
 
     # ------------------------------------------------------------------------------------------- submission
     def _max_prompt_tokens(self, model: str) -> int:
@@ -314,6 +379,8 @@ class SchedulerActor(SupervisedActor):
             num_blocks=-(-len(token_ids) // block_size),
             priority=submit.priority,
             model=submit.model or "",
+            prefix_block_hashes=prefix_block_hashes(token_ids, block_size)
+            if self.params.dispatch_policy == "prefix_affinity" else (),
         )
 
     def _dispatch(self, record: RequestRecord) -> bool:
@@ -350,6 +417,8 @@ class SchedulerActor(SupervisedActor):
                 request_class=submit.request_class,
                 arrival_time=record.arrival,
                 stream_text=submit.stream_text,
+                output_token_ids=record.resume_tokens,
+                served_by=list(record.served_by),
             ),
             headers=headers,
         )
@@ -422,8 +491,8 @@ class SchedulerActor(SupervisedActor):
             self.bus.reply_error(reply, ErrorCode.MIGRATION_FAILED,
                                  f"instance {record.instance_id} cannot migrate requests", command.request_id)
             return
-        destination = command.destination or self._pick_destination(source)
-        target = self.instances.get(destination) if destination else None
+        destination = command.destination or self._pick_destination(source) or ""
+        target = self.instances.get(destination)
         if target is None:
             self.bus.reply_error(reply, ErrorCode.UNKNOWN_INSTANCE,
                                  f"no instance {command.destination or '(any compatible)'} to migrate to")

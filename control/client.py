@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -190,9 +191,12 @@ class RequestStream:
 
 class DroverClient:
     def __init__(self, url: str, *, name: str = "drover-client", inbox_prefix: str | None = None) -> None:
+        """``inbox_prefix`` defaults to ``drover.v1.inbox.<name>``: replies there are kept in the output
+        stream, which is what lets Drover resume a request whose engine died."""
         self.url = url
         self.name = name
-        self.inbox_prefix = inbox_prefix
+        self.inbox_prefix = inbox_prefix or subjects.client_inbox_prefix(
+            re.sub(r"[^A-Za-z0-9_-]", "-", name)[:64] or "client")
         self._nc: NatsClient | None = None
 
     async def connect(self, **kwargs: object) -> DroverClient:

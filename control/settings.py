@@ -73,7 +73,10 @@ class EngineSettings(_Section):
 
 class SchedulerSettings(_Section):
     instance_stale_after_s: float = Field(
-        3.0, description="An instance whose last heartbeat is older is not dispatched to."
+        5.0,
+        description="An instance whose last heartbeat is older is declared dead: no more dispatches, and "
+        "its requests fail over (engines beat every 0.25 s from a thread of their own; 5 s holds on a "
+        "loaded 2-core machine while another engine starts).",
     )
     max_queued_requests: int = Field(
         1024, description="Requests held when no instance can take them; beyond: Overloaded."
@@ -86,6 +89,16 @@ class MigrationSettings(_Section):
     op_timeout_s: float = Field(30.0, description="Timeout of one migration step (a stage copy, stop, resume).")
     reserve_headroom_blocks: int = Field(
         2, description="Extra blocks reserved at the destination for tokens decoded during the copy."
+    )
+
+
+class ReliabilitySettings(_Section):
+    output_retention_s: float = Field(
+        600.0, description="How long the output stream keeps what clients were sent (failover, resume)."
+    )
+    output_max_bytes: int = Field(256 * 1024 * 1024, description="Bound of the output stream (oldest dropped).")
+    failover_max_attempts: int = Field(
+        3, description="Times a request is resumed elsewhere after engine failures before it fails."
     )
 
 
@@ -140,6 +153,7 @@ class Settings(BaseSettings):
         "changeable at run time with `drover policy set`.",
     )
     migration: MigrationSettings = MigrationSettings()
+    reliability: ReliabilitySettings = ReliabilitySettings()
     limits: LimitsSettings = LimitsSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
     supervisor: SupervisorSettings = SupervisorSettings()

@@ -7,7 +7,15 @@ PREFIX = "drover.v1"
 # Clients
 SUBMIT = f"{PREFIX}.submit"  # SubmitRequest (queue group: control planes)
 CANCEL = f"{PREFIX}.cancel"  # Cancel
-CLIENT_INBOX_PREFIX = "_INBOX"  # nats-py default; per-client prefixes are set with inbox_prefix
+# Client inboxes live under drover.v1.inbox.<client_id>: a JetStream stream keeps what is sent there
+# (tokens, acks, errors) for a bounded time, so failover and client resume can read what was produced, and
+# subject permissions can restrict each client to its own prefix.
+INBOX_ROOT = f"{PREFIX}.inbox"
+OUTPUT_STREAM = "DROVER_OUTPUT"
+
+
+def client_inbox_prefix(client_id: str) -> str:
+    return f"{INBOX_ROOT}.{validate_token(client_id)}"
 
 # Control plane
 CONTROL_QUEUE = "drover-control"
