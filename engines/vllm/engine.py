@@ -610,7 +610,7 @@ class VllmEngine:
             duration_s=time.perf_counter() - start,
         )
         kv_transfer: dict[str, Any] = {}
-        if sent is not None:  # the destination holds every block: it may load instead of recompute
+        if sent is not None and frozen.num_computed_tokens > 0:  # the destination holds every block
             kv_transfer = {
                 "migration_id": outgoing.migration_id,
                 "kv_tokens": frozen.num_computed_tokens,

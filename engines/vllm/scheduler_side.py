@@ -42,6 +42,7 @@ class _Outgoing:
     next_stage: int = 0
     sent_blocks: int = 0  # logical blocks [0, sent_blocks) are sent or queued
     stopping: bool = False
+    preempted: bool = False  # preempted while stopping: its blocks were freed, the copied KV is void
 
 
 class SchedulerSide:
@@ -224,7 +225,7 @@ class SchedulerSide:
     def _freeze(self, migration: _Outgoing, request: Request, block_ids: list[int]) -> None:
         # An abort lands between steps or right after a forward: KV covers num_computed_tokens tokens, and
         # all_token_ids may hold one token more (sampled, not yet computed), which the destination computes.
-        num_computed = request.num_computed_tokens
+        num_computed = 0 if migration.preempted else request.num_computed_tokens  # 0: destination recomputes
         num_blocks = min(self._blocks_for(num_computed), len(block_ids))
         final = [(i, block_ids[i]) for i in range(min(migration.sent_blocks, num_blocks), num_blocks)]
         stage = migration.next_stage
@@ -247,7 +248,11 @@ class SchedulerSide:
             return
         for migration in list(self._outgoing.values()):
             request = self._live.get(migration.request_id)
-            if request is not None and request.request_id in preempted and not migration.stopping:
+            if request is None or request.request_id not in preempted:
+                continue
+            if migration.stopping:  # the stop's abort is on its way: freeze it without KV
+                migration.preempted = True
+            else:
                 self._end(migration, "the request was preempted at the source")
 
     def _end(self, migration: _Outgoing, reason: str) -> None:
