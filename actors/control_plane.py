@@ -16,8 +16,8 @@ from control.settings import Settings
 from engines.tokenizer import Tokenizer
 from transport import subjects
 from transport.bus import Bus, Envelope
-from transport.output_stream import ensure_output_stream
 from transport.messages import ErrorCode, StatusReply
+from transport.output_stream import ensure_output_stream
 
 log = logging.getLogger(__name__)
 

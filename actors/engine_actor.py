@@ -24,6 +24,7 @@ from engines.base import Engine, EngineError, EngineRequest
 from engines.migration import FrozenRequest, KvEndpoint, MigratableEngine, StageReport
 from engines.tokenizer import IncrementalDetokenizer, Tokenizer
 from observability import spans
+from observability.metrics import metrics
 from observability.tracing import extract_context, tracer
 from transport import subjects
 from transport.bus import Bus, Envelope
@@ -63,6 +64,7 @@ class _Stream:
     add: EngineAdd
     index: int  # next output index to send
     migrated_out: bool = False
+    last_sent_at: float = 0.0  # time.perf_counter() of the last chunk (inter-token metric)
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +244,12 @@ class EngineActor(pykka.ThreadingActor):
                     error=error,
                 ),
             )
+            request_class, resumed = str(add.request_class), bool(add.output_token_ids)
+            if finish_reason != "migrated":  # a migrated request ends (and is counted) at its destination
+                metrics().request_finished(finish_reason, request_class,
+                                           0 if resumed else len(add.prompt_token_ids), index)
+            if first_token_at is not None and add.arrival_time and not resumed:
+                metrics().observe_ttft(first_token_at - add.arrival_time, request_class)
             span.set_attribute(spans.GEN_AI_USAGE_OUTPUT_TOKENS, index - len(add.output_token_ids))
             span.set_attribute(spans.GEN_AI_RESPONSE_FINISH_REASONS, [finish_reason])
             span.end()
@@ -254,6 +262,11 @@ class EngineActor(pykka.ThreadingActor):
         index = stream.index
         stream.index += len(token_ids)
         add = stream.add
+        now = time.perf_counter()
+        if stream.last_sent_at:  # a chunk of n tokens after a gap d: n gaps of d/n (as the client counts)
+            gap = (now - stream.last_sent_at) / len(token_ids)
+            metrics().observe_inter_token([gap] * len(token_ids), str(add.request_class))
+        stream.last_sent_at = now
         await self.bus.apublish(
             add.reply_to,
             TokenChunk(

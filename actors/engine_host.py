@@ -46,6 +46,27 @@ def build_engine(settings: Settings, instance_id: str) -> tuple[Engine, Tokenize
         )
         return sim, load_tokenizer(None)
     model_dir = resolve_model_dir(settings)
+    if eng.kind == "torch":
+        from engines.torch.config import LlamaConfig
+        from engines.torch.migration import MigratableTorchEngine
+
+        config = LlamaConfig.from_model_dir(model_dir)
+        dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[settings.model.dtype]
+        block_bytes = config.kv_block_bytes(config.num_layers, eng.block_size, dtype_bytes)
+        torch_engine = MigratableTorchEngine(
+            instance_id,
+            model_dir,
+            model_name=settings.model.name,
+            block_size=eng.block_size,
+            num_blocks=max(1, int(eng.kv_cache_gib * 2**30) // block_bytes),
+            max_num_seqs=eng.max_num_seqs,
+            max_num_batched_tokens=eng.max_num_batched_tokens,
+            max_model_len=settings.model.max_model_len,
+            dtype=settings.model.dtype,
+            seed=eng.seed,
+            threads=eng.cpu_threads,
+        )
+        return torch_engine, load_tokenizer(model_dir)
     from engines.vllm.engine import VllmEngine
 
     vllm_engine = VllmEngine(

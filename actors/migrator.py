@@ -34,6 +34,7 @@ from actors.supervisor import SupervisedActor
 from control.policy.params import PolicyParams
 from control.settings import MigrationSettings
 from observability import spans
+from observability.metrics import metrics
 from observability.tracing import tracer
 from transport import subjects
 from transport.bus import Bus
@@ -276,6 +277,7 @@ class MigratorActor(SupervisedActor):
             span.set_attributes({"drover.migration.stages": stages, spans.MIGRATION_BLOCKS: copied_blocks,
                                  spans.MIGRATION_BYTES: copied_bytes, "drover.migration.downtime_s": downtime,
                                  "drover.migration.outcome": outcome})
+        metrics().migration_finished("committed" if outcome == "ok" else "aborted", copied_bytes, downtime)
         ended = MigrationEnded(
             migration_id=migration_id, request_id=rid, source=src, destination=dst, ok=outcome == "ok",
             reason=outcome, downtime_s=downtime, stages=stages, copied_blocks=copied_blocks,

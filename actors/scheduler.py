@@ -30,19 +30,16 @@ from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSna
 from control.settings import Settings
 from engines.tokenizer import Tokenizer
 from observability import spans
+from observability.metrics import InstanceGauges, metrics
 from observability.tracing import extract_context, inject_headers, tracer
 from transport import subjects
 from transport.bus import Bus, Envelope
-from transport.output_stream import delivered_tokens
 from transport.messages import (
     Accepted,
     AdminReply,
-    DrainCommand,
-    MigrateCommand,
-    PolicyQuery,
-    PolicyUpdate,
     Cancel,
     CancelAck,
+    DrainCommand,
     EngineAbort,
     EngineAdd,
     EngineInfo,
@@ -51,6 +48,9 @@ from transport.messages import (
     InstanceHeartbeat,
     InstanceLoad,
     InstanceStatus,
+    MigrateCommand,
+    PolicyQuery,
+    PolicyUpdate,
     RequestDone,
     RequestStatus,
     StatusQuery,
@@ -58,6 +58,7 @@ from transport.messages import (
     SubmitRequest,
     Usage,
 )
+from transport.output_stream import delivered_tokens
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,10 @@ class SchedulerActor(SupervisedActor):
         record.info, record.load, record.last_seen = beat.info, beat.load, time.monotonic()
         record.state, record.draining, record.can_migrate = beat.state, beat.draining, beat.can_migrate
         self.policy.upsert(self._snapshot(record))
+        load = beat.load
+        metrics().update_instance(InstanceGauges(instance_id, _instance_state(record), load.num_free_blocks,
+                                                 load.num_total_blocks, load.num_running, load.num_waiting,
+                                                 record.dispatched))
         if is_new:
             self._drain_queue()
 
@@ -225,8 +230,11 @@ class SchedulerActor(SupervisedActor):
                                 now - record.last_seen)
                 self.instances.pop(instance_id)
                 self.policy.remove(instance_id)
+                metrics().remove_instance(instance_id)
                 self._fail_over(instance_id)
         self._drain_queue()
+        metrics().set_scheduler(queued=len(self.queue), in_flight=len(self.requests))
+        metrics().set_migrations(self.migrations_done, self.migrations_aborted, len(self.migrations))
 
     # ------------------------------------------------------------------------------------------- failover
     def _fail_over(self, dead_instance: str) -> None:
@@ -314,6 +322,7 @@ class SchedulerActor(SupervisedActor):
             return
         reason = self._validate(submit)
         if reason is not None:
+            metrics().request_finished(ErrorCode.INVALID_REQUEST, str(submit.request_class))
             self.bus.reply_error(reply_to, ErrorCode.INVALID_REQUEST, reason, submit.request_id)
             return
         request_id = submit.request_id or uuid.uuid4().hex
@@ -340,6 +349,7 @@ class SchedulerActor(SupervisedActor):
         )
         limit = self._max_prompt_tokens(submit.model or "")
         if len(token_ids) > limit:
+            metrics().request_finished(ErrorCode.PROMPT_TOO_LONG, str(submit.request_class))
             self.bus.reply_error(
                 reply_to,
                 ErrorCode.PROMPT_TOO_LONG,
@@ -348,6 +358,7 @@ class SchedulerActor(SupervisedActor):
             )
             return
         if len(self.queue) >= self.settings.scheduler.max_queued_requests and self._no_room(request_id, token_ids, submit):
+            metrics().request_finished(ErrorCode.OVERLOADED, str(submit.request_class))
             self.bus.reply_error(
                 reply_to, ErrorCode.OVERLOADED, "request queue is full; retry later", request_id
             )

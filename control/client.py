@@ -27,15 +27,15 @@ from transport import subjects
 from transport.messages import (
     Accepted,
     AdminReply,
-    DrainCommand,
-    MigrateCommand,
-    PolicyQuery,
-    PolicyUpdate,
     Cancel,
     CancelAck,
+    DrainCommand,
     ErrorCode,
     ErrorReply,
     Message,
+    MigrateCommand,
+    PolicyQuery,
+    PolicyUpdate,
     ProtocolError,
     RequestClass,
     RequestDone,
@@ -235,8 +235,10 @@ class DroverClient:
         priority: int = 0,
         request_class: RequestClass = RequestClass.INTERACTIVE,
         model: str | None = None,
+        client_id: str | None = None,
     ) -> RequestStream:
-        """Publish a request and return its stream (tokens start flowing at once)."""
+        """Publish a request and return its stream (tokens start flowing at once). ``client_id`` says on
+        whose behalf (a gateway submits for many clients); default: this client's name."""
         inbox = self.nc.new_inbox()
         stream = RequestStream(self, request_id, time.perf_counter())
 
@@ -256,7 +258,7 @@ class DroverClient:
             priority=priority,
             request_class=request_class,
             model=model,
-            client_id=self.name,
+            client_id=client_id or self.name,
         )
         with tracer().start_as_current_span(
             spans.CLIENT_SUBMIT,

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 from control.settings import Settings
 from observability.logs import setup_logging
+from observability.metrics import start_metrics_server
 from observability.tracing import setup_tracing, shutdown_tracing
 from transport.bus import Bus, BusOptions
 from transport.nats_server import EmbeddedNatsServer
@@ -58,7 +59,7 @@ def _wait_for_signal() -> None:
     stop.wait()
 
 
-def _observability(settings: Settings, service: str) -> None:
+def _observability(settings: Settings, service: str, metrics_port: int = 0) -> None:
     obs = settings.observability
     setup_logging(obs.log_level)
     setup_tracing(
@@ -67,6 +68,9 @@ def _observability(settings: Settings, service: str) -> None:
         jsonl_path=obs.jsonl_path,
         otlp_endpoint=obs.otlp_endpoint,
     )
+    if metrics_port:
+        server = start_metrics_server(metrics_port, settings.metrics.host)
+        log.info("metrics on http://%s:%d/metrics", settings.metrics.host, server.port)
 
 
 def serve_control(settings: Settings) -> None:
@@ -75,7 +79,7 @@ def serve_control(settings: Settings) -> None:
     from actors.engine_host import resolve_model_dir
     from engines.tokenizer import load_tokenizer
 
-    _observability(settings, "control")
+    _observability(settings, "control", settings.metrics.control_port)
     with embedded_nats_if_needed(settings) as settings:
         tokenizer = load_tokenizer(resolve_model_dir(settings) if settings.engine.kind == "vllm" else None)
         bus = Bus(bus_options(settings, "drover-control")).start()
@@ -93,7 +97,7 @@ def serve_engine(settings: Settings, instance_id: str) -> None:
     """Run one engine instance until SIGINT/SIGTERM."""
     from actors.engine_host import EngineHost, build_engine
 
-    _observability(settings, f"engine-{instance_id}")
+    _observability(settings, f"engine-{instance_id}", settings.metrics.engine_port)
     bus = Bus(bus_options(settings, f"drover-engine-{instance_id}")).start()
     engine, tokenizer = build_engine(settings, instance_id)
     host = EngineHost(settings, bus, engine, tokenizer).start()

@@ -15,7 +15,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from control.gateway.settings import GatewaySettings
 from control.policy.params import PolicyParams
+from observability.metrics import MetricsSettings
 
 # Drover's live defaults that differ from the Llumnix paper's (PolicyParams holds the paper's):
 # our KV copies are fast, so a 1-block last stage keeps downtime to about one decode step, and more stages
@@ -57,7 +59,9 @@ class ModelSettings(_Section):
 
 
 class EngineSettings(_Section):
-    kind: Literal["vllm", "sim"] = Field("vllm", description="Engine implementation an instance runs.")
+    kind: Literal["vllm", "sim", "torch"] = Field(
+        "vllm", description="Engine implementation: vllm (CPU/GPU), sim (cost model), torch (layer-range engine)."
+    )
     block_size: int = Field(32, description="KV block size in tokens; vLLM-CPU needs a multiple of 32.")
     max_num_seqs: int = Field(16, description="Max requests decoding at once (vLLM max_num_seqs).")
     max_num_batched_tokens: int = Field(2048, description="Token budget of one engine step.")
@@ -158,6 +162,8 @@ class Settings(BaseSettings):
     observability: ObservabilitySettings = ObservabilitySettings()
     supervisor: SupervisorSettings = SupervisorSettings()
     demo: DemoSettings = DemoSettings()
+    gateway: GatewaySettings = GatewaySettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @model_validator(mode="after")
     def _check_policy(self) -> Settings:
@@ -228,6 +234,10 @@ def dump_toml(settings: Settings) -> str:
             return "true" if value else "false"
         if isinstance(value, int | float):
             return repr(value)
+        if isinstance(value, list | tuple):  # e.g. [[gateway.api_keys]] as an array of inline tables
+            return "[" + ", ".join(scalar(v) for v in value) + "]"
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{k} = {scalar(v)}" for k, v in value.items() if v is not None) + "}"
         return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
     lines: list[str] = []

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 # Span names: the request lifecycle
+GATEWAY_REQUEST = "drover.gateway.request"  # OpenAI gateway: HTTP arrival -> response end (parent of submit)
 CLIENT_SUBMIT = "drover.submit"  # client: submit -> done
 SCHEDULER_RECEIVE = "drover.scheduler.receive"
 SCHEDULER_QUEUE = "drover.queue"  # arrival -> dispatched
@@ -27,6 +28,7 @@ GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
 GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
 REQUEST_ID = "drover.request.id"
+CLIENT_ID = "drover.client.id"
 INSTANCE_ID = "drover.instance.id"
 DISPATCH_POLICY = "drover.dispatch.policy"
 PRIORITY = "drover.request.priority"

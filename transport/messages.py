@@ -408,10 +408,7 @@ def _peek(data: bytes) -> tuple[str | None, int | None, str | None]:
     return kind, version, rid
 
 
-_KNOWN_KINDS = frozenset(
-    cls.__struct_config__.tag  # type: ignore[attr-defined]
-    for cls in Message.__args__  # type: ignore[attr-defined]
-)
+_KNOWN_KINDS = frozenset(cls.__struct_config__.tag for cls in Message.__args__)
 
 
 def decode(data: bytes) -> Message:

@@ -8,7 +8,6 @@ from exactly there; a client that reconnects can replay its inbox the same way.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from nats.aio.client import Client as NatsClient
@@ -55,7 +54,7 @@ async def read_subject(nc: NatsClient, subject: str, *, batch: int = 512, idle_s
         while True:
             try:
                 msgs = await sub.fetch(batch=batch, timeout=idle_s)
-            except (NatsTimeoutError, asyncio.TimeoutError):
+            except (TimeoutError, NatsTimeoutError):
                 break
             for msg in msgs:
                 data.append(msg.data)

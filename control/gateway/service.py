@@ -31,8 +31,6 @@ from transport.messages import StatusReply
 
 log = logging.getLogger(__name__)
 
-GATEWAY_REQUEST_SPAN = "drover.gateway.request"  # parent of drover.submit: HTTP arrival -> response end
-CLIENT_ID_ATTRIBUTE = "drover.client.id"
 
 # What a lost or missing control plane looks like from nats-py.
 NATS_UNAVAILABLE = (nats.errors.NoRespondersError, nats.errors.TimeoutError, nats.errors.ConnectionClosedError,
@@ -109,9 +107,9 @@ class Gateway:
     async def submit(self, spec: GenerationSpec, principal: Principal, endpoint: str, arrived: float) -> Generation:
         """Submit on Drover and wait for the first text (or the end): errors before any output become
         HTTP errors with the right status rather than a broken stream."""
-        span = tracer().start_span(GATEWAY_REQUEST_SPAN, kind=trace.SpanKind.SERVER, attributes={
+        span = tracer().start_span(spans.GATEWAY_REQUEST, kind=trace.SpanKind.SERVER, attributes={
             spans.REQUEST_ID: spec.request_id,
-            CLIENT_ID_ATTRIBUTE: principal.client_id,
+            spans.CLIENT_ID: principal.client_id,
             spans.GEN_AI_REQUEST_MODEL: spec.model,
             spans.GEN_AI_REQUEST_MAX_TOKENS: spec.sampling.max_tokens,
             spans.GEN_AI_REQUEST_TEMPERATURE: spec.sampling.temperature,
@@ -125,7 +123,7 @@ class Gateway:
                 stream = await self.client.submit(
                     spec.prompt, prompt_token_ids=spec.prompt_token_ids, sampling=spec.sampling,
                     request_id=spec.request_id, priority=spec.priority, request_class=spec.request_class,
-                    model=spec.model)
+                    model=spec.model, client_id=principal.client_id)
         except Exception as exc:
             span.record_exception(exc)
             span.end()

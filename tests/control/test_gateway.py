@@ -22,7 +22,6 @@ from actors.local_cluster import InProcessCluster
 from control.client import DroverClient
 from control.gateway.prompts import render_chat
 from control.gateway.server import GatewayThread
-from control.gateway.service import GATEWAY_REQUEST_SPAN
 from control.gateway.settings import ApiKeySettings, GatewaySettings
 from observability import spans
 from tests.integration.conftest import make_sim_cluster
@@ -314,7 +313,7 @@ def test_gateway_span_parents_the_drover_trace(gateway: GatewayThread, span_expo
     deadline = time.monotonic() + 5
     while True:
         finished = span_exporter.get_finished_spans()
-        ours = [s for s in finished if s.name == GATEWAY_REQUEST_SPAN
+        ours = [s for s in finished if s.name == spans.GATEWAY_REQUEST
                 and s.attributes.get(spans.REQUEST_ID) == result.id]
         if ours and any(s.name == spans.ENGINE_REQUEST and s.context.trace_id == ours[0].context.trace_id
                         for s in finished):
@@ -324,7 +323,7 @@ def test_gateway_span_parents_the_drover_trace(gateway: GatewayThread, span_expo
     trace_spans = [s for s in finished if s.context.trace_id == ours[0].context.trace_id]
     submit = next(s for s in trace_spans if s.name == spans.CLIENT_SUBMIT)
     assert submit.parent is not None and submit.parent.span_id == ours[0].context.span_id
-    assert ours[0].attributes.get("drover.client.id") == "alice"
+    assert ours[0].attributes.get(spans.CLIENT_ID) == "alice"
 
 
 def test_https_when_a_certificate_is_configured(cluster: InProcessCluster, tmp_path: Path) -> None:
