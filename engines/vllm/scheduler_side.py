@@ -39,6 +39,7 @@ class _Outgoing:
     migration_id: str
     request_id: str  # Drover's id
     destination: str
+    vllm_request_id: str  # vLLM's id of the request being migrated (Drover's id can be reused later)
     next_stage: int = 0
     sent_blocks: int = 0  # logical blocks [0, sent_blocks) are sent or queued
     stopping: bool = False
@@ -81,7 +82,9 @@ class SchedulerSide:
                 return f"request {frame.request_id} is not running here"
             if any(m.request_id == frame.request_id for m in self._outgoing.values()):
                 return f"request {frame.request_id} is already migrating"
-            self._outgoing[frame.migration_id] = _Outgoing(frame.migration_id, frame.request_id, frame.destination)
+            self._outgoing[frame.migration_id] = _Outgoing(
+                frame.migration_id, frame.request_id, frame.destination, request.request_id
+            )
             self._control.reply(frame, num_blocks=self._blocks_for(request.num_computed_tokens))
             return None
         if isinstance(frame, control.Stage | control.Stop):
@@ -156,7 +159,7 @@ class SchedulerSide:
         with self._lock:
             if rid is not None and self._live.get(rid) is request:
                 del self._live[rid]
-            migration = next((m for m in self._outgoing.values() if m.request_id == rid), None)
+            migration = next((m for m in self._outgoing.values() if m.vllm_request_id == request.request_id), None)
             if migration is None:
                 return False
             del self._outgoing[migration.migration_id]
@@ -189,7 +192,7 @@ class SchedulerSide:
             self._control.reply(command, ok=False, error=f"migration {command.migration_id} ended")
             return
         request = self._live.get(migration.request_id)
-        if request is None or request.status.name != "RUNNING":
+        if request is None or request.request_id != migration.vllm_request_id or request.status.name != "RUNNING":
             self._end(migration, "the request is not running at the source (preempted or finished)")
             self._control.reply(command, ok=False, error="the request is not running at the source")
             return
@@ -247,8 +250,7 @@ class SchedulerSide:
         if not preempted:
             return
         for migration in list(self._outgoing.values()):
-            request = self._live.get(migration.request_id)
-            if request is None or request.request_id not in preempted:
+            if migration.vllm_request_id not in preempted:
                 continue
             if migration.stopping:  # the stop's abort is on its way: freeze it without KV
                 migration.preempted = True
