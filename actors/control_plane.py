@@ -37,8 +37,7 @@ class ControlPlane:
         self.output_stream = False
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_loop, name="control-tick", daemon=True)
-        self._migration_ticker = threading.Thread(target=self._migration_tick_loop, name="migration-tick",
-                                                  daemon=True)
+        self._migration_ticker = threading.Thread(target=self._migration_tick_loop, name="migration-tick", daemon=True)
 
     def start(self) -> ControlPlane:
         sup = self.settings.supervisor
@@ -50,8 +49,9 @@ class ControlPlane:
         )
 
         rel = self.settings.reliability
-        self.output_stream = self.bus.run(ensure_output_stream(
-            self.bus.nc, max_age_s=rel.output_retention_s, max_bytes=rel.output_max_bytes)).result(timeout=15)
+        self.output_stream = self.bus.run(
+            ensure_output_stream(self.bus.nc, max_age_s=rel.output_retention_s, max_bytes=rel.output_max_bytes)
+        ).result(timeout=15)
         peers = self.peers
 
         def make_scheduler(parent: pykka.ActorRef[Any], name: str) -> pykka.ActorRef[Any]:

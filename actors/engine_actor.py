@@ -225,9 +225,7 @@ class EngineActor(pykka.ThreadingActor):
                         usage=Usage(prompt_tokens=len(add.prompt_token_ids), completion_tokens=index),
                         timings=Timings(
                             queue_s=max(0.0, added_at - add.arrival_time) if add.arrival_time else 0.0,
-                            ttft_s=(first_token_at - add.arrival_time)
-                            if first_token_at and add.arrival_time
-                            else 0.0,
+                            ttft_s=(first_token_at - add.arrival_time) if first_token_at and add.arrival_time else 0.0,
                             e2e_s=(now - add.arrival_time) if add.arrival_time else 0.0,
                         ),
                         instances=[*add.served_by, self.instance_id],
@@ -246,8 +244,9 @@ class EngineActor(pykka.ThreadingActor):
             )
             request_class, resumed = str(add.request_class), bool(add.output_token_ids)
             if finish_reason != "migrated":  # a migrated request ends (and is counted) at its destination
-                metrics().request_finished(finish_reason, request_class,
-                                           0 if resumed else len(add.prompt_token_ids), index)
+                metrics().request_finished(
+                    finish_reason, request_class, 0 if resumed else len(add.prompt_token_ids), index
+                )
             if first_token_at is not None and add.arrival_time and not resumed:
                 metrics().observe_ttft(first_token_at - add.arrival_time, request_class)
             span.set_attribute(spans.GEN_AI_USAGE_OUTPUT_TOKENS, index - len(add.output_token_ids))
@@ -255,7 +254,6 @@ class EngineActor(pykka.ThreadingActor):
             span.end()
             if self.actor_ref.is_alive():
                 self.actor_ref.tell(_Ended(add.request_id))
-
 
     async def _send_tokens(self, stream: _Stream, token_ids: list[int], text: str) -> None:
         # Claim the index range before the first await: a concurrent sender (the migration tail) must see it.
@@ -288,12 +286,16 @@ class EngineActor(pykka.ThreadingActor):
     async def _migration_op(self, message: MigrateOut | MigrateIn, reply: str) -> None:
         """Run one migration step on the engine and answer the migrator (runs on the bus loop)."""
         try:
-            answer = await (self._migrate_out(message) if isinstance(message, MigrateOut) else self._migrate_in(message))
+            answer = await (
+                self._migrate_out(message) if isinstance(message, MigrateOut) else self._migrate_in(message)
+            )
         except Exception as exc:
-            log.warning("engine %s: migration %s %s failed: %s", self.instance_id, message.op,
-                        message.migration_id, exc)
+            log.warning(
+                "engine %s: migration %s %s failed: %s", self.instance_id, message.op, message.migration_id, exc
+            )
             answer = (MigrateOutReply if isinstance(message, MigrateOut) else MigrateInReply)(
-                migration_id=message.migration_id, ok=False, error=f"{type(exc).__name__}: {exc}")
+                migration_id=message.migration_id, ok=False, error=f"{type(exc).__name__}: {exc}"
+            )
         if reply:
             await self.bus.apublish(reply, answer)
 
@@ -302,8 +304,11 @@ class EngineActor(pykka.ThreadingActor):
         if message.op == "reserve":
             endpoint = await engine.migrate_in_reserve(message.migration_id, message.num_blocks)
             if endpoint is None:
-                return MigrateInReply(migration_id=message.migration_id, ok=False,
-                                      error=f"{message.num_blocks} blocks are not free on {self.instance_id}")
+                return MigrateInReply(
+                    migration_id=message.migration_id,
+                    ok=False,
+                    error=f"{message.num_blocks} blocks are not free on {self.instance_id}",
+                )
             return MigrateInReply(migration_id=message.migration_id, ok=True, address=endpoint.address)
         if message.op == "release":
             await engine.migrate_in_release(message.migration_id)
@@ -316,15 +321,17 @@ class EngineActor(pykka.ThreadingActor):
         if message.op == "begin":
             if message.request_id not in self._streams:
                 raise EngineError(f"no request {message.request_id} on {self.instance_id}")
-            endpoint = KvEndpoint(instance_id=message.destination_instance, address=message.destination_address,
-                                  migration_id=mid)
+            endpoint = KvEndpoint(
+                instance_id=message.destination_instance, address=message.destination_address, migration_id=mid
+            )
             total = await engine.migrate_out_begin(message.request_id, mid, endpoint)
             self._migrations_out[mid] = message.request_id
             return MigrateOutReply(migration_id=mid, ok=True, total_blocks=total)
         if message.op == "stage":
             report = await engine.migrate_out_stage(mid)
-            return MigrateOutReply(migration_id=mid, ok=True, total_blocks=report.total_blocks,
-                                   stage=_stage_info(report))
+            return MigrateOutReply(
+                migration_id=mid, ok=True, total_blocks=report.total_blocks, stage=_stage_info(report)
+            )
         if message.op == "stop":
             frozen = await engine.migrate_out_stop(mid)
             return await self._frozen_reply(mid, frozen)
@@ -346,23 +353,35 @@ class EngineActor(pykka.ThreadingActor):
         if stream is None:
             raise EngineError(f"request {frozen.request_id} has no stream on {self.instance_id}")
         stream.migrated_out = True
-        tail = frozen.output_token_ids[stream.index:]
+        tail = frozen.output_token_ids[stream.index :]
         if tail:
             await self._send_tokens(stream, tail, "")
         add = stream.add
         return MigrateOutReply(
-            migration_id=mid, ok=True, total_blocks=frozen.num_blocks, stage=_stage_info(frozen.final_stage),
-            request_id=frozen.request_id, prompt_token_ids=frozen.prompt_token_ids,
-            output_token_ids=frozen.output_token_ids, kv_transfer=frozen.kv_transfer, reply_to=add.reply_to,
-            sampling=add.sampling, priority=add.priority, served_by=[*add.served_by, self.instance_id],
+            migration_id=mid,
+            ok=True,
+            total_blocks=frozen.num_blocks,
+            stage=_stage_info(frozen.final_stage),
+            request_id=frozen.request_id,
+            prompt_token_ids=frozen.prompt_token_ids,
+            output_token_ids=frozen.output_token_ids,
+            kv_transfer=frozen.kv_transfer,
+            reply_to=add.reply_to,
+            sampling=add.sampling,
+            priority=add.priority,
+            served_by=[*add.served_by, self.instance_id],
         )
 
 
 def _stage_info(report: StageReport) -> MigrationStageInfo:
     return MigrationStageInfo(
-        stage=report.stage, copied_blocks=report.copied_blocks, copied_bytes=report.copied_bytes,
-        remaining_blocks=report.remaining_blocks, total_blocks=report.total_blocks,
-        duration_s=report.duration_s, request_finished=report.request_finished,
+        stage=report.stage,
+        copied_blocks=report.copied_blocks,
+        copied_bytes=report.copied_bytes,
+        remaining_blocks=report.remaining_blocks,
+        total_blocks=report.total_blocks,
+        duration_s=report.duration_s,
+        request_finished=report.request_finished,
     )
 
 

@@ -147,9 +147,15 @@ class MigratorActor(SupervisedActor):
             self.scheduler.tell(message)
         elif isinstance(message, GetMigrations):
             return [
-                {"migration_id": m.migration_id, "request_id": m.start.request_id, "source": m.start.source,
-                 "destination": m.start.destination, "phase": m.phase, "stage": m.stage,
-                 "age_s": time.monotonic() - m.started_at}
+                {
+                    "migration_id": m.migration_id,
+                    "request_id": m.start.request_id,
+                    "source": m.start.source,
+                    "destination": m.start.destination,
+                    "phase": m.phase,
+                    "stage": m.stage,
+                    "age_s": time.monotonic() - m.started_at,
+                }
                 for m in self.in_flight.values()
             ]
         return None
@@ -181,9 +187,7 @@ class MigratorActor(SupervisedActor):
     # ------------------------------------------------------------------------------------------- protocol
     async def _ask(self, instance_id: str, message: Message) -> Message:
         try:
-            return await self.bus.arequest(
-                subjects.engine(instance_id), message, timeout_s=self.settings.op_timeout_s
-            )
+            return await self.bus.arequest(subjects.engine(instance_id), message, timeout_s=self.settings.op_timeout_s)
         except Exception as exc:  # timeout, no responders (a dead instance), transport errors
             raise MigrationFailed(f"{type(message).__name__} to {instance_id}: {exc!r}") from exc
 
@@ -216,13 +220,24 @@ class MigratorActor(SupervisedActor):
         with tracer().start_as_current_span(
             spans.MIGRATION,
             kind=trace.SpanKind.INTERNAL,
-            attributes={spans.REQUEST_ID: rid, spans.MIGRATION_ID: migration_id, "drover.migration.source": src,
-                        "drover.migration.destination": dst, "drover.migration.reason": start.reason},
+            attributes={
+                spans.REQUEST_ID: rid,
+                spans.MIGRATION_ID: migration_id,
+                "drover.migration.source": src,
+                "drover.migration.destination": dst,
+                "drover.migration.reason": start.reason,
+            },
         ) as span:
             try:
                 address = await self._reserve(dst, migration_id, start.num_blocks + headroom)
-                begin = await self._out(src, op="begin", migration_id=migration_id, request_id=rid,
-                                        destination_instance=dst, destination_address=address)
+                begin = await self._out(
+                    src,
+                    op="begin",
+                    migration_id=migration_id,
+                    request_id=rid,
+                    destination_instance=dst,
+                    destination_address=address,
+                )
                 begun = True
                 reserved = start.num_blocks + headroom
                 for stage in range(start.params.max_stages):
@@ -234,10 +249,14 @@ class MigratorActor(SupervisedActor):
                         reply = await self._out(src, op="stage", migration_id=migration_id)
                         info = reply.stage
                         assert info is not None
-                        stage_span.set_attributes({spans.MIGRATION_STAGE_INDEX: stage,
-                                                   spans.MIGRATION_BLOCKS: info.copied_blocks,
-                                                   spans.MIGRATION_BYTES: info.copied_bytes,
-                                                   "drover.migration.remaining_blocks": info.remaining_blocks})
+                        stage_span.set_attributes(
+                            {
+                                spans.MIGRATION_STAGE_INDEX: stage,
+                                spans.MIGRATION_BLOCKS: info.copied_blocks,
+                                spans.MIGRATION_BYTES: info.copied_bytes,
+                                "drover.migration.remaining_blocks": info.remaining_blocks,
+                            }
+                        )
                     stages += 1
                     copied_blocks += info.copied_blocks
                     copied_bytes += info.copied_bytes
@@ -253,8 +272,12 @@ class MigratorActor(SupervisedActor):
                 with tracer().start_as_current_span(spans.MIGRATION_STOP_AND_COPY) as stop_span:
                     stopped = await self._out(src, op="stop", migration_id=migration_id)
                     if stopped.stage is not None:
-                        stop_span.set_attributes({spans.MIGRATION_BLOCKS: stopped.stage.copied_blocks,
-                                                  spans.MIGRATION_BYTES: stopped.stage.copied_bytes})
+                        stop_span.set_attributes(
+                            {
+                                spans.MIGRATION_BLOCKS: stopped.stage.copied_blocks,
+                                spans.MIGRATION_BYTES: stopped.stage.copied_bytes,
+                            }
+                        )
                         copied_blocks += stopped.stage.copied_blocks
                         copied_bytes += stopped.stage.copied_bytes
                     if stopped.stage is not None and stopped.stage.request_finished:
@@ -274,28 +297,50 @@ class MigratorActor(SupervisedActor):
             resumed_on_source = False
             if outcome != "ok":
                 resumed_on_source = await self._clean_up(src, dst, migration_id, begun, stopped)
-            span.set_attributes({"drover.migration.stages": stages, spans.MIGRATION_BLOCKS: copied_blocks,
-                                 spans.MIGRATION_BYTES: copied_bytes, "drover.migration.downtime_s": downtime,
-                                 "drover.migration.outcome": outcome})
+            span.set_attributes(
+                {
+                    "drover.migration.stages": stages,
+                    spans.MIGRATION_BLOCKS: copied_blocks,
+                    spans.MIGRATION_BYTES: copied_bytes,
+                    "drover.migration.downtime_s": downtime,
+                    "drover.migration.outcome": outcome,
+                }
+            )
         metrics().migration_finished("committed" if outcome == "ok" else "aborted", copied_bytes, downtime)
         ended = MigrationEnded(
-            migration_id=migration_id, request_id=rid, source=src, destination=dst, ok=outcome == "ok",
-            reason=outcome, downtime_s=downtime, stages=stages, copied_blocks=copied_blocks,
-            copied_bytes=copied_bytes, resumed_on_source=resumed_on_source,
+            migration_id=migration_id,
+            request_id=rid,
+            source=src,
+            destination=dst,
+            ok=outcome == "ok",
+            reason=outcome,
+            downtime_s=downtime,
+            stages=stages,
+            copied_blocks=copied_blocks,
+            copied_bytes=copied_bytes,
+            resumed_on_source=resumed_on_source,
         )
         if start.reply_to:
-            await self.bus.apublish(start.reply_to, AdminReply(
-                ok=ended.ok, message="migrated" if ended.ok else f"aborted: {outcome}",
-                details={"migration_id": migration_id, "downtime_ms": round(downtime * 1e3, 3),
-                         "stages": stages, "copied_blocks": copied_blocks, "copied_bytes": copied_bytes}))
+            await self.bus.apublish(
+                start.reply_to,
+                AdminReply(
+                    ok=ended.ok,
+                    message="migrated" if ended.ok else f"aborted: {outcome}",
+                    details={
+                        "migration_id": migration_id,
+                        "downtime_ms": round(downtime * 1e3, 3),
+                        "stages": stages,
+                        "copied_blocks": copied_blocks,
+                        "copied_bytes": copied_bytes,
+                    },
+                ),
+            )
         if self.actor_ref.is_alive():
             self.actor_ref.tell(ended)
         else:
             self.scheduler.tell(ended)
 
-    async def _resume(
-        self, instance_id: str, state: MigrateOutReply, source: str, *, load_kv: bool = True
-    ) -> None:
+    async def _resume(self, instance_id: str, state: MigrateOutReply, source: str, *, load_kv: bool = True) -> None:
         if state.sampling is None or not state.request_id:
             raise MigrationFailed("source returned no request state")
         add = EngineAdd(

@@ -188,9 +188,17 @@ class SchedulerActor(SupervisedActor):
         record.state, record.draining, record.can_migrate = beat.state, beat.draining, beat.can_migrate
         self.policy.upsert(self._snapshot(record))
         load = beat.load
-        metrics().update_instance(InstanceGauges(instance_id, _instance_state(record), load.num_free_blocks,
-                                                 load.num_total_blocks, load.num_running, load.num_waiting,
-                                                 record.dispatched))
+        metrics().update_instance(
+            InstanceGauges(
+                instance_id,
+                _instance_state(record),
+                load.num_free_blocks,
+                load.num_total_blocks,
+                load.num_running,
+                load.num_waiting,
+                record.dispatched,
+            )
+        )
         if is_new:
             self._drain_queue()
 
@@ -226,8 +234,9 @@ class SchedulerActor(SupervisedActor):
         for instance_id, record in list(self.instances.items()):
             if now - record.last_seen > stale_after or record.state == "stopping":
                 if record.state != "stopping":
-                    log.warning("instance %s missed heartbeats for %.1fs: declared dead", instance_id,
-                                now - record.last_seen)
+                    log.warning(
+                        "instance %s missed heartbeats for %.1fs: declared dead", instance_id, now - record.last_seen
+                    )
                 self.instances.pop(instance_id)
                 self.policy.remove(instance_id)
                 metrics().remove_instance(instance_id)
@@ -248,8 +257,10 @@ class SchedulerActor(SupervisedActor):
                 self._fail_request(record, f"engine {dead_instance} failed; retry limit reached")
                 continue
             if not record.submit.reply_to.startswith(subjects.INBOX_ROOT + "."):
-                self._fail_request(record, f"engine {dead_instance} failed (use an inbox under "
-                                           f"{subjects.INBOX_ROOT} to have streams resumed)")
+                self._fail_request(
+                    record,
+                    f"engine {dead_instance} failed (use an inbox under {subjects.INBOX_ROOT} to have streams resumed)",
+                )
                 continue
             record.state, record.instance_id = "recovering", None
             self.bus.run(self._read_delivered(record.request_id, record.submit.reply_to))
@@ -357,11 +368,11 @@ class SchedulerActor(SupervisedActor):
                 request_id,
             )
             return
-        if len(self.queue) >= self.settings.scheduler.max_queued_requests and self._no_room(request_id, token_ids, submit):
+        if len(self.queue) >= self.settings.scheduler.max_queued_requests and self._no_room(
+            request_id, token_ids, submit
+        ):
             metrics().request_finished(ErrorCode.OVERLOADED, str(submit.request_class))
-            self.bus.reply_error(
-                reply_to, ErrorCode.OVERLOADED, "request queue is full; retry later", request_id
-            )
+            self.bus.reply_error(reply_to, ErrorCode.OVERLOADED, "request queue is full; retry later", request_id)
             return
         record = RequestRecord(
             submit=submit,
@@ -391,7 +402,8 @@ class SchedulerActor(SupervisedActor):
             priority=submit.priority,
             model=submit.model or "",
             prefix_block_hashes=prefix_block_hashes(token_ids, block_size)
-            if self.params.dispatch_policy == "prefix_affinity" else (),
+            if self.params.dispatch_policy == "prefix_affinity"
+            else (),
         )
 
     def _dispatch(self, record: RequestRecord) -> bool:
@@ -494,37 +506,54 @@ class SchedulerActor(SupervisedActor):
     def _on_migrate_command(self, command: MigrateCommand, reply: str) -> None:
         record = self.requests.get(command.request_id)
         if record is None or record.instance_id is None:
-            self.bus.reply_error(reply, ErrorCode.UNKNOWN_REQUEST, f"no running request {command.request_id}",
-                                 command.request_id)
+            self.bus.reply_error(
+                reply, ErrorCode.UNKNOWN_REQUEST, f"no running request {command.request_id}", command.request_id
+            )
             return
         source = self.instances.get(record.instance_id)
         if source is None or not source.can_migrate:
-            self.bus.reply_error(reply, ErrorCode.MIGRATION_FAILED,
-                                 f"instance {record.instance_id} cannot migrate requests", command.request_id)
+            self.bus.reply_error(
+                reply,
+                ErrorCode.MIGRATION_FAILED,
+                f"instance {record.instance_id} cannot migrate requests",
+                command.request_id,
+            )
             return
         destination = command.destination or self._pick_destination(source) or ""
         target = self.instances.get(destination)
         if target is None:
-            self.bus.reply_error(reply, ErrorCode.UNKNOWN_INSTANCE,
-                                 f"no instance {command.destination or '(any compatible)'} to migrate to")
+            self.bus.reply_error(
+                reply,
+                ErrorCode.UNKNOWN_INSTANCE,
+                f"no instance {command.destination or '(any compatible)'} to migrate to",
+            )
             return
-        if destination == source.info.instance_id or not target.can_migrate or \
-                not target.info.compatible_with(source.info):
-            self.bus.reply_error(reply, ErrorCode.MIGRATION_FAILED,
-                                 f"{destination} is not a compatible migration destination for {source.info.instance_id}")
+        if (
+            destination == source.info.instance_id
+            or not target.can_migrate
+            or not target.info.compatible_with(source.info)
+        ):
+            self.bus.reply_error(
+                reply,
+                ErrorCode.MIGRATION_FAILED,
+                f"{destination} is not a compatible migration destination for {source.info.instance_id}",
+            )
             return
         if command.request_id in self.migrations:
             self.bus.reply_error(reply, ErrorCode.MIGRATION_FAILED, f"{command.request_id} is already migrating")
             return
-        blocks = next((r.num_blocks for r in source.load.running if r.request_id == command.request_id),
-                      -(-len(record.prompt_token_ids) // source.info.block_size))
-        self._start_migration(command.request_id, source.info.instance_id, destination, blocks, command.reason,
-                              reply)
+        blocks = next(
+            (r.num_blocks for r in source.load.running if r.request_id == command.request_id),
+            -(-len(record.prompt_token_ids) // source.info.block_size),
+        )
+        self._start_migration(command.request_id, source.info.instance_id, destination, blocks, command.reason, reply)
 
     def _pick_destination(self, source: InstanceRecord) -> str | None:
-        candidates = [r for r in self.instances.values()
-                      if r is not source and r.can_migrate and not r.drain_requested
-                      and r.info.compatible_with(source.info)]
+        candidates = [
+            r
+            for r in self.instances.values()
+            if r is not source and r.can_migrate and not r.drain_requested and r.info.compatible_with(source.info)
+        ]
         best = max(candidates, key=lambda r: r.load.num_free_blocks, default=None)
         return best.info.instance_id if best else None
 
@@ -539,9 +568,14 @@ class SchedulerActor(SupervisedActor):
         if command.undo:
             self.bus.publish(reply, AdminReply(ok=True, message=f"{command.instance_id} is back in service"))
         elif reply:
-            self.bus.publish(reply, AdminReply(
-                ok=True, message=f"draining {command.instance_id}: {len(running)} requests to move",
-                details={"running": running, "can_migrate": record.can_migrate}))
+            self.bus.publish(
+                reply,
+                AdminReply(
+                    ok=True,
+                    message=f"draining {command.instance_id}: {len(running)} requests to move",
+                    details={"running": running, "can_migrate": record.can_migrate},
+                ),
+            )
 
     def _on_policy(self, message: PolicyQuery | PolicyUpdate, reply: str) -> None:
         if isinstance(message, PolicyUpdate):
@@ -550,8 +584,10 @@ class SchedulerActor(SupervisedActor):
             except ValueError as exc:
                 self.bus.reply_error(reply, ErrorCode.INVALID_REQUEST, str(exc))
                 return
-            if params.dispatch_policy != self.params.dispatch_policy or \
-                    params.dispatch_params() != self.params.dispatch_params():
+            if (
+                params.dispatch_policy != self.params.dispatch_policy
+                or params.dispatch_params() != self.params.dispatch_params()
+            ):
                 self.policy = make_dispatch_policy(params.dispatch_policy, params.dispatch_params())
                 for record in self.instances.values():
                     self.policy.upsert(self._snapshot(record))

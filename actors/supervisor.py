@@ -9,6 +9,7 @@ fails more than ``max_restarts`` times inside ``restart_window_s`` is given up o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -70,10 +71,8 @@ class SupervisedActor(pykka.ThreadingActor):
     ) -> None:
         log.error("actor %s failed: %r", self.child_name, exception_value)
         if self.supervisor is not None:
-            try:
+            with contextlib.suppress(pykka.ActorDeadError):
                 self.supervisor.tell(ChildFailed(self.child_name, repr(exception_value)))
-            except pykka.ActorDeadError:
-                pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,10 +161,8 @@ class SupervisorActor(pykka.ThreadingActor):
         for child in self.children.values():
             ref = child.slot.ref
             if ref is not None and ref.is_alive():
-                try:
+                with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
                     ref.stop(timeout=5)
-                except (pykka.ActorDeadError, pykka.Timeout):
-                    pass
 
     # ------------------------------------------------------------------------------------------- restart logic
     def restart_delay(self, child: _Child) -> float:
@@ -209,10 +206,8 @@ class SupervisorActor(pykka.ThreadingActor):
         ref = self.actor_ref
 
         def fire() -> None:
-            try:
+            with contextlib.suppress(pykka.ActorDeadError):
                 ref.tell(message)
-            except pykka.ActorDeadError:
-                pass
 
         timer = threading.Timer(delay_s, fire)
         timer.daemon = True

@@ -98,8 +98,9 @@ def up(
     """Start a local cluster (embedded NATS, control plane, engines), run a demo workload, print a summary."""
     from control.launcher import local_cluster, run_workload, summarize, wait_ready
 
-    s = settings({"engine": {"kind": kind}, "demo": {"instances": instances, "requests": requests,
-                                                      "max_tokens": max_tokens}})
+    s = settings(
+        {"engine": {"kind": kind}, "demo": {"instances": instances, "requests": requests, "max_tokens": max_tokens}}
+    )
     demo = s.demo
     if s.engine.kind == "vllm":
         with console.status("building the tiny model (once, cached)..."):
@@ -109,8 +110,9 @@ def up(
         console.print(f"model: {model_dir}")
     with local_cluster(s, demo.instances, work_dir) as cluster:
         console.print(f"NATS at [bold]{cluster.url}[/]; logs in {cluster.work_dir}")
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                      console=console, transient=True) as progress:
+        with Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True
+        ) as progress:
             progress.add_task(f"starting control plane and {demo.instances} {s.engine.kind} engines...")
             asyncio.run(wait_ready(cluster, demo.instances, timeout_s=600))
         console.print(f"[green]{demo.instances} instances serving[/]; submitting {demo.requests} requests")
@@ -156,9 +158,10 @@ def submit(
     url = _need_url(settings())
 
     async def go() -> int:
-        async with DroverClient(url, name="drover-cli") as client:  # noqa: SIM117
-            req = await client.submit(prompt, max_tokens=max_tokens, temperature=temperature,
-                                      priority=priority, request_id=request_id)
+        async with DroverClient(url, name="drover-cli") as client:
+            req = await client.submit(
+                prompt, max_tokens=max_tokens, temperature=temperature, priority=priority, request_id=request_id
+            )
             try:
                 async for event in req.events():
                     if stream:
@@ -189,14 +192,31 @@ def _status() -> Any:
 
 def _instances_table(status: Any) -> Table:
     table = Table(title=f"instances (dispatch: {status.dispatch_policy})")
-    for column in ("instance", "kind", "model", "state", "free/total blocks", "running", "waiting", "dispatched",
-                   "age s"):
+    for column in (
+        "instance",
+        "kind",
+        "model",
+        "state",
+        "free/total blocks",
+        "running",
+        "waiting",
+        "dispatched",
+        "age s",
+    ):
         table.add_column(column)
     for inst in status.instances:
         load = inst.load
-        table.add_row(inst.info.instance_id, inst.info.engine_kind, inst.info.model, inst.state,
-                      f"{load.num_free_blocks}/{load.num_total_blocks}", str(load.num_running),
-                      str(load.num_waiting), str(inst.dispatched), f"{inst.age_s:.1f}")
+        table.add_row(
+            inst.info.instance_id,
+            inst.info.engine_kind,
+            inst.info.model,
+            inst.state,
+            f"{load.num_free_blocks}/{load.num_total_blocks}",
+            str(load.num_running),
+            str(load.num_waiting),
+            str(inst.dispatched),
+            f"{inst.age_s:.1f}",
+        )
     return table
 
 
@@ -205,8 +225,15 @@ def _requests_table(status: Any) -> Table:
     for column in ("request", "instance", "state", "prompt tokens", "priority", "class", "age s"):
         table.add_column(column)
     for req in status.requests:
-        table.add_row(req.request_id, req.instance_id or "-", req.state, str(req.prompt_tokens),
-                      str(req.priority), str(req.request_class), f"{req.age_s:.1f}")
+        table.add_row(
+            req.request_id,
+            req.instance_id or "-",
+            req.state,
+            str(req.prompt_tokens),
+            str(req.priority),
+            str(req.request_class),
+            f"{req.age_s:.1f}",
+        )
     return table
 
 
@@ -286,16 +313,20 @@ def drain(
 
     async def watch(client: Any) -> str:
         deadline = time.monotonic() + timeout_s
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                      console=console, transient=True) as progress:
+        with Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True
+        ) as progress:
             task = progress.add_task(f"draining {instance_id}")
             while time.monotonic() < deadline:
                 status = await client.status()
                 inst = next((i for i in status.instances if i.info.instance_id == instance_id), None)
                 if inst is None:
                     return "gone"
-                progress.update(task, description=f"draining {instance_id}: {inst.load.num_running} running, "
-                                                  f"{inst.load.num_waiting} waiting")
+                progress.update(
+                    task,
+                    description=f"draining {instance_id}: {inst.load.num_running} running, "
+                    f"{inst.load.num_waiting} waiting",
+                )
                 if inst.state == "drained":
                     return "drained"
                 await asyncio.sleep(0.2)
@@ -306,8 +337,9 @@ def drain(
     raise typer.Exit(0 if outcome in ("drained", "gone") else 1)
 
 
-policy_app = typer.Typer(help="Scheduling policy parameters (dispatch, migration), changeable at run time.",
-                         no_args_is_help=True)
+policy_app = typer.Typer(
+    help="Scheduling policy parameters (dispatch, migration), changeable at run time.", no_args_is_help=True
+)
 app.add_typer(policy_app, name="policy")
 
 

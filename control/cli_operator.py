@@ -18,8 +18,10 @@ def _settings(ctx: typer.Context) -> Any:
     from control.settings import load_settings
 
     root = ctx.find_root().params
-    return load_settings(root.get("config"), {"nats": {"url": root.get("nats_url")},
-                                              "observability": {"log_level": root.get("log_level")}})
+    return load_settings(
+        root.get("config"),
+        {"nats": {"url": root.get("nats_url")}, "observability": {"log_level": root.get("log_level")}},
+    )
 
 
 def _need_url(s: Any) -> str:
@@ -74,9 +76,14 @@ def register(app: typer.Typer) -> None:
 
         s = _settings(ctx)
         url = _need_url(s)
-        overrides: dict[str, Any] = {"host": host, "port": port, "requests_per_minute": requests_per_minute,
-                                     "token_quota": token_quota, "ssl_certfile": ssl_certfile,
-                                     "ssl_keyfile": ssl_keyfile}
+        overrides: dict[str, Any] = {
+            "host": host,
+            "port": port,
+            "requests_per_minute": requests_per_minute,
+            "token_quota": token_quota,
+            "ssl_certfile": ssl_certfile,
+            "ssl_keyfile": ssl_keyfile,
+        }
         if api_key:
             overrides["api_keys"] = _parse_keys(api_key)
         try:
@@ -86,8 +93,9 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(2) from exc
         obs = s.observability
         setup_logging(obs.log_level)
-        setup_tracing(f"{obs.service_name}-gateway", obs.exporter, jsonl_path=obs.jsonl_path,
-                      otlp_endpoint=obs.otlp_endpoint)
+        setup_tracing(
+            f"{obs.service_name}-gateway", obs.exporter, jsonl_path=obs.jsonl_path, otlp_endpoint=obs.otlp_endpoint
+        )
         scheme = "https" if settings.tls else "http"
         auth = f"{len(settings.api_keys)} API keys" if settings.api_keys else "no authentication"
         cli.console.print(f"gateway on {scheme}://{settings.host}:{settings.port}/v1 -> {url} ({auth})")
@@ -108,8 +116,9 @@ def register(app: typer.Typer) -> None:
 
         url = _need_url(_settings(ctx))
         try:
-            asyncio.run(run_top(url, interval_s=interval, once=once, console=cli.console,
-                                connect_options=cli._CLI_CONNECT))
+            asyncio.run(
+                run_top(url, interval_s=interval, once=once, console=cli.console, connect_options=cli._CLI_CONNECT)
+            )
         except KeyboardInterrupt:
             pass
         except Exception as exc:
@@ -120,8 +129,12 @@ def register(app: typer.Typer) -> None:
     def trace_cmd(
         ctx: typer.Context,
         request_id: str = typer.Argument(..., help="Request id (the gateway's response id) or a trace id."),
-        files: list[Path] = typer.Option([], "--file", "-f", help="JSON-lines span files (default: the "
-                                         "observability.jsonl_path setting); repeat for several."),
+        files: list[Path] = typer.Option(
+            [],
+            "--file",
+            "-f",
+            help="JSON-lines span files (default: the observability.jsonl_path setting); repeat for several.",
+        ),
         width: int = typer.Option(48, "--width", min=10, help="Timeline width in characters."),
     ) -> None:
         """Waterfall of a request's spans across gateway, client, scheduler, engines and migrations."""
@@ -131,8 +144,10 @@ def register(app: typer.Typer) -> None:
         paths = files or [Path(_settings(ctx).observability.jsonl_path)]
         missing = [str(p) for p in paths if not p.exists()]
         if missing:
-            cli.console.print(f"[red]no span file {', '.join(missing)}[/] (spans are written there with the "
-                              "jsonl exporter: DROVER_OBSERVABILITY__EXPORTER=jsonl)")
+            cli.console.print(
+                f"[red]no span file {', '.join(missing)}[/] (spans are written there with the "
+                "jsonl exporter: DROVER_OBSERVABILITY__EXPORTER=jsonl)"
+            )
             raise typer.Exit(1)
         try:
             found = find_request_spans(paths, request_id)
@@ -160,8 +175,9 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(1) from exc
 
 
-async def _serve_metrics(url: str, host: str, port: int, interval_s: float, once: bool,
-                         connect_options: dict[str, Any]) -> None:
+async def _serve_metrics(
+    url: str, host: str, port: int, interval_s: float, once: bool, connect_options: dict[str, Any]
+) -> None:
     from control.client import DroverClient
     from control.metrics_exporter import ClusterMetricsExporter
     from observability.metrics import Metrics, start_metrics_server

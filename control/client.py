@@ -9,6 +9,7 @@ index: the client drops duplicates and reorders, so each token is delivered once
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import re
 import time
@@ -183,10 +184,8 @@ class RequestStream:
     async def close(self) -> None:
         if self._subscription is not None:
             sub, self._subscription = self._subscription, None
-            try:
+            with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-            except Exception:
-                pass
 
 
 class DroverClient:
@@ -196,7 +195,8 @@ class DroverClient:
         self.url = url
         self.name = name
         self.inbox_prefix = inbox_prefix or subjects.client_inbox_prefix(
-            re.sub(r"[^A-Za-z0-9_-]", "-", name)[:64] or "client")
+            re.sub(r"[^A-Za-z0-9_-]", "-", name)[:64] or "client"
+        )
         self._nc: NatsClient | None = None
 
     async def connect(self, **kwargs: object) -> DroverClient:
@@ -308,8 +308,7 @@ class DroverClient:
         """Live-migrate a running request (to ``destination``, or the freest compatible instance).
 
         Returns when the migration committed or aborted; ``ok`` says which, ``details`` has the figures."""
-        return await self._admin("migrate", MigrateCommand(request_id=request_id, destination=destination),
-                                 timeout_s)
+        return await self._admin("migrate", MigrateCommand(request_id=request_id, destination=destination), timeout_s)
 
     async def drain(self, instance_id: str, *, undo: bool = False, timeout_s: float = 5.0) -> AdminReply:
         """Stop dispatching to an instance and migrate its requests away (poll status for 'drained');

@@ -66,8 +66,9 @@ class ClusterMetricsExporter:
         status = await self.client.status(timeout_s=max(1.0, self.interval_s))
         self.metrics.set_instances(instance_gauges(status))
         self.metrics.set_scheduler(queued=status.queued, in_flight=len(status.requests))
-        self.metrics.set_migrations(status.migrations_completed, status.migrations_aborted,
-                                    len(status.migrations_in_flight))
+        self.metrics.set_migrations(
+            status.migrations_completed, status.migrations_aborted, len(status.migrations_in_flight)
+        )
         return status
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -51,9 +51,7 @@ class ModelSettings(_Section):
         None, description="Hugging Face model directory. None: the generated tiny model (built once, cached)."
     )
     name: str = Field("drover-tiny", description="Model name engines advertise and requests may name.")
-    cache_dir: str = Field(
-        str(Path.home() / ".cache" / "drover"), description="Where generated models are cached."
-    )
+    cache_dir: str = Field(str(Path.home() / ".cache" / "drover"), description="Where generated models are cached.")
     max_model_len: int = Field(2048, description="Context length of an instance (prompt + output).")
     dtype: str = Field("float32", description="Engine dtype; float32 keeps greedy output exact on CPU.")
 
@@ -69,9 +67,7 @@ class EngineSettings(_Section):
     cpu_threads: int = Field(1, description="Torch threads per engine; CI has 2 cores for everything.")
     heartbeat_interval_s: float = Field(0.25, description="How often an engine publishes its load.")
     sim_num_blocks: int = Field(512, description="KV blocks of a simulated instance.")
-    sim_time_scale: float = Field(
-        1.0, description="Simulated engines in live mode: wall seconds per modelled second."
-    )
+    sim_time_scale: float = Field(1.0, description="Simulated engines in live mode: wall seconds per modelled second.")
     seed: int = Field(0, description="Sampling seed passed to engines.")
 
 
@@ -107,9 +103,7 @@ class ReliabilitySettings(_Section):
 
 
 class LimitsSettings(_Section):
-    max_prompt_tokens: int = Field(
-        0, description="Largest prompt accepted; 0 means the instances' max_model_len - 1."
-    )
+    max_prompt_tokens: int = Field(0, description="Largest prompt accepted; 0 means the instances' max_model_len - 1.")
     max_new_tokens: int = Field(4096, description="Largest max_tokens a request may ask for.")
     max_message_bytes: int = Field(4 * 1024 * 1024, description="Submissions larger than this are refused.")
 
@@ -204,9 +198,7 @@ def _env_overrides() -> dict[str, Any]:
     return nested
 
 
-def load_settings(
-    config_file: str | Path | None = None, overrides: dict[str, Any] | None = None
-) -> Settings:
+def load_settings(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
     """Build the effective settings: defaults < TOML file < environment < ``overrides`` (CLI flags).
 
     ``overrides`` is nested by section, e.g. ``{"nats": {"url": "nats://..."}}``; None values are ignored.
@@ -217,8 +209,7 @@ def load_settings(
         with open(path, "rb") as handle:
             file_values = tomllib.load(handle)
     flag_values = {
-        section: {k: v for k, v in fields.items() if v is not None}
-        for section, fields in (overrides or {}).items()
+        section: {k: v for k, v in fields.items() if v is not None} for section, fields in (overrides or {}).items()
     }
     merged = _deep_merge(_deep_merge(file_values, _env_overrides()), flag_values)
     # Policy values override field by field on top of Drover's live defaults (a dataclass, not a section).

@@ -77,13 +77,15 @@ def _state(state: str) -> Text:
     return Text(state, style=colour)
 
 
-def render_frame(status: StatusReply, rates: dict[str, float], state: TopState, *, url: str = "",
-                 interval_s: float = 0.0) -> RenderableType:
+def render_frame(
+    status: StatusReply, rates: dict[str, float], state: TopState, *, url: str = "", interval_s: float = 0.0
+) -> RenderableType:
     """One dashboard frame (a pure function of the status and the history in ``state``)."""
     serving = sum(1 for i in status.instances if i.state == "serving")
     running = sum(1 for r in status.requests if r.state == "running")
     header = Text.assemble(
-        ("drover top", "bold"), f"  {url}  " if url else "  ",
+        ("drover top", "bold"),
+        f"  {url}  " if url else "  ",
         f"policy {status.dispatch_policy}  ",
         f"instances {serving}/{len(status.instances)} serving  ",
         f"queued {status.queued}  in flight {len(status.requests)} ({running} running)  ",
@@ -92,18 +94,36 @@ def render_frame(status: StatusReply, rates: dict[str, float], state: TopState, 
         (f"  every {interval_s:g}s" if interval_s else "", "dim"),
     )
     instances = Table(title="instances", title_justify="left", expand=True)
-    for column, justify in (("instance", "left"), ("kind", "left"), ("model", "left"), ("state", "left"),
-                            ("KV used", "left"), ("free/total", "right"), ("running", "right"),
-                            ("waiting", "right"), ("dispatched", "right"), ("disp/s", "right"),
-                            ("heartbeat", "right")):
+    for column, justify in (
+        ("instance", "left"),
+        ("kind", "left"),
+        ("model", "left"),
+        ("state", "left"),
+        ("KV used", "left"),
+        ("free/total", "right"),
+        ("running", "right"),
+        ("waiting", "right"),
+        ("dispatched", "right"),
+        ("disp/s", "right"),
+        ("heartbeat", "right"),
+    ):
         instances.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for inst in status.instances:
         load = inst.load
         rate = rates.get(inst.info.instance_id)
-        instances.add_row(inst.info.instance_id, inst.info.engine_kind, inst.info.model, _state(inst.state),
-                          kv_bar(inst), f"{load.num_free_blocks}/{load.num_total_blocks}", str(load.num_running),
-                          str(load.num_waiting), str(inst.dispatched), "-" if rate is None else f"{rate:.1f}",
-                          f"{inst.age_s:.1f}s ago")
+        instances.add_row(
+            inst.info.instance_id,
+            inst.info.engine_kind,
+            inst.info.model,
+            _state(inst.state),
+            kv_bar(inst),
+            f"{load.num_free_blocks}/{load.num_total_blocks}",
+            str(load.num_running),
+            str(load.num_waiting),
+            str(inst.dispatched),
+            "-" if rate is None else f"{rate:.1f}",
+            f"{inst.age_s:.1f}s ago",
+        )
     by_class = Counter((str(r.request_class), r.state) for r in status.requests)
     requests = Table(title="requests in flight", title_justify="left")
     requests.add_column("class")
@@ -112,16 +132,25 @@ def render_frame(status: StatusReply, rates: dict[str, float], state: TopState, 
     requests.add_column("high priority", justify="right")
     for request_class in sorted({c for c, _ in by_class} | {"interactive"}):
         high = sum(1 for r in status.requests if str(r.request_class) == request_class and r.priority > 0)
-        requests.add_row(request_class, str(by_class[(request_class, "queued")]),
-                         str(by_class[(request_class, "running")]), str(high))
+        requests.add_row(
+            request_class,
+            str(by_class[(request_class, "queued")]),
+            str(by_class[(request_class, "running")]),
+            str(high),
+        )
     oldest = Table(title=f"oldest requests (of {len(status.requests)})", title_justify="left")
     for column in ("request", "instance", "state", "prompt", "prio", "age s"):
         oldest.add_column(column, justify="right" if column in ("prompt", "prio", "age s") else "left")
     migrating = set(status.migrations_in_flight)
     for req in sorted(status.requests, key=lambda r: -r.age_s)[:OLDEST_SHOWN]:
-        oldest.add_row(req.request_id, req.instance_id or "-",
-                       req.state + (" (migrating)" if req.request_id in migrating else ""),
-                       str(req.prompt_tokens), str(req.priority), f"{req.age_s:.1f}")
+        oldest.add_row(
+            req.request_id,
+            req.instance_id or "-",
+            req.state + (" (migrating)" if req.request_id in migrating else ""),
+            str(req.prompt_tokens),
+            str(req.priority),
+            f"{req.age_s:.1f}",
+        )
     parts: list[RenderableType] = [header, instances, requests, oldest]
     if state.recent_moves:
         moves = Table(title="recent moves (migration or failover)", title_justify="left")
@@ -131,13 +160,18 @@ def render_frame(status: StatusReply, rates: dict[str, float], state: TopState, 
             moves.add_row(rid, source, destination)
         parts.append(moves)
     if status.actors:
-        parts.append(Text("actors: " + ", ".join(f"{k}={v}" for k, v in sorted(status.actors.items())),
-                          style="dim"))
+        parts.append(Text("actors: " + ", ".join(f"{k}={v}" for k, v in sorted(status.actors.items())), style="dim"))
     return Group(*parts)
 
 
-async def run_top(url: str, *, interval_s: float = 1.0, once: bool = False, console: Console | None = None,
-                  connect_options: dict[str, object] | None = None) -> None:
+async def run_top(
+    url: str,
+    *,
+    interval_s: float = 1.0,
+    once: bool = False,
+    console: Console | None = None,
+    connect_options: dict[str, object] | None = None,
+) -> None:
     """Poll the cluster at ``url`` and redraw every ``interval_s``; ``once`` prints one frame and returns.
 
     A frame needs two polls for dispatch rates, so ``once`` polls twice, ``interval_s`` apart (at most 1 s)."""
@@ -156,8 +190,10 @@ async def run_top(url: str, *, interval_s: float = 1.0, once: bool = False, cons
                 try:
                     status = await client.status()
                 except Exception as exc:  # keep the last frame and say why it is stale; retry next tick
-                    live.update(Group(live.renderable, Text(f"no answer from the control plane: {exc!r}",
-                                                            style="red")), refresh=True)
+                    live.update(
+                        Group(live.renderable, Text(f"no answer from the control plane: {exc!r}", style="red")),
+                        refresh=True,
+                    )
                 else:
                     rates = state.observe(status, time.monotonic())
                     live.update(render_frame(status, rates, state, url=url, interval_s=interval_s), refresh=True)

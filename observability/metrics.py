@@ -57,8 +57,12 @@ class MetricsSettings(BaseModel):
     host: str = Field("127.0.0.1", description="Bind address of the scrape endpoints.")
     control_port: int = Field(0, ge=0, le=65535, description="Control plane's /metrics port; 0: off.")
     engine_port: int = Field(
-        0, ge=0, le=65535, description="An engine host's /metrics port; 0: off. One engine host per machine, "
-        "or set it per process (DROVER_METRICS__ENGINE_PORT).")
+        0,
+        ge=0,
+        le=65535,
+        description="An engine host's /metrics port; 0: off. One engine host per machine, "
+        "or set it per process (DROVER_METRICS__ENGINE_PORT).",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,10 +83,12 @@ class Metrics:
 
     def __init__(self, service_name: str = "drover") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._reader = PrometheusMetricReader(registry=self.registry, scope_info_enabled=False,
-                                              disable_target_info=True)
-        self._provider = MeterProvider(metric_readers=[self._reader],
-                                       resource=Resource.create({"service.name": service_name}))
+        self._reader = PrometheusMetricReader(
+            registry=self.registry, scope_info_enabled=False, disable_target_info=True
+        )
+        self._provider = MeterProvider(
+            metric_readers=[self._reader], resource=Resource.create({"service.name": service_name})
+        )
         meter = self._provider.get_meter("drover")
         self._lock = threading.Lock()
         self._instances: dict[str, InstanceGauges] = {}
@@ -92,63 +98,107 @@ class Metrics:
         self._migrations_in_flight = 0
 
         # Request path (scheduler and engines)
-        self._requests = meter.create_counter("drover.requests", description="Requests ended, by outcome "
-                                              "(finish reason or error code) and class.")
+        self._requests = meter.create_counter(
+            "drover.requests", description="Requests ended, by outcome (finish reason or error code) and class."
+        )
         self._tokens = meter.create_counter("drover.tokens", description="Tokens by kind (prompt, completion).")
-        self._ttft = meter.create_histogram("drover.ttft", unit="s", description="Arrival to first token.",
-                                            explicit_bucket_boundaries_advisory=TTFT_BUCKETS)
-        self._itl = meter.create_histogram("drover.inter_token", unit="s", description="Gap between tokens.",
-                                           explicit_bucket_boundaries_advisory=INTER_TOKEN_BUCKETS)
-        self._engine_ended = meter.create_counter("drover.engine.requests",
-                                                  description="Requests that left an instance, by finish reason.")
+        self._ttft = meter.create_histogram(
+            "drover.ttft",
+            unit="s",
+            description="Arrival to first token.",
+            explicit_bucket_boundaries_advisory=TTFT_BUCKETS,
+        )
+        self._itl = meter.create_histogram(
+            "drover.inter_token",
+            unit="s",
+            description="Gap between tokens.",
+            explicit_bucket_boundaries_advisory=INTER_TOKEN_BUCKETS,
+        )
+        self._engine_ended = meter.create_counter(
+            "drover.engine.requests", description="Requests that left an instance, by finish reason."
+        )
         # Migrations
         self._migrations = meter.create_counter("drover.migrations", description="Migrations by outcome.")
-        self._migration_bytes = meter.create_counter("drover.migration.bytes", unit="By",
-                                                     description="KV bytes copied by migrations.")
-        self._downtime = meter.create_histogram("drover.migration.downtime", unit="s",
-                                                description="Stop-and-copy downtime of committed migrations.",
-                                                explicit_bucket_boundaries_advisory=DOWNTIME_BUCKETS)
+        self._migration_bytes = meter.create_counter(
+            "drover.migration.bytes", unit="By", description="KV bytes copied by migrations."
+        )
+        self._downtime = meter.create_histogram(
+            "drover.migration.downtime",
+            unit="s",
+            description="Stop-and-copy downtime of committed migrations.",
+            explicit_bucket_boundaries_advisory=DOWNTIME_BUCKETS,
+        )
         # Instances and queue: observed when scraped, from the last values set
-        meter.create_observable_gauge("drover.instance.free_blocks", [self._observe("free_blocks")],
-                                      description="Free KV blocks of an instance.")
-        meter.create_observable_gauge("drover.instance.total_blocks", [self._observe("total_blocks")],
-                                      description="KV blocks of an instance.")
-        meter.create_observable_gauge("drover.instance.running_requests", [self._observe("running")],
-                                      description="Requests decoding on an instance.")
-        meter.create_observable_gauge("drover.instance.waiting_requests", [self._observe("waiting")],
-                                      description="Requests waiting in an instance's queue.")
-        meter.create_observable_counter("drover.instance.dispatched", [self._observe("dispatched")],
-                                        description="Requests the scheduler dispatched to an instance.")
-        meter.create_observable_gauge("drover.instances", [self._observe_states],
-                                      description="Instances by state.")
-        meter.create_observable_gauge("drover.queue_depth", [lambda _: [Observation(self._queued)]],
-                                      description="Requests queued at the scheduler (no instance could take them).")
-        meter.create_observable_gauge("drover.requests_in_flight", [lambda _: [Observation(self._in_flight)]],
-                                      description="Requests the scheduler tracks (queued + running).")
-        meter.create_observable_gauge("drover.migrations_in_flight",
-                                      [lambda _: [Observation(self._migrations_in_flight)]],
-                                      description="Live migrations running now.")
+        meter.create_observable_gauge(
+            "drover.instance.free_blocks", [self._observe("free_blocks")], description="Free KV blocks of an instance."
+        )
+        meter.create_observable_gauge(
+            "drover.instance.total_blocks", [self._observe("total_blocks")], description="KV blocks of an instance."
+        )
+        meter.create_observable_gauge(
+            "drover.instance.running_requests",
+            [self._observe("running")],
+            description="Requests decoding on an instance.",
+        )
+        meter.create_observable_gauge(
+            "drover.instance.waiting_requests",
+            [self._observe("waiting")],
+            description="Requests waiting in an instance's queue.",
+        )
+        meter.create_observable_counter(
+            "drover.instance.dispatched",
+            [self._observe("dispatched")],
+            description="Requests the scheduler dispatched to an instance.",
+        )
+        meter.create_observable_gauge("drover.instances", [self._observe_states], description="Instances by state.")
+        meter.create_observable_gauge(
+            "drover.queue_depth",
+            [lambda _: [Observation(self._queued)]],
+            description="Requests queued at the scheduler (no instance could take them).",
+        )
+        meter.create_observable_gauge(
+            "drover.requests_in_flight",
+            [lambda _: [Observation(self._in_flight)]],
+            description="Requests the scheduler tracks (queued + running).",
+        )
+        meter.create_observable_gauge(
+            "drover.migrations_in_flight",
+            [lambda _: [Observation(self._migrations_in_flight)]],
+            description="Live migrations running now.",
+        )
         meter.create_observable_counter(
             "drover.scheduler.migrations",
             [lambda _: [Observation(n, {"outcome": o}) for o, n in sorted(self._scheduler_migrations.items())]],
-            description="Migrations the scheduler saw end, by outcome (resets when the scheduler restarts).")
+            description="Migrations the scheduler saw end, by outcome (resets when the scheduler restarts).",
+        )
         # Gateway
-        self._gw_requests = meter.create_counter("drover.gateway.requests",
-                                                 description="Gateway HTTP requests by endpoint and status.")
+        self._gw_requests = meter.create_counter(
+            "drover.gateway.requests", description="Gateway HTTP requests by endpoint and status."
+        )
         self._gw_tokens = meter.create_counter("drover.gateway.tokens", description="Tokens by kind and client.")
-        self._gw_ttft = meter.create_histogram("drover.gateway.ttft", unit="s",
-                                               description="Gateway arrival to first streamed text.",
-                                               explicit_bucket_boundaries_advisory=TTFT_BUCKETS)
-        self._gw_itl = meter.create_histogram("drover.gateway.inter_token", unit="s",
-                                              description="Gap between tokens seen by the gateway.",
-                                              explicit_bucket_boundaries_advisory=INTER_TOKEN_BUCKETS)
-        self._gw_duration = meter.create_histogram("drover.gateway.request_duration", unit="s",
-                                                   description="Gateway request duration.",
-                                                   explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
+        self._gw_ttft = meter.create_histogram(
+            "drover.gateway.ttft",
+            unit="s",
+            description="Gateway arrival to first streamed text.",
+            explicit_bucket_boundaries_advisory=TTFT_BUCKETS,
+        )
+        self._gw_itl = meter.create_histogram(
+            "drover.gateway.inter_token",
+            unit="s",
+            description="Gap between tokens seen by the gateway.",
+            explicit_bucket_boundaries_advisory=INTER_TOKEN_BUCKETS,
+        )
+        self._gw_duration = meter.create_histogram(
+            "drover.gateway.request_duration",
+            unit="s",
+            description="Gateway request duration.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
 
     # ------------------------------------------------------------------------------------------- request path
-    def request_finished(self, outcome: str, request_class: str, prompt_tokens: int = 0,
-                         completion_tokens: int = 0) -> None:
+    def request_finished(
+        self, outcome: str, request_class: str, prompt_tokens: int = 0, completion_tokens: int = 0
+    ) -> None:
         """A request ended: ``outcome`` is its finish reason (stop, length, abort) or an error code."""
         self._requests.add(1, {"outcome": outcome, "request_class": request_class})
         if prompt_tokens:

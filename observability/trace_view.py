@@ -23,9 +23,17 @@ REQUEST_ID_ATTRIBUTE = "drover.request.id"
 BAR_WIDTH = 48
 _COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
 # Attributes worth a glance in the waterfall (the rest stay in the file).
-_SHOWN_ATTRIBUTES = ("drover.instance.id", "drover.dispatch.policy", "drover.client.id",
-                     "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens", "gen_ai.response.finish_reasons",
-                     "drover.migration.blocks", "drover.migration.bytes", "drover.migration.downtime_s")
+_SHOWN_ATTRIBUTES = (
+    "drover.instance.id",
+    "drover.dispatch.policy",
+    "drover.client.id",
+    "gen_ai.usage.input_tokens",
+    "gen_ai.usage.output_tokens",
+    "gen_ai.response.finish_reasons",
+    "drover.migration.blocks",
+    "drover.migration.bytes",
+    "drover.migration.downtime_s",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +93,11 @@ def find_request_spans(paths: Iterable[Path], request_id: str) -> list[SpanRecor
     """Every span of every trace that has a span with ``drover.request.id == request_id`` (or, if
     ``request_id`` is a trace id, that trace's spans), sorted by start."""
     paths = list(paths)
-    trace_ids = {s.trace_id for s in _records(paths, request_id)
-                 if s.attributes.get(REQUEST_ID_ATTRIBUTE) == request_id or s.trace_id == request_id}
+    trace_ids = {
+        s.trace_id
+        for s in _records(paths, request_id)
+        if s.attributes.get(REQUEST_ID_ATTRIBUTE) == request_id or s.trace_id == request_id
+    }
     if not trace_ids:
         raise TraceNotFound(f"no span of request {request_id!r} in {', '.join(str(p) for p in paths)}")
     found = [s for s in _records(paths) if s.trace_id in trace_ids]
@@ -126,8 +137,11 @@ def _bar(span: SpanRecord, origin: int, total: int, colour: str, width: int) -> 
 
 
 def _details(span: SpanRecord) -> str:
-    shown = [f"{k.removeprefix('drover.').removeprefix('gen_ai.')}={span.attributes[k]}"
-             for k in _SHOWN_ATTRIBUTES if k in span.attributes]
+    shown = [
+        f"{k.removeprefix('drover.').removeprefix('gen_ai.')}={span.attributes[k]}"
+        for k in _SHOWN_ATTRIBUTES
+        if k in span.attributes
+    ]
     shown += [f"@{name}" for name, _ in span.events]
     if span.status == "ERROR":
         shown.insert(0, "ERROR")
@@ -145,8 +159,12 @@ def render_waterfall(spans: list[SpanRecord], request_id: str = "", width: int =
         total = max(1, max(s.end_ns for s in members) - origin)
         services = sorted({s.service for s in members if s.service})
         colours = {svc: _COLOURS[i % len(_COLOURS)] for i, svc in enumerate(services)}
-        table = Table(title=f"request {request_id}  trace {trace_id}  {total / 1e6:.2f} ms  {len(members)} spans",
-                      title_justify="left", expand=False, pad_edge=False)
+        table = Table(
+            title=f"request {request_id}  trace {trace_id}  {total / 1e6:.2f} ms  {len(members)} spans",
+            title_justify="left",
+            expand=False,
+            pad_edge=False,
+        )
         table.add_column("span", no_wrap=True)
         table.add_column("service", no_wrap=True)
         table.add_column("start ms", justify="right")

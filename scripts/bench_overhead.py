@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import statistics
 import time
 from dataclasses import dataclass
@@ -21,8 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from actors.engine_host import build_engine
-from control.launcher import DEMO_PROMPTS, local_cluster, percentile, wait_ready
 from control.client import DroverClient
+from control.launcher import DEMO_PROMPTS, local_cluster, percentile, wait_ready
 from control.settings import Settings, load_settings
 from engines.base import EngineRequest
 from transport.messages import SamplingParams
@@ -54,7 +55,7 @@ async def run_direct(settings: Settings, prompts: list[list[int]], max_tokens: i
             if n < warmup:
                 continue
             ttft.append((times[0] - started) * 1e3)
-            itl.extend((b - a) * 1e3 for a, b in zip(times, times[1:], strict=False))
+            itl.extend((b - a) * 1e3 for a, b in itertools.pairwise(times))
     finally:
         await engine.shutdown()
     return Samples(ttft, itl, [])
@@ -93,8 +94,10 @@ def main() -> None:
 
     with console.status("direct: starting the engine in this process and generating..."):
         direct = asyncio.run(run_direct(settings, prompts, args.max_tokens, args.warmup))
-    with console.status("drover: starting nats-server, control plane and engine host..."), \
-            local_cluster(settings, 1) as cluster:
+    with (
+        console.status("drover: starting nats-server, control plane and engine host..."),
+        local_cluster(settings, 1) as cluster,
+    ):
         asyncio.run(wait_ready(cluster, 1, timeout_s=600))
         drover = asyncio.run(run_drover(cluster.url, prompts, args.max_tokens, args.warmup))
 
@@ -109,12 +112,15 @@ def main() -> None:
         table.add_row(f"{name} mean", f"{ma:.3f}", f"{mb:.3f}", f"{mb - ma:+.3f}", f"{mb / ma:.3f}")
     console.print(table)
     t50, t99 = percentile(drover.transit_ms, 50), percentile(drover.transit_ms, 99)
-    console.print(f"engine->client transit per chunk: p50 {t50:.3f} ms, p99 {t99:.3f} ms "
-                  f"({len(drover.transit_ms)} chunks)")
+    console.print(
+        f"engine->client transit per chunk: p50 {t50:.3f} ms, p99 {t99:.3f} ms ({len(drover.transit_ms)} chunks)"
+    )
     added50 = percentile(drover.itl_ms, 50) - percentile(direct.itl_ms, 50)
     added99 = percentile(drover.itl_ms, 99) - percentile(direct.itl_ms, 99)
-    console.print(f"summary: added per token p50 {added50:+.3f} ms, p99 {added99:+.3f} ms "
-                  f"(target <= 1 ms / <= 3 ms); transit p50 {t50:.3f} ms p99 {t99:.3f} ms")
+    console.print(
+        f"summary: added per token p50 {added50:+.3f} ms, p99 {added99:+.3f} ms "
+        f"(target <= 1 ms / <= 3 ms); transit p50 {t50:.3f} ms p99 {t99:.3f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -183,15 +183,11 @@ class Bus:
         """Send ``message``; thread-safe and non-blocking (errors are logged, not raised)."""
         self.publish_raw(subject, encode(message), headers=headers, reply=reply)
 
-    def publish_raw(
-        self, subject: str, data: bytes, *, headers: dict[str, str] | None = None, reply: str = ""
-    ) -> None:
+    def publish_raw(self, subject: str, data: bytes, *, headers: dict[str, str] | None = None, reply: str = "") -> None:
         if self.in_loop():
             self.loop.create_task(self._publish(subject, data, headers, reply))
         else:
-            self.loop.call_soon_threadsafe(
-                lambda: self.loop.create_task(self._publish(subject, data, headers, reply))
-            )
+            self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._publish(subject, data, headers, reply)))
 
     async def apublish(
         self, subject: str, message: Message, *, headers: dict[str, str] | None = None, reply: str = ""
@@ -205,9 +201,7 @@ class Bus:
         except Exception as exc:  # a bad subject or a closed connection must not kill the loop
             log.warning("publish to %s failed: %s", subject, exc)
 
-    def reply_error(
-        self, target: str | None, code: ErrorCode, message: str, request_id: str | None = None
-    ) -> None:
+    def reply_error(self, target: str | None, code: ErrorCode, message: str, request_id: str | None = None) -> None:
         if target:
             self.publish(target, ErrorReply(code=code, message=message, request_id=request_id))
 

@@ -17,6 +17,7 @@ OUTPUT_STREAM = "DROVER_OUTPUT"
 def client_inbox_prefix(client_id: str) -> str:
     return f"{INBOX_ROOT}.{validate_token(client_id)}"
 
+
 # Control plane
 CONTROL_QUEUE = "drover-control"
 ENGINE_EVENTS = f"{PREFIX}.engine_events"  # EngineRequestEnded from every engine

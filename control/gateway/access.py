@@ -78,7 +78,8 @@ class AccessControl:
         for entry in s.api_keys:
             self._keys[_digest(entry.key)] = Principal(
                 client_id=entry.client_id,
-                requests_per_minute=s.requests_per_minute if entry.requests_per_minute is None
+                requests_per_minute=s.requests_per_minute
+                if entry.requests_per_minute is None
                 else entry.requests_per_minute,
                 token_quota=s.token_quota if entry.token_quota is None else entry.token_quota,
                 admin=entry.admin,
@@ -95,12 +96,15 @@ class AccessControl:
             return Principal(ANONYMOUS, s.requests_per_minute, s.token_quota, admin=True)
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise GatewayError(401, "missing API key: send 'Authorization: Bearer <key>'",
-                               type="invalid_request_error", code="invalid_api_key")
+            raise GatewayError(
+                401,
+                "missing API key: send 'Authorization: Bearer <key>'",
+                type="invalid_request_error",
+                code="invalid_api_key",
+            )
         principal = self._keys.get(_digest(token.strip()))
         if principal is None:
-            raise GatewayError(401, "incorrect API key provided", type="invalid_request_error",
-                               code="invalid_api_key")
+            raise GatewayError(401, "incorrect API key provided", type="invalid_request_error", code="invalid_api_key")
         return principal
 
     def admit(self, principal: Principal) -> None:
@@ -108,8 +112,12 @@ class AccessControl:
         usage = self.usage.setdefault(principal.client_id, ClientUsage())
         if principal.token_quota and usage.total_tokens >= principal.token_quota:
             usage.rejected += 1
-            raise GatewayError(429, f"token quota of {principal.token_quota} exhausted for {principal.client_id}",
-                               type="insufficient_quota", code="insufficient_quota")
+            raise GatewayError(
+                429,
+                f"token quota of {principal.token_quota} exhausted for {principal.client_id}",
+                type="insufficient_quota",
+                code="insufficient_quota",
+            )
         if principal.requests_per_minute:
             bucket = self._buckets.get(principal.client_id)
             if bucket is None:
@@ -118,9 +126,12 @@ class AccessControl:
             if wait_s > 0:
                 usage.rejected += 1
                 raise GatewayError(
-                    429, f"rate limit of {principal.requests_per_minute:g} requests/min reached; retry in "
-                    f"{wait_s:.1f}s", type="requests", code="rate_limit_exceeded",
-                    headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
+                    429,
+                    f"rate limit of {principal.requests_per_minute:g} requests/min reached; retry in {wait_s:.1f}s",
+                    type="requests",
+                    code="rate_limit_exceeded",
+                    headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
+                )
         usage.requests += 1
 
     def record(self, principal: Principal, prompt_tokens: int, completion_tokens: int) -> None:

@@ -104,11 +104,15 @@ def create_app(settings: GatewaySettings, nats_url: str, metrics: Metrics | None
         except GatewayError as exc:
             return JSONResponse({"status": "unavailable", "reason": exc.message}, status_code=503)
         serving = [i.info.instance_id for i in status.instances if i.state == "serving"]
-        body = {"status": "ready" if serving else "no_instances", "serving_instances": serving,
-                "models": sorted({i.info.model for i in status.instances})}
+        body = {
+            "status": "ready" if serving else "no_instances",
+            "serving_instances": serving,
+            "models": sorted({i.info.model for i in status.instances}),
+        }
         return JSONResponse(body, status_code=200 if serving else 503)
 
     if settings.metrics_enabled:
+
         @app.get("/metrics")
         async def prometheus() -> Response:
             return Response(gateway.metrics.render(), media_type=CONTENT_TYPE)
@@ -129,16 +133,23 @@ def create_app(settings: GatewaySettings, nats_url: str, metrics: Metrics | None
         return gateway.access.report(caller)
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest, request: Request,
-                          caller: Principal = Depends(principal)) -> Response:
-        return await _generate(gateway, request, caller, "completion", "/v1/completions",
-                               lambda: completion_spec(body))
+    async def completions(
+        body: CompletionRequest, request: Request, caller: Principal = Depends(principal)
+    ) -> Response:
+        return await _generate(gateway, request, caller, "completion", "/v1/completions", lambda: completion_spec(body))
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest, request: Request,
-                               caller: Principal = Depends(principal)) -> Response:
-        return await _generate(gateway, request, caller, "chat", "/v1/chat/completions",
-                               lambda: chat_spec(body, settings.default_max_tokens))
+    async def chat_completions(
+        body: ChatCompletionRequest, request: Request, caller: Principal = Depends(principal)
+    ) -> Response:
+        return await _generate(
+            gateway,
+            request,
+            caller,
+            "chat",
+            "/v1/chat/completions",
+            lambda: chat_spec(body, settings.default_max_tokens),
+        )
 
     return app
 
@@ -147,8 +158,14 @@ def _model_card(model: str, created: int) -> dict[str, Any]:
     return {"id": model, "object": "model", "created": created, "owned_by": "drover"}
 
 
-async def _generate(gateway: Gateway, request: Request, caller: Principal, kind: Kind, endpoint: str,
-                    make_spec: Callable[[], GenerationSpec]) -> Response:
+async def _generate(
+    gateway: Gateway,
+    request: Request,
+    caller: Principal,
+    kind: Kind,
+    endpoint: str,
+    make_spec: Callable[[], GenerationSpec],
+) -> Response:
     arrived = time.perf_counter()
 
     def done(status: int) -> None:
@@ -167,8 +184,11 @@ async def _generate(gateway: Gateway, request: Request, caller: Principal, kind:
         if not spec.stream:
             text = await until_disconnected(request, generation.text())
             done(200)
-            return JSONResponse(response_body(kind, spec, created, text, generation.finish_reason or "abort",
-                                              usage_body(*generation.usage())))
+            return JSONResponse(
+                response_body(
+                    kind, spec, created, text, generation.finish_reason or "abort", usage_body(*generation.usage())
+                )
+            )
         pieces = generation.deltas()
         first = await until_disconnected(request, anext(pieces, None))
     except ClientGone:
@@ -182,12 +202,21 @@ async def _generate(gateway: Gateway, request: Request, caller: Principal, kind:
     finally:
         if not spec.stream:
             generation.close()
-    return StreamingResponse(_event_stream(generation, kind, created, first, pieces, done),
-                             media_type="text/event-stream", headers=SSE_HEADERS)
+    return StreamingResponse(
+        _event_stream(generation, kind, created, first, pieces, done),
+        media_type="text/event-stream",
+        headers=SSE_HEADERS,
+    )
 
 
-async def _event_stream(generation: Generation, kind: Kind, created: int, first: str | None,
-                        pieces: AsyncIterator[str], done: Callable[[int], None]) -> AsyncIterator[str]:
+async def _event_stream(
+    generation: Generation,
+    kind: Kind,
+    created: int,
+    first: str | None,
+    pieces: AsyncIterator[str],
+    done: Callable[[int], None],
+) -> AsyncIterator[str]:
     """The SSE body: a role chunk (chat), text chunks, the closing chunk, usage if asked, ``[DONE]``.
 
     If the client disconnects, Starlette cancels this generator; ``finally`` then cancels the request on
@@ -227,11 +256,16 @@ def _install_error_handlers(app: FastAPI) -> None:
         errors = list(exc.errors())
         params = [".".join(str(p) for p in e.get("loc", ()) if p != "body") for e in errors]
         message = "; ".join(f"{p or 'body'}: {e.get('msg', 'invalid')}" for p, e in zip(params, errors, strict=True))
-        return _error_response(GatewayError(400, message or "invalid request body", param=params[0] or None
-                                            if params else None, code="invalid_value"))
+        return _error_response(
+            GatewayError(
+                400,
+                message or "invalid request body",
+                param=params[0] or None if params else None,
+                code="invalid_value",
+            )
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return _error_response(GatewayError(exc.status_code, str(exc.detail), type=kind))
-

@@ -67,5 +67,6 @@ def invalid(message: str, param: str | None = None) -> GatewayError:
 
 def unavailable(message: str) -> GatewayError:
     """The control plane did not answer (no responders, timeout, NATS down)."""
-    return GatewayError(503, message, type="server_error", code="control_plane_unavailable",
-                        headers={"Retry-After": "1"})
+    return GatewayError(
+        503, message, type="server_error", code="control_plane_unavailable", headers={"Retry-After": "1"}
+    )

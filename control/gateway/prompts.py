@@ -28,8 +28,10 @@ def message_text(content: str | list[dict[str, Any]] | None, index: int) -> str:
     texts: list[str] = []
     for part in content:
         if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise invalid(f"messages[{index}]: only text content parts are supported, got {part.get('type')!r}",
-                          f"messages[{index}].content")
+            raise invalid(
+                f"messages[{index}]: only text content parts are supported, got {part.get('type')!r}",
+                f"messages[{index}].content",
+            )
         texts.append(part["text"])
     return "".join(texts)
 

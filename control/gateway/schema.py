@@ -124,12 +124,12 @@ def _request_id(body: _Common, prefix: str) -> str:
     try:
         return subjects.validate_token(body.request_id)
     except ValueError:
-        raise invalid("request_id must be 1-128 characters without '.', '*', '>' or whitespace",
-                      "request_id") from None
+        raise invalid("request_id must be 1-128 characters without '.', '*', '>' or whitespace", "request_id") from None
 
 
-def _spec(body: _Common, prefix: str, max_tokens: int, prompt: str | None, token_ids: list[int] | None,
-          input_param: str) -> GenerationSpec:
+def _spec(
+    body: _Common, prefix: str, max_tokens: int, prompt: str | None, token_ids: list[int] | None, input_param: str
+) -> GenerationSpec:
     sampling = SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -153,8 +153,15 @@ def _spec(body: _Common, prefix: str, max_tokens: int, prompt: str | None, token
 
 
 def completion_spec(body: CompletionRequest) -> GenerationSpec:
-    _refuse_unsupported(body, {"echo": body.echo, "logprobs": body.logprobs is not None,
-                               "best_of": (body.best_of or 1) != 1, "suffix": bool(body.suffix)})
+    _refuse_unsupported(
+        body,
+        {
+            "echo": body.echo,
+            "logprobs": body.logprobs is not None,
+            "best_of": (body.best_of or 1) != 1,
+            "suffix": bool(body.suffix),
+        },
+    )
     prompt: str | None = None
     token_ids: list[int] | None = None
     raw = body.prompt
@@ -173,9 +180,14 @@ def completion_spec(body: CompletionRequest) -> GenerationSpec:
 
 
 def chat_spec(body: ChatCompletionRequest, default_max_tokens: int) -> GenerationSpec:
-    _refuse_unsupported(body, {"logprobs": body.logprobs, "tools": bool(body.tools),
-                               "response_format": bool(body.response_format
-                                                       and body.response_format.get("type") != "text")})
+    _refuse_unsupported(
+        body,
+        {
+            "logprobs": body.logprobs,
+            "tools": bool(body.tools),
+            "response_format": bool(body.response_format and body.response_format.get("type") != "text"),
+        },
+    )
     messages: list[tuple[str, str]] = []
     for index, message in enumerate(body.messages):
         if message.role not in ROLES:
@@ -186,29 +198,50 @@ def chat_spec(body: ChatCompletionRequest, default_max_tokens: int) -> Generatio
 
 
 def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 Kind = Literal["completion", "chat"]
 
 
-def response_body(kind: Kind, spec: GenerationSpec, created: int, text: str, finish_reason: str,
-                  usage: dict[str, int]) -> dict[str, Any]:
+def response_body(
+    kind: Kind, spec: GenerationSpec, created: int, text: str, finish_reason: str, usage: dict[str, int]
+) -> dict[str, Any]:
     """A whole (non-streamed) response."""
     if kind == "completion":
         choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
         obj = "text_completion"
     else:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish_reason}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }
         obj = "chat.completion"
-    return {"id": spec.request_id, "object": obj, "created": created, "model": spec.model, "choices": [choice],
-            "usage": usage}
+    return {
+        "id": spec.request_id,
+        "object": obj,
+        "created": created,
+        "model": spec.model,
+        "choices": [choice],
+        "usage": usage,
+    }
 
 
-def chunk_body(kind: Kind, spec: GenerationSpec, created: int, text: str | None,
-               finish_reason: str | None = None, *, role: bool = False) -> dict[str, Any]:
+def chunk_body(
+    kind: Kind,
+    spec: GenerationSpec,
+    created: int,
+    text: str | None,
+    finish_reason: str | None = None,
+    *,
+    role: bool = False,
+) -> dict[str, Any]:
     """One streamed chunk; ``text`` None with a finish reason is the closing chunk."""
     if kind == "completion":
         choice: dict[str, Any] = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
@@ -227,5 +260,11 @@ def chunk_body(kind: Kind, spec: GenerationSpec, created: int, text: str | None,
 def usage_chunk_body(kind: Kind, spec: GenerationSpec, created: int, usage: dict[str, int]) -> dict[str, Any]:
     """The extra last chunk of ``stream_options.include_usage``: no choices, the usage."""
     obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
-    return {"id": spec.request_id, "object": obj, "created": created, "model": spec.model, "choices": [],
-            "usage": usage}
+    return {
+        "id": spec.request_id,
+        "object": obj,
+        "created": created,
+        "model": spec.model,
+        "choices": [],
+        "usage": usage,
+    }

@@ -33,8 +33,12 @@ log = logging.getLogger(__name__)
 
 
 # What a lost or missing control plane looks like from nats-py.
-NATS_UNAVAILABLE = (nats.errors.NoRespondersError, nats.errors.TimeoutError, nats.errors.ConnectionClosedError,
-                    TimeoutError)
+NATS_UNAVAILABLE = (
+    nats.errors.NoRespondersError,
+    nats.errors.TimeoutError,
+    nats.errors.ConnectionClosedError,
+    TimeoutError,
+)
 
 
 class Gateway:
@@ -56,12 +60,19 @@ class Gateway:
         nats-py reconnects forever, so a NATS restart only fails the requests in flight."""
         timeout_s = self.settings.nats_connect_timeout_s
         try:
-            await asyncio.wait_for(self.client.connect(connect_timeout=timeout_s, max_reconnect_attempts=-1,
-                                                       reconnect_time_wait=0.5, error_cb=_log_nats_error),
-                                   timeout_s)
+            await asyncio.wait_for(
+                self.client.connect(
+                    connect_timeout=timeout_s,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    error_cb=_log_nats_error,
+                ),
+                timeout_s,
+            )
         except Exception as exc:
-            self.startup_error = RuntimeError(f"cannot reach NATS at {self.client.url} within {timeout_s:g}s "
-                                              f"({type(exc).__name__})")
+            self.startup_error = RuntimeError(
+                f"cannot reach NATS at {self.client.url} within {timeout_s:g}s ({type(exc).__name__})"
+            )
             raise self.startup_error from exc
 
     async def stop(self) -> None:
@@ -100,30 +111,44 @@ class Gateway:
             return
         models = await self.models(refresh=True)
         if models and model not in models:
-            raise GatewayError(404, f"the model {model!r} does not exist; served: {', '.join(models)}",
-                               param="model", code="model_not_found")
+            raise GatewayError(
+                404,
+                f"the model {model!r} does not exist; served: {', '.join(models)}",
+                param="model",
+                code="model_not_found",
+            )
 
     # ------------------------------------------------------------------------------------------- requests
     async def submit(self, spec: GenerationSpec, principal: Principal, endpoint: str, arrived: float) -> Generation:
         """Submit on Drover and wait for the first text (or the end): errors before any output become
         HTTP errors with the right status rather than a broken stream."""
-        span = tracer().start_span(spans.GATEWAY_REQUEST, kind=trace.SpanKind.SERVER, attributes={
-            spans.REQUEST_ID: spec.request_id,
-            spans.CLIENT_ID: principal.client_id,
-            spans.GEN_AI_REQUEST_MODEL: spec.model,
-            spans.GEN_AI_REQUEST_MAX_TOKENS: spec.sampling.max_tokens,
-            spans.GEN_AI_REQUEST_TEMPERATURE: spec.sampling.temperature,
-            spans.PRIORITY: spec.priority,
-            spans.REQUEST_CLASS: str(spec.request_class),
-            "http.route": endpoint,
-            "drover.gateway.stream": spec.stream,
-        })
+        span = tracer().start_span(
+            spans.GATEWAY_REQUEST,
+            kind=trace.SpanKind.SERVER,
+            attributes={
+                spans.REQUEST_ID: spec.request_id,
+                spans.CLIENT_ID: principal.client_id,
+                spans.GEN_AI_REQUEST_MODEL: spec.model,
+                spans.GEN_AI_REQUEST_MAX_TOKENS: spec.sampling.max_tokens,
+                spans.GEN_AI_REQUEST_TEMPERATURE: spec.sampling.temperature,
+                spans.PRIORITY: spec.priority,
+                spans.REQUEST_CLASS: str(spec.request_class),
+                "http.route": endpoint,
+                "drover.gateway.stream": spec.stream,
+            },
+        )
         try:
             with trace.use_span(span, end_on_exit=False):
                 stream = await self.client.submit(
-                    spec.prompt, prompt_token_ids=spec.prompt_token_ids, sampling=spec.sampling,
-                    request_id=spec.request_id, priority=spec.priority, request_class=spec.request_class,
-                    model=spec.model, client_id=principal.client_id)
+                    spec.prompt,
+                    prompt_token_ids=spec.prompt_token_ids,
+                    sampling=spec.sampling,
+                    request_id=spec.request_id,
+                    priority=spec.priority,
+                    request_class=spec.request_class,
+                    model=spec.model,
+                    client_id=principal.client_id,
+                )
         except Exception as exc:
             span.record_exception(exc)
             span.end()
@@ -142,8 +167,15 @@ class Generation:
     finish reason and usage. ``close()`` (always called) cancels it on Drover if it did not end, and
     charges the client's usage."""
 
-    def __init__(self, gateway: Gateway, spec: GenerationSpec, principal: Principal, stream: RequestStream,
-                 span: trace.Span, arrived: float) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        spec: GenerationSpec,
+        principal: Principal,
+        stream: RequestStream,
+        span: trace.Span,
+        arrived: float,
+    ) -> None:
         self.gateway = gateway
         self.spec = spec
         self.principal = principal

@@ -87,8 +87,15 @@ class MigratableSimEngine(SimEngine):
         out.stage += 1
         finished = live.done
         remaining = max(0, self._full_blocks(live.sim) - out.copied_blocks) + 1  # + the partial last block
-        return StageReport(out.stage - 1, to_copy, to_copy * self.block_bytes, remaining, live.sim.num_blocks,
-                           time.perf_counter() - started, request_finished=finished)
+        return StageReport(
+            out.stage - 1,
+            to_copy,
+            to_copy * self.block_bytes,
+            remaining,
+            live.sim.num_blocks,
+            time.perf_counter() - started,
+            request_finished=finished,
+        )
 
     async def migrate_out_stop(self, migration_id: str) -> FrozenRequest:
         out = self._outgoing_state(migration_id)
@@ -115,8 +122,9 @@ class MigratableSimEngine(SimEngine):
             prompt_token_ids=list(live.request.prompt_token_ids),
             output_token_ids=tokens,
             num_blocks=blocks,
-            final_stage=StageReport(out.stage, to_copy, to_copy * self.block_bytes, 0, blocks,
-                                    time.perf_counter() - started),
+            final_stage=StageReport(
+                out.stage, to_copy, to_copy * self.block_bytes, 0, blocks, time.perf_counter() - started
+            ),
             kv_transfer={"sim_migration_id": migration_id, "num_blocks": blocks},
         )
         return out.frozen

@@ -88,9 +88,23 @@ def test_config_show_reflects_flags_and_env(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_drover_up_runs_the_demo_on_sim_engines(tmp_path: object) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "control.cli", "up", "--kind", "sim", "--requests", "6", "--max-tokens", "4",
-         "--work-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "control.cli",
+            "up",
+            "--kind",
+            "sim",
+            "--requests",
+            "6",
+            "--max-tokens",
+            "4",
+            "--work-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
         env={**__import__("os").environ, "DROVER_OBSERVABILITY__EXPORTER": "none", "COLUMNS": "160"},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

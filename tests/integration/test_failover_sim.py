@@ -16,12 +16,14 @@ from transport.messages import SamplingParams
 
 
 def _cluster(nats_url: str) -> InProcessCluster:
-    settings = load_settings(overrides={
-        "nats": {"url": nats_url},
-        "engine": {"heartbeat_interval_s": 0.05},
-        "scheduler": {"instance_stale_after_s": 0.6},
-        "policy": {"migration_enabled": False},
-    })
+    settings = load_settings(
+        overrides={
+            "nats": {"url": nats_url},
+            "engine": {"heartbeat_interval_s": 0.05},
+            "scheduler": {"instance_stale_after_s": 0.6},
+            "policy": {"migration_enabled": False},
+        }
+    )
     cluster = InProcessCluster(settings=settings, tokenizer=ByteTokenizer())
     cluster.start_control()
     for name in ("fo-a", "fo-b"):
@@ -42,8 +44,12 @@ async def test_requests_of_a_dead_engine_resume_elsewhere_exactly_once(nats_url:
     try:
         async with DroverClient(cluster.url, name="failover-test") as client:
             await client.wait_for_instances(2, timeout_s=10)
-            streams = [await client.submit(f"failover {i}", sampling=SamplingParams(max_tokens=120, ignore_eos=True),
-                                           request_id=f"fo-{i}") for i in range(4)]
+            streams = [
+                await client.submit(
+                    f"failover {i}", sampling=SamplingParams(max_tokens=120, ignore_eos=True), request_id=f"fo-{i}"
+                )
+                for i in range(4)
+            ]
             for stream in streams:
                 async for _ in stream.events():
                     if len(stream.result_data.token_ids) >= 10:

@@ -117,8 +117,9 @@ async def test_concurrent_migrations_all_complete(client: DroverClient) -> None:
     streams = {}
     for i, home in enumerate(("mig-a", "mig-b", "mig-a", "mig-b")):
         streams[f"mig-c{i}"] = (await submit_on(client, f"mig-c{i}", home, 150), home)
-    replies = await asyncio.gather(*(
-        client.migrate(rid, "mig-b" if home == "mig-a" else "mig-a") for rid, (_, home) in streams.items()))
+    replies = await asyncio.gather(
+        *(client.migrate(rid, "mig-b" if home == "mig-a" else "mig-a") for rid, (_, home) in streams.items())
+    )
     # The per-instance cap (1) refuses some; every request still completes exactly.
     assert any(r.ok for r in replies)
     for rid, (stream, _) in streams.items():

@@ -21,17 +21,18 @@ async def test_imbalance_triggers_migrations_and_shrinks(nats_url: str) -> None:
             await client.wait_for_instances(1, timeout_s=10)
             # All load lands on imb-a: long prompts fill its KV (freeness far below the threshold of 3).
             streams = [
-                await client.submit(prompt_token_ids=[3 + (i + k) % 200 for k in range(400)],
-                                    sampling=SamplingParams(max_tokens=400, ignore_eos=True),
-                                    request_id=f"imb-{i}")
+                await client.submit(
+                    prompt_token_ids=[3 + (i + k) % 200 for k in range(400)],
+                    sampling=SamplingParams(max_tokens=400, ignore_eos=True),
+                    request_id=f"imb-{i}",
+                )
                 for i in range(6)
             ]
             await asyncio.sleep(1.0)
             before = await client.status()
             load_a = next(i.load for i in before.instances if i.info.instance_id == "imb-a")
             assert load_a.num_running + load_a.num_waiting == 6
-            await asyncio.to_thread(
-                cluster.add_engine, MigratableSimEngine("imb-b", num_blocks=96, max_model_len=2048))
+            await asyncio.to_thread(cluster.add_engine, MigratableSimEngine("imb-b", num_blocks=96, max_model_len=2048))
             moved = None
             for _ in range(100):
                 status = await client.status()

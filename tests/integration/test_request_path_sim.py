@@ -98,8 +98,11 @@ async def test_invalid_requests_are_refused_with_a_clear_code(
 
 
 async def test_wrong_message_kind_on_submit_subject(client: DroverClient) -> None:
-    reply = await _raw_request(client, subjects.SUBMIT, encode(RequestDone(
-        request_id="x", finish_reason="stop", usage={"prompt_tokens": 1, "completion_tokens": 1})))  # type: ignore[arg-type]
+    reply = await _raw_request(
+        client,
+        subjects.SUBMIT,
+        encode(RequestDone(request_id="x", finish_reason="stop", usage={"prompt_tokens": 1, "completion_tokens": 1})),
+    )  # type: ignore[arg-type]
     assert isinstance(reply, ErrorReply)
     assert reply.code == ErrorCode.INVALID_REQUEST
 
@@ -176,7 +179,9 @@ async def test_one_trace_across_client_scheduler_and_engine(client: DroverClient
             break
         await asyncio.sleep(0.05)
     spans_by_name = {s.name: s for s in span_exporter.get_finished_spans()}
-    trace_ids = {spans_by_name[n].context.trace_id for n in ("drover.submit", "drover.dispatch", "drover.engine.request")}
+    trace_ids = {
+        spans_by_name[n].context.trace_id for n in ("drover.submit", "drover.dispatch", "drover.engine.request")
+    }
     assert len(trace_ids) == 1
 
 

@@ -55,8 +55,9 @@ def test_migration_and_instance_series(served: tuple[Metrics, MetricsServer]) ->
     metrics, server = served
     metrics.migration_finished("committed", copied_bytes=1 << 20, downtime_s=0.002)
     metrics.migration_finished("aborted", copied_bytes=4096)
-    metrics.set_instances([InstanceGauges("sim-0", "serving", 100, 512, 3, 1, 7),
-                           InstanceGauges("sim-1", "draining", 500, 512, 0, 0, 2)])
+    metrics.set_instances(
+        [InstanceGauges("sim-0", "serving", 100, 512, 3, 1, 7), InstanceGauges("sim-1", "draining", 500, 512, 0, 0, 2)]
+    )
     metrics.set_scheduler(queued=2, in_flight=6)
     metrics.set_migrations(completed=5, aborted=1, in_flight=2)
     series = scrape(server)

@@ -25,13 +25,17 @@ def write_request_trace(path: Path, request_id: str) -> str:
     engine_provider = TracerProvider(resource=Resource.create({"service.name": "drover-engine-sim-0"}))
     engine_provider.add_span_processor(SimpleSpanProcessor(JsonLinesSpanExporter(path)))
     tracer, engine_tracer = provider.get_tracer("test"), engine_provider.get_tracer("test")
-    with tracer.start_as_current_span("drover.gateway.request", attributes={spans.REQUEST_ID: request_id}) as root, \
-            tracer.start_as_current_span(spans.CLIENT_SUBMIT):
-        with tracer.start_as_current_span(spans.SCHEDULER_DISPATCH,
-                                          attributes={spans.REQUEST_ID: request_id, spans.INSTANCE_ID: "sim-0"}):
+    with (
+        tracer.start_as_current_span("drover.gateway.request", attributes={spans.REQUEST_ID: request_id}) as root,
+        tracer.start_as_current_span(spans.CLIENT_SUBMIT),
+    ):
+        with tracer.start_as_current_span(
+            spans.SCHEDULER_DISPATCH, attributes={spans.REQUEST_ID: request_id, spans.INSTANCE_ID: "sim-0"}
+        ):
             pass
-        with engine_tracer.start_as_current_span(spans.ENGINE_REQUEST,
-                                                 attributes={spans.REQUEST_ID: request_id}) as engine:
+        with engine_tracer.start_as_current_span(
+            spans.ENGINE_REQUEST, attributes={spans.REQUEST_ID: request_id}
+        ) as engine:
             engine.add_event("first_token")
     with tracer.start_as_current_span("unrelated", attributes={spans.REQUEST_ID: "someone-else"}):
         pass
@@ -48,8 +52,12 @@ def test_finds_every_span_of_the_request_trace_in_tree_order(tmp_path: Path) -> 
     found = find_request_spans([path], "req-1")
     assert {s.trace_id for s in found} == {trace_id}
     ordered = [(s.name, depth) for s, depth in tree_order(found)]
-    assert ordered == [("drover.gateway.request", 0), (spans.CLIENT_SUBMIT, 1), (spans.SCHEDULER_DISPATCH, 2),
-                       (spans.ENGINE_REQUEST, 2)]
+    assert ordered == [
+        ("drover.gateway.request", 0),
+        (spans.CLIENT_SUBMIT, 1),
+        (spans.SCHEDULER_DISPATCH, 2),
+        (spans.ENGINE_REQUEST, 2),
+    ]
     assert find_request_spans([path], trace_id) == found  # a trace id works too
 
 
@@ -81,8 +89,10 @@ def test_spans_of_a_live_request_render(tmp_path: Path) -> None:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(memory))
     tracer = provider.get_tracer("test")
-    with tracer.start_as_current_span("outer", attributes={spans.REQUEST_ID: "mem-1"}), \
-            tracer.start_as_current_span("inner", kind=trace.SpanKind.CLIENT):
+    with (
+        tracer.start_as_current_span("outer", attributes={spans.REQUEST_ID: "mem-1"}),
+        tracer.start_as_current_span("inner", kind=trace.SpanKind.CLIENT),
+    ):
         pass
     path = tmp_path / "mem.jsonl"
     JsonLinesSpanExporter(path).export(memory.get_finished_spans())

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import contextlib
+
 import msgspec
 import pytest
 from hypothesis import given, settings
@@ -63,9 +65,14 @@ def test_unsupported_version_is_a_typed_error() -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"\xc1", b"not msgpack at all", msgspec.msgpack.encode([1, 2, 3]),
-     msgspec.msgpack.encode({"kind": "submit", "v": 1}),  # missing reply_to
-     msgspec.msgpack.encode({"kind": "chunk", "v": 1, "request_id": "r", "index": "zero", "token_ids": []})],
+    [
+        b"",
+        b"\xc1",
+        b"not msgpack at all",
+        msgspec.msgpack.encode([1, 2, 3]),
+        msgspec.msgpack.encode({"kind": "submit", "v": 1}),  # missing reply_to
+        msgspec.msgpack.encode({"kind": "chunk", "v": 1, "request_id": "r", "index": "zero", "token_ids": []}),
+    ],
 )
 def test_malformed_is_a_typed_error(data: bytes) -> None:
     with pytest.raises(ProtocolError) as info:
@@ -106,7 +113,5 @@ json_like = st.recursive(
 )
 def test_wrong_typed_fields_never_escape_as_other_exceptions(kind: str, fields: dict) -> None:
     data = msgspec.msgpack.encode({"kind": kind, **fields})
-    try:
+    with contextlib.suppress(ProtocolError):
         decode(data)
-    except ProtocolError:
-        pass
