@@ -40,3 +40,10 @@ def span_exporter():  # type: ignore[no-untyped-def]
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     return exporter
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop every actor a test left running: pykka threads are not daemons and would keep pytest alive."""
+    import pykka
+
+    pykka.ActorRegistry.stop_all(block=True, timeout=10)
