@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pykka
@@ -16,7 +17,19 @@ from control.settings import Settings
 from engines.tokenizer import Tokenizer
 from transport import subjects
 from transport.bus import Bus, Envelope
-from transport.messages import ErrorCode, StatusReply
+from transport.messages import (
+    Cancel,
+    DrainCommand,
+    EngineRequestEnded,
+    ErrorCode,
+    InstanceHeartbeat,
+    MigrateCommand,
+    PolicyQuery,
+    PolicyUpdate,
+    StatusQuery,
+    StatusReply,
+    SubmitRequest,
+)
 from transport.output_stream import ensure_output_stream
 
 log = logging.getLogger(__name__)
@@ -65,17 +78,41 @@ class ControlPlane:
         self.migrator = self.supervisor.proxy().start_child("migrator", make_migrator).get(timeout=10)
         peers["migrator"] = self.migrator
         scheduler = self.scheduler
-        self.bus.subscribe(subjects.SUBMIT, scheduler.tell, queue=subjects.CONTROL_QUEUE)
-        self.bus.subscribe(subjects.CANCEL, scheduler.tell, queue=subjects.CONTROL_QUEUE)
-        self.bus.subscribe(subjects.heartbeat("*"), scheduler.tell)
-        self.bus.subscribe(subjects.ENGINE_EVENTS, scheduler.tell)
-        self.bus.subscribe(subjects.admin("status"), self._on_status, queue=subjects.CONTROL_QUEUE)
-        for verb in ("migrate", "drain", "policy"):
-            self.bus.subscribe(subjects.admin(verb), scheduler.tell, queue=subjects.CONTROL_QUEUE)
+        routes: list[tuple[str, tuple[type, ...], str]] = [
+            (subjects.SUBMIT, (SubmitRequest,), subjects.CONTROL_QUEUE),
+            (subjects.CANCEL, (Cancel,), subjects.CONTROL_QUEUE),
+            (subjects.heartbeat("*"), (InstanceHeartbeat,), ""),
+            (subjects.ENGINE_EVENTS, (EngineRequestEnded,), ""),
+            (subjects.admin("migrate"), (MigrateCommand,), subjects.CONTROL_QUEUE),
+            (subjects.admin("drain"), (DrainCommand,), subjects.CONTROL_QUEUE),
+            (subjects.admin("policy"), (PolicyQuery, PolicyUpdate), subjects.CONTROL_QUEUE),
+        ]
+        for subject, kinds, queue in routes:
+            self.bus.subscribe(subject, self._only(kinds, scheduler), queue=queue)
+        self.bus.subscribe(subjects.admin("status"), self._only((StatusQuery,), None), queue=subjects.CONTROL_QUEUE)
         self._ticker.start()
         self._migration_ticker.start()
         log.info("control plane started")
         return self
+
+    def _only(self, kinds: tuple[type, ...], slot: ActorSlot | None) -> Callable[[Envelope], Awaitable[None] | None]:
+        """A handler that passes on the message kinds a subject carries and refuses any other kind."""
+
+        def handler(envelope: Envelope) -> Awaitable[None] | None:
+            if not isinstance(envelope.message, kinds):
+                self.bus.reply_error(
+                    envelope.reply,
+                    ErrorCode.INVALID_REQUEST,
+                    f"{type(envelope.message).__name__} is not accepted on {envelope.subject}",
+                    getattr(envelope.message, "request_id", None),
+                )
+                return None
+            if slot is None:
+                return self._on_status(envelope)
+            slot.tell(envelope)
+            return None
+
+        return handler
 
     async def _on_status(self, envelope: Envelope) -> None:
         """Answer with the scheduler's view plus each actor's supervision state."""

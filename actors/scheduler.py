@@ -331,10 +331,16 @@ class SchedulerActor(SupervisedActor):
         if not reply_to:
             log.warning("submit without reply subject dropped")
             return
+
+        def refuse(code: ErrorCode, text: str, request_id: str | None) -> None:
+            # Errors go to the reply_to inbox and, when the sender used NATS request/reply, to that too.
+            for target in {reply_to, envelope.reply} - {""}:
+                self.bus.reply_error(target, code, text, request_id)
+
         reason = self._validate(submit)
         if reason is not None:
             metrics().request_finished(ErrorCode.INVALID_REQUEST, str(submit.request_class))
-            self.bus.reply_error(reply_to, ErrorCode.INVALID_REQUEST, reason, submit.request_id)
+            refuse(ErrorCode.INVALID_REQUEST, reason, submit.request_id)
             return
         request_id = submit.request_id or uuid.uuid4().hex
         existing = self.requests.get(request_id)
@@ -349,9 +355,7 @@ class SchedulerActor(SupervisedActor):
                     ),
                 )
             else:
-                self.bus.reply_error(
-                    reply_to, ErrorCode.DUPLICATE_REQUEST, f"request id {request_id} is in use", request_id
-                )
+                refuse(ErrorCode.DUPLICATE_REQUEST, f"request id {request_id} is in use", request_id)
             return
         token_ids = (
             list(submit.prompt_token_ids)
@@ -361,8 +365,7 @@ class SchedulerActor(SupervisedActor):
         limit = self._max_prompt_tokens(submit.model or "")
         if len(token_ids) > limit:
             metrics().request_finished(ErrorCode.PROMPT_TOO_LONG, str(submit.request_class))
-            self.bus.reply_error(
-                reply_to,
+            refuse(
                 ErrorCode.PROMPT_TOO_LONG,
                 f"prompt has {len(token_ids)} tokens; this deployment accepts at most {limit}",
                 request_id,
@@ -372,7 +375,7 @@ class SchedulerActor(SupervisedActor):
             request_id, token_ids, submit
         ):
             metrics().request_finished(ErrorCode.OVERLOADED, str(submit.request_class))
-            self.bus.reply_error(reply_to, ErrorCode.OVERLOADED, "request queue is full; retry later", request_id)
+            refuse(ErrorCode.OVERLOADED, "request queue is full; retry later", request_id)
             return
         record = RequestRecord(
             submit=submit,
