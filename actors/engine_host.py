@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,19 @@ class EngineHost:
             self.actor.stop(block=False)
         if stop_engine:
             await self.engine.shutdown()
+
+    def drain(self, timeout_s: float) -> bool:
+        """Announce draining (no new dispatches; the scheduler migrates running requests away) and wait
+        until nothing runs here or ``timeout_s`` passes. True when the instance emptied in time."""
+        self.heartbeater.state = "draining"
+        self.heartbeater.beat()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            load = self.engine.load()
+            if load.num_running == 0 and load.num_waiting == 0:
+                return True
+            time.sleep(0.05)
+        return False
 
     def stop(self) -> None:
         self.heartbeater.state = "stopping"

@@ -103,6 +103,13 @@ def serve_engine(settings: Settings, instance_id: str) -> None:
     host = EngineHost(settings, bus, engine, tokenizer).start()
     try:
         _wait_for_signal()
+        # SIGTERM drains by migration first, so a rolling restart loses no request and cuts no stream.
+        if not host.drain(settings.engine.drain_timeout_s):
+            log.warning(
+                "engine %s: requests still running after %.0fs of draining: aborting them",
+                instance_id,
+                settings.engine.drain_timeout_s,
+            )
     finally:
         host.stop()
         bus.stop()

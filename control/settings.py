@@ -66,6 +66,9 @@ class EngineSettings(_Section):
     kv_cache_gib: float = Field(0.25, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE), GiB.")
     cpu_threads: int = Field(1, description="Torch threads per engine; CI has 2 cores for everything.")
     heartbeat_interval_s: float = Field(0.25, description="How often an engine publishes its load.")
+    drain_timeout_s: float = Field(
+        120.0, description="On SIGTERM an engine drains (its requests migrate away) for at most this long."
+    )
     sim_num_blocks: int = Field(512, description="KV blocks of a simulated instance.")
     sim_time_scale: float = Field(1.0, description="Simulated engines in live mode: wall seconds per modelled second.")
     seed: int = Field(0, description="Sampling seed passed to engines.")
