@@ -8,13 +8,14 @@ from dataclasses import replace
 import pytest
 
 from control.memsim import DEFAULT_HARDWARE, MODES, MemorySimulator, MemSimConfig, simulate
+from control.memsim.workloads import burst_workload
 from control.policy.memory import freed_blocks
-from control.simulator.workload import LengthSpec, RequestSpec, generate_scheduled_workload
+from control.simulator.workload import LengthSpec, RequestSpec
 
 
 def burst(seed: int = 3) -> list[RequestSpec]:
     """A short quiet-burst-quiet workload that overloads 2 instances' KV pools."""
-    return generate_scheduled_workload(
+    return burst_workload(
         [(2.0, 2.0), (4.0, 40.0), (4.0, 2.0)],
         prompt=LengthSpec.uniform(256, 2048),
         output=LengthSpec.zipf(200, cap=600),
