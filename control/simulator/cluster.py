@@ -17,14 +17,21 @@ The driver owns an event heap (arrivals, engine step ends, scheduler ticks, migr
 Engines fast-forward runs of identical decode steps (see the core), and any external event on an
 instance (a dispatch, a reservation, a stop) first cuts its run at the step in progress, so results equal
 step-by-step simulation. Same config + same requests = same result, bit for bit.
+
+The fleet can change while it runs (``control/simulator/elastic.py`` builds autoscaling on this):
+:meth:`ClusterSimulator.add_instance` starts one that serves after a start-up delay,
+:meth:`ClusterSimulator.start_drain` marks one draining, :meth:`ClusterSimulator.stop_instance` removes an
+empty one; subclasses hook arrivals (``_admit``), outputs (``_on_outputs``), committed migrations
+(``_on_moved``), the end of each tick (``_after_tick``) and timers (:meth:`ClusterSimulator.call_at`).
 """
 
 from __future__ import annotations
 
 import heapq
 import time
+from bisect import insort
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -34,10 +41,10 @@ from control.policy.params import PolicyParams
 from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot
 from control.simulator.metrics import RequestMetrics, SimulationResult, summarize
 from control.simulator.workload import RequestSpec
-from engines.sim.core import FINISHED, REMOVED, RUNNING, SimEngineConfig, SimEngineCore, SimRequest
+from engines.sim.core import FINISHED, REMOVED, RUNNING, SimEngineConfig, SimEngineCore, SimOutput, SimRequest
 from engines.sim.cost_model import LLAMA7B_A100, CostModel
 
-_ARRIVAL, _STEP_END, _TICK, _STAGE_END, _RESUME, _DRAIN = range(6)
+_ARRIVAL, _STEP_END, _TICK, _STAGE_END, _RESUME, _DRAIN, _CALL = range(7)
 _FAST_FORWARD = 1 << 30
 
 # LLaMA-7B fp16: 2 (K, V) x 32 layers x 4096 hidden x 2 bytes per token.
@@ -85,6 +92,11 @@ class _Instance:
     draining: bool = False
     snapshot_core_version: int = -1
     reported_preemptions: int = 0
+    role: str = "mixed"
+    state: str = "active"  # starting | active | draining | stopped
+    requested_at: float = 0.0  # when it was asked to start (cost accrues from here)
+    ready_at: float = 0.0
+    stopped_at: float = -1.0
 
 
 @dataclass(slots=True, eq=False)
@@ -146,6 +158,7 @@ class ClusterSimulator:
         self._busy: set[int] = set()
         self._touched: set[int] = set(range(config.num_instances))
         self._snapshots: list[InstanceSnapshot] = []
+        self._live: list[int] = list(range(config.num_instances))  # serving instances (active or draining)
 
     # ------------------------------------------------------------------------------------------ running
     def run(self) -> SimulationResult:
@@ -176,10 +189,9 @@ class ClusterSimulator:
             elif kind == _RESUME:
                 self._on_resume(cast(_Migration, payload))
             elif kind == _DRAIN:
-                drained = self.instances[cast(int, payload)]
-                drained.draining = True
-                drained.snapshot_core_version = -1
-                self._touched.add(drained.index)
+                self.start_drain(self.instances[cast(int, payload)])
+            elif kind == _CALL:
+                cast(Callable[[], None], payload)()
         wall = time.perf_counter() - started
         return summarize(
             list(self._records.values()),
@@ -195,6 +207,70 @@ class ClusterSimulator:
     def _push(self, at: float, kind: int, payload: object) -> None:
         self._seq += 1
         heapq.heappush(self._heap, (at, self._seq, kind, payload))
+
+    def call_at(self, at: float, callback: Callable[[], None]) -> None:
+        """Run ``callback`` at virtual time ``at`` (after events already queued for that instant)."""
+        self._push(at, _CALL, callback)
+
+    @property
+    def all_done(self) -> bool:
+        return self._finished + self.counters.rejected >= len(self.requests)
+
+    # ------------------------------------------------------------------------------------------ fleet
+    def add_instance(self, role: str = "mixed", *, startup_s: float = 0.0) -> _Instance:
+        """Ask for a new instance now; it serves (joins dispatch and migration) after ``startup_s``."""
+        index = len(self.instances)
+        inst = _Instance(index, f"sim-{index:04d}", SimEngineCore(self.config.engine, self.config.cost_model))
+        inst.role, inst.requested_at, inst.state = role, self.now, "starting"
+        self.instances.append(inst)
+        if self._snapshots:
+            self._snapshots.append(self._snapshot(inst))
+        self.call_at(self.now + startup_s, lambda: self._on_ready(inst))
+        return inst
+
+    def _on_ready(self, inst: _Instance) -> None:
+        if inst.state != "starting":
+            return
+        inst.state, inst.ready_at = "active", self.now
+        insort(self._live, inst.index)
+        inst.snapshot_core_version = -1
+        self._touched.add(inst.index)
+        self._migrations_dirty = True
+
+    def start_drain(self, inst: _Instance) -> None:
+        """No more dispatches to it; migration moves its running requests away (Llumnix's drain). A starting
+        instance is stopped at once."""
+        if inst.state == "starting":
+            self.stop_instance(inst)
+            return
+        if inst.state != "active":
+            return
+        inst.state = "draining"
+        inst.draining = True
+        inst.snapshot_core_version = -1
+        self._touched.add(inst.index)
+
+    def is_empty(self, inst: _Instance) -> bool:
+        """Nothing left on it: no request, reservation, outgoing copy or migration in flight."""
+        core = inst.core
+        if core.has_work or core.has_plan or core.reserved_blocks or core.outgoing_blocks:
+            return False
+        return not any(m.src is inst or m.dst is inst for m in self._migrations.values())
+
+    def stop_instance(self, inst: _Instance) -> None:
+        """Take an empty (or starting) instance out of the cluster; it costs nothing from now on."""
+        if inst.state == "stopped":
+            return
+        if inst.state != "starting" and not self.is_empty(inst):
+            raise RuntimeError(f"{inst.instance_id} still has work; drain it first")
+        if inst.state != "starting":
+            self._live.remove(inst.index)
+            self.index.remove(inst.instance_id)
+        inst.state, inst.stopped_at = "stopped", self.now
+        inst.draining = True
+        self._busy.discard(inst.index)
+        self._touched.discard(inst.index)
+        self._migrations_dirty = True
 
     # ------------------------------------------------------------------------------------------ engines
     def _schedule(self, inst: _Instance) -> None:
@@ -226,11 +302,16 @@ class ClusterSimulator:
             self._push(end, _STEP_END, (inst, inst.version))
 
     def _on_step_end(self, inst: _Instance) -> None:
-        for out in inst.core.finish_plan():
+        outputs = inst.core.finish_plan()
+        for out in outputs:
             if out.finished:
                 self._finished += 1
         inst.plan_end = None
+        self._on_outputs(inst, outputs)
         self._schedule(inst)
+
+    def _on_outputs(self, inst: _Instance, outputs: list[SimOutput]) -> None:
+        """Hook: a plan of ``inst`` finished with these outputs (finished requests already counted)."""
 
     # ------------------------------------------------------------------------------------------ dispatch
     def _on_arrival(self, spec: RequestSpec) -> None:
@@ -248,36 +329,73 @@ class ClusterSimulator:
             record.rejected = True
             self.counters.rejected += 1
             return
+        self._admit(request, spec)
+
+    def _admit(self, request: SimRequest, spec: RequestSpec) -> None:
+        """Hook: a new request that can run somewhere; by default dispatch it now or hold it."""
         if not self._dispatch(request):
             self._pending.append(request)
 
-    def _dispatch(self, request: SimRequest) -> bool:
-        block_size = self.config.engine.block_size
-        demand = RequestDemand(
+    def _demand(self, request: SimRequest) -> RequestDemand:
+        return RequestDemand(
             request_id=request.request_id,
             num_prompt_tokens=request.prompt_len,
-            num_blocks=-(-request.prompt_len // block_size),
+            num_blocks=-(-request.prompt_len // self.config.engine.block_size),
             priority=request.priority,
             model=self.config.model,
         )
+
+    def _dispatch(self, request: SimRequest) -> bool:
+        """Place the request where the dispatch policy says; False: no instance can take it now."""
+        demand = self._demand(request)
         self.counters.dispatch_decisions += 1
         chosen = self.index.choose(demand)
         if chosen is None:
             return False
-        inst = self.instances[int(chosen.rsplit("-", 1)[1])]
+        self._place(self.instances[int(chosen.rsplit("-", 1)[1])], request, demand)
+        return True
+
+    def _place(self, inst: _Instance, request: SimRequest, demand: RequestDemand | None = None) -> None:
+        """Add the request to the instance's engine now."""
         self._interrupt(inst)
         inst.core.add(request)
-        self.index.on_dispatched(chosen, demand)
+        self.index.on_dispatched(inst.instance_id, demand or self._demand(request))
         record = self._records[request.request_id]
         if record.dispatch_time < 0:
             record.dispatch_time = self.now
         record.instances.append(inst.index)
+        self._on_placed(inst, request)
         self._schedule(inst)
-        return True
+
+    def _on_placed(self, inst: _Instance, request: SimRequest) -> None:
+        """Hook: ``request`` was just added to ``inst`` (dispatch or re-dispatch)."""
 
     # ------------------------------------------------------------------------------------------ ticks
     def _on_tick(self) -> None:
         self.counters.ticks += 1
+        changed = self._refresh_snapshots()
+        while self._pending:
+            if not self._dispatch(self._pending[0]):
+                break
+            self._pending.popleft()
+        if self.params.migration_enabled and (changed or self._migrations_dirty):
+            self._migrations_dirty = False
+            self.counters.plan_calls += 1
+            for decision in self._plan_migrations():
+                self._start_migration(decision)
+        self._after_tick()
+
+    def _after_tick(self) -> None:
+        """Hook: the end of every scheduler tick."""
+
+    def _plan_migrations(self) -> list[MigrationDecision]:
+        """This round's migrations over the serving instances (subclasses may group them)."""
+        snapshots = self._snapshots
+        live = snapshots if len(self._live) == len(snapshots) else [snapshots[i] for i in self._live]
+        return plan_migrations(live, list(self._in_flight.values()), self.params)
+
+    def _refresh_snapshots(self) -> bool:
+        """Fresh snapshots (the heartbeats) of instances whose state changed; True if any did."""
         changed = False
         if not self._snapshots:
             self._snapshots = [self._snapshot(inst) for inst in self.instances]
@@ -285,6 +403,8 @@ class ClusterSimulator:
         refresh_next: set[int] = set()
         for index in sorted(candidates):
             inst = self.instances[index]
+            if inst.state in ("starting", "stopped"):
+                continue
             core = inst.core
             if core.has_plan:
                 core.advance_to(self.now)
@@ -302,17 +422,11 @@ class ClusterSimulator:
                 if snapshot.num_preempted:
                     refresh_next.add(index)  # report "no new preemption" next time
         self._touched = refresh_next
-        snapshots = self._snapshots
-        while self._pending:
-            if not self._dispatch(self._pending[0]):
-                break
-            self._pending.popleft()
-        if self.params.migration_enabled and (changed or self._migrations_dirty):
-            self._migrations_dirty = False
-            self.counters.plan_calls += 1
-            decisions = plan_migrations(snapshots, list(self._in_flight.values()), self.params)
-            for decision in decisions:
-                self._start_migration(decision)
+        return changed
+
+    def _movable(self, inst: _Instance) -> list[SimRequest]:
+        """Running requests migration may move (all of them here; subclasses may keep some in place)."""
+        return inst.core.running
 
     def _snapshot(self, inst: _Instance) -> InstanceSnapshot:
         core = inst.core
@@ -326,7 +440,7 @@ class ClusterSimulator:
                 r.priority,
                 r.num_output > 0 and r.num_computed >= r.context_len - 1,
             )
-            for r in core.running
+            for r in self._movable(inst)
         )
         return InstanceSnapshot(
             instance_id=inst.instance_id,
@@ -438,6 +552,10 @@ class ClusterSimulator:
         record.migrations += 1
         record.migration_downtime += self.now - migration.stopped_at
         record.instances.append(dst.index)
+        self._on_moved(request, src, dst)
+
+    def _on_moved(self, request: SimRequest, src: _Instance, dst: _Instance) -> None:
+        """Hook: a migration of ``request`` from ``src`` to ``dst`` committed."""
 
 
 def simulate(config: ClusterConfig, requests: Sequence[RequestSpec]) -> SimulationResult:

@@ -5,6 +5,9 @@
 * decode latency: (last token - first token) / (output tokens - 1), per request, seconds per token;
 * preemptions: times a request was preempted (recompute); preemption loss: the time from a preemption
   until the request produced its next token (queueing again + recomputing), summed per request.
+* SLO attainment per request class (:func:`slo_attainment`): an interactive request meets its SLO when its
+  TTFT and its mean inter-token latency are both within ``SloParams``; a batch request when it finishes by
+  its deadline. Unfinished and rejected requests miss.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from control.policy.autoscaling import SloParams, meets_interactive_slo
 from control.simulator.workload import RequestSpec
 from engines.sim.core import SimRequest
 
@@ -163,3 +167,39 @@ def summarize(
         ticks=counters.ticks,
         requests=records,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ClassAttainment:
+    """SLO attainment of one request class."""
+
+    request_class: str
+    total: int
+    completed: int
+    met: int
+    """Requests that met every SLO of their class."""
+    ttft_met: int = 0  # interactive only
+    itl_met: int = 0  # interactive only
+
+    @property
+    def attainment(self) -> float:
+        return self.met / self.total if self.total else float("nan")
+
+
+def slo_attainment(records: list[RequestMetrics], slo: SloParams) -> dict[str, ClassAttainment]:
+    """Attainment per class present in ``records`` (see the module docstring for the definitions)."""
+    by_class: dict[str, list[RequestMetrics]] = {}
+    for record in records:
+        by_class.setdefault(record.spec.request_class, []).append(record)
+    out = {}
+    for cls, group in sorted(by_class.items()):
+        done = [r for r in group if r.done]
+        if cls == "batch":
+            met = sum(1 for r in done if r.sim is not None and r.sim.finish_time <= r.spec.deadline)
+            out[cls] = ClassAttainment(cls, len(group), len(done), met)
+            continue
+        ttft = sum(1 for r in done if r.prefill <= slo.ttft_s)
+        itl = sum(1 for r in done if (d := r.decode_per_token) is None or d <= slo.itl_s)
+        met = sum(1 for r in done if meets_interactive_slo(r.prefill, r.decode_per_token, slo))
+        out[cls] = ClassAttainment(cls, len(group), len(done), met, ttft, itl)
+    return out

@@ -10,11 +10,17 @@ parameters and seed (the same requests for every policy compared).
   capped at 6,144).
 * Traces: CSV ``timestamp,input_tokens,output_tokens`` (e.g. the Azure 2023 conversation trace), with a
   time-compression factor (2.0 replays it twice as fast) and optional length caps.
+* Rate changes: :func:`warp_arrivals` replays a workload with a piecewise speed-up (bursts on a real trace),
+  :func:`piecewise_arrivals` draws Gamma arrivals whose rate steps through a schedule.
+* Request classes (Chiron): every request is ``interactive`` (TTFT/ITL SLOs) or ``batch`` (a deadline);
+  :func:`batch_backlog` makes a batch job, :func:`merge` interleaves workloads.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -32,6 +38,8 @@ class RequestSpec:
     prompt_len: int
     output_len: int
     priority: int = 0
+    request_class: str = "interactive"  # interactive | batch
+    deadline: float = math.inf  # batch: finish by this time (seconds from the start)
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,3 +202,109 @@ def describe(specs: Sequence[RequestSpec]) -> str:
         f"prompt mean {prompts.mean():.0f} p99 {np.percentile(prompts, 99):.0f}, "
         f"output mean {outputs.mean():.0f} p99 {np.percentile(outputs, 99):.0f}"
     )
+
+
+def piecewise_arrivals(
+    schedule: Sequence[tuple[float, float]], rng: np.random.Generator, *, cv: float = 1.0
+) -> np.ndarray:
+    """Arrival times over consecutive ``(duration_s, rate)`` segments, Gamma gaps of CV ``cv`` in each (a
+    rate of 0 leaves the segment empty)."""
+    times: list[np.ndarray] = []
+    start = 0.0
+    for duration, rate in schedule:
+        if rate > 0:
+            expected = int(duration * rate * 1.5) + 16
+            t = start + arrival_times(expected, rate, rng, cv=cv)
+            while t[-1] < start + duration:  # rare: draw more
+                t = np.concatenate([t, t[-1] + arrival_times(expected, rate, rng, cv=cv)])
+            times.append(t[t < start + duration])
+        start += duration
+    return np.concatenate(times) if times else np.zeros(0)
+
+
+def generate_scheduled_workload(
+    schedule: Sequence[tuple[float, float]],
+    *,
+    prompt: LengthSpec = LengthSpec.zipf(256),
+    output: LengthSpec = LengthSpec.zipf(256),
+    cv: float = 1.0,
+    seed: int = 0,
+    max_total_len: int | None = None,
+    prefix: str = "req",
+) -> list[RequestSpec]:
+    """Like :func:`generate_workload` with a rate that steps through ``schedule`` ((duration_s, rate) pairs)."""
+    rng = np.random.default_rng(seed)
+    times = piecewise_arrivals(schedule, rng, cv=cv)
+    n = len(times)
+    prompts, outputs = prompt.sample(n, rng), output.sample(n, rng)
+    specs = []
+    for i in range(n):
+        p, o = _cap(int(prompts[i]), int(outputs[i]), max_total_len)
+        specs.append(RequestSpec(f"{prefix}-{i}", float(times[i]), p, o))
+    return specs
+
+
+def _cap(prompt: int, output: int, max_total_len: int | None) -> tuple[int, int]:
+    if max_total_len is None:
+        return prompt, output
+    prompt = min(prompt, max_total_len - 1)
+    return prompt, max(1, min(output, max_total_len - prompt))
+
+
+def warp_arrivals(specs: Sequence[RequestSpec], speedups: Sequence[tuple[float, float]]) -> list[RequestSpec]:
+    """Replay ``specs`` with a piecewise-constant speed-up: ``speedups`` are ``(from_s, factor)`` pairs in the
+    workload's own time (the first must start at 0); between one ``from_s`` and the next, time runs ``factor``
+    times faster. Lengths and order are kept, only arrival times move (rate changes on a real trace)."""
+    if not speedups or speedups[0][0] != 0.0:
+        raise ValueError("speedups must start at time 0")
+    if any(f <= 0 for _, f in speedups):
+        raise ValueError("speed-up factors must be > 0")
+    bounds = [t for t, _ in speedups] + [math.inf]
+    warped_start = [0.0]
+    for k in range(1, len(speedups)):
+        warped_start.append(warped_start[-1] + (bounds[k] - bounds[k - 1]) / speedups[k - 1][1])
+    out = []
+    k = 0
+    for spec in specs:
+        while spec.arrival >= bounds[k + 1]:
+            k += 1
+        t = warped_start[k] + (spec.arrival - bounds[k]) / speedups[k][1]
+        out.append(dataclasses.replace(spec, arrival=t))
+    return out
+
+
+def batch_backlog(
+    n: int,
+    *,
+    at: float,
+    deadline_s: float,
+    seed: int,
+    lengths: Sequence[tuple[int, int]] | None = None,
+    prompt: LengthSpec = LengthSpec.zipf(256),
+    output: LengthSpec = LengthSpec.zipf(256),
+    max_total_len: int | None = None,
+    prefix: str = "batch",
+) -> list[RequestSpec]:
+    """A batch job: ``n`` batch requests submitted at ``at``, all due ``deadline_s`` later. Lengths are drawn
+    (seeded) from ``lengths`` ((prompt, output) pairs, e.g. a trace's rows) when given, else from the specs."""
+    rng = np.random.default_rng(seed)
+    if lengths:
+        picks = rng.integers(0, len(lengths), size=n)
+        pairs = [lengths[int(k)] for k in picks]
+    else:
+        prompts, outputs = prompt.sample(n, rng), output.sample(n, rng)
+        pairs = [(int(prompts[i]), int(outputs[i])) for i in range(n)]
+    specs = []
+    for i, (p, o) in enumerate(pairs):
+        p, o = _cap(p, o, max_total_len)
+        specs.append(RequestSpec(f"{prefix}-{i}", at, p, o, request_class="batch", deadline=at + deadline_s))
+    return specs
+
+
+def merge(*parts: Sequence[RequestSpec]) -> list[RequestSpec]:
+    """One workload from several (ids must already be distinct), in arrival order."""
+    merged = [spec for part in parts for spec in part]
+    ids = {s.request_id for s in merged}
+    if len(ids) != len(merged):
+        raise ValueError("request ids collide; give each part its own prefix")
+    return sorted(merged, key=lambda s: (s.arrival, s.request_id))
