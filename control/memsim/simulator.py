@@ -27,7 +27,7 @@ import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -130,7 +130,7 @@ class MemorySimulator:
         self.units: dict[int, Unit] = {}
         self._ids = itertools.count()
         self._seq = itertools.count()
-        self._events: list[tuple[float, int, int, object]] = []
+        self._events: list[tuple[float, int, int, Any]] = []  # (time, tie-break, kind, payload)
         self.requests: dict[str, SimRequest] = {}
         self.rejected = 0
         self.swaps = self.migrations = self.drops = self.restores = self.exchange_bytes = 0
@@ -190,7 +190,7 @@ class MemorySimulator:
                 assert isinstance(payload, RequestSpec)
                 self._arrive(payload, now)
             elif kind == _STEP:
-                unit_id, token = payload  # type: ignore[misc]
+                unit_id, token = payload
                 unit = self.units.get(unit_id)
                 if unit is not None and unit.token == token:
                     self._step_end(unit, now)
@@ -198,14 +198,14 @@ class MemorySimulator:
                 if self._has_work() or now < last_arrival:
                     self._tick(str(payload), now)
             elif kind == _RESUME:
-                unit_id, request, reserved = payload  # type: ignore[misc]
+                unit_id, request, reserved = payload
                 self._resume(self.units[unit_id], request, reserved, now)
             elif kind == _KICK:
-                unit = self.units.get(int(payload))  # type: ignore[call-overload]
+                unit = self.units.get(int(payload))
                 if unit is not None:
                     self._kick(unit, now)
             elif kind == _MIGRATED:
-                source_id, request, dest, reserved = payload  # type: ignore[misc]
+                source_id, request, dest, reserved = payload
                 self._pending_migrations.setdefault(source_id, []).append((request, dest, reserved))
                 source = self.units[source_id]
                 if source.core.has_plan:
@@ -214,7 +214,7 @@ class MemorySimulator:
                     self._commit_migrations(source, now)
                     self._kick(source, now)
             elif kind == _RELOADED:
-                unit = self.units.get(int(payload))  # type: ignore[call-overload]
+                unit = self.units.get(int(payload))
                 if unit is not None:
                     unit.reloading = False
                     unit.hold = True

@@ -29,18 +29,19 @@ def burst_workload(
     rng = np.random.default_rng(seed)
     times: list[float] = []
     start = 0.0
+    arrival: np.ndarray
     for duration, rate in schedule:
         if rate > 0:
             n = int(duration * rate * 2) + 16
-            t = start + arrival_times(n, rate, rng)
-            times.extend(float(x) for x in t[t < start + duration])
+            arrival = start + arrival_times(n, rate, rng)
+            times.extend(float(x) for x in arrival[arrival < start + duration])
         start += duration
     prompts, outputs = prompt.sample(len(times), rng), output.sample(len(times), rng)
     specs = []
-    for i, t in enumerate(times):
+    for i, when in enumerate(times):
         p = min(int(prompts[i]), max_total_len - 1)
         o = max(1, min(int(outputs[i]), max_total_len - p))
-        specs.append(RequestSpec(f"{prefix}-{i}", t, p, o))
+        specs.append(RequestSpec(f"{prefix}-{i}", when, p, o))
     return specs
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
-from control.memsim import DEFAULT_HARDWARE, MODES, MemorySimulator, MemSimConfig, simulate
+from control.memsim import DEFAULT_HARDWARE, MODES, MemorySimulator, MemSimConfig, MemSimResult, simulate
 from control.memsim.workloads import burst_workload
 from control.policy.memory import freed_blocks
 from control.simulator.workload import LengthSpec, RequestSpec
@@ -24,16 +25,15 @@ def burst(seed: int = 3) -> list[RequestSpec]:
     )
 
 
-def summary(result: object) -> tuple:
-    r = result
+def summary(r: MemSimResult) -> tuple[Any, ...]:
     return (
-        r.completed,  # type: ignore[attr-defined]
-        tuple(r.ttft),  # type: ignore[attr-defined]
-        tuple(r.tbt_gaps.tolist()),  # type: ignore[attr-defined]
-        r.output_tokens,  # type: ignore[attr-defined]
-        r.preemptions,  # type: ignore[attr-defined]
-        r.drops,  # type: ignore[attr-defined]
-        r.exchange_bytes,  # type: ignore[attr-defined]
+        r.completed,
+        tuple(r.ttft),
+        tuple(r.tbt_gaps.tolist()),
+        r.output_tokens,
+        r.preemptions,
+        r.drops,
+        r.exchange_bytes,
     )
 
 
@@ -63,7 +63,7 @@ def test_blocks_conserved_between_events(mode: str) -> None:
     original_pop = heapq.heappop
     checks = 0
 
-    def checked_pop(heap: list) -> object:  # type: ignore[type-arg]
+    def checked_pop(heap: list[Any]) -> Any:
         nonlocal checks
         if heap is sim._events:
             sim.check_blocks()
@@ -74,7 +74,7 @@ def test_blocks_conserved_between_events(mode: str) -> None:
             assert held + free + sum(u.core.reserved_blocks for u in sim.units.values()) == capacity
         return original_pop(heap)
 
-    heapq.heappop = checked_pop  # type: ignore[assignment]
+    heapq.heappop = checked_pop
     try:
         result = sim.run()
     finally:
