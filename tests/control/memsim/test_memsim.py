@@ -121,3 +121,13 @@ def test_pipelined_cost_divides_work_and_adds_overhead() -> None:
     pp2 = hw.pipelined_cost(2, 0.05).step_ms(2048, 128, 128 * 1000)
     assert alone < pp2 < alone * 1.2
     assert replace(hw, hop_latency_ms=1.0).pipelined_cost(2, 0.0).fixed_ms == hw.cost.fixed_ms + 1.0
+
+
+@pytest.mark.parametrize("mode", ["vllm", "swap"])
+def test_fast_forward_and_sampling_do_not_change_results(mode: str) -> None:
+    """Multi-step runs and the memory-sampling ticks are exact: stepping one by one gives the same run."""
+    base = MemSimConfig(mode=mode, num_instances=2)  # type: ignore[arg-type]
+    fast = simulate(base, burst())
+    slow = simulate(replace(base, max_run_steps=1, memory=replace(base.memory, poll_period_s=0.37)), burst())
+    assert fast.output_tokens == slow.output_tokens and fast.preemptions == slow.preemptions
+    assert fast.ttft == pytest.approx(slow.ttft)
