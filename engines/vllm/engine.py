@@ -5,11 +5,16 @@ The engine gives vLLM token ids and takes token ids back (no tokenizer in vLLM: 
 ``DELTA`` outputs, and reads its load from vLLM's own per-step scheduler statistics through a stat logger
 (``SchedulerStats.kv_cache_usage``, running and waiting counts), which vLLM emits after every step,
 including the step that frees a finished request's blocks. Per-request numbers (tokens, blocks) come from
-what this engine streamed.
+what this engine streamed. On CPU the KV cache size is passed as ``kv_cache_memory_bytes`` (the
+``VLLM_CPU_KVCACHE_SPACE`` variable only takes whole GiB) and the worker runs ``cpu_threads`` OpenMP
+threads, unpinned (``VLLM_CPU_OMP_THREADS_BIND=nobind``) since engines share cores.
 
 Migration: the connector's two halves (EngineCore and worker processes) connect back to this engine over a
 Unix-socket control channel (:mod:`engines.vllm.control`); requests carry Drover's id (and, when resumed
-from migrated KV, the load marker) in ``kv_transfer_params``. See :mod:`engines.vllm.connector`.
+from migrated KV, the load marker) in ``kv_transfer_params``. As a destination, the engine *preloads* each
+received stage: a one-token warm-up request, salted with the migration id, loads the stage's blocks into
+vLLM's prefix cache while the source still decodes; the resumed request (same salt) then finds them cached
+and loads only the blocks of the last stage. See :mod:`engines.vllm.connector`.
 """
 
 from __future__ import annotations
