@@ -19,8 +19,9 @@ The two levels (Chiron's hierarchical backpressure):
   its SLO-safe *capacity* (the limit, or fewer when KV memory binds first) and its *backpressure*
   (requests there / capacity; >= 1 means it cannot take more within SLO).
 * **Global** (:func:`plan_scaling`, every ``AutoscaleParams.period_s``): instances per role. Interactive
-  demand, in request slots, is max(requests now in the system, arrival rate x mean time a request holds a
-  slot (Little's law)); interactive-capable instances = ceil(demand / (slots per instance x target
+  demand, in request slots, is max(arrival rate x mean time a request holds a slot (Little's law), requests
+  running now) plus the queued backlog spread over the time new capacity takes to arrive (see
+  :func:`interactive_demand`); interactive-capable instances = ceil(demand / (slots per instance x target
   occupancy)), split between the interactive and mixed roles by ``mixed_share``. Batch instances come from
   the batch queue's deadlines with QLM's estimate (see :func:`required_batch_throughput`). Hysteresis: scale out at
   ``target_occupancy``; scale in only down to the largest count that ``scale_in_occupancy`` needed over the
@@ -397,9 +398,12 @@ class ClusterView:
     """Interactive arrivals per second over the last period."""
     interactive_service_s: float = 0.0
     """Mean time recent interactive requests held a slot: engine admission to last token, queueing excluded
-    (queued requests already count in the in-system term; 0: none finished yet)."""
+    (0: none finished yet)."""
     pending_interactive: int = 0
     """Interactive requests the scheduler holds because no instance could take them."""
+    queued_interactive: int = 0
+    """Interactive requests counted in instances' ``num_interactive`` that wait in an engine queue (not yet
+    admitted); the live actor may estimate it per instance as min(num_waiting, num_interactive)."""
     batch: tuple[BatchGroup, ...] = ()
     """Unfinished batch work (queued or running) by deadline; :func:`batch_groups` builds it."""
 
@@ -423,7 +427,7 @@ class ScalingEstimate:
     """The numbers behind a plan (for the reason, status and tests)."""
 
     interactive_demand: float
-    """Interactive requests to hold at once: max(in the system, rate x service time)."""
+    """Interactive request slots to provide now (:func:`interactive_demand`)."""
     slots_per_instance: float
     batch_tokens_per_s: float
     """Batch work rate that meets every deadline (QLM estimate), net of what mixed instances lend."""
@@ -498,6 +502,24 @@ def estimated_completions(groups: Sequence[BatchGroup], now: float, tokens_per_s
     return tuple(out)
 
 
+def interactive_demand(view: ClusterView, params: AutoscaleParams) -> float:
+    """Interactive request slots needed now: max(rate x slot time, running) + queued x min(1, S / T).
+
+    Little's law gives the slots the arrival stream occupies (rate x S, S = the time a request holds a slot);
+    the requests running now are a floor when the rate just fell. The queue (held by the scheduler or waiting
+    in engine queues) is a backlog: clearing it within T = startup_s + period_s, the earliest new capacity
+    can help, takes queued x S / T more slots. Counting each queued request as a slot of its own would ask
+    for capacity that arrives after a short burst has gone. Without a measured S, each queued request counts
+    as one slot.
+    """
+    in_system = sum(i.num_interactive for i in view.instances if i.state != "starting") + view.pending_interactive
+    queued = min(in_system, view.queued_interactive + view.pending_interactive)
+    running = in_system - queued
+    service = view.interactive_service_s
+    backlog = queued * min(1.0, service / (params.startup_s + params.period_s)) if service > 0 else float(queued)
+    return max(float(running), view.interactive_rate * service) + backlog
+
+
 def _measured_throughput(view: ClusterView, state: ScalingState, params: AutoscaleParams) -> float:
     saturated = [
         i.tokens_per_s
@@ -515,8 +537,7 @@ def _measured_throughput(view: ClusterView, state: ScalingState, params: Autosca
 
 def _estimate(view: ClusterView, state: ScalingState, params: AutoscaleParams) -> ScalingEstimate:
     serving = [i for i in view.instances if i.state != "starting"]
-    in_system = sum(i.num_interactive for i in serving) + view.pending_interactive
-    demand = max(float(in_system), view.interactive_rate * view.interactive_service_s)
+    demand = interactive_demand(view, params)
     capable = [i for i in serving if i.state == "active" and i.role != "batch"]
     slots = (
         sum(instance_slots(i, params) for i in capable) / len(capable) if capable else float(params.local.initial_batch)
@@ -697,8 +718,9 @@ def _role_basis(role: InstanceRole, est: ScalingEstimate, view: ClusterView) -> 
             f"at {est.tokens_per_instance_s:.0f} tok/s/instance"
         )
     return (
-        f"interactive demand {est.interactive_demand:.1f} req (rate {view.interactive_rate:.2f}/s x "
-        f"{view.interactive_service_s:.1f} s), {est.slots_per_instance:.0f} slots/instance"
+        f"interactive demand {est.interactive_demand:.1f} slots (rate {view.interactive_rate:.2f}/s x "
+        f"{view.interactive_service_s:.1f} s, {view.queued_interactive + view.pending_interactive} queued), "
+        f"{est.slots_per_instance:.0f} slots/instance"
     )
 
 
@@ -969,6 +991,7 @@ __all__ = [
     "batch_victims",
     "estimated_completions",
     "instance_slots",
+    "interactive_demand",
     "local_batch_limit",
     "meets_interactive_slo",
     "plan_scaling",

@@ -31,6 +31,7 @@ from control.policy.autoscaling import (
     batch_spare,
     batch_victims,
     estimated_completions,
+    interactive_demand,
     local_batch_limit,
     meets_interactive_slo,
     plan_scaling,
@@ -205,6 +206,16 @@ def test_pending_interactive_requests_count_as_demand() -> None:
     plan = plan_scaling(view([load("i0", inter=32)], pending_interactive=64), watched(), PARAMS)
     assert plan.estimate.interactive_demand == 96
     assert total(plan.start) >= 3
+
+
+def test_queued_backlog_is_spread_over_the_time_new_capacity_takes() -> None:
+    insts = [load("i0", inter=100), load("i1", inter=100)]  # 200 in system, 150 of them queued
+    v = view(insts, interactive_rate=10.0, interactive_service_s=6.6, queued_interactive=150)
+    t = PARAMS.startup_s + PARAMS.period_s
+    # running 50 < rate x S = 66; backlog 150 x 6.6 / 33 = 30
+    assert interactive_demand(v, PARAMS) == pytest.approx(66.0 + 150 * 6.6 / t)
+    no_s = view(insts, queued_interactive=150)
+    assert interactive_demand(no_s, PARAMS) == pytest.approx(50 + 150)  # no slot time yet: one slot each
 
 
 def test_starting_instances_count_as_capacity() -> None:
