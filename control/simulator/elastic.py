@@ -282,7 +282,7 @@ class ElasticSimulator(ClusterSimulator):
                 request = extra.entries[rid][0]
                 if request.state == WAITING and rid not in self._evicting:
                     inst.core.remove(rid)
-                    self._requeue(inst, request)
+                    self._requeue(inst, request, evicted=False)
 
     def _event(self, action: str, inst: _Instance, reason: str = "") -> None:
         self._events.append(ScaleEvent(self.now, action, inst.instance_id, inst.role, reason))
@@ -436,10 +436,10 @@ class ElasticSimulator(ClusterSimulator):
 
         return requeue
 
-    def _requeue(self, inst: _Instance, request: SimRequest) -> None:
+    def _requeue(self, inst: _Instance, request: SimRequest, *, evicted: bool = True) -> None:
         self._evicting.discard(request.request_id)
         self._leave(inst, request)
-        self._evictions += 1
+        self._evictions += evicted
         self._push_batch(request)
         self._schedule(inst)
 
@@ -520,6 +520,9 @@ class ElasticSimulator(ClusterSimulator):
                 extra.capacity = extra.batch_limit
                 extra.backpressure = (extra.num_interactive + extra.num_batch) / max(1, extra.batch_limit)
 
+    def _queued_interactive(self) -> int:
+        return sum(1 for index in self._live for r in self.instances[index].core.waiting if _class_of(r) != BATCH)
+
     def _global_tick(self) -> None:
         params = self.as_params
         self._measure_throughput()
@@ -532,6 +535,7 @@ class ElasticSimulator(ClusterSimulator):
             interactive_rate=self._arrivals_window / params.period_s,
             interactive_service_s=self._service_s,
             pending_interactive=len(self._pending),
+            queued_interactive=self._queued_interactive(),
             batch=tuple(BatchGroup(d, n, t) for d, (n, t) in sorted(self._groups.items())),
         )
         self._arrivals_window = 0
