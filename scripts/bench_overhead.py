@@ -39,7 +39,8 @@ class Samples:
 async def run_direct(settings: Settings, prompts: list[list[int]], max_tokens: int, warmup: int) -> Samples:
     engine, _ = build_engine(settings, "direct-0")
     await engine.start()
-    ttft, itl = [], []
+    ttft: list[float] = []
+    itl: list[float] = []
     try:
         for n, prompt in enumerate(prompts):
             request = EngineRequest(
@@ -62,7 +63,9 @@ async def run_direct(settings: Settings, prompts: list[list[int]], max_tokens: i
 
 
 async def run_drover(url: str, prompts: list[list[int]], max_tokens: int, warmup: int) -> Samples:
-    ttft, itl, transit = [], [], []
+    ttft: list[float] = []
+    itl: list[float] = []
+    transit: list[float] = []
     async with DroverClient(url, name="bench-overhead") as client:
         for n, prompt in enumerate(prompts):
             result = await client.generate(

@@ -23,7 +23,7 @@ from control.settings import load_settings
 from engines.sim.live_migration import MigratableSimEngine
 from engines.tokenizer import ByteTokenizer
 from transport import subjects
-from transport.messages import ProtocolError, SamplingParams, decode, encode
+from transport.messages import ProtocolError, SamplingParams, SubmitRequest, decode, encode
 from transport.nats_server import EmbeddedNatsServer
 
 KINDS = [
@@ -122,12 +122,7 @@ async def run(messages: int, seed: int, verbose: bool = False) -> int:
     await asyncio.to_thread(cluster.start_control)
     for name in ("fz-a", "fz-b"):
         await asyncio.to_thread(cluster.add_engine, MigratableSimEngine(name, time_scale=0.1))
-    valid = encode(
-        msgspec.convert(
-            {"kind": "submit", "v": 1, "reply_to": "_INBOX.fuzz", "prompt": "hello", "sampling": {"max_tokens": 4}},
-            type=dict,
-        )
-    )
+    valid = encode(SubmitRequest(reply_to="_INBOX.fuzz", prompt="hello", sampling=SamplingParams(max_tokens=4)))
     targets = [
         subjects.SUBMIT,
         subjects.CANCEL,
