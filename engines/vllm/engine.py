@@ -146,6 +146,7 @@ class VllmEngine:
         seed: int = 0,
         enable_migration: bool = True,
         enable_prefix_caching: bool = True,
+        executor: str | None = None,
         staging_blocks: int | None = None,
         data_host: str = "127.0.0.1",
         stage_timeout_s: float = 120.0,
@@ -167,6 +168,10 @@ class VllmEngine:
         self.cpu_threads = cpu_threads
         self.seed = seed
         self.enable_migration = enable_migration
+        # vLLM's executor: "uni" runs the worker inside EngineCore; "mp" (vLLM's default) a worker process
+        # whose shared-memory queue spin-waits, which on a few CPU cores starves every other process on the
+        # token path (see scripts/bench_overhead.py); None lets vLLM choose.
+        self.executor = executor
         self.enable_prefix_caching = enable_prefix_caching
         self.staging_blocks = staging_blocks or 2 * math.ceil(max_model_len / block_size)
         self.data_host = data_host
@@ -263,6 +268,7 @@ class VllmEngine:
             enable_prefix_caching=self.enable_prefix_caching,
             disable_log_stats=True,  # our stat logger still gets the stats; vLLM's periodic log does not run
             kv_transfer_config=kv_transfer,
+            distributed_executor_backend=self.executor,
         )
 
     def _construct(self, args: Any) -> Any:
