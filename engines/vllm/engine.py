@@ -47,6 +47,8 @@ _GIB = 1 << 30
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])
 _START_LOCK = threading.Lock()  # engine starts mutate os.environ, which vLLM's spawned processes inherit
 _FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
+STOPPED_REQUEST_TIMEOUT_S = 600.0
+"""Longest a request stopped for migration waits for its migrator's commit or abort."""
 
 
 class _LoadLogger:
@@ -356,8 +358,7 @@ class VllmEngine:
                 if state.stopped and reason != "stop" and reason != "length":
                     held += new
                     if output.finished:  # the stop's abort: silent until commit/abort ends it here
-                        assert state.end is not None
-                        yield EngineOutput(rid, [], await state.end)
+                        yield EngineOutput(rid, [], await self._stopped_end(state))
                         return
                     continue
                 # (A natural finish that raced a stop ends normally; the stop then fails.)
@@ -370,6 +371,23 @@ class VllmEngine:
                 del self._requests[rid]
             if load_id is not None and load_id in self._reserved:
                 await self._release_staging(load_id)
+
+    async def _stopped_end(self, state: _Request) -> str:
+        """How a stopped request ends here: at commit or abort, or (if neither comes, its migrator gone) after
+        a long timeout as "migrated", since its destination may well be running it."""
+        assert state.end is not None
+        try:
+            async with asyncio.timeout(STOPPED_REQUEST_TIMEOUT_S):
+                return await state.end
+        except TimeoutError:
+            log.warning(
+                "request %s: no commit or abort %.0f s after its stop",
+                state.request.request_id,
+                STOPPED_REQUEST_TIMEOUT_S,
+            )
+            if self._requests.get(state.request.request_id) is state:
+                del self._requests[state.request.request_id]
+            return "migrated"
 
     def _sampling_params(self, request: EngineRequest, load_id: str | None) -> Any:
         from vllm import SamplingParams
