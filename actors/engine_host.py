@@ -82,7 +82,6 @@ def build_engine(settings: Settings, instance_id: str) -> tuple[Engine, Tokenize
         dtype=settings.model.dtype,
         cpu_threads=eng.cpu_threads,
         seed=eng.seed,
-        executor=None if eng.vllm_executor == "auto" else eng.vllm_executor,
     )
     return vllm_engine, load_tokenizer(model_dir)
 

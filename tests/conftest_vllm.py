@@ -37,7 +37,6 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "dtype": "float32",
     "cpu_threads": 1,
     "seed": 0,
-    "executor": os.environ.get("DROVER_TEST_VLLM_EXECUTOR", "uni"),  # as Drover's default (engine.vllm_executor)
 }
 
 

@@ -170,9 +170,7 @@ class VllmEngine:
         self.cpu_threads = cpu_threads
         self.seed = seed
         self.enable_migration = enable_migration
-        # vLLM's executor: "uni" runs the worker inside EngineCore; "mp" (vLLM's default) a worker process
-        # whose shared-memory queue spin-waits, which on a few CPU cores starves every other process on the
-        # token path (see scripts/bench_overhead.py); None lets vLLM choose.
+        # vLLM's distributed executor (None: vLLM's choice). On CPU vLLM always uses "mp" (it rewrites "uni").
         self.executor = executor
         self.enable_prefix_caching = enable_prefix_caching
         self.staging_blocks = staging_blocks or 2 * math.ceil(max_model_len / block_size)
