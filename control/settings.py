@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from control.gateway.settings import GatewaySettings
+from control.policy.autoscaling import AutoscaleParams, ThresholdParams
 from control.policy.params import PolicyParams
 from observability.metrics import MetricsSettings
 
@@ -153,6 +154,14 @@ class Settings(BaseSettings):
         description="Dispatch and migration policy knobs (control/policy/params.py documents each); "
         "changeable at run time with `drover policy set`.",
     )
+    autoscaling: AutoscaleParams = Field(
+        AutoscaleParams(),
+        description="Hierarchical SLO-aware autoscaler (Chiron): SLOs, local batch limits, per-role min/max, "
+        "hysteresis and cooldowns; control/policy/autoscaling.py documents each default and its source.",
+    )
+    threshold_autoscaling: ThresholdParams = Field(
+        ThresholdParams(), description="Llumnix's avg-freeness threshold autoscaler (baseline)."
+    )
     migration: MigrationSettings = MigrationSettings()
     reliability: ReliabilitySettings = ReliabilitySettings()
     limits: LimitsSettings = LimitsSettings()
@@ -165,6 +174,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_policy(self) -> Settings:
         self.policy.validate()
+        self.autoscaling.validate()
         return self
 
     @classmethod
