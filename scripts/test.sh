@@ -7,4 +7,5 @@ bash scripts/setup.sh
 . .venv/bin/activate
 ruff check .
 lint-imports
+mypy actors transport control engines observability scripts
 python -m pytest -q -ra --durations=15 "$@"
