@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -427,7 +425,3 @@ class Heartbeater:
             except Exception:  # never let a transient error stop the heartbeat
                 log.exception("heartbeat failed")
             self._stop.wait(self.interval_s)
-
-
-def host_identity() -> tuple[str, int]:
-    return socket.gethostname(), os.getpid()

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -170,7 +169,3 @@ def summarize(results: list[RequestResult], wall_s: float) -> WorkloadSummary:
         itl_p99_ms=percentile(itls, 99),
         served_by=dict(sorted(served.items())),
     )
-
-
-def mean_or_nan(values: list[float]) -> float:
-    return statistics.fmean(values) if values else float("nan")
