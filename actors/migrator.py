@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pykka
@@ -85,27 +85,6 @@ class MigrationEnded:
     resumed_on_source: bool = False
 
 
-@dataclass(slots=True)
-class _InFlight:
-    start: StartMigration
-    migration_id: str
-    started_at: float = field(default_factory=time.monotonic)
-    stage: int = 0
-    phase: str = "reserve"
-
-
-@dataclass(frozen=True, slots=True)
-class _Progress:
-    migration_id: str
-    phase: str
-    stage: int
-
-
-@dataclass(frozen=True, slots=True)
-class GetMigrations:
-    pass
-
-
 class MigratorActor(SupervisedActor):
     def __init__(
         self,
@@ -119,52 +98,29 @@ class MigratorActor(SupervisedActor):
         self.bus = bus
         self.settings = settings
         self.scheduler = scheduler
-        self.in_flight: dict[str, _InFlight] = {}
-        self.completed = 0
-        self.aborted = 0
+        self.in_flight: dict[str, StartMigration] = {}  # migration id -> its start (caps, duplicates)
 
     # ------------------------------------------------------------------------------------------- actor side
     def busy_instances(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for m in self.in_flight.values():
-            for instance in (m.start.source, m.start.destination):
+            for instance in (m.source, m.destination):
                 counts[instance] = counts.get(instance, 0) + 1
         return counts
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, StartMigration):
             return self._start(message)
-        if isinstance(message, _Progress):
-            flight = self.in_flight.get(message.migration_id)
-            if flight is not None:
-                flight.phase, flight.stage = message.phase, message.stage
-        elif isinstance(message, MigrationEnded):
+        if isinstance(message, MigrationEnded):
             self.in_flight.pop(message.migration_id, None)
-            if message.ok:
-                self.completed += 1
-            else:
-                self.aborted += 1
             self.scheduler.tell(message)
-        elif isinstance(message, GetMigrations):
-            return [
-                {
-                    "migration_id": m.migration_id,
-                    "request_id": m.start.request_id,
-                    "source": m.start.source,
-                    "destination": m.start.destination,
-                    "phase": m.phase,
-                    "stage": m.stage,
-                    "age_s": time.monotonic() - m.started_at,
-                }
-                for m in self.in_flight.values()
-            ]
         return None
 
     def _start(self, start: StartMigration) -> str | None:
         """Begin a migration unless a cap forbids it; returns its id, or None when refused."""
         busy = self.busy_instances()
         cap = start.params.max_migrations_per_instance
-        if any(m.start.request_id == start.request_id for m in self.in_flight.values()):
+        if any(m.request_id == start.request_id for m in self.in_flight.values()):
             self._refuse(start, f"request {start.request_id} is already migrating")
             return None
         if busy.get(start.source, 0) >= cap or busy.get(start.destination, 0) >= cap:
@@ -174,7 +130,7 @@ class MigratorActor(SupervisedActor):
             self._refuse(start, "the cluster-wide cap of concurrent migrations is reached")
             return None
         migration_id = uuid.uuid4().hex[:16]
-        self.in_flight[migration_id] = _InFlight(start=start, migration_id=migration_id)
+        self.in_flight[migration_id] = start
         self.bus.run(self._run(start, migration_id))
         return migration_id
 
@@ -204,10 +160,6 @@ class MigratorActor(SupervisedActor):
         if not isinstance(reply, MigrateInReply) or not reply.ok:
             raise MigrationFailed(f"{destination} cannot reserve {num_blocks} blocks: {getattr(reply, 'error', reply)}")
         return reply.address
-
-    def _progress(self, migration_id: str, phase: str, stage: int) -> None:
-        if self.actor_ref.is_alive():
-            self.actor_ref.tell(_Progress(migration_id, phase, stage))
 
     async def _run(self, start: StartMigration, migration_id: str) -> None:
         src, dst, rid = start.source, start.destination, start.request_id
@@ -244,7 +196,6 @@ class MigratorActor(SupervisedActor):
                     if begin.total_blocks + headroom > reserved:
                         reserved = begin.total_blocks + headroom
                         await self._reserve(dst, migration_id, reserved)
-                    self._progress(migration_id, "copy", stage)
                     with tracer().start_as_current_span(spans.MIGRATION_STAGE) as stage_span:
                         reply = await self._out(src, op="stage", migration_id=migration_id)
                         info = reply.stage
@@ -267,7 +218,6 @@ class MigratorActor(SupervisedActor):
                         break
                 if begin.total_blocks + headroom > reserved:
                     await self._reserve(dst, migration_id, begin.total_blocks + headroom)
-                self._progress(migration_id, "stop", stages)
                 stop_started = time.perf_counter()
                 with tracer().start_as_current_span(spans.MIGRATION_STOP_AND_COPY) as stop_span:
                     stopped = await self._out(src, op="stop", migration_id=migration_id)
@@ -282,7 +232,6 @@ class MigratorActor(SupervisedActor):
                         copied_bytes += stopped.stage.copied_bytes
                     if stopped.stage is not None and stopped.stage.request_finished:
                         raise MigrationFailed("the request finished before it stopped")
-                self._progress(migration_id, "resume", stages)
                 with tracer().start_as_current_span(spans.MIGRATION_RESUME):
                     await self._resume(dst, stopped, src)
                 downtime = time.perf_counter() - stop_started
