@@ -11,6 +11,7 @@ from control.settings import Settings
 from engines.base import Engine
 from engines.tokenizer import Tokenizer
 from transport.bus import Bus, BusOptions
+from transport.nats_auth import NatsAuth
 
 
 @dataclass
@@ -21,6 +22,8 @@ class InProcessCluster:
     control: ControlPlane | None = None
     hosts: dict[str, EngineHost] = field(default_factory=dict)
     _buses: dict[str, Bus] = field(default_factory=dict)
+    control_auth: NatsAuth | None = None  # NATS credentials of the control plane (servers with auth)
+    engine_auth: NatsAuth | None = None  # of every engine host
 
     @property
     def url(self) -> str:
@@ -28,13 +31,13 @@ class InProcessCluster:
         return self.settings.nats.url
 
     def start_control(self) -> ControlPlane:
-        self.control_bus = Bus(BusOptions(url=self.url, name="drover-control")).start()
+        self.control_bus = Bus(BusOptions.with_auth(self.url, "drover-control", self.control_auth)).start()
         self.control = ControlPlane(self.settings, self.control_bus, self.tokenizer).start()
         return self.control
 
     def add_engine(self, engine: Engine, tokenizer: Tokenizer | None = None) -> EngineHost:
         instance_id = engine.info.instance_id
-        bus = Bus(BusOptions(url=self.url, name=f"drover-engine-{instance_id}")).start()
+        bus = Bus(BusOptions.with_auth(self.url, f"drover-engine-{instance_id}", self.engine_auth)).start()
         host = EngineHost(self.settings, bus, engine, tokenizer or self.tokenizer).start()
         self.hosts[instance_id] = host
         self._buses[instance_id] = bus

@@ -155,10 +155,11 @@ def submit(
     """Submit one request and print its output."""
     from control.client import DroverClient, DroverError
 
-    url = _need_url(settings())
+    s = settings()
+    url = _need_url(s)
 
     async def go() -> int:
-        async with DroverClient(url, name="drover-cli") as client:
+        async with DroverClient(url, name="drover-cli", nats_settings=s.nats) as client:
             req = await client.submit(
                 prompt, max_tokens=max_tokens, temperature=temperature, priority=priority, request_id=request_id
             )
@@ -267,10 +268,11 @@ def _admin_call(call: Any) -> Any:
     """Run an admin coroutine factory ``call(client)`` against the cluster; print errors, exit 1."""
     from control.client import DroverClient, DroverError
 
-    url = _need_url(settings())
+    s = settings()
+    url = _need_url(s)
 
     async def go() -> Any:
-        client = await DroverClient(url, name="drover-cli").connect(**_CLI_CONNECT)
+        client = await DroverClient(url, name="drover-cli", nats_settings=s.nats).connect(**_CLI_CONNECT)
         try:
             return await call(client)
         finally:

@@ -100,7 +100,7 @@ def register(app: typer.Typer) -> None:
         auth = f"{len(settings.api_keys)} API keys" if settings.api_keys else "no authentication"
         cli.console.print(f"gateway on {scheme}://{settings.host}:{settings.port}/v1 -> {url} ({auth})")
         try:
-            serve(settings, url, log_level=obs.log_level.lower())
+            serve(settings, url, log_level=obs.log_level.lower(), nats_settings=s.nats)
         finally:
             shutdown_tracing()
 
@@ -114,10 +114,18 @@ def register(app: typer.Typer) -> None:
         from control import cli
         from control.top import run_top
 
-        url = _need_url(_settings(ctx))
+        s = _settings(ctx)
+        url = _need_url(s)
         try:
             asyncio.run(
-                run_top(url, interval_s=interval, once=once, console=cli.console, connect_options=cli._CLI_CONNECT)
+                run_top(
+                    url,
+                    interval_s=interval,
+                    once=once,
+                    console=cli.console,
+                    connect_options=cli._CLI_CONNECT,
+                    nats_settings=s.nats,
+                )
             )
         except KeyboardInterrupt:
             pass
@@ -167,23 +175,30 @@ def register(app: typer.Typer) -> None:
         """Serve cluster metrics for Prometheus (instance load, queue, engine request outcomes)."""
         from control import cli
 
-        url = _need_url(_settings(ctx))
+        s = _settings(ctx)
+        url = _need_url(s)
         try:
-            asyncio.run(_serve_metrics(url, host, port, interval, once, cli._CLI_CONNECT if once else {}))
+            asyncio.run(_serve_metrics(url, host, port, interval, once, cli._CLI_CONNECT if once else {}, s.nats))
         except Exception as exc:
             cli.console.print(f"[red]no answer from the control plane at {url}:[/] {exc!r}")
             raise typer.Exit(1) from exc
 
 
 async def _serve_metrics(
-    url: str, host: str, port: int, interval_s: float, once: bool, connect_options: dict[str, Any]
+    url: str,
+    host: str,
+    port: int,
+    interval_s: float,
+    once: bool,
+    connect_options: dict[str, Any],
+    nats_settings: Any = None,
 ) -> None:
     from control.client import DroverClient
     from control.metrics_exporter import ClusterMetricsExporter
     from observability.metrics import Metrics, start_metrics_server
 
     source = Metrics(service_name="drover-metrics")
-    client = await DroverClient(url, name="drover-metrics").connect(**connect_options)
+    client = await DroverClient(url, name="drover-metrics", nats_settings=nats_settings).connect(**connect_options)
     exporter = ClusterMetricsExporter(client, source, interval_s)
     try:
         if once:

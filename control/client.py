@@ -15,6 +15,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import nats
 from nats.aio.client import Client as NatsClient
@@ -48,6 +49,10 @@ from transport.messages import (
     decode,
     encode,
 )
+from transport.nats_auth import connect_options
+
+if TYPE_CHECKING:
+    from control.settings import NatsSettings
 
 
 class DroverError(Exception):
@@ -189,18 +194,29 @@ class RequestStream:
 
 
 class DroverClient:
-    def __init__(self, url: str, *, name: str = "drover-client", inbox_prefix: str | None = None) -> None:
-        """``inbox_prefix`` defaults to ``drover.v1.inbox.<name>``: replies there are kept in the output
-        stream, which is what lets Drover resume a request whose engine died."""
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str = "drover-client",
+        inbox_prefix: str | None = None,
+        nats_settings: NatsSettings | None = None,
+    ) -> None:
+        """``inbox_prefix`` defaults to ``drover.v1.inbox.<client id>``: replies there are kept in the output
+        stream, which is what lets Drover resume a request whose engine died. ``nats_settings`` (the settings'
+        ``[nats]`` section) gives the credentials, TLS and the client id (its ``client_id``, else ``name``)."""
         self.url = url
         self.name = name
+        self.nats_settings = nats_settings
+        client_id = nats_settings.client_id if nats_settings is not None else None
         self.inbox_prefix = inbox_prefix or subjects.client_inbox_prefix(
-            re.sub(r"[^A-Za-z0-9_-]", "-", name)[:64] or "client"
+            client_id or re.sub(r"[^A-Za-z0-9_-]", "-", name)[:64] or "client"
         )
         self._nc: NatsClient | None = None
 
     async def connect(self, **kwargs: object) -> DroverClient:
-        options: dict[str, object] = {"servers": self.url.split(","), "name": self.name, **kwargs}
+        auth = connect_options(self.nats_settings.auth()) if self.nats_settings is not None else {}
+        options: dict[str, object] = {"servers": self.url.split(","), "name": self.name, **auth, **kwargs}
         if self.inbox_prefix:
             options["inbox_prefix"] = self.inbox_prefix
         self._nc = await nats.connect(**options)  # type: ignore[arg-type]

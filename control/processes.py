@@ -22,15 +22,12 @@ def bus_options(settings: Settings, name: str) -> BusOptions:
     nats = settings.nats
     if not nats.url:
         raise ValueError("no NATS URL: pass --nats-url or set DROVER_NATS__URL")
-    return BusOptions(
-        url=nats.url,
-        name=name,
+    return BusOptions.with_auth(
+        nats.url,
+        name,
+        nats.auth(),
         connect_timeout_s=nats.connect_timeout_s,
         request_timeout_s=nats.request_timeout_s,
-        user=nats.user,
-        password=nats.password,
-        creds_file=nats.creds_file,
-        tls_ca_file=nats.tls_ca_file,
     )
 
 

@@ -19,6 +19,7 @@ from control.gateway.settings import GatewaySettings
 from control.policy.autoscaling import AutoscaleParams, ThresholdParams
 from control.policy.params import PolicyParams
 from observability.metrics import MetricsSettings
+from transport.nats_auth import NatsAuth
 
 # Drover's live defaults that differ from the Llumnix paper's (PolicyParams holds the paper's):
 # our KV copies are fast, so a 1-block last stage keeps downtime to about one decode step, and more stages
@@ -44,7 +45,41 @@ class NatsSettings(_Section):
     user: str | None = Field(None, description="NATS user name (with password).")
     password: str | None = Field(None, description="NATS password.")
     creds_file: str | None = Field(None, description="NATS credentials file (nkeys/JWT).")
+    nkey_seed_file: str | None = Field(
+        None, description="File holding this process's NATS user nkey seed (`drover nats config` writes them)."
+    )
     tls_ca_file: str | None = Field(None, description="CA bundle to verify the NATS server's TLS cert.")
+    tls_cert_file: str | None = Field(None, description="Client TLS certificate (servers that verify clients).")
+    tls_key_file: str | None = Field(None, description="Private key of tls_cert_file.")
+    tls_hostname: str | None = Field(
+        None, description="Name to verify in the server certificate when it differs from the URL's host."
+    )
+    client_id: str | None = Field(
+        None,
+        description="Client id of this process's NATS user: its inbox is drover.v1.inbox.<client_id>, the only "
+        "one its permissions let it read. None: derived from the connection name (servers without auth).",
+    )
+    secure: bool = Field(
+        False,
+        description="`drover up` starts the embedded server with generated per-role credentials and subject "
+        "permissions (transport/nats_auth.py) and hands each component its role's credentials.",
+    )
+    secure_auth: Literal["nkey", "password"] = Field(
+        "nkey", description="Kind of generated credentials: nkeys (the server keeps public keys only) or passwords."
+    )
+
+    def auth(self) -> NatsAuth:
+        """The authentication and TLS part, as the bus and the client library take it."""
+        return NatsAuth(
+            user=self.user,
+            password=self.password,
+            nkey_seed_file=self.nkey_seed_file,
+            creds_file=self.creds_file,
+            tls_ca_file=self.tls_ca_file,
+            tls_cert_file=self.tls_cert_file,
+            tls_key_file=self.tls_key_file,
+            tls_hostname=self.tls_hostname,
+        )
 
 
 class ModelSettings(_Section):

@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -19,6 +20,9 @@ from rich.text import Text
 
 from control.client import DroverClient
 from transport.messages import InstanceStatus, StatusReply
+
+if TYPE_CHECKING:
+    from control.settings import NatsSettings
 
 KV_BAR_WIDTH = 20
 OLDEST_SHOWN = 8
@@ -171,13 +175,14 @@ async def run_top(
     once: bool = False,
     console: Console | None = None,
     connect_options: dict[str, object] | None = None,
+    nats_settings: NatsSettings | None = None,
 ) -> None:
     """Poll the cluster at ``url`` and redraw every ``interval_s``; ``once`` prints one frame and returns.
 
     A frame needs two polls for dispatch rates, so ``once`` polls twice, ``interval_s`` apart (at most 1 s)."""
     console = console or Console()
     state = TopState()
-    client = await DroverClient(url, name="drover-top").connect(**(connect_options or {}))
+    client = await DroverClient(url, name="drover-top", nats_settings=nats_settings).connect(**(connect_options or {}))
     try:
         if once:
             state.observe(await client.status(), time.monotonic())

@@ -28,6 +28,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from transport.messages import ErrorCode, ErrorReply, Message, ProtocolError, decode, encode
+from transport.nats_auth import NatsAuth, connect_options
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -56,8 +57,30 @@ class BusOptions:
     password: str | None = None
     creds_file: str | None = None
     tls_ca_file: str | None = None
+    nkey_seed_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_hostname: str | None = None
     inbox_prefix: str | None = None
     max_reconnect_attempts: int = -1  # forever: a NATS restart must be survived
+
+    @classmethod
+    def with_auth(cls, url: str, name: str, auth: NatsAuth | None, **kwargs: Any) -> BusOptions:
+        """Options connecting as ``auth`` (user/password, nkey seed, creds file, TLS)."""
+        a = auth or NatsAuth()
+        return cls(
+            url=url,
+            name=name,
+            user=a.user,
+            password=a.password,
+            creds_file=a.creds_file,
+            tls_ca_file=a.tls_ca_file,
+            nkey_seed_file=a.nkey_seed_file,
+            tls_cert_file=a.tls_cert_file,
+            tls_key_file=a.tls_key_file,
+            tls_hostname=a.tls_hostname,
+            **kwargs,
+        )
 
 
 def _error_target(msg: Msg, data: bytes) -> str | None:
@@ -114,16 +137,22 @@ class Bus:
             "disconnected_cb": self._on_disconnected,
             "reconnected_cb": self._on_reconnected,
         }
-        if opts.user:
-            kwargs["user"], kwargs["password"] = opts.user, opts.password
-        if opts.creds_file:
-            kwargs["user_credentials"] = opts.creds_file
+        kwargs.update(
+            connect_options(
+                NatsAuth(
+                    user=opts.user,
+                    password=opts.password,
+                    nkey_seed_file=opts.nkey_seed_file,
+                    creds_file=opts.creds_file,
+                    tls_ca_file=opts.tls_ca_file,
+                    tls_cert_file=opts.tls_cert_file,
+                    tls_key_file=opts.tls_key_file,
+                    tls_hostname=opts.tls_hostname,
+                )
+            )
+        )
         if opts.inbox_prefix:
             kwargs["inbox_prefix"] = opts.inbox_prefix
-        if opts.tls_ca_file:
-            import ssl
-
-            kwargs["tls"] = ssl.create_default_context(cafile=opts.tls_ca_file)
         self._nc = await nats.connect(**kwargs)
 
     async def _on_error(self, exc: Exception) -> None:

@@ -10,7 +10,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,6 +34,9 @@ from control.gateway.schema import (
 from control.gateway.service import Gateway, Generation
 from control.gateway.settings import GatewaySettings
 from observability.metrics import CONTENT_TYPE, Metrics
+
+if TYPE_CHECKING:
+    from control.settings import NatsSettings
 
 T = TypeVar("T")
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first" (metrics only)
@@ -72,9 +75,16 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     raise ClientGone
 
 
-def create_app(settings: GatewaySettings, nats_url: str, metrics: Metrics | None = None) -> FastAPI:
-    """The gateway app; its lifespan opens the one NATS connection every request shares."""
-    gateway = Gateway(settings, nats_url, metrics or Metrics(service_name="drover-gateway"))
+def create_app(
+    settings: GatewaySettings,
+    nats_url: str,
+    metrics: Metrics | None = None,
+    *,
+    nats_settings: NatsSettings | None = None,
+) -> FastAPI:
+    """The gateway app; its lifespan opens the one NATS connection every request shares (with the
+    credentials and TLS of ``nats_settings``)."""
+    gateway = Gateway(settings, nats_url, metrics or Metrics(service_name="drover-gateway"), nats_settings)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

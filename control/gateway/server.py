@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import uvicorn
 from fastapi import FastAPI
@@ -14,6 +15,9 @@ from fastapi import FastAPI
 from control.gateway.app import create_app
 from control.gateway.settings import GatewaySettings
 from observability.metrics import Metrics
+
+if TYPE_CHECKING:
+    from control.settings import NatsSettings
 
 
 def uvicorn_server(app: FastAPI, settings: GatewaySettings, log_level: str = "warning") -> uvicorn.Server:
@@ -31,9 +35,11 @@ def uvicorn_server(app: FastAPI, settings: GatewaySettings, log_level: str = "wa
     return uvicorn.Server(config)
 
 
-def serve(settings: GatewaySettings, nats_url: str, *, log_level: str = "info") -> None:
-    """Serve until SIGINT/SIGTERM (uvicorn handles both)."""
-    uvicorn_server(create_app(settings, nats_url), settings, log_level).run()
+def serve(
+    settings: GatewaySettings, nats_url: str, *, log_level: str = "info", nats_settings: NatsSettings | None = None
+) -> None:
+    """Serve until SIGINT/SIGTERM (uvicorn handles both); ``nats_settings``: NATS credentials and TLS."""
+    uvicorn_server(create_app(settings, nats_url, nats_settings=nats_settings), settings, log_level).run()
 
 
 class GatewayThread:

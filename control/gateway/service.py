@@ -13,7 +13,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats.errors
 from opentelemetry import trace
@@ -28,6 +28,9 @@ from observability import spans
 from observability.metrics import Metrics
 from observability.tracing import tracer
 from transport.messages import StatusReply
+
+if TYPE_CHECKING:
+    from control.settings import NatsSettings
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +47,11 @@ NATS_UNAVAILABLE = (
 class Gateway:
     """Shared state of one gateway process; ``start()`` connects, ``stop()`` drains."""
 
-    def __init__(self, settings: GatewaySettings, nats_url: str, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: GatewaySettings, nats_url: str, metrics: Metrics, nats_settings: NatsSettings | None = None
+    ) -> None:
         self.settings = settings
-        self.client = DroverClient(nats_url, name=settings.client_name)
+        self.client = DroverClient(nats_url, name=settings.client_name, nats_settings=nats_settings)
         self.access = AccessControl(settings)
         self.metrics = metrics
         self.created = int(time.time())

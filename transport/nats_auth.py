@@ -1,0 +1,394 @@
+"""NATS security: per-role subject permissions, client connection options (user/password, nkeys, TLS),
+generated credentials and the matching ``nats-server`` configuration.
+
+Roles and what each may do (the permission map, :func:`role_permissions`, is a pure function so it is
+unit-tested; tests/transport/test_nats_security.py shows every denial against a real server):
+
+- **client** (a user of the cluster, also the OpenAI gateway): submit, cancel (only with its cancel token),
+  read the cluster status, and read only its own inbox ``drover.v1.inbox.<client_id>.>`` (its token streams
+  and its request/reply answers; nats-py's ``inbox_prefix`` puts reply inboxes there too).
+- **engine**: publish tokens to client inboxes (the output stream captures them; no JetStream API needed),
+  engine events and its heartbeat; receive commands on its own ``drover.v1.engine.<instance>`` subject; answer
+  the requests it receives (``allow_responses``) instead of publishing to every ``_INBOX``.
+- **control** (control plane): take submissions, cancels, heartbeats, engine events and admin commands;
+  command engines; answer clients; JetStream (the output stream, KV state) and its own ``_INBOX`` replies.
+- **operator**: what a client may do, plus every admin subject (``drover.v1.admin.>``, so admin verbs added
+  later are covered) and the cluster's event/heartbeat feeds (``drover top``, ``drover metrics``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import ssl
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from transport import subjects
+
+
+class Role(StrEnum):
+    CLIENT = "client"
+    ENGINE = "engine"
+    CONTROL = "control"
+    OPERATOR = "operator"
+
+
+ACCOUNT = "DROVER"
+"""The one NATS account every Drover user lives in (JetStream enabled)."""
+
+READ_ONLY_ADMIN_VERBS = ("status",)
+"""Admin verbs that change nothing: clients may use them (the gateway's /v1/models, waiting for instances).
+Every other verb under ``drover.v1.admin.>`` is operator-only."""
+
+JETSTREAM_SUBJECTS = ("$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "$KV.>")
+"""JetStream API, acks, flow control and KV puts: the control plane's output stream and state."""
+
+
+@dataclass(frozen=True, slots=True)
+class Permissions:
+    """Subjects a NATS user may publish to and subscribe to (allow lists; anything else is denied)."""
+
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    allow_responses: bool = False  # may answer requests it received, whatever their reply subject
+
+    def as_config(self) -> dict[str, Any]:
+        """The ``permissions`` block of a nats-server user."""
+        block: dict[str, Any] = {
+            "publish": {"allow": list(self.publish)},
+            "subscribe": {"allow": list(self.subscribe)},
+        }
+        if self.allow_responses:
+            block["allow_responses"] = True
+        return block
+
+
+def role_permissions(role: Role, *, client_id: str | None = None, instance_id: str | None = None) -> Permissions:
+    """The minimal permissions of ``role``.
+
+    ``client_id`` (client and operator roles): whose inbox (``drover.v1.inbox.<client_id>``) the user reads;
+    required for those roles. ``instance_id`` (engine role): the one instance these credentials serve; None
+    gives a credential shared by every engine (``drover.v1.engine.*``).
+    """
+    if role in (Role.CLIENT, Role.OPERATOR):
+        if not client_id:
+            raise ValueError(f"the {role} role needs a client_id (its inbox)")
+        inbox = subjects.client_inbox_prefix(client_id) + ".>"
+        if role is Role.CLIENT:
+            readonly = tuple(subjects.admin(verb) for verb in READ_ONLY_ADMIN_VERBS)
+            return Permissions(publish=(subjects.SUBMIT, subjects.CANCEL, *readonly), subscribe=(inbox,))
+        return Permissions(
+            publish=(subjects.SUBMIT, subjects.CANCEL, subjects.ADMIN + ".>"),
+            subscribe=(inbox, subjects.ENGINE_EVENTS, subjects.heartbeat("*")),
+        )
+    if role is Role.ENGINE:
+        target = subjects.validate_token(instance_id) if instance_id else "*"
+        return Permissions(
+            publish=(subjects.INBOX_ROOT + ".>", subjects.ENGINE_EVENTS, subjects.heartbeat(target)),
+            subscribe=(subjects.engine(target),),
+            allow_responses=True,
+        )
+    if role is Role.CONTROL:
+        return Permissions(
+            publish=(subjects.INBOX_ROOT + ".>", subjects.engine("*"), *JETSTREAM_SUBJECTS),
+            subscribe=(
+                subjects.SUBMIT,
+                subjects.CANCEL,
+                subjects.heartbeat("*"),
+                subjects.ENGINE_EVENTS,
+                subjects.ADMIN + ".>",
+                "_INBOX.>",  # its request replies, JetStream API answers and pull deliveries
+            ),
+            allow_responses=True,
+        )
+    raise ValueError(f"unknown role {role!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class UserSpec:
+    """One NATS user: a login ``name`` with a role (and the client or instance id it is bound to)."""
+
+    name: str
+    role: Role
+    client_id: str | None = None
+    instance_id: str | None = None
+
+    @property
+    def permissions(self) -> Permissions:
+        return role_permissions(self.role, client_id=self.client_id, instance_id=self.instance_id)
+
+
+def permission_map(users: Iterable[UserSpec]) -> dict[str, Permissions]:
+    """User name -> permissions (names must be unique)."""
+    result: dict[str, Permissions] = {}
+    for user in users:
+        if user.name in result:
+            raise ValueError(f"duplicate NATS user {user.name!r}")
+        result[user.name] = user.permissions
+    return result
+
+
+def default_users(
+    *, clients: Sequence[str] = ("client",), engines: Sequence[str] = (), operator: str = "operator"
+) -> list[UserSpec]:
+    """A control-plane user, one operator, one user per client id, and engine users: one per instance id in
+    ``engines``, or one shared ``engine`` user (every instance) when ``engines`` is empty."""
+    users = [UserSpec("control", Role.CONTROL), UserSpec(operator, Role.OPERATOR, client_id=operator)]
+    users += [UserSpec(client, Role.CLIENT, client_id=client) for client in clients]
+    if engines:
+        users += [UserSpec(f"engine-{iid}", Role.ENGINE, instance_id=iid) for iid in engines]
+    else:
+        users.append(UserSpec("engine", Role.ENGINE))
+    permission_map(users)  # validates names and ids
+    return users
+
+
+# ------------------------------------------------------------------------------------------ client side
+@dataclass(frozen=True, slots=True)
+class NatsAuth:
+    """How a process authenticates to NATS and verifies the server (all optional)."""
+
+    user: str | None = None
+    password: str | None = None
+    nkey_seed_file: str | None = None
+    creds_file: str | None = None
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_hostname: str | None = None
+
+
+def tls_context(auth: NatsAuth) -> ssl.SSLContext | None:
+    """A client TLS context verifying the server (with ``tls_ca_file``, else the system CAs) and presenting
+    a client certificate when one is configured; None when no TLS setting is given."""
+    if not (auth.tls_ca_file or auth.tls_cert_file):
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=auth.tls_ca_file)
+    if auth.tls_cert_file:
+        context.load_cert_chain(auth.tls_cert_file, auth.tls_key_file)
+    return context
+
+
+def connect_options(auth: NatsAuth | None) -> dict[str, Any]:
+    """Keyword arguments for ``nats.connect`` carrying ``auth``."""
+    if auth is None:
+        return {}
+    options: dict[str, Any] = {}
+    if auth.user:
+        options["user"] = auth.user
+        options["password"] = auth.password or ""
+    if auth.nkey_seed_file:
+        options["nkeys_seed"] = auth.nkey_seed_file
+    if auth.creds_file:
+        options["user_credentials"] = auth.creds_file
+    context = tls_context(auth)
+    if context is not None:
+        options["tls"] = context
+    if auth.tls_hostname:
+        options["tls_hostname"] = auth.tls_hostname
+    return options
+
+
+# ------------------------------------------------------------------------------------------ generation
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """Generated secret of one user: a password, or an nkey (seed kept by the user, public key by the server)."""
+
+    user: UserSpec
+    password: str | None = None
+    nkey_seed: str | None = None
+    nkey_public: str | None = None
+
+
+def new_nkey() -> tuple[str, str]:
+    """A fresh user nkey: (seed, public key)."""
+    import nkeys
+
+    seed = nkeys.encode_seed(secrets.token_bytes(32), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key
+    return seed.decode(), public.decode()
+
+
+def generate_credentials(users: Iterable[UserSpec], mode: Literal["nkey", "password"] = "nkey") -> list[Credential]:
+    """A new secret per user: nkeys (the server stores only public keys) or random passwords."""
+    result = []
+    for user in users:
+        if mode == "nkey":
+            seed, public = new_nkey()
+            result.append(Credential(user, nkey_seed=seed, nkey_public=public))
+        elif mode == "password":
+            result.append(Credential(user, password=secrets.token_urlsafe(24)))
+        else:
+            raise ValueError(f"unknown credential mode {mode!r}")
+    return result
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTls:
+    """The server's TLS block: its certificate and key; ``ca_file`` + ``verify`` require client certificates."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str | None = None
+    verify: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterRoutes:
+    """A nats-server cluster block: this node's route listener and its peers (``nats-route://host:port``)."""
+
+    name: str = "drover"
+    listen: str = "0.0.0.0:6222"
+    routes: tuple[str, ...] = ()
+    user: str | None = None
+    password: str | None = None
+
+
+def _value(value: Any, indent: int) -> str:
+    """Render a value in nats-server config syntax (a JSON superset: quoted strings keep ``$JS`` literal)."""
+    pad = "  " * indent
+    if isinstance(value, dict):
+        inner = "\n".join(f"{pad}  {key}: {_value(item, indent + 1)}" for key, item in value.items())
+        return "{\n" + inner + f"\n{pad}}}"
+    if isinstance(value, list):
+        if value and isinstance(value[0], dict):
+            inner = "\n".join(f"{pad}  {_value(item, indent + 1)}" for item in value)
+            return "[\n" + inner + f"\n{pad}]"
+        return "[" + ", ".join(_value(item, indent) for item in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def server_config(
+    credentials: Iterable[Credential],
+    *,
+    tls: ServerTls | None = None,
+    cluster: ClusterRoutes | None = None,
+    account: str = ACCOUNT,
+) -> str:
+    """nats-server config blocks (accounts with users and permissions, optional tls and cluster): append to
+    a config that sets host, port and jetstream (as :class:`EmbeddedNatsServer` and `drover nats config` do)."""
+    users: list[dict[str, Any]] = []
+    for cred in credentials:
+        entry: dict[str, Any] = {}
+        if cred.nkey_public:
+            entry["nkey"] = cred.nkey_public
+        else:
+            entry["user"] = cred.user.name
+            entry["password"] = cred.password or ""
+        entry["permissions"] = cred.user.permissions.as_config()
+        users.append(entry)
+    blocks = [f"accounts: {_value({account: {'jetstream': 'enabled', 'users': users}}, 0)}"]
+    if tls is not None:
+        tls_block: dict[str, Any] = {"cert_file": tls.cert_file, "key_file": tls.key_file, "timeout": 2}
+        if tls.ca_file:
+            tls_block["ca_file"] = tls.ca_file
+        if tls.verify:
+            tls_block["verify"] = True
+        blocks.append(f"tls: {_value(tls_block, 0)}")
+    if cluster is not None:
+        cluster_block: dict[str, Any] = {"name": cluster.name, "listen": cluster.listen}
+        if cluster.user:
+            cluster_block["authorization"] = {"user": cluster.user, "password": cluster.password or ""}
+        if cluster.routes:
+            cluster_block["routes"] = list(cluster.routes)
+        blocks.append(f"cluster: {_value(cluster_block, 0)}")
+    return "\n".join(blocks) + "\n"
+
+
+def _write_secret(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+
+
+def client_auth(credential: Credential, directory: Path, *, tls: NatsAuth | None = None) -> NatsAuth:
+    """Write what a user needs to connect (its nkey seed file, mode 0600) and return its :class:`NatsAuth`;
+    ``tls`` carries the CA (and client cert) settings every user shares."""
+    base = tls or NatsAuth()
+    if credential.nkey_seed:
+        seed_path = directory / f"{credential.user.name}.nk"
+        _write_secret(seed_path, credential.nkey_seed + "\n")
+        return NatsAuth(
+            nkey_seed_file=str(seed_path),
+            tls_ca_file=base.tls_ca_file,
+            tls_cert_file=base.tls_cert_file,
+            tls_key_file=base.tls_key_file,
+            tls_hostname=base.tls_hostname,
+        )
+    return NatsAuth(
+        user=credential.user.name,
+        password=credential.password,
+        tls_ca_file=base.tls_ca_file,
+        tls_cert_file=base.tls_cert_file,
+        tls_key_file=base.tls_key_file,
+        tls_hostname=base.tls_hostname,
+    )
+
+
+def settings_toml(user: UserSpec, auth: NatsAuth, url: str | None) -> str:
+    """A ``[nats]`` settings section (Drover TOML) for a user: `drover --config FILE ...` connects as it."""
+    values: dict[str, Any] = {"url": url}
+    values.update(
+        user=auth.user,
+        password=auth.password,
+        nkey_seed_file=auth.nkey_seed_file,
+        creds_file=auth.creds_file,
+        tls_ca_file=auth.tls_ca_file,
+        tls_cert_file=auth.tls_cert_file,
+        tls_key_file=auth.tls_key_file,
+        tls_hostname=auth.tls_hostname,
+        client_id=user.client_id,
+    )
+    lines = [f"# NATS credentials of {user.name!r} (role {user.role}); keep this file private", "[nats]"]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in values.items() if value is not None]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class SecureBundle:
+    """Generated credentials for a set of users, the server config blocks, and each user's :class:`NatsAuth`
+    (seed files written under ``directory``)."""
+
+    directory: Path
+    credentials: list[Credential]
+    config_text: str
+    auth: dict[str, NatsAuth] = field(default_factory=dict)
+
+    def user(self, name: str) -> UserSpec:
+        return next(c.user for c in self.credentials if c.user.name == name)
+
+    def for_role(self, role: Role) -> NatsAuth:
+        """The first user of ``role`` (e.g. the shared engine user)."""
+        return self.auth[next(c.user.name for c in self.credentials if c.user.role is role)]
+
+
+def make_bundle(
+    directory: Path,
+    users: Sequence[UserSpec],
+    *,
+    mode: Literal["nkey", "password"] = "nkey",
+    server_tls: ServerTls | None = None,
+    client_tls: NatsAuth | None = None,
+    cluster: ClusterRoutes | None = None,
+) -> SecureBundle:
+    """Generate credentials for ``users``, write their secrets under ``directory``, build the server config."""
+    credentials = generate_credentials(users, mode)
+    bundle = SecureBundle(
+        directory=directory,
+        credentials=credentials,
+        config_text=server_config(credentials, tls=server_tls, cluster=cluster),
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    for cred in credentials:
+        bundle.auth[cred.user.name] = client_auth(cred, directory, tls=client_tls)
+    return bundle
