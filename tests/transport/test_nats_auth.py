@@ -1,0 +1,137 @@
+"""The pure parts of NATS security: the per-role permission map, connect options, generated configs."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from control.settings import NatsSettings, load_settings
+from transport import subjects
+from transport.nats_auth import (
+    ClusterRoutes,
+    NatsAuth,
+    Role,
+    ServerTls,
+    UserSpec,
+    connect_options,
+    default_users,
+    make_bundle,
+    permission_map,
+    role_permissions,
+)
+from transport.nats_server import find_nats_server_binary
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching (``*`` one token, ``>`` the rest)."""
+    p, s = pattern.split("."), subject.split(".")
+    for index, token in enumerate(p):
+        if token == ">":
+            return len(s) > index
+        if index >= len(s) or (token != "*" and token != s[index]):
+            return False
+    return len(p) == len(s)
+
+
+def _allowed(patterns: tuple[str, ...], subject: str) -> bool:
+    return any(_matches(p, subject) for p in patterns)
+
+
+ADMIN_VERBS = ["migrate", "drain", "scale", "autoscale", "policy", "memory", "config", "a-verb-added-later"]
+
+
+def test_client_role_is_minimal() -> None:
+    perms = role_permissions(Role.CLIENT, client_id="alice")
+    assert set(perms.publish) == {subjects.SUBMIT, subjects.CANCEL, subjects.admin("status")}
+    assert perms.subscribe == (subjects.client_inbox_prefix("alice") + ".>",)
+    assert not perms.allow_responses
+    for verb in ADMIN_VERBS:
+        assert not _allowed(perms.publish, subjects.admin(verb))
+    assert not _allowed(perms.subscribe, subjects.client_inbox_prefix("bob") + ".x")
+    assert not _allowed(perms.subscribe, subjects.client_inbox_prefix("alice2") + ".x")
+    assert not _allowed(perms.publish, subjects.engine("e1"))
+
+
+def test_only_operators_reach_every_admin_subject() -> None:
+    users = default_users(clients=["alice"], engines=["e1"])
+    perms = permission_map(users)
+    for verb in ADMIN_VERBS:
+        subject = subjects.admin(verb)
+        publishers = {name for name, p in perms.items() if _allowed(p.publish, subject)}
+        assert publishers == {"operator"}, (verb, publishers)
+        # the control plane serves them
+        assert _allowed(perms["control"].subscribe, subject)
+
+
+def test_engine_role() -> None:
+    one = role_permissions(Role.ENGINE, instance_id="e1")
+    assert _allowed(one.publish, subjects.client_inbox_prefix("anyone") + ".abc")
+    assert _allowed(one.publish, subjects.ENGINE_EVENTS)
+    assert _allowed(one.publish, subjects.heartbeat("e1"))
+    assert not _allowed(one.publish, subjects.heartbeat("e2"))
+    assert one.subscribe == (subjects.engine("e1"),)
+    assert one.allow_responses  # answers the migrator and the scheduler without _INBOX.> rights
+    assert not any(p.startswith("$JS") or p.startswith("_INBOX") for p in one.publish + one.subscribe)
+    shared = role_permissions(Role.ENGINE)
+    assert _allowed(shared.subscribe, subjects.engine("e2"))
+    assert not _allowed(shared.publish, subjects.SUBMIT)
+
+
+def test_control_role_serves_clients_and_engines() -> None:
+    perms = role_permissions(Role.CONTROL)
+    for subject in (subjects.SUBMIT, subjects.CANCEL, subjects.heartbeat("e1"), subjects.ENGINE_EVENTS):
+        assert _allowed(perms.subscribe, subject)
+    assert _allowed(perms.publish, subjects.engine("e1"))
+    assert _allowed(perms.publish, "$JS.API.STREAM.CREATE.DROVER_OUTPUT")
+    assert not _allowed(perms.publish, subjects.admin("drain"))  # it answers admin requests, never sends them
+
+
+def test_bad_specs_are_refused() -> None:
+    with pytest.raises(ValueError):
+        role_permissions(Role.CLIENT)
+    with pytest.raises(ValueError):
+        role_permissions(Role.CLIENT, client_id="a.b")
+    with pytest.raises(ValueError):
+        permission_map([UserSpec("x", Role.CONTROL), UserSpec("x", Role.CONTROL)])
+
+
+def test_connect_options() -> None:
+    assert connect_options(None) == {}
+    assert connect_options(NatsAuth(user="u", password="p")) == {"user": "u", "password": "p"}
+    assert connect_options(NatsAuth(nkey_seed_file="/s.nk")) == {"nkeys_seed": "/s.nk"}
+    assert "tls" not in connect_options(NatsAuth(tls_hostname="h"))
+
+
+def test_settings_carry_auth_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DROVER_NATS__NKEY_SEED_FILE", "/etc/drover/engine.nk")
+    monkeypatch.setenv("DROVER_NATS__CLIENT_ID", "alice")
+    s = load_settings()
+    assert s.nats.auth().nkey_seed_file == "/etc/drover/engine.nk"
+    assert s.nats.client_id == "alice"
+    assert NatsSettings().auth() == NatsAuth()
+
+
+@pytest.mark.parametrize("mode", ["nkey", "password"])
+def test_generated_config_is_valid_for_nats_server(tmp_path: Path, mode: str) -> None:
+    bundle = make_bundle(
+        tmp_path,
+        default_users(clients=["alice", "bob"], engines=["e1", "e2"]),
+        mode=mode,  # type: ignore[arg-type]
+        server_tls=ServerTls("/nonexistent/cert.pem", "/nonexistent/key.pem"),
+        cluster=ClusterRoutes(routes=("nats-route://10.0.0.2:6222",), user="route", password="secret"),
+    )
+    # TLS files must exist for -t: drop that block, check the rest
+    text = bundle.config_text.split("tls: {")[0] + "cluster: {" + bundle.config_text.split("cluster: {")[1]
+    conf = tmp_path / "nats.conf"
+    conf.write_text(f'port: -1\nserver_name: n1\njetstream {{ store_dir: "{tmp_path / "js"}" }}\n{text}')
+    check = subprocess.run([find_nats_server_binary(), "-t", "-c", str(conf)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    if mode == "nkey":
+        seeds = sorted(p.name for p in tmp_path.glob("*.nk"))
+        assert "alice.nk" in seeds and "engine-e1.nk" in seeds
+        assert (tmp_path / "alice.nk").stat().st_mode & 0o077 == 0
+        for cred in bundle.credentials:  # only public keys reach the server config
+            assert cred.nkey_seed and cred.nkey_seed not in bundle.config_text
+            assert cred.nkey_public and cred.nkey_public in bundle.config_text
