@@ -94,12 +94,19 @@ def up(
     max_tokens: int | None = typer.Option(None, "--max-tokens", help="Tokens per demo request."),
     keep: bool = typer.Option(False, "--keep", help="Keep the cluster running after the demo (Ctrl-C stops)."),
     work_dir: Path | None = typer.Option(None, "--work-dir", help="Where process logs go."),
+    secure: bool | None = typer.Option(
+        None, "--secure", help="Embedded NATS with generated per-role credentials and subject permissions."
+    ),
 ) -> None:
     """Start a local cluster (embedded NATS, control plane, engines), run a demo workload, print a summary."""
     from control.launcher import local_cluster, run_workload, summarize, wait_ready
 
     s = settings(
-        {"engine": {"kind": kind}, "demo": {"instances": instances, "requests": requests, "max_tokens": max_tokens}}
+        {
+            "engine": {"kind": kind},
+            "demo": {"instances": instances, "requests": requests, "max_tokens": max_tokens},
+            "nats": {"secure": secure},
+        }
     )
     demo = s.demo
     if s.engine.kind == "vllm":
@@ -110,6 +117,8 @@ def up(
         console.print(f"model: {model_dir}")
     with local_cluster(s, demo.instances, work_dir) as cluster:
         console.print(f"NATS at [bold]{cluster.url}[/]; logs in {cluster.work_dir}")
+        if cluster.secure is not None:
+            console.print(f"NATS credentials per role in {cluster.secure.directory} (operator: operator.toml)")
         with Progress(
             SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True
         ) as progress:
@@ -117,7 +126,11 @@ def up(
             asyncio.run(wait_ready(cluster, demo.instances, timeout_s=600))
         console.print(f"[green]{demo.instances} instances serving[/]; submitting {demo.requests} requests")
         started = time.perf_counter()
-        results = asyncio.run(run_workload(cluster.url, demo.requests, demo.max_tokens, demo.concurrency))
+        results = asyncio.run(
+            run_workload(
+                cluster.url, demo.requests, demo.max_tokens, demo.concurrency, nats_settings=cluster.client_nats
+            )
+        )
         summary = summarize(results, time.perf_counter() - started)
         table = Table(title="Drover demo")
         table.add_column("metric")
@@ -133,7 +146,12 @@ def up(
         sample = results[0]
         console.print(f"sample output: [italic]{sample.text[:80]!r}[/]")
         if keep:
-            console.print(f"cluster stays up: drover --nats-url {cluster.url} status   (Ctrl-C to stop)")
+            login = (
+                f"--config {cluster.secure.directory / 'operator.toml'}"
+                if cluster.secure
+                else f"--nats-url {cluster.url}"
+            )
+            console.print(f"cluster stays up: drover {login} status   (Ctrl-C to stop)")
             try:
                 while True:
                     cluster.check_alive()
@@ -386,6 +404,9 @@ def config_show(as_json: bool = typer.Option(False, "--json")) -> None:
 from control.cli_operator import register as _register_operator_commands  # noqa: E402
 
 _register_operator_commands(app)
+from control.cli_nats import register as _register_nats_commands  # noqa: E402
+
+_register_nats_commands(app)
 
 if __name__ == "__main__":
     app()

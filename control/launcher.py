@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from control.client import DroverClient, RequestResult
-from control.settings import Settings, dump_toml
+from control.settings import NatsSettings, Settings, dump_toml
+from transport.nats_auth import NatsAuth, Role, SecureBundle, default_users, make_bundle, settings_toml
 from transport.nats_server import EmbeddedNatsServer
 
 DEMO_PROMPTS = [
@@ -49,14 +50,36 @@ class LocalCluster:
     work_dir: Path
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     nats: EmbeddedNatsServer | None = None
+    secure: SecureBundle | None = None  # generated credentials (`drover up --secure`)
 
     @property
     def url(self) -> str:
         assert self.settings.nats.url
         return self.settings.nats.url
 
-    def _spawn(self, name: str, args: list[str]) -> None:
-        config = self.work_dir / "drover.toml"
+    def nats_for(self, user: str) -> NatsSettings:
+        """The ``[nats]`` settings a component connects with: a generated user's credentials when secure."""
+        if self.secure is None:
+            return self.settings.nats
+        auth, spec = self.secure.auth[user], self.secure.user(user)
+        return self.settings.nats.model_copy(update={**_auth_fields(auth), "client_id": spec.client_id})
+
+    @property
+    def client_nats(self) -> NatsSettings:
+        """What the demo workload (a client) connects with."""
+        return self.nats_for(DEMO_CLIENT)
+
+    def _write_config(self, name: str, user: str) -> Path:
+        """Each process gets its own settings file: its role's credentials (the same file when not secure)."""
+        if self.secure is None:
+            return self.work_dir / "drover.toml"
+        path = self.work_dir / f"{name}.toml"
+        path.write_text(dump_toml(self.settings.model_copy(update={"nats": self.nats_for(user)})))
+        path.chmod(0o600)
+        return path
+
+    def _spawn(self, name: str, args: list[str], user: str = "") -> None:
+        config = self._write_config(name, user)
         log_file = open(self.work_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         self.processes[name] = subprocess.Popen(
             [sys.executable, "-m", "control.cli", "--config", str(config), *args],
@@ -66,18 +89,37 @@ class LocalCluster:
         )
 
     def start(self, instances: int) -> None:
+        engine_ids = [f"engine-{index}" for index in range(instances)]
         if not self.settings.nats.url:
+            config_text = ""
+            if self.settings.nats.secure:
+                # one user per component, each allowed only what its role needs (transport/nats_auth.py)
+                users = default_users(clients=[DEMO_CLIENT], engines=engine_ids)
+                self.secure = make_bundle(self.work_dir / "nats-auth", users, mode=self.settings.nats.secure_auth)
+                config_text = self.secure.config_text
             self.nats = EmbeddedNatsServer(
-                host=self.settings.nats.embedded_host, max_payload_bytes=self.settings.nats.max_payload_bytes
+                host=self.settings.nats.embedded_host,
+                max_payload_bytes=self.settings.nats.max_payload_bytes,
+                config_text=config_text,
             )
             url = self.nats.start()
             self.settings = self.settings.model_copy(
                 update={"nats": self.settings.nats.model_copy(update={"url": url})}
             )
         (self.work_dir / "drover.toml").write_text(dump_toml(self.settings))
-        self._spawn("control", ["control", "serve"])
-        for index in range(instances):
-            self._spawn(f"engine-{index}", ["engine", "serve", "--instance-id", f"engine-{index}"])
+        if self.secure is not None:
+            for cred in self.secure.credentials:  # `drover --config nats-auth/operator.toml status` etc.
+                path = self.secure.directory / f"{cred.user.name}.toml"
+                path.write_text(settings_toml(cred.user, self.secure.auth[cred.user.name], self.url))
+                path.chmod(0o600)
+        self._spawn("control", ["control", "serve"], self._user(Role.CONTROL))
+        for instance_id in engine_ids:
+            self._spawn(instance_id, ["engine", "serve", "--instance-id", instance_id], f"engine-{instance_id}")
+
+    def _user(self, role: Role) -> str:
+        if self.secure is None:
+            return ""
+        return next(c.user.name for c in self.secure.credentials if c.user.role is role)
 
     def check_alive(self) -> None:
         for name, process in self.processes.items():
@@ -100,6 +142,23 @@ class LocalCluster:
             self.nats.stop()
 
 
+DEMO_CLIENT = "drover-demo"
+"""Client id of `drover up`'s demo workload (its NATS user when secure)."""
+
+
+def _auth_fields(auth: NatsAuth) -> dict[str, str | None]:
+    return {
+        "user": auth.user,
+        "password": auth.password,
+        "nkey_seed_file": auth.nkey_seed_file,
+        "creds_file": auth.creds_file,
+        "tls_ca_file": auth.tls_ca_file,
+        "tls_cert_file": auth.tls_cert_file,
+        "tls_key_file": auth.tls_key_file,
+        "tls_hostname": auth.tls_hostname,
+    }
+
+
 @contextlib.contextmanager
 def local_cluster(settings: Settings, instances: int, work_dir: Path | None = None) -> Iterator[LocalCluster]:
     directory = work_dir or Path(tempfile.mkdtemp(prefix="drover-up-"))
@@ -113,7 +172,7 @@ def local_cluster(settings: Settings, instances: int, work_dir: Path | None = No
 
 
 async def wait_ready(cluster: LocalCluster, instances: int, timeout_s: float) -> None:
-    async with DroverClient(cluster.url, name="drover-up") as client:
+    async with DroverClient(cluster.url, name="drover-up", nats_settings=cluster.client_nats) as client:
         deadline = time.monotonic() + timeout_s
         while True:
             cluster.check_alive()
@@ -126,11 +185,16 @@ async def wait_ready(cluster: LocalCluster, instances: int, timeout_s: float) ->
 
 
 async def run_workload(
-    url: str, requests: int, max_tokens: int, concurrency: int, prompts: list[str] | None = None
+    url: str,
+    requests: int,
+    max_tokens: int,
+    concurrency: int,
+    prompts: list[str] | None = None,
+    nats_settings: NatsSettings | None = None,
 ) -> list[RequestResult]:
     prompts = prompts or DEMO_PROMPTS
     limit = asyncio.Semaphore(concurrency)
-    async with DroverClient(url, name="drover-demo") as client:
+    async with DroverClient(url, name=DEMO_CLIENT, nats_settings=nats_settings) as client:
 
         async def one(index: int) -> RequestResult:
             async with limit:

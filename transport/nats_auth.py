@@ -267,15 +267,9 @@ def _value(value: Any, indent: int) -> str:
     return json.dumps(str(value))
 
 
-def server_config(
-    credentials: Iterable[Credential],
-    *,
-    tls: ServerTls | None = None,
-    cluster: ClusterRoutes | None = None,
-    account: str = ACCOUNT,
-) -> str:
-    """nats-server config blocks (accounts with users and permissions, optional tls and cluster): append to
-    a config that sets host, port and jetstream (as :class:`EmbeddedNatsServer` and `drover nats config` do)."""
+def accounts_config(credentials: Iterable[Credential], *, account: str = ACCOUNT) -> str:
+    """The ``accounts`` block: one JetStream-enabled account with every user and its permissions (the same
+    on every node of a cluster)."""
     users: list[dict[str, Any]] = []
     for cred in credentials:
         entry: dict[str, Any] = {}
@@ -286,22 +280,44 @@ def server_config(
             entry["password"] = cred.password or ""
         entry["permissions"] = cred.user.permissions.as_config()
         users.append(entry)
-    blocks = [f"accounts: {_value({account: {'jetstream': 'enabled', 'users': users}}, 0)}"]
+    return f"accounts: {_value({account: {'jetstream': 'enabled', 'users': users}}, 0)}\n"
+
+
+def tls_config(tls: ServerTls) -> str:
+    """The server's ``tls`` block (clients must use TLS; with ``verify``, also present a certificate)."""
+    block: dict[str, Any] = {"cert_file": tls.cert_file, "key_file": tls.key_file, "timeout": 2}
+    if tls.ca_file:
+        block["ca_file"] = tls.ca_file
+    if tls.verify:
+        block["verify"] = True
+    return f"tls: {_value(block, 0)}\n"
+
+
+def cluster_config(cluster: ClusterRoutes) -> str:
+    """The ``cluster`` block: route listener, route credentials and peers."""
+    block: dict[str, Any] = {"name": cluster.name, "listen": cluster.listen}
+    if cluster.user:
+        block["authorization"] = {"user": cluster.user, "password": cluster.password or ""}
+    if cluster.routes:
+        block["routes"] = list(cluster.routes)
+    return f"cluster: {_value(block, 0)}\n"
+
+
+def server_config(
+    credentials: Iterable[Credential],
+    *,
+    tls: ServerTls | None = None,
+    cluster: ClusterRoutes | None = None,
+    account: str = ACCOUNT,
+) -> str:
+    """nats-server config blocks (accounts with users and permissions, optional tls and cluster): append to
+    a config that sets host, port and jetstream (as :class:`EmbeddedNatsServer` and `drover nats config` do)."""
+    text = accounts_config(credentials, account=account)
     if tls is not None:
-        tls_block: dict[str, Any] = {"cert_file": tls.cert_file, "key_file": tls.key_file, "timeout": 2}
-        if tls.ca_file:
-            tls_block["ca_file"] = tls.ca_file
-        if tls.verify:
-            tls_block["verify"] = True
-        blocks.append(f"tls: {_value(tls_block, 0)}")
+        text += tls_config(tls)
     if cluster is not None:
-        cluster_block: dict[str, Any] = {"name": cluster.name, "listen": cluster.listen}
-        if cluster.user:
-            cluster_block["authorization"] = {"user": cluster.user, "password": cluster.password or ""}
-        if cluster.routes:
-            cluster_block["routes"] = list(cluster.routes)
-        blocks.append(f"cluster: {_value(cluster_block, 0)}")
-    return "\n".join(blocks) + "\n"
+        text += cluster_config(cluster)
+    return text
 
 
 def _write_secret(path: Path, text: str) -> None:
