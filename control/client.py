@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import re
 import time
 from collections.abc import AsyncIterator
@@ -49,10 +50,15 @@ from transport.messages import (
     decode,
     encode,
 )
-from transport.nats_auth import connect_options
+from transport.nats_auth import NatsAuth, connect_options
 
 if TYPE_CHECKING:
     from control.settings import NatsSettings
+
+log = logging.getLogger(__name__)
+PERMISSION_DENIED = "permission_denied"
+"""``DroverError.code`` when the NATS server refused this user a subject (client-side only, never on the wire)."""
+_VIOLATION = re.compile(r'permissions violation for (?:publish to|subscription to) "([^"]+)"', re.IGNORECASE)
 
 
 class DroverError(Exception):
@@ -213,14 +219,57 @@ class DroverClient:
             client_id or re.sub(r"[^A-Za-z0-9_-]", "-", name)[:64] or "client"
         )
         self._nc: NatsClient | None = None
+        self._denied: set[str] = set()  # subjects the server refused this user (permissions violations)
+
+    async def _on_error(self, exc: Exception) -> None:
+        found = _VIOLATION.search(str(exc))
+        if found:
+            self._denied.add(found.group(1).lower())
+            log.warning("nats (%s): %s", self.name, exc)
+        else:
+            log.debug("nats error (%s): %s", self.name, exc)
 
     async def connect(self, **kwargs: object) -> DroverClient:
         auth = connect_options(self.nats_settings.auth()) if self.nats_settings is not None else {}
-        options: dict[str, object] = {"servers": self.url.split(","), "name": self.name, **auth, **kwargs}
+        options: dict[str, object] = {
+            "servers": self.url.split(","),
+            "name": self.name,
+            "error_cb": self._on_error,
+            **auth,
+            **kwargs,
+        }
         if self.inbox_prefix:
             options["inbox_prefix"] = self.inbox_prefix
         self._nc = await nats.connect(**options)  # type: ignore[arg-type]
+        if self.nats_settings is not None and self.nats_settings.auth() != NatsAuth():
+            await self._check_inbox()
         return self
+
+    async def _check_inbox(self) -> None:
+        """With credentials, check once that this user may read its inbox (a wrong ``client_id`` would
+        otherwise make every request wait forever for replies it cannot receive)."""
+        probe = f"{self.inbox_prefix}.probe"
+        sub = await self.nc.subscribe(probe)
+        await self.nc.flush(timeout=5)  # the server's -ERR, if any, comes before the PONG
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+        if probe.lower() in self._denied:
+            raise DroverError(
+                PERMISSION_DENIED,
+                f"this NATS user may not read {self.inbox_prefix}: set nats.client_id to the user's client id",
+            )
+
+    async def _request(self, subject: str, data: bytes, timeout_s: float) -> Msg:
+        """Request/reply; a subject the server refused this user gives a clear error instead of a timeout."""
+        try:
+            return await self.nc.request(subject, data, timeout=timeout_s)
+        except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError):
+            if subject.lower() in self._denied:
+                raise DroverError(
+                    PERMISSION_DENIED,
+                    f"this NATS user may not publish to {subject} (admin commands need operator credentials)",
+                ) from None
+            raise
 
     async def close(self) -> None:
         if self._nc is not None:
@@ -291,10 +340,8 @@ class DroverClient:
         return await stream.result()
 
     async def cancel(self, request_id: str, cancel_token: str, *, timeout_s: float = 5.0) -> None:
-        reply = await self.nc.request(
-            subjects.CANCEL,
-            encode(Cancel(request_id=request_id, cancel_token=cancel_token)),
-            timeout=timeout_s,
+        reply = await self._request(
+            subjects.CANCEL, encode(Cancel(request_id=request_id, cancel_token=cancel_token)), timeout_s
         )
         message = decode(reply.data)
         if isinstance(message, ErrorReply):
@@ -303,7 +350,7 @@ class DroverClient:
             raise DroverError(ErrorCode.INTERNAL, f"unexpected reply {type(message).__name__}")
 
     async def status(self, *, timeout_s: float = 5.0) -> StatusReply:
-        reply = await self.nc.request(subjects.admin("status"), encode(StatusQuery()), timeout=timeout_s)
+        reply = await self._request(subjects.admin("status"), encode(StatusQuery()), timeout_s)
         message = decode(reply.data)
         if isinstance(message, ErrorReply):
             raise DroverError(message.code, message.message)
@@ -312,7 +359,7 @@ class DroverClient:
         return message
 
     async def _admin(self, verb: str, message: Message, timeout_s: float) -> AdminReply:
-        reply = await self.nc.request(subjects.admin(verb), encode(message), timeout=timeout_s)
+        reply = await self._request(subjects.admin(verb), encode(message), timeout_s)
         answer = decode(reply.data)
         if isinstance(answer, ErrorReply):
             raise DroverError(answer.code, answer.message, answer.request_id)

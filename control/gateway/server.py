@@ -45,8 +45,15 @@ def serve(
 class GatewayThread:
     """A gateway serving from a daemon thread (its own event loop); ``port=0`` picks a free port."""
 
-    def __init__(self, settings: GatewaySettings, nats_url: str, metrics: Metrics | None = None) -> None:
-        self.app = create_app(settings, nats_url, metrics)
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        nats_url: str,
+        metrics: Metrics | None = None,
+        *,
+        nats_settings: NatsSettings | None = None,
+    ) -> None:
+        self.app = create_app(settings, nats_url, metrics, nats_settings=nats_settings)
         self.settings = settings
         self.server = uvicorn_server(self.app, settings)
         self._thread = threading.Thread(target=self._run, name="drover-gateway", daemon=True)

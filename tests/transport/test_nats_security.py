@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from actors.local_cluster import InProcessCluster
-from control.client import DroverClient, DroverError
+from control.client import PERMISSION_DENIED, DroverClient, DroverError
 from control.settings import NatsSettings, load_settings
 from engines.tokenizer import ByteTokenizer
 from transport import subjects
@@ -394,3 +394,43 @@ async def test_tls_client_certificates_when_required(tmp_path: Path, pki: dict[s
         await good.close()
         errors = await refused(server.url, alice)  # no client certificate: the server ends the handshake
         assert any("connection lost" in e.lower() or "certificate" in e.lower() for e in errors), errors
+
+
+async def test_client_library_reports_denials_clearly(
+    secure: tuple[EmbeddedNatsServer, SecureBundle], alice: DroverClient
+) -> None:
+    server, bundle = secure
+    with pytest.raises(DroverError) as denied:
+        await alice.drain("sim-0", timeout_s=1.0)
+    assert denied.value.code == PERMISSION_DENIED
+    assert "operator credentials" in denied.value.message
+    # credentials of alice with another client id: the inbox check refuses at connect
+    wrong = nats_settings(bundle, "alice", server.url).model_copy(update={"client_id": "bob"})
+    with pytest.raises(DroverError) as inbox:
+        await DroverClient(server.url, nats_settings=wrong).connect()
+    assert inbox.value.code == PERMISSION_DENIED and "client_id" in inbox.value.message
+
+
+async def test_gateway_with_client_credentials(
+    secure: tuple[EmbeddedNatsServer, SecureBundle], alice: DroverClient
+) -> None:
+    import httpx
+
+    from control.gateway.server import GatewayThread
+    from control.gateway.settings import GatewaySettings
+
+    server, bundle = secure
+    gateway = GatewayThread(
+        GatewaySettings(port=0, client_name="gw"), server.url, nats_settings=nats_settings(bundle, "alice", server.url)
+    )
+    gateway.start()
+    try:
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
+            models = await http.get("/v1/models")  # needs the read-only status
+            assert models.status_code == 200, models.text
+            body = {"model": models.json()["data"][0]["id"], "prompt": "via the gateway", "max_tokens": 5}
+            completion = await http.post("/v1/completions", json=body)
+            assert completion.status_code == 200, completion.text
+            assert completion.json()["usage"]["completion_tokens"] == 5
+    finally:
+        gateway.stop()
