@@ -106,7 +106,6 @@ def config(
         cluster_config,
         default_users,
         make_bundle,
-        settings_toml,
         tls_config,
     )
 
@@ -173,11 +172,10 @@ def config(
         table = Table(title=f"NATS users ({auth})")
         for column in ("user", "role", "may publish", "may subscribe", "credentials"):
             table.add_column(column)
+        paths = bundle.write_settings(client_url)
         for cred in bundle.credentials:
             spec = cred.user
-            settings_path = out / f"{spec.name}.toml"
-            settings_path.write_text(settings_toml(spec, bundle.auth[spec.name], client_url))
-            settings_path.chmod(0o600)
+            settings_path = paths[spec.name]
             perms = spec.permissions
             table.add_row(
                 spec.name,

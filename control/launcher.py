@@ -18,7 +18,7 @@ from pathlib import Path
 
 from control.client import DroverClient, RequestResult
 from control.settings import NatsSettings, Settings, dump_toml
-from transport.nats_auth import NatsAuth, Role, SecureBundle, default_users, make_bundle, settings_toml
+from transport.nats_auth import NatsAuth, Role, SecureBundle, default_users, make_bundle
 from transport.nats_server import EmbeddedNatsServer
 
 DEMO_PROMPTS = [
@@ -108,10 +108,7 @@ class LocalCluster:
             )
         (self.work_dir / "drover.toml").write_text(dump_toml(self.settings))
         if self.secure is not None:
-            for cred in self.secure.credentials:  # `drover --config nats-auth/operator.toml status` etc.
-                path = self.secure.directory / f"{cred.user.name}.toml"
-                path.write_text(settings_toml(cred.user, self.secure.auth[cred.user.name], self.url))
-                path.chmod(0o600)
+            self.secure.write_settings(self.url)  # `drover --config nats-auth/operator.toml status` etc.
         self._spawn("control", ["control", "serve"], self._user(Role.CONTROL))
         for instance_id in engine_ids:
             self._spawn(instance_id, ["engine", "serve", "--instance-id", instance_id], f"engine-{instance_id}")

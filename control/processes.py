@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import signal
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 from control.settings import Settings
 from observability.logs import setup_logging
@@ -37,14 +39,25 @@ def embedded_nats_if_needed(settings: Settings) -> Iterator[Settings]:
     if settings.nats.url:
         yield settings
         return
+    bundle = None
+    if settings.nats.secure:  # generated per-role users; this process connects as the control plane
+        from transport.nats_auth import default_users, make_bundle
+
+        bundle = make_bundle(Path(settings.nats.secure_dir), default_users(), mode=settings.nats.secure_auth)
     server = EmbeddedNatsServer(
         host=settings.nats.embedded_host,
         jetstream=settings.nats.embedded_jetstream,
         max_payload_bytes=settings.nats.max_payload_bytes,
+        config_text=bundle.config_text if bundle else "",
     )
     url = server.start()
+    update: dict[str, object] = {"url": url}
+    if bundle is not None:
+        bundle.write_settings(url)  # what other processes connect with: drover --config FILE ...
+        update.update(dataclasses.asdict(bundle.auth["control"]))
+        log.info("embedded NATS with generated credentials: settings files per user in %s", bundle.directory)
     try:
-        yield settings.model_copy(update={"nats": settings.nats.model_copy(update={"url": url})})
+        yield settings.model_copy(update={"nats": settings.nats.model_copy(update=update)})
     finally:
         server.stop()
 

@@ -64,6 +64,11 @@ class NatsSettings(_Section):
         description="`drover up` starts the embedded server with generated per-role credentials and subject "
         "permissions (transport/nats_auth.py) and hands each component its role's credentials.",
     )
+    secure_dir: str = Field(
+        ".drover/nats-auth",
+        description="Where `drover control serve` (embedded server, secure) writes the generated credentials; "
+        "`drover up` uses <work dir>/nats-auth.",
+    )
     secure_auth: Literal["nkey", "password"] = Field(
         "nkey", description="Kind of generated credentials: nkeys (the server keeps public keys only) or passwords."
     )

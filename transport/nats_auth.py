@@ -383,6 +383,15 @@ class SecureBundle:
     def user(self, name: str) -> UserSpec:
         return next(c.user for c in self.credentials if c.user.name == name)
 
+    def write_settings(self, url: str | None) -> dict[str, Path]:
+        """Write ``<user>.toml`` (a Drover ``[nats]`` section, mode 0600) for every user; name -> path."""
+        paths = {}
+        for cred in self.credentials:
+            path = self.directory / f"{cred.user.name}.toml"
+            _write_secret(path, settings_toml(cred.user, self.auth[cred.user.name], url))
+            paths[cred.user.name] = path
+        return paths
+
     def for_role(self, role: Role) -> NatsAuth:
         """The first user of ``role`` (e.g. the shared engine user)."""
         return self.auth[next(c.user.name for c in self.credentials if c.user.role is role)]

@@ -159,3 +159,52 @@ def test_drover_up_secure_on_sim_engines(tmp_path: Path) -> None:
     assert engine.nkey_seed_file == str(auth / "engine-engine-0.nk")
     logs = "".join((tmp_path / f"{name}.log").read_text() for name in ("control", "engine-0", "engine-1"))
     assert "permissions violation" not in logs.lower()
+
+
+async def test_control_serve_with_a_secure_embedded_server(tmp_path: Path) -> None:
+    from engines.sim.live_migration import MigratableSimEngine as SimEngine
+
+    auth_dir = tmp_path / "auth"
+    env = {
+        **os.environ,
+        "DROVER_OBSERVABILITY__EXPORTER": "none",
+        "DROVER_NATS__SECURE": "true",
+        "DROVER_NATS__SECURE_DIR": str(auth_dir),
+        "DROVER_ENGINE__KIND": "sim",
+    }
+    log_path = tmp_path / "control.log"
+    with open(log_path, "wb") as log_file:
+        control = subprocess.Popen(
+            [sys.executable, "-m", "control.cli", "control", "serve"],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    cluster: InProcessCluster | None = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (auth_dir / "client.toml").exists():
+            assert control.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            await asyncio.sleep(0.1)
+        engine_settings = load_settings(
+            auth_dir / "engine.toml", {"engine": {"kind": "sim", "heartbeat_interval_s": 0.05}}
+        )
+        cluster = InProcessCluster(
+            settings=engine_settings, tokenizer=ByteTokenizer(), engine_auth=engine_settings.nats.auth()
+        )
+        cluster.add_engine(SimEngine("sim-0", time_scale=0.2, max_model_len=1024))  # type: ignore[arg-type]
+        client_nats = load_settings(auth_dir / "client.toml").nats
+        assert client_nats.url
+        async with DroverClient(client_nats.url, nats_settings=client_nats) as client:
+            await client.wait_for_instances(1, timeout_s=30)
+            assert len((await client.generate("secure embedded", max_tokens=3)).token_ids) == 3
+        # without credentials the embedded server refuses
+        with pytest.raises(Exception):  # noqa: B017 - NoServersError after the authorization violation
+            await nats.connect(client_nats.url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2)
+    finally:
+        if cluster is not None:
+            await asyncio.to_thread(cluster.stop)
+        control.terminate()
+        control.wait(timeout=30)
+    assert "permissions violation" not in log_path.read_text().lower()
