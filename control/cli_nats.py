@@ -74,7 +74,9 @@ def config(
     url: str | None = typer.Option(
         None, "--url", help="NATS URL(s) written into the users' files (default nats://<host>:<port>)."
     ),
-    server_name: str | None = typer.Option(None, "--server-name", help="server_name (needed in a cluster)."),
+    server_name: str | None = typer.Option(
+        None, "--server-name", help="server_name (needed in a cluster); the file is then nats-server-<name>.conf."
+    ),
     jetstream_dir: str = typer.Option("./jetstream", "--jetstream-dir", help="JetStream store directory."),
     max_payload: int = typer.Option(8 * 1024 * 1024, "--max-payload", help="max_payload in bytes."),
     tls_cert: Path | None = typer.Option(None, "--tls-cert", help="Server certificate (PEM): clients must use TLS."),
@@ -145,7 +147,8 @@ def config(
     tls_block = tls_config(server_tls) if server_tls is not None else ""
     cluster_block = cluster_config(cluster) if cluster is not None else ""
     out.mkdir(parents=True, exist_ok=True)
-    server_path = out / SERVER_CONF
+    # several nodes' files can sit side by side: nats-server-<name>.conf when a server name is given
+    server_path = out / (f"nats-server-{server_name}.conf" if server_name else SERVER_CONF)
     server_path.write_text(
         _server_conf(
             server_name=server_name,

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from actors.local_cluster import InProcessCluster
 from control.cli import app
-from control.client import DroverClient
+from control.client import PERMISSION_DENIED, DroverClient, DroverError
 from control.settings import load_settings
 from engines.tokenizer import ByteTokenizer
 from transport import subjects
@@ -84,14 +84,13 @@ def test_existing_credentials_are_kept_unless_forced(configured: tuple[Path, str
     )
     assert node.exit_code == 0, node.output
     assert (out / "accounts.conf").read_text() == before
-    assert 'server_name: "n2"' in (out / "nats-server.conf").read_text()
+    assert 'server_name: "n2"' in (out / "nats-server-n2.conf").read_text()
 
 
 async def test_generated_users_run_a_cluster(configured: tuple[Path, str]) -> None:
     from engines.sim.live_migration import MigratableSimEngine as SimEngine
 
     out, url = configured
-    # the node-only test above rewrote nats-server.conf; the running server still has the original config
     control = load_settings(out / "control.toml", {"engine": {"kind": "sim", "heartbeat_interval_s": 0.05}})
     cluster = InProcessCluster(
         settings=control,
@@ -208,3 +207,77 @@ async def test_control_serve_with_a_secure_embedded_server(tmp_path: Path) -> No
         control.terminate()
         control.wait(timeout=30)
     assert "permissions violation" not in log_path.read_text().lower()
+
+
+def _start(conf: Path, port: int) -> subprocess.Popen[bytes]:
+    server = subprocess.Popen(
+        [find_nats_server_binary(), "-c", str(conf)],
+        cwd=conf.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return server
+        time.sleep(0.05)
+    server.kill()
+    raise AssertionError(f"nats-server with {conf} did not listen on {port}")
+
+
+async def test_two_node_cluster_with_routes_keeps_permissions(tmp_path: Path) -> None:
+    """Nodes from `drover nats config` (+ --node-only) with authenticated routes: a client on node 1 is served
+    by a control plane and engine on node 2, and its denials hold on node 1."""
+    from engines.sim.live_migration import MigratableSimEngine as SimEngine
+
+    ports = [_free_port() for _ in range(4)]
+    client_ports, route_ports = ports[:2], ports[2:]
+    routes = [f"nats-route://route:pw@127.0.0.1:{p}" for p in route_ports]
+    servers = []
+    for index in range(2):
+        args = ["nats", "config", "--out", str(tmp_path), "--client", "alice", "--host", "127.0.0.1"]
+        args += ["--port", str(client_ports[index]), "--server-name", f"n{index}", "--jetstream-dir", f"./js-n{index}"]
+        args += [
+            "--cluster-listen",
+            f"127.0.0.1:{route_ports[index]}",
+            "--route-user",
+            "route",
+            "--route-password",
+            "pw",
+        ]
+        args += ["--url", f"nats://127.0.0.1:{client_ports[0]}"] + [x for r in routes for x in ("--route", r)]
+        if index:
+            args.append("--node-only")
+        result = runner.invoke(app, args, env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+    try:
+        for index in range(2):
+            servers.append(_start(tmp_path / f"nats-server-n{index}.conf", client_ports[index]))
+        node2 = f"nats://127.0.0.1:{client_ports[1]}"
+        control = load_settings(
+            tmp_path / "control.toml", {"nats": {"url": node2}, "engine": {"kind": "sim", "heartbeat_interval_s": 0.05}}
+        )
+        cluster = InProcessCluster(
+            settings=control,
+            tokenizer=ByteTokenizer(),
+            control_auth=control.nats.auth(),
+            engine_auth=load_settings(tmp_path / "engine.toml").nats.auth(),
+        )
+        try:
+            cluster.start_control()
+            cluster.add_engine(SimEngine("sim-0", time_scale=0.2, max_model_len=1024))  # type: ignore[arg-type]
+            alice = load_settings(tmp_path / "alice.toml").nats  # node 1's URL
+            assert alice.url == f"nats://127.0.0.1:{client_ports[0]}"
+            async with DroverClient(alice.url, nats_settings=alice) as client:
+                await client.wait_for_instances(1, timeout_s=30)
+                assert len((await client.generate("across routes", max_tokens=4)).token_ids) == 4
+                with pytest.raises(DroverError) as denied:
+                    await client.drain("sim-0", timeout_s=1.0)
+                assert denied.value.code == PERMISSION_DENIED
+        finally:
+            await asyncio.to_thread(cluster.stop)
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait(timeout=10)
