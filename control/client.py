@@ -242,7 +242,12 @@ class DroverClient:
             options["inbox_prefix"] = self.inbox_prefix
         self._nc = await nats.connect(**options)  # type: ignore[arg-type]
         if self.nats_settings is not None and self.nats_settings.auth() != NatsAuth():
-            await self._check_inbox()
+            try:
+                await self._check_inbox()
+            except BaseException:
+                await self.nc.close()
+                self._nc = None
+                raise
         return self
 
     async def _check_inbox(self) -> None:

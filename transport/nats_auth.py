@@ -392,10 +392,6 @@ class SecureBundle:
             paths[cred.user.name] = path
         return paths
 
-    def for_role(self, role: Role) -> NatsAuth:
-        """The first user of ``role`` (e.g. the shared engine user)."""
-        return self.auth[next(c.user.name for c in self.credentials if c.user.role is role)]
-
 
 def make_bundle(
     directory: Path,
