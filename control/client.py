@@ -218,6 +218,11 @@ class DroverClient:
         await self.close()
 
     @property
+    def connected(self) -> bool:
+        """The NATS connection is up (false while reconnecting, and before connect/after close)."""
+        return self._nc is not None and self._nc.is_connected
+
+    @property
     def nc(self) -> NatsClient:
         if self._nc is None:
             raise RuntimeError("client not connected: call connect()")
