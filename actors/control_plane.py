@@ -10,11 +10,13 @@ from typing import Any
 
 import pykka
 
+from actors.audit import AdminAuditor
 from actors.migrator import MigratorActor
 from actors.scheduler import MigrationTick, SchedulerActor, Tick
 from actors.supervisor import ActorSlot, GetStatus, SupervisorActor
 from control.settings import Settings
 from engines.tokenizer import Tokenizer
+from observability.audit import AuditLog
 from transport import subjects
 from transport.bus import Bus, Envelope
 from transport.messages import (
@@ -87,8 +89,11 @@ class ControlPlane:
             (subjects.admin("drain"), (DrainCommand,), subjects.CONTROL_QUEUE),
             (subjects.admin("policy"), (PolicyQuery, PolicyUpdate), subjects.CONTROL_QUEUE),
         ]
+        audit = AdminAuditor(self.bus, AuditLog(self.settings.audit.path), self.settings.audit.reply_timeout_s).start()
         for subject, kinds, queue in routes:
-            self.bus.subscribe(subject, self._only(kinds, scheduler), queue=queue)
+            handler = self._only(kinds, scheduler)
+            audited = subject.startswith(subjects.ADMIN)  # every admin action is audited (who, what, result)
+            self.bus.subscribe(subject, audit.wrap(handler) if audited else handler, queue=queue)
         self.bus.subscribe(subjects.admin("status"), self._only((StatusQuery,), None), queue=subjects.CONTROL_QUEUE)
         self._ticker.start()
         self._migration_ticker.start()

@@ -267,10 +267,11 @@ def _admin_call(call: Any) -> Any:
     """Run an admin coroutine factory ``call(client)`` against the cluster; print errors, exit 1."""
     from control.client import DroverClient, DroverError
 
-    url = _need_url(settings())
+    s = settings()
+    url = _need_url(s)
 
     async def go() -> Any:
-        client = await DroverClient(url, name="drover-cli").connect(**_CLI_CONNECT)
+        client = await DroverClient(url, name="drover-cli", operator=s.audit.operator or None).connect(**_CLI_CONNECT)
         try:
             return await call(client)
         finally:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import itertools
 import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import msgspec
 import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -48,6 +50,13 @@ from transport.messages import (
     decode,
     encode,
 )
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no USER/LOGNAME and no passwd entry (some containers)
+        return "unknown"
 
 
 class DroverError(Exception):
@@ -189,11 +198,15 @@ class RequestStream:
 
 
 class DroverClient:
-    def __init__(self, url: str, *, name: str = "drover-client", inbox_prefix: str | None = None) -> None:
+    def __init__(
+        self, url: str, *, name: str = "drover-client", inbox_prefix: str | None = None, operator: str | None = None
+    ) -> None:
         """``inbox_prefix`` defaults to ``drover.v1.inbox.<name>``: replies there are kept in the output
-        stream, which is what lets Drover resume a request whose engine died."""
+        stream, which is what lets Drover resume a request whose engine died. ``operator`` names who sends
+        admin commands, for the control plane's audit log (default: the OS user)."""
         self.url = url
         self.name = name
+        self.operator = operator or _os_user()
         self.inbox_prefix = inbox_prefix or subjects.client_inbox_prefix(
             re.sub(r"[^A-Za-z0-9_-]", "-", name)[:64] or "client"
         )
@@ -301,6 +314,8 @@ class DroverClient:
         return message
 
     async def _admin(self, verb: str, message: Message, timeout_s: float) -> AdminReply:
+        if "operator" in type(message).__struct_fields__:
+            message = msgspec.structs.replace(message, operator=self.operator)
         reply = await self.nc.request(subjects.admin(verb), encode(message), timeout=timeout_s)
         answer = decode(reply.data)
         if isinstance(answer, ErrorReply):
