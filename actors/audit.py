@@ -22,11 +22,22 @@ from nats.aio.msg import Msg
 
 from observability.audit import AuditLog
 from transport.bus import Bus, Envelope
-from transport.messages import AdminReply, ErrorReply, Message, ProtocolError, decode
+from transport.messages import (
+    AdminReply,
+    DrainCommand,
+    ErrorReply,
+    Message,
+    MigrateCommand,
+    PolicyQuery,
+    PolicyUpdate,
+    ProtocolError,
+    decode,
+)
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Envelope], Awaitable[None] | None]
+AUDITED: tuple[type, ...] = (MigrateCommand, DrainCommand, PolicyQuery, PolicyUpdate)  # the admin actions
 
 
 @dataclass(slots=True)
@@ -57,16 +68,27 @@ class AdminAuditor:
         self._seq = itertools.count()
         self._pending: dict[str, _Pending] = {}  # touched only on the bus loop
 
+    @staticmethod
+    def audits(kinds: tuple[type, ...]) -> bool:
+        """Whether a subject carrying ``kinds`` carries admin actions (status queries are not audited)."""
+        return any(kind in AUDITED for kind in kinds)
+
     def start(self) -> AdminAuditor:
-        self._inbox = self.bus.nc.new_inbox()
+        """Subscribe to the reply inbox (once; from any thread but the bus loop's)."""
+        if self._inbox:
+            return self
+        inbox = self.bus.nc.new_inbox()
 
         async def subscribe() -> None:
-            await self.bus.nc.subscribe(f"{self._inbox}.*", cb=self._on_reply)
+            await self.bus.nc.subscribe(f"{inbox}.*", cb=self._on_reply)
 
         self.bus.run(subscribe()).result(timeout=10)
+        self._inbox = inbox
         return self
 
     def wrap(self, handler: Handler) -> Handler:
+        """``handler`` with every envelope audited; starts the auditor on first use."""
+        self.start()
         def audited(envelope: Envelope) -> Awaitable[None] | None:
             key = str(next(self._seq))
             timer = self.bus.loop.call_later(self.reply_timeout_s, self._expire, key)

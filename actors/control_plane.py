@@ -45,6 +45,7 @@ class ControlPlane:
         self.bus = bus
         self.tokenizer = tokenizer
         self.tick_interval_s = tick_interval_s
+        self.audit = AdminAuditor(bus, AuditLog(settings.audit.path), settings.audit.reply_timeout_s)
         self.supervisor: pykka.ActorRef[Any] | None = None
         self.scheduler: ActorSlot | None = None
         self.migrator: ActorSlot | None = None
@@ -89,11 +90,8 @@ class ControlPlane:
             (subjects.admin("drain"), (DrainCommand,), subjects.CONTROL_QUEUE),
             (subjects.admin("policy"), (PolicyQuery, PolicyUpdate), subjects.CONTROL_QUEUE),
         ]
-        audit = AdminAuditor(self.bus, AuditLog(self.settings.audit.path), self.settings.audit.reply_timeout_s).start()
         for subject, kinds, queue in routes:
-            handler = self._only(kinds, scheduler)
-            audited = subject.startswith(subjects.ADMIN)  # every admin action is audited (who, what, result)
-            self.bus.subscribe(subject, audit.wrap(handler) if audited else handler, queue=queue)
+            self.bus.subscribe(subject, self._only(kinds, scheduler), queue=queue)
         self.bus.subscribe(subjects.admin("status"), self._only((StatusQuery,), None), queue=subjects.CONTROL_QUEUE)
         self._ticker.start()
         self._migration_ticker.start()
@@ -117,7 +115,7 @@ class ControlPlane:
             slot.tell(envelope)
             return None
 
-        return handler
+        return self.audit.wrap(handler) if self.audit.audits(kinds) else handler  # admin actions: audit log
 
     async def _on_status(self, envelope: Envelope) -> None:
         """Answer with the scheduler's view plus each actor's supervision state."""

@@ -4,7 +4,8 @@ Control plane
   - live: its bus connection to NATS is up (a process cut off from the bus can do nothing).
   - ready: live, and the supervisor, scheduler and migrator actors are alive, and the scheduler answers a
     status ask within ``timeout_s`` (not stuck). Zero engines still counts as ready: submissions queue
-    until instances join, and the autoscaler may be about to start them.
+    until instances join, and the autoscaler may be about to start them. A standby control plane (leader
+    election) is ready when connected: it is there to take over.
 Engine host
   - live: its bus connection is up.
   - ready: live, the engine is loaded and its actor alive, the heartbeat says "serving" (not draining or
@@ -32,7 +33,13 @@ def bus_check(bus: Bus) -> tuple[bool, str]:
 def control_plane_checks(plane: ControlPlane, timeout_s: float = 1.0) -> HealthChecks:
     """Liveness and readiness of a control-plane process."""
 
+    def standby() -> bool:
+        # With leader election (a `leading` flag), a standby runs no actors yet is ready to take over.
+        return getattr(plane, "leading", True) is False
+
     def actors() -> tuple[bool, str]:
+        if standby():
+            return True, "standby: another control plane leads"
         sup = plane.supervisor
         if sup is None or not sup.is_alive():
             return False, "supervisor not running"
@@ -42,6 +49,8 @@ def control_plane_checks(plane: ControlPlane, timeout_s: float = 1.0) -> HealthC
         return (False, "not alive: " + ", ".join(down)) if down else (True, "supervisor, scheduler, migrator alive")
 
     def scheduler_answers() -> tuple[bool, str]:
+        if standby():
+            return True, "standby"
         slot = plane.scheduler
         ref = slot.ref if slot is not None else None
         if ref is None:

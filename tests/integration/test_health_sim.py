@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -39,9 +40,11 @@ def wait_status(url: str, status: int, timeout_s: float = 15.0) -> httpx.Respons
 
 
 @pytest.fixture()
-def own_nats() -> Iterator[EmbeddedNatsServer]:
-    """A NATS server of this test's own, so stopping it cuts off only this test's cluster."""
-    server = EmbeddedNatsServer()
+def own_nats(tmp_path: Path) -> Iterator[EmbeddedNatsServer]:
+    """A NATS server of this test's own, so stopping it cuts off only this test's cluster (its directory is
+    the test's, so it can start again on the same port)."""
+    (tmp_path / "nats").mkdir()
+    server = EmbeddedNatsServer(store_dir=str(tmp_path / "nats"))
     server.start()
     yield server
     server.stop()
@@ -88,6 +91,12 @@ def test_health_and_readiness_follow_the_engine_and_the_bus(own_nats: EmbeddedNa
         assert wait_status(control.url("/readyz"), 503).json()["checks"]["bus"]["ok"] is False
         assert wait_status(engine.url("/healthz"), 503).status_code == 503
         assert wait_status(f"{gateway.url}/healthz", 503).json()["status"] == "fail"
+
+        # NATS comes back on the same port: everyone reconnects and is healthy (and ready) again.
+        own_nats.start()
+        assert wait_status(control.url("/readyz"), 200).json()["checks"]["bus"]["ok"] is True
+        assert wait_status(f"{gateway.url}/healthz", 200).status_code == 200
+        assert wait_status(engine.url("/healthz"), 200).status_code == 200
         gateway.stop()
     finally:
         for server in servers:
