@@ -2,9 +2,9 @@
 
 A record::
 
-    {"ts": "2026-11-25T15:50:01.123Z", "operator": "alice", "command": "drain", "subject": "drover.v1.admin.drain",
+    {"ts": "2026-11-25T15:50:01.123Z", "operator": "alice", "command": "drain",
      "params": {"instance_id": "sim-0", "undo": false}, "ok": true, "result": "draining sim-0: 2 requests to move",
-     "duration_s": 0.002}
+     "subject": "drover.v1.admin.drain", "duration_s": 0.002, "details": {...}}
 
 The file is opened in append mode for each record (so log rotation by rename just works) under a lock
 (several bus handlers may finish at once).
@@ -51,10 +51,10 @@ class AuditLog:
             "ts": _timestamp(at if at is not None else time.time()),
             "operator": operator or "unknown",
             "command": command,
-            **{k: v for k, v in extra.items() if k not in ("ts", "operator", "command")},
             "params": params,
             "ok": ok,
             "result": result,
+            **{k: v for k, v in extra.items() if k not in ("ts", "operator", "command", "params", "ok", "result")},
         }
         line = json.dumps(entry, default=str)
         log.info("audit %s", line)
