@@ -10,11 +10,13 @@ from typing import Any
 
 import pykka
 
+from actors.audit import AdminAuditor
 from actors.migrator import MigratorActor
 from actors.scheduler import MigrationTick, SchedulerActor, Tick
 from actors.supervisor import ActorSlot, GetStatus, SupervisorActor
 from control.settings import Settings
 from engines.tokenizer import Tokenizer
+from observability.audit import AuditLog
 from transport import subjects
 from transport.bus import Bus, Envelope
 from transport.messages import (
@@ -43,6 +45,7 @@ class ControlPlane:
         self.bus = bus
         self.tokenizer = tokenizer
         self.tick_interval_s = tick_interval_s
+        self.audit = AdminAuditor(bus, AuditLog(settings.audit.path), settings.audit.reply_timeout_s)
         self.supervisor: pykka.ActorRef[Any] | None = None
         self.scheduler: ActorSlot | None = None
         self.migrator: ActorSlot | None = None
@@ -112,7 +115,7 @@ class ControlPlane:
             slot.tell(envelope)
             return None
 
-        return handler
+        return self.audit.wrap(handler) if self.audit.audits(kinds) else handler  # admin actions: audit log
 
     async def _on_status(self, envelope: Envelope) -> None:
         """Answer with the scheduler's view plus each actor's supervision state."""

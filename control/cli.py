@@ -290,7 +290,9 @@ def _admin_call(call: Any) -> Any:
     url = _need_url(s)
 
     async def go() -> Any:
-        client = await DroverClient(url, name="drover-cli", nats_settings=s.nats).connect(**_CLI_CONNECT)
+        client = await DroverClient(
+            url, name="drover-cli", nats_settings=s.nats, operator=s.audit.operator or None
+        ).connect(**_CLI_CONNECT)
         try:
             return await call(client)
         finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import itertools
 import logging
 import re
@@ -18,6 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import msgspec
 import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -59,6 +61,13 @@ log = logging.getLogger(__name__)
 PERMISSION_DENIED = "permission_denied"
 """``DroverError.code`` when the NATS server refused this user a subject (client-side only, never on the wire)."""
 _VIOLATION = re.compile(r'permissions violation for (?:publish to|subscription to) "([^"]+)"', re.IGNORECASE)
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no USER/LOGNAME and no passwd entry (some containers)
+        return "unknown"
 
 
 class DroverError(Exception):
@@ -207,13 +216,16 @@ class DroverClient:
         name: str = "drover-client",
         inbox_prefix: str | None = None,
         nats_settings: NatsSettings | None = None,
+        operator: str | None = None,
     ) -> None:
         """``inbox_prefix`` defaults to ``drover.v1.inbox.<client id>``: replies there are kept in the output
         stream, which is what lets Drover resume a request whose engine died. ``nats_settings`` (the settings'
-        ``[nats]`` section) gives the credentials, TLS and the client id (its ``client_id``, else ``name``)."""
+        ``[nats]`` section) gives the credentials, TLS and the client id (its ``client_id``, else ``name``).
+        ``operator`` names who sends admin commands, for the control plane's audit log (default: the OS user)."""
         self.url = url
         self.name = name
         self.nats_settings = nats_settings
+        self.operator = operator or _os_user()
         client_id = nats_settings.client_id if nats_settings is not None else None
         self.inbox_prefix = inbox_prefix or subjects.client_inbox_prefix(
             client_id or re.sub(r"[^A-Za-z0-9_-]", "-", name)[:64] or "client"
@@ -286,6 +298,11 @@ class DroverClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    @property
+    def connected(self) -> bool:
+        """The NATS connection is up (false while reconnecting, and before connect/after close)."""
+        return self._nc is not None and self._nc.is_connected
 
     @property
     def nc(self) -> NatsClient:
@@ -364,6 +381,8 @@ class DroverClient:
         return message
 
     async def _admin(self, verb: str, message: Message, timeout_s: float) -> AdminReply:
+        if "operator" in type(message).__struct_fields__:
+            message = msgspec.structs.replace(message, operator=self.operator)
         reply = await self._request(subjects.admin(verb), encode(message), timeout_s)
         answer = decode(reply.data)
         if isinstance(answer, ErrorReply):

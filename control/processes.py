@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from control.settings import Settings
+from observability.health import HealthChecks, ProcessServer, start_process_server
 from observability.logs import setup_logging
-from observability.metrics import start_metrics_server
 from observability.tracing import setup_tracing, shutdown_tracing
 from transport.bus import Bus, BusOptions
 from transport.nats_server import EmbeddedNatsServer
@@ -69,7 +69,7 @@ def _wait_for_signal() -> None:
     stop.wait()
 
 
-def _observability(settings: Settings, service: str, metrics_port: int = 0) -> None:
+def _observability(settings: Settings, service: str) -> None:
     obs = settings.observability
     setup_logging(obs.log_level)
     setup_tracing(
@@ -78,26 +78,36 @@ def _observability(settings: Settings, service: str, metrics_port: int = 0) -> N
         jsonl_path=obs.jsonl_path,
         otlp_endpoint=obs.otlp_endpoint,
     )
-    if metrics_port:
-        server = start_metrics_server(metrics_port, settings.metrics.host)
-        log.info("metrics on http://%s:%d/metrics", settings.metrics.host, server.port)
+
+
+def _http(settings: Settings, port: int, health: HealthChecks) -> ProcessServer | None:
+    """The process's one HTTP port: /metrics, /healthz, /readyz (port 0 in settings: none)."""
+    if not port:
+        return None
+    server = start_process_server(port, settings.metrics.host, health=health)
+    log.info("metrics and health on %s (/metrics, /healthz, /readyz)", server.url())
+    return server
 
 
 def serve_control(settings: Settings) -> None:
     """Run the control plane until SIGINT/SIGTERM."""
     from actors.control_plane import ControlPlane
     from actors.engine_host import resolve_model_dir
+    from control.health import control_plane_checks
     from engines.tokenizer import load_tokenizer
 
-    _observability(settings, "control", settings.metrics.control_port)
+    _observability(settings, "control")
     with embedded_nats_if_needed(settings) as settings:
         tokenizer = load_tokenizer(resolve_model_dir(settings) if settings.engine.kind == "vllm" else None)
         bus = Bus(bus_options(settings, "drover-control")).start()
         plane = ControlPlane(settings, bus, tokenizer).start()
         log.info("control plane on %s", settings.nats.url)
+        http = _http(settings, settings.metrics.control_port, control_plane_checks(plane))
         try:
             _wait_for_signal()
         finally:
+            if http is not None:
+                http.stop()
             plane.stop()
             bus.stop()
             shutdown_tracing()
@@ -106,12 +116,16 @@ def serve_control(settings: Settings) -> None:
 def serve_engine(settings: Settings, instance_id: str) -> None:
     """Run one engine instance until SIGINT/SIGTERM."""
     from actors.engine_host import EngineHost, build_engine
+    from control.health import engine_host_checks
 
-    _observability(settings, f"engine-{instance_id}", settings.metrics.engine_port)
+    _observability(settings, f"engine-{instance_id}")
     bus = Bus(bus_options(settings, f"drover-engine-{instance_id}")).start()
     engine, tokenizer = build_engine(settings, instance_id)
-    host = EngineHost(settings, bus, engine, tokenizer).start()
+    host = EngineHost(settings, bus, engine, tokenizer)
+    # Serve health before the engine loads (vLLM takes a while): live at once, ready once loaded.
+    http = _http(settings, settings.metrics.engine_port, engine_host_checks(host))
     try:
+        host.start()
         _wait_for_signal()
         # SIGTERM drains by migration first, so a rolling restart loses no request and cuts no stream.
         if not host.drain(settings.engine.drain_timeout_s):
@@ -122,5 +136,7 @@ def serve_engine(settings: Settings, instance_id: str) -> None:
             )
     finally:
         host.stop()
+        if http is not None:
+            http.stop()
         bus.stop()
         shutdown_tracing()

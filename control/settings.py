@@ -164,6 +164,22 @@ class ObservabilitySettings(_Section):
     log_level: str = Field("INFO", description="Python log level.")
 
 
+class AuditSettings(_Section):
+    path: str = Field(
+        ".drover/audit.jsonl",
+        description="JSON-lines file the control plane appends every admin action to (who, what, when, result); "
+        "empty: the log only.",
+    )
+    operator: str = Field(
+        "", description="Identity the CLI puts in admin commands; empty: the OS user running it."
+    )
+    reply_timeout_s: float = Field(
+        600.0,
+        description="An admin command with no answer after this long is audited as 'no reply' (a live "
+        "migration answers when it commits; 600 s is far beyond any measured one).",
+    )
+
+
 class SupervisorSettings(_Section):
     restart_backoff_initial_s: float = Field(0.1, description="First restart delay of a failed actor.")
     restart_backoff_max_s: float = Field(5.0, description="Cap of the exponential restart delay.")
@@ -210,6 +226,7 @@ class Settings(BaseSettings):
     demo: DemoSettings = DemoSettings()
     gateway: GatewaySettings = GatewaySettings()
     metrics: MetricsSettings = MetricsSettings()
+    audit: AuditSettings = AuditSettings()
 
     @model_validator(mode="after")
     def _check_policy(self) -> Settings:

@@ -55,12 +55,14 @@ class MetricsSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     host: str = Field("127.0.0.1", description="Bind address of the scrape endpoints.")
-    control_port: int = Field(0, ge=0, le=65535, description="Control plane's /metrics port; 0: off.")
+    control_port: int = Field(
+        0, ge=0, le=65535, description="Control plane's /metrics, /healthz, /readyz port; 0: off."
+    )
     engine_port: int = Field(
         0,
         ge=0,
         le=65535,
-        description="An engine host's /metrics port; 0: off. One engine host per machine, "
+        description="An engine host's /metrics, /healthz, /readyz port; 0: off. One engine host per machine, "
         "or set it per process (DROVER_METRICS__ENGINE_PORT).",
     )
 

@@ -325,30 +325,47 @@ def summary(all_points: list[tuple[str, dict[str, ElasticResult]]]) -> str:
     )
 
 
-def plot(directory: Path, all_points: list[tuple[str, dict[str, ElasticResult]]]) -> None:
-    try:
-        import matplotlib
+def attainment_over_time(result: ElasticResult, windows: int = 30) -> tuple[list[float], list[float]]:
+    """Interactive SLO attainment per arrival-time window: (window mid-times, fraction met; NaN if empty)."""
+    from control.policy.autoscaling import meets_interactive_slo
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("--plot: matplotlib is not installed; skipped")
-        return
-    directory.mkdir(parents=True, exist_ok=True)
+    interactive = [r for r in result.sim.requests if r.spec.request_class == "interactive"]
+    width = result.horizon_s / windows if result.horizon_s > 0 else 1.0
+    met = [0] * windows
+    total = [0] * windows
+    for r in interactive:
+        w = min(windows - 1, int(r.spec.arrival / width))
+        total[w] += 1
+        met[w] += int(r.done and meets_interactive_slo(r.prefill, r.decode_per_token, SLO))
+    fractions = [m / t if t else float("nan") for m, t in zip(met, total, strict=True)]
+    return [(w + 0.5) * width for w in range(windows)], fractions
+
+
+def plot(directory: Path, all_points: list[tuple[str, dict[str, ElasticResult]]]) -> None:
+    """Per point: instance count and interactive SLO attainment over time, one line per autoscaler."""
+    from scripts.plotting import timeline_plot
+
     for point, results in all_points:
-        fig, ax = plt.subplots(figsize=(9, 3.5))
-        for name, r in results.items():
-            times = [t for t, _ in r.timeline] + [r.horizon_s]
-            counts = [n for _, n in r.timeline] + [r.timeline[-1][1]]
-            ax.step(times, counts, where="post", label=f"{name} ({r.instance_seconds:.0f} inst-s)")
-        ax.set_xlabel("time (s)")
-        ax.set_ylabel("instances (incl. starting)")
-        ax.set_title(point)
-        ax.legend()
-        path = directory / f"autoscaling_{point.replace(' ', '_')}.png"
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        print(f"wrote {path}")
+        instances = {
+            f"{name} ({r.instance_seconds:.0f} inst-s)": (
+                [t for t, _ in r.timeline] + [r.horizon_s],
+                [n for _, n in r.timeline] + [r.timeline[-1][1]],
+            )
+            for name, r in results.items()
+            if r.timeline
+        }
+        attainment = {
+            f"{name} ({r.class_attainment('interactive'):.3f} overall)": attainment_over_time(r)
+            for name, r in results.items()
+        }
+        timeline_plot(
+            directory,
+            "autoscaling_" + "".join(c if c.isalnum() else "_" for c in point),
+            [("instances (incl. starting)", instances), ("interactive SLO attainment", attainment)],
+            xlabel="time (s)",
+            title=f"{point}: instances and interactive SLO attainment (per 1/30 of the run, by arrival)",
+            step=(True, False),
+        )
 
 
 def to_json(all_points: list[tuple[str, dict[str, ElasticResult]]], cap: Capacity) -> dict[str, Any]:

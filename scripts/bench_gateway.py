@@ -13,7 +13,8 @@ Both paths see the same engine and the same step times (sim engines model them; 
 Both paths use the same request id per prompt, so (seeded by it) they stream the same text: the pieces
 pair up exactly. Tokens whose bytes do not yet make a character ride with the next piece on both paths.
 
-    python -m scripts.bench_gateway [--kind sim|vllm] [--requests 24] [--max-tokens 64] [--warmup 3]
+    python -m scripts.bench_gateway [--kind sim|vllm] [--requests 24] [--max-tokens 64] [--warmup 3] [--quick]
+                                    [--plot DIR]
 """
 
 from __future__ import annotations
@@ -161,6 +162,21 @@ def paired_arrival_delays_ms(direct: Samples, gateway: Samples) -> list[float]:
             for d, g in zip(ds, gs, strict=False)]
 
 
+def plot(directory: Path, kind: str, direct: Samples, gateway: Samples) -> None:
+    """Gateway vs direct: TTFT and inter-token CDFs, and the paired per-token arrival delay."""
+    from scripts.plotting import cdf_plot
+
+    title = f"Gateway (openai client -> HTTP/SSE -> NATS) vs direct NATS client ({kind})"
+    cdf_plot(directory, "gateway_ttft_cdf", {"direct": direct.ttft_ms, "gateway": gateway.ttft_ms},
+             xlabel="TTFT (ms)", title=title, log_x=True)
+    cdf_plot(directory, "gateway_itl_cdf", {"direct": direct.itl_ms, "gateway": gateway.itl_ms},
+             xlabel="inter-token latency (ms)", title=title, log_x=True)
+    cdf_plot(directory, "gateway_added_delay_cdf",
+             {"TTFT": [g - d for d, g in zip(direct.ttft_ms, gateway.ttft_ms, strict=True)],
+              "token arrival": paired_arrival_delays_ms(direct, gateway)},
+             xlabel="gateway - direct, paired by prompt (ms)", title=f"Latency the gateway adds ({kind})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kind", default="sim", choices=["sim", "vllm"])
@@ -168,7 +184,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--work-dir", type=Path, default=None, help="Where process logs go.")
+    parser.add_argument("--quick", action="store_true", help="smoke run: sim engine, 8 requests of 16 tokens")
+    parser.add_argument("--plot", type=Path, default=None, help="write PNG plots into this directory")
     args = parser.parse_args()
+    if args.quick:
+        args.kind, args.requests, args.max_tokens, args.warmup = "sim", 8, 16, 1
 
     settings = load_settings(overrides={"engine": {"kind": args.kind}, "observability": {"exporter": "none"}})
     prompts = [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] for i in range(args.requests + args.warmup)]
@@ -207,6 +227,8 @@ def main() -> None:
     console.print(f"summary: gateway adds TTFT p50 {ttft50:+.3f} ms / p99 {ttft99:+.3f} ms and per-token "
                   f"arrival p50 {percentile(delays, 50):+.3f} ms / p99 {percentile(delays, 99):+.3f} ms "
                   f"over the direct NATS client ({args.kind} engine)")
+    if args.plot:
+        plot(args.plot, args.kind, direct, gateway)
 
 
 if __name__ == "__main__":

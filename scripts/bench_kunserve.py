@@ -12,7 +12,7 @@ fp16 on A100-40GB instances, weights and KV in one budget). Two workloads, each 
   prompts uniform 256-2048 tokens, outputs Zipf mean 200 capped at 1000 (close to the Azure trace's lengths).
 
 Prints one table per grid point (every point is reported), ratios of each baseline to KunServe (exchange),
-and a one-line summary. Usage: ``python -m scripts.bench_kunserve [--instances 4] [--seed 0] [--quick]``.
+and a one-line summary. Usage: ``python -m scripts.bench_kunserve [--instances 4] [--seed 0] [--quick] [--plot DIR]``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from control.memsim import MemSimConfig, MemSimResult, simulate
 from control.memsim.workloads import burst_workload, busiest_window, trace_window
@@ -141,11 +142,38 @@ def summary_line(rows: Sequence[tuple[Point, dict[str, MemSimResult]]]) -> str:
     )
 
 
+def plot(directory: Path, rows: Sequence[tuple[Point, dict[str, MemSimResult]]]) -> None:
+    """TTFT and TBT CDFs per system (the baselines and KunServe), one panel per grid point."""
+    from scripts.plotting import cdf_grid
+
+    panels = {f"{p.workload} {p.label}": results for p, results in rows}
+    cdf_grid(
+        directory,
+        "kunserve_ttft_cdf",
+        {panel: {name: r.ttft for name, r in results.items()} for panel, results in panels.items()},
+        xlabel="TTFT (s)",
+        title="TTFT under memory overload, per system (simulated LLaMA-7B on A100-40GB)",
+        log_x=True,
+        columns=2,
+    )
+    cdf_grid(
+        directory,
+        "kunserve_tbt_cdf",
+        {panel: {name: r.tbt_gaps.tolist() for name, r in results.items()} for panel, results in panels.items()},
+        xlabel="time between tokens (ms)",
+        title="Time between tokens under memory overload, per system",
+        scale=1e3,
+        log_x=True,
+        columns=2,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--instances", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="one point per workload")
+    parser.add_argument("--plot", type=Path, default=None, help="write PNG plots into this directory")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     print(f"# KunServe memory benchmark: {args.instances} instances, LLaMA-7B fp16 on A100-40GB (simulated)")
@@ -155,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print_point(point, results)
         rows.append((point, results))
     print(f"\n{summary_line(rows)} (wall {time.perf_counter() - t0:.1f} s)")
+    if args.plot:
+        plot(args.plot, rows)
 
 
 if __name__ == "__main__":

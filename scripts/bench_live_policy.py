@@ -7,7 +7,8 @@ host processes) per configuration:
   llumnix         - freeness dispatch + the migration loop (Drover defaults)
 KV pools are kept small so that bursts exhaust them (preemption or queueing), as in Llumnix's experiments.
 
-    python -m scripts.bench_live_policy [--kind vllm|sim] [--requests 48] [--rate 6] [--cv 3]
+    python -m scripts.bench_live_policy [--kind vllm|sim] [--requests 48] [--rate 6] [--cv 3] [--quick]
+                                        [--plot DIR]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import random
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -92,6 +94,25 @@ async def drive(url: str, arrivals: list[Arrival]) -> Outcome:
     )
 
 
+def plot(directory: Path, kind: str, outcomes: dict[str, Outcome]) -> None:
+    """TTFT, end-to-end and inter-token latency CDFs, one line per policy."""
+    from scripts.plotting import cdf_plot
+
+    for stem, what, pick in (
+        ("ttft", "TTFT (ms)", lambda o: o.ttft_ms),
+        ("e2e", "end-to-end latency (s)", lambda o: o.e2e_s),
+        ("itl", "inter-token latency (ms)", lambda o: o.itl_ms),
+    ):
+        cdf_plot(
+            directory,
+            f"live_policy_{stem}_cdf",
+            {name: pick(o) for name, o in outcomes.items()},
+            xlabel=what,
+            title=f"Live cluster ({kind} engines), same bursty workload per policy",
+            log_x=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kind", default="vllm", choices=["vllm", "sim"])
@@ -101,7 +122,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--instances", type=int, default=2)
     parser.add_argument("--kv-cache-gib", type=float, default=0.02, help="per instance; small to force pressure")
+    parser.add_argument("--quick", action="store_true", help="smoke run: sim engines, 16 requests")
+    parser.add_argument("--plot", type=Path, default=None, help="write PNG plots into this directory")
     args = parser.parse_args()
+    if args.quick:
+        args.kind, args.requests = "sim", 16
     console = Console()
     max_len = 2048
     arrivals = bursty_workload(args.requests, args.rate, args.cv, args.seed, max_len)
@@ -138,6 +163,8 @@ def main() -> None:
         parts.append(f"TTFT p99 {percentile(b.ttft_ms, 99) / percentile(ll.ttft_ms, 99):.2f}x vs {base}, "
                      f"e2e p99 {percentile(b.e2e_s, 99) / percentile(ll.e2e_s, 99):.2f}x vs {base}")
     console.print(f"summary: llumnix ({ll.migrations} migrations) " + "; ".join(parts))
+    if args.plot:
+        plot(args.plot, args.kind, outcomes)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Live-migration downtime vs blocking copy vs recompute, on two real vLLM-CPU engines.
 
     python -m scripts.bench_migration [--lengths 64,256,1024,2048,4096,8192] [--repeats 3] [--threads 1]
-                                      [--background 2]
+                                      [--background 2] [--quick] [--plot DIR]
 
 Model: the generated MIGRATION_BENCH Llama (32 KiB of KV per token in float32, 8k context). For every
 sequence length of the grid (fixed before measuring; every point is reported), one request is prefilled
@@ -231,7 +231,9 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), 1.96 * statistics.stdev(values) / math.sqrt(len(values))
 
 
-async def bench(lengths: list[int], repeats: int, threads: int, background: int, kv_gib: float, cache: Path) -> None:
+async def bench(
+    lengths: list[int], repeats: int, threads: int, background: int, kv_gib: float, cache: Path
+) -> list[list[Move]]:
     model = ensure_model(cache, MIGRATION_BENCH)
     common = dict(
         model_name=MIGRATION_BENCH.name,
@@ -285,6 +287,7 @@ async def bench(lengths: list[int], repeats: int, threads: int, background: int,
         await a.shutdown()
         await b.shutdown()
     report(lengths, runs, slowdown)
+    return runs
 
 
 def table(lengths: list[int], moves: list[Move], title: str) -> None:
@@ -372,6 +375,30 @@ def report(lengths: list[int], runs: list[list[Move]], slowdown: dict[int, tuple
     )
 
 
+def plot(directory: Path, lengths: list[int], runs: list[list[Move]]) -> None:
+    """Downtime and gap vs sequence length, one line per method (medians over the repeats)."""
+    from scripts.plotting import line_plot
+
+    by = {(m.method, m.length): m for m in median_moves(lengths, runs)}
+    methods = ("live", "blocking", "recompute")
+    for field_name, what in (("downtime_s", "downtime (stop -> first token on destination)"), ("gap_s", "token gap")):
+        series = {
+            method: (lengths, [getattr(by[(method, n)], field_name) * 1e3 for n in lengths]) for method in methods
+        }
+        series["normal inter-token gap"] = (lengths, [by[("live", n)].normal_gap_s * 1e3 for n in lengths])
+        line_plot(
+            directory,
+            f"migration_{field_name.removesuffix('_s')}_vs_length",
+            series,
+            xlabel="sequence length (tokens)",
+            ylabel="ms",
+            title=f"Migration {what}, median of {len(runs)} repeat(s), vLLM-CPU",
+            log_x=True,
+            log_y=True,
+            xticks=lengths,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="64,256,1024,2048,4096,8192", help="sequence lengths (tokens)")
@@ -380,11 +407,17 @@ def main() -> None:
     parser.add_argument("--background", type=int, default=2, help="other decoding requests per engine")
     parser.add_argument("--kv-gib", type=float, default=1.0, help="KV cache per engine (GiB)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "drover-models")
+    parser.add_argument("--quick", action="store_true", help="smoke run: lengths 64,256, one repeat, 1 background")
+    parser.add_argument("--plot", type=Path, default=None, help="write PNG plots into this directory")
     args = parser.parse_args()
+    if args.quick:
+        args.lengths, args.repeats, args.background = "64,256", 1, 1
     lengths = [int(x) for x in args.lengths.split(",")]
     if max(lengths) + 4 * DECODE_BEFORE_MOVE + 16 > MAX_MODEL_LEN:
         parser.error(f"lengths must leave room for decoding within {MAX_MODEL_LEN} tokens")
-    asyncio.run(bench(lengths, args.repeats, args.threads, args.background, args.kv_gib, args.cache))
+    runs = asyncio.run(bench(lengths, args.repeats, args.threads, args.background, args.kv_gib, args.cache))
+    if args.plot:
+        plot(args.plot, lengths, runs)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ One run, same engine settings, same prompts, one engine alive at a time:
 Prints p50/p99 TTFT and inter-token latency both ways, their differences and ratios, and the exact
 engine->client transit time of each chunk (the engine stamps ``produced_at``).
 
-    python -m scripts.bench_overhead [--kind vllm|sim] [--requests 24] [--max-tokens 64]
+    python -m scripts.bench_overhead [--kind vllm|sim] [--requests 24] [--max-tokens 64] [--quick] [--plot DIR]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import itertools
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -79,13 +80,30 @@ async def run_drover(url: str, prompts: list[list[int]], max_tokens: int, warmup
     return Samples(ttft, itl, transit)
 
 
+def plot(directory: Path, kind: str, direct: Samples, drover: Samples) -> None:
+    """CDFs of TTFT and inter-token latency (direct vs Drover) and of the engine->client transit."""
+    from scripts.plotting import cdf_plot
+
+    title = f"Drover NATS/actor path vs direct engine calls ({kind})"
+    cdf_plot(directory, "overhead_ttft_cdf", {"direct": direct.ttft_ms, "drover": drover.ttft_ms},
+             xlabel="TTFT (ms)", title=title, log_x=True)
+    cdf_plot(directory, "overhead_itl_cdf", {"direct": direct.itl_ms, "drover": drover.itl_ms},
+             xlabel="inter-token latency (ms)", title=title, log_x=True)
+    cdf_plot(directory, "overhead_transit_cdf", {"engine -> client": drover.transit_ms},
+             xlabel="transit per chunk (ms)", title=f"Overhead: engine -> client transit ({kind})", log_x=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kind", default="vllm", choices=["vllm", "sim"])
     parser.add_argument("--requests", type=int, default=24)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="smoke run: sim engine, 8 requests of 16 tokens")
+    parser.add_argument("--plot", type=Path, default=None, help="write PNG plots into this directory")
     args = parser.parse_args()
+    if args.quick:
+        args.kind, args.requests, args.max_tokens, args.warmup = "sim", 8, 16, 1
 
     settings = load_settings(overrides={"engine": {"kind": args.kind}, "observability": {"exporter": "none"}})
     from engines.tokenizer import ByteTokenizer
@@ -124,6 +142,8 @@ def main() -> None:
         f"summary: added per token p50 {added50:+.3f} ms, p99 {added99:+.3f} ms "
         f"(target <= 1 ms / <= 3 ms); transit p50 {t50:.3f} ms p99 {t99:.3f} ms"
     )
+    if args.plot:
+        plot(args.plot, args.kind, direct, drover)
 
 
 if __name__ == "__main__":

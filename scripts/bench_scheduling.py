@@ -377,33 +377,54 @@ def summary(
     )
 
 
-def plot(directory: Path, generated: dict[str, list[tuple[str, dict[str, SimulationResult]]]]) -> None:
-    try:
-        import matplotlib
+def _latencies(result: SimulationResult, metric: str) -> list[float]:
+    done = [r for r in result.requests if r.done]
+    return [r.prefill for r in done] if metric == "prefill" else [r.e2e for r in done]
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("--plot: matplotlib is not installed; skipped")
-        return
-    directory.mkdir(parents=True, exist_ok=True)
+
+def plot(
+    directory: Path,
+    generated: dict[str, list[tuple[str, dict[str, SimulationResult]]]],
+    azure: list[tuple[str, dict[str, SimulationResult]]],
+) -> None:
+    """p99 vs rate per policy, and latency CDFs per policy (one panel per load point)."""
+    from scripts.plotting import cdf_grid, line_plot
+
     for label, points in generated.items():
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        stem = "scheduling_" + "".join(c if c.isalnum() else "_" for c in label)
         rates = [float(p.rstrip("/s")) for p, _ in points]
-        for name, _ in POLICIES:
-            axes[0].plot(rates, [r[name].request.p99 for _, r in points], marker="o", label=name)
-            axes[1].plot(rates, [r[name].prefill.p99 for _, r in points], marker="o", label=name)
-            axes[2].plot(rates, [r[name].decode.p99 * 1e3 for _, r in points], marker="o", label=name)
-        for ax, title in zip(axes, ("request p99 (s)", "prefill p99 (s)", "decode p99 (ms/token)"), strict=True):
-            ax.set_title(title)
-            ax.set_xlabel("request rate (req/s)")
-            ax.set_yscale("log")
-            ax.legend()
-        fig.suptitle(f"{label}, {NUM_INSTANCES} instances")
-        path = directory / f"scheduling_{label.replace(' ', '_')}.png"
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        print(f"wrote {path}")
+        for metric, what, scale, unit in (
+            ("request", "request latency", 1.0, "s"),
+            ("prefill", "prefill latency (TTFT)", 1.0, "s"),
+            ("decode", "decode latency per token", 1e3, "ms"),
+        ):
+            line_plot(
+                directory,
+                f"{stem}_{metric}_p99",
+                {name: (rates, [getattr(r[name], metric).p99 * scale for _, r in points]) for name, _ in POLICIES},
+                xlabel="request rate (req/s)",
+                ylabel=f"p99 {what} ({unit})",
+                title=f"{label}, {NUM_INSTANCES} instances",
+                log_y=True,
+            )
+        for metric in ("prefill", "request"):
+            cdf_grid(
+                directory,
+                f"{stem}_{metric}_cdf",
+                {point: {name: _latencies(res, metric) for name, res in r.items()} for point, r in points},
+                xlabel=f"{metric} latency (s)",
+                title=f"{label}: {metric} latency CDF per policy, {NUM_INSTANCES} instances",
+                log_x=True,
+            )
+    for metric in ("prefill", "request"):
+        cdf_grid(
+            directory,
+            f"scheduling_azure_{metric}_cdf",
+            {point: {name: _latencies(res, metric) for name, res in r.items()} for point, r in azure},
+            xlabel=f"{metric} latency (s)",
+            title=f"Azure trace: {metric} latency CDF per policy",
+            log_x=True,
+        )
 
 
 def to_json(generated: Any, azure: Any, priorities: Any, cost: Any, speed: Any) -> dict[str, Any]:
@@ -441,7 +462,7 @@ def main() -> None:
     cost = section_dispatch_cost(2000 if args.quick else 20_000, args.seed)
     speed = section_speed()
     if args.plot:
-        plot(args.plot, generated)
+        plot(args.plot, generated, azure)
     if args.json:
         args.json.write_text(json.dumps(to_json(generated, azure, priorities, cost, speed), indent=1, default=str))
     print(f"\n(benchmark took {time.perf_counter() - started:.0f} s)")

@@ -11,7 +11,7 @@ memory side: an engine with a fixed budget drops to 1/g of the layers (g = 2, 4)
 before and after, and a 2-engine group forms and dissolves around a running request (time, KV moved).
 
     python -m scripts.bench_torch_engine [--model tiny|migration-bench] [--prompt-len 32] [--new-tokens 128]
-                                         [--threads 1] [--repeat 3] [--kv-mib 64]
+                                         [--threads 1] [--repeat 3] [--kv-mib 64] [--quick] [--plot DIR]
 """
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ async def bench_engine(engine: TorchEngine, prompts: list[list[int]], new_tokens
     return time.perf_counter() - started, list(outputs)
 
 
-async def throughput(model_dir: Path, spec: ModelSpec, args: argparse.Namespace, console: Console) -> list[float]:
+async def throughput(
+    model_dir: Path, spec: ModelSpec, args: argparse.Namespace, console: Console
+) -> tuple[list[float], dict[str, list[float]]]:
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -75,6 +77,7 @@ async def throughput(model_dir: Path, spec: ModelSpec, args: argparse.Namespace,
     for column in ("batch", "prompt", "new", "transformers tok/s", "torch engine tok/s", "ratio", "identical outputs"):
         table.add_column(column, justify="right")
     ratios: list[float] = []
+    tokens_per_s: dict[str, list[float]] = {"transformers": [], "torch engine": []}
     try:
         for batch in (1, 8):
             prompts = make_prompts(batch, args.prompt_len)
@@ -87,6 +90,8 @@ async def throughput(model_dir: Path, spec: ModelSpec, args: argparse.Namespace,
             total = batch * args.new_tokens
             ratio = hf_s / eng_s
             ratios.append(ratio)
+            tokens_per_s["transformers"].append(total / hf_s)
+            tokens_per_s["torch engine"].append(total / eng_s)
             table.add_row(
                 str(batch),
                 str(args.prompt_len),
@@ -99,10 +104,11 @@ async def throughput(model_dir: Path, spec: ModelSpec, args: argparse.Namespace,
     finally:
         await engine.shutdown()
     console.print(table)
-    return ratios
+    return ratios, tokens_per_s
 
 
-async def memory(model_dir: Path, spec: ModelSpec, args: argparse.Namespace, console: Console) -> None:
+async def memory(model_dir: Path, spec: ModelSpec, args: argparse.Namespace, console: Console) -> dict[str, int]:
+    """Prints the drop table and the group round trip; returns KV blocks per group size ("g=1" ...)."""
     probe = TorchEngine("probe", model_dir, model_name=spec.name, num_blocks=1)
     probe.build()
     weights = probe.stage.weight_bytes
@@ -114,6 +120,7 @@ async def memory(model_dir: Path, spec: ModelSpec, args: argparse.Namespace, con
     base = TorchEngine("m0", model_dir, model_name=spec.name, memory_budget_bytes=budget)
     base.build()
     blocks0 = base.stage.num_blocks
+    kv_blocks = {"g=1": blocks0}
     table.add_row(
         "1", f"0-{num_layers}", f"{weights / MIB:.2f}", str(blocks0), f"{blocks0 * base.block_size:,}", "-", "-"
     )
@@ -124,6 +131,7 @@ async def memory(model_dir: Path, spec: ModelSpec, args: argparse.Namespace, con
         engine.build()
         keep = split_layers(num_layers, groups)[0]
         report = await engine.drop_layers(keep)
+        kv_blocks[f"g={groups}"] = report.kv_blocks_after
         table.add_row(
             str(groups),
             f"{keep[0]}-{keep[1]}",
@@ -161,6 +169,17 @@ async def memory(model_dir: Path, spec: ModelSpec, args: argparse.Namespace, con
         f"(moved {formed.moved_kv_bytes / MIB:.2f} MiB of KV), dissolve {restored.seconds * 1e3:.1f} ms "
         f"(moved {restored.moved_kv_bytes / MIB:.2f} MiB back, preempted {len(restored.preempted)})"
     )
+    return kv_blocks
+
+
+def plot(directory: Path, spec: ModelSpec, tokens_per_s: dict[str, list[float]], kv_blocks: dict[str, int]) -> None:
+    """Output tokens/s per batch size (transformers vs torch engine), and KV blocks after a drop per g."""
+    from scripts.plotting import bar_plot
+
+    bar_plot(directory, "torch_engine_throughput", ["batch 1", "batch 8"], tokens_per_s,
+             ylabel="output tokens/s", title=f"Torch engine vs transformers, {spec.name}, float32, CPU")
+    bar_plot(directory, "torch_engine_drop_kv_blocks", list(kv_blocks), {"KV blocks": list(kv_blocks.values())},
+             ylabel="KV blocks in the same memory budget", title=f"KunServe drop to 1/g of the layers, {spec.name}")
 
 
 async def amain(args: argparse.Namespace) -> None:
@@ -169,11 +188,13 @@ async def amain(args: argparse.Namespace) -> None:
     cache = Path(args.cache) if args.cache else Path(tempfile.gettempdir()) / "drover-bench-models"
     model_dir = ensure_model(cache, spec)
     console = Console()
-    ratios = await throughput(model_dir, spec, args, console)
-    await memory(model_dir, spec, args, console)
+    ratios, tokens_per_s = await throughput(model_dir, spec, args, console)
+    kv_blocks = await memory(model_dir, spec, args, console)
     console.print(
         f"summary: torch engine / transformers throughput = {ratios[0]:.2f}x at batch 1, {ratios[1]:.2f}x at batch 8"
     )
+    if args.plot:
+        plot(args.plot, spec, tokens_per_s, kv_blocks)
 
 
 def main() -> None:
@@ -185,7 +206,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the best one counts")
     parser.add_argument("--kv-mib", type=int, default=64, help="KV memory beside the weights in the drop budget")
     parser.add_argument("--cache", default="", help="model cache directory (default: a temp directory)")
-    asyncio.run(amain(parser.parse_args()))
+    parser.add_argument("--quick", action="store_true", help="smoke run: 32 new tokens, one repeat")
+    parser.add_argument("--plot", type=Path, default=None, help="write PNG plots into this directory")
+    args = parser.parse_args()
+    if args.quick:
+        args.new_tokens, args.repeat = 32, 1
+    asyncio.run(amain(args))
 
 
 if __name__ == "__main__":

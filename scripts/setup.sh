@@ -17,3 +17,15 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   echo "$want" > "$stamp"
 fi
+
+# The trace viewer (Arize Phoenix) lives in its own venv: its pins (fastapi, ...) clash with ours.
+# Skip with DROVER_VIEWER=0; README: "Traces in Phoenix".
+if [ "${DROVER_VIEWER:-1}" != 0 ]; then
+  [ -x .venv-viewer/bin/python ] || "$PYTHON" -m venv .venv-viewer
+  viewer_stamp=.venv-viewer/.drover-installed
+  if [ "$(cat "$viewer_stamp" 2>/dev/null)" != "arize-phoenix" ]; then
+    .venv-viewer/bin/python -m pip install -q --upgrade pip
+    .venv-viewer/bin/python -m pip install -q arize-phoenix
+    echo "arize-phoenix" > "$viewer_stamp"
+  fi
+fi

@@ -11,6 +11,7 @@ import pytest
 from transport.nats_server import EmbeddedNatsServer
 
 os.environ.setdefault("DROVER_OBSERVABILITY__EXPORTER", "none")
+os.environ.setdefault("DROVER_AUDIT__PATH", "")  # audit records go to the log only (tests that read them set a file)
 logging.getLogger("nats").setLevel(logging.WARNING)
 
 

@@ -287,6 +287,7 @@ class MigrateCommand(_Msg, frozen=True, tag="migrate"):
     request_id: str
     destination: str = ""
     reason: str = "operator"
+    operator: str = ""  # who asked (audit log); the CLI fills in the OS user or [audit] operator
 
 
 class DrainCommand(_Msg, frozen=True, tag="drain"):
@@ -295,16 +296,18 @@ class DrainCommand(_Msg, frozen=True, tag="drain"):
 
     instance_id: str
     undo: bool = False
+    operator: str = ""  # who asked (audit log)
 
 
 class PolicyQuery(_Msg, frozen=True, tag="policy_query"):
-    pass
+    operator: str = ""  # who asked (audit log)
 
 
 class PolicyUpdate(_Msg, frozen=True, tag="policy_update"):
     """Operator -> scheduler: set policy parameters (values as text; validated and coerced)."""
 
     changes: dict[str, str]
+    operator: str = ""  # who asked (audit log)
 
 
 class AdminReply(_Msg, frozen=True, tag="admin_reply"):

@@ -102,9 +102,11 @@ def create_app(
         return gateway.access.authenticate(request.headers.get("authorization"))
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        """Liveness: the process answers."""
-        return {"status": "ok"}
+    async def healthz() -> JSONResponse:
+        """Liveness: the process answers and its NATS connection is up."""
+        if not gateway.client.connected:
+            return JSONResponse({"status": "fail", "reason": "not connected to NATS"}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
