@@ -106,6 +106,37 @@ class ReliabilitySettings(_Section):
     )
 
 
+class HaSettings(_Section):
+    """Control-plane high availability: durable control state and a leader lease (README: control-plane HA)."""
+
+    enabled: bool = Field(
+        True,
+        description="Keep the request table and instance registry in a JetStream KV bucket and elect one "
+        "leader by lease; off: a single control plane with in-memory state (needs no JetStream).",
+    )
+    state_bucket: str = Field("drover_control", description="KV bucket of the request table and instance registry.")
+    state_memory: bool = Field(
+        False, description="Keep the state bucket in memory (faster) instead of on the NATS server's disk."
+    )
+    lease_bucket: str = Field(
+        "drover_leader", description="KV bucket of the leader lease (memory storage; its TTL is lease_ttl_s)."
+    )
+    lease_ttl_s: float = Field(
+        3.0,
+        description="A leader that has not renewed for this long is replaced; a standby takes over at most "
+        "ttl + renew period after the last renewal (Drover's choice: below the 5 s engine-failure timeout).",
+    )
+    renew_period_s: float = Field(
+        1.0, description="How often the leader renews its lease and a standby polls it (a third of the TTL)."
+    )
+    replicas: int = Field(1, description="JetStream replicas of both buckets (3 on a 3-node NATS cluster).")
+    wait_for_leadership_s: float = Field(
+        0.0,
+        description="How long `start` waits to become leader before returning as a standby (0: do not wait; "
+        "a standby keeps trying in the background).",
+    )
+
+
 class LimitsSettings(_Section):
     max_prompt_tokens: int = Field(0, description="Largest prompt accepted; 0 means the instances' max_model_len - 1.")
     max_new_tokens: int = Field(4096, description="Largest max_tokens a request may ask for.")
@@ -164,6 +195,7 @@ class Settings(BaseSettings):
     )
     migration: MigrationSettings = MigrationSettings()
     reliability: ReliabilitySettings = ReliabilitySettings()
+    ha: HaSettings = HaSettings()
     limits: LimitsSettings = LimitsSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
     supervisor: SupervisorSettings = SupervisorSettings()

@@ -1,0 +1,205 @@
+"""JetStream key-value helpers for control-plane state: open a bucket, name keys safely, read a whole bucket,
+and write from actor threads without blocking them (:class:`KvWriter`).
+
+The control plane keeps its request table and instance registry in one bucket (so a restarted or newly
+elected control plane picks up where the last one left off) and its leader lease in another
+(``control/leadership.py``). Writes are ordered and coalesced per key on the bus loop; a callback queued
+after a write runs once that write is acknowledged (the scheduler acknowledges a submission only after its
+record is stored, so a client retry after a control-plane restart is still recognised).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import re
+import time
+from collections.abc import Callable
+
+from nats.aio.client import Client as NatsClient
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
+
+log = logging.getLogger(__name__)
+
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
+
+
+def kv_key(namespace: str, ident: str) -> str:
+    """A valid KV key for ``ident`` under ``namespace`` (readable when the id is plain, base64 otherwise)."""
+    if _PLAIN_KEY.match(ident):
+        return f"{namespace}.{ident}"
+    encoded = base64.urlsafe_b64encode(ident.encode()).decode().rstrip("=")
+    return f"{namespace}x.{encoded}"
+
+
+async def open_bucket(
+    nc: NatsClient,
+    name: str,
+    *,
+    ttl_s: float | None = None,
+    memory: bool = False,
+    replicas: int = 1,
+    timeout_s: float = 5.0,
+) -> KeyValue:
+    """Create the bucket if absent (else bind to it as it is: another control plane may have made it)."""
+    js = nc.jetstream(timeout=timeout_s)
+    config = KeyValueConfig(
+        bucket=name,
+        history=1,
+        ttl=ttl_s,
+        storage=StorageType.MEMORY if memory else StorageType.FILE,
+        replicas=replicas,
+    )
+    try:
+        return await js.create_key_value(config)
+    except Exception as exc:  # exists with another configuration: use it as it is
+        log.debug("bucket %s exists (%s): binding to it", name, exc)
+        return await js.key_value(name)
+
+
+async def read_all(kv: KeyValue, *, idle_s: float = 2.0) -> dict[str, bytes]:
+    """Every live key and its value (deleted keys left out)."""
+    watcher = await kv.watchall(ignore_deletes=True)
+    values: dict[str, bytes] = {}
+    try:
+        while True:
+            try:
+                entry = await watcher.updates(timeout=idle_s)
+            except TimeoutError:  # nats' TimeoutError is one too
+                break
+            if entry is None:  # the marker after the initial values
+                break
+            if entry.value is not None and entry.operation is None:
+                values[entry.key] = entry.value
+    finally:
+        await watcher.stop()
+    return values
+
+
+async def delete_bucket(nc: NatsClient, name: str) -> None:
+    js = nc.jetstream(timeout=5)
+    try:
+        await js.delete_key_value(name)
+    except Exception as exc:
+        log.debug("bucket %s not deleted: %s", name, exc)
+
+
+_Callback = Callable[[], None]
+
+
+class KvWriter:
+    """Ordered, coalescing writes to one bucket from any thread; runs as a task on the bus loop.
+
+    ``put``/``delete`` record the key's latest value and queue the key once; ``then`` queues a callback that
+    runs after every write queued before it. A failed write is retried (``retry_s`` apart) for
+    ``give_up_s``, then logged and dropped: the serving path never waits on the store forever. ``fence``
+    (checked before each write) drops writes once this process no longer leads.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        kv: KeyValue,
+        *,
+        fence: Callable[[], bool] = lambda: True,
+        retry_s: float = 0.2,
+        give_up_s: float = 10.0,
+        compact_period_s: float = 60.0,
+    ) -> None:
+        self.loop = loop
+        self.kv = kv
+        self.fence = fence
+        self.retry_s = retry_s
+        self.give_up_s = give_up_s
+        self.compact_period_s = compact_period_s
+        self._latest: dict[str, bytes | None] = {}
+        self._queue: asyncio.Queue[str | _Callback | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self.writes = 0
+        self.failed = 0
+
+    # -------------------------------------------------------------------------------------- any thread
+    def put(self, key: str, value: bytes) -> None:
+        self.loop.call_soon_threadsafe(self._enqueue, key, value)
+
+    def delete(self, key: str) -> None:
+        self.loop.call_soon_threadsafe(self._enqueue, key, None)
+
+    def then(self, callback: _Callback) -> None:
+        self.loop.call_soon_threadsafe(self._queue.put_nowait, callback)
+
+    # -------------------------------------------------------------------------------------- loop side
+    def _enqueue(self, key: str, value: bytes | None) -> None:
+        if key not in self._latest:
+            self._queue.put_nowait(key)
+        self._latest[key] = value
+
+    def start(self) -> None:
+        """Call on the loop (or via ``loop.call_soon_threadsafe``)."""
+        self._task = self.loop.create_task(self._run())
+
+    async def stop(self, flush_timeout_s: float = 5.0) -> None:
+        """Write what is queued (bounded by ``flush_timeout_s``), then end the task."""
+        if self._task is None:
+            return
+        self._queue.put_nowait(None)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), flush_timeout_s)
+        except TimeoutError:
+            self._task.cancel()
+        self._task = None
+
+    async def _run(self) -> None:
+        next_compact = time.monotonic() + self.compact_period_s
+        while True:
+            try:
+                item = await asyncio.wait_for(self._queue.get(), timeout=self.compact_period_s)
+            except TimeoutError:
+                item = ""
+            if item is None:
+                return
+            if callable(item):
+                try:
+                    item()
+                except Exception:
+                    log.exception("state-store callback failed")
+            elif item:
+                await self._write(item)
+            if time.monotonic() >= next_compact:
+                next_compact = time.monotonic() + self.compact_period_s
+                await self._compact()
+
+    async def _write(self, key: str) -> None:
+        deadline = time.monotonic() + self.give_up_s
+        while key in self._latest:
+            value = self._latest[key]
+            if not self.fence():
+                self._latest.pop(key, None)
+                return
+            try:
+                if value is None:
+                    await self.kv.delete(key)
+                else:
+                    await self.kv.put(key, value)
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    self.failed += 1
+                    self._latest.pop(key, None)
+                    log.error("state store: giving up on %s: %r", key, exc)
+                    return
+                await asyncio.sleep(self.retry_s)
+                continue
+            self.writes += 1
+            if self._latest.get(key, b"") is value:  # not changed while we wrote: done
+                self._latest.pop(key, None)
+
+    async def _compact(self) -> None:
+        """Drop delete markers (one per finished request) so the bucket stays bounded."""
+        if not self.fence():
+            return
+        try:
+            await self.kv.purge_deletes(olderthan=int(self.compact_period_s))
+        except Exception as exc:
+            log.debug("state store compaction skipped: %s", exc)
