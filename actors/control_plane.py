@@ -185,6 +185,7 @@ class ControlPlane:
                 )
             )
             self._subscriptions = [f.result(timeout=10) for f in subs]
+            self.bus.run(self.bus.nc.flush(timeout=5)).result(timeout=10)  # the server has every subscription
             self._leading.set()
             log.info("control plane leads (took %.0f ms)", (time.perf_counter() - started) * 1e3)
 
@@ -211,7 +212,10 @@ class ControlPlane:
                     self.bus.run(writer.stop(flush_timeout_s=2)).result(timeout=5)
                 except Exception as exc:
                     log.warning("state writer stop failed: %r", exc)
-            log.warning("control plane stepped down to standby")
+            if self._stop.is_set() or not self.leadership:
+                log.info("control plane left the leader role")
+            else:
+                log.warning("control plane lost its lease: standing by")
 
     def _only(self, kinds: tuple[type, ...], slot: ActorSlot | None) -> Callable[[Envelope], Awaitable[None] | None]:
         """A handler that passes on the message kinds a subject carries and refuses any other kind."""
@@ -286,9 +290,8 @@ class ControlPlane:
 
     def stop(self, *, release: bool = True) -> None:
         """Stop; with ``release`` (SIGTERM) hand the lease over at once, else it lapses after its TTL."""
+        self._stop.set()  # no promotion from here on
         self._demote()
-        with self._role_lock:
-            self._stop.set()
         if self.leadership is not None:
             try:
                 self.bus.run(self.leadership.stop(release=release)).result(timeout=10)
