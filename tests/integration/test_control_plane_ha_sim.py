@@ -153,7 +153,7 @@ async def test_restart_keeps_streams_and_deduplicates_retries(nats_url: str, tap
             await asyncio.sleep(0.5)  # anything late would arrive now
             acks = taps[first].of(Accepted)
             assert len(acks) == 2 and {a.cancel_token for a in acks} == {accepted[first]}  # type: ignore[attr-defined]
-            for rid, tap in taps.items():
+            for tap in taps.values():
                 assert len(tap.of(RequestDone)) == 1
                 assert not tap.of(ErrorReply)
                 sent = sorted((c.index, len(c.token_ids)) for c in tap.of(TokenChunk))  # type: ignore[attr-defined]
@@ -264,9 +264,7 @@ async def wait_until_served(client: DroverClient, timeout_s: float = 30.0) -> No
             await asyncio.sleep(0.1)
 
 
-async def wait_for_leader(
-    nc: nats.NATS, bucket: str, pids: set[int], timeout_s: float = 60.0, not_pid: int = 0
-) -> int:
+async def wait_for_leader(nc: nats.NATS, bucket: str, pids: set[int], timeout_s: float = 60.0, not_pid: int = 0) -> int:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while loop.time() < deadline:
