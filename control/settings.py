@@ -94,6 +94,15 @@ class MigrationSettings(_Section):
     reserve_headroom_blocks: int = Field(
         2, description="Extra blocks reserved at the destination for tokens decoded during the copy."
     )
+    fault_stage: Literal["", "before_reserve", "mid_copy", "stop_and_copy", "commit"] = Field(
+        "",
+        description="Fault injection for tests and the chaos benchmark: abort migrations at this stage "
+        "(before reserve, after the first copy stage, right after stop-and-copy, or by losing the commit). "
+        "Empty (the default): no faults.",
+    )
+    fault_rate: float = Field(
+        1.0, ge=0.0, le=1.0, description="Fraction of migrations fault_stage aborts (chaos runs use less than 1)."
+    )
 
 
 class ReliabilitySettings(_Section):
