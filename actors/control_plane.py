@@ -86,10 +86,9 @@ class ControlPlane:
             ensure_output_stream(self.bus.nc, max_age_s=rel.output_retention_s, max_bytes=rel.output_max_bytes)
         ).result(timeout=15)
         ha = self.settings.ha
-        if not ha.enabled:
-            self._promote(None)
-        else:
-            self.leadership = Leadership(
+        state_kv: Any = None
+        if ha.enabled:
+            leadership = Leadership(
                 self.bus.nc,
                 ha.lease_bucket,
                 ttl_s=ha.lease_ttl_s,
@@ -98,15 +97,22 @@ class ControlPlane:
                 on_elected=lambda: self._roles.put("elected"),
                 on_lost=lambda: self._roles.put("lost"),
             )
-            self.bus.run(self.leadership.open()).result(timeout=15)
-            state_kv = self.bus.run(
-                open_bucket(self.bus.nc, ha.state_bucket, memory=ha.state_memory, replicas=ha.replicas)
-            ).result(timeout=15)
+            try:
+                self.bus.run(leadership.open()).result(timeout=15)
+                state_kv = self.bus.run(
+                    open_bucket(self.bus.nc, ha.state_bucket, memory=ha.state_memory, replicas=ha.replicas)
+                ).result(timeout=15)
+                self.leadership = leadership
+            except Exception as exc:  # no JetStream (or no permission): one control plane, state in memory
+                log.error("control-plane HA unavailable (%r): running alone with in-memory state", exc)
+        if self.leadership is None:
+            self._promote(None)
+        else:
+            self._state_kv = state_kv
             if self.bus.run(self.leadership.try_acquire()).result(timeout=15):
                 self._promote(state_kv)
             else:
                 log.info("control plane standing by: another control plane holds the lease")
-            self._state_kv = state_kv
             self._role_thread.start()
             self.leadership.start(self.bus.loop)
             if ha.wait_for_leadership_s > 0:

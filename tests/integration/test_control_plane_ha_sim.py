@@ -208,6 +208,35 @@ async def test_engine_that_dies_while_no_control_plane_runs_is_failed_over(nats_
         await asyncio.to_thread(cluster.stop)
 
 
+async def test_request_that_ends_while_no_control_plane_runs_leaves_the_table(nats_url: str) -> None:
+    cluster = await asyncio.to_thread(_cluster, nats_url)
+    try:
+        await asyncio.to_thread(cluster.add_engine, MigratableSimEngine("he-a", num_blocks=256, max_model_len=1024))
+        async with DroverClient(cluster.url, name="ha-ended") as client:
+            await client.wait_for_instances(1, timeout_s=10)
+            stream = await client.submit(
+                "ends", sampling=SamplingParams(max_tokens=40, ignore_eos=True), request_id="he"
+            )
+            await wait_tokens(stream, 3)
+            assert cluster.control is not None and cluster.control_bus is not None
+            await asyncio.to_thread(cluster.control.stop)
+            await asyncio.to_thread(cluster.control_bus.stop)
+            result = await stream.result()  # the stream ends without a control plane (engine -> client)
+            assert result.token_ids == expected("he", 40)
+            await asyncio.to_thread(cluster.start_control)
+            # Restored from the bucket as running on he-a; he-a's heartbeat does not list it, and the output
+            # stream shows it finished: it leaves the table instead of staying there forever.
+            for _ in range(100):
+                if not (await client.status()).requests:
+                    break
+                await asyncio.sleep(0.05)
+            assert not (await client.status()).requests
+            again = await client.generate("next", max_tokens=4, request_id="he-next")
+            assert again.token_ids == expected("he-next", 4)
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
 def _crash(cluster: InProcessCluster, instance_id: str) -> None:
     """What a kill -9 of an engine looks like from outside: heartbeats stop, nothing more is published."""
     host = cluster.hosts.pop(instance_id)
