@@ -163,7 +163,7 @@ class ControlPlane:
                 return SchedulerActor.start(self.bus, self.settings, self.tokenizer, parent, name, peers, state)
 
             def make_migrator(parent: pykka.ActorRef[Any], name: str) -> pykka.ActorRef[Any]:
-                return MigratorActor.start(self.bus, self.settings.migration, peers["scheduler"], parent, name)
+                return MigratorActor.start(self.bus, self.settings.migration, peers["scheduler"], parent, name, state)
 
             self.scheduler = self.supervisor.proxy().start_child("scheduler", make_scheduler).get(timeout=30)
             peers["scheduler"] = self.scheduler

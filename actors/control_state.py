@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 REQUEST_NS = "req"
 INSTANCE_NS = "inst"
+MIGRATION_NS = "mig"
 STATE_VERSION = 1
 
 
@@ -61,8 +62,19 @@ class StoredInstance(msgspec.Struct, kw_only=True):
     drain_requested: bool = False
 
 
+class StoredMigration(msgspec.Struct, kw_only=True):
+    """A migration in flight: if the control plane dies during it, the next leader releases both sides."""
+
+    v: int = STATE_VERSION
+    migration_id: str
+    request_id: str
+    source: str
+    destination: str
+
+
 _request_decoder = msgspec.msgpack.Decoder(StoredRequest)
 _instance_decoder = msgspec.msgpack.Decoder(StoredInstance)
+_migration_decoder = msgspec.msgpack.Decoder(StoredMigration)
 
 
 class ControlState:
@@ -110,6 +122,17 @@ class ControlState:
         if self.writer is not None:
             self.writer.delete(kv_key(INSTANCE_NS, instance_id))
 
+    def save_migration(self, migration_id: str, request_id: str, source: str, destination: str) -> None:
+        if self.writer is not None:
+            stored = StoredMigration(
+                migration_id=migration_id, request_id=request_id, source=source, destination=destination
+            )
+            self.writer.put(kv_key(MIGRATION_NS, migration_id), msgspec.msgpack.encode(stored))
+
+    def drop_migration(self, migration_id: str) -> None:
+        if self.writer is not None:
+            self.writer.delete(kv_key(MIGRATION_NS, migration_id))
+
     def after_writes(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once every write queued so far is stored (at once when disabled)."""
         if self.writer is None:
@@ -118,40 +141,62 @@ class ControlState:
             self.writer.then(callback)
 
     # ------------------------------------------------------------------------------------------ reads
-    def load(self, scheduler: SchedulerActor) -> tuple[list[StoredRequest], list[StoredInstance]]:
+    def load(
+        self, scheduler: SchedulerActor
+    ) -> tuple[list[StoredRequest], list[StoredInstance], list[StoredMigration]]:
         if self.writer is None:
-            return [], []
+            return [], [], []
         values = scheduler.bus.run(read_all(self.writer.kv)).result(timeout=self.load_timeout_s)
         requests: list[StoredRequest] = []
         instances: list[StoredInstance] = []
+        migrations: list[StoredMigration] = []
         for key, value in values.items():
+            namespace = key.split(".", 1)[0].removesuffix("x")
             try:
-                if key.split(".", 1)[0] in (REQUEST_NS, REQUEST_NS + "x"):
+                if namespace == REQUEST_NS:
                     requests.append(_request_decoder.decode(value))
-                elif key.split(".", 1)[0] in (INSTANCE_NS, INSTANCE_NS + "x"):
+                elif namespace == INSTANCE_NS:
                     instances.append(_instance_decoder.decode(value))
+                elif namespace == MIGRATION_NS:
+                    migrations.append(_migration_decoder.decode(value))
             except msgspec.DecodeError as exc:
                 log.warning("state store: skipping unreadable %s: %s", key, exc)
-        return requests, instances
+        return requests, instances, migrations
 
     # ------------------------------------------------------------------------------------------ reconcile
     def on_heartbeat(self, scheduler: SchedulerActor, beat: InstanceHeartbeat) -> None:
-        """Confirm restored requests against their instance's first heartbeats (see the module doc)."""
+        """Confirm restored requests against heartbeats (see the module doc).
+
+        A restored request is confirmed where a heartbeat lists it (its record moves there if a migration
+        ended while no control plane listened). It is recovered only once its recorded instance reported
+        without it (nothing waiting there either) and every other known instance has reported since the
+        restore without listing it: then it runs nowhere."""
         if not self.unconfirmed:
             return
         instance_id = beat.info.instance_id
         running = {r.request_id for r in beat.load.running}
+        for request_id in [rid for rid in self.unconfirmed if rid in running]:
+            self.unconfirmed.pop(request_id)
+            record = scheduler.requests.get(request_id)
+            if record is not None and record.state == "running" and record.instance_id != instance_id:
+                log.info("restored request %s runs on %s (not %s)", request_id, instance_id, record.instance_id)
+                record.instance_id = instance_id
+                record.served_by.append(instance_id)
+                self.save_request(record)
+        if any(i.state == "restored" for i in scheduler.instances.values()):
+            return  # not every instance has reported yet
+        listed = {r.request_id for i in scheduler.instances.values() for r in i.load.running}
         for request_id, on in list(self.unconfirmed.items()):
-            if on != instance_id:
+            if request_id in listed:
                 continue
-            if request_id in running:
-                self.unconfirmed.pop(request_id)
-            elif beat.load.num_waiting == 0:
-                self.unconfirmed.pop(request_id)
-                record = scheduler.requests.get(request_id)
-                if record is not None and record.instance_id == instance_id and record.state == "running":
-                    log.info("restored request %s is not on %s any more: checking its output", request_id, on)
-                    _recover(scheduler, record)
+            home = scheduler.instances.get(on)
+            if home is not None and home.load.num_waiting > 0:
+                continue  # it may be waiting there
+            self.unconfirmed.pop(request_id)
+            record = scheduler.requests.get(request_id)
+            if record is not None and record.state == "running" and record.instance_id == on:
+                log.info("restored request %s runs nowhere any more: checking its output", request_id)
+                _recover(scheduler, record)
 
 
 def _recover(scheduler: SchedulerActor, record: RequestRecord) -> None:
@@ -166,6 +211,47 @@ def _recover(scheduler: SchedulerActor, record: RequestRecord) -> None:
     scheduler.bus.run(scheduler._read_delivered(record.request_id, record.submit.reply_to))
 
 
+def _release_migrations(scheduler: SchedulerActor, migrations: list[StoredMigration]) -> None:
+    """Migrations the last leader left in flight: release each destination's reservation and abort each
+    source's side (which frees a stopped copy's blocks). Where each request then runs (source, destination,
+    or nowhere: recovered from its output) is settled by heartbeats, like every restored request."""
+    import asyncio
+
+    from transport import subjects
+    from transport.messages import Message, MigrateIn, MigrateOut
+
+    timeout_s = min(scheduler.settings.migration.op_timeout_s, 3.0)  # live engines answer in milliseconds
+
+    async def ask(subject: str, message: Message) -> None:
+        try:
+            await scheduler.bus.arequest(subject, message, timeout_s=timeout_s)
+        except Exception as exc:  # a dead instance: its resources went with it
+            log.info("%s on %s not answered (%r)", type(message).__name__, subject, exc)
+
+    async def release() -> None:
+        await asyncio.gather(
+            *(
+                ask(subjects.engine(m.destination), MigrateIn(op="release", migration_id=m.migration_id))
+                for m in migrations
+            ),
+            *(ask(subjects.engine(m.source), MigrateOut(op="abort", migration_id=m.migration_id)) for m in migrations),
+        )
+
+    try:
+        scheduler.bus.run(release()).result(timeout=timeout_s + 5)
+    except Exception as exc:
+        log.warning("migrations left in flight could not all be released: %r", exc)
+    for m in migrations:
+        log.info(
+            "released migration %s of %s (%s -> %s) left in flight",
+            m.migration_id,
+            m.request_id,
+            m.source,
+            m.destination,
+        )
+        scheduler.state.drop_migration(m.migration_id)
+
+
 def restore_into(scheduler: SchedulerActor) -> None:
     """Fill a starting scheduler's tables from the state bucket (called from its ``on_start``)."""
     from actors.scheduler import InstanceRecord, RequestRecord
@@ -174,10 +260,12 @@ def restore_into(scheduler: SchedulerActor) -> None:
     if not state.enabled:
         return
     try:
-        requests, instances = state.load(scheduler)
+        requests, instances, migrations = state.load(scheduler)
     except Exception as exc:
         log.error("state store unreadable (%r): starting with empty tables", exc)
         return
+    if migrations:  # first: no request is recovered while a migration may still hold it
+        _release_migrations(scheduler, migrations)
     now = time.monotonic()
     for stored_instance in instances:
         info = stored_instance.info

@@ -96,8 +96,10 @@ class MigratorActor(SupervisedActor):
         scheduler: Any,  # an ActorSlot or ActorRef: .tell(MigrationEnded)
         supervisor: pykka.ActorRef[Any] | None = None,
         name: str = "migrator",
+        state: Any = None,  # actors.control_state.ControlState: migrations in flight survive a leader's death
     ) -> None:
         super().__init__(supervisor, name)
+        self.state = state
         self.bus = bus
         self.settings = settings
         self.scheduler = scheduler
@@ -116,6 +118,8 @@ class MigratorActor(SupervisedActor):
             return self._start(message)
         if isinstance(message, MigrationEnded):
             self.in_flight.pop(message.migration_id, None)
+            if self.state is not None and message.migration_id:
+                self.state.drop_migration(message.migration_id)
             self.scheduler.tell(message)
         return None
 
@@ -134,6 +138,8 @@ class MigratorActor(SupervisedActor):
             return None
         migration_id = uuid.uuid4().hex[:16]
         self.in_flight[migration_id] = start
+        if self.state is not None:
+            self.state.save_migration(migration_id, start.request_id, start.source, start.destination)
         self.bus.run(self._run(start, migration_id))
         return migration_id
 

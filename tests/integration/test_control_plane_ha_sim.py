@@ -307,11 +307,8 @@ async def wait_for_leader(nc: nats.NATS, bucket: str, pids: set[int], timeout_s:
     raise AssertionError(f"no leader among {pids} in {timeout_s}s")
 
 
-@pytest.fixture
-async def two_control_planes(nats_url: str, tmp_path: object) -> AsyncIterator[tuple[InProcessCluster, dict]]:
-    suffix = uuid.uuid4().hex[:8]
-    cluster = await asyncio.to_thread(_cluster, nats_url, control=False, stale_after_s=1.0)
-    env = {
+def _control_env(suffix: str) -> dict[str, str]:
+    return {
         "DROVER_ENGINE__KIND": "sim",
         "DROVER_OBSERVABILITY__EXPORTER": "none",
         "DROVER_SCHEDULER__INSTANCE_STALE_AFTER_S": "1.0",
@@ -322,6 +319,13 @@ async def two_control_planes(nats_url: str, tmp_path: object) -> AsyncIterator[t
         "DROVER_HA__RENEW_PERIOD_S": "0.4",
         "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""),
     }
+
+
+@pytest.fixture
+async def two_control_planes(nats_url: str, tmp_path: object) -> AsyncIterator[tuple[InProcessCluster, dict]]:
+    suffix = uuid.uuid4().hex[:8]
+    cluster = await asyncio.to_thread(_cluster, nats_url, control=False, stale_after_s=1.0)
+    env = _control_env(suffix)
     procs = {
         name: ControlProcess(nats_url, env, f"{tmp_path}/control-{name}.log")  # type: ignore[str-bytes-safe]
         for name in ("one", "two")
@@ -408,3 +412,58 @@ async def test_sigterm_on_the_leader_hands_over(
         assert result.token_ids == expected("h3", 200)
         fresh = await client.generate("after handover", max_tokens=4, request_id="h3-fresh")
         assert fresh.token_ids == expected("h3-fresh", 4)
+
+
+async def test_migration_in_flight_when_the_leader_dies_is_released(
+    nats_url: str, tmp_path: object, tap_nc: nats.NATS
+) -> None:
+    """SIGKILL the control plane mid-copy: the next leader releases the destination's reservation and the
+    source's side; the request goes on where it was, exactly once, and no block is leaked."""
+    env = _control_env(uuid.uuid4().hex[:8])
+    cluster = await asyncio.to_thread(_cluster, nats_url, control=False)
+    first = ControlProcess(nats_url, env, f"{tmp_path}/control-first.log")  # type: ignore[str-bytes-safe]
+    second: ControlProcess | None = None
+    try:
+        for name in ("hm-a", "hm-b"):  # a slow modelled link: the first copy stage takes seconds
+            engine = MigratableSimEngine(name, num_blocks=256, max_model_len=2048, transfer_bytes_per_s=2e8)
+            await asyncio.to_thread(cluster.add_engine, engine)
+        await wait_for_leader(tap_nc, env["DROVER_HA__LEASE_BUCKET"], {first.proc.pid})
+        async with DroverClient(cluster.url, name="ha-mig") as client:
+            await client.wait_for_instances(2, timeout_s=60)
+            idle = {i.info.instance_id: i.load.num_free_blocks for i in (await client.status()).instances}
+            n = 300
+            stream = await client.submit(
+                "m" * 1500, sampling=SamplingParams(max_tokens=n, ignore_eos=True), request_id="hm"
+            )
+            await wait_tokens(stream, 3)
+            source = next(r.instance_id for r in (await client.status()).requests if r.request_id == "hm")
+            destination = "hm-b" if source == "hm-a" else "hm-a"
+            migrate = asyncio.create_task(client.migrate("hm", destination, timeout_s=30))
+            for _ in range(100):  # until the destination holds the reservation
+                status = await client.status()
+                dst = next(i for i in status.instances if i.info.instance_id == destination)
+                if dst.load.num_free_blocks < idle[destination]:
+                    break
+                await asyncio.sleep(0.05)
+            assert dst.load.num_free_blocks < idle[destination]
+            first.proc.send_signal(signal.SIGKILL)
+            migrate.cancel()
+            second = ControlProcess(nats_url, env, f"{tmp_path}/control-second.log")  # type: ignore[str-bytes-safe]
+            await wait_for_leader(tap_nc, env["DROVER_HA__LEASE_BUCKET"], {second.proc.pid})
+            await wait_until_served(client)
+            result = await stream.result()
+            assert result.token_ids == expected("hm", n)  # every token once, in order
+            assert result.done is not None and result.done.instances == [source]  # never moved, never re-run
+            for _ in range(100):
+                status = await client.status()
+                free = {i.info.instance_id: i.load.num_free_blocks for i in status.instances}
+                if free == idle and not status.requests:
+                    break
+                await asyncio.sleep(0.1)
+            assert free == idle  # the reservation and the source's copy state are gone
+            assert not status.requests
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                await asyncio.to_thread(proc.stop, signal.SIGKILL)
+        await asyncio.to_thread(cluster.stop)
