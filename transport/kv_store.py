@@ -93,9 +93,11 @@ class KvWriter:
     """Ordered, coalescing writes to one bucket from any thread; runs as a task on the bus loop.
 
     ``put``/``delete`` record the key's latest value and queue the key once; ``then`` queues a callback that
-    runs after every write queued before it. A failed write is retried (``retry_s`` apart) for
-    ``give_up_s``, then logged and dropped: the serving path never waits on the store forever. ``fence``
-    (checked before each write) drops writes once this process no longer leads.
+    runs after every write queued before it. Keys queued together are written concurrently (one round trip
+    for a batch). A failed write is retried (``retry_s`` apart) for ``give_up_s``, then logged and dropped:
+    the serving path never waits on the store forever. ``fence`` is checked before each write: while it is
+    False (this process may not lead: a late renewal, or deposed) the write waits, and is dropped after
+    ``give_up_s``.
     """
 
     def __init__(
@@ -107,6 +109,7 @@ class KvWriter:
         retry_s: float = 0.2,
         give_up_s: float = 10.0,
         compact_period_s: float = 60.0,
+        max_batch: int = 256,
     ) -> None:
         self.loop = loop
         self.kv = kv
@@ -114,6 +117,7 @@ class KvWriter:
         self.retry_s = retry_s
         self.give_up_s = give_up_s
         self.compact_period_s = compact_period_s
+        self.max_batch = max_batch
         self._latest: dict[str, bytes | None] = {}
         self._queue: asyncio.Queue[str | _Callback | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -155,29 +159,51 @@ class KvWriter:
         next_compact = time.monotonic() + self.compact_period_s
         while True:
             try:
-                item = await asyncio.wait_for(self._queue.get(), timeout=self.compact_period_s)
+                item: str | _Callback | None = await asyncio.wait_for(self._queue.get(), timeout=self.compact_period_s)
             except TimeoutError:
                 item = ""
-            if item is None:
-                return
-            if callable(item):
-                try:
-                    item()
-                except Exception:
-                    log.exception("state-store callback failed")
-            elif item:
-                await self._write(item)
+            batch: list[str] = []
+            while True:  # everything queued now, in order: keys batched up to each callback
+                if item is None:
+                    await self._write_all(batch)
+                    return
+                if callable(item):
+                    await self._write_all(batch)
+                    batch = []
+                    try:
+                        item()
+                    except Exception:
+                        log.exception("state-store callback failed")
+                elif item:
+                    batch.append(item)
+                    if len(batch) >= self.max_batch:
+                        await self._write_all(batch)
+                        batch = []
+                if self._queue.empty():
+                    break
+                item = self._queue.get_nowait()
+            await self._write_all(batch)
             if time.monotonic() >= next_compact:
                 next_compact = time.monotonic() + self.compact_period_s
                 await self._compact()
+
+    async def _write_all(self, keys: list[str]) -> None:
+        if len(keys) == 1:
+            await self._write(keys[0])
+        elif keys:
+            await asyncio.gather(*(self._write(key) for key in keys))
 
     async def _write(self, key: str) -> None:
         deadline = time.monotonic() + self.give_up_s
         while key in self._latest:
             value = self._latest[key]
             if not self.fence():
-                self._latest.pop(key, None)
-                return
+                if time.monotonic() > deadline:
+                    self._latest.pop(key, None)
+                    log.warning("state store: not the leader; dropped the write of %s", key)
+                    return
+                await asyncio.sleep(self.retry_s)
+                continue
             try:
                 if value is None:
                     await self.kv.delete(key)

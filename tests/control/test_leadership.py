@@ -82,7 +82,7 @@ async def test_writer_orders_coalesces_and_fences(nc: nats.NATS) -> None:
     bucket = f"state_test_{uuid.uuid4().hex[:8]}"
     kv = await open_bucket(nc, bucket, memory=True)
     leading = True
-    writer = KvWriter(asyncio.get_running_loop(), kv, fence=lambda: leading)
+    writer = KvWriter(asyncio.get_running_loop(), kv, fence=lambda: leading, retry_s=0.05, give_up_s=0.5)
     writer.start()
     try:
         done = asyncio.Event()
@@ -101,7 +101,16 @@ async def test_writer_orders_coalesces_and_fences(nc: nats.NATS) -> None:
         fenced = asyncio.Event()
         writer.then(fenced.set)
         await asyncio.wait_for(fenced.wait(), 10)
-        assert "req.late" not in await read_all(kv)  # not the leader: nothing written
+        assert "req.late" not in await read_all(kv)  # not the leader: held, then dropped
+        leading = True
+        writer.put(kv_key("req", "held"), b"h")
+        leading = False
+        held = asyncio.Event()
+        writer.then(held.set)
+        await asyncio.sleep(0.2)
+        leading = True  # a late renewal: the held write goes through
+        await asyncio.wait_for(held.wait(), 10)
+        assert (await read_all(kv))["req.held"] == b"h"
     finally:
         await writer.stop()
         await delete_bucket(nc, bucket)
