@@ -87,6 +87,8 @@ class Leadership:
         self._valid_until = 0.0  # time.monotonic(): we act as leader only before this
         self._seen: _Seen | None = None
         self._task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None  # set when the lease key changes (a standby acts at once)
         self._stopping = False
 
     # ------------------------------------------------------------------------------------------ queries
@@ -160,7 +162,42 @@ class Leadership:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the election loop (call from any thread once :meth:`open` ran)."""
-        loop.call_soon_threadsafe(lambda: setattr(self, "_task", loop.create_task(self._run())))
+
+        def begin() -> None:
+            self._wake = asyncio.Event()
+            self._task = loop.create_task(self._run())
+            self._watch_task = loop.create_task(self._watch())
+
+        loop.call_soon_threadsafe(begin)
+
+    async def _watch(self) -> None:
+        """Wake the election loop when the lease key changes: a released lease is taken at once, not at the
+        next poll. Best effort: polling every renew period is the fallback."""
+        assert self.kv is not None
+        try:
+            watcher = await self.kv.watch(LEASE_KEY, include_history=False)
+        except Exception as exc:
+            log.debug("no lease watch (%r): polling only", exc)
+            return
+        try:
+            async for _ in watcher:
+                if self._wake is not None and not self.revision:
+                    self._wake.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.debug("lease watch ended (%r): polling only", exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(watcher.stop())
+
+    async def _sleep(self) -> None:
+        if self._wake is None:
+            await asyncio.sleep(self.renew_period_s)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), self.renew_period_s)
+        self._wake.clear()
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -177,16 +214,17 @@ class Leadership:
                 if self.revision and time.monotonic() >= self._valid_until:
                     self.revision = 0
                     self.on_lost()
-            await asyncio.sleep(self.renew_period_s)
+            await self._sleep()
 
     async def stop(self, *, release: bool = True) -> None:
         """End the election loop; ``release`` hands the lease over at once (else it lapses by TTL)."""
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        for task in (self._task, self._watch_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._task = self._watch_task = None
         if release and self.revision and self.kv is not None:
             try:
                 await self.kv.delete(LEASE_KEY, last=self.revision)

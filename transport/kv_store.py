@@ -162,27 +162,29 @@ class KvWriter:
                 item: str | _Callback | None = await asyncio.wait_for(self._queue.get(), timeout=self.compact_period_s)
             except TimeoutError:
                 item = ""
+            # Everything queued now: write its keys concurrently, then run its callbacks in order (a callback
+            # needs the writes queued before it done; writing later ones in the same round trip is fine).
             batch: list[str] = []
-            while True:  # everything queued now, in order: keys batched up to each callback
+            callbacks: list[_Callback] = []
+            stop = False
+            while True:
                 if item is None:
-                    await self._write_all(batch)
-                    return
-                if callable(item):
-                    await self._write_all(batch)
-                    batch = []
-                    try:
-                        item()
-                    except Exception:
-                        log.exception("state-store callback failed")
+                    stop = True
+                elif callable(item):
+                    callbacks.append(item)
                 elif item:
                     batch.append(item)
-                    if len(batch) >= self.max_batch:
-                        await self._write_all(batch)
-                        batch = []
-                if self._queue.empty():
+                if stop or self._queue.empty() or len(batch) >= self.max_batch:
                     break
                 item = self._queue.get_nowait()
             await self._write_all(batch)
+            for callback in callbacks:
+                try:
+                    callback()
+                except Exception:
+                    log.exception("state-store callback failed")
+            if stop:
+                return
             if time.monotonic() >= next_compact:
                 next_compact = time.monotonic() + self.compact_period_s
                 await self._compact()
