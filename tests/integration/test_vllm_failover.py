@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,14 @@ async def engine_processes(
     nats_url: str, tiny_model_dir: Path, vllm_engine_factory: Any, tmp_path: Path
 ) -> AsyncIterator[tuple[DroverClient, dict[str, EngineProcess]]]:
     await vllm_engine_factory.reserve(2)  # at most 3 vLLM engines alive in the session
-    settings = load_settings(overrides={"nats": {"url": nats_url}, "policy": {"migration_enabled": False}})
+    suffix = uuid.uuid4().hex[:8]  # own state and lease buckets: other clusters of the session stay apart
+    settings = load_settings(
+        overrides={
+            "nats": {"url": nats_url},
+            "policy": {"migration_enabled": False},
+            "ha": {"state_bucket": f"k9_state_{suffix}", "lease_bucket": f"k9_lease_{suffix}"},
+        }
+    )
     bus = await asyncio.to_thread(lambda: Bus(BusOptions(url=nats_url, name="drover-control-kill9")).start())
     plane = await asyncio.to_thread(lambda: ControlPlane(settings, bus, ByteTokenizer()).start())
     procs = {name: EngineProcess(nats_url, name, tiny_model_dir, tmp_path / f"{name}.log") for name in ("k9-a", "k9-b")}
