@@ -363,6 +363,10 @@ async def test_standby_takes_over_when_the_leader_is_killed(
         assert {r.request_id for r in before.requests} == set(streams)
 
         by_pid[leader_pid].proc.send_signal(signal.SIGKILL)  # no lease release, no state flush
+        await asyncio.to_thread(by_pid[leader_pid].proc.wait, 10)
+        await asyncio.sleep(0.3)  # the server has seen the connection go
+        # Submitted while nobody leads: NATS answers "no responders" and the client sends it again.
+        during = await client.submit("during takeover", max_tokens=8, request_id="h2-during")
         new_pid = await wait_for_leader(tap_nc, info["lease_bucket"], set(by_pid), not_pid=leader_pid)
         assert by_pid[new_pid].proc.poll() is None
         await wait_until_served(client)
@@ -370,6 +374,7 @@ async def test_standby_takes_over_when_the_leader_is_killed(
         # The new leader serves new requests and knows the running ones.
         fresh = await client.generate("after takeover", max_tokens=8, request_id="h2-fresh")
         assert fresh.token_ids == expected("h2-fresh", 8)
+        assert (await during.result()).token_ids == expected("h2-during", 8)
         after = await client.status()
         running = {r.request_id: r.instance_id for r in after.requests}
         unfinished = [rid for rid, s in streams.items() if len(s.result_data.token_ids) < n]
