@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import logging
 import re
 import time
 from collections.abc import Callable
+from typing import Any
 
 from nats.aio.client import Client as NatsClient
 from nats.js.api import KeyValueConfig, StorageType
@@ -224,10 +226,28 @@ class KvWriter:
                 self._latest.pop(key, None)
 
     async def _compact(self) -> None:
-        """Drop delete markers (one per finished request) so the bucket stays bounded."""
+        """Drop delete markers (one per finished request) older than a compaction period, so the bucket stays
+        bounded. (nats-py's ``purge_deletes`` leaves its watcher subscribed: one leaked subscription a call.)"""
         if not self.fence():
             return
         try:
-            await self.kv.purge_deletes(olderthan=int(self.compact_period_s))
+            markers: list[str] = []
+            cutoff = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=self.compact_period_s)
+            watcher = await self.kv.watchall()
+            try:
+                while True:
+                    try:
+                        entry = await watcher.updates(timeout=2.0)
+                    except TimeoutError:
+                        break
+                    if entry is None:
+                        break
+                    if entry.operation in ("DEL", "PURGE") and (entry.created is None or entry.created < cutoff):
+                        markers.append(entry.key)
+            finally:
+                await watcher.stop()
+            kv: Any = self.kv  # its stream and subject prefix are not public in nats-py
+            for key in markers:
+                await kv._js.purge_stream(kv._stream, subject=f"{kv._pre}{key}", keep=0)
         except Exception as exc:
-            log.debug("state store compaction skipped: %s", exc)
+            log.debug("state store compaction skipped: %r", exc)

@@ -114,3 +114,26 @@ async def test_writer_orders_coalesces_and_fences(nc: nats.NATS) -> None:
     finally:
         await writer.stop()
         await delete_bucket(nc, bucket)
+
+
+async def test_writer_compacts_delete_markers(nc: nats.NATS) -> None:
+    bucket = f"state_compact_{uuid.uuid4().hex[:8]}"
+    kv = await open_bucket(nc, bucket, memory=True)
+    writer = KvWriter(asyncio.get_running_loop(), kv, compact_period_s=0.3)
+    writer.start()
+    try:
+        for i in range(5):
+            writer.put(kv_key("req", f"r{i}"), b"x")
+            writer.delete(kv_key("req", f"r{i}"))
+        writer.put(kv_key("req", "live"), b"y")
+        messages = -1
+        for _ in range(50):  # markers older than a period go at the next compaction
+            await asyncio.sleep(0.1)
+            messages = (await nc.jetstream().stream_info(f"KV_{bucket}")).state.messages
+            if messages == 1:
+                break
+        assert messages == 1  # only the live key is left
+        assert await read_all(kv) == {"req.live": b"y"}
+    finally:
+        await writer.stop()
+        await delete_bucket(nc, bucket)
