@@ -5,8 +5,9 @@ With ``ha.enabled`` (the default) several control planes may run: one leads (a J
 subscribes to the control subjects (submit, cancel, admin, heartbeats, engine events); a standby holds
 nothing but its lease poller, and on election starts the actors (the scheduler restores the request table
 and registry from the state bucket, ``actors/control_state.py``) and subscribes. A leader that loses its
-lease unsubscribes and stops its actors; a message that reaches it meanwhile is published again for the
-new leader instead of being handled. ``stop`` releases the lease, so a standby takes over at its next poll.
+lease unsubscribes and stops its actors; a message that reaches it meanwhile is published again (once) for
+the new leader instead of being handled. ``stop`` (SIGTERM) releases the lease: a standby, which watches the
+lease key, takes over at once.
 """
 
 from __future__ import annotations

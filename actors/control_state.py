@@ -253,7 +253,15 @@ def _release_migrations(scheduler: SchedulerActor, migrations: list[StoredMigrat
 
 
 def restore_into(scheduler: SchedulerActor) -> None:
-    """Fill a starting scheduler's tables from the state bucket (called from its ``on_start``)."""
+    """Fill a starting scheduler's tables from the state bucket (called from its ``on_start``, where an
+    exception would stop the actor without a word: everything is caught and logged here)."""
+    try:
+        _restore(scheduler)
+    except Exception:
+        log.exception("restoring the control state failed: going on with what was restored")
+
+
+def _restore(scheduler: SchedulerActor) -> None:
     from actors.scheduler import InstanceRecord, RequestRecord
 
     state = scheduler.state
