@@ -1,24 +1,39 @@
-"""The control-plane process: bus, SupervisorActor and its children, wired to their NATS subjects."""
+"""The control-plane process: bus, SupervisorActor and its children, wired to their NATS subjects.
+
+With ``ha.enabled`` (the default) several control planes may run: one leads (a JetStream KV lease,
+``control/leadership.py``), the others stand by. Only the leader runs the scheduler and migrator and
+subscribes to the control subjects (submit, cancel, admin, heartbeats, engine events); a standby holds
+nothing but its lease poller, and on election starts the actors (the scheduler restores the request table
+and registry from the state bucket, ``actors/control_state.py``) and subscribes. A leader that loses its
+lease unsubscribes and stops its actors; a message that reaches it meanwhile is published again (once) for
+the new leader instead of being handled. ``stop`` (SIGTERM) releases the lease: a standby, which watches the
+lease key, takes over at once.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pykka
 
 from actors.audit import AdminAuditor
+from actors.control_state import ControlState
 from actors.migrator import MigratorActor
 from actors.scheduler import MigrationTick, SchedulerActor, Tick
 from actors.supervisor import ActorSlot, GetStatus, SupervisorActor
+from control.leadership import Leadership
 from control.settings import Settings
 from engines.tokenizer import Tokenizer
 from observability.audit import AuditLog
 from transport import subjects
 from transport.bus import Bus, Envelope
+from transport.kv_store import KvWriter, open_bucket
 from transport.messages import (
     Cancel,
     DrainCommand,
@@ -36,6 +51,8 @@ from transport.output_stream import ensure_output_stream
 
 log = logging.getLogger(__name__)
 
+FORWARDED_HEADER = "Drover-Forwarded"  # set on a control message a stepping-down leader passes on
+
 
 class ControlPlane:
     """Starts and stops the control plane's actors; bus handlers only hand envelopes to actor slots."""
@@ -51,57 +68,172 @@ class ControlPlane:
         self.migrator: ActorSlot | None = None
         self.peers: dict[str, ActorSlot] = {}
         self.output_stream = False
+        self.leadership: Leadership | None = None
+        self.state: ControlState | None = None
+        self._state_kv: Any = None
+        self._subscriptions: list[Any] = []
+        self._leading = threading.Event()
+        self._roles: queue.Queue[str] = queue.Queue()
+        self._role_thread = threading.Thread(target=self._role_loop, name="control-role", daemon=True)
+        self._role_lock = threading.Lock()
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_loop, name="control-tick", daemon=True)
         self._migration_ticker = threading.Thread(target=self._migration_tick_loop, name="migration-tick", daemon=True)
 
-    def start(self) -> ControlPlane:
-        sup = self.settings.supervisor
-        self.supervisor = SupervisorActor.start(
-            backoff_initial_s=sup.restart_backoff_initial_s,
-            backoff_max_s=sup.restart_backoff_max_s,
-            max_restarts=sup.max_restarts,
-            restart_window_s=sup.restart_window_s,
-        )
+    @property
+    def leading(self) -> bool:
+        return self._leading.is_set()
 
+    def start(self) -> ControlPlane:
         rel = self.settings.reliability
         self.output_stream = self.bus.run(
             ensure_output_stream(self.bus.nc, max_age_s=rel.output_retention_s, max_bytes=rel.output_max_bytes)
         ).result(timeout=15)
-        peers = self.peers
-
-        def make_scheduler(parent: pykka.ActorRef[Any], name: str) -> pykka.ActorRef[Any]:
-            return SchedulerActor.start(self.bus, self.settings, self.tokenizer, parent, name, peers)
-
-        def make_migrator(parent: pykka.ActorRef[Any], name: str) -> pykka.ActorRef[Any]:
-            return MigratorActor.start(self.bus, self.settings.migration, peers["scheduler"], parent, name)
-
-        self.scheduler = self.supervisor.proxy().start_child("scheduler", make_scheduler).get(timeout=10)
-        peers["scheduler"] = self.scheduler
-        self.migrator = self.supervisor.proxy().start_child("migrator", make_migrator).get(timeout=10)
-        peers["migrator"] = self.migrator
-        scheduler = self.scheduler
-        routes: list[tuple[str, tuple[type, ...], str]] = [
-            (subjects.SUBMIT, (SubmitRequest,), subjects.CONTROL_QUEUE),
-            (subjects.CANCEL, (Cancel,), subjects.CONTROL_QUEUE),
-            (subjects.heartbeat("*"), (InstanceHeartbeat,), ""),
-            (subjects.ENGINE_EVENTS, (EngineRequestEnded,), ""),
-            (subjects.admin("migrate"), (MigrateCommand,), subjects.CONTROL_QUEUE),
-            (subjects.admin("drain"), (DrainCommand,), subjects.CONTROL_QUEUE),
-            (subjects.admin("policy"), (PolicyQuery, PolicyUpdate), subjects.CONTROL_QUEUE),
-        ]
-        for subject, kinds, queue in routes:
-            self.bus.subscribe(subject, self._only(kinds, scheduler), queue=queue)
-        self.bus.subscribe(subjects.admin("status"), self._only((StatusQuery,), None), queue=subjects.CONTROL_QUEUE)
+        ha = self.settings.ha
+        state_kv: Any = None
+        if ha.enabled:
+            leadership = Leadership(
+                self.bus.nc,
+                ha.lease_bucket,
+                ttl_s=ha.lease_ttl_s,
+                renew_period_s=ha.renew_period_s,
+                replicas=ha.replicas,
+                on_elected=lambda: self._roles.put("elected"),
+                on_lost=lambda: self._roles.put("lost"),
+            )
+            try:
+                self.bus.run(leadership.open()).result(timeout=15)
+                state_kv = self.bus.run(
+                    open_bucket(self.bus.nc, ha.state_bucket, memory=ha.state_memory, replicas=ha.replicas)
+                ).result(timeout=15)
+                self.leadership = leadership
+            except Exception as exc:  # no JetStream (or no permission): one control plane, state in memory
+                log.error("control-plane HA unavailable (%r): running alone with in-memory state", exc)
+        if self.leadership is None:
+            self._promote(None)
+        else:
+            self._state_kv = state_kv
+            if self.bus.run(self.leadership.try_acquire()).result(timeout=15):
+                self._promote(state_kv)
+            else:
+                log.info("control plane standing by: another control plane holds the lease")
+            self._role_thread.start()
+            self.leadership.start(self.bus.loop)
+            if ha.wait_for_leadership_s > 0:
+                self._leading.wait(ha.wait_for_leadership_s)
         self._ticker.start()
         self._migration_ticker.start()
-        log.info("control plane started")
+        log.info("control plane started (%s)", "leader" if self.leading else "standby")
         return self
+
+    def _role_loop(self) -> None:
+        """Promote on election, demote on a lost lease (off the bus loop: both block on actors)."""
+        while not self._stop.is_set():
+            try:
+                event = self._roles.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            try:
+                if event == "elected" and not self.leading:
+                    self._promote(self._state_kv)
+                elif event == "lost" and self.leading:
+                    self._demote()
+            except Exception:
+                log.exception("control plane: %s handling failed", event)
+
+    def _promote(self, state_kv: Any) -> None:
+        """Become the leader: start the actors (the scheduler restores the state) and take the subjects."""
+        with self._role_lock:
+            if self._stop.is_set():
+                return
+            started = time.perf_counter()
+            writer: KvWriter | None = None
+            if state_kv is not None:
+                leadership = self.leadership
+                writer = KvWriter(self.bus.loop, state_kv, fence=leadership.is_leader if leadership else (lambda: True))
+                self.bus.call_soon(writer.start)
+            self.state = ControlState(writer)
+            sup = self.settings.supervisor
+            self.supervisor = SupervisorActor.start(
+                backoff_initial_s=sup.restart_backoff_initial_s,
+                backoff_max_s=sup.restart_backoff_max_s,
+                max_restarts=sup.max_restarts,
+                restart_window_s=sup.restart_window_s,
+            )
+            peers = self.peers
+            state = self.state
+
+            def make_scheduler(parent: pykka.ActorRef[Any], name: str) -> pykka.ActorRef[Any]:
+                return SchedulerActor.start(self.bus, self.settings, self.tokenizer, parent, name, peers, state)
+
+            def make_migrator(parent: pykka.ActorRef[Any], name: str) -> pykka.ActorRef[Any]:
+                return MigratorActor.start(self.bus, self.settings.migration, peers["scheduler"], parent, name, state)
+
+            self.scheduler = self.supervisor.proxy().start_child("scheduler", make_scheduler).get(timeout=30)
+            peers["scheduler"] = self.scheduler
+            self.migrator = self.supervisor.proxy().start_child("migrator", make_migrator).get(timeout=10)
+            peers["migrator"] = self.migrator
+            scheduler = self.scheduler
+            routes: list[tuple[str, tuple[type, ...], str]] = [
+                (subjects.SUBMIT, (SubmitRequest,), subjects.CONTROL_QUEUE),
+                (subjects.CANCEL, (Cancel,), subjects.CONTROL_QUEUE),
+                (subjects.heartbeat("*"), (InstanceHeartbeat,), ""),
+                (subjects.ENGINE_EVENTS, (EngineRequestEnded,), ""),
+                (subjects.admin("migrate"), (MigrateCommand,), subjects.CONTROL_QUEUE),
+                (subjects.admin("drain"), (DrainCommand,), subjects.CONTROL_QUEUE),
+                (subjects.admin("policy"), (PolicyQuery, PolicyUpdate), subjects.CONTROL_QUEUE),
+            ]
+            subs = [
+                self.bus.run(self.bus.asubscribe(subject, self._only(kinds, scheduler), queue=queue))
+                for subject, kinds, queue in routes
+            ]
+            subs.append(
+                self.bus.run(
+                    self.bus.asubscribe(
+                        subjects.admin("status"), self._only((StatusQuery,), None), queue=subjects.CONTROL_QUEUE
+                    )
+                )
+            )
+            self._subscriptions = [f.result(timeout=10) for f in subs]
+            self.bus.run(self.bus.nc.flush(timeout=5)).result(timeout=10)  # the server has every subscription
+            self._leading.set()
+            log.info("control plane leads (took %.0f ms)", (time.perf_counter() - started) * 1e3)
+
+    def _demote(self) -> None:
+        """Stop acting as the leader: leave the subjects, stop the actors (the new leader has the state)."""
+        with self._role_lock:
+            if not self._leading.is_set():
+                return
+            self._leading.clear()
+            subs, self._subscriptions = self._subscriptions, []
+            for sub in subs:
+                try:
+                    self.bus.run(sub.unsubscribe()).result(timeout=5)
+                except Exception as exc:
+                    log.warning("unsubscribe failed: %r", exc)
+            self.scheduler = self.migrator = None
+            self.peers.clear()
+            if self.supervisor is not None and self.supervisor.is_alive():
+                self.supervisor.stop(timeout=10)
+            self.supervisor = None
+            writer = self.state.writer if self.state is not None else None
+            if writer is not None:
+                try:
+                    self.bus.run(writer.stop(flush_timeout_s=2)).result(timeout=5)
+                except Exception as exc:
+                    log.warning("state writer stop failed: %r", exc)
+            if self._stop.is_set() or not self.leadership:
+                log.info("control plane left the leader role")
+            else:
+                log.warning("control plane lost its lease: standing by")
 
     def _only(self, kinds: tuple[type, ...], slot: ActorSlot | None) -> Callable[[Envelope], Awaitable[None] | None]:
         """A handler that passes on the message kinds a subject carries and refuses any other kind."""
 
         def handler(envelope: Envelope) -> Awaitable[None] | None:
+            if self.leadership is not None and not self.leadership.is_leader():
+                self._pass_on(envelope)
+                return None
             if not isinstance(envelope.message, kinds):
                 self.bus.reply_error(
                     envelope.reply,
@@ -116,6 +248,16 @@ class ControlPlane:
             return None
 
         return self.audit.wrap(handler) if self.audit.audits(kinds) else handler  # admin actions: audit log
+
+    def _pass_on(self, envelope: Envelope) -> None:
+        """Our lease may have lapsed (a standby may lead now): publish a queue-group message once more for
+        whoever leads (once: a forwarded message is dropped, and the client's retry covers it)."""
+        broadcast = envelope.subject.startswith(subjects.HEARTBEATS) or envelope.subject == subjects.ENGINE_EVENTS
+        if broadcast or envelope.headers.get(FORWARDED_HEADER):
+            return
+        log.warning("not the leader any more: passing on a %s", type(envelope.message).__name__)
+        headers = {**envelope.headers, FORWARDED_HEADER: "1"}
+        self.bus.publish(envelope.subject, envelope.message, headers=headers, reply=envelope.reply)
 
     async def _on_status(self, envelope: Envelope) -> None:
         """Answer with the scheduler's view plus each actor's supervision state."""
@@ -156,8 +298,15 @@ class ControlPlane:
             if self.scheduler is not None:
                 self.scheduler.tell(MigrationTick())
 
-    def stop(self) -> None:
-        self._stop.set()
+    def stop(self, *, release: bool = True) -> None:
+        """Stop; with ``release`` (SIGTERM) hand the lease over at once, else it lapses after its TTL."""
+        self._stop.set()  # no promotion from here on
+        self._demote()
+        if self.leadership is not None:
+            try:
+                self.bus.run(self.leadership.stop(release=release)).result(timeout=10)
+            except Exception as exc:
+                log.warning("leadership stop failed: %r", exc)
         if self.supervisor is not None and self.supervisor.is_alive():
             self.supervisor.stop(timeout=10)
         log.info("control plane stopped")

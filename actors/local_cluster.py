@@ -3,6 +3,7 @@ for tests and benchmarks that need real NATS and real actors without process sta
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 
 from actors.control_plane import ControlPlane
@@ -11,6 +12,7 @@ from control.settings import Settings
 from engines.base import Engine
 from engines.tokenizer import Tokenizer
 from transport.bus import Bus, BusOptions
+from transport.kv_store import delete_bucket
 from transport.nats_auth import NatsAuth
 
 
@@ -24,6 +26,14 @@ class InProcessCluster:
     _buses: dict[str, Bus] = field(default_factory=dict)
     control_auth: NatsAuth | None = None  # NATS credentials of the control plane (servers with auth)
     engine_auth: NatsAuth | None = None  # of every engine host
+    standbys: list[tuple[ControlPlane, Bus]] = field(default_factory=list)
+    isolate_state: bool = True  # own state and lease buckets: clusters sharing a NATS server stay apart
+
+    def __post_init__(self) -> None:
+        if self.isolate_state:
+            suffix = uuid.uuid4().hex[:8]
+            ha = self.settings.ha
+            ha.state_bucket, ha.lease_bucket = f"{ha.state_bucket}_{suffix}", f"{ha.lease_bucket}_{suffix}"
 
     @property
     def url(self) -> str:
@@ -34,6 +44,21 @@ class InProcessCluster:
         self.control_bus = Bus(BusOptions.with_auth(self.url, "drover-control", self.control_auth)).start()
         self.control = ControlPlane(self.settings, self.control_bus, self.tokenizer).start()
         return self.control
+
+    def restart_control(self) -> ControlPlane:
+        """Stop the control plane (SIGTERM-like: state flushed, lease released) and start a fresh one."""
+        if self.control is not None:
+            self.control.stop()
+        if self.control_bus is not None:
+            self.control_bus.stop()
+        return self.start_control()
+
+    def start_standby(self) -> ControlPlane:
+        """Another control plane on its own connection (it leads once the current leader's lease is gone)."""
+        bus = Bus(BusOptions.with_auth(self.url, f"drover-control-{len(self.standbys) + 1}", self.control_auth)).start()
+        plane = ControlPlane(self.settings, bus, self.tokenizer).start()
+        self.standbys.append((plane, bus))
+        return plane
 
     def add_engine(self, engine: Engine, tokenizer: Tokenizer | None = None) -> EngineHost:
         instance_id = engine.info.instance_id
@@ -51,7 +76,13 @@ class InProcessCluster:
     def stop(self) -> None:
         for instance_id in list(self.hosts):
             self.remove_engine(instance_id)
+        for plane, bus in self.standbys:
+            plane.stop()
+            bus.stop()
         if self.control is not None:
             self.control.stop()
         if self.control_bus is not None:
+            if self.isolate_state and self.settings.ha.enabled and self.control_bus.connected:
+                for bucket in (self.settings.ha.state_bucket, self.settings.ha.lease_bucket):
+                    self.control_bus.run(delete_bucket(self.control_bus.nc, bucket)).result(timeout=10)
             self.control_bus.stop()

@@ -15,13 +15,16 @@ Protocol, per migration (see engines/migration.py for the engine side):
   5. resume on the destination (prompt + generated tokens, KV loaded, not recomputed)
   6. commit on the source (its blocks are freed)
 Any failure before 5 aborts: the source keeps the request (or, if already stopped, resumes it), and the
-destination's reservation is released. Tokens reach the client exactly once because every chunk carries its
-index and the client drops what it already has.
+destination's reservation is released. A failed commit (6) does not abort (the request runs at the
+destination): the source is told to abort its side instead, which frees its blocks without resuming.
+``migration.fault_stage`` injects an abort at a chosen stage (tests, chaos benchmark). Tokens reach the
+client exactly once because every chunk carries its index and the client drops what it already has.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 import uuid
 from dataclasses import dataclass
@@ -93,8 +96,10 @@ class MigratorActor(SupervisedActor):
         scheduler: Any,  # an ActorSlot or ActorRef: .tell(MigrationEnded)
         supervisor: pykka.ActorRef[Any] | None = None,
         name: str = "migrator",
+        state: Any = None,  # actors.control_state.ControlState: migrations in flight survive a leader's death
     ) -> None:
         super().__init__(supervisor, name)
+        self.state = state
         self.bus = bus
         self.settings = settings
         self.scheduler = scheduler
@@ -113,6 +118,8 @@ class MigratorActor(SupervisedActor):
             return self._start(message)
         if isinstance(message, MigrationEnded):
             self.in_flight.pop(message.migration_id, None)
+            if self.state is not None and message.migration_id:
+                self.state.drop_migration(message.migration_id)
             self.scheduler.tell(message)
         return None
 
@@ -131,6 +138,8 @@ class MigratorActor(SupervisedActor):
             return None
         migration_id = uuid.uuid4().hex[:16]
         self.in_flight[migration_id] = start
+        if self.state is not None:
+            self.state.save_migration(migration_id, start.request_id, start.source, start.destination)
         self.bus.run(self._run(start, migration_id))
         return migration_id
 
@@ -141,6 +150,11 @@ class MigratorActor(SupervisedActor):
         self.scheduler.tell(MigrationEnded("", start.request_id, start.source, start.destination, False, why))
 
     # ------------------------------------------------------------------------------------------- protocol
+    def _inject(self, stage: str) -> None:
+        """The fault-injection hook: abort here when ``migration.fault_stage`` names this stage."""
+        if self.settings.fault_stage == stage and random.random() < self.settings.fault_rate:
+            raise MigrationFailed(f"injected fault at {stage}")
+
     async def _ask(self, instance_id: str, message: Message) -> Message:
         try:
             return await self.bus.arequest(subjects.engine(instance_id), message, timeout_s=self.settings.op_timeout_s)
@@ -181,6 +195,7 @@ class MigratorActor(SupervisedActor):
             },
         ) as span:
             try:
+                self._inject("before_reserve")
                 address = await self._reserve(dst, migration_id, start.num_blocks + headroom)
                 begin = await self._out(
                     src,
@@ -213,6 +228,7 @@ class MigratorActor(SupervisedActor):
                     copied_bytes += info.copied_bytes
                     if info.request_finished:
                         raise MigrationFailed("the request finished during migration")
+                    self._inject("mid_copy")
                     begin = reply
                     if info.remaining_blocks <= start.params.last_stage_max_blocks:
                         break
@@ -232,13 +248,16 @@ class MigratorActor(SupervisedActor):
                         copied_bytes += stopped.stage.copied_bytes
                     if stopped.stage is not None and stopped.stage.request_finished:
                         raise MigrationFailed("the request finished before it stopped")
+                    self._inject("stop_and_copy")
                 with tracer().start_as_current_span(spans.MIGRATION_RESUME):
                     await self._resume(dst, stopped, src)
                 downtime = time.perf_counter() - stop_started
                 try:
+                    self._inject("commit")
                     await self._out(src, op="commit", migration_id=migration_id)
                 except MigrationFailed as exc:  # the request runs on the destination: that is success
-                    log.warning("commit on %s failed (its blocks free on its own timeout): %s", src, exc)
+                    log.warning("commit on %s failed (%s): aborting its side to free its blocks", src, exc)
+                    await self._release_source(src, migration_id)
             except Exception as exc:
                 outcome = str(exc)
                 log.warning("migration %s of %s (%s -> %s) aborted: %s", migration_id, rid, src, dst, exc)
@@ -306,6 +325,13 @@ class MigratorActor(SupervisedActor):
         reply = await self._ask(instance_id, add)
         if not isinstance(reply, AdminReply) or not reply.ok:
             raise MigrationFailed(f"{instance_id} did not resume: {getattr(reply, 'message', reply)}")
+
+    async def _release_source(self, src: str, migration_id: str) -> None:
+        """After a failed commit: the source drops its stopped copy (frees its blocks) and resumes nothing."""
+        try:
+            await self._ask(src, MigrateOut(op="abort", migration_id=migration_id))
+        except MigrationFailed as exc:
+            log.error("source %s keeps the blocks of migration %s: %s", src, migration_id, exc)
 
     async def _clean_up(
         self, src: str, dst: str, migration_id: str, begun: bool, stopped: MigrateOutReply | None

@@ -21,6 +21,7 @@ from typing import Any
 import pykka
 from opentelemetry import trace
 
+from actors.control_state import ControlState, restore_into
 from actors.migrator import MigrationEnded, StartMigration
 from actors.supervisor import SupervisedActor
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy, prefix_block_hashes
@@ -119,8 +120,10 @@ class SchedulerActor(SupervisedActor):
         supervisor: pykka.ActorRef[Any] | None = None,
         name: str = "scheduler",
         peers: dict[str, Any] | None = None,
+        state: ControlState | None = None,
     ) -> None:
         super().__init__(supervisor, name)
+        self.state = state or ControlState()  # durable request table and registry (actors/control_state.py)
         self.bus = bus
         self.settings = settings
         self.tokenizer = tokenizer
@@ -133,6 +136,9 @@ class SchedulerActor(SupervisedActor):
         self.migrations: dict[str, InFlightMigration] = {}  # request id -> migration in flight
         self.migrations_done = 0
         self.migrations_aborted = 0
+
+    def on_start(self) -> None:
+        restore_into(self)  # a restarted control plane (or scheduler) picks up where the last one left off
 
     # ------------------------------------------------------------------------------------------- dispatching
     def on_receive(self, message: Any) -> Any:
@@ -184,9 +190,13 @@ class SchedulerActor(SupervisedActor):
             record = InstanceRecord(info=beat.info, load=beat.load, last_seen=time.monotonic())
             self.instances[instance_id] = record
             log.info("instance %s joined (%s, %d blocks)", instance_id, beat.info.engine_kind, beat.info.num_blocks)
+        save = is_new or record.state == "restored" or record.info != beat.info
         record.info, record.load, record.last_seen = beat.info, beat.load, time.monotonic()
         record.state, record.draining, record.can_migrate = beat.state, beat.draining, beat.can_migrate
+        if save:
+            self.state.save_instance(record)
         self.policy.upsert(self._snapshot(record))
+        self.state.on_heartbeat(self, beat)
         load = beat.load
         metrics().update_instance(
             InstanceGauges(
@@ -240,6 +250,7 @@ class SchedulerActor(SupervisedActor):
                 self.instances.pop(instance_id)
                 self.policy.remove(instance_id)
                 metrics().remove_instance(instance_id)
+                self.state.drop_instance(instance_id)
                 self._fail_over(instance_id)
         self._drain_queue()
         metrics().set_scheduler(queued=len(self.queue), in_flight=len(self.requests))
@@ -263,6 +274,7 @@ class SchedulerActor(SupervisedActor):
                 )
                 continue
             record.state, record.instance_id = "recovering", None
+            self.state.save_request(record)
             self.bus.run(self._read_delivered(record.request_id, record.submit.reply_to))
 
     async def _read_delivered(self, request_id: str, reply_to: str) -> None:
@@ -283,15 +295,18 @@ class SchedulerActor(SupervisedActor):
             return
         if recovered.finished:
             self.requests.pop(recovered.request_id)
+            self.state.drop_request(recovered.request_id)
             return
         log.info("request %s fails over after %d delivered tokens", recovered.request_id, len(recovered.tokens))
         record.resume_tokens = recovered.tokens
         record.state = "queued"
         if not self._dispatch(record):
             self.queue.append(record.request_id)
+            self.state.save_request(record)
 
     def _fail_request(self, record: RequestRecord, why: str) -> None:
         self.requests.pop(record.request_id, None)
+        self.state.drop_request(record.request_id)
         self.bus.reply_error(record.submit.reply_to, ErrorCode.ENGINE_FAILED, why, record.request_id)
 
     # ------------------------------------------------------------------------------------------- submission
@@ -386,10 +401,9 @@ class SchedulerActor(SupervisedActor):
             headers=envelope.headers,
         )
         self.requests[request_id] = record
-        self.bus.publish(
-            reply_to,
-            Accepted(request_id=request_id, cancel_token=record.cancel_token, prompt_tokens=len(token_ids)),
-        )
+        accepted = Accepted(request_id=request_id, cancel_token=record.cancel_token, prompt_tokens=len(token_ids))
+        self.state.save_request(record)  # acknowledged once stored: a retry after a restart is still deduplicated
+        self.state.after_writes(lambda: self.bus.publish(reply_to, accepted))
         if not self._dispatch(record):
             self.queue.append(request_id)
 
@@ -452,6 +466,7 @@ class SchedulerActor(SupervisedActor):
         instance.dispatched += 1
         record.instance_id, record.state = instance_id, "running"
         record.served_by.append(instance_id)
+        self.state.save_request(record)
         return True
 
     def _drain_queue(self) -> None:
@@ -472,6 +487,7 @@ class SchedulerActor(SupervisedActor):
         if record is None or record.instance_id != ended.instance_id:
             return  # a late or duplicate event (e.g. after migration): the current owner reports again
         self.requests.pop(ended.request_id)
+        self.state.drop_request(ended.request_id)
 
     # ------------------------------------------------------------------------------------------- migration
     def _start_migration(
@@ -505,6 +521,7 @@ class SchedulerActor(SupervisedActor):
         if record is not None and ended.ok:
             record.instance_id = ended.destination
             record.served_by.append(ended.destination)
+            self.state.save_request(record)
 
     def _on_migrate_command(self, command: MigrateCommand, reply: str) -> None:
         record = self.requests.get(command.request_id)
@@ -566,6 +583,7 @@ class SchedulerActor(SupervisedActor):
             self.bus.reply_error(reply, ErrorCode.UNKNOWN_INSTANCE, f"no instance {command.instance_id}")
             return
         record.drain_requested = not command.undo
+        self.state.save_instance(record)
         self.policy.upsert(self._snapshot(record))  # no new dispatches from now on (or again, on undo)
         running = [r.request_id for r in record.load.running]
         if command.undo:
@@ -610,6 +628,7 @@ class SchedulerActor(SupervisedActor):
             return
         if record.state == "queued":
             self.requests.pop(cancel.request_id)
+            self.state.drop_request(cancel.request_id)
             self.bus.publish(
                 record.submit.reply_to,
                 RequestDone(

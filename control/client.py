@@ -69,6 +69,10 @@ def _os_user() -> str:
     except Exception:  # no USER/LOGNAME and no passwd entry (some containers)
         return "unknown"
 
+NO_CONTROL_PLANE_RETRY_S = 15.0
+"""How long a submission nobody takes ("no responders": e.g. during a control-plane takeover, which lasts at
+most the lease TTL + renew period, 4 s by default) is sent again, every 0.2 s."""
+
 
 class DroverError(Exception):
     """An error reply from Drover; ``code`` is an :class:`ErrorCode`."""
@@ -328,8 +332,18 @@ class DroverClient:
         whose behalf (a gateway submits for many clients); default: this client's name."""
         inbox = self.nc.new_inbox()
         stream = RequestStream(self, request_id, time.perf_counter())
+        resubmit_until = time.monotonic() + NO_CONTROL_PLANE_RETRY_S
 
         async def on_message(msg: Msg) -> None:
+            if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+                # Nobody took the submission (e.g. a control-plane takeover in progress): send it again
+                # shortly; nobody received it, so this cannot run it twice.
+                if time.monotonic() < resubmit_until:
+                    asyncio.get_running_loop().call_later(0.2, lambda: asyncio.ensure_future(resend()))
+                else:
+                    text = "no control plane took the request (is one running?); retry with the same request_id"
+                    stream._deliver(ErrorReply(code=ErrorCode.OVERLOADED, message=text, request_id=request_id))
+                return
             try:
                 stream._deliver(decode(msg.data))
             except ProtocolError as exc:
@@ -353,6 +367,11 @@ class DroverClient:
             attributes={spans.MESSAGING_SYSTEM: "nats", spans.MESSAGING_DESTINATION: subjects.SUBMIT},
         ):
             headers = inject_headers()
+
+        async def resend() -> None:
+            with contextlib.suppress(Exception):
+                await self.nc.publish(subjects.SUBMIT, encode(submit), reply=inbox, headers=headers)
+
         await self.nc.publish(subjects.SUBMIT, encode(submit), reply=inbox, headers=headers)
         return stream
 

@@ -134,6 +134,15 @@ class MigrationSettings(_Section):
     reserve_headroom_blocks: int = Field(
         2, description="Extra blocks reserved at the destination for tokens decoded during the copy."
     )
+    fault_stage: Literal["", "before_reserve", "mid_copy", "stop_and_copy", "commit"] = Field(
+        "",
+        description="Fault injection for tests and the chaos benchmark: abort migrations at this stage "
+        "(before reserve, after the first copy stage, right after stop-and-copy, or by losing the commit). "
+        "Empty (the default): no faults.",
+    )
+    fault_rate: float = Field(
+        1.0, ge=0.0, le=1.0, description="Fraction of migrations fault_stage aborts (chaos runs use less than 1)."
+    )
 
 
 class ReliabilitySettings(_Section):
@@ -143,6 +152,37 @@ class ReliabilitySettings(_Section):
     output_max_bytes: int = Field(256 * 1024 * 1024, description="Bound of the output stream (oldest dropped).")
     failover_max_attempts: int = Field(
         3, description="Times a request is resumed elsewhere after engine failures before it fails."
+    )
+
+
+class HaSettings(_Section):
+    """Control-plane high availability: durable control state and a leader lease (README: control-plane HA)."""
+
+    enabled: bool = Field(
+        True,
+        description="Keep the request table and instance registry in a JetStream KV bucket and elect one "
+        "leader by lease; off: a single control plane with in-memory state (needs no JetStream).",
+    )
+    state_bucket: str = Field("drover_control", description="KV bucket of the request table and instance registry.")
+    state_memory: bool = Field(
+        False, description="Keep the state bucket in memory (faster) instead of on the NATS server's disk."
+    )
+    lease_bucket: str = Field(
+        "drover_leader", description="KV bucket of the leader lease (memory storage; its TTL is lease_ttl_s)."
+    )
+    lease_ttl_s: float = Field(
+        3.0,
+        description="A leader that has not renewed for this long is replaced; a standby takes over at most "
+        "ttl + renew period after the last renewal (Drover's choice: below the 5 s engine-failure timeout).",
+    )
+    renew_period_s: float = Field(
+        1.0, description="How often the leader renews its lease and a standby polls it (a third of the TTL)."
+    )
+    replicas: int = Field(1, description="JetStream replicas of both buckets (3 on a 3-node NATS cluster).")
+    wait_for_leadership_s: float = Field(
+        0.0,
+        description="How long `start` waits to become leader before returning as a standby (0: do not wait; "
+        "a standby keeps trying in the background).",
     )
 
 
@@ -220,6 +260,7 @@ class Settings(BaseSettings):
     )
     migration: MigrationSettings = MigrationSettings()
     reliability: ReliabilitySettings = ReliabilitySettings()
+    ha: HaSettings = HaSettings()
     limits: LimitsSettings = LimitsSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
     supervisor: SupervisorSettings = SupervisorSettings()

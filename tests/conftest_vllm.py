@@ -96,6 +96,12 @@ class VllmEngineFactory:
         self._alive[key] = llm
         return llm
 
+    async def reserve(self, count: int) -> None:
+        """Shut cached engines down until ``count`` more (e.g. engine processes a test starts) fit the cap."""
+        while self._alive and len(self._alive) + count > MAX_ALIVE:
+            _, oldest = self._alive.popitem(last=False)
+            await _stop(oldest)
+
     async def _make_room(self) -> None:
         while len(self._alive) >= MAX_ALIVE:
             _, oldest = self._alive.popitem(last=False)

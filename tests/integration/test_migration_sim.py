@@ -6,14 +6,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 
+import nats
 import pytest
+from nats.aio.msg import Msg
 
 from actors.local_cluster import InProcessCluster
 from control.client import DroverClient, DroverError, RequestResult, RequestStream
 from engines.sim.engine import request_seed, token_at
 from engines.sim.live_migration import MigratableSimEngine
 from tests.integration.conftest import make_sim_cluster
-from transport.messages import ErrorCode
+from transport.messages import ErrorCode, ErrorReply, Message, RequestDone, decode
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +164,42 @@ async def test_bad_migrate_and_drain_commands(client: DroverClient) -> None:
         await client.migrate("mig-e", "mig-b")
     assert same.value.code == ErrorCode.MIGRATION_FAILED
     assert_exact(await stream.result(), "mig-e", 50)
+
+
+@pytest.mark.parametrize("stage", ["before_reserve", "mid_copy", "stop_and_copy", "commit"])
+async def test_abort_injected_at_each_stage_runs_the_request_once_and_leaks_no_blocks(
+    client: DroverClient, mig_cluster: InProcessCluster, stage: str
+) -> None:
+    before = await free_blocks(client)
+    request_id = f"mig-f-{stage}"
+    stream = await submit_on(client, request_id, "mig-a", 300)
+    assert stream._subscription is not None
+    seen: list[Message] = []  # what the client's inbox received, as a second subscriber sees it
+
+    async def tap(msg: Msg) -> None:
+        seen.append(decode(msg.data))
+
+    tap_nc = await nats.connect(mig_cluster.url)
+    try:
+        await tap_nc.subscribe(stream._subscription.subject, cb=tap)
+        await wait_tokens(stream, len(stream.result_data.token_ids) + 10)
+        # The migrator reads its settings object at each step: the fault hook applies from now on.
+        mig_cluster.settings.migration.fault_stage = stage
+        try:
+            reply = await client.migrate(request_id, "mig-b")
+        finally:
+            mig_cluster.settings.migration.fault_stage = ""
+        if stage == "commit":  # resumed at the destination: a lost commit must not undo that
+            assert reply.ok, reply.message
+            assert await where(client, request_id) == "mig-b"
+        else:
+            assert not reply.ok and f"injected fault at {stage}" in reply.message
+            assert await where(client, request_id) == "mig-a"
+        result = await stream.result()
+        assert_exact(result, request_id, 300)  # every token once, in order
+        await asyncio.sleep(0.3)  # anything sent late arrives now
+        assert sum(isinstance(m, RequestDone) for m in seen) == 1  # it ran exactly once
+        assert not [m for m in seen if isinstance(m, ErrorReply)]
+        assert await free_blocks(client) == before  # no block leaked on either side
+    finally:
+        await tap_nc.drain()

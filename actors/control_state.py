@@ -1,0 +1,323 @@
+"""The control plane's durable state: the scheduler's request table and instance registry, kept in a
+JetStream KV bucket so that a restarted (or newly elected) control plane picks up where the last one left off.
+
+What is stored is what the scheduler needs to keep accepted requests' guarantees: each request's submission,
+cancel token, prompt tokens, where it runs and its failover history (failover and request-id deduplication
+work across a restart), and each known instance (an instance that died while no control plane ran is still
+noticed: it never heartbeats again, so its requests fail over). Loads and timings are not stored: heartbeats
+rebuild them within a beat.
+
+The scheduler calls :meth:`ControlState.save_request` and friends at each change (non-blocking; writes are
+ordered and coalesced by :class:`transport.kv_store.KvWriter`) and :func:`restore_into` when it starts.
+After a restore, a request whose instance's heartbeat no longer lists it (it ended, or the engine restarted,
+while no control plane listened) is checked against the output stream exactly like a failover: finished
+requests leave the table, unfinished ones resume from what their client has.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from transport.kv_store import KvWriter, kv_key, read_all
+from transport.messages import EngineInfo, InstanceHeartbeat, InstanceLoad, SubmitRequest
+
+if TYPE_CHECKING:
+    from actors.scheduler import InstanceRecord, RequestRecord, SchedulerActor
+
+log = logging.getLogger(__name__)
+
+REQUEST_NS = "req"
+INSTANCE_NS = "inst"
+MIGRATION_NS = "mig"
+STATE_VERSION = 1
+
+
+class StoredRequest(msgspec.Struct, kw_only=True):
+    """One row of the request table, as stored."""
+
+    v: int = STATE_VERSION
+    submit: SubmitRequest
+    request_id: str
+    cancel_token: str
+    prompt_token_ids: list[int]
+    arrival: float
+    headers: dict[str, str] = {}
+    instance_id: str | None = None
+    state: str = "queued"
+    served_by: list[str] = []
+    resume_tokens: list[int] = []
+    failovers: int = 0
+
+
+class StoredInstance(msgspec.Struct, kw_only=True):
+    """One known instance, as stored."""
+
+    v: int = STATE_VERSION
+    info: EngineInfo
+    drain_requested: bool = False
+
+
+class StoredMigration(msgspec.Struct, kw_only=True):
+    """A migration in flight: if the control plane dies during it, the next leader releases both sides."""
+
+    v: int = STATE_VERSION
+    migration_id: str
+    request_id: str
+    source: str
+    destination: str
+
+
+_request_decoder = msgspec.msgpack.Decoder(StoredRequest)
+_instance_decoder = msgspec.msgpack.Decoder(StoredInstance)
+_migration_decoder = msgspec.msgpack.Decoder(StoredMigration)
+
+
+class ControlState:
+    """The scheduler's handle on the state bucket; a disabled one (no writer) keeps state in memory only."""
+
+    def __init__(self, writer: KvWriter | None = None, load_timeout_s: float = 10.0) -> None:
+        self.writer = writer
+        self.load_timeout_s = load_timeout_s
+        self.unconfirmed: dict[str, str] = {}  # restored request id -> instance its record names
+
+    @property
+    def enabled(self) -> bool:
+        return self.writer is not None
+
+    # ------------------------------------------------------------------------------------------ writes
+    def save_request(self, record: RequestRecord) -> None:
+        if self.writer is None:
+            return
+        stored = StoredRequest(
+            submit=record.submit,
+            request_id=record.request_id,
+            cancel_token=record.cancel_token,
+            prompt_token_ids=record.prompt_token_ids,
+            arrival=record.arrival,
+            headers=record.headers,
+            instance_id=record.instance_id,
+            state=record.state,
+            served_by=list(record.served_by),
+            resume_tokens=list(record.resume_tokens),
+            failovers=record.failovers,
+        )
+        self.writer.put(kv_key(REQUEST_NS, record.request_id), msgspec.msgpack.encode(stored))
+
+    def drop_request(self, request_id: str) -> None:
+        self.unconfirmed.pop(request_id, None)
+        if self.writer is not None:
+            self.writer.delete(kv_key(REQUEST_NS, request_id))
+
+    def save_instance(self, record: InstanceRecord) -> None:
+        if self.writer is not None:
+            stored = StoredInstance(info=record.info, drain_requested=record.drain_requested)
+            self.writer.put(kv_key(INSTANCE_NS, record.info.instance_id), msgspec.msgpack.encode(stored))
+
+    def drop_instance(self, instance_id: str) -> None:
+        if self.writer is not None:
+            self.writer.delete(kv_key(INSTANCE_NS, instance_id))
+
+    def save_migration(self, migration_id: str, request_id: str, source: str, destination: str) -> None:
+        if self.writer is not None:
+            stored = StoredMigration(
+                migration_id=migration_id, request_id=request_id, source=source, destination=destination
+            )
+            self.writer.put(kv_key(MIGRATION_NS, migration_id), msgspec.msgpack.encode(stored))
+
+    def drop_migration(self, migration_id: str) -> None:
+        if self.writer is not None:
+            self.writer.delete(kv_key(MIGRATION_NS, migration_id))
+
+    def after_writes(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once every write queued so far is stored (at once when disabled)."""
+        if self.writer is None:
+            callback()
+        else:
+            self.writer.then(callback)
+
+    # ------------------------------------------------------------------------------------------ reads
+    def load(
+        self, scheduler: SchedulerActor
+    ) -> tuple[list[StoredRequest], list[StoredInstance], list[StoredMigration]]:
+        if self.writer is None:
+            return [], [], []
+        values = scheduler.bus.run(read_all(self.writer.kv)).result(timeout=self.load_timeout_s)
+        requests: list[StoredRequest] = []
+        instances: list[StoredInstance] = []
+        migrations: list[StoredMigration] = []
+        for key, value in values.items():
+            namespace = key.split(".", 1)[0].removesuffix("x")
+            try:
+                if namespace == REQUEST_NS:
+                    requests.append(_request_decoder.decode(value))
+                elif namespace == INSTANCE_NS:
+                    instances.append(_instance_decoder.decode(value))
+                elif namespace == MIGRATION_NS:
+                    migrations.append(_migration_decoder.decode(value))
+            except msgspec.DecodeError as exc:
+                log.warning("state store: skipping unreadable %s: %s", key, exc)
+        return requests, instances, migrations
+
+    # ------------------------------------------------------------------------------------------ reconcile
+    def on_heartbeat(self, scheduler: SchedulerActor, beat: InstanceHeartbeat) -> None:
+        """Confirm restored requests against heartbeats (see the module doc).
+
+        A restored request is confirmed where a heartbeat lists it (its record moves there if a migration
+        ended while no control plane listened). It is recovered only once its recorded instance reported
+        without it (nothing waiting there either) and every other known instance has reported since the
+        restore without listing it: then it runs nowhere."""
+        if not self.unconfirmed:
+            return
+        instance_id = beat.info.instance_id
+        running = {r.request_id for r in beat.load.running}
+        for request_id in [rid for rid in self.unconfirmed if rid in running]:
+            self.unconfirmed.pop(request_id)
+            record = scheduler.requests.get(request_id)
+            if record is not None and record.state == "running" and record.instance_id != instance_id:
+                log.info("restored request %s runs on %s (not %s)", request_id, instance_id, record.instance_id)
+                record.instance_id = instance_id
+                record.served_by.append(instance_id)
+                self.save_request(record)
+        if any(i.state == "restored" for i in scheduler.instances.values()):
+            return  # not every instance has reported yet
+        listed = {r.request_id for i in scheduler.instances.values() for r in i.load.running}
+        for request_id, on in list(self.unconfirmed.items()):
+            if request_id in listed:
+                continue
+            home = scheduler.instances.get(on)
+            if home is not None and home.load.num_waiting > 0:
+                continue  # it may be waiting there
+            self.unconfirmed.pop(request_id)
+            record = scheduler.requests.get(request_id)
+            if record is not None and record.state == "running" and record.instance_id == on:
+                log.info("restored request %s runs nowhere any more: checking its output", request_id)
+                _recover(scheduler, record)
+
+
+def _recover(scheduler: SchedulerActor, record: RequestRecord) -> None:
+    """Read back what the client has; the scheduler then drops the request or resumes it (failover path)."""
+    from transport import subjects
+
+    if not record.submit.reply_to.startswith(subjects.INBOX_ROOT + "."):
+        scheduler._fail_request(record, "the control plane restarted and cannot resume this stream")
+        return
+    record.state, record.instance_id = "recovering", None
+    scheduler.state.save_request(record)
+    scheduler.bus.run(scheduler._read_delivered(record.request_id, record.submit.reply_to))
+
+
+def _release_migrations(scheduler: SchedulerActor, migrations: list[StoredMigration]) -> None:
+    """Migrations the last leader left in flight: release each destination's reservation and abort each
+    source's side (which frees a stopped copy's blocks). Where each request then runs (source, destination,
+    or nowhere: recovered from its output) is settled by heartbeats, like every restored request."""
+    import asyncio
+
+    from transport import subjects
+    from transport.messages import Message, MigrateIn, MigrateOut
+
+    timeout_s = min(scheduler.settings.migration.op_timeout_s, 3.0)  # live engines answer in milliseconds
+
+    async def ask(subject: str, message: Message) -> None:
+        try:
+            await scheduler.bus.arequest(subject, message, timeout_s=timeout_s)
+        except Exception as exc:  # a dead instance: its resources went with it
+            log.info("%s on %s not answered (%r)", type(message).__name__, subject, exc)
+
+    async def release() -> None:
+        await asyncio.gather(
+            *(
+                ask(subjects.engine(m.destination), MigrateIn(op="release", migration_id=m.migration_id))
+                for m in migrations
+            ),
+            *(ask(subjects.engine(m.source), MigrateOut(op="abort", migration_id=m.migration_id)) for m in migrations),
+        )
+
+    try:
+        scheduler.bus.run(release()).result(timeout=timeout_s + 5)
+    except Exception as exc:
+        log.warning("migrations left in flight could not all be released: %r", exc)
+    for m in migrations:
+        log.info(
+            "released migration %s of %s (%s -> %s) left in flight",
+            m.migration_id,
+            m.request_id,
+            m.source,
+            m.destination,
+        )
+        scheduler.state.drop_migration(m.migration_id)
+
+
+def restore_into(scheduler: SchedulerActor) -> None:
+    """Fill a starting scheduler's tables from the state bucket (called from its ``on_start``, where an
+    exception would stop the actor without a word: everything is caught and logged here)."""
+    try:
+        _restore(scheduler)
+    except Exception:
+        log.exception("restoring the control state failed: going on with what was restored")
+
+
+def _restore(scheduler: SchedulerActor) -> None:
+    from actors.scheduler import InstanceRecord, RequestRecord
+
+    state = scheduler.state
+    if not state.enabled:
+        return
+    try:
+        requests, instances, migrations = state.load(scheduler)
+    except Exception as exc:
+        log.error("state store unreadable (%r): starting with empty tables", exc)
+        return
+    if migrations:  # first: no request is recovered while a migration may still hold it
+        _release_migrations(scheduler, migrations)
+    now = time.monotonic()
+    for stored_instance in instances:
+        info = stored_instance.info
+        if info.instance_id in scheduler.instances:
+            continue
+        # Not in the dispatch index until it heartbeats; declared dead (its requests fail over) if it never does.
+        scheduler.instances[info.instance_id] = InstanceRecord(
+            info=info,
+            load=InstanceLoad(num_total_blocks=info.num_blocks, num_free_blocks=0, num_running=0, num_waiting=0),
+            last_seen=now,
+            state="restored",
+            drain_requested=stored_instance.drain_requested,
+        )
+    recover: list[RequestRecord] = []
+    for stored in sorted(requests, key=lambda r: r.arrival):
+        if stored.request_id in scheduler.requests:
+            continue
+        record = RequestRecord(
+            submit=stored.submit,
+            request_id=stored.request_id,
+            cancel_token=stored.cancel_token,
+            prompt_token_ids=stored.prompt_token_ids,
+            arrival=stored.arrival,
+            headers=stored.headers,
+            instance_id=stored.instance_id,
+            state=stored.state,
+            served_by=stored.served_by,
+            resume_tokens=stored.resume_tokens,
+            failovers=stored.failovers,
+        )
+        scheduler.requests[record.request_id] = record
+        if record.state == "queued" or (record.state == "running" and record.instance_id is None):
+            record.state, record.instance_id = "queued", None
+            scheduler.queue.append(record.request_id)
+        elif record.state == "running" and record.instance_id in scheduler.instances:
+            state.unconfirmed[record.request_id] = record.instance_id
+        else:  # recovering, or on an instance nobody knows: read back what its client has
+            recover.append(record)
+    for record in recover:
+        _recover(scheduler, record)
+    if requests or instances:
+        log.info(
+            "restored %d requests and %d instances from the state store (%d to recover)",
+            len(requests),
+            len(instances),
+            len(recover),
+        )

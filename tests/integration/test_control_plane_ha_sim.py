@@ -1,0 +1,474 @@
+"""Control-plane failure, on a real nats-server with JetStream and simulated engines.
+
+- A restarted control plane restores its request table and instance registry from the state bucket: streams
+  go on (tokens flow engine -> client directly), a retry with the same request id is deduplicated, and an
+  engine that died while no control plane ran is still failed over.
+- Two control planes (processes): one leads by a KV lease, the other stands by; SIGKILL the leader and the
+  standby takes over once the lease lapses: new requests complete, and a dead engine's requests still fail
+  over. SIGTERM on the leader hands over at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+
+import msgspec
+import nats
+import pytest
+from nats.js.errors import KeyNotFoundError
+
+from actors.local_cluster import InProcessCluster
+from control.client import DroverClient, DroverError, RequestStream
+from control.leadership import LEASE_KEY, LeaseRecord
+from control.settings import load_settings
+from engines.sim.engine import request_seed, token_at
+from engines.sim.live_migration import MigratableSimEngine
+from engines.tokenizer import ByteTokenizer
+from transport import subjects
+from transport.messages import (
+    Accepted,
+    ErrorCode,
+    ErrorReply,
+    RequestDone,
+    SamplingParams,
+    SubmitRequest,
+    TokenChunk,
+    decode,
+    encode,
+)
+
+
+def expected(request_id: str, n: int) -> list[int]:
+    seed = request_seed(0, request_id)
+    return [token_at(seed, p) for p in range(n)]
+
+
+def _cluster(nats_url: str, *, control: bool = True, stale_after_s: float = 1.0) -> InProcessCluster:
+    settings = load_settings(
+        overrides={
+            "nats": {"url": nats_url},
+            "engine": {"kind": "sim", "heartbeat_interval_s": 0.05},
+            "scheduler": {"instance_stale_after_s": stale_after_s},
+            "policy": {"migration_enabled": False},
+            "ha": {"lease_ttl_s": 1.5, "renew_period_s": 0.3},
+        }
+    )
+    cluster = InProcessCluster(settings=settings, tokenizer=ByteTokenizer())
+    if control:
+        cluster.start_control()
+    return cluster
+
+
+class InboxTap:
+    """Every message a request's inbox receives, seen by a second subscriber (what went over the wire)."""
+
+    def __init__(self) -> None:
+        self.messages: list[object] = []
+
+    async def attach(self, nc: nats.NATS, inbox: str) -> None:
+        async def on_message(msg: nats.aio.msg.Msg) -> None:
+            self.messages.append(decode(msg.data))
+
+        await nc.subscribe(inbox, cb=on_message)
+
+    def of(self, kind: type) -> list[object]:
+        return [m for m in self.messages if isinstance(m, kind)]
+
+
+def inbox_of(stream: RequestStream) -> str:
+    assert stream._subscription is not None
+    return str(stream._subscription.subject)
+
+
+async def wait_tokens(stream: RequestStream, count: int) -> None:
+    async for _ in stream.events():
+        if len(stream.result_data.token_ids) >= count:
+            return
+
+
+@pytest.fixture
+async def tap_nc(nats_url: str) -> AsyncIterator[nats.NATS]:
+    nc = await nats.connect(nats_url)
+    yield nc
+    await nc.drain()
+
+
+async def test_restart_keeps_streams_and_deduplicates_retries(nats_url: str, tap_nc: nats.NATS) -> None:
+    cluster = await asyncio.to_thread(_cluster, nats_url)
+    try:
+        for name in ("ha-a", "ha-b"):
+            await asyncio.to_thread(cluster.add_engine, MigratableSimEngine(name, num_blocks=256, max_model_len=1024))
+        async with DroverClient(cluster.url, name="ha-restart") as client:
+            await client.wait_for_instances(2, timeout_s=10)
+            n = 300
+            streams = {
+                f"ha-r{i}": await client.submit(
+                    f"restart {i}", sampling=SamplingParams(max_tokens=n, ignore_eos=True), request_id=f"ha-r{i}"
+                )
+                for i in range(3)
+            }
+            taps = {rid: InboxTap() for rid in streams}
+            for rid, stream in streams.items():
+                await taps[rid].attach(tap_nc, inbox_of(stream))
+                await wait_tokens(stream, 5)
+            accepted = {rid: (await s.accepted).cancel_token for rid, s in streams.items()}
+
+            await asyncio.to_thread(cluster.restart_control)
+
+            status = await client.status()  # the new control plane knows every running request
+            known = {r.request_id: r.instance_id for r in status.requests}
+            assert set(streams) <= set(known)
+            assert all(known[rid] in ("ha-a", "ha-b") for rid in streams)
+            for stream in streams.values():  # still streaming
+                assert len(stream.result_data.token_ids) < n
+
+            # A client retry with the same id and inbox is acknowledged again (same token) and runs once.
+            first = "ha-r0"
+            await tap_nc.publish(
+                subjects.SUBMIT,
+                encode(
+                    SubmitRequest(
+                        reply_to=inbox_of(streams[first]),
+                        request_id=first,
+                        prompt="restart 0",
+                        sampling=SamplingParams(max_tokens=n, ignore_eos=True),
+                    )
+                ),
+            )
+            # The same id from another inbox is refused.
+            with pytest.raises(DroverError) as dup:
+                await client.generate("someone else", max_tokens=4, request_id=first)
+            assert dup.value.code == ErrorCode.DUPLICATE_REQUEST
+
+            for rid, stream in streams.items():
+                result = await stream.result()
+                assert result.token_ids == expected(rid, n)  # every token once, in order
+                assert result.done is not None and len(result.done.instances) == 1  # never re-run
+            await asyncio.sleep(0.5)  # anything late would arrive now
+            acks = taps[first].of(Accepted)
+            assert len(acks) == 2 and {a.cancel_token for a in acks} == {accepted[first]}  # type: ignore[attr-defined]
+            for tap in taps.values():
+                assert len(tap.of(RequestDone)) == 1
+                assert not tap.of(ErrorReply)
+                sent = sorted((c.index, len(c.token_ids)) for c in tap.of(TokenChunk))  # type: ignore[attr-defined]
+                position = sent[0][0]  # the tap joined after the first chunks
+                for index, length in sent:  # no chunk was sent twice, none overlaps another
+                    assert index == position
+                    position += length
+                assert position == n
+            fresh = await client.generate("after restart", max_tokens=8, request_id="ha-fresh")
+            assert fresh.token_ids == expected("ha-fresh", 8)
+            assert not (await client.status()).requests  # finished requests left the table
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+async def test_engine_that_dies_while_no_control_plane_runs_is_failed_over(nats_url: str) -> None:
+    cluster = await asyncio.to_thread(_cluster, nats_url)
+    try:
+        for name in ("hd-a", "hd-b"):
+            await asyncio.to_thread(cluster.add_engine, MigratableSimEngine(name, num_blocks=256, max_model_len=1024))
+        async with DroverClient(cluster.url, name="ha-dead") as client:
+            await client.wait_for_instances(2, timeout_s=10)
+            n = 200
+            streams = {
+                f"hd-{i}": await client.submit(
+                    f"dead {i}", sampling=SamplingParams(max_tokens=n, ignore_eos=True), request_id=f"hd-{i}"
+                )
+                for i in range(4)
+            }
+            for stream in streams.values():
+                await wait_tokens(stream, 5)
+            status = await client.status()
+            victim = status.requests[0].instance_id
+            assert victim is not None
+            on_victim = {r.request_id for r in status.requests if r.instance_id == victim}
+
+            # The control plane goes away; meanwhile an engine dies; then a control plane starts again.
+            assert cluster.control is not None and cluster.control_bus is not None
+            await asyncio.to_thread(cluster.control.stop)
+            await asyncio.to_thread(cluster.control_bus.stop)
+            await asyncio.to_thread(_crash, cluster, victim)
+            await asyncio.to_thread(cluster.start_control)
+
+            for rid, stream in streams.items():
+                result = await stream.result()
+                assert result.token_ids == expected(rid, n)
+                assert result.done is not None
+                if rid in on_victim:
+                    assert result.done.instances[0] == victim and result.done.instances[-1] != victim
+            assert victim not in {i.info.instance_id for i in (await client.status()).instances}
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+async def test_request_that_ends_while_no_control_plane_runs_leaves_the_table(nats_url: str) -> None:
+    cluster = await asyncio.to_thread(_cluster, nats_url)
+    try:
+        await asyncio.to_thread(cluster.add_engine, MigratableSimEngine("he-a", num_blocks=256, max_model_len=1024))
+        async with DroverClient(cluster.url, name="ha-ended") as client:
+            await client.wait_for_instances(1, timeout_s=10)
+            stream = await client.submit(
+                "ends", sampling=SamplingParams(max_tokens=40, ignore_eos=True), request_id="he"
+            )
+            await wait_tokens(stream, 3)
+            assert cluster.control is not None and cluster.control_bus is not None
+            await asyncio.to_thread(cluster.control.stop)
+            await asyncio.to_thread(cluster.control_bus.stop)
+            result = await stream.result()  # the stream ends without a control plane (engine -> client)
+            assert result.token_ids == expected("he", 40)
+            await asyncio.to_thread(cluster.start_control)
+            # Restored from the bucket as running on he-a; he-a's heartbeat does not list it, and the output
+            # stream shows it finished: it leaves the table instead of staying there forever.
+            for _ in range(100):
+                if not (await client.status()).requests:
+                    break
+                await asyncio.sleep(0.05)
+            assert not (await client.status()).requests
+            again = await client.generate("next", max_tokens=4, request_id="he-next")
+            assert again.token_ids == expected("he-next", 4)
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+def _crash(cluster: InProcessCluster, instance_id: str) -> None:
+    """What a kill -9 of an engine looks like from outside: heartbeats stop, nothing more is published."""
+    host = cluster.hosts.pop(instance_id)
+    host.heartbeater.stop()
+    bus = cluster._buses.pop(instance_id)
+    bus.loop.call_soon_threadsafe(bus.loop.stop)
+
+
+# ---------------------------------------------------------------------------------------------- two processes
+class ControlProcess:
+    """``drover control serve`` as a real process (SIGKILL is a real crash: its connection drops)."""
+
+    def __init__(self, nats_url: str, env: dict[str, str], log_path: str) -> None:
+        self.log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "control.cli", "--nats-url", nats_url, "control", "serve"],
+            env={**os.environ, **env},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.log.close()
+
+
+async def lease_holder(nc: nats.NATS, bucket: str) -> LeaseRecord | None:
+    kv = await nc.jetstream().key_value(bucket)
+    try:
+        entry = await kv.get(LEASE_KEY)
+    except KeyNotFoundError:
+        return None
+    assert entry.value is not None
+    return msgspec.msgpack.decode(entry.value, type=LeaseRecord)
+
+
+async def wait_until_served(client: DroverClient, timeout_s: float = 30.0) -> None:
+    """Until a leader answers on the control subjects (between taking the lease and subscribing, nobody does)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        try:
+            await client.status(timeout_s=1.0)
+            return
+        except Exception:
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def wait_for_leader(nc: nats.NATS, bucket: str, pids: set[int], timeout_s: float = 60.0, not_pid: int = 0) -> int:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
+        try:
+            record = await lease_holder(nc, bucket)
+        except Exception:  # bucket not created yet
+            record = None
+        if record is not None and record.pid in pids and record.pid != not_pid:
+            return record.pid
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no leader among {pids} in {timeout_s}s")
+
+
+def _control_env(suffix: str) -> dict[str, str]:
+    return {
+        "DROVER_ENGINE__KIND": "sim",
+        "DROVER_OBSERVABILITY__EXPORTER": "none",
+        "DROVER_SCHEDULER__INSTANCE_STALE_AFTER_S": "1.0",
+        "DROVER_POLICY__MIGRATION_ENABLED": "false",
+        "DROVER_HA__STATE_BUCKET": f"ha2_state_{suffix}",
+        "DROVER_HA__LEASE_BUCKET": f"ha2_lease_{suffix}",
+        "DROVER_HA__LEASE_TTL_S": "2.0",
+        "DROVER_HA__RENEW_PERIOD_S": "0.4",
+        "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+
+
+@pytest.fixture
+async def two_control_planes(nats_url: str, tmp_path: object) -> AsyncIterator[tuple[InProcessCluster, dict]]:
+    suffix = uuid.uuid4().hex[:8]
+    cluster = await asyncio.to_thread(_cluster, nats_url, control=False, stale_after_s=1.0)
+    env = _control_env(suffix)
+    procs = {
+        name: ControlProcess(nats_url, env, f"{tmp_path}/control-{name}.log")  # type: ignore[str-bytes-safe]
+        for name in ("one", "two")
+    }
+    info = {"procs": procs, "lease_bucket": env["DROVER_HA__LEASE_BUCKET"]}
+    try:
+        yield cluster, info
+    finally:
+        for proc in procs.values():
+            await asyncio.to_thread(proc.stop, signal.SIGKILL)
+        await asyncio.to_thread(cluster.stop)
+
+
+async def test_standby_takes_over_when_the_leader_is_killed(
+    two_control_planes: tuple[InProcessCluster, dict], tap_nc: nats.NATS
+) -> None:
+    cluster, info = two_control_planes
+    procs: dict[str, ControlProcess] = info["procs"]
+    by_pid = {p.proc.pid: p for p in procs.values()}
+    for name in ("h2-a", "h2-b", "h2-c"):
+        await asyncio.to_thread(cluster.add_engine, MigratableSimEngine(name, num_blocks=256, max_model_len=1024))
+    leader_pid = await wait_for_leader(tap_nc, info["lease_bucket"], set(by_pid))
+    async with DroverClient(cluster.url, name="ha-two") as client:
+        await client.wait_for_instances(3, timeout_s=60)
+        n = 300
+        streams = {
+            f"h2-{i}": await client.submit(
+                f"two {i}", sampling=SamplingParams(max_tokens=n, ignore_eos=True), request_id=f"h2-{i}"
+            )
+            for i in range(3)
+        }
+        for stream in streams.values():
+            await wait_tokens(stream, 5)
+        before = await client.status()
+        assert {r.request_id for r in before.requests} == set(streams)
+
+        by_pid[leader_pid].proc.send_signal(signal.SIGKILL)  # no lease release, no state flush
+        await asyncio.to_thread(by_pid[leader_pid].proc.wait, 10)
+        await asyncio.sleep(0.3)  # the server has seen the connection go
+        # Submitted while nobody leads: NATS answers "no responders" and the client sends it again.
+        during = await client.submit("during takeover", max_tokens=8, request_id="h2-during")
+        new_pid = await wait_for_leader(tap_nc, info["lease_bucket"], set(by_pid), not_pid=leader_pid)
+        assert by_pid[new_pid].proc.poll() is None
+        await wait_until_served(client)
+
+        # The new leader serves new requests and knows the running ones.
+        fresh = await client.generate("after takeover", max_tokens=8, request_id="h2-fresh")
+        assert fresh.token_ids == expected("h2-fresh", 8)
+        assert (await during.result()).token_ids == expected("h2-during", 8)
+        after = await client.status()
+        running = {r.request_id: r.instance_id for r in after.requests}
+        unfinished = [rid for rid, s in streams.items() if len(s.result_data.token_ids) < n]
+        assert set(unfinished) <= set(running)
+
+        # Failover of a dead engine still works under the new leader.
+        victim = next(running[rid] for rid in unfinished if running.get(rid))
+        assert victim is not None
+        on_victim = {rid for rid, inst in running.items() if inst == victim}
+        await asyncio.to_thread(_crash, cluster, victim)
+        for rid, stream in streams.items():
+            result = await stream.result()
+            assert result.token_ids == expected(rid, n)
+            assert result.done is not None
+            if rid in on_victim:
+                assert result.done.instances[-1] != victim
+
+
+async def test_sigterm_on_the_leader_hands_over(
+    two_control_planes: tuple[InProcessCluster, dict], tap_nc: nats.NATS
+) -> None:
+    cluster, info = two_control_planes
+    procs: dict[str, ControlProcess] = info["procs"]
+    by_pid = {p.proc.pid: p for p in procs.values()}
+    await asyncio.to_thread(cluster.add_engine, MigratableSimEngine("h3-a", num_blocks=256, max_model_len=1024))
+    leader_pid = await wait_for_leader(tap_nc, info["lease_bucket"], set(by_pid))
+    async with DroverClient(cluster.url, name="ha-term") as client:
+        await client.wait_for_instances(1, timeout_s=60)
+        stream = await client.submit("term", sampling=SamplingParams(max_tokens=200, ignore_eos=True), request_id="h3")
+        await wait_tokens(stream, 5)
+        leader = by_pid[leader_pid]
+        await asyncio.to_thread(leader.stop, signal.SIGTERM)
+        assert leader.proc.returncode == 0  # a clean exit
+        new_pid = await wait_for_leader(tap_nc, info["lease_bucket"], set(by_pid), not_pid=leader_pid)
+        assert by_pid[new_pid].proc.poll() is None
+        await wait_until_served(client)
+        status = await client.status()
+        assert "h3" in {r.request_id for r in status.requests} or stream.result_data.done is not None
+        result = await stream.result()
+        assert result.token_ids == expected("h3", 200)
+        fresh = await client.generate("after handover", max_tokens=4, request_id="h3-fresh")
+        assert fresh.token_ids == expected("h3-fresh", 4)
+
+
+async def test_migration_in_flight_when_the_leader_dies_is_released(
+    nats_url: str, tmp_path: object, tap_nc: nats.NATS
+) -> None:
+    """SIGKILL the control plane mid-copy: the next leader releases the destination's reservation and the
+    source's side; the request goes on where it was, exactly once, and no block is leaked."""
+    env = _control_env(uuid.uuid4().hex[:8])
+    cluster = await asyncio.to_thread(_cluster, nats_url, control=False)
+    first = ControlProcess(nats_url, env, f"{tmp_path}/control-first.log")  # type: ignore[str-bytes-safe]
+    second: ControlProcess | None = None
+    try:
+        for name in ("hm-a", "hm-b"):  # a slow modelled link: the first copy stage takes seconds
+            engine = MigratableSimEngine(name, num_blocks=256, max_model_len=2048, transfer_bytes_per_s=2e8)
+            await asyncio.to_thread(cluster.add_engine, engine)
+        await wait_for_leader(tap_nc, env["DROVER_HA__LEASE_BUCKET"], {first.proc.pid})
+        async with DroverClient(cluster.url, name="ha-mig") as client:
+            await client.wait_for_instances(2, timeout_s=60)
+            idle = {i.info.instance_id: i.load.num_free_blocks for i in (await client.status()).instances}
+            n = 300
+            stream = await client.submit(
+                "m" * 1500, sampling=SamplingParams(max_tokens=n, ignore_eos=True), request_id="hm"
+            )
+            await wait_tokens(stream, 3)
+            source = next(r.instance_id for r in (await client.status()).requests if r.request_id == "hm")
+            destination = "hm-b" if source == "hm-a" else "hm-a"
+            migrate = asyncio.create_task(client.migrate("hm", destination, timeout_s=30))
+            for _ in range(100):  # until the destination holds the reservation
+                status = await client.status()
+                dst = next(i for i in status.instances if i.info.instance_id == destination)
+                if dst.load.num_free_blocks < idle[destination]:
+                    break
+                await asyncio.sleep(0.05)
+            assert dst.load.num_free_blocks < idle[destination]
+            first.proc.send_signal(signal.SIGKILL)
+            migrate.cancel()
+            second = ControlProcess(nats_url, env, f"{tmp_path}/control-second.log")  # type: ignore[str-bytes-safe]
+            await wait_for_leader(tap_nc, env["DROVER_HA__LEASE_BUCKET"], {second.proc.pid})
+            await wait_until_served(client)
+            result = await stream.result()
+            assert result.token_ids == expected("hm", n)  # every token once, in order
+            assert result.done is not None and result.done.instances == [source]  # never moved, never re-run
+            for _ in range(100):
+                status = await client.status()
+                free = {i.info.instance_id: i.load.num_free_blocks for i in status.instances}
+                if free == idle and not status.requests:
+                    break
+                await asyncio.sleep(0.1)
+            assert free == idle  # the reservation and the source's copy state are gone
+            assert not status.requests
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                await asyncio.to_thread(proc.stop, signal.SIGKILL)
+        await asyncio.to_thread(cluster.stop)
