@@ -95,7 +95,16 @@ def role_permissions(role: Role, *, client_id: str | None = None, instance_id: s
         )
     if role is Role.CONTROL:
         return Permissions(
-            publish=(subjects.INBOX_ROOT + ".>", subjects.engine("*"), *JETSTREAM_SUBJECTS),
+            publish=(
+                subjects.INBOX_ROOT + ".>",
+                subjects.engine("*"),
+                *JETSTREAM_SUBJECTS,
+                "_INBOX.>",  # replies to its own inbox: the admin audit relays the scheduler's answers
+                # a deposed leader passes control messages on once to whoever leads now (control/leadership)
+                subjects.SUBMIT,
+                subjects.CANCEL,
+                subjects.ADMIN + ".>",
+            ),
             subscribe=(
                 subjects.SUBMIT,
                 subjects.CANCEL,
