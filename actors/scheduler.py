@@ -22,7 +22,9 @@ import pykka
 from opentelemetry import trace
 
 from actors.migrator import MigrationEnded, StartMigration
+from actors.request_lifecycle import RequestLifecycle, RequestTable
 from actors.supervisor import SupervisedActor
+from control.policy.admission import AdmissionLimits, AdmissionLoad, AdmissionRequest, Decision, admit, client_key
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy, prefix_block_hashes
 from control.policy.migration import InFlightMigration, plan_migrations
 from control.policy.params import PolicyParams
@@ -35,6 +37,7 @@ from observability.tracing import extract_context, inject_headers, tracer
 from transport import subjects
 from transport.bus import Bus, Envelope
 from transport.messages import (
+    SUPPORTED_VERSIONS,
     Accepted,
     AdminReply,
     Cancel,
@@ -57,6 +60,7 @@ from transport.messages import (
     StatusReply,
     SubmitRequest,
     Usage,
+    peer_version,
 )
 from transport.output_stream import delivered_tokens
 
@@ -126,7 +130,9 @@ class SchedulerActor(SupervisedActor):
         self.tokenizer = tokenizer
         self.peers = peers if peers is not None else {}  # "migrator" -> its ActorSlot
         self.instances: dict[str, InstanceRecord] = {}
-        self.requests: dict[str, RequestRecord] = {}
+        # Finished requests leave at once; their ids are remembered for lifecycle.finished_retention_s.
+        self.requests: RequestTable[RequestRecord] = RequestTable(settings.lifecycle)
+        self.lifecycle = RequestLifecycle(bus, settings.lifecycle)  # deadlines, clients that went away
         self.queue: deque[str] = deque()
         self.params: PolicyParams = settings.policy
         self.policy: DispatchIndex = make_dispatch_policy(self.params.dispatch_policy, self.params.dispatch_params())
@@ -178,6 +184,10 @@ class SchedulerActor(SupervisedActor):
     # ------------------------------------------------------------------------------------------- instances
     def _on_heartbeat(self, beat: InstanceHeartbeat) -> None:
         instance_id = beat.info.instance_id
+        if beat.info.protocol_version not in SUPPORTED_VERSIONS:  # never dispatched to (rolling upgrades)
+            if instance_id not in self.instances:
+                log.warning("instance %s speaks protocol %d: ignored", instance_id, beat.info.protocol_version)
+            return
         record = self.instances.get(instance_id)
         is_new = record is None
         if record is None:
@@ -241,6 +251,8 @@ class SchedulerActor(SupervisedActor):
                 self.policy.remove(instance_id)
                 metrics().remove_instance(instance_id)
                 self._fail_over(instance_id)
+        self.lifecycle.tick(self)
+        self.requests.forget_expired()
         self._drain_queue()
         metrics().set_scheduler(queued=len(self.queue), in_flight=len(self.requests))
         metrics().set_migrations(self.migrations_done, self.migrations_aborted, len(self.migrations))
@@ -313,8 +325,6 @@ class SchedulerActor(SupervisedActor):
         if submit.prompt_token_ids is not None and any(t < 0 for t in submit.prompt_token_ids):
             return "prompt_token_ids must be non-negative"
         sampling = submit.sampling
-        if not 1 <= sampling.max_tokens <= self.settings.limits.max_new_tokens:
-            return f"max_tokens must be in 1..{self.settings.limits.max_new_tokens}"
         if sampling.temperature < 0 or not math.isfinite(sampling.temperature):
             return "temperature must be >= 0"
         if not 0 < sampling.top_p <= 1:
@@ -343,6 +353,14 @@ class SchedulerActor(SupervisedActor):
             refuse(ErrorCode.INVALID_REQUEST, reason, submit.request_id)
             return
         request_id = submit.request_id or uuid.uuid4().hex
+        if request_id in self.requests.finished:
+            refuse(
+                ErrorCode.DUPLICATE_REQUEST,
+                f"request {request_id} already ran; its output stays in the "
+                "output stream for reliability.output_retention_s (resume_from)",
+                request_id,
+            )
+            return
         existing = self.requests.get(request_id)
         if existing is not None:
             if existing.submit.reply_to == reply_to:  # a client retry: acknowledge again, run once
@@ -352,6 +370,7 @@ class SchedulerActor(SupervisedActor):
                         request_id=request_id,
                         cancel_token=existing.cancel_token,
                         prompt_tokens=len(existing.prompt_token_ids),
+                        v=peer_version(submit.v),
                     ),
                 )
             else:
@@ -362,20 +381,11 @@ class SchedulerActor(SupervisedActor):
             if submit.prompt_token_ids is not None
             else self.tokenizer.encode(submit.prompt or "")
         )
-        limit = self._max_prompt_tokens(submit.model or "")
-        if len(token_ids) > limit:
-            metrics().request_finished(ErrorCode.PROMPT_TOO_LONG, str(submit.request_class))
-            refuse(
-                ErrorCode.PROMPT_TOO_LONG,
-                f"prompt has {len(token_ids)} tokens; this deployment accepts at most {limit}",
-                request_id,
-            )
-            return
-        if len(self.queue) >= self.settings.scheduler.max_queued_requests and self._no_room(
-            request_id, token_ids, submit
-        ):
-            metrics().request_finished(ErrorCode.OVERLOADED, str(submit.request_class))
-            refuse(ErrorCode.OVERLOADED, "request queue is full; retry later", request_id)
+        decision = self._admission(request_id, token_ids, submit, reply_to)  # control/policy/admission.py
+        if not decision.admitted:
+            code = ErrorCode(decision.verdict.value)
+            metrics().request_finished(code, str(submit.request_class))
+            refuse(code, decision.reason, request_id)
             return
         record = RequestRecord(
             submit=submit,
@@ -388,10 +398,49 @@ class SchedulerActor(SupervisedActor):
         self.requests[request_id] = record
         self.bus.publish(
             reply_to,
-            Accepted(request_id=request_id, cancel_token=record.cancel_token, prompt_tokens=len(token_ids)),
+            Accepted(
+                request_id=request_id,
+                cancel_token=record.cancel_token,
+                prompt_tokens=len(token_ids),
+                v=peer_version(submit.v),
+            ),
         )
         if not self._dispatch(record):
             self.queue.append(request_id)
+
+    def _admission(self, request_id: str, token_ids: list[int], submit: SubmitRequest, reply_to: str) -> Decision:
+        """Gather admission's inputs (queue counts and a dispatch try only when a queue could be at its limit)."""
+        lim = self.settings.limits
+        limits = AdmissionLimits(
+            max_prompt_tokens=self._max_prompt_tokens(submit.model or ""),
+            max_new_tokens=lim.max_new_tokens,
+            max_queued_total=self.settings.scheduler.max_queued_requests,
+            max_queued_interactive=lim.max_queued_interactive,
+            max_queued_batch=lim.max_queued_batch,
+            max_in_flight_per_client=lim.max_in_flight_per_client,
+            max_in_flight_requests=lim.max_in_flight_requests,
+            max_deadline_s=lim.max_deadline_s,
+        )
+        near_full = len(self.queue) >= min(lim.max_queued_interactive, lim.max_queued_batch, limits.max_queued_total)
+        in_class = 0
+        if near_full:
+            records = (self.requests.get(rid) for rid in self.queue)
+            in_class = sum(1 for r in records if r is not None and r.submit.request_class == submit.request_class)
+        client = client_key(submit.client_id, reply_to, subjects.INBOX_ROOT)
+        load = AdmissionLoad(
+            in_flight=len(self.requests),
+            client_in_flight=self.requests.client_in_flight(client),
+            queued_total=len(self.queue),
+            queued_in_class=in_class,
+            can_dispatch_now=not near_full or not self._no_room(request_id, token_ids, submit),
+        )
+        request = AdmissionRequest(
+            prompt_tokens=len(token_ids),
+            max_tokens=submit.sampling.max_tokens,
+            request_class=str(submit.request_class),
+            deadline_s=submit.deadline_s,
+        )
+        return admit(request, load, limits)
 
     def _no_room(self, request_id: str, token_ids: list[int], submit: SubmitRequest) -> bool:
         return self.policy.choose(self._demand(request_id, token_ids, submit)) is None
@@ -435,6 +484,8 @@ class SchedulerActor(SupervisedActor):
         self.bus.publish(
             subjects.engine(instance_id),
             EngineAdd(
+                v=peer_version(instance.info.protocol_version),
+                client_v=peer_version(submit.v),
                 request_id=record.request_id,
                 prompt_token_ids=record.prompt_token_ids,
                 sampling=submit.sampling,
@@ -616,12 +667,15 @@ class SchedulerActor(SupervisedActor):
                     request_id=cancel.request_id,
                     finish_reason="abort",
                     usage=Usage(prompt_tokens=len(record.prompt_token_ids), completion_tokens=0),
+                    v=peer_version(record.submit.v),
                 ),
             )
         elif record.instance_id is not None:
-            self.bus.publish(subjects.engine(record.instance_id), EngineAbort(request_id=cancel.request_id))
+            instance = self.instances.get(record.instance_id)
+            version = peer_version(instance.info.protocol_version if instance else 1)
+            self.bus.publish(subjects.engine(record.instance_id), EngineAbort(request_id=cancel.request_id, v=version))
         if target:
-            self.bus.publish(target, CancelAck(request_id=cancel.request_id))
+            self.bus.publish(target, CancelAck(request_id=cancel.request_id, v=peer_version(cancel.v)))
 
     # ------------------------------------------------------------------------------------------- status
     def status(self) -> StatusReply:
