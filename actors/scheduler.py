@@ -353,7 +353,8 @@ class SchedulerActor(SupervisedActor):
             refuse(ErrorCode.INVALID_REQUEST, reason, submit.request_id)
             return
         request_id = submit.request_id or uuid.uuid4().hex
-        if request_id in self.requests.finished:
+        finished = self.requests.finished.get(request_id)
+        if finished is not None and finished.reply_to == reply_to:  # a retry (same inbox) of a finished request
             refuse(
                 ErrorCode.DUPLICATE_REQUEST,
                 f"request {request_id} already ran; its output stays in the "

@@ -347,12 +347,33 @@ async def test_finished_requests_leave_the_table_and_are_forgotten_after_retenti
             await _eventually(lambda: _true(len(table) == 0))
             assert len(table.finished) <= 5  # at most finished_max_entries ids remembered
             assert table.per_client == {}
-            with pytest.raises(DroverError) as dup:  # a late retry of a finished request does not run again
-                await client.generate("b 7", max_tokens=5, request_id="bt-7")
-            assert dup.value.code == ErrorCode.DUPLICATE_REQUEST
-            await _eventually(lambda: _true(len(table.finished) == 0))  # retention passed
-            again = await client.generate("b 7", max_tokens=5, request_id="bt-7")
-            assert again.done is not None and len(again.token_ids) == 5
+            # a retry from the same inbox of a finished request does not run again (a new inbox may reuse an id)
+            inbox = subjects.client_inbox_prefix("bounded") + ".retry"
+            sub = await client.nc.subscribe(inbox)
+            submit = msgspec.msgpack.encode(
+                {
+                    "kind": "submit",
+                    "v": 2,
+                    "reply_to": inbox,
+                    "request_id": "bt-raw",
+                    "prompt": "p",
+                    "sampling": {"max_tokens": 3},
+                }
+            )
+
+            async def send() -> list[str]:
+                await client.nc.publish(subjects.SUBMIT, submit)
+                kinds = [msgspec.msgpack.decode((await sub.next_msg(timeout=10)).data)["kind"]]
+                while kinds[-1] not in ("done", "error"):
+                    kinds.append(msgspec.msgpack.decode((await sub.next_msg(timeout=10)).data)["kind"])
+                return kinds
+
+            assert (await send())[-1] == "done"
+            await _eventually(lambda: _true("bt-raw" in table.finished))
+            assert await send() == ["error"]  # duplicate_request
+            await _eventually(lambda: _true(len(table.finished) == 0))  # retention passed: forgotten
+            assert (await send())[-1] == "done"
+            await sub.unsubscribe()
     finally:
         await asyncio.to_thread(cluster.stop)
 
