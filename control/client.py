@@ -175,6 +175,9 @@ class RequestStream:
             if not self.accepted.done():
                 self.accepted.set_result(message)
             return
+        if isinstance(message, ErrorReply) and not self.accepted.done():  # refused: `accepted` fails at once
+            self.accepted.set_exception(DroverError(message.code, message.message, message.request_id))
+            self.accepted.exception()  # mark retrieved: events() raises it too
         self._queue.put_nowait(message)
 
     async def events(self) -> AsyncIterator[StreamEvent]:
