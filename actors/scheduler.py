@@ -22,9 +22,8 @@ import pykka
 from opentelemetry import trace
 
 from actors.migrator import MigrationEnded, StartMigration
-from actors.request_lifecycle import RequestLifecycle, RequestTable
+from actors.request_lifecycle import RequestLifecycle, RequestTable, admission
 from actors.supervisor import SupervisedActor
-from control.policy.admission import AdmissionLimits, AdmissionLoad, AdmissionRequest, Decision, admit, client_key
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy, prefix_block_hashes
 from control.policy.migration import InFlightMigration, plan_migrations
 from control.policy.params import PolicyParams
@@ -382,7 +381,16 @@ class SchedulerActor(SupervisedActor):
             if submit.prompt_token_ids is not None
             else self.tokenizer.encode(submit.prompt or "")
         )
-        decision = self._admission(request_id, token_ids, submit, reply_to)  # control/policy/admission.py
+        decision = admission(  # the limits: control/policy/admission.py
+            self.settings,
+            self.requests,
+            self.queue,
+            submit,
+            reply_to,
+            len(token_ids),
+            max_prompt_tokens=self._max_prompt_tokens(submit.model or ""),
+            no_room=lambda: self._no_room(request_id, token_ids, submit),
+        )
         if not decision.admitted:
             code = ErrorCode(decision.verdict.value)
             metrics().request_finished(code, str(submit.request_class))
@@ -408,40 +416,6 @@ class SchedulerActor(SupervisedActor):
         )
         if not self._dispatch(record):
             self.queue.append(request_id)
-
-    def _admission(self, request_id: str, token_ids: list[int], submit: SubmitRequest, reply_to: str) -> Decision:
-        """Gather admission's inputs (queue counts and a dispatch try only when a queue could be at its limit)."""
-        lim = self.settings.limits
-        limits = AdmissionLimits(
-            max_prompt_tokens=self._max_prompt_tokens(submit.model or ""),
-            max_new_tokens=lim.max_new_tokens,
-            max_queued_total=self.settings.scheduler.max_queued_requests,
-            max_queued_interactive=lim.max_queued_interactive,
-            max_queued_batch=lim.max_queued_batch,
-            max_in_flight_per_client=lim.max_in_flight_per_client,
-            max_in_flight_requests=lim.max_in_flight_requests,
-            max_deadline_s=lim.max_deadline_s,
-        )
-        near_full = len(self.queue) >= min(lim.max_queued_interactive, lim.max_queued_batch, limits.max_queued_total)
-        in_class = 0
-        if near_full:
-            records = (self.requests.get(rid) for rid in self.queue)
-            in_class = sum(1 for r in records if r is not None and r.submit.request_class == submit.request_class)
-        client = client_key(submit.client_id, reply_to, subjects.INBOX_ROOT)
-        load = AdmissionLoad(
-            in_flight=len(self.requests),
-            client_in_flight=self.requests.client_in_flight(client),
-            queued_total=len(self.queue),
-            queued_in_class=in_class,
-            can_dispatch_now=not near_full or not self._no_room(request_id, token_ids, submit),
-        )
-        request = AdmissionRequest(
-            prompt_tokens=len(token_ids),
-            max_tokens=submit.sampling.max_tokens,
-            request_class=str(submit.request_class),
-            deadline_s=submit.deadline_s,
-        )
-        return admit(request, load, limits)
 
     def _no_room(self, request_id: str, token_ids: list[int], submit: SubmitRequest) -> bool:
         return self.policy.choose(self._demand(request_id, token_ids, submit)) is None
