@@ -28,6 +28,7 @@ from observability.tracing import extract_context, tracer
 from transport import subjects
 from transport.bus import Bus, Envelope
 from transport.messages import (
+    MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
     AdminReply,
     EngineAbort,
@@ -101,7 +102,10 @@ class EngineActor(pykka.ThreadingActor):
         if isinstance(message, EngineAdd):
             accepted = self._add(message, envelope.headers)
             if envelope.reply:
-                self.bus.publish(envelope.reply, AdminReply(ok=accepted, message="added" if accepted else "refused"))
+                self.bus.publish(
+                    envelope.reply,
+                    AdminReply(ok=accepted, message="added" if accepted else "refused", v=peer_version(message.v)),
+                )
         elif isinstance(message, MigrateOut | MigrateIn):
             self.bus.run(self._migration_op(message, envelope.reply))
         elif isinstance(message, EngineAbort):
@@ -156,6 +160,7 @@ class EngineActor(pykka.ThreadingActor):
         self.bus.publish(
             subjects.ENGINE_EVENTS,
             EngineRequestEnded(
+                v=MIN_PROTOCOL_VERSION,  # unsolicited, to a control plane of either supported version
                 instance_id=self.instance_id,
                 request_id=add.request_id,
                 finish_reason="error",
@@ -266,6 +271,7 @@ class EngineActor(pykka.ThreadingActor):
             await self.bus.apublish(
                 subjects.ENGINE_EVENTS,
                 EngineRequestEnded(
+                    v=MIN_PROTOCOL_VERSION,  # unsolicited, to a control plane of either supported version
                     instance_id=self.instance_id,
                     request_id=add.request_id,
                     finish_reason=finish_reason,
@@ -329,7 +335,7 @@ class EngineActor(pykka.ThreadingActor):
                 migration_id=message.migration_id, ok=False, error=f"{type(exc).__name__}: {exc}"
             )
         if reply:
-            await self.bus.apublish(reply, answer)
+            await self.bus.apublish(reply, msgspec.structs.replace(answer, v=peer_version(message.v)))
 
     async def _migrate_in(self, message: MigrateIn) -> MigrateInReply:
         engine = self._migratable()
@@ -444,6 +450,7 @@ class Heartbeater:
         self.bus.publish(
             subjects.heartbeat(info.instance_id),
             InstanceHeartbeat(
+                v=MIN_PROTOCOL_VERSION,  # any supported control plane reads it; info says what we speak
                 info=info,
                 load=self.engine.load(),
                 seq=self._seq,

@@ -24,8 +24,10 @@ PROTOCOL_VERSION = 2
 - a sender that knows its peer's version encodes at ``min(own, peer's)``: replies to a client at the
   client's ``v`` (the scheduler passes it on to engines as ``EngineAdd.client_v``), the scheduler's
   messages to an engine at the version the engine advertises (``EngineInfo.protocol_version``);
-- unsolicited messages to the control plane (heartbeats, engine events) go at the sender's version, so
-  a rolling upgrade goes control planes first, then engines, then clients.
+- engines send their unsolicited messages (heartbeats, engine events) at ``MIN_PROTOCOL_VERSION``, which
+  every supported control plane reads (``EngineInfo.protocol_version`` says what the engine speaks), and
+  answer requests (migration steps) at the requester's version: control planes and engines upgrade in
+  any order; clients (whose submissions go at their own version) after the control planes.
 
 Version 2 added: ``SubmitRequest.deadline_s`` and ``liveness``, ``EngineAdd.client_v``,
 ``EngineInfo.protocol_version``, error codes ``deadline_exceeded`` and ``client_gone`` (sent only to

@@ -610,3 +610,38 @@ async def test_chunks_sent_while_the_client_reconnects_are_replayed(nats_url: st
         await client.close()
         await proxy.stop()
         await asyncio.to_thread(cluster.stop)
+
+
+async def test_a_version_2_engine_works_under_a_version_1_control_plane(nats_url: str) -> None:
+    """The test plays a version-1 control plane (hand-built v1 messages); the engine is this code's."""
+    settings = load_settings(
+        overrides={"nats": {"url": nats_url}, "engine": {"kind": "sim", "heartbeat_interval_s": 0.05}}
+    )
+    cluster = InProcessCluster(settings=settings, tokenizer=ByteTokenizer())  # engines only, no control plane
+    await asyncio.to_thread(cluster.add_engine, MigratableSimEngine("v2-engine", time_scale=0.0))
+    nc = await nats.connect(nats_url)
+    try:
+        beats = await nc.subscribe(subjects.heartbeat("v2-engine"))
+        beat = msgspec.msgpack.decode((await beats.next_msg(timeout=10)).data)
+        assert beat["v"] == 1 and beat["info"]["protocol_version"] == 2  # readable by v1, says what it speaks
+        events = await nc.subscribe(subjects.ENGINE_EVENTS)
+        inbox = subjects.client_inbox_prefix("v1-cp") + ".1"
+        sub = await nc.subscribe(inbox)
+        add = {
+            "kind": "engine_add",
+            "v": 1,
+            "request_id": "v1-add",
+            "prompt_token_ids": [1, 5, 6, 7],
+            "sampling": {"max_tokens": 5},
+            "reply_to": inbox,
+        }
+        reply = await nc.request(subjects.engine("v2-engine"), msgspec.msgpack.encode(add), timeout=10)
+        assert msgspec.msgpack.decode(reply.data)["v"] == 1  # answered at the requester's version
+        raw = await _collect(sub, "done")
+        assert {m["v"] for m in raw} == {1}
+        assert [t for m in raw if m["kind"] == "chunk" for t in m["token_ids"]] == _expected("v1-add", 5)
+        ended = msgspec.msgpack.decode((await events.next_msg(timeout=10)).data)
+        assert ended["kind"] == "engine_ended" and ended["v"] == 1 and ended["request_id"] == "v1-add"
+    finally:
+        await nc.close()
+        await asyncio.to_thread(cluster.stop)
