@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import msgspec
 import pykka
 from opentelemetry import trace
 
@@ -27,6 +28,8 @@ from observability.tracing import extract_context, tracer
 from transport import subjects
 from transport.bus import Bus, Envelope
 from transport.messages import (
+    MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
     AdminReply,
     EngineAbort,
     EngineAdd,
@@ -43,6 +46,7 @@ from transport.messages import (
     Timings,
     TokenChunk,
     Usage,
+    peer_version,
 )
 
 log = logging.getLogger(__name__)
@@ -62,6 +66,7 @@ class _Stream:
     add: EngineAdd
     index: int  # next output index to send
     migrated_out: bool = False
+    abort_code: str = ""  # the scheduler aborted it with an error code (deadline, client gone): end with it
     last_sent_at: float = 0.0  # time.perf_counter() of the last chunk (inter-token metric)
 
 
@@ -97,7 +102,10 @@ class EngineActor(pykka.ThreadingActor):
         if isinstance(message, EngineAdd):
             accepted = self._add(message, envelope.headers)
             if envelope.reply:
-                self.bus.publish(envelope.reply, AdminReply(ok=accepted, message="added" if accepted else "refused"))
+                self.bus.publish(
+                    envelope.reply,
+                    AdminReply(ok=accepted, message="added" if accepted else "refused", v=peer_version(message.v)),
+                )
         elif isinstance(message, MigrateOut | MigrateIn):
             self.bus.run(self._migration_op(message, envelope.reply))
         elif isinstance(message, EngineAbort):
@@ -116,6 +124,7 @@ class EngineActor(pykka.ThreadingActor):
                     code=ErrorCode.DUPLICATE_REQUEST,
                     message=f"request {add.request_id} already runs on {self.instance_id}",
                     request_id=add.request_id,
+                    v=peer_version(add.client_v),
                 ),
             )
             return False
@@ -134,14 +143,24 @@ class EngineActor(pykka.ThreadingActor):
                 reply, ErrorCode.UNKNOWN_REQUEST, f"no request {abort.request_id} on {self.instance_id}"
             )
             return
+        if abort.reason in (ErrorCode.DEADLINE_EXCEEDED, ErrorCode.CLIENT_GONE):
+            self.bus.call_soon(self._mark_abort, abort.request_id, abort.reason)  # runs before the abort below
         self.bus.run(self.engine.abort(abort.request_id))
+
+    def _mark_abort(self, request_id: str, code: str) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.abort_code = code
 
     def _reject(self, add: EngineAdd, code: ErrorCode, text: str) -> None:
         log.info("engine %s rejects %s: %s", self.instance_id, add.request_id, text)
-        self.bus.publish(add.reply_to, ErrorReply(code=code, message=text, request_id=add.request_id))
+        self.bus.publish(
+            add.reply_to, ErrorReply(code=code, message=text, request_id=add.request_id, v=peer_version(add.client_v))
+        )
         self.bus.publish(
             subjects.ENGINE_EVENTS,
             EngineRequestEnded(
+                v=MIN_PROTOCOL_VERSION,  # unsolicited, to a control plane of either supported version
                 instance_id=self.instance_id,
                 request_id=add.request_id,
                 finish_reason="error",
@@ -196,7 +215,12 @@ class EngineActor(pykka.ThreadingActor):
             finish_reason, error = "error", str(exc)
             await self.bus.apublish(
                 add.reply_to,
-                ErrorReply(code=ErrorCode.INVALID_REQUEST, message=str(exc), request_id=add.request_id),
+                ErrorReply(
+                    code=ErrorCode.INVALID_REQUEST,
+                    message=str(exc),
+                    request_id=add.request_id,
+                    v=peer_version(add.client_v),
+                ),
             )
         except asyncio.CancelledError:
             finish_reason = "abort"
@@ -206,7 +230,9 @@ class EngineActor(pykka.ThreadingActor):
             finish_reason, error = "error", f"engine failure: {exc}"
             await self.bus.apublish(
                 add.reply_to,
-                ErrorReply(code=ErrorCode.ENGINE_FAILED, message=error, request_id=add.request_id),
+                ErrorReply(
+                    code=ErrorCode.ENGINE_FAILED, message=error, request_id=add.request_id, v=peer_version(add.client_v)
+                ),
             )
         finally:
             now = time.time()
@@ -214,7 +240,18 @@ class EngineActor(pykka.ThreadingActor):
             index = stream.index
             if stream.migrated_out:
                 finish_reason = "migrated"
-            if finish_reason not in ("error", "migrated"):
+            if stream.abort_code and finish_reason == "abort":  # after its last chunk, the scheduler's reason
+                error = stream.abort_code
+                await self.bus.apublish(
+                    add.reply_to,
+                    ErrorReply(
+                        code=ErrorCode(stream.abort_code),
+                        message=f"stopped by the scheduler after {index} tokens: {stream.abort_code}",
+                        request_id=add.request_id,
+                        v=max(2, peer_version(add.client_v)),
+                    ),
+                )
+            elif finish_reason not in ("error", "migrated"):
                 await self.bus.apublish(
                     add.reply_to,
                     RequestDone(
@@ -228,11 +265,13 @@ class EngineActor(pykka.ThreadingActor):
                         ),
                         instances=[*add.served_by, self.instance_id],
                         num_tokens=index,
+                        v=peer_version(add.client_v),
                     ),
                 )
             await self.bus.apublish(
                 subjects.ENGINE_EVENTS,
                 EngineRequestEnded(
+                    v=MIN_PROTOCOL_VERSION,  # unsolicited, to a control plane of either supported version
                     instance_id=self.instance_id,
                     request_id=add.request_id,
                     finish_reason=finish_reason,
@@ -272,6 +311,7 @@ class EngineActor(pykka.ThreadingActor):
                 text=text,
                 instance_id=self.instance_id,
                 produced_at=time.time(),
+                v=peer_version(add.client_v),
             ),
         )
 
@@ -295,7 +335,7 @@ class EngineActor(pykka.ThreadingActor):
                 migration_id=message.migration_id, ok=False, error=f"{type(exc).__name__}: {exc}"
             )
         if reply:
-            await self.bus.apublish(reply, answer)
+            await self.bus.apublish(reply, msgspec.structs.replace(answer, v=peer_version(message.v)))
 
     async def _migrate_in(self, message: MigrateIn) -> MigrateInReply:
         engine = self._migratable()
@@ -404,10 +444,13 @@ class Heartbeater:
 
     def beat(self) -> None:
         info = self.engine.info
+        if info.protocol_version != PROTOCOL_VERSION:  # advertise what this code speaks (version negotiation)
+            info = msgspec.structs.replace(info, protocol_version=PROTOCOL_VERSION)
         self._seq += 1
         self.bus.publish(
             subjects.heartbeat(info.instance_id),
             InstanceHeartbeat(
+                v=MIN_PROTOCOL_VERSION,  # any supported control plane reads it; info says what we speak
                 info=info,
                 load=self.engine.load(),
                 seq=self._seq,

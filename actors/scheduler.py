@@ -23,6 +23,7 @@ from opentelemetry import trace
 
 from actors.control_state import ControlState, restore_into
 from actors.migrator import MigrationEnded, StartMigration
+from actors.request_lifecycle import RequestLifecycle, RequestTable, admission
 from actors.supervisor import SupervisedActor
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy, prefix_block_hashes
 from control.policy.migration import InFlightMigration, plan_migrations
@@ -36,6 +37,7 @@ from observability.tracing import extract_context, inject_headers, tracer
 from transport import subjects
 from transport.bus import Bus, Envelope
 from transport.messages import (
+    SUPPORTED_VERSIONS,
     Accepted,
     AdminReply,
     Cancel,
@@ -58,6 +60,7 @@ from transport.messages import (
     StatusReply,
     SubmitRequest,
     Usage,
+    peer_version,
 )
 from transport.output_stream import delivered_tokens
 
@@ -97,6 +100,13 @@ class Tick:
 
 
 @dataclass(frozen=True, slots=True)
+class _Acknowledged:
+    """A submission's record is stored and its Accepted sent: it may be dispatched."""
+
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class _Recovered:
     """What a failed-over request's client had received (read back from the output stream)."""
 
@@ -129,7 +139,9 @@ class SchedulerActor(SupervisedActor):
         self.tokenizer = tokenizer
         self.peers = peers if peers is not None else {}  # "migrator" -> its ActorSlot
         self.instances: dict[str, InstanceRecord] = {}
-        self.requests: dict[str, RequestRecord] = {}
+        # Finished requests leave at once; their ids are remembered for lifecycle.finished_retention_s.
+        self.requests: RequestTable[RequestRecord] = RequestTable(settings.lifecycle)
+        self.lifecycle = RequestLifecycle(bus, settings.lifecycle)  # deadlines, clients that went away
         self.queue: deque[str] = deque()
         self.params: PolicyParams = settings.policy
         self.policy: DispatchIndex = make_dispatch_policy(self.params.dispatch_policy, self.params.dispatch_params())
@@ -152,6 +164,8 @@ class SchedulerActor(SupervisedActor):
             self._on_migration_ended(message)
         elif isinstance(message, _Recovered):
             self._on_recovered(message)
+        elif isinstance(message, _Acknowledged):
+            self._on_acknowledged(message.request_id)
         return None
 
     def _on_envelope(self, envelope: Envelope) -> None:
@@ -184,6 +198,10 @@ class SchedulerActor(SupervisedActor):
     # ------------------------------------------------------------------------------------------- instances
     def _on_heartbeat(self, beat: InstanceHeartbeat) -> None:
         instance_id = beat.info.instance_id
+        if beat.info.protocol_version not in SUPPORTED_VERSIONS:  # never dispatched to (rolling upgrades)
+            if instance_id not in self.instances:
+                log.warning("instance %s speaks protocol %d: ignored", instance_id, beat.info.protocol_version)
+            return
         record = self.instances.get(instance_id)
         is_new = record is None
         if record is None:
@@ -252,6 +270,8 @@ class SchedulerActor(SupervisedActor):
                 metrics().remove_instance(instance_id)
                 self.state.drop_instance(instance_id)
                 self._fail_over(instance_id)
+        self.lifecycle.tick(self)
+        self.requests.forget_expired()
         self._drain_queue()
         metrics().set_scheduler(queued=len(self.queue), in_flight=len(self.requests))
         metrics().set_migrations(self.migrations_done, self.migrations_aborted, len(self.migrations))
@@ -328,8 +348,6 @@ class SchedulerActor(SupervisedActor):
         if submit.prompt_token_ids is not None and any(t < 0 for t in submit.prompt_token_ids):
             return "prompt_token_ids must be non-negative"
         sampling = submit.sampling
-        if not 1 <= sampling.max_tokens <= self.settings.limits.max_new_tokens:
-            return f"max_tokens must be in 1..{self.settings.limits.max_new_tokens}"
         if sampling.temperature < 0 or not math.isfinite(sampling.temperature):
             return "temperature must be >= 0"
         if not 0 < sampling.top_p <= 1:
@@ -358,6 +376,15 @@ class SchedulerActor(SupervisedActor):
             refuse(ErrorCode.INVALID_REQUEST, reason, submit.request_id)
             return
         request_id = submit.request_id or uuid.uuid4().hex
+        finished = self.requests.finished.get(request_id)
+        if finished is not None and finished.reply_to == reply_to:  # a retry (same inbox) of a finished request
+            refuse(
+                ErrorCode.DUPLICATE_REQUEST,
+                f"request {request_id} already ran; its output stays in the "
+                "output stream for reliability.output_retention_s (resume_from)",
+                request_id,
+            )
+            return
         existing = self.requests.get(request_id)
         if existing is not None:
             if existing.submit.reply_to == reply_to:  # a client retry: acknowledge again, run once
@@ -367,6 +394,7 @@ class SchedulerActor(SupervisedActor):
                         request_id=request_id,
                         cancel_token=existing.cancel_token,
                         prompt_tokens=len(existing.prompt_token_ids),
+                        v=peer_version(submit.v),
                     ),
                 )
             else:
@@ -377,20 +405,20 @@ class SchedulerActor(SupervisedActor):
             if submit.prompt_token_ids is not None
             else self.tokenizer.encode(submit.prompt or "")
         )
-        limit = self._max_prompt_tokens(submit.model or "")
-        if len(token_ids) > limit:
-            metrics().request_finished(ErrorCode.PROMPT_TOO_LONG, str(submit.request_class))
-            refuse(
-                ErrorCode.PROMPT_TOO_LONG,
-                f"prompt has {len(token_ids)} tokens; this deployment accepts at most {limit}",
-                request_id,
-            )
-            return
-        if len(self.queue) >= self.settings.scheduler.max_queued_requests and self._no_room(
-            request_id, token_ids, submit
-        ):
-            metrics().request_finished(ErrorCode.OVERLOADED, str(submit.request_class))
-            refuse(ErrorCode.OVERLOADED, "request queue is full; retry later", request_id)
+        decision = admission(  # the limits: control/policy/admission.py
+            self.settings,
+            self.requests,
+            self.queue,
+            submit,
+            reply_to,
+            len(token_ids),
+            max_prompt_tokens=self._max_prompt_tokens(submit.model or ""),
+            no_room=lambda: self._no_room(request_id, token_ids, submit),
+        )
+        if not decision.admitted:
+            code = ErrorCode(decision.verdict.value)
+            metrics().request_finished(code, str(submit.request_class))
+            refuse(code, decision.reason, request_id)
             return
         record = RequestRecord(
             submit=submit,
@@ -401,9 +429,26 @@ class SchedulerActor(SupervisedActor):
             headers=envelope.headers,
         )
         self.requests[request_id] = record
-        accepted = Accepted(request_id=request_id, cancel_token=record.cancel_token, prompt_tokens=len(token_ids))
+        accepted = Accepted(
+            request_id=request_id,
+            cancel_token=record.cancel_token,
+            prompt_tokens=len(token_ids),
+            v=peer_version(submit.v),
+        )
         self.state.save_request(record)  # acknowledged once stored: a retry after a restart is still deduplicated
-        self.state.after_writes(lambda: self.bus.publish(reply_to, accepted))
+
+        def acknowledge() -> None:
+            # Accepted goes out before the request is dispatched, so no token can reach the client before it.
+            self.bus.publish(reply_to, accepted)
+            self.actor_ref.tell(_Acknowledged(request_id))
+
+        self.state.after_writes(acknowledge)
+
+    def _on_acknowledged(self, request_id: str) -> None:
+        """The submission is stored and acknowledged: dispatch it now, or queue it."""
+        record = self.requests.get(request_id)
+        if record is None or record.state != "queued" or record.instance_id is not None:
+            return  # cancelled (or ended by its deadline) meanwhile
         if not self._dispatch(record):
             self.queue.append(request_id)
 
@@ -449,6 +494,8 @@ class SchedulerActor(SupervisedActor):
         self.bus.publish(
             subjects.engine(instance_id),
             EngineAdd(
+                v=peer_version(instance.info.protocol_version),
+                client_v=peer_version(submit.v),
                 request_id=record.request_id,
                 prompt_token_ids=record.prompt_token_ids,
                 sampling=submit.sampling,
@@ -635,12 +682,15 @@ class SchedulerActor(SupervisedActor):
                     request_id=cancel.request_id,
                     finish_reason="abort",
                     usage=Usage(prompt_tokens=len(record.prompt_token_ids), completion_tokens=0),
+                    v=peer_version(record.submit.v),
                 ),
             )
         elif record.instance_id is not None:
-            self.bus.publish(subjects.engine(record.instance_id), EngineAbort(request_id=cancel.request_id))
+            instance = self.instances.get(record.instance_id)
+            version = peer_version(instance.info.protocol_version if instance else 1)
+            self.bus.publish(subjects.engine(record.instance_id), EngineAbort(request_id=cancel.request_id, v=version))
         if target:
-            self.bus.publish(target, CancelAck(request_id=cancel.request_id))
+            self.bus.publish(target, CancelAck(request_id=cancel.request_id, v=peer_version(cancel.v)))
 
     # ------------------------------------------------------------------------------------------- status
     def status(self) -> StatusReply:

@@ -4,6 +4,15 @@ Any NATS client in any language can do the same (see the README's wire schema): 
 ``SubmitRequest`` on ``drover.v1.submit`` with ``reply_to`` set to an inbox you subscribe to, and read
 ``Accepted``, ``TokenChunk``s and a final ``RequestDone`` (or ``ErrorReply``) from it. Chunks carry their
 index: the client drops duplicates and reorders, so each token is delivered once, in order.
+
+Resume (after a client restart or lost connection): :meth:`DroverClient.resume` subscribes the request's
+inbox again, reads what was already sent there from the JetStream output stream (``DROVER_OUTPUT``,
+filtered on the inbox subject), delivers tokens from ``resume_from`` on, then the live ones, each once.
+The README's "Resuming a stream" gives the same steps for clients in other languages. After nats-py's own
+reconnect, open streams replay the output stream the same way, so chunks sent during the gap are not lost.
+
+Liveness: unless ``liveness=False``, a request's client answers probes on ``subjects.alive(inbox)``; when
+nothing answers there for ``lifecycle.client_gone_after_s``, Drover stops the request and frees its blocks.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ import itertools
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -53,6 +62,7 @@ from transport.messages import (
     encode,
 )
 from transport.nats_auth import NatsAuth, connect_options
+from transport.output_stream import read_subject
 
 if TYPE_CHECKING:
     from control.settings import NatsSettings
@@ -125,17 +135,59 @@ class RequestResult:
 class RequestStream:
     """A submitted request: iterate it for tokens; ``result()`` waits for the end."""
 
-    def __init__(self, client: DroverClient, request_id: str | None, submitted_at: float) -> None:
+    def __init__(
+        self,
+        client: DroverClient,
+        request_id: str | None,
+        submitted_at: float,
+        inbox: str = "",
+        resume_from: int = 0,
+    ) -> None:
         self._client = client
         self.request_id = request_id
         self.submitted_at = submitted_at
+        self.inbox = inbox  # keep it (with request_id) to resume this stream from another connection
         self._queue: asyncio.Queue[Message] = asyncio.Queue()
-        self._next_index = 0
+        self._next_index = resume_from  # tokens below it are the caller's already: dropped
+        self._replaying = False
+        self._live_buffer: list[Message] = []  # live messages that arrive while the output stream replays
+        self._alive_subscription: Subscription | None = None
         self._held: dict[int, TokenChunk] = {}  # chunks that arrived ahead of a gap
         self.accepted: asyncio.Future[Accepted] = asyncio.get_running_loop().create_future()
         self.result_data = RequestResult(request_id=request_id or "", submitted_at=submitted_at)
         self._subscription: Subscription | None = None
         self._finished = False
+
+    @property
+    def next_index(self) -> int:
+        """Output index of the next token to deliver: what to pass as ``resume_from`` after a restart."""
+        return self._next_index
+
+    def _on_live(self, message: Message) -> None:
+        if self._replaying:  # keep order: a live RequestDone must not overtake replayed chunks
+            self._live_buffer.append(message)
+        else:
+            self._deliver(message)
+
+    async def _replay(self) -> None:
+        """Deliver what the output stream holds for this inbox, then what arrived live meanwhile (duplicates
+        by index are dropped by the usual reassembly)."""
+        if self._finished or self._replaying:
+            return
+        self._replaying = True
+        try:
+            for data in await read_subject(self._client.nc, self.inbox):
+                try:
+                    message = decode(data)
+                except ProtocolError:
+                    continue
+                if getattr(message, "request_id", None) in (None, self.request_id) or self.request_id is None:
+                    self._deliver(message)
+        finally:
+            self._replaying = False
+            buffered, self._live_buffer = self._live_buffer, []
+            for message in buffered:
+                self._deliver(message)
 
     def _deliver(self, message: Message) -> None:
         if isinstance(message, Accepted):  # resolved at once, so cancel() works without iterating
@@ -144,6 +196,9 @@ class RequestStream:
             if not self.accepted.done():
                 self.accepted.set_result(message)
             return
+        if isinstance(message, ErrorReply) and not self.accepted.done():  # refused: `accepted` fails at once
+            self.accepted.set_exception(DroverError(message.code, message.message, message.request_id))
+            self.accepted.exception()  # mark retrieved: events() raises it too
         self._queue.put_nowait(message)
 
     async def events(self) -> AsyncIterator[StreamEvent]:
@@ -206,10 +261,13 @@ class RequestStream:
         await self._client.cancel(accepted.request_id, accepted.cancel_token, timeout_s=timeout_s)
 
     async def close(self) -> None:
-        if self._subscription is not None:
-            sub, self._subscription = self._subscription, None
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        self._client._streams.pop(self.inbox, None)
+        for name in ("_subscription", "_alive_subscription"):
+            sub = getattr(self, name)
+            if sub is not None:
+                setattr(self, name, None)
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
 
 
 class DroverClient:
@@ -236,6 +294,7 @@ class DroverClient:
         )
         self._nc: NatsClient | None = None
         self._denied: set[str] = set()  # subjects the server refused this user (permissions violations)
+        self._streams: dict[str, RequestStream] = {}  # inbox -> open stream (replayed after a reconnect)
 
     async def _on_error(self, exc: Exception) -> None:
         found = _VIOLATION.search(str(exc))
@@ -251,6 +310,7 @@ class DroverClient:
             "servers": self.url.split(","),
             "name": self.name,
             "error_cb": self._on_error,
+            "reconnected_cb": self._on_reconnected,
             **auth,
             **kwargs,
         }
@@ -292,6 +352,14 @@ class DroverClient:
                 ) from None
             raise
 
+    async def _on_reconnected(self) -> None:
+        """nats-py resubscribed; chunks sent while we were away are in the output stream: replay them."""
+        for stream in list(self._streams.values()):
+            try:
+                await stream._replay()
+            except Exception as exc:  # no JetStream here: live delivery goes on, a gap stays a gap
+                log.warning("replay of %s after reconnect failed: %s", stream.inbox, exc)
+
     async def close(self) -> None:
         if self._nc is not None:
             await self._nc.drain()
@@ -327,29 +395,28 @@ class DroverClient:
         request_class: RequestClass = RequestClass.INTERACTIVE,
         model: str | None = None,
         client_id: str | None = None,
+        deadline_s: float | None = None,
+        liveness: bool = True,
     ) -> RequestStream:
         """Publish a request and return its stream (tokens start flowing at once). ``client_id`` says on
-        whose behalf (a gateway submits for many clients); default: this client's name."""
+        whose behalf (a gateway submits for many clients); default: this client's name. ``deadline_s``:
+        generation stops (DEADLINE_EXCEEDED) that long after Drover received it. ``liveness``: answer
+        Drover's probes, so the request stops when this client is gone."""
         inbox = self.nc.new_inbox()
-        stream = RequestStream(self, request_id, time.perf_counter())
+        stream = RequestStream(self, request_id, time.perf_counter(), inbox)
         resubmit_until = time.monotonic() + NO_CONTROL_PLANE_RETRY_S
+        resend_submit: list[Callable[[], Awaitable[None]]] = []
 
-        async def on_message(msg: Msg) -> None:
-            if not msg.data and msg.headers and msg.headers.get("Status") == "503":
-                # Nobody took the submission (e.g. a control-plane takeover in progress): send it again
-                # shortly; nobody received it, so this cannot run it twice.
-                if time.monotonic() < resubmit_until:
-                    asyncio.get_running_loop().call_later(0.2, lambda: asyncio.ensure_future(resend()))
-                else:
-                    text = "no control plane took the request (is one running?); retry with the same request_id"
-                    stream._deliver(ErrorReply(code=ErrorCode.OVERLOADED, message=text, request_id=request_id))
-                return
-            try:
-                stream._deliver(decode(msg.data))
-            except ProtocolError as exc:
-                stream._deliver(ErrorReply(code=exc.code, message=str(exc)))
+        def on_no_responders() -> None:
+            # Nobody took the submission (e.g. a control-plane takeover in progress): send it again shortly;
+            # nobody received it, so this cannot run it twice.
+            if resend_submit and time.monotonic() < resubmit_until:
+                asyncio.get_running_loop().call_later(0.2, lambda: asyncio.ensure_future(resend_submit[0]()))
+            else:
+                text = "no control plane took the request (is one running?); retry with the same request_id"
+                stream._on_live(ErrorReply(code=ErrorCode.OVERLOADED, message=text, request_id=request_id))
 
-        stream._subscription = await self.nc.subscribe(inbox, cb=on_message)
+        await self._subscribe(stream, liveness, on_no_responders)
         submit = SubmitRequest(
             reply_to=inbox,
             request_id=request_id,
@@ -360,6 +427,8 @@ class DroverClient:
             request_class=request_class,
             model=model,
             client_id=client_id or self.name,
+            deadline_s=deadline_s,
+            liveness=liveness,
         )
         with tracer().start_as_current_span(
             spans.CLIENT_SUBMIT,
@@ -372,7 +441,54 @@ class DroverClient:
             with contextlib.suppress(Exception):
                 await self.nc.publish(subjects.SUBMIT, encode(submit), reply=inbox, headers=headers)
 
+        resend_submit.append(resend)
         await self.nc.publish(subjects.SUBMIT, encode(submit), reply=inbox, headers=headers)
+        return stream
+
+    async def _subscribe(
+        self, stream: RequestStream, liveness: bool, on_no_responders: Callable[[], None] | None = None
+    ) -> None:
+        async def on_message(msg: Msg) -> None:
+            if on_no_responders is not None and not msg.data and msg.headers and msg.headers.get("Status") == "503":
+                on_no_responders()
+                return
+            try:
+                stream._on_live(decode(msg.data))
+            except ProtocolError as exc:
+                stream._on_live(ErrorReply(code=exc.code, message=str(exc)))
+
+        async def on_probe(msg: Msg) -> None:
+            if msg.reply:
+                await self.nc.publish(msg.reply, b"")
+
+        if liveness:  # first: the request must never look gone while the inbox is read
+            stream._alive_subscription = await self.nc.subscribe(subjects.alive(stream.inbox), cb=on_probe)
+        stream._subscription = await self.nc.subscribe(stream.inbox, cb=on_message)
+        self._streams[stream.inbox] = stream
+
+    async def resume(
+        self,
+        request_id: str,
+        inbox: str,
+        *,
+        resume_from: int = 0,
+        cancel_token: str | None = None,
+        liveness: bool = True,
+    ) -> RequestStream:
+        """Pick up a request submitted earlier (by this or another connection) on ``inbox``: tokens from
+        output index ``resume_from`` on, each once and in order, first from the output stream, then live.
+
+        The request must have been submitted with an inbox under ``drover.v1.inbox`` (the default), and be
+        resumed within ``reliability.output_retention_s``; with liveness, within
+        ``lifecycle.client_gone_after_s`` of the old connection's end, or Drover will have stopped it
+        (the stream then ends with CLIENT_GONE). ``cancel_token`` makes ``stream.cancel()`` work."""
+        if not inbox.startswith(subjects.INBOX_ROOT + "."):
+            raise ValueError(f"only inboxes under {subjects.INBOX_ROOT} are kept in the output stream")
+        stream = RequestStream(self, request_id, time.perf_counter(), inbox, resume_from)
+        if cancel_token is not None:
+            stream._deliver(Accepted(request_id=request_id, cancel_token=cancel_token, prompt_tokens=0))
+        await self._subscribe(stream, liveness)
+        await stream._replay()
         return stream
 
     async def generate(self, prompt: str | None = None, **kwargs: object) -> RequestResult:

@@ -190,6 +190,53 @@ class LimitsSettings(_Section):
     max_prompt_tokens: int = Field(0, description="Largest prompt accepted; 0 means the instances' max_model_len - 1.")
     max_new_tokens: int = Field(4096, description="Largest max_tokens a request may ask for.")
     max_message_bytes: int = Field(4 * 1024 * 1024, description="Submissions larger than this are refused.")
+    max_queued_interactive: int = Field(
+        512,
+        description="Interactive requests waiting for an instance; beyond: Overloaded at once (Drover's choice: "
+        "half of scheduler.max_queued_requests, so a batch flood cannot take all queue slots).",
+    )
+    max_queued_batch: int = Field(
+        512, description="Batch requests waiting for an instance; beyond: Overloaded at once (as interactive)."
+    )
+    max_in_flight_per_client: int = Field(
+        256,
+        description="Admitted, unfinished requests of one client (client_id, else its inbox prefix); beyond: "
+        "Overloaded. Drover's choice: 16 engines x max_num_seqs 16, one client cannot fill the cluster alone.",
+    )
+    max_in_flight_requests: int = Field(
+        4096,
+        description="Admitted, unfinished requests in all (the request table's bound; engines' waiting queues "
+        "are bounded by it); beyond: Overloaded. Drover's choice: 8x a 32-instance cluster of 16 seqs each.",
+    )
+    max_deadline_s: float = Field(
+        3600.0, description="Largest deadline_s a request may ask for; larger is InvalidRequest."
+    )
+
+
+class LifecycleSettings(_Section):
+    """Deadlines, clients that go away, and how long finished requests are remembered."""
+
+    probe_period_s: float = Field(
+        1.0,
+        description="How often the scheduler probes the inbox of each request that asked for liveness "
+        "(one NATS request per request per period; Drover's choice, cheap next to the token stream).",
+    )
+    probe_timeout_s: float = Field(
+        0.5, description="A probe unanswered this long counts as no answer (no-responders answers at once)."
+    )
+    client_gone_after_s: float = Field(
+        3.0,
+        description="A request whose client answered no probe for this long is aborted (CLIENT_GONE), freeing "
+        "its blocks: three probe periods, so one lost probe does not kill a request.",
+    )
+    finished_retention_s: float = Field(
+        300.0,
+        description="Finished request ids stay known this long: a retry of one gets DUPLICATE_REQUEST instead of "
+        "running again. Half of reliability.output_retention_s, so its tokens can still be read back.",
+    )
+    finished_max_entries: int = Field(
+        100_000, description="At most this many finished ids are remembered (oldest forgotten first)."
+    )
 
 
 class ObservabilitySettings(_Section):
@@ -262,6 +309,7 @@ class Settings(BaseSettings):
     reliability: ReliabilitySettings = ReliabilitySettings()
     ha: HaSettings = HaSettings()
     limits: LimitsSettings = LimitsSettings()
+    lifecycle: LifecycleSettings = LifecycleSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
     supervisor: SupervisorSettings = SupervisorSettings()
     demo: DemoSettings = DemoSettings()

@@ -6,7 +6,8 @@ import logging
 import os
 from collections.abc import Iterator
 
-import pytest
+import hypothesis  # noqa: F401  # loaded now: its plugin's late import at session end can hit a CPython 3.11
+import pytest  # compile bug ("AST constructor recursion depth mismatch") while engine threads still run
 
 from transport.nats_server import EmbeddedNatsServer
 

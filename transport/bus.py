@@ -27,7 +27,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from transport.messages import ErrorCode, ErrorReply, Message, ProtocolError, decode, encode
+from transport.messages import ErrorCode, ErrorReply, Message, ProtocolError, decode, encode, error_version
 from transport.nats_auth import NatsAuth, connect_options
 
 log = logging.getLogger(__name__)
@@ -231,8 +231,9 @@ class Bus:
             log.warning("publish to %s failed: %s", subject, exc)
 
     def reply_error(self, target: str | None, code: ErrorCode, message: str, request_id: str | None = None) -> None:
+        """Errors go at the oldest version that has their code: every supported peer can read them."""
         if target:
-            self.publish(target, ErrorReply(code=code, message=message, request_id=request_id))
+            self.publish(target, ErrorReply(code=code, message=message, request_id=request_id, v=error_version(code)))
 
     # ----------------------------------------------------------------------------------------------- subscribe
     def subscribe(self, subject: str, handler: Handler, *, queue: str = "") -> None:

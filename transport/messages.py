@@ -12,9 +12,29 @@ from typing import Any, TypeAlias
 
 import msgspec
 
-PROTOCOL_VERSION = 1
-"""Bumped on incompatible changes; receivers accept ``v`` in ``SUPPORTED_VERSIONS``."""
-SUPPORTED_VERSIONS = frozenset({1})
+PROTOCOL_VERSION = 2
+"""The version this code speaks. Version negotiation (rolling upgrades, README "Version negotiation"):
+
+- every message carries ``v``, the version it is encoded at; a receiver accepts ``v`` in
+  ``SUPPORTED_VERSIONS`` (its own version and the one before) and answers anything else with
+  ``unsupported_version``; an unknown ``kind`` sent at a newer ``v`` is ``unsupported_version`` too (a
+  kind from a version this receiver does not speak), at a supported ``v`` it is ``unknown_kind``;
+- versions only add optional fields (old receivers skip them) and kinds; a change that cannot be made
+  that way takes a new subject prefix (``drover.v2``);
+- a sender that knows its peer's version encodes at ``min(own, peer's)``: replies to a client at the
+  client's ``v`` (the scheduler passes it on to engines as ``EngineAdd.client_v``), the scheduler's
+  messages to an engine at the version the engine advertises (``EngineInfo.protocol_version``);
+- engines send their unsolicited messages (heartbeats, engine events) at ``MIN_PROTOCOL_VERSION``, which
+  every supported control plane reads (``EngineInfo.protocol_version`` says what the engine speaks), and
+  answer requests (migration steps) at the requester's version: control planes and engines upgrade in
+  any order; clients (whose submissions go at their own version) after the control planes.
+
+Version 2 added: ``SubmitRequest.deadline_s`` and ``liveness``, ``EngineAdd.client_v``,
+``EngineInfo.protocol_version``, error codes ``deadline_exceeded`` and ``client_gone`` (sent only to
+clients that asked for deadlines or liveness probes, so a version-1 client never sees them).
+"""
+MIN_PROTOCOL_VERSION = PROTOCOL_VERSION - 1
+SUPPORTED_VERSIONS = frozenset({MIN_PROTOCOL_VERSION, PROTOCOL_VERSION})
 
 
 class ErrorCode(StrEnum):
@@ -34,6 +54,8 @@ class ErrorCode(StrEnum):
     CANCELLED = "cancelled"
     MIGRATION_FAILED = "migration_failed"
     INTERNAL = "internal"
+    DEADLINE_EXCEEDED = "deadline_exceeded"  # the request's deadline_s passed (v2)
+    CLIENT_GONE = "client_gone"  # its inbox had no reader for lifecycle.client_gone_after_s (v2)
 
 
 class RequestClass(StrEnum):
@@ -75,6 +97,12 @@ class SubmitRequest(_Msg, frozen=True, tag="submit"):
     model: str | None = None
     client_id: str = ""
     stream_text: bool = True  # also send decoded text in each chunk
+    # v2: seconds from arrival at the control plane after which generation stops (DEADLINE_EXCEEDED);
+    # relative, so clocks of client and control plane need not agree. None: no deadline.
+    deadline_s: float | None = None
+    # v2: the client answers liveness probes on subjects.alive(reply_to); without an answer for
+    # lifecycle.client_gone_after_s the request is aborted (CLIENT_GONE). False: never probed.
+    liveness: bool = False
 
 
 class Accepted(_Msg, frozen=True, tag="accepted"):
@@ -150,6 +178,7 @@ class EngineInfo(msgspec.Struct, frozen=True, kw_only=True):
     kv_layout: str = ""  # opaque; migration requires equality
     host: str = ""
     pid: int = 0
+    protocol_version: int = 1  # v2: the bus protocol the engine speaks (absent: a version-1 engine)
 
     def compatible_with(self, other: EngineInfo) -> bool:
         return (
@@ -157,6 +186,7 @@ class EngineInfo(msgspec.Struct, frozen=True, kw_only=True):
             and self.dtype == other.dtype
             and self.block_size == other.block_size
             and self.kv_layout == other.kv_layout
+            and self.protocol_version == other.protocol_version
         )
 
 
@@ -207,6 +237,7 @@ class EngineAdd(_Msg, frozen=True, tag="engine_add"):
     served_by: list[str] = []
     stream_text: bool = True
     kv_transfer: dict[str, Any] | None = None  # engine-specific handle for loading migrated KV
+    client_v: int = 1  # v2: the protocol version the client submitted at; replies go at this version
 
 
 class EngineAbort(_Msg, frozen=True, tag="engine_abort"):
@@ -393,8 +424,24 @@ class ProtocolError(Exception):
         self.request_id = request_id
 
 
-def encode(message: Message) -> bytes:
+def encode(message: Message, version: int | None = None) -> bytes:
+    """msgpack bytes of ``message``; ``version`` re-stamps ``v`` (encode for an older peer)."""
+    if version is not None and version != message.v:
+        message = msgspec.structs.replace(message, v=version)
     return _encoder.encode(message)
+
+
+_V2_ERROR_CODES = frozenset({ErrorCode.DEADLINE_EXCEEDED, ErrorCode.CLIENT_GONE})
+
+
+def error_version(code: ErrorCode) -> int:
+    """The oldest supported version whose ErrorReply has ``code`` (an error any supported peer can read)."""
+    return max(MIN_PROTOCOL_VERSION, 2 if code in _V2_ERROR_CODES else 1)
+
+
+def peer_version(version: int) -> int:
+    """The version to encode at for a peer that speaks ``version``: the lower of the two."""
+    return max(MIN_PROTOCOL_VERSION, min(PROTOCOL_VERSION, version))
 
 
 def _peek(data: bytes) -> tuple[str | None, int | None, str | None]:
@@ -421,6 +468,13 @@ def decode(data: bytes) -> Message:
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
         kind, version, rid = _peek(data)
         if kind is not None and kind not in _KNOWN_KINDS:
+            if version is not None and version > PROTOCOL_VERSION:
+                raise ProtocolError(
+                    ErrorCode.UNSUPPORTED_VERSION,
+                    f"message kind {kind!r} of protocol version {version} is not known here "
+                    f"(this receiver speaks versions {sorted(SUPPORTED_VERSIONS)})",
+                    rid,
+                ) from exc
             raise ProtocolError(ErrorCode.UNKNOWN_KIND, f"unknown message kind {kind!r}", rid) from exc
         if version is not None and version not in SUPPORTED_VERSIONS:
             raise ProtocolError(

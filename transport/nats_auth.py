@@ -79,12 +79,19 @@ def role_permissions(role: Role, *, client_id: str | None = None, instance_id: s
         if not client_id:
             raise ValueError(f"the {role} role needs a client_id (its inbox)")
         inbox = subjects.client_inbox_prefix(client_id) + ".>"
+        # its requests' liveness probes (drover.v1.alive.<client_id>.>), answered on the prober's reply subject
+        alive = subjects.alive(subjects.client_inbox_prefix(client_id)) + ".>"
         if role is Role.CLIENT:
             readonly = tuple(subjects.admin(verb) for verb in READ_ONLY_ADMIN_VERBS)
-            return Permissions(publish=(subjects.SUBMIT, subjects.CANCEL, *readonly), subscribe=(inbox,))
+            return Permissions(
+                publish=(subjects.SUBMIT, subjects.CANCEL, *readonly),
+                subscribe=(inbox, alive),
+                allow_responses=True,
+            )
         return Permissions(
             publish=(subjects.SUBMIT, subjects.CANCEL, subjects.ADMIN + ".>"),
-            subscribe=(inbox, subjects.ENGINE_EVENTS, subjects.heartbeat("*")),
+            subscribe=(inbox, alive, subjects.ENGINE_EVENTS, subjects.heartbeat("*")),
+            allow_responses=True,
         )
     if role is Role.ENGINE:
         target = subjects.validate_token(instance_id) if instance_id else "*"
@@ -104,6 +111,7 @@ def role_permissions(role: Role, *, client_id: str | None = None, instance_id: s
                 subjects.SUBMIT,
                 subjects.CANCEL,
                 subjects.ADMIN + ".>",
+                subjects.ALIVE_ROOT + ".>",  # liveness probes of clients' requests (actors/request_lifecycle)
             ),
             subscribe=(
                 subjects.SUBMIT,

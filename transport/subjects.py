@@ -18,6 +18,17 @@ def client_inbox_prefix(client_id: str) -> str:
     return f"{INBOX_ROOT}.{validate_token(client_id)}"
 
 
+ALIVE_ROOT = f"{PREFIX}.alive"
+
+
+def alive(reply_to: str) -> str:
+    """Where a client that asked for liveness answers probes: ``drover.v1.alive.<inbox without
+    drover.v1.inbox.>``. Not under the inbox root on purpose: the output stream captures that root, and
+    JetStream would ack a probe sent there, so a gone client would look alive."""
+    root = INBOX_ROOT + "."
+    return f"{ALIVE_ROOT}.{reply_to.removeprefix(root)}"
+
+
 # Control plane
 CONTROL_QUEUE = "drover-control"
 ENGINE_EVENTS = f"{PREFIX}.engine_events"  # EngineRequestEnded from every engine

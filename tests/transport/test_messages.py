@@ -115,3 +115,25 @@ def test_wrong_typed_fields_never_escape_as_other_exceptions(kind: str, fields: 
     data = msgspec.msgpack.encode({"kind": kind, **fields})
     with contextlib.suppress(ProtocolError):
         decode(data)
+
+
+def test_version_negotiation_rules() -> None:
+    from transport.messages import MIN_PROTOCOL_VERSION, SUPPORTED_VERSIONS, error_version, peer_version
+
+    assert {PROTOCOL_VERSION - 1, PROTOCOL_VERSION} == set(SUPPORTED_VERSIONS)
+    assert peer_version(1) == MIN_PROTOCOL_VERSION and peer_version(PROTOCOL_VERSION + 5) == PROTOCOL_VERSION
+    assert error_version(ErrorCode.MALFORMED) == MIN_PROTOCOL_VERSION
+    assert error_version(ErrorCode.DEADLINE_EXCEEDED) == 2
+    old = msgspec.msgpack.decode(encode(TokenChunk(request_id="r", index=0, token_ids=[1]), version=1))
+    assert old["v"] == 1
+    # a v1 sender's message (no v2 fields) decodes with v2 defaults
+    v1 = decode(msgspec.msgpack.encode({"kind": "submit", "v": 1, "reply_to": "x", "prompt": "p"}))
+    assert isinstance(v1, SubmitRequest) and v1.v == 1 and v1.deadline_s is None and not v1.liveness
+    for data, code in [
+        ({"kind": "submit", "v": PROTOCOL_VERSION + 1, "reply_to": "x"}, ErrorCode.UNSUPPORTED_VERSION),
+        ({"kind": "hologram", "v": PROTOCOL_VERSION + 1}, ErrorCode.UNSUPPORTED_VERSION),
+        ({"kind": "hologram", "v": PROTOCOL_VERSION}, ErrorCode.UNKNOWN_KIND),
+    ]:
+        with pytest.raises(ProtocolError) as info:
+            decode(msgspec.msgpack.encode(data))
+        assert info.value.code == code

@@ -45,8 +45,11 @@ ADMIN_VERBS = ["migrate", "drain", "scale", "autoscale", "policy", "memory", "co
 def test_client_role_is_minimal() -> None:
     perms = role_permissions(Role.CLIENT, client_id="alice")
     assert set(perms.publish) == {subjects.SUBMIT, subjects.CANCEL, subjects.admin("status")}
-    assert perms.subscribe == (subjects.client_inbox_prefix("alice") + ".>",)
-    assert not perms.allow_responses
+    alice_inbox = subjects.client_inbox_prefix("alice")
+    assert perms.subscribe == (alice_inbox + ".>", subjects.alive(alice_inbox) + ".>")
+    assert perms.allow_responses  # it answers the liveness probes of its own requests
+    assert _allowed(perms.subscribe, subjects.alive(alice_inbox + ".abc"))
+    assert not _allowed(perms.subscribe, subjects.alive(subjects.client_inbox_prefix("bob") + ".abc"))
     for verb in ADMIN_VERBS:
         assert not _allowed(perms.publish, subjects.admin(verb))
     assert not _allowed(perms.subscribe, subjects.client_inbox_prefix("bob") + ".x")

@@ -1,0 +1,290 @@
+"""The scheduler's request lifecycle: a bounded request table, deadlines, and clients that went away.
+
+Kept out of ``actors/scheduler.py`` so the scheduler only calls a few hooks:
+
+- :class:`RequestTable` is the scheduler's ``requests`` dict. It counts each client's unfinished requests
+  (admission's per-client bound) and remembers finished ids for ``lifecycle.finished_retention_s`` (at most
+  ``finished_max_entries``), so a late retry of a finished request is answered ``duplicate_request``
+  instead of running twice, and the table itself never holds a finished request.
+- :class:`RequestLifecycle` runs on the scheduler's tick: a request past its ``deadline_s`` ends with
+  ``deadline_exceeded``; a request whose client asked for liveness and whose probe subject has had no
+  subscriber for ``client_gone_after_s`` ends with ``client_gone``. Either way the engine aborts it
+  (freeing its blocks) and the client's inbox gets the ``ErrorReply``.
+
+Why a NATS no-responders probe (and not connection or JetStream info): when nothing subscribes to a
+subject, the server itself answers a request on it with a 503 status at once, so one small request per
+request per ``probe_period_s`` tells "nobody reads this inbox" with no server privileges (``$SYS``
+connection info needs the system account), no per-client state in JetStream (whose consumers know nothing
+of core subscriptions), and it works the same in every client language and across a NATS cluster. Only a
+no-responders answer counts as absence; a timeout or a failed send (a NATS outage) is inconclusive, so a
+bus restart or a busy client never kills requests. The scheduler probes, not the engines: it already
+holds every request, and a request keeps one prober across migrations and failovers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+import nats.errors
+
+from control.policy.admission import AdmissionLimits, AdmissionLoad, AdmissionRequest, Decision, admit, client_key
+from control.settings import LifecycleSettings, Settings
+from transport import subjects
+from transport.bus import Bus
+from transport.messages import EngineAbort, EngineInfo, ErrorCode, ErrorReply, SubmitRequest, peer_version
+
+log = logging.getLogger(__name__)
+
+
+class _Record(Protocol):
+    submit: SubmitRequest
+    request_id: str
+    cancel_token: str
+    arrival: float  # time.time()
+    instance_id: str | None
+    state: str
+
+
+R = TypeVar("R", bound=_Record)
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedEntry:
+    reply_to: str
+    finished_at: float  # time.monotonic()
+
+
+class RequestTable(dict[str, R], Generic[R]):
+    """The scheduler's request table (a dict): per-client counts and a bounded memory of finished ids."""
+
+    def __init__(self, settings: LifecycleSettings) -> None:
+        super().__init__()
+        self.settings = settings
+        self.per_client: dict[str, int] = {}
+        self.finished: OrderedDict[str, FinishedEntry] = OrderedDict()
+
+    @staticmethod
+    def _key(record: _Record) -> str:
+        return client_key(record.submit.client_id, record.submit.reply_to, subjects.INBOX_ROOT)
+
+    def __setitem__(self, request_id: str, record: R) -> None:
+        if request_id in self:
+            self._forget(super().__getitem__(request_id))
+        super().__setitem__(request_id, record)
+        key = self._key(record)
+        self.per_client[key] = self.per_client.get(key, 0) + 1
+        self.finished.pop(request_id, None)
+
+    def _forget(self, record: R) -> None:
+        key = self._key(record)
+        left = self.per_client.get(key, 0) - 1
+        if left > 0:
+            self.per_client[key] = left
+        else:
+            self.per_client.pop(key, None)
+
+    def _finished(self, request_id: str, record: R) -> None:
+        self._forget(record)
+        self.finished[request_id] = FinishedEntry(record.submit.reply_to, time.monotonic())
+        self.finished.move_to_end(request_id)
+        while len(self.finished) > self.settings.finished_max_entries:
+            self.finished.popitem(last=False)
+
+    def __delitem__(self, request_id: str) -> None:
+        record = super().__getitem__(request_id)
+        super().__delitem__(request_id)
+        self._finished(request_id, record)
+
+    def pop(self, request_id: str, *default: Any) -> Any:
+        if request_id not in self:
+            if default:
+                return default[0]
+            raise KeyError(request_id)
+        record = super().pop(request_id)
+        self._finished(request_id, record)
+        return record
+
+    def client_in_flight(self, key: str) -> int:
+        return self.per_client.get(key, 0)
+
+    def forget_expired(self, now: float | None = None) -> int:
+        """Drop finished ids older than the retention; returns how many are still remembered."""
+        now = time.monotonic() if now is None else now
+        horizon = now - self.settings.finished_retention_s
+        while self.finished:
+            entry = next(iter(self.finished.values()))
+            if entry.finished_at > horizon:
+                break
+            self.finished.popitem(last=False)
+        return len(self.finished)
+
+
+class _Scheduler(Protocol):
+    """What the lifecycle needs of the scheduler."""
+
+    bus: Bus
+    requests: RequestTable[Any]
+    instances: dict[str, Any]  # instance id -> a record with ``info: EngineInfo``
+
+
+@dataclass(slots=True)
+class _Tracked:
+    deadline_at: float | None  # time.time()
+    probe_subject: str | None
+    last_probe: float = 0.0  # time.monotonic()
+    absent_since: float | None = None  # first no-responders answer of the current run of them
+    probing: bool = False
+    ending: bool = False
+
+
+class RequestLifecycle:
+    """Deadlines and liveness probes of the scheduler's requests (state touched under a lock: the scheduler
+    thread ticks, probe answers land on the bus loop)."""
+
+    def __init__(self, bus: Bus, settings: LifecycleSettings) -> None:
+        self.bus = bus
+        self.settings = settings
+        self._tracked: dict[str, _Tracked] = {}
+        self._lock = threading.Lock()
+        self.deadline_exceeded = 0
+        self.clients_gone = 0
+
+    def tick(self, scheduler: _Scheduler) -> None:
+        """Probe clients that are due and end requests past their deadline or whose client is gone."""
+        now, mono = time.time(), time.monotonic()
+        requests = scheduler.requests
+        to_end: list[tuple[Any, ErrorCode, str]] = []
+        with self._lock:
+            for request_id in [r for r in self._tracked if r not in requests]:
+                del self._tracked[request_id]
+            for record in requests.values():
+                submit = record.submit
+                if submit.deadline_s is None and not submit.liveness:
+                    continue
+                tracked = self._tracked.get(record.request_id)
+                if tracked is None:
+                    tracked = _Tracked(
+                        deadline_at=None if submit.deadline_s is None else record.arrival + submit.deadline_s,
+                        probe_subject=subjects.alive(submit.reply_to) if submit.liveness else None,
+                        last_probe=mono,  # the first probe one period after arrival
+                    )
+                    self._tracked[record.request_id] = tracked
+                if tracked.ending:
+                    continue
+                if tracked.deadline_at is not None and now >= tracked.deadline_at:
+                    tracked.ending = True
+                    to_end.append((record, ErrorCode.DEADLINE_EXCEEDED, f"deadline of {submit.deadline_s:g}s passed"))
+                    continue
+                gone_after = self.settings.client_gone_after_s
+                if tracked.absent_since is not None and mono - tracked.absent_since >= gone_after:
+                    tracked.ending = True
+                    to_end.append(
+                        (
+                            record,
+                            ErrorCode.CLIENT_GONE,
+                            f"no reader on {tracked.probe_subject} for {self.settings.client_gone_after_s:g}s",
+                        )
+                    )
+                    continue
+                if (
+                    tracked.probe_subject is not None
+                    and not tracked.probing
+                    and mono - tracked.last_probe >= self.settings.probe_period_s
+                ):
+                    tracked.probing, tracked.last_probe = True, mono
+                    self.bus.run(self._probe(record.request_id, tracked.probe_subject))
+        for record, code, why in to_end:
+            self._end(scheduler, record, code, why)
+
+    async def _probe(self, request_id: str, subject: str) -> None:
+        absent: bool | None = None  # None: inconclusive
+        try:
+            await self.bus.nc.request(subject, b"", timeout=self.settings.probe_timeout_s)
+            absent = False
+        except nats.errors.NoRespondersError:
+            absent = True
+        except (TimeoutError, nats.errors.Error) as exc:
+            log.debug("liveness probe of %s inconclusive: %r", request_id, exc)
+        with self._lock:
+            tracked = self._tracked.get(request_id)
+            if tracked is None:
+                return
+            tracked.probing = False
+            if absent is False:
+                tracked.absent_since = None
+            elif absent and tracked.absent_since is None:
+                tracked.absent_since = time.monotonic()
+
+    def _end(self, scheduler: _Scheduler, record: Any, code: ErrorCode, why: str) -> None:
+        """Stop a request: a queued one here; a running one by its engine, which frees its blocks and sends
+        the client the error after its last chunk (a version-1 engine cannot: then the scheduler sends it)."""
+        if code is ErrorCode.DEADLINE_EXCEEDED:
+            self.deadline_exceeded += 1
+        else:
+            self.clients_gone += 1
+        log.info("request %s ends: %s (%s)", record.request_id, code, why)
+        submit = record.submit
+        error = ErrorReply(code=code, message=why, request_id=record.request_id, v=peer_version(submit.v))
+        instance = scheduler.instances.get(record.instance_id) if record.instance_id else None
+        info: EngineInfo | None = instance.info if instance is not None else None
+        if record.state == "running" and info is not None:
+            version = peer_version(info.protocol_version)
+            scheduler.bus.publish(
+                subjects.engine(info.instance_id),
+                EngineAbort(request_id=record.request_id, reason=str(code), v=version),
+            )
+            if version >= 2:
+                return  # the engine ends it; EngineRequestEnded removes the record
+        scheduler.requests.pop(record.request_id, None)  # queued or recovering: nothing runs it
+        scheduler.bus.publish(submit.reply_to, error)
+
+
+def admission(
+    settings: Settings,
+    requests: RequestTable[Any],
+    queue: Collection[str],
+    submit: SubmitRequest,
+    reply_to: str,
+    prompt_tokens: int,
+    *,
+    max_prompt_tokens: int,
+    no_room: Callable[[], bool],
+) -> Decision:
+    """Gather the scheduler's state for :func:`control.policy.admission.admit` and decide. Queue counts per
+    class and the dispatch try (``no_room``) are computed only when a queue could be at its limit."""
+    lim = settings.limits
+    limits = AdmissionLimits(
+        max_prompt_tokens=max_prompt_tokens,
+        max_new_tokens=lim.max_new_tokens,
+        max_queued_total=settings.scheduler.max_queued_requests,
+        max_queued_interactive=lim.max_queued_interactive,
+        max_queued_batch=lim.max_queued_batch,
+        max_in_flight_per_client=lim.max_in_flight_per_client,
+        max_in_flight_requests=lim.max_in_flight_requests,
+        max_deadline_s=lim.max_deadline_s,
+    )
+    near_full = len(queue) >= min(lim.max_queued_interactive, lim.max_queued_batch, limits.max_queued_total)
+    in_class = 0
+    if near_full:
+        records = (requests.get(rid) for rid in queue)
+        in_class = sum(1 for r in records if r is not None and r.submit.request_class == submit.request_class)
+    load = AdmissionLoad(
+        in_flight=len(requests),
+        client_in_flight=requests.client_in_flight(client_key(submit.client_id, reply_to, subjects.INBOX_ROOT)),
+        queued_total=len(queue),
+        queued_in_class=in_class,
+        can_dispatch_now=not near_full or not no_room(),
+    )
+    request = AdmissionRequest(
+        prompt_tokens=prompt_tokens,
+        max_tokens=submit.sampling.max_tokens,
+        request_class=str(submit.request_class),
+        deadline_s=submit.deadline_s,
+    )
+    return admit(request, load, limits)
