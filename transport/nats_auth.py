@@ -68,6 +68,21 @@ class Permissions:
         return block
 
 
+def own_output_replay(client_id: str) -> tuple[str, ...]:
+    """JetStream subjects a client needs to replay its own inbox from the output stream (``resume_from``).
+
+    Consumer creation is scoped by filter subject: nats-py names ephemeral consumers and creates them on
+    ``$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>``, so a client can only create consumers over its own
+    inbox; fetch, ack and delete name a consumer (random names it created)."""
+    stream = subjects.OUTPUT_STREAM
+    return (
+        f"$JS.API.CONSUMER.CREATE.{stream}.*.{subjects.client_inbox_prefix(client_id)}.>",
+        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.*",
+        f"$JS.API.CONSUMER.DELETE.{stream}.*",
+        f"$JS.ACK.{stream}.>",
+    )
+
+
 def role_permissions(role: Role, *, client_id: str | None = None, instance_id: str | None = None) -> Permissions:
     """The minimal permissions of ``role``.
 
@@ -81,15 +96,16 @@ def role_permissions(role: Role, *, client_id: str | None = None, instance_id: s
         inbox = subjects.client_inbox_prefix(client_id) + ".>"
         # its requests' liveness probes (drover.v1.alive.<client_id>.>), answered on the prober's reply subject
         alive = subjects.alive(subjects.client_inbox_prefix(client_id)) + ".>"
+        replay = own_output_replay(client_id)
         if role is Role.CLIENT:
             readonly = tuple(subjects.admin(verb) for verb in READ_ONLY_ADMIN_VERBS)
             return Permissions(
-                publish=(subjects.SUBMIT, subjects.CANCEL, *readonly),
+                publish=(subjects.SUBMIT, subjects.CANCEL, *readonly, *replay),
                 subscribe=(inbox, alive),
                 allow_responses=True,
             )
         return Permissions(
-            publish=(subjects.SUBMIT, subjects.CANCEL, subjects.ADMIN + ".>"),
+            publish=(subjects.SUBMIT, subjects.CANCEL, subjects.ADMIN + ".>", *replay),
             subscribe=(inbox, alive, subjects.ENGINE_EVENTS, subjects.heartbeat("*")),
             allow_responses=True,
         )

@@ -18,6 +18,7 @@ from transport.nats_auth import (
     connect_options,
     default_users,
     make_bundle,
+    own_output_replay,
     permission_map,
     role_permissions,
 )
@@ -44,7 +45,12 @@ ADMIN_VERBS = ["migrate", "drain", "scale", "autoscale", "policy", "memory", "co
 
 def test_client_role_is_minimal() -> None:
     perms = role_permissions(Role.CLIENT, client_id="alice")
-    assert set(perms.publish) == {subjects.SUBMIT, subjects.CANCEL, subjects.admin("status")}
+    replay = own_output_replay("alice")
+    assert set(perms.publish) == {subjects.SUBMIT, subjects.CANCEL, subjects.admin("status"), *replay}
+    stream = subjects.OUTPUT_STREAM
+    assert _allowed(perms.publish, f"$JS.API.CONSUMER.CREATE.{stream}.n1.{subjects.client_inbox_prefix('alice')}.x")
+    assert not _allowed(perms.publish, f"$JS.API.CONSUMER.CREATE.{stream}.n1.{subjects.client_inbox_prefix('bob')}.x")
+    assert not _allowed(perms.publish, f"$JS.API.CONSUMER.CREATE.{stream}")  # unfiltered: every inbox
     alice_inbox = subjects.client_inbox_prefix("alice")
     assert perms.subscribe == (alice_inbox + ".>", subjects.alive(alice_inbox) + ".>")
     assert perms.allow_responses  # it answers the liveness probes of its own requests

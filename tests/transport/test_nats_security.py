@@ -434,3 +434,30 @@ async def test_gateway_with_client_credentials(
             assert completion.json()["usage"]["completion_tokens"] == 5
     finally:
         gateway.stop()
+
+
+async def test_client_resumes_its_own_stream_but_not_anothers(
+    secure: tuple[EmbeddedNatsServer, SecureBundle], alice: DroverClient
+) -> None:
+    """resume_from replays the client's own inbox from JetStream; consumers over another inbox are refused."""
+    from transport.output_stream import read_subject
+
+    server, bundle = secure
+    first = await alice.submit("resume me", max_tokens=8, request_id="resume-secure-1")
+    full = await first.result()
+    again = await DroverClient(
+        server.url, name="alice-app", nats_settings=nats_settings(bundle, "alice", server.url)
+    ).connect()
+    try:
+        resumed = await again.resume("resume-secure-1", first.inbox, resume_from=3)
+        rest = await resumed.result()
+        assert rest.token_ids[-5:] == full.token_ids[3:] and len(full.token_ids) == 8
+    finally:
+        await again.close()
+    bob = await Conn().open(server.url, bundle.auth["bob"])
+    try:
+        with pytest.raises(Exception):  # noqa: B017 - nats-py reports the refused JetStream API call as a timeout
+            await asyncio.wait_for(read_subject(bob.nc, f"{alice.inbox_prefix}.>"), timeout=10)
+        await bob.violation(f"$JS.API.CONSUMER.CREATE.{subjects.OUTPUT_STREAM}")
+    finally:
+        await bob.close()
