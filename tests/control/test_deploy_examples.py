@@ -136,7 +136,8 @@ def test_systemd_nats_unit_and_configs_pass_nats_server_t(tmp_path: Path) -> Non
         assert done.returncode == 0, f"{conf}: {done.stdout}{done.stderr}"
 
 
-def test_systemd_settings_file_loads() -> None:
+def test_systemd_settings_file_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DROVER_AUDIT__PATH", raising=False)  # tests/conftest.py sets it; the file must say it
     settings = load_settings(SYSTEMD / "drover.toml")
     assert settings.nats.url and settings.nats.url.count("nats://") == 3
     assert settings.metrics.control_port and settings.metrics.engine_port
