@@ -21,6 +21,7 @@ from typing import Any
 import pykka
 from opentelemetry import trace
 
+from actors.memory_manager import MemoryManager
 from actors.migrator import MigrationEnded, StartMigration
 from actors.supervisor import SupervisedActor
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy, prefix_block_hashes
@@ -48,6 +49,7 @@ from transport.messages import (
     InstanceHeartbeat,
     InstanceLoad,
     InstanceStatus,
+    MemoryCommand,
     MigrateCommand,
     PolicyQuery,
     PolicyUpdate,
@@ -133,6 +135,7 @@ class SchedulerActor(SupervisedActor):
         self.migrations: dict[str, InFlightMigration] = {}  # request id -> migration in flight
         self.migrations_done = 0
         self.migrations_aborted = 0
+        self.memory = MemoryManager(bus, settings.memory, self._refresh_instance)  # KunServe groups
 
     # ------------------------------------------------------------------------------------------- dispatching
     def on_receive(self, message: Any) -> Any:
@@ -167,6 +170,8 @@ class SchedulerActor(SupervisedActor):
             self._on_drain(message, envelope.reply)
         elif isinstance(message, PolicyQuery | PolicyUpdate):
             self._on_policy(message, envelope.reply)
+        elif isinstance(message, MemoryCommand):
+            self.memory.on_command(message, envelope.reply)
         else:
             self.bus.reply_error(
                 envelope.reply,
@@ -186,6 +191,7 @@ class SchedulerActor(SupervisedActor):
             log.info("instance %s joined (%s, %d blocks)", instance_id, beat.info.engine_kind, beat.info.num_blocks)
         record.info, record.load, record.last_seen = beat.info, beat.load, time.monotonic()
         record.state, record.draining, record.can_migrate = beat.state, beat.draining, beat.can_migrate
+        self.memory.on_heartbeat(beat)
         self.policy.upsert(self._snapshot(record))
         load = beat.load
         metrics().update_instance(
@@ -213,7 +219,10 @@ class SchedulerActor(SupervisedActor):
             waiting_blocks=load.waiting_blocks,
             head_waiting_blocks=load.head_waiting_blocks,
             num_preempted=load.num_preempted,
-            draining=record.draining or record.drain_requested or record.state != "serving",
+            draining=record.draining
+            or record.drain_requested
+            or record.state != "serving"
+            or self.memory.blocks_dispatch(record.info.instance_id),
             model=record.info.model,
             block_size=record.info.block_size,
             running=tuple(
@@ -241,6 +250,8 @@ class SchedulerActor(SupervisedActor):
                 self.policy.remove(instance_id)
                 metrics().remove_instance(instance_id)
                 self._fail_over(instance_id)
+                self.memory.on_instance_dead(instance_id)
+        self.memory.tick({i for i, r in self.instances.items() if r.state == "serving"})
         self._drain_queue()
         metrics().set_scheduler(queued=len(self.queue), in_flight=len(self.requests))
         metrics().set_migrations(self.migrations_done, self.migrations_aborted, len(self.migrations))
@@ -471,7 +482,18 @@ class SchedulerActor(SupervisedActor):
         record = self.requests.get(ended.request_id)
         if record is None or record.instance_id != ended.instance_id:
             return  # a late or duplicate event (e.g. after migration): the current owner reports again
+        if ended.finish_reason == "evicted":  # a KunServe group step handed it back: resume after its outputs
+            record.resume_tokens, record.state, record.instance_id = list(ended.output_token_ids), "queued", None
+            if not self._dispatch(record):
+                self.queue.append(record.request_id)
+            return
         self.requests.pop(ended.request_id)
+
+    def _refresh_instance(self, instance_id: str) -> None:
+        """Re-read whether an instance takes dispatches (the memory manager grouped or released it)."""
+        record = self.instances.get(instance_id)
+        if record is not None:
+            self.policy.upsert(self._snapshot(record))
 
     # ------------------------------------------------------------------------------------------- migration
     def _start_migration(
@@ -654,6 +676,7 @@ class SchedulerActor(SupervisedActor):
             migrations_completed=self.migrations_done,
             migrations_aborted=self.migrations_aborted,
             migrations_in_flight=sorted(self.migrations),
+            groups=self.memory.status(),
         )
 
 
