@@ -307,3 +307,88 @@ async def test_member_process_dying_while_pipelined_ends_the_group(own_nats: str
             member.kill()
             member.wait(10)
         await asyncio.to_thread(c.stop)
+
+
+# ------------------------------------------------------------------------------------------ automatic
+async def test_burst_triggers_a_drop_and_the_group_restores_when_it_is_over(own_nats: str, model_dir: Path) -> None:
+    """memory.auto: the scheduler's memory manager sees the trigger (KV use >= 95 %, queue >= free blocks),
+    forms a group by itself, and restores once the burst is served; every stream is exact and whole."""
+    settings = load_settings(
+        overrides={
+            "nats": {"url": own_nats},
+            "engine": {"heartbeat_interval_s": 0.05},
+            "policy": {"migration_enabled": False},
+            "memory": {"auto": True, "max_group_size": 2, "min_group_s": 0.5, "cooldown_s": 60.0},
+        }
+    )
+    c = InProcessCluster(settings=settings, tokenizer=ByteTokenizer())
+    await asyncio.to_thread(c.start_control)
+    small = 12  # blocks of 32 tokens: a 290-token request takes 10
+    for name in ("ks-x", "ks-y"):
+        engine = MigratableTorchEngine(
+            name, model_dir, model_name="drover-tiny", block_size=BLOCK_SIZE, num_blocks=small, max_model_len=2048
+        )
+        await asyncio.to_thread(c.add_engine, engine)
+    drover = await DroverClient(c.url, name="kunserve-auto").connect()
+    log = await ChunkLog().start(c.url, drover.inbox_prefix)
+    try:
+        await drover.wait_for_instances(2, timeout_s=30)
+        sampling = SamplingParams(max_tokens=200, ignore_eos=True)
+        texts = [PROMPT, PROMPT[::-1]]
+        expected = [(await drover.generate(text, sampling=sampling)).token_ids for text in texts]  # alone: no drop
+        assert not (await drover.status()).groups
+        streams = [await drover.submit(texts[i % 2], sampling=sampling, request_id=f"ks-auto-{i}") for i in range(8)]
+        seen_groups: list[list[str]] = []
+
+        async def watch() -> None:
+            while True:
+                st = await drover.status()
+                seen_groups.extend(g.members for g in st.groups if g.state == "pipelined")
+                await asyncio.sleep(0.05)
+
+        watcher = asyncio.create_task(watch())
+        results = [await s.result() for s in streams]
+        for i, result in enumerate(results):
+            assert result.token_ids == expected[i % 2]
+            log.assert_exactly_once(f"ks-auto-{i}", result.token_ids)
+
+        async def restored() -> bool:
+            return not (await drover.status()).groups
+
+        await _until(restored)
+        watcher.cancel()
+        assert seen_groups, "no group formed under the burst"
+        assert sorted(seen_groups[0]) == ["ks-x", "ks-y"]
+        for name in ("ks-x", "ks-y"):
+            engine = c.hosts[name].engine
+            assert isinstance(engine, MigratableTorchEngine)
+            await _until(_idle(engine))
+            assert engine.role == "standalone" and engine.stage.layer_range == (0, 4)
+            assert engine.allocator.num_blocks == small == engine.allocator.num_free
+    finally:
+        await log.close()
+        await drover.close()
+        await asyncio.to_thread(c.stop)
+
+
+def test_status_shows_groups_with_layer_ranges_and_extra_blocks() -> None:
+    from rich.console import Console
+
+    from control.cli_memory import groups_table
+    from transport.messages import GroupStatus, StatusReply
+
+    st = StatusReply(
+        instances=[],
+        requests=[],
+        queued=0,
+        dispatch_policy="freeness",
+        groups=[
+            GroupStatus(
+                group_id="g-1", members=["a", "b"], layer_ranges=[[0, 2], [2, 4]], state="pipelined", extra_kv_blocks=37
+            )
+        ],
+    )
+    console = Console(width=200, record=True)
+    console.print(groups_table(st))
+    text = console.export_text()
+    assert "g-1" in text and "a:[0,2) b:[2,4)" in text and "37" in text and "pipelined" in text
