@@ -127,10 +127,12 @@ class MemoryManager:
             return next((g for g in self.groups.values() if instance_id in g.members), None)
 
     def blocks_dispatch(self, instance_id: str) -> bool:
-        """True for a group's members, and for its leader while the group forms or restores."""
+        """True for a group's members, for its leader while the group forms or restores, and for an instance
+        that still serves as a stage (a member whose group ended takes requests once it restored)."""
         group = self.group_of(instance_id)
         if group is None:
-            return False
+            seen = self.seen.get(instance_id)
+            return seen is not None and seen.memory.group_role == "member"
         return instance_id != group.leader or group.state != "pipelined"
 
     def status(self) -> list[GroupStatus]:
@@ -164,6 +166,8 @@ class MemoryManager:
                 beat.memory, beat.load, beat.info.model, beat.info.kv_layout, beat.sent_at, beat.draining
             )
             group = self.group_of(instance_id)
+            if group is None and beat.memory.group_role == "leader" and beat.memory.group_id:
+                group = self._adopt(beat.memory)
             if (
                 group is not None
                 and group.state == "pipelined"
@@ -173,6 +177,23 @@ class MemoryManager:
             ):
                 log.warning("group %s: leader %s serves alone again (the group broke)", group.group_id, instance_id)
                 self._end(group, leave=[m for m in group.members[1:]])
+
+    def _adopt(self, memory: EngineMemory) -> LiveGroup | None:
+        """A group this manager did not form (the scheduler restarted): track it from its leader's report."""
+        members = tuple(memory.group_members)
+        if len(members) < 2 or any(self.group_of(m) is not None for m in members):
+            return None
+        group = LiveGroup(
+            group_id=memory.group_id,
+            members=members,
+            layer_ranges=split_layers(memory.num_layers, len(members)),
+            state="pipelined",
+            formed_wall=time.time(),
+            formed_mono=time.monotonic(),
+        )
+        self.groups[group.group_id] = group
+        log.info("group %s adopted from its leader's heartbeat: %s", group.group_id, members)
+        return group
 
     def on_instance_dead(self, instance_id: str) -> None:
         """An instance was declared dead: end its group (the leader evicts and restores; members restore)."""

@@ -181,6 +181,11 @@ async def test_stream_across_forced_drop_and_restore_is_exact(
             assert engine.role == "standalone" and engine.stage.layer_range == (0, 4)
             assert engine.allocator.num_blocks == NUM_BLOCKS == engine.allocator.num_free
             assert engine.stage.num_blocks == NUM_BLOCKS
+        from observability.metrics import metrics
+
+        exposition = metrics().render().decode()
+        for name in ("drover_memory_events", "drover_memory_exchange_bytes", "drover_memory_freed_weight_bytes"):
+            assert name in exposition
         names = {s.name for s in span_exporter.get_finished_spans()}  # type: ignore[attr-defined]
         assert {"drover.memory.drop", "drover.memory.restore", "drover.memory.exchange"} <= names
         assert {"drover.memory.group.join", "drover.memory.group.lead", "drover.memory.group.dissolve"} <= names
@@ -306,6 +311,55 @@ async def test_member_process_dying_while_pipelined_ends_the_group(own_nats: str
         if member.poll() is None:
             member.kill()
             member.wait(10)
+        await asyncio.to_thread(c.stop)
+
+
+async def test_leader_process_dying_while_pipelined_fails_over_to_the_member(own_nats: str, model_dir: Path) -> None:
+    """The leader (another process) dies: its requests fail over (read back from the output stream, resumed
+    after the delivered tokens) to the member, which restores its layers once the group is declared over."""
+    c = InProcessCluster(settings=_settings(own_nats), tokenizer=ByteTokenizer())  # type: ignore[arg-type]
+    await asyncio.to_thread(c.start_control)
+    leader = _spawn_member(own_nats, model_dir, "ks-plead")
+    drover = await DroverClient(c.url, name="kunserve-lead-fail").connect()
+    log = await ChunkLog().start(c.url, drover.inbox_prefix)
+    try:
+        await drover.wait_for_instances(1, timeout_s=60)
+        await asyncio.to_thread(c.add_engine, _engine("ks-mem", model_dir))
+        await drover.wait_for_instances(2, timeout_s=30)
+        expected = (await drover.generate(PROMPT, sampling=LONG)).token_ids
+        await drover.drain("ks-mem")  # every request starts on the leader process
+        streams = [await drover.submit(PROMPT, sampling=LONG, request_id=f"ks-l-{i}") for i in range(2)]
+        for stream in streams:
+            await _until_tokens(stream, 10)
+        await drover.drain("ks-mem", undo=True)
+        dropped = await drover.memory("drop", "ks-plead,ks-mem")
+        assert dropped.ok, dropped.message
+        await _until_tokens(streams[0], len(streams[0].result_data.token_ids) + 20)
+
+        leader.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(leader.wait, 10)
+        results = [await s.result() for s in streams]
+        for i, result in enumerate(results):
+            assert result.token_ids == expected
+            assert log.assert_exactly_once(f"ks-l-{i}", result.token_ids) == {"ks-plead", "ks-mem"}
+            assert result.done is not None and result.done.instances == ["ks-plead", "ks-mem"]
+
+        async def ended() -> bool:
+            st = await drover.status()
+            return not st.groups and {i.info.instance_id for i in st.instances} == {"ks-mem"}
+
+        await _until(ended)
+        member = c.hosts["ks-mem"].engine
+        assert isinstance(member, MigratableTorchEngine)
+        await _until(_idle(member))
+        assert member.role == "standalone" and member.stage.layer_range == (0, 4)
+        assert member.allocator.num_blocks == NUM_BLOCKS == member.allocator.num_free
+    finally:
+        await log.close()
+        await drover.close()
+        if leader.poll() is None:
+            leader.kill()
+            leader.wait(10)
         await asyncio.to_thread(c.stop)
 
 
