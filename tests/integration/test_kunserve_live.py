@@ -240,6 +240,30 @@ async def test_bad_memory_commands_get_clear_errors(client: DroverClient) -> Non
         await client.memory("shrink", "ks-a")
 
 
+def test_drover_memory_cli_drops_shows_and_restores(cluster: InProcessCluster) -> None:
+    from typer.testing import CliRunner
+
+    from control.cli import app
+
+    def drover(*args: str) -> tuple[int, str]:
+        result = CliRunner().invoke(app, ["--nats-url", cluster.url, *args])
+        return result.exit_code, result.output
+
+    code, out = drover("memory", "drop", "ks-a")  # one id: it leads, the freest compatible instance joins
+    assert code == 0, out
+    assert "2-stage pipeline" in out and "ks-b" in out
+    code, out = drover("status")
+    assert code == 0, out
+    assert "memory groups" in out and "pipelined" in out and "[0,2)" in out and "[2,4)" in out
+    code, out = drover("memory", "drop", "ks-b")
+    assert code == 1 and "already in a group" in out
+    code, out = drover("memory", "restore", "ks-b")  # any member names its group
+    assert code == 0, out
+    assert "restored" in out
+    code, out = drover("memory", "restore", "ks-b")
+    assert code == 1 and "no group" in out
+
+
 # ------------------------------------------------------------------------------------------ member failure
 def _spawn_member(nats_url: str, model_dir: Path, name: str) -> subprocess.Popen[bytes]:
     """A torch engine in its own process (`drover engine serve --kind torch`), same pool as the others."""
