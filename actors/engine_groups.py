@@ -26,7 +26,7 @@ from opentelemetry import trace
 
 from engines.base import EngineError
 from engines.torch.engine import TorchEngine
-from engines.torch.pipeline import PipelineGroup
+from engines.torch.pipeline import PipelineGroup, Stage
 from engines.torch.remote import RemoteStage, RemoteStageError, StageServer
 from observability import spans
 from observability.metrics import metrics
@@ -49,6 +49,7 @@ class GroupAgent:
         self.data_host = data_host
         self.server: StageServer | None = None  # as a member
         self.remotes: list[RemoteStage] = []  # as a leader
+        self.pipeline: PipelineGroup | None = None
         self._busy = asyncio.Lock()
         self._breaking = False
 
@@ -152,7 +153,8 @@ class GroupAgent:
                     for request_id in moving
                 ]
                 report = await engine.drop_layers_paused(keep)
-                pipeline = PipelineGroup([engine.stage, *remotes])
+                stages: list[Stage] = [engine.stage, *remotes]
+                pipeline = PipelineGroup(stages, micro_batches=command.micro_batches or len(stages))
                 engine.use_runner(pipeline, "leader")
                 moved_bytes = 0
                 for _, payload in payloads:  # over each member's stage connection: the live KV exchange
@@ -169,7 +171,7 @@ class GroupAgent:
             for remote in remotes:
                 remote.close()
             raise
-        self.remotes = remotes
+        self.remotes, self.pipeline = remotes, pipeline
         seconds = time.perf_counter() - started
         metrics().memory_event("drop", report.freed_weight_bytes, seconds)
         metrics().memory_exchange(moved_bytes, exchange_s)
@@ -291,6 +293,9 @@ class GroupAgent:
         for remote in self.remotes:
             remote.close()
         self.remotes = []
+        if self.pipeline is not None:
+            self.pipeline.close()
+            self.pipeline = None
 
     def close(self) -> None:
         """Stop serving a stage and drop stage connections (the host is going away)."""

@@ -388,6 +388,7 @@ class MemoryManager:
                         layer_range=list(group.layer_ranges[0]),
                         members=list(group.members),
                         stage_addresses=addresses,
+                        micro_batches=self.settings.micro_batches,
                     ),
                 )
             except GroupStepFailed as exc:

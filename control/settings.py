@@ -122,6 +122,11 @@ class MemorySettings(_Section):
         2.0, description="An instance that left a group is not grouped again automatically for this long (ours)."
     )
     op_timeout_s: float = Field(120.0, description="Timeout of one group step on an engine (drop, exchange, restore).")
+    micro_batches: int = Field(
+        0,
+        description="Micro-batches a group's pipeline cuts each step into, so stages compute at once (KunServe "
+        "keeps every stage busy with micro-batches); 0: one per stage.",
+    )
 
 
 class ReliabilitySettings(_Section):

@@ -335,6 +335,7 @@ class GroupCommand(_Msg, frozen=True, tag="group_command"):
     layer_range: list[int] = []
     members: list[str] = []  # leader first
     stage_addresses: list[str] = []  # members[1:]'s stage servers, in order
+    micro_batches: int = 0  # lead: micro-batches per step in the pipeline; 0 = one per stage
 
 
 class GroupReply(_Msg, frozen=True, tag="group_reply"):
