@@ -99,6 +99,7 @@ class GroupAgent:
             report = await engine.drop_layers_paused((first, last))
             engine.use_runner(engine.stage, "member")
             engine.group_id, engine.group_members = command.group_id, list(command.members)
+            evicted += await self._evict_all()  # a dispatch that raced the join: a member runs no request
         self.server = StageServer(engine.stage, self.data_host)
         metrics().memory_event("join", report.freed_weight_bytes, time.perf_counter() - started)
         return GroupReply(

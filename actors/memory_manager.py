@@ -119,7 +119,17 @@ class MemoryManager:
         self.groups: dict[str, LiveGroup] = {}
         self.seen: dict[str, _Seen] = {}
         self.cooldown_until: dict[str, float] = {}  # instance -> time.monotonic()
+        self._dirty: set[str] = set()  # changed on the bus loop; the scheduler re-reads them on its next tick
         self._lock = threading.RLock()
+
+    def _changed(self, instance_id: str) -> None:
+        """Tell the scheduler an instance's dispatchability changed: at once on its own thread, else (a group
+        step finishing on the bus loop) on its next tick, so its dispatch index is only touched by it."""
+        if self.bus.in_loop():
+            with self._lock:
+                self._dirty.add(instance_id)
+        else:
+            self.on_change(instance_id)
 
     # ------------------------------------------------------------------------------------------ queries
     def group_of(self, instance_id: str) -> LiveGroup | None:
@@ -219,11 +229,15 @@ class MemoryManager:
         until = time.monotonic() + self.settings.cooldown_s
         for member in members:
             self.cooldown_until[member] = until
-            self.on_change(member)
+            self._changed(member)
 
     # ------------------------------------------------------------------------------------------ tick
     def tick(self, live: set[str]) -> None:
         """Poll the policy (``live``: instances the scheduler considers alive and serving)."""
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+        for instance_id in sorted(dirty):
+            self.on_change(instance_id)
         if not self.settings.auto:
             return
         now = time.monotonic()
@@ -350,7 +364,7 @@ class MemoryManager:
         )
         self.groups[group.group_id] = group
         for member in members:
-            self.on_change(member)
+            self._changed(member)
         log.info("group %s forms (%s): %s keep %s", group.group_id, reason, members, group.layer_ranges)
         self.bus.run(self._form(group, reason, reply))
 
@@ -408,7 +422,7 @@ class MemoryManager:
             group.state, group.details = "pipelined", details
             group.formed_wall, group.formed_mono = time.time(), time.monotonic()
             group.previous_use = 1.0
-            self.on_change(group.leader)
+            self._changed(group.leader)
             self._publish_gauges()
         metrics().memory_event("drop_ordered", seconds=details["seconds"])
         log.info("group %s pipelined: %s", group.group_id, details)
@@ -430,7 +444,7 @@ class MemoryManager:
     # ------------------------------------------------------------------------------------------ restore
     def _start_restore(self, group: LiveGroup, reply: str | None) -> None:
         group.state = "restoring"
-        self.on_change(group.leader)
+        self._changed(group.leader)
         log.info("group %s restores", group.group_id)
         self.bus.run(self._restore(group, reply))
 
