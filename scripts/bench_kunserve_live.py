@@ -264,6 +264,8 @@ def print_summary_rows(rows: dict[str, dict[str, float]]) -> None:
         if {"baseline", "drop"} <= set(modes) and rows["drop"][metric]:
             line += f"{rows['baseline'][metric] / rows['drop'][metric]:>11.2f}x"
         print(line)
+    if {"baseline", "drop"} <= set(modes):
+        print("(base/drop > 1: drop is better for times; for throughput drop is better when < 1)")
 
 
 def timeline(result: ModeResult, step_s: float) -> list[tuple[float, dict[str, Sample]]]:
