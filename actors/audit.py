@@ -26,6 +26,7 @@ from transport.messages import (
     AdminReply,
     DrainCommand,
     ErrorReply,
+    MemoryCommand,
     Message,
     MigrateCommand,
     PolicyQuery,
@@ -37,7 +38,8 @@ from transport.messages import (
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Envelope], Awaitable[None] | None]
-AUDITED: tuple[type, ...] = (MigrateCommand, DrainCommand, PolicyQuery, PolicyUpdate)  # the admin actions
+# the admin actions (status queries are not audited)
+AUDITED: tuple[type, ...] = (MigrateCommand, DrainCommand, PolicyQuery, PolicyUpdate, MemoryCommand)
 
 
 @dataclass(slots=True)

@@ -40,6 +40,7 @@ from transport.messages import (
     EngineRequestEnded,
     ErrorCode,
     InstanceHeartbeat,
+    MemoryCommand,
     MigrateCommand,
     PolicyQuery,
     PolicyUpdate,
@@ -182,6 +183,7 @@ class ControlPlane:
                 (subjects.admin("migrate"), (MigrateCommand,), subjects.CONTROL_QUEUE),
                 (subjects.admin("drain"), (DrainCommand,), subjects.CONTROL_QUEUE),
                 (subjects.admin("policy"), (PolicyQuery, PolicyUpdate), subjects.CONTROL_QUEUE),
+                (subjects.admin("memory"), (MemoryCommand,), subjects.CONTROL_QUEUE),
             ]
             subs = [
                 self.bus.run(self.bus.asubscribe(subject, self._only(kinds, scheduler), queue=queue))
@@ -286,6 +288,7 @@ class ControlPlane:
             migrations_completed=status.migrations_completed,
             migrations_aborted=status.migrations_aborted,
             migrations_in_flight=status.migrations_in_flight,
+            groups=status.groups,
         )
 
     def _tick_loop(self) -> None:

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 import pykka
@@ -33,9 +34,11 @@ from transport.messages import (
     AdminReply,
     EngineAbort,
     EngineAdd,
+    EngineMemory,
     EngineRequestEnded,
     ErrorCode,
     ErrorReply,
+    GroupCommand,
     InstanceHeartbeat,
     MigrateIn,
     MigrateInReply,
@@ -88,6 +91,15 @@ class EngineActor(pykka.ThreadingActor):
         self.draining = False
         self._streams: dict[str, _Stream] = {}  # loop-only
         self._migrations_out: dict[str, str] = {}  # migration id -> request id (loop-only)
+        self.groups: Any = None  # KunServe group steps (torch engines): actors.engine_groups.GroupAgent
+        if engine.info.engine_kind == "torch":
+            from actors.engine_groups import group_agent_for
+
+            self.groups = group_agent_for(self)
+
+    def on_stop(self) -> None:
+        if self.groups is not None:
+            self.groups.close()
 
     # ------------------------------------------------------------------------------------------- messages
     def on_receive(self, message: object) -> object:
@@ -110,6 +122,8 @@ class EngineActor(pykka.ThreadingActor):
             self.bus.run(self._migration_op(message, envelope.reply))
         elif isinstance(message, EngineAbort):
             self._abort(message, envelope.reply)
+        elif isinstance(message, GroupCommand) and self.groups is not None:
+            self.bus.run(self.groups.handle(message, envelope.reply))
         else:
             log.warning("engine %s: unexpected %s", self.instance_id, type(message).__name__)
             self.bus.reply_error(
@@ -315,6 +329,17 @@ class EngineActor(pykka.ThreadingActor):
             ),
         )
 
+    async def end_evicted(self, request_id: str, outputs: list[int]) -> None:
+        """An evicted request's stream ends without RequestDone; the client first gets every output token
+        it has not seen (the scheduler resumes the request after them). Runs on the bus loop."""
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        stream.migrated_out = True
+        tail = outputs[stream.index :]
+        if tail:
+            await self._send_tokens(stream, tail, "")
+
     # ------------------------------------------------------------------------------------------- migration
     def _migratable(self) -> MigratableEngine:
         if not isinstance(self.engine, MigratableEngine):
@@ -458,8 +483,19 @@ class Heartbeater:
                 draining=self.state == "draining",
                 state=self.state,
                 can_migrate=isinstance(self.engine, MigratableEngine),
+                memory=self._memory(),
             ),
         )
+
+    def _memory(self) -> EngineMemory | None:
+        report = getattr(self.engine, "memory_status", None)
+        if report is None:
+            return None
+        try:
+            memory: EngineMemory = report()
+        except Exception:  # not started yet
+            return None
+        return memory
 
     def _run(self) -> None:
         while not self._stop.is_set():

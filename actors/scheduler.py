@@ -22,6 +22,7 @@ import pykka
 from opentelemetry import trace
 
 from actors.control_state import ControlState, restore_into
+from actors.memory_manager import MemoryManager
 from actors.migrator import MigrationEnded, StartMigration
 from actors.request_lifecycle import RequestLifecycle, RequestTable, admission
 from actors.supervisor import SupervisedActor
@@ -51,6 +52,7 @@ from transport.messages import (
     InstanceHeartbeat,
     InstanceLoad,
     InstanceStatus,
+    MemoryCommand,
     MigrateCommand,
     PolicyQuery,
     PolicyUpdate,
@@ -148,6 +150,7 @@ class SchedulerActor(SupervisedActor):
         self.migrations: dict[str, InFlightMigration] = {}  # request id -> migration in flight
         self.migrations_done = 0
         self.migrations_aborted = 0
+        self.memory = MemoryManager(bus, settings.memory, self._refresh_instance)  # KunServe groups
 
     def on_start(self) -> None:
         restore_into(self)  # a restarted control plane (or scheduler) picks up where the last one left off
@@ -187,6 +190,8 @@ class SchedulerActor(SupervisedActor):
             self._on_drain(message, envelope.reply)
         elif isinstance(message, PolicyQuery | PolicyUpdate):
             self._on_policy(message, envelope.reply)
+        elif isinstance(message, MemoryCommand):
+            self.memory.on_command(message, envelope.reply)
         else:
             self.bus.reply_error(
                 envelope.reply,
@@ -213,6 +218,7 @@ class SchedulerActor(SupervisedActor):
         record.state, record.draining, record.can_migrate = beat.state, beat.draining, beat.can_migrate
         if save:
             self.state.save_instance(record)
+        self.memory.on_heartbeat(beat)
         self.policy.upsert(self._snapshot(record))
         self.state.on_heartbeat(self, beat)
         load = beat.load
@@ -241,7 +247,10 @@ class SchedulerActor(SupervisedActor):
             waiting_blocks=load.waiting_blocks,
             head_waiting_blocks=load.head_waiting_blocks,
             num_preempted=load.num_preempted,
-            draining=record.draining or record.drain_requested or record.state != "serving",
+            draining=record.draining
+            or record.drain_requested
+            or record.state != "serving"
+            or self.memory.blocks_dispatch(record.info.instance_id),
             model=record.info.model,
             block_size=record.info.block_size,
             running=tuple(
@@ -270,8 +279,10 @@ class SchedulerActor(SupervisedActor):
                 metrics().remove_instance(instance_id)
                 self.state.drop_instance(instance_id)
                 self._fail_over(instance_id)
+                self.memory.on_instance_dead(instance_id)
         self.lifecycle.tick(self)
         self.requests.forget_expired()
+        self.memory.tick({i for i, r in self.instances.items() if r.state == "serving"})
         self._drain_queue()
         metrics().set_scheduler(queued=len(self.queue), in_flight=len(self.requests))
         metrics().set_migrations(self.migrations_done, self.migrations_aborted, len(self.migrations))
@@ -533,8 +544,20 @@ class SchedulerActor(SupervisedActor):
         record = self.requests.get(ended.request_id)
         if record is None or record.instance_id != ended.instance_id:
             return  # a late or duplicate event (e.g. after migration): the current owner reports again
+        if ended.finish_reason == "evicted":  # a KunServe group step handed it back: resume after its outputs
+            record.resume_tokens, record.state, record.instance_id = list(ended.output_token_ids), "queued", None
+            self.state.save_request(record)
+            if not self._dispatch(record):
+                self.queue.append(record.request_id)
+            return
         self.requests.pop(ended.request_id)
         self.state.drop_request(ended.request_id)
+
+    def _refresh_instance(self, instance_id: str) -> None:
+        """Re-read whether an instance takes dispatches (the memory manager grouped or released it)."""
+        record = self.instances.get(instance_id)
+        if record is not None:
+            self.policy.upsert(self._snapshot(record))
 
     # ------------------------------------------------------------------------------------------- migration
     def _start_migration(
@@ -723,6 +746,7 @@ class SchedulerActor(SupervisedActor):
             migrations_completed=self.migrations_done,
             migrations_aborted=self.migrations_aborted,
             migrations_in_flight=sorted(self.migrations),
+            groups=self.memory.status(),
         )
 
 

@@ -267,6 +267,10 @@ def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
         return
     console.print(_instances_table(st))
     console.print(_requests_table(st))
+    if st.groups:
+        from control.cli_memory import groups_table
+
+        console.print(groups_table(st))
     console.print("actors: " + ", ".join(f"{k}={v}" for k, v in st.actors.items()))
 
 
@@ -409,6 +413,9 @@ _register_operator_commands(app)
 from control.cli_nats import register as _register_nats_commands  # noqa: E402
 
 _register_nats_commands(app)
+from control.cli_memory import register as _register_memory_commands  # noqa: E402
+
+_register_memory_commands(app)
 
 if __name__ == "__main__":
     app()

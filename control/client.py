@@ -46,6 +46,7 @@ from transport.messages import (
     DrainCommand,
     ErrorCode,
     ErrorReply,
+    MemoryCommand,
     Message,
     MigrateCommand,
     PolicyQuery,
@@ -536,6 +537,11 @@ class DroverClient:
         """Stop dispatching to an instance and migrate its requests away (poll status for 'drained');
         ``undo`` puts it back into service."""
         return await self._admin("drain", DrainCommand(instance_id=instance_id, undo=undo), timeout_s)
+
+    async def memory(self, op: str, target: str, *, timeout_s: float = 180.0) -> AdminReply:
+        """Force a KunServe drop (``target``: instance ids, comma-separated, leader first) or a restore
+        (``target``: a group id); returns when the step is over."""
+        return await self._admin("memory", MemoryCommand(op=op, target=target), timeout_s)
 
     async def policy(self, changes: dict[str, str] | None = None, *, timeout_s: float = 5.0) -> dict[str, object]:
         """Read (or, with ``changes``, set then read) the scheduler's policy parameters."""

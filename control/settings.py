@@ -145,6 +145,39 @@ class MigrationSettings(_Section):
     )
 
 
+class MemorySettings(_Section):
+    """KunServe parameter-centric memory (control/policy/memory.py documents the policy and its sources)."""
+
+    auto: bool = Field(
+        True,
+        description="Let the scheduler form groups on its own when the drop trigger fires (torch engines only; "
+        "`drover memory drop|restore` works either way).",
+    )
+    drop_memory_use: float = Field(0.95, description="KV-pool occupancy that votes to drop (KunServe code: 95 %).")
+    restore_memory_use: float = Field(
+        0.50, description="A group restores at or below this occupancy, falling, nothing pending (KunServe: 50 %)."
+    )
+    max_group_size: int = Field(
+        4, description="Largest group; the policy picks the smallest g whose freed memory covers the queue."
+    )
+    pipeline_overhead_per_stage: float = Field(
+        0.05, description="Modelled slowdown per extra pipeline stage (assumption; see MemoryParams)."
+    )
+    max_pipeline_overhead: float = Field(0.25, description="Never form a group whose modelled overhead exceeds this.")
+    min_group_s: float = Field(
+        1.0, description="A group lives at least this long before an automatic restore (avoids flapping; ours)."
+    )
+    cooldown_s: float = Field(
+        2.0, description="An instance that left a group is not grouped again automatically for this long (ours)."
+    )
+    op_timeout_s: float = Field(120.0, description="Timeout of one group step on an engine (drop, exchange, restore).")
+    micro_batches: int = Field(
+        0,
+        description="Micro-batches a group's pipeline cuts each step into, so stages compute at once (KunServe "
+        "keeps every stage busy with micro-batches); 0: one per stage.",
+    )
+
+
 class ReliabilitySettings(_Section):
     output_retention_s: float = Field(
         600.0, description="How long the output stream keeps what clients were sent (failover, resume)."
@@ -306,6 +339,7 @@ class Settings(BaseSettings):
         ThresholdParams(), description="Llumnix's avg-freeness threshold autoscaler (baseline)."
     )
     migration: MigrationSettings = MigrationSettings()
+    memory: MemorySettings = MemorySettings()
     reliability: ReliabilitySettings = ReliabilitySettings()
     ha: HaSettings = HaSettings()
     limits: LimitsSettings = LimitsSettings()

@@ -130,6 +130,42 @@ class Metrics:
             description="Stop-and-copy downtime of committed migrations.",
             explicit_bucket_boundaries_advisory=DOWNTIME_BUCKETS,
         )
+        # KunServe parameter-centric memory
+        self._memory_events = meter.create_counter(
+            "drover.memory.events",
+            description="Group steps by kind: drop (leader), join, leave, restore (leader), break; and "
+            "drops/restores the memory manager ordered, by outcome.",
+        )
+        self._memory_freed = meter.create_counter(
+            "drover.memory.freed_weight_bytes", unit="By", description="Weight bytes freed by layer drops."
+        )
+        self._memory_seconds = meter.create_histogram(
+            "drover.memory.seconds",
+            unit="s",
+            description="Duration of one group step (drop, join, restore, leave, break).",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+        self._exchange_bytes = meter.create_counter(
+            "drover.memory.exchange_bytes", unit="By", description="KV bytes moved by live KV exchanges."
+        )
+        self._exchange_seconds = meter.create_histogram(
+            "drover.memory.exchange_seconds",
+            unit="s",
+            description="Duration of one live KV exchange (forming or dissolving a group).",
+            explicit_bucket_boundaries_advisory=DOWNTIME_BUCKETS,
+        )
+        self._groups = 0
+        self._group_extra_blocks = 0
+        meter.create_observable_gauge(
+            "drover.memory.groups",
+            [lambda _: [Observation(self._groups)]],
+            description="KunServe groups formed now.",
+        )
+        meter.create_observable_gauge(
+            "drover.memory.extra_kv_blocks",
+            [lambda _: [Observation(self._group_extra_blocks)]],
+            description="KV blocks the groups hold beyond their leaders' own pools.",
+        )
         # Instances and queue: observed when scraped, from the last values set
         meter.create_observable_gauge(
             "drover.instance.free_blocks", [self._observe("free_blocks")], description="Free KV blocks of an instance."
@@ -226,6 +262,23 @@ class Metrics:
             self._migration_bytes.add(copied_bytes)
         if outcome == "committed":
             self._downtime.record(downtime_s)
+
+    # ------------------------------------------------------------------------------------------- memory
+    def memory_event(self, kind: str, freed_weight_bytes: int = 0, seconds: float = 0.0, outcome: str = "ok") -> None:
+        """A group step (engine side) or an ordered drop/restore (memory manager) ended."""
+        self._memory_events.add(1, {"kind": kind, "outcome": outcome})
+        if freed_weight_bytes > 0:
+            self._memory_freed.add(freed_weight_bytes)
+        if seconds > 0:
+            self._memory_seconds.record(seconds, {"kind": kind})
+
+    def memory_exchange(self, moved_bytes: int, seconds: float) -> None:
+        if moved_bytes:
+            self._exchange_bytes.add(moved_bytes)
+        self._exchange_seconds.record(seconds)
+
+    def set_memory_groups(self, groups: int, extra_kv_blocks: int) -> None:
+        self._groups, self._group_extra_blocks = groups, extra_kv_blocks
 
     # ------------------------------------------------------------------------------------------- instances
     def update_instance(self, gauges: InstanceGauges) -> None:

@@ -16,6 +16,11 @@ MIGRATION = "drover.migration"
 MIGRATION_STAGE = "drover.migration.stage"
 MIGRATION_STOP_AND_COPY = "drover.migration.stop_and_copy"
 MIGRATION_RESUME = "drover.migration.resume"
+MEMORY_DROP = "drover.memory.drop"  # memory manager: a KunServe group forms (members drop layers)
+MEMORY_RESTORE = "drover.memory.restore"  # memory manager: a group restores its layers and ends
+MEMORY_GROUP = "drover.memory.group"  # engine: one group step (suffix .join/.lead/.dissolve/.leave/.break)
+MEMORY_EXCHANGE = "drover.memory.exchange"  # engine: running requests' KV moved to the layers' new owner
+MEMORY_BREAK = "drover.memory.break"  # engine: a group that lost a member ends; its requests resume elsewhere
 
 # Attributes
 MESSAGING_SYSTEM = "messaging.system"
@@ -34,6 +39,7 @@ DISPATCH_POLICY = "drover.dispatch.policy"
 PRIORITY = "drover.request.priority"
 REQUEST_CLASS = "drover.request.class"
 MIGRATION_ID = "drover.migration.id"
+GROUP_ID = "drover.memory.group_id"
 MIGRATION_BLOCKS = "drover.migration.blocks"
 MIGRATION_BYTES = "drover.migration.bytes"
 MIGRATION_STAGE_INDEX = "drover.migration.stage"

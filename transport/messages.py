@@ -212,6 +212,25 @@ class InstanceLoad(msgspec.Struct, frozen=True, kw_only=True):
     running: list[RunningRequest] = []
 
 
+class EngineMemory(msgspec.Struct, frozen=True, kw_only=True):
+    """An instance's parameter-centric memory (KunServe): what it holds, what it could hold, its group.
+
+    Sent by engines that can drop layers (torch); the memory manager plans drops and restores from it.
+    """
+
+    num_layers: int  # layers of the whole model
+    layer_range: list[int]  # [first, last) held now
+    model_weight_bytes: int  # one full copy of the weights
+    weight_bytes: int  # weights held now
+    kv_block_bytes: int  # one block over every layer (full-model layout)
+    budget_bytes: int  # weights + KV pool
+    home_num_blocks: int  # KV blocks when holding every layer alone
+    rss_bytes: int = 0  # resident memory of the engine's process
+    group_id: str = ""
+    group_role: str = "standalone"  # "standalone" | "leader" | "member"
+    group_members: list[str] = []  # the leader's view, leader first
+
+
 class InstanceHeartbeat(_Msg, frozen=True, tag="heartbeat"):
     info: EngineInfo
     load: InstanceLoad
@@ -220,6 +239,7 @@ class InstanceHeartbeat(_Msg, frozen=True, tag="heartbeat"):
     draining: bool = False
     state: str = "serving"  # "starting" | "serving" | "draining" | "stopping"
     can_migrate: bool = False  # the engine implements live migration
+    memory: EngineMemory | None = None  # engines that can drop layers report it
 
 
 class EngineAdd(_Msg, frozen=True, tag="engine_add"):
@@ -253,6 +273,9 @@ class EngineRequestEnded(_Msg, frozen=True, tag="engine_ended"):
     finish_reason: str
     num_output_tokens: int
     error: str | None = None
+    # finish_reason "evicted": the engine stopped it to free itself (joining a KunServe group, or a group that
+    # broke); every output token so far was sent to the client, and the scheduler resumes it from these.
+    output_token_ids: list[int] = []
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -330,6 +353,42 @@ class DrainCommand(_Msg, frozen=True, tag="drain"):
     operator: str = ""  # who asked (audit log)
 
 
+class GroupCommand(_Msg, frozen=True, tag="group_command"):
+    """Memory manager -> torch engine: one step of forming or ending a KunServe group.
+
+    ``op``: ``join`` (member: evict requests, keep ``layer_range``, serve it as a stage; reply: its address),
+    ``lead`` (leader: move running requests' KV of other layers to the members at ``stage_addresses``, drop
+    to ``layer_range``, compute as the pipeline), ``dissolve`` (leader: take the KV back, restore, serve alone),
+    ``leave`` (member: restore, serve alone), ``break`` (leader of a group that lost a member: evict its
+    requests for the scheduler to resume, restore).
+    """
+
+    op: str
+    group_id: str
+    layer_range: list[int] = []
+    members: list[str] = []  # leader first
+    stage_addresses: list[str] = []  # members[1:]'s stage servers, in order
+    micro_batches: int = 0  # lead: micro-batches per step in the pipeline; 0 = one per stage
+
+
+class GroupReply(_Msg, frozen=True, tag="group_reply"):
+    group_id: str
+    ok: bool
+    error: str = ""
+    address: str = ""  # a joined member's stage server
+    evicted: list[str] = []  # request ids handed back to the scheduler
+    details: dict[str, Any] = {}  # freed bytes, blocks, KV moved, seconds
+
+
+class MemoryCommand(_Msg, frozen=True, tag="memory_command"):
+    """Operator -> control plane: force a KunServe drop (``target``: instance ids joined by ',' , the first
+    leads; or one instance id, with the freest compatible instance as partner) or a restore (a group id)."""
+
+    op: str  # "drop" | "restore"
+    target: str
+    operator: str = ""  # who asked (audit log)
+
+
 class PolicyQuery(_Msg, frozen=True, tag="policy_query"):
     operator: str = ""  # who asked (audit log)
 
@@ -374,6 +433,17 @@ class RequestStatus(msgspec.Struct, frozen=True, kw_only=True):
     request_class: RequestClass
 
 
+class GroupStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """A KunServe group as the memory manager sees it."""
+
+    group_id: str
+    members: list[str]  # leader first; the leader is the group's one dispatch target
+    layer_ranges: list[list[int]]
+    state: str  # forming | pipelined | restoring
+    extra_kv_blocks: int = 0  # KV blocks the group has beyond the leader's pool alone
+    age_s: float = 0.0
+
+
 class StatusReply(_Msg, frozen=True, tag="status"):
     instances: list[InstanceStatus]
     requests: list[RequestStatus]
@@ -383,6 +453,7 @@ class StatusReply(_Msg, frozen=True, tag="status"):
     migrations_completed: int = 0
     migrations_aborted: int = 0
     migrations_in_flight: list[str] = []  # request ids being migrated
+    groups: list[GroupStatus] = []  # KunServe groups (parameter-centric memory)
 
 
 # The union every receiver decodes. Append new kinds at the end.
@@ -409,6 +480,9 @@ Message: TypeAlias = (
     | AdminReply
     | PolicyQuery
     | PolicyUpdate
+    | GroupCommand
+    | GroupReply
+    | MemoryCommand
 )
 
 _encoder = msgspec.msgpack.Encoder()

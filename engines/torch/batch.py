@@ -89,6 +89,34 @@ class StageBatch:
         """The same step for the next stage: hidden states replace the token ids."""
         return dataclasses.replace(self, token_ids=None, hidden=hidden)
 
+    def select(self, seqs: list[int]) -> tuple[StageBatch, torch.Tensor]:
+        """The sub-batch of requests ``seqs`` (ascending), and which of this batch's logits rows it yields
+        (positions in ``logits_indices``, in the sub-batch's order). Block tables are trimmed to the widest
+        request kept, so a micro-batch of decodes does not pay for a long prefill's padding."""
+        starts = self.query_start.tolist()
+        rows = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in seqs])
+        lens = torch.tensor([starts[b + 1] - starts[b] for b in seqs], dtype=torch.long)
+        query_start = torch.zeros(len(seqs) + 1, dtype=torch.long)
+        query_start[1:] = torch.cumsum(lens, 0)
+        context_lens = self.context_lens[seqs]
+        width = int(self.block_tables.shape[1])
+        if hint := _block_size_hint(self):  # <= the real block size, so the trimmed tables still cover
+            width = min(width, max(1, -(-int(context_lens.max()) // hint)))
+        new_row = torch.full((self.num_tokens,), -1, dtype=torch.long)
+        new_row[rows] = torch.arange(rows.shape[0])
+        mapped = new_row[self.logits_indices]
+        kept = (mapped >= 0).nonzero().flatten()
+        sub = StageBatch(
+            positions=self.positions[rows],
+            query_start=query_start,
+            context_lens=context_lens,
+            block_tables=self.block_tables[seqs][:, :width],
+            logits_indices=mapped[kept],
+            token_ids=None if self.token_ids is None else self.token_ids[rows],
+            hidden=None if self.hidden is None else self.hidden[rows],
+        )
+        return sub, kept
+
     def to_bytes(self) -> bytes:
         fields = dataclasses.fields(self)
         return encode_tensors("stage_batch", {f.name: v for f in fields if (v := getattr(self, f.name)) is not None})
@@ -96,6 +124,14 @@ class StageBatch:
     @classmethod
     def from_bytes(cls, data: bytes) -> StageBatch:
         return cls(**decode_tensors(data, "stage_batch"))
+
+
+def _block_size_hint(batch: StageBatch) -> int:
+    """Tokens per block implied by the widest block table (tables are built exactly as wide as the longest
+    request needs); 0 when it cannot tell, and then nothing is trimmed."""
+    width = int(batch.block_tables.shape[1])
+    longest = int(batch.context_lens.max()) if batch.num_seqs else 0
+    return -(-longest // width) if width and longest else 0
 
 
 @dataclass(frozen=True, slots=True)

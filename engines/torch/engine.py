@@ -33,7 +33,7 @@ from engines.torch.kv_cache import BlockAllocator
 from engines.torch.sampler import request_seed
 from engines.torch.scheduler import Scheduler, SeqStatus, Sequence, SeqUpdate
 from engines.torch.stage import MemoryReport, ModelStage
-from transport.messages import EngineInfo, InstanceLoad, RunningRequest
+from transport.messages import EngineInfo, EngineMemory, InstanceLoad, RunningRequest
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,12 @@ class TorchEngine:
         self._live: dict[str, _Live] = {}
         self._missing_kv: dict[str, set[int]] = {}  # request -> held layers whose KV it lacks
         self.role = "standalone"  # | "leader" (runs a pipeline group) | "member" (a stage of another's group)
+        self.group_id = ""  # the KunServe group this engine is in (set by whoever forms it)
+        self.group_members: list[str] = []
+        self.on_step_failure: Callable[[Exception], bool] | None = None
+        """Called when a step fails; True means the callee takes over (a group whose member died): the step's
+        requests are kept (their tokens were not committed) and no step runs until :meth:`resume_steps`."""
+        self._halted = False
         self._wake: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -237,7 +243,7 @@ class TorchEngine:
             raise EngineError(f"torch engine {self.instance_id} is not started")
         if self.role == "member":
             raise EngineError(f"{self.instance_id} serves as a stage of a pipeline group; send requests to its leader")
-        if not self._runner_complete():
+        if not self._runner_complete() and self._pause_depth == 0:  # paused: a group step completes it
             first, last = self.stage.layer_range
             raise EngineError(f"{self.instance_id} holds layers [{first}, {last}) only; it cannot run a request alone")
         if request.request_id in self._live:
@@ -335,7 +341,18 @@ class TorchEngine:
         return self._core is not None and self._core.runner.held_layers() == list(range(self.config.num_layers))
 
     def _can_step(self) -> bool:
-        return self._pause_depth == 0 and self.role != "member" and self._runner_complete() and self.scheduler.has_work
+        return (
+            self._pause_depth == 0
+            and not self._halted
+            and self.role != "member"
+            and self._runner_complete()
+            and self.scheduler.has_work
+        )
+
+    def resume_steps(self) -> None:
+        """Step again after :attr:`on_step_failure` took over."""
+        self._halted = False
+        self._kick()
 
     async def _run(self) -> None:
         assert self._wake is not None and self._idle is not None
@@ -364,7 +381,11 @@ class TorchEngine:
             # No yield here: consumers read this step's tokens while the next step computes in its thread.
 
     def _fail_step(self, plan: StepPlan, exc: Exception) -> None:
-        """A failed forward leaves the step's KV undefined: end its requests (the client sees an abort)."""
+        """A failed forward leaves the step's KV undefined: end its requests (the client sees an abort),
+        unless :attr:`on_step_failure` takes over (then stepping halts; the requests stay for it to move)."""
+        if self.on_step_failure is not None and self.on_step_failure(exc):
+            self._halted = True
+            return
         for chunk in plan.output.chunks:
             live = self._live.get(chunk.seq.request_id)
             self.scheduler.abort(chunk.seq.request_id)
@@ -460,6 +481,48 @@ class TorchEngine:
             if not missing:
                 del self._missing_kv[request_id]
 
+    def evict_paused(self, request_id: str) -> list[int] | None:
+        """Stop a request without finishing it, so that it resumes elsewhere from its outputs (recomputed).
+
+        Returns every output token sampled so far (some may not have reached the consumer yet: the caller
+        sends those), or None for an unknown or finished request. Its stream ends with ``abort``; its blocks
+        are freed. Call inside :meth:`paused`.
+        """
+        self._require_paused("evict")
+        live = self._live.get(request_id)
+        if live is None or live.done:
+            return None
+        outputs = list(live.seq.output_token_ids)
+        self.scheduler.abort(request_id)
+        self._missing_kv.pop(request_id, None)
+        while not live.queue.empty():  # sampled but not yet yielded: part of ``outputs``
+            live.queue.get_nowait()
+        self._finish(live, [], "abort")
+        self._publish_load()
+        return outputs
+
+    def live_request_ids(self) -> list[str]:
+        """Requests this engine streams (running or waiting)."""
+        return [rid for rid, live in self._live.items() if not live.done]
+
+    def memory_status(self) -> EngineMemory:
+        """Parameter-centric memory for the heartbeat (KunServe): layers held, weights, budget, RSS, group."""
+        config, stage = self.config, self.stage
+        itemsize = stage.dtype.itemsize
+        return EngineMemory(
+            num_layers=config.num_layers,
+            layer_range=list(stage.layer_range),
+            model_weight_bytes=config.weight_bytes(0, config.num_layers, itemsize),
+            weight_bytes=stage.weight_bytes,
+            kv_block_bytes=config.kv_block_bytes(config.num_layers, self.block_size, itemsize),
+            budget_bytes=stage.budget_bytes,
+            home_num_blocks=stage.home_num_blocks,
+            rss_bytes=_rss_bytes(),
+            group_id=self.group_id,
+            group_role=self.role,
+            group_members=list(self.group_members),
+        )
+
     def _running_seq(self, request_id: str) -> Sequence:
         seq = self._core.scheduler.requests.get(request_id) if self._core else None
         if seq is None or seq.status is not SeqStatus.RUNNING:
@@ -538,7 +601,8 @@ class TorchEngine:
                 scheduler.preempt(victim)
                 preempted.append(victim.request_id)
         moves = self.allocator.compaction_plan(num_blocks)
-        self.core.runner.move_blocks(moves)
+        if moves:  # (a group whose member died has no stage to tell, and nothing to move)
+            self.core.runner.move_blocks(moves)
         scheduler.remap_blocks(moves)
         return preempted
 
@@ -559,3 +623,13 @@ class TorchEngine:
             return
         for seq in self.scheduler.seqs_holding_blocks():
             self._missing_kv.setdefault(seq.request_id, set()).update(layers)
+
+
+def _rss_bytes() -> int:
+    """Resident memory of this process (0 when psutil cannot tell)."""
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:
+        return 0

@@ -66,6 +66,14 @@ def _recv(sock: socket.socket) -> bytes | None:
     return None if header is None else _recv_exact(sock, _LENGTH.unpack(header)[0])
 
 
+def _recv_or_none(sock: socket.socket) -> bytes | None:
+    """A frame, or None when the peer (or :meth:`StageServer.close`) ended the connection."""
+    try:
+        return _recv(sock)
+    except OSError:
+        return None
+
+
 def _recv_exact(sock: socket.socket, size: int) -> bytes | None:
     buffer = bytearray(size)
     view = memoryview(buffer)
@@ -94,6 +102,7 @@ class StageServer:
         self._listener = socket.create_server((host, port))
         self._host = host
         self._closed = threading.Event()
+        self._connections: set[socket.socket] = set()
         self._thread = threading.Thread(target=self._accept_loop, name="stage-server", daemon=True)
         self._thread.start()
 
@@ -102,9 +111,13 @@ class StageServer:
         return f"tcp://{self._host}:{self._listener.getsockname()[1]}"
 
     def close(self) -> None:
+        """Stop listening and cut every connection (as the process exiting would)."""
         self._closed.set()
         with contextlib.suppress(OSError):
             self._listener.close()
+        for sock in list(self._connections):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def _accept_loop(self) -> None:
         while not self._closed.is_set():
@@ -116,15 +129,20 @@ class StageServer:
             threading.Thread(target=self._serve, args=(sock,), name="stage-conn", daemon=True).start()
 
     def _serve(self, sock: socket.socket) -> None:
+        self._connections.add(sock)
         with sock:
-            while (frame := _recv(sock)) is not None:
+            while (frame := _recv_or_none(sock)) is not None:
                 try:
                     call = _call_decoder.decode(frame)
                     with self._lock:
                         reply = self._handle(call)
                 except Exception as exc:  # a failed call is answered, never kills the server
                     reply = _Reply(ok=False, error=f"{type(exc).__name__}: {exc}")
-                _send(sock, _encoder.encode(reply))
+                try:
+                    _send(sock, _encoder.encode(reply))
+                except OSError:
+                    break
+        self._connections.discard(sock)
 
     def _handle(self, call: _Call) -> _Reply:
         stage, args = self.stage, call.args

@@ -94,6 +94,43 @@ def test_pipeline_group_generates_the_full_models_tokens(
     assert run_core(PipelineGroup(stages_for(model_dir, groups), hop=serialize_hop), PROMPTS) == expected
 
 
+@pytest.mark.parametrize(("groups", "micro_batches"), [(2, 2), (2, 3), (4, 4)])
+def test_micro_batched_pipeline_generates_the_same_tokens(
+    model_dir: Path, reference: dict[int, list[int]], groups: int, micro_batches: int
+) -> None:
+    """Requests cut into micro-batches that overlap across stages: the same greedy tokens, no block leaked."""
+    expected = [reference[i] for i in range(len(PROMPTS))]
+    pipeline = PipelineGroup(stages_for(model_dir, groups), hop=serialize_hop, micro_batches=micro_batches)
+    try:
+        assert run_core(pipeline, PROMPTS, budget=24) == expected
+    finally:
+        pipeline.close()
+
+
+def test_split_micro_batches_keeps_every_row_and_logit() -> None:
+    from engines.torch.pipeline import split_micro_batches
+
+    # Three requests: a 3-token prefill chunk (sampled), a decode, a 2-token chunk (not sampled).
+    batch = StageBatch(
+        positions=torch.tensor([0, 1, 2, 7, 4, 5]),
+        query_start=torch.tensor([0, 3, 4, 6]),
+        context_lens=torch.tensor([3, 8, 6]),
+        block_tables=torch.tensor([[1, 0], [2, 3], [4, 5]]),
+        logits_indices=torch.tensor([2, 3]),
+        token_ids=torch.tensor([10, 11, 12, 13, 14, 15]),
+    )
+    parts = split_micro_batches(batch, 2)
+    assert len(parts) == 2
+    (prefill, prefill_logits), (decode, decode_logits) = parts
+    assert prefill.token_ids is not None and prefill.token_ids.tolist() == [10, 11, 12, 14, 15]
+    assert prefill.query_start.tolist() == [0, 3, 5] and prefill.logits_indices.tolist() == [2]
+    assert prefill_logits.tolist() == [0]
+    assert decode.token_ids is not None and decode.token_ids.tolist() == [13]
+    assert decode.logits_indices.tolist() == [0] and decode_logits.tolist() == [1]
+    assert decode.block_tables.tolist() == [[2, 3]]
+    assert split_micro_batches(batch, 1) == []
+
+
 def test_stage_batch_round_trips_through_bytes() -> None:
     batch = StageBatch(
         positions=torch.arange(5),

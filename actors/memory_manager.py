@@ -1,0 +1,499 @@
+"""MemoryManager: the live half of KunServe's parameter-centric memory, run inside the SchedulerActor.
+
+Every scheduler tick it turns the torch instances' heartbeats (KV occupancy, free blocks, pending demand,
+weights; :class:`~transport.messages.EngineMemory`) into :class:`~control.policy.memory.MemorySnapshot`
+and :class:`~control.policy.memory.GroupSnapshot`, asks the pure policy (``should_drop`` / ``plan_drop`` /
+``should_restore``, the same functions the memory simulator runs) what to do, and orders the engines:
+
+* **drop**: each member ``join``\\ s (evicts its own requests, which the scheduler resumes elsewhere,
+  drops to its layer range, serves it as a stage over TCP), then the leader ``lead``\\ s (moves its running
+  requests' KV for the members' layers to them, drops to the first range, computes as the pipeline);
+* **restore**: the leader ``dissolve``\\ s (takes the KV back, reloads its layers, serves alone), then each
+  member ``leave``\\ s (reloads its layers).
+
+The group is one dispatch target: the leader, whose heartbeat reports the pooled KV capacity; members (and
+the leader while the group changes shape) take no dispatches. A member that dies ends the group: the
+leader evicts its requests (the scheduler resumes them from their delivered tokens) and restores; a
+leader that dies fails over like any instance, and its members restore.
+
+Group steps run as coroutines on the bus loop; the tables here are touched from both the scheduler's
+thread and those coroutines, under one lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry.trace import StatusCode
+
+from control.policy.memory import (
+    GroupSnapshot,
+    MemoryParams,
+    MemorySnapshot,
+    plan_drop,
+    should_restore,
+    split_layers,
+)
+from control.settings import MemorySettings
+from observability import spans
+from observability.metrics import metrics
+from observability.tracing import tracer
+from transport import subjects
+from transport.bus import Bus
+from transport.messages import (
+    AdminReply,
+    EngineMemory,
+    ErrorCode,
+    GroupCommand,
+    GroupReply,
+    GroupStatus,
+    InstanceHeartbeat,
+    InstanceLoad,
+    MemoryCommand,
+)
+
+log = logging.getLogger(__name__)
+
+
+class GroupStepFailed(Exception):
+    """An engine refused or failed a group step, or did not answer."""
+
+
+@dataclass(slots=True)
+class _Seen:
+    """The last heartbeat of a torch instance, as far as memory is concerned."""
+
+    memory: EngineMemory
+    load: InstanceLoad
+    model: str
+    kv_layout: str
+    sent_at: float
+    draining: bool
+
+
+@dataclass(slots=True)
+class LiveGroup:
+    group_id: str
+    members: tuple[str, ...]  # leader first
+    layer_ranges: tuple[tuple[int, int], ...]
+    state: str = "forming"  # forming | pipelined | restoring
+    created: float = field(default_factory=time.monotonic)
+    formed_wall: float = 0.0  # time.time() when the leader answered "lead"
+    formed_mono: float = 0.0
+    previous_use: float = 1.0
+    joined: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def leader(self) -> str:
+        return self.members[0]
+
+
+def memory_params(settings: MemorySettings) -> MemoryParams:
+    params = MemoryParams(
+        drop_memory_use=settings.drop_memory_use,
+        restore_memory_use=settings.restore_memory_use,
+        max_group_size=settings.max_group_size,
+        pipeline_overhead_per_stage=settings.pipeline_overhead_per_stage,
+        max_pipeline_overhead=settings.max_pipeline_overhead,
+    )
+    params.validate()
+    return params
+
+
+class MemoryManager:
+    """Plans and runs KunServe drops and restores for the scheduler (see the module docstring)."""
+
+    def __init__(self, bus: Bus, settings: MemorySettings, on_change: Callable[[str], None]) -> None:
+        """``on_change(instance_id)``: the scheduler re-reads whether an instance takes dispatches."""
+        self.bus = bus
+        self.settings = settings
+        self.params = memory_params(settings)
+        self.on_change = on_change
+        self.groups: dict[str, LiveGroup] = {}
+        self.seen: dict[str, _Seen] = {}
+        self.cooldown_until: dict[str, float] = {}  # instance -> time.monotonic()
+        self._dirty: set[str] = set()  # changed on the bus loop; the scheduler re-reads them on its next tick
+        self._lock = threading.RLock()
+
+    def _changed(self, instance_id: str) -> None:
+        """Tell the scheduler an instance's dispatchability changed: at once on its own thread, else (a group
+        step finishing on the bus loop) on its next tick, so its dispatch index is only touched by it."""
+        if self.bus.in_loop():
+            with self._lock:
+                self._dirty.add(instance_id)
+        else:
+            self.on_change(instance_id)
+
+    # ------------------------------------------------------------------------------------------ queries
+    def group_of(self, instance_id: str) -> LiveGroup | None:
+        with self._lock:
+            return next((g for g in self.groups.values() if instance_id in g.members), None)
+
+    def blocks_dispatch(self, instance_id: str) -> bool:
+        """True for a group's members, for its leader while the group forms or restores, and for an instance
+        that still serves as a stage (a member whose group ended takes requests once it restored)."""
+        group = self.group_of(instance_id)
+        if group is None:
+            seen = self.seen.get(instance_id)
+            return seen is not None and seen.memory.group_role == "member"
+        return instance_id != group.leader or group.state != "pipelined"
+
+    def status(self) -> list[GroupStatus]:
+        now = time.monotonic()
+        with self._lock:
+            return [
+                GroupStatus(
+                    group_id=g.group_id,
+                    members=list(g.members),
+                    layer_ranges=[list(r) for r in g.layer_ranges],
+                    state=g.state,
+                    extra_kv_blocks=self._extra_blocks(g),
+                    age_s=now - g.created,
+                )
+                for g in sorted(self.groups.values(), key=lambda g: g.group_id)
+            ]
+
+    def _extra_blocks(self, group: LiveGroup) -> int:
+        seen = self.seen.get(group.leader)
+        if group.state != "pipelined" or seen is None or seen.memory.group_id != group.group_id:
+            return 0
+        return max(0, seen.load.num_total_blocks - seen.memory.home_num_blocks)
+
+    # ------------------------------------------------------------------------------------------ inputs
+    def on_heartbeat(self, beat: InstanceHeartbeat) -> None:
+        if beat.memory is None:
+            return
+        instance_id = beat.info.instance_id
+        with self._lock:
+            self.seen[instance_id] = _Seen(
+                beat.memory, beat.load, beat.info.model, beat.info.kv_layout, beat.sent_at, beat.draining
+            )
+            group = self.group_of(instance_id)
+            if group is None and beat.memory.group_role == "leader" and beat.memory.group_id:
+                group = self._adopt(beat.memory)
+            if (
+                group is not None
+                and group.state == "pipelined"
+                and instance_id == group.leader
+                and beat.sent_at > group.formed_wall
+                and beat.memory.group_id != group.group_id
+            ):
+                log.warning("group %s: leader %s serves alone again (the group broke)", group.group_id, instance_id)
+                self._end(group, leave=[m for m in group.members[1:]])
+
+    def _adopt(self, memory: EngineMemory) -> LiveGroup | None:
+        """A group this manager did not form (the scheduler restarted): track it from its leader's report."""
+        members = tuple(memory.group_members)
+        if len(members) < 2 or any(self.group_of(m) is not None for m in members):
+            return None
+        group = LiveGroup(
+            group_id=memory.group_id,
+            members=members,
+            layer_ranges=split_layers(memory.num_layers, len(members)),
+            state="pipelined",
+            formed_wall=time.time(),
+            formed_mono=time.monotonic(),
+        )
+        self.groups[group.group_id] = group
+        log.info("group %s adopted from its leader's heartbeat: %s", group.group_id, members)
+        return group
+
+    def on_instance_dead(self, instance_id: str) -> None:
+        """An instance was declared dead: end its group (the leader evicts and restores; members restore)."""
+        with self._lock:
+            self.seen.pop(instance_id, None)
+            group = self.group_of(instance_id)
+            if group is None:
+                return
+            log.warning("group %s: %s died; ending the group", group.group_id, instance_id)
+            survivors = [m for m in group.members if m != instance_id]
+            if instance_id != group.leader and group.leader in survivors:
+                self.bus.run(self._ask_quietly(group.leader, GroupCommand(op="break", group_id=group.group_id)))
+            self._end(group, leave=[m for m in survivors if m != group.leader])
+
+    def _end(self, group: LiveGroup, leave: list[str]) -> None:
+        self.groups.pop(group.group_id, None)
+        for member in leave:
+            self.bus.run(self._ask_quietly(member, GroupCommand(op="leave", group_id=group.group_id)))
+        self._cool(group.members)
+        self._publish_gauges()
+
+    def _cool(self, members: tuple[str, ...] | list[str]) -> None:
+        until = time.monotonic() + self.settings.cooldown_s
+        for member in members:
+            self.cooldown_until[member] = until
+            self._changed(member)
+
+    # ------------------------------------------------------------------------------------------ tick
+    def tick(self, live: set[str]) -> None:
+        """Poll the policy (``live``: instances the scheduler considers alive and serving)."""
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+        for instance_id in sorted(dirty):
+            self.on_change(instance_id)
+        if not self.settings.auto:
+            return
+        now = time.monotonic()
+        with self._lock:
+            for group in list(self.groups.values()):
+                if group.state == "pipelined" and now - group.formed_mono >= self.settings.min_group_s:
+                    snapshot = self._group_snapshot(group)
+                    if snapshot is None:
+                        continue
+                    idle = snapshot.used_blocks == 0 and snapshot.num_waiting == 0
+                    if idle or should_restore(snapshot, self.params, group.previous_use):
+                        self._start_restore(group, None)
+                    else:
+                        group.previous_use = snapshot.memory_use
+            snapshots = [
+                s
+                for s in (self._snapshot(i) for i in sorted(live))
+                if s is not None and self.cooldown_until.get(s.instance_id, 0.0) <= now
+            ]
+            for plan in plan_drop(snapshots, self.params).groups:
+                self._start_drop(plan.members, "policy", None)
+
+    def _snapshot(self, instance_id: str) -> MemorySnapshot | None:
+        seen = self.seen.get(instance_id)
+        if seen is None:
+            return None
+        memory, load = seen.memory, seen.load
+        standalone = memory.group_role == "standalone" and not memory.group_id
+        return MemorySnapshot(
+            instance_id=instance_id,
+            num_layers=memory.num_layers,
+            weight_bytes=memory.model_weight_bytes,
+            kv_block_bytes=memory.kv_block_bytes,
+            num_total_blocks=load.num_total_blocks,
+            num_free_blocks=load.num_free_blocks,
+            pending_blocks=load.waiting_blocks,
+            num_waiting=load.num_waiting,
+            draining=seen.draining,
+            grouped=not standalone or self.group_of(instance_id) is not None,
+            compat_key=f"{seen.model}|{seen.kv_layout}",
+        )
+
+    def _group_snapshot(self, group: LiveGroup) -> GroupSnapshot | None:
+        seen = self.seen.get(group.leader)
+        if seen is None or seen.memory.group_id != group.group_id:
+            return None
+        load = seen.load
+        return GroupSnapshot(
+            group_id=group.group_id,
+            num_total_blocks=load.num_total_blocks,
+            num_free_blocks=load.num_free_blocks,
+            num_waiting=load.num_waiting,
+            # The leader serves alone after the restore: what the group holds must fit its own pool
+            # (stricter than the members' pools summed), so a restore never preempts.
+            normal_total_blocks=seen.memory.home_num_blocks,
+        )
+
+    # ------------------------------------------------------------------------------------------ commands
+    def on_command(self, command: MemoryCommand, reply: str) -> None:
+        """``drover memory drop|restore``: validate, then run the step and answer when it is over."""
+        with self._lock:
+            if command.op == "drop":
+                members = self._members_for(command.target)
+                if isinstance(members, str):
+                    self.bus.reply_error(reply, ErrorCode.INVALID_REQUEST, members)
+                    return
+                self._start_drop(members, "operator", reply)
+            elif command.op == "restore":
+                group = self.groups.get(command.target) or self.group_of(command.target)
+                if group is None:
+                    self.bus.reply_error(reply, ErrorCode.INVALID_REQUEST, f"no group {command.target}")
+                    return
+                if group.state != "pipelined":
+                    self.bus.reply_error(
+                        reply, ErrorCode.INVALID_REQUEST, f"group {group.group_id} is {group.state}; retry"
+                    )
+                    return
+                self._start_restore(group, reply)
+            else:
+                self.bus.reply_error(reply, ErrorCode.INVALID_REQUEST, f"unknown memory op {command.op!r}")
+
+    def _members_for(self, target: str) -> tuple[str, ...] | str:
+        """The members a forced drop groups (leader first), or why it cannot."""
+        names = [t.strip() for t in target.split(",") if t.strip()]
+        if not names:
+            return "give one or more instance ids (the first leads)"
+        snapshots: list[MemorySnapshot] = []
+        for name in names:
+            snapshot = self._snapshot(name)
+            if snapshot is None:
+                return f"{name} is not a live torch instance (only torch engines drop layers)"
+            if snapshot.grouped or snapshot.draining:
+                return f"{name} is already in a group or draining"
+            snapshots.append(snapshot)
+        if len(names) == 1:
+            leader = snapshots[0]
+            partners = [
+                s
+                for s in (self._snapshot(i) for i in sorted(self.seen))
+                if s is not None
+                and s.instance_id != leader.instance_id
+                and not s.grouped
+                and not s.draining
+                and s.compat_key == leader.compat_key
+            ]
+            if not partners:
+                return f"no compatible standalone torch instance to group {leader.instance_id} with"
+            names.append(max(partners, key=lambda s: (s.num_free_blocks, s.instance_id)).instance_id)
+        elif len(set(names)) != len(names):
+            return "an instance appears twice"
+        elif any(s.compat_key != snapshots[0].compat_key or s.num_layers != snapshots[0].num_layers for s in snapshots):
+            return "instances of a group must serve the same model with the same KV layout"
+        if len(names) > snapshots[0].num_layers:
+            return f"{len(names)} members cannot split {snapshots[0].num_layers} layers"
+        return tuple(names)
+
+    # ------------------------------------------------------------------------------------------ drop
+    def _start_drop(self, members: tuple[str, ...], reason: str, reply: str | None) -> None:
+        num_layers = self.seen[members[0]].memory.num_layers
+        group = LiveGroup(
+            group_id=f"g-{uuid.uuid4().hex[:6]}",
+            members=members,
+            layer_ranges=split_layers(num_layers, len(members)),
+        )
+        self.groups[group.group_id] = group
+        for member in members:
+            self._changed(member)
+        log.info("group %s forms (%s): %s keep %s", group.group_id, reason, members, group.layer_ranges)
+        self.bus.run(self._form(group, reason, reply))
+
+    async def _form(self, group: LiveGroup, reason: str, reply: str | None) -> None:
+        started = time.perf_counter()
+        with tracer().start_as_current_span(
+            spans.MEMORY_DROP,
+            attributes={
+                spans.GROUP_ID: group.group_id,
+                "drover.memory.members": list(group.members),
+                "drover.memory.reason": reason,
+            },
+        ) as span:
+            try:
+                addresses: list[str] = []
+                evicted: list[str] = []
+                for rank, member in enumerate(group.members[1:], start=1):
+                    answer = await self._ask(
+                        member,
+                        GroupCommand(
+                            op="join",
+                            group_id=group.group_id,
+                            layer_range=list(group.layer_ranges[rank]),
+                            members=list(group.members),
+                        ),
+                    )
+                    group.joined.append(member)
+                    addresses.append(answer.address)
+                    evicted += answer.evicted
+                answer = await self._ask(
+                    group.leader,
+                    GroupCommand(
+                        op="lead",
+                        group_id=group.group_id,
+                        layer_range=list(group.layer_ranges[0]),
+                        members=list(group.members),
+                        stage_addresses=addresses,
+                        micro_batches=self.settings.micro_batches,
+                    ),
+                )
+            except GroupStepFailed as exc:
+                log.warning("group %s did not form: %s", group.group_id, exc)
+                span.set_status(StatusCode.ERROR, str(exc))
+                metrics().memory_event("drop_ordered", outcome="failed")
+                with self._lock:
+                    self._end(group, leave=list(group.joined))
+                if reply:
+                    await self.bus.apublish(reply, AdminReply(ok=False, message=f"drop failed: {exc}"))
+                return
+            details = {**answer.details, "evicted": evicted, "seconds": time.perf_counter() - started}
+            for key in ("freed_weight_bytes", "kv_blocks_before", "kv_blocks_after", "moved_kv_bytes"):
+                if key in answer.details:
+                    span.set_attribute(f"drover.memory.{key}", answer.details[key])
+        with self._lock:
+            group.state, group.details = "pipelined", details
+            group.formed_wall, group.formed_mono = time.time(), time.monotonic()
+            group.previous_use = 1.0
+            self._changed(group.leader)
+            self._publish_gauges()
+        metrics().memory_event("drop_ordered", seconds=details["seconds"])
+        log.info("group %s pipelined: %s", group.group_id, details)
+        if reply:
+            await self.bus.apublish(
+                reply,
+                AdminReply(
+                    ok=True,
+                    message=f"group {group.group_id}: {', '.join(group.members)} serve as a "
+                    f"{len(group.members)}-stage pipeline",
+                    details={
+                        "group_id": group.group_id,
+                        "layer_ranges": [list(r) for r in group.layer_ranges],
+                        **details,
+                    },
+                ),
+            )
+
+    # ------------------------------------------------------------------------------------------ restore
+    def _start_restore(self, group: LiveGroup, reply: str | None) -> None:
+        group.state = "restoring"
+        self._changed(group.leader)
+        log.info("group %s restores", group.group_id)
+        self.bus.run(self._restore(group, reply))
+
+    async def _restore(self, group: LiveGroup, reply: str | None) -> None:
+        started = time.perf_counter()
+        ok, message, details = True, "", {}
+        with tracer().start_as_current_span(
+            spans.MEMORY_RESTORE,
+            attributes={spans.GROUP_ID: group.group_id, "drover.memory.members": list(group.members)},
+        ) as span:
+            try:
+                answer = await self._ask(group.leader, GroupCommand(op="dissolve", group_id=group.group_id))
+                details = dict(answer.details)
+                for member in group.members[1:]:
+                    await self._ask(member, GroupCommand(op="leave", group_id=group.group_id))
+                message = f"group {group.group_id} restored: {', '.join(group.members)} serve alone"
+            except GroupStepFailed as exc:
+                ok, message = False, f"restore of {group.group_id} failed: {exc}"
+                log.warning("%s", message)
+                span.set_status(StatusCode.ERROR, message)
+            details["seconds"] = time.perf_counter() - started
+        with self._lock:
+            self.groups.pop(group.group_id, None)
+            self._cool(group.members)
+            self._publish_gauges()
+        metrics().memory_event("restore_ordered", seconds=details["seconds"], outcome="ok" if ok else "failed")
+        if reply:
+            await self.bus.apublish(reply, AdminReply(ok=ok, message=message, details=details))
+
+    # ------------------------------------------------------------------------------------------ plumbing
+    async def _ask(self, instance_id: str, command: GroupCommand) -> GroupReply:
+        try:
+            answer = await self.bus.arequest(
+                subjects.engine(instance_id), command, timeout_s=self.settings.op_timeout_s
+            )
+        except Exception as exc:  # timeout, no responders (a dead instance), transport errors
+            raise GroupStepFailed(f"{command.op} on {instance_id}: {exc!r}") from exc
+        if not isinstance(answer, GroupReply):
+            raise GroupStepFailed(f"{instance_id} answered {type(answer).__name__}: {getattr(answer, 'message', '')}")
+        if not answer.ok:
+            raise GroupStepFailed(f"{command.op} on {instance_id}: {answer.error}")
+        return answer
+
+    async def _ask_quietly(self, instance_id: str, command: GroupCommand) -> None:
+        try:
+            await self._ask(instance_id, command)
+        except GroupStepFailed as exc:
+            log.warning("group %s: %s", command.group_id, exc)
+
+    def _publish_gauges(self) -> None:
+        pipelined = [g for g in self.groups.values() if g.state == "pipelined"]
+        metrics().set_memory_groups(len(pipelined), sum(self._extra_blocks(g) for g in pipelined))
