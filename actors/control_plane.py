@@ -10,14 +10,17 @@ from typing import Any
 
 import pykka
 
+from actors.autoscaler import AutoscalerActor
 from actors.migrator import MigratorActor
 from actors.scheduler import MigrationTick, SchedulerActor, Tick
 from actors.supervisor import ActorSlot, GetStatus, SupervisorActor
+from control.provisioning import Provisioner, make_provisioner
 from control.settings import Settings
 from engines.tokenizer import Tokenizer
 from transport import subjects
 from transport.bus import Bus, Envelope
 from transport.messages import (
+    AutoscaleStatusQuery,
     Cancel,
     DrainCommand,
     EngineRequestEnded,
@@ -26,6 +29,7 @@ from transport.messages import (
     MigrateCommand,
     PolicyQuery,
     PolicyUpdate,
+    ScaleCommand,
     StatusQuery,
     StatusReply,
     SubmitRequest,
@@ -38,14 +42,24 @@ log = logging.getLogger(__name__)
 class ControlPlane:
     """Starts and stops the control plane's actors; bus handlers only hand envelopes to actor slots."""
 
-    def __init__(self, settings: Settings, bus: Bus, tokenizer: Tokenizer, *, tick_interval_s: float = 0.25) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        bus: Bus,
+        tokenizer: Tokenizer,
+        *,
+        tick_interval_s: float = 0.25,
+        provisioner: Provisioner | None = None,
+    ) -> None:
         self.settings = settings
+        self.provisioner = provisioner  # None: the one [autoscaler] provisioner names, made at start
         self.bus = bus
         self.tokenizer = tokenizer
         self.tick_interval_s = tick_interval_s
         self.supervisor: pykka.ActorRef[Any] | None = None
         self.scheduler: ActorSlot | None = None
         self.migrator: ActorSlot | None = None
+        self.autoscaler: ActorSlot | None = None
         self.peers: dict[str, ActorSlot] = {}
         self.output_stream = False
         self._stop = threading.Event()
@@ -77,6 +91,13 @@ class ControlPlane:
         peers["scheduler"] = self.scheduler
         self.migrator = self.supervisor.proxy().start_child("migrator", make_migrator).get(timeout=10)
         peers["migrator"] = self.migrator
+        provisioner = self.provisioner = self.provisioner or make_provisioner(self.settings)
+
+        def make_autoscaler(parent: pykka.ActorRef[Any], name: str) -> pykka.ActorRef[Any]:
+            return AutoscalerActor.start(self.bus, self.settings, peers["scheduler"], provisioner, parent, name)
+
+        self.autoscaler = self.supervisor.proxy().start_child("autoscaler", make_autoscaler).get(timeout=10)
+        peers["autoscaler"] = self.autoscaler
         scheduler = self.scheduler
         routes: list[tuple[str, tuple[type, ...], str]] = [
             (subjects.SUBMIT, (SubmitRequest,), subjects.CONTROL_QUEUE),
@@ -89,6 +110,12 @@ class ControlPlane:
         ]
         for subject, kinds, queue in routes:
             self.bus.subscribe(subject, self._only(kinds, scheduler), queue=queue)
+        autoscaler_routes: list[tuple[str, tuple[type, ...]]] = [
+            (subjects.admin("scale"), (ScaleCommand,)),
+            (subjects.admin("autoscale"), (AutoscaleStatusQuery,)),
+        ]
+        for subject, kinds in autoscaler_routes:
+            self.bus.subscribe(subject, self._only(kinds, self.autoscaler), queue=subjects.CONTROL_QUEUE)
         self.bus.subscribe(subjects.admin("status"), self._only((StatusQuery,), None), queue=subjects.CONTROL_QUEUE)
         self._ticker.start()
         self._migration_ticker.start()
@@ -157,4 +184,6 @@ class ControlPlane:
         self._stop.set()
         if self.supervisor is not None and self.supervisor.is_alive():
             self.supervisor.stop(timeout=10)
+        if self.provisioner is not None:
+            self.provisioner.close()  # stops the instances the autoscaler started
         log.info("control plane stopped")

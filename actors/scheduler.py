@@ -22,6 +22,7 @@ import pykka
 from opentelemetry import trace
 
 from actors.migrator import MigrationEnded, StartMigration
+from actors.request_classes import RequestClasses
 from actors.supervisor import SupervisedActor
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy, prefix_block_hashes
 from control.policy.migration import InFlightMigration, plan_migrations
@@ -133,6 +134,7 @@ class SchedulerActor(SupervisedActor):
         self.migrations: dict[str, InFlightMigration] = {}  # request id -> migration in flight
         self.migrations_done = 0
         self.migrations_aborted = 0
+        self.classes = RequestClasses(settings)  # request classes, roles, global batch queue (Chiron)
 
     # ------------------------------------------------------------------------------------------- dispatching
     def on_receive(self, message: Any) -> Any:
@@ -146,6 +148,8 @@ class SchedulerActor(SupervisedActor):
             self._on_migration_ended(message)
         elif isinstance(message, _Recovered):
             self._on_recovered(message)
+        elif self.classes.handles(message):
+            self.classes.on_message(message, self.instances, self.requests, len(self.queue))
         return None
 
     def _on_envelope(self, envelope: Envelope) -> None:
@@ -186,6 +190,7 @@ class SchedulerActor(SupervisedActor):
             log.info("instance %s joined (%s, %d blocks)", instance_id, beat.info.engine_kind, beat.info.num_blocks)
         record.info, record.load, record.last_seen = beat.info, beat.load, time.monotonic()
         record.state, record.draining, record.can_migrate = beat.state, beat.draining, beat.can_migrate
+        self.classes.on_heartbeat(beat)
         self.policy.upsert(self._snapshot(record))
         load = beat.load
         metrics().update_instance(
@@ -242,6 +247,9 @@ class SchedulerActor(SupervisedActor):
                 metrics().remove_instance(instance_id)
                 self._fail_over(instance_id)
         self._drain_queue()
+        for request_id, instance_id in self.classes.release(self.instances, self.requests):
+            if not self._dispatch(self.requests[request_id], instance_id):
+                self.classes.requeue(request_id)
         metrics().set_scheduler(queued=len(self.queue), in_flight=len(self.requests))
         metrics().set_migrations(self.migrations_done, self.migrations_aborted, len(self.migrations))
 
@@ -390,6 +398,8 @@ class SchedulerActor(SupervisedActor):
             reply_to,
             Accepted(request_id=request_id, cancel_token=record.cancel_token, prompt_tokens=len(token_ids)),
         )
+        if self.classes.hold(record):  # a batch request: the global batch queue releases it on a tick
+            return
         if not self._dispatch(record):
             self.queue.append(request_id)
 
@@ -409,9 +419,13 @@ class SchedulerActor(SupervisedActor):
             else (),
         )
 
-    def _dispatch(self, record: RequestRecord) -> bool:
+    def _dispatch(self, record: RequestRecord, target: str | None = None) -> bool:
         demand = self._demand(record.request_id, record.prompt_token_ids, record.submit)
-        instance_id = self.policy.choose(demand)
+        if target is None and self.classes.enabled:
+            target = self.classes.route(record, self.instances, self.requests)
+            if target is None:
+                return False  # held in the queue (the autoscaler's backlog)
+        instance_id = target if target in self.instances else self.policy.choose(demand)
         if instance_id is None:
             return False
         instance = self.instances[instance_id]
@@ -452,6 +466,7 @@ class SchedulerActor(SupervisedActor):
         instance.dispatched += 1
         record.instance_id, record.state = instance_id, "running"
         record.served_by.append(instance_id)
+        self.classes.on_dispatched(record, instance_id)
         return True
 
     def _drain_queue(self) -> None:
@@ -472,6 +487,7 @@ class SchedulerActor(SupervisedActor):
         if record is None or record.instance_id != ended.instance_id:
             return  # a late or duplicate event (e.g. after migration): the current owner reports again
         self.requests.pop(ended.request_id)
+        self.classes.on_ended(ended.request_id)
 
     # ------------------------------------------------------------------------------------------- migration
     def _start_migration(

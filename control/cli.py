@@ -385,5 +385,9 @@ from control.cli_operator import register as _register_operator_commands  # noqa
 
 _register_operator_commands(app)
 
+from control.cli_autoscale import register as _register_autoscale_commands  # noqa: E402
+
+_register_autoscale_commands(app)
+
 if __name__ == "__main__":
     app()

@@ -55,15 +55,23 @@ class LocalCluster:
         assert self.settings.nats.url
         return self.settings.nats.url
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
         config = self.work_dir / "drover.toml"
         log_file = open(self.work_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         self.processes[name] = subprocess.Popen(
             [sys.executable, "-m", "control.cli", "--config", str(config), *args],
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
+
+    def spawn_engine(self, instance_id: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start one more `drover engine serve` process (the autoscaler's local provisioner uses this);
+        ``env`` adds settings as DROVER_<SECTION>__<FIELD> variables."""
+        if not (self.work_dir / "drover.toml").exists():
+            (self.work_dir / "drover.toml").write_text(dump_toml(self.settings))
+        self._spawn(instance_id, ["engine", "serve", "--instance-id", instance_id], env)
+        return self.processes[instance_id]
 
     def start(self, instances: int) -> None:
         if not self.settings.nats.url:
