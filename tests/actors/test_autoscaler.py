@@ -20,17 +20,24 @@ from engines.sim.engine import request_seed, token_at
 from engines.sim.live_migration import MigratableSimEngine
 from engines.tokenizer import ByteTokenizer
 from transport.bus import Bus, BusOptions
-from transport.messages import AdminReply, AutoscaleStatusQuery, AutoscaleStatusReply, SamplingParams, ScaleCommand
+from transport.messages import (
+    AdminReply,
+    AutoscaleStatusQuery,
+    AutoscaleStatusReply,
+    RequestClass,
+    SamplingParams,
+    ScaleCommand,
+)
 
 MAX_SEQS = 2
 
 
-def autoscale_settings(nats_url: str, *, enabled: bool) -> Settings:
+def autoscale_settings(nats_url: str, *, enabled: bool, class_dispatch: bool | None = None) -> Settings:
     settings = load_settings(
         overrides={
             "nats": {"url": nats_url},
             "engine": {"kind": "sim", "heartbeat_interval_s": 0.05, "max_num_seqs": MAX_SEQS},
-            "autoscaler": {"enabled": enabled, "stop_timeout_s": 30.0},
+            "autoscaler": {"enabled": enabled, "class_dispatch": class_dispatch, "stop_timeout_s": 30.0},
         }
     )
     params = AutoscaleParams(
@@ -61,8 +68,8 @@ class Plane:
 
 @pytest.fixture
 def plane(request: pytest.FixtureRequest, nats_url: str) -> Iterator[Plane]:
-    enabled = bool(getattr(request, "param", True))
-    settings = autoscale_settings(nats_url, enabled=enabled)
+    enabled, class_dispatch = getattr(request, "param", (True, None))
+    settings = autoscale_settings(nats_url, enabled=enabled, class_dispatch=class_dispatch)
     provisioner = InProcessProvisioner(settings, make_engine, prefix=f"t{int(time.time() * 1000) % 100000}")
     bus = Bus(BusOptions(url=nats_url, name="drover-control")).start()
     control = ControlPlane(settings, bus, ByteTokenizer(), provisioner=provisioner).start()
@@ -124,7 +131,7 @@ async def test_scale_out_under_load_then_drain_and_scale_in(plane: Plane) -> Non
     assert status.last_reason
 
 
-@pytest.mark.parametrize("plane", [False], indirect=True)
+@pytest.mark.parametrize("plane", [(False, None)], indirect=True)
 async def test_manual_scale_starts_and_drains(plane: Plane) -> None:
     prefix = plane.provisioner._prefix
     async with DroverClient(plane.url, name="autoscale-manual") as client:
@@ -149,3 +156,31 @@ async def test_manual_scale_starts_and_drains(plane: Plane) -> None:
             await request_admin(plane.url, "scale", ScaleCommand(role="batch", count=-1))
         reply = await request_admin(plane.url, "scale", ScaleCommand(role="interactive", auto=True))
         assert isinstance(reply, AdminReply) and reply.ok
+
+
+@pytest.mark.parametrize("plane", [(False, True)], indirect=True)
+async def test_batch_requests_wait_in_the_global_queue_and_run_on_batch_instances(plane: Plane) -> None:
+    """Class dispatch (on here with the autoscaler off): batch requests go to the batch instance through the
+    global batch queue, interactive ones to the interactive instance."""
+    prefix = plane.provisioner._prefix
+    async with DroverClient(plane.url, name="autoscale-classes") as client:
+        for role in ("interactive", "batch"):
+            await request_admin(plane.url, "scale", ScaleCommand(role=role, count=1))
+
+        async def two() -> bool:
+            status = await client.status()
+            return sum(1 for i in status.instances if i.info.instance_id.startswith(prefix)) == 2
+
+        await wait_for(two, 30, "an interactive and a batch instance")
+        sampling = SamplingParams(max_tokens=20, ignore_eos=True)
+        batch = [
+            await client.submit(f"batch {i}", sampling=sampling, request_class=RequestClass.BATCH, deadline_s=600.0)
+            for i in range(5)
+        ]
+        interactive = [await client.submit(f"chat {i}", sampling=sampling) for i in range(3)]
+        for stream in batch:
+            result = await stream.result()
+            assert result.done is not None and result.done.instances == [f"{prefix}-batch-2"]
+        for stream in interactive:
+            result = await stream.result()
+            assert result.done is not None and result.done.instances == [f"{prefix}-interactive-1"]
