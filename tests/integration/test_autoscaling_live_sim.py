@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.integration.autoscaling_cycle import check_exactly_once, cycle_settings, run_cycle
+from scripts.bench_autoscaling_live import check_exactly_once, cycle_settings, run_cycle
 
 
 async def test_scale_out_drain_scale_in_with_sim_processes(nats_url: str, tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.autoscaling_cycle import check_exactly_once, cycle_settings, run_cycle
+from scripts.bench_autoscaling_live import check_exactly_once, cycle_settings, run_cycle
 
 pytestmark = pytest.mark.vllm
 
