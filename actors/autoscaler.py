@@ -131,7 +131,11 @@ class AutoscalerActor(SupervisedActor):
     # ------------------------------------------------------------------------------------------- messages
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, _Tick):
-            self.scheduler.tell(GetClusterView(self.actor_ref, "tick"))
+            due = self.enabled and time.monotonic() - self.last_plan_mono >= self.base_params.period_s
+            if due:
+                self.last_plan_mono = time.monotonic()
+            # Only a "plan" view consumes the scheduler's rate counters: they then cover one whole period.
+            self.scheduler.tell(GetClusterView(self.actor_ref, "plan" if due else "watch"))
             self._schedule_tick()
         elif isinstance(message, ClusterSnapshot):
             self._on_snapshot(message)
@@ -198,13 +202,8 @@ class AutoscalerActor(SupervisedActor):
         for command, reply in self.pending_manual:
             self._manual(command, reply, view, owned)
         self.pending_manual.clear()
-        if snapshot.purpose != "tick" or not self.enabled:
-            return
-        now = time.monotonic()
-        if now - self.last_plan_mono < self.base_params.period_s:
-            return
-        self.last_plan_mono = now
-        self._plan(view, owned)
+        if snapshot.purpose == "plan" and self.enabled:
+            self._plan(view, owned)
 
     def _full_view(self, snapshot: ClusterSnapshot, owned: dict[str, Any]) -> ClusterView:
         """The scheduler's view plus instances still starting (asked for, no heartbeat yet), minus the ones

@@ -140,6 +140,8 @@ class EngineHost:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             load = self.engine.load()
+            if self.local is not None:  # requests held by the admission limit count too
+                load = self.local.adjust_load(load, self.engine.info.block_size)
             if load.num_running == 0 and load.num_waiting == 0:
                 return True
             time.sleep(0.05)

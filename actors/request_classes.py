@@ -51,7 +51,8 @@ class GetClusterView:
     """Autoscaler -> scheduler: answer with a :class:`ClusterSnapshot` told to ``reply_to``."""
 
     reply_to: Any  # a pykka ActorRef (or anything with .tell)
-    purpose: str = "tick"
+    purpose: str = "plan"
+    """"plan": a scaling decision follows (the rate counters are consumed); "watch" or "manual": not."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +247,7 @@ class RequestClasses:
     ) -> ClusterSnapshot:
         now = time.monotonic()
         window = max(1e-3, now - self.last_view_at)
-        tick = purpose == "tick"  # only the periodic view consumes the rate counters
+        tick = purpose == "plan"  # only a view the autoscaler plans from consumes the rate counters
         loads = []
         for load in self.loads(instances, requests):  # work tokens: output (measured) + prompts dispatched
             prompt = self.prompt_tokens_in.pop(load.instance_id, 0) if tick else 0

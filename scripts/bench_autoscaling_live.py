@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -220,16 +221,15 @@ def percentile(values: list[float], q: float) -> float:
 def report(cycle: CycleResult, kind: str, max_tokens: int) -> None:
     """Print the timeline, the events, start-up times and TTFT by phase; check every stream."""
     print(f"\nLive autoscaling, {kind} engines as processes (1..2 interactive instances)\n")
-    print(f"{'t (s)':>7} {'asked':>5} {'regist.':>7} {'serving':>7} {'queued':>6} {'in flight':>9}")
-    last: tuple[int, ...] = ()
-    for point in cycle.timeline:
-        key = (point.provisioned, point.instances, point.serving, point.queued > 0)
-        if key != last or point is cycle.timeline[-1]:
-            print(
-                f"{point.at:7.1f} {point.provisioned:5d} {point.instances:7d} {point.serving:7d} "
-                f"{point.queued:6d} {point.in_flight:9d}"
-            )
-            last = key
+    print(f"{'t (s)':>7} {'asked':>5} {'regist.':>7} {'serving':>7} {'max queued':>10} {'max in flight':>13}")
+    last_key: tuple[int, int, int] | None = None
+    last_at, queued, in_flight = -math.inf, 0, 0
+    for point in cycle.timeline:  # a row when the instance counts change, else every 10 s (maxima in between)
+        queued, in_flight = max(queued, point.queued), max(in_flight, point.in_flight)
+        key = (point.provisioned, point.instances, point.serving)
+        if key != last_key or point.at - last_at >= 10.0 or point is cycle.timeline[-1]:
+            print(f"{point.at:7.1f} {key[0]:5d} {key[1]:7d} {key[2]:7d} {queued:10d} {in_flight:13d}")
+            last_key, last_at, queued, in_flight = key, point.at, 0, 0
     print("\nscale events")
     for at, action, iid, reason in cycle.events:
         print(f"{at:7.1f}  {action:9s} {iid:24s} {reason}")
