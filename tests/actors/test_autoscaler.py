@@ -184,3 +184,42 @@ async def test_batch_requests_wait_in_the_global_queue_and_run_on_batch_instance
         for stream in interactive:
             result = await stream.result()
             assert result.done is not None and result.done.instances == [f"{prefix}-interactive-1"]
+
+
+@pytest.mark.parametrize("plane", [(False, None)], indirect=True)
+async def test_scale_in_drains_running_requests_by_migration_before_stopping(plane: Plane) -> None:
+    """`scale interactive 1` with requests running on both instances: the victim's requests move to the
+    survivor (live migration), and the victim stops only once empty; every token arrives exactly once."""
+    prefix = plane.provisioner._prefix
+    async with DroverClient(plane.url, name="autoscale-drain") as client:
+        await request_admin(plane.url, "scale", ScaleCommand(role="interactive", count=2))
+
+        async def count(n: int) -> bool:
+            return len(await serving(client, prefix)) == n
+
+        await wait_for(lambda: count(2), 30, "two instances")
+        ids = [f"dr-{i}" for i in range(4)]
+        streams = [
+            await client.submit(f"drain {i}", sampling=SamplingParams(max_tokens=300, ignore_eos=True), request_id=rid)
+            for i, rid in enumerate(ids)
+        ]
+        for stream in streams:  # every request decoding before the scale-in
+            async for _ in stream.events():
+                if len(stream.result_data.token_ids) >= 3:
+                    break
+        status = await client.status()
+        busy = {r.instance_id for r in status.requests if r.instance_id}
+        assert len(busy) == 2, f"requests all on {busy}"
+        reply = await request_admin(plane.url, "scale", ScaleCommand(role="interactive", count=1))
+        assert isinstance(reply, AdminReply)
+        [victim] = reply.details["draining"]
+        await wait_for(lambda: count(1), 60, "the drained instance to stop")
+        results = [await s.result() for s in streams]
+        events = [(e.action, e.reason) for e in (await autoscale_status(plane.url)).events if e.instance_id == victim]
+    assert [a for a, _ in events][-2:] == ["drain", "stop"] and events[-1][1] == "drained", events
+    moved = [r for r in results if r.done is not None and len(r.done.instances) > 1]
+    assert moved, "no request moved off the drained instance"
+    for rid, result in zip(ids, results, strict=True):
+        assert result.done is not None and result.done.finish_reason == "length"
+        assert result.token_ids == [token_at(request_seed(0, rid), p) for p in range(300)], rid
+        assert result.done.instances[-1] != victim
