@@ -188,6 +188,15 @@ class RequestClasses:
                 heapq.heappush(self.batch_queue, entry)
         return list(placed.items())
 
+    def requeue_batch(self, record: _RequestRecord) -> bool:
+        """A batch request reached dispatch without a placement (a failover resume): back to the global
+        batch queue, which places it. False for an interactive request."""
+        if record.submit.request_class != RequestClass.BATCH:
+            return False
+        if all(entry[2] != record.request_id for entry in self.batch_queue):
+            self.requeue(record.request_id)
+        return True
+
     def requeue(self, request_id: str) -> None:
         """A released batch request could not be dispatched after all: back to the queue."""
         deadline, _ = self.deadlines.get(request_id, (time.monotonic(), 0))

@@ -422,6 +422,8 @@ class SchedulerActor(SupervisedActor):
     def _dispatch(self, record: RequestRecord, target: str | None = None) -> bool:
         demand = self._demand(record.request_id, record.prompt_token_ids, record.submit)
         if target is None and self.classes.enabled:
+            if self.classes.requeue_batch(record):
+                return True  # the global batch queue places it
             target = self.classes.route(record, self.instances, self.requests)
             if target is None:
                 return False  # held in the queue (the autoscaler's backlog)
