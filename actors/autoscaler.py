@@ -56,6 +56,7 @@ from transport.messages import (
     RoleScaleStatus,
     ScaleCommand,
     ScaleEventInfo,
+    SetInstanceRole,
 )
 
 log = logging.getLogger(__name__)
@@ -247,6 +248,7 @@ class AutoscalerActor(SupervisedActor):
             log.info("autoscaler: %s", plan.reason)
         for change in plan.convert:
             self.scheduler.tell(SetRole(change.instance_id, change.to_role))
+            self.bus.publish(subjects.engine(change.instance_id), SetInstanceRole(role=change.to_role))
             self._event("relabel", change.instance_id, change.to_role, f"{change.from_role} -> {change.to_role}")
         for iid in plan.drain:
             self._drain(iid, view, owned, "plan")

@@ -41,6 +41,7 @@ from transport.messages import (
     MigrateOutReply,
     MigrationStageInfo,
     RequestDone,
+    SetInstanceRole,
     Timings,
     TokenChunk,
     Usage,
@@ -124,6 +125,10 @@ class EngineActor(pykka.ThreadingActor):
             self.bus.run(self._migration_op(message, envelope.reply))
         elif isinstance(message, EngineAbort):
             self._abort(message, envelope.reply)
+        elif isinstance(message, SetInstanceRole) and self.local is not None:
+            if not self.local.set_role(message.role):
+                log.warning("engine %s: unknown role %r", self.instance_id, message.role)
+                self.bus.reply_error(envelope.reply, ErrorCode.INVALID_REQUEST, f"unknown role {message.role!r}")
         else:
             log.warning("engine %s: unexpected %s", self.instance_id, type(message).__name__)
             self.bus.reply_error(
@@ -471,7 +476,7 @@ class Heartbeater:
         self.bus.publish(
             subjects.heartbeat(info.instance_id),
             InstanceHeartbeat(
-                role=self.role,
+                role=self.local.role if self.local is not None else self.role,
                 local=self.local.report() if self.local is not None else None,
                 info=info,
                 load=load,

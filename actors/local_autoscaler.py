@@ -20,6 +20,7 @@ from collections.abc import Callable
 import msgspec
 
 from control.policy.autoscaling import (
+    ROLES,
     AutoscaleParams,
     InstanceRole,
     LocalDecision,
@@ -59,6 +60,13 @@ class LocalAutoscaler:
         self._gap_sum = 0.0
         self._gaps = 0
         self._report = LocalReport(batch_limit=self.limit, capacity=self.limit, backpressure=0.0, reason="initial")
+
+    def set_role(self, role: str) -> bool:
+        """A relabel by the global autoscaler; False (and no change) for an unknown role."""
+        if role not in ROLES:
+            return False
+        self.role = role
+        return True
 
     # ------------------------------------------------------------------------------------------- admission
     def offer(self, add: EngineAdd, headers: dict[str, str]) -> bool:

@@ -382,6 +382,13 @@ class ScaleCommand(_Msg, frozen=True, tag="scale"):
     auto: bool = False
 
 
+class SetInstanceRole(_Msg, frozen=True, tag="set_role"):
+    """Autoscaler -> engine: serve as ``role`` from now on (a relabel; the local autoscaler's SLO check and
+    the heartbeat follow it)."""
+
+    role: str
+
+
 class AutoscaleStatusQuery(_Msg, frozen=True, tag="autoscale_status_query"):
     pass
 
@@ -461,6 +468,7 @@ Message: TypeAlias = (
     | ScaleCommand
     | AutoscaleStatusQuery
     | AutoscaleStatusReply
+    | SetInstanceRole
 )
 
 _encoder = msgspec.msgpack.Encoder()

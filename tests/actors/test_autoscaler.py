@@ -223,3 +223,26 @@ async def test_scale_in_drains_running_requests_by_migration_before_stopping(pla
         assert result.done is not None and result.done.finish_reason == "length"
         assert result.token_ids == [token_at(request_seed(0, rid), p) for p in range(300)], rid
         assert result.done.instances[-1] != victim
+
+
+@pytest.mark.parametrize("plane", [(False, None)], indirect=True)
+async def test_an_engine_told_its_new_role_reports_it(plane: Plane) -> None:
+    """The relabel message the autoscaler sends an engine after a RoleChange: the heartbeat follows it."""
+    import nats
+
+    from transport import subjects
+    from transport.messages import SetInstanceRole, encode
+
+    await request_admin(plane.url, "scale", ScaleCommand(role="mixed", count=1))
+
+    async def role_is(role: str) -> bool:
+        status = await autoscale_status(plane.url)
+        return [i.role for i in status.instances] == [role]
+
+    await wait_for(lambda: role_is("mixed"), 30, "a mixed instance")
+    [iid] = [i.instance_id for i in (await autoscale_status(plane.url)).instances]
+    nc = await nats.connect(plane.url)
+    await nc.publish(subjects.engine(iid), encode(SetInstanceRole(role="batch")))
+    await nc.publish(subjects.engine(iid), encode(SetInstanceRole(role="no-such-role")))  # ignored
+    await nc.drain()
+    await wait_for(lambda: role_is("batch"), 10, "the heartbeat to report role batch")

@@ -85,3 +85,9 @@ def test_the_limit_shrinks_when_itl_breaks_the_slo() -> None:
     decision = local.tick(InstanceLoad(num_total_blocks=100, num_free_blocks=90, num_running=2, num_waiting=0))
     assert decision is not None and decision.batch_limit == 1 and decision.backpressure >= 1.0
     assert not local.offer(add("c"), {})
+
+
+def test_a_relabel_changes_the_role_and_an_unknown_role_is_refused() -> None:
+    local = LocalAutoscaler("mixed", PARAMS, engine_max_seqs=16)
+    assert local.set_role("batch") and local.role == "batch"
+    assert not local.set_role("gpu") and local.role == "batch"
