@@ -88,6 +88,7 @@ class EngineActor(pykka.ThreadingActor):
         self.tokenizer = tokenizer
         self.instance_id = engine.info.instance_id
         self.running: dict[str, _Running] = {}
+        self._evicted: set[str] = set()  # batch requests evicted for interactive ones: no RequestDone
         self.draining = False
         self._streams: dict[str, _Stream] = {}  # loop-only
         self._migrations_out: dict[str, str] = {}  # migration id -> request id (loop-only)
@@ -159,23 +160,27 @@ class EngineActor(pykka.ThreadingActor):
 
     def _abort(self, abort: EngineAbort, reply: str) -> None:
         held = self.local.remove_held(abort.request_id) if self.local is not None else None
+        evicted = abort.reason == "evicted"  # the control plane requeues it; the client's stream goes on
         if held is not None:  # never reached the engine: end it here
-            self.bus.publish(
-                held.reply_to,
-                RequestDone(
-                    request_id=held.request_id,
-                    finish_reason="abort",
-                    usage=Usage(prompt_tokens=len(held.prompt_token_ids), completion_tokens=len(held.output_token_ids)),
-                    instances=[*held.served_by, self.instance_id],
-                    num_tokens=len(held.output_token_ids),
-                ),
-            )
+            if not evicted:
+                self.bus.publish(
+                    held.reply_to,
+                    RequestDone(
+                        request_id=held.request_id,
+                        finish_reason="abort",
+                        usage=Usage(
+                            prompt_tokens=len(held.prompt_token_ids), completion_tokens=len(held.output_token_ids)
+                        ),
+                        instances=[*held.served_by, self.instance_id],
+                        num_tokens=len(held.output_token_ids),
+                    ),
+                )
             self.bus.publish(
                 subjects.ENGINE_EVENTS,
                 EngineRequestEnded(
                     instance_id=self.instance_id,
                     request_id=held.request_id,
-                    finish_reason="abort",
+                    finish_reason="evicted" if evicted else "abort",
                     num_output_tokens=len(held.output_token_ids),
                 ),
             )
@@ -185,6 +190,8 @@ class EngineActor(pykka.ThreadingActor):
                 reply, ErrorCode.UNKNOWN_REQUEST, f"no request {abort.request_id} on {self.instance_id}"
             )
             return
+        if evicted:
+            self._evicted.add(abort.request_id)
         self.bus.run(self.engine.abort(abort.request_id))
 
     def _reject(self, add: EngineAdd, code: ErrorCode, text: str) -> None:
@@ -265,7 +272,10 @@ class EngineActor(pykka.ThreadingActor):
             index = stream.index
             if stream.migrated_out:
                 finish_reason = "migrated"
-            if finish_reason not in ("error", "migrated"):
+            elif add.request_id in self._evicted and finish_reason == "abort":
+                finish_reason = "evicted"
+            self._evicted.discard(add.request_id)
+            if finish_reason not in ("error", "migrated", "evicted"):
                 await self.bus.apublish(
                     add.reply_to,
                     RequestDone(
@@ -292,7 +302,7 @@ class EngineActor(pykka.ThreadingActor):
                 ),
             )
             request_class, resumed = str(add.request_class), bool(add.output_token_ids)
-            if finish_reason != "migrated":  # a migrated request ends (and is counted) at its destination
+            if finish_reason not in ("migrated", "evicted"):  # it ends (and is counted) where it runs last
                 metrics().request_finished(
                     finish_reason, request_class, 0 if resumed else len(add.prompt_token_ids), index
                 )

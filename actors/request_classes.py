@@ -17,7 +17,7 @@ from __future__ import annotations
 import heapq
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,14 +28,17 @@ from control.policy.autoscaling import (
     InstanceLoad,
     InstanceRole,
     QueuedBatch,
+    RunningBatch,
     batch_groups,
     batch_queue_key,
     batch_release,
     batch_spare,
+    batch_victims,
     instance_slots,
     route_class,
 )
 from control.settings import Settings
+from transport import subjects
 from transport.messages import InstanceHeartbeat, LocalReport, RequestClass
 
 log = logging.getLogger(__name__)
@@ -99,8 +102,12 @@ def class_dispatch_enabled(settings: Settings) -> bool:
 class RequestClasses:
     """The scheduler's request-class state (see the module docstring)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, evict: Callable[[str, str], None] | None = None) -> None:
         self.params: AutoscaleParams = settings.autoscaling
+        self.evict = evict or (lambda instance_id, request_id: None)
+        """Stops a batch request on an instance (EngineAbort reason "evicted"); it comes back through
+        :meth:`requeue_batch` with what its client already has."""
+        self.evicting: set[str] = set()
         self.enabled = class_dispatch_enabled(settings)
         self.reported_roles: dict[str, InstanceRole] = {}
         self.role_overrides: dict[str, InstanceRole] = {}
@@ -108,6 +115,7 @@ class RequestClasses:
         self.batch_queue: list[tuple[float, float, str]] = []  # batch_queue_key order
         self.deadlines: dict[str, tuple[float, int]] = {}  # unfinished batch request -> (deadline, tokens)
         self.dispatched_at: dict[str, float] = {}  # interactive request -> dispatch time (monotonic)
+        self.batch_admitted_at: dict[str, float] = {}  # running batch request -> dispatch time (monotonic)
         self.prompt_tokens_in: dict[str, int] = {}  # instance -> prompt tokens dispatched since the last view
         self.arrivals = 0
         self.service_samples: list[float] = []
@@ -160,11 +168,44 @@ class RequestClasses:
         if decision.instance_id is None:
             return None
         chosen = next(load for load in loads if load.instance_id == decision.instance_id)
-        if decision.overflow and chosen.num_requests >= instance_slots(chosen, self.params):
+        evictable = self._evictable(decision.instance_id, instances, requests)
+        evict = min(decision.preempt_batch, len(evictable))
+        if decision.overflow and not evict and chosen.num_requests >= instance_slots(chosen, self.params):
             return None
-        if decision.preempt_batch:  # evicting running batch requests is not done live (yet): it waits there
-            log.debug("route %s: %s (no eviction live)", record.request_id, decision.reason)
+        for victim in batch_victims(evictable, evict):
+            log.info("evicting batch request %s from %s for %s", victim, decision.instance_id, record.request_id)
+            self.evicting.add(victim)
+            self.evict(decision.instance_id, victim)
         return decision.instance_id
+
+    def _evictable(
+        self, instance_id: str, instances: Mapping[str, Any], requests: Mapping[str, Any]
+    ) -> list[RunningBatch]:
+        """Batch requests running there that can come back where they left off (their client's inbox is
+        under the output stream, as for failover)."""
+        num_tokens = {r.request_id: r.num_tokens for r in instances[instance_id].load.running}
+        return [
+            RunningBatch(
+                rec.request_id,
+                max(0, num_tokens.get(rec.request_id, 0) - len(rec.prompt_token_ids)),
+                self.batch_admitted_at.get(rec.request_id, 0.0),
+            )
+            for rec in requests.values()
+            if rec.instance_id == instance_id
+            and rec.state == "running"
+            and rec.submit.request_class == RequestClass.BATCH
+            and rec.request_id not in self.evicting
+            and rec.submit.reply_to.startswith(subjects.INBOX_ROOT + ".")
+        ]
+
+    def on_evicted(self, request_id: str) -> bool:
+        """The engine let an evicted request go: True when the scheduler should recover it (read back what
+        its client has, then :meth:`requeue_batch`)."""
+        self.batch_admitted_at.pop(request_id, None)
+        if request_id not in self.evicting:
+            return False
+        self.evicting.discard(request_id)
+        return True
 
     def release(self, instances: Mapping[str, Any], requests: Mapping[str, Any]) -> list[tuple[str, str]]:
         """Batch requests to dispatch now: (request id, instance id), by :func:`batch_release`."""
@@ -203,12 +244,16 @@ class RequestClasses:
         heapq.heappush(self.batch_queue, batch_queue_key(deadline, time.monotonic(), request_id))
 
     def on_dispatched(self, record: _RequestRecord, instance_id: str) -> None:
-        if record.submit.request_class != RequestClass.BATCH and record.request_id not in self.dispatched_at:
+        if record.submit.request_class == RequestClass.BATCH:
+            self.batch_admitted_at[record.request_id] = time.monotonic()
+        elif record.request_id not in self.dispatched_at:
             self.dispatched_at[record.request_id] = time.monotonic()
         self.prompt_tokens_in[instance_id] = self.prompt_tokens_in.get(instance_id, 0) + len(record.prompt_token_ids)
 
     def on_ended(self, request_id: str) -> None:
         self.deadlines.pop(request_id, None)
+        self.batch_admitted_at.pop(request_id, None)
+        self.evicting.discard(request_id)
         started = self.dispatched_at.pop(request_id, None)
         if started is not None:
             self.service_samples.append(time.monotonic() - started)

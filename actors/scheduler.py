@@ -134,7 +134,7 @@ class SchedulerActor(SupervisedActor):
         self.migrations: dict[str, InFlightMigration] = {}  # request id -> migration in flight
         self.migrations_done = 0
         self.migrations_aborted = 0
-        self.classes = RequestClasses(settings)  # request classes, roles, global batch queue (Chiron)
+        self.classes = RequestClasses(settings, self._evict)  # request classes, roles, global batch queue
 
     # ------------------------------------------------------------------------------------------- dispatching
     def on_receive(self, message: Any) -> Any:
@@ -481,6 +481,10 @@ class SchedulerActor(SupervisedActor):
                 return
             self.queue.popleft()
 
+    def _evict(self, instance_id: str, request_id: str) -> None:
+        """Stop a batch request so an interactive one gets its slot (it resumes from the batch queue)."""
+        self.bus.publish(subjects.engine(instance_id), EngineAbort(request_id=request_id, reason="evicted"))
+
     # ------------------------------------------------------------------------------------------- lifecycle
     def _on_request_ended(self, ended: EngineRequestEnded) -> None:
         if ended.finish_reason == "migrated":
@@ -488,6 +492,10 @@ class SchedulerActor(SupervisedActor):
         record = self.requests.get(ended.request_id)
         if record is None or record.instance_id != ended.instance_id:
             return  # a late or duplicate event (e.g. after migration): the current owner reports again
+        if ended.finish_reason == "evicted" and self.classes.on_evicted(ended.request_id):
+            record.state, record.instance_id = "recovering", None  # back to the batch queue, as after failover
+            self.bus.run(self._read_delivered(record.request_id, record.submit.reply_to))
+            return
         self.requests.pop(ended.request_id)
         self.classes.on_ended(ended.request_id)
 

@@ -246,3 +246,28 @@ async def test_an_engine_told_its_new_role_reports_it(plane: Plane) -> None:
     await nc.publish(subjects.engine(iid), encode(SetInstanceRole(role="no-such-role")))  # ignored
     await nc.drain()
     await wait_for(lambda: role_is("batch"), 10, "the heartbeat to report role batch")
+
+
+@pytest.mark.parametrize("plane", [(False, True)], indirect=True)
+async def test_interactive_requests_evict_batch_ones_on_a_full_mixed_instance(plane: Plane) -> None:
+    """Chiron's preemption, live: a mixed instance full with a batch request and an interactive one; the next
+    interactive request evicts the batch request, which goes back to the global batch queue and resumes from
+    the tokens its client has. Every token exactly once."""
+    await request_admin(plane.url, "scale", ScaleCommand(role="mixed", count=1))
+    async with DroverClient(plane.url, name="autoscale-evict") as client:
+        await wait_for(lambda: _serving_count(client, plane.provisioner._prefix, 1), 30, "a mixed instance")
+        long = SamplingParams(max_tokens=300, ignore_eos=True)
+        batch = await client.submit("batch", sampling=long, request_class=RequestClass.BATCH, request_id="ev-b")
+        async for _ in batch.events():
+            if len(batch.result_data.token_ids) >= 5:
+                break
+        chats = [await client.submit(f"chat {i}", sampling=long, request_id=f"ev-i{i}") for i in range(2)]
+        results = {r.request_id: r for r in [await s.result() for s in [*chats, batch]]}
+    for rid, result in results.items():
+        assert result.done is not None and result.done.finish_reason == "length", rid
+        assert result.token_ids == [token_at(request_seed(0, rid), p) for p in range(300)], rid
+    assert len(results["ev-b"].done.instances) == 2, "the batch request was not evicted and resumed"  # type: ignore[union-attr]
+
+
+async def _serving_count(client: DroverClient, prefix: str, n: int) -> bool:
+    return len(await serving(client, prefix)) == n
