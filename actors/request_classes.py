@@ -301,6 +301,9 @@ class RequestClasses:
     ) -> ClusterSnapshot:
         now = time.monotonic()
         window = max(1e-3, now - self.last_view_at)
+        for table in (self.deadlines, self.dispatched_at, self.batch_admitted_at):  # cancelled or failed
+            for gone in [rid for rid in table if rid not in requests]:
+                table.pop(gone)
         tick = purpose == "plan"  # only a view the autoscaler plans from consumes the rate counters
         loads = []
         for load in self.loads(instances, requests):  # work tokens: output (measured) + prompts dispatched

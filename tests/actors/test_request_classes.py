@@ -89,3 +89,12 @@ def test_a_batch_request_resumed_after_failover_goes_back_to_the_batch_queue() -
     rc.batch_queue.clear()
     assert rc.requeue_batch(record) and len(rc.batch_queue) == 1
     assert not rc.requeue_batch(request("i", RequestClass.INTERACTIVE))
+
+
+def test_a_cancelled_batch_request_leaves_the_deadline_groups() -> None:
+    rc = classes()
+    record = request("gone", RequestClass.BATCH, 30.0)
+    assert rc.hold(record)
+    assert rc.snapshot({}, {"gone": record}, 0, "watch").view.batch
+    assert rc.snapshot({}, {}, 0, "watch").view.batch == ()  # the scheduler forgot it (cancel, failure)
+    assert rc.release({}, {}) == [] and rc.batch_queue == []
