@@ -194,7 +194,7 @@ class AutoscalerActor(SupervisedActor):
         owned = {p.instance_id: p for p in self.provisioner.instances()}
         for iid, inst in owned.items():
             if iid in seen and inst.ready_at is None:
-                seconds = self.provisioner.mark_ready(iid)
+                seconds = self.provisioner.mark_ready(iid, snapshot.first_seen.get(iid))
                 if seconds is not None:
                     self._event("ready", iid, inst.role, f"start-up {seconds:.1f} s")
         self._stop_drained(snapshot, owned)

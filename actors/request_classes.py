@@ -68,6 +68,8 @@ class ClusterSnapshot:
     """Instances with nothing running, waiting or held, and no request assigned in the scheduler."""
     local: Mapping[str, LocalReport]
     batch_queue: int
+    first_seen: Mapping[str, float]
+    """When each instance's first heartbeat arrived (time.monotonic()): the end of its start-up."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +114,7 @@ class RequestClasses:
         self.reported_roles: dict[str, InstanceRole] = {}
         self.role_overrides: dict[str, InstanceRole] = {}
         self.local: dict[str, LocalReport] = {}
+        self.first_seen: dict[str, float] = {}
         self.batch_queue: list[tuple[float, float, str]] = []  # batch_queue_key order
         self.deadlines: dict[str, tuple[float, int]] = {}  # unfinished batch request -> (deadline, tokens)
         self.dispatched_at: dict[str, float] = {}  # interactive request -> dispatch time (monotonic)
@@ -138,6 +141,7 @@ class RequestClasses:
 
     def on_heartbeat(self, beat: InstanceHeartbeat) -> None:
         iid = beat.info.instance_id
+        self.first_seen.setdefault(iid, time.monotonic())
         role = beat.role if beat.role in ROLES else "mixed"
         self.reported_roles[iid] = role
         if beat.local is not None:
@@ -335,12 +339,18 @@ class RequestClasses:
         )
         if tick:
             self.arrivals, self.last_view_at = 0, now
-        for gone in set(self.local) - set(instances):
+        for gone in (set(self.local) | set(self.first_seen)) - set(instances):
+            self.first_seen.pop(gone, None)
             self.local.pop(gone, None)
             self.reported_roles.pop(gone, None)
             self.role_overrides.pop(gone, None)
         return ClusterSnapshot(
-            view=view, purpose=purpose, empty=empty, local=dict(self.local), batch_queue=len(self.batch_queue)
+            view=view,
+            purpose=purpose,
+            empty=empty,
+            local=dict(self.local),
+            batch_queue=len(self.batch_queue),
+            first_seen=dict(self.first_seen),
         )
 
 

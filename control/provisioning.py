@@ -74,9 +74,9 @@ class Provisioner(Protocol):
         """The instances it started and has not seen exit."""
         ...
 
-    def mark_ready(self, instance_id: str) -> float | None:
-        """The instance's first heartbeat arrived: record and return its start-up time (None: unknown id or
-        already ready)."""
+    def mark_ready(self, instance_id: str, at: float | None = None) -> float | None:
+        """The instance's first heartbeat arrived (at ``at``, time.monotonic(); None: now): record and return
+        its start-up time (None: unknown id or already ready)."""
         ...
 
     def startup_estimate_s(self, prior_s: float) -> float:
@@ -129,12 +129,12 @@ class _Tracked:
         with self._lock:
             return [i for i in self._table.values() if not i.exited]
 
-    def mark_ready(self, instance_id: str) -> float | None:
+    def mark_ready(self, instance_id: str, at: float | None = None) -> float | None:
         with self._lock:
             inst = self._table.get(instance_id)
             if inst is None or inst.ready_at is not None:
                 return None
-            inst.ready_at = time.monotonic()
+            inst.ready_at = max(inst.requested_at, at if at is not None else time.monotonic())
             seconds = inst.ready_at - inst.requested_at
             self._startup.observe(seconds)
         log.info("instance %s (%s) ready after %.1fs", instance_id, inst.role, seconds)
