@@ -23,6 +23,7 @@ from opentelemetry import trace
 
 from actors.control_state import ControlState, restore_into
 from actors.migrator import MigrationEnded, StartMigration
+from actors.request_classes import RequestClasses
 from actors.supervisor import SupervisedActor
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy, prefix_block_hashes
 from control.policy.migration import InFlightMigration, plan_migrations
@@ -136,6 +137,7 @@ class SchedulerActor(SupervisedActor):
         self.migrations: dict[str, InFlightMigration] = {}  # request id -> migration in flight
         self.migrations_done = 0
         self.migrations_aborted = 0
+        self.classes = RequestClasses(settings, self._evict)  # request classes, roles, global batch queue
 
     def on_start(self) -> None:
         restore_into(self)  # a restarted control plane (or scheduler) picks up where the last one left off
@@ -152,6 +154,8 @@ class SchedulerActor(SupervisedActor):
             self._on_migration_ended(message)
         elif isinstance(message, _Recovered):
             self._on_recovered(message)
+        elif self.classes.handles(message):
+            self.classes.on_message(message, self.instances, self.requests, len(self.queue))
         return None
 
     def _on_envelope(self, envelope: Envelope) -> None:
@@ -195,6 +199,7 @@ class SchedulerActor(SupervisedActor):
         record.state, record.draining, record.can_migrate = beat.state, beat.draining, beat.can_migrate
         if save:
             self.state.save_instance(record)
+        self.classes.on_heartbeat(beat)
         self.policy.upsert(self._snapshot(record))
         self.state.on_heartbeat(self, beat)
         load = beat.load
@@ -253,6 +258,9 @@ class SchedulerActor(SupervisedActor):
                 self.state.drop_instance(instance_id)
                 self._fail_over(instance_id)
         self._drain_queue()
+        for request_id, instance_id in self.classes.release(self.instances, self.requests):
+            if not self._dispatch(self.requests[request_id], instance_id):
+                self.classes.requeue(request_id)
         metrics().set_scheduler(queued=len(self.queue), in_flight=len(self.requests))
         metrics().set_migrations(self.migrations_done, self.migrations_aborted, len(self.migrations))
 
@@ -404,6 +412,8 @@ class SchedulerActor(SupervisedActor):
         accepted = Accepted(request_id=request_id, cancel_token=record.cancel_token, prompt_tokens=len(token_ids))
         self.state.save_request(record)  # acknowledged once stored: a retry after a restart is still deduplicated
         self.state.after_writes(lambda: self.bus.publish(reply_to, accepted))
+        if self.classes.hold(record):  # a batch request: the global batch queue releases it on a tick
+            return
         if not self._dispatch(record):
             self.queue.append(request_id)
 
@@ -423,9 +433,15 @@ class SchedulerActor(SupervisedActor):
             else (),
         )
 
-    def _dispatch(self, record: RequestRecord) -> bool:
+    def _dispatch(self, record: RequestRecord, target: str | None = None) -> bool:
         demand = self._demand(record.request_id, record.prompt_token_ids, record.submit)
-        instance_id = self.policy.choose(demand)
+        if target is None and self.classes.enabled:
+            if self.classes.requeue_batch(record):
+                return True  # the global batch queue places it
+            target = self.classes.route(record, self.instances, self.requests)
+            if target is None:
+                return False  # held in the queue (the autoscaler's backlog)
+        instance_id = target if target in self.instances else self.policy.choose(demand)
         if instance_id is None:
             return False
         instance = self.instances[instance_id]
@@ -467,6 +483,7 @@ class SchedulerActor(SupervisedActor):
         record.instance_id, record.state = instance_id, "running"
         record.served_by.append(instance_id)
         self.state.save_request(record)
+        self.classes.on_dispatched(record, instance_id)
         return True
 
     def _drain_queue(self) -> None:
@@ -479,6 +496,10 @@ class SchedulerActor(SupervisedActor):
                 return
             self.queue.popleft()
 
+    def _evict(self, instance_id: str, request_id: str) -> None:
+        """Stop a batch request so an interactive one gets its slot (it resumes from the batch queue)."""
+        self.bus.publish(subjects.engine(instance_id), EngineAbort(request_id=request_id, reason="evicted"))
+
     # ------------------------------------------------------------------------------------------- lifecycle
     def _on_request_ended(self, ended: EngineRequestEnded) -> None:
         if ended.finish_reason == "migrated":
@@ -486,8 +507,14 @@ class SchedulerActor(SupervisedActor):
         record = self.requests.get(ended.request_id)
         if record is None or record.instance_id != ended.instance_id:
             return  # a late or duplicate event (e.g. after migration): the current owner reports again
+        if ended.finish_reason == "evicted" and self.classes.on_evicted(ended.request_id):
+            record.state, record.instance_id = "recovering", None  # back to the batch queue, as after failover
+            self.state.save_request(record)
+            self.bus.run(self._read_delivered(record.request_id, record.submit.reply_to))
+            return
         self.requests.pop(ended.request_id)
         self.state.drop_request(ended.request_id)
+        self.classes.on_ended(ended.request_id)
 
     # ------------------------------------------------------------------------------------------- migration
     def _start_migration(

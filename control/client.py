@@ -327,9 +327,11 @@ class DroverClient:
         request_class: RequestClass = RequestClass.INTERACTIVE,
         model: str | None = None,
         client_id: str | None = None,
+        deadline_s: float | None = None,
     ) -> RequestStream:
         """Publish a request and return its stream (tokens start flowing at once). ``client_id`` says on
-        whose behalf (a gateway submits for many clients); default: this client's name."""
+        whose behalf (a gateway submits for many clients); default: this client's name. ``deadline_s``: a batch
+        request's deadline, seconds from now (default: the deployment's ``autoscaling.slo.batch_deadline_s``)."""
         inbox = self.nc.new_inbox()
         stream = RequestStream(self, request_id, time.perf_counter())
         resubmit_until = time.monotonic() + NO_CONTROL_PLANE_RETRY_S
@@ -360,6 +362,7 @@ class DroverClient:
             request_class=request_class,
             model=model,
             client_id=client_id or self.name,
+            deadline_s=deadline_s,
         )
         with tracer().start_as_current_span(
             spans.CLIENT_SUBMIT,
