@@ -31,13 +31,14 @@ from transport.messages import (
     PolicyQuery,
     PolicyUpdate,
     ProtocolError,
+    ScaleCommand,
     decode,
 )
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Envelope], Awaitable[None] | None]
-AUDITED: tuple[type, ...] = (MigrateCommand, DrainCommand, PolicyQuery, PolicyUpdate)  # the admin actions
+AUDITED: tuple[type, ...] = (MigrateCommand, DrainCommand, PolicyQuery, PolicyUpdate, ScaleCommand)  # admin actions
 
 
 @dataclass(slots=True)

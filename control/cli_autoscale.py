@@ -29,12 +29,27 @@ from transport.messages import (
 autoscale_app = typer.Typer(help="The autoscaler (Chiron's hierarchical, SLO-aware).", no_args_is_help=True)
 
 
-async def request_admin(url: str, verb: str, message: Message, timeout_s: float = 10.0) -> Message:
-    """One request/reply on ``drover.v1.admin.<verb>``; an ErrorReply becomes a DroverError."""
+async def request_admin(
+    url: str,
+    verb: str,
+    message: Message,
+    timeout_s: float = 10.0,
+    *,
+    nats_settings: Any = None,
+    operator: str | None = None,
+) -> Message:
+    """One request/reply on ``drover.v1.admin.<verb>`` (with the operator filled in, for the audit log); an
+    ErrorReply becomes a DroverError."""
+    import msgspec
+
     from control.cli import _CLI_CONNECT
     from control.client import DroverClient, DroverError
 
-    client = await DroverClient(url, name="drover-cli").connect(**_CLI_CONNECT)
+    client = await DroverClient(url, name="drover-cli", nats_settings=nats_settings, operator=operator).connect(
+        **_CLI_CONNECT
+    )
+    if "operator" in type(message).__struct_fields__:
+        message = msgspec.structs.replace(message, operator=client.operator)
     try:
         reply = await client.nc.request(subjects.admin(verb), encode(message), timeout=timeout_s)
     finally:
@@ -50,9 +65,10 @@ def _call(ctx: typer.Context, verb: str, message: Message) -> Any:
     from control.cli_operator import _need_url, _settings
     from control.client import DroverError
 
-    url = _need_url(_settings(ctx))
+    s = _settings(ctx)
+    url = _need_url(s)
     try:
-        return asyncio.run(request_admin(url, verb, message))
+        return asyncio.run(request_admin(url, verb, message, nats_settings=s.nats, operator=s.audit.operator or None))
     except DroverError as exc:
         console.print(f"[red]{exc.code}[/]: {exc.message}")
         raise typer.Exit(1) from exc

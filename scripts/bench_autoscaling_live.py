@@ -23,6 +23,7 @@ import logging
 import math
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,8 +48,10 @@ def cycle_settings(
     nats_url: str, kind: str, *, max_num_seqs: int = 2, extra: dict[str, dict[str, object]] | None = None
 ) -> Settings:
     """Autoscaler on, 1..2 interactive instances of ``kind``, short periods and windows (seconds, not minutes)."""
+    suffix = uuid.uuid4().hex[:8]  # control state of its own on a shared server (tests)
     overrides: dict[str, dict[str, object]] = {
         "nats": {"url": nats_url},
+        "ha": {"state_bucket": f"cycle_state_{suffix}", "lease_bucket": f"cycle_lease_{suffix}"},
         "engine": {"kind": kind, "heartbeat_interval_s": 0.1, "max_num_seqs": max_num_seqs},
         "autoscaler": {"enabled": True, "stop_timeout_s": 60.0},
         "observability": {"exporter": "none"},

@@ -383,6 +383,7 @@ class ScaleCommand(_Msg, frozen=True, tag="scale"):
     role: str
     count: int = 0
     auto: bool = False
+    operator: str = ""  # who asked (audit log)
 
 
 class SetInstanceRole(_Msg, frozen=True, tag="set_role"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -33,9 +34,11 @@ MAX_SEQS = 2
 
 
 def autoscale_settings(nats_url: str, *, enabled: bool, class_dispatch: bool | None = None) -> Settings:
+    suffix = uuid.uuid4().hex[:8]  # control state of its own: nothing restored from another test's plane
     settings = load_settings(
         overrides={
             "nats": {"url": nats_url},
+            "ha": {"state_bucket": f"as_state_{suffix}", "lease_bucket": f"as_lease_{suffix}"},
             "engine": {"kind": "sim", "heartbeat_interval_s": 0.05, "max_num_seqs": MAX_SEQS},
             "autoscaler": {"enabled": enabled, "class_dispatch": class_dispatch, "stop_timeout_s": 30.0},
         }
@@ -235,17 +238,19 @@ async def test_an_engine_told_its_new_role_reports_it(plane: Plane) -> None:
 
     await request_admin(plane.url, "scale", ScaleCommand(role="mixed", count=1))
 
+    prefix = plane.provisioner._prefix
+
     async def role_is(role: str) -> bool:
         status = await autoscale_status(plane.url)
-        return [i.role for i in status.instances] == [role]
+        return [i.role for i in status.instances if i.instance_id.startswith(prefix)] == [role]
 
     await wait_for(lambda: role_is("mixed"), 30, "a mixed instance")
-    [iid] = [i.instance_id for i in (await autoscale_status(plane.url)).instances]
+    [iid] = [i.instance_id for i in (await autoscale_status(plane.url)).instances if i.instance_id.startswith(prefix)]
     nc = await nats.connect(plane.url)
     await nc.publish(subjects.engine(iid), encode(SetInstanceRole(role="batch")))
     await nc.publish(subjects.engine(iid), encode(SetInstanceRole(role="no-such-role")))  # ignored
     await nc.drain()
-    await wait_for(lambda: role_is("batch"), 10, "the heartbeat to report role batch")
+    await wait_for(lambda: role_is("batch"), 20, "the heartbeat to report role batch")
 
 
 @pytest.mark.parametrize("plane", [(False, True)], indirect=True)
