@@ -32,6 +32,7 @@ from transport.messages import (
     PolicyQuery,
     PolicyUpdate,
     ProtocolError,
+    ScaleCommand,
     decode,
 )
 
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Envelope], Awaitable[None] | None]
 # the admin actions (status queries are not audited)
-AUDITED: tuple[type, ...] = (MigrateCommand, DrainCommand, PolicyQuery, PolicyUpdate, MemoryCommand)
+AUDITED: tuple[type, ...] = (MigrateCommand, DrainCommand, PolicyQuery, PolicyUpdate, MemoryCommand, ScaleCommand)
 
 
 @dataclass(slots=True)
@@ -91,6 +92,7 @@ class AdminAuditor:
     def wrap(self, handler: Handler) -> Handler:
         """``handler`` with every envelope audited; starts the auditor on first use."""
         self.start()
+
         def audited(envelope: Envelope) -> Awaitable[None] | None:
             key = str(next(self._seq))
             timer = self.bus.loop.call_later(self.reply_timeout_s, self._expire, key)

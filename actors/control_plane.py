@@ -23,11 +23,13 @@ from typing import Any
 import pykka
 
 from actors.audit import AdminAuditor
+from actors.autoscaler import AutoscalerActor
 from actors.control_state import ControlState
 from actors.migrator import MigratorActor
 from actors.scheduler import MigrationTick, SchedulerActor, Tick
 from actors.supervisor import ActorSlot, GetStatus, SupervisorActor
 from control.leadership import Leadership
+from control.provisioning import Provisioner, make_provisioner
 from control.settings import Settings
 from engines.tokenizer import Tokenizer
 from observability.audit import AuditLog
@@ -35,6 +37,7 @@ from transport import subjects
 from transport.bus import Bus, Envelope
 from transport.kv_store import KvWriter, open_bucket
 from transport.messages import (
+    AutoscaleStatusQuery,
     Cancel,
     DrainCommand,
     EngineRequestEnded,
@@ -44,6 +47,7 @@ from transport.messages import (
     MigrateCommand,
     PolicyQuery,
     PolicyUpdate,
+    ScaleCommand,
     StatusQuery,
     StatusReply,
     SubmitRequest,
@@ -58,8 +62,17 @@ FORWARDED_HEADER = "Drover-Forwarded"  # set on a control message a stepping-dow
 class ControlPlane:
     """Starts and stops the control plane's actors; bus handlers only hand envelopes to actor slots."""
 
-    def __init__(self, settings: Settings, bus: Bus, tokenizer: Tokenizer, *, tick_interval_s: float = 0.25) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        bus: Bus,
+        tokenizer: Tokenizer,
+        *,
+        tick_interval_s: float = 0.25,
+        provisioner: Provisioner | None = None,
+    ) -> None:
         self.settings = settings
+        self.provisioner = provisioner  # None: the one [autoscaler] provisioner names, made when leading
         self.bus = bus
         self.tokenizer = tokenizer
         self.tick_interval_s = tick_interval_s
@@ -67,6 +80,7 @@ class ControlPlane:
         self.supervisor: pykka.ActorRef[Any] | None = None
         self.scheduler: ActorSlot | None = None
         self.migrator: ActorSlot | None = None
+        self.autoscaler: ActorSlot | None = None
         self.peers: dict[str, ActorSlot] = {}
         self.output_stream = False
         self.leadership: Leadership | None = None
@@ -174,6 +188,13 @@ class ControlPlane:
             peers["scheduler"] = self.scheduler
             self.migrator = self.supervisor.proxy().start_child("migrator", make_migrator).get(timeout=10)
             peers["migrator"] = self.migrator
+            provisioner = self.provisioner = self.provisioner or make_provisioner(self.settings)
+
+            def make_autoscaler(parent: pykka.ActorRef[Any], name: str) -> pykka.ActorRef[Any]:
+                return AutoscalerActor.start(self.bus, self.settings, peers["scheduler"], provisioner, parent, name)
+
+            self.autoscaler = self.supervisor.proxy().start_child("autoscaler", make_autoscaler).get(timeout=10)
+            peers["autoscaler"] = self.autoscaler
             scheduler = self.scheduler
             routes: list[tuple[str, tuple[type, ...], str]] = [
                 (subjects.SUBMIT, (SubmitRequest,), subjects.CONTROL_QUEUE),
@@ -196,6 +217,16 @@ class ControlPlane:
                     )
                 )
             )
+            autoscaler_routes: list[tuple[str, tuple[type, ...]]] = [
+                (subjects.admin("scale"), (ScaleCommand,)),
+                (subjects.admin("autoscale"), (AutoscaleStatusQuery,)),
+            ]
+            subs += [
+                self.bus.run(
+                    self.bus.asubscribe(subject, self._only(kinds, self.autoscaler), queue=subjects.CONTROL_QUEUE)
+                )
+                for subject, kinds in autoscaler_routes
+            ]
             self._subscriptions = [f.result(timeout=10) for f in subs]
             self.bus.run(self.bus.nc.flush(timeout=5)).result(timeout=10)  # the server has every subscription
             self._leading.set()
@@ -213,7 +244,7 @@ class ControlPlane:
                     self.bus.run(sub.unsubscribe()).result(timeout=5)
                 except Exception as exc:
                     log.warning("unsubscribe failed: %r", exc)
-            self.scheduler = self.migrator = None
+            self.scheduler = self.migrator = self.autoscaler = None
             self.peers.clear()
             if self.supervisor is not None and self.supervisor.is_alive():
                 self.supervisor.stop(timeout=10)
@@ -312,4 +343,6 @@ class ControlPlane:
                 log.warning("leadership stop failed: %r", exc)
         if self.supervisor is not None and self.supervisor.is_alive():
             self.supervisor.stop(timeout=10)
+        if self.provisioner is not None:
+            self.provisioner.close()  # stops the instances the autoscaler started
         log.info("control plane stopped")

@@ -20,6 +20,7 @@ import msgspec
 import pykka
 from opentelemetry import trace
 
+from actors.local_autoscaler import LocalAutoscaler
 from engines.base import Engine, EngineError, EngineRequest
 from engines.migration import FrozenRequest, KvEndpoint, MigratableEngine, StageReport
 from engines.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -46,6 +47,7 @@ from transport.messages import (
     MigrateOutReply,
     MigrationStageInfo,
     RequestDone,
+    SetInstanceRole,
     Timings,
     TokenChunk,
     Usage,
@@ -80,14 +82,21 @@ class _Ended:
     request_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class _AdmitHeld:
+    """Internal: the local autoscaler's limit grew; admit held requests."""
+
+
 class EngineActor(pykka.ThreadingActor):
-    def __init__(self, bus: Bus, engine: Engine, tokenizer: Tokenizer) -> None:
+    def __init__(self, bus: Bus, engine: Engine, tokenizer: Tokenizer, local: LocalAutoscaler | None = None) -> None:
         super().__init__()
+        self.local = local  # admission limit (local autoscaler); None: admit everything
         self.bus = bus
         self.engine = engine
         self.tokenizer = tokenizer
         self.instance_id = engine.info.instance_id
         self.running: dict[str, _Running] = {}
+        self._evicted: set[str] = set()  # batch requests evicted for interactive ones: no RequestDone
         self.draining = False
         self._streams: dict[str, _Stream] = {}  # loop-only
         self._migrations_out: dict[str, str] = {}  # migration id -> request id (loop-only)
@@ -101,13 +110,28 @@ class EngineActor(pykka.ThreadingActor):
         if self.groups is not None:
             self.groups.close()
 
+    def on_start(self) -> None:
+        if self.local is not None:
+            ref = self.actor_ref
+            self.local.wake = lambda: ref.tell(_AdmitHeld()) if ref.is_alive() else None
+
     # ------------------------------------------------------------------------------------------- messages
     def on_receive(self, message: object) -> object:
         if isinstance(message, Envelope):
             self._on_envelope(message)
         elif isinstance(message, _Ended):
             self.running.pop(message.request_id, None)
+            if self.local is not None:
+                self.local.ended(message.request_id)
+                self._admit_held()
+        elif isinstance(message, _AdmitHeld):
+            self._admit_held()
         return None
+
+    def _admit_held(self) -> None:
+        assert self.local is not None
+        for add, headers in self.local.take_admittable():
+            self.running[add.request_id] = _Running(add=add, future=self.bus.run(self._serve(add, headers)))
 
     def _on_envelope(self, envelope: Envelope) -> None:
         message = envelope.message
@@ -124,6 +148,10 @@ class EngineActor(pykka.ThreadingActor):
             self._abort(message, envelope.reply)
         elif isinstance(message, GroupCommand) and self.groups is not None:
             self.bus.run(self.groups.handle(message, envelope.reply))
+        elif isinstance(message, SetInstanceRole) and self.local is not None:
+            if not self.local.set_role(message.role):
+                log.warning("engine %s: unknown role %r", self.instance_id, message.role)
+                self.bus.reply_error(envelope.reply, ErrorCode.INVALID_REQUEST, f"unknown role {message.role!r}")
         else:
             log.warning("engine %s: unexpected %s", self.instance_id, type(message).__name__)
             self.bus.reply_error(
@@ -131,7 +159,7 @@ class EngineActor(pykka.ThreadingActor):
             )
 
     def _add(self, add: EngineAdd, headers: dict[str, str]) -> bool:
-        if add.request_id in self.running:
+        if add.request_id in self.running or (self.local is not None and self.local.is_held(add.request_id)):
             self.bus.publish(
                 add.reply_to,
                 ErrorReply(
@@ -147,11 +175,39 @@ class EngineActor(pykka.ThreadingActor):
         if not add.prompt_token_ids or context_len >= max_len:
             self._reject(add, ErrorCode.PROMPT_TOO_LONG, f"context of {context_len} tokens; limit {max_len - 1}")
             return False
+        if self.local is not None and not self.local.offer(add, headers):
+            return True  # held by the admission limit; _admit_held starts it
         future = self.bus.run(self._serve(add, headers))
         self.running[add.request_id] = _Running(add=add, future=future)
         return True
 
     def _abort(self, abort: EngineAbort, reply: str) -> None:
+        held = self.local.remove_held(abort.request_id) if self.local is not None else None
+        evicted = abort.reason == "evicted"  # the control plane requeues it; the client's stream goes on
+        if held is not None:  # never reached the engine: end it here
+            if not evicted:
+                self.bus.publish(
+                    held.reply_to,
+                    RequestDone(
+                        request_id=held.request_id,
+                        finish_reason="abort",
+                        usage=Usage(
+                            prompt_tokens=len(held.prompt_token_ids), completion_tokens=len(held.output_token_ids)
+                        ),
+                        instances=[*held.served_by, self.instance_id],
+                        num_tokens=len(held.output_token_ids),
+                    ),
+                )
+            self.bus.publish(
+                subjects.ENGINE_EVENTS,
+                EngineRequestEnded(
+                    instance_id=self.instance_id,
+                    request_id=held.request_id,
+                    finish_reason="evicted" if evicted else "abort",
+                    num_output_tokens=len(held.output_token_ids),
+                ),
+            )
+            return
         if abort.request_id not in self.running:
             self.bus.reply_error(
                 reply, ErrorCode.UNKNOWN_REQUEST, f"no request {abort.request_id} on {self.instance_id}"
@@ -159,6 +215,8 @@ class EngineActor(pykka.ThreadingActor):
             return
         if abort.reason in (ErrorCode.DEADLINE_EXCEEDED, ErrorCode.CLIENT_GONE):
             self.bus.call_soon(self._mark_abort, abort.request_id, abort.reason)  # runs before the abort below
+        if evicted:
+            self._evicted.add(abort.request_id)
         self.bus.run(self.engine.abort(abort.request_id))
 
     def _mark_abort(self, request_id: str, code: str) -> None:
@@ -254,6 +312,9 @@ class EngineActor(pykka.ThreadingActor):
             index = stream.index
             if stream.migrated_out:
                 finish_reason = "migrated"
+            elif add.request_id in self._evicted and finish_reason == "abort":
+                finish_reason = "evicted"  # preempted for an interactive request: the scheduler requeues it
+            self._evicted.discard(add.request_id)
             if stream.abort_code and finish_reason == "abort":  # after its last chunk, the scheduler's reason
                 error = stream.abort_code
                 await self.bus.apublish(
@@ -265,7 +326,7 @@ class EngineActor(pykka.ThreadingActor):
                         v=max(2, peer_version(add.client_v)),
                     ),
                 )
-            elif finish_reason not in ("error", "migrated"):
+            elif finish_reason not in ("error", "migrated", "evicted"):
                 await self.bus.apublish(
                     add.reply_to,
                     RequestDone(
@@ -294,7 +355,7 @@ class EngineActor(pykka.ThreadingActor):
                 ),
             )
             request_class, resumed = str(add.request_class), bool(add.output_token_ids)
-            if finish_reason != "migrated":  # a migrated request ends (and is counted) at its destination
+            if finish_reason not in ("migrated", "evicted"):  # it ends (and is counted) where it runs last
                 metrics().request_finished(
                     finish_reason, request_class, 0 if resumed else len(add.prompt_token_ids), index
                 )
@@ -312,10 +373,13 @@ class EngineActor(pykka.ThreadingActor):
         stream.index += len(token_ids)
         add = stream.add
         now = time.perf_counter()
+        gap: float | None = None
         if stream.last_sent_at:  # a chunk of n tokens after a gap d: n gaps of d/n (as the client counts)
             gap = (now - stream.last_sent_at) / len(token_ids)
             metrics().observe_inter_token([gap] * len(token_ids), str(add.request_class))
         stream.last_sent_at = now
+        if self.local is not None:
+            self.local.observe_tokens(len(token_ids), gap)
         await self.bus.apublish(
             add.reply_to,
             TokenChunk(
@@ -451,10 +515,20 @@ def _stage_info(report: StageReport) -> MigrationStageInfo:
 class Heartbeater:
     """Publishes the instance's load from a thread of its own, so a busy engine loop is not taken for dead."""
 
-    def __init__(self, bus: Bus, engine: Engine, interval_s: float) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        engine: Engine,
+        interval_s: float,
+        *,
+        role: str = "mixed",
+        local: LocalAutoscaler | None = None,
+    ) -> None:
         self.bus = bus
         self.engine = engine
         self.interval_s = interval_s
+        self.role = role
+        self.local = local
         self.state = "serving"
         self._stop = threading.Event()
         self._seq = 0
@@ -472,12 +546,18 @@ class Heartbeater:
         if info.protocol_version != PROTOCOL_VERSION:  # advertise what this code speaks (version negotiation)
             info = msgspec.structs.replace(info, protocol_version=PROTOCOL_VERSION)
         self._seq += 1
+        load = self.engine.load()
+        if self.local is not None:  # one window's decision, then held requests counted as waiting
+            self.local.tick(load)
+            load = self.local.adjust_load(load, info.block_size)
         self.bus.publish(
             subjects.heartbeat(info.instance_id),
             InstanceHeartbeat(
                 v=MIN_PROTOCOL_VERSION,  # any supported control plane reads it; info says what we speak
+                role=self.local.role if self.local is not None else self.role,
+                local=self.local.report() if self.local is not None else None,
                 info=info,
-                load=self.engine.load(),
+                load=load,
                 seq=self._seq,
                 sent_at=time.time(),
                 draining=self.state == "draining",

@@ -10,6 +10,7 @@ from typing import Any
 import pykka
 
 from actors.engine_actor import EngineActor, Heartbeater
+from actors.local_autoscaler import LocalAutoscaler
 from control.settings import Settings
 from engines.base import Engine
 from engines.tokenizer import Tokenizer, load_tokenizer
@@ -93,7 +94,11 @@ class EngineHost:
         self.engine = engine
         self.tokenizer = tokenizer
         self.actor: pykka.ActorRef[Any] | None = None
-        self.heartbeater = Heartbeater(bus, engine, settings.engine.heartbeat_interval_s)
+        eng = settings.engine
+        self.local = (
+            LocalAutoscaler(eng.role, settings.autoscaling, eng.max_num_seqs) if eng.local_autoscaler else None
+        )
+        self.heartbeater = Heartbeater(bus, engine, eng.heartbeat_interval_s, role=eng.role, local=self.local)
 
     @property
     def instance_id(self) -> str:
@@ -101,7 +106,7 @@ class EngineHost:
 
     def start(self, timeout_s: float = 600.0) -> EngineHost:
         self.bus.run(self.engine.start()).result(timeout=timeout_s)
-        self.actor = EngineActor.start(self.bus, self.engine, self.tokenizer)
+        self.actor = EngineActor.start(self.bus, self.engine, self.tokenizer, self.local)
         actor = self.actor
         self.bus.subscribe(subjects.engine(self.instance_id), actor.tell)
         self.heartbeater.start()
@@ -112,7 +117,7 @@ class EngineHost:
         """Start from inside the bus's event loop (a bus created with ``loop=``)."""
         if not engine_started:
             await self.engine.start()
-        self.actor = EngineActor.start(self.bus, self.engine, self.tokenizer)
+        self.actor = EngineActor.start(self.bus, self.engine, self.tokenizer, self.local)
         await self.bus.asubscribe(subjects.engine(self.instance_id), self.actor.tell)
         self.heartbeater.start()
         return self
@@ -135,6 +140,8 @@ class EngineHost:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             load = self.engine.load()
+            if self.local is not None:  # requests held by the admission limit count too
+                load = self.local.adjust_load(load, self.engine.info.block_size)
             if load.num_running == 0 and load.num_waiting == 0:
                 return True
             time.sleep(0.05)

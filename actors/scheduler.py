@@ -24,6 +24,7 @@ from opentelemetry import trace
 from actors.control_state import ControlState, restore_into
 from actors.memory_manager import MemoryManager
 from actors.migrator import MigrationEnded, StartMigration
+from actors.request_classes import RequestClasses
 from actors.request_lifecycle import RequestLifecycle, RequestTable, admission
 from actors.supervisor import SupervisedActor
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy, prefix_block_hashes
@@ -151,6 +152,7 @@ class SchedulerActor(SupervisedActor):
         self.migrations_done = 0
         self.migrations_aborted = 0
         self.memory = MemoryManager(bus, settings.memory, self._refresh_instance)  # KunServe groups
+        self.classes = RequestClasses(settings, self._evict)  # request classes, roles, global batch queue
 
     def on_start(self) -> None:
         restore_into(self)  # a restarted control plane (or scheduler) picks up where the last one left off
@@ -169,6 +171,8 @@ class SchedulerActor(SupervisedActor):
             self._on_recovered(message)
         elif isinstance(message, _Acknowledged):
             self._on_acknowledged(message.request_id)
+        elif self.classes.handles(message):
+            self.classes.on_message(message, self.instances, self.requests, len(self.queue))
         return None
 
     def _on_envelope(self, envelope: Envelope) -> None:
@@ -219,6 +223,7 @@ class SchedulerActor(SupervisedActor):
         if save:
             self.state.save_instance(record)
         self.memory.on_heartbeat(beat)
+        self.classes.on_heartbeat(beat)
         self.policy.upsert(self._snapshot(record))
         self.state.on_heartbeat(self, beat)
         load = beat.load
@@ -284,6 +289,9 @@ class SchedulerActor(SupervisedActor):
         self.requests.forget_expired()
         self.memory.tick({i for i, r in self.instances.items() if r.state == "serving"})
         self._drain_queue()
+        for request_id, instance_id in self.classes.release(self.instances, self.requests):
+            if not self._dispatch(self.requests[request_id], instance_id):
+                self.classes.requeue(request_id)
         metrics().set_scheduler(queued=len(self.queue), in_flight=len(self.requests))
         metrics().set_migrations(self.migrations_done, self.migrations_aborted, len(self.migrations))
 
@@ -460,6 +468,8 @@ class SchedulerActor(SupervisedActor):
         record = self.requests.get(request_id)
         if record is None or record.state != "queued" or record.instance_id is not None:
             return  # cancelled (or ended by its deadline) meanwhile
+        if self.classes.hold(record):  # a batch request: the global batch queue releases it on a tick
+            return
         if not self._dispatch(record):
             self.queue.append(request_id)
 
@@ -479,9 +489,15 @@ class SchedulerActor(SupervisedActor):
             else (),
         )
 
-    def _dispatch(self, record: RequestRecord) -> bool:
+    def _dispatch(self, record: RequestRecord, target: str | None = None) -> bool:
         demand = self._demand(record.request_id, record.prompt_token_ids, record.submit)
-        instance_id = self.policy.choose(demand)
+        if target is None and self.classes.enabled:
+            if self.classes.requeue_batch(record):
+                return True  # the global batch queue places it
+            target = self.classes.route(record, self.instances, self.requests)
+            if target is None:
+                return False  # held in the queue (the autoscaler's backlog)
+        instance_id = target if target in self.instances else self.policy.choose(demand)
         if instance_id is None:
             return False
         instance = self.instances[instance_id]
@@ -525,6 +541,7 @@ class SchedulerActor(SupervisedActor):
         record.instance_id, record.state = instance_id, "running"
         record.served_by.append(instance_id)
         self.state.save_request(record)
+        self.classes.on_dispatched(record, instance_id)
         return True
 
     def _drain_queue(self) -> None:
@@ -537,6 +554,14 @@ class SchedulerActor(SupervisedActor):
                 return
             self.queue.popleft()
 
+    def _evict(self, instance_id: str, request_id: str) -> None:
+        """Stop a batch request so an interactive one gets its slot (it resumes from the batch queue)."""
+        instance = self.instances.get(instance_id)
+        version = peer_version(instance.info.protocol_version if instance else 1)
+        self.bus.publish(
+            subjects.engine(instance_id), EngineAbort(request_id=request_id, reason="evicted", v=version)
+        )
+
     # ------------------------------------------------------------------------------------------- lifecycle
     def _on_request_ended(self, ended: EngineRequestEnded) -> None:
         if ended.finish_reason == "migrated":
@@ -544,6 +569,12 @@ class SchedulerActor(SupervisedActor):
         record = self.requests.get(ended.request_id)
         if record is None or record.instance_id != ended.instance_id:
             return  # a late or duplicate event (e.g. after migration): the current owner reports again
+        if ended.finish_reason == "evicted" and self.classes.on_evicted(ended.request_id):
+            # preempted for an interactive request (Chiron): back to the batch queue from what the client has
+            record.state, record.instance_id = "recovering", None
+            self.state.save_request(record)
+            self.bus.run(self._read_delivered(record.request_id, record.submit.reply_to))
+            return
         if ended.finish_reason == "evicted":  # a KunServe group step handed it back: resume after its outputs
             record.resume_tokens, record.state, record.instance_id = list(ended.output_token_ids), "queued", None
             self.state.save_request(record)
@@ -552,6 +583,7 @@ class SchedulerActor(SupervisedActor):
             return
         self.requests.pop(ended.request_id)
         self.state.drop_request(ended.request_id)
+        self.classes.on_ended(ended.request_id)
 
     def _refresh_instance(self, instance_id: str) -> None:
         """Re-read whether an instance takes dispatches (the memory manager grouped or released it)."""

@@ -77,13 +77,14 @@ def control_serve(
 def engine_serve(
     instance_id: str = typer.Option(..., "--instance-id", help="Unique id of this instance."),
     kind: str | None = typer.Option(None, "--kind", help="vllm or sim."),
+    role: str | None = typer.Option(None, "--role", help="interactive, mixed (default) or batch."),
 ) -> None:
     """Run one engine instance (vLLM or simulated) until SIGTERM."""
     from control.processes import serve_engine
     from transport.subjects import validate_token
 
     validate_token(instance_id)
-    serve_engine(settings({"engine": {"kind": kind}}), instance_id)
+    serve_engine(settings({"engine": {"kind": kind, "role": role}}), instance_id)
 
 
 @app.command()
@@ -416,6 +417,10 @@ _register_nats_commands(app)
 from control.cli_memory import register as _register_memory_commands  # noqa: E402
 
 _register_memory_commands(app)
+
+from control.cli_autoscale import register as _register_autoscale_commands  # noqa: E402
+
+_register_autoscale_commands(app)
 
 if __name__ == "__main__":
     app()

@@ -78,15 +78,23 @@ class LocalCluster:
         path.chmod(0o600)
         return path
 
-    def _spawn(self, name: str, args: list[str], user: str = "") -> None:
+    def _spawn(self, name: str, args: list[str], user: str = "", env: dict[str, str] | None = None) -> None:
         config = self._write_config(name, user)
         log_file = open(self.work_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         self.processes[name] = subprocess.Popen(
             [sys.executable, "-m", "control.cli", "--config", str(config), *args],
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
+
+    def spawn_engine(self, instance_id: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start one more `drover engine serve` process (the autoscaler's local provisioner uses this);
+        ``env`` adds settings as DROVER_<SECTION>__<FIELD> variables."""
+        if not (self.work_dir / "drover.toml").exists():
+            (self.work_dir / "drover.toml").write_text(dump_toml(self.settings))
+        self._spawn(instance_id, ["engine", "serve", "--instance-id", instance_id], env=env)
+        return self.processes[instance_id]
 
     def start(self, instances: int) -> None:
         engine_ids = [f"engine-{index}" for index in range(instances)]

@@ -113,6 +113,17 @@ class EngineSettings(_Section):
     sim_num_blocks: int = Field(512, description="KV blocks of a simulated instance.")
     sim_time_scale: float = Field(1.0, description="Simulated engines in live mode: wall seconds per modelled second.")
     seed: int = Field(0, description="Sampling seed passed to engines.")
+    role: Literal["interactive", "mixed", "batch"] = Field(
+        "mixed",
+        description="Instance role (Chiron): interactive, batch, or mixed (serves both, interactive first). "
+        "Mixed by default so that an engine started by hand serves every request class.",
+    )
+    local_autoscaler: bool = Field(
+        False,
+        description="Run the local autoscaler (Chiron's lower level): an admission limit on requests running "
+        "at once, adapted to the ITL SLO ([autoscaling.local]), reported in heartbeats. Off by default so a "
+        "hand-started engine admits as vLLM does; the autoscaler's provisioner turns it on.",
+    )
 
 
 class SchedulerSettings(_Section):
@@ -307,6 +318,38 @@ class SupervisorSettings(_Section):
     restart_window_s: float = Field(60.0, description="Window over which max_restarts is counted.")
 
 
+class AutoscalerSettings(_Section):
+    """The live AutoscalerActor; its policy parameters are ``[autoscaling]``."""
+
+    enabled: bool = Field(
+        False,
+        description="Run the periodic scaling decisions. Off by default (`drover up` demo, tests with fixed "
+        "fleets); `drover scale` and `drover autoscale status` work either way.",
+    )
+    provisioner: Literal["local"] = Field(
+        "local", description="How instances are started: local processes (`drover engine serve`)."
+    )
+    engine_kind: Literal["vllm", "sim", "torch"] | None = Field(
+        None, description="Engine kind of instances the provisioner starts; None: [engine] kind."
+    )
+    work_dir: str = Field(".drover/autoscaler", description="Config file and logs of provisioned engine processes.")
+    instance_prefix: str = Field("auto", description="Provisioned instances are named <prefix>-<role>-<n>.")
+    class_dispatch: bool | None = Field(
+        None,
+        description="Class-aware dispatch (Chiron): batch requests wait in a global queue and fill batch and "
+        "mixed instances' spare slots; interactive requests go to interactive instances first. None: on "
+        "exactly when the autoscaler is enabled.",
+    )
+    startup_ewma: float = Field(
+        0.5, description="Weight of a new start-up measurement in the start-up time estimate (Drover's choice)."
+    )
+    stop_timeout_s: float = Field(60.0, description="SIGTERM to SIGKILL grace when stopping a drained instance.")
+    drain_timeout_s: float = Field(
+        300.0, description="A draining instance still busy after this long is stopped anyway (its requests fail over)."
+    )
+    events_kept: int = Field(50, description="Scale events `drover autoscale status` shows.")
+
+
 class DemoSettings(_Section):
     instances: int = Field(2, description="Engine instances `drover up` starts.")
     requests: int = Field(16, description="Requests the demo workload submits.")
@@ -338,6 +381,7 @@ class Settings(BaseSettings):
     threshold_autoscaling: ThresholdParams = Field(
         ThresholdParams(), description="Llumnix's avg-freeness threshold autoscaler (baseline)."
     )
+    autoscaler: AutoscalerSettings = AutoscalerSettings()
     migration: MigrationSettings = MigrationSettings()
     memory: MemorySettings = MemorySettings()
     reliability: ReliabilitySettings = ReliabilitySettings()

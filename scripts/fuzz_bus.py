@@ -134,6 +134,8 @@ async def run(messages: int, seed: int, verbose: bool = False) -> int:
         subjects.admin("migrate"),
         subjects.admin("drain"),
         subjects.admin("policy"),
+        subjects.admin("scale"),
+        subjects.admin("autoscale"),
     ]
     failures = 0
     try:

@@ -98,7 +98,8 @@ class SubmitRequest(_Msg, frozen=True, tag="submit"):
     client_id: str = ""
     stream_text: bool = True  # also send decoded text in each chunk
     # v2: seconds from arrival at the control plane after which generation stops (DEADLINE_EXCEEDED);
-    # relative, so clocks of client and control plane need not agree. None: no deadline.
+    # relative, so clocks of client and control plane need not agree. None: no deadline. A batch request's
+    # deadline is also what the autoscaler plans for (None: autoscaling.slo.batch_deadline_s, not enforced).
     deadline_s: float | None = None
     # v2: the client answers liveness probes on subjects.alive(reply_to); without an answer for
     # lifecycle.client_gone_after_s the request is aborted (CLIENT_GONE). False: never probed.
@@ -231,6 +232,20 @@ class EngineMemory(msgspec.Struct, frozen=True, kw_only=True):
     group_members: list[str] = []  # the leader's view, leader first
 
 
+class LocalReport(msgspec.Struct, frozen=True, kw_only=True):
+    """The instance's local autoscaler (Chiron's lower level), reported upward in every heartbeat."""
+
+    batch_limit: int  # requests the instance admits at once (EngineActor admission)
+    capacity: int  # SLO-safe concurrent requests (the limit, or fewer when KV memory binds)
+    backpressure: float  # (running + waiting) / capacity, or ITL / SLO when larger; >= 1: full at SLO
+    held: int = 0  # requests held back by the admission limit (counted in load.num_waiting too)
+    num_interactive: int = 0  # requests here (admitted or held) by class
+    num_batch: int = 0
+    itl_s: float = 0.0  # mean inter-token gap over the last window
+    tokens_per_s: float = 0.0  # output tokens per second over the last window
+    reason: str = ""  # the last local decision
+
+
 class InstanceHeartbeat(_Msg, frozen=True, tag="heartbeat"):
     info: EngineInfo
     load: InstanceLoad
@@ -240,6 +255,8 @@ class InstanceHeartbeat(_Msg, frozen=True, tag="heartbeat"):
     state: str = "serving"  # "starting" | "serving" | "draining" | "stopping"
     can_migrate: bool = False  # the engine implements live migration
     memory: EngineMemory | None = None  # engines that can drop layers report it
+    role: str = "mixed"  # "interactive" | "mixed" | "batch" (Chiron instance roles; mixed serves both classes)
+    local: LocalReport | None = None  # None: the engine runs no local autoscaler
 
 
 class EngineAdd(_Msg, frozen=True, tag="engine_add"):
@@ -456,6 +473,80 @@ class StatusReply(_Msg, frozen=True, tag="status"):
     groups: list[GroupStatus] = []  # KunServe groups (parameter-centric memory)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Autoscaling (operators -> AutoscalerActor)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ScaleCommand(_Msg, frozen=True, tag="scale"):
+    """Operator -> autoscaler: run ``count`` instances of ``role`` (a manual override pinning that role's
+    min and max); ``auto`` gives the role back to the autoscaler's configured limits."""
+
+    role: str
+    count: int = 0
+    auto: bool = False
+    operator: str = ""  # who asked (audit log)
+
+
+class SetInstanceRole(_Msg, frozen=True, tag="set_role"):
+    """Autoscaler -> engine: serve as ``role`` from now on (a relabel; the local autoscaler's SLO check and
+    the heartbeat follow it)."""
+
+    role: str
+
+
+class AutoscaleStatusQuery(_Msg, frozen=True, tag="autoscale_status_query"):
+    pass
+
+
+class RoleScaleStatus(msgspec.Struct, frozen=True, kw_only=True):
+    role: str
+    instances: int  # active (serving, not draining)
+    starting: int
+    draining: int
+    target: int  # the last plan's target
+    min_instances: int
+    max_instances: int
+    pinned: bool = False  # `drover scale` holds it
+
+
+class InstanceScaleStatus(msgspec.Struct, frozen=True, kw_only=True):
+    instance_id: str
+    role: str
+    state: str  # starting | active | draining
+    owned: bool  # the provisioner started it (the autoscaler may stop it)
+    batch_limit: int = 0
+    capacity: int = 0
+    backpressure: float = 0.0
+    num_interactive: int = 0
+    num_batch: int = 0
+    tokens_per_s: float = 0.0
+    local_reason: str = ""
+
+
+class ScaleEventInfo(msgspec.Struct, frozen=True, kw_only=True):
+    at: float  # time.time()
+    action: str  # start | ready | drain | stop | relabel | decision | manual
+    instance_id: str = ""
+    role: str = ""
+    reason: str = ""
+
+
+class AutoscaleStatusReply(_Msg, frozen=True, tag="autoscale_status"):
+    enabled: bool
+    provisioner: str
+    period_s: float
+    startup_estimate_s: float
+    startup_samples: list[float] = []
+    roles: list[RoleScaleStatus] = []
+    instances: list[InstanceScaleStatus] = []
+    inputs: dict[str, float] = {}  # the global level's inputs at the last decision
+    last_reason: str = ""
+    last_decision_at: float = 0.0  # time.time(); 0: none yet
+    batch_queue: int = 0
+    events: list[ScaleEventInfo] = []  # the most recent scale events, oldest first
+
+
 # The union every receiver decodes. Append new kinds at the end.
 Message: TypeAlias = (
     SubmitRequest
@@ -483,6 +574,10 @@ Message: TypeAlias = (
     | GroupCommand
     | GroupReply
     | MemoryCommand
+    | ScaleCommand
+    | AutoscaleStatusQuery
+    | AutoscaleStatusReply
+    | SetInstanceRole
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -163,7 +163,8 @@ async def test_scheduler_restarted_by_supervisor_keeps_serving(
             break
         await asyncio.sleep(0.05)
     assert control.scheduler.alive and control.scheduler.ref is not old
-    assert control.supervisor.ask(GetStatus()) == {"scheduler": "running", "migrator": "running"}
+    expected = {"scheduler": "running", "migrator": "running", "autoscaler": "running"}
+    assert control.supervisor.ask(GetStatus()) == expected
     await client.wait_for_instances(2, timeout_s=10)  # the new scheduler relearns instances from heartbeats
     result = await client.generate("after restart", max_tokens=6)
     assert len(result.token_ids) == 6

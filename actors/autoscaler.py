@@ -1,0 +1,392 @@
+"""AutoscalerActor: Chiron's global autoscaler, live. Sizes the instance pool per role from the instances'
+backpressure, the interactive arrival rate and the batch deadlines, by the same pure :func:`plan_scaling`
+the simulator runs.
+
+Every tick (``min(1 s, [autoscaling] period_s)``) it asks the scheduler for a :class:`ClusterSnapshot`
+(tell + reply message, never a blocking ask); when the answer arrives it
+
+* marks provisioned instances that now heartbeat as ready (the provisioner measures their start-up, and the
+  estimate replaces ``startup_s`` in the parameters the next plan uses),
+* stops drained instances it owns once they are empty (and, past ``[autoscaler] drain_timeout_s``, anyway),
+* every ``period_s``, when enabled: plans, then starts instances through the :class:`Provisioner`, drains
+  victims by the scheduler's drain-by-migration path (``DrainCommand``), and relabels roles (``SetRole``).
+
+``drover scale ROLE N`` pins the role's min and max to N (the periodic plan then keeps it there) and acts at
+once on a fresh snapshot: starts or drains the difference. ``drover scale ROLE --auto`` unpins.
+Instances the provisioner did not start (e.g. ``drover up``'s) count as capacity but are never drained by
+the autoscaler: it could not stop them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import pykka
+
+from actors.request_classes import ClusterSnapshot, GetClusterView, SetRole
+from actors.supervisor import SupervisedActor
+from control.policy.autoscaling import (
+    ROLES,
+    AutoscaleParams,
+    ClusterView,
+    InstanceLoad,
+    InstanceRole,
+    PerRole,
+    ScalingPlan,
+    ScalingState,
+    plan_scaling,
+)
+from control.provisioning import Provisioner
+from control.settings import Settings
+from transport import subjects
+from transport.bus import Bus, Envelope
+from transport.messages import (
+    AdminReply,
+    AutoscaleStatusQuery,
+    AutoscaleStatusReply,
+    DrainCommand,
+    ErrorCode,
+    InstanceScaleStatus,
+    RoleScaleStatus,
+    ScaleCommand,
+    ScaleEventInfo,
+    SetInstanceRole,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Tick:
+    """Internal timer message."""
+
+
+@dataclasses.dataclass(slots=True)
+class _Draining:
+    since: float  # time.monotonic()
+    reason: str
+
+
+class AutoscalerActor(SupervisedActor):
+    def __init__(
+        self,
+        bus: Bus,
+        settings: Settings,
+        scheduler: Any,  # an ActorSlot or ActorRef: .tell(GetClusterView | SetRole | Envelope)
+        provisioner: Provisioner,
+        supervisor: pykka.ActorRef[Any] | None = None,
+        name: str = "autoscaler",
+    ) -> None:
+        super().__init__(supervisor, name)
+        self.bus = bus
+        self.settings = settings
+        self.scheduler = scheduler
+        self.provisioner = provisioner
+        self.enabled = settings.autoscaler.enabled
+        self.base_params: AutoscaleParams = settings.autoscaling
+        self.pins: dict[InstanceRole, int] = {}
+        self.state = ScalingState()
+        self.draining: dict[str, _Draining] = {}
+        self.last_plan: ScalingPlan | None = None
+        self.last_plan_at = 0.0  # time.time()
+        self.last_plan_mono = -float("inf")
+        self.last_snapshot: ClusterSnapshot | None = None
+        self.last_view: ClusterView | None = None
+        self.pending_manual: list[tuple[ScaleCommand, str]] = []
+        self.events: deque[ScaleEventInfo] = deque(maxlen=settings.autoscaler.events_kept)
+        self._timer: threading.Timer | None = None
+        self._stopping = False
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+    @property
+    def tick_s(self) -> float:
+        return min(1.0, self.base_params.period_s)
+
+    def on_start(self) -> None:
+        self.actor_ref.tell(_Tick())
+
+    def on_stop(self) -> None:
+        self._stopping = True
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _schedule_tick(self) -> None:
+        if self._stopping:
+            return
+        ref = self.actor_ref
+
+        def fire() -> None:
+            with contextlib.suppress(pykka.ActorDeadError):
+                ref.tell(_Tick())
+
+        self._timer = threading.Timer(self.tick_s, fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    # ------------------------------------------------------------------------------------------- messages
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, _Tick):
+            due = self.enabled and time.monotonic() - self.last_plan_mono >= self.base_params.period_s
+            if due:
+                self.last_plan_mono = time.monotonic()
+            # Only a "plan" view consumes the scheduler's rate counters: they then cover one whole period.
+            self.scheduler.tell(GetClusterView(self.actor_ref, "plan" if due else "watch"))
+            self._schedule_tick()
+        elif isinstance(message, ClusterSnapshot):
+            self._on_snapshot(message)
+        elif isinstance(message, Envelope):
+            self._on_envelope(message)
+        return None
+
+    def _on_envelope(self, envelope: Envelope) -> None:
+        message = envelope.message
+        if isinstance(message, ScaleCommand):
+            problem = self._check_scale(message)
+            if problem:
+                log.warning("scale command refused: %s", problem)
+                self.bus.reply_error(envelope.reply, ErrorCode.INVALID_REQUEST, problem)
+                return
+            self.pending_manual.append((message, envelope.reply))
+            self.scheduler.tell(GetClusterView(self.actor_ref, "manual"))
+        elif isinstance(message, AutoscaleStatusQuery):
+            if envelope.reply:
+                self.bus.publish(envelope.reply, self.status())
+        else:
+            self.bus.reply_error(
+                envelope.reply, ErrorCode.INVALID_REQUEST, f"the autoscaler does not take {type(message).__name__}"
+            )
+
+    def _check_scale(self, command: ScaleCommand) -> str:
+        if command.role not in ROLES:
+            return f"unknown role {command.role!r}; roles: {', '.join(ROLES)}"
+        if command.auto:
+            return ""
+        limit = self.base_params.max_total
+        if not 0 <= command.count <= limit:
+            return f"count must be in 0..{limit} (autoscaling.max_total)"
+        if command.role == "interactive" and command.count == 0 and not self._other_capable(command.role):
+            return "0 interactive instances would leave no instance for interactive requests (scale mixed up first)"
+        return ""
+
+    def _other_capable(self, role: str) -> bool:
+        other: InstanceRole = "mixed" if role == "interactive" else "interactive"
+        return self.pins.get(other, self.base_params.min_instances[other]) > 0
+
+    # ------------------------------------------------------------------------------------------- parameters
+    def params(self) -> AutoscaleParams:
+        """Configured parameters with pins applied and the measured start-up time."""
+        mins, maxs = self.base_params.min_instances, self.base_params.max_instances
+        for role, count in self.pins.items():
+            mins, maxs = mins.with_role(role, count), maxs.with_role(role, count)
+        startup = self.provisioner.startup_estimate_s(self.base_params.startup_s)
+        return dataclasses.replace(self.base_params, min_instances=mins, max_instances=maxs, startup_s=startup)
+
+    # ------------------------------------------------------------------------------------------- snapshots
+    def _on_snapshot(self, snapshot: ClusterSnapshot) -> None:
+        self.last_snapshot = snapshot
+        seen = {load.instance_id for load in snapshot.view.instances}
+        owned = {p.instance_id: p for p in self.provisioner.instances()}
+        for iid, inst in owned.items():
+            if iid in seen and inst.ready_at is None:
+                seconds = self.provisioner.mark_ready(iid, snapshot.first_seen.get(iid))
+                if seconds is not None:
+                    self._event("ready", iid, inst.role, f"start-up {seconds:.1f} s")
+        self._stop_drained(snapshot, owned)
+        view = self._full_view(snapshot, owned)
+        self.last_view = view
+        for command, reply in self.pending_manual:
+            self._manual(command, reply, view, owned)
+        self.pending_manual.clear()
+        if snapshot.purpose == "plan" and self.enabled:
+            self._plan(view, owned)
+
+    def _full_view(self, snapshot: ClusterSnapshot, owned: dict[str, Any]) -> ClusterView:
+        """The scheduler's view plus instances still starting (asked for, no heartbeat yet), minus the ones
+        being stopped."""
+        seen = {load.instance_id for load in snapshot.view.instances}
+        stopping = {iid for iid, p in owned.items() if p.stopping}
+        loads = [
+            load if load.instance_id not in self.draining else dataclasses.replace(load, state="draining")
+            for load in snapshot.view.instances
+            if load.instance_id not in stopping
+        ]
+        now = snapshot.view.now
+        for iid, p in owned.items():
+            if iid not in seen and not p.stopping and p.ready_at is None:
+                loads.append(InstanceLoad(instance_id=iid, role=p.role, state="starting", started_at=p.requested_at))
+        started = {iid: p.requested_at for iid, p in owned.items()}
+        loads = [dataclasses.replace(x, started_at=started.get(x.instance_id, x.started_at)) for x in loads]
+        return dataclasses.replace(snapshot.view, instances=tuple(loads), now=now)
+
+    def _stop_drained(self, snapshot: ClusterSnapshot, owned: dict[str, Any]) -> None:
+        now = time.monotonic()
+        timeout = self.settings.autoscaler.drain_timeout_s
+        for iid, draining in list(self.draining.items()):
+            if iid not in owned:
+                self.draining.pop(iid)
+                continue
+            if iid in snapshot.empty or now - draining.since > timeout:
+                why = "drained" if iid in snapshot.empty else f"still busy after {timeout:.0f} s of draining"
+                self.provisioner.stop(iid)
+                self.draining.pop(iid)
+                self._event("stop", iid, owned[iid].role, why)
+
+    # ------------------------------------------------------------------------------------------- acting
+    def _plan(self, view: ClusterView, owned: dict[str, Any]) -> None:
+        params = self.params()
+        plan = plan_scaling(view, self.state, params)
+        self.state = plan.state
+        self.last_plan, self.last_plan_at = plan, time.time()
+        if plan.acts:
+            self._event("decision", "", "", plan.reason)
+            log.info("autoscaler: %s", plan.reason)
+        for change in plan.convert:
+            self.scheduler.tell(SetRole(change.instance_id, change.to_role))
+            self.bus.publish(subjects.engine(change.instance_id), SetInstanceRole(role=change.to_role))
+            self._event("relabel", change.instance_id, change.to_role, f"{change.from_role} -> {change.to_role}")
+        for iid in plan.drain:
+            self._drain(iid, view, owned, "plan")
+        for role in ROLES:
+            for _ in range(plan.start[role]):
+                self._start(role, "plan")
+
+    def _start(self, role: InstanceRole, why: str) -> str | None:
+        try:
+            iid = self.provisioner.start(role)
+        except Exception as exc:
+            log.error("could not start a %s instance: %r", role, exc)
+            self._event("start-failed", "", role, repr(exc))
+            return None
+        self._event("start", iid, role, why)
+        return iid
+
+    def _drain(self, iid: str, view: ClusterView, owned: dict[str, Any], why: str) -> bool:
+        if iid not in owned:
+            log.info("autoscaler: %s was not started by the provisioner; not draining it", iid)
+            return False
+        load = next((x for x in view.instances if x.instance_id == iid), None)
+        if load is not None and load.state == "starting":  # nothing to move: stop it now
+            self.provisioner.stop(iid)
+            self._event("stop", iid, owned[iid].role, f"{why}: not needed before it started")
+            return True
+        if iid in self.draining:
+            return False
+        self.draining[iid] = _Draining(time.monotonic(), why)
+        self.scheduler.tell(Envelope(subject=subjects.admin("drain"), message=DrainCommand(instance_id=iid)))
+        self._event("drain", iid, owned[iid].role, why)
+        return True
+
+    def _manual(self, command: ScaleCommand, reply: str, view: ClusterView, owned: dict[str, Any]) -> None:
+        role: InstanceRole = command.role  # type: ignore[assignment]
+        if command.auto:
+            self.pins.pop(role, None)
+            self.state = dataclasses.replace(self.state, history=())
+            self._event("manual", "", role, "back to automatic limits")
+            self.bus.publish(reply, AdminReply(ok=True, message=f"{role}: automatic"))
+            return
+        self.pins[role] = command.count
+        self.state = dataclasses.replace(self.state, history=())  # the pin replaces the scale-in window
+        live = [x for x in view.instances if x.role == role and x.state != "draining"]
+        started: list[str] = []
+        drained: list[str] = []
+        if command.count > len(live):
+            for _ in range(command.count - len(live)):
+                iid = self._start(role, f"drover scale {role} {command.count}")
+                if iid is not None:
+                    started.append(iid)
+        elif command.count < len(live):
+            order = sorted(
+                live, key=lambda x: (x.instance_id not in owned, x.state != "starting", x.num_requests, -x.started_at)
+            )
+            for load in order:
+                if len(live) - len(drained) <= command.count:
+                    break
+                if self._drain(load.instance_id, view, owned, f"drover scale {role} {command.count}"):
+                    drained.append(load.instance_id)
+        short = len(live) - len(drained) - command.count if command.count < len(live) else 0
+        text = f"{role}: {len(live)} -> {command.count}"
+        if short > 0:
+            text += f" ({short} not started by the provisioner cannot be removed)"
+        self._event("manual", "", role, text)
+        self.bus.publish(reply, AdminReply(ok=True, message=text, details={"started": started, "draining": drained}))
+
+    def _event(self, action: str, instance_id: str, role: str, reason: str) -> None:
+        self.events.append(
+            ScaleEventInfo(at=time.time(), action=action, instance_id=instance_id, role=role, reason=reason)
+        )
+
+    # ------------------------------------------------------------------------------------------- status
+    def status(self) -> AutoscaleStatusReply:
+        params = self.params()
+        view = self.last_view
+        loads = view.instances if view is not None else ()
+        owned = {p.instance_id for p in self.provisioner.instances()}
+        targets = self.last_plan.targets if self.last_plan is not None else PerRole.of(0)
+        roles = [
+            RoleScaleStatus(
+                role=role,
+                instances=sum(1 for x in loads if x.role == role and x.state == "active"),
+                starting=sum(1 for x in loads if x.role == role and x.state == "starting"),
+                draining=sum(1 for x in loads if x.role == role and x.state == "draining"),
+                target=targets[role],
+                min_instances=params.min_instances[role],
+                max_instances=params.max_instances[role],
+                pinned=role in self.pins,
+            )
+            for role in ROLES
+        ]
+        local = self.last_snapshot.local if self.last_snapshot is not None else {}
+        instances = [
+            InstanceScaleStatus(
+                instance_id=x.instance_id,
+                role=x.role,
+                state=x.state,
+                owned=x.instance_id in owned,
+                batch_limit=x.batch_limit,
+                capacity=x.capacity,
+                backpressure=x.backpressure,
+                num_interactive=x.num_interactive,
+                num_batch=x.num_batch,
+                tokens_per_s=x.tokens_per_s,
+                local_reason=local[x.instance_id].reason if x.instance_id in local else "",
+            )
+            for x in sorted(loads, key=lambda x: x.instance_id)
+        ]
+        inputs: dict[str, float] = {}
+        if view is not None:
+            inputs.update(
+                interactive_rate=view.interactive_rate,
+                interactive_service_s=view.interactive_service_s,
+                pending_interactive=float(view.pending_interactive),
+                queued_interactive=float(view.queued_interactive),
+                batch_requests=float(sum(g.num_requests for g in view.batch)),
+                batch_tokens=float(sum(g.tokens for g in view.batch)),
+            )
+        if self.last_plan is not None:
+            est = self.last_plan.estimate
+            inputs.update(
+                interactive_demand=est.interactive_demand,
+                slots_per_instance=est.slots_per_instance,
+                batch_tokens_per_s=est.batch_tokens_per_s,
+                tokens_per_instance_s=est.tokens_per_instance_s,
+            )
+        return AutoscaleStatusReply(
+            enabled=self.enabled,
+            provisioner=self.provisioner.name,
+            period_s=params.period_s,
+            startup_estimate_s=params.startup_s,
+            startup_samples=self.provisioner.startup_samples(),
+            roles=roles,
+            instances=instances,
+            inputs=inputs,
+            last_reason=self.last_plan.reason if self.last_plan is not None else "",
+            last_decision_at=self.last_plan_at,
+            batch_queue=self.last_snapshot.batch_queue if self.last_snapshot is not None else 0,
+            events=list(self.events),
+        )

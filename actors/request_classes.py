@@ -1,0 +1,360 @@
+"""Request classes in the scheduler (Chiron): interactive vs batch, instance roles, the global batch queue,
+and the cluster view the AutoscalerActor plans from.
+
+The SchedulerActor owns one :class:`RequestClasses` and calls it from a few hooks (heartbeat, submit,
+dispatch, tick, request end); everything here runs on the scheduler's thread. The decisions are the pure
+policy functions of ``control/policy/autoscaling.py`` the simulator runs too: :func:`route_class` picks an
+interactive request's instance by role, :func:`batch_release` places the head of the global batch queue
+(earliest deadline first) into batch and mixed instances' spare slots.
+
+With class dispatch off (``[autoscaler] class_dispatch``, default: on exactly when the autoscaler is
+enabled) every request is dispatched by the scheduler's dispatch policy as before; the counters the
+autoscaler reads (arrivals, service times, deadlines) are kept either way.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from control.policy.autoscaling import (
+    ROLES,
+    AutoscaleParams,
+    ClusterView,
+    InstanceLoad,
+    InstanceRole,
+    QueuedBatch,
+    RunningBatch,
+    batch_groups,
+    batch_queue_key,
+    batch_release,
+    batch_spare,
+    batch_victims,
+    instance_slots,
+    route_class,
+)
+from control.settings import Settings
+from transport import subjects
+from transport.messages import InstanceHeartbeat, LocalReport, RequestClass
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Messages between the AutoscalerActor and the SchedulerActor (in-process, pykka tell)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GetClusterView:
+    """Autoscaler -> scheduler: answer with a :class:`ClusterSnapshot` told to ``reply_to``."""
+
+    reply_to: Any  # a pykka ActorRef (or anything with .tell)
+    purpose: str = "plan"
+    """"plan": a scaling decision follows (the rate counters are consumed); "watch" or "manual": not."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSnapshot:
+    """Scheduler -> autoscaler: the cluster as the global autoscaler sees it, plus what it needs to act."""
+
+    view: ClusterView
+    purpose: str
+    empty: frozenset[str]
+    """Instances with nothing running, waiting or held, and no request assigned in the scheduler."""
+    local: Mapping[str, LocalReport]
+    batch_queue: int
+    first_seen: Mapping[str, float]
+    """When each instance's first heartbeat arrived (time.monotonic()): the end of its start-up."""
+
+
+@dataclass(frozen=True, slots=True)
+class SetRole:
+    """Autoscaler -> scheduler: treat ``instance_id`` as ``role`` from now on (a RoleChange of the plan)."""
+
+    instance_id: str
+    role: InstanceRole
+
+
+class _InstanceRecord(Protocol):
+    info: Any
+    load: Any
+    state: str
+    draining: bool
+    drain_requested: bool
+
+
+class _RequestRecord(Protocol):
+    submit: Any
+    request_id: str
+    prompt_token_ids: list[int]
+    instance_id: str | None
+    state: str
+
+
+def class_dispatch_enabled(settings: Settings) -> bool:
+    auto = settings.autoscaler
+    return auto.enabled if auto.class_dispatch is None else auto.class_dispatch
+
+
+class RequestClasses:
+    """The scheduler's request-class state (see the module docstring)."""
+
+    def __init__(self, settings: Settings, evict: Callable[[str, str], None] | None = None) -> None:
+        self.params: AutoscaleParams = settings.autoscaling
+        self.evict = evict or (lambda instance_id, request_id: None)
+        """Stops a batch request on an instance (EngineAbort reason "evicted"); it comes back through
+        :meth:`requeue_batch` with what its client already has."""
+        self.evicting: set[str] = set()
+        self.enabled = class_dispatch_enabled(settings)
+        self.reported_roles: dict[str, InstanceRole] = {}
+        self.role_overrides: dict[str, InstanceRole] = {}
+        self.local: dict[str, LocalReport] = {}
+        self.first_seen: dict[str, float] = {}
+        self.batch_queue: list[tuple[float, float, str]] = []  # batch_queue_key order
+        self.deadlines: dict[str, tuple[float, int]] = {}  # unfinished batch request -> (deadline, tokens)
+        self.dispatched_at: dict[str, float] = {}  # interactive request -> dispatch time (monotonic)
+        self.batch_admitted_at: dict[str, float] = {}  # running batch request -> dispatch time (monotonic)
+        self.prompt_tokens_in: dict[str, int] = {}  # instance -> prompt tokens dispatched since the last view
+        self.arrivals = 0
+        self.service_samples: list[float] = []
+        self.last_view_at = time.monotonic()
+        self.service_s = 0.0
+
+    # ------------------------------------------------------------------------------------------- hooks
+    def handles(self, message: object) -> bool:
+        return isinstance(message, GetClusterView | SetRole)
+
+    def on_message(
+        self, message: object, instances: Mapping[str, Any], requests: Mapping[str, Any], queued: int
+    ) -> None:
+        if isinstance(message, SetRole):
+            if message.role in ROLES:
+                self.role_overrides[message.instance_id] = message.role
+                log.info("instance %s now serves as %s", message.instance_id, message.role)
+        elif isinstance(message, GetClusterView):
+            message.reply_to.tell(self.snapshot(instances, requests, queued, message.purpose))
+
+    def on_heartbeat(self, beat: InstanceHeartbeat) -> None:
+        iid = beat.info.instance_id
+        self.first_seen.setdefault(iid, time.monotonic())
+        role = beat.role if beat.role in ROLES else "mixed"
+        self.reported_roles[iid] = role
+        if beat.local is not None:
+            self.local[iid] = beat.local
+
+    def hold(self, record: _RequestRecord) -> bool:
+        """A new request arrived. True: it is a batch request and waits in the global batch queue."""
+        submit = record.submit
+        now = time.monotonic()
+        if submit.request_class != RequestClass.BATCH:
+            self.arrivals += 1
+            return False
+        deadline_s = submit.deadline_s if submit.deadline_s is not None else self.params.slo.batch_deadline_s
+        deadline = now + max(0.0, deadline_s)
+        self.deadlines[record.request_id] = (deadline, len(record.prompt_token_ids) + submit.sampling.max_tokens)
+        if not self.enabled:
+            return False
+        heapq.heappush(self.batch_queue, batch_queue_key(deadline, now, record.request_id))
+        return True
+
+    def route(self, record: _RequestRecord, instances: Mapping[str, Any], requests: Mapping[str, Any]) -> str | None:
+        """Where an interactive request goes by Chiron's role rule; None: hold it in the scheduler's queue
+        (no active instance, or every interactive-capable one is full at its SLO-safe capacity: the queue
+        is the backlog the global autoscaler scales out for, and it goes to the first instance with room,
+        a new one included)."""
+        loads = self.loads(instances, requests)
+        decision = route_class(str(record.submit.request_class), loads, self.params)
+        if decision.instance_id is None:
+            return None
+        chosen = next(load for load in loads if load.instance_id == decision.instance_id)
+        evictable = self._evictable(decision.instance_id, instances, requests)
+        evict = min(decision.preempt_batch, len(evictable))
+        if decision.overflow and not evict and chosen.num_requests >= instance_slots(chosen, self.params):
+            return None
+        for victim in batch_victims(evictable, evict):
+            log.info("evicting batch request %s from %s for %s", victim, decision.instance_id, record.request_id)
+            self.evicting.add(victim)
+            self.evict(decision.instance_id, victim)
+        return decision.instance_id
+
+    def _evictable(
+        self, instance_id: str, instances: Mapping[str, Any], requests: Mapping[str, Any]
+    ) -> list[RunningBatch]:
+        """Batch requests running there that can come back where they left off (their client's inbox is
+        under the output stream, as for failover)."""
+        num_tokens = {r.request_id: r.num_tokens for r in instances[instance_id].load.running}
+        return [
+            RunningBatch(
+                rec.request_id,
+                max(0, num_tokens.get(rec.request_id, 0) - len(rec.prompt_token_ids)),
+                self.batch_admitted_at.get(rec.request_id, 0.0),
+            )
+            for rec in requests.values()
+            if rec.instance_id == instance_id
+            and rec.state == "running"
+            and rec.submit.request_class == RequestClass.BATCH
+            and rec.request_id not in self.evicting
+            and rec.submit.reply_to.startswith(subjects.INBOX_ROOT + ".")
+        ]
+
+    def on_evicted(self, request_id: str) -> bool:
+        """The engine let an evicted request go: True when the scheduler should recover it (read back what
+        its client has, then :meth:`requeue_batch`)."""
+        self.batch_admitted_at.pop(request_id, None)
+        if request_id not in self.evicting:
+            return False
+        self.evicting.discard(request_id)
+        return True
+
+    def release(self, instances: Mapping[str, Any], requests: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """Batch requests to dispatch now: (request id, instance id), by :func:`batch_release`."""
+        while self.batch_queue and self.batch_queue[0][2] not in requests:  # cancelled while queued
+            heapq.heappop(self.batch_queue)
+        if not self.batch_queue:
+            return []
+        loads = self.loads(instances, requests)
+        spare = sum(batch_spare(load, self.params) for load in loads)
+        if spare <= 0:
+            return []
+        head = [heapq.heappop(self.batch_queue) for _ in range(min(spare, len(self.batch_queue)))]
+        queued = [
+            QueuedBatch(rid, deadline, self.deadlines.get(rid, (0.0, 0))[1])
+            for deadline, _, rid in head
+            if rid in requests
+        ]
+        placed = {a.request_id: a.instance_id for a in batch_release(queued, loads, self.params)}
+        for entry in head:
+            if entry[2] in requests and entry[2] not in placed:
+                heapq.heappush(self.batch_queue, entry)
+        return list(placed.items())
+
+    def requeue_batch(self, record: _RequestRecord) -> bool:
+        """A batch request reached dispatch without a placement (a failover resume): back to the global
+        batch queue, which places it. False for an interactive request."""
+        if record.submit.request_class != RequestClass.BATCH:
+            return False
+        if all(entry[2] != record.request_id for entry in self.batch_queue):
+            self.requeue(record.request_id)
+        return True
+
+    def requeue(self, request_id: str) -> None:
+        """A released batch request could not be dispatched after all: back to the queue."""
+        deadline, _ = self.deadlines.get(request_id, (time.monotonic(), 0))
+        heapq.heappush(self.batch_queue, batch_queue_key(deadline, time.monotonic(), request_id))
+
+    def on_dispatched(self, record: _RequestRecord, instance_id: str) -> None:
+        if record.submit.request_class == RequestClass.BATCH:
+            self.batch_admitted_at[record.request_id] = time.monotonic()
+        elif record.request_id not in self.dispatched_at:
+            self.dispatched_at[record.request_id] = time.monotonic()
+        self.prompt_tokens_in[instance_id] = self.prompt_tokens_in.get(instance_id, 0) + len(record.prompt_token_ids)
+
+    def on_ended(self, request_id: str) -> None:
+        self.deadlines.pop(request_id, None)
+        self.batch_admitted_at.pop(request_id, None)
+        self.evicting.discard(request_id)
+        started = self.dispatched_at.pop(request_id, None)
+        if started is not None:
+            self.service_samples.append(time.monotonic() - started)
+
+    # ------------------------------------------------------------------------------------------- views
+    def role_of(self, instance_id: str) -> InstanceRole:
+        return self.role_overrides.get(instance_id) or self.reported_roles.get(instance_id, "mixed")
+
+    def loads(self, instances: Mapping[str, Any], requests: Mapping[str, Any]) -> list[InstanceLoad]:
+        """Every known instance as the autoscaling policies read it; request counts come from the scheduler's
+        own table, so they include dispatches the instance has not reported yet."""
+        counts: dict[str, list[int]] = {}
+        for rec in requests.values():
+            if rec.instance_id is not None and rec.state == "running":
+                slot = counts.setdefault(rec.instance_id, [0, 0])
+                slot[rec.submit.request_class == RequestClass.BATCH] += 1
+        out = []
+        for iid, rec in instances.items():
+            local = self.local.get(iid)
+            n_int, n_batch = counts.get(iid, [0, 0])
+            draining = rec.drain_requested or rec.draining or rec.state != "serving"
+            load = rec.load
+            capacity = local.capacity if local is not None else 0
+            slots = capacity or load.batch_limit or self.params.local.initial_batch
+            backpressure = (
+                local.backpressure if local is not None else (load.num_running + load.num_waiting) / max(1, slots)
+            )
+            out.append(
+                InstanceLoad(
+                    instance_id=iid,
+                    role=self.role_of(iid),
+                    state="draining" if draining else "active",
+                    batch_limit=local.batch_limit if local is not None else load.batch_limit,
+                    capacity=capacity,
+                    num_interactive=n_int,
+                    num_batch=n_batch,
+                    backpressure=backpressure,
+                    tokens_per_s=local.tokens_per_s if local is not None else 0.0,
+                )
+            )
+        return out
+
+    def snapshot(
+        self, instances: Mapping[str, Any], requests: Mapping[str, Any], queued: int, purpose: str
+    ) -> ClusterSnapshot:
+        now = time.monotonic()
+        window = max(1e-3, now - self.last_view_at)
+        for table in (self.deadlines, self.dispatched_at, self.batch_admitted_at):  # cancelled or failed
+            for gone in [rid for rid in table if rid not in requests]:
+                table.pop(gone)
+        tick = purpose == "plan"  # only a view the autoscaler plans from consumes the rate counters
+        loads = []
+        for load in self.loads(instances, requests):  # work tokens: output (measured) + prompts dispatched
+            prompt = self.prompt_tokens_in.pop(load.instance_id, 0) if tick else 0
+            loads.append(_with_tokens(load, load.tokens_per_s + prompt / window))
+        if tick and self.service_samples:
+            self.service_s = sum(self.service_samples) / len(self.service_samples)
+            self.service_samples.clear()
+        assigned = {rec.instance_id for rec in requests.values() if rec.instance_id is not None}
+        empty = frozenset(
+            iid
+            for iid, rec in instances.items()
+            if iid not in assigned and rec.load.num_running == 0 and rec.load.num_waiting == 0
+        )
+        pending_interactive = sum(
+            1 for rec in requests.values() if rec.state == "queued" and rec.submit.request_class != RequestClass.BATCH
+        )
+        queued_interactive = sum(
+            min(instances[load.instance_id].load.num_waiting, load.num_interactive) for load in loads
+        )
+        view = ClusterView(
+            now=now,
+            instances=tuple(loads),
+            interactive_rate=self.arrivals / window if tick else 0.0,
+            interactive_service_s=self.service_s,
+            pending_interactive=pending_interactive,
+            queued_interactive=queued_interactive,
+            batch=batch_groups(self.deadlines.values()),
+        )
+        if tick:
+            self.arrivals, self.last_view_at = 0, now
+        for gone in (set(self.local) | set(self.first_seen)) - set(instances):
+            self.first_seen.pop(gone, None)
+            self.local.pop(gone, None)
+            self.reported_roles.pop(gone, None)
+            self.role_overrides.pop(gone, None)
+        return ClusterSnapshot(
+            view=view,
+            purpose=purpose,
+            empty=empty,
+            local=dict(self.local),
+            batch_queue=len(self.batch_queue),
+            first_seen=dict(self.first_seen),
+        )
+
+
+def _with_tokens(load: InstanceLoad, tokens_per_s: float) -> InstanceLoad:
+    import dataclasses
+
+    return dataclasses.replace(load, tokens_per_s=tokens_per_s)
