@@ -61,10 +61,9 @@ class ControlPlane:
             restart_window_s=sup.restart_window_s,
         )
 
-        rel = self.settings.reliability
-        self.output_stream = self.bus.run(
-            ensure_output_stream(self.bus.nc, max_age_s=rel.output_retention_s, max_bytes=rel.output_max_bytes)
-        ).result(timeout=15)
+        self.output_stream = self.bus.run(self._ensure_output_stream()).result(timeout=15)
+        # A restarted single NATS node may come back without the (memory) stream: declare it again.
+        self.bus.on_reconnect(self._redeclare_output_stream)
         peers = self.peers
 
         def make_scheduler(parent: pykka.ActorRef[Any], name: str) -> pykka.ActorRef[Any]:
@@ -94,6 +93,16 @@ class ControlPlane:
         self._migration_ticker.start()
         log.info("control plane started")
         return self
+
+    async def _ensure_output_stream(self) -> bool:
+        rel = self.settings.reliability
+        self.output_stream = await ensure_output_stream(
+            self.bus.nc, max_age_s=rel.output_retention_s, max_bytes=rel.output_max_bytes, replicas=rel.output_replicas
+        )
+        return self.output_stream
+
+    def _redeclare_output_stream(self) -> None:
+        self.bus.run(self._ensure_output_stream())
 
     def _only(self, kinds: tuple[type, ...], slot: ActorSlot | None) -> Callable[[Envelope], Awaitable[None] | None]:
         """A handler that passes on the message kinds a subject carries and refuses any other kind."""

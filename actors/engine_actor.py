@@ -13,6 +13,7 @@ import concurrent.futures
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import pykka
@@ -34,6 +35,7 @@ from transport.messages import (
     ErrorCode,
     ErrorReply,
     InstanceHeartbeat,
+    Message,
     MigrateIn,
     MigrateInReply,
     MigrateOut,
@@ -63,6 +65,8 @@ class _Stream:
     index: int  # next output index to send
     migrated_out: bool = False
     last_sent_at: float = 0.0  # time.perf_counter() of the last chunk (inter-token metric)
+    sent: list[Message] = field(default_factory=list)  # every chunk (and the final reply), for re-sending
+    ended_at: float = 0.0  # time.monotonic() when the request left this engine
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +77,9 @@ class _Ended:
 
 
 class EngineActor(pykka.ThreadingActor):
-    def __init__(self, bus: Bus, engine: Engine, tokenizer: Tokenizer) -> None:
+    def __init__(self, bus: Bus, engine: Engine, tokenizer: Tokenizer, *, resend_window_s: float = 30.0) -> None:
+        """``resend_window_s``: after a NATS reconnect, re-send what was streamed to clients this recently
+        (``reliability.resend_window_s``)."""
         super().__init__()
         self.bus = bus
         self.engine = engine
@@ -83,6 +89,9 @@ class EngineActor(pykka.ThreadingActor):
         self.draining = False
         self._streams: dict[str, _Stream] = {}  # loop-only
         self._migrations_out: dict[str, str] = {}  # migration id -> request id (loop-only)
+        self.resend_window_s = resend_window_s
+        self._ended: deque[_Stream] = deque()  # recently ended streams, oldest first (loop-only)
+        bus.on_reconnect(self._on_bus_reconnected)
 
     # ------------------------------------------------------------------------------------------- messages
     def on_receive(self, message: object) -> object:
@@ -194,9 +203,8 @@ class EngineActor(pykka.ThreadingActor):
                     break
         except EngineError as exc:
             finish_reason, error = "error", str(exc)
-            await self.bus.apublish(
-                add.reply_to,
-                ErrorReply(code=ErrorCode.INVALID_REQUEST, message=str(exc), request_id=add.request_id),
+            await self._send_final(
+                stream, ErrorReply(code=ErrorCode.INVALID_REQUEST, message=str(exc), request_id=add.request_id)
             )
         except asyncio.CancelledError:
             finish_reason = "abort"
@@ -204,9 +212,8 @@ class EngineActor(pykka.ThreadingActor):
         except Exception as exc:
             log.exception("engine %s failed request %s", self.instance_id, add.request_id)
             finish_reason, error = "error", f"engine failure: {exc}"
-            await self.bus.apublish(
-                add.reply_to,
-                ErrorReply(code=ErrorCode.ENGINE_FAILED, message=error, request_id=add.request_id),
+            await self._send_final(
+                stream, ErrorReply(code=ErrorCode.ENGINE_FAILED, message=error, request_id=add.request_id)
             )
         finally:
             now = time.time()
@@ -215,8 +222,8 @@ class EngineActor(pykka.ThreadingActor):
             if stream.migrated_out:
                 finish_reason = "migrated"
             if finish_reason not in ("error", "migrated"):
-                await self.bus.apublish(
-                    add.reply_to,
+                await self._send_final(
+                    stream,
                     RequestDone(
                         request_id=add.request_id,
                         finish_reason=finish_reason,
@@ -230,6 +237,9 @@ class EngineActor(pykka.ThreadingActor):
                         num_tokens=index,
                     ),
                 )
+            stream.ended_at = time.monotonic()
+            self._ended.append(stream)
+            self._forget_ended(stream.ended_at)
             await self.bus.apublish(
                 subjects.ENGINE_EVENTS,
                 EngineRequestEnded(
@@ -263,17 +273,43 @@ class EngineActor(pykka.ThreadingActor):
             gap = (now - stream.last_sent_at) / len(token_ids)
             metrics().observe_inter_token([gap] * len(token_ids), str(add.request_class))
         stream.last_sent_at = now
-        await self.bus.apublish(
-            add.reply_to,
-            TokenChunk(
-                request_id=add.request_id,
-                index=index,
-                token_ids=token_ids,
-                text=text,
-                instance_id=self.instance_id,
-                produced_at=time.time(),
-            ),
+        chunk = TokenChunk(
+            request_id=add.request_id,
+            index=index,
+            token_ids=token_ids,
+            text=text,
+            instance_id=self.instance_id,
+            produced_at=time.time(),
         )
+        stream.sent.append(chunk)
+        await self.bus.apublish(add.reply_to, chunk)
+
+    async def _send_final(self, stream: _Stream, message: Message) -> None:
+        stream.sent.append(message)
+        await self.bus.apublish(stream.add.reply_to, message)
+
+    # ------------------------------------------------------------------------------------------- NATS faults
+    def _on_bus_reconnected(self) -> None:
+        """On the bus loop after a reconnect: what was in flight through a NATS node that died may be lost
+        (with the stream's copy, if that node led it). Re-send every chunk and final reply of running and
+        recently ended requests; clients keep one copy of each token by index."""
+        if self.actor_ref.is_alive():
+            self.bus.loop.create_task(self._resend())
+
+    def _forget_ended(self, now: float) -> None:
+        while self._ended and self._ended[0].ended_at < now - self.resend_window_s:
+            self._ended.popleft()
+
+    async def _resend(self) -> None:
+        self._forget_ended(time.monotonic())
+        streams = [*self._streams.values(), *self._ended]
+        count = 0
+        for stream in streams:
+            for message in list(stream.sent):
+                await self.bus.apublish(stream.add.reply_to, message)
+                count += 1
+        if count:
+            log.info("engine %s re-sent %d messages of %d requests (reconnect)", self.instance_id, count, len(streams))
 
     # ------------------------------------------------------------------------------------------- migration
     def _migratable(self) -> MigratableEngine:

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 
 from actors.control_plane import ControlPlane
 from actors.engine_host import EngineHost
+from control.processes import bus_options
 from control.settings import Settings
 from engines.base import Engine
 from engines.tokenizer import Tokenizer
-from transport.bus import Bus, BusOptions
+from transport.bus import Bus
 
 
 @dataclass
@@ -28,13 +29,13 @@ class InProcessCluster:
         return self.settings.nats.url
 
     def start_control(self) -> ControlPlane:
-        self.control_bus = Bus(BusOptions(url=self.url, name="drover-control")).start()
+        self.control_bus = Bus(bus_options(self.settings, "drover-control")).start()
         self.control = ControlPlane(self.settings, self.control_bus, self.tokenizer).start()
         return self.control
 
     def add_engine(self, engine: Engine, tokenizer: Tokenizer | None = None) -> EngineHost:
         instance_id = engine.info.instance_id
-        bus = Bus(BusOptions(url=self.url, name=f"drover-engine-{instance_id}")).start()
+        bus = Bus(bus_options(self.settings, f"drover-engine-{instance_id}")).start()
         host = EngineHost(self.settings, bus, engine, tokenizer or self.tokenizer).start()
         self.hosts[instance_id] = host
         self._buses[instance_id] = bus

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -48,6 +50,15 @@ from transport.messages import (
     decode,
     encode,
 )
+from transport.output_stream import read_subject
+
+log = logging.getLogger(__name__)
+
+# Stream repair (see DroverClient._watch): how long a gap, a silent request or a short RequestDone may last
+# before the client replays its inbox from the output stream, and how long it keeps trying before it gives up.
+REPAIR_AFTER_S = 1.0
+SILENT_REPAIR_S = 5.0  # a running request that sent nothing for this long is replayed too
+REPAIR_GIVE_UP_S = 15.0
 
 
 class DroverError(Exception):
@@ -112,8 +123,19 @@ class RequestStream:
         self.result_data = RequestResult(request_id=request_id or "", submitted_at=submitted_at)
         self._subscription: Subscription | None = None
         self._finished = False
+        self.inbox = ""
+        self._submit: tuple[bytes, dict[str, str]] | None = None  # the encoded submit, for a retry
+        self._last_message_at = time.monotonic()
+        self._gap_since: float | None = None  # a chunk is held ahead of a gap since then
+        self._pending_done: RequestDone | None = None  # arrived while tokens were still missing
+        self._pending_done_at = 0.0
+        self._needs_repair = False
+        self.repairs = 0  # inbox replays from the output stream
+        self.resubmits = 0
+        self.raw_chunks: list[tuple[int, int]] = []  # (index, length) of every chunk received, duplicates too
 
     def _deliver(self, message: Message) -> None:
+        self._last_message_at = time.monotonic()
         if isinstance(message, Accepted):  # resolved at once, so cancel() works without iterating
             self.request_id = self.result_data.request_id = message.request_id
             self.result_data.accepted = message
@@ -132,10 +154,19 @@ class RequestStream:
             if isinstance(message, TokenChunk):
                 for event in self._on_chunk(message):
                     yield event
+                if self._pending_done is not None and self._next_index >= self._pending_done.num_tokens:
+                    await self._finish(self._pending_done)
+            elif isinstance(message, _GiveUp):
+                if self._pending_done is not None:
+                    await self._finish(self._pending_done)  # tokens stay missing: result shows how many
             elif isinstance(message, RequestDone):
-                self.result_data.done = message
-                self._finished = True
-                await self.close()
+                if message.num_tokens > self._next_index and message.finish_reason != "abort":
+                    # Tokens were lost on the way (a NATS node died holding them): repair first.
+                    if self._pending_done is None:
+                        self._pending_done, self._pending_done_at = message, time.monotonic()
+                        self._needs_repair = True
+                    continue
+                await self._finish(message)
             elif isinstance(message, ErrorReply):
                 self._finished = True
                 await self.close()
@@ -145,8 +176,14 @@ class RequestStream:
                     self.accepted.exception()  # mark retrieved: the caller gets it from events()
                 raise error
 
+    async def _finish(self, done: RequestDone) -> None:
+        self.result_data.done = done
+        self._finished = True
+        await self.close()
+
     def _on_chunk(self, chunk: TokenChunk) -> list[StreamEvent]:
         now = time.perf_counter()
+        self.raw_chunks.append((chunk.index, len(chunk.token_ids)))
         if chunk.produced_at:
             self.result_data.transit_s.append(time.time() - chunk.produced_at)
         end = chunk.index + len(chunk.token_ids)
@@ -154,6 +191,7 @@ class RequestStream:
             return []  # a duplicate (e.g. replayed after migration or failover)
         if chunk.index > self._next_index:
             self._held[chunk.index] = chunk  # arrived ahead of a gap: hold until the gap fills
+            self._gap_since = self._gap_since or time.monotonic()
             return []
         events = []
         pending: TokenChunk | None = chunk
@@ -170,7 +208,30 @@ class RequestStream:
                 self.result_data.instances.append(pending.instance_id)
                 self._next_index += len(tokens)
             pending = self._held.pop(self._next_index, None)
+            for index in [i for i, c in self._held.items() if i + len(c.token_ids) <= self._next_index]:
+                del self._held[index]  # wholly covered by what was delivered meanwhile
+            if pending is None:
+                pending = next((c for i, c in self._held.items() if i < self._next_index), None)
+                if pending is not None:
+                    del self._held[pending.index]
+        self._gap_since = (self._gap_since or time.monotonic()) if self._held else None
         return events
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def _repair_due(self, now: float) -> bool:
+        """Whether this stream looks damaged: a gap, a RequestDone ahead of its tokens, a reconnect, or
+        silence (a submit or its Accepted lost with a NATS node)."""
+        if self._finished:
+            return False
+        if self._needs_repair:
+            return True
+        if self._gap_since is not None and now - self._gap_since > REPAIR_AFTER_S:
+            return True
+        silent_s = now - self._last_message_at
+        return silent_s > (SILENT_REPAIR_S if self.accepted.done() else REPAIR_AFTER_S)
 
     async def result(self) -> RequestResult:
         async for _ in self.events():
@@ -188,6 +249,11 @@ class RequestStream:
                 await sub.unsubscribe()
 
 
+@dataclass(frozen=True, slots=True)
+class _GiveUp:
+    """Internal: repairs did not bring the missing tokens back; finish with what arrived."""
+
+
 class DroverClient:
     def __init__(self, url: str, *, name: str = "drover-client", inbox_prefix: str | None = None) -> None:
         """``inbox_prefix`` defaults to ``drover.v1.inbox.<name>``: replies there are kept in the output
@@ -198,18 +264,90 @@ class DroverClient:
             re.sub(r"[^A-Za-z0-9_-]", "-", name)[:64] or "client"
         )
         self._nc: NatsClient | None = None
+        self._open: dict[str, RequestStream] = {}  # inbox -> stream not yet finished
+        self._watchdog: asyncio.Task[None] | None = None
+        self.reconnects = 0
 
     async def connect(self, **kwargs: object) -> DroverClient:
-        options: dict[str, object] = {"servers": self.url.split(","), "name": self.name, **kwargs}
+        """Connect to every server of ``url`` (comma-separated: a NATS cluster) and, unless ``kwargs`` say
+        otherwise, reconnect forever: after a reconnect every open request's inbox is replayed from the
+        output stream, so nothing sent while this client was away is missed."""
+        user_reconnected = kwargs.pop("reconnected_cb", None)
+
+        async def reconnected() -> None:
+            self.reconnects += 1
+            for stream in self._open.values():
+                stream._needs_repair = True
+            if callable(user_reconnected):
+                await user_reconnected()
+
+        options: dict[str, object] = {
+            "servers": self.url.split(","),
+            "name": self.name,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.25,
+            "ping_interval": 2,
+            "max_outstanding_pings": 2,
+            "reconnected_cb": reconnected,
+            **kwargs,
+        }
         if self.inbox_prefix:
             options["inbox_prefix"] = self.inbox_prefix
         self._nc = await nats.connect(**options)  # type: ignore[arg-type]
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch())
         return self
 
     async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self._nc is not None:
             await self._nc.drain()
             self._nc = None
+
+    async def _watch(self, period_s: float = 0.25) -> None:
+        """Repair damaged streams: replay the inbox from the output stream (JetStream keeps what was sent
+        there), resubmit a request that left no trace (same request id: Drover runs it once), and give up on
+        tokens that never come back after ``REPAIR_GIVE_UP_S``."""
+        last_repair: dict[str, float] = {}
+        while True:
+            await asyncio.sleep(period_s)
+            now = time.monotonic()
+            due: list[RequestStream] = []
+            for inbox, stream in list(self._open.items()):
+                if stream.finished:
+                    self._open.pop(inbox, None)
+                    last_repair.pop(inbox, None)
+                elif stream._repair_due(now) and now - last_repair.get(inbox, 0.0) >= REPAIR_AFTER_S:
+                    due.append(stream)
+            if not due or self._nc is None or not self._nc.is_connected:
+                continue
+            for stream in due:
+                last_repair[stream.inbox] = now
+            await asyncio.gather(*(self._repair_logged(stream, now) for stream in due))
+
+    async def _repair_logged(self, stream: RequestStream, now: float) -> None:
+        try:
+            await self._repair(stream)
+        except Exception as exc:  # a repair that fails is retried at the next period
+            log.warning("repair of %s failed: %s", stream.request_id, exc)
+        if stream._pending_done is not None and now - stream._pending_done_at > REPAIR_GIVE_UP_S:
+            stream._queue.put_nowait(_GiveUp())  # type: ignore[arg-type]
+
+    async def _repair(self, stream: RequestStream) -> None:
+        stream._needs_repair = False
+        stream.repairs += 1
+        stored = await read_subject(self.nc, stream.inbox)
+        for data in stored:
+            try:
+                stream._deliver(decode(data))
+            except ProtocolError:
+                continue
+        if not stored and not stream.accepted.done() and stream._submit is not None:
+            payload, headers = stream._submit
+            stream.resubmits += 1
+            log.info("request %s left no trace: submitting it again", stream.request_id)
+            await self.nc.publish(subjects.SUBMIT, payload, reply=stream.inbox, headers=headers or None)
 
     async def __aenter__(self) -> DroverClient:
         return await self.connect()
@@ -240,7 +378,9 @@ class DroverClient:
         """Publish a request and return its stream (tokens start flowing at once). ``client_id`` says on
         whose behalf (a gateway submits for many clients); default: this client's name."""
         inbox = self.nc.new_inbox()
+        request_id = request_id or uuid.uuid4().hex  # ours, so a retry after a lost submit runs once
         stream = RequestStream(self, request_id, time.perf_counter())
+        stream.inbox = inbox
 
         async def on_message(msg: Msg) -> None:
             try:
@@ -266,7 +406,10 @@ class DroverClient:
             attributes={spans.MESSAGING_SYSTEM: "nats", spans.MESSAGING_DESTINATION: subjects.SUBMIT},
         ):
             headers = inject_headers()
-        await self.nc.publish(subjects.SUBMIT, encode(submit), reply=inbox, headers=headers)
+        payload = encode(submit)
+        stream._submit = (payload, headers)
+        self._open[inbox] = stream
+        await self.nc.publish(subjects.SUBMIT, payload, reply=inbox, headers=headers)
         return stream
 
     async def generate(self, prompt: str | None = None, **kwargs: object) -> RequestResult:

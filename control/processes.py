@@ -13,6 +13,7 @@ from observability.logs import setup_logging
 from observability.metrics import start_metrics_server
 from observability.tracing import setup_tracing, shutdown_tracing
 from transport.bus import Bus, BusOptions
+from transport.nats_cluster import EmbeddedNatsCluster
 from transport.nats_server import EmbeddedNatsServer
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,9 @@ def bus_options(settings: Settings, name: str) -> BusOptions:
         password=nats.password,
         creds_file=nats.creds_file,
         tls_ca_file=nats.tls_ca_file,
+        reconnect_wait_s=nats.reconnect_wait_s,
+        ping_interval_s=nats.ping_interval_s,
+        max_outstanding_pings=nats.max_outstanding_pings,
     )
 
 
@@ -40,11 +44,20 @@ def embedded_nats_if_needed(settings: Settings) -> Iterator[Settings]:
     if settings.nats.url:
         yield settings
         return
-    server = EmbeddedNatsServer(
-        host=settings.nats.embedded_host,
-        jetstream=settings.nats.embedded_jetstream,
-        max_payload_bytes=settings.nats.max_payload_bytes,
-    )
+    server: EmbeddedNatsServer | EmbeddedNatsCluster
+    if settings.nats.embedded_cluster_size > 1:
+        server = EmbeddedNatsCluster(
+            settings.nats.embedded_cluster_size,
+            host=settings.nats.embedded_host,
+            jetstream=settings.nats.embedded_jetstream,
+            max_payload_bytes=settings.nats.max_payload_bytes,
+        )
+    else:
+        server = EmbeddedNatsServer(
+            host=settings.nats.embedded_host,
+            jetstream=settings.nats.embedded_jetstream,
+            max_payload_bytes=settings.nats.max_payload_bytes,
+        )
     url = server.start()
     try:
         yield settings.model_copy(update={"nats": settings.nats.model_copy(update={"url": url})})
