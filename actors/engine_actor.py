@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import pykka
+from nats.errors import NoRespondersError
 from opentelemetry import trace
 
 from engines.base import Engine, EngineError, EngineRequest
@@ -45,6 +46,7 @@ from transport.messages import (
     Timings,
     TokenChunk,
     Usage,
+    encode,
 )
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,7 @@ class _Stream:
     last_sent_at: float = 0.0  # time.perf_counter() of the last chunk (inter-token metric)
     sent: list[Message] = field(default_factory=list)  # every chunk (and the final reply), for re-sending
     ended_at: float = 0.0  # time.monotonic() when the request left this engine
+    tokens: list[int] = field(default_factory=list)  # the whole output so far (resumed tokens included)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +94,7 @@ class EngineActor(pykka.ThreadingActor):
         self._migrations_out: dict[str, str] = {}  # migration id -> request id (loop-only)
         self.resend_window_s = resend_window_s
         self._ended: deque[_Stream] = deque()  # recently ended streams, oldest first (loop-only)
+        self._storing: set[asyncio.Task[None]] = set()
         bus.on_reconnect(self._on_bus_reconnected)
 
     # ------------------------------------------------------------------------------------------- messages
@@ -119,14 +123,10 @@ class EngineActor(pykka.ThreadingActor):
 
     def _add(self, add: EngineAdd, headers: dict[str, str]) -> bool:
         if add.request_id in self.running:
-            self.bus.publish(
-                add.reply_to,
-                ErrorReply(
-                    code=ErrorCode.DUPLICATE_REQUEST,
-                    message=f"request {add.request_id} already runs on {self.instance_id}",
-                    request_id=add.request_id,
-                ),
-            )
+            # A second dispatch of what already streams from here (e.g. failed over from an earlier
+            # incarnation of this instance that the new one had already been handed): the running copy
+            # serves the client; an error to the client would end a healthy request.
+            log.warning("engine %s: %s already runs here; duplicate dispatch ignored", self.instance_id, add.request_id)
             return False
         context_len = len(add.prompt_token_ids) + len(add.output_token_ids)
         max_len = self.engine.info.max_model_len
@@ -172,7 +172,7 @@ class EngineActor(pykka.ThreadingActor):
             kv_transfer=add.kv_transfer,
         )
         detok = IncrementalDetokenizer(self.tokenizer)
-        stream = _Stream(add=add, index=len(add.output_token_ids))
+        stream = _Stream(add=add, index=len(add.output_token_ids), tokens=list(add.output_token_ids))
         self._streams[add.request_id] = stream
         added_at = time.time()
         first_token_at: float | None = None
@@ -235,6 +235,7 @@ class EngineActor(pykka.ThreadingActor):
                         ),
                         instances=[*add.served_by, self.instance_id],
                         num_tokens=index,
+                        output_token_ids=stream.tokens[:index],
                     ),
                 )
             stream.ended_at = time.monotonic()
@@ -282,11 +283,35 @@ class EngineActor(pykka.ThreadingActor):
             produced_at=time.time(),
         )
         stream.sent.append(chunk)
+        stream.tokens.extend(token_ids)
         await self.bus.apublish(add.reply_to, chunk)
 
     async def _send_final(self, stream: _Stream, message: Message) -> None:
+        """Send the last reply (RequestDone, which carries every token, or an error) at once, then make sure
+        the output stream holds it: a JetStream publish, retried until acknowledged, so a client that lost
+        chunks or the reply itself with a NATS node finds it there."""
         stream.sent.append(message)
-        await self.bus.apublish(stream.add.reply_to, message)
+        reply_to = stream.add.reply_to
+        await self.bus.apublish(reply_to, message)
+        if reply_to.startswith(subjects.INBOX_ROOT + "."):
+            task = self.bus.loop.create_task(self._store_final(reply_to, stream.add.request_id, message))
+            self._storing.add(task)
+            task.add_done_callback(self._storing.discard)
+
+    async def _store_final(self, reply_to: str, request_id: str, message: Message) -> None:
+        data = encode(message)
+        headers = {"Nats-Msg-Id": f"{request_id}:final:{self.instance_id}"}  # stored once however often sent
+        deadline = time.monotonic() + self.resend_window_s
+        while time.monotonic() < deadline:
+            try:
+                await self.bus.nc.jetstream(timeout=2).publish(reply_to, data, headers=headers)
+                return
+            except NoRespondersError:
+                return  # no output stream captures this inbox (no JetStream): the core publish is all
+            except Exception as exc:  # no stream leader yet (a NATS node died), reconnecting: retry
+                log.debug("engine %s: storing the reply of %s: %s", self.instance_id, request_id, exc)
+                await asyncio.sleep(0.25)
+        log.warning("engine %s: reply of %s not stored in %.0fs", self.instance_id, request_id, self.resend_window_s)
 
     # ------------------------------------------------------------------------------------------- NATS faults
     def _on_bus_reconnected(self) -> None:
@@ -303,9 +328,12 @@ class EngineActor(pykka.ThreadingActor):
     async def _resend(self) -> None:
         self._forget_ended(time.monotonic())
         streams = [*self._streams.values(), *self._ended]
+        since = self.bus.disconnected_at - 1.0  # what may have been in flight when the connection broke
         count = 0
         for stream in streams:
             for message in list(stream.sent):
+                if isinstance(message, TokenChunk) and message.produced_at < since:
+                    continue
                 await self.bus.apublish(stream.add.reply_to, message)
                 count += 1
         if count:

@@ -73,6 +73,7 @@ class InstanceRecord:
     drain_requested: bool = False  # an operator asked (drover drain)
     can_migrate: bool = False
     dispatched: int = 0
+    seq: int = 0  # last heartbeat sequence number (restarts at 1 with a new process)
 
 
 @dataclass(slots=True)
@@ -184,6 +185,11 @@ class SchedulerActor(SupervisedActor):
             record = InstanceRecord(info=beat.info, load=beat.load, last_seen=time.monotonic())
             self.instances[instance_id] = record
             log.info("instance %s joined (%s, %d blocks)", instance_id, beat.info.engine_kind, beat.info.num_blocks)
+        elif beat.seq < record.seq or (beat.info.pid and record.info.pid and beat.info.pid != record.info.pid):
+            # Restarted under the same id faster than it could be declared dead: what ran there is gone.
+            log.warning("instance %s restarted (pid %d -> %d)", instance_id, record.info.pid, beat.info.pid)
+            self._fail_over(instance_id)
+        record.seq = beat.seq
         record.info, record.load, record.last_seen = beat.info, beat.load, time.monotonic()
         record.state, record.draining, record.can_migrate = beat.state, beat.draining, beat.can_migrate
         self.policy.upsert(self._snapshot(record))

@@ -132,6 +132,7 @@ class RequestStream:
         self._needs_repair = False
         self.repairs = 0  # inbox replays from the output stream
         self.resubmits = 0
+        self.filled_tokens = 0  # tokens taken from RequestDone because their chunks never came
         self.raw_chunks: list[tuple[int, int]] = []  # (index, length) of every chunk received, duplicates too
 
     def _deliver(self, message: Message) -> None:
@@ -160,6 +161,17 @@ class RequestStream:
                 if self._pending_done is not None:
                     await self._finish(self._pending_done)  # tokens stay missing: result shows how many
             elif isinstance(message, RequestDone):
+                if len(message.output_token_ids) > self._next_index:
+                    # Chunks lost on the way (a NATS node died holding them): the reply carries every token.
+                    fill = TokenChunk(
+                        request_id=message.request_id,
+                        index=self._next_index,
+                        token_ids=message.output_token_ids[self._next_index :],
+                        instance_id=(message.instances or [""])[-1],
+                    )
+                    self.filled_tokens += len(fill.token_ids)
+                    for event in self._on_chunk(fill):
+                        yield event
                 if message.num_tokens > self._next_index and message.finish_reason != "abort":
                     # Tokens were lost on the way (a NATS node died holding them): repair first.
                     if self._pending_done is None:

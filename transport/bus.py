@@ -17,6 +17,7 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -86,6 +87,7 @@ class Bus:
         self._reconnect_hooks: list[Callable[[], None]] = []
         self.rejected_messages = 0
         self.reconnects = 0
+        self.disconnected_at = 0.0  # time.time() of the last lost connection
 
     # ----------------------------------------------------------------------------------------------- lifecycle
     def _run_loop(self) -> None:
@@ -137,6 +139,7 @@ class Bus:
         log.warning("nats error (%s): %s", self.options.name, exc)
 
     async def _on_disconnected(self) -> None:
+        self.disconnected_at = time.time()
         log.warning("nats disconnected (%s)", self.options.name)
 
     async def _on_reconnected(self) -> None:
