@@ -8,6 +8,7 @@ simulator).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import math
@@ -187,7 +188,7 @@ class SchedulerActor(SupervisedActor):
             log.info("instance %s joined (%s, %d blocks)", instance_id, beat.info.engine_kind, beat.info.num_blocks)
         elif beat.seq < record.seq or (beat.info.pid and record.info.pid and beat.info.pid != record.info.pid):
             # Restarted under the same id faster than it could be declared dead: what ran there is gone.
-            log.warning("instance %s restarted (pid %d -> %d)", instance_id, record.info.pid, beat.info.pid)
+            log.warning("instance %s restarted (heartbeat seq %d -> %d)", instance_id, record.seq, beat.seq)
             self._fail_over(instance_id)
         record.seq = beat.seq
         record.info, record.load, record.last_seen = beat.info, beat.load, time.monotonic()
@@ -272,11 +273,18 @@ class SchedulerActor(SupervisedActor):
             self.bus.run(self._read_delivered(record.request_id, record.submit.reply_to))
 
     async def _read_delivered(self, request_id: str, reply_to: str) -> None:
-        try:
-            tokens, finished = await delivered_tokens(self.bus.nc, reply_to, request_id)
-            result = _Recovered(request_id, tokens, finished)
-        except Exception as exc:
-            result = _Recovered(request_id, [], False, f"output stream unreadable: {exc!r}")
+        deadline = time.monotonic() + self.settings.reliability.output_read_retry_s
+        while True:
+            try:
+                tokens, finished = await delivered_tokens(self.bus.nc, reply_to, request_id)
+                result = _Recovered(request_id, tokens, finished)
+                break
+            except Exception as exc:  # no stream leader yet, or reconnecting: retry for a while
+                if time.monotonic() >= deadline:
+                    result = _Recovered(request_id, [], False, f"output stream unreadable: {exc!r}")
+                    break
+                log.info("reading %s's delivered tokens failed (%s): retrying", request_id, exc)
+                await asyncio.sleep(0.25)
         if self.actor_ref.is_alive():
             self.actor_ref.tell(result)
 

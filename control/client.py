@@ -349,10 +349,11 @@ class DroverClient:
     async def _repair(self, stream: RequestStream) -> None:
         stream._needs_repair = False
         stream.repairs += 1
-        stored = await read_subject(self.nc, stream.inbox)
-        for data in stored:
+        stored = 0
+        for data in await read_subject(self.nc, stream.inbox):
             try:
                 stream._deliver(decode(data))
+                stored += 1
             except ProtocolError:
                 continue
         if not stored and not stream.accepted.done() and stream._submit is not None:
@@ -395,6 +396,11 @@ class DroverClient:
         stream.inbox = inbox
 
         async def on_message(msg: Msg) -> None:
+            if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+                # "No responders": nobody took the submit (the control plane is reconnecting after a NATS
+                # fault). Not an answer: the watchdog submits it again with the same request id.
+                stream._needs_repair = True
+                return
             try:
                 stream._deliver(decode(msg.data))
             except ProtocolError as exc:

@@ -127,6 +127,11 @@ class ReliabilitySettings(_Section):
         description="JetStream replicas of the output stream: 1 for one NATS node, 3 on a 3-node cluster (the "
         "stream then survives a node loss with what clients were sent).",
     )
+    output_read_retry_s: float = Field(
+        10.0,
+        description="How long failover keeps trying to read a dead engine's delivered tokens from the output "
+        "stream before failing the request (a NATS node loss elects a new stream leader within seconds).",
+    )
     resend_window_s: float = Field(
         30.0,
         description="After its NATS connection comes back, an engine re-sends what it streamed to clients in "

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import os
 import random
 import signal
@@ -137,6 +138,24 @@ class RssSampler:
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             self.peak_mib[name] = max(self.peak_mib[name], rss / 2**20)
+
+
+def recovery_s(
+    token_times: list[float], fault_at: float, settle_s: float = 2.0, horizon_s: float = 60.0
+) -> float | None:
+    """How long a stream took to recover from a fault: the end of its longest stall that began before the
+    fault or within ``settle_s`` after it (tokens already in flight still arrive for a moment), measured
+    from the fault. None when no token came after the fault (the request had ended, or was cancelled)."""
+    before = [t for t in token_times if t <= fault_at]
+    after = [t for t in token_times if fault_at < t <= fault_at + horizon_s]
+    if not after:
+        return None
+    times = [before[-1] if before else fault_at, *after]
+    gaps = [(b - a, b) for a, b in itertools.pairwise(times) if a <= fault_at + settle_s]
+    if not gaps:
+        return after[0] - fault_at
+    _, end = max(gaps)
+    return end - fault_at
 
 
 # ----------------------------------------------------------------------------------------------- workload
@@ -534,9 +553,9 @@ class Chaos:
             for rid in fault.affected:
                 tracked = self.requests[rid]
                 touched[fault.kind] += 1
-                after = [t for t in tracked.token_times if t > fault.at]
-                if after:
-                    by_kind[fault.kind].append(after[0] - fault.at)
+                recovery = recovery_s(tracked.token_times, fault.at)
+                if recovery is not None:
+                    by_kind[fault.kind].append(recovery)
         for kind in sorted(counts):
             values = by_kind.get(kind, [])
             cells = (

@@ -11,7 +11,10 @@ from control.settings import load_settings
 from engines.sim.engine import request_seed, token_at
 from engines.sim.live_migration import MigratableSimEngine
 from engines.tokenizer import ByteTokenizer
+from transport import subjects
 from transport.messages import SamplingParams
+from transport.nats_server import EmbeddedNatsServer
+from transport.output_stream import ensure_output_stream
 
 
 def _cluster(nats_url: str, names: tuple[str, ...], stale_after_s: float) -> InProcessCluster:
@@ -65,5 +68,60 @@ async def test_an_engine_restarted_under_its_id_before_it_was_declared_dead_lose
                 result = await asyncio.wait_for(stream.result(), 30)
                 seed = request_seed(0, f"rr-{i}")
                 assert result.token_ids == [token_at(seed, p) for p in range(150)]
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+async def test_a_submit_nobody_took_is_submitted_again_once_a_control_plane_listens() -> None:
+    """While the control plane reconnects after a NATS fault nobody subscribes to the submit subject: NATS
+    answers the client's inbox with a "no responders" status (an empty message). That is no reply from
+    Drover; the client submits again (same request id) and the request completes."""
+    server = EmbeddedNatsServer()
+    url = server.start()
+    cluster: InProcessCluster | None = None
+    try:
+        async with DroverClient(url, name="no-responders") as client:
+            # JetStream's output stream exists (as a running control plane leaves it), but no control plane.
+            assert await ensure_output_stream(client.nc, max_age_s=60, max_bytes=1 << 20)
+            stream = await client.submit(
+                "nobody listens yet", sampling=SamplingParams(max_tokens=20, ignore_eos=True), request_id="nr-1"
+            )
+            await asyncio.sleep(1.5)  # the 503 arrived and at least one resubmit went unanswered too
+            assert not stream.finished
+            cluster = await asyncio.to_thread(_cluster, url, ("nr-a",), 5.0)
+            result = await asyncio.wait_for(stream.result(), 30)
+            assert result.token_ids == [token_at(request_seed(0, "nr-1"), p) for p in range(20)]
+            assert stream.resubmits >= 1
+    finally:
+        if cluster is not None:
+            await asyncio.to_thread(cluster.stop)
+        server.stop()
+
+
+async def test_failover_waits_for_an_output_stream_that_is_briefly_unavailable(nats_url: str) -> None:
+    """A NATS node loss can leave the output stream without a leader for a few seconds, right when the
+    scheduler reads a dead engine's delivered tokens: it retries instead of failing the request."""
+    cluster = await asyncio.to_thread(_cluster, nats_url, ("ou-a", "ou-b"), 0.6)
+    try:
+        async with DroverClient(cluster.url, name="output-unavailable") as client:
+            await client.wait_for_instances(2, timeout_s=10)
+            streams = [
+                await client.submit(
+                    f"unavailable {i}", sampling=SamplingParams(max_tokens=150, ignore_eos=True), request_id=f"ou-{i}"
+                )
+                for i in range(4)
+            ]
+            for stream in streams:
+                async for _ in stream.events():
+                    if len(stream.result_data.token_ids) >= 5:
+                        break
+            await client.nc.jetstream().delete_stream(subjects.OUTPUT_STREAM)
+            await asyncio.to_thread(_crash, cluster, "ou-a")
+            await asyncio.sleep(2.0)  # declared dead after 0.6 s: the reads fail meanwhile
+            assert cluster.control is not None and cluster.control_bus is not None
+            assert await asyncio.wrap_future(cluster.control_bus.run(cluster.control._ensure_output_stream()))
+            for i, stream in enumerate(streams):
+                result = await asyncio.wait_for(stream.result(), 30)
+                assert result.token_ids == [token_at(request_seed(0, f"ou-{i}"), p) for p in range(150)]
     finally:
         await asyncio.to_thread(cluster.stop)
