@@ -58,6 +58,7 @@ from transport.messages import (
     StatusReply,
     SubmitRequest,
     Usage,
+    encode,
 )
 from transport.output_stream import delivered_tokens
 
@@ -108,6 +109,16 @@ class _Recovered:
 
 
 @dataclass(frozen=True, slots=True)
+class _AddUnacked:
+    """An EngineAdd got no acknowledgement (lost with a NATS node, or nobody subscribed yet)."""
+
+    instance_id: str
+    add: EngineAdd
+    headers: dict[str, str]
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
 class MigrationTick:
     """Every ``policy.migration_period_s``: plan migrations (Llumnix pairing) and start them."""
 
@@ -148,6 +159,8 @@ class SchedulerActor(SupervisedActor):
             self._on_migration_ended(message)
         elif isinstance(message, _Recovered):
             self._on_recovered(message)
+        elif isinstance(message, _AddUnacked):
+            self._on_add_unacked(message)
         return None
 
     def _on_envelope(self, envelope: Envelope) -> None:
@@ -446,8 +459,8 @@ class SchedulerActor(SupervisedActor):
             },
         ):
             headers = inject_headers()
-        self.bus.publish(
-            subjects.engine(instance_id),
+        self._send_add(
+            instance_id,
             EngineAdd(
                 request_id=record.request_id,
                 prompt_token_ids=record.prompt_token_ids,
@@ -460,13 +473,43 @@ class SchedulerActor(SupervisedActor):
                 output_token_ids=record.resume_tokens,
                 served_by=list(record.served_by),
             ),
-            headers=headers,
+            headers,
         )
         self.policy.on_dispatched(instance_id, demand)
         instance.dispatched += 1
         record.instance_id, record.state = instance_id, "running"
         record.served_by.append(instance_id)
         return True
+
+    # An EngineAdd is acknowledged by the engine; one that is not (lost on the way with a NATS node that
+    # died, or sent while the instance was resubscribing) is sent again, a few times, while the request is
+    # still meant to run there. The engine ignores a copy of what it already runs.
+    ADD_ATTEMPTS = 6
+
+    def _send_add(self, instance_id: str, add: EngineAdd, headers: dict[str, str], attempt: int = 1) -> None:
+        self.bus.run(self._request_add(instance_id, add, headers, attempt))
+
+    async def _request_add(self, instance_id: str, add: EngineAdd, headers: dict[str, str], attempt: int) -> None:
+        try:
+            await self.bus.nc.request(
+                subjects.engine(instance_id),
+                encode(add),
+                timeout=self.settings.nats.request_timeout_s,
+                headers=headers or None,
+            )
+        except Exception as exc:  # timeout, no responders, reconnecting
+            log.info("engine_add of %s to %s unacknowledged (%s)", add.request_id, instance_id, type(exc).__name__)
+            await asyncio.sleep(min(2.0, 0.25 * 2**attempt))  # "no responders" comes back at once: back off
+            if self.actor_ref.is_alive():
+                self.actor_ref.tell(_AddUnacked(instance_id, add, headers, attempt))
+
+    def _on_add_unacked(self, unacked: _AddUnacked) -> None:
+        record = self.requests.get(unacked.add.request_id)
+        if record is None or record.instance_id != unacked.instance_id or record.state != "running":
+            return  # ended, failed over or migrated meanwhile
+        if unacked.attempt >= self.ADD_ATTEMPTS or unacked.instance_id not in self.instances:
+            return  # the heartbeat timeout decides whether the instance is gone
+        self._send_add(unacked.instance_id, unacked.add, unacked.headers, unacked.attempt + 1)
 
     def _drain_queue(self) -> None:
         while self.queue:

@@ -175,6 +175,7 @@ class Tracked:
     missing: int = 0
     wrong: int = 0  # sim only: a token that differs from the engine's deterministic output
     finish_reason: str = ""
+    error: str = ""
 
 
 @dataclass
@@ -298,6 +299,7 @@ class Chaos:
             tracked.missing = max(0, want - len(stream.result_data.token_ids))
         except DroverError as exc:
             tracked.outcome = f"error:{exc.code}"
+            tracked.error = exc.message
         if self.args.kind == "sim":
             seed = request_seed(0, tracked.request_id)
             tracked.wrong = sum(1 for p, t in enumerate(stream.result_data.token_ids) if t != token_at(seed, p))
@@ -481,7 +483,7 @@ class Chaos:
         known = {r.request_id: r for r in status.requests}
         lines = []
         for t in self.requests.values():
-            if t.outcome and not (t.duplicated or t.missing or t.out_of_order or t.wrong):
+            if t.outcome in ("completed", "cancelled") and not (t.duplicated or t.missing or t.out_of_order or t.wrong):
                 continue
             s = t.stream
             view = known.get(t.request_id)
@@ -492,7 +494,7 @@ class Chaos:
                 f"instances={sorted(set(t.token_instances))} accepted={bool(s and s.accepted.done())} "
                 f"repairs={s.repairs if s else 0} resubmits={s.resubmits if s else 0} "
                 f"dup={t.duplicated} missing={t.missing} ooo={t.out_of_order} wrong={t.wrong} "
-                f"scheduler={(view.state, view.instance_id) if view else None}"
+                f"scheduler={(view.state, view.instance_id) if view else None} error={t.error!r}"
             )
         (self.cluster.work_dir / "problems.txt").write_text("\n".join(lines) + "\n")
         faults = [f"{f.at - self.t0:.1f}s {f.kind} {f.target} affected={f.affected}" for f in self.faults]

@@ -4,6 +4,7 @@ engines."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 from actors.local_cluster import InProcessCluster
 from control.client import DroverClient
@@ -12,7 +13,7 @@ from engines.sim.engine import request_seed, token_at
 from engines.sim.live_migration import MigratableSimEngine
 from engines.tokenizer import ByteTokenizer
 from transport import subjects
-from transport.messages import SamplingParams
+from transport.messages import InstanceHeartbeat, SamplingParams, encode
 from transport.nats_server import EmbeddedNatsServer
 from transport.output_stream import ensure_output_stream
 
@@ -124,4 +125,40 @@ async def test_failover_waits_for_an_output_stream_that_is_briefly_unavailable(n
                 result = await asyncio.wait_for(stream.result(), 30)
                 assert result.token_ids == [token_at(request_seed(0, f"ou-{i}"), p) for p in range(150)]
     finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+async def test_an_engine_add_nobody_received_is_sent_again(nats_url: str) -> None:
+    """The scheduler dispatches to an instance whose EngineAdd is lost (here: its heartbeats arrive but its
+    engine subject has no subscriber yet, as while it resubscribes after a NATS fault). Without an
+    acknowledgement the scheduler sends it again, and the request completes once the engine listens."""
+    cluster = await asyncio.to_thread(_cluster, nats_url, (), 60.0)
+    engine = MigratableSimEngine("ghost", num_blocks=256, max_model_len=1024)
+    await engine.start()
+    stop_beats = asyncio.Event()
+    try:
+        async with DroverClient(cluster.url, name="lost-add") as client:
+
+            async def beats() -> None:  # the instance's heartbeats, before its engine subject is subscribed
+                while not stop_beats.is_set():
+                    beat = InstanceHeartbeat(info=engine.info, load=engine.load(), seq=0, sent_at=time.time())
+                    await client.nc.publish(subjects.heartbeat("ghost"), encode(beat))
+                    await asyncio.sleep(0.05)
+
+            beating = asyncio.get_running_loop().create_task(beats())
+            await client.wait_for_instances(1, timeout_s=10)
+            stream = await client.submit(
+                "lost add", sampling=SamplingParams(max_tokens=30, ignore_eos=True), request_id="la-1"
+            )
+            await asyncio.sleep(0.5)  # the first EngineAdd went nowhere
+            await engine.shutdown()
+            await asyncio.to_thread(
+                cluster.add_engine, MigratableSimEngine("ghost", num_blocks=256, max_model_len=1024)
+            )
+            stop_beats.set()
+            await beating
+            result = await asyncio.wait_for(stream.result(), 30)
+            assert result.token_ids == [token_at(request_seed(0, "la-1"), p) for p in range(30)]
+    finally:
+        stop_beats.set()
         await asyncio.to_thread(cluster.stop)
