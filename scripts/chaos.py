@@ -128,13 +128,13 @@ class RssSampler:
     def __init__(self) -> None:
         self.peak_mib: dict[str, float] = defaultdict(float)
 
-    def sample(self, pids: dict[str, int]) -> None:
+    def sample(self, pids: dict[str, int], alone: frozenset[str] = frozenset()) -> None:
+        """``alone``: names measured without their children (the driver, whose children are the cluster)."""
         for name, pid in pids.items():
             try:
                 root = psutil.Process(pid)
-                rss = root.memory_info().rss + sum(
-                    c.memory_info().rss for c in root.children(recursive=True) if c.is_running()
-                )
+                children = [] if name in alone else root.children(recursive=True)
+                rss = root.memory_info().rss + sum(c.memory_info().rss for c in children if c.is_running())
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             self.peak_mib[name] = max(self.peak_mib[name], rss / 2**20)
@@ -240,7 +240,7 @@ class Chaos:
 
     async def sample_rss(self) -> None:
         while True:
-            await asyncio.to_thread(self.rss.sample, self.pids())
+            await asyncio.to_thread(self.rss.sample, self.pids(), frozenset({"chaos-driver"}))
             await asyncio.sleep(0.5)
 
     # ------------------------------------------------------------------------------------------- requests
@@ -348,11 +348,14 @@ class Chaos:
     async def faults_loop(self, url: str, until: float) -> None:
         kinds = [k for k in self.args.faults.split(",") if k]
         engines_busy: set[str] = set()
+        order: list[str] = []
         while True:
             await asyncio.sleep(self.rng.expovariate(1.0 / self.args.fault_every))
             if time.monotonic() >= until:
                 return
-            kind = self.rng.choice(kinds)
+            if not order:  # every kind once per round, in a random order: short runs still see each kind
+                order = self.rng.sample(kinds, len(kinds))
+            kind = order.pop()
             if kind in ("kill9", "sigstop"):
                 assert self.cluster is not None
                 live = [
