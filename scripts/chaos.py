@@ -358,11 +358,8 @@ class Chaos:
             kind = order.pop()
             if kind in ("kill9", "sigstop"):
                 assert self.cluster is not None
-                live = [
-                    n
-                    for n, p in self.cluster.procs.items()
-                    if n.startswith("engine-") and n not in engines_busy and not p.down
-                ]
+                serving = await self.serving()
+                live = [n for n in serving if n not in engines_busy]
                 if len(live) <= max(1, self.args.instances // 4):  # keep most of the fleet serving
                     continue
                 victim = self.rng.choice(live)
@@ -377,6 +374,15 @@ class Chaos:
         self.faults.append(Fault(kind, time.monotonic(), target, [t.request_id for t in affected]))
         print(f"  fault {kind:8s} {target:10s} at {time.monotonic() - self.t0:6.1f}s: {len(affected)} streams")
 
+    async def serving(self) -> set[str]:
+        """Instances the scheduler sees serving (a restarted vLLM engine takes a while to come back)."""
+        assert self.client is not None
+        try:
+            status = await self.client.status(timeout_s=5)
+        except Exception:
+            return set()
+        return {i.info.instance_id for i in status.instances if i.state == "serving"}
+
     async def engine_fault(self, kind: str, victim: str, busy: set[str]) -> None:
         assert self.cluster is not None
         affected = [t for t in self.streaming() if t.token_instances and t.token_instances[-1] == victim]
@@ -386,7 +392,12 @@ class Chaos:
                 await asyncio.to_thread(self.cluster.kill9, victim)
                 await asyncio.sleep(self.rng.uniform(1.0, 4.0))
                 self.cluster.restart(victim)
-                await asyncio.sleep(30 if self.args.kind == "vllm" else 3)  # let it start before another fault
+                await asyncio.sleep(6.0)  # the old incarnation's record lapses (5 s heartbeat timeout)
+                deadline = time.monotonic() + 600
+                while time.monotonic() < deadline:  # not faulted again before it serves again
+                    await asyncio.sleep(2.0)
+                    if victim in await self.serving():
+                        break
             else:
                 self._record("sigstop", victim, affected)
                 self.cluster.signal(victim, signal.SIGSTOP)
