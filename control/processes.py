@@ -59,8 +59,13 @@ def embedded_nats_if_needed(settings: Settings) -> Iterator[Settings]:
             max_payload_bytes=settings.nats.max_payload_bytes,
         )
     url = server.start()
+    update: dict[str, object] = {"nats": settings.nats.model_copy(update={"url": url})}
+    if settings.nats.embedded_cluster_size > 1 and settings.reliability.output_replicas == 1:
+        # A cluster keeps what clients were sent on every node, so losing one loses none of it.
+        replicas = min(3, settings.nats.embedded_cluster_size)
+        update["reliability"] = settings.reliability.model_copy(update={"output_replicas": replicas})
     try:
-        yield settings.model_copy(update={"nats": settings.nats.model_copy(update={"url": url})})
+        yield settings.model_copy(update=update)
     finally:
         server.stop()
 

@@ -97,8 +97,6 @@ def test_a_bus_on_every_url_survives_losing_its_node(cluster: EmbeddedNatsCluste
     assert all(node.is_running() for node in cluster.nodes)
 
 
-
-
 def test_a_node_restarted_on_its_url_rejoins_and_the_stream_stays_replicated(cluster: EmbeddedNatsCluster) -> None:
     url = cluster.urls[1]
     assert cluster.restart_node(1, graceful=False) == url
@@ -140,3 +138,18 @@ def test_single_server_restart_keeps_its_url_and_the_bus_resubscribes() -> None:
     finally:
         bus.stop()
         server.stop()
+
+
+def test_embedded_cluster_from_settings_gives_every_url_and_replicated_output() -> None:
+    from control.processes import embedded_nats_if_needed
+    from control.settings import load_settings
+
+    settings = load_settings(overrides={"nats": {"embedded_cluster_size": 3}})
+    with embedded_nats_if_needed(settings) as running:
+        assert running.nats.url is not None and len(running.nats.url.split(",")) == 3
+        assert running.reliability.output_replicas == 3
+        bus = Bus(BusOptions(url=running.nats.url, name="embedded-cluster")).start()
+        try:
+            assert bus.run(ensure_output_stream(bus.nc, max_age_s=60, max_bytes=1 << 20, replicas=3)).result(timeout=20)
+        finally:
+            bus.stop()
