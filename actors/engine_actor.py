@@ -143,7 +143,18 @@ class EngineActor(pykka.ThreadingActor):
                 reply, ErrorCode.UNKNOWN_REQUEST, f"no request {abort.request_id} on {self.instance_id}"
             )
             return
+        if abort.reason == "superseded":
+            self.bus.run(self._supersede(abort.request_id))
+            return
         self.bus.run(self.engine.abort(abort.request_id))
+
+    async def _supersede(self, request_id: str) -> None:
+        """The request failed over elsewhere while this instance was taken for dead: stop it here quietly
+        (no more chunks, no RequestDone), as a migrated-away request ends."""
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.migrated_out = True
+        await self.engine.abort(request_id)
 
     def _reject(self, add: EngineAdd, code: ErrorCode, text: str) -> None:
         log.info("engine %s rejects %s: %s", self.instance_id, add.request_id, text)

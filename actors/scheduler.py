@@ -204,6 +204,7 @@ class SchedulerActor(SupervisedActor):
             log.warning("instance %s restarted (heartbeat seq %d -> %d)", instance_id, record.seq, beat.seq)
             self._fail_over(instance_id)
         record.seq = beat.seq
+        self._stop_superseded(instance_id, beat)
         record.info, record.load, record.last_seen = beat.info, beat.load, time.monotonic()
         record.state, record.draining, record.can_migrate = beat.state, beat.draining, beat.can_migrate
         self.policy.upsert(self._snapshot(record))
@@ -221,6 +222,18 @@ class SchedulerActor(SupervisedActor):
         )
         if is_new:
             self._drain_queue()
+
+    def _stop_superseded(self, instance_id: str, beat: InstanceHeartbeat) -> None:
+        """An instance taken for dead (SIGSTOP, a cut link) that comes back still runs what failed over
+        elsewhere meanwhile: stop those copies without a word to their clients."""
+        for running in beat.load.running:
+            record = self.requests.get(running.request_id)
+            if record is None or record.instance_id == instance_id or running.request_id in self.migrations:
+                continue
+            log.info("stopping %s on %s: it runs elsewhere since a failover", running.request_id, instance_id)
+            self.bus.publish(
+                subjects.engine(instance_id), EngineAbort(request_id=running.request_id, reason="superseded")
+            )
 
     def _snapshot(self, record: InstanceRecord) -> InstanceSnapshot:
         load = record.load

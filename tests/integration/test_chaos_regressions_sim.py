@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from actors.engine_actor import Heartbeater
 from actors.local_cluster import InProcessCluster
 from control.client import DroverClient
 from control.settings import load_settings
@@ -161,4 +162,45 @@ async def test_an_engine_add_nobody_received_is_sent_again(nats_url: str) -> Non
             assert result.token_ids == [token_at(request_seed(0, "la-1"), p) for p in range(30)]
     finally:
         stop_beats.set()
+        await asyncio.to_thread(cluster.stop)
+
+
+async def test_an_engine_taken_for_dead_that_comes_back_stops_what_failed_over(nats_url: str) -> None:
+    """SIGSTOP past the heartbeat timeout, then SIGCONT: the instance's requests failed over meanwhile, but
+    its engine still runs them. When its heartbeats come back the scheduler stops those copies quietly (no
+    RequestDone from the zombie); the clients get every token once, from the instance that took over."""
+    cluster = await asyncio.to_thread(_cluster, nats_url, ("zb-a", "zb-b"), 0.6)
+    try:
+        async with DroverClient(cluster.url, name="zombie") as client:
+            await client.wait_for_instances(2, timeout_s=10)
+            streams = [
+                await client.submit(
+                    f"zombie {i}", sampling=SamplingParams(max_tokens=900, ignore_eos=True), request_id=f"zb-{i}"
+                )
+                for i in range(6)
+            ]
+            for stream in streams:
+                async for _ in stream.events():
+                    if len(stream.result_data.token_ids) >= 5:
+                        break
+            host = cluster.hosts["zb-a"]
+            host.heartbeater.stop()  # taken for dead; its engine keeps generating (a zombie)
+            status = await client.status()
+            while "zb-a" in {i.info.instance_id for i in status.instances}:
+                await asyncio.sleep(0.1)
+                status = await client.status()
+            await asyncio.sleep(0.5)  # its requests fail over to zb-b
+            assert host.engine.load().num_running > 0
+            host.heartbeater = Heartbeater(host.bus, host.engine, 0.05)  # heartbeats come back
+            host.heartbeater.start()
+            deadline = time.monotonic() + 3
+            while host.engine.load().num_running > 0:
+                assert time.monotonic() < deadline, "the zombie still runs requests that failed over"
+                await asyncio.sleep(0.1)
+            assert (await client.status()).requests  # stopped, not finished: they still run on zb-b
+            for i, stream in enumerate(streams):
+                result = await asyncio.wait_for(stream.result(), 60)
+                assert result.token_ids == [token_at(request_seed(0, f"zb-{i}"), p) for p in range(900)]
+                assert result.done is not None and result.done.finish_reason != "abort"
+    finally:
         await asyncio.to_thread(cluster.stop)
