@@ -13,11 +13,13 @@ import concurrent.futures
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 import pykka
+from nats.errors import NoRespondersError
 from opentelemetry import trace
 
 from engines.base import Engine, EngineError, EngineRequest
@@ -40,6 +42,7 @@ from transport.messages import (
     ErrorReply,
     GroupCommand,
     InstanceHeartbeat,
+    Message,
     MigrateIn,
     MigrateInReply,
     MigrateOut,
@@ -49,6 +52,7 @@ from transport.messages import (
     Timings,
     TokenChunk,
     Usage,
+    encode,
     peer_version,
 )
 
@@ -71,6 +75,9 @@ class _Stream:
     migrated_out: bool = False
     abort_code: str = ""  # the scheduler aborted it with an error code (deadline, client gone): end with it
     last_sent_at: float = 0.0  # time.perf_counter() of the last chunk (inter-token metric)
+    sent: list[Message] = field(default_factory=list)  # every chunk (and the final reply), for re-sending
+    ended_at: float = 0.0  # time.monotonic() when the request left this engine
+    tokens: list[int] = field(default_factory=list)  # the whole output so far (resumed tokens included)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +88,9 @@ class _Ended:
 
 
 class EngineActor(pykka.ThreadingActor):
-    def __init__(self, bus: Bus, engine: Engine, tokenizer: Tokenizer) -> None:
+    def __init__(self, bus: Bus, engine: Engine, tokenizer: Tokenizer, *, resend_window_s: float = 30.0) -> None:
+        """``resend_window_s``: after a NATS reconnect, re-send what was streamed to clients this recently
+        (``reliability.resend_window_s``)."""
         super().__init__()
         self.bus = bus
         self.engine = engine
@@ -96,6 +105,10 @@ class EngineActor(pykka.ThreadingActor):
             from actors.engine_groups import group_agent_for
 
             self.groups = group_agent_for(self)
+        self.resend_window_s = resend_window_s
+        self._ended: deque[_Stream] = deque()  # recently ended streams, oldest first (loop-only)
+        self._storing: set[asyncio.Task[None]] = set()
+        bus.on_reconnect(self._on_bus_reconnected)
 
     def on_stop(self) -> None:
         if self.groups is not None:
@@ -132,15 +145,10 @@ class EngineActor(pykka.ThreadingActor):
 
     def _add(self, add: EngineAdd, headers: dict[str, str]) -> bool:
         if add.request_id in self.running:
-            self.bus.publish(
-                add.reply_to,
-                ErrorReply(
-                    code=ErrorCode.DUPLICATE_REQUEST,
-                    message=f"request {add.request_id} already runs on {self.instance_id}",
-                    request_id=add.request_id,
-                    v=peer_version(add.client_v),
-                ),
-            )
+            # A second dispatch of what already streams from here (e.g. failed over from an earlier
+            # incarnation of this instance that the new one had already been handed): the running copy
+            # serves the client; an error to the client would end a healthy request.
+            log.warning("engine %s: %s already runs here; duplicate dispatch ignored", self.instance_id, add.request_id)
             return False
         context_len = len(add.prompt_token_ids) + len(add.output_token_ids)
         max_len = self.engine.info.max_model_len
@@ -157,6 +165,9 @@ class EngineActor(pykka.ThreadingActor):
                 reply, ErrorCode.UNKNOWN_REQUEST, f"no request {abort.request_id} on {self.instance_id}"
             )
             return
+        if abort.reason == "superseded":
+            self.bus.run(self._supersede(abort.request_id))
+            return
         if abort.reason in (ErrorCode.DEADLINE_EXCEEDED, ErrorCode.CLIENT_GONE):
             self.bus.call_soon(self._mark_abort, abort.request_id, abort.reason)  # runs before the abort below
         self.bus.run(self.engine.abort(abort.request_id))
@@ -165,6 +176,14 @@ class EngineActor(pykka.ThreadingActor):
         stream = self._streams.get(request_id)
         if stream is not None:
             stream.abort_code = code
+
+    async def _supersede(self, request_id: str) -> None:
+        """The request failed over elsewhere while this instance was taken for dead: stop it here quietly
+        (no more chunks, no RequestDone), as a migrated-away request ends."""
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.migrated_out = True
+        await self.engine.abort(request_id)
 
     def _reject(self, add: EngineAdd, code: ErrorCode, text: str) -> None:
         log.info("engine %s rejects %s: %s", self.instance_id, add.request_id, text)
@@ -196,7 +215,7 @@ class EngineActor(pykka.ThreadingActor):
             kv_transfer=add.kv_transfer,
         )
         detok = IncrementalDetokenizer(self.tokenizer)
-        stream = _Stream(add=add, index=len(add.output_token_ids))
+        stream = _Stream(add=add, index=len(add.output_token_ids), tokens=list(add.output_token_ids))
         self._streams[add.request_id] = stream
         added_at = time.time()
         first_token_at: float | None = None
@@ -227,8 +246,8 @@ class EngineActor(pykka.ThreadingActor):
                     break
         except EngineError as exc:
             finish_reason, error = "error", str(exc)
-            await self.bus.apublish(
-                add.reply_to,
+            await self._send_final(
+                stream,
                 ErrorReply(
                     code=ErrorCode.INVALID_REQUEST,
                     message=str(exc),
@@ -242,8 +261,8 @@ class EngineActor(pykka.ThreadingActor):
         except Exception as exc:
             log.exception("engine %s failed request %s", self.instance_id, add.request_id)
             finish_reason, error = "error", f"engine failure: {exc}"
-            await self.bus.apublish(
-                add.reply_to,
+            await self._send_final(
+                stream,
                 ErrorReply(
                     code=ErrorCode.ENGINE_FAILED, message=error, request_id=add.request_id, v=peer_version(add.client_v)
                 ),
@@ -256,8 +275,8 @@ class EngineActor(pykka.ThreadingActor):
                 finish_reason = "migrated"
             if stream.abort_code and finish_reason == "abort":  # after its last chunk, the scheduler's reason
                 error = stream.abort_code
-                await self.bus.apublish(
-                    add.reply_to,
+                await self._send_final(
+                    stream,
                     ErrorReply(
                         code=ErrorCode(stream.abort_code),
                         message=f"stopped by the scheduler after {index} tokens: {stream.abort_code}",
@@ -266,8 +285,8 @@ class EngineActor(pykka.ThreadingActor):
                     ),
                 )
             elif finish_reason not in ("error", "migrated"):
-                await self.bus.apublish(
-                    add.reply_to,
+                await self._send_final(
+                    stream,
                     RequestDone(
                         request_id=add.request_id,
                         finish_reason=finish_reason,
@@ -280,8 +299,12 @@ class EngineActor(pykka.ThreadingActor):
                         instances=[*add.served_by, self.instance_id],
                         num_tokens=index,
                         v=peer_version(add.client_v),
+                        output_token_ids=stream.tokens[:index],
                     ),
                 )
+            stream.ended_at = time.monotonic()
+            self._ended.append(stream)
+            self._forget_ended(stream.ended_at)
             await self.bus.apublish(
                 subjects.ENGINE_EVENTS,
                 EngineRequestEnded(
@@ -316,18 +339,71 @@ class EngineActor(pykka.ThreadingActor):
             gap = (now - stream.last_sent_at) / len(token_ids)
             metrics().observe_inter_token([gap] * len(token_ids), str(add.request_class))
         stream.last_sent_at = now
-        await self.bus.apublish(
-            add.reply_to,
-            TokenChunk(
-                request_id=add.request_id,
-                index=index,
-                token_ids=token_ids,
-                text=text,
-                instance_id=self.instance_id,
-                produced_at=time.time(),
-                v=peer_version(add.client_v),
-            ),
+        chunk = TokenChunk(
+            request_id=add.request_id,
+            index=index,
+            token_ids=token_ids,
+            text=text,
+            instance_id=self.instance_id,
+            produced_at=time.time(),
+            v=peer_version(add.client_v),
         )
+        stream.sent.append(chunk)
+        stream.tokens.extend(token_ids)
+        await self.bus.apublish(add.reply_to, chunk)
+
+    async def _send_final(self, stream: _Stream, message: Message) -> None:
+        """Send the last reply (RequestDone, which carries every token, or an error) at once, then make sure
+        the output stream holds it: a JetStream publish, retried until acknowledged, so a client that lost
+        chunks or the reply itself with a NATS node finds it there."""
+        stream.sent.append(message)
+        reply_to = stream.add.reply_to
+        await self.bus.apublish(reply_to, message)
+        if reply_to.startswith(subjects.INBOX_ROOT + "."):
+            task = self.bus.loop.create_task(self._store_final(reply_to, stream.add.request_id, message))
+            self._storing.add(task)
+            task.add_done_callback(self._storing.discard)
+
+    async def _store_final(self, reply_to: str, request_id: str, message: Message) -> None:
+        data = encode(message)
+        headers = {"Nats-Msg-Id": f"{request_id}:final:{self.instance_id}"}  # stored once however often sent
+        deadline = time.monotonic() + self.resend_window_s
+        while time.monotonic() < deadline:
+            try:
+                await self.bus.nc.jetstream(timeout=2).publish(reply_to, data, headers=headers)
+                return
+            except NoRespondersError:
+                return  # no output stream captures this inbox (no JetStream): the core publish is all
+            except Exception as exc:  # no stream leader yet (a NATS node died), reconnecting: retry
+                log.debug("engine %s: storing the reply of %s: %s", self.instance_id, request_id, exc)
+                await asyncio.sleep(0.25)
+        log.warning("engine %s: reply of %s not stored in %.0fs", self.instance_id, request_id, self.resend_window_s)
+
+    # ------------------------------------------------------------------------------------------- NATS faults
+    def _on_bus_reconnected(self) -> None:
+        """On the bus loop after a reconnect: what was in flight through a NATS node that died may be lost
+        (with the stream's copy, if that node led it). Re-send every chunk and final reply of running and
+        recently ended requests; clients keep one copy of each token by index."""
+        if self.actor_ref.is_alive():
+            self.bus.loop.create_task(self._resend())
+
+    def _forget_ended(self, now: float) -> None:
+        while self._ended and self._ended[0].ended_at < now - self.resend_window_s:
+            self._ended.popleft()
+
+    async def _resend(self) -> None:
+        self._forget_ended(time.monotonic())
+        streams = [*self._streams.values(), *self._ended]
+        since = self.bus.disconnected_at - 1.0  # what may have been in flight when the connection broke
+        count = 0
+        for stream in streams:
+            for message in list(stream.sent):
+                if isinstance(message, TokenChunk) and message.produced_at < since:
+                    continue
+                await self.bus.apublish(stream.add.reply_to, message)
+                count += 1
+        if count:
+            log.info("engine %s re-sent %d messages of %d requests (reconnect)", self.instance_id, count, len(streams))
 
     async def end_evicted(self, request_id: str, outputs: list[int]) -> None:
         """An evicted request's stream ends without RequestDone; the client first gets every output token
