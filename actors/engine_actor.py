@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -19,6 +20,7 @@ from typing import Any
 
 import msgspec
 import pykka
+from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from opentelemetry import trace
 
@@ -108,6 +110,7 @@ class EngineActor(pykka.ThreadingActor):
         self.resend_window_s = resend_window_s
         self._ended: deque[_Stream] = deque()  # recently ended streams, oldest first (loop-only)
         self._storing: set[asyncio.Task[None]] = set()
+        self._store_off_until = 0.0  # a final reply got no PubAck while connected: no output stream here
         bus.on_reconnect(self._on_bus_reconnected)
 
     def on_stop(self) -> None:
@@ -353,30 +356,61 @@ class EngineActor(pykka.ThreadingActor):
         await self.bus.apublish(add.reply_to, chunk)
 
     async def _send_final(self, stream: _Stream, message: Message) -> None:
-        """Send the last reply (RequestDone, which carries every token, or an error) at once, then make sure
-        the output stream holds it: a JetStream publish, retried until acknowledged, so a client that lost
-        chunks or the reply itself with a NATS node finds it there."""
+        """Send the last reply (RequestDone, which carries every token, or an error) as ONE JetStream publish
+        to the client's inbox: the client receives it like any message and the output stream stores it, so a
+        client that lost chunks or the reply itself with a NATS node finds it there. One publish, not a core
+        publish plus a stored copy: the client's inbox sees a request end once. The PubAck is awaited in the
+        background (what follows, EngineRequestEnded, is not delayed); an unacknowledged publish while this
+        connection is down is retried until acknowledged."""
         stream.sent.append(message)
         reply_to = stream.add.reply_to
-        await self.bus.apublish(reply_to, message)
-        if reply_to.startswith(subjects.INBOX_ROOT + "."):
-            task = self.bus.loop.create_task(self._store_final(reply_to, stream.add.request_id, message))
-            self._storing.add(task)
-            task.add_done_callback(self._storing.discard)
+        if not reply_to.startswith(subjects.INBOX_ROOT + ".") or time.monotonic() < self._store_off_until:
+            await self.bus.apublish(reply_to, message)  # no output stream captures it: no ack to wait for
+            return
+        request_id = stream.add.request_id
+        try:
+            nc = self.bus.nc
+            ack_inbox = nc.new_inbox()  # under this engine's reply prefix (its permissions allow it)
+            sub = await nc.subscribe(ack_inbox, max_msgs=1)
+            await nc.publish(reply_to, encode(message), reply=ack_inbox, headers=self._final_headers(request_id))
+        except Exception as exc:
+            log.debug("engine %s: final reply of %s: %s", self.instance_id, request_id, exc)
+            sub = None
+        task = self.bus.loop.create_task(self._await_stored(sub, reply_to, request_id, message))
+        self._storing.add(task)
+        task.add_done_callback(self._storing.discard)
+
+    def _final_headers(self, request_id: str) -> dict[str, str]:
+        return {"Nats-Msg-Id": f"{request_id}:final:{self.instance_id}"}  # stored once however often sent
+
+    async def _await_stored(self, sub: Subscription | None, reply_to: str, request_id: str, message: Message) -> None:
+        if sub is not None:
+            try:
+                await sub.next_msg(timeout=2)  # a PubAck, or a no-responders status: nobody listens there
+                return
+            except Exception:
+                if self.bus.nc.is_connected:  # delivered to the inbox, but nothing stored it: no stream here
+                    self._store_off_until = time.monotonic() + 10.0
+                    return
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        await self._store_final(reply_to, request_id, message)
 
     async def _store_final(self, reply_to: str, request_id: str, message: Message) -> None:
-        data = encode(message)
-        headers = {"Nats-Msg-Id": f"{request_id}:final:{self.instance_id}"}  # stored once however often sent
+        """Retry the final reply as a JetStream publish until acknowledged (this connection was down)."""
         deadline = time.monotonic() + self.resend_window_s
         while time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
             try:
-                await self.bus.nc.jetstream(timeout=2).publish(reply_to, data, headers=headers)
+                await self.bus.nc.jetstream(timeout=2).publish(
+                    reply_to, encode(message), headers=self._final_headers(request_id)
+                )
                 return
             except NoRespondersError:
-                return  # no output stream captures this inbox (no JetStream): the core publish is all
+                return  # nobody listens there and no output stream captures it
             except Exception as exc:  # no stream leader yet (a NATS node died), reconnecting: retry
                 log.debug("engine %s: storing the reply of %s: %s", self.instance_id, request_id, exc)
-                await asyncio.sleep(0.25)
         log.warning("engine %s: reply of %s not stored in %.0fs", self.instance_id, request_id, self.resend_window_s)
 
     # ------------------------------------------------------------------------------------------- NATS faults
