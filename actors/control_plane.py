@@ -100,10 +100,10 @@ class ControlPlane:
         return self._leading.is_set()
 
     def start(self) -> ControlPlane:
-        rel = self.settings.reliability
-        self.output_stream = self.bus.run(
-            ensure_output_stream(self.bus.nc, max_age_s=rel.output_retention_s, max_bytes=rel.output_max_bytes)
-        ).result(timeout=15)
+        self.output_stream = self.bus.run(self._ensure_output_stream()).result(timeout=15)
+        # A restarted single NATS node may come back without the (memory) stream: declare it again (leader or
+        # standby: whoever leads next needs it too).
+        self.bus.on_reconnect(self._redeclare_output_stream)
         ha = self.settings.ha
         state_kv: Any = None
         if ha.enabled:
@@ -259,6 +259,30 @@ class ControlPlane:
                 log.info("control plane left the leader role")
             else:
                 log.warning("control plane lost its lease: standing by")
+
+    async def _ensure_output_stream(self) -> bool:
+        rel = self.settings.reliability
+        self.output_stream = await ensure_output_stream(
+            self.bus.nc, max_age_s=rel.output_retention_s, max_bytes=rel.output_max_bytes, replicas=rel.output_replicas
+        )
+        return self.output_stream
+
+    def _redeclare_output_stream(self) -> None:
+        """After a reconnect: the output stream, and with HA the lease and state buckets, may be gone with a
+        restarted (single, in-memory) NATS server; declare them again (existing handles bind by name)."""
+        self.bus.run(self._redeclare())
+
+    async def _redeclare(self) -> None:
+        await self._ensure_output_stream()
+        if self.leadership is None:
+            return
+        ha = self.settings.ha
+        try:
+            await self.leadership.open()
+            if self._state_kv is not None:
+                await open_bucket(self.bus.nc, ha.state_bucket, memory=ha.state_memory, replicas=ha.replicas)
+        except Exception as exc:
+            log.warning("re-declaring the HA buckets after a reconnect failed: %r", exc)
 
     def _only(self, kinds: tuple[type, ...], slot: ActorSlot | None) -> Callable[[Envelope], Awaitable[None] | None]:
         """A handler that passes on the message kinds a subject carries and refuses any other kind."""

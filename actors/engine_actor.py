@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 import pykka
+from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError
 from opentelemetry import trace
 
 from actors.local_autoscaler import LocalAutoscaler
@@ -41,6 +45,7 @@ from transport.messages import (
     ErrorReply,
     GroupCommand,
     InstanceHeartbeat,
+    Message,
     MigrateIn,
     MigrateInReply,
     MigrateOut,
@@ -51,6 +56,7 @@ from transport.messages import (
     Timings,
     TokenChunk,
     Usage,
+    encode,
     peer_version,
 )
 
@@ -73,6 +79,9 @@ class _Stream:
     migrated_out: bool = False
     abort_code: str = ""  # the scheduler aborted it with an error code (deadline, client gone): end with it
     last_sent_at: float = 0.0  # time.perf_counter() of the last chunk (inter-token metric)
+    sent: list[Message] = field(default_factory=list)  # every chunk (and the final reply), for re-sending
+    ended_at: float = 0.0  # time.monotonic() when the request left this engine
+    tokens: list[int] = field(default_factory=list)  # the whole output so far (resumed tokens included)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +97,18 @@ class _AdmitHeld:
 
 
 class EngineActor(pykka.ThreadingActor):
-    def __init__(self, bus: Bus, engine: Engine, tokenizer: Tokenizer, local: LocalAutoscaler | None = None) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        engine: Engine,
+        tokenizer: Tokenizer,
+        local: LocalAutoscaler | None = None,
+        *,
+        resend_window_s: float = 30.0,
+    ) -> None:
+        """``local``: the local autoscaler's admission limit (None: admit everything). ``resend_window_s``:
+        after a NATS reconnect, re-send what was streamed to clients this recently
+        (``reliability.resend_window_s``)."""
         super().__init__()
         self.local = local  # admission limit (local autoscaler); None: admit everything
         self.bus = bus
@@ -105,6 +125,11 @@ class EngineActor(pykka.ThreadingActor):
             from actors.engine_groups import group_agent_for
 
             self.groups = group_agent_for(self)
+        self.resend_window_s = resend_window_s
+        self._ended: deque[_Stream] = deque()  # recently ended streams, oldest first (loop-only)
+        self._storing: set[asyncio.Task[None]] = set()
+        self._store_off_until = 0.0  # a final reply got no PubAck while connected: no output stream here
+        bus.on_reconnect(self._on_bus_reconnected)
 
     def on_stop(self) -> None:
         if self.groups is not None:
@@ -160,15 +185,10 @@ class EngineActor(pykka.ThreadingActor):
 
     def _add(self, add: EngineAdd, headers: dict[str, str]) -> bool:
         if add.request_id in self.running or (self.local is not None and self.local.is_held(add.request_id)):
-            self.bus.publish(
-                add.reply_to,
-                ErrorReply(
-                    code=ErrorCode.DUPLICATE_REQUEST,
-                    message=f"request {add.request_id} already runs on {self.instance_id}",
-                    request_id=add.request_id,
-                    v=peer_version(add.client_v),
-                ),
-            )
+            # A second dispatch of what already streams (or waits) here (the scheduler re-sends an
+            # unacknowledged EngineAdd; or failed over from an earlier incarnation of this instance): the
+            # running copy serves the client; an error to the client would end a healthy request.
+            log.warning("engine %s: %s already runs here; duplicate dispatch ignored", self.instance_id, add.request_id)
             return False
         context_len = len(add.prompt_token_ids) + len(add.output_token_ids)
         max_len = self.engine.info.max_model_len
@@ -213,6 +233,9 @@ class EngineActor(pykka.ThreadingActor):
                 reply, ErrorCode.UNKNOWN_REQUEST, f"no request {abort.request_id} on {self.instance_id}"
             )
             return
+        if abort.reason == "superseded":
+            self.bus.run(self._supersede(abort.request_id))
+            return
         if abort.reason in (ErrorCode.DEADLINE_EXCEEDED, ErrorCode.CLIENT_GONE):
             self.bus.call_soon(self._mark_abort, abort.request_id, abort.reason)  # runs before the abort below
         if evicted:
@@ -223,6 +246,14 @@ class EngineActor(pykka.ThreadingActor):
         stream = self._streams.get(request_id)
         if stream is not None:
             stream.abort_code = code
+
+    async def _supersede(self, request_id: str) -> None:
+        """The request failed over elsewhere while this instance was taken for dead: stop it here quietly
+        (no more chunks, no RequestDone), as a migrated-away request ends."""
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.migrated_out = True
+        await self.engine.abort(request_id)
 
     def _reject(self, add: EngineAdd, code: ErrorCode, text: str) -> None:
         log.info("engine %s rejects %s: %s", self.instance_id, add.request_id, text)
@@ -254,7 +285,7 @@ class EngineActor(pykka.ThreadingActor):
             kv_transfer=add.kv_transfer,
         )
         detok = IncrementalDetokenizer(self.tokenizer)
-        stream = _Stream(add=add, index=len(add.output_token_ids))
+        stream = _Stream(add=add, index=len(add.output_token_ids), tokens=list(add.output_token_ids))
         self._streams[add.request_id] = stream
         added_at = time.time()
         first_token_at: float | None = None
@@ -285,8 +316,8 @@ class EngineActor(pykka.ThreadingActor):
                     break
         except EngineError as exc:
             finish_reason, error = "error", str(exc)
-            await self.bus.apublish(
-                add.reply_to,
+            await self._send_final(
+                stream,
                 ErrorReply(
                     code=ErrorCode.INVALID_REQUEST,
                     message=str(exc),
@@ -300,8 +331,8 @@ class EngineActor(pykka.ThreadingActor):
         except Exception as exc:
             log.exception("engine %s failed request %s", self.instance_id, add.request_id)
             finish_reason, error = "error", f"engine failure: {exc}"
-            await self.bus.apublish(
-                add.reply_to,
+            await self._send_final(
+                stream,
                 ErrorReply(
                     code=ErrorCode.ENGINE_FAILED, message=error, request_id=add.request_id, v=peer_version(add.client_v)
                 ),
@@ -317,8 +348,8 @@ class EngineActor(pykka.ThreadingActor):
             self._evicted.discard(add.request_id)
             if stream.abort_code and finish_reason == "abort":  # after its last chunk, the scheduler's reason
                 error = stream.abort_code
-                await self.bus.apublish(
-                    add.reply_to,
+                await self._send_final(
+                    stream,
                     ErrorReply(
                         code=ErrorCode(stream.abort_code),
                         message=f"stopped by the scheduler after {index} tokens: {stream.abort_code}",
@@ -327,8 +358,8 @@ class EngineActor(pykka.ThreadingActor):
                     ),
                 )
             elif finish_reason not in ("error", "migrated", "evicted"):
-                await self.bus.apublish(
-                    add.reply_to,
+                await self._send_final(
+                    stream,
                     RequestDone(
                         request_id=add.request_id,
                         finish_reason=finish_reason,
@@ -341,8 +372,12 @@ class EngineActor(pykka.ThreadingActor):
                         instances=[*add.served_by, self.instance_id],
                         num_tokens=index,
                         v=peer_version(add.client_v),
+                        output_token_ids=stream.tokens[:index],
                     ),
                 )
+            stream.ended_at = time.monotonic()
+            self._ended.append(stream)
+            self._forget_ended(stream.ended_at)
             await self.bus.apublish(
                 subjects.ENGINE_EVENTS,
                 EngineRequestEnded(
@@ -380,18 +415,102 @@ class EngineActor(pykka.ThreadingActor):
         stream.last_sent_at = now
         if self.local is not None:
             self.local.observe_tokens(len(token_ids), gap)
-        await self.bus.apublish(
-            add.reply_to,
-            TokenChunk(
-                request_id=add.request_id,
-                index=index,
-                token_ids=token_ids,
-                text=text,
-                instance_id=self.instance_id,
-                produced_at=time.time(),
-                v=peer_version(add.client_v),
-            ),
+        chunk = TokenChunk(
+            request_id=add.request_id,
+            index=index,
+            token_ids=token_ids,
+            text=text,
+            instance_id=self.instance_id,
+            produced_at=time.time(),
+            v=peer_version(add.client_v),
         )
+        stream.sent.append(chunk)
+        stream.tokens.extend(token_ids)
+        await self.bus.apublish(add.reply_to, chunk)
+
+    async def _send_final(self, stream: _Stream, message: Message) -> None:
+        """Send the last reply (RequestDone, which carries every token, or an error) as ONE JetStream publish
+        to the client's inbox: the client receives it like any message and the output stream stores it, so a
+        client that lost chunks or the reply itself with a NATS node finds it there. One publish, not a core
+        publish plus a stored copy: the client's inbox sees a request end once. The PubAck is awaited in the
+        background (what follows, EngineRequestEnded, is not delayed); an unacknowledged publish while this
+        connection is down is retried until acknowledged."""
+        stream.sent.append(message)
+        reply_to = stream.add.reply_to
+        if not reply_to.startswith(subjects.INBOX_ROOT + ".") or time.monotonic() < self._store_off_until:
+            await self.bus.apublish(reply_to, message)  # no output stream captures it: no ack to wait for
+            return
+        request_id = stream.add.request_id
+        try:
+            nc = self.bus.nc
+            ack_inbox = nc.new_inbox()  # under this engine's reply prefix (its permissions allow it)
+            sub = await nc.subscribe(ack_inbox, max_msgs=1)
+            await nc.publish(reply_to, encode(message), reply=ack_inbox, headers=self._final_headers(request_id))
+        except Exception as exc:
+            log.debug("engine %s: final reply of %s: %s", self.instance_id, request_id, exc)
+            sub = None
+        task = self.bus.loop.create_task(self._await_stored(sub, reply_to, request_id, message))
+        self._storing.add(task)
+        task.add_done_callback(self._storing.discard)
+
+    def _final_headers(self, request_id: str) -> dict[str, str]:
+        return {"Nats-Msg-Id": f"{request_id}:final:{self.instance_id}"}  # stored once however often sent
+
+    async def _await_stored(self, sub: Subscription | None, reply_to: str, request_id: str, message: Message) -> None:
+        if sub is not None:
+            try:
+                await sub.next_msg(timeout=2)  # a PubAck, or a no-responders status: nobody listens there
+                return
+            except Exception:
+                if self.bus.nc.is_connected:  # delivered to the inbox, but nothing stored it: no stream here
+                    self._store_off_until = time.monotonic() + 10.0
+                    return
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        await self._store_final(reply_to, request_id, message)
+
+    async def _store_final(self, reply_to: str, request_id: str, message: Message) -> None:
+        """Retry the final reply as a JetStream publish until acknowledged (this connection was down)."""
+        deadline = time.monotonic() + self.resend_window_s
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
+            try:
+                await self.bus.nc.jetstream(timeout=2).publish(
+                    reply_to, encode(message), headers=self._final_headers(request_id)
+                )
+                return
+            except NoRespondersError:
+                return  # nobody listens there and no output stream captures it
+            except Exception as exc:  # no stream leader yet (a NATS node died), reconnecting: retry
+                log.debug("engine %s: storing the reply of %s: %s", self.instance_id, request_id, exc)
+        log.warning("engine %s: reply of %s not stored in %.0fs", self.instance_id, request_id, self.resend_window_s)
+
+    # ------------------------------------------------------------------------------------------- NATS faults
+    def _on_bus_reconnected(self) -> None:
+        """On the bus loop after a reconnect: what was in flight through a NATS node that died may be lost
+        (with the stream's copy, if that node led it). Re-send every chunk and final reply of running and
+        recently ended requests; clients keep one copy of each token by index."""
+        if self.actor_ref.is_alive():
+            self.bus.loop.create_task(self._resend())
+
+    def _forget_ended(self, now: float) -> None:
+        while self._ended and self._ended[0].ended_at < now - self.resend_window_s:
+            self._ended.popleft()
+
+    async def _resend(self) -> None:
+        self._forget_ended(time.monotonic())
+        streams = [*self._streams.values(), *self._ended]
+        since = self.bus.disconnected_at - 1.0  # what may have been in flight when the connection broke
+        count = 0
+        for stream in streams:
+            for message in list(stream.sent):
+                if isinstance(message, TokenChunk) and message.produced_at < since:
+                    continue
+                await self.bus.apublish(stream.add.reply_to, message)
+                count += 1
+        if count:
+            log.info("engine %s re-sent %d messages of %d requests (reconnect)", self.instance_id, count, len(streams))
 
     async def end_evicted(self, request_id: str, outputs: list[int]) -> None:
         """An evicted request's stream ends without RequestDone; the client first gets every output token

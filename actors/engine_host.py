@@ -106,7 +106,13 @@ class EngineHost:
 
     def start(self, timeout_s: float = 600.0) -> EngineHost:
         self.bus.run(self.engine.start()).result(timeout=timeout_s)
-        self.actor = EngineActor.start(self.bus, self.engine, self.tokenizer, self.local)
+        self.actor = EngineActor.start(
+            self.bus,
+            self.engine,
+            self.tokenizer,
+            self.local,
+            resend_window_s=self.settings.reliability.resend_window_s,
+        )
         actor = self.actor
         self.bus.subscribe(subjects.engine(self.instance_id), actor.tell)
         self.heartbeater.start()
@@ -117,7 +123,13 @@ class EngineHost:
         """Start from inside the bus's event loop (a bus created with ``loop=``)."""
         if not engine_started:
             await self.engine.start()
-        self.actor = EngineActor.start(self.bus, self.engine, self.tokenizer, self.local)
+        self.actor = EngineActor.start(
+            self.bus,
+            self.engine,
+            self.tokenizer,
+            self.local,
+            resend_window_s=self.settings.reliability.resend_window_s,
+        )
         await self.bus.asubscribe(subjects.engine(self.instance_id), self.actor.tell)
         self.heartbeater.start()
         return self

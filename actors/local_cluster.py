@@ -11,6 +11,7 @@ from actors.engine_host import EngineHost
 from control.settings import Settings
 from engines.base import Engine
 from engines.tokenizer import Tokenizer
+from transport import subjects
 from transport.bus import Bus, BusOptions
 from transport.kv_store import delete_bucket
 from transport.nats_auth import NatsAuth
@@ -40,8 +41,21 @@ class InProcessCluster:
         assert self.settings.nats.url, "settings.nats.url must be set"
         return self.settings.nats.url
 
+    def _bus_options(self, name: str, auth: NatsAuth | None, inbox_prefix: str | None = None) -> BusOptions:
+        """Connect as ``auth`` with the reconnect and ping settings of ``settings.nats``."""
+        nats = self.settings.nats
+        return BusOptions.with_auth(
+            self.url,
+            name,
+            auth,
+            reconnect_wait_s=nats.reconnect_wait_s,
+            ping_interval_s=nats.ping_interval_s,
+            max_outstanding_pings=nats.max_outstanding_pings,
+            inbox_prefix=inbox_prefix,
+        )
+
     def start_control(self) -> ControlPlane:
-        self.control_bus = Bus(BusOptions.with_auth(self.url, "drover-control", self.control_auth)).start()
+        self.control_bus = Bus(self._bus_options("drover-control", self.control_auth)).start()
         self.control = ControlPlane(self.settings, self.control_bus, self.tokenizer).start()
         return self.control
 
@@ -55,14 +69,15 @@ class InProcessCluster:
 
     def start_standby(self) -> ControlPlane:
         """Another control plane on its own connection (it leads once the current leader's lease is gone)."""
-        bus = Bus(BusOptions.with_auth(self.url, f"drover-control-{len(self.standbys) + 1}", self.control_auth)).start()
+        bus = Bus(self._bus_options(f"drover-control-{len(self.standbys) + 1}", self.control_auth)).start()
         plane = ControlPlane(self.settings, bus, self.tokenizer).start()
         self.standbys.append((plane, bus))
         return plane
 
     def add_engine(self, engine: Engine, tokenizer: Tokenizer | None = None) -> EngineHost:
         instance_id = engine.info.instance_id
-        bus = Bus(BusOptions.with_auth(self.url, f"drover-engine-{instance_id}", self.engine_auth)).start()
+        prefix = subjects.engine_inbox_prefix(instance_id)
+        bus = Bus(self._bus_options(f"drover-engine-{instance_id}", self.engine_auth, prefix)).start()
         host = EngineHost(self.settings, bus, engine, tokenizer or self.tokenizer).start()
         self.hosts[instance_id] = host
         self._buses[instance_id] = bus

@@ -8,6 +8,7 @@ simulator).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import math
@@ -63,6 +64,7 @@ from transport.messages import (
     StatusReply,
     SubmitRequest,
     Usage,
+    encode,
     peer_version,
 )
 from transport.output_stream import delivered_tokens
@@ -80,6 +82,7 @@ class InstanceRecord:
     drain_requested: bool = False  # an operator asked (drover drain)
     can_migrate: bool = False
     dispatched: int = 0
+    seq: int = 0  # last heartbeat sequence number (restarts at 1 with a new process)
 
 
 @dataclass(slots=True)
@@ -117,6 +120,16 @@ class _Recovered:
     tokens: list[int]
     finished: bool
     error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _AddUnacked:
+    """An EngineAdd got no acknowledgement (lost with a NATS node, or nobody subscribed yet)."""
+
+    instance_id: str
+    add: EngineAdd
+    headers: dict[str, str]
+    attempt: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +186,8 @@ class SchedulerActor(SupervisedActor):
             self._on_acknowledged(message.request_id)
         elif self.classes.handles(message):
             self.classes.on_message(message, self.instances, self.requests, len(self.queue))
+        elif isinstance(message, _AddUnacked):
+            self._on_add_unacked(message)
         return None
 
     def _on_envelope(self, envelope: Envelope) -> None:
@@ -217,6 +232,11 @@ class SchedulerActor(SupervisedActor):
             record = InstanceRecord(info=beat.info, load=beat.load, last_seen=time.monotonic())
             self.instances[instance_id] = record
             log.info("instance %s joined (%s, %d blocks)", instance_id, beat.info.engine_kind, beat.info.num_blocks)
+        elif beat.seq < record.seq or (beat.info.pid and record.info.pid and beat.info.pid != record.info.pid):
+            # Restarted under the same id faster than it could be declared dead: what ran there is gone.
+            log.warning("instance %s restarted (heartbeat seq %d -> %d)", instance_id, record.seq, beat.seq)
+            self._fail_over(instance_id)
+        record.seq = beat.seq
         save = is_new or record.state == "restored" or record.info != beat.info
         record.info, record.load, record.last_seen = beat.info, beat.load, time.monotonic()
         record.state, record.draining, record.can_migrate = beat.state, beat.draining, beat.can_migrate
@@ -225,7 +245,8 @@ class SchedulerActor(SupervisedActor):
         self.memory.on_heartbeat(beat)
         self.classes.on_heartbeat(beat)
         self.policy.upsert(self._snapshot(record))
-        self.state.on_heartbeat(self, beat)
+        self.state.on_heartbeat(self, beat)  # confirms restored requests first: they are not superseded
+        self._stop_superseded(instance_id, beat)
         load = beat.load
         metrics().update_instance(
             InstanceGauges(
@@ -240,6 +261,25 @@ class SchedulerActor(SupervisedActor):
         )
         if is_new:
             self._drain_queue()
+
+    def _stop_superseded(self, instance_id: str, beat: InstanceHeartbeat) -> None:
+        """An instance taken for dead (SIGSTOP, a cut link) that comes back still runs what failed over
+        elsewhere meanwhile: stop those copies without a word to their clients."""
+        for running in beat.load.running:
+            record = self.requests.get(running.request_id)
+            if (
+                record is None
+                or record.instance_id == instance_id
+                or running.request_id in self.migrations
+                or running.request_id in self.state.unconfirmed
+            ):
+                continue
+            log.info("stopping %s on %s: it runs elsewhere since a failover", running.request_id, instance_id)
+            version = peer_version(beat.info.protocol_version)
+            self.bus.publish(
+                subjects.engine(instance_id),
+                EngineAbort(request_id=running.request_id, reason="superseded", v=version),
+            )
 
     def _snapshot(self, record: InstanceRecord) -> InstanceSnapshot:
         load = record.load
@@ -317,11 +357,18 @@ class SchedulerActor(SupervisedActor):
             self.bus.run(self._read_delivered(record.request_id, record.submit.reply_to))
 
     async def _read_delivered(self, request_id: str, reply_to: str) -> None:
-        try:
-            tokens, finished = await delivered_tokens(self.bus.nc, reply_to, request_id)
-            result = _Recovered(request_id, tokens, finished)
-        except Exception as exc:
-            result = _Recovered(request_id, [], False, f"output stream unreadable: {exc!r}")
+        deadline = time.monotonic() + self.settings.reliability.output_read_retry_s
+        while True:
+            try:
+                tokens, finished = await delivered_tokens(self.bus.nc, reply_to, request_id)
+                result = _Recovered(request_id, tokens, finished)
+                break
+            except Exception as exc:  # no stream leader yet, or reconnecting: retry for a while
+                if time.monotonic() >= deadline:
+                    result = _Recovered(request_id, [], False, f"output stream unreadable: {exc!r}")
+                    break
+                log.info("reading %s's delivered tokens failed (%s): retrying", request_id, exc)
+                await asyncio.sleep(0.25)
         if self.actor_ref.is_alive():
             self.actor_ref.tell(result)
 
@@ -518,8 +565,8 @@ class SchedulerActor(SupervisedActor):
             },
         ):
             headers = inject_headers()
-        self.bus.publish(
-            subjects.engine(instance_id),
+        self._send_add(
+            instance_id,
             EngineAdd(
                 v=peer_version(instance.info.protocol_version),
                 client_v=peer_version(submit.v),
@@ -534,7 +581,7 @@ class SchedulerActor(SupervisedActor):
                 output_token_ids=record.resume_tokens,
                 served_by=list(record.served_by),
             ),
-            headers=headers,
+            headers,
         )
         self.policy.on_dispatched(instance_id, demand)
         instance.dispatched += 1
@@ -543,6 +590,36 @@ class SchedulerActor(SupervisedActor):
         self.state.save_request(record)
         self.classes.on_dispatched(record, instance_id)
         return True
+
+    # An EngineAdd is acknowledged by the engine; one that is not (lost on the way with a NATS node that
+    # died, or sent while the instance was resubscribing) is sent again, a few times, while the request is
+    # still meant to run there. The engine ignores a copy of what it already runs.
+    ADD_ATTEMPTS = 6
+
+    def _send_add(self, instance_id: str, add: EngineAdd, headers: dict[str, str], attempt: int = 1) -> None:
+        self.bus.run(self._request_add(instance_id, add, headers, attempt))
+
+    async def _request_add(self, instance_id: str, add: EngineAdd, headers: dict[str, str], attempt: int) -> None:
+        try:
+            await self.bus.nc.request(
+                subjects.engine(instance_id),
+                encode(add),
+                timeout=self.settings.nats.request_timeout_s,
+                headers=headers or None,
+            )
+        except Exception as exc:  # timeout, no responders, reconnecting
+            log.info("engine_add of %s to %s unacknowledged (%s)", add.request_id, instance_id, type(exc).__name__)
+            await asyncio.sleep(min(2.0, 0.25 * 2**attempt))  # "no responders" comes back at once: back off
+            if self.actor_ref.is_alive():
+                self.actor_ref.tell(_AddUnacked(instance_id, add, headers, attempt))
+
+    def _on_add_unacked(self, unacked: _AddUnacked) -> None:
+        record = self.requests.get(unacked.add.request_id)
+        if record is None or record.instance_id != unacked.instance_id or record.state != "running":
+            return  # ended, failed over or migrated meanwhile
+        if unacked.attempt >= self.ADD_ATTEMPTS or unacked.instance_id not in self.instances:
+            return  # the heartbeat timeout decides whether the instance is gone
+        self._send_add(unacked.instance_id, unacked.add, unacked.headers, unacked.attempt + 1)
 
     def _drain_queue(self) -> None:
         while self.queue:

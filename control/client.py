@@ -8,8 +8,14 @@ index: the client drops duplicates and reorders, so each token is delivered once
 Resume (after a client restart or lost connection): :meth:`DroverClient.resume` subscribes the request's
 inbox again, reads what was already sent there from the JetStream output stream (``DROVER_OUTPUT``,
 filtered on the inbox subject), delivers tokens from ``resume_from`` on, then the live ones, each once.
-The README's "Resuming a stream" gives the same steps for clients in other languages. After nats-py's own
-reconnect, open streams replay the output stream the same way, so chunks sent during the gap are not lost.
+The README's "Resuming a stream" gives the same steps for clients in other languages.
+
+Repair (one mechanism, :meth:`DroverClient._watch`): every open stream (submitted or resumed) is watched; one
+that looks damaged (this connection reconnected, a gap in the chunk indexes lasts ``REPAIR_AFTER_S``, a
+``RequestDone`` announced more tokens than arrived, a running request is silent for ``SILENT_REPAIR_S``, or
+a submission got no ``Accepted`` / a "no responders" status) replays its inbox from the output stream; a
+submission that left no trace there is sent again with the same request id (Drover runs an id once). Chunks
+lost for good are filled from the final ``RequestDone`` (it carries every output token).
 
 Liveness: unless ``liveness=False``, a request's client answers probes on ``subjects.alive(inbox)``; when
 nothing answers there for ``lifecycle.client_gone_after_s``, Drover stops the request and frees its blocks.
@@ -24,7 +30,8 @@ import itertools
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -80,9 +87,19 @@ def _os_user() -> str:
     except Exception:  # no USER/LOGNAME and no passwd entry (some containers)
         return "unknown"
 
+
 NO_CONTROL_PLANE_RETRY_S = 15.0
 """How long a submission nobody takes ("no responders": e.g. during a control-plane takeover, which lasts at
-most the lease TTL + renew period, 4 s by default) is sent again, every 0.2 s."""
+most the lease TTL + renew period, 4 s by default, or the control plane reconnecting after a NATS fault) is
+sent again before the stream fails with OVERLOADED."""
+# Stream repair (see DroverClient._watch): how long a gap, a silent request or a short RequestDone may last
+# before the client replays its inbox from the output stream, and how long it keeps trying before it gives up.
+REPAIR_AFTER_S = 1.0
+SILENT_REPAIR_S = 5.0  # a running request that sent nothing for this long is replayed too
+# No Accepted yet: with control-plane HA, Accepted waits for the request's record to be stored in JetStream
+# KV, which on a loaded host takes over a second; repairing sooner only resubmits (harmlessly) what runs.
+UNACKNOWLEDGED_REPAIR_S = 3.0
+REPAIR_GIVE_UP_S = 15.0
 
 
 class DroverError(Exception):
@@ -158,6 +175,21 @@ class RequestStream:
         self.result_data = RequestResult(request_id=request_id or "", submitted_at=submitted_at)
         self._subscription: Subscription | None = None
         self._finished = False
+        self._submit: tuple[bytes, dict[str, str]] | None = None  # the encoded submit, for a retry
+        self._last_message_at = time.monotonic()
+        self._gap_since: float | None = None  # a chunk is held ahead of a gap since then
+        self._pending_done: RequestDone | None = None  # arrived while tokens were still missing
+        self._pending_done_at = 0.0
+        self._needs_repair = False
+        self._no_responders_since: float | None = None  # first "no responders" status on the inbox
+        self.repairs = 0  # inbox replays from the output stream
+        self.resubmits = 0
+        self.filled_tokens = 0  # tokens taken from RequestDone because their chunks never came
+        self.raw_chunks: list[tuple[int, int]] = []  # (index, length) of every chunk received, duplicates too
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
 
     @property
     def next_index(self) -> int:
@@ -170,12 +202,20 @@ class RequestStream:
         else:
             self._deliver(message)
 
-    async def _replay(self) -> None:
+    def _on_no_responders(self) -> None:
+        """A "no responders" status on the inbox: nobody took the submission (a control-plane takeover, or
+        the control plane reconnecting after a NATS fault). Not an answer: the watchdog submits it again."""
+        if self._no_responders_since is None:
+            self._no_responders_since = time.monotonic()
+        self._needs_repair = True
+
+    async def _replay(self) -> int:
         """Deliver what the output stream holds for this inbox, then what arrived live meanwhile (duplicates
-        by index are dropped by the usual reassembly)."""
+        by index are dropped by the usual reassembly). Returns how many stored messages were this request's."""
         if self._finished or self._replaying:
-            return
+            return 0
         self._replaying = True
+        stored = 0
         try:
             for data in await read_subject(self._client.nc, self.inbox):
                 try:
@@ -184,13 +224,16 @@ class RequestStream:
                     continue
                 if getattr(message, "request_id", None) in (None, self.request_id) or self.request_id is None:
                     self._deliver(message)
+                    stored += 1
         finally:
             self._replaying = False
             buffered, self._live_buffer = self._live_buffer, []
             for message in buffered:
                 self._deliver(message)
+        return stored
 
     def _deliver(self, message: Message) -> None:
+        self._last_message_at = time.monotonic()
         if isinstance(message, Accepted):  # resolved at once, so cancel() works without iterating
             self.request_id = self.result_data.request_id = message.request_id
             self.result_data.accepted = message
@@ -212,10 +255,30 @@ class RequestStream:
             if isinstance(message, TokenChunk):
                 for event in self._on_chunk(message):
                     yield event
+                if self._pending_done is not None and self._next_index >= self._pending_done.num_tokens:
+                    await self._finish(self._pending_done)
+            elif isinstance(message, _GiveUp):
+                if self._pending_done is not None:
+                    await self._finish(self._pending_done)  # tokens stay missing: result shows how many
             elif isinstance(message, RequestDone):
-                self.result_data.done = message
-                self._finished = True
-                await self.close()
+                if len(message.output_token_ids) > self._next_index:
+                    # Chunks lost on the way (a NATS node died holding them): the reply carries every token.
+                    fill = TokenChunk(
+                        request_id=message.request_id,
+                        index=self._next_index,
+                        token_ids=message.output_token_ids[self._next_index :],
+                        instance_id=(message.instances or [""])[-1],
+                    )
+                    self.filled_tokens += len(fill.token_ids)
+                    for event in self._on_chunk(fill):
+                        yield event
+                if message.num_tokens > self._next_index and message.finish_reason != "abort":
+                    # Tokens were lost on the way (a NATS node died holding them): repair first.
+                    if self._pending_done is None:
+                        self._pending_done, self._pending_done_at = message, time.monotonic()
+                        self._needs_repair = True
+                    continue
+                await self._finish(message)
             elif isinstance(message, ErrorReply):
                 self._finished = True
                 await self.close()
@@ -225,8 +288,14 @@ class RequestStream:
                     self.accepted.exception()  # mark retrieved: the caller gets it from events()
                 raise error
 
+    async def _finish(self, done: RequestDone) -> None:
+        self.result_data.done = done
+        self._finished = True
+        await self.close()
+
     def _on_chunk(self, chunk: TokenChunk) -> list[StreamEvent]:
         now = time.perf_counter()
+        self.raw_chunks.append((chunk.index, len(chunk.token_ids)))
         if chunk.produced_at:
             self.result_data.transit_s.append(time.time() - chunk.produced_at)
         end = chunk.index + len(chunk.token_ids)
@@ -234,6 +303,7 @@ class RequestStream:
             return []  # a duplicate (e.g. replayed after migration or failover)
         if chunk.index > self._next_index:
             self._held[chunk.index] = chunk  # arrived ahead of a gap: hold until the gap fills
+            self._gap_since = self._gap_since or time.monotonic()
             return []
         events = []
         pending: TokenChunk | None = chunk
@@ -250,7 +320,26 @@ class RequestStream:
                 self.result_data.instances.append(pending.instance_id)
                 self._next_index += len(tokens)
             pending = self._held.pop(self._next_index, None)
+            for index in [i for i, c in self._held.items() if i + len(c.token_ids) <= self._next_index]:
+                del self._held[index]  # wholly covered by what was delivered meanwhile
+            if pending is None:
+                pending = next((c for i, c in self._held.items() if i < self._next_index), None)
+                if pending is not None:
+                    del self._held[pending.index]
+        self._gap_since = (self._gap_since or time.monotonic()) if self._held else None
         return events
+
+    def _repair_due(self, now: float) -> bool:
+        """Whether this stream looks damaged: a gap, a RequestDone ahead of its tokens, a reconnect, a
+        "no responders" status, or silence (a submit or its Accepted lost with a NATS node)."""
+        if self._finished:
+            return False
+        if self._needs_repair:
+            return True
+        if self._gap_since is not None and now - self._gap_since > REPAIR_AFTER_S:
+            return True
+        silent_s = now - self._last_message_at
+        return silent_s > (SILENT_REPAIR_S if self.accepted.done() else UNACKNOWLEDGED_REPAIR_S)
 
     async def result(self) -> RequestResult:
         async for _ in self.events():
@@ -269,6 +358,11 @@ class RequestStream:
                 setattr(self, name, None)
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+
+
+@dataclass(frozen=True, slots=True)
+class _GiveUp:
+    """Internal: repairs did not bring the missing tokens back; finish with what arrived."""
 
 
 class DroverClient:
@@ -295,7 +389,9 @@ class DroverClient:
         )
         self._nc: NatsClient | None = None
         self._denied: set[str] = set()  # subjects the server refused this user (permissions violations)
-        self._streams: dict[str, RequestStream] = {}  # inbox -> open stream (replayed after a reconnect)
+        self._streams: dict[str, RequestStream] = {}  # inbox -> open stream (watched and repaired)
+        self._watchdog: asyncio.Task[None] | None = None
+        self.reconnects = 0
 
     async def _on_error(self, exc: Exception) -> None:
         found = _VIOLATION.search(str(exc))
@@ -306,12 +402,27 @@ class DroverClient:
             log.debug("nats error (%s): %s", self.name, exc)
 
     async def connect(self, **kwargs: object) -> DroverClient:
+        """Connect to every server of ``url`` (comma-separated: a NATS cluster) and, unless ``kwargs`` say
+        otherwise, reconnect forever: after a reconnect every open request's inbox is replayed from the
+        output stream, so nothing sent while this client was away is missed."""
         auth = connect_options(self.nats_settings.auth()) if self.nats_settings is not None else {}
+        ns = self.nats_settings
+        user_reconnected = kwargs.pop("reconnected_cb", None)
+
+        async def reconnected() -> None:
+            await self._on_reconnected()
+            if callable(user_reconnected):
+                await user_reconnected()
+
         options: dict[str, object] = {
             "servers": self.url.split(","),
             "name": self.name,
             "error_cb": self._on_error,
-            "reconnected_cb": self._on_reconnected,
+            "reconnected_cb": reconnected,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": ns.reconnect_wait_s if ns is not None else 0.25,
+            "ping_interval": ns.ping_interval_s if ns is not None else 2,
+            "max_outstanding_pings": ns.max_outstanding_pings if ns is not None else 2,
             **auth,
             **kwargs,
         }
@@ -325,6 +436,7 @@ class DroverClient:
                 await self.nc.close()
                 self._nc = None
                 raise
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch())
         return self
 
     async def _check_inbox(self) -> None:
@@ -354,14 +466,71 @@ class DroverClient:
             raise
 
     async def _on_reconnected(self) -> None:
-        """nats-py resubscribed; chunks sent while we were away are in the output stream: replay them."""
-        for stream in list(self._streams.values()):
-            try:
-                await stream._replay()
-            except Exception as exc:  # no JetStream here: live delivery goes on, a gap stays a gap
-                log.warning("replay of %s after reconnect failed: %s", stream.inbox, exc)
+        """nats-py resubscribed; chunks sent while we were away are in the output stream: the watchdog
+        replays every open stream at its next period."""
+        self.reconnects += 1
+        for stream in self._streams.values():
+            stream._needs_repair = True
+
+    async def _watch(self, period_s: float = 0.25) -> None:
+        """Repair damaged streams (see :meth:`RequestStream._repair_due`): replay the inbox from the output
+        stream (JetStream keeps what was sent there), resubmit a request that left no trace (same request
+        id: Drover runs it once), and give up on tokens that never come back after ``REPAIR_GIVE_UP_S``."""
+        last_repair: dict[str, float] = {}
+        while True:
+            await asyncio.sleep(period_s)
+            now = time.monotonic()
+            due: list[RequestStream] = []
+            for inbox, stream in list(self._streams.items()):
+                if stream.finished:
+                    self._streams.pop(inbox, None)
+                    last_repair.pop(inbox, None)
+                elif stream._repair_due(now) and now - last_repair.get(inbox, 0.0) >= REPAIR_AFTER_S:
+                    due.append(stream)
+            for inbox in [i for i in last_repair if i not in self._streams]:
+                del last_repair[inbox]
+            if not due or self._nc is None or not self._nc.is_connected:
+                continue
+            for stream in due:
+                last_repair[stream.inbox] = now
+            await asyncio.gather(*(self._repair_logged(stream, now) for stream in due))
+
+    async def _repair_logged(self, stream: RequestStream, now: float) -> None:
+        try:
+            await self._repair(stream)
+        except Exception as exc:  # no JetStream, a stream leader election: retried at the next period
+            log.warning("repair of %s failed: %s", stream.request_id, exc)
+            if stream._no_responders_since is not None:  # nothing to replay: still resend the submission
+                with contextlib.suppress(Exception):
+                    await self._resubmit(stream)
+        if stream._pending_done is not None and now - stream._pending_done_at > REPAIR_GIVE_UP_S:
+            stream._queue.put_nowait(_GiveUp())  # type: ignore[arg-type]
+
+    async def _repair(self, stream: RequestStream) -> None:
+        stream._needs_repair = False
+        stream.repairs += 1
+        stored = await stream._replay()
+        if not stored and not stream.accepted.done():
+            await self._resubmit(stream)
+
+    async def _resubmit(self, stream: RequestStream) -> None:
+        """Submit again (same request id) what left no trace; fail it once nobody took it for too long."""
+        if stream._submit is None or stream.accepted.done() or stream.finished:
+            return
+        since = stream._no_responders_since
+        if since is not None and time.monotonic() - since > NO_CONTROL_PLANE_RETRY_S:
+            text = "no control plane took the request (is one running?); retry with the same request_id"
+            stream._on_live(ErrorReply(code=ErrorCode.OVERLOADED, message=text, request_id=stream.request_id))
+            return
+        payload, headers = stream._submit
+        stream.resubmits += 1
+        log.info("request %s left no trace: submitting it again", stream.request_id)
+        await self.nc.publish(subjects.SUBMIT, payload, reply=stream.inbox, headers=headers or None)
 
     async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self._nc is not None:
             await self._nc.drain()
             self._nc = None
@@ -404,20 +573,9 @@ class DroverClient:
         generation stops (DEADLINE_EXCEEDED) that long after Drover received it. ``liveness``: answer
         Drover's probes, so the request stops when this client is gone."""
         inbox = self.nc.new_inbox()
+        request_id = request_id or uuid.uuid4().hex  # ours, so a retry after a lost submit runs once
         stream = RequestStream(self, request_id, time.perf_counter(), inbox)
-        resubmit_until = time.monotonic() + NO_CONTROL_PLANE_RETRY_S
-        resend_submit: list[Callable[[], Awaitable[None]]] = []
-
-        def on_no_responders() -> None:
-            # Nobody took the submission (e.g. a control-plane takeover in progress): send it again shortly;
-            # nobody received it, so this cannot run it twice.
-            if resend_submit and time.monotonic() < resubmit_until:
-                asyncio.get_running_loop().call_later(0.2, lambda: asyncio.ensure_future(resend_submit[0]()))
-            else:
-                text = "no control plane took the request (is one running?); retry with the same request_id"
-                stream._on_live(ErrorReply(code=ErrorCode.OVERLOADED, message=text, request_id=request_id))
-
-        await self._subscribe(stream, liveness, on_no_responders)
+        await self._subscribe(stream, liveness, stream._on_no_responders)
         submit = SubmitRequest(
             reply_to=inbox,
             request_id=request_id,
@@ -437,13 +595,9 @@ class DroverClient:
             attributes={spans.MESSAGING_SYSTEM: "nats", spans.MESSAGING_DESTINATION: subjects.SUBMIT},
         ):
             headers = inject_headers()
-
-        async def resend() -> None:
-            with contextlib.suppress(Exception):
-                await self.nc.publish(subjects.SUBMIT, encode(submit), reply=inbox, headers=headers)
-
-        resend_submit.append(resend)
-        await self.nc.publish(subjects.SUBMIT, encode(submit), reply=inbox, headers=headers)
+        payload = encode(submit)
+        stream._submit = (payload, headers)
+        await self.nc.publish(subjects.SUBMIT, payload, reply=inbox, headers=headers)
         return stream
 
     async def _subscribe(

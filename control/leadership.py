@@ -149,6 +149,14 @@ class Leadership:
             self._valid_until = started + self.ttl_s
             return True
         except KeyWrongLastSequenceError:
+            if await self._lease_vanished():
+                try:  # the bucket came back empty (a restarted single NATS server): take the lease again
+                    self.revision = await self.kv.create(LEASE_KEY, self._value())
+                    self._valid_until = started + self.ttl_s
+                    log.warning("%s: the lease key vanished (NATS restarted?): lease taken again", self.holder)
+                    return True
+                except Exception as exc:
+                    log.warning("retaking the vanished lease failed: %r", exc)
             log.error("%s lost the leader lease to another control plane", self.holder)
             self.revision = 0
             return False
@@ -159,6 +167,16 @@ class Leadership:
                 return False
             log.warning("lease renewal failed (%r); retrying", exc)
             return True
+
+    async def _lease_vanished(self) -> bool:
+        assert self.kv is not None
+        try:
+            await self.kv.get(LEASE_KEY)
+        except KeyNotFoundError:
+            return True
+        except Exception:
+            return False
+        return False
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the election loop (call from any thread once :meth:`open` ran)."""

@@ -15,12 +15,14 @@ from observability.health import HealthChecks, ProcessServer, start_process_serv
 from observability.logs import setup_logging
 from observability.tracing import setup_tracing, shutdown_tracing
 from transport.bus import Bus, BusOptions
+from transport.nats_cluster import EmbeddedNatsCluster
 from transport.nats_server import EmbeddedNatsServer
 
 log = logging.getLogger(__name__)
 
 
-def bus_options(settings: Settings, name: str) -> BusOptions:
+def bus_options(settings: Settings, name: str, inbox_prefix: str | None = None) -> BusOptions:
+    """``inbox_prefix``: where this connection's request replies arrive (engines: their own prefix)."""
     nats = settings.nats
     if not nats.url:
         raise ValueError("no NATS URL: pass --nats-url or set DROVER_NATS__URL")
@@ -30,6 +32,10 @@ def bus_options(settings: Settings, name: str) -> BusOptions:
         nats.auth(),
         connect_timeout_s=nats.connect_timeout_s,
         request_timeout_s=nats.request_timeout_s,
+        reconnect_wait_s=nats.reconnect_wait_s,
+        ping_interval_s=nats.ping_interval_s,
+        max_outstanding_pings=nats.max_outstanding_pings,
+        inbox_prefix=inbox_prefix,
     )
 
 
@@ -44,20 +50,39 @@ def embedded_nats_if_needed(settings: Settings) -> Iterator[Settings]:
         from transport.nats_auth import default_users, make_bundle
 
         bundle = make_bundle(Path(settings.nats.secure_dir), default_users(), mode=settings.nats.secure_auth)
-    server = EmbeddedNatsServer(
-        host=settings.nats.embedded_host,
-        jetstream=settings.nats.embedded_jetstream,
-        max_payload_bytes=settings.nats.max_payload_bytes,
-        config_text=bundle.config_text if bundle else "",
-    )
+    config_text = bundle.config_text if bundle else ""
+    server: EmbeddedNatsServer | EmbeddedNatsCluster
+    if settings.nats.embedded_cluster_size > 1:
+        server = EmbeddedNatsCluster(
+            settings.nats.embedded_cluster_size,
+            host=settings.nats.embedded_host,
+            jetstream=settings.nats.embedded_jetstream,
+            max_payload_bytes=settings.nats.max_payload_bytes,
+            config_text=config_text,
+        )
+    else:
+        server = EmbeddedNatsServer(
+            host=settings.nats.embedded_host,
+            jetstream=settings.nats.embedded_jetstream,
+            max_payload_bytes=settings.nats.max_payload_bytes,
+            config_text=config_text,
+        )
     url = server.start()
-    update: dict[str, object] = {"url": url}
+    nats_update: dict[str, object] = {"url": url}
     if bundle is not None:
         bundle.write_settings(url)  # what other processes connect with: drover --config FILE ...
-        update.update(dataclasses.asdict(bundle.auth["control"]))
+        nats_update.update(dataclasses.asdict(bundle.auth["control"]))
         log.info("embedded NATS with generated credentials: settings files per user in %s", bundle.directory)
+    update: dict[str, object] = {"nats": settings.nats.model_copy(update=nats_update)}
+    if settings.nats.embedded_cluster_size > 1 and settings.reliability.output_replicas == 1:
+        # A cluster keeps what clients were sent on every node, so losing one loses none of it.
+        replicas = min(3, settings.nats.embedded_cluster_size)
+        update["reliability"] = settings.reliability.model_copy(update={"output_replicas": replicas})
+    if settings.nats.embedded_cluster_size > 1 and settings.ha.replicas == 1:
+        replicas = min(3, settings.nats.embedded_cluster_size)  # the lease and the control state as well
+        update["ha"] = settings.ha.model_copy(update={"replicas": replicas})
     try:
-        yield settings.model_copy(update={"nats": settings.nats.model_copy(update=update)})
+        yield settings.model_copy(update=update)
     finally:
         server.stop()
 
@@ -119,7 +144,11 @@ def serve_engine(settings: Settings, instance_id: str) -> None:
     from control.health import engine_host_checks
 
     _observability(settings, f"engine-{instance_id}")
-    bus = Bus(bus_options(settings, f"drover-engine-{instance_id}")).start()
+    from transport import subjects
+
+    bus = Bus(
+        bus_options(settings, f"drover-engine-{instance_id}", inbox_prefix=subjects.engine_inbox_prefix(instance_id))
+    ).start()
     engine, tokenizer = build_engine(settings, instance_id)
     host = EngineHost(settings, bus, engine, tokenizer)
     # Serve health before the engine loads (vLLM takes a while): live at once, ready once loaded.

@@ -72,6 +72,24 @@ class NatsSettings(_Section):
     secure_auth: Literal["nkey", "password"] = Field(
         "nkey", description="Kind of generated credentials: nkeys (the server keeps public keys only) or passwords."
     )
+    reconnect_wait_s: float = Field(
+        0.25,
+        description="Pause before retrying the same server after a lost connection (nats-py's default is 2 s; "
+        "Drover reconnects forever and moves to the next server of a cluster at once, so a short pause "
+        "keeps a one-node restart to well under a second of silence).",
+    )
+    ping_interval_s: float = Field(
+        2.0,
+        description="Client-to-server ping period; with max_outstanding_pings unanswered pings a hung server "
+        "(SIGSTOP, a cut link) is left for another node after about ping_interval_s * (pings + 1) "
+        "(nats-py's default 120 s would hide a hung node for minutes).",
+    )
+    max_outstanding_pings: int = Field(2, description="Unanswered pings before the connection counts as lost.")
+    embedded_cluster_size: int = Field(
+        1,
+        description="Nodes of the embedded NATS (1: one server; 3: a routed cluster with clustered JetStream, "
+        "the supported production shape, on loopback).",
+    )
 
     def auth(self) -> NatsAuth:
         """The authentication and TLS part, as the bus and the client library take it."""
@@ -196,6 +214,22 @@ class ReliabilitySettings(_Section):
     output_max_bytes: int = Field(256 * 1024 * 1024, description="Bound of the output stream (oldest dropped).")
     failover_max_attempts: int = Field(
         3, description="Times a request is resumed elsewhere after engine failures before it fails."
+    )
+    output_replicas: int = Field(
+        1,
+        description="JetStream replicas of the output stream: 1 for one NATS node, 3 on a 3-node cluster (the "
+        "stream then survives a node loss with what clients were sent).",
+    )
+    output_read_retry_s: float = Field(
+        10.0,
+        description="How long failover keeps trying to read a dead engine's delivered tokens from the output "
+        "stream before failing the request (a NATS node loss elects a new stream leader within seconds).",
+    )
+    resend_window_s: float = Field(
+        30.0,
+        description="After its NATS connection comes back, an engine re-sends what it streamed to clients in "
+        "this window (running requests and those finished this recently); clients drop what they have by "
+        "index. Covers chunks lost with a NATS node that died holding them.",
     )
 
 

@@ -17,6 +17,7 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -63,6 +64,9 @@ class BusOptions:
     tls_hostname: str | None = None
     inbox_prefix: str | None = None
     max_reconnect_attempts: int = -1  # forever: a NATS restart must be survived
+    reconnect_wait_s: float = 0.25
+    ping_interval_s: float = 2.0
+    max_outstanding_pings: int = 2
 
     @classmethod
     def with_auth(cls, url: str, name: str, auth: NatsAuth | None, **kwargs: Any) -> BusOptions:
@@ -103,7 +107,10 @@ class Bus:
         self._thread = threading.Thread(target=self._run_loop, name=f"bus-{options.name}", daemon=True)
         self._nc: NatsClient | None = None
         self._subscriptions: list[Subscription] = []
+        self._reconnect_hooks: list[Callable[[], None]] = []
         self.rejected_messages = 0
+        self.reconnects = 0
+        self.disconnected_at = 0.0  # time.time() of the last lost connection
 
     # ----------------------------------------------------------------------------------------------- lifecycle
     def _run_loop(self) -> None:
@@ -132,7 +139,9 @@ class Bus:
             "name": opts.name,
             "connect_timeout": opts.connect_timeout_s,
             "max_reconnect_attempts": opts.max_reconnect_attempts,
-            "reconnect_time_wait": 0.2,
+            "reconnect_time_wait": opts.reconnect_wait_s,
+            "ping_interval": opts.ping_interval_s,
+            "max_outstanding_pings": opts.max_outstanding_pings,
             "error_cb": self._on_error,
             "disconnected_cb": self._on_disconnected,
             "reconnected_cb": self._on_reconnected,
@@ -159,10 +168,22 @@ class Bus:
         log.warning("nats error (%s): %s", self.options.name, exc)
 
     async def _on_disconnected(self) -> None:
+        self.disconnected_at = time.time()
         log.warning("nats disconnected (%s)", self.options.name)
 
     async def _on_reconnected(self) -> None:
-        log.info("nats reconnected (%s)", self.options.name)
+        self.reconnects += 1
+        log.info("nats reconnected (%s) to %s", self.options.name, self._nc.connected_url if self._nc else "?")
+        for hook in list(self._reconnect_hooks):
+            try:
+                hook()
+            except Exception:
+                log.exception("reconnect hook failed (%s)", self.options.name)
+
+    def on_reconnect(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` on the loop thread after every reconnect (subscriptions are already back); it must
+        not block: schedule work (``loop.create_task``, an actor ``tell``)."""
+        self._reconnect_hooks.append(hook)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         if not self._own_loop:

@@ -143,6 +143,8 @@ class RequestDone(_Msg, frozen=True, tag="done"):
     timings: Timings = Timings()
     instances: list[str] = []  # every instance that served it, in order
     num_tokens: int = 0  # total tokens streamed; the client checks it saw them all
+    # Every output token (from index 0): a client that lost chunks with a NATS node fills the gap from here.
+    output_token_ids: list[int] = []
 
 
 class ErrorReply(_Msg, frozen=True, tag="error"):

@@ -7,9 +7,11 @@ unit-tested; tests/transport/test_nats_security.py shows every denial against a 
 - **client** (a user of the cluster, also the OpenAI gateway): submit, cancel (only with its cancel token),
   read the cluster status, and read only its own inbox ``drover.v1.inbox.<client_id>.>`` (its token streams
   and its request/reply answers; nats-py's ``inbox_prefix`` puts reply inboxes there too).
-- **engine**: publish tokens to client inboxes (the output stream captures them; no JetStream API needed),
-  engine events and its heartbeat; receive commands on its own ``drover.v1.engine.<instance>`` subject; answer
-  the requests it receives (``allow_responses``) instead of publishing to every ``_INBOX``.
+- **engine**: publish tokens to client inboxes (the output stream captures them; no JetStream API needed:
+  the final reply is also a JetStream publish to the inbox subject, whose PubAck comes back on the engine's
+  own reply prefix ``drover.v1.engine_reply.<instance>``), engine events and its heartbeat; receive commands
+  on its own ``drover.v1.engine.<instance>`` subject; answer the requests it receives (``allow_responses``:
+  EngineAdd acknowledgements, migration steps) instead of publishing to every ``_INBOX``.
 - **control** (control plane): take submissions, cancels, heartbeats, engine events and admin commands;
   command engines; answer clients; JetStream (the output stream, KV state) and its own ``_INBOX`` replies.
 - **operator**: what a client may do, plus every admin subject (``drover.v1.admin.>``, so admin verbs added
@@ -113,7 +115,8 @@ def role_permissions(role: Role, *, client_id: str | None = None, instance_id: s
         target = subjects.validate_token(instance_id) if instance_id else "*"
         return Permissions(
             publish=(subjects.INBOX_ROOT + ".>", subjects.ENGINE_EVENTS, subjects.heartbeat(target)),
-            subscribe=(subjects.engine(target),),
+            # its own replies: the PubAck of the JetStream publish that stores a final reply
+            subscribe=(subjects.engine(target), f"{subjects.ENGINE_REPLY_ROOT}.{target}.>"),
             allow_responses=True,
         )
     if role is Role.CONTROL:

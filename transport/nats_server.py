@@ -116,6 +116,19 @@ class EmbeddedNatsServer:
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """End the process abruptly (a crash); the store dir stays, so :meth:`restart` brings it back."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.send_signal(sig)
+            process.wait()
+
+    def restart(self, timeout_s: float = 10.0, *, graceful: bool = True) -> str:
+        """Stop (SIGTERM, or SIGKILL unless ``graceful``) and start again on the same port and store dir:
+        clients see the same URL go away and come back."""
+        self.kill(signal.SIGTERM if graceful else signal.SIGKILL)
+        return self.start(timeout_s)
+
     def stop(self, timeout_s: float = 5.0) -> None:
         process, self._process = self._process, None
         if process is not None and process.poll() is None:

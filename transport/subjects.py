@@ -19,6 +19,13 @@ def client_inbox_prefix(client_id: str) -> str:
 
 
 ALIVE_ROOT = f"{PREFIX}.alive"
+# An engine's own request replies (the PubAck of its JetStream publish of a final reply): its connection's
+# inbox prefix, drover.v1.engine_reply.<instance_id>, so its permissions name only that (not _INBOX.>).
+ENGINE_REPLY_ROOT = f"{PREFIX}.engine_reply"
+
+
+def engine_inbox_prefix(instance_id: str) -> str:
+    return f"{ENGINE_REPLY_ROOT}.{validate_token(instance_id)}"
 
 
 def alive(reply_to: str) -> str:

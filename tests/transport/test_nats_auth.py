@@ -81,11 +81,13 @@ def test_engine_role() -> None:
     assert _allowed(one.publish, subjects.ENGINE_EVENTS)
     assert _allowed(one.publish, subjects.heartbeat("e1"))
     assert not _allowed(one.publish, subjects.heartbeat("e2"))
-    assert one.subscribe == (subjects.engine("e1"),)
+    assert one.subscribe == (subjects.engine("e1"), subjects.engine_inbox_prefix("e1") + ".>")
+    assert not _allowed(one.subscribe, subjects.engine_inbox_prefix("e2") + ".x.y")
     assert one.allow_responses  # answers the migrator and the scheduler without _INBOX.> rights
     assert not any(p.startswith("$JS") or p.startswith("_INBOX") for p in one.publish + one.subscribe)
     shared = role_permissions(Role.ENGINE)
     assert _allowed(shared.subscribe, subjects.engine("e2"))
+    assert _allowed(shared.subscribe, subjects.engine_inbox_prefix("e2") + ".x.y")
     assert not _allowed(shared.publish, subjects.SUBMIT)
 
 

@@ -170,6 +170,23 @@ async def test_engine_tokens_reach_the_output_stream(
     assert finished
 
 
+async def test_engine_stores_a_final_reply_with_a_jetstream_publish(
+    secure: tuple[EmbeddedNatsServer, SecureBundle], alice: DroverClient
+) -> None:
+    """Engines store the final RequestDone in the output stream with a JetStream publish: the PubAck comes
+    back on their own reply prefix, which engine credentials may read (and nothing else's)."""
+    server, bundle = secure
+    prefix = subjects.engine_inbox_prefix("sim-0")
+    engine = await Conn().open(server.url, bundle.auth["engine"], inbox_prefix=prefix)
+    try:
+        ack = await engine.nc.jetstream(timeout=5).publish(f"{alice.inbox_prefix}.stored-final", b"done")
+        assert ack.stream == subjects.OUTPUT_STREAM
+        await engine.nc.subscribe("_INBOX.>")  # other connections' replies stay out of reach
+        await engine.violation("_INBOX.>")
+    finally:
+        await engine.close()
+
+
 async def test_operator_may_use_admin_commands(
     secure: tuple[EmbeddedNatsServer, SecureBundle], alice: DroverClient
 ) -> None:

@@ -1,0 +1,206 @@
+"""Failover bugs the chaos benchmark (scripts/chaos.py) found, each pinned by a test on real NATS and sim
+engines."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from actors.engine_actor import Heartbeater
+from actors.local_cluster import InProcessCluster
+from control.client import DroverClient
+from control.settings import load_settings
+from engines.sim.engine import request_seed, token_at
+from engines.sim.live_migration import MigratableSimEngine
+from engines.tokenizer import ByteTokenizer
+from transport import subjects
+from transport.messages import InstanceHeartbeat, SamplingParams, encode
+from transport.nats_server import EmbeddedNatsServer
+from transport.output_stream import ensure_output_stream
+
+
+def _cluster(nats_url: str, names: tuple[str, ...], stale_after_s: float) -> InProcessCluster:
+    settings = load_settings(
+        overrides={
+            "nats": {"url": nats_url},
+            "engine": {"heartbeat_interval_s": 0.05},
+            "scheduler": {"instance_stale_after_s": stale_after_s},
+            "policy": {"migration_enabled": False},
+        }
+    )
+    cluster = InProcessCluster(settings=settings, tokenizer=ByteTokenizer())
+    cluster.start_control()
+    for name in names:
+        cluster.add_engine(MigratableSimEngine(name, num_blocks=256, max_model_len=1024))
+    return cluster
+
+
+def _crash(cluster: InProcessCluster, instance_id: str) -> None:
+    """kill -9 as seen from outside: heartbeats stop and the connection goes silent mid-stream."""
+    host = cluster.hosts.pop(instance_id)
+    host.heartbeater.stop()
+    bus = cluster._buses.pop(instance_id)
+    bus.loop.call_soon_threadsafe(bus.loop.stop)
+
+
+async def test_an_engine_restarted_under_its_id_before_it_was_declared_dead_loses_nothing(nats_url: str) -> None:
+    """A supervisor (systemd, the chaos script) restarts a killed engine in a second or two, well inside the
+    heartbeat timeout: the scheduler must see the new incarnation (heartbeat seq restarts, new pid) and
+    resume the old incarnation's requests, instead of waiting forever for them."""
+    cluster = await asyncio.to_thread(_cluster, nats_url, ("rr-a", "rr-b"), 60.0)  # timeout never fires
+    try:
+        async with DroverClient(cluster.url, name="restart-same-id") as client:
+            await client.wait_for_instances(2, timeout_s=10)
+            streams = [
+                await client.submit(
+                    f"restart {i}", sampling=SamplingParams(max_tokens=150, ignore_eos=True), request_id=f"rr-{i}"
+                )
+                for i in range(6)
+            ]
+            for stream in streams:
+                async for _ in stream.events():
+                    if len(stream.result_data.token_ids) >= 5:
+                        break
+            status = await client.status()
+            on_a = {r.request_id for r in status.requests if r.instance_id == "rr-a"}
+            assert on_a
+            await asyncio.to_thread(_crash, cluster, "rr-a")
+            await asyncio.to_thread(cluster.add_engine, MigratableSimEngine("rr-a", num_blocks=256, max_model_len=1024))
+            for i, stream in enumerate(streams):
+                result = await asyncio.wait_for(stream.result(), 30)
+                seed = request_seed(0, f"rr-{i}")
+                assert result.token_ids == [token_at(seed, p) for p in range(150)]
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+async def test_a_submit_nobody_took_is_submitted_again_once_a_control_plane_listens() -> None:
+    """While the control plane reconnects after a NATS fault nobody subscribes to the submit subject: NATS
+    answers the client's inbox with a "no responders" status (an empty message). That is no reply from
+    Drover; the client submits again (same request id) and the request completes."""
+    server = EmbeddedNatsServer()
+    url = server.start()
+    cluster: InProcessCluster | None = None
+    try:
+        async with DroverClient(url, name="no-responders") as client:
+            # JetStream's output stream exists (as a running control plane leaves it), but no control plane.
+            assert await ensure_output_stream(client.nc, max_age_s=60, max_bytes=1 << 20)
+            stream = await client.submit(
+                "nobody listens yet", sampling=SamplingParams(max_tokens=20, ignore_eos=True), request_id="nr-1"
+            )
+            await asyncio.sleep(1.5)  # the 503 arrived and at least one resubmit went unanswered too
+            assert not stream.finished
+            cluster = await asyncio.to_thread(_cluster, url, ("nr-a",), 5.0)
+            result = await asyncio.wait_for(stream.result(), 30)
+            assert result.token_ids == [token_at(request_seed(0, "nr-1"), p) for p in range(20)]
+            assert stream.resubmits >= 1
+    finally:
+        if cluster is not None:
+            await asyncio.to_thread(cluster.stop)
+        server.stop()
+
+
+async def test_failover_waits_for_an_output_stream_that_is_briefly_unavailable(nats_url: str) -> None:
+    """A NATS node loss can leave the output stream without a leader for a few seconds, right when the
+    scheduler reads a dead engine's delivered tokens: it retries instead of failing the request."""
+    cluster = await asyncio.to_thread(_cluster, nats_url, ("ou-a", "ou-b"), 0.6)
+    try:
+        async with DroverClient(cluster.url, name="output-unavailable") as client:
+            await client.wait_for_instances(2, timeout_s=10)
+            streams = [
+                await client.submit(
+                    f"unavailable {i}", sampling=SamplingParams(max_tokens=150, ignore_eos=True), request_id=f"ou-{i}"
+                )
+                for i in range(4)
+            ]
+            for stream in streams:
+                async for _ in stream.events():
+                    if len(stream.result_data.token_ids) >= 5:
+                        break
+            await client.nc.jetstream().delete_stream(subjects.OUTPUT_STREAM)
+            await asyncio.to_thread(_crash, cluster, "ou-a")
+            await asyncio.sleep(2.0)  # declared dead after 0.6 s: the reads fail meanwhile
+            assert cluster.control is not None and cluster.control_bus is not None
+            assert await asyncio.wrap_future(cluster.control_bus.run(cluster.control._ensure_output_stream()))
+            for i, stream in enumerate(streams):
+                result = await asyncio.wait_for(stream.result(), 30)
+                assert result.token_ids == [token_at(request_seed(0, f"ou-{i}"), p) for p in range(150)]
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+async def test_an_engine_add_nobody_received_is_sent_again(nats_url: str) -> None:
+    """The scheduler dispatches to an instance whose EngineAdd is lost (here: its heartbeats arrive but its
+    engine subject has no subscriber yet, as while it resubscribes after a NATS fault). Without an
+    acknowledgement the scheduler sends it again, and the request completes once the engine listens."""
+    cluster = await asyncio.to_thread(_cluster, nats_url, (), 60.0)
+    engine = MigratableSimEngine("ghost", num_blocks=256, max_model_len=1024)
+    await engine.start()
+    stop_beats = asyncio.Event()
+    try:
+        async with DroverClient(cluster.url, name="lost-add") as client:
+
+            async def beats() -> None:  # the instance's heartbeats, before its engine subject is subscribed
+                while not stop_beats.is_set():
+                    beat = InstanceHeartbeat(info=engine.info, load=engine.load(), seq=0, sent_at=time.time())
+                    await client.nc.publish(subjects.heartbeat("ghost"), encode(beat))
+                    await asyncio.sleep(0.05)
+
+            beating = asyncio.get_running_loop().create_task(beats())
+            await client.wait_for_instances(1, timeout_s=10)
+            stream = await client.submit(
+                "lost add", sampling=SamplingParams(max_tokens=30, ignore_eos=True), request_id="la-1"
+            )
+            await asyncio.sleep(0.5)  # the first EngineAdd went nowhere
+            await engine.shutdown()
+            await asyncio.to_thread(
+                cluster.add_engine, MigratableSimEngine("ghost", num_blocks=256, max_model_len=1024)
+            )
+            stop_beats.set()
+            await beating
+            result = await asyncio.wait_for(stream.result(), 30)
+            assert result.token_ids == [token_at(request_seed(0, "la-1"), p) for p in range(30)]
+    finally:
+        stop_beats.set()
+        await asyncio.to_thread(cluster.stop)
+
+
+async def test_an_engine_taken_for_dead_that_comes_back_stops_what_failed_over(nats_url: str) -> None:
+    """SIGSTOP past the heartbeat timeout, then SIGCONT: the instance's requests failed over meanwhile, but
+    its engine still runs them. When its heartbeats come back the scheduler stops those copies quietly (no
+    RequestDone from the zombie); the clients get every token once, from the instance that took over."""
+    cluster = await asyncio.to_thread(_cluster, nats_url, ("zb-a", "zb-b"), 0.6)
+    try:
+        async with DroverClient(cluster.url, name="zombie") as client:
+            await client.wait_for_instances(2, timeout_s=10)
+            streams = [
+                await client.submit(
+                    f"zombie {i}", sampling=SamplingParams(max_tokens=900, ignore_eos=True), request_id=f"zb-{i}"
+                )
+                for i in range(6)
+            ]
+            for stream in streams:
+                async for _ in stream.events():
+                    if len(stream.result_data.token_ids) >= 5:
+                        break
+            host = cluster.hosts["zb-a"]
+            host.heartbeater.stop()  # taken for dead; its engine keeps generating (a zombie)
+            status = await client.status()
+            while "zb-a" in {i.info.instance_id for i in status.instances}:
+                await asyncio.sleep(0.1)
+                status = await client.status()
+            await asyncio.sleep(0.5)  # its requests fail over to zb-b
+            assert host.engine.load().num_running > 0
+            host.heartbeater = Heartbeater(host.bus, host.engine, 0.05)  # heartbeats come back
+            host.heartbeater.start()
+            deadline = time.monotonic() + 3
+            while host.engine.load().num_running > 0:
+                assert time.monotonic() < deadline, "the zombie still runs requests that failed over"
+                await asyncio.sleep(0.1)
+            assert (await client.status()).requests  # stopped, not finished: they still run on zb-b
+            for i, stream in enumerate(streams):
+                result = await asyncio.wait_for(stream.result(), 60)
+                assert result.token_ids == [token_at(request_seed(0, f"zb-{i}"), p) for p in range(900)]
+                assert result.done is not None and result.done.finish_reason != "abort"
+    finally:
+        await asyncio.to_thread(cluster.stop)
