@@ -29,6 +29,7 @@ from observability.tracing import extract_context, tracer
 from transport import subjects
 from transport.bus import Bus, Envelope
 from transport.messages import (
+    ABORT_FENCED,
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
     AdminReply,
@@ -157,7 +158,9 @@ class EngineActor(pykka.ThreadingActor):
                 reply, ErrorCode.UNKNOWN_REQUEST, f"no request {abort.request_id} on {self.instance_id}"
             )
             return
-        if abort.reason in (ErrorCode.DEADLINE_EXCEEDED, ErrorCode.CLIENT_GONE):
+        if abort.reason == ABORT_FENCED:  # mark now: no chunk and no end goes to the client from here on
+            self.bus.call_soon(self._mark_abort, abort.request_id, ABORT_FENCED)
+        elif abort.reason in (ErrorCode.DEADLINE_EXCEEDED, ErrorCode.CLIENT_GONE):
             self.bus.call_soon(self._mark_abort, abort.request_id, abort.reason)  # runs before the abort below
         self.bus.run(self.engine.abort(abort.request_id))
 
@@ -254,7 +257,9 @@ class EngineActor(pykka.ThreadingActor):
             index = stream.index
             if stream.migrated_out:
                 finish_reason = "migrated"
-            if stream.abort_code and finish_reason == "abort":  # after its last chunk, the scheduler's reason
+            if stream.abort_code == ABORT_FENCED:
+                finish_reason = "abort"  # fenced: another instance owns the request and ends it
+            elif stream.abort_code and finish_reason == "abort":  # after its last chunk, the scheduler's reason
                 error = stream.abort_code
                 await self.bus.apublish(
                     add.reply_to,
@@ -311,6 +316,8 @@ class EngineActor(pykka.ThreadingActor):
         index = stream.index
         stream.index += len(token_ids)
         add = stream.add
+        if stream.abort_code == ABORT_FENCED:
+            return
         now = time.perf_counter()
         if stream.last_sent_at:  # a chunk of n tokens after a gap d: n gaps of d/n (as the client counts)
             gap = (now - stream.last_sent_at) / len(token_ids)

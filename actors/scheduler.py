@@ -38,6 +38,7 @@ from observability.tracing import extract_context, inject_headers, tracer
 from transport import subjects
 from transport.bus import Bus, Envelope
 from transport.messages import (
+    ABORT_FENCED,
     SUPPORTED_VERSIONS,
     Accepted,
     AdminReply,
@@ -234,7 +235,26 @@ class SchedulerActor(SupervisedActor):
             )
         )
         if is_new:
+            self._fence(instance_id, beat)
             self._drain_queue()
+
+    def _fence(self, instance_id: str, beat: InstanceHeartbeat) -> None:
+        """A (re)joining instance still running requests it does not own (it was cut off, declared dead and
+        its requests resumed elsewhere, then its link came back): abort them there, silently, so it streams
+        nothing more to their clients."""
+        for running in beat.load.running:
+            record = self.requests.get(running.request_id)
+            if record is None or record.instance_id == instance_id:  # unknown: a restarted plane's, keep it
+                continue
+            log.warning(
+                "instance %s rejoined still running %s, which it no longer owns: fenced",
+                instance_id,
+                running.request_id,
+            )
+            self.bus.publish(
+                subjects.engine(instance_id),
+                EngineAbort(request_id=running.request_id, reason=ABORT_FENCED, v=beat.info.protocol_version),
+            )
 
     def _snapshot(self, record: InstanceRecord) -> InstanceSnapshot:
         load = record.load

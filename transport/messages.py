@@ -265,6 +265,9 @@ class EngineAbort(_Msg, frozen=True, tag="engine_abort"):
     reason: str = "cancelled"
 
 
+ABORT_FENCED = "fenced"  # EngineAbort.reason: the request now belongs to another instance; stop without a word
+
+
 class EngineRequestEnded(_Msg, frozen=True, tag="engine_ended"):
     """Engine -> control plane: a request left this instance (finished, aborted, migrated away)."""
 
