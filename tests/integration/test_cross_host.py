@@ -206,12 +206,6 @@ async def test_cut_link_fails_over_exactly_once_and_the_returning_engine_duplica
         # The link comes back mid-stream: the old engine's connection flushes and it beats again.
         await asyncio.to_thread(netns.link_up)
 
-        result = await stream.result()
-        assert cut_at < max_tokens  # the cut landed mid-stream
-        assert result.token_ids == _expected(request_id, max_tokens)  # each once, in order
-        assert result.done is not None and result.done.num_tokens == max_tokens
-        assert result.done.instances[0] == victim and result.done.instances[-1] != victim
-
         # The returning engine rejoins, and the request it lost is no longer running there (fenced).
         for _ in range(200):
             status = await client.status()
@@ -222,6 +216,15 @@ async def test_cut_link_fails_over_exactly_once_and_the_returning_engine_duplica
         else:
             pytest.fail(f"{victim} did not rejoin, or still runs {request_id} after its link came back")
         fenced_at = time.time()
+        owner = next((r.instance_id for r in status.requests if r.request_id == request_id), None)
+        assert owner is not None and owner != victim  # fenced while the survivor still streams it
+
+        result = await stream.result()
+        assert cut_at < max_tokens  # the cut landed mid-stream
+        assert result.token_ids == _expected(request_id, max_tokens)  # each once, in order
+        assert result.done is not None and result.done.num_tokens == max_tokens
+        assert result.done.instances[0] == victim and result.done.instances[-1] != victim
+
         await asyncio.sleep(1.0)  # anything still on its way from the old engine has arrived by now
 
         assert sum(isinstance(m, RequestDone) for m in seen) == 1
