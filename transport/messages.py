@@ -284,6 +284,8 @@ class EngineAbort(_Msg, frozen=True, tag="engine_abort"):
     reason: str = "cancelled"
 
 
+
+
 class EngineRequestEnded(_Msg, frozen=True, tag="engine_ended"):
     """Engine -> control plane: a request left this instance (finished, aborted, migrated away)."""
 
