@@ -39,6 +39,7 @@ from transport.messages import (
     AdminReply,
     EngineAbort,
     EngineAdd,
+    EngineFence,
     EngineMemory,
     EngineRequestEnded,
     ErrorCode,
@@ -61,6 +62,8 @@ from transport.messages import (
 )
 
 log = logging.getLogger(__name__)
+
+_FENCE_WAIT_S = 1.0  # a fenced request's stream ends within a step; below reliability.failover_fence_timeout_s
 
 
 @dataclass(slots=True)
@@ -171,6 +174,8 @@ class EngineActor(pykka.ThreadingActor):
             self.bus.run(self._migration_op(message, envelope.reply))
         elif isinstance(message, EngineAbort):
             self._abort(message, envelope.reply)
+        elif isinstance(message, EngineFence):
+            self.bus.run(self._fence(message, envelope.reply))
         elif isinstance(message, GroupCommand) and self.groups is not None:
             self.bus.run(self.groups.handle(message, envelope.reply))
         elif isinstance(message, SetInstanceRole) and self.local is not None:
@@ -241,6 +246,30 @@ class EngineActor(pykka.ThreadingActor):
         if evicted:
             self._evicted.add(abort.request_id)
         self.bus.run(self.engine.abort(abort.request_id))
+
+    async def _fence(self, fence: EngineFence, reply: str) -> None:
+        """The control plane declared this instance dead and resumes the request elsewhere from what its client
+        has: stop streaming it (ends as "migrated": no RequestDone) and free it. The answer goes out after its
+        last chunk, on the same connection, so the control plane reads back every token it sent (bus loop)."""
+        stream = self._streams.get(fence.request_id)
+        running = self.running.get(fence.request_id)
+        if stream is not None:
+            stream.migrated_out = True
+            log.warning("engine %s: declared dead; %s stops here (it fails over)", self.instance_id, fence.request_id)
+            await self.engine.abort(fence.request_id)
+        if running is not None:  # its end reaches the actor before the request can be dispatched here again
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(running.future)), _FENCE_WAIT_S)
+        if reply:
+            await self.bus.apublish(
+                reply,
+                AdminReply(
+                    ok=stream is not None,
+                    message="stopped" if stream is not None else f"no request {fence.request_id} here",
+                    details={"sent": stream.index if stream is not None else 0},
+                    v=peer_version(fence.v),
+                ),
+            )
 
     def _mark_abort(self, request_id: str, code: str) -> None:
         stream = self._streams.get(request_id)

@@ -48,6 +48,7 @@ from transport.messages import (
     DrainCommand,
     EngineAbort,
     EngineAdd,
+    EngineFence,
     EngineInfo,
     EngineRequestEnded,
     ErrorCode,
@@ -354,13 +355,24 @@ class SchedulerActor(SupervisedActor):
                 continue
             record.state, record.instance_id = "recovering", None
             self.state.save_request(record)
-            self.bus.run(self._read_delivered(record.request_id, record.submit.reply_to))
+            self.bus.run(self._read_delivered(record.request_id, record.submit.reply_to, fence_on=dead_instance))
 
-    async def _read_delivered(self, request_id: str, reply_to: str) -> None:
+    async def _read_delivered(self, request_id: str, reply_to: str, fence_on: str = "") -> None:
+        sent = 0
+        if fence_on:
+            try:
+                sent = await self._fence(fence_on, request_id)
+            except Exception as exc:  # the failover goes on as before
+                log.info("fencing %s on %s failed: %s", request_id, fence_on, exc)
         deadline = time.monotonic() + self.settings.reliability.output_read_retry_s
         while True:
             try:
                 tokens, finished = await delivered_tokens(self.bus.nc, reply_to, request_id)
+                for _ in range(10):  # the fenced engine's last chunks may reach the output stream a moment later
+                    if finished or len(tokens) >= sent:
+                        break
+                    await asyncio.sleep(0.05)
+                    tokens, finished = await delivered_tokens(self.bus.nc, reply_to, request_id)
                 result = _Recovered(request_id, tokens, finished)
                 break
             except Exception as exc:  # no stream leader yet, or reconnecting: retry for a while
@@ -371,6 +383,23 @@ class SchedulerActor(SupervisedActor):
                 await asyncio.sleep(0.25)
         if self.actor_ref.is_alive():
             self.actor_ref.tell(result)
+
+    async def _fence(self, instance_id: str, request_id: str) -> int:
+        """Stop the request on an instance declared dead before it resumes elsewhere: missed heartbeats do not
+        prove death, and a live instance would stream on (every index twice). Returns the output tokens it
+        says it sent (0 when it is gone, hangs, or does not know the request)."""
+        try:
+            answer = await self.bus.arequest(
+                subjects.engine(instance_id),
+                EngineFence(request_id=request_id),
+                timeout_s=self.settings.reliability.failover_fence_timeout_s,
+            )
+        except Exception:  # no responders (it is gone), a timeout (it hangs), transport errors
+            return 0
+        if not isinstance(answer, AdminReply) or not answer.ok:
+            return 0
+        log.warning("instance %s was alive: it stopped %s for the failover", instance_id, request_id)
+        return int(answer.details.get("sent", 0))
 
     def _on_recovered(self, recovered: _Recovered) -> None:
         record = self.requests.get(recovered.request_id)

@@ -231,6 +231,12 @@ class ReliabilitySettings(_Section):
         "this window (running requests and those finished this recently); clients drop what they have by "
         "index. Covers chunks lost with a NATS node that died holding them.",
     )
+    failover_fence_timeout_s: float = Field(
+        2.0,
+        description="Before a failover reads back what a client was sent, the instance declared dead is told to "
+        "stop the request (a live but late one would stream on: duplicate tokens); wait this long for its answer "
+        "(a dead one: NATS answers no-responders at once, or the wait times out). Drover's choice.",
+    )
 
 
 class HaSettings(_Section):

@@ -284,6 +284,13 @@ class EngineAbort(_Msg, frozen=True, tag="engine_abort"):
     reason: str = "cancelled"
 
 
+class EngineFence(_Msg, frozen=True, tag="engine_fence"):
+    """Control plane -> an instance it declared dead (missed heartbeats) before failing ``request_id`` over:
+    a live one stops streaming it (no chunk, no RequestDone after its last one) and answers ``AdminReply``
+    (details ``sent``: output tokens its client was sent); a dead one does not answer. An engine that does
+    not know this kind answers an error: the failover goes on as before."""
+
+    request_id: str
 
 
 class EngineRequestEnded(_Msg, frozen=True, tag="engine_ended"):
@@ -563,6 +570,7 @@ Message: TypeAlias = (
     | InstanceHeartbeat
     | EngineAdd
     | EngineAbort
+    | EngineFence
     | EngineRequestEnded
     | StatusQuery
     | StatusReply
