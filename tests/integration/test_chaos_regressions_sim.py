@@ -190,7 +190,9 @@ async def test_an_engine_taken_for_dead_that_comes_back_stops_what_failed_over(n
                 await asyncio.sleep(0.1)
                 status = await client.status()
             await asyncio.sleep(0.5)  # its requests fail over to zb-b
-            assert host.engine.load().num_running > 0
+            # Its actor still answers on the bus, so the failover fenced each request there first (a host cut
+            # off the network cannot be fenced: tests/integration/test_cross_host.py covers the superseded
+            # abort when it comes back). Either way no copy may remain once its heartbeats return.
             host.heartbeater = Heartbeater(host.bus, host.engine, 0.05)  # heartbeats come back
             host.heartbeater.start()
             deadline = time.monotonic() + 3
