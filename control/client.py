@@ -445,6 +445,7 @@ class DroverClient:
         probe = f"{self.inbox_prefix}.probe"
         sub = await self.nc.subscribe(probe)
         await self.nc.flush(timeout=5)  # the server's -ERR, if any, comes before the PONG
+        await self.nc.flush(timeout=5)  # ... but nats-py may run the error callback as a task: let it run
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
         if probe.lower() in self._denied:
