@@ -33,6 +33,7 @@ from control.provisioning import Provisioner, make_provisioner
 from control.settings import Settings
 from engines.tokenizer import Tokenizer
 from observability.audit import AuditLog
+from observability.tracing import append_span_dicts
 from transport import subjects
 from transport.bus import Bus, Envelope
 from transport.kv_store import KvWriter, open_bucket
@@ -48,6 +49,7 @@ from transport.messages import (
     PolicyQuery,
     PolicyUpdate,
     ScaleCommand,
+    SpanBatch,
     StatusQuery,
     StatusReply,
     SubmitRequest,
@@ -217,6 +219,8 @@ class ControlPlane:
                     )
                 )
             )
+            # spans other processes ship (observability.ship_to_control): one leader appends each batch
+            subs.append(self.bus.run(self.bus.asubscribe(subjects.SPANS, self._on_spans, queue=subjects.CONTROL_QUEUE)))
             autoscaler_routes: list[tuple[str, tuple[type, ...]]] = [
                 (subjects.admin("scale"), (ScaleCommand,)),
                 (subjects.admin("autoscale"), (AutoscaleStatusQuery,)),
@@ -315,6 +319,20 @@ class ControlPlane:
         log.warning("not the leader any more: passing on a %s", type(envelope.message).__name__)
         headers = {**envelope.headers, FORWARDED_HEADER: "1"}
         self.bus.publish(envelope.subject, envelope.message, headers=headers, reply=envelope.reply)
+
+    async def _on_spans(self, envelope: Envelope) -> None:
+        """Append a shipped SpanBatch to this control plane's JSON-lines trace file (what `drover trace`
+        reads), so spans of engines and gateways on other hosts land beside the control plane's own."""
+        if not isinstance(envelope.message, SpanBatch):
+            log.warning("%s is not accepted on %s", type(envelope.message).__name__, envelope.subject)
+            return
+        path = self.settings.observability.jsonl_path
+        if not path or not envelope.message.spans:
+            return
+        try:
+            await asyncio.to_thread(append_span_dicts, path, envelope.message.spans)
+        except OSError as exc:
+            log.warning("appending %d shipped spans to %s failed: %s", len(envelope.message.spans), path, exc)
 
     async def _on_status(self, envelope: Envelope) -> None:
         """Answer with the scheduler's view plus each actor's supervision state."""

@@ -96,6 +96,13 @@ def register(app: typer.Typer) -> None:
         setup_tracing(
             f"{obs.service_name}-gateway", obs.exporter, jsonl_path=obs.jsonl_path, otlp_endpoint=obs.otlp_endpoint
         )
+        span_bus = None
+        if obs.ship_to_control:  # the gateway's spans go to the control plane's trace file as well
+            from control.processes import bus_options, ship_spans
+            from transport.bus import Bus
+
+            span_bus = Bus(bus_options(s, "drover-gateway-spans")).start()
+            ship_spans(s, span_bus)
         scheme = "https" if settings.tls else "http"
         auth = f"{len(settings.api_keys)} API keys" if settings.api_keys else "no authentication"
         cli.console.print(f"gateway on {scheme}://{settings.host}:{settings.port}/v1 -> {url} ({auth})")
@@ -103,6 +110,8 @@ def register(app: typer.Typer) -> None:
             serve(settings, url, log_level=obs.log_level.lower(), nats_settings=s.nats)
         finally:
             shutdown_tracing()
+            if span_bus is not None:
+                span_bus.stop()
 
     @app.command()
     def top(

@@ -13,7 +13,7 @@ from pathlib import Path
 from control.settings import Settings
 from observability.health import HealthChecks, ProcessServer, start_process_server
 from observability.logs import setup_logging
-from observability.tracing import setup_tracing, shutdown_tracing
+from observability.tracing import CallbackSpanExporter, add_span_exporter, setup_tracing, shutdown_tracing
 from transport.bus import Bus, BusOptions
 from transport.nats_cluster import EmbeddedNatsCluster
 from transport.nats_server import EmbeddedNatsServer
@@ -105,6 +105,20 @@ def _observability(settings: Settings, service: str) -> None:
     )
 
 
+def ship_spans(settings: Settings, bus: Bus) -> bool:
+    """With ``observability.ship_to_control``: also publish this process's finished spans (batched) on
+    ``drover.v1.spans``, for the control plane's trace file; True when shipping was switched on."""
+    if not settings.observability.ship_to_control:
+        return False
+    from transport import subjects
+    from transport.messages import SpanBatch
+
+    def send(spans: list[dict[str, object]]) -> None:
+        bus.publish(subjects.SPANS, SpanBatch(spans=spans))
+
+    return add_span_exporter(CallbackSpanExporter(send))
+
+
 def _http(settings: Settings, port: int, health: HealthChecks) -> ProcessServer | None:
     """The process's one HTTP port: /metrics, /healthz, /readyz (port 0 in settings: none)."""
     if not port:
@@ -149,6 +163,7 @@ def serve_engine(settings: Settings, instance_id: str) -> None:
     bus = Bus(
         bus_options(settings, f"drover-engine-{instance_id}", inbox_prefix=subjects.engine_inbox_prefix(instance_id))
     ).start()
+    ship_spans(settings, bus)
     engine, tokenizer = build_engine(settings, instance_id)
     host = EngineHost(settings, bus, engine, tokenizer)
     # Serve health before the engine loads (vLLM takes a while): live at once, ready once loaded.

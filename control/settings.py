@@ -331,6 +331,11 @@ class ObservabilitySettings(_Section):
     otlp_endpoint: str = Field(
         "http://127.0.0.1:6006/v1/traces", description="OTLP/HTTP traces endpoint (Phoenix default)."
     )
+    ship_to_control: bool = Field(
+        False,
+        description="Engines and the gateway also publish their finished spans on drover.v1.spans; the "
+        "control plane appends them to its jsonl_path, so `drover trace` works across hosts (issue #9).",
+    )
     service_name: str = Field("drover", description="OpenTelemetry service.name prefix.")
     log_level: str = Field("INFO", description="Python log level.")
 

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,18 @@ from opentelemetry.sdk.trace.export import (
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _provider: TracerProvider | None = None
+_file_lock = threading.Lock()  # one writer at a time per process: local spans and shipped ones share a file
+
+
+def append_span_dicts(path: str | Path, spans: Sequence[Mapping[str, Any]]) -> None:
+    """Append span dicts (the :func:`span_to_dict` form) to a JSON-lines trace file, one per line."""
+    if not spans:
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(dict(span), separators=(",", ":"), default=str) for span in spans]
+    with _file_lock, open(target, "a", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
 
 
 class JsonLinesSpanExporter(SpanExporter):
@@ -40,9 +52,29 @@ class JsonLinesSpanExporter(SpanExporter):
         self._lock = threading.Lock()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        lines = [json.dumps(span_to_dict(span), separators=(",", ":")) for span in spans]
-        with self._lock, open(self._path, "a", encoding="utf-8") as handle:
-            handle.write("\n".join(lines) + "\n")
+        append_span_dicts(self._path, [span_to_dict(span) for span in spans])
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        return None
+
+
+class CallbackSpanExporter(SpanExporter):
+    """Hands each batch of finished spans, as :func:`span_to_dict` dicts, to ``send``.
+
+    The process set-up passes a callable that publishes them on the bus (``drover.v1.spans``), so spans of
+    every process, on any host, reach the control plane's trace file; observability stays a leaf that knows
+    nothing of the bus. ``send`` must not block for long (it runs on the batch processor's thread)."""
+
+    def __init__(self, send: Callable[[list[dict[str, Any]]], None]) -> None:
+        self._send = send
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            self._send([span_to_dict(span) for span in spans])
+        except Exception as exc:  # a closed bus must not break the batch processor
+            log.warning("shipping %d spans failed: %r", len(spans), exc)
+            return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
@@ -104,6 +136,22 @@ def setup_tracing(
         trace.set_tracer_provider(provider)
         _provider = provider
         return provider
+
+
+def add_span_exporter(
+    exporter: SpanExporter, *, schedule_delay_millis: int = 200, max_batch: int = 128, provider: Any = None
+) -> bool:
+    """Add a batched exporter to ``provider`` (default: the one :func:`setup_tracing` installed), e.g. the
+    bus exporter once the bus is up; ``max_batch`` keeps one batch well under NATS's payload limit. False
+    when there is no SDK provider to add it to."""
+    with _lock:
+        target = provider if provider is not None else _provider
+        if not isinstance(target, TracerProvider):
+            return False
+        target.add_span_processor(
+            BatchSpanProcessor(exporter, schedule_delay_millis=schedule_delay_millis, max_export_batch_size=max_batch)
+        )
+        return True
 
 
 def shutdown_tracing() -> None:

@@ -558,6 +558,14 @@ class AutoscaleStatusReply(_Msg, frozen=True, tag="autoscale_status"):
     events: list[ScaleEventInfo] = []  # the most recent scale events, oldest first
 
 
+class SpanBatch(_Msg, frozen=True, tag="span_batch"):
+    """Any process -> control plane (``drover.v1.spans``): finished spans, in the JSON-lines form the jsonl
+    exporter writes (``observability.tracing.span_to_dict``); the control plane appends them to its trace
+    file, so ``drover trace`` sees every host's spans in one place."""
+
+    spans: list[dict[str, Any]] = []
+
+
 # The union every receiver decodes. Append new kinds at the end.
 Message: TypeAlias = (
     SubmitRequest
@@ -590,6 +598,7 @@ Message: TypeAlias = (
     | AutoscaleStatusQuery
     | AutoscaleStatusReply
     | SetInstanceRole
+    | SpanBatch
 )
 
 _encoder = msgspec.msgpack.Encoder()

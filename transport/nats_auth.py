@@ -102,7 +102,7 @@ def role_permissions(role: Role, *, client_id: str | None = None, instance_id: s
         if role is Role.CLIENT:
             readonly = tuple(subjects.admin(verb) for verb in READ_ONLY_ADMIN_VERBS)
             return Permissions(
-                publish=(subjects.SUBMIT, subjects.CANCEL, *readonly, *replay),
+                publish=(subjects.SUBMIT, subjects.CANCEL, *readonly, *replay, subjects.SPANS),
                 subscribe=(inbox, alive),
                 allow_responses=True,
             )
@@ -114,7 +114,7 @@ def role_permissions(role: Role, *, client_id: str | None = None, instance_id: s
     if role is Role.ENGINE:
         target = subjects.validate_token(instance_id) if instance_id else "*"
         return Permissions(
-            publish=(subjects.INBOX_ROOT + ".>", subjects.ENGINE_EVENTS, subjects.heartbeat(target)),
+            publish=(subjects.INBOX_ROOT + ".>", subjects.ENGINE_EVENTS, subjects.heartbeat(target), subjects.SPANS),
             # its own replies: the PubAck of the JetStream publish that stores a final reply
             subscribe=(subjects.engine(target), f"{subjects.ENGINE_REPLY_ROOT}.{target}.>"),
             allow_responses=True,
@@ -138,6 +138,7 @@ def role_permissions(role: Role, *, client_id: str | None = None, instance_id: s
                 subjects.heartbeat("*"),
                 subjects.ENGINE_EVENTS,
                 subjects.ADMIN + ".>",
+                subjects.SPANS,  # spans shipped by engines and gateways, for its trace file
                 "_INBOX.>",  # its request replies, JetStream API answers and pull deliveries
             ),
             allow_responses=True,

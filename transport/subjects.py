@@ -41,6 +41,7 @@ CONTROL_QUEUE = "drover-control"
 ENGINE_EVENTS = f"{PREFIX}.engine_events"  # EngineRequestEnded from every engine
 HEARTBEATS = f"{PREFIX}.heartbeat"  # heartbeat.<instance_id>
 ADMIN = f"{PREFIX}.admin"  # admin.<verb> request/reply
+SPANS = f"{PREFIX}.spans"  # SpanBatch from engines and gateways (observability.ship_to_control)
 
 
 def heartbeat(instance_id: str) -> str:

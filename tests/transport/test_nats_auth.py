@@ -46,7 +46,7 @@ ADMIN_VERBS = ["migrate", "drain", "scale", "autoscale", "policy", "memory", "co
 def test_client_role_is_minimal() -> None:
     perms = role_permissions(Role.CLIENT, client_id="alice")
     replay = own_output_replay("alice")
-    assert set(perms.publish) == {subjects.SUBMIT, subjects.CANCEL, subjects.admin("status"), *replay}
+    assert set(perms.publish) == {subjects.SUBMIT, subjects.CANCEL, subjects.admin("status"), *replay, subjects.SPANS}
     stream = subjects.OUTPUT_STREAM
     assert _allowed(perms.publish, f"$JS.API.CONSUMER.CREATE.{stream}.n1.{subjects.client_inbox_prefix('alice')}.x")
     assert not _allowed(perms.publish, f"$JS.API.CONSUMER.CREATE.{stream}.n1.{subjects.client_inbox_prefix('bob')}.x")
@@ -81,6 +81,7 @@ def test_engine_role() -> None:
     assert _allowed(one.publish, subjects.ENGINE_EVENTS)
     assert _allowed(one.publish, subjects.heartbeat("e1"))
     assert not _allowed(one.publish, subjects.heartbeat("e2"))
+    assert _allowed(one.publish, subjects.SPANS)  # ships its spans to the control plane's trace file
     assert one.subscribe == (subjects.engine("e1"), subjects.engine_inbox_prefix("e1") + ".>")
     assert not _allowed(one.subscribe, subjects.engine_inbox_prefix("e2") + ".x.y")
     assert one.allow_responses  # answers the migrator and the scheduler without _INBOX.> rights
@@ -93,7 +94,7 @@ def test_engine_role() -> None:
 
 def test_control_role_serves_clients_and_engines() -> None:
     perms = role_permissions(Role.CONTROL)
-    for subject in (subjects.SUBMIT, subjects.CANCEL, subjects.heartbeat("e1"), subjects.ENGINE_EVENTS):
+    for subject in (subjects.SUBMIT, subjects.CANCEL, subjects.heartbeat("e1"), subjects.ENGINE_EVENTS, subjects.SPANS):
         assert _allowed(perms.subscribe, subject)
     assert _allowed(perms.publish, subjects.engine("e1"))
     assert _allowed(perms.publish, "$JS.API.STREAM.CREATE.DROVER_OUTPUT")
@@ -101,6 +102,14 @@ def test_control_role_serves_clients_and_engines() -> None:
     assert _allowed(perms.publish, subjects.admin("drain"))
     assert _allowed(perms.publish, "_INBOX.abc")
     assert not _allowed(perms.publish, subjects.heartbeat("e1"))  # never impersonates an engine
+
+
+def test_spans_flow_from_engines_and_clients_to_the_control_plane() -> None:
+    perms = permission_map(default_users(clients=["alice"], engines=["e1"]))
+    publishers = {name for name, p in perms.items() if _allowed(p.publish, subjects.SPANS)}
+    subscribers = {name for name, p in perms.items() if _allowed(p.subscribe, subjects.SPANS)}
+    assert publishers == {"alice", "engine-e1"}  # engines and clients (the gateway) ship their spans
+    assert subscribers == {"control"}  # nobody else reads every host's spans
 
 
 def test_bad_specs_are_refused() -> None:
