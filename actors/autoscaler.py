@@ -44,6 +44,9 @@ from control.policy.autoscaling import (
 )
 from control.provisioning import Provisioner
 from control.settings import Settings
+from observability import spans
+from observability.metrics import metrics
+from observability.tracing import tracer
 from transport import subjects
 from transport.bus import Bus, Envelope
 from transport.messages import (
@@ -243,18 +246,50 @@ class AutoscalerActor(SupervisedActor):
         plan = plan_scaling(view, self.state, params)
         self.state = plan.state
         self.last_plan, self.last_plan_at = plan, time.time()
-        if plan.acts:
-            self._event("decision", "", "", plan.reason)
-            log.info("autoscaler: %s", plan.reason)
-        for change in plan.convert:
-            self.scheduler.tell(SetRole(change.instance_id, change.to_role))
-            self.bus.publish(subjects.engine(change.instance_id), SetInstanceRole(role=change.to_role))
-            self._event("relabel", change.instance_id, change.to_role, f"{change.from_role} -> {change.to_role}")
-        for iid in plan.drain:
-            self._drain(iid, view, owned, "plan")
+        if not plan.acts:
+            return
+        self._event("decision", "", "", plan.reason)
+        log.info("autoscaler: %s", plan.reason)
+        # One span per acting decision (`drover trace` / Phoenix show why the pool changed); its children are
+        # none: starting and draining are asynchronous and show up as scale events and metrics.
+        with tracer().start_as_current_span(spans.AUTOSCALE_DECISION, attributes=self._decision_attributes(view, plan)):
+            for change in plan.convert:
+                self.scheduler.tell(SetRole(change.instance_id, change.to_role))
+                self.bus.publish(subjects.engine(change.instance_id), SetInstanceRole(role=change.to_role))
+                self._event("relabel", change.instance_id, change.to_role, f"{change.from_role} -> {change.to_role}")
+                metrics().scale_event(change.to_role, "relabel")
+            for iid in plan.drain:
+                self._drain(iid, view, owned, "plan")
+            for role in ROLES:
+                for _ in range(plan.start[role]):
+                    self._start(role, "plan")
+
+    @staticmethod
+    def _decision_attributes(view: ClusterView, plan: ScalingPlan) -> dict[str, Any]:
+        """The decision span's attributes: role counts before and after, what it does, why, and its inputs."""
+        attributes: dict[str, Any] = {
+            spans.AUTOSCALE_REASON: plan.reason,
+            spans.AUTOSCALE_DRAIN: len(plan.drain),
+            spans.AUTOSCALE_RELABEL: len(plan.convert),
+        }
         for role in ROLES:
-            for _ in range(plan.start[role]):
-                self._start(role, "plan")
+            live = sum(1 for x in view.instances if x.role == role and x.state != "draining")
+            attributes[f"{spans.AUTOSCALE_BEFORE}.{role}"] = live
+            attributes[f"{spans.AUTOSCALE_AFTER}.{role}"] = plan.targets[role]
+            attributes[f"{spans.AUTOSCALE_START}.{role}"] = plan.start[role]
+        est = plan.estimate
+        inputs = {
+            "interactive_rate": view.interactive_rate,
+            "interactive_service_s": view.interactive_service_s,
+            "pending_interactive": view.pending_interactive,
+            "queued_interactive": view.queued_interactive,
+            "batch_tokens": sum(g.tokens for g in view.batch),
+            "interactive_demand": est.interactive_demand,
+            "batch_tokens_per_s": est.batch_tokens_per_s,
+        }
+        for name, value in inputs.items():
+            attributes[f"{spans.AUTOSCALE_INPUT}.{name}"] = float(value)
+        return attributes
 
     def _start(self, role: InstanceRole, why: str) -> str | None:
         try:
@@ -264,6 +299,7 @@ class AutoscalerActor(SupervisedActor):
             self._event("start-failed", "", role, repr(exc))
             return None
         self._event("start", iid, role, why)
+        metrics().scale_event(role, "out")
         return iid
 
     def _drain(self, iid: str, view: ClusterView, owned: dict[str, Any], why: str) -> bool:
@@ -274,12 +310,14 @@ class AutoscalerActor(SupervisedActor):
         if load is not None and load.state == "starting":  # nothing to move: stop it now
             self.provisioner.stop(iid)
             self._event("stop", iid, owned[iid].role, f"{why}: not needed before it started")
+            metrics().scale_event(owned[iid].role, "in")
             return True
         if iid in self.draining:
             return False
         self.draining[iid] = _Draining(time.monotonic(), why)
         self.scheduler.tell(Envelope(subject=subjects.admin("drain"), message=DrainCommand(instance_id=iid)))
         self._event("drain", iid, owned[iid].role, why)
+        metrics().scale_event(owned[iid].role, "in")
         return True
 
     def _manual(self, command: ScaleCommand, reply: str, view: ClusterView, owned: dict[str, Any]) -> None:

@@ -130,6 +130,12 @@ class Metrics:
             description="Stop-and-copy downtime of committed migrations.",
             explicit_bucket_boundaries_advisory=DOWNTIME_BUCKETS,
         )
+        # Autoscaler (admission refusals are in drover.requests: outcome = the refusal's error code)
+        self._scale_events = meter.create_counter(
+            "drover.autoscaler.scale_events",
+            description="Instances the autoscaler acted on, by role and direction (out: started, in: drained, "
+            "relabel: changed role, counted under the new role).",
+        )
         # KunServe parameter-centric memory
         self._memory_events = meter.create_counter(
             "drover.memory.events",
@@ -254,6 +260,11 @@ class Metrics:
 
     def engine_request_ended(self, instance_id: str, finish_reason: str) -> None:
         self._engine_ended.add(1, {"instance": instance_id, "finish_reason": finish_reason})
+
+    def scale_event(self, role: str, direction: str, count: int = 1) -> None:
+        """The autoscaler started (``out``), drained (``in``) or relabelled (``relabel``) instances of ``role``."""
+        if count:
+            self._scale_events.add(count, {"role": role, "direction": direction})
 
     def migration_finished(self, outcome: str, copied_bytes: int = 0, downtime_s: float = 0.0) -> None:
         """A migration ended: ``outcome`` is committed, aborted or refused."""

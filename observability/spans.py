@@ -20,6 +20,7 @@ MEMORY_DROP = "drover.memory.drop"  # memory manager: a KunServe group forms (me
 MEMORY_RESTORE = "drover.memory.restore"  # memory manager: a group restores its layers and ends
 MEMORY_GROUP = "drover.memory.group"  # engine: one group step (suffix .join/.lead/.dissolve/.leave/.break)
 MEMORY_EXCHANGE = "drover.memory.exchange"  # engine: running requests' KV moved to the layers' new owner
+AUTOSCALE_DECISION = "drover.autoscale.decision"  # autoscaler: one planning tick that starts, drains or relabels
 MEMORY_BREAK = "drover.memory.break"  # engine: a group that lost a member ends; its requests resume elsewhere
 
 # Attributes
@@ -43,3 +44,10 @@ GROUP_ID = "drover.memory.group_id"
 MIGRATION_BLOCKS = "drover.migration.blocks"
 MIGRATION_BYTES = "drover.migration.bytes"
 MIGRATION_STAGE_INDEX = "drover.migration.stage"
+AUTOSCALE_REASON = "drover.autoscale.reason"
+AUTOSCALE_BEFORE = "drover.autoscale.before"  # .<role>: live (active + starting) instances before the decision
+AUTOSCALE_AFTER = "drover.autoscale.after"  # .<role>: the plan's target
+AUTOSCALE_START = "drover.autoscale.start"  # .<role>: instances started now
+AUTOSCALE_DRAIN = "drover.autoscale.drain"  # instances drained now (count)
+AUTOSCALE_RELABEL = "drover.autoscale.relabel"  # instances relabelled now (count)
+AUTOSCALE_INPUT = "drover.autoscale.input"  # .<name>: the plan's inputs (rates, queue, demand estimates)

@@ -276,3 +276,48 @@ async def test_interactive_requests_evict_batch_ones_on_a_full_mixed_instance(pl
 
 async def _serving_count(client: DroverClient, prefix: str, n: int) -> bool:
     return len(await serving(client, prefix)) == n
+
+
+def _scale_events(role: str, direction: str) -> float:
+    """drover.autoscaler.scale_events{role, direction} from this process's Prometheus exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from observability.metrics import metrics
+
+    for family in text_string_to_metric_families(metrics().render().decode()):
+        for sample in family.samples:
+            if sample.name == "drover_autoscaler_scale_events_total" and sample.labels == {
+                "role": role,
+                "direction": direction,
+            }:
+                return float(sample.value)
+    return 0.0
+
+
+async def test_a_scale_decision_is_a_span_and_moves_the_scale_events_counter(span_exporter, plane: Plane) -> None:  # type: ignore[no-untyped-def]
+    """The first plan starts min_instances (1 interactive): one `drover.autoscale.decision` span says why, with
+    the role counts before and after; `drover scale` up and down moves the scale-out and scale-in counters."""
+    async with DroverClient(plane.url, name="autoscale-span") as client:
+        await wait_for(
+            lambda: _serving_is(client, plane.provisioner._prefix, 1), 30, "the autoscaler to start min_instances"
+        )
+    decisions = [s for s in span_exporter.get_finished_spans() if s.name == "drover.autoscale.decision"]
+    ours = [s for s in decisions if (s.attributes or {}).get("drover.autoscale.start.interactive", 0) >= 1]
+    assert ours, [dict(s.attributes or {}) for s in decisions]
+    attributes = dict(ours[-1].attributes or {})
+    assert attributes["drover.autoscale.before.interactive"] == 0
+    assert attributes["drover.autoscale.after.interactive"] == 1
+    assert attributes["drover.autoscale.reason"]  # the plan's reason, as `drover autoscale` shows it
+    assert "drover.autoscale.input.interactive_rate" in attributes
+
+    out_before, in_before = _scale_events("interactive", "out"), _scale_events("interactive", "in")
+    reply = await request_admin(plane.url, "scale", ScaleCommand(role="interactive", count=2))
+    assert isinstance(reply, AdminReply) and reply.ok, reply
+    assert _scale_events("interactive", "out") - out_before == 1
+    reply = await request_admin(plane.url, "scale", ScaleCommand(role="interactive", count=1))
+    assert isinstance(reply, AdminReply) and reply.ok, reply
+    assert _scale_events("interactive", "in") - in_before == 1
+
+
+async def _serving_is(client: DroverClient, prefix: str, n: int) -> bool:
+    return len(await serving(client, prefix)) == n
