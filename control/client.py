@@ -48,6 +48,8 @@ from transport import subjects
 from transport.messages import (
     Accepted,
     AdminReply,
+    AutoscaleStatusQuery,
+    AutoscaleStatusReply,
     Cancel,
     CancelAck,
     DrainCommand,
@@ -668,6 +670,16 @@ class DroverClient:
         if isinstance(message, ErrorReply):
             raise DroverError(message.code, message.message)
         if not isinstance(message, StatusReply):
+            raise DroverError(ErrorCode.INTERNAL, f"unexpected reply {type(message).__name__}")
+        return message
+
+    async def autoscale_status(self, *, timeout_s: float = 5.0) -> AutoscaleStatusReply:
+        """The autoscaler's state and last decision (``drover autoscale``; operators' credentials)."""
+        reply = await self._request(subjects.admin("autoscale"), encode(AutoscaleStatusQuery()), timeout_s)
+        message = decode(reply.data)
+        if isinstance(message, ErrorReply):
+            raise DroverError(message.code, message.message)
+        if not isinstance(message, AutoscaleStatusReply):
             raise DroverError(ErrorCode.INTERNAL, f"unexpected reply {type(message).__name__}")
         return message
 

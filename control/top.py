@@ -1,8 +1,9 @@
 """`drover top`: a live terminal dashboard of a cluster, redrawn from the control plane's status.
 
 Each frame shows the instances (kind, state, KV use, running, waiting, dispatch rate), the scheduler's queue
-and requests in flight by state and class, the scheduler's migration tally, and the requests that changed
-instance between frames (a committed migration, or a failover after an engine died).
+and requests in flight by state and class, the scheduler's migration tally, the requests that changed
+instance between frames (a committed migration, or a failover after an engine died), and the autoscaler's
+last decision with its reason ("autoscaler off" when it is disabled).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from control.client import DroverClient
-from transport.messages import InstanceStatus, StatusReply
+from transport.messages import AutoscaleStatusReply, InstanceStatus, StatusReply
 
 if TYPE_CHECKING:
     from control.settings import NatsSettings
@@ -81,8 +82,33 @@ def _state(state: str) -> Text:
     return Text(state, style=colour)
 
 
+def autoscaler_line(autoscale: AutoscaleStatusReply | str | None, now: float | None = None) -> Text:
+    """The autoscaler's last decision and why, one line; a string: why its status is unavailable."""
+    if autoscale is None:
+        return Text("autoscaler: no answer", style="dim")
+    if isinstance(autoscale, str):
+        return Text(f"autoscaler: unavailable ({autoscale})", style="yellow")
+    if not autoscale.enabled:
+        return Text("autoscaler off", style="dim")
+    targets = ", ".join(f"{r.role} {r.instances}+{r.starting}/{r.target}" for r in autoscale.roles if r.max_instances)
+    line = Text.assemble(("autoscaler ", "bold"), f"({autoscale.provisioner}; active+starting/target: {targets})  ")
+    if not autoscale.last_decision_at:
+        line.append("no decision yet", style="dim")
+        return line
+    ago = max(0.0, (now if now is not None else time.time()) - autoscale.last_decision_at)
+    line.append(f"last decision {ago:.0f}s ago: ")
+    line.append(autoscale.last_reason or "-", style="cyan")
+    return line
+
+
 def render_frame(
-    status: StatusReply, rates: dict[str, float], state: TopState, *, url: str = "", interval_s: float = 0.0
+    status: StatusReply,
+    rates: dict[str, float],
+    state: TopState,
+    *,
+    url: str = "",
+    interval_s: float = 0.0,
+    autoscale: AutoscaleStatusReply | str | None = None,
 ) -> RenderableType:
     """One dashboard frame (a pure function of the status and the history in ``state``)."""
     serving = sum(1 for i in status.instances if i.state == "serving")
@@ -155,7 +181,7 @@ def render_frame(
             str(req.priority),
             f"{req.age_s:.1f}",
         )
-    parts: list[RenderableType] = [header, instances, requests, oldest]
+    parts: list[RenderableType] = [header, autoscaler_line(autoscale), instances, requests, oldest]
     if state.recent_moves:
         moves = Table(title="recent moves (migration or failover)", title_justify="left")
         for column in ("request", "from", "to"):
@@ -183,12 +209,20 @@ async def run_top(
     console = console or Console()
     state = TopState()
     client = await DroverClient(url, name="drover-top", nats_settings=nats_settings).connect(**(connect_options or {}))
+
+    async def autoscale() -> AutoscaleStatusReply | str:
+        try:
+            return await client.autoscale_status(timeout_s=min(5.0, max(1.0, interval_s)))
+        except Exception as exc:  # e.g. a client-role user may not ask it; the rest of the frame still shows
+            return str(exc) or type(exc).__name__
+
     try:
         if once:
             state.observe(await client.status(), time.monotonic())
             await asyncio.sleep(min(interval_s, 1.0))
             status = await client.status()
-            console.print(render_frame(status, state.observe(status, time.monotonic()), state, url=url))
+            rates = state.observe(status, time.monotonic())
+            console.print(render_frame(status, rates, state, url=url, autoscale=await autoscale()))
             return
         with Live(console=console, auto_refresh=False, screen=False) as live:
             while True:
@@ -201,7 +235,9 @@ async def run_top(
                     )
                 else:
                     rates = state.observe(status, time.monotonic())
-                    live.update(render_frame(status, rates, state, url=url, interval_s=interval_s), refresh=True)
+                    scaling = await autoscale()
+                    frame = render_frame(status, rates, state, url=url, interval_s=interval_s, autoscale=scaling)
+                    live.update(frame, refresh=True)
                 await asyncio.sleep(interval_s)
     finally:
         await client.close()

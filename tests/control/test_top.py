@@ -9,15 +9,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from typer.testing import CliRunner
 
 from actors.local_cluster import InProcessCluster
 from control.cli import app
 from control.client import DroverClient, RequestStream
-from control.top import TopState, render_frame
+from control.top import TopState, autoscaler_line, render_frame
 from observability import spans
 from observability.tracing import JsonLinesSpanExporter
+from tests.actors.test_autoscaler import Plane, autoscale_status, plane  # noqa: F401 (the fixture)
 from tests.integration.conftest import make_sim_cluster
 
 runner = CliRunner()
@@ -122,3 +124,49 @@ def test_trace_shows_a_real_request(cluster: InProcessCluster, span_exporter: An
     assert spans.SCHEDULER_DISPATCH in out and spans.ENGINE_REQUEST in out
     code, out = drover(cluster, "trace", "no-such-request", "--file", str(path))
     assert code == 1 and "no span of request" in out
+
+
+def test_top_says_autoscaler_off_when_it_is_disabled(cluster: InProcessCluster) -> None:
+    assert not cluster.settings.autoscaler.enabled
+    code, out = drover(cluster, "top", "--once", "--interval", "0.1")
+    assert code == 0, out
+    assert "autoscaler off" in out
+
+
+def test_autoscaler_line_shows_the_last_decision_and_its_reason() -> None:
+    from transport.messages import AutoscaleStatusReply, RoleScaleStatus
+
+    role = RoleScaleStatus(
+        role="interactive", instances=2, starting=1, draining=0, target=3, min_instances=1, max_instances=4,
+        pinned=False,
+    )
+    reply = AutoscaleStatusReply(
+        enabled=True, provisioner="local", period_s=5.0, startup_estimate_s=2.0, roles=[role],
+        last_reason="interactive 2 -> 3: backpressure 0.92 > 0.8", last_decision_at=100.0,
+    )
+    text = autoscaler_line(reply, now=112.0).plain
+    assert "last decision 12s ago" in text and "interactive 2 -> 3: backpressure 0.92 > 0.8" in text
+    assert "interactive 2+1/3" in text
+    assert "no decision yet" in autoscaler_line(msgspec.structs.replace(reply, last_decision_at=0.0)).plain
+    assert autoscaler_line(msgspec.structs.replace(reply, enabled=False)).plain == "autoscaler off"
+    assert "unavailable (permissions violation)" in autoscaler_line("permissions violation").plain
+
+
+async def test_top_shows_a_live_autoscalers_last_decision(plane: Plane) -> None:  # noqa: F811 (the fixture)
+    """A real control plane with the autoscaler on: its first plan starts min_instances, and `drover top`'s
+    frame carries that decision's reason as the autoscaler reports it."""
+    from rich.console import Console
+
+    from control.top import run_top
+
+    deadline = time.monotonic() + 30
+    while not (status := await autoscale_status(plane.url)).last_decision_at or not status.last_reason:
+        assert time.monotonic() < deadline, "the autoscaler never decided"
+        await asyncio.sleep(0.1)
+    console = Console(record=True, width=1000)
+    await run_top(plane.url, once=True, interval_s=0.1, console=console)
+    out = console.export_text()
+    after = await autoscale_status(plane.url)
+    assert "last decision" in out and "autoscaler off" not in out, out
+    # the reason of the plan top asked about: the one before or after its frame (plans are 0.5 s apart)
+    assert status.last_reason in out or after.last_reason in out, (status.last_reason, after.last_reason, out)
