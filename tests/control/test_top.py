@@ -19,7 +19,7 @@ from control.client import DroverClient, RequestStream
 from control.top import TopState, autoscaler_line, render_frame
 from observability import spans
 from observability.tracing import JsonLinesSpanExporter
-from tests.actors.test_autoscaler import Plane, autoscale_status, plane  # noqa: F401 (the fixture)
+from tests.actors.test_autoscaler import autoscale_settings, autoscale_status, make_engine
 from tests.integration.conftest import make_sim_cluster
 
 runner = CliRunner()
@@ -152,21 +152,38 @@ def test_autoscaler_line_shows_the_last_decision_and_its_reason() -> None:
     assert "unavailable (permissions violation)" in autoscaler_line("permissions violation").plain
 
 
-async def test_top_shows_a_live_autoscalers_last_decision(plane: Plane) -> None:  # noqa: F811 (the fixture)
-    """A real control plane with the autoscaler on: its first plan starts min_instances, and `drover top`'s
-    frame carries that decision's reason as the autoscaler reports it."""
+async def test_top_shows_a_live_autoscalers_last_decision(tmp_path: Path) -> None:
+    """A real control plane with the autoscaler on (on a NATS server of its own: this module's cluster has it
+    off): its first plan starts min_instances, and `drover top`'s frame carries the reason it reports."""
     from rich.console import Console
 
+    from actors.control_plane import ControlPlane
+    from control.provisioning import InProcessProvisioner
     from control.top import run_top
+    from engines.tokenizer import ByteTokenizer
+    from transport.bus import Bus, BusOptions
+    from transport.nats_server import EmbeddedNatsServer
 
-    deadline = time.monotonic() + 30
-    while not (status := await autoscale_status(plane.url)).last_decision_at or not status.last_reason:
-        assert time.monotonic() < deadline, "the autoscaler never decided"
-        await asyncio.sleep(0.1)
-    console = Console(record=True, width=1000)
-    await run_top(plane.url, once=True, interval_s=0.1, console=console)
-    out = console.export_text()
-    after = await autoscale_status(plane.url)
+    (tmp_path / "nats").mkdir()
+    nats = EmbeddedNatsServer(store_dir=str(tmp_path / "nats"))
+    url = nats.start()
+    settings = autoscale_settings(url, enabled=True)
+    provisioner = InProcessProvisioner(settings, make_engine, prefix="toptest")
+    bus = Bus(BusOptions(url=url, name="drover-control")).start()
+    control = ControlPlane(settings, bus, ByteTokenizer(), provisioner=provisioner).start()
+    try:
+        deadline = time.monotonic() + 30
+        while not (status := await autoscale_status(url)).last_decision_at or not status.last_reason:
+            assert time.monotonic() < deadline, "the autoscaler never decided"
+            await asyncio.sleep(0.1)
+        console = Console(record=True, width=1000)
+        await run_top(url, once=True, interval_s=0.1, console=console)
+        out = console.export_text()
+        after = await autoscale_status(url)
+    finally:
+        control.stop()
+        bus.stop()
+        nats.stop()
     assert "last decision" in out and "autoscaler off" not in out, out
     # the reason of the plan top asked about: the one before or after its frame (plans are 0.5 s apart)
     assert status.last_reason in out or after.last_reason in out, (status.last_reason, after.last_reason, out)
