@@ -132,6 +132,7 @@ class EngineActor(pykka.ThreadingActor):
         self._ended: deque[_Stream] = deque()  # recently ended streams, oldest first (loop-only)
         self._storing: set[asyncio.Task[None]] = set()
         self._store_off_until = 0.0  # a final reply got no PubAck while connected: no output stream here
+        self._reconnected_at = -1e9  # monotonic time of the last NATS reconnect
         bus.on_reconnect(self._on_bus_reconnected)
 
     def on_stop(self) -> None:
@@ -488,7 +489,17 @@ class EngineActor(pykka.ThreadingActor):
     async def _await_stored(self, sub: Subscription | None, reply_to: str, request_id: str, message: Message) -> None:
         if sub is not None:
             try:
-                await sub.next_msg(timeout=2)  # a PubAck, or a no-responders status: nobody listens there
+                ack = await sub.next_msg(timeout=2)  # a PubAck, or a no-responders status: no stream (yet)
+                just_reconnected = time.monotonic() - self._reconnected_at < self.resend_window_s
+                if not (ack.headers and ack.headers.get("Status") == "503") or not just_reconnected:
+                    if ack.headers and ack.headers.get("Status") == "503":
+                        self._store_off_until = time.monotonic() + 10.0  # no output stream here
+                    return
+                # No output stream: none here at all, or not declared again yet after a NATS restart (then
+                # the client may not have been resubscribed either, and this reply would be lost for good).
+                # Try to store it for a short while before concluding there is none.
+                if not await self._store_final(reply_to, request_id, message, no_stream_grace_s=5.0):
+                    self._store_off_until = time.monotonic() + 10.0
                 return
             except Exception:
                 if self.bus.nc.is_connected:  # delivered to the inbox, but nothing stored it: no stream here
@@ -499,27 +510,37 @@ class EngineActor(pykka.ThreadingActor):
                     await sub.unsubscribe()
         await self._store_final(reply_to, request_id, message)
 
-    async def _store_final(self, reply_to: str, request_id: str, message: Message) -> None:
-        """Retry the final reply as a JetStream publish until acknowledged (this connection was down)."""
-        deadline = time.monotonic() + self.resend_window_s
+    async def _store_final(
+        self, reply_to: str, request_id: str, message: Message, *, no_stream_grace_s: float = 0.0
+    ) -> bool:
+        """Retry the final reply as a JetStream publish until acknowledged (this connection was down, or the
+        output stream is being declared again); each try also delivers it live (the client keeps the first).
+        ``no_stream_grace_s``: how long "no stream" (no responders) is retried before giving up."""
+        started = time.monotonic()
+        deadline = started + self.resend_window_s
+        delay = 0.25
         while time.monotonic() < deadline:
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(delay)
             try:
                 await self.bus.nc.jetstream(timeout=2).publish(
                     reply_to, encode(message), headers=self._final_headers(request_id)
                 )
-                return
+                return True
             except NoRespondersError:
-                return  # nobody listens there and no output stream captures it
+                if time.monotonic() - started >= no_stream_grace_s:
+                    return False  # nobody listens there and no output stream captures it
+                delay = min(1.0, delay * 2)
             except Exception as exc:  # no stream leader yet (a NATS node died), reconnecting: retry
                 log.debug("engine %s: storing the reply of %s: %s", self.instance_id, request_id, exc)
         log.warning("engine %s: reply of %s not stored in %.0fs", self.instance_id, request_id, self.resend_window_s)
+        return False
 
     # ------------------------------------------------------------------------------------------- NATS faults
     def _on_bus_reconnected(self) -> None:
         """On the bus loop after a reconnect: what was in flight through a NATS node that died may be lost
         (with the stream's copy, if that node led it). Re-send every chunk and final reply of running and
         recently ended requests; clients keep one copy of each token by index."""
+        self._reconnected_at = time.monotonic()
         if self.actor_ref.is_alive():
             self.bus.loop.create_task(self._resend())
 
