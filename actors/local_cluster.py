@@ -83,6 +83,14 @@ class InProcessCluster:
         self._buses[instance_id] = bus
         return host
 
+    def crash_engine(self, instance_id: str) -> None:
+        """What a kill -9 of an engine looks like from outside: heartbeats stop and nothing more is published
+        (its connection goes silent mid-stream). For failure tests."""
+        host = self.hosts.pop(instance_id)
+        host.heartbeater.stop()
+        bus = self._buses.pop(instance_id)
+        bus.loop.call_soon_threadsafe(bus.loop.stop)
+
     def remove_engine(self, instance_id: str) -> None:
         host = self.hosts.pop(instance_id)
         host.stop()

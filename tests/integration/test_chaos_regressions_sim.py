@@ -35,12 +35,6 @@ def _cluster(nats_url: str, names: tuple[str, ...], stale_after_s: float) -> InP
     return cluster
 
 
-def _crash(cluster: InProcessCluster, instance_id: str) -> None:
-    """kill -9 as seen from outside: heartbeats stop and the connection goes silent mid-stream."""
-    host = cluster.hosts.pop(instance_id)
-    host.heartbeater.stop()
-    bus = cluster._buses.pop(instance_id)
-    bus.loop.call_soon_threadsafe(bus.loop.stop)
 
 
 async def test_an_engine_restarted_under_its_id_before_it_was_declared_dead_loses_nothing(nats_url: str) -> None:
@@ -64,7 +58,7 @@ async def test_an_engine_restarted_under_its_id_before_it_was_declared_dead_lose
             status = await client.status()
             on_a = {r.request_id for r in status.requests if r.instance_id == "rr-a"}
             assert on_a
-            await asyncio.to_thread(_crash, cluster, "rr-a")
+            await asyncio.to_thread(cluster.crash_engine, "rr-a")
             await asyncio.to_thread(cluster.add_engine, MigratableSimEngine("rr-a", num_blocks=256, max_model_len=1024))
             for i, stream in enumerate(streams):
                 result = await asyncio.wait_for(stream.result(), 30)
@@ -118,7 +112,7 @@ async def test_failover_waits_for_an_output_stream_that_is_briefly_unavailable(n
                     if len(stream.result_data.token_ids) >= 5:
                         break
             await client.nc.jetstream().delete_stream(subjects.OUTPUT_STREAM)
-            await asyncio.to_thread(_crash, cluster, "ou-a")
+            await asyncio.to_thread(cluster.crash_engine, "ou-a")
             await asyncio.sleep(2.0)  # declared dead after 0.6 s: the reads fail meanwhile
             assert cluster.control is not None and cluster.control_bus is not None
             assert await asyncio.wrap_future(cluster.control_bus.run(cluster.control._ensure_output_stream()))

@@ -194,7 +194,7 @@ async def test_engine_that_dies_while_no_control_plane_runs_is_failed_over(nats_
             assert cluster.control is not None and cluster.control_bus is not None
             await asyncio.to_thread(cluster.control.stop)
             await asyncio.to_thread(cluster.control_bus.stop)
-            await asyncio.to_thread(_crash, cluster, victim)
+            await asyncio.to_thread(cluster.crash_engine, victim)
             await asyncio.to_thread(cluster.start_control)
 
             for rid, stream in streams.items():
@@ -237,12 +237,6 @@ async def test_request_that_ends_while_no_control_plane_runs_leaves_the_table(na
         await asyncio.to_thread(cluster.stop)
 
 
-def _crash(cluster: InProcessCluster, instance_id: str) -> None:
-    """What a kill -9 of an engine looks like from outside: heartbeats stop, nothing more is published."""
-    host = cluster.hosts.pop(instance_id)
-    host.heartbeater.stop()
-    bus = cluster._buses.pop(instance_id)
-    bus.loop.call_soon_threadsafe(bus.loop.stop)
 
 
 # ---------------------------------------------------------------------------------------------- two processes
@@ -384,7 +378,7 @@ async def test_standby_takes_over_when_the_leader_is_killed(
         victim = next(running[rid] for rid in unfinished if running.get(rid))
         assert victim is not None
         on_victim = {rid for rid, inst in running.items() if inst == victim}
-        await asyncio.to_thread(_crash, cluster, victim)
+        await asyncio.to_thread(cluster.crash_engine, victim)
         for rid, stream in streams.items():
             result = await stream.result()
             assert result.token_ids == expected(rid, n)

@@ -35,12 +35,6 @@ def _cluster(nats_url: str) -> InProcessCluster:
     return cluster
 
 
-def _crash(cluster: InProcessCluster, instance_id: str) -> None:
-    """What a kill -9 looks like from outside: heartbeats stop and nothing more is published."""
-    host = cluster.hosts.pop(instance_id)
-    host.heartbeater.stop()
-    bus = cluster._buses.pop(instance_id)
-    bus.loop.call_soon_threadsafe(bus.loop.stop)  # its connection goes silent mid-stream
 
 
 async def test_requests_of_a_dead_engine_resume_elsewhere_exactly_once(nats_url: str) -> None:
@@ -62,7 +56,7 @@ async def test_requests_of_a_dead_engine_resume_elsewhere_exactly_once(nats_url:
             victim = status.requests[0].instance_id
             assert victim is not None
             on_victim = {r.request_id for r in status.requests if r.instance_id == victim}
-            await asyncio.to_thread(_crash, cluster, victim)
+            await asyncio.to_thread(cluster.crash_engine, victim)
             for i, stream in enumerate(streams):
                 result = await stream.result()
                 seed = request_seed(0, f"fo-{i}")
