@@ -64,6 +64,8 @@ class SimRequest:
     preempted_at: float = -1.0
     preemption_loss: float = 0.0
     tag: object = None  # the caller's per-request data (the simulator's metrics record)
+    block_hashes: tuple[int, ...] = ()  # prefix-block hashes of the prompt (a trace's hash_ids), for prefix caching
+    hash_block_tokens: int = 0  # tokens each of ``block_hashes`` covers
     _waiting_need: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
@@ -240,6 +242,7 @@ class SimEngineCore:
         entries: list[tuple[SimRequest, int]] = []
         preempted = False
         prefill_tokens = decode_seqs = decode_context = 0
+        prefill_pairs = 0.0  # prefill attention's (query, key) pairs: a chunk attends to what precedes it
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -256,6 +259,7 @@ class SimEngineCore:
                 decode_context += request.context_len
             else:
                 prefill_tokens += n
+                prefill_pairs += n * (request.num_computed + (n + 1) / 2)
             i += 1
         if not preempted:
             while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
@@ -277,6 +281,7 @@ class SimEngineCore:
                 entries.append((request, n))
                 budget -= n
                 prefill_tokens += n
+                prefill_pairs += n * (request.num_computed + (n + 1) / 2)
                 self.version += 1
         if not entries:
             return None
@@ -289,7 +294,7 @@ class SimEngineCore:
         if steps > 1:
             duration_ms = self.cost.decode_run_ms(decode_seqs, decode_context, steps)
         else:
-            duration_ms = self.cost.step_ms(prefill_tokens, decode_seqs, decode_context)
+            duration_ms = self.cost.step_ms(prefill_tokens, decode_seqs, decode_context, prefill_pairs)
         end = now + duration_ms / 1000.0
         self._plan = _Plan(now, end, steps, 0, entries, decode_seqs, decode_context, base_computed)
         return end
