@@ -27,7 +27,8 @@ How the step cost is derived (:func:`derive_cost`; the form is :class:`engines.s
 
 KV capacity: blocks = ⌊(GPU memory x utilisation x tp - weights - tp x activation reserve) / block bytes⌋.
 The reserve (activations at 2,048 batched tokens, CUDA graphs, allocator slack) is not published per
-model; stand-in 1.5 GiB for 7-8B models, 2 GiB for 13B, 3 GiB per GPU for 30B under tensor parallelism.
+model; stand-in 1.5 GiB per GPU for 7-8B models and for 30B under 4-way tensor parallelism (activations
+split across the GPUs), 2 GiB for 13B.
 Precision is FP16/BF16 throughout.
 """
 
@@ -322,10 +323,9 @@ PRESETS: dict[str, Preset] = {
             LLAMA_30B,
             A10,
             tp=4,
-            max_model_len=12288,
-            reserve_gib=3.0,
-            notes="all-reduce over PCIe 4.0 x16 (A10 has no NVLink), NCCL bus bandwidth stand-in 12 GB/s. "
-            + _LLUMNIX_LEN,
+            max_model_len=8192,
+            notes="all-reduce over PCIe 4.0 x16 (A10 has no NVLink), NCCL bus bandwidth stand-in 12 GB/s; "
+            "max_model_len 8,192: Llumnix migrates 8k-token 30B sequences, and 12,288 would not fit the KV",
         ),
         _gpu_preset(
             "qwen2.5-7b-a10",

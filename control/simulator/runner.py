@@ -40,6 +40,7 @@ from control.simulator.cluster import ClusterSimulator
 from control.simulator.elastic import ElasticConfig, ElasticSimulator
 from control.simulator.metrics import RequestMetrics, SimulationResult
 from control.simulator.presets import GIB, Preset
+from control.simulator.traces import TRACES_DIR, resolve_trace
 from control.simulator.workload import LengthSpec, RequestSpec, arrival_times, load_trace
 from engines.sim.core import SimOutput
 
@@ -98,8 +99,8 @@ class WorkloadSpec:
         if self.hash_block_tokens < 1:
             raise ValueError("--hash-block-tokens must be >= 1")
         if self.trace is not None:
-            if not self.trace.is_file():
-                raise ValueError(f"trace {self.trace} not found")
+            if not resolve_trace(self.trace).is_file():
+                raise ValueError(f"trace {self.trace} not found (nor in {TRACES_DIR})")
             return
         if self.kind not in WORKLOADS:
             raise ValueError(f"--workload must be one of {', '.join(WORKLOADS)}, got {self.kind!r}")
@@ -161,13 +162,14 @@ def build_workload(spec: WorkloadSpec) -> list[RequestSpec]:
     """The requests of ``spec`` (validated first), in arrival order."""
     spec.validate()
     if spec.trace is not None:
+        path = resolve_trace(spec.trace)
         start = 0.0
         if spec.duration is not None and spec.seed != 0:
-            span = trace_span(spec.trace)
+            span = trace_span(path)
             if span > spec.duration:
                 start = float(np.random.default_rng(spec.seed).uniform(0.0, span - spec.duration))
         return load_trace(
-            spec.trace,
+            path,
             time_compression=spec.compression,
             start=start,
             duration=spec.duration,
