@@ -59,7 +59,10 @@ def test_run_table_fits_and_out_csv(tmp_path: Path) -> None:
     [
         (["run", *SMALL, "--policy", "fastest"], "unknown policy"),
         (["run", *SMALL], "--policy is required"),
-        (["run", "--workload", "poisson", "--rate", "2", "--lengths", "zipf:64:512", "--policy", "drover"], "--instances"),
+        (
+            ["run", "--workload", "poisson", "--rate", "2", "--lengths", "zipf:64:512", "--policy", "drover"],
+            "--instances",
+        ),
         (["run", *SMALL[:-2], "--lengths", "zipf:64", "--instances", "2", "--policy", "drover"], "--lengths"),
         (["run", "--trace", "no/such.csv", "--instances", "2", "--policy", "drover"], "not found"),
         (["run", *SMALL, "--policy", "drover", "--preset", "llama7b-tpu"], "unknown preset"),
