@@ -28,7 +28,8 @@ def test_long_prompt_thrashes_chunk_by_chunk_while_an_older_request_decodes() ->
     """The case of issue 16 ("long prompts evict each other"), in miniature.
 
     64 blocks of 16 tokens, a 256-token budget. A (400-token prompt, 600 output tokens) runs first. B (700-token
-    prompt: 44 blocks, never beside A's 25 or more) is admitted whenever its first chunk's blocks fit, then its second chunk does not fit, so it
+    prompt: 44 blocks, never beside A's 25 or more) is admitted whenever its first chunk's blocks fit; a later
+    chunk does not fit, so it
     preempts the last running request, itself; the next step preempted, so nothing is admitted; the step
     after re-admits B from scratch. vLLM v1 runs the same code path: with prefix caching off it thrashes the
     same way; with prefix caching on (v1's default) the re-admitted B finds its first chunk cached, its next
