@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 import nats.errors
 from opentelemetry import trace
 
+from control.apps.gateway.access import AccessControl, Principal
+from control.apps.gateway.errors import GatewayError, from_drover, unavailable
+from control.apps.gateway.schema import GenerationSpec
+from control.apps.gateway.stops import StopMatcher
 from control.client import DroverClient, DroverError, RequestStream, StreamEvent
-from control.gateway.access import AccessControl, Principal
-from control.gateway.errors import GatewayError, from_drover, unavailable
-from control.gateway.schema import GenerationSpec
-from control.gateway.settings import GatewaySettings
-from control.gateway.stops import StopMatcher
+from control.gateway_settings import GatewaySettings
 from observability import spans
 from observability.metrics import Metrics
 from observability.tracing import tracer
