@@ -43,7 +43,7 @@ async def request_admin(
     import msgspec
 
     from control.apps.cli import CLI_CONNECT
-    from control.client import DroverClient, DroverError
+    from control.client import DroverClient, ReplyError
 
     client = await DroverClient(url, name="drover-cli", nats_settings=nats_settings, operator=operator).connect(
         **CLI_CONNECT
@@ -56,7 +56,7 @@ async def request_admin(
         await client.close()
     answer = decode(reply.data)
     if isinstance(answer, ErrorReply):
-        raise DroverError(answer.code, answer.message, answer.request_id)
+        raise ReplyError(answer.code, answer.message, answer.request_id)
     return answer
 
 

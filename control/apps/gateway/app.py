@@ -32,6 +32,7 @@ from control.apps.gateway.schema import (
     usage_chunk_body,
 )
 from control.apps.gateway.service import Gateway, Generation
+from control.errors import DroverError
 from control.gateway_settings import GatewaySettings
 from observability.metrics import CONTENT_TYPE, Metrics
 
@@ -43,8 +44,10 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first" (
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-class ClientGone(Exception):
+class ClientGone(DroverError):
     """The HTTP client disconnected before the answer was ready."""
+
+    default_code = "client_gone"
 
 
 def _error_response(exc: GatewayError) -> JSONResponse:

@@ -258,7 +258,7 @@ class Generation:
         self.prompt_tokens, self.completion_tokens = self.usage()
         self.gateway.access.record(self.principal, self.prompt_tokens, self.completion_tokens)
         self.gateway.metrics.gateway_tokens(self.principal.client_id, self.prompt_tokens, self.completion_tokens)
-        outcome = self.finish_reason or (self.error.code if self.error else None) or "disconnected"
+        outcome = self.finish_reason or (self.error.openai_code if self.error else None) or "disconnected"
         self.span.set_attribute(spans.GEN_AI_USAGE_INPUT_TOKENS, self.prompt_tokens)
         self.span.set_attribute(spans.GEN_AI_USAGE_OUTPUT_TOKENS, self.completion_tokens)
         self.span.set_attribute(spans.GEN_AI_RESPONSE_FINISH_REASONS, [str(outcome)])
