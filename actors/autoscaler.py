@@ -31,18 +31,18 @@ import pykka
 
 from actors.request_classes import ClusterSnapshot, GetClusterView, SetRole
 from actors.supervisor import SupervisedActor
+from control.core.provisioner import Provisioner
 from control.policy.autoscaling import (
     ROLES,
     AutoscaleParams,
     ClusterView,
-    InstanceLoad,
+    FleetInstance,
     InstanceRole,
     PerRole,
     ScalingPlan,
     ScalingState,
     plan_scaling,
 )
-from control.provisioning import Provisioner
 from control.settings import Settings
 from observability import spans
 from observability.metrics import metrics
@@ -222,7 +222,7 @@ class AutoscalerActor(SupervisedActor):
         now = snapshot.view.now
         for iid, p in owned.items():
             if iid not in seen and not p.stopping and p.ready_at is None:
-                loads.append(InstanceLoad(instance_id=iid, role=p.role, state="starting", started_at=p.requested_at))
+                loads.append(FleetInstance(instance_id=iid, role=p.role, state="starting", started_at=p.requested_at))
         started = {iid: p.requested_at for iid, p in owned.items()}
         loads = [dataclasses.replace(x, started_at=started.get(x.instance_id, x.started_at)) for x in loads]
         return dataclasses.replace(snapshot.view, instances=tuple(loads), now=now)

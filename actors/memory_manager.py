@@ -32,6 +32,7 @@ from typing import Any
 
 from opentelemetry.trace import StatusCode
 
+from control.errors import DroverError
 from control.policy.memory import (
     GroupSnapshot,
     MemoryParams,
@@ -61,8 +62,10 @@ from transport.messages import (
 log = logging.getLogger(__name__)
 
 
-class GroupStepFailed(Exception):
+class GroupStepFailed(DroverError):
     """An engine refused or failed a group step, or did not answer."""
+
+    default_code = "group_step_failed"
 
 
 @dataclass(slots=True)

@@ -34,6 +34,7 @@ import pykka
 from opentelemetry import trace
 
 from actors.supervisor import SupervisedActor
+from control.errors import DroverError
 from control.policy.params import PolicyParams
 from control.settings import MigrationSettings
 from observability import spans
@@ -54,8 +55,10 @@ from transport.messages import (
 log = logging.getLogger(__name__)
 
 
-class MigrationFailed(Exception):
-    pass
+class MigrationFailed(DroverError):
+    """A migration could not be started or finished (the request stays where it was)."""
+
+    default_code = "migration_failed"
 
 
 @dataclass(frozen=True, slots=True)

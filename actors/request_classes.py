@@ -25,7 +25,7 @@ from control.policy.autoscaling import (
     ROLES,
     AutoscaleParams,
     ClusterView,
-    InstanceLoad,
+    FleetInstance,
     InstanceRole,
     QueuedBatch,
     RunningBatch,
@@ -266,7 +266,7 @@ class RequestClasses:
     def role_of(self, instance_id: str) -> InstanceRole:
         return self.role_overrides.get(instance_id) or self.reported_roles.get(instance_id, "mixed")
 
-    def loads(self, instances: Mapping[str, Any], requests: Mapping[str, Any]) -> list[InstanceLoad]:
+    def loads(self, instances: Mapping[str, Any], requests: Mapping[str, Any]) -> list[FleetInstance]:
         """Every known instance as the autoscaling policies read it; request counts come from the scheduler's
         own table, so they include dispatches the instance has not reported yet."""
         counts: dict[str, list[int]] = {}
@@ -286,7 +286,7 @@ class RequestClasses:
                 local.backpressure if local is not None else (load.num_running + load.num_waiting) / max(1, slots)
             )
             out.append(
-                InstanceLoad(
+                FleetInstance(
                     instance_id=iid,
                     role=self.role_of(iid),
                     state="draining" if draining else "active",
@@ -354,7 +354,7 @@ class RequestClasses:
         )
 
 
-def _with_tokens(load: InstanceLoad, tokens_per_s: float) -> InstanceLoad:
+def _with_tokens(load: FleetInstance, tokens_per_s: float) -> FleetInstance:
     import dataclasses
 
     return dataclasses.replace(load, tokens_per_s=tokens_per_s)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from control.gateway.settings import GatewaySettings
+from control.gateway_settings import GatewaySettings
 from control.policy.autoscaling import AutoscaleParams, ThresholdParams
 from control.policy.params import PolicyParams
 from observability.metrics import MetricsSettings

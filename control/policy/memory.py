@@ -7,7 +7,7 @@ weight memory, ≈ W·(g-1)/g per member, becomes KV blocks. When the burst is o
 reloaded and the instances serve alone again.
 
 Pure functions over frozen snapshots (no I/O, no actors, no engines): the memory simulator
-(``control.memsim``) and a live coordinator call the same code. Defaults are those of KunServe's public
+(``control.simulator.memory``) and a live coordinator call the same code. Defaults are those of KunServe's public
 code as summarised in /work/shared/SEEDS.md; every knob is a documented field of :class:`MemoryParams`.
 
 "Memory use" is KV-pool occupancy (used blocks / total blocks): the weights are a fixed part of the

@@ -83,7 +83,7 @@ class ClusterConfig:
 
 
 @dataclass(slots=True, eq=False)
-class _Instance:
+class SimInstance:
     index: int
     instance_id: str
     core: SimEngineCore
@@ -103,8 +103,8 @@ class _Instance:
 class _Migration:
     mid: int
     decision: MigrationDecision
-    src: _Instance
-    dst: _Instance
+    src: SimInstance
+    dst: SimInstance
     request: SimRequest
     started: float
     preemptions_at_start: int
@@ -136,7 +136,7 @@ class ClusterSimulator:
         self.params = config.policy
         self.index: DispatchIndex = make_dispatch_policy(self.params.dispatch_policy, self.params.dispatch_params())
         self.instances = [
-            _Instance(i, f"sim-{i:04d}", SimEngineCore(config.engine, config.cost_model))
+            SimInstance(i, f"sim-{i:04d}", SimEngineCore(config.engine, config.cost_model))
             for i in range(config.num_instances)
         ]
         self.requests = sorted(requests, key=lambda r: (r.arrival, r.request_id))
@@ -174,7 +174,7 @@ class ClusterSimulator:
             now, _, kind, payload = heapq.heappop(heap)
             self.now = now
             if kind == _STEP_END:
-                inst, version = cast(tuple[_Instance, int], payload)
+                inst, version = cast(tuple[SimInstance, int], payload)
                 if inst.version == version:
                     self._on_step_end(inst)
             elif kind == _ARRIVAL:
@@ -217,10 +217,10 @@ class ClusterSimulator:
         return self._finished + self.counters.rejected >= len(self.requests)
 
     # ------------------------------------------------------------------------------------------ fleet
-    def add_instance(self, role: str = "mixed", *, startup_s: float = 0.0) -> _Instance:
+    def add_instance(self, role: str = "mixed", *, startup_s: float = 0.0) -> SimInstance:
         """Ask for a new instance now; it serves (joins dispatch and migration) after ``startup_s``."""
         index = len(self.instances)
-        inst = _Instance(index, f"sim-{index:04d}", SimEngineCore(self.config.engine, self.config.cost_model))
+        inst = SimInstance(index, f"sim-{index:04d}", SimEngineCore(self.config.engine, self.config.cost_model))
         inst.role, inst.requested_at, inst.state = role, self.now, "starting"
         self.instances.append(inst)
         if self._snapshots:
@@ -228,7 +228,7 @@ class ClusterSimulator:
         self.call_at(self.now + startup_s, lambda: self._on_ready(inst))
         return inst
 
-    def _on_ready(self, inst: _Instance) -> None:
+    def _on_ready(self, inst: SimInstance) -> None:
         if inst.state != "starting":
             return
         inst.state, inst.ready_at = "active", self.now
@@ -237,7 +237,7 @@ class ClusterSimulator:
         self._touched.add(inst.index)
         self._migrations_dirty = True
 
-    def start_drain(self, inst: _Instance) -> None:
+    def start_drain(self, inst: SimInstance) -> None:
         """No more dispatches to it; migration moves its running requests away (Llumnix's drain). A starting
         instance is stopped at once."""
         if inst.state == "starting":
@@ -250,14 +250,14 @@ class ClusterSimulator:
         inst.snapshot_core_version = -1
         self._touched.add(inst.index)
 
-    def is_empty(self, inst: _Instance) -> bool:
+    def is_empty(self, inst: SimInstance) -> bool:
         """Nothing left on it: no request, reservation, outgoing copy or migration in flight."""
         core = inst.core
         if core.has_work or core.has_plan or core.reserved_blocks or core.outgoing_blocks:
             return False
         return not any(m.src is inst or m.dst is inst for m in self._migrations.values())
 
-    def stop_instance(self, inst: _Instance) -> None:
+    def stop_instance(self, inst: SimInstance) -> None:
         """Take an empty (or starting) instance out of the cluster; it costs nothing from now on."""
         if inst.state == "stopped":
             return
@@ -273,7 +273,7 @@ class ClusterSimulator:
         self._migrations_dirty = True
 
     # ------------------------------------------------------------------------------------------ engines
-    def _schedule(self, inst: _Instance) -> None:
+    def _schedule(self, inst: SimInstance) -> None:
         """Plan the instance's next step (run) if it has none, and queue its end."""
         core = inst.core
         self._touched.add(inst.index)
@@ -288,7 +288,7 @@ class ClusterSimulator:
         else:
             self._busy.discard(inst.index)
 
-    def _interrupt(self, inst: _Instance) -> None:
+    def _interrupt(self, inst: SimInstance) -> None:
         """Something external touches the instance now: cut its run at the step in progress."""
         core = inst.core
         self._touched.add(inst.index)
@@ -301,7 +301,7 @@ class ClusterSimulator:
             inst.plan_end = end
             self._push(end, _STEP_END, (inst, inst.version))
 
-    def _on_step_end(self, inst: _Instance) -> None:
+    def _on_step_end(self, inst: SimInstance) -> None:
         outputs = inst.core.finish_plan()
         for out in outputs:
             if out.finished:
@@ -310,7 +310,7 @@ class ClusterSimulator:
         self._on_outputs(inst, outputs)
         self._schedule(inst)
 
-    def _on_outputs(self, inst: _Instance, outputs: list[SimOutput]) -> None:
+    def _on_outputs(self, inst: SimInstance, outputs: list[SimOutput]) -> None:
         """Hook: a plan of ``inst`` finished with these outputs (finished requests already counted)."""
 
     # ------------------------------------------------------------------------------------------ dispatch
@@ -358,7 +358,7 @@ class ClusterSimulator:
         self._place(self.instances[int(chosen.rsplit("-", 1)[1])], request, demand)
         return True
 
-    def _place(self, inst: _Instance, request: SimRequest, demand: RequestDemand | None = None) -> None:
+    def _place(self, inst: SimInstance, request: SimRequest, demand: RequestDemand | None = None) -> None:
         """Add the request to the instance's engine now."""
         self._interrupt(inst)
         inst.core.add(request)
@@ -370,7 +370,7 @@ class ClusterSimulator:
         self._on_placed(inst, request)
         self._schedule(inst)
 
-    def _on_placed(self, inst: _Instance, request: SimRequest) -> None:
+    def _on_placed(self, inst: SimInstance, request: SimRequest) -> None:
         """Hook: ``request`` was just added to ``inst`` (dispatch or re-dispatch)."""
 
     # ------------------------------------------------------------------------------------------ ticks
@@ -427,11 +427,11 @@ class ClusterSimulator:
         self._touched = refresh_next
         return changed
 
-    def _movable(self, inst: _Instance) -> list[SimRequest]:
+    def _movable(self, inst: SimInstance) -> list[SimRequest]:
         """Running requests migration may move (all of them here; subclasses may keep some in place)."""
         return inst.core.running
 
-    def _snapshot(self, inst: _Instance) -> InstanceSnapshot:
+    def _snapshot(self, inst: SimInstance) -> InstanceSnapshot:
         core = inst.core
         preempted = core.num_preemptions - inst.reported_preemptions
         inst.reported_preemptions = core.num_preemptions
@@ -557,7 +557,7 @@ class ClusterSimulator:
         record.instances.append(dst.index)
         self._on_moved(request, src, dst)
 
-    def _on_moved(self, request: SimRequest, src: _Instance, dst: _Instance) -> None:
+    def _on_moved(self, request: SimRequest, src: SimInstance, dst: SimInstance) -> None:
         """Hook: a migration of ``request`` from ``src`` to ``dst`` committed."""
 
 

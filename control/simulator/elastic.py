@@ -41,7 +41,7 @@ from control.policy.autoscaling import (
     AutoscaleParams,
     BatchGroup,
     ClusterView,
-    InstanceLoad,
+    FleetInstance,
     InstanceRole,
     LocalObservation,
     LocalState,
@@ -61,7 +61,7 @@ from control.policy.autoscaling import (
 )
 from control.policy.migration import MigrationDecision, plan_migrations
 from control.policy.snapshots import InstanceSnapshot
-from control.simulator.cluster import ClusterConfig, ClusterSimulator, _Instance
+from control.simulator.cluster import ClusterConfig, ClusterSimulator, SimInstance
 from control.simulator.metrics import ClassAttainment, SimulationResult, Stat, slo_attainment
 from control.simulator.workload import RequestSpec
 from engines.sim.core import FINISHED, REMOVED, WAITING, SimOutput, SimRequest
@@ -243,7 +243,7 @@ class ElasticSimulator(ClusterSimulator):
             timeline=self._timeline,
         )
 
-    def _init_extra(self, inst: _Instance) -> None:
+    def _init_extra(self, inst: SimInstance) -> None:
         limit = self.as_params.local.initial_batch if self._local_on else inst.core.config.max_num_seqs
         self._extra[inst.index] = _Extra(batch_limit=limit, l_time=self.now, g_time=self.now)
         if self._local_on:
@@ -259,7 +259,7 @@ class ElasticSimulator(ClusterSimulator):
         self._init_extra(inst)
         self._event("start", inst, reason)
 
-    def _on_ready(self, inst: _Instance) -> None:
+    def _on_ready(self, inst: SimInstance) -> None:
         was_starting = inst.state == "starting"
         super()._on_ready(inst)
         if was_starting:
@@ -284,7 +284,7 @@ class ElasticSimulator(ClusterSimulator):
                     inst.core.remove(rid)
                     self._requeue(inst, request, evicted=False)
 
-    def _event(self, action: str, inst: _Instance, reason: str = "") -> None:
+    def _event(self, action: str, inst: SimInstance, reason: str = "") -> None:
         self._events.append(ScaleEvent(self.now, action, inst.instance_id, inst.role, reason))
         if action in ("start", "stop"):
             costing = sum(1 for i in self.instances if i.state != "stopped")
@@ -326,7 +326,7 @@ class ElasticSimulator(ClusterSimulator):
         self._place(inst, request)
         return True
 
-    def _on_placed(self, inst: _Instance, request: SimRequest) -> None:
+    def _on_placed(self, inst: SimInstance, request: SimRequest) -> None:
         extra = self._extra[inst.index]
         extra.entries[request.request_id] = (request, request.num_output)
         if _class_of(request) == BATCH:
@@ -335,7 +335,7 @@ class ElasticSimulator(ClusterSimulator):
         else:
             extra.num_interactive += 1
 
-    def _leave(self, inst: _Instance, request: SimRequest) -> None:
+    def _leave(self, inst: SimInstance, request: SimRequest) -> None:
         extra = self._extra[inst.index]
         entry = extra.entries.pop(request.request_id, None)
         if entry is None:
@@ -347,7 +347,7 @@ class ElasticSimulator(ClusterSimulator):
         else:
             extra.num_interactive -= 1
 
-    def _on_outputs(self, inst: _Instance, outputs: list[SimOutput]) -> None:
+    def _on_outputs(self, inst: SimInstance, outputs: list[SimOutput]) -> None:
         extra = self._extra[inst.index]
         for out in outputs:
             request = out.request
@@ -367,11 +367,11 @@ class ElasticSimulator(ClusterSimulator):
             else:
                 self._service_samples.append(request.finish_time - request.admitted_time)
 
-    def _on_moved(self, request: SimRequest, src: _Instance, dst: _Instance) -> None:
+    def _on_moved(self, request: SimRequest, src: SimInstance, dst: SimInstance) -> None:
         self._leave(src, request)
         self._on_placed(dst, request)
 
-    def _movable(self, inst: _Instance) -> list[SimRequest]:
+    def _movable(self, inst: SimInstance) -> list[SimRequest]:
         if not self.class_aware:
             return inst.core.running
         return [r for r in inst.core.running if _class_of(r) != BATCH]
@@ -405,7 +405,7 @@ class ElasticSimulator(ClusterSimulator):
                 continue
             self._place(self.instances[int(iid.rsplit("-", 1)[1])], request)
 
-    def _evict(self, inst: _Instance, n: int) -> None:
+    def _evict(self, inst: SimInstance, n: int) -> None:
         """Evict ``n`` batch requests from ``inst`` back to the global queue (they resume by recompute)."""
         extra = self._extra[inst.index]
         candidates = [
@@ -427,7 +427,7 @@ class ElasticSimulator(ClusterSimulator):
                 at = inst.plan_end if inst.plan_end is not None else self.now
                 self.call_at(at, self._requeue_later(inst, request))
 
-    def _requeue_later(self, inst: _Instance, request: SimRequest) -> Callable[[], None]:
+    def _requeue_later(self, inst: SimInstance, request: SimRequest) -> Callable[[], None]:
         def requeue() -> None:
             if request.state == FINISHED:
                 self._evicting.discard(request.request_id)
@@ -436,7 +436,7 @@ class ElasticSimulator(ClusterSimulator):
 
         return requeue
 
-    def _requeue(self, inst: _Instance, request: SimRequest, *, evicted: bool = True) -> None:
+    def _requeue(self, inst: SimInstance, request: SimRequest, *, evicted: bool = True) -> None:
         self._evicting.discard(request.request_id)
         self._leave(inst, request)
         self._evictions += evicted
@@ -444,20 +444,20 @@ class ElasticSimulator(ClusterSimulator):
         self._schedule(inst)
 
     # ------------------------------------------------------------------------------------------ observations
-    def _out_tokens(self, inst: _Instance) -> int:
+    def _out_tokens(self, inst: SimInstance) -> int:
         if inst.core.has_plan:
             inst.core.advance_to(self.now)
         extra = self._extra[inst.index]
         return extra.out_base + sum(r.num_output - n0 for r, n0 in extra.entries.values())
 
-    def _loads(self) -> tuple[InstanceLoad, ...]:
+    def _loads(self) -> tuple[FleetInstance, ...]:
         loads = []
         for inst in self.instances:
             if inst.state == "stopped":
                 continue
             extra = self._extra[inst.index]
             loads.append(
-                InstanceLoad(
+                FleetInstance(
                     instance_id=inst.instance_id,
                     role=inst.role,  # type: ignore[arg-type]
                     state=inst.state,  # type: ignore[arg-type]
@@ -575,7 +575,7 @@ class ElasticSimulator(ClusterSimulator):
         if not self.all_done:
             self.call_at(self.now + params.period_s, self._threshold_tick)
 
-    def _scaling_snapshot(self, inst: _Instance) -> InstanceSnapshot:
+    def _scaling_snapshot(self, inst: SimInstance) -> InstanceSnapshot:
         """Counts only, without consuming the preemption report the migration snapshots carry."""
         core = inst.core
         if core.has_plan:

@@ -365,7 +365,7 @@ PRESETS: dict[str, Preset] = {
             A100_40G,
             max_model_len=4096,
             notes="KunServe (arXiv 2412.18169) runs its own engine; the models and GPUs of its tables could not be "
-            "found offline: stand-in the memory simulator's LLaMA-7B / A100-40GB (control/memsim/hardware.py), "
+            "found offline: stand-in the memory simulator's LLaMA-7B / A100-40GB (control/simulator/hardware.py), "
             "the regime where dropping parameters frees the most KV",
         ),
         _gpu_preset(

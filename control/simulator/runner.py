@@ -31,13 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from control.memsim.hardware import Hardware
-from control.memsim.simulator import MemSimConfig, MemSimResult
-from control.memsim.simulator import simulate as simulate_memory
 from control.policy.autoscaling import PerRole, SloParams
 from control.policy.recommended import canonical_policy, user_policy_params
 from control.simulator.cluster import ClusterSimulator
 from control.simulator.elastic import ElasticConfig, ElasticSimulator
+from control.simulator.hardware import Hardware
+from control.simulator.memory import MemSimConfig, MemSimResult
+from control.simulator.memory import simulate as simulate_memory
 from control.simulator.metrics import RequestMetrics, SimulationResult
 from control.simulator.presets import GIB, Preset
 from control.simulator.traces import TRACES_DIR, resolve_trace
@@ -331,7 +331,7 @@ def memsim_hardware(preset: Preset) -> Hardware:
         activation_bytes_per_token=preset.model.hidden * 2,
         budget_bytes=int(budget) if budget > 0 else int(GIB),
         block_size=preset.block_size,
-        pcie_bytes_per_s=25e9,  # PCIe 4.0 x16 pinned copies (control/memsim/hardware.py)
+        pcie_bytes_per_s=25e9,  # PCIe 4.0 x16 pinned copies (control/simulator/hardware.py)
         interconnect_bytes_per_s=preset.migration_bandwidth,
         hop_latency_ms=0.05,
         cost=preset.cost_model,

@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from control.gateway.errors import GatewayError
-from control.gateway.settings import GatewaySettings
+from control.apps.gateway.errors import GatewayError
+from control.gateway_settings import GatewaySettings
 
 ANONYMOUS = "anonymous"
 

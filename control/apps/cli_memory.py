@@ -29,9 +29,9 @@ def groups_table(st: StatusReply) -> Table:
 
 
 def _run(op: str, target: str, timeout_s: float) -> None:
-    from control.cli import _admin_call, console
+    from control.apps.cli import admin_call, console
 
-    reply = _admin_call(lambda c: c.memory(op, target, timeout_s=timeout_s))
+    reply = admin_call(lambda c: c.memory(op, target, timeout_s=timeout_s))
     colour = "green" if reply.ok else "red"
     console.print(f"[{colour}]{reply.message}[/] " + " ".join(f"{k}={v}" for k, v in reply.details.items()))
     raise typer.Exit(0 if reply.ok else 1)

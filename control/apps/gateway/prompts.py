@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from control.gateway.errors import invalid
+from control.apps.gateway.errors import invalid
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 

@@ -8,7 +8,7 @@ the scheduler, which the autoscaler reports back with :meth:`Provisioner.mark_re
 Implementations here:
 
 * :class:`LocalProcessProvisioner`: ``drover engine serve`` processes on this machine (the same spawning
-  code as ``drover up``, :class:`control.launcher.LocalCluster`).
+  code as ``drover up``, :class:`control.apps.launcher.LocalCluster`).
 * :class:`InProcessProvisioner`: engine hosts inside this process, each with its own bus connection (tests
   and benchmarks where process start-up does not matter; the cluster simulator models start-up instead).
 
@@ -28,84 +28,18 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
+from control.core.provisioner import ProvisionedInstance, Provisioner, StartupModel
 from control.policy.autoscaling import InstanceRole
 from control.settings import Settings
 
 if TYPE_CHECKING:
-    from control.launcher import LocalCluster
+    from control.apps.launcher import LocalCluster
     from engines.base import Engine
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class ProvisionedInstance:
-    instance_id: str
-    role: InstanceRole
-    requested_at: float  # time.monotonic() when start was asked
-    ready_at: float | None = None  # first heartbeat seen
-    stopping: bool = False
-    exited: bool = False
-
-    @property
-    def startup_s(self) -> float | None:
-        return None if self.ready_at is None else self.ready_at - self.requested_at
-
-
-class Provisioner(Protocol):
-    """What the AutoscalerActor needs from a cluster manager. Every method returns without waiting."""
-
-    name: str
-
-    def start(self, role: InstanceRole) -> str:
-        """Ask for a new instance of ``role``; returns its instance id (it joins by heartbeating)."""
-        ...
-
-    def stop(self, instance_id: str) -> None:
-        """Stop an instance this provisioner started (call once it is drained: it gets SIGTERM-like
-        treatment and drains whatever is left by migration)."""
-        ...
-
-    def instances(self) -> list[ProvisionedInstance]:
-        """The instances it started and has not seen exit."""
-        ...
-
-    def mark_ready(self, instance_id: str, at: float | None = None) -> float | None:
-        """The instance's first heartbeat arrived (at ``at``, time.monotonic(); None: now): record and return
-        its start-up time (None: unknown id or already ready)."""
-        ...
-
-    def startup_estimate_s(self, prior_s: float) -> float:
-        """Running estimate of the start-up time (``prior_s`` until one start was measured)."""
-        ...
-
-    def startup_samples(self) -> list[float]: ...
-
-    def close(self) -> None:
-        """Stop everything it started (control-plane shutdown)."""
-        ...
-
-
-@dataclass(slots=True)
-class StartupModel:
-    """Start-up time as an exponentially weighted mean of measurements (the last few kept for status)."""
-
-    weight: float = 0.5
-    estimate_s: float | None = None
-    samples: list[float] = field(default_factory=list)
-
-    def observe(self, seconds: float) -> None:
-        self.samples = [*self.samples[-19:], seconds]
-        self.estimate_s = (
-            seconds if self.estimate_s is None else (1 - self.weight) * self.estimate_s + self.weight * seconds
-        )
-
-    def estimate(self, prior_s: float) -> float:
-        return prior_s if self.estimate_s is None else self.estimate_s
 
 
 class _Tracked:
@@ -173,7 +107,7 @@ class LocalProcessProvisioner(_Tracked):
     def cluster(self) -> LocalCluster:
         """The spawner, made at the first start (its directory holds the engines' config and logs)."""
         if self._cluster is None:
-            from control.launcher import LocalCluster
+            from control.apps.launcher import LocalCluster
 
             self.work_dir.mkdir(parents=True, exist_ok=True)
             directory = Path(tempfile.mkdtemp(prefix="drover-auto-", dir=self.work_dir))

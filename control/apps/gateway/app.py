@@ -1,6 +1,6 @@
 """The gateway's HTTP surface (FastAPI): OpenAI's ``/v1/completions``, ``/v1/chat/completions`` (streamed
 as server-sent events or whole), ``/v1/models``, plus ``/v1/usage``, ``/healthz``, ``/readyz`` and
-``/metrics``. Everything below HTTP lives in :mod:`control.gateway.service`.
+``/metrics``. Everything below HTTP lives in :mod:`control.apps.gateway.service`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from control.gateway.access import Principal
-from control.gateway.errors import GatewayError
-from control.gateway.schema import (
+from control.apps.gateway.access import Principal
+from control.apps.gateway.errors import GatewayError
+from control.apps.gateway.schema import (
     ChatCompletionRequest,
     CompletionRequest,
     GenerationSpec,
@@ -31,8 +31,9 @@ from control.gateway.schema import (
     usage_body,
     usage_chunk_body,
 )
-from control.gateway.service import Gateway, Generation
-from control.gateway.settings import GatewaySettings
+from control.apps.gateway.service import Gateway, Generation
+from control.errors import DroverError
+from control.gateway_settings import GatewaySettings
 from observability.metrics import CONTENT_TYPE, Metrics
 
 if TYPE_CHECKING:
@@ -43,8 +44,10 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first" (
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-class ClientGone(Exception):
+class ClientGone(DroverError):
     """The HTTP client disconnected before the answer was ready."""
+
+    default_code = "client_gone"
 
 
 def _error_response(exc: GatewayError) -> JSONResponse:

@@ -14,9 +14,9 @@ import pytest
 from typer.testing import CliRunner
 
 from actors.local_cluster import InProcessCluster
-from control.cli import app
+from control.apps.cli import app
+from control.apps.top import TopState, autoscaler_line, render_frame
 from control.client import DroverClient, RequestStream
-from control.top import TopState, autoscaler_line, render_frame
 from observability import spans
 from observability.tracing import JsonLinesSpanExporter
 from tests.actors.test_autoscaler import autoscale_settings, autoscale_status, make_engine
@@ -158,8 +158,8 @@ async def test_top_shows_a_live_autoscalers_last_decision(tmp_path: Path) -> Non
     from rich.console import Console
 
     from actors.control_plane import ControlPlane
-    from control.provisioning import InProcessProvisioner
-    from control.top import run_top
+    from control.apps.provisioning import InProcessProvisioner
+    from control.apps.top import run_top
     from engines.tokenizer import ByteTokenizer
     from transport.bus import Bus, BusOptions
     from transport.nats_server import EmbeddedNatsServer

@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from control.gateway.errors import invalid
-from control.gateway.prompts import ROLES, message_text, render_chat
+from control.apps.gateway.errors import invalid
+from control.apps.gateway.prompts import ROLES, message_text, render_chat
 from transport import subjects
 from transport.messages import RequestClass, SamplingParams
 

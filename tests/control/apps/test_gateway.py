@@ -19,10 +19,10 @@ from nats.aio.msg import Msg
 from openai.types.chat import ChatCompletionMessageParam
 
 from actors.local_cluster import InProcessCluster
+from control.apps.gateway.prompts import render_chat
+from control.apps.gateway.server import GatewayThread
 from control.client import DroverClient
-from control.gateway.prompts import render_chat
-from control.gateway.server import GatewayThread
-from control.gateway.settings import ApiKeySettings, GatewaySettings
+from control.gateway_settings import ApiKeySettings, GatewaySettings
 from observability import spans
 from tests.integration.conftest import make_sim_cluster
 from transport import subjects
@@ -369,7 +369,7 @@ def test_drover_gateway_command_serves_openai_clients(cluster: InProcessCluster)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "control.cli", "--nats-url", cluster.url, "gateway", "--port", str(port),
+        [sys.executable, "-m", "control.apps.cli", "--nats-url", cluster.url, "gateway", "--port", str(port),
          "--api-key", f"{ALICE}=alice"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "DROVER_OBSERVABILITY__EXPORTER": "none"},

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 import nats.errors
 from opentelemetry import trace
 
+from control.apps.gateway.access import AccessControl, Principal
+from control.apps.gateway.errors import GatewayError, from_drover, unavailable
+from control.apps.gateway.schema import GenerationSpec
+from control.apps.gateway.stops import StopMatcher
 from control.client import DroverClient, DroverError, RequestStream, StreamEvent
-from control.gateway.access import AccessControl, Principal
-from control.gateway.errors import GatewayError, from_drover, unavailable
-from control.gateway.schema import GenerationSpec
-from control.gateway.settings import GatewaySettings
-from control.gateway.stops import StopMatcher
+from control.gateway_settings import GatewaySettings
 from observability import spans
 from observability.metrics import Metrics
 from observability.tracing import tracer
@@ -258,7 +258,7 @@ class Generation:
         self.prompt_tokens, self.completion_tokens = self.usage()
         self.gateway.access.record(self.principal, self.prompt_tokens, self.completion_tokens)
         self.gateway.metrics.gateway_tokens(self.principal.client_id, self.prompt_tokens, self.completion_tokens)
-        outcome = self.finish_reason or (self.error.code if self.error else None) or "disconnected"
+        outcome = self.finish_reason or (self.error.openai_code if self.error else None) or "disconnected"
         self.span.set_attribute(spans.GEN_AI_USAGE_INPUT_TOKENS, self.prompt_tokens)
         self.span.set_attribute(spans.GEN_AI_USAGE_OUTPUT_TOKENS, self.completion_tokens)
         self.span.set_attribute(spans.GEN_AI_RESPONSE_FINISH_REASONS, [str(outcome)])

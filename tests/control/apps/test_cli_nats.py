@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from actors.local_cluster import InProcessCluster
-from control.cli import app
+from control.apps.cli import app
 from control.client import PERMISSION_DENIED, DroverClient, DroverError
 from control.settings import load_settings
 from engines.tokenizer import ByteTokenizer
@@ -131,7 +131,7 @@ def test_drover_up_secure_on_sim_engines(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "control.cli",
+            "control.apps.cli",
             "up",
             "--kind",
             "sim",
@@ -174,7 +174,7 @@ async def test_control_serve_with_a_secure_embedded_server(tmp_path: Path) -> No
     log_path = tmp_path / "control.log"
     with open(log_path, "wb") as log_file:
         control = subprocess.Popen(
-            [sys.executable, "-m", "control.cli", "control", "serve"],
+            [sys.executable, "-m", "control.apps.cli", "control", "serve"],
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from control.memsim import DEFAULT_HARDWARE, MODES, MemorySimulator, MemSimConfig, MemSimResult, simulate
-from control.memsim.workloads import burst_workload
 from control.policy.memory import freed_blocks
+from control.simulator.memory import DEFAULT_HARDWARE, MODES, MemorySimulator, MemSimConfig, MemSimResult, simulate
+from control.simulator.memory_workloads import burst_workload
 from control.simulator.workload import LengthSpec, RequestSpec
 
 

@@ -26,6 +26,8 @@ from typing import Any, TypeAlias
 
 import msgspec
 
+from control.errors import DroverError
+
 log = logging.getLogger(__name__)
 
 _LENGTH = struct.Struct("!I")
@@ -180,8 +182,10 @@ def encode_frame(frame: Frame) -> bytes:
     return _LENGTH.pack(len(body)) + body
 
 
-class ControlError(Exception):
+class ControlError(DroverError):
     """The connector refused a command or is unreachable."""
+
+    default_code = "connector_channel"
 
 
 # ---------------------------------------------------------------------------------------------------------

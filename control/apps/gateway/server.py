@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 import uvicorn
 from fastapi import FastAPI
 
-from control.gateway.app import create_app
-from control.gateway.settings import GatewaySettings
+from control.apps.gateway.app import create_app
+from control.gateway_settings import GatewaySettings
 from observability.metrics import Metrics
 
 if TYPE_CHECKING:

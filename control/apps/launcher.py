@@ -82,7 +82,7 @@ class LocalCluster:
         config = self._write_config(name, user)
         log_file = open(self.work_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         self.processes[name] = subprocess.Popen(
-            [sys.executable, "-m", "control.cli", "--config", str(config), *args],
+            [sys.executable, "-m", "control.apps.cli", "--config", str(config), *args],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},

@@ -6,12 +6,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from control.gateway.access import AccessControl, TokenBucket
-from control.gateway.errors import GatewayError, from_drover
-from control.gateway.prompts import message_text, render_chat
-from control.gateway.schema import ChatCompletionRequest, CompletionRequest, chat_spec, completion_spec
-from control.gateway.settings import ApiKeySettings, GatewaySettings
-from control.gateway.stops import StopMatcher
+from control.apps.gateway.access import AccessControl, TokenBucket
+from control.apps.gateway.errors import GatewayError, from_drover
+from control.apps.gateway.prompts import message_text, render_chat
+from control.apps.gateway.schema import ChatCompletionRequest, CompletionRequest, chat_spec, completion_spec
+from control.apps.gateway.stops import StopMatcher
+from control.gateway_settings import ApiKeySettings, GatewaySettings
 from transport.messages import ErrorCode
 
 

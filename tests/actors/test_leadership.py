@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import nats
 import pytest
 
-from control.leadership import Leadership
+from actors.leadership import Leadership
 from transport.kv_store import KvWriter, delete_bucket, kv_key, open_bucket, read_all
 
 

@@ -31,10 +31,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from control.memsim.hardware import DEFAULT_HARDWARE, Hardware
 from control.policy.freeness import dispatch_freeness, migration_freeness
 from control.policy.memory import GroupSnapshot, MemoryParams, MemorySnapshot, plan_drop, should_drop, should_restore
 from control.policy.snapshots import InstanceSnapshot
+from control.simulator.hardware import DEFAULT_HARDWARE, Hardware
 from control.simulator.workload import RequestSpec
 from engines.sim.core import RUNNING, WAITING, SimEngineConfig, SimEngineCore, SimRequest
 

@@ -132,14 +132,15 @@ def serve_control(settings: Settings) -> None:
     """Run the control plane until SIGINT/SIGTERM."""
     from actors.control_plane import ControlPlane
     from actors.engine_host import resolve_model_dir
-    from control.health import control_plane_checks
+    from control.apps.health import control_plane_checks
+    from control.apps.provisioning import make_provisioner
     from engines.tokenizer import load_tokenizer
 
     _observability(settings, "control")
     with embedded_nats_if_needed(settings) as settings:
         tokenizer = load_tokenizer(resolve_model_dir(settings) if settings.engine.kind == "vllm" else None)
         bus = Bus(bus_options(settings, "drover-control")).start()
-        plane = ControlPlane(settings, bus, tokenizer).start()
+        plane = ControlPlane(settings, bus, tokenizer, provisioner_factory=make_provisioner).start()
         log.info("control plane on %s", settings.nats.url)
         http = _http(settings, settings.metrics.control_port, control_plane_checks(plane))
         try:
@@ -155,7 +156,7 @@ def serve_control(settings: Settings) -> None:
 def serve_engine(settings: Settings, instance_id: str) -> None:
     """Run one engine instance until SIGINT/SIGTERM."""
     from actors.engine_host import EngineHost, build_engine
-    from control.health import engine_host_checks
+    from control.apps.health import engine_host_checks
 
     _observability(settings, f"engine-{instance_id}")
     from transport import subjects

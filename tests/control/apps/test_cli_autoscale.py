@@ -9,7 +9,7 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from control.cli import app
+from control.apps.cli import app
 from tests.actors.test_autoscaler import Plane, plane  # noqa: F401 - the fixture
 
 runner = CliRunner()

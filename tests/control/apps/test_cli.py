@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from actors.local_cluster import InProcessCluster
-from control.cli import app
+from control.apps.cli import app
 from tests.integration.conftest import make_sim_cluster
 
 runner = CliRunner()
@@ -91,7 +91,7 @@ def test_drover_up_runs_the_demo_on_sim_engines(tmp_path: object) -> None:
         [
             sys.executable,
             "-m",
-            "control.cli",
+            "control.apps.cli",
             "up",
             "--kind",
             "sim",

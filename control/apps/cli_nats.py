@@ -99,7 +99,7 @@ def config(
 ) -> None:
     """Write nats-server.conf + accounts.conf (users and per-role permissions) and per-user credentials
     (`<user>.nk` seeds, `<user>.toml` Drover settings: `drover --config <user>.toml ...`)."""
-    from control import cli
+    from control.apps import cli
     from transport.nats_auth import (
         ClusterRoutes,
         NatsAuth,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from control.errors import DroverError
 from transport.messages import ErrorCode
 
 # Drover code -> (HTTP status, OpenAI error type, OpenAI code). Clients retry 429/5xx, not 4xx.
@@ -27,7 +28,7 @@ _BY_CODE: dict[str, tuple[int, str, str | None]] = {
 }
 
 
-class GatewayError(Exception):
+class GatewayError(DroverError):
     """An error answered to the HTTP client; ``headers`` carries e.g. ``Retry-After``."""
 
     def __init__(
@@ -40,16 +41,17 @@ class GatewayError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(message)
+        # The OpenAI body's ``code`` stays None where OpenAI has none (the status and ``type`` say it); the
+        # root's ``code`` is never empty.
+        super().__init__(message, code=code or type)
         self.status = status
-        self.message = message
         self.type = type
         self.param = param
-        self.code = code
+        self.openai_code = code
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.openai_code}}
 
 
 def from_drover(code: ErrorCode | str, message: str, prompt_param: str = "prompt") -> GatewayError:

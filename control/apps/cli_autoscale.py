@@ -1,4 +1,4 @@
-"""Autoscaling commands added to `drover` (registered by control/cli.py):
+"""Autoscaling commands added to `drover` (registered by control/apps/cli.py):
 
 * ``drover scale ROLE N`` pins a role at N instances (starts or drains the difference at once);
   ``drover scale ROLE --auto`` gives it back to the autoscaler's limits.
@@ -42,11 +42,11 @@ async def request_admin(
     ErrorReply becomes a DroverError."""
     import msgspec
 
-    from control.cli import _CLI_CONNECT
-    from control.client import DroverClient, DroverError
+    from control.apps.cli import CLI_CONNECT
+    from control.client import DroverClient, ReplyError
 
     client = await DroverClient(url, name="drover-cli", nats_settings=nats_settings, operator=operator).connect(
-        **_CLI_CONNECT
+        **CLI_CONNECT
     )
     if "operator" in type(message).__struct_fields__:
         message = msgspec.structs.replace(message, operator=client.operator)
@@ -56,17 +56,17 @@ async def request_admin(
         await client.close()
     answer = decode(reply.data)
     if isinstance(answer, ErrorReply):
-        raise DroverError(answer.code, answer.message, answer.request_id)
+        raise ReplyError(answer.code, answer.message, answer.request_id)
     return answer
 
 
 def _call(ctx: typer.Context, verb: str, message: Message) -> Any:
-    from control.cli import console
-    from control.cli_operator import _need_url, _settings
+    from control.apps.cli import console
+    from control.apps.cli_operator import context_settings, need_url
     from control.client import DroverError
 
-    s = _settings(ctx)
-    url = _need_url(s)
+    s = context_settings(ctx)
+    url = need_url(s)
     try:
         return asyncio.run(request_admin(url, verb, message, nats_settings=s.nats, operator=s.audit.operator or None))
     except DroverError as exc:
@@ -162,7 +162,7 @@ def register(app: typer.Typer) -> None:
         auto: bool = typer.Option(False, "--auto", help="Unpin: back to the autoscaler's configured limits."),
     ) -> None:
         """Manual override: run COUNT instances of ROLE (starts or drains the difference now)."""
-        from control.cli import console
+        from control.apps.cli import console
 
         reply = _call(ctx, "scale", ScaleCommand(role=role, count=count, auto=auto))
         if not isinstance(reply, AdminReply):
@@ -179,7 +179,7 @@ def register(app: typer.Typer) -> None:
         """Each level's inputs and last decision with its reason; recent scale events."""
         import msgspec
 
-        from control.cli import console
+        from control.apps.cli import console
 
         reply = _call(ctx, "autoscale", AutoscaleStatusQuery())
         if not isinstance(reply, AutoscaleStatusReply):

@@ -1,4 +1,4 @@
-"""Operator commands added to `drover` (gateway, top, trace, metrics): registered by control/cli.py."""
+"""Operator commands added to `drover` (gateway, top, trace, metrics): registered by control/apps/cli.py."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from typing import Any
 import typer
 
 
-def _settings(ctx: typer.Context) -> Any:
+def context_settings(ctx: typer.Context) -> Any:
     """Effective settings from the root command's global options (--config, --nats-url, --log-level).
 
-    Read from the click context rather than control.cli's module state: under ``python -m control.cli``
-    that module runs as ``__main__`` and an import of ``control.cli`` would see a second, empty copy."""
+    Read from the click context rather than control.apps.cli's module state: under ``python -m control.apps.cli``
+    that module runs as ``__main__`` and an import of ``control.apps.cli`` would see a second, empty copy."""
     from control.settings import load_settings
 
     root = ctx.find_root().params
@@ -24,8 +24,8 @@ def _settings(ctx: typer.Context) -> Any:
     )
 
 
-def _need_url(s: Any) -> str:
-    from control.cli import console
+def need_url(s: Any) -> str:
+    from control.apps.cli import console
 
     if not s.nats.url:
         console.print("[red]no NATS URL:[/] pass --nats-url or set DROVER_NATS__URL (the cluster's server)")
@@ -36,7 +36,7 @@ def _need_url(s: Any) -> str:
 def _gateway_settings(base: Any, overrides: dict[str, Any]) -> Any:
     """The ``[gateway]`` section with flag overrides. Until ``Settings`` has a ``gateway`` section, the
     defaults of :class:`GatewaySettings` stand in for it."""
-    from control.gateway.settings import GatewaySettings
+    from control.gateway_settings import GatewaySettings
 
     section = getattr(base, "gateway", None) or GatewaySettings()
     values = section.model_dump()
@@ -69,13 +69,13 @@ def register(app: typer.Typer) -> None:
         ssl_keyfile: str | None = typer.Option(None, "--ssl-keyfile", help="PEM key of --ssl-certfile."),
     ) -> None:
         """Serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models)."""
-        from control import cli
-        from control.gateway.server import serve
+        from control.apps import cli
+        from control.apps.gateway.server import serve
         from observability.logs import setup_logging
         from observability.tracing import setup_tracing, shutdown_tracing
 
-        s = _settings(ctx)
-        url = _need_url(s)
+        s = context_settings(ctx)
+        url = need_url(s)
         overrides: dict[str, Any] = {
             "host": host,
             "port": port,
@@ -98,7 +98,7 @@ def register(app: typer.Typer) -> None:
         )
         span_bus = None
         if obs.ship_to_control:  # the gateway's spans go to the control plane's trace file as well
-            from control.processes import bus_options, ship_spans
+            from control.apps.processes import bus_options, ship_spans
             from transport.bus import Bus
 
             span_bus = Bus(bus_options(s, "drover-gateway-spans")).start()
@@ -120,11 +120,11 @@ def register(app: typer.Typer) -> None:
         once: bool = typer.Option(False, "--once", help="Print one frame and exit."),
     ) -> None:
         """Live dashboard: instances, KV use, queue, requests in flight, moves between instances."""
-        from control import cli
-        from control.top import run_top
+        from control.apps import cli
+        from control.apps.top import run_top
 
-        s = _settings(ctx)
-        url = _need_url(s)
+        s = context_settings(ctx)
+        url = need_url(s)
         try:
             asyncio.run(
                 run_top(
@@ -132,7 +132,7 @@ def register(app: typer.Typer) -> None:
                     interval_s=interval,
                     once=once,
                     console=cli.console,
-                    connect_options=cli._CLI_CONNECT,
+                    connect_options=cli.CLI_CONNECT,
                     nats_settings=s.nats,
                 )
             )
@@ -155,10 +155,10 @@ def register(app: typer.Typer) -> None:
         width: int = typer.Option(48, "--width", min=10, help="Timeline width in characters."),
     ) -> None:
         """Waterfall of a request's spans across gateway, client, scheduler, engines and migrations."""
-        from control import cli
+        from control.apps import cli
         from observability.trace_view import TraceNotFound, find_request_spans, render_waterfall
 
-        paths = files or [Path(_settings(ctx).observability.jsonl_path)]
+        paths = files or [Path(context_settings(ctx).observability.jsonl_path)]
         missing = [str(p) for p in paths if not p.exists()]
         if missing:
             cli.console.print(
@@ -182,12 +182,12 @@ def register(app: typer.Typer) -> None:
         once: bool = typer.Option(False, "--once", help="Poll once, print the exposition, exit."),
     ) -> None:
         """Serve cluster metrics for Prometheus (instance load, queue, engine request outcomes)."""
-        from control import cli
+        from control.apps import cli
 
-        s = _settings(ctx)
-        url = _need_url(s)
+        s = context_settings(ctx)
+        url = need_url(s)
         try:
-            asyncio.run(_serve_metrics(url, host, port, interval, once, cli._CLI_CONNECT if once else {}, s.nats))
+            asyncio.run(_serve_metrics(url, host, port, interval, once, cli.CLI_CONNECT if once else {}, s.nats))
         except Exception as exc:
             cli.console.print(f"[red]no answer from the control plane at {url}:[/] {exc!r}")
             raise typer.Exit(1) from exc
@@ -202,8 +202,8 @@ async def _serve_metrics(
     connect_options: dict[str, Any],
     nats_settings: Any = None,
 ) -> None:
+    from control.apps.metrics_exporter import ClusterMetricsExporter
     from control.client import DroverClient
-    from control.metrics_exporter import ClusterMetricsExporter
     from observability.metrics import Metrics, start_metrics_server
 
     source = Metrics(service_name="drover-metrics")
