@@ -101,6 +101,8 @@ class _Plan:
     decode_seqs: int
     context0: int  # sum of decode contexts at the first step (multi-step runs only)
     base_computed: list[int]  # per entry, num_computed at plan time (multi-step runs only)
+    run_base: float = 0.0  # multi-step runs: the first step's ms and the ms each later step adds
+    run_growth: float = 0.0
 
 
 class SimEngineCore:
@@ -291,12 +293,16 @@ class SimEngineCore:
             steps = self._decode_run_length(entries, max_steps)
             if steps > 1:
                 base_computed = [r.num_computed for r, _ in entries]
+        run_base = run_growth = 0.0
         if steps > 1:
-            duration_ms = self.cost.decode_run_ms(decode_seqs, decode_context, steps)
+            run_base, run_growth = self.cost.run_coefficients(decode_seqs, decode_context)
+            duration_ms = self.cost.run_ms(run_base, run_growth, steps)
         else:
             duration_ms = self.cost.step_ms(prefill_tokens, decode_seqs, decode_context, prefill_pairs)
         end = now + duration_ms / 1000.0
-        self._plan = _Plan(now, end, steps, 0, entries, decode_seqs, decode_context, base_computed)
+        self._plan = _Plan(
+            now, end, steps, 0, entries, decode_seqs, decode_context, base_computed, run_base, run_growth
+        )
         return end
 
     @property
@@ -325,7 +331,7 @@ class SimEngineCore:
         if plan is None or plan.steps == 1 or t <= plan.start:
             return
         elapsed_ms = (t - plan.start) * 1000.0
-        done = self.cost.decode_steps_within(plan.decode_seqs, plan.context0, elapsed_ms, plan.steps)
+        done = self.cost.steps_within(plan.run_base, plan.run_growth, elapsed_ms, plan.steps)
         done = min(done, plan.steps - 1)  # the last step's outputs are committed by finish_plan
         if done > plan.done:
             self._materialise(plan, done)
@@ -339,11 +345,11 @@ class SimEngineCore:
             return plan.end
         self.advance_to(t)
         elapsed_ms = (t - plan.start) * 1000.0
-        done_by_t = self.cost.decode_steps_within(plan.decode_seqs, plan.context0, elapsed_ms, plan.steps)
+        done_by_t = self.cost.steps_within(plan.run_base, plan.run_growth, elapsed_ms, plan.steps)
         new_steps = min(plan.steps, done_by_t + 1)
         if new_steps < plan.steps:
             plan.steps = new_steps
-            plan.end = plan.start + self.cost.decode_run_ms(plan.decode_seqs, plan.context0, new_steps) / 1000
+            plan.end = plan.start + self.cost.run_ms(plan.run_base, plan.run_growth, new_steps) / 1000
         return plan.end
 
     # ------------------------------------------------------------------------------------------ reporting

@@ -61,21 +61,24 @@ class CostModel:
             + self.prefill_attention_ms_per_pair * prefill_pairs
         )
 
-    def decode_run_ms(self, decode_seqs: int, context0: int, steps: int) -> float:
-        """Total ms of ``steps`` decode-only steps of a fixed batch whose context starts at ``context0``."""
+    def run_coefficients(self, decode_seqs: int, context0: int) -> tuple[float, float]:
+        """(first step's ms, ms added per later step) of a decode-only run of a fixed batch: step i (from 0)
+        takes ``base + growth·i`` (the batch's summed context grows by ``decode_seqs`` a step)."""
+        per_step = self.fixed_ms + self._linear(0, decode_seqs)
+        return per_step + self.decode_ms_per_context_token * context0, self.decode_ms_per_context_token * decode_seqs
+
+    @staticmethod
+    def run_ms(base: float, growth: float, steps: int) -> float:
+        """Total ms of ``steps`` steps of a run with these :meth:`run_coefficients`."""
         if steps <= 0:
             return 0.0
-        per_step = self.fixed_ms + self._linear(0, decode_seqs)
-        growth = self.decode_ms_per_context_token * decode_seqs
-        return steps * (per_step + self.decode_ms_per_context_token * context0) + growth * steps * (steps - 1) / 2
+        return steps * base + growth * steps * (steps - 1) / 2
 
-    def decode_steps_within(self, decode_seqs: int, context0: int, elapsed_ms: float, max_steps: int) -> int:
+    @staticmethod
+    def steps_within(base: float, growth: float, elapsed_ms: float, max_steps: int) -> int:
         """How many whole steps of such a run have finished after ``elapsed_ms`` (0..max_steps)."""
         if elapsed_ms <= 0 or max_steps <= 0:
             return 0
-        base = self.fixed_ms + self._linear(0, decode_seqs)
-        base += self.decode_ms_per_context_token * context0
-        growth = self.decode_ms_per_context_token * decode_seqs
         # steps*base + growth*steps*(steps-1)/2 <= elapsed: solve the quadratic, then fix rounding.
         if growth <= 0:
             guess = int(elapsed_ms / base) if base > 0 else max_steps
@@ -83,12 +86,20 @@ class CostModel:
             a, b = growth / 2, base - growth / 2
             guess = int((-b + math.sqrt(b * b + 4 * a * elapsed_ms)) / (2 * a))
         n = max(0, min(max_steps, guess))
-        while n < max_steps and self.decode_run_ms(decode_seqs, context0, n + 1) <= elapsed_ms:
+        run_ms = CostModel.run_ms
+        while n < max_steps and run_ms(base, growth, n + 1) <= elapsed_ms:
             n += 1
-        while n > 0 and self.decode_run_ms(decode_seqs, context0, n) > elapsed_ms:
+        while n > 0 and run_ms(base, growth, n) > elapsed_ms:
             n -= 1
         return n
 
+    def decode_run_ms(self, decode_seqs: int, context0: int, steps: int) -> float:
+        """Total ms of ``steps`` decode-only steps of a fixed batch whose context starts at ``context0``."""
+        return self.run_ms(*self.run_coefficients(decode_seqs, context0), steps)
+
+    def decode_steps_within(self, decode_seqs: int, context0: int, elapsed_ms: float, max_steps: int) -> int:
+        """How many whole steps of such a run have finished after ``elapsed_ms`` (0..max_steps)."""
+        return self.steps_within(*self.run_coefficients(decode_seqs, context0), elapsed_ms, max_steps)
 
 # LLaMA-7B (fp16) on one A100-80GB with vLLM, the setting of Llumnix's main experiments. Llumnix publishes
 # no profile, so the constants come from the roofline of that GPU and model, checked against commonly
