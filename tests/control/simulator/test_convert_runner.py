@@ -116,3 +116,19 @@ def test_seeded_trace_windows_differ_and_repeat() -> None:
 def test_every_preset_holds_its_context() -> None:
     for preset in PRESETS.values():
         assert preset.kv_tokens >= preset.max_model_len, preset.name
+
+
+@pytest.mark.parametrize(("autoscaler", "kunserve"), [("chiron", False), ("threshold", False), ("fixed", True)])
+def test_autoscalers_and_kunserve_give_the_stable_row(autoscaler: str, kunserve: bool) -> None:
+    workload = build_workload(WorkloadSpec(kind="gamma", rate=4, cv=2, lengths="zipf:256:2048", requests=200, seed=1))
+    options = RunOptions(preset=get_preset("llama7b-a10"), instances=3, autoscaler=autoscaler, kunserve=kunserve)
+    row = run_policy("llumnix", workload, options).row
+    assert set(ROW_KEYS) <= set(row)
+    assert row["submitted"] == 200 and row["completed"] + row["rejected"] + row["unfinished"] == 200
+    assert row["kunserve"] is kunserve and row["autoscaler"] == autoscaler
+    assert row["instance_seconds"] > 0 and 0 <= row["slo_attainment"] <= 1
+
+
+def test_kunserve_with_an_autoscaler_is_refused() -> None:
+    with pytest.raises(ValueError, match="--kunserve"):
+        RunOptions(preset=get_preset("llama7b-a10"), instances=2, autoscaler="chiron", kunserve=True).validate()
