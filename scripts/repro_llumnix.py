@@ -16,6 +16,7 @@ round-robin, and 5.5x (real traces) / 14.8x (generated) better than INFaaS++.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -40,8 +41,21 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000, help="Requests per generated point.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="Write every row here (JSON lines).")
+    parser.add_argument("--preset", default="llama7b-a10", help="Ablation: another preset (KV capacity).")
+    parser.add_argument(
+        "--vllm-v0",
+        action="store_true",
+        help="Ablation: Llumnix's engine, vLLM v0 (whole-prompt prefill, 1%% watermark) instead of v1's scheduler.",
+    )
+    parser.add_argument("--no-azure", action="store_true", help="Generated workloads only.")
     args = parser.parse_args()
-    options = RunOptions(preset=get_preset("llama7b-a10"), instances=16, seed=args.seed)
+    preset = get_preset(args.preset)
+    if args.vllm_v0:
+        # vLLM v0 without chunked prefill needs max_num_batched_tokens >= max_model_len (its default)
+        preset = dataclasses.replace(
+            preset, chunked_prefill=False, watermark_fraction=0.01, max_num_batched_tokens=preset.max_model_len
+        )
+    options = RunOptions(preset=preset, instances=16, seed=args.seed)
     points: list[tuple[str, WorkloadSpec]] = []
     for kind, cv in (("poisson", None), ("gamma", 4.0)):
         for rate in RATES:
@@ -49,7 +63,7 @@ def main() -> None:
                 kind=kind, rate=rate, cv=cv, lengths="zipf:256:6144", requests=args.requests, seed=args.seed
             )
             points.append((f"{kind}{'' if cv is None else f' cv{cv:g}'} {rate:g}/s", spec))
-    for compression in AZURE_COMPRESSIONS:
+    for compression in () if args.no_azure else AZURE_COMPRESSIONS:
         points.append(
             (f"azure x{compression:g}", WorkloadSpec(trace=AZURE_CONV, duration=600, compression=compression))
         )
@@ -57,7 +71,7 @@ def main() -> None:
     header = (
         f"{'workload':<20} " + " ".join(f"{p:>13}" for p in POLICIES) + f" {'RR/Llumnix':>11} {'INFaaS/Llumnix':>15}"
     )
-    print("p99 TTFT (s), 16 x llama7b-a10")
+    print(f"p99 TTFT (s), 16 x {preset.name}" + (" with vLLM v0 scheduling" if args.vllm_v0 else ""))
     print(header)
     ratios_rr, ratios_inf = [], []
     for label, spec in points:

@@ -192,6 +192,8 @@ class Preset:
     cost: CostModel | None = None
     cost_sources: tuple[str, ...] = ()
     notes: str = ""
+    chunked_prefill: bool = True  # vLLM v1; False with a 1 % watermark reproduces vLLM v0 (Llumnix's engine)
+    watermark_fraction: float = 0.0  # blocks kept free at admission, as a fraction (vLLM v0: 0.01)
     fixed_blocks: int | None = None  # measured presets: the live engine's configured block count
     block_bytes_override: int | None = None
 
@@ -227,6 +229,8 @@ class Preset:
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=max_model_len or self.max_model_len,
+            chunked_prefill=self.chunked_prefill,
+            watermark_blocks=int(self.watermark_fraction * self.num_blocks),
         )
 
     def cluster_config(
