@@ -81,26 +81,26 @@ def run(
     ),
     workload: str | None = typer.Option(None, "--workload", help="Generated arrivals: poisson or gamma."),
     rate: float | None = typer.Option(None, "--rate", help="Generated: mean requests per second."),
-    cv: float | None = typer.Option(None, "--cv", help="Gamma arrivals' coefficient of variation [default: 2]."),
+    cv: float | None = typer.Option(None, "--cv", help="Gamma arrivals' coefficient of variation (default: 2)."),
     lengths: str | None = typer.Option(
         None, "--lengths", help="Generated lengths: zipf:MEAN:MAX, uniform:LO:HI or fixed:IN:OUT."
     ),
     requests: int | None = typer.Option(None, "--requests", help="Generated: how many requests (trace: a cap)."),
     compression: float = typer.Option(1.0, "--compression", help="Replay time compression (2 = twice as fast)."),
     duration: float | None = typer.Option(
-        None, "--duration", help="Seconds of arrivals, trace seconds before compression [default: all]."
+        None, "--duration", help="Seconds of arrivals, trace seconds before compression (default: all)."
     ),
     instances: int | None = typer.Option(None, "--instances", "-n", help="Instances (initial fleet when autoscaled)."),
     policy: str | None = typer.Option(None, "--policy", help=POLICY_HELP),
     preset: str = typer.Option("llama7b-a10", "--preset", help="Hardware x model; list: `drover sim presets`."),
     max_model_len: int | None = typer.Option(
-        None, "--max-model-len", help="Context length [default: the preset's]; longer prompts are rejected."
+        None, "--max-model-len", help="Context length (default: the preset's); longer prompts are rejected."
     ),
     slo_ttft_s: float = typer.Option(2.0, "--slo-ttft-s", help="TTFT SLO, seconds."),
     slo_tpot_ms: float = typer.Option(100.0, "--slo-tpot-ms", help="Per-request TPOT SLO, milliseconds."),
     autoscaler: str = typer.Option("fixed", "--autoscaler", help="fixed, chiron or threshold (Llumnix's)."),
     kunserve: bool = typer.Option(False, "--kunserve", help="KunServe parameter drop under memory pressure."),
-    seed: int = typer.Option(0, "--seed", help="Seeds generated arrivals/lengths, or a trace window's offset."),
+    seed: int = typer.Option(0, "--seed", help="Seeds generated arrivals/lengths, or a trace window's offset (default: 0)."),
     as_json: bool = typer.Option(False, "--json", help="Only JSON lines on stdout, one object per policy."),
     out_csv: Path | None = typer.Option(None, "--out", help="Write one row per request (all policies) here."),
     plot: Path | None = typer.Option(None, "--plot", help="Write TTFT and TPOT CDF plots (PNG) into this folder."),
@@ -278,7 +278,7 @@ def presets(
 @one_line_errors
 def convert_cmd(
     source: Path = typer.Argument(..., help="Mooncake JSONL, Azure LLM trace CSV or BurstGPT CSV."),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Where to write the CSV [default: stdout]."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Where to write the CSV (default: stdout)."),
     fmt: str = typer.Option("auto", "--format", help="auto, mooncake, azure or burstgpt."),
     model: str | None = typer.Option(None, "--model", help="BurstGPT: keep only this Model column (e.g. ChatGPT)."),
 ) -> None:
@@ -305,20 +305,20 @@ def plan_cmd(
     trace: Path | None = typer.Option(None, "--trace", help="Trace CSV (as `drover sim run --trace`)."),
     workload: str | None = typer.Option(None, "--workload", help="Or generated arrivals: poisson or gamma."),
     rate: float | None = typer.Option(None, "--rate", help="Generated: mean requests per second."),
-    cv: float | None = typer.Option(None, "--cv", help="Gamma arrivals' CV [default: 2]."),
+    cv: float | None = typer.Option(None, "--cv", help="Gamma arrivals' CV (default: 2)."),
     lengths: str | None = typer.Option(None, "--lengths", help="zipf:MEAN:MAX, uniform:LO:HI or fixed:IN:OUT."),
     requests: int | None = typer.Option(None, "--requests", help="Generated: how many requests (trace: a cap)."),
     compression: float = typer.Option(1.0, "--compression", help="Replay time compression."),
-    duration: float | None = typer.Option(None, "--duration", help="Trace seconds to use [default: all]."),
+    duration: float | None = typer.Option(None, "--duration", help="Trace seconds to use (default: all)."),
     slo_ttft_s: float | None = typer.Option(None, "--slo-ttft-s", help="TTFT SLO, seconds (required)."),
     slo_tpot_ms: float | None = typer.Option(None, "--slo-tpot-ms", help="TPOT SLO, milliseconds (required)."),
     target: float = typer.Option(0.99, "--target", help="SLO attainment to reach (fraction of requests)."),
     preset: str | None = typer.Option(
-        None, "--preset", help="Presets to plan for, comma-separated [default: every GPU preset]."
+        None, "--preset", help="Presets to plan for, comma-separated (default: every GPU preset)."
     ),
     policy: str = typer.Option("drover", "--policy", help=POLICY_HELP.replace("comma-separated", "one")),
     max_instances: int = typer.Option(256, "--max-instances", help="Give up above this many instances."),
-    max_model_len: int | None = typer.Option(None, "--max-model-len", help="Context [default: the preset's]."),
+    max_model_len: int | None = typer.Option(None, "--max-model-len", help="Context (default: the preset's)."),
     seed: int = typer.Option(0, "--seed", help="Generated workload seed / trace window offset."),
     as_json: bool = typer.Option(False, "--json", help="Only JSON lines on stdout, one per preset."),
     hash_block_tokens: int = typer.Option(512, "--hash-block-tokens", help="Tokens per trace hash_ids block."),

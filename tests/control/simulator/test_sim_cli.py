@@ -130,3 +130,11 @@ def test_plan_finds_the_fewest_instances() -> None:
     assert row["tried"][str(n)] >= 0.99
     if n > 1:  # the next count down was run and missed
         assert row["tried"][str(n - 1)] < 0.99
+
+
+def test_help_shows_defaults_and_choices() -> None:
+    got = drover("run", "--help")
+    assert got.returncode == 0
+    text = " ".join(got.stdout.split())
+    for needle in ("(default: 2)", "llama7b-a10", "poisson or gamma", "chiron or threshold", "infaas++"):
+        assert needle in text, needle
