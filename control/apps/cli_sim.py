@@ -100,7 +100,9 @@ def run(
     slo_tpot_ms: float = typer.Option(100.0, "--slo-tpot-ms", help="Per-request TPOT SLO, milliseconds."),
     autoscaler: str = typer.Option("fixed", "--autoscaler", help="fixed, chiron or threshold (Llumnix's)."),
     kunserve: bool = typer.Option(False, "--kunserve", help="KunServe parameter drop under memory pressure."),
-    seed: int = typer.Option(0, "--seed", help="Seeds generated arrivals/lengths, or a trace window's offset (default: 0)."),
+    seed: int = typer.Option(
+        0, "--seed", help="Seeds generated arrivals/lengths, or a trace window's offset (default: 0)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Only JSON lines on stdout, one object per policy."),
     out_csv: Path | None = typer.Option(None, "--out", help="Write one row per request (all policies) here."),
     plot: Path | None = typer.Option(None, "--plot", help="Write TTFT and TPOT CDF plots (PNG) into this folder."),
