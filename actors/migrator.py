@@ -9,7 +9,9 @@ Protocol, per migration (see engines/migration.py for the engine side):
   1. reserve on the destination (blocks the request holds + headroom) -> data-plane address
   2. begin on the source (the request keeps decoding)
   3. stages: each copies the blocks filled since the last; after each, grow the reservation; once at most
-     ``last_stage_max_blocks`` remain (or ``max_stages`` ran), go on
+     ``last_stage_max_blocks`` remain go on (after ``max_stages`` stages, ``after_max_stages`` says: go on,
+     or abort). The control core's :class:`control.core.migration.MigrationStages` makes these decisions,
+     the same object the simulator drives
   4. stop on the source: the request stops, the remaining blocks are copied, the exact token state returns
      (the source streams any sampled-but-unsent tokens to the client itself)
   5. resume on the destination (prompt + generated tokens, KV loaded, not recomputed)
@@ -34,6 +36,7 @@ import pykka
 from opentelemetry import trace
 
 from actors.supervisor import SupervisedActor
+from control.core.migration import MigrationStages, StageStep
 from control.errors import DroverError
 from control.policy.params import PolicyParams
 from control.settings import MigrationSettings
@@ -199,7 +202,8 @@ class MigratorActor(SupervisedActor):
         ) as span:
             try:
                 self._inject("before_reserve")
-                address = await self._reserve(dst, migration_id, start.num_blocks + headroom)
+                machine = MigrationStages(start.params, headroom)
+                address = await self._reserve(dst, migration_id, machine.first_reservation(start.num_blocks))
                 begin = await self._out(
                     src,
                     op="begin",
@@ -209,18 +213,18 @@ class MigratorActor(SupervisedActor):
                     destination_address=address,
                 )
                 begun = True
-                reserved = start.num_blocks + headroom
-                for stage in range(start.params.max_stages):
-                    if begin.total_blocks + headroom > reserved:
-                        reserved = begin.total_blocks + headroom
-                        await self._reserve(dst, migration_id, reserved)
+                step = StageStep.COPY
+                while step is StageStep.COPY:
+                    grown = machine.grow_reservation(begin.total_blocks)
+                    if grown is not None:
+                        await self._reserve(dst, migration_id, grown)
                     with tracer().start_as_current_span(spans.MIGRATION_STAGE) as stage_span:
                         reply = await self._out(src, op="stage", migration_id=migration_id)
                         info = reply.stage
                         assert info is not None
                         stage_span.set_attributes(
                             {
-                                spans.MIGRATION_STAGE_INDEX: stage,
+                                spans.MIGRATION_STAGE_INDEX: machine.stages,
                                 spans.MIGRATION_BLOCKS: info.copied_blocks,
                                 spans.MIGRATION_BYTES: info.copied_bytes,
                                 "drover.migration.remaining_blocks": info.remaining_blocks,
@@ -233,10 +237,12 @@ class MigratorActor(SupervisedActor):
                         raise MigrationFailed("the request finished during migration")
                     self._inject("mid_copy")
                     begin = reply
-                    if info.remaining_blocks <= start.params.last_stage_max_blocks:
-                        break
-                if begin.total_blocks + headroom > reserved:
-                    await self._reserve(dst, migration_id, begin.total_blocks + headroom)
+                    step = machine.after_stage(info.remaining_blocks)
+                if step is StageStep.ABORT:
+                    raise MigrationFailed(f"{machine.stages} stages did not reach stop-and-copy")
+                grown = machine.grow_reservation(begin.total_blocks)
+                if grown is not None:
+                    await self._reserve(dst, migration_id, grown)
                 stop_started = time.perf_counter()
                 with tracer().start_as_current_span(spans.MIGRATION_STOP_AND_COPY) as stop_span:
                     stopped = await self._out(src, op="stop", migration_id=migration_id)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 MigrationPick = Literal["shortest", "longest", "last_come", "first_come"]
+AfterMaxStages = Literal["stop_and_copy", "abort"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +67,11 @@ class PolicyParams:
     last_stage_max_blocks: int = 16
     """Stop-and-copy when at most this many blocks are left to copy (Llumnix: 16; 4 in its first release)."""
     max_stages: int = 3
-    """Abort a migration that has not reached stop-and-copy after this many stages (Llumnix: 3)."""
+    """Copy stages before ``after_max_stages`` decides (Llumnix: 3)."""
+    after_max_stages: AfterMaxStages = "stop_and_copy"
+    """What a migration does after ``max_stages`` stages without reaching ``last_stage_max_blocks``: stop and
+    copy the rest anyway (a longer downtime), or abort (the request stays at its source and the copied work
+    is lost). Llumnix aborts; measured in the simulator (docs/migration.md), stop-and-copy is the default."""
 
     def dispatch_params(self) -> DispatchParams:
         return DispatchParams(
@@ -101,6 +106,8 @@ class PolicyParams:
             raise ValueError(f"dispatch_policy must be one of {POLICY_NAMES}, got {self.dispatch_policy!r}")
         if self.migration_pick not in ("shortest", "longest", "last_come", "first_come"):
             raise ValueError(f"migration_pick {self.migration_pick!r} is not shortest/longest/last_come/first_come")
+        if self.after_max_stages not in ("stop_and_copy", "abort"):
+            raise ValueError(f"after_max_stages {self.after_max_stages!r} is not stop_and_copy/abort")
         for name in ("watermark_blocks", "max_migrations_total", "prefix_history_blocks"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")

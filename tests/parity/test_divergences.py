@@ -1,0 +1,76 @@
+"""Parity (c): each place where the live control plane and the simulator used to disagree, now one behaviour
+because both shells run the control core. Each test here failed on the code before the core existed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from actors.local_cluster import InProcessCluster
+from control.client import DroverClient
+from control.policy.params import PolicyParams
+from control.simulator import ClusterConfig, LengthSpec, generate_workload, simulate
+from engines.sim.core import SimEngineConfig
+from engines.sim.live_migration import MigratableSimEngine
+from tests.integration.conftest import make_sim_cluster
+
+# A migration that can never reach stop-and-copy by the block threshold: only after_max_stages decides.
+ONE_STAGE = {"max_stages": "1", "last_stage_max_blocks": "-1"}
+
+
+@pytest.fixture(scope="module")
+def cluster(nats_url: str) -> Iterator[InProcessCluster]:
+    cluster = make_sim_cluster(nats_url, 0)
+    for name in ("par-a", "par-b"):
+        cluster.add_engine(MigratableSimEngine(name, num_blocks=512, max_model_len=1024, time_scale=1.0))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+async def client(cluster: InProcessCluster) -> AsyncIterator[DroverClient]:
+    c = await DroverClient(cluster.url, name="parity-client").connect()
+    await c.wait_for_instances(2, timeout_s=10)
+    await c.policy({"migration_enabled": "false", **ONE_STAGE})
+    yield c
+    await c.close()
+
+
+async def _migrate_once(client: DroverClient, request_id: str) -> tuple[bool, str]:
+    stream = await client.submit("x" * 100, max_tokens=300, request_id=request_id)
+    async for _ in stream.events():
+        if len(stream.result_data.token_ids) >= 2:
+            break
+    status = await client.status()
+    source = next(r.instance_id for r in status.requests if r.request_id == request_id)
+    destination = "par-b" if source == "par-a" else "par-a"
+    reply = await client.migrate(request_id, destination)
+    await stream.cancel()
+    return reply.ok, reply.message
+
+
+def _simulate_one_stage(after: str) -> tuple[int, int]:
+    params = PolicyParams(max_stages=1, last_stage_max_blocks=-1, after_max_stages=after)  # type: ignore[arg-type]
+    engine = SimEngineConfig(block_size=16, num_blocks=400, max_num_seqs=64, max_num_batched_tokens=1024)
+    requests = generate_workload(
+        400, 80.0, prompt=LengthSpec.zipf(200, 2000), output=LengthSpec.zipf(150, 1500), seed=7, cv=2.0,
+        max_total_len=4096,
+    )
+    result = simulate(ClusterConfig(num_instances=4, engine=engine, policy=params), requests)
+    return result.migrations_committed, result.abort_reasons.get("stages", 0)
+
+
+@pytest.mark.parametrize("after", ["stop_and_copy", "abort"])
+async def test_after_max_stages_is_one_behaviour(client: DroverClient, after: str) -> None:
+    """Before: live went on to stop-and-copy after max_stages, the simulator aborted. Now both do what
+    ``after_max_stages`` says."""
+    await client.policy({"after_max_stages": after})
+    ok, message = await _migrate_once(client, f"parity-stages-{after}")
+    committed, aborted_by_stages = _simulate_one_stage(after)
+    if after == "stop_and_copy":
+        assert ok, message
+        assert committed > 0 and aborted_by_stages == 0
+    else:
+        assert not ok and "stop-and-copy" in message
+        assert committed == 0 and aborted_by_stages > 0
