@@ -9,8 +9,10 @@ import pytest
 
 from actors.local_cluster import InProcessCluster
 from control.client import DroverClient
+from control.policy.autoscaling import PerRole
 from control.policy.params import PolicyParams
-from control.simulator import ClusterConfig, LengthSpec, generate_workload, simulate
+from control.simulator import ClusterConfig, ElasticConfig, LengthSpec, generate_workload, simulate, simulate_elastic
+from control.simulator.workload import RequestSpec
 from engines.sim.core import SimEngineConfig
 from engines.sim.live_migration import MigratableSimEngine
 from tests.integration.conftest import make_sim_cluster
@@ -74,3 +76,22 @@ async def test_after_max_stages_is_one_behaviour(client: DroverClient, after: st
     else:
         assert not ok and "stop-and-copy" in message
         assert committed == 0 and aborted_by_stages > 0
+
+
+def test_an_overflowing_interactive_request_is_held_back_in_the_simulator() -> None:
+    """Before: live held an interactive request back when it would overflow onto a full instance with no
+    batch request to evict, the simulator placed it anyway (it queued inside the engine)."""
+    engine = SimEngineConfig(block_size=16, num_blocks=400, max_num_seqs=2, max_num_batched_tokens=1024)
+    config = ElasticConfig(
+        cluster=ClusterConfig(engine=engine),
+        scaling="none",
+        initial=PerRole(0, 1, 0),
+        local_autoscaler=False,
+    )
+    requests = [RequestSpec(f"r{i}", 0.001 * i, 100, 200) for i in range(3)]
+    result = simulate_elastic(config, requests)
+    dispatched = {r.spec.request_id: r.dispatch_time for r in result.sim.requests}
+    assert dispatched["r0"] == pytest.approx(0.0) and dispatched["r1"] == pytest.approx(0.001)
+    # r2 waits in the scheduler's queue until a slot frees (r0 or r1 finishes after 200 tokens).
+    assert dispatched["r2"] > 1.0
+    assert result.sim.completed == 3
