@@ -32,13 +32,13 @@ from typing import Any
 
 from opentelemetry.trace import StatusCode
 
+from control.core.memory import GroupHysteresis, restore_snapshot
 from control.errors import DroverError
 from control.policy.memory import (
     GroupSnapshot,
     MemoryParams,
     MemorySnapshot,
     plan_drop,
-    should_restore,
     split_layers,
 )
 from control.settings import MemorySettings
@@ -89,7 +89,6 @@ class LiveGroup:
     created: float = field(default_factory=time.monotonic)
     formed_wall: float = 0.0  # time.time() when the leader answered "lead"
     formed_mono: float = 0.0
-    previous_use: float = 1.0
     joined: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -105,6 +104,8 @@ def memory_params(settings: MemorySettings) -> MemoryParams:
         max_group_size=settings.max_group_size,
         pipeline_overhead_per_stage=settings.pipeline_overhead_per_stage,
         max_pipeline_overhead=settings.max_pipeline_overhead,
+        min_group_s=settings.min_group_s,
+        cooldown_s=settings.cooldown_s,
     )
     params.validate()
     return params
@@ -121,7 +122,9 @@ class MemoryManager:
         self.on_change = on_change
         self.groups: dict[str, LiveGroup] = {}
         self.seen: dict[str, _Seen] = {}
-        self.cooldown_until: dict[str, float] = {}  # instance -> time.monotonic()
+        # When automatic steps may happen (min group time, idle restore, cooldown): the control core's, the
+        # one the memory simulator runs; fed time.monotonic().
+        self.hysteresis = GroupHysteresis(self.params)
         self._dirty: set[str] = set()  # changed on the bus loop; the scheduler re-reads them on its next tick
         self._lock = threading.RLock()
 
@@ -205,6 +208,7 @@ class MemoryManager:
             formed_mono=time.monotonic(),
         )
         self.groups[group.group_id] = group
+        self.hysteresis.formed(group.group_id, group.formed_mono)
         log.info("group %s adopted from its leader's heartbeat: %s", group.group_id, members)
         return group
 
@@ -225,13 +229,12 @@ class MemoryManager:
         self.groups.pop(group.group_id, None)
         for member in leave:
             self.bus.run(self._ask_quietly(member, GroupCommand(op="leave", group_id=group.group_id)))
-        self._cool(group.members)
+        self._cool(group.group_id, group.members)
         self._publish_gauges()
 
-    def _cool(self, members: tuple[str, ...] | list[str]) -> None:
-        until = time.monotonic() + self.settings.cooldown_s
+    def _cool(self, group_id: str, members: tuple[str, ...] | list[str]) -> None:
+        self.hysteresis.ended(group_id, members, time.monotonic())
         for member in members:
-            self.cooldown_until[member] = until
             self._changed(member)
 
     # ------------------------------------------------------------------------------------------ tick
@@ -246,19 +249,14 @@ class MemoryManager:
         now = time.monotonic()
         with self._lock:
             for group in list(self.groups.values()):
-                if group.state == "pipelined" and now - group.formed_mono >= self.settings.min_group_s:
+                if group.state == "pipelined":
                     snapshot = self._group_snapshot(group)
-                    if snapshot is None:
-                        continue
-                    idle = snapshot.used_blocks == 0 and snapshot.num_waiting == 0
-                    if idle or should_restore(snapshot, self.params, group.previous_use):
+                    if snapshot is not None and self.hysteresis.restore_due(snapshot, now):
                         self._start_restore(group, None)
-                    else:
-                        group.previous_use = snapshot.memory_use
             snapshots = [
                 s
                 for s in (self._snapshot(i) for i in sorted(live))
-                if s is not None and self.cooldown_until.get(s.instance_id, 0.0) <= now
+                if s is not None and self.hysteresis.may_group(s.instance_id, now)
             ]
             for plan in plan_drop(snapshots, self.params).groups:
                 self._start_drop(plan.members, "policy", None)
@@ -288,14 +286,8 @@ class MemoryManager:
         if seen is None or seen.memory.group_id != group.group_id:
             return None
         load = seen.load
-        return GroupSnapshot(
-            group_id=group.group_id,
-            num_total_blocks=load.num_total_blocks,
-            num_free_blocks=load.num_free_blocks,
-            num_waiting=load.num_waiting,
-            # The leader serves alone after the restore: what the group holds must fit its own pool
-            # (stricter than the members' pools summed), so a restore never preempts.
-            normal_total_blocks=seen.memory.home_num_blocks,
+        return restore_snapshot(
+            group.group_id, load.num_total_blocks, load.num_free_blocks, load.num_waiting, seen.memory.home_num_blocks
         )
 
     # ------------------------------------------------------------------------------------------ commands
@@ -424,7 +416,7 @@ class MemoryManager:
         with self._lock:
             group.state, group.details = "pipelined", details
             group.formed_wall, group.formed_mono = time.time(), time.monotonic()
-            group.previous_use = 1.0
+            self.hysteresis.formed(group.group_id, group.formed_mono)
             self._changed(group.leader)
             self._publish_gauges()
         metrics().memory_event("drop_ordered", seconds=details["seconds"])
@@ -471,7 +463,7 @@ class MemoryManager:
             details["seconds"] = time.perf_counter() - started
         with self._lock:
             self.groups.pop(group.group_id, None)
-            self._cool(group.members)
+            self._cool(group.group_id, group.members)
             self._publish_gauges()
         metrics().memory_event("restore_ordered", seconds=details["seconds"], outcome="ok" if ok else "failed")
         if reply:

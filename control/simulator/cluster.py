@@ -40,8 +40,9 @@ from control.core.migration import MigrationStages, StageStep
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy
 from control.policy.migration import InFlightMigration, MigrationDecision, plan_migrations
 from control.policy.params import PolicyParams
-from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot
+from control.policy.snapshots import InstanceSnapshot, RequestDemand
 from control.simulator.metrics import RequestMetrics, SimulationResult, summarize
+from control.simulator.views import instance_view
 from control.simulator.workload import RequestSpec
 from engines.sim.core import FINISHED, REMOVED, RUNNING, SimEngineConfig, SimEngineCore, SimOutput, SimRequest
 from engines.sim.cost_model import LLAMA7B_A100, CostModel
@@ -440,30 +441,13 @@ class ClusterSimulator:
         core = inst.core
         preempted = core.num_preemptions - inst.reported_preemptions
         inst.reported_preemptions = core.num_preemptions
-        running = tuple(
-            RunningSnapshot(
-                r.request_id,
-                r.context_len,
-                r.num_blocks,
-                r.priority,
-                r.num_output > 0 and r.num_computed >= r.context_len - 1,
-            )
-            for r in self._movable(inst)
-        )
-        return InstanceSnapshot(
-            instance_id=inst.instance_id,
-            num_total_blocks=core.config.num_blocks,
-            num_free_blocks=core.num_free_blocks,
-            num_running=len(core.running),
-            num_waiting=len(core.waiting),
-            waiting_blocks=core.waiting_blocks,
-            head_waiting_blocks=core.head_waiting_blocks(),
-            num_preempted=preempted,
-            draining=inst.draining,
+        return instance_view(
+            inst.instance_id,
+            core,
             model=self.config.model,
-            block_size=core.config.block_size,
-            running=running,
-            high_priority_count=sum(1 for r in running if r.priority > 0),
+            draining=inst.draining,
+            num_preempted=preempted,
+            running=self._movable(inst),
         )
 
     # ------------------------------------------------------------------------------------------ migration

@@ -60,6 +60,7 @@ from control.policy.migration import MigrationDecision, plan_migrations
 from control.policy.snapshots import InstanceSnapshot
 from control.simulator.cluster import ClusterConfig, ClusterSimulator, SimInstance
 from control.simulator.metrics import ClassAttainment, SimulationResult, Stat, slo_attainment
+from control.simulator.views import instance_view
 from control.simulator.workload import RequestSpec
 from engines.sim.core import FINISHED, REMOVED, WAITING, SimOutput, SimRequest
 
@@ -567,18 +568,7 @@ class ElasticSimulator(ClusterSimulator):
         core = inst.core
         if core.has_plan:
             core.advance_to(self.now)
-        return InstanceSnapshot(
-            instance_id=inst.instance_id,
-            num_total_blocks=core.config.num_blocks,
-            num_free_blocks=core.num_free_blocks,
-            num_running=len(core.running),
-            num_waiting=len(core.waiting),
-            waiting_blocks=core.waiting_blocks,
-            head_waiting_blocks=core.head_waiting_blocks(),
-            draining=inst.state == "draining",
-            model=self.config.model,
-            block_size=core.config.block_size,
-        )
+        return instance_view(inst.instance_id, core, model=self.config.model, draining=inst.state == "draining")
 
 
 def _class_of(request: SimRequest) -> str:

@@ -9,9 +9,13 @@ import pytest
 
 from actors.local_cluster import InProcessCluster
 from control.client import DroverClient
+from control.core.memory import GroupHysteresis, restore_snapshot
 from control.policy.autoscaling import PerRole
+from control.policy.memory import MemoryParams, should_restore
 from control.policy.params import PolicyParams
 from control.simulator import ClusterConfig, ElasticConfig, LengthSpec, generate_workload, simulate, simulate_elastic
+from control.simulator.memory import MemorySimulator, MemSimConfig, MemSimResult
+from control.simulator.memory import simulate as simulate_memory
 from control.simulator.workload import RequestSpec
 from engines.sim.core import SimEngineConfig
 from engines.sim.live_migration import MigratableSimEngine
@@ -95,3 +99,39 @@ def test_an_overflowing_interactive_request_is_held_back_in_the_simulator() -> N
     # r2 waits in the scheduler's queue until a slot frees (r0 or r1 finishes after 200 tokens).
     assert dispatched["r2"] > 1.0
     assert result.sim.completed == 3
+
+
+def _kunserve(**memory: float) -> MemSimResult:
+    from tests.control.simulator.test_memory import burst
+
+    return simulate_memory(MemSimConfig(mode="kunserve", num_instances=2, memory=MemoryParams(**memory)), burst())
+
+
+def test_kunserve_groups_have_the_live_hysteresis_in_the_simulator() -> None:
+    """Before: the live MemoryManager kept a group at least min_group_s, restored an idle group and cooled
+    members down after a group; the memory simulator did none of it."""
+    quick = _kunserve(min_group_s=0.0, cooldown_s=0.0)
+    assert quick.drops >= 1 and quick.restores >= 1
+    # A group that must live longer than the run is never restored automatically.
+    assert _kunserve(min_group_s=1e9).restores == 0
+    # After a restore the members cool down (here for longer than the run) before they may group again.
+    from tests.control.simulator.test_memory import burst
+
+    sim = MemorySimulator(
+        MemSimConfig(mode="kunserve", num_instances=2, memory=MemoryParams(min_group_s=0.0, cooldown_s=1e9)), burst()
+    )
+    assert sim.run().restores >= 1
+    assert not sim.hysteresis.may_group("0", now=1e6) and not sim.hysteresis.may_group("1", now=1e6)
+
+
+def test_one_kunserve_block_total() -> None:
+    """Before: live compared what a group holds with the leader's own pool, the simulator with the members'
+    pools summed. Both now use control.core.memory.restore_snapshot (the leader's pool)."""
+    snap = restore_snapshot("g", num_total_blocks=300, num_free_blocks=150, num_waiting=0, leader_pool_blocks=100)
+    assert snap.used_blocks == 150 and not should_restore(snap, MemoryParams(), previous_memory_use=1.0)
+    hysteresis = GroupHysteresis(MemoryParams(min_group_s=1.0, cooldown_s=2.0))
+    hysteresis.formed("g", now=10.0)
+    idle = restore_snapshot("g", 300, 300, 0, 100)
+    assert not hysteresis.restore_due(idle, now=10.5) and hysteresis.restore_due(idle, now=11.0)
+    hysteresis.ended("g", ["a", "b"], now=11.0)
+    assert not hysteresis.may_group("a", now=12.9) and hysteresis.may_group("a", now=13.0)
