@@ -32,6 +32,7 @@ import pykka
 from actors.request_classes import ClusterSnapshot, GetClusterView, SetRole
 from actors.supervisor import SupervisedActor
 from control.core.provisioner import Provisioner
+from control.core.scaling import ScalingClock
 from control.policy.autoscaling import (
     ROLES,
     AutoscaleParams,
@@ -70,12 +71,6 @@ class _Tick:
     """Internal timer message."""
 
 
-@dataclasses.dataclass(slots=True)
-class _Draining:
-    since: float  # time.monotonic()
-    reason: str
-
-
 class AutoscalerActor(SupervisedActor):
     def __init__(
         self,
@@ -95,10 +90,11 @@ class AutoscalerActor(SupervisedActor):
         self.base_params: AutoscaleParams = settings.autoscaling
         self.pins: dict[InstanceRole, int] = {}
         self.state = ScalingState()
-        self.draining: dict[str, _Draining] = {}
+        # When to plan and when to stop a drained instance: the control core's, fed time.monotonic() (the
+        # elastic simulator feeds the same object its virtual clock).
+        self.clock = ScalingClock(self.base_params.period_s, settings.autoscaler.drain_timeout_s)
         self.last_plan: ScalingPlan | None = None
         self.last_plan_at = 0.0  # time.time()
-        self.last_plan_mono = -float("inf")
         self.last_snapshot: ClusterSnapshot | None = None
         self.last_view: ClusterView | None = None
         self.pending_manual: list[tuple[ScaleCommand, str]] = []
@@ -109,7 +105,7 @@ class AutoscalerActor(SupervisedActor):
     # ------------------------------------------------------------------------------------------- lifecycle
     @property
     def tick_s(self) -> float:
-        return min(1.0, self.base_params.period_s)
+        return self.clock.poll_s
 
     def on_start(self) -> None:
         self.actor_ref.tell(_Tick())
@@ -135,9 +131,7 @@ class AutoscalerActor(SupervisedActor):
     # ------------------------------------------------------------------------------------------- messages
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, _Tick):
-            due = self.enabled and time.monotonic() - self.last_plan_mono >= self.base_params.period_s
-            if due:
-                self.last_plan_mono = time.monotonic()
+            due = self.enabled and self.clock.plan_due(time.monotonic())
             # Only a "plan" view consumes the scheduler's rate counters: they then cover one whole period.
             self.scheduler.tell(GetClusterView(self.actor_ref, "plan" if due else "watch"))
             self._schedule_tick()
@@ -215,7 +209,7 @@ class AutoscalerActor(SupervisedActor):
         seen = {load.instance_id for load in snapshot.view.instances}
         stopping = {iid for iid, p in owned.items() if p.stopping}
         loads = [
-            load if load.instance_id not in self.draining else dataclasses.replace(load, state="draining")
+            load if load.instance_id not in self.clock.draining else dataclasses.replace(load, state="draining")
             for load in snapshot.view.instances
             if load.instance_id not in stopping
         ]
@@ -229,15 +223,13 @@ class AutoscalerActor(SupervisedActor):
 
     def _stop_drained(self, snapshot: ClusterSnapshot, owned: dict[str, Any]) -> None:
         now = time.monotonic()
-        timeout = self.settings.autoscaler.drain_timeout_s
-        for iid, draining in list(self.draining.items()):
+        for iid in list(self.clock.draining):
             if iid not in owned:
-                self.draining.pop(iid)
+                self.clock.forget(iid)
                 continue
-            if iid in snapshot.empty or now - draining.since > timeout:
-                why = "drained" if iid in snapshot.empty else f"still busy after {timeout:.0f} s of draining"
+            why = self.clock.stop_reason(iid, iid in snapshot.empty, now)
+            if why is not None:
                 self.provisioner.stop(iid)
-                self.draining.pop(iid)
                 self._event("stop", iid, owned[iid].role, why)
 
     # ------------------------------------------------------------------------------------------- acting
@@ -312,9 +304,9 @@ class AutoscalerActor(SupervisedActor):
             self._event("stop", iid, owned[iid].role, f"{why}: not needed before it started")
             metrics().scale_event(owned[iid].role, "in")
             return True
-        if iid in self.draining:
+        if iid in self.clock.draining:
             return False
-        self.draining[iid] = _Draining(time.monotonic(), why)
+        self.clock.start_drain(iid, time.monotonic(), why)
         self.scheduler.tell(Envelope(subject=subjects.admin("drain"), message=DrainCommand(instance_id=iid)))
         self._event("drain", iid, owned[iid].role, why)
         metrics().scale_event(owned[iid].role, "in")

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from control.core.classes import BatchQueue, place_by_class
+from control.core.scaling import ScalingClock
 from control.policy.autoscaling import (
     BATCH,
     ROLES,
@@ -203,6 +204,10 @@ class ElasticSimulator(ClusterSimulator):
         self._events: list[ScaleEvent] = []
         self._decisions = 0
         self._timeline: list[tuple[float, int]] = [(0.0, len(self.instances))]
+        # When to plan and when a draining instance stops: the control core's, the AutoscalerActor's object,
+        # fed the virtual clock. No drain timeout: a simulated drain always empties (interactive requests
+        # migrate away, batch ones finish in place).
+        self.scaling_clock = ScalingClock(config.autoscale.period_s)
 
     # ------------------------------------------------------------------------------------------ running
     def run_elastic(self) -> ElasticResult:
@@ -274,6 +279,7 @@ class ElasticSimulator(ClusterSimulator):
         if inst.state == "stopped":
             self._event("stop", inst)
             return
+        self.scaling_clock.start_drain(inst.instance_id, self.now, reason)
         if self.class_aware:  # batch requests that have not started go back to the queue
             extra = self._extra[inst.index]
             for rid in list(extra.batch_ids):
@@ -291,9 +297,12 @@ class ElasticSimulator(ClusterSimulator):
     def _after_tick(self) -> None:
         for index in list(self._live):
             inst = self.instances[index]
-            if inst.state == "draining" and self.is_empty(inst):
+            if inst.state != "draining":
+                continue
+            why = self.scaling_clock.stop_reason(inst.instance_id, self.is_empty(inst), self.now)
+            if why is not None or (inst.instance_id not in self.scaling_clock.draining and self.is_empty(inst)):
                 self.stop_instance(inst)
-                self._event("stop", inst)
+                self._event("stop", inst, why or "drained")
         if self.class_aware and len(self._batch_queue):
             self._release_batch()
 
@@ -513,6 +522,9 @@ class ElasticSimulator(ClusterSimulator):
 
     def _global_tick(self) -> None:
         params = self.as_params
+        if not self.scaling_clock.plan_due(self.now):  # not reached: this tick runs every period_s
+            self.call_at(self.scaling_clock.last_plan_at + params.period_s, self._global_tick)
+            return
         self._measure_throughput()
         if self._service_samples:
             self._service_s = sum(self._service_samples) / len(self._service_samples)
