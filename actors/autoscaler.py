@@ -81,6 +81,7 @@ class AutoscalerActor(SupervisedActor):
         supervisor: pykka.ActorRef[Any] | None = None,
         name: str = "autoscaler",
     ) -> None:
+        """Thread: the one that builds the actor (before its own thread starts)."""
         super().__init__(supervisor, name)
         self.bus = bus
         self.settings = settings
@@ -108,14 +109,17 @@ class AutoscalerActor(SupervisedActor):
         return self.clock.poll_s
 
     def on_start(self) -> None:
+        """Thread: the autoscaler actor's thread."""
         self.actor_ref.tell(_Tick())
 
     def on_stop(self) -> None:
+        """Thread: the autoscaler actor's thread."""
         self._stopping = True
         if self._timer is not None:
             self._timer.cancel()
 
     def _schedule_tick(self) -> None:
+        """Thread: the autoscaler actor's thread."""
         if self._stopping:
             return
         ref = self.actor_ref
@@ -130,6 +134,7 @@ class AutoscalerActor(SupervisedActor):
 
     # ------------------------------------------------------------------------------------------- messages
     def on_receive(self, message: Any) -> Any:
+        """Thread: the autoscaler actor's thread."""
         if isinstance(message, _Tick):
             due = self.enabled and self.clock.plan_due(time.monotonic())
             # Only a "plan" view consumes the scheduler's rate counters: they then cover one whole period.
@@ -142,6 +147,7 @@ class AutoscalerActor(SupervisedActor):
         return None
 
     def _on_envelope(self, envelope: Envelope) -> None:
+        """Thread: the autoscaler actor's thread."""
         message = envelope.message
         if isinstance(message, ScaleCommand):
             problem = self._check_scale(message)
@@ -160,6 +166,7 @@ class AutoscalerActor(SupervisedActor):
             )
 
     def _check_scale(self, command: ScaleCommand) -> str:
+        """Thread: the autoscaler actor's thread."""
         if command.role not in ROLES:
             return f"unknown role {command.role!r}; roles: {', '.join(ROLES)}"
         if command.auto:
@@ -172,12 +179,15 @@ class AutoscalerActor(SupervisedActor):
         return ""
 
     def _other_capable(self, role: str) -> bool:
+        """Thread: the autoscaler actor's thread."""
         other: InstanceRole = "mixed" if role == "interactive" else "interactive"
         return self.pins.get(other, self.base_params.min_instances[other]) > 0
 
     # ------------------------------------------------------------------------------------------- parameters
     def params(self) -> AutoscaleParams:
-        """Configured parameters with pins applied and the measured start-up time."""
+        """Configured parameters with pins applied and the measured start-up time.
+
+        Thread: the autoscaler actor's thread."""
         mins, maxs = self.base_params.min_instances, self.base_params.max_instances
         for role, count in self.pins.items():
             mins, maxs = mins.with_role(role, count), maxs.with_role(role, count)
@@ -186,6 +196,7 @@ class AutoscalerActor(SupervisedActor):
 
     # ------------------------------------------------------------------------------------------- snapshots
     def _on_snapshot(self, snapshot: ClusterSnapshot) -> None:
+        """Thread: the autoscaler actor's thread."""
         self.last_snapshot = snapshot
         seen = {load.instance_id for load in snapshot.view.instances}
         owned = {p.instance_id: p for p in self.provisioner.instances()}
@@ -205,7 +216,7 @@ class AutoscalerActor(SupervisedActor):
 
     def _full_view(self, snapshot: ClusterSnapshot, owned: dict[str, Any]) -> ClusterView:
         """The scheduler's view plus instances still starting (asked for, no heartbeat yet), minus the ones
-        being stopped."""
+        being stopped. Thread: the autoscaler actor's thread."""
         seen = {load.instance_id for load in snapshot.view.instances}
         stopping = {iid for iid, p in owned.items() if p.stopping}
         loads = [
@@ -222,6 +233,7 @@ class AutoscalerActor(SupervisedActor):
         return dataclasses.replace(snapshot.view, instances=tuple(loads), now=now)
 
     def _stop_drained(self, snapshot: ClusterSnapshot, owned: dict[str, Any]) -> None:
+        """Thread: the autoscaler actor's thread."""
         now = time.monotonic()
         for iid in list(self.clock.draining):
             if iid not in owned:
@@ -234,6 +246,7 @@ class AutoscalerActor(SupervisedActor):
 
     # ------------------------------------------------------------------------------------------- acting
     def _plan(self, view: ClusterView, owned: dict[str, Any]) -> None:
+        """Thread: the autoscaler actor's thread."""
         params = self.params()
         plan = plan_scaling(view, self.state, params)
         self.state = plan.state
@@ -284,6 +297,7 @@ class AutoscalerActor(SupervisedActor):
         return attributes
 
     def _start(self, role: InstanceRole, why: str) -> str | None:
+        """Thread: the autoscaler actor's thread."""
         try:
             iid = self.provisioner.start(role)
         except Exception as exc:
@@ -295,6 +309,7 @@ class AutoscalerActor(SupervisedActor):
         return iid
 
     def _drain(self, iid: str, view: ClusterView, owned: dict[str, Any], why: str) -> bool:
+        """Thread: the autoscaler actor's thread."""
         if iid not in owned:
             log.info("autoscaler: %s was not started by the provisioner; not draining it", iid)
             return False
@@ -313,6 +328,7 @@ class AutoscalerActor(SupervisedActor):
         return True
 
     def _manual(self, command: ScaleCommand, reply: str, view: ClusterView, owned: dict[str, Any]) -> None:
+        """Thread: the autoscaler actor's thread."""
         role: InstanceRole = command.role  # type: ignore[assignment]
         if command.auto:
             self.pins.pop(role, None)
@@ -347,12 +363,14 @@ class AutoscalerActor(SupervisedActor):
         self.bus.publish(reply, AdminReply(ok=True, message=text, details={"started": started, "draining": drained}))
 
     def _event(self, action: str, instance_id: str, role: str, reason: str) -> None:
+        """Thread: the autoscaler actor's thread."""
         self.events.append(
             ScaleEventInfo(at=time.time(), action=action, instance_id=instance_id, role=role, reason=reason)
         )
 
     # ------------------------------------------------------------------------------------------- status
     def status(self) -> AutoscaleStatusReply:
+        """Thread: the autoscaler actor's thread."""
         params = self.params()
         view = self.last_view
         loads = view.instances if view is not None else ()

@@ -32,6 +32,7 @@ from typing import Any
 
 from opentelemetry.trace import StatusCode
 
+from actors.threads import Guarded
 from control.core.memory import GroupHysteresis, restore_snapshot
 from control.errors import DroverError
 from control.policy.memory import (
@@ -115,7 +116,9 @@ class MemoryManager:
     """Plans and runs KunServe drops and restores for the scheduler (see the module docstring)."""
 
     def __init__(self, bus: Bus, settings: MemorySettings, on_change: Callable[[str], None]) -> None:
-        """``on_change(instance_id)``: the scheduler re-reads whether an instance takes dispatches."""
+        """``on_change(instance_id)``: the scheduler re-reads whether an instance takes dispatches.
+
+        Thread: the one that builds the scheduler."""
         self.bus = bus
         self.settings = settings
         self.params = memory_params(settings)
@@ -125,26 +128,31 @@ class MemoryManager:
         # When automatic steps may happen (min group time, idle restore, cooldown): the control core's, the
         # one the memory simulator runs; fed time.monotonic().
         self.hysteresis = GroupHysteresis(self.params)
-        self._dirty: set[str] = set()  # changed on the bus loop; the scheduler re-reads them on its next tick
+        # Instances whose dispatchability changed on the bus loop; the scheduler's thread re-reads them on its
+        # next tick. Shared by the two threads.
+        self._dirty: Guarded[set[str]] = Guarded(set())
         self._lock = threading.RLock()
 
     def _changed(self, instance_id: str) -> None:
         """Tell the scheduler an instance's dispatchability changed: at once on its own thread, else (a group
         step finishing on the bus loop) on its next tick, so its dispatch index is only touched by it."""
         if self.bus.in_loop():
-            with self._lock:
-                self._dirty.add(instance_id)
+            with self._dirty as dirty:
+                dirty.add(instance_id)
         else:
             self.on_change(instance_id)
 
     # ------------------------------------------------------------------------------------------ queries
     def group_of(self, instance_id: str) -> LiveGroup | None:
+        """Thread: the scheduler actor's thread."""
         with self._lock:
             return next((g for g in self.groups.values() if instance_id in g.members), None)
 
     def blocks_dispatch(self, instance_id: str) -> bool:
         """True for a group's members, for its leader while the group forms or restores, and for an instance
-        that still serves as a stage (a member whose group ended takes requests once it restored)."""
+        that still serves as a stage (a member whose group ended takes requests once it restored).
+
+        Thread: the scheduler actor's thread."""
         group = self.group_of(instance_id)
         if group is None:
             seen = self.seen.get(instance_id)
@@ -152,6 +160,7 @@ class MemoryManager:
         return instance_id != group.leader or group.state != "pipelined"
 
     def status(self) -> list[GroupStatus]:
+        """Thread: the scheduler actor's thread."""
         now = time.monotonic()
         with self._lock:
             return [
@@ -167,6 +176,7 @@ class MemoryManager:
             ]
 
     def _extra_blocks(self, group: LiveGroup) -> int:
+        """Thread: the scheduler actor's thread."""
         seen = self.seen.get(group.leader)
         if group.state != "pipelined" or seen is None or seen.memory.group_id != group.group_id:
             return 0
@@ -174,6 +184,7 @@ class MemoryManager:
 
     # ------------------------------------------------------------------------------------------ inputs
     def on_heartbeat(self, beat: InstanceHeartbeat) -> None:
+        """Thread: the scheduler actor's thread."""
         if beat.memory is None:
             return
         instance_id = beat.info.instance_id
@@ -195,7 +206,9 @@ class MemoryManager:
                 self._end(group, leave=[m for m in group.members[1:]])
 
     def _adopt(self, memory: EngineMemory) -> LiveGroup | None:
-        """A group this manager did not form (the scheduler restarted): track it from its leader's report."""
+        """A group this manager did not form (the scheduler restarted): track it from its leader's report.
+
+        Thread: the scheduler actor's thread."""
         members = tuple(memory.group_members)
         if len(members) < 2 or any(self.group_of(m) is not None for m in members):
             return None
@@ -213,7 +226,9 @@ class MemoryManager:
         return group
 
     def on_instance_dead(self, instance_id: str) -> None:
-        """An instance was declared dead: end its group (the leader evicts and restores; members restore)."""
+        """An instance was declared dead: end its group (the leader evicts and restores; members restore).
+
+        Thread: the scheduler actor's thread."""
         with self._lock:
             self.seen.pop(instance_id, None)
             group = self.group_of(instance_id)
@@ -226,6 +241,7 @@ class MemoryManager:
             self._end(group, leave=[m for m in survivors if m != group.leader])
 
     def _end(self, group: LiveGroup, leave: list[str]) -> None:
+        """Thread: the scheduler actor's thread."""
         self.groups.pop(group.group_id, None)
         for member in leave:
             self.bus.run(self._ask_quietly(member, GroupCommand(op="leave", group_id=group.group_id)))
@@ -233,16 +249,18 @@ class MemoryManager:
         self._publish_gauges()
 
     def _cool(self, group_id: str, members: tuple[str, ...] | list[str]) -> None:
+        """Thread: the scheduler actor's thread, or the bus loop when a group step ends (under the lock)."""
         self.hysteresis.ended(group_id, members, time.monotonic())
         for member in members:
             self._changed(member)
 
     # ------------------------------------------------------------------------------------------ tick
     def tick(self, live: set[str]) -> None:
-        """Poll the policy (``live``: instances the scheduler considers alive and serving)."""
-        with self._lock:
-            dirty, self._dirty = self._dirty, set()
-        for instance_id in sorted(dirty):
+        """Poll the policy (``live``: instances the scheduler considers alive and serving). Scheduler thread."""
+        with self._dirty as changed:
+            dirty = sorted(changed)
+            changed.clear()
+        for instance_id in dirty:
             self.on_change(instance_id)
         if not self.settings.auto:
             return
@@ -262,6 +280,7 @@ class MemoryManager:
                 self._start_drop(plan.members, "policy", None)
 
     def _snapshot(self, instance_id: str) -> MemorySnapshot | None:
+        """Thread: the scheduler actor's thread."""
         seen = self.seen.get(instance_id)
         if seen is None:
             return None
@@ -282,6 +301,7 @@ class MemoryManager:
         )
 
     def _group_snapshot(self, group: LiveGroup) -> GroupSnapshot | None:
+        """Thread: the scheduler actor's thread."""
         seen = self.seen.get(group.leader)
         if seen is None or seen.memory.group_id != group.group_id:
             return None
@@ -292,7 +312,9 @@ class MemoryManager:
 
     # ------------------------------------------------------------------------------------------ commands
     def on_command(self, command: MemoryCommand, reply: str) -> None:
-        """``drover memory drop|restore``: validate, then run the step and answer when it is over."""
+        """``drover memory drop|restore``: validate, then run the step and answer when it is over.
+
+        Thread: the scheduler actor's thread."""
         with self._lock:
             if command.op == "drop":
                 members = self._members_for(command.target)
@@ -315,7 +337,7 @@ class MemoryManager:
                 self.bus.reply_error(reply, ErrorCode.INVALID_REQUEST, f"unknown memory op {command.op!r}")
 
     def _members_for(self, target: str) -> tuple[str, ...] | str:
-        """The members a forced drop groups (leader first), or why it cannot."""
+        """The members a forced drop groups (leader first), or why it cannot. Thread: the scheduler actor's thread."""
         names = [t.strip() for t in target.split(",") if t.strip()]
         if not names:
             return "give one or more instance ids (the first leads)"
@@ -351,6 +373,7 @@ class MemoryManager:
 
     # ------------------------------------------------------------------------------------------ drop
     def _start_drop(self, members: tuple[str, ...], reason: str, reply: str | None) -> None:
+        """Thread: the scheduler actor's thread."""
         num_layers = self.seen[members[0]].memory.num_layers
         group = LiveGroup(
             group_id=f"g-{uuid.uuid4().hex[:6]}",
@@ -364,6 +387,7 @@ class MemoryManager:
         self.bus.run(self._form(group, reason, reply))
 
     async def _form(self, group: LiveGroup, reason: str, reply: str | None) -> None:
+        """Thread: the bus loop."""
         started = time.perf_counter()
         with tracer().start_as_current_span(
             spans.MEMORY_DROP,
@@ -438,12 +462,14 @@ class MemoryManager:
 
     # ------------------------------------------------------------------------------------------ restore
     def _start_restore(self, group: LiveGroup, reply: str | None) -> None:
+        """Thread: the scheduler actor's thread."""
         group.state = "restoring"
         self._changed(group.leader)
         log.info("group %s restores", group.group_id)
         self.bus.run(self._restore(group, reply))
 
     async def _restore(self, group: LiveGroup, reply: str | None) -> None:
+        """Thread: the bus loop."""
         started = time.perf_counter()
         ok, message, details = True, "", {}
         with tracer().start_as_current_span(
@@ -471,6 +497,7 @@ class MemoryManager:
 
     # ------------------------------------------------------------------------------------------ plumbing
     async def _ask(self, instance_id: str, command: GroupCommand) -> GroupReply:
+        """Thread: the bus loop."""
         try:
             answer = await self.bus.arequest(
                 subjects.engine(instance_id), command, timeout_s=self.settings.op_timeout_s
@@ -484,11 +511,13 @@ class MemoryManager:
         return answer
 
     async def _ask_quietly(self, instance_id: str, command: GroupCommand) -> None:
+        """Thread: the bus loop."""
         try:
             await self._ask(instance_id, command)
         except GroupStepFailed as exc:
             log.warning("group %s: %s", command.group_id, exc)
 
     def _publish_gauges(self) -> None:
+        """Thread: the scheduler actor's thread, or the bus loop when a group step ends (under the lock)."""
         pipelined = [g for g in self.groups.values() if g.state == "pipelined"]
         metrics().set_memory_groups(len(pipelined), sum(self._extra_blocks(g) for g in pipelined))

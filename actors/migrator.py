@@ -104,6 +104,7 @@ class MigratorActor(SupervisedActor):
         name: str = "migrator",
         state: Any = None,  # actors.control_state.ControlState: migrations in flight survive a leader's death
     ) -> None:
+        """Thread: the one that builds the actor (before its own thread starts)."""
         super().__init__(supervisor, name)
         self.state = state
         self.bus = bus
@@ -113,6 +114,7 @@ class MigratorActor(SupervisedActor):
 
     # ------------------------------------------------------------------------------------------- actor side
     def busy_instances(self) -> dict[str, int]:
+        """Thread: the migrator actor's thread."""
         counts: dict[str, int] = {}
         for m in self.in_flight.values():
             for instance in (m.source, m.destination):
@@ -120,6 +122,7 @@ class MigratorActor(SupervisedActor):
         return counts
 
     def on_receive(self, message: Any) -> Any:
+        """Thread: the migrator actor's thread."""
         if isinstance(message, StartMigration):
             return self._start(message)
         if isinstance(message, MigrationEnded):
@@ -130,7 +133,9 @@ class MigratorActor(SupervisedActor):
         return None
 
     def _start(self, start: StartMigration) -> str | None:
-        """Begin a migration unless a cap forbids it; returns its id, or None when refused."""
+        """Begin a migration unless a cap forbids it; returns its id, or None when refused.
+
+        Thread: the migrator actor's thread."""
         busy = self.busy_instances()
         cap = start.params.max_migrations_per_instance
         if any(m.request_id == start.request_id for m in self.in_flight.values()):
@@ -150,6 +155,7 @@ class MigratorActor(SupervisedActor):
         return migration_id
 
     def _refuse(self, start: StartMigration, why: str) -> None:
+        """Thread: the migrator actor's thread."""
         log.info("migration of %s refused: %s", start.request_id, why)
         if start.reply_to:
             self.bus.publish(start.reply_to, AdminReply(ok=False, message=why))
@@ -157,17 +163,21 @@ class MigratorActor(SupervisedActor):
 
     # ------------------------------------------------------------------------------------------- protocol
     def _inject(self, stage: str) -> None:
-        """The fault-injection hook: abort here when ``migration.fault_stage`` names this stage."""
+        """The fault-injection hook: abort here when ``migration.fault_stage`` names this stage.
+
+        Thread: the bus loop (inside a migration's coroutine)."""
         if self.settings.fault_stage == stage and random.random() < self.settings.fault_rate:
             raise MigrationFailed(f"injected fault at {stage}")
 
     async def _ask(self, instance_id: str, message: Message) -> Message:
+        """Thread: the bus loop."""
         try:
             return await self.bus.arequest(subjects.engine(instance_id), message, timeout_s=self.settings.op_timeout_s)
         except Exception as exc:  # timeout, no responders (a dead instance), transport errors
             raise MigrationFailed(f"{type(message).__name__} to {instance_id}: {exc!r}") from exc
 
     async def _out(self, instance_id: str, **kwargs: Any) -> MigrateOutReply:
+        """Thread: the bus loop."""
         reply = await self._ask(instance_id, MigrateOut(**kwargs))
         if not isinstance(reply, MigrateOutReply):
             raise MigrationFailed(f"{instance_id} answered {type(reply).__name__}: {getattr(reply, 'message', '')}")
@@ -176,12 +186,14 @@ class MigratorActor(SupervisedActor):
         return reply
 
     async def _reserve(self, destination: str, migration_id: str, num_blocks: int) -> str:
+        """Thread: the bus loop."""
         reply = await self._ask(destination, MigrateIn(op="reserve", migration_id=migration_id, num_blocks=num_blocks))
         if not isinstance(reply, MigrateInReply) or not reply.ok:
             raise MigrationFailed(f"{destination} cannot reserve {num_blocks} blocks: {getattr(reply, 'error', reply)}")
         return reply.address
 
     async def _run(self, start: StartMigration, migration_id: str) -> None:
+        """Thread: the bus loop."""
         src, dst, rid = start.source, start.destination, start.request_id
         headroom = self.settings.reserve_headroom_blocks
         stopped: MigrateOutReply | None = None
@@ -318,6 +330,7 @@ class MigratorActor(SupervisedActor):
             self.scheduler.tell(ended)
 
     async def _resume(self, instance_id: str, state: MigrateOutReply, source: str, *, load_kv: bool = True) -> None:
+        """Thread: the bus loop."""
         if state.sampling is None or not state.request_id:
             raise MigrationFailed("source returned no request state")
         add = EngineAdd(
@@ -336,7 +349,9 @@ class MigratorActor(SupervisedActor):
             raise MigrationFailed(f"{instance_id} did not resume: {getattr(reply, 'message', reply)}")
 
     async def _release_source(self, src: str, migration_id: str) -> None:
-        """After a failed commit: the source drops its stopped copy (frees its blocks) and resumes nothing."""
+        """After a failed commit: the source drops its stopped copy (frees its blocks) and resumes nothing.
+
+        Thread: the bus loop."""
         try:
             await self._ask(src, MigrateOut(op="abort", migration_id=migration_id))
         except MigrationFailed as exc:
@@ -347,7 +362,9 @@ class MigratorActor(SupervisedActor):
     ) -> bool:
         """Release the destination; let the source keep the request, or re-take it if it had stopped.
 
-        Returns True when the request was re-added on the source (by recompute: its KV may be gone)."""
+        Returns True when the request was re-added on the source (by recompute: its KV may be gone).
+
+        Thread: the bus loop."""
         try:
             await self._ask(dst, MigrateIn(op="release", migration_id=migration_id))
         except MigrationFailed as exc:

@@ -99,6 +99,7 @@ class RequestClasses:
     """The scheduler's request-class state (see the module docstring)."""
 
     def __init__(self, settings: Settings, evict: Callable[[str, str], None] | None = None) -> None:
+        """Thread: the one that builds the actor (before its own thread starts)."""
         self.params: AutoscaleParams = settings.autoscaling
         self.evict = evict or (lambda instance_id, request_id: None)
         """Stops a batch request on an instance (EngineAbort reason "evicted"); it comes back through
@@ -121,11 +122,13 @@ class RequestClasses:
 
     # ------------------------------------------------------------------------------------------- hooks
     def handles(self, message: object) -> bool:
+        """Thread: the scheduler actor's thread."""
         return isinstance(message, GetClusterView | SetRole)
 
     def on_message(
         self, message: object, instances: Mapping[str, Any], requests: Mapping[str, Any], queued: int
     ) -> None:
+        """Thread: the scheduler actor's thread."""
         if isinstance(message, SetRole):
             if message.role in ROLES:
                 self.role_overrides[message.instance_id] = message.role
@@ -134,6 +137,7 @@ class RequestClasses:
             message.reply_to.tell(self.snapshot(instances, requests, queued, message.purpose))
 
     def on_heartbeat(self, beat: InstanceHeartbeat) -> None:
+        """Thread: the scheduler actor's thread."""
         iid = beat.info.instance_id
         self.first_seen.setdefault(iid, time.monotonic())
         role = beat.role if beat.role in ROLES else "mixed"
@@ -142,7 +146,9 @@ class RequestClasses:
             self.local[iid] = beat.local
 
     def hold(self, record: _RequestRecord) -> bool:
-        """A new request arrived. True: it is a batch request and waits in the global batch queue."""
+        """A new request arrived. True: it is a batch request and waits in the global batch queue.
+
+        Thread: the scheduler actor's thread."""
         submit = record.submit
         now = time.monotonic()
         if submit.request_class != RequestClass.BATCH:
@@ -160,7 +166,7 @@ class RequestClasses:
         """Where an interactive request goes by Chiron's role rule; None: hold it in the scheduler's queue
         (no active instance, or every interactive-capable one is full at its SLO-safe capacity: the queue
         is the backlog the global autoscaler scales out for, and it goes to the first instance with room,
-        a new one included)."""
+        a new one included). Thread: the scheduler actor's thread."""
         placement = place_by_class(
             str(record.submit.request_class),
             self.loads(instances, requests),
@@ -179,7 +185,7 @@ class RequestClasses:
         self, instance_id: str, instances: Mapping[str, Any], requests: Mapping[str, Any]
     ) -> list[RunningBatch]:
         """Batch requests running there that can come back where they left off (their client's inbox is
-        under the output stream, as for failover)."""
+        under the output stream, as for failover). Thread: the scheduler actor's thread."""
         num_tokens = {r.request_id: r.num_tokens for r in instances[instance_id].load.running}
         return [
             RunningBatch(
@@ -197,7 +203,7 @@ class RequestClasses:
 
     def on_evicted(self, request_id: str) -> bool:
         """The engine let an evicted request go: True when the scheduler should recover it (read back what
-        its client has, then :meth:`requeue_batch`)."""
+        its client has, then :meth:`requeue_batch`). Thread: the scheduler actor's thread."""
         self.batch_admitted_at.pop(request_id, None)
         if request_id not in self.evicting:
             return False
@@ -205,14 +211,16 @@ class RequestClasses:
         return True
 
     def release(self, instances: Mapping[str, Any], requests: Mapping[str, Any]) -> list[tuple[str, str]]:
-        """Batch requests to dispatch now: (request id, instance id), by :func:`batch_release`."""
+        """Batch requests to dispatch now: (request id, instance id), by :func:`batch_release`.
+
+        Thread: the scheduler actor's thread."""
         if not self.batch_queue:
             return []
         return self.batch_queue.release(self.loads(instances, requests), self.params, requests)
 
     def requeue_batch(self, record: _RequestRecord) -> bool:
         """A batch request reached dispatch without a placement (a failover resume): back to the global
-        batch queue, which places it. False for an interactive request."""
+        batch queue, which places it. False for an interactive request. Thread: the scheduler actor's thread."""
         if record.submit.request_class != RequestClass.BATCH:
             return False
         if record.request_id not in self.batch_queue:
@@ -220,12 +228,15 @@ class RequestClasses:
         return True
 
     def requeue(self, request_id: str) -> None:
-        """A released batch request could not be dispatched after all: back to the queue."""
+        """A released batch request could not be dispatched after all: back to the queue.
+
+        Thread: the scheduler actor's thread."""
         now = time.monotonic()
         deadline, tokens = self.deadlines.get(request_id, (now, 0))
         self.batch_queue.push(request_id, deadline, tokens, now)
 
     def on_dispatched(self, record: _RequestRecord, instance_id: str) -> None:
+        """Thread: the scheduler actor's thread."""
         if record.submit.request_class == RequestClass.BATCH:
             self.batch_admitted_at[record.request_id] = time.monotonic()
         elif record.request_id not in self.dispatched_at:
@@ -233,6 +244,7 @@ class RequestClasses:
         self.prompt_tokens_in[instance_id] = self.prompt_tokens_in.get(instance_id, 0) + len(record.prompt_token_ids)
 
     def on_ended(self, request_id: str) -> None:
+        """Thread: the scheduler actor's thread."""
         self.deadlines.pop(request_id, None)
         self.batch_queue.forget(request_id)
         self.batch_admitted_at.pop(request_id, None)
@@ -243,11 +255,14 @@ class RequestClasses:
 
     # ------------------------------------------------------------------------------------------- views
     def role_of(self, instance_id: str) -> InstanceRole:
+        """Thread: the scheduler actor's thread."""
         return self.role_overrides.get(instance_id) or self.reported_roles.get(instance_id, "mixed")
 
     def loads(self, instances: Mapping[str, Any], requests: Mapping[str, Any]) -> list[FleetInstance]:
         """Every known instance as the autoscaling policies read it; request counts come from the scheduler's
-        own table, so they include dispatches the instance has not reported yet."""
+        own table, so they include dispatches the instance has not reported yet.
+
+        Thread: the scheduler actor's thread."""
         counts: dict[str, list[int]] = {}
         for rec in requests.values():
             if rec.instance_id is not None and rec.state == "running":
@@ -282,6 +297,7 @@ class RequestClasses:
     def snapshot(
         self, instances: Mapping[str, Any], requests: Mapping[str, Any], queued: int, purpose: str
     ) -> ClusterSnapshot:
+        """Thread: the scheduler actor's thread."""
         now = time.monotonic()
         window = max(1e-3, now - self.last_view_at)
         for table in (self.deadlines, self.dispatched_at, self.batch_admitted_at):  # cancelled or failed
