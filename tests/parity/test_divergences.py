@@ -3,6 +3,7 @@ because both shells run the control core. Each test here failed on the code befo
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -104,7 +105,7 @@ def test_an_overflowing_interactive_request_is_held_back_in_the_simulator() -> N
 def _kunserve(**memory: float) -> MemSimResult:
     from tests.control.simulator.test_memory import burst
 
-    return simulate_memory(MemSimConfig(mode="kunserve", num_instances=2, memory=MemoryParams(**memory)), burst())
+    return simulate_memory(MemSimConfig(mode="kunserve", num_instances=2, memory=dataclasses.replace(MemoryParams(), **memory)), burst())
 
 
 def test_kunserve_groups_have_the_live_hysteresis_in_the_simulator() -> None:
