@@ -3,7 +3,6 @@ because both shells run the control core. Each test here failed on the code befo
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -102,10 +101,11 @@ def test_an_overflowing_interactive_request_is_held_back_in_the_simulator() -> N
     assert result.sim.completed == 3
 
 
-def _kunserve(**memory: float) -> MemSimResult:
+def _kunserve(min_group_s: float = 1.0, cooldown_s: float = 2.0) -> MemSimResult:
     from tests.control.simulator.test_memory import burst
 
-    return simulate_memory(MemSimConfig(mode="kunserve", num_instances=2, memory=dataclasses.replace(MemoryParams(), **memory)), burst())
+    memory = MemoryParams(min_group_s=min_group_s, cooldown_s=cooldown_s)
+    return simulate_memory(MemSimConfig(mode="kunserve", num_instances=2, memory=memory), burst())
 
 
 def test_kunserve_groups_have_the_live_hysteresis_in_the_simulator() -> None:
