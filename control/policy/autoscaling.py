@@ -58,6 +58,9 @@ from control.policy.snapshots import InstanceSnapshot
 
 RequestClass = Literal["interactive", "batch"]
 InstanceRole = Literal["interactive", "mixed", "batch"]
+InstancePhase = Literal["prefill", "decode", "both"]
+"""Prefill/decode disaggregation: which phase of a request an instance serves, beside its Chiron role (the
+two are independent: a decode instance may be interactive or batch). Everything serves "both" today."""
 InstanceState = Literal["starting", "active", "draining"]
 
 INTERACTIVE: RequestClass = "interactive"
@@ -344,6 +347,8 @@ class FleetInstance:
     instance_id: str
     role: InstanceRole
     state: InstanceState = "active"
+    phase: InstancePhase = "both"
+    """Which phase of a request it serves (prefill/decode disaggregation); no policy reads it yet."""
     batch_limit: int = 0
     """Its local autoscaler's limit (0: not decided yet)."""
     capacity: int = 0

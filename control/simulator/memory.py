@@ -31,10 +31,14 @@ from typing import Any, Literal
 
 import numpy as np
 
-from control.policy.freeness import dispatch_freeness, migration_freeness
-from control.policy.memory import GroupSnapshot, MemoryParams, MemorySnapshot, plan_drop, should_drop, should_restore
+from control.core.memory import GroupHysteresis, restore_snapshot
+from control.policy.freeness import dispatch_freeness
+from control.policy.memory import MemoryParams, MemorySnapshot, plan_drop, should_drop
+from control.policy.migration import plan_migrations
+from control.policy.params import PolicyParams
 from control.policy.snapshots import InstanceSnapshot
 from control.simulator.hardware import DEFAULT_HARDWARE, Hardware
+from control.simulator.views import instance_view
 from control.simulator.workload import RequestSpec
 from engines.sim.core import RUNNING, WAITING, SimEngineConfig, SimEngineCore, SimRequest
 
@@ -107,7 +111,6 @@ class Unit:
     hold: bool = False  # waiting for a step boundary to change layout: plan nothing
     host_queue: deque[SimRequest] = field(default_factory=deque)  # swapped-out requests, FIFO
     link_free_at: float = 0.0  # PCIe link (swap)
-    previous_use: float = math.inf
     reloading: bool = False
     migrating: bool = False
 
@@ -129,6 +132,11 @@ class MemorySimulator:
         self.workload = sorted(workload, key=lambda s: (s.arrival, s.request_id))
         self.units: dict[int, Unit] = {}
         self._ids = itertools.count()
+        # When groups may form and restore (min group time, idle restore, cooldown): the control core's, the one
+        # the live MemoryManager runs.
+        self.hysteresis = GroupHysteresis(config.memory)
+        # Llumnix mode pairs migrations with the live policy; one migration per unit at a time.
+        self._migration_params = PolicyParams(migrate_threshold=config.migrate_threshold, max_migrations_per_instance=1)
         self._seq = itertools.count()
         self._events: list[tuple[float, int, int, Any]] = []  # (time, tie-break, kind, payload)
         self.requests: dict[str, SimRequest] = {}
@@ -252,17 +260,7 @@ class MemorySimulator:
         return best
 
     def _snapshot(self, unit: Unit) -> InstanceSnapshot:
-        core = unit.core
-        return InstanceSnapshot(
-            instance_id=str(unit.unit_id),
-            num_total_blocks=core.config.num_blocks,
-            num_free_blocks=core.num_free_blocks,
-            num_running=len(core.running),
-            num_waiting=len(core.waiting) + len(unit.host_queue),
-            waiting_blocks=core.waiting_blocks + sum(core.blocks_for(r.context_len) for r in unit.host_queue),
-            head_waiting_blocks=core.head_waiting_blocks(),
-            block_size=core.config.block_size,
-        )
+        return instance_view(str(unit.unit_id), unit.core, held=unit.host_queue)
 
     # ------------------------------------------------------------------------------------------ stepping
     def _interrupt(self, unit: Unit, now: float) -> None:
@@ -373,18 +371,21 @@ class MemorySimulator:
             self.overloaded_polls += 1
 
     def _plan_migrations(self, now: float) -> None:
-        """Pair the least free source (below threshold) with the freest destination (above it)."""
+        """Llumnix pairing by the live policy (:func:`plan_migrations`) over the units not migrating now."""
         free = [u for u in self.units.values() if not u.migrating]
-        scored = sorted(((migration_freeness(self._snapshot(u)), u.unit_id, u) for u in free), key=lambda x: x[:2])
-        sources = [x for x in scored if x[0] < self.config.migrate_threshold]
-        dests = [x for x in reversed(scored) if x[0] > self.config.migrate_threshold]
-        for (_, _, source), (_, _, dest) in zip(sources, dests, strict=False):
-            if source is dest or source.migrating or dest.migrating:
+        views = [
+            instance_view(
+                str(u.unit_id), u.core, held=u.host_queue, running=[r for r in u.core.running if not r.finished]
+            )
+            for u in free
+        ]
+        for decision in plan_migrations(views, (), self._migration_params):
+            source, dest = self.units[int(decision.source_id)], self.units[int(decision.destination_id)]
+            if source.migrating or dest.migrating:
                 continue
-            candidates = [r for r in source.core.running if r.num_output > 0 and not r.finished]
-            if not candidates:
+            request = source.core.requests.get(decision.request_id)
+            if request is None or request.finished:
                 continue
-            request = min(candidates, key=lambda r: (r.context_len, r.request_id))
             blocks = source.core.blocks_for(request.context_len + self.hw.block_size)
             if not dest.core.reserve(blocks):
                 continue
@@ -429,7 +430,9 @@ class MemorySimulator:
 
     def _memory_poll(self, now: float) -> None:
         """KunServe's coordinator: form the groups the policy plans; restore groups whose burst is over."""
-        singles = [u for u in self.units.values() if u.size == 1]
+        singles = [
+            u for u in self.units.values() if u.size == 1 and self.hysteresis.may_group(str(u.members[0]), now)
+        ]
         plan = plan_drop([self._memory_snapshot(u) for u in singles], self.config.memory)
         for group in plan.groups:
             unit_ids = [int(m) for m in group.members]
@@ -443,19 +446,15 @@ class MemorySimulator:
             if unit.size == 1 or unit.hold or unit.reloading:
                 continue
             core = unit.core
-            snap = GroupSnapshot(
-                group_id=str(unit.unit_id),
-                num_total_blocks=core.config.num_blocks,
-                num_free_blocks=core.num_free_blocks,
-                num_waiting=len(core.waiting),
-                normal_total_blocks=unit.size * self.hw.instance_blocks,
+            snap = restore_snapshot(
+                str(unit.unit_id), core.config.num_blocks, core.num_free_blocks, len(core.waiting),
+                self.hw.instance_blocks,
             )
-            if should_restore(snap, self.config.memory, unit.previous_use):
+            if self.hysteresis.restore_due(snap, now):
                 unit.reloading = True
                 g = unit.size
                 reload_s = self.hw.weight_bytes * (g - 1) / g / self.hw.pcie_bytes_per_s
                 self._push(now + reload_s, _RELOADED, unit.unit_id)
-            unit.previous_use = snap.memory_use
 
     def _at_boundary(self, unit: Unit, now: float) -> None:
         """A held unit finished its step: form a pending group when all its members are idle, or split."""
@@ -509,7 +508,7 @@ class MemorySimulator:
             running += r
             waiting += w
         group = self._new_unit(members)
-        group.previous_use = 1.0  # formed at >= 95 % use: "falling" is measured from there
+        self.hysteresis.formed(str(group.unit_id), now)
         g = group.size
         moved = self._move(running, waiting, group, now, (g - 1) / g)
         group.paused_until = now + self.hw.kv_seconds(moved, self.hw.interconnect_bytes_per_s, (g - 1) / g)
@@ -520,6 +519,7 @@ class MemorySimulator:
     def _split(self, group: Unit, now: float) -> None:
         """Restore: the reloaded members serve alone again; the group's requests go to the freest member."""
         del self.units[group.unit_id]
+        self.hysteresis.ended(str(group.unit_id), (str(m) for m in group.members), now)
         running, waiting = self._drain(group.core)
         singles = [self._new_unit((m,)) for m in group.members]
         g = group.size
