@@ -9,7 +9,9 @@ Scheduling follows vLLM v1 (``vllm/v1/core/sched/scheduler.py``): each step has 
 token, a prefill in progress takes what the budget leaves, chunked); a request that cannot get the KV
 blocks it needs preempts the *newest* running request (recompute: its blocks are freed and it goes back to
 the front of the waiting queue) until it fits or preempts itself; then, if nothing was preempted this step,
-waiting requests are admitted in order while ``max_num_seqs`` and the budget allow and their blocks fit.
+waiting requests are admitted in order while ``max_num_seqs`` and the budget allow and their blocks fit
+(the whole sequence's blocks, as vLLM's ``scheduler_reserve_full_isl``, unless ``reserve_full_prompt`` is
+off; then only the first chunk's).
 A request produces a token when its context is fully computed (the end of prefill, then every decode).
 
 Fast-forward: when a step is decode-only and nothing can change until the earliest request finishes or
@@ -40,6 +42,10 @@ class SimEngineConfig:
     max_model_len: int = 2048
     chunked_prefill: bool = True  # vLLM v1 default; Llumnix's vLLM v0 prefilled whole prompts
     watermark_blocks: int = 0  # blocks kept free when admitting (vLLM v0 used 1 %; v1 none)
+    reserve_full_prompt: bool = True
+    """Admit a waiting request only when its whole sequence (prompt and any output so far) fits the free
+    blocks, not just its first chunk: vLLM v1's ``scheduler_reserve_full_isl`` (default on). Off, a long
+    prompt is admitted chunk by chunk and can thrash beside a growing older request (older vLLM v1)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -271,7 +277,10 @@ class SimEngineCore:
                     break
                 n = need if not self.config.chunked_prefill else min(need, budget)
                 new_blocks = self.blocks_for(request.num_computed + n) - request.num_blocks
-                if new_blocks > self.num_free_blocks - self.config.watermark_blocks:
+                free = self.num_free_blocks - self.config.watermark_blocks
+                if new_blocks > free:
+                    break
+                if self.config.reserve_full_prompt and request._waiting_need - request.num_blocks > free:
                     break
                 self._pop_waiting()
                 request.state = RUNNING

