@@ -124,10 +124,20 @@ class MigratableTorchEngine(TorchEngine):
         super().use_runner(runner, role)
 
     # ------------------------------------------------------------------------------------------ source
-    def _segments(self, block: int) -> list[memoryview]:
-        """One block of every layer, as views of the pools (sent without a copy)."""
+    def _segments(self, block_ids: list[int]) -> list[list[memoryview]]:
+        """Each block over every layer as byte segments: views of the pools on the CPU (sent without a
+        copy); on another device (GPU) the blocks are gathered there and copied to the host in one transfer."""
         pools = self.stage.kv.pools
-        return [memoryview(byte_rows(pools[layer])[block]) for layer in sorted(pools)]
+        layers = sorted(pools)
+        if self.stage.device.type == "cpu":
+            rows = [byte_rows(pools[layer]) for layer in layers]
+            return [[memoryview(r[block]) for r in rows] for block in block_ids]
+        if not block_ids:
+            return []
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.stage.device)
+        host = torch.stack([pools[layer].index_select(0, index) for layer in layers], dim=1).cpu()
+        host_rows = byte_rows(host)  # [n, layers * block bytes]: a block's layers in order, as on the wire
+        return [[memoryview(host_rows[i])] for i in range(len(block_ids))]
 
     def _outgoing_of(self, migration_id: str) -> _Outgoing:
         out = self._outgoing.get(migration_id)
@@ -154,9 +164,14 @@ class MigratableTorchEngine(TorchEngine):
 
     async def _send(self, out: _Outgoing, first: int, last: int) -> tuple[int, int]:
         """Send blocks [first, last) of the request; returns (blocks, bytes) the destination acknowledged."""
-        blocks = [(i, self._segments(out.seq.block_ids[i])) for i in range(first, last)]
+        block_ids = out.seq.block_ids[first:last]  # read on the loop, which owns the block tables
+
+        def send() -> kv_data.StageAck:
+            blocks = list(zip(range(first, last), self._segments(block_ids), strict=True))
+            return out.sender.send_stage(out.stage, blocks, {"request_id": out.request_id})
+
         try:
-            ack = await asyncio.to_thread(out.sender.send_stage, out.stage, blocks, {"request_id": out.request_id})
+            ack = await asyncio.to_thread(send)
         except kv_data.KvTransferError as exc:
             raise MigrationAborted(f"KV transfer of {out.request_id} failed: {exc}") from exc
         out.stage += 1
@@ -272,6 +287,7 @@ class MigratableTorchEngine(TorchEngine):
                 c.num_kv_heads,
                 c.head_dim,
                 dtype=self.stage.dtype,
+                pin_memory=self.stage.device.type == "cuda",  # host memory the socket writes; pinned: fast upload
             )
             staging_rows = byte_rows(self._staging_kv)
 
@@ -342,8 +358,9 @@ class MigratableTorchEngine(TorchEngine):
         assert self._staging_kv is not None
         slot_index = torch.tensor([s for s in slots if s is not None], dtype=torch.long)
         staged = self._staging_kv[slot_index]  # a copy [needed, layers, 2, bs, heads, dim], before the slots go
+        staged = staged.to(self.stage.device)  # one upload when the pools are on a GPU
         blocks = self._release_incoming(migration_id, keep=needed)
-        block_index = torch.tensor(blocks, dtype=torch.long)
+        block_index = torch.tensor(blocks, dtype=torch.long, device=self.stage.device)
         for layer, pool in self.stage.kv.pools.items():
             pool[block_index] = staged[:, layer]
         seq.block_ids = blocks
