@@ -101,6 +101,7 @@ class MigratableTorchEngine(TorchEngine):
         if self._server is not None:
             self._server.close()
             self._server = None
+        self._staging = self._staging_kv = None  # a restarted engine (on another loop) serves afresh
 
     # ------------------------------------------------------------------------------------------ guards
     def _require_alone(self) -> None:
