@@ -48,6 +48,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -59,6 +60,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 BOOTSTRAPPED = "DROVER_GPU_CHECK_DEPS"
+STARTED = "DROVER_GPU_CHECK_T0"  # wall-clock start of the first process, kept across the re-exec
 # Modules the torch-engine path imports beyond what the GPU machine ships (torch, transformers, numpy, msgpack,
 # rich, typer, prometheus-client): Drover's own dependencies, module -> distribution.
 NEEDED = {
@@ -70,7 +72,7 @@ NEEDED = {
     "opentelemetry.sdk": "opentelemetry-sdk",
     "sortedcontainers": "sortedcontainers",
     "psutil": "psutil",
-    "nkeys": "nkeys",
+    "opentelemetry.exporter.prometheus": "opentelemetry-exporter-prometheus",
     "safetensors": "safetensors",
     "tokenizers": "tokenizers",
 }
@@ -136,16 +138,16 @@ def _unzip_wheels(wheels: list[Path], target: Path) -> None:
                     dest.chmod(0o755)
 
 
-def bootstrap(wheel_dir: Path, out: Path, timeout_s: float = 240.0) -> dict[str, Any]:
-    """Make the missing dependencies importable from ``wheel_dir``; re-exec this script with them on the
-    path (returns only when nothing was missing or after the re-exec, in the child)."""
+def bootstrap(wheel_dir: Path, target: Path, timeout_s: float = 240.0) -> dict[str, Any]:
+    """Make the missing dependencies importable from ``wheel_dir`` (installed into ``target``, outside the
+    output folder so they do not travel back with the results); re-exec this script with them on the path
+    (returns only when nothing was missing, or in the re-executed process)."""
     if os.environ.get(BOOTSTRAPPED):
         return json.loads(os.environ[BOOTSTRAPPED])
     missing = _missing_modules()
     report: dict[str, Any] = {"missing_before": missing, "installed": [], "method": "none", "error": ""}
     if not missing:
         return report
-    target = out / "_deps"
     wheels = sorted(wheel_dir.glob("*.whl")) if wheel_dir.is_dir() else []
     if not wheels:
         report["error"] = f"missing {missing} and no wheels in {wheel_dir} (build it: python scripts/gpu_wheels.py)"
@@ -198,6 +200,7 @@ class Recorder:
         self.steps = {name: StepResult(name) for name in STEPS}
         self.started = time.monotonic()
         self.notes: list[str] = []
+        self.step_end = math.inf  # when the running step's time box ends (grids stop adding points before)
         self._lock = threading.Lock()
 
     def write(self, final: bool = False) -> Path:
@@ -219,8 +222,11 @@ class Recorder:
 
 
 class Deadline:
+    """The run's end: ``budget_s`` after the script first started (the bootstrap and its re-exec count)."""
+
     def __init__(self, budget_s: float) -> None:
-        self.end = time.monotonic() + budget_s
+        started = float(os.environ.get(STARTED, time.time()))
+        self.end = time.monotonic() + budget_s - (time.time() - started)
 
     def left(self) -> float:
         return self.end - time.monotonic()
@@ -232,6 +238,7 @@ async def run_step(
     """Run one step under ``min(cap_s, time left)``; record its outcome; never raise."""
     step = rec.steps[name]
     budget = min(cap_s, deadline.left())
+    rec.step_end = time.monotonic() + budget
     if budget < 5:
         step.status, step.error = "skipped", "no time left in the run's budget"
         rec.write()
@@ -343,7 +350,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
             decode_batches=[1, 8, 32, 64],
             decode_contexts=[512, 2048, 8192],
             threads=args.threads or 4,
-            cache=Path(args.cache) if args.cache else args.out / "model-cache",
+            cache=Path(args.cache) if args.cache else Path(tempfile.gettempdir()) / "drover-gpu-models",
         )
     if args.lengths:
         plan.lengths = [int(x) for x in args.lengths.split(",")]
@@ -722,12 +729,16 @@ async def step_migration_grid(run: Run, d: dict[str, Any]) -> None:
     moves: list[Move] = []
     slowdown: dict[int, tuple[list[float], list[float]]] = {}
     whole: tuple[list[float], list[float]] = ([], [])  # begin -> first token on the destination
+    last_s = 0.0
     d["lengths_planned"] = run.plan.lengths
     kv_per_token = _kv_bytes_per_token(run)
     try:
         for length in run.plan.lengths:
-            if run.deadline.left() < 60 and moves:
-                run.rec.notes.append(f"migration grid stopped before {length} tokens: run budget")
+            # A length costs about twice the one before (prefill and copies grow with it): stop before one
+            # that would not finish inside the step's time box, keeping every point measured so far.
+            left = min(run.deadline.left(), run.rec.step_end - time.monotonic())
+            if moves and left < 15 + 2.5 * last_s:
+                run.rec.notes.append(f"migration grid stopped before {length} tokens: time budget")
                 break
             t0 = time.perf_counter()
             stream = Stream(
@@ -752,7 +763,8 @@ async def step_migration_grid(run: Run, d: dict[str, Any]) -> None:
             await b.abort(stream.request_id)
             if stream.task is not None:
                 await stream.task
-            print(f"   {length} tokens: 3 moves in {time.perf_counter() - t0:.1f} s", flush=True)
+            last_s = time.perf_counter() - t0
+            print(f"   {length} tokens: 3 moves in {last_s:.1f} s", flush=True)
     finally:
         await bg_a.stop()
     rows = []
@@ -820,6 +832,10 @@ async def step_step_grid(run: Run, d: dict[str, Any]) -> None:
     assert len(rows) >= 4, "too few grid points to fit"
 
 
+def out_of_time(run: Run, margin_s: float = 20.0) -> bool:
+    return min(run.deadline.left(), run.rec.step_end - time.monotonic()) < margin_s
+
+
 def measure_grid(run: Run) -> list[tuple[int, int, int, float]]:
     """Rows (P, bs, L, ms) as engines.sim.calibrate.fit takes them: prefill rows have bs = L = 0, decode
     rows P = 0 and L = bs x context. The engines are idle (their loops stopped): the stage is ours."""
@@ -851,7 +867,7 @@ def measure_grid(run: Run) -> list[tuple[int, int, int, float]]:
 
     with torch.inference_mode():
         for p in run.plan.prefill_grid:
-            if p >= run.plan.max_model_len or run.deadline.left() < 30:
+            if p >= run.plan.max_model_len or out_of_time(run):
                 continue
             table = blocks(-(-p // block))
             batch = StageBatch(
@@ -865,7 +881,7 @@ def measure_grid(run: Run) -> list[tuple[int, int, int, float]]:
             rows.append((p, 0, 0, timed(batch)))
         for context in run.plan.decode_contexts:
             for bs in run.plan.decode_batches:
-                if context >= run.plan.max_model_len or run.deadline.left() < 30:
+                if context >= run.plan.max_model_len or out_of_time(run):
                     continue
                 # Every sequence reads the same blocks: the bytes read per step are those of bs distinct
                 # contexts (far beyond any cache), without needing bs x context tokens of pool.
@@ -1219,7 +1235,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lengths", default="", help="migration grid lengths, e.g. 64,256,1024")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads per engine")
     parser.add_argument("--budget-s", type=float, default=540.0, help="time for all steps (the run stops after)")
-    parser.add_argument("--cache", default="", help="model cache (default: ~/.cache/drover on CPU, OUT on GPU)")
+    parser.add_argument("--cache", default="", help="model cache (default: ~/.cache/drover on CPU, a temp dir on GPU)")
+    parser.add_argument(
+        "--deps", type=Path, default=Path(tempfile.gettempdir()) / "drover-gpu-deps", help="where wheels install"
+    )
     parser.add_argument("--skip", default="", help="comma-separated steps to skip")
     parser.add_argument("--no-vllm", action="store_true", help="skip the vLLM step even where vLLM imports")
     args = parser.parse_args(argv)
@@ -1236,7 +1255,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    args.bootstrap_report = bootstrap(args.wheels, args.out)
+    os.environ.setdefault(STARTED, repr(time.time()))
+    args.bootstrap_report = bootstrap(args.wheels, args.deps)
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     # Processes the engines spawn (vLLM's) import the repository's modules too.
@@ -1249,7 +1269,7 @@ def main(argv: list[str] | None = None) -> int:
     rec = Recorder(args.out, config)
     rec.write()
     deadline = Deadline(args.budget_s)
-    watchdog(rec, args.budget_s + 45)
+    watchdog(rec, deadline.left() + 45)
     try:
         asyncio.run(amain(args, rec, plan, deadline))
     except BaseException as exc:
