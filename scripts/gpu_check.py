@@ -198,7 +198,7 @@ class Recorder:
         self.out = out
         self.config = config
         self.steps = {name: StepResult(name) for name in STEPS}
-        self.started = time.monotonic()
+        self.started = time.monotonic() - (time.time() - float(os.environ.get(STARTED, time.time())))
         self.notes: list[str] = []
         self.step_end = math.inf  # when the running step's time box ends (grids stop adding points before)
         self._lock = threading.Lock()

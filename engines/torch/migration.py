@@ -129,16 +129,9 @@ class MigratableTorchEngine(TorchEngine):
         """Each block over every layer as byte segments: views of the pools on the CPU (sent without a
         copy); on another device (GPU) the blocks are gathered there and copied to the host in one transfer."""
         pools = self.stage.kv.pools
-        layers = sorted(pools)
         if self.stage.device.type == "cpu":
-            rows = [byte_rows(pools[layer]) for layer in layers]
-            return [[memoryview(r[block]) for r in rows] for block in block_ids]
-        if not block_ids:
-            return []
-        index = torch.tensor(block_ids, dtype=torch.long, device=self.stage.device)
-        host = torch.stack([pools[layer].index_select(0, index) for layer in layers], dim=1).cpu()
-        host_rows = byte_rows(host)  # [n, layers * block bytes]: a block's layers in order, as on the wire
-        return [[memoryview(host_rows[i])] for i in range(len(block_ids))]
+            return pool_views(pools, block_ids)
+        return gathered_blocks(pools, block_ids)
 
     def _outgoing_of(self, migration_id: str) -> _Outgoing:
         out = self._outgoing.get(migration_id)
@@ -368,6 +361,24 @@ class MigratableTorchEngine(TorchEngine):
         seq.num_computed = kv_tokens
         self.scheduler.add_running(seq)
         self.migration_counters["blocks_loaded"] += needed
+
+
+def pool_views(pools: dict[int, torch.Tensor], block_ids: list[int]) -> list[list[memoryview]]:
+    """Each block as one segment per layer (layer order): views of CPU pools, nothing copied."""
+    rows = [byte_rows(pools[layer]) for layer in sorted(pools)]
+    return [[memoryview(r[block]) for r in rows] for block in block_ids]
+
+
+def gathered_blocks(pools: dict[int, torch.Tensor], block_ids: list[int]) -> list[list[memoryview]]:
+    """Each block as one segment holding every layer (layer order, the same bytes as :func:`pool_views`):
+    the blocks are gathered where the pools are (a GPU) and copied to the host in one transfer."""
+    if not block_ids:
+        return []
+    first = next(iter(pools.values()))
+    index = torch.tensor(block_ids, dtype=torch.long, device=first.device)
+    host = torch.stack([pools[layer].index_select(0, index) for layer in sorted(pools)], dim=1).cpu()
+    rows = byte_rows(host)  # [n, layers * block bytes]
+    return [[memoryview(rows[i])] for i in range(len(block_ids))]
 
 
 def byte_rows(tensor: torch.Tensor) -> Any:
