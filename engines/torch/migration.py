@@ -273,16 +273,15 @@ class MigratableTorchEngine(TorchEngine):
     def _ensure_staging(self) -> kv_data.StagingPool:
         if self._staging is None:
             c = self.config
-            self._staging_kv = torch.zeros(
-                self.staging_blocks,
-                c.num_layers,
-                2,
-                self.block_size,
-                c.num_kv_heads,
-                c.head_dim,
-                dtype=self.stage.dtype,
-                pin_memory=self.stage.device.type == "cuda",  # host memory the socket writes; pinned: fast upload
-            )
+            shape = (self.staging_blocks, c.num_layers, 2, self.block_size, c.num_kv_heads, c.head_dim)
+            # Host memory the socket writes into; pinned next to a GPU so that the upload at resume is fast
+            # (pageable where the host refuses to pin that much: slower, same bytes).
+            try:
+                pinned = self.stage.device.type == "cuda"
+                self._staging_kv = torch.zeros(shape, dtype=self.stage.dtype, pin_memory=pinned)
+            except RuntimeError:
+                log.warning("torch engine %s: cannot pin %s staging blocks; pageable", self.instance_id, shape[0])
+                self._staging_kv = torch.zeros(shape, dtype=self.stage.dtype)
             staging_rows = byte_rows(self._staging_kv)
 
             def buffer_of(slot: int) -> memoryview:
