@@ -73,6 +73,28 @@ def test_cpu_quick_run_passes_every_step(tmp_path: Path) -> None:
     assert "step" in proc.stdout and "summary:" in proc.stdout  # the printed table
 
 
+def test_gpu_run_without_a_gpu_fails_clearly_and_still_writes_its_summary(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--device", "cuda", "--no-vllm", "--out", str(out)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1
+    summary = json.loads((out / "gpu_check.json").read_text())
+    steps = summary["steps"]
+    assert summary["final"] and not summary["all_passed"]
+    assert steps["environment"]["status"] == "failed"
+    assert "no CUDA device" in steps["environment"]["error"]
+    assert steps["model"]["status"] == "failed" and steps["model"]["error"]
+    for name in ("reference", "drover", "greedy_equality", "migration_grid", "step_grid", "vllm"):
+        assert steps[name]["status"] == "skipped" and "did not pass" in steps[name]["error"], name
+    assert "environment" in proc.stdout and "failed" in proc.stdout  # the table still prints
+
+
 def test_wheels_install_by_extraction(tmp_path: Path) -> None:
     """Where the machine has no pip, wheels are unzipped: packages beside each other, scripts into bin/."""
     wheel = tmp_path / "demo_pkg-1.0-py3-none-any.whl"
