@@ -358,8 +358,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
             cache=Path(args.cache) if args.cache else Path(tempfile.gettempdir()) / "drover-gpu-models",
         )
     if args.lengths:
-        plan.lengths = [int(x) for x in args.lengths.split(",")]
+        plan.lengths = args.lengths
         plan.max_model_len = max(plan.max_model_len, max(plan.lengths) + 1024)
+        # the longest request, the background requests and headroom, as in the default plans
+        plan.num_blocks = max(plan.num_blocks, 2 * (plan.max_model_len // 32) + 256)
     return plan
 
 
@@ -1273,6 +1275,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = args.skip - set(STEPS)
     if unknown:
         parser.error(f"unknown steps {sorted(unknown)} (steps: {', '.join(STEPS)})")
+    try:
+        args.lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else []
+    except ValueError:
+        parser.error(f"--lengths must be comma-separated integers, not {args.lengths!r}")
+    if any(n < 16 for n in args.lengths):
+        parser.error("--lengths must be at least 16 tokens each")
+    if args.layers < 1:
+        parser.error("--layers must be at least 1")
     if args.dtype and args.dtype not in ("float32", "bfloat16", "float16"):
         parser.error("--dtype must be float32, bfloat16 or float16")
     return args
