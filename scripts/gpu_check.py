@@ -933,6 +933,10 @@ def make_preset(run: Run, rows: list[tuple[int, int, int, float]]) -> dict[str, 
     design = np.array([[1.0, p, p * (p + 1) / 2, bs, ctx] for p, bs, ctx, _ in rows]) / target[:, None]
     coef, *_ = np.linalg.lstsq(design, np.ones(len(rows)), rcond=None)
     fixed, per_token, per_pair, per_seq, per_ctx = (max(0.0, float(c)) for c in coef)
+    attention_errors = [
+        abs(fixed + per_token * p + per_pair * p * (p + 1) / 2 + per_seq * bs + per_ctx * ctx - ms) / ms
+        for p, bs, ctx, ms in rows
+    ]
     kv_per_token = _kv_bytes_per_token(run)
     gpu = None
     if run.plan.device.startswith("cuda"):
@@ -967,7 +971,7 @@ def make_preset(run: Run, rows: list[tuple[int, int, int, float]]) -> dict[str, 
         "num_blocks": int(engine.stage.num_blocks),
         "num_blocks_meaning": "blocks the measured engine was configured with (not what the device could hold)",
         "max_model_len": run.plan.max_model_len,
-        "migration_bandwidth_bytes_per_s": (grid.get("bandwidth_gib_s") or 0) * 2**30 or None,
+        "migration_bandwidth_bytes_per_s": round((grid.get("bandwidth_gib_s") or 0) * 2**30) or None,
         "cost": {
             "fixed_ms": cost.fixed_ms,
             "prefill_ms_per_token": cost.prefill_ms_per_token,
@@ -985,6 +989,7 @@ def make_preset(run: Run, rows: list[tuple[int, int, int, float]]) -> dict[str, 
             "decode_ms_per_seq": round(per_seq, 6),
             "decode_ms_per_context_token": per_ctx,
             "form": "the same plus prefill_attention_ms_per_pair*P*(P+1)/2",
+            "mean_relative_error": round(sum(attention_errors) / len(attention_errors), 4),
         },
         "fit": {
             "mean_relative_error": round(sum(errors) / len(errors), 4),
