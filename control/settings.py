@@ -140,6 +140,9 @@ class EngineSettings(_Section):
         "at once, adapted to the ITL SLO ([autoscaling.local]), reported in heartbeats. Off by default so a "
         "hand-started engine admits as vLLM does; the autoscaler's provisioner turns it on.",
     )
+    device: str = Field(
+        "cpu", description="Torch engines: where weights and KV live and steps compute (cpu, cuda, cuda:1)."
+    )
 
 
 class SchedulerSettings(_Section):
