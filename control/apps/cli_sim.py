@@ -21,6 +21,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from control.errors import DroverError
+
 sim_app = typer.Typer(
     help="Simulate a cluster in virtual time: what-if runs, presets, trace conversion, capacity planning.",
     no_args_is_help=True,
@@ -31,8 +33,10 @@ err = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class CliError(Exception):
+class CliError(DroverError):
     """A user-facing error: one line, exit code 2."""
+
+    default_code = "cli"
 
 
 def fail(message: str) -> typer.Exit:
