@@ -141,7 +141,10 @@ def plot(directory: Path, rows: Sequence[dict[str, Any]], seeds: Sequence[int]) 
         series,
         xlabel="burst (x base rate of 4 req/s, 20 s)",
         ylabel="p99 TTFT (s)",
-        title=f"KunServe repro: p99 TTFT under a burst, {INSTANCES} x LLaMA-7B A100-40GB (mean of seeds {list(seeds)})",
+        title=(
+            f"KunServe repro: p99 TTFT under a burst, {INSTANCES} x LLaMA-7B, {rows[0]['budget_gib']:.1f} GiB "
+            f"for weights+KV (mean of seeds {list(seeds)})"
+        ),
         log_y=True,
     )
 

@@ -19,7 +19,9 @@ def read_rows(path: Path) -> list[dict]:
 
 def test_repro_kunserve_tiny_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "rows.jsonl"
-    repro_kunserve.main(["--seeds", "0,1", "--bursts", "4", "--budget-gib", "21.6", "--json", str(out)])
+    repro_kunserve.main(
+        ["--seeds", "0,1", "--bursts", "4", "--budget-gib", "21.6", "--json", str(out), "--plot", str(tmp_path)]
+    )
     rows = read_rows(out)
     assert [(r["burst"], r["seed"]) for r in rows] == [(4.0, 0), (4.0, 1)]
     for r in rows:
@@ -32,6 +34,7 @@ def test_repro_kunserve_tiny_grid(tmp_path: Path, capsys: pytest.CaptureFixture[
     printed = capsys.readouterr().out
     assert printed.count("\n   4x ") == 2  # one table row per (burst, seed)
     assert "summary over 2 points" in printed
+    assert (tmp_path / "repro_kunserve_ttft_p99.png").stat().st_size > 0
 
 
 def test_repro_kunserve_rejects_a_budget_without_kv(capsys: pytest.CaptureFixture[str]) -> None:
@@ -43,7 +46,22 @@ def test_repro_kunserve_rejects_a_budget_without_kv(capsys: pytest.CaptureFixtur
 
 def test_repro_chiron_tiny_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "rows.jsonl"
-    repro_chiron.main(["--seeds", "0,1", "--rate", "1", "--batch", "40", "--pilot-requests", "20", "--json", str(out)])
+    repro_chiron.main(
+        [
+            "--seeds",
+            "0,1",
+            "--rate",
+            "1",
+            "--batch",
+            "40",
+            "--pilot-requests",
+            "20",
+            "--json",
+            str(out),
+            "--plot",
+            str(tmp_path),
+        ]
+    )
     rows = read_rows(out)
     expected = [
         (deadline, seed, policy)
@@ -60,3 +78,5 @@ def test_repro_chiron_tiny_grid(tmp_path: Path, capsys: pytest.CaptureFixture[st
     printed = capsys.readouterr().out
     assert "drover vs llumnix" in printed
     assert "summary: drover vs llumnix overall SLO" in printed
+    for stem in ("repro_chiron_slo", "repro_chiron_cost"):
+        assert (tmp_path / f"{stem}.png").stat().st_size > 0
