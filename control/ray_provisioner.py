@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -62,6 +63,9 @@ class RayUnavailableError(RuntimeError):
 
 
 def import_ray() -> Any:
+    """Ray, with its auto-connect off: a Ray call made while not connected must fail, never quietly start a
+    local Ray instance inside the control plane (Ray reads this variable when first imported)."""
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     try:
         import ray
     except ImportError as exc:
@@ -113,8 +117,6 @@ class RayEngineHost:
 
     def where(self) -> dict[str, Any]:
         """The node this instance runs on (Ray node id and IP) and its process id."""
-        import os
-
         import ray
 
         context = ray.get_runtime_context()
@@ -178,6 +180,9 @@ class RayProvisioner:
         self._owns_connection = False
         self._actor_class: Any = None
         self._actors: dict[str, _Actor] = {}  # owned by the provisioner thread
+        # Connect (and adopt running instances) now, not at the first start: the first scale-out then does not
+        # pay for the Ray Client handshake, and a new leader owns its predecessor's instances at once.
+        self._ensure_thread()
 
     # ------------------------------------------------------------------------------------------- protocol
     def start(self, role: InstanceRole) -> str:
@@ -287,9 +292,42 @@ class RayProvisioner:
             self._owns_connection = True
             log.info("connected to the Ray cluster at %s", self.prov.ray_address)
         self._ray = ray
+        self._adopt()
         return ray
 
+    def _adopt(self) -> None:
+        """Take over the instances a previous control plane started (named ``<prefix>-<role>-<n>`` in our Ray
+        namespace and still alive): they count as ready, and are drained and stopped like our own."""
+        ray = self._ray
+        adopted = []
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            name, namespace = entry.get("name", ""), entry.get("namespace", "")
+            role, _, number = name.removeprefix(f"{self.prefix}-").rpartition("-")
+            if namespace != self.prov.ray_namespace or not name.startswith(f"{self.prefix}-") or not number.isdigit():
+                continue
+            if role not in ("interactive", "mixed", "batch") or name in self._actors:
+                continue
+            try:
+                handle = ray.get_actor(name, namespace=namespace)
+            except ValueError:  # gone since it was listed
+                continue
+            now = time.monotonic()
+            with self._lock:
+                self._counter = max(self._counter, int(number))
+                # Ready already: no start-up sample (its start was not measured here).
+                self._table[name] = ProvisionedInstance(name, role, requested_at=now, ready_at=now)
+            self._actors[name] = _Actor(
+                name, handle, exit_ref=handle.wait_stopped.remote(), where_ref=handle.where.remote()
+            )
+            adopted.append(name)
+        if adopted:
+            log.info("adopted %d running instance(s) from a previous control plane: %s", len(adopted), adopted)
+
     def _run(self) -> None:
+        try:
+            self._connect()
+        except Exception as exc:  # retried at the first start
+            log.warning("ray provisioner: cannot reach the Ray cluster at %s yet: %r", self.prov.ray_address, exc)
         while True:
             try:
                 command, instance_id, role = self._commands.get(timeout=self.prov.ray_poll_s)
@@ -406,8 +444,12 @@ class RayProvisioner:
                 inst.exited = True
 
     def _close_all(self) -> None:
-        """Control-plane shutdown: ask every engine to stop, wait a bounded time, kill what is left."""
-        if self._ray is not None:
+        """Control-plane shutdown: ask every engine to stop, wait a bounded time, kill what is left; with
+        ``[provisioner] ray_stop_on_close = false`` leave them serving (the next leader adopts them)."""
+        if self._ray is not None and not self.prov.ray_stop_on_close:
+            log.info("leaving %d instance(s) running on Ray for the next control plane", len(self._actors))
+            self._actors.clear()
+        elif self._ray is not None:
             deadline = time.monotonic() + min(self.stop_timeout_s, 15.0)
             refs = []
             for actor in self._actors.values():
@@ -418,9 +460,9 @@ class RayProvisioner:
                     self._ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
             for actor in list(self._actors.values()):
                 self._kill(actor, "control plane shutdown")
-            if self._owns_connection:
-                with contextlib.suppress(Exception):
-                    self._ray.shutdown()
+        if self._ray is not None and self._owns_connection:
+            with contextlib.suppress(Exception):
+                self._ray.shutdown()
         with self._lock:
             for inst in self._table.values():
                 inst.exited = True

@@ -346,9 +346,7 @@ class AuditSettings(_Section):
         description="JSON-lines file the control plane appends every admin action to (who, what, when, result); "
         "empty: the log only.",
     )
-    operator: str = Field(
-        "", description="Identity the CLI puts in admin commands; empty: the OS user running it."
-    )
+    operator: str = Field("", description="Identity the CLI puts in admin commands; empty: the OS user running it.")
     reply_timeout_s: float = Field(
         600.0,
         description="An admin command with no answer after this long is audited as 'no reply' (a live "
@@ -403,8 +401,8 @@ class RayShape(_Section):
     memory_gib: float = Field(0.0, ge=0, description="Memory reserved for the instance, GiB; 0: none.")
     resources: dict[str, float] = Field(
         default_factory=dict,
-        description="Custom Ray resources, e.g. a node label such as {\"node_a100\" = 0.001} or an engine "
-        "kind slot such as {\"drover_engine\" = 1}.",
+        description='Custom Ray resources, e.g. a node label such as {"node_a100" = 0.001} or an engine '
+        'kind slot such as {"drover_engine" = 1}.',
     )
 
 
@@ -438,6 +436,12 @@ class ProvisionerSettings(_Section):
     )
     ray_poll_s: float = Field(
         0.5, gt=0, description="How often the provisioner's thread checks its Ray actors for exits."
+    )
+    ray_stop_on_close: bool = Field(
+        True,
+        description="Stop the instances when the control plane shuts down. false: leave them serving; the next "
+        "leader adopts them (named <instance_prefix>-<role>-<n> in ray_namespace), e.g. across a rolling update "
+        "of a replicated control plane.",
     )
 
 

@@ -15,6 +15,7 @@ namespace or under its ``ray start`` process.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -43,9 +44,7 @@ FAST_FAILURE_DETECTION = {
 
 def ray_unavailable_reason() -> str | None:
     """Why a Ray cluster cannot be started here (None: it can)."""
-    try:
-        import ray  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("ray") is None:  # not imported here: importing Ray has side effects
         return "ray is not installed (pip install 'drover[ray]')"
     if shutil.which("ray", path=str(Path(sys.executable).parent)) is None and shutil.which("ray") is None:
         return "no `ray` command next to this Python"
@@ -96,6 +95,15 @@ class RayNode:
             time.sleep(0.1)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=10)
+
+    def terminate(self, timeout_s: float = 20.0) -> None:
+        """Stop the node the orderly way (``ray start --block`` stops and reaps its processes on SIGTERM),
+        then kill whatever is left."""
+        if self.alive:
+            self.process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=timeout_s)
+        self.kill()
 
     @property
     def alive(self) -> bool:
@@ -207,6 +215,6 @@ class LocalRayCluster:
 
     def stop(self) -> None:
         for node in [*self.workers, *([self.head] if self.head else [])]:
-            node.kill()
+            node.terminate()
         self.workers.clear()
         self.head = None

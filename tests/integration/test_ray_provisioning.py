@@ -133,12 +133,22 @@ class Plane:
     control: ControlPlane
     provisioner: RayProvisioner
     client: DroverClient
+    bus: Bus
     url: str
+    closed: bool = False
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        await self.client.close()
+        await asyncio.to_thread(self.control.stop)  # closes the provisioner: its Ray actors are stopped
+        await asyncio.to_thread(self.bus.stop)
 
 
 @pytest.fixture
 async def plane_factory(ray_env: RayEnv) -> AsyncIterator[Callable[[Settings], Awaitable[Plane]]]:
-    made: list[tuple[ControlPlane, Bus, DroverClient]] = []
+    made: list[Plane] = []
     ray_env.ensure_worker()
 
     async def make(settings: Settings) -> Plane:
@@ -148,14 +158,12 @@ async def plane_factory(ray_env: RayEnv) -> AsyncIterator[Callable[[Settings], A
             lambda: ControlPlane(settings, bus, ByteTokenizer(), provisioner=provisioner).start()
         )
         client = await DroverClient(ray_env.nats_url, name="ray-test").connect()
-        made.append((control, bus, client))
-        return Plane(control, provisioner, client, ray_env.nats_url)
+        made.append(Plane(control, provisioner, client, bus, ray_env.nats_url))
+        return made[-1]
 
     yield make
-    for control, bus, client in made:
-        await client.close()
-        await asyncio.to_thread(control.stop)  # closes the provisioner: its Ray actors are killed
-        await asyncio.to_thread(bus.stop)
+    for plane in made:
+        await plane.close()
 
 
 async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
@@ -189,8 +197,10 @@ async def placed(plane: Plane, ids: list[str]) -> dict[str, str]:
 
 
 def actor_exists(plane: Plane, instance_id: str) -> bool:
+    """Through the plane's provisioner's Ray connection (the process has one; never a new local Ray)."""
     import ray
 
+    assert ray.is_initialized() and not plane.closed
     try:
         ray.get_actor(instance_id, namespace=plane.provisioner.prov.ray_namespace)
     except ValueError:
@@ -343,3 +353,45 @@ async def test_a_lost_worker_node_fails_over_exactly_once_and_capacity_is_replac
     events = [(e.action, e.instance_id) for e in (await plane.client.autoscale_status()).events]
     assert ("start", new[0]) in events and ("ready", new[0]) in events
     print(f"worker node killed; replacement {new[0]} ready {time.monotonic() - killed_at:.1f}s later")
+
+
+async def test_a_new_control_plane_adopts_the_instances_of_the_previous_one(
+    ray_env: RayEnv, plane_factory: Callable[[Settings], Awaitable[Plane]]
+) -> None:
+    settings = ray_settings(ray_env, enabled=False, interactive=0)
+    settings = settings.model_copy(
+        update={"provisioner": settings.provisioner.model_copy(update={"ray_stop_on_close": False})}
+    )
+    first = await plane_factory(settings)
+    reply = await request_admin(first.url, "scale", ScaleCommand(role="mixed", count=1))
+    assert isinstance(reply, AdminReply) and len(reply.details["started"]) == 1
+    instance = reply.details["started"][0]
+
+    async def serving_it(plane: Plane) -> bool:
+        return await serving(plane) == [instance]
+
+    await wait_for(lambda: serving_it(first), 90, f"{instance} heartbeating")
+    await first.close()  # a rolling update: this control plane goes, the engine keeps serving
+
+    second = await plane_factory(settings)
+
+    async def adopted() -> bool:
+        return instance in {p.instance_id for p in second.provisioner.instances()}
+
+    await wait_for(adopted, 30, f"the new control plane to adopt {instance}")
+    await wait_for(lambda: serving_it(second), 30, f"{instance} serving under the new control plane")
+    stream = await second.client.submit("adopted", sampling=SamplingParams(max_tokens=32, ignore_eos=True))
+    result = await stream.result()
+    assert result.done is not None and result.done.instances == [instance]
+    status = await second.client.autoscale_status()
+    assert [i.owned for i in status.instances if i.instance_id == instance] == [True]
+
+    # Owned, so the new leader scales it in: drained, stopped, its actor gone.
+    reply = await request_admin(second.url, "scale", ScaleCommand(role="mixed", count=0))
+    assert isinstance(reply, AdminReply) and reply.details["draining"] == [instance]
+
+    async def stopped() -> bool:
+        return not second.provisioner.instances() and not await serving(second)
+
+    await wait_for(stopped, 60, f"{instance} stopped by the new control plane")
+    assert not await asyncio.to_thread(actor_exists, second, instance)
