@@ -161,7 +161,8 @@ class RayProvisioner:
 
     name = "ray"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, connect: bool = True) -> None:
+        """``connect``: reach the cluster now (and adopt what runs there); False defers it to the first start."""
         self.settings = settings
         self.prov = settings.provisioner
         auto = settings.autoscaler
@@ -182,7 +183,8 @@ class RayProvisioner:
         self._actors: dict[str, _Actor] = {}  # owned by the provisioner thread
         # Connect (and adopt running instances) now, not at the first start: the first scale-out then does not
         # pay for the Ray Client handshake, and a new leader owns its predecessor's instances at once.
-        self._ensure_thread()
+        if connect:
+            self._ensure_thread()
 
     # ------------------------------------------------------------------------------------------- protocol
     def start(self, role: InstanceRole) -> str:
@@ -351,9 +353,10 @@ class RayProvisioner:
     def _create(self, instance_id: str, role: InstanceRole) -> None:
         with self._lock:
             inst = self._table.get(instance_id)
-            if inst is None or inst.stopping:  # stopped before it was created
-                self._exited(instance_id)
-                return
+            cancelled = inst is None or inst.stopping
+        if cancelled:  # stopped before it was created
+            self._exited(instance_id)
+            return
         ray = self._connect()
         if self._actor_class is None:
             self._actor_class = ray.remote(RayEngineHost)
