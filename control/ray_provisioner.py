@@ -180,6 +180,7 @@ class RayProvisioner:
         self._ray: Any = None
         self._owns_connection = False
         self._actor_class: Any = None
+        self._done: set[Any] = set()  # object refs the last poll found finished
         self._actors: dict[str, _Actor] = {}  # owned by the provisioner thread
         # Connect (and adopt running instances) now, not at the first start: the first scale-out then does not
         # pay for the Ray Client handshake, and a new leader owns its predecessor's instances at once.
@@ -384,6 +385,9 @@ class RayProvisioner:
     def _poll(self) -> None:
         ray = self._ray
         now = time.monotonic()
+        refs = [r for a in self._actors.values() for r in (a.where_ref, a.exit_ref, a.stop_ref) if r is not None]
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)  # one round trip for all of them
+        self._done = set(done)
         for actor in list(self._actors.values()):
             if actor.where_ref is not None and self._ready(actor.where_ref):
                 try:
@@ -423,8 +427,8 @@ class RayProvisioner:
                 self._kill(actor, "shutdown timed out")
 
     def _ready(self, ref: Any) -> bool:
-        ready, _ = self._ray.wait([ref], num_returns=1, timeout=0)
-        return bool(ready)
+        """Finished at the last poll's ray.wait."""
+        return ref in self._done
 
     def _kill(self, actor: _Actor, why: str) -> None:
         with contextlib.suppress(Exception):  # already dead: nothing to kill
