@@ -153,7 +153,9 @@ class _Actor:
     stop_ref: Any | None = None
     stop_deadline: float = 0.0
     node_ip: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    shape: RayShape = field(default_factory=RayShape)
+    created_at: float = field(default_factory=time.monotonic)
+    warned_unplaced: bool = False
 
 
 class RayProvisioner:
@@ -181,6 +183,7 @@ class RayProvisioner:
         self._owns_connection = False
         self._actor_class: Any = None
         self._done: set[Any] = set()  # object refs the last poll found finished
+        self._poll_failed_logged = -float("inf")
         self._actors: dict[str, _Actor] = {}  # owned by the provisioner thread
         # Connect (and adopt running instances) now, not at the first start: the first scale-out then does not
         # pay for the Ray Client handshake, and a new leader owns its predecessor's instances at once.
@@ -290,7 +293,10 @@ class RayProvisioner:
         if self._ray is not None:
             return self._ray
         ray = import_ray()
-        if not ray.is_initialized():
+        from ray.util.client import ray as ray_client
+
+        # A Ray Client connection made on another thread does not show in ray.is_initialized() here.
+        if not (ray.is_initialized() or ray_client.is_connected()):
             ray.init(address=self.prov.ray_address, namespace=self.prov.ray_namespace, log_to_driver=False)
             self._owns_connection = True
             log.info("connected to the Ray cluster at %s", self.prov.ray_address)
@@ -344,12 +350,17 @@ class RayProvisioner:
                     self._create(instance_id, role)
                 elif command == "stop":
                     self._begin_stop(instance_id)
-                if self._actors:
-                    self._poll()
             except Exception:
-                log.exception("ray provisioner: %s %s failed", command or "poll", instance_id)
+                log.exception("ray provisioner: %s %s failed", command, instance_id)
                 if command == "start":
                     self._exited(instance_id)
+            try:
+                if self._actors:
+                    self._poll()
+            except Exception as exc:  # e.g. the Ray Client connection is down: try again next time
+                if time.monotonic() - self._poll_failed_logged > 30:
+                    self._poll_failed_logged = time.monotonic()
+                    log.warning("ray provisioner: cannot check its actors (retrying; logged every 30 s): %r", exc)
 
     def _create(self, instance_id: str, role: InstanceRole) -> None:
         with self._lock:
@@ -365,7 +376,11 @@ class RayProvisioner:
             self.engine_settings(role), instance_id
         )
         self._actors[instance_id] = _Actor(
-            instance_id, handle, exit_ref=handle.wait_stopped.remote(), where_ref=handle.where.remote()
+            instance_id,
+            handle,
+            exit_ref=handle.wait_stopped.remote(),
+            where_ref=handle.where.remote(),
+            shape=self.shape(role),
         )
         log.info("asked Ray for %s (%s): %s", instance_id, role, self.shape(role))
 
@@ -401,6 +416,16 @@ class RayProvisioner:
                     self._nodes[actor.instance_id] = actor.node_ip
                 log.info(
                     "instance %s placed on Ray node %s (pid %s)", actor.instance_id, actor.node_ip, where.get("pid")
+                )
+            elif actor.where_ref is not None and not actor.warned_unplaced and now - actor.created_at > 60:
+                # Pending placement (no node has the role's shape free; with KubeRay's autoscaler a pod may be
+                # on its way) or a slow engine load: worth a line for the operator, once.
+                actor.warned_unplaced = True
+                log.warning(
+                    "instance %s not started after 60 s: Ray has not placed it yet (is a node with %s free?) "
+                    "or its engine is still loading",
+                    actor.instance_id,
+                    actor.shape,
                 )
             if self._ready(actor.exit_ref):
                 try:

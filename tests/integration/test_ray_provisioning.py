@@ -35,7 +35,7 @@ from control.cli_autoscale import request_admin
 from control.client import DroverClient, RequestStream
 from control.policy.autoscaling import AutoscaleParams, LocalParams, PerRole
 from control.ray_provisioner import RayProvisioner
-from control.settings import Settings, load_settings
+from control.settings import RayShape, Settings, load_settings
 from engines.sim.engine import request_seed, token_at
 from engines.tokenizer import ByteTokenizer
 from tests.netns import NetNs, netns_unavailable_reason
@@ -199,8 +199,9 @@ async def placed(plane: Plane, ids: list[str]) -> dict[str, str]:
 def actor_exists(plane: Plane, instance_id: str) -> bool:
     """Through the plane's provisioner's Ray connection (the process has one; never a new local Ray)."""
     import ray
+    from ray.util.client import ray as client
 
-    assert ray.is_initialized() and not plane.closed
+    assert client.is_connected() and not plane.closed
     try:
         ray.get_actor(instance_id, namespace=plane.provisioner.prov.ray_namespace)
     except ValueError:
@@ -395,3 +396,36 @@ async def test_a_new_control_plane_adopts_the_instances_of_the_previous_one(
 
     await wait_for(stopped, 60, f"{instance} stopped by the new control plane")
     assert not await asyncio.to_thread(actor_exists, second, instance)
+
+
+async def test_an_instance_ray_cannot_place_stays_starting_until_scaled_in(
+    ray_env: RayEnv, plane_factory: Callable[[Settings], Awaitable[Plane]]
+) -> None:
+    settings = ray_settings(ray_env, enabled=False, interactive=0)
+    unplaceable = RayShape(num_cpus=0.0, resources={"drover_engine": 1.0, "no_such_node_label": 1.0})
+    shapes = {**settings.provisioner.ray_shapes, "mixed": unplaceable}
+    settings = settings.model_copy(
+        update={"provisioner": settings.provisioner.model_copy(update={"ray_shapes": shapes})}
+    )
+    plane = await plane_factory(settings)
+    reply = await request_admin(plane.url, "scale", ScaleCommand(role="mixed", count=1))
+    assert isinstance(reply, AdminReply) and len(reply.details["started"]) == 1
+    pending = reply.details["started"][0]
+
+    async def starting() -> bool:
+        status = await plane.client.autoscale_status()
+        return [i.state for i in status.instances if i.instance_id == pending] == ["starting"]
+
+    await wait_for(starting, 30, f"{pending} listed as starting")
+    await asyncio.sleep(2.0)  # Ray keeps it pending: no node has the label
+    assert await starting() and plane.provisioner.node_of(pending) is None
+
+    reply = await request_admin(plane.url, "scale", ScaleCommand(role="mixed", count=0))
+    assert isinstance(reply, AdminReply) and reply.details["draining"] == [pending]
+
+    async def gone() -> bool:
+        return not plane.provisioner.instances()
+
+    await wait_for(gone, 30, f"{pending} stopped")
+    events = [(e.action, e.instance_id, e.reason) for e in (await plane.client.autoscale_status()).events]
+    assert any(a == "stop" and i == pending and "before it started" in r for a, i, r in events), events
