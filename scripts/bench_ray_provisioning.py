@@ -36,10 +36,11 @@ import nats
 from nats.aio.msg import Msg
 
 from actors.control_plane import ControlPlane
-from control.cli_autoscale import request_admin
+from control.apps.cli_autoscale import request_admin
+from control.apps.provisioning import make_provisioner
 from control.client import DroverClient, RequestStream
+from control.core.provisioner import Provisioner
 from control.policy.autoscaling import AutoscaleParams, LocalParams, PerRole
-from control.provisioning import Provisioner, make_provisioner
 from control.settings import Settings, load_settings
 from engines.sim.engine import request_seed, token_at
 from engines.tokenizer import ByteTokenizer
@@ -202,7 +203,7 @@ async def tap(url: str, subject: str) -> Tap:
 
 
 async def one_failover(settings: Settings, cluster: LocalRayCluster, netns: NetNs) -> Failover:
-    from control.ray_provisioner import RayProvisioner
+    from control.apps.ray_provisioner import RayProvisioner
 
     plane = await start_plane(settings)
     provisioner = plane.provisioner

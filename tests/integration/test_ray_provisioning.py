@@ -31,10 +31,10 @@ import pytest
 from nats.aio.msg import Msg
 
 from actors.control_plane import ControlPlane
-from control.cli_autoscale import request_admin
+from control.apps.cli_autoscale import request_admin
+from control.apps.ray_provisioner import RayProvisioner
 from control.client import DroverClient, RequestStream
 from control.policy.autoscaling import AutoscaleParams, LocalParams, PerRole
-from control.ray_provisioner import RayProvisioner
 from control.settings import RayShape, Settings, load_settings
 from engines.sim.engine import request_seed, token_at
 from engines.tokenizer import ByteTokenizer
