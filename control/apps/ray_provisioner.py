@@ -297,17 +297,23 @@ class RayProvisioner:
 
         # A Ray Client connection made on another thread does not show in ray.is_initialized() here.
         if not (ray.is_initialized() or ray_client.is_connected()):
-            ray.init(address=self.prov.ray_address, namespace=self.prov.ray_namespace, log_to_driver=False)
+            try:
+                ray.init(address=self.prov.ray_address, namespace=self.prov.ray_namespace, log_to_driver=False)
+            except BaseException:
+                # A failed Ray Client handshake can leave the client half set up (it then looks connected and
+                # every call hangs): reset it, so that the next attempt starts clean.
+                with contextlib.suppress(Exception):
+                    ray.shutdown()
+                raise
             self._owns_connection = True
             log.info("connected to the Ray cluster at %s", self.prov.ray_address)
+        self._adopt(ray)  # raises when the connection is not usable after all: the next attempt adopts again
         self._ray = ray
-        self._adopt()
         return ray
 
-    def _adopt(self) -> None:
+    def _adopt(self, ray: Any) -> None:
         """Take over the instances a previous control plane started (named ``<prefix>-<role>-<n>`` in our Ray
         namespace and still alive): they count as ready, and are drained and stopped like our own."""
-        ray = self._ray
         adopted = []
         for entry in ray.util.list_named_actors(all_namespaces=True):
             name, namespace = entry.get("name", ""), entry.get("namespace", "")
@@ -333,11 +339,16 @@ class RayProvisioner:
             log.info("adopted %d running instance(s) from a previous control plane: %s", len(adopted), adopted)
 
     def _run(self) -> None:
-        try:
-            self._connect()
-        except Exception as exc:  # retried at the first start
-            log.warning("ray provisioner: cannot reach the Ray cluster at %s yet: %r", self.prov.ray_address, exc)
+        next_connect = 0.0
         while True:
+            if self._ray is None and time.monotonic() >= next_connect and not self._closed.is_set():
+                try:  # connect (and adopt) while idle, so that a start does not wait for it
+                    self._connect()
+                except Exception as exc:
+                    next_connect = time.monotonic() + 5.0
+                    log.warning(
+                        "ray provisioner: cannot reach the Ray cluster at %s (retrying): %r", self.prov.ray_address, exc
+                    )
             try:
                 command, instance_id, role = self._commands.get(timeout=self.prov.ray_poll_s)
             except queue.Empty:
