@@ -77,6 +77,12 @@ def reply_target_allowed(identity: str, target: str) -> bool:
     return target.startswith(f"{INBOX_ROOT}.{identity}.")
 
 
+def is_client_reply_target(target: str) -> bool:
+    """Does ``target`` lie in a client's inbox (its owner's, or an anonymous sender's reply roots)? What an
+    engine checks before it streams to the ``reply_to`` of an EngineAdd."""
+    return reply_target_allowed(inbox_owner(target) or ANONYMOUS, target)
+
+
 def inbox_owner(inbox: str) -> str | None:
     """The identity whose inbox ``inbox`` is (``drover.v1.inbox.<identity>.…``), or None."""
     root = INBOX_ROOT + "."
