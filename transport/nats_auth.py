@@ -481,3 +481,97 @@ def make_bundle(
     for cred in credentials:
         bundle.auth[cred.user.name] = client_auth(cred, directory, tls=client_tls)
     return bundle
+
+
+# ------------------------------------------------------------------------------------------ live changes
+REGISTRY_FILE = "users.json"
+"""Beside accounts.conf: every user with its role and public key (or password), so users can be added,
+revoked and rotated later without touching the others (`drover nats add-user | revoke | rotate`)."""
+
+
+@dataclass
+class Registry:
+    """The users of one deployment and what their settings files need (URL, CA)."""
+
+    credentials: list[Credential]
+    url: str | None = None
+    tls_ca_file: str | None = None
+
+    def names(self) -> list[str]:
+        return [c.user.name for c in self.credentials]
+
+    def find(self, name: str) -> Credential:
+        for cred in self.credentials:
+            if cred.user.name == name:
+                return cred
+        raise KeyError(f"no NATS user {name!r} (users: {', '.join(self.names())})")
+
+    def added(self, user: UserSpec, mode: Literal["nkey", "password"]) -> tuple[Registry, Credential]:
+        """A registry with ``user`` and its fresh secret."""
+        if user.name in self.names():
+            raise ValueError(f"NATS user {user.name!r} exists (rotate its secret with `drover nats rotate`)")
+        (cred,) = generate_credentials([user], mode)
+        permission_map([*(c.user for c in self.credentials), user])  # validates ids
+        return Registry([*self.credentials, cred], self.url, self.tls_ca_file), cred
+
+    def revoked(self, name: str) -> Registry:
+        self.find(name)
+        return Registry([c for c in self.credentials if c.user.name != name], self.url, self.tls_ca_file)
+
+    def rotated(self, name: str) -> tuple[Registry, Credential]:
+        """A new secret for ``name`` (same kind as before); the old one stops working at the next reload."""
+        old = self.find(name)
+        (cred,) = generate_credentials([old.user], "nkey" if old.nkey_public else "password")
+        credentials = [cred if c.user.name == name else c for c in self.credentials]
+        return Registry(credentials, self.url, self.tls_ca_file), cred
+
+    def to_json(self) -> str:
+        users = [
+            {
+                "name": c.user.name,
+                "role": str(c.user.role),
+                "client_id": c.user.client_id,
+                "instance_id": c.user.instance_id,
+                "nkey_public": c.nkey_public,
+                "password": c.password,
+            }
+            for c in self.credentials
+        ]
+        return json.dumps({"url": self.url, "tls_ca_file": self.tls_ca_file, "users": users}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Registry:
+        raw = json.loads(text)
+        creds = [
+            Credential(
+                UserSpec(u["name"], Role(u["role"]), u.get("client_id"), u.get("instance_id")),
+                password=u.get("password"),
+                nkey_public=u.get("nkey_public"),
+            )
+            for u in raw["users"]
+        ]
+        return cls(creds, raw.get("url"), raw.get("tls_ca_file"))
+
+    def save(self, directory: Path) -> None:
+        _write_secret(directory / REGISTRY_FILE, self.to_json())
+
+    @classmethod
+    def load(cls, directory: Path) -> Registry:
+        return cls.from_json((directory / REGISTRY_FILE).read_text())
+
+
+def write_user_files(directory: Path, credential: Credential, registry: Registry) -> Path:
+    """The new secret's files (nkey seed, ``<user>.toml``, mode 0600); returns the settings file."""
+    tls = NatsAuth(tls_ca_file=registry.tls_ca_file) if registry.tls_ca_file else None
+    auth = client_auth(credential, directory, tls=tls)
+    path = directory / f"{credential.user.name}.toml"
+    _write_secret(path, settings_toml(credential.user, auth, registry.url))
+    return path
+
+
+def reload_server(pid: int) -> None:
+    """Have a running nats-server re-read its config (what ``nats-server --signal reload=<pid>`` sends):
+    new users may connect at once, revoked or rotated ones are refused, without a restart."""
+    import signal
+
+    os.kill(pid, signal.SIGHUP)
