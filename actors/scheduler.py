@@ -31,6 +31,7 @@ from actors.request_classes import RequestClasses
 from actors.request_lifecycle import RequestLifecycle, RequestTable, admission
 from actors.supervisor import SupervisedActor
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy, prefix_block_hashes
+from control.policy.fairness import FairQueue, dispatch_room
 from control.policy.migration import InFlightMigration, plan_migrations
 from control.policy.params import PolicyParams
 from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot
@@ -165,6 +166,9 @@ class SchedulerActor(SupervisedActor):
         self.requests: RequestTable[RequestRecord] = RequestTable(settings.lifecycle)
         self.lifecycle = RequestLifecycle(bus, settings.lifecycle)  # deadlines, clients that went away
         self.queue: deque[str] = deque()
+        # fair share between clients (scheduler.fairness): new requests wait here, by deficit round robin
+        sched = settings.scheduler
+        self.fair = FairQueue(sched.fairness_quantum_tokens) if sched.fairness else None
         self.params: PolicyParams = settings.policy
         self.policy: DispatchIndex = make_dispatch_policy(self.params.dispatch_policy, self.params.dispatch_params())
         self.migrations: dict[str, InFlightMigration] = {}  # request id -> migration in flight
@@ -571,6 +575,11 @@ class SchedulerActor(SupervisedActor):
             return  # cancelled (or ended by its deadline) meanwhile
         if self.classes.hold(record):  # a batch request: the global batch queue releases it on a tick
             return
+        if self.fair is not None:
+            cost = len(record.prompt_token_ids) + record.submit.sampling.max_tokens
+            self.fair.push(record.submit.client_id or subjects.ANONYMOUS, request_id, cost, time.monotonic())
+            self._drain_fair()
+            return
         if not self._dispatch(record):
             self.queue.append(request_id)
 
@@ -675,7 +684,33 @@ class SchedulerActor(SupervisedActor):
             return  # the heartbeat timeout decides whether the instance is gone
         self._send_add(unacked.instance_id, unacked.add, unacked.headers, unacked.attempt + 1)
 
+    def _drain_fair(self) -> None:
+        """Dispatch from the fair queue while the instances have room (each at most fairness_max_waiting)."""
+        assert self.fair is not None
+        limit = self.settings.scheduler.fairness_max_waiting
+        pending = getattr(self.policy, "pending", None)  # dispatched since the instance's last heartbeat
+        waiting = [
+            r.load.num_waiting + (pending(i)[0] if pending is not None else 0)
+            for i, r in self.instances.items()
+            if r.state == "serving"
+        ]
+        room = dispatch_room(waiting, limit)
+        while room > 0:
+            picked = self.fair.pop()
+            if picked is None:
+                return
+            key, item = picked
+            record = self.requests.get(item.item_id)
+            if record is None or record.state != "queued" or record.instance_id is not None:
+                continue  # cancelled or ended meanwhile
+            if not self._dispatch(record):
+                self.fair.unpop(key, item)
+                return
+            room -= 1
+
     def _drain_queue(self) -> None:
+        if self.fair is not None:
+            self._drain_fair()
         while self.queue:
             record = self.requests.get(self.queue[0])
             if record is None:
@@ -930,7 +965,7 @@ class SchedulerActor(SupervisedActor):
                 )
                 for r in self.requests.values()
             ],
-            queued=len(self.queue),
+            queued=len(self.queue) + (len(self.fair) if self.fair is not None else 0),
             dispatch_policy=self.policy.name,
             migrations_completed=self.migrations_done,
             migrations_aborted=self.migrations_aborted,

@@ -175,6 +175,18 @@ class SchedulerSettings(_Section):
     max_queued_requests: int = Field(
         1024, description="Requests held when no instance can take them; beyond: Overloaded."
     )
+    fairness: bool = Field(
+        False,
+        description="Fair share between clients (control/policy/fairness.py, docs/security.md): requests wait "
+        "here, served by deficit round robin by tokens per authenticated identity, and each instance gets at "
+        "most fairness_max_waiting waiting ones, so one client's backlog cannot hold another's requests.",
+    )
+    fairness_quantum_tokens: int = Field(
+        1024, ge=1, description="Tokens (prompt + max_tokens) a client may dispatch per round-robin turn."
+    )
+    fairness_max_waiting: int = Field(
+        1, ge=0, description="With fairness: requests an instance may have waiting (beyond its running batch)."
+    )
 
 
 class MigrationSettings(_Section):
