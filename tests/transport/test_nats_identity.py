@@ -401,3 +401,61 @@ async def test_client_delivers_only_its_requests_messages(alice: DroverClient, s
     assert 999_999 not in result.token_ids and len(result.token_ids) == 6
     assert result.done is not None and result.done.request_id == "mine-1"
     assert stream.dropped == 2
+
+
+# ------------------------------------------------------------------------------------------------ 8: fair share
+@pytest.fixture(scope="module")
+def fair_world(
+    world: tuple[EmbeddedNatsServer, SecureBundle, InProcessCluster], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[InProcessCluster]:
+    """A second cluster on the same secured server: one sim engine of 4 sequences, fairness on."""
+    from engines.sim.engine import SimEngine
+
+    server, bundle, _ = world
+    settings = load_settings(
+        overrides={
+            "nats": {"url": server.url},
+            "engine": {"kind": "sim", "heartbeat_interval_s": 0.05},
+            "scheduler": {"fairness": True, "fairness_quantum_tokens": 1024, "fairness_max_waiting": 1},
+            "observability": {"jsonl_path": str(tmp_path_factory.mktemp("fair") / "traces.jsonl")},
+        }
+    )
+    cluster = InProcessCluster(
+        settings=settings,
+        tokenizer=ByteTokenizer(),
+        control_auth=bundle.auth["control"],
+        engine_auth=bundle.auth["engine"],
+        reply_auth=bundle.auth["control-reply"],
+    )
+    world[2].stop()  # one control plane per server: the subjects are the same
+    cluster.start_control()
+    cluster.add_engine(SimEngine("fair-0", max_num_seqs=4, time_scale=1.0))  # type: ignore[arg-type]
+    yield cluster
+    cluster.stop()
+
+
+async def test_a_flooding_client_does_not_hold_an_interactive_one(
+    world: tuple[EmbeddedNatsServer, SecureBundle, InProcessCluster], fair_world: InProcessCluster
+) -> None:
+    """Counted, not timed: with fairness, the interactive request's first token comes before all but a few
+    flood requests (the engine's running batch, its one waiting slot, one quantum) have started."""
+    server, bundle, _ = world
+    flood_settings = client_settings(bundle, "alice", server.url)
+    async with (
+        DroverClient(server.url, name="flood", nats_settings=flood_settings) as flood,
+        DroverClient(server.url, name="bob", nats_settings=client_settings(bundle, "bob", server.url)) as bob,
+    ):
+        await flood.wait_for_instances(1, timeout_s=15)
+        streams = [await flood.submit(f"flood {i}", max_tokens=256, liveness=False) for i in range(20)]
+        readers = [asyncio.create_task(s.result()) for s in streams]
+        await asyncio.sleep(0.5)
+        interactive = await bob.generate("interactive", max_tokens=4)
+        first = interactive.submitted_at + interactive.ttft_s
+        for stream in streams:
+            with contextlib.suppress(DroverError):
+                if not stream.finished:
+                    await stream.cancel()
+        await asyncio.wait(readers, timeout=15)
+    started_before = sum(1 for s in streams if s.result_data.token_times and s.result_data.token_times[0] < first)
+    # 4 running + 1 waiting at the engine + one quantum of 1024 tokens (~3 flood requests of ~270 tokens)
+    assert started_before <= 4 + 1 + 4, started_before
