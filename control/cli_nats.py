@@ -68,6 +68,9 @@ def config(
     client: list[str] = typer.Option(
         [], "--client", help="Client id (repeat): a client user reading only drover.v1.inbox.<id>. Default: client."
     ),
+    gateway: list[str] = typer.Option(
+        [], "--gateway", help="Gateway client id (repeat): a client that may also ship spans (the OpenAI gateway)."
+    ),
     engine: list[str] = typer.Option(
         [], "--engine", help="Engine instance id (repeat): one user each. None: one user shared by every engine."
     ),
@@ -167,7 +170,7 @@ def config(
     )
     server_path.chmod(0o600)  # route passwords
     if not node_only:
-        users = default_users(clients=client or ["client"], engines=engine, operator=operator)
+        users = default_users(clients=client or ["client"], engines=engine, operator=operator, gateways=gateway)
         client_tls = NatsAuth(tls_ca_file=absolute(tls_ca)) if tls_cert else None
         bundle = make_bundle(out, users, mode=auth, client_tls=client_tls)  # type: ignore[arg-type]
         accounts_path.write_text(
