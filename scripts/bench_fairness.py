@@ -89,7 +89,7 @@ def run_mode(fairness: bool, args: argparse.Namespace) -> tuple[list[float], int
         cluster.start_control()
         for index in range(args.instances):
             engine = SimEngine(f"sim-{index}", max_num_seqs=args.max_num_seqs, time_scale=args.time_scale)
-            cluster.add_engine(engine)  # type: ignore[arg-type]
+            cluster.add_engine(engine)
         try:
             return asyncio.run(_run(server.url, args))
         finally:

@@ -72,7 +72,9 @@ def test_unsupported_version_is_a_typed_error() -> None:
         b"not msgpack at all",
         msgspec.msgpack.encode([1, 2, 3]),
         msgspec.msgpack.encode({"kind": "submit", "v": MIN_PROTOCOL_VERSION}),  # missing reply_to
-        msgspec.msgpack.encode({"kind": "chunk", "v": MIN_PROTOCOL_VERSION, "request_id": "r", "index": "zero", "token_ids": []}),
+        msgspec.msgpack.encode(
+            {"kind": "chunk", "v": MIN_PROTOCOL_VERSION, "request_id": "r", "index": "zero", "token_ids": []}
+        ),
     ],
 )
 def test_malformed_is_a_typed_error(data: bytes) -> None:
