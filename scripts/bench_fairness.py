@@ -23,8 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 from actors.local_cluster import InProcessCluster
+from control.apps.launcher import percentile
 from control.client import DroverClient, DroverError, RequestStream
-from control.launcher import percentile
 from control.settings import load_settings
 from engines.sim.engine import SimEngine
 from engines.tokenizer import ByteTokenizer
