@@ -14,7 +14,7 @@ import nats
 import pytest
 from typer.testing import CliRunner
 
-from control.cli import app
+from control.apps.cli import app
 from transport.nats_auth import NatsAuth, connect_options
 from transport.nats_server import find_nats_server_binary
 
