@@ -577,7 +577,8 @@ class SchedulerActor(SupervisedActor):
             return
         if self.fair is not None:
             cost = len(record.prompt_token_ids) + record.submit.sampling.max_tokens
-            self.fair.push(record.submit.client_id or subjects.ANONYMOUS, request_id, cost, time.monotonic())
+            if request_id not in self.fair:
+                self.fair.push(record.submit.client_id or subjects.ANONYMOUS, request_id, cost, time.monotonic())
             self._drain_fair()
             return
         if not self._dispatch(record):
