@@ -32,6 +32,7 @@ from actors.scheduler import MigrationTick, SchedulerActor, Tick
 from actors.span_receiver import SpanBudget
 from actors.supervisor import ActorSlot, GetStatus, SupervisorActor
 from control.core.provisioner import NoProvisioner, Provisioner
+from control.core.record import DecisionLog
 from control.errors import ConfigError
 from control.settings import Settings
 from engines.tokenizer import Tokenizer
@@ -79,6 +80,7 @@ class ControlPlane:
         tick_interval_s: float = 0.25,
         provisioner: Provisioner | None = None,
         provisioner_factory: Callable[[Settings], Provisioner] | None = None,
+        decision_log: DecisionLog | None = None,
         reply_bus: Bus | None = None,
     ) -> None:
         """``reply_bus``: the client-bound connection (secure mode: a user that may publish only to client
@@ -90,6 +92,7 @@ class ControlPlane:
         # provisioner`` names; actors cannot import the apps that spawn processes).
         self.provisioner = provisioner
         self.provisioner_factory = provisioner_factory
+        self.decision_log = decision_log  # the control core's decisions, recorded (parity tests); None: off
         if provisioner is None and provisioner_factory is None and settings.autoscaler.enabled:
             raise ConfigError(
                 "the autoscaler is enabled but this control plane was given no provisioner", code="no_provisioner"
@@ -211,7 +214,9 @@ class ControlPlane:
                 )
 
             def make_migrator(parent: pykka.ActorRef[Any], name: str) -> pykka.ActorRef[Any]:
-                return MigratorActor.start(self.bus, self.settings.migration, peers["scheduler"], parent, name, state)
+                return MigratorActor.start(
+                    self.bus, self.settings.migration, peers["scheduler"], parent, name, state, self.decision_log
+                )
 
             self.scheduler = self.supervisor.proxy().start_child("scheduler", make_scheduler).get(timeout=30)
             peers["scheduler"] = self.scheduler

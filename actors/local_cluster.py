@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from actors.control_plane import ControlPlane
 from actors.engine_host import EngineHost
+from control.core.record import DecisionLog
 from control.settings import Settings
 from engines.base import Engine
 from engines.tokenizer import Tokenizer
@@ -56,11 +57,14 @@ class InProcessCluster:
             inbox_prefix=inbox_prefix,
         )
 
-    def start_control(self) -> ControlPlane:
+    def start_control(self, decision_log: DecisionLog | None = None) -> ControlPlane:
+        """Start the control plane; ``decision_log`` records the control core's decisions (parity tests)."""
         self.control_bus = Bus(self._bus_options("drover-control", self.control_auth)).start()
         if self.reply_auth is not None and self.reply_bus is None:
             self.reply_bus = Bus(self._bus_options("drover-control-reply", self.reply_auth)).start()
-        self.control = ControlPlane(self.settings, self.control_bus, self.tokenizer, reply_bus=self.reply_bus).start()
+        self.control = ControlPlane(
+            self.settings, self.control_bus, self.tokenizer, decision_log=decision_log, reply_bus=self.reply_bus
+        ).start()
         return self.control
 
     def restart_control(self) -> ControlPlane:
