@@ -389,7 +389,8 @@ async def test_oversized_lists_and_deep_nesting_are_malformed(raw: Conn) -> None
 
 # ------------------------------------------------------------------------------------------------ 7: client
 async def test_client_delivers_only_its_requests_messages(alice: DroverClient, spy: Spy) -> None:
-    stream = await alice.submit("mine", max_tokens=6, request_id="mine-1")
+    # long enough (sim engine in real time) that the forged messages arrive while the stream is open
+    stream = await alice.submit("mine", max_tokens=300, request_id="mine-1")
     forged = [
         TokenChunk(request_id="someone-else", index=0, token_ids=[999_999] * 6),
         RequestDone(request_id="someone-else", finish_reason="stop", usage=Usage(prompt_tokens=1, completion_tokens=0)),
@@ -397,8 +398,12 @@ async def test_client_delivers_only_its_requests_messages(alice: DroverClient, s
     for message in forged:
         await spy.conn.nc.publish(stream.inbox, encode(message))
     await spy.conn.nc.flush()
+    for _ in range(250):
+        if stream.dropped >= 2 or stream.finished:
+            break
+        await asyncio.sleep(0.02)
     result = await stream.result()
-    assert 999_999 not in result.token_ids and len(result.token_ids) == 6
+    assert 999_999 not in result.token_ids and len(result.token_ids) == 300
     assert result.done is not None and result.done.request_id == "mine-1"
     assert stream.dropped == 2
 
