@@ -83,6 +83,13 @@ class NatsSettings(_Section):
         "(nats-py's default 120 s would hide a hung node for minutes).",
     )
     max_outstanding_pings: int = Field(2, description="Unanswered pings before the connection counts as lost.")
+    reply_user: str | None = Field(
+        None,
+        description="Control plane only: NATS user of its client-bound connection (publishes only to client "
+        "inboxes; `drover nats config` makes `control-reply`). None: replies go over the main connection.",
+    )
+    reply_password: str | None = Field(None, description="Password of reply_user.")
+    reply_nkey_seed_file: str | None = Field(None, description="Nkey seed file of the client-bound user.")
     embedded_cluster_size: int = Field(
         1,
         description="Nodes of the embedded NATS (1: one server; 3: a routed cluster with clustered JetStream, "
@@ -96,6 +103,20 @@ class NatsSettings(_Section):
             password=self.password,
             nkey_seed_file=self.nkey_seed_file,
             creds_file=self.creds_file,
+            tls_ca_file=self.tls_ca_file,
+            tls_cert_file=self.tls_cert_file,
+            tls_key_file=self.tls_key_file,
+            tls_hostname=self.tls_hostname,
+        )
+
+    def reply_auth(self) -> NatsAuth | None:
+        """The control plane's client-bound user (same TLS settings), or None when none is configured."""
+        if not (self.reply_user or self.reply_nkey_seed_file):
+            return None
+        return NatsAuth(
+            user=self.reply_user,
+            password=self.reply_password,
+            nkey_seed_file=self.reply_nkey_seed_file,
             tls_ca_file=self.tls_ca_file,
             tls_cert_file=self.tls_cert_file,
             tls_key_file=self.tls_key_file,
@@ -154,6 +175,18 @@ class SchedulerSettings(_Section):
     )
     max_queued_requests: int = Field(
         1024, description="Requests held when no instance can take them; beyond: Overloaded."
+    )
+    fairness: bool = Field(
+        False,
+        description="Fair share between clients (control/policy/fairness.py, docs/security.md): requests wait "
+        "here, served by deficit round robin by tokens per authenticated identity, and each instance gets at "
+        "most fairness_max_waiting waiting ones, so one client's backlog cannot hold another's requests.",
+    )
+    fairness_quantum_tokens: int = Field(
+        1024, ge=1, description="Tokens (prompt + max_tokens) a client may dispatch per round-robin turn."
+    )
+    fairness_max_waiting: int = Field(
+        1, ge=0, description="With fairness: requests an instance may have waiting (beyond its running batch)."
     )
 
 
@@ -296,6 +329,11 @@ class LimitsSettings(_Section):
     max_deadline_s: float = Field(
         3600.0, description="Largest deadline_s a request may ask for; larger is InvalidRequest."
     )
+    per_identity_max_in_flight: dict[str, int] = Field(
+        default_factory=dict,
+        description="max_in_flight_per_client for named identities (the NATS user's client id, which the "
+        "control plane reads from the subject, docs/security.md), e.g. {batch-team = 1024, trial = 4}.",
+    )
 
 
 class LifecycleSettings(_Section):
@@ -347,9 +385,7 @@ class AuditSettings(_Section):
         description="JSON-lines file the control plane appends every admin action to (who, what, when, result); "
         "empty: the log only.",
     )
-    operator: str = Field(
-        "", description="Identity the CLI puts in admin commands; empty: the OS user running it."
-    )
+    operator: str = Field("", description="Identity the CLI puts in admin commands; empty: the OS user running it.")
     reply_timeout_s: float = Field(
         600.0,
         description="An admin command with no answer after this long is audited as 'no reply' (a live "
