@@ -143,10 +143,12 @@ class KvAwareIndex(FreenessIndex):
             keys = entry.keys  # empty while draining; (freeness key, ..., load key) as linked at the last update
             if not keys or (model and entry.snapshot.model != model):
                 continue
-            freeness = -keys[0][0]
+            own, load = keys[0], keys[3]  # both always set for a linked entry (see _keys)
+            assert own is not None and load is not None
+            freeness = -own[0]
             if freeness < floor and iid != freest:
                 continue
-            cost = weight * (prompt_blocks - cached) + keys[3][0]
+            cost = weight * (prompt_blocks - cached) + load[0]
             key = (cost, -freeness, iid)
             if best is None or key < best:
                 best = key

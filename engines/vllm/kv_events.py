@@ -52,7 +52,7 @@ class KvEventListener:
     def start(self) -> None:
         import zmq  # vLLM's dependency; only engines that publish events need it
 
-        ctx = zmq.Context.instance()
+        ctx: Any = zmq.Context.instance()
         sock = ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
         sock.setsockopt(zmq.RCVTIMEO, 200)  # so the thread notices stop()
