@@ -25,7 +25,7 @@ from opentelemetry import trace
 from actors.control_state import ControlState, restore_into
 from actors.memory_manager import MemoryManager
 from actors.migrator import MigrationEnded, StartMigration
-from actors.prefix_feed import apply_prefix_report
+from actors.prefix_feed import apply_prefix_report, prefix_aware_destinations
 from actors.request_classes import RequestClasses
 from actors.request_lifecycle import RequestLifecycle, RequestTable, admission
 from actors.supervisor import SupervisedActor
@@ -673,9 +673,7 @@ class SchedulerActor(SupervisedActor):
         """Stop a batch request so an interactive one gets its slot (it resumes from the batch queue)."""
         instance = self.instances.get(instance_id)
         version = peer_version(instance.info.protocol_version if instance else 1)
-        self.bus.publish(
-            subjects.engine(instance_id), EngineAbort(request_id=request_id, reason="evicted", v=version)
-        )
+        self.bus.publish(subjects.engine(instance_id), EngineAbort(request_id=request_id, reason="evicted", v=version))
 
     # ------------------------------------------------------------------------------------------- lifecycle
     def _on_request_ended(self, ended: EngineRequestEnded) -> None:
@@ -718,13 +716,19 @@ class SchedulerActor(SupervisedActor):
         migrator.tell(StartMigration(request_id, source, destination, num_blocks, self.params, reason, reply_to))
         return True
 
+    def _prompt_of(self, request_id: str) -> list[int] | None:
+        record = self.requests.get(request_id)
+        return record.prompt_token_ids if record is not None else None
+
     def _migratable_snapshots(self) -> list[InstanceSnapshot]:
         return [self._snapshot(r) for r in self.instances.values() if r.can_migrate]
 
     def _plan_migrations(self) -> None:
         if not self.params.migration_enabled:
             return
-        decisions = plan_migrations(self._migratable_snapshots(), list(self.migrations.values()), self.params)
+        snapshots = self._migratable_snapshots()
+        decisions = plan_migrations(snapshots, list(self.migrations.values()), self.params)
+        decisions = prefix_aware_destinations(self.policy, decisions, snapshots, self._prompt_of)
         for d in decisions:
             self._start_migration(d.request_id, d.source_id, d.destination_id, d.num_blocks, d.reason)
 
