@@ -23,20 +23,20 @@ and the lowest cost wins (ties: the freer instance). How it differs from Dynamo:
   a hot prefix);
 * only a few candidates are scored, so a decision costs O(log(prompt blocks) * candidates) rather than
   O(instances): the holders of the deepest cached block, the holders of the half-depth block, and the
-  ``candidates`` least loaded and the freest instances, each with its own overlap found by binary search
+  ``candidates`` freest instances, each with its own overlap found by binary search
   over the chained hashes.
 
 Cached blocks come from a :class:`control.policy.prefix_index.PrefixIndex` (``self.prefix_index``) fed by
-engine events; with an empty index the policy is a least-virtual-usage dispatcher with the freeness gate.
+engine events; with an empty index it picks the least loaded of the few freest instances.
 High-priority requests use Llumnix's priority dispatch unchanged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from itertools import islice
-from typing import Any
 
 from control.policy.dispatch import FreenessIndex
 from control.policy.migration import MigrationDecision
@@ -51,8 +51,8 @@ class KvAwareParams:
     """Blocks of load one uncached prompt block is worth (Dynamo's ``overlap_score_weight``, default 1)."""
     used_weight: float = 0.1
     """Weight of a block in use against a queued (still to prefill) block in the load term."""
-    candidates: int = 2
-    """Least-loaded instances scored beside the prefix holders (and the freest one)."""
+    candidates: int = 3
+    """Freest instances scored beside the prefix holders (the best choices if the prefix is ignored)."""
     holders_scored: int = 4
     """At most this many holders of one depth are scored (a prefix cached everywhere costs no more)."""
 
@@ -61,7 +61,6 @@ class KvAwareIndex(FreenessIndex):
     """Dispatch by expected prefix-cache hits against virtual usage; see the module docstring."""
 
     name = "kv_aware"
-    num_lists = 4  # FreenessIndex's three, plus (virtual usage in blocks, id)
 
     def __init__(
         self, params: DispatchParams, kv_params: KvAwareParams | None = None, prefix_index: PrefixIndex | None = None
@@ -69,6 +68,7 @@ class KvAwareIndex(FreenessIndex):
         super().__init__(params)
         self.kv_params = kv_params or KvAwareParams()
         self.prefix_index = prefix_index or PrefixIndex()
+        self._last: tuple[str, str, int] = ("", "", 0)  # (request, instance, cached blocks) of the last choice
 
     # -- Protocol --------------------------------------------------------------------------------------
     def upsert(self, snapshot: InstanceSnapshot) -> None:
@@ -87,11 +87,16 @@ class KvAwareIndex(FreenessIndex):
         if not pool or not pool[0]:
             return None
         freest = str(pool[0][0][1])
-        candidates = self._candidates(demand, hashes, pool[3], freest)
-        return self._cheapest(demand, hashes, candidates, freest)
+        candidates = self._candidates(hashes, pool[0])
+        chosen = self._cheapest(demand, hashes, candidates, freest)
+        self._last = (demand.request_id, chosen, candidates.get(chosen, 0))
+        return chosen
 
     def on_dispatched(self, instance_id: str, demand: RequestDemand) -> None:
-        cached = self.prefix_index.overlap(instance_id, demand.prefix_block_hashes) if demand.prefix_block_hashes else 0
+        rid, iid, cached = self._last
+        if rid != demand.request_id or iid != instance_id:  # not the choice just made: look it up
+            hashes = demand.prefix_block_hashes
+            cached = self.prefix_index.overlap(instance_id, hashes) if hashes else 0
         if cached:  # only the blocks it will prefill count as pending demand there
             demand = replace(demand, num_blocks=max(0, demand.num_blocks - cached))
         super().on_dispatched(instance_id, demand)
@@ -100,16 +105,9 @@ class KvAwareIndex(FreenessIndex):
         return self.prefix_index.overlap(instance_id, hashes)
 
     # -- Internals -------------------------------------------------------------------------------------
-    def _keys(self, entry: Any) -> tuple[tuple[float, str] | None, ...]:
-        snapshot = entry.snapshot
-        queued = snapshot.waiting_blocks + entry.extra_blocks
-        load = queued + self.kv_params.used_weight * snapshot.num_used_blocks
-        return (*super()._keys(entry), (load, snapshot.instance_id))
-
-    def _candidates(
-        self, demand: RequestDemand, hashes: Sequence[int], by_load: Iterable[tuple[float, str]], freest: str
-    ) -> dict[str, int]:
-        """Instance id -> cached prefix blocks, for the few instances worth scoring."""
+    def _candidates(self, hashes: Sequence[int], by_freeness: Iterable[tuple[float, str]]) -> dict[str, int]:
+        """Instance id -> cached prefix blocks, for the few instances worth scoring: holders of the deepest
+        and of the half-depth cached block, and the freest instances (the load-only choices)."""
         index = self.prefix_index
         found: dict[str, int] = {}
         deepest = index.deepest(hashes) if hashes else 0
@@ -118,19 +116,19 @@ class KvAwareIndex(FreenessIndex):
             for iid in islice(index.holders(hashes[deepest - 1]), limit):
                 found[iid] = deepest
             half = deepest // 2
-            if half:
+            if half and len(found) < limit:  # few hold it all: look at those holding half of it too
                 for iid in islice(index.holders(hashes[half - 1]), limit):
                     if iid not in found:
                         found[iid] = index.overlap(iid, hashes, deepest, half)
-        others = [key[1] for key in islice(by_load, self.kv_params.candidates)]
-        others.append(freest)
-        for iid in others:
-            if iid not in found:
-                found[iid] = index.overlap(iid, hashes, deepest) if deepest else 0
+        first_holders: AbstractSet[str] = index.holders(hashes[0]) if deepest else _NONE
+        for _, iid in islice(by_freeness, self.kv_params.candidates):
+            if iid not in found:  # one set lookup rules out most: they do not hold even the first block
+                found[iid] = index.overlap(iid, hashes, deepest) if iid in first_holders else 0
         return found
 
     def _cheapest(self, demand: RequestDemand, hashes: Sequence[int], candidates: dict[str, int], freest: str) -> str:
         weight = self.kv_params.overlap_weight
+        used_weight = self.kv_params.used_weight
         floor = self.params.affinity_min_freeness
         prompt_blocks = max(demand.num_blocks, len(hashes))
         best: tuple[float, float, str] | None = None
@@ -143,12 +141,15 @@ class KvAwareIndex(FreenessIndex):
             keys = entry.keys  # empty while draining; (freeness key, ..., load key) as linked at the last update
             if not keys or (model and entry.snapshot.model != model):
                 continue
-            own, load = keys[0], keys[3]  # both always set for a linked entry (see _keys)
-            assert own is not None and load is not None
+            own = keys[0]  # always set for a linked entry
+            assert own is not None
             freeness = -own[0]
             if freeness < floor and iid != freest:
                 continue
-            cost = weight * (prompt_blocks - cached) + load[0]
+            snapshot = entry.snapshot
+            used = snapshot.num_total_blocks - snapshot.num_free_blocks
+            load = snapshot.waiting_blocks + entry.extra_blocks + used_weight * used
+            cost = weight * (prompt_blocks - cached) + load
             key = (cost, -freeness, iid)
             if best is None or key < best:
                 best = key
@@ -190,3 +191,6 @@ def prefer_prefix_destinations(
             out[i] = replace(decision, destination_id=other.destination_id)
             out[best_j] = replace(other, destination_id=decision.destination_id)
     return out
+
+
+_NONE: frozenset[str] = frozenset()
