@@ -4,8 +4,9 @@ Anchor: NVIDIA Dynamo's KV router scores each worker by ``overlap_weight * prefi
 have to compute + its active blocks`` and picks the lowest (softmax-sampled with a temperature). Here:
 
     cost(i) = overlap_weight * (prompt blocks - blocks of the prompt's prefix cached on i)
-              + queued blocks on i (every waiting request's blocks, plus the *uncached* blocks of what was
-                dispatched to it since its last heartbeat, so a burst does not herd)
+              + queued blocks on i (every waiting request's blocks, the blocks its running prefills have yet to
+                compute, and the *uncached* blocks of what was dispatched to it since its last heartbeat, so
+                a burst does not herd)
               + used_weight * blocks in use on i
 
 and the lowest cost wins (ties: the freer instance). How it differs from Dynamo:
@@ -69,15 +70,21 @@ class KvAwareIndex(FreenessIndex):
         self.kv_params = kv_params or KvAwareParams()
         self.prefix_index = prefix_index or PrefixIndex()
         self._last: tuple[str, str, int] = ("", "", 0)  # (request, instance, cached blocks) of the last choice
+        self._prefilling: dict[str, int] = {}  # instance -> blocks its running prefills have yet to compute
 
     # -- Protocol --------------------------------------------------------------------------------------
     def upsert(self, snapshot: InstanceSnapshot) -> None:
         super().upsert(snapshot)
         self.prefix_index.set_capacity(snapshot.instance_id, snapshot.num_total_blocks)
+        bs = max(1, snapshot.block_size)
+        self._prefilling[snapshot.instance_id] = sum(
+            max(0, -(-r.num_tokens // bs) - r.num_blocks) for r in snapshot.running if not r.decoding
+        )
 
     def remove(self, instance_id: str) -> None:
         super().remove(instance_id)
         self.prefix_index.remove_instance(instance_id)
+        self._prefilling.pop(instance_id, None)
 
     def choose(self, demand: RequestDemand) -> str | None:
         hashes = demand.prefix_block_hashes
@@ -129,6 +136,7 @@ class KvAwareIndex(FreenessIndex):
     def _cheapest(self, demand: RequestDemand, hashes: Sequence[int], candidates: dict[str, int], freest: str) -> str:
         weight = self.kv_params.overlap_weight
         used_weight = self.kv_params.used_weight
+        prefilling = self._prefilling
         floor = self.params.affinity_min_freeness
         prompt_blocks = max(demand.num_blocks, len(hashes))
         best: tuple[float, float, str] | None = None
@@ -148,7 +156,8 @@ class KvAwareIndex(FreenessIndex):
                 continue
             snapshot = entry.snapshot
             used = snapshot.num_total_blocks - snapshot.num_free_blocks
-            load = snapshot.waiting_blocks + entry.extra_blocks + used_weight * used
+            queued = snapshot.waiting_blocks + entry.extra_blocks + prefilling.get(iid, 0)
+            load = queued + used_weight * used
             cost = weight * (prompt_blocks - cached) + load
             key = (cost, -freeness, iid)
             if best is None or key < best:
