@@ -30,6 +30,7 @@ from actors.migrator import MigratorActor
 from actors.scheduler import MigrationTick, SchedulerActor, Tick
 from actors.supervisor import ActorSlot, GetStatus, SupervisorActor
 from control.core.provisioner import NoProvisioner, Provisioner
+from control.core.record import DecisionLog
 from control.errors import ConfigError
 from control.settings import Settings
 from engines.tokenizer import Tokenizer
@@ -74,12 +75,14 @@ class ControlPlane:
         tick_interval_s: float = 0.25,
         provisioner: Provisioner | None = None,
         provisioner_factory: Callable[[Settings], Provisioner] | None = None,
+        decision_log: DecisionLog | None = None,
     ) -> None:
         self.settings = settings
         # None: ``provisioner_factory`` makes one when leading (the app passes the one ``[autoscaler]
         # provisioner`` names; actors cannot import the apps that spawn processes).
         self.provisioner = provisioner
         self.provisioner_factory = provisioner_factory
+        self.decision_log = decision_log  # the control core's decisions, recorded (parity tests); None: off
         if provisioner is None and provisioner_factory is None and settings.autoscaler.enabled:
             raise ConfigError(
                 "the autoscaler is enabled but this control plane was given no provisioner", code="no_provisioner"
@@ -199,7 +202,9 @@ class ControlPlane:
                 return SchedulerActor.start(self.bus, self.settings, self.tokenizer, parent, name, peers, state)
 
             def make_migrator(parent: pykka.ActorRef[Any], name: str) -> pykka.ActorRef[Any]:
-                return MigratorActor.start(self.bus, self.settings.migration, peers["scheduler"], parent, name, state)
+                return MigratorActor.start(
+                    self.bus, self.settings.migration, peers["scheduler"], parent, name, state, self.decision_log
+                )
 
             self.scheduler = self.supervisor.proxy().start_child("scheduler", make_scheduler).get(timeout=30)
             peers["scheduler"] = self.scheduler

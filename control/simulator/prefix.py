@@ -124,6 +124,7 @@ class PrefixClusterSimulator(ClusterSimulator):
         request.block_hashes = engine_block_hashes(
             ids, spec.prompt_len, self.config.engine.block_size, self.trace.trace_block_tokens
         )
+        request.hash_block_tokens = 0  # already one chained hash per engine block
         super()._admit(request, spec)
 
     def _demand(self, request: SimRequest) -> RequestDemand:

@@ -95,6 +95,7 @@ class PrefixCache:
     _free: OrderedDict[int, None] = field(default_factory=OrderedDict)  # cached, unreferenced; LRU first
     _held: dict[str, list[int]] = field(default_factory=dict)  # request id -> hashes it holds, in order
     _events: dict[int, bool] = field(default_factory=dict)  # since the last drain: hash -> stored (else removed)
+    _converted: dict[str, tuple[int, ...]] = field(default_factory=dict)  # request id -> its engine-block hashes
 
     # ------------------------------------------------------------------------------------------ queries
     @property
@@ -110,10 +111,23 @@ class PrefixCache:
         return [*self._refs, *self._free]
 
     # ------------------------------------------------------------------------------------------ core hooks
+    def hashes_of(self, request: SimRequest) -> tuple[int, ...]:
+        """The request's engine-block hashes: ``block_hashes`` as they are when ``hash_block_tokens`` is 0,
+        else a trace's coarser ids mapped onto this engine's blocks (once per request)."""
+        if not request.hash_block_tokens:
+            return request.block_hashes
+        hashes = self._converted.get(request.request_id)
+        if hashes is None:
+            hashes = engine_block_hashes(
+                tuple(request.block_hashes), request.prompt_len, self.block_size, request.hash_block_tokens
+            )
+            self._converted[request.request_id] = hashes
+        return hashes
+
     def lookup(self, request: SimRequest, free_blocks: int) -> int:
         """Tokens of ``request``'s prompt already cached here (whole blocks, at most prompt_len - 1)."""
         self.trim(free_blocks)
-        hashes = request.block_hashes
+        hashes = self.hashes_of(request)
         limit = min(len(hashes), (request.prompt_len - 1) // self.block_size)
         refs, free = self._refs, self._free
         n = 0
@@ -124,7 +138,7 @@ class PrefixCache:
     def schedule(self, request: SimRequest, num_new_tokens: int) -> None:
         """``num_new_tokens`` of ``request`` were scheduled from ``num_computed`` on: hold its cached hit (on
         admission) and cache every prompt block these tokens complete."""
-        hashes = request.block_hashes
+        hashes = self.hashes_of(request)
         held = self._held.get(request.request_id)
         if held is None:
             held = self._held[request.request_id] = []
@@ -153,6 +167,7 @@ class PrefixCache:
     def release(self, request_id: str) -> None:
         """The request freed its blocks (finished, preempted, aborted, or its migration committed)."""
         held = self._held.pop(request_id, None)
+        self._converted.pop(request_id, None)
         if not held:
             return
         refs, free = self._refs, self._free

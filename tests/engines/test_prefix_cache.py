@@ -93,3 +93,14 @@ def test_aborted_request_leaves_its_blocks_cached() -> None:
     core.remove("a")  # an abort: its blocks are free but still cached
     assert core.prefix_cache is not None and core.prefix_cache.num_cached_blocks == 1500 // BS
     assert core.allocated_blocks == 0
+
+
+def test_trace_level_hashes_are_mapped_onto_engine_blocks() -> None:
+    """A request that carries a trace's 512-token ids (``hash_block_tokens``) hits like one that carries
+    engine-block hashes."""
+    core = make_core()
+    run(core, request("a", (1, 2, 3), 1500), 0.0)
+    coarse = SimRequest("b", prompt_len=1500, max_tokens=2, block_hashes=(1, 2, 3), hash_block_tokens=512)
+    run(core, coarse, 10.0)
+    assert core.prefix_cache is not None
+    assert core.prefix_cache.stats.hit_tokens == (1500 - 1) // BS * BS
