@@ -396,6 +396,58 @@ class AutoscalerSettings(_Section):
     events_kept: int = Field(50, description="Scale events `drover autoscale status` shows.")
 
 
+class RayShape(_Section):
+    """What one engine instance of a role asks Ray for; Ray places the instance on a node that has it."""
+
+    num_cpus: float = Field(1.0, ge=0, description="Logical CPUs held by the instance (Ray's num_cpus).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs held by the instance (Ray's num_gpus).")
+    memory_gib: float = Field(0.0, ge=0, description="Memory reserved for the instance, GiB; 0: none.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description='Custom Ray resources, e.g. a node label such as {"node_a100" = 0.001} or an engine '
+        'kind slot such as {"drover_engine" = 1}.',
+    )
+
+
+def _default_ray_shapes() -> dict[Literal["interactive", "mixed", "batch"], RayShape]:
+    return {role: RayShape() for role in ("interactive", "mixed", "batch")}
+
+
+class ProvisionerSettings(_Section):
+    """Where the autoscaler's instances run: ``local`` processes or actors on a Ray cluster (``ray``)."""
+
+    kind: Literal["local", "ray"] = Field(
+        "local", description="local: `drover engine serve` processes here; ray: one Ray actor per instance."
+    )
+    ray_address: str = Field(
+        "auto",
+        description="Ray cluster: ray://HEAD:10001 (Ray Client; a control plane outside the cluster, e.g. "
+        "KubeRay), HOST:PORT (the GCS, from a Ray node), or auto (the node this process runs on).",
+    )
+    ray_namespace: str = Field("drover", description="Ray namespace of the instances' named actors.")
+    engine_nats_url: str | None = Field(
+        None, description="NATS URL as engines on the Ray nodes reach it; None: [nats] url."
+    )
+    ray_scheduling: Literal["spread", "default"] = Field(
+        "spread",
+        description="spread: Ray's SPREAD strategy, so a lost node takes as few engines as possible "
+        "(Drover's choice); default: Ray's packing-first hybrid policy.",
+    )
+    ray_shapes: dict[Literal["interactive", "mixed", "batch"], RayShape] = Field(
+        default_factory=_default_ray_shapes,
+        description="Resource shape per role (interactive, mixed, batch); a role not listed asks for 1 CPU.",
+    )
+    ray_poll_s: float = Field(
+        0.5, gt=0, description="How often the provisioner's thread checks its Ray actors for exits."
+    )
+    ray_stop_on_close: bool = Field(
+        True,
+        description="Stop the instances when the control plane shuts down. false: leave them serving; the next "
+        "leader adopts them (named <instance_prefix>-<role>-<n> in ray_namespace), e.g. across a rolling update "
+        "of a replicated control plane.",
+    )
+
+
 class DemoSettings(_Section):
     instances: int = Field(2, description="Engine instances `drover up` starts.")
     requests: int = Field(16, description="Requests the demo workload submits.")
@@ -440,6 +492,7 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = GatewaySettings()
     metrics: MetricsSettings = MetricsSettings()
     audit: AuditSettings = AuditSettings()
+    provisioner: ProvisionerSettings = ProvisionerSettings()
 
     @model_validator(mode="after")
     def _check_policy(self) -> Settings:
