@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from control.core.provisioner import ProvisionedInstance, StartupModel
+from control.errors import DroverError
 from control.policy.autoscaling import InstanceRole
 from control.settings import RayShape, Settings
 
@@ -58,8 +59,10 @@ _NATS_AUTH_FIELDS = (
 )
 
 
-class RayUnavailableError(RuntimeError):
+class RayUnavailableError(DroverError, RuntimeError):
     """Ray is not installed or the cluster cannot be reached."""
+
+    default_code = "ray_unavailable"
 
 
 def import_ray() -> Any:
