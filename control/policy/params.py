@@ -34,6 +34,13 @@ class DispatchParams:
     prefix_holders_per_block: int = 4
     """Instances remembered per prefix block (the most recent ones): bounds a decision's cost when a popular
     prefix is cached everywhere; a few candidates are enough to find one with room."""
+    predict_growth_blocks: int = 4
+    """``predictive`` dispatch: KV blocks each hosted request is expected to add (its growth reserve)."""
+    predict_high_watermark: float = 0.9
+    """``predictive`` dispatch: predicted KV demand (fraction of blocks) above which an instance leaves the
+    safe tier."""
+    predict_decode_weight: float = 16.0
+    """``predictive`` dispatch: prompt-token equivalents of one running request sharing the step."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +55,9 @@ class PolicyParams:
     prefix_min_match_blocks: int = 1
     prefix_history_blocks: int = 0
     prefix_holders_per_block: int = 4
+    predict_growth_blocks: int = 4
+    predict_high_watermark: float = 0.9
+    predict_decode_weight: float = 16.0
 
     migration_enabled: bool = True
     migrate_threshold: float = 3.0
@@ -68,6 +78,20 @@ class PolicyParams:
     max_stages: int = 3
     """Abort a migration that has not reached stop-and-copy after this many stages (Llumnix: 3)."""
 
+    # Drover's cost-aware migration (docs/policies.md, "Migration that counts its cost"); off = Llumnix.
+    migration_cost_aware: bool = False
+    """Move a request only when the move pays: it must lift the source back to the threshold (the
+    smallest request that does, else the largest that fits: one copy instead of many), the destination
+    must stay above the threshold after taking it, and the move must leave the destination freer than
+    the source (otherwise the pressure just changes hands)."""
+    migration_budget_per_request: int = 0
+    """Most times one request may be moved (0 = no limit; draining ignores it: a draining instance must
+    empty)."""
+    migration_cooldown_s: float = 0.0
+    """A request moved less than this long ago is not moved again (0 = off)."""
+    migration_pingpong_window_s: float = 0.0
+    """A request is never moved back to an instance it left less than this long ago (0 = off)."""
+
     def dispatch_params(self) -> DispatchParams:
         return DispatchParams(
             watermark_blocks=self.watermark_blocks,
@@ -76,6 +100,9 @@ class PolicyParams:
             prefix_min_match_blocks=self.prefix_min_match_blocks,
             prefix_history_blocks=self.prefix_history_blocks,
             prefix_holders_per_block=self.prefix_holders_per_block,
+            predict_growth_blocks=self.predict_growth_blocks,
+            predict_high_watermark=self.predict_high_watermark,
+            predict_decode_weight=self.predict_decode_weight,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -101,7 +128,10 @@ class PolicyParams:
             raise ValueError(f"dispatch_policy must be one of {POLICY_NAMES}, got {self.dispatch_policy!r}")
         if self.migration_pick not in ("shortest", "longest", "last_come", "first_come"):
             raise ValueError(f"migration_pick {self.migration_pick!r} is not shortest/longest/last_come/first_come")
-        for name in ("watermark_blocks", "max_migrations_total", "prefix_history_blocks"):
+        for name in ("migration_cooldown_s", "migration_pingpong_window_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        for name in ("watermark_blocks", "max_migrations_total", "prefix_history_blocks", "migration_budget_per_request"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         for name in (
@@ -134,3 +164,33 @@ def _coerce(value: Any, kind: type, name: str) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     raise ValueError(f"{name} expects {kind.__name__}, got {type(value).__name__}")
+
+
+# The policies users and benchmarks name (``drover sim run --policy``, bench_scheduling). ``drover`` is the
+# project's recommended default: whatever currently serves users best (docs/policies.md says why).
+DROVER_POLICY = PolicyParams(
+    dispatch_policy="predictive",
+    migration_enabled=True,
+    migration_cost_aware=True,
+    migration_budget_per_request=2,
+    migration_cooldown_s=2.0,
+    migration_pingpong_window_s=30.0,
+)
+
+NAMED_POLICIES: dict[str, PolicyParams] = {
+    "round_robin": PolicyParams(dispatch_policy="round_robin", migration_enabled=False),
+    "least_loaded": PolicyParams(dispatch_policy="least_loaded", migration_enabled=False),
+    "llumnix": PolicyParams(dispatch_policy="freeness", migration_enabled=True),
+    "prefix_affinity": PolicyParams(dispatch_policy="prefix_affinity", migration_enabled=False),
+    "drover": DROVER_POLICY,
+}
+POLICY_ALIASES: dict[str, str] = {"infaas++": "least_loaded"}
+
+
+def named_policy(name: str) -> PolicyParams:
+    """The parameters of policy ``name`` (one of :data:`NAMED_POLICIES` or an alias)."""
+    key = POLICY_ALIASES.get(name, name)
+    if key not in NAMED_POLICIES:
+        known = ", ".join([*NAMED_POLICIES, *POLICY_ALIASES])
+        raise ValueError(f"unknown policy {name!r}; choose one of {known}")
+    return NAMED_POLICIES[key]

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy
-from control.policy.migration import InFlightMigration, MigrationDecision, plan_migrations
+from control.policy.migration import InFlightMigration, MigrationDecision, MigrationPlanner
 from control.policy.params import PolicyParams
 from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot
 from control.simulator.metrics import RequestMetrics, SimulationResult, summarize
@@ -135,6 +135,8 @@ class ClusterSimulator:
         self.config = config
         self.params = config.policy
         self.index: DispatchIndex = make_dispatch_policy(self.params.dispatch_policy, self.params.dispatch_params())
+        # incremental, and it remembers its own moves (per-request budget, cooldown, no ping-pong)
+        self.planner = MigrationPlanner(self.params)
         self.instances = [
             _Instance(i, f"sim-{i:04d}", SimEngineCore(config.engine, config.cost_model))
             for i in range(config.num_instances)
@@ -392,7 +394,8 @@ class ClusterSimulator:
         """This round's migrations over the serving instances (subclasses may group them)."""
         snapshots = self._snapshots
         live = snapshots if len(self._live) == len(snapshots) else [snapshots[i] for i in self._live]
-        return plan_migrations(live, list(self._in_flight.values()), self.params)
+        self.planner.sync(live)
+        return self.planner.plan(list(self._in_flight.values()), now=self.now)
 
     def _refresh_snapshots(self) -> bool:
         """Fresh snapshots (the heartbeats) of instances whose state changed; True if any did."""
