@@ -193,6 +193,8 @@ class MigrationPlanner:
         if not params.migration_enabled or not any(self._sources.values()):
             return []
         budget = params.max_migrations_total - len(in_flight) if params.max_migrations_total > 0 else math.inf
+        if params.max_migrations_per_round > 0:
+            budget = min(budget, params.max_migrations_per_round)
         if budget <= 0:
             return []
         now = time.monotonic() if now is None else now
@@ -209,7 +211,12 @@ class MigrationPlanner:
             members = self._sources[group]
             if not members:
                 continue
-            srcs = sorted(
+            # only as many sources as there can be destinations need ordering
+            k = min(len(members), self._dst_count.get(group, 0), int(min(budget, 1 << 30)))
+            if k == 0:
+                continue
+            srcs = heapq.nsmallest(
+                k,
                 (rated[i] for i in members if busy.get(i, 0) < cap),
                 key=lambda r: (r.freeness, r.snapshot.instance_id),
             )
@@ -310,10 +317,14 @@ class MigrationPlanner:
         n_dst = d.num_running + (1 if d.num_waiting > 0 else 0)
         sufficient: RunningSnapshot | None = None
         largest: RunningSnapshot | None = None
+        rooms: dict[bool, int] = {}
         for request in candidate_requests(s, migrating, params, normal_only=normal_only):
-            if not self.may_move(request.request_id, d.instance_id, now, draining=draining):
+            if self._moves and not self.may_move(request.request_id, d.instance_id, now, draining=draining):
                 continue
-            room = destination_room(d, params, high_priority=request.priority > 0)
+            high = request.priority > 0
+            room = rooms.get(high)
+            if room is None:
+                room = rooms[high] = destination_room(d, params, high_priority=high)
             b = request.num_blocks
             if b + 1 > room:
                 continue

@@ -91,6 +91,9 @@ class PolicyParams:
     """A request moved less than this long ago is not moved again (0 = off)."""
     migration_pingpong_window_s: float = 0.0
     """A request is never moved back to an instance it left less than this long ago (0 = off)."""
+    max_migrations_per_round: int = 0
+    """Most migrations one planning round starts (0 = no cap, as Llumnix): the most pressed sources go
+    first, the rest wait for the next round (50 ms later). Bounds a round's cost at any cluster size."""
 
     def dispatch_params(self) -> DispatchParams:
         return DispatchParams(
@@ -131,7 +134,7 @@ class PolicyParams:
         for name in ("migration_cooldown_s", "migration_pingpong_window_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
-        for name in ("watermark_blocks", "max_migrations_total", "prefix_history_blocks", "migration_budget_per_request"):
+        for name in ("watermark_blocks", "max_migrations_total", "prefix_history_blocks", "migration_budget_per_request", "max_migrations_per_round"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         for name in (
@@ -175,6 +178,7 @@ DROVER_POLICY = PolicyParams(
     migration_budget_per_request=2,
     migration_cooldown_s=2.0,
     migration_pingpong_window_s=30.0,
+    max_migrations_per_round=64,
 )
 
 NAMED_POLICIES: dict[str, PolicyParams] = {
