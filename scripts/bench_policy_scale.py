@@ -144,8 +144,7 @@ def bench_planning(n: int, rounds: int, seed: int, params: PolicyParams) -> dict
     stateless: list[int] = []
     clock = time.perf_counter_ns
     fresh_rounds = [
-        [random_snapshot(rng, f"i{(i := rng.randrange(n))}", "llama") for _ in range(changed_per_round)]
-        for _ in range(rounds)
+        [random_snapshot(rng, f"i{rng.randrange(n)}", "llama") for _ in range(changed_per_round)] for _ in range(rounds)
     ]
     now = 0.0
     gc.collect()
@@ -230,8 +229,7 @@ def main() -> None:
         from scripts import plotting
 
         series = {
-            name: (sizes, [results["dispatch"][f"{n}/{name}"]["total_p99_us"] for n in sizes])
-            for name in POLICY_NAMES
+            name: (sizes, [results["dispatch"][f"{n}/{name}"]["total_p99_us"] for n in sizes]) for name in POLICY_NAMES
         }
         plotting.line_plot(
             args.plot,

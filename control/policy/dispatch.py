@@ -413,7 +413,9 @@ class PredictiveIndex(_IndexBase):
         total = max(1, snap.num_total_blocks)
         bs = snap.block_size
         requests = snap.num_running + snap.num_waiting + entry.extra_waiting
-        demand = snap.num_used_blocks + snap.waiting_blocks + entry.extra_blocks + params.predict_growth_blocks * requests
+        demand = (
+            snap.num_used_blocks + snap.waiting_blocks + entry.extra_blocks + params.predict_growth_blocks * requests
+        )
         load = demand / total
         if load >= params.predict_high_watermark:
             return ((1.0, load, 0.0),)
@@ -423,7 +425,7 @@ class PredictiveIndex(_IndexBase):
                 left = r.num_tokens - r.num_blocks * bs
                 if left > 0:
                     prefilling += left
-        ahead = (snap.waiting_blocks + entry.extra_blocks) * bs + prefilling
+        ahead: float = (snap.waiting_blocks + entry.extra_blocks) * bs + prefilling
         ahead += params.predict_decode_weight * (snap.num_running + entry.extra_waiting)
         return ((0.0, float(ahead), load),)
 

@@ -39,6 +39,8 @@ REASON_PREEMPTION = "preemption"
 REASON_LOAD = "load"
 REASON_PRIORITY = "priority"
 
+_EXTRA_DESTINATIONS = 3  # cost-aware pairing: destinations tried per source after the first refuses
+
 
 @dataclass(frozen=True, slots=True)
 class InFlightMigration:
@@ -220,25 +222,41 @@ class MigrationPlanner:
                 (rated[i] for i in members if busy.get(i, 0) < cap),
                 key=lambda r: (r.freeness, r.snapshot.instance_id),
             )
-            dsts = self._top_destinations(group, len(srcs), busy, cap)
-            for src, dst in zip(srcs, dsts, strict=False):
+            if not params.migration_cost_aware:
+                # Llumnix: the i-th most pressed source with the i-th freest destination
+                for src, dst in zip(srcs, self._top_destinations(group, len(srcs), busy, cap), strict=False):
+                    if len(decisions) >= budget:
+                        break
+                    decision = _pair(src, dst, migrating, params)
+                    if decision is not None:
+                        decisions.append(decision)
+                        if params.migration_budget_per_request or self._tracks_moves():
+                            self._record(decision, now)
+                continue
+            # cost-aware: a pair the rules refuse does not waste the source's turn; it tries the next freest
+            # unused destinations (a few: the freest ones are where a move pays most)
+            dsts = self._top_destinations(group, len(srcs) + _EXTRA_DESTINATIONS, busy, cap)
+            used = [False] * len(dsts)
+            for src in srcs:
                 if len(decisions) >= budget:
                     break
-                if params.migration_cost_aware:
+                tries = 0
+                for j, dst in enumerate(dsts):
+                    if used[j]:
+                        continue
                     decision = self._pair_cost_aware(src, dst, migrating, now)
-                else:
-                    decision = _pair(src, dst, migrating, params)
-                if decision is None:
-                    continue
-                decisions.append(decision)
-                if params.migration_cost_aware or params.migration_budget_per_request or self._tracks_moves():
-                    self._record(decision, now)
+                    if decision is not None:
+                        used[j] = True
+                        decisions.append(decision)
+                        self._record(decision, now)
+                        break
+                    tries += 1
+                    if tries > _EXTRA_DESTINATIONS:
+                        break
         self._prune(now)
         return decisions
 
-    def _top_destinations(
-        self, group: tuple[str, int], k: int, busy: dict[str, int], cap: int
-    ) -> list[_Rated]:
+    def _top_destinations(self, group: tuple[str, int], k: int, busy: dict[str, int], cap: int) -> list[_Rated]:
         """The ``k`` freest destinations of the group not at their migration cap (heap left intact)."""
         heap = self._dst_heaps.get(group)
         if not heap or k == 0:
@@ -296,9 +314,7 @@ class MigrationPlanner:
         left = moves.left.get(destination_id)
         return not (p.migration_pingpong_window_s and left is not None and now - left < p.migration_pingpong_window_s)
 
-    def _pair_cost_aware(
-        self, src: _Rated, dst: _Rated, migrating: set[str], now: float
-    ) -> MigrationDecision | None:
+    def _pair_cost_aware(self, src: _Rated, dst: _Rated, migrating: set[str], now: float) -> MigrationDecision | None:
         """The request whose move pays most on this pair, or None (see ``PolicyParams.migration_cost_aware``).
 
         Source relief: the source is back at the threshold when (available + b) / (n - 1) >= threshold

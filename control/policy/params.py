@@ -134,7 +134,13 @@ class PolicyParams:
         for name in ("migration_cooldown_s", "migration_pingpong_window_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
-        for name in ("watermark_blocks", "max_migrations_total", "prefix_history_blocks", "migration_budget_per_request", "max_migrations_per_round"):
+        for name in (
+            "watermark_blocks",
+            "max_migrations_total",
+            "prefix_history_blocks",
+            "migration_budget_per_request",
+            "max_migrations_per_round",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         for name in (
