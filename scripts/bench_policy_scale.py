@@ -66,7 +66,7 @@ def random_snapshot(rng: random.Random, iid: str, model: str, *, draining: bool 
         model=model,
         block_size=16,
         running=running,
-        high_priority_count=-1,
+        high_priority_count=sum(1 for r in running if r.priority > 0),  # heartbeat builders count it
     )
 
 

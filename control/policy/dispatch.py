@@ -126,9 +126,9 @@ class _IndexBase:
     Why lazy heaps: every heartbeat and every dispatch re-keys one instance. Removing its old key from a
     sorted structure costs a search and a shift per list and pool (the dominant cost at 1,000 instances);
     a heap push is O(log n) with a tiny constant, and an outdated item is only discarded when it reaches
-    the top (its version no longer matches the entry's). A heap holding more than twice the live items
-    plus a slack is rebuilt from the live keys, so memory stays O(instances) and the rebuild's O(n) cost
-    is paid once per ~n updates.
+    the top (its version no longer matches the entry's). A heap holding more than four times the live items
+    plus 16 is rebuilt from the live keys, so memory stays O(instances) and the rebuild's O(n) cost is paid
+    once per ~3n pushes: rarely enough to stay out of the p99 even with six heaps pushed per decision.
     """
 
     name = "base"
@@ -215,7 +215,7 @@ class _IndexBase:
             for heap, key in zip(pool, keys, strict=False):
                 if key is not None:
                     heapq.heappush(heap, (key, iid, version))
-                    if len(heap) > 2 * live + 64:
+                    if len(heap) > 4 * live + 16:
                         self._rebuild(heap)
 
     def _unlink(self, entry: _Entry) -> None:
@@ -435,6 +435,17 @@ class PredictiveIndex(_IndexBase):
         return None if top is None else top[1]
 
 
+def _checkpoints(num_blocks: int) -> list[int]:
+    """Prefix depths (1-based) that dispatch history records and lookups probe, deepest first: the first 4,
+    every 4th, and the whole prompt. Recording every block cost ~1 µs per block on each dispatch (the
+    decision's p99 was over 50 µs); a match found at a checkpoint is at most 3 blocks short of the true one."""
+    depths = [d for d in range(min(4, num_blocks), 0, -1)]
+    depths[:0] = range(num_blocks - num_blocks % 4, 4, -4)
+    if num_blocks > 4 and num_blocks % 4:
+        depths.insert(0, num_blocks)
+    return depths
+
+
 class PrefixAffinityIndex(FreenessIndex):
     """Prefer the instance that holds the longest run of the prompt's prefix blocks; else freeness.
 
@@ -463,8 +474,9 @@ class PrefixAffinityIndex(FreenessIndex):
 
     def on_dispatched(self, instance_id: str, demand: RequestDemand) -> None:
         super().on_dispatched(instance_id, demand)
-        if demand.prefix_block_hashes and instance_id in self._entries:
-            self._remember(instance_id, demand.prefix_block_hashes)
+        hashes = demand.prefix_block_hashes
+        if hashes and instance_id in self._entries:
+            self._remember(instance_id, [hashes[d - 1] for d in _checkpoints(len(hashes))])
 
     def choose(self, demand: RequestDemand) -> str | None:
         hashes = demand.prefix_block_hashes
@@ -486,7 +498,9 @@ class PrefixAffinityIndex(FreenessIndex):
         high = demand.priority > 0
         floor = self.params.affinity_min_freeness
         entries = self._entries
-        for depth in range(len(hashes), self.params.prefix_min_match_blocks - 1, -1):
+        for depth in _checkpoints(len(hashes)):
+            if depth < self.params.prefix_min_match_blocks:
+                break
             holders = self._holders.get(hashes[depth - 1])
             if not holders:
                 continue
