@@ -694,7 +694,9 @@ def ablation_variants() -> dict[str, PolicyParams]:
     }
 
 
-def section_ablation(settings: Sequence[Setting], seeds: Sequence[int], rate_factor: float) -> dict[str, Any]:
+def section_ablation(
+    settings: Sequence[Setting], seeds: Sequence[int], rate_factor: float, *, with_goodput: bool = False
+) -> dict[str, Any]:
     """Every variant at a fixed, stressed load (``rate_factor`` x least_loaded's seed-0 goodput) and its
     goodput: what each rule buys."""
     out: dict[str, Any] = {}
@@ -713,7 +715,7 @@ def section_ablation(settings: Sequence[Setting], seeds: Sequence[int], rate_fac
         )
         rows: dict[str, Any] = {}
         for name, params in variants.items():
-            good = [goodput(setting, params, seed, slo)["goodput"] for seed in seeds]
+            good = [goodput(setting, params, seed, slo)["goodput"] for seed in seeds] if with_goodput else [math.nan]
             att, ttft, tpot, migr, max_per, mtp, otp, pre = [], [], [], [], [], [], [], []
             for seed in seeds:
                 result = simulate(setting.config(params), setting.workload(rate, seed))
@@ -787,6 +789,7 @@ def main() -> None:
     parser.add_argument("--policies", default=",".join(GOODPUT_POLICIES), help="goodput policies, comma-separated")
     parser.add_argument("--ablation", action="store_true", help="run only the ablation of drover's rules")
     parser.add_argument("--ablation-rate", type=float, default=1.5, help="fixed load, x least_loaded's goodput")
+    parser.add_argument("--ablation-goodput", action="store_true", help="also bisect every variant's goodput (slow)")
     args = parser.parse_args()
     if args.ablation:
         wanted = [w.strip() for w in args.settings.split(",") if w.strip()]
@@ -795,7 +798,12 @@ def main() -> None:
             parser.error(f"--settings: choose from {', '.join(s.name for s in goodput_settings())}")
         if args.quick:
             chosen = [dataclasses.replace(s, duration_s=100.0) for s in chosen]
-        ablation = section_ablation(chosen, list(range(args.seed, args.seed + args.seeds)), args.ablation_rate)
+        ablation = section_ablation(
+            chosen,
+            list(range(args.seed, args.seed + args.seeds)),
+            args.ablation_rate,
+            with_goodput=args.ablation_goodput,
+        )
         if args.json:
             args.json.write_text(json.dumps(ablation, indent=1, default=str))
         return

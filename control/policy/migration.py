@@ -299,14 +299,14 @@ class MigrationPlanner:
         for rid in stale:
             del self._moves[rid]
 
-    def may_move(self, request_id: str, destination_id: str, now: float, *, draining: bool = False) -> bool:
-        """Budget, cooldown and ping-pong rules for one request (draining ignores the budget and cooldown:
-        the instance must empty)."""
+    def may_move(self, request_id: str, destination_id: str, now: float, *, exempt: bool = False) -> bool:
+        """Budget, cooldown and ping-pong rules for one request; ``exempt`` (a draining or preempting source)
+        skips the budget and cooldown, never the ping-pong rule."""
         moves = self._moves.get(request_id)
         if moves is None:
             return True
         p = self.params
-        if not draining:
+        if not exempt:
             if p.migration_budget_per_request and moves.count >= p.migration_budget_per_request:
                 return False
             if p.migration_cooldown_s and now - moves.last_s < p.migration_cooldown_s:
@@ -327,6 +327,9 @@ class MigrationPlanner:
         s = src.snapshot
         d = dst.snapshot
         draining = s.draining
+        # Budget and cooldown stop load-balancing churn; a source that drains or is preempting pays more for
+        # not moving (recompute of its victims) than any move costs, so they do not bind there.
+        exempt = reason in (REASON_DRAIN, REASON_PREEMPTION)
         normal_only = reason == REASON_PRIORITY
         n_src = s.num_running + (1 if s.num_waiting > 0 else 0)
         avail_src = s.num_free_blocks - params.watermark_blocks - (s.head_waiting_blocks if s.num_waiting else 0)
@@ -335,7 +338,7 @@ class MigrationPlanner:
         largest: RunningSnapshot | None = None
         rooms: dict[bool, int] = {}
         for request in candidate_requests(s, migrating, params, normal_only=normal_only):
-            if self._moves and not self.may_move(request.request_id, d.instance_id, now, draining=draining):
+            if self._moves and not self.may_move(request.request_id, d.instance_id, now, exempt=exempt):
                 continue
             high = request.priority > 0
             room = rooms.get(high)
@@ -350,11 +353,9 @@ class MigrationPlanner:
             # the destination's future pressure: it must stay a non-source after taking the request (and the
             # block its next tokens need)
             dst_after = per_request(room - b - 1, n_dst + 1)
-            if dst_after < threshold:
-                continue
             src_after = per_request(avail_src + b, n_src - 1) if n_src > 1 else math.inf
-            if dst_after < src_after and src_after < math.inf:
-                continue  # the move would only hand the pressure over
+            if dst_after < min(threshold, src.freeness):
+                continue  # the destination would end up more pressed than the source was: no net relief
             if src_after >= threshold:
                 if sufficient is None or (request.priority, b) < (sufficient.priority, sufficient.num_blocks):
                     sufficient = request

@@ -80,15 +80,17 @@ class PolicyParams:
 
     # Drover's cost-aware migration (docs/policies.md, "Migration that counts its cost"); off = Llumnix.
     migration_cost_aware: bool = False
-    """Move a request only when the move pays: it must lift the source back to the threshold (the
-    smallest request that does, else the largest that fits: one copy instead of many), the destination
-    must stay above the threshold after taking it, and the move must leave the destination freer than
-    the source (otherwise the pressure just changes hands)."""
+    """Pick the request whose move pays: the smallest one whose move lifts the source back to the threshold
+    (all the relief for the least copy and downtime), else the largest that fits (the most relief per copy,
+    instead of Llumnix's shortest-first, which frees a few blocks and leaves the source pressed for the next
+    round); a destination that would end up more pressed than the source was is refused (the pressure would
+    only change hands); a refused pair tries the next freest destinations."""
     migration_budget_per_request: int = 0
-    """Most times one request may be moved (0 = no limit; draining ignores it: a draining instance must
-    empty)."""
+    """Most times one request may be moved for load (0 = no limit). Moves off a draining or preempting
+    source are exempt: not moving costs more there (the instance must empty; preemption recomputes)."""
     migration_cooldown_s: float = 0.0
-    """A request moved less than this long ago is not moved again (0 = off)."""
+    """A request moved less than this long ago is not moved again for load (0 = off; same exemptions as the
+    budget)."""
     migration_pingpong_window_s: float = 0.0
     """A request is never moved back to an instance it left less than this long ago (0 = off)."""
     max_migrations_per_round: int = 0

@@ -257,11 +257,25 @@ def test_cost_aware_moves_the_smallest_request_that_clears_the_deficit() -> None
     assert plan_migrations([src, dst], [], COST)[0].request_id == "s/r1"
 
 
-def test_cost_aware_refuses_a_move_that_makes_the_destination_a_source() -> None:
-    src = inst("s", free=0, reqs=[(3200, 0), (3200, 0)])  # 100 blocks each
-    dst = inst("d", free=110, reqs=[(32, 0)] * 3, total=400)  # F = 27.5 before, (110-100-1)/4 < 3 after
+def test_cost_aware_refuses_a_move_that_leaves_the_destination_more_pressed_than_the_source_was() -> None:
+    src = inst("s", free=2, reqs=[(3200, 0), (3200, 0)])  # 100 blocks each, F = 1
+    dst = inst("d", free=103, reqs=[(32, 0)] * 3, total=400)  # F = 34 before, (103 - 100 - 1) / 4 = 0.5 after
     assert plan_migrations([src, dst], [], PARAMS)  # Llumnix moves it
     assert plan_migrations([src, dst], [], COST) == []
+    roomy = inst("d", free=160, reqs=[(32, 0)] * 3, total=400)  # (160 - 101) / 4 = 14.75 after: it pays
+    assert plan_migrations([src, roomy], [], COST)
+
+
+def test_preempting_source_is_exempt_from_budget_and_cooldown() -> None:
+    planner = MigrationPlanner(COST)
+    planner.sync([inst("a", free=0, reqs=[(320, 0), (320, 0)]), inst("b", free=190)])
+    moved = planner.plan([], now=0.0)[0].request_id
+    b2 = InstanceSnapshot("b", 200, 0, 1, 0, running=(RunningSnapshot(moved, 320, 10),), model="m")
+    planner.sync([b2, inst("c", free=190)])
+    assert planner.plan([], now=0.5) == []  # cooldown
+    preempting = dataclasses.replace(b2, num_preempted=1)
+    planner.sync([preempting, inst("c", free=190)])
+    assert [d.request_id for d in planner.plan([], now=0.5)] == [moved]
 
 
 def test_budget_cooldown_and_no_ping_pong() -> None:
