@@ -27,7 +27,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from control.policy.freeness import per_request, priority_headroom_blocks
@@ -122,6 +122,7 @@ class MigrationPlanner:
         self._clock = 0
         self._moves: dict[str, _Moves] = {}
         self._last_prune = -math.inf
+        self._now = 0.0
 
     # -- state ---------------------------------------------------------------------------------------------
     def set_params(self, params: PolicyParams) -> None:
@@ -200,6 +201,7 @@ class MigrationPlanner:
         if budget <= 0:
             return []
         now = time.monotonic() if now is None else now
+        self._now = now
         busy: dict[str, int] = {}
         migrating: set[str] = set()
         for m in in_flight:
@@ -227,7 +229,7 @@ class MigrationPlanner:
                 for src, dst in zip(srcs, self._top_destinations(group, len(srcs), busy, cap), strict=False):
                     if len(decisions) >= budget:
                         break
-                    decision = _pair(src, dst, migrating, params)
+                    decision = _pair(src, dst, migrating, params, self._allowed if self._moves else None)
                     if decision is not None:
                         decisions.append(decision)
                         if params.migration_budget_per_request or self._tracks_moves():
@@ -298,6 +300,9 @@ class MigrationPlanner:
         stale = [rid for rid, m in self._moves.items() if now - m.last_s > horizon]
         for rid in stale:
             del self._moves[rid]
+
+    def _allowed(self, request_id: str, destination_id: str, exempt: bool) -> bool:
+        return self.may_move(request_id, destination_id, self._now, exempt=exempt)
 
     def may_move(self, request_id: str, destination_id: str, now: float, *, exempt: bool = False) -> bool:
         """Budget, cooldown and ping-pong rules for one request; ``exempt`` (a draining or preempting source)
@@ -440,10 +445,21 @@ def destination_room(snapshot: InstanceSnapshot, params: PolicyParams, *, high_p
     return snapshot.num_free_blocks - params.watermark_blocks - headroom
 
 
-def _pair(src: _Rated, dst: _Rated, migrating: set[str], params: PolicyParams) -> MigrationDecision | None:
+def _pair(
+    src: _Rated,
+    dst: _Rated,
+    migrating: set[str],
+    params: PolicyParams,
+    allowed: Callable[[str, str, bool], bool] | None = None,
+) -> MigrationDecision | None:
+    """Llumnix's choice: the first movable request (in pick order) that fits; ``allowed(request, destination,
+    exempt)`` adds the budget, cooldown and ping-pong rules when they are on."""
     reason = _reason(src, params.migrate_threshold)
     normal_only = reason == REASON_PRIORITY
+    exempt = reason in (REASON_DRAIN, REASON_PREEMPTION)
     for request in candidate_requests(src.snapshot, migrating, params, normal_only=normal_only):
+        if allowed is not None and not allowed(request.request_id, dst.snapshot.instance_id, exempt):
+            continue
         room = destination_room(dst.snapshot, params, high_priority=request.priority > 0)
         if request.num_blocks + 1 > room:  # +1: the block its next tokens need
             continue

@@ -319,3 +319,13 @@ def test_per_round_cap() -> None:
     snaps = [inst(f"s{k}", free=0, reqs=[(320, 0)] * 2) for k in range(5)] + [inst(f"d{k}", free=190) for k in range(5)]
     assert len(plan_migrations(snaps, [], PARAMS)) == 5
     assert len(plan_migrations(snaps, [], dataclasses.replace(PARAMS, max_migrations_per_round=2))) == 2
+
+
+def test_budget_and_ping_pong_apply_to_llumnix_pairing_too() -> None:
+    rules_only = dataclasses.replace(COST, migration_cost_aware=False)
+    planner = MigrationPlanner(rules_only)
+    planner.sync([inst("a", free=0, reqs=[(320, 0), (320, 0)]), inst("b", free=190)])
+    moved = planner.plan([], now=0.0)[0].request_id
+    b2 = InstanceSnapshot("b", 200, 0, 1, 0, running=(RunningSnapshot(moved, 320, 10),), model="m")
+    planner.sync([b2, inst("a", free=190)])
+    assert planner.plan([], now=5.0) == []  # back to the instance it left: ping-pong
