@@ -100,7 +100,7 @@ ChildFactory = Callable[[pykka.ActorRef[Any], str], pykka.ActorRef[Any]]
 
 
 @dataclass(slots=True)
-class _Child:
+class ChildRecord:
     slot: ActorSlot
     factory: ChildFactory
     failures: deque[float] = field(default_factory=deque)
@@ -125,7 +125,7 @@ class SupervisorActor(pykka.ThreadingActor):
         self.max_restarts = max_restarts
         self.restart_window_s = restart_window_s
         self.check_interval_s = check_interval_s
-        self.children: dict[str, _Child] = {}
+        self.children: dict[str, ChildRecord] = {}
         self._timers: list[threading.Timer] = []
         self._stopping = False
 
@@ -134,7 +134,7 @@ class SupervisorActor(pykka.ThreadingActor):
         """Start ``factory(supervisor_ref, name)`` and supervise it; returns its stable slot."""
         slot = ActorSlot(name)
         slot.ref = factory(self.actor_ref, name)
-        self.children[name] = _Child(slot=slot, factory=factory)
+        self.children[name] = ChildRecord(slot=slot, factory=factory)
         return slot
 
     def on_start(self) -> None:
@@ -165,7 +165,7 @@ class SupervisorActor(pykka.ThreadingActor):
                     ref.stop(timeout=5)
 
     # ------------------------------------------------------------------------------------------- restart logic
-    def restart_delay(self, child: _Child) -> float:
+    def restart_delay(self, child: ChildRecord) -> float:
         return min(self.backoff_max_s, self.backoff_initial_s * (2 ** max(0, len(child.failures) - 1)))
 
     def _on_child_failed(self, name: str, reason: str) -> None:

@@ -15,16 +15,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from control.gateway.settings import GatewaySettings
+from control.gateway_settings import GatewaySettings
 from control.policy.autoscaling import AutoscaleParams, ThresholdParams
 from control.policy.params import PolicyParams
 from observability.metrics import MetricsSettings
 from transport.nats_auth import NatsAuth
 
-# Drover's live defaults that differ from the Llumnix paper's (PolicyParams holds the paper's):
-# our KV copies are fast, so a 1-block last stage keeps downtime to about one decode step, and more stages
-# are affordable before giving up.
-LIVE_POLICY_DEFAULTS = PolicyParams(last_stage_max_blocks=1, max_stages=8)
+# The live policy defaults are the simulator's: one set (PolicyParams documents the measured migration knobs).
+LIVE_POLICY_DEFAULTS = PolicyParams()
 
 
 class _Section(BaseModel):

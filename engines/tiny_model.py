@@ -117,7 +117,7 @@ def _make_readable(directory: Path) -> None:
 
 
 def _write_model(directory: Path, spec: ModelSpec) -> None:
-    _write_json(directory / "config.json", _hf_config(spec))
+    _write_json(directory / "config.json", hf_config(spec))
     _write_json(directory / "generation_config.json", {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID})
     _write_weights(directory / "model.safetensors", spec)
     _write_tokenizer(directory, spec)
@@ -131,7 +131,7 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
-def _hf_config(spec: ModelSpec) -> dict[str, Any]:
+def hf_config(spec: ModelSpec) -> dict[str, Any]:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

@@ -139,7 +139,7 @@ class MigrationPlanner:
         """A fresh heartbeat of one instance."""
         iid = snapshot.instance_id
         self._drop_roles(iid)
-        rated = _rate(snapshot, self.params)
+        rated = migration_rate(snapshot, self.params)
         self._rated[iid] = rated
         group = (snapshot.model, snapshot.block_size)
         self._group_of[iid] = group
@@ -382,7 +382,7 @@ class MigrationPlanner:
         )
 
 
-def _rate(snapshot: InstanceSnapshot, params: PolicyParams) -> _Rated:
+def migration_rate(snapshot: InstanceSnapshot, params: PolicyParams) -> _Rated:
     """Migration freeness with and without headroom: ``freeness.migration_freeness`` inlined, since this
     runs for every instance every 50 ms (tests check the two agree)."""
     if snapshot.draining:
