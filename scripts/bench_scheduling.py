@@ -796,6 +796,7 @@ def main() -> None:
     )
     parser.add_argument("--policies", default=",".join(GOODPUT_POLICIES), help="goodput policies, comma-separated")
     parser.add_argument("--ablation", action="store_true", help="run only the ablation of drover's rules")
+    parser.add_argument("--duration", type=float, default=300.0, help="seconds of arrivals per goodput run")
     parser.add_argument("--ablation-rate", type=float, default=1.5, help="fixed load, x least_loaded's goodput")
     parser.add_argument("--ablation-goodput", action="store_true", help="also bisect every variant's goodput (slow)")
     args = parser.parse_args()
@@ -804,8 +805,7 @@ def main() -> None:
         chosen = [s for s in goodput_settings() if s.name in wanted]
         if len(chosen) != len(wanted):
             parser.error(f"--settings: choose from {', '.join(s.name for s in goodput_settings())}")
-        if args.quick:
-            chosen = [dataclasses.replace(s, duration_s=100.0) for s in chosen]
+        chosen = [dataclasses.replace(s, duration_s=100.0 if args.quick else args.duration) for s in chosen]
         ablation = section_ablation(
             chosen,
             list(range(args.seed, args.seed + args.seeds)),
@@ -826,8 +826,7 @@ def main() -> None:
                 named_policy(name)
             except ValueError as exc:
                 parser.error(str(exc))
-        if args.quick:
-            chosen = [dataclasses.replace(s, duration_s=100.0) for s in chosen]
+        chosen = [dataclasses.replace(s, duration_s=100.0 if args.quick else args.duration) for s in chosen]
         started = time.perf_counter()
         results = section_goodput(chosen, names, list(range(args.seed, args.seed + args.seeds)))
         if args.plot:
