@@ -40,6 +40,7 @@ REASON_LOAD = "load"
 REASON_PRIORITY = "priority"
 
 _EXTRA_DESTINATIONS = 3  # cost-aware pairing: destinations tried per source after the first refuses
+_BUDGET_MEMORY_S = 600.0  # how long the per-request budget remembers a request after its last move
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,7 +297,9 @@ class MigrationPlanner:
             return
         self._last_prune = now
         if self.params.migration_budget_per_request:
-            return  # the budget needs every count; forget() drops finished requests
+            # the budget needs the counts of requests still running; nothing knows here when one finished, so
+            # a request not moved for _BUDGET_MEMORY_S is forgotten (its budget renews) and memory stays bounded
+            horizon = max(horizon, _BUDGET_MEMORY_S)
         stale = [rid for rid, m in self._moves.items() if now - m.last_s > horizon]
         for rid in stale:
             del self._moves[rid]

@@ -329,3 +329,15 @@ def test_budget_and_ping_pong_apply_to_llumnix_pairing_too() -> None:
     b2 = InstanceSnapshot("b", 200, 0, 1, 0, running=(RunningSnapshot(moved, 320, 10),), model="m")
     planner.sync([b2, inst("a", free=190)])
     assert planner.plan([], now=5.0) == []  # back to the instance it left: ping-pong
+
+
+def test_planner_memory_is_bounded_with_a_budget() -> None:
+    planner = MigrationPlanner(COST)
+    planner.sync([inst("a", free=0, reqs=[(320, 0), (320, 0)]), inst("b", free=190)])
+    assert planner.plan([], now=0.0)
+    planner.sync([inst("a", free=190), inst("b", free=190)])
+    planner.plan([], now=100.0)
+    assert len(planner._moves) == 1
+    planner.sync([inst("a", free=0, reqs=[(320, 0), (320, 0)]), inst("b", free=190)])
+    planner.plan([], now=1000.0)
+    assert all(m.last_s == 1000.0 for m in planner._moves.values())
