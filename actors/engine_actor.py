@@ -190,6 +190,13 @@ class EngineActor(pykka.ThreadingActor):
             )
 
     def _add(self, add: EngineAdd, headers: dict[str, str]) -> bool:
+        if not subjects.is_client_reply_target(add.reply_to):
+            # what engines send to clients goes only to client inboxes (docs/security.md): nothing is sent there
+            log.warning(
+                "engine %s refuses %s: reply_to %r is no client inbox", self.instance_id, add.request_id, add.reply_to
+            )
+            metrics().reply_refused("engine")
+            return False
         if add.request_id in self.running or (self.local is not None and self.local.is_held(add.request_id)):
             # A second dispatch of what already streams (or waits) here (the scheduler re-sends an
             # unacknowledged EngineAdd; or failed over from an earlier incarnation of this instance): the

@@ -37,6 +37,7 @@ from opentelemetry import trace
 
 from actors.supervisor import SupervisedActor
 from control.core.migration import MigrationStages, StageStep
+from control.core.record import DecisionLog
 from control.errors import DroverError
 from control.policy.params import PolicyParams
 from control.settings import MigrationSettings
@@ -103,6 +104,7 @@ class MigratorActor(SupervisedActor):
         supervisor: pykka.ActorRef[Any] | None = None,
         name: str = "migrator",
         state: Any = None,  # actors.control_state.ControlState: migrations in flight survive a leader's death
+        decision_log: DecisionLog | None = None,
     ) -> None:
         """Thread: the one that builds the actor (before its own thread starts)."""
         super().__init__(supervisor, name)
@@ -111,6 +113,7 @@ class MigratorActor(SupervisedActor):
         self.settings = settings
         self.scheduler = scheduler
         self.in_flight: dict[str, StartMigration] = {}  # migration id -> its start (caps, duplicates)
+        self.decision_log = decision_log  # the core's decisions with their inputs (parity tests); None: off
 
     # ------------------------------------------------------------------------------------------- actor side
     def busy_instances(self) -> dict[str, int]:
@@ -214,7 +217,7 @@ class MigratorActor(SupervisedActor):
         ) as span:
             try:
                 self._inject("before_reserve")
-                machine = MigrationStages(start.params, headroom)
+                machine = MigrationStages(start.params, headroom, log=self.decision_log, key=rid)
                 address = await self._reserve(dst, migration_id, machine.first_reservation(start.num_blocks))
                 begin = await self._out(
                     src,

@@ -22,6 +22,8 @@ Names (labels in braces):
 - gateway: ``drover_gateway_requests_total{endpoint,status,client}``, ``drover_gateway_ttft_seconds{request_class}``,
   ``drover_gateway_inter_token_seconds{request_class}``, ``drover_gateway_tokens_total{kind,client}``,
   ``drover_gateway_request_duration_seconds{endpoint}``
+- security: ``drover_replies_refused_total{what}`` (a reply target outside the sender's own inbox: nothing
+  published), ``drover_spans_dropped_total{reason}`` (shipped spans past the receiver's size or rate bounds)
 """
 
 from __future__ import annotations
@@ -118,6 +120,13 @@ class Metrics:
         )
         self._engine_ended = meter.create_counter(
             "drover.engine.requests", description="Requests that left an instance, by finish reason."
+        )
+        # Security (docs/security.md)
+        self._replies_refused = meter.create_counter(
+            "drover.replies_refused", description="Replies not published: target outside the sender's own inbox."
+        )
+        self._spans_dropped = meter.create_counter(
+            "drover.spans_dropped", description="Shipped spans dropped at the receiver (size, depth or rate)."
         )
         # Migrations
         self._migrations = meter.create_counter("drover.migrations", description="Migrations by outcome.")
@@ -257,6 +266,14 @@ class Metrics:
         attributes = {"request_class": request_class}
         for gap in gaps_s:
             self._itl.record(gap, attributes)
+
+    def reply_refused(self, what: str) -> None:
+        """A reply (``what``: submit, cancel, status, replay, error) was aimed outside its sender's inbox."""
+        self._replies_refused.add(1, {"what": what})
+
+    def spans_dropped(self, count: int, reason: str) -> None:
+        if count:
+            self._spans_dropped.add(count, {"reason": reason})
 
     def engine_request_ended(self, instance_id: str, finish_reason: str) -> None:
         self._engine_ended.add(1, {"instance": instance_id, "finish_reason": finish_reason})

@@ -32,7 +32,8 @@ from typing import Any
 
 from control.policy.dispatch import POLICY_NAMES, make_dispatch_policy, prefix_block_hashes
 from control.policy.migration import MigrationPlanner, plan_migrations
-from control.policy.params import DROVER_POLICY, PolicyParams
+from control.policy.params import PolicyParams
+from control.policy.recommended import user_policy_params
 from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot
 
 MODELS = ("llama", "qwen")
@@ -216,7 +217,7 @@ def main() -> None:
         f"{'full scan p50':>13} {'full scan p99':>13}"
     )
     for n in sizes:
-        r = bench_planning(n, args.rounds, args.seed, DROVER_POLICY)
+        r = bench_planning(n, args.rounds, args.seed, user_policy_params("drover"))
         results["planning"][str(n)] = r
         print(
             f"{n:>9} {r['update_p50_us']:>10.1f} {r['update_p99_us']:>10.1f} {r['round_p50_us']:>10.1f} "

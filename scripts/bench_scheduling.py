@@ -45,14 +45,16 @@ from typing import Any
 
 from control.policy.dispatch import POLICY_NAMES, make_dispatch_policy, prefix_block_hashes
 from control.policy.migration import plan_migrations
-from control.policy.params import PolicyParams, named_policy
+from control.policy.params import PolicyParams
+from control.policy.recommended import user_policy_params as named_policy
 from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot
 from control.simulator import ClusterConfig, LengthSpec, SimulationResult, generate_workload, load_trace, simulate
+from control.simulator.traces import AZURE_CONV
 from control.simulator.workload import RequestSpec, describe
 from engines.sim.core import SimEngineConfig
 from engines.sim.cost_model import CostModel
 
-AZURE_TRACE = Path("/work/shared/traces/azure2023_conv.csv")
+AZURE_TRACE = AZURE_CONV
 NUM_INSTANCES = 16
 RATES = (35.0, 45.0, 55.0, 65.0, 75.0)
 ARRIVALS = (("poisson", 1.0), ("gamma cv4", 4.0))

@@ -421,6 +421,9 @@ _register_memory_commands(app)
 from control.apps.cli_autoscale import register as _register_autoscale_commands  # noqa: E402
 
 _register_autoscale_commands(app)
+from control.apps.cli_sim import register as _register_sim_commands  # noqa: E402
+
+_register_sim_commands(app)
 
 if __name__ == "__main__":
     app()

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from control.core.record import DecisionLog
 from control.policy.params import PolicyParams
 
 
@@ -38,25 +39,37 @@ class MigrationStages:
     """Copy stages finished."""
     reserved: int = 0
     """Blocks reserved at the destination so far."""
+    log: DecisionLog | None = None
+    """Where each decision is recorded with its inputs (parity tests); None: not recorded."""
+    key: str = ""
+    """What the log names this migration by (its request id)."""
 
     def first_reservation(self, num_blocks: int) -> int:
         """Blocks to reserve at the destination before anything is copied."""
         self.reserved = num_blocks + self.headroom_blocks
+        if self.log is not None:
+            self.log.add("first_reservation", self.key, (num_blocks, self.headroom_blocks), self.reserved)
         return self.reserved
 
     def grow_reservation(self, total_blocks: int) -> int | None:
         """The new reservation total when a request of ``total_blocks`` has outgrown it; None: it fits."""
         need = total_blocks + self.headroom_blocks
-        if need <= self.reserved:
-            return None
-        self.reserved = need
-        return need
+        grown = None if need <= self.reserved else need
+        if self.log is not None:
+            self.log.add("grow_reservation", self.key, (total_blocks, self.headroom_blocks, self.reserved), grown)
+        if grown is not None:
+            self.reserved = grown
+        return grown
 
     def after_stage(self, remaining_blocks: int) -> StageStep:
         """A copy stage finished with ``remaining_blocks`` left to copy: the next step."""
         self.stages += 1
         if remaining_blocks <= self.params.last_stage_max_blocks:
-            return StageStep.STOP_AND_COPY
-        if self.stages >= self.params.max_stages:
-            return StageStep.STOP_AND_COPY if self.params.after_max_stages == "stop_and_copy" else StageStep.ABORT
-        return StageStep.COPY
+            step = StageStep.STOP_AND_COPY
+        elif self.stages >= self.params.max_stages:
+            step = StageStep.STOP_AND_COPY if self.params.after_max_stages == "stop_and_copy" else StageStep.ABORT
+        else:
+            step = StageStep.COPY
+        if self.log is not None:
+            self.log.add("after_stage", self.key, (self.stages, remaining_blocks), step)
+        return step

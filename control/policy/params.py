@@ -188,34 +188,3 @@ def _coerce(value: Any, kind: type, name: str) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     raise ValueError(f"{name} expects {kind.__name__}, got {type(value).__name__}")
-
-
-# The policies users and benchmarks name (``drover sim run --policy``, bench_scheduling). ``drover`` is the
-# project's recommended default: whatever currently serves users best (docs/policies.md says why).
-DROVER_POLICY = PolicyParams(
-    dispatch_policy="predictive",
-    migration_enabled=True,
-    migration_cost_aware=True,
-    migration_budget_per_request=2,
-    migration_cooldown_s=2.0,
-    migration_pingpong_window_s=30.0,
-    max_migrations_per_round=64,
-)
-
-NAMED_POLICIES: dict[str, PolicyParams] = {
-    "round_robin": PolicyParams(dispatch_policy="round_robin", migration_enabled=False),
-    "least_loaded": PolicyParams(dispatch_policy="least_loaded", migration_enabled=False),
-    "llumnix": PolicyParams(dispatch_policy="freeness", migration_enabled=True),
-    "prefix_affinity": PolicyParams(dispatch_policy="prefix_affinity", migration_enabled=False),
-    "drover": DROVER_POLICY,
-}
-POLICY_ALIASES: dict[str, str] = {"infaas++": "least_loaded"}
-
-
-def named_policy(name: str) -> PolicyParams:
-    """The parameters of policy ``name`` (one of :data:`NAMED_POLICIES` or an alias)."""
-    key = POLICY_ALIASES.get(name, name)
-    if key not in NAMED_POLICIES:
-        known = ", ".join([*NAMED_POLICIES, *POLICY_ALIASES])
-        raise ValueError(f"unknown policy {name!r}; choose one of {known}")
-    return NAMED_POLICIES[key]

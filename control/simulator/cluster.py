@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from control.core.migration import MigrationStages, StageStep
+from control.core.record import DecisionLog
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy
 from control.policy.migration import InFlightMigration, MigrationDecision, MigrationPlanner
 from control.policy.params import PolicyParams
@@ -155,6 +156,7 @@ class ClusterSimulator:
         self.tick_s = config.tick_s or self.params.migration_period_s
         self.now = 0.0
         self.counters = _Counters()
+        self.decision_log: DecisionLog | None = None  # the control core's decisions, recorded (parity tests)
         self._heap: list[tuple[float, int, int, object]] = []
         self._seq = 0
         self._pending: deque[SimRequest] = deque()
@@ -334,6 +336,8 @@ class ClusterSimulator:
             max_tokens=spec.output_len,
             priority=spec.priority,
             arrival_time=spec.arrival,
+            block_hashes=spec.prefix_hashes,
+            hash_block_tokens=spec.prefix_block_tokens,
         )
         record.sim = request
         if self.instances[0].core.can_ever_fit(spec.prompt_len, spec.output_len) is not None:
@@ -354,6 +358,7 @@ class ClusterSimulator:
             num_blocks=-(-request.prompt_len // self.config.engine.block_size),
             priority=request.priority,
             model=self.config.model,
+            prefix_block_hashes=request.block_hashes,
         )
 
     def _dispatch(self, request: SimRequest) -> bool:
@@ -457,6 +462,10 @@ class ClusterSimulator:
     def _copy_s(self, blocks: int) -> float:
         return self.config.migration_stage_overhead_s + blocks * self.block_bytes / self.config.migration_bandwidth
 
+    def stage_machine(self, request_id: str) -> MigrationStages:
+        """The control core's stage machine for one migration of ``request_id``, as this shell drives it."""
+        return MigrationStages(self.params, self.config.reserve_headroom_blocks, log=self.decision_log, key=request_id)
+
     def _start_migration(self, decision: MigrationDecision) -> None:
         src = self.instances[int(decision.source_id.rsplit("-", 1)[1])]
         dst = self.instances[int(decision.destination_id.rsplit("-", 1)[1])]
@@ -464,7 +473,7 @@ class ClusterSimulator:
         if request is None or request.state != RUNNING:
             return
         self.counters.migrations_started += 1
-        stages = MigrationStages(self.params, self.config.reserve_headroom_blocks)
+        stages = self.stage_machine(decision.request_id)
         migration = _Migration(
             self._next_mid, decision, src, dst, request, self.now, request.num_preemptions, stages
         )

@@ -9,7 +9,9 @@ Scheduling follows vLLM v1 (``vllm/v1/core/sched/scheduler.py``): each step has 
 token, a prefill in progress takes what the budget leaves, chunked); a request that cannot get the KV
 blocks it needs preempts the *newest* running request (recompute: its blocks are freed and it goes back to
 the front of the waiting queue) until it fits or preempts itself; then, if nothing was preempted this step,
-waiting requests are admitted in order while ``max_num_seqs`` and the budget allow and their blocks fit.
+waiting requests are admitted in order while ``max_num_seqs`` and the budget allow and their blocks fit
+(the whole sequence's blocks, as vLLM's ``scheduler_reserve_full_isl``, unless ``reserve_full_prompt`` is
+off; then only the first chunk's).
 A request produces a token when its context is fully computed (the end of prefill, then every decode).
 
 Fast-forward: when a step is decode-only and nothing can change until the earliest request finishes or
@@ -40,6 +42,10 @@ class SimEngineConfig:
     max_model_len: int = 2048
     chunked_prefill: bool = True  # vLLM v1 default; Llumnix's vLLM v0 prefilled whole prompts
     watermark_blocks: int = 0  # blocks kept free when admitting (vLLM v0 used 1 %; v1 none)
+    reserve_full_prompt: bool = True
+    """Admit a waiting request only when its whole sequence (prompt and any output so far) fits the free
+    blocks, not just its first chunk: vLLM v1's ``scheduler_reserve_full_isl`` (default on). Off, a long
+    prompt is admitted chunk by chunk and can thrash beside a growing older request (older vLLM v1)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -64,6 +70,8 @@ class SimRequest:
     preempted_at: float = -1.0
     preemption_loss: float = 0.0
     tag: object = None  # the caller's per-request data (the simulator's metrics record)
+    block_hashes: tuple[int, ...] = ()  # prefix-block hashes of the prompt (a trace's hash_ids), for prefix caching
+    hash_block_tokens: int = 0  # tokens each of ``block_hashes`` covers
     _waiting_need: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
@@ -99,6 +107,8 @@ class _Plan:
     decode_seqs: int
     context0: int  # sum of decode contexts at the first step (multi-step runs only)
     base_computed: list[int]  # per entry, num_computed at plan time (multi-step runs only)
+    run_base: float = 0.0  # multi-step runs: the first step's ms and the ms each later step adds
+    run_growth: float = 0.0
 
 
 class SimEngineCore:
@@ -240,6 +250,7 @@ class SimEngineCore:
         entries: list[tuple[SimRequest, int]] = []
         preempted = False
         prefill_tokens = decode_seqs = decode_context = 0
+        prefill_pairs = 0.0  # prefill attention's (query, key) pairs: a chunk attends to what precedes it
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -256,6 +267,7 @@ class SimEngineCore:
                 decode_context += request.context_len
             else:
                 prefill_tokens += n
+                prefill_pairs += n * (request.num_computed + (n + 1) / 2)
             i += 1
         if not preempted:
             while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
@@ -265,7 +277,10 @@ class SimEngineCore:
                     break
                 n = need if not self.config.chunked_prefill else min(need, budget)
                 new_blocks = self.blocks_for(request.num_computed + n) - request.num_blocks
-                if new_blocks > self.num_free_blocks - self.config.watermark_blocks:
+                free = self.num_free_blocks - self.config.watermark_blocks
+                if new_blocks > free:
+                    break
+                if self.config.reserve_full_prompt and request._waiting_need - request.num_blocks > free:
                     break
                 self._pop_waiting()
                 request.state = RUNNING
@@ -277,6 +292,7 @@ class SimEngineCore:
                 entries.append((request, n))
                 budget -= n
                 prefill_tokens += n
+                prefill_pairs += n * (request.num_computed + (n + 1) / 2)
                 self.version += 1
         if not entries:
             return None
@@ -286,12 +302,16 @@ class SimEngineCore:
             steps = self._decode_run_length(entries, max_steps)
             if steps > 1:
                 base_computed = [r.num_computed for r, _ in entries]
+        run_base = run_growth = 0.0
         if steps > 1:
-            duration_ms = self.cost.decode_run_ms(decode_seqs, decode_context, steps)
+            run_base, run_growth = self.cost.run_coefficients(decode_seqs, decode_context)
+            duration_ms = self.cost.run_ms(run_base, run_growth, steps)
         else:
-            duration_ms = self.cost.step_ms(prefill_tokens, decode_seqs, decode_context)
+            duration_ms = self.cost.step_ms(prefill_tokens, decode_seqs, decode_context, prefill_pairs)
         end = now + duration_ms / 1000.0
-        self._plan = _Plan(now, end, steps, 0, entries, decode_seqs, decode_context, base_computed)
+        self._plan = _Plan(
+            now, end, steps, 0, entries, decode_seqs, decode_context, base_computed, run_base, run_growth
+        )
         return end
 
     @property
@@ -320,7 +340,7 @@ class SimEngineCore:
         if plan is None or plan.steps == 1 or t <= plan.start:
             return
         elapsed_ms = (t - plan.start) * 1000.0
-        done = self.cost.decode_steps_within(plan.decode_seqs, plan.context0, elapsed_ms, plan.steps)
+        done = self.cost.steps_within(plan.run_base, plan.run_growth, elapsed_ms, plan.steps)
         done = min(done, plan.steps - 1)  # the last step's outputs are committed by finish_plan
         if done > plan.done:
             self._materialise(plan, done)
@@ -334,11 +354,11 @@ class SimEngineCore:
             return plan.end
         self.advance_to(t)
         elapsed_ms = (t - plan.start) * 1000.0
-        done_by_t = self.cost.decode_steps_within(plan.decode_seqs, plan.context0, elapsed_ms, plan.steps)
+        done_by_t = self.cost.steps_within(plan.run_base, plan.run_growth, elapsed_ms, plan.steps)
         new_steps = min(plan.steps, done_by_t + 1)
         if new_steps < plan.steps:
             plan.steps = new_steps
-            plan.end = plan.start + self.cost.decode_run_ms(plan.decode_seqs, plan.context0, new_steps) / 1000
+            plan.end = plan.start + self.cost.run_ms(plan.run_base, plan.run_growth, new_steps) / 1000
         return plan.end
 
     # ------------------------------------------------------------------------------------------ reporting

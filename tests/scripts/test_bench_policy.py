@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from control.policy.params import DROVER_POLICY, NAMED_POLICIES, named_policy
+from control.policy.recommended import user_policy_params as named_policy
 from control.simulator import simulate
 from scripts.bench_policy_scale import bench_dispatch, bench_planning
 from scripts.bench_scheduling import attainment, goodput, goodput_settings, mean_ci, slo_for
@@ -16,7 +16,7 @@ def test_scale_benchmark_reports_every_operation() -> None:
         row = bench_dispatch(16, name, 50, 0)
         assert {"decide_p99_us", "heartbeat_p99_us", "total_p99_us"} <= set(row)
         assert ("drain_flip_p99_us" in row) == (name == "round_robin")
-    plan = bench_planning(16, 5, 0, DROVER_POLICY)
+    plan = bench_planning(16, 5, 0, named_policy("drover"))
     assert plan["round_p99_us"] > 0 and plan["changed_per_round"] == 1
 
 
@@ -43,5 +43,5 @@ def test_goodput_is_the_highest_passing_rate_within_five_percent() -> None:
 def test_mean_ci_and_named_policies() -> None:
     mean, ci = mean_ci([1.0, 2.0, 3.0])
     assert mean == 2.0 and math.isclose(ci, 4.30 * 1.0 / math.sqrt(3))
-    assert named_policy("infaas++") == NAMED_POLICIES["least_loaded"]
+    assert named_policy("infaas++") == named_policy("least_loaded")
     assert named_policy("drover").dispatch_policy == "predictive"
