@@ -49,6 +49,7 @@ from control.policy.params import PolicyParams
 from control.policy.recommended import user_policy_params as named_policy
 from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot
 from control.simulator import ClusterConfig, LengthSpec, SimulationResult, generate_workload, load_trace, simulate
+from control.simulator.presets import get_preset
 from control.simulator.traces import AZURE_CONV
 from control.simulator.workload import RequestSpec, describe
 from engines.sim.core import SimEngineConfig
@@ -526,9 +527,14 @@ class Setting:
 
 def goodput_settings() -> list[Setting]:
     default = ClusterConfig()
+    a10 = get_preset("llama7b-a10")
+    a10_engine = a10.engine_config(max_model_len=8192)
     return [
         Setting("paper poisson", A10_ENGINE, A10_COST, cv=1.0),
         Setting("paper gamma4", A10_ENGINE, A10_COST, cv=4.0),
+        # the simulator's derived preset (issue 16) with its vLLM-v1 admission, beside the stand-in above
+        Setting("a10 preset poisson", a10_engine, a10.cost_model, cv=1.0),
+        Setting("a10 preset gamma4", a10_engine, a10.cost_model, cv=4.0),
         Setting("azure", default.engine, default.cost_model, trace=AZURE_TRACE, start_rate=4.0),
     ]
 
