@@ -52,6 +52,7 @@ from transport.messages import (
     MigrateOut,
     MigrateOutReply,
     MigrationStageInfo,
+    PrefixCacheReport,
     RequestDone,
     SetInstanceRole,
     Timings,
@@ -740,8 +741,21 @@ class Heartbeater:
                 state=self.state,
                 can_migrate=isinstance(self.engine, MigratableEngine),
                 memory=self._memory(),
+                prefix_cache=self._prefix_cache(),
             ),
         )
+
+    def _prefix_cache(self) -> PrefixCacheReport | None:
+        """Engines that report their prefix cache (vLLM's KV events) put it in every beat."""
+        report = getattr(self.engine, "prefix_cache_report", None)
+        if report is None:
+            return None
+        try:
+            value: PrefixCacheReport | None = report()
+        except Exception:  # not started yet, or the listener failed: the beat goes without it
+            log.exception("prefix-cache report failed")
+            return None
+        return value
 
     def _memory(self) -> EngineMemory | None:
         report = getattr(self.engine, "memory_status", None)

@@ -27,9 +27,11 @@ from actors.client_replies import ClientReplies, owner_of
 from actors.control_state import ControlState, restore_into
 from actors.memory_manager import MemoryManager
 from actors.migrator import MigrationEnded, StartMigration
+from actors.prefix_feed import apply_prefix_report, prefix_aware_destinations
 from actors.request_classes import RequestClasses
 from actors.request_lifecycle import RequestLifecycle, RequestTable, admission
 from actors.supervisor import SupervisedActor
+from control.policy.block_hash import vllm_block_hashes
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy, prefix_block_hashes
 from control.policy.fairness import FairQueue, dispatch_room
 from control.policy.migration import InFlightMigration, MigrationPlanner
@@ -87,6 +89,7 @@ class InstanceRecord:
     can_migrate: bool = False
     dispatched: int = 0
     seq: int = 0  # last heartbeat sequence number (restarts at 1 with a new process)
+    cached_blocks: int = -1  # prefix-cache blocks it reports (-1: none reported)
 
 
 @dataclass(slots=True)
@@ -256,6 +259,10 @@ class SchedulerActor(SupervisedActor):
         self.memory.on_heartbeat(beat)
         self.classes.on_heartbeat(beat)
         self.policy.upsert(self._snapshot(record))
+        record.cached_blocks = apply_prefix_report(self.policy, instance_id, beat.prefix_cache, time.monotonic())
+        if beat.prefix_cache is not None:
+            cache = beat.prefix_cache
+            metrics().set_prefix_cache(instance_id, cache.num_cached, cache.query_tokens, cache.hit_tokens)
         self.state.on_heartbeat(self, beat)  # confirms restored requests first: they are not superseded
         self._stop_superseded(instance_id, beat)
         load = beat.load
@@ -598,6 +605,8 @@ class SchedulerActor(SupervisedActor):
             model=submit.model or "",
             prefix_block_hashes=prefix_block_hashes(token_ids, block_size)
             if self.params.dispatch_policy == "prefix_affinity"
+            else vllm_block_hashes(token_ids, block_size)  # the kv_aware index is keyed by vLLM's own hashes
+            if self.params.dispatch_policy == "kv_aware"
             else (),
         )
 
@@ -769,14 +778,20 @@ class SchedulerActor(SupervisedActor):
         migrator.tell(StartMigration(request_id, source, destination, num_blocks, self.params, reason, reply_to))
         return True
 
+    def _prompt_of(self, request_id: str) -> list[int] | None:
+        record = self.requests.get(request_id)
+        return record.prompt_token_ids if record is not None else None
+
     def _migratable_snapshots(self) -> list[InstanceSnapshot]:
         return [self._snapshot(r) for r in self.instances.values() if r.can_migrate]
 
     def _plan_migrations(self) -> None:
         if not self.params.migration_enabled:
             return
-        self.planner.sync(self._migratable_snapshots())
+        snapshots = self._migratable_snapshots()
+        self.planner.sync(snapshots)
         decisions = self.planner.plan(list(self.migrations.values()))
+        decisions = prefix_aware_destinations(self.policy, decisions, snapshots, self._prompt_of)
         for d in decisions:
             self._start_migration(d.request_id, d.source_id, d.destination_id, d.num_blocks, d.reason)
 
@@ -954,6 +969,7 @@ class SchedulerActor(SupervisedActor):
                     age_s=now_mono - r.last_seen,
                     state=_instance_state(r),
                     dispatched=r.dispatched,
+                    cached_blocks=r.cached_blocks,
                 )
                 for r in sorted(self.instances.values(), key=lambda r: r.info.instance_id)
             ],

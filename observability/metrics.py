@@ -32,6 +32,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -100,6 +101,7 @@ class Metrics:
         self._in_flight = 0
         self._scheduler_migrations = {"committed": 0, "aborted": 0}
         self._migrations_in_flight = 0
+        self._init_prefix_cache(meter)
 
         # Request path (scheduler and engines)
         self._requests = meter.create_counter(
@@ -316,6 +318,7 @@ class Metrics:
     def remove_instance(self, instance_id: str) -> None:
         with self._lock:
             self._instances.pop(instance_id, None)
+            self._prefix_cache.pop(instance_id, None)
 
     def set_instances(self, instances: Sequence[InstanceGauges]) -> None:
         """Replace every instance's gauges (instances not listed disappear from the output)."""
@@ -370,6 +373,42 @@ class Metrics:
 
     def shutdown(self) -> None:
         self._provider.shutdown()
+
+    # -- Prefix cache (KV-aware routing): what engines report in heartbeats, cumulative per instance ---------
+    def _init_prefix_cache(self, meter: Any) -> None:
+        self._prefix_cache: dict[str, tuple[int, int, int]] = {}  # instance -> (cached blocks, queried, hit)
+        meter.create_observable_gauge(
+            "drover.instance.cached_blocks",
+            [self._observe_prefix_cache],
+            description="Prefix-cache blocks an instance holds (from its KV events).",
+        )
+        meter.create_observable_gauge(
+            "drover.prefix_cache.hit_rate",
+            [lambda _: [Observation(self.prefix_cache_totals()[2])]],
+            description="Cluster prefix-cache hit rate: prompt tokens found cached / prompt tokens looked up.",
+        )
+        meter.create_observable_counter(
+            "drover.prefix_cache.saved_tokens",
+            [lambda _: [Observation(self.prefix_cache_totals()[1])]],
+            description="Prefill tokens saved by prefix-cache hits, cluster total.",
+        )
+
+    def set_prefix_cache(self, instance_id: str, cached_blocks: int, query_tokens: int, hit_tokens: int) -> None:
+        with self._lock:
+            self._prefix_cache[instance_id] = (cached_blocks, query_tokens, hit_tokens)
+
+    def prefix_cache_totals(self) -> tuple[int, int, float]:
+        """(prompt tokens looked up, tokens found cached, hit rate) over the instances that report."""
+        with self._lock:
+            rows = list(self._prefix_cache.values())
+        queried = sum(r[1] for r in rows)
+        hit = sum(r[2] for r in rows)
+        return queried, hit, (hit / queried if queried else 0.0)
+
+    def _observe_prefix_cache(self, _: CallbackOptions) -> list[Observation]:
+        with self._lock:
+            rows = list(self._prefix_cache.items())
+        return [Observation(cached, {"instance": iid}) for iid, (cached, _q, _h) in rows]
 
 
 _process_metrics: Metrics | None = None

@@ -305,6 +305,25 @@ class LocalReport(msgspec.Struct, frozen=True, kw_only=True):
     reason: str = ""  # the last local decision
 
 
+class PrefixCacheReport(msgspec.Struct, frozen=True, kw_only=True):
+    """What an engine's prefix cache stored and evicted since its last report (vLLM's KV events), carried in
+    heartbeats so an old control plane simply skips it. ``(epoch, seq)`` number the batches: ``seq`` grows by
+    one per batch with events and stays put in a heartbeat that has none (which lets the receiver notice a
+    lost last batch); the epoch changes when the stream restarts. ``full``: ``stored`` lists every cached
+    block (a resync; sent periodically and after a restart). Hashes are vLLM's block hashes as 64-bit ints
+    (sha256 of the pickled ``(parent, tokens, extra keys)``, low 8 bytes)."""
+
+    epoch: str
+    seq: int
+    stored: list[int] = []
+    removed: list[int] = []
+    cleared: bool = False
+    full: bool = False
+    num_cached: int = 0  # distinct cached blocks now
+    query_tokens: int = 0  # cumulative prompt tokens looked up in the cache (vLLM's prefix-cache stats)
+    hit_tokens: int = 0  # cumulative prompt tokens found cached (prefill skipped)
+
+
 class InstanceHeartbeat(_Msg, frozen=True, tag="heartbeat"):
     info: EngineInfo
     load: InstanceLoad
@@ -316,6 +335,7 @@ class InstanceHeartbeat(_Msg, frozen=True, tag="heartbeat"):
     memory: EngineMemory | None = None  # engines that can drop layers report it
     role: str = "mixed"  # "interactive" | "mixed" | "batch" (Chiron instance roles; mixed serves both classes)
     local: LocalReport | None = None  # None: the engine runs no local autoscaler
+    prefix_cache: PrefixCacheReport | None = None  # None: the engine reports no prefix-cache events
 
 
 class EngineAdd(_Msg, frozen=True, tag="engine_add"):
@@ -506,6 +526,7 @@ class InstanceStatus(msgspec.Struct, frozen=True, kw_only=True):
     age_s: float
     state: str
     dispatched: int
+    cached_blocks: int = -1  # prefix-cache blocks the instance reports holding; -1: it reports none
 
 
 class RequestStatus(msgspec.Struct, frozen=True, kw_only=True):

@@ -221,6 +221,7 @@ def _instances_table(status: Any) -> Table:
         "running",
         "waiting",
         "dispatched",
+        "cached blocks",
         "age s",
     ):
         table.add_column(column)
@@ -235,6 +236,7 @@ def _instances_table(status: Any) -> Table:
             str(load.num_running),
             str(load.num_waiting),
             str(inst.dispatched),
+            str(inst.cached_blocks) if inst.cached_blocks >= 0 else "-",  # prefix cache (KV events)
             f"{inst.age_s:.1f}",
         )
     return table

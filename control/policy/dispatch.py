@@ -35,7 +35,7 @@ from control.policy.freeness import dispatch_freeness, physical_usage, priority_
 from control.policy.params import DispatchParams
 from control.policy.snapshots import InstanceSnapshot, RequestDemand
 
-POLICY_NAMES: tuple[str, ...] = ("round_robin", "least_loaded", "freeness", "prefix_affinity", "predictive")
+POLICY_NAMES: tuple[str, ...] = ("round_robin", "least_loaded", "freeness", "prefix_affinity", "kv_aware", "predictive")
 
 ANY_MODEL = ""
 
@@ -67,6 +67,10 @@ def make_dispatch_policy(name: str, params: DispatchParams | None = None) -> Dis
         return PrefixAffinityIndex(params)
     if name == "predictive":
         return PredictiveIndex(params)
+    if name == "kv_aware":  # its own module (control/policy/kv_aware.py); imported here to avoid a cycle
+        from control.policy.kv_aware import KvAwareIndex
+
+        return KvAwareIndex(params)
     raise ValueError(f"unknown dispatch policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
 
 
@@ -248,6 +252,19 @@ class _IndexBase:
             heapq.heappop(heap)
             if not heap:
                 return
+
+    def _best(self, heap: list[_HeapItem], k: int) -> list[tuple[Any, str]]:
+        """The ``k`` best live (key, instance id) pairs in order, O(k log n): popped, then pushed back."""
+        entries = self._entries
+        popped: list[_HeapItem] = []
+        while heap and len(popped) < k:
+            item = heapq.heappop(heap)
+            entry = entries.get(item[1])
+            if entry is not None and entry.version == item[2]:
+                popped.append(item)
+        for item in popped:
+            heapq.heappush(heap, item)
+        return [(item[0], item[1]) for item in popped]
 
     def _top(self, heap: list[_HeapItem]) -> _HeapItem | None:
         """The best live item, popping stale ones off the top."""

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from engines.sim.cost_model import DEFAULT_COST_MODEL, CostModel
+from engines.sim.prefix_cache import PrefixCache
 
 WAITING, RUNNING, FINISHED, REMOVED = "waiting", "running", "finished", "removed"
 
@@ -71,7 +72,7 @@ class SimRequest:
     preemption_loss: float = 0.0
     tag: object = None  # the caller's per-request data (the simulator's metrics record)
     block_hashes: tuple[int, ...] = ()  # prefix-block hashes of the prompt (a trace's hash_ids), for prefix caching
-    hash_block_tokens: int = 0  # tokens each of ``block_hashes`` covers
+    hash_block_tokens: int = 0  # tokens each of ``block_hashes`` covers; 0: one hash per engine block (chained)
     _waiting_need: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
@@ -131,6 +132,8 @@ class SimEngineCore:
         self._plan: _Plan | None = None
         self._pending_removal: dict[str, bool] = {}  # request id -> keep its blocks
         self._outgoing: dict[str, int] = {}  # request id -> blocks held for its migration
+        # Prefix caching (engines/sim/prefix_cache.py): None = off. Every hook below is one guarded line.
+        self.prefix_cache: PrefixCache | None = None
 
     # ------------------------------------------------------------------------------------------ capacity
     @property
@@ -220,6 +223,8 @@ class SimEngineCore:
         """Free the blocks a migrated-out request held here (after the destination resumed it)."""
         blocks = self._outgoing.pop(request_id, 0)
         self.outgoing_blocks -= blocks
+        if self.prefix_cache is not None:  # prefix-cache hook: the migrated request's blocks are free now
+            self.prefix_cache.release(request_id)
         if blocks:
             self.version += 1
         return blocks
@@ -261,6 +266,8 @@ class SimEngineCore:
             if not fits:  # it preempted itself: it was the newest, nothing runs after it
                 break
             entries.append((request, n))
+            if self.prefix_cache is not None:  # prefix-cache hook: cache the blocks this chunk completes
+                self.prefix_cache.schedule(request, n)
             budget -= n
             if need == 1 and request.num_computed > 0:
                 decode_seqs += 1
@@ -272,6 +279,8 @@ class SimEngineCore:
         if not preempted:
             while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
                 request = self.waiting[0]
+                if self.prefix_cache is not None:  # prefix-cache hook: a hit starts the prefill past it
+                    request.num_computed = self.prefix_cache.lookup(request, self.num_free_blocks)
                 need = request.context_len - request.num_computed
                 if not self.config.chunked_prefill and need > budget and entries:
                     break
@@ -290,10 +299,14 @@ class SimEngineCore:
                 self.allocated_blocks += new_blocks
                 self.running.append(request)
                 entries.append((request, n))
+                if self.prefix_cache is not None:  # prefix-cache hook: hold the hit, cache the new blocks
+                    self.prefix_cache.schedule(request, n)
                 budget -= n
                 prefill_tokens += n
                 prefill_pairs += n * (request.num_computed + (n + 1) / 2)
                 self.version += 1
+        if self.prefix_cache is not None:  # prefix-cache hook: allocation may have evicted cached blocks
+            self.prefix_cache.trim(self.num_free_blocks)
         if not entries:
             return None
         steps = 1
@@ -395,6 +408,8 @@ class SimEngineCore:
             if keep_blocks and request.num_blocks:
                 self.outgoing_blocks += request.num_blocks
                 self._outgoing[request.request_id] = request.num_blocks
+            elif self.prefix_cache is not None:  # prefix-cache hook: its blocks are free (still cached)
+                self.prefix_cache.release(request.request_id)
         elif request.state == WAITING:
             self.waiting.remove(request)
             self.waiting_blocks -= request._waiting_need
@@ -425,6 +440,8 @@ class SimEngineCore:
     def _preempt(self, request: SimRequest, now: float) -> None:
         self.running.pop()
         self.allocated_blocks -= request.num_blocks
+        if self.prefix_cache is not None:  # prefix-cache hook: its blocks are free (still cached)
+            self.prefix_cache.release(request.request_id)
         request.recomputed_tokens += request.num_computed
         request.num_blocks = 0
         request.num_computed = 0
@@ -519,6 +536,8 @@ class SimEngineCore:
             request.finish_time = now
             self.running.remove(request)
             self.allocated_blocks -= request.num_blocks
+            if self.prefix_cache is not None:  # prefix-cache hook: its blocks are free (still cached)
+                self.prefix_cache.release(request.request_id)
             request.num_blocks = 0
             request.state = FINISHED
             self.requests.pop(request.request_id, None)
