@@ -151,8 +151,8 @@ class KvAwareIndex(FreenessIndex):
             if not keys or (model and entry.snapshot.model != model):
                 continue
             own = keys[0]  # always set for a linked entry: minus the freeness (the dispatch heaps' key)
-            assert isinstance(own, float)
-            freeness = -own
+            assert isinstance(own, (int, float))
+            freeness = -float(own)
             if freeness < floor and iid != freest:
                 continue
             snapshot = entry.snapshot
