@@ -34,7 +34,7 @@ from actors.supervisor import SupervisedActor
 from control.policy.block_hash import vllm_block_hashes
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy, prefix_block_hashes
 from control.policy.fairness import FairQueue, dispatch_room
-from control.policy.migration import InFlightMigration, plan_migrations
+from control.policy.migration import InFlightMigration, MigrationPlanner
 from control.policy.params import PolicyParams
 from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot
 from control.settings import Settings
@@ -175,6 +175,7 @@ class SchedulerActor(SupervisedActor):
         self.params: PolicyParams = settings.policy
         self.policy: DispatchIndex = make_dispatch_policy(self.params.dispatch_policy, self.params.dispatch_params())
         self.migrations: dict[str, InFlightMigration] = {}  # request id -> migration in flight
+        self.planner = MigrationPlanner(self.params)  # remembers its moves: per-request budget, cooldown
         self.migrations_done = 0
         self.migrations_aborted = 0
         self.memory = MemoryManager(bus, settings.memory, self._refresh_instance)  # KunServe groups
@@ -788,7 +789,8 @@ class SchedulerActor(SupervisedActor):
         if not self.params.migration_enabled:
             return
         snapshots = self._migratable_snapshots()
-        decisions = plan_migrations(snapshots, list(self.migrations.values()), self.params)
+        self.planner.sync(snapshots)
+        decisions = self.planner.plan(list(self.migrations.values()))
         decisions = prefix_aware_destinations(self.policy, decisions, snapshots, self._prompt_of)
         for d in decisions:
             self._start_migration(d.request_id, d.source_id, d.destination_id, d.num_blocks, d.reason)
@@ -895,6 +897,7 @@ class SchedulerActor(SupervisedActor):
                 for record in self.instances.values():
                     self.policy.upsert(self._snapshot(record))
             self.params = params
+            self.planner.set_params(params)
             log.info("policy updated: %s", message.changes)
         if reply:
             self.bus.publish(reply, AdminReply(ok=True, message="policy", details=self.params.as_dict()))

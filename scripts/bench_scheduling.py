@@ -1,6 +1,14 @@
 """Scheduling benchmark: round-robin vs INFaaS++ vs Llumnix in the cluster simulator, dispatch cost, speed.
 
     python -m scripts.bench_scheduling [--quick] [--plot DIR] [--json FILE]
+    python -m scripts.bench_scheduling --goodput [--seeds 3] [--settings "paper poisson,paper gamma4,azure"]
+                                       [--policies round_robin,least_loaded,llumnix,drover] [--plot DIR]
+    python -m scripts.bench_scheduling --ablation [--seeds 3] [--settings …] [--ablation-goodput]
+
+``--goodput``: per setting and policy, the highest rate at which >= 99 % of submitted requests meet both
+SLOs (bisection to 5 %, rejected/unfinished = misses), mean and 95 % CI over seeds, then p99 TTFT and p99
+TPOT at fixed loads (fractions of least_loaded's goodput). ``--ablation``: drover with one rule changed at a
+time, at a fixed load of 1.5x least_loaded's goodput. Definitions and the SLO rule: docs/policies.md.
 
 Every comparison runs the three policies side by side on the same generated requests (same seed):
 
@@ -29,6 +37,7 @@ import json
 import math
 import random
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,10 +46,14 @@ from typing import Any
 from control.policy.dispatch import POLICY_NAMES, make_dispatch_policy, prefix_block_hashes
 from control.policy.migration import plan_migrations
 from control.policy.params import PolicyParams
+from control.policy.recommended import user_policy_params as named_policy
 from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot
 from control.simulator import ClusterConfig, LengthSpec, SimulationResult, generate_workload, load_trace, simulate
+from control.simulator.presets import get_preset
 from control.simulator.traces import AZURE_CONV
 from control.simulator.workload import RequestSpec, describe
+from engines.sim.core import SimEngineConfig
+from engines.sim.cost_model import CostModel
 
 AZURE_TRACE = AZURE_CONV
 NUM_INSTANCES = 16
@@ -54,6 +67,7 @@ POLICIES: tuple[tuple[str, PolicyParams], ...] = (
     ("round_robin", PolicyParams(dispatch_policy="round_robin", migration_enabled=False)),
     ("infaas++", PolicyParams(dispatch_policy="least_loaded", migration_enabled=False)),
     ("llumnix", PolicyParams(dispatch_policy="freeness", migration_enabled=True)),
+    ("drover", named_policy("drover")),
 )
 
 
@@ -447,6 +461,335 @@ def to_json(generated: Any, azure: Any, priorities: Any, cost: Any, speed: Any) 
     }
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Goodput: the highest rate at which >= 99 % of submitted requests meet both SLOs
+# ---------------------------------------------------------------------------------------------------------
+
+# LLaMA-7B fp16 on one A10-24GB, the Llumnix paper's setting, until the simulator's presets land (issue 16):
+# weights 13.5 GB over 600 GB/s HBM -> ~22 ms per decode step floor; prefill at ~0.19 ms/token (2 x 6.7 GFLOP
+# per token at ~70 TFLOP/s sustained of the card's 125 fp16 peak); KV reads 0.5 MiB/token over 600 GB/s ->
+# 0.00087 ms per context token; ~0.1 ms per sequence of batch overhead. KV: 24 GB x 0.9 - 13.5 GB weights
+# -> ~6.8 GB = 850 blocks of 16 tokens (issue 16's numbers).
+A10_COST = CostModel(
+    name="llama7b-a10 (stand-in)",
+    fixed_ms=22.0,
+    prefill_ms_per_token=0.19,
+    decode_ms_per_seq=0.1,
+    decode_ms_per_context_token=0.00087,
+)
+A10_ENGINE = SimEngineConfig(
+    block_size=16, num_blocks=850, max_num_seqs=256, max_num_batched_tokens=2048, max_model_len=8192
+)
+
+GOODPUT_POLICIES = ("round_robin", "least_loaded", "llumnix", "drover")
+SLO_TTFT_FACTOR = 10.0
+SLO_TPOT_FACTOR = 5.0
+ATTAINMENT = 0.99
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """A workload family and the cluster it runs on; ``rate`` scales it (req/s, or trace compression)."""
+
+    name: str
+    engine: SimEngineConfig
+    cost: CostModel
+    cv: float = 1.0  # generated arrivals; ignored for the trace
+    trace: Path | None = None
+    duration_s: float = 300.0
+    """Seconds of arrivals per run at any rate (a fixed request count would make high rates short runs
+    that end before queues build)."""
+    start_rate: float = 4.0
+
+    def workload(self, rate: float, seed: int) -> list[RequestSpec]:
+        if self.trace is not None:
+            offset = (seed * 397.0) % 1200.0  # seeded windows of the one-hour trace
+            return load_trace(
+                self.trace,
+                time_compression=rate,
+                max_total_len=self.engine.max_model_len,
+                start=offset,
+                duration=self.duration_s * rate,
+            )
+        return generate_workload(
+            max(100, int(rate * self.duration_s)),
+            rate,
+            prompt=LENGTHS,
+            output=LENGTHS,
+            cv=self.cv,
+            seed=seed,
+            max_total_len=self.engine.max_model_len,
+        )
+
+    def config(self, policy: PolicyParams) -> ClusterConfig:
+        return ClusterConfig(num_instances=NUM_INSTANCES, engine=self.engine, cost_model=self.cost, policy=policy)
+
+
+def goodput_settings() -> list[Setting]:
+    default = ClusterConfig()
+    a10 = get_preset("llama7b-a10")
+    a10_engine = a10.engine_config(max_model_len=8192)
+    return [
+        Setting("paper poisson", A10_ENGINE, A10_COST, cv=1.0),
+        Setting("paper gamma4", A10_ENGINE, A10_COST, cv=4.0),
+        # the simulator's derived preset (issue 16) with its vLLM-v1 admission, beside the stand-in above
+        Setting("a10 preset poisson", a10_engine, a10.cost_model, cv=1.0),
+        Setting("a10 preset gamma4", a10_engine, a10.cost_model, cv=4.0),
+        Setting("azure", default.engine, default.cost_model, trace=AZURE_TRACE, start_rate=4.0),
+    ]
+
+
+def _alone_ttft_ms(setting: Setting, prompt: int) -> float:
+    """TTFT of one request alone on an instance: its prompt's chunked prefill steps."""
+    budget = setting.engine.max_num_batched_tokens
+    ms, left = 0.0, prompt
+    while left > 0:
+        chunk = min(left, budget)
+        ms += setting.cost.step_ms(chunk, 0, 0)
+        left -= chunk
+    return ms
+
+
+def slo_for(setting: Setting) -> tuple[float, float]:
+    """(TTFT s, TPOT s), one rule for every setting and policy (the rule, not the numbers, is fixed):
+
+    * TTFT: the larger of 10x the TTFT of the workload's median request run alone and 2x that of its
+      99th-percentile prompt run alone. The issue's example (10x the median alone) is unattainable for
+      heavy-tailed lengths: with Zipf(256) prompts the median prompt is 7 tokens and 6 % of prompts take
+      longer than 10x its TTFT to prefill even alone, so every policy's goodput would be 0.
+    * TPOT: 5x the TPOT of the median request alone (one sequence decoding at half its output).
+    """
+    specs = setting.workload(setting.start_rate, 0)
+    prompts = sorted(s.prompt_len for s in specs)
+    prompt = prompts[len(prompts) // 2]
+    p99_prompt = prompts[min(len(prompts) - 1, int(0.99 * len(prompts)))]
+    output = int(statistics.median(s.output_len for s in specs))
+    ttft_ms = max(SLO_TTFT_FACTOR * _alone_ttft_ms(setting, prompt), 2.0 * _alone_ttft_ms(setting, p99_prompt))
+    tpot_ms = setting.cost.step_ms(0, 1, prompt + output // 2)
+    return ttft_ms / 1e3, SLO_TPOT_FACTOR * tpot_ms / 1e3
+
+
+def attainment(result: SimulationResult, slo_ttft: float, slo_tpot: float) -> float:
+    """Share of *submitted* requests meeting both SLOs; rejected and unfinished ones are misses."""
+    met = 0
+    for r in result.requests:
+        if r.rejected or not r.done or r.prefill > slo_ttft:
+            continue
+        tpot = r.decode_per_token
+        if tpot is None or tpot <= slo_tpot:
+            met += 1
+    return met / max(1, len(result.requests))
+
+
+def goodput(setting: Setting, policy: PolicyParams, seed: int, slo: tuple[float, float]) -> dict[str, Any]:
+    """Bisection on the rate to 5 %: the highest rate whose attainment is >= 99 %; 0 with the lowest rate
+    tried when even that fails."""
+    cache: dict[float, float] = {}
+
+    def ok(rate: float) -> bool:
+        if rate not in cache:
+            cache[rate] = attainment(simulate(setting.config(policy), setting.workload(rate, seed)), *slo)
+            print(
+                f"   [{setting.name} {policy.dispatch_policy} seed {seed}] rate {rate:.2f}: {cache[rate]:.3f}",
+                file=sys.stderr,
+            )
+        return cache[rate] >= ATTAINMENT
+
+    lo, hi = 0.0, 0.0
+    rate = setting.start_rate
+    if ok(rate):
+        lo = rate
+        while ok(rate * 2) and rate < 1e4:
+            rate *= 2
+            lo = rate
+        hi = rate * 2
+    else:
+        hi = rate
+        floor = setting.start_rate / 64
+        while rate > floor:
+            rate /= 2
+            if ok(rate):
+                lo = rate
+                break
+            hi = rate
+        if lo == 0.0:
+            return {"goodput": 0.0, "lowest_tried": rate, "runs": len(cache)}
+    while hi / lo > 1.05:
+        mid = (lo * hi) ** 0.5
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return {"goodput": lo, "lowest_tried": min(cache), "runs": len(cache)}
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % confidence interval (Student t)."""
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n < 2:
+        return mean, math.nan
+    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}.get(n, 2.0)
+    return mean, t * statistics.stdev(values) / math.sqrt(n)
+
+
+def fixed_load_tails(
+    setting: Setting, policies: Sequence[str], rates: Sequence[float], seeds: Sequence[int]
+) -> dict[str, dict[str, Any]]:
+    """p99 TTFT and p99 TPOT (per request; the simulator has no per-token times) at fixed rates."""
+    out: dict[str, dict[str, Any]] = {}
+    for rate in rates:
+        for name in policies:
+            ttft: list[float] = []
+            tpot: list[float] = []
+            for seed in seeds:
+                result = simulate(setting.config(named_policy(name)), setting.workload(rate, seed))
+                ttft.append(result.prefill.p99)
+                tpot.append(result.decode.p99 * 1e3)
+            out[f"{rate:g}/{name}"] = {"ttft_p99_s": mean_ci(ttft), "tpot_p99_ms": mean_ci(tpot)}
+    return out
+
+
+def section_goodput(settings: Sequence[Setting], policies: Sequence[str], seeds: Sequence[int]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for setting in settings:
+        slo = slo_for(setting)
+        unit = "x compression" if setting.trace else "req/s"
+        print(
+            f"\n== goodput, {setting.name}: SLO TTFT {slo[0]:.2f} s, TPOT {slo[1] * 1e3:.0f} ms "
+            f"(>= 99 % of submitted requests), {len(seeds)} seeds, rate in {unit}"
+        )
+        print(f"{'policy':<14} {'goodput':>9} {'± 95% CI':>9} {'per seed':<32} {'vs least_loaded':>15}")
+        per_policy: dict[str, Any] = {}
+        for name in policies:
+            runs = [goodput(setting, named_policy(name), seed, slo) for seed in seeds]
+            values = [r["goodput"] for r in runs]
+            mean, ci = mean_ci(values)
+            per_policy[name] = {"mean": mean, "ci95": ci, "per_seed": runs}
+        base = per_policy.get("least_loaded", {}).get("mean", math.nan)
+        for name, row in per_policy.items():
+            seeds_text = " ".join(f"{r['goodput']:.2f}" for r in row["per_seed"])
+            ratio = row["mean"] / base if base else math.nan
+            print(f"{name:<14} {row['mean']:>9.2f} {row['ci95']:>9.2f} {seeds_text:<32} {ratio:>14.2f}x", flush=True)
+        base_runs = per_policy.get("least_loaded", {}).get("per_seed", [])
+        rates = sorted({round(f * r["goodput"], 2) for r in base_runs[:1] for f in (0.25, 0.5, 1.0, 1.5)} - {0.0})
+        tails = fixed_load_tails(setting, policies, rates, seeds) if rates else {}
+        if tails:
+            print("   fixed loads (fractions of least_loaded's seed-0 goodput): mean ± 95% CI over seeds")
+            print(f"   {'rate':>7} {'policy':<14} {'p99 TTFT s':>18} {'p99 TPOT ms':>18}")
+            for key, row in tails.items():
+                rate, name = key.split("/")
+                (t, tc), (d, dc) = row["ttft_p99_s"], row["tpot_p99_ms"]
+                print(f"   {rate:>7} {name:<14} {t:>10.3f} ± {tc:<6.3f} {d:>10.1f} ± {dc:<6.1f}", flush=True)
+        out[setting.name] = {"slo_ttft_s": slo[0], "slo_tpot_s": slo[1], "goodput": per_policy, "tails": tails}
+    return out
+
+
+def ablation_variants() -> dict[str, PolicyParams]:
+    """Drover's policy with one piece changed at a time (docs/policies.md, "Ablations")."""
+    drover = named_policy("drover")
+    llumnix_migration: dict[str, Any] = {
+        "migration_cost_aware": False,
+        "migration_budget_per_request": 0,
+        "migration_cooldown_s": 0.0,
+        "migration_pingpong_window_s": 0.0,
+        "max_migrations_per_round": 0,
+    }
+    return {
+        "least_loaded": named_policy("least_loaded"),
+        "llumnix": named_policy("llumnix"),
+        "predictive, no migration": dataclasses.replace(drover, migration_enabled=False),
+        "predictive + llumnix migr.": dataclasses.replace(drover, **llumnix_migration),
+        "freeness + drover migr.": dataclasses.replace(drover, dispatch_policy="freeness"),
+        "drover - cost rule": dataclasses.replace(drover, migration_cost_aware=False),
+        "drover - budget": dataclasses.replace(drover, migration_budget_per_request=0),
+        "drover - cooldown": dataclasses.replace(drover, migration_cooldown_s=0.0),
+        "drover - ping-pong": dataclasses.replace(drover, migration_pingpong_window_s=0.0),
+        "drover - round cap": dataclasses.replace(drover, max_migrations_per_round=0),
+        "drover": drover,
+    }
+
+
+def section_ablation(
+    settings: Sequence[Setting], seeds: Sequence[int], rate_factor: float, *, with_goodput: bool = False
+) -> dict[str, Any]:
+    """Every variant at a fixed, stressed load (``rate_factor`` x least_loaded's seed-0 goodput) and its
+    goodput: what each rule buys."""
+    out: dict[str, Any] = {}
+    variants = ablation_variants()
+    for setting in settings:
+        slo = slo_for(setting)
+        base = goodput(setting, variants["least_loaded"], seeds[0], slo)["goodput"] or setting.start_rate
+        rate = round(base * rate_factor, 2)
+        print(
+            f"\n== ablation, {setting.name}: fixed rate {rate:g} ({rate_factor:g}x least_loaded's seed-0 goodput), "
+            f"{len(seeds)} seeds; SLO TTFT {slo[0]:.2f} s, TPOT {slo[1] * 1e3:.0f} ms"
+        )
+        print(
+            f"{'variant':<28} {'goodput':>8} {'± CI':>6} {'attain':>7} {'p99 TTFT':>9} {'p99 TPOT':>9} "
+            f"{'migr':>6} {'max/req':>7} {'migr TPOT p99':>13} {'other TPOT p99':>14} {'preempt':>8}"
+        )
+        rows: dict[str, Any] = {}
+        for name, params in variants.items():
+            good = [goodput(setting, params, seed, slo)["goodput"] for seed in seeds] if with_goodput else [math.nan]
+            att, ttft, tpot, migr, max_per, mtp, otp, pre = [], [], [], [], [], [], [], []
+            for seed in seeds:
+                result = simulate(setting.config(params), setting.workload(rate, seed))
+                att.append(attainment(result, *slo))
+                ttft.append(result.prefill.p99)
+                tpot.append(result.decode.p99 * 1e3)
+                migr.append(result.migrations_committed)
+                max_per.append(max((r.migrations for r in result.requests), default=0))
+                moved = [r.decode_per_token for r in result.requests if r.done and r.migrations]
+                other = [r.decode_per_token for r in result.requests if r.done and not r.migrations]
+                mtp.append(_p99([x for x in moved if x is not None]) * 1e3 if moved else math.nan)
+                otp.append(_p99([x for x in other if x is not None]) * 1e3)
+                pre.append(result.preemptions)
+            g, gci = mean_ci(good)
+            row = {
+                "goodput": (g, gci),
+                "attainment": statistics.fmean(att),
+                "ttft_p99_s": statistics.fmean(ttft),
+                "tpot_p99_ms": statistics.fmean(tpot),
+                "migrations": statistics.fmean(migr),
+                "max_migrations_per_request": max(max_per),
+                "migrated_tpot_p99_ms": statistics.fmean(mtp) if all(not math.isnan(x) for x in mtp) else math.nan,
+                "other_tpot_p99_ms": statistics.fmean(otp),
+                "preemptions": statistics.fmean(pre),
+            }
+            rows[name] = row
+            print(
+                f"{name:<28} {g:>8.2f} {gci:>6.2f} {row['attainment']:>7.3f} {row['ttft_p99_s']:>9.2f} "
+                f"{row['tpot_p99_ms']:>9.1f} {row['migrations']:>6.0f} {row['max_migrations_per_request']:>7} "
+                f"{row['migrated_tpot_p99_ms']:>13.1f} {row['other_tpot_p99_ms']:>14.1f} {row['preemptions']:>8.0f}",
+                flush=True,
+            )
+        out[setting.name] = {"rate": rate, "rows": rows}
+    return out
+
+
+def plot_goodput(directory: Path, results: dict[str, Any]) -> None:
+    from scripts import plotting
+
+    settings = list(results)
+    names = list(next(iter(results.values()))["goodput"]) if results else []
+    plotting.bar_plot(
+        directory,
+        "goodput",
+        settings,
+        {
+            n: [
+                results[s]["goodput"][n]["mean"]
+                / max(1e-9, results[s]["goodput"].get("least_loaded", results[s]["goodput"][n])["mean"])
+                for s in settings
+            ]
+            for n in names
+        },
+        ylabel="goodput / least_loaded's (mean of seeds)",
+        title="Goodput at 99 % SLO attainment, relative to INFaaS++",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=10_000, help="requests per generated point")
@@ -454,7 +797,52 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer requests and decisions (smoke run)")
     parser.add_argument("--plot", type=Path, default=None, help="write PNG plots here (needs matplotlib)")
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
+    parser.add_argument("--goodput", action="store_true", help="run only the goodput section (and fixed-load tails)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per goodput point (>= 3 for a CI)")
+    parser.add_argument(
+        "--settings", default="paper poisson,paper gamma4,azure", help="goodput settings, comma-separated"
+    )
+    parser.add_argument("--policies", default=",".join(GOODPUT_POLICIES), help="goodput policies, comma-separated")
+    parser.add_argument("--ablation", action="store_true", help="run only the ablation of drover's rules")
+    parser.add_argument("--duration", type=float, default=300.0, help="seconds of arrivals per goodput run")
+    parser.add_argument("--ablation-rate", type=float, default=1.5, help="fixed load, x least_loaded's goodput")
+    parser.add_argument("--ablation-goodput", action="store_true", help="also bisect every variant's goodput (slow)")
     args = parser.parse_args()
+    if args.ablation:
+        wanted = [w.strip() for w in args.settings.split(",") if w.strip()]
+        chosen = [s for s in goodput_settings() if s.name in wanted]
+        if len(chosen) != len(wanted):
+            parser.error(f"--settings: choose from {', '.join(s.name for s in goodput_settings())}")
+        chosen = [dataclasses.replace(s, duration_s=100.0 if args.quick else args.duration) for s in chosen]
+        ablation = section_ablation(
+            chosen,
+            list(range(args.seed, args.seed + args.seeds)),
+            args.ablation_rate,
+            with_goodput=args.ablation_goodput,
+        )
+        if args.json:
+            args.json.write_text(json.dumps(ablation, indent=1, default=str))
+        return
+    if args.goodput:
+        wanted = [w.strip() for w in args.settings.split(",") if w.strip()]
+        chosen = [s for s in goodput_settings() if s.name in wanted]
+        if len(chosen) != len(wanted):
+            parser.error(f"--settings: choose from {', '.join(s.name for s in goodput_settings())}")
+        names = [p.strip() for p in args.policies.split(",") if p.strip()]
+        for name in names:
+            try:
+                named_policy(name)
+            except ValueError as exc:
+                parser.error(str(exc))
+        chosen = [dataclasses.replace(s, duration_s=100.0 if args.quick else args.duration) for s in chosen]
+        started = time.perf_counter()
+        results = section_goodput(chosen, names, list(range(args.seed, args.seed + args.seeds)))
+        if args.plot:
+            plot_goodput(args.plot, results)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1, default=str))
+        print(f"\n(goodput took {time.perf_counter() - started:.0f} s)")
+        return
     num_requests = 1500 if args.quick else args.requests
     started = time.perf_counter()
     generated = section_generated(num_requests, args.seed)

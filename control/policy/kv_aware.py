@@ -91,10 +91,11 @@ class KvAwareIndex(FreenessIndex):
         if demand.priority > 0:
             return super().choose(demand)
         pool = self._pool(demand.model)
-        if not pool or not pool[0]:
+        top = self._top(pool[0]) if pool else None
+        if pool is None or top is None:
             return None
-        freest = str(pool[0][0][1])
-        candidates = self._candidates(hashes, pool[0])
+        freest = top[1]
+        candidates = self._candidates(hashes, self._best(pool[0], self.kv_params.candidates))
         chosen = self._cheapest(demand, hashes, candidates, freest)
         self._last = (demand.request_id, chosen, candidates.get(chosen, 0))
         return chosen
@@ -149,9 +150,9 @@ class KvAwareIndex(FreenessIndex):
             keys = entry.keys  # empty while draining; (freeness key, ..., load key) as linked at the last update
             if not keys or (model and entry.snapshot.model != model):
                 continue
-            own = keys[0]  # always set for a linked entry
-            assert own is not None
-            freeness = -own[0]
+            own = keys[0]  # always set for a linked entry: minus the freeness (the dispatch heaps' key)
+            assert isinstance(own, (int, float))
+            freeness = -float(own)
             if freeness < floor and iid != freest:
                 continue
             snapshot = entry.snapshot

@@ -24,8 +24,10 @@ Rules (SEEDS.md, Llumnix ``migration_filter.py``/``migration_policy.py`` "defrag
 
 from __future__ import annotations
 
+import heapq
 import math
-from collections.abc import Collection, Sequence
+import time
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from control.policy.freeness import per_request, priority_headroom_blocks
@@ -36,6 +38,9 @@ REASON_DRAIN = "drain"
 REASON_PREEMPTION = "preemption"
 REASON_LOAD = "load"
 REASON_PRIORITY = "priority"
+
+_EXTRA_DESTINATIONS = 3  # cost-aware pairing: destinations tried per source after the first refuses
+_BUDGET_MEMORY_S = 600.0  # how long the per-request budget remembers a request after its last move
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,61 +77,312 @@ def plan_migrations(
     snapshots: Sequence[InstanceSnapshot],
     in_flight: Collection[InFlightMigration],
     params: PolicyParams,
+    *,
+    now: float | None = None,
 ) -> list[MigrationDecision]:
-    """This round's migrations; see the module docstring for the rules."""
-    if not params.migration_enabled:
-        return []
-    budget = params.max_migrations_total - len(in_flight) if params.max_migrations_total > 0 else math.inf
-    if budget <= 0:
-        return []
-    busy: dict[str, int] = {}
-    migrating: set[str] = set()
-    for m in in_flight:
-        busy[m.source_id] = busy.get(m.source_id, 0) + 1
-        busy[m.destination_id] = busy.get(m.destination_id, 0) + 1
-        migrating.add(m.request_id)
-    cap = params.max_migrations_per_instance
-    threshold = params.migrate_threshold
+    """This round's migrations from a full list of snapshots, with no memory of earlier rounds (so the
+    per-request budget, cooldown and ping-pong rules see nothing); see the module docstring for the rules.
+    Callers that plan every period should keep a :class:`MigrationPlanner` instead."""
+    planner = MigrationPlanner(params)
+    planner.sync(snapshots)
+    return planner.plan(in_flight, now=now)
 
-    # Pass 1, sources only: an instance without running requests has nothing to move, so most of a lightly
-    # loaded cluster is skipped without computing anything, and a round without sources ends here.
-    sources: dict[tuple[str, int], list[_Rated]] = {}
-    source_ids: set[str] = set()
-    for snapshot in snapshots:
-        if snapshot.num_running == 0 or (busy and busy.get(snapshot.instance_id, 0) >= cap):
-            continue
-        rated = migration_rate(snapshot, params)
-        if snapshot.draining or rated.freeness < threshold or snapshot.num_preempted > 0:
-            sources.setdefault((snapshot.model, snapshot.block_size), []).append(rated)
-            source_ids.add(snapshot.instance_id)
-    if not sources:
-        return []
-    destinations: dict[tuple[str, int], list[_Rated]] = {}
-    for snapshot in snapshots:
-        if snapshot.draining or snapshot.num_preempted > 0 or snapshot.instance_id in source_ids:
-            continue
-        if (snapshot.model, snapshot.block_size) not in sources:
-            continue
-        if busy and busy.get(snapshot.instance_id, 0) >= cap:
-            continue
-        rated = migration_rate(snapshot, params)
-        if rated.freeness > threshold:
-            destinations.setdefault((snapshot.model, snapshot.block_size), []).append(rated)
 
-    decisions: list[MigrationDecision] = []
-    for group in sorted(sources):
-        group_dsts = destinations.get(group)
-        if not group_dsts:
-            continue
-        srcs = sorted(sources[group], key=lambda r: (r.freeness, r.snapshot.instance_id))
-        dsts = sorted(group_dsts, key=lambda r: (-r.freeness, r.snapshot.instance_id))
-        for src, dst in zip(srcs, dsts, strict=False):
-            if len(decisions) >= budget:
-                return decisions
-            decision = _pair(src, dst, migrating, params)
-            if decision is not None:
-                decisions.append(decision)
-    return decisions
+@dataclass(slots=True)
+class _Moves:
+    """What the planner remembers of one request it moved."""
+
+    count: int
+    last_s: float
+    left: dict[str, float]  # instance it left -> when
+
+
+class MigrationPlanner:
+    """Incremental migration planning: O(changed instances) per heartbeat, O(sources · log n) per round.
+
+    ``update(snapshot)`` rates an instance when its heartbeat arrives and files it as a source (a set per
+    compatible group) or a destination (a lazy max-heap of freeness per group, stale items skipped when
+    they reach the top); ``plan(in_flight, now)`` sorts only the sources and pops as many destinations as
+    there are sources. A round over 10,000 instances with a handful of sources costs microseconds, where
+    rescanning every snapshot costs milliseconds. ``sync(snapshots)`` suits callers that hold a full list:
+    only snapshots that are new objects are re-rated.
+
+    The planner remembers its own decisions (per request: how often, when, which instances it left), which
+    the per-request budget, cooldown and ping-pong rules read; ``forget(request_id)`` drops a finished
+    request early (else entries expire after the longer of the two windows).
+    """
+
+    def __init__(self, params: PolicyParams) -> None:
+        self.params = params
+        self._rated: dict[str, _Rated] = {}
+        self._versions: dict[str, int] = {}
+        self._group_of: dict[str, tuple[str, int]] = {}
+        self._sources: dict[tuple[str, int], set[str]] = {}
+        self._dst_heaps: dict[tuple[str, int], list[tuple[float, str, int]]] = {}
+        self._dst_count: dict[tuple[str, int], int] = {}
+        self._clock = 0
+        self._moves: dict[str, _Moves] = {}
+        self._last_prune = -math.inf
+        self._now = 0.0
+
+    # -- state ---------------------------------------------------------------------------------------------
+    def set_params(self, params: PolicyParams) -> None:
+        """New parameters (``drover policy set``): every instance is re-rated under them."""
+        self.params = params
+        snapshots = [r.snapshot for r in self._rated.values()]
+        for snapshot in snapshots:
+            self.update(snapshot)
+
+    def __len__(self) -> int:
+        return len(self._rated)
+
+    def update(self, snapshot: InstanceSnapshot) -> None:
+        """A fresh heartbeat of one instance."""
+        iid = snapshot.instance_id
+        self._drop_roles(iid)
+        rated = migration_rate(snapshot, self.params)
+        self._rated[iid] = rated
+        group = (snapshot.model, snapshot.block_size)
+        self._group_of[iid] = group
+        threshold = self.params.migrate_threshold
+        if snapshot.num_running > 0 and (snapshot.draining or rated.freeness < threshold or snapshot.num_preempted > 0):
+            self._sources.setdefault(group, set()).add(iid)
+        elif not snapshot.draining and snapshot.num_preempted == 0 and rated.freeness > threshold:
+            self._clock += 1
+            self._versions[iid] = self._clock
+            heap = self._dst_heaps.setdefault(group, [])
+            heapq.heappush(heap, (-rated.freeness, iid, self._clock))
+            live = self._dst_count[group] = self._dst_count.get(group, 0) + 1
+            if len(heap) > 2 * live + 64:
+                heap[:] = [item for item in heap if self._versions.get(item[1]) == item[2]]
+                heapq.heapify(heap)
+
+    def remove(self, instance_id: str) -> None:
+        self._drop_roles(instance_id)
+        self._rated.pop(instance_id, None)
+        self._group_of.pop(instance_id, None)
+
+    def sync(self, snapshots: Sequence[InstanceSnapshot]) -> None:
+        """Make the planner's view equal ``snapshots``: re-rate the ones that changed (by identity), drop the
+        instances that are gone."""
+        seen = 0
+        rated = self._rated
+        for snapshot in snapshots:
+            current = rated.get(snapshot.instance_id)
+            if current is None or current.snapshot is not snapshot:
+                self.update(snapshot)
+            seen += 1
+        if seen != len(rated):
+            keep = {s.instance_id for s in snapshots}
+            for iid in [i for i in rated if i not in keep]:
+                self.remove(iid)
+
+    def forget(self, request_id: str) -> None:
+        self._moves.pop(request_id, None)
+
+    def _drop_roles(self, iid: str) -> None:
+        group = self._group_of.get(iid)
+        if group is None:
+            return
+        sources = self._sources.get(group)
+        if sources is not None:
+            sources.discard(iid)
+        if self._versions.pop(iid, None) is not None:
+            self._dst_count[group] -= 1
+
+    # -- planning ------------------------------------------------------------------------------------------
+    def plan(self, in_flight: Collection[InFlightMigration], *, now: float | None = None) -> list[MigrationDecision]:
+        """This round's migrations (see the module docstring); records them for the per-request rules."""
+        params = self.params
+        if not params.migration_enabled or not any(self._sources.values()):
+            return []
+        budget = params.max_migrations_total - len(in_flight) if params.max_migrations_total > 0 else math.inf
+        if params.max_migrations_per_round > 0:
+            budget = min(budget, params.max_migrations_per_round)
+        if budget <= 0:
+            return []
+        now = time.monotonic() if now is None else now
+        self._now = now
+        busy: dict[str, int] = {}
+        migrating: set[str] = set()
+        for m in in_flight:
+            busy[m.source_id] = busy.get(m.source_id, 0) + 1
+            busy[m.destination_id] = busy.get(m.destination_id, 0) + 1
+            migrating.add(m.request_id)
+        cap = params.max_migrations_per_instance
+        rated = self._rated
+        decisions: list[MigrationDecision] = []
+        for group in sorted(self._sources):
+            members = self._sources[group]
+            if not members:
+                continue
+            # only as many sources as there can be destinations need ordering
+            k = min(len(members), self._dst_count.get(group, 0), int(min(budget, 1 << 30)))
+            if k == 0:
+                continue
+            srcs = heapq.nsmallest(
+                k,
+                (rated[i] for i in members if busy.get(i, 0) < cap),
+                key=lambda r: (r.freeness, r.snapshot.instance_id),
+            )
+            if not params.migration_cost_aware:
+                # Llumnix: the i-th most pressed source with the i-th freest destination
+                for src, dst in zip(srcs, self._top_destinations(group, len(srcs), busy, cap), strict=False):
+                    if len(decisions) >= budget:
+                        break
+                    decision = _pair(src, dst, migrating, params, self._allowed if self._moves else None)
+                    if decision is not None:
+                        decisions.append(decision)
+                        if params.migration_budget_per_request or self._tracks_moves():
+                            self._record(decision, now)
+                continue
+            # cost-aware: a pair the rules refuse does not waste the source's turn; it tries the next freest
+            # unused destinations (a few: the freest ones are where a move pays most)
+            dsts = self._top_destinations(group, len(srcs) + _EXTRA_DESTINATIONS, busy, cap)
+            used = [False] * len(dsts)
+            for src in srcs:
+                if len(decisions) >= budget:
+                    break
+                tries = 0
+                for j, dst in enumerate(dsts):
+                    if used[j]:
+                        continue
+                    decision = self._pair_cost_aware(src, dst, migrating, now)
+                    if decision is not None:
+                        used[j] = True
+                        decisions.append(decision)
+                        self._record(decision, now)
+                        break
+                    tries += 1
+                    if tries > _EXTRA_DESTINATIONS:
+                        break
+        self._prune(now)
+        return decisions
+
+    def _top_destinations(self, group: tuple[str, int], k: int, busy: dict[str, int], cap: int) -> list[_Rated]:
+        """The ``k`` freest destinations of the group not at their migration cap (heap left intact)."""
+        heap = self._dst_heaps.get(group)
+        if not heap or k == 0:
+            return []
+        versions = self._versions
+        popped: list[tuple[float, str, int]] = []
+        chosen: list[_Rated] = []
+        while heap and len(chosen) < k:
+            item = heapq.heappop(heap)
+            if versions.get(item[1]) != item[2]:
+                continue  # stale
+            popped.append(item)
+            if busy.get(item[1], 0) < cap:
+                chosen.append(self._rated[item[1]])
+        for item in popped:
+            heapq.heappush(heap, item)
+        return chosen
+
+    def _tracks_moves(self) -> bool:
+        p = self.params
+        return p.migration_cooldown_s > 0 or p.migration_pingpong_window_s > 0
+
+    def _record(self, decision: MigrationDecision, now: float) -> None:
+        moves = self._moves.get(decision.request_id)
+        if moves is None:
+            self._moves[decision.request_id] = _Moves(1, now, {decision.source_id: now})
+        else:
+            moves.count += 1
+            moves.last_s = now
+            moves.left[decision.source_id] = now
+
+    def _prune(self, now: float) -> None:
+        horizon = max(self.params.migration_cooldown_s, self.params.migration_pingpong_window_s)
+        if now - self._last_prune < max(1.0, horizon) or not self._moves:
+            return
+        self._last_prune = now
+        if self.params.migration_budget_per_request:
+            # the budget needs the counts of requests still running; nothing knows here when one finished, so
+            # a request not moved for _BUDGET_MEMORY_S is forgotten (its budget renews) and memory stays bounded
+            horizon = max(horizon, _BUDGET_MEMORY_S)
+        stale = [rid for rid, m in self._moves.items() if now - m.last_s > horizon]
+        for rid in stale:
+            del self._moves[rid]
+
+    def _allowed(self, request_id: str, destination_id: str, exempt: bool) -> bool:
+        return self.may_move(request_id, destination_id, self._now, exempt=exempt)
+
+    def may_move(self, request_id: str, destination_id: str, now: float, *, exempt: bool = False) -> bool:
+        """Budget, cooldown and ping-pong rules for one request; ``exempt`` (a draining or preempting source)
+        skips the budget and cooldown, never the ping-pong rule."""
+        moves = self._moves.get(request_id)
+        if moves is None:
+            return True
+        p = self.params
+        if not exempt:
+            if p.migration_budget_per_request and moves.count >= p.migration_budget_per_request:
+                return False
+            if p.migration_cooldown_s and now - moves.last_s < p.migration_cooldown_s:
+                return False
+        left = moves.left.get(destination_id)
+        return not (p.migration_pingpong_window_s and left is not None and now - left < p.migration_pingpong_window_s)
+
+    def _pair_cost_aware(self, src: _Rated, dst: _Rated, migrating: set[str], now: float) -> MigrationDecision | None:
+        """The request whose move pays most on this pair, or None (see ``PolicyParams.migration_cost_aware``).
+
+        Source relief: the source is back at the threshold when (available + b) / (n - 1) >= threshold
+        (b: the moved request's blocks); the smallest request that achieves it moves (least copy and
+        downtime for the whole benefit), else the largest that fits (the most relief per copy). Draining
+        sources move their requests shortest first (everything goes)."""
+        params = self.params
+        threshold = params.migrate_threshold
+        reason = _reason(src, threshold)
+        s = src.snapshot
+        d = dst.snapshot
+        draining = s.draining
+        # Budget and cooldown stop load-balancing churn; a source that drains or is preempting pays more for
+        # not moving (recompute of its victims) than any move costs, so they do not bind there.
+        exempt = reason in (REASON_DRAIN, REASON_PREEMPTION)
+        normal_only = reason == REASON_PRIORITY
+        n_src = s.num_running + (1 if s.num_waiting > 0 else 0)
+        avail_src = s.num_free_blocks - params.watermark_blocks - (s.head_waiting_blocks if s.num_waiting else 0)
+        n_dst = d.num_running + (1 if d.num_waiting > 0 else 0)
+        sufficient: RunningSnapshot | None = None
+        largest: RunningSnapshot | None = None
+        rooms: dict[bool, int] = {}
+        for request in candidate_requests(s, migrating, params, normal_only=normal_only):
+            if self._moves and not self.may_move(request.request_id, d.instance_id, now, exempt=exempt):
+                continue
+            high = request.priority > 0
+            room = rooms.get(high)
+            if room is None:
+                room = rooms[high] = destination_room(d, params, high_priority=high)
+            b = request.num_blocks
+            if b + 1 > room:
+                continue
+            if draining:
+                sufficient = request
+                break
+            # the destination's future pressure: it must stay a non-source after taking the request (and the
+            # block its next tokens need)
+            dst_after = per_request(room - b - 1, n_dst + 1)
+            src_after = per_request(avail_src + b, n_src - 1) if n_src > 1 else math.inf
+            if dst_after < min(threshold, src.freeness):
+                continue  # the destination would end up more pressed than the source was: no net relief
+            if src_after >= threshold:
+                if sufficient is None or (request.priority, b) < (sufficient.priority, sufficient.num_blocks):
+                    sufficient = request
+            elif largest is None or (request.priority, -b) < (largest.priority, -largest.num_blocks):
+                largest = request
+        chosen = sufficient or largest
+        if chosen is None:
+            return None
+        migrating.add(chosen.request_id)
+        return MigrationDecision(
+            source_id=s.instance_id,
+            destination_id=d.instance_id,
+            request_id=chosen.request_id,
+            num_blocks=chosen.num_blocks,
+            priority=chosen.priority,
+            reason=reason,
+            source_freeness=src.freeness,
+            destination_freeness=dst.freeness,
+        )
 
 
 def migration_rate(snapshot: InstanceSnapshot, params: PolicyParams) -> _Rated:
@@ -192,10 +448,21 @@ def destination_room(snapshot: InstanceSnapshot, params: PolicyParams, *, high_p
     return snapshot.num_free_blocks - params.watermark_blocks - headroom
 
 
-def _pair(src: _Rated, dst: _Rated, migrating: set[str], params: PolicyParams) -> MigrationDecision | None:
+def _pair(
+    src: _Rated,
+    dst: _Rated,
+    migrating: set[str],
+    params: PolicyParams,
+    allowed: Callable[[str, str, bool], bool] | None = None,
+) -> MigrationDecision | None:
+    """Llumnix's choice: the first movable request (in pick order) that fits; ``allowed(request, destination,
+    exempt)`` adds the budget, cooldown and ping-pong rules when they are on."""
     reason = _reason(src, params.migrate_threshold)
     normal_only = reason == REASON_PRIORITY
+    exempt = reason in (REASON_DRAIN, REASON_PREEMPTION)
     for request in candidate_requests(src.snapshot, migrating, params, normal_only=normal_only):
+        if allowed is not None and not allowed(request.request_id, dst.snapshot.instance_id, exempt):
+            continue
         room = destination_room(dst.snapshot, params, high_priority=request.priority > 0)
         if request.num_blocks + 1 > room:  # +1: the block its next tokens need
             continue

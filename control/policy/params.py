@@ -37,6 +37,13 @@ class DispatchParams:
     prefix_holders_per_block: int = 4
     """Instances remembered per prefix block (the most recent ones): bounds a decision's cost when a popular
     prefix is cached everywhere; a few candidates are enough to find one with room."""
+    predict_growth_blocks: int = 4
+    """``predictive`` dispatch: KV blocks each hosted request is expected to add (its growth reserve)."""
+    predict_high_watermark: float = 0.9
+    """``predictive`` dispatch: predicted KV demand (fraction of blocks) above which an instance leaves the
+    safe tier."""
+    predict_decode_weight: float = 16.0
+    """``predictive`` dispatch: prompt-token equivalents of one running request sharing the step."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +58,9 @@ class PolicyParams:
     prefix_min_match_blocks: int = 1
     prefix_history_blocks: int = 0
     prefix_holders_per_block: int = 4
+    predict_growth_blocks: int = 4
+    predict_high_watermark: float = 0.9
+    predict_decode_weight: float = 16.0
 
     migration_enabled: bool = True
     migrate_threshold: float = 3.0
@@ -79,6 +89,25 @@ class PolicyParams:
 before the limit at every bandwidth tried); stop-and-copy is the default because a draining instance then
 always empties."""
 
+    # Drover's cost-aware migration (docs/policies.md, "Migration that counts its cost"); off = Llumnix.
+    migration_cost_aware: bool = False
+    """Pick the request whose move pays: the smallest one whose move lifts the source back to the threshold
+    (all the relief for the least copy and downtime), else the largest that fits (the most relief per copy,
+    instead of Llumnix's shortest-first, which frees a few blocks and leaves the source pressed for the next
+    round); a destination that would end up more pressed than the source was is refused (the pressure would
+    only change hands); a refused pair tries the next freest destinations."""
+    migration_budget_per_request: int = 0
+    """Most times one request may be moved for load (0 = no limit). Moves off a draining or preempting
+    source are exempt: not moving costs more there (the instance must empty; preemption recomputes)."""
+    migration_cooldown_s: float = 0.0
+    """A request moved less than this long ago is not moved again for load (0 = off; same exemptions as the
+    budget)."""
+    migration_pingpong_window_s: float = 0.0
+    """A request is never moved back to an instance it left less than this long ago (0 = off)."""
+    max_migrations_per_round: int = 0
+    """Most migrations one planning round starts (0 = no cap, as Llumnix): the most pressed sources go
+    first, the rest wait for the next round (50 ms later). Bounds a round's cost at any cluster size."""
+
     def dispatch_params(self) -> DispatchParams:
         return DispatchParams(
             watermark_blocks=self.watermark_blocks,
@@ -87,6 +116,9 @@ always empties."""
             prefix_min_match_blocks=self.prefix_min_match_blocks,
             prefix_history_blocks=self.prefix_history_blocks,
             prefix_holders_per_block=self.prefix_holders_per_block,
+            predict_growth_blocks=self.predict_growth_blocks,
+            predict_high_watermark=self.predict_high_watermark,
+            predict_decode_weight=self.predict_decode_weight,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -114,7 +146,16 @@ always empties."""
             raise ValueError(f"migration_pick {self.migration_pick!r} is not shortest/longest/last_come/first_come")
         if self.after_max_stages not in ("stop_and_copy", "abort"):
             raise ValueError(f"after_max_stages {self.after_max_stages!r} is not stop_and_copy/abort")
-        for name in ("watermark_blocks", "max_migrations_total", "prefix_history_blocks"):
+        for name in ("migration_cooldown_s", "migration_pingpong_window_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        for name in (
+            "watermark_blocks",
+            "max_migrations_total",
+            "prefix_history_blocks",
+            "migration_budget_per_request",
+            "max_migrations_per_round",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         for name in (

@@ -39,7 +39,7 @@ from typing import cast
 from control.core.migration import MigrationStages, StageStep
 from control.core.record import DecisionLog
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy
-from control.policy.migration import InFlightMigration, MigrationDecision, plan_migrations
+from control.policy.migration import InFlightMigration, MigrationDecision, MigrationPlanner
 from control.policy.params import PolicyParams
 from control.policy.snapshots import InstanceSnapshot, RequestDemand
 from control.simulator.metrics import RequestMetrics, SimulationResult, summarize
@@ -145,6 +145,8 @@ class ClusterSimulator:
         self.config = config
         self.params = config.policy
         self.index: DispatchIndex = make_dispatch_policy(self.params.dispatch_policy, self.params.dispatch_params())
+        # incremental, and it remembers its own moves (per-request budget, cooldown, no ping-pong)
+        self.planner = MigrationPlanner(self.params)
         self.instances = [
             SimInstance(i, f"sim-{i:04d}", SimEngineCore(config.engine, config.cost_model))
             for i in range(config.num_instances)
@@ -406,7 +408,8 @@ class ClusterSimulator:
         """This round's migrations over the serving instances (subclasses may group them)."""
         snapshots = self._snapshots
         live = snapshots if len(self._live) == len(snapshots) else [snapshots[i] for i in self._live]
-        return plan_migrations(live, list(self._in_flight.values()), self.params)
+        self.planner.sync(live)
+        return self.planner.plan(list(self._in_flight.values()), now=self.now)
 
     def _refresh_snapshots(self) -> bool:
         """Fresh snapshots (the heartbeats) of instances whose state changed; True if any did."""

@@ -12,6 +12,7 @@ from control.policy.dispatch import (
     POLICY_NAMES,
     FreenessIndex,
     PrefixAffinityIndex,
+    _IndexBase,
     make_dispatch_policy,
     prefix_block_hashes,
 )
@@ -243,3 +244,91 @@ def test_prefix_affinity_prefers_the_longest_match_with_room() -> None:
     assert index.choose(RequestDemand("c", 256, 8, prefix_block_hashes=full)) == "long"
     index.upsert(snap("long", free=2, running=1))  # deepest holder has no room: next-deepest
     assert index.choose(RequestDemand("d", 256, 8, prefix_block_hashes=full)) == "short"
+
+
+# -- lazy heaps: the index's choice equals a brute-force scan after any sequence of updates ---------------
+update_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["upsert", "dispatch", "remove"]),
+        st.integers(0, 7),
+        st.integers(0, 100),
+        st.integers(0, 6),
+        st.booleans(),
+    ),
+    min_size=1,
+    max_size=300,
+)
+
+
+@pytest.mark.parametrize("name", ["least_loaded", "freeness", "predictive"])
+@settings(max_examples=60, deadline=None)
+@given(ops=update_ops)
+def test_lazy_heap_choice_matches_brute_force(name: str, ops: list[tuple[str, int, int, int, bool]]) -> None:
+    index = make_dispatch_policy(name)
+    assert isinstance(index, _IndexBase)
+    for op, k, free, running, draining in ops:
+        iid = f"i{k}"
+        if op == "upsert":
+            index.upsert(snap(iid, free, running, waiting=running % 2, waiting_blocks=running, draining=draining))
+        elif op == "remove":
+            index.remove(iid)
+        else:
+            chosen = index.choose(demand())
+            live = {i: e for i, e in index._entries.items() if not e.snapshot.draining}
+            if not live:
+                assert chosen is None
+                continue
+            best = min(live.values(), key=lambda e: (index._keys(e)[0], e.snapshot.instance_id))
+            assert chosen is not None
+            assert index._keys(index._entries[chosen])[0] == index._keys(best)[0]
+            index.on_dispatched(chosen, demand())
+    for pool in index._pools.values():
+        for heap in pool:
+            assert len(heap) <= 4 * len(index) + 16 + 1
+
+
+def test_round_robin_draining_flips_keep_the_cycle_over_eligible_instances() -> None:
+    index = make_dispatch_policy("round_robin")
+    assert isinstance(index, _IndexBase)
+    for k in range(6):
+        index.upsert(snap(f"i{k}", 50))
+    for flip in range(40):
+        k = flip % 6
+        index.upsert(snap(f"i{k}", 50, draining=flip % 3 == 0))
+        eligible = {iid for iid, e in index._entries.items() if not e.snapshot.draining}
+        seen = [index.choose(demand()) for _ in range(len(eligible))]
+        assert set(seen) == eligible  # each eligible instance exactly once per cycle
+    index.remove("i1")
+    assert "i1" not in {index.choose(demand()) for _ in range(12)}
+
+
+def test_predictive_avoids_an_instance_prefilling_a_long_prompt() -> None:
+    index = make_dispatch_policy("predictive")
+    # i0 uses fewer blocks but holds a 4,000-token prompt of which only 10 blocks (320 tokens) are computed
+    long_prefill = RunningSnapshot("long", num_tokens=4000, num_blocks=10, decoding=False)
+    i0 = InstanceSnapshot(
+        "i0", num_total_blocks=1000, num_free_blocks=990, num_running=1, num_waiting=0, running=(long_prefill,)
+    )
+    decodes = tuple(RunningSnapshot(f"d{k}", num_tokens=300, num_blocks=10) for k in range(3))
+    i1 = InstanceSnapshot(
+        "i1", num_total_blocks=1000, num_free_blocks=970, num_running=3, num_waiting=0, running=decodes
+    )
+    index.upsert(i0)
+    index.upsert(i1)
+    assert index.choose(demand()) == "i1"
+    assert make_index_choice("least_loaded", [i0, i1]) == "i0"  # INFaaS++ sees only the allocated blocks
+
+
+def test_predictive_leaves_the_safe_tier_when_memory_is_predicted_full() -> None:
+    index = make_dispatch_policy("predictive", DispatchParams(predict_high_watermark=0.5))
+    index.upsert(snap("full", free=40, total=100))  # 60 % used: outside the safe tier
+    # busy: 20 used + 2 queued + 3 requests x 4 growth = 34 % predicted: safe, though it has a queue
+    index.upsert(snap("busy", free=80, running=2, total=100, waiting=1, waiting_blocks=2))
+    assert index.choose(demand()) == "busy"
+
+
+def make_index_choice(name: str, snapshots: list[InstanceSnapshot]) -> str | None:
+    index = make_dispatch_policy(name)
+    for s in snapshots:
+        index.upsert(s)
+    return index.choose(demand())

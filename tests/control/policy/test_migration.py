@@ -225,3 +225,119 @@ def test_inlined_freeness_matches_freeness_module(snap: InstanceSnapshot, isolat
     rated = migration_rate(snap, params)
     assert rated.freeness == migration_freeness(snap, watermark_blocks=3, headroom_blocks=headroom)
     assert rated.raw_freeness == migration_freeness(snap, watermark_blocks=3)
+
+
+# -- the incremental planner and Drover's cost-aware rules ------------------------------------------------
+from control.policy.migration import MigrationPlanner  # noqa: E402
+
+COST = dataclasses.replace(
+    PARAMS,
+    migration_cost_aware=True,
+    migration_budget_per_request=2,
+    migration_cooldown_s=2.0,
+    migration_pingpong_window_s=30.0,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(first=instances, second=instances)
+def test_incremental_planner_equals_a_fresh_plan(first: list[InstanceSnapshot], second: list[InstanceSnapshot]) -> None:
+    planner = MigrationPlanner(PARAMS)
+    planner.sync(first)
+    planner.sync(second)  # updates, removals and additions
+    assert planner.plan([], now=0.0) == plan_migrations(second, [], PARAMS)
+
+
+def test_cost_aware_moves_the_smallest_request_that_clears_the_deficit() -> None:
+    # source: 3 requests, 2 free blocks, F < 3; moving the 5-block one gives (2+5)/2 = 3.5 >= 3; the 1-block
+    # one (Llumnix's shortest) leaves it at 1.5, still a source
+    src = inst("s", free=2, reqs=[(32, 0), (160, 0), (3200, 0)])
+    dst = inst("d", free=190)
+    assert plan_migrations([src, dst], [], PARAMS)[0].request_id == "s/r0"
+    assert plan_migrations([src, dst], [], COST)[0].request_id == "s/r1"
+
+
+def test_cost_aware_refuses_a_move_that_leaves_the_destination_more_pressed_than_the_source_was() -> None:
+    src = inst("s", free=2, reqs=[(3200, 0), (3200, 0)])  # 100 blocks each, F = 1
+    dst = inst("d", free=103, reqs=[(32, 0)] * 3, total=400)  # F = 34 before, (103 - 100 - 1) / 4 = 0.5 after
+    assert plan_migrations([src, dst], [], PARAMS)  # Llumnix moves it
+    assert plan_migrations([src, dst], [], COST) == []
+    roomy = inst("d", free=160, reqs=[(32, 0)] * 3, total=400)  # (160 - 101) / 4 = 14.75 after: it pays
+    assert plan_migrations([src, roomy], [], COST)
+
+
+def test_preempting_source_is_exempt_from_budget_and_cooldown() -> None:
+    planner = MigrationPlanner(COST)
+    planner.sync([inst("a", free=0, reqs=[(320, 0), (320, 0)]), inst("b", free=190)])
+    moved = planner.plan([], now=0.0)[0].request_id
+    b2 = InstanceSnapshot("b", 200, 0, 1, 0, running=(RunningSnapshot(moved, 320, 10),), model="m")
+    planner.sync([b2, inst("c", free=190)])
+    assert planner.plan([], now=0.5) == []  # cooldown
+    preempting = dataclasses.replace(b2, num_preempted=1)
+    planner.sync([preempting, inst("c", free=190)])
+    assert [d.request_id for d in planner.plan([], now=0.5)] == [moved]
+
+
+def test_budget_cooldown_and_no_ping_pong() -> None:
+    planner = MigrationPlanner(COST)
+    a = inst("a", free=0, reqs=[(320, 0), (320, 0)])
+    b = inst("b", free=190)
+    planner.sync([a, b])
+    first = planner.plan([], now=0.0)
+    assert [(d.source_id, d.destination_id) for d in first] == [("a", "b")]
+    moved = first[0].request_id
+    # the request now sits on b, which is pressed; a has room again
+    b2 = InstanceSnapshot("b", 200, 0, 1, 0, running=(RunningSnapshot(moved, 320, 10),), model="m")
+    a2 = inst("a", free=190)
+    planner.sync([a2, b2])
+    assert planner.plan([], now=1.0) == []  # cooldown (2 s)
+    assert planner.plan([], now=5.0) == []  # a is the instance it left 5 s ago: no ping-pong (30 s)
+    c = inst("c", free=190)
+    planner.sync([a2, b2, c])
+    second = planner.plan([], now=5.0)
+    assert [(d.request_id, d.destination_id) for d in second] == [(moved, "c")]
+    c2 = InstanceSnapshot("c", 200, 0, 1, 0, running=(RunningSnapshot(moved, 320, 10),), model="m")
+    d = inst("d", free=190)
+    planner.sync([a2, c2, d])
+    assert planner.plan([], now=60.0) == []  # budget of 2 moves spent
+
+
+def test_draining_ignores_budget_and_cooldown_but_not_ping_pong() -> None:
+    planner = MigrationPlanner(COST)
+    a = inst("a", free=0, reqs=[(320, 0), (320, 0)])
+    b = inst("b", free=190)
+    planner.sync([a, b])
+    moved = planner.plan([], now=0.0)[0].request_id
+    b2 = InstanceSnapshot("b", 200, 180, 1, 0, running=(RunningSnapshot(moved, 320, 10),), draining=True, model="m")
+    planner.sync([inst("a", free=190), b2])
+    assert planner.plan([], now=0.5) == []  # the only destination is the instance it just left
+    planner.sync([inst("a", free=190), b2, inst("c", free=190)])
+    assert [d.destination_id for d in planner.plan([], now=0.5)] == ["c"]
+
+
+def test_per_round_cap() -> None:
+    snaps = [inst(f"s{k}", free=0, reqs=[(320, 0)] * 2) for k in range(5)] + [inst(f"d{k}", free=190) for k in range(5)]
+    assert len(plan_migrations(snaps, [], PARAMS)) == 5
+    assert len(plan_migrations(snaps, [], dataclasses.replace(PARAMS, max_migrations_per_round=2))) == 2
+
+
+def test_budget_and_ping_pong_apply_to_llumnix_pairing_too() -> None:
+    rules_only = dataclasses.replace(COST, migration_cost_aware=False)
+    planner = MigrationPlanner(rules_only)
+    planner.sync([inst("a", free=0, reqs=[(320, 0), (320, 0)]), inst("b", free=190)])
+    moved = planner.plan([], now=0.0)[0].request_id
+    b2 = InstanceSnapshot("b", 200, 0, 1, 0, running=(RunningSnapshot(moved, 320, 10),), model="m")
+    planner.sync([b2, inst("a", free=190)])
+    assert planner.plan([], now=5.0) == []  # back to the instance it left: ping-pong
+
+
+def test_planner_memory_is_bounded_with_a_budget() -> None:
+    planner = MigrationPlanner(COST)
+    planner.sync([inst("a", free=0, reqs=[(320, 0), (320, 0)]), inst("b", free=190)])
+    assert planner.plan([], now=0.0)
+    planner.sync([inst("a", free=190), inst("b", free=190)])
+    planner.plan([], now=100.0)
+    assert len(planner._moves) == 1
+    planner.sync([inst("a", free=0, reqs=[(320, 0), (320, 0)]), inst("b", free=190)])
+    planner.plan([], now=1000.0)
+    assert all(m.last_s == 1000.0 for m in planner._moves.values())

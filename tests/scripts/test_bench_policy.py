@@ -1,0 +1,47 @@
+"""Smoke and semantics tests of the policy benchmarks' own logic (the numbers are the benchmarks' job)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from control.policy.recommended import user_policy_params as named_policy
+from control.simulator import simulate
+from scripts.bench_policy_scale import bench_dispatch, bench_planning
+from scripts.bench_scheduling import attainment, goodput, goodput_settings, mean_ci, slo_for
+
+
+def test_scale_benchmark_reports_every_operation() -> None:
+    for name in ("round_robin", "predictive", "prefix_affinity"):
+        row = bench_dispatch(16, name, 50, 0)
+        assert {"decide_p99_us", "heartbeat_p99_us", "total_p99_us"} <= set(row)
+        assert ("drain_flip_p99_us" in row) == (name == "round_robin")
+    plan = bench_planning(16, 5, 0, named_policy("drover"))
+    assert plan["round_p99_us"] > 0 and plan["changed_per_round"] == 1
+
+
+def test_attainment_counts_unfinished_and_rejected_as_misses() -> None:
+    setting = dataclasses.replace(goodput_settings()[0], duration_s=5.0)
+    slo = slo_for(setting)
+    result = simulate(setting.config(named_policy("least_loaded")), setting.workload(4.0, 0))
+    assert 0.0 <= attainment(result, *slo) <= 1.0
+    assert attainment(result, 0.0, 0.0) == 0.0  # nothing meets an impossible SLO
+    for record in result.requests:
+        record.rejected = True
+    assert attainment(result, math.inf, math.inf) == 0.0
+
+
+def test_goodput_is_the_highest_passing_rate_within_five_percent() -> None:
+    setting = dataclasses.replace(goodput_settings()[0], duration_s=10.0)
+    slo = slo_for(setting)
+    found = goodput(setting, named_policy("llumnix"), 0, slo)
+    rate = found["goodput"]
+    assert rate > 0
+    assert attainment(simulate(setting.config(named_policy("llumnix")), setting.workload(rate, 0)), *slo) >= 0.99
+
+
+def test_mean_ci_and_named_policies() -> None:
+    mean, ci = mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and math.isclose(ci, 4.30 * 1.0 / math.sqrt(3))
+    assert named_policy("infaas++") == named_policy("least_loaded")
+    assert named_policy("drover").dispatch_policy == "predictive"
