@@ -42,11 +42,11 @@ async def request_admin(
     ErrorReply becomes a DroverError."""
     import msgspec
 
-    from control.cli import _CLI_CONNECT
+    from control.cli_common import CLI_CONNECT
     from control.client import DroverClient, DroverError
 
     client = await DroverClient(url, name="drover-cli", nats_settings=nats_settings, operator=operator).connect(
-        **_CLI_CONNECT
+        **CLI_CONNECT
     )
     if "operator" in type(message).__struct_fields__:
         message = msgspec.structs.replace(message, operator=client.operator)
@@ -61,20 +61,12 @@ async def request_admin(
 
 
 def _call(ctx: typer.Context, verb: str, message: Message) -> Any:
-    from control.cli import console
-    from control.cli_operator import _need_url, _settings
-    from control.client import DroverError
+    from control.cli_common import cli_settings, need_url
 
-    s = _settings(ctx)
-    url = _need_url(s)
-    try:
-        return asyncio.run(request_admin(url, verb, message, nats_settings=s.nats, operator=s.audit.operator or None))
-    except DroverError as exc:
-        console.print(f"[red]{exc.code}[/]: {exc.message}")
-        raise typer.Exit(1) from exc
-    except Exception as exc:
-        console.print(f"[red]no answer from the control plane at {url}:[/] {exc!r}")
-        raise typer.Exit(1) from exc
+    s = cli_settings(ctx)
+    url = need_url(s)
+    # Errors propagate: the root app reports them as one line (error reply: exit 1; no answer: exit 2).
+    return asyncio.run(request_admin(url, verb, message, nats_settings=s.nats, operator=s.audit.operator or None))
 
 
 def status_tables(status: AutoscaleStatusReply) -> list[Table]:
@@ -177,7 +169,6 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")
     ) -> None:
         """Each level's inputs and last decision with its reason; recent scale events."""
-        import msgspec
 
         from control.cli import console
 
@@ -186,7 +177,9 @@ def register(app: typer.Typer) -> None:
             console.print(f"[red]unexpected reply {type(reply).__name__}[/]")
             raise typer.Exit(1)
         if as_json:
-            console.print_json(msgspec.json.encode(reply).decode())
+            from control.cli_common import emit_json
+
+            emit_json(reply)
             return
         for table in status_tables(reply):
             console.print(table)

@@ -11,26 +11,16 @@ import typer
 
 
 def _settings(ctx: typer.Context) -> Any:
-    """Effective settings from the root command's global options (--config, --nats-url, --log-level).
+    """Effective settings from the root command's global options, with the cluster context."""
+    from control.cli_common import cli_settings
 
-    Read from the click context rather than control.cli's module state: under ``python -m control.cli``
-    that module runs as ``__main__`` and an import of ``control.cli`` would see a second, empty copy."""
-    from control.settings import load_settings
-
-    root = ctx.find_root().params
-    return load_settings(
-        root.get("config"),
-        {"nats": {"url": root.get("nats_url")}, "observability": {"log_level": root.get("log_level")}},
-    )
+    return cli_settings(ctx)
 
 
 def _need_url(s: Any) -> str:
-    from control.cli import console
+    from control.cli_common import need_url
 
-    if not s.nats.url:
-        console.print("[red]no NATS URL:[/] pass --nats-url or set DROVER_NATS__URL (the cluster's server)")
-        raise typer.Exit(2)
-    return str(s.nats.url)
+    return need_url(s)
 
 
 def _gateway_settings(base: Any, overrides: dict[str, Any]) -> Any:
