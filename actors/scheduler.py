@@ -609,6 +609,7 @@ class SchedulerActor(SupervisedActor):
                 stream_text=submit.stream_text,
                 output_token_ids=record.resume_tokens,
                 served_by=list(record.served_by),
+                client_id=submit.client_id or "",
             ),
             headers,
         )
@@ -717,6 +718,11 @@ class SchedulerActor(SupervisedActor):
             return
         decisions = plan_migrations(self._migratable_snapshots(), list(self.migrations.values()), self.params)
         for d in decisions:
+            record = self.requests.get(d.request_id)
+            if record is None or record.instance_id != d.source_id:
+                # A heartbeat older than a committed move (or the request's end) still lists it at the source:
+                # the request table knows better; moving it would only abort with "no request ... on <source>".
+                continue
             self._start_migration(d.request_id, d.source_id, d.destination_id, d.num_blocks, d.reason)
 
     def _on_migration_ended(self, ended: MigrationEnded) -> None:

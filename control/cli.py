@@ -366,6 +366,17 @@ def _status() -> Any:
     return _admin_call(lambda c: c.status())
 
 
+def listing(title: str) -> Table:
+    """A listing table that fits 80 columns: light borders; cells fold rather than end in "…"."""
+    from rich import box
+
+    return Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+
+
+def add_column(table: Table, name: str, justify: str = "left") -> None:
+    table.add_column(name, overflow="fold", justify=justify)  # type: ignore[arg-type]
+
+
 def add_id_column(table: Table, name: str, values: list[str]) -> None:
     """A column for ids: never cut or wrapped (an id must survive copy and paste at any terminal width);
     the other columns wrap around it."""
@@ -373,10 +384,10 @@ def add_id_column(table: Table, name: str, values: list[str]) -> None:
 
 
 def _instances_table(status: Any) -> Table:
-    table = Table(title=f"instances (dispatch: {status.dispatch_policy})")
+    table = listing(f"instances (dispatch: {status.dispatch_policy})")
     add_id_column(table, "instance", [i.info.instance_id for i in status.instances])
-    for column in ("kind", "model", "state", "free/total blocks", "running", "waiting", "dispatched", "age s"):
-        table.add_column(column)
+    for column in ("kind", "model", "state", "free/total", "run", "wait", "disp", "age s"):
+        add_column(table, column, "left" if column in ("kind", "model", "state") else "right")
     for inst in status.instances:
         load = inst.load
         table.add_row(
@@ -394,10 +405,10 @@ def _instances_table(status: Any) -> Table:
 
 
 def _requests_table(status: Any) -> Table:
-    table = Table(title=f"requests ({status.queued} queued)")
+    table = listing(f"requests ({status.queued} queued)")
     add_id_column(table, "request", [r.request_id for r in status.requests])
-    for column in ("instance", "state", "prompt tokens", "priority", "class", "age s"):
-        table.add_column(column)
+    for column in ("instance", "state", "prompt", "prio", "class", "age s"):
+        add_column(table, column, "right" if column in ("prompt", "prio", "age s") else "left")
     for req in status.requests:
         table.add_row(
             req.request_id,

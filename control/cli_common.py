@@ -108,8 +108,30 @@ def print_error(message: str) -> None:
     typer.echo(f"drover: error: {message.splitlines()[0] if message else 'failed'}", err=True)
 
 
+class DroverGroup(typer.core.TyperGroup):
+    """Runs every command under one error boundary: an exception a command lets escape becomes one line on
+    stderr and an exit code (in-process runs, typer's test runner, see the same as the shell)."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.TyperException, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if os.environ.get("DROVER_DEBUG"):
+                raise
+            message, code = error_line(exc)
+            print_error(message)
+            raise typer.Exit(code) from None
+
+
 class DroverTyper(typer.Typer):
     """The root app: every error, a usage error included, becomes one line on stderr and an exit code."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("cls", DroverGroup)
+        kwargs.setdefault("pretty_exceptions_enable", False)
+        super().__init__(**kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         command = typer.main.get_command(self)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from pathlib import Path
 from typing import Any
@@ -21,17 +22,6 @@ def _need_url(s: Any) -> str:
     from control.cli_common import need_url
 
     return need_url(s)
-
-
-def _gateway_settings(base: Any, overrides: dict[str, Any]) -> Any:
-    """The ``[gateway]`` section with flag overrides. Until ``Settings`` has a ``gateway`` section, the
-    defaults of :class:`GatewaySettings` stand in for it."""
-    from control.gateway.settings import GatewaySettings
-
-    section = getattr(base, "gateway", None) or GatewaySettings()
-    values = section.model_dump()
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return GatewaySettings(**values)
 
 
 def _parse_keys(pairs: list[str]) -> list[dict[str, str]]:
@@ -64,8 +54,6 @@ def register(app: typer.Typer) -> None:
         from observability.logs import setup_logging
         from observability.tracing import setup_tracing, shutdown_tracing
 
-        s = _settings(ctx)
-        url = _need_url(s)
         overrides: dict[str, Any] = {
             "host": host,
             "port": port,
@@ -76,11 +64,12 @@ def register(app: typer.Typer) -> None:
         }
         if api_key:
             overrides["api_keys"] = _parse_keys(api_key)
-        try:
-            settings = _gateway_settings(s, overrides)
-        except ValueError as exc:
-            cli.console.print(f"[red]bad gateway settings:[/] {exc}")
-            raise typer.Exit(2) from exc
+        from control.cli_common import cli_settings
+
+        # Flags go through the settings loader: a bad value is one line naming the flag, never the key itself.
+        s = cli_settings(ctx, {"gateway": overrides})
+        settings = s.gateway
+        url = _need_url(s)
         obs = s.observability
         setup_logging(obs.log_level)
         setup_tracing(
@@ -115,7 +104,7 @@ def register(app: typer.Typer) -> None:
 
         s = _settings(ctx)
         url = _need_url(s)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(
                 run_top(
                     url,
@@ -124,13 +113,9 @@ def register(app: typer.Typer) -> None:
                     console=cli.console,
                     connect_options=cli._CLI_CONNECT,
                     nats_settings=s.nats,
+                    slo=s.autoscaling.slo,
                 )
             )
-        except KeyboardInterrupt:
-            pass
-        except Exception as exc:
-            cli.console.print(f"[red]no answer from the control plane at {url}:[/] {exc!r}")
-            raise typer.Exit(1) from exc
 
     @app.command("trace")
     def trace_cmd(
@@ -146,21 +131,24 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Waterfall of a request's spans across gateway, client, scheduler, engines and migrations."""
         from control import cli
+        from control.cli_common import context_traces, fail
         from observability.trace_view import TraceNotFound, find_request_spans, render_waterfall
 
-        paths = files or [Path(_settings(ctx).observability.jsonl_path)]
+        s = _settings(ctx)
+        paths = [p.resolve() for p in files] or [context_traces(s).resolve()]
         missing = [str(p) for p in paths if not p.exists()]
         if missing:
-            cli.console.print(
-                f"[red]no span file {', '.join(missing)}[/] (spans are written there with the "
-                "jsonl exporter: DROVER_OBSERVABILITY__EXPORTER=jsonl)"
+            exporter = s.observability.exporter
+            why = (
+                f"the exporter is {exporter!r}: set DROVER_OBSERVABILITY__EXPORTER=jsonl on the cluster"
+                if exporter != "jsonl"
+                else "no process of this cluster has written spans there yet: pass the cluster's file with --file"
             )
-            raise typer.Exit(1)
+            fail(f"no span file {', '.join(missing)} ({why})")
         try:
             found = find_request_spans(paths, request_id)
         except TraceNotFound as exc:
-            cli.console.print(f"[red]{exc}[/] (spans are exported in batches: retry in a second)")
-            raise typer.Exit(1) from exc
+            fail(f"{exc} in {', '.join(map(str, paths))} (spans are written in batches: retry in a second)", 1)
         cli.console.print(render_waterfall(found, request_id, width))
 
     @app.command()
@@ -176,11 +164,7 @@ def register(app: typer.Typer) -> None:
 
         s = _settings(ctx)
         url = _need_url(s)
-        try:
-            asyncio.run(_serve_metrics(url, host, port, interval, once, cli._CLI_CONNECT if once else {}, s.nats))
-        except Exception as exc:
-            cli.console.print(f"[red]no answer from the control plane at {url}:[/] {exc!r}")
-            raise typer.Exit(1) from exc
+        asyncio.run(_serve_metrics(url, host, port, interval, once, cli._CLI_CONNECT, s.nats, s.autoscaling.slo))
 
 
 async def _serve_metrics(
@@ -191,6 +175,7 @@ async def _serve_metrics(
     once: bool,
     connect_options: dict[str, Any],
     nats_settings: Any = None,
+    slo: Any = None,
 ) -> None:
     from control.client import DroverClient
     from control.metrics_exporter import ClusterMetricsExporter
@@ -198,14 +183,22 @@ async def _serve_metrics(
 
     source = Metrics(service_name="drover-metrics")
     client = await DroverClient(url, name="drover-metrics", nats_settings=nats_settings).connect(**connect_options)
-    exporter = ClusterMetricsExporter(client, source, interval_s)
+    if not once:  # reachable: now connect for the long run, reconnecting forever through NATS restarts
+        await client.close()
+        client = await DroverClient(url, name="drover-metrics", nats_settings=nats_settings).connect()
+    exporter = ClusterMetricsExporter(client, source, interval_s, slo=slo)
     try:
         if once:
             await exporter.poll_once()
             typer.echo(source.render().decode(), nl=False)
             return
         await exporter.start()
-        server = start_metrics_server(port, host, source)
+        try:
+            server = start_metrics_server(port, host, source)
+        except OSError as exc:
+            from control.cli_common import fail
+
+            fail(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc} (pick another --port)")
         typer.echo(f"metrics on http://{host}:{server.port}/metrics from {url} (Ctrl-C stops)")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

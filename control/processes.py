@@ -154,6 +154,9 @@ def serve_control(settings: Settings) -> None:
         tokenizer = load_tokenizer(resolve_model_dir(settings) if settings.engine.kind == "vllm" else None)
         bus = Bus(bus_options(settings, "drover-control")).start()
         plane = ControlPlane(settings, bus, tokenizer).start()
+        from observability.metrics import metrics
+
+        metrics().set_leader_probe(lambda: getattr(plane, "leading", True) is not False)
         log.info("control plane on %s", settings.nats.url)
         http = _http(settings, settings.metrics.control_port, control_plane_checks(plane))
         try:
