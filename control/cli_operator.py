@@ -179,7 +179,8 @@ async def _serve_metrics(
 ) -> None:
     from control.client import DroverClient
     from control.metrics_exporter import ClusterMetricsExporter
-    from observability.metrics import Metrics, start_metrics_server
+    from observability.health import HealthChecks, start_process_server
+    from observability.metrics import Metrics
 
     source = Metrics(service_name="drover-metrics")
     client = await DroverClient(url, name="drover-metrics", nats_settings=nats_settings).connect(**connect_options)
@@ -194,7 +195,12 @@ async def _serve_metrics(
             return
         await exporter.start()
         try:
-            server = start_metrics_server(port, host, source)
+            # /metrics, /healthz (connected to NATS) and /readyz (+ the last status poll answered); 404 elsewhere
+            health = HealthChecks(
+                liveness={"bus": lambda: (client.nc.is_connected, "connected" if client.nc.is_connected else "down")},
+                readiness={"poll": lambda: (exporter.last_poll_ok, exporter.last_poll_detail)},
+            )
+            server = start_process_server(port, host, health=health, source=source)
         except OSError as exc:
             from control.cli_common import fail
 

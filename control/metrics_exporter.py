@@ -118,6 +118,8 @@ class ClusterMetricsExporter:
         self.metrics = metrics
         self.interval_s = interval_s
         self.slo = SloTally(slo)
+        self.last_poll_ok = False
+        self.last_poll_detail = "no status poll yet"
         self._subscription: Subscription | None = None
 
     async def start(self) -> None:
@@ -153,8 +155,10 @@ class ClusterMetricsExporter:
         """Poll until ``stop`` is set; a missed poll keeps the last values (and is logged)."""
         while not stop.is_set():
             try:
-                await self.poll_once()
+                status = await self.poll_once()
+                self.last_poll_ok, self.last_poll_detail = True, f"{len(status.instances)} instances"
             except Exception as exc:  # DroverError, NATS timeouts: keep serving the last values
+                self.last_poll_ok, self.last_poll_detail = False, f"status poll failed: {exc!r}"
                 log.warning("status poll failed: %r", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.interval_s)

@@ -65,8 +65,9 @@ from control.simulator.workload import (
     piecewise_arrivals,
     warp_arrivals,
 )
+from scripts.paths import repo_path
 
-AZURE_TRACE = Path("/work/shared/traces/azure2023_conv.csv")
+AZURE_TRACE = repo_path("traces", "azure2023_conv.csv")
 MAX_MODEL_LEN = ClusterConfig().engine.max_model_len
 SLO = AutoscaleParams().slo
 PILOT_RATES = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0)

@@ -3,7 +3,7 @@
 Every system replays the same arrivals (same seed) on the same simulated cluster (control.memsim: LLaMA-7B
 fp16 on A100-40GB instances, weights and KV in one budget). Two workloads, each on a fixed grid:
 
-* **Azure conversation trace** (/work/shared/traces/azure2023_conv.csv): the 120 s window with the most
+* **Azure conversation trace** (traces/azure2023_conv.csv in the repository): the 120 s window with the most
   token demand (chosen from the trace alone, :func:`busiest_window`), compressed in time. The compression
   is chosen before any comparison: the first factor of the ladder 1, 1.5, 2, 3, 4, 6, 8 at which the
   *vLLM baseline alone* overloads memory (some instance meets KunServe's drop trigger for ≥ 1 s of polls);
@@ -27,8 +27,9 @@ from pathlib import Path
 from control.memsim import MemSimConfig, MemSimResult, simulate
 from control.memsim.workloads import burst_workload, busiest_window, trace_window
 from control.simulator.workload import LengthSpec, RequestSpec
+from scripts.paths import repo_path
 
-TRACE = "/work/shared/traces/azure2023_conv.csv"
+TRACE = str(repo_path("traces", "azure2023_conv.csv"))
 WINDOW_S = 120.0
 LADDER = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 BASE_RATE = 4.0

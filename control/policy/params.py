@@ -1,4 +1,4 @@
-"""Tunable policy parameters, with the Llumnix paper's values as defaults (see /work/shared/SEEDS.md).
+"""Tunable policy parameters, with the Llumnix paper's values as defaults (see the design notes).
 
 Both dataclasses are frozen: the live scheduler swaps in a new instance on ``drover policy set`` (use
 :func:`dataclasses.replace` or :meth:`PolicyParams.with_updates`), so a decision always reads one

@@ -191,22 +191,46 @@ def _running_on(cluster: InProcessCluster, min_requests: int, timeout_s: float =
     raise AssertionError("requests did not start")
 
 
-def test_drain_where_every_move_succeeds_counts_no_aborted_migration(cluster: InProcessCluster) -> None:
+@pytest.fixture
+def slow_heartbeat_cluster(nats_url: str) -> Iterator[InProcessCluster]:
+    """Sim engines with the default heartbeat period (0.25 s): a heartbeat sent before a move committed still
+    lists the request at its source for that long, which is what planned the spurious moves."""
+    from control.settings import load_settings
+    from engines.sim.live_migration import MigratableSimEngine
+    from engines.tokenizer import ByteTokenizer
+
+    settings = load_settings(overrides={"nats": {"url": nats_url}, "engine": {"kind": "sim"}})
+    assert settings.engine.heartbeat_interval_s >= 0.25
+    c = InProcessCluster(settings=settings, tokenizer=ByteTokenizer())
+    c.start_control()
+    for index in range(2):
+        c.add_engine(MigratableSimEngine(f"hb-{index}", time_scale=1.0, max_model_len=1024))
+    asyncio.run(_wait_instances(c.url, 2))
+    yield c
+    c.stop()
+
+
+def test_drain_where_every_move_succeeds_counts_no_aborted_migration(slow_heartbeat_cluster: InProcessCluster) -> None:
+    cluster = slow_heartbeat_cluster
     before = status_json(cluster)
-    submitted = _start_long_requests(cluster, 4)
+    submitted = _start_long_requests(cluster, 6)
+    source = ""
     try:
-        placed = _running_on(cluster, 4)
+        placed = _running_on(cluster, 6)
         source = max(placed, key=lambda i: len(placed[i]))
         proc = at(cluster, "drain", source, "--timeout", "60", timeout=90)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        time.sleep(1.0)  # heartbeats that still list the moved requests at the source arrive now
+        time.sleep(2.0)  # heartbeats that still list the moved requests at the source arrive now
         after = status_json(cluster)
         moved = len(placed[source])
         summary = (proc.stdout, placed, after["requests"])
         assert after["migrations_completed"] >= before["migrations_completed"] + moved, summary  # type: ignore[operator]
         assert after["migrations_aborted"] == before["migrations_aborted"], summary
+        top = at(cluster, "top", "--once", "--interval", "0.2")
+        assert "0 aborted" in top.stdout, top.stdout
     finally:
-        at(cluster, "drain", source, "--undo")
+        if source:
+            at(cluster, "drain", source, "--undo")
         for p in submitted:
             p.kill()
             p.wait()
@@ -338,3 +362,41 @@ def test_children_of_up_die_with_it_on_sigkill(tmp_path: Path) -> None:
         for child in children:
             if child.is_running():
                 child.kill()
+
+
+# ------------------------------------------------------------------------------------------- 8: the gateway
+def test_gateway_refuses_max_tokens_beyond_the_context_and_blames_bad_json(cluster: InProcessCluster) -> None:
+    import httpx
+    import openai
+
+    port = _free_port()
+    env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": str(ROOT), "DROVER_OBSERVABILITY__EXPORTER": "none"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "control.cli", "--nats-url", cluster.url, "gateway", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        model = client.models.list().data[0].id
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model=model, prompt="x", max_tokens=5000)  # the sim context is 1024
+        assert info.value.code == "context_length_exceeded" and info.value.param == "max_tokens", info.value
+        assert client.completions.create(model=model, prompt="x", max_tokens=3).usage.completion_tokens == 3  # type: ignore[union-attr]
+        bad = httpx.post(f"{url}/v1/completions", content=b'{"model": "m", "prompt": "x",,}', timeout=10)
+        error = bad.json()["error"]
+        assert bad.status_code == 400 and error["param"] is None and "not valid JSON" in error["message"], error
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=15)
