@@ -331,9 +331,16 @@ def test_up_records_a_context_serves_health_and_stops_everything_on_sigterm(tmp_
 
         with urllib.request.urlopen(current["metrics_url"] + "/healthz", timeout=5) as reply:
             assert reply.status == 200
+        with urllib.request.urlopen(current["metrics_url"] + "/metrics", timeout=5) as reply:
+            control_metrics = reply.read().decode()
+        assert "drover_control_plane_leader 1.0" in control_metrics, control_metrics
         for port in (engine_port, engine_port + 1):  # one variable, two engines: each its own port
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as reply:
                 assert reply.status == 200
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+                engine_metrics = reply.read().decode()
+            # the scheduler's series live in the control plane only: no zero-valued copies elsewhere
+            assert "drover_queue_depth" not in engine_metrics and "drover_instances" not in engine_metrics
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=STOP_BOUND_S + 10)
@@ -394,9 +401,87 @@ def test_gateway_refuses_max_tokens_beyond_the_context_and_blames_bad_json(clust
             client.completions.create(model=model, prompt="x", max_tokens=5000)  # the sim context is 1024
         assert info.value.code == "context_length_exceeded" and info.value.param == "max_tokens", info.value
         assert client.completions.create(model=model, prompt="x", max_tokens=3).usage.completion_tokens == 3  # type: ignore[union-attr]
-        bad = httpx.post(f"{url}/v1/completions", content=b'{"model": "m", "prompt": "x",,}', timeout=10)
+        scraped = httpx.get(f"{url}/metrics", timeout=10).text
+        assert "drover_gateway_requests_total" in scraped and "drover_queue_depth" not in scraped, scraped
+        assert "drover_control_plane_leader" not in scraped
+        bad = httpx.post(
+            f"{url}/v1/completions",
+            content=b'{"model": "m", "prompt": "x",,}',
+            headers={"Content-Type": "application/json"},
+            timeout=10,
+        )
         error = bad.json()["error"]
         assert bad.status_code == 400 and error["param"] is None and "not valid JSON" in error["message"], error
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=15)
+
+
+# ------------------------------------------------------------------------------------ 10: top at 80x24, SLOs
+def _tmux(*args: str) -> str:
+    return subprocess.run(["tmux", "-L", f"drover-test-{os.getpid()}", *args], capture_output=True, text=True).stdout
+
+
+@pytest.mark.skipif(not Path("/usr/bin/tmux").exists(), reason="needs tmux (apt-get install -y tmux)")
+def test_top_fits_80x24_with_whole_ids_and_slo_attainment(cluster: InProcessCluster) -> None:
+    import shlex
+
+    python = f"env PYTHONPATH={shlex.quote(str(ROOT))} {shlex.quote(sys.executable)}"
+    command = f"{python} -m control.cli --nats-url {cluster.url} top --interval 0.5"
+    _tmux("new-session", "-d", "-s", "top", "-x", "80", "-y", "24", command)
+    try:
+        time.sleep(3)  # top has subscribed to engine events: what ends now counts
+        for i in range(3):
+            assert at(cluster, "submit", f"slo {i}", "--max-tokens", "4").returncode == 0
+        deadline = time.monotonic() + 30
+        while True:
+            screen = _tmux("capture-pane", "-p", "-t", "top")
+            if any(line.startswith("interactive") and "drover-cli" in line for line in screen.splitlines()):
+                break
+            assert time.monotonic() < deadline, screen
+            time.sleep(0.5)
+        lines = screen.splitlines()
+        assert len(lines) <= 24 and all(len(line) <= 80 for line in lines), screen
+        assert lines[0].startswith("drover top"), screen  # the header is on screen, not scrolled away
+        assert LONG_ID in screen and "sim-0" in screen and "sim-1" in screen, screen
+        slo_rows = [line for line in lines if line.startswith("interactive")]
+        assert any("drover-cli" in row and "100.0%" in row for row in slo_rows), screen
+    finally:
+        _tmux("kill-server")
+
+
+# ------------------------------------------------------------------------------- 5: drover metrics, SLO series
+def test_drover_metrics_serves_slo_attainment_and_only_its_paths(cluster: InProcessCluster) -> None:
+    import httpx
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "control.cli", "--nats-url", cluster.url, "metrics", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "80", "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        for i in range(2):
+            assert at(cluster, "submit", f"metrics {i}", "--max-tokens", "3").returncode == 0
+        deadline = time.monotonic() + 15
+        while 'drover_slo_attainment{client="drover-cli",request_class="interactive"} 1.0' not in (
+            text := httpx.get(f"{url}/metrics", timeout=5).text
+        ):
+            assert time.monotonic() < deadline, text
+            time.sleep(0.3)
+        assert "drover_slo_goodput_tokens_per_second" in text and "drover_queue_depth" in text
+        assert httpx.get(f"{url}/no-such-path", timeout=5).status_code == 404
     finally:
         proc.terminate()
         proc.communicate(timeout=15)
