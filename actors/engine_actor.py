@@ -698,6 +698,8 @@ class EngineActor(pykka.ThreadingActor):
             sampling=add.sampling,
             priority=add.priority,
             served_by=[*add.served_by, self.instance_id],
+            request_class=add.request_class,
+            client_id=add.client_id,
         )
 
 

@@ -707,7 +707,11 @@ class SchedulerActor(SupervisedActor):
             self.bus.reply_error(reply_to, ErrorCode.MIGRATION_FAILED, "no migrator runs in this control plane")
             return False
         self.migrations[request_id] = InFlightMigration(source, destination, request_id)
-        migrator.tell(StartMigration(request_id, source, destination, num_blocks, self.params, reason, reply_to))
+        record = self.requests.get(request_id)
+        headers = record.headers if record is not None else None  # the migration joins the request's trace
+        migrator.tell(
+            StartMigration(request_id, source, destination, num_blocks, self.params, reason, reply_to, headers)
+        )
         return True
 
     def _migratable_snapshots(self) -> list[InstanceSnapshot]:

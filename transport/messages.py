@@ -354,6 +354,9 @@ class MigrateOutReply(_Msg, frozen=True, tag="migrate_out_reply"):
     sampling: SamplingParams | None = None
     priority: int = 0
     served_by: list[str] = []
+    # What the destination needs to keep the request's class and owner (SLO accounting per class and client).
+    request_class: RequestClass = RequestClass.INTERACTIVE
+    client_id: str = ""
 
 
 class MigrateIn(_Msg, frozen=True, tag="migrate_in"):

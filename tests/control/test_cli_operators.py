@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -485,3 +486,37 @@ def test_drover_metrics_serves_slo_attainment_and_only_its_paths(cluster: InProc
     finally:
         proc.terminate()
         proc.communicate(timeout=15)
+
+
+# --------------------------------------------------------------------------------------- 6: one trace per request
+def test_a_migrated_request_is_one_trace(cluster: InProcessCluster, span_exporter: Any) -> None:
+    from observability import spans
+
+    submitted = _start_long_requests(cluster, 1)
+    try:
+        placed = _running_on(cluster, 1)
+        source, requests = next(iter(placed.items()))
+        request_id = requests[0]
+        destination = next(i for i in ("sim-0", "sim-1", LONG_ID) if i != source)
+        proc = at(cluster, "migrate", request_id, "--to", destination, timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        time.sleep(1.0)
+        mine = [s for s in span_exporter.get_finished_spans() if s.attributes.get(spans.REQUEST_ID) == request_id]
+        names = {s.name for s in mine}
+        assert spans.MIGRATION in names, names
+        traces = {s.context.trace_id for s in mine}
+        assert len(traces) == 1, [(s.name, f"{s.context.trace_id:x}") for s in mine]
+    finally:
+        for p in submitted:
+            p.kill()
+            p.wait()
+
+
+def test_submit_records_its_submit_span(cluster: InProcessCluster, tmp_path: Path) -> None:
+    from observability import spans
+
+    traces = tmp_path / "traces.jsonl"
+    env = {"DROVER_OBSERVABILITY__EXPORTER": "jsonl", "DROVER_OBSERVABILITY__JSONL_PATH": str(traces)}
+    proc = at(cluster, "submit", "traced", "--max-tokens", "2", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert traces.exists() and spans.CLIENT_SUBMIT in traces.read_text()
