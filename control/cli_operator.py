@@ -127,7 +127,9 @@ def register(app: typer.Typer) -> None:
             "-f",
             help="JSON-lines span files (default: the observability.jsonl_path setting); repeat for several.",
         ),
-        width: int = typer.Option(48, "--width", min=10, help="Timeline width in characters."),
+        width: int | None = typer.Option(
+            None, "--width", min=10, help="Timeline width in characters (default: 48, less on a narrow terminal)."
+        ),
     ) -> None:
         """Waterfall of a request's spans across gateway, client, scheduler, engines and migrations."""
         from control import cli
@@ -148,8 +150,12 @@ def register(app: typer.Typer) -> None:
         try:
             found = find_request_spans(paths, request_id)
         except TraceNotFound as exc:
-            fail(f"{exc} in {', '.join(map(str, paths))} (spans are written in batches: retry in a second)", 1)
-        cli.console.print(render_waterfall(found, request_id, width))
+            fail(f"{exc} (spans are written in batches: retry in a second)", 1)
+        columns = cli.console.size.width
+        narrow = columns < 120
+        longest = max((len(s.name) + 2 * 4 for s in found), default=20)  # span names, indented up to 4 deep
+        fitted = max(10, min(48, columns - longest - 26))  # what start, duration and borders leave the bar
+        cli.console.print(render_waterfall(found, request_id, width or fitted, narrow=narrow))
 
     @app.command()
     def metrics(

@@ -595,7 +595,11 @@ class DroverClient:
         with tracer().start_as_current_span(
             spans.CLIENT_SUBMIT,
             kind=trace.SpanKind.PRODUCER,
-            attributes={spans.MESSAGING_SYSTEM: "nats", spans.MESSAGING_DESTINATION: subjects.SUBMIT},
+            attributes={
+                spans.MESSAGING_SYSTEM: "nats",
+                spans.MESSAGING_DESTINATION: subjects.SUBMIT,
+                spans.REQUEST_ID: request_id,  # `drover trace ID` finds the client's side too
+            },
         ):
             headers = inject_headers()
         payload = encode(submit)

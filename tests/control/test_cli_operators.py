@@ -517,6 +517,11 @@ def test_submit_records_its_submit_span(cluster: InProcessCluster, tmp_path: Pat
 
     traces = tmp_path / "traces.jsonl"
     env = {"DROVER_OBSERVABILITY__EXPORTER": "jsonl", "DROVER_OBSERVABILITY__JSONL_PATH": str(traces)}
-    proc = at(cluster, "submit", "traced", "--max-tokens", "2", env=env)
+    proc = at(cluster, "submit", "traced", "--max-tokens", "2", "--json", env=env)
     assert proc.returncode == 0, proc.stderr
     assert traces.exists() and spans.CLIENT_SUBMIT in traces.read_text()
+    request_id = json.loads(proc.stdout)["request_id"]
+    shown = at(cluster, "trace", request_id, "--file", str(traces))  # at 80 columns: every column readable
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert all(len(line) <= 80 for line in shown.stdout.splitlines()), shown.stdout
+    assert "dur ms" in shown.stdout and "timeline" in shown.stdout and spans.CLIENT_SUBMIT in shown.stdout
