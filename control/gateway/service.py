@@ -174,6 +174,7 @@ class Gateway:
                     request_class=spec.request_class,
                     model=spec.model,
                     client_id=principal.client_id,
+                    deadline_s=self.settings.request_deadline_s or None,
                 )
         except Exception as exc:
             span.record_exception(exc)

@@ -379,6 +379,7 @@ def test_gateway_refuses_max_tokens_beyond_the_context_and_blames_bad_json(clust
 
     port = _free_port()
     env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": str(ROOT), "DROVER_OBSERVABILITY__EXPORTER": "none"}
+    env["DROVER_GATEWAY__REQUEST_DEADLINE_S"] = "2"
     proc = subprocess.Popen(
         [sys.executable, "-m", "control.cli", "--nats-url", cluster.url, "gateway", "--port", str(port)],
         stdout=subprocess.PIPE,
@@ -413,6 +414,16 @@ def test_gateway_refuses_max_tokens_beyond_the_context_and_blames_bad_json(clust
         )
         error = bad.json()["error"]
         assert bad.status_code == 400 and error["param"] is None and "not valid JSON" in error["message"], error
+        ids = ["sim-0", "sim-1", LONG_ID]
+        try:  # every instance drained: the completion ends at the gateway's request deadline, not never
+            for instance in ids:
+                assert at(cluster, "drain", instance, "--no-wait").returncode == 0
+            with pytest.raises(openai.APIStatusError) as waited:
+                client.with_options(timeout=30).completions.create(model=model, prompt="x", max_tokens=3)
+            assert waited.value.status_code == 504 and waited.value.code == "deadline_exceeded", waited.value
+        finally:
+            for instance in ids:
+                at(cluster, "drain", instance, "--undo")
     finally:
         proc.terminate()
         proc.communicate(timeout=15)
