@@ -176,7 +176,7 @@ def _start_long_requests(cluster: InProcessCluster, count: int) -> list[subproce
     ]
 
 
-def _running_on(cluster: InProcessCluster, min_requests: int, timeout_s: float = 30) -> dict[str, list[str]]:
+def _running_on(cluster: InProcessCluster, min_requests: int, timeout_s: float = 90) -> dict[str, list[str]]:
     """Where requests run, once the scheduler and the engines' own heartbeats agree that ``min_requests`` do."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -185,21 +185,28 @@ def _running_on(cluster: InProcessCluster, min_requests: int, timeout_s: float =
         for req in status["requests"]:  # type: ignore[attr-defined]
             if req["state"] == "running" and req["instance_id"]:
                 placed.setdefault(req["instance_id"], []).append(req["request_id"])
-        engines = {i["info"]["instance_id"]: i["load"]["num_running"] for i in status["instances"]}  # type: ignore[attr-defined]
+        engines = {  # what the engines' own heartbeats hold (running or waiting for a batch slot)
+            i["info"]["instance_id"]: i["load"]["num_running"] + i["load"]["num_waiting"]
+            for i in status["instances"]  # type: ignore[attr-defined]
+        }
         if sum(map(len, placed.values())) >= min_requests and all(engines[i] >= len(r) for i, r in placed.items()):
             return placed
         time.sleep(0.2)
-    raise AssertionError("requests did not start")
+    raise AssertionError(f"requests did not start: {status}")
 
 
 @pytest.fixture
-def slow_heartbeat_cluster(nats_url: str) -> Iterator[InProcessCluster]:
+def slow_heartbeat_cluster() -> Iterator[InProcessCluster]:
     """Sim engines with the default heartbeat period (0.25 s): a heartbeat sent before a move committed still
-    lists the request at its source for that long, which is what planned the spurious moves."""
+    lists the request at its source for that long, which is what planned the spurious moves. On a NATS server
+    of its own: the module's cluster (another control plane) listens on the session's."""
     from control.settings import load_settings
     from engines.sim.live_migration import MigratableSimEngine
     from engines.tokenizer import ByteTokenizer
+    from transport.nats_server import EmbeddedNatsServer
 
+    server = EmbeddedNatsServer()
+    nats_url = server.start()
     settings = load_settings(overrides={"nats": {"url": nats_url}, "engine": {"kind": "sim"}})
     assert settings.engine.heartbeat_interval_s >= 0.25
     c = InProcessCluster(settings=settings, tokenizer=ByteTokenizer())
@@ -209,6 +216,7 @@ def slow_heartbeat_cluster(nats_url: str) -> Iterator[InProcessCluster]:
     asyncio.run(_wait_instances(c.url, 2))
     yield c
     c.stop()
+    server.stop()
 
 
 def test_drain_where_every_move_succeeds_counts_no_aborted_migration(slow_heartbeat_cluster: InProcessCluster) -> None:
