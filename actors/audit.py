@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 from nats.aio.msg import Msg
 
+from actors.threads import LoopOwned
 from observability.audit import AuditLog
 from transport.bus import Bus, Envelope
 from transport.messages import (
@@ -69,7 +70,7 @@ class AdminAuditor:
         self.reply_timeout_s = reply_timeout_s
         self._inbox = ""
         self._seq = itertools.count()
-        self._pending: dict[str, _Pending] = {}  # touched only on the bus loop
+        self._pending: LoopOwned[dict[str, _Pending]] = LoopOwned({}, bus.loop)
 
     @staticmethod
     def audits(kinds: tuple[type, ...]) -> bool:
@@ -96,7 +97,7 @@ class AdminAuditor:
         def audited(envelope: Envelope) -> Awaitable[None] | None:
             key = str(next(self._seq))
             timer = self.bus.loop.call_later(self.reply_timeout_s, self._expire, key)
-            self._pending[key] = _Pending(envelope, time.time(), time.monotonic(), timer)
+            self._pending.value[key] = _Pending(envelope, time.time(), time.monotonic(), timer)
             return handler(
                 Envelope(
                     subject=envelope.subject,
@@ -109,7 +110,7 @@ class AdminAuditor:
         return audited
 
     async def _on_reply(self, msg: Msg) -> None:
-        pending = self._pending.pop(msg.subject.rsplit(".", 1)[-1], None)
+        pending = self._pending.value.pop(msg.subject.rsplit(".", 1)[-1], None)
         if pending is None:
             return
         pending.timer.cancel()
@@ -134,7 +135,7 @@ class AdminAuditor:
                 log.warning("admin reply to %s not forwarded: %s", pending.envelope.reply, exc)
 
     def _expire(self, key: str) -> None:
-        pending = self._pending.pop(key, None)
+        pending = self._pending.value.pop(key, None)
         if pending is not None:
             self._write(pending, False, f"no reply within {self.reply_timeout_s:g}s")
 

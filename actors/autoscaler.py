@@ -31,18 +31,19 @@ import pykka
 
 from actors.request_classes import ClusterSnapshot, GetClusterView, SetRole
 from actors.supervisor import SupervisedActor
+from control.core.provisioner import Provisioner
+from control.core.scaling import ScalingClock
 from control.policy.autoscaling import (
     ROLES,
     AutoscaleParams,
     ClusterView,
-    InstanceLoad,
+    FleetInstance,
     InstanceRole,
     PerRole,
     ScalingPlan,
     ScalingState,
     plan_scaling,
 )
-from control.provisioning import Provisioner
 from control.settings import Settings
 from observability import spans
 from observability.metrics import metrics
@@ -70,12 +71,6 @@ class _Tick:
     """Internal timer message."""
 
 
-@dataclasses.dataclass(slots=True)
-class _Draining:
-    since: float  # time.monotonic()
-    reason: str
-
-
 class AutoscalerActor(SupervisedActor):
     def __init__(
         self,
@@ -86,6 +81,7 @@ class AutoscalerActor(SupervisedActor):
         supervisor: pykka.ActorRef[Any] | None = None,
         name: str = "autoscaler",
     ) -> None:
+        """Thread: the one that builds the actor (before its own thread starts)."""
         super().__init__(supervisor, name)
         self.bus = bus
         self.settings = settings
@@ -95,10 +91,11 @@ class AutoscalerActor(SupervisedActor):
         self.base_params: AutoscaleParams = settings.autoscaling
         self.pins: dict[InstanceRole, int] = {}
         self.state = ScalingState()
-        self.draining: dict[str, _Draining] = {}
+        # When to plan and when to stop a drained instance: the control core's, fed time.monotonic() (the
+        # elastic simulator feeds the same object its virtual clock).
+        self.clock = ScalingClock(self.base_params.period_s, settings.autoscaler.drain_timeout_s)
         self.last_plan: ScalingPlan | None = None
         self.last_plan_at = 0.0  # time.time()
-        self.last_plan_mono = -float("inf")
         self.last_snapshot: ClusterSnapshot | None = None
         self.last_view: ClusterView | None = None
         self.pending_manual: list[tuple[ScaleCommand, str]] = []
@@ -109,17 +106,20 @@ class AutoscalerActor(SupervisedActor):
     # ------------------------------------------------------------------------------------------- lifecycle
     @property
     def tick_s(self) -> float:
-        return min(1.0, self.base_params.period_s)
+        return self.clock.poll_s
 
     def on_start(self) -> None:
+        """Thread: the autoscaler actor's thread."""
         self.actor_ref.tell(_Tick())
 
     def on_stop(self) -> None:
+        """Thread: the autoscaler actor's thread."""
         self._stopping = True
         if self._timer is not None:
             self._timer.cancel()
 
     def _schedule_tick(self) -> None:
+        """Thread: the autoscaler actor's thread."""
         if self._stopping:
             return
         ref = self.actor_ref
@@ -134,10 +134,9 @@ class AutoscalerActor(SupervisedActor):
 
     # ------------------------------------------------------------------------------------------- messages
     def on_receive(self, message: Any) -> Any:
+        """Thread: the autoscaler actor's thread."""
         if isinstance(message, _Tick):
-            due = self.enabled and time.monotonic() - self.last_plan_mono >= self.base_params.period_s
-            if due:
-                self.last_plan_mono = time.monotonic()
+            due = self.enabled and self.clock.plan_due(time.monotonic())
             # Only a "plan" view consumes the scheduler's rate counters: they then cover one whole period.
             self.scheduler.tell(GetClusterView(self.actor_ref, "plan" if due else "watch"))
             self._schedule_tick()
@@ -148,6 +147,7 @@ class AutoscalerActor(SupervisedActor):
         return None
 
     def _on_envelope(self, envelope: Envelope) -> None:
+        """Thread: the autoscaler actor's thread."""
         message = envelope.message
         if isinstance(message, ScaleCommand):
             problem = self._check_scale(message)
@@ -166,6 +166,7 @@ class AutoscalerActor(SupervisedActor):
             )
 
     def _check_scale(self, command: ScaleCommand) -> str:
+        """Thread: the autoscaler actor's thread."""
         if command.role not in ROLES:
             return f"unknown role {command.role!r}; roles: {', '.join(ROLES)}"
         if command.auto:
@@ -178,12 +179,15 @@ class AutoscalerActor(SupervisedActor):
         return ""
 
     def _other_capable(self, role: str) -> bool:
+        """Thread: the autoscaler actor's thread."""
         other: InstanceRole = "mixed" if role == "interactive" else "interactive"
         return self.pins.get(other, self.base_params.min_instances[other]) > 0
 
     # ------------------------------------------------------------------------------------------- parameters
     def params(self) -> AutoscaleParams:
-        """Configured parameters with pins applied and the measured start-up time."""
+        """Configured parameters with pins applied and the measured start-up time.
+
+        Thread: the autoscaler actor's thread."""
         mins, maxs = self.base_params.min_instances, self.base_params.max_instances
         for role, count in self.pins.items():
             mins, maxs = mins.with_role(role, count), maxs.with_role(role, count)
@@ -192,6 +196,7 @@ class AutoscalerActor(SupervisedActor):
 
     # ------------------------------------------------------------------------------------------- snapshots
     def _on_snapshot(self, snapshot: ClusterSnapshot) -> None:
+        """Thread: the autoscaler actor's thread."""
         self.last_snapshot = snapshot
         seen = {load.instance_id for load in snapshot.view.instances}
         owned = {p.instance_id: p for p in self.provisioner.instances()}
@@ -211,37 +216,37 @@ class AutoscalerActor(SupervisedActor):
 
     def _full_view(self, snapshot: ClusterSnapshot, owned: dict[str, Any]) -> ClusterView:
         """The scheduler's view plus instances still starting (asked for, no heartbeat yet), minus the ones
-        being stopped."""
+        being stopped. Thread: the autoscaler actor's thread."""
         seen = {load.instance_id for load in snapshot.view.instances}
         stopping = {iid for iid, p in owned.items() if p.stopping}
         loads = [
-            load if load.instance_id not in self.draining else dataclasses.replace(load, state="draining")
+            load if load.instance_id not in self.clock.draining else dataclasses.replace(load, state="draining")
             for load in snapshot.view.instances
             if load.instance_id not in stopping
         ]
         now = snapshot.view.now
         for iid, p in owned.items():
             if iid not in seen and not p.stopping and p.ready_at is None:
-                loads.append(InstanceLoad(instance_id=iid, role=p.role, state="starting", started_at=p.requested_at))
+                loads.append(FleetInstance(instance_id=iid, role=p.role, state="starting", started_at=p.requested_at))
         started = {iid: p.requested_at for iid, p in owned.items()}
         loads = [dataclasses.replace(x, started_at=started.get(x.instance_id, x.started_at)) for x in loads]
         return dataclasses.replace(snapshot.view, instances=tuple(loads), now=now)
 
     def _stop_drained(self, snapshot: ClusterSnapshot, owned: dict[str, Any]) -> None:
+        """Thread: the autoscaler actor's thread."""
         now = time.monotonic()
-        timeout = self.settings.autoscaler.drain_timeout_s
-        for iid, draining in list(self.draining.items()):
+        for iid in list(self.clock.draining):
             if iid not in owned:
-                self.draining.pop(iid)
+                self.clock.forget(iid)
                 continue
-            if iid in snapshot.empty or now - draining.since > timeout:
-                why = "drained" if iid in snapshot.empty else f"still busy after {timeout:.0f} s of draining"
+            why = self.clock.stop_reason(iid, iid in snapshot.empty, now)
+            if why is not None:
                 self.provisioner.stop(iid)
-                self.draining.pop(iid)
                 self._event("stop", iid, owned[iid].role, why)
 
     # ------------------------------------------------------------------------------------------- acting
     def _plan(self, view: ClusterView, owned: dict[str, Any]) -> None:
+        """Thread: the autoscaler actor's thread."""
         params = self.params()
         plan = plan_scaling(view, self.state, params)
         self.state = plan.state
@@ -292,6 +297,7 @@ class AutoscalerActor(SupervisedActor):
         return attributes
 
     def _start(self, role: InstanceRole, why: str) -> str | None:
+        """Thread: the autoscaler actor's thread."""
         try:
             iid = self.provisioner.start(role)
         except Exception as exc:
@@ -303,6 +309,7 @@ class AutoscalerActor(SupervisedActor):
         return iid
 
     def _drain(self, iid: str, view: ClusterView, owned: dict[str, Any], why: str) -> bool:
+        """Thread: the autoscaler actor's thread."""
         if iid not in owned:
             log.info("autoscaler: %s was not started by the provisioner; not draining it", iid)
             return False
@@ -312,15 +319,16 @@ class AutoscalerActor(SupervisedActor):
             self._event("stop", iid, owned[iid].role, f"{why}: not needed before it started")
             metrics().scale_event(owned[iid].role, "in")
             return True
-        if iid in self.draining:
+        if iid in self.clock.draining:
             return False
-        self.draining[iid] = _Draining(time.monotonic(), why)
+        self.clock.start_drain(iid, time.monotonic(), why)
         self.scheduler.tell(Envelope(subject=subjects.admin("drain"), message=DrainCommand(instance_id=iid)))
         self._event("drain", iid, owned[iid].role, why)
         metrics().scale_event(owned[iid].role, "in")
         return True
 
     def _manual(self, command: ScaleCommand, reply: str, view: ClusterView, owned: dict[str, Any]) -> None:
+        """Thread: the autoscaler actor's thread."""
         role: InstanceRole = command.role  # type: ignore[assignment]
         if command.auto:
             self.pins.pop(role, None)
@@ -355,12 +363,14 @@ class AutoscalerActor(SupervisedActor):
         self.bus.publish(reply, AdminReply(ok=True, message=text, details={"started": started, "draining": drained}))
 
     def _event(self, action: str, instance_id: str, role: str, reason: str) -> None:
+        """Thread: the autoscaler actor's thread."""
         self.events.append(
             ScaleEventInfo(at=time.time(), action=action, instance_id=instance_id, role=role, reason=reason)
         )
 
     # ------------------------------------------------------------------------------------------- status
     def status(self) -> AutoscaleStatusReply:
+        """Thread: the autoscaler actor's thread."""
         params = self.params()
         view = self.last_view
         loads = view.instances if view is not None else ()

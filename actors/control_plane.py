@@ -1,7 +1,7 @@
 """The control-plane process: bus, SupervisorActor and its children, wired to their NATS subjects.
 
 With ``ha.enabled`` (the default) several control planes may run: one leads (a JetStream KV lease,
-``control/leadership.py``), the others stand by. Only the leader runs the scheduler and migrator and
+``actors/leadership.py``), the others stand by. Only the leader runs the scheduler and migrator and
 subscribes to the control subjects (submit, cancel, admin, heartbeats, engine events); a standby holds
 nothing but its lease poller, and on election starts the actors (the scheduler restores the request table
 and registry from the state bucket, ``actors/control_state.py``) and subscribes. A leader that loses its
@@ -25,11 +25,13 @@ import pykka
 from actors.audit import AdminAuditor
 from actors.autoscaler import AutoscalerActor
 from actors.control_state import ControlState
+from actors.leadership import Leadership
 from actors.migrator import MigratorActor
 from actors.scheduler import MigrationTick, SchedulerActor, Tick
 from actors.supervisor import ActorSlot, GetStatus, SupervisorActor
-from control.leadership import Leadership
-from control.provisioning import Provisioner, make_provisioner
+from control.core.provisioner import NoProvisioner, Provisioner
+from control.core.record import DecisionLog
+from control.errors import ConfigError
 from control.settings import Settings
 from engines.tokenizer import Tokenizer
 from observability.audit import AuditLog
@@ -72,9 +74,19 @@ class ControlPlane:
         *,
         tick_interval_s: float = 0.25,
         provisioner: Provisioner | None = None,
+        provisioner_factory: Callable[[Settings], Provisioner] | None = None,
+        decision_log: DecisionLog | None = None,
     ) -> None:
         self.settings = settings
-        self.provisioner = provisioner  # None: the one [autoscaler] provisioner names, made when leading
+        # None: ``provisioner_factory`` makes one when leading (the app passes the one ``[autoscaler]
+        # provisioner`` names; actors cannot import the apps that spawn processes).
+        self.provisioner = provisioner
+        self.provisioner_factory = provisioner_factory
+        self.decision_log = decision_log  # the control core's decisions, recorded (parity tests); None: off
+        if provisioner is None and provisioner_factory is None and settings.autoscaler.enabled:
+            raise ConfigError(
+                "the autoscaler is enabled but this control plane was given no provisioner", code="no_provisioner"
+            )
         self.bus = bus
         self.tokenizer = tokenizer
         self.tick_interval_s = tick_interval_s
@@ -96,6 +108,12 @@ class ControlPlane:
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_loop, name="control-tick", daemon=True)
         self._migration_ticker = threading.Thread(target=self._migration_tick_loop, name="migration-tick", daemon=True)
+
+    def _make_provisioner(self) -> Provisioner:
+        """The provisioner the factory makes; a fixed fleet when there is none (autoscaler off)."""
+        if self.provisioner_factory is not None:
+            return self.provisioner_factory(self.settings)
+        return NoProvisioner()
 
     @property
     def leading(self) -> bool:
@@ -184,13 +202,15 @@ class ControlPlane:
                 return SchedulerActor.start(self.bus, self.settings, self.tokenizer, parent, name, peers, state)
 
             def make_migrator(parent: pykka.ActorRef[Any], name: str) -> pykka.ActorRef[Any]:
-                return MigratorActor.start(self.bus, self.settings.migration, peers["scheduler"], parent, name, state)
+                return MigratorActor.start(
+                    self.bus, self.settings.migration, peers["scheduler"], parent, name, state, self.decision_log
+                )
 
             self.scheduler = self.supervisor.proxy().start_child("scheduler", make_scheduler).get(timeout=30)
             peers["scheduler"] = self.scheduler
             self.migrator = self.supervisor.proxy().start_child("migrator", make_migrator).get(timeout=10)
             peers["migrator"] = self.migrator
-            provisioner = self.provisioner = self.provisioner or make_provisioner(self.settings)
+            provisioner = self.provisioner = self.provisioner or self._make_provisioner()
 
             def make_autoscaler(parent: pykka.ActorRef[Any], name: str) -> pykka.ActorRef[Any]:
                 return AutoscalerActor.start(self.bus, self.settings, peers["scheduler"], provisioner, parent, name)

@@ -67,6 +67,7 @@ def build_engine(settings: Settings, instance_id: str) -> tuple[Engine, Tokenize
             dtype=settings.model.dtype,
             seed=eng.seed,
             threads=eng.cpu_threads,
+            device=eng.device,
         )
         return torch_engine, load_tokenizer(model_dir)
     from engines.vllm.engine import VllmEngine

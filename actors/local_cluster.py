@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from actors.control_plane import ControlPlane
 from actors.engine_host import EngineHost
+from control.core.record import DecisionLog
 from control.settings import Settings
 from engines.base import Engine
 from engines.tokenizer import Tokenizer
@@ -55,9 +56,10 @@ class InProcessCluster:
             inbox_prefix=inbox_prefix,
         )
 
-    def start_control(self) -> ControlPlane:
+    def start_control(self, decision_log: DecisionLog | None = None) -> ControlPlane:
+        """Start the control plane; ``decision_log`` records the control core's decisions (parity tests)."""
         self.control_bus = Bus(self._bus_options("drover-control", self.control_auth)).start()
-        self.control = ControlPlane(self.settings, self.control_bus, self.tokenizer).start()
+        self.control = ControlPlane(self.settings, self.control_bus, self.tokenizer, decision_log=decision_log).start()
         return self.control
 
     def restart_control(self) -> ControlPlane:

@@ -32,12 +32,14 @@ from typing import Any
 
 from opentelemetry.trace import StatusCode
 
+from actors.threads import Guarded
+from control.core.memory import GroupHysteresis, restore_snapshot
+from control.errors import DroverError
 from control.policy.memory import (
     GroupSnapshot,
     MemoryParams,
     MemorySnapshot,
     plan_drop,
-    should_restore,
     split_layers,
 )
 from control.settings import MemorySettings
@@ -61,8 +63,10 @@ from transport.messages import (
 log = logging.getLogger(__name__)
 
 
-class GroupStepFailed(Exception):
+class GroupStepFailed(DroverError):
     """An engine refused or failed a group step, or did not answer."""
+
+    default_code = "group_step_failed"
 
 
 @dataclass(slots=True)
@@ -86,7 +90,6 @@ class LiveGroup:
     created: float = field(default_factory=time.monotonic)
     formed_wall: float = 0.0  # time.time() when the leader answered "lead"
     formed_mono: float = 0.0
-    previous_use: float = 1.0
     joined: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -102,6 +105,8 @@ def memory_params(settings: MemorySettings) -> MemoryParams:
         max_group_size=settings.max_group_size,
         pipeline_overhead_per_stage=settings.pipeline_overhead_per_stage,
         max_pipeline_overhead=settings.max_pipeline_overhead,
+        min_group_s=settings.min_group_s,
+        cooldown_s=settings.cooldown_s,
     )
     params.validate()
     return params
@@ -111,34 +116,43 @@ class MemoryManager:
     """Plans and runs KunServe drops and restores for the scheduler (see the module docstring)."""
 
     def __init__(self, bus: Bus, settings: MemorySettings, on_change: Callable[[str], None]) -> None:
-        """``on_change(instance_id)``: the scheduler re-reads whether an instance takes dispatches."""
+        """``on_change(instance_id)``: the scheduler re-reads whether an instance takes dispatches.
+
+        Thread: the one that builds the scheduler."""
         self.bus = bus
         self.settings = settings
         self.params = memory_params(settings)
         self.on_change = on_change
         self.groups: dict[str, LiveGroup] = {}
         self.seen: dict[str, _Seen] = {}
-        self.cooldown_until: dict[str, float] = {}  # instance -> time.monotonic()
-        self._dirty: set[str] = set()  # changed on the bus loop; the scheduler re-reads them on its next tick
+        # When automatic steps may happen (min group time, idle restore, cooldown): the control core's, the
+        # one the memory simulator runs; fed time.monotonic().
+        self.hysteresis = GroupHysteresis(self.params)
+        # Instances whose dispatchability changed on the bus loop; the scheduler's thread re-reads them on its
+        # next tick. Shared by the two threads.
+        self._dirty: Guarded[set[str]] = Guarded(set())
         self._lock = threading.RLock()
 
     def _changed(self, instance_id: str) -> None:
         """Tell the scheduler an instance's dispatchability changed: at once on its own thread, else (a group
         step finishing on the bus loop) on its next tick, so its dispatch index is only touched by it."""
         if self.bus.in_loop():
-            with self._lock:
-                self._dirty.add(instance_id)
+            with self._dirty as dirty:
+                dirty.add(instance_id)
         else:
             self.on_change(instance_id)
 
     # ------------------------------------------------------------------------------------------ queries
     def group_of(self, instance_id: str) -> LiveGroup | None:
+        """Thread: the scheduler actor's thread."""
         with self._lock:
             return next((g for g in self.groups.values() if instance_id in g.members), None)
 
     def blocks_dispatch(self, instance_id: str) -> bool:
         """True for a group's members, for its leader while the group forms or restores, and for an instance
-        that still serves as a stage (a member whose group ended takes requests once it restored)."""
+        that still serves as a stage (a member whose group ended takes requests once it restored).
+
+        Thread: the scheduler actor's thread."""
         group = self.group_of(instance_id)
         if group is None:
             seen = self.seen.get(instance_id)
@@ -146,6 +160,7 @@ class MemoryManager:
         return instance_id != group.leader or group.state != "pipelined"
 
     def status(self) -> list[GroupStatus]:
+        """Thread: the scheduler actor's thread."""
         now = time.monotonic()
         with self._lock:
             return [
@@ -161,6 +176,7 @@ class MemoryManager:
             ]
 
     def _extra_blocks(self, group: LiveGroup) -> int:
+        """Thread: the scheduler actor's thread."""
         seen = self.seen.get(group.leader)
         if group.state != "pipelined" or seen is None or seen.memory.group_id != group.group_id:
             return 0
@@ -168,6 +184,7 @@ class MemoryManager:
 
     # ------------------------------------------------------------------------------------------ inputs
     def on_heartbeat(self, beat: InstanceHeartbeat) -> None:
+        """Thread: the scheduler actor's thread."""
         if beat.memory is None:
             return
         instance_id = beat.info.instance_id
@@ -189,7 +206,9 @@ class MemoryManager:
                 self._end(group, leave=[m for m in group.members[1:]])
 
     def _adopt(self, memory: EngineMemory) -> LiveGroup | None:
-        """A group this manager did not form (the scheduler restarted): track it from its leader's report."""
+        """A group this manager did not form (the scheduler restarted): track it from its leader's report.
+
+        Thread: the scheduler actor's thread."""
         members = tuple(memory.group_members)
         if len(members) < 2 or any(self.group_of(m) is not None for m in members):
             return None
@@ -202,11 +221,14 @@ class MemoryManager:
             formed_mono=time.monotonic(),
         )
         self.groups[group.group_id] = group
+        self.hysteresis.formed(group.group_id, group.formed_mono)
         log.info("group %s adopted from its leader's heartbeat: %s", group.group_id, members)
         return group
 
     def on_instance_dead(self, instance_id: str) -> None:
-        """An instance was declared dead: end its group (the leader evicts and restores; members restore)."""
+        """An instance was declared dead: end its group (the leader evicts and restores; members restore).
+
+        Thread: the scheduler actor's thread."""
         with self._lock:
             self.seen.pop(instance_id, None)
             group = self.group_of(instance_id)
@@ -219,48 +241,46 @@ class MemoryManager:
             self._end(group, leave=[m for m in survivors if m != group.leader])
 
     def _end(self, group: LiveGroup, leave: list[str]) -> None:
+        """Thread: the scheduler actor's thread."""
         self.groups.pop(group.group_id, None)
         for member in leave:
             self.bus.run(self._ask_quietly(member, GroupCommand(op="leave", group_id=group.group_id)))
-        self._cool(group.members)
+        self._cool(group.group_id, group.members)
         self._publish_gauges()
 
-    def _cool(self, members: tuple[str, ...] | list[str]) -> None:
-        until = time.monotonic() + self.settings.cooldown_s
+    def _cool(self, group_id: str, members: tuple[str, ...] | list[str]) -> None:
+        """Thread: the scheduler actor's thread, or the bus loop when a group step ends (under the lock)."""
+        self.hysteresis.ended(group_id, members, time.monotonic())
         for member in members:
-            self.cooldown_until[member] = until
             self._changed(member)
 
     # ------------------------------------------------------------------------------------------ tick
     def tick(self, live: set[str]) -> None:
-        """Poll the policy (``live``: instances the scheduler considers alive and serving)."""
-        with self._lock:
-            dirty, self._dirty = self._dirty, set()
-        for instance_id in sorted(dirty):
+        """Poll the policy (``live``: instances the scheduler considers alive and serving). Scheduler thread."""
+        with self._dirty as changed:
+            dirty = sorted(changed)
+            changed.clear()
+        for instance_id in dirty:
             self.on_change(instance_id)
         if not self.settings.auto:
             return
         now = time.monotonic()
         with self._lock:
             for group in list(self.groups.values()):
-                if group.state == "pipelined" and now - group.formed_mono >= self.settings.min_group_s:
+                if group.state == "pipelined":
                     snapshot = self._group_snapshot(group)
-                    if snapshot is None:
-                        continue
-                    idle = snapshot.used_blocks == 0 and snapshot.num_waiting == 0
-                    if idle or should_restore(snapshot, self.params, group.previous_use):
+                    if snapshot is not None and self.hysteresis.restore_due(snapshot, now):
                         self._start_restore(group, None)
-                    else:
-                        group.previous_use = snapshot.memory_use
             snapshots = [
                 s
                 for s in (self._snapshot(i) for i in sorted(live))
-                if s is not None and self.cooldown_until.get(s.instance_id, 0.0) <= now
+                if s is not None and self.hysteresis.may_group(s.instance_id, now)
             ]
             for plan in plan_drop(snapshots, self.params).groups:
                 self._start_drop(plan.members, "policy", None)
 
     def _snapshot(self, instance_id: str) -> MemorySnapshot | None:
+        """Thread: the scheduler actor's thread."""
         seen = self.seen.get(instance_id)
         if seen is None:
             return None
@@ -281,23 +301,20 @@ class MemoryManager:
         )
 
     def _group_snapshot(self, group: LiveGroup) -> GroupSnapshot | None:
+        """Thread: the scheduler actor's thread."""
         seen = self.seen.get(group.leader)
         if seen is None or seen.memory.group_id != group.group_id:
             return None
         load = seen.load
-        return GroupSnapshot(
-            group_id=group.group_id,
-            num_total_blocks=load.num_total_blocks,
-            num_free_blocks=load.num_free_blocks,
-            num_waiting=load.num_waiting,
-            # The leader serves alone after the restore: what the group holds must fit its own pool
-            # (stricter than the members' pools summed), so a restore never preempts.
-            normal_total_blocks=seen.memory.home_num_blocks,
+        return restore_snapshot(
+            group.group_id, load.num_total_blocks, load.num_free_blocks, load.num_waiting, seen.memory.home_num_blocks
         )
 
     # ------------------------------------------------------------------------------------------ commands
     def on_command(self, command: MemoryCommand, reply: str) -> None:
-        """``drover memory drop|restore``: validate, then run the step and answer when it is over."""
+        """``drover memory drop|restore``: validate, then run the step and answer when it is over.
+
+        Thread: the scheduler actor's thread."""
         with self._lock:
             if command.op == "drop":
                 members = self._members_for(command.target)
@@ -320,7 +337,7 @@ class MemoryManager:
                 self.bus.reply_error(reply, ErrorCode.INVALID_REQUEST, f"unknown memory op {command.op!r}")
 
     def _members_for(self, target: str) -> tuple[str, ...] | str:
-        """The members a forced drop groups (leader first), or why it cannot."""
+        """The members a forced drop groups (leader first), or why it cannot. Thread: the scheduler actor's thread."""
         names = [t.strip() for t in target.split(",") if t.strip()]
         if not names:
             return "give one or more instance ids (the first leads)"
@@ -356,6 +373,7 @@ class MemoryManager:
 
     # ------------------------------------------------------------------------------------------ drop
     def _start_drop(self, members: tuple[str, ...], reason: str, reply: str | None) -> None:
+        """Thread: the scheduler actor's thread."""
         num_layers = self.seen[members[0]].memory.num_layers
         group = LiveGroup(
             group_id=f"g-{uuid.uuid4().hex[:6]}",
@@ -369,6 +387,7 @@ class MemoryManager:
         self.bus.run(self._form(group, reason, reply))
 
     async def _form(self, group: LiveGroup, reason: str, reply: str | None) -> None:
+        """Thread: the bus loop."""
         started = time.perf_counter()
         with tracer().start_as_current_span(
             spans.MEMORY_DROP,
@@ -421,7 +440,7 @@ class MemoryManager:
         with self._lock:
             group.state, group.details = "pipelined", details
             group.formed_wall, group.formed_mono = time.time(), time.monotonic()
-            group.previous_use = 1.0
+            self.hysteresis.formed(group.group_id, group.formed_mono)
             self._changed(group.leader)
             self._publish_gauges()
         metrics().memory_event("drop_ordered", seconds=details["seconds"])
@@ -443,12 +462,14 @@ class MemoryManager:
 
     # ------------------------------------------------------------------------------------------ restore
     def _start_restore(self, group: LiveGroup, reply: str | None) -> None:
+        """Thread: the scheduler actor's thread."""
         group.state = "restoring"
         self._changed(group.leader)
         log.info("group %s restores", group.group_id)
         self.bus.run(self._restore(group, reply))
 
     async def _restore(self, group: LiveGroup, reply: str | None) -> None:
+        """Thread: the bus loop."""
         started = time.perf_counter()
         ok, message, details = True, "", {}
         with tracer().start_as_current_span(
@@ -468,7 +489,7 @@ class MemoryManager:
             details["seconds"] = time.perf_counter() - started
         with self._lock:
             self.groups.pop(group.group_id, None)
-            self._cool(group.members)
+            self._cool(group.group_id, group.members)
             self._publish_gauges()
         metrics().memory_event("restore_ordered", seconds=details["seconds"], outcome="ok" if ok else "failed")
         if reply:
@@ -476,6 +497,7 @@ class MemoryManager:
 
     # ------------------------------------------------------------------------------------------ plumbing
     async def _ask(self, instance_id: str, command: GroupCommand) -> GroupReply:
+        """Thread: the bus loop."""
         try:
             answer = await self.bus.arequest(
                 subjects.engine(instance_id), command, timeout_s=self.settings.op_timeout_s
@@ -489,11 +511,13 @@ class MemoryManager:
         return answer
 
     async def _ask_quietly(self, instance_id: str, command: GroupCommand) -> None:
+        """Thread: the bus loop."""
         try:
             await self._ask(instance_id, command)
         except GroupStepFailed as exc:
             log.warning("group %s: %s", command.group_id, exc)
 
     def _publish_gauges(self) -> None:
+        """Thread: the scheduler actor's thread, or the bus loop when a group step ends (under the lock)."""
         pipelined = [g for g in self.groups.values() if g.state == "pipelined"]
         metrics().set_memory_groups(len(pipelined), sum(self._extra_blocks(g) for g in pipelined))

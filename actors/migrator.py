@@ -9,7 +9,9 @@ Protocol, per migration (see engines/migration.py for the engine side):
   1. reserve on the destination (blocks the request holds + headroom) -> data-plane address
   2. begin on the source (the request keeps decoding)
   3. stages: each copies the blocks filled since the last; after each, grow the reservation; once at most
-     ``last_stage_max_blocks`` remain (or ``max_stages`` ran), go on
+     ``last_stage_max_blocks`` remain go on (after ``max_stages`` stages, ``after_max_stages`` says: go on,
+     or abort). The control core's :class:`control.core.migration.MigrationStages` makes these decisions,
+     the same object the simulator drives
   4. stop on the source: the request stops, the remaining blocks are copied, the exact token state returns
      (the source streams any sampled-but-unsent tokens to the client itself)
   5. resume on the destination (prompt + generated tokens, KV loaded, not recomputed)
@@ -34,6 +36,9 @@ import pykka
 from opentelemetry import trace
 
 from actors.supervisor import SupervisedActor
+from control.core.migration import MigrationStages, StageStep
+from control.core.record import DecisionLog
+from control.errors import DroverError
 from control.policy.params import PolicyParams
 from control.settings import MigrationSettings
 from observability import spans
@@ -54,8 +59,10 @@ from transport.messages import (
 log = logging.getLogger(__name__)
 
 
-class MigrationFailed(Exception):
-    pass
+class MigrationFailed(DroverError):
+    """A migration could not be started or finished (the request stays where it was)."""
+
+    default_code = "migration_failed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,16 +105,20 @@ class MigratorActor(SupervisedActor):
         supervisor: pykka.ActorRef[Any] | None = None,
         name: str = "migrator",
         state: Any = None,  # actors.control_state.ControlState: migrations in flight survive a leader's death
+        decision_log: DecisionLog | None = None,
     ) -> None:
+        """Thread: the one that builds the actor (before its own thread starts)."""
         super().__init__(supervisor, name)
         self.state = state
         self.bus = bus
         self.settings = settings
         self.scheduler = scheduler
         self.in_flight: dict[str, StartMigration] = {}  # migration id -> its start (caps, duplicates)
+        self.decision_log = decision_log  # the core's decisions with their inputs (parity tests); None: off
 
     # ------------------------------------------------------------------------------------------- actor side
     def busy_instances(self) -> dict[str, int]:
+        """Thread: the migrator actor's thread."""
         counts: dict[str, int] = {}
         for m in self.in_flight.values():
             for instance in (m.source, m.destination):
@@ -115,6 +126,7 @@ class MigratorActor(SupervisedActor):
         return counts
 
     def on_receive(self, message: Any) -> Any:
+        """Thread: the migrator actor's thread."""
         if isinstance(message, StartMigration):
             return self._start(message)
         if isinstance(message, MigrationEnded):
@@ -125,7 +137,9 @@ class MigratorActor(SupervisedActor):
         return None
 
     def _start(self, start: StartMigration) -> str | None:
-        """Begin a migration unless a cap forbids it; returns its id, or None when refused."""
+        """Begin a migration unless a cap forbids it; returns its id, or None when refused.
+
+        Thread: the migrator actor's thread."""
         busy = self.busy_instances()
         cap = start.params.max_migrations_per_instance
         if any(m.request_id == start.request_id for m in self.in_flight.values()):
@@ -145,6 +159,7 @@ class MigratorActor(SupervisedActor):
         return migration_id
 
     def _refuse(self, start: StartMigration, why: str) -> None:
+        """Thread: the migrator actor's thread."""
         log.info("migration of %s refused: %s", start.request_id, why)
         if start.reply_to:
             self.bus.publish(start.reply_to, AdminReply(ok=False, message=why))
@@ -152,11 +167,14 @@ class MigratorActor(SupervisedActor):
 
     # ------------------------------------------------------------------------------------------- protocol
     def _inject(self, stage: str) -> None:
-        """The fault-injection hook: abort here when ``migration.fault_stage`` names this stage."""
+        """The fault-injection hook: abort here when ``migration.fault_stage`` names this stage.
+
+        Thread: the bus loop (inside a migration's coroutine)."""
         if self.settings.fault_stage == stage and random.random() < self.settings.fault_rate:
             raise MigrationFailed(f"injected fault at {stage}")
 
     async def _ask(self, instance_id: str, message: Message, headers: dict[str, str] | None = None) -> Message:
+        """Thread: the bus loop."""
         try:
             return await self.bus.arequest(
                 subjects.engine(instance_id), message, timeout_s=self.settings.op_timeout_s, headers=headers
@@ -165,6 +183,7 @@ class MigratorActor(SupervisedActor):
             raise MigrationFailed(f"{type(message).__name__} to {instance_id}: {exc!r}") from exc
 
     async def _out(self, instance_id: str, **kwargs: Any) -> MigrateOutReply:
+        """Thread: the bus loop."""
         reply = await self._ask(instance_id, MigrateOut(**kwargs))
         if not isinstance(reply, MigrateOutReply):
             raise MigrationFailed(f"{instance_id} answered {type(reply).__name__}: {getattr(reply, 'message', '')}")
@@ -173,12 +192,14 @@ class MigratorActor(SupervisedActor):
         return reply
 
     async def _reserve(self, destination: str, migration_id: str, num_blocks: int) -> str:
+        """Thread: the bus loop."""
         reply = await self._ask(destination, MigrateIn(op="reserve", migration_id=migration_id, num_blocks=num_blocks))
         if not isinstance(reply, MigrateInReply) or not reply.ok:
             raise MigrationFailed(f"{destination} cannot reserve {num_blocks} blocks: {getattr(reply, 'error', reply)}")
         return reply.address
 
     async def _run(self, start: StartMigration, migration_id: str) -> None:
+        """Thread: the bus loop."""
         src, dst, rid = start.source, start.destination, start.request_id
         headroom = self.settings.reserve_headroom_blocks
         stopped: MigrateOutReply | None = None
@@ -200,7 +221,8 @@ class MigratorActor(SupervisedActor):
         ) as span:
             try:
                 self._inject("before_reserve")
-                address = await self._reserve(dst, migration_id, start.num_blocks + headroom)
+                machine = MigrationStages(start.params, headroom, log=self.decision_log, key=rid)
+                address = await self._reserve(dst, migration_id, machine.first_reservation(start.num_blocks))
                 begin = await self._out(
                     src,
                     op="begin",
@@ -210,18 +232,18 @@ class MigratorActor(SupervisedActor):
                     destination_address=address,
                 )
                 begun = True
-                reserved = start.num_blocks + headroom
-                for stage in range(start.params.max_stages):
-                    if begin.total_blocks + headroom > reserved:
-                        reserved = begin.total_blocks + headroom
-                        await self._reserve(dst, migration_id, reserved)
+                step = StageStep.COPY
+                while step is StageStep.COPY:
+                    grown = machine.grow_reservation(begin.total_blocks)
+                    if grown is not None:
+                        await self._reserve(dst, migration_id, grown)
                     with tracer().start_as_current_span(spans.MIGRATION_STAGE) as stage_span:
                         reply = await self._out(src, op="stage", migration_id=migration_id)
                         info = reply.stage
                         assert info is not None
                         stage_span.set_attributes(
                             {
-                                spans.MIGRATION_STAGE_INDEX: stage,
+                                spans.MIGRATION_STAGE_INDEX: machine.stages,
                                 spans.MIGRATION_BLOCKS: info.copied_blocks,
                                 spans.MIGRATION_BYTES: info.copied_bytes,
                                 "drover.migration.remaining_blocks": info.remaining_blocks,
@@ -234,10 +256,12 @@ class MigratorActor(SupervisedActor):
                         raise MigrationFailed("the request finished during migration")
                     self._inject("mid_copy")
                     begin = reply
-                    if info.remaining_blocks <= start.params.last_stage_max_blocks:
-                        break
-                if begin.total_blocks + headroom > reserved:
-                    await self._reserve(dst, migration_id, begin.total_blocks + headroom)
+                    step = machine.after_stage(info.remaining_blocks)
+                if step is StageStep.ABORT:
+                    raise MigrationFailed(f"{machine.stages} stages did not reach stop-and-copy")
+                grown = machine.grow_reservation(begin.total_blocks)
+                if grown is not None:
+                    await self._reserve(dst, migration_id, grown)
                 stop_started = time.perf_counter()
                 with tracer().start_as_current_span(spans.MIGRATION_STOP_AND_COPY) as stop_span:
                     stopped = await self._out(src, op="stop", migration_id=migration_id)
@@ -313,6 +337,7 @@ class MigratorActor(SupervisedActor):
             self.scheduler.tell(ended)
 
     async def _resume(self, instance_id: str, state: MigrateOutReply, source: str, *, load_kv: bool = True) -> None:
+        """Thread: the bus loop."""
         if state.sampling is None or not state.request_id:
             raise MigrationFailed("source returned no request state")
         add = EngineAdd(
@@ -333,7 +358,9 @@ class MigratorActor(SupervisedActor):
             raise MigrationFailed(f"{instance_id} did not resume: {getattr(reply, 'message', reply)}")
 
     async def _release_source(self, src: str, migration_id: str) -> None:
-        """After a failed commit: the source drops its stopped copy (frees its blocks) and resumes nothing."""
+        """After a failed commit: the source drops its stopped copy (frees its blocks) and resumes nothing.
+
+        Thread: the bus loop."""
         try:
             await self._ask(src, MigrateOut(op="abort", migration_id=migration_id))
         except MigrationFailed as exc:
@@ -344,7 +371,9 @@ class MigratorActor(SupervisedActor):
     ) -> bool:
         """Release the destination; let the source keep the request, or re-take it if it had stopped.
 
-        Returns True when the request was re-added on the source (by recompute: its KV may be gone)."""
+        Returns True when the request was re-added on the source (by recompute: its KV may be gone).
+
+        Thread: the bus loop."""
         try:
             await self._ask(dst, MigrateIn(op="release", migration_id=migration_id))
         except MigrationFailed as exc:

@@ -3,9 +3,10 @@ and the cluster view the AutoscalerActor plans from.
 
 The SchedulerActor owns one :class:`RequestClasses` and calls it from a few hooks (heartbeat, submit,
 dispatch, tick, request end); everything here runs on the scheduler's thread. The decisions are the pure
-policy functions of ``control/policy/autoscaling.py`` the simulator runs too: :func:`route_class` picks an
-interactive request's instance by role, :func:`batch_release` places the head of the global batch queue
-(earliest deadline first) into batch and mixed instances' spare slots.
+control core's ``control/core/classes.py`` the simulator runs too: :func:`place_by_class` picks an
+interactive request's instance by role (or holds it back), :class:`BatchQueue` places the head of the global
+batch queue (earliest deadline first) into batch and mixed instances' spare slots. This class is the shell
+around them: it reads the clock and the scheduler's tables and turns evictions into engine messages.
 
 With class dispatch off (``[autoscaler] class_dispatch``, default: on exactly when the autoscaler is
 enabled) every request is dispatched by the scheduler's dispatch policy as before; the counters the
@@ -14,28 +15,21 @@ autoscaler reads (arrivals, service times, deadlines) are kept either way.
 
 from __future__ import annotations
 
-import heapq
 import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from control.core.classes import BatchQueue, place_by_class
 from control.policy.autoscaling import (
     ROLES,
     AutoscaleParams,
     ClusterView,
-    InstanceLoad,
+    FleetInstance,
     InstanceRole,
-    QueuedBatch,
     RunningBatch,
     batch_groups,
-    batch_queue_key,
-    batch_release,
-    batch_spare,
-    batch_victims,
-    instance_slots,
-    route_class,
 )
 from control.settings import Settings
 from transport import subjects
@@ -105,6 +99,7 @@ class RequestClasses:
     """The scheduler's request-class state (see the module docstring)."""
 
     def __init__(self, settings: Settings, evict: Callable[[str, str], None] | None = None) -> None:
+        """Thread: the one that builds the actor (before its own thread starts)."""
         self.params: AutoscaleParams = settings.autoscaling
         self.evict = evict or (lambda instance_id, request_id: None)
         """Stops a batch request on an instance (EngineAbort reason "evicted"); it comes back through
@@ -115,7 +110,7 @@ class RequestClasses:
         self.role_overrides: dict[str, InstanceRole] = {}
         self.local: dict[str, LocalReport] = {}
         self.first_seen: dict[str, float] = {}
-        self.batch_queue: list[tuple[float, float, str]] = []  # batch_queue_key order
+        self.batch_queue = BatchQueue()
         self.deadlines: dict[str, tuple[float, int]] = {}  # unfinished batch request -> (deadline, tokens)
         self.dispatched_at: dict[str, float] = {}  # interactive request -> dispatch time (monotonic)
         self.batch_admitted_at: dict[str, float] = {}  # running batch request -> dispatch time (monotonic)
@@ -127,11 +122,13 @@ class RequestClasses:
 
     # ------------------------------------------------------------------------------------------- hooks
     def handles(self, message: object) -> bool:
+        """Thread: the scheduler actor's thread."""
         return isinstance(message, GetClusterView | SetRole)
 
     def on_message(
         self, message: object, instances: Mapping[str, Any], requests: Mapping[str, Any], queued: int
     ) -> None:
+        """Thread: the scheduler actor's thread."""
         if isinstance(message, SetRole):
             if message.role in ROLES:
                 self.role_overrides[message.instance_id] = message.role
@@ -140,6 +137,7 @@ class RequestClasses:
             message.reply_to.tell(self.snapshot(instances, requests, queued, message.purpose))
 
     def on_heartbeat(self, beat: InstanceHeartbeat) -> None:
+        """Thread: the scheduler actor's thread."""
         iid = beat.info.instance_id
         self.first_seen.setdefault(iid, time.monotonic())
         role = beat.role if beat.role in ROLES else "mixed"
@@ -148,7 +146,9 @@ class RequestClasses:
             self.local[iid] = beat.local
 
     def hold(self, record: _RequestRecord) -> bool:
-        """A new request arrived. True: it is a batch request and waits in the global batch queue."""
+        """A new request arrived. True: it is a batch request and waits in the global batch queue.
+
+        Thread: the scheduler actor's thread."""
         submit = record.submit
         now = time.monotonic()
         if submit.request_class != RequestClass.BATCH:
@@ -159,34 +159,33 @@ class RequestClasses:
         self.deadlines[record.request_id] = (deadline, len(record.prompt_token_ids) + submit.sampling.max_tokens)
         if not self.enabled:
             return False
-        heapq.heappush(self.batch_queue, batch_queue_key(deadline, now, record.request_id))
+        self.batch_queue.push(record.request_id, deadline, self.deadlines[record.request_id][1], now)
         return True
 
     def route(self, record: _RequestRecord, instances: Mapping[str, Any], requests: Mapping[str, Any]) -> str | None:
         """Where an interactive request goes by Chiron's role rule; None: hold it in the scheduler's queue
         (no active instance, or every interactive-capable one is full at its SLO-safe capacity: the queue
         is the backlog the global autoscaler scales out for, and it goes to the first instance with room,
-        a new one included)."""
-        loads = self.loads(instances, requests)
-        decision = route_class(str(record.submit.request_class), loads, self.params)
-        if decision.instance_id is None:
+        a new one included). Thread: the scheduler actor's thread."""
+        placement = place_by_class(
+            str(record.submit.request_class),
+            self.loads(instances, requests),
+            lambda instance_id: self._evictable(instance_id, instances, requests),
+            self.params,
+        )
+        if placement.instance_id is None:
             return None
-        chosen = next(load for load in loads if load.instance_id == decision.instance_id)
-        evictable = self._evictable(decision.instance_id, instances, requests)
-        evict = min(decision.preempt_batch, len(evictable))
-        if decision.overflow and not evict and chosen.num_requests >= instance_slots(chosen, self.params):
-            return None
-        for victim in batch_victims(evictable, evict):
-            log.info("evicting batch request %s from %s for %s", victim, decision.instance_id, record.request_id)
+        for victim in placement.evict:
+            log.info("evicting batch request %s from %s for %s", victim, placement.instance_id, record.request_id)
             self.evicting.add(victim)
-            self.evict(decision.instance_id, victim)
-        return decision.instance_id
+            self.evict(placement.instance_id, victim)
+        return placement.instance_id
 
     def _evictable(
         self, instance_id: str, instances: Mapping[str, Any], requests: Mapping[str, Any]
     ) -> list[RunningBatch]:
         """Batch requests running there that can come back where they left off (their client's inbox is
-        under the output stream, as for failover)."""
+        under the output stream, as for failover). Thread: the scheduler actor's thread."""
         num_tokens = {r.request_id: r.num_tokens for r in instances[instance_id].load.running}
         return [
             RunningBatch(
@@ -204,7 +203,7 @@ class RequestClasses:
 
     def on_evicted(self, request_id: str) -> bool:
         """The engine let an evicted request go: True when the scheduler should recover it (read back what
-        its client has, then :meth:`requeue_batch`)."""
+        its client has, then :meth:`requeue_batch`). Thread: the scheduler actor's thread."""
         self.batch_admitted_at.pop(request_id, None)
         if request_id not in self.evicting:
             return False
@@ -212,42 +211,32 @@ class RequestClasses:
         return True
 
     def release(self, instances: Mapping[str, Any], requests: Mapping[str, Any]) -> list[tuple[str, str]]:
-        """Batch requests to dispatch now: (request id, instance id), by :func:`batch_release`."""
-        while self.batch_queue and self.batch_queue[0][2] not in requests:  # cancelled while queued
-            heapq.heappop(self.batch_queue)
+        """Batch requests to dispatch now: (request id, instance id), by :func:`batch_release`.
+
+        Thread: the scheduler actor's thread."""
         if not self.batch_queue:
             return []
-        loads = self.loads(instances, requests)
-        spare = sum(batch_spare(load, self.params) for load in loads)
-        if spare <= 0:
-            return []
-        head = [heapq.heappop(self.batch_queue) for _ in range(min(spare, len(self.batch_queue)))]
-        queued = [
-            QueuedBatch(rid, deadline, self.deadlines.get(rid, (0.0, 0))[1])
-            for deadline, _, rid in head
-            if rid in requests
-        ]
-        placed = {a.request_id: a.instance_id for a in batch_release(queued, loads, self.params)}
-        for entry in head:
-            if entry[2] in requests and entry[2] not in placed:
-                heapq.heappush(self.batch_queue, entry)
-        return list(placed.items())
+        return self.batch_queue.release(self.loads(instances, requests), self.params, requests)
 
     def requeue_batch(self, record: _RequestRecord) -> bool:
         """A batch request reached dispatch without a placement (a failover resume): back to the global
-        batch queue, which places it. False for an interactive request."""
+        batch queue, which places it. False for an interactive request. Thread: the scheduler actor's thread."""
         if record.submit.request_class != RequestClass.BATCH:
             return False
-        if all(entry[2] != record.request_id for entry in self.batch_queue):
+        if record.request_id not in self.batch_queue:
             self.requeue(record.request_id)
         return True
 
     def requeue(self, request_id: str) -> None:
-        """A released batch request could not be dispatched after all: back to the queue."""
-        deadline, _ = self.deadlines.get(request_id, (time.monotonic(), 0))
-        heapq.heappush(self.batch_queue, batch_queue_key(deadline, time.monotonic(), request_id))
+        """A released batch request could not be dispatched after all: back to the queue.
+
+        Thread: the scheduler actor's thread."""
+        now = time.monotonic()
+        deadline, tokens = self.deadlines.get(request_id, (now, 0))
+        self.batch_queue.push(request_id, deadline, tokens, now)
 
     def on_dispatched(self, record: _RequestRecord, instance_id: str) -> None:
+        """Thread: the scheduler actor's thread."""
         if record.submit.request_class == RequestClass.BATCH:
             self.batch_admitted_at[record.request_id] = time.monotonic()
         elif record.request_id not in self.dispatched_at:
@@ -255,7 +244,9 @@ class RequestClasses:
         self.prompt_tokens_in[instance_id] = self.prompt_tokens_in.get(instance_id, 0) + len(record.prompt_token_ids)
 
     def on_ended(self, request_id: str) -> None:
+        """Thread: the scheduler actor's thread."""
         self.deadlines.pop(request_id, None)
+        self.batch_queue.forget(request_id)
         self.batch_admitted_at.pop(request_id, None)
         self.evicting.discard(request_id)
         started = self.dispatched_at.pop(request_id, None)
@@ -264,11 +255,14 @@ class RequestClasses:
 
     # ------------------------------------------------------------------------------------------- views
     def role_of(self, instance_id: str) -> InstanceRole:
+        """Thread: the scheduler actor's thread."""
         return self.role_overrides.get(instance_id) or self.reported_roles.get(instance_id, "mixed")
 
-    def loads(self, instances: Mapping[str, Any], requests: Mapping[str, Any]) -> list[InstanceLoad]:
+    def loads(self, instances: Mapping[str, Any], requests: Mapping[str, Any]) -> list[FleetInstance]:
         """Every known instance as the autoscaling policies read it; request counts come from the scheduler's
-        own table, so they include dispatches the instance has not reported yet."""
+        own table, so they include dispatches the instance has not reported yet.
+
+        Thread: the scheduler actor's thread."""
         counts: dict[str, list[int]] = {}
         for rec in requests.values():
             if rec.instance_id is not None and rec.state == "running":
@@ -286,7 +280,7 @@ class RequestClasses:
                 local.backpressure if local is not None else (load.num_running + load.num_waiting) / max(1, slots)
             )
             out.append(
-                InstanceLoad(
+                FleetInstance(
                     instance_id=iid,
                     role=self.role_of(iid),
                     state="draining" if draining else "active",
@@ -303,6 +297,7 @@ class RequestClasses:
     def snapshot(
         self, instances: Mapping[str, Any], requests: Mapping[str, Any], queued: int, purpose: str
     ) -> ClusterSnapshot:
+        """Thread: the scheduler actor's thread."""
         now = time.monotonic()
         window = max(1e-3, now - self.last_view_at)
         for table in (self.deadlines, self.dispatched_at, self.batch_admitted_at):  # cancelled or failed
@@ -354,7 +349,7 @@ class RequestClasses:
         )
 
 
-def _with_tokens(load: InstanceLoad, tokens_per_s: float) -> InstanceLoad:
+def _with_tokens(load: FleetInstance, tokens_per_s: float) -> FleetInstance:
     import dataclasses
 
     return dataclasses.replace(load, tokens_per_s=tokens_per_s)

@@ -59,6 +59,7 @@ class SupervisedActor(pykka.ThreadingActor):
     """Base of actors a supervisor restarts: reports its own failure upward."""
 
     def __init__(self, supervisor: pykka.ActorRef[Any] | None = None, name: str = "") -> None:
+        """Thread: the one that builds the actor (before its own thread starts)."""
         super().__init__()
         self.supervisor = supervisor
         self.child_name = name or type(self).__name__
@@ -69,6 +70,7 @@ class SupervisedActor(pykka.ThreadingActor):
         exception_value: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        """Thread: the supervised actor's own thread."""
         log.error("actor %s failed: %r", self.child_name, exception_value)
         if self.supervisor is not None:
             with contextlib.suppress(pykka.ActorDeadError):
@@ -100,7 +102,7 @@ ChildFactory = Callable[[pykka.ActorRef[Any], str], pykka.ActorRef[Any]]
 
 
 @dataclass(slots=True)
-class _Child:
+class ChildRecord:
     slot: ActorSlot
     factory: ChildFactory
     failures: deque[float] = field(default_factory=deque)
@@ -119,28 +121,33 @@ class SupervisorActor(pykka.ThreadingActor):
         restart_window_s: float = 60.0,
         check_interval_s: float = 0.5,
     ) -> None:
+        """Thread: the one that builds the actor (before its own thread starts)."""
         super().__init__()
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.max_restarts = max_restarts
         self.restart_window_s = restart_window_s
         self.check_interval_s = check_interval_s
-        self.children: dict[str, _Child] = {}
+        self.children: dict[str, ChildRecord] = {}
         self._timers: list[threading.Timer] = []
         self._stopping = False
 
     # ------------------------------------------------------------------------------------------- public (ask)
     def start_child(self, name: str, factory: ChildFactory) -> ActorSlot:
-        """Start ``factory(supervisor_ref, name)`` and supervise it; returns its stable slot."""
+        """Start ``factory(supervisor_ref, name)`` and supervise it; returns its stable slot.
+
+        Thread: the supervisor actor's thread."""
         slot = ActorSlot(name)
         slot.ref = factory(self.actor_ref, name)
-        self.children[name] = _Child(slot=slot, factory=factory)
+        self.children[name] = ChildRecord(slot=slot, factory=factory)
         return slot
 
     def on_start(self) -> None:
+        """Thread: the supervisor actor's thread."""
         self._schedule(self.check_interval_s, _CheckChildren())
 
     def on_receive(self, message: Any) -> Any:
+        """Thread: the supervisor actor's thread."""
         if isinstance(message, ChildFailed):
             self._on_child_failed(message.name, message.reason)
         elif isinstance(message, _Restart):
@@ -155,6 +162,7 @@ class SupervisorActor(pykka.ThreadingActor):
         return None
 
     def on_stop(self) -> None:
+        """Thread: the supervisor actor's thread."""
         self._stopping = True
         for timer in self._timers:
             timer.cancel()
@@ -165,10 +173,12 @@ class SupervisorActor(pykka.ThreadingActor):
                     ref.stop(timeout=5)
 
     # ------------------------------------------------------------------------------------------- restart logic
-    def restart_delay(self, child: _Child) -> float:
+    def restart_delay(self, child: ChildRecord) -> float:
+        """Thread: the supervisor actor's thread."""
         return min(self.backoff_max_s, self.backoff_initial_s * (2 ** max(0, len(child.failures) - 1)))
 
     def _on_child_failed(self, name: str, reason: str) -> None:
+        """Thread: the supervisor actor's thread."""
         child = self.children.get(name)
         if child is None or child.state != "running":
             return
@@ -189,6 +199,7 @@ class SupervisorActor(pykka.ThreadingActor):
         self._schedule(delay, _Restart(name))
 
     def _restart(self, name: str) -> None:
+        """Thread: the supervisor actor's thread."""
         child = self.children[name]
         try:
             child.slot.ref = child.factory(self.actor_ref, name)
@@ -201,6 +212,7 @@ class SupervisorActor(pykka.ThreadingActor):
         log.info("actor %s restarted (%d restarts)", name, child.restarts)
 
     def _schedule(self, delay_s: float, message: Any) -> None:
+        """Thread: the supervisor actor's thread."""
         if self._stopping:
             return
         ref = self.actor_ref

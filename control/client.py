@@ -42,6 +42,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from opentelemetry import trace
 
+from control.errors import DroverError
 from observability import spans
 from observability.tracing import inject_headers, tracer
 from transport import subjects
@@ -104,14 +105,14 @@ UNACKNOWLEDGED_REPAIR_S = 3.0
 REPAIR_GIVE_UP_S = 15.0
 
 
-class DroverError(Exception):
+class ReplyError(DroverError):
     """An error reply from Drover; ``code`` is an :class:`ErrorCode`."""
 
     def __init__(self, code: ErrorCode | str, message: str, request_id: str | None = None) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.request_id = request_id
+        super().__init__(message, code=str(code), request_id=request_id)
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
 
 
 @dataclass(slots=True)
@@ -243,7 +244,7 @@ class RequestStream:
                 self.accepted.set_result(message)
             return
         if isinstance(message, ErrorReply) and not self.accepted.done():  # refused: `accepted` fails at once
-            self.accepted.set_exception(DroverError(message.code, message.message, message.request_id))
+            self.accepted.set_exception(ReplyError(message.code, message.message, message.request_id))
             self.accepted.exception()  # mark retrieved: events() raises it too
         self._queue.put_nowait(message)
 
@@ -284,7 +285,7 @@ class RequestStream:
             elif isinstance(message, ErrorReply):
                 self._finished = True
                 await self.close()
-                error = DroverError(message.code, message.message, message.request_id)
+                error = ReplyError(message.code, message.message, message.request_id)
                 if not self.accepted.done():
                     self.accepted.set_exception(error)
                     self.accepted.exception()  # mark retrieved: the caller gets it from events()
@@ -451,7 +452,7 @@ class DroverClient:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
         if probe.lower() in self._denied:
-            raise DroverError(
+            raise ReplyError(
                 PERMISSION_DENIED,
                 f"this NATS user may not read {self.inbox_prefix}: set nats.client_id to the user's client id",
             )
@@ -462,7 +463,7 @@ class DroverClient:
             return await self.nc.request(subject, data, timeout=timeout_s)
         except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError):
             if subject.lower() in self._denied:
-                raise DroverError(
+                raise ReplyError(
                     PERMISSION_DENIED,
                     f"this NATS user may not publish to {subject} (admin commands need operator credentials)",
                 ) from None
@@ -664,17 +665,17 @@ class DroverClient:
         )
         message = decode(reply.data)
         if isinstance(message, ErrorReply):
-            raise DroverError(message.code, message.message, message.request_id)
+            raise ReplyError(message.code, message.message, message.request_id)
         if not isinstance(message, CancelAck):
-            raise DroverError(ErrorCode.INTERNAL, f"unexpected reply {type(message).__name__}")
+            raise ReplyError(ErrorCode.INTERNAL, f"unexpected reply {type(message).__name__}")
 
     async def status(self, *, timeout_s: float = 5.0) -> StatusReply:
         reply = await self._request(subjects.admin("status"), encode(StatusQuery()), timeout_s)
         message = decode(reply.data)
         if isinstance(message, ErrorReply):
-            raise DroverError(message.code, message.message)
+            raise ReplyError(message.code, message.message)
         if not isinstance(message, StatusReply):
-            raise DroverError(ErrorCode.INTERNAL, f"unexpected reply {type(message).__name__}")
+            raise ReplyError(ErrorCode.INTERNAL, f"unexpected reply {type(message).__name__}")
         return message
 
     async def autoscale_status(self, *, timeout_s: float = 5.0) -> AutoscaleStatusReply:
@@ -682,9 +683,9 @@ class DroverClient:
         reply = await self._request(subjects.admin("autoscale"), encode(AutoscaleStatusQuery()), timeout_s)
         message = decode(reply.data)
         if isinstance(message, ErrorReply):
-            raise DroverError(message.code, message.message)
+            raise ReplyError(message.code, message.message)
         if not isinstance(message, AutoscaleStatusReply):
-            raise DroverError(ErrorCode.INTERNAL, f"unexpected reply {type(message).__name__}")
+            raise ReplyError(ErrorCode.INTERNAL, f"unexpected reply {type(message).__name__}")
         return message
 
     async def _admin(self, verb: str, message: Message, timeout_s: float) -> AdminReply:
@@ -693,9 +694,9 @@ class DroverClient:
         reply = await self._request(subjects.admin(verb), encode(message), timeout_s)
         answer = decode(reply.data)
         if isinstance(answer, ErrorReply):
-            raise DroverError(answer.code, answer.message, answer.request_id)
+            raise ReplyError(answer.code, answer.message, answer.request_id)
         if not isinstance(answer, AdminReply):
-            raise DroverError(ErrorCode.INTERNAL, f"unexpected reply {type(answer).__name__}")
+            raise ReplyError(ErrorCode.INTERNAL, f"unexpected reply {type(answer).__name__}")
         return answer
 
     async def migrate(self, request_id: str, destination: str = "", *, timeout_s: float = 60.0) -> AdminReply:

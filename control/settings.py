@@ -15,16 +15,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from control.gateway.settings import GatewaySettings
+from control.errors import ConfigError
+from control.gateway_settings import GatewaySettings
 from control.policy.autoscaling import AutoscaleParams, ThresholdParams
 from control.policy.params import PolicyParams
 from observability.metrics import MetricsSettings
 from transport.nats_auth import NatsAuth
 
-# Drover's live defaults that differ from the Llumnix paper's (PolicyParams holds the paper's):
-# our KV copies are fast, so a 1-block last stage keeps downtime to about one decode step, and more stages
-# are affordable before giving up.
-LIVE_POLICY_DEFAULTS = PolicyParams(last_stage_max_blocks=1, max_stages=8)
+# The live policy defaults are the simulator's: one set (PolicyParams documents the measured migration knobs).
+LIVE_POLICY_DEFAULTS = PolicyParams()
 
 
 class _Section(BaseModel):
@@ -141,6 +140,9 @@ class EngineSettings(_Section):
         description="Run the local autoscaler (Chiron's lower level): an admission limit on requests running "
         "at once, adapted to the ITL SLO ([autoscaling.local]), reported in heartbeats. Off by default so a "
         "hand-started engine admits as vLLM does; the autoscaler's provisioner turns it on.",
+    )
+    device: str = Field(
+        "cpu", description="Torch engines: where weights and KV live and steps compute (cpu, cuda, cuda:1)."
     )
 
 
@@ -480,8 +482,10 @@ def _env_overrides() -> dict[str, Any]:
     return nested
 
 
-class SettingsError(ValueError):
+class SettingsError(ConfigError, ValueError):
     """Settings that cannot be loaded; the message is one line naming the setting and where it came from."""
+
+    default_code = "bad_settings"
 
 
 def _source_of(

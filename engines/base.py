@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from control.errors import DroverError
 from transport.messages import EngineInfo, InstanceLoad, SamplingParams
 
 
@@ -51,8 +52,10 @@ class EngineOutput:
         return self.finish_reason is not None
 
 
-class EngineError(Exception):
+class EngineError(DroverError):
     """An engine refused or failed a request; the message is for the user."""
+
+    default_code = "engine_failed"
 
 
 @runtime_checkable

@@ -37,6 +37,8 @@ from engines.base import EngineError
 class MigrationAborted(EngineError):
     """A migration cannot complete; the message says why (the request keeps running where it was)."""
 
+    default_code = "migration_aborted"
+
 
 @dataclass(frozen=True, slots=True)
 class StageReport:

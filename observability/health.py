@@ -2,7 +2,7 @@
 (readiness), so each process exposes one port for scrapers, load balancers and Kubernetes probes.
 
 Checks are plain callables returning ``(ok, detail)``; the process that starts the server decides what they
-look at (control/health.py has the control plane's and an engine host's). Both endpoints answer 200 when
+look at (control/apps/health.py has the control plane's and an engine host's). Both endpoints answer 200 when
 every check passes, else 503, with a JSON body naming each check::
 
     {"status": "ok", "checks": {"bus": {"ok": true, "detail": "connected"}, ...}}

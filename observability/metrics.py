@@ -74,7 +74,7 @@ class MetricsSettings(BaseModel):
 
 @dataclass(frozen=True, slots=True)
 class SloRow:
-    """SLO attainment of one request class and client over a window (control/metrics_exporter.py computes it)."""
+    """SLO attainment of one request class and client over a window (control/apps/metrics_exporter.py computes it)."""
 
     request_class: str
     client: str

@@ -33,10 +33,10 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from actors.control_plane import ControlPlane
-from control.cli_autoscale import request_admin
+from control.apps.cli_autoscale import request_admin
+from control.apps.provisioning import LocalProcessProvisioner
 from control.client import DroverClient, RequestResult
 from control.policy.autoscaling import AutoscaleParams, LocalParams, PerRole
-from control.provisioning import LocalProcessProvisioner
 from control.settings import Settings, load_settings
 from engines.tokenizer import ByteTokenizer, Tokenizer
 from transport.bus import Bus, BusOptions

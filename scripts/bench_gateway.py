@@ -38,8 +38,8 @@ import openai
 from rich.console import Console
 from rich.table import Table
 
+from control.apps.launcher import DEMO_PROMPTS, LocalCluster, local_cluster, percentile, wait_ready
 from control.client import DroverClient
-from control.launcher import DEMO_PROMPTS, LocalCluster, local_cluster, percentile, wait_ready
 from control.settings import load_settings
 from transport.messages import SamplingParams
 
@@ -132,7 +132,7 @@ def gateway_process(cluster: LocalCluster) -> Iterator[str]:
     port = _free_port()
     log = open(cluster.work_dir / "gateway.log", "ab")  # noqa: SIM115 - owned by the child
     proc = subprocess.Popen(
-        [sys.executable, "-m", "control.cli", "--config", str(cluster.work_dir / "drover.toml"), "gateway",
+        [sys.executable, "-m", "control.apps.cli", "--config", str(cluster.work_dir / "drover.toml"), "gateway",
          "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )

@@ -23,8 +23,8 @@ from rich.table import Table
 
 from actors.control_plane import ControlPlane
 from actors.local_cluster import InProcessCluster
+from control.apps.launcher import percentile
 from control.client import DroverClient
-from control.launcher import percentile
 from control.settings import load_settings
 from engines.sim.live_migration import MigratableSimEngine
 from engines.tokenizer import ByteTokenizer

@@ -1,6 +1,6 @@
 """KunServe parameter drop vs vLLM, Llumnix and KV swap under memory overload, side by side.
 
-Every system replays the same arrivals (same seed) on the same simulated cluster (control.memsim: LLaMA-7B
+Every system replays the same arrivals (same seed) on the same simulated cluster (control.simulator.memory: LLaMA-7B
 fp16 on A100-40GB instances, weights and KV in one budget). Two workloads, each on a fixed grid:
 
 * **Azure conversation trace** (traces/azure2023_conv.csv in the repository): the 120 s window with the most
@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from control.memsim import MemSimConfig, MemSimResult, simulate
-from control.memsim.workloads import burst_workload, busiest_window, trace_window
+from control.simulator.memory import MemSimConfig, MemSimResult, simulate
+from control.simulator.memory_workloads import burst_workload, busiest_window, trace_window
 from control.simulator.workload import LengthSpec, RequestSpec
 from scripts.paths import repo_path
 

@@ -139,7 +139,7 @@ async def run_mode(mode: str, args: argparse.Namespace, model_dir: Path, prompts
     auto = mode == "drop"
     bus = Bus(BusOptions(url=url, name="bench-control")).start()
     plane = ControlPlane(control_settings(url, auto), bus, ByteTokenizer()).start()
-    command = [sys.executable, "-m", "control.cli", "engine", "serve", "--kind", "torch"]
+    command = [sys.executable, "-m", "control.apps.cli", "engine", "serve", "--kind", "torch"]
     processes = [
         subprocess.Popen(
             [*command, "--instance-id", name], env=engine_env(args, model_dir, url, auto), stdout=subprocess.DEVNULL

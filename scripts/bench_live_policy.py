@@ -24,8 +24,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from control.apps.launcher import local_cluster, percentile, wait_ready
 from control.client import DroverClient
-from control.launcher import local_cluster, percentile, wait_ready
 from control.settings import load_settings
 from transport.messages import SamplingParams
 

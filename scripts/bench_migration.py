@@ -30,12 +30,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from engines.base import EngineRequest
-from engines.migration import FrozenRequest
+from engines.base import Engine, EngineRequest
+from engines.migration import FrozenRequest, MigratableEngine
 from engines.tiny_model import MIGRATION_BENCH, ensure_model
-from engines.vllm.engine import VllmEngine
 from transport.messages import SamplingParams
 
 BLOCK = 32
@@ -43,6 +42,12 @@ MAX_MODEL_LEN = 8192 + 1024
 DECODE_BEFORE_MOVE = 24  # tokens each request decodes on its source before a move
 LAST_STAGE_MAX_BLOCKS = 1  # stop-and-copy once at most this many new full blocks remain
 MAX_STAGES = 8
+
+
+class BenchEngine(Engine, MigratableEngine, Protocol):
+    """Any migratable engine (vLLM here; torch engines in ``scripts/gpu_check.py``, which reuses these moves)."""
+
+    instance_id: str
 
 
 def prompt_of(seed: int, length: int) -> list[int]:
@@ -60,7 +65,7 @@ class Stream:
     times: list[float] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
 
-    def run_on(self, engine: VllmEngine, kv_transfer: dict[str, Any] | None = None) -> None:
+    def run_on(self, engine: BenchEngine, kv_transfer: dict[str, Any] | None = None) -> None:
         request = EngineRequest(
             self.request_id, self.prompt, self.sampling, output_token_ids=list(self.tokens), kv_transfer=kv_transfer
         )
@@ -104,7 +109,7 @@ class Move:
 class Background:
     """Requests that decode on an engine for the whole run (restarted when they finish)."""
 
-    def __init__(self, engine: VllmEngine, count: int, seed: int) -> None:
+    def __init__(self, engine: BenchEngine, count: int, seed: int) -> None:
         self.engine = engine
         self.streams: list[Stream] = []
         self._stop = asyncio.Event()
@@ -150,8 +155,8 @@ async def first_token_after(stream: Stream, count: int) -> float:
 
 
 async def move_live(
-    src: VllmEngine,
-    dst: VllmEngine,
+    src: BenchEngine,
+    dst: BenchEngine,
     stream: Stream,
     length: int,
     bg: Background,
@@ -195,7 +200,7 @@ async def move_live(
     )
 
 
-async def move_blocking(src: VllmEngine, dst: VllmEngine, stream: Stream, length: int) -> Move:
+async def move_blocking(src: BenchEngine, dst: BenchEngine, stream: Stream, length: int) -> Move:
     mid = uuid.uuid4().hex[:12]
     before = normal_gap(stream)
     endpoint = await dst.migrate_in_reserve(mid, -(-(length + len(stream.tokens)) // BLOCK) + 2)
@@ -212,7 +217,7 @@ async def move_blocking(src: VllmEngine, dst: VllmEngine, stream: Stream, length
     return Move("blocking", length, first - stop, first - last_token, before, 0, 0.0, frozen.final_stage.copied_blocks)
 
 
-async def move_recompute(src: VllmEngine, dst: VllmEngine, stream: Stream, length: int) -> Move:
+async def move_recompute(src: BenchEngine, dst: BenchEngine, stream: Stream, length: int) -> Move:
     before = normal_gap(stream)
     last_token = stream.times[-1]
     stop = time.perf_counter()
@@ -234,6 +239,8 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
 async def bench(
     lengths: list[int], repeats: int, threads: int, background: int, kv_gib: float, cache: Path
 ) -> list[list[Move]]:
+    from engines.vllm.engine import VllmEngine  # imports vllm: only this benchmark's own run needs it
+
     model = ensure_model(cache, MIGRATION_BENCH)
     common = dict(
         model_name=MIGRATION_BENCH.name,

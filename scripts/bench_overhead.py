@@ -23,8 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 from actors.engine_host import build_engine
+from control.apps.launcher import DEMO_PROMPTS, local_cluster, percentile, wait_ready
 from control.client import DroverClient
-from control.launcher import DEMO_PROMPTS, local_cluster, percentile, wait_ready
 from control.settings import Settings, load_settings
 from engines.base import EngineRequest
 from transport.messages import SamplingParams

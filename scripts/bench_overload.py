@@ -28,8 +28,8 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
+from control.apps.launcher import LocalCluster, local_cluster, percentile, wait_ready
 from control.client import DroverClient, DroverError
-from control.launcher import LocalCluster, local_cluster, percentile, wait_ready
 from control.settings import Settings, load_settings
 from transport.messages import RequestClass, SamplingParams
 

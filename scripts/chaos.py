@@ -45,8 +45,8 @@ from typing import Any
 import nats
 import psutil
 
+from control.apps.launcher import percentile
 from control.client import DroverClient, DroverError, RequestStream
-from control.launcher import percentile
 from control.settings import Settings, dump_toml, load_settings
 from engines.sim.engine import request_seed, token_at
 from scripts.fuzz_bus import fuzz_payload
@@ -82,7 +82,7 @@ class ProcessCluster:
     def spawn(self, name: str, args: list[str]) -> None:
         log_file = open(self.work_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         popen = subprocess.Popen(
-            [sys.executable, "-m", "control.cli", "--config", str(self.config), *args],
+            [sys.executable, "-m", "control.apps.cli", "--config", str(self.config), *args],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},

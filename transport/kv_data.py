@@ -40,6 +40,8 @@ from typing import Any, Protocol
 
 import msgspec
 
+from control.errors import DroverError
+
 log = logging.getLogger(__name__)
 
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
@@ -53,8 +55,10 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(dict[str, Any])
 
 
-class KvTransferError(Exception):
+class KvTransferError(DroverError):
     """A KV transfer failed (peer gone, refused, protocol error); the migration should abort."""
+
+    default_code = "kv_transfer_failed"
 
 
 BlockSegments = Sequence[memoryview]

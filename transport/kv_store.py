@@ -3,7 +3,7 @@ and write from actor threads without blocking them (:class:`KvWriter`).
 
 The control plane keeps its request table and instance registry in one bucket (so a restarted or newly
 elected control plane picks up where the last one left off) and its leader lease in another
-(``control/leadership.py``). Writes are ordered and coalesced per key on the bus loop; a callback queued
+(``actors/leadership.py``). Writes are ordered and coalesced per key on the bus loop; a callback queued
 after a write runs once that write is acknowledged (the scheduler acknowledges a submission only after its
 record is stored, so a client retry after a control-plane restart is still recognised).
 """

@@ -12,6 +12,8 @@ from typing import Any, TypeAlias
 
 import msgspec
 
+from control.errors import DroverError
+
 PROTOCOL_VERSION = 2
 """The version this code speaks. Version negotiation (rolling upgrades, README "Version negotiation"):
 
@@ -616,13 +618,12 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
 
 
-class ProtocolError(Exception):
+class ProtocolError(DroverError):
     """A message could not be decoded; ``code`` says why, for the ErrorReply."""
 
     def __init__(self, code: ErrorCode, message: str, request_id: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.request_id = request_id
+        super().__init__(message, code=code, request_id=request_id)
+        self.code: ErrorCode = code
 
 
 def encode(message: Message, version: int | None = None) -> bytes:

@@ -14,13 +14,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from control.errors import DroverError
 from transport import lifetime
 
 log = logging.getLogger(__name__)
 
 
-class NatsServerError(RuntimeError):
-    pass
+class NatsServerError(DroverError, RuntimeError):
+    """The embedded nats-server could not be found, started or reached."""
+
+    default_code = "nats_server"
 
 
 def find_nats_server_binary() -> str:

@@ -58,6 +58,9 @@ from control.policy.snapshots import InstanceSnapshot
 
 RequestClass = Literal["interactive", "batch"]
 InstanceRole = Literal["interactive", "mixed", "batch"]
+InstancePhase = Literal["prefill", "decode", "both"]
+"""Prefill/decode disaggregation: which phase of a request an instance serves, beside its Chiron role (the
+two are independent: a decode instance may be interactive or batch). Everything serves "both" today."""
 InstanceState = Literal["starting", "active", "draining"]
 
 INTERACTIVE: RequestClass = "interactive"
@@ -338,12 +341,14 @@ def local_batch_limit(obs: LocalObservation, state: LocalState, params: Autoscal
 
 
 @dataclass(frozen=True, slots=True)
-class InstanceLoad:
+class FleetInstance:
     """One instance as the global autoscaler and the class-aware dispatch see it."""
 
     instance_id: str
     role: InstanceRole
     state: InstanceState = "active"
+    phase: InstancePhase = "both"
+    """Which phase of a request it serves (prefill/decode disaggregation); no policy reads it yet."""
     batch_limit: int = 0
     """Its local autoscaler's limit (0: not decided yet)."""
     capacity: int = 0
@@ -362,7 +367,7 @@ class InstanceLoad:
         return self.num_interactive + self.num_batch
 
 
-def instance_slots(load: InstanceLoad, params: AutoscaleParams) -> int:
+def instance_slots(load: FleetInstance, params: AutoscaleParams) -> int:
     """SLO-safe concurrent requests of an instance: reported capacity, else its limit, else the initial one."""
     return max(1, load.capacity or load.batch_limit or params.local.initial_batch)
 
@@ -392,7 +397,7 @@ class ClusterView:
     """Everything the global autoscaler reads at one decision."""
 
     now: float
-    instances: tuple[InstanceLoad, ...]
+    instances: tuple[FleetInstance, ...]
     """Every instance: starting, active and draining."""
     interactive_rate: float = 0.0
     """Interactive arrivals per second over the last period."""
@@ -586,7 +591,7 @@ def _clamp(counts: PerRole[int], params: AutoscaleParams) -> PerRole[int]:
     return PerRole(clamped["interactive"], clamped["mixed"], clamped["batch"])
 
 
-def _drain_order(candidates: Sequence[InstanceLoad]) -> list[InstanceLoad]:
+def _drain_order(candidates: Sequence[FleetInstance]) -> list[FleetInstance]:
     """Cheapest to remove first: starting ones (nothing to move), then fewest requests, then newest."""
     return sorted(
         candidates,
@@ -740,7 +745,7 @@ class RouteDecision:
     reason: str
 
 
-def route_class(request_class: str, instances: Sequence[InstanceLoad], params: AutoscaleParams) -> RouteDecision:
+def route_class(request_class: str, instances: Sequence[FleetInstance], params: AutoscaleParams) -> RouteDecision:
     """Chiron's dispatch rule: own role first, overflow to mixed; interactive requests evict batch ones.
 
     Interactive: the active interactive instance with the most free slots; else the mixed instance with the
@@ -817,7 +822,7 @@ class BatchAssignment:
     instance_id: str
 
 
-def batch_spare(load: InstanceLoad, params: AutoscaleParams) -> int:
+def batch_spare(load: FleetInstance, params: AutoscaleParams) -> int:
     """Slots an instance offers batch requests now: all free ones on a batch instance, those above the
     interactive reserve on a mixed one, none on an interactive, starting or draining one."""
     if load.state != "active" or load.role == "interactive":
@@ -828,7 +833,7 @@ def batch_spare(load: InstanceLoad, params: AutoscaleParams) -> int:
 
 
 def batch_release(
-    queue_head: Sequence[QueuedBatch], instances: Sequence[InstanceLoad], params: AutoscaleParams
+    queue_head: Sequence[QueuedBatch], instances: Sequence[FleetInstance], params: AutoscaleParams
 ) -> tuple[BatchAssignment, ...]:
     """Place the head of the global batch queue into spare slots: batch instances first, then mixed, the one
     with most spare first. ``queue_head`` is in release order; it never looks past the total spare slots, so
@@ -964,7 +969,7 @@ __all__ = [
     "BatchAssignment",
     "BatchGroup",
     "ClusterView",
-    "InstanceLoad",
+    "FleetInstance",
     "InstanceRole",
     "InstanceState",
     "LocalDecision",

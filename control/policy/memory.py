@@ -7,7 +7,7 @@ weight memory, ≈ W·(g-1)/g per member, becomes KV blocks. When the burst is o
 reloaded and the instances serve alone again.
 
 Pure functions over frozen snapshots (no I/O, no actors, no engines): the memory simulator
-(``control.memsim``) and a live coordinator call the same code. Defaults are those of KunServe's public
+(``control.simulator.memory``) and a live coordinator call the same code. Defaults are those of KunServe's public
 code as summarised in the project's design notes; every knob is a documented field of :class:`MemoryParams`.
 
 "Memory use" is KV-pool occupancy (used blocks / total blocks): the weights are a fixed part of the
@@ -39,6 +39,10 @@ class MemoryParams:
     execution costs a few percent of throughput."""
     max_pipeline_overhead: float = 0.25
     """Never form a group whose modelled overhead, (g-1)·pipeline_overhead_per_stage, exceeds this."""
+    min_group_s: float = 1.0
+    """A group lives at least this long before an automatic restore (avoids flapping; ours, not KunServe's)."""
+    cooldown_s: float = 2.0
+    """An instance that left a group is not grouped again automatically for this long (ours)."""
 
     def validate(self) -> None:
         """Raise ValueError with an actionable message when a value is out of range."""
@@ -50,6 +54,8 @@ class MemoryParams:
             raise ValueError("poll_period_s must be > 0")
         if self.pipeline_overhead_per_stage < 0 or self.max_pipeline_overhead < 0:
             raise ValueError("pipeline overheads must be >= 0")
+        if self.min_group_s < 0 or self.cooldown_s < 0:
+            raise ValueError("min_group_s and cooldown_s must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +100,7 @@ class GroupSnapshot:
     num_total_blocks: int
     num_free_blocks: int
     num_waiting: int
-    normal_total_blocks: int  # sum of the members' pools in the normal (full-model) layout
+    normal_total_blocks: int  # the leader's own pool in the normal layout (control.core.memory.restore_snapshot)
 
     @property
     def memory_use(self) -> float:

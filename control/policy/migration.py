@@ -95,7 +95,7 @@ def plan_migrations(
     for snapshot in snapshots:
         if snapshot.num_running == 0 or (busy and busy.get(snapshot.instance_id, 0) >= cap):
             continue
-        rated = _rate(snapshot, params)
+        rated = migration_rate(snapshot, params)
         if snapshot.draining or rated.freeness < threshold or snapshot.num_preempted > 0:
             sources.setdefault((snapshot.model, snapshot.block_size), []).append(rated)
             source_ids.add(snapshot.instance_id)
@@ -109,7 +109,7 @@ def plan_migrations(
             continue
         if busy and busy.get(snapshot.instance_id, 0) >= cap:
             continue
-        rated = _rate(snapshot, params)
+        rated = migration_rate(snapshot, params)
         if rated.freeness > threshold:
             destinations.setdefault((snapshot.model, snapshot.block_size), []).append(rated)
 
@@ -129,7 +129,7 @@ def plan_migrations(
     return decisions
 
 
-def _rate(snapshot: InstanceSnapshot, params: PolicyParams) -> _Rated:
+def migration_rate(snapshot: InstanceSnapshot, params: PolicyParams) -> _Rated:
     """Migration freeness with and without headroom: ``freeness.migration_freeness`` inlined, since this
     runs for every instance every 50 ms (tests check the two agree)."""
     if snapshot.draining:

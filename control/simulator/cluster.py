@@ -11,8 +11,9 @@ The driver owns an event heap (arrivals, engine step ends, scheduler ticks, migr
   decoding at the source; each later stage copies the blocks written meanwhile; when at most
   ``last_stage_max_blocks`` remain the source stops the request after its current step, the rest is
   copied (the downtime) and the destination resumes it with its KV loaded; the migration aborts (the
-  request stays at the source) when a reservation fails, after ``max_stages`` stages, or when the request
-  finishes or is preempted meanwhile.
+  request stays at the source) when a reservation fails or the request finishes or is preempted meanwhile.
+  When to stop, when to give up after ``max_stages`` and how much to reserve is the control core's stage
+  machine (:class:`control.core.migration.MigrationStages`), the one the live MigratorActor runs.
 
 Engines fast-forward runs of identical decode steps (see the core), and any external event on an
 instance (a dispatch, a reservation, a stop) first cuts its run at the step in progress, so results equal
@@ -35,11 +36,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
+from control.core.migration import MigrationStages, StageStep
+from control.core.record import DecisionLog
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy
 from control.policy.migration import InFlightMigration, MigrationDecision, plan_migrations
 from control.policy.params import PolicyParams
-from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot
+from control.policy.snapshots import InstanceSnapshot, RequestDemand
 from control.simulator.metrics import RequestMetrics, SimulationResult, summarize
+from control.simulator.views import instance_view
 from control.simulator.workload import RequestSpec
 from engines.sim.core import FINISHED, REMOVED, RUNNING, SimEngineConfig, SimEngineCore, SimOutput, SimRequest
 from engines.sim.cost_model import LLAMA7B_A100, CostModel
@@ -72,6 +76,9 @@ class ClusterConfig:
     """Bytes/s of a KV copy between instances. 5 GB/s makes the 16-block (16 tokens each, 128 MiB) last
     stage take ~27 ms, Llumnix's measured 20-30 ms downtime for LLaMA-7B."""
     migration_stage_overhead_s: float = 0.001  # control messages of one stage (bus round trip)
+    reserve_headroom_blocks: int = 0
+    """Extra blocks the destination reserves for tokens decoded during the copy (live:
+    ``[migration] reserve_headroom_blocks``); the simulator reserves exactly what the stop needs instead."""
     resume_overhead_s: float = 0.02
     """Fixed part of the downtime: stop, final handshake, scatter of the staged KV, re-admission. Llumnix
     measured 20-30 ms of downtime for LLaMA-7B, flat in sequence length, so fixed costs dominate it."""
@@ -83,7 +90,7 @@ class ClusterConfig:
 
 
 @dataclass(slots=True, eq=False)
-class _Instance:
+class SimInstance:
     index: int
     instance_id: str
     core: SimEngineCore
@@ -103,15 +110,18 @@ class _Instance:
 class _Migration:
     mid: int
     decision: MigrationDecision
-    src: _Instance
-    dst: _Instance
+    src: SimInstance
+    dst: SimInstance
     request: SimRequest
     started: float
     preemptions_at_start: int
-    stage: int = 0
+    stages: MigrationStages
     copied: int = 0
-    reserved: int = 0
     stopped_at: float = -1.0
+
+    @property
+    def reserved(self) -> int:
+        return self.stages.reserved
 
 
 @dataclass(slots=True)
@@ -136,7 +146,7 @@ class ClusterSimulator:
         self.params = config.policy
         self.index: DispatchIndex = make_dispatch_policy(self.params.dispatch_policy, self.params.dispatch_params())
         self.instances = [
-            _Instance(i, f"sim-{i:04d}", SimEngineCore(config.engine, config.cost_model))
+            SimInstance(i, f"sim-{i:04d}", SimEngineCore(config.engine, config.cost_model))
             for i in range(config.num_instances)
         ]
         self.requests = sorted(requests, key=lambda r: (r.arrival, r.request_id))
@@ -144,6 +154,7 @@ class ClusterSimulator:
         self.tick_s = config.tick_s or self.params.migration_period_s
         self.now = 0.0
         self.counters = _Counters()
+        self.decision_log: DecisionLog | None = None  # the control core's decisions, recorded (parity tests)
         self._heap: list[tuple[float, int, int, object]] = []
         self._seq = 0
         self._pending: deque[SimRequest] = deque()
@@ -174,7 +185,7 @@ class ClusterSimulator:
             now, _, kind, payload = heapq.heappop(heap)
             self.now = now
             if kind == _STEP_END:
-                inst, version = cast(tuple[_Instance, int], payload)
+                inst, version = cast(tuple[SimInstance, int], payload)
                 if inst.version == version:
                     self._on_step_end(inst)
             elif kind == _ARRIVAL:
@@ -217,10 +228,10 @@ class ClusterSimulator:
         return self._finished + self.counters.rejected >= len(self.requests)
 
     # ------------------------------------------------------------------------------------------ fleet
-    def add_instance(self, role: str = "mixed", *, startup_s: float = 0.0) -> _Instance:
+    def add_instance(self, role: str = "mixed", *, startup_s: float = 0.0) -> SimInstance:
         """Ask for a new instance now; it serves (joins dispatch and migration) after ``startup_s``."""
         index = len(self.instances)
-        inst = _Instance(index, f"sim-{index:04d}", SimEngineCore(self.config.engine, self.config.cost_model))
+        inst = SimInstance(index, f"sim-{index:04d}", SimEngineCore(self.config.engine, self.config.cost_model))
         inst.role, inst.requested_at, inst.state = role, self.now, "starting"
         self.instances.append(inst)
         if self._snapshots:
@@ -228,7 +239,7 @@ class ClusterSimulator:
         self.call_at(self.now + startup_s, lambda: self._on_ready(inst))
         return inst
 
-    def _on_ready(self, inst: _Instance) -> None:
+    def _on_ready(self, inst: SimInstance) -> None:
         if inst.state != "starting":
             return
         inst.state, inst.ready_at = "active", self.now
@@ -237,7 +248,7 @@ class ClusterSimulator:
         self._touched.add(inst.index)
         self._migrations_dirty = True
 
-    def start_drain(self, inst: _Instance) -> None:
+    def start_drain(self, inst: SimInstance) -> None:
         """No more dispatches to it; migration moves its running requests away (Llumnix's drain). A starting
         instance is stopped at once."""
         if inst.state == "starting":
@@ -250,14 +261,14 @@ class ClusterSimulator:
         inst.snapshot_core_version = -1
         self._touched.add(inst.index)
 
-    def is_empty(self, inst: _Instance) -> bool:
+    def is_empty(self, inst: SimInstance) -> bool:
         """Nothing left on it: no request, reservation, outgoing copy or migration in flight."""
         core = inst.core
         if core.has_work or core.has_plan or core.reserved_blocks or core.outgoing_blocks:
             return False
         return not any(m.src is inst or m.dst is inst for m in self._migrations.values())
 
-    def stop_instance(self, inst: _Instance) -> None:
+    def stop_instance(self, inst: SimInstance) -> None:
         """Take an empty (or starting) instance out of the cluster; it costs nothing from now on."""
         if inst.state == "stopped":
             return
@@ -273,7 +284,7 @@ class ClusterSimulator:
         self._migrations_dirty = True
 
     # ------------------------------------------------------------------------------------------ engines
-    def _schedule(self, inst: _Instance) -> None:
+    def _schedule(self, inst: SimInstance) -> None:
         """Plan the instance's next step (run) if it has none, and queue its end."""
         core = inst.core
         self._touched.add(inst.index)
@@ -288,7 +299,7 @@ class ClusterSimulator:
         else:
             self._busy.discard(inst.index)
 
-    def _interrupt(self, inst: _Instance) -> None:
+    def _interrupt(self, inst: SimInstance) -> None:
         """Something external touches the instance now: cut its run at the step in progress."""
         core = inst.core
         self._touched.add(inst.index)
@@ -301,7 +312,7 @@ class ClusterSimulator:
             inst.plan_end = end
             self._push(end, _STEP_END, (inst, inst.version))
 
-    def _on_step_end(self, inst: _Instance) -> None:
+    def _on_step_end(self, inst: SimInstance) -> None:
         outputs = inst.core.finish_plan()
         for out in outputs:
             if out.finished:
@@ -310,7 +321,7 @@ class ClusterSimulator:
         self._on_outputs(inst, outputs)
         self._schedule(inst)
 
-    def _on_outputs(self, inst: _Instance, outputs: list[SimOutput]) -> None:
+    def _on_outputs(self, inst: SimInstance, outputs: list[SimOutput]) -> None:
         """Hook: a plan of ``inst`` finished with these outputs (finished requests already counted)."""
 
     # ------------------------------------------------------------------------------------------ dispatch
@@ -355,7 +366,7 @@ class ClusterSimulator:
         self._place(self.instances[int(chosen.rsplit("-", 1)[1])], request, demand)
         return True
 
-    def _place(self, inst: _Instance, request: SimRequest, demand: RequestDemand | None = None) -> None:
+    def _place(self, inst: SimInstance, request: SimRequest, demand: RequestDemand | None = None) -> None:
         """Add the request to the instance's engine now."""
         self._interrupt(inst)
         inst.core.add(request)
@@ -367,7 +378,7 @@ class ClusterSimulator:
         self._on_placed(inst, request)
         self._schedule(inst)
 
-    def _on_placed(self, inst: _Instance, request: SimRequest) -> None:
+    def _on_placed(self, inst: SimInstance, request: SimRequest) -> None:
         """Hook: ``request`` was just added to ``inst`` (dispatch or re-dispatch)."""
 
     # ------------------------------------------------------------------------------------------ ticks
@@ -424,43 +435,30 @@ class ClusterSimulator:
         self._touched = refresh_next
         return changed
 
-    def _movable(self, inst: _Instance) -> list[SimRequest]:
+    def _movable(self, inst: SimInstance) -> list[SimRequest]:
         """Running requests migration may move (all of them here; subclasses may keep some in place)."""
         return inst.core.running
 
-    def _snapshot(self, inst: _Instance) -> InstanceSnapshot:
+    def _snapshot(self, inst: SimInstance) -> InstanceSnapshot:
         core = inst.core
         preempted = core.num_preemptions - inst.reported_preemptions
         inst.reported_preemptions = core.num_preemptions
-        running = tuple(
-            RunningSnapshot(
-                r.request_id,
-                r.context_len,
-                r.num_blocks,
-                r.priority,
-                r.num_output > 0 and r.num_computed >= r.context_len - 1,
-            )
-            for r in self._movable(inst)
-        )
-        return InstanceSnapshot(
-            instance_id=inst.instance_id,
-            num_total_blocks=core.config.num_blocks,
-            num_free_blocks=core.num_free_blocks,
-            num_running=len(core.running),
-            num_waiting=len(core.waiting),
-            waiting_blocks=core.waiting_blocks,
-            head_waiting_blocks=core.head_waiting_blocks(),
-            num_preempted=preempted,
-            draining=inst.draining,
+        return instance_view(
+            inst.instance_id,
+            core,
             model=self.config.model,
-            block_size=core.config.block_size,
-            running=running,
-            high_priority_count=sum(1 for r in running if r.priority > 0),
+            draining=inst.draining,
+            num_preempted=preempted,
+            running=self._movable(inst),
         )
 
     # ------------------------------------------------------------------------------------------ migration
     def _copy_s(self, blocks: int) -> float:
         return self.config.migration_stage_overhead_s + blocks * self.block_bytes / self.config.migration_bandwidth
+
+    def stage_machine(self, request_id: str) -> MigrationStages:
+        """The control core's stage machine for one migration of ``request_id``, as this shell drives it."""
+        return MigrationStages(self.params, self.config.reserve_headroom_blocks, log=self.decision_log, key=request_id)
 
     def _start_migration(self, decision: MigrationDecision) -> None:
         src = self.instances[int(decision.source_id.rsplit("-", 1)[1])]
@@ -469,14 +467,18 @@ class ClusterSimulator:
         if request is None or request.state != RUNNING:
             return
         self.counters.migrations_started += 1
-        migration = _Migration(self._next_mid, decision, src, dst, request, self.now, request.num_preemptions)
+        stages = self.stage_machine(decision.request_id)
+        migration = _Migration(
+            self._next_mid, decision, src, dst, request, self.now, request.num_preemptions, stages
+        )
         self._next_mid += 1
         blocks = request.num_blocks
         self._interrupt(dst)
-        if not dst.core.reserve(blocks):
+        if not dst.core.reserve(stages.first_reservation(blocks)):
+            stages.reserved = 0
             self._abort(migration, "reserve", registered=False)
             return
-        migration.reserved = migration.copied = blocks
+        migration.copied = blocks
         self._migrations[migration.mid] = migration
         self._in_flight[migration.mid] = InFlightMigration(src.instance_id, dst.instance_id, request.request_id)
         self._migrations_dirty = True
@@ -486,7 +488,7 @@ class ClusterSimulator:
         if migration.reserved:
             self._interrupt(migration.dst)
             migration.dst.core.release_reservation(migration.reserved)
-            migration.reserved = 0
+            migration.stages.reserved = 0
         self.counters.migrations_aborted += 1
         self.counters.abort_reasons[reason] = self.counters.abort_reasons.get(reason, 0) + 1
         if registered:
@@ -502,32 +504,38 @@ class ClusterSimulator:
             return
         src.core.advance_to(self.now)
         remaining = request.num_blocks - migration.copied
-        if remaining <= self.params.last_stage_max_blocks:
-            # stop-and-copy: the request stops after the step in progress; reserve what it will need then
+        step = migration.stages.after_stage(remaining)
+        if step is StageStep.ABORT:
+            self._abort(migration, "stages")
+            return
+        if step is StageStep.STOP_AND_COPY:
+            # the request stops after the step in progress; reserve what it will need then
             self._interrupt(src)
             stop_at = src.plan_end if src.core.has_plan and src.plan_end is not None else self.now
             need = src.core.blocks_for(request.context_len + 1)
             self._interrupt(dst)
-            if need > migration.reserved and not dst.core.reserve(need - migration.reserved):
-                self._abort(migration, "reserve")
+            if not self._grow_reservation(migration, need):
                 return
-            migration.reserved = max(need, migration.reserved)
             src.core.remove(request.request_id, keep_blocks=True)
             migration.stopped_at = stop_at
             last = max(0, need - migration.copied)
             self._push(stop_at + self._copy_s(last) + self.config.resume_overhead_s, _RESUME, migration)
             return
-        if migration.stage + 1 >= self.params.max_stages:
-            self._abort(migration, "stages")
-            return
         self._interrupt(dst)
-        if not dst.core.reserve(remaining):
-            self._abort(migration, "reserve")
+        if not self._grow_reservation(migration, request.num_blocks):
             return
-        migration.stage += 1
-        migration.reserved += remaining
         migration.copied = request.num_blocks
         self._push(self.now + self._copy_s(remaining), _STAGE_END, migration)
+
+    def _grow_reservation(self, migration: _Migration, total_blocks: int) -> bool:
+        """Grow the destination's reservation as the stage machine says; False: it failed (aborted)."""
+        before = migration.reserved
+        grown = migration.stages.grow_reservation(total_blocks)
+        if grown is not None and not migration.dst.core.reserve(grown - before):
+            migration.stages.reserved = before
+            self._abort(migration, "reserve")
+            return False
+        return True
 
     def _on_resume(self, migration: _Migration) -> None:
         request, src, dst = migration.request, migration.src, migration.dst
@@ -543,7 +551,7 @@ class ClusterSimulator:
         if not dst.core.add_resumed(request, self.now, reservation_blocks=migration.reserved):
             dst.core.release_reservation(migration.reserved)
             dst.core.add(request)  # cannot happen with the reservation above; recompute as a fallback
-        migration.reserved = 0
+        migration.stages.reserved = 0
         self._schedule(dst)
         self.counters.migrations_committed += 1
         self.counters.downtimes.append(self.now - migration.stopped_at)
@@ -554,7 +562,7 @@ class ClusterSimulator:
         record.instances.append(dst.index)
         self._on_moved(request, src, dst)
 
-    def _on_moved(self, request: SimRequest, src: _Instance, dst: _Instance) -> None:
+    def _on_moved(self, request: SimRequest, src: SimInstance, dst: SimInstance) -> None:
         """Hook: a migration of ``request`` from ``src`` to ``dst`` committed."""
 
 

@@ -4,10 +4,12 @@
 :class:`ElasticSimulator` extends :class:`control.simulator.cluster.ClusterSimulator` and calls the pure
 policies of ``control/policy/autoscaling.py`` exactly as the live AutoscalerActor does:
 
-* ``dispatch="class_aware"`` (Drover): an interactive request goes where :func:`route_class` says (evicting
-  the batch requests it names, chosen by :func:`batch_victims`, back to the global batch queue, where they
-  later resume by recompute); batch requests wait in the global queue, earliest deadline first, and every
-  scheduler tick :func:`batch_release` places its head into spare slots. Llumnix migration runs among the
+* ``dispatch="class_aware"`` (Drover): an interactive request goes where the control core's
+  :func:`control.core.classes.place_by_class` says, as in the live scheduler (evicting the batch requests it
+  names back to the global batch queue, where they later resume by recompute; held back when it would
+  overflow onto a full instance with nothing to evict); batch requests wait in the core's
+  :class:`control.core.classes.BatchQueue`, earliest deadline first, and every scheduler tick releases its
+  head into spare slots. Llumnix migration runs among the
   interactive and mixed instances and moves interactive requests only; batch requests stay where they run.
 * ``dispatch="llumnix"``: every request is dispatched on arrival by the cluster's dispatch policy (freeness
   by default), whatever its class, with Llumnix migration: Llumnix has no request classes.
@@ -29,40 +31,37 @@ Same config + same requests = same result.
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from control.core.classes import BatchQueue, place_by_class
+from control.core.scaling import ScalingClock
 from control.policy.autoscaling import (
     BATCH,
     ROLES,
     AutoscaleParams,
     BatchGroup,
     ClusterView,
-    InstanceLoad,
+    FleetInstance,
     InstanceRole,
     LocalObservation,
     LocalState,
     PerRole,
-    QueuedBatch,
     RunningBatch,
     ScalingState,
     ThresholdParams,
-    batch_release,
-    batch_spare,
-    batch_victims,
     local_batch_limit,
     plan_scaling,
-    route_class,
     threshold_scaling,
     total,
 )
 from control.policy.migration import MigrationDecision, plan_migrations
 from control.policy.snapshots import InstanceSnapshot
-from control.simulator.cluster import ClusterConfig, ClusterSimulator, _Instance
+from control.simulator.cluster import ClusterConfig, ClusterSimulator, SimInstance
 from control.simulator.metrics import ClassAttainment, SimulationResult, Stat, slo_attainment
+from control.simulator.views import instance_view
 from control.simulator.workload import RequestSpec
 from engines.sim.core import FINISHED, REMOVED, WAITING, SimOutput, SimRequest
 
@@ -193,8 +192,8 @@ class ElasticSimulator(ClusterSimulator):
         for inst, role in zip(self.instances, roles, strict=True):
             inst.role = role if self.class_aware else "mixed"
             self._init_extra(inst)
-        self._batch_queue: list[tuple[float, float, int, SimRequest]] = []
-        self._queue_seq = 0
+        self._batch_queue = BatchQueue()
+        self._queued_batch: dict[str, SimRequest] = {}  # what the queue's ids stand for
         self._groups: dict[float, list[int]] = {}  # deadline -> [requests, tokens] of unfinished batch work
         self._evicting: set[str] = set()
         self._evictions = 0
@@ -205,6 +204,10 @@ class ElasticSimulator(ClusterSimulator):
         self._events: list[ScaleEvent] = []
         self._decisions = 0
         self._timeline: list[tuple[float, int]] = [(0.0, len(self.instances))]
+        # When to plan and when a draining instance stops: the control core's, the AutoscalerActor's object,
+        # fed the virtual clock. No drain timeout: a simulated drain always empties (interactive requests
+        # migrate away, batch ones finish in place).
+        self.scaling_clock = ScalingClock(config.autoscale.period_s)
 
     # ------------------------------------------------------------------------------------------ running
     def run_elastic(self) -> ElasticResult:
@@ -243,7 +246,7 @@ class ElasticSimulator(ClusterSimulator):
             timeline=self._timeline,
         )
 
-    def _init_extra(self, inst: _Instance) -> None:
+    def _init_extra(self, inst: SimInstance) -> None:
         limit = self.as_params.local.initial_batch if self._local_on else inst.core.config.max_num_seqs
         self._extra[inst.index] = _Extra(batch_limit=limit, l_time=self.now, g_time=self.now)
         if self._local_on:
@@ -259,7 +262,7 @@ class ElasticSimulator(ClusterSimulator):
         self._init_extra(inst)
         self._event("start", inst, reason)
 
-    def _on_ready(self, inst: _Instance) -> None:
+    def _on_ready(self, inst: SimInstance) -> None:
         was_starting = inst.state == "starting"
         super()._on_ready(inst)
         if was_starting:
@@ -276,6 +279,7 @@ class ElasticSimulator(ClusterSimulator):
         if inst.state == "stopped":
             self._event("stop", inst)
             return
+        self.scaling_clock.start_drain(inst.instance_id, self.now, reason)
         if self.class_aware:  # batch requests that have not started go back to the queue
             extra = self._extra[inst.index]
             for rid in list(extra.batch_ids):
@@ -284,7 +288,7 @@ class ElasticSimulator(ClusterSimulator):
                     inst.core.remove(rid)
                     self._requeue(inst, request, evicted=False)
 
-    def _event(self, action: str, inst: _Instance, reason: str = "") -> None:
+    def _event(self, action: str, inst: SimInstance, reason: str = "") -> None:
         self._events.append(ScaleEvent(self.now, action, inst.instance_id, inst.role, reason))
         if action in ("start", "stop"):
             costing = sum(1 for i in self.instances if i.state != "stopped")
@@ -293,10 +297,13 @@ class ElasticSimulator(ClusterSimulator):
     def _after_tick(self) -> None:
         for index in list(self._live):
             inst = self.instances[index]
-            if inst.state == "draining" and self.is_empty(inst):
+            if inst.state != "draining":
+                continue
+            why = self.scaling_clock.stop_reason(inst.instance_id, self.is_empty(inst), self.now)
+            if why is not None or (inst.instance_id not in self.scaling_clock.draining and self.is_empty(inst)):
                 self.stop_instance(inst)
-                self._event("stop", inst)
-        if self.class_aware and self._batch_queue:
+                self._event("stop", inst, why or "drained")
+        if self.class_aware and len(self._batch_queue):
             self._release_batch()
 
     # ------------------------------------------------------------------------------------------ requests
@@ -317,16 +324,16 @@ class ElasticSimulator(ClusterSimulator):
         if not self.class_aware:
             return super()._dispatch(request)
         self.counters.dispatch_decisions += 1
-        route = route_class(_class_of(request), self._loads(), self.as_params)
-        if route.instance_id is None:
+        placement = place_by_class(_class_of(request), self._loads(), self._evictable, self.as_params)
+        if placement.instance_id is None:
             return False
-        inst = self.instances[int(route.instance_id.rsplit("-", 1)[1])]
-        if route.preempt_batch:
-            self._evict(inst, route.preempt_batch)
+        inst = self.instances[int(placement.instance_id.rsplit("-", 1)[1])]
+        if placement.evict:
+            self._evict(inst, placement.evict)
         self._place(inst, request)
         return True
 
-    def _on_placed(self, inst: _Instance, request: SimRequest) -> None:
+    def _on_placed(self, inst: SimInstance, request: SimRequest) -> None:
         extra = self._extra[inst.index]
         extra.entries[request.request_id] = (request, request.num_output)
         if _class_of(request) == BATCH:
@@ -335,7 +342,7 @@ class ElasticSimulator(ClusterSimulator):
         else:
             extra.num_interactive += 1
 
-    def _leave(self, inst: _Instance, request: SimRequest) -> None:
+    def _leave(self, inst: SimInstance, request: SimRequest) -> None:
         extra = self._extra[inst.index]
         entry = extra.entries.pop(request.request_id, None)
         if entry is None:
@@ -347,7 +354,7 @@ class ElasticSimulator(ClusterSimulator):
         else:
             extra.num_interactive -= 1
 
-    def _on_outputs(self, inst: _Instance, outputs: list[SimOutput]) -> None:
+    def _on_outputs(self, inst: SimInstance, outputs: list[SimOutput]) -> None:
         extra = self._extra[inst.index]
         for out in outputs:
             request = out.request
@@ -359,6 +366,7 @@ class ElasticSimulator(ClusterSimulator):
             spec = request.tag
             assert isinstance(spec, RequestSpec)
             if spec.request_class == BATCH:
+                self._batch_queue.forget(request.request_id)
                 group = self._groups[spec.deadline]
                 group[0] -= 1
                 group[1] -= spec.prompt_len + spec.output_len
@@ -367,11 +375,11 @@ class ElasticSimulator(ClusterSimulator):
             else:
                 self._service_samples.append(request.finish_time - request.admitted_time)
 
-    def _on_moved(self, request: SimRequest, src: _Instance, dst: _Instance) -> None:
+    def _on_moved(self, request: SimRequest, src: SimInstance, dst: SimInstance) -> None:
         self._leave(src, request)
         self._on_placed(dst, request)
 
-    def _movable(self, inst: _Instance) -> list[SimRequest]:
+    def _movable(self, inst: SimInstance) -> list[SimRequest]:
         if not self.class_aware:
             return inst.core.running
         return [r for r in inst.core.running if _class_of(r) != BATCH]
@@ -386,36 +394,25 @@ class ElasticSimulator(ClusterSimulator):
     def _push_batch(self, request: SimRequest) -> None:
         spec = request.tag
         assert isinstance(spec, RequestSpec)
-        self._queue_seq += 1
-        heapq.heappush(self._batch_queue, (spec.deadline, spec.arrival, self._queue_seq, request))
+        self._queued_batch[request.request_id] = request
+        self._batch_queue.push(request.request_id, spec.deadline, request.prompt_len + request.max_tokens, self.now)
 
     def _release_batch(self) -> None:
-        loads = self._loads()
-        spare = sum(batch_spare(load, self.as_params) for load in loads)
-        if spare <= 0:
-            return
-        head = [heapq.heappop(self._batch_queue) for _ in range(min(spare, len(self._batch_queue)))]
-        queued = [QueuedBatch(e[3].request_id, e[0], e[3].prompt_len + e[3].max_tokens) for e in head]
-        where = {a.request_id: a.instance_id for a in batch_release(queued, loads, self.as_params)}
-        for entry in head:
-            request = entry[3]
-            iid = where.get(request.request_id)
-            if iid is None:
-                heapq.heappush(self._batch_queue, entry)
-                continue
-            self._place(self.instances[int(iid.rsplit("-", 1)[1])], request)
+        for rid, iid in self._batch_queue.release(self._loads(), self.as_params):
+            self._place(self.instances[int(iid.rsplit("-", 1)[1])], self._queued_batch.pop(rid))
 
-    def _evict(self, inst: _Instance, n: int) -> None:
-        """Evict ``n`` batch requests from ``inst`` back to the global queue (they resume by recompute)."""
-        extra = self._extra[inst.index]
-        candidates = [
+    def _evictable(self, instance_id: str) -> list[RunningBatch]:
+        """Batch requests running on the instance that eviction may send back to the queue."""
+        extra = self._extra[int(instance_id.rsplit("-", 1)[1])]
+        return [
             RunningBatch(rid, extra.entries[rid][0].num_output, extra.entries[rid][0].admitted_time)
             for rid in extra.batch_ids
             if rid not in self._evicting
         ]
-        victims = batch_victims(candidates, n)
-        if not victims:
-            return
+
+    def _evict(self, inst: SimInstance, victims: Sequence[str]) -> None:
+        """Evict ``victims`` (batch requests on ``inst``) back to the global queue (they resume by recompute)."""
+        extra = self._extra[inst.index]
         self._interrupt(inst)
         for rid in victims:
             request = extra.entries[rid][0]
@@ -427,7 +424,7 @@ class ElasticSimulator(ClusterSimulator):
                 at = inst.plan_end if inst.plan_end is not None else self.now
                 self.call_at(at, self._requeue_later(inst, request))
 
-    def _requeue_later(self, inst: _Instance, request: SimRequest) -> Callable[[], None]:
+    def _requeue_later(self, inst: SimInstance, request: SimRequest) -> Callable[[], None]:
         def requeue() -> None:
             if request.state == FINISHED:
                 self._evicting.discard(request.request_id)
@@ -436,7 +433,7 @@ class ElasticSimulator(ClusterSimulator):
 
         return requeue
 
-    def _requeue(self, inst: _Instance, request: SimRequest, *, evicted: bool = True) -> None:
+    def _requeue(self, inst: SimInstance, request: SimRequest, *, evicted: bool = True) -> None:
         self._evicting.discard(request.request_id)
         self._leave(inst, request)
         self._evictions += evicted
@@ -444,20 +441,20 @@ class ElasticSimulator(ClusterSimulator):
         self._schedule(inst)
 
     # ------------------------------------------------------------------------------------------ observations
-    def _out_tokens(self, inst: _Instance) -> int:
+    def _out_tokens(self, inst: SimInstance) -> int:
         if inst.core.has_plan:
             inst.core.advance_to(self.now)
         extra = self._extra[inst.index]
         return extra.out_base + sum(r.num_output - n0 for r, n0 in extra.entries.values())
 
-    def _loads(self) -> tuple[InstanceLoad, ...]:
+    def _loads(self) -> tuple[FleetInstance, ...]:
         loads = []
         for inst in self.instances:
             if inst.state == "stopped":
                 continue
             extra = self._extra[inst.index]
             loads.append(
-                InstanceLoad(
+                FleetInstance(
                     instance_id=inst.instance_id,
                     role=inst.role,  # type: ignore[arg-type]
                     state=inst.state,  # type: ignore[arg-type]
@@ -525,6 +522,9 @@ class ElasticSimulator(ClusterSimulator):
 
     def _global_tick(self) -> None:
         params = self.as_params
+        if not self.scaling_clock.plan_due(self.now):  # not reached: this tick runs every period_s
+            self.call_at(self.scaling_clock.last_plan_at + params.period_s, self._global_tick)
+            return
         self._measure_throughput()
         if self._service_samples:
             self._service_s = sum(self._service_samples) / len(self._service_samples)
@@ -575,23 +575,12 @@ class ElasticSimulator(ClusterSimulator):
         if not self.all_done:
             self.call_at(self.now + params.period_s, self._threshold_tick)
 
-    def _scaling_snapshot(self, inst: _Instance) -> InstanceSnapshot:
+    def _scaling_snapshot(self, inst: SimInstance) -> InstanceSnapshot:
         """Counts only, without consuming the preemption report the migration snapshots carry."""
         core = inst.core
         if core.has_plan:
             core.advance_to(self.now)
-        return InstanceSnapshot(
-            instance_id=inst.instance_id,
-            num_total_blocks=core.config.num_blocks,
-            num_free_blocks=core.num_free_blocks,
-            num_running=len(core.running),
-            num_waiting=len(core.waiting),
-            waiting_blocks=core.waiting_blocks,
-            head_waiting_blocks=core.head_waiting_blocks(),
-            draining=inst.state == "draining",
-            model=self.config.model,
-            block_size=core.config.block_size,
-        )
+        return instance_view(inst.instance_id, core, model=self.config.model, draining=inst.state == "draining")
 
 
 def _class_of(request: SimRequest) -> str:

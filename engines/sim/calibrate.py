@@ -25,10 +25,10 @@ def _model(threads: int) -> Any:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from engines.tiny_model import TINY, _hf_config
+    from engines.tiny_model import TINY, hf_config
 
     torch.set_num_threads(threads)
-    config = LlamaConfig(**{k: v for k, v in _hf_config(TINY).items() if k not in ("architectures", "dtype")})
+    config = LlamaConfig(**{k: v for k, v in hf_config(TINY).items() if k not in ("architectures", "dtype")})
     model = LlamaForCausalLM(config).eval()
     return model
 

@@ -33,7 +33,8 @@ class AttentionMetadata:
         starts = batch.query_start
         query_lens = starts[1:] - starts[:-1]
         num_seqs = batch.num_seqs
-        seq_of_row = torch.repeat_interleave(torch.arange(num_seqs), query_lens)
+        device = positions.device  # every index tensor lives where the step computes (CPU or GPU)
+        seq_of_row = torch.repeat_interleave(torch.arange(num_seqs, device=device), query_lens)
         tables = batch.block_tables
         max_blocks = tables.shape[1]
         write_blocks = tables[seq_of_row, positions // block_size]
@@ -41,17 +42,17 @@ class AttentionMetadata:
         value_slots = key_slots + block_size
 
         max_query = int(query_lens.max()) if num_seqs else 0
-        key_pos = torch.arange(max_blocks * block_size)
+        key_pos = torch.arange(max_blocks * block_size, device=device)
         key_valid = key_pos[None, :] < batch.context_lens[:, None]  # [B, L]
 
-        slot = torch.arange(max_query)
+        slot = torch.arange(max_query, device=device)
         query_valid = slot[None, :] < query_lens[:, None]  # [B, Qmax]
         query_rows = torch.where(query_valid, starts[:-1, None] + slot[None, :], 0)
         query_pos = torch.where(query_valid, positions[query_rows], 0)
         mask = key_valid[:, None, :] & (key_pos[None, None, :] <= query_pos[:, :, None])
         # Padded query slots attend key 0 only: softmax over an all-masked row would give NaN.
         mask[:, :, 0] |= ~query_valid
-        unpad_index = (seq_of_row * max_query) + (torch.arange(positions.shape[0]) - starts[seq_of_row])
+        unpad_index = (seq_of_row * max_query) + (torch.arange(positions.shape[0], device=device) - starts[seq_of_row])
         return cls(key_slots, value_slots, tables.reshape(-1), max_blocks, query_rows, unpad_index, mask[:, None])
 
 

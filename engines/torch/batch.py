@@ -40,7 +40,7 @@ _decoder = msgspec.msgpack.Decoder(_WireTensors)
 
 
 def tensor_to_wire(tensor: torch.Tensor) -> WireTensor:
-    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
     return WireTensor(_DTYPE_NAMES[tensor.dtype], list(tensor.shape), data)
 
 
@@ -84,6 +84,17 @@ class StageBatch:
     @property
     def num_seqs(self) -> int:
         return int(self.context_lens.shape[0])
+
+    def to(self, device: torch.device) -> StageBatch:
+        """The same step with every tensor on ``device`` (itself when they are there already)."""
+        if self.positions.device == device:
+            return self
+        moved = {
+            f.name: value.to(device, non_blocking=True)
+            for f in dataclasses.fields(self)
+            if (value := getattr(self, f.name)) is not None
+        }
+        return StageBatch(**moved)
 
     def with_hidden(self, hidden: torch.Tensor) -> StageBatch:
         """The same step for the next stage: hidden states replace the token ids."""

@@ -68,11 +68,13 @@ class TorchEngine:
         memory_budget_bytes: int | None = None,
         seed: int = 0,
         threads: int = 1,
+        device: str = "cpu",
     ) -> None:
         """``num_blocks``: KV blocks (default 512); derived from ``memory_budget_bytes`` minus the weights when
         a budget is given. ``layer_range``: hold only layers [first, last) (a pipeline stage; it serves
         requests only as the leader of a group that covers every layer). ``threads``: torch intra-op
-        threads, set process-wide at start."""
+        threads, set process-wide at start. ``device``: where weights and KV live and steps compute ("cpu",
+        "cuda", "cuda:1"); scheduling stays on the CPU."""
         if max_num_batched_tokens < 1 or max_num_seqs < 1 or block_size < 1:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
         self.instance_id = instance_id
@@ -85,6 +87,7 @@ class TorchEngine:
         self.dtype = dtype
         self.seed = seed
         self.threads = threads
+        self.device = device
         self.config = LlamaConfig.from_model_dir(self.model_dir)
         self._layer_range = layer_range
         self._num_blocks_arg = num_blocks
@@ -165,6 +168,7 @@ class TorchEngine:
             memory_budget_bytes=self._budget_arg,
             dtype=self.dtype,
             config=self.config,
+            device=self.device,
         )
         scheduler = Scheduler(
             BlockAllocator(stage.num_blocks),

@@ -98,8 +98,10 @@ class PagedKvCache:
         num_kv_heads: int,
         head_dim: int,
         dtype: torch.dtype,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.block_size = block_size
+        self.device = torch.device(device)
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.dtype = dtype
@@ -108,7 +110,9 @@ class PagedKvCache:
 
     def _new_pool(self, num_blocks: int) -> torch.Tensor:
         # zeros, not empty: touching the pages now makes the reported bytes real and the first step fast.
-        return torch.zeros(num_blocks, 2, self.block_size, self.num_kv_heads, self.head_dim, dtype=self.dtype)
+        return torch.zeros(
+            num_blocks, 2, self.block_size, self.num_kv_heads, self.head_dim, dtype=self.dtype, device=self.device
+        )
 
     @property
     def num_blocks(self) -> int:
@@ -155,23 +159,25 @@ class PagedKvCache:
         """Copy block ``old`` to ``new`` in every pool (compaction before a shrink)."""
         if not moves:
             return
-        src = torch.tensor(list(moves), dtype=torch.long)
-        dst = torch.tensor(list(moves.values()), dtype=torch.long)
+        src = torch.tensor(list(moves), dtype=torch.long, device=self.device)
+        dst = torch.tensor(list(moves.values()), dtype=torch.long, device=self.device)
         for pool in self.pools.values():
             pool[dst] = pool[src]
 
     # ------------------------------------------------------------------------------------------ transfer
     def export_blocks(self, layers: Sequence[int], block_ids: Sequence[int]) -> dict[int, torch.Tensor]:
-        """A copy of ``block_ids`` (in that order) of each layer: ``{layer: [n, 2, bs, heads, dim]}``."""
-        index = torch.tensor(list(block_ids), dtype=torch.long)
+        """A copy of ``block_ids`` (in that order) of each layer: ``{layer: [n, 2, bs, heads, dim]}``, on the
+        pools' device."""
+        index = torch.tensor(list(block_ids), dtype=torch.long, device=self.device)
         return {layer: self.pools[layer][index].clone() for layer in layers}
 
     def import_blocks(self, kv: dict[int, torch.Tensor], block_ids: Sequence[int]) -> None:
-        """Write exported blocks into ``block_ids`` (same order); every layer of ``kv`` must be held here."""
-        index = torch.tensor(list(block_ids), dtype=torch.long)
+        """Write exported blocks into ``block_ids`` (same order); every layer of ``kv`` must be held here.
+        The blocks may come from another device (a CPU wire payload into GPU pools)."""
+        index = torch.tensor(list(block_ids), dtype=torch.long, device=self.device)
         for layer, blocks in kv.items():
             if layer not in self.pools:
                 raise KeyError(f"layer {layer} is not held here (held: {self.layers})")
             if blocks.shape[0] != len(block_ids):
                 raise ValueError(f"layer {layer}: {blocks.shape[0]} blocks for {len(block_ids)} ids")
-            self.pools[layer][index] = blocks.to(self.dtype)
+            self.pools[layer][index] = blocks.to(device=self.device, dtype=self.dtype)

@@ -101,6 +101,7 @@ class MigratableTorchEngine(TorchEngine):
         if self._server is not None:
             self._server.close()
             self._server = None
+        self._staging = self._staging_kv = None  # a restarted engine (on another loop) serves afresh
 
     # ------------------------------------------------------------------------------------------ guards
     def _require_alone(self) -> None:
@@ -124,10 +125,13 @@ class MigratableTorchEngine(TorchEngine):
         super().use_runner(runner, role)
 
     # ------------------------------------------------------------------------------------------ source
-    def _segments(self, block: int) -> list[memoryview]:
-        """One block of every layer, as views of the pools (sent without a copy)."""
+    def _segments(self, block_ids: list[int]) -> list[list[memoryview]]:
+        """Each block over every layer as byte segments: views of the pools on the CPU (sent without a
+        copy); on another device (GPU) the blocks are gathered there and copied to the host in one transfer."""
         pools = self.stage.kv.pools
-        return [memoryview(byte_rows(pools[layer])[block]) for layer in sorted(pools)]
+        if self.stage.device.type == "cpu":
+            return pool_views(pools, block_ids)
+        return gathered_blocks(pools, block_ids)
 
     def _outgoing_of(self, migration_id: str) -> _Outgoing:
         out = self._outgoing.get(migration_id)
@@ -154,9 +158,14 @@ class MigratableTorchEngine(TorchEngine):
 
     async def _send(self, out: _Outgoing, first: int, last: int) -> tuple[int, int]:
         """Send blocks [first, last) of the request; returns (blocks, bytes) the destination acknowledged."""
-        blocks = [(i, self._segments(out.seq.block_ids[i])) for i in range(first, last)]
+        block_ids = out.seq.block_ids[first:last]  # read on the loop, which owns the block tables
+
+        def send() -> kv_data.StageAck:
+            blocks = list(zip(range(first, last), self._segments(block_ids), strict=True))
+            return out.sender.send_stage(out.stage, blocks, {"request_id": out.request_id})
+
         try:
-            ack = await asyncio.to_thread(out.sender.send_stage, out.stage, blocks, {"request_id": out.request_id})
+            ack = await asyncio.to_thread(send)
         except kv_data.KvTransferError as exc:
             raise MigrationAborted(f"KV transfer of {out.request_id} failed: {exc}") from exc
         out.stage += 1
@@ -264,15 +273,15 @@ class MigratableTorchEngine(TorchEngine):
     def _ensure_staging(self) -> kv_data.StagingPool:
         if self._staging is None:
             c = self.config
-            self._staging_kv = torch.zeros(
-                self.staging_blocks,
-                c.num_layers,
-                2,
-                self.block_size,
-                c.num_kv_heads,
-                c.head_dim,
-                dtype=self.stage.dtype,
-            )
+            shape = (self.staging_blocks, c.num_layers, 2, self.block_size, c.num_kv_heads, c.head_dim)
+            # Host memory the socket writes into; pinned next to a GPU so that the upload at resume is fast
+            # (pageable where the host refuses to pin that much: slower, same bytes).
+            try:
+                pinned = self.stage.device.type == "cuda"
+                self._staging_kv = torch.zeros(shape, dtype=self.stage.dtype, pin_memory=pinned)
+            except RuntimeError:
+                log.warning("torch engine %s: cannot pin %s staging blocks; pageable", self.instance_id, shape[0])
+                self._staging_kv = torch.zeros(shape, dtype=self.stage.dtype)
             staging_rows = byte_rows(self._staging_kv)
 
             def buffer_of(slot: int) -> memoryview:
@@ -342,14 +351,33 @@ class MigratableTorchEngine(TorchEngine):
         assert self._staging_kv is not None
         slot_index = torch.tensor([s for s in slots if s is not None], dtype=torch.long)
         staged = self._staging_kv[slot_index]  # a copy [needed, layers, 2, bs, heads, dim], before the slots go
+        staged = staged.to(self.stage.device)  # one upload when the pools are on a GPU
         blocks = self._release_incoming(migration_id, keep=needed)
-        block_index = torch.tensor(blocks, dtype=torch.long)
+        block_index = torch.tensor(blocks, dtype=torch.long, device=self.stage.device)
         for layer, pool in self.stage.kv.pools.items():
             pool[block_index] = staged[:, layer]
         seq.block_ids = blocks
         seq.num_computed = kv_tokens
         self.scheduler.add_running(seq)
         self.migration_counters["blocks_loaded"] += needed
+
+
+def pool_views(pools: dict[int, torch.Tensor], block_ids: list[int]) -> list[list[memoryview]]:
+    """Each block as one segment per layer (layer order): views of CPU pools, nothing copied."""
+    rows = [byte_rows(pools[layer]) for layer in sorted(pools)]
+    return [[memoryview(r[block]) for r in rows] for block in block_ids]
+
+
+def gathered_blocks(pools: dict[int, torch.Tensor], block_ids: list[int]) -> list[list[memoryview]]:
+    """Each block as one segment holding every layer (layer order, the same bytes as :func:`pool_views`):
+    the blocks are gathered where the pools are (a GPU) and copied to the host in one transfer."""
+    if not block_ids:
+        return []
+    first = next(iter(pools.values()))
+    index = torch.tensor(block_ids, dtype=torch.long, device=first.device)
+    host = torch.stack([pools[layer].index_select(0, index) for layer in sorted(pools)], dim=1).cpu()
+    rows = byte_rows(host)  # [n, layers * block bytes]
+    return [[memoryview(rows[i])] for i in range(len(block_ids))]
 
 
 def byte_rows(tensor: torch.Tensor) -> Any:

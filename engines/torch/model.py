@@ -94,8 +94,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class Rotary:
     """Rotary position embedding with the config's theta and scaling."""
 
-    def __init__(self, config: LlamaConfig) -> None:
-        self.inv_freq = inverse_frequencies(config)
+    def __init__(self, config: LlamaConfig, device: torch.device | str = "cpu") -> None:
+        self.inv_freq = inverse_frequencies(config).to(device)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.inv_freq[None, :]

@@ -121,10 +121,10 @@ class PipelineGroup:
         if batch.logits_indices.numel() == 0:
             return StageResult(logits=next(t for t in logits if t is not None))
         first = next(t for t in logits if t is not None)
-        out = torch.empty((batch.logits_indices.shape[0], first.shape[-1]), dtype=first.dtype)
+        out = torch.empty((batch.logits_indices.shape[0], first.shape[-1]), dtype=first.dtype, device=first.device)
         for (_, positions), part in zip(parts, logits, strict=True):
             if part is not None and positions.numel():
-                out[positions] = part
+                out[positions.to(first.device)] = part.to(first.device)
         return StageResult(logits=out)
 
     def _forward_one(self, batch: StageBatch) -> StageResult:

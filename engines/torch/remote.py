@@ -28,6 +28,7 @@ from typing import Any
 import msgspec
 import torch
 
+from control.errors import DroverError
 from engines.torch.batch import StageBatch, StageResult, decode_tensors, encode_tensors
 from engines.torch.stage import MemoryReport, ModelStage
 from transport.kv_data import parse_tcp_address
@@ -35,8 +36,10 @@ from transport.kv_data import parse_tcp_address
 _LENGTH = struct.Struct("!I")
 
 
-class RemoteStageError(Exception):
+class RemoteStageError(DroverError):
     """The remote stage failed a call or the connection broke."""
+
+    default_code = "remote_stage_failed"
 
 
 class _Call(msgspec.Struct, frozen=True):

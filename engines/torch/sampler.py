@@ -49,7 +49,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
     tokens = logits.argmax(dim=-1).tolist()
     for i, row in enumerate(rows):
         if not row.greedy:
-            tokens[i] = _sample_row(logits[i], row)
+            tokens[i] = _sample_row(logits[i].cpu(), row)  # a CPU generator: same draws on any device
     return [int(t) for t in tokens]
 
 

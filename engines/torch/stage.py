@@ -75,8 +75,12 @@ class ModelStage:
         memory_budget_bytes: int | None = None,
         dtype: str = "float32",
         config: LlamaConfig | None = None,
+        device: str = "cpu",
     ) -> None:
+        """``device``: where weights and KV pools live and the step computes ("cpu", "cuda", "cuda:1");
+        step inputs arrive on the CPU and are moved here, outputs stay here (the wire moves them back)."""
         self.model_dir = Path(model_dir)
+        self.device = torch.device(device)
         self.config = config or LlamaConfig.from_model_dir(self.model_dir)
         self.dtype_name = dtype
         self.dtype = torch_dtype(dtype)
@@ -87,7 +91,7 @@ class ModelStage:
         self.home_range = (first, last)
         self.layer_range = (first, last)
         self._files = WeightFiles(self.model_dir)
-        self.rotary = Rotary(self.config)
+        self.rotary = Rotary(self.config, self.device)
         if memory_budget_bytes is not None:
             blocks = blocks_for_budget(self.config, self.home_range, memory_budget_bytes, block_size, self.dtype)
             if blocks < 1:
@@ -110,6 +114,7 @@ class ModelStage:
             num_kv_heads=self.config.num_kv_heads,
             head_dim=self.config.head_dim,
             dtype=self.dtype,
+            device=self.device,
         )
         self.home_num_blocks = num_blocks
         self.budget_bytes = (
@@ -152,7 +157,7 @@ class ModelStage:
         available = {name for name in (EMBED, FINAL_NORM, LM_HEAD) if name in self._files}
         edge_names = edge_param_names(self.config, first, last, available)
         held = {name: t for name, t in self._edge_tensors.items() if name in edge_names}
-        tensors = self._files.load(names + [n for n in edge_names if n not in held], self.dtype)
+        tensors = self._files.load(names + [n for n in edge_names if n not in held], self.dtype, self.device)
         for layer in wanted:
             self.layers[layer] = LayerWeights.from_tensors(layer, tensors)
         self._edge_tensors = held | {name: tensors[name] for name in edge_names if name not in held}
@@ -162,6 +167,7 @@ class ModelStage:
     @torch.inference_mode()
     def forward(self, batch: StageBatch) -> StageResult:
         """Run this stage's layers on one step: hidden states out, or logits of ``logits_indices`` at the end."""
+        batch = batch.to(self.device)
         if self.is_first:
             if batch.token_ids is None or self.edge.embed is None:
                 raise ValueError("the first stage needs token ids")
@@ -169,7 +175,7 @@ class ModelStage:
         else:
             if batch.hidden is None:
                 raise ValueError(f"stage [{self.first}, {self.last}) needs hidden states")
-            hidden = batch.hidden.to(self.dtype)
+            hidden = batch.hidden.to(device=self.device, dtype=self.dtype)
         meta = AttentionMetadata.build(batch, self.block_size)
         cos_sin = self.rotary.cos_sin(batch.positions, self.dtype)
         for layer in range(self.first, self.last):

@@ -55,8 +55,10 @@ class WeightFiles:
     def __contains__(self, name: str) -> bool:
         return name in self._file_of
 
-    def load(self, names: Iterable[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The named tensors, cast to ``dtype`` and contiguous (each is an independent allocation)."""
+    def load(
+        self, names: Iterable[str], dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> dict[str, torch.Tensor]:
+        """The named tensors, cast to ``dtype``, on ``device`` and contiguous (each an independent allocation)."""
         by_file: dict[Path, list[str]] = defaultdict(list)
         for name in names:
             if name not in self._file_of:
@@ -66,5 +68,5 @@ class WeightFiles:
         for path, file_names in by_file.items():
             with safe_open(str(path), framework="pt") as handle:
                 for name in file_names:
-                    tensors[name] = handle.get_tensor(name).to(dtype).contiguous()
+                    tensors[name] = handle.get_tensor(name).to(device=device, dtype=dtype).contiguous()
         return tensors

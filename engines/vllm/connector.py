@@ -5,7 +5,7 @@ sees requests, their blocks and their exact token state) and the *worker side* i
 holds the KV tensors). :mod:`engines.vllm.scheduler_side` and :mod:`engines.vllm.worker_side` implement
 the halves; they talk to each other only through the per-step metadata below (scheduler -> worker) and
 ``get_finished`` (worker -> scheduler), and each talks to the owning :class:`~engines.vllm.engine.VllmEngine`
-over the control channel (:mod:`engines.vllm.control`).
+over the control channel (:mod:`engines.vllm.side_channel`).
 
 No vLLM patch: stopping a request is an abort whose block free the connector delays (``request_finished``
 returns True) until the last blocks are sent; resuming is a new request whose prefix the connector reports

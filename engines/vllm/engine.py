@@ -10,7 +10,7 @@ what this engine streamed. On CPU the KV cache size is passed as ``kv_cache_memo
 threads, unpinned (``VLLM_CPU_OMP_THREADS_BIND=nobind``) since engines share cores.
 
 Migration: the connector's two halves (EngineCore and worker processes) connect back to this engine over a
-Unix-socket control channel (:mod:`engines.vllm.control`); requests carry Drover's id (and, when resumed
+Unix-socket control channel (:mod:`engines.vllm.side_channel`); requests carry Drover's id (and, when resumed
 from migrated KV, the load marker) in ``kv_transfer_params``. As a destination, the engine *preloads* each
 received stage: a one-token warm-up request, salted with the migration id, loads the stage's blocks into
 vLLM's prefix cache while the source still decodes; the resumed request (same salt) then finds them cached
@@ -37,7 +37,7 @@ from typing import Any
 
 from engines.base import EngineError, EngineOutput, EngineRequest
 from engines.migration import FrozenRequest, KvEndpoint, MigrationAborted, StageReport
-from engines.vllm import control
+from engines.vllm import side_channel
 from engines.vllm.connector import PARAMS_KEY
 from transport.messages import EngineInfo, InstanceLoad, RunningRequest
 
@@ -116,14 +116,14 @@ class _Outgoing:
     migration_id: str
     request_id: str
     destination: KvEndpoint
-    ended: asyncio.Future[control.MigrationEnded]
-    frozen: asyncio.Future[control.Frozen]
-    stages: dict[int, asyncio.Future[control.StageSent]] = field(default_factory=dict)
+    ended: asyncio.Future[side_channel.MigrationEnded]
+    frozen: asyncio.Future[side_channel.Frozen]
+    stages: dict[int, asyncio.Future[side_channel.StageSent]] = field(default_factory=dict)
     stop_armed: bool = False
     aborted: bool = False
     result: FrozenRequest | None = None
 
-    def stage_future(self, stage: int) -> asyncio.Future[control.StageSent]:
+    def stage_future(self, stage: int) -> asyncio.Future[side_channel.StageSent]:
         if stage not in self.stages:
             self.stages[stage] = asyncio.get_running_loop().create_future()
         return self.stages[stage]
@@ -184,7 +184,7 @@ class VllmEngine:
         self._requests: dict[str, _Request] = {}
         self._outgoing: dict[str, _Outgoing] = {}
         self._reserved: dict[str, int] = {}  # incoming migration id -> blocks held
-        self._control: control.ControlServer | None = None
+        self._control: side_channel.ControlServer | None = None
         self._control_dir: str | None = None
         self._eos_token_ids = _eos_token_ids(self.model_dir)
         self._kv_layout = ""
@@ -215,7 +215,7 @@ class VllmEngine:
         extra: dict[str, Any] = {}
         if self.enable_migration:
             self._control_dir = tempfile.mkdtemp(prefix="drover-vllm-")
-            self._control = control.ControlServer(
+            self._control = side_channel.ControlServer(
                 os.path.join(self._control_dir, "control.sock"), self._on_connector_event, self._on_connector_lost
             )
             await self._control.start()
@@ -460,29 +460,29 @@ class VllmEngine:
         return -(-num_tokens // self.block_size)
 
     # ------------------------------------------------------------------------------------------ migration
-    def _channel(self) -> control.ControlServer:
+    def _channel(self) -> side_channel.ControlServer:
         if self._control is None:
             raise EngineError(f"engine {self.instance_id} runs without migration")
         return self._control
 
-    def _on_connector_event(self, frame: control.Frame) -> None:
-        if isinstance(frame, control.StageSent):
+    def _on_connector_event(self, frame: side_channel.Frame) -> None:
+        if isinstance(frame, side_channel.StageSent):
             if not frame.error:
                 self._count(stages_sent=1, blocks_sent=frame.num_blocks, bytes_sent=frame.nbytes)
             outgoing = self._outgoing.get(frame.migration_id)
             if outgoing is not None:
                 _resolve(outgoing.stage_future(frame.stage), frame)
-        elif isinstance(frame, control.Frozen):
+        elif isinstance(frame, side_channel.Frozen):
             outgoing = self._outgoing.get(frame.migration_id)
             if outgoing is not None:
                 _resolve(outgoing.frozen, frame)
-        elif isinstance(frame, control.MigrationEnded):
+        elif isinstance(frame, side_channel.MigrationEnded):
             outgoing = self._outgoing.get(frame.migration_id)
             if outgoing is not None:
                 _resolve(outgoing.ended, frame)
-        elif isinstance(frame, control.StageReceived):
+        elif isinstance(frame, side_channel.StageReceived):
             self._preload(frame)
-        elif isinstance(frame, control.Loaded):
+        elif isinstance(frame, side_channel.Loaded):
             if frame.preload:
                 self._count(blocks_preloaded=frame.num_blocks)
             else:
@@ -498,7 +498,7 @@ class VllmEngine:
         """vLLM's process died (or shut down): no migration out of this engine can complete."""
         for outgoing in self._outgoing.values():
             reason = f"engine {self.instance_id} lost its connector's {role} side"
-            _resolve(outgoing.ended, control.MigrationEnded(migration_id=outgoing.migration_id, reason=reason))
+            _resolve(outgoing.ended, side_channel.MigrationEnded(migration_id=outgoing.migration_id, reason=reason))
 
     def _count(self, **increments: int) -> None:
         for key, value in increments.items():
@@ -536,9 +536,9 @@ class VllmEngine:
         try:
             reply = await channel.call(
                 "scheduler",
-                control.Begin(migration_id=migration_id, request_id=request_id, destination=destination.address),
+                side_channel.Begin(migration_id=migration_id, request_id=request_id, destination=destination.address),
             )
-        except control.ControlError as exc:
+        except side_channel.ControlError as exc:
             del self._outgoing[migration_id]
             raise MigrationAborted(str(exc)) from exc
         state.migration_id = migration_id
@@ -550,14 +550,14 @@ class VllmEngine:
         if outgoing.ended.done():
             return self._finished_report(outgoing, start)
         try:
-            reply = await self._channel().call("scheduler", control.Stage(migration_id=migration_id))
-        except control.ControlError as exc:
+            reply = await self._channel().call("scheduler", side_channel.Stage(migration_id=migration_id))
+        except side_channel.ControlError as exc:
             if outgoing.ended.done():
                 return self._finished_report(outgoing, start)
             raise MigrationAborted(str(exc)) from exc
         plan = reply.data
         try:
-            sent: control.StageSent = await self._wait(outgoing, outgoing.stage_future(plan["stage"]), "stage ack")
+            sent: side_channel.StageSent = await self._wait(outgoing, outgoing.stage_future(plan["stage"]), "stage ack")
         except MigrationAborted:
             if outgoing.ended.done() and outgoing.ended.result().request_finished:
                 return self._finished_report(outgoing, start)
@@ -598,8 +598,8 @@ class VllmEngine:
             raise MigrationAborted(reason)
         start = time.perf_counter()
         try:
-            await self._channel().call("scheduler", control.Stop(migration_id=migration_id))
-        except control.ControlError as exc:
+            await self._channel().call("scheduler", side_channel.Stop(migration_id=migration_id))
+        except side_channel.ControlError as exc:
             raise MigrationAborted(str(exc)) from exc
         if outgoing.aborted:  # an abort raced in: nothing was stopped, the request goes on here
             raise MigrationAborted(f"migration {migration_id} was aborted")
@@ -609,9 +609,10 @@ class VllmEngine:
         state.end = asyncio.get_running_loop().create_future()
         assert self._llm is not None
         await self._llm.abort(outgoing.request_id)
-        frozen: control.Frozen = await self._wait(outgoing, outgoing.frozen, "frozen state")
+        frozen: side_channel.Frozen = await self._wait(outgoing, outgoing.frozen, "frozen state")
         outgoing.result = self._frozen_request(outgoing, state, frozen, start, None)
-        sent: control.StageSent = await self._wait(outgoing, outgoing.stage_future(frozen.final_stage), "final ack")
+        final = outgoing.stage_future(frozen.final_stage)
+        sent: side_channel.StageSent = await self._wait(outgoing, final, "final ack")
         if sent.error:
             raise MigrationAborted(f"final stage of {migration_id} failed: {sent.error}")
         if outgoing.aborted:
@@ -623,9 +624,9 @@ class VllmEngine:
         self,
         outgoing: _Outgoing,
         state: _Request,
-        frozen: control.Frozen,
+        frozen: side_channel.Frozen,
         start: float,
-        sent: control.StageSent | None,
+        sent: side_channel.StageSent | None,
     ) -> FrozenRequest:
         prompt = list(state.request.prompt_token_ids)
         report = StageReport(
@@ -673,14 +674,14 @@ class VllmEngine:
         if outgoing is None:
             return None
         outgoing.aborted = True  # a stop in flight sees it and backs off (or fails once it stopped)
-        aborted = control.MigrationEnded(migration_id=migration_id, reason="aborted")
+        aborted = side_channel.MigrationEnded(migration_id=migration_id, reason="aborted")
         state = self._requests.get(outgoing.request_id)
         try:
             if not outgoing.stop_armed:
                 if state is not None:
                     state.migration_id = None
-                with contextlib.suppress(control.ControlError):
-                    await self._channel().call("scheduler", control.Cancel(migration_id=migration_id))
+                with contextlib.suppress(side_channel.ControlError):
+                    await self._channel().call("scheduler", side_channel.Cancel(migration_id=migration_id))
                 return None
             # Stopped (or stopping): the request no longer runs here; hand back its state for a recompute.
             # No Cancel: the scheduler side must still see the stop's abort through, to report the state.
@@ -704,7 +705,7 @@ class VllmEngine:
             _resolve(outgoing.ended, aborted)
             self._outgoing.pop(migration_id, None)
 
-    def _preload(self, received: control.StageReceived) -> None:
+    def _preload(self, received: side_channel.StageReceived) -> None:
         """Warm the prefix cache with a received stage's full blocks (a one-token request that loads them),
         and tell the worker whether it should hold the stage's ack until that ran."""
         if "tokens" not in received.meta:
@@ -713,7 +714,7 @@ class VllmEngine:
         if self._control is not None:
             self._control.notify(
                 "worker",
-                control.PreloadPlan(migration_id=received.migration_id, stage=received.stage, preload=submitted),
+                side_channel.PreloadPlan(migration_id=received.migration_id, stage=received.stage, preload=submitted),
             )
 
     def _submit_preload(self, migration_id: str, tokens: list[int]) -> bool:
@@ -760,8 +761,8 @@ class VllmEngine:
         if num_blocks > held and num_blocks > self._free_blocks() - others:
             return None
         try:
-            await channel.call("worker", control.Reserve(migration_id=migration_id, num_blocks=num_blocks))
-        except control.ControlError as exc:
+            await channel.call("worker", side_channel.Reserve(migration_id=migration_id, num_blocks=num_blocks))
+        except side_channel.ControlError as exc:
             log.info("engine %s cannot reserve %d blocks: %s", self.instance_id, num_blocks, exc)
             return None
         self._reserved[migration_id] = max(held, num_blocks)
@@ -780,8 +781,8 @@ class VllmEngine:
                 task.cancel()  # aborts the warm-up in vLLM
             await asyncio.gather(*preload.tasks, return_exceptions=True)
         if self._control is not None:
-            with contextlib.suppress(control.ControlError):
-                await self._control.call("worker", control.Release(migration_id=migration_id))
+            with contextlib.suppress(side_channel.ControlError):
+                await self._control.call("worker", side_channel.Release(migration_id=migration_id))
 
 
 @dataclass

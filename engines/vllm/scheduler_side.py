@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from engines.vllm import control
+from engines.vllm import side_channel
 from engines.vllm.connector import PARAMS_KEY, LoadJob, MigrationMetadata, SendJob
 
 if TYPE_CHECKING:
@@ -53,11 +53,11 @@ class SchedulerSide:
         self._lock = threading.Lock()
         self._live: dict[str, Request] = {}  # Drover id -> vLLM request
         self._outgoing: dict[str, _Outgoing] = {}  # migration id -> state
-        self._stage_commands: deque[control.Stage] = deque()
+        self._stage_commands: deque[side_channel.Stage] = deque()
         self._pending = MigrationMetadata()
         self._loads_started: set[str] = set()  # vLLM ids of requests that took their staged KV already
-        self._control = control.ControlClient(
-            extra["control_path"], control.Hello(role="scheduler", pid=os.getpid()), self._on_command
+        self._control = side_channel.ControlClient(
+            extra["control_path"], side_channel.Hello(role="scheduler", pid=os.getpid()), self._on_command
         )
 
     def bind(self, manager: KVCacheManager) -> None:
@@ -68,15 +68,15 @@ class SchedulerSide:
 
     # Commands (control channel thread) --------------------------------------------------------------------
 
-    def _on_command(self, frame: control.Frame) -> None:
+    def _on_command(self, frame: side_channel.Frame) -> None:
         with self._lock:
             error = self._apply(frame)
         if error is not None:
             self._control.reply(frame, ok=False, error=error)
 
-    def _apply(self, frame: control.Frame) -> str | None:
+    def _apply(self, frame: side_channel.Frame) -> str | None:
         """Apply a command under the lock; returns an error, or None once answered or queued."""
-        if isinstance(frame, control.Begin):
+        if isinstance(frame, side_channel.Begin):
             request = self._live.get(frame.request_id)
             if request is None:
                 return f"request {frame.request_id} is not running here"
@@ -87,17 +87,17 @@ class SchedulerSide:
             )
             self._control.reply(frame, num_blocks=self._blocks_for(request.num_computed_tokens))
             return None
-        if isinstance(frame, control.Stage | control.Stop):
+        if isinstance(frame, side_channel.Stage | side_channel.Stop):
             migration = self._outgoing.get(frame.migration_id)
             if migration is None or migration.stopping:
                 return f"migration {frame.migration_id} is not in progress (the request may have ended)"
-            if isinstance(frame, control.Stop):
+            if isinstance(frame, side_channel.Stop):
                 migration.stopping = True  # request_finished of the abort that follows freezes it
                 self._control.reply(frame)
             else:
                 self._stage_commands.append(frame)
             return None
-        if isinstance(frame, control.Cancel):
+        if isinstance(frame, side_channel.Cancel):
             migration = self._outgoing.pop(frame.migration_id, None)
             if migration is not None:
                 self._pending.cancels.append(frame.migration_id)
@@ -169,7 +169,7 @@ class SchedulerSide:
             else:
                 self._pending.cancels.append(migration.migration_id)
                 self._control.send(
-                    control.MigrationEnded(
+                    side_channel.MigrationEnded(
                         migration_id=migration.migration_id,
                         reason=f"the request finished at the source ({request.status.name})",
                         request_finished=True,
@@ -186,7 +186,7 @@ class SchedulerSide:
         assert self._manager is not None
         return list(self._manager.get_block_ids(request.request_id)[0])
 
-    def _plan_stage(self, command: control.Stage) -> None:
+    def _plan_stage(self, command: side_channel.Stage) -> None:
         migration = self._outgoing.get(command.migration_id)
         if migration is None or migration.stopping:
             self._control.reply(command, ok=False, error=f"migration {command.migration_id} ended")
@@ -236,7 +236,7 @@ class SchedulerSide:
             SendJob(migration.migration_id, request.request_id, stage, migration.destination, final, final=True)
         )
         self._control.send(
-            control.Frozen(
+            side_channel.Frozen(
                 migration_id=migration.migration_id,
                 token_ids=list(request.all_token_ids),
                 num_computed_tokens=num_computed,
@@ -260,7 +260,7 @@ class SchedulerSide:
     def _end(self, migration: _Outgoing, reason: str) -> None:
         self._outgoing.pop(migration.migration_id, None)
         self._pending.cancels.append(migration.migration_id)
-        self._control.send(control.MigrationEnded(migration_id=migration.migration_id, reason=reason))
+        self._control.send(side_channel.MigrationEnded(migration_id=migration.migration_id, reason=reason))
 
 
 def _drover_params(request: Request) -> dict[str, Any] | None:

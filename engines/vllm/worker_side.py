@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engines.vllm import control
+from engines.vllm import side_channel
 from engines.vllm.connector import LoadJob, MigrationMetadata, SendJob
 from transport import kv_data
 
@@ -182,7 +182,7 @@ class _Sender:
                 blocks = [(index, cache.segments(block_id, bounce)) for index, block_id in job.blocks]
                 ack = self._stream.send_stage(job.stage, blocks, job.meta)
                 self.side.report(
-                    control.StageSent(
+                    side_channel.StageSent(
                         migration_id=self.migration_id,
                         stage=job.stage,
                         num_blocks=ack.num_blocks,
@@ -195,7 +195,7 @@ class _Sender:
             except kv_data.KvTransferError as exc:
                 self._error = str(exc)
         self.side.report(
-            control.StageSent(migration_id=self.migration_id, stage=job.stage, final=job.final, error=self._error)
+            side_channel.StageSent(migration_id=self.migration_id, stage=job.stage, final=job.final, error=self._error)
         )
 
 
@@ -208,7 +208,7 @@ class WorkerSide:
         self.staging: torch.Tensor | None = None
         self.pool: kv_data.StagingPool | None = None
         self._server: kv_data.KvServer | None = None
-        self._control: control.ControlClient | None = None
+        self._control: side_channel.ControlClient | None = None
         self._lock = threading.Lock()
         self._senders: dict[str, _Sender] = {}
         self._in_flight: dict[str, int] = {}  # vLLM request id -> send jobs queued or running
@@ -235,9 +235,9 @@ class WorkerSide:
         )
         transport = kv_data.transport_for(str(self.extra.get("data_scheme", "tcp")) + "://")
         self._server = transport.serve(str(self.extra.get("data_host", "127.0.0.1")), self.pool)
-        self._control = control.ControlClient(
+        self._control = side_channel.ControlClient(
             self.extra["control_path"],
-            control.Hello(
+            side_channel.Hello(
                 role="worker",
                 pid=os.getpid(),
                 data_address=self._server.address,
@@ -260,9 +260,9 @@ class WorkerSide:
 
     # Commands from the engine (control thread) ------------------------------------------------------------
 
-    def _on_command(self, frame: control.Frame) -> None:
+    def _on_command(self, frame: side_channel.Frame) -> None:
         assert self._control is not None and self.pool is not None
-        if isinstance(frame, control.Reserve):
+        if isinstance(frame, side_channel.Reserve):
             if self.pool.reserve(frame.migration_id, frame.num_blocks):
                 self._control.reply(frame)
             else:
@@ -272,10 +272,10 @@ class WorkerSide:
                     error=f"staging cannot hold {frame.num_blocks} blocks "
                     f"({self.pool.num_slots - self.pool.reserved_blocks()} of {self.pool.num_slots} free)",
                 )
-        elif isinstance(frame, control.Release):
+        elif isinstance(frame, side_channel.Release):
             self._control.reply(frame, freed=self.pool.release(frame.migration_id))
             self._open_gates(frame.migration_id)
-        elif isinstance(frame, control.PreloadPlan):
+        elif isinstance(frame, side_channel.PreloadPlan):
             with self._lock:
                 gate = self._gates.get((frame.migration_id, frame.stage))
             if gate is not None:
@@ -284,7 +284,7 @@ class WorkerSide:
         else:
             self._control.reply(frame, ok=False, error=f"the worker side does not handle {type(frame).__name__}")
 
-    def report(self, frame: control.Frame) -> None:
+    def report(self, frame: side_channel.Frame) -> None:
         if self._control is not None:
             self._control.send(frame)
 
@@ -292,13 +292,15 @@ class WorkerSide:
         """A stage is in staging (receiver thread). If the engine preloads it, hold the source's ack until
         that preload ran: the source then stops the request while this engine is free to resume it."""
         if not meta.get("tokens") or not self.extra.get("preload", False):
-            self.report(control.StageReceived(migration_id=migration_id, stage=stage, num_blocks=num_blocks))
+            self.report(side_channel.StageReceived(migration_id=migration_id, stage=stage, num_blocks=num_blocks))
             return
         gate = _PreloadGate()
         with self._lock:
             self._gates[(migration_id, stage)] = gate
         try:
-            self.report(control.StageReceived(migration_id=migration_id, stage=stage, num_blocks=num_blocks, meta=meta))
+            self.report(
+                side_channel.StageReceived(migration_id=migration_id, stage=stage, num_blocks=num_blocks, meta=meta)
+            )
             if gate.decided.wait(PLAN_TIMEOUT_S) and gate.preload:
                 gate.preloaded.wait(PRELOAD_TIMEOUT_S)
         finally:
@@ -375,7 +377,7 @@ class WorkerSide:
             else:
                 self._preloaded.add(job.migration_id)
             self.report(
-                control.Loaded(
+                side_channel.Loaded(
                     migration_id=job.migration_id,
                     num_blocks=len(present),
                     seconds=time.perf_counter() - start,

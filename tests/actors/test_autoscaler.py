@@ -12,10 +12,10 @@ from collections.abc import Iterator
 import pytest
 
 from actors.control_plane import ControlPlane
-from control.cli_autoscale import request_admin
+from control.apps.cli_autoscale import request_admin
+from control.apps.provisioning import InProcessProvisioner
 from control.client import DroverClient, DroverError
 from control.policy.autoscaling import AutoscaleParams, InstanceRole, LocalParams, PerRole
-from control.provisioning import InProcessProvisioner
 from control.settings import Settings, load_settings
 from engines.sim.engine import request_seed, token_at
 from engines.sim.live_migration import MigratableSimEngine

@@ -64,9 +64,9 @@ def test_child_failing_in_on_start_is_caught_by_the_liveness_check(supervisor: p
 
 def test_backoff_grows_exponentially_and_is_capped() -> None:
     sup = SupervisorActor(backoff_initial_s=0.1, backoff_max_s=0.5)
-    from actors.supervisor import _Child
+    from actors.supervisor import ChildRecord
 
-    child = _Child(slot=ActorSlot("x"), factory=lambda p, n: None)  # type: ignore[arg-type,return-value]
+    child = ChildRecord(slot=ActorSlot("x"), factory=lambda p, n: None)  # type: ignore[arg-type,return-value]
     delays = []
     for _ in range(5):
         child.failures.append(time.monotonic())

@@ -323,7 +323,7 @@ def _wait_gone(pids: list[psutil.Process], timeout_s: float) -> list[psutil.Proc
 
 @pytest.mark.slow
 def test_up_records_a_context_serves_health_and_stops_everything_on_sigterm(tmp_path: Path) -> None:
-    from control.launcher import STOP_BOUND_S
+    from control.apps.launcher import STOP_BOUND_S
 
     engine_port = _free_port()
     env = {"DROVER_CONTEXT": str(tmp_path / "contexts.json"), "DROVER_METRICS__ENGINE_PORT": str(engine_port)}

@@ -46,7 +46,7 @@ def port_number(c: dict[str, Any], port: int | str) -> int:
 def drover_help(args: list[str]) -> subprocess.CompletedProcess[str]:
     """`drover ARGS --help` (the CLI module, as the `drover` entry point runs it)."""
     return subprocess.run(
-        [sys.executable, "-m", "control.cli", *args, "--help"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "control.apps.cli", *args, "--help"], capture_output=True, text=True, timeout=60
     )
 
 

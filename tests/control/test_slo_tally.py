@@ -1,8 +1,8 @@
-"""SLO attainment and goodput per request class and client (control/metrics_exporter.SloTally): pure."""
+"""SLO attainment and goodput per request class and client (control/apps/metrics_exporter.SloTally): pure."""
 
 from __future__ import annotations
 
-from control.metrics_exporter import SloTally
+from control.apps.metrics_exporter import SloTally
 from control.policy.autoscaling import SloParams
 from transport.messages import EngineRequestEnded
 

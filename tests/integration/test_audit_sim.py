@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from actors.local_cluster import InProcessCluster
-from control.cli import app
+from control.apps.cli import app
 from control.client import DroverClient
 from control.settings import load_settings
 from engines.sim.live_migration import MigratableSimEngine

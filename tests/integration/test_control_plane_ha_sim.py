@@ -23,9 +23,9 @@ import nats
 import pytest
 from nats.js.errors import KeyNotFoundError
 
+from actors.leadership import LEASE_KEY, LeaseRecord
 from actors.local_cluster import InProcessCluster
 from control.client import DroverClient, DroverError, RequestStream
-from control.leadership import LEASE_KEY, LeaseRecord
 from control.settings import load_settings
 from engines.sim.engine import request_seed, token_at
 from engines.sim.live_migration import MigratableSimEngine
@@ -246,7 +246,7 @@ class ControlProcess:
     def __init__(self, nats_url: str, env: dict[str, str], log_path: str) -> None:
         self.log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "control.cli", "--nats-url", nats_url, "control", "serve"],
+            [sys.executable, "-m", "control.apps.cli", "--nats-url", nats_url, "control", "serve"],
             env={**os.environ, **env},
             stdout=self.log,
             stderr=subprocess.STDOUT,

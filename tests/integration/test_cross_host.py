@@ -64,7 +64,7 @@ class EngineInNetns:
             "DROVER_OBSERVABILITY__EXPORTER": "none",
             "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         }
-        argv = [sys.executable, "-m", "control.cli", "--nats-url", nats_url]
+        argv = [sys.executable, "-m", "control.apps.cli", "--nats-url", nats_url]
         argv += ["engine", "serve", "--instance-id", instance_id, "--kind", "sim"]
         self.proc = subprocess.Popen(
             netns.command(argv), env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True

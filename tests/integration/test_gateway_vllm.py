@@ -20,9 +20,9 @@ import pytest
 from nats.aio.msg import Msg
 from openai.types.chat import ChatCompletionMessageParam
 
+from control.apps.gateway.server import GatewayThread
 from control.client import DroverClient
-from control.gateway.server import GatewayThread
-from control.gateway.settings import ApiKeySettings, GatewaySettings
+from control.gateway_settings import ApiKeySettings, GatewaySettings
 from control.settings import load_settings
 from engines.tokenizer import ByteTokenizer
 from observability import spans

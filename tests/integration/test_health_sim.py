@@ -16,9 +16,9 @@ import httpx
 import pytest
 
 from actors.local_cluster import InProcessCluster
-from control.gateway.server import GatewayThread
-from control.gateway.settings import GatewaySettings
-from control.health import control_plane_checks, engine_host_checks
+from control.apps.gateway.server import GatewayThread
+from control.apps.health import control_plane_checks, engine_host_checks
+from control.gateway_settings import GatewaySettings
 from observability.health import ProcessServer, start_process_server
 from tests.integration.conftest import make_sim_cluster
 from transport.nats_server import EmbeddedNatsServer
@@ -112,7 +112,7 @@ def _free_port() -> int:
 
 def _drover(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "control.cli", *args],
+        [sys.executable, "-m", "control.apps.cli", *args],
         env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -251,7 +251,7 @@ async def test_bad_memory_commands_get_clear_errors(client: DroverClient) -> Non
 def test_drover_memory_cli_drops_shows_and_restores(cluster: InProcessCluster) -> None:
     from typer.testing import CliRunner
 
-    from control.cli import app
+    from control.apps.cli import app
 
     def drover(*args: str) -> tuple[int, str]:
         result = CliRunner().invoke(app, ["--nats-url", cluster.url, *args])
@@ -291,7 +291,7 @@ def _spawn_member(nats_url: str, model_dir: Path, name: str) -> subprocess.Popen
         "DROVER_ENGINE__HEARTBEAT_INTERVAL_S": "0.05",
         "DROVER_OBSERVABILITY__EXPORTER": "none",
     }
-    command = [sys.executable, "-m", "control.cli", "--nats-url", nats_url, "engine", "serve"]
+    command = [sys.executable, "-m", "control.apps.cli", "--nats-url", nats_url, "engine", "serve"]
     return subprocess.Popen([*command, "--instance-id", name, "--kind", "torch"], env=env)
 
 
@@ -466,7 +466,7 @@ async def test_burst_triggers_a_drop_and_the_group_restores_when_it_is_over(own_
 def test_status_shows_groups_with_layer_ranges_and_extra_blocks() -> None:
     from rich.console import Console
 
-    from control.cli_memory import groups_table
+    from control.apps.cli_memory import groups_table
     from transport.messages import GroupStatus, StatusReply
 
     st = StatusReply(

@@ -129,7 +129,7 @@ def test_a_request_trace_reaches_phoenix_and_reads_back(phoenix: str, tmp_path: 
 
         def drover(*args: str) -> subprocess.Popen[bytes]:
             return subprocess.Popen(
-                [sys.executable, "-m", "control.cli", "--nats-url", nats_url, *args],
+                [sys.executable, "-m", "control.apps.cli", "--nats-url", nats_url, *args],
                 env={**os.environ, **otlp},
                 cwd=tmp_path,
                 stdout=subprocess.DEVNULL,

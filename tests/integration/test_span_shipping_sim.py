@@ -20,7 +20,7 @@ from transport.nats_server import EmbeddedNatsServer
 
 def _drover(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "control.cli", *args],
+        [sys.executable, "-m", "control.apps.cli", *args],
         env={**os.environ, **env},
         cwd=cwd,
         stdout=subprocess.DEVNULL,

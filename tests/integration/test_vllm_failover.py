@@ -56,7 +56,7 @@ class EngineProcess:
             [
                 sys.executable,
                 "-m",
-                "control.cli",
+                "control.apps.cli",
                 "--nats-url",
                 nats_url,
                 "engine",

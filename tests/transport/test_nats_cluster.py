@@ -141,7 +141,7 @@ def test_single_server_restart_keeps_its_url_and_the_bus_resubscribes() -> None:
 
 
 def test_embedded_cluster_from_settings_gives_every_url_and_replicated_output() -> None:
-    from control.processes import embedded_nats_if_needed
+    from control.apps.processes import embedded_nats_if_needed
     from control.settings import load_settings
 
     settings = load_settings(overrides={"nats": {"embedded_cluster_size": 3}})

@@ -433,8 +433,8 @@ async def test_gateway_with_client_credentials(
 ) -> None:
     import httpx
 
-    from control.gateway.server import GatewayThread
-    from control.gateway.settings import GatewaySettings
+    from control.apps.gateway.server import GatewayThread
+    from control.gateway_settings import GatewaySettings
 
     server, bundle = secure
     gateway = GatewayThread(

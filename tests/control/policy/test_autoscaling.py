@@ -15,7 +15,7 @@ from control.policy.autoscaling import (
     AutoscaleParams,
     BatchGroup,
     ClusterView,
-    InstanceLoad,
+    FleetInstance,
     LocalObservation,
     LocalParams,
     LocalState,
@@ -168,8 +168,8 @@ def load(
     bp: float | None = None,
     tps: float = 0.0,
     started: float = 0.0,
-) -> InstanceLoad:
-    return InstanceLoad(
+) -> FleetInstance:
+    return FleetInstance(
         iid,
         role,  # type: ignore[arg-type]
         state,  # type: ignore[arg-type]
@@ -183,7 +183,7 @@ def load(
     )
 
 
-def view(instances: list[InstanceLoad], now: float = 100.0, **kw: object) -> ClusterView:
+def view(instances: list[FleetInstance], now: float = 100.0, **kw: object) -> ClusterView:
     return ClusterView(now=now, instances=tuple(instances), **kw)  # type: ignore[arg-type]
 
 

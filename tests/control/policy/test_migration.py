@@ -218,10 +218,10 @@ def test_invariants(
 @given(snap=instances.filter(bool).map(lambda s: s[0]), isolation=st.booleans())
 def test_inlined_freeness_matches_freeness_module(snap: InstanceSnapshot, isolation: bool) -> None:
     from control.policy.freeness import priority_headroom_blocks
-    from control.policy.migration import _rate
+    from control.policy.migration import migration_rate
 
     params = dataclasses.replace(PARAMS, priority_isolation=isolation, watermark_blocks=3)
     headroom = priority_headroom_blocks(snap, params.high_priority_load_cap_tokens) if isolation else 0
-    rated = _rate(snap, params)
+    rated = migration_rate(snap, params)
     assert rated.freeness == migration_freeness(snap, watermark_blocks=3, headroom_blocks=headroom)
     assert rated.raw_freeness == migration_freeness(snap, watermark_blocks=3)

@@ -10,7 +10,7 @@ from control.policy.params import DispatchParams, PolicyParams
 def test_defaults_are_llumnix_values() -> None:
     p = PolicyParams()
     assert (p.migrate_threshold, p.migration_period_s, p.max_migrations_per_instance) == (3.0, 0.05, 1)
-    assert (p.last_stage_max_blocks, p.max_stages, p.migration_pick) == (16, 3, "shortest")
+    assert (p.last_stage_max_blocks, p.max_stages, p.migration_pick) == (1, 8, "shortest")
     assert p.dispatch_params() == DispatchParams()
 
 

@@ -93,8 +93,8 @@ def test_draining_instance_gets_no_new_requests_and_empties() -> None:
 def test_migration_params_change_behaviour() -> None:
     off = dataclasses.replace(config(), policy=PolicyParams(migration_enabled=False))
     assert simulate(off, workload(rate=80.0)).migrations_started == 0
-    one_stage = dataclasses.replace(config(), policy=PolicyParams(max_stages=1, last_stage_max_blocks=-1))
-    result = simulate(one_stage, workload(rate=80.0))
+    one_stage = PolicyParams(max_stages=1, last_stage_max_blocks=-1, after_max_stages="abort")
+    result = simulate(dataclasses.replace(config(), policy=one_stage), workload(rate=80.0))
     assert result.migrations_started > 0 and result.migrations_committed == 0
     assert result.abort_reasons.get("stages", 0) > 0
 

@@ -1,0 +1,75 @@
+"""The stage machine of one live migration (Llumnix's multi-stage protocol), with no I/O and no clock.
+
+Both shells drive it: the MigratorActor (``actors/migrator.py``: each step a request/reply to an engine) and
+the cluster simulator (``control/simulator/cluster.py``: each step an event in virtual time). A shell
+reports what a step did; the machine answers what to do next, so the two cannot disagree on when to stop,
+when to give up or how much to reserve:
+
+* the destination reserves the request's blocks plus ``headroom_blocks`` (tokens decoded meanwhile) before
+  the first copy, and grows the reservation whenever the request has outgrown it;
+* after each copy stage: stop-and-copy once at most ``last_stage_max_blocks`` remain; otherwise copy again,
+  unless ``max_stages`` stages ran, where ``after_max_stages`` decides (``PolicyParams`` documents the
+  measurement behind the default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from control.core.record import DecisionLog
+from control.policy.params import PolicyParams
+
+
+class StageStep(StrEnum):
+    """What a shell does after a copy stage."""
+
+    COPY = "copy"  # another stage: copy the blocks written since the last one
+    STOP_AND_COPY = "stop_and_copy"  # stop the request, copy the rest, resume at the destination
+    ABORT = "abort"  # give up: the request stays at its source
+
+
+@dataclass(slots=True)
+class MigrationStages:
+    """One migration's progress through its stages; a shell holds one per migration in flight."""
+
+    params: PolicyParams
+    headroom_blocks: int = 0
+    stages: int = 0
+    """Copy stages finished."""
+    reserved: int = 0
+    """Blocks reserved at the destination so far."""
+    log: DecisionLog | None = None
+    """Where each decision is recorded with its inputs (parity tests); None: not recorded."""
+    key: str = ""
+    """What the log names this migration by (its request id)."""
+
+    def first_reservation(self, num_blocks: int) -> int:
+        """Blocks to reserve at the destination before anything is copied."""
+        self.reserved = num_blocks + self.headroom_blocks
+        if self.log is not None:
+            self.log.add("first_reservation", self.key, (num_blocks, self.headroom_blocks), self.reserved)
+        return self.reserved
+
+    def grow_reservation(self, total_blocks: int) -> int | None:
+        """The new reservation total when a request of ``total_blocks`` has outgrown it; None: it fits."""
+        need = total_blocks + self.headroom_blocks
+        grown = None if need <= self.reserved else need
+        if self.log is not None:
+            self.log.add("grow_reservation", self.key, (total_blocks, self.headroom_blocks, self.reserved), grown)
+        if grown is not None:
+            self.reserved = grown
+        return grown
+
+    def after_stage(self, remaining_blocks: int) -> StageStep:
+        """A copy stage finished with ``remaining_blocks`` left to copy: the next step."""
+        self.stages += 1
+        if remaining_blocks <= self.params.last_stage_max_blocks:
+            step = StageStep.STOP_AND_COPY
+        elif self.stages >= self.params.max_stages:
+            step = StageStep.STOP_AND_COPY if self.params.after_max_stages == "stop_and_copy" else StageStep.ABORT
+        else:
+            step = StageStep.COPY
+        if self.log is not None:
+            self.log.add("after_stage", self.key, (self.stages, remaining_blocks), step)
+        return step

@@ -1,0 +1,583 @@
+"""Discrete-event memory simulator: instances whose KV pool and weights share one budget, under four
+ways of handling memory overload.
+
+* ``vllm``: no special handling; a request that cannot get blocks preempts the newest (recompute).
+* ``llumnix``: as vllm, plus every 50 ms the least free instance migrates its shortest running request's
+  KV to the freest (Llumnix freeness, threshold 3 blocks/request, one migration per instance at a time).
+* ``swap``: as vllm, but a preempted request that was decoding has its KV swapped to host memory over PCIe
+  and back when blocks free up (InferCept's swap; mid-prefill victims still recompute).
+* ``kunserve``: every 0.1 s the memory policy (:mod:`control.policy.memory`) may group instances; a group
+  holds one copy of the weights, pools the freed memory as KV and runs as a pipeline
+  (:meth:`Hardware.pipelined_cost`). Running requests' KV is exchanged to the new layout (``exchange``) or
+  recomputed (``recompute``); restore reloads the dropped weights over PCIe and splits the group again.
+
+Each instance, or group, is one :class:`engines.sim.core.SimEngineCore` (paged blocks, vLLM batching,
+chunked prefill, recompute preemption, multi-step fast-forward) in virtual time. There is no randomness:
+the same workload gives the same result. Deviations from the systems, kept conservative for the new
+modes: a migration's request keeps decoding at the source and switches at a step boundary once its KV is
+copied (Llumnix's downtime is ~ a step); KunServe's KV exchange pauses the whole group for its transfer
+(the paper overlaps it with execution); restore moves KV back the same way.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import numpy as np
+
+from control.core.memory import GroupHysteresis, restore_snapshot
+from control.policy.freeness import dispatch_freeness
+from control.policy.memory import MemoryParams, MemorySnapshot, plan_drop, should_drop
+from control.policy.migration import plan_migrations
+from control.policy.params import PolicyParams
+from control.policy.snapshots import InstanceSnapshot
+from control.simulator.hardware import DEFAULT_HARDWARE, Hardware
+from control.simulator.views import instance_view
+from control.simulator.workload import RequestSpec
+from engines.sim.core import RUNNING, WAITING, SimEngineConfig, SimEngineCore, SimRequest
+
+Mode = Literal["vllm", "llumnix", "swap", "kunserve"]
+MODES: tuple[Mode, ...] = ("vllm", "llumnix", "swap", "kunserve")
+
+
+@dataclass(frozen=True, slots=True)
+class MemSimConfig:
+    """A cluster of identical instances and how it handles memory overload."""
+
+    mode: Mode = "vllm"
+    num_instances: int = 4
+    hardware: Hardware = DEFAULT_HARDWARE
+    memory: MemoryParams = field(default_factory=MemoryParams)
+    kv_on_drop: Literal["exchange", "recompute"] = "exchange"
+    max_num_seqs: int = 256  # vLLM default
+    max_num_batched_tokens: int = 2048  # vLLM v1 chunked-prefill budget
+    max_model_len: int = 4096  # LLaMA-2-7B context
+    migration_period_s: float = 0.05  # Llumnix
+    migrate_threshold: float = 3.0  # Llumnix freeness threshold, blocks per request
+    max_run_steps: int = 32  # decode steps fast-forwarded at once (exact: truncated on any event)
+    time_limit_s: float = 3600.0  # virtual seconds after the last arrival before giving up
+
+
+@dataclass(slots=True)
+class MemSimResult:
+    """Per-run metrics. Times in seconds."""
+
+    mode: str
+    completed: int
+    unfinished: int
+    rejected: int
+    ttft: list[float]
+    tbt_gaps: np.ndarray  # per-token gaps (seconds), one entry per output token after the first
+    output_tokens: int
+    makespan_s: float
+    preemptions: int
+    recomputed_tokens: int
+    swaps: int = 0
+    migrations: int = 0
+    drops: int = 0
+    restores: int = 0
+    exchange_bytes: int = 0
+    peak_group_size: int = 0
+    peak_memory_use: float = 0.0  # highest KV-pool occupancy of an ungrouped instance at a poll
+    overloaded_s: float = 0.0  # poll time during which some ungrouped instance met the drop trigger
+
+    def ttft_p(self, q: float) -> float:
+        return float(np.percentile(self.ttft, q)) if self.ttft else math.nan
+
+    def tbt_p(self, q: float) -> float:
+        return float(np.percentile(self.tbt_gaps, q)) if self.tbt_gaps.size else math.nan
+
+    @property
+    def throughput(self) -> float:
+        """Output tokens per second of virtual time, first arrival to last finish."""
+        return self.output_tokens / self.makespan_s if self.makespan_s > 0 else 0.0
+
+
+@dataclass(slots=True, eq=False)
+class Unit:
+    """What the dispatcher sees as one server: an instance, or a group of them running as a pipeline."""
+
+    unit_id: int
+    members: tuple[int, ...]
+    core: SimEngineCore
+    token: int = 0  # bumps on every (re)scheduled step end: older step-end events are stale
+    paused_until: float = 0.0
+    hold: bool = False  # waiting for a step boundary to change layout: plan nothing
+    host_queue: deque[SimRequest] = field(default_factory=deque)  # swapped-out requests, FIFO
+    link_free_at: float = 0.0  # PCIe link (swap)
+    reloading: bool = False
+    migrating: bool = False
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+
+_ARRIVAL, _STEP, _TICK, _RESUME, _KICK, _MIGRATED, _RELOADED = range(7)
+
+
+class MemorySimulator:
+    """One run over one workload. Call :meth:`run` once."""
+
+    def __init__(self, config: MemSimConfig, workload: Sequence[RequestSpec]) -> None:
+        config.memory.validate()
+        self.config = config
+        self.hw = config.hardware
+        self.workload = sorted(workload, key=lambda s: (s.arrival, s.request_id))
+        self.units: dict[int, Unit] = {}
+        self._ids = itertools.count()
+        # When groups may form and restore (min group time, idle restore, cooldown): the control core's, the one
+        # the live MemoryManager runs.
+        self.hysteresis = GroupHysteresis(config.memory)
+        # Llumnix mode pairs migrations with the live policy; one migration per unit at a time.
+        self._migration_params = PolicyParams(migrate_threshold=config.migrate_threshold, max_migrations_per_instance=1)
+        self._seq = itertools.count()
+        self._events: list[tuple[float, int, int, Any]] = []  # (time, tie-break, kind, payload)
+        self.requests: dict[str, SimRequest] = {}
+        self.rejected = 0
+        self.swaps = self.migrations = self.drops = self.restores = self.exchange_bytes = 0
+        self.peak_group_size = 1
+        self.peak_memory_use = 0.0
+        self.overloaded_polls = 0
+        self._swap_recompute_credit = 0
+        self._pending_forms: list[tuple[list[int], tuple[int, ...]]] = []  # (unit ids, member instances)
+        self._pending_migrations: dict[int, list[tuple[SimRequest, Unit, int]]] = {}  # source unit id -> ...
+        self._gaps: list[float] = []
+        self._gap_counts: list[int] = []
+        self._last_emit: dict[str, tuple[float, int]] = {}  # request -> (time, num_output) of its last output
+        for i in range(config.num_instances):
+            self._new_unit((i,))
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def _engine_config(self, group_size: int) -> SimEngineConfig:
+        return SimEngineConfig(
+            block_size=self.hw.block_size,
+            num_blocks=self.hw.group_blocks(group_size),
+            max_num_seqs=self.config.max_num_seqs * group_size,
+            max_num_batched_tokens=self.config.max_num_batched_tokens * group_size,
+            max_model_len=self.config.max_model_len,
+        )
+
+    def _new_unit(self, members: tuple[int, ...]) -> Unit:
+        g = len(members)
+        if g == 1:
+            cost = self.hw.cost
+        else:
+            cost = self.hw.pipelined_cost(g, (g - 1) * self.config.memory.pipeline_overhead_per_stage)
+        unit = Unit(next(self._ids), members, SimEngineCore(self._engine_config(g), cost))
+        self.units[unit.unit_id] = unit
+        return unit
+
+    def _push(self, t: float, kind: int, payload: object) -> None:
+        heapq.heappush(self._events, (t, next(self._seq), kind, payload))
+
+    # ------------------------------------------------------------------------------------------ main loop
+    def run(self) -> MemSimResult:
+        for spec in self.workload:
+            self._push(spec.arrival, _ARRIVAL, spec)
+        first = self.workload[0].arrival if self.workload else 0.0
+        last_arrival = self.workload[-1].arrival if self.workload else 0.0
+        if self.config.mode == "llumnix":
+            self._push(first, _TICK, "migrate")
+        # Every mode samples memory at KunServe's poll period (the overload measure); kunserve also acts.
+        self._push(first, _TICK, "memory")
+        deadline = last_arrival + self.config.time_limit_s
+        now = first
+        while self._events:
+            t, _, kind, payload = heapq.heappop(self._events)
+            if t > deadline:
+                break
+            now = t
+            if kind == _ARRIVAL:
+                assert isinstance(payload, RequestSpec)
+                self._arrive(payload, now)
+            elif kind == _STEP:
+                unit_id, token = payload
+                unit = self.units.get(unit_id)
+                if unit is not None and unit.token == token:
+                    self._step_end(unit, now)
+            elif kind == _TICK:
+                if self._has_work() or now < last_arrival:
+                    self._tick(str(payload), now)
+            elif kind == _RESUME:
+                unit_id, request, reserved = payload
+                self._resume(self.units[unit_id], request, reserved, now)
+            elif kind == _KICK:
+                unit = self.units.get(int(payload))
+                if unit is not None:
+                    self._kick(unit, now)
+            elif kind == _MIGRATED:
+                source_id, request, dest, reserved = payload
+                self._pending_migrations.setdefault(source_id, []).append((request, dest, reserved))
+                source = self.units[source_id]
+                if source.core.has_plan:
+                    self._interrupt(source, now)  # commit at the step boundary
+                else:
+                    self._commit_migrations(source, now)
+                    self._kick(source, now)
+            elif kind == _RELOADED:
+                unit = self.units.get(int(payload))
+                if unit is not None:
+                    unit.reloading = False
+                    unit.hold = True
+                    if unit.core.has_plan:
+                        self._interrupt(unit, now)  # split at the step boundary
+                    else:
+                        self._split(unit, now)
+        return self._result(now, first)
+
+    def _has_work(self) -> bool:
+        return any(u.core.has_work or u.host_queue for u in self.units.values())
+
+    # ------------------------------------------------------------------------------------------ requests
+    def _arrive(self, spec: RequestSpec, now: float) -> None:
+        for other in self.units.values():
+            other.core.advance_to(now)  # dispatch reads exact loads, not those at a fast-forward's start
+        unit = self._dispatch_target()
+        request = SimRequest(spec.request_id, spec.prompt_len, spec.output_len, arrival_time=spec.arrival)
+        if unit.core.can_ever_fit(request.prompt_len, request.max_tokens) is not None:
+            self.rejected += 1
+            return
+        self.requests[request.request_id] = request
+        unit.core.add(request)
+        self._interrupt(unit, now)
+
+    def _dispatch_target(self) -> Unit:
+        """Llumnix/Drover freeness dispatch over units (a group counts once, with its pooled blocks)."""
+        best: Unit | None = None
+        best_f = -math.inf
+        for unit in self.units.values():
+            f = dispatch_freeness(self._snapshot(unit))
+            if best is None or f > best_f:
+                best, best_f = unit, f
+        assert best is not None
+        return best
+
+    def _snapshot(self, unit: Unit) -> InstanceSnapshot:
+        return instance_view(str(unit.unit_id), unit.core, held=unit.host_queue)
+
+    # ------------------------------------------------------------------------------------------ stepping
+    def _interrupt(self, unit: Unit, now: float) -> None:
+        """Something changed: end a fast-forwarded run at the next step boundary, or start a step."""
+        core = unit.core
+        if core.has_plan:
+            end = core.truncate(now)
+            if end is not None:
+                unit.token += 1
+                self._push(end, _STEP, (unit.unit_id, unit.token))
+        else:
+            self._kick(unit, now)
+
+    def _kick(self, unit: Unit, now: float) -> None:
+        core = unit.core
+        if core.has_plan or unit.hold:
+            return
+        if unit.paused_until > now:
+            self._push(unit.paused_until, _KICK, unit.unit_id)
+            return
+        if self.config.mode == "swap":
+            self._swap_in(unit, now)
+        before = core.num_preemptions
+        end = core.plan(now, max_steps=self.config.max_run_steps)
+        if self.config.mode == "swap" and core.num_preemptions > before:
+            self._swap_out(unit, core.num_preemptions - before, now)
+        if end is not None:
+            unit.token += 1
+            self._push(end, _STEP, (unit.unit_id, unit.token))
+
+    def _step_end(self, unit: Unit, now: float) -> None:
+        for out in unit.core.finish_plan():
+            # Count tokens from num_output: steps materialised by advance_to() are not in new_tokens.
+            request = out.request
+            last = self._last_emit.get(request.request_id)
+            if last is not None:
+                last_t, last_n = last
+                tokens = request.num_output - last_n
+                if tokens > 0:
+                    self._gaps.append((now - last_t) / tokens)
+                    self._gap_counts.append(tokens)
+            elif request.num_output > 1:
+                self._gaps.append((now - request.first_token_time) / (request.num_output - 1))
+                self._gap_counts.append(request.num_output - 1)
+            self._last_emit[request.request_id] = (now, request.num_output)
+            if out.finished:
+                self._last_emit.pop(request.request_id, None)
+        if unit.unit_id in self._pending_migrations:
+            self._commit_migrations(unit, now)
+        if unit.hold:
+            self._at_boundary(unit, now)
+            return
+        self._kick(unit, now)
+
+    # ------------------------------------------------------------------------------------------ swap
+    def _swap_out(self, unit: Unit, count: int, now: float) -> None:
+        """The core just preempted ``count`` requests (front of its queue): swap decoding ones to host."""
+        core = unit.core
+        victims = list(itertools.islice(core.waiting, count))
+        for request in victims:
+            if request.num_output == 0:
+                continue  # mid-prefill: recompute is cheaper than a swap of a partial prompt
+            core.remove(request.request_id)
+            request.recomputed_tokens -= max(0, request.context_len - 1)  # swapped, not recomputed
+            blocks = core.blocks_for(request.context_len)
+            unit.link_free_at = max(now, unit.link_free_at) + self.hw.kv_seconds(blocks, self.hw.pcie_bytes_per_s)
+            unit.host_queue.append(request)
+            self.swaps += 1
+
+    def _swap_in(self, unit: Unit, now: float) -> None:
+        """Bring swapped requests back, oldest first, while their blocks are free (vLLM: swapped before new)."""
+        core = unit.core
+        while unit.host_queue:
+            request = unit.host_queue[0]
+            blocks = core.blocks_for(request.context_len)
+            if not core.reserve(blocks):
+                return
+            unit.host_queue.popleft()
+            done = max(now, unit.link_free_at) + self.hw.kv_seconds(blocks, self.hw.pcie_bytes_per_s)
+            unit.link_free_at = done
+            self._push(done, _RESUME, (unit.unit_id, request, blocks))
+
+    def _resume(self, unit: Unit, request: SimRequest, reserved: int, now: float) -> None:
+        core = unit.core
+        if not core.add_resumed(request, now, reservation_blocks=reserved):
+            core.release_reservation(reserved)
+            core.add(request)
+        self._interrupt(unit, now)
+
+    # ------------------------------------------------------------------------------------------ llumnix
+    def _tick(self, kind: str, now: float) -> None:
+        for unit in self.units.values():
+            unit.core.advance_to(now)
+        if kind == "migrate":
+            self._plan_migrations(now)
+            self._push(now + self.config.migration_period_s, _TICK, kind)
+        else:
+            self._sample_memory()
+            if self.config.mode == "kunserve":
+                self._memory_poll(now)
+            self._push(now + self.config.memory.poll_period_s, _TICK, kind)
+
+    def _sample_memory(self) -> None:
+        """Count polls where some instance meets KunServe's drop trigger: the run's memory overload."""
+        snaps = [self._memory_snapshot(u) for u in self.units.values() if u.size == 1]
+        self.peak_memory_use = max([self.peak_memory_use, *(s.memory_use for s in snaps)])
+        if any(should_drop(s, self.config.memory) for s in snaps):
+            self.overloaded_polls += 1
+
+    def _plan_migrations(self, now: float) -> None:
+        """Llumnix pairing by the live policy (:func:`plan_migrations`) over the units not migrating now."""
+        free = [u for u in self.units.values() if not u.migrating]
+        views = [
+            instance_view(
+                str(u.unit_id), u.core, held=u.host_queue, running=[r for r in u.core.running if not r.finished]
+            )
+            for u in free
+        ]
+        for decision in plan_migrations(views, (), self._migration_params):
+            source, dest = self.units[int(decision.source_id)], self.units[int(decision.destination_id)]
+            if source.migrating or dest.migrating:
+                continue
+            request = source.core.requests.get(decision.request_id)
+            if request is None or request.finished:
+                continue
+            blocks = source.core.blocks_for(request.context_len + self.hw.block_size)
+            if not dest.core.reserve(blocks):
+                continue
+            source.migrating = dest.migrating = True
+            copy_s = self.hw.kv_seconds(blocks, self.hw.interconnect_bytes_per_s)
+            self._push(now + copy_s, _MIGRATED, (source.unit_id, request, dest, blocks))
+
+    def _commit_migrations(self, source: Unit, now: float) -> None:
+        for request, dest, reserved in self._pending_migrations.pop(source.unit_id):
+            source.migrating = dest.migrating = False
+            needed = source.core.blocks_for(request.context_len)
+            ok = (
+                request.state == RUNNING
+                and request.request_id in source.core.requests
+                and dest.unit_id in self.units
+                and needed <= dest.core.num_free_blocks + reserved
+            )
+            if not ok:
+                if dest.unit_id in self.units:
+                    dest.core.release_reservation(reserved)
+                continue
+            source.core.remove(request.request_id)
+            dest.core.add_resumed(request, now, reservation_blocks=reserved)
+            self.migrations += 1
+            self._interrupt(dest, now)
+
+    # ------------------------------------------------------------------------------------------ kunserve
+    def _memory_snapshot(self, unit: Unit) -> MemorySnapshot:
+        core = unit.core
+        return MemorySnapshot(
+            instance_id=str(unit.unit_id),
+            num_layers=self.hw.num_layers,
+            weight_bytes=self.hw.weight_bytes,
+            kv_block_bytes=self.hw.kv_block_bytes,
+            num_total_blocks=core.config.num_blocks,
+            num_free_blocks=core.num_free_blocks,
+            pending_blocks=core.waiting_blocks,
+            num_waiting=len(core.waiting),
+            grouped=unit.size > 1 or unit.hold,
+            compat_key=self.hw.name,
+        )
+
+    def _memory_poll(self, now: float) -> None:
+        """KunServe's coordinator: form the groups the policy plans; restore groups whose burst is over."""
+        singles = [
+            u for u in self.units.values() if u.size == 1 and self.hysteresis.may_group(str(u.members[0]), now)
+        ]
+        plan = plan_drop([self._memory_snapshot(u) for u in singles], self.config.memory)
+        for group in plan.groups:
+            unit_ids = [int(m) for m in group.members]
+            members = tuple(i for uid in unit_ids for i in self.units[uid].members)
+            self._pending_forms.append((unit_ids, members))
+            for uid in unit_ids:
+                self.units[uid].hold = True
+                self._interrupt(self.units[uid], now)
+        self._try_forms(now)
+        for unit in list(self.units.values()):
+            if unit.size == 1 or unit.hold or unit.reloading:
+                continue
+            core = unit.core
+            snap = restore_snapshot(
+                str(unit.unit_id), core.config.num_blocks, core.num_free_blocks, len(core.waiting),
+                self.hw.instance_blocks,
+            )
+            if self.hysteresis.restore_due(snap, now):
+                unit.reloading = True
+                g = unit.size
+                reload_s = self.hw.weight_bytes * (g - 1) / g / self.hw.pcie_bytes_per_s
+                self._push(now + reload_s, _RELOADED, unit.unit_id)
+
+    def _at_boundary(self, unit: Unit, now: float) -> None:
+        """A held unit finished its step: form a pending group when all its members are idle, or split."""
+        if unit.size > 1 and not any(unit.unit_id in ids for ids, _ in self._pending_forms):
+            self._split(unit, now)
+            return
+        self._try_forms(now)
+
+    def _try_forms(self, now: float) -> None:
+        """Form every pending group whose members have all finished their last step."""
+        for entry in list(self._pending_forms):
+            ids, members = entry
+            if all(not self.units[i].core.has_plan for i in ids):
+                self._pending_forms.remove(entry)
+                self._form(ids, members, now)
+
+    def _drain(self, core: SimEngineCore) -> tuple[list[SimRequest], list[SimRequest]]:
+        """Take every request out of an idle core: (running, waiting), each in admission/queue order."""
+        assert not core.has_plan
+        running = list(core.running)
+        waiting = list(core.waiting)
+        for request in running + waiting:
+            core.remove(request.request_id)
+        return running, waiting
+
+    def _move(self, running: list[SimRequest], waiting: list[SimRequest], target: Unit, now: float, frac: float) -> int:
+        """Place requests on ``target``; running ones keep their KV (exchanged) unless the mode recomputes.
+
+        Returns the blocks whose KV crossed the interconnect.
+        """
+        moved_blocks = 0
+        core = target.core
+        for request in sorted(running, key=lambda r: (r.admitted_time, r.request_id)):
+            blocks = core.blocks_for(request.context_len)
+            keep_kv = self.config.kv_on_drop == "exchange" and request.num_output > 0
+            if keep_kv and core.add_resumed(request, now):
+                moved_blocks += blocks
+            else:
+                request.recomputed_tokens += request.num_computed
+                core.add(request)
+        for request in waiting:
+            core.add(request)
+        self.exchange_bytes += int(moved_blocks * self.hw.kv_block_bytes * frac)
+        return moved_blocks
+
+    def _form(self, unit_ids: list[int], members: tuple[int, ...], now: float) -> None:
+        running: list[SimRequest] = []
+        waiting: list[SimRequest] = []
+        for uid in unit_ids:
+            r, w = self._drain(self.units.pop(uid).core)
+            running += r
+            waiting += w
+        group = self._new_unit(members)
+        self.hysteresis.formed(str(group.unit_id), now)
+        g = group.size
+        moved = self._move(running, waiting, group, now, (g - 1) / g)
+        group.paused_until = now + self.hw.kv_seconds(moved, self.hw.interconnect_bytes_per_s, (g - 1) / g)
+        self.drops += 1
+        self.peak_group_size = max(self.peak_group_size, g)
+        self._kick(group, now)
+
+    def _split(self, group: Unit, now: float) -> None:
+        """Restore: the reloaded members serve alone again; the group's requests go to the freest member."""
+        del self.units[group.unit_id]
+        self.hysteresis.ended(str(group.unit_id), (str(m) for m in group.members), now)
+        running, waiting = self._drain(group.core)
+        singles = [self._new_unit((m,)) for m in group.members]
+        g = group.size
+        moved = 0
+        for request in sorted(running, key=lambda r: (r.admitted_time, r.request_id)):
+            target = max(singles, key=lambda u: (u.core.num_free_blocks, -u.unit_id))
+            moved += self._move([request], [], target, now, (g - 1) / g)
+        for i, request in enumerate(waiting):
+            singles[i % g].core.add(request)
+        pause = now + self.hw.kv_seconds(moved, self.hw.interconnect_bytes_per_s, (g - 1) / g)
+        self.restores += 1
+        for unit in singles:
+            unit.paused_until = pause
+            self._kick(unit, now)
+
+    # ------------------------------------------------------------------------------------------ results
+    def _result(self, now: float, first: float) -> MemSimResult:
+        done = [r for r in self.requests.values() if r.finish_time >= 0]
+        last_finish = max((r.finish_time for r in done), default=first)
+        gaps = np.repeat(np.asarray(self._gaps, dtype=np.float64), np.asarray(self._gap_counts, dtype=np.int64))
+        return MemSimResult(
+            mode=self.config.mode if self.config.mode != "kunserve" else f"kunserve-{self.config.kv_on_drop}",
+            completed=len(done),
+            unfinished=len(self.requests) - len(done),
+            rejected=self.rejected,
+            ttft=[r.first_token_time - r.arrival_time for r in done],
+            tbt_gaps=gaps,
+            output_tokens=sum(r.num_output for r in done),
+            makespan_s=last_finish - first,
+            preemptions=sum(r.num_preemptions for r in self.requests.values()),
+            recomputed_tokens=sum(r.recomputed_tokens for r in self.requests.values()),
+            swaps=self.swaps,
+            migrations=self.migrations,
+            drops=self.drops,
+            restores=self.restores,
+            exchange_bytes=self.exchange_bytes,
+            peak_group_size=self.peak_group_size,
+            peak_memory_use=self.peak_memory_use,
+            overloaded_s=self.overloaded_polls * self.config.memory.poll_period_s,
+        )
+
+    # ------------------------------------------------------------------------------------------ checks
+    def check_blocks(self) -> None:
+        """Assert block conservation on every unit (tests call it between events)."""
+        for unit in self.units.values():
+            core = unit.core
+            held = sum(r.num_blocks for r in core.running)
+            assert core.allocated_blocks == held, (unit.unit_id, core.allocated_blocks, held)
+            assert core.num_free_blocks >= 0
+            assert core.config.num_blocks == self.hw.group_blocks(unit.size)
+            assert all(r.state in (RUNNING, WAITING) for r in core.requests.values())
+
+
+def simulate(config: MemSimConfig, workload: Sequence[RequestSpec]) -> MemSimResult:
+    """Run one simulation (convenience wrapper)."""
+    return MemorySimulator(config, workload).run()
+
+
+def with_mode(config: MemSimConfig, mode: Mode, **changes: object) -> MemSimConfig:
+    """``config`` with another overload-handling mode (the benchmark's side-by-side runs)."""
+    return replace(config, mode=mode, **changes)  # type: ignore[arg-type]

@@ -1,0 +1,57 @@
+"""The one engine-view builder of the simulators: what a simulated instance looks like to the policies.
+
+The live scheduler builds its :class:`InstanceSnapshot` from an engine's heartbeat (``InstanceLoad``, which
+``engines/sim/engine.py`` fills from the same :class:`SimEngineCore` fields); the simulators build it here,
+straight from the core, so that every simulator shows the policies the same view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from control.policy.snapshots import InstanceSnapshot, RunningSnapshot
+from engines.sim.core import SimEngineCore, SimRequest
+
+
+def running_view(requests: Iterable[SimRequest]) -> tuple[RunningSnapshot, ...]:
+    """Running requests as migration sees them (admission order; ``decoding`` once past the prefill)."""
+    return tuple(
+        RunningSnapshot(
+            r.request_id,
+            r.context_len,
+            r.num_blocks,
+            r.priority,
+            r.num_output > 0 and r.num_computed >= r.context_len - 1,
+        )
+        for r in requests
+    )
+
+
+def instance_view(
+    instance_id: str,
+    core: SimEngineCore,
+    *,
+    model: str = "",
+    draining: bool = False,
+    num_preempted: int = 0,
+    running: Iterable[SimRequest] = (),
+    held: Sequence[SimRequest] = (),
+) -> InstanceSnapshot:
+    """``core`` as a heartbeat would report it. ``running``: the requests migration may move (none: a view
+    for counting only); ``held``: requests outside the core that still wait for it (swapped out)."""
+    moving = running_view(running)
+    return InstanceSnapshot(
+        instance_id=instance_id,
+        num_total_blocks=core.config.num_blocks,
+        num_free_blocks=core.num_free_blocks,
+        num_running=len(core.running),
+        num_waiting=len(core.waiting) + len(held),
+        waiting_blocks=core.waiting_blocks + sum(core.blocks_for(r.context_len) for r in held),
+        head_waiting_blocks=core.head_waiting_blocks(),
+        num_preempted=num_preempted,
+        draining=draining,
+        model=model,
+        block_size=core.config.block_size,
+        running=moving,
+        high_priority_count=sum(1 for r in moving if r.priority > 0),
+    )

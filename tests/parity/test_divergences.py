@@ -1,0 +1,138 @@
+"""Parity (c): each place where the live control plane and the simulator used to disagree, now one behaviour
+because both shells run the control core. Each test here failed on the code before the core existed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from actors.local_cluster import InProcessCluster
+from control.client import DroverClient
+from control.core.memory import GroupHysteresis, restore_snapshot
+from control.policy.autoscaling import PerRole
+from control.policy.memory import MemoryParams, should_restore
+from control.policy.params import PolicyParams
+from control.simulator import ClusterConfig, ElasticConfig, LengthSpec, generate_workload, simulate, simulate_elastic
+from control.simulator.memory import MemorySimulator, MemSimConfig, MemSimResult
+from control.simulator.memory import simulate as simulate_memory
+from control.simulator.workload import RequestSpec
+from engines.sim.core import SimEngineConfig
+from engines.sim.live_migration import MigratableSimEngine
+from tests.integration.conftest import make_sim_cluster
+
+# A migration that can never reach stop-and-copy by the block threshold: only after_max_stages decides.
+ONE_STAGE = {"max_stages": "1", "last_stage_max_blocks": "-1"}
+
+
+@pytest.fixture(scope="module")
+def cluster(nats_url: str) -> Iterator[InProcessCluster]:
+    cluster = make_sim_cluster(nats_url, 0)
+    for name in ("par-a", "par-b"):
+        cluster.add_engine(MigratableSimEngine(name, num_blocks=512, max_model_len=1024, time_scale=1.0))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+async def client(cluster: InProcessCluster) -> AsyncIterator[DroverClient]:
+    c = await DroverClient(cluster.url, name="parity-client").connect()
+    await c.wait_for_instances(2, timeout_s=10)
+    await c.policy({"migration_enabled": "false", **ONE_STAGE})
+    yield c
+    await c.close()
+
+
+async def _migrate_once(client: DroverClient, request_id: str) -> tuple[bool, str]:
+    stream = await client.submit("x" * 100, max_tokens=300, request_id=request_id)
+    async for _ in stream.events():
+        if len(stream.result_data.token_ids) >= 2:
+            break
+    status = await client.status()
+    source = next(r.instance_id for r in status.requests if r.request_id == request_id)
+    destination = "par-b" if source == "par-a" else "par-a"
+    reply = await client.migrate(request_id, destination)
+    await stream.cancel()
+    return reply.ok, reply.message
+
+
+def _simulate_one_stage(after: str) -> tuple[int, int]:
+    params = PolicyParams(max_stages=1, last_stage_max_blocks=-1, after_max_stages=after)  # type: ignore[arg-type]
+    engine = SimEngineConfig(block_size=16, num_blocks=400, max_num_seqs=64, max_num_batched_tokens=1024)
+    requests = generate_workload(
+        400, 80.0, prompt=LengthSpec.zipf(200, 2000), output=LengthSpec.zipf(150, 1500), seed=7, cv=2.0,
+        max_total_len=4096,
+    )
+    result = simulate(ClusterConfig(num_instances=4, engine=engine, policy=params), requests)
+    return result.migrations_committed, result.abort_reasons.get("stages", 0)
+
+
+@pytest.mark.parametrize("after", ["stop_and_copy", "abort"])
+async def test_after_max_stages_is_one_behaviour(client: DroverClient, after: str) -> None:
+    """Before: live went on to stop-and-copy after max_stages, the simulator aborted. Now both do what
+    ``after_max_stages`` says."""
+    await client.policy({"after_max_stages": after})
+    ok, message = await _migrate_once(client, f"parity-stages-{after}")
+    committed, aborted_by_stages = _simulate_one_stage(after)
+    if after == "stop_and_copy":
+        assert ok, message
+        assert committed > 0 and aborted_by_stages == 0
+    else:
+        assert not ok and "stop-and-copy" in message
+        assert committed == 0 and aborted_by_stages > 0
+
+
+def test_an_overflowing_interactive_request_is_held_back_in_the_simulator() -> None:
+    """Before: live held an interactive request back when it would overflow onto a full instance with no
+    batch request to evict, the simulator placed it anyway (it queued inside the engine)."""
+    engine = SimEngineConfig(block_size=16, num_blocks=400, max_num_seqs=2, max_num_batched_tokens=1024)
+    config = ElasticConfig(
+        cluster=ClusterConfig(engine=engine),
+        scaling="none",
+        initial=PerRole(0, 1, 0),
+        local_autoscaler=False,
+    )
+    requests = [RequestSpec(f"r{i}", 0.001 * i, 100, 200) for i in range(3)]
+    result = simulate_elastic(config, requests)
+    dispatched = {r.spec.request_id: r.dispatch_time for r in result.sim.requests}
+    assert dispatched["r0"] == pytest.approx(0.0) and dispatched["r1"] == pytest.approx(0.001)
+    # r2 waits in the scheduler's queue until a slot frees (r0 or r1 finishes after 200 tokens).
+    assert dispatched["r2"] > 1.0
+    assert result.sim.completed == 3
+
+
+def _kunserve(min_group_s: float = 1.0, cooldown_s: float = 2.0) -> MemSimResult:
+    from tests.control.simulator.test_memory import burst
+
+    memory = MemoryParams(min_group_s=min_group_s, cooldown_s=cooldown_s)
+    return simulate_memory(MemSimConfig(mode="kunserve", num_instances=2, memory=memory), burst())
+
+
+def test_kunserve_groups_have_the_live_hysteresis_in_the_simulator() -> None:
+    """Before: the live MemoryManager kept a group at least min_group_s, restored an idle group and cooled
+    members down after a group; the memory simulator did none of it."""
+    quick = _kunserve(min_group_s=0.0, cooldown_s=0.0)
+    assert quick.drops >= 1 and quick.restores >= 1
+    # A group that must live longer than the run is never restored automatically.
+    assert _kunserve(min_group_s=1e9).restores == 0
+    # After a restore the members cool down (here for longer than the run) before they may group again.
+    from tests.control.simulator.test_memory import burst
+
+    sim = MemorySimulator(
+        MemSimConfig(mode="kunserve", num_instances=2, memory=MemoryParams(min_group_s=0.0, cooldown_s=1e9)), burst()
+    )
+    assert sim.run().restores >= 1
+    assert not sim.hysteresis.may_group("0", now=1e6) and not sim.hysteresis.may_group("1", now=1e6)
+
+
+def test_one_kunserve_block_total() -> None:
+    """Before: live compared what a group holds with the leader's own pool, the simulator with the members'
+    pools summed. Both now use control.core.memory.restore_snapshot (the leader's pool)."""
+    snap = restore_snapshot("g", num_total_blocks=300, num_free_blocks=150, num_waiting=0, leader_pool_blocks=100)
+    assert snap.used_blocks == 150 and not should_restore(snap, MemoryParams(), previous_memory_use=1.0)
+    hysteresis = GroupHysteresis(MemoryParams(min_group_s=1.0, cooldown_s=2.0))
+    hysteresis.formed("g", now=10.0)
+    idle = restore_snapshot("g", 300, 300, 0, 100)
+    assert not hysteresis.restore_due(idle, now=10.5) and hysteresis.restore_due(idle, now=11.0)
+    hysteresis.ended("g", ["a", "b"], now=11.0)
+    assert not hysteresis.may_group("a", now=12.9) and hysteresis.may_group("a", now=13.0)
