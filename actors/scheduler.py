@@ -594,6 +594,10 @@ class SchedulerActor(SupervisedActor):
             },
         ):
             headers = inject_headers()
+        if "traceparent" not in record.headers and "traceparent" in headers:
+            # the client sent no trace context: the first dispatch roots the request's one trace, which a
+            # later move (migration, failover) joins
+            record.headers = dict(headers)
         self._send_add(
             instance_id,
             EngineAdd(

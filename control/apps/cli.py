@@ -298,8 +298,12 @@ def submit(
     s = settings()
     url = _need_url(s)
     obs = s.observability
-    # The client's submit span goes to the same place as the cluster's, so `drover trace` shows it.
-    setup_tracing(f"{obs.service_name}-cli", obs.exporter, jsonl_path=_trace_path(s), otlp_endpoint=obs.otlp_endpoint)
+    # The client's submit span goes to the same place as the cluster's, so `drover trace` shows it. With the
+    # exporter off, no tracer provider is installed (one per process: an embedding program keeps its own).
+    if obs.exporter != "none":
+        setup_tracing(
+            f"{obs.service_name}-cli", obs.exporter, jsonl_path=_trace_path(s), otlp_endpoint=obs.otlp_endpoint
+        )
 
     async def go() -> int:
         client = await DroverClient(url, name="drover-cli", nats_settings=s.nats).connect(**CLI_CONNECT)

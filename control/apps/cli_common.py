@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 
+from control.errors import DroverError
+
 if TYPE_CHECKING:
     from control.settings import Settings
 
@@ -44,12 +46,13 @@ EXIT_USAGE = 2
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
-class CliError(Exception):
+class CliError(DroverError):
     """An error the CLI reports as one line, with ``exit_code`` (default :data:`EXIT_USAGE`)."""
+
+    default_code = "cli_error"
 
     def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
         super().__init__(message)
-        self.message = message
         self.exit_code = exit_code
 
 
@@ -78,7 +81,6 @@ def error_line(exc: BaseException) -> tuple[str, int]:
     import nats.errors
 
     from control.client import ReplyError
-    from control.errors import DroverError
     from control.settings import SettingsError
 
     where = describe_target()

@@ -15,7 +15,7 @@ def context_settings(ctx: typer.Context) -> Any:
     """Effective settings from the root command's global options, with the cluster context."""
     from control.apps.cli_common import cli_settings
 
-    return clicontext_settings(ctx)
+    return cli_settings(ctx)
 
 
 def need_url(s: Any) -> str:
@@ -183,8 +183,8 @@ async def _serve_metrics(
     nats_settings: Any = None,
     slo: Any = None,
 ) -> None:
-    from control.client import DroverClient
     from control.apps.metrics_exporter import ClusterMetricsExporter
+    from control.client import DroverClient
     from observability.health import HealthChecks, start_process_server
     from observability.metrics import Metrics
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from control.client import DroverClient, RequestResult
+from control.errors import DroverError
 from control.settings import NatsSettings, Settings, dump_toml
 from transport.lifetime import die_with_parent_by
 from transport.nats_auth import NatsAuth, Role, SecureBundle, default_users, make_bundle
@@ -210,8 +211,10 @@ class LocalCluster:
                 self.on_progress(f"{name} stopped ({time.monotonic() - started:.1f}s)")
 
 
-class ProcessExited(RuntimeError):
+class ProcessExited(DroverError):
     """A process of the local cluster exited by itself; the message is one line naming its log."""
+
+    default_code = "process_exited"
 
 
 def _last_error(log_path: Path) -> str:

@@ -135,8 +135,9 @@ def _http(settings: Settings, port: int, health: HealthChecks) -> ProcessServer 
         server = start_process_server(port, settings.metrics.host, health=health)
     except OSError as exc:  # say which setting holds the port, not a traceback from the HTTP server
         raise OSError(
-            exc.errno, f"metrics/health port {settings.metrics.host}:{port} unavailable ({exc.strerror}): set "
-            "[metrics] control_port / engine_port (DROVER_METRICS__..._PORT) to a free port, or 0 for none"
+            exc.errno,
+            f"metrics/health port {settings.metrics.host}:{port} unavailable ({exc.strerror}): set "
+            "[metrics] control_port / engine_port (DROVER_METRICS__..._PORT) to a free port, or 0 for none",
         ) from None
     log.info("metrics and health on %s (/metrics, /healthz, /readyz)", server.url())
     return server

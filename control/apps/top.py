@@ -20,8 +20,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from control.client import DroverClient
 from control.apps.metrics_exporter import SloTally
+from control.client import DroverClient
 from observability.metrics import SloRow
 from transport import subjects
 from transport.messages import (
