@@ -24,10 +24,12 @@ import pykka
 
 from actors.audit import AdminAuditor
 from actors.autoscaler import AutoscalerActor
+from actors.client_replies import ClientReplies
 from actors.control_state import ControlState
 from actors.leadership import Leadership
 from actors.migrator import MigratorActor
 from actors.scheduler import MigrationTick, SchedulerActor, Tick
+from actors.span_receiver import SpanBudget
 from actors.supervisor import ActorSlot, GetStatus, SupervisorActor
 from control.core.provisioner import NoProvisioner, Provisioner
 from control.core.record import DecisionLog
@@ -50,16 +52,19 @@ from transport.messages import (
     MigrateCommand,
     PolicyQuery,
     PolicyUpdate,
+    ReplayReply,
+    ReplayRequest,
     ScaleCommand,
     SpanBatch,
     StatusQuery,
     StatusReply,
     SubmitRequest,
 )
-from transport.output_stream import ensure_output_stream
+from transport.output_stream import ensure_output_stream, read_subject
 
 log = logging.getLogger(__name__)
 
+REPLAY_PAGE_BYTES = 512 * 1024  # one ReplayReply stays well under NATS max_payload (1 MiB by default)
 FORWARDED_HEADER = "Drover-Forwarded"  # set on a control message a stepping-down leader passes on
 
 
@@ -76,8 +81,13 @@ class ControlPlane:
         provisioner: Provisioner | None = None,
         provisioner_factory: Callable[[Settings], Provisioner] | None = None,
         decision_log: DecisionLog | None = None,
+        reply_bus: Bus | None = None,
     ) -> None:
+        """``reply_bus``: the client-bound connection (secure mode: a user that may publish only to client
+        inboxes, ``control-reply``); None: replies go over ``bus``."""
         self.settings = settings
+        self.replies = ClientReplies(reply_bus or bus)
+        self.span_budget = SpanBudget()
         # None: ``provisioner_factory`` makes one when leading (the app passes the one ``[autoscaler]
         # provisioner`` names; actors cannot import the apps that spawn processes).
         self.provisioner = provisioner
@@ -199,7 +209,9 @@ class ControlPlane:
             state = self.state
 
             def make_scheduler(parent: pykka.ActorRef[Any], name: str) -> pykka.ActorRef[Any]:
-                return SchedulerActor.start(self.bus, self.settings, self.tokenizer, parent, name, peers, state)
+                return SchedulerActor.start(
+                    self.bus, self.settings, self.tokenizer, parent, name, peers, state, replies=self.replies
+                )
 
             def make_migrator(parent: pykka.ActorRef[Any], name: str) -> pykka.ActorRef[Any]:
                 return MigratorActor.start(
@@ -219,8 +231,10 @@ class ControlPlane:
             peers["autoscaler"] = self.autoscaler
             scheduler = self.scheduler
             routes: list[tuple[str, tuple[type, ...], str]] = [
-                (subjects.SUBMIT, (SubmitRequest,), subjects.CONTROL_QUEUE),
+                (subjects.SUBMIT, (SubmitRequest,), subjects.CONTROL_QUEUE),  # v2: ANONYMOUS
                 (subjects.CANCEL, (Cancel,), subjects.CONTROL_QUEUE),
+                (subjects.SUBMIT + ".*", (SubmitRequest,), subjects.CONTROL_QUEUE),  # v3: per identity
+                (subjects.CANCEL + ".*", (Cancel,), subjects.CONTROL_QUEUE),
                 (subjects.heartbeat("*"), (InstanceHeartbeat,), ""),
                 (subjects.ENGINE_EVENTS, (EngineRequestEnded,), ""),
                 (subjects.admin("migrate"), (MigrateCommand,), subjects.CONTROL_QUEUE),
@@ -232,12 +246,15 @@ class ControlPlane:
                 self.bus.run(self.bus.asubscribe(subject, self._only(kinds, scheduler), queue=queue))
                 for subject, kinds, queue in routes
             ]
-            subs.append(
+            subs += [
                 self.bus.run(
-                    self.bus.asubscribe(
-                        subjects.admin("status"), self._only((StatusQuery,), None), queue=subjects.CONTROL_QUEUE
-                    )
+                    self.bus.asubscribe(subject, self._only((StatusQuery,), None), queue=subjects.CONTROL_QUEUE)
                 )
+                for subject in (subjects.STATUS, subjects.STATUS + ".*")
+            ]
+            # v3: clients replay their inboxes through us (they may create no JetStream consumers)
+            subs.append(
+                self.bus.run(self.bus.asubscribe(subjects.REPLAY + ".*", self._on_replay, queue=subjects.CONTROL_QUEUE))
             )
             # spans other processes ship (observability.ship_to_control): one leader appends each batch
             subs.append(self.bus.run(self.bus.asubscribe(subjects.SPANS, self._on_spans, queue=subjects.CONTROL_QUEUE)))
@@ -316,12 +333,13 @@ class ControlPlane:
                 self._pass_on(envelope)
                 return None
             if not isinstance(envelope.message, kinds):
-                self.bus.reply_error(
-                    envelope.reply,
-                    ErrorCode.INVALID_REQUEST,
-                    f"{type(envelope.message).__name__} is not accepted on {envelope.subject}",
-                    getattr(envelope.message, "request_id", None),
-                )
+                text = f"{type(envelope.message).__name__} is not accepted on {envelope.subject}"
+                request_id = getattr(envelope.message, "request_id", None)
+                identity = subjects.client_identity(envelope.subject)
+                if identity is None:  # operators' and engines' subjects
+                    self.bus.reply_error(envelope.reply, ErrorCode.INVALID_REQUEST, text, request_id)
+                else:
+                    self.replies.error(identity, envelope.reply, ErrorCode.INVALID_REQUEST, text, request_id, "error")
                 return None
             if slot is None:
                 return self._on_status(envelope)
@@ -349,21 +367,63 @@ class ControlPlane:
         path = self.settings.observability.jsonl_path
         if not path or not envelope.message.spans:
             return
+        spans = self.span_budget.admit(envelope.message.spans, time.monotonic())  # size, depth, rate bounds
+        if len(spans) < len(envelope.message.spans):
+            log.warning("dropped %d of %d shipped spans (bounds)", len(envelope.message.spans) - len(spans), len(spans))
+        if not spans:
+            return
         try:
-            await asyncio.to_thread(append_span_dicts, path, envelope.message.spans)
+            await asyncio.to_thread(append_span_dicts, path, spans)
         except OSError as exc:
-            log.warning("appending %d shipped spans to %s failed: %s", len(envelope.message.spans), path, exc)
+            log.warning("appending %d shipped spans to %s failed: %s", len(spans), path, exc)
+
+    async def _on_replay(self, envelope: Envelope) -> None:
+        """Read what the output stream holds for one of the sender's own inboxes and answer it (v3): the inbox
+        and the reply subject are both checked against the identity the server authenticated."""
+        identity = subjects.client_identity(envelope.subject) or subjects.ANONYMOUS
+        message = envelope.message
+        if not isinstance(message, ReplayRequest):
+            self.replies.error(
+                identity, envelope.reply, ErrorCode.INVALID_REQUEST, "expected ReplayRequest", None, "replay"
+            )
+            return
+        if not self.replies.allowed(identity, envelope.reply, "replay"):
+            return
+        if not message.inbox.startswith(subjects.INBOX_ROOT + ".") or not self.replies.allowed(
+            identity, message.inbox, "replay"
+        ):
+            text = f"{message.inbox!r} is not one of your inboxes"
+            self.replies.error(identity, envelope.reply, ErrorCode.INVALID_REQUEST, text, None, "replay")
+            return
+        try:
+            stored = await read_subject(self.bus.nc, message.inbox)
+        except Exception as exc:  # no output stream, reconnecting
+            self.replies.error(identity, envelope.reply, ErrorCode.INTERNAL, f"replay failed: {exc}", None, "replay")
+            return
+        page: list[bytes] = []
+        budget = REPLAY_PAGE_BYTES
+        for data in stored[max(0, message.start) :]:
+            if page and len(data) > budget:
+                break
+            page.append(data)
+            budget -= len(data)
+        more = max(0, message.start) + len(page) < len(stored)
+        await self.replies.apublish(identity, envelope.reply, ReplayReply(messages=page, more=more), "replay")
 
     async def _on_status(self, envelope: Envelope) -> None:
         """Answer with the scheduler's view plus each actor's supervision state."""
         assert self.scheduler is not None and self.supervisor is not None
+        identity = subjects.client_identity(envelope.subject) or subjects.ANONYMOUS
+        if not envelope.reply or not self.replies.allowed(identity, envelope.reply, "status"):
+            return
         try:
             status: StatusReply = await asyncio.to_thread(self._ask_status)
         except Exception as exc:
-            self.bus.reply_error(envelope.reply, ErrorCode.INTERNAL, f"status unavailable: {exc}")
+            self.replies.error(
+                identity, envelope.reply, ErrorCode.INTERNAL, f"status unavailable: {exc}", None, "status"
+            )
             return
-        if envelope.reply:
-            await self.bus.apublish(envelope.reply, status)
+        await self.replies.apublish(identity, envelope.reply, status, "status")
 
     def _ask_status(self) -> StatusReply:
         assert self.scheduler is not None and self.supervisor is not None

@@ -52,6 +52,7 @@ from transport.messages import (
     MigrateOut,
     MigrateOutReply,
     MigrationStageInfo,
+    PrefixCacheReport,
     RequestDone,
     SetInstanceRole,
     Timings,
@@ -212,6 +213,13 @@ class EngineActor(pykka.ThreadingActor):
             )
 
     def _add(self, add: EngineAdd, headers: dict[str, str]) -> bool:
+        if not subjects.is_client_reply_target(add.reply_to):
+            # what engines send to clients goes only to client inboxes (docs/security.md): nothing is sent there
+            log.warning(
+                "engine %s refuses %s: reply_to %r is no client inbox", self.instance_id, add.request_id, add.reply_to
+            )
+            metrics().reply_refused("engine")
+            return False
         if add.request_id in self.running or (self.local is not None and self.local.is_held(add.request_id)):
             # A second dispatch of what already streams (or waits) here (the scheduler re-sends an
             # unacknowledged EngineAdd; or failed over from an earlier incarnation of this instance): the
@@ -767,8 +775,21 @@ class Heartbeater:
                 state=self.state,
                 can_migrate=isinstance(self.engine, MigratableEngine),
                 memory=self._memory(),
+                prefix_cache=self._prefix_cache(),
             ),
         )
+
+    def _prefix_cache(self) -> PrefixCacheReport | None:
+        """Engines that report their prefix cache (vLLM's KV events) put it in every beat."""
+        report = getattr(self.engine, "prefix_cache_report", None)
+        if report is None:
+            return None
+        try:
+            value: PrefixCacheReport | None = report()
+        except Exception:  # not started yet, or the listener failed: the beat goes without it
+            log.exception("prefix-cache report failed")
+            return None
+        return value
 
     def _memory(self) -> EngineMemory | None:
         report = getattr(self.engine, "memory_status", None)

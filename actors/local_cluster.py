@@ -29,6 +29,8 @@ class InProcessCluster:
     _crashed: list[tuple[EngineHost, Bus]] = field(default_factory=list)  # crash_engine: stopped at stop()
     control_auth: NatsAuth | None = None  # NATS credentials of the control plane (servers with auth)
     engine_auth: NatsAuth | None = None  # of every engine host
+    reply_auth: NatsAuth | None = None  # of the control plane's client-bound connection (secure mode)
+    reply_bus: Bus | None = None
     standbys: list[tuple[ControlPlane, Bus]] = field(default_factory=list)
     isolate_state: bool = True  # own state and lease buckets: clusters sharing a NATS server stay apart
 
@@ -59,7 +61,11 @@ class InProcessCluster:
     def start_control(self, decision_log: DecisionLog | None = None) -> ControlPlane:
         """Start the control plane; ``decision_log`` records the control core's decisions (parity tests)."""
         self.control_bus = Bus(self._bus_options("drover-control", self.control_auth)).start()
-        self.control = ControlPlane(self.settings, self.control_bus, self.tokenizer, decision_log=decision_log).start()
+        if self.reply_auth is not None and self.reply_bus is None:
+            self.reply_bus = Bus(self._bus_options("drover-control-reply", self.reply_auth)).start()
+        self.control = ControlPlane(
+            self.settings, self.control_bus, self.tokenizer, decision_log=decision_log, reply_bus=self.reply_bus
+        ).start()
         return self.control
 
     def restart_control(self) -> ControlPlane:
@@ -73,7 +79,7 @@ class InProcessCluster:
     def start_standby(self) -> ControlPlane:
         """Another control plane on its own connection (it leads once the current leader's lease is gone)."""
         bus = Bus(self._bus_options(f"drover-control-{len(self.standbys) + 1}", self.control_auth)).start()
-        plane = ControlPlane(self.settings, bus, self.tokenizer).start()
+        plane = ControlPlane(self.settings, bus, self.tokenizer, reply_bus=self.reply_bus).start()
         self.standbys.append((plane, bus))
         return plane
 
@@ -118,3 +124,6 @@ class InProcessCluster:
                 for bucket in (self.settings.ha.state_bucket, self.settings.ha.lease_bucket):
                     self.control_bus.run(delete_bucket(self.control_bus.nc, bucket)).result(timeout=10)
             self.control_bus.stop()
+        if self.reply_bus is not None:
+            self.reply_bus.stop()
+            self.reply_bus = None

@@ -33,6 +33,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import nats.errors
 
+from actors.client_replies import ClientReplies
 from control.policy.admission import AdmissionLimits, AdmissionLoad, AdmissionRequest, Decision, admit, client_key
 from control.settings import LifecycleSettings, Settings
 from transport import subjects
@@ -129,6 +130,7 @@ class _Scheduler(Protocol):
     """What the lifecycle needs of the scheduler."""
 
     bus: Bus
+    replies: ClientReplies  # checked publishing to clients (actors/client_replies.py)
     requests: RequestTable[Any]
     instances: dict[str, Any]  # instance id -> a record with ``info: EngineInfo``
 
@@ -242,7 +244,7 @@ class RequestLifecycle:
             if version >= 2:
                 return  # the engine ends it; EngineRequestEnded removes the record
         scheduler.requests.pop(record.request_id, None)  # queued or recovering: nothing runs it
-        scheduler.bus.publish(submit.reply_to, error)
+        scheduler.replies.to_owner(submit.reply_to, error, "error")  # checked, over the client-bound connection
 
 
 def admission(
@@ -265,7 +267,9 @@ def admission(
         max_queued_total=settings.scheduler.max_queued_requests,
         max_queued_interactive=lim.max_queued_interactive,
         max_queued_batch=lim.max_queued_batch,
-        max_in_flight_per_client=lim.max_in_flight_per_client,
+        max_in_flight_per_client=lim.per_identity_max_in_flight.get(
+            client_key(submit.client_id, reply_to, subjects.INBOX_ROOT), lim.max_in_flight_per_client
+        ),
         max_in_flight_requests=lim.max_in_flight_requests,
         max_deadline_s=lim.max_deadline_s,
     )

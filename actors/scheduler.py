@@ -19,16 +19,21 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import pykka
 from opentelemetry import trace
 
+from actors.client_replies import ClientReplies, owner_of
 from actors.control_state import ControlState, restore_into
 from actors.memory_manager import MemoryManager
 from actors.migrator import MigrationEnded, StartMigration
+from actors.prefix_feed import apply_prefix_report, prefix_aware_destinations
 from actors.request_classes import RequestClasses
 from actors.request_lifecycle import RequestLifecycle, RequestTable, admission
 from actors.supervisor import SupervisedActor
+from control.policy.block_hash import vllm_block_hashes
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy, prefix_block_hashes
+from control.policy.fairness import FairQueue, dispatch_room
 from control.policy.migration import InFlightMigration, plan_migrations
 from control.policy.params import PolicyParams
 from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot
@@ -84,6 +89,7 @@ class InstanceRecord:
     can_migrate: bool = False
     dispatched: int = 0
     seq: int = 0  # last heartbeat sequence number (restarts at 1 with a new process)
+    cached_blocks: int = -1  # prefix-cache blocks it reports (-1: none reported)
 
 
 @dataclass(slots=True)
@@ -148,8 +154,11 @@ class SchedulerActor(SupervisedActor):
         name: str = "scheduler",
         peers: dict[str, Any] | None = None,
         state: ControlState | None = None,
+        replies: ClientReplies | None = None,
     ) -> None:
         super().__init__(supervisor, name)
+        # what goes to clients: checked targets, over the client-bound connection (actors/client_replies.py)
+        self.replies = replies or ClientReplies(bus)
         self.state = state or ControlState()  # durable request table and registry (actors/control_state.py)
         self.bus = bus
         self.settings = settings
@@ -160,6 +169,9 @@ class SchedulerActor(SupervisedActor):
         self.requests: RequestTable[RequestRecord] = RequestTable(settings.lifecycle)
         self.lifecycle = RequestLifecycle(bus, settings.lifecycle)  # deadlines, clients that went away
         self.queue: deque[str] = deque()
+        # fair share between clients (scheduler.fairness): new requests wait here, by deficit round robin
+        sched = settings.scheduler
+        self.fair = FairQueue(sched.fairness_quantum_tokens) if sched.fairness else None
         self.params: PolicyParams = settings.policy
         self.policy: DispatchIndex = make_dispatch_policy(self.params.dispatch_policy, self.params.dispatch_params())
         self.migrations: dict[str, InFlightMigration] = {}  # request id -> migration in flight
@@ -200,10 +212,10 @@ class SchedulerActor(SupervisedActor):
         elif isinstance(message, EngineRequestEnded):
             self._on_request_ended(message)
         elif isinstance(message, Cancel):
-            self._on_cancel(message, envelope.reply)
+            self._on_cancel(message, envelope)
         elif isinstance(message, StatusQuery):
-            if envelope.reply:
-                self.bus.publish(envelope.reply, self.status())
+            identity = subjects.client_identity(envelope.subject) or subjects.ANONYMOUS
+            self.replies.publish(identity, envelope.reply, self.status(), "status")
         elif isinstance(message, MigrateCommand):
             self._on_migrate_command(message, envelope.reply)
         elif isinstance(message, DrainCommand):
@@ -246,6 +258,10 @@ class SchedulerActor(SupervisedActor):
         self.memory.on_heartbeat(beat)
         self.classes.on_heartbeat(beat)
         self.policy.upsert(self._snapshot(record))
+        record.cached_blocks = apply_prefix_report(self.policy, instance_id, beat.prefix_cache, time.monotonic())
+        if beat.prefix_cache is not None:
+            cache = beat.prefix_cache
+            metrics().set_prefix_cache(instance_id, cache.num_cached, cache.query_tokens, cache.hit_tokens)
         self.state.on_heartbeat(self, beat)  # confirms restored requests first: they are not superseded
         self._stop_superseded(instance_id, beat)
         load = beat.load
@@ -422,7 +438,14 @@ class SchedulerActor(SupervisedActor):
     def _fail_request(self, record: RequestRecord, why: str) -> None:
         self.requests.pop(record.request_id, None)
         self.state.drop_request(record.request_id)
-        self.bus.reply_error(record.submit.reply_to, ErrorCode.ENGINE_FAILED, why, record.request_id)
+        self.replies.error(
+            owner_of(record.submit.reply_to),
+            record.submit.reply_to,
+            ErrorCode.ENGINE_FAILED,
+            why,
+            record.request_id,
+            "error",
+        )
 
     # ------------------------------------------------------------------------------------------- submission
     def _max_prompt_tokens(self, model: str) -> int:
@@ -455,15 +478,26 @@ class SchedulerActor(SupervisedActor):
         return None
 
     def _on_submit(self, submit: SubmitRequest, envelope: Envelope) -> None:
+        # Who sent it is what the NATS server authenticated (the subject it let through), not client_id.
+        identity = subjects.client_identity(envelope.subject) or subjects.ANONYMOUS
         reply_to = submit.reply_to or envelope.reply
         if not reply_to:
             log.warning("submit without reply subject dropped")
             return
+        # Only targets under the sender's own inbox are ever published to (refusals logged and counted).
+        targets = self.replies.first_allowed(identity, [reply_to, envelope.reply], "submit")
 
         def refuse(code: ErrorCode, text: str, request_id: str | None) -> None:
             # Errors go to the reply_to inbox and, when the sender used NATS request/reply, to that too.
-            for target in {reply_to, envelope.reply} - {""}:
-                self.bus.reply_error(target, code, text, request_id)
+            for target in targets:
+                self.replies.error(identity, target, code, text, request_id, "submit")
+
+        if reply_to not in targets:
+            where = f"{subjects.INBOX_ROOT}.{identity}." if identity != subjects.ANONYMOUS else subjects.INBOX_ROOT
+            refuse(ErrorCode.INVALID_REQUEST, f"reply_to must lie under your own inbox {where}", submit.request_id)
+            return
+        if identity != subjects.ANONYMOUS and submit.client_id != identity:
+            submit = msgspec.structs.replace(submit, client_id=identity)  # limits count the server's identity
 
         reason = self._validate(submit)
         if reason is not None:
@@ -483,7 +517,8 @@ class SchedulerActor(SupervisedActor):
         existing = self.requests.get(request_id)
         if existing is not None:
             if existing.submit.reply_to == reply_to:  # a client retry: acknowledge again, run once
-                self.bus.publish(
+                self.replies.publish(
+                    identity,
                     reply_to,
                     Accepted(
                         request_id=request_id,
@@ -491,6 +526,7 @@ class SchedulerActor(SupervisedActor):
                         prompt_tokens=len(existing.prompt_token_ids),
                         v=peer_version(submit.v),
                     ),
+                    "submit",
                 )
             else:
                 refuse(ErrorCode.DUPLICATE_REQUEST, f"request id {request_id} is in use", request_id)
@@ -534,7 +570,7 @@ class SchedulerActor(SupervisedActor):
 
         def acknowledge() -> None:
             # Accepted goes out before the request is dispatched, so no token can reach the client before it.
-            self.bus.publish(reply_to, accepted)
+            self.replies.publish(identity, reply_to, accepted, "submit")
             self.actor_ref.tell(_Acknowledged(request_id))
 
         self.state.after_writes(acknowledge)
@@ -545,6 +581,12 @@ class SchedulerActor(SupervisedActor):
         if record is None or record.state != "queued" or record.instance_id is not None:
             return  # cancelled (or ended by its deadline) meanwhile
         if self.classes.hold(record):  # a batch request: the global batch queue releases it on a tick
+            return
+        if self.fair is not None:
+            cost = len(record.prompt_token_ids) + record.submit.sampling.max_tokens
+            if request_id not in self.fair:
+                self.fair.push(record.submit.client_id or subjects.ANONYMOUS, request_id, cost, time.monotonic())
+            self._drain_fair()
             return
         if not self._dispatch(record):
             self.queue.append(request_id)
@@ -562,6 +604,8 @@ class SchedulerActor(SupervisedActor):
             model=submit.model or "",
             prefix_block_hashes=prefix_block_hashes(token_ids, block_size)
             if self.params.dispatch_policy == "prefix_affinity"
+            else vllm_block_hashes(token_ids, block_size)  # the kv_aware index is keyed by vLLM's own hashes
+            if self.params.dispatch_policy == "kv_aware"
             else (),
         )
 
@@ -655,7 +699,33 @@ class SchedulerActor(SupervisedActor):
             return  # the heartbeat timeout decides whether the instance is gone
         self._send_add(unacked.instance_id, unacked.add, unacked.headers, unacked.attempt + 1)
 
+    def _drain_fair(self) -> None:
+        """Dispatch from the fair queue while the instances have room (each at most fairness_max_waiting)."""
+        assert self.fair is not None
+        limit = self.settings.scheduler.fairness_max_waiting
+        pending = getattr(self.policy, "pending", None)  # dispatched since the instance's last heartbeat
+        waiting = [
+            r.load.num_waiting + (pending(i)[0] if pending is not None else 0)
+            for i, r in self.instances.items()
+            if r.state == "serving"
+        ]
+        room = dispatch_room(waiting, limit)
+        while room > 0:
+            picked = self.fair.pop()
+            if picked is None:
+                return
+            key, item = picked
+            record = self.requests.get(item.item_id)
+            if record is None or record.state != "queued" or record.instance_id is not None:
+                continue  # cancelled or ended meanwhile
+            if not self._dispatch(record):
+                self.fair.unpop(key, item)
+                return
+            room -= 1
+
     def _drain_queue(self) -> None:
+        if self.fair is not None:
+            self._drain_fair()
         while self.queue:
             record = self.requests.get(self.queue[0])
             if record is None:
@@ -669,9 +739,7 @@ class SchedulerActor(SupervisedActor):
         """Stop a batch request so an interactive one gets its slot (it resumes from the batch queue)."""
         instance = self.instances.get(instance_id)
         version = peer_version(instance.info.protocol_version if instance else 1)
-        self.bus.publish(
-            subjects.engine(instance_id), EngineAbort(request_id=request_id, reason="evicted", v=version)
-        )
+        self.bus.publish(subjects.engine(instance_id), EngineAbort(request_id=request_id, reason="evicted", v=version))
 
     # ------------------------------------------------------------------------------------------- lifecycle
     def _on_request_ended(self, ended: EngineRequestEnded) -> None:
@@ -718,13 +786,19 @@ class SchedulerActor(SupervisedActor):
         )
         return True
 
+    def _prompt_of(self, request_id: str) -> list[int] | None:
+        record = self.requests.get(request_id)
+        return record.prompt_token_ids if record is not None else None
+
     def _migratable_snapshots(self) -> list[InstanceSnapshot]:
         return [self._snapshot(r) for r in self.instances.values() if r.can_migrate]
 
     def _plan_migrations(self) -> None:
         if not self.params.migration_enabled:
             return
-        decisions = plan_migrations(self._migratable_snapshots(), list(self.migrations.values()), self.params)
+        snapshots = self._migratable_snapshots()
+        decisions = plan_migrations(snapshots, list(self.migrations.values()), self.params)
+        decisions = prefix_aware_destinations(self.policy, decisions, snapshots, self._prompt_of)
         for d in decisions:
             record = self.requests.get(d.request_id)
             if record is None or record.instance_id != d.source_id:
@@ -839,19 +913,44 @@ class SchedulerActor(SupervisedActor):
         if reply:
             self.bus.publish(reply, AdminReply(ok=True, message="policy", details=self.params.as_dict()))
 
-    def _on_cancel(self, cancel: Cancel, reply: str) -> None:
-        target = cancel.reply_to or reply
+    def _on_cancel(self, cancel: Cancel, envelope: Envelope) -> None:
+        identity = subjects.client_identity(envelope.subject) or subjects.ANONYMOUS
+        target = cancel.reply_to or envelope.reply
+        if target and not self.replies.allowed(identity, target, "cancel"):
+            # nothing is published there; the sender hears why on its NATS reply subject when that one is its own
+            if envelope.reply != target:
+                self.replies.error(
+                    identity,
+                    envelope.reply,
+                    ErrorCode.INVALID_REQUEST,
+                    "reply_to must lie under your own inbox",
+                    cancel.request_id,
+                    "cancel",
+                )
+            return
         record = self.requests.get(cancel.request_id)
-        # A wrong token gets the same answer as an unknown id: ids of other clients reveal nothing.
-        if record is None or not hmac.compare_digest(record.cancel_token, cancel.cancel_token):
-            self.bus.reply_error(
-                target, ErrorCode.UNKNOWN_REQUEST, f"no request {cancel.request_id} to cancel", cancel.request_id
+        # A wrong token, or another identity's request, gets the same answer as an unknown id: ids of other
+        # clients reveal nothing.
+        foreign = (
+            record is not None
+            and identity != subjects.ANONYMOUS
+            and subjects.inbox_owner(record.submit.reply_to) != identity
+        )
+        if record is None or foreign or not hmac.compare_digest(record.cancel_token, cancel.cancel_token):
+            self.replies.error(
+                identity,
+                target,
+                ErrorCode.UNKNOWN_REQUEST,
+                f"no request {cancel.request_id} to cancel",
+                cancel.request_id,
+                "cancel",
             )
             return
+        assert record is not None
         if record.state == "queued":
             self.requests.pop(cancel.request_id)
             self.state.drop_request(cancel.request_id)
-            self.bus.publish(
+            self.replies.to_owner(
                 record.submit.reply_to,
                 RequestDone(
                     request_id=cancel.request_id,
@@ -859,13 +958,16 @@ class SchedulerActor(SupervisedActor):
                     usage=Usage(prompt_tokens=len(record.prompt_token_ids), completion_tokens=0),
                     v=peer_version(record.submit.v),
                 ),
+                "cancel",
             )
         elif record.instance_id is not None:
             instance = self.instances.get(record.instance_id)
             version = peer_version(instance.info.protocol_version if instance else 1)
             self.bus.publish(subjects.engine(record.instance_id), EngineAbort(request_id=cancel.request_id, v=version))
         if target:
-            self.bus.publish(target, CancelAck(request_id=cancel.request_id, v=peer_version(cancel.v)))
+            self.replies.publish(
+                identity, target, CancelAck(request_id=cancel.request_id, v=peer_version(cancel.v)), "cancel"
+            )
 
     # ------------------------------------------------------------------------------------------- status
     def status(self) -> StatusReply:
@@ -878,6 +980,7 @@ class SchedulerActor(SupervisedActor):
                     age_s=now_mono - r.last_seen,
                     state=_instance_state(r),
                     dispatched=r.dispatched,
+                    cached_blocks=r.cached_blocks,
                 )
                 for r in sorted(self.instances.values(), key=lambda r: r.info.instance_id)
             ],
@@ -893,7 +996,7 @@ class SchedulerActor(SupervisedActor):
                 )
                 for r in self.requests.values()
             ],
-            queued=len(self.queue),
+            queued=len(self.queue) + (len(self.fair) if self.fair is not None else 0),
             dispatch_policy=self.policy.name,
             migrations_completed=self.migrations_done,
             migrations_aborted=self.migrations_aborted,

@@ -1,13 +1,17 @@
 """The Python client: submit requests over NATS and stream their tokens back.
 
 Any NATS client in any language can do the same (see the README's wire schema): publish a msgpack
-``SubmitRequest`` on ``drover.v1.submit`` with ``reply_to`` set to an inbox you subscribe to, and read
-``Accepted``, ``TokenChunk``s and a final ``RequestDone`` (or ``ErrorReply``) from it. Chunks carry their
-index: the client drops duplicates and reorders, so each token is delivered once, in order.
+``SubmitRequest`` on ``drover.v1.submit.<client id>`` (protocol v3: the subject only your NATS user may
+publish on) with ``reply_to`` set to an inbox under ``drover.v1.inbox.<client id>.`` that you subscribe to,
+and read ``Accepted``, ``TokenChunk``s and a final ``RequestDone`` (or ``ErrorReply``) from it. Chunks carry
+their index: the client drops duplicates and reorders, so each token is delivered once, in order. Each
+request gets its own inbox ending in a random nonce; a message on it is delivered only when it carries the
+request's id (anything else is dropped and logged: ``RequestStream.dropped``).
 
 Resume (after a client restart or lost connection): :meth:`DroverClient.resume` subscribes the request's
-inbox again, reads what was already sent there from the JetStream output stream (``DROVER_OUTPUT``,
-filtered on the inbox subject), delivers tokens from ``resume_from`` on, then the live ones, each once.
+inbox again, asks the control plane for what was already sent there (``ReplayRequest`` on
+``drover.v1.replay.<client id>``: it reads the JetStream output stream for you, since clients may create no
+consumers), delivers tokens from ``resume_from`` on, then the live ones, each once.
 The README's "Resuming a stream" gives the same steps for clients in other languages.
 
 Repair (one mechanism, :meth:`DroverClient._watch`): every open stream (submitted or resumed) is watched; one
@@ -29,6 +33,7 @@ import getpass
 import itertools
 import logging
 import re
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -62,6 +67,8 @@ from transport.messages import (
     PolicyQuery,
     PolicyUpdate,
     ProtocolError,
+    ReplayReply,
+    ReplayRequest,
     RequestClass,
     RequestDone,
     SamplingParams,
@@ -73,7 +80,6 @@ from transport.messages import (
     encode,
 )
 from transport.nats_auth import NatsAuth, connect_options
-from transport.output_stream import read_subject
 
 if TYPE_CHECKING:
     from control.settings import NatsSettings
@@ -189,6 +195,22 @@ class RequestStream:
         self.resubmits = 0
         self.filled_tokens = 0  # tokens taken from RequestDone because their chunks never came
         self.raw_chunks: list[tuple[int, int]] = []  # (index, length) of every chunk received, duplicates too
+        self.dropped = 0  # messages on this inbox that were not this request's (dropped and logged)
+
+    def belongs(self, message: Message) -> bool:
+        """Is ``message`` this request's? Every reply names its request; one without a request id is only
+        taken while none is known yet (an error before acceptance)."""
+        request_id = getattr(message, "request_id", None)
+        if request_id == self.request_id or (request_id is None and isinstance(message, ErrorReply)):
+            return True
+        self.dropped += 1
+        log.warning(
+            "dropped a %s for request %r on the inbox of request %r",
+            type(message).__name__,
+            request_id,
+            self.request_id,
+        )
+        return False
 
     @property
     def finished(self) -> bool:
@@ -220,12 +242,12 @@ class RequestStream:
         self._replaying = True
         stored = 0
         try:
-            for data in await read_subject(self._client.nc, self.inbox):
+            for data in await self._client.read_inbox(self.inbox):
                 try:
                     message = decode(data)
                 except ProtocolError:
                     continue
-                if getattr(message, "request_id", None) in (None, self.request_id) or self.request_id is None:
+                if self.belongs(message):
                     self._deliver(message)
                     stored += 1
         finally:
@@ -390,6 +412,9 @@ class DroverClient:
         self.inbox_prefix = inbox_prefix or subjects.client_inbox_prefix(
             client_id or re.sub(r"[^A-Za-z0-9_-]", "-", name)[:64] or "client"
         )
+        # who this client is to the control plane (protocol v3): the id token of its inbox; its NATS user may
+        # publish only on the subjects that end in it. None (an inbox outside drover.v1.inbox): v2 subjects.
+        self.identity = subjects.inbox_owner(self.inbox_prefix + ".x")
         self._nc: NatsClient | None = None
         self._denied: set[str] = set()  # subjects the server refused this user (permissions violations)
         self._streams: dict[str, RequestStream] = {}  # inbox -> open stream (watched and repaired)
@@ -529,7 +554,39 @@ class DroverClient:
         payload, headers = stream._submit
         stream.resubmits += 1
         log.info("request %s left no trace: submitting it again", stream.request_id)
-        await self.nc.publish(subjects.SUBMIT, payload, reply=stream.inbox, headers=headers or None)
+        await self.nc.publish(self._subject("submit"), payload, reply=stream.inbox, headers=headers or None)
+
+    def _subject(self, verb: str) -> str:
+        """This client's own subject for ``verb`` (submit, cancel, status, replay), or the v2 one."""
+        if self.identity is None:
+            return {"submit": subjects.SUBMIT, "cancel": subjects.CANCEL, "status": subjects.STATUS}[verb]
+        return {
+            "submit": subjects.submit,
+            "cancel": subjects.cancel,
+            "status": subjects.status,
+            "replay": subjects.replay,
+        }[verb](self.identity)
+
+    async def read_inbox(self, inbox: str, timeout_s: float = 10.0) -> list[bytes]:
+        """What the output stream holds for one of this client's inboxes, oldest first: the control plane reads
+        it for us (clients may create no JetStream consumers, docs/security.md)."""
+        if self.identity is None:
+            raise DroverError(
+                f"only inboxes under {subjects.INBOX_ROOT} can be replayed", code=ErrorCode.INVALID_REQUEST
+            )
+        stored: list[bytes] = []
+        while True:
+            reply = await self._request(
+                self._subject("replay"), encode(ReplayRequest(inbox=inbox, start=len(stored))), timeout_s
+            )
+            answer = decode(reply.data)
+            if isinstance(answer, ErrorReply):
+                raise DroverError(answer.message, code=answer.code)
+            if not isinstance(answer, ReplayReply):
+                raise DroverError(f"unexpected reply {type(answer).__name__}", code=ErrorCode.INTERNAL)
+            stored += answer.messages
+            if not answer.more or not answer.messages:
+                return stored
 
     async def close(self) -> None:
         if self._watchdog is not None:
@@ -576,7 +633,8 @@ class DroverClient:
         whose behalf (a gateway submits for many clients); default: this client's name. ``deadline_s``:
         generation stops (DEADLINE_EXCEEDED) that long after Drover received it. ``liveness``: answer
         Drover's probes, so the request stops when this client is gone."""
-        inbox = self.nc.new_inbox()
+        # its own inbox, ending in a random nonce nobody else can guess (nats-py's NUIDs are not secret)
+        inbox = f"{self.inbox_prefix}.{secrets.token_hex(12)}"
         request_id = request_id or uuid.uuid4().hex  # ours, so a retry after a lost submit runs once
         stream = RequestStream(self, request_id, time.perf_counter(), inbox)
         await self._subscribe(stream, liveness, stream._on_no_responders)
@@ -598,14 +656,14 @@ class DroverClient:
             kind=trace.SpanKind.PRODUCER,
             attributes={
                 spans.MESSAGING_SYSTEM: "nats",
-                spans.MESSAGING_DESTINATION: subjects.SUBMIT,
+                spans.MESSAGING_DESTINATION: self._subject("submit"),
                 spans.REQUEST_ID: request_id,  # `drover trace ID` finds the client's side too
             },
         ):
             headers = inject_headers()
         payload = encode(submit)
         stream._submit = (payload, headers)
-        await self.nc.publish(subjects.SUBMIT, payload, reply=inbox, headers=headers)
+        await self.nc.publish(self._subject("submit"), payload, reply=inbox, headers=headers)
         return stream
 
     async def _subscribe(
@@ -615,10 +673,18 @@ class DroverClient:
             if on_no_responders is not None and not msg.data and msg.headers and msg.headers.get("Status") == "503":
                 on_no_responders()
                 return
+            if msg.subject != stream.inbox:  # only this request's inbox (its nonce), never a wildcard match
+                stream.dropped += 1
+                log.warning("dropped a message on %s: not the inbox of request %r", msg.subject, stream.request_id)
+                return
             try:
-                stream._on_live(decode(msg.data))
+                message = decode(msg.data)
             except ProtocolError as exc:
-                stream._on_live(ErrorReply(code=exc.code, message=str(exc)))
+                stream.dropped += 1
+                log.warning("dropped an undecodable message on the inbox of request %r: %s", stream.request_id, exc)
+                return
+            if stream.belongs(message):
+                stream._on_live(message)
 
         async def on_probe(msg: Msg) -> None:
             if msg.reply:
@@ -661,7 +727,7 @@ class DroverClient:
 
     async def cancel(self, request_id: str, cancel_token: str, *, timeout_s: float = 5.0) -> None:
         reply = await self._request(
-            subjects.CANCEL, encode(Cancel(request_id=request_id, cancel_token=cancel_token)), timeout_s
+            self._subject("cancel"), encode(Cancel(request_id=request_id, cancel_token=cancel_token)), timeout_s
         )
         message = decode(reply.data)
         if isinstance(message, ErrorReply):
@@ -670,7 +736,7 @@ class DroverClient:
             raise ReplyError(ErrorCode.INTERNAL, f"unexpected reply {type(message).__name__}")
 
     async def status(self, *, timeout_s: float = 5.0) -> StatusReply:
-        reply = await self._request(subjects.admin("status"), encode(StatusQuery()), timeout_s)
+        reply = await self._request(self._subject("status"), encode(StatusQuery()), timeout_s)
         message = decode(reply.data)
         if isinstance(message, ErrorReply):
             raise ReplyError(message.code, message.message)

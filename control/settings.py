@@ -84,6 +84,13 @@ class NatsSettings(_Section):
         "(nats-py's default 120 s would hide a hung node for minutes).",
     )
     max_outstanding_pings: int = Field(2, description="Unanswered pings before the connection counts as lost.")
+    reply_user: str | None = Field(
+        None,
+        description="Control plane only: NATS user of its client-bound connection (publishes only to client "
+        "inboxes; `drover nats config` makes `control-reply`). None: replies go over the main connection.",
+    )
+    reply_password: str | None = Field(None, description="Password of reply_user.")
+    reply_nkey_seed_file: str | None = Field(None, description="Nkey seed file of the client-bound user.")
     embedded_cluster_size: int = Field(
         1,
         description="Nodes of the embedded NATS (1: one server; 3: a routed cluster with clustered JetStream, "
@@ -97,6 +104,20 @@ class NatsSettings(_Section):
             password=self.password,
             nkey_seed_file=self.nkey_seed_file,
             creds_file=self.creds_file,
+            tls_ca_file=self.tls_ca_file,
+            tls_cert_file=self.tls_cert_file,
+            tls_key_file=self.tls_key_file,
+            tls_hostname=self.tls_hostname,
+        )
+
+    def reply_auth(self) -> NatsAuth | None:
+        """The control plane's client-bound user (same TLS settings), or None when none is configured."""
+        if not (self.reply_user or self.reply_nkey_seed_file):
+            return None
+        return NatsAuth(
+            user=self.reply_user,
+            password=self.reply_password,
+            nkey_seed_file=self.reply_nkey_seed_file,
             tls_ca_file=self.tls_ca_file,
             tls_cert_file=self.tls_cert_file,
             tls_key_file=self.tls_key_file,
@@ -155,6 +176,18 @@ class SchedulerSettings(_Section):
     )
     max_queued_requests: int = Field(
         1024, description="Requests held when no instance can take them; beyond: Overloaded."
+    )
+    fairness: bool = Field(
+        False,
+        description="Fair share between clients (control/policy/fairness.py, docs/security.md): requests wait "
+        "here, served by deficit round robin by tokens per authenticated identity, and each instance gets at "
+        "most fairness_max_waiting waiting ones, so one client's backlog cannot hold another's requests.",
+    )
+    fairness_quantum_tokens: int = Field(
+        1024, ge=1, description="Tokens (prompt + max_tokens) a client may dispatch per round-robin turn."
+    )
+    fairness_max_waiting: int = Field(
+        1, ge=0, description="With fairness: requests an instance may have waiting (beyond its running batch)."
     )
 
 
@@ -297,6 +330,11 @@ class LimitsSettings(_Section):
     max_deadline_s: float = Field(
         3600.0, description="Largest deadline_s a request may ask for; larger is InvalidRequest."
     )
+    per_identity_max_in_flight: dict[str, int] = Field(
+        default_factory=dict,
+        description="max_in_flight_per_client for named identities (the NATS user's client id, which the "
+        "control plane reads from the subject, docs/security.md), e.g. {batch-team = 1024, trial = 4}.",
+    )
 
 
 class LifecycleSettings(_Section):
@@ -348,9 +386,7 @@ class AuditSettings(_Section):
         description="JSON-lines file the control plane appends every admin action to (who, what, when, result); "
         "empty: the log only.",
     )
-    operator: str = Field(
-        "", description="Identity the CLI puts in admin commands; empty: the OS user running it."
-    )
+    operator: str = Field("", description="Identity the CLI puts in admin commands; empty: the OS user running it.")
     reply_timeout_s: float = Field(
         600.0,
         description="An admin command with no answer after this long is audited as 'no reply' (a live "
@@ -397,6 +433,58 @@ class AutoscalerSettings(_Section):
     events_kept: int = Field(50, description="Scale events `drover autoscale status` shows.")
 
 
+class RayShape(_Section):
+    """What one engine instance of a role asks Ray for; Ray places the instance on a node that has it."""
+
+    num_cpus: float = Field(1.0, ge=0, description="Logical CPUs held by the instance (Ray's num_cpus).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs held by the instance (Ray's num_gpus).")
+    memory_gib: float = Field(0.0, ge=0, description="Memory reserved for the instance, GiB; 0: none.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description='Custom Ray resources, e.g. a node label such as {"node_a100" = 0.001} or an engine '
+        'kind slot such as {"drover_engine" = 1}.',
+    )
+
+
+def _default_ray_shapes() -> dict[Literal["interactive", "mixed", "batch"], RayShape]:
+    return {role: RayShape() for role in ("interactive", "mixed", "batch")}
+
+
+class ProvisionerSettings(_Section):
+    """Where the autoscaler's instances run: ``local`` processes or actors on a Ray cluster (``ray``)."""
+
+    kind: Literal["local", "ray"] = Field(
+        "local", description="local: `drover engine serve` processes here; ray: one Ray actor per instance."
+    )
+    ray_address: str = Field(
+        "auto",
+        description="Ray cluster: ray://HEAD:10001 (Ray Client; a control plane outside the cluster, e.g. "
+        "KubeRay), HOST:PORT (the GCS, from a Ray node), or auto (the node this process runs on).",
+    )
+    ray_namespace: str = Field("drover", description="Ray namespace of the instances' named actors.")
+    engine_nats_url: str | None = Field(
+        None, description="NATS URL as engines on the Ray nodes reach it; None: [nats] url."
+    )
+    ray_scheduling: Literal["spread", "default"] = Field(
+        "spread",
+        description="spread: Ray's SPREAD strategy, so a lost node takes as few engines as possible "
+        "(Drover's choice); default: Ray's packing-first hybrid policy.",
+    )
+    ray_shapes: dict[Literal["interactive", "mixed", "batch"], RayShape] = Field(
+        default_factory=_default_ray_shapes,
+        description="Resource shape per role (interactive, mixed, batch); a role not listed asks for 1 CPU.",
+    )
+    ray_poll_s: float = Field(
+        0.5, gt=0, description="How often the provisioner's thread checks its Ray actors for exits."
+    )
+    ray_stop_on_close: bool = Field(
+        True,
+        description="Stop the instances when the control plane shuts down. false: leave them serving; the next "
+        "leader adopts them (named <instance_prefix>-<role>-<n> in ray_namespace), e.g. across a rolling update "
+        "of a replicated control plane.",
+    )
+
+
 class DemoSettings(_Section):
     instances: int = Field(2, description="Engine instances `drover up` starts.")
     requests: int = Field(16, description="Requests the demo workload submits.")
@@ -441,6 +529,7 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = GatewaySettings()
     metrics: MetricsSettings = MetricsSettings()
     audit: AuditSettings = AuditSettings()
+    provisioner: ProvisionerSettings = ProvisionerSettings()
 
     @model_validator(mode="after")
     def _check_policy(self) -> Settings:

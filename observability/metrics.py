@@ -27,6 +27,8 @@ Names (labels in braces):
 - gateway: ``drover_gateway_requests_total{endpoint,status,client}``, ``drover_gateway_ttft_seconds{request_class}``,
   ``drover_gateway_inter_token_seconds{request_class}``, ``drover_gateway_tokens_total{kind,client}``,
   ``drover_gateway_request_duration_seconds{endpoint}``
+- security: ``drover_replies_refused_total{what}`` (a reply target outside the sender's own inbox: nothing
+  published), ``drover_spans_dropped_total{reason}`` (shipped spans past the receiver's size or rate bounds)
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -118,6 +121,7 @@ class Metrics:
         self._in_flight = 0
         self._scheduler_migrations = {"committed": 0, "aborted": 0}
         self._migrations_in_flight = 0
+        self._init_prefix_cache(meter)
 
         # Request path (scheduler and engines)
         self._requests = meter.create_counter(
@@ -138,6 +142,13 @@ class Metrics:
         )
         self._engine_ended = meter.create_counter(
             "drover.engine.requests", description="Requests that left an instance, by finish reason."
+        )
+        # Security (docs/security.md)
+        self._replies_refused = meter.create_counter(
+            "drover.replies_refused", description="Replies not published: target outside the sender's own inbox."
+        )
+        self._spans_dropped = meter.create_counter(
+            "drover.spans_dropped", description="Shipped spans dropped at the receiver (size, depth or rate)."
         )
         # Migrations
         self._migrations = meter.create_counter("drover.migrations", description="Migrations by outcome.")
@@ -335,6 +346,14 @@ class Metrics:
         for gap in gaps_s:
             self._itl.record(gap, attributes)
 
+    def reply_refused(self, what: str) -> None:
+        """A reply (``what``: submit, cancel, status, replay, error) was aimed outside its sender's inbox."""
+        self._replies_refused.add(1, {"what": what})
+
+    def spans_dropped(self, count: int, reason: str) -> None:
+        if count:
+            self._spans_dropped.add(count, {"reason": reason})
+
     def engine_request_ended(self, instance_id: str, finish_reason: str) -> None:
         self._engine_ended.add(1, {"instance": instance_id, "finish_reason": finish_reason})
 
@@ -378,6 +397,7 @@ class Metrics:
     def remove_instance(self, instance_id: str) -> None:
         with self._lock:
             self._instances.pop(instance_id, None)
+            self._prefix_cache.pop(instance_id, None)
 
     def set_instances(self, instances: Sequence[InstanceGauges]) -> None:
         """Replace every instance's gauges (instances not listed disappear from the output)."""
@@ -435,6 +455,42 @@ class Metrics:
 
     def shutdown(self) -> None:
         self._provider.shutdown()
+
+    # -- Prefix cache (KV-aware routing): what engines report in heartbeats, cumulative per instance ---------
+    def _init_prefix_cache(self, meter: Any) -> None:
+        self._prefix_cache: dict[str, tuple[int, int, int]] = {}  # instance -> (cached blocks, queried, hit)
+        meter.create_observable_gauge(
+            "drover.instance.cached_blocks",
+            [self._observe_prefix_cache],
+            description="Prefix-cache blocks an instance holds (from its KV events).",
+        )
+        meter.create_observable_gauge(
+            "drover.prefix_cache.hit_rate",
+            [lambda _: [Observation(self.prefix_cache_totals()[2])]],
+            description="Cluster prefix-cache hit rate: prompt tokens found cached / prompt tokens looked up.",
+        )
+        meter.create_observable_counter(
+            "drover.prefix_cache.saved_tokens",
+            [lambda _: [Observation(self.prefix_cache_totals()[1])]],
+            description="Prefill tokens saved by prefix-cache hits, cluster total.",
+        )
+
+    def set_prefix_cache(self, instance_id: str, cached_blocks: int, query_tokens: int, hit_tokens: int) -> None:
+        with self._lock:
+            self._prefix_cache[instance_id] = (cached_blocks, query_tokens, hit_tokens)
+
+    def prefix_cache_totals(self) -> tuple[int, int, float]:
+        """(prompt tokens looked up, tokens found cached, hit rate) over the instances that report."""
+        with self._lock:
+            rows = list(self._prefix_cache.values())
+        queried = sum(r[1] for r in rows)
+        hit = sum(r[2] for r in rows)
+        return queried, hit, (hit / queried if queried else 0.0)
+
+    def _observe_prefix_cache(self, _: CallbackOptions) -> list[Observation]:
+        with self._lock:
+            rows = list(self._prefix_cache.items())
+        return [Observation(cached, {"instance": iid}) for iid, (cached, _q, _h) in rows]
 
 
 _process_metrics: Metrics | None = None

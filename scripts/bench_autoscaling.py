@@ -56,6 +56,7 @@ from control.policy.autoscaling import ROLES, AutoscaleParams, PerRole
 from control.simulator import ClusterConfig, simulate
 from control.simulator.elastic import STARTUP_DELAY_S, ElasticConfig, ElasticResult, simulate_elastic
 from control.simulator.metrics import slo_attainment
+from control.simulator.traces import AZURE_CONV
 from control.simulator.workload import (
     RequestSpec,
     batch_backlog,
@@ -65,9 +66,8 @@ from control.simulator.workload import (
     piecewise_arrivals,
     warp_arrivals,
 )
-from scripts.paths import repo_path
 
-AZURE_TRACE = repo_path("traces", "azure2023_conv.csv")
+AZURE_TRACE = AZURE_CONV
 MAX_MODEL_LEN = ClusterConfig().engine.max_model_len
 SLO = AutoscaleParams().slo
 PILOT_RATES = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0)

@@ -26,10 +26,10 @@ from pathlib import Path
 
 from control.simulator.memory import MemSimConfig, MemSimResult, simulate
 from control.simulator.memory_workloads import burst_workload, busiest_window, trace_window
+from control.simulator.traces import AZURE_CONV
 from control.simulator.workload import LengthSpec, RequestSpec
-from scripts.paths import repo_path
 
-TRACE = str(repo_path("traces", "azure2023_conv.csv"))
+TRACE = str(AZURE_CONV)
 WINDOW_S = 120.0
 LADDER = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 BASE_RATE = 4.0

@@ -39,10 +39,10 @@ from control.policy.migration import plan_migrations
 from control.policy.params import PolicyParams
 from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot
 from control.simulator import ClusterConfig, LengthSpec, SimulationResult, generate_workload, load_trace, simulate
+from control.simulator.traces import AZURE_CONV
 from control.simulator.workload import RequestSpec, describe
-from scripts.paths import repo_path
 
-AZURE_TRACE = repo_path("traces", "azure2023_conv.csv")
+AZURE_TRACE = AZURE_CONV
 NUM_INSTANCES = 16
 RATES = (35.0, 45.0, 55.0, 65.0, 75.0)
 ARRIVALS = (("poisson", 1.0), ("gamma cv4", 4.0))

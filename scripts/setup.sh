@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Install Drover and its CPU engine into ./.venv (idempotent). GPU: DROVER_EXTRAS=gpu,dev bash scripts/setup.sh
+# Install Drover and its CPU engine into ./.venv (idempotent). GPU: DROVER_EXTRAS=gpu,dev,ray bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-EXTRAS=${DROVER_EXTRAS:-cpu,dev}
+EXTRAS=${DROVER_EXTRAS:-cpu,dev,ray}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # shellcheck disable=SC1091
 . .venv/bin/activate

@@ -28,6 +28,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from transport import subjects
 from transport.messages import ErrorCode, ErrorReply, Message, ProtocolError, decode, encode, error_version
 from transport.nats_auth import NatsAuth, connect_options
 
@@ -109,6 +110,7 @@ class Bus:
         self._subscriptions: list[Subscription] = []
         self._reconnect_hooks: list[Callable[[], None]] = []
         self.rejected_messages = 0
+        self.refused_replies = 0  # error replies not sent: the target lay outside the sender's own inbox
         self.reconnects = 0
         self.disconnected_at = 0.0  # time.time() of the last lost connection
 
@@ -303,6 +305,12 @@ class Bus:
             self.rejected_messages += 1
             target = _error_target(msg, msg.data)
             log.warning("rejected message on %s (%s): %s", msg.subject, exc.code, exc)
+            identity = subjects.client_identity(msg.subject)
+            if target and identity is not None and not subjects.reply_target_allowed(identity, target):
+                # a client's message: its error goes only to its own inbox (docs/security.md)
+                log.warning("not answering %r: %r is outside its own inbox", identity, target[:300])
+                self.refused_replies += 1
+                target = None
             self.reply_error(target, exc.code, str(exc), exc.request_id)
             return None
         return Envelope(subject=msg.subject, message=message, reply=msg.reply or "", headers=headers)

@@ -8,13 +8,13 @@ sender). Decoders skip unknown *fields* (newer senders may add some), and an unk
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, TypeAlias
+from typing import Annotated, Any, TypeAlias
 
 import msgspec
 
 from control.errors import DroverError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 """The version this code speaks. Version negotiation (rolling upgrades, README "Version negotiation"):
 
 - every message carries ``v``, the version it is encoded at; a receiver accepts ``v`` in
@@ -34,6 +34,13 @@ PROTOCOL_VERSION = 2
 Version 2 added: ``SubmitRequest.deadline_s`` and ``liveness``, ``EngineAdd.client_v``,
 ``EngineInfo.protocol_version``, error codes ``deadline_exceeded`` and ``client_gone`` (sent only to
 clients that asked for deadlines or liveness probes, so a version-1 client never sees them).
+
+Version 3 (security, docs/security.md): clients publish on per-identity subjects (``drover.v1.submit.<id>``,
+``cancel.<id>``, ``admin.status.<id>``, ``replay.<id>``) that only that NATS user may publish on; the
+identity is read from the subject, never from ``client_id``; every reply target must lie under the sender's
+own inbox ``drover.v1.inbox.<id>.``; kinds ``replay`` / ``replay_reply`` (the control plane reads a client's
+inbox back from the output stream for it: clients create no JetStream consumers); and wire bounds on every
+list, string and map a client sends (:data:`WIRE_BOUNDS`), answered with ``malformed``.
 """
 MIN_PROTOCOL_VERSION = PROTOCOL_VERSION - 1
 SUPPORTED_VERSIONS = frozenset({MIN_PROTOCOL_VERSION, PROTOCOL_VERSION})
@@ -60,6 +67,52 @@ class ErrorCode(StrEnum):
     CLIENT_GONE = "client_gone"  # its inbox had no reader for lifecycle.client_gone_after_s (v2)
 
 
+# ------------------------------------------------------------------------------------- wire bounds (v3)
+MAX_ID_LENGTH = 128  # request ids, cancel tokens, client ids (a subject token)
+MAX_SUBJECT_LENGTH = 256  # reply subjects
+MAX_NAME_LENGTH = 256  # model names
+MAX_PROMPT_CHARS = 1 << 20  # a text prompt
+MAX_PROMPT_TOKENS = 1 << 18  # prompt_token_ids
+MAX_STOP_TOKENS = 256  # sampling.stop_token_ids
+MAX_SPANS_PER_BATCH = 512  # SpanBatch.spans
+MAX_NESTING_DEPTH = 32  # maps and lists inside free-form (Any) fields: span attributes
+WIRE_BOUNDS = {
+    "request_id, cancel_token, client_id": MAX_ID_LENGTH,
+    "reply_to": MAX_SUBJECT_LENGTH,
+    "model": MAX_NAME_LENGTH,
+    "prompt (characters)": MAX_PROMPT_CHARS,
+    "prompt_token_ids": MAX_PROMPT_TOKENS,
+    "sampling.stop_token_ids": MAX_STOP_TOKENS,
+    "SpanBatch.spans": MAX_SPANS_PER_BATCH,
+    "nesting depth of free-form fields": MAX_NESTING_DEPTH,
+}
+"""The documented bounds (README "Wire schema"): a message past one is answered ``malformed`` and logged."""
+
+Id = Annotated[str, msgspec.Meta(max_length=MAX_ID_LENGTH)]
+Subject = Annotated[str, msgspec.Meta(max_length=MAX_SUBJECT_LENGTH)]
+Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_LENGTH)]
+PromptText = Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)]
+PromptTokens = Annotated[list[int], msgspec.Meta(max_length=MAX_PROMPT_TOKENS)]
+StopTokens = Annotated[list[int], msgspec.Meta(max_length=MAX_STOP_TOKENS)]
+
+
+def nesting_depth(value: Any, limit: int = MAX_NESTING_DEPTH) -> int:
+    """Depth of nested maps and lists in ``value`` (iterative; stops counting past ``limit``)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > deepest:
+            deepest = depth
+            if deepest > limit:
+                return deepest
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend((child, depth + 1) for child in item)
+    return deepest
+
+
 class RequestClass(StrEnum):
     INTERACTIVE = "interactive"
     BATCH = "batch"
@@ -77,7 +130,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     top_p: float = 1.0
     top_k: int = -1
     seed: int | None = None
-    stop_token_ids: list[int] = []
+    stop_token_ids: StopTokens = []
     ignore_eos: bool = False
 
 
@@ -89,15 +142,17 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
 class SubmitRequest(_Msg, frozen=True, tag="submit"):
     """A client's request. Replies (Accepted, TokenChunk..., RequestDone | ErrorReply) go to ``reply_to``."""
 
-    reply_to: str
-    request_id: str | None = None  # the client's id (idempotency key); Drover assigns one when absent
-    prompt: str | None = None
-    prompt_token_ids: list[int] | None = None
+    reply_to: Subject
+    request_id: Id | None = None  # the client's id (idempotency key); Drover assigns one when absent
+    prompt: PromptText | None = None
+    prompt_token_ids: PromptTokens | None = None
     sampling: SamplingParams = SamplingParams()
     priority: int = 0  # > 0 is high priority
     request_class: RequestClass = RequestClass.INTERACTIVE
-    model: str | None = None
-    client_id: str = ""
+    model: Name | None = None
+    # v3: informational only (audit, logs); limits and ownership use the identity the NATS server
+    # authenticated (the subject the submission came on), see transport/subjects.client_identity
+    client_id: Id = ""
     stream_text: bool = True  # also send decoded text in each chunk
     # v2: seconds from arrival at the control plane after which generation stops (DEADLINE_EXCEEDED);
     # relative, so clocks of client and control plane need not agree. None: no deadline. A batch request's
@@ -156,9 +211,9 @@ class ErrorReply(_Msg, frozen=True, tag="error"):
 
 
 class Cancel(_Msg, frozen=True, tag="cancel"):
-    request_id: str
-    cancel_token: str
-    reply_to: str | None = None
+    request_id: Id
+    cancel_token: Id
+    reply_to: Subject | None = None
 
 
 class CancelAck(_Msg, frozen=True, tag="cancel_ack"):
@@ -250,6 +305,25 @@ class LocalReport(msgspec.Struct, frozen=True, kw_only=True):
     reason: str = ""  # the last local decision
 
 
+class PrefixCacheReport(msgspec.Struct, frozen=True, kw_only=True):
+    """What an engine's prefix cache stored and evicted since its last report (vLLM's KV events), carried in
+    heartbeats so an old control plane simply skips it. ``(epoch, seq)`` number the batches: ``seq`` grows by
+    one per batch with events and stays put in a heartbeat that has none (which lets the receiver notice a
+    lost last batch); the epoch changes when the stream restarts. ``full``: ``stored`` lists every cached
+    block (a resync; sent periodically and after a restart). Hashes are vLLM's block hashes as 64-bit ints
+    (sha256 of the pickled ``(parent, tokens, extra keys)``, low 8 bytes)."""
+
+    epoch: str
+    seq: int
+    stored: list[int] = []
+    removed: list[int] = []
+    cleared: bool = False
+    full: bool = False
+    num_cached: int = 0  # distinct cached blocks now
+    query_tokens: int = 0  # cumulative prompt tokens looked up in the cache (vLLM's prefix-cache stats)
+    hit_tokens: int = 0  # cumulative prompt tokens found cached (prefill skipped)
+
+
 class InstanceHeartbeat(_Msg, frozen=True, tag="heartbeat"):
     info: EngineInfo
     load: InstanceLoad
@@ -261,6 +335,7 @@ class InstanceHeartbeat(_Msg, frozen=True, tag="heartbeat"):
     memory: EngineMemory | None = None  # engines that can drop layers report it
     role: str = "mixed"  # "interactive" | "mixed" | "batch" (Chiron instance roles; mixed serves both classes)
     local: LocalReport | None = None  # None: the engine runs no local autoscaler
+    prefix_cache: PrefixCacheReport | None = None  # None: the engine reports no prefix-cache events
 
 
 class EngineAdd(_Msg, frozen=True, tag="engine_add"):
@@ -462,6 +537,7 @@ class InstanceStatus(msgspec.Struct, frozen=True, kw_only=True):
     age_s: float
     state: str
     dispatched: int
+    cached_blocks: int = -1  # prefix-cache blocks the instance reports holding; -1: it reports none
 
 
 class RequestStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -576,7 +652,23 @@ class SpanBatch(_Msg, frozen=True, tag="span_batch"):
     exporter writes (``observability.tracing.span_to_dict``); the control plane appends them to its trace
     file, so ``drover trace`` sees every host's spans in one place."""
 
-    spans: list[dict[str, Any]] = []
+    spans: Annotated[list[dict[str, Any]], msgspec.Meta(max_length=MAX_SPANS_PER_BATCH)] = []
+
+
+class ReplayRequest(_Msg, frozen=True, tag="replay"):
+    """Client -> control plane (v3, ``drover.v1.replay.<identity>``, request/reply): what the output stream
+    holds for ``inbox`` (one of the sender's own inboxes), from stored message ``start`` on. Clients may not
+    create JetStream consumers; the control plane reads for them after checking the inbox is theirs."""
+
+    inbox: Subject
+    start: int = 0
+
+
+class ReplayReply(_Msg, frozen=True, tag="replay_reply"):
+    """The stored messages (encoded bus messages, oldest first); ``more``: ask again from ``start + len``."""
+
+    messages: list[bytes] = []
+    more: bool = False
 
 
 # The union every receiver decodes. Append new kinds at the end.
@@ -612,6 +704,8 @@ Message: TypeAlias = (
     | AutoscaleStatusReply
     | SetInstanceRole
     | SpanBatch
+    | ReplayRequest
+    | ReplayReply
 )
 
 _encoder = msgspec.msgpack.Encoder()
@@ -650,7 +744,7 @@ def _peek(data: bytes) -> tuple[str | None, int | None, str | None]:
     """Best-effort read of kind, version and request_id from an undecodable message."""
     try:
         raw = msgspec.msgpack.decode(data)
-    except (msgspec.DecodeError, ValueError):  # ValueError: invalid UTF-8 inside a str
+    except (msgspec.DecodeError, ValueError, RecursionError):  # ValueError: invalid UTF-8 inside a str
         return None, None, None
     if not isinstance(raw, dict):
         return None, None, None
@@ -667,6 +761,8 @@ def decode(data: bytes) -> Message:
     """Decode one bus message or raise :class:`ProtocolError` with a code for the error reply."""
     try:
         message = _decoder.decode(data)
+    except RecursionError as exc:  # maps or lists nested deeper than the decoder follows
+        raise ProtocolError(ErrorCode.MALFORMED, "malformed message: nested too deeply") from exc
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
         kind, version, rid = _peek(data)
         if kind is not None and kind not in _KNOWN_KINDS:

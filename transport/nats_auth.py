@@ -4,9 +4,14 @@ generated credentials and the matching ``nats-server`` configuration.
 Roles and what each may do (the permission map, :func:`role_permissions`, is a pure function so it is
 unit-tested; tests/transport/test_nats_security.py shows every denial against a real server):
 
-- **client** (a user of the cluster, also the OpenAI gateway): submit, cancel (only with its cancel token),
-  read the cluster status, and read only its own inbox ``drover.v1.inbox.<client_id>.>`` (its token streams
-  and its request/reply answers; nats-py's ``inbox_prefix`` puts reply inboxes there too).
+- **client** (a user of the cluster): submit, cancel (only with its cancel token), read the cluster status and
+  replay its inbox, each on its *own* subject (``drover.v1.submit.<client_id>`` ...: the control plane takes
+  the identity from the subject, protocol v3), and read only its own inbox ``drover.v1.inbox.<client_id>.>``
+  (its token streams and its request/reply answers; nats-py's ``inbox_prefix`` puts reply inboxes there too).
+  No JetStream API at all (no consumers of its own: the control plane replays for it) and no spans.
+- **gateway** (the OpenAI gateway): a client that may also ship spans.
+- **control-reply**: the control plane's client-bound connection: publishes only to client inboxes,
+  subscribes to nothing (docs/security.md, "least privilege").
 - **engine**: publish tokens to client inboxes (the output stream captures them; no JetStream API needed:
   the final reply is also a JetStream publish to the inbox subject, whose PubAck comes back on the engine's
   own reply prefix ``drover.v1.engine_reply.<instance>``), engine events and its heartbeat; receive commands
@@ -38,7 +43,12 @@ class Role(StrEnum):
     ENGINE = "engine"
     CONTROL = "control"
     OPERATOR = "operator"
+    GATEWAY = "gateway"  # a client that may also ship spans
+    CONTROL_REPLY = "control-reply"  # the control plane's client-bound connection
 
+
+CONTROL_REPLY_USER = "control-reply"
+"""The control plane's client-bound user (publishes only to client inboxes)."""
 
 ACCOUNT = "DROVER"
 """The one NATS account every Drover user lives in (JetStream enabled)."""
@@ -60,28 +70,25 @@ class Permissions:
     allow_responses: bool = False  # may answer requests it received, whatever their reply subject
 
     def as_config(self) -> dict[str, Any]:
-        """The ``permissions`` block of a nats-server user."""
+        """The ``permissions`` block of a nats-server user (no subscribe subject: deny every one, since an
+        empty allow list would allow all)."""
         block: dict[str, Any] = {
             "publish": {"allow": list(self.publish)},
-            "subscribe": {"allow": list(self.subscribe)},
+            "subscribe": {"allow": list(self.subscribe)} if self.subscribe else {"deny": [">"]},
         }
         if self.allow_responses:
             block["allow_responses"] = True
         return block
 
 
-def own_output_replay(client_id: str) -> tuple[str, ...]:
-    """JetStream subjects a client needs to replay its own inbox from the output stream (``resume_from``).
-
-    Consumer creation is scoped by filter subject: nats-py names ephemeral consumers and creates them on
-    ``$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>``, so a client can only create consumers over its own
-    inbox; fetch, ack and delete name a consumer (random names it created)."""
-    stream = subjects.OUTPUT_STREAM
+def own_client_subjects(client_id: str) -> tuple[str, ...]:
+    """What a client publishes on (protocol v3): submit, cancel, status and replay, each on its own subject
+    that ends in its id; only this user may publish there, which is how the control plane knows who sent it."""
     return (
-        f"$JS.API.CONSUMER.CREATE.{stream}.*.{subjects.client_inbox_prefix(client_id)}.>",
-        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.*",
-        f"$JS.API.CONSUMER.DELETE.{stream}.*",
-        f"$JS.ACK.{stream}.>",
+        subjects.submit(client_id),
+        subjects.cancel(client_id),
+        subjects.status(client_id),
+        subjects.replay(client_id),
     )
 
 
@@ -92,25 +99,23 @@ def role_permissions(role: Role, *, client_id: str | None = None, instance_id: s
     required for those roles. ``instance_id`` (engine role): the one instance these credentials serve; None
     gives a credential shared by every engine (``drover.v1.engine.*``).
     """
-    if role in (Role.CLIENT, Role.OPERATOR):
+    if role in (Role.CLIENT, Role.GATEWAY, Role.OPERATOR):
         if not client_id:
             raise ValueError(f"the {role} role needs a client_id (its inbox)")
         inbox = subjects.client_inbox_prefix(client_id) + ".>"
         # its requests' liveness probes (drover.v1.alive.<client_id>.>), answered on the prober's reply subject
         alive = subjects.alive(subjects.client_inbox_prefix(client_id)) + ".>"
-        replay = own_output_replay(client_id)
-        if role is Role.CLIENT:
-            readonly = tuple(subjects.admin(verb) for verb in READ_ONLY_ADMIN_VERBS)
-            return Permissions(
-                publish=(subjects.SUBMIT, subjects.CANCEL, *readonly, *replay, subjects.SPANS),
-                subscribe=(inbox, alive),
-                allow_responses=True,
-            )
+        own = own_client_subjects(client_id)
+        if role in (Role.CLIENT, Role.GATEWAY):
+            spans = (subjects.SPANS,) if role is Role.GATEWAY else ()
+            return Permissions(publish=(*own, *spans), subscribe=(inbox, alive), allow_responses=True)
         return Permissions(
-            publish=(subjects.SUBMIT, subjects.CANCEL, subjects.ADMIN + ".>", *replay),
+            publish=(*own, subjects.ADMIN + ".>"),
             subscribe=(inbox, alive, subjects.ENGINE_EVENTS, subjects.heartbeat("*")),
             allow_responses=True,
         )
+    if role is Role.CONTROL_REPLY:
+        return Permissions(publish=(subjects.INBOX_ROOT + ".>",), subscribe=())
     if role is Role.ENGINE:
         target = subjects.validate_token(instance_id) if instance_id else "*"
         return Permissions(
@@ -129,12 +134,17 @@ def role_permissions(role: Role, *, client_id: str | None = None, instance_id: s
                 # a deposed leader passes control messages on once to whoever leads now (control/leadership)
                 subjects.SUBMIT,
                 subjects.CANCEL,
+                subjects.SUBMIT + ".>",
+                subjects.CANCEL + ".>",
                 subjects.ADMIN + ".>",
                 subjects.ALIVE_ROOT + ".>",  # liveness probes of clients' requests (actors/request_lifecycle)
             ),
             subscribe=(
                 subjects.SUBMIT,
                 subjects.CANCEL,
+                subjects.SUBMIT + ".*",
+                subjects.CANCEL + ".*",
+                subjects.REPLAY + ".*",
                 subjects.heartbeat("*"),
                 subjects.ENGINE_EVENTS,
                 subjects.ADMIN + ".>",
@@ -171,12 +181,22 @@ def permission_map(users: Iterable[UserSpec]) -> dict[str, Permissions]:
 
 
 def default_users(
-    *, clients: Sequence[str] = ("client",), engines: Sequence[str] = (), operator: str = "operator"
+    *,
+    clients: Sequence[str] = ("client",),
+    engines: Sequence[str] = (),
+    operator: str = "operator",
+    gateways: Sequence[str] = (),
 ) -> list[UserSpec]:
-    """A control-plane user, one operator, one user per client id, and engine users: one per instance id in
-    ``engines``, or one shared ``engine`` user (every instance) when ``engines`` is empty."""
-    users = [UserSpec("control", Role.CONTROL), UserSpec(operator, Role.OPERATOR, client_id=operator)]
+    """A control-plane user (and its client-bound ``control-reply`` user), one operator, one user per client
+    id, and engine users: one per instance id in ``engines``, or one shared ``engine`` user (every instance)
+    when ``engines`` is empty."""
+    users = [
+        UserSpec("control", Role.CONTROL),
+        UserSpec(CONTROL_REPLY_USER, Role.CONTROL_REPLY),
+        UserSpec(operator, Role.OPERATOR, client_id=operator),
+    ]
     users += [UserSpec(client, Role.CLIENT, client_id=client) for client in clients]
+    users += [UserSpec(gateway, Role.GATEWAY, client_id=gateway) for gateway in gateways]
     if engines:
         users += [UserSpec(f"engine-{iid}", Role.ENGINE, instance_id=iid) for iid in engines]
     else:
@@ -420,12 +440,23 @@ class SecureBundle:
     def user(self, name: str) -> UserSpec:
         return next(c.user for c in self.credentials if c.user.name == name)
 
+    def reply_fields(self) -> dict[str, str]:
+        """The ``[nats] reply_*`` settings of the control plane's client-bound user (empty when none)."""
+        auth = self.auth.get(CONTROL_REPLY_USER)
+        if auth is None:
+            return {}
+        fields = {"reply_user": auth.user, "reply_password": auth.password, "reply_nkey_seed_file": auth.nkey_seed_file}
+        return {key: value for key, value in fields.items() if value}
+
     def write_settings(self, url: str | None) -> dict[str, Path]:
         """Write ``<user>.toml`` (a Drover ``[nats]`` section, mode 0600) for every user; name -> path."""
         paths = {}
         for cred in self.credentials:
             path = self.directory / f"{cred.user.name}.toml"
-            _write_secret(path, settings_toml(cred.user, self.auth[cred.user.name], url))
+            text = settings_toml(cred.user, self.auth[cred.user.name], url)
+            if cred.user.role is Role.CONTROL:  # it also opens the client-bound connection
+                text += "".join(f"{key} = {json.dumps(value)}\n" for key, value in self.reply_fields().items())
+            _write_secret(path, text)
             paths[cred.user.name] = path
         return paths
 
@@ -450,3 +481,97 @@ def make_bundle(
     for cred in credentials:
         bundle.auth[cred.user.name] = client_auth(cred, directory, tls=client_tls)
     return bundle
+
+
+# ------------------------------------------------------------------------------------------ live changes
+REGISTRY_FILE = "users.json"
+"""Beside accounts.conf: every user with its role and public key (or password), so users can be added,
+revoked and rotated later without touching the others (`drover nats add-user | revoke | rotate`)."""
+
+
+@dataclass
+class Registry:
+    """The users of one deployment and what their settings files need (URL, CA)."""
+
+    credentials: list[Credential]
+    url: str | None = None
+    tls_ca_file: str | None = None
+
+    def names(self) -> list[str]:
+        return [c.user.name for c in self.credentials]
+
+    def find(self, name: str) -> Credential:
+        for cred in self.credentials:
+            if cred.user.name == name:
+                return cred
+        raise KeyError(f"no NATS user {name!r} (users: {', '.join(self.names())})")
+
+    def added(self, user: UserSpec, mode: Literal["nkey", "password"]) -> tuple[Registry, Credential]:
+        """A registry with ``user`` and its fresh secret."""
+        if user.name in self.names():
+            raise ValueError(f"NATS user {user.name!r} exists (rotate its secret with `drover nats rotate`)")
+        (cred,) = generate_credentials([user], mode)
+        permission_map([*(c.user for c in self.credentials), user])  # validates ids
+        return Registry([*self.credentials, cred], self.url, self.tls_ca_file), cred
+
+    def revoked(self, name: str) -> Registry:
+        self.find(name)
+        return Registry([c for c in self.credentials if c.user.name != name], self.url, self.tls_ca_file)
+
+    def rotated(self, name: str) -> tuple[Registry, Credential]:
+        """A new secret for ``name`` (same kind as before); the old one stops working at the next reload."""
+        old = self.find(name)
+        (cred,) = generate_credentials([old.user], "nkey" if old.nkey_public else "password")
+        credentials = [cred if c.user.name == name else c for c in self.credentials]
+        return Registry(credentials, self.url, self.tls_ca_file), cred
+
+    def to_json(self) -> str:
+        users = [
+            {
+                "name": c.user.name,
+                "role": str(c.user.role),
+                "client_id": c.user.client_id,
+                "instance_id": c.user.instance_id,
+                "nkey_public": c.nkey_public,
+                "password": c.password,
+            }
+            for c in self.credentials
+        ]
+        return json.dumps({"url": self.url, "tls_ca_file": self.tls_ca_file, "users": users}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Registry:
+        raw = json.loads(text)
+        creds = [
+            Credential(
+                UserSpec(u["name"], Role(u["role"]), u.get("client_id"), u.get("instance_id")),
+                password=u.get("password"),
+                nkey_public=u.get("nkey_public"),
+            )
+            for u in raw["users"]
+        ]
+        return cls(creds, raw.get("url"), raw.get("tls_ca_file"))
+
+    def save(self, directory: Path) -> None:
+        _write_secret(directory / REGISTRY_FILE, self.to_json())
+
+    @classmethod
+    def load(cls, directory: Path) -> Registry:
+        return cls.from_json((directory / REGISTRY_FILE).read_text())
+
+
+def write_user_files(directory: Path, credential: Credential, registry: Registry) -> Path:
+    """The new secret's files (nkey seed, ``<user>.toml``, mode 0600); returns the settings file."""
+    tls = NatsAuth(tls_ca_file=registry.tls_ca_file) if registry.tls_ca_file else None
+    auth = client_auth(credential, directory, tls=tls)
+    path = directory / f"{credential.user.name}.toml"
+    _write_secret(path, settings_toml(credential.user, auth, registry.url))
+    return path
+
+
+def reload_server(pid: int) -> None:
+    """Have a running nats-server re-read its config (what ``nats-server --signal reload=<pid>`` sends):
+    new users may connect at once, revoked or rotated ones are refused, without a restart."""
+    import signal
+
+    os.kill(pid, signal.SIGHUP)

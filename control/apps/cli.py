@@ -386,7 +386,7 @@ def add_id_column(table: Table, name: str, values: list[str]) -> None:
 def _instances_table(status: Any) -> Table:
     table = listing(f"instances (dispatch: {status.dispatch_policy})")
     add_id_column(table, "instance", [i.info.instance_id for i in status.instances])
-    for column in ("kind", "model", "state", "free/total", "run", "wait", "disp", "age s"):
+    for column in ("kind", "model", "state", "free/total", "run", "wait", "disp", "cached", "age s"):
         add_column(table, column, "left" if column in ("kind", "model", "state") else "right")
     for inst in status.instances:
         load = inst.load
@@ -399,6 +399,7 @@ def _instances_table(status: Any) -> Table:
             str(load.num_running),
             str(load.num_waiting),
             str(inst.dispatched),
+            str(inst.cached_blocks) if inst.cached_blocks >= 0 else "-",  # prefix cache (KV events)
             f"{inst.age_s:.1f}",
         )
     return table
@@ -670,6 +671,9 @@ _register_memory_commands(app)
 from control.apps.cli_autoscale import register as _register_autoscale_commands  # noqa: E402
 
 _register_autoscale_commands(app)
+from control.apps.cli_sim import register as _register_sim_commands  # noqa: E402
+
+_register_sim_commands(app)
 
 if __name__ == "__main__":
     app()

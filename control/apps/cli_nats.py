@@ -6,9 +6,13 @@ from __future__ import annotations
 import datetime
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from transport.nats_auth import Registry
 
 nats_app = typer.Typer(help="NATS server configuration and credentials.", no_args_is_help=True)
 
@@ -64,6 +68,9 @@ def config(
     client: list[str] = typer.Option(
         [], "--client", help="Client id (repeat): a client user reading only drover.v1.inbox.<id>. Default: client."
     ),
+    gateway: list[str] = typer.Option(
+        [], "--gateway", help="Gateway client id (repeat): a client that may also ship spans (the OpenAI gateway)."
+    ),
     engine: list[str] = typer.Option(
         [], "--engine", help="Engine instance id (repeat): one user each. None: one user shared by every engine."
     ),
@@ -103,6 +110,7 @@ def config(
     from transport.nats_auth import (
         ClusterRoutes,
         NatsAuth,
+        Registry,
         ServerTls,
         accounts_config,
         cluster_config,
@@ -162,7 +170,7 @@ def config(
     )
     server_path.chmod(0o600)  # route passwords
     if not node_only:
-        users = default_users(clients=client or ["client"], engines=engine, operator=operator)
+        users = default_users(clients=client or ["client"], engines=engine, operator=operator, gateways=gateway)
         client_tls = NatsAuth(tls_ca_file=absolute(tls_ca)) if tls_cert else None
         bundle = make_bundle(out, users, mode=auth, client_tls=client_tls)  # type: ignore[arg-type]
         accounts_path.write_text(
@@ -172,6 +180,8 @@ def config(
         accounts_path.chmod(0o600)
         scheme = "tls" if tls_cert else "nats"
         client_url = url or f"{scheme}://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+        # users.json: what `drover nats add-user | revoke | rotate` change later, without a restart
+        Registry(bundle.credentials, client_url, absolute(tls_ca) if tls_cert else None).save(out)
         table = Table(title=f"NATS users ({auth})")
         for column in ("user", "role", "may publish", "may subscribe", "credentials"):
             table.add_column(column)
@@ -198,3 +208,121 @@ def config(
             "give each process its user's file: `drover --config "
             f"{out}/control.toml control serve`, engines `engine*.toml`, clients `<client>.toml`"
         )
+
+
+# ------------------------------------------------------------------------------------------ live changes
+_DIR = typer.Option(Path("drover-nats"), "--dir", "-d", help="Directory `drover nats config` wrote.")
+_PID = typer.Option(None, "--pid", help="PID of the running nats-server to reload (SIGHUP, as --signal reload).")
+_PID_FILE = typer.Option(None, "--pid-file", help="File holding that PID (nats-server's pid_file).")
+
+
+def _fail(message: str) -> NoReturn:
+    from control.apps import cli
+
+    cli.console.print(f"[red]{message}[/]")
+    raise typer.Exit(2)
+
+
+def _load(directory: Path) -> Registry:
+    from transport.nats_auth import REGISTRY_FILE, Registry
+
+    try:
+        return Registry.load(directory.resolve())
+    except FileNotFoundError:
+        _fail(f"no {directory / REGISTRY_FILE}: run `drover nats config --out {directory}` first")
+    except (ValueError, KeyError) as exc:
+        _fail(f"{directory / REGISTRY_FILE} is unreadable: {exc}")
+
+
+def _apply(directory: Path, registry: Registry, pid: int | None, pid_file: Path | None, what: str) -> None:
+    """Write accounts.conf and users.json, then have the server reload them (when told which one)."""
+    from control.apps import cli
+    from transport.nats_auth import accounts_config, reload_server
+
+    directory = directory.resolve()
+    accounts = directory / ACCOUNTS_CONF
+    accounts.write_text(
+        "# Drover's NATS users and their subject permissions (`drover nats config`); one account, DROVER.\n"
+        + accounts_config(registry.credentials)
+    )
+    accounts.chmod(0o600)
+    registry.save(directory)
+    if pid_file is not None:
+        try:
+            pid = int(pid_file.read_text().strip())
+        except (OSError, ValueError) as exc:
+            _fail(f"cannot read a PID from {pid_file}: {exc}")
+    if pid is None:
+        cli.console.print(f"{what}; reload the server: nats-server --signal reload=<pid> (or SIGHUP)")
+        return
+    try:
+        reload_server(pid)
+    except OSError as exc:
+        _fail(f"{what}, but reloading nats-server {pid} failed: {exc}")
+    cli.console.print(f"{what}; nats-server {pid} reloaded")
+
+
+@nats_app.command("add-user")
+def add_user(
+    name: str = typer.Argument(..., help="Login name of the new user."),
+    role: str = typer.Option("client", "--role", help="client, gateway, engine, operator or control-reply."),
+    client_id: str | None = typer.Option(None, "--client-id", help="Its client id (default: the name)."),
+    instance_id: str | None = typer.Option(None, "--instance-id", help="Engine role: the one instance it serves."),
+    auth: str = typer.Option("nkey", "--auth", help="nkey or password."),
+    directory: Path = _DIR,
+    pid: int | None = _PID,
+    pid_file: Path | None = _PID_FILE,
+) -> None:
+    """Add a user (its `<name>.toml` and seed are written) and reload the running server: no restart."""
+    from transport.nats_auth import Role, UserSpec, write_user_files
+
+    registry = _load(directory)
+    try:
+        spec_role = Role(role)
+    except ValueError:
+        _fail(f"unknown role {role!r} (client, gateway, engine, operator, control-reply)")
+    if auth not in ("nkey", "password"):
+        _fail(f"--auth must be nkey or password, not {auth!r}")
+    needs_id = spec_role in (Role.CLIENT, Role.GATEWAY, Role.OPERATOR)
+    spec = UserSpec(name, spec_role, client_id=(client_id or name) if needs_id else None, instance_id=instance_id)
+    try:
+        updated, cred = registry.added(spec, auth)  # type: ignore[arg-type]
+    except ValueError as exc:
+        _fail(str(exc))
+    path = write_user_files(directory.resolve(), cred, updated)
+    _apply(directory, updated, pid, pid_file, f"added {name} ({spec_role}): {path}")
+
+
+@nats_app.command("revoke")
+def revoke(
+    name: str = typer.Argument(..., help="The user to remove."),
+    directory: Path = _DIR,
+    pid: int | None = _PID,
+    pid_file: Path | None = _PID_FILE,
+) -> None:
+    """Remove a user: after the reload the server refuses it (its connections are closed)."""
+    registry = _load(directory)
+    try:
+        updated = registry.revoked(name)
+    except KeyError as exc:
+        _fail(str(exc.args[0]))
+    _apply(directory, updated, pid, pid_file, f"revoked {name}")
+
+
+@nats_app.command("rotate")
+def rotate(
+    name: str = typer.Argument(..., help="The user whose secret is replaced."),
+    directory: Path = _DIR,
+    pid: int | None = _PID,
+    pid_file: Path | None = _PID_FILE,
+) -> None:
+    """Give a user a new secret (new seed and `<name>.toml`); the old one is refused after the reload."""
+    from transport.nats_auth import write_user_files
+
+    registry = _load(directory)
+    try:
+        updated, cred = registry.rotated(name)
+    except KeyError as exc:
+        _fail(str(exc.args[0]))
+    path = write_user_files(directory.resolve(), cred, updated)
+    _apply(directory, updated, pid, pid_file, f"rotated {name}: {path}")

@@ -73,7 +73,8 @@ class LocalCluster:
         if self.secure is None:
             return self.settings.nats
         auth, spec = self.secure.auth[user], self.secure.user(user)
-        return self.settings.nats.model_copy(update={**_auth_fields(auth), "client_id": spec.client_id})
+        extra = self.secure.reply_fields() if spec.role is Role.CONTROL else {}  # its client-bound user too
+        return self.settings.nats.model_copy(update={**_auth_fields(auth), "client_id": spec.client_id, **extra})
 
     @property
     def client_nats(self) -> NatsSettings:

@@ -72,6 +72,7 @@ def embedded_nats_if_needed(settings: Settings) -> Iterator[Settings]:
     if bundle is not None:
         bundle.write_settings(url)  # what other processes connect with: drover --config FILE ...
         nats_update.update(dataclasses.asdict(bundle.auth["control"]))
+        nats_update.update(bundle.reply_fields())
         log.info("embedded NATS with generated credentials: settings files per user in %s", bundle.directory)
     update: dict[str, object] = {"nats": settings.nats.model_copy(update=nats_update)}
     if settings.nats.embedded_cluster_size > 1 and settings.reliability.output_replicas == 1:
@@ -155,7 +156,14 @@ def serve_control(settings: Settings) -> None:
     with embedded_nats_if_needed(settings) as settings:
         tokenizer = load_tokenizer(resolve_model_dir(settings) if settings.engine.kind == "vllm" else None)
         bus = Bus(bus_options(settings, "drover-control")).start()
-        plane = ControlPlane(settings, bus, tokenizer, provisioner_factory=make_provisioner).start()
+        reply_auth = settings.nats.reply_auth()  # the client-bound user (docs/security.md)
+        reply_bus = None
+        if reply_auth is not None:
+            assert settings.nats.url
+            reply_bus = Bus(BusOptions.with_auth(settings.nats.url, "drover-control-reply", reply_auth)).start()
+        plane = ControlPlane(
+            settings, bus, tokenizer, provisioner_factory=make_provisioner, reply_bus=reply_bus
+        ).start()
         from observability.metrics import metrics
 
         metrics().set_leader_probe(lambda: getattr(plane, "leading", True) is not False)
@@ -168,6 +176,8 @@ def serve_control(settings: Settings) -> None:
                 http.stop()
             plane.stop()
             bus.stop()
+            if reply_bus is not None:
+                reply_bus.stop()
             shutdown_tracing()
 
 

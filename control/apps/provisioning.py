@@ -232,7 +232,11 @@ class InProcessProvisioner(_Tracked):
 
 
 def make_provisioner(settings: Settings) -> Provisioner:
-    """The provisioner ``[autoscaler] provisioner`` names."""
+    """The provisioner ``[provisioner] kind`` names (``ray``: control/apps/ray_provisioner.py)."""
+    if settings.provisioner.kind == "ray":
+        from control.apps.ray_provisioner import RayProvisioner
+
+        return RayProvisioner(settings)
     if settings.autoscaler.provisioner == "local":
         return LocalProcessProvisioner(settings)
     raise ValueError(f"unknown provisioner {settings.autoscaler.provisioner!r}")

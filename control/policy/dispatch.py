@@ -36,7 +36,7 @@ from control.policy.freeness import dispatch_freeness, physical_usage, priority_
 from control.policy.params import DispatchParams
 from control.policy.snapshots import InstanceSnapshot, RequestDemand
 
-POLICY_NAMES: tuple[str, ...] = ("round_robin", "least_loaded", "freeness", "prefix_affinity")
+POLICY_NAMES: tuple[str, ...] = ("round_robin", "least_loaded", "freeness", "prefix_affinity", "kv_aware")
 
 ANY_MODEL = ""
 
@@ -66,6 +66,10 @@ def make_dispatch_policy(name: str, params: DispatchParams | None = None) -> Dis
         return FreenessIndex(params)
     if name == "prefix_affinity":
         return PrefixAffinityIndex(params)
+    if name == "kv_aware":  # its own module (control/policy/kv_aware.py); imported here to avoid a cycle
+        from control.policy.kv_aware import KvAwareIndex
+
+        return KvAwareIndex(params)
     raise ValueError(f"unknown dispatch policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
 
 

@@ -334,6 +334,8 @@ class ClusterSimulator:
             max_tokens=spec.output_len,
             priority=spec.priority,
             arrival_time=spec.arrival,
+            block_hashes=spec.prefix_hashes,
+            hash_block_tokens=spec.prefix_block_tokens,
         )
         record.sim = request
         if self.instances[0].core.can_ever_fit(spec.prompt_len, spec.output_len) is not None:
@@ -354,6 +356,7 @@ class ClusterSimulator:
             num_blocks=-(-request.prompt_len // self.config.engine.block_size),
             priority=request.priority,
             model=self.config.model,
+            prefix_block_hashes=request.block_hashes,
         )
 
     def _dispatch(self, request: SimRequest) -> bool:

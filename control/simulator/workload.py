@@ -8,8 +8,10 @@ parameters and seed (the same requests for every policy compared).
 * Lengths: fixed, uniform, or Llumnix's generated power-law (Zipf) lengths: a discrete power law on
   [1, cap] whose exponent is solved so the mean hits the requested value (Llumnix: means 128/256/512,
   capped at 6,144).
-* Traces: CSV ``timestamp,input_tokens,output_tokens`` (e.g. the Azure 2023 conversation trace), with a
-  time-compression factor (2.0 replays it twice as fast) and optional length caps.
+* Traces: CSV ``timestamp,input_tokens,output_tokens[,hash_ids]`` (e.g. the Azure 2023 conversation trace),
+  with a time-compression factor (2.0 replays it twice as fast) and optional length caps (none by default:
+  a prompt longer than the context is rejected by the engine, never truncated). ``hash_ids`` (space-separated
+  prefix-block hashes of ``hash_block_tokens`` tokens each, Mooncake's format) are carried to the requests.
 * Rate changes: :func:`warp_arrivals` replays a workload with a piecewise speed-up (bursts on a real trace),
   :func:`piecewise_arrivals` draws Gamma arrivals whose rate steps through a schedule.
 * Request classes (Chiron): every request is ``interactive`` (TTFT/ITL SLOs) or ``batch`` (a deadline);
@@ -40,6 +42,10 @@ class RequestSpec:
     priority: int = 0
     request_class: str = "interactive"  # interactive | batch
     deadline: float = math.inf  # batch: finish by this time (seconds from the start)
+    prefix_hashes: tuple[int, ...] = ()
+    """Prefix-block hashes of the prompt (a trace's ``hash_ids``): equal ids at the same position mean the
+    same prefix; each covers ``prefix_block_tokens`` tokens."""
+    prefix_block_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,23 +166,37 @@ def load_trace(
     limit: int | None = None,
     start: float = 0.0,
     duration: float | None = None,
+    hash_block_tokens: int = 512,
 ) -> list[RequestSpec]:
-    """Replay a ``timestamp,input_tokens,output_tokens`` CSV, ``time_compression`` times faster.
+    """Replay a ``timestamp,input_tokens,output_tokens[,hash_ids]`` CSV, ``time_compression`` times faster.
 
     ``start``/``duration`` cut a window (trace seconds, before compression); lengths are capped as given.
+    ValueError (naming the line) on a malformed row.
     """
     if time_compression <= 0:
         raise ValueError("time_compression must be > 0")
     specs: list[RequestSpec] = []
     with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            t = float(row["timestamp"])
+        reader = csv.DictReader(handle)
+        missing = {"timestamp", "input_tokens", "output_tokens"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(
+                f"{path}: missing column(s) {', '.join(sorted(missing))} (need timestamp,input_tokens,"
+                "output_tokens[,hash_ids])"
+            )
+        has_hashes = "hash_ids" in (reader.fieldnames or ())
+        for row in reader:
+            try:
+                t = float(row["timestamp"])
+                p = max(1, int(row["input_tokens"]))
+                o = max(1, int(row["output_tokens"]))
+                hashes = tuple(int(h) for h in (row.get("hash_ids") or "").split()) if has_hashes else ()
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{path}: line {reader.line_num}: {exc}") from None
             if t < start:
                 continue
             if duration is not None and t >= start + duration:
                 break
-            p = max(1, int(row["input_tokens"]))
-            o = max(1, int(row["output_tokens"]))
             if max_prompt_len is not None:
                 p = min(p, max_prompt_len)
             if max_output_len is not None:
@@ -184,7 +204,16 @@ def load_trace(
             if max_total_len is not None:
                 p = min(p, max_total_len - 1)
                 o = max(1, min(o, max_total_len - p))
-            specs.append(RequestSpec(f"trace-{len(specs)}", (t - start) / time_compression, p, o))
+            specs.append(
+                RequestSpec(
+                    f"trace-{len(specs)}",
+                    (t - start) / time_compression,
+                    p,
+                    o,
+                    prefix_hashes=hashes,
+                    prefix_block_tokens=hash_block_tokens if hashes else 0,
+                )
+            )
             if limit is not None and len(specs) >= limit:
                 break
     return specs

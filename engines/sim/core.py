@@ -9,7 +9,9 @@ Scheduling follows vLLM v1 (``vllm/v1/core/sched/scheduler.py``): each step has 
 token, a prefill in progress takes what the budget leaves, chunked); a request that cannot get the KV
 blocks it needs preempts the *newest* running request (recompute: its blocks are freed and it goes back to
 the front of the waiting queue) until it fits or preempts itself; then, if nothing was preempted this step,
-waiting requests are admitted in order while ``max_num_seqs`` and the budget allow and their blocks fit.
+waiting requests are admitted in order while ``max_num_seqs`` and the budget allow and their blocks fit
+(the whole sequence's blocks, as vLLM's ``scheduler_reserve_full_isl``, unless ``reserve_full_prompt`` is
+off; then only the first chunk's).
 A request produces a token when its context is fully computed (the end of prefill, then every decode).
 
 Fast-forward: when a step is decode-only and nothing can change until the earliest request finishes or
@@ -25,6 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from engines.sim.cost_model import DEFAULT_COST_MODEL, CostModel
+from engines.sim.prefix_cache import PrefixCache
 
 WAITING, RUNNING, FINISHED, REMOVED = "waiting", "running", "finished", "removed"
 
@@ -40,6 +43,10 @@ class SimEngineConfig:
     max_model_len: int = 2048
     chunked_prefill: bool = True  # vLLM v1 default; Llumnix's vLLM v0 prefilled whole prompts
     watermark_blocks: int = 0  # blocks kept free when admitting (vLLM v0 used 1 %; v1 none)
+    reserve_full_prompt: bool = True
+    """Admit a waiting request only when its whole sequence (prompt and any output so far) fits the free
+    blocks, not just its first chunk: vLLM v1's ``scheduler_reserve_full_isl`` (default on). Off, a long
+    prompt is admitted chunk by chunk and can thrash beside a growing older request (older vLLM v1)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -64,6 +71,8 @@ class SimRequest:
     preempted_at: float = -1.0
     preemption_loss: float = 0.0
     tag: object = None  # the caller's per-request data (the simulator's metrics record)
+    block_hashes: tuple[int, ...] = ()  # prefix-block hashes of the prompt (a trace's hash_ids), for prefix caching
+    hash_block_tokens: int = 0  # tokens each of ``block_hashes`` covers; 0: one hash per engine block (chained)
     _waiting_need: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
@@ -99,6 +108,8 @@ class _Plan:
     decode_seqs: int
     context0: int  # sum of decode contexts at the first step (multi-step runs only)
     base_computed: list[int]  # per entry, num_computed at plan time (multi-step runs only)
+    run_base: float = 0.0  # multi-step runs: the first step's ms and the ms each later step adds
+    run_growth: float = 0.0
 
 
 class SimEngineCore:
@@ -121,6 +132,8 @@ class SimEngineCore:
         self._plan: _Plan | None = None
         self._pending_removal: dict[str, bool] = {}  # request id -> keep its blocks
         self._outgoing: dict[str, int] = {}  # request id -> blocks held for its migration
+        # Prefix caching (engines/sim/prefix_cache.py): None = off. Every hook below is one guarded line.
+        self.prefix_cache: PrefixCache | None = None
 
     # ------------------------------------------------------------------------------------------ capacity
     @property
@@ -210,6 +223,8 @@ class SimEngineCore:
         """Free the blocks a migrated-out request held here (after the destination resumed it)."""
         blocks = self._outgoing.pop(request_id, 0)
         self.outgoing_blocks -= blocks
+        if self.prefix_cache is not None:  # prefix-cache hook: the migrated request's blocks are free now
+            self.prefix_cache.release(request_id)
         if blocks:
             self.version += 1
         return blocks
@@ -240,6 +255,7 @@ class SimEngineCore:
         entries: list[tuple[SimRequest, int]] = []
         preempted = False
         prefill_tokens = decode_seqs = decode_context = 0
+        prefill_pairs = 0.0  # prefill attention's (query, key) pairs: a chunk attends to what precedes it
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -250,22 +266,30 @@ class SimEngineCore:
             if not fits:  # it preempted itself: it was the newest, nothing runs after it
                 break
             entries.append((request, n))
+            if self.prefix_cache is not None:  # prefix-cache hook: cache the blocks this chunk completes
+                self.prefix_cache.schedule(request, n)
             budget -= n
             if need == 1 and request.num_computed > 0:
                 decode_seqs += 1
                 decode_context += request.context_len
             else:
                 prefill_tokens += n
+                prefill_pairs += n * (request.num_computed + (n + 1) / 2)
             i += 1
         if not preempted:
             while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
                 request = self.waiting[0]
+                if self.prefix_cache is not None:  # prefix-cache hook: a hit starts the prefill past it
+                    request.num_computed = self.prefix_cache.lookup(request, self.num_free_blocks)
                 need = request.context_len - request.num_computed
                 if not self.config.chunked_prefill and need > budget and entries:
                     break
                 n = need if not self.config.chunked_prefill else min(need, budget)
                 new_blocks = self.blocks_for(request.num_computed + n) - request.num_blocks
-                if new_blocks > self.num_free_blocks - self.config.watermark_blocks:
+                free = self.num_free_blocks - self.config.watermark_blocks
+                if new_blocks > free:
+                    break
+                if self.config.reserve_full_prompt and request._waiting_need - request.num_blocks > free:
                     break
                 self._pop_waiting()
                 request.state = RUNNING
@@ -275,9 +299,14 @@ class SimEngineCore:
                 self.allocated_blocks += new_blocks
                 self.running.append(request)
                 entries.append((request, n))
+                if self.prefix_cache is not None:  # prefix-cache hook: hold the hit, cache the new blocks
+                    self.prefix_cache.schedule(request, n)
                 budget -= n
                 prefill_tokens += n
+                prefill_pairs += n * (request.num_computed + (n + 1) / 2)
                 self.version += 1
+        if self.prefix_cache is not None:  # prefix-cache hook: allocation may have evicted cached blocks
+            self.prefix_cache.trim(self.num_free_blocks)
         if not entries:
             return None
         steps = 1
@@ -286,12 +315,16 @@ class SimEngineCore:
             steps = self._decode_run_length(entries, max_steps)
             if steps > 1:
                 base_computed = [r.num_computed for r, _ in entries]
+        run_base = run_growth = 0.0
         if steps > 1:
-            duration_ms = self.cost.decode_run_ms(decode_seqs, decode_context, steps)
+            run_base, run_growth = self.cost.run_coefficients(decode_seqs, decode_context)
+            duration_ms = self.cost.run_ms(run_base, run_growth, steps)
         else:
-            duration_ms = self.cost.step_ms(prefill_tokens, decode_seqs, decode_context)
+            duration_ms = self.cost.step_ms(prefill_tokens, decode_seqs, decode_context, prefill_pairs)
         end = now + duration_ms / 1000.0
-        self._plan = _Plan(now, end, steps, 0, entries, decode_seqs, decode_context, base_computed)
+        self._plan = _Plan(
+            now, end, steps, 0, entries, decode_seqs, decode_context, base_computed, run_base, run_growth
+        )
         return end
 
     @property
@@ -320,7 +353,7 @@ class SimEngineCore:
         if plan is None or plan.steps == 1 or t <= plan.start:
             return
         elapsed_ms = (t - plan.start) * 1000.0
-        done = self.cost.decode_steps_within(plan.decode_seqs, plan.context0, elapsed_ms, plan.steps)
+        done = self.cost.steps_within(plan.run_base, plan.run_growth, elapsed_ms, plan.steps)
         done = min(done, plan.steps - 1)  # the last step's outputs are committed by finish_plan
         if done > plan.done:
             self._materialise(plan, done)
@@ -334,11 +367,11 @@ class SimEngineCore:
             return plan.end
         self.advance_to(t)
         elapsed_ms = (t - plan.start) * 1000.0
-        done_by_t = self.cost.decode_steps_within(plan.decode_seqs, plan.context0, elapsed_ms, plan.steps)
+        done_by_t = self.cost.steps_within(plan.run_base, plan.run_growth, elapsed_ms, plan.steps)
         new_steps = min(plan.steps, done_by_t + 1)
         if new_steps < plan.steps:
             plan.steps = new_steps
-            plan.end = plan.start + self.cost.decode_run_ms(plan.decode_seqs, plan.context0, new_steps) / 1000
+            plan.end = plan.start + self.cost.run_ms(plan.run_base, plan.run_growth, new_steps) / 1000
         return plan.end
 
     # ------------------------------------------------------------------------------------------ reporting
@@ -375,6 +408,8 @@ class SimEngineCore:
             if keep_blocks and request.num_blocks:
                 self.outgoing_blocks += request.num_blocks
                 self._outgoing[request.request_id] = request.num_blocks
+            elif self.prefix_cache is not None:  # prefix-cache hook: its blocks are free (still cached)
+                self.prefix_cache.release(request.request_id)
         elif request.state == WAITING:
             self.waiting.remove(request)
             self.waiting_blocks -= request._waiting_need
@@ -405,6 +440,8 @@ class SimEngineCore:
     def _preempt(self, request: SimRequest, now: float) -> None:
         self.running.pop()
         self.allocated_blocks -= request.num_blocks
+        if self.prefix_cache is not None:  # prefix-cache hook: its blocks are free (still cached)
+            self.prefix_cache.release(request.request_id)
         request.recomputed_tokens += request.num_computed
         request.num_blocks = 0
         request.num_computed = 0
@@ -499,6 +536,8 @@ class SimEngineCore:
             request.finish_time = now
             self.running.remove(request)
             self.allocated_blocks -= request.num_blocks
+            if self.prefix_cache is not None:  # prefix-cache hook: its blocks are free (still cached)
+                self.prefix_cache.release(request.request_id)
             request.num_blocks = 0
             request.state = FINISHED
             self.requests.pop(request.request_id, None)

@@ -39,7 +39,7 @@ from engines.base import EngineError, EngineOutput, EngineRequest
 from engines.migration import FrozenRequest, KvEndpoint, MigrationAborted, StageReport
 from engines.vllm import side_channel
 from engines.vllm.connector import PARAMS_KEY
-from transport.messages import EngineInfo, InstanceLoad, RunningRequest
+from transport.messages import EngineInfo, InstanceLoad, PrefixCacheReport, RunningRequest
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class _LoadLogger:
         self.kv_cache_usage = 0.0
         self.num_preemptions = 0
         self.updated_at = 0.0
+        self.kv_events: Any = None  # KvEventListener: gets vLLM's prefix-cache counters too
 
     def factory(self, vllm_config: Any, engine_index: int = 0) -> Any:
         from vllm.v1.metrics.loggers import StatLoggerBase
@@ -92,6 +93,9 @@ class _LoadLogger:
             self.updated_at = time.monotonic()
         if iteration_stats is not None:
             self.num_preemptions += getattr(iteration_stats, "num_preempted_reqs", 0)
+        prefix = getattr(scheduler_stats, "prefix_cache_stats", None)
+        if prefix is not None and self.kv_events is not None and prefix.queries:
+            self.kv_events.record_stats(prefix.queries, prefix.hits)
 
 
 @dataclass
@@ -153,6 +157,7 @@ class VllmEngine:
         data_host: str = "127.0.0.1",
         stage_timeout_s: float = 120.0,
         enable_preload: bool = True,
+        kv_events: bool = True,
     ) -> None:
         """``staging_blocks``: receive buffer for incoming migrations (default: two max-length requests).
         ``data_host``: address this engine's KV data-plane server binds and advertises (use a routable one
@@ -177,6 +182,10 @@ class VllmEngine:
         self.data_host = data_host
         self.stage_timeout_s = stage_timeout_s
         self.enable_preload = enable_preload and enable_prefix_caching
+        # vLLM's own KV-event publisher (engines/vllm/kv_events.py): what the prefix cache holds, for routing.
+        self.kv_events = kv_events and enable_prefix_caching
+        self._kv_listener: Any = None
+        self._kv_events_dir: str | None = None
         self._preloads: dict[str, _Preload] = {}  # incoming migration id -> warm-ups submitted
         self._llm: Any = None
         self._num_blocks = 0
@@ -230,6 +239,8 @@ class VllmEngine:
             self._llm = await asyncio.to_thread(self._construct, args)
             config = self._llm.vllm_config
             self._num_blocks = max(0, int(config.cache_config.num_gpu_blocks or 0) - 1)  # block 0 is reserved
+            if self._kv_listener is not None:
+                self._kv_listener.capacity_blocks = max(1, self._num_blocks)
             if self._control is not None:
                 await self._control.wait_joined(timeout_s=60.0)
                 self._kv_layout = f"{self._control.hello('worker').kv_layout}/blk{self.block_size}"
@@ -253,6 +264,19 @@ class VllmEngine:
                 kv_connector_extra_config=extra,
             )
         dtype: Any = self.dtype
+        kv_events_config = None
+        if self.kv_events:
+            from vllm.config import KVEventsConfig
+
+            from engines.vllm.kv_events import KvEventListener
+
+            # ipc in a private temp dir: reachable from this host's processes only, no port to pick
+            self._kv_events_dir = tempfile.mkdtemp(prefix="drover-kvev-")
+            endpoint = f"ipc://{self._kv_events_dir}/events.sock"
+            kv_events_config = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", endpoint=endpoint)
+            self._kv_listener = KvEventListener(endpoint)
+            self._kv_listener.start()  # a SUB may connect before the PUB binds; ZMQ reconnects by itself
+            self._stats.kv_events = self._kv_listener
         return AsyncEngineArgs(
             model=str(self.model_dir),
             served_model_name=self.model_name,
@@ -269,6 +293,7 @@ class VllmEngine:
             disable_log_stats=True,  # our stat logger still gets the stats; vLLM's periodic log does not run
             kv_transfer_config=kv_transfer,
             distributed_executor_backend=self.executor,
+            kv_events_config=kv_events_config,
         )
 
     def _construct(self, args: Any) -> Any:
@@ -308,6 +333,23 @@ class VllmEngine:
         if self._control_dir is not None:
             shutil.rmtree(self._control_dir, ignore_errors=True)
             self._control_dir = None
+        if self._kv_listener is not None:
+            listener, self._kv_listener = self._kv_listener, None
+            self._stats.kv_events = None
+            await asyncio.to_thread(listener.stop)
+        if self._kv_events_dir is not None:
+            shutil.rmtree(self._kv_events_dir, ignore_errors=True)
+            self._kv_events_dir = None
+
+    def cached_block_hashes(self) -> set[int]:
+        """The prefix-cache block hashes vLLM's KV events say this engine holds (empty without events)."""
+        listener = self._kv_listener
+        return listener.cached_hashes() if listener is not None else set()
+
+    def prefix_cache_report(self) -> PrefixCacheReport | None:
+        """This beat's prefix-cache report (None: no KV events from this engine). Heartbeater thread."""
+        listener = self._kv_listener
+        return listener.report() if listener is not None and self._llm is not None else None
 
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         self._validate(request)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import msgspec
+
 from actors.engine_actor import Heartbeater
 from actors.local_cluster import InProcessCluster
 from control.client import DroverClient
@@ -14,7 +16,7 @@ from engines.sim.engine import request_seed, token_at
 from engines.sim.live_migration import MigratableSimEngine
 from engines.tokenizer import ByteTokenizer
 from transport import subjects
-from transport.messages import InstanceHeartbeat, SamplingParams, encode
+from transport.messages import PROTOCOL_VERSION, InstanceHeartbeat, SamplingParams, encode
 from transport.nats_server import EmbeddedNatsServer
 from transport.output_stream import ensure_output_stream
 
@@ -33,8 +35,6 @@ def _cluster(nats_url: str, names: tuple[str, ...], stale_after_s: float) -> InP
     for name in names:
         cluster.add_engine(MigratableSimEngine(name, num_blocks=256, max_model_len=1024))
     return cluster
-
-
 
 
 async def test_an_engine_restarted_under_its_id_before_it_was_declared_dead_loses_nothing(nats_url: str) -> None:
@@ -136,7 +136,9 @@ async def test_an_engine_add_nobody_received_is_sent_again(nats_url: str) -> Non
 
             async def beats() -> None:  # the instance's heartbeats, before its engine subject is subscribed
                 while not stop_beats.is_set():
-                    beat = InstanceHeartbeat(info=engine.info, load=engine.load(), seq=0, sent_at=time.time())
+                    # as the engine actor sends it: advertising the protocol this code speaks
+                    info = msgspec.structs.replace(engine.info, protocol_version=PROTOCOL_VERSION)
+                    beat = InstanceHeartbeat(info=info, load=engine.load(), seq=0, sent_at=time.time())
                     await client.nc.publish(subjects.heartbeat("ghost"), encode(beat))
                     await asyncio.sleep(0.05)
 

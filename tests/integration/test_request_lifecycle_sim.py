@@ -21,6 +21,8 @@ from engines.sim.live_migration import MigratableSimEngine
 from engines.tokenizer import ByteTokenizer
 from transport import subjects
 from transport.messages import (
+    MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
     EngineInfo,
     ErrorCode,
     ErrorReply,
@@ -394,7 +396,7 @@ async def _collect(sub: Any, until: str) -> list[dict[str, Any]]:
     return raw
 
 
-async def test_a_version_1_client_gets_version_1_replies(nats_url: str) -> None:
+async def test_a_previous_version_client_gets_replies_at_its_version(nats_url: str) -> None:
     cluster = await _start(nats_url, time_scale=0.0)
     try:
         async with DroverClient(cluster.url, name="modern") as client:
@@ -403,20 +405,22 @@ async def test_a_version_1_client_gets_version_1_replies(nats_url: str) -> None:
             sub = await client.nc.subscribe(inbox)
             v1_submit = {
                 "kind": "submit",
-                "v": 1,
+                "v": MIN_PROTOCOL_VERSION,
                 "reply_to": inbox,
                 "prompt": "from the past",
                 "sampling": {"max_tokens": 6},
-            }  # exactly what a v1 client sends
+            }  # exactly what a client of the previous version sends (on its subject without an identity)
             await client.nc.publish(subjects.SUBMIT, msgspec.msgpack.encode(v1_submit))
             raw = await _collect(sub, "done")
             assert raw[0]["kind"] == "accepted"
-            assert {m["v"] for m in raw} == {1}
+            assert {m["v"] for m in raw} == {MIN_PROTOCOL_VERSION}
             assert sum(len(m["token_ids"]) for m in raw if m["kind"] == "chunk") == 6
-            # bad input from a v1 client gets an error it can read
+            # bad input from such a client gets an error it can read
             await client.nc.publish(subjects.SUBMIT, msgspec.msgpack.encode({**v1_submit, "prompt": ""}))
             error = msgspec.msgpack.decode((await sub.next_msg(timeout=10)).data)
-            assert error["kind"] == "error" and error["v"] == 1 and error["code"] == "invalid_request"
+            assert (
+                error["kind"] == "error" and error["v"] == MIN_PROTOCOL_VERSION and error["code"] == "invalid_request"
+            )
             await sub.unsubscribe()
     finally:
         await asyncio.to_thread(cluster.stop)
@@ -425,10 +429,16 @@ async def test_a_version_1_client_gets_version_1_replies(nats_url: str) -> None:
 @pytest.mark.parametrize(
     ("message", "code"),
     [
-        ({"kind": "submit", "v": 3, "reply_to": "x", "prompt": "from the future"}, ErrorCode.UNSUPPORTED_VERSION),
-        ({"kind": "submit", "v": 0, "reply_to": "x", "prompt": "too old"}, ErrorCode.UNSUPPORTED_VERSION),
-        ({"kind": "submit_v3_batch", "v": 3, "reply_to": "x"}, ErrorCode.UNSUPPORTED_VERSION),
-        ({"kind": "warp_drive", "v": 2}, ErrorCode.UNKNOWN_KIND),
+        (
+            {"kind": "submit", "v": PROTOCOL_VERSION + 1, "reply_to": "x", "prompt": "from the future"},
+            ErrorCode.UNSUPPORTED_VERSION,
+        ),
+        (
+            {"kind": "submit", "v": MIN_PROTOCOL_VERSION - 1, "reply_to": "x", "prompt": "too old"},
+            ErrorCode.UNSUPPORTED_VERSION,
+        ),
+        ({"kind": "submit_future_batch", "v": PROTOCOL_VERSION + 1, "reply_to": "x"}, ErrorCode.UNSUPPORTED_VERSION),
+        ({"kind": "warp_drive", "v": PROTOCOL_VERSION}, ErrorCode.UNKNOWN_KIND),
     ],
 )
 async def test_other_versions_on_the_bus_get_clear_errors(
@@ -470,7 +480,7 @@ def _heartbeat(instance_id: str, version: int, protocol: int | None) -> bytes:
     return msgspec.msgpack.encode(raw)
 
 
-async def test_scheduler_talks_version_1_to_an_old_engine_and_skips_a_newer_one(nats_url: str) -> None:
+async def test_scheduler_talks_the_old_version_to_an_old_engine_and_skips_a_newer_one(nats_url: str) -> None:
     cluster = await _start(nats_url, engines=0)
     try:
         async with DroverClient(cluster.url, name="mixed") as client:
@@ -481,8 +491,13 @@ async def test_scheduler_talks_version_1_to_an_old_engine_and_skips_a_newer_one(
 
             async def beat() -> None:
                 while not stop.is_set():
-                    await nc.publish(subjects.heartbeat("future-1"), _heartbeat("future-1", 2, 3))
-                    await nc.publish(subjects.heartbeat("old-1"), _heartbeat("old-1", 1, None))
+                    await nc.publish(
+                        subjects.heartbeat("future-1"),
+                        _heartbeat("future-1", MIN_PROTOCOL_VERSION, PROTOCOL_VERSION + 1),
+                    )
+                    await nc.publish(
+                        subjects.heartbeat("old-1"), _heartbeat("old-1", MIN_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION)
+                    )
                     await asyncio.sleep(0.05)
 
             beater = asyncio.create_task(beat())
@@ -491,13 +506,15 @@ async def test_scheduler_talks_version_1_to_an_old_engine_and_skips_a_newer_one(
                 assert [i.info.instance_id for i in status.instances] == ["old-1"]  # future-1 never joins
                 stream = await client.submit("via an old engine", max_tokens=3, request_id="mixed-1")
                 add = msgspec.msgpack.decode((await old_cmds.next_msg(timeout=10)).data)
-                assert add["kind"] == "engine_add" and add["v"] == 1 and add["request_id"] == "mixed-1"
-                # play the v1 engine: chunks and done at v1, exactly as version-1 code would send them
+                assert (
+                    add["kind"] == "engine_add" and add["v"] == MIN_PROTOCOL_VERSION and add["request_id"] == "mixed-1"
+                )
+                # play the old engine: chunks and done at its version, exactly as its code would send them
                 reply_to = add["reply_to"]
                 for index in range(3):
                     chunk = {
                         "kind": "chunk",
-                        "v": 1,
+                        "v": MIN_PROTOCOL_VERSION,
                         "request_id": "mixed-1",
                         "index": index,
                         "token_ids": [70 + index],
@@ -505,7 +522,7 @@ async def test_scheduler_talks_version_1_to_an_old_engine_and_skips_a_newer_one(
                     await nc.publish(reply_to, msgspec.msgpack.encode(chunk))
                 done = {
                     "kind": "done",
-                    "v": 1,
+                    "v": MIN_PROTOCOL_VERSION,
                     "request_id": "mixed-1",
                     "finish_reason": "length",
                     "usage": {"prompt_tokens": 5, "completion_tokens": 3},
@@ -514,7 +531,7 @@ async def test_scheduler_talks_version_1_to_an_old_engine_and_skips_a_newer_one(
                 await nc.publish(reply_to, msgspec.msgpack.encode(done))
                 ended = {
                     "kind": "engine_ended",
-                    "v": 1,
+                    "v": MIN_PROTOCOL_VERSION,
                     "instance_id": "old-1",
                     "request_id": "mixed-1",
                     "finish_reason": "length",
@@ -614,8 +631,8 @@ async def test_chunks_sent_while_the_client_reconnects_are_replayed(nats_url: st
         await asyncio.to_thread(cluster.stop)
 
 
-async def test_a_version_2_engine_works_under_a_version_1_control_plane(nats_url: str) -> None:
-    """The test plays a version-1 control plane (hand-built v1 messages); the engine is this code's."""
+async def test_an_engine_works_under_a_previous_version_control_plane(nats_url: str) -> None:
+    """The test plays a control plane of the previous version (hand-built messages); the engine is this code's."""
     settings = load_settings(
         overrides={"nats": {"url": nats_url}, "engine": {"kind": "sim", "heartbeat_interval_s": 0.05}}
     )
@@ -625,25 +642,27 @@ async def test_a_version_2_engine_works_under_a_version_1_control_plane(nats_url
     try:
         beats = await nc.subscribe(subjects.heartbeat("v2-engine"))
         beat = msgspec.msgpack.decode((await beats.next_msg(timeout=10)).data)
-        assert beat["v"] == 1 and beat["info"]["protocol_version"] == 2  # readable by v1, says what it speaks
+        assert beat["v"] == MIN_PROTOCOL_VERSION and beat["info"]["protocol_version"] == PROTOCOL_VERSION
         events = await nc.subscribe(subjects.ENGINE_EVENTS)
         inbox = subjects.client_inbox_prefix("v1-cp") + ".1"
         sub = await nc.subscribe(inbox)
         add = {
             "kind": "engine_add",
-            "v": 1,
+            "v": MIN_PROTOCOL_VERSION,
             "request_id": "v1-add",
             "prompt_token_ids": [1, 5, 6, 7],
             "sampling": {"max_tokens": 5},
             "reply_to": inbox,
         }
         reply = await nc.request(subjects.engine("v2-engine"), msgspec.msgpack.encode(add), timeout=10)
-        assert msgspec.msgpack.decode(reply.data)["v"] == 1  # answered at the requester's version
+        assert msgspec.msgpack.decode(reply.data)["v"] == MIN_PROTOCOL_VERSION  # answered at the requester's version
         raw = await _collect(sub, "done")
-        assert {m["v"] for m in raw} == {1}
+        assert {m["v"] for m in raw} == {MIN_PROTOCOL_VERSION}
         assert [t for m in raw if m["kind"] == "chunk" for t in m["token_ids"]] == _expected("v1-add", 5)
         ended = msgspec.msgpack.decode((await events.next_msg(timeout=10)).data)
-        assert ended["kind"] == "engine_ended" and ended["v"] == 1 and ended["request_id"] == "v1-add"
+        assert (
+            ended["kind"] == "engine_ended" and ended["v"] == MIN_PROTOCOL_VERSION and ended["request_id"] == "v1-add"
+        )
     finally:
         await nc.close()
         await asyncio.to_thread(cluster.stop)

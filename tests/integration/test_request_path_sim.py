@@ -67,7 +67,7 @@ async def _raw_request(client: DroverClient, subject: str, data: bytes) -> objec
     [
         (b"\x93garbage", ErrorCode.MALFORMED),
         (msgspec.msgpack.encode({"kind": "warp_drive", "v": 1}), ErrorCode.UNKNOWN_KIND),
-        (msgspec.msgpack.encode({"kind": "submit", "v": 1, "prompt": "no reply_to field"}), ErrorCode.MALFORMED),
+        (msgspec.msgpack.encode({"kind": "submit", "v": 2, "prompt": "no reply_to field"}), ErrorCode.MALFORMED),
         (msgspec.msgpack.encode({"kind": "submit", "v": 7, "reply_to": "x"}), ErrorCode.UNSUPPORTED_VERSION),
     ],
 )

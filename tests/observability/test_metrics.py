@@ -101,3 +101,15 @@ def test_two_metrics_objects_do_not_share_series() -> None:
     a.request_finished("stop", "interactive")
     assert b"drover_requests_total" in a.render()
     assert b"drover_requests_total" not in b.render()
+
+
+def test_prefix_cache_series(served: tuple[Metrics, MetricsServer]) -> None:
+    metrics, server = served
+    metrics.set_prefix_cache("a", cached_blocks=40, query_tokens=1000, hit_tokens=600)
+    metrics.set_prefix_cache("b", cached_blocks=0, query_tokens=1000, hit_tokens=0)
+    series = scrape(server)
+    assert series['drover_instance_cached_blocks{instance="a"}'] == 40
+    assert series["drover_prefix_cache_hit_rate"] == pytest.approx(0.3)
+    assert series["drover_prefix_cache_saved_tokens_total"] == 600
+    metrics.remove_instance("a")
+    assert 'drover_instance_cached_blocks{instance="a"}' not in scrape(server)

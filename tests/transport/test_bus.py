@@ -63,7 +63,7 @@ def test_error_goes_to_reply_to_field_when_no_nats_reply(bus: Bus) -> None:
     inbox: queue.Queue[Envelope] = queue.Queue()
     bus.subscribe("t.client_inbox", inbox.put)
     bus.subscribe("t.submit_bad", lambda e: None)
-    bad = msgspec.msgpack.encode({"kind": "submit", "v": 1, "reply_to": "t.client_inbox", "sampling": "x"})
+    bad = msgspec.msgpack.encode({"kind": "submit", "v": 2, "reply_to": "t.client_inbox", "sampling": "x"})
     bus.publish_raw("t.submit_bad", bad)
     envelope = inbox.get(timeout=5)
     assert isinstance(envelope.message, ErrorReply)
@@ -83,3 +83,20 @@ def test_a_failing_handler_does_not_stop_the_subscription(bus: Bus) -> None:
     bus.publish("t.fail", Accepted(request_id="a", cancel_token="t", prompt_tokens=0))
     bus.publish("t.fail", Accepted(request_id="b", cancel_token="t", prompt_tokens=7))
     assert seen.get(timeout=5) == 7
+
+
+def test_a_clients_malformed_message_is_answered_only_in_its_own_inbox(bus: Bus) -> None:
+    """Security (issue 13): a bad message on a client subject names a reply target outside the sender's inbox:
+    the bus publishes nothing there (it would with the receiver's rights), and counts the refusal."""
+    from transport import subjects
+
+    foreign: queue.Queue[Envelope] = queue.Queue()
+    own: queue.Queue[Envelope] = queue.Queue()
+    bus.subscribe(subjects.client_inbox_prefix("bob") + ".x", foreign.put)
+    bus.subscribe(subjects.client_inbox_prefix("mallory") + ".x", own.put)
+    bus.subscribe(subjects.submit("mallory"), lambda e: None)
+    for target in (subjects.client_inbox_prefix("bob") + ".x", subjects.client_inbox_prefix("mallory") + ".x"):
+        bad = msgspec.msgpack.encode({"kind": "submit", "v": 3, "reply_to": target, "sampling": "x"})
+        bus.publish_raw(subjects.submit("mallory"), bad)
+    assert isinstance(own.get(timeout=5).message, ErrorReply)
+    assert foreign.empty() and bus.refused_replies == 1

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from transport.messages import (
+    MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
     Accepted,
     Cancel,
@@ -70,8 +71,10 @@ def test_unsupported_version_is_a_typed_error() -> None:
         b"\xc1",
         b"not msgpack at all",
         msgspec.msgpack.encode([1, 2, 3]),
-        msgspec.msgpack.encode({"kind": "submit", "v": 1}),  # missing reply_to
-        msgspec.msgpack.encode({"kind": "chunk", "v": 1, "request_id": "r", "index": "zero", "token_ids": []}),
+        msgspec.msgpack.encode({"kind": "submit", "v": MIN_PROTOCOL_VERSION}),  # missing reply_to
+        msgspec.msgpack.encode(
+            {"kind": "chunk", "v": MIN_PROTOCOL_VERSION, "request_id": "r", "index": "zero", "token_ids": []}
+        ),
     ],
 )
 def test_malformed_is_a_typed_error(data: bytes) -> None:
@@ -126,9 +129,12 @@ def test_version_negotiation_rules() -> None:
     assert error_version(ErrorCode.DEADLINE_EXCEEDED) == 2
     old = msgspec.msgpack.decode(encode(TokenChunk(request_id="r", index=0, token_ids=[1]), version=1))
     assert old["v"] == 1
-    # a v1 sender's message (no v2 fields) decodes with v2 defaults
-    v1 = decode(msgspec.msgpack.encode({"kind": "submit", "v": 1, "reply_to": "x", "prompt": "p"}))
-    assert isinstance(v1, SubmitRequest) and v1.v == 1 and v1.deadline_s is None and not v1.liveness
+    # an older sender's message (no newer fields) decodes with the defaults
+    v2 = decode(msgspec.msgpack.encode({"kind": "submit", "v": 2, "reply_to": "x", "prompt": "p"}))
+    assert isinstance(v2, SubmitRequest) and v2.v == 2 and v2.deadline_s is None and not v2.liveness
+    with pytest.raises(ProtocolError) as too_old:  # v3 (security) dropped version 1: N-1 only
+        decode(msgspec.msgpack.encode({"kind": "submit", "v": 1, "reply_to": "x", "prompt": "p"}))
+    assert too_old.value.code == ErrorCode.UNSUPPORTED_VERSION
     for data, code in [
         ({"kind": "submit", "v": PROTOCOL_VERSION + 1, "reply_to": "x"}, ErrorCode.UNSUPPORTED_VERSION),
         ({"kind": "hologram", "v": PROTOCOL_VERSION + 1}, ErrorCode.UNSUPPORTED_VERSION),

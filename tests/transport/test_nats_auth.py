@@ -18,7 +18,7 @@ from transport.nats_auth import (
     connect_options,
     default_users,
     make_bundle,
-    own_output_replay,
+    own_client_subjects,
     permission_map,
     role_permissions,
 )
@@ -45,12 +45,18 @@ ADMIN_VERBS = ["migrate", "drain", "scale", "autoscale", "policy", "memory", "co
 
 def test_client_role_is_minimal() -> None:
     perms = role_permissions(Role.CLIENT, client_id="alice")
-    replay = own_output_replay("alice")
-    assert set(perms.publish) == {subjects.SUBMIT, subjects.CANCEL, subjects.admin("status"), *replay, subjects.SPANS}
+    # v3: only its own submit/cancel/status/replay subjects; no JetStream API, no spans
+    assert set(perms.publish) == set(own_client_subjects("alice"))
+    assert set(own_client_subjects("alice")) == {
+        subjects.submit("alice"),
+        subjects.cancel("alice"),
+        subjects.status("alice"),
+        subjects.replay("alice"),
+    }
     stream = subjects.OUTPUT_STREAM
-    assert _allowed(perms.publish, f"$JS.API.CONSUMER.CREATE.{stream}.n1.{subjects.client_inbox_prefix('alice')}.x")
-    assert not _allowed(perms.publish, f"$JS.API.CONSUMER.CREATE.{stream}.n1.{subjects.client_inbox_prefix('bob')}.x")
-    assert not _allowed(perms.publish, f"$JS.API.CONSUMER.CREATE.{stream}")  # unfiltered: every inbox
+    assert not _allowed(perms.publish, f"$JS.API.CONSUMER.CREATE.{stream}.n1.{subjects.client_inbox_prefix('alice')}.x")
+    assert not _allowed(perms.publish, subjects.SPANS)
+    assert not _allowed(perms.publish, subjects.SUBMIT) and not _allowed(perms.publish, subjects.submit("bob"))
     alice_inbox = subjects.client_inbox_prefix("alice")
     assert perms.subscribe == (alice_inbox + ".>", subjects.alive(alice_inbox) + ".>")
     assert perms.allow_responses  # it answers the liveness probes of its own requests
@@ -104,11 +110,11 @@ def test_control_role_serves_clients_and_engines() -> None:
     assert not _allowed(perms.publish, subjects.heartbeat("e1"))  # never impersonates an engine
 
 
-def test_spans_flow_from_engines_and_clients_to_the_control_plane() -> None:
-    perms = permission_map(default_users(clients=["alice"], engines=["e1"]))
+def test_spans_flow_from_engines_and_gateways_to_the_control_plane() -> None:
+    perms = permission_map(default_users(clients=["alice"], engines=["e1"], gateways=["gw"]))
     publishers = {name for name, p in perms.items() if _allowed(p.publish, subjects.SPANS)}
     subscribers = {name for name, p in perms.items() if _allowed(p.subscribe, subjects.SPANS)}
-    assert publishers == {"alice", "engine-e1"}  # engines and clients (the gateway) ship their spans
+    assert publishers == {"gw", "engine-e1"}  # engines and gateways ship their spans; plain clients may not
     assert subscribers == {"control"}  # nobody else reads every host's spans
 
 
@@ -159,3 +165,11 @@ def test_generated_config_is_valid_for_nats_server(tmp_path: Path, mode: str) ->
         for cred in bundle.credentials:  # only public keys reach the server config
             assert cred.nkey_seed and cred.nkey_seed not in bundle.config_text
             assert cred.nkey_public and cred.nkey_public in bundle.config_text
+
+
+def test_control_reply_user_publishes_only_to_client_inboxes() -> None:
+    perms = permission_map(default_users(clients=["alice"]))["control-reply"]
+    assert perms.publish == (subjects.INBOX_ROOT + ".>",) and perms.subscribe == ()
+    assert perms.as_config()["subscribe"] == {"deny": [">"]}  # an empty allow list would allow everything
+    for subject in ("$JS.API.STREAM.PURGE.DROVER_OUTPUT", "$KV.lease.leader", subjects.engine("e1"), "_INBOX.x"):
+        assert not _allowed(perms.publish, subject)

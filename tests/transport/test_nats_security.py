@@ -114,6 +114,7 @@ def secure_cluster(secure: tuple[EmbeddedNatsServer, SecureBundle]) -> Iterator[
         tokenizer=ByteTokenizer(),
         control_auth=bundle.auth["control"],
         engine_auth=bundle.auth["engine"],
+        reply_auth=bundle.auth["control-reply"],
     )
     cluster.start_control()
     for index in range(2):
@@ -209,8 +210,8 @@ async def test_client_may_not_publish_admin_subjects(
         with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
             await conn.nc.request(subjects.admin(verb), encode(MigrateCommand(request_id="x")), timeout=0.5)
         await conn.violation(subjects.admin(verb))
-        # status is read-only: allowed
-        reply = await conn.nc.request(subjects.admin("status"), encode(StatusQuery()), timeout=5)
+        # status is read-only: allowed, on the client's own status subject (protocol v3)
+        reply = await conn.nc.request(subjects.status("alice"), encode(StatusQuery()), timeout=5)
         assert reply.data
     finally:
         await conn.close()
@@ -389,7 +390,7 @@ async def test_tls_server_is_verified(tmp_path: Path, pki: dict[str, str]) -> No
     with EmbeddedNatsServer(config_text=bundle.config_text) as server:
         good = await Conn().open(server.url, bundle.auth["alice"])
         assert good.nc.connected_url is not None
-        await good.nc.publish(subjects.SUBMIT, b"")  # allowed subject over TLS
+        await good.nc.publish(subjects.submit("alice"), b"")  # allowed subject over TLS
         await good.nc.flush()
         await good.close()
         alice = bundle.auth["alice"]

@@ -45,6 +45,7 @@ def test_status_instances_requests(cluster: InProcessCluster) -> None:
     assert code == 0 and "queued" in out
     code, out = drover(cluster, "status", "--json")
     assert code == 0 and '"instances"' in out
+    assert '"cached_blocks": -1' in out  # simulated engines report no prefix cache
 
 
 def test_policy_get_and_set(cluster: InProcessCluster) -> None:

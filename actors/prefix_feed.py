@@ -1,0 +1,60 @@
+"""Feed engines' prefix-cache reports (carried in heartbeats) into the dispatch policy's prefix index.
+
+The scheduler calls :func:`apply_prefix_report` for every heartbeat; the index (``control/policy/
+prefix_index.py``) does the bookkeeping: sequence numbers, resyncs, bounds. Only policies that keep an index
+(``kv_aware``) have one; for the others this only keeps the count that ``drover status`` shows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from control.policy.block_hash import vllm_block_hashes
+from control.policy.kv_aware import prefer_prefix_destinations
+from control.policy.migration import MigrationDecision
+from control.policy.prefix_index import PrefixIndex
+from control.policy.snapshots import InstanceSnapshot
+from transport.messages import PrefixCacheReport
+
+
+def apply_prefix_report(policy: object, instance_id: str, report: PrefixCacheReport | None, now: float) -> int:
+    """Apply one report; returns the instance's cached-block count (-1: it reports none)."""
+    if report is None:
+        return -1
+    index = getattr(policy, "prefix_index", None)
+    if isinstance(index, PrefixIndex):
+        if report.full:
+            index.resync(instance_id, epoch=report.epoch, seq=report.seq, hashes=report.stored, now=now)
+        elif report.stored or report.removed or report.cleared:
+            index.apply(
+                instance_id,
+                epoch=report.epoch,
+                seq=report.seq,
+                stored=report.stored,
+                removed=report.removed,
+                cleared=report.cleared,
+                now=now,
+            )
+        else:
+            index.heard(instance_id, epoch=report.epoch, seq=report.seq, now=now)
+    return report.num_cached
+
+
+def prefix_aware_destinations(
+    policy: object,
+    decisions: list[MigrationDecision],
+    snapshots: Sequence[InstanceSnapshot],
+    prompt_of: Callable[[str], Sequence[int] | None],
+) -> list[MigrationDecision]:
+    """Migration's destinations, swapped within a round toward instances that hold each request's prompt
+    prefix (``kv_aware`` only; a few hashes per decision, so cheap)."""
+    index = getattr(policy, "prefix_index", None)
+    if not isinstance(index, PrefixIndex) or len(decisions) < 2:
+        return decisions
+    block_size = {s.instance_id: s.block_size for s in snapshots}
+    hashes: dict[str, Sequence[int]] = {}
+    for decision in decisions:
+        prompt = prompt_of(decision.request_id)
+        if prompt:
+            hashes[decision.request_id] = vllm_block_hashes(prompt, block_size.get(decision.source_id, 32))
+    return prefer_prefix_destinations(decisions, snapshots, index, hashes)

@@ -1,0 +1,205 @@
+"""``kv_aware`` dispatch: weigh the prompt's expected prefix-cache hits on each instance against its load.
+
+Anchor: NVIDIA Dynamo's KV router scores each worker by ``overlap_weight * prefill blocks it would still
+have to compute + its active blocks`` and picks the lowest (softmax-sampled with a temperature). Here:
+
+    cost(i) = overlap_weight * (prompt blocks - blocks of the prompt's prefix cached on i)
+              + queued blocks on i (every waiting request's blocks, the blocks its running prefills have yet to
+                compute, and the *uncached* blocks of what was dispatched to it since its last heartbeat, so
+                a burst does not herd)
+              + used_weight * blocks in use on i
+
+and the lowest cost wins (ties: the freer instance). How it differs from Dynamo:
+
+* the load term is queued prefill demand first (Llumnix's virtual usage without the running part), and the
+  blocks of running requests count only ``used_weight`` (0.1): TTFT is set by the prefill work ahead of a
+  request, and a decoding request's blocks cost little compute; counting them fully (Dynamo's active
+  blocks) let one running request that shares the prompt's prefix push the prompt away from its cache.
+  Memory pressure is the freeness gate's job;
+* a dispatch adds only the blocks the instance does not hold to its pending demand;
+* freeness gates it: an instance whose dispatch freeness is below ``affinity_min_freeness`` (a migration
+  source) is only chosen when it is the freest one, so a hot prefix cannot pile requests onto an instance
+  that migration would then have to relieve;
+* deterministic argmin (no temperature sampling: reproducible runs, and the freeness gate already spreads
+  a hot prefix);
+* only a few candidates are scored, so a decision costs O(log(prompt blocks) * candidates) rather than
+  O(instances): the holders of the deepest cached block, the holders of the half-depth block, and the
+  ``candidates`` freest instances, each with its own overlap found by binary search
+  over the chained hashes.
+
+Cached blocks come from a :class:`control.policy.prefix_index.PrefixIndex` (``self.prefix_index``) fed by
+engine events; with an empty index it picks the least loaded of the few freest instances.
+High-priority requests use Llumnix's priority dispatch unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, replace
+from itertools import islice
+
+from control.policy.dispatch import FreenessIndex
+from control.policy.migration import MigrationDecision
+from control.policy.params import DispatchParams
+from control.policy.prefix_index import PrefixIndex
+from control.policy.snapshots import InstanceSnapshot, RequestDemand
+
+
+@dataclass(frozen=True, slots=True)
+class KvAwareParams:
+    overlap_weight: float = 1.0
+    """Blocks of load one uncached prompt block is worth (Dynamo's ``overlap_score_weight``, default 1)."""
+    used_weight: float = 0.1
+    """Weight of a block in use against a queued (still to prefill) block in the load term."""
+    candidates: int = 3
+    """Freest instances scored beside the prefix holders (the best choices if the prefix is ignored)."""
+    holders_scored: int = 4
+    """At most this many holders of one depth are scored (a prefix cached everywhere costs no more)."""
+
+
+class KvAwareIndex(FreenessIndex):
+    """Dispatch by expected prefix-cache hits against virtual usage; see the module docstring."""
+
+    name = "kv_aware"
+
+    def __init__(
+        self, params: DispatchParams, kv_params: KvAwareParams | None = None, prefix_index: PrefixIndex | None = None
+    ) -> None:
+        super().__init__(params)
+        self.kv_params = kv_params or KvAwareParams()
+        self.prefix_index = prefix_index or PrefixIndex()
+        self._last: tuple[str, str, int] = ("", "", 0)  # (request, instance, cached blocks) of the last choice
+        self._prefilling: dict[str, int] = {}  # instance -> blocks its running prefills have yet to compute
+
+    # -- Protocol --------------------------------------------------------------------------------------
+    def upsert(self, snapshot: InstanceSnapshot) -> None:
+        super().upsert(snapshot)
+        self.prefix_index.set_capacity(snapshot.instance_id, snapshot.num_total_blocks)
+        bs = max(1, snapshot.block_size)
+        self._prefilling[snapshot.instance_id] = sum(
+            max(0, -(-r.num_tokens // bs) - r.num_blocks) for r in snapshot.running if not r.decoding
+        )
+
+    def remove(self, instance_id: str) -> None:
+        super().remove(instance_id)
+        self.prefix_index.remove_instance(instance_id)
+        self._prefilling.pop(instance_id, None)
+
+    def choose(self, demand: RequestDemand) -> str | None:
+        hashes = demand.prefix_block_hashes
+        if demand.priority > 0:
+            return super().choose(demand)
+        pool = self._pool(demand.model)
+        if not pool or not pool[0]:
+            return None
+        freest = str(pool[0][0][1])
+        candidates = self._candidates(hashes, pool[0])
+        chosen = self._cheapest(demand, hashes, candidates, freest)
+        self._last = (demand.request_id, chosen, candidates.get(chosen, 0))
+        return chosen
+
+    def on_dispatched(self, instance_id: str, demand: RequestDemand) -> None:
+        rid, iid, cached = self._last
+        if rid != demand.request_id or iid != instance_id:  # not the choice just made: look it up
+            hashes = demand.prefix_block_hashes
+            cached = self.prefix_index.overlap(instance_id, hashes) if hashes else 0
+        if cached:  # only the blocks it will prefill count as pending demand there
+            demand = replace(demand, num_blocks=max(0, demand.num_blocks - cached))
+        super().on_dispatched(instance_id, demand)
+
+    def expected_hit_blocks(self, instance_id: str, hashes: Sequence[int]) -> int:
+        return self.prefix_index.overlap(instance_id, hashes)
+
+    # -- Internals -------------------------------------------------------------------------------------
+    def _candidates(self, hashes: Sequence[int], by_freeness: Iterable[tuple[float, str]]) -> dict[str, int]:
+        """Instance id -> cached prefix blocks, for the few instances worth scoring: holders of the deepest
+        and of the half-depth cached block, and the freest instances (the load-only choices)."""
+        index = self.prefix_index
+        found: dict[str, int] = {}
+        deepest = index.deepest(hashes) if hashes else 0
+        if deepest:
+            limit = self.kv_params.holders_scored
+            for iid in islice(index.holders(hashes[deepest - 1]), limit):
+                found[iid] = deepest
+            half = deepest // 2
+            if half and len(found) < limit:  # few hold it all: look at those holding half of it too
+                for iid in islice(index.holders(hashes[half - 1]), limit):
+                    if iid not in found:
+                        found[iid] = index.overlap(iid, hashes, deepest, half)
+        first_holders: AbstractSet[str] = index.holders(hashes[0]) if deepest else _NONE
+        for _, iid in islice(by_freeness, self.kv_params.candidates):
+            if iid not in found:  # one set lookup rules out most: they do not hold even the first block
+                found[iid] = index.overlap(iid, hashes, deepest) if iid in first_holders else 0
+        return found
+
+    def _cheapest(self, demand: RequestDemand, hashes: Sequence[int], candidates: dict[str, int], freest: str) -> str:
+        weight = self.kv_params.overlap_weight
+        used_weight = self.kv_params.used_weight
+        prefilling = self._prefilling
+        floor = self.params.affinity_min_freeness
+        prompt_blocks = max(demand.num_blocks, len(hashes))
+        best: tuple[float, float, str] | None = None
+        entries = self._entries
+        model = demand.model
+        for iid, cached in candidates.items():
+            entry = entries.get(iid)
+            if entry is None:
+                continue
+            keys = entry.keys  # empty while draining; (freeness key, ..., load key) as linked at the last update
+            if not keys or (model and entry.snapshot.model != model):
+                continue
+            own = keys[0]  # always set for a linked entry
+            assert own is not None
+            freeness = -own[0]
+            if freeness < floor and iid != freest:
+                continue
+            snapshot = entry.snapshot
+            used = snapshot.num_total_blocks - snapshot.num_free_blocks
+            queued = snapshot.waiting_blocks + entry.extra_blocks + prefilling.get(iid, 0)
+            load = queued + used_weight * used
+            cost = weight * (prompt_blocks - cached) + load
+            key = (cost, -freeness, iid)
+            if best is None or key < best:
+                best = key
+        return best[2] if best is not None else freest
+
+
+def prefer_prefix_destinations(
+    decisions: Sequence[MigrationDecision],
+    snapshots: Sequence[InstanceSnapshot],
+    prefix_index: PrefixIndex,
+    request_hashes: dict[str, Sequence[int]],
+) -> list[MigrationDecision]:
+    """Migration's destination choice, made prefix-aware where it is cheap: this round's destinations were
+    each judged free enough by the pairing; a request swaps destinations with a later decision when the
+    other destination holds more of its prompt's prefix (fewer blocks to copy, and its next turns hit
+    there) and both requests fit where they go. Decisions without known hashes keep their destination. The
+    destination still reserves before each stage, so a stale snapshot only aborts a move."""
+    if len(decisions) < 2 or not request_hashes:
+        return list(decisions)
+    free = {s.instance_id: s.num_free_blocks for s in snapshots}
+    out = list(decisions)
+    for i in range(len(out)):
+        decision = out[i]
+        hashes = request_hashes.get(decision.request_id)
+        if not hashes:
+            continue
+        best_j, best = -1, prefix_index.overlap(decision.destination_id, hashes)
+        for j in range(i + 1, len(out)):
+            other = out[j]
+            if free.get(other.destination_id, 0) < decision.num_blocks:
+                continue
+            if free.get(decision.destination_id, 0) < other.num_blocks:
+                continue
+            overlap = prefix_index.overlap(other.destination_id, hashes)
+            if overlap > best:
+                best_j, best = j, overlap
+        if best_j >= 0:
+            other = out[best_j]
+            out[i] = replace(decision, destination_id=other.destination_id)
+            out[best_j] = replace(other, destination_id=decision.destination_id)
+    return out
+
+
+_NONE: frozenset[str] = frozenset()

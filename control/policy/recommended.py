@@ -1,0 +1,61 @@
+"""User-facing policy names (``drover sim run --policy``) and the one place that says what ``drover`` means.
+
+A user-facing policy is a dispatch policy plus whether Llumnix migration runs; the names are a public
+interface (external scripts pass them):
+
+* ``round_robin``: cycle over instances, no migration;
+* ``least_loaded`` (alias ``infaas++``): INFaaS++, the Llumnix paper's baseline: lowest KV load, no migration;
+* ``llumnix``: Llumnix freeness dispatch plus live migration;
+* ``prefix_affinity``: the instance holding the longest prefix of the prompt, else freeness; migration on;
+* ``kv_aware``: KV-cache-aware routing, available once a ``kv_aware`` dispatch policy is registered;
+* ``drover``: the project's recommended default. Change :data:`RECOMMENDED` to change what it means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from control.policy.dispatch import POLICY_NAMES
+from control.policy.params import PolicyParams
+
+# name -> (dispatch policy, migration enabled)
+USER_POLICIES: Mapping[str, tuple[str, bool]] = {
+    "round_robin": ("round_robin", False),
+    "least_loaded": ("least_loaded", False),
+    "llumnix": ("freeness", True),
+    "prefix_affinity": ("prefix_affinity", True),
+    "kv_aware": ("kv_aware", True),
+}
+
+ALIASES: Mapping[str, str] = {"infaas++": "least_loaded"}
+
+RECOMMENDED: tuple[str, bool] = ("prefix_affinity", True)
+"""What ``drover`` means today: prefix affinity (it falls back to Llumnix freeness when no instance holds the
+prompt's prefix) with Llumnix migration. The policies work changes this one line."""
+
+POLICY_CHOICES: tuple[str, ...] = (*USER_POLICIES, "drover", *ALIASES)
+
+
+def canonical_policy(name: str) -> str:
+    """The canonical user-facing name of ``name`` (aliases resolved); ValueError with the choices if unknown."""
+    key = name.strip().lower()
+    key = ALIASES.get(key, key)
+    if key != "drover" and key not in USER_POLICIES:
+        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICY_CHOICES)}")
+    return key
+
+
+def user_policy_params(name: str, base: PolicyParams | None = None) -> PolicyParams:
+    """``base`` (default values when None) with the dispatch policy and migration switch of policy ``name``.
+
+    ValueError (one line) for an unknown name, or a known one whose dispatch policy is not registered.
+    """
+    key = canonical_policy(name)
+    dispatch, migration = RECOMMENDED if key == "drover" else USER_POLICIES[key]
+    if dispatch not in POLICY_NAMES:
+        raise ValueError(
+            f"policy {key!r} needs the {dispatch!r} dispatch policy, which this build does not register "
+            f"(registered: {', '.join(POLICY_NAMES)})"
+        )
+    return dataclasses.replace(base or PolicyParams(), dispatch_policy=dispatch, migration_enabled=migration)

@@ -1,0 +1,96 @@
+"""``kv_aware`` dispatch: expected prefix hits against load, the freeness gate, migration destinations."""
+
+from __future__ import annotations
+
+from control.policy.dispatch import POLICY_NAMES, make_dispatch_policy
+from control.policy.kv_aware import KvAwareIndex, prefer_prefix_destinations
+from control.policy.migration import MigrationDecision
+from control.policy.prefix_index import PrefixIndex
+from control.policy.snapshots import InstanceSnapshot, RequestDemand
+
+HASHES = tuple(range(1000, 1064))  # a 64-block prompt
+
+
+def snap(
+    iid: str, *, free: int = 1000, running: int = 0, waiting: int = 0, waiting_blocks: int = 0
+) -> InstanceSnapshot:
+    return InstanceSnapshot(
+        instance_id=iid,
+        num_total_blocks=1000,
+        num_free_blocks=free,
+        num_running=running,
+        num_waiting=waiting,
+        waiting_blocks=waiting_blocks,
+        block_size=16,
+    )
+
+
+def demand(rid: str = "r", hashes: tuple[int, ...] = HASHES) -> RequestDemand:
+    return RequestDemand(rid, len(hashes) * 16, len(hashes), prefix_block_hashes=hashes)
+
+
+def index_with(*snapshots: InstanceSnapshot) -> KvAwareIndex:
+    index = make_dispatch_policy("kv_aware")
+    assert isinstance(index, KvAwareIndex) and "kv_aware" in POLICY_NAMES
+    for s in snapshots:
+        index.upsert(s)
+    return index
+
+
+def test_goes_to_the_instance_holding_the_prefix() -> None:
+    index = index_with(snap("a"), snap("b"), snap("c"))
+    index.prefix_index.apply("b", epoch="e", seq=0, stored=HASHES[:60])
+    index.prefix_index.apply("c", epoch="e", seq=0, stored=HASHES[:10])
+    assert index.choose(demand()) == "b"
+
+
+def test_load_outweighs_a_short_hit() -> None:
+    index = index_with(snap("a"), snap("b", free=500, running=2, waiting=2, waiting_blocks=400))
+    index.prefix_index.apply("b", epoch="e", seq=0, stored=HASHES[:8])
+    assert index.choose(demand()) == "a"  # 8 cached blocks do not pay for 400 queued ones
+
+
+def test_freeness_gate_skips_a_loaded_holder() -> None:
+    index = index_with(snap("a"), snap("b", free=20, running=10))  # freeness 2 < 3
+    index.prefix_index.apply("b", epoch="e", seq=0, stored=HASHES)
+    assert index.choose(demand()) == "a"
+
+
+def test_dispatch_counts_only_uncached_blocks_as_pending() -> None:
+    index = index_with(snap("a"), snap("b"))
+    index.prefix_index.apply("a", epoch="e", seq=0, stored=HASHES[:60])
+    index.on_dispatched("a", demand())
+    assert index.pending("a") == (1, 4)
+    for n in range(5):  # a burst of the same prefix stays on its holder
+        chosen = index.choose(demand(f"r{n}"))
+        assert chosen == "a"
+        index.on_dispatched(chosen, demand(f"r{n}"))
+
+
+def test_draining_and_removed_instances_are_never_chosen() -> None:
+    index = index_with(snap("a"), snap("b"))
+    index.prefix_index.apply("b", epoch="e", seq=0, stored=HASHES)
+    index.upsert(InstanceSnapshot("b", 1000, 1000, 0, 0, draining=True, block_size=16))
+    assert index.choose(demand()) == "a"
+    index.remove("b")
+    assert index.prefix_index.num_blocks("b") == 0
+
+
+def test_without_hashes_it_is_least_loaded() -> None:
+    index = index_with(snap("a", free=100, running=5, waiting=1, waiting_blocks=100), snap("b"))
+    assert index.choose(demand(hashes=())) == "b"
+
+
+def test_migration_destinations_prefer_prefix_holders() -> None:
+    prefix = PrefixIndex()
+    prefix.apply("d2", epoch="e", seq=0, stored=HASHES[:30])
+
+    def decision(rid: str, dst: str) -> MigrationDecision:
+        return MigrationDecision("s" + rid, dst, rid, 10, 0, "load", 1.0, 10.0)
+
+    decisions = [decision("r1", "d1"), decision("r2", "d2")]
+    snapshots = [snap("d1"), snap("d2")]
+    out = prefer_prefix_destinations(decisions, snapshots, prefix, {"r1": HASHES})
+    assert [(d.request_id, d.destination_id) for d in out] == [("r1", "d2"), ("r2", "d1")]
+    tight = [snap("d1"), snap("d2", free=5)]  # r1 would not fit on d2
+    assert prefer_prefix_destinations(decisions, tight, prefix, {"r1": HASHES}) == decisions

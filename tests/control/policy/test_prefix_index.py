@@ -1,0 +1,94 @@
+"""The global prefix index: incremental batches, lost/duplicate/reordered batches, resync, expiry, bounds."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from control.policy.prefix_index import PrefixIndex, PrefixIndexParams
+
+
+def test_apply_and_overlap() -> None:
+    index = PrefixIndex()
+    assert not index.apply("a", epoch="e", seq=0, stored=[1, 2, 3])
+    assert index.overlap("a", (1, 2, 3, 4)) == 3
+    assert index.deepest((1, 2, 3, 4)) == 3
+    assert index.holders(2) == {"a"}
+    index.apply("a", epoch="e", seq=1, removed=[3])
+    assert index.overlap("a", (1, 2, 3, 4)) == 2
+    assert index.holders(3) == set()
+
+
+def test_gap_marks_resync_and_duplicates_are_dropped() -> None:
+    index = PrefixIndex()
+    index.apply("a", epoch="e", seq=0, stored=[1])
+    assert index.apply("a", epoch="e", seq=2, stored=[2])  # batch 1 lost
+    assert index.needs_resync("a") and index.stats.gaps == 1
+    index.apply("a", epoch="e", seq=1, removed=[1])  # late: ignored
+    assert index.holds("a", 1) and index.stats.duplicates == 1
+    assert index.resync("a", epoch="e", seq=3, hashes=[5, 6])
+    assert not index.needs_resync("a")
+    assert not index.holds("a", 1) and index.holds("a", 6)
+    assert not index.resync("a", epoch="e", seq=2, hashes=[9])  # an older listing is ignored
+
+
+def test_new_epoch_drops_old_entries_and_heartbeat_reveals_lost_last_batch() -> None:
+    index = PrefixIndex()
+    index.apply("a", epoch="e1", seq=0, stored=[1, 2])
+    index.apply("a", epoch="e2", seq=0, stored=[3])  # the engine restarted
+    assert not index.holds("a", 1) and index.holds("a", 3) and not index.needs_resync("a")
+    assert not index.heard("a", epoch="e2", seq=0, now=1.0)
+    assert index.heard("a", epoch="e2", seq=1, now=1.0)  # batch 1 never arrived
+
+
+def test_expiry_and_removal() -> None:
+    index = PrefixIndex(PrefixIndexParams(expiry_s=5.0))
+    index.apply("a", epoch="e", seq=0, stored=[1], now=0.0)
+    index.apply("b", epoch="e", seq=0, stored=[1], now=4.0)
+    assert index.expire(6.0) == ["a"]
+    assert index.holders(1) == {"b"}
+    index.remove_instance("b")
+    assert index.holders(1) == set() and index.total_entries() == 0
+
+
+def test_bounded_by_capacity() -> None:
+    index = PrefixIndex()
+    index.set_capacity("a", 10)
+    index.apply("a", epoch="e", seq=0, stored=range(100))
+    assert index.num_blocks("a") == 10
+    assert index.holds("a", 99) and not index.holds("a", 0)  # oldest dropped first
+    assert index.total_entries() == 10
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10_000), st.floats(0.0, 0.5))
+def test_lossy_feed_converges_after_resync(seed: int, loss: float) -> None:
+    """Batches lost, duplicated and reordered at random: entries are always ones the engine held at some
+    point, and after the next full listing the index equals the engine's cache exactly."""
+    rng = random.Random(seed)
+    truth: set[int] = set()
+    ever: set[int] = set()
+    index = PrefixIndex()
+    delivered: list[tuple[int, list[int], list[int]]] = []
+    for seq in range(40):
+        stored = [rng.randrange(60) for _ in range(rng.randrange(4))]
+        removed = [h for h in truth if rng.random() < 0.2]
+        truth.difference_update(removed)
+        truth.update(stored)
+        ever.update(stored)
+        batch = (seq, stored, removed)
+        if rng.random() >= loss:
+            delivered.append(batch)
+        if rng.random() < 0.1:
+            delivered.append(batch)  # duplicate
+    for i in range(len(delivered) - 1):
+        if rng.random() < 0.1:
+            delivered[i], delivered[i + 1] = delivered[i + 1], delivered[i]
+    for seq, stored, removed in delivered:
+        index.apply("a", epoch="e", seq=seq, stored=stored, removed=removed)
+        assert {h for h in range(60) if index.holds("a", h)} <= ever
+    index.resync("a", epoch="e", seq=40, hashes=sorted(truth))
+    assert {h for h in range(60) if index.holds("a", h)} == truth
+    assert {h for h in range(60) if index.holders(h)} == truth

@@ -1,0 +1,106 @@
+"""The simulated engine's prefix cache (vLLM automatic prefix caching): hits skip prefill, cached free blocks
+are evicted least recently freed first, events report what is stored and evicted."""
+
+from __future__ import annotations
+
+from engines.sim.core import SimEngineConfig, SimEngineCore, SimRequest
+from engines.sim.cost_model import LLAMA7B_A100
+from engines.sim.prefix_cache import PrefixCache, engine_block_hashes
+
+BS = 16
+
+
+def make_core(num_blocks: int = 256) -> SimEngineCore:
+    core = SimEngineCore(
+        SimEngineConfig(
+            block_size=BS, num_blocks=num_blocks, max_num_seqs=8, max_num_batched_tokens=4096, max_model_len=4096
+        ),
+        LLAMA7B_A100,
+    )
+    core.prefix_cache = PrefixCache(BS)
+    return core
+
+
+def request(rid: str, trace_ids: tuple[int, ...], prompt_len: int, arrival: float = 0.0) -> SimRequest:
+    r = SimRequest(rid, prompt_len=prompt_len, max_tokens=2, arrival_time=arrival)
+    r.block_hashes = engine_block_hashes(trace_ids, prompt_len, BS)
+    return r
+
+
+def run(core: SimEngineCore, r: SimRequest, start: float) -> float:
+    """Run ``r`` alone to completion from ``start``; returns its TTFT."""
+    core.add(r)
+    now = start
+    while core.has_work:
+        end = core.plan(now)
+        assert end is not None
+        core.finish_plan()
+        now = end
+    return r.first_token_time - start
+
+
+def test_engine_hashes_follow_trace_prefixes() -> None:
+    a = engine_block_hashes((1, 2, 3), 1500, BS)
+    b = engine_block_hashes((1, 2, 9), 1500, BS)
+    assert len(a) == 1500 // BS
+    per_trace_block = 512 // BS
+    assert a[: 2 * per_trace_block] == b[: 2 * per_trace_block]  # the first 1,024 tokens are shared
+    assert a[2 * per_trace_block] != b[2 * per_trace_block]
+    assert len(set(a)) == len(a)
+    assert engine_block_hashes((5,), 1000, BS) == engine_block_hashes((5,), 1000, BS)  # deterministic
+
+
+def test_second_request_with_same_prefix_skips_cached_prefill() -> None:
+    core = make_core()
+    cold = run(core, request("a", (1, 2, 3), 1500), 0.0)
+    warm = run(core, request("b", (1, 2, 3), 1500), 10.0)
+    stats = core.prefix_cache.stats  # type: ignore[union-attr]
+    assert stats.admissions == 2
+    assert stats.hit_tokens == (1500 - 1) // BS * BS  # all full blocks but never the last token
+    assert warm < cold / 5  # one small chunk instead of the whole prompt (the cost model charges tokens)
+    assert core.allocated_blocks == 0
+
+
+def test_partial_prefix_hit_and_no_hit_for_other_prompt() -> None:
+    core = make_core()
+    run(core, request("a", (1, 2, 3), 1536), 0.0)
+    run(core, request("b", (1, 2, 7), 1536), 10.0)
+    run(core, request("c", (8, 9), 1000), 20.0)
+    stats = core.prefix_cache.stats  # type: ignore[union-attr]
+    assert stats.hit_tokens == 1024  # b shares two trace blocks with a; c nothing
+
+
+def test_cached_free_blocks_evicted_lru_when_memory_is_needed() -> None:
+    core = make_core(num_blocks=100)  # 1,600 tokens
+    run(core, request("a", (1, 2), 1000), 0.0)  # 62 full blocks cached, free
+    run(core, request("b", (3, 4), 1000), 10.0)  # needs 63: evicts most of a's blocks
+    cache = core.prefix_cache
+    assert cache is not None
+    assert cache.num_cached_blocks <= 100
+    stored, removed = cache.drain_events()
+    assert stored and removed and not set(stored) & set(removed)
+    assert cache.stats.evicted_blocks > 0
+    assert run(core, request("b2", (3, 4), 1000), 20.0) < run(core, request("a2", (1, 2), 1000), 30.0)
+
+
+def test_aborted_request_leaves_its_blocks_cached() -> None:
+    core = make_core()
+    r = request("a", (1, 2, 3), 1500)
+    core.add(r)
+    end = core.plan(0.0)
+    assert end is not None
+    core.finish_plan()
+    core.remove("a")  # an abort: its blocks are free but still cached
+    assert core.prefix_cache is not None and core.prefix_cache.num_cached_blocks == 1500 // BS
+    assert core.allocated_blocks == 0
+
+
+def test_trace_level_hashes_are_mapped_onto_engine_blocks() -> None:
+    """A request that carries a trace's 512-token ids (``hash_block_tokens``) hits like one that carries
+    engine-block hashes."""
+    core = make_core()
+    run(core, request("a", (1, 2, 3), 1500), 0.0)
+    coarse = SimRequest("b", prompt_len=1500, max_tokens=2, block_hashes=(1, 2, 3), hash_block_tokens=512)
+    run(core, coarse, 10.0)
+    assert core.prefix_cache is not None
+    assert core.prefix_cache.stats.hit_tokens == (1500 - 1) // BS * BS
