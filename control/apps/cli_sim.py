@@ -21,6 +21,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from control.apps import cli_common
+
 sim_app = typer.Typer(
     help="Simulate a cluster in virtual time: what-if runs, presets, trace conversion, capacity planning.",
     no_args_is_help=True,
@@ -31,8 +33,8 @@ err = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class CliError(Exception):
-    """A user-facing error: one line, exit code 2."""
+# A user-facing error: one line, exit code 2 (the shared CLI convention, control/apps/cli_common.py).
+CliError = cli_common.CliError
 
 
 def fail(message: str) -> typer.Exit:
