@@ -139,6 +139,28 @@ class EngineActor(pykka.ThreadingActor):
     def on_stop(self) -> None:
         if self.groups is not None:
             self.groups.close()
+        self._end_loop_work()
+
+    def _end_loop_work(self, timeout_s: float = 2.0) -> None:
+        """Cancel what this actor left on the bus loop (requests still being served, final replies waiting for
+        their PubAck) and wait for it to end, before the host stops the bus: a loop stopped under pending tasks
+        drops them silently ("Task was destroyed but it is pending", coroutines never awaited)."""
+        if not self.bus.loop.is_running() or self.bus.in_loop():
+            return
+        futures = [running.future for running in self.running.values()]
+
+        async def cancel_all() -> None:
+            tasks = list(self._storing)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        for future in futures:
+            future.cancel()  # cancels the task on the loop (run_coroutine_threadsafe)
+        with contextlib.suppress(Exception):
+            self.bus.run(cancel_all()).result(timeout=timeout_s)
+        with contextlib.suppress(Exception):
+            concurrent.futures.wait(futures, timeout=timeout_s)
 
     def on_start(self) -> None:
         if self.local is not None:
@@ -416,6 +438,9 @@ class EngineActor(pykka.ThreadingActor):
             stream.ended_at = time.monotonic()
             self._ended.append(stream)
             self._forget_ended(stream.ended_at)
+            resumed = bool(add.output_token_ids)
+            made_here = index - len(add.output_token_ids)
+            ended_at = time.time()
             await self.bus.apublish(
                 subjects.ENGINE_EVENTS,
                 EngineRequestEnded(
@@ -425,9 +450,16 @@ class EngineActor(pykka.ThreadingActor):
                     finish_reason=finish_reason,
                     num_output_tokens=index,
                     error=error,
+                    request_class=str(add.request_class),
+                    client_id=add.client_id,
+                    ttft_s=(first_token_at - add.arrival_time)
+                    if first_token_at and add.arrival_time and not resumed
+                    else 0.0,
+                    itl_s=(ended_at - first_token_at) / (made_here - 1) if first_token_at and made_here > 1 else 0.0,
+                    e2e_s=(ended_at - add.arrival_time) if add.arrival_time else 0.0,
                 ),
             )
-            request_class, resumed = str(add.request_class), bool(add.output_token_ids)
+            request_class = str(add.request_class)
             if finish_reason not in ("migrated", "evicted"):  # it ends (and is counted) where it runs last
                 metrics().request_finished(
                     finish_reason, request_class, 0 if resumed else len(add.prompt_token_ids), index
@@ -674,6 +706,8 @@ class EngineActor(pykka.ThreadingActor):
             sampling=add.sampling,
             priority=add.priority,
             served_by=[*add.served_by, self.instance_id],
+            request_class=add.request_class,
+            client_id=add.client_id,
         )
 
 

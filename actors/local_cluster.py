@@ -26,6 +26,7 @@ class InProcessCluster:
     control: ControlPlane | None = None
     hosts: dict[str, EngineHost] = field(default_factory=dict)
     _buses: dict[str, Bus] = field(default_factory=dict)
+    _crashed: list[tuple[EngineHost, Bus]] = field(default_factory=list)  # crash_engine: stopped at stop()
     control_auth: NatsAuth | None = None  # NATS credentials of the control plane (servers with auth)
     engine_auth: NatsAuth | None = None  # of every engine host
     reply_auth: NatsAuth | None = None  # of the control plane's client-bound connection (secure mode)
@@ -98,6 +99,7 @@ class InProcessCluster:
         host.heartbeater.stop()
         bus = self._buses.pop(instance_id)
         bus.loop.call_soon_threadsafe(bus.loop.stop)
+        self._crashed.append((host, bus))  # cleaned up by stop(), after the test has seen the silence
 
     def remove_engine(self, instance_id: str) -> None:
         host = self.hosts.pop(instance_id)
@@ -107,6 +109,11 @@ class InProcessCluster:
     def stop(self) -> None:
         for instance_id in list(self.hosts):
             self.remove_engine(instance_id)
+        for host, bus in self._crashed:  # their loops stopped mid-work: end the tasks, then the actors
+            bus.stop()
+            if host.actor is not None and host.actor.is_alive():
+                host.actor.stop(timeout=5)
+        self._crashed.clear()
         for plane, bus in self.standbys:
             plane.stop()
             bus.stop()

@@ -43,7 +43,7 @@ from control.policy.params import PolicyParams
 from control.settings import MigrationSettings
 from observability import spans
 from observability.metrics import metrics
-from observability.tracing import tracer
+from observability.tracing import extract_context, inject_headers, tracer
 from transport import subjects
 from transport.bus import Bus
 from transport.messages import (
@@ -76,6 +76,7 @@ class StartMigration:
     params: PolicyParams  # the scheduler's policy at decision time: caps and stage knobs
     reason: str = "policy"
     reply_to: str = ""  # operator inbox for an AdminReply
+    headers: dict[str, str] | None = None  # the request's trace context: its migration joins its trace
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,10 +173,12 @@ class MigratorActor(SupervisedActor):
         if self.settings.fault_stage == stage and random.random() < self.settings.fault_rate:
             raise MigrationFailed(f"injected fault at {stage}")
 
-    async def _ask(self, instance_id: str, message: Message) -> Message:
+    async def _ask(self, instance_id: str, message: Message, headers: dict[str, str] | None = None) -> Message:
         """Thread: the bus loop."""
         try:
-            return await self.bus.arequest(subjects.engine(instance_id), message, timeout_s=self.settings.op_timeout_s)
+            return await self.bus.arequest(
+                subjects.engine(instance_id), message, timeout_s=self.settings.op_timeout_s, headers=headers
+            )
         except Exception as exc:  # timeout, no responders (a dead instance), transport errors
             raise MigrationFailed(f"{type(message).__name__} to {instance_id}: {exc!r}") from exc
 
@@ -206,6 +209,7 @@ class MigratorActor(SupervisedActor):
         outcome = "ok"
         with tracer().start_as_current_span(
             spans.MIGRATION,
+            context=extract_context(start.headers) if start.headers else None,
             kind=trace.SpanKind.INTERNAL,
             attributes={
                 spans.REQUEST_ID: rid,
@@ -345,9 +349,11 @@ class MigratorActor(SupervisedActor):
             output_token_ids=state.output_token_ids,
             served_by=state.served_by or [source],
             kv_transfer=state.kv_transfer if load_kv else None,
-            arrival_time=time.time(),
+            arrival_time=time.time(),  # timings on the destination count from the resume
+            request_class=state.request_class,
+            client_id=state.client_id,
         )
-        reply = await self._ask(instance_id, add)
+        reply = await self._ask(instance_id, add, headers=inject_headers())  # the destination's span joins the trace
         if not isinstance(reply, AdminReply) or not reply.ok:
             raise MigrationFailed(f"{instance_id} did not resume: {getattr(reply, 'message', reply)}")
 

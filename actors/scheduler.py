@@ -639,6 +639,10 @@ class SchedulerActor(SupervisedActor):
             },
         ):
             headers = inject_headers()
+        if "traceparent" not in record.headers and "traceparent" in headers:
+            # the client sent no trace context: the first dispatch roots the request's one trace, which a
+            # later move (migration, failover) joins
+            record.headers = dict(headers)
         self._send_add(
             instance_id,
             EngineAdd(
@@ -654,6 +658,7 @@ class SchedulerActor(SupervisedActor):
                 stream_text=submit.stream_text,
                 output_token_ids=record.resume_tokens,
                 served_by=list(record.served_by),
+                client_id=submit.client_id or "",
             ),
             headers,
         )
@@ -775,7 +780,11 @@ class SchedulerActor(SupervisedActor):
             self.bus.reply_error(reply_to, ErrorCode.MIGRATION_FAILED, "no migrator runs in this control plane")
             return False
         self.migrations[request_id] = InFlightMigration(source, destination, request_id)
-        migrator.tell(StartMigration(request_id, source, destination, num_blocks, self.params, reason, reply_to))
+        record = self.requests.get(request_id)
+        headers = record.headers if record is not None else None  # the migration joins the request's trace
+        migrator.tell(
+            StartMigration(request_id, source, destination, num_blocks, self.params, reason, reply_to, headers)
+        )
         return True
 
     def _prompt_of(self, request_id: str) -> list[int] | None:
@@ -793,6 +802,11 @@ class SchedulerActor(SupervisedActor):
         decisions = self.planner.plan(list(self.migrations.values()))
         decisions = prefix_aware_destinations(self.policy, decisions, snapshots, self._prompt_of)
         for d in decisions:
+            record = self.requests.get(d.request_id)
+            if record is None or record.instance_id != d.source_id:
+                # A heartbeat older than a committed move (or the request's end) still lists it at the source:
+                # the request table knows better; moving it would only abort with "no request ... on <source>".
+                continue
             self._start_migration(d.request_id, d.source_id, d.destination_id, d.num_blocks, d.reason)
 
     def _on_migration_ended(self, ended: MigrationEnded) -> None:

@@ -654,7 +654,11 @@ class DroverClient:
         with tracer().start_as_current_span(
             spans.CLIENT_SUBMIT,
             kind=trace.SpanKind.PRODUCER,
-            attributes={spans.MESSAGING_SYSTEM: "nats", spans.MESSAGING_DESTINATION: self._subject("submit")},
+            attributes={
+                spans.MESSAGING_SYSTEM: "nats",
+                spans.MESSAGING_DESTINATION: self._subject("submit"),
+                spans.REQUEST_ID: request_id,  # `drover trace ID` finds the client's side too
+            },
         ):
             headers = inject_headers()
         payload = encode(submit)

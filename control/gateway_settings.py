@@ -51,6 +51,12 @@ class GatewaySettings(_Section):
     cancel_timeout_s: float = Field(5.0, gt=0, description="Timeout of the cancel sent when a client goes away.")
     metrics_enabled: bool = Field(True, description="Serve Prometheus metrics on /metrics of the gateway.")
     client_name: str = Field("drover-gateway", description="NATS connection name of the gateway.")
+    request_deadline_s: float = Field(
+        600.0,
+        ge=0,
+        description="Drover ends a request that has not finished this long after it arrived (504 if nothing "
+        "was sent yet), so a completion never waits forever, e.g. while every instance is drained; 0: none.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> GatewaySettings:

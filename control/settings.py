@@ -12,9 +12,10 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from control.errors import ConfigError
 from control.gateway_settings import GatewaySettings
 from control.policy.autoscaling import AutoscaleParams, ThresholdParams
 from control.policy.params import PolicyParams
@@ -570,23 +571,92 @@ def _env_overrides() -> dict[str, Any]:
     return nested
 
 
+class SettingsError(ConfigError, ValueError):
+    """Settings that cannot be loaded; the message is one line naming the setting and where it came from."""
+
+    default_code = "bad_settings"
+
+
+def _source_of(
+    loc: tuple[Any, ...],
+    path: str | Path | None,
+    file_values: dict[str, Any],
+    env: dict[str, Any],
+    flags: dict[str, Any],
+) -> str:
+    """Where the value at ``loc`` came from (flag, environment variable, file), for an error message."""
+
+    def has(values: dict[str, Any]) -> bool:
+        node: Any = values
+        for key in loc[:2]:
+            if not isinstance(node, dict) or key not in node:
+                return False
+            node = node[key]
+        return bool(loc)
+
+    if has(flags):
+        return "from a command-line flag"
+    if has(env):
+        fields = [str(loc[1])] if len(loc) > 1 else list(env[loc[0]])
+        return "from " + ", ".join(f"$DROVER_{str(loc[0]).upper()}__{f.upper()}" for f in fields)
+    if has(file_values):
+        return f"in {path}"
+    return "default"
+
+
+def _describe(
+    exc: ValidationError,
+    path: str | Path | None,
+    file_values: dict[str, Any],
+    env: dict[str, Any],
+    flags: dict[str, Any],
+) -> str:
+    parts = []
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        name = ".".join(str(k) for k in loc) or "settings"
+        source = _source_of(loc, path, file_values, env, flags)
+        if error["type"] == "extra_forbidden":
+            parts.append(f"unknown setting {name} ({source})")
+            continue
+        message = str(error["msg"]).removeprefix("Value error, ")
+        secret = any(word in name for word in ("key", "password", "token", "secret"))
+        shown = loc and not secret and not isinstance(error.get("input"), dict)  # never echo a credential
+        value = f" = {error['input']!r}" if shown else ""
+        parts.append(f"bad setting {name}{value} ({source}): {message}")
+    return "; ".join(parts)
+
+
 def load_settings(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
     """Build the effective settings: defaults < TOML file < environment < ``overrides`` (CLI flags).
 
     ``overrides`` is nested by section, e.g. ``{"nats": {"url": "nats://..."}}``; None values are ignored.
+    Raises :class:`SettingsError` (one line: which setting, from where, why) for a missing or broken file or
+    a bad value.
     """
     path = config_file or os.environ.get("DROVER_CONFIG")
     file_values: dict[str, Any] = {}
     if path:
-        with open(path, "rb") as handle:
-            file_values = tomllib.load(handle)
+        try:
+            with open(path, "rb") as handle:
+                file_values = tomllib.load(handle)
+        except FileNotFoundError:
+            raise SettingsError(f"settings file {path} not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"settings file {path} is not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise SettingsError(f"cannot read settings file {path}: {exc.strerror}") from None
     flag_values = {
         section: {k: v for k, v in fields.items() if v is not None} for section, fields in (overrides or {}).items()
     }
-    merged = _deep_merge(_deep_merge(file_values, _env_overrides()), flag_values)
+    env = _env_overrides()
+    merged = _deep_merge(_deep_merge(file_values, env), flag_values)
     # Policy values override field by field on top of Drover's live defaults (a dataclass, not a section).
     merged = _deep_merge({"policy": LIVE_POLICY_DEFAULTS.as_dict()}, merged)
-    return Settings(**merged)
+    try:
+        return Settings(**merged)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc, path, file_values, env, flag_values)) from None
 
 
 def dump_toml(settings: Settings) -> str:

@@ -19,6 +19,11 @@ Names (labels in braces):
   ``drover_instance_dispatched_total{instance}``, ``drover_instances{state}``, ``drover_queue_depth``,
   ``drover_requests_in_flight``, ``drover_migrations_in_flight``,
   ``drover_scheduler_migrations_total{outcome}`` (the scheduler's own tally, from its status)
+- SLOs (``drover metrics``, from the engines' request-ended events, last 60 s):
+  ``drover_slo_attainment{request_class,client}``, ``drover_slo_goodput_tokens_per_second{request_class,client}``,
+  ``drover_slo_window_requests{request_class,client}``
+- leadership: ``drover_control_plane_leader`` (1 in the leading control plane, 0 in a standby); the cluster
+  gauges above (instances, queue, scheduler tally, memory groups) exist only in the process that sets them
 - gateway: ``drover_gateway_requests_total{endpoint,status,client}``, ``drover_gateway_ttft_seconds{request_class}``,
   ``drover_gateway_inter_token_seconds{request_class}``, ``drover_gateway_tokens_total{kind,client}``,
   ``drover_gateway_request_duration_seconds{endpoint}``
@@ -68,6 +73,21 @@ class MetricsSettings(BaseModel):
         description="An engine host's /metrics, /healthz, /readyz port; 0: off. One engine host per machine, "
         "or set it per process (DROVER_METRICS__ENGINE_PORT).",
     )
+
+
+@dataclass(frozen=True, slots=True)
+class SloRow:
+    """SLO attainment of one request class and client over a window (control/apps/metrics_exporter.py computes it)."""
+
+    request_class: str
+    client: str
+    requests: int
+    met: int
+    goodput_tokens_per_s: float
+
+    @property
+    def attainment(self) -> float:
+        return self.met / self.requests if self.requests else 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +193,43 @@ class Metrics:
         )
         self._groups = 0
         self._group_extra_blocks = 0
+        self._meter = meter
+        self._cluster_gauges = False  # registered by the first set_* call: only the process that owns them
+        self._leader_probe: Callable[[], bool] | None = None
+        self._slo_rows: list[SloRow] = []
+        self._slo_registered = False
+        # Gateway
+        self._gw_requests = meter.create_counter(
+            "drover.gateway.requests", description="Gateway HTTP requests by endpoint and status."
+        )
+        self._gw_tokens = meter.create_counter("drover.gateway.tokens", description="Tokens by kind and client.")
+        self._gw_ttft = meter.create_histogram(
+            "drover.gateway.ttft",
+            unit="s",
+            description="Gateway arrival to first streamed text.",
+            explicit_bucket_boundaries_advisory=TTFT_BUCKETS,
+        )
+        self._gw_itl = meter.create_histogram(
+            "drover.gateway.inter_token",
+            unit="s",
+            description="Gap between tokens seen by the gateway.",
+            explicit_bucket_boundaries_advisory=INTER_TOKEN_BUCKETS,
+        )
+        self._gw_duration = meter.create_histogram(
+            "drover.gateway.request_duration",
+            unit="s",
+            description="Gateway request duration.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+
+    def _register_cluster_gauges(self) -> None:
+        """The cluster-state gauges, registered on first use: a process that never sets them (a gateway, a
+        standby control plane) exports no zero-valued copies of the leader's series under the same names."""
+        with self._lock:
+            if self._cluster_gauges:
+                return
+            self._cluster_gauges = True
+        meter = self._meter
         meter.create_observable_gauge(
             "drover.memory.groups",
             [lambda _: [Observation(self._groups)]],
@@ -226,28 +283,48 @@ class Metrics:
             [lambda _: [Observation(n, {"outcome": o}) for o, n in sorted(self._scheduler_migrations.items())]],
             description="Migrations the scheduler saw end, by outcome (resets when the scheduler restarts).",
         )
-        # Gateway
-        self._gw_requests = meter.create_counter(
-            "drover.gateway.requests", description="Gateway HTTP requests by endpoint and status."
+
+    def set_leader_probe(self, probe: Callable[[], bool]) -> None:
+        """``drover_control_plane_leader`` (1: this process leads, 0: standby), read from ``probe`` at each scrape."""
+        self._leader_probe = probe
+        self._meter.create_observable_gauge(
+            "drover.control_plane.leader",
+            [lambda _: [Observation(1 if self._leader_probe and self._leader_probe() else 0)]],
+            description="1 in the control plane that leads (its cluster series are the truth), 0 in a standby.",
         )
-        self._gw_tokens = meter.create_counter("drover.gateway.tokens", description="Tokens by kind and client.")
-        self._gw_ttft = meter.create_histogram(
-            "drover.gateway.ttft",
-            unit="s",
-            description="Gateway arrival to first streamed text.",
-            explicit_bucket_boundaries_advisory=TTFT_BUCKETS,
+
+    # ------------------------------------------------------------------------------------------- SLOs
+    def set_slo(self, rows: Sequence[SloRow]) -> None:
+        """SLO attainment and goodput per request class and client over the last window (replaces all rows)."""
+        with self._lock:
+            self._slo_rows = list(rows)
+            register, self._slo_registered = not self._slo_registered, True
+        if not register:
+            return
+
+        def observe(field: str) -> Callable[[CallbackOptions], list[Observation]]:
+            def callback(_: CallbackOptions) -> list[Observation]:
+                with self._lock:
+                    rows = list(self._slo_rows)
+                return [
+                    Observation(getattr(r, field), {"request_class": r.request_class, "client": r.client}) for r in rows
+                ]
+
+            return callback
+
+        self._meter.create_observable_gauge(
+            "drover.slo.attainment",
+            [observe("attainment")],
+            description="Fraction of requests that ended in the window meeting their class's SLO (interactive: "
+            "TTFT and inter-token; batch: deadline).",
         )
-        self._gw_itl = meter.create_histogram(
-            "drover.gateway.inter_token",
-            unit="s",
-            description="Gap between tokens seen by the gateway.",
-            explicit_bucket_boundaries_advisory=INTER_TOKEN_BUCKETS,
+        self._meter.create_observable_gauge(
+            "drover.slo.goodput_tokens_per_second",
+            [observe("goodput_tokens_per_s")],
+            description="Output tokens per second of requests that met their SLO, over the window.",
         )
-        self._gw_duration = meter.create_histogram(
-            "drover.gateway.request_duration",
-            unit="s",
-            description="Gateway request duration.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        self._meter.create_observable_gauge(
+            "drover.slo.window_requests", [observe("requests")], description="Requests that ended in the window."
         )
 
     # ------------------------------------------------------------------------------------------- request path
@@ -308,10 +385,12 @@ class Metrics:
         self._exchange_seconds.record(seconds)
 
     def set_memory_groups(self, groups: int, extra_kv_blocks: int) -> None:
+        self._register_cluster_gauges()
         self._groups, self._group_extra_blocks = groups, extra_kv_blocks
 
     # ------------------------------------------------------------------------------------------- instances
     def update_instance(self, gauges: InstanceGauges) -> None:
+        self._register_cluster_gauges()
         with self._lock:
             self._instances[gauges.instance_id] = gauges
 
@@ -322,14 +401,17 @@ class Metrics:
 
     def set_instances(self, instances: Sequence[InstanceGauges]) -> None:
         """Replace every instance's gauges (instances not listed disappear from the output)."""
+        self._register_cluster_gauges()
         with self._lock:
             self._instances = {g.instance_id: g for g in instances}
 
     def set_scheduler(self, queued: int, in_flight: int) -> None:
+        self._register_cluster_gauges()
         self._queued, self._in_flight = queued, in_flight
 
     def set_migrations(self, completed: int, aborted: int, in_flight: int) -> None:
         """The scheduler's migration tally (cumulative since it started) and migrations running now."""
+        self._register_cluster_gauges()
         self._scheduler_migrations = {"committed": completed, "aborted": aborted}
         self._migrations_in_flight = in_flight
 

@@ -148,8 +148,12 @@ def _details(span: SpanRecord) -> str:
     return " ".join(str(s) for s in shown)
 
 
-def render_waterfall(spans: list[SpanRecord], request_id: str = "", width: int = BAR_WIDTH) -> RenderableType:
-    """One table per trace: span tree, service, start offset and duration (ms), bar, key attributes."""
+def render_waterfall(
+    spans: list[SpanRecord], request_id: str = "", width: int = BAR_WIDTH, narrow: bool = False
+) -> RenderableType:
+    """One table per trace: span tree, service, start offset and duration (ms), bar, key attributes.
+    ``narrow`` (an 80-column terminal): the span names carry their service's colour instead of a service
+    column, a legend names the colours, and the attributes are left out, so nothing is squeezed to nothing."""
     by_trace: dict[str, list[SpanRecord]] = defaultdict(list)
     for span in spans:
         by_trace[span.trace_id].append(span)
@@ -166,20 +170,27 @@ def render_waterfall(spans: list[SpanRecord], request_id: str = "", width: int =
             pad_edge=False,
         )
         table.add_column("span", no_wrap=True)
-        table.add_column("service", no_wrap=True)
-        table.add_column("start ms", justify="right")
-        table.add_column("dur ms", justify="right")
+        if not narrow:
+            table.add_column("service", no_wrap=True)
+        table.add_column("start ms", justify="right", no_wrap=True)
+        table.add_column("dur ms", justify="right", no_wrap=True)
         table.add_column("timeline", no_wrap=True, min_width=width)
-        table.add_column("details", overflow="fold")
+        if not narrow:
+            table.add_column("details", overflow="fold")
         for span, depth in tree_order(members):
             colour = colours.get(span.service, "white")
-            table.add_row(
-                Text("  " * depth + ("└ " if depth else "") + span.name),
-                Text(span.service, style=colour),
-                f"{(span.start_ns - origin) / 1e6:.2f}",
-                f"{span.duration_ns / 1e6:.2f}",
-                _bar(span, origin, total, colour, width),
-                _details(span),
-            )
+            name = Text("  " * depth + ("└ " if depth else "") + span.name, style=colour if narrow else "")
+            start, duration = f"{(span.start_ns - origin) / 1e6:.2f}", f"{span.duration_ns / 1e6:.2f}"
+            bar = _bar(span, origin, total, colour, width)
+            if narrow:
+                table.add_row(name, start, duration, bar)
+            else:
+                table.add_row(name, Text(span.service, style=colour), start, duration, bar, _details(span))
         parts.append(table)
+        if narrow:
+            legend = Text("services: ")
+            for svc in services:
+                legend.append(svc, style=colours[svc])
+                legend.append("  ")
+            parts.append(legend)
     return Group(*parts)

@@ -3,7 +3,7 @@ the cost of one ``kv_aware`` decision at 1,000 instances.
 
     python -m scripts.bench_kv_routing [--sizes 4,16,64] [--limit N] [--plot DIR] [--json FILE]
 
-Workload: the Mooncake synthetic trace (``/work/shared/traces/mooncake_synthetic.csv``: long prompts, real
+Workload: the Mooncake synthetic trace (``traces/mooncake_synthetic.csv`` in the repository: long prompts, real
 prefix-block hashes, 512 tokens an id), mapped onto the engines' 16-token blocks. Every engine runs vLLM's
 automatic prefix caching (``engines/sim/prefix_cache.py``), whatever the policy, so the policies differ only
 in where they send requests:
@@ -48,10 +48,11 @@ from control.policy.params import PolicyParams
 from control.policy.snapshots import InstanceSnapshot, RequestDemand
 from control.simulator.cluster import ClusterConfig, ClusterSimulator
 from control.simulator.prefix import PrefixClusterSimulator, PrefixSummary, PrefixTrace, load_prefix_trace
+from control.simulator.traces import MOONCAKE_SYNTHETIC
 from control.simulator.workload import RequestSpec
 from engines.sim.core import SimEngineConfig
 
-MOONCAKE_TRACE = Path("/work/shared/traces/mooncake_synthetic.csv")
+MOONCAKE_TRACE = MOONCAKE_SYNTHETIC
 TRACE_RATE = 3.91  # req/s of the trace as recorded (its README)
 ENGINE = SimEngineConfig(
     block_size=16, num_blocks=8192, max_num_seqs=256, max_num_batched_tokens=2048, max_model_len=131072

@@ -13,14 +13,14 @@ and a one-line summary.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from control.policy.params import PolicyParams
 from control.simulator import ClusterConfig, LengthSpec, SimulationResult, generate_workload, load_trace, simulate
+from control.simulator.traces import AZURE_CONV
 from control.simulator.workload import RequestSpec
 from engines.sim.core import SimEngineConfig
 
-AZURE_TRACE = Path("/work/shared/traces/azure2023_conv.csv")
+AZURE_TRACE = AZURE_CONV
 ENGINE = SimEngineConfig(block_size=16, num_blocks=400, max_num_seqs=64, max_num_batched_tokens=1024)
 MAX_MODEL_LEN = 4096
 KNOBS = (("paper 16/3", 16, 3), ("live 1/8", 1, 8))

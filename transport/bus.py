@@ -188,14 +188,30 @@ class Bus:
         self._reconnect_hooks.append(hook)
 
     def stop(self, timeout_s: float = 5.0) -> None:
+        """Close the connection, cancel every task left on the loop and wait for them, then stop the loop: a
+        loop stopped under pending tasks drops them silently ("Task was destroyed but it is pending")."""
         if not self._own_loop:
             raise RuntimeError("a bus on an existing loop stops with `await bus.astop()`")
         if not self._thread.is_alive():
+            if self._thread.ident is not None and not self.loop.is_running() and not self.loop.is_closed():
+                # its loop was stopped from outside (a kill -9 stand-in in tests): end its tasks here
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    self.loop.run_until_complete(self._shutdown(timeout_s))
             return
         with contextlib.suppress(Exception):
-            self.run(self._close()).result(timeout=timeout_s)
+            self.run(self._shutdown(timeout_s)).result(timeout=timeout_s + 3)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=timeout_s)
+
+    async def _shutdown(self, timeout_s: float) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._close(), timeout_s)
+        current = asyncio.current_task()
+        tasks = [task for task in asyncio.all_tasks() if task is not current]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
 
     async def _close(self) -> None:
         if self._nc is not None and not self._nc.is_closed:

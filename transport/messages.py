@@ -354,6 +354,7 @@ class EngineAdd(_Msg, frozen=True, tag="engine_add"):
     stream_text: bool = True
     kv_transfer: dict[str, Any] | None = None  # engine-specific handle for loading migrated KV
     client_v: int = 1  # v2: the protocol version the client submitted at; replies go at this version
+    client_id: str = ""  # on whose behalf (SubmitRequest.client_id): SLO attainment per client
 
 
 class EngineAbort(_Msg, frozen=True, tag="engine_abort"):
@@ -381,6 +382,13 @@ class EngineRequestEnded(_Msg, frozen=True, tag="engine_ended"):
     # finish_reason "evicted": the engine stopped it to free itself (joining a KunServe group, or a group that
     # broke); every output token so far was sent to the client, and the scheduler resumes it from these.
     output_token_ids: list[int] = []
+    # For SLO attainment and goodput per class and client (`drover metrics`, `drover top`); 0 / "": unknown
+    # (an older engine; ttft_s also on an instance that resumed the request, where its first token was not made).
+    request_class: str = ""
+    client_id: str = ""
+    ttft_s: float = 0.0  # arrival at the control plane to the first token
+    itl_s: float = 0.0  # mean gap between this instance's tokens
+    e2e_s: float = 0.0  # arrival to the end
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -423,6 +431,9 @@ class MigrateOutReply(_Msg, frozen=True, tag="migrate_out_reply"):
     sampling: SamplingParams | None = None
     priority: int = 0
     served_by: list[str] = []
+    # What the destination needs to keep the request's class and owner (SLO accounting per class and client).
+    request_class: RequestClass = RequestClass.INTERACTIVE
+    client_id: str = ""
 
 
 class MigrateIn(_Msg, frozen=True, tag="migrate_in"):

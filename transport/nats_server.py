@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from control.errors import DroverError
+from transport import lifetime
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,10 @@ class EmbeddedNatsServer:
         store_dir: str | None = None,
         config_text: str = "",
         server_name: str | None = None,
+        die_with_parent: bool = False,
     ) -> None:
+        """``die_with_parent``: the server gets SIGTERM when the thread that starts it exits (``drover up``)."""
+        self.die_with_parent = die_with_parent
         self.host = host
         self.port = port
         self.jetstream = jetstream
@@ -91,6 +95,7 @@ class EmbeddedNatsServer:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C in a terminal goes to us; we stop the server cleanly
+                preexec_fn=lifetime.die_with_parent if self.die_with_parent else None,
             )
         ports_file = self.work_dir / f"nats-server_{self._process.pid}.ports"
         deadline = time.monotonic() + timeout_s

@@ -42,7 +42,7 @@ async def request_admin(
     ErrorReply becomes a DroverError."""
     import msgspec
 
-    from control.apps.cli import CLI_CONNECT
+    from control.apps.cli_common import CLI_CONNECT
     from control.client import DroverClient, ReplyError
 
     client = await DroverClient(url, name="drover-cli", nats_settings=nats_settings, operator=operator).connect(
@@ -61,20 +61,12 @@ async def request_admin(
 
 
 def _call(ctx: typer.Context, verb: str, message: Message) -> Any:
-    from control.apps.cli import console
-    from control.apps.cli_operator import context_settings, need_url
-    from control.client import DroverError
+    from control.apps.cli_common import cli_settings, need_url
 
-    s = context_settings(ctx)
+    s = cli_settings(ctx)
     url = need_url(s)
-    try:
-        return asyncio.run(request_admin(url, verb, message, nats_settings=s.nats, operator=s.audit.operator or None))
-    except DroverError as exc:
-        console.print(f"[red]{exc.code}[/]: {exc.message}")
-        raise typer.Exit(1) from exc
-    except Exception as exc:
-        console.print(f"[red]no answer from the control plane at {url}:[/] {exc!r}")
-        raise typer.Exit(1) from exc
+    # Errors propagate: the root app reports them as one line (error reply: exit 1; no answer: exit 2).
+    return asyncio.run(request_admin(url, verb, message, nats_settings=s.nats, operator=s.audit.operator or None))
 
 
 def status_tables(status: AutoscaleStatusReply) -> list[Table]:
@@ -177,7 +169,6 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")
     ) -> None:
         """Each level's inputs and last decision with its reason; recent scale events."""
-        import msgspec
 
         from control.apps.cli import console
 
@@ -186,7 +177,9 @@ def register(app: typer.Typer) -> None:
             console.print(f"[red]unexpected reply {type(reply).__name__}[/]")
             raise typer.Exit(1)
         if as_json:
-            console.print_json(msgspec.json.encode(reply).decode())
+            from control.apps.cli_common import emit_json
+
+            emit_json(reply)
             return
         for table in status_tables(reply):
             console.print(table)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from pathlib import Path
 from typing import Any
@@ -11,37 +12,16 @@ import typer
 
 
 def context_settings(ctx: typer.Context) -> Any:
-    """Effective settings from the root command's global options (--config, --nats-url, --log-level).
+    """Effective settings from the root command's global options, with the cluster context."""
+    from control.apps.cli_common import cli_settings
 
-    Read from the click context rather than control.apps.cli's module state: under ``python -m control.apps.cli``
-    that module runs as ``__main__`` and an import of ``control.apps.cli`` would see a second, empty copy."""
-    from control.settings import load_settings
-
-    root = ctx.find_root().params
-    return load_settings(
-        root.get("config"),
-        {"nats": {"url": root.get("nats_url")}, "observability": {"log_level": root.get("log_level")}},
-    )
+    return cli_settings(ctx)
 
 
 def need_url(s: Any) -> str:
-    from control.apps.cli import console
+    from control.apps import cli_common
 
-    if not s.nats.url:
-        console.print("[red]no NATS URL:[/] pass --nats-url or set DROVER_NATS__URL (the cluster's server)")
-        raise typer.Exit(2)
-    return str(s.nats.url)
-
-
-def _gateway_settings(base: Any, overrides: dict[str, Any]) -> Any:
-    """The ``[gateway]`` section with flag overrides. Until ``Settings`` has a ``gateway`` section, the
-    defaults of :class:`GatewaySettings` stand in for it."""
-    from control.gateway_settings import GatewaySettings
-
-    section = getattr(base, "gateway", None) or GatewaySettings()
-    values = section.model_dump()
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return GatewaySettings(**values)
+    return cli_common.need_url(s)
 
 
 def _parse_keys(pairs: list[str]) -> list[dict[str, str]]:
@@ -74,8 +54,6 @@ def register(app: typer.Typer) -> None:
         from observability.logs import setup_logging
         from observability.tracing import setup_tracing, shutdown_tracing
 
-        s = context_settings(ctx)
-        url = need_url(s)
         overrides: dict[str, Any] = {
             "host": host,
             "port": port,
@@ -86,11 +64,12 @@ def register(app: typer.Typer) -> None:
         }
         if api_key:
             overrides["api_keys"] = _parse_keys(api_key)
-        try:
-            settings = _gateway_settings(s, overrides)
-        except ValueError as exc:
-            cli.console.print(f"[red]bad gateway settings:[/] {exc}")
-            raise typer.Exit(2) from exc
+        from control.apps.cli_common import cli_settings
+
+        # Flags go through the settings loader: a bad value is one line naming the flag, never the key itself.
+        s = cli_settings(ctx, {"gateway": overrides})
+        settings = s.gateway
+        url = need_url(s)
         obs = s.observability
         setup_logging(obs.log_level)
         setup_tracing(
@@ -125,7 +104,7 @@ def register(app: typer.Typer) -> None:
 
         s = context_settings(ctx)
         url = need_url(s)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(
                 run_top(
                     url,
@@ -134,13 +113,9 @@ def register(app: typer.Typer) -> None:
                     console=cli.console,
                     connect_options=cli.CLI_CONNECT,
                     nats_settings=s.nats,
+                    slo=s.autoscaling.slo,
                 )
             )
-        except KeyboardInterrupt:
-            pass
-        except Exception as exc:
-            cli.console.print(f"[red]no answer from the control plane at {url}:[/] {exc!r}")
-            raise typer.Exit(1) from exc
 
     @app.command("trace")
     def trace_cmd(
@@ -152,26 +127,35 @@ def register(app: typer.Typer) -> None:
             "-f",
             help="JSON-lines span files (default: the observability.jsonl_path setting); repeat for several.",
         ),
-        width: int = typer.Option(48, "--width", min=10, help="Timeline width in characters."),
+        width: int | None = typer.Option(
+            None, "--width", min=10, help="Timeline width in characters (default: 48, less on a narrow terminal)."
+        ),
     ) -> None:
         """Waterfall of a request's spans across gateway, client, scheduler, engines and migrations."""
         from control.apps import cli
+        from control.apps.cli_common import context_traces, fail
         from observability.trace_view import TraceNotFound, find_request_spans, render_waterfall
 
-        paths = files or [Path(context_settings(ctx).observability.jsonl_path)]
+        s = context_settings(ctx)
+        paths = [p.resolve() for p in files] or [context_traces(s).resolve()]
         missing = [str(p) for p in paths if not p.exists()]
         if missing:
-            cli.console.print(
-                f"[red]no span file {', '.join(missing)}[/] (spans are written there with the "
-                "jsonl exporter: DROVER_OBSERVABILITY__EXPORTER=jsonl)"
+            exporter = s.observability.exporter
+            why = (
+                f"the exporter is {exporter!r}: set DROVER_OBSERVABILITY__EXPORTER=jsonl on the cluster"
+                if exporter != "jsonl"
+                else "no process of this cluster has written spans there yet: pass the cluster's file with --file"
             )
-            raise typer.Exit(1)
+            fail(f"no span file {', '.join(missing)} ({why})")
         try:
             found = find_request_spans(paths, request_id)
         except TraceNotFound as exc:
-            cli.console.print(f"[red]{exc}[/] (spans are exported in batches: retry in a second)")
-            raise typer.Exit(1) from exc
-        cli.console.print(render_waterfall(found, request_id, width))
+            fail(f"{exc} (spans are written in batches: retry in a second)", 1)
+        columns = cli.console.size.width
+        narrow = columns < 120
+        longest = max((len(s.name) + 2 * 4 for s in found), default=20)  # span names, indented up to 4 deep
+        fitted = max(10, min(48, columns - longest - 26))  # what start, duration and borders leave the bar
+        cli.console.print(render_waterfall(found, request_id, width or fitted, narrow=narrow))
 
     @app.command()
     def metrics(
@@ -186,11 +170,7 @@ def register(app: typer.Typer) -> None:
 
         s = context_settings(ctx)
         url = need_url(s)
-        try:
-            asyncio.run(_serve_metrics(url, host, port, interval, once, cli.CLI_CONNECT if once else {}, s.nats))
-        except Exception as exc:
-            cli.console.print(f"[red]no answer from the control plane at {url}:[/] {exc!r}")
-            raise typer.Exit(1) from exc
+        asyncio.run(_serve_metrics(url, host, port, interval, once, cli.CLI_CONNECT, s.nats, s.autoscaling.slo))
 
 
 async def _serve_metrics(
@@ -201,21 +181,36 @@ async def _serve_metrics(
     once: bool,
     connect_options: dict[str, Any],
     nats_settings: Any = None,
+    slo: Any = None,
 ) -> None:
     from control.apps.metrics_exporter import ClusterMetricsExporter
     from control.client import DroverClient
-    from observability.metrics import Metrics, start_metrics_server
+    from observability.health import HealthChecks, start_process_server
+    from observability.metrics import Metrics
 
     source = Metrics(service_name="drover-metrics")
     client = await DroverClient(url, name="drover-metrics", nats_settings=nats_settings).connect(**connect_options)
-    exporter = ClusterMetricsExporter(client, source, interval_s)
+    if not once:  # reachable: now connect for the long run, reconnecting forever through NATS restarts
+        await client.close()
+        client = await DroverClient(url, name="drover-metrics", nats_settings=nats_settings).connect()
+    exporter = ClusterMetricsExporter(client, source, interval_s, slo=slo)
     try:
         if once:
             await exporter.poll_once()
             typer.echo(source.render().decode(), nl=False)
             return
         await exporter.start()
-        server = start_metrics_server(port, host, source)
+        try:
+            # /metrics, /healthz (connected to NATS) and /readyz (+ the last status poll answered); 404 elsewhere
+            health = HealthChecks(
+                liveness={"bus": lambda: (client.nc.is_connected, "connected" if client.nc.is_connected else "down")},
+                readiness={"poll": lambda: (exporter.last_poll_ok, exporter.last_poll_detail)},
+            )
+            server = start_process_server(port, host, health=health, source=source)
+        except OSError as exc:
+            from control.apps.cli_common import fail
+
+            fail(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc} (pick another --port)")
         typer.echo(f"metrics on http://{host}:{server.port}/metrics from {url} (Ctrl-C stops)")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

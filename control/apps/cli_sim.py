@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from control.errors import DroverError
+from control.apps import cli_common
 
 sim_app = typer.Typer(
     help="Simulate a cluster in virtual time: what-if runs, presets, trace conversion, capacity planning.",
@@ -33,10 +33,8 @@ err = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class CliError(DroverError):
-    """A user-facing error: one line, exit code 2."""
-
-    default_code = "cli"
+# A user-facing error: one line, exit code 2 (the shared CLI convention, control/apps/cli_common.py).
+CliError = cli_common.CliError
 
 
 def fail(message: str) -> typer.Exit:

@@ -12,14 +12,23 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from control.client import DroverClient, RequestResult
+from control.errors import DroverError
 from control.settings import NatsSettings, Settings, dump_toml
+from transport.lifetime import die_with_parent_by
 from transport.nats_auth import NatsAuth, Role, SecureBundle, default_users, make_bundle
 from transport.nats_server import EmbeddedNatsServer
+
+ENGINE_STOP_S = 10.0
+"""`drover up` gives its engines this long to stop (SIGINT: no drain, the whole cluster goes) before SIGKILL."""
+CONTROL_STOP_S = 5.0
+"""... and then the control plane this long."""
+STOP_BOUND_S = ENGINE_STOP_S + CONTROL_STOP_S + 5.0
+"""Upper bound of :meth:`LocalCluster.stop` (the NATS server stops in well under the 5 s slack)."""
 
 DEMO_PROMPTS = [
     "The quick brown fox",
@@ -51,6 +60,8 @@ class LocalCluster:
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     nats: EmbeddedNatsServer | None = None
     secure: SecureBundle | None = None  # generated credentials (`drover up --secure`)
+    ports: dict[str, int] = field(default_factory=dict)  # process name -> its /metrics, /healthz port
+    on_progress: Callable[[str], None] = field(default=lambda line: None)
 
     @property
     def url(self) -> str:
@@ -79,22 +90,52 @@ class LocalCluster:
         path.chmod(0o600)
         return path
 
-    def _spawn(self, name: str, args: list[str], user: str = "", env: dict[str, str] | None = None) -> None:
+    def _spawn(
+        self, name: str, args: list[str], user: str = "", env: dict[str, str] | None = None, tied: bool = True
+    ) -> None:
+        """``tied``: the child gets SIGINT when the calling thread exits (``drover up``'s main thread); the
+        autoscaler's provisioner spawns from an actor thread that may be restarted, so its engines are not."""
         config = self._write_config(name, user)
         log_file = open(self.work_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        extra = dict(env or {})
+        port = self._port_for(name)
+        if port:
+            key = "DROVER_METRICS__CONTROL_PORT" if name == "control" else "DROVER_METRICS__ENGINE_PORT"
+            extra[key] = str(port)
         self.processes[name] = subprocess.Popen(
             [sys.executable, "-m", "control.apps.cli", "--config", str(config), *args],
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **extra},
+            # Its own session: a Ctrl-C in the terminal reaches only `drover up`, which stops the cluster in
+            # order. SIGINT when `drover up` dies, even by SIGKILL: no orphans (an engine stops without draining).
+            start_new_session=True,
+            preexec_fn=die_with_parent_by(signal.SIGINT) if tied else None,
         )
+
+    def _port_for(self, name: str) -> int:
+        """Each process its own /metrics + /healthz port: the configured one for the control plane, and for
+        engines the configured engine port plus the engine's index (one variable no longer makes the second
+        engine fail on "address already in use"); a free port when none is configured."""
+        metrics = self.settings.metrics
+        if name == "control":
+            port = metrics.control_port or _free_port(metrics.host)
+        else:
+            base = metrics.engine_port
+            port = base + sum(1 for n in self.ports if n != "control") if base else _free_port(metrics.host)
+        self.ports[name] = port
+        return port
+
+    def metrics_url(self, name: str = "control") -> str | None:
+        port = self.ports.get(name)
+        return f"http://{self.settings.metrics.host}:{port}" if port else None
 
     def spawn_engine(self, instance_id: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """Start one more `drover engine serve` process (the autoscaler's local provisioner uses this);
         ``env`` adds settings as DROVER_<SECTION>__<FIELD> variables."""
         if not (self.work_dir / "drover.toml").exists():
             (self.work_dir / "drover.toml").write_text(dump_toml(self.settings))
-        self._spawn(instance_id, ["engine", "serve", "--instance-id", instance_id], env=env)
+        self._spawn(instance_id, ["engine", "serve", "--instance-id", instance_id], env=env, tied=False)
         return self.processes[instance_id]
 
     def start(self, instances: int) -> None:
@@ -110,6 +151,7 @@ class LocalCluster:
                 host=self.settings.nats.embedded_host,
                 max_payload_bytes=self.settings.nats.max_payload_bytes,
                 config_text=config_text,
+                die_with_parent=True,
             )
             url = self.nats.start()
             self.settings = self.settings.model_copy(
@@ -130,22 +172,67 @@ class LocalCluster:
     def check_alive(self) -> None:
         for name, process in self.processes.items():
             if process.poll() is not None:
-                tail = (self.work_dir / f"{name}.log").read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"{name} exited with {process.returncode}:\n{tail}")
+                log_path = self.work_dir / f"{name}.log"
+                raise ProcessExited(
+                    f"{name} exited with code {process.returncode}: {_last_error(log_path)} (log: {log_path})"
+                )
 
     def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        for process in self.processes.values():
+        """Stop every process this cluster started, engines first, within :data:`STOP_BOUND_S`, saying what
+        happens through ``on_progress``."""
+        engines = {n: p for n, p in self.processes.items() if n != "control"}
+        control = {n: p for n, p in self.processes.items() if n == "control"}
+        self._stop_group(engines, signal.SIGINT, ENGINE_STOP_S, "engines")
+        self._stop_group(control, signal.SIGTERM, CONTROL_STOP_S, "control plane")
+        if self.nats is not None:
+            self.on_progress("stopping nats-server")
+            self.nats.stop()
+            self.on_progress("nats-server stopped")
+
+    def _stop_group(
+        self, group: dict[str, subprocess.Popen[bytes]], sig: signal.Signals, grace_s: float, what: str
+    ) -> None:
+        running = {n: p for n, p in group.items() if p.poll() is None}
+        if not running:
+            return
+        self.on_progress(f"stopping {what} ({', '.join(running)}), at most {grace_s:g}s")
+        started = time.monotonic()
+        for process in running.values():
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(sig)
+        deadline = started + grace_s
+        for name, process in running.items():
             with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                process.wait(timeout=max(0.05, deadline - time.monotonic()))
             if process.poll() is None:
                 process.kill()
                 process.wait()
-        if self.nats is not None:
-            self.nats.stop()
+                self.on_progress(f"{name} killed after {grace_s:g}s")
+            else:
+                self.on_progress(f"{name} stopped ({time.monotonic() - started:.1f}s)")
+
+
+class ProcessExited(DroverError):
+    """A process of the local cluster exited by itself; the message is one line naming its log."""
+
+    default_code = "process_exited"
+
+
+def _last_error(log_path: Path) -> str:
+    """The line of a child's log that says why it stopped (its last non-empty line, usually the exception)."""
+    try:
+        lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "no log"
+    return lines[-1][:300] if lines else "no output"
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 DEMO_CLIENT = "drover-demo"
@@ -166,10 +253,22 @@ def _auth_fields(auth: NatsAuth) -> dict[str, str | None]:
 
 
 @contextlib.contextmanager
-def local_cluster(settings: Settings, instances: int, work_dir: Path | None = None) -> Iterator[LocalCluster]:
-    directory = work_dir or Path(tempfile.mkdtemp(prefix="drover-up-"))
+def local_cluster(
+    settings: Settings,
+    instances: int,
+    work_dir: Path | None = None,
+    on_progress: Callable[[str], None] | None = None,
+) -> Iterator[LocalCluster]:
+    directory = (work_dir or Path(tempfile.mkdtemp(prefix="drover-up-"))).resolve()
     directory.mkdir(parents=True, exist_ok=True)
+    # Every process writes spans to one absolute path, so `drover trace` finds them from any directory.
+    obs = settings.observability
+    settings = settings.model_copy(
+        update={"observability": obs.model_copy(update={"jsonl_path": str(Path(obs.jsonl_path).resolve())})}
+    )
     cluster = LocalCluster(settings=settings, work_dir=directory)
+    if on_progress is not None:
+        cluster.on_progress = on_progress
     try:
         cluster.start(instances)
         yield cluster

@@ -88,11 +88,19 @@ def embedded_nats_if_needed(settings: Settings) -> Iterator[Settings]:
         server.stop()
 
 
-def _wait_for_signal() -> None:
+def _wait_for_signal() -> int:
+    """Block until SIGINT or SIGTERM; returns which came."""
     stop = threading.Event()
+    received: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        received.append(signum)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, handler)
     stop.wait()
+    return received[0]
 
 
 def _observability(settings: Settings, service: str) -> None:
@@ -124,7 +132,14 @@ def _http(settings: Settings, port: int, health: HealthChecks) -> ProcessServer 
     """The process's one HTTP port: /metrics, /healthz, /readyz (port 0 in settings: none)."""
     if not port:
         return None
-    server = start_process_server(port, settings.metrics.host, health=health)
+    try:
+        server = start_process_server(port, settings.metrics.host, health=health)
+    except OSError as exc:  # say which setting holds the port, not a traceback from the HTTP server
+        raise OSError(
+            exc.errno,
+            f"metrics/health port {settings.metrics.host}:{port} unavailable ({exc.strerror}): set "
+            "[metrics] control_port / engine_port (DROVER_METRICS__..._PORT) to a free port, or 0 for none",
+        ) from None
     log.info("metrics and health on %s (/metrics, /healthz, /readyz)", server.url())
     return server
 
@@ -149,6 +164,9 @@ def serve_control(settings: Settings) -> None:
         plane = ControlPlane(
             settings, bus, tokenizer, provisioner_factory=make_provisioner, reply_bus=reply_bus
         ).start()
+        from observability.metrics import metrics
+
+        metrics().set_leader_probe(lambda: getattr(plane, "leading", True) is not False)
         log.info("control plane on %s", settings.nats.url)
         http = _http(settings, settings.metrics.control_port, control_plane_checks(plane))
         try:
@@ -181,9 +199,11 @@ def serve_engine(settings: Settings, instance_id: str) -> None:
     http = _http(settings, settings.metrics.engine_port, engine_host_checks(host))
     try:
         host.start()
-        _wait_for_signal()
-        # SIGTERM drains by migration first, so a rolling restart loses no request and cuts no stream.
-        if not host.drain(settings.engine.drain_timeout_s):
+        # SIGTERM drains by migration first, so a rolling restart loses no request and cuts no stream. SIGINT
+        # (Ctrl-C, or `drover up` stopping the whole cluster) stops at once: nowhere to migrate to.
+        if _wait_for_signal() == signal.SIGINT:
+            log.info("engine %s: SIGINT: stopping without draining", instance_id)
+        elif not host.drain(settings.engine.drain_timeout_s):
             log.warning(
                 "engine %s: requests still running after %.0fs of draining: aborting them",
                 instance_id,

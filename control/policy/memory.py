@@ -8,7 +8,7 @@ reloaded and the instances serve alone again.
 
 Pure functions over frozen snapshots (no I/O, no actors, no engines): the memory simulator
 (``control.simulator.memory``) and a live coordinator call the same code. Defaults are those of KunServe's public
-code as summarised in /work/shared/SEEDS.md; every knob is a documented field of :class:`MemoryParams`.
+code as summarised in the project's design notes; every knob is a documented field of :class:`MemoryParams`.
 
 "Memory use" is KV-pool occupancy (used blocks / total blocks): the weights are a fixed part of the
 budget and the KV pool takes the rest, so block occupancy is what reaches 95 % under a burst.

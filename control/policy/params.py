@@ -1,4 +1,4 @@
-"""Tunable policy parameters, with the Llumnix paper's values as defaults (see /work/shared/SEEDS.md) except
+"""Tunable policy parameters, with the Llumnix paper's values as defaults (see the design notes) except
 the migration stage knobs, where Drover's measured defaults hold for the live control plane and the
 simulator alike.
 

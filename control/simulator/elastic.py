@@ -21,8 +21,8 @@ policies of ``control/policy/autoscaling.py`` exactly as the live AutoscalerActo
   :func:`threshold_scaling` every ``ThresholdParams.period_s``; ``"none"``: a fixed fleet.
 
 Instances: a new one costs from the moment it is asked for and serves ``startup_delay_s`` later (default
-23 s: vLLM-CPU engine start 13-21 s plus ~6 s importing vllm, Drover's measurement in
-/work/shared/NOTES.md, midpoint); a draining one takes no new requests, its interactive (Llumnix: all) running
+23 s: vLLM-CPU engine start 13-21 s plus ~6 s importing vllm, Drover's measurement on its CPU
+machines, midpoint); a draining one takes no new requests, its interactive (Llumnix: all) running
 requests migrate away, its waiting batch requests go back to the queue and its running batch requests finish
 in place; it stops, and stops costing, once empty. Cost is instance-seconds up to the last completion.
 Same config + same requests = same result.

@@ -190,6 +190,7 @@ async def _generate(
         spec = make_spec()
         gateway.access.admit(caller)
         await gateway.check_model(spec.model)
+        gateway.check_length(spec)
         generation = await gateway.submit(spec, caller, endpoint, arrived)
     except GatewayError as exc:
         done(exc.status)
@@ -269,6 +270,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
+        if any(e.get("type") == "json_invalid" for e in errors):  # its "loc" is a character offset, not a field
+            where = next((e.get("loc", ("body", "?"))[-1] for e in errors if e.get("type") == "json_invalid"), "?")
+            return _error_response(GatewayError(400, f"the body is not valid JSON (at character {where})"))
         params = [".".join(str(p) for p in e.get("loc", ()) if p != "body") for e in errors]
         message = "; ".join(f"{p or 'body'}: {e.get('msg', 'invalid')}" for p, e in zip(params, errors, strict=True))
         return _error_response(

@@ -25,6 +25,7 @@ _BY_CODE: dict[str, tuple[int, str, str | None]] = {
     ErrorCode.UNKNOWN_KIND: (502, "server_error", "upstream_protocol"),
     ErrorCode.UNSUPPORTED_VERSION: (502, "server_error", "upstream_protocol"),
     ErrorCode.INTERNAL: (500, "server_error", "internal"),
+    ErrorCode.DEADLINE_EXCEEDED: (504, "server_error", "deadline_exceeded"),
 }
 
 

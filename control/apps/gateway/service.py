@@ -56,6 +56,7 @@ class Gateway:
         self.metrics = metrics
         self.created = int(time.time())
         self._models: list[str] = []
+        self._contexts: dict[str, int] = {}  # model -> smallest context length among its instances
         self._models_at = -float("inf")
         self._background: set[asyncio.Task[Any]] = set()
         self.startup_error: Exception | None = None
@@ -105,8 +106,28 @@ class Gateway:
         if refresh or time.monotonic() - self._models_at > self.settings.models_cache_s:
             status = await self.status()
             self._models = sorted({i.info.model for i in status.instances})
+            contexts: dict[str, int] = {}
+            for i in status.instances:  # the smallest context among a model's instances: any may serve it
+                contexts[i.info.model] = min(contexts.get(i.info.model, i.info.max_model_len), i.info.max_model_len)
+            self._contexts = contexts
             self._models_at = time.monotonic()
         return self._models
+
+    def check_length(self, spec: GenerationSpec) -> None:
+        """400 when max_tokens (with the prompt, when its tokens are known) cannot fit the model's context, as
+        vLLM's server answers, rather than a request cut short without a word."""
+        context = self._contexts.get(spec.model)
+        if not context:
+            return
+        prompt = len(spec.prompt_token_ids) if spec.prompt_token_ids else 1
+        if spec.sampling.max_tokens + prompt > context:
+            raise GatewayError(
+                400,
+                f"max_tokens {spec.sampling.max_tokens} plus a prompt of {'' if spec.prompt_token_ids else 'at least '}"
+                f"{prompt} tokens exceeds the context length of {spec.model} ({context} tokens)",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
 
     async def check_model(self, model: str) -> None:
         """404 for a model no instance serves. With no instances at all the request goes through: the
@@ -153,6 +174,7 @@ class Gateway:
                     request_class=spec.request_class,
                     model=spec.model,
                     client_id=principal.client_id,
+                    deadline_s=self.settings.request_deadline_s or None,
                 )
         except Exception as exc:
             span.record_exception(exc)
@@ -163,8 +185,20 @@ class Gateway:
         return Generation(self, spec, principal, stream, span, arrived)
 
 
+_NATS_LOG_EVERY_S = 30.0
+_nats_errors = {"last": 0.0, "quiet": 0}
+
+
 async def _log_nats_error(exc: Exception) -> None:
-    log.warning("nats: %r", exc)  # one line, not nats-py's default traceback per reconnect attempt
+    """One line per NATS error, not nats-py's traceback per reconnect attempt; while NATS stays down (an
+    error every reconnect_wait_s), one line per 30 s with how many were left out."""
+    now = time.monotonic()
+    if now - _nats_errors["last"] < _NATS_LOG_EVERY_S:
+        _nats_errors["quiet"] += 1
+        return
+    quiet = int(_nats_errors["quiet"])
+    _nats_errors.update(last=now, quiet=0)
+    log.warning("nats: %r%s", exc, f" ({quiet} more in the last {_NATS_LOG_EVERY_S:.0f}s)" if quiet else "")
 
 
 class Generation:

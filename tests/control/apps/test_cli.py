@@ -76,8 +76,8 @@ def test_drain_and_undrain(cluster: InProcessCluster) -> None:
 
 def test_no_control_plane_is_a_clear_error() -> None:
     result = runner.invoke(app, ["--nats-url", "nats://127.0.0.1:1", "status"])
-    assert result.exit_code == 1
-    assert "no answer from the control plane" in result.output
+    assert result.exit_code == 2
+    assert "cannot reach NATS at nats://127.0.0.1:1" in result.output
 
 
 def test_config_show_reflects_flags_and_env(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -71,7 +71,7 @@ def test_top_once_shows_instances_and_requests(cluster: InProcessCluster) -> Non
 
 def test_top_without_a_control_plane_is_a_clear_error() -> None:
     result = runner.invoke(app, ["--nats-url", "nats://127.0.0.1:1", "top", "--once"])
-    assert result.exit_code == 1 and "no answer from the control plane" in result.output
+    assert result.exit_code == 2 and "cannot reach NATS at nats://127.0.0.1:1" in result.output
 
 
 def test_frames_infer_moves_between_instances(cluster: InProcessCluster) -> None:
