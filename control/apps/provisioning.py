@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class _Tracked:
+class TrackedInstances:
     """Bookkeeping shared by the provisioners: names, the instance table, start-up measurement."""
 
     def __init__(self, prefix: str, startup_weight: float) -> None:
@@ -89,7 +89,7 @@ class _Tracked:
                 inst.exited = True
 
 
-class LocalProcessProvisioner(_Tracked):
+class LocalProcessProvisioner(TrackedInstances):
     """Instances are ``drover engine serve`` processes on this machine, spawned like ``drover up``'s."""
 
     name = "local"
@@ -160,7 +160,7 @@ class LocalProcessProvisioner(_Tracked):
             self._cluster.stop()
 
 
-class InProcessProvisioner(_Tracked):
+class InProcessProvisioner(TrackedInstances):
     """Instances are engine hosts in this process (own bus connection each); ``make_engine(id, role)`` builds
     the engine. Starts run on a thread of their own so that ``start`` returns at once."""
 

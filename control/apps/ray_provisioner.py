@@ -37,7 +37,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from control.core.provisioner import ProvisionedInstance, StartupModel
+from control.apps.provisioning import TrackedInstances
+from control.core.provisioner import ProvisionedInstance
 from control.errors import DroverError
 from control.policy.autoscaling import InstanceRole
 from control.settings import RayShape, Settings
@@ -161,7 +162,7 @@ class _Actor:
     warned_unplaced: bool = False
 
 
-class RayProvisioner:
+class RayProvisioner(TrackedInstances):
     """Instances are :class:`RayEngineHost` actors on the Ray cluster at ``[provisioner] ray_address``."""
 
     name = "ray"
@@ -174,11 +175,8 @@ class RayProvisioner:
         self.prefix = auto.instance_prefix
         self.kind = auto.engine_kind or settings.engine.kind
         self.stop_timeout_s = auto.stop_timeout_s
-        self._lock = threading.Lock()
-        self._table: dict[str, ProvisionedInstance] = {}
+        super().__init__(self.prefix, auto.startup_ewma)
         self._nodes: dict[str, str] = {}  # instance id -> IP of the node Ray placed it on
-        self._counter = 0
-        self._startup = StartupModel(weight=auto.startup_ewma)
         self._commands: queue.Queue[tuple[str, str, InstanceRole | None]] = queue.Queue()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
@@ -197,10 +195,7 @@ class RayProvisioner:
     def start(self, role: InstanceRole) -> str:
         if self._closed.is_set():
             raise RuntimeError("the ray provisioner is closed")
-        with self._lock:
-            self._counter += 1
-            instance_id = f"{self.prefix}-{role}-{self._counter}"
-            self._table[instance_id] = ProvisionedInstance(instance_id, role, time.monotonic())
+        instance_id = self._new_id(role)
         self._ensure_thread()
         self._commands.put(("start", instance_id, role))
         return instance_id
@@ -213,29 +208,6 @@ class RayProvisioner:
             inst.stopping = True
         self._ensure_thread()
         self._commands.put(("stop", instance_id, None))
-
-    def instances(self) -> list[ProvisionedInstance]:
-        with self._lock:
-            return [i for i in self._table.values() if not i.exited]
-
-    def mark_ready(self, instance_id: str, at: float | None = None) -> float | None:
-        with self._lock:
-            inst = self._table.get(instance_id)
-            if inst is None or inst.ready_at is not None:
-                return None
-            inst.ready_at = max(inst.requested_at, at if at is not None else time.monotonic())
-            seconds = inst.ready_at - inst.requested_at
-            self._startup.observe(seconds)
-        log.info("instance %s (%s) ready after %.1fs", instance_id, inst.role, seconds)
-        return seconds
-
-    def startup_estimate_s(self, prior_s: float) -> float:
-        with self._lock:
-            return self._startup.estimate(prior_s)
-
-    def startup_samples(self) -> list[float]:
-        with self._lock:
-            return list(self._startup.samples)
 
     def close(self) -> None:
         """Stop every instance (drain, shut down, kill: bounded) and leave the Ray cluster."""
@@ -482,12 +454,6 @@ class RayProvisioner:
         self._actors.pop(actor.instance_id, None)
         self._exited(actor.instance_id)
         log.warning("instance %s lost: its Ray actor died (%s)", actor.instance_id, why)
-
-    def _exited(self, instance_id: str) -> None:
-        with self._lock:
-            inst = self._table.get(instance_id)
-            if inst is not None:
-                inst.exited = True
 
     def _close_all(self) -> None:
         """Control-plane shutdown: ask every engine to stop, wait a bounded time, kill what is left; with
