@@ -391,6 +391,9 @@ async def test_oversized_lists_and_deep_nesting_are_malformed(raw: Conn) -> None
 async def test_client_delivers_only_its_requests_messages(alice: DroverClient, spy: Spy) -> None:
     # long enough (sim engine in real time) that the forged messages arrive while the stream is open
     stream = await alice.submit("mine", max_tokens=300, request_id="mine-1")
+    # the inbox subscription must reach the server before the forged messages do (they come over another
+    # connection): without this flush they can arrive while alice's SUB is still in her write buffer
+    await alice.nc.flush()
     forged = [
         TokenChunk(request_id="someone-else", index=0, token_ids=[999_999] * 6),
         RequestDone(request_id="someone-else", finish_reason="stop", usage=Usage(prompt_tokens=1, completion_tokens=0)),
