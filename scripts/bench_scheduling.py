@@ -47,13 +47,14 @@ from control.policy.dispatch import POLICY_NAMES, make_dispatch_policy, prefix_b
 from control.policy.migration import plan_migrations
 from control.policy.params import PolicyParams
 from control.policy.recommended import user_policy_params as named_policy
-from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot
+from control.policy.snapshots import RequestDemand
 from control.simulator import ClusterConfig, LengthSpec, SimulationResult, generate_workload, load_trace, simulate
 from control.simulator.presets import get_preset
 from control.simulator.traces import AZURE_CONV
 from control.simulator.workload import RequestSpec, describe
 from engines.sim.core import SimEngineConfig
 from engines.sim.cost_model import CostModel
+from scripts.bench_policy_scale import percentiles_us, random_snapshot
 
 AZURE_TRACE = AZURE_CONV
 NUM_INSTANCES = 16
@@ -224,39 +225,6 @@ def _p99(values: list[float]) -> float:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _random_snapshot(rng: random.Random, iid: str, model: str) -> InstanceSnapshot:
-    total = 2560
-    running = tuple(
-        RunningSnapshot(
-            f"{iid}/{k}",
-            num_tokens=rng.randint(16, 4000),
-            num_blocks=rng.randint(1, 250),
-            priority=1 if rng.random() < 0.05 else 0,
-        )
-        for k in range(rng.randint(0, 40))
-    )
-    waiting = rng.randint(0, 3)
-    return InstanceSnapshot(
-        instance_id=iid,
-        num_total_blocks=total,
-        num_free_blocks=rng.randint(0, total),
-        num_running=len(running),
-        num_waiting=waiting,
-        waiting_blocks=waiting * rng.randint(1, 60),
-        head_waiting_blocks=rng.randint(1, 60) if waiting else 0,
-        num_preempted=1 if rng.random() < 0.05 else 0,
-        draining=rng.random() < 0.01,
-        model=model,
-        block_size=16,
-        running=running,
-    )
-
-
-def _percentiles_us(samples_ns: list[int]) -> tuple[float, float]:
-    ordered = sorted(samples_ns)
-    return ordered[len(ordered) // 2] / 1e3, ordered[int(len(ordered) * 0.99)] / 1e3
-
-
 def section_dispatch_cost(decisions: int, seed: int) -> dict[str, Any]:
     """choose + on_dispatched per decision, and upsert per heartbeat (one heartbeat per decision)."""
     print(
@@ -275,7 +243,7 @@ def section_dispatch_cost(decisions: int, seed: int) -> dict[str, Any]:
             index = make_dispatch_policy(name)
             models = ("llama", "qwen")
             for i in range(n):
-                index.upsert(_random_snapshot(rng, f"i{i}", models[i % 2]))
+                index.upsert(random_snapshot(rng, f"i{i}", models[i % 2]))
             decide: list[int] = []
             upsert: list[int] = []
             gc.collect()
@@ -296,13 +264,13 @@ def section_dispatch_cost(decisions: int, seed: int) -> dict[str, Any]:
                     index.on_dispatched(chosen, demand)
                 decide.append(time.perf_counter_ns() - t0)
                 i = rng.randrange(n)
-                snapshot = _random_snapshot(rng, f"i{i}", models[i % 2])
+                snapshot = random_snapshot(rng, f"i{i}", models[i % 2])
                 t0 = time.perf_counter_ns()
                 index.upsert(snapshot)
                 upsert.append(time.perf_counter_ns() - t0)
             gc.enable()
-            d50, d99 = _percentiles_us(decide)
-            u50, u99 = _percentiles_us(upsert)
+            d50, d99 = percentiles_us(decide)
+            u50, u99 = percentiles_us(upsert)
             out[f"{n}/{name}"] = {
                 "decide_p50_us": d50,
                 "decide_p99_us": d99,
@@ -318,7 +286,7 @@ def section_dispatch_cost(decisions: int, seed: int) -> dict[str, Any]:
         params = PolicyParams()
         samples: list[int] = []
         made = 0
-        rounds = [[_random_snapshot(rng, f"i{i}", "llama") for i in range(n)] for _ in range(rounds_per_size)]
+        rounds = [[random_snapshot(rng, f"i{i}", "llama") for i in range(n)] for _ in range(rounds_per_size)]
         gc.collect()
         gc.disable()
         for snapshots in rounds:
@@ -326,7 +294,7 @@ def section_dispatch_cost(decisions: int, seed: int) -> dict[str, Any]:
             made += len(plan_migrations(snapshots, [], params))
             samples.append(time.perf_counter_ns() - t0)
         gc.enable()
-        p50, p99 = _percentiles_us(samples)
+        p50, p99 = percentiles_us(samples)
         out[f"{n}/plan_migrations"] = {"p50_us": p50, "p99_us": p99}
         print(f"{n:>9} {p50:>10.1f} {p99:>10.1f} {made / rounds_per_size:>16.1f}")
     return out
