@@ -12,14 +12,11 @@ from typing import Any
 
 import pytest
 
-from actors.control_plane import ControlPlane
-from actors.engine_host import EngineHost
 from control.client import DroverClient
 from control.policy.block_hash import vllm_block_hashes
 from control.settings import load_settings
-from engines.tokenizer import ByteTokenizer
 from observability.metrics import metrics
-from transport.bus import Bus, BusOptions
+from tests.vllm_cluster import VllmCluster
 from transport.messages import SamplingParams
 
 pytestmark = pytest.mark.vllm
@@ -28,39 +25,17 @@ pytest_plugins = ["tests.conftest_vllm"]
 PREFIX_CHARS = 1500  # ~47 blocks of 32 tokens (byte tokenizer: one token a byte)
 
 
-class KvCluster:
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.settings = load_settings(
-            overrides={
-                "nats": {"url": url},
-                "model": {"max_model_len": 2048},
-                "engine": {"heartbeat_interval_s": 0.1},
-                "policy": {"migration_enabled": False, "dispatch_policy": "kv_aware"},
-            }
-        )
-        self.control_bus = Bus(BusOptions(url=url, name="drover-control-kv")).start()
-        self.control = ControlPlane(self.settings, self.control_bus, ByteTokenizer()).start()
-        self.hosts: list[tuple[Bus, EngineHost]] = []
-
-    async def add(self, engine: Any) -> None:
-        bus = await Bus(
-            BusOptions(url=self.url, name=f"engine-{engine.info.instance_id}"), loop=asyncio.get_running_loop()
-        ).astart()
-        host = await EngineHost(self.settings, bus, engine, ByteTokenizer()).astart(engine_started=True)
-        self.hosts.append((bus, host))
-
-    async def close(self) -> None:
-        for bus, host in self.hosts:
-            await host.astop()
-            await bus.astop()
-        await asyncio.to_thread(self.control.stop)
-        await asyncio.to_thread(self.control_bus.stop)
-
-
 @pytest.fixture(scope="module")
-async def kv_cluster(nats_url: str, vllm_engine_factory: Any) -> AsyncIterator[KvCluster]:
-    cluster = KvCluster(nats_url)
+async def kv_cluster(nats_url: str, vllm_engine_factory: Any) -> AsyncIterator[VllmCluster]:
+    settings = load_settings(
+        overrides={
+            "nats": {"url": nats_url},
+            "model": {"max_model_len": 2048},
+            "engine": {"heartbeat_interval_s": 0.1},
+            "policy": {"migration_enabled": False, "dispatch_policy": "kv_aware"},
+        }
+    )
+    cluster = VllmCluster(nats_url, settings, name="drover-control-kv")
     for name in ("kv-a", "kv-b"):
         await cluster.add(await vllm_engine_factory.engine(name))
     yield cluster
@@ -68,7 +43,7 @@ async def kv_cluster(nats_url: str, vllm_engine_factory: Any) -> AsyncIterator[K
 
 
 @pytest.fixture
-async def client(kv_cluster: KvCluster) -> AsyncIterator[DroverClient]:
+async def client(kv_cluster: VllmCluster) -> AsyncIterator[DroverClient]:
     c = await DroverClient(kv_cluster.url, name="kv-client").connect()
     await c.wait_for_instances(2, timeout_s=60)
     yield c

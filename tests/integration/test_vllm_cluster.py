@@ -10,41 +10,16 @@ from typing import Any
 
 import pytest
 
-from actors.control_plane import ControlPlane
-from actors.engine_host import EngineHost
 from control.client import DroverClient, DroverError, RequestStream
-from control.settings import Settings, load_settings
+from control.settings import load_settings
 from engines.base import EngineRequest
 from engines.tokenizer import ByteTokenizer
-from transport.bus import Bus, BusOptions
+from tests.vllm_cluster import VllmCluster
 from transport.messages import ErrorCode, SamplingParams
 
 pytestmark = pytest.mark.vllm
 
 PROMPTS = ["The quick brown fox", "Drover moves requests", "Once upon a time", "KV blocks"]
-
-
-class VllmCluster:
-    def __init__(self, url: str, settings: Settings) -> None:
-        self.url = url
-        self.settings = settings
-        self.control_bus = Bus(BusOptions(url=url, name="drover-control")).start()
-        self.control = ControlPlane(settings, self.control_bus, ByteTokenizer()).start()
-        self.hosts: list[tuple[Bus, EngineHost]] = []
-
-    async def add(self, engine: Any) -> None:
-        bus = await Bus(
-            BusOptions(url=self.url, name=f"engine-{engine.info.instance_id}"), loop=asyncio.get_running_loop()
-        ).astart()
-        host = await EngineHost(self.settings, bus, engine, ByteTokenizer()).astart(engine_started=True)
-        self.hosts.append((bus, host))
-
-    async def close(self) -> None:
-        for bus, host in self.hosts:
-            await host.astop()
-            await bus.astop()
-        await asyncio.to_thread(self.control.stop)
-        await asyncio.to_thread(self.control_bus.stop)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,38 @@
+"""A Drover cluster over real vLLM-CPU engines for integration tests: the control plane on its own bus, each
+engine host on the test loop with its own connection (engines come from ``tests.conftest_vllm``'s factory)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from actors.control_plane import ControlPlane
+from actors.engine_host import EngineHost
+from control.settings import Settings
+from engines.tokenizer import ByteTokenizer
+from transport.bus import Bus, BusOptions
+
+
+class VllmCluster:
+    """A control plane on its own bus and vLLM engine hosts on the test loop, each with its own connection."""
+
+    def __init__(self, url: str, settings: Settings, name: str = "drover-control") -> None:
+        self.url = url
+        self.settings = settings
+        self.control_bus = Bus(BusOptions(url=url, name=name)).start()
+        self.control = ControlPlane(settings, self.control_bus, ByteTokenizer()).start()
+        self.hosts: list[tuple[Bus, EngineHost]] = []
+
+    async def add(self, engine: Any) -> None:
+        bus = await Bus(
+            BusOptions(url=self.url, name=f"engine-{engine.info.instance_id}"), loop=asyncio.get_running_loop()
+        ).astart()
+        host = await EngineHost(self.settings, bus, engine, ByteTokenizer()).astart(engine_started=True)
+        self.hosts.append((bus, host))
+
+    async def close(self) -> None:
+        for bus, host in self.hosts:
+            await host.astop()
+            await bus.astop()
+        await asyncio.to_thread(self.control.stop)
+        await asyncio.to_thread(self.control_bus.stop)
