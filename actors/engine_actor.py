@@ -542,6 +542,7 @@ class EngineActor(pykka.ThreadingActor):
                     self._store_off_until = time.monotonic() + 10.0
                 return
             except Exception:
+                _raise_if_cancelled()
                 if self.bus.nc.is_connected:  # delivered to the inbox, but nothing stored it: no stream here
                     self._store_off_until = time.monotonic() + 10.0
                     return
@@ -571,6 +572,7 @@ class EngineActor(pykka.ThreadingActor):
                     return False  # nobody listens there and no output stream captures it
                 delay = min(1.0, delay * 2)
             except Exception as exc:  # no stream leader yet (a NATS node died), reconnecting: retry
+                _raise_if_cancelled()  # a closing connection turns a cancel into an ordinary error
                 log.debug("engine %s: storing the reply of %s: %s", self.instance_id, request_id, exc)
         log.warning("engine %s: reply of %s not stored in %.0fs", self.instance_id, request_id, self.resend_window_s)
         return False
@@ -721,6 +723,13 @@ def _stage_info(report: StageReport) -> MigrationStageInfo:
         duration_s=report.duration_s,
         request_finished=report.request_finished,
     )
+
+
+def _raise_if_cancelled() -> None:
+    """Re-raise a cancel that a library call swallowed into another exception (Python 3.11 counts them)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 class Heartbeater:

@@ -113,6 +113,7 @@ class Bus:
         self.refused_replies = 0  # error replies not sent: the target lay outside the sender's own inbox
         self.reconnects = 0
         self.disconnected_at = 0.0  # time.time() of the last lost connection
+        self._stopped = False  # stop() ran: run() schedules nothing more on the loop
 
     # ----------------------------------------------------------------------------------------------- lifecycle
     def _run_loop(self) -> None:
@@ -193,6 +194,7 @@ class Bus:
         if not self._own_loop:
             raise RuntimeError("a bus on an existing loop stops with `await bus.astop()`")
         if not self._thread.is_alive():
+            self._stopped = True
             if self._thread.ident is not None and not self.loop.is_running() and not self.loop.is_closed():
                 # its loop was stopped from outside (a kill -9 stand-in in tests): end its tasks here
                 with contextlib.suppress(Exception, asyncio.CancelledError):
@@ -200,6 +202,7 @@ class Bus:
             return
         with contextlib.suppress(Exception):
             self.run(self._shutdown(timeout_s)).result(timeout=timeout_s + 3)
+        self._stopped = True
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=timeout_s)
 
@@ -207,11 +210,16 @@ class Bus:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._close(), timeout_s)
         current = asyncio.current_task()
-        tasks = [task for task in asyncio.all_tasks() if task is not current]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=2.0)
+        deadline = time.monotonic() + 2.0
+        # Cancel in rounds: a task whose library call turned the CancelledError into an ordinary error (a NATS
+        # publish on a closing connection does) and retries is cancelled again at its next await.
+        while True:
+            tasks = [task for task in asyncio.all_tasks() if task is not current and not task.done()]
+            if not tasks or time.monotonic() >= deadline:
+                break
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks, timeout=min(0.2, max(0.0, deadline - time.monotonic())))
 
     async def _close(self) -> None:
         if self._nc is not None and not self._nc.is_closed:
@@ -232,7 +240,13 @@ class Bus:
 
     # ----------------------------------------------------------------------------------------------- helpers
     def run(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        """Run a coroutine on the bus loop from any thread."""
+        """Run a coroutine on the bus loop from any thread. Once the bus is stopped the coroutine is closed
+        unrun and the future fails (scheduled on a dead loop it would be dropped with "never awaited")."""
+        if self._stopped:
+            coro.close()
+            failed: concurrent.futures.Future[T] = concurrent.futures.Future()
+            failed.set_exception(RuntimeError(f"bus {self.options.name} is stopped"))
+            return failed
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:

@@ -116,10 +116,16 @@ async def test_greedy_completion_equals_drover_and_vllm(api: openai.AsyncOpenAI,
     assert result.choices[0].finish_reason == "length"
     assert result.usage is not None and result.usage.completion_tokens == TOKENS
     assert result.usage.prompt_tokens == len(ByteTokenizer().encode(prompt))
-    # Without ignore_eos the same greedy request, wherever it is routed, gives the same text again.
+    # Without ignore_eos the gateway leaves EOS to the engine: the request ends at EOS ("stop") or at
+    # max_tokens ("length"), as Drover's own path does. Their texts are not compared: the two requests may run
+    # on different engines or hit the prefix cache, and that float rounding can flip a near-tie of a
+    # random-weight model (seen once in CI); the ignore_eos requests above compare the tokens.
     plain = await drover.generate(prompt, sampling=SamplingParams(max_tokens=TOKENS))
     again = await api.completions.create(model=model, prompt=prompt, max_tokens=TOKENS, temperature=0)
-    assert again.choices[0].text == plain.text
+    assert again.usage is not None and 0 < again.usage.completion_tokens <= TOKENS
+    assert again.choices[0].finish_reason == ("length" if again.usage.completion_tokens == TOKENS else "stop")
+    assert plain.done is not None
+    assert plain.done.finish_reason == ("length" if len(plain.token_ids) == TOKENS else "stop")
 
 
 async def test_streamed_chat_equals_the_whole_answer(api: openai.AsyncOpenAI, drover: DroverClient) -> None:

@@ -411,7 +411,9 @@ async def test_tls_client_certificates_when_required(tmp_path: Path, pki: dict[s
         good = await Conn().open(server.url, with_cert)
         await good.close()
         errors = await refused(server.url, alice)  # no client certificate: the server ends the handshake
-        assert any("connection lost" in e.lower() or "certificate" in e.lower() for e in errors), errors
+        # how the end shows depends on when the client next writes: lost, reset, broken pipe or a TLS alert
+        ended = ("connection lost", "certificate", "broken pipe", "connection reset")
+        assert any(word in e.lower() for e in errors for word in ended), errors
 
 
 async def test_client_library_reports_denials_clearly(
