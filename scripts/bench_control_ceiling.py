@@ -11,7 +11,8 @@ the rate is the control plane, NATS or the client, never the engines' capacity.
 
 Per offered rate (open loop for ``--step-s`` seconds): submits accepted per second (an ``Accepted`` reply
 within the step plus 5 s), their accept latency p50/p99, requests finished, and the CPU each process used
-(as a share of one core) with the control plane's busiest threads by name, which says where it saturates:
+(as a share of one core) with the control plane's busiest threads by name, each with the share of the
+wall time it was runnable but waiting for a CPU (schedstat), which says where it saturates:
 the scheduler's actor thread, the bus's event-loop thread (NATS I/O, heartbeat decoding), nats-server, or
 the client. Before the first step the idle cost is measured: the heartbeats alone
 (``engines / heartbeat-s`` messages a second). Bounded: start-up of the engines plus one step per rate.
@@ -48,18 +49,20 @@ def thread_names(path: Path) -> dict[int, str]:
         return {}
 
 
-def thread_cpu(pid: int, names: dict[int, str]) -> dict[str, float]:
-    """CPU seconds per thread name (threads of one name summed, digits dropped) of process ``pid``."""
-    out: dict[str, float] = {}
+def thread_cpu(pid: int, names: dict[int, str]) -> dict[str, tuple[float, float]]:
+    """(CPU seconds, seconds spent runnable but waiting for a CPU) per thread name (threads of one name
+    summed, digits dropped) of process ``pid``, from /proc/PID/task/TID/schedstat."""
+    out: dict[str, tuple[float, float]] = {}
     task_dir = Path(f"/proc/{pid}/task")
     for task in task_dir.iterdir() if task_dir.exists() else ():
         try:
             name = names.get(int(task.name)) or (task / "comm").read_text().strip()
             name = name.rstrip("0123456789-_ ") or name
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            run_ns, wait_ns = (int(v) for v in (task / "schedstat").read_text().split()[:2])
+        except (OSError, ValueError):
             continue  # the thread ended meanwhile
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
+        cpu, wait = out.get(name, (0.0, 0.0))
+        out[name] = (cpu + run_ns / 1e9, wait + wait_ns / 1e9)
     return out
 
 
@@ -80,7 +83,7 @@ class CpuMeter:
         self.names_file = names_file
         self._t0 = 0.0
         self._before: dict[str, float] = {}
-        self._threads: dict[str, float] = {}
+        self._threads: dict[str, tuple[float, float]] = {}
 
     def start(self) -> None:
         self._t0 = time.monotonic()
@@ -94,8 +97,14 @@ class CpuMeter:
         after["client"] = time.process_time()
         share = {name: round((after[name] - self._before[name]) / wall, 3) for name in after}
         threads = thread_cpu(self.control_pid, thread_names(self.names_file))
-        per_thread = {n: round((threads[n] - self._threads.get(n, 0.0)) / wall, 3) for n in threads}
-        busiest = dict(sorted(per_thread.items(), key=lambda kv: -kv[1])[:5])
+        per_thread = {}
+        for name, (cpu, wait) in threads.items():
+            cpu0, wait0 = self._threads.get(name, (0.0, 0.0))
+            per_thread[name] = {
+                "cpu": round((cpu - cpu0) / wall, 3),
+                "waiting_for_cpu": round((wait - wait0) / wall, 3),
+            }
+        busiest = dict(sorted(per_thread.items(), key=lambda kv: -kv[1]["cpu"])[:4])
         hosts = sum(v for k, v in share.items() if k.startswith("host"))
         return {
             "cpu_cores": {k: v for k, v in share.items() if not k.startswith("host")}
@@ -244,6 +253,8 @@ def main() -> None:
         None,
         {
             "engine": {"kind": "sim", "heartbeat_interval_s": args.heartbeat_s, "max_num_seqs": 64},
+            # one client offers all the load: the per-client and total bounds must not be what refuses it
+            "limits": {"max_in_flight_per_client": 1_000_000, "max_in_flight_requests": 1_000_000},
             "observability": {"exporter": "none", "log_level": "WARNING"},
         },
     )
