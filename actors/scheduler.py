@@ -428,6 +428,7 @@ class SchedulerActor(SupervisedActor):
         if recovered.finished:
             self.requests.pop(recovered.request_id)
             self.state.drop_request(recovered.request_id)
+            self.planner.forget(recovered.request_id)  # the planner's move record of it is moot now
             return
         log.info("request %s fails over after %d delivered tokens", recovered.request_id, len(recovered.tokens))
         record.resume_tokens = recovered.tokens
@@ -439,6 +440,7 @@ class SchedulerActor(SupervisedActor):
     def _fail_request(self, record: RequestRecord, why: str) -> None:
         self.requests.pop(record.request_id, None)
         self.state.drop_request(record.request_id)
+        self.planner.forget(record.request_id)  # the planner's move record of it is moot now
         self.replies.error(
             owner_of(record.submit.reply_to),
             record.submit.reply_to,
@@ -763,6 +765,7 @@ class SchedulerActor(SupervisedActor):
             return
         self.requests.pop(ended.request_id)
         self.state.drop_request(ended.request_id)
+        self.planner.forget(ended.request_id)  # the planner's move record of it is moot now
         self.classes.on_ended(ended.request_id)
 
     def _refresh_instance(self, instance_id: str) -> None:
@@ -953,6 +956,7 @@ class SchedulerActor(SupervisedActor):
         if record.state == "queued":
             self.requests.pop(cancel.request_id)
             self.state.drop_request(cancel.request_id)
+            self.planner.forget(cancel.request_id)  # the planner's move record of it is moot now
             self.replies.to_owner(
                 record.submit.reply_to,
                 RequestDone(

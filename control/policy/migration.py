@@ -191,7 +191,12 @@ class MigrationPlanner:
                 self.remove(iid)
 
     def forget(self, request_id: str) -> None:
+        """Drop what the planner remembers of a request (call it when the request ends)."""
         self._moves.pop(request_id, None)
+
+    def remembered_moves(self) -> int:
+        """Requests whose moves the planner still remembers (bounded by ``forget`` and the expiry)."""
+        return len(self._moves)
 
     def _drop_roles(self, iid: str) -> None:
         group = self._group_of.get(iid)
