@@ -176,6 +176,10 @@ class SchedulerActor(SupervisedActor):
         self.policy: DispatchIndex = make_dispatch_policy(self.params.dispatch_policy, self.params.dispatch_params())
         self.migrations: dict[str, InFlightMigration] = {}  # request id -> migration in flight
         self.planner = MigrationPlanner(self.params)  # remembers its moves: per-request budget, cooldown
+        # instance id -> (load, info, draining, snapshot) it was built from: migration planning asks for every
+        # instance's snapshot each period, and a fresh object per instance made the incremental planner
+        # re-rate all of them (O(instances) snapshot builds 20 times a second)
+        self._snapshot_of: dict[str, tuple[InstanceLoad, EngineInfo, object, InstanceSnapshot]] = {}
         self.migrations_done = 0
         self.migrations_aborted = 0
         self.memory = MemoryManager(bus, settings.memory, self._refresh_instance)  # KunServe groups
@@ -300,8 +304,20 @@ class SchedulerActor(SupervisedActor):
             )
 
     def _snapshot(self, record: InstanceRecord) -> InstanceSnapshot:
+        """The instance's snapshot; the same object while its heartbeat, info and draining view are (a
+        heartbeat's load is a fresh object, never changed in place)."""
         load = record.load
-        return InstanceSnapshot(
+        info = record.info
+        draining = (
+            record.draining
+            or record.drain_requested
+            or record.state != "serving"
+            or self.memory.blocks_dispatch(info.instance_id)
+        )
+        cached = self._snapshot_of.get(info.instance_id)
+        if cached is not None and cached[0] is load and cached[1] is info and cached[2] == draining:
+            return cached[3]
+        snapshot = InstanceSnapshot(
             instance_id=record.info.instance_id,
             num_total_blocks=load.num_total_blocks,
             num_free_blocks=load.num_free_blocks,
@@ -310,10 +326,7 @@ class SchedulerActor(SupervisedActor):
             waiting_blocks=load.waiting_blocks,
             head_waiting_blocks=load.head_waiting_blocks,
             num_preempted=load.num_preempted,
-            draining=record.draining
-            or record.drain_requested
-            or record.state != "serving"
-            or self.memory.blocks_dispatch(record.info.instance_id),
+            draining=draining,
             model=record.info.model,
             block_size=record.info.block_size,
             running=tuple(
@@ -327,6 +340,8 @@ class SchedulerActor(SupervisedActor):
                 for r in load.running
             ),
         )
+        self._snapshot_of[info.instance_id] = (load, info, draining, snapshot)
+        return snapshot
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -338,6 +353,7 @@ class SchedulerActor(SupervisedActor):
                         "instance %s missed heartbeats for %.1fs: declared dead", instance_id, now - record.last_seen
                     )
                 self.instances.pop(instance_id)
+                self._snapshot_of.pop(instance_id, None)
                 self.policy.remove(instance_id)
                 metrics().remove_instance(instance_id)
                 self.state.drop_instance(instance_id)
