@@ -825,9 +825,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
     parser.add_argument("--goodput", action="store_true", help="run only the goodput section (and fixed-load tails)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per goodput point (>= 3 for a CI)")
-    parser.add_argument(
-        "--settings", default=",".join(GRID), help="goodput settings, comma-separated"
-    )
+    parser.add_argument("--settings", default=",".join(GRID), help="goodput settings, comma-separated")
     parser.add_argument("--policies", default=",".join(GOODPUT_POLICIES), help="goodput policies, comma-separated")
     parser.add_argument("--ablation", action="store_true", help="run only the ablation of drover's rules")
     parser.add_argument("--duration", type=float, default=300.0, help="seconds of arrivals per goodput run")

@@ -44,6 +44,10 @@ class DispatchParams:
     safe tier."""
     predict_decode_weight: float = 16.0
     """``predictive`` dispatch: prompt-token equivalents of one running request sharing the step."""
+    predict_hold: bool = False
+    """``predictive`` dispatch: late binding. Send a request only to an instance whose free KV, less what is
+    queued there and the growth reserve, holds its prompt now; when none does, ``choose`` returns None and
+    the scheduler holds the request in its own FIFO queue until a heartbeat shows room (docs/policies.md)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +65,7 @@ class PolicyParams:
     predict_growth_blocks: int = 4
     predict_high_watermark: float = 0.9
     predict_decode_weight: float = 16.0
+    predict_hold: bool = False
 
     migration_enabled: bool = True
     migrate_threshold: float = 3.0
@@ -119,6 +124,7 @@ always empties."""
             predict_growth_blocks=self.predict_growth_blocks,
             predict_high_watermark=self.predict_high_watermark,
             predict_decode_weight=self.predict_decode_weight,
+            predict_hold=self.predict_hold,
         )
 
     def as_dict(self) -> dict[str, Any]:
