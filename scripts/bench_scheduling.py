@@ -721,17 +721,30 @@ def ablation_variants() -> dict[str, PolicyParams]:
         "migration_pingpong_window_s": 0.0,
         "max_migrations_per_round": 0,
     }
+    load_migration = {"migration_sources": "freeness"}
     return {
         "least_loaded": named_policy("least_loaded"),
         "llumnix": named_policy("llumnix"),
-        "predictive, no migration": dataclasses.replace(drover, migration_enabled=False),
-        "predictive + llumnix migr.": dataclasses.replace(drover, **llumnix_migration),
-        "freeness + drover migr.": dataclasses.replace(drover, dispatch_policy="freeness"),
-        "drover - cost rule": dataclasses.replace(drover, migration_cost_aware=False),
-        "drover - budget": dataclasses.replace(drover, migration_budget_per_request=0),
-        "drover - cooldown": dataclasses.replace(drover, migration_cooldown_s=0.0),
-        "drover - ping-pong": dataclasses.replace(drover, migration_pingpong_window_s=0.0),
-        "drover - round cap": dataclasses.replace(drover, max_migrations_per_round=0),
+        "predictive, no late binding": dataclasses.replace(drover, predict_hold=False),
+        "drover + load migr. (freeness)": dataclasses.replace(drover, **load_migration),
+        "drover + load migr. (pressure)": dataclasses.replace(drover, migration_sources="pressure"),
+        "drover + llumnix migr.": dataclasses.replace(drover, **llumnix_migration, **load_migration),
+        "freeness + load migr. (old)": dataclasses.replace(
+            drover, dispatch_policy="freeness", predict_hold=False, **load_migration
+        ),
+        "old drover (round 22)": dataclasses.replace(drover, predict_hold=False, **load_migration),
+        "old drover - cost rule": dataclasses.replace(
+            drover, predict_hold=False, migration_cost_aware=False, **load_migration
+        ),
+        "old drover - budget": dataclasses.replace(
+            drover, predict_hold=False, migration_budget_per_request=0, **load_migration
+        ),
+        "old drover - cooldown": dataclasses.replace(
+            drover, predict_hold=False, migration_cooldown_s=0.0, **load_migration
+        ),
+        "old drover - ping-pong": dataclasses.replace(
+            drover, predict_hold=False, migration_pingpong_window_s=0.0, **load_migration
+        ),
         "drover": drover,
     }
 
