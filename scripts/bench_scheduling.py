@@ -721,7 +721,7 @@ def ablation_variants() -> dict[str, PolicyParams]:
         "migration_pingpong_window_s": 0.0,
         "max_migrations_per_round": 0,
     }
-    load_migration = {"migration_sources": "freeness"}
+    load_migration: dict[str, Any] = {"migration_sources": "freeness"}
     return {
         "least_loaded": named_policy("least_loaded"),
         "llumnix": named_policy("llumnix"),

@@ -491,7 +491,7 @@ class PredictiveIndex(_IndexBase):
                 reservation = None
             else:
                 reservation[2] += 1
-                if reservation[2] > _RESERVATION_EXPIRY_DECISIONS:  # never asked again: cancelled or gone
+                if reservation[2] > RESERVATION_EXPIRY_DECISIONS:  # never asked again: cancelled or gone
                     del self._reservations[demand.model]
                     reservation = None
                 else:
@@ -514,7 +514,7 @@ class PredictiveIndex(_IndexBase):
         return roomiest[1]
 
 
-_RESERVATION_EXPIRY_DECISIONS = 1024
+RESERVATION_EXPIRY_DECISIONS = 1024
 """Late binding: a reservation whose request is not asked about again within this many other decisions is
 dropped (the request was cancelled or rejected while held); until then it only keeps one instance for it."""
 

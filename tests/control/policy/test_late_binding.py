@@ -3,7 +3,7 @@ reservation at a time (EASY backfilling), backfill elsewhere, expire a reservati
 
 from __future__ import annotations
 
-from control.policy.dispatch import _RESERVATION_EXPIRY_DECISIONS, make_dispatch_policy
+from control.policy.dispatch import RESERVATION_EXPIRY_DECISIONS, DispatchIndex, make_dispatch_policy
 from control.policy.params import DispatchParams
 from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot
 
@@ -21,7 +21,7 @@ def demand(rid: str, blocks: int) -> RequestDemand:
     return RequestDemand(rid, num_prompt_tokens=blocks * 16, num_blocks=blocks)
 
 
-def index_of(*snapshots: InstanceSnapshot, params: DispatchParams = HOLD):  # type: ignore[no-untyped-def]
+def index_of(*snapshots: InstanceSnapshot, params: DispatchParams = HOLD) -> DispatchIndex:
     index = make_dispatch_policy("predictive", params)
     for s in snapshots:
         index.upsert(s)
@@ -72,7 +72,7 @@ def test_an_idle_instance_takes_a_request_the_reserve_would_keep_out() -> None:
 def test_a_reservation_nobody_asks_about_again_expires() -> None:
     index = index_of(snap("a", 20, running=2), snap("b", 14, running=1))
     assert index.choose(demand("gone", 40)) is None  # reserves a; then it is cancelled and never asked again
-    for k in range(_RESERVATION_EXPIRY_DECISIONS):
+    for k in range(RESERVATION_EXPIRY_DECISIONS):
         assert index.choose(demand(f"s{k}", 2)) == "b"
     assert index.choose(demand("later", 2)) == "a"  # a is the better instance again
 

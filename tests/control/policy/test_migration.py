@@ -353,7 +353,7 @@ def test_migration_sources_rules() -> None:
     draining = inst("draining", free=150, reqs=[(64, 0)], draining=True)
 
     def sources(rule: str) -> set[str]:
-        params = dataclasses.replace(PARAMS, migration_sources=rule)
+        params = PARAMS.with_updates(migration_sources=rule)
         found: set[str] = set()
         for src in (queued, tight, preempting, draining):
             found |= {d.source_id for d in plan_migrations([src, dst], [], params)}
