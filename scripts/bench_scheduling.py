@@ -1,13 +1,14 @@
 """Scheduling benchmark: round-robin vs INFaaS++ vs Llumnix in the cluster simulator, dispatch cost, speed.
 
     python -m scripts.bench_scheduling [--quick] [--plot DIR] [--json FILE]
-    python -m scripts.bench_scheduling --goodput [--seeds 3] [--settings "paper poisson,paper gamma4,azure"]
+    python -m scripts.bench_scheduling --goodput [--seeds 3] [--settings "a10 poisson,a10 azure,…"]
                                        [--policies round_robin,least_loaded,llumnix,drover] [--plot DIR]
     python -m scripts.bench_scheduling --ablation [--seeds 3] [--settings …] [--ablation-goodput]
 
 ``--goodput``: per setting and policy, the highest rate at which >= 99 % of submitted requests meet both
 SLOs (bisection to 5 %, rejected/unfinished = misses), mean and 95 % CI over seeds, then p99 TTFT and p99
-TPOT at fixed loads (fractions of least_loaded's goodput). ``--ablation``: drover with one rule changed at a
+TPOT and p99 ITL at fixed loads (0.25-1.25x least_loaded's mean goodput); the default settings are the
+issue-17 grid (``GRID``). ``--ablation``: drover with one rule changed at a
 time, at a fixed load of 1.5x least_loaded's goodput. Definitions and the SLO rule: docs/policies.md.
 
 Every comparison runs the three policies side by side on the same generated requests (same seed):

@@ -435,6 +435,9 @@ class PredictiveIndex(_IndexBase):
     (INFaaS++ with the reserve). Neither INFaaS++ nor freeness sees the prefill queue of chunked prefill:
     a long prompt being prefilled holds only the blocks it has computed so far, so both rank its instance
     as nearly free while every request sent there waits behind the rest of the prompt.
+
+    With ``predict_hold`` (late binding, ``drover``'s setting) a request goes only where its prompt fits now,
+    else it is held by the scheduler with one reservation (:meth:`_choose_late`; docs/policies.md).
     """
 
     name = "predictive"
