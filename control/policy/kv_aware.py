@@ -1,7 +1,8 @@
 """``kv_aware`` dispatch: weigh the prompt's expected prefix-cache hits on each instance against its load.
 
 Anchor: NVIDIA Dynamo's KV router scores each worker by ``overlap_weight * prefill blocks it would still
-have to compute + its active blocks`` and picks the lowest (softmax-sampled with a temperature). Here:
+have to compute + its active blocks`` and picks the lowest (at its default temperature 0; softmax-sampled
+above). Here:
 
     cost(i) = overlap_weight * (prompt blocks - blocks of the prompt's prefix cached on i)
               + queued blocks on i (every waiting request's blocks, the blocks its running prefills have yet to
@@ -20,12 +21,13 @@ and the lowest cost wins (ties: the freer instance). How it differs from Dynamo:
 * freeness gates it: an instance whose dispatch freeness is below ``affinity_min_freeness`` (a migration
   source) is only chosen when it is the freest one, so a hot prefix cannot pile requests onto an instance
   that migration would then have to relieve;
-* deterministic argmin (no temperature sampling: reproducible runs, and the freeness gate already spreads
-  a hot prefix);
+* deterministic argmin, as Dynamo at temperature 0 (no temperature option: reproducible runs, and the
+  freeness gate already spreads a hot prefix);
 * only a few candidates are scored, so a decision costs O(log(prompt blocks) * candidates) rather than
   O(instances): the holders of the deepest cached block, the holders of the half-depth block, and the
   ``candidates`` freest instances, each with its own overlap found by binary search
-  over the chained hashes.
+  over the chained hashes; each instance's load term and freeness are kept from when it was last re-keyed
+  (a heartbeat or a dispatch), so scoring a candidate is one dict read (docs/kv_routing.md: p99 per size).
 
 Cached blocks come from a :class:`control.policy.prefix_index.PrefixIndex` (``self.prefix_index``) fed by
 engine events; with an empty index it picks the least loaded of the few freest instances.
