@@ -64,7 +64,11 @@ def _scheduler(cluster: InProcessCluster) -> Any:
 
 
 def _indexed_blocks(cluster: InProcessCluster, instance_id: str) -> int:
-    policy = _scheduler(cluster).policy.get(timeout=5)
+    """Blocks the control plane's index has for the instance (0 while a new control plane is not leading yet)."""
+    control = cluster.control
+    if control is None or control.scheduler is None or control.scheduler.ref is None:
+        return 0
+    policy = control.scheduler.ref.proxy().policy.get(timeout=5)
     count: int = policy.prefix_index.num_blocks(instance_id)
     return count
 
