@@ -33,7 +33,7 @@ def _cluster(nats_url: str, instances: int) -> InProcessCluster:
     cluster.start_control()
     for index in range(instances):
         engine = MigratableSimEngine(
-            f"kv-{index}",
+            f"kvsim-{index}",
             block_size=BLOCK,
             num_blocks=1024,
             max_model_len=4096,
