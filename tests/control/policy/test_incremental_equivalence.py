@@ -89,7 +89,10 @@ def test_migration_planner_matches_a_full_scan(seed: int) -> None:
     # the per-request rules remember earlier rounds, which a full scan cannot: switched off here so that a
     # round is a function of the snapshots and the migrations in flight alone
     params = user_policy_params("drover" if seed % 2 else "llumnix").with_updates(
-        migration_budget_per_request=0, migration_cooldown_s=0.0, migration_pingpong_window_s=0.0
+        migration_budget_per_request=0,
+        migration_cooldown_s=0.0,
+        migration_pingpong_window_s=0.0,
+        migration_sources="pressure" if seed == 1 else "freeness",  # drover's own rule moves off draining only
     )
     if seed >= 2:
         params = params.with_updates(max_migrations_per_instance=1, max_migrations_total=20)
