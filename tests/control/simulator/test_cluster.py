@@ -129,7 +129,7 @@ def test_planner_forgets_requests_when_they_finish() -> None:
     # tells the planner when a request finishes, so nothing is left once the run is over
     from control.policy.recommended import user_policy_params
 
-    params = user_policy_params("drover")
+    params = user_policy_params("drover").with_updates(migration_sources="freeness")  # load moves, not only drains
     sim = ClusterSimulator(ClusterConfig(num_instances=4, engine=SMALL_ENGINE, policy=params), workload(rate=80.0))
     result = sim.run()
     assert result.completed == 400 and result.migrations_started > 0
