@@ -16,7 +16,7 @@ import secrets
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -31,6 +31,17 @@ from actors.prefix_feed import apply_prefix_report, prefix_aware_destinations
 from actors.request_classes import RequestClasses
 from actors.request_lifecycle import RequestLifecycle, RequestTable, admission
 from actors.supervisor import SupervisedActor
+from control.core.requests import (
+    Drop,
+    Fail,
+    InstanceRecord,
+    Redispatch,
+    RequestRecord,
+    Resume,
+    expired_instances,
+    fail_over,
+    on_recovered,
+)
 from control.policy.block_hash import vllm_block_hashes
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy, prefix_block_hashes
 from control.policy.fairness import FairQueue, dispatch_room
@@ -54,11 +65,9 @@ from transport.messages import (
     EngineAbort,
     EngineAdd,
     EngineFence,
-    EngineInfo,
     EngineRequestEnded,
     ErrorCode,
     InstanceHeartbeat,
-    InstanceLoad,
     InstanceStatus,
     MemoryCommand,
     MigrateCommand,
@@ -76,35 +85,6 @@ from transport.messages import (
 from transport.output_stream import delivered_tokens
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class InstanceRecord:
-    info: EngineInfo
-    load: InstanceLoad
-    last_seen: float  # time.monotonic()
-    state: str = "serving"
-    draining: bool = False  # the engine says so
-    drain_requested: bool = False  # an operator asked (drover drain)
-    can_migrate: bool = False
-    dispatched: int = 0
-    seq: int = 0  # last heartbeat sequence number (restarts at 1 with a new process)
-    cached_blocks: int = -1  # prefix-cache blocks it reports (-1: none reported)
-
-
-@dataclass(slots=True)
-class RequestRecord:
-    submit: SubmitRequest
-    request_id: str
-    cancel_token: str
-    prompt_token_ids: list[int]
-    arrival: float  # time.time()
-    headers: dict[str, str]
-    instance_id: str | None = None
-    state: str = "queued"  # queued | running | recovering
-    served_by: list[str] = field(default_factory=list)
-    resume_tokens: list[int] = field(default_factory=list)  # delivered before a failover
-    failovers: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,18 +311,18 @@ class SchedulerActor(SupervisedActor):
     def _tick(self) -> None:
         now = time.monotonic()
         stale_after = self.settings.scheduler.instance_stale_after_s
-        for instance_id, record in list(self.instances.items()):
-            if now - record.last_seen > stale_after or record.state == "stopping":
-                if record.state != "stopping":
-                    log.warning(
-                        "instance %s missed heartbeats for %.1fs: declared dead", instance_id, now - record.last_seen
-                    )
-                self.instances.pop(instance_id)
-                self.policy.remove(instance_id)
-                metrics().remove_instance(instance_id)
-                self.state.drop_instance(instance_id)
-                self._fail_over(instance_id)
-                self.memory.on_instance_dead(instance_id)
+        for instance_id in expired_instances(self.instances, now, stale_after):
+            record = self.instances[instance_id]
+            if record.state != "stopping":
+                log.warning(
+                    "instance %s missed heartbeats for %.1fs: declared dead", instance_id, now - record.last_seen
+                )
+            self.instances.pop(instance_id)
+            self.policy.remove(instance_id)
+            metrics().remove_instance(instance_id)
+            self.state.drop_instance(instance_id)
+            self._fail_over(instance_id)
+            self.memory.on_instance_dead(instance_id)
         self.lifecycle.tick(self)
         self.requests.forget_expired()
         self.memory.tick({i for i, r in self.instances.items() if r.state == "serving"})
@@ -355,26 +335,32 @@ class SchedulerActor(SupervisedActor):
 
     # ------------------------------------------------------------------------------------------- failover
     def _fail_over(self, dead_instance: str) -> None:
-        """Resume every request of a dead instance elsewhere, from the tokens its client already has."""
-        for record in list(self.requests.values()):
-            if record.instance_id != dead_instance or record.state != "running":
+        """Actor thread. Resume every request of a dead instance elsewhere, from the tokens its client already
+        has (the decision: :func:`control.core.requests.fail_over`)."""
+        commands = fail_over(self.requests.values(), dead_instance, self.settings.reliability.failover_max_attempts)
+        for command in commands:
+            self.migrations.pop(command.request_id, None)
+        self.carry_out(commands)
+
+    def carry_out(self, commands: list[Resume | Fail]) -> None:
+        """Actor thread. Carry out the core's failover commands (``control/core/requests.py``): a
+        :class:`Fail` ends the request with ``engine_failed``; a :class:`Resume` stores the (now
+        ``recovering``) record and reads back, on the bus loop, what its client has (fencing the old instance
+        first where one is named); the answer comes back to this actor as a ``_Recovered`` message. Also used
+        by ``actors/control_state.py`` for requests restored after a restart."""
+        for command in commands:
+            record = self.requests.get(command.request_id)
+            if record is None:
                 continue
-            self.migrations.pop(record.request_id, None)
-            record.failovers += 1
-            if record.failovers > self.settings.reliability.failover_max_attempts:
-                self._fail_request(record, f"engine {dead_instance} failed; retry limit reached")
+            if isinstance(command, Fail):
+                self.fail_request(record, command.why)
                 continue
-            if not record.submit.reply_to.startswith(subjects.INBOX_ROOT + "."):
-                self._fail_request(
-                    record,
-                    f"engine {dead_instance} failed (use an inbox under {subjects.INBOX_ROOT} to have streams resumed)",
-                )
-                continue
-            record.state, record.instance_id = "recovering", None
             self.state.save_request(record)
-            self.bus.run(self._read_delivered(record.request_id, record.submit.reply_to, fence_on=dead_instance))
+            self.bus.run(self._read_delivered(record.request_id, record.submit.reply_to, fence_on=command.fence_on))
 
     async def _read_delivered(self, request_id: str, reply_to: str, fence_on: str = "") -> None:
+        """Bus loop. Read back from the output stream what the client of ``request_id`` has (after fencing
+        ``fence_on``) and tell this actor (``_Recovered``)."""
         sent = 0
         if fence_on:
             try:
@@ -402,7 +388,7 @@ class SchedulerActor(SupervisedActor):
             self.actor_ref.tell(result)
 
     async def _fence(self, instance_id: str, request_id: str) -> int:
-        """Stop the request on an instance declared dead before it resumes elsewhere: missed heartbeats do not
+        """Bus loop. Stop the request on an instance declared dead before it resumes elsewhere: missed heartbeats do not
         prove death, and a live instance would stream on (every index twice). Returns the output tokens it
         says it sent (0 when it is gone, hangs, or does not know the request)."""
         try:
@@ -419,24 +405,25 @@ class SchedulerActor(SupervisedActor):
         return int(answer.details.get("sent", 0))
 
     def _on_recovered(self, recovered: _Recovered) -> None:
+        """Actor thread. What a recovering request's client had: the core decides (``on_recovered``)."""
         record = self.requests.get(recovered.request_id)
-        if record is None or record.state != "recovering":
+        command = on_recovered(record, recovered.tokens, recovered.finished, recovered.error)
+        if record is None or command is None:
             return
-        if recovered.error:
-            self._fail_request(record, recovered.error)
-            return
-        if recovered.finished:
+        if isinstance(command, Fail):
+            self.fail_request(record, command.why)
+        elif isinstance(command, Drop):
             self.requests.pop(recovered.request_id)
             self.state.drop_request(recovered.request_id)
-            return
-        log.info("request %s fails over after %d delivered tokens", recovered.request_id, len(recovered.tokens))
-        record.resume_tokens = recovered.tokens
-        record.state = "queued"
-        if not self._dispatch(record):
-            self.queue.append(record.request_id)
-            self.state.save_request(record)
+        elif isinstance(command, Redispatch):
+            log.info("request %s fails over after %d delivered tokens", recovered.request_id, len(recovered.tokens))
+            if not self._dispatch(record):
+                self.queue.append(record.request_id)
+                self.state.save_request(record)
 
-    def _fail_request(self, record: RequestRecord, why: str) -> None:
+    def fail_request(self, record: RequestRecord, why: str) -> None:
+        """Actor thread. End a request with ``engine_failed`` (its client is told why) and drop it from the
+        request table and the state store."""
         self.requests.pop(record.request_id, None)
         self.state.drop_request(record.request_id)
         self.replies.error(
@@ -752,8 +739,7 @@ class SchedulerActor(SupervisedActor):
         if ended.finish_reason == "evicted" and self.classes.on_evicted(ended.request_id):
             # preempted for an interactive request (Chiron): back to the batch queue from what the client has
             record.state, record.instance_id = "recovering", None
-            self.state.save_request(record)
-            self.bus.run(self._read_delivered(record.request_id, record.submit.reply_to))
+            self.carry_out([Resume(record.request_id)])
             return
         if ended.finish_reason == "evicted":  # a KunServe group step handed it back: resume after its outputs
             record.resume_tokens, record.state, record.instance_id = list(ended.output_token_ids), "queued", None
