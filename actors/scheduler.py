@@ -136,6 +136,7 @@ class SchedulerActor(SupervisedActor):
         state: ControlState | None = None,
         replies: ClientReplies | None = None,
     ) -> None:
+        """Thread: the one that builds the actor (before its own thread starts)."""
         super().__init__(supervisor, name)
         # what goes to clients: checked targets, over the client-bound connection (actors/client_replies.py)
         self.replies = replies or ClientReplies(bus)
@@ -162,10 +163,12 @@ class SchedulerActor(SupervisedActor):
         self.classes = RequestClasses(settings, self._evict)  # request classes, roles, global batch queue
 
     def on_start(self) -> None:
+        """Thread: the scheduler actor's thread."""
         restore_into(self)  # a restarted control plane (or scheduler) picks up where the last one left off
 
     # ------------------------------------------------------------------------------------------- dispatching
     def on_receive(self, message: Any) -> Any:
+        """Thread: the scheduler actor's thread."""
         if isinstance(message, Envelope):
             return self._on_envelope(message)
         if isinstance(message, Tick):
@@ -185,6 +188,7 @@ class SchedulerActor(SupervisedActor):
         return None
 
     def _on_envelope(self, envelope: Envelope) -> None:
+        """Thread: the scheduler actor's thread."""
         message = envelope.message
         if isinstance(message, InstanceHeartbeat):
             self._on_heartbeat(message)
@@ -215,6 +219,7 @@ class SchedulerActor(SupervisedActor):
 
     # ------------------------------------------------------------------------------------------- instances
     def _on_heartbeat(self, beat: InstanceHeartbeat) -> None:
+        """Thread: the scheduler actor's thread."""
         instance_id = beat.info.instance_id
         if beat.info.protocol_version not in SUPPORTED_VERSIONS:  # never dispatched to (rolling upgrades)
             if instance_id not in self.instances:
@@ -262,7 +267,8 @@ class SchedulerActor(SupervisedActor):
 
     def _stop_superseded(self, instance_id: str, beat: InstanceHeartbeat) -> None:
         """An instance taken for dead (SIGSTOP, a cut link) that comes back still runs what failed over
-        elsewhere meanwhile: stop those copies without a word to their clients."""
+        elsewhere meanwhile: stop those copies without a word to their clients.
+        Thread: the scheduler actor's thread."""
         for running in beat.load.running:
             record = self.requests.get(running.request_id)
             if (
@@ -280,6 +286,7 @@ class SchedulerActor(SupervisedActor):
             )
 
     def _snapshot(self, record: InstanceRecord) -> InstanceSnapshot:
+        """Thread: the scheduler actor's thread."""
         load = record.load
         return InstanceSnapshot(
             instance_id=record.info.instance_id,
@@ -309,6 +316,7 @@ class SchedulerActor(SupervisedActor):
         )
 
     def _tick(self) -> None:
+        """Thread: the scheduler actor's thread."""
         now = time.monotonic()
         stale_after = self.settings.scheduler.instance_stale_after_s
         for instance_id in expired_instances(self.instances, now, stale_after):
@@ -335,19 +343,21 @@ class SchedulerActor(SupervisedActor):
 
     # ------------------------------------------------------------------------------------------- failover
     def _fail_over(self, dead_instance: str) -> None:
-        """Actor thread. Resume every request of a dead instance elsewhere, from the tokens its client already
-        has (the decision: :func:`control.core.requests.fail_over`)."""
+        """Resume every request of a dead instance elsewhere, from the tokens its client already
+        has (the decision: :func:`control.core.requests.fail_over`).
+        Thread: the scheduler actor's thread."""
         commands = fail_over(self.requests.values(), dead_instance, self.settings.reliability.failover_max_attempts)
         for command in commands:
             self.migrations.pop(command.request_id, None)
         self.carry_out(commands)
 
     def carry_out(self, commands: list[Resume | Fail]) -> None:
-        """Actor thread. Carry out the core's failover commands (``control/core/requests.py``): a
+        """Carry out the core's failover commands (``control/core/requests.py``): a
         :class:`Fail` ends the request with ``engine_failed``; a :class:`Resume` stores the (now
         ``recovering``) record and reads back, on the bus loop, what its client has (fencing the old instance
         first where one is named); the answer comes back to this actor as a ``_Recovered`` message. Also used
-        by ``actors/control_state.py`` for requests restored after a restart."""
+        by ``actors/control_state.py`` for requests restored after a restart.
+        Thread: the scheduler actor's thread."""
         for command in commands:
             record = self.requests.get(command.request_id)
             if record is None:
@@ -359,8 +369,9 @@ class SchedulerActor(SupervisedActor):
             self.bus.run(self._read_delivered(record.request_id, record.submit.reply_to, fence_on=command.fence_on))
 
     async def _read_delivered(self, request_id: str, reply_to: str, fence_on: str = "") -> None:
-        """Bus loop. Read back from the output stream what the client of ``request_id`` has (after fencing
-        ``fence_on``) and tell this actor (``_Recovered``)."""
+        """Read back from the output stream what the client of ``request_id`` has (after fencing
+        ``fence_on``) and tell this actor (``_Recovered``).
+        Thread: the bus loop."""
         sent = 0
         if fence_on:
             try:
@@ -388,9 +399,10 @@ class SchedulerActor(SupervisedActor):
             self.actor_ref.tell(result)
 
     async def _fence(self, instance_id: str, request_id: str) -> int:
-        """Bus loop. Stop the request on an instance declared dead before it resumes elsewhere: missed heartbeats do not
+        """Stop the request on an instance declared dead before it resumes elsewhere: missed heartbeats do not
         prove death, and a live instance would stream on (every index twice). Returns the output tokens it
-        says it sent (0 when it is gone, hangs, or does not know the request)."""
+        says it sent (0 when it is gone, hangs, or does not know the request).
+        Thread: the bus loop."""
         try:
             answer = await self.bus.arequest(
                 subjects.engine(instance_id),
@@ -405,7 +417,9 @@ class SchedulerActor(SupervisedActor):
         return int(answer.details.get("sent", 0))
 
     def _on_recovered(self, recovered: _Recovered) -> None:
-        """Actor thread. What a recovering request's client had: the core decides (``on_recovered``)."""
+        """What a recovering request's client had: the core decides (``on_recovered``).
+
+        Thread: the scheduler actor's thread."""
         record = self.requests.get(recovered.request_id)
         command = on_recovered(record, recovered.tokens, recovered.finished, recovered.error)
         if record is None or command is None:
@@ -422,8 +436,9 @@ class SchedulerActor(SupervisedActor):
                 self.state.save_request(record)
 
     def fail_request(self, record: RequestRecord, why: str) -> None:
-        """Actor thread. End a request with ``engine_failed`` (its client is told why) and drop it from the
-        request table and the state store."""
+        """End a request with ``engine_failed`` (its client is told why) and drop it from the
+        request table and the state store.
+        Thread: the scheduler actor's thread."""
         self.requests.pop(record.request_id, None)
         self.state.drop_request(record.request_id)
         self.replies.error(
@@ -437,6 +452,7 @@ class SchedulerActor(SupervisedActor):
 
     # ------------------------------------------------------------------------------------------- submission
     def _max_prompt_tokens(self, model: str) -> int:
+        """Thread: the scheduler actor's thread."""
         configured = self.settings.limits.max_prompt_tokens
         if configured > 0:
             return configured
@@ -444,7 +460,9 @@ class SchedulerActor(SupervisedActor):
         return (min(lengths) if lengths else self.settings.model.max_model_len) - 1
 
     def _validate(self, submit: SubmitRequest) -> str | None:
-        """A user-facing reason the request is invalid, or None."""
+        """A user-facing reason the request is invalid, or None.
+
+        Thread: the scheduler actor's thread."""
         if (submit.prompt is None) == (submit.prompt_token_ids is None):
             return "give exactly one of prompt or prompt_token_ids"
         if submit.prompt is not None and not submit.prompt:
@@ -467,6 +485,7 @@ class SchedulerActor(SupervisedActor):
 
     def _on_submit(self, submit: SubmitRequest, envelope: Envelope) -> None:
         # Who sent it is what the NATS server authenticated (the subject it let through), not client_id.
+        """Thread: the scheduler actor's thread."""
         identity = subjects.client_identity(envelope.subject) or subjects.ANONYMOUS
         reply_to = submit.reply_to or envelope.reply
         if not reply_to:
@@ -564,7 +583,9 @@ class SchedulerActor(SupervisedActor):
         self.state.after_writes(acknowledge)
 
     def _on_acknowledged(self, request_id: str) -> None:
-        """The submission is stored and acknowledged: dispatch it now, or queue it."""
+        """The submission is stored and acknowledged: dispatch it now, or queue it.
+
+        Thread: the scheduler actor's thread."""
         record = self.requests.get(request_id)
         if record is None or record.state != "queued" or record.instance_id is not None:
             return  # cancelled (or ended by its deadline) meanwhile
@@ -580,9 +601,11 @@ class SchedulerActor(SupervisedActor):
             self.queue.append(request_id)
 
     def _no_room(self, request_id: str, token_ids: list[int], submit: SubmitRequest) -> bool:
+        """Thread: the scheduler actor's thread."""
         return self.policy.choose(self._demand(request_id, token_ids, submit)) is None
 
     def _demand(self, request_id: str, token_ids: list[int], submit: SubmitRequest) -> RequestDemand:
+        """Thread: the scheduler actor's thread."""
         block_size = next(iter(self.instances.values())).info.block_size if self.instances else 32
         return RequestDemand(
             request_id=request_id,
@@ -598,6 +621,7 @@ class SchedulerActor(SupervisedActor):
         )
 
     def _dispatch(self, record: RequestRecord, target: str | None = None) -> bool:
+        """Thread: the scheduler actor's thread."""
         demand = self._demand(record.request_id, record.prompt_token_ids, record.submit)
         if target is None and self.classes.enabled:
             if self.classes.requeue_batch(record):
@@ -663,9 +687,11 @@ class SchedulerActor(SupervisedActor):
     ADD_ATTEMPTS = 6
 
     def _send_add(self, instance_id: str, add: EngineAdd, headers: dict[str, str], attempt: int = 1) -> None:
+        """Thread: the scheduler actor's thread."""
         self.bus.run(self._request_add(instance_id, add, headers, attempt))
 
     async def _request_add(self, instance_id: str, add: EngineAdd, headers: dict[str, str], attempt: int) -> None:
+        """Thread: the bus loop."""
         try:
             await self.bus.nc.request(
                 subjects.engine(instance_id),
@@ -680,6 +706,7 @@ class SchedulerActor(SupervisedActor):
                 self.actor_ref.tell(_AddUnacked(instance_id, add, headers, attempt))
 
     def _on_add_unacked(self, unacked: _AddUnacked) -> None:
+        """Thread: the scheduler actor's thread."""
         record = self.requests.get(unacked.add.request_id)
         if record is None or record.instance_id != unacked.instance_id or record.state != "running":
             return  # ended, failed over or migrated meanwhile
@@ -688,7 +715,9 @@ class SchedulerActor(SupervisedActor):
         self._send_add(unacked.instance_id, unacked.add, unacked.headers, unacked.attempt + 1)
 
     def _drain_fair(self) -> None:
-        """Dispatch from the fair queue while the instances have room (each at most fairness_max_waiting)."""
+        """Dispatch from the fair queue while the instances have room (each at most fairness_max_waiting).
+
+        Thread: the scheduler actor's thread."""
         assert self.fair is not None
         limit = self.settings.scheduler.fairness_max_waiting
         pending = getattr(self.policy, "pending", None)  # dispatched since the instance's last heartbeat
@@ -712,6 +741,7 @@ class SchedulerActor(SupervisedActor):
             room -= 1
 
     def _drain_queue(self) -> None:
+        """Thread: the scheduler actor's thread."""
         if self.fair is not None:
             self._drain_fair()
         while self.queue:
@@ -724,13 +754,16 @@ class SchedulerActor(SupervisedActor):
             self.queue.popleft()
 
     def _evict(self, instance_id: str, request_id: str) -> None:
-        """Stop a batch request so an interactive one gets its slot (it resumes from the batch queue)."""
+        """Stop a batch request so an interactive one gets its slot (it resumes from the batch queue).
+
+        Thread: the scheduler actor's thread."""
         instance = self.instances.get(instance_id)
         version = peer_version(instance.info.protocol_version if instance else 1)
         self.bus.publish(subjects.engine(instance_id), EngineAbort(request_id=request_id, reason="evicted", v=version))
 
     # ------------------------------------------------------------------------------------------- lifecycle
     def _on_request_ended(self, ended: EngineRequestEnded) -> None:
+        """Thread: the scheduler actor's thread."""
         if ended.finish_reason == "migrated":
             return  # it lives on at the destination; MigrationEnded moves the record
         record = self.requests.get(ended.request_id)
@@ -752,7 +785,9 @@ class SchedulerActor(SupervisedActor):
         self.classes.on_ended(ended.request_id)
 
     def _refresh_instance(self, instance_id: str) -> None:
-        """Re-read whether an instance takes dispatches (the memory manager grouped or released it)."""
+        """Re-read whether an instance takes dispatches (the memory manager grouped or released it).
+
+        Thread: the scheduler actor's thread."""
         record = self.instances.get(instance_id)
         if record is not None:
             self.policy.upsert(self._snapshot(record))
@@ -761,6 +796,7 @@ class SchedulerActor(SupervisedActor):
     def _start_migration(
         self, request_id: str, source: str, destination: str, num_blocks: int, reason: str, reply_to: str = ""
     ) -> bool:
+        """Thread: the scheduler actor's thread."""
         migrator = self.peers.get("migrator")
         if migrator is None:
             self.bus.reply_error(reply_to, ErrorCode.MIGRATION_FAILED, "no migrator runs in this control plane")
@@ -774,13 +810,16 @@ class SchedulerActor(SupervisedActor):
         return True
 
     def _prompt_of(self, request_id: str) -> list[int] | None:
+        """Thread: the scheduler actor's thread."""
         record = self.requests.get(request_id)
         return record.prompt_token_ids if record is not None else None
 
     def _migratable_snapshots(self) -> list[InstanceSnapshot]:
+        """Thread: the scheduler actor's thread."""
         return [self._snapshot(r) for r in self.instances.values() if r.can_migrate]
 
     def _plan_migrations(self) -> None:
+        """Thread: the scheduler actor's thread."""
         if not self.params.migration_enabled:
             return
         snapshots = self._migratable_snapshots()
@@ -796,6 +835,7 @@ class SchedulerActor(SupervisedActor):
             self._start_migration(d.request_id, d.source_id, d.destination_id, d.num_blocks, d.reason)
 
     def _on_migration_ended(self, ended: MigrationEnded) -> None:
+        """Thread: the scheduler actor's thread."""
         self.migrations.pop(ended.request_id, None)
         if ended.ok:
             self.migrations_done += 1
@@ -808,6 +848,7 @@ class SchedulerActor(SupervisedActor):
             self.state.save_request(record)
 
     def _on_migrate_command(self, command: MigrateCommand, reply: str) -> None:
+        """Thread: the scheduler actor's thread."""
         record = self.requests.get(command.request_id)
         if record is None or record.instance_id is None:
             self.bus.reply_error(
@@ -853,6 +894,7 @@ class SchedulerActor(SupervisedActor):
         self._start_migration(command.request_id, source.info.instance_id, destination, blocks, command.reason, reply)
 
     def _pick_destination(self, source: InstanceRecord) -> str | None:
+        """Thread: the scheduler actor's thread."""
         candidates = [
             r
             for r in self.instances.values()
@@ -862,6 +904,7 @@ class SchedulerActor(SupervisedActor):
         return best.info.instance_id if best else None
 
     def _on_drain(self, command: DrainCommand, reply: str) -> None:
+        """Thread: the scheduler actor's thread."""
         record = self.instances.get(command.instance_id)
         if record is None:
             self.bus.reply_error(reply, ErrorCode.UNKNOWN_INSTANCE, f"no instance {command.instance_id}")
@@ -883,6 +926,7 @@ class SchedulerActor(SupervisedActor):
             )
 
     def _on_policy(self, message: PolicyQuery | PolicyUpdate, reply: str) -> None:
+        """Thread: the scheduler actor's thread."""
         if isinstance(message, PolicyUpdate):
             try:
                 params = self.params.with_updates(**message.changes)
@@ -903,6 +947,7 @@ class SchedulerActor(SupervisedActor):
             self.bus.publish(reply, AdminReply(ok=True, message="policy", details=self.params.as_dict()))
 
     def _on_cancel(self, cancel: Cancel, envelope: Envelope) -> None:
+        """Thread: the scheduler actor's thread."""
         identity = subjects.client_identity(envelope.subject) or subjects.ANONYMOUS
         target = cancel.reply_to or envelope.reply
         if target and not self.replies.allowed(identity, target, "cancel"):
@@ -960,6 +1005,7 @@ class SchedulerActor(SupervisedActor):
 
     # ------------------------------------------------------------------------------------------- status
     def status(self) -> StatusReply:
+        """Thread: the scheduler actor's thread."""
         now_mono, now = time.monotonic(), time.time()
         return StatusReply(
             instances=[
