@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import math
 import secrets
 import time
 import uuid
@@ -31,6 +30,8 @@ from actors.prefix_feed import apply_prefix_report, prefix_aware_destinations
 from actors.request_classes import RequestClasses
 from actors.request_lifecycle import RequestLifecycle, RequestTable, admission
 from actors.supervisor import SupervisedActor
+from control.core.admission import max_prompt_tokens, validate
+from control.core.record import DecisionLog
 from control.core.requests import (
     Drop,
     Fail,
@@ -135,11 +136,15 @@ class SchedulerActor(SupervisedActor):
         peers: dict[str, Any] | None = None,
         state: ControlState | None = None,
         replies: ClientReplies | None = None,
+        decision_log: DecisionLog | None = None,
     ) -> None:
         """Thread: the one that builds the actor (before its own thread starts)."""
         super().__init__(supervisor, name)
         # what goes to clients: checked targets, over the client-bound connection (actors/client_replies.py)
         self.replies = replies or ClientReplies(bus)
+        # The control core's calls with their inputs and outputs (dispatch index, migration pairing, failover),
+        # for the replay parity test (tests/parity/test_replay.py); None: nothing is kept.
+        self.decision_log = decision_log
         self.state = state or ControlState()  # durable request table and registry (actors/control_state.py)
         self.bus = bus
         self.settings = settings
@@ -243,7 +248,7 @@ class SchedulerActor(SupervisedActor):
             self.state.save_instance(record)
         self.memory.on_heartbeat(beat)
         self.classes.on_heartbeat(beat)
-        self.policy.upsert(self._snapshot(record))
+        self._upsert(record)
         record.cached_blocks = apply_prefix_report(self.policy, instance_id, beat.prefix_cache, time.monotonic())
         if beat.prefix_cache is not None:
             cache = beat.prefix_cache
@@ -284,6 +289,21 @@ class SchedulerActor(SupervisedActor):
                 subjects.engine(instance_id),
                 EngineAbort(request_id=running.request_id, reason="superseded", v=version),
             )
+
+    def _record(self, what: str, key: str, inputs: tuple[object, ...], output: object) -> None:
+        """Log one core call for the replay parity test (nothing without a log).
+
+        Thread: the scheduler actor's thread."""
+        if self.decision_log is not None:
+            self.decision_log.add(what, key, inputs, output)
+
+    def _upsert(self, record: InstanceRecord) -> None:
+        """Give the dispatch index an instance's fresh snapshot.
+
+        Thread: the scheduler actor's thread."""
+        snapshot = self._snapshot(record)
+        self.policy.upsert(snapshot)
+        self._record("upsert", record.info.instance_id, (snapshot,), None)
 
     def _snapshot(self, record: InstanceRecord) -> InstanceSnapshot:
         """Thread: the scheduler actor's thread."""
@@ -327,6 +347,7 @@ class SchedulerActor(SupervisedActor):
                 )
             self.instances.pop(instance_id)
             self.policy.remove(instance_id)
+            self._record("remove", instance_id, (), None)
             metrics().remove_instance(instance_id)
             self.state.drop_instance(instance_id)
             self._fail_over(instance_id)
@@ -346,7 +367,10 @@ class SchedulerActor(SupervisedActor):
         """Resume every request of a dead instance elsewhere, from the tokens its client already
         has (the decision: :func:`control.core.requests.fail_over`).
         Thread: the scheduler actor's thread."""
-        commands = fail_over(self.requests.values(), dead_instance, self.settings.reliability.failover_max_attempts)
+        max_attempts = self.settings.reliability.failover_max_attempts
+        before = [msgspec.structs.replace(r) for r in self.requests.values()] if self.decision_log else []
+        commands = fail_over(self.requests.values(), dead_instance, max_attempts)
+        self._record("fail_over", dead_instance, (tuple(before), max_attempts), tuple(commands))
         for command in commands:
             self.migrations.pop(command.request_id, None)
         self.carry_out(commands)
@@ -452,36 +476,11 @@ class SchedulerActor(SupervisedActor):
 
     # ------------------------------------------------------------------------------------------- submission
     def _max_prompt_tokens(self, model: str) -> int:
-        """Thread: the scheduler actor's thread."""
-        configured = self.settings.limits.max_prompt_tokens
-        if configured > 0:
-            return configured
-        lengths = [r.info.max_model_len for r in self.instances.values() if not model or r.info.model == model]
-        return (min(lengths) if lengths else self.settings.model.max_model_len) - 1
-
-    def _validate(self, submit: SubmitRequest) -> str | None:
-        """A user-facing reason the request is invalid, or None.
+        """The core's rule (``control/core/admission.py``) over the instances serving ``model``.
 
         Thread: the scheduler actor's thread."""
-        if (submit.prompt is None) == (submit.prompt_token_ids is None):
-            return "give exactly one of prompt or prompt_token_ids"
-        if submit.prompt is not None and not submit.prompt:
-            return "prompt is empty"
-        if submit.prompt_token_ids is not None and not submit.prompt_token_ids:
-            return "prompt_token_ids is empty"
-        if submit.prompt_token_ids is not None and any(t < 0 for t in submit.prompt_token_ids):
-            return "prompt_token_ids must be non-negative"
-        sampling = submit.sampling
-        if sampling.temperature < 0 or not math.isfinite(sampling.temperature):
-            return "temperature must be >= 0"
-        if not 0 < sampling.top_p <= 1:
-            return "top_p must be in (0, 1]"
-        if submit.request_id is not None:
-            try:
-                subjects.validate_token(submit.request_id)
-            except ValueError:
-                return "request_id must be 1-128 characters without '.', '*', '>' or whitespace"
-        return None
+        lengths = [r.info.max_model_len for r in self.instances.values() if not model or r.info.model == model]
+        return max_prompt_tokens(self.settings.limits.max_prompt_tokens, lengths, self.settings.model.max_model_len)
 
     def _on_submit(self, submit: SubmitRequest, envelope: Envelope) -> None:
         # Who sent it is what the NATS server authenticated (the subject it let through), not client_id.
@@ -506,7 +505,7 @@ class SchedulerActor(SupervisedActor):
         if identity != subjects.ANONYMOUS and submit.client_id != identity:
             submit = msgspec.structs.replace(submit, client_id=identity)  # limits count the server's identity
 
-        reason = self._validate(submit)
+        reason = validate(submit)  # the core: control/core/admission.py
         if reason is not None:
             metrics().request_finished(ErrorCode.INVALID_REQUEST, str(submit.request_class))
             refuse(ErrorCode.INVALID_REQUEST, reason, submit.request_id)
@@ -602,7 +601,10 @@ class SchedulerActor(SupervisedActor):
 
     def _no_room(self, request_id: str, token_ids: list[int], submit: SubmitRequest) -> bool:
         """Thread: the scheduler actor's thread."""
-        return self.policy.choose(self._demand(request_id, token_ids, submit)) is None
+        demand = self._demand(request_id, token_ids, submit)
+        chosen = self.policy.choose(demand)
+        self._record("choose", request_id, (demand,), chosen)
+        return chosen is None
 
     def _demand(self, request_id: str, token_ids: list[int], submit: SubmitRequest) -> RequestDemand:
         """Thread: the scheduler actor's thread."""
@@ -629,7 +631,11 @@ class SchedulerActor(SupervisedActor):
             target = self.classes.route(record, self.instances, self.requests)
             if target is None:
                 return False  # held in the queue (the autoscaler's backlog)
-        instance_id = target if target in self.instances else self.policy.choose(demand)
+        if target in self.instances:
+            instance_id: str | None = target
+        else:
+            instance_id = self.policy.choose(demand)
+            self._record("choose", record.request_id, (demand,), instance_id)
         if instance_id is None:
             return False
         instance = self.instances[instance_id]
@@ -674,6 +680,7 @@ class SchedulerActor(SupervisedActor):
             headers,
         )
         self.policy.on_dispatched(instance_id, demand)
+        self._record("dispatched", record.request_id, (instance_id, demand), None)
         instance.dispatched += 1
         record.instance_id, record.state = instance_id, "running"
         record.served_by.append(instance_id)
@@ -790,7 +797,7 @@ class SchedulerActor(SupervisedActor):
         Thread: the scheduler actor's thread."""
         record = self.instances.get(instance_id)
         if record is not None:
-            self.policy.upsert(self._snapshot(record))
+            self._upsert(record)
 
     # ------------------------------------------------------------------------------------------- migration
     def _start_migration(
@@ -824,7 +831,9 @@ class SchedulerActor(SupervisedActor):
             return
         snapshots = self._migratable_snapshots()
         self.planner.sync(snapshots)
-        decisions = self.planner.plan(list(self.migrations.values()))
+        in_flight, now = list(self.migrations.values()), time.monotonic()  # the core's clock is passed in
+        decisions = self.planner.plan(in_flight, now=now)
+        self._record("migration_plan", "", (tuple(snapshots), tuple(in_flight), now), tuple(decisions))
         decisions = prefix_aware_destinations(self.policy, decisions, snapshots, self._prompt_of)
         for d in decisions:
             record = self.requests.get(d.request_id)
@@ -911,7 +920,7 @@ class SchedulerActor(SupervisedActor):
             return
         record.drain_requested = not command.undo
         self.state.save_instance(record)
-        self.policy.upsert(self._snapshot(record))  # no new dispatches from now on (or again, on undo)
+        self._upsert(record)  # no new dispatches from now on (or again, on undo)
         running = [r.request_id for r in record.load.running]
         if command.undo:
             self.bus.publish(reply, AdminReply(ok=True, message=f"{command.instance_id} is back in service"))
@@ -939,7 +948,7 @@ class SchedulerActor(SupervisedActor):
             ):
                 self.policy = make_dispatch_policy(params.dispatch_policy, params.dispatch_params())
                 for record in self.instances.values():
-                    self.policy.upsert(self._snapshot(record))
+                    self._upsert(record)
             self.params = params
             self.planner.set_params(params)
             log.info("policy updated: %s", message.changes)
