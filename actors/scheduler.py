@@ -28,7 +28,7 @@ from actors.memory_manager import MemoryManager
 from actors.migrator import MigrationEnded, StartMigration
 from actors.prefix_feed import apply_prefix_report, prefix_aware_destinations
 from actors.request_classes import RequestClasses
-from actors.request_lifecycle import RequestLifecycle, RequestTable, admission
+from actors.request_lifecycle import RequestLifecycle, admission
 from actors.supervisor import SupervisedActor
 from control.core.admission import max_prompt_tokens, validate
 from control.core.record import DecisionLog
@@ -38,6 +38,7 @@ from control.core.requests import (
     InstanceRecord,
     Redispatch,
     RequestRecord,
+    RequestTable,
     Resume,
     expired_instances,
     fail_over,
@@ -152,7 +153,7 @@ class SchedulerActor(SupervisedActor):
         self.peers = peers if peers is not None else {}  # "migrator" -> its ActorSlot
         self.instances: dict[str, InstanceRecord] = {}
         # Finished requests leave at once; their ids are remembered for lifecycle.finished_retention_s.
-        self.requests: RequestTable[RequestRecord] = RequestTable(settings.lifecycle)
+        self.requests: RequestTable[RequestRecord] = RequestTable(settings.lifecycle, clock=time.monotonic)
         self.lifecycle = RequestLifecycle(bus, settings.lifecycle)  # deadlines, clients that went away
         self.queue: deque[str] = deque()
         # fair share between clients (scheduler.fairness): new requests wait here, by deficit round robin
@@ -353,7 +354,7 @@ class SchedulerActor(SupervisedActor):
             self._fail_over(instance_id)
             self.memory.on_instance_dead(instance_id)
         self.lifecycle.tick(self)
-        self.requests.forget_expired()
+        self.requests.forget_expired(now)
         self.memory.tick({i for i, r in self.instances.items() if r.state == "serving"})
         self._drain_queue()
         for request_id, instance_id in self.classes.release(self.instances, self.requests):

@@ -5,6 +5,7 @@ The live shell (:class:`actors.scheduler.SchedulerActor`) keeps these records in
 :class:`RequestRecord` as it is in the JetStream KV bucket (``actors/control_state.py``: the stored form *is*
 the record, encoded by msgspec, so the two cannot drift apart), and carries out the commands below:
 
+* :class:`RequestTable`: the table itself, with per-client counts and a bounded memory of finished ids;
 * :func:`expired_instances`: which instances to declare dead at ``now`` (missed heartbeats, or stopping);
 * :func:`fail_over`: for every request running on a dead instance, either :class:`Resume` (read back what its
   client already has, then dispatch it again from there) or :class:`Fail` (tell the client);
@@ -22,11 +23,15 @@ client once). The simulator has no instance failures, so only the live shell dri
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
 
+from control.policy.admission import client_key
+from control.settings import LifecycleSettings
 from transport import subjects
 from transport.messages import EngineInfo, InstanceLoad, SubmitRequest
 
@@ -61,6 +66,96 @@ class InstanceRecord:
     dispatched: int = 0
     seq: int = 0  # last heartbeat sequence number (restarts at 1 with a new process)
     cached_blocks: int = -1  # prefix-cache blocks it reports (-1: none reported)
+
+
+# ----------------------------------------------------------------------------------------------- the table
+class TableRow(Protocol):
+    """What the request table reads of a row (a :class:`RequestRecord`, or a test's own)."""
+
+    submit: SubmitRequest
+    request_id: str
+    cancel_token: str
+    arrival: float  # time.time()
+    instance_id: str | None
+    state: str
+
+
+R = TypeVar("R", bound=TableRow)
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedEntry:
+    reply_to: str
+    finished_at: float  # the shell's monotonic clock
+
+
+class RequestTable(dict[str, R], Generic[R]):
+    """The scheduler's request table (a dict): per-client counts and a bounded memory of finished ids (for
+    ``lifecycle.finished_retention_s``, at most ``finished_max_entries``), so a late retry of a finished
+    request is answered ``duplicate_request`` instead of running twice. No clock of its own: ``clock`` is the
+    shell's (the scheduler passes ``time.monotonic``), read when a request leaves."""
+
+    def __init__(self, settings: LifecycleSettings, *, clock: Callable[[], float]) -> None:
+        super().__init__()
+        self.settings = settings
+        self.clock = clock
+        self.per_client: dict[str, int] = {}
+        self.finished: OrderedDict[str, FinishedEntry] = OrderedDict()
+
+    @staticmethod
+    def _key(record: TableRow) -> str:
+        return client_key(record.submit.client_id, record.submit.reply_to, subjects.INBOX_ROOT)
+
+    def __setitem__(self, request_id: str, record: R) -> None:
+        if request_id in self:
+            self._forget(super().__getitem__(request_id))
+        super().__setitem__(request_id, record)
+        key = self._key(record)
+        self.per_client[key] = self.per_client.get(key, 0) + 1
+        self.finished.pop(request_id, None)
+
+    def _forget(self, record: R) -> None:
+        key = self._key(record)
+        left = self.per_client.get(key, 0) - 1
+        if left > 0:
+            self.per_client[key] = left
+        else:
+            self.per_client.pop(key, None)
+
+    def _finished(self, request_id: str, record: R) -> None:
+        self._forget(record)
+        self.finished[request_id] = FinishedEntry(record.submit.reply_to, self.clock())
+        self.finished.move_to_end(request_id)
+        while len(self.finished) > self.settings.finished_max_entries:
+            self.finished.popitem(last=False)
+
+    def __delitem__(self, request_id: str) -> None:
+        record = super().__getitem__(request_id)
+        super().__delitem__(request_id)
+        self._finished(request_id, record)
+
+    def pop(self, request_id: str, *default: Any) -> Any:
+        if request_id not in self:
+            if default:
+                return default[0]
+            raise KeyError(request_id)
+        record = super().pop(request_id)
+        self._finished(request_id, record)
+        return record
+
+    def client_in_flight(self, key: str) -> int:
+        return self.per_client.get(key, 0)
+
+    def forget_expired(self, now: float) -> int:
+        """Drop finished ids older than the retention at ``now``; returns how many are still remembered."""
+        horizon = now - self.settings.finished_retention_s
+        while self.finished:
+            entry = next(iter(self.finished.values()))
+            if entry.finished_at > horizon:
+                break
+            self.finished.popitem(last=False)
+        return len(self.finished)
+
 
 
 # ----------------------------------------------------------------------------------------------- commands

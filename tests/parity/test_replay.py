@@ -85,7 +85,6 @@ async def test_a_live_run_replays_to_the_same_core_decisions(nats_url: str) -> N
         overrides={
             "nats": {"url": nats_url},
             "engine": {"kind": "sim", "heartbeat_interval_s": 0.05},
-            "scheduler": {"instance_stale_after_s": 3.0},
         }
     )
     log = DecisionLog()
