@@ -93,7 +93,10 @@ class AutoscalerActor(SupervisedActor):
         self.state = ScalingState()
         # When to plan and when to stop a drained instance: the control core's, fed time.monotonic() (the
         # elastic simulator feeds the same object its virtual clock).
-        self.clock = ScalingClock(self.base_params.period_s, settings.autoscaler.drain_timeout_s)
+        # The first plan is one whole period after this start (control/core/scaling.py), as in the simulator.
+        self.clock = ScalingClock(
+            self.base_params.period_s, settings.autoscaler.drain_timeout_s, started_at=time.monotonic()
+        )
         self.last_plan: ScalingPlan | None = None
         self.last_plan_at = 0.0  # time.time()
         self.last_snapshot: ClusterSnapshot | None = None
@@ -106,6 +109,7 @@ class AutoscalerActor(SupervisedActor):
     # ------------------------------------------------------------------------------------------- lifecycle
     @property
     def tick_s(self) -> float:
+        """Thread: the autoscaler actor's thread."""
         return self.clock.poll_s
 
     def on_start(self) -> None:
@@ -271,7 +275,8 @@ class AutoscalerActor(SupervisedActor):
 
     @staticmethod
     def _decision_attributes(view: ClusterView, plan: ScalingPlan) -> dict[str, Any]:
-        """The decision span's attributes: role counts before and after, what it does, why, and its inputs."""
+        """The decision span's attributes: role counts before and after, what it does, why, and its inputs.
+        Thread: the autoscaler actor's thread."""
         attributes: dict[str, Any] = {
             spans.AUTOSCALE_REASON: plan.reason,
             spans.AUTOSCALE_DRAIN: len(plan.drain),

@@ -210,7 +210,15 @@ class ControlPlane:
 
             def make_scheduler(parent: pykka.ActorRef[Any], name: str) -> pykka.ActorRef[Any]:
                 return SchedulerActor.start(
-                    self.bus, self.settings, self.tokenizer, parent, name, peers, state, replies=self.replies
+                    self.bus,
+                    self.settings,
+                    self.tokenizer,
+                    parent,
+                    name,
+                    peers,
+                    state,
+                    replies=self.replies,
+                    decision_log=self.decision_log,
                 )
 
             def make_migrator(parent: pykka.ActorRef[Any], name: str) -> pykka.ActorRef[Any]:

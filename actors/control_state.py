@@ -23,11 +23,12 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from control.core.requests import InstanceRecord, RequestRecord, recover
 from transport.kv_store import KvWriter, kv_key, read_all
-from transport.messages import EngineInfo, InstanceHeartbeat, InstanceLoad, SubmitRequest
+from transport.messages import EngineInfo, InstanceHeartbeat, InstanceLoad
 
 if TYPE_CHECKING:
-    from actors.scheduler import InstanceRecord, RequestRecord, SchedulerActor
+    from actors.scheduler import SchedulerActor
 
 log = logging.getLogger(__name__)
 
@@ -35,23 +36,6 @@ REQUEST_NS = "req"
 INSTANCE_NS = "inst"
 MIGRATION_NS = "mig"
 STATE_VERSION = 1
-
-
-class StoredRequest(msgspec.Struct, kw_only=True):
-    """One row of the request table, as stored."""
-
-    v: int = STATE_VERSION
-    submit: SubmitRequest
-    request_id: str
-    cancel_token: str
-    prompt_token_ids: list[int]
-    arrival: float
-    headers: dict[str, str] = {}
-    instance_id: str | None = None
-    state: str = "queued"
-    served_by: list[str] = []
-    resume_tokens: list[int] = []
-    failovers: int = 0
 
 
 class StoredInstance(msgspec.Struct, kw_only=True):
@@ -72,7 +56,7 @@ class StoredMigration(msgspec.Struct, kw_only=True):
     destination: str
 
 
-_request_decoder = msgspec.msgpack.Decoder(StoredRequest)
+_request_decoder = msgspec.msgpack.Decoder(RequestRecord)
 _instance_decoder = msgspec.msgpack.Decoder(StoredInstance)
 _migration_decoder = msgspec.msgpack.Decoder(StoredMigration)
 
@@ -91,22 +75,12 @@ class ControlState:
 
     # ------------------------------------------------------------------------------------------ writes
     def save_request(self, record: RequestRecord) -> None:
+        """Store a request table row: the stored form is the core's record itself (msgspec), so a field
+        added there is stored without a change here; rows stored by older versions (a ``v`` field, fewer
+        fields) still decode."""
         if self.writer is None:
             return
-        stored = StoredRequest(
-            submit=record.submit,
-            request_id=record.request_id,
-            cancel_token=record.cancel_token,
-            prompt_token_ids=record.prompt_token_ids,
-            arrival=record.arrival,
-            headers=record.headers,
-            instance_id=record.instance_id,
-            state=record.state,
-            served_by=list(record.served_by),
-            resume_tokens=list(record.resume_tokens),
-            failovers=record.failovers,
-        )
-        self.writer.put(kv_key(REQUEST_NS, record.request_id), msgspec.msgpack.encode(stored))
+        self.writer.put(kv_key(REQUEST_NS, record.request_id), msgspec.msgpack.encode(record))
 
     def drop_request(self, request_id: str) -> None:
         self.unconfirmed.pop(request_id, None)
@@ -143,11 +117,11 @@ class ControlState:
     # ------------------------------------------------------------------------------------------ reads
     def load(
         self, scheduler: SchedulerActor
-    ) -> tuple[list[StoredRequest], list[StoredInstance], list[StoredMigration]]:
+    ) -> tuple[list[RequestRecord], list[StoredInstance], list[StoredMigration]]:
         if self.writer is None:
             return [], [], []
         values = scheduler.bus.run(read_all(self.writer.kv)).result(timeout=self.load_timeout_s)
-        requests: list[StoredRequest] = []
+        requests: list[RequestRecord] = []
         instances: list[StoredInstance] = []
         migrations: list[StoredMigration] = []
         for key, value in values.items():
@@ -201,14 +175,7 @@ class ControlState:
 
 def _recover(scheduler: SchedulerActor, record: RequestRecord) -> None:
     """Read back what the client has; the scheduler then drops the request or resumes it (failover path)."""
-    from transport import subjects
-
-    if not record.submit.reply_to.startswith(subjects.INBOX_ROOT + "."):
-        scheduler._fail_request(record, "the control plane restarted and cannot resume this stream")
-        return
-    record.state, record.instance_id = "recovering", None
-    scheduler.state.save_request(record)
-    scheduler.bus.run(scheduler._read_delivered(record.request_id, record.submit.reply_to))
+    scheduler.carry_out([recover(record, unresumable="the control plane restarted and cannot resume this stream")])
 
 
 def _release_migrations(scheduler: SchedulerActor, migrations: list[StoredMigration]) -> None:
@@ -262,8 +229,6 @@ def restore_into(scheduler: SchedulerActor) -> None:
 
 
 def _restore(scheduler: SchedulerActor) -> None:
-    from actors.scheduler import InstanceRecord, RequestRecord
-
     state = scheduler.state
     if not state.enabled:
         return
@@ -288,22 +253,9 @@ def _restore(scheduler: SchedulerActor) -> None:
             drain_requested=stored_instance.drain_requested,
         )
     recover: list[RequestRecord] = []
-    for stored in sorted(requests, key=lambda r: r.arrival):
-        if stored.request_id in scheduler.requests:
+    for record in sorted(requests, key=lambda r: r.arrival):
+        if record.request_id in scheduler.requests:
             continue
-        record = RequestRecord(
-            submit=stored.submit,
-            request_id=stored.request_id,
-            cancel_token=stored.cancel_token,
-            prompt_token_ids=stored.prompt_token_ids,
-            arrival=stored.arrival,
-            headers=stored.headers,
-            instance_id=stored.instance_id,
-            state=stored.state,
-            served_by=stored.served_by,
-            resume_tokens=stored.resume_tokens,
-            failovers=stored.failovers,
-        )
         scheduler.requests[record.request_id] = record
         if record.state == "queued" or (record.state == "running" and record.instance_id is None):
             record.state, record.instance_id = "queued", None

@@ -113,7 +113,8 @@ class EngineActor(pykka.ThreadingActor):
     ) -> None:
         """``local``: the local autoscaler's admission limit (None: admit everything). ``resend_window_s``:
         after a NATS reconnect, re-send what was streamed to clients this recently
-        (``reliability.resend_window_s``)."""
+        (``reliability.resend_window_s``).
+        Thread: the one that builds the actor (before its own thread starts)."""
         super().__init__()
         self.local = local  # admission limit (local autoscaler); None: admit everything
         self.bus = bus
@@ -138,6 +139,7 @@ class EngineActor(pykka.ThreadingActor):
         bus.on_reconnect(self._on_bus_reconnected)
 
     def on_stop(self) -> None:
+        """Thread: the engine actor's thread."""
         if self.groups is not None:
             self.groups.close()
         self._end_loop_work()
@@ -145,7 +147,8 @@ class EngineActor(pykka.ThreadingActor):
     def _end_loop_work(self, timeout_s: float = 2.0) -> None:
         """Cancel what this actor left on the bus loop (requests still being served, final replies waiting for
         their PubAck) and wait for it to end, before the host stops the bus: a loop stopped under pending tasks
-        drops them silently ("Task was destroyed but it is pending", coroutines never awaited)."""
+        drops them silently ("Task was destroyed but it is pending", coroutines never awaited).
+        Thread: the engine actor's thread (on_stop); it waits for the bus loop."""
         if not self.bus.loop.is_running() or self.bus.in_loop():
             return
         futures = [running.future for running in self.running.values()]
@@ -164,12 +167,14 @@ class EngineActor(pykka.ThreadingActor):
             concurrent.futures.wait(futures, timeout=timeout_s)
 
     def on_start(self) -> None:
+        """Thread: the engine actor's thread."""
         if self.local is not None:
             ref = self.actor_ref
             self.local.wake = lambda: ref.tell(_AdmitHeld()) if ref.is_alive() else None
 
     # ------------------------------------------------------------------------------------------- messages
     def on_receive(self, message: object) -> object:
+        """Thread: the engine actor's thread."""
         if isinstance(message, Envelope):
             self._on_envelope(message)
         elif isinstance(message, _Ended):
@@ -182,11 +187,13 @@ class EngineActor(pykka.ThreadingActor):
         return None
 
     def _admit_held(self) -> None:
+        """Thread: the engine actor's thread."""
         assert self.local is not None
         for add, headers in self.local.take_admittable():
             self.running[add.request_id] = _Running(add=add, future=self.bus.run(self._serve(add, headers)))
 
     def _on_envelope(self, envelope: Envelope) -> None:
+        """Thread: the engine actor's thread."""
         message = envelope.message
         if isinstance(message, EngineAdd):
             accepted = self._add(message, envelope.headers)
@@ -218,6 +225,7 @@ class EngineActor(pykka.ThreadingActor):
             )
 
     def _add(self, add: EngineAdd, headers: dict[str, str]) -> bool:
+        """Thread: the engine actor's thread."""
         if not subjects.is_client_reply_target(add.reply_to):
             # what engines send to clients goes only to client inboxes (docs/security.md): nothing is sent there
             log.warning(
@@ -243,6 +251,7 @@ class EngineActor(pykka.ThreadingActor):
         return True
 
     def _abort(self, abort: EngineAbort, reply: str) -> None:
+        """Thread: the engine actor's thread."""
         held = self.local.remove_held(abort.request_id) if self.local is not None else None
         evicted = abort.reason == "evicted"  # the control plane requeues it; the client's stream goes on
         if held is not None:  # never reached the engine: end it here
@@ -286,7 +295,8 @@ class EngineActor(pykka.ThreadingActor):
     async def _fence(self, fence: EngineFence, reply: str) -> None:
         """The control plane declared this instance dead and resumes the request elsewhere from what its client
         has: stop streaming it (ends as "migrated": no RequestDone) and free it. The answer goes out after its
-        last chunk, on the same connection, so the control plane reads back every token it sent (bus loop)."""
+        last chunk, on the same connection, so the control plane reads back every token it sent (bus loop).
+        Thread: the bus loop."""
         stream = self._streams.get(fence.request_id)
         running = self.running.get(fence.request_id)
         if stream is not None:
@@ -308,19 +318,22 @@ class EngineActor(pykka.ThreadingActor):
             )
 
     def _mark_abort(self, request_id: str, code: str) -> None:
+        """Thread: the bus loop (scheduled by _abort with call_soon)."""
         stream = self._streams.get(request_id)
         if stream is not None:
             stream.abort_code = code
 
     async def _supersede(self, request_id: str) -> None:
         """The request failed over elsewhere while this instance was taken for dead: stop it here quietly
-        (no more chunks, no RequestDone), as a migrated-away request ends."""
+        (no more chunks, no RequestDone), as a migrated-away request ends.
+        Thread: the bus loop."""
         stream = self._streams.get(request_id)
         if stream is not None:
             stream.migrated_out = True
         await self.engine.abort(request_id)
 
     def _reject(self, add: EngineAdd, code: ErrorCode, text: str) -> None:
+        """Thread: the engine actor's thread."""
         log.info("engine %s rejects %s: %s", self.instance_id, add.request_id, text)
         self.bus.publish(
             add.reply_to, ErrorReply(code=code, message=text, request_id=add.request_id, v=peer_version(add.client_v))
@@ -339,7 +352,9 @@ class EngineActor(pykka.ThreadingActor):
 
     # ------------------------------------------------------------------------------------------- token path
     async def _serve(self, add: EngineAdd, headers: dict[str, str]) -> None:
-        """Run one request on the engine and stream it to the client (runs on the bus loop)."""
+        """Run one request on the engine and stream it to the client (runs on the bus loop).
+
+        Thread: the bus loop."""
         request = EngineRequest(
             request_id=add.request_id,
             prompt_token_ids=add.prompt_token_ids,
@@ -479,6 +494,7 @@ class EngineActor(pykka.ThreadingActor):
 
     async def _send_tokens(self, stream: _Stream, token_ids: list[int], text: str) -> None:
         # Claim the index range before the first await: a concurrent sender (the migration tail) must see it.
+        """Thread: the bus loop."""
         index = stream.index
         stream.index += len(token_ids)
         add = stream.add
@@ -509,7 +525,8 @@ class EngineActor(pykka.ThreadingActor):
         client that lost chunks or the reply itself with a NATS node finds it there. One publish, not a core
         publish plus a stored copy: the client's inbox sees a request end once. The PubAck is awaited in the
         background (what follows, EngineRequestEnded, is not delayed); an unacknowledged publish while this
-        connection is down is retried until acknowledged."""
+        connection is down is retried until acknowledged.
+        Thread: the bus loop."""
         stream.sent.append(message)
         reply_to = stream.add.reply_to
         if not reply_to.startswith(subjects.INBOX_ROOT + ".") or time.monotonic() < self._store_off_until:
@@ -529,9 +546,11 @@ class EngineActor(pykka.ThreadingActor):
         task.add_done_callback(self._storing.discard)
 
     def _final_headers(self, request_id: str) -> dict[str, str]:
+        """Thread: the bus loop."""
         return {"Nats-Msg-Id": f"{request_id}:final:{self.instance_id}"}  # stored once however often sent
 
     async def _await_stored(self, sub: Subscription | None, reply_to: str, request_id: str, message: Message) -> None:
+        """Thread: the bus loop."""
         if sub is not None:
             try:
                 ack = await sub.next_msg(timeout=2)  # a PubAck, or a no-responders status: no stream (yet)
@@ -561,7 +580,8 @@ class EngineActor(pykka.ThreadingActor):
     ) -> bool:
         """Retry the final reply as a JetStream publish until acknowledged (this connection was down, or the
         output stream is being declared again); each try also delivers it live (the client keeps the first).
-        ``no_stream_grace_s``: how long "no stream" (no responders) is retried before giving up."""
+        ``no_stream_grace_s``: how long "no stream" (no responders) is retried before giving up.
+        Thread: the bus loop."""
         started = time.monotonic()
         deadline = started + self.resend_window_s
         delay = 0.25
@@ -586,16 +606,19 @@ class EngineActor(pykka.ThreadingActor):
     def _on_bus_reconnected(self) -> None:
         """On the bus loop after a reconnect: what was in flight through a NATS node that died may be lost
         (with the stream's copy, if that node led it). Re-send every chunk and final reply of running and
-        recently ended requests; clients keep one copy of each token by index."""
+        recently ended requests; clients keep one copy of each token by index.
+        Thread: the bus loop (the bus's reconnect callback)."""
         self._reconnected_at = time.monotonic()
         if self.actor_ref.is_alive():
             self.bus.loop.create_task(self._resend())
 
     def _forget_ended(self, now: float) -> None:
+        """Thread: the bus loop."""
         while self._ended and self._ended[0].ended_at < now - self.resend_window_s:
             self._ended.popleft()
 
     async def _resend(self) -> None:
+        """Thread: the bus loop."""
         self._forget_ended(time.monotonic())
         streams = [*self._streams.values(), *self._ended]
         since = self.bus.disconnected_at - 1.0  # what may have been in flight when the connection broke
@@ -611,7 +634,8 @@ class EngineActor(pykka.ThreadingActor):
 
     async def end_evicted(self, request_id: str, outputs: list[int]) -> None:
         """An evicted request's stream ends without RequestDone; the client first gets every output token
-        it has not seen (the scheduler resumes the request after them). Runs on the bus loop."""
+        it has not seen (the scheduler resumes the request after them). Runs on the bus loop.
+        Thread: the bus loop."""
         stream = self._streams.get(request_id)
         if stream is None:
             return
@@ -622,12 +646,15 @@ class EngineActor(pykka.ThreadingActor):
 
     # ------------------------------------------------------------------------------------------- migration
     def _migratable(self) -> MigratableEngine:
+        """Thread: the bus loop (the migration coroutines)."""
         if not isinstance(self.engine, MigratableEngine):
             raise EngineError(f"{self.engine.info.engine_kind} engines cannot migrate requests")
         return self.engine
 
     async def _migration_op(self, message: MigrateOut | MigrateIn, reply: str) -> None:
-        """Run one migration step on the engine and answer the migrator (runs on the bus loop)."""
+        """Run one migration step on the engine and answer the migrator (runs on the bus loop).
+
+        Thread: the bus loop."""
         try:
             answer = await (
                 self._migrate_out(message) if isinstance(message, MigrateOut) else self._migrate_in(message)
@@ -643,6 +670,7 @@ class EngineActor(pykka.ThreadingActor):
             await self.bus.apublish(reply, msgspec.structs.replace(answer, v=peer_version(message.v)))
 
     async def _migrate_in(self, message: MigrateIn) -> MigrateInReply:
+        """Thread: the bus loop."""
         engine = self._migratable()
         if message.op == "reserve":
             endpoint = await engine.migrate_in_reserve(message.migration_id, message.num_blocks)
@@ -659,6 +687,7 @@ class EngineActor(pykka.ThreadingActor):
         raise ValueError(f"unknown migrate_in op {message.op!r}")
 
     async def _migrate_out(self, message: MigrateOut) -> MigrateOutReply:
+        """Thread: the bus loop."""
         engine = self._migratable()
         mid = message.migration_id
         if message.op == "begin":
@@ -691,7 +720,9 @@ class EngineActor(pykka.ThreadingActor):
         raise ValueError(f"unknown migrate_out op {message.op!r}")
 
     async def _frozen_reply(self, mid: str, frozen: FrozenRequest) -> MigrateOutReply:
-        """The stopped request's exact state; first send the client any tokens sampled but not yet sent."""
+        """The stopped request's exact state; first send the client any tokens sampled but not yet sent.
+
+        Thread: the bus loop."""
         stream = self._streams.get(frozen.request_id)
         if stream is None:
             raise EngineError(f"request {frozen.request_id} has no stream on {self.instance_id}")
@@ -749,6 +780,7 @@ class Heartbeater:
         role: str = "mixed",
         local: LocalAutoscaler | None = None,
     ) -> None:
+        """Thread: the engine host's thread."""
         self.bus = bus
         self.engine = engine
         self.interval_s = interval_s
@@ -760,13 +792,16 @@ class Heartbeater:
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
     def start(self) -> None:
+        """Thread: the engine host's thread."""
         self._thread.start()
 
     def stop(self) -> None:
+        """Thread: the engine host's thread."""
         self._stop.set()
         self._thread.join(timeout=2)
 
     def beat(self) -> None:
+        """Thread: the heartbeat thread; or the engine host's thread, for a last beat when draining or stopping."""
         info = self.engine.info
         if info.protocol_version != PROTOCOL_VERSION:  # advertise what this code speaks (version negotiation)
             info = msgspec.structs.replace(info, protocol_version=PROTOCOL_VERSION)
@@ -794,7 +829,9 @@ class Heartbeater:
         )
 
     def _prefix_cache(self) -> PrefixCacheReport | None:
-        """Engines that report their prefix cache (vLLM's KV events) put it in every beat."""
+        """Engines that report their prefix cache (vLLM's KV events) put it in every beat.
+
+        Thread: as beat."""
         report = getattr(self.engine, "prefix_cache_report", None)
         if report is None:
             return None
@@ -806,6 +843,7 @@ class Heartbeater:
         return value
 
     def _memory(self) -> EngineMemory | None:
+        """Thread: as beat."""
         report = getattr(self.engine, "memory_status", None)
         if report is None:
             return None
@@ -816,6 +854,7 @@ class Heartbeater:
         return memory
 
     def _run(self) -> None:
+        """Thread: the heartbeat thread."""
         while not self._stop.is_set():
             try:
                 self.beat()

@@ -95,6 +95,7 @@ class LiveGroup:
 
     @property
     def leader(self) -> str:
+        """Thread: whichever holds the group (members never change after the group forms)."""
         return self.members[0]
 
 
@@ -135,7 +136,8 @@ class MemoryManager:
 
     def _changed(self, instance_id: str) -> None:
         """Tell the scheduler an instance's dispatchability changed: at once on its own thread, else (a group
-        step finishing on the bus loop) on its next tick, so its dispatch index is only touched by it."""
+        step finishing on the bus loop) on its next tick, so its dispatch index is only touched by it.
+        Thread: the scheduler actor's thread, or the bus loop (see above)."""
         if self.bus.in_loop():
             with self._dirty as dirty:
                 dirty.add(instance_id)
@@ -256,7 +258,8 @@ class MemoryManager:
 
     # ------------------------------------------------------------------------------------------ tick
     def tick(self, live: set[str]) -> None:
-        """Poll the policy (``live``: instances the scheduler considers alive and serving). Scheduler thread."""
+        """Poll the policy (``live``: instances the scheduler considers alive and serving).
+        Thread: the scheduler actor's thread."""
         with self._dirty as changed:
             dirty = sorted(changed)
             changed.clear()

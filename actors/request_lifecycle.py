@@ -2,10 +2,11 @@
 
 Kept out of ``actors/scheduler.py`` so the scheduler only calls a few hooks:
 
-- :class:`RequestTable` is the scheduler's ``requests`` dict. It counts each client's unfinished requests
-  (admission's per-client bound) and remembers finished ids for ``lifecycle.finished_retention_s`` (at most
-  ``finished_max_entries``), so a late retry of a finished request is answered ``duplicate_request``
-  instead of running twice, and the table itself never holds a finished request.
+- :class:`control.core.requests.RequestTable` (in the control core) is the scheduler's ``requests`` dict. It
+  counts each client's unfinished requests (admission's per-client bound) and remembers finished ids for
+  ``lifecycle.finished_retention_s`` (at most ``finished_max_entries``), so a late retry of a finished
+  request is answered ``duplicate_request`` instead of running twice, and the table itself never holds a
+  finished request.
 - :class:`RequestLifecycle` runs on the scheduler's tick: a request past its ``deadline_s`` ends with
   ``deadline_exceeded``; a request whose client asked for liveness and whose probe subject has had no
   subscriber for ``client_gone_after_s`` ends with ``client_gone``. Either way the engine aborts it
@@ -26,14 +27,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Protocol
 
 import nats.errors
 
 from actors.client_replies import ClientReplies
+from control.core.requests import RequestTable
 from control.policy.admission import AdmissionLimits, AdmissionLoad, AdmissionRequest, Decision, admit, client_key
 from control.settings import LifecycleSettings, Settings
 from transport import subjects
@@ -41,89 +42,6 @@ from transport.bus import Bus
 from transport.messages import EngineAbort, EngineInfo, ErrorCode, ErrorReply, SubmitRequest, peer_version
 
 log = logging.getLogger(__name__)
-
-
-class _Record(Protocol):
-    submit: SubmitRequest
-    request_id: str
-    cancel_token: str
-    arrival: float  # time.time()
-    instance_id: str | None
-    state: str
-
-
-R = TypeVar("R", bound=_Record)
-
-
-@dataclass(frozen=True, slots=True)
-class FinishedEntry:
-    reply_to: str
-    finished_at: float  # time.monotonic()
-
-
-class RequestTable(dict[str, R], Generic[R]):
-    """The scheduler's request table (a dict): per-client counts and a bounded memory of finished ids."""
-
-    def __init__(self, settings: LifecycleSettings) -> None:
-        super().__init__()
-        self.settings = settings
-        self.per_client: dict[str, int] = {}
-        self.finished: OrderedDict[str, FinishedEntry] = OrderedDict()
-
-    @staticmethod
-    def _key(record: _Record) -> str:
-        return client_key(record.submit.client_id, record.submit.reply_to, subjects.INBOX_ROOT)
-
-    def __setitem__(self, request_id: str, record: R) -> None:
-        if request_id in self:
-            self._forget(super().__getitem__(request_id))
-        super().__setitem__(request_id, record)
-        key = self._key(record)
-        self.per_client[key] = self.per_client.get(key, 0) + 1
-        self.finished.pop(request_id, None)
-
-    def _forget(self, record: R) -> None:
-        key = self._key(record)
-        left = self.per_client.get(key, 0) - 1
-        if left > 0:
-            self.per_client[key] = left
-        else:
-            self.per_client.pop(key, None)
-
-    def _finished(self, request_id: str, record: R) -> None:
-        self._forget(record)
-        self.finished[request_id] = FinishedEntry(record.submit.reply_to, time.monotonic())
-        self.finished.move_to_end(request_id)
-        while len(self.finished) > self.settings.finished_max_entries:
-            self.finished.popitem(last=False)
-
-    def __delitem__(self, request_id: str) -> None:
-        record = super().__getitem__(request_id)
-        super().__delitem__(request_id)
-        self._finished(request_id, record)
-
-    def pop(self, request_id: str, *default: Any) -> Any:
-        if request_id not in self:
-            if default:
-                return default[0]
-            raise KeyError(request_id)
-        record = super().pop(request_id)
-        self._finished(request_id, record)
-        return record
-
-    def client_in_flight(self, key: str) -> int:
-        return self.per_client.get(key, 0)
-
-    def forget_expired(self, now: float | None = None) -> int:
-        """Drop finished ids older than the retention; returns how many are still remembered."""
-        now = time.monotonic() if now is None else now
-        horizon = now - self.settings.finished_retention_s
-        while self.finished:
-            entry = next(iter(self.finished.values()))
-            if entry.finished_at > horizon:
-                break
-            self.finished.popitem(last=False)
-        return len(self.finished)
 
 
 class _Scheduler(Protocol):

@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import math
 import secrets
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -29,8 +28,22 @@ from actors.memory_manager import MemoryManager
 from actors.migrator import MigrationEnded, StartMigration
 from actors.prefix_feed import ResyncRequests, apply_prefix_report, prefix_aware_destinations
 from actors.request_classes import RequestClasses
-from actors.request_lifecycle import RequestLifecycle, RequestTable, admission
+from actors.request_lifecycle import RequestLifecycle, admission
 from actors.supervisor import SupervisedActor
+from control.core.admission import max_prompt_tokens, validate
+from control.core.record import DecisionLog
+from control.core.requests import (
+    Drop,
+    Fail,
+    InstanceRecord,
+    Redispatch,
+    RequestRecord,
+    RequestTable,
+    Resume,
+    expired_instances,
+    fail_over,
+    on_recovered,
+)
 from control.policy.block_hash import vllm_block_hashes
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy, prefix_block_hashes
 from control.policy.fairness import FairQueue, dispatch_room
@@ -77,35 +90,6 @@ from transport.messages import (
 from transport.output_stream import delivered_tokens
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class InstanceRecord:
-    info: EngineInfo
-    load: InstanceLoad
-    last_seen: float  # time.monotonic()
-    state: str = "serving"
-    draining: bool = False  # the engine says so
-    drain_requested: bool = False  # an operator asked (drover drain)
-    can_migrate: bool = False
-    dispatched: int = 0
-    seq: int = 0  # last heartbeat sequence number (restarts at 1 with a new process)
-    cached_blocks: int = -1  # prefix-cache blocks it reports (-1: none reported)
-
-
-@dataclass(slots=True)
-class RequestRecord:
-    submit: SubmitRequest
-    request_id: str
-    cancel_token: str
-    prompt_token_ids: list[int]
-    arrival: float  # time.time()
-    headers: dict[str, str]
-    instance_id: str | None = None
-    state: str = "queued"  # queued | running | recovering
-    served_by: list[str] = field(default_factory=list)
-    resume_tokens: list[int] = field(default_factory=list)  # delivered before a failover
-    failovers: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,10 +140,15 @@ class SchedulerActor(SupervisedActor):
         peers: dict[str, Any] | None = None,
         state: ControlState | None = None,
         replies: ClientReplies | None = None,
+        decision_log: DecisionLog | None = None,
     ) -> None:
+        """Thread: the one that builds the actor (before its own thread starts)."""
         super().__init__(supervisor, name)
         # what goes to clients: checked targets, over the client-bound connection (actors/client_replies.py)
         self.replies = replies or ClientReplies(bus)
+        # The control core's calls with their inputs and outputs (dispatch index, migration pairing, failover),
+        # for the replay parity test (tests/parity/test_replay.py); None: nothing is kept.
+        self.decision_log = decision_log
         self.state = state or ControlState()  # durable request table and registry (actors/control_state.py)
         self.bus = bus
         self.settings = settings
@@ -167,7 +156,7 @@ class SchedulerActor(SupervisedActor):
         self.peers = peers if peers is not None else {}  # "migrator" -> its ActorSlot
         self.instances: dict[str, InstanceRecord] = {}
         # Finished requests leave at once; their ids are remembered for lifecycle.finished_retention_s.
-        self.requests: RequestTable[RequestRecord] = RequestTable(settings.lifecycle)
+        self.requests: RequestTable[RequestRecord] = RequestTable(settings.lifecycle, clock=time.monotonic)
         self.lifecycle = RequestLifecycle(bus, settings.lifecycle)  # deadlines, clients that went away
         self.queue: deque[str] = deque()
         # fair share between clients (scheduler.fairness): new requests wait here, by deficit round robin
@@ -188,10 +177,12 @@ class SchedulerActor(SupervisedActor):
         self.classes = RequestClasses(settings, self._evict)  # request classes, roles, global batch queue
 
     def on_start(self) -> None:
+        """Thread: the scheduler actor's thread."""
         restore_into(self)  # a restarted control plane (or scheduler) picks up where the last one left off
 
     # ------------------------------------------------------------------------------------------- dispatching
     def on_receive(self, message: Any) -> Any:
+        """Thread: the scheduler actor's thread."""
         if isinstance(message, Envelope):
             return self._on_envelope(message)
         if isinstance(message, Tick):
@@ -211,6 +202,7 @@ class SchedulerActor(SupervisedActor):
         return None
 
     def _on_envelope(self, envelope: Envelope) -> None:
+        """Thread: the scheduler actor's thread."""
         message = envelope.message
         if isinstance(message, InstanceHeartbeat):
             self._on_heartbeat(message)
@@ -241,6 +233,7 @@ class SchedulerActor(SupervisedActor):
 
     # ------------------------------------------------------------------------------------------- instances
     def _on_heartbeat(self, beat: InstanceHeartbeat) -> None:
+        """Thread: the scheduler actor's thread."""
         instance_id = beat.info.instance_id
         if beat.info.protocol_version not in SUPPORTED_VERSIONS:  # never dispatched to (rolling upgrades)
             if instance_id not in self.instances:
@@ -264,7 +257,7 @@ class SchedulerActor(SupervisedActor):
             self.state.save_instance(record)
         self.memory.on_heartbeat(beat)
         self.classes.on_heartbeat(beat)
-        self.policy.upsert(self._snapshot(record))
+        self._upsert(record)
         now = time.monotonic()
         record.cached_blocks = apply_prefix_report(self.policy, instance_id, beat.prefix_cache, now)
         if beat.prefix_cache is not None:
@@ -292,7 +285,8 @@ class SchedulerActor(SupervisedActor):
 
     def _stop_superseded(self, instance_id: str, beat: InstanceHeartbeat) -> None:
         """An instance taken for dead (SIGSTOP, a cut link) that comes back still runs what failed over
-        elsewhere meanwhile: stop those copies without a word to their clients."""
+        elsewhere meanwhile: stop those copies without a word to their clients.
+        Thread: the scheduler actor's thread."""
         for running in beat.load.running:
             record = self.requests.get(running.request_id)
             if (
@@ -309,9 +303,26 @@ class SchedulerActor(SupervisedActor):
                 EngineAbort(request_id=running.request_id, reason="superseded", v=version),
             )
 
+    def _record(self, what: str, key: str, inputs: tuple[object, ...], output: object) -> None:
+        """Log one core call for the replay parity test (nothing without a log).
+
+        Thread: the scheduler actor's thread."""
+        if self.decision_log is not None:
+            self.decision_log.add(what, key, inputs, output)
+
+    def _upsert(self, record: InstanceRecord) -> None:
+        """Give the dispatch index an instance's fresh snapshot.
+
+        Thread: the scheduler actor's thread."""
+        snapshot = self._snapshot(record)
+        self.policy.upsert(snapshot)
+        self._record("upsert", record.info.instance_id, (snapshot,), None)
+
     def _snapshot(self, record: InstanceRecord) -> InstanceSnapshot:
         """The instance's snapshot; the same object while its heartbeat, info and draining view are (a
-        heartbeat's load is a fresh object, never changed in place)."""
+        heartbeat's load is a fresh object, never changed in place).
+
+        Thread: the scheduler actor's thread."""
         load = record.load
         info = record.info
         draining = (
@@ -350,23 +361,25 @@ class SchedulerActor(SupervisedActor):
         return snapshot
 
     def _tick(self) -> None:
+        """Thread: the scheduler actor's thread."""
         now = time.monotonic()
         stale_after = self.settings.scheduler.instance_stale_after_s
-        for instance_id, record in list(self.instances.items()):
-            if now - record.last_seen > stale_after or record.state == "stopping":
-                if record.state != "stopping":
-                    log.warning(
-                        "instance %s missed heartbeats for %.1fs: declared dead", instance_id, now - record.last_seen
-                    )
-                self.instances.pop(instance_id)
-                self._snapshot_of.pop(instance_id, None)
-                self.policy.remove(instance_id)
-                metrics().remove_instance(instance_id)
-                self.state.drop_instance(instance_id)
-                self._fail_over(instance_id)
-                self.memory.on_instance_dead(instance_id)
+        for instance_id in expired_instances(self.instances, now, stale_after):
+            record = self.instances[instance_id]
+            if record.state != "stopping":
+                log.warning(
+                    "instance %s missed heartbeats for %.1fs: declared dead", instance_id, now - record.last_seen
+                )
+            self.instances.pop(instance_id)
+            self._snapshot_of.pop(instance_id, None)
+            self.policy.remove(instance_id)
+            self._record("remove", instance_id, (), None)
+            metrics().remove_instance(instance_id)
+            self.state.drop_instance(instance_id)
+            self._fail_over(instance_id)
+            self.memory.on_instance_dead(instance_id)
         self.lifecycle.tick(self)
-        self.requests.forget_expired()
+        self.requests.forget_expired(now)
         self.memory.tick({i for i, r in self.instances.items() if r.state == "serving"})
         self._drain_queue()
         for request_id, instance_id in self.classes.release(self.instances, self.requests):
@@ -377,26 +390,38 @@ class SchedulerActor(SupervisedActor):
 
     # ------------------------------------------------------------------------------------------- failover
     def _fail_over(self, dead_instance: str) -> None:
-        """Resume every request of a dead instance elsewhere, from the tokens its client already has."""
-        for record in list(self.requests.values()):
-            if record.instance_id != dead_instance or record.state != "running":
+        """Resume every request of a dead instance elsewhere, from the tokens its client already
+        has (the decision: :func:`control.core.requests.fail_over`).
+        Thread: the scheduler actor's thread."""
+        max_attempts = self.settings.reliability.failover_max_attempts
+        before = [msgspec.structs.replace(r) for r in self.requests.values()] if self.decision_log else []
+        commands = fail_over(self.requests.values(), dead_instance, max_attempts)
+        self._record("fail_over", dead_instance, (tuple(before), max_attempts), tuple(commands))
+        for command in commands:
+            self.migrations.pop(command.request_id, None)
+        self.carry_out(commands)
+
+    def carry_out(self, commands: list[Resume | Fail]) -> None:
+        """Carry out the core's failover commands (``control/core/requests.py``): a
+        :class:`Fail` ends the request with ``engine_failed``; a :class:`Resume` stores the (now
+        ``recovering``) record and reads back, on the bus loop, what its client has (fencing the old instance
+        first where one is named); the answer comes back to this actor as a ``_Recovered`` message. Also used
+        by ``actors/control_state.py`` for requests restored after a restart.
+        Thread: the scheduler actor's thread."""
+        for command in commands:
+            record = self.requests.get(command.request_id)
+            if record is None:
                 continue
-            self.migrations.pop(record.request_id, None)
-            record.failovers += 1
-            if record.failovers > self.settings.reliability.failover_max_attempts:
-                self._fail_request(record, f"engine {dead_instance} failed; retry limit reached")
+            if isinstance(command, Fail):
+                self.fail_request(record, command.why)
                 continue
-            if not record.submit.reply_to.startswith(subjects.INBOX_ROOT + "."):
-                self._fail_request(
-                    record,
-                    f"engine {dead_instance} failed (use an inbox under {subjects.INBOX_ROOT} to have streams resumed)",
-                )
-                continue
-            record.state, record.instance_id = "recovering", None
             self.state.save_request(record)
-            self.bus.run(self._read_delivered(record.request_id, record.submit.reply_to, fence_on=dead_instance))
+            self.bus.run(self._read_delivered(record.request_id, record.submit.reply_to, fence_on=command.fence_on))
 
     async def _read_delivered(self, request_id: str, reply_to: str, fence_on: str = "") -> None:
+        """Read back from the output stream what the client of ``request_id`` has (after fencing
+        ``fence_on``) and tell this actor (``_Recovered``).
+        Thread: the bus loop."""
         sent = 0
         if fence_on:
             try:
@@ -426,7 +451,8 @@ class SchedulerActor(SupervisedActor):
     async def _fence(self, instance_id: str, request_id: str) -> int:
         """Stop the request on an instance declared dead before it resumes elsewhere: missed heartbeats do not
         prove death, and a live instance would stream on (every index twice). Returns the output tokens it
-        says it sent (0 when it is gone, hangs, or does not know the request)."""
+        says it sent (0 when it is gone, hangs, or does not know the request).
+        Thread: the bus loop."""
         try:
             answer = await self.bus.arequest(
                 subjects.engine(instance_id),
@@ -441,25 +467,29 @@ class SchedulerActor(SupervisedActor):
         return int(answer.details.get("sent", 0))
 
     def _on_recovered(self, recovered: _Recovered) -> None:
+        """What a recovering request's client had: the core decides (``on_recovered``).
+
+        Thread: the scheduler actor's thread."""
         record = self.requests.get(recovered.request_id)
-        if record is None or record.state != "recovering":
+        command = on_recovered(record, recovered.tokens, recovered.finished, recovered.error)
+        if record is None or command is None:
             return
-        if recovered.error:
-            self._fail_request(record, recovered.error)
-            return
-        if recovered.finished:
+        if isinstance(command, Fail):
+            self.fail_request(record, command.why)
+        elif isinstance(command, Drop):
             self.requests.pop(recovered.request_id)
             self.state.drop_request(recovered.request_id)
             self.planner.forget(recovered.request_id)  # the planner's move record of it is moot now
-            return
-        log.info("request %s fails over after %d delivered tokens", recovered.request_id, len(recovered.tokens))
-        record.resume_tokens = recovered.tokens
-        record.state = "queued"
-        if not self._dispatch(record):
-            self.queue.append(record.request_id)
-            self.state.save_request(record)
+        elif isinstance(command, Redispatch):
+            log.info("request %s fails over after %d delivered tokens", recovered.request_id, len(recovered.tokens))
+            if not self._dispatch(record):
+                self.queue.append(record.request_id)
+                self.state.save_request(record)
 
-    def _fail_request(self, record: RequestRecord, why: str) -> None:
+    def fail_request(self, record: RequestRecord, why: str) -> None:
+        """End a request with ``engine_failed`` (its client is told why) and drop it from the
+        request table and the state store.
+        Thread: the scheduler actor's thread."""
         self.requests.pop(record.request_id, None)
         self.state.drop_request(record.request_id)
         self.planner.forget(record.request_id)  # the planner's move record of it is moot now
@@ -474,36 +504,15 @@ class SchedulerActor(SupervisedActor):
 
     # ------------------------------------------------------------------------------------------- submission
     def _max_prompt_tokens(self, model: str) -> int:
-        configured = self.settings.limits.max_prompt_tokens
-        if configured > 0:
-            return configured
-        lengths = [r.info.max_model_len for r in self.instances.values() if not model or r.info.model == model]
-        return (min(lengths) if lengths else self.settings.model.max_model_len) - 1
+        """The core's rule (``control/core/admission.py``) over the instances serving ``model``.
 
-    def _validate(self, submit: SubmitRequest) -> str | None:
-        """A user-facing reason the request is invalid, or None."""
-        if (submit.prompt is None) == (submit.prompt_token_ids is None):
-            return "give exactly one of prompt or prompt_token_ids"
-        if submit.prompt is not None and not submit.prompt:
-            return "prompt is empty"
-        if submit.prompt_token_ids is not None and not submit.prompt_token_ids:
-            return "prompt_token_ids is empty"
-        if submit.prompt_token_ids is not None and any(t < 0 for t in submit.prompt_token_ids):
-            return "prompt_token_ids must be non-negative"
-        sampling = submit.sampling
-        if sampling.temperature < 0 or not math.isfinite(sampling.temperature):
-            return "temperature must be >= 0"
-        if not 0 < sampling.top_p <= 1:
-            return "top_p must be in (0, 1]"
-        if submit.request_id is not None:
-            try:
-                subjects.validate_token(submit.request_id)
-            except ValueError:
-                return "request_id must be 1-128 characters without '.', '*', '>' or whitespace"
-        return None
+        Thread: the scheduler actor's thread."""
+        lengths = [r.info.max_model_len for r in self.instances.values() if not model or r.info.model == model]
+        return max_prompt_tokens(self.settings.limits.max_prompt_tokens, lengths, self.settings.model.max_model_len)
 
     def _on_submit(self, submit: SubmitRequest, envelope: Envelope) -> None:
         # Who sent it is what the NATS server authenticated (the subject it let through), not client_id.
+        """Thread: the scheduler actor's thread."""
         identity = subjects.client_identity(envelope.subject) or subjects.ANONYMOUS
         reply_to = submit.reply_to or envelope.reply
         if not reply_to:
@@ -524,7 +533,7 @@ class SchedulerActor(SupervisedActor):
         if identity != subjects.ANONYMOUS and submit.client_id != identity:
             submit = msgspec.structs.replace(submit, client_id=identity)  # limits count the server's identity
 
-        reason = self._validate(submit)
+        reason = validate(submit)  # the core: control/core/admission.py
         if reason is not None:
             metrics().request_finished(ErrorCode.INVALID_REQUEST, str(submit.request_class))
             refuse(ErrorCode.INVALID_REQUEST, reason, submit.request_id)
@@ -601,7 +610,9 @@ class SchedulerActor(SupervisedActor):
         self.state.after_writes(acknowledge)
 
     def _on_acknowledged(self, request_id: str) -> None:
-        """The submission is stored and acknowledged: dispatch it now, or queue it."""
+        """The submission is stored and acknowledged: dispatch it now, or queue it.
+
+        Thread: the scheduler actor's thread."""
         record = self.requests.get(request_id)
         if record is None or record.state != "queued" or record.instance_id is not None:
             return  # cancelled (or ended by its deadline) meanwhile
@@ -617,9 +628,14 @@ class SchedulerActor(SupervisedActor):
             self.queue.append(request_id)
 
     def _no_room(self, request_id: str, token_ids: list[int], submit: SubmitRequest) -> bool:
-        return self.policy.choose(self._demand(request_id, token_ids, submit)) is None
+        """Thread: the scheduler actor's thread."""
+        demand = self._demand(request_id, token_ids, submit)
+        chosen = self.policy.choose(demand)
+        self._record("choose", request_id, (demand,), chosen)
+        return chosen is None
 
     def _demand(self, request_id: str, token_ids: list[int], submit: SubmitRequest) -> RequestDemand:
+        """Thread: the scheduler actor's thread."""
         block_size = next(iter(self.instances.values())).info.block_size if self.instances else 32
         return RequestDemand(
             request_id=request_id,
@@ -635,6 +651,7 @@ class SchedulerActor(SupervisedActor):
         )
 
     def _dispatch(self, record: RequestRecord, target: str | None = None) -> bool:
+        """Thread: the scheduler actor's thread."""
         demand = self._demand(record.request_id, record.prompt_token_ids, record.submit)
         if target is None and self.classes.enabled:
             if self.classes.requeue_batch(record):
@@ -642,7 +659,11 @@ class SchedulerActor(SupervisedActor):
             target = self.classes.route(record, self.instances, self.requests)
             if target is None:
                 return False  # held in the queue (the autoscaler's backlog)
-        instance_id = target if target in self.instances else self.policy.choose(demand)
+        if target in self.instances:
+            instance_id: str | None = target
+        else:
+            instance_id = self.policy.choose(demand)
+            self._record("choose", record.request_id, (demand,), instance_id)
         if instance_id is None:
             return False
         instance = self.instances[instance_id]
@@ -687,6 +708,7 @@ class SchedulerActor(SupervisedActor):
             headers,
         )
         self.policy.on_dispatched(instance_id, demand)
+        self._record("dispatched", record.request_id, (instance_id, demand), None)
         instance.dispatched += 1
         record.instance_id, record.state = instance_id, "running"
         record.served_by.append(instance_id)
@@ -700,9 +722,11 @@ class SchedulerActor(SupervisedActor):
     ADD_ATTEMPTS = 6
 
     def _send_add(self, instance_id: str, add: EngineAdd, headers: dict[str, str], attempt: int = 1) -> None:
+        """Thread: the scheduler actor's thread."""
         self.bus.run(self._request_add(instance_id, add, headers, attempt))
 
     async def _request_add(self, instance_id: str, add: EngineAdd, headers: dict[str, str], attempt: int) -> None:
+        """Thread: the bus loop."""
         try:
             await self.bus.nc.request(
                 subjects.engine(instance_id),
@@ -717,6 +741,7 @@ class SchedulerActor(SupervisedActor):
                 self.actor_ref.tell(_AddUnacked(instance_id, add, headers, attempt))
 
     def _on_add_unacked(self, unacked: _AddUnacked) -> None:
+        """Thread: the scheduler actor's thread."""
         record = self.requests.get(unacked.add.request_id)
         if record is None or record.instance_id != unacked.instance_id or record.state != "running":
             return  # ended, failed over or migrated meanwhile
@@ -725,7 +750,9 @@ class SchedulerActor(SupervisedActor):
         self._send_add(unacked.instance_id, unacked.add, unacked.headers, unacked.attempt + 1)
 
     def _drain_fair(self) -> None:
-        """Dispatch from the fair queue while the instances have room (each at most fairness_max_waiting)."""
+        """Dispatch from the fair queue while the instances have room (each at most fairness_max_waiting).
+
+        Thread: the scheduler actor's thread."""
         assert self.fair is not None
         limit = self.settings.scheduler.fairness_max_waiting
         pending = getattr(self.policy, "pending", None)  # dispatched since the instance's last heartbeat
@@ -749,6 +776,7 @@ class SchedulerActor(SupervisedActor):
             room -= 1
 
     def _drain_queue(self) -> None:
+        """Thread: the scheduler actor's thread."""
         if self.fair is not None:
             self._drain_fair()
         while self.queue:
@@ -761,13 +789,16 @@ class SchedulerActor(SupervisedActor):
             self.queue.popleft()
 
     def _evict(self, instance_id: str, request_id: str) -> None:
-        """Stop a batch request so an interactive one gets its slot (it resumes from the batch queue)."""
+        """Stop a batch request so an interactive one gets its slot (it resumes from the batch queue).
+
+        Thread: the scheduler actor's thread."""
         instance = self.instances.get(instance_id)
         version = peer_version(instance.info.protocol_version if instance else 1)
         self.bus.publish(subjects.engine(instance_id), EngineAbort(request_id=request_id, reason="evicted", v=version))
 
     # ------------------------------------------------------------------------------------------- lifecycle
     def _on_request_ended(self, ended: EngineRequestEnded) -> None:
+        """Thread: the scheduler actor's thread."""
         if ended.finish_reason == "migrated":
             return  # it lives on at the destination; MigrationEnded moves the record
         record = self.requests.get(ended.request_id)
@@ -776,8 +807,7 @@ class SchedulerActor(SupervisedActor):
         if ended.finish_reason == "evicted" and self.classes.on_evicted(ended.request_id):
             # preempted for an interactive request (Chiron): back to the batch queue from what the client has
             record.state, record.instance_id = "recovering", None
-            self.state.save_request(record)
-            self.bus.run(self._read_delivered(record.request_id, record.submit.reply_to))
+            self.carry_out([Resume(record.request_id)])
             return
         if ended.finish_reason == "evicted":  # a KunServe group step handed it back: resume after its outputs
             record.resume_tokens, record.state, record.instance_id = list(ended.output_token_ids), "queued", None
@@ -791,15 +821,18 @@ class SchedulerActor(SupervisedActor):
         self.classes.on_ended(ended.request_id)
 
     def _refresh_instance(self, instance_id: str) -> None:
-        """Re-read whether an instance takes dispatches (the memory manager grouped or released it)."""
+        """Re-read whether an instance takes dispatches (the memory manager grouped or released it).
+
+        Thread: the scheduler actor's thread."""
         record = self.instances.get(instance_id)
         if record is not None:
-            self.policy.upsert(self._snapshot(record))
+            self._upsert(record)
 
     # ------------------------------------------------------------------------------------------- migration
     def _start_migration(
         self, request_id: str, source: str, destination: str, num_blocks: int, reason: str, reply_to: str = ""
     ) -> bool:
+        """Thread: the scheduler actor's thread."""
         migrator = self.peers.get("migrator")
         if migrator is None:
             self.bus.reply_error(reply_to, ErrorCode.MIGRATION_FAILED, "no migrator runs in this control plane")
@@ -813,18 +846,23 @@ class SchedulerActor(SupervisedActor):
         return True
 
     def _prompt_of(self, request_id: str) -> list[int] | None:
+        """Thread: the scheduler actor's thread."""
         record = self.requests.get(request_id)
         return record.prompt_token_ids if record is not None else None
 
     def _migratable_snapshots(self) -> list[InstanceSnapshot]:
+        """Thread: the scheduler actor's thread."""
         return [self._snapshot(r) for r in self.instances.values() if r.can_migrate]
 
     def _plan_migrations(self) -> None:
+        """Thread: the scheduler actor's thread."""
         if not self.params.migration_enabled:
             return
         snapshots = self._migratable_snapshots()
         self.planner.sync(snapshots)
-        decisions = self.planner.plan(list(self.migrations.values()))
+        in_flight, now = list(self.migrations.values()), time.monotonic()  # the core's clock is passed in
+        decisions = self.planner.plan(in_flight, now=now)
+        self._record("migration_plan", "", (tuple(snapshots), tuple(in_flight), now), tuple(decisions))
         decisions = prefix_aware_destinations(self.policy, decisions, snapshots, self._prompt_of)
         for d in decisions:
             record = self.requests.get(d.request_id)
@@ -835,6 +873,7 @@ class SchedulerActor(SupervisedActor):
             self._start_migration(d.request_id, d.source_id, d.destination_id, d.num_blocks, d.reason)
 
     def _on_migration_ended(self, ended: MigrationEnded) -> None:
+        """Thread: the scheduler actor's thread."""
         self.migrations.pop(ended.request_id, None)
         if ended.ok:
             self.migrations_done += 1
@@ -847,6 +886,7 @@ class SchedulerActor(SupervisedActor):
             self.state.save_request(record)
 
     def _on_migrate_command(self, command: MigrateCommand, reply: str) -> None:
+        """Thread: the scheduler actor's thread."""
         record = self.requests.get(command.request_id)
         if record is None or record.instance_id is None:
             self.bus.reply_error(
@@ -892,6 +932,7 @@ class SchedulerActor(SupervisedActor):
         self._start_migration(command.request_id, source.info.instance_id, destination, blocks, command.reason, reply)
 
     def _pick_destination(self, source: InstanceRecord) -> str | None:
+        """Thread: the scheduler actor's thread."""
         candidates = [
             r
             for r in self.instances.values()
@@ -901,13 +942,14 @@ class SchedulerActor(SupervisedActor):
         return best.info.instance_id if best else None
 
     def _on_drain(self, command: DrainCommand, reply: str) -> None:
+        """Thread: the scheduler actor's thread."""
         record = self.instances.get(command.instance_id)
         if record is None:
             self.bus.reply_error(reply, ErrorCode.UNKNOWN_INSTANCE, f"no instance {command.instance_id}")
             return
         record.drain_requested = not command.undo
         self.state.save_instance(record)
-        self.policy.upsert(self._snapshot(record))  # no new dispatches from now on (or again, on undo)
+        self._upsert(record)  # no new dispatches from now on (or again, on undo)
         running = [r.request_id for r in record.load.running]
         if command.undo:
             self.bus.publish(reply, AdminReply(ok=True, message=f"{command.instance_id} is back in service"))
@@ -922,6 +964,7 @@ class SchedulerActor(SupervisedActor):
             )
 
     def _on_policy(self, message: PolicyQuery | PolicyUpdate, reply: str) -> None:
+        """Thread: the scheduler actor's thread."""
         if isinstance(message, PolicyUpdate):
             try:
                 params = self.params.with_updates(**message.changes)
@@ -934,7 +977,7 @@ class SchedulerActor(SupervisedActor):
             ):
                 self.policy = make_dispatch_policy(params.dispatch_policy, params.dispatch_params())
                 for record in self.instances.values():
-                    self.policy.upsert(self._snapshot(record))
+                    self._upsert(record)
             self.params = params
             self.planner.set_params(params)
             log.info("policy updated: %s", message.changes)
@@ -942,6 +985,7 @@ class SchedulerActor(SupervisedActor):
             self.bus.publish(reply, AdminReply(ok=True, message="policy", details=self.params.as_dict()))
 
     def _on_cancel(self, cancel: Cancel, envelope: Envelope) -> None:
+        """Thread: the scheduler actor's thread."""
         identity = subjects.client_identity(envelope.subject) or subjects.ANONYMOUS
         target = cancel.reply_to or envelope.reply
         if target and not self.replies.allowed(identity, target, "cancel"):
@@ -1000,6 +1044,7 @@ class SchedulerActor(SupervisedActor):
 
     # ------------------------------------------------------------------------------------------- status
     def status(self) -> StatusReply:
+        """Thread: the scheduler actor's thread."""
         now_mono, now = time.monotonic(), time.time()
         return StatusReply(
             instances=[

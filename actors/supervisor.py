@@ -28,11 +28,13 @@ class ActorSlot:
     """A restartable actor's stable address."""
 
     def __init__(self, name: str) -> None:
+        """Thread: the one that builds the control plane."""
         self.name = name
         self.ref: pykka.ActorRef[Any] | None = None
         self.dropped = 0
 
     def tell(self, message: Any) -> None:
+        """Thread: any (a pykka tell is thread-safe; ``ref`` is swapped whole by the supervisor)."""
         ref = self.ref
         if ref is None:
             self.dropped += 1
@@ -45,6 +47,7 @@ class ActorSlot:
             log.warning("actor %s is dead: dropped %s", self.name, type(message).__name__)
 
     def ask(self, message: Any, timeout_s: float = 5.0) -> Any:
+        """Thread: any but the slot's own actor's (it would wait for itself)."""
         ref = self.ref
         if ref is None:
             raise pykka.ActorDeadError(f"actor {self.name} is restarting")
@@ -52,6 +55,7 @@ class ActorSlot:
 
     @property
     def alive(self) -> bool:
+        """Thread: any."""
         return self.ref is not None and self.ref.is_alive()
 
 

@@ -230,8 +230,7 @@ async def one_failover(settings: Settings, cluster: LocalRayCluster, netns: NetN
         for k in range(4):
             rid = f"rb-{uuid.uuid4().hex[:6]}-{k}"
             stream = await plane.client.submit(f"failover {rid}", sampling=sampling, request_id=rid)
-            assert stream._subscription is not None
-            taps[rid] = await tap(plane.url, stream._subscription.subject)
+            taps[rid] = await tap(plane.url, stream.inbox)  # the subject the stream subscribes to
             streams[rid] = stream
         await asyncio.sleep(1.0)
         status = await plane.client.status()

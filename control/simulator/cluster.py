@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
+from control.core.admission import max_prompt_tokens
 from control.core.migration import MigrationStages, StageStep
 from control.core.record import DecisionLog
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy
@@ -152,6 +153,8 @@ class ClusterSimulator:
             for i in range(config.num_instances)
         ]
         self.requests = sorted(requests, key=lambda r: (r.arrival, r.request_id))
+        # every instance has config.engine's context (the elastic simulator adds more of the same)
+        self._max_prompt_tokens = max_prompt_tokens(0, [config.engine.max_model_len], config.engine.max_model_len)
         self.block_bytes = config.engine.block_size * config.kv_bytes_per_token
         self.tick_s = config.tick_s or self.params.migration_period_s
         self.now = 0.0
@@ -341,7 +344,9 @@ class ClusterSimulator:
             hash_block_tokens=spec.prefix_block_tokens,
         )
         record.sim = request
-        if self.instances[0].core.can_ever_fit(spec.prompt_len, spec.output_len) is not None:
+        # the live scheduler's length rule (control/core/admission.py), then whether its blocks ever fit
+        too_long = spec.prompt_len > self._max_prompt_tokens
+        if too_long or self.instances[0].core.can_ever_fit(spec.prompt_len, spec.output_len) is not None:
             record.rejected = True
             self.counters.rejected += 1
             return

@@ -207,7 +207,7 @@ class ElasticSimulator(ClusterSimulator):
         # When to plan and when a draining instance stops: the control core's, the AutoscalerActor's object,
         # fed the virtual clock. No drain timeout: a simulated drain always empties (interactive requests
         # migrate away, batch ones finish in place).
-        self.scaling_clock = ScalingClock(config.autoscale.period_s)
+        self.scaling_clock = ScalingClock(config.autoscale.period_s, started_at=self.now)
 
     # ------------------------------------------------------------------------------------------ running
     def run_elastic(self) -> ElasticResult:
@@ -215,7 +215,7 @@ class ElasticSimulator(ClusterSimulator):
         if self.class_aware and self.elastic.local_autoscaler:
             self.call_at(self.as_params.local.period_s, self._local_tick)
         if self.elastic.scaling == "hierarchical":
-            self.call_at(self.as_params.period_s, self._global_tick)
+            self.call_at(self.scaling_clock.next_plan_at, self._global_tick)
         elif self.elastic.scaling == "threshold":
             self.call_at(self.elastic.threshold.period_s, self._threshold_tick)
         base = self.run()
@@ -523,7 +523,7 @@ class ElasticSimulator(ClusterSimulator):
     def _global_tick(self) -> None:
         params = self.as_params
         if not self.scaling_clock.plan_due(self.now):  # not reached: this tick runs every period_s
-            self.call_at(self.scaling_clock.last_plan_at + params.period_s, self._global_tick)
+            self.call_at(self.scaling_clock.next_plan_at, self._global_tick)
             return
         self._measure_throughput()
         if self._service_samples:

@@ -5,7 +5,7 @@ rule and wait in the scheduler's queue when every interactive-capable instance i
 from __future__ import annotations
 
 from actors.request_classes import RequestClasses
-from actors.scheduler import InstanceRecord, RequestRecord
+from control.core.requests import InstanceRecord, RequestRecord
 from control.settings import load_settings
 from transport.messages import (
     EngineInfo,

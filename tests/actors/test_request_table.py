@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from actors.request_lifecycle import RequestTable
+from control.core.requests import RequestTable
 from control.settings import LifecycleSettings
 from transport.messages import SubmitRequest
 
@@ -27,7 +27,7 @@ def _record(request_id: str, client: str) -> _Record:
 
 
 def test_counts_follow_inserts_and_removals() -> None:
-    table: RequestTable[_Record] = RequestTable(LifecycleSettings())
+    table: RequestTable[_Record] = RequestTable(LifecycleSettings(), clock=time.monotonic)
     for i in range(3):
         table[f"a{i}"] = _record(f"a{i}", "alice")
     table["b0"] = _record("b0", "bob")
@@ -44,7 +44,9 @@ def test_counts_follow_inserts_and_removals() -> None:
 
 
 def test_finished_ids_are_bounded_by_count_and_age() -> None:
-    table: RequestTable[_Record] = RequestTable(LifecycleSettings(finished_max_entries=3, finished_retention_s=10.0))
+    table: RequestTable[_Record] = RequestTable(
+        LifecycleSettings(finished_max_entries=3, finished_retention_s=10.0), clock=time.monotonic
+    )
     for i in range(5):
         table[str(i)] = _record(str(i), "c")
         table.pop(str(i))

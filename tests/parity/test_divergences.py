@@ -136,3 +136,54 @@ def test_one_kunserve_block_total() -> None:
     assert not hysteresis.restore_due(idle, now=10.5) and hysteresis.restore_due(idle, now=11.0)
     hysteresis.ended("g", ["a", "b"], now=11.0)
     assert not hysteresis.may_group("a", now=12.9) and hysteresis.may_group("a", now=13.0)
+
+
+def test_the_first_autoscaling_plan_is_one_period_in_for_both_shells() -> None:
+    """Before: the live AutoscalerActor planned at its first tick (t ~ 0, on rate counters covering nothing),
+    the elastic simulator one period in. One rule now (control/core/scaling.py): one whole period in."""
+    import dataclasses
+    import time
+
+    from actors.autoscaler import AutoscalerActor, _Tick
+    from control.policy.autoscaling import AutoscaleParams
+    from control.settings import load_settings
+    from control.simulator.elastic import ElasticSimulator
+
+    period_s = 60.0  # far longer than this test: every live tick below falls in the first period
+    params = AutoscaleParams(period_s=period_s)
+
+    class Scheduler:  # stands in for the scheduler actor: records which views the autoscaler asks for
+        def __init__(self) -> None:
+            self.asked: list[str] = []
+
+        def tell(self, message: object) -> None:
+            self.asked.append(message.purpose)  # type: ignore[attr-defined]
+
+    settings = load_settings(overrides={"autoscaler": {"enabled": True}})
+    settings = settings.model_copy(update={"autoscaling": params})
+    scheduler = Scheduler()
+    started = time.monotonic()
+    live = AutoscalerActor(None, settings, scheduler, None)  # type: ignore[arg-type]
+    try:
+        for _ in range(3):
+            live.on_receive(_Tick())
+    finally:
+        live.on_stop()  # cancels the tick timer the first tick armed
+    assert scheduler.asked == ["watch"] * 3  # before: "plan" at the very first tick
+    assert started + period_s <= live.clock.next_plan_at <= time.monotonic() + period_s
+
+    workload = generate_workload(40, 2.0, prompt=LengthSpec.zipf(64, 256), output=LengthSpec.zipf(64, 256), seed=0)
+    elastic = ElasticConfig(autoscale=dataclasses.replace(params, period_s=5.0))
+    sim = ElasticSimulator(elastic, workload)
+    due_at: list[float] = []
+    plan_due = sim.scaling_clock.plan_due
+
+    def recording(now: float) -> bool:
+        due = plan_due(now)
+        if due:
+            due_at.append(now)
+        return due
+
+    sim.scaling_clock.plan_due = recording  # type: ignore[method-assign]
+    sim.run_elastic()
+    assert due_at and due_at[0] == 5.0

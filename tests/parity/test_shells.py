@@ -10,7 +10,7 @@ removes the same request from the same simulated engine, re-queues it, and place
 from __future__ import annotations
 
 from actors.request_classes import RequestClasses
-from actors.scheduler import InstanceRecord, RequestRecord
+from control.core.requests import InstanceRecord, RequestRecord
 from control.policy.autoscaling import AutoscaleParams, LocalParams, PerRole
 from control.settings import load_settings
 from control.simulator import ClusterConfig, ElasticConfig, simulate_elastic

@@ -1,0 +1,254 @@
+"""The request table's rows and the instance registry's rows, and the failover decisions made on them, with
+no I/O and no clock of its own (``now`` is passed in).
+
+The live shell (:class:`actors.scheduler.SchedulerActor`) keeps these records in its tables, stores a
+:class:`RequestRecord` as it is in the JetStream KV bucket (``actors/control_state.py``: the stored form *is*
+the record, encoded by msgspec, so the two cannot drift apart), and carries out the commands below:
+
+* :class:`RequestTable`: the table itself, with per-client counts and a bounded memory of finished ids;
+* :func:`expired_instances`: which instances to declare dead at ``now`` (missed heartbeats, or stopping);
+* :func:`fail_over`: for every request running on a dead instance, either :class:`Resume` (read back what its
+  client already has, then dispatch it again from there) or :class:`Fail` (tell the client);
+* :func:`recover`: the same choice for one request (restored after a restart, or evicted for an interactive
+  one);
+* :func:`on_recovered`: what the client had, read back: :class:`Drop` (it finished), :class:`Fail`, or
+  :class:`Redispatch` with the tokens to resume after.
+
+Exactly-once bookkeeping lives here: a request being resumed is ``recovering`` with no instance (so no late
+event from the dead instance can end it, and a heartbeat that still lists it there has it stopped as
+superseded), its ``failovers`` count bounds the retries, and it is dispatched again only with the tokens its
+client already has as ``resume_tokens`` (the engine continues after them, so every output index reaches the
+client once). The simulator has no instance failures, so only the live shell drives these today.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+import msgspec
+
+from control.policy.admission import client_key
+from control.settings import LifecycleSettings
+from transport import subjects
+from transport.messages import EngineInfo, InstanceLoad, SubmitRequest
+
+
+class RequestRecord(msgspec.Struct, kw_only=True):
+    """One row of the request table; also its stored form (``actors/control_state.py``)."""
+
+    submit: SubmitRequest
+    request_id: str
+    cancel_token: str
+    prompt_token_ids: list[int]
+    arrival: float  # time.time()
+    headers: dict[str, str] = {}
+    instance_id: str | None = None
+    state: str = "queued"  # queued | running | recovering
+    served_by: list[str] = []
+    resume_tokens: list[int] = []  # delivered before a failover
+    failovers: int = 0
+
+
+@dataclass(slots=True)
+class InstanceRecord:
+    """One row of the instance registry (from heartbeats)."""
+
+    info: EngineInfo
+    load: InstanceLoad
+    last_seen: float  # the shell's monotonic clock
+    state: str = "serving"
+    draining: bool = False  # the engine says so
+    drain_requested: bool = False  # an operator asked (drover drain)
+    can_migrate: bool = False
+    dispatched: int = 0
+    seq: int = 0  # last heartbeat sequence number (restarts at 1 with a new process)
+    cached_blocks: int = -1  # prefix-cache blocks it reports (-1: none reported)
+
+
+# ----------------------------------------------------------------------------------------------- the table
+class TableRow(Protocol):
+    """What the request table reads of a row (a :class:`RequestRecord`, or a test's own)."""
+
+    submit: SubmitRequest
+    request_id: str
+    cancel_token: str
+    arrival: float  # time.time()
+    instance_id: str | None
+    state: str
+
+
+R = TypeVar("R", bound=TableRow)
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedEntry:
+    reply_to: str
+    finished_at: float  # the shell's monotonic clock
+
+
+class RequestTable(dict[str, R], Generic[R]):
+    """The scheduler's request table (a dict): per-client counts and a bounded memory of finished ids (for
+    ``lifecycle.finished_retention_s``, at most ``finished_max_entries``), so a late retry of a finished
+    request is answered ``duplicate_request`` instead of running twice. No clock of its own: ``clock`` is the
+    shell's (the scheduler passes ``time.monotonic``), read when a request leaves."""
+
+    def __init__(self, settings: LifecycleSettings, *, clock: Callable[[], float]) -> None:
+        super().__init__()
+        self.settings = settings
+        self.clock = clock
+        self.per_client: dict[str, int] = {}
+        self.finished: OrderedDict[str, FinishedEntry] = OrderedDict()
+
+    @staticmethod
+    def _key(record: TableRow) -> str:
+        return client_key(record.submit.client_id, record.submit.reply_to, subjects.INBOX_ROOT)
+
+    def __setitem__(self, request_id: str, record: R) -> None:
+        if request_id in self:
+            self._forget(super().__getitem__(request_id))
+        super().__setitem__(request_id, record)
+        key = self._key(record)
+        self.per_client[key] = self.per_client.get(key, 0) + 1
+        self.finished.pop(request_id, None)
+
+    def _forget(self, record: R) -> None:
+        key = self._key(record)
+        left = self.per_client.get(key, 0) - 1
+        if left > 0:
+            self.per_client[key] = left
+        else:
+            self.per_client.pop(key, None)
+
+    def _finished(self, request_id: str, record: R) -> None:
+        self._forget(record)
+        self.finished[request_id] = FinishedEntry(record.submit.reply_to, self.clock())
+        self.finished.move_to_end(request_id)
+        while len(self.finished) > self.settings.finished_max_entries:
+            self.finished.popitem(last=False)
+
+    def __delitem__(self, request_id: str) -> None:
+        record = super().__getitem__(request_id)
+        super().__delitem__(request_id)
+        self._finished(request_id, record)
+
+    def pop(self, request_id: str, *default: Any) -> Any:
+        if request_id not in self:
+            if default:
+                return default[0]
+            raise KeyError(request_id)
+        record = super().pop(request_id)
+        self._finished(request_id, record)
+        return record
+
+    def client_in_flight(self, key: str) -> int:
+        return self.per_client.get(key, 0)
+
+    def forget_expired(self, now: float) -> int:
+        """Drop finished ids older than the retention at ``now``; returns how many are still remembered."""
+        horizon = now - self.settings.finished_retention_s
+        while self.finished:
+            entry = next(iter(self.finished.values()))
+            if entry.finished_at > horizon:
+                break
+            self.finished.popitem(last=False)
+        return len(self.finished)
+
+
+
+# ----------------------------------------------------------------------------------------------- commands
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Read back what the client has (after fencing ``fence_on``, when set), then dispatch it again."""
+
+    request_id: str
+    fence_on: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """End the request with ``engine_failed`` and this reason; it leaves the table."""
+
+    request_id: str
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """The client has the whole output already: the request leaves the table without a word."""
+
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Redispatch:
+    """Dispatch again (or queue) after the tokens the client already has (set as ``resume_tokens``)."""
+
+    request_id: str
+
+
+# ----------------------------------------------------------------------------------------------- decisions
+def resumable(reply_to: str) -> bool:
+    """A stream can be resumed only where its output is kept: an inbox under the Drover inbox root."""
+    return reply_to.startswith(subjects.INBOX_ROOT + ".")
+
+
+def expired_instances(instances: Mapping[str, InstanceRecord], now: float, stale_after_s: float) -> list[str]:
+    """Instances to declare dead at ``now``: silent for longer than ``stale_after_s``, or stopping."""
+    return [
+        instance_id
+        for instance_id, record in instances.items()
+        if now - record.last_seen > stale_after_s or record.state == "stopping"
+    ]
+
+
+def recover(record: RequestRecord, fence_on: str = "", unresumable: str = "") -> Resume | Fail:
+    """Resume one request from what its client has, or fail it where its stream cannot be resumed (with
+    ``unresumable`` as the reason). A resumed request becomes ``recovering`` with no instance."""
+    if not resumable(record.submit.reply_to):
+        return Fail(
+            record.request_id,
+            unresumable or f"its stream cannot be resumed (use an inbox under {subjects.INBOX_ROOT})",
+        )
+    record.state, record.instance_id = "recovering", None
+    return Resume(record.request_id, fence_on)
+
+
+def fail_over(requests: Iterable[RequestRecord], dead_instance: str, max_attempts: int) -> list[Resume | Fail]:
+    """Every request running on ``dead_instance``: resume it elsewhere (each counts one failover), or fail it
+    once it has failed over more than ``max_attempts`` times or its stream cannot be resumed."""
+    commands: list[Resume | Fail] = []
+    for record in list(requests):
+        if record.instance_id != dead_instance or record.state != "running":
+            continue
+        record.failovers += 1
+        if record.failovers > max_attempts:
+            commands.append(Fail(record.request_id, f"engine {dead_instance} failed; retry limit reached"))
+            continue
+        commands.append(
+            recover(
+                record,
+                fence_on=dead_instance,
+                unresumable=f"engine {dead_instance} failed "
+                f"(use an inbox under {subjects.INBOX_ROOT} to have streams resumed)",
+            )
+        )
+    return commands
+
+
+def on_recovered(
+    record: RequestRecord | None, tokens: list[int], finished: bool, error: str = ""
+) -> Drop | Fail | Redispatch | None:
+    """What the client of a ``recovering`` request had (read back from the output stream): drop it when it
+    finished, fail it when that could not be read, else dispatch it again after those tokens. None: the
+    request is not recovering any more (cancelled, or a duplicate answer)."""
+    if record is None or record.state != "recovering":
+        return None
+    if error:
+        return Fail(record.request_id, error)
+    if finished:
+        return Drop(record.request_id)
+    record.resume_tokens, record.state = list(tokens), "queued"
+    return Redispatch(record.request_id)

@@ -1,0 +1,90 @@
+"""The control core's request table rows and failover decisions (control/core/requests.py)."""
+
+from __future__ import annotations
+
+import msgspec
+
+from control.core.requests import (
+    Drop,
+    Fail,
+    InstanceRecord,
+    Redispatch,
+    RequestRecord,
+    Resume,
+    expired_instances,
+    fail_over,
+    on_recovered,
+    recover,
+)
+from transport import subjects
+from transport.messages import EngineInfo, InstanceLoad, SubmitRequest
+
+INBOX = f"{subjects.INBOX_ROOT}.alice.r"
+
+
+def record(rid: str, instance: str | None, reply_to: str = INBOX, state: str = "running") -> RequestRecord:
+    submit = SubmitRequest(reply_to=reply_to, prompt_token_ids=[1, 2, 3])
+    return RequestRecord(
+        submit=submit,
+        request_id=rid,
+        cancel_token="t",
+        prompt_token_ids=[1, 2, 3],
+        arrival=0.0,
+        instance_id=instance,
+        state=state,
+        served_by=[instance] if instance else [],
+    )
+
+
+def test_fail_over_resumes_what_ran_on_the_dead_instance_and_fences_it() -> None:
+    rows = [record("a", "dead"), record("b", "alive"), record("c", "dead", state="recovering")]
+    commands = fail_over(rows, "dead", max_attempts=3)
+    assert commands == [Resume("a", fence_on="dead")]
+    assert (rows[0].state, rows[0].instance_id, rows[0].failovers) == ("recovering", None, 1)
+    assert rows[1].state == "running" and rows[1].failovers == 0
+
+
+def test_fail_over_gives_up_after_the_retry_limit_and_where_the_stream_is_not_kept() -> None:
+    tired = record("a", "dead")
+    tired.failovers = 2
+    plain = record("b", "dead", reply_to="_INBOX.xyz")
+    commands = fail_over([tired, plain], "dead", max_attempts=2)
+    first, second = commands
+    assert isinstance(first, Fail) and isinstance(second, Fail)
+    assert "retry limit" in first.why and subjects.INBOX_ROOT in second.why
+    assert tired.state == "running"  # a failed request is not marked recovering: the shell drops it
+
+
+def test_recover_and_what_the_client_had() -> None:
+    row = record("a", "i1")
+    assert recover(row) == Resume("a") and row.state == "recovering"
+    assert on_recovered(row, [5, 6], finished=False) == Redispatch("a")
+    assert (row.state, row.resume_tokens) == ("queued", [5, 6])
+    assert on_recovered(row, [5, 6], finished=False) is None  # a duplicate answer: no longer recovering
+    row.state = "recovering"
+    assert on_recovered(row, [5, 6, 7], finished=True) == Drop("a")
+    assert on_recovered(row, [], finished=False, error="unreadable") == Fail("a", "unreadable")
+    assert on_recovered(None, [], finished=True) is None
+    assert recover(record("b", "i1", reply_to="_INBOX.x"), unresumable="restarted") == Fail("b", "restarted")
+
+
+def test_expired_instances_are_the_silent_and_the_stopping_ones() -> None:
+    info = EngineInfo(
+        instance_id="x", engine_kind="sim", model="m", dtype="float16", block_size=16, num_blocks=8, max_model_len=64
+    )
+    load = InstanceLoad(num_total_blocks=8, num_free_blocks=8, num_running=0, num_waiting=0)
+    instances = {
+        "fresh": InstanceRecord(info=info, load=load, last_seen=9.0),
+        "silent": InstanceRecord(info=info, load=load, last_seen=1.0),
+        "stopping": InstanceRecord(info=info, load=load, last_seen=9.5, state="stopping"),
+    }
+    assert expired_instances(instances, now=10.0, stale_after_s=5.0) == ["silent", "stopping"]
+
+
+def test_the_stored_form_is_the_record_and_older_rows_still_decode() -> None:
+    row = record("a", "i1")
+    row.resume_tokens = [4]
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(row), type=RequestRecord) == row
+    # what the previous StoredRequest wrote: the same fields plus a version number
+    old = msgspec.msgpack.encode({"v": 1, **msgspec.structs.asdict(row)})
+    assert msgspec.msgpack.decode(old, type=RequestRecord) == row
