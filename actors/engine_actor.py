@@ -743,11 +743,13 @@ class Heartbeater:
         *,
         role: str = "mixed",
         local: LocalAutoscaler | None = None,
+        phase: str = "both",
     ) -> None:
         self.bus = bus
         self.engine = engine
         self.interval_s = interval_s
         self.role = role
+        self.phase = phase  # prefill/decode disaggregation (engine.phase)
         self.local = local
         self.state = "serving"
         self._stop = threading.Event()
@@ -785,6 +787,7 @@ class Heartbeater:
                 can_migrate=isinstance(self.engine, MigratableEngine),
                 memory=self._memory(),
                 prefix_cache=self._prefix_cache(),
+                phase=self.phase,
             ),
         )
 

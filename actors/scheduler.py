@@ -31,11 +31,13 @@ from actors.prefix_feed import apply_prefix_report, prefix_aware_destinations
 from actors.request_classes import RequestClasses
 from actors.request_lifecycle import RequestLifecycle, RequestTable, admission
 from actors.supervisor import SupervisedActor
+from control.core.pd import PdCore, make_dispatch
 from control.policy.block_hash import vllm_block_hashes
-from control.policy.dispatch import DispatchIndex, make_dispatch_policy, prefix_block_hashes
+from control.policy.dispatch import DispatchIndex, prefix_block_hashes
 from control.policy.fairness import FairQueue, dispatch_room
 from control.policy.migration import InFlightMigration, MigrationPlanner
 from control.policy.params import PolicyParams
+from control.policy.pd import parse_phase, phase_or_both
 from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot
 from control.settings import Settings
 from engines.tokenizer import Tokenizer
@@ -62,6 +64,7 @@ from transport.messages import (
     InstanceStatus,
     MemoryCommand,
     MigrateCommand,
+    PhaseCommand,
     PolicyQuery,
     PolicyUpdate,
     RequestDone,
@@ -173,7 +176,9 @@ class SchedulerActor(SupervisedActor):
         sched = settings.scheduler
         self.fair = FairQueue(sched.fairness_quantum_tokens) if sched.fairness else None
         self.params: PolicyParams = settings.policy
-        self.policy: DispatchIndex = make_dispatch_policy(self.params.dispatch_policy, self.params.dispatch_params())
+        # prefill/decode disaggregation ([pd]): phases, phase-aware dispatch, handoffs (control/core/pd.py)
+        self.pd = PdCore(settings.pd)
+        self.policy: DispatchIndex = make_dispatch(self.params.dispatch_policy, self.params.dispatch_params(), self.pd)
         self.migrations: dict[str, InFlightMigration] = {}  # request id -> migration in flight
         self.planner = MigrationPlanner(self.params)  # remembers its moves: per-request budget, cooldown
         self.migrations_done = 0
@@ -221,6 +226,8 @@ class SchedulerActor(SupervisedActor):
             self._on_migrate_command(message, envelope.reply)
         elif isinstance(message, DrainCommand):
             self._on_drain(message, envelope.reply)
+        elif isinstance(message, PhaseCommand):
+            self._on_phase(message, envelope.reply)
         elif isinstance(message, PolicyQuery | PolicyUpdate):
             self._on_policy(message, envelope.reply)
         elif isinstance(message, MemoryCommand):
@@ -258,13 +265,16 @@ class SchedulerActor(SupervisedActor):
             self.state.save_instance(record)
         self.memory.on_heartbeat(beat)
         self.classes.on_heartbeat(beat)
-        self.policy.upsert(self._snapshot(record))
+        self.pd.on_report(instance_id, phase_or_both(beat.phase))
+        snapshot = self._snapshot(record)
+        self.policy.upsert(snapshot)
         record.cached_blocks = apply_prefix_report(self.policy, instance_id, beat.prefix_cache, time.monotonic())
         if beat.prefix_cache is not None:
             cache = beat.prefix_cache
             metrics().set_prefix_cache(instance_id, cache.num_cached, cache.query_tokens, cache.hit_tokens)
         self.state.on_heartbeat(self, beat)  # confirms restored requests first: they are not superseded
         self._stop_superseded(instance_id, beat)
+        self._hand_off(snapshot)
         load = beat.load
         metrics().update_instance(
             InstanceGauges(
@@ -339,6 +349,7 @@ class SchedulerActor(SupervisedActor):
                     )
                 self.instances.pop(instance_id)
                 self.policy.remove(instance_id)
+                self.pd.forget_instance(instance_id)
                 metrics().remove_instance(instance_id)
                 self.state.drop_instance(instance_id)
                 self._fail_over(instance_id)
@@ -663,6 +674,7 @@ class SchedulerActor(SupervisedActor):
             headers,
         )
         self.policy.on_dispatched(instance_id, demand)
+        self.pd.on_request(record.request_id, len(record.prompt_token_ids))
         instance.dispatched += 1
         record.instance_id, record.state = instance_id, "running"
         record.served_by.append(instance_id)
@@ -764,6 +776,7 @@ class SchedulerActor(SupervisedActor):
         self.requests.pop(ended.request_id)
         self.state.drop_request(ended.request_id)
         self.classes.on_ended(ended.request_id)
+        self.pd.on_request_ended(ended.request_id)
 
     def _refresh_instance(self, instance_id: str) -> None:
         """Re-read whether an instance takes dispatches (the memory manager grouped or released it)."""
@@ -896,6 +909,56 @@ class SchedulerActor(SupervisedActor):
                 ),
             )
 
+    # ------------------------------------------------------------------------------------------- prefill/decode
+    def _hand_off(self, report: InstanceSnapshot) -> None:
+        """A prefill instance reported requests past their first token: move each to a decode instance the
+        core picks (a live migration); one no decode instance can take stays where it is."""
+        if not self.pd.enabled or "migrator" not in self.peers:
+            return
+        source = self.instances.get(report.instance_id)
+        if source is None or not source.can_migrate:
+            return
+        decode = (  # built only when the report has candidates
+            self._snapshot(r)
+            for r in self.instances.values()
+            if r.can_migrate
+            and r.info.compatible_with(source.info)
+            and self.pd.phase_of(r.info.instance_id) == "decode"
+        )
+
+        def busy(request_id: str) -> bool:
+            record = self.requests.get(request_id)
+            return request_id in self.migrations or record is None or record.instance_id != report.instance_id
+
+        index = getattr(self.policy, "prefix_index", None)
+        overlap = index.overlap if index is not None else None
+        block_size = source.info.block_size
+
+        def prefix_of(request_id: str) -> tuple[int, ...]:
+            prompt = self._prompt_of(request_id)
+            return tuple(vllm_block_hashes(prompt, block_size)) if prompt else ()
+
+        for h in self.pd.handoffs(report, decode, busy, overlap, prefix_of if overlap is not None else None):
+            log.info("pd handoff: %s %s -> %s", h.request_id, h.source_id, h.destination_id)
+            self._start_migration(h.request_id, h.source_id, h.destination_id, h.num_blocks, h.reason)
+
+    def _on_phase(self, command: PhaseCommand, reply: str) -> None:
+        record = self.instances.get(command.instance_id)
+        if record is None:
+            self.bus.reply_error(reply, ErrorCode.UNKNOWN_INSTANCE, f"no instance {command.instance_id}")
+            return
+        try:
+            phase = parse_phase(command.phase)
+        except ValueError as exc:
+            self.bus.reply_error(reply, ErrorCode.INVALID_REQUEST, str(exc))
+            return
+        self.pd.set_phase(command.instance_id, phase)
+        self.policy.upsert(self._snapshot(record))  # it changes dispatch pools at once
+        log.info("instance %s now serves phase %s (operator %s)", command.instance_id, phase, command.operator or "-")
+        note = "" if self.pd.enabled else " (pd.mode is off: phases take effect once it is on)"
+        if reply:
+            self.bus.publish(reply, AdminReply(ok=True, message=f"{command.instance_id} serves {phase}{note}"))
+
     def _on_policy(self, message: PolicyQuery | PolicyUpdate, reply: str) -> None:
         if isinstance(message, PolicyUpdate):
             try:
@@ -907,7 +970,7 @@ class SchedulerActor(SupervisedActor):
                 params.dispatch_policy != self.params.dispatch_policy
                 or params.dispatch_params() != self.params.dispatch_params()
             ):
-                self.policy = make_dispatch_policy(params.dispatch_policy, params.dispatch_params())
+                self.policy = make_dispatch(params.dispatch_policy, params.dispatch_params(), self.pd)
                 for record in self.instances.values():
                     self.policy.upsert(self._snapshot(record))
             self.params = params
@@ -984,6 +1047,7 @@ class SchedulerActor(SupervisedActor):
                     state=_instance_state(r),
                     dispatched=r.dispatched,
                     cached_blocks=r.cached_blocks,
+                    phase=self.pd.phase_of(r.info.instance_id),
                 )
                 for r in sorted(self.instances.values(), key=lambda r: r.info.instance_id)
             ],
