@@ -824,6 +824,7 @@ class SchedulerActor(SupervisedActor):
 
     def _on_migration_ended(self, ended: MigrationEnded) -> None:
         self.migrations.pop(ended.request_id, None)
+        self.pd.on_handoff_ended(ended.request_id, ended.ok)
         if ended.ok:
             self.migrations_done += 1
         else:
@@ -938,7 +939,7 @@ class SchedulerActor(SupervisedActor):
             prompt = self._prompt_of(request_id)
             return tuple(vllm_block_hashes(prompt, block_size)) if prompt else ()
 
-        for h in self.pd.handoffs(report, decode, busy, overlap, prefix_of if overlap is not None else None):
+        for h in self.pd.handoffs([report], decode, busy, overlap, prefix_of if overlap is not None else None):
             log.info("pd handoff: %s %s -> %s", h.request_id, h.source_id, h.destination_id)
             self._start_migration(h.request_id, h.source_id, h.destination_id, h.num_blocks, h.reason)
 

@@ -13,7 +13,7 @@ handoff bookkeeping, with no I/O and no clock. The live scheduler (``actors/sche
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy
@@ -95,6 +95,9 @@ class PhasedDispatch:
 class PdCore:
     """The phase registry and the handoffs in flight; one per scheduler (or simulator run)."""
 
+    MAX_ATTEMPTS = 2
+    """Handoffs of one request before it stays where it is for good."""
+
     def __init__(self, params: PdParams) -> None:
         self.params = params
         self.reported: dict[str, Phase] = {}
@@ -107,6 +110,8 @@ class PdCore:
         self.handoffs_started = 0
         self.handoffs_stayed = 0
         """Reports where a candidate found no decode instance with room (it stayed, for now)."""
+        self.handoffs_committed = 0
+        self.attempts: dict[str, int] = {}
 
     @property
     def enabled(self) -> bool:
@@ -136,39 +141,56 @@ class PdCore:
     def on_request_ended(self, request_id: str) -> None:
         self.prompt_tokens.pop(request_id, None)
         self.tried.discard(request_id)
+        self.attempts.pop(request_id, None)
 
     def handoffs(
         self,
-        report: InstanceSnapshot,
+        reports: Sequence[InstanceSnapshot],
         instances: Iterable[InstanceSnapshot],
         busy: Callable[[str], bool],
         overlap: Callable[[str, Sequence[int]], int] | None = None,
-        prefix_of: Mapping[str, Sequence[int]] | Callable[[str], Sequence[int]] | None = None,
+        prefix_of: Callable[[str], Sequence[int]] | None = None,
     ) -> list[Handoff]:
-        """The handoffs one instance's fresh report calls for (empty unless it is a prefill instance with
-        requests past their first token). ``instances``: every instance's latest snapshot; ``busy``: the
-        request is migrating already. The requests returned are marked tried: each moves at most once."""
+        """The handoffs fresh reports call for (empty unless a report is a prefill instance's with requests
+        past their first token), planned as one round so they share the decode side's room. ``instances``:
+        the latest snapshots to choose among (only decode-phase ones are used); ``busy``: the request is
+        migrating already. The requests returned count as tried: each is moved at most once, or tried again
+        after an abort while it has attempts left (:meth:`on_handoff_ended`)."""
         if not self.enabled:
             return []
-        candidates = handoff_candidates(
-            report,
-            self.phase_of(report.instance_id),
-            self.params,
-            self.prompt_tokens,
-            lambda rid: rid in self.tried or busy(rid),
-        )
+        candidates = [
+            c
+            for report in reports
+            for c in handoff_candidates(
+                report,
+                self.phase_of(report.instance_id),
+                self.params,
+                self.prompt_tokens,
+                lambda rid: rid in self.tried or busy(rid),
+            )
+        ]
         if not candidates:
             return []
         if overlap is not None and prefix_of is not None:
-            lookup = prefix_of if callable(prefix_of) else prefix_of.get
-            candidates = [_with_prefix(c, tuple(lookup(c.request_id) or ())) for c in candidates]
+            candidates = [_with_prefix(c, tuple(prefix_of(c.request_id) or ())) for c in candidates]
         decode = [s for s in instances if self.phase_of(s.instance_id) == "decode"]
         planned = plan_handoffs(candidates, decode, self.params, overlap)
         self.handoffs_stayed += len(candidates) - len(planned)
         for h in planned:
             self.tried.add(h.request_id)
+            self.attempts[h.request_id] = self.attempts.get(h.request_id, 0) + 1
         self.handoffs_started += len(planned)
         return planned
+
+    def on_handoff_ended(self, request_id: str, ok: bool) -> None:
+        """A migration of ``request_id`` ended; an aborted handoff (a reservation refused on stale room, the
+        request preempted meanwhile) may be tried again at a later report, up to ``MAX_ATTEMPTS``."""
+        if request_id not in self.tried:
+            return  # a migration of another kind (load balancing, drain)
+        if ok:
+            self.handoffs_committed += 1
+        elif self.attempts.get(request_id, 0) < self.MAX_ATTEMPTS:
+            self.tried.discard(request_id)
 
 
 def _with_prefix(candidate: HandoffCandidate, hashes: tuple[int, ...]) -> HandoffCandidate:

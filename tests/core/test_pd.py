@@ -75,11 +75,15 @@ def test_handoff_once_after_the_first_token_and_stay_when_decode_is_full() -> No
     prefilling = snap("p0", running=(RunningSnapshot("r1", 1000, 32, decoding=False),))
     decoding = snap("p0", running=(RunningSnapshot("r1", 1001, 32, decoding=True),))
     never = lambda rid: False  # noqa: E731
-    assert core.handoffs(prefilling, [snap("d0")], never) == []
-    assert core.handoffs(decoding, [snap("d0", free=10)], never) == []  # full: it stays
+    assert core.handoffs([prefilling], [snap("d0")], never) == []
+    assert core.handoffs([decoding], [snap("d0", free=10)], never) == []  # full: it stays
     assert core.handoffs_stayed == 1
-    [h] = core.handoffs(decoding, [snap("d0"), snap("p0")], never)  # p0 is not a decode instance
+    [h] = core.handoffs([decoding], [snap("d0"), snap("p0")], never)  # p0 is not a decode instance
     assert (h.request_id, h.destination_id) == ("r1", "d0")
-    assert core.handoffs(decoding, [snap("d0")], never) == []  # at most once
+    assert core.handoffs([decoding], [snap("d0")], never) == []  # at most once while it runs
+    core.on_handoff_ended("r1", False)  # aborted: offered again, up to MAX_ATTEMPTS handoffs
+    [h] = core.handoffs([decoding], [snap("d0")], never)
+    core.on_handoff_ended("r1", False)
+    assert core.handoffs([decoding], [snap("d0")], never) == []  # out of attempts: it stays
     core.on_request_ended("r1")
     assert "r1" not in core.prompt_tokens and "r1" not in core.tried
