@@ -22,10 +22,18 @@ from control.policy.pd import (
 from control.policy.snapshots import InstanceSnapshot, RunningSnapshot
 
 
-def snap(iid: str, free: int, total: int = 100, running: int = 0, **kw: object) -> InstanceSnapshot:
+def snap(
+    iid: str, free: int, total: int = 100, running: int = 0, *, draining: bool = False, model: str = ""
+) -> InstanceSnapshot:
     return InstanceSnapshot(
-        instance_id=iid, num_total_blocks=total, num_free_blocks=free, num_running=running, num_waiting=0, **kw
-    )  # type: ignore[arg-type]
+        instance_id=iid,
+        num_total_blocks=total,
+        num_free_blocks=free,
+        num_running=running,
+        num_waiting=0,
+        draining=draining,
+        model=model,
+    )
 
 
 def test_modes_pick_intake_phases() -> None:
