@@ -357,6 +357,7 @@ class SchedulerActor(SupervisedActor):
         self.lifecycle.tick(self)
         self.requests.forget_expired()
         self.memory.tick({i for i, r in self.instances.items() if r.state == "serving"})
+        self._rebalance_phases()
         self._drain_queue()
         for request_id, instance_id in self.classes.release(self.instances, self.requests):
             if not self._dispatch(self.requests[request_id], instance_id):
@@ -942,6 +943,14 @@ class SchedulerActor(SupervisedActor):
         for h in self.pd.handoffs([report], decode, busy, overlap, prefix_of if overlap is not None else None):
             log.info("pd handoff: %s %s -> %s", h.request_id, h.source_id, h.destination_id)
             self._start_migration(h.request_id, h.source_id, h.destination_id, h.num_blocks, h.reason)
+
+    def _rebalance_phases(self) -> None:
+        """The prefill:decode split follows each pool's pressure ([pd] rebalance_period_s; the core decides)."""
+        serving = [r for r in self.instances.values() if r.state == "serving"]
+        change = self.pd.rebalance((self._snapshot(r) for r in serving), time.monotonic())
+        if change is not None and change.instance_id in self.instances:
+            log.info("pd split: %s now serves %s (%s)", change.instance_id, change.phase, change.reason)
+            self.policy.upsert(self._snapshot(self.instances[change.instance_id]))
 
     def _on_phase(self, command: PhaseCommand, reply: str) -> None:
         record = self.instances.get(command.instance_id)

@@ -11,7 +11,9 @@ The grid, fixed before any run:
   (trace time compressed 1x and 2x);
 * configurations on 8 instances: colocated (8 ``both``), disaggregated at prefill:decode 2:6, 4:4 and 6:2
   (1:3, 1:1, 3:1), and adaptive at the same splits (prompts of at least the window's 75th-percentile prompt
-  length are disaggregated, shorter ones run start to end on a decode instance);
+  length are disaggregated, shorter ones run start to end on a decode instance), and rebalanced: starting
+  at the same splits, disaggregated, the split re-judged every 5 s from each pool's pressure
+  (``[pd] rebalance_period_s``);
 * seeds 0, 1, 2: each seed cuts a ``--window-s`` window of the trace at a seeded offset (the spread);
 * dispatch ``least_loaded`` (INFaaS++) everywhere and no load-balancing migration, so the only difference
   between configurations is where the phases run. A handoff is a live migration whose first stage copies
@@ -65,6 +67,7 @@ WORKLOADS = (
 COMPRESSIONS = (1.0, 2.0)
 SPLITS = ((2, 6), (4, 4), (6, 2))
 ADAPTIVE_QUANTILE = 0.75
+REBALANCE_PERIOD_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +75,7 @@ class Config:
     label: str
     mode: PdMode
     prefill: int  # 0: every instance serves both phases
+    rebalance_period_s: float = 0.0  # > 0: the split follows each pool's pressure from this start
 
 
 def configs(instances: int) -> list[Config]:
@@ -81,6 +85,9 @@ def configs(instances: int) -> list[Config]:
         for p, d in SPLITS:
             p_n = round(instances * p / (p + d))
             out.append(Config(f"{mode} {p_n}:{instances - p_n}", mode, p_n))
+    for p, d in SPLITS:
+        p_n = round(instances * p / (p + d))
+        out.append(Config(f"rebalanced {p_n}:{instances - p_n}", "disaggregated", p_n, REBALANCE_PERIOD_S))
     return out
 
 
@@ -104,7 +111,7 @@ def run_one(
     policy = dataclasses.replace(PolicyParams(), dispatch_policy="least_loaded", migration_enabled=False)
     prompts = sorted(r.prompt_len for r in requests)
     threshold = int(np.percentile(prompts, ADAPTIVE_QUANTILE * 100)) if prompts else 0
-    pd = PdParams(mode=config.mode, adaptive_min_prompt_tokens=threshold)
+    pd = PdParams(mode=config.mode, adaptive_min_prompt_tokens=threshold, rebalance_period_s=config.rebalance_period_s)
     sim = PdClusterSimulator(
         preset.cluster_config(instances, policy), requests, split_phases(instances, config.prefill), pd
     )
@@ -140,6 +147,8 @@ def run_one(
         "goodput_rps": good / duration,
         "slo_attainment": good / len(requests) if requests else math.nan,
         "handoffs": sim.pd.handoffs_committed,
+        "phase_changes": sim.pd.phase_changes,
+        "final_prefill_instances": sum(1 for i in sim.instances if sim.pd.phase_of(i.instance_id) == "prefill"),
         "handoffs_stayed": sim.pd.handoffs_stayed,
         "handoff_aborts": result.migrations_aborted,
         "adaptive_min_prompt_tokens": threshold if config.mode == "adaptive" else None,

@@ -27,9 +27,11 @@ from control.policy.pd import (
     HandoffCandidate,
     PdParams,
     Phase,
+    PhaseChange,
     handoff_candidates,
     intake_phases,
     plan_handoffs,
+    plan_split,
 )
 from control.policy.prefix_index import PrefixIndex
 from control.policy.snapshots import InstanceSnapshot, RequestDemand
@@ -112,6 +114,8 @@ class PdCore:
         """Reports where a candidate found no decode instance with room (it stayed, for now)."""
         self.handoffs_committed = 0
         self.attempts: dict[str, int] = {}
+        self.last_rebalance = float("-inf")
+        self.phase_changes = 0
 
     @property
     def enabled(self) -> bool:
@@ -181,6 +185,20 @@ class PdCore:
             self.attempts[h.request_id] = self.attempts.get(h.request_id, 0) + 1
         self.handoffs_started += len(planned)
         return planned
+
+    def rebalance(self, snapshots: Iterable[InstanceSnapshot], now: float) -> PhaseChange | None:
+        """Every ``rebalance_period_s`` (the shell passes its clock): at most one instance changes sides by
+        :func:`~control.policy.pd.plan_split`; the change is applied to the registry (as an override, the
+        way an operator's is) and returned so the shell can re-file the instance and log it."""
+        period = self.params.rebalance_period_s
+        if not self.enabled or period <= 0 or now - self.last_rebalance < period:
+            return None
+        self.last_rebalance = now
+        change = plan_split([(s, self.phase_of(s.instance_id)) for s in snapshots], self.params)
+        if change is not None:
+            self.set_phase(change.instance_id, change.phase)
+            self.phase_changes += 1
+        return change
 
     def on_handoff_ended(self, request_id: str, ok: bool) -> None:
         """A migration of ``request_id`` ended; an aborted handoff (a reservation refused on stale room, the

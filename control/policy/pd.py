@@ -57,8 +57,21 @@ class PdParams:
     """Blocks of free room one block of the prompt's prefix already cached at a decode instance is worth
     (fewer blocks to copy, and its next turns hit there); 0 ignores prefixes."""
 
+    rebalance_period_s: float = 0.0
+    """How often the split between prefill and decode instances is re-judged from each pool's pressure
+    (:func:`plan_split`); 0: never (the split is what engines report and operators set)."""
+    rebalance_ratio: float = 1.5
+    """A pool must be this many times as pressed as the other before an instance changes sides (hysteresis:
+    one move must not invert the imbalance)."""
+    rebalance_min_pressure: float = 0.3
+    """...and at least this pressed: an idle fleet keeps its split."""
+
     def validate(self) -> None:
         """Raise ValueError with an actionable message when a value is out of range."""
+        if self.rebalance_period_s < 0:
+            raise ValueError("pd.rebalance_period_s must be >= 0")
+        if self.rebalance_ratio < 1:
+            raise ValueError("pd.rebalance_ratio must be >= 1")
         if self.mode not in PD_MODES:
             raise ValueError(f"pd.mode must be one of {', '.join(PD_MODES)}, got {self.mode!r}")
         if self.adaptive_min_prompt_tokens < 0:
@@ -190,3 +203,46 @@ def handoff_candidates(
             continue
         out.append(HandoffCandidate(r.request_id, snapshot.instance_id, r.num_blocks, model=snapshot.model))
     return out
+
+
+def pool_pressure(snapshot: InstanceSnapshot) -> float:
+    """How pressed one instance is, comparable across phases: its blocks in use plus the blocks its queue
+    needs, over its total (Llumnix's virtual usage). A prefill instance short of compute shows it as a
+    queue of prompts; a decode instance short of memory as blocks in use."""
+    if snapshot.num_total_blocks <= 0:
+        return 0.0
+    return (snapshot.num_used_blocks + snapshot.waiting_blocks) / snapshot.num_total_blocks
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseChange:
+    """Move ``instance_id`` to the other pool: it serves ``phase`` from now on."""
+
+    instance_id: str
+    phase: Phase
+    reason: str
+
+
+def plan_split(instances: Sequence[tuple[InstanceSnapshot, Phase]], params: PdParams) -> PhaseChange | None:
+    """At most one instance changes sides: from the less pressed pool (prefill vs decode instances, by mean
+    :func:`pool_pressure`) to the more pressed one, when that one is ``rebalance_ratio`` times as pressed and
+    at least ``rebalance_min_pressure``; each pool keeps at least one instance. The instance that moves is
+    the least pressed of its pool (the one whose work is most easily left to finish where it is). The
+    anchors: Dynamo's planner (prefill and decode pools scaled from their own load) and Chiron's pools."""
+    pools: dict[Phase, list[tuple[float, str]]] = {"prefill": [], "decode": []}
+    for snapshot, phase in instances:
+        if phase in pools and not snapshot.draining:
+            pools[phase].append((pool_pressure(snapshot), snapshot.instance_id))
+    if not pools["prefill"] or not pools["decode"]:
+        return None
+    mean = {phase: sum(p for p, _ in loads) / len(loads) for phase, loads in pools.items()}
+    for hot, cold in (("prefill", "decode"), ("decode", "prefill")):
+        hot_phase, cold_phase = cast(Phase, hot), cast(Phase, cold)
+        if len(pools[cold_phase]) < 2 or mean[hot_phase] < params.rebalance_min_pressure:
+            continue
+        if mean[hot_phase] >= params.rebalance_ratio * max(mean[cold_phase], 1e-9):
+            _, mover = min(pools[cold_phase])
+            return PhaseChange(
+                mover, hot_phase, f"{hot} pressure {mean[hot_phase]:.2f} vs {cold} {mean[cold_phase]:.2f}"
+            )
+    return None

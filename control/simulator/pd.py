@@ -58,6 +58,9 @@ class PdClusterSimulator(ClusterSimulator):
     def _after_tick(self) -> None:
         if not self.pd.enabled:
             return
+        change = self.pd.rebalance((self._snapshots[i] for i in self._live), self.now)
+        if change is not None:
+            self.index.upsert(self._snapshots[int(change.instance_id.rsplit("-", 1)[1])])  # re-filed in its pool
         moving = {m.request.request_id for m in self._migrations.values()}
         phase_of = self.pd.phase_of
         reports = [self._snapshots[i] for i in self._live if phase_of(self.instances[i].instance_id) == "prefill"]

@@ -87,3 +87,22 @@ def test_handoff_once_after_the_first_token_and_stay_when_decode_is_full() -> No
     assert core.handoffs([decoding], [snap("d0")], never) == []  # out of attempts: it stays
     core.on_request_ended("r1")
     assert "r1" not in core.prompt_tokens and "r1" not in core.tried
+
+
+def test_rebalance_runs_at_its_period_and_refiles_the_instance() -> None:
+    core = PdCore(PdParams(mode="disaggregated", rebalance_period_s=5.0))
+    for iid, phase in (("p0", "prefill"), ("d0", "decode"), ("d1", "decode")):
+        core.on_report(iid, phase)  # type: ignore[arg-type]
+    index = make_dispatch("least_loaded", DispatchParams(), core)
+    hot = InstanceSnapshot("p0", 100, 20, 1, 5, waiting_blocks=70)
+    cold = [snap("d0", free=90), snap("d1", free=95)]
+    for s in (hot, *cold):
+        index.upsert(s)
+    change = core.rebalance([hot, *cold], now=100.0)
+    assert change is not None and (change.instance_id, change.phase) == ("d1", "prefill")
+    assert core.phase_of("d1") == "prefill" and core.phase_changes == 1
+    assert core.rebalance([hot, *cold], now=101.0) is None  # within the period
+    index.upsert(snap("d1", free=95))
+    assert isinstance(index, PhasedDispatch)
+    assert index.pools[frozenset(("prefill", "both"))].choose(demand("r", 1000)) == "d1"
+    assert PdCore(PdParams(mode="disaggregated")).rebalance([hot, *cold], now=100.0) is None  # period 0: off

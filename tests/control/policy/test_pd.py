@@ -18,6 +18,7 @@ from control.policy.pd import (
     parse_phase,
     phase_or_both,
     plan_handoffs,
+    plan_split,
 )
 from control.policy.snapshots import InstanceSnapshot, RunningSnapshot
 
@@ -128,3 +129,50 @@ def test_handoffs_never_overcommit_and_never_fail(needs: list[int], frees: list[
             continue
         assert left[h.destination_id] >= c.num_blocks + headroom
         left[h.destination_id] -= c.num_blocks
+
+
+def pressed(iid: str, used: int, waiting: int = 0) -> InstanceSnapshot:
+    return InstanceSnapshot(iid, 100, 100 - used, 1, 0, waiting_blocks=waiting)
+
+
+def test_split_moves_the_least_pressed_instance_toward_the_pressed_pool() -> None:
+    params = PdParams(mode="disaggregated", rebalance_ratio=1.5, rebalance_min_pressure=0.3)
+    fleet = [
+        (pressed("p0", 50, waiting=80), "prefill"),  # a queue of prompts
+        (pressed("p1", 60, waiting=60), "prefill"),
+        (pressed("d0", 20), "decode"),
+        (pressed("d1", 10), "decode"),
+        (pressed("d2", 30), "decode"),
+    ]
+    change = plan_split(fleet, params)  # type: ignore[arg-type]
+    assert change is not None and (change.instance_id, change.phase) == ("d1", "prefill")
+    assert "prefill pressure" in change.reason
+
+
+def test_split_holds_within_the_hysteresis_and_keeps_one_of_each() -> None:
+    params = PdParams(mode="disaggregated", rebalance_ratio=1.5, rebalance_min_pressure=0.3)
+    even = [(pressed("p0", 50), "prefill"), (pressed("d0", 40), "decode"), (pressed("d1", 40), "decode")]
+    assert plan_split(even, params) is None  # type: ignore[arg-type]
+    idle = [(pressed("p0", 20), "prefill"), (pressed("d0", 1), "decode"), (pressed("d1", 1), "decode")]
+    assert plan_split(idle, params) is None  # type: ignore[arg-type]
+    lone = [(pressed("p0", 90, 90), "prefill"), (pressed("d0", 1), "decode")]
+    assert plan_split(lone, params) is None  # type: ignore[arg-type]
+    hot_decode = [(pressed("p0", 5), "prefill"), (pressed("p1", 1), "prefill"), (pressed("d0", 95), "decode")]
+    change = plan_split(hot_decode, params)  # type: ignore[arg-type]
+    assert change is not None and (change.instance_id, change.phase) == ("p1", "decode")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 100), st.integers(0, 100), st.sampled_from(["prefill", "decode", "both"]))))
+def test_a_split_change_keeps_both_pools_and_goes_toward_pressure(
+    fleet: list[tuple[int, int, str]],
+) -> None:
+    params = PdParams(mode="disaggregated")
+    instances = [(pressed(f"i{k}", used, waiting), phase) for k, (used, waiting, phase) in enumerate(fleet)]
+    change = plan_split(instances, params)  # type: ignore[arg-type]
+    if change is None:
+        return
+    before = {s.instance_id: phase for s, phase in instances}
+    assert before[change.instance_id] != change.phase and before[change.instance_id] in ("prefill", "decode")
+    after = dict(before, **{change.instance_id: change.phase})
+    assert "prefill" in after.values() and "decode" in after.values()

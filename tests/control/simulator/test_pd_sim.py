@@ -89,3 +89,22 @@ def test_off_is_the_colocated_baseline_and_runs_are_deterministic() -> None:
     _, rc = run(split_phases(4, 2), PdParams(mode="disaggregated"))
     _, rd = run(split_phases(4, 2), PdParams(mode="disaggregated"))
     assert key(rc) == key(rd) != key(ra)
+
+
+def test_rebalancing_moves_decode_instances_to_a_starved_prefill_pool() -> None:
+    long_prompts = generate_workload(
+        150, 30.0, prompt=LengthSpec.uniform(1500, 2500), output=LengthSpec.uniform(4, 16), seed=5, max_total_len=4096
+    )
+
+    def run_split(period: float) -> tuple[PdClusterSimulator, float]:
+        pd = PdParams(mode="disaggregated", rebalance_period_s=period)
+        sim = PdClusterSimulator(config(4), long_prompts, split_phases(4, 1), pd)
+        result = sim.run()
+        assert result.completed == 150
+        return sim, result.prefill.mean
+
+    fixed, fixed_ttft = run_split(0.0)
+    moved, moved_ttft = run_split(0.5)
+    assert fixed.pd.phase_changes == 0 and moved.pd.phase_changes >= 1
+    assert sum(moved.pd.phase_of(i.instance_id) == "prefill" for i in moved.instances) >= 2
+    assert moved_ttft < fixed_ttft  # virtual time: more prefill instances drain the prompt queue sooner
