@@ -132,15 +132,15 @@ def test_handoffs_never_overcommit_and_never_fail(needs: list[int], frees: list[
 
 
 def pressed(iid: str, used: int, waiting: int = 0) -> InstanceSnapshot:
-    return InstanceSnapshot(iid, 100, 100 - used, 1, 0, waiting_blocks=waiting)
+    return InstanceSnapshot(iid, 200, 200 - used, 1, 1 if waiting else 0, waiting_blocks=waiting)
 
 
 def test_split_moves_the_least_pressed_instance_toward_the_pressed_pool() -> None:
-    params = PdParams(mode="disaggregated", rebalance_ratio=1.5, rebalance_min_pressure=0.3)
+    params = PdParams(mode="disaggregated", rebalance_ratio=1.5, rebalance_min_pressure=0.05)
     fleet = [
         (pressed("p0", 50, waiting=80), "prefill"),  # a queue of prompts
         (pressed("p1", 60, waiting=60), "prefill"),
-        (pressed("d0", 20), "decode"),
+        (pressed("d0", 150, waiting=2), "decode"),  # much KV in use, hardly a queue: not short
         (pressed("d1", 10), "decode"),
         (pressed("d2", 30), "decode"),
     ]
@@ -150,14 +150,16 @@ def test_split_moves_the_least_pressed_instance_toward_the_pressed_pool() -> Non
 
 
 def test_split_holds_within_the_hysteresis_and_keeps_one_of_each() -> None:
-    params = PdParams(mode="disaggregated", rebalance_ratio=1.5, rebalance_min_pressure=0.3)
-    even = [(pressed("p0", 50), "prefill"), (pressed("d0", 40), "decode"), (pressed("d1", 40), "decode")]
+    params = PdParams(mode="disaggregated", rebalance_ratio=1.5, rebalance_min_pressure=0.05)
+    even = [(pressed("p0", 50, 40), "prefill"), (pressed("d0", 40, 30), "decode"), (pressed("d1", 40, 30), "decode")]
     assert plan_split(even, params) is None  # type: ignore[arg-type]
-    idle = [(pressed("p0", 20), "prefill"), (pressed("d0", 1), "decode"), (pressed("d1", 1), "decode")]
-    assert plan_split(idle, params) is None  # type: ignore[arg-type]
+    no_queue = [(pressed("p0", 20), "prefill"), (pressed("d0", 190), "decode"), (pressed("d1", 1), "decode")]
+    assert plan_split(no_queue, params) is None  # type: ignore[arg-type]
+    slight = [(pressed("p0", 20, 8), "prefill"), (pressed("d0", 1), "decode"), (pressed("d1", 1), "decode")]
+    assert plan_split(slight, params) is None  # type: ignore[arg-type]  # 8/200 < 0.05
     lone = [(pressed("p0", 90, 90), "prefill"), (pressed("d0", 1), "decode")]
     assert plan_split(lone, params) is None  # type: ignore[arg-type]
-    hot_decode = [(pressed("p0", 5), "prefill"), (pressed("p1", 1), "prefill"), (pressed("d0", 95), "decode")]
+    hot_decode = [(pressed("p0", 5), "prefill"), (pressed("p1", 1), "prefill"), (pressed("d0", 180, 60), "decode")]
     change = plan_split(hot_decode, params)  # type: ignore[arg-type]
     assert change is not None and (change.instance_id, change.phase) == ("p1", "decode")
 
