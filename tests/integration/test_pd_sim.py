@@ -165,3 +165,25 @@ async def test_phase_commands_are_audited_and_bad_ones_are_one_line(
     assert records[-1]["params"] == {"instance_id": "no-such-instance", "phase": "decode"}
     assert records[-1]["ok"] is False and records[-1]["result"].startswith("unknown_instance")
     assert any(r["ok"] and r["params"]["phase"] == "decode" for r in records)
+
+
+@pytest.mark.parametrize("stage", ["mid_copy", "commit"])
+async def test_a_handoff_that_fails_mid_transfer_runs_the_request_exactly_once(
+    client: DroverClient, pd_cluster: InProcessCluster, stage: str
+) -> None:
+    """A fault injected into the handoff's migration: before the commit the request stays on the prefill
+    instance (after its retry fails too); a lost commit still leaves it on the decode instance. Either way
+    every token reaches the client once, and no block leaks."""
+    await set_phases(pd_cluster, client, {"pd-p": "prefill", "pd-d": "decode"})
+    before = await free_blocks(client)
+    pd_cluster.settings.migration.fault_stage = stage  # the migrator reads it at each step
+    try:
+        result, seen = await run_tapped(client, pd_cluster, f"pd-fault-{stage}")
+    finally:
+        pd_cluster.settings.migration.fault_stage = ""
+    assert result.done is not None and result.done.num_tokens == MAX_TOKENS
+    assert result.done.instances == (["pd-p", "pd-d"] if stage == "commit" else ["pd-p"])
+    chunks = sorted((m for m in seen if isinstance(m, TokenChunk)), key=lambda c: c.index)
+    assert [c.index + k for c in chunks for k in range(len(c.token_ids))] == list(range(MAX_TOKENS))
+    assert sum(isinstance(m, RequestDone) for m in seen) == 1
+    assert await free_blocks(client) == before
