@@ -164,6 +164,7 @@ async def test_request_stays_where_it_is_when_decode_cannot_take_it(
 async def test_phase_commands_are_audited_and_bad_ones_are_one_line(
     client: DroverClient, pd_cluster: InProcessCluster, audit_file: Path
 ) -> None:
+    await set_phases(pd_cluster, client, {"pd-d": "decode"})
     code, out = await asyncio.to_thread(drover, pd_cluster, "phase", "set", "no-such-instance", "decode")
     assert code == 1 and "no instance no-such-instance" in out and "Traceback" not in out
     code, out = await asyncio.to_thread(drover, pd_cluster, "phase", "set", "pd-p", "sideways")
