@@ -178,3 +178,15 @@ def test_a_split_change_keeps_both_pools_and_goes_toward_pressure(
     assert before[change.instance_id] != change.phase and before[change.instance_id] in ("prefill", "decode")
     after = dict(before, **{change.instance_id: change.phase})
     assert "prefill" in after.values() and "decode" in after.values()
+
+
+def test_pd_settings_section() -> None:
+    from control.settings import Settings
+
+    settings = Settings(pd={"mode": "adaptive", "adaptive_min_prompt_tokens": 512}, engine={"phase": "decode"})
+    assert settings.pd.mode == "adaptive" and settings.pd.adaptive_min_prompt_tokens == 512
+    assert settings.engine.phase == "decode" and Settings().pd == PdParams() and Settings().engine.phase == "both"
+    with pytest.raises(ValueError, match="rebalance_ratio"):
+        Settings(pd={"mode": "disaggregated", "rebalance_ratio": 0.5})
+    with pytest.raises(ValueError):
+        Settings(engine={"phase": "middle"})
