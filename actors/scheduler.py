@@ -806,7 +806,7 @@ class SchedulerActor(SupervisedActor):
         return record.prompt_token_ids if record is not None else None
 
     def _migratable_snapshots(self) -> list[InstanceSnapshot]:
-        return [self._snapshot(r) for r in self.instances.values() if r.can_migrate]
+        return self.pd.balancing_pool([self._snapshot(r) for r in self.instances.values() if r.can_migrate])
 
     def _plan_migrations(self) -> None:
         if not self.params.migration_enabled:

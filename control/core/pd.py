@@ -186,6 +186,14 @@ class PdCore:
         self.handoffs_started += len(planned)
         return planned
 
+    def balancing_pool(self, snapshots: Sequence[InstanceSnapshot]) -> list[InstanceSnapshot]:
+        """The instances load-balancing migration (Llumnix's pairing) may pair: without the prefill ones
+        when disaggregation is on, so it never moves a decoding request onto a prefill instance (handoffs
+        move requests off those)."""
+        if not self.enabled:
+            return list(snapshots)
+        return [s for s in snapshots if self.phase_of(s.instance_id) != "prefill"]
+
     def rebalance(self, snapshots: Iterable[InstanceSnapshot], now: float) -> PhaseChange | None:
         """Every ``rebalance_period_s`` (the shell passes its clock): at most one instance changes sides by
         :func:`~control.policy.pd.plan_split`; the change is applied to the registry (as an override, the

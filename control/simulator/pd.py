@@ -47,6 +47,12 @@ class PdClusterSimulator(ClusterSimulator):
             self.pd.on_report(inst.instance_id, phase)
         self.index = make_dispatch(self.params.dispatch_policy, self.params.dispatch_params(), self.pd)
 
+    def _plan_migrations(self) -> list[MigrationDecision]:
+        """Load-balancing migration pairs decode-side instances only (as live: ``PdCore.balancing_pool``)."""
+        live = self.pd.balancing_pool([self._snapshots[i] for i in self._live])
+        self.planner.sync(live)
+        return self.planner.plan(list(self._in_flight.values()), now=self.now)
+
     def _on_placed(self, inst: SimInstance, request: SimRequest) -> None:
         self.pd.on_request(request.request_id, request.prompt_len)
 

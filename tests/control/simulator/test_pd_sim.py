@@ -108,3 +108,18 @@ def test_rebalancing_moves_decode_instances_to_a_starved_prefill_pool() -> None:
     assert fixed.pd.phase_changes == 0 and moved.pd.phase_changes >= 1
     assert sum(moved.pd.phase_of(i.instance_id) == "prefill" for i in moved.instances) >= 2
     assert moved_ttft < fixed_ttft  # virtual time: more prefill instances drain the prompt queue sooner
+
+
+def test_load_balancing_migration_never_moves_a_request_onto_a_prefill_instance() -> None:
+    params = PolicyParams(dispatch_policy="least_loaded", migration_enabled=True)
+    cfg = ClusterConfig(num_instances=5, engine=ENGINE, policy=params)
+    busy = generate_workload(
+        300, 100.0, prompt=LengthSpec.zipf(300, 2000), output=LengthSpec.zipf(800, 3000), seed=9, max_total_len=4096
+    )
+    sim = PdClusterSimulator(cfg, busy, split_phases(5, 2), PdParams(mode="disaggregated"))
+    result = sim.run()
+    assert result.completed == 300
+    # the planner runs beside the handoffs (without the pool filter it moved 89 of these onto prefill instances)
+    assert result.migrations_committed >= sim.pd.handoffs_committed > 0
+    for record in result.requests:
+        assert all(index >= 2 for index in record.instances[1:]), record.instances
