@@ -27,7 +27,7 @@ from actors.client_replies import ClientReplies, owner_of
 from actors.control_state import ControlState, restore_into
 from actors.memory_manager import MemoryManager
 from actors.migrator import MigrationEnded, StartMigration
-from actors.prefix_feed import apply_prefix_report, prefix_aware_destinations
+from actors.prefix_feed import ResyncRequests, apply_prefix_report, prefix_aware_destinations
 from actors.request_classes import RequestClasses
 from actors.request_lifecycle import RequestLifecycle, RequestTable, admission
 from actors.supervisor import SupervisedActor
@@ -67,6 +67,7 @@ from transport.messages import (
     PhaseCommand,
     PolicyQuery,
     PolicyUpdate,
+    PrefixResync,
     RequestDone,
     RequestStatus,
     StatusQuery,
@@ -179,6 +180,7 @@ class SchedulerActor(SupervisedActor):
         # prefill/decode disaggregation ([pd]): phases, phase-aware dispatch, handoffs (control/core/pd.py)
         self.pd = PdCore(settings.pd)
         self.policy: DispatchIndex = make_dispatch(self.params.dispatch_policy, self.params.dispatch_params(), self.pd)
+        self.prefix_resyncs = ResyncRequests()  # PrefixResync requests to engines whose cache the index lost
         self.migrations: dict[str, InFlightMigration] = {}  # request id -> migration in flight
         self.planner = MigrationPlanner(self.params)  # remembers its moves: per-request budget, cooldown
         self.migrations_done = 0
@@ -268,8 +270,12 @@ class SchedulerActor(SupervisedActor):
         self.pd.on_report(instance_id, phase_or_both(beat.phase))
         snapshot = self._snapshot(record)
         self.policy.upsert(snapshot)
-        record.cached_blocks = apply_prefix_report(self.policy, instance_id, beat.prefix_cache, time.monotonic())
+        now = time.monotonic()
+        record.cached_blocks = apply_prefix_report(self.policy, instance_id, beat.prefix_cache, now)
         if beat.prefix_cache is not None:
+            if self.prefix_resyncs.due(self.policy, instance_id, now):  # the index lost track: ask for all of it
+                log.info("instance %s: prefix index out of step, asking for a full cache listing", instance_id)
+                self.bus.publish(subjects.engine(instance_id), PrefixResync(reason="gap"))
             cache = beat.prefix_cache
             metrics().set_prefix_cache(instance_id, cache.num_cached, cache.query_tokens, cache.hit_tokens)
         self.state.on_heartbeat(self, beat)  # confirms restored requests first: they are not superseded

@@ -339,6 +339,14 @@ class InstanceHeartbeat(_Msg, frozen=True, tag="heartbeat"):
     phase: str = "both"  # "prefill" | "decode" | "both" (prefill/decode disaggregation; absent: both)
 
 
+class PrefixResync(_Msg, frozen=True, tag="prefix_resync"):
+    """Control plane -> engine: the prefix index lost track of this engine's cache (a gap in the report
+    sequence, a missed stream start, a reconnect): send a full listing in the next heartbeat. No reply;
+    engines that report no cache ignore it."""
+
+    reason: Name = ""
+
+
 class EngineAdd(_Msg, frozen=True, tag="engine_add"):
     """Control plane -> engine: run this request and stream its tokens to ``reply_to``."""
 
@@ -718,6 +726,7 @@ Message: TypeAlias = (
     | ReplayRequest
     | ReplayReply
     | PhaseCommand
+    | PrefixResync
 )
 
 _encoder = msgspec.msgpack.Encoder()

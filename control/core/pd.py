@@ -69,16 +69,16 @@ class PhasedDispatch:
             if phase in phases:
                 index.upsert(snapshot)
             elif before is not None and before in phases:
-                index.remove(iid)  # its phase changed: it leaves this pool
+                # its phase changed: in this pool it now takes no dispatch. Filed as draining rather than
+                # removed, because removing it from a kv_aware index would drop its cached prefixes from the
+                # prefix index the pools share.
+                index.upsert(replace(snapshot, draining=True))
         self._member[iid] = phase
 
     def remove(self, instance_id: str) -> None:
-        phase = self._member.pop(instance_id, None)
-        if phase is None:
-            return
-        for phases, index in self.pools.items():
-            if phase in phases:
-                index.remove(instance_id)
+        self._member.pop(instance_id, None)
+        for index in self.pools.values():
+            index.remove(instance_id)
 
     def choose(self, demand: RequestDemand) -> str | None:
         wanted = intake_phases(self.params, demand.num_prompt_tokens)
@@ -88,10 +88,8 @@ class PhasedDispatch:
         return chosen
 
     def on_dispatched(self, instance_id: str, demand: RequestDemand) -> None:
-        phase = self._member.get(instance_id)
-        for phases, index in self.pools.items():
-            if phase is None or phase in phases:
-                index.on_dispatched(instance_id, demand)
+        for index in self.pools.values():
+            index.on_dispatched(instance_id, demand)  # a pool that does not hold it ignores it
 
 
 class PdCore:

@@ -106,3 +106,16 @@ def test_rebalance_runs_at_its_period_and_refiles_the_instance() -> None:
     assert isinstance(index, PhasedDispatch)
     assert index.pools[frozenset(("prefill", "both"))].choose(demand("r", 1000)) == "d1"
     assert PdCore(PdParams(mode="disaggregated")).rebalance([hot, *cold], now=100.0) is None  # period 0: off
+
+
+def test_a_phase_change_keeps_the_instance_s_cached_prefixes() -> None:
+    core, index = fleet("disaggregated", {"p0": "prefill", "d0": "decode"}, policy="kv_aware")
+    shared = index.prefix_index
+    assert shared is not None
+    shared.resync("d0", epoch="e", seq=1, hashes=[11, 12, 13])
+    core.set_phase("d0", "prefill")  # leaves the decode-side pool, joins the prefill side
+    index.upsert(snap("d0"))
+    assert shared.overlap("d0", [11, 12, 13]) == 3  # still known
+    assert index.pools[frozenset(("decode", "both"))].choose(demand("r", 10)) is None
+    index.remove("d0")  # gone for good: forgotten everywhere
+    assert shared.overlap("d0", [11, 12, 13]) == 0
