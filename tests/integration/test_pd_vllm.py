@@ -28,6 +28,10 @@ async def pd_vllm_cluster(nats_url: str, vllm_engine_factory: Any) -> AsyncItera
             "engine": {"heartbeat_interval_s": 0.1},
             "policy": {"migration_enabled": False},  # only handoffs move requests
             "pd": {"mode": "disaggregated"},
+            # the tiny model decodes a block or more per migration round trip: reserve room for what it writes
+            # during the copy (the default, 2 blocks, is sized for real models; stages then abort with "block N
+            # exceeds the reservation" and the request stays on the prefill engine)
+            "migration": {"reserve_headroom_blocks": 16},
         }
     )
     cluster = VllmCluster(nats_url, settings, name="drover-control-pd")
@@ -52,7 +56,9 @@ async def test_prefill_then_decode_on_vllm_equals_colocated(pd_vllm_cluster: Vll
     async with DroverClient(pd_vllm_cluster.url, name="pd-vllm-client") as client:
         await client.wait_for_instances(2, timeout_s=60)
         prompt = "Prefill here, decode there: the KV cache moves " * 6
-        sampling = SamplingParams(max_tokens=300, ignore_eos=True)
+        # long enough that the handoff commits before the tiny model finishes (a multi-stage copy lets the
+        # request decode on at the source meanwhile; at 300 tokens it sometimes finished first)
+        sampling = SamplingParams(max_tokens=1200, ignore_eos=True)
         try:
             for instance in ("a", "b"):
                 assert (await client.set_phase(instance, "both")).ok
