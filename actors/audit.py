@@ -30,6 +30,7 @@ from transport.messages import (
     MemoryCommand,
     Message,
     MigrateCommand,
+    PhaseCommand,
     PolicyQuery,
     PolicyUpdate,
     ProtocolError,
@@ -41,7 +42,15 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Envelope], Awaitable[None] | None]
 # the admin actions (status queries are not audited)
-AUDITED: tuple[type, ...] = (MigrateCommand, DrainCommand, PolicyQuery, PolicyUpdate, MemoryCommand, ScaleCommand)
+AUDITED: tuple[type, ...] = (
+    MigrateCommand,
+    DrainCommand,
+    PolicyQuery,
+    PolicyUpdate,
+    MemoryCommand,
+    ScaleCommand,
+    PhaseCommand,
+)
 
 
 @dataclass(slots=True)

@@ -50,6 +50,7 @@ from transport.messages import (
     InstanceHeartbeat,
     MemoryCommand,
     MigrateCommand,
+    PhaseCommand,
     PolicyQuery,
     PolicyUpdate,
     ReplayReply,
@@ -247,6 +248,7 @@ class ControlPlane:
                 (subjects.ENGINE_EVENTS, (EngineRequestEnded,), ""),
                 (subjects.admin("migrate"), (MigrateCommand,), subjects.CONTROL_QUEUE),
                 (subjects.admin("drain"), (DrainCommand,), subjects.CONTROL_QUEUE),
+                (subjects.admin("phase"), (PhaseCommand,), subjects.CONTROL_QUEUE),
                 (subjects.admin("policy"), (PolicyQuery, PolicyUpdate), subjects.CONTROL_QUEUE),
                 (subjects.admin("memory"), (MemoryCommand,), subjects.CONTROL_QUEUE),
             ]

@@ -779,12 +779,14 @@ class Heartbeater:
         *,
         role: str = "mixed",
         local: LocalAutoscaler | None = None,
+        phase: str = "both",
     ) -> None:
         """Thread: the engine host's thread."""
         self.bus = bus
         self.engine = engine
         self.interval_s = interval_s
         self.role = role
+        self.phase = phase  # prefill/decode disaggregation (engine.phase)
         self.local = local
         self.state = "serving"
         self._stop = threading.Event()
@@ -825,6 +827,7 @@ class Heartbeater:
                 can_migrate=isinstance(self.engine, MigratableEngine),
                 memory=self._memory(),
                 prefix_cache=self._prefix_cache(),
+                phase=self.phase,
             ),
         )
 

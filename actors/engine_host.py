@@ -100,7 +100,9 @@ class EngineHost:
         self.local = (
             LocalAutoscaler(eng.role, settings.autoscaling, eng.max_num_seqs) if eng.local_autoscaler else None
         )
-        self.heartbeater = Heartbeater(bus, engine, eng.heartbeat_interval_s, role=eng.role, local=self.local)
+        self.heartbeater = Heartbeater(
+            bus, engine, eng.heartbeat_interval_s, role=eng.role, local=self.local, phase=eng.phase
+        )
 
     @property
     def instance_id(self) -> str:

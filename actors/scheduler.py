@@ -31,6 +31,7 @@ from actors.request_classes import RequestClasses
 from actors.request_lifecycle import RequestLifecycle, admission
 from actors.supervisor import SupervisedActor
 from control.core.admission import max_prompt_tokens, validate
+from control.core.pd import PdCore, make_dispatch
 from control.core.record import DecisionLog
 from control.core.requests import (
     Drop,
@@ -45,10 +46,11 @@ from control.core.requests import (
     on_recovered,
 )
 from control.policy.block_hash import vllm_block_hashes
-from control.policy.dispatch import DispatchIndex, make_dispatch_policy, prefix_block_hashes
+from control.policy.dispatch import DispatchIndex, prefix_block_hashes
 from control.policy.fairness import FairQueue, dispatch_room
 from control.policy.migration import InFlightMigration, MigrationPlanner
 from control.policy.params import PolicyParams
+from control.policy.pd import parse_phase, phase_or_both
 from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot
 from control.settings import Settings
 from engines.tokenizer import Tokenizer
@@ -75,6 +77,7 @@ from transport.messages import (
     InstanceStatus,
     MemoryCommand,
     MigrateCommand,
+    PhaseCommand,
     PolicyQuery,
     PolicyUpdate,
     PrefixResync,
@@ -163,7 +166,9 @@ class SchedulerActor(SupervisedActor):
         sched = settings.scheduler
         self.fair = FairQueue(sched.fairness_quantum_tokens) if sched.fairness else None
         self.params: PolicyParams = settings.policy
-        self.policy: DispatchIndex = make_dispatch_policy(self.params.dispatch_policy, self.params.dispatch_params())
+        # prefill/decode disaggregation ([pd]): phases, phase-aware dispatch, handoffs (control/core/pd.py)
+        self.pd = PdCore(settings.pd)
+        self.policy: DispatchIndex = make_dispatch(self.params.dispatch_policy, self.params.dispatch_params(), self.pd)
         self.prefix_resyncs = ResyncRequests()  # PrefixResync requests to engines whose cache the index lost
         self.migrations: dict[str, InFlightMigration] = {}  # request id -> migration in flight
         self.planner = MigrationPlanner(self.params)  # remembers its moves: per-request budget, cooldown
@@ -219,6 +224,8 @@ class SchedulerActor(SupervisedActor):
             self._on_migrate_command(message, envelope.reply)
         elif isinstance(message, DrainCommand):
             self._on_drain(message, envelope.reply)
+        elif isinstance(message, PhaseCommand):
+            self._on_phase(message, envelope.reply)
         elif isinstance(message, PolicyQuery | PolicyUpdate):
             self._on_policy(message, envelope.reply)
         elif isinstance(message, MemoryCommand):
@@ -257,6 +264,7 @@ class SchedulerActor(SupervisedActor):
             self.state.save_instance(record)
         self.memory.on_heartbeat(beat)
         self.classes.on_heartbeat(beat)
+        self.pd.on_report(instance_id, phase_or_both(beat.phase))
         self._upsert(record)
         now = time.monotonic()
         record.cached_blocks = apply_prefix_report(self.policy, instance_id, beat.prefix_cache, now)
@@ -268,6 +276,7 @@ class SchedulerActor(SupervisedActor):
             metrics().set_prefix_cache(instance_id, cache.num_cached, cache.query_tokens, cache.hit_tokens)
         self.state.on_heartbeat(self, beat)  # confirms restored requests first: they are not superseded
         self._stop_superseded(instance_id, beat)
+        self._hand_off(self._snapshot(record))
         load = beat.load
         metrics().update_instance(
             InstanceGauges(
@@ -373,6 +382,7 @@ class SchedulerActor(SupervisedActor):
             self.instances.pop(instance_id)
             self._snapshot_of.pop(instance_id, None)
             self.policy.remove(instance_id)
+            self.pd.forget_instance(instance_id)
             self._record("remove", instance_id, (), None)
             metrics().remove_instance(instance_id)
             self.state.drop_instance(instance_id)
@@ -381,6 +391,7 @@ class SchedulerActor(SupervisedActor):
         self.lifecycle.tick(self)
         self.requests.forget_expired(now)
         self.memory.tick({i for i, r in self.instances.items() if r.state == "serving"})
+        self._rebalance_phases()
         self._drain_queue()
         for request_id, instance_id in self.classes.release(self.instances, self.requests):
             if not self._dispatch(self.requests[request_id], instance_id):
@@ -709,6 +720,7 @@ class SchedulerActor(SupervisedActor):
         )
         self.policy.on_dispatched(instance_id, demand)
         self._record("dispatched", record.request_id, (instance_id, demand), None)
+        self.pd.on_request(record.request_id, len(record.prompt_token_ids))
         instance.dispatched += 1
         record.instance_id, record.state = instance_id, "running"
         record.served_by.append(instance_id)
@@ -819,6 +831,7 @@ class SchedulerActor(SupervisedActor):
         self.state.drop_request(ended.request_id)
         self.planner.forget(ended.request_id)  # the planner's move record of it is moot now
         self.classes.on_ended(ended.request_id)
+        self.pd.on_request_ended(ended.request_id)
 
     def _refresh_instance(self, instance_id: str) -> None:
         """Re-read whether an instance takes dispatches (the memory manager grouped or released it).
@@ -852,7 +865,7 @@ class SchedulerActor(SupervisedActor):
 
     def _migratable_snapshots(self) -> list[InstanceSnapshot]:
         """Thread: the scheduler actor's thread."""
-        return [self._snapshot(r) for r in self.instances.values() if r.can_migrate]
+        return self.pd.balancing_pool([self._snapshot(r) for r in self.instances.values() if r.can_migrate])
 
     def _plan_migrations(self) -> None:
         """Thread: the scheduler actor's thread."""
@@ -875,6 +888,7 @@ class SchedulerActor(SupervisedActor):
     def _on_migration_ended(self, ended: MigrationEnded) -> None:
         """Thread: the scheduler actor's thread."""
         self.migrations.pop(ended.request_id, None)
+        self.pd.on_handoff_ended(ended.request_id, ended.ok)
         if ended.ok:
             self.migrations_done += 1
         else:
@@ -963,6 +977,71 @@ class SchedulerActor(SupervisedActor):
                 ),
             )
 
+    # ------------------------------------------------------------------------------------------- prefill/decode
+    def _hand_off(self, report: InstanceSnapshot) -> None:
+        """A prefill instance reported requests past their first token: move each to a decode instance the
+        core picks (a live migration); one no decode instance can take stays where it is.
+
+        Thread: the scheduler actor's thread."""
+        if not self.pd.enabled or "migrator" not in self.peers:
+            return
+        source = self.instances.get(report.instance_id)
+        if source is None or not source.can_migrate:
+            return
+        decode = (  # built only when the report has candidates
+            self._snapshot(r)
+            for r in self.instances.values()
+            if r.can_migrate
+            and r.info.compatible_with(source.info)
+            and self.pd.phase_of(r.info.instance_id) == "decode"
+        )
+
+        def busy(request_id: str) -> bool:
+            record = self.requests.get(request_id)
+            return request_id in self.migrations or record is None or record.instance_id != report.instance_id
+
+        index = getattr(self.policy, "prefix_index", None)
+        overlap = index.overlap if index is not None else None
+        block_size = source.info.block_size
+
+        def prefix_of(request_id: str) -> tuple[int, ...]:
+            prompt = self._prompt_of(request_id)
+            return tuple(vllm_block_hashes(prompt, block_size)) if prompt else ()
+
+        for h in self.pd.handoffs([report], decode, busy, overlap, prefix_of if overlap is not None else None):
+            log.info("pd handoff: %s %s -> %s", h.request_id, h.source_id, h.destination_id)
+            self._start_migration(h.request_id, h.source_id, h.destination_id, h.num_blocks, h.reason)
+
+    def _rebalance_phases(self) -> None:
+        """The prefill:decode split follows each pool's pressure ([pd] rebalance_period_s; the core decides).
+
+        Thread: the scheduler actor's thread."""
+        serving = [r for r in self.instances.values() if r.state == "serving"]
+        change = self.pd.rebalance((self._snapshot(r) for r in serving), time.monotonic())
+        if change is not None and change.instance_id in self.instances:
+            log.info("pd split: %s now serves %s (%s)", change.instance_id, change.phase, change.reason)
+            self.policy.upsert(self._snapshot(self.instances[change.instance_id]))
+
+    def _on_phase(self, command: PhaseCommand, reply: str) -> None:
+        """An operator sets an instance's phase (audited by the control plane before it gets here).
+
+        Thread: the scheduler actor's thread."""
+        record = self.instances.get(command.instance_id)
+        if record is None:
+            self.bus.reply_error(reply, ErrorCode.UNKNOWN_INSTANCE, f"no instance {command.instance_id}")
+            return
+        try:
+            phase = parse_phase(command.phase)
+        except ValueError as exc:
+            self.bus.reply_error(reply, ErrorCode.INVALID_REQUEST, str(exc))
+            return
+        self.pd.set_phase(command.instance_id, phase)
+        self.policy.upsert(self._snapshot(record))  # it changes dispatch pools at once
+        log.info("instance %s now serves phase %s (operator %s)", command.instance_id, phase, command.operator or "-")
+        note = "" if self.pd.enabled else " (pd.mode is off: phases take effect once it is on)"
+        if reply:
+            self.bus.publish(reply, AdminReply(ok=True, message=f"{command.instance_id} serves {phase}{note}"))
+
     def _on_policy(self, message: PolicyQuery | PolicyUpdate, reply: str) -> None:
         """Thread: the scheduler actor's thread."""
         if isinstance(message, PolicyUpdate):
@@ -975,7 +1054,7 @@ class SchedulerActor(SupervisedActor):
                 params.dispatch_policy != self.params.dispatch_policy
                 or params.dispatch_params() != self.params.dispatch_params()
             ):
-                self.policy = make_dispatch_policy(params.dispatch_policy, params.dispatch_params())
+                self.policy = make_dispatch(params.dispatch_policy, params.dispatch_params(), self.pd)
                 for record in self.instances.values():
                     self._upsert(record)
             self.params = params
@@ -1055,6 +1134,7 @@ class SchedulerActor(SupervisedActor):
                     state=_instance_state(r),
                     dispatched=r.dispatched,
                     cached_blocks=r.cached_blocks,
+                    phase=self.pd.phase_of(r.info.instance_id),
                 )
                 for r in sorted(self.instances.values(), key=lambda r: r.info.instance_id)
             ],

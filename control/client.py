@@ -64,6 +64,7 @@ from transport.messages import (
     MemoryCommand,
     Message,
     MigrateCommand,
+    PhaseCommand,
     PolicyQuery,
     PolicyUpdate,
     ProtocolError,
@@ -775,6 +776,11 @@ class DroverClient:
         """Stop dispatching to an instance and migrate its requests away (poll status for 'drained');
         ``undo`` puts it back into service."""
         return await self._admin("drain", DrainCommand(instance_id=instance_id, undo=undo), timeout_s)
+
+    async def set_phase(self, instance_id: str, phase: str, *, timeout_s: float = 5.0) -> AdminReply:
+        """Make an instance serve ``phase`` (prefill | decode | both) from now on (prefill/decode
+        disaggregation); the control plane's setting wins over what the instance reports."""
+        return await self._admin("phase", PhaseCommand(instance_id=instance_id, phase=phase), timeout_s)
 
     async def memory(self, op: str, target: str, *, timeout_s: float = 180.0) -> AdminReply:
         """Force a KunServe drop (``target``: instance ids, comma-separated, leader first) or a restore

@@ -19,6 +19,7 @@ from control.errors import ConfigError
 from control.gateway_settings import GatewaySettings
 from control.policy.autoscaling import AutoscaleParams, ThresholdParams
 from control.policy.params import PolicyParams
+from control.policy.pd import PdParams
 from observability.metrics import MetricsSettings
 from transport.nats_auth import NatsAuth
 
@@ -167,6 +168,11 @@ class EngineSettings(_Section):
     )
     device: str = Field(
         "cpu", description="Torch engines: where weights and KV live and steps compute (cpu, cuda, cuda:1)."
+    )
+    phase: Literal["prefill", "decode", "both"] = Field(
+        "both",
+        description="Prefill/decode disaggregation ([pd]): the phase this instance serves, reported in its "
+        "heartbeats; `drover phase set` overrides it live.",
     )
 
 
@@ -533,11 +539,17 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = MetricsSettings()
     audit: AuditSettings = AuditSettings()
     provisioner: ProvisionerSettings = ProvisionerSettings()
+    pd: PdParams = Field(
+        PdParams(),
+        description="Prefill/decode disaggregation: mode = off | disaggregated | adaptive, "
+        "adaptive_min_prompt_tokens; control/policy/pd.py documents each.",
+    )
 
     @model_validator(mode="after")
     def _check_policy(self) -> Settings:
         self.policy.validate()
         self.autoscaling.validate()
+        self.pd.validate()
         return self
 
     @classmethod

@@ -336,6 +336,7 @@ class InstanceHeartbeat(_Msg, frozen=True, tag="heartbeat"):
     role: str = "mixed"  # "interactive" | "mixed" | "batch" (Chiron instance roles; mixed serves both classes)
     local: LocalReport | None = None  # None: the engine runs no local autoscaler
     prefix_cache: PrefixCacheReport | None = None  # None: the engine reports no prefix-cache events
+    phase: str = "both"  # "prefill" | "decode" | "both" (prefill/decode disaggregation; absent: both)
 
 
 class PrefixResync(_Msg, frozen=True, tag="prefix_resync"):
@@ -477,6 +478,15 @@ class DrainCommand(_Msg, frozen=True, tag="drain"):
     operator: str = ""  # who asked (audit log)
 
 
+class PhaseCommand(_Msg, frozen=True, tag="phase_set"):
+    """Operator -> control plane: ``instance_id`` serves ``phase`` (prefill | decode | both) from now on
+    (prefill/decode disaggregation); it wins over the phase the instance reports."""
+
+    instance_id: str
+    phase: str
+    operator: str = ""  # who asked (audit log)
+
+
 class GroupCommand(_Msg, frozen=True, tag="group_command"):
     """Memory manager -> torch engine: one step of forming or ending a KunServe group.
 
@@ -546,6 +556,7 @@ class InstanceStatus(msgspec.Struct, frozen=True, kw_only=True):
     state: str
     dispatched: int
     cached_blocks: int = -1  # prefix-cache blocks the instance reports holding; -1: it reports none
+    phase: str = "both"  # prefill | decode | both: the phase it serves now (an operator's setting wins)
 
 
 class RequestStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -714,6 +725,7 @@ Message: TypeAlias = (
     | SpanBatch
     | ReplayRequest
     | ReplayReply
+    | PhaseCommand
     | PrefixResync
 )
 

@@ -386,8 +386,8 @@ def add_id_column(table: Table, name: str, values: list[str]) -> None:
 def _instances_table(status: Any) -> Table:
     table = listing(f"instances (dispatch: {status.dispatch_policy})")
     add_id_column(table, "instance", [i.info.instance_id for i in status.instances])
-    for column in ("kind", "model", "state", "free/total", "run", "wait", "disp", "cached", "age s"):
-        add_column(table, column, "left" if column in ("kind", "model", "state") else "right")
+    for column in ("kind", "model", "state", "phase", "free/total", "run", "wait", "disp", "cached", "age s"):
+        add_column(table, column, "left" if column in ("kind", "model", "state", "phase") else "right")
     for inst in status.instances:
         load = inst.load
         table.add_row(
@@ -395,6 +395,7 @@ def _instances_table(status: Any) -> Table:
             inst.info.engine_kind,
             inst.info.model,
             inst.state,
+            inst.phase,  # prefill/decode disaggregation
             f"{load.num_free_blocks}/{load.num_total_blocks}",
             str(load.num_running),
             str(load.num_waiting),
@@ -674,6 +675,9 @@ _register_autoscale_commands(app)
 from control.apps.cli_sim import register as _register_sim_commands  # noqa: E402
 
 _register_sim_commands(app)
+from control.apps.cli_pd import register as _register_pd_commands  # noqa: E402
+
+_register_pd_commands(app)
 
 if __name__ == "__main__":
     app()

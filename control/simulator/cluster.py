@@ -503,6 +503,7 @@ class ClusterSimulator:
             migration.stages.reserved = 0
         self.counters.migrations_aborted += 1
         self.counters.abort_reasons[reason] = self.counters.abort_reasons.get(reason, 0) + 1
+        self._on_aborted(migration.request, reason)
         if registered:
             self._migrations.pop(migration.mid, None)
             self._in_flight.pop(migration.mid, None)
@@ -576,6 +577,9 @@ class ClusterSimulator:
 
     def _on_moved(self, request: SimRequest, src: SimInstance, dst: SimInstance) -> None:
         """Hook: a migration of ``request`` from ``src`` to ``dst`` committed."""
+
+    def _on_aborted(self, request: SimRequest, reason: str) -> None:
+        """Hook: a migration of ``request`` aborted (it stays at its source)."""
 
 
 def simulate(config: ClusterConfig, requests: Sequence[RequestSpec]) -> SimulationResult:

@@ -1,0 +1,229 @@
+"""Prefill/decode disaggregation in the control core: the phase registry, phase-aware dispatch and the
+handoff bookkeeping, with no I/O and no clock. The live scheduler (``actors/scheduler.py``) and the simulator
+(``control/simulator/pd.py``) drive the same objects; the decisions are ``control/policy/pd.py``'s.
+
+* :class:`PhasedDispatch` is a :class:`~control.policy.dispatch.DispatchIndex` made of three indexes of the
+  configured policy: prefill-side instances (``prefill``, ``both``), decode-side ones (``decode``, ``both``)
+  and all of them. A new request asks the pool :func:`~control.policy.pd.intake_phases` names, then the
+  whole fleet (never blocks). ``kv_aware`` pools share one prefix index, so prefix reports feed all three.
+* :class:`PdCore` holds each instance's phase (reported, or set by an operator, which wins), the prompt
+  length of each request it may hand off and which requests were handed off or tried, and turns an
+  instance's report into :class:`~control.policy.pd.Handoff` commands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+
+from control.policy.dispatch import DispatchIndex, make_dispatch_policy
+from control.policy.kv_aware import KvAwareIndex
+from control.policy.params import DispatchParams
+from control.policy.pd import (
+    ANY_PHASE,
+    DECODE_SIDE,
+    PREFILL_SIDE,
+    Handoff,
+    HandoffCandidate,
+    PdParams,
+    Phase,
+    PhaseChange,
+    handoff_candidates,
+    intake_phases,
+    plan_handoffs,
+    plan_split,
+)
+from control.policy.prefix_index import PrefixIndex
+from control.policy.snapshots import InstanceSnapshot, RequestDemand
+
+_POOLS: tuple[frozenset[Phase], ...] = (PREFILL_SIDE, DECODE_SIDE, ANY_PHASE)
+
+
+class PhasedDispatch:
+    """Dispatch over instances with phases; see the module docstring. ``phase_of`` answers an instance's
+    current phase (the registry's)."""
+
+    def __init__(self, make: Callable[[], DispatchIndex], params: PdParams, phase_of: Callable[[str], Phase]) -> None:
+        self.params = params
+        self.phase_of = phase_of
+        self.pools: dict[frozenset[Phase], DispatchIndex] = {phases: make() for phases in _POOLS}
+        self.name = self.pools[ANY_PHASE].name
+        shared = getattr(self.pools[ANY_PHASE], "prefix_index", None)
+        if isinstance(shared, PrefixIndex):
+            for index in self.pools.values():
+                if isinstance(index, KvAwareIndex):
+                    index.prefix_index = shared
+        self._member: dict[str, Phase] = {}  # instance -> the phase it was filed under
+
+    @property
+    def prefix_index(self) -> PrefixIndex | None:
+        """The prefix index the pools share (``kv_aware``), which prefix reports feed; None otherwise."""
+        index = getattr(self.pools[ANY_PHASE], "prefix_index", None)
+        return index if isinstance(index, PrefixIndex) else None
+
+    def upsert(self, snapshot: InstanceSnapshot) -> None:
+        iid = snapshot.instance_id
+        phase = self.phase_of(iid)
+        before = self._member.get(iid)
+        for phases, index in self.pools.items():
+            if phase in phases:
+                index.upsert(snapshot)
+            elif before is not None and before in phases:
+                # its phase changed: in this pool it now takes no dispatch. Filed as draining rather than
+                # removed, because removing it from a kv_aware index would drop its cached prefixes from the
+                # prefix index the pools share.
+                index.upsert(replace(snapshot, draining=True))
+        self._member[iid] = phase
+
+    def remove(self, instance_id: str) -> None:
+        self._member.pop(instance_id, None)
+        for index in self.pools.values():
+            index.remove(instance_id)
+
+    def choose(self, demand: RequestDemand) -> str | None:
+        wanted = intake_phases(self.params, demand.num_prompt_tokens)
+        chosen = self.pools[wanted].choose(demand)
+        if chosen is None and wanted != ANY_PHASE:
+            chosen = self.pools[ANY_PHASE].choose(demand)  # no instance of those phases: anyone (never blocks)
+        return chosen
+
+    def on_dispatched(self, instance_id: str, demand: RequestDemand) -> None:
+        for index in self.pools.values():
+            index.on_dispatched(instance_id, demand)  # a pool that does not hold it ignores it
+
+
+class PdCore:
+    """The phase registry and the handoffs in flight; one per scheduler (or simulator run)."""
+
+    MAX_ATTEMPTS = 2
+    """Handoffs of one request before it stays where it is for good."""
+
+    def __init__(self, params: PdParams) -> None:
+        self.params = params
+        self.reported: dict[str, Phase] = {}
+        self.overrides: dict[str, Phase] = {}
+        """Set by an operator (``drover phase set``); wins over what the instance reports."""
+        self.prompt_tokens: dict[str, int] = {}
+        """Requests that may be handed off: request id -> prompt length."""
+        self.tried: set[str] = set()
+        """Requests handed off, or whose handoff aborted: each is moved at most once."""
+        self.handoffs_started = 0
+        self.handoffs_stayed = 0
+        """Reports where a candidate found no decode instance with room (it stayed, for now)."""
+        self.handoffs_committed = 0
+        self.attempts: dict[str, int] = {}
+        self.last_rebalance = float("-inf")
+        self.phase_changes = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.params.mode != "off"
+
+    def phase_of(self, instance_id: str) -> Phase:
+        return self.overrides.get(instance_id) or self.reported.get(instance_id, "both")
+
+    def on_report(self, instance_id: str, phase: Phase) -> bool:
+        """An instance reported its phase; True if its effective phase changed."""
+        before = self.phase_of(instance_id)
+        self.reported[instance_id] = phase
+        return self.phase_of(instance_id) != before
+
+    def set_phase(self, instance_id: str, phase: Phase) -> None:
+        self.overrides[instance_id] = phase
+
+    def forget_instance(self, instance_id: str) -> None:
+        self.reported.pop(instance_id, None)
+        self.overrides.pop(instance_id, None)
+
+    def on_request(self, request_id: str, num_prompt_tokens: int) -> None:
+        """A request was dispatched: remember what the handoff decision needs."""
+        if self.enabled:
+            self.prompt_tokens[request_id] = num_prompt_tokens
+
+    def on_request_ended(self, request_id: str) -> None:
+        self.prompt_tokens.pop(request_id, None)
+        self.tried.discard(request_id)
+        self.attempts.pop(request_id, None)
+
+    def handoffs(
+        self,
+        reports: Sequence[InstanceSnapshot],
+        instances: Iterable[InstanceSnapshot],
+        busy: Callable[[str], bool],
+        overlap: Callable[[str, Sequence[int]], int] | None = None,
+        prefix_of: Callable[[str], Sequence[int]] | None = None,
+    ) -> list[Handoff]:
+        """The handoffs fresh reports call for (empty unless a report is a prefill instance's with requests
+        past their first token), planned as one round so they share the decode side's room. ``instances``:
+        the latest snapshots to choose among (only decode-phase ones are used); ``busy``: the request is
+        migrating already. The requests returned count as tried: each is moved at most once, or tried again
+        after an abort while it has attempts left (:meth:`on_handoff_ended`)."""
+        if not self.enabled:
+            return []
+        candidates = [
+            c
+            for report in reports
+            for c in handoff_candidates(
+                report,
+                self.phase_of(report.instance_id),
+                self.params,
+                self.prompt_tokens,
+                lambda rid: rid in self.tried or busy(rid),
+            )
+        ]
+        if not candidates:
+            return []
+        if overlap is not None and prefix_of is not None:
+            candidates = [_with_prefix(c, tuple(prefix_of(c.request_id) or ())) for c in candidates]
+        decode = [s for s in instances if self.phase_of(s.instance_id) == "decode"]
+        planned = plan_handoffs(candidates, decode, self.params, overlap)
+        self.handoffs_stayed += len(candidates) - len(planned)
+        for h in planned:
+            self.tried.add(h.request_id)
+            self.attempts[h.request_id] = self.attempts.get(h.request_id, 0) + 1
+        self.handoffs_started += len(planned)
+        return planned
+
+    def balancing_pool(self, snapshots: Sequence[InstanceSnapshot]) -> list[InstanceSnapshot]:
+        """The instances load-balancing migration (Llumnix's pairing) may pair: without the prefill ones
+        when disaggregation is on, so it never moves a decoding request onto a prefill instance (handoffs
+        move requests off those)."""
+        if not self.enabled:
+            return list(snapshots)
+        return [s for s in snapshots if self.phase_of(s.instance_id) != "prefill"]
+
+    def rebalance(self, snapshots: Iterable[InstanceSnapshot], now: float) -> PhaseChange | None:
+        """Every ``rebalance_period_s`` (the shell passes its clock): at most one instance changes sides by
+        :func:`~control.policy.pd.plan_split`; the change is applied to the registry (as an override, the
+        way an operator's is) and returned so the shell can re-file the instance and log it."""
+        period = self.params.rebalance_period_s
+        if not self.enabled or period <= 0 or now - self.last_rebalance < period:
+            return None
+        self.last_rebalance = now
+        change = plan_split([(s, self.phase_of(s.instance_id)) for s in snapshots], self.params)
+        if change is not None:
+            self.set_phase(change.instance_id, change.phase)
+            self.phase_changes += 1
+        return change
+
+    def on_handoff_ended(self, request_id: str, ok: bool) -> None:
+        """A migration of ``request_id`` ended; an aborted handoff (a reservation refused on stale room, the
+        request preempted meanwhile) may be tried again at a later report, up to ``MAX_ATTEMPTS``."""
+        if request_id not in self.tried:
+            return  # a migration of another kind (load balancing, drain)
+        if ok:
+            self.handoffs_committed += 1
+        elif self.attempts.get(request_id, 0) < self.MAX_ATTEMPTS:
+            self.tried.discard(request_id)
+
+
+def _with_prefix(candidate: HandoffCandidate, hashes: tuple[int, ...]) -> HandoffCandidate:
+    return replace(candidate, prefix_hashes=hashes)
+
+
+def make_dispatch(name: str, params: DispatchParams, pd: PdCore) -> DispatchIndex:
+    """The dispatch index a shell uses: policy ``name`` as it is when disaggregation is off, else a
+    :class:`PhasedDispatch` of it over ``pd``'s phase registry."""
+    if not pd.enabled:
+        return make_dispatch_policy(name, params)
+    return PhasedDispatch(lambda: make_dispatch_policy(name, params), pd.params, pd.phase_of)

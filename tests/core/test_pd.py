@@ -1,0 +1,121 @@
+"""The control core's prefill/decode pieces (control/core/pd.py): phase-aware dispatch and handoffs."""
+
+from __future__ import annotations
+
+from control.core.pd import PdCore, PhasedDispatch, make_dispatch
+from control.policy.dispatch import make_dispatch_policy
+from control.policy.kv_aware import KvAwareIndex
+from control.policy.params import DispatchParams
+from control.policy.pd import PdParams
+from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot
+
+
+def snap(iid: str, free: int = 100, running: tuple[RunningSnapshot, ...] = ()) -> InstanceSnapshot:
+    return InstanceSnapshot(iid, 100, free, len(running), 0, running=running)
+
+
+def demand(rid: str, tokens: int) -> RequestDemand:
+    return RequestDemand(rid, num_prompt_tokens=tokens, num_blocks=-(-tokens // 32))
+
+
+def fleet(mode: str, phases: dict[str, str], policy: str = "least_loaded") -> tuple[PdCore, PhasedDispatch]:
+    core = PdCore(PdParams(mode=mode, adaptive_min_prompt_tokens=256))  # type: ignore[arg-type]
+    for iid, phase in phases.items():
+        core.on_report(iid, phase)  # type: ignore[arg-type]
+    index = make_dispatch(policy, DispatchParams(), core)
+    assert isinstance(index, PhasedDispatch)
+    for iid in phases:
+        index.upsert(snap(iid))
+    return core, index
+
+
+def test_off_is_the_plain_policy() -> None:
+    assert not isinstance(make_dispatch("freeness", DispatchParams(), PdCore(PdParams())), PhasedDispatch)
+
+
+def test_disaggregated_dispatch_goes_to_prefill_instances() -> None:
+    _, index = fleet("disaggregated", {"p0": "prefill", "d0": "decode", "d1": "decode"})
+    for i in range(6):
+        d = demand(f"r{i}", 1000)
+        chosen = index.choose(d)
+        assert chosen == "p0"
+        index.on_dispatched("p0", d)
+
+
+def test_adaptive_splits_by_prompt_length() -> None:
+    _, index = fleet("adaptive", {"p0": "prefill", "d0": "decode"})
+    assert index.choose(demand("long", 4096)) == "p0"
+    assert index.choose(demand("short", 100)) == "d0"
+
+
+def test_no_instance_of_the_wanted_phase_falls_back_to_any() -> None:
+    core, index = fleet("disaggregated", {"d0": "decode"})
+    assert index.choose(demand("r", 1000)) == "d0"  # never blocks
+    core.set_phase("d0", "prefill")  # an operator's setting wins over the report and moves pools
+    core.on_report("d0", "decode")
+    assert core.phase_of("d0") == "prefill"
+    index.upsert(snap("d0"))
+    assert index.pools[frozenset(("prefill", "both"))].choose(demand("r", 1000)) == "d0"
+    assert index.pools[frozenset(("decode", "both"))].choose(demand("r", 10)) is None
+    index.remove("d0")
+    assert index.choose(demand("r", 1000)) is None
+
+
+def test_kv_aware_pools_share_one_prefix_index() -> None:
+    _, index = fleet("disaggregated", {"p0": "prefill", "d0": "decode"}, policy="kv_aware")
+    shared = index.prefix_index
+    assert shared is not None
+    assert all(isinstance(i, KvAwareIndex) and i.prefix_index is shared for i in index.pools.values())
+    assert isinstance(make_dispatch_policy("kv_aware"), KvAwareIndex)
+
+
+def test_handoff_once_after_the_first_token_and_stay_when_decode_is_full() -> None:
+    core, _ = fleet("disaggregated", {"p0": "prefill", "d0": "decode"})
+    core.on_request("r1", 1000)
+    prefilling = snap("p0", running=(RunningSnapshot("r1", 1000, 32, decoding=False),))
+    decoding = snap("p0", running=(RunningSnapshot("r1", 1001, 32, decoding=True),))
+    never = lambda rid: False  # noqa: E731
+    assert core.handoffs([prefilling], [snap("d0")], never) == []
+    assert core.handoffs([decoding], [snap("d0", free=10)], never) == []  # full: it stays
+    assert core.handoffs_stayed == 1
+    [h] = core.handoffs([decoding], [snap("d0"), snap("p0")], never)  # p0 is not a decode instance
+    assert (h.request_id, h.destination_id) == ("r1", "d0")
+    assert core.handoffs([decoding], [snap("d0")], never) == []  # at most once while it runs
+    core.on_handoff_ended("r1", False)  # aborted: offered again, up to MAX_ATTEMPTS handoffs
+    [h] = core.handoffs([decoding], [snap("d0")], never)
+    core.on_handoff_ended("r1", False)
+    assert core.handoffs([decoding], [snap("d0")], never) == []  # out of attempts: it stays
+    core.on_request_ended("r1")
+    assert "r1" not in core.prompt_tokens and "r1" not in core.tried
+
+
+def test_rebalance_runs_at_its_period_and_refiles_the_instance() -> None:
+    core = PdCore(PdParams(mode="disaggregated", rebalance_period_s=5.0))
+    for iid, phase in (("p0", "prefill"), ("d0", "decode"), ("d1", "decode")):
+        core.on_report(iid, phase)  # type: ignore[arg-type]
+    index = make_dispatch("least_loaded", DispatchParams(), core)
+    hot = InstanceSnapshot("p0", 100, 20, 1, 5, waiting_blocks=70)
+    cold = [snap("d0", free=90), snap("d1", free=95)]
+    for s in (hot, *cold):
+        index.upsert(s)
+    change = core.rebalance([hot, *cold], now=100.0)
+    assert change is not None and (change.instance_id, change.phase) == ("d1", "prefill")
+    assert core.phase_of("d1") == "prefill" and core.phase_changes == 1
+    assert core.rebalance([hot, *cold], now=101.0) is None  # within the period
+    index.upsert(snap("d1", free=95))
+    assert isinstance(index, PhasedDispatch)
+    assert index.pools[frozenset(("prefill", "both"))].choose(demand("r", 1000)) == "d1"
+    assert PdCore(PdParams(mode="disaggregated")).rebalance([hot, *cold], now=100.0) is None  # period 0: off
+
+
+def test_a_phase_change_keeps_the_instance_s_cached_prefixes() -> None:
+    core, index = fleet("disaggregated", {"p0": "prefill", "d0": "decode"}, policy="kv_aware")
+    shared = index.prefix_index
+    assert shared is not None
+    shared.resync("d0", epoch="e", seq=1, hashes=[11, 12, 13])
+    core.set_phase("d0", "prefill")  # leaves the decode-side pool, joins the prefill side
+    index.upsert(snap("d0"))
+    assert shared.overlap("d0", [11, 12, 13]) == 3  # still known
+    assert index.pools[frozenset(("decode", "both"))].choose(demand("r", 10)) is None
+    index.remove("d0")  # gone for good: forgotten everywhere
+    assert shared.overlap("d0", [11, 12, 13]) == 0
