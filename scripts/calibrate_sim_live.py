@@ -2,11 +2,17 @@
 preset), TTFT, TPOT and end-to-end latency side by side, and the gap.
 
     flock /tmp/drover-heavy.lock python -m scripts.calibrate_sim_live [--requests 24] [--rate 1] [--instances 2]
-        [--lengths uniform:32:256] [--seed 0] [--kind vllm|sim]
+        [--lengths uniform:32:256] [--seed 0] [--kind vllm|sim] [--probe 8]
 
 Both sides get the same requests (seeded Poisson arrivals, the given lengths, ``ignore_eos`` so every request
 generates exactly its output length) and the same dispatch (``least_loaded``, no migration). The aim stated
 in issue 16: medians within 15 %, p99 within 30 %.
+
+Before the workload, ``--probe N`` sends N lone requests one after another (a 16-token prompt, 64 output
+tokens; nothing else running) and prints what the ``tiny-cpu`` preset's two serving constants would be from
+them: the per-step overhead (median gap between tokens, minus the bare forward pass of a one-sequence decode
+step, :data:`engines.sim.cost_model.TINY_CPU`) and the request path (median TTFT, minus one prefill step
+with that overhead). The probe uses different requests from the workload the comparison then runs.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from control.settings import load_settings
 from control.simulator.presets import get_preset
 from control.simulator.runner import RunOptions, WorkloadSpec, build_workload, run_policy
 from control.simulator.workload import RequestSpec
+from engines.sim.cost_model import TINY_CPU
 from transport.messages import SamplingParams
 
 
@@ -49,6 +56,38 @@ async def drive(url: str, specs: list[RequestSpec]) -> dict[str, list[float]]:
     }
 
 
+PROBE_PROMPT, PROBE_OUTPUT = 16, 64
+
+
+async def probe(url: str, count: int) -> dict[str, float]:
+    """Lone requests (the cluster otherwise idle): median TTFT and median gap between streamed tokens."""
+    ttfts: list[float] = []
+    gaps: list[float] = []
+    async with DroverClient(url, name="calibrate-sim-live-probe") as client:
+        for i in range(count + 1):  # the first one warms the path up and is dropped
+            prompt = [5 + (i * 17 + k) % 240 for k in range(PROBE_PROMPT)]
+            result = await client.generate(
+                prompt_token_ids=prompt, sampling=SamplingParams(max_tokens=PROBE_OUTPUT, ignore_eos=True)
+            )
+            if i == 0:
+                continue
+            ttfts.append(result.ttft_s)
+            gaps.extend(float(g) for g in np.diff(result.token_times))
+    cost = TINY_CPU
+    step_ms = float(np.median(gaps)) * 1000
+    bare_decode = cost.step_ms(0, 1, PROBE_PROMPT + PROBE_OUTPUT // 2)
+    overhead_ms = step_ms - bare_decode
+    ttft_ms = float(np.median(ttfts)) * 1000
+    path_ms = ttft_ms - (cost.step_ms(PROBE_PROMPT, 0, 0) + overhead_ms)
+    return {
+        "ttft_ms": ttft_ms,
+        "step_ms": step_ms,
+        "bare_decode_ms": bare_decode,
+        "step_overhead_ms": overhead_ms,
+        "request_path_ms": path_ms,
+    }
+
+
 def simulated(specs: list[RequestSpec], instances: int) -> dict[str, list[float]]:
     run = run_policy("least_loaded", specs, RunOptions(preset=get_preset("tiny-cpu"), instances=instances))
     done = [r for r in run.requests if r["status"] == "completed"]
@@ -67,6 +106,7 @@ def main() -> None:
     parser.add_argument("--lengths", default="uniform:32:256")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kind", default="vllm", choices=["vllm", "sim"], help="live engine kind")
+    parser.add_argument("--probe", type=int, default=8, help="lone requests measuring the serving constants (0: none)")
     args = parser.parse_args()
     specs = build_workload(
         WorkloadSpec(kind="poisson", rate=args.rate, lengths=args.lengths, requests=args.requests, seed=args.seed)
@@ -80,8 +120,12 @@ def main() -> None:
     )
     with local_cluster(settings, args.instances) as cluster:
         asyncio.run(wait_ready(cluster, args.instances, timeout_s=600))
+        probed = asyncio.run(probe(cluster.url, args.probe)) if args.probe > 0 else None
         live = asyncio.run(drive(cluster.url, specs))
     sim = simulated(specs, args.instances)
+    if probed is not None:
+        print(f"probe ({args.probe} lone requests, {PROBE_PROMPT}-token prompt, {PROBE_OUTPUT} tokens): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in probed.items()))  # fmt: skip
     print(f"{len(specs)} requests, Poisson {args.rate}/s, lengths {args.lengths}, {args.instances} instances")
     print(f"{'metric':<10} {'stat':>4} {'live':>10} {'sim':>10} {'sim/live':>9}")
     gaps: dict[str, Any] = {}

@@ -89,7 +89,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 POLICY_HELP = (
     "Policies, comma-separated: round_robin, least_loaded (alias infaas++), llumnix, prefix_affinity, kv_aware, "
-    "drover (the recommended default)."
+    "queue_size, drover (the recommended default)."
 )
 
 # The workload options `run` and `plan` share, declared once.
