@@ -24,7 +24,8 @@ logging.getLogger("nats").setLevel(logging.WARNING)
 
 @pytest.fixture(scope="session")
 def nats_server() -> Iterator[EmbeddedNatsServer]:
-    server = EmbeddedNatsServer()
+    # the session's main thread starts it: a killed test run takes its server along (no orphan holding ports)
+    server = EmbeddedNatsServer(die_with_parent=True)
     server.start()
     yield server
     server.stop()
