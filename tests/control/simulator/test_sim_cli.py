@@ -30,11 +30,11 @@ def drover(*args: str, cwd: Path | None = None, columns: int = 80) -> subprocess
 
 
 def test_run_json_prints_only_json_lines_one_per_policy() -> None:
-    got = drover("run", *SMALL, "--policy", "round_robin,infaas++,llumnix,drover", "--json")
+    got = drover("run", *SMALL, "--policy", "round_robin,infaas++,llumnix,queue_size,drover", "--json")
     assert got.returncode == 0, got.stderr
     lines = got.stdout.splitlines()
     rows = [json.loads(line) for line in lines]
-    assert [r["policy"] for r in rows] == ["round_robin", "least_loaded", "llumnix", "drover"]
+    assert [r["policy"] for r in rows] == ["round_robin", "least_loaded", "llumnix", "queue_size", "drover"]
     for row in rows:
         assert set(ROW_KEYS) <= set(row)
         assert row["submitted"] == 60
