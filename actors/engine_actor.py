@@ -53,6 +53,7 @@ from transport.messages import (
     MigrateOutReply,
     MigrationStageInfo,
     PrefixCacheReport,
+    PrefixResync,
     RequestDone,
     SetInstanceRole,
     Timings,
@@ -202,6 +203,10 @@ class EngineActor(pykka.ThreadingActor):
             self.bus.run(self._fence(message, envelope.reply))
         elif isinstance(message, GroupCommand) and self.groups is not None:
             self.bus.run(self.groups.handle(message, envelope.reply))
+        elif isinstance(message, PrefixResync):
+            resync = getattr(self.engine, "request_prefix_resync", None)
+            if resync is not None:  # engines without a prefix-cache report have nothing to list
+                resync()
         elif isinstance(message, SetInstanceRole) and self.local is not None:
             if not self.local.set_role(message.role):
                 log.warning("engine %s: unknown role %r", self.instance_id, message.role)

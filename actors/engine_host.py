@@ -45,6 +45,7 @@ def build_engine(settings: Settings, instance_id: str) -> tuple[Engine, Tokenize
             max_model_len=settings.model.max_model_len,
             time_scale=eng.sim_time_scale,
             seed=eng.seed,
+            prefix_caching=eng.sim_prefix_caching,
         )
         return sim, load_tokenizer(None)
     model_dir = resolve_model_dir(settings)

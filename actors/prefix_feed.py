@@ -7,9 +7,10 @@ prefix_index.py``) does the bookkeeping: sequence numbers, resyncs, bounds. Only
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
-from control.policy.block_hash import vllm_block_hashes
+from control.block_hash import vllm_block_hashes
 from control.policy.kv_aware import prefer_prefix_destinations
 from control.policy.migration import MigrationDecision
 from control.policy.prefix_index import PrefixIndex
@@ -58,3 +59,28 @@ def prefix_aware_destinations(
         if prompt:
             hashes[decision.request_id] = vllm_block_hashes(prompt, block_size.get(decision.source_id, 32))
     return prefer_prefix_destinations(decisions, snapshots, index, hashes)
+
+
+class ResyncRequests:
+    """When to ask an engine for a full listing of its cache (``PrefixResync``): the index says it lost track
+    (a gap in the report sequence, a stream whose start it missed, a heartbeat ahead of the last batch it
+    applied: after a lost batch, a control-plane restart or a reconnect), at most once per
+    ``min_interval_s`` per instance, so a flapping link costs one listing a second, not one a beat."""
+
+    def __init__(self, min_interval_s: float = 1.0) -> None:
+        self.min_interval_s = min_interval_s
+        self.sent = 0
+        self._last: dict[str, float] = {}  # instance -> when it was last asked
+
+    def due(self, policy: object, instance_id: str, now: float) -> bool:
+        index = getattr(policy, "prefix_index", None)
+        if not isinstance(index, PrefixIndex) or not index.needs_resync(instance_id):
+            return False
+        if now - self._last.get(instance_id, -math.inf) < self.min_interval_s:
+            return False
+        if len(self._last) > 2 * len(index.instances()) + 16:  # bounded: forget instances the index forgot
+            known = set(index.instances())
+            self._last = {iid: t for iid, t in self._last.items() if iid in known}
+        self._last[instance_id] = now
+        self.sent += 1
+        return True

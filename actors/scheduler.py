@@ -27,7 +27,7 @@ from actors.client_replies import ClientReplies, owner_of
 from actors.control_state import ControlState, restore_into
 from actors.memory_manager import MemoryManager
 from actors.migrator import MigrationEnded, StartMigration
-from actors.prefix_feed import apply_prefix_report, prefix_aware_destinations
+from actors.prefix_feed import ResyncRequests, apply_prefix_report, prefix_aware_destinations
 from actors.request_classes import RequestClasses
 from actors.request_lifecycle import RequestLifecycle, RequestTable, admission
 from actors.supervisor import SupervisedActor
@@ -64,6 +64,7 @@ from transport.messages import (
     MigrateCommand,
     PolicyQuery,
     PolicyUpdate,
+    PrefixResync,
     RequestDone,
     RequestStatus,
     StatusQuery,
@@ -174,6 +175,7 @@ class SchedulerActor(SupervisedActor):
         self.fair = FairQueue(sched.fairness_quantum_tokens) if sched.fairness else None
         self.params: PolicyParams = settings.policy
         self.policy: DispatchIndex = make_dispatch_policy(self.params.dispatch_policy, self.params.dispatch_params())
+        self.prefix_resyncs = ResyncRequests()  # PrefixResync requests to engines whose cache the index lost
         self.migrations: dict[str, InFlightMigration] = {}  # request id -> migration in flight
         self.planner = MigrationPlanner(self.params)  # remembers its moves: per-request budget, cooldown
         self.migrations_done = 0
@@ -259,8 +261,12 @@ class SchedulerActor(SupervisedActor):
         self.memory.on_heartbeat(beat)
         self.classes.on_heartbeat(beat)
         self.policy.upsert(self._snapshot(record))
-        record.cached_blocks = apply_prefix_report(self.policy, instance_id, beat.prefix_cache, time.monotonic())
+        now = time.monotonic()
+        record.cached_blocks = apply_prefix_report(self.policy, instance_id, beat.prefix_cache, now)
         if beat.prefix_cache is not None:
+            if self.prefix_resyncs.due(self.policy, instance_id, now):  # the index lost track: ask for all of it
+                log.info("instance %s: prefix index out of step, asking for a full cache listing", instance_id)
+                self.bus.publish(subjects.engine(instance_id), PrefixResync(reason="gap"))
             cache = beat.prefix_cache
             metrics().set_prefix_cache(instance_id, cache.num_cached, cache.query_tokens, cache.hit_tokens)
         self.state.on_heartbeat(self, beat)  # confirms restored requests first: they are not superseded

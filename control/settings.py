@@ -150,6 +150,9 @@ class EngineSettings(_Section):
     )
     sim_num_blocks: int = Field(512, description="KV blocks of a simulated instance.")
     sim_time_scale: float = Field(1.0, description="Simulated engines in live mode: wall seconds per modelled second.")
+    sim_prefix_caching: bool = Field(
+        False, description="Simulated engines model vLLM's prefix caching and report it in heartbeats (kv_aware)."
+    )
     seed: int = Field(0, description="Sampling seed passed to engines.")
     role: Literal["interactive", "mixed", "batch"] = Field(
         "mixed",

@@ -1,7 +1,8 @@
 """KV-cache-aware routing benchmark: prefix hit rate, TTFT and goodput per dispatch policy (simulator), and
 the cost of one ``kv_aware`` decision at 1,000 instances.
 
-    python -m scripts.bench_kv_routing [--sizes 4,16,64] [--limit N] [--plot DIR] [--json FILE]
+    python -m scripts.bench_kv_routing [--sizes 4,16,64] [--seeds 0,1,2] [--goodput-sizes 4,16,64] [--limit N]
+        [--dispatch-sizes 16,1000,10000] [--plot DIR] [--json FILE]
 
 Workload: the Mooncake synthetic trace (``traces/mooncake_synthetic.csv`` in the repository: long prompts, real
 prefix-block hashes, 512 tokens an id), mapped onto the engines' 16-token blocks. Every engine runs vLLM's
@@ -116,6 +117,22 @@ def scaled(trace: PrefixTrace, rate: float) -> PrefixTrace:
     return PrefixTrace(requests, trace.hash_ids, trace.trace_block_tokens)
 
 
+def reseeded(trace: PrefixTrace, seed: int) -> PrefixTrace:
+    """Seed 0: the trace as recorded. Another seed: each gap between consecutive arrivals is multiplied by
+    an exponential draw of mean 1 (same order, same prompts and prefixes, same mean rate, Poisson-like
+    burstiness), so the spread over seeds shows how much a result owes to one arrival pattern."""
+    if seed == 0:
+        return trace
+    rng = random.Random(seed)
+    requests = []
+    previous = clock = 0.0
+    for r in trace.requests:
+        clock += max(0.0, r.arrival - previous) * rng.expovariate(1.0)
+        previous = r.arrival
+        requests.append(dataclasses.replace(r, arrival=clock))
+    return PrefixTrace(requests, trace.hash_ids, trace.trace_block_tokens)
+
+
 def config_for(policy: str, instances: int) -> tuple[ClusterConfig, bool]:
     dispatch, migration, prefix_migration = POLICIES[policy]
     params = PolicyParams(dispatch_policy=dispatch, migration_enabled=migration)
@@ -219,9 +236,12 @@ def goodput(
 
 
 def dispatch_cost(num_instances: int, decisions: int, seed: int = 0) -> dict[str, float]:
-    """p50/p99 of one ``kv_aware`` decision (choose + on_dispatched + the heartbeat upsert that follows) with
-    an index holding 2,000 cached blocks on every instance; prompts of 1,000 blocks sharing prefixes."""
+    """p50/p99 of one ``kv_aware`` decision (``choose`` alone, and choose + on_dispatched + the heartbeat
+    upsert that follows). Every instance holds 100-1,000 blocks of one of 64 shared 1,000-block prefixes plus
+    ``extra`` blocks of its own (1,000; 100 at more than 2,000 instances, to keep the index near 6 M entries);
+    prompts are 200-1,000 blocks of one prefix plus 20 new blocks."""
     rng = random.Random(seed)
+    extra = 1000 if num_instances <= 2000 else 100
     index = make_dispatch_policy("kv_aware")
     assert isinstance(index, KvAwareIndex)
     prefixes = [[rng.getrandbits(62) for _ in range(1000)] for _ in range(64)]
@@ -240,10 +260,11 @@ def dispatch_cost(num_instances: int, decisions: int, seed: int = 0) -> dict[str
         snapshots.append(snapshot)
         index.upsert(snapshot)
         held = prefixes[i % len(prefixes)][: rng.randint(100, 1000)]
-        index.prefix_index.apply(iid, epoch="e", seq=0, stored=held + [rng.getrandbits(62) for _ in range(1000)])
+        index.prefix_index.apply(iid, epoch="e", seq=0, stored=held + [rng.getrandbits(62) for _ in range(extra)])
     times: list[float] = []
     choose_times: list[float] = []
     cpu_times: list[int] = []  # thread CPU time: excludes time descheduled on a shared machine
+    choose_cpu: list[int] = []
     gc.disable()
     try:
         for n in range(decisions):
@@ -255,18 +276,23 @@ def dispatch_cost(num_instances: int, decisions: int, seed: int = 0) -> dict[str
             started = time.perf_counter()
             chosen = index.choose(demand)
             chose_at = time.perf_counter()
+            chose_cpu = time.thread_time_ns()
             assert chosen is not None
             index.on_dispatched(chosen, demand)
             index.upsert(refreshed)
             times.append(time.perf_counter() - started)
             cpu_times.append(time.thread_time_ns() - cpu_started)
             choose_times.append(chose_at - started)
+            choose_cpu.append(chose_cpu - cpu_started)
     finally:
         gc.enable()
     times.sort()
     choose_times.sort()
     cpu_times.sort()
+    choose_cpu.sort()
     return {
+        "choose_cpu_p50_us": choose_cpu[len(times) // 2] / 1e3,
+        "choose_cpu_p99_us": choose_cpu[int(0.99 * len(times))] / 1e3,
         "cpu_p50_us": cpu_times[len(times) // 2] / 1e3,
         "cpu_p99_us": cpu_times[int(0.99 * len(times))] / 1e3,
         "instances": num_instances,
@@ -291,7 +317,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--resolution", type=float, default=0.15, help="goodput bisection stops at hi/lo <= 1+this")
     parser.add_argument("--no-goodput", action="store_true", help="only the fixed-load point")
     parser.add_argument("--goodput-sizes", default="16", help="sizes whose goodput is searched (each ~5 runs)")
-    parser.add_argument("--decisions", type=int, default=20000, help="dispatch decisions timed at 1,000 instances")
+    parser.add_argument("--decisions", type=int, default=20000, help="dispatch decisions timed per instance count")
+    parser.add_argument("--dispatch-sizes", default="16,1000,10000", help="instance counts of the dispatch-cost run")
+    parser.add_argument("--seeds", default="0", help="arrival seeds (0: the trace as recorded; see reseeded())")
     parser.add_argument("--plot", type=Path, help="write PNG plots into this directory")
     parser.add_argument("--json", type=Path, help="write every number as JSON")
     args = parser.parse_args(argv)
@@ -316,38 +344,82 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{'TPOT p99':>9} {'SLO ok':>7} {'goodput':>8} {'wall':>6}"
     )
     print(header)
+    seeds = [int(s) for s in args.seeds.split(",") if s]
     for instances in sizes:
         rate = args.per_instance_rate * instances
         for policy in policies:
-            point = run_point(policy, instances, rate, trace, slo)
-            entry: dict[str, Any] = dataclasses.asdict(point)
-            good_text = "-"
-            if not args.no_goodput and instances in goodput_sizes:
-                good, lowest, runs = goodput(policy, instances, trace, slo, rate, args.resolution)
-                entry.update(goodput=good, goodput_lowest_tried=lowest, goodput_runs=runs)
-                good_text = f"{good:.2f}" if good > 0 else f"0(<{lowest:.2f})"
-            report["grid"].append(entry)
+            for seed in seeds:
+                seeded = reseeded(trace, seed)
+                point = run_point(policy, instances, rate, seeded, slo)
+                entry: dict[str, Any] = dataclasses.asdict(point)
+                entry["seed"] = seed
+                good_text = "-"
+                if not args.no_goodput and instances in goodput_sizes:
+                    good, lowest, runs = goodput(policy, instances, seeded, slo, rate, args.resolution)
+                    entry.update(goodput=good, goodput_lowest_tried=lowest, goodput_runs=runs)
+                    good_text = f"{good:.2f}" if good > 0 else f"0(<{lowest:.2f})"
+                report["grid"].append(entry)
+                print(
+                    f"{instances:>4} {policy:<16} {rate:>6.2f} {point.hit_rate:>6.3f} "
+                    f"{point.tokens_saved / 1e6:>10.2f} {point.ttft_p50:>9.2f} {point.ttft_p99:>9.2f} "
+                    f"{point.tpot_p99 * 1000:>8.1f}m {point.attainment:>7.3f} {good_text:>8} {point.wall_s:>5.1f}s"
+                    f"  seed {seed}",
+                    flush=True,
+                )
+    report["spread"] = spread = _spread(report["grid"])
+    if len(seeds) > 1:
+        print(f"over seeds {args.seeds}: mean [min, max]")
+        for row in spread:
             print(
-                f"{instances:>4} {policy:<16} {rate:>6.2f} {point.hit_rate:>6.3f} {point.tokens_saved / 1e6:>10.2f} "
-                f"{point.ttft_p50:>9.2f} {point.ttft_p99:>9.2f} {point.tpot_p99 * 1000:>8.1f}m "
-                f"{point.attainment:>7.3f} {good_text:>8} {point.wall_s:>5.1f}s",
+                f"{row['instances']:>4} {row['policy']:<16} "
+                + "  ".join(
+                    f"{k} {row[k]['mean']:.3f} [{row[k]['min']:.3f}, {row[k]['max']:.3f}]"
+                    for k in _SPREAD_KEYS
+                    if k in row
+                ),
                 flush=True,
             )
-    cost = dispatch_cost(1000, args.decisions)
-    report["dispatch_cost"] = cost
-    print(
-        f"kv_aware dispatch at {cost['instances']} instances (choose + on_dispatched + upsert, "
-        f"{cost['index_entries']:.0f} index entries): p50 {cost['p50_us']:.1f} us, p99 {cost['p99_us']:.1f} us; "
-        f"choose alone p50 {cost['choose_p50_us']:.1f} us, p99 {cost['choose_p99_us']:.1f} us; thread CPU time "
-        f"p50 {cost['cpu_p50_us']:.1f} us, p99 {cost['cpu_p99_us']:.1f} us"
-    )
-    best = _summary(report["grid"], sizes)
+    report["dispatch_cost"] = costs = []
+    for num in [int(n) for n in args.dispatch_sizes.split(",") if n]:
+        cost = dispatch_cost(num, args.decisions)
+        costs.append(cost)
+        print(
+            f"kv_aware dispatch at {cost['instances']} instances ({cost['index_entries']:.0f} index entries): "
+            f"choose p50 {cost['choose_p50_us']:.1f} us, p99 {cost['choose_p99_us']:.1f} us; choose + "
+            f"on_dispatched + upsert p50 {cost['p50_us']:.1f} us, p99 {cost['p99_us']:.1f} us; thread CPU time of "
+            f"choose p50 {cost['choose_cpu_p50_us']:.1f} us, p99 {cost['choose_cpu_p99_us']:.1f} us",
+            flush=True,
+        )
+    means = [
+        {"instances": r["instances"], "policy": r["policy"], **{k: r[k]["mean"] for k in _SPREAD_KEYS if k in r}}
+        for r in spread
+    ]
+    best = _summary(means, sizes)
     print(best)
     report["summary"] = best
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     if args.plot:
-        _plots(args.plot, report["grid"], sizes, policies, goodput=not args.no_goodput)
+        _plots(args.plot, means, sizes, policies, goodput=not args.no_goodput)
+
+
+_SPREAD_KEYS = ("hit_rate", "ttft_p50", "ttft_p99", "attainment", "goodput")
+
+
+def _spread(grid: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (instances, policy): mean, min and max over seeds of each headline number."""
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for row in grid:
+        groups.setdefault((row["instances"], row["policy"]), []).append(row)
+    out = []
+    for (instances, policy), rows in groups.items():
+        item: dict[str, Any] = {"instances": instances, "policy": policy, "seeds": [r.get("seed", 0) for r in rows]}
+        for key in _SPREAD_KEYS:
+            values = [float(r[key]) for r in rows if key in r]
+            if values:
+                item[key] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
+        out.append(item)
+    return out
 
 
 def _summary(grid: list[dict[str, Any]], sizes: list[int]) -> str:

@@ -1,13 +1,14 @@
 """Scheduling benchmark: round-robin vs INFaaS++ vs Llumnix in the cluster simulator, dispatch cost, speed.
 
     python -m scripts.bench_scheduling [--quick] [--plot DIR] [--json FILE]
-    python -m scripts.bench_scheduling --goodput [--seeds 3] [--settings "paper poisson,paper gamma4,azure"]
+    python -m scripts.bench_scheduling --goodput [--seeds 3] [--settings "a10 poisson,a10 azure,…"]
                                        [--policies round_robin,least_loaded,llumnix,drover] [--plot DIR]
     python -m scripts.bench_scheduling --ablation [--seeds 3] [--settings …] [--ablation-goodput]
 
 ``--goodput``: per setting and policy, the highest rate at which >= 99 % of submitted requests meet both
 SLOs (bisection to 5 %, rejected/unfinished = misses), mean and 95 % CI over seeds, then p99 TTFT and p99
-TPOT at fixed loads (fractions of least_loaded's goodput). ``--ablation``: drover with one rule changed at a
+TPOT and p99 ITL at fixed loads (0.25-1.25x least_loaded's mean goodput); the default settings are the
+issue-17 grid (``GRID``). ``--ablation``: drover with one rule changed at a
 time, at a fixed load of 1.5x least_loaded's goodput. Definitions and the SLO rule: docs/policies.md.
 
 Every comparison runs the three policies side by side on the same generated requests (same seed):
@@ -50,13 +51,15 @@ from control.policy.recommended import user_policy_params as named_policy
 from control.policy.snapshots import RequestDemand
 from control.simulator import ClusterConfig, LengthSpec, SimulationResult, generate_workload, load_trace, simulate
 from control.simulator.presets import get_preset
-from control.simulator.traces import AZURE_CONV
+from control.simulator.runner import ObservedCluster, weighted_percentile
+from control.simulator.traces import AZURE_CONV, MOONCAKE_SYNTHETIC
 from control.simulator.workload import RequestSpec, describe
 from engines.sim.core import SimEngineConfig
 from engines.sim.cost_model import CostModel
 from scripts.bench_policy_scale import percentiles_us, random_snapshot
 
 AZURE_TRACE = AZURE_CONV
+MOONCAKE_TRACE = MOONCAKE_SYNTHETIC
 NUM_INSTANCES = 16
 RATES = (35.0, 45.0, 55.0, 65.0, 75.0)
 ARRIVALS = (("poisson", 1.0), ("gamma cv4", 4.0))
@@ -468,16 +471,23 @@ class Setting:
     """Seconds of arrivals per run at any rate (a fixed request count would make high rates short runs
     that end before queues build)."""
     start_rate: float = 4.0
+    instances: int = NUM_INSTANCES
+    trace_span_s: float = 3501.7
+    """Length of the trace (seconds): seeded windows start inside it with room for the whole window."""
+    preset: str | None = None
+    """A simulator preset (``drover sim presets``): its model, KV bytes per token and migration bandwidth
+    too, exactly as ``drover sim run --preset`` builds the cluster; None: the stand-in engine and cost."""
 
     def workload(self, rate: float, seed: int) -> list[RequestSpec]:
         if self.trace is not None:
-            offset = (seed * 397.0) % 1200.0  # seeded windows of the one-hour trace
+            window = self.duration_s * rate
+            offset = (seed * 397.0) % max(1.0, self.trace_span_s - window)  # seeded windows of the trace
             return load_trace(
                 self.trace,
                 time_compression=rate,
                 max_total_len=self.engine.max_model_len,
                 start=offset,
-                duration=self.duration_s * rate,
+                duration=window,
             )
         return generate_workload(
             max(100, int(rate * self.duration_s)),
@@ -490,19 +500,43 @@ class Setting:
         )
 
     def config(self, policy: PolicyParams) -> ClusterConfig:
-        return ClusterConfig(num_instances=NUM_INSTANCES, engine=self.engine, cost_model=self.cost, policy=policy)
+        if self.preset is not None:
+            config = get_preset(self.preset).cluster_config(self.instances, policy)
+            return dataclasses.replace(config, engine=self.engine, cost_model=self.cost)
+        return ClusterConfig(num_instances=self.instances, engine=self.engine, cost_model=self.cost, policy=policy)
+
+
+GRID = ("a10 poisson", "a10 gamma4", "a10 azure", "h200 mooncake")
+"""The goodput grid (issue 17), fixed before any policy was tuned: the LLaMA-7B/A10 preset (Llumnix's
+setting) with generated Zipf(256, 6144) lengths under Poisson and Gamma CV 4 arrivals, the Azure 2023
+conversation trace on the same preset (16 instances each), and the Mooncake long-context trace on the one
+preset whose context holds it (LLaMA-3-8B/H200, 128k), 8 instances (16 H200s would serve the whole trace
+at 8x compression, leaving windows of seconds). All vLLM-v1 admission."""
 
 
 def goodput_settings() -> list[Setting]:
     default = ClusterConfig()
     a10 = get_preset("llama7b-a10")
     a10_engine = a10.engine_config(max_model_len=8192)
+    a10_full = a10.engine_config()
+    h200 = get_preset("llama3-8b-h200")
     return [
+        Setting("a10 poisson", a10_engine, a10.cost_model, cv=1.0, start_rate=8.0, preset=a10.name),
+        Setting("a10 gamma4", a10_engine, a10.cost_model, cv=4.0, start_rate=8.0, preset=a10.name),
+        Setting("a10 azure", a10_full, a10.cost_model, trace=AZURE_TRACE, start_rate=1.0, preset=a10.name),
+        Setting(
+            "h200 mooncake",
+            h200.engine_config(),
+            h200.cost_model,
+            trace=MOONCAKE_TRACE,
+            start_rate=1.0,
+            instances=8,
+            trace_span_s=1022.0,
+            preset=h200.name,
+        ),
+        # the stand-in used before the presets landed, and the default instance of the first round
         Setting("paper poisson", A10_ENGINE, A10_COST, cv=1.0),
         Setting("paper gamma4", A10_ENGINE, A10_COST, cv=4.0),
-        # the simulator's derived preset (issue 16) with its vLLM-v1 admission, beside the stand-in above
-        Setting("a10 preset poisson", a10_engine, a10.cost_model, cv=1.0),
-        Setting("a10 preset gamma4", a10_engine, a10.cost_model, cv=4.0),
         Setting("azure", default.engine, default.cost_model, trace=AZURE_TRACE, start_rate=4.0),
     ]
 
@@ -601,24 +635,46 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
     return mean, t * statistics.stdev(values) / math.sqrt(n)
 
 
+TAIL_FRACTIONS = (0.25, 0.5, 0.8, 1.0, 1.25)
+"""Fixed loads for the tails, as fractions of least_loaded's mean goodput: light load up to past its knee."""
+
+
+def observed_run(setting: Setting, policy: PolicyParams, rate: float, seed: int) -> tuple[SimulationResult, float]:
+    """One run with per-token gaps recorded: the result and p99 inter-token latency in seconds (every gap
+    between consecutive tokens of a request, as ``drover sim run`` reports ``itl_p99_ms``)."""
+    sim = ObservedCluster(setting.config(policy), setting.workload(rate, seed))
+    result = sim.run()
+    itl = weighted_percentile(sim.gaps, sim.gap_weights, 99)
+    return result, math.nan if itl is None else itl
+
+
 def fixed_load_tails(
     setting: Setting, policies: Sequence[str], rates: Sequence[float], seeds: Sequence[int]
 ) -> dict[str, dict[str, Any]]:
-    """p99 TTFT and p99 TPOT (per request; the simulator has no per-token times) at fixed rates."""
+    """p99 TTFT, p99 TPOT (per request) and p99 ITL (every token gap) at fixed rates, mean and CI over seeds."""
     out: dict[str, dict[str, Any]] = {}
     for rate in rates:
         for name in policies:
             ttft: list[float] = []
             tpot: list[float] = []
+            itl: list[float] = []
             for seed in seeds:
-                result = simulate(setting.config(named_policy(name)), setting.workload(rate, seed))
+                result, itl_p99 = observed_run(setting, named_policy(name), rate, seed)
                 ttft.append(result.prefill.p99)
                 tpot.append(result.decode.p99 * 1e3)
-            out[f"{rate:g}/{name}"] = {"ttft_p99_s": mean_ci(ttft), "tpot_p99_ms": mean_ci(tpot)}
+                itl.append(itl_p99 * 1e3)
+            out[f"{rate:g}/{name}"] = {
+                "ttft_p99_s": mean_ci(ttft),
+                "tpot_p99_ms": mean_ci(tpot),
+                "itl_p99_ms": mean_ci(itl),
+                "ttft_p99_per_seed": ttft,
+            }
     return out
 
 
-def section_goodput(settings: Sequence[Setting], policies: Sequence[str], seeds: Sequence[int]) -> dict[str, Any]:
+def section_goodput(
+    settings: Sequence[Setting], policies: Sequence[str], seeds: Sequence[int], *, tails_wanted: bool = True
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for setting in settings:
         slo = slo_for(setting)
@@ -639,16 +695,19 @@ def section_goodput(settings: Sequence[Setting], policies: Sequence[str], seeds:
             seeds_text = " ".join(f"{r['goodput']:.2f}" for r in row["per_seed"])
             ratio = row["mean"] / base if base else math.nan
             print(f"{name:<14} {row['mean']:>9.2f} {row['ci95']:>9.2f} {seeds_text:<32} {ratio:>14.2f}x", flush=True)
-        base_runs = per_policy.get("least_loaded", {}).get("per_seed", [])
-        rates = sorted({round(f * r["goodput"], 2) for r in base_runs[:1] for f in (0.25, 0.5, 1.0, 1.5)} - {0.0})
+        base_mean = per_policy.get("least_loaded", {}).get("mean", 0.0) if tails_wanted else 0.0
+        rates = sorted({round(f * base_mean, 2) for f in TAIL_FRACTIONS} - {0.0})
         tails = fixed_load_tails(setting, policies, rates, seeds) if rates else {}
         if tails:
-            print("   fixed loads (fractions of least_loaded's seed-0 goodput): mean ± 95% CI over seeds")
-            print(f"   {'rate':>7} {'policy':<14} {'p99 TTFT s':>18} {'p99 TPOT ms':>18}")
+            print("   fixed loads (fractions of least_loaded's mean goodput): mean ± 95% CI over seeds")
+            print(f"   {'rate':>7} {'policy':<14} {'p99 TTFT s':>18} {'p99 TPOT ms':>18} {'p99 ITL ms':>18}")
             for key, row in tails.items():
                 rate, name = key.split("/")
-                (t, tc), (d, dc) = row["ttft_p99_s"], row["tpot_p99_ms"]
-                print(f"   {rate:>7} {name:<14} {t:>10.3f} ± {tc:<6.3f} {d:>10.1f} ± {dc:<6.1f}", flush=True)
+                (t, tc), (d, dc), (i, ic) = row["ttft_p99_s"], row["tpot_p99_ms"], row["itl_p99_ms"]
+                print(
+                    f"   {rate:>7} {name:<14} {t:>10.3f} ± {tc:<6.3f} {d:>10.1f} ± {dc:<6.1f} {i:>10.1f} ± {ic:<6.1f}",
+                    flush=True,
+                )
         out[setting.name] = {"slo_ttft_s": slo[0], "slo_tpot_s": slo[1], "goodput": per_policy, "tails": tails}
     return out
 
@@ -663,17 +722,30 @@ def ablation_variants() -> dict[str, PolicyParams]:
         "migration_pingpong_window_s": 0.0,
         "max_migrations_per_round": 0,
     }
+    load_migration: dict[str, Any] = {"migration_sources": "freeness"}
     return {
         "least_loaded": named_policy("least_loaded"),
         "llumnix": named_policy("llumnix"),
-        "predictive, no migration": dataclasses.replace(drover, migration_enabled=False),
-        "predictive + llumnix migr.": dataclasses.replace(drover, **llumnix_migration),
-        "freeness + drover migr.": dataclasses.replace(drover, dispatch_policy="freeness"),
-        "drover - cost rule": dataclasses.replace(drover, migration_cost_aware=False),
-        "drover - budget": dataclasses.replace(drover, migration_budget_per_request=0),
-        "drover - cooldown": dataclasses.replace(drover, migration_cooldown_s=0.0),
-        "drover - ping-pong": dataclasses.replace(drover, migration_pingpong_window_s=0.0),
-        "drover - round cap": dataclasses.replace(drover, max_migrations_per_round=0),
+        "predictive, no late binding": dataclasses.replace(drover, predict_hold=False),
+        "drover + load migr. (freeness)": dataclasses.replace(drover, **load_migration),
+        "drover + load migr. (pressure)": dataclasses.replace(drover, migration_sources="pressure"),
+        "drover + llumnix migr.": dataclasses.replace(drover, **llumnix_migration, **load_migration),
+        "freeness + load migr. (old)": dataclasses.replace(
+            drover, dispatch_policy="freeness", predict_hold=False, **load_migration
+        ),
+        "old drover (round 22)": dataclasses.replace(drover, predict_hold=False, **load_migration),
+        "old drover - cost rule": dataclasses.replace(
+            drover, predict_hold=False, migration_cost_aware=False, **load_migration
+        ),
+        "old drover - budget": dataclasses.replace(
+            drover, predict_hold=False, migration_budget_per_request=0, **load_migration
+        ),
+        "old drover - cooldown": dataclasses.replace(
+            drover, predict_hold=False, migration_cooldown_s=0.0, **load_migration
+        ),
+        "old drover - ping-pong": dataclasses.replace(
+            drover, predict_hold=False, migration_pingpong_window_s=0.0, **load_migration
+        ),
         "drover": drover,
     }
 
@@ -767,14 +839,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
     parser.add_argument("--goodput", action="store_true", help="run only the goodput section (and fixed-load tails)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per goodput point (>= 3 for a CI)")
-    parser.add_argument(
-        "--settings", default="paper poisson,paper gamma4,azure", help="goodput settings, comma-separated"
-    )
+    parser.add_argument("--settings", default=",".join(GRID), help="goodput settings, comma-separated")
     parser.add_argument("--policies", default=",".join(GOODPUT_POLICIES), help="goodput policies, comma-separated")
     parser.add_argument("--ablation", action="store_true", help="run only the ablation of drover's rules")
     parser.add_argument("--duration", type=float, default=300.0, help="seconds of arrivals per goodput run")
     parser.add_argument("--ablation-rate", type=float, default=1.5, help="fixed load, x least_loaded's goodput")
     parser.add_argument("--ablation-goodput", action="store_true", help="also bisect every variant's goodput (slow)")
+    parser.add_argument("--no-tails", action="store_true", help="goodput only, without the fixed-load tails")
     args = parser.parse_args()
     if args.ablation:
         wanted = [w.strip() for w in args.settings.split(",") if w.strip()]
@@ -804,7 +875,9 @@ def main() -> None:
                 parser.error(str(exc))
         chosen = [dataclasses.replace(s, duration_s=100.0 if args.quick else args.duration) for s in chosen]
         started = time.perf_counter()
-        results = section_goodput(chosen, names, list(range(args.seed, args.seed + args.seeds)))
+        results = section_goodput(
+            chosen, names, list(range(args.seed, args.seed + args.seeds)), tails_wanted=not args.no_tails
+        )
         if args.plot:
             plot_goodput(args.plot, results)
         if args.json:

@@ -338,6 +338,14 @@ class InstanceHeartbeat(_Msg, frozen=True, tag="heartbeat"):
     prefix_cache: PrefixCacheReport | None = None  # None: the engine reports no prefix-cache events
 
 
+class PrefixResync(_Msg, frozen=True, tag="prefix_resync"):
+    """Control plane -> engine: the prefix index lost track of this engine's cache (a gap in the report
+    sequence, a missed stream start, a reconnect): send a full listing in the next heartbeat. No reply;
+    engines that report no cache ignore it."""
+
+    reason: Name = ""
+
+
 class EngineAdd(_Msg, frozen=True, tag="engine_add"):
     """Control plane -> engine: run this request and stream its tokens to ``reply_to``."""
 
@@ -706,6 +714,7 @@ Message: TypeAlias = (
     | SpanBatch
     | ReplayRequest
     | ReplayReply
+    | PrefixResync
 )
 
 _encoder = msgspec.msgpack.Encoder()

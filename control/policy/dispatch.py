@@ -441,9 +441,14 @@ class PredictiveIndex(_IndexBase):
     (INFaaS++ with the reserve). Neither INFaaS++ nor freeness sees the prefill queue of chunked prefill:
     a long prompt being prefilled holds only the blocks it has computed so far, so both rank its instance
     as nearly free while every request sent there waits behind the rest of the prompt.
+
+    With ``predict_hold`` (late binding, ``drover``'s setting) a request goes only where its prompt fits now,
+    else it is held by the scheduler with one reservation (:meth:`_choose_late`; docs/policies.md).
     """
 
     name = "predictive"
+    num_lists = 2
+    _PROBE = 4  # safe-tier candidates checked for room before the roomiest instance is taken
 
     def _keys(self, entry: _Entry) -> tuple[Any, ...]:
         snap = entry.snapshot
@@ -451,12 +456,13 @@ class PredictiveIndex(_IndexBase):
         total = max(1, snap.num_total_blocks)
         bs = snap.block_size
         requests = snap.num_running + snap.num_waiting + entry.extra_waiting
-        demand = (
-            snap.num_used_blocks + snap.waiting_blocks + entry.extra_blocks + params.predict_growth_blocks * requests
-        )
+        reserve = params.predict_growth_blocks * requests
+        demand = snap.num_used_blocks + snap.waiting_blocks + entry.extra_blocks + reserve
+        # list 1: the blocks a new request could take now (free, less queued, less the growth reserve)
+        room = -float(total - demand) if params.predict_hold else None
         load = demand / total
         if load >= params.predict_high_watermark:
-            return ((1.0, load, 0.0),)
+            return ((1.0, load, 0.0), room)
         prefilling = 0
         for r in snap.running:
             if not r.decoding:
@@ -465,12 +471,61 @@ class PredictiveIndex(_IndexBase):
                     prefilling += left
         ahead: float = (snap.waiting_blocks + entry.extra_blocks) * bs + prefilling
         ahead += params.predict_decode_weight * (snap.num_running + entry.extra_waiting)
-        return ((0.0, float(ahead), load),)
+        return ((0.0, float(ahead), load), room)
+
+    def __init__(self, params: DispatchParams) -> None:
+        super().__init__(params)
+        # late binding: per model pool, the held request that reserved an instance, the instance, and how
+        # many other decisions have passed since that request was last asked about
+        self._reservations: dict[str, list[Any]] = {}
 
     def choose(self, demand: RequestDemand) -> str | None:
         pool = self._pool(demand.model)
-        top = self._top(pool[0]) if pool else None
-        return None if top is None else top[1]
+        if not pool:
+            return None
+        if not self.params.predict_hold:
+            top = self._top(pool[0])
+            return None if top is None else top[1]
+        return self._choose_late(demand, pool)
+
+    def _choose_late(self, demand: RequestDemand, pool: tuple[list[_HeapItem], ...]) -> str | None:
+        """Late binding with a reservation (EASY backfilling, from batch-job schedulers): the first request
+        that finds no room reserves the roomiest instance; later requests may start elsewhere (backfill) but
+        not there, so the held one starts as soon as that instance frees enough, however small the others."""
+        reservation = self._reservations.get(demand.model)
+        reserved = None
+        if reservation is not None:
+            if reservation[0] == demand.request_id:
+                del self._reservations[demand.model]  # asked again: decide afresh
+                reservation = None
+            else:
+                reservation[2] += 1
+                if reservation[2] > RESERVATION_EXPIRY_DECISIONS:  # never asked again: cancelled or gone
+                    del self._reservations[demand.model]
+                    reservation = None
+                else:
+                    reserved = reservation[1]
+        need = demand.num_blocks + self.params.predict_growth_blocks
+        roomiest = next((c for c in self._best(pool[1], 2) if c[1] != reserved), None)
+        if roomiest is None:
+            return None
+        if -roomiest[0] < need:
+            entry = self._entries[roomiest[1]]
+            if entry.snapshot.is_empty and entry.extra_waiting == 0:
+                return roomiest[1]  # an idle instance always takes it (it may never fit with the reserve)
+            if reservation is not None:
+                return roomiest[1]  # one request is held already: queue at the roomiest other instance
+            self._reservations[demand.model] = [demand.request_id, roomiest[1], 0]
+            return None  # no instance can start it now: the scheduler holds it
+        for _, iid in self._best(pool[0], self._PROBE + 1):
+            if iid != reserved and -self._entries[iid].keys[1] >= need:  # type: ignore[operator]  # a float
+                return iid
+        return roomiest[1]
+
+
+RESERVATION_EXPIRY_DECISIONS = 1024
+"""Late binding: a reservation whose request is not asked about again within this many other decisions is
+dropped (the request was cancelled or rejected while held); until then it only keeps one instance for it."""
 
 
 class QueueSizeIndex(_IndexBase):

@@ -1,7 +1,8 @@
 """``kv_aware`` dispatch: weigh the prompt's expected prefix-cache hits on each instance against its load.
 
 Anchor: NVIDIA Dynamo's KV router scores each worker by ``overlap_weight * prefill blocks it would still
-have to compute + its active blocks`` and picks the lowest (softmax-sampled with a temperature). Here:
+have to compute + its active blocks`` and picks the lowest (at its default temperature 0; softmax-sampled
+above). Here:
 
     cost(i) = overlap_weight * (prompt blocks - blocks of the prompt's prefix cached on i)
               + queued blocks on i (every waiting request's blocks, the blocks its running prefills have yet to
@@ -20,12 +21,13 @@ and the lowest cost wins (ties: the freer instance). How it differs from Dynamo:
 * freeness gates it: an instance whose dispatch freeness is below ``affinity_min_freeness`` (a migration
   source) is only chosen when it is the freest one, so a hot prefix cannot pile requests onto an instance
   that migration would then have to relieve;
-* deterministic argmin (no temperature sampling: reproducible runs, and the freeness gate already spreads
-  a hot prefix);
+* deterministic argmin, as Dynamo at temperature 0 (no temperature option: reproducible runs, and the
+  freeness gate already spreads a hot prefix);
 * only a few candidates are scored, so a decision costs O(log(prompt blocks) * candidates) rather than
   O(instances): the holders of the deepest cached block, the holders of the half-depth block, and the
   ``candidates`` freest instances, each with its own overlap found by binary search
-  over the chained hashes.
+  over the chained hashes; each instance's load term and freeness are kept from when it was last re-keyed
+  (a heartbeat or a dispatch), so scoring a candidate is one dict read (docs/kv_routing.md: p99 per size).
 
 Cached blocks come from a :class:`control.policy.prefix_index.PrefixIndex` (``self.prefix_index``) fed by
 engine events; with an empty index it picks the least loaded of the few freest instances.
@@ -38,6 +40,7 @@ from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from itertools import islice
+from typing import Any
 
 from control.policy.dispatch import FreenessIndex
 from control.policy.migration import MigrationDecision
@@ -71,31 +74,35 @@ class KvAwareIndex(FreenessIndex):
         self.prefix_index = prefix_index or PrefixIndex()
         self._last: tuple[str, str, int] = ("", "", 0)  # (request, instance, cached blocks) of the last choice
         self._prefilling: dict[str, int] = {}  # instance -> blocks its running prefills have yet to compute
+        # instance -> (load term, dispatch freeness, model), kept with its heap keys (each heartbeat and
+        # dispatch re-keys one instance) so a decision reads one tuple per candidate instead of recomputing
+        self._scores: dict[str, tuple[float, float, str]] = {}
 
     # -- Protocol --------------------------------------------------------------------------------------
     def upsert(self, snapshot: InstanceSnapshot) -> None:
-        super().upsert(snapshot)
-        self.prefix_index.set_capacity(snapshot.instance_id, snapshot.num_total_blocks)
         bs = max(1, snapshot.block_size)
-        self._prefilling[snapshot.instance_id] = sum(
+        self._prefilling[snapshot.instance_id] = sum(  # before linking: the cached score reads it
             max(0, -(-r.num_tokens // bs) - r.num_blocks) for r in snapshot.running if not r.decoding
         )
+        super().upsert(snapshot)
+        self.prefix_index.set_capacity(snapshot.instance_id, snapshot.num_total_blocks)
 
     def remove(self, instance_id: str) -> None:
         super().remove(instance_id)
         self.prefix_index.remove_instance(instance_id)
         self._prefilling.pop(instance_id, None)
+        self._scores.pop(instance_id, None)
 
     def choose(self, demand: RequestDemand) -> str | None:
         hashes = demand.prefix_block_hashes
         if demand.priority > 0:
             return super().choose(demand)
         pool = self._pool(demand.model)
-        top = self._top(pool[0]) if pool else None
-        if pool is None or top is None:
+        best = self._best(pool[0], max(1, self.kv_params.candidates)) if pool else None
+        if not best:
             return None
-        freest = top[1]
-        candidates = self._candidates(hashes, self._best(pool[0], self.kv_params.candidates))
+        freest = best[0][1]  # the same instance _top would return: _best yields live items in key order
+        candidates = self._candidates(hashes, best)
         chosen = self._cheapest(demand, hashes, candidates, freest)
         self._last = (demand.request_id, chosen, candidates.get(chosen, 0))
         return chosen
@@ -113,6 +120,20 @@ class KvAwareIndex(FreenessIndex):
         return self.prefix_index.overlap(instance_id, hashes)
 
     # -- Internals -------------------------------------------------------------------------------------
+    def _link(self, entry: Any) -> None:  # dispatch's entry (its class is private to that module)
+        super()._link(entry)
+        snapshot = entry.snapshot
+        iid = snapshot.instance_id
+        keys = entry.keys  # empty while draining; else keys[0] is minus the freeness (the dispatch heaps' key)
+        if not keys:
+            self._scores.pop(iid, None)
+            return
+        own = keys[0]
+        assert isinstance(own, (int, float))
+        used = snapshot.num_total_blocks - snapshot.num_free_blocks
+        queued = snapshot.waiting_blocks + entry.extra_blocks + self._prefilling.get(iid, 0)
+        self._scores[iid] = (queued + self.kv_params.used_weight * used, -float(own), snapshot.model)
+
     def _candidates(self, hashes: Sequence[int], by_freeness: Iterable[tuple[float, str]]) -> dict[str, int]:
         """Instance id -> cached prefix blocks, for the few instances worth scoring: holders of the deepest
         and of the half-depth cached block, and the freest instances (the load-only choices)."""
@@ -136,31 +157,21 @@ class KvAwareIndex(FreenessIndex):
 
     def _cheapest(self, demand: RequestDemand, hashes: Sequence[int], candidates: dict[str, int], freest: str) -> str:
         weight = self.kv_params.overlap_weight
-        used_weight = self.kv_params.used_weight
-        prefilling = self._prefilling
         floor = self.params.affinity_min_freeness
         prompt_blocks = max(demand.num_blocks, len(hashes))
         best: tuple[float, float, str] | None = None
-        entries = self._entries
+        scores = self._scores
         model = demand.model
         for iid, cached in candidates.items():
-            entry = entries.get(iid)
-            if entry is None:
+            score = scores.get(iid)
+            if score is None:  # gone, or draining
                 continue
-            keys = entry.keys  # empty while draining; (freeness key, ..., load key) as linked at the last update
-            if not keys or (model and entry.snapshot.model != model):
+            load, freeness, instance_model = score
+            if model and instance_model != model:
                 continue
-            own = keys[0]  # always set for a linked entry: minus the freeness (the dispatch heaps' key)
-            assert isinstance(own, (int, float))
-            freeness = -float(own)
             if freeness < floor and iid != freest:
                 continue
-            snapshot = entry.snapshot
-            used = snapshot.num_total_blocks - snapshot.num_free_blocks
-            queued = snapshot.waiting_blocks + entry.extra_blocks + prefilling.get(iid, 0)
-            load = queued + used_weight * used
-            cost = weight * (prompt_blocks - cached) + load
-            key = (cost, -freeness, iid)
+            key = (weight * (prompt_blocks - cached) + load, -freeness, iid)
             if best is None or key < best:
                 best = key
         return best[2] if best is not None else freest

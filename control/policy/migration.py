@@ -145,7 +145,16 @@ class MigrationPlanner:
         group = (snapshot.model, snapshot.block_size)
         self._group_of[iid] = group
         threshold = self.params.migrate_threshold
-        if snapshot.num_running > 0 and (snapshot.draining or rated.freeness < threshold or snapshot.num_preempted > 0):
+        rule = self.params.migration_sources
+        if rule == "freeness":
+            source = rated.freeness < threshold or snapshot.num_preempted > 0
+        elif rule == "pressure":  # preempting, or about to: some decode will need a block that is not there
+            source = snapshot.num_preempted > 0 or (
+                snapshot.num_free_blocks - self.params.watermark_blocks < snapshot.num_running
+            )
+        else:
+            source = False
+        if snapshot.num_running > 0 and (snapshot.draining or source):
             self._sources.setdefault(group, set()).add(iid)
         elif not snapshot.draining and snapshot.num_preempted == 0 and rated.freeness > threshold:
             self._clock += 1

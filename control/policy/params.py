@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 MigrationPick = Literal["shortest", "longest", "last_come", "first_come"]
 AfterMaxStages = Literal["stop_and_copy", "abort"]
+MigrationSources = Literal["freeness", "pressure", "drain"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,10 @@ class DispatchParams:
     safe tier."""
     predict_decode_weight: float = 16.0
     """``predictive`` dispatch: prompt-token equivalents of one running request sharing the step."""
+    predict_hold: bool = False
+    """``predictive`` dispatch: late binding. Send a request only to an instance whose free KV, less what is
+    queued there and the growth reserve, holds its prompt now; when none does, ``choose`` returns None and
+    the scheduler holds the request in its own FIFO queue until a heartbeat shows room (docs/policies.md)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +66,7 @@ class PolicyParams:
     predict_growth_blocks: int = 4
     predict_high_watermark: float = 0.9
     predict_decode_weight: float = 16.0
+    predict_hold: bool = False
 
     migration_enabled: bool = True
     migrate_threshold: float = 3.0
@@ -104,6 +110,15 @@ always empties."""
     budget)."""
     migration_pingpong_window_s: float = 0.0
     """A request is never moved back to an instance it left less than this long ago (0 = off)."""
+    migration_sources: MigrationSources = "freeness"
+    """Which instances migration moves requests off (draining ones always): ``freeness`` (Llumnix):
+    migration freeness, which counts the queue head, under ``migrate_threshold``, or preempting since the
+    last report; ``pressure``: preempting, or free blocks (less the watermark) fewer than running requests
+    (some decode needs a block it cannot get within the next ``block_size`` steps: preemption imminent);
+    ``drain``: draining instances only (scale-in still empties them). Under vLLM-v1 admission a queue head
+    waits for free blocks anyway, and moving decodes spends the destination's room (with late binding, the
+    very room a held request waits for): every load trigger measured a net loss on the grid
+    (docs/policies.md), so ``drover`` uses ``drain``."""
     max_migrations_per_round: int = 0
     """Most migrations one planning round starts (0 = no cap, as Llumnix): the most pressed sources go
     first, the rest wait for the next round (50 ms later). Bounds a round's cost at any cluster size."""
@@ -119,6 +134,7 @@ always empties."""
             predict_growth_blocks=self.predict_growth_blocks,
             predict_high_watermark=self.predict_high_watermark,
             predict_decode_weight=self.predict_decode_weight,
+            predict_hold=self.predict_hold,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -144,6 +160,8 @@ always empties."""
             raise ValueError(f"dispatch_policy must be one of {POLICY_NAMES}, got {self.dispatch_policy!r}")
         if self.migration_pick not in ("shortest", "longest", "last_come", "first_come"):
             raise ValueError(f"migration_pick {self.migration_pick!r} is not shortest/longest/last_come/first_come")
+        if self.migration_sources not in ("freeness", "pressure", "drain"):
+            raise ValueError(f"migration_sources {self.migration_sources!r} is not freeness/pressure/drain")
         if self.after_max_stages not in ("stop_and_copy", "abort"):
             raise ValueError(f"after_max_stages {self.after_max_stages!r} is not stop_and_copy/abort")
         for name in ("migration_cooldown_s", "migration_pingpong_window_s"):

@@ -34,9 +34,13 @@ USER_POLICIES: Mapping[str, tuple[str, bool]] = {
 ALIASES: Mapping[str, str] = {"infaas++": "least_loaded"}
 
 RECOMMENDED: tuple[str, bool] = ("predictive", True)
-"""What ``drover`` means today: ``predictive`` dispatch (memory-safety tier with a growth reserve, then the
-least prefill work ahead) with migration that counts its cost (:data:`RECOMMENDED_MIGRATION`). Measured in
-docs/policies.md: goodput 1.61x (Poisson) and 3.56x (Gamma CV 4) INFaaS++'s on the LLaMA-7B/A10 setting."""
+"""What ``drover`` means today: ``predictive`` dispatch with late binding (:data:`RECOMMENDED_DISPATCH`) and
+migration that counts its cost, run for draining instances only (:data:`RECOMMENDED_MIGRATION`). The grid,
+the ablation and why load migration is off are in docs/policies.md."""
+
+RECOMMENDED_DISPATCH: Mapping[str, object] = {"predict_hold": True}
+"""Late binding: a request no instance can start now waits in the scheduler's queue, with one EASY-backfilling
+reservation (docs/policies.md, "Late binding")."""
 
 RECOMMENDED_MIGRATION: Mapping[str, object] = {
     "migration_cost_aware": True,
@@ -44,9 +48,11 @@ RECOMMENDED_MIGRATION: Mapping[str, object] = {
     "migration_cooldown_s": 2.0,
     "migration_pingpong_window_s": 30.0,
     "max_migrations_per_round": 64,
+    "migration_sources": "drain",
 }
 """The migration rules ``drover`` adds to Llumnix's pairing (docs/policies.md, "Migration that counts its
-cost"); other policies keep Llumnix's defaults."""
+cost"); other policies keep Llumnix's defaults. Load migration (``migration_sources`` freeness or pressure)
+measured a net loss under vLLM-v1 admission, so ``drover`` migrates only off draining instances."""
 
 POLICY_CHOICES: tuple[str, ...] = (*USER_POLICIES, "drover", *ALIASES)
 
@@ -74,5 +80,5 @@ def user_policy_params(name: str, base: PolicyParams | None = None) -> PolicyPar
         )
     params = dataclasses.replace(base or PolicyParams(), dispatch_policy=dispatch, migration_enabled=migration)
     if key == "drover":
-        params = params.with_updates(**RECOMMENDED_MIGRATION)
+        params = params.with_updates(**RECOMMENDED_DISPATCH, **RECOMMENDED_MIGRATION)
     return params

@@ -306,7 +306,7 @@ def _pct(values: Sequence[float], q: float, scale: float = 1.0) -> float | None:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) * scale
 
 
-def _weighted_pct(values: Sequence[float], weights: Sequence[int], q: float) -> float | None:
+def weighted_percentile(values: Sequence[float], weights: Sequence[int], q: float) -> float | None:
     if not values:
         return None
     order = np.argsort(np.asarray(values))
@@ -428,7 +428,7 @@ def _summarise(
         "ttft_p99_s": _pct(ttft, 99),
         "tpot_p50_ms": _pct(tpot, 50, 1000),
         "tpot_p99_ms": _pct(tpot, 99, 1000),
-        "itl_p99_ms": _scale(_weighted_pct(sim.gaps, sim.gap_weights, 99), 1000),
+        "itl_p99_ms": _scale(weighted_percentile(sim.gaps, sim.gap_weights, 99), 1000),
         "e2e_p99_s": _pct(e2e, 99),
         "preemptions": result.preemptions,
         "migrations": result.migrations_committed,
@@ -439,7 +439,7 @@ def _summarise(
         "ttft_mean_s": float(np.mean(ttft)) if ttft else None,
         "tpot_mean_ms": float(np.mean(tpot)) * 1000 if tpot else None,
         "e2e_p50_s": _pct(e2e, 50),
-        "itl_p50_ms": _scale(_weighted_pct(sim.gaps, sim.gap_weights, 50), 1000),
+        "itl_p50_ms": _scale(weighted_percentile(sim.gaps, sim.gap_weights, 50), 1000),
         "slo_ttft_s": options.slo_ttft_s,
         "slo_tpot_ms": options.slo_tpot_ms,
         "goodput_rps": met / horizon if horizon > 0 else None,

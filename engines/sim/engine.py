@@ -19,10 +19,12 @@ import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from control.block_hash import vllm_block_hashes
 from engines.base import EngineError, EngineOutput, EngineRequest
 from engines.sim.core import SimEngineConfig, SimEngineCore, SimOutput, SimRequest
 from engines.sim.cost_model import DEFAULT_COST_MODEL, CostModel
-from transport.messages import EngineInfo, InstanceLoad, RunningRequest
+from engines.sim.prefix_cache import PrefixCache, PrefixReporter
+from transport.messages import EngineInfo, InstanceLoad, PrefixCacheReport, RunningRequest
 
 TOKEN_LOW = 3  # first byte token id (engines.tokenizer.BYTE_OFFSET)
 TOKEN_SPAN = 256
@@ -86,6 +88,8 @@ class SimEngine:
         seed: int = 0,
         stop_probability: float = 0.0,
         chunked_prefill: bool = True,
+        prefix_caching: bool = False,
+        prefix_full_every_s: float = 10.0,
     ) -> None:
         if time_scale < 0:
             raise ValueError("time_scale must be >= 0")
@@ -119,6 +123,15 @@ class SimEngine:
         self._task: asyncio.Task[None] | None = None
         self._reported_preemptions = 0
         self._stopped = False
+        # vLLM's automatic prefix caching, reported in heartbeats like vLLM's KV events (docs/kv_routing.md);
+        # off by default: prompts that repeat would otherwise prefill faster in every existing sim test.
+        self._prefix: PrefixReporter | None = None
+        if prefix_caching:
+            self.core.prefix_cache = PrefixCache(block_size)
+            self._prefix = PrefixReporter(
+                self.core.prefix_cache, full_every_s=prefix_full_every_s, wake=self._collect_soon
+            )
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------------------------------ protocol
     @property
@@ -135,7 +148,7 @@ class SimEngine:
             return
         self._wake = asyncio.Event()
         self._stopped = False
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._run(), name=f"sim-engine-{self.instance_id}")
 
     async def shutdown(self) -> None:
@@ -170,6 +183,10 @@ class SimEngine:
             num_output=num_output,
             priority=request.priority,
             arrival_time=self._clock,
+            # the hashes vLLM would give the prompt's full blocks: what the control plane's index is keyed by
+            block_hashes=vllm_block_hashes(request.prompt_token_ids, self.config.block_size)
+            if self._prefix is not None
+            else (),
         )
         live = _Live(request, sim, req_seed)
         self._live[request.request_id] = live
@@ -213,7 +230,23 @@ class SimEngine:
             ],
         )
 
+    def prefix_cache_report(self) -> PrefixCacheReport | None:
+        """This beat's prefix-cache report (None: prefix caching off). Heartbeater thread."""
+        return self._prefix.report() if self._prefix is not None and self._task is not None else None
+
+    def request_prefix_resync(self) -> None:
+        """The control plane lost track of this engine's cache: send a full listing (any thread)."""
+        if self._prefix is not None:
+            self._prefix.request_full()
+
     # ------------------------------------------------------------------------------------------ internals
+    def _collect_soon(self) -> None:
+        """From any thread: collect cache events on the engine's loop (the only thread touching the cache)."""
+        loop, prefix = self._loop, self._prefix
+        if loop is not None and prefix is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop is closing
+                loop.call_soon_threadsafe(prefix.collect)
+
     def _admit(self, request: EngineRequest, sim: SimRequest) -> None:
         """Put a validated request into the core (recompute); live migration overrides this to load KV."""
         self.core.add(sim)
@@ -258,6 +291,8 @@ class SimEngine:
             self._clock = end
             idle_since = loop.time()
             self._deliver(self.core.finish_plan())
+            if self._prefix is not None:
+                self._prefix.collect()
 
     def _deliver(self, outputs: list[SimOutput]) -> None:
         for out in outputs:

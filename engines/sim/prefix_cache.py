@@ -28,11 +28,16 @@ else is here. Events (``stored`` / ``removed`` hashes) are recorded like vLLM's 
 
 from __future__ import annotations
 
+import threading
+import time
+import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING
+
+from transport.messages import PrefixCacheReport
 
 if TYPE_CHECKING:
     from engines.sim.core import SimRequest
@@ -199,3 +204,90 @@ class PrefixCache:
         stored = [h for h, is_stored in events.items() if is_stored]
         removed = [h for h, is_stored in events.items() if not is_stored]
         return stored, removed
+
+
+class PrefixReporter:
+    """Turns one live simulated engine's cache events into heartbeat reports, the way the vLLM engines'
+    :class:`engines.vllm.kv_events.KvEventListener` does: ``(epoch, seq)`` numbered batches of the net
+    stored / removed hashes, a full listing first, every ``full_every_s`` and on request (a resync).
+
+    Two threads: :meth:`collect` runs on the engine's event loop (the only thread that touches the cache)
+    after every step and whenever a listing is wanted; :meth:`report` runs on the heartbeater's thread and
+    reads only what ``collect`` handed over, under a lock. Memory: the pending events are bounded by the
+    engine's blocks (net effect per hash), a listing by its cached blocks (~9 bytes a hash on the wire).
+    """
+
+    def __init__(
+        self, cache: PrefixCache, *, full_every_s: float = 10.0, wake: Callable[[], None] | None = None
+    ) -> None:
+        self.cache = cache
+        self.full_every_s = full_every_s
+        self.epoch = uuid.uuid4().hex[:12]
+        self._wake = wake  # asks the engine's loop to call collect() soon (from any thread)
+        self._lock = threading.Lock()
+        self._pending: dict[int, bool] = {}  # hash -> stored (else removed), net since the last report
+        self._listing: list[int] | None = None  # a full listing collected, not yet reported
+        self._want_full = True  # the first report lists everything
+        self._seq = -1
+        self._last_full = -float("inf")
+        self.resyncs_requested = 0
+
+    def request_full(self) -> None:
+        """The control plane asked for a resync (any thread): the next collected state is a full listing."""
+        with self._lock:
+            self._want_full = True
+            self.resyncs_requested += 1
+        if self._wake is not None:
+            self._wake()
+
+    def collect(self) -> None:
+        """Engine loop: hand the cache's events (or, when wanted, a full listing) to the reporter."""
+        stored, removed = self.cache.drain_events()
+        with self._lock:
+            if self._want_full:
+                self._want_full = False
+                self._listing = self.cache.cached_hashes()  # supersedes every event drained so far
+                self._pending.clear()
+                return
+            pending = self._pending
+            for block_hash in removed:
+                pending[block_hash] = False
+            for block_hash in stored:
+                pending[block_hash] = True
+
+    def report(self, now: float | None = None) -> PrefixCacheReport:
+        """Heartbeater thread: the next report (``seq`` moves only with a listing or events)."""
+        now = time.monotonic() if now is None else now
+        stats = self.cache.stats
+        wake = False
+        with self._lock:
+            listing, self._listing = self._listing, None
+            if listing is not None:
+                self._seq += 1
+                self._last_full = now
+                stored, full = listing, True
+                removed: list[int] = []
+            else:
+                full = False
+                stored = []
+                removed = []
+                if self._pending:
+                    self._seq += 1
+                    for block_hash, is_stored in self._pending.items():
+                        (stored if is_stored else removed).append(block_hash)
+                    self._pending.clear()
+                if now - self._last_full >= self.full_every_s and not self._want_full:
+                    self._want_full = wake = True
+            seq = self._seq
+        if wake and self._wake is not None:
+            self._wake()
+        return PrefixCacheReport(
+            epoch=self.epoch,
+            seq=seq,
+            stored=stored,
+            removed=removed,
+            full=full,
+            num_cached=self.cache.num_cached_blocks,
+            query_tokens=stats.query_tokens,
+            hit_tokens=stats.hit_tokens,
+        )

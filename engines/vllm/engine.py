@@ -351,6 +351,12 @@ class VllmEngine:
         listener = self._kv_listener
         return listener.report() if listener is not None and self._llm is not None else None
 
+    def request_prefix_resync(self) -> None:
+        """The control plane lost track of this engine's cache: the next report lists all of it."""
+        listener = self._kv_listener
+        if listener is not None:
+            listener.request_full()
+
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         self._validate(request)
         return self._generate(request)

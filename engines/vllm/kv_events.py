@@ -68,6 +68,11 @@ class KvEventListener:
             self._socket.close(linger=0)
             self._socket = None
 
+    def request_full(self) -> None:
+        """The control plane asked for a resync: the next report is a full listing."""
+        with self._lock:
+            self._need_full = True
+
     @property
     def num_cached(self) -> int:
         return len(self._cached)

@@ -65,3 +65,26 @@ def test_migration_destinations_follow_the_prompt_prefix() -> None:
     out = prefix_aware_destinations(policy, decisions, snapshots, prompts.get)
     assert [d.destination_id for d in out] == ["d2", "d1"]
     assert prefix_aware_destinations(make_dispatch_policy("freeness"), decisions, snapshots, prompts.get) == decisions
+
+
+def test_resync_requests_follow_the_index_at_most_once_a_second() -> None:
+    from actors.prefix_feed import ResyncRequests
+
+    policy = make_dispatch_policy("kv_aware")
+    assert isinstance(policy, KvAwareIndex)
+    resyncs = ResyncRequests(min_interval_s=1.0)
+    apply_prefix_report(policy, "a", PrefixCacheReport(epoch="e", seq=0, stored=[1], full=True), 0.0)
+    assert not resyncs.due(policy, "a", 0.0)  # in step
+    apply_prefix_report(policy, "a", PrefixCacheReport(epoch="e", seq=2, stored=[2]), 0.1)  # batch 1 lost
+    assert resyncs.due(policy, "a", 0.1)
+    assert not resyncs.due(policy, "a", 0.5)  # asked already
+    assert resyncs.due(policy, "a", 1.2)  # still out of step a second later: ask again
+    apply_prefix_report(policy, "a", PrefixCacheReport(epoch="e", seq=3, stored=[1, 2], full=True), 1.3)
+    assert not resyncs.due(policy, "a", 5.0)
+    # a control plane that joins mid-stream (restart, reconnect) asks too
+    fresh = make_dispatch_policy("kv_aware")
+    fresh.upsert(InstanceSnapshot("a", 100, 100, 0, 0, block_size=32))
+    apply_prefix_report(fresh, "a", PrefixCacheReport(epoch="e", seq=7), 0.0)
+    assert ResyncRequests().due(fresh, "a", 0.0)
+    assert not ResyncRequests().due(make_dispatch_policy("freeness"), "a", 0.0)  # no index: never
+    assert resyncs.sent == 2

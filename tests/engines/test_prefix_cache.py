@@ -104,3 +104,46 @@ def test_trace_level_hashes_are_mapped_onto_engine_blocks() -> None:
     run(core, coarse, 10.0)
     assert core.prefix_cache is not None
     assert core.prefix_cache.stats.hit_tokens == (1500 - 1) // BS * BS
+
+
+def test_reporter_numbers_batches_lists_first_and_on_request() -> None:
+    from engines.sim.prefix_cache import PrefixReporter
+
+    core = make_core()
+    cache = core.prefix_cache
+    assert cache is not None
+    woken: list[int] = []
+    reporter = PrefixReporter(cache, full_every_s=1000.0, wake=lambda: woken.append(1))
+    assert reporter.report(now=0.0).seq == -1  # nothing collected yet: a keepalive before any batch
+    run(core, request("a", (1, 2), 700), 0.0)
+    reporter.collect()  # the first collection is a full listing
+    first = reporter.report(now=0.1)
+    assert first.full and first.seq == 0 and set(first.stored) == set(cache.cached_hashes())
+    assert first.num_cached == cache.num_cached_blocks > 0
+    run(core, request("b", (3, 4), 700), 1.0)
+    reporter.collect()
+    delta = reporter.report(now=0.2)
+    assert not delta.full and delta.seq == 1 and delta.stored and not set(delta.stored) & set(first.stored)
+    keepalive = reporter.report(now=0.3)
+    assert keepalive.seq == 1 and not keepalive.stored  # seq moves only with content
+    reporter.request_full()  # the control plane lost track
+    assert woken  # the engine's loop is asked to collect
+    reporter.collect()
+    listing = reporter.report(now=0.4)
+    assert listing.full and listing.seq == 2 and set(listing.stored) == set(cache.cached_hashes())
+    assert reporter.resyncs_requested == 1
+
+
+def test_reporter_lists_again_after_full_every_s() -> None:
+    from engines.sim.prefix_cache import PrefixReporter
+
+    core = make_core()
+    assert core.prefix_cache is not None
+    reporter = PrefixReporter(core.prefix_cache, full_every_s=10.0)
+    reporter.collect()
+    assert reporter.report(now=0.0).full
+    reporter.collect()
+    assert not reporter.report(now=5.0).full
+    assert not reporter.report(now=10.5).full  # due: the listing is collected on the loop first
+    reporter.collect()
+    assert reporter.report(now=10.6).full

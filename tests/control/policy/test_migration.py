@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -341,3 +342,29 @@ def test_planner_memory_is_bounded_with_a_budget() -> None:
     planner.sync([inst("a", free=0, reqs=[(320, 0), (320, 0)]), inst("b", free=190)])
     planner.plan([], now=1000.0)
     assert all(m.last_s == 1000.0 for m in planner._moves.values())
+
+
+def test_migration_sources_rules() -> None:
+    """``migration_sources``: which instances moves start from (a destination with room in each case)."""
+    dst = inst("dst", free=180, reqs=[(32, 0)])
+    queued = inst("queued", free=20, reqs=[(320, 0), (320, 0)], waiting=1, head=30)  # F < 3 by its queue head
+    tight = inst("tight", free=1, reqs=[(320, 0), (320, 0)])  # 1 free block, 2 decodes: preemption imminent
+    preempting = inst("preempting", free=40, reqs=[(320, 0)], preempted=1)
+    draining = inst("draining", free=150, reqs=[(64, 0)], draining=True)
+
+    def sources(rule: str) -> set[str]:
+        params = PARAMS.with_updates(migration_sources=rule)
+        found: set[str] = set()
+        for src in (queued, tight, preempting, draining):
+            found |= {d.source_id for d in plan_migrations([src, dst], [], params)}
+        return found
+
+    assert sources("freeness") == {"queued", "tight", "preempting", "draining"}
+    assert sources("pressure") == {"tight", "preempting", "draining"}  # a queue head alone is no pressure
+    assert sources("drain") == {"draining"}
+
+
+def test_migration_sources_is_validated() -> None:
+    with pytest.raises(ValueError, match="migration_sources"):
+        PARAMS.with_updates(migration_sources="sometimes")
+    assert PARAMS.with_updates(migration_sources="drain").migration_sources == "drain"

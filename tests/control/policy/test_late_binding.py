@@ -1,0 +1,82 @@
+"""Late binding in ``predictive`` dispatch (``predict_hold``): hold a request no instance can start now, one
+reservation at a time (EASY backfilling), backfill elsewhere, expire a reservation nobody asks about."""
+
+from __future__ import annotations
+
+from control.policy.dispatch import RESERVATION_EXPIRY_DECISIONS, DispatchIndex, make_dispatch_policy
+from control.policy.params import DispatchParams
+from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot
+
+HOLD = DispatchParams(predict_hold=True, predict_growth_blocks=4)
+
+
+def snap(iid: str, free: int, running: int = 0, *, total: int = 100) -> InstanceSnapshot:
+    reqs = tuple(RunningSnapshot(f"{iid}-r{i}", num_tokens=64, num_blocks=2) for i in range(running))
+    return InstanceSnapshot(
+        instance_id=iid, num_total_blocks=total, num_free_blocks=free, num_running=running, num_waiting=0, running=reqs
+    )
+
+
+def demand(rid: str, blocks: int) -> RequestDemand:
+    return RequestDemand(rid, num_prompt_tokens=blocks * 16, num_blocks=blocks)
+
+
+def index_of(*snapshots: InstanceSnapshot, params: DispatchParams = HOLD) -> DispatchIndex:
+    index = make_dispatch_policy("predictive", params)
+    for s in snapshots:
+        index.upsert(s)
+    return index
+
+
+def test_holds_a_request_no_instance_can_start_now() -> None:
+    # room = free - growth reserve: a: 30 - 5 x 4 = 10, b: 20 - 2 x 4 = 12
+    index = index_of(snap("a", 30, running=5), snap("b", 20, running=2))
+    assert index.choose(demand("big", 20)) is None  # needs 20 + 4 blocks: nowhere now
+    assert index.choose(demand("small", 4)) == "a"  # 4 + 4 fits; b is reserved for "big" (it has the most room)
+    # without late binding the same request is queued somewhere at once
+    assert index_of(snap("a", 30, running=5), snap("b", 20, running=2), params=DispatchParams()).choose(
+        demand("big", 20)
+    ) in ("a", "b")
+
+
+def test_the_held_request_starts_on_its_reserved_instance_once_it_frees() -> None:
+    index = index_of(snap("a", 30, running=5), snap("b", 20, running=2))
+    assert index.choose(demand("big", 20)) is None  # reserves b (room 12, the most)
+    index.upsert(snap("a", 60, running=1))  # a frees first and now has the most room...
+    assert index.choose(demand("small", 2)) == "a"  # ...backfill may use it
+    index.upsert(snap("b", 90, running=0))
+    assert index.choose(demand("big", 20)) == "b"
+    assert index.choose(demand("next", 2)) in ("a", "b")  # the reservation is gone
+
+
+def test_backfill_never_takes_the_reserved_instance() -> None:
+    index = index_of(snap("a", 20, running=2), snap("b", 14, running=1))  # rooms 12 and 10
+    assert index.choose(demand("big", 40)) is None  # reserves a
+    for k in range(5):
+        assert index.choose(demand(f"s{k}", 2)) == "b"  # a fits 2 + 4 too, but it is kept for "big"
+        index.on_dispatched("b", demand(f"s{k}", 2))
+
+
+def test_only_one_request_is_held_at_a_time() -> None:
+    index = index_of(snap("a", 20, running=2), snap("b", 14, running=1))
+    assert index.choose(demand("big", 40)) is None
+    # a second request that fits nowhere queues at the roomiest other instance instead of waiting in series
+    assert index.choose(demand("big2", 40)) == "b"
+
+
+def test_an_idle_instance_takes_a_request_the_reserve_would_keep_out() -> None:
+    index = index_of(snap("a", 10, total=10))
+    assert index.choose(demand("r", 9)) == "a"  # 9 + 4 > 10 blocks, but nothing runs there to make room
+
+
+def test_a_reservation_nobody_asks_about_again_expires() -> None:
+    index = index_of(snap("a", 20, running=2), snap("b", 14, running=1))
+    assert index.choose(demand("gone", 40)) is None  # reserves a; then it is cancelled and never asked again
+    for k in range(RESERVATION_EXPIRY_DECISIONS):
+        assert index.choose(demand(f"s{k}", 2)) == "b"
+    assert index.choose(demand("later", 2)) == "a"  # a is the better instance again
+
+
+def test_without_late_binding_predictive_always_chooses() -> None:
+    index = index_of(snap("a", 0, running=9), params=DispatchParams())
+    assert index.choose(demand("r", 50)) == "a"
