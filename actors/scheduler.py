@@ -178,6 +178,10 @@ class SchedulerActor(SupervisedActor):
         self.prefix_resyncs = ResyncRequests()  # PrefixResync requests to engines whose cache the index lost
         self.migrations: dict[str, InFlightMigration] = {}  # request id -> migration in flight
         self.planner = MigrationPlanner(self.params)  # remembers its moves: per-request budget, cooldown
+        # instance id -> (load, info, draining, snapshot) it was built from: migration planning asks for every
+        # instance's snapshot each period, and a fresh object per instance made the incremental planner
+        # re-rate all of them (O(instances) snapshot builds 20 times a second)
+        self._snapshot_of: dict[str, tuple[InstanceLoad, EngineInfo, object, InstanceSnapshot]] = {}
         self.migrations_done = 0
         self.migrations_aborted = 0
         self.memory = MemoryManager(bus, settings.memory, self._refresh_instance)  # KunServe groups
@@ -306,8 +310,20 @@ class SchedulerActor(SupervisedActor):
             )
 
     def _snapshot(self, record: InstanceRecord) -> InstanceSnapshot:
+        """The instance's snapshot; the same object while its heartbeat, info and draining view are (a
+        heartbeat's load is a fresh object, never changed in place)."""
         load = record.load
-        return InstanceSnapshot(
+        info = record.info
+        draining = (
+            record.draining
+            or record.drain_requested
+            or record.state != "serving"
+            or self.memory.blocks_dispatch(info.instance_id)
+        )
+        cached = self._snapshot_of.get(info.instance_id)
+        if cached is not None and cached[0] is load and cached[1] is info and cached[2] == draining:
+            return cached[3]
+        snapshot = InstanceSnapshot(
             instance_id=record.info.instance_id,
             num_total_blocks=load.num_total_blocks,
             num_free_blocks=load.num_free_blocks,
@@ -316,10 +332,7 @@ class SchedulerActor(SupervisedActor):
             waiting_blocks=load.waiting_blocks,
             head_waiting_blocks=load.head_waiting_blocks,
             num_preempted=load.num_preempted,
-            draining=record.draining
-            or record.drain_requested
-            or record.state != "serving"
-            or self.memory.blocks_dispatch(record.info.instance_id),
+            draining=draining,
             model=record.info.model,
             block_size=record.info.block_size,
             running=tuple(
@@ -333,6 +346,8 @@ class SchedulerActor(SupervisedActor):
                 for r in load.running
             ),
         )
+        self._snapshot_of[info.instance_id] = (load, info, draining, snapshot)
+        return snapshot
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -344,6 +359,7 @@ class SchedulerActor(SupervisedActor):
                         "instance %s missed heartbeats for %.1fs: declared dead", instance_id, now - record.last_seen
                     )
                 self.instances.pop(instance_id)
+                self._snapshot_of.pop(instance_id, None)
                 self.policy.remove(instance_id)
                 metrics().remove_instance(instance_id)
                 self.state.drop_instance(instance_id)
@@ -434,6 +450,7 @@ class SchedulerActor(SupervisedActor):
         if recovered.finished:
             self.requests.pop(recovered.request_id)
             self.state.drop_request(recovered.request_id)
+            self.planner.forget(recovered.request_id)  # the planner's move record of it is moot now
             return
         log.info("request %s fails over after %d delivered tokens", recovered.request_id, len(recovered.tokens))
         record.resume_tokens = recovered.tokens
@@ -445,6 +462,7 @@ class SchedulerActor(SupervisedActor):
     def _fail_request(self, record: RequestRecord, why: str) -> None:
         self.requests.pop(record.request_id, None)
         self.state.drop_request(record.request_id)
+        self.planner.forget(record.request_id)  # the planner's move record of it is moot now
         self.replies.error(
             owner_of(record.submit.reply_to),
             record.submit.reply_to,
@@ -769,6 +787,7 @@ class SchedulerActor(SupervisedActor):
             return
         self.requests.pop(ended.request_id)
         self.state.drop_request(ended.request_id)
+        self.planner.forget(ended.request_id)  # the planner's move record of it is moot now
         self.classes.on_ended(ended.request_id)
 
     def _refresh_instance(self, instance_id: str) -> None:
@@ -959,6 +978,7 @@ class SchedulerActor(SupervisedActor):
         if record.state == "queued":
             self.requests.pop(cancel.request_id)
             self.state.drop_request(cancel.request_id)
+            self.planner.forget(cancel.request_id)  # the planner's move record of it is moot now
             self.replies.to_owner(
                 record.submit.reply_to,
                 RequestDone(

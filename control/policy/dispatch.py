@@ -30,11 +30,12 @@ an update costs O(log n).
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
+from heapq import heappop, heappush
 from typing import Any, Protocol
 
-from control.policy.freeness import dispatch_freeness, physical_usage, priority_headroom_blocks
+from control.policy.freeness import INF, dispatch_freeness, physical_usage, priority_headroom_blocks
 from control.policy.params import DispatchParams
 from control.policy.snapshots import InstanceSnapshot, RequestDemand
 
@@ -95,10 +96,21 @@ def prefix_block_hashes(token_ids: Sequence[int], block_size: int) -> tuple[int,
 class _Entry:
     """An instance's last snapshot plus what was dispatched to it since (virtual usage)."""
 
-    __slots__ = ("extra_blocks", "extra_high", "extra_waiting", "has_high", "keys", "pools", "snapshot", "version")
+    __slots__ = (
+        "extra_blocks",
+        "extra_high",
+        "extra_waiting",
+        "has_high",
+        "keys",
+        "pools",
+        "snapshot",
+        "terms",
+        "version",
+    )
 
     def __init__(self, snapshot: InstanceSnapshot) -> None:
         self.snapshot = snapshot
+        self.terms: Any = None  # what the policy derives from the snapshot alone (``_IndexBase._terms``)
         self.extra_waiting = 0
         self.extra_blocks = 0
         self.extra_high = False
@@ -139,6 +151,12 @@ class _IndexBase:
     the top (its version no longer matches the entry's). A heap holding more than four times the live items
     plus 16 is rebuilt from the live keys, so memory stays O(instances) and the rebuild's O(n) cost is paid
     once per ~3n pushes: rarely enough to stay out of the p99 even with six heaps pushed per decision.
+
+    Why pools are built on first read: an instance belongs to its model's pool and to the any-model pool,
+    but a cluster's requests usually all name a model (or all name none), so one of the two is never read;
+    keeping both halved what a re-key pushes for nothing. A pool is built from the entries' current keys
+    the first time ``choose`` asks for it (O(n) once) and kept up to date from then on, so its heaps hold
+    exactly the live items an eagerly kept pool would: the choice is the same.
     """
 
     name = "base"
@@ -147,8 +165,9 @@ class _IndexBase:
     def __init__(self, params: DispatchParams) -> None:
         self.params = params
         self._entries: dict[str, _Entry] = {}
-        self._pools: dict[str, tuple[list[_HeapItem], ...]] = {}
-        self._pool_sizes: dict[str, int] = {}  # live (linked) members per pool
+        self._pools: dict[str, tuple[list[_HeapItem], ...]] = {}  # only pools some choice has read
+        self._pool_sizes: dict[str, int] = {}  # live (linked) members per built pool
+        self._pool_members: Counter[str] = Counter()  # entries per pool name, built or not
         self._clock = 0
 
     # -- Protocol --------------------------------------------------------------------------------------
@@ -156,26 +175,33 @@ class _IndexBase:
         entry = self._entries.get(snapshot.instance_id)
         if entry is None:
             entry = self._entries[snapshot.instance_id] = _Entry(snapshot)
+            self._pool_members.update(entry.pools)
         else:
             self._unlink(entry)
-            entry.reset(snapshot)
+            if snapshot.model != entry.snapshot.model:
+                self._pool_members.subtract(entry.pools)
+                entry.reset(snapshot)
+                self._pool_members.update(entry.pools)
+            else:
+                entry.reset(snapshot)
+        entry.terms = self._terms(snapshot)
         self._link(entry)
 
     def remove(self, instance_id: str) -> None:
         entry = self._entries.pop(instance_id, None)
         if entry is not None:
             self._unlink(entry)
+            self._pool_members.subtract(entry.pools)
 
     def on_dispatched(self, instance_id: str, demand: RequestDemand) -> None:
         entry = self._entries.get(instance_id)
         if entry is None:
             return
-        self._unlink(entry)
         entry.extra_waiting += 1
         entry.extra_blocks += demand.num_blocks
         if demand.priority > 0:
             entry.extra_high = True
-        self._link(entry)
+        self._rekey(entry)
 
     def choose(self, demand: RequestDemand) -> str | None:
         raise NotImplementedError
@@ -200,12 +226,36 @@ class _IndexBase:
         return (entry.extra_waiting, entry.extra_blocks) if entry else (0, 0)
 
     # -- Internals -------------------------------------------------------------------------------------
+    def _terms(self, snapshot: InstanceSnapshot) -> Any:
+        """What ``_keys`` needs from the snapshot alone, computed once per heartbeat instead of on every
+        dispatch that re-keys the instance (None: nothing worth caching)."""
+        return None
+
     def _keys(self, entry: _Entry) -> tuple[Any, ...]:
         """One sort key per list (None: not in that list); smaller sorts first (best)."""
         raise NotImplementedError
 
     def _pool(self, model: str) -> tuple[list[_HeapItem], ...] | None:
-        return self._pools.get(model)
+        """The pool of ``model`` (built on first read), or None while no instance belongs to it."""
+        pool = self._pools.get(model)
+        if pool is None and self._pool_members[model] > 0:
+            pool = self._build_pool(model)
+        return pool
+
+    def _build_pool(self, model: str) -> tuple[list[_HeapItem], ...]:
+        pool: tuple[list[_HeapItem], ...] = tuple([] for _ in range(self.num_lists))
+        live = 0
+        for iid, entry in self._entries.items():
+            if entry.keys and model in entry.pools:
+                live += 1
+                for heap, key in zip(pool, entry.keys, strict=False):
+                    if key is not None:
+                        heap.append((key, iid, entry.version))
+        for heap in pool:
+            heapq.heapify(heap)
+        self._pools[model] = pool
+        self._pool_sizes[model] = live
+        return pool
 
     def _link(self, entry: _Entry) -> None:
         self._clock += 1
@@ -214,27 +264,57 @@ class _IndexBase:
             entry.keys = ()
             return
         entry.keys = keys = self._keys(entry)
+        self._push(entry, keys, version, 1)
+
+    def _push(self, entry: _Entry, keys: tuple[Any, ...], version: int, joined: int) -> None:
+        """Push the entry's keys into its built pools; ``joined``: 1 when it becomes a live member, 0 when it
+        already was (a re-key)."""
         iid = entry.snapshot.instance_id
+        pools = self._pools
+        sizes = self._pool_sizes
+        entries = self._entries
         for pool_name in entry.pools:
-            pool = self._pools.get(pool_name)
+            pool = pools.get(pool_name)
             if pool is None:
-                pool = self._pools[pool_name] = tuple([] for _ in range(self.num_lists))
-                self._pool_sizes[pool_name] = 0
-            self._pool_sizes[pool_name] += 1
-            live = self._pool_sizes[pool_name]
+                continue  # not read yet: built from the entries' keys when it is
+            live = sizes[pool_name] = sizes[pool_name] + joined
             for heap, key in zip(pool, keys, strict=False):
-                if key is not None:
-                    heapq.heappush(heap, (key, iid, version))
-                    if len(heap) > 4 * live + 16:
-                        self._rebuild(heap)
-                    else:
-                        self._trim(heap)
+                if key is None:
+                    continue
+                heappush(heap, (key, iid, version))
+                if len(heap) > 4 * live + 16:
+                    self._rebuild(heap)
+                    continue
+                # pop up to two stale items off the top: a policy that rarely reads a heap (prefix affinity
+                # answers most requests from its holders) would otherwise pay for thousands of stale tops in
+                # one read
+                for _ in range(2):
+                    top = heap[0]
+                    other = entries.get(top[1])
+                    if other is not None and other.version == top[2]:
+                        break
+                    heappop(heap)
+                    if not heap:
+                        break
+
+    def _rekey(self, entry: _Entry) -> None:
+        """``_unlink`` then ``_link`` in one step, for a dispatch: same versions and items, less work."""
+        if not entry.keys:  # draining (or not linked): nothing to re-key, only the version moves on
+            self._unlink(entry)
+            self._link(entry)
+            return
+        self._clock += 2  # the version _unlink would set, then the one _link sets
+        entry.version = version = self._clock
+        entry.keys = keys = self._keys(entry)
+        self._push(entry, keys, version, 0)
 
     def _unlink(self, entry: _Entry) -> None:
         if not entry.keys:
             return
+        sizes = self._pool_sizes
         for pool_name in entry.pools:
-            self._pool_sizes[pool_name] -= 1
+            if pool_name in sizes:
+                sizes[pool_name] -= 1
         entry.keys = ()
         self._clock += 1
         entry.version = self._clock  # every item pushed for it is stale now
@@ -245,19 +325,6 @@ class _IndexBase:
         fresh = [item for item in heap if (e := entries.get(item[1])) is not None and e.version == item[2]]
         heap[:] = fresh
         heapq.heapify(heap)
-
-    def _trim(self, heap: list[_HeapItem]) -> None:
-        """Pop up to two stale items off the top: a policy that rarely reads a heap (prefix affinity answers
-        most requests from its holders) would otherwise pay for thousands of stale tops in one read."""
-        entries = self._entries
-        for _ in range(2):
-            item = heap[0]
-            entry = entries.get(item[1])
-            if entry is not None and entry.version == item[2]:
-                return
-            heapq.heappop(heap)
-            if not heap:
-                return
 
     def _best(self, heap: list[_HeapItem], k: int) -> list[tuple[Any, str]]:
         """The ``k`` best live (key, instance id) pairs in order, O(k log n): popped, then pushed back."""
@@ -406,11 +473,23 @@ class FreenessIndex(_IndexBase):
         entry = self._entries.get(instance_id)
         return None if entry is None else self.freeness(entry)
 
+    def _terms(self, snapshot: InstanceSnapshot) -> Any:
+        """The priority headroom the instance has when it hosts high-priority requests."""
+        return priority_headroom_blocks(snapshot, self.params.high_priority_load_cap_tokens, hosts_high_priority=True)
+
     def _keys(self, entry: _Entry) -> tuple[Any, ...]:
-        own = -self.freeness(entry)
-        if entry.hosts_high_priority:
-            return (own, own, own)
-        return (own, -self.freeness(entry, as_high_priority=True), None)
+        # ``freeness`` (dispatch_freeness with the headroom) inlined: it runs twice on every re-key. All
+        # terms are integers, so the sums are exact and the division is the one dispatch_freeness makes.
+        snap = entry.snapshot
+        n = snap.num_running + snap.num_waiting + entry.extra_waiting
+        if n == 0:
+            return (-INF, -INF, -INF) if entry.has_high or entry.extra_high else (-INF, -INF, None)
+        available = snap.num_free_blocks - self.params.watermark_blocks - snap.waiting_blocks - entry.extra_blocks
+        high = available - entry.terms
+        as_high = -(high / n if high >= 0 else high * n)
+        if entry.has_high or entry.extra_high:
+            return (as_high, as_high, as_high)
+        return (-(available / n if available >= 0 else available * n), as_high, None)
 
     def choose(self, demand: RequestDemand) -> str | None:
         pool = self._pool(demand.model)
@@ -450,27 +529,40 @@ class PredictiveIndex(_IndexBase):
     num_lists = 2
     _PROBE = 4  # safe-tier candidates checked for room before the roomiest instance is taken
 
+    def _terms(self, snapshot: InstanceSnapshot) -> Any:
+        """(total blocks, used + queued blocks, hosted requests, running requests, queued blocks, block
+        size, unprefilled prompt tokens of running requests): a dispatch re-keys the instance without
+        walking its running requests again."""
+        bs = snapshot.block_size
+        prefilling = 0
+        for r in snapshot.running:
+            if not r.decoding:
+                left = r.num_tokens - r.num_blocks * bs
+                if left > 0:
+                    prefilling += left
+        return (
+            max(1, snapshot.num_total_blocks),
+            snapshot.num_used_blocks + snapshot.waiting_blocks,
+            snapshot.num_running + snapshot.num_waiting,
+            snapshot.num_running,
+            snapshot.waiting_blocks,
+            bs,
+            prefilling,
+        )
+
     def _keys(self, entry: _Entry) -> tuple[Any, ...]:
-        snap = entry.snapshot
+        total, used_queued, hosted, running, waiting_blocks, bs, prefilling = entry.terms
         params = self.params
-        total = max(1, snap.num_total_blocks)
-        bs = snap.block_size
-        requests = snap.num_running + snap.num_waiting + entry.extra_waiting
-        reserve = params.predict_growth_blocks * requests
-        demand = snap.num_used_blocks + snap.waiting_blocks + entry.extra_blocks + reserve
+        extra_blocks = entry.extra_blocks
+        reserve = params.predict_growth_blocks * (hosted + entry.extra_waiting)
+        demand = used_queued + extra_blocks + reserve
         # list 1: the blocks a new request could take now (free, less queued, less the growth reserve)
         room = -float(total - demand) if params.predict_hold else None
         load = demand / total
         if load >= params.predict_high_watermark:
             return ((1.0, load, 0.0), room)
-        prefilling = 0
-        for r in snap.running:
-            if not r.decoding:
-                left = r.num_tokens - r.num_blocks * bs
-                if left > 0:
-                    prefilling += left
-        ahead: float = (snap.waiting_blocks + entry.extra_blocks) * bs + prefilling
-        ahead += params.predict_decode_weight * (snap.num_running + entry.extra_waiting)
+        ahead: float = (waiting_blocks + extra_blocks) * bs + prefilling
+        ahead += params.predict_decode_weight * (running + entry.extra_waiting)
         return ((0.0, float(ahead), load), room)
 
     def __init__(self, params: DispatchParams) -> None:

@@ -319,6 +319,7 @@ class ClusterSimulator:
         for out in outputs:
             if out.finished:
                 self._finished += 1
+                self.planner.forget(out.request.request_id)  # its move record (budget, no-return) is moot now
         inst.plan_end = None
         self._on_outputs(inst, outputs)
         self._schedule(inst)

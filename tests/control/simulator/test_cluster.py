@@ -122,3 +122,15 @@ def test_trace_replay(tmp_path: Path) -> None:
     assert specs[1].prompt_len == 4095 and specs[1].output_len == 1
     result = simulate(config(), specs)
     assert result.completed == 3
+
+
+def test_planner_forgets_requests_when_they_finish() -> None:
+    # drover's migration remembers each moved request (budget, cooldown, no-return window); the simulator
+    # tells the planner when a request finishes, so nothing is left once the run is over
+    from control.policy.recommended import user_policy_params
+
+    params = user_policy_params("drover").with_updates(migration_sources="freeness")  # load moves, not only drains
+    sim = ClusterSimulator(ClusterConfig(num_instances=4, engine=SMALL_ENGINE, policy=params), workload(rate=80.0))
+    result = sim.run()
+    assert result.completed == 400 and result.migrations_started > 0
+    assert sim.planner.remembered_moves() == 0
