@@ -2,28 +2,41 @@
 preset), TTFT, TPOT and end-to-end latency side by side, and the gap.
 
     flock /tmp/drover-heavy.lock python -m scripts.calibrate_sim_live [--requests 24] [--rate 1] [--instances 2]
-        [--lengths uniform:32:256] [--seed 0] [--kind vllm|sim]
+        [--lengths uniform:32:256] [--seed 0] [--fit-seed 1] [--kind vllm|sim] [--probe 0]
 
 Both sides get the same requests (seeded Poisson arrivals, the given lengths, ``ignore_eos`` so every request
 generates exactly its output length) and the same dispatch (``least_loaded``, no migration). The aim stated
 in issue 16: medians within 15 %, p99 within 30 %.
+
+``--fit-seed K`` first sends another workload (seed K) through the same live cluster and fits the preset's
+two serving constants on it: the per-step overhead (live median TPOT minus the bare forward pass's) and the
+request path (live median TTFT minus the simulator's with that overhead); the workload of ``--seed`` is then
+compared against the bare forward pass, the committed ``tiny-cpu`` preset and the freshly fitted constants,
+so the check is on requests the fit did not see.
+
+Before the workloads, ``--probe N`` sends N lone requests one after another (a 16-token prompt, 64 output
+tokens; nothing else running) and prints what the ``tiny-cpu`` preset's two serving constants would be from
+them: the per-step overhead (median time per output token, minus the bare forward pass of a one-sequence decode
+step, :data:`engines.sim.cost_model.TINY_CPU`) and the request path (median TTFT, minus one prefill step
+with that overhead). The probe uses different requests from the workload the comparison then runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import time
-from typing import Any
 
 import numpy as np
 
 from control.apps.launcher import local_cluster, wait_ready
 from control.client import DroverClient
 from control.settings import load_settings
-from control.simulator.presets import get_preset
+from control.simulator.presets import Preset, get_preset
 from control.simulator.runner import RunOptions, WorkloadSpec, build_workload, run_policy
 from control.simulator.workload import RequestSpec
+from engines.sim.cost_model import TINY_CPU
 from transport.messages import SamplingParams
 
 
@@ -49,8 +62,41 @@ async def drive(url: str, specs: list[RequestSpec]) -> dict[str, list[float]]:
     }
 
 
-def simulated(specs: list[RequestSpec], instances: int) -> dict[str, list[float]]:
-    run = run_policy("least_loaded", specs, RunOptions(preset=get_preset("tiny-cpu"), instances=instances))
+PROBE_PROMPT, PROBE_OUTPUT = 16, 64
+
+
+async def probe(url: str, count: int) -> dict[str, float]:
+    """Lone requests (the cluster otherwise idle): median TTFT and median time per output token."""
+    ttfts: list[float] = []
+    tpots: list[float] = []
+    async with DroverClient(url, name="calibrate-sim-live-probe") as client:
+        for i in range(count + 1):  # the first one warms the path up and is dropped
+            prompt = [5 + (i * 17 + k) % 240 for k in range(PROBE_PROMPT)]
+            result = await client.generate(
+                prompt_token_ids=prompt, sampling=SamplingParams(max_tokens=PROBE_OUTPUT, ignore_eos=True)
+            )
+            if i == 0:
+                continue
+            ttfts.append(result.ttft_s)
+            times = result.token_times  # per request: tokens may reach the client several to a message
+            tpots.append((times[-1] - times[0]) / (len(times) - 1))
+    cost = TINY_CPU
+    step_ms = float(np.median(tpots)) * 1000
+    bare_decode = cost.step_ms(0, 1, PROBE_PROMPT + PROBE_OUTPUT // 2)
+    overhead_ms = step_ms - bare_decode
+    ttft_ms = float(np.median(ttfts)) * 1000
+    path_ms = ttft_ms - (cost.step_ms(PROBE_PROMPT, 0, 0) + overhead_ms)
+    return {
+        "ttft_ms": ttft_ms,
+        "step_ms": step_ms,
+        "bare_decode_ms": bare_decode,
+        "step_overhead_ms": overhead_ms,
+        "request_path_ms": path_ms,
+    }
+
+
+def simulated(specs: list[RequestSpec], instances: int, preset: Preset) -> dict[str, list[float]]:
+    run = run_policy("least_loaded", specs, RunOptions(preset=preset, instances=instances))
     done = [r for r in run.requests if r["status"] == "completed"]
     return {
         "ttft_s": [r["ttft_s"] for r in done],
@@ -59,18 +105,61 @@ def simulated(specs: list[RequestSpec], instances: int) -> dict[str, list[float]
     }
 
 
+def bare_preset() -> Preset:
+    """``tiny-cpu`` as the bare forward pass: no serving overhead per step, no request path."""
+    return dataclasses.replace(get_preset("tiny-cpu"), cost=TINY_CPU, request_path_ms=0.0)
+
+
+def fit(specs: list[RequestSpec], live: dict[str, list[float]], instances: int) -> tuple[float, float]:
+    """(per-step overhead ms, request path ms) that make the simulator's medians meet ``live``'s: the step
+    overhead from TPOT (one token per sequence per step), then the path from TTFT with that overhead in."""
+    bare = simulated(specs, instances, bare_preset())
+    overhead = float(np.median(live["tpot_ms"]) - np.median(bare["tpot_ms"]))
+    stepped = with_constants(overhead, 0.0)
+    path = float(np.median(live["ttft_s"]) - np.median(simulated(specs, instances, stepped)["ttft_s"])) * 1000
+    return overhead, path
+
+
+def with_constants(step_overhead_ms: float, request_path_ms: float) -> Preset:
+    cost = dataclasses.replace(TINY_CPU, fixed_ms=TINY_CPU.fixed_ms + step_overhead_ms)
+    return dataclasses.replace(get_preset("tiny-cpu"), cost=cost, request_path_ms=request_path_ms)
+
+
+def table(title: str, live: dict[str, list[float]], sim: dict[str, list[float]]) -> dict[str, float]:
+    print(title)
+    print(f"{'metric':<10} {'stat':>4} {'live':>10} {'sim':>10} {'sim/live':>9}")
+    gaps: dict[str, float] = {}
+    for metric in ("ttft_s", "tpot_ms", "e2e_s"):
+        for q in (50, 99):
+            a = float(np.percentile(live[metric], q))
+            b = float(np.percentile(sim[metric], q))
+            gaps[f"{metric} p{q}"] = b / a if a > 0 else float("nan")
+            print(f"{metric:<10} p{q:<3} {a:>10.4f} {b:>10.4f} {gaps[f'{metric} p{q}']:>9.2f}")
+    print("summary: sim/live " + ", ".join(f"{k} {v:.2f}" for k, v in gaps.items()), flush=True)
+    return gaps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=24)
     parser.add_argument("--rate", type=float, default=1.0)
     parser.add_argument("--instances", type=int, default=2)
     parser.add_argument("--lengths", default="uniform:32:256")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--kind", default="vllm", choices=["vllm", "sim"], help="live engine kind")
-    args = parser.parse_args()
-    specs = build_workload(
-        WorkloadSpec(kind="poisson", rate=args.rate, lengths=args.lengths, requests=args.requests, seed=args.seed)
+    parser.add_argument("--seed", type=int, default=0, help="the workload compared")
+    parser.add_argument(
+        "--fit-seed", type=int, default=None, help="first run a workload of this seed and fit the two constants on it"
     )
+    parser.add_argument("--kind", default="vllm", choices=["vllm", "sim"], help="live engine kind")
+    parser.add_argument("--probe", type=int, default=0, help="lone requests measuring the serving constants (0: none)")
+    args = parser.parse_args()
+
+    def workload(seed: int) -> list[RequestSpec]:
+        return build_workload(
+            WorkloadSpec(kind="poisson", rate=args.rate, lengths=args.lengths, requests=args.requests, seed=seed)
+        )
+
+    specs = workload(args.seed)
+    fit_specs = workload(args.fit_seed) if args.fit_seed is not None else None
     settings = load_settings(
         overrides={
             "engine": {"kind": args.kind},
@@ -80,18 +169,27 @@ def main() -> None:
     )
     with local_cluster(settings, args.instances) as cluster:
         asyncio.run(wait_ready(cluster, args.instances, timeout_s=600))
+        probed = asyncio.run(probe(cluster.url, args.probe)) if args.probe > 0 else None
+        fit_live = asyncio.run(drive(cluster.url, fit_specs)) if fit_specs is not None else None
         live = asyncio.run(drive(cluster.url, specs))
-    sim = simulated(specs, args.instances)
     print(f"{len(specs)} requests, Poisson {args.rate}/s, lengths {args.lengths}, {args.instances} instances")
-    print(f"{'metric':<10} {'stat':>4} {'live':>10} {'sim':>10} {'sim/live':>9}")
-    gaps: dict[str, Any] = {}
-    for metric in ("ttft_s", "tpot_ms", "e2e_s"):
-        for q in (50, 99):
-            a = float(np.percentile(live[metric], q))
-            b = float(np.percentile(sim[metric], q))
-            gaps[f"{metric} p{q}"] = b / a if a > 0 else float("nan")
-            print(f"{metric:<10} p{q:<3} {a:>10.4f} {b:>10.4f} {b / a if a > 0 else float('nan'):>9.2f}")
-    print("summary: sim/live " + ", ".join(f"{k} {v:.2f}" for k, v in gaps.items()))
+    if probed is not None:
+        print(f"probe ({args.probe} lone requests, {PROBE_PROMPT}-token prompt, {PROBE_OUTPUT} tokens): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in probed.items()))  # fmt: skip
+    table(f"seed {args.seed} against the bare forward pass (TINY_CPU, no request path):", live,
+          simulated(specs, args.instances, bare_preset()))  # fmt: skip
+    committed = get_preset("tiny-cpu")
+    table(
+        f"seed {args.seed} against tiny-cpu as committed (+{committed.cost_model.fixed_ms - TINY_CPU.fixed_ms:g} ms "
+        f"a step, {committed.request_path_ms:g} ms request path):",
+        live,
+        simulated(specs, args.instances, committed),
+    )
+    if fit_specs is not None and fit_live is not None:
+        overhead, path = fit(fit_specs, fit_live, args.instances)
+        print(f"fitted on seed {args.fit_seed}: step overhead {overhead:.2f} ms, request path {path:.1f} ms")
+        table(f"seed {args.seed} against the constants fitted on seed {args.fit_seed}:", live,
+              simulated(specs, args.instances, with_constants(overhead, path)))  # fmt: skip
 
 
 if __name__ == "__main__":

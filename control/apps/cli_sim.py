@@ -1,9 +1,10 @@
 """`drover sim run|presets|convert|plan`: the cluster simulator as a what-if tool (capacity planning before buying
 GPUs). Pure computation in virtual time: no NATS, no engines.
 
-Conventions (the operators' CLI rules): every error is one line on stderr with exit code 2; `--json` prints
-only JSON lines on stdout (one object per policy), progress goes to stderr. Errors pass through
-:func:`one_line_errors`, the one place to swap for the shared CLI helper.
+Conventions (the operators' CLI rules, control/apps/cli_common.py): every error is one line on stderr,
+``drover: error: ...``, with exit code 2, whether the parser catches it (an unknown choice, a non-number) or
+the simulator does (:func:`one_line_errors`); `--help` shows each option's default and choices; `--json`
+prints only JSON lines on stdout (one object per policy), progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from control.apps import cli_common
+
+if TYPE_CHECKING:
+    from control.simulator.workload import RequestSpec
 
 sim_app = typer.Typer(
     help="Simulate a cluster in virtual time: what-if runs, presets, trace conversion, capacity planning.",
@@ -36,22 +40,36 @@ F = TypeVar("F", bound=Callable[..., Any])
 # A user-facing error: one line, exit code 2 (the shared CLI convention, control/apps/cli_common.py).
 CliError = cli_common.CliError
 
-
-def fail(message: str) -> typer.Exit:
-    """Print ``message`` as the one error line and return the exit to raise."""
-    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
-    return typer.Exit(2)
+# Choices the parser checks and `--help` lists (typer reads Literal types as choices). The preset names are
+# spelled out here rather than read from control.simulator.presets so that `drover --help` does not import
+# the simulator (numpy and all); tests/control/simulator/test_sim_cli.py keeps the two lists equal.
+Workload = Literal["poisson", "gamma"]
+Autoscaler = Literal["fixed", "chiron", "threshold"]
+PresetName = Literal[
+    "llama7b-a10",
+    "llama30b-4xa10",
+    "qwen2.5-7b-a10",
+    "llama2-13b-a800",
+    "llama7b-a100",
+    "chiron-llama3.1-8b-a100",
+    "kunserve-llama7b-a100-40g",
+    "llama3-8b-h200",
+    "tiny-cpu",
+]
+PRESET_NAMES: tuple[str, ...] = get_args(PresetName)
 
 
 def one_line_errors(func: F) -> F:
-    """Bad input (ValueError, CliError, a file that cannot be read) becomes one line and exit code 2."""
+    """The simulator's ValueErrors (bad input it found) become :class:`CliError`, which the root app prints
+    as one ``drover: error:`` line with exit code 2; other errors (a file that cannot be read) reach the
+    same boundary unchanged."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (ValueError, CliError, OSError) as exc:
-            raise fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+        except ValueError as exc:
+            raise CliError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -71,51 +89,95 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 POLICY_HELP = (
     "Policies, comma-separated: round_robin, least_loaded (alias infaas++), llumnix, prefix_affinity, kv_aware, "
-    "drover (the recommended default)."
+    "queue_size, drover (the recommended default)."
 )
+
+# The workload options `run` and `plan` share, declared once.
+TRACE_OPT = typer.Option(
+    None, "--trace", help="Trace CSV: timestamp,input_tokens,output_tokens[,hash_ids] (see traces/README.md)."
+)
+WORKLOAD_OPT = typer.Option(None, "--workload", help="Generated arrivals (instead of --trace).")
+RATE_OPT = typer.Option(None, "--rate", help="Generated: mean requests per second.")
+CV_OPT = typer.Option(None, "--cv", help="Gamma arrivals' coefficient of variation (default: 2).")
+LENGTHS_OPT = typer.Option(None, "--lengths", help="Generated lengths: zipf:MEAN:MAX, uniform:LO:HI or fixed:IN:OUT.")
+REQUESTS_OPT = typer.Option(None, "--requests", min=1, help="Generated: how many requests (trace: a cap).")
+COMPRESSION_OPT = typer.Option(1.0, "--compression", help="Replay time compression (2 = twice as fast).")
+DURATION_OPT = typer.Option(
+    None, "--duration", help="Seconds of arrivals, trace seconds before compression (default: all)."
+)
+SEED_OPT = typer.Option(0, "--seed", help="Seeds generated arrivals/lengths, or a trace window's offset.")
+HASH_BLOCK_OPT = typer.Option(
+    512, "--hash-block-tokens", min=1, help="Tokens per prefix block of the trace's hash_ids."
+)
+MAX_MODEL_LEN_OPT = typer.Option(
+    None, "--max-model-len", min=1, help="Context length (default: the preset's); longer prompts are rejected."
+)
+
+
+def _workload(
+    trace: Path | None,
+    workload: str | None,
+    rate: float | None,
+    cv: float | None,
+    lengths: str | None,
+    requests: int | None,
+    compression: float,
+    duration: float | None,
+    seed: int,
+    hash_block_tokens: int,
+) -> list[RequestSpec]:
+    """The requests the workload options describe (a trace window or a generated workload); never empty."""
+    from control.simulator.runner import WorkloadSpec, build_workload
+
+    spec = WorkloadSpec(
+        trace=trace,
+        kind=workload,
+        rate=rate,
+        cv=cv,
+        lengths=lengths,
+        requests=requests,
+        compression=compression,
+        duration=duration,
+        seed=seed,
+        hash_block_tokens=hash_block_tokens,
+    )
+    specs = build_workload(spec)
+    if not specs:
+        raise CliError("the workload is empty (check --duration and the trace)")
+    return specs
 
 
 @sim_app.command("run")
 @one_line_errors
 def run(
-    trace: Path | None = typer.Option(
-        None, "--trace", help="Trace CSV: timestamp,input_tokens,output_tokens[,hash_ids] (see traces/README.md)."
+    trace: Path | None = TRACE_OPT,
+    workload: Workload | None = WORKLOAD_OPT,
+    rate: float | None = RATE_OPT,
+    cv: float | None = CV_OPT,
+    lengths: str | None = LENGTHS_OPT,
+    requests: int | None = REQUESTS_OPT,
+    compression: float = COMPRESSION_OPT,
+    duration: float | None = DURATION_OPT,
+    instances: int | None = typer.Option(
+        None, "--instances", "-n", min=1, help="Instances (initial fleet when autoscaled); required."
     ),
-    workload: str | None = typer.Option(None, "--workload", help="Generated arrivals: poisson or gamma."),
-    rate: float | None = typer.Option(None, "--rate", help="Generated: mean requests per second."),
-    cv: float | None = typer.Option(None, "--cv", help="Gamma arrivals' coefficient of variation (default: 2)."),
-    lengths: str | None = typer.Option(
-        None, "--lengths", help="Generated lengths: zipf:MEAN:MAX, uniform:LO:HI or fixed:IN:OUT."
-    ),
-    requests: int | None = typer.Option(None, "--requests", help="Generated: how many requests (trace: a cap)."),
-    compression: float = typer.Option(1.0, "--compression", help="Replay time compression (2 = twice as fast)."),
-    duration: float | None = typer.Option(
-        None, "--duration", help="Seconds of arrivals, trace seconds before compression (default: all)."
-    ),
-    instances: int | None = typer.Option(None, "--instances", "-n", help="Instances (initial fleet when autoscaled)."),
-    policy: str | None = typer.Option(None, "--policy", help=POLICY_HELP),
-    preset: str = typer.Option("llama7b-a10", "--preset", help="Hardware x model; list: `drover sim presets`."),
-    max_model_len: int | None = typer.Option(
-        None, "--max-model-len", help="Context length (default: the preset's); longer prompts are rejected."
-    ),
+    policy: str | None = typer.Option(None, "--policy", help=POLICY_HELP + " Required."),
+    preset: PresetName = typer.Option("llama7b-a10", "--preset", help="Hardware x model (`drover sim presets`)."),
+    max_model_len: int | None = MAX_MODEL_LEN_OPT,
     slo_ttft_s: float = typer.Option(2.0, "--slo-ttft-s", help="TTFT SLO, seconds."),
     slo_tpot_ms: float = typer.Option(100.0, "--slo-tpot-ms", help="Per-request TPOT SLO, milliseconds."),
-    autoscaler: str = typer.Option("fixed", "--autoscaler", help="fixed, chiron or threshold (Llumnix's)."),
+    autoscaler: Autoscaler = typer.Option("fixed", "--autoscaler", help="Fleet sizing (threshold: Llumnix's)."),
     kunserve: bool = typer.Option(False, "--kunserve", help="KunServe parameter drop under memory pressure."),
-    seed: int = typer.Option(
-        0, "--seed", help="Seeds generated arrivals/lengths, or a trace window's offset (default: 0)."
-    ),
+    seed: int = SEED_OPT,
     as_json: bool = typer.Option(False, "--json", help="Only JSON lines on stdout, one object per policy."),
     out_csv: Path | None = typer.Option(None, "--out", help="Write one row per request (all policies) here."),
     plot: Path | None = typer.Option(None, "--plot", help="Write TTFT and TPOT CDF plots (PNG) into this folder."),
-    hash_block_tokens: int = typer.Option(
-        512, "--hash-block-tokens", help="Tokens per prefix block of the trace's hash_ids."
-    ),
+    hash_block_tokens: int = HASH_BLOCK_OPT,
 ) -> None:
     """Run a workload through a simulated cluster under one or more policies; print the headline numbers."""
     from control.policy.recommended import canonical_policy, user_policy_params
     from control.simulator.presets import get_preset
-    from control.simulator.runner import RunOptions, WorkloadSpec, build_workload, run_policy
+    from control.simulator.runner import RunOptions, run_policy
     from control.simulator.workload import describe
 
     if instances is None:
@@ -127,32 +189,18 @@ def run(
         raise CliError(f"--policy is empty. {POLICY_HELP}")
     for name in policies:
         user_policy_params(name)  # unknown or unregistered: fail before any run
-    spec = WorkloadSpec(
-        trace=trace,
-        kind=workload.lower() if workload else None,
-        rate=rate,
-        cv=cv,
-        lengths=lengths,
-        requests=requests,
-        compression=compression,
-        duration=duration,
-        seed=seed,
-        hash_block_tokens=hash_block_tokens,
-    )
     options = RunOptions(
         preset=get_preset(preset),
         instances=instances,
         max_model_len=max_model_len,
         slo_ttft_s=slo_ttft_s,
         slo_tpot_ms=slo_tpot_ms,
-        autoscaler=autoscaler.lower(),
+        autoscaler=autoscaler,
         kunserve=kunserve,
         seed=seed,
     )
     options.validate()
-    specs = build_workload(spec)
-    if not specs:
-        raise CliError("the workload is empty (check --duration and the trace)")
+    specs = _workload(trace, workload, rate, cv, lengths, requests, compression, duration, seed, hash_block_tokens)
     _progress(f"workload: {describe(specs)}; preset {options.preset.name}, {instances} instances")
     rows: list[dict[str, Any]] = []
     per_request: list[dict[str, Any]] = []
@@ -306,32 +354,33 @@ def convert_cmd(
 @sim_app.command("plan")
 @one_line_errors
 def plan_cmd(
-    trace: Path | None = typer.Option(None, "--trace", help="Trace CSV (as `drover sim run --trace`)."),
-    workload: str | None = typer.Option(None, "--workload", help="Or generated arrivals: poisson or gamma."),
-    rate: float | None = typer.Option(None, "--rate", help="Generated: mean requests per second."),
-    cv: float | None = typer.Option(None, "--cv", help="Gamma arrivals' CV (default: 2)."),
-    lengths: str | None = typer.Option(None, "--lengths", help="zipf:MEAN:MAX, uniform:LO:HI or fixed:IN:OUT."),
-    requests: int | None = typer.Option(None, "--requests", help="Generated: how many requests (trace: a cap)."),
-    compression: float = typer.Option(1.0, "--compression", help="Replay time compression."),
-    duration: float | None = typer.Option(None, "--duration", help="Trace seconds to use (default: all)."),
-    slo_ttft_s: float | None = typer.Option(None, "--slo-ttft-s", help="TTFT SLO, seconds (required)."),
-    slo_tpot_ms: float | None = typer.Option(None, "--slo-tpot-ms", help="TPOT SLO, milliseconds (required)."),
-    target: float = typer.Option(0.99, "--target", help="SLO attainment to reach (fraction of requests)."),
+    trace: Path | None = TRACE_OPT,
+    workload: Workload | None = WORKLOAD_OPT,
+    rate: float | None = RATE_OPT,
+    cv: float | None = CV_OPT,
+    lengths: str | None = LENGTHS_OPT,
+    requests: int | None = REQUESTS_OPT,
+    compression: float = COMPRESSION_OPT,
+    duration: float | None = DURATION_OPT,
+    slo_ttft_s: float | None = typer.Option(None, "--slo-ttft-s", help="TTFT SLO, seconds; required."),
+    slo_tpot_ms: float | None = typer.Option(None, "--slo-tpot-ms", help="TPOT SLO, milliseconds; required."),
+    target: float = typer.Option(0.99, "--target", min=0.0, max=1.0, help="SLO attainment to reach (fraction)."),
     preset: str | None = typer.Option(
-        None, "--preset", help="Presets to plan for, comma-separated (default: every GPU preset)."
+        None,
+        "--preset",
+        help=f"Presets to plan for, comma-separated: {', '.join(PRESET_NAMES)} (default: every GPU preset).",
     ),
     policy: str = typer.Option("drover", "--policy", help=POLICY_HELP.replace("comma-separated", "one")),
-    max_instances: int = typer.Option(256, "--max-instances", help="Give up above this many instances."),
-    max_model_len: int | None = typer.Option(None, "--max-model-len", help="Context (default: the preset's)."),
-    seed: int = typer.Option(0, "--seed", help="Generated workload seed / trace window offset."),
+    max_instances: int = typer.Option(256, "--max-instances", min=1, help="Give up above this many instances."),
+    max_model_len: int | None = MAX_MODEL_LEN_OPT,
+    seed: int = SEED_OPT,
     as_json: bool = typer.Option(False, "--json", help="Only JSON lines on stdout, one per preset."),
-    hash_block_tokens: int = typer.Option(512, "--hash-block-tokens", help="Tokens per trace hash_ids block."),
+    hash_block_tokens: int = HASH_BLOCK_OPT,
 ) -> None:
     """The fewest instances (and instance-hours) per preset that meet the SLOs on the workload."""
     from control.policy.recommended import canonical_policy, user_policy_params
     from control.simulator.plan import fmt_hours, plan_capacity
     from control.simulator.presets import PRESETS, get_preset
-    from control.simulator.runner import WorkloadSpec, build_workload
 
     if slo_ttft_s is None or slo_tpot_ms is None:
         raise CliError("--slo-ttft-s and --slo-tpot-ms are required")
@@ -344,21 +393,7 @@ def plan_cmd(
         if preset
         else [p for p in PRESETS.values() if p.gpu.name != "cpu"]
     )
-    spec = WorkloadSpec(
-        trace=trace,
-        kind=workload.lower() if workload else None,
-        rate=rate,
-        cv=cv,
-        lengths=lengths,
-        requests=requests,
-        compression=compression,
-        duration=duration,
-        seed=seed,
-        hash_block_tokens=hash_block_tokens,
-    )
-    specs = build_workload(spec)
-    if not specs:
-        raise CliError("the workload is empty")
+    specs = _workload(trace, workload, rate, cv, lengths, requests, compression, duration, seed, hash_block_tokens)
     results = []
     for p in chosen:
         if (max_model_len or p.max_model_len) > p.kv_tokens:

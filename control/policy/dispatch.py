@@ -16,6 +16,9 @@ Policies (Llumnix names in brackets):
 * ``freeness`` [load]: highest Llumnix dispatch freeness (virtual usage incl. priority headroom). A
   high-priority request goes to an instance already hosting high-priority requests when one has freeness
   >= ``affinity_min_freeness`` (reckoned with headroom), else to the best instance reckoned with headroom.
+* ``queue_size`` [queue]: fewest waiting requests (the engine's queue plus requests dispatched since its last
+  snapshot), ties to the first instance id: the "simple load balancing scheduler based on queue sizes" of
+  Llumnix's README benchmark. It sees neither memory nor batch size.
 * ``prefix_affinity`` [cacheaware]: the instance holding the longest run of the prompt's prefix blocks, if
   its freeness >= ``affinity_min_freeness``; otherwise ``freeness``.
 
@@ -37,6 +40,7 @@ from control.policy.params import DispatchParams
 from control.policy.snapshots import InstanceSnapshot, RequestDemand
 
 POLICY_NAMES: tuple[str, ...] = ("round_robin", "least_loaded", "freeness", "prefix_affinity", "kv_aware", "predictive")
+POLICY_NAMES += ("queue_size",)  # a line of its own: other branches edit the line above
 
 ANY_MODEL = ""
 
@@ -68,6 +72,8 @@ def make_dispatch_policy(name: str, params: DispatchParams | None = None) -> Dis
         return PrefixAffinityIndex(params)
     if name == "predictive":
         return PredictiveIndex(params)
+    if name == "queue_size":
+        return QueueSizeIndex(params)
     if name == "kv_aware":  # its own module (control/policy/kv_aware.py); imported here to avoid a cycle
         from control.policy.kv_aware import KvAwareIndex
 
@@ -612,6 +618,23 @@ class PredictiveIndex(_IndexBase):
 RESERVATION_EXPIRY_DECISIONS = 1024
 """Late binding: a reservation whose request is not asked about again within this many other decisions is
 dropped (the request was cancelled or rejected while held); until then it only keeps one instance for it."""
+
+
+class QueueSizeIndex(_IndexBase):
+    """Llumnix's ``queue`` dispatch: the instance with the fewest waiting requests. Like Llumnix's (a sort on
+    ``num_waiting_requests``, first of equals), ties go to the first instance in id order, so a lightly
+    loaded cluster fills one instance's batch until a request waits there; just-dispatched requests count
+    as waiting until the next snapshot, which keeps a burst from landing on one instance."""
+
+    name = "queue_size"
+
+    def _keys(self, entry: _Entry) -> tuple[Any, ...]:
+        return (entry.snapshot.num_waiting + entry.extra_waiting,)
+
+    def choose(self, demand: RequestDemand) -> str | None:
+        pool = self._pool(demand.model)
+        top = self._top(pool[0]) if pool else None
+        return None if top is None else top[1]
 
 
 def _checkpoints(num_blocks: int) -> list[int]:

@@ -8,6 +8,7 @@ interface (external scripts pass them):
 * ``llumnix``: Llumnix freeness dispatch plus live migration;
 * ``prefix_affinity``: the instance holding the longest prefix of the prompt, else freeness; migration on;
 * ``kv_aware``: KV-cache-aware routing, available once a ``kv_aware`` dispatch policy is registered;
+* ``queue_size``: fewest waiting requests, no migration (the queue-size balancer of Llumnix's README table);
 * ``drover``: the project's recommended default. Change :data:`RECOMMENDED` (and
   :data:`RECOMMENDED_MIGRATION`) to change what it means.
 """
@@ -27,6 +28,7 @@ USER_POLICIES: Mapping[str, tuple[str, bool]] = {
     "llumnix": ("freeness", True),
     "prefix_affinity": ("prefix_affinity", True),
     "kv_aware": ("kv_aware", True),
+    "queue_size": ("queue_size", False),
 }
 
 ALIASES: Mapping[str, str] = {"infaas++": "least_loaded"}

@@ -405,11 +405,12 @@ def _summarise(
 ) -> PolicyRun:
     records = result.requests
     done = [r for r in records if r.done]
-    ttft = [r.prefill for r in done]
+    path = options.preset.request_path_ms / 1000  # outside the engine: shifts TTFT and E2E (see Preset)
+    ttft = [r.prefill + path for r in done]
     tpot = [d for r in done if (d := r.decode_per_token) is not None]
-    e2e = [r.e2e for r in done]
+    e2e = [r.e2e + path for r in done]
     slo_ttft, slo_tpot = options.slo_ttft_s, options.slo_tpot_ms / 1000
-    met = sum(1 for r in done if r.prefill <= slo_ttft and ((d := r.decode_per_token) is None or d <= slo_tpot))
+    met = sum(1 for r in done if r.prefill + path <= slo_ttft and ((d := r.decode_per_token) is None or d <= slo_tpot))
     sims = [r.sim for r in records if r.sim is not None]
     submitted = len(workload)
     horizon = _horizon(result)
@@ -466,9 +467,9 @@ def _summarise(
             "prompt_tokens": r.spec.prompt_len,
             "output_tokens": r.sim.num_output if r.sim is not None else 0,
             "status": _status(r),
-            "ttft_s": r.prefill if r.done else None,
+            "ttft_s": r.prefill + path if r.done else None,
             "tpot_ms": (d * 1000 if (d := r.decode_per_token) is not None else None) if r.done else None,
-            "e2e_s": r.e2e if r.done else None,
+            "e2e_s": r.e2e + path if r.done else None,
             "preemptions": r.sim.num_preemptions if r.sim is not None else 0,
             "recomputed_tokens": r.sim.recomputed_tokens if r.sim is not None else 0,
             "migrations": r.migrations,

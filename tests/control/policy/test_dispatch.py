@@ -140,6 +140,23 @@ def test_least_loaded_uses_physical_usage_not_batch_size() -> None:
     assert fi.choose(demand()) == "few_big"
 
 
+def test_queue_size_picks_fewest_waiting_blind_to_memory() -> None:
+    """Llumnix's queue-size balancer: fewest waiting requests, whatever the memory; ties to the first id;
+    dispatches count as waiting until the next snapshot."""
+    index = make_dispatch_policy("queue_size")
+    index.upsert(snap("a", free=5, running=9, waiting=1))  # nearly full memory, one waiting
+    index.upsert(snap("b", free=90, running=1, waiting=3))
+    index.upsert(snap("c", free=1, running=12, waiting=1))
+    assert index.choose(demand()) == "a"
+    index.on_dispatched("a", demand())
+    assert index.choose(demand()) == "c"
+    index.on_dispatched("c", demand())
+    index.on_dispatched("a", demand())
+    assert index.choose(demand()) == "c"  # a: 3 waiting, b: 3, c: 2
+    index.upsert(snap("b", free=90, running=1, waiting=0))
+    assert index.choose(demand()) == "b"
+
+
 def test_round_robin_cycles_and_skips_draining() -> None:
     index = make_dispatch_policy("round_robin")
     for iid in ("a", "b", "c"):

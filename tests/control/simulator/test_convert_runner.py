@@ -132,3 +132,24 @@ def test_autoscalers_and_kunserve_give_the_stable_row(autoscaler: str, kunserve:
 def test_kunserve_with_an_autoscaler_is_refused() -> None:
     with pytest.raises(ValueError, match="--kunserve"):
         RunOptions(preset=get_preset("llama7b-a10"), instances=2, autoscaler="chiron", kunserve=True).validate()
+
+
+def test_request_path_shifts_ttft_and_e2e_only() -> None:
+    """A preset's request path (measured presets: NATS and actors outside the engine) is added to every TTFT
+    and end-to-end time, counts against the TTFT SLO, and leaves the engine's dynamics and TPOT alone."""
+    import dataclasses
+
+    base = dataclasses.replace(get_preset("tiny-cpu"), request_path_ms=0.0)
+    shifted = dataclasses.replace(base, request_path_ms=40.0)
+    specs = build_workload(WorkloadSpec(kind="poisson", rate=4, lengths="uniform:16:128", requests=40, seed=3))
+    a = run_policy("least_loaded", specs, RunOptions(preset=base, instances=2, slo_ttft_s=1.0))
+    b = run_policy("least_loaded", specs, RunOptions(preset=shifted, instances=2, slo_ttft_s=1.0))
+    assert a.row["completed"] == b.row["completed"] == 40
+    for x, y in zip(a.requests, b.requests, strict=True):
+        assert y["ttft_s"] == pytest.approx(x["ttft_s"] + 0.040)
+        assert y["e2e_s"] == pytest.approx(x["e2e_s"] + 0.040)
+        assert y["tpot_ms"] == pytest.approx(x["tpot_ms"])
+    tight = max(r["ttft_s"] for r in a.requests) + 0.001  # every request meets it without the path
+    met_a = run_policy("least_loaded", specs, RunOptions(preset=base, instances=2, slo_ttft_s=tight))
+    met_b = run_policy("least_loaded", specs, RunOptions(preset=shifted, instances=2, slo_ttft_s=tight))
+    assert met_a.row["slo_attainment"] == 1.0 > met_b.row["slo_attainment"]

@@ -17,8 +17,8 @@ from control.simulator.traces import REPO_ROOT
 SMALL = ["--workload", "poisson", "--rate", "2", "--lengths", "zipf:64:512", "--requests", "60", "--instances", "2"]
 
 
-def drover(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "COLUMNS": "80"}
+def drover(*args: str, cwd: Path | None = None, columns: int = 80) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "COLUMNS": str(columns)}
     return subprocess.run(
         [sys.executable, "-m", "control.cli", "sim", *args],
         capture_output=True,
@@ -30,11 +30,11 @@ def drover(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[s
 
 
 def test_run_json_prints_only_json_lines_one_per_policy() -> None:
-    got = drover("run", *SMALL, "--policy", "round_robin,infaas++,llumnix,drover", "--json")
+    got = drover("run", *SMALL, "--policy", "round_robin,infaas++,llumnix,queue_size,drover", "--json")
     assert got.returncode == 0, got.stderr
     lines = got.stdout.splitlines()
     rows = [json.loads(line) for line in lines]
-    assert [r["policy"] for r in rows] == ["round_robin", "least_loaded", "llumnix", "drover"]
+    assert [r["policy"] for r in rows] == ["round_robin", "least_loaded", "llumnix", "queue_size", "drover"]
     for row in rows:
         assert set(ROW_KEYS) <= set(row)
         assert row["submitted"] == 60
@@ -65,11 +65,19 @@ def test_run_table_fits_and_out_csv(tmp_path: Path) -> None:
         ),
         (["run", *SMALL[:-2], "--lengths", "zipf:64", "--instances", "2", "--policy", "drover"], "--lengths"),
         (["run", "--trace", "no/such.csv", "--instances", "2", "--policy", "drover"], "not found"),
-        (["run", *SMALL, "--policy", "drover", "--preset", "llama7b-tpu"], "unknown preset"),
+        (["run", *SMALL, "--policy", "drover", "--preset", "llama7b-tpu"], "is not one of"),
         (["run", *SMALL, "--policy", "drover", "--max-model-len", "100000"], "KV capacity"),
         (["run", *SMALL, "--policy", "drover", "--autoscaler", "magic"], "--autoscaler"),
         (["convert", "no/such.jsonl"], "not found"),
         (["plan", "--trace", "azure2023_conv", "--slo-ttft-s", "2"], "--slo-tpot-ms"),
+        (["plan", *SMALL[:-2], "--slo-ttft-s", "2", "--slo-tpot-ms", "50", "--preset", "a10"], "unknown preset"),
+        # values the parser itself refuses (choices, ranges, types): the same one line, never a box
+        (["run", *SMALL[:-1], "0", "--policy", "drover"], "--instances"),
+        (["run", *SMALL[:-1], "two", "--policy", "drover"], "--instances"),
+        (["run", *SMALL, "--policy", "drover", "--workload", "burst"], "'poisson', 'gamma'"),
+        (["run", *SMALL, "--policy", "drover", "--requests", "-3"], "--requests"),
+        (["run", *SMALL, "--policy", "drover", "--no-such-flag"], "--no-such-flag"),
+        (["plan", *SMALL[:-2], "--slo-ttft-s", "2", "--slo-tpot-ms", "50", "--target", "1.5"], "--target"),
     ],
 )
 def test_errors_are_one_line_exit_2(args: list[str], needle: str) -> None:
@@ -77,8 +85,18 @@ def test_errors_are_one_line_exit_2(args: list[str], needle: str) -> None:
     assert got.returncode == 2, (got.stdout, got.stderr)
     lines = [line for line in got.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, got.stderr
+    assert lines[0].startswith("drover: error: "), lines[0]  # control/apps/cli_common.py's prefix
     assert needle in lines[0]
-    assert "Traceback" not in got.stderr
+    assert "Traceback" not in got.stderr and "╭" not in got.stderr  # no rich box
+
+
+def test_cli_preset_choices_match_the_presets() -> None:
+    """`--preset`'s choices are spelled out in cli_sim (so `drover --help` need not import the simulator)."""
+    from control.apps.cli_sim import PRESET_NAMES
+    from control.simulator.presets import DEFAULT_PRESET, PRESETS
+
+    assert set(PRESET_NAMES) == set(PRESETS)
+    assert DEFAULT_PRESET in PRESET_NAMES
 
 
 def test_kv_aware_is_accepted_or_refused_in_one_line() -> None:
@@ -132,9 +150,12 @@ def test_plan_finds_the_fewest_instances() -> None:
         assert row["tried"][str(n - 1)] < 0.99
 
 
-def test_help_shows_defaults_and_choices() -> None:
-    got = drover("run", "--help")
-    assert got.returncode == 0
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_help_shows_defaults_and_choices(command: str) -> None:
+    got = drover(command, "--help", columns=200)  # wide: choices are not folded mid-word
+    assert got.returncode == 0, got.stderr
     text = " ".join(got.stdout.split())
-    for needle in ("(default: 2)", "llama7b-a10", "poisson or gamma", "chiron or threshold", "infaas++"):
+    needles = ["(default: 2)", "<poisson|gamma>", "llama7b-a10", "tiny-cpu", "infaas++", "[default: 0]"]
+    needles += ["<fixed|chiron|threshold>", "[default: llama7b-a10]"] if command == "run" else ["[default: 0.99]"]
+    for needle in needles:
         assert needle in text, needle
