@@ -8,6 +8,7 @@ from typing import Any
 
 from actors.control_plane import ControlPlane
 from actors.engine_host import EngineHost
+from control.client import DroverClient
 from control.settings import Settings
 from engines.tokenizer import ByteTokenizer
 from transport.bus import Bus, BusOptions
@@ -36,3 +37,15 @@ class VllmCluster:
             await bus.astop()
         await asyncio.to_thread(self.control.stop)
         await asyncio.to_thread(self.control_bus.stop)
+
+
+async def idle_free_blocks(client: DroverClient) -> dict[str, int]:
+    """Free blocks per instance once every instance reports no running or waiting request."""
+    for _ in range(100):
+        status = await client.status()
+        if all(i.load.num_running == 0 and i.load.num_waiting == 0 for i in status.instances):
+            await asyncio.sleep(0.3)  # one more heartbeat after the last request left
+            status = await client.status()
+            return {i.info.instance_id: i.load.num_free_blocks for i in status.instances}
+        await asyncio.sleep(0.1)
+    raise AssertionError("instances did not become idle")

@@ -4,7 +4,6 @@ colocated run's, and neither side leaks a block. Engines come from the session's
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,7 +11,7 @@ import pytest
 
 from control.client import DroverClient
 from control.settings import load_settings
-from tests.vllm_cluster import VllmCluster
+from tests.vllm_cluster import VllmCluster, idle_free_blocks
 from transport.messages import SamplingParams
 
 pytestmark = pytest.mark.vllm
@@ -39,17 +38,6 @@ async def pd_vllm_cluster(nats_url: str, vllm_engine_factory: Any) -> AsyncItera
         await cluster.add(await vllm_engine_factory.engine(name))
     yield cluster
     await cluster.close()
-
-
-async def idle_free_blocks(client: DroverClient) -> dict[str, int]:
-    for _ in range(100):
-        status = await client.status()
-        if all(i.load.num_running == 0 and i.load.num_waiting == 0 for i in status.instances):
-            await asyncio.sleep(0.3)  # one more heartbeat after the last request left
-            status = await client.status()
-            return {i.info.instance_id: i.load.num_free_blocks for i in status.instances}
-        await asyncio.sleep(0.1)
-    raise AssertionError("instances did not become idle")
 
 
 async def test_prefill_then_decode_on_vllm_equals_colocated(pd_vllm_cluster: VllmCluster) -> None:

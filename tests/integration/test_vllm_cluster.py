@@ -14,7 +14,7 @@ from control.client import DroverClient, DroverError, RequestStream
 from control.settings import load_settings
 from engines.base import EngineRequest
 from engines.tokenizer import ByteTokenizer
-from tests.vllm_cluster import VllmCluster
+from tests.vllm_cluster import VllmCluster, idle_free_blocks
 from transport.messages import ErrorCode, SamplingParams
 
 pytestmark = pytest.mark.vllm
@@ -79,18 +79,6 @@ async def test_cancel_mid_stream(client: DroverClient) -> None:
     result = await stream.result()
     assert result.done is not None and result.done.finish_reason == "abort"
     assert 3 <= len(result.token_ids) < 500
-
-
-async def idle_free_blocks(client: DroverClient) -> dict[str, int]:
-    """Free blocks per instance once every instance reports no running or waiting request."""
-    for _ in range(100):
-        status = await client.status()
-        if all(i.load.num_running == 0 and i.load.num_waiting == 0 for i in status.instances):
-            await asyncio.sleep(0.3)  # one more heartbeat after the last request left
-            status = await client.status()
-            return {i.info.instance_id: i.load.num_free_blocks for i in status.instances}
-        await asyncio.sleep(0.1)
-    raise AssertionError("instances did not become idle")
 
 
 async def _location(client: DroverClient, request_id: str) -> str | None:
