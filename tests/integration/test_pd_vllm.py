@@ -31,6 +31,10 @@ async def pd_vllm_cluster(nats_url: str, vllm_engine_factory: Any) -> AsyncItera
             # during the copy (the default, 2 blocks, is sized for real models; stages then abort with "block N
             # exceeds the reservation" and the request stays on the prefill engine)
             "migration": {"reserve_headroom_blocks": 16},
+            # one control plane with its own in-memory state: the session's nats-server keeps the default state
+            # and lease buckets of earlier tests' control planes (in CI a stale lease record vanished mid-test,
+            # this control plane stepped down for a moment and the handoff was lost)
+            "ha": {"enabled": False},
         }
     )
     cluster = VllmCluster(nats_url, settings, name="drover-control-pd")
