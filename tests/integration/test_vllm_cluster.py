@@ -17,6 +17,7 @@ from engines.tokenizer import ByteTokenizer
 from tests.vllm_cluster import VllmCluster, idle_free_blocks
 from transport.messages import ErrorCode, SamplingParams
 
+pytest_plugins = ["tests.conftest_vllm"]
 pytestmark = pytest.mark.vllm
 
 PROMPTS = ["The quick brown fox", "Drover moves requests", "Once upon a time", "KV blocks"]
