@@ -12,6 +12,9 @@ the front of the waiting queue) until it fits or preempts itself; then, if nothi
 waiting requests are admitted in order while ``max_num_seqs`` and the budget allow and their blocks fit
 (the whole sequence's blocks, as vLLM's ``scheduler_reserve_full_isl``, unless ``reserve_full_prompt`` is
 off; then only the first chunk's).
+With ``chunked_prefill`` off the core follows vLLM v0's ``_schedule_default`` instead (Llumnix's engine):
+waiting prompts are scheduled first, whole, with the full budget, and a step that schedules any runs no
+decodes; the running requests decode only in steps where no prompt could start.
 A request produces a token when its context is fully computed (the end of prefill, then every decode).
 
 Fast-forward: when a step is decode-only and nothing can change until the earliest request finishes or
@@ -256,7 +259,14 @@ class SimEngineCore:
         preempted = False
         prefill_tokens = decode_seqs = decode_context = 0
         prefill_pairs = 0.0  # prefill attention's (query, key) pairs: a chunk attends to what precedes it
-        i = 0
+        # vLLM v0 without chunked prefill (``_schedule_default`` in ``vllm/core/scheduler.py``): waiting
+        # prompts are scheduled first, with the whole token budget, and a step that schedules any runs no
+        # decodes ("Don't schedule decodes if prefills are scheduled"); only when none fits do the running
+        # requests decode (and may preempt). Decodes first would eat the budget a whole prompt needs.
+        prefill_first = not self.config.chunked_prefill and bool(self.waiting)
+        if prefill_first:
+            budget, prefill_tokens, prefill_pairs = self._admit_waiting(now, budget, entries)
+        i = len(self.running) if entries else 0  # prefills were scheduled: no decode this step
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             need = request.context_len - request.num_computed
@@ -276,35 +286,10 @@ class SimEngineCore:
                 prefill_tokens += n
                 prefill_pairs += n * (request.num_computed + (n + 1) / 2)
             i += 1
-        if not preempted:
-            while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
-                request = self.waiting[0]
-                if self.prefix_cache is not None:  # prefix-cache hook: a hit starts the prefill past it
-                    request.num_computed = self.prefix_cache.lookup(request, self.num_free_blocks)
-                need = request.context_len - request.num_computed
-                if not self.config.chunked_prefill and need > budget and entries:
-                    break
-                n = need if not self.config.chunked_prefill else min(need, budget)
-                new_blocks = self.blocks_for(request.num_computed + n) - request.num_blocks
-                free = self.num_free_blocks - self.config.watermark_blocks
-                if new_blocks > free:
-                    break
-                if self.config.reserve_full_prompt and request._waiting_need - request.num_blocks > free:
-                    break
-                self._pop_waiting()
-                request.state = RUNNING
-                if request.admitted_time < 0:
-                    request.admitted_time = now
-                request.num_blocks += new_blocks
-                self.allocated_blocks += new_blocks
-                self.running.append(request)
-                entries.append((request, n))
-                if self.prefix_cache is not None:  # prefix-cache hook: hold the hit, cache the new blocks
-                    self.prefix_cache.schedule(request, n)
-                budget -= n
-                prefill_tokens += n
-                prefill_pairs += n * (request.num_computed + (n + 1) / 2)
-                self.version += 1
+        if not preempted and not prefill_first:
+            budget, tokens, pairs = self._admit_waiting(now, budget, entries)
+            prefill_tokens += tokens
+            prefill_pairs += pairs
         if self.prefix_cache is not None:  # prefix-cache hook: allocation may have evicted cached blocks
             self.prefix_cache.trim(self.num_free_blocks)
         if not entries:
@@ -417,6 +402,43 @@ class SimEngineCore:
         request.num_blocks = 0
         self.requests.pop(request.request_id, None)
         self.version += 1
+
+    def _admit_waiting(self, now: float, budget: int, entries: list[tuple[SimRequest, int]]) -> tuple[int, int, float]:
+        """Admit waiting requests in order while seats, budget and blocks allow (appends to ``entries``).
+
+        Returns the budget left and the prefill tokens and attention pairs added.
+        """
+        prefill_tokens = 0
+        prefill_pairs = 0.0
+        while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
+            request = self.waiting[0]
+            if self.prefix_cache is not None:  # prefix-cache hook: a hit starts the prefill past it
+                request.num_computed = self.prefix_cache.lookup(request, self.num_free_blocks)
+            need = request.context_len - request.num_computed
+            if not self.config.chunked_prefill and need > budget and entries:
+                break
+            n = need if not self.config.chunked_prefill else min(need, budget)
+            new_blocks = self.blocks_for(request.num_computed + n) - request.num_blocks
+            free = self.num_free_blocks - self.config.watermark_blocks
+            if new_blocks > free:
+                break
+            if self.config.reserve_full_prompt and request._waiting_need - request.num_blocks > free:
+                break
+            self._pop_waiting()
+            request.state = RUNNING
+            if request.admitted_time < 0:
+                request.admitted_time = now
+            request.num_blocks += new_blocks
+            self.allocated_blocks += new_blocks
+            self.running.append(request)
+            entries.append((request, n))
+            if self.prefix_cache is not None:  # prefix-cache hook: hold the hit, cache the new blocks
+                self.prefix_cache.schedule(request, n)
+            budget -= n
+            prefill_tokens += n
+            prefill_pairs += n * (request.num_computed + (n + 1) / 2)
+            self.version += 1
+        return budget, prefill_tokens, prefill_pairs
 
     def _allocate_or_preempt(self, request: SimRequest, n: int, now: float) -> tuple[bool, bool]:
         """Give ``request`` the blocks for ``n`` more tokens, preempting the newest running requests.

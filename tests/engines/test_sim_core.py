@@ -65,6 +65,41 @@ def test_chunked_prefill_splits_long_prompt() -> None:
     assert core.num_steps == 4 + 1  # ceil(1000/256) prefill chunks, then one decode
 
 
+def test_vllm_v0_schedules_a_whole_prompt_before_running_decodes() -> None:
+    # vLLM v0 without chunked prefill (``_schedule_default``) schedules waiting prompts first with the whole
+    # budget, and a step with prefills runs no decodes. A prompt as long as the budget used to wait behind
+    # running decodes (each took a token of the budget first) until they all finished.
+    config = SimEngineConfig(
+        max_num_batched_tokens=4096, max_model_len=8192, num_blocks=1024, block_size=16, chunked_prefill=False
+    )
+    core = SimEngineCore(config)
+    decoding = [SimRequest(f"d{i}", prompt_len=16, max_tokens=500) for i in range(2)]
+    for r in decoding:
+        core.add(r)
+    now = run_steps(core, 3)  # the prefill step, then decodes
+    assert all(r.num_output == 3 for r in decoding)
+    long = SimRequest("long", prompt_len=4095, max_tokens=2)
+    core.add(long)
+    end = core.plan(now)
+    assert end is not None
+    outputs = core.finish_plan()
+    assert [o.request.request_id for o in outputs] == ["long"]  # the prompt alone, decodes paused a step
+    assert long.first_token_time == end
+    assert all(r.num_output == 3 for r in decoding)
+    run_steps(core, 1, end)  # then everyone decodes together
+    assert long.num_output == 2 and all(r.num_output == 4 for r in decoding)
+
+
+def run_steps(core: SimEngineCore, steps: int, now: float = 0.0) -> float:
+    for _ in range(steps):
+        end = core.plan(now)
+        assert end is not None
+        core.finish_plan()
+        check_blocks(core)
+        now = end
+    return now
+
+
 def test_preemption_under_memory_pressure_and_everyone_finishes() -> None:
     core = SimEngineCore(SimEngineConfig(num_blocks=64, max_num_seqs=16, block_size=16))
     requests = [SimRequest(f"r{i}", prompt_len=100, max_tokens=200) for i in range(8)]
