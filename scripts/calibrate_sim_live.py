@@ -2,7 +2,8 @@
 preset), TTFT, TPOT and end-to-end latency side by side, and the gap.
 
     flock /tmp/drover-heavy.lock python -m scripts.calibrate_sim_live [--requests 24] [--rate 1] [--instances 2]
-        [--lengths uniform:32:256] [--seed 0] [--fit-seed 1] [--kind vllm|sim] [--probe 0]
+        [--lengths uniform:32:256] [--seed 0] [--fit-seed 1] [--kind vllm|sim] [--probe 0] [--repeats 1]
+        [--json FILE]
 
 Both sides get the same requests (seeded Poisson arrivals, the given lengths, ``ignore_eos`` so every request
 generates exactly its output length) and the same dispatch (``least_loaded``, no migration). The aim stated
@@ -13,6 +14,11 @@ two serving constants on it: the per-step overhead (live median TPOT minus the b
 request path (live median TTFT minus the simulator's with that overhead); the workload of ``--seed`` is then
 compared against the bare forward pass, the committed ``tiny-cpu`` preset and the freshly fitted constants,
 so the check is on requests the fit did not see.
+
+``--repeats N`` sends the compared workload N times through the same cluster (one after another): the live
+side's spread from run to run is the noise floor any gap has to be read against, and each repeat's gap is
+printed. ``--json FILE`` writes every live request's measurements (and the probe's) as JSON, so another fit
+can be tried offline without a new live run.
 
 Before the workloads, ``--probe N`` sends N lone requests one after another (a 16-token prompt, 64 output
 tokens; nothing else running) and prints what the ``tiny-cpu`` preset's two serving constants would be from
@@ -26,7 +32,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -59,6 +68,7 @@ async def drive(url: str, specs: list[RequestSpec]) -> dict[str, list[float]]:
         "ttft_s": [r[0] for r in results],
         "tpot_ms": [r[1] * 1000 for r in results if r[1] is not None],
         "e2e_s": [r[2] for r in results],
+        "tpot_all_ms": [r[1] * 1000 if r[1] is not None else -1.0 for r in results],  # per request, in order
     }
 
 
@@ -151,7 +161,11 @@ def main() -> None:
     )
     parser.add_argument("--kind", default="vllm", choices=["vllm", "sim"], help="live engine kind")
     parser.add_argument("--probe", type=int, default=0, help="lone requests measuring the serving constants (0: none)")
+    parser.add_argument("--repeats", type=int, default=1, help="live runs of the compared workload (spread)")
+    parser.add_argument("--json", type=Path, default=None, help="write the live measurements here")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
 
     def workload(seed: int) -> list[RequestSpec]:
         return build_workload(
@@ -171,7 +185,18 @@ def main() -> None:
         asyncio.run(wait_ready(cluster, args.instances, timeout_s=600))
         probed = asyncio.run(probe(cluster.url, args.probe)) if args.probe > 0 else None
         fit_live = asyncio.run(drive(cluster.url, fit_specs)) if fit_specs is not None else None
-        live = asyncio.run(drive(cluster.url, specs))
+        lives = [asyncio.run(drive(cluster.url, specs)) for _ in range(args.repeats)]
+    live = lives[0]
+    if args.json is not None:
+        dump: dict[str, Any] = {
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "specs": [[s.arrival, s.prompt_len, s.output_len] for s in specs],
+            "fit_specs": [[s.arrival, s.prompt_len, s.output_len] for s in fit_specs] if fit_specs else None,
+            "probe": probed,
+            "fit_live": fit_live,
+            "live": lives,
+        }
+        args.json.write_text(json.dumps(dump))
     print(f"{len(specs)} requests, Poisson {args.rate}/s, lengths {args.lengths}, {args.instances} instances")
     if probed is not None:
         print(f"probe ({args.probe} lone requests, {PROBE_PROMPT}-token prompt, {PROBE_OUTPUT} tokens): "
@@ -188,8 +213,29 @@ def main() -> None:
     if fit_specs is not None and fit_live is not None:
         overhead, path = fit(fit_specs, fit_live, args.instances)
         print(f"fitted on seed {args.fit_seed}: step overhead {overhead:.2f} ms, request path {path:.1f} ms")
-        table(f"seed {args.seed} against the constants fitted on seed {args.fit_seed}:", live,
-              simulated(specs, args.instances, with_constants(overhead, path)))  # fmt: skip
+        fitted = simulated(specs, args.instances, with_constants(overhead, path))
+        table(f"seed {args.seed} against the constants fitted on seed {args.fit_seed}:", live, fitted)
+        if len(lives) > 1:
+            spread(lives, fitted, f"the constants fitted on seed {args.fit_seed}")
+    if len(lives) > 1:
+        spread(lives, simulated(specs, args.instances, committed), "tiny-cpu as committed")
+
+
+def spread(lives: list[dict[str, list[float]]], sim: dict[str, list[float]], what: str) -> None:
+    """Each live repeat's percentiles and sim/live gap, and their range over the repeats."""
+    print(f"{len(lives)} live repeats of the compared workload against {what}:")
+    print(f"{'metric':<10} {'stat':>4} {'sim':>10} {'live per repeat':>30} {'live max/min':>12} {'sim/live range':>16}")
+    for metric in ("ttft_s", "tpot_ms", "e2e_s"):
+        for q in (50, 99):
+            b = float(np.percentile(sim[metric], q))
+            values = [float(np.percentile(live[metric], q)) for live in lives]
+            gaps = [b / a if a > 0 else float("nan") for a in values]
+            cells = " ".join(f"{v:.4f}" for v in values)
+            print(
+                f"{metric:<10} p{q:<3} {b:>10.4f} {cells:>30} {max(values) / min(values):>12.2f} "
+                f"{min(gaps):>7.2f}-{max(gaps):<7.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
