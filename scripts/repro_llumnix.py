@@ -19,8 +19,10 @@ Poisson arrivals at 54-58 req/s, ShareGPT lengths; mean and p99 TTFT ("prefill")
 decode latency ("decode", TBT) for Llumnix, a queue-size balancer (``queue_size``) and round-robin. ShareGPT
 itself is not in the repository: its lengths are stood in for by Zipf power laws with ShareGPT's mean
 prompt (161 tokens) and output (338 tokens) lengths as the vLLM paper reports them (Kwon et al., SOSP 2023,
-sec. 6.1), each capped at 4,095 tokens so that prompt + output stays under the 8,192 tokens Llumnix's
-benchmark keeps (benchmark/benchmark_serving.py, ``--max_request_len``).
+arXiv 2309.06180: Fig. 11's legend, 161.31 and 337.99, cited from sec. 6.1; consistent with the text's "8.4x
+longer input prompts and 5.8x longer outputs" than Alpaca's 19.31 / 58.45), each capped at 4,095 tokens so
+that prompt + output stays under the 8,192 tokens Llumnix's benchmark keeps (benchmark/benchmark_serving.py,
+``--max_request_len``).
 """
 
 from __future__ import annotations
