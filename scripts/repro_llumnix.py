@@ -118,7 +118,7 @@ def _ratio(a: Any, b: Any) -> float:
     return a / b if isinstance(a, float) and isinstance(b, float) and b > 0 else math.nan
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000, help="Requests per generated point.")
     parser.add_argument("--seed", type=int, default=0)
@@ -137,7 +137,7 @@ def main() -> None:
     parser.add_argument(
         "--length-scale", type=float, default=1.0, help="--readme ablation: multiply ShareGPT's mean lengths."
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.readme and args.preset == "llama7b-a10":
         args.preset = "qwen2.5-7b-a10"
     preset = get_preset(args.preset)

@@ -1,4 +1,4 @@
-"""The Chiron and KunServe reproduction scripts run end to end at a tiny grid and print one row per point.
+"""The Chiron, KunServe and Llumnix-README reproduction scripts run end to end at a tiny grid, a row per point.
 
 Real simulator, no doubles; no timing asserts (only which rows exist and that the numbers are sane)."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts import repro_chiron, repro_kunserve
+from scripts import repro_chiron, repro_kunserve, repro_llumnix
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -80,3 +80,17 @@ def test_repro_chiron_tiny_grid(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "summary: drover vs llumnix overall SLO" in printed
     for stem in ("repro_chiron_slo", "repro_chiron_cost"):
         assert (tmp_path / f"{stem}.png").stat().st_size > 0
+
+
+def test_repro_llumnix_readme_tiny_grid_under_vllm_v0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "rows.jsonl"
+    repro_llumnix.main(["--readme", "--vllm-v0", "--requests", "60", "--rates", "54", "--json", str(out)])
+    rows = read_rows(out)
+    assert [r["policy"] for r in rows] == list(repro_llumnix.README_POLICIES)
+    for r in rows:
+        assert r["preset"] == "qwen2.5-7b-a10" and r["rate"] == 54.0
+        assert r["completed"] + r["rejected"] + r["unfinished"] == r["submitted"] == 60
+        assert r["completed"] > 0 and r["ttft_p99_s"] > 0
+    printed = capsys.readouterr().out
+    assert "(vLLM v0 scheduling)" in printed
+    assert "vs round_robin: TTFT mean" in printed and "vs queue_size : TTFT mean" in printed
