@@ -3,7 +3,7 @@ preset), TTFT, TPOT and end-to-end latency side by side, and the gap.
 
     flock /tmp/drover-heavy.lock python -m scripts.calibrate_sim_live [--requests 24] [--rate 1] [--instances 2]
         [--lengths uniform:32:256] [--seed 0] [--fit-seed 1] [--kind vllm|sim] [--probe 0] [--repeats 1]
-        [--json FILE]
+        [--json FILE] [--from-json FILE] [--fit-mode step|scale|seq] [--plot DIR]
 
 Both sides get the same requests (seeded Poisson arrivals, the given lengths, ``ignore_eos`` so every request
 generates exactly its output length) and the same dispatch (``least_loaded``, no migration). The aim stated
@@ -279,6 +279,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the live measurements here")
     parser.add_argument("--from-json", type=Path, default=None, help="compare from a --json file (no live run)")
     parser.add_argument("--fit-mode", default="step", choices=["step", "scale", "seq"], help="serving model fitted")
+    parser.add_argument("--plot", type=Path, default=None, help="write TTFT, TPOT and E2E CDFs (PNG) here")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -330,8 +331,22 @@ def main() -> None:
         table(f"seed {args.seed} against the constants fitted on seed {args.fit_seed}:", live, fitted)
         if len(lives) > 1:
             spread(lives, fitted, f"the constants fitted on seed {args.fit_seed}")
+    else:
+        fitted = None
+    as_committed = simulated(specs, args.instances, committed)
     if len(lives) > 1:
-        spread(lives, simulated(specs, args.instances, committed), "tiny-cpu as committed")
+        spread(lives, as_committed, "tiny-cpu as committed")
+    if args.plot is not None:
+        from scripts.plotting import cdf_plot  # matplotlib only when plotting
+
+        for metric, unit in (("ttft_s", "s"), ("tpot_ms", "ms"), ("e2e_s", "s")):
+            series = {f"live, repeat {n + 1}": one[metric] for n, one in enumerate(lives)}
+            series["sim, tiny-cpu as committed"] = as_committed[metric]
+            if fitted is not None:
+                series[f"sim, fitted on seed {args.fit_seed} ({args.fit_mode})"] = fitted[metric]
+            name = metric.rsplit("_", 1)[0].upper()
+            cdf_plot(args.plot, f"calibration_{metric}", series, xlabel=f"{name} ({unit})",
+                     title=f"{name}: live vLLM-CPU against the simulator, seed {args.seed}", log_x=True)  # fmt: skip
 
 
 def spread(lives: list[dict[str, list[float]]], sim: dict[str, list[float]], what: str) -> None:
