@@ -50,12 +50,15 @@ from control.policy.params import PolicyParams
 from control.policy.recommended import user_policy_params as named_policy
 from control.policy.snapshots import RequestDemand
 from control.simulator import ClusterConfig, LengthSpec, SimulationResult, generate_workload, load_trace, simulate
+from control.simulator.cluster import ClusterSimulator
+from control.simulator.prefix import PrefixTrace
 from control.simulator.presets import get_preset
-from control.simulator.runner import ObservedCluster, weighted_percentile
+from control.simulator.runner import ObservedCluster, ObservedPrefixCluster, weighted_percentile
 from control.simulator.traces import AZURE_CONV, MOONCAKE_SYNTHETIC
 from control.simulator.workload import RequestSpec, describe
 from engines.sim.core import SimEngineConfig
 from engines.sim.cost_model import CostModel
+from engines.sim.prefix_cache import TRACE_BLOCK_TOKENS
 from scripts.bench_policy_scale import percentiles_us, random_snapshot
 
 AZURE_TRACE = AZURE_CONV
@@ -499,6 +502,21 @@ class Setting:
             max_total_len=self.engine.max_model_len,
         )
 
+    prefix_caching: bool = False
+    """Engines model vLLM's automatic prefix caching from the trace's ``hash_ids`` (every policy alike; those
+    that keep a prefix index are fed the engines' cache events, as live)."""
+
+    def simulator(self, policy: PolicyParams, rate: float, seed: int) -> ClusterSimulator:
+        """The simulator of one run, with the per-token gaps observed (ITL)."""
+        specs = self.workload(rate, seed)
+        if self.prefix_caching:
+            trace = PrefixTrace(specs, {s.request_id: s.prefix_hashes for s in specs}, TRACE_BLOCK_TOKENS)
+            return ObservedPrefixCluster(self.config(policy), trace)
+        return ObservedCluster(self.config(policy), specs)
+
+    def simulate(self, policy: PolicyParams, rate: float, seed: int) -> SimulationResult:
+        return self.simulator(policy, rate, seed).run()
+
     def config(self, policy: PolicyParams) -> ClusterConfig:
         if self.preset is not None:
             config = get_preset(self.preset).cluster_config(self.instances, policy)
@@ -533,6 +551,7 @@ def goodput_settings() -> list[Setting]:
             instances=8,
             trace_span_s=1022.0,
             preset=h200.name,
+            prefix_caching=True,
         ),
         # the stand-in used before the presets landed, and the default instance of the first round
         Setting("paper poisson", A10_ENGINE, A10_COST, cv=1.0),
@@ -614,7 +633,7 @@ def goodput(setting: Setting, policy: PolicyParams, seed: int, slo: tuple[float,
 
     def ok(rate: float) -> bool:
         if rate not in cache:
-            cache[rate] = attainment(simulate(setting.config(policy), setting.workload(rate, seed)), *slo)
+            cache[rate] = attainment(setting.simulate(policy, rate, seed), *slo)
             print(
                 f"   [{setting.name} {policy.dispatch_policy} seed {seed}] rate {rate:.2f}: {cache[rate]:.3f}",
                 file=sys.stderr,
@@ -666,7 +685,8 @@ TAIL_FRACTIONS = (0.25, 0.5, 0.8, 1.0, 1.25)
 def observed_run(setting: Setting, policy: PolicyParams, rate: float, seed: int) -> tuple[SimulationResult, float]:
     """One run with per-token gaps recorded: the result and p99 inter-token latency in seconds (every gap
     between consecutive tokens of a request, as ``drover sim run`` reports ``itl_p99_ms``)."""
-    sim = ObservedCluster(setting.config(policy), setting.workload(rate, seed))
+    sim = setting.simulator(policy, rate, seed)
+    assert isinstance(sim, (ObservedCluster, ObservedPrefixCluster))
     result = sim.run()
     itl = weighted_percentile(sim.gaps, sim.gap_weights, 99)
     return result, math.nan if itl is None else itl
@@ -751,6 +771,8 @@ def ablation_variants() -> dict[str, PolicyParams]:
         "least_loaded": named_policy("least_loaded"),
         "llumnix": named_policy("llumnix"),
         "predictive, no late binding": dataclasses.replace(drover, predict_hold=False),
+        "drover, no prefix awareness": dataclasses.replace(drover, predict_prefix=False),
+        "kv_aware": named_policy("kv_aware"),
         "drover + load migr. (freeness)": dataclasses.replace(drover, **load_migration),
         "drover + load migr. (pressure)": dataclasses.replace(drover, migration_sources="pressure"),
         "drover + llumnix migr.": dataclasses.replace(drover, **llumnix_migration, **load_migration),
@@ -798,7 +820,7 @@ def section_ablation(
             good = [goodput(setting, params, seed, slo)["goodput"] for seed in seeds] if with_goodput else [math.nan]
             att, ttft, tpot, migr, max_per, mtp, otp, pre = [], [], [], [], [], [], [], []
             for seed in seeds:
-                result = simulate(setting.config(params), setting.workload(rate, seed))
+                result = setting.simulate(params, rate, seed)
                 att.append(attainment(result, *slo))
                 ttft.append(result.prefill.p99)
                 tpot.append(result.decode.p99 * 1e3)

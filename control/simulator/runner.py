@@ -39,6 +39,7 @@ from control.simulator.hardware import Hardware
 from control.simulator.memory import MemSimConfig, MemSimResult
 from control.simulator.memory import simulate as simulate_memory
 from control.simulator.metrics import RequestMetrics, SimulationResult
+from control.simulator.prefix import PrefixClusterSimulator
 from control.simulator.presets import GIB, Preset
 from control.simulator.traces import TRACES_DIR, resolve_trace
 from control.simulator.workload import LengthSpec, RequestSpec, arrival_times, load_trace
@@ -295,6 +296,15 @@ class ObservedCluster(_Observer, ClusterSimulator):
 
 
 class ObservedElastic(_Observer, ElasticSimulator):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._observe_init()
+
+
+class ObservedPrefixCluster(_Observer, PrefixClusterSimulator):
+    """The prefix-caching simulator (engines with vLLM's prefix cache, a prefix index fed by their events)
+    with the same observations (per-token gaps) as :class:`ObservedCluster`."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._observe_init()
