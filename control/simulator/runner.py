@@ -33,13 +33,13 @@ import numpy as np
 
 from control.policy.autoscaling import PerRole, SloParams
 from control.policy.recommended import canonical_policy, user_policy_params
-from control.simulator.cluster import ClusterSimulator
+from control.simulator.cluster import ClusterConfig, ClusterSimulator
 from control.simulator.elastic import ElasticConfig, ElasticSimulator
 from control.simulator.hardware import Hardware
 from control.simulator.memory import MemSimConfig, MemSimResult
 from control.simulator.memory import simulate as simulate_memory
 from control.simulator.metrics import RequestMetrics, SimulationResult
-from control.simulator.prefix import PrefixClusterSimulator
+from control.simulator.prefix import PrefixClusterSimulator, PrefixTrace
 from control.simulator.presets import GIB, Preset
 from control.simulator.traces import TRACES_DIR, resolve_trace
 from control.simulator.workload import LengthSpec, RequestSpec, arrival_times, load_trace
@@ -359,9 +359,9 @@ def run_policy(policy: str, workload: Sequence[RequestSpec], options: RunOptions
     cluster = preset.cluster_config(options.instances, params, max_model_len=options.max_model_len)
     started = time.perf_counter()
     cpu_started = time.process_time()
-    sim: ObservedCluster | ObservedElastic
+    sim: ObservedCluster | ObservedElastic | ObservedPrefixCluster
     if options.autoscaler == "fixed":
-        sim = ObservedCluster(cluster, workload)
+        sim = fixed_simulator(cluster, workload)
         result = sim.run()
         instance_seconds = options.instances * _horizon(result)
         extra: dict[str, Any] = {}
@@ -388,9 +388,23 @@ def run_policy(policy: str, workload: Sequence[RequestSpec], options: RunOptions
     run = _summarise(name, workload, options, result, instance_seconds, wall, sim)
     run.row.update(extra)
     # on a shared, oversubscribed machine wall time overstates the simulator's cost; CPU time does not
+    if isinstance(sim, ObservedPrefixCluster):  # an added key: the cluster's prefix-cache hit rate
+        run.row["prefix_hit_rate"] = sim.prefix_summary().hit_rate
     run.row["cpu_s"] = cpu
     run.row["speed_cpu_x"] = result.virtual_s / cpu if cpu > 0 else None
     return run
+
+
+def fixed_simulator(cluster: ClusterConfig, workload: Sequence[RequestSpec]) -> ObservedCluster | ObservedPrefixCluster:
+    """A fixed fleet's simulator. A trace with prefix hashes (``hash_ids``) runs with vLLM's automatic prefix
+    caching in every engine, as vLLM v1 serves by default, whatever the policy (so INFaaS++ and ``drover``
+    are compared on the same caching); the policies that keep a prefix index are fed the engines' cache
+    events, as live. Without hashes: the plain simulator."""
+    first = next((s for s in workload if s.prefix_hashes), None)
+    if first is None:
+        return ObservedCluster(cluster, workload)
+    hashes = {s.request_id: s.prefix_hashes for s in workload if s.prefix_hashes}
+    return ObservedPrefixCluster(cluster, PrefixTrace(list(workload), hashes, first.prefix_block_tokens))
 
 
 def _horizon(result: SimulationResult) -> float:
@@ -411,7 +425,7 @@ def _summarise(
     result: SimulationResult,
     instance_seconds: float,
     wall: float,
-    sim: ObservedCluster | ObservedElastic,
+    sim: ObservedCluster | ObservedElastic | ObservedPrefixCluster,
 ) -> PolicyRun:
     records = result.requests
     done = [r for r in records if r.done]
