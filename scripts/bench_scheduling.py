@@ -853,6 +853,56 @@ def section_ablation(
     return out
 
 
+CLIFF_FRACTIONS = (0.8, 0.9, 1.0, 1.1, 1.2, 1.4)
+
+
+def section_cliff(
+    setting: Setting, policies: Sequence[str], base: float, seeds: Sequence[int], kv_factor: float = 2.0
+) -> dict[str, Any]:
+    """Why a setting's knee is where it is: at fixed rates around ``base`` (least_loaded's goodput), per
+    policy, SLO attainment, the time-averaged KV usage of the instances, which SLO the misses broke, and
+    preemptions; then the same with ``kv_factor`` x the KV blocks (a capacity cliff moves with the KV for
+    every policy alike; a dispatch inefficiency would not)."""
+    slo = slo_for(setting)
+    out: dict[str, Any] = {}
+    bigger = dataclasses.replace(setting.engine, num_blocks=int(setting.engine.num_blocks * kv_factor))
+    print(
+        f"\n== capacity cliff, {setting.name}: SLO TTFT {slo[0]:.2f} s, TPOT {slo[1] * 1e3:.0f} ms; "
+        f"rates = fractions of {base:g}; mean of {len(seeds)} seeds"
+    )
+    print(f"{'KV':>4} {'rate':>6} {'policy':<14} {'attain':>7} {'KV usage':>8} {'TTFT miss':>9} {'TPOT miss':>9}")
+    for label, engine in (("1x", setting.engine), (f"{kv_factor:g}x", bigger)):
+        shaped = dataclasses.replace(setting, engine=engine)
+        for fraction in CLIFF_FRACTIONS:  # with more KV: the same fractions of kv_factor x base
+            rate = round(base * fraction * (1.0 if label == "1x" else kv_factor), 3)
+            for name in policies:
+                att, kv, ttft_miss, tpot_miss = [], [], [], []
+                for seed in seeds:
+                    sim = shaped.simulator(named_policy(name), rate, seed)
+                    assert isinstance(sim, (ObservedCluster, ObservedPrefixCluster))
+                    result = sim.run()
+                    att.append(attainment(result, *slo))
+                    kv.append(sim.kv_area / sim.sampled_s if sim.sampled_s > 0 else math.nan)
+                    n = max(1, len(result.requests))
+                    ttft_miss.append(sum(1 for r in result.requests if not r.done or r.prefill > slo[0]) / n)
+                    tpot_miss.append(
+                        sum(1 for r in result.requests if r.done and (r.decode_per_token or 0.0) > slo[1]) / n
+                    )
+                row = {
+                    "attainment": statistics.fmean(att),
+                    "kv_usage": statistics.fmean(kv),
+                    "ttft_miss": statistics.fmean(ttft_miss),
+                    "tpot_miss": statistics.fmean(tpot_miss),
+                }
+                out[f"{label}/{rate:g}/{name}"] = row
+                print(
+                    f"{label:>4} {rate:>6.3g} {name:<14} {row['attainment']:>7.3f} {row['kv_usage']:>8.3f} "
+                    f"{row['ttft_miss']:>9.3f} {row['tpot_miss']:>9.3f}",
+                    flush=True,
+                )
+    return out
+
+
 def plot_goodput(directory: Path, results: dict[str, Any]) -> None:
     from scripts import plotting
 
@@ -891,7 +941,20 @@ def main() -> None:
     parser.add_argument("--ablation-rate", type=float, default=1.5, help="fixed load, x least_loaded's goodput")
     parser.add_argument("--ablation-goodput", action="store_true", help="also bisect every variant's goodput (slow)")
     parser.add_argument("--no-tails", action="store_true", help="goodput only, without the fixed-load tails")
+    parser.add_argument(
+        "--cliff", type=float, default=None, help="capacity-cliff check around this rate (first of --settings)"
+    )
     args = parser.parse_args()
+    if args.cliff is not None:
+        wanted = [w.strip() for w in args.settings.split(",") if w.strip()]
+        chosen = [dataclasses.replace(s, duration_s=args.duration) for s in goodput_settings() if s.name in wanted]
+        if not chosen:
+            parser.error(f"--settings: choose from {', '.join(s.name for s in goodput_settings())}")
+        names = [p.strip() for p in args.policies.split(",") if p.strip()]
+        cliff = section_cliff(chosen[0], names, args.cliff, list(range(args.seed, args.seed + args.seeds)))
+        if args.json:
+            args.json.write_text(json.dumps(cliff, indent=1, default=str))
+        return
     if args.ablation:
         wanted = [w.strip() for w in args.settings.split(",") if w.strip()]
         chosen = [s for s in goodput_settings() if s.name in wanted]
