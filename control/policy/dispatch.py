@@ -34,6 +34,7 @@ import heapq
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from heapq import heappop, heappush
+from itertools import islice
 from typing import Any, Protocol
 
 from control.policy.freeness import INF, dispatch_freeness, physical_usage, priority_headroom_blocks
@@ -630,11 +631,11 @@ class PredictiveIndex(_IndexBase):
         if not deepest:
             return None
         found: dict[str, int] = {}
-        for iid in list(index.holders(hashes[deepest - 1]))[: self._HOLDERS]:
+        for iid in islice(index.holders(hashes[deepest - 1]), self._HOLDERS):
             found[iid] = deepest
         half = deepest // 2
         if half and len(found) < self._HOLDERS:
-            for iid in list(index.holders(hashes[half - 1]))[: self._HOLDERS]:
+            for iid in islice(index.holders(hashes[half - 1]), self._HOLDERS):
                 if iid not in found:
                     found[iid] = index.overlap(iid, hashes, deepest, half)
         params = self.params
