@@ -853,7 +853,7 @@ def section_ablation(
     return out
 
 
-CLIFF_FRACTIONS = (0.8, 0.9, 1.0, 1.1, 1.2, 1.4)
+CLIFF_FRACTIONS = (0.8, 1.0, 1.2, 1.4)
 
 
 def section_cliff(
