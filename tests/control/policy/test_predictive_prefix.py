@@ -31,9 +31,7 @@ def snap(iid: str, free: int, *, waiting_blocks: int = 0, running: int = 0, tota
 
 
 def demand(rid: str, hashes: tuple[int, ...] = HASHES) -> RequestDemand:
-    return RequestDemand(
-        rid, num_prompt_tokens=len(HASHES) * BS, num_blocks=len(HASHES), prefix_block_hashes=hashes
-    )
+    return RequestDemand(rid, num_prompt_tokens=len(HASHES) * BS, num_blocks=len(HASHES), prefix_block_hashes=hashes)
 
 
 def index_of(*snapshots: InstanceSnapshot, params: DispatchParams = PREFIX) -> PredictiveIndex:
