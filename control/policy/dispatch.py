@@ -84,6 +84,14 @@ def make_dispatch_policy(name: str, params: DispatchParams | None = None) -> Dis
     raise ValueError(f"unknown dispatch policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
 
 
+def reads_engine_block_hashes(params: DispatchParams, dispatch_policy: str) -> bool:
+    """Whether ``dispatch_policy`` with ``params`` scores a request by the vLLM block hashes of its prompt
+    (its prefix index is keyed by what engines report): ``kv_aware``, and ``predictive`` with
+    ``predict_prefix`` (``drover``). A shell building a :class:`RequestDemand` fills
+    ``prefix_block_hashes`` with ``control.policy.block_hash.vllm_block_hashes`` when this is True."""
+    return dispatch_policy == "kv_aware" or (dispatch_policy == "predictive" and params.predict_prefix)
+
+
 def prefix_block_hashes(token_ids: Sequence[int], block_size: int) -> tuple[int, ...]:
     """Chained hashes of the prompt's full blocks (as vLLM's prefix cache): hash i covers tokens
     [0, (i+1)*block_size), so an instance holding hash i holds the whole prefix up to it. Python hashes

@@ -42,7 +42,7 @@ RECOMMENDED_DISPATCH: Mapping[str, object] = {"predict_hold": True, "predict_pre
 """Late binding: a request no instance can start now waits in the scheduler's queue, with one EASY-backfilling
 reservation (docs/policies.md, "Late binding"); and prefix-aware: an instance caching the prompt's prefix wins
 when its predicted time to first token (the work ahead plus the uncached prompt) is the soonest
-(docs/policies.md, "Prefix-aware predictive dispatch"). Without prefix reports (no engine caches, or prompts
+(docs/policies.md, "Dispatch: prefix-aware"). Without prefix reports (no engine caches, or prompts
 without hashes) the decisions are exactly those of late binding alone."""
 
 RECOMMENDED_MIGRATION: Mapping[str, object] = {

@@ -387,9 +387,9 @@ def run_policy(policy: str, workload: Sequence[RequestSpec], options: RunOptions
     cpu = time.process_time() - cpu_started
     run = _summarise(name, workload, options, result, instance_seconds, wall, sim)
     run.row.update(extra)
-    # on a shared, oversubscribed machine wall time overstates the simulator's cost; CPU time does not
     if isinstance(sim, ObservedPrefixCluster):  # an added key: the cluster's prefix-cache hit rate
         run.row["prefix_hit_rate"] = sim.prefix_summary().hit_rate
+    # on a shared, oversubscribed machine wall time overstates the simulator's cost; CPU time does not
     run.row["cpu_s"] = cpu
     run.row["speed_cpu_x"] = result.virtual_s / cpu if cpu > 0 else None
     return run

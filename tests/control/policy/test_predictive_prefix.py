@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 
-from control.policy.dispatch import PredictiveIndex, make_dispatch_policy
+from control.policy.dispatch import PredictiveIndex, make_dispatch_policy, reads_engine_block_hashes
 from control.policy.params import DispatchParams
 from control.policy.recommended import user_policy_params
 from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot
@@ -48,7 +48,11 @@ def cache(index: PredictiveIndex, iid: str, blocks: int) -> None:
 
 
 def test_drover_is_prefix_aware_and_other_policies_keep_no_index() -> None:
-    assert user_policy_params("drover").predict_prefix
+    drover = user_policy_params("drover")
+    assert drover.predict_prefix
+    assert reads_engine_block_hashes(drover.dispatch_params(), drover.dispatch_policy)
+    assert not reads_engine_block_hashes(DispatchParams(), "predictive")
+    assert not reads_engine_block_hashes(PREFIX, "least_loaded")
     assert make_dispatch_policy("predictive", DispatchParams()).prefix_index is None  # type: ignore[attr-defined]
 
 
