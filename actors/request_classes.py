@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sized
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from control.core.classes import BatchQueue
 from control.policy.autoscaling import (
     ROLES,
     AutoscaleParams,
@@ -103,7 +102,7 @@ class RequestClasses:
         self,
         settings: Settings,
         evict: Callable[[str, str], None] | None = None,
-        batch_queue: BatchQueue | None = None,
+        batch_queue: Sized = (),
     ) -> None:
         """Thread: the one that builds the actor (before its own thread starts)."""
         self.params: AutoscaleParams = settings.autoscaling
@@ -116,7 +115,7 @@ class RequestClasses:
         self.role_overrides: dict[str, InstanceRole] = {}
         self.local: dict[str, LocalReport] = {}
         self.first_seen: dict[str, float] = {}
-        self.batch_queue = batch_queue if batch_queue is not None else BatchQueue()
+        self.batch_queue = batch_queue
         """The core's global batch queue (the dispatcher's): only its length is read here (the autoscaler's view)."""
         self.deadlines: dict[str, tuple[float, int]] = {}  # unfinished batch request -> (deadline, tokens)
         self.dispatched_at: dict[str, float] = {}  # interactive request -> dispatch time (monotonic)
