@@ -649,10 +649,7 @@ class SchedulerActor(SupervisedActor):
 
     def _no_room(self, request_id: str, token_ids: list[int], submit: SubmitRequest) -> bool:
         """Thread: the scheduler actor's thread."""
-        demand = self._demand(request_id, token_ids, submit)
-        chosen = self.policy.choose(demand)
-        self._record("choose", request_id, (demand,), chosen)
-        return chosen is None
+        return not self.dispatch.fits_now(self._demand(request_id, token_ids, submit))
 
     def _demand(self, request_id: str, token_ids: list[int], submit: SubmitRequest) -> RequestDemand:
         """Thread: the scheduler actor's thread."""

@@ -143,6 +143,13 @@ class Dispatcher:
         self._dispatched(target, demand)
         return Place(demand.request_id, target, evict)
 
+    def fits_now(self, demand: RequestDemand) -> bool:
+        """Whether some instance would take the request now (admission asks when a queue is at its limit);
+        nothing is placed or counted."""
+        chosen = self.index.choose(demand)
+        self._record("choose", demand.request_id, (demand,), chosen)
+        return chosen is not None
+
     def _dispatched(self, instance_id: str, demand: RequestDemand) -> None:
         self.index.on_dispatched(instance_id, demand)
         self._record("dispatched", demand.request_id, (instance_id, demand), None)

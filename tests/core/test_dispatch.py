@@ -97,6 +97,8 @@ def test_a_request_that_fits_nowhere_waits_and_holds_back_later_ones() -> None:
     assert shell.run(core.submit(shell.add("small", blocks=1), shell, 0.1)) == []  # behind the held one
     assert list(core.pending) == ["big", "small"]
     assert shell.run(core.retry(shell, 0.2)) == []  # still no room for the head
+    big = shell.requests["big"].demand
+    assert not core.fits_now(big) and list(core.pending) == ["big", "small"]  # admission's question: no change
     index.upsert(snapshot("a", free=100, total=200, running=3))  # a heartbeat shows room
     assert shell.run(core.retry(shell, 0.3)) == ["big", "small"] and not core.pending
 
