@@ -25,6 +25,7 @@ from opentelemetry import trace
 from actors.client_replies import ClientReplies, owner_of
 from actors.control_state import ControlState, restore_into
 from actors.dispatching import SchedulerView
+from actors.failover import Recovered, read_delivered
 from actors.memory_manager import MemoryManager
 from actors.migrator import MigrationEnded, StartMigration
 from actors.prefix_feed import ResyncRequests, apply_prefix_report, prefix_aware_destinations
@@ -69,7 +70,6 @@ from transport.messages import (
     DrainCommand,
     EngineAbort,
     EngineAdd,
-    EngineFence,
     EngineInfo,
     EngineRequestEnded,
     ErrorCode,
@@ -91,7 +91,6 @@ from transport.messages import (
     encode,
     peer_version,
 )
-from transport.output_stream import delivered_tokens
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +105,6 @@ class _Acknowledged:
     """A submission's record is stored and its Accepted sent: it may be dispatched."""
 
     request_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Recovered:
-    """What a failed-over request's client had received (read back from the output stream)."""
-
-    request_id: str
-    tokens: list[int]
-    finished: bool
-    error: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +205,7 @@ class SchedulerActor(SupervisedActor):
             self._plan_migrations()
         elif isinstance(message, MigrationEnded):
             self._on_migration_ended(message)
-        elif isinstance(message, _Recovered):
+        elif isinstance(message, Recovered):
             self._on_recovered(message)
         elif isinstance(message, _Acknowledged):
             self._on_acknowledged(message.request_id)
@@ -434,7 +423,7 @@ class SchedulerActor(SupervisedActor):
         """Carry out the core's failover commands (``control/core/requests.py``): a
         :class:`Fail` ends the request with ``engine_failed``; a :class:`Resume` stores the (now
         ``recovering``) record and reads back, on the bus loop, what its client has (fencing the old instance
-        first where one is named); the answer comes back to this actor as a ``_Recovered`` message. Also used
+        first where one is named); the answer comes back to this actor as a ``Recovered`` message. Also used
         by ``actors/control_state.py`` for requests restored after a restart.
         Thread: the scheduler actor's thread."""
         for command in commands:
@@ -448,54 +437,14 @@ class SchedulerActor(SupervisedActor):
             self.bus.run(self._read_delivered(record.request_id, record.submit.reply_to, fence_on=command.fence_on))
 
     async def _read_delivered(self, request_id: str, reply_to: str, fence_on: str = "") -> None:
-        """Read back from the output stream what the client of ``request_id`` has (after fencing
-        ``fence_on``) and tell this actor (``_Recovered``).
+        """Read back what the client of ``request_id`` has (``actors/failover.py``) and tell this actor.
+
         Thread: the bus loop."""
-        sent = 0
-        if fence_on:
-            try:
-                sent = await self._fence(fence_on, request_id)
-            except Exception as exc:  # the failover goes on as before
-                log.info("fencing %s on %s failed: %s", request_id, fence_on, exc)
-        deadline = time.monotonic() + self.settings.reliability.output_read_retry_s
-        while True:
-            try:
-                tokens, finished = await delivered_tokens(self.bus.nc, reply_to, request_id)
-                for _ in range(10):  # the fenced engine's last chunks may reach the output stream a moment later
-                    if finished or len(tokens) >= sent:
-                        break
-                    await asyncio.sleep(0.05)
-                    tokens, finished = await delivered_tokens(self.bus.nc, reply_to, request_id)
-                result = _Recovered(request_id, tokens, finished)
-                break
-            except Exception as exc:  # no stream leader yet, or reconnecting: retry for a while
-                if time.monotonic() >= deadline:
-                    result = _Recovered(request_id, [], False, f"output stream unreadable: {exc!r}")
-                    break
-                log.info("reading %s's delivered tokens failed (%s): retrying", request_id, exc)
-                await asyncio.sleep(0.25)
+        result = await read_delivered(self.bus, self.settings.reliability, request_id, reply_to, fence_on)
         if self.actor_ref.is_alive():
             self.actor_ref.tell(result)
 
-    async def _fence(self, instance_id: str, request_id: str) -> int:
-        """Stop the request on an instance declared dead before it resumes elsewhere: missed heartbeats do not
-        prove death, and a live instance would stream on (every index twice). Returns the output tokens it
-        says it sent (0 when it is gone, hangs, or does not know the request).
-        Thread: the bus loop."""
-        try:
-            answer = await self.bus.arequest(
-                subjects.engine(instance_id),
-                EngineFence(request_id=request_id),
-                timeout_s=self.settings.reliability.failover_fence_timeout_s,
-            )
-        except Exception:  # no responders (it is gone), a timeout (it hangs), transport errors
-            return 0
-        if not isinstance(answer, AdminReply) or not answer.ok:
-            return 0
-        log.warning("instance %s was alive: it stopped %s for the failover", instance_id, request_id)
-        return int(answer.details.get("sent", 0))
-
-    def _on_recovered(self, recovered: _Recovered) -> None:
+    def _on_recovered(self, recovered: Recovered) -> None:
         """What a recovering request's client had: the core decides (``on_recovered``).
 
         Thread: the scheduler actor's thread."""
