@@ -122,6 +122,15 @@ class KvAwareIndex(FreenessIndex):
     # -- Internals -------------------------------------------------------------------------------------
     def _link(self, entry: Any) -> None:  # dispatch's entry (its class is private to that module)
         super()._link(entry)
+        self._rescore(entry)
+
+    def _rekey(self, entry: Any) -> None:
+        # a dispatch re-keys in one step without _link: the load term must move with it, or a burst sent
+        # between two heartbeats all lands on the instance that looked cheapest before the first of it
+        super()._rekey(entry)
+        self._rescore(entry)
+
+    def _rescore(self, entry: Any) -> None:
         snapshot = entry.snapshot
         iid = snapshot.instance_id
         keys = entry.keys  # empty while draining; else keys[0] is minus the freeness (the dispatch heaps' key)
