@@ -157,8 +157,10 @@ class PrefixIndex:
         holdings = self._instances.get(instance_id)
         if holdings is None:
             holdings = self._instances[instance_id] = _Holdings("", needs_resync=False)
-        holdings.capacity = max(0, num_blocks)
-        self._enforce_capacity(instance_id, holdings)
+        capacity = max(0, num_blocks)
+        if capacity != holdings.capacity:  # every heartbeat says it; it rarely changes
+            holdings.capacity = capacity
+            self._enforce_capacity(instance_id, holdings)
 
     def remove_instance(self, instance_id: str) -> None:
         self._drop_all(instance_id)
@@ -201,6 +203,53 @@ class PrefixIndex:
             else:
                 hi = mid - 1
         return lo
+
+    def deep_holders(self, hashes: Sequence[int], limit: int) -> tuple[int, dict[str, int]]:
+        """(deepest, instance id -> cached prefix blocks) for the instances most worth scoring for a prompt:
+        up to ``limit`` holders of the deepest block some instance holds and, when fewer than ``limit`` hold
+        it, up to ``limit`` holders of the half-depth block too (each with its own depth). The same as
+        :meth:`deepest`, :meth:`holders` and :meth:`overlap` combined, in one call with the lookups inlined:
+        this runs on every ``kv_aware`` decision, where each probe of a million-entry dict is a cache miss."""
+        all_holders = self._holders
+        lo, hi = 0, len(hashes)
+        while lo < hi:  # deepest(), inlined
+            mid = (lo + hi + 1) // 2
+            if hashes[mid - 1] in all_holders:
+                lo = mid
+            else:
+                hi = mid - 1
+        deepest = lo
+        found: dict[str, int] = {}
+        if not deepest:
+            return 0, found
+        for iid in all_holders[hashes[deepest - 1]]:
+            if len(found) == limit:
+                break
+            found[iid] = deepest
+        half = deepest // 2
+        if not half or len(found) >= limit:
+            return deepest, found
+        instances = self._instances
+        taken = 0
+        for iid in all_holders.get(hashes[half - 1], _EMPTY):  # absent only if a lost event broke closure
+            if taken == limit:
+                break
+            taken += 1
+            if iid in found:
+                continue
+            holdings = instances.get(iid)
+            if holdings is None:
+                continue
+            blocks = holdings.blocks
+            lo, hi = half, deepest
+            while lo < hi:  # overlap(), inlined
+                mid = (lo + hi + 1) // 2
+                if hashes[mid - 1] in blocks:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            found[iid] = lo
+        return deepest, found
 
     def overlap(self, instance_id: str, hashes: Sequence[int], upto: int | None = None, at_least: int = 0) -> int:
         """Longest prefix of ``hashes`` (in blocks, at most ``upto``) the instance holds, known to be at least
