@@ -152,13 +152,16 @@ class KvAwareIndex(FreenessIndex):
 
     def _freest(self, heap: list[Any], k: int) -> list[str]:
         """The ``k`` freest live instances in key order, read without changing the heap: a best-first walk
-        down the heap's tree (a parent sorts before its children), so it costs O(k log k) of a small heap
-        instead of k pops and pushes on the big one; stale items are stepped over (``_push`` trims them)."""
+        down the heap's tree (a parent sorts before its children), O(k log k) on a small heap instead of k
+        pops and pushes on the big one. Stale items are stepped over; when more than a few are in the way
+        (instances re-keyed since they were pushed), ``_best`` pops them for good instead, so they cannot
+        pile up at the top and slow every later walk (both give the same instances)."""
         out: list[str] = []
         size = len(heap)
         if not size:
             return out
         entries = self._entries
+        stale = 0
         frontier = [(heap[0], 0)]  # items are unique (one version per instance), so the index never compares
         while frontier:
             item, i = heappop(frontier)
@@ -167,6 +170,10 @@ class KvAwareIndex(FreenessIndex):
                 out.append(item[1])
                 if len(out) == k:
                     break
+            else:
+                stale += 1
+                if stale > _STALE_WALK:
+                    return [iid for _, iid in self._best(heap, k)]
             child = 2 * i + 1
             if child < size:
                 heappush(frontier, (heap[child], child))
@@ -216,6 +223,10 @@ class KvAwareIndex(FreenessIndex):
             ):
                 best_cost, best_free, best = cost, freeness, iid
         return best or freest
+
+
+_STALE_WALK = 4
+"""Stale heap items a read of the freest instances steps over before it pops them for good instead."""
 
 
 def prefer_prefix_destinations(
