@@ -53,6 +53,17 @@ class _Holdings:
     needs_resync: bool = False
 
 
+@dataclass(slots=True, eq=False)
+class _Partial:
+    """A chunked listing being received."""
+
+    epoch: str
+    seq: int
+    chunks: int
+    next: int = 0
+    hashes: list[int] = field(default_factory=list)
+
+
 @dataclass(slots=True)
 class PrefixIndexStats:
     batches: int = 0
@@ -61,6 +72,7 @@ class PrefixIndexStats:
     resyncs: int = 0
     overflow_dropped: int = 0
     expired: int = 0
+    chunk_gaps: int = 0
 
 
 class PrefixIndex:
@@ -71,6 +83,7 @@ class PrefixIndex:
         self.stats = PrefixIndexStats()
         self._holders: dict[int, set[str]] = {}
         self._instances: dict[str, _Holdings] = {}
+        self._partial: dict[str, _Partial] = {}  # instance -> the chunked listing being received
 
     # ------------------------------------------------------------------------------------------ feed
     def apply(
@@ -140,6 +153,51 @@ class PrefixIndex:
         for block_hash in hashes:
             self._add(instance_id, holdings, block_hash)
         return True
+
+    def resync_chunk(
+        self,
+        instance_id: str,
+        *,
+        epoch: str,
+        seq: int,
+        chunk: int,
+        chunks: int,
+        hashes: Sequence[int],
+        now: float = 0.0,
+    ) -> bool:
+        """One chunk of a full listing sent in ``chunks`` pieces (all at ``seq``). The listing replaces the
+        instance's entries only once every chunk arrived, in order (so a half-received listing never
+        shows); a chunk out of turn drops what was collected and marks the instance for a resync (the
+        engine is asked again). Returns True when the listing was applied."""
+        if chunks <= 1:
+            return self.resync(instance_id, epoch=epoch, seq=seq, hashes=hashes, now=now)
+        partial = self._partial.get(instance_id)
+        if chunk == 0:
+            partial = self._partial[instance_id] = _Partial(epoch, seq, chunks)
+        elif partial is None or (partial.epoch, partial.seq, partial.chunks, partial.next) != (
+            epoch,
+            seq,
+            chunks,
+            chunk,
+        ):
+            self._partial.pop(instance_id, None)
+            self.stats.chunk_gaps += 1
+            self._lost_track(instance_id, epoch, now)
+            return False
+        partial.hashes.extend(hashes)
+        partial.next += 1
+        holdings = self._instances.get(instance_id)
+        limit = (holdings.capacity if holdings is not None else 0) or self.params.default_capacity_blocks
+        if len(partial.hashes) > limit:  # bounded: an instance cannot cache more than its KV size
+            self._partial.pop(instance_id, None)
+            self._lost_track(instance_id, epoch, now)
+            return False
+        if holdings is not None:
+            holdings.last_heard = now
+        if partial.next < chunks:
+            return False
+        del self._partial[instance_id]
+        return self.resync(instance_id, epoch=epoch, seq=seq, hashes=partial.hashes, now=now)
 
     def heard(self, instance_id: str, *, epoch: str, seq: int, now: float) -> bool:
         """A heartbeat: the engine's stream is at ``(epoch, seq)``. Returns True when a resync is needed (a
@@ -308,7 +366,16 @@ class PrefixIndex:
             self._unhold(instance_id, block_hash)
         holdings.blocks.clear()
 
+    def _lost_track(self, instance_id: str, epoch: str, now: float) -> None:
+        """A listing broke off: keep what is known (still mostly true) and ask for a new one."""
+        holdings = self._instances.get(instance_id)
+        if holdings is None:
+            holdings = self._instances[instance_id] = _Holdings(epoch)
+        holdings.needs_resync = True
+        holdings.last_heard = now
+
     def _drop_all(self, instance_id: str) -> None:
+        self._partial.pop(instance_id, None)
         holdings = self._instances.pop(instance_id, None)
         if holdings is not None:
             self._drop_blocks(instance_id, holdings)
