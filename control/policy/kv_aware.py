@@ -81,9 +81,13 @@ class KvAwareIndex(FreenessIndex):
     # -- Protocol --------------------------------------------------------------------------------------
     def upsert(self, snapshot: InstanceSnapshot) -> None:
         bs = max(1, snapshot.block_size)
-        self._prefilling[snapshot.instance_id] = sum(  # before linking: the cached score reads it
-            max(0, -(-r.num_tokens // bs) - r.num_blocks) for r in snapshot.running if not r.decoding
-        )
+        prefilling = 0  # a plain loop: every heartbeat walks up to hundreds of running requests
+        for r in snapshot.running:
+            if not r.decoding:
+                left = -(-r.num_tokens // bs) - r.num_blocks
+                if left > 0:
+                    prefilling += left
+        self._prefilling[snapshot.instance_id] = prefilling  # before linking: the cached score reads it
         super().upsert(snapshot)
         self.prefix_index.set_capacity(snapshot.instance_id, snapshot.num_total_blocks)
 
