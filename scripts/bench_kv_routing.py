@@ -387,7 +387,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"kv_aware dispatch at {cost['instances']} instances ({cost['index_entries']:.0f} index entries): "
             f"choose p50 {cost['choose_p50_us']:.1f} us, p99 {cost['choose_p99_us']:.1f} us; choose + "
             f"on_dispatched + upsert p50 {cost['p50_us']:.1f} us, p99 {cost['p99_us']:.1f} us; thread CPU time of "
-            f"choose p50 {cost['choose_cpu_p50_us']:.1f} us, p99 {cost['choose_cpu_p99_us']:.1f} us",
+            f"choose p50 {cost['choose_cpu_p50_us']:.1f} us, p99 {cost['choose_cpu_p99_us']:.1f} us, of choose + "
+            f"bookkeeping p50 {cost['cpu_p50_us']:.1f} us, p99 {cost['cpu_p99_us']:.1f} us",
             flush=True,
         )
     means = [
