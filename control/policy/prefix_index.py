@@ -99,6 +99,8 @@ class PrefixIndex:
     ) -> bool:
         """Apply one numbered batch (``cleared`` first, then ``removed``, then ``stored``). Returns True when
         the instance needs a resync (a gap, or a stream whose start was missed)."""
+        if self._partial and self._partial.pop(instance_id, None) is not None:  # its last chunk was lost
+            self.stats.chunk_gaps += 1
         holdings = self._instances.get(instance_id)
         if holdings is None or holdings.epoch != epoch:
             capacity = holdings.capacity if holdings is not None else 0
@@ -202,9 +204,16 @@ class PrefixIndex:
     def heard(self, instance_id: str, *, epoch: str, seq: int, now: float) -> bool:
         """A heartbeat: the engine's stream is at ``(epoch, seq)``. Returns True when a resync is needed (a
         batch was lost, possibly the last one, or the stream restarted unseen)."""
+        if self._partial and self._partial.pop(instance_id, None) is not None:
+            # a beat without a chunk while a listing was arriving: the engine finished it, and a chunk was lost
+            self.stats.chunk_gaps += 1
+            self._lost_track(instance_id, epoch, now)
         holdings = self._instances.get(instance_id)
         if holdings is None:
-            return seq >= 0
+            if seq < 0:
+                return False
+            self._lost_track(instance_id, epoch, now)  # a stream already under way: ask for a listing
+            return True
         holdings.last_heard = now
         if holdings.epoch != epoch or seq > holdings.seq:
             holdings.needs_resync = True
@@ -234,6 +243,10 @@ class PrefixIndex:
 
     # ------------------------------------------------------------------------------------------ queries
     def needs_resync(self, instance_id: str) -> bool:
+        """True when a listing should be asked for; False while one is arriving in order (asking again would
+        restart it, and a listing that takes longer than the resync interval would never finish)."""
+        if instance_id in self._partial:
+            return False
         holdings = self._instances.get(instance_id)
         return holdings is not None and holdings.needs_resync
 

@@ -120,3 +120,17 @@ def test_a_chunked_listing_is_bounded_by_the_instance_capacity() -> None:
     assert not index.resync_chunk("i", epoch="e", seq=0, chunk=0, chunks=3, hashes=list(range(8)))
     assert not index.resync_chunk("i", epoch="e", seq=0, chunk=1, chunks=3, hashes=list(range(8, 16)))
     assert index.needs_resync("i") and index.num_blocks("i") == 0
+
+
+def test_no_resync_is_asked_for_while_a_listing_arrives_and_one_is_after_it_broke_off() -> None:
+    index = PrefixIndex()
+    index.heard("i", epoch="e", seq=4, now=0.0)  # a control plane that joined mid-stream
+    assert index.needs_resync("i")
+    index.resync_chunk("i", epoch="e", seq=5, chunk=0, chunks=3, hashes=[1])
+    assert not index.needs_resync("i")  # asking again would restart the listing
+    index.resync_chunk("i", epoch="e", seq=5, chunk=1, chunks=3, hashes=[2])
+    index.heard("i", epoch="e", seq=5, now=1.0)  # the last chunk was lost: a keepalive came instead
+    assert index.needs_resync("i") and index.num_blocks("i") == 0
+    index.resync_chunk("i", epoch="e", seq=6, chunk=0, chunks=2, hashes=[1])
+    index.apply("i", epoch="e", seq=7, stored=[9])  # events after a listing whose last chunk was lost
+    assert index.needs_resync("i") and index.stats.chunk_gaps == 2
