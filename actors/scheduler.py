@@ -178,7 +178,7 @@ class SchedulerActor(SupervisedActor):
         self._snapshot_of: dict[str, tuple[InstanceLoad, EngineInfo, object, InstanceSnapshot]] = {}
         self.migrations_done = 0
         self.migrations_aborted = 0
-        self.memory = MemoryManager(bus, settings.memory, self._refresh_instance)  # KunServe groups
+        self.memory = MemoryManager(bus, settings.memory, self._refresh_instance, decision_log)  # KunServe groups
         self.classes = RequestClasses(settings, self._evict)  # request classes, roles, global batch queue
 
     def on_start(self) -> None:

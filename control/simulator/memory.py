@@ -33,7 +33,7 @@ import numpy as np
 
 from control.core.memory import GroupHysteresis, restore_snapshot
 from control.policy.freeness import dispatch_freeness
-from control.policy.memory import MemoryParams, MemorySnapshot, plan_drop, should_drop
+from control.policy.memory import MemoryParams, MemorySnapshot, should_drop
 from control.policy.migration import plan_migrations
 from control.policy.params import PolicyParams
 from control.policy.snapshots import InstanceSnapshot
@@ -413,10 +413,10 @@ class MemorySimulator:
             self._interrupt(dest, now)
 
     # ------------------------------------------------------------------------------------------ kunserve
-    def _memory_snapshot(self, unit: Unit) -> MemorySnapshot:
+    def _memory_snapshot(self, unit: Unit, instance_id: str = "") -> MemorySnapshot:
         core = unit.core
         return MemorySnapshot(
-            instance_id=str(unit.unit_id),
+            instance_id=instance_id or str(unit.unit_id),
             num_layers=self.hw.num_layers,
             weight_bytes=self.hw.weight_bytes,
             kv_block_bytes=self.hw.kv_block_bytes,
@@ -429,32 +429,35 @@ class MemorySimulator:
         )
 
     def _memory_poll(self, now: float) -> None:
-        """KunServe's coordinator: form the groups the policy plans; restore groups whose burst is over."""
-        singles = [
-            u for u in self.units.values() if u.size == 1 and self.hysteresis.may_group(str(u.members[0]), now)
+        """KunServe's coordinator: the control core's poll (``GroupHysteresis.poll``, the live MemoryManager's)
+        decides; this forms the groups it plans and restores the groups it names. A single instance is named
+        by its instance index, as live by its instance id (cooldowns follow the instance, whatever unit it
+        serves in next); a group by its unit id."""
+        singles = {str(u.members[0]): u for u in self.units.values() if u.size == 1}
+        groups = [
+            restore_snapshot(
+                str(unit.unit_id), unit.core.config.num_blocks, unit.core.num_free_blocks, len(unit.core.waiting),
+                self.hw.instance_blocks,
+            )
+            for unit in self.units.values()
+            if unit.size > 1 and not unit.hold and not unit.reloading
         ]
-        plan = plan_drop([self._memory_snapshot(u) for u in singles], self.config.memory)
-        for group in plan.groups:
-            unit_ids = [int(m) for m in group.members]
+        snapshots = [self._memory_snapshot(u, instance_id=iid) for iid, u in singles.items()]
+        commands = self.hysteresis.poll(snapshots, groups, now)
+        for group in commands.drops:
+            unit_ids = [singles[m].unit_id for m in group.members]
             members = tuple(i for uid in unit_ids for i in self.units[uid].members)
             self._pending_forms.append((unit_ids, members))
             for uid in unit_ids:
                 self.units[uid].hold = True
                 self._interrupt(self.units[uid], now)
         self._try_forms(now)
-        for unit in list(self.units.values()):
-            if unit.size == 1 or unit.hold or unit.reloading:
-                continue
-            core = unit.core
-            snap = restore_snapshot(
-                str(unit.unit_id), core.config.num_blocks, core.num_free_blocks, len(core.waiting),
-                self.hw.instance_blocks,
-            )
-            if self.hysteresis.restore_due(snap, now):
-                unit.reloading = True
-                g = unit.size
-                reload_s = self.hw.weight_bytes * (g - 1) / g / self.hw.pcie_bytes_per_s
-                self._push(now + reload_s, _RELOADED, unit.unit_id)
+        for group_id in commands.restores:
+            unit = self.units[int(group_id)]
+            unit.reloading = True
+            g = unit.size
+            reload_s = self.hw.weight_bytes * (g - 1) / g / self.hw.pcie_bytes_per_s
+            self._push(now + reload_s, _RELOADED, unit.unit_id)
 
     def _at_boundary(self, unit: Unit, now: float) -> None:
         """A held unit finished its step: form a pending group when all its members are idle, or split."""
