@@ -72,7 +72,7 @@ def replay_memory(entries: list[Decision], params: MemoryParams, deviate: str = 
     :class:`MemorySimulator`'s :class:`~control.core.memory.GroupHysteresis`: the same drops and restores.
 
     ``deviate``: ``"skip_formed"`` (the simulator does not note a group's formation: no minimum group time,
-    no restore), ``"no_cooldown"`` (members may group again at once)."""
+    no restore); a flipped threshold is other ``params``."""
     simulator = MemorySimulator(MemSimConfig(mode="kunserve", num_instances=1, memory=params), [])
     hysteresis = simulator.hysteresis
     wrong: list[Mismatch] = []
@@ -87,8 +87,7 @@ def replay_memory(entries: list[Decision], params: MemoryParams, deviate: str = 
         elif d.what == "group_ended":
             members, now = d.inputs
             assert isinstance(members, tuple)
-            if deviate != "no_cooldown":
-                hysteresis.ended(d.key, members, _float(now))
+            hysteresis.ended(d.key, members, _float(now))
         else:
             snapshots, groups, now = d.inputs
             assert isinstance(snapshots, tuple) and isinstance(groups, tuple)
