@@ -31,7 +31,7 @@ from actors.request_classes import RequestClasses
 from actors.request_lifecycle import RequestLifecycle, admission
 from actors.supervisor import SupervisedActor
 from control.core.admission import max_prompt_tokens, validate
-from control.core.pd import PdCore, make_dispatch
+from control.core.pd import make_dispatch, make_pd_core
 from control.core.record import DecisionLog
 from control.core.requests import (
     Drop,
@@ -167,7 +167,7 @@ class SchedulerActor(SupervisedActor):
         self.fair = FairQueue(sched.fairness_quantum_tokens) if sched.fairness else None
         self.params: PolicyParams = settings.policy
         # prefill/decode disaggregation ([pd]): phases, phase-aware dispatch, handoffs (control/core/pd.py)
-        self.pd = PdCore(settings.pd)
+        self.pd = make_pd_core(settings.pd, decision_log)  # records its calls when given a log (parity tests)
         self.policy: DispatchIndex = make_dispatch(self.params.dispatch_policy, self.params.dispatch_params(), self.pd)
         self.prefix_resyncs = ResyncRequests()  # PrefixResync requests to engines whose cache the index lost
         self.migrations: dict[str, InFlightMigration] = {}  # request id -> migration in flight
@@ -1020,7 +1020,7 @@ class SchedulerActor(SupervisedActor):
         change = self.pd.rebalance((self._snapshot(r) for r in serving), time.monotonic())
         if change is not None and change.instance_id in self.instances:
             log.info("pd split: %s now serves %s (%s)", change.instance_id, change.phase, change.reason)
-            self.policy.upsert(self._snapshot(self.instances[change.instance_id]))
+            self._upsert(self.instances[change.instance_id])  # re-filed in its pool (recorded, as every upsert)
 
     def _on_phase(self, command: PhaseCommand, reply: str) -> None:
         """An operator sets an instance's phase (audited by the control plane before it gets here).
@@ -1036,7 +1036,7 @@ class SchedulerActor(SupervisedActor):
             self.bus.reply_error(reply, ErrorCode.INVALID_REQUEST, str(exc))
             return
         self.pd.set_phase(command.instance_id, phase)
-        self.policy.upsert(self._snapshot(record))  # it changes dispatch pools at once
+        self._upsert(record)  # it changes dispatch pools at once
         log.info("instance %s now serves phase %s (operator %s)", command.instance_id, phase, command.operator or "-")
         note = "" if self.pd.enabled else " (pd.mode is off: phases take effect once it is on)"
         if reply:

@@ -10,15 +10,124 @@ needs torch engines, ``tests/integration/test_kunserve_live.py``): a replay adds
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
+import msgspec
+
+from control.core.pd import PdCore
 from control.core.record import Decision
+from control.core.requests import fail_over
 from control.policy.autoscaling import AutoscaleParams, ClusterView
 from control.policy.memory import GroupSnapshot, MemoryParams, MemorySnapshot
-from control.simulator import ElasticConfig
+from control.policy.snapshots import InstanceSnapshot
+from control.simulator import ClusterSimulator, ElasticConfig
 from control.simulator.elastic import ElasticSimulator
 from control.simulator.memory import MemorySimulator, MemSimConfig
 
 Mismatch = tuple[str, str, object, object]  # (what, key, live output, replayed output)
+
+SCHEDULER_CALLS = {"upsert", "remove", "choose", "dispatched", "migration_plan", "fail_over"}
+PD_CALLS = {
+    "pd_report",
+    "pd_set_phase",
+    "pd_forget_instance",
+    "pd_request",
+    "pd_request_ended",
+    "pd_handoffs",
+    "pd_balancing_pool",
+    "pd_rebalance",
+    "pd_handoff_ended",
+}
+
+
+def replay_scheduler(simulator: ClusterSimulator, entries: list[Decision], deviate: str = "") -> list[Mismatch]:
+    """The scheduler's core calls, in their order, into the simulator's core objects: its dispatch index
+    (``ClusterSimulator.index``: snapshots, removals, choices, dispatches), its migration planner (each round
+    with its ``now``), :func:`fail_over` (the simulator has no instance failures: the function any shell calls)
+    and, for a :class:`~control.simulator.pd.PdClusterSimulator`, its :class:`PdCore` (phases, the requests
+    that may be handed off, each round of handoffs with the shell's answers to ``busy`` / ``overlap`` /
+    ``prefix_of``, the split's rebalancing, each handoff's end).
+
+    ``deviate``: ``"skip_dispatched"`` (the index does not learn of a dispatch), ``"skip_pd_request"`` (the
+    PD core does not learn of a dispatched request)."""
+    index, planner = simulator.index, simulator.planner
+    pd = getattr(simulator, "pd", None)
+    wrong: list[Mismatch] = []
+    for d in entries:
+        if d.what in PD_CALLS:
+            if not isinstance(pd, PdCore):
+                raise AssertionError("PD calls recorded: replay them through a PdClusterSimulator")
+            got = _replay_pd(pd, d, deviate, wrong)
+        elif d.what in SCHEDULER_CALLS:
+            got = d.output
+            if d.what == "upsert":
+                index.upsert(d.inputs[0])  # type: ignore[arg-type]
+            elif d.what == "remove":
+                index.remove(d.key)
+            elif d.what == "choose":
+                got = index.choose(d.inputs[0])  # type: ignore[arg-type]
+            elif d.what == "dispatched":
+                if deviate != "skip_dispatched":
+                    index.on_dispatched(d.inputs[0], d.inputs[1])  # type: ignore[arg-type]
+            elif d.what == "migration_plan":
+                snapshots, in_flight, now = d.inputs
+                planner.sync(list(snapshots))  # type: ignore[call-overload]
+                got = tuple(planner.plan(list(in_flight), now=now))  # type: ignore[call-overload, arg-type]
+            elif d.what == "fail_over":
+                records, max_attempts = d.inputs
+                table = [msgspec.structs.replace(r) for r in records]  # type: ignore[attr-defined]
+                got = tuple(fail_over(table, d.key, max_attempts))  # type: ignore[arg-type]
+        else:
+            continue
+        if got != d.output:
+            wrong.append((d.what, d.key, d.output, got))
+    return wrong
+
+
+def _replay_pd(pd: PdCore, d: Decision, deviate: str, wrong: list[Mismatch]) -> object:
+    """One recorded PdCore call into ``pd``; its output (None for the calls that only change state)."""
+    if d.what == "pd_report":
+        return pd.on_report(d.key, d.inputs[0])  # type: ignore[arg-type]
+    if d.what == "pd_set_phase":
+        pd.set_phase(d.key, d.inputs[0])  # type: ignore[arg-type]
+    elif d.what == "pd_forget_instance":
+        pd.forget_instance(d.key)
+    elif d.what == "pd_request":
+        if deviate != "skip_pd_request":
+            pd.on_request(d.key, d.inputs[0])  # type: ignore[arg-type]
+    elif d.what == "pd_request_ended":
+        pd.on_request_ended(d.key)
+    elif d.what == "pd_handoffs":
+        reports, seen, (busy, overlaps, prefixes) = d.inputs  # type: ignore[misc]
+
+        def answer(answers: dict[tuple[object, ...], object], *args: object) -> object:
+            key = tuple(tuple(a) if isinstance(a, list) else a for a in args)
+            if key not in answers:  # the live shell was never asked this: the replay took another path
+                wrong.append((d.what, "unasked", key, None))
+                return 0
+            return answers[key]
+
+        return tuple(
+            pd.handoffs(
+                _snapshots(reports),
+                _snapshots(seen),
+                lambda rid: bool(answer(busy, rid)),
+                (lambda iid, h: int(answer(overlaps, iid, h))) if overlaps is not None else None,  # type: ignore[call-overload]
+                (lambda rid: tuple(answer(prefixes, rid))) if prefixes is not None else None,  # type: ignore[call-overload]
+            )
+        )
+    elif d.what == "pd_balancing_pool":
+        return tuple(pd.balancing_pool(_snapshots(d.inputs[0])))
+    elif d.what == "pd_rebalance":
+        return pd.rebalance(_snapshots(d.inputs[0]), _float(d.inputs[1]))
+    elif d.what == "pd_handoff_ended":
+        pd.on_handoff_ended(d.key, bool(d.inputs[0]))
+    return None
+
+
+def _snapshots(value: object) -> Sequence[InstanceSnapshot]:
+    assert isinstance(value, tuple) and all(isinstance(s, InstanceSnapshot) for s in value)
+    return value
 
 SCALING_CALLS = {"scaling_clock", "plan_due", "scale_plan", "start_drain", "stop_reason", "drain_forget"}
 
