@@ -55,6 +55,11 @@ class MemSimConfig:
     hardware: Hardware = DEFAULT_HARDWARE
     memory: MemoryParams = field(default_factory=MemoryParams)
     kv_on_drop: Literal["exchange", "recompute"] = "exchange"
+    members_on_join: Literal["evict", "keep"] = "keep"
+    """What a joining member's own requests do: ``keep`` (they move into the group like the leader's, with
+    their KV under ``kv_on_drop = exchange``), the KunServe paper's exchange, which the reproductions measure;
+    ``evict`` (resumed by dispatch, recomputed), what Drover's live engines do today
+    (``actors/engine_groups.py``; docs/core.md measures the difference)."""
     max_num_seqs: int = 256  # vLLM default
     max_num_batched_tokens: int = 2048  # vLLM v1 chunked-prefill budget
     max_model_len: int = 4096  # LLaMA-2-7B context
@@ -504,12 +509,17 @@ class MemorySimulator:
         return moved_blocks
 
     def _form(self, unit_ids: list[int], members: tuple[int, ...], now: float) -> None:
-        running: list[SimRequest] = []
-        waiting: list[SimRequest] = []
-        for uid in unit_ids:
+        """Form a group: the leader's (``unit_ids[0]``) requests move in with their KV (``kv_on_drop``); each
+        member's own requests either do too (``members_on_join = keep``) or, as the live engines do
+        (``evict``), are evicted when it joins and resumed by dispatch, recomputed (outputs so far kept)."""
+        running, waiting = self._drain(self.units.pop(unit_ids[0]).core)
+        evicted: list[SimRequest] = []
+        for uid in unit_ids[1:]:
             r, w = self._drain(self.units.pop(uid).core)
-            running += r
-            waiting += w
+            if self.config.members_on_join == "keep":
+                running, waiting = running + r, waiting + w
+            else:
+                evicted += r + w
         group = self._new_unit(members)
         self.hysteresis.formed(str(group.unit_id), now)
         g = group.size
@@ -518,24 +528,26 @@ class MemorySimulator:
         self.drops += 1
         self.peak_group_size = max(self.peak_group_size, g)
         self._kick(group, now)
+        for request in sorted(evicted, key=lambda r: (r.arrival_time, r.request_id)):
+            request.recomputed_tokens += request.num_computed
+            target = self._dispatch_target()
+            target.core.add(request)
+            self._interrupt(target, now)
 
     def _split(self, group: Unit, now: float) -> None:
-        """Restore: the reloaded members serve alone again; the group's requests go to the freest member."""
+        """Restore as the live leader's ``dissolve`` does: it takes the KV back and serves every request of the
+        group alone (the restore decision counted them against its own pool: ``control/core/memory.py``);
+        the members, reloaded, serve alone again with nothing to run."""
         del self.units[group.unit_id]
         self.hysteresis.ended(str(group.unit_id), (str(m) for m in group.members), now)
         running, waiting = self._drain(group.core)
         singles = [self._new_unit((m,)) for m in group.members]
         g = group.size
-        moved = 0
-        for request in sorted(running, key=lambda r: (r.admitted_time, r.request_id)):
-            target = max(singles, key=lambda u: (u.core.num_free_blocks, -u.unit_id))
-            moved += self._move([request], [], target, now, (g - 1) / g)
-        for i, request in enumerate(waiting):
-            singles[i % g].core.add(request)
-        pause = now + self.hw.kv_seconds(moved, self.hw.interconnect_bytes_per_s, (g - 1) / g)
+        leader = singles[0]
+        moved = self._move(running, waiting, leader, now, (g - 1) / g)
+        leader.paused_until = now + self.hw.kv_seconds(moved, self.hw.interconnect_bytes_per_s, (g - 1) / g)
         self.restores += 1
         for unit in singles:
-            unit.paused_until = pause
             self._kick(unit, now)
 
     # ------------------------------------------------------------------------------------------ results

@@ -14,7 +14,7 @@ from control.policy.autoscaling import PerRole
 from control.policy.memory import MemoryParams, should_restore
 from control.policy.params import PolicyParams
 from control.simulator import ClusterConfig, ElasticConfig, LengthSpec, generate_workload, simulate, simulate_elastic
-from control.simulator.memory import MemorySimulator, MemSimConfig, MemSimResult
+from control.simulator.memory import MemorySimulator, MemSimConfig, MemSimResult, Unit
 from control.simulator.memory import simulate as simulate_memory
 from control.simulator.workload import RequestSpec
 from engines.sim.core import SimEngineConfig
@@ -187,3 +187,29 @@ def test_the_first_autoscaling_plan_is_one_period_in_for_both_shells() -> None:
     sim.scaling_clock.plan_due = recording  # type: ignore[method-assign]
     sim.run_elastic()
     assert due_at and due_at[0] == 5.0
+
+
+class _SplitWatch(MemorySimulator):
+    """Records, at each restore, the requests each former member holds right after it (a test probe)."""
+
+    held: list[tuple[int, ...]]
+
+    def _split(self, group: Unit, now: float) -> None:
+        before = {r.request_id for r in (*group.core.running, *group.core.waiting)}
+        super()._split(group, now)
+        singles = {u.members[0]: u for u in self.units.values() if u.size == 1}
+        self.held = getattr(self, "held", [])
+        self.held.append(tuple(len(singles[m].core.running) + len(singles[m].core.waiting) for m in group.members))
+        assert sum(self.held[-1]) == len(before)
+
+
+def test_a_restored_group_leaves_its_requests_on_the_leader() -> None:
+    """Live, the leader ``dissolve``s: it takes the KV back and serves every request of the group alone (the
+    restore decision counts them against its own pool); the members restore with nothing to run. Before, the
+    memory simulator spread the group's requests over the members (the freest first)."""
+    from tests.control.simulator.test_memory import burst
+
+    sim = _SplitWatch(MemSimConfig(mode="kunserve", num_instances=2, memory=MemoryParams(min_group_s=0.0)), burst())
+    assert sim.run().restores >= 1
+    assert any(held[0] > 0 for held in sim.held), "no group still had requests when it restored"
+    assert all(all(n == 0 for n in held[1:]) for held in sim.held), sim.held
