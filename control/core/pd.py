@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
+from typing import cast
 
 from control.core.record import DecisionLog
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy
@@ -290,8 +291,8 @@ class RecordedPdCore(PdCore):
             reports,
             seen,
             lambda rid: bool(asked(rid)),
-            (lambda iid, hashes: int(overlaps(iid, hashes))) if overlaps is not None else None,  # type: ignore[call-overload]
-            (lambda rid: tuple(prefixes(rid))) if prefixes is not None else None,  # type: ignore[call-overload]
+            (lambda iid, hashes: cast(int, overlaps(iid, hashes))) if overlaps is not None else None,
+            (lambda rid: cast(Sequence[int], prefixes(rid))) if prefixes is not None else None,
         )
         answers = (asked.answers, overlaps.answers if overlaps else None, prefixes.answers if prefixes else None)
         self.log.add("pd_handoffs", "", (tuple(reports), seen, answers), tuple(planned))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any, cast
 
 import msgspec
 
@@ -25,6 +26,7 @@ from control.simulator.elastic import ElasticSimulator
 from control.simulator.memory import MemorySimulator, MemSimConfig
 
 Mismatch = tuple[str, str, object, object]  # (what, key, live output, replayed output)
+Answers = dict[tuple[object, ...], object]  # a shell callable's answers, by arguments (control.core.pd.AnswerLog)
 
 SCHEDULER_CALLS = {"upsert", "remove", "choose", "dispatched", "migration_plan", "fail_over"}
 PD_CALLS = {
@@ -98,22 +100,29 @@ def _replay_pd(pd: PdCore, d: Decision, deviate: str, wrong: list[Mismatch]) -> 
     elif d.what == "pd_request_ended":
         pd.on_request_ended(d.key)
     elif d.what == "pd_handoffs":
-        reports, seen, (busy, overlaps, prefixes) = d.inputs  # type: ignore[misc]
+        reports, seen, recorded = d.inputs
+        busy, overlaps, prefixes = cast(tuple[Answers, Answers | None, Answers | None], recorded)
 
-        def answer(answers: dict[tuple[object, ...], object], *args: object) -> object:
+        def answer(answers: Answers, *args: object) -> Any:
             key = tuple(tuple(a) if isinstance(a, list) else a for a in args)
             if key not in answers:  # the live shell was never asked this: the replay took another path
                 wrong.append((d.what, "unasked", key, None))
                 return 0
             return answers[key]
 
+        def overlap(iid: str, hashes: Sequence[int]) -> int:
+            return int(answer(overlaps or {}, iid, hashes))
+
+        def prefix_of(rid: str) -> Sequence[int]:
+            return tuple(answer(prefixes or {}, rid))
+
         return tuple(
             pd.handoffs(
                 _snapshots(reports),
                 _snapshots(seen),
                 lambda rid: bool(answer(busy, rid)),
-                (lambda iid, h: int(answer(overlaps, iid, h))) if overlaps is not None else None,  # type: ignore[call-overload]
-                (lambda rid: tuple(answer(prefixes, rid))) if prefixes is not None else None,  # type: ignore[call-overload]
+                overlap if overlaps is not None else None,
+                prefix_of if prefixes is not None else None,
             )
         )
     elif d.what == "pd_balancing_pool":
@@ -128,6 +137,7 @@ def _replay_pd(pd: PdCore, d: Decision, deviate: str, wrong: list[Mismatch]) -> 
 def _snapshots(value: object) -> Sequence[InstanceSnapshot]:
     assert isinstance(value, tuple) and all(isinstance(s, InstanceSnapshot) for s in value)
     return value
+
 
 SCALING_CALLS = {"scaling_clock", "plan_due", "scale_plan", "start_drain", "stop_reason", "drain_forget"}
 

@@ -60,7 +60,12 @@ def _simulate_one_stage(after: str) -> tuple[int, int]:
     params = PolicyParams(max_stages=1, last_stage_max_blocks=-1, after_max_stages=after)  # type: ignore[arg-type]
     engine = SimEngineConfig(block_size=16, num_blocks=400, max_num_seqs=64, max_num_batched_tokens=1024)
     requests = generate_workload(
-        400, 80.0, prompt=LengthSpec.zipf(200, 2000), output=LengthSpec.zipf(150, 1500), seed=7, cv=2.0,
+        400,
+        80.0,
+        prompt=LengthSpec.zipf(200, 2000),
+        output=LengthSpec.zipf(150, 1500),
+        seed=7,
+        cv=2.0,
         max_total_len=4096,
     )
     result = simulate(ClusterConfig(num_instances=4, engine=engine, policy=params), requests)
