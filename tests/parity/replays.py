@@ -144,8 +144,8 @@ SCALING_CALLS = {"scaling_clock", "plan_due", "scale_plan", "start_drain", "stop
 
 def replay_scaling(entries: list[Decision], autoscale: AutoscaleParams, deviate: str = "") -> list[Mismatch]:
     """The AutoscalerActor's core calls (its :class:`~control.core.scaling.ScalingClock` and every plan) into an
-    :class:`ElasticSimulator`'s clock and :meth:`ElasticSimulator.scale_plan`, the live monotonic clock mapped
-    onto the simulator's virtual one (0 where the live clock started).
+    :class:`ElasticSimulator`'s clock and :meth:`ElasticSimulator.scale_plan`, the virtual clock started where the
+    live monotonic one did.
 
     ``deviate``: ``"plan_at_start"`` (the first plan at the first tick, the live rule before the core),
     ``"skip_drain"`` (the simulator forgets to track a drain)."""
@@ -158,24 +158,25 @@ def replay_scaling(entries: list[Decision], autoscale: AutoscaleParams, deviate:
     simulator = ElasticSimulator(ElasticConfig(autoscale=autoscale, drain_timeout_s=drain_timeout_s), [])
     clock = simulator.scaling_clock
     assert clock.period_s == period_s, "the simulator plans at another period than the live run"
-    if deviate == "plan_at_start":
-        clock.last_plan_at = -math.inf
+    assert clock.last_plan_at == simulator.now, "the simulator's first plan is not one period after its start"
+    # The virtual clock taken to start where the live one did: the same arithmetic as live, bit for bit.
+    clock.last_plan_at = -math.inf if deviate == "plan_at_start" else started_at
     wrong: list[Mismatch] = []
     for d in calls[1:]:
         got: object = d.output
         if d.what == "plan_due":
             (now,) = d.inputs
-            got = clock.plan_due(_float(now) - started_at)
+            got = clock.plan_due(_float(now))
         elif d.what == "scale_plan":
             view, params = d.inputs
             assert isinstance(view, ClusterView) and isinstance(params, AutoscaleParams)
             got = simulator.scale_plan(view, params)
         elif d.what == "start_drain":
             now, reason = d.inputs
-            got = True if deviate == "skip_drain" else clock.start_drain(d.key, _float(now) - started_at, str(reason))
+            got = True if deviate == "skip_drain" else clock.start_drain(d.key, _float(now), str(reason))
         elif d.what == "stop_reason":
             empty, now = d.inputs
-            got = clock.stop_reason(d.key, bool(empty), _float(now) - started_at)
+            got = clock.stop_reason(d.key, bool(empty), _float(now))
         elif d.what == "drain_forget":
             clock.forget(d.key)
         if got != d.output:
