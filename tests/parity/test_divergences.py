@@ -17,7 +17,7 @@ from control.simulator import ClusterConfig, ElasticConfig, LengthSpec, generate
 from control.simulator.memory import MemorySimulator, MemSimConfig, MemSimResult, Unit
 from control.simulator.memory import simulate as simulate_memory
 from control.simulator.workload import RequestSpec
-from engines.sim.core import SimEngineConfig
+from engines.sim.core import SimEngineConfig, SimRequest
 from engines.sim.live_migration import MigratableSimEngine
 from tests.integration.conftest import make_sim_cluster
 
@@ -218,3 +218,39 @@ def test_a_restored_group_leaves_its_requests_on_the_leader() -> None:
     assert sim.run().restores >= 1
     assert any(held[0] > 0 for held in sim.held), "no group still had requests when it restored"
     assert all(all(n == 0 for n in held[1:]) for held in sim.held), sim.held
+
+
+class _FormWatch(MemorySimulator):
+    """Records, at each drop, whether the leader's and the members' decoding requests were recomputed."""
+
+    recomputed: list[tuple[bool, bool]]  # (a leader's request recomputed, every member's request recomputed)
+
+    def _form(self, unit_ids: list[int], members: tuple[int, ...], now: float) -> None:
+        def running(uid: int) -> dict[str, tuple[SimRequest, int]]:
+            return {r.request_id: (r, r.recomputed_tokens) for r in self.units[uid].core.running if r.num_output}
+
+        leader = running(unit_ids[0])
+        joining = {k: v for uid in unit_ids[1:] for k, v in running(uid).items()}
+        super()._form(unit_ids, members, now)
+        self.recomputed = getattr(self, "recomputed", [])
+        if leader and joining:
+            self.recomputed.append(
+                (
+                    any(r.recomputed_tokens > before for r, before in leader.values()),
+                    all(r.recomputed_tokens > before for r, before in joining.values()),
+                )
+            )
+
+
+def test_a_joining_member_evicts_its_requests_as_live_when_the_simulator_models_the_live_engines() -> None:
+    """Live, a member evicts its own requests when it joins (resumed, recomputed) and only the leader's keep
+    their KV (tests/integration/test_kunserve_live.py). The simulator models that with ``members_on_join =
+    evict``; its default, ``keep``, is the KunServe paper's exchange (docs/core.md measures the gap)."""
+    from tests.control.simulator.test_memory import burst
+
+    for mode, members_recomputed in (("evict", True), ("keep", False)):
+        config = MemSimConfig(mode="kunserve", num_instances=2, members_on_join=mode)  # type: ignore[arg-type]
+        sim = _FormWatch(config, burst())
+        assert sim.run().drops >= 1
+        assert sim.recomputed, "no drop found requests running on both instances"
+        assert all(not leader and members == members_recomputed for leader, members in sim.recomputed), sim.recomputed
