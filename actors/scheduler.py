@@ -49,7 +49,7 @@ from control.core.requests import (
     on_recovered,
 )
 from control.policy.block_hash import vllm_block_hashes
-from control.policy.dispatch import DispatchIndex, prefix_block_hashes
+from control.policy.dispatch import DispatchIndex, prefix_block_hashes, reads_engine_block_hashes
 from control.policy.migration import InFlightMigration, MigrationPlanner
 from control.policy.params import PolicyParams
 from control.policy.pd import parse_phase, phase_or_both
@@ -611,8 +611,8 @@ class SchedulerActor(SupervisedActor):
             model=submit.model or "",
             prefix_block_hashes=prefix_block_hashes(token_ids, block_size)
             if self.params.dispatch_policy == "prefix_affinity"
-            else vllm_block_hashes(token_ids, block_size)  # the kv_aware index is keyed by vLLM's own hashes
-            if self.params.dispatch_policy == "kv_aware"
+            else vllm_block_hashes(token_ids, block_size)  # kv_aware and drover index vLLM's own hashes
+            if reads_engine_block_hashes(self.params.dispatch_params(), self.params.dispatch_policy)
             else (),
         )
 
