@@ -15,15 +15,20 @@ from engines.sim.core import SimEngineCore, SimRequest
 
 def running_view(requests: Iterable[SimRequest]) -> tuple[RunningSnapshot, ...]:
     """Running requests as migration sees them (admission order; ``decoding`` once past the prefill)."""
+    # context_len inlined (prompt + output): this runs for every busy instance whose blocks changed, on
+    # every simulator tick
+    snap = RunningSnapshot
     return tuple(
-        RunningSnapshot(
-            r.request_id,
-            r.context_len,
-            r.num_blocks,
-            r.priority,
-            r.num_output > 0 and r.num_computed >= r.context_len - 1,
-        )
-        for r in requests
+        [
+            snap(
+                r.request_id,
+                r.prompt_len + r.num_output,
+                r.num_blocks,
+                r.priority,
+                r.num_output > 0 and r.num_computed >= r.prompt_len + r.num_output - 1,
+            )
+            for r in requests
+        ]
     )
 
 
@@ -40,18 +45,27 @@ def instance_view(
     """``core`` as a heartbeat would report it. ``running``: the requests migration may move (none: a view
     for counting only); ``held``: requests outside the core that still wait for it (swapped out)."""
     moving = running_view(running)
+    high = 0
+    for r in moving:
+        if r.priority > 0:
+            high += 1
+    waiting = core.waiting
+    waiting_blocks = core.waiting_blocks
+    if held:
+        waiting_blocks += sum(core.blocks_for(r.context_len) for r in held)
+    config = core.config
     return InstanceSnapshot(
         instance_id=instance_id,
-        num_total_blocks=core.config.num_blocks,
+        num_total_blocks=config.num_blocks,
         num_free_blocks=core.num_free_blocks,
         num_running=len(core.running),
-        num_waiting=len(core.waiting) + len(held),
-        waiting_blocks=core.waiting_blocks + sum(core.blocks_for(r.context_len) for r in held),
+        num_waiting=len(waiting) + len(held),
+        waiting_blocks=waiting_blocks,
         head_waiting_blocks=core.head_waiting_blocks(),
         num_preempted=num_preempted,
         draining=draining,
         model=model,
-        block_size=core.config.block_size,
+        block_size=config.block_size,
         running=moving,
-        high_priority_count=sum(1 for r in moving if r.priority > 0),
+        high_priority_count=high,
     )

@@ -117,3 +117,47 @@ def test_migration_planner_matches_a_full_scan(seed: int) -> None:
         moved += len(got)
         in_flight = [InFlightMigration(d.source_id, d.destination_id, d.request_id) for d in got[: rng.randint(0, 4)]]
     assert moved > 0
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_migration_planner_put_off_syncs_match_a_full_scan(seed: int) -> None:
+    """Under ``migration_sources = drain`` a sync without a draining source is put off (not rated); rounds
+    with and without such syncs, and updates or removals between them, still plan what a full scan plans."""
+    rng = random.Random(seed)
+    n = rng.choice((6, 40))
+    params = user_policy_params("drover").with_updates(
+        migration_budget_per_request=0,
+        migration_cooldown_s=0.0,
+        migration_pingpong_window_s=0.0,
+        migration_sources="drain",
+    )
+    snapshots = {f"i{i}": random_snapshot(rng, f"i{i}", rng.choice(MODELS)) for i in range(n)}
+    planner = MigrationPlanner(params)
+    moved = put_off = 0
+    for round_ in range(200):
+        for _ in range(rng.randint(0, n // 4 + 1)):
+            iid = f"i{rng.randrange(n)}"
+            snapshot = random_snapshot(rng, iid, rng.choice(MODELS))
+            if rng.random() < 0.03:  # scale-in: a draining instance, the only kind of source here
+                snapshot = dataclasses.replace(snapshot, draining=True)
+            snapshots[iid] = snapshot
+        roll = rng.random()
+        if roll < 0.1:  # a heartbeat straight in, between syncs
+            iid = rng.choice(sorted(snapshots))
+            planner.update(snapshots[iid])
+        elif roll < 0.15:
+            gone = rng.choice(sorted(snapshots))
+            del snapshots[gone]
+            planner.remove(gone)
+        else:
+            planner.sync(list(snapshots.values()))
+        if not any(s.draining and s.num_running for s in snapshots.values()):
+            put_off += 1
+        if rng.random() < 0.1:
+            assert len(planner) == len(snapshots)
+        now = 0.05 * round_
+        expected = plan_migrations(list(snapshots.values()), [], params, now=now)
+        if roll >= 0.15:  # after update/remove the planner's view lags the dict by design (no sync yet)
+            assert planner.plan([], now=now) == expected, f"round {round_}"
+            moved += len(expected)
+    assert moved > 0 and put_off > 0

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from control.policy.params import PolicyParams
+from control.policy.recommended import user_policy_params
 from control.simulator import ClusterConfig, ClusterSimulator, LengthSpec, generate_workload, load_trace, simulate
+from control.simulator.runner import ObservedCluster
 from control.simulator.workload import arrival_times
 from engines.sim.core import SimEngineConfig
 
@@ -134,3 +136,35 @@ def test_planner_forgets_requests_when_they_finish() -> None:
     result = sim.run()
     assert result.completed == 400 and result.migrations_started > 0
     assert sim.planner.remembered_moves() == 0
+
+
+class _EagerTicks(ObservedCluster):
+    lazy_token_counts = False  # every tick materialises every decode run, as before the lazy ticks
+
+
+@pytest.mark.parametrize(
+    ("policy", "drain"), [("freeness", ()), ("drover", ((3.0, 1),)), ("least_loaded", ((2.0, 0), (4.0, 2)))]
+)
+def test_lazy_ticks_change_nothing(policy: str, drain: tuple[tuple[float, int], ...]) -> None:
+    """Ticks that look only at instances touched or due a block change, and materialise a decode run only
+    when it added a block, give the very results of ticks that materialise every busy instance: every
+    request's times, preemptions and placements, every token gap, and the migration counters."""
+    params = user_policy_params(policy) if policy == "drover" else PolicyParams(dispatch_policy=policy)
+    cfg = ClusterConfig(num_instances=4, engine=SMALL_ENGINE, policy=params, drain=drain)
+    runs = []
+    for cls in (ObservedCluster, _EagerTicks):
+        sim = cls(cfg, workload(rate=60.0))
+        result = sim.run()
+        runs.append(
+            (
+                fingerprint(result),
+                [(r.sim.num_output, r.migrations) for r in result.requests],
+                sim.gaps,
+                sim.gap_weights,
+                dataclasses.astuple(sim.counters),
+                result.preemptions,
+            )
+        )
+    lazy, eager = runs
+    assert lazy == eager
+    assert lazy[4][0] > 0 or policy == "least_loaded"  # migrations started (freeness: load, drover: drain)
