@@ -523,17 +523,20 @@ class SimEngineCore:
         delta = done - plan.done
         bs = self.config.block_size
         added = 0
+        bump = plan.steps  # see _set_bump (computed in this same pass)
         for (request, _), base in zip(plan.entries, plan.base_computed, strict=True):
             request.num_computed += delta
             request.num_output += delta
             blocks = -(-(base + done + 1) // bs)
             added += blocks - request.num_blocks
             request.num_blocks = blocks
+            if blocks * bs - base < bump:
+                bump = blocks * bs - base
         if added:
             self.allocated_blocks += added
             self.version += 1
         plan.done = done
-        self._set_bump(plan)
+        plan.bump_ms = self.cost.run_ms(plan.run_base, plan.run_growth, bump) if bump < plan.steps else math.inf
 
     def _set_bump(self, plan: _Plan) -> None:
         """When the run's next block is added: the first step (counted from the run's start) after which

@@ -10,10 +10,12 @@ import pytest
 
 from control.policy.params import PolicyParams
 from control.policy.recommended import user_policy_params
+from control.policy.snapshots import InstanceSnapshot, RunningSnapshot
 from control.simulator import ClusterConfig, ClusterSimulator, LengthSpec, generate_workload, load_trace, simulate
 from control.simulator.runner import ObservedCluster
+from control.simulator.views import instance_view
 from control.simulator.workload import arrival_times
-from engines.sim.core import SimEngineConfig
+from engines.sim.core import SimEngineConfig, SimRequest
 
 SMALL_ENGINE = SimEngineConfig(
     block_size=16, num_blocks=400, max_num_seqs=64, max_num_batched_tokens=1024, max_model_len=4096
@@ -168,3 +170,40 @@ def test_lazy_ticks_change_nothing(policy: str, drain: tuple[tuple[float, int], 
     lazy, eager = runs
     assert lazy == eager
     assert lazy[4][0] > 0 or policy == "least_loaded"  # migrations started (freeness: load, drover: drain)
+
+
+def test_instance_view_reports_the_core() -> None:
+    """The simulators' heartbeat (built positionally for speed) has every field where a keyword call puts it."""
+    sim = ClusterSimulator(config("freeness", migration=False, n=1), workload(n=40, rate=400.0))
+    core = sim.instances[0].core
+    for spec in sim.requests[:40]:
+        core.add(SimRequest(spec.request_id, spec.prompt_len, spec.output_len, priority=len(spec.request_id) % 2))
+    core.plan(0.0)
+    core.finish_plan()
+    assert core.running and core.waiting
+    view = instance_view("sim-0000", core, model="m", draining=True, num_preempted=2, running=core.running)
+    expected = InstanceSnapshot(
+        instance_id="sim-0000",
+        num_total_blocks=core.config.num_blocks,
+        num_free_blocks=core.num_free_blocks,
+        num_running=len(core.running),
+        num_waiting=len(core.waiting),
+        waiting_blocks=core.waiting_blocks,
+        head_waiting_blocks=core.head_waiting_blocks(),
+        num_preempted=2,
+        draining=True,
+        model="m",
+        block_size=core.config.block_size,
+        running=tuple(
+            RunningSnapshot(
+                r.request_id,
+                r.context_len,
+                r.num_blocks,
+                r.priority,
+                r.num_output > 0 and r.num_computed >= r.context_len - 1,
+            )
+            for r in core.running
+        ),
+        high_priority_count=sum(1 for r in core.running if r.priority > 0),
+    )
+    assert view == expected
