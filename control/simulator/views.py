@@ -8,7 +8,7 @@ straight from the core, so that every simulator shows the policies the same view
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from control.policy.snapshots import InstanceSnapshot, RunningSnapshot
 from engines.sim.core import SimEngineCore, SimRequest
@@ -36,23 +36,55 @@ _POSITIONAL = tuple(f.name for f in dataclasses.fields(InstanceSnapshot))[: len(
 _NO_HASHES: frozenset[int] = frozenset()
 
 
+_RUNNING_FIELDS = ("request_id", "num_tokens", "num_blocks", "priority", "decoding")
+
+
+def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Callable[[object, object], None], ...] | None:
+    """The ``__set__`` of each of ``cls``'s slot descriptors, in ``names`` order, when ``names`` are exactly its
+    dataclass fields (else None: build it with its constructor).
+
+    A frozen dataclass's ``__init__`` sets each field with ``object.__setattr__(self, name, value)``, which
+    looks the name up every time; calling the slot's descriptor directly stores the same value in the same
+    slot at half the cost. The result is the same frozen object (equal, hashable, immutable afterwards).
+    The simulators build one snapshot per running request of every busy instance whose blocks changed, on
+    most 50 ms ticks: this was a fifth of the time of an Azure-trace run."""
+    if tuple(f.name for f in dataclasses.fields(cls)) != names:
+        return None
+    return tuple(getattr(cls, name).__set__ for name in names)
+
+
+_RUNNING_SETTERS = _slot_setters(RunningSnapshot, _RUNNING_FIELDS)
+
+
 def running_view(requests: Iterable[SimRequest]) -> tuple[RunningSnapshot, ...]:
     """Running requests as migration sees them (admission order; ``decoding`` once past the prefill)."""
-    # context_len inlined (prompt + output): this runs for every busy instance whose blocks changed, on
-    # every simulator tick
-    snap = RunningSnapshot
-    return tuple(
-        [
-            snap(
-                r.request_id,
-                r.prompt_len + r.num_output,
-                r.num_blocks,
-                r.priority,
-                r.num_output > 0 and r.num_computed >= r.prompt_len + r.num_output - 1,
-            )
-            for r in requests
-        ]
-    )
+    # context_len inlined (prompt + output)
+    if _RUNNING_SETTERS is None:
+        return tuple(
+            [
+                RunningSnapshot(
+                    r.request_id,
+                    r.prompt_len + r.num_output,
+                    r.num_blocks,
+                    r.priority,
+                    r.num_output > 0 and r.num_computed >= r.prompt_len + r.num_output - 1,
+                )
+                for r in requests
+            ]
+        )
+    set_id, set_tokens, set_blocks, set_priority, set_decoding = _RUNNING_SETTERS
+    new = object.__new__
+    views = []
+    for r in requests:
+        view = new(RunningSnapshot)
+        set_id(view, r.request_id)
+        tokens = r.prompt_len + r.num_output
+        set_tokens(view, tokens)
+        set_blocks(view, r.num_blocks)
+        set_priority(view, r.priority)
+        set_decoding(view, r.num_output > 0 and r.num_computed >= tokens - 1)
+        views.append(view)
+    return tuple(views)
 
 
 def instance_view(

@@ -207,3 +207,6 @@ def test_instance_view_reports_the_core() -> None:
         high_priority_count=sum(1 for r in core.running if r.priority > 0),
     )
     assert view == expected
+    assert [hash(r) for r in view.running] == [hash(r) for r in expected.running]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        view.running[0].num_blocks = 0  # type: ignore[misc]  # built slot by slot, still frozen
