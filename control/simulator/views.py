@@ -13,9 +13,8 @@ from collections.abc import Callable, Iterable, Sequence
 from control.policy.snapshots import InstanceSnapshot, RunningSnapshot
 from engines.sim.core import SimEngineCore, SimRequest
 
-# A frozen dataclass's keyword call costs a third more than a positional one, and a busy instance's view is
-# built on most simulator ticks; positional only while the fields start in this order (a field inserted
-# among them falls back to keywords; one appended with a default changes nothing).
+# The snapshots' fields in declaration order, as the slot-by-slot builders below set them (see _slot_setters);
+# if either class gains, loses or reorders a field, its snapshots are built with its constructor instead.
 _FIELDS = (
     "instance_id",
     "num_total_blocks",
@@ -32,11 +31,8 @@ _FIELDS = (
     "cached_prefix_hashes",
     "high_priority_count",
 )
-_POSITIONAL = tuple(f.name for f in dataclasses.fields(InstanceSnapshot))[: len(_FIELDS)] == _FIELDS
-_NO_HASHES: frozenset[int] = frozenset()
-
-
 _RUNNING_FIELDS = ("request_id", "num_tokens", "num_blocks", "priority", "decoding")
+_NO_HASHES: frozenset[int] = frozenset()
 
 
 def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Callable[[object, object], None], ...] | None:
@@ -54,6 +50,7 @@ def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Callable[[object, 
 
 
 _RUNNING_SETTERS = _slot_setters(RunningSnapshot, _RUNNING_FIELDS)
+_INSTANCE_SETTERS = _slot_setters(InstanceSnapshot, _FIELDS)
 
 
 def running_view(requests: Iterable[SimRequest]) -> tuple[RunningSnapshot, ...]:
@@ -109,23 +106,39 @@ def instance_view(
     if held:
         waiting_blocks += sum(core.blocks_for(r.context_len) for r in held)
     config = core.config
-    if _POSITIONAL:
-        return InstanceSnapshot(
-            instance_id,
-            config.num_blocks,
-            core.num_free_blocks,
-            len(core.running),
-            len(waiting) + len(held),
-            waiting_blocks,
-            core.head_waiting_blocks(),
-            num_preempted,
-            draining,
-            model,
-            config.block_size,
-            moving,
-            _NO_HASHES,
-            high,
-        )
+    if _INSTANCE_SETTERS is not None:
+        (
+            set_id,
+            set_total,
+            set_free,
+            set_running,
+            set_waiting,
+            set_waiting_blocks,
+            set_head,
+            set_preempted,
+            set_draining,
+            set_model,
+            set_block_size,
+            set_moving,
+            set_hashes,
+            set_high,
+        ) = _INSTANCE_SETTERS
+        view = object.__new__(InstanceSnapshot)
+        set_id(view, instance_id)
+        set_total(view, config.num_blocks)
+        set_free(view, core.num_free_blocks)
+        set_running(view, len(core.running))
+        set_waiting(view, len(waiting) + len(held))
+        set_waiting_blocks(view, waiting_blocks)
+        set_head(view, core.head_waiting_blocks())
+        set_preempted(view, num_preempted)
+        set_draining(view, draining)
+        set_model(view, model)
+        set_block_size(view, config.block_size)
+        set_moving(view, moving)
+        set_hashes(view, _NO_HASHES)
+        set_high(view, high)
+        return view
     return InstanceSnapshot(
         instance_id=instance_id,
         num_total_blocks=config.num_blocks,

@@ -11,7 +11,15 @@ import pytest
 from control.policy.params import PolicyParams
 from control.policy.recommended import user_policy_params
 from control.policy.snapshots import InstanceSnapshot, RunningSnapshot
-from control.simulator import ClusterConfig, ClusterSimulator, LengthSpec, generate_workload, load_trace, simulate
+from control.simulator import (
+    ClusterConfig,
+    ClusterSimulator,
+    LengthSpec,
+    generate_workload,
+    load_trace,
+    simulate,
+    views,
+)
 from control.simulator.runner import ObservedCluster
 from control.simulator.views import instance_view
 from control.simulator.workload import arrival_times
@@ -160,7 +168,7 @@ def test_lazy_ticks_change_nothing(policy: str, drain: tuple[tuple[float, int], 
         runs.append(
             (
                 fingerprint(result),
-                [(r.sim.num_output, r.migrations) for r in result.requests],
+                [(r.sim.num_output if r.sim else -1, r.migrations) for r in result.requests],
                 sim.gaps,
                 sim.gap_weights,
                 dataclasses.astuple(sim.counters),
@@ -172,8 +180,13 @@ def test_lazy_ticks_change_nothing(policy: str, drain: tuple[tuple[float, int], 
     assert lazy[4][0] > 0 or policy == "least_loaded"  # migrations started (freeness: load, drover: drain)
 
 
-def test_instance_view_reports_the_core() -> None:
-    """The simulators' heartbeat (built positionally for speed) has every field where a keyword call puts it."""
+@pytest.mark.parametrize("slot_by_slot", [True, False])
+def test_instance_view_reports_the_core(slot_by_slot: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The simulators' heartbeat (built slot by slot for speed, or with the constructors when the snapshot
+    classes' fields change) has every field where a keyword call puts it."""
+    if not slot_by_slot:
+        monkeypatch.setattr(views, "_INSTANCE_SETTERS", None)
+        monkeypatch.setattr(views, "_RUNNING_SETTERS", None)
     sim = ClusterSimulator(config("freeness", migration=False, n=1), workload(n=40, rate=400.0))
     core = sim.instances[0].core
     for spec in sim.requests[:40]:
