@@ -184,6 +184,8 @@ class _Extra:
 class ElasticSimulator(ClusterSimulator):
     """Run ``requests`` under ``config``; ``run_elastic()`` returns an :class:`ElasticResult`."""
 
+    lazy_token_counts = False  # eviction ranks running batch requests by their output so far (_evictable)
+
     def __init__(self, config: ElasticConfig, requests: Sequence[RequestSpec]) -> None:
         config.validate()
         self.elastic = config
