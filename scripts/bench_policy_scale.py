@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from control.policy.dispatch import POLICY_NAMES, make_dispatch_policy, prefix_block_hashes
-from control.policy.kv_aware import KvAwareIndex
 from control.policy.migration import MigrationPlanner, plan_migrations
 from control.policy.params import PolicyParams
+from control.policy.prefix_index import PrefixIndex
 from control.policy.recommended import user_policy_params
 from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot
 
@@ -85,15 +85,21 @@ CLOCKS = {"wall": time.perf_counter_ns, "cpu": time.thread_time_ns}
 
 def bench_dispatch(n: int, name: str, ops: int, seed: int, clock: str = "wall") -> dict[str, float]:
     rng = random.Random(seed)
-    index = make_dispatch_policy(name)
+    index = (
+        # what ``drover`` dispatches with: predictive, late binding and prefix-aware (control/policy/recommended.py)
+        make_dispatch_policy("predictive", user_policy_params("drover").dispatch_params())
+        if name == "drover"
+        else make_dispatch_policy(name)
+    )
     pool = [random_snapshot(rng, f"i{i}", MODELS[i % 2]) for i in range(n)]
     for snapshot in pool:
         index.upsert(snapshot)
     # fresh snapshots prepared up front: building them is the engine's cost, not the policy's
     beats = [random_snapshot(rng, f"i{(i := rng.randrange(n))}", MODELS[i % 2]) for _ in range(ops)]
     prefixes = [list(range(k * 1000, k * 1000 + 128)) for k in range(100)]
-    if isinstance(index, KvAwareIndex):
-        _hold_prefixes(index, pool, prefixes, seed)
+    prefix_index = getattr(index, "prefix_index", None)  # kv_aware, and drover's prefix-aware predictive index
+    if isinstance(prefix_index, PrefixIndex):
+        _hold_prefixes(prefix_index, pool, prefixes, seed)
     demands = []
     for k in range(ops):
         prompt = prefixes[rng.randrange(100)] + [rng.randrange(259) for _ in range(rng.randint(0, 64))]
@@ -143,8 +149,10 @@ def bench_dispatch(n: int, name: str, ops: int, seed: int, clock: str = "wall") 
     return out
 
 
-def _hold_prefixes(index: KvAwareIndex, pool: list[InstanceSnapshot], prefixes: list[list[int]], seed: int) -> None:
-    """kv_aware is timed with its prefix index filled as engine events would fill it: each instance holds
+def _hold_prefixes(
+    prefix_index: PrefixIndex, pool: list[InstanceSnapshot], prefixes: list[list[int]], seed: int
+) -> None:
+    """kv_aware and drover are timed with its prefix index filled as engine events would fill it: each instance holds
     two of the benchmark's shared prefixes (their prefix-block hashes) and 1,000 blocks of its own (100 past
     2,000 instances, to stay near 2 M entries), so lookups probe a dict of realistic size. A separate random
     stream: the other policies' inputs stay as they were."""
@@ -153,7 +161,7 @@ def _hold_prefixes(index: KvAwareIndex, pool: list[InstanceSnapshot], prefixes: 
     for snapshot in pool:
         held = [h for k in rng.sample(range(len(prefixes)), 2) for h in prefix_block_hashes(prefixes[k], 16)]
         own = [rng.getrandbits(62) for _ in range(extra)]
-        index.prefix_index.apply(snapshot.instance_id, epoch="bench", seq=0, stored=held + own)
+        prefix_index.apply(snapshot.instance_id, epoch="bench", seq=0, stored=held + own)
 
 
 def bench_planning(n: int, rounds: int, seed: int, params: PolicyParams, clock: str = "wall") -> dict[str, float]:
@@ -207,7 +215,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="16,64,256,1000,4000,10000", help="instance counts, comma-separated")
     parser.add_argument(
-        "--policies", default=",".join(POLICY_NAMES), help="dispatch policies, comma-separated (default: all)"
+        "--policies",
+        default=",".join((*POLICY_NAMES, "drover")),
+        help="dispatch policies, comma-separated, and drover (predictive as `drover` configures it; default: all)",
     )
     parser.add_argument("--ops", type=int, default=5000, help="decisions timed per size and policy")
     parser.add_argument("--rounds", type=int, default=200, help="migration rounds timed per size")
@@ -223,9 +233,9 @@ def main() -> None:
     except ValueError:
         parser.error(f"--sizes expects integers, got {args.sizes!r}")
     policies = [p for p in args.policies.split(",") if p]
-    unknown = [p for p in policies if p not in POLICY_NAMES]
+    unknown = [p for p in policies if p not in POLICY_NAMES and p != "drover"]
     if unknown:
-        parser.error(f"unknown policies {', '.join(unknown)}; choose from {', '.join(POLICY_NAMES)}")
+        parser.error(f"unknown policies {', '.join(unknown)}; choose from {', '.join(POLICY_NAMES)}, drover")
     results: dict[str, Any] = {"clock": args.clock, "dispatch": {}, "planning": {}}
     print("== dispatch, µs (decide = choose + on_dispatched; heartbeat = upsert; total = both)")
     print(
