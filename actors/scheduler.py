@@ -69,6 +69,7 @@ from transport.messages import (
     EngineAbort,
     EngineAdd,
     EngineFence,
+    EngineFirstToken,
     EngineInfo,
     EngineRequestEnded,
     ErrorCode,
@@ -215,6 +216,8 @@ class SchedulerActor(SupervisedActor):
             self._on_submit(message, envelope)
         elif isinstance(message, EngineRequestEnded):
             self._on_request_ended(message)
+        elif isinstance(message, EngineFirstToken):
+            self._on_first_token(message)
         elif isinstance(message, Cancel):
             self._on_cancel(message, envelope)
         elif isinstance(message, StatusQuery):
@@ -715,6 +718,7 @@ class SchedulerActor(SupervisedActor):
                 output_token_ids=record.resume_tokens,
                 served_by=list(record.served_by),
                 client_id=submit.client_id or "",
+                report_first_token=self.pd.wants_first_token(instance_id, len(record.prompt_token_ids)),
             ),
             headers,
         )
@@ -978,9 +982,18 @@ class SchedulerActor(SupervisedActor):
             )
 
     # ------------------------------------------------------------------------------------------- prefill/decode
-    def _hand_off(self, report: InstanceSnapshot) -> None:
-        """A prefill instance reported requests past their first token: move each to a decode instance the
-        core picks (a live migration); one no decode instance can take stays where it is.
+    def _on_first_token(self, event: EngineFirstToken) -> None:
+        """A request's first token is out: hand it off now, not at its prefill instance's next heartbeat.
+
+        Thread: the scheduler actor's thread."""
+        record = self.instances.get(event.instance_id)
+        if record is not None:
+            self._hand_off(self._snapshot(record), event)
+
+    def _hand_off(self, report: InstanceSnapshot, first_token: EngineFirstToken | None = None) -> None:
+        """A prefill instance reported requests past their first token (or ``first_token`` says one is): move
+        each to a decode instance the core picks (a live migration); one no decode instance can take stays
+        where it is.
 
         Thread: the scheduler actor's thread."""
         if not self.pd.enabled or "migrator" not in self.peers:
@@ -1008,7 +1021,15 @@ class SchedulerActor(SupervisedActor):
             prompt = self._prompt_of(request_id)
             return tuple(vllm_block_hashes(prompt, block_size)) if prompt else ()
 
-        for h in self.pd.handoffs([report], decode, busy, overlap, prefix_of if overlap is not None else None):
+        prefixes = prefix_of if overlap is not None else None
+        if first_token is None:
+            planned = self.pd.handoffs([report], decode, busy, overlap, prefixes)
+        else:
+            blocks = -(-first_token.num_tokens // block_size)
+            planned = self.pd.first_token_handoffs(
+                first_token.request_id, report, blocks, decode, busy, overlap, prefixes
+            )
+        for h in planned:
             log.info("pd handoff: %s %s -> %s", h.request_id, h.source_id, h.destination_id)
             self._start_migration(h.request_id, h.source_id, h.destination_id, h.num_blocks, h.reason)
 

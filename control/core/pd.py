@@ -28,6 +28,7 @@ from control.policy.pd import (
     PdParams,
     Phase,
     PhaseChange,
+    disaggregates,
     handoff_candidates,
     intake_phases,
     plan_handoffs,
@@ -171,6 +172,46 @@ class PdCore:
                 lambda rid: rid in self.tried or busy(rid),
             )
         ]
+        return self._plan(candidates, instances, overlap, prefix_of)
+
+    def wants_first_token(self, instance_id: str, num_prompt_tokens: int) -> bool:
+        """Whether a request dispatched to ``instance_id`` is handed off after its first token (so its engine
+        should report that token at once: :meth:`first_token_handoffs`)."""
+        return (
+            self.enabled and self.phase_of(instance_id) == "prefill" and disaggregates(self.params, num_prompt_tokens)
+        )
+
+    def first_token_handoffs(
+        self,
+        request_id: str,
+        source: InstanceSnapshot,
+        num_blocks: int,
+        instances: Iterable[InstanceSnapshot],
+        busy: Callable[[str], bool],
+        overlap: Callable[[str, Sequence[int]], int] | None = None,
+        prefix_of: Callable[[str], Sequence[int]] | None = None,
+    ) -> list[Handoff]:
+        """The handoff a request's first-token event calls for: the same decision as :meth:`handoffs` makes
+        on a report that lists the request as decoding, taken when the engine says its first token is out
+        rather than at the prefill instance's next heartbeat, so the KV copy starts right after the prefill.
+        ``num_blocks``: the blocks its KV fills now (prompt and first token). Empty when the source is not a
+        prefill instance (any more), the request is not disaggregated, already tried or ``busy``."""
+        if not self.enabled or self.phase_of(source.instance_id) != "prefill":
+            return []
+        prompt = self.prompt_tokens.get(request_id)
+        if prompt is None or request_id in self.tried or busy(request_id) or not disaggregates(self.params, prompt):
+            return []
+        candidate = HandoffCandidate(request_id, source.instance_id, num_blocks, model=source.model)
+        return self._plan([candidate], instances, overlap, prefix_of)
+
+    def _plan(
+        self,
+        candidates: list[HandoffCandidate],
+        instances: Iterable[InstanceSnapshot],
+        overlap: Callable[[str, Sequence[int]], int] | None,
+        prefix_of: Callable[[str], Sequence[int]] | None,
+    ) -> list[Handoff]:
+        """Plan one round of handoffs and count them as tried (see :meth:`handoffs`)."""
         if not candidates:
             return []
         if overlap is not None and prefix_of is not None:

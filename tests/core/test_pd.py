@@ -89,6 +89,24 @@ def test_handoff_once_after_the_first_token_and_stay_when_decode_is_full() -> No
     assert "r1" not in core.prompt_tokens and "r1" not in core.tried
 
 
+def test_first_token_event_hands_off_as_a_decoding_report_would() -> None:
+    core, _ = fleet("adaptive", {"p0": "prefill", "d0": "decode", "b0": "both"})
+    never = lambda rid: False  # noqa: E731
+    assert core.wants_first_token("p0", 1000) and not core.wants_first_token("p0", 100)  # short: not moved
+    assert not core.wants_first_token("b0", 1000) and not core.wants_first_token("d0", 1000)
+    core.on_request("r1", 1000)
+    core.on_request("short", 100)
+    assert core.first_token_handoffs("short", snap("p0"), 4, [snap("d0")], never) == []
+    assert core.first_token_handoffs("r1", snap("b0"), 32, [snap("d0")], never) == []  # not a prefill instance
+    assert core.first_token_handoffs("r1", snap("p0"), 32, [snap("d0")], lambda rid: True) == []  # busy
+    [h] = core.first_token_handoffs("r1", snap("p0"), 32, [snap("d0"), snap("b0")], never)
+    assert (h.request_id, h.source_id, h.destination_id, h.num_blocks) == ("r1", "p0", "d0", 32)
+    decoding = snap("p0", running=(RunningSnapshot("r1", 1001, 32, decoding=True),))
+    assert core.handoffs([decoding], [snap("d0")], never) == []  # the next report does not move it again
+    assert core.first_token_handoffs("r1", snap("p0"), 32, [snap("d0")], never) == []
+    assert not PdCore(PdParams()).wants_first_token("p0", 10_000)  # pd off: engines report nothing
+
+
 def test_rebalance_runs_at_its_period_and_refiles_the_instance() -> None:
     core = PdCore(PdParams(mode="disaggregated", rebalance_period_s=5.0))
     for iid, phase in (("p0", "prefill"), ("d0", "decode"), ("d1", "decode")):

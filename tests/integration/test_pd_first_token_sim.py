@@ -1,0 +1,100 @@
+"""Prefill/decode disaggregation live: the handoff starts on the engine's first-token event, not on the
+prefill instance's next heartbeat. Sim engines over a real nats-server, the in-process control plane; its own
+module (one control plane per NATS server at a time)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats
+from nats.aio.msg import Msg
+
+from actors.local_cluster import InProcessCluster
+from control.client import DroverClient
+from control.settings import load_settings
+from engines.sim.live_migration import MigratableSimEngine
+from engines.tokenizer import ByteTokenizer
+from transport import subjects
+from transport.messages import EngineFirstToken, InstanceHeartbeat, Message, MigrateIn, RequestDone, TokenChunk, decode
+
+MAX_TOKENS = 100
+
+
+async def test_handoff_starts_on_the_first_token_with_the_prefill_heartbeat_stalled(nats_url: str) -> None:
+    """The prefill instance stops beating once the fleet is up (its heartbeat thread waits an hour; the stale
+    timeout is longer still), so no report of it can list the request as decoding: the handoff can only come
+    from the first-token event. On the wire, in order: the first token, then the decode instance's
+    reservation, with no heartbeat of the prefill instance in between; the request ends on the decode instance
+    with every token sent once."""
+    settings = load_settings(
+        overrides={
+            "nats": {"url": nats_url},
+            "engine": {"kind": "sim", "heartbeat_interval_s": 0.05},
+            "scheduler": {"instance_stale_after_s": 7200.0},
+            "pd": {"mode": "disaggregated"},
+            "policy": {"migration_enabled": False},  # only handoffs move requests
+        }
+    )
+    cluster = InProcessCluster(settings=settings, tokenizer=ByteTokenizer())
+    cluster.start_control()
+    events: list[tuple[str, Message]] = []
+    tap = await nats.connect(nats_url)
+    try:
+        hosts = {}
+        for name, phase in (("ft-p", "prefill"), ("ft-d", "decode")):
+            engine = MigratableSimEngine(name, num_blocks=512, max_model_len=1024, time_scale=1.0)
+            hosts[name] = cluster.add_engine(engine)
+            hosts[name].heartbeater.phase = phase
+        async with DroverClient(cluster.url, name="ft-client") as client:
+            await client.wait_for_instances(2, timeout_s=20)
+            for _ in range(400):  # both report their phase
+                status = await client.status()
+                if sorted(i.phase for i in status.instances) == ["decode", "prefill"]:
+                    break
+                await asyncio.sleep(0.05)
+            assert sorted(i.phase for i in status.instances) == ["decode", "prefill"]
+
+            async def record(msg: Msg) -> None:
+                events.append((msg.subject, decode(msg.data)))
+
+            for subject in (subjects.heartbeat("ft-p"), subjects.engine("ft-d"), subjects.ENGINE_EVENTS):
+                await tap.subscribe(subject, cb=record)
+            await tap.flush()
+            hosts["ft-p"].heartbeater.interval_s = 3600.0  # after the beat now pending, the next is an hour away
+            for _ in range(400):
+                if any(isinstance(m, InstanceHeartbeat) and m.info.instance_id == "ft-p" for _, m in events):
+                    break
+                await asyncio.sleep(0.05)
+            stalled_seq = max(
+                m.seq for _, m in events if isinstance(m, InstanceHeartbeat) and m.info.instance_id == "ft-p"
+            )
+            mark = len(events)
+
+            stream = await client.submit("f" * 200, max_tokens=MAX_TOKENS, request_id="ft-0")
+            seen: list[Message] = []
+
+            async def inbox(msg: Msg) -> None:
+                seen.append(decode(msg.data))
+
+            assert stream._subscription is not None
+            await tap.subscribe(stream._subscription.subject, cb=inbox)
+            result = await stream.result()
+            for _ in range(100):  # the tap's copy of the done
+                if any(isinstance(m, RequestDone) for m in seen):
+                    break
+                await asyncio.sleep(0.05)
+
+        after = events[mark:]
+        first = next(i for i, (_, m) in enumerate(after) if isinstance(m, EngineFirstToken) and m.request_id == "ft-0")
+        reserve = next(i for i, (_, m) in enumerate(after) if isinstance(m, MigrateIn) and m.op == "reserve")
+        assert first < reserve
+        beats = [m for _, m in after if isinstance(m, InstanceHeartbeat) and m.info.instance_id == "ft-p"]
+        assert all(b.seq <= stalled_seq for b in beats)  # no report of the prefill instance since the stall
+        assert result.done is not None and result.done.instances == ["ft-p", "ft-d"]
+        assert result.done.num_tokens == MAX_TOKENS
+        chunks = sorted((m for m in seen if isinstance(m, TokenChunk)), key=lambda c: c.index)
+        assert [c.index + k for c in chunks for k in range(len(c.token_ids))] == list(range(MAX_TOKENS))
+        assert sum(isinstance(m, RequestDone) for m in seen) == 1
+    finally:
+        await tap.drain()
+        await asyncio.to_thread(cluster.stop)
