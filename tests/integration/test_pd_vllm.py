@@ -27,10 +27,6 @@ async def pd_vllm_cluster(nats_url: str, vllm_engine_factory: Any) -> AsyncItera
             "engine": {"heartbeat_interval_s": 0.1},
             "policy": {"migration_enabled": False},  # only handoffs move requests
             "pd": {"mode": "disaggregated"},
-            # the tiny model decodes a block or more per migration round trip: reserve room for what it writes
-            # during the copy (the default, 2 blocks, is sized for real models; stages then abort with "block N
-            # exceeds the reservation" and the request stays on the prefill engine)
-            "migration": {"reserve_headroom_blocks": 16},
             # one control plane with its own in-memory state: the session's nats-server keeps the default state
             # and lease buckets of earlier tests' control planes (in CI a stale lease record vanished mid-test,
             # this control plane stepped down for a moment and the handoff was lost)
