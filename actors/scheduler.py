@@ -389,6 +389,7 @@ class SchedulerActor(SupervisedActor):
             self._record("remove", instance_id, (), None)
             metrics().remove_instance(instance_id)
             self.state.drop_instance(instance_id)
+            self.state.drop_phase(instance_id)
             self._fail_over(instance_id)
             self.memory.on_instance_dead(instance_id)
         self.lifecycle.tick(self)
@@ -1041,6 +1042,7 @@ class SchedulerActor(SupervisedActor):
         change = self.pd.rebalance((self._snapshot(r) for r in serving), time.monotonic())
         if change is not None and change.instance_id in self.instances:
             log.info("pd split: %s now serves %s (%s)", change.instance_id, change.phase, change.reason)
+            self.state.save_phase(change.instance_id, change.phase)
             self.policy.upsert(self._snapshot(self.instances[change.instance_id]))
 
     def _on_phase(self, command: PhaseCommand, reply: str) -> None:
@@ -1057,6 +1059,7 @@ class SchedulerActor(SupervisedActor):
             self.bus.reply_error(reply, ErrorCode.INVALID_REQUEST, str(exc))
             return
         self.pd.set_phase(command.instance_id, phase)
+        self.state.save_phase(command.instance_id, phase)  # it outlives a control-plane restart
         self.policy.upsert(self._snapshot(record))  # it changes dispatch pools at once
         log.info("instance %s now serves phase %s (operator %s)", command.instance_id, phase, command.operator or "-")
         note = "" if self.pd.enabled else " (pd.mode is off: phases take effect once it is on)"

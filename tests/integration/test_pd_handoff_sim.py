@@ -9,6 +9,7 @@ plane (one per test: one control plane per NATS server at a time):
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import nats
 from nats.aio.msg import Msg
@@ -164,4 +165,43 @@ async def test_the_reservation_keeps_up_with_what_the_source_decodes_during_the_
             assert after == before  # no block leaked on either side
     finally:
         await tap.drain()
+        await asyncio.to_thread(cluster.stop)
+
+
+async def test_phase_overrides_outlive_a_control_plane_restart(nats_url: str) -> None:
+    """Both engines report `both`; an operator sets prefill and decode; a fresh control plane (the old one
+    stopped) reads them back from the state bucket, and a request is handed off as before the restart."""
+    suffix = uuid.uuid4().hex[:8]
+    settings = load_settings(
+        overrides={
+            "nats": {"url": nats_url},
+            "engine": {"kind": "sim", "heartbeat_interval_s": 0.05},
+            "pd": {"mode": "disaggregated"},
+            "policy": {"migration_enabled": False},
+            "ha": {"state_bucket": f"pd_state_{suffix}", "lease_bucket": f"pd_lease_{suffix}"},
+        }
+    )
+    cluster = InProcessCluster(settings=settings, tokenizer=ByteTokenizer())
+    cluster.start_control()
+    try:
+        for name in ("ph-a", "ph-b"):
+            cluster.add_engine(MigratableSimEngine(name, num_blocks=512, max_model_len=1024, time_scale=1.0))
+        async with DroverClient(cluster.url, name="ph-client") as client:
+            await client.wait_for_instances(2, timeout_s=20)
+            assert (await client.set_phase("ph-a", "prefill")).ok
+            assert (await client.set_phase("ph-b", "decode")).ok
+        await asyncio.to_thread(cluster.restart_control)
+        async with DroverClient(cluster.url, name="ph-client-2") as client:
+            await client.wait_for_instances(2, timeout_s=20)
+            phases: dict[str, str] = {}
+            for _ in range(200):  # both heartbeat to the new control plane
+                status = await client.status()
+                phases = {i.info.instance_id: i.phase for i in status.instances if i.state == "serving"}
+                if len(phases) == 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert phases == {"ph-a": "prefill", "ph-b": "decode"}
+            result = await client.generate("r" * 200, max_tokens=MAX_TOKENS, request_id="ph-0")
+            assert result.done is not None and result.done.instances == ["ph-a", "ph-b"]
+    finally:
         await asyncio.to_thread(cluster.stop)
