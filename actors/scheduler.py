@@ -31,7 +31,7 @@ from actors.request_classes import RequestClasses
 from actors.request_lifecycle import RequestLifecycle, admission
 from actors.supervisor import SupervisedActor
 from control.core.admission import max_prompt_tokens, validate
-from control.core.pd import PdCore, make_dispatch
+from control.core.pd import PdCore, PdPools, PdPoolsQuery, make_dispatch
 from control.core.record import DecisionLog
 from control.core.requests import (
     Drop,
@@ -205,6 +205,10 @@ class SchedulerActor(SupervisedActor):
             self.classes.on_message(message, self.instances, self.requests, len(self.queue))
         elif isinstance(message, _AddUnacked):
             self._on_add_unacked(message)
+        elif isinstance(message, PdPoolsQuery):  # the per-phase autoscaler's input
+            serving = [r for r in self.instances.values() if r.state == "serving"]
+            pools = tuple((self._snapshot(r), self.pd.phase_of(r.info.instance_id)) for r in serving)
+            message.reply_to.tell(PdPools(pools))
         return None
 
     def _on_envelope(self, envelope: Envelope) -> None:

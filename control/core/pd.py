@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy
 from control.policy.kv_aware import KvAwareIndex
@@ -249,7 +250,11 @@ class PdCore:
         return change
 
     def autoscale(
-        self, snapshots: Iterable[InstanceSnapshot], now: float, removable: Callable[[str], bool]
+        self,
+        snapshots: Iterable[InstanceSnapshot],
+        now: float,
+        removable: Callable[[str], bool],
+        starting: Sequence[Phase] = (),
     ) -> list[PoolScaling]:
         """Every ``autoscale_period_s`` (the shell passes its clock; the first is one period after the first
         call, so the pools have reported): :func:`plan_pool_scaling` over the registry's phases. The shell
@@ -262,7 +267,8 @@ class PdCore:
         if now - self.last_autoscale < period:
             return []
         self.last_autoscale = now
-        return plan_pool_scaling([(s, self.phase_of(s.instance_id)) for s in snapshots], self.params, removable)
+        pairs = [(s, self.phase_of(s.instance_id)) for s in snapshots]
+        return plan_pool_scaling(pairs, self.params, removable, starting)
 
     def on_handoff_ended(self, request_id: str, ok: bool) -> None:
         """A migration of ``request_id`` ended; an aborted handoff (a reservation refused on stale room, the
@@ -299,14 +305,30 @@ class PoolScaling:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class PdPoolsQuery:
+    """Autoscaler -> scheduler: the serving instances with their phases (for the per-phase autoscaler)."""
+
+    reply_to: Any  # an actor ref: .tell(PdPools)
+
+
+@dataclass(frozen=True, slots=True)
+class PdPools:
+    """Scheduler -> autoscaler: each serving instance's snapshot and its phase (an override applied)."""
+
+    instances: tuple[tuple[InstanceSnapshot, Phase], ...]
+
+
 def pool_loads(instances: Sequence[tuple[InstanceSnapshot, Phase]], params: PdParams) -> dict[Phase, PoolLoad]:
     """Each pool's backpressure (Dynamo's planner and Chiron's pools as anchors):
 
     * prefill: queued prompt tokens over what the pool prefills within the TTFT budget
       (``autoscale_prefill_tokens_per_s`` x instances x ``autoscale_ttft_target_s``): at 1 the queue alone
       takes the whole budget;
-    * decode: the mean KV use over ``autoscale_decode_kv_target``: at 1 the batch has no room left, and each
-      more request lengthens every step (TPOT).
+    * decode: the mean KV demand (blocks in use plus the blocks its queue waits for, over the total) over
+      ``autoscale_decode_kv_target``: at 1 the batch has no room left, and each more request lengthens every
+      step (TPOT) or waits. Handed-off requests queue on the decode side when its batch is full, so the
+      queue counts here.
 
     Draining instances count in neither (they are leaving)."""
     out: dict[Phase, PoolLoad] = {}
@@ -319,22 +341,29 @@ def pool_loads(instances: Sequence[tuple[InstanceSnapshot, Phase]], params: PdPa
             budget = params.autoscale_prefill_tokens_per_s * params.autoscale_ttft_target_s * max(1, n)
             pressure = queued / budget
         else:
-            pressure = used / params.autoscale_decode_kv_target
+            demand = sum((s.num_used_blocks + s.waiting_blocks) / max(1, s.num_total_blocks) for s in pool)
+            pressure = (demand / n if n else 0.0) / params.autoscale_decode_kv_target
         out[phase] = PoolLoad(phase, n, queued, used, pressure)
     return out
 
 
 def plan_pool_scaling(
-    instances: Sequence[tuple[InstanceSnapshot, Phase]], params: PdParams, removable: Callable[[str], bool]
+    instances: Sequence[tuple[InstanceSnapshot, Phase]],
+    params: PdParams,
+    removable: Callable[[str], bool],
+    starting: Sequence[Phase] = (),
 ) -> list[PoolScaling]:
     """At most one change per pool per period: a pool at or over its budget (pressure >= 1) gets one instance
-    more while the fleet is under ``autoscale_max_instances``, the more pressed pool first; a pool under
-    ``autoscale_scale_in_below`` with more than one instance gives back its least used one that
-    ``removable`` allows (the autoscaler can only stop instances it started)."""
+    more while the fleet (with the ``starting`` ones, by the pool they are for) is under
+    ``autoscale_max_instances``, the more pressed pool first, unless one is starting for it already (its
+    pressure does not show it yet); a pool under ``autoscale_scale_in_below`` with more than one instance
+    gives back its least used one that ``removable`` allows (the autoscaler can only stop what it started)."""
     loads = pool_loads(instances, params)
-    total = sum(1 for s, p in instances if p in ("prefill", "decode") and not s.draining)
+    total = sum(1 for s, p in instances if p in ("prefill", "decode") and not s.draining) + len(starting)
     out: list[PoolScaling] = []
     for load in sorted(loads.values(), key=lambda x: -x.pressure):
+        if load.phase in starting:
+            continue
         if load.pressure >= 1.0 and total < params.autoscale_max_instances:
             out.append(PoolScaling(load.phase, 1, "", f"{load.phase} pressure {load.pressure:.2f}"))
             total += 1

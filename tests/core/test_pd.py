@@ -185,3 +185,15 @@ def test_autoscale_runs_at_its_period_only_when_on() -> None:
     assert [p.phase for p in core.autoscale(queued, 10.0, always)] == ["prefill"]
     assert core.autoscale(queued, 12.0, always) == []
     assert PdCore(PdParams(mode="disaggregated")).autoscale(queued, 100.0, always) == []  # period 0: off
+
+
+def test_an_instance_starting_for_a_pool_counts_and_holds_that_pool() -> None:
+    from control.core.pd import plan_pool_scaling
+
+    params = PdParams(mode="disaggregated", autoscale_max_instances=3)
+    hot = [(InstanceSnapshot("p0", 100, 100, 0, 0), "prefill"), (InstanceSnapshot("d0", 100, 5, 4, 0), "decode")]
+    always = lambda iid: True  # noqa: E731
+    assert [p.phase for p in plan_pool_scaling(hot, params, always)] == ["decode"]  # type: ignore[arg-type]
+    assert plan_pool_scaling(hot, params, always, ("decode",)) == []  # type: ignore[arg-type]
+    full = PdParams(mode="disaggregated", autoscale_max_instances=3)
+    assert plan_pool_scaling(hot, full, always, ("prefill",)) == []  # type: ignore[arg-type]  # 3 with it
