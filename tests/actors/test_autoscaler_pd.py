@@ -36,6 +36,7 @@ def pd_settings(nats_url: str) -> Settings:
                 "mode": "disaggregated",
                 "autoscale_period_s": 0.5,
                 "autoscale_max_instances": 3,
+                "autoscale_decode_kv_target": 0.5,  # one request decoding and one waiting are over it
             },
         }
     )
