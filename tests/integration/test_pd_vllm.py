@@ -80,7 +80,8 @@ async def test_a_fault_during_the_kv_copy_runs_the_request_exactly_once_on_vllm(
     async with DroverClient(pd_vllm_cluster.url, name="pd-vllm-fault") as client:
         await client.wait_for_instances(2, timeout_s=60)
         prompt = "A transfer that fails half way must not lose or repeat a token " * 5
-        sampling = SamplingParams(max_tokens=600, ignore_eos=True)
+        # as long as the first test's: a lost commit must find the request still running to move it
+        sampling = SamplingParams(max_tokens=1200, ignore_eos=True)
         tap = await nats.connect(pd_vllm_cluster.url)
         try:
             for instance in ("a", "b"):
@@ -108,7 +109,7 @@ async def test_a_fault_during_the_kv_copy_runs_the_request_exactly_once_on_vllm(
                         break
                     await asyncio.sleep(0.05)
                 chunks = sorted((m for m in seen if isinstance(m, TokenChunk)), key=lambda c: c.index)
-                assert [c.index + k for c in chunks for k in range(len(c.token_ids))] == list(range(600)), stage
+                assert [c.index + k for c in chunks for k in range(len(c.token_ids))] == list(range(1200)), stage
                 assert sum(isinstance(m, RequestDone) for m in seen) == 1, stage
             assert await idle_free_blocks(client) == before  # no block leaked on either side
         finally:
