@@ -290,7 +290,7 @@ def _restore(scheduler: SchedulerActor) -> None:
         scheduler.requests[record.request_id] = record
         if record.state == "queued" or (record.state == "running" and record.instance_id is None):
             record.state, record.instance_id = "queued", None
-            scheduler.queue.append(record.request_id)
+            scheduler.dispatch.wait(record.request_id)
         elif record.state == "running" and record.instance_id in scheduler.instances:
             state.unconfirmed[record.request_id] = record.instance_id
         else:  # recovering, or on an instance nobody knows: read back what its client has

@@ -1,12 +1,13 @@
-"""Request classes in the scheduler (Chiron): interactive vs batch, instance roles, the global batch queue,
-and the cluster view the AutoscalerActor plans from.
+"""Request classes in the scheduler (Chiron): interactive vs batch, instance roles, and the cluster view the
+AutoscalerActor plans from.
 
 The SchedulerActor owns one :class:`RequestClasses` and calls it from a few hooks (heartbeat, submit,
-dispatch, tick, request end); everything here runs on the scheduler's thread. The decisions are the pure
-control core's ``control/core/classes.py`` the simulator runs too: :func:`place_by_class` picks an
-interactive request's instance by role (or holds it back), :class:`BatchQueue` places the head of the global
-batch queue (earliest deadline first) into batch and mixed instances' spare slots. This class is the shell
-around them: it reads the clock and the scheduler's tables and turns evictions into engine messages.
+dispatch, request end); everything here runs on the scheduler's thread. The decisions are the control
+core's: the dispatch loop (``control/core/dispatch.py``) routes an interactive request by role (or holds it
+back) and releases the global batch queue into spare slots, in the live scheduler and in the simulator
+alike. This class is the shell's bookkeeping around them: it reads the clock and the scheduler's tables
+(each instance's load per class, the batch requests that may be evicted, each batch request's deadline),
+and turns the core's evictions into engine messages.
 
 With class dispatch off (``[autoscaler] class_dispatch``, default: on exactly when the autoscaler is
 enabled) every request is dispatched by the scheduler's dispatch policy as before; the counters the
@@ -17,11 +18,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sized
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from control.core.classes import BatchQueue, place_by_class
 from control.policy.autoscaling import (
     ROLES,
     AutoscaleParams,
@@ -98,19 +98,25 @@ def class_dispatch_enabled(settings: Settings) -> bool:
 class RequestClasses:
     """The scheduler's request-class state (see the module docstring)."""
 
-    def __init__(self, settings: Settings, evict: Callable[[str, str], None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        evict: Callable[[str, str], None] | None = None,
+        batch_queue: Sized = (),
+    ) -> None:
         """Thread: the one that builds the actor (before its own thread starts)."""
         self.params: AutoscaleParams = settings.autoscaling
         self.evict = evict or (lambda instance_id, request_id: None)
-        """Stops a batch request on an instance (EngineAbort reason "evicted"); it comes back through
-        :meth:`requeue_batch` with what its client already has."""
+        """Stops a batch request on an instance (EngineAbort reason "evicted"); it comes back through the
+        batch queue with what its client already has."""
         self.evicting: set[str] = set()
         self.enabled = class_dispatch_enabled(settings)
         self.reported_roles: dict[str, InstanceRole] = {}
         self.role_overrides: dict[str, InstanceRole] = {}
         self.local: dict[str, LocalReport] = {}
         self.first_seen: dict[str, float] = {}
-        self.batch_queue = BatchQueue()
+        self.batch_queue = batch_queue
+        """The core's global batch queue (the dispatcher's): only its length is read here (the autoscaler's view)."""
         self.deadlines: dict[str, tuple[float, int]] = {}  # unfinished batch request -> (deadline, tokens)
         self.dispatched_at: dict[str, float] = {}  # interactive request -> dispatch time (monotonic)
         self.batch_admitted_at: dict[str, float] = {}  # running batch request -> dispatch time (monotonic)
@@ -145,43 +151,35 @@ class RequestClasses:
         if beat.local is not None:
             self.local[iid] = beat.local
 
-    def hold(self, record: _RequestRecord) -> bool:
-        """A new request arrived. True: it is a batch request and waits in the global batch queue.
+    def hold(self, record: _RequestRecord, now: float | None = None) -> bool:
+        """A new request arrived (its deadline counts from ``now``, the scheduler's monotonic clock). True:
+        it is a batch request and class dispatch is on, so it waits in the global batch queue.
 
         Thread: the scheduler actor's thread."""
         submit = record.submit
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         if submit.request_class != RequestClass.BATCH:
             self.arrivals += 1
             return False
         deadline_s = submit.deadline_s if submit.deadline_s is not None else self.params.slo.batch_deadline_s
         deadline = now + max(0.0, deadline_s)
         self.deadlines[record.request_id] = (deadline, len(record.prompt_token_ids) + submit.sampling.max_tokens)
-        if not self.enabled:
-            return False
-        self.batch_queue.push(record.request_id, deadline, self.deadlines[record.request_id][1], now)
-        return True
+        return self.enabled
 
-    def route(self, record: _RequestRecord, instances: Mapping[str, Any], requests: Mapping[str, Any]) -> str | None:
-        """Where an interactive request goes by Chiron's role rule; None: hold it in the scheduler's queue
-        (no active instance, or every interactive-capable one is full at its SLO-safe capacity: the queue
-        is the backlog the global autoscaler scales out for, and it goes to the first instance with room,
-        a new one included). Thread: the scheduler actor's thread."""
-        placement = place_by_class(
-            str(record.submit.request_class),
-            self.loads(instances, requests),
-            lambda instance_id: self._evictable(instance_id, instances, requests),
-            self.params,
-        )
-        if placement.instance_id is None:
-            return None
-        for victim in placement.evict:
-            log.info("evicting batch request %s from %s for %s", victim, placement.instance_id, record.request_id)
+    def deadline_of(self, request_id: str, now: float, tokens: int) -> tuple[float, int]:
+        """A batch request's (deadline, tokens) for the batch queue; one not seen arriving (restored after a
+        restart) is due now. Thread: the scheduler actor's thread."""
+        return self.deadlines.get(request_id, (now, tokens))
+
+    def evicting_for(self, instance_id: str, victims: tuple[str, ...], request_id: str) -> None:
+        """Carry out the core's eviction: stop each victim on the instance (it comes back through the batch
+        queue). Thread: the scheduler actor's thread."""
+        for victim in victims:
+            log.info("evicting batch request %s from %s for %s", victim, instance_id, request_id)
             self.evicting.add(victim)
-            self.evict(placement.instance_id, victim)
-        return placement.instance_id
+            self.evict(instance_id, victim)
 
-    def _evictable(
+    def evictable(
         self, instance_id: str, instances: Mapping[str, Any], requests: Mapping[str, Any]
     ) -> list[RunningBatch]:
         """Batch requests running there that can come back where they left off (their client's inbox is
@@ -203,37 +201,12 @@ class RequestClasses:
 
     def on_evicted(self, request_id: str) -> bool:
         """The engine let an evicted request go: True when the scheduler should recover it (read back what
-        its client has, then :meth:`requeue_batch`). Thread: the scheduler actor's thread."""
+        its client has, then back to the batch queue). Thread: the scheduler actor's thread."""
         self.batch_admitted_at.pop(request_id, None)
         if request_id not in self.evicting:
             return False
         self.evicting.discard(request_id)
         return True
-
-    def release(self, instances: Mapping[str, Any], requests: Mapping[str, Any]) -> list[tuple[str, str]]:
-        """Batch requests to dispatch now: (request id, instance id), by :func:`batch_release`.
-
-        Thread: the scheduler actor's thread."""
-        if not self.batch_queue:
-            return []
-        return self.batch_queue.release(self.loads(instances, requests), self.params, requests)
-
-    def requeue_batch(self, record: _RequestRecord) -> bool:
-        """A batch request reached dispatch without a placement (a failover resume): back to the global
-        batch queue, which places it. False for an interactive request. Thread: the scheduler actor's thread."""
-        if record.submit.request_class != RequestClass.BATCH:
-            return False
-        if record.request_id not in self.batch_queue:
-            self.requeue(record.request_id)
-        return True
-
-    def requeue(self, request_id: str) -> None:
-        """A released batch request could not be dispatched after all: back to the queue.
-
-        Thread: the scheduler actor's thread."""
-        now = time.monotonic()
-        deadline, tokens = self.deadlines.get(request_id, (now, 0))
-        self.batch_queue.push(request_id, deadline, tokens, now)
 
     def on_dispatched(self, record: _RequestRecord, instance_id: str) -> None:
         """Thread: the scheduler actor's thread."""
@@ -246,7 +219,6 @@ class RequestClasses:
     def on_ended(self, request_id: str) -> None:
         """Thread: the scheduler actor's thread."""
         self.deadlines.pop(request_id, None)
-        self.batch_queue.forget(request_id)
         self.batch_admitted_at.pop(request_id, None)
         self.evicting.discard(request_id)
         started = self.dispatched_at.pop(request_id, None)

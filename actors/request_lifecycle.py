@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,11 +34,10 @@ import nats.errors
 
 from actors.client_replies import ClientReplies
 from control.core.requests import RequestTable
-from control.policy.admission import AdmissionLimits, AdmissionLoad, AdmissionRequest, Decision, admit, client_key
-from control.settings import LifecycleSettings, Settings
+from control.settings import LifecycleSettings
 from transport import subjects
 from transport.bus import Bus
-from transport.messages import EngineAbort, EngineInfo, ErrorCode, ErrorReply, SubmitRequest, peer_version
+from transport.messages import EngineAbort, EngineInfo, ErrorCode, ErrorReply, peer_version
 
 log = logging.getLogger(__name__)
 
@@ -163,50 +161,3 @@ class RequestLifecycle:
                 return  # the engine ends it; EngineRequestEnded removes the record
         scheduler.requests.pop(record.request_id, None)  # queued or recovering: nothing runs it
         scheduler.replies.to_owner(submit.reply_to, error, "error")  # checked, over the client-bound connection
-
-
-def admission(
-    settings: Settings,
-    requests: RequestTable[Any],
-    queue: Collection[str],
-    submit: SubmitRequest,
-    reply_to: str,
-    prompt_tokens: int,
-    *,
-    max_prompt_tokens: int,
-    no_room: Callable[[], bool],
-) -> Decision:
-    """Gather the scheduler's state for :func:`control.policy.admission.admit` and decide. Queue counts per
-    class and the dispatch try (``no_room``) are computed only when a queue could be at its limit."""
-    lim = settings.limits
-    limits = AdmissionLimits(
-        max_prompt_tokens=max_prompt_tokens,
-        max_new_tokens=lim.max_new_tokens,
-        max_queued_total=settings.scheduler.max_queued_requests,
-        max_queued_interactive=lim.max_queued_interactive,
-        max_queued_batch=lim.max_queued_batch,
-        max_in_flight_per_client=lim.per_identity_max_in_flight.get(
-            client_key(submit.client_id, reply_to, subjects.INBOX_ROOT), lim.max_in_flight_per_client
-        ),
-        max_in_flight_requests=lim.max_in_flight_requests,
-        max_deadline_s=lim.max_deadline_s,
-    )
-    near_full = len(queue) >= min(lim.max_queued_interactive, lim.max_queued_batch, limits.max_queued_total)
-    in_class = 0
-    if near_full:
-        records = (requests.get(rid) for rid in queue)
-        in_class = sum(1 for r in records if r is not None and r.submit.request_class == submit.request_class)
-    load = AdmissionLoad(
-        in_flight=len(requests),
-        client_in_flight=requests.client_in_flight(client_key(submit.client_id, reply_to, subjects.INBOX_ROOT)),
-        queued_total=len(queue),
-        queued_in_class=in_class,
-        can_dispatch_now=not near_full or not no_room(),
-    )
-    request = AdmissionRequest(
-        prompt_tokens=prompt_tokens,
-        max_tokens=submit.sampling.max_tokens,
-        request_class=str(submit.request_class),
-        deadline_s=submit.deadline_s,
-    )
-    return admit(request, load, limits)

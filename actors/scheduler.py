@@ -14,7 +14,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,13 +24,16 @@ from opentelemetry import trace
 
 from actors.client_replies import ClientReplies, owner_of
 from actors.control_state import ControlState, restore_into
+from actors.dispatching import SchedulerView
+from actors.failover import Recovered, read_delivered
 from actors.memory_manager import MemoryManager
 from actors.migrator import MigrationEnded, StartMigration
 from actors.prefix_feed import ResyncRequests, apply_prefix_report, prefix_aware_destinations
-from actors.request_classes import RequestClasses
-from actors.request_lifecycle import RequestLifecycle, admission
+from actors.request_classes import RequestClasses, class_dispatch_enabled
+from actors.request_lifecycle import RequestLifecycle
 from actors.supervisor import SupervisedActor
-from control.core.admission import max_prompt_tokens, validate
+from control.core.admission import decide, max_prompt_tokens, validate
+from control.core.dispatch import Dispatcher, Place
 from control.core.pd import PdCore, PdPools, PdPoolsQuery, make_dispatch
 from control.core.record import DecisionLog
 from control.core.requests import (
@@ -46,8 +49,7 @@ from control.core.requests import (
     on_recovered,
 )
 from control.policy.block_hash import vllm_block_hashes
-from control.policy.dispatch import DispatchIndex, prefix_block_hashes
-from control.policy.fairness import FairQueue, dispatch_room
+from control.policy.dispatch import DispatchIndex, prefix_block_hashes, reads_engine_block_hashes
 from control.policy.migration import InFlightMigration, MigrationPlanner
 from control.policy.params import PolicyParams
 from control.policy.pd import parse_phase, phase_or_both
@@ -68,7 +70,6 @@ from transport.messages import (
     DrainCommand,
     EngineAbort,
     EngineAdd,
-    EngineFence,
     EngineFirstToken,
     EngineInfo,
     EngineRequestEnded,
@@ -91,7 +92,6 @@ from transport.messages import (
     encode,
     peer_version,
 )
-from transport.output_stream import delivered_tokens
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +106,6 @@ class _Acknowledged:
     """A submission's record is stored and its Accepted sent: it may be dispatched."""
 
     request_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Recovered:
-    """What a failed-over request's client had received (read back from the output stream)."""
-
-    request_id: str
-    tokens: list[int]
-    finished: bool
-    error: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,14 +152,20 @@ class SchedulerActor(SupervisedActor):
         # Finished requests leave at once; their ids are remembered for lifecycle.finished_retention_s.
         self.requests: RequestTable[RequestRecord] = RequestTable(settings.lifecycle, clock=time.monotonic)
         self.lifecycle = RequestLifecycle(bus, settings.lifecycle)  # deadlines, clients that went away
-        self.queue: deque[str] = deque()
-        # fair share between clients (scheduler.fairness): new requests wait here, by deficit round robin
-        sched = settings.scheduler
-        self.fair = FairQueue(sched.fairness_quantum_tokens) if sched.fairness else None
         self.params: PolicyParams = settings.policy
         # prefill/decode disaggregation ([pd]): phases, phase-aware dispatch, handoffs (control/core/pd.py)
         self.pd = PdCore(settings.pd)
-        self.policy: DispatchIndex = make_dispatch(self.params.dispatch_policy, self.params.dispatch_params(), self.pd)
+        # The control core's dispatch loop (control/core/dispatch.py), the simulator's too: the dispatch index,
+        # the waiting queue, the fair queue between clients (scheduler.fairness), class routing and the global
+        # batch queue. This actor carries out its placements.
+        sched = settings.scheduler
+        self.dispatch = Dispatcher(
+            make_dispatch(self.params.dispatch_policy, self.params.dispatch_params(), self.pd),
+            classes=settings.autoscaling if class_dispatch_enabled(settings) else None,
+            fair_quantum_tokens=sched.fairness_quantum_tokens if sched.fairness else None,
+            fair_max_waiting=sched.fairness_max_waiting,
+            log=decision_log,
+        )
         self.prefix_resyncs = ResyncRequests()  # PrefixResync requests to engines whose cache the index lost
         self.migrations: dict[str, InFlightMigration] = {}  # request id -> migration in flight
         self.planner = MigrationPlanner(self.params)  # remembers its moves: per-request budget, cooldown
@@ -180,7 +176,20 @@ class SchedulerActor(SupervisedActor):
         self.migrations_done = 0
         self.migrations_aborted = 0
         self.memory = MemoryManager(bus, settings.memory, self._refresh_instance)  # KunServe groups
-        self.classes = RequestClasses(settings, self._evict)  # request classes, roles, global batch queue
+        # request classes and roles; the batch queue it reports is the dispatcher's
+        self.classes = RequestClasses(settings, self._evict, self.dispatch.batch)
+
+    @property
+    def policy(self) -> DispatchIndex:
+        """The dispatch index (the core's dispatcher holds it).
+
+        Thread: the scheduler actor's thread."""
+        return self.dispatch.index
+
+    @policy.setter
+    def policy(self, index: DispatchIndex) -> None:
+        """Thread: the scheduler actor's thread."""
+        self.dispatch.index = index
 
     def on_start(self) -> None:
         """Thread: the scheduler actor's thread."""
@@ -197,12 +206,12 @@ class SchedulerActor(SupervisedActor):
             self._plan_migrations()
         elif isinstance(message, MigrationEnded):
             self._on_migration_ended(message)
-        elif isinstance(message, _Recovered):
+        elif isinstance(message, Recovered):
             self._on_recovered(message)
         elif isinstance(message, _Acknowledged):
             self._on_acknowledged(message.request_id)
         elif self.classes.handles(message):
-            self.classes.on_message(message, self.instances, self.requests, len(self.queue))
+            self.classes.on_message(message, self.instances, self.requests, len(self.dispatch.pending))
         elif isinstance(message, _AddUnacked):
             self._on_add_unacked(message)
         elif isinstance(message, PdPoolsQuery):  # the per-phase autoscaler's input
@@ -401,10 +410,8 @@ class SchedulerActor(SupervisedActor):
         self.memory.tick({i for i, r in self.instances.items() if r.state == "serving"})
         self._rebalance_phases()
         self._drain_queue()
-        for request_id, instance_id in self.classes.release(self.instances, self.requests):
-            if not self._dispatch(self.requests[request_id], instance_id):
-                self.classes.requeue(request_id)
-        metrics().set_scheduler(queued=len(self.queue), in_flight=len(self.requests))
+        self._run_placements(self.dispatch.release_batch(self._view(now)))
+        metrics().set_scheduler(queued=len(self.dispatch.pending), in_flight=len(self.requests))
         metrics().set_migrations(self.migrations_done, self.migrations_aborted, len(self.migrations))
 
     # ------------------------------------------------------------------------------------------- failover
@@ -424,7 +431,7 @@ class SchedulerActor(SupervisedActor):
         """Carry out the core's failover commands (``control/core/requests.py``): a
         :class:`Fail` ends the request with ``engine_failed``; a :class:`Resume` stores the (now
         ``recovering``) record and reads back, on the bus loop, what its client has (fencing the old instance
-        first where one is named); the answer comes back to this actor as a ``_Recovered`` message. Also used
+        first where one is named); the answer comes back to this actor as a ``Recovered`` message. Also used
         by ``actors/control_state.py`` for requests restored after a restart.
         Thread: the scheduler actor's thread."""
         for command in commands:
@@ -438,54 +445,14 @@ class SchedulerActor(SupervisedActor):
             self.bus.run(self._read_delivered(record.request_id, record.submit.reply_to, fence_on=command.fence_on))
 
     async def _read_delivered(self, request_id: str, reply_to: str, fence_on: str = "") -> None:
-        """Read back from the output stream what the client of ``request_id`` has (after fencing
-        ``fence_on``) and tell this actor (``_Recovered``).
+        """Read back what the client of ``request_id`` has (``actors/failover.py``) and tell this actor.
+
         Thread: the bus loop."""
-        sent = 0
-        if fence_on:
-            try:
-                sent = await self._fence(fence_on, request_id)
-            except Exception as exc:  # the failover goes on as before
-                log.info("fencing %s on %s failed: %s", request_id, fence_on, exc)
-        deadline = time.monotonic() + self.settings.reliability.output_read_retry_s
-        while True:
-            try:
-                tokens, finished = await delivered_tokens(self.bus.nc, reply_to, request_id)
-                for _ in range(10):  # the fenced engine's last chunks may reach the output stream a moment later
-                    if finished or len(tokens) >= sent:
-                        break
-                    await asyncio.sleep(0.05)
-                    tokens, finished = await delivered_tokens(self.bus.nc, reply_to, request_id)
-                result = _Recovered(request_id, tokens, finished)
-                break
-            except Exception as exc:  # no stream leader yet, or reconnecting: retry for a while
-                if time.monotonic() >= deadline:
-                    result = _Recovered(request_id, [], False, f"output stream unreadable: {exc!r}")
-                    break
-                log.info("reading %s's delivered tokens failed (%s): retrying", request_id, exc)
-                await asyncio.sleep(0.25)
+        result = await read_delivered(self.bus, self.settings.reliability, request_id, reply_to, fence_on)
         if self.actor_ref.is_alive():
             self.actor_ref.tell(result)
 
-    async def _fence(self, instance_id: str, request_id: str) -> int:
-        """Stop the request on an instance declared dead before it resumes elsewhere: missed heartbeats do not
-        prove death, and a live instance would stream on (every index twice). Returns the output tokens it
-        says it sent (0 when it is gone, hangs, or does not know the request).
-        Thread: the bus loop."""
-        try:
-            answer = await self.bus.arequest(
-                subjects.engine(instance_id),
-                EngineFence(request_id=request_id),
-                timeout_s=self.settings.reliability.failover_fence_timeout_s,
-            )
-        except Exception:  # no responders (it is gone), a timeout (it hangs), transport errors
-            return 0
-        if not isinstance(answer, AdminReply) or not answer.ok:
-            return 0
-        log.warning("instance %s was alive: it stopped %s for the failover", instance_id, request_id)
-        return int(answer.details.get("sent", 0))
-
-    def _on_recovered(self, recovered: _Recovered) -> None:
+    def _on_recovered(self, recovered: Recovered) -> None:
         """What a recovering request's client had: the core decides (``on_recovered``).
 
         Thread: the scheduler actor's thread."""
@@ -501,9 +468,7 @@ class SchedulerActor(SupervisedActor):
             self.planner.forget(recovered.request_id)  # the planner's move record of it is moot now
         elif isinstance(command, Redispatch):
             log.info("request %s fails over after %d delivered tokens", recovered.request_id, len(recovered.tokens))
-            if not self._dispatch(record):
-                self.queue.append(record.request_id)
-                self.state.save_request(record)
+            self._dispatch_or_wait(record)
 
     def fail_request(self, record: RequestRecord, why: str) -> None:
         """End a request with ``engine_failed`` (its client is told why) and drop it from the
@@ -589,10 +554,10 @@ class SchedulerActor(SupervisedActor):
             if submit.prompt_token_ids is not None
             else self.tokenizer.encode(submit.prompt or "")
         )
-        decision = admission(  # the limits: control/policy/admission.py
+        decision = decide(  # the limits: control/core/admission.py
             self.settings,
             self.requests,
-            self.queue,
+            self.dispatch.pending,
             submit,
             reply_to,
             len(token_ids),
@@ -635,23 +600,13 @@ class SchedulerActor(SupervisedActor):
         record = self.requests.get(request_id)
         if record is None or record.state != "queued" or record.instance_id is not None:
             return  # cancelled (or ended by its deadline) meanwhile
-        if self.classes.hold(record):  # a batch request: the global batch queue releases it on a tick
-            return
-        if self.fair is not None:
-            cost = len(record.prompt_token_ids) + record.submit.sampling.max_tokens
-            if request_id not in self.fair:
-                self.fair.push(record.submit.client_id or subjects.ANONYMOUS, request_id, cost, time.monotonic())
-            self._drain_fair()
-            return
-        if not self._dispatch(record):
-            self.queue.append(request_id)
+        now = time.monotonic()
+        self.classes.hold(record, now)  # its class's counters; a batch request's deadline
+        self._run_placements(self.dispatch.submit(request_id, self._view(now), now))
 
     def _no_room(self, request_id: str, token_ids: list[int], submit: SubmitRequest) -> bool:
         """Thread: the scheduler actor's thread."""
-        demand = self._demand(request_id, token_ids, submit)
-        chosen = self.policy.choose(demand)
-        self._record("choose", request_id, (demand,), chosen)
-        return chosen is None
+        return not self.dispatch.fits_now(self._demand(request_id, token_ids, submit))
 
     def _demand(self, request_id: str, token_ids: list[int], submit: SubmitRequest) -> RequestDemand:
         """Thread: the scheduler actor's thread."""
@@ -664,27 +619,51 @@ class SchedulerActor(SupervisedActor):
             model=submit.model or "",
             prefix_block_hashes=prefix_block_hashes(token_ids, block_size)
             if self.params.dispatch_policy == "prefix_affinity"
-            else vllm_block_hashes(token_ids, block_size)  # the kv_aware index is keyed by vLLM's own hashes
-            if self.params.dispatch_policy == "kv_aware"
+            else vllm_block_hashes(token_ids, block_size)  # kv_aware and drover index vLLM's own hashes
+            if reads_engine_block_hashes(self.params.dispatch_params(), self.params.dispatch_policy)
             else (),
         )
 
-    def _dispatch(self, record: RequestRecord, target: str | None = None) -> bool:
-        """Thread: the scheduler actor's thread."""
-        demand = self._demand(record.request_id, record.prompt_token_ids, record.submit)
-        if target is None and self.classes.enabled:
-            if self.classes.requeue_batch(record):
-                return True  # the global batch queue places it
-            target = self.classes.route(record, self.instances, self.requests)
-            if target is None:
-                return False  # held in the queue (the autoscaler's backlog)
-        if target in self.instances:
-            instance_id: str | None = target
+    def _view(self, now: float) -> SchedulerView:
+        """The scheduler's tables as the core's dispatch loop reads them.
+
+        Thread: the scheduler actor's thread."""
+        return SchedulerView(
+            self.instances,
+            self.requests,
+            self.classes,
+            lambda r: self._demand(r.request_id, r.prompt_token_ids, r.submit),
+            now,
+        )
+
+    def _dispatch_or_wait(self, record: RequestRecord) -> None:
+        """Run a request again (failover, a KunServe group handed it back): the core places it now, or it
+        waits (and is stored as waiting).
+
+        Thread: the scheduler actor's thread."""
+        now = time.monotonic()
+        place = self.dispatch.dispatch_or_wait(record.request_id, self._view(now), now)
+        if place is not None:
+            self._run_placement(place)
         else:
-            instance_id = self.policy.choose(demand)
-            self._record("choose", record.request_id, (demand,), instance_id)
-        if instance_id is None:
-            return False
+            self.state.save_request(record)
+
+    def _run_placements(self, places: Iterator[Place]) -> None:
+        """Carry out the core's placements one by one (it reads the tables again between them).
+
+        Thread: the scheduler actor's thread."""
+        for place in places:
+            self._run_placement(place)
+
+    def _run_placement(self, place: Place) -> None:
+        """Start a request where the core placed it: evict first what it names, then send the EngineAdd (the
+        index has counted the placement already).
+
+        Thread: the scheduler actor's thread."""
+        record = self.requests[place.request_id]
+        instance_id = place.instance_id
+        if place.evict:
+            self.classes.evicting_for(instance_id, place.evict, record.request_id)
         instance = self.instances[instance_id]
         submit = record.submit
         with tracer().start_as_current_span(
@@ -727,15 +706,12 @@ class SchedulerActor(SupervisedActor):
             ),
             headers,
         )
-        self.policy.on_dispatched(instance_id, demand)
-        self._record("dispatched", record.request_id, (instance_id, demand), None)
         self.pd.on_request(record.request_id, len(record.prompt_token_ids))
         instance.dispatched += 1
         record.instance_id, record.state = instance_id, "running"
         record.served_by.append(instance_id)
         self.state.save_request(record)
         self.classes.on_dispatched(record, instance_id)
-        return True
 
     # An EngineAdd is acknowledged by the engine; one that is not (lost on the way with a NATS node that
     # died, or sent while the instance was resubscribing) is sent again, a few times, while the request is
@@ -770,44 +746,12 @@ class SchedulerActor(SupervisedActor):
             return  # the heartbeat timeout decides whether the instance is gone
         self._send_add(unacked.instance_id, unacked.add, unacked.headers, unacked.attempt + 1)
 
-    def _drain_fair(self) -> None:
-        """Dispatch from the fair queue while the instances have room (each at most fairness_max_waiting).
+    def _drain_queue(self) -> None:
+        """The core retries what waits (fair queue, then the queue from its head).
 
         Thread: the scheduler actor's thread."""
-        assert self.fair is not None
-        limit = self.settings.scheduler.fairness_max_waiting
-        pending = getattr(self.policy, "pending", None)  # dispatched since the instance's last heartbeat
-        waiting = [
-            r.load.num_waiting + (pending(i)[0] if pending is not None else 0)
-            for i, r in self.instances.items()
-            if r.state == "serving"
-        ]
-        room = dispatch_room(waiting, limit)
-        while room > 0:
-            picked = self.fair.pop()
-            if picked is None:
-                return
-            key, item = picked
-            record = self.requests.get(item.item_id)
-            if record is None or record.state != "queued" or record.instance_id is not None:
-                continue  # cancelled or ended meanwhile
-            if not self._dispatch(record):
-                self.fair.unpop(key, item)
-                return
-            room -= 1
-
-    def _drain_queue(self) -> None:
-        """Thread: the scheduler actor's thread."""
-        if self.fair is not None:
-            self._drain_fair()
-        while self.queue:
-            record = self.requests.get(self.queue[0])
-            if record is None:
-                self.queue.popleft()
-                continue
-            if not self._dispatch(record):
-                return
-            self.queue.popleft()
+        now = time.monotonic()
+        self._run_placements(self.dispatch.retry(self._view(now), now))
 
     def _evict(self, instance_id: str, request_id: str) -> None:
         """Stop a batch request so an interactive one gets its slot (it resumes from the batch queue).
@@ -833,13 +777,13 @@ class SchedulerActor(SupervisedActor):
         if ended.finish_reason == "evicted":  # a KunServe group step handed it back: resume after its outputs
             record.resume_tokens, record.state, record.instance_id = list(ended.output_token_ids), "queued", None
             self.state.save_request(record)
-            if not self._dispatch(record):
-                self.queue.append(record.request_id)
+            self._dispatch_or_wait(record)
             return
         self.requests.pop(ended.request_id)
         self.state.drop_request(ended.request_id)
         self.planner.forget(ended.request_id)  # the planner's move record of it is moot now
         self.classes.on_ended(ended.request_id)
+        self.dispatch.forget(ended.request_id)
         self.pd.on_request_ended(ended.request_id)
 
     def _refresh_instance(self, instance_id: str) -> None:
@@ -1178,7 +1122,7 @@ class SchedulerActor(SupervisedActor):
                 )
                 for r in self.requests.values()
             ],
-            queued=len(self.queue) + (len(self.fair) if self.fair is not None else 0),
+            queued=self.dispatch.num_queued,
             dispatch_policy=self.policy.name,
             migrations_completed=self.migrations_done,
             migrations_aborted=self.migrations_aborted,

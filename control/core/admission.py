@@ -1,6 +1,7 @@
-"""Admission's checks that need no state beyond what is passed in: whether a submission is well formed, and
-the longest prompt the fleet can take. The limits on load (queues, in-flight counts, deadlines) are
-:func:`control.policy.admission.admit`; the scheduler gathers their inputs.
+"""Admission: whether a submission is well formed (:func:`validate`), the longest prompt the fleet can take
+(:func:`max_prompt_tokens`), and the limits on load (:func:`decide`: queues, in-flight counts, deadlines, by
+:func:`control.policy.admission.admit`). No clock and no I/O: the shell passes its request table, its queue and
+a way to ask the dispatch index whether the request would fit now.
 
 Both shells use :func:`max_prompt_tokens`: the SchedulerActor at each submission (over the instances that
 serve the request's model), the simulator at each arrival (over its instances), so a prompt the live
@@ -10,8 +11,12 @@ control plane refuses as too long is refused in the simulator too.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
+from typing import Any
 
+from control.core.requests import RequestTable
+from control.policy.admission import AdmissionLimits, AdmissionLoad, AdmissionRequest, Decision, admit, client_key
+from control.settings import Settings
 from transport import subjects
 from transport.messages import SubmitRequest
 
@@ -46,3 +51,52 @@ def max_prompt_tokens(configured: int, max_model_lens: Iterable[int], fallback_m
     if configured > 0:
         return configured
     return min(max_model_lens, default=fallback_max_model_len) - 1
+
+
+def decide(
+    settings: Settings,
+    requests: RequestTable[Any],
+    queue: Collection[str],
+    submit: SubmitRequest,
+    reply_to: str,
+    prompt_tokens: int,
+    *,
+    max_prompt_tokens: int,
+    no_room: Callable[[], bool],
+) -> Decision:
+    """Admit or refuse a submission by the configured limits over the shell's request table and queue (ids
+    of requests waiting for an instance). Queue counts per class and the dispatch try (``no_room``: True when
+    no instance would take it now) are computed only when a queue could be at its limit."""
+    lim = settings.limits
+    key = client_key(submit.client_id, reply_to, subjects.INBOX_ROOT)
+    limits = AdmissionLimits(
+        max_prompt_tokens=max_prompt_tokens,
+        max_new_tokens=lim.max_new_tokens,
+        max_queued_total=settings.scheduler.max_queued_requests,
+        max_queued_interactive=lim.max_queued_interactive,
+        max_queued_batch=lim.max_queued_batch,
+        max_in_flight_per_client=lim.per_identity_max_in_flight.get(key, lim.max_in_flight_per_client),
+        max_in_flight_requests=lim.max_in_flight_requests,
+        max_deadline_s=lim.max_deadline_s,
+    )
+    near_full = len(queue) >= min(lim.max_queued_interactive, lim.max_queued_batch, limits.max_queued_total)
+    in_class = _queued_in_class(requests, queue, submit) if near_full else 0
+    load = AdmissionLoad(
+        in_flight=len(requests),
+        client_in_flight=requests.client_in_flight(key),
+        queued_total=len(queue),
+        queued_in_class=in_class,
+        can_dispatch_now=not near_full or not no_room(),
+    )
+    request = AdmissionRequest(
+        prompt_tokens=prompt_tokens,
+        max_tokens=submit.sampling.max_tokens,
+        request_class=str(submit.request_class),
+        deadline_s=submit.deadline_s,
+    )
+    return admit(request, load, limits)
+
+
+def _queued_in_class(requests: Mapping[str, Any], queue: Iterable[str], submit: SubmitRequest) -> int:
+    records = (requests.get(rid) for rid in queue)
+    return sum(1 for r in records if r is not None and r.submit.request_class == submit.request_class)

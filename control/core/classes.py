@@ -20,7 +20,7 @@ class: it plugs in as the tie-break of :meth:`BatchQueue.push` and of the schedu
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 
 from control.policy.autoscaling import (
@@ -100,7 +100,7 @@ class BatchQueue:
         self._deadline.pop(request_id, None)
 
     def release(
-        self, loads: Sequence[FleetInstance], params: AutoscaleParams, alive: Mapping[str, object] | None = None
+        self, loads: Sequence[FleetInstance], params: AutoscaleParams, alive: Container[str] | None = None
     ) -> list[tuple[str, str]]:
         """Requests to place now, (request id, instance id), by :func:`batch_release` over the spare slots;
         the rest stay queued. Entries whose request is gone (not in ``alive``, when given) are dropped."""

@@ -29,14 +29,17 @@ an update costs O(log n).
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from heapq import heappop, heappush
+from itertools import islice
 from typing import Any, Protocol
 
 from control.policy.freeness import INF, dispatch_freeness, physical_usage, priority_headroom_blocks
 from control.policy.params import DispatchParams
+from control.policy.prefix_index import PrefixIndex
 from control.policy.snapshots import InstanceSnapshot, RequestDemand
 
 POLICY_NAMES: tuple[str, ...] = ("round_robin", "least_loaded", "freeness", "prefix_affinity", "kv_aware", "predictive")
@@ -79,6 +82,14 @@ def make_dispatch_policy(name: str, params: DispatchParams | None = None) -> Dis
 
         return KvAwareIndex(params)
     raise ValueError(f"unknown dispatch policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
+
+
+def reads_engine_block_hashes(params: DispatchParams, dispatch_policy: str) -> bool:
+    """Whether ``dispatch_policy`` with ``params`` scores a request by the vLLM block hashes of its prompt
+    (its prefix index is keyed by what engines report): ``kv_aware``, and ``predictive`` with
+    ``predict_prefix`` (``drover``). A shell building a :class:`RequestDemand` fills
+    ``prefix_block_hashes`` with ``control.policy.block_hash.vllm_block_hashes`` when this is True."""
+    return dispatch_policy == "kv_aware" or (dispatch_policy == "predictive" and params.predict_prefix)
 
 
 def prefix_block_hashes(token_ids: Sequence[int], block_size: int) -> tuple[int, ...]:
@@ -570,15 +581,100 @@ class PredictiveIndex(_IndexBase):
         # late binding: per model pool, the held request that reserved an instance, the instance, and how
         # many other decisions have passed since that request was last asked about
         self._reservations: dict[str, list[Any]] = {}
+        # predict_prefix: which instance caches which prompt blocks, fed from engines' cache reports by the
+        # scheduler and the simulator (they look for a ``prefix_index`` attribute, as for ``kv_aware``);
+        # None without predict_prefix, so nothing feeds or bounds an index no decision reads
+        self.prefix_index: PrefixIndex | None = PrefixIndex() if params.predict_prefix else None
+        self._last_hit: tuple[str, str, int] = ("", "", 0)  # (request, instance, cached blocks) of the last choice
+
+    def upsert(self, snapshot: InstanceSnapshot) -> None:
+        super().upsert(snapshot)
+        if self.prefix_index is not None:
+            self.prefix_index.set_capacity(snapshot.instance_id, snapshot.num_total_blocks)
+
+    def remove(self, instance_id: str) -> None:
+        super().remove(instance_id)
+        if self.prefix_index is not None:
+            self.prefix_index.remove_instance(instance_id)
+
+    def on_dispatched(self, instance_id: str, demand: RequestDemand) -> None:
+        if self.prefix_index is not None and demand.prefix_block_hashes:
+            rid, iid, cached = self._last_hit
+            if rid != demand.request_id or iid != instance_id:  # not the choice just made: look it up
+                cached = self.prefix_index.overlap(instance_id, demand.prefix_block_hashes)
+            if cached:  # a hit is neither prefilled nor allocated again: only the rest is pending there
+                demand = dataclasses.replace(demand, num_blocks=max(0, demand.num_blocks - cached))
+        super().on_dispatched(instance_id, demand)
 
     def choose(self, demand: RequestDemand) -> str | None:
         pool = self._pool(demand.model)
         if not pool:
             return None
+        if self.prefix_index is not None and demand.prefix_block_hashes:
+            holder = self._choose_holder(demand, pool)
+            if holder is not None:
+                return holder
         if not self.params.predict_hold:
             top = self._top(pool[0])
             return None if top is None else top[1]
         return self._choose_late(demand, pool)
+
+    _HOLDERS = 4  # holders of one depth scored (a prefix cached everywhere costs no more)
+
+    def _choose_holder(self, demand: RequestDemand, pool: tuple[list[_HeapItem], ...]) -> str | None:
+        """The instance holding part of the prompt's prefix where the first token comes soonest, if that is
+        sooner than at the best load-only choice; None: decide by load alone.
+
+        Predicted time to first token in prefill-token units, the safe tier's own key: the work ahead of the
+        request there (``_keys``) plus the prompt tokens it would still compute there. A holder must be in
+        the safe tier and, with late binding, have room now for the blocks it does not hold (a cache hit
+        takes no new blocks). Candidates are the holders of the deepest cached block and, when few hold
+        it, of the half-depth block (as ``kv_aware``), so a decision costs a few binary searches over the
+        chained hashes, not a scan of the instances."""
+        index = self.prefix_index
+        assert index is not None
+        hashes = demand.prefix_block_hashes
+        deepest = index.deepest(hashes)
+        self._last_hit = ("", "", 0)
+        if not deepest:
+            return None
+        found: dict[str, int] = {}
+        for iid in islice(index.holders(hashes[deepest - 1]), self._HOLDERS):
+            found[iid] = deepest
+        half = deepest // 2
+        if half and len(found) < self._HOLDERS:
+            for iid in islice(index.holders(hashes[half - 1]), self._HOLDERS):
+                if iid not in found:
+                    found[iid] = index.overlap(iid, hashes, deepest, half)
+        params = self.params
+        reservation = self._reservations.get(demand.model)
+        reserved = reservation[1] if reservation is not None and reservation[0] != demand.request_id else None
+        prompt = demand.num_prompt_tokens
+        best: tuple[float, str, int] | None = None
+        entries = self._entries
+        for iid, cached in found.items():
+            entry = entries.get(iid)
+            if entry is None or not entry.keys or iid == reserved or demand.model not in entry.pools:
+                continue
+            key: Any = entry.keys[0]  # (tier, work ahead, load); see _keys
+            room: Any = entry.keys[1]  # minus the blocks it could take now (None without late binding)
+            if key[0] != 0.0:  # outside the safe tier: memory pressure to come
+                continue
+            bs = entry.snapshot.block_size
+            if room is not None and -room < max(0, demand.num_blocks - cached) + params.predict_growth_blocks:
+                continue
+            cost = key[1] + max(0, prompt - cached * bs)
+            if best is None or cost < best[0]:
+                best = (cost, iid, cached)
+        if best is None:
+            return None
+        top = self._top(pool[0])
+        if top is not None and top[1] != best[1] and top[0][0] == 0.0 and top[0][1] + prompt <= best[0]:
+            return None  # the load-only choice is as soon without the hit
+        if reservation is not None and reservation[0] == demand.request_id:
+            del self._reservations[demand.model]  # the held request starts on a holder
+        self._last_hit = (demand.request_id, best[1], best[2])
+        return best[1]
 
     def _choose_late(self, demand: RequestDemand, pool: tuple[list[_HeapItem], ...]) -> str | None:
         """Late binding with a reservation (EASY backfilling, from batch-job schedulers): the first request

@@ -49,6 +49,10 @@ class DispatchParams:
     """``predictive`` dispatch: late binding. Send a request only to an instance whose free KV, less what is
     queued there and the growth reserve, holds its prompt now; when none does, ``choose`` returns None and
     the scheduler holds the request in its own FIFO queue until a heartbeat shows room (docs/policies.md)."""
+    predict_prefix: bool = False
+    """``predictive`` dispatch: weigh expected prefix-cache hits (a prefix index fed by engines' cache
+    reports, as ``kv_aware``'s): an instance holding the prompt's prefix wins when the prefill work ahead of
+    the request there plus the prompt tokens it would still compute is below the best load-only choice's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +71,7 @@ class PolicyParams:
     predict_high_watermark: float = 0.9
     predict_decode_weight: float = 16.0
     predict_hold: bool = False
+    predict_prefix: bool = False
 
     migration_enabled: bool = True
     migrate_threshold: float = 3.0
@@ -135,6 +140,7 @@ always empties."""
             predict_high_watermark=self.predict_high_watermark,
             predict_decode_weight=self.predict_decode_weight,
             predict_hold=self.predict_hold,
+            predict_prefix=self.predict_prefix,
         )
 
     def as_dict(self) -> dict[str, Any]:

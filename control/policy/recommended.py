@@ -38,9 +38,12 @@ RECOMMENDED: tuple[str, bool] = ("predictive", True)
 migration that counts its cost, run for draining instances only (:data:`RECOMMENDED_MIGRATION`). The grid,
 the ablation and why load migration is off are in docs/policies.md."""
 
-RECOMMENDED_DISPATCH: Mapping[str, object] = {"predict_hold": True}
+RECOMMENDED_DISPATCH: Mapping[str, object] = {"predict_hold": True, "predict_prefix": True}
 """Late binding: a request no instance can start now waits in the scheduler's queue, with one EASY-backfilling
-reservation (docs/policies.md, "Late binding")."""
+reservation (docs/policies.md, "Late binding"); and prefix-aware: an instance caching the prompt's prefix wins
+when its predicted time to first token (the work ahead plus the uncached prompt) is the soonest
+(docs/policies.md, "Dispatch: prefix-aware"). Without prefix reports (no engine caches, or prompts
+without hashes) the decisions are exactly those of late binding alone."""
 
 RECOMMENDED_MIGRATION: Mapping[str, object] = {
     "migration_cost_aware": True,

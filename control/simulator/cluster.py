@@ -3,8 +3,10 @@
 The driver owns an event heap (arrivals, engine step ends, scheduler ticks, migration stages) and one
 :class:`engines.sim.core.SimEngineCore` per instance. It calls exactly what the live control plane calls:
 
-* dispatch: a :class:`control.policy.dispatch.DispatchIndex` from ``make_dispatch_policy`` (``upsert`` on
-  each tick's fresh snapshots, the heartbeats; ``choose`` + ``on_dispatched`` per arrival);
+* dispatch: the control core's dispatch loop (:class:`control.core.dispatch.Dispatcher`, the one the live
+  SchedulerActor runs) over a :class:`control.policy.dispatch.DispatchIndex` from ``make_dispatch_policy``
+  (``upsert`` on each tick's fresh snapshots, the heartbeats); an arrival is placed or waits in the core's
+  queue, which every tick retries from its head;
 * migration: :func:`control.policy.migration.plan_migrations` every ``params.migration_period_s``, each
   decision run with the Llumnix multi-stage protocol of ``engines/migration.py``: the destination reserves
   before every stage; stage copy time = bytes / bandwidth (+ a per-stage overhead) while the request keeps
@@ -31,14 +33,15 @@ from __future__ import annotations
 import heapq
 import time
 from bisect import insort
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
 from control.core.admission import max_prompt_tokens
+from control.core.dispatch import Dispatcher, Place, Waiting
 from control.core.migration import MigrationStages, StageStep
 from control.core.record import DecisionLog
+from control.policy.autoscaling import FleetInstance, RunningBatch
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy
 from control.policy.migration import InFlightMigration, MigrationDecision, MigrationPlanner
 from control.policy.params import PolicyParams
@@ -148,7 +151,8 @@ class ClusterSimulator:
     def __init__(self, config: ClusterConfig, requests: Sequence[RequestSpec]) -> None:
         self.config = config
         self.params = config.policy
-        self.index: DispatchIndex = make_dispatch_policy(self.params.dispatch_policy, self.params.dispatch_params())
+        # the control core's dispatch loop (the live scheduler's too): index, waiting queue, class routing
+        self.dispatcher = Dispatcher(make_dispatch_policy(self.params.dispatch_policy, self.params.dispatch_params()))
         # incremental, and it remembers its own moves (per-request budget, cooldown, no ping-pong)
         self.planner = MigrationPlanner(self.params)
         self.instances = [
@@ -165,7 +169,7 @@ class ClusterSimulator:
         self.decision_log: DecisionLog | None = None  # the control core's decisions, recorded (parity tests)
         self._heap: list[tuple[float, int, int, object]] = []
         self._seq = 0
-        self._pending: deque[SimRequest] = deque()
+        self._waiting: dict[str, SimRequest] = {}  # what the dispatcher's queued ids stand for
         self._records: dict[str, RequestMetrics] = {}
         self._migrations: dict[int, _Migration] = {}
         self._in_flight: dict[int, InFlightMigration] = {}
@@ -178,6 +182,15 @@ class ClusterSimulator:
         self._touched: set[int] = set(range(config.num_instances))
         self._snapshots: list[InstanceSnapshot] = []
         self._live: list[int] = list(range(config.num_instances))  # serving instances (active or draining)
+
+    @property
+    def index(self) -> DispatchIndex:
+        """The dispatch index (the dispatcher's)."""
+        return self.dispatcher.index
+
+    @index.setter
+    def index(self, index: DispatchIndex) -> None:
+        self.dispatcher.index = index
 
     # ------------------------------------------------------------------------------------------ running
     def run(self) -> SimulationResult:
@@ -212,6 +225,7 @@ class ClusterSimulator:
             elif kind == _CALL:
                 cast(Callable[[], None], payload)()
         wall = time.perf_counter() - started
+        self.counters.dispatch_decisions = self.dispatcher.attempts
         return summarize(
             list(self._records.values()),
             config=self.config,
@@ -356,9 +370,9 @@ class ClusterSimulator:
         self._admit(request, spec)
 
     def _admit(self, request: SimRequest, spec: RequestSpec) -> None:
-        """Hook: a new request that can run somewhere; by default dispatch it now or hold it."""
-        if not self._dispatch(request):
-            self._pending.append(request)
+        """Hook: a new request that can run somewhere; the core places it now or it waits."""
+        self._waiting[request.request_id] = request
+        self._run_placements(self.dispatcher.submit(request.request_id, self, self.now))
 
     def _demand(self, request: SimRequest) -> RequestDemand:
         return RequestDemand(
@@ -370,21 +384,56 @@ class ClusterSimulator:
             prefix_block_hashes=request.block_hashes,
         )
 
-    def _dispatch(self, request: SimRequest) -> bool:
-        """Place the request where the dispatch policy says; False: no instance can take it now."""
-        demand = self._demand(request)
-        self.counters.dispatch_decisions += 1
-        chosen = self.index.choose(demand)
-        if chosen is None:
-            return False
-        self._place(self.instances[int(chosen.rsplit("-", 1)[1])], request, demand)
-        return True
+    # The control core reads the simulated cluster through these (control.core.dispatch.FleetView).
+    def waiting(self, request_id: str) -> Waiting | None:
+        request = self._waiting.get(request_id)
+        if request is None:
+            return None
+        return Waiting(
+            self._demand(request),
+            self._class_of(request),
+            cost=request.prompt_len + request.max_tokens,
+            deadline=self._deadline_of(request),
+        )
 
-    def _place(self, inst: SimInstance, request: SimRequest, demand: RequestDemand | None = None) -> None:
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._waiting
+
+    def class_loads(self) -> Sequence[FleetInstance]:
+        return ()
+
+    def evictable(self, instance_id: str) -> Sequence[RunningBatch]:
+        return ()
+
+    def serving_waiting(self) -> Iterable[tuple[str, int]]:
+        return ()
+
+    def _class_of(self, request: SimRequest) -> str:
+        return "interactive"
+
+    def _deadline_of(self, request: SimRequest) -> float:
+        return 0.0
+
+    def _run_placements(self, places: Iterable[Place]) -> None:
+        """Carry out the core's placements one by one (it reads the cluster again between them)."""
+        for place in places:
+            self._run_placement(place)
+
+    def _run_placement(self, place: Place) -> None:
+        inst = self.instances[int(place.instance_id.rsplit("-", 1)[1])]
+        request = self._waiting.pop(place.request_id)
+        if place.evict:
+            self._evict(inst, place.evict)
+        self._place(inst, request)
+
+    def _evict(self, inst: SimInstance, victims: Sequence[str]) -> None:
+        """Hook: stop ``victims`` on ``inst`` for a placement (request classes only)."""
+        raise NotImplementedError("this cluster has no request classes to evict")
+
+    def _place(self, inst: SimInstance, request: SimRequest) -> None:
         """Add the request to the instance's engine now."""
         self._interrupt(inst)
-        inst.core.add(request)
-        self.index.on_dispatched(inst.instance_id, demand or self._demand(request))
+        inst.core.add(request)  # the dispatcher has counted it in the index
         record = self._records[request.request_id]
         if record.dispatch_time < 0:
             record.dispatch_time = self.now
@@ -399,10 +448,7 @@ class ClusterSimulator:
     def _on_tick(self) -> None:
         self.counters.ticks += 1
         changed = self._refresh_snapshots()
-        while self._pending:
-            if not self._dispatch(self._pending[0]):
-                break
-            self._pending.popleft()
+        self._run_placements(self.dispatcher.retry(self, self.now))
         if self.params.migration_enabled and (changed or self._migrations_dirty):
             self._migrations_dirty = False
             self.counters.plan_calls += 1
@@ -489,9 +535,7 @@ class ClusterSimulator:
             return
         self.counters.migrations_started += 1
         stages = self.stage_machine(decision.request_id)
-        migration = _Migration(
-            self._next_mid, decision, src, dst, request, self.now, request.num_preemptions, stages
-        )
+        migration = _Migration(self._next_mid, decision, src, dst, request, self.now, request.num_preemptions, stages)
         self._next_mid += 1
         blocks = request.num_blocks
         self._interrupt(dst)

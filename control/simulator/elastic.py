@@ -4,12 +4,12 @@
 :class:`ElasticSimulator` extends :class:`control.simulator.cluster.ClusterSimulator` and calls the pure
 policies of ``control/policy/autoscaling.py`` exactly as the live AutoscalerActor does:
 
-* ``dispatch="class_aware"`` (Drover): an interactive request goes where the control core's
-  :func:`control.core.classes.place_by_class` says, as in the live scheduler (evicting the batch requests it
-  names back to the global batch queue, where they later resume by recompute; held back when it would
-  overflow onto a full instance with nothing to evict); batch requests wait in the core's
-  :class:`control.core.classes.BatchQueue`, earliest deadline first, and every scheduler tick releases its
-  head into spare slots. Llumnix migration runs among the
+* ``dispatch="class_aware"`` (Drover): the control core's dispatch loop
+  (:class:`control.core.dispatch.Dispatcher`, the live scheduler's) with class routing on: an interactive
+  request goes where :func:`control.core.classes.place_by_class` says (evicting the batch requests it names
+  back to the global batch queue, where they later resume by recompute; held back when it would overflow onto
+  a full instance with nothing to evict); batch requests wait in the core's global batch queue, earliest
+  deadline first, and every scheduler tick releases its head into spare slots. Llumnix migration runs among the
   interactive and mixed instances and moves interactive requests only; batch requests stay where they run.
 * ``dispatch="llumnix"``: every request is dispatched on arrival by the cluster's dispatch policy (freeness
   by default), whatever its class, with Llumnix migration: Llumnix has no request classes.
@@ -36,7 +36,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from control.core.classes import BatchQueue, place_by_class
 from control.core.scaling import ScalingClock
 from control.policy.autoscaling import (
     BATCH,
@@ -187,13 +186,13 @@ class ElasticSimulator(ClusterSimulator):
         cluster = dataclasses.replace(config.cluster, num_instances=total(config.initial), drain=())
         super().__init__(cluster, requests)
         self.class_aware = config.dispatch == "class_aware"
+        if self.class_aware:  # the core routes by class and keeps the global batch queue
+            self.dispatcher.classes = self.as_params
         roles: list[InstanceRole] = [r for r in ROLES for _ in range(config.initial[r])]
         self._extra: dict[int, _Extra] = {}
         for inst, role in zip(self.instances, roles, strict=True):
             inst.role = role if self.class_aware else "mixed"
             self._init_extra(inst)
-        self._batch_queue = BatchQueue()
-        self._queued_batch: dict[str, SimRequest] = {}  # what the queue's ids stand for
         self._groups: dict[float, list[int]] = {}  # deadline -> [requests, tokens] of unfinished batch work
         self._evicting: set[str] = set()
         self._evictions = 0
@@ -303,8 +302,8 @@ class ElasticSimulator(ClusterSimulator):
             if why is not None or (inst.instance_id not in self.scaling_clock.draining and self.is_empty(inst)):
                 self.stop_instance(inst)
                 self._event("stop", inst, why or "drained")
-        if self.class_aware and len(self._batch_queue):
-            self._release_batch()
+        if self.class_aware:
+            self._run_placements(self.dispatcher.release_batch(self))
 
     # ------------------------------------------------------------------------------------------ requests
     def _admit(self, request: SimRequest, spec: RequestSpec) -> None:
@@ -313,25 +312,19 @@ class ElasticSimulator(ClusterSimulator):
             group = self._groups.setdefault(spec.deadline, [0, 0])
             group[0] += 1
             group[1] += spec.prompt_len + spec.output_len
-            if self.class_aware:
-                self._push_batch(request)
-                return
         else:
             self._arrivals_window += 1
-        super()._admit(request, spec)
+        super()._admit(request, spec)  # the core: a batch request joins the batch queue (class-aware)
 
-    def _dispatch(self, request: SimRequest) -> bool:
-        if not self.class_aware:
-            return super()._dispatch(request)
-        self.counters.dispatch_decisions += 1
-        placement = place_by_class(_class_of(request), self._loads(), self._evictable, self.as_params)
-        if placement.instance_id is None:
-            return False
-        inst = self.instances[int(placement.instance_id.rsplit("-", 1)[1])]
-        if placement.evict:
-            self._evict(inst, placement.evict)
-        self._place(inst, request)
-        return True
+    def _class_of(self, request: SimRequest) -> str:
+        return _class_of(request)
+
+    def _deadline_of(self, request: SimRequest) -> float:
+        spec = request.tag
+        return spec.deadline if isinstance(spec, RequestSpec) else 0.0
+
+    def class_loads(self) -> Sequence[FleetInstance]:
+        return self._loads()
 
     def _on_placed(self, inst: SimInstance, request: SimRequest) -> None:
         extra = self._extra[inst.index]
@@ -366,7 +359,7 @@ class ElasticSimulator(ClusterSimulator):
             spec = request.tag
             assert isinstance(spec, RequestSpec)
             if spec.request_class == BATCH:
-                self._batch_queue.forget(request.request_id)
+                self.dispatcher.forget(request.request_id)
                 group = self._groups[spec.deadline]
                 group[0] -= 1
                 group[1] -= spec.prompt_len + spec.output_len
@@ -392,16 +385,12 @@ class ElasticSimulator(ClusterSimulator):
 
     # ------------------------------------------------------------------------------------------ batch queue
     def _push_batch(self, request: SimRequest) -> None:
-        spec = request.tag
-        assert isinstance(spec, RequestSpec)
-        self._queued_batch[request.request_id] = request
-        self._batch_queue.push(request.request_id, spec.deadline, request.prompt_len + request.max_tokens, self.now)
+        self._waiting[request.request_id] = request
+        waiting = self.waiting(request.request_id)
+        assert waiting is not None
+        self.dispatcher.queue_batch(waiting, self.now)
 
-    def _release_batch(self) -> None:
-        for rid, iid in self._batch_queue.release(self._loads(), self.as_params):
-            self._place(self.instances[int(iid.rsplit("-", 1)[1])], self._queued_batch.pop(rid))
-
-    def _evictable(self, instance_id: str) -> list[RunningBatch]:
+    def evictable(self, instance_id: str) -> list[RunningBatch]:
         """Batch requests running on the instance that eviction may send back to the queue."""
         extra = self._extra[int(instance_id.rsplit("-", 1)[1])]
         return [
@@ -534,7 +523,7 @@ class ElasticSimulator(ClusterSimulator):
             instances=self._loads(),
             interactive_rate=self._arrivals_window / params.period_s,
             interactive_service_s=self._service_s,
-            pending_interactive=len(self._pending),
+            pending_interactive=len(self.dispatcher.pending),
             queued_interactive=self._queued_interactive(),
             batch=tuple(BatchGroup(d, n, t) for d, (n, t) in sorted(self._groups.items())),
         )

@@ -33,12 +33,13 @@ import numpy as np
 
 from control.policy.autoscaling import PerRole, SloParams
 from control.policy.recommended import canonical_policy, user_policy_params
-from control.simulator.cluster import ClusterSimulator
+from control.simulator.cluster import ClusterConfig, ClusterSimulator
 from control.simulator.elastic import ElasticConfig, ElasticSimulator
 from control.simulator.hardware import Hardware
 from control.simulator.memory import MemSimConfig, MemSimResult
 from control.simulator.memory import simulate as simulate_memory
 from control.simulator.metrics import RequestMetrics, SimulationResult
+from control.simulator.prefix import PrefixClusterSimulator, PrefixTrace
 from control.simulator.presets import GIB, Preset
 from control.simulator.traces import TRACES_DIR, resolve_trace
 from control.simulator.workload import LengthSpec, RequestSpec, arrival_times, load_trace
@@ -300,6 +301,15 @@ class ObservedElastic(_Observer, ElasticSimulator):
         self._observe_init()
 
 
+class ObservedPrefixCluster(_Observer, PrefixClusterSimulator):
+    """The prefix-caching simulator (engines with vLLM's prefix cache, a prefix index fed by their events)
+    with the same observations (per-token gaps) as :class:`ObservedCluster`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._observe_init()
+
+
 def _pct(values: Sequence[float], q: float, scale: float = 1.0) -> float | None:
     if not len(values):
         return None
@@ -349,9 +359,9 @@ def run_policy(policy: str, workload: Sequence[RequestSpec], options: RunOptions
     cluster = preset.cluster_config(options.instances, params, max_model_len=options.max_model_len)
     started = time.perf_counter()
     cpu_started = time.process_time()
-    sim: ObservedCluster | ObservedElastic
+    sim: ObservedCluster | ObservedElastic | ObservedPrefixCluster
     if options.autoscaler == "fixed":
-        sim = ObservedCluster(cluster, workload)
+        sim = fixed_simulator(cluster, workload)
         result = sim.run()
         instance_seconds = options.instances * _horizon(result)
         extra: dict[str, Any] = {}
@@ -377,10 +387,24 @@ def run_policy(policy: str, workload: Sequence[RequestSpec], options: RunOptions
     cpu = time.process_time() - cpu_started
     run = _summarise(name, workload, options, result, instance_seconds, wall, sim)
     run.row.update(extra)
+    if isinstance(sim, ObservedPrefixCluster):  # an added key: the cluster's prefix-cache hit rate
+        run.row["prefix_hit_rate"] = sim.prefix_summary().hit_rate
     # on a shared, oversubscribed machine wall time overstates the simulator's cost; CPU time does not
     run.row["cpu_s"] = cpu
     run.row["speed_cpu_x"] = result.virtual_s / cpu if cpu > 0 else None
     return run
+
+
+def fixed_simulator(cluster: ClusterConfig, workload: Sequence[RequestSpec]) -> ObservedCluster | ObservedPrefixCluster:
+    """A fixed fleet's simulator. A trace with prefix hashes (``hash_ids``) runs with vLLM's automatic prefix
+    caching in every engine, as vLLM v1 serves by default, whatever the policy (so INFaaS++ and ``drover``
+    are compared on the same caching); the policies that keep a prefix index are fed the engines' cache
+    events, as live. Without hashes: the plain simulator."""
+    first = next((s for s in workload if s.prefix_hashes), None)
+    if first is None:
+        return ObservedCluster(cluster, workload)
+    hashes = {s.request_id: s.prefix_hashes for s in workload if s.prefix_hashes}
+    return ObservedPrefixCluster(cluster, PrefixTrace(list(workload), hashes, first.prefix_block_tokens))
 
 
 def _horizon(result: SimulationResult) -> float:
@@ -401,7 +425,7 @@ def _summarise(
     result: SimulationResult,
     instance_seconds: float,
     wall: float,
-    sim: ObservedCluster | ObservedElastic,
+    sim: ObservedCluster | ObservedElastic | ObservedPrefixCluster,
 ) -> PolicyRun:
     records = result.requests
     done = [r for r in records if r.done]

@@ -18,6 +18,7 @@ MODULES = (
     "request_classes",
     "memory_manager",
     "supervisor",
+    "dispatching",
 )
 
 

@@ -21,12 +21,22 @@ PREFIX_CHARS = 1500  # ByteTokenizer: one token a character; 93 full blocks of 1
 BLOCK = 16
 
 
-def _cluster(nats_url: str, instances: int) -> InProcessCluster:
+KV_AWARE = {"migration_enabled": False, "dispatch_policy": "kv_aware"}
+# what ``drover`` means for dispatch (control/policy/recommended.py): predictive, late binding, prefix-aware
+DROVER_DISPATCH = {
+    "migration_enabled": False,
+    "dispatch_policy": "predictive",
+    "predict_hold": True,
+    "predict_prefix": True,
+}
+
+
+def _cluster(nats_url: str, instances: int, policy: dict[str, Any] = KV_AWARE) -> InProcessCluster:
     settings = load_settings(
         overrides={
             "nats": {"url": nats_url},
             "engine": {"kind": "sim", "heartbeat_interval_s": 0.05},
-            "policy": {"migration_enabled": False, "dispatch_policy": "kv_aware"},
+            "policy": dict(policy),
         }
     )
     cluster = InProcessCluster(settings=settings, tokenizer=ByteTokenizer())
@@ -114,5 +124,27 @@ async def test_repeated_long_prefix_goes_to_its_holder_and_resyncs_after_restart
             await client.wait_for_instances(3, timeout_s=15)
             again = await client.generate(prefix + " after the restart?", sampling=sampling)
             assert again.done is not None and again.done.instances[0] == holder
+    finally:
+        cluster.stop()
+
+
+async def test_drover_sends_a_repeated_prefix_to_its_holder_live(nats_url: str) -> None:
+    """The live scheduler gives ``drover``'s predictive index the prompt's vLLM block hashes (as for
+    kv_aware), so its prefix awareness works outside the simulator too."""
+    cluster = _cluster(nats_url, 3, DROVER_DISPATCH)
+    try:
+        rng = random.Random(24)
+        prefix = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(PREFIX_CHARS))
+        sampling = SamplingParams(max_tokens=4, ignore_eos=True)
+        async with DroverClient(cluster.url, name="drover-prefix") as client:
+            await client.wait_for_instances(3, timeout_s=15)
+            first = await client.generate(prefix + " first question?", sampling=sampling)
+            assert first.done is not None
+            holder = first.done.instances[0]
+            await _eventually(lambda: _indexed_blocks(cluster, holder) >= PREFIX_CHARS // BLOCK)
+            for k in range(3):
+                result = await client.generate(prefix + f" follow-up {k}?", sampling=sampling)
+                assert result.done is not None
+                assert result.done.instances[0] == holder, f"follow-up {k} went to {result.done.instances[0]}"
     finally:
         cluster.stop()

@@ -60,7 +60,12 @@ def _simulate_one_stage(after: str) -> tuple[int, int]:
     params = PolicyParams(max_stages=1, last_stage_max_blocks=-1, after_max_stages=after)  # type: ignore[arg-type]
     engine = SimEngineConfig(block_size=16, num_blocks=400, max_num_seqs=64, max_num_batched_tokens=1024)
     requests = generate_workload(
-        400, 80.0, prompt=LengthSpec.zipf(200, 2000), output=LengthSpec.zipf(150, 1500), seed=7, cv=2.0,
+        400,
+        80.0,
+        prompt=LengthSpec.zipf(200, 2000),
+        output=LengthSpec.zipf(150, 1500),
+        seed=7,
+        cv=2.0,
         max_total_len=4096,
     )
     result = simulate(ClusterConfig(num_instances=4, engine=engine, policy=params), requests)
@@ -187,3 +192,95 @@ def test_the_first_autoscaling_plan_is_one_period_in_for_both_shells() -> None:
     sim.scaling_clock.plan_due = recording  # type: ignore[method-assign]
     sim.run_elastic()
     assert due_at and due_at[0] == 5.0
+
+
+def _imported_names(package: str) -> dict[str, set[str]]:
+    """module path -> names it imports from the project (``from x import name``)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out: dict[str, set[str]] = {}
+    for path in sorted((root / package).glob("*.py")):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names.update(alias.name for alias in node.names)
+        out[str(path.relative_to(root))] = names
+    return out
+
+
+def test_one_dispatch_loop_for_both_shells() -> None:
+    """Before: the queue in front of the dispatch index, class routing and the batch-release loop were written
+    in the scheduler (actors/scheduler.py, actors/request_classes.py) and again in the simulator
+    (control/simulator/cluster.py, elastic.py). Now both shells carry out the placements of one
+    control.core.dispatch.Dispatcher, and no shell module uses the loop's parts itself."""
+    parts = {"place_by_class", "BatchQueue", "FairQueue", "dispatch_room"}
+    for package in ("actors", "control/simulator"):
+        for module, names in _imported_names(package).items():
+            assert not names & parts, f"{module} runs its own dispatch loop ({sorted(names & parts)})"
+
+    from control.core.dispatch import Dispatcher
+    from control.simulator.elastic import ElasticSimulator
+
+    sim = ElasticSimulator(ElasticConfig(scaling="none"), [])
+    assert isinstance(sim.dispatcher, Dispatcher) and sim.dispatcher.classes is not None
+    assert "Dispatcher" in _imported_names("actors")["actors/scheduler.py"]
+
+
+def test_one_snapshot_builder_in_the_simulator() -> None:
+    """Before: snapshots were built from SimEngineCore in four places (cluster, elastic, memory simulator,
+    runner), and they could drift apart. Now control/simulator/views.py is the only one."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "control" / "simulator"
+    builders = []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "InstanceSnapshot":
+                builders.append(path.name)
+    assert builders == ["views.py"]
+
+
+def test_prefix_affinity_is_simulated() -> None:
+    """Before: the simulator never put prefix block hashes into a request's demand, so prefix_affinity
+    dispatched by freeness alone. Now a request that shares a prefix follows it to the instance that holds it,
+    although that instance is the busiest."""
+    engine = SimEngineConfig(block_size=16, num_blocks=400, max_num_seqs=16, max_num_batched_tokens=1024)
+    shared = tuple(range(1, 33))
+    requests = [
+        RequestSpec("first", 0.0, 512, 400, prefix_hashes=shared, prefix_block_tokens=16),
+        RequestSpec("other", 0.05, 512, 400, prefix_hashes=tuple(range(100, 132)), prefix_block_tokens=16),
+        RequestSpec("again", 0.5, 512, 50, prefix_hashes=shared, prefix_block_tokens=16),
+    ]
+    params = PolicyParams(dispatch_policy="prefix_affinity", migration_enabled=False)
+    result = simulate(ClusterConfig(num_instances=4, engine=engine, policy=params), requests)
+    placed = {r.spec.request_id: r.instances[0] for r in result.requests}
+    assert placed["again"] == placed["first"] and placed["other"] != placed["first"]
+
+
+def test_the_memory_simulator_dispatches_and_pairs_migrations_with_the_policy_code(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before: control/memsim had its own migration pairing (sorted by freeness, its own threshold) instead of
+    the policy's. Now its Llumnix mode pairs with control.policy.migration.plan_migrations and dispatches by
+    control.policy.freeness, as the live control plane does."""
+    import control.simulator.memory as memory
+    from tests.control.simulator.test_memory import burst
+
+    calls = {"plan": 0, "dispatch": 0}
+    plan, freeness = memory.plan_migrations, memory.dispatch_freeness
+
+    def counted_plan(*args: object, **kwargs: object) -> object:
+        calls["plan"] += 1
+        return plan(*args, **kwargs)  # type: ignore[arg-type]
+
+    def counted_freeness(*args: object, **kwargs: object) -> float:
+        calls["dispatch"] += 1
+        return freeness(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(memory, "plan_migrations", counted_plan)
+    monkeypatch.setattr(memory, "dispatch_freeness", counted_freeness)
+    simulate_memory(MemSimConfig(mode="llumnix", num_instances=2), burst())
+    assert calls["plan"] > 0 and calls["dispatch"] > 0

@@ -2,16 +2,21 @@
 
 The scenario: one mixed instance with 4 SLO-safe slots (1 reserved for interactive requests) runs three batch
 requests released one after another; two interactive requests arrive. The first fits; the second overflows
-and the core's placement evicts the newest batch request. The live shell (the scheduler's RequestClasses)
-turns that into an EngineAbort "evicted" to the instance and routes the request there; the simulator's shell
+and the core's placement (its dispatch loop, control/core/dispatch.py) evicts the newest batch request. The live
+shell (the scheduler's view of its tables and its RequestClasses) turns that into an EngineAbort "evicted" to
+the instance and routes the request there; the simulator's shell
 removes the same request from the same simulated engine, re-queues it, and places the interactive one.
 """
 
 from __future__ import annotations
 
+from actors.dispatching import SchedulerView
 from actors.request_classes import RequestClasses
+from control.core.dispatch import Dispatcher
 from control.core.requests import InstanceRecord, RequestRecord
 from control.policy.autoscaling import AutoscaleParams, LocalParams, PerRole
+from control.policy.dispatch import make_dispatch_policy
+from control.policy.snapshots import RequestDemand
 from control.settings import load_settings
 from control.simulator import ClusterConfig, ElasticConfig, simulate_elastic
 from control.simulator.workload import RequestSpec
@@ -34,10 +39,9 @@ BATCH = ("b0", "b1", "b2")
 
 def _live() -> tuple[list[tuple[str, str]], str | None]:
     evicted: list[tuple[str, str]] = []
-    rc = RequestClasses(
-        load_settings(overrides={"autoscaler": {"class_dispatch": True}}),
-        evict=lambda iid, rid: evicted.append((iid, rid)),
-    )
+    settings = load_settings(overrides={"autoscaler": {"class_dispatch": True}})
+    rc = RequestClasses(settings, evict=lambda iid, rid: evicted.append((iid, rid)))
+    dispatcher = Dispatcher(make_dispatch_policy("freeness"), classes=settings.autoscaling)
     info = EngineInfo(
         instance_id="m",
         engine_kind="sim",
@@ -73,10 +77,22 @@ def _live() -> tuple[list[tuple[str, str]], str | None]:
         rec = requests[rid] = record(rid, RequestClass.BATCH)
         rec.instance_id, rec.state = "m", "running"
         rc.on_dispatched(rec, "m")
-    first = requests["i0"] = record("i0", RequestClass.INTERACTIVE)
-    assert rc.route(first, instances, requests) == "m" and not evicted
+
+    def route(rec: RequestRecord) -> str | None:  # what the scheduler does with a new interactive request
+        requests[rec.request_id] = rec
+        view = SchedulerView(instances, requests, rc, lambda r: RequestDemand(r.request_id, 90, 6), now=0.0)
+        waiting = view.waiting(rec.request_id)
+        assert waiting is not None
+        place = dispatcher.place(waiting, view)
+        if place is None:
+            return None
+        rc.evicting_for(place.instance_id, place.evict, place.request_id)
+        return place.instance_id
+
+    first = record("i0", RequestClass.INTERACTIVE)
+    assert route(first) == "m" and not evicted
     first.instance_id, first.state = "m", "running"
-    return evicted, rc.route(record("i1", RequestClass.INTERACTIVE), instances, requests)
+    return evicted, route(record("i1", RequestClass.INTERACTIVE))
 
 
 def _simulated() -> tuple[list[str], list[int]]:

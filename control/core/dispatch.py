@@ -1,0 +1,264 @@
+"""The dispatch loop: which waiting request is tried next, where it goes, and what keeps waiting.
+
+Sans-I/O, like the rest of the core: no clock (``now`` is passed in), no bus, no engine. Both shells drive one
+:class:`Dispatcher`: the SchedulerActor (``actors/scheduler.py``) and the cluster simulator
+(``control/simulator/cluster.py``, ``elastic.py``). What it owns:
+
+- the **dispatch index** (``control/policy/dispatch.py``): ``choose`` and ``on_dispatched`` are called here
+  and nowhere else, so a placement is counted exactly once, whichever shell carries it out; ``drover``'s
+  late binding (``predict_hold``) is the index answering None, after which the request waits here;
+- the **waiting queue**: first come, first served with head-of-line blocking (a request that fits nowhere
+  keeps every later one back, so a large prompt is not starved by small ones);
+- the **fair queue** (``scheduler.fairness``): deficit round robin across clients
+  (``control/policy/fairness.py``), released only while the instances have room (each at most
+  ``fairness_max_waiting`` waiting), so the backlog waits here where the fair order applies;
+- **class routing** (Chiron, when request classes are on): an interactive request goes where
+  :func:`control.core.classes.place_by_class` says, evicting the batch requests it names; an overflow onto a
+  full instance with nothing to evict is held back;
+- the **global batch queue** (:class:`control.core.classes.BatchQueue`) and its release into spare slots.
+
+Events in are method calls; commands out are :class:`Place` values. The methods that may place several
+requests are generators: the shell carries out each :class:`Place` before asking for the next, so the state
+it shows through its :class:`FleetView` (which the core only reads) is current at every decision, exactly as
+when the loop was written inside each shell.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from control.core.classes import BatchQueue, place_by_class
+from control.core.record import DecisionLog
+from control.policy.autoscaling import BATCH, AutoscaleParams, FleetInstance, RunningBatch
+from control.policy.dispatch import DispatchIndex
+from control.policy.fairness import FairQueue, dispatch_room
+from control.policy.snapshots import RequestDemand
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """A request as the dispatch loop sees it."""
+
+    demand: RequestDemand
+    request_class: str = "interactive"
+    client: str = ""
+    """Whose share it counts against in the fair queue (the identity the NATS server authenticated)."""
+    cost: int = 1
+    """Its fair-queue cost in tokens: prompt + max_tokens."""
+    deadline: float = 0.0
+    """A batch request's deadline on the shell's clock (its place in the batch queue)."""
+    queued: bool = True
+    """False when it has started meanwhile (the fair queue then skips it)."""
+
+    @property
+    def request_id(self) -> str:
+        return self.demand.request_id
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """Command: start ``request_id`` on ``instance_id`` now; evict the batch requests in ``evict`` there first
+    (they come back through the batch queue with what their clients already have)."""
+
+    request_id: str
+    instance_id: str
+    evict: tuple[str, ...] = ()
+
+
+class FleetView(Protocol):
+    """What the core reads of a shell's state; read again before every decision."""
+
+    def waiting(self, request_id: str) -> Waiting | None:
+        """The request as it waits now; None when it is gone (ended, cancelled)."""
+        ...
+
+    def __contains__(self, request_id: object) -> bool:
+        """The request is still known (the batch queue drops entries that are not)."""
+        ...
+
+    def class_loads(self) -> Sequence[FleetInstance]:
+        """Every instance as the request-class rules read it (roles, slots, requests per class)."""
+        ...
+
+    def evictable(self, instance_id: str) -> Sequence[RunningBatch]:
+        """Batch requests running there that can be evicted and come back where they left off."""
+        ...
+
+    def serving_waiting(self) -> Iterable[tuple[str, int]]:
+        """(instance id, requests waiting in its engine) of every serving instance (the fair queue's room)."""
+        ...
+
+
+class Dispatcher:
+    """The control core's dispatch loop (see the module docstring).
+
+    ``classes``: the autoscaling parameters when class routing is on (None: the dispatch index places every
+    request). ``fair_quantum_tokens``: the fair queue's quantum when fairness is on."""
+
+    def __init__(
+        self,
+        index: DispatchIndex,
+        *,
+        classes: AutoscaleParams | None = None,
+        fair_quantum_tokens: int | None = None,
+        fair_max_waiting: int = 0,
+        log: DecisionLog | None = None,
+    ) -> None:
+        self.index = index
+        self.classes = classes
+        self.fair = FairQueue(fair_quantum_tokens) if fair_quantum_tokens is not None else None
+        self.fair_max_waiting = fair_max_waiting
+        self.pending: deque[str] = deque()  # first come, first served
+        self.batch = BatchQueue()
+        self.log = log
+        self.attempts = 0  # placement decisions taken (the simulator reports them)
+
+    @property
+    def num_queued(self) -> int:
+        """Requests waiting here for an instance (not counting the batch queue)."""
+        return len(self.pending) + (len(self.fair) if self.fair is not None else 0)
+
+    def _record(self, what: str, key: str, inputs: tuple[object, ...], output: object) -> None:
+        if self.log is not None:
+            self.log.add(what, key, inputs, output)
+
+    # ------------------------------------------------------------------------------------------- one request
+    def place(self, request: Waiting, view: FleetView) -> Place | None:
+        """Where one request goes now, or None (nowhere yet: it waits). Counts the placement in the index."""
+        self.attempts += 1
+        demand = request.demand
+        evict: tuple[str, ...] = ()
+        if self.classes is not None:
+            placement = place_by_class(request.request_class, view.class_loads(), view.evictable, self.classes)
+            target = placement.instance_id
+            evict = placement.evict
+        else:
+            target = self.index.choose(demand)
+            self._record("choose", demand.request_id, (demand,), target)
+        if target is None:
+            return None
+        self._dispatched(target, demand)
+        return Place(demand.request_id, target, evict)
+
+    def fits_now(self, demand: RequestDemand) -> bool:
+        """Whether some instance would take the request now (admission asks when a queue is at its limit);
+        nothing is placed or counted."""
+        chosen = self.index.choose(demand)
+        self._record("choose", demand.request_id, (demand,), chosen)
+        return chosen is not None
+
+    def _dispatched(self, instance_id: str, demand: RequestDemand) -> None:
+        self.index.on_dispatched(instance_id, demand)
+        self._record("dispatched", demand.request_id, (instance_id, demand), None)
+
+    def _try(self, request: Waiting, view: FleetView, now: float) -> Place | bool:
+        """Place the request, or hand a batch request to the batch queue (True); False: nowhere now."""
+        if self.classes is not None and request.request_class == BATCH:
+            self.queue_batch(request, now)
+            return True
+        placed = self.place(request, view)
+        return placed if placed is not None else False
+
+    def dispatch_or_wait(self, request_id: str, view: FleetView, now: float) -> Place | None:
+        """A request to run again (failover, a KunServe group handing it back), or restored after a restart:
+        place it now, or it waits at the back of the queue (a batch one in the batch queue, keeping its first
+        place there)."""
+        request = view.waiting(request_id)
+        if request is None:
+            return None
+        placed = self._try(request, view, now)
+        if placed is False:
+            self.pending.append(request_id)
+        return placed if isinstance(placed, Place) else None
+
+    def submit(self, request_id: str, view: FleetView, now: float) -> Iterator[Place]:
+        """A new request (acknowledged to its client): a batch one joins the batch queue; with fairness on it
+        joins its client's fair queue, which is then served; otherwise it is placed now or waits."""
+        request = view.waiting(request_id)
+        if request is None:
+            return
+        if self.classes is not None and request.request_class == BATCH:
+            self.queue_batch(request, now)
+            return
+        if self.fair is not None:
+            if request_id not in self.fair:
+                self.fair.push(request.client, request_id, request.cost, now)
+            yield from self._drain_fair(view, now)
+            return
+        placed = self._try(request, view, now)
+        if isinstance(placed, Place):
+            yield placed
+        elif placed is False:
+            self.pending.append(request_id)
+
+    def wait(self, request_id: str) -> None:
+        """The request waits at the back of the queue (the shell restored it as queued)."""
+        self.pending.append(request_id)
+
+    # ------------------------------------------------------------------------------------------- queues
+    def retry(self, view: FleetView, now: float) -> Iterator[Place]:
+        """A tick, or a new instance: the fair queue while there is room, then the queue from its head until
+        a request fits nowhere."""
+        if self.fair is not None:
+            yield from self._drain_fair(view, now)
+        pending = self.pending
+        while pending:
+            request = view.waiting(pending[0])
+            if request is None:  # ended or cancelled while it waited
+                pending.popleft()
+                continue
+            placed = self._try(request, view, now)
+            if placed is False:
+                return
+            pending.popleft()
+            if isinstance(placed, Place):
+                yield placed
+
+    def _drain_fair(self, view: FleetView, now: float) -> Iterator[Place]:
+        fair = self.fair
+        assert fair is not None
+        pending = getattr(self.index, "pending", None)  # dispatched since the instance's last heartbeat
+        waiting = [n + (pending(i)[0] if pending is not None else 0) for i, n in view.serving_waiting()]
+        room = dispatch_room(waiting, self.fair_max_waiting)
+        while room > 0:
+            picked = fair.pop()
+            if picked is None:
+                return
+            key, item = picked
+            request = view.waiting(item.item_id)
+            if request is None or not request.queued:
+                continue  # cancelled or started meanwhile
+            placed = self._try(request, view, now)
+            if placed is False:
+                fair.unpop(key, item)
+                return
+            room -= 1
+            if isinstance(placed, Place):
+                yield placed
+
+    # ------------------------------------------------------------------------------------------- batch queue
+    def queue_batch(self, request: Waiting, now: float) -> None:
+        """A batch request waits in the global batch queue (earliest deadline first); one queued before keeps
+        its first place, and one already queued is not queued twice."""
+        self.batch.push(request.request_id, request.deadline, request.cost, now)
+
+    def release_batch(self, view: FleetView) -> Iterator[Place]:
+        """The head of the batch queue into the batch and mixed instances' spare slots (a tick)."""
+        if self.classes is None or not self.batch:
+            return
+        for request_id, instance_id in self.batch.release(view.class_loads(), self.classes, view):
+            request = view.waiting(request_id)
+            if request is None:
+                continue
+            self._dispatched(instance_id, request.demand)
+            yield Place(request_id, instance_id)
+
+    def forget(self, request_id: str) -> None:
+        """The request ended: the batch queue drops it (the other queues skip it when they reach it)."""
+        self.batch.forget(request_id)
+
+
+__all__ = ["Dispatcher", "FleetView", "Place", "Waiting"]
