@@ -39,6 +39,7 @@ from actors.request_classes import ClusterSnapshot, GetClusterView, SetRole
 from actors.supervisor import SupervisedActor
 from control.core.pd import PdCore, PdPools, PdPoolsQuery
 from control.core.provisioner import Provisioner
+from control.core.record import DecisionLog
 from control.core.scaling import ScalingClock
 from control.policy.autoscaling import (
     ROLES,
@@ -89,8 +90,11 @@ class AutoscalerActor(SupervisedActor):
         provisioner: Provisioner,
         supervisor: pykka.ActorRef[Any] | None = None,
         name: str = "autoscaler",
+        decision_log: DecisionLog | None = None,
     ) -> None:
-        """Thread: the one that builds the actor (before its own thread starts)."""
+        """``decision_log``: the core's calls with their inputs, recorded (parity tests); None: off.
+
+        Thread: the one that builds the actor (before its own thread starts)."""
         super().__init__(supervisor, name)
         self.bus = bus
         self.settings = settings
@@ -106,6 +110,8 @@ class AutoscalerActor(SupervisedActor):
         self.clock = ScalingClock(
             self.base_params.period_s, settings.autoscaler.drain_timeout_s, started_at=time.monotonic()
         )
+        self.decision_log = decision_log
+        self._record("scaling_clock", "", (self.clock.period_s, self.clock.drain_timeout_s), self.clock.last_plan_at)
         self.last_plan: ScalingPlan | None = None
         self.last_plan_at = 0.0  # time.time()
         self.last_snapshot: ClusterSnapshot | None = None
@@ -150,11 +156,20 @@ class AutoscalerActor(SupervisedActor):
         self._timer.daemon = True
         self._timer.start()
 
+    def _record(self, what: str, key: str, inputs: tuple[object, ...], output: object) -> None:
+        """Thread: the autoscaler actor's thread (or its builder's, for the clock)."""
+        if self.decision_log is not None:
+            self.decision_log.add(what, key, inputs, output)
+
     # ------------------------------------------------------------------------------------------- messages
     def on_receive(self, message: Any) -> Any:
         """Thread: the autoscaler actor's thread."""
         if isinstance(message, _Tick):
-            due = self.enabled and self.clock.plan_due(time.monotonic())
+            due = False
+            if self.enabled:
+                now = time.monotonic()
+                due = self.clock.plan_due(now)
+                self._record("plan_due", "", (now,), due)
             # Only a "plan" view consumes the scheduler's rate counters: they then cover one whole period.
             self.scheduler.tell(GetClusterView(self.actor_ref, "plan" if due else "watch"))
             if self.pd_scaling:
@@ -260,8 +275,10 @@ class AutoscalerActor(SupervisedActor):
         for iid in list(self.clock.draining):
             if iid not in owned:
                 self.clock.forget(iid)
+                self._record("drain_forget", iid, (), None)
                 continue
             why = self.clock.stop_reason(iid, iid in snapshot.empty, now)
+            self._record("stop_reason", iid, (iid in snapshot.empty, now), why)
             if why is not None:
                 self.provisioner.stop(iid)
                 self._event("stop", iid, owned[iid].role, why)
@@ -271,6 +288,7 @@ class AutoscalerActor(SupervisedActor):
         """Thread: the autoscaler actor's thread."""
         params = self.params()
         plan = plan_scaling(view, self.state, params)
+        self._record("scale_plan", "", (view, params), plan)
         self.state = plan.state
         self.last_plan, self.last_plan_at = plan, time.time()
         if not plan.acts:
@@ -372,7 +390,8 @@ class AutoscalerActor(SupervisedActor):
             return True
         if iid in self.clock.draining:
             return False
-        self.clock.start_drain(iid, time.monotonic(), why)
+        now = time.monotonic()
+        self._record("start_drain", iid, (now, why), self.clock.start_drain(iid, now, why))
         self.scheduler.tell(Envelope(subject=subjects.admin("drain"), message=DrainCommand(instance_id=iid)))
         self._event("drain", iid, owned[iid].role, why)
         metrics().scale_event(owned[iid].role, "in")
@@ -384,11 +403,13 @@ class AutoscalerActor(SupervisedActor):
         if command.auto:
             self.pins.pop(role, None)
             self.state = dataclasses.replace(self.state, history=())
+            self._record("scale_history_reset", role, (), None)
             self._event("manual", "", role, "back to automatic limits")
             self.bus.publish(reply, AdminReply(ok=True, message=f"{role}: automatic"))
             return
         self.pins[role] = command.count
         self.state = dataclasses.replace(self.state, history=())  # the pin replaces the scale-in window
+        self._record("scale_history_reset", role, (), None)
         live = [x for x in view.instances if x.role == role and x.state != "draining"]
         started: list[str] = []
         drained: list[str] = []

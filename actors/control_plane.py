@@ -235,7 +235,9 @@ class ControlPlane:
             provisioner = self.provisioner = self.provisioner or self._make_provisioner()
 
             def make_autoscaler(parent: pykka.ActorRef[Any], name: str) -> pykka.ActorRef[Any]:
-                return AutoscalerActor.start(self.bus, self.settings, peers["scheduler"], provisioner, parent, name)
+                return AutoscalerActor.start(
+                    self.bus, self.settings, peers["scheduler"], provisioner, parent, name, self.decision_log
+                )
 
             self.autoscaler = self.supervisor.proxy().start_child("autoscaler", make_autoscaler).get(timeout=10)
             peers["autoscaler"] = self.autoscaler

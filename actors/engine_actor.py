@@ -27,6 +27,7 @@ from opentelemetry import trace
 from actors.local_autoscaler import LocalAutoscaler
 from engines.base import Engine, EngineError, EngineRequest
 from engines.migration import FrozenRequest, KvEndpoint, MigratableEngine, StageReport
+from engines.prefix_listing import DEFAULT_MAX_BLOCKS, max_blocks_for
 from engines.tokenizer import IncrementalDetokenizer, Tokenizer
 from observability import spans
 from observability.metrics import metrics
@@ -850,8 +851,12 @@ class Heartbeater:
         report = getattr(self.engine, "prefix_cache_report", None)
         if report is None:
             return None
+        try:  # a listing too big for one beat goes in chunks that fit the server's max_payload
+            max_blocks = max_blocks_for(self.bus.nc.max_payload)
+        except Exception:  # not connected yet: the NATS default's share
+            max_blocks = DEFAULT_MAX_BLOCKS
         try:
-            value: PrefixCacheReport | None = report()
+            value: PrefixCacheReport | None = report(max_blocks=max_blocks)
         except Exception:  # not started yet, or the listener failed: the beat goes without it
             log.exception("prefix-cache report failed")
             return None

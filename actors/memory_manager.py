@@ -34,12 +34,12 @@ from opentelemetry.trace import StatusCode
 
 from actors.threads import Guarded
 from control.core.memory import GroupHysteresis, restore_snapshot
+from control.core.record import DecisionLog
 from control.errors import DroverError
 from control.policy.memory import (
     GroupSnapshot,
     MemoryParams,
     MemorySnapshot,
-    plan_drop,
     split_layers,
 )
 from control.settings import MemorySettings
@@ -116,8 +116,15 @@ def memory_params(settings: MemorySettings) -> MemoryParams:
 class MemoryManager:
     """Plans and runs KunServe drops and restores for the scheduler (see the module docstring)."""
 
-    def __init__(self, bus: Bus, settings: MemorySettings, on_change: Callable[[str], None]) -> None:
-        """``on_change(instance_id)``: the scheduler re-reads whether an instance takes dispatches.
+    def __init__(
+        self,
+        bus: Bus,
+        settings: MemorySettings,
+        on_change: Callable[[str], None],
+        decision_log: DecisionLog | None = None,
+    ) -> None:
+        """``on_change(instance_id)``: the scheduler re-reads whether an instance takes dispatches;
+        ``decision_log``: the core's calls with their inputs, recorded (parity tests); None: off.
 
         Thread: the one that builds the scheduler."""
         self.bus = bus
@@ -129,10 +136,17 @@ class MemoryManager:
         # When automatic steps may happen (min group time, idle restore, cooldown): the control core's, the
         # one the memory simulator runs; fed time.monotonic().
         self.hysteresis = GroupHysteresis(self.params)
+        self.decision_log = decision_log
         # Instances whose dispatchability changed on the bus loop; the scheduler's thread re-reads them on its
         # next tick. Shared by the two threads.
         self._dirty: Guarded[set[str]] = Guarded(set())
         self._lock = threading.RLock()
+
+    def _record(self, what: str, key: str, inputs: tuple[object, ...], output: object) -> None:
+        """Thread: the scheduler actor's thread, or the bus loop when a group step ends (under the lock, so
+        the record keeps the order in which the hysteresis saw its calls)."""
+        if self.decision_log is not None:
+            self.decision_log.add(what, key, inputs, output)
 
     def _changed(self, instance_id: str) -> None:
         """Tell the scheduler an instance's dispatchability changed: at once on its own thread, else (a group
@@ -224,6 +238,7 @@ class MemoryManager:
         )
         self.groups[group.group_id] = group
         self.hysteresis.formed(group.group_id, group.formed_mono)
+        self._record("group_formed", group.group_id, (group.formed_mono,), None)
         log.info("group %s adopted from its leader's heartbeat: %s", group.group_id, members)
         return group
 
@@ -252,7 +267,9 @@ class MemoryManager:
 
     def _cool(self, group_id: str, members: tuple[str, ...] | list[str]) -> None:
         """Thread: the scheduler actor's thread, or the bus loop when a group step ends (under the lock)."""
-        self.hysteresis.ended(group_id, members, time.monotonic())
+        now = time.monotonic()
+        self.hysteresis.ended(group_id, members, now)
+        self._record("group_ended", group_id, (tuple(members), now), None)
         for member in members:
             self._changed(member)
 
@@ -269,17 +286,17 @@ class MemoryManager:
             return
         now = time.monotonic()
         with self._lock:
-            for group in list(self.groups.values()):
-                if group.state == "pipelined":
-                    snapshot = self._group_snapshot(group)
-                    if snapshot is not None and self.hysteresis.restore_due(snapshot, now):
-                        self._start_restore(group, None)
-            snapshots = [
-                s
-                for s in (self._snapshot(i) for i in sorted(live))
-                if s is not None and self.hysteresis.may_group(s.instance_id, now)
+            groups = [
+                snapshot
+                for group in self.groups.values()
+                if group.state == "pipelined" and (snapshot := self._group_snapshot(group)) is not None
             ]
-            for plan in plan_drop(snapshots, self.params).groups:
+            snapshots = [s for s in (self._snapshot(i) for i in sorted(live)) if s is not None]
+            commands = self.hysteresis.poll(snapshots, groups, now)
+            self._record("memory_poll", "", (tuple(snapshots), tuple(groups), now), commands)
+            for group_id in commands.restores:
+                self._start_restore(self.groups[group_id], None)
+            for plan in commands.drops:
                 self._start_drop(plan.members, "policy", None)
 
     def _snapshot(self, instance_id: str) -> MemorySnapshot | None:
@@ -444,6 +461,7 @@ class MemoryManager:
             group.state, group.details = "pipelined", details
             group.formed_wall, group.formed_mono = time.time(), time.monotonic()
             self.hysteresis.formed(group.group_id, group.formed_mono)
+            self._record("group_formed", group.group_id, (group.formed_mono,), None)
             self._changed(group.leader)
             self._publish_gauges()
         metrics().memory_event("drop_ordered", seconds=details["seconds"])

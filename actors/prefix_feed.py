@@ -25,7 +25,15 @@ def apply_prefix_report(policy: object, instance_id: str, report: PrefixCacheRep
     index = getattr(policy, "prefix_index", None)
     if isinstance(index, PrefixIndex):
         if report.full:
-            index.resync(instance_id, epoch=report.epoch, seq=report.seq, hashes=report.stored, now=now)
+            index.resync_chunk(
+                instance_id,
+                epoch=report.epoch,
+                seq=report.seq,
+                chunk=report.chunk,
+                chunks=report.chunks,
+                hashes=report.stored,
+                now=now,
+            )
         elif report.stored or report.removed or report.cleared:
             index.apply(
                 instance_id,

@@ -34,7 +34,7 @@ from actors.request_lifecycle import RequestLifecycle
 from actors.supervisor import SupervisedActor
 from control.core.admission import decide, max_prompt_tokens, validate
 from control.core.dispatch import Dispatcher, Place
-from control.core.pd import PdCore, PdPools, PdPoolsQuery, make_dispatch
+from control.core.pd import PdPools, PdPoolsQuery, make_dispatch, make_pd_core
 from control.core.record import DecisionLog
 from control.core.requests import (
     Drop,
@@ -154,7 +154,7 @@ class SchedulerActor(SupervisedActor):
         self.lifecycle = RequestLifecycle(bus, settings.lifecycle)  # deadlines, clients that went away
         self.params: PolicyParams = settings.policy
         # prefill/decode disaggregation ([pd]): phases, phase-aware dispatch, handoffs (control/core/pd.py)
-        self.pd = PdCore(settings.pd)
+        self.pd = make_pd_core(settings.pd, decision_log)  # records its calls when given a log (parity tests)
         # The control core's dispatch loop (control/core/dispatch.py), the simulator's too: the dispatch index,
         # the waiting queue, the fair queue between clients (scheduler.fairness), class routing and the global
         # batch queue. This actor carries out its placements.
@@ -175,7 +175,7 @@ class SchedulerActor(SupervisedActor):
         self._snapshot_of: dict[str, tuple[InstanceLoad, EngineInfo, object, InstanceSnapshot]] = {}
         self.migrations_done = 0
         self.migrations_aborted = 0
-        self.memory = MemoryManager(bus, settings.memory, self._refresh_instance)  # KunServe groups
+        self.memory = MemoryManager(bus, settings.memory, self._refresh_instance, decision_log)  # KunServe groups
         # request classes and roles; the batch queue it reports is the dispatcher's
         self.classes = RequestClasses(settings, self._evict, self.dispatch.batch)
 
@@ -991,7 +991,7 @@ class SchedulerActor(SupervisedActor):
         if change is not None and change.instance_id in self.instances:
             log.info("pd split: %s now serves %s (%s)", change.instance_id, change.phase, change.reason)
             self.state.save_phase(change.instance_id, change.phase)
-            self.policy.upsert(self._snapshot(self.instances[change.instance_id]))
+            self._upsert(self.instances[change.instance_id])  # re-filed in its pool (recorded, as every upsert)
 
     def _on_phase(self, command: PhaseCommand, reply: str) -> None:
         """An operator sets an instance's phase (audited by the control plane before it gets here).
@@ -1008,7 +1008,7 @@ class SchedulerActor(SupervisedActor):
             return
         self.pd.set_phase(command.instance_id, phase)
         self.state.save_phase(command.instance_id, phase)  # it outlives a control-plane restart
-        self.policy.upsert(self._snapshot(record))  # it changes dispatch pools at once
+        self._upsert(record)  # it changes dispatch pools at once
         log.info("instance %s now serves phase %s (operator %s)", command.instance_id, phase, command.operator or "-")
         note = "" if self.pd.enabled else " (pd.mode is off: phases take effect once it is on)"
         if reply:

@@ -368,12 +368,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 )
     report["spread"] = spread = _spread(report["grid"])
     if len(seeds) > 1:
-        print(f"over seeds {args.seeds}: mean [min, max]")
+        print(f"over seeds {args.seeds}: mean ± 95 % CI [min, max]")
         for row in spread:
             print(
                 f"{row['instances']:>4} {row['policy']:<16} "
                 + "  ".join(
-                    f"{k} {row[k]['mean']:.3f} [{row[k]['min']:.3f}, {row[k]['max']:.3f}]"
+                    f"{k} {row[k]['mean']:.3g} ± {row[k]['ci95']:.2g} [{row[k]['min']:.3g}, {row[k]['max']:.3g}]"
                     for k in _SPREAD_KEYS
                     if k in row
                 ),
@@ -387,7 +387,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"kv_aware dispatch at {cost['instances']} instances ({cost['index_entries']:.0f} index entries): "
             f"choose p50 {cost['choose_p50_us']:.1f} us, p99 {cost['choose_p99_us']:.1f} us; choose + "
             f"on_dispatched + upsert p50 {cost['p50_us']:.1f} us, p99 {cost['p99_us']:.1f} us; thread CPU time of "
-            f"choose p50 {cost['choose_cpu_p50_us']:.1f} us, p99 {cost['choose_cpu_p99_us']:.1f} us",
+            f"choose p50 {cost['choose_cpu_p50_us']:.1f} us, p99 {cost['choose_cpu_p99_us']:.1f} us, of choose + "
+            f"bookkeeping p50 {cost['cpu_p50_us']:.1f} us, p99 {cost['cpu_p99_us']:.1f} us",
             flush=True,
         )
     means = [
@@ -403,7 +404,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         _plots(args.plot, means, sizes, policies, goodput=not args.no_goodput)
 
 
-_SPREAD_KEYS = ("hit_rate", "ttft_p50", "ttft_p99", "attainment", "goodput")
+_SPREAD_KEYS = ("hit_rate", "tokens_saved", "ttft_p50", "ttft_p99", "attainment", "goodput")
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262)  # Student t, 97.5 %, df 1..9
+
+
+def ci95(values: Sequence[float]) -> float:
+    """Half-width of the 95 % confidence interval of the mean (Student t; 0 for one value)."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    t = _T95[n - 2] if n - 2 < len(_T95) else 1.96
+    return t * statistics.stdev(values) / n**0.5
 
 
 def _spread(grid: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -417,7 +428,12 @@ def _spread(grid: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for key in _SPREAD_KEYS:
             values = [float(r[key]) for r in rows if key in r]
             if values:
-                item[key] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
+                item[key] = {
+                    "mean": statistics.fmean(values),
+                    "ci95": ci95(values),
+                    "min": min(values),
+                    "max": max(values),
+                }
         out.append(item)
     return out
 

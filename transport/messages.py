@@ -322,6 +322,10 @@ class PrefixCacheReport(msgspec.Struct, frozen=True, kw_only=True):
     num_cached: int = 0  # distinct cached blocks now
     query_tokens: int = 0  # cumulative prompt tokens looked up in the cache (vLLM's prefix-cache stats)
     hit_tokens: int = 0  # cumulative prompt tokens found cached (prefill skipped)
+    # a full listing too big for one message is sent over several beats: chunk ``chunk`` of ``chunks``, all
+    # at the listing's ``seq`` (engines/prefix_listing.py); the defaults are a listing in one piece
+    chunk: int = 0
+    chunks: int = 1
 
 
 class InstanceHeartbeat(_Msg, frozen=True, tag="heartbeat"):

@@ -16,10 +16,10 @@ preempts. :func:`restore_snapshot` builds it, for both shells.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from control.policy.memory import GroupSnapshot, MemoryParams, should_restore
+from control.policy.memory import GroupPlan, GroupSnapshot, MemoryParams, MemorySnapshot, plan_drop, should_restore
 
 FRESH_GROUP_USE = 1.0
 """The occupancy a just-formed group is taken to have had (so its first poll sees use falling)."""
@@ -36,6 +36,14 @@ def restore_snapshot(
         num_waiting=num_waiting,
         normal_total_blocks=leader_pool_blocks,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryCommands:
+    """What one poll orders: groups to restore (ids), then groups to form (plans, leader first)."""
+
+    restores: tuple[str, ...] = ()
+    drops: tuple[GroupPlan, ...] = ()
 
 
 @dataclass(slots=True)
@@ -83,3 +91,11 @@ class GroupHysteresis:
             return True
         group.previous_use = snapshot.memory_use
         return False
+
+    def poll(self, instances: Sequence[MemorySnapshot], groups: Sequence[GroupSnapshot], now: float) -> MemoryCommands:
+        """One automatic poll, the same for both shells: which pipelined ``groups`` restore now, and which
+        groups form among ``instances`` (those cooling down left out; grouped and draining ones the policy
+        skips). Restores are decided first, on the groups as they were before this poll's drops."""
+        restores = tuple(g.group_id for g in groups if self.restore_due(g, now))
+        free = [s for s in instances if self.may_group(s.instance_id, now)]
+        return MemoryCommands(restores, plan_drop(free, self.params).groups)

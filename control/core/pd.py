@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
+from control.core.record import DecisionLog
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy
 from control.policy.kv_aware import KvAwareIndex
 from control.policy.params import DispatchParams
@@ -387,3 +388,91 @@ def make_dispatch(name: str, params: DispatchParams, pd: PdCore) -> DispatchInde
     if not pd.enabled:
         return make_dispatch_policy(name, params)
     return PhasedDispatch(lambda: make_dispatch_policy(name, params), pd.params, pd.phase_of)
+
+
+class AnswerLog:
+    """A shell's callable with every answer it gave, keyed by the arguments (a recorded run's ``busy``,
+    ``overlap`` and ``prefix_of``: the replay answers from it)."""
+
+    def __init__(self, function: Callable[..., object]) -> None:
+        self.function = function
+        self.answers: dict[tuple[object, ...], object] = {}
+
+    def __call__(self, *args: object) -> object:
+        key = tuple(tuple(a) if isinstance(a, list) else a for a in args)
+        answer = self.function(*args)
+        self.answers[key] = answer
+        return answer
+
+
+class RecordedPdCore(PdCore):
+    """A :class:`PdCore` that records each call with its inputs and output in a
+    :class:`~control.core.record.DecisionLog` (the replay parity test); it decides exactly as PdCore does."""
+
+    def __init__(self, params: PdParams, log: DecisionLog) -> None:
+        super().__init__(params)
+        self.log = log
+
+    def on_report(self, instance_id: str, phase: Phase) -> bool:
+        changed = super().on_report(instance_id, phase)
+        self.log.add("pd_report", instance_id, (phase,), changed)
+        return changed
+
+    def set_phase(self, instance_id: str, phase: Phase) -> None:
+        super().set_phase(instance_id, phase)
+        self.log.add("pd_set_phase", instance_id, (phase,), None)
+
+    def forget_instance(self, instance_id: str) -> None:
+        super().forget_instance(instance_id)
+        self.log.add("pd_forget_instance", instance_id, (), None)
+
+    def on_request(self, request_id: str, num_prompt_tokens: int) -> None:
+        super().on_request(request_id, num_prompt_tokens)
+        self.log.add("pd_request", request_id, (num_prompt_tokens,), None)
+
+    def on_request_ended(self, request_id: str) -> None:
+        super().on_request_ended(request_id)
+        self.log.add("pd_request_ended", request_id, (), None)
+
+    def handoffs(
+        self,
+        reports: Sequence[InstanceSnapshot],
+        instances: Iterable[InstanceSnapshot],
+        busy: Callable[[str], bool],
+        overlap: Callable[[str, Sequence[int]], int] | None = None,
+        prefix_of: Callable[[str], Sequence[int]] | None = None,
+    ) -> list[Handoff]:
+        seen = tuple(instances)
+        asked = AnswerLog(busy)
+        overlaps = AnswerLog(overlap) if overlap is not None else None
+        prefixes = AnswerLog(prefix_of) if prefix_of is not None else None
+        planned = super().handoffs(
+            reports,
+            seen,
+            lambda rid: bool(asked(rid)),
+            (lambda iid, hashes: cast(int, overlaps(iid, hashes))) if overlaps is not None else None,
+            (lambda rid: cast(Sequence[int], prefixes(rid))) if prefixes is not None else None,
+        )
+        answers = (asked.answers, overlaps.answers if overlaps else None, prefixes.answers if prefixes else None)
+        self.log.add("pd_handoffs", "", (tuple(reports), seen, answers), tuple(planned))
+        return planned
+
+    def balancing_pool(self, snapshots: Sequence[InstanceSnapshot]) -> list[InstanceSnapshot]:
+        pool = super().balancing_pool(snapshots)
+        self.log.add("pd_balancing_pool", "", (tuple(snapshots),), tuple(pool))
+        return pool
+
+    def rebalance(self, snapshots: Iterable[InstanceSnapshot], now: float) -> PhaseChange | None:
+        seen = tuple(snapshots)
+        change = super().rebalance(seen, now)
+        self.log.add("pd_rebalance", "", (seen, now), change)
+        return change
+
+    def on_handoff_ended(self, request_id: str, ok: bool) -> None:
+        super().on_handoff_ended(request_id, ok)
+        self.log.add("pd_handoff_ended", request_id, (ok,), None)
+
+
+def make_pd_core(params: PdParams, log: DecisionLog | None = None) -> PdCore:
+    """The PdCore a shell runs: recording its calls into ``log`` when one is given (parity tests)."""
+    return PdCore(params) if log is None else RecordedPdCore(params, log)

@@ -30,6 +30,7 @@ an update costs O(log n).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
@@ -733,15 +734,17 @@ class QueueSizeIndex(_IndexBase):
         return None if top is None else top[1]
 
 
-def _checkpoints(num_blocks: int) -> list[int]:
+@functools.lru_cache(maxsize=4096)
+def _checkpoints(num_blocks: int) -> tuple[int, ...]:
     """Prefix depths (1-based) that dispatch history records and lookups probe, deepest first: the first 4,
     every 4th, and the whole prompt. Recording every block cost ~1 µs per block on each dispatch (the
-    decision's p99 was over 50 µs); a match found at a checkpoint is at most 3 blocks short of the true one."""
+    decision's p99 was over 50 µs); a match found at a checkpoint is at most 3 blocks short of the true one.
+    Cached per prompt length: each decision asks twice (choose, then on_dispatched)."""
     depths = [d for d in range(min(4, num_blocks), 0, -1)]
     depths[:0] = range(num_blocks - num_blocks % 4, 4, -4)
     if num_blocks > 4 and num_blocks % 4:
         depths.insert(0, num_blocks)
-    return depths
+    return tuple(depths)
 
 
 class PrefixAffinityIndex(FreenessIndex):
@@ -757,8 +760,13 @@ class PrefixAffinityIndex(FreenessIndex):
 
     def __init__(self, params: DispatchParams) -> None:
         super().__init__(params)
-        self._holders: dict[int, OrderedDict[str, None]] = {}  # most recent holder last
+        # most recent holder last; a list, as it holds at most prefix_holders_per_block (default 4) ids, where
+        # an OrderedDict cost more to create and update on every dispatch
+        self._holders: dict[int, list[str]] = {}
         self._history: dict[str, OrderedDict[int, None]] = {}
+        # the last choice's prompt hashes and its checkpoint hashes: on_dispatched of that choice records the
+        # same ones (a decision is choose + on_dispatched; this saves computing them twice)
+        self._probed: tuple[Sequence[int], list[int]] = ((), [])
 
     def upsert(self, snapshot: InstanceSnapshot) -> None:
         super().upsert(snapshot)
@@ -774,7 +782,10 @@ class PrefixAffinityIndex(FreenessIndex):
         super().on_dispatched(instance_id, demand)
         hashes = demand.prefix_block_hashes
         if hashes and instance_id in self._entries:
-            self._remember(instance_id, [hashes[d - 1] for d in _checkpoints(len(hashes))])
+            probed_hashes, at_checkpoints = self._probed
+            if probed_hashes is not hashes:
+                at_checkpoints = [hashes[d - 1] for d in _checkpoints(len(hashes))]
+            self._remember(instance_id, at_checkpoints)
 
     def choose(self, demand: RequestDemand) -> str | None:
         hashes = demand.prefix_block_hashes
@@ -793,25 +804,46 @@ class PrefixAffinityIndex(FreenessIndex):
         Walks from the deepest block up: hashes are chained, so holding block i means holding the whole
         prefix up to it; a prompt's unique tail costs one dictionary miss per block.
         """
-        high = demand.priority > 0
-        floor = self.params.affinity_min_freeness
+        # A linked entry's keys hold its freeness negated, as ``freeness`` computes it (list 0: as it stands,
+        # list 1: as if it hosted a high-priority request; see FreenessIndex._keys), so a holder costs a
+        # tuple read instead of two function calls; an entry without keys (draining) is skipped anyway.
+        key = 1 if demand.priority > 0 else 0
+        ceiling = -self.params.affinity_min_freeness  # freeness >= floor  <=>  -freeness <= -floor
         entries = self._entries
-        for depth in _checkpoints(len(hashes)):
-            if depth < self.params.prefix_min_match_blocks:
+        holders_of = self._holders
+        min_match = self.params.prefix_min_match_blocks
+        model = demand.model
+        depths = _checkpoints(len(hashes))
+        probe = [hashes[d - 1] for d in depths]
+        self._probed = (hashes, probe)
+        # Whether a holder is eligible does not depend on the depth, so one ruled out at a deeper checkpoint
+        # is skipped at the shallower ones (where the same holders usually reappear: a dispatch records all
+        # of a prompt's checkpoints on one instance).
+        ruled_out: set[str] = set()
+        for depth, prefix_hash in zip(depths, probe, strict=True):
+            if depth < min_match:
                 break
-            holders = self._holders.get(hashes[depth - 1])
+            holders = holders_of.get(prefix_hash)
             if not holders:
                 continue
             best: tuple[float, str] | None = None
             for iid in holders:
+                if iid in ruled_out:
+                    continue
                 entry = entries.get(iid)
-                if entry is None or entry.snapshot.draining:
+                if (
+                    entry is None
+                    or not entry.keys
+                    or entry.snapshot.draining
+                    or (model and entry.snapshot.model != model)
+                ):
+                    ruled_out.add(iid)
                     continue
-                if demand.model and entry.snapshot.model != demand.model:
-                    continue
-                freeness = self.freeness(entry, as_high_priority=high)
-                if freeness >= floor and (best is None or (-freeness, iid) < best):
-                    best = (-freeness, iid)
+                negated = entry.keys[key]
+                if negated > ceiling:  # type: ignore[operator]
+                    ruled_out.add(iid)
+                elif best is None or (negated, iid) < best:
+                    best = (negated, iid)  # type: ignore[assignment]
             if best is not None:
                 return best[1]
         return None
@@ -822,20 +854,24 @@ class PrefixAffinityIndex(FreenessIndex):
             history = self._history[instance_id] = OrderedDict()
         holders_of = self._holders
         cap = self.params.prefix_holders_per_block
+        move_to_end = history.move_to_end
         for prefix_hash in hashes:
             if prefix_hash in history:
-                history.move_to_end(prefix_hash)
+                move_to_end(prefix_hash)
             else:
                 history[prefix_hash] = None
             holders = holders_of.get(prefix_hash)
             if holders is None:
-                holders_of[prefix_hash] = OrderedDict({instance_id: None})
+                holders_of[prefix_hash] = [instance_id]
+            elif holders[-1] == instance_id:
+                pass  # already the most recent holder
             elif instance_id in holders:
-                holders.move_to_end(instance_id)
+                holders.remove(instance_id)
+                holders.append(instance_id)
             else:
-                holders[instance_id] = None
+                holders.append(instance_id)
                 if len(holders) > cap:
-                    holders.popitem(last=False)  # its history entry stays; dropping it later is a no-op
+                    del holders[0]  # its history entry stays; dropping it later is a no-op
         entry = self._entries.get(instance_id)
         capacity = max(1, self.params.prefix_history_blocks or (entry.snapshot.num_total_blocks if entry else 0))
         while len(history) > capacity:
@@ -848,7 +884,7 @@ class PrefixAffinityIndex(FreenessIndex):
 
     def _drop_holder(self, prefix_hash: int, instance_id: str) -> None:
         holders = self._holders.get(prefix_hash)
-        if holders is not None:
-            holders.pop(instance_id, None)
+        if holders is not None and instance_id in holders:
+            holders.remove(instance_id)
             if not holders:
                 del self._holders[prefix_hash]

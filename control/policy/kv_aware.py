@@ -37,9 +37,9 @@ High-priority requests use Llumnix's priority dispatch unchanged.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
-from itertools import islice
+from heapq import heappop, heappush
+from math import inf as INF
 from typing import Any
 
 from control.policy.dispatch import FreenessIndex
@@ -81,9 +81,13 @@ class KvAwareIndex(FreenessIndex):
     # -- Protocol --------------------------------------------------------------------------------------
     def upsert(self, snapshot: InstanceSnapshot) -> None:
         bs = max(1, snapshot.block_size)
-        self._prefilling[snapshot.instance_id] = sum(  # before linking: the cached score reads it
-            max(0, -(-r.num_tokens // bs) - r.num_blocks) for r in snapshot.running if not r.decoding
-        )
+        prefilling = 0  # a plain loop: every heartbeat walks up to hundreds of running requests
+        for r in snapshot.running:
+            if not r.decoding:
+                left = -(-r.num_tokens // bs) - r.num_blocks
+                if left > 0:
+                    prefilling += left
+        self._prefilling[snapshot.instance_id] = prefilling  # before linking: the cached score reads it
         super().upsert(snapshot)
         self.prefix_index.set_capacity(snapshot.instance_id, snapshot.num_total_blocks)
 
@@ -94,14 +98,14 @@ class KvAwareIndex(FreenessIndex):
         self._scores.pop(instance_id, None)
 
     def choose(self, demand: RequestDemand) -> str | None:
-        hashes = demand.prefix_block_hashes
         if demand.priority > 0:
             return super().choose(demand)
         pool = self._pool(demand.model)
-        best = self._best(pool[0], max(1, self.kv_params.candidates)) if pool else None
+        best = self._freest(pool[0], max(1, self.kv_params.candidates)) if pool else None
         if not best:
             return None
-        freest = best[0][1]  # the same instance _top would return: _best yields live items in key order
+        freest = best[0]  # the same instance _top would return: _freest yields live items in key order
+        hashes = demand.prefix_block_hashes
         candidates = self._candidates(hashes, best)
         chosen = self._cheapest(demand, hashes, candidates, freest)
         self._last = (demand.request_id, chosen, candidates.get(chosen, 0))
@@ -112,9 +116,16 @@ class KvAwareIndex(FreenessIndex):
         if rid != demand.request_id or iid != instance_id:  # not the choice just made: look it up
             hashes = demand.prefix_block_hashes
             cached = self.prefix_index.overlap(instance_id, hashes) if hashes else 0
-        if cached:  # only the blocks it will prefill count as pending demand there
-            demand = replace(demand, num_blocks=max(0, demand.num_blocks - cached))
-        super().on_dispatched(instance_id, demand)
+        entry = self._entries.get(instance_id)
+        if entry is None:
+            return
+        # the base class's on_dispatched with only the blocks it will prefill counted as pending demand there
+        # (inlined: a copy of the demand cost more than the rest of the bookkeeping)
+        entry.extra_waiting += 1
+        entry.extra_blocks += max(0, demand.num_blocks - cached) if cached else demand.num_blocks
+        if demand.priority > 0:
+            entry.extra_high = True
+        self._rekey(entry)
 
     def expected_hit_blocks(self, instance_id: str, hashes: Sequence[int]) -> int:
         return self.prefix_index.overlap(instance_id, hashes)
@@ -122,6 +133,15 @@ class KvAwareIndex(FreenessIndex):
     # -- Internals -------------------------------------------------------------------------------------
     def _link(self, entry: Any) -> None:  # dispatch's entry (its class is private to that module)
         super()._link(entry)
+        self._rescore(entry)
+
+    def _rekey(self, entry: Any) -> None:
+        # a dispatch re-keys in one step without _link: the load term must move with it, or a burst sent
+        # between two heartbeats all lands on the instance that looked cheapest before the first of it
+        super()._rekey(entry)
+        self._rescore(entry)
+
+    def _rescore(self, entry: Any) -> None:
         snapshot = entry.snapshot
         iid = snapshot.instance_id
         keys = entry.keys  # empty while draining; else keys[0] is minus the freeness (the dispatch heaps' key)
@@ -134,32 +154,59 @@ class KvAwareIndex(FreenessIndex):
         queued = snapshot.waiting_blocks + entry.extra_blocks + self._prefilling.get(iid, 0)
         self._scores[iid] = (queued + self.kv_params.used_weight * used, -float(own), snapshot.model)
 
-    def _candidates(self, hashes: Sequence[int], by_freeness: Iterable[tuple[float, str]]) -> dict[str, int]:
+    def _freest(self, heap: list[Any], k: int) -> list[str]:
+        """The ``k`` freest live instances in key order, read without changing the heap: a best-first walk
+        down the heap's tree (a parent sorts before its children), O(k log k) on a small heap instead of k
+        pops and pushes on the big one. Stale items are stepped over; when more than a few are in the way
+        (instances re-keyed since they were pushed), ``_best`` pops them for good instead, so they cannot
+        pile up at the top and slow every later walk (both give the same instances)."""
+        out: list[str] = []
+        size = len(heap)
+        if not size:
+            return out
+        entries = self._entries
+        stale = 0
+        frontier = [(heap[0], 0)]  # items are unique (one version per instance), so the index never compares
+        while frontier:
+            item, i = heappop(frontier)
+            entry = entries.get(item[1])
+            if entry is not None and entry.version == item[2]:
+                out.append(item[1])
+                if len(out) == k:
+                    break
+            else:
+                stale += 1
+                if stale > _STALE_WALK:
+                    return [iid for _, iid in self._best(heap, k)]
+            child = 2 * i + 1
+            if child < size:
+                heappush(frontier, (heap[child], child))
+                child += 1
+                if child < size:
+                    heappush(frontier, (heap[child], child))
+        return out
+
+    def _candidates(self, hashes: Sequence[int], freest: Iterable[str]) -> dict[str, int]:
         """Instance id -> cached prefix blocks, for the few instances worth scoring: holders of the deepest
         and of the half-depth cached block, and the freest instances (the load-only choices)."""
         index = self.prefix_index
-        found: dict[str, int] = {}
-        deepest = index.deepest(hashes) if hashes else 0
-        if deepest:
-            limit = self.kv_params.holders_scored
-            for iid in islice(index.holders(hashes[deepest - 1]), limit):
-                found[iid] = deepest
-            half = deepest // 2
-            if half and len(found) < limit:  # few hold it all: look at those holding half of it too
-                for iid in islice(index.holders(hashes[half - 1]), limit):
-                    if iid not in found:
-                        found[iid] = index.overlap(iid, hashes, deepest, half)
-        first_holders: AbstractSet[str] = index.holders(hashes[0]) if deepest else _NONE
-        for _, iid in islice(by_freeness, self.kv_params.candidates):
+        deepest, found = index.deep_holders(hashes, self.kv_params.holders_scored)
+        if not deepest:  # nobody holds even the first block: only the freest are worth scoring
+            return dict.fromkeys(freest, 0)
+        first_holders = index.holders(hashes[0])
+        for iid in freest:
             if iid not in found:  # one set lookup rules out most: they do not hold even the first block
                 found[iid] = index.overlap(iid, hashes, deepest) if iid in first_holders else 0
         return found
 
     def _cheapest(self, demand: RequestDemand, hashes: Sequence[int], candidates: dict[str, int], freest: str) -> str:
+        """Lowest (cost, -freeness, id) among the candidates that pass the model and freeness checks."""
         weight = self.kv_params.overlap_weight
         floor = self.params.affinity_min_freeness
         prompt_blocks = max(demand.num_blocks, len(hashes))
-        best: tuple[float, float, str] | None = None
+        best_cost = INF
+        best_free = -INF
+        best = ""
         scores = self._scores
         model = demand.model
         for iid, cached in candidates.items():
@@ -171,10 +218,19 @@ class KvAwareIndex(FreenessIndex):
                 continue
             if freeness < floor and iid != freest:
                 continue
-            key = (weight * (prompt_blocks - cached) + load, -freeness, iid)
-            if best is None or key < best:
-                best = key
-        return best[2] if best is not None else freest
+            cost = weight * (prompt_blocks - cached) + load
+            # (cost, -freeness, id) compared field by field: no key tuple per candidate
+            if (
+                not best
+                or cost < best_cost
+                or (cost == best_cost and (freeness > best_free or (freeness == best_free and iid < best)))
+            ):
+                best_cost, best_free, best = cost, freeness, iid
+        return best or freest
+
+
+_STALE_WALK = 4
+"""Stale heap items a read of the freest instances steps over before it pops them for good instead."""
 
 
 def prefer_prefix_destinations(
@@ -212,6 +268,3 @@ def prefer_prefix_destinations(
             out[i] = replace(decision, destination_id=other.destination_id)
             out[best_j] = replace(other, destination_id=decision.destination_id)
     return out
-
-
-_NONE: frozenset[str] = frozenset()

@@ -128,20 +128,24 @@ class MigrationPlanner:
         self._moves: dict[str, _Moves] = {}
         self._last_prune = -math.inf
         self._now = 0.0
+        self._deferred: list[InstanceSnapshot] | None = None  # a sync not applied yet (see sync)
 
     # -- state ---------------------------------------------------------------------------------------------
     def set_params(self, params: PolicyParams) -> None:
         """New parameters (``drover policy set``): every instance is re-rated under them."""
+        self._flush()
         self.params = params
         snapshots = [r.snapshot for r in self._rated.values()]
         for snapshot in snapshots:
             self.update(snapshot)
 
     def __len__(self) -> int:
+        self._flush()
         return len(self._rated)
 
     def update(self, snapshot: InstanceSnapshot) -> None:
         """A fresh heartbeat of one instance."""
+        self._flush()
         iid = snapshot.instance_id
         self._drop_roles(iid)
         rated = migration_rate(snapshot, self.params)
@@ -180,13 +184,33 @@ class MigrationPlanner:
                 heapq.heapify(heap)
 
     def remove(self, instance_id: str) -> None:
+        self._flush()
         self._drop_roles(instance_id)
         self._rated.pop(instance_id, None)
         self._group_of.pop(instance_id, None)
 
     def sync(self, snapshots: Sequence[InstanceSnapshot]) -> None:
         """Make the planner's view equal ``snapshots``: re-rate the ones that changed (by identity), drop the
-        instances that are gone."""
+        instances that are gone.
+
+        Under ``migration_sources = drain`` a list with no draining instance that runs requests has no
+        source, so the round after it plans nothing whatever the ratings: re-rating is then put off until a
+        call that needs it (a later sync with a source, ``update``, ``remove``, ``len``, ``set_params``), which
+        rates the same snapshots into the same state. A simulator ticking every 50 ms re-rated every busy
+        instance's heartbeat for nothing otherwise."""
+        if self.params.migration_sources == "drain" and not any(s.draining and s.num_running > 0 for s in snapshots):
+            self._deferred = list(snapshots)
+            return
+        self._deferred = None
+        self._sync(snapshots)
+
+    def _flush(self) -> None:
+        deferred = self._deferred
+        if deferred is not None:
+            self._deferred = None
+            self._sync(deferred)
+
+    def _sync(self, snapshots: Sequence[InstanceSnapshot]) -> None:
         seen = 0
         rated = self._rated
         for snapshot in snapshots:
@@ -222,6 +246,8 @@ class MigrationPlanner:
     def plan(self, in_flight: Collection[InFlightMigration], *, now: float | None = None) -> list[MigrationDecision]:
         """This round's migrations (see the module docstring); records them for the per-request rules."""
         params = self.params
+        if self._deferred is not None:  # the last sync showed no source (see sync)
+            return []
         if not params.migration_enabled or not any(self._sources.values()):
             return []
         budget = params.max_migrations_total - len(in_flight) if params.max_migrations_total > 0 else math.inf

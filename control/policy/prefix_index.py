@@ -53,6 +53,17 @@ class _Holdings:
     needs_resync: bool = False
 
 
+@dataclass(slots=True, eq=False)
+class _Partial:
+    """A chunked listing being received."""
+
+    epoch: str
+    seq: int
+    chunks: int
+    next: int = 0
+    hashes: list[int] = field(default_factory=list)
+
+
 @dataclass(slots=True)
 class PrefixIndexStats:
     batches: int = 0
@@ -61,6 +72,7 @@ class PrefixIndexStats:
     resyncs: int = 0
     overflow_dropped: int = 0
     expired: int = 0
+    chunk_gaps: int = 0
 
 
 class PrefixIndex:
@@ -71,6 +83,7 @@ class PrefixIndex:
         self.stats = PrefixIndexStats()
         self._holders: dict[int, set[str]] = {}
         self._instances: dict[str, _Holdings] = {}
+        self._partial: dict[str, _Partial] = {}  # instance -> the chunked listing being received
 
     # ------------------------------------------------------------------------------------------ feed
     def apply(
@@ -86,6 +99,8 @@ class PrefixIndex:
     ) -> bool:
         """Apply one numbered batch (``cleared`` first, then ``removed``, then ``stored``). Returns True when
         the instance needs a resync (a gap, or a stream whose start was missed)."""
+        if self._partial and self._partial.pop(instance_id, None) is not None:  # its last chunk was lost
+            self.stats.chunk_gaps += 1
         holdings = self._instances.get(instance_id)
         if holdings is None or holdings.epoch != epoch:
             capacity = holdings.capacity if holdings is not None else 0
@@ -141,12 +156,64 @@ class PrefixIndex:
             self._add(instance_id, holdings, block_hash)
         return True
 
+    def resync_chunk(
+        self,
+        instance_id: str,
+        *,
+        epoch: str,
+        seq: int,
+        chunk: int,
+        chunks: int,
+        hashes: Sequence[int],
+        now: float = 0.0,
+    ) -> bool:
+        """One chunk of a full listing sent in ``chunks`` pieces (all at ``seq``). The listing replaces the
+        instance's entries only once every chunk arrived, in order (so a half-received listing never
+        shows); a chunk out of turn drops what was collected and marks the instance for a resync (the
+        engine is asked again). Returns True when the listing was applied."""
+        if chunks <= 1:
+            return self.resync(instance_id, epoch=epoch, seq=seq, hashes=hashes, now=now)
+        partial = self._partial.get(instance_id)
+        if chunk == 0:
+            partial = self._partial[instance_id] = _Partial(epoch, seq, chunks)
+        elif partial is None or (partial.epoch, partial.seq, partial.chunks, partial.next) != (
+            epoch,
+            seq,
+            chunks,
+            chunk,
+        ):
+            self._partial.pop(instance_id, None)
+            self.stats.chunk_gaps += 1
+            self._lost_track(instance_id, epoch, now)
+            return False
+        partial.hashes.extend(hashes)
+        partial.next += 1
+        holdings = self._instances.get(instance_id)
+        limit = (holdings.capacity if holdings is not None else 0) or self.params.default_capacity_blocks
+        if len(partial.hashes) > limit:  # bounded: an instance cannot cache more than its KV size
+            self._partial.pop(instance_id, None)
+            self._lost_track(instance_id, epoch, now)
+            return False
+        if holdings is not None:
+            holdings.last_heard = now
+        if partial.next < chunks:
+            return False
+        del self._partial[instance_id]
+        return self.resync(instance_id, epoch=epoch, seq=seq, hashes=partial.hashes, now=now)
+
     def heard(self, instance_id: str, *, epoch: str, seq: int, now: float) -> bool:
         """A heartbeat: the engine's stream is at ``(epoch, seq)``. Returns True when a resync is needed (a
         batch was lost, possibly the last one, or the stream restarted unseen)."""
+        if self._partial and self._partial.pop(instance_id, None) is not None:
+            # a beat without a chunk while a listing was arriving: the engine finished it, and a chunk was lost
+            self.stats.chunk_gaps += 1
+            self._lost_track(instance_id, epoch, now)
         holdings = self._instances.get(instance_id)
         if holdings is None:
-            return seq >= 0
+            if seq < 0:
+                return False
+            self._lost_track(instance_id, epoch, now)  # a stream already under way: ask for a listing
+            return True
         holdings.last_heard = now
         if holdings.epoch != epoch or seq > holdings.seq:
             holdings.needs_resync = True
@@ -157,8 +224,10 @@ class PrefixIndex:
         holdings = self._instances.get(instance_id)
         if holdings is None:
             holdings = self._instances[instance_id] = _Holdings("", needs_resync=False)
-        holdings.capacity = max(0, num_blocks)
-        self._enforce_capacity(instance_id, holdings)
+        capacity = max(0, num_blocks)
+        if capacity != holdings.capacity:  # every heartbeat says it; it rarely changes
+            holdings.capacity = capacity
+            self._enforce_capacity(instance_id, holdings)
 
     def remove_instance(self, instance_id: str) -> None:
         self._drop_all(instance_id)
@@ -174,6 +243,10 @@ class PrefixIndex:
 
     # ------------------------------------------------------------------------------------------ queries
     def needs_resync(self, instance_id: str) -> bool:
+        """True when a listing should be asked for; False while one is arriving in order (asking again would
+        restart it, and a listing that takes longer than the resync interval would never finish)."""
+        if instance_id in self._partial:
+            return False
         holdings = self._instances.get(instance_id)
         return holdings is not None and holdings.needs_resync
 
@@ -201,6 +274,53 @@ class PrefixIndex:
             else:
                 hi = mid - 1
         return lo
+
+    def deep_holders(self, hashes: Sequence[int], limit: int) -> tuple[int, dict[str, int]]:
+        """(deepest, instance id -> cached prefix blocks) for the instances most worth scoring for a prompt:
+        up to ``limit`` holders of the deepest block some instance holds and, when fewer than ``limit`` hold
+        it, up to ``limit`` holders of the half-depth block too (each with its own depth). The same as
+        :meth:`deepest`, :meth:`holders` and :meth:`overlap` combined, in one call with the lookups inlined:
+        this runs on every ``kv_aware`` decision, where each probe of a million-entry dict is a cache miss."""
+        all_holders = self._holders
+        lo, hi = 0, len(hashes)
+        while lo < hi:  # deepest(), inlined
+            mid = (lo + hi + 1) // 2
+            if hashes[mid - 1] in all_holders:
+                lo = mid
+            else:
+                hi = mid - 1
+        deepest = lo
+        found: dict[str, int] = {}
+        if not deepest:
+            return 0, found
+        for iid in all_holders[hashes[deepest - 1]]:
+            if len(found) == limit:
+                break
+            found[iid] = deepest
+        half = deepest // 2
+        if not half or len(found) >= limit:
+            return deepest, found
+        instances = self._instances
+        taken = 0
+        for iid in all_holders.get(hashes[half - 1], _EMPTY):  # absent only if a lost event broke closure
+            if taken == limit:
+                break
+            taken += 1
+            if iid in found:
+                continue
+            holdings = instances.get(iid)
+            if holdings is None:
+                continue
+            blocks = holdings.blocks
+            lo, hi = half, deepest
+            while lo < hi:  # overlap(), inlined
+                mid = (lo + hi + 1) // 2
+                if hashes[mid - 1] in blocks:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            found[iid] = lo
+        return deepest, found
 
     def overlap(self, instance_id: str, hashes: Sequence[int], upto: int | None = None, at_least: int = 0) -> int:
         """Longest prefix of ``hashes`` (in blocks, at most ``upto``) the instance holds, known to be at least
@@ -259,7 +379,16 @@ class PrefixIndex:
             self._unhold(instance_id, block_hash)
         holdings.blocks.clear()
 
+    def _lost_track(self, instance_id: str, epoch: str, now: float) -> None:
+        """A listing broke off: keep what is known (still mostly true) and ask for a new one."""
+        holdings = self._instances.get(instance_id)
+        if holdings is None:
+            holdings = self._instances[instance_id] = _Holdings(epoch)
+        holdings.needs_resync = True
+        holdings.last_heard = now
+
     def _drop_all(self, instance_id: str) -> None:
+        self._partial.pop(instance_id, None)
         holdings = self._instances.pop(instance_id, None)
         if holdings is not None:
             self._drop_blocks(instance_id, holdings)

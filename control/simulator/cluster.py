@@ -54,6 +54,7 @@ from engines.sim.cost_model import LLAMA7B_A100, CostModel
 
 _ARRIVAL, _STEP_END, _TICK, _STAGE_END, _RESUME, _DRAIN, _CALL = range(7)
 _FAST_FORWARD = 1 << 30
+_WATCH_SLACK_S = 1e-6  # a block change's time is a float sum: look a little early, advance_blocks_to decides
 
 # LLaMA-7B fp16: 2 (K, V) x 32 layers x 4096 hidden x 2 bytes per token.
 LLAMA7B_KV_BYTES_PER_TOKEN = 2 * 32 * 4096 * 2
@@ -111,6 +112,7 @@ class SimInstance:
     requested_at: float = 0.0  # when it was asked to start (cost accrues from here)
     ready_at: float = 0.0
     stopped_at: float = -1.0
+    block_watch: int = 0  # the live entry of the simulator's block-change heap (older entries are stale)
 
 
 @dataclass(slots=True, eq=False)
@@ -148,6 +150,12 @@ class _Counters:
 class ClusterSimulator:
     """Run ``requests`` through a simulated cluster under ``config``; ``run()`` returns the metrics."""
 
+    lazy_token_counts = True
+    """A tick materialises a decode run only when it added a KV block (``SimEngineCore.advance_blocks_to``):
+    the heartbeat is unchanged otherwise, and anything that reads a request's token counts (a dispatch, a
+    migration stage, a heartbeat being built) first catches the run up with ``advance_to``. A subclass
+    whose tick hooks read running requests' token counts without that sets it False."""
+
     def __init__(self, config: ClusterConfig, requests: Sequence[RequestSpec]) -> None:
         self.config = config
         self.params = config.policy
@@ -181,6 +189,9 @@ class ClusterSimulator:
         self._busy: set[int] = set()
         self._touched: set[int] = set(range(config.num_instances))
         self._snapshots: list[InstanceSnapshot] = []
+        # lazy_token_counts: (about when, index, watch) of each busy instance's next block change, so a tick
+        # looks only at instances touched since the last one and those whose decode run added a block
+        self._block_changes: list[tuple[float, int, int]] = []
         self._live: list[int] = list(range(config.num_instances))  # serving instances (active or draining)
 
     @property
@@ -471,21 +482,42 @@ class ClusterSimulator:
         changed = False
         if not self._snapshots:
             self._snapshots = [self._snapshot(inst) for inst in self.instances]
-        candidates = self._busy | self._touched
+        lazy = self.lazy_token_counts
+        if lazy:
+            # A busy instance nothing touched since the last tick changes only when its decode run adds a
+            # block (every other change goes through _schedule/_interrupt, which mark it touched), so only
+            # those whose next block change is due are looked at; the rest would be visited for nothing.
+            candidates = set(self._touched)
+            heap = self._block_changes
+            due = self.now + _WATCH_SLACK_S
+            instances = self.instances
+            while heap and heap[0][0] <= due:
+                _, index, watch = heapq.heappop(heap)
+                if instances[index].block_watch == watch:
+                    candidates.add(index)
+        else:
+            candidates = self._busy | self._touched
         refresh_next: set[int] = set()
         for index in sorted(candidates):
             inst = self.instances[index]
             if inst.state in ("starting", "stopped"):
                 continue
             core = inst.core
+            exact = True
             if core.has_plan:
-                core.advance_to(self.now)
+                # block-level state only: the token counts are caught up below when a heartbeat is built
+                if lazy:
+                    exact = core.advance_blocks_to(self.now)
+                else:
+                    core.advance_to(self.now)
             previous = self._snapshots[index]
             if (
                 inst.snapshot_core_version != core.version
                 or previous.num_preempted
                 or previous.draining != inst.draining
             ):
+                if not exact:
+                    core.advance_to(self.now)
                 snapshot = self._snapshot(inst)
                 inst.snapshot_core_version = core.version
                 self._snapshots[index] = snapshot
@@ -493,6 +525,11 @@ class ClusterSimulator:
                 changed = True
                 if snapshot.num_preempted:
                     refresh_next.add(index)  # report "no new preemption" next time
+            if lazy:
+                at = core.next_block_time()
+                if at is not None:
+                    inst.block_watch += 1
+                    heapq.heappush(self._block_changes, (at, index, inst.block_watch))
         self._touched = refresh_next
         return changed
 

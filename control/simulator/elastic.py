@@ -31,6 +31,7 @@ Same config + same requests = same result.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from control.policy.autoscaling import (
     LocalState,
     PerRole,
     RunningBatch,
+    ScalingPlan,
     ScalingState,
     ThresholdParams,
     local_batch_limit,
@@ -86,6 +88,9 @@ class ElasticConfig:
     startup_delay_s: float = STARTUP_DELAY_S
     local_autoscaler: bool = True
     """Class-aware dispatch only: run the local autoscaler (else engines keep the configured max_num_seqs)."""
+    drain_timeout_s: float = math.inf
+    """A draining instance still busy this long after its drain began is stopped anyway (``[autoscaler]
+    drain_timeout_s`` live); a simulated drain always empties, so by default there is none."""
 
     def validate(self) -> None:
         if self.scaling == "hierarchical" and self.dispatch != "class_aware":
@@ -179,6 +184,8 @@ class _Extra:
 class ElasticSimulator(ClusterSimulator):
     """Run ``requests`` under ``config``; ``run_elastic()`` returns an :class:`ElasticResult`."""
 
+    lazy_token_counts = False  # eviction ranks running batch requests by their output so far (_evictable)
+
     def __init__(self, config: ElasticConfig, requests: Sequence[RequestSpec]) -> None:
         config.validate()
         self.elastic = config
@@ -206,7 +213,7 @@ class ElasticSimulator(ClusterSimulator):
         # When to plan and when a draining instance stops: the control core's, the AutoscalerActor's object,
         # fed the virtual clock. No drain timeout: a simulated drain always empties (interactive requests
         # migrate away, batch ones finish in place).
-        self.scaling_clock = ScalingClock(config.autoscale.period_s, started_at=self.now)
+        self.scaling_clock = ScalingClock(config.autoscale.period_s, config.drain_timeout_s, started_at=self.now)
 
     # ------------------------------------------------------------------------------------------ running
     def run_elastic(self) -> ElasticResult:
@@ -528,8 +535,7 @@ class ElasticSimulator(ClusterSimulator):
             batch=tuple(BatchGroup(d, n, t) for d, (n, t) in sorted(self._groups.items())),
         )
         self._arrivals_window = 0
-        plan = plan_scaling(view, self._scaling_state, params)
-        self._scaling_state = plan.state
+        plan = self.scale_plan(view, params)
         if plan.acts:
             self._decisions += 1
             self._events.append(ScaleEvent(self.now, "decision", "", "", plan.reason))
@@ -544,6 +550,13 @@ class ElasticSimulator(ClusterSimulator):
                 self._start(role, plan.reason)
         if not self.all_done:
             self.call_at(self.now + params.period_s, self._global_tick)
+
+    def scale_plan(self, view: ClusterView, params: AutoscaleParams) -> ScalingPlan:
+        """The global autoscaler's plan for ``view``, carrying its state (the scale-in window) from one plan to
+        the next as the AutoscalerActor does; the replay parity test feeds it a live run's views."""
+        plan = plan_scaling(view, self._scaling_state, params)
+        self._scaling_state = plan.state
+        return plan
 
     def _threshold_tick(self) -> None:
         params = self.elastic.threshold

@@ -33,7 +33,7 @@ import numpy as np
 
 from control.core.memory import GroupHysteresis, restore_snapshot
 from control.policy.freeness import dispatch_freeness
-from control.policy.memory import MemoryParams, MemorySnapshot, plan_drop, should_drop
+from control.policy.memory import MemoryParams, MemorySnapshot, should_drop
 from control.policy.migration import plan_migrations
 from control.policy.params import PolicyParams
 from control.policy.snapshots import InstanceSnapshot
@@ -55,6 +55,11 @@ class MemSimConfig:
     hardware: Hardware = DEFAULT_HARDWARE
     memory: MemoryParams = field(default_factory=MemoryParams)
     kv_on_drop: Literal["exchange", "recompute"] = "exchange"
+    members_on_join: Literal["evict", "keep"] = "keep"
+    """What a joining member's own requests do: ``keep`` (they move into the group like the leader's, with
+    their KV under ``kv_on_drop = exchange``), the KunServe paper's exchange, which the reproductions measure;
+    ``evict`` (resumed by dispatch, recomputed), what Drover's live engines do today
+    (``actors/engine_groups.py``; docs/core.md measures the difference)."""
     max_num_seqs: int = 256  # vLLM default
     max_num_batched_tokens: int = 2048  # vLLM v1 chunked-prefill budget
     max_model_len: int = 4096  # LLaMA-2-7B context
@@ -413,10 +418,10 @@ class MemorySimulator:
             self._interrupt(dest, now)
 
     # ------------------------------------------------------------------------------------------ kunserve
-    def _memory_snapshot(self, unit: Unit) -> MemorySnapshot:
+    def _memory_snapshot(self, unit: Unit, instance_id: str = "") -> MemorySnapshot:
         core = unit.core
         return MemorySnapshot(
-            instance_id=str(unit.unit_id),
+            instance_id=instance_id or str(unit.unit_id),
             num_layers=self.hw.num_layers,
             weight_bytes=self.hw.weight_bytes,
             kv_block_bytes=self.hw.kv_block_bytes,
@@ -429,32 +434,35 @@ class MemorySimulator:
         )
 
     def _memory_poll(self, now: float) -> None:
-        """KunServe's coordinator: form the groups the policy plans; restore groups whose burst is over."""
-        singles = [
-            u for u in self.units.values() if u.size == 1 and self.hysteresis.may_group(str(u.members[0]), now)
+        """KunServe's coordinator: the control core's poll (``GroupHysteresis.poll``, the live MemoryManager's)
+        decides; this forms the groups it plans and restores the groups it names. A single instance is named
+        by its instance index, as live by its instance id (cooldowns follow the instance, whatever unit it
+        serves in next); a group by its unit id."""
+        singles = {str(u.members[0]): u for u in self.units.values() if u.size == 1}
+        groups = [
+            restore_snapshot(
+                str(unit.unit_id), unit.core.config.num_blocks, unit.core.num_free_blocks, len(unit.core.waiting),
+                self.hw.instance_blocks,
+            )
+            for unit in self.units.values()
+            if unit.size > 1 and not unit.hold and not unit.reloading
         ]
-        plan = plan_drop([self._memory_snapshot(u) for u in singles], self.config.memory)
-        for group in plan.groups:
-            unit_ids = [int(m) for m in group.members]
+        snapshots = [self._memory_snapshot(u, instance_id=iid) for iid, u in singles.items()]
+        commands = self.hysteresis.poll(snapshots, groups, now)
+        for group in commands.drops:
+            unit_ids = [singles[m].unit_id for m in group.members]
             members = tuple(i for uid in unit_ids for i in self.units[uid].members)
             self._pending_forms.append((unit_ids, members))
             for uid in unit_ids:
                 self.units[uid].hold = True
                 self._interrupt(self.units[uid], now)
         self._try_forms(now)
-        for unit in list(self.units.values()):
-            if unit.size == 1 or unit.hold or unit.reloading:
-                continue
-            core = unit.core
-            snap = restore_snapshot(
-                str(unit.unit_id), core.config.num_blocks, core.num_free_blocks, len(core.waiting),
-                self.hw.instance_blocks,
-            )
-            if self.hysteresis.restore_due(snap, now):
-                unit.reloading = True
-                g = unit.size
-                reload_s = self.hw.weight_bytes * (g - 1) / g / self.hw.pcie_bytes_per_s
-                self._push(now + reload_s, _RELOADED, unit.unit_id)
+        for group_id in commands.restores:
+            unit = self.units[int(group_id)]
+            unit.reloading = True
+            g = unit.size
+            reload_s = self.hw.weight_bytes * (g - 1) / g / self.hw.pcie_bytes_per_s
+            self._push(now + reload_s, _RELOADED, unit.unit_id)
 
     def _at_boundary(self, unit: Unit, now: float) -> None:
         """A held unit finished its step: form a pending group when all its members are idle, or split."""
@@ -501,12 +509,17 @@ class MemorySimulator:
         return moved_blocks
 
     def _form(self, unit_ids: list[int], members: tuple[int, ...], now: float) -> None:
-        running: list[SimRequest] = []
-        waiting: list[SimRequest] = []
-        for uid in unit_ids:
+        """Form a group: the leader's (``unit_ids[0]``) requests move in with their KV (``kv_on_drop``); each
+        member's own requests either do too (``members_on_join = keep``) or, as the live engines do
+        (``evict``), are evicted when it joins and resumed by dispatch, recomputed (outputs so far kept)."""
+        running, waiting = self._drain(self.units.pop(unit_ids[0]).core)
+        evicted: list[SimRequest] = []
+        for uid in unit_ids[1:]:
             r, w = self._drain(self.units.pop(uid).core)
-            running += r
-            waiting += w
+            if self.config.members_on_join == "keep":
+                running, waiting = running + r, waiting + w
+            else:
+                evicted += r + w
         group = self._new_unit(members)
         self.hysteresis.formed(str(group.unit_id), now)
         g = group.size
@@ -515,24 +528,26 @@ class MemorySimulator:
         self.drops += 1
         self.peak_group_size = max(self.peak_group_size, g)
         self._kick(group, now)
+        for request in sorted(evicted, key=lambda r: (r.arrival_time, r.request_id)):
+            request.recomputed_tokens += request.num_computed
+            target = self._dispatch_target()
+            target.core.add(request)
+            self._interrupt(target, now)
 
     def _split(self, group: Unit, now: float) -> None:
-        """Restore: the reloaded members serve alone again; the group's requests go to the freest member."""
+        """Restore as the live leader's ``dissolve`` does: it takes the KV back and serves every request of the
+        group alone (the restore decision counted them against its own pool: ``control/core/memory.py``);
+        the members, reloaded, serve alone again with nothing to run."""
         del self.units[group.unit_id]
         self.hysteresis.ended(str(group.unit_id), (str(m) for m in group.members), now)
         running, waiting = self._drain(group.core)
         singles = [self._new_unit((m,)) for m in group.members]
         g = group.size
-        moved = 0
-        for request in sorted(running, key=lambda r: (r.admitted_time, r.request_id)):
-            target = max(singles, key=lambda u: (u.core.num_free_blocks, -u.unit_id))
-            moved += self._move([request], [], target, now, (g - 1) / g)
-        for i, request in enumerate(waiting):
-            singles[i % g].core.add(request)
-        pause = now + self.hw.kv_seconds(moved, self.hw.interconnect_bytes_per_s, (g - 1) / g)
+        leader = singles[0]
+        moved = self._move(running, waiting, leader, now, (g - 1) / g)
+        leader.paused_until = now + self.hw.kv_seconds(moved, self.hw.interconnect_bytes_per_s, (g - 1) / g)
         self.restores += 1
         for unit in singles:
-            unit.paused_until = pause
             self._kick(unit, now)
 
     # ------------------------------------------------------------------------------------------ results

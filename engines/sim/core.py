@@ -22,6 +22,7 @@ happens (a new request, a migration), exactly as if it had stepped one by one.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -110,6 +111,7 @@ class _Plan:
     base_computed: list[int]  # per entry, num_computed at plan time (multi-step runs only)
     run_base: float = 0.0  # multi-step runs: the first step's ms and the ms each later step adds
     run_growth: float = 0.0
+    bump_ms: float = math.inf  # multi-step runs: elapsed ms by which the next step that adds a block has ended
 
 
 class SimEngineCore:
@@ -325,6 +327,8 @@ class SimEngineCore:
         self._plan = _Plan(
             now, end, steps, 0, entries, decode_seqs, decode_context, base_computed, run_base, run_growth
         )
+        if steps > 1:
+            self._set_bump(self._plan)
         return end
 
     @property
@@ -357,6 +361,30 @@ class SimEngineCore:
         done = min(done, plan.steps - 1)  # the last step's outputs are committed by finish_plan
         if done > plan.done:
             self._materialise(plan, done)
+
+    def advance_blocks_to(self, t: float) -> bool:
+        """:meth:`advance_to` when a step that adds a KV block has ended by ``t``; otherwise nothing.
+
+        Block-level state (free blocks, :attr:`version`) is then exactly what :meth:`advance_to` would leave;
+        only the requests' token counts may lag, until the next :meth:`advance_to`, :meth:`truncate` or
+        :meth:`finish_plan` catches them up (each applies the steps not yet applied). For a caller that
+        reads only block-level state, e.g. to decide whether a heartbeat changed, at a fraction of the cost.
+        Returns True when it did :meth:`advance_to` (the token counts are exact too).
+        """
+        plan = self._plan
+        if plan is not None and (t - plan.start) * 1000.0 >= plan.bump_ms:
+            self.advance_to(t)
+            return True
+        return False
+
+    def next_block_time(self) -> float | None:
+        """About when (virtual seconds) :meth:`advance_blocks_to` will next change block-level state; None:
+        not during this plan. Rounded like any float sum: callers poll a little early and let
+        :meth:`advance_blocks_to` decide exactly."""
+        plan = self._plan
+        if plan is None or plan.bump_ms == math.inf:
+            return None
+        return plan.start + plan.bump_ms / 1000.0
 
     def truncate(self, t: float) -> float | None:
         """End a multi-step run at the first step boundary at or after ``t``; return the (new) end time."""
@@ -495,16 +523,29 @@ class SimEngineCore:
         delta = done - plan.done
         bs = self.config.block_size
         added = 0
+        bump = plan.steps  # see _set_bump (computed in this same pass)
         for (request, _), base in zip(plan.entries, plan.base_computed, strict=True):
             request.num_computed += delta
             request.num_output += delta
             blocks = -(-(base + done + 1) // bs)
             added += blocks - request.num_blocks
             request.num_blocks = blocks
+            if blocks * bs - base < bump:
+                bump = blocks * bs - base
         if added:
             self.allocated_blocks += added
             self.version += 1
         plan.done = done
+        plan.bump_ms = self.cost.run_ms(plan.run_base, plan.run_growth, bump) if bump < plan.steps else math.inf
+
+    def _set_bump(self, plan: _Plan) -> None:
+        """When the run's next block is added: the first step (counted from the run's start) after which
+        some request's context passes the end of its last block (see :meth:`advance_blocks_to`)."""
+        bs = self.config.block_size
+        # a request holding nb blocks after step d (context base + d + 1) needs one more after step
+        # nb * bs - base; materialise stops one step short of the end, so later bumps never happen here
+        bump = min((r.num_blocks * bs - base for (r, _), base in zip(plan.entries, plan.base_computed, strict=True)))
+        plan.bump_ms = self.cost.run_ms(plan.run_base, plan.run_growth, bump) if bump < plan.steps else math.inf
 
     def _commit_run(self, plan: _Plan, steps: int) -> list[SimOutput]:
         delta = steps - plan.done

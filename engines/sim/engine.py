@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from control.block_hash import vllm_block_hashes
 from engines.base import EngineError, EngineOutput, EngineRequest
+from engines.prefix_listing import DEFAULT_MAX_BLOCKS
 from engines.sim.core import SimEngineConfig, SimEngineCore, SimOutput, SimRequest
 from engines.sim.cost_model import DEFAULT_COST_MODEL, CostModel
 from engines.sim.prefix_cache import PrefixCache, PrefixReporter
@@ -230,9 +231,11 @@ class SimEngine:
             ],
         )
 
-    def prefix_cache_report(self) -> PrefixCacheReport | None:
-        """This beat's prefix-cache report (None: prefix caching off). Heartbeater thread."""
-        return self._prefix.report() if self._prefix is not None and self._task is not None else None
+    def prefix_cache_report(self, max_blocks: int = DEFAULT_MAX_BLOCKS) -> PrefixCacheReport | None:
+        """This beat's prefix-cache report, at most ``max_blocks`` hashes (None: prefix caching off).
+        Heartbeater thread."""
+        prefix = self._prefix
+        return prefix.report(max_blocks=max_blocks) if prefix is not None and self._task is not None else None
 
     def request_prefix_resync(self) -> None:
         """The control plane lost track of this engine's cache: send a full listing (any thread)."""

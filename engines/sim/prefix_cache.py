@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
+from engines.prefix_listing import DEFAULT_MAX_BLOCKS, ChunkedListing, take_pending
 from transport.messages import PrefixCacheReport
 
 if TYPE_CHECKING:
@@ -227,6 +228,7 @@ class PrefixReporter:
         self._lock = threading.Lock()
         self._pending: dict[int, bool] = {}  # hash -> stored (else removed), net since the last report
         self._listing: list[int] | None = None  # a full listing collected, not yet reported
+        self._sending: ChunkedListing | None = None  # a listing being sent, a chunk a report
         self._want_full = True  # the first report lists everything
         self._seq = -1
         self._last_full = -float("inf")
@@ -255,30 +257,37 @@ class PrefixReporter:
             for block_hash in stored:
                 pending[block_hash] = True
 
-    def report(self, now: float | None = None) -> PrefixCacheReport:
-        """Heartbeater thread: the next report (``seq`` moves only with a listing or events)."""
+    def report(self, now: float | None = None, max_blocks: int = DEFAULT_MAX_BLOCKS) -> PrefixCacheReport:
+        """Heartbeater thread: the next report: a chunk of a full listing while one is being sent, else the
+        net events since the last one, at most ``max_blocks`` hashes (``seq`` moves only with a listing or
+        events)."""
         now = time.monotonic() if now is None else now
         stats = self.cache.stats
         wake = False
+        chunk, chunks = 0, 1
         with self._lock:
             listing, self._listing = self._listing, None
-            if listing is not None:
+            if listing is not None:  # collected: sent from this report on, a chunk at a time
                 self._seq += 1
                 self._last_full = now
-                stored, full = listing, True
-                removed: list[int] = []
+                self._sending = ChunkedListing(listing, self._seq, max_blocks)
+            sending = self._sending
+            removed: list[int] = []
+            if sending is not None:
+                stored, chunk, chunks = sending.take()
+                full = True
+                seq = sending.seq
+                if sending.done:
+                    self._sending = None
             else:
                 full = False
                 stored = []
-                removed = []
                 if self._pending:
                     self._seq += 1
-                    for block_hash, is_stored in self._pending.items():
-                        (stored if is_stored else removed).append(block_hash)
-                    self._pending.clear()
+                    stored, removed = take_pending(self._pending, max_blocks)
                 if now - self._last_full >= self.full_every_s and not self._want_full:
                     self._want_full = wake = True
-            seq = self._seq
+                seq = self._seq
         if wake and self._wake is not None:
             self._wake()
         return PrefixCacheReport(
@@ -287,6 +296,8 @@ class PrefixReporter:
             stored=stored,
             removed=removed,
             full=full,
+            chunk=chunk,
+            chunks=chunks,
             num_cached=self.cache.num_cached_blocks,
             query_tokens=stats.query_tokens,
             hit_tokens=stats.hit_tokens,

@@ -37,6 +37,7 @@ from typing import Any
 
 from engines.base import EngineError, EngineOutput, EngineRequest
 from engines.migration import FrozenRequest, KvEndpoint, MigrationAborted, StageReport
+from engines.prefix_listing import DEFAULT_MAX_BLOCKS
 from engines.vllm import side_channel
 from engines.vllm.connector import PARAMS_KEY
 from transport.messages import EngineInfo, InstanceLoad, PrefixCacheReport, RunningRequest
@@ -346,10 +347,13 @@ class VllmEngine:
         listener = self._kv_listener
         return listener.cached_hashes() if listener is not None else set()
 
-    def prefix_cache_report(self) -> PrefixCacheReport | None:
-        """This beat's prefix-cache report (None: no KV events from this engine). Heartbeater thread."""
+    def prefix_cache_report(self, max_blocks: int = DEFAULT_MAX_BLOCKS) -> PrefixCacheReport | None:
+        """This beat's prefix-cache report, at most ``max_blocks`` hashes (None: no KV events from this
+        engine). Heartbeater thread."""
         listener = self._kv_listener
-        return listener.report() if listener is not None and self._llm is not None else None
+        if listener is None or self._llm is None:
+            return None
+        return listener.report(max_blocks=max_blocks)
 
     def request_prefix_resync(self) -> None:
         """The control plane lost track of this engine's cache: the next report lists all of it."""

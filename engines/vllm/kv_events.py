@@ -21,6 +21,7 @@ import uuid
 from collections import OrderedDict
 from typing import Any
 
+from engines.prefix_listing import DEFAULT_MAX_BLOCKS, ChunkedListing, take_pending
 from transport.messages import PrefixCacheReport
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class KvEventListener:
         self._seq = -1
         self._last_full = -float("inf")
         self._need_full = True  # the first report lists everything
+        self._listing: ChunkedListing | None = None  # a listing being sent, a chunk a report
         self._vllm_seq = -1
         self.query_tokens = 0
         self.hit_tokens = 0
@@ -88,23 +90,31 @@ class KvEventListener:
             self.hit_tokens += hit_tokens
 
     # ------------------------------------------------------------------------------------------ reports
-    def report(self, now: float | None = None) -> PrefixCacheReport:
-        """The next report: a full listing when due, else the net events since the last one (``seq`` moves
-        only when there are some)."""
+    def report(self, now: float | None = None, max_blocks: int = DEFAULT_MAX_BLOCKS) -> PrefixCacheReport:
+        """The next report: a chunk of a full listing while one is being sent (one is started when due),
+        else the net events since the last one, at most ``max_blocks`` hashes (``seq`` moves only when
+        there are some)."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            full = self._need_full or now - self._last_full >= self.full_every_s
-            if full:
+            if self._need_full or (self._listing is None and now - self._last_full >= self.full_every_s):
                 self._seq += 1
                 self._need_full = False
                 self._last_full = now
-                self._pending.clear()
+                self._pending.clear()  # the listing supersedes them; later events follow it
                 self._cleared = False
+                self._listing = ChunkedListing(list(self._cached), self._seq, max_blocks)
+            listing = self._listing
+            if listing is not None:
+                hashes, chunk, chunks = listing.take()
+                if listing.done:
+                    self._listing = None
                 return PrefixCacheReport(
                     epoch=self.epoch,
-                    seq=self._seq,
-                    stored=list(self._cached),
+                    seq=listing.seq,
+                    stored=hashes,
                     full=True,
+                    chunk=chunk,
+                    chunks=chunks,
                     num_cached=len(self._cached),
                     query_tokens=self.query_tokens,
                     hit_tokens=self.hit_tokens,
@@ -114,9 +124,7 @@ class KvEventListener:
             cleared = self._cleared
             if self._pending or cleared:
                 self._seq += 1
-                for block_hash, is_stored in self._pending.items():
-                    (stored if is_stored else removed).append(block_hash)
-                self._pending.clear()
+                stored, removed = take_pending(self._pending, max_blocks)
                 self._cleared = False
             return PrefixCacheReport(
                 epoch=self.epoch,

@@ -15,11 +15,13 @@ from actors.control_plane import ControlPlane
 from control.apps.cli_autoscale import request_admin
 from control.apps.provisioning import InProcessProvisioner
 from control.client import DroverClient, DroverError
-from control.policy.autoscaling import AutoscaleParams, InstanceRole, LocalParams, PerRole
+from control.core.record import DecisionLog
+from control.policy.autoscaling import AutoscaleParams, InstanceRole, LocalParams, PerRole, total
 from control.settings import Settings, load_settings
 from engines.sim.engine import request_seed, token_at
 from engines.sim.live_migration import MigratableSimEngine
 from engines.tokenizer import ByteTokenizer
+from tests.parity.replays import replay_scaling
 from transport.bus import Bus, BusOptions
 from transport.messages import (
     AdminReply,
@@ -67,6 +69,7 @@ class Plane:
     provisioner: InProcessProvisioner
     bus: Bus
     url: str
+    decisions: DecisionLog  # the control core's calls (replayed by the parity check below)
 
 
 @pytest.fixture
@@ -75,8 +78,9 @@ def plane(request: pytest.FixtureRequest, nats_url: str) -> Iterator[Plane]:
     settings = autoscale_settings(nats_url, enabled=enabled, class_dispatch=class_dispatch)
     provisioner = InProcessProvisioner(settings, make_engine, prefix=f"t{int(time.time() * 1000) % 100000}")
     bus = Bus(BusOptions(url=nats_url, name="drover-control")).start()
-    control = ControlPlane(settings, bus, ByteTokenizer(), provisioner=provisioner).start()
-    yield Plane(control, provisioner, bus, nats_url)
+    decisions = DecisionLog()
+    control = ControlPlane(settings, bus, ByteTokenizer(), provisioner=provisioner, decision_log=decisions).start()
+    yield Plane(control, provisioner, bus, nats_url, decisions)
     control.stop()
     bus.stop()
 
@@ -132,6 +136,16 @@ async def test_scale_out_under_load_then_drain_and_scale_in(plane: Plane) -> Non
     assert status.startup_samples, "start-up was not measured"
     assert status.startup_estimate_s > 0
     assert status.last_reason
+    # Parity (a): the autoscaler's clock and plans, replayed through the elastic simulator's, are identical
+    # (tests/parity/replays.py); a replay that deviates is caught.
+    entries = plane.decisions.entries()
+    plans = [d.output for d in entries if d.what == "scale_plan"]
+    assert any(p.acts and total(p.start) for p in plans) and any(p.drain for p in plans)  # type: ignore[attr-defined]
+    assert any(d.output for d in entries if d.what == "stop_reason"), "a drained instance was stopped"
+    autoscale = plane.control.settings.autoscaling
+    assert replay_scaling(entries, autoscale) == []
+    for deviation in ("plan_at_start", "skip_drain"):
+        assert replay_scaling(entries, autoscale, deviation), deviation
 
 
 @pytest.mark.parametrize("plane", [(False, None)], indirect=True)

@@ -147,3 +147,42 @@ def test_reporter_lists_again_after_full_every_s() -> None:
     assert not reporter.report(now=10.5).full  # due: the listing is collected on the loop first
     reporter.collect()
     assert reporter.report(now=10.6).full
+
+
+def test_reporter_sends_a_big_listing_in_chunks_then_the_events_that_followed() -> None:
+    from control.policy.prefix_index import PrefixIndex
+    from engines.sim.prefix_cache import PrefixReporter
+
+    core = make_core(num_blocks=512)
+    cache = core.prefix_cache
+    assert cache is not None
+    reporter = PrefixReporter(cache, full_every_s=1000.0)
+    run(core, request("a", (1, 2, 3), 1500), 0.0)  # 93 cached blocks
+    reporter.collect()
+    index = PrefixIndex()
+    reports = []
+    for k in range(4):
+        report = reporter.report(now=0.1 * k, max_blocks=40)
+        reports.append(report)
+        if k == 1:  # events while the listing is being sent wait for it
+            run(core, request("b", (7, 8), 700), 1.0)
+            reporter.collect()
+        if not report.full:
+            continue
+        applied = index.resync_chunk(
+            "i", epoch=report.epoch, seq=report.seq, chunk=report.chunk, chunks=report.chunks, hashes=report.stored
+        )
+        assert applied == (k == 2)  # atomically, with the last chunk
+    assert [(r.full, r.seq, r.chunk, r.chunks) for r in reports[:3]] == [
+        (True, 0, 0, 3),
+        (True, 0, 1, 3),
+        (True, 0, 2, 3),
+    ]
+    assert all(len(r.stored) <= 40 for r in reports)
+    assert not reports[3].full and reports[3].seq == 1 and reports[3].stored  # the events, after the listing
+    assert len(reports[3].stored) == 40  # 43 new blocks: the events are capped per report too
+    rest = reporter.report(now=0.5, max_blocks=40)
+    assert rest.seq == 2 and len(rest.stored) == 3
+    for report in (reports[3], rest):
+        index.apply("i", epoch=report.epoch, seq=report.seq, stored=report.stored, removed=report.removed)
+    assert index.num_blocks("i") == cache.num_cached_blocks and not index.needs_resync("i")

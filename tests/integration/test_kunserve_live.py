@@ -6,6 +6,7 @@ Every check reads the raw TokenChunks of the client's inbox: each output index a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -20,12 +21,15 @@ import pytest
 import pytest_asyncio
 
 from actors.local_cluster import InProcessCluster
+from actors.memory_manager import memory_params
 from control.client import DroverClient, RequestStream
+from control.core.record import DecisionLog
 from control.settings import load_settings
 from engines.tiny_model import TINY, ensure_model
 from engines.tokenizer import ByteTokenizer
 from engines.torch.config import LlamaConfig
 from engines.torch.migration import MigratableTorchEngine
+from tests.parity.replays import replay_memory
 from transport.messages import SamplingParams, TokenChunk, decode
 from transport.nats_server import EmbeddedNatsServer
 
@@ -414,7 +418,8 @@ async def test_burst_triggers_a_drop_and_the_group_restores_when_it_is_over(own_
         }
     )
     c = InProcessCluster(settings=settings, tokenizer=ByteTokenizer())
-    await asyncio.to_thread(c.start_control)
+    decisions = DecisionLog()
+    await asyncio.to_thread(c.start_control, decisions)
     small = 12  # blocks of 32 tokens: a 290-token request takes 10
     for name in ("ks-x", "ks-y"):
         engine = MigratableTorchEngine(
@@ -457,6 +462,15 @@ async def test_burst_triggers_a_drop_and_the_group_restores_when_it_is_over(own_
             await _until(_idle(engine))
             assert engine.role == "standalone" and engine.stage.layer_range == (0, 4)
             assert engine.allocator.num_blocks == small == engine.allocator.num_free
+        # Parity (a): the memory manager's polls and group lifetimes, replayed through the memory simulator's
+        # hysteresis (tests/parity/replays.py), order the same drops and restores; deviating replays are caught.
+        entries = decisions.entries()
+        commands = [d.output for d in entries if d.what == "memory_poll"]
+        assert any(c.drops for c in commands) and any(c.restores for c in commands)  # type: ignore[attr-defined]
+        params = memory_params(settings.memory)
+        assert replay_memory(entries, params) == []
+        assert replay_memory(entries, params, "skip_formed")
+        assert replay_memory(entries, dataclasses.replace(params, min_group_s=1e9))  # a flipped threshold
     finally:
         await log.close()
         await drover.close()

@@ -16,6 +16,7 @@ from engines.sim.live_migration import MigratableSimEngine
 from engines.tokenizer import ByteTokenizer
 from observability.metrics import metrics
 from transport.messages import SamplingParams
+from transport.nats_server import EmbeddedNatsServer
 
 PREFIX_CHARS = 1500  # ByteTokenizer: one token a character; 93 full blocks of 16
 BLOCK = 16
@@ -31,7 +32,14 @@ DROVER_DISPATCH = {
 }
 
 
-def _cluster(nats_url: str, instances: int, policy: dict[str, Any] = KV_AWARE) -> InProcessCluster:
+def _cluster(
+    nats_url: str,
+    instances: int,
+    policy: dict[str, Any] = KV_AWARE,
+    *,
+    num_blocks: int = 1024,
+    max_model_len: int = 4096,
+) -> InProcessCluster:
     settings = load_settings(
         overrides={
             "nats": {"url": nats_url},
@@ -45,8 +53,8 @@ def _cluster(nats_url: str, instances: int, policy: dict[str, Any] = KV_AWARE) -
         engine = MigratableSimEngine(
             f"kvsim-{index}",
             block_size=BLOCK,
-            num_blocks=1024,
-            max_model_len=4096,
+            num_blocks=num_blocks,
+            max_model_len=max_model_len,
             time_scale=0.05,
             prefix_caching=True,
             prefix_full_every_s=3600.0,  # no periodic listing: only a resync request can repair the index
@@ -148,3 +156,30 @@ async def test_drover_sends_a_repeated_prefix_to_its_holder_live(nats_url: str) 
                 assert result.done.instances[0] == holder, f"follow-up {k} went to {result.done.instances[0]}"
     finally:
         cluster.stop()
+
+
+async def test_a_listing_bigger_than_max_payload_arrives_in_chunks() -> None:
+    """A server with a 16 KiB max_payload: a listing of ~2,000 blocks (~18 KB) cannot go in one heartbeat, so
+    the engine sends it in chunks sized from the server's max_payload, and a restarted control plane's index
+    assembles them (it could only learn these blocks from the listing: the events were sent before it)."""
+    server = EmbeddedNatsServer(max_payload_bytes=16 * 1024)
+    server.start()
+    cluster = _cluster(server.url, 1, num_blocks=4096, max_model_len=4096)
+    try:
+        rng = random.Random(23)
+        sampling = SamplingParams(max_tokens=2, ignore_eos=True)
+        async with DroverClient(cluster.url, name="kv-chunks") as client:
+            await client.wait_for_instances(1, timeout_s=15)
+            for k in range(16):  # 16 distinct 2,000-token prompts: 125 full blocks each
+                prompt = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(2000))
+                result = await client.generate(prompt, sampling=sampling)
+                assert result.done is not None, k
+        expected = 16 * (2000 // BLOCK)
+        await _eventually(lambda: _indexed_blocks(cluster, "kvsim-0") >= expected)
+        await asyncio.to_thread(cluster.restart_control)
+        await _eventually(lambda: _indexed_blocks(cluster, "kvsim-0") >= expected, timeout_s=30.0)
+        index = _scheduler(cluster).policy.get(timeout=5).prefix_index
+        assert index.stats.resyncs >= 1 and not index.needs_resync("kvsim-0")
+    finally:
+        cluster.stop()
+        server.stop()

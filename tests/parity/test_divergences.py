@@ -14,10 +14,10 @@ from control.policy.autoscaling import PerRole
 from control.policy.memory import MemoryParams, should_restore
 from control.policy.params import PolicyParams
 from control.simulator import ClusterConfig, ElasticConfig, LengthSpec, generate_workload, simulate, simulate_elastic
-from control.simulator.memory import MemorySimulator, MemSimConfig, MemSimResult
+from control.simulator.memory import MemorySimulator, MemSimConfig, MemSimResult, Unit
 from control.simulator.memory import simulate as simulate_memory
 from control.simulator.workload import RequestSpec
-from engines.sim.core import SimEngineConfig
+from engines.sim.core import SimEngineConfig, SimRequest
 from engines.sim.live_migration import MigratableSimEngine
 from tests.integration.conftest import make_sim_cluster
 
@@ -284,3 +284,65 @@ def test_the_memory_simulator_dispatches_and_pairs_migrations_with_the_policy_co
     monkeypatch.setattr(memory, "dispatch_freeness", counted_freeness)
     simulate_memory(MemSimConfig(mode="llumnix", num_instances=2), burst())
     assert calls["plan"] > 0 and calls["dispatch"] > 0
+
+
+class _SplitWatch(MemorySimulator):
+    """Records, at each restore, the requests each former member holds right after it (a test probe)."""
+
+    held: list[tuple[int, ...]]
+
+    def _split(self, group: Unit, now: float) -> None:
+        before = {r.request_id for r in (*group.core.running, *group.core.waiting)}
+        super()._split(group, now)
+        singles = {u.members[0]: u for u in self.units.values() if u.size == 1}
+        self.held = getattr(self, "held", [])
+        self.held.append(tuple(len(singles[m].core.running) + len(singles[m].core.waiting) for m in group.members))
+        assert sum(self.held[-1]) == len(before)
+
+
+def test_a_restored_group_leaves_its_requests_on_the_leader() -> None:
+    """Live, the leader ``dissolve``s: it takes the KV back and serves every request of the group alone (the
+    restore decision counts them against its own pool); the members restore with nothing to run. Before, the
+    memory simulator spread the group's requests over the members (the freest first)."""
+    from tests.control.simulator.test_memory import burst
+
+    sim = _SplitWatch(MemSimConfig(mode="kunserve", num_instances=2, memory=MemoryParams(min_group_s=0.0)), burst())
+    assert sim.run().restores >= 1
+    assert any(held[0] > 0 for held in sim.held), "no group still had requests when it restored"
+    assert all(all(n == 0 for n in held[1:]) for held in sim.held), sim.held
+
+
+class _FormWatch(MemorySimulator):
+    """Records, at each drop, whether the leader's and the members' decoding requests were recomputed."""
+
+    recomputed: list[tuple[bool, bool]]  # (a leader's request recomputed, every member's request recomputed)
+
+    def _form(self, unit_ids: list[int], members: tuple[int, ...], now: float) -> None:
+        def running(uid: int) -> dict[str, tuple[SimRequest, int]]:
+            return {r.request_id: (r, r.recomputed_tokens) for r in self.units[uid].core.running if r.num_output}
+
+        leader = running(unit_ids[0])
+        joining = {k: v for uid in unit_ids[1:] for k, v in running(uid).items()}
+        super()._form(unit_ids, members, now)
+        self.recomputed = getattr(self, "recomputed", [])
+        if leader and joining:
+            self.recomputed.append(
+                (
+                    any(r.recomputed_tokens > before for r, before in leader.values()),
+                    all(r.recomputed_tokens > before for r, before in joining.values()),
+                )
+            )
+
+
+def test_a_joining_member_evicts_its_requests_as_live_when_the_simulator_models_the_live_engines() -> None:
+    """Live, a member evicts its own requests when it joins (resumed, recomputed) and only the leader's keep
+    their KV (tests/integration/test_kunserve_live.py). The simulator models that with ``members_on_join =
+    evict``; its default, ``keep``, is the KunServe paper's exchange (docs/core.md measures the gap)."""
+    from tests.control.simulator.test_memory import burst
+
+    for mode, members_recomputed in (("evict", True), ("keep", False)):
+        config = MemSimConfig(mode="kunserve", num_instances=2, members_on_join=mode)  # type: ignore[arg-type]
+        sim = _FormWatch(config, burst())
+        assert sim.run().drops >= 1
+        assert sim.recomputed, "no drop found requests running on both instances"
+        assert all(not leader and members == members_recomputed for leader, members in sim.recomputed), sim.recomputed

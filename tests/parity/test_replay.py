@@ -12,28 +12,35 @@ them: every output is identical.
 * failover: the request table as it was and the dead instance, into :func:`control.core.requests.fail_over`
   (the simulator has no instance failures; this is the function any shell calls).
 
+* PD handoffs (second test): a prefill and a decode instance, adaptive disaggregation; every call of the
+  scheduler's :class:`~control.core.pd.PdCore` (phases reported, requests dispatched and ended, each round of
+  handoffs with the shell's answers, the split's rebalancing, each handoff's end) and of its phase-aware
+  dispatch index, into a :class:`~control.simulator.pd.PdClusterSimulator`'s.
+
 Recorded are the core's inputs, not the wire events: timing on a loaded machine changes what happens in the
-live run, never whether the replay agrees with it. Scale plans are not covered here (the autoscaler's timing
-rule is held by ``test_divergences.py``).
+live run, never whether the replay agrees with it. Each replay is also run deliberately wrong once (a state
+update skipped, a threshold flipped) and must then disagree. Scale plans and KunServe group changes are
+replayed where their live runs already are (``tests/parity/replays.py`` says where).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections import defaultdict
-
-import msgspec
 
 from actors.local_cluster import InProcessCluster
 from control.client import DroverClient, ReplyError
 from control.core.migration import MigrationStages
 from control.core.record import Decision, DecisionLog
-from control.core.requests import fail_over
+from control.policy.pd import PdParams
 from control.settings import load_settings
 from control.simulator import ClusterConfig, ClusterSimulator
+from control.simulator.pd import PdClusterSimulator
 from engines.sim.live_migration import MigratableSimEngine
 from engines.tokenizer import ByteTokenizer
+from tests.parity.replays import SCHEDULER_CALLS, replay_scheduler
 
 
 def _replay(machine: MigrationStages, decisions: list[Decision]) -> list[object]:
@@ -47,38 +54,6 @@ def _replay(machine: MigrationStages, decisions: list[Decision]) -> list[object]
             assert d.what == "after_stage" and d.inputs[0] == machine.stages + 1
             outputs.append(machine.after_stage(d.inputs[1]))  # type: ignore[arg-type]
     return outputs
-
-
-def _replay_scheduler(simulator: ClusterSimulator, decisions: list[Decision]) -> list[tuple[str, object, object]]:
-    """Feed the scheduler's recorded core calls to the simulator's core objects; the disagreements."""
-    index, planner = simulator.index, simulator.planner
-    wrong: list[tuple[str, object, object]] = []
-    for d in decisions:
-        got: object = None
-        if d.what == "upsert":
-            index.upsert(d.inputs[0])  # type: ignore[arg-type]
-        elif d.what == "remove":
-            index.remove(d.key)
-        elif d.what == "choose":
-            got = index.choose(d.inputs[0])  # type: ignore[arg-type]
-        elif d.what == "dispatched":
-            index.on_dispatched(d.inputs[0], d.inputs[1])  # type: ignore[arg-type]
-        elif d.what == "migration_plan":
-            snapshots, in_flight, now = d.inputs
-            planner.sync(list(snapshots))  # type: ignore[call-overload]
-            got = tuple(planner.plan(list(in_flight), now=now))  # type: ignore[call-overload, arg-type]
-        elif d.what == "fail_over":
-            records, max_attempts = d.inputs
-            table = [msgspec.structs.replace(r) for r in records]  # type: ignore[attr-defined]
-            got = tuple(fail_over(table, d.key, max_attempts))  # type: ignore[arg-type]
-        else:
-            continue
-        if got != d.output:
-            wrong.append((d.what, d.output, got))
-    return wrong
-
-
-SCHEDULER_CALLS = {"upsert", "remove", "choose", "dispatched", "migration_plan", "fail_over"}
 
 
 async def test_a_live_run_replays_to_the_same_core_decisions(nats_url: str) -> None:
@@ -150,7 +125,10 @@ async def test_a_live_run_replays_to_the_same_core_decisions(nats_url: str) -> N
     assert {"upsert", "choose", "dispatched", "fail_over", "migration_plan"} <= kinds, kinds
     assert any(d.output for d in scheduler_calls if d.what == "fail_over"), "the victim's requests failed over"
     assert any(d.output for d in scheduler_calls if d.what == "migration_plan"), "the drain planned migrations"
-    assert _replay_scheduler(simulator, scheduler_calls) == []
+    assert replay_scheduler(simulator, scheduler_calls) == []
+    # the comparison catches a shell that deviates: an index that does not learn of its dispatches
+    fresh = ClusterSimulator(ClusterConfig(policy=settings.policy), [])
+    assert replay_scheduler(fresh, scheduler_calls, "skip_dispatched")
 
     by_request: dict[str, list[Decision]] = defaultdict(list)
     for decision in entries:
@@ -166,3 +144,56 @@ async def test_a_live_run_replays_to_the_same_core_decisions(nats_url: str) -> N
             runs[-1].append(d)
         for run in runs:
             assert _replay(simulator.stage_machine(request_id), run) == [d.output for d in run]
+
+
+async def test_a_live_pd_run_replays_to_the_same_handoffs(nats_url: str) -> None:
+    settings = load_settings(
+        overrides={
+            "nats": {"url": nats_url},
+            "engine": {"kind": "sim", "heartbeat_interval_s": 0.05},
+            "policy": {"migration_enabled": False, "dispatch_policy": "least_loaded"},  # only handoffs move
+            # long prompts are prefilled on the prefill instance and handed off, short ones go to decode
+            "pd": {"mode": "adaptive", "adaptive_min_prompt_tokens": 150, "rebalance_period_s": 0.2},
+        }
+    )
+    log = DecisionLog()
+    cluster = InProcessCluster(settings=settings, tokenizer=ByteTokenizer())
+    await asyncio.to_thread(cluster.start_control, log)
+    try:
+        for name, phase in (("rp-p", "prefill"), ("rp-d", "decode")):
+            host = await asyncio.to_thread(
+                cluster.add_engine, MigratableSimEngine(name, num_blocks=512, max_model_len=1024, time_scale=1.0)
+            )
+            host.heartbeater.phase = phase  # reported by the engine itself
+        client = await DroverClient(cluster.url, name="replay-pd").connect()
+        try:
+            await client.wait_for_instances(2, timeout_s=10)
+            for _ in range(200):  # the first beats may predate the phases
+                status = await client.status()
+                if sorted(i.phase for i in status.instances) == ["decode", "prefill"]:
+                    break
+                await asyncio.sleep(0.05)
+            prompts = ["s" * 60, "p" * 200, "s" * 60, "p" * 200]  # ByteTokenizer: a token a character
+            streams = [
+                await client.submit(prompt, max_tokens=120, request_id=f"rp-{k}") for k, prompt in enumerate(prompts)
+            ]
+            results = [await stream.result() for stream in streams]
+        finally:
+            await client.close()
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+    assert all(r.done is not None for r in results)
+    entries = log.entries()
+    kinds = {d.what for d in entries}
+    assert {"pd_report", "pd_request", "pd_handoffs", "pd_handoff_ended", "pd_rebalance", "choose"} <= kinds, kinds
+    assert any(d.output for d in entries if d.what == "pd_handoffs"), "no handoff planned"
+
+    def simulator(pd: PdParams) -> PdClusterSimulator:
+        return PdClusterSimulator(ClusterConfig(num_instances=1, policy=settings.policy), [], ("both",), pd)
+
+    assert replay_scheduler(simulator(settings.pd), entries) == []
+    # a replay that deviates is caught: a state update skipped, a threshold flipped
+    assert replay_scheduler(simulator(settings.pd), entries, "skip_pd_request")
+    flipped = dataclasses.replace(settings.pd, decode_headroom_blocks=100_000)
+    assert replay_scheduler(simulator(flipped), entries)

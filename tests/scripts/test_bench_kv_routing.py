@@ -49,5 +49,13 @@ def test_main_reports_every_seed_and_the_spread(tmp_path: Path, capsys: pytest.C
     assert spread["kv_aware"]["seeds"] == [0, 1]
     hit = spread["kv_aware"]["hit_rate"]
     assert hit["min"] <= hit["mean"] <= hit["max"]
+    assert hit["ci95"] >= 0 and "tokens_saved" in spread["kv_aware"]
     assert [c["instances"] for c in report["dispatch_cost"]] == [16]
     assert "over seeds 0,1" in capsys.readouterr().out
+
+
+def test_ci95_is_the_student_t_half_width() -> None:
+    from scripts.bench_kv_routing import ci95
+
+    assert ci95([1.0]) == 0.0
+    assert abs(ci95([1.0, 2.0, 3.0]) - 4.303 * 1.0 / 3**0.5) < 1e-9

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import random
+
+import pytest
+
 from control.policy.dispatch import POLICY_NAMES, make_dispatch_policy
 from control.policy.kv_aware import KvAwareIndex, prefer_prefix_destinations
 from control.policy.migration import MigrationDecision
+from control.policy.params import DispatchParams
 from control.policy.prefix_index import PrefixIndex
 from control.policy.snapshots import InstanceSnapshot, RequestDemand
+from scripts.bench_policy_scale import random_snapshot
 
 HASHES = tuple(range(1000, 1064))  # a 64-block prompt
 
@@ -94,3 +101,63 @@ def test_migration_destinations_prefer_prefix_holders() -> None:
     assert [(d.request_id, d.destination_id) for d in out] == [("r1", "d2"), ("r2", "d1")]
     tight = [snap("d1"), snap("d2", free=5)]  # r1 would not fit on d2
     assert prefer_prefix_destinations(decisions, tight, prefix, {"r1": HASHES}) == decisions
+
+
+def test_burst_between_heartbeats_spreads_by_load() -> None:
+    """Each dispatch re-keys its instance's load term: a burst of uncached prompts alternates."""
+    index = index_with(snap("a"), snap("b"))
+    chosen = []
+    for n in range(4):
+        d = demand(f"r{n}", tuple(range(n * 100, n * 100 + 64)))
+        chosen.append(index.choose(d))
+        index.on_dispatched(chosen[-1], d)  # type: ignore[arg-type]
+    assert sorted(chosen) == ["a", "a", "b", "b"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_long_lived_index_matches_a_rebuilt_one(seed: int) -> None:
+    """kv_aware keeps per-instance scores and heaps across heartbeats and dispatches; every choice must be
+    the one an index rebuilt from the current snapshots, pending dispatches and prefix holdings makes."""
+    rng = random.Random(seed)
+    n = rng.choice((3, 12, 60))
+    prefixes = [tuple(rng.getrandbits(62) for _ in range(64)) for _ in range(6)]
+    holdings = PrefixIndex()
+    index = KvAwareIndex(DispatchParams(), prefix_index=holdings)
+    current: dict[str, InstanceSnapshot] = {}
+    pending: dict[str, list[RequestDemand]] = {}
+    seqs: dict[str, int] = {}
+    decisions = 0
+    for step in range(1500):
+        roll = rng.random()
+        iid = f"i{rng.randrange(n)}"
+        if roll < 0.3:
+            current[iid] = random_snapshot(rng, iid, "")
+            pending[iid] = []
+            index.upsert(current[iid])
+        elif roll < 0.32:
+            current.pop(iid, None)
+            pending.pop(iid, None)
+            index.remove(iid)
+        elif roll < 0.45:
+            seq = seqs[iid] = seqs.get(iid, -1) + 1
+            prefix = prefixes[rng.randrange(len(prefixes))]
+            holdings.apply(iid, epoch="e", seq=seq, stored=prefix[: rng.randint(1, 64)], removed=prefix[40:])
+        else:
+            prefix = prefixes[rng.randrange(len(prefixes))]
+            hashes = prefix[: rng.randint(1, 64)] + tuple(rng.getrandbits(62) for _ in range(rng.randint(0, 8)))
+            d = RequestDemand(f"r{step}", len(hashes) * 16, len(hashes), prefix_block_hashes=hashes)
+            rebuilt = KvAwareIndex(DispatchParams(), prefix_index=holdings)
+            for snapshot in current.values():
+                rebuilt.upsert(snapshot)
+            for target, sent in pending.items():
+                for earlier in sent:
+                    rebuilt.on_dispatched(target, earlier)
+            chosen = index.choose(d)
+            assert chosen == rebuilt.choose(d), f"step {step}"
+            if chosen is not None:
+                # what it adds to pending demand is fixed at dispatch (the blocks not cached then)
+                cached = holdings.overlap(chosen, hashes)
+                index.on_dispatched(chosen, d)
+                pending[chosen].append(dataclasses.replace(d, num_blocks=d.num_blocks - cached, prefix_block_hashes=()))
+                decisions += 1
+    assert decisions > 300

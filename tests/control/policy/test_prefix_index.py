@@ -92,3 +92,45 @@ def test_lossy_feed_converges_after_resync(seed: int, loss: float) -> None:
     index.resync("a", epoch="e", seq=40, hashes=sorted(truth))
     assert {h for h in range(60) if index.holds("a", h)} == truth
     assert {h for h in range(60) if index.holders(h)} == truth
+
+
+def test_a_chunked_listing_applies_whole_or_not_at_all() -> None:
+    index = PrefixIndex()
+    index.apply("i", epoch="e", seq=0, stored=[1, 2, 3])
+    listing = list(range(100, 130))
+    assert not index.resync_chunk("i", epoch="e", seq=5, chunk=0, chunks=3, hashes=listing[:10])
+    assert index.num_blocks("i") == 3  # nothing shows until the last chunk
+    assert not index.resync_chunk("i", epoch="e", seq=5, chunk=1, chunks=3, hashes=listing[10:20])
+    assert index.resync_chunk("i", epoch="e", seq=5, chunk=2, chunks=3, hashes=listing[20:])
+    assert index.num_blocks("i") == 30 and not index.holds("i", 1) and index.holds("i", 129)
+    # a lost chunk: what was collected is dropped, the old entries stay, and the engine is asked again
+    assert not index.resync_chunk("i", epoch="e", seq=6, chunk=0, chunks=3, hashes=[7])
+    assert not index.resync_chunk("i", epoch="e", seq=6, chunk=2, chunks=3, hashes=[9])
+    assert index.needs_resync("i") and index.num_blocks("i") == 30 and index.stats.chunk_gaps == 1
+    # a listing started again from chunk 0 replaces a half-received one
+    index.resync_chunk("i", epoch="e", seq=7, chunk=0, chunks=2, hashes=[11])
+    index.resync_chunk("i", epoch="e", seq=8, chunk=0, chunks=2, hashes=[21])
+    assert index.resync_chunk("i", epoch="e", seq=8, chunk=1, chunks=2, hashes=[22])
+    assert sorted(h for h in (11, 21, 22) if index.holds("i", h)) == [21, 22] and not index.needs_resync("i")
+
+
+def test_a_chunked_listing_is_bounded_by_the_instance_capacity() -> None:
+    index = PrefixIndex()
+    index.set_capacity("i", 10)
+    assert not index.resync_chunk("i", epoch="e", seq=0, chunk=0, chunks=3, hashes=list(range(8)))
+    assert not index.resync_chunk("i", epoch="e", seq=0, chunk=1, chunks=3, hashes=list(range(8, 16)))
+    assert index.needs_resync("i") and index.num_blocks("i") == 0
+
+
+def test_no_resync_is_asked_for_while_a_listing_arrives_and_one_is_after_it_broke_off() -> None:
+    index = PrefixIndex()
+    index.heard("i", epoch="e", seq=4, now=0.0)  # a control plane that joined mid-stream
+    assert index.needs_resync("i")
+    index.resync_chunk("i", epoch="e", seq=5, chunk=0, chunks=3, hashes=[1])
+    assert not index.needs_resync("i")  # asking again would restart the listing
+    index.resync_chunk("i", epoch="e", seq=5, chunk=1, chunks=3, hashes=[2])
+    index.heard("i", epoch="e", seq=5, now=1.0)  # the last chunk was lost: a keepalive came instead
+    assert index.needs_resync("i") and index.num_blocks("i") == 0
+    index.resync_chunk("i", epoch="e", seq=6, chunk=0, chunks=2, hashes=[1])
+    index.apply("i", epoch="e", seq=7, stored=[9])  # events after a listing whose last chunk was lost
+    assert index.needs_resync("i") and index.stats.chunk_gaps == 2

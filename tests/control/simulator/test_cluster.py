@@ -9,9 +9,21 @@ import numpy as np
 import pytest
 
 from control.policy.params import PolicyParams
-from control.simulator import ClusterConfig, ClusterSimulator, LengthSpec, generate_workload, load_trace, simulate
+from control.policy.recommended import user_policy_params
+from control.policy.snapshots import InstanceSnapshot, RunningSnapshot
+from control.simulator import (
+    ClusterConfig,
+    ClusterSimulator,
+    LengthSpec,
+    generate_workload,
+    load_trace,
+    simulate,
+    views,
+)
+from control.simulator.runner import ObservedCluster
+from control.simulator.views import instance_view
 from control.simulator.workload import arrival_times
-from engines.sim.core import SimEngineConfig
+from engines.sim.core import SimEngineConfig, SimRequest
 
 SMALL_ENGINE = SimEngineConfig(
     block_size=16, num_blocks=400, max_num_seqs=64, max_num_batched_tokens=1024, max_model_len=4096
@@ -134,3 +146,80 @@ def test_planner_forgets_requests_when_they_finish() -> None:
     result = sim.run()
     assert result.completed == 400 and result.migrations_started > 0
     assert sim.planner.remembered_moves() == 0
+
+
+class _EagerTicks(ObservedCluster):
+    lazy_token_counts = False  # every tick materialises every decode run, as before the lazy ticks
+
+
+@pytest.mark.parametrize(
+    ("policy", "drain"), [("freeness", ()), ("drover", ((3.0, 1),)), ("least_loaded", ((2.0, 0), (4.0, 2)))]
+)
+def test_lazy_ticks_change_nothing(policy: str, drain: tuple[tuple[float, int], ...]) -> None:
+    """Ticks that look only at instances touched or due a block change, and materialise a decode run only
+    when it added a block, give the very results of ticks that materialise every busy instance: every
+    request's times, preemptions and placements, every token gap, and the migration counters."""
+    params = user_policy_params(policy) if policy == "drover" else PolicyParams(dispatch_policy=policy)
+    cfg = ClusterConfig(num_instances=4, engine=SMALL_ENGINE, policy=params, drain=drain)
+    runs = []
+    for cls in (ObservedCluster, _EagerTicks):
+        sim = cls(cfg, workload(rate=60.0))
+        result = sim.run()
+        runs.append(
+            (
+                fingerprint(result),
+                [(r.sim.num_output if r.sim else -1, r.migrations) for r in result.requests],
+                sim.gaps,
+                sim.gap_weights,
+                dataclasses.astuple(sim.counters),
+                result.preemptions,
+            )
+        )
+    lazy, eager = runs
+    assert lazy == eager
+    assert lazy[4][0] > 0 or policy == "least_loaded"  # migrations started (freeness: load, drover: drain)
+
+
+@pytest.mark.parametrize("slot_by_slot", [True, False])
+def test_instance_view_reports_the_core(slot_by_slot: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The simulators' heartbeat (built slot by slot for speed, or with the constructors when the snapshot
+    classes' fields change) has every field where a keyword call puts it."""
+    if not slot_by_slot:
+        monkeypatch.setattr(views, "_INSTANCE_SETTERS", None)
+        monkeypatch.setattr(views, "_RUNNING_SETTERS", None)
+    sim = ClusterSimulator(config("freeness", migration=False, n=1), workload(n=40, rate=400.0))
+    core = sim.instances[0].core
+    for spec in sim.requests[:40]:
+        core.add(SimRequest(spec.request_id, spec.prompt_len, spec.output_len, priority=len(spec.request_id) % 2))
+    core.plan(0.0)
+    core.finish_plan()
+    assert core.running and core.waiting
+    view = instance_view("sim-0000", core, model="m", draining=True, num_preempted=2, running=core.running)
+    expected = InstanceSnapshot(
+        instance_id="sim-0000",
+        num_total_blocks=core.config.num_blocks,
+        num_free_blocks=core.num_free_blocks,
+        num_running=len(core.running),
+        num_waiting=len(core.waiting),
+        waiting_blocks=core.waiting_blocks,
+        head_waiting_blocks=core.head_waiting_blocks(),
+        num_preempted=2,
+        draining=True,
+        model="m",
+        block_size=core.config.block_size,
+        running=tuple(
+            RunningSnapshot(
+                r.request_id,
+                r.context_len,
+                r.num_blocks,
+                r.priority,
+                r.num_output > 0 and r.num_computed >= r.context_len - 1,
+            )
+            for r in core.running
+        ),
+        high_priority_count=sum(1 for r in core.running if r.priority > 0),
+    )
+    assert view == expected
+    assert [hash(r) for r in view.running] == [hash(r) for r in expected.running]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        view.running[0].num_blocks = 0  # type: ignore[misc]  # built slot by slot, still frozen
