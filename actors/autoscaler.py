@@ -11,6 +11,12 @@ Every tick (``min(1 s, [autoscaling] period_s)``) it asks the scheduler for a :c
 * every ``period_s``, when enabled: plans, then starts instances through the :class:`Provisioner`, drains
   victims by the scheduler's drain-by-migration path (``DrainCommand``), and relabels roles (``SetRole``).
 
+With prefill/decode disaggregation on and ``[pd] autoscale_period_s`` set, the autoscaler sizes the prefill
+and decode pools instead of the roles: each tick it asks the scheduler for the instances' phases
+(:class:`~control.core.pd.PdPoolsQuery`) and the control core's :meth:`~control.core.pd.PdCore.autoscale`
+(the simulator's decision too) says which pool gets an instance and which gives one back; a started
+instance gets its phase (an audited-path ``PhaseCommand``, kept in the control state) once it heartbeats.
+
 ``drover scale ROLE N`` pins the role's min and max to N (the periodic plan then keeps it there) and acts at
 once on a fresh snapshot: starts or drains the difference. ``drover scale ROLE --auto`` unpins.
 Instances the provisioner did not start (e.g. ``drover up``'s) count as capacity but are never drained by
@@ -31,6 +37,7 @@ import pykka
 
 from actors.request_classes import ClusterSnapshot, GetClusterView, SetRole
 from actors.supervisor import SupervisedActor
+from control.core.pd import PdCore, PdPools, PdPoolsQuery
 from control.core.provisioner import Provisioner
 from control.core.record import DecisionLog
 from control.core.scaling import ScalingClock
@@ -45,6 +52,7 @@ from control.policy.autoscaling import (
     ScalingState,
     plan_scaling,
 )
+from control.policy.pd import Phase
 from control.settings import Settings
 from observability import spans
 from observability.metrics import metrics
@@ -58,6 +66,7 @@ from transport.messages import (
     DrainCommand,
     ErrorCode,
     InstanceScaleStatus,
+    PhaseCommand,
     RoleScaleStatus,
     ScaleCommand,
     ScaleEventInfo,
@@ -111,6 +120,11 @@ class AutoscalerActor(SupervisedActor):
         self.events: deque[ScaleEventInfo] = deque(maxlen=settings.autoscaler.events_kept)
         self._timer: threading.Timer | None = None
         self._stopping = False
+        # per-phase scaling ([pd] autoscale_period_s): the control core's decision, fed the scheduler's phases
+        pd = settings.pd
+        self.pd_scaling = self.enabled and pd.mode != "off" and pd.autoscale_period_s > 0
+        self.pd_core = PdCore(pd)
+        self.pd_pending: dict[str, Phase] = {}  # started for a pool, waiting for its first heartbeat
 
     # ------------------------------------------------------------------------------------------- lifecycle
     @property
@@ -158,9 +172,13 @@ class AutoscalerActor(SupervisedActor):
                 self._record("plan_due", "", (now,), due)
             # Only a "plan" view consumes the scheduler's rate counters: they then cover one whole period.
             self.scheduler.tell(GetClusterView(self.actor_ref, "plan" if due else "watch"))
+            if self.pd_scaling:
+                self.scheduler.tell(PdPoolsQuery(self.actor_ref))
             self._schedule_tick()
         elif isinstance(message, ClusterSnapshot):
             self._on_snapshot(message)
+        elif isinstance(message, PdPools):
+            self._on_pools(message)
         elif isinstance(message, Envelope):
             self._on_envelope(message)
         return None
@@ -230,7 +248,7 @@ class AutoscalerActor(SupervisedActor):
         for command, reply in self.pending_manual:
             self._manual(command, reply, view, owned)
         self.pending_manual.clear()
-        if snapshot.purpose == "plan" and self.enabled:
+        if snapshot.purpose == "plan" and self.enabled and not self.pd_scaling:  # pools replace roles then
             self._plan(view, owned)
 
     def _full_view(self, snapshot: ClusterSnapshot, owned: dict[str, Any]) -> ClusterView:
@@ -290,6 +308,34 @@ class AutoscalerActor(SupervisedActor):
             for role in ROLES:
                 for _ in range(plan.start[role]):
                     self._start(role, "plan")
+
+    def _on_pools(self, pools: PdPools) -> None:
+        """Per-phase scaling: give started instances their phase, then act on the core's decision.
+
+        Thread: the autoscaler actor's thread."""
+        seen = {snap.instance_id for snap, _ in pools.instances}
+        assigned = {iid: phase for iid, phase in self.pd_pending.items() if iid in seen}
+        for iid, phase in assigned.items():
+            del self.pd_pending[iid]
+            command = PhaseCommand(instance_id=iid, phase=phase, operator="autoscaler")
+            self.scheduler.tell(Envelope(subject=subjects.admin("phase"), message=command))
+        for snap, phase in pools.instances:  # the scheduler's phases, and the ones just given
+            self.pd_core.on_report(snap.instance_id, assigned.get(snap.instance_id, phase))
+        owned = {p.instance_id: p for p in self.provisioner.instances()}
+        self.pd_pending = {iid: phase for iid, phase in self.pd_pending.items() if iid in owned}  # exited: gone
+
+        def removable(iid: str) -> bool:
+            return iid in owned and iid not in self.clock.draining
+
+        snapshots = [snap for snap, _ in pools.instances]
+        actions = self.pd_core.autoscale(snapshots, time.monotonic(), removable, tuple(self.pd_pending.values()))
+        for action in actions:
+            if action.delta > 0:
+                started = self._start("mixed", f"{action.phase} pool: {action.reason}")
+                if started is not None:
+                    self.pd_pending[started] = action.phase
+            elif self.last_view is not None:
+                self._drain(action.instance_id, self.last_view, owned, f"{action.phase} pool: {action.reason}")
 
     @staticmethod
     def _decision_attributes(view: ClusterView, plan: ScalingPlan) -> dict[str, Any]:

@@ -45,6 +45,7 @@ from transport.messages import (
     AutoscaleStatusQuery,
     Cancel,
     DrainCommand,
+    EngineFirstToken,
     EngineRequestEnded,
     ErrorCode,
     InstanceHeartbeat,
@@ -247,7 +248,7 @@ class ControlPlane:
                 (subjects.SUBMIT + ".*", (SubmitRequest,), subjects.CONTROL_QUEUE),  # v3: per identity
                 (subjects.CANCEL + ".*", (Cancel,), subjects.CONTROL_QUEUE),
                 (subjects.heartbeat("*"), (InstanceHeartbeat,), ""),
-                (subjects.ENGINE_EVENTS, (EngineRequestEnded,), ""),
+                (subjects.ENGINE_EVENTS, (EngineRequestEnded, EngineFirstToken), ""),
                 (subjects.admin("migrate"), (MigrateCommand,), subjects.CONTROL_QUEUE),
                 (subjects.admin("drain"), (DrainCommand,), subjects.CONTROL_QUEUE),
                 (subjects.admin("phase"), (PhaseCommand,), subjects.CONTROL_QUEUE),

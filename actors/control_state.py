@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from control.core.requests import InstanceRecord, RequestRecord, recover
+from control.policy.pd import parse_phase
 from transport.kv_store import KvWriter, kv_key, read_all
 from transport.messages import EngineInfo, InstanceHeartbeat, InstanceLoad
 
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 REQUEST_NS = "req"
 INSTANCE_NS = "inst"
 MIGRATION_NS = "mig"
+PHASE_NS = "phase"  # prefill/decode phases set by an operator or the split's rebalancing (win over reports)
 STATE_VERSION = 1
 
 
@@ -44,6 +46,14 @@ class StoredInstance(msgspec.Struct, kw_only=True):
     v: int = STATE_VERSION
     info: EngineInfo
     drain_requested: bool = False
+
+
+class StoredPhase(msgspec.Struct, kw_only=True):
+    """An instance's phase override (``drover phase set``, or the prefill:decode split's rebalancing)."""
+
+    v: int = STATE_VERSION
+    instance_id: str
+    phase: str
 
 
 class StoredMigration(msgspec.Struct, kw_only=True):
@@ -59,6 +69,7 @@ class StoredMigration(msgspec.Struct, kw_only=True):
 _request_decoder = msgspec.msgpack.Decoder(RequestRecord)
 _instance_decoder = msgspec.msgpack.Decoder(StoredInstance)
 _migration_decoder = msgspec.msgpack.Decoder(StoredMigration)
+_phase_decoder = msgspec.msgpack.Decoder(StoredPhase)
 
 
 class ControlState:
@@ -68,6 +79,7 @@ class ControlState:
         self.writer = writer
         self.load_timeout_s = load_timeout_s
         self.unconfirmed: dict[str, str] = {}  # restored request id -> instance its record names
+        self.phases: dict[str, str] = {}  # instance id -> phase override, as last loaded
 
     @property
     def enabled(self) -> bool:
@@ -107,6 +119,16 @@ class ControlState:
         if self.writer is not None:
             self.writer.delete(kv_key(MIGRATION_NS, migration_id))
 
+    def save_phase(self, instance_id: str, phase: str) -> None:
+        """An instance's phase override: it outlives a control-plane restart (engines report only their own)."""
+        if self.writer is not None:
+            stored = StoredPhase(instance_id=instance_id, phase=phase)
+            self.writer.put(kv_key(PHASE_NS, instance_id), msgspec.msgpack.encode(stored))
+
+    def drop_phase(self, instance_id: str) -> None:
+        if self.writer is not None:
+            self.writer.delete(kv_key(PHASE_NS, instance_id))
+
     def after_writes(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once every write queued so far is stored (at once when disabled)."""
         if self.writer is None:
@@ -121,6 +143,7 @@ class ControlState:
         if self.writer is None:
             return [], [], []
         values = scheduler.bus.run(read_all(self.writer.kv)).result(timeout=self.load_timeout_s)
+        self.phases = {}
         requests: list[RequestRecord] = []
         instances: list[StoredInstance] = []
         migrations: list[StoredMigration] = []
@@ -133,6 +156,9 @@ class ControlState:
                     instances.append(_instance_decoder.decode(value))
                 elif namespace == MIGRATION_NS:
                     migrations.append(_migration_decoder.decode(value))
+                elif namespace == PHASE_NS:
+                    stored_phase = _phase_decoder.decode(value)
+                    self.phases[stored_phase.instance_id] = stored_phase.phase
             except msgspec.DecodeError as exc:
                 log.warning("state store: skipping unreadable %s: %s", key, exc)
         return requests, instances, migrations
@@ -252,6 +278,11 @@ def _restore(scheduler: SchedulerActor) -> None:
             state="restored",
             drain_requested=stored_instance.drain_requested,
         )
+    for instance_id, text in state.phases.items():
+        try:
+            scheduler.pd.set_phase(instance_id, parse_phase(text))  # re-filed at the instance's next heartbeat
+        except ValueError as exc:
+            log.warning("state store: skipping the phase of %s: %s", instance_id, exc)
     recover: list[RequestRecord] = []
     for record in sorted(requests, key=lambda r: r.arrival):
         if record.request_id in scheduler.requests:
@@ -266,10 +297,11 @@ def _restore(scheduler: SchedulerActor) -> None:
             recover.append(record)
     for record in recover:
         _recover(scheduler, record)
-    if requests or instances:
+    if requests or instances or state.phases:
         log.info(
-            "restored %d requests and %d instances from the state store (%d to recover)",
+            "restored %d requests, %d instances and %d phases from the state store (%d to recover)",
             len(requests),
             len(instances),
+            len(state.phases),
             len(recover),
         )

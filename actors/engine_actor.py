@@ -41,6 +41,7 @@ from transport.messages import (
     EngineAbort,
     EngineAdd,
     EngineFence,
+    EngineFirstToken,
     EngineMemory,
     EngineRequestEnded,
     ErrorCode,
@@ -387,11 +388,22 @@ class EngineActor(pykka.ThreadingActor):
         try:
             async for output in self.engine.generate(request):
                 if output.new_token_ids and not stream.migrated_out:  # after a stop the tail covers them
-                    if first_token_at is None:
+                    first_here = first_token_at is None
+                    if first_here:
                         first_token_at = time.time()
                         span.add_event("first_token")
                     text = detok.push(output.new_token_ids) if add.stream_text else ""
                     await self._send_tokens(stream, output.new_token_ids, text)
+                    if first_here and add.report_first_token and output.finish_reason is None:
+                        # its first token here: a prefill instance's request is handed off on this event
+                        await self.bus.apublish(
+                            subjects.ENGINE_EVENTS,
+                            EngineFirstToken(
+                                instance_id=self.instance_id,
+                                request_id=add.request_id,
+                                num_tokens=len(add.prompt_token_ids) + stream.index,
+                            ),
+                        )
                 if output.finish_reason is not None:
                     finish_reason = output.finish_reason
                     break

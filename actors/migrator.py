@@ -221,7 +221,13 @@ class MigratorActor(SupervisedActor):
         ) as span:
             try:
                 self._inject("before_reserve")
-                machine = MigrationStages(start.params, headroom, log=self.decision_log, key=rid)
+                machine = MigrationStages(
+                    start.params,
+                    headroom,
+                    log=self.decision_log,
+                    key=rid,
+                    decoded_factor=self.settings.reserve_decoded_factor,
+                )
                 address = await self._reserve(dst, migration_id, machine.first_reservation(start.num_blocks))
                 begin = await self._out(
                     src,

@@ -34,7 +34,7 @@ from actors.request_lifecycle import RequestLifecycle
 from actors.supervisor import SupervisedActor
 from control.core.admission import decide, max_prompt_tokens, validate
 from control.core.dispatch import Dispatcher, Place
-from control.core.pd import make_dispatch, make_pd_core
+from control.core.pd import PdPools, PdPoolsQuery, make_dispatch, make_pd_core
 from control.core.record import DecisionLog
 from control.core.requests import (
     Drop,
@@ -70,6 +70,7 @@ from transport.messages import (
     DrainCommand,
     EngineAbort,
     EngineAdd,
+    EngineFirstToken,
     EngineInfo,
     EngineRequestEnded,
     ErrorCode,
@@ -213,6 +214,10 @@ class SchedulerActor(SupervisedActor):
             self.classes.on_message(message, self.instances, self.requests, len(self.dispatch.pending))
         elif isinstance(message, _AddUnacked):
             self._on_add_unacked(message)
+        elif isinstance(message, PdPoolsQuery):  # the per-phase autoscaler's input
+            serving = [r for r in self.instances.values() if r.state == "serving"]
+            pools = tuple((self._snapshot(r), self.pd.phase_of(r.info.instance_id)) for r in serving)
+            message.reply_to.tell(PdPools(pools))
         return None
 
     def _on_envelope(self, envelope: Envelope) -> None:
@@ -224,6 +229,8 @@ class SchedulerActor(SupervisedActor):
             self._on_submit(message, envelope)
         elif isinstance(message, EngineRequestEnded):
             self._on_request_ended(message)
+        elif isinstance(message, EngineFirstToken):
+            self._on_first_token(message)
         elif isinstance(message, Cancel):
             self._on_cancel(message, envelope)
         elif isinstance(message, StatusQuery):
@@ -395,6 +402,7 @@ class SchedulerActor(SupervisedActor):
             self._record("remove", instance_id, (), None)
             metrics().remove_instance(instance_id)
             self.state.drop_instance(instance_id)
+            self.state.drop_phase(instance_id)
             self._fail_over(instance_id)
             self.memory.on_instance_dead(instance_id)
         self.lifecycle.tick(self)
@@ -694,6 +702,7 @@ class SchedulerActor(SupervisedActor):
                 output_token_ids=record.resume_tokens,
                 served_by=list(record.served_by),
                 client_id=submit.client_id or "",
+                report_first_token=self.pd.wants_first_token(instance_id, len(record.prompt_token_ids)),
             ),
             headers,
         )
@@ -922,9 +931,18 @@ class SchedulerActor(SupervisedActor):
             )
 
     # ------------------------------------------------------------------------------------------- prefill/decode
-    def _hand_off(self, report: InstanceSnapshot) -> None:
-        """A prefill instance reported requests past their first token: move each to a decode instance the
-        core picks (a live migration); one no decode instance can take stays where it is.
+    def _on_first_token(self, event: EngineFirstToken) -> None:
+        """A request's first token is out: hand it off now, not at its prefill instance's next heartbeat.
+
+        Thread: the scheduler actor's thread."""
+        record = self.instances.get(event.instance_id)
+        if record is not None:
+            self._hand_off(self._snapshot(record), event)
+
+    def _hand_off(self, report: InstanceSnapshot, first_token: EngineFirstToken | None = None) -> None:
+        """A prefill instance reported requests past their first token (or ``first_token`` says one is): move
+        each to a decode instance the core picks (a live migration); one no decode instance can take stays
+        where it is.
 
         Thread: the scheduler actor's thread."""
         if not self.pd.enabled or "migrator" not in self.peers:
@@ -952,7 +970,15 @@ class SchedulerActor(SupervisedActor):
             prompt = self._prompt_of(request_id)
             return tuple(vllm_block_hashes(prompt, block_size)) if prompt else ()
 
-        for h in self.pd.handoffs([report], decode, busy, overlap, prefix_of if overlap is not None else None):
+        prefixes = prefix_of if overlap is not None else None
+        if first_token is None:
+            planned = self.pd.handoffs([report], decode, busy, overlap, prefixes)
+        else:
+            blocks = -(-first_token.num_tokens // block_size)
+            planned = self.pd.first_token_handoffs(
+                first_token.request_id, report, blocks, decode, busy, overlap, prefixes
+            )
+        for h in planned:
             log.info("pd handoff: %s %s -> %s", h.request_id, h.source_id, h.destination_id)
             self._start_migration(h.request_id, h.source_id, h.destination_id, h.num_blocks, h.reason)
 
@@ -964,6 +990,7 @@ class SchedulerActor(SupervisedActor):
         change = self.pd.rebalance((self._snapshot(r) for r in serving), time.monotonic())
         if change is not None and change.instance_id in self.instances:
             log.info("pd split: %s now serves %s (%s)", change.instance_id, change.phase, change.reason)
+            self.state.save_phase(change.instance_id, change.phase)
             self._upsert(self.instances[change.instance_id])  # re-filed in its pool (recorded, as every upsert)
 
     def _on_phase(self, command: PhaseCommand, reply: str) -> None:
@@ -980,6 +1007,7 @@ class SchedulerActor(SupervisedActor):
             self.bus.reply_error(reply, ErrorCode.INVALID_REQUEST, str(exc))
             return
         self.pd.set_phase(command.instance_id, phase)
+        self.state.save_phase(command.instance_id, phase)  # it outlives a control-plane restart
         self._upsert(record)  # it changes dispatch pools at once
         log.info("instance %s now serves phase %s (operator %s)", command.instance_id, phase, command.operator or "-")
         note = "" if self.pd.enabled else " (pd.mode is off: phases take effect once it is on)"

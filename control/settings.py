@@ -207,6 +207,12 @@ class MigrationSettings(_Section):
     reserve_headroom_blocks: int = Field(
         2, description="Extra blocks reserved at the destination for tokens decoded during the copy."
     )
+    reserve_decoded_factor: float = Field(
+        2.0,
+        ge=0,
+        description="On top of the headroom, reserve this many times the blocks the request wrote during the "
+        "migration's last round (a fast decoder outruns a fixed headroom between a report and the next copy).",
+    )
     fault_stage: Literal["", "before_reserve", "mid_copy", "stop_and_copy", "commit"] = Field(
         "",
         description="Fault injection for tests and the chaos benchmark: abort migrations at this stage "

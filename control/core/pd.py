@@ -14,8 +14,8 @@ handoff bookkeeping, with no I/O and no clock. The live scheduler (``actors/sche
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
-from typing import cast
+from dataclasses import dataclass, replace
+from typing import Any, cast
 
 from control.core.record import DecisionLog
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy
@@ -30,6 +30,7 @@ from control.policy.pd import (
     PdParams,
     Phase,
     PhaseChange,
+    disaggregates,
     handoff_candidates,
     intake_phases,
     plan_handoffs,
@@ -115,6 +116,7 @@ class PdCore:
         self.handoffs_committed = 0
         self.attempts: dict[str, int] = {}
         self.last_rebalance = float("-inf")
+        self.last_autoscale: float | None = None
         self.phase_changes = 0
 
     @property
@@ -173,6 +175,46 @@ class PdCore:
                 lambda rid: rid in self.tried or busy(rid),
             )
         ]
+        return self._plan(candidates, instances, overlap, prefix_of)
+
+    def wants_first_token(self, instance_id: str, num_prompt_tokens: int) -> bool:
+        """Whether a request dispatched to ``instance_id`` is handed off after its first token (so its engine
+        should report that token at once: :meth:`first_token_handoffs`)."""
+        return (
+            self.enabled and self.phase_of(instance_id) == "prefill" and disaggregates(self.params, num_prompt_tokens)
+        )
+
+    def first_token_handoffs(
+        self,
+        request_id: str,
+        source: InstanceSnapshot,
+        num_blocks: int,
+        instances: Iterable[InstanceSnapshot],
+        busy: Callable[[str], bool],
+        overlap: Callable[[str, Sequence[int]], int] | None = None,
+        prefix_of: Callable[[str], Sequence[int]] | None = None,
+    ) -> list[Handoff]:
+        """The handoff a request's first-token event calls for: the same decision as :meth:`handoffs` makes
+        on a report that lists the request as decoding, taken when the engine says its first token is out
+        rather than at the prefill instance's next heartbeat, so the KV copy starts right after the prefill.
+        ``num_blocks``: the blocks its KV fills now (prompt and first token). Empty when the source is not a
+        prefill instance (any more), the request is not disaggregated, already tried or ``busy``."""
+        if not self.enabled or self.phase_of(source.instance_id) != "prefill":
+            return []
+        prompt = self.prompt_tokens.get(request_id)
+        if prompt is None or request_id in self.tried or busy(request_id) or not disaggregates(self.params, prompt):
+            return []
+        candidate = HandoffCandidate(request_id, source.instance_id, num_blocks, model=source.model)
+        return self._plan([candidate], instances, overlap, prefix_of)
+
+    def _plan(
+        self,
+        candidates: list[HandoffCandidate],
+        instances: Iterable[InstanceSnapshot],
+        overlap: Callable[[str, Sequence[int]], int] | None,
+        prefix_of: Callable[[str], Sequence[int]] | None,
+    ) -> list[Handoff]:
+        """Plan one round of handoffs and count them as tried (see :meth:`handoffs`)."""
         if not candidates:
             return []
         if overlap is not None and prefix_of is not None:
@@ -208,6 +250,27 @@ class PdCore:
             self.phase_changes += 1
         return change
 
+    def autoscale(
+        self,
+        snapshots: Iterable[InstanceSnapshot],
+        now: float,
+        removable: Callable[[str], bool],
+        starting: Sequence[Phase] = (),
+    ) -> list[PoolScaling]:
+        """Every ``autoscale_period_s`` (the shell passes its clock; the first is one period after the first
+        call, so the pools have reported): :func:`plan_pool_scaling` over the registry's phases. The shell
+        starts instances (and gives each its phase once it reports) or drains the ones named."""
+        period = self.params.autoscale_period_s
+        if not self.enabled or period <= 0:
+            return []
+        if self.last_autoscale is None:
+            self.last_autoscale = now
+        if now - self.last_autoscale < period:
+            return []
+        self.last_autoscale = now
+        pairs = [(s, self.phase_of(s.instance_id)) for s in snapshots]
+        return plan_pool_scaling(pairs, self.params, removable, starting)
+
     def on_handoff_ended(self, request_id: str, ok: bool) -> None:
         """A migration of ``request_id`` ended; an aborted handoff (a reservation refused on stale room, the
         request preempted meanwhile) may be tried again at a later report, up to ``MAX_ATTEMPTS``."""
@@ -217,6 +280,102 @@ class PdCore:
             self.handoffs_committed += 1
         elif self.attempts.get(request_id, 0) < self.MAX_ATTEMPTS:
             self.tried.discard(request_id)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolLoad:
+    """One phase's pool as the per-phase autoscaler sees it."""
+
+    phase: Phase
+    instances: int
+    """Serving, not draining."""
+    queued_prompt_tokens: int
+    kv_used: float
+    """Mean fraction of KV blocks in use."""
+    pressure: float
+    """1: at its budget (TTFT for prefill, KV headroom for decode); above: short of instances."""
+
+
+@dataclass(frozen=True, slots=True)
+class PoolScaling:
+    """Start one instance for ``phase`` (``delta`` 1), or drain ``instance_id`` out of it (``delta`` -1)."""
+
+    phase: Phase
+    delta: int
+    instance_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PdPoolsQuery:
+    """Autoscaler -> scheduler: the serving instances with their phases (for the per-phase autoscaler)."""
+
+    reply_to: Any  # an actor ref: .tell(PdPools)
+
+
+@dataclass(frozen=True, slots=True)
+class PdPools:
+    """Scheduler -> autoscaler: each serving instance's snapshot and its phase (an override applied)."""
+
+    instances: tuple[tuple[InstanceSnapshot, Phase], ...]
+
+
+def pool_loads(instances: Sequence[tuple[InstanceSnapshot, Phase]], params: PdParams) -> dict[Phase, PoolLoad]:
+    """Each pool's backpressure (Dynamo's planner and Chiron's pools as anchors):
+
+    * prefill: queued prompt tokens over what the pool prefills within the TTFT budget
+      (``autoscale_prefill_tokens_per_s`` x instances x ``autoscale_ttft_target_s``): at 1 the queue alone
+      takes the whole budget;
+    * decode: the mean KV demand (blocks in use plus the blocks its queue waits for, over the total) over
+      ``autoscale_decode_kv_target``: at 1 the batch has no room left, and each more request lengthens every
+      step (TPOT) or waits. Handed-off requests queue on the decode side when its batch is full, so the
+      queue counts here.
+
+    Draining instances count in neither (they are leaving)."""
+    out: dict[Phase, PoolLoad] = {}
+    for phase in ("prefill", "decode"):
+        pool = [s for s, p in instances if p == phase and not s.draining]
+        n = len(pool)
+        queued = sum(s.waiting_blocks * s.block_size for s in pool)
+        used = sum(s.num_used_blocks / max(1, s.num_total_blocks) for s in pool) / n if n else 0.0
+        if phase == "prefill":
+            budget = params.autoscale_prefill_tokens_per_s * params.autoscale_ttft_target_s * max(1, n)
+            pressure = queued / budget
+        else:
+            demand = sum((s.num_used_blocks + s.waiting_blocks) / max(1, s.num_total_blocks) for s in pool)
+            pressure = (demand / n if n else 0.0) / params.autoscale_decode_kv_target
+        out[phase] = PoolLoad(phase, n, queued, used, pressure)
+    return out
+
+
+def plan_pool_scaling(
+    instances: Sequence[tuple[InstanceSnapshot, Phase]],
+    params: PdParams,
+    removable: Callable[[str], bool],
+    starting: Sequence[Phase] = (),
+) -> list[PoolScaling]:
+    """At most one change per pool per period: a pool at or over its budget (pressure >= 1) gets one instance
+    more while the fleet (with the ``starting`` ones, by the pool they are for) is under
+    ``autoscale_max_instances``, the more pressed pool first, unless one is starting for it already (its
+    pressure does not show it yet); a pool under ``autoscale_scale_in_below`` with more than one instance
+    gives back its least used one that ``removable`` allows (the autoscaler can only stop what it started)."""
+    loads = pool_loads(instances, params)
+    total = sum(1 for s, p in instances if p in ("prefill", "decode") and not s.draining) + len(starting)
+    out: list[PoolScaling] = []
+    for load in sorted(loads.values(), key=lambda x: -x.pressure):
+        if load.phase in starting:
+            continue
+        if load.pressure >= 1.0 and total < params.autoscale_max_instances:
+            out.append(PoolScaling(load.phase, 1, "", f"{load.phase} pressure {load.pressure:.2f}"))
+            total += 1
+        elif load.pressure < params.autoscale_scale_in_below and load.instances > 1:
+            pool = [s for s, p in instances if p == load.phase and not s.draining and removable(s.instance_id)]
+            if pool:
+                victim = min(pool, key=lambda s: (s.num_used_blocks, s.num_running + s.num_waiting, s.instance_id))
+                out.append(
+                    PoolScaling(load.phase, -1, victim.instance_id, f"{load.phase} pressure {load.pressure:.2f}")
+                )
+    return out
 
 
 def _with_prefix(candidate: HandoffCandidate, hashes: tuple[int, ...]) -> HandoffCandidate:

@@ -67,6 +67,22 @@ class PdParams:
     """...and at least this pressed (queued blocks over total, :func:`pool_pressure`): a fleet without a
     queue keeps its split."""
 
+    autoscale_period_s: float = 0.0
+    """How often the autoscaler starts or stops an instance per phase from each pool's backpressure
+    (``control/core/pd.py``, :func:`~control.core.pd.plan_pool_scaling`); 0: never."""
+    autoscale_ttft_target_s: float = 2.0
+    """Prefill pool: the TTFT budget its queue may take. Its pressure is the queued prompt tokens over what
+    the pool prefills in this time (Dynamo's planner scales prefill workers from queued prefill work)."""
+    autoscale_prefill_tokens_per_s: float = 8192.0
+    """Prompt tokens one prefill instance prefills per second (an estimate; a preset's cost model gives it)."""
+    autoscale_decode_kv_target: float = 0.8
+    """Decode pool: the KV use an instance may reach before its batch, and so its TPOT, has no headroom left
+    (Dynamo's planner scales decode workers on KV use). Its pressure is the mean KV use over this."""
+    autoscale_scale_in_below: float = 0.25
+    """A pool whose pressure is under this gives back one instance (it keeps at least one)."""
+    autoscale_max_instances: int = 16
+    """Prefill plus decode instances the autoscaler may run."""
+
     def validate(self) -> None:
         """Raise ValueError with an actionable message when a value is out of range."""
         if self.rebalance_period_s < 0:
@@ -81,6 +97,16 @@ class PdParams:
             raise ValueError("pd.decode_headroom_blocks must be >= 0")
         if self.prefix_weight < 0:
             raise ValueError("pd.prefix_weight must be >= 0")
+        if self.autoscale_period_s < 0:
+            raise ValueError("pd.autoscale_period_s must be >= 0")
+        if self.autoscale_ttft_target_s <= 0 or self.autoscale_prefill_tokens_per_s <= 0:
+            raise ValueError("pd.autoscale_ttft_target_s and pd.autoscale_prefill_tokens_per_s must be > 0")
+        if not 0 < self.autoscale_decode_kv_target <= 1:
+            raise ValueError("pd.autoscale_decode_kv_target must be in (0, 1]")
+        if not 0 <= self.autoscale_scale_in_below < 1:
+            raise ValueError("pd.autoscale_scale_in_below must be in [0, 1)")
+        if self.autoscale_max_instances < 2:
+            raise ValueError("pd.autoscale_max_instances must be >= 2 (one per pool)")
 
 
 def parse_phase(text: str) -> Phase:

@@ -84,6 +84,9 @@ class ClusterConfig:
     reserve_headroom_blocks: int = 0
     """Extra blocks the destination reserves for tokens decoded during the copy (live:
     ``[migration] reserve_headroom_blocks``); the simulator reserves exactly what the stop needs instead."""
+    reserve_decoded_factor: float = 0.0
+    """Live: ``[migration] reserve_decoded_factor`` (times the blocks written during the last round, reserved on
+    top); the simulator knows each step's exact size and keeps 0 (replays pass the live value)."""
     resume_overhead_s: float = 0.02
     """Fixed part of the downtime: stop, final handshake, scatter of the staged KV, re-admission. Llumnix
     measured 20-30 ms of downtime for LLaMA-7B, flat in sequence length, so fixed costs dominate it."""
@@ -553,7 +556,13 @@ class ClusterSimulator:
 
     def stage_machine(self, request_id: str) -> MigrationStages:
         """The control core's stage machine for one migration of ``request_id``, as this shell drives it."""
-        return MigrationStages(self.params, self.config.reserve_headroom_blocks, log=self.decision_log, key=request_id)
+        return MigrationStages(
+            self.params,
+            self.config.reserve_headroom_blocks,
+            log=self.decision_log,
+            key=request_id,
+            decoded_factor=self.config.reserve_decoded_factor,
+        )
 
     def _start_migration(self, decision: MigrationDecision) -> None:
         src = self.instances[int(decision.source_id.rsplit("-", 1)[1])]

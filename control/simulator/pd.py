@@ -37,9 +37,17 @@ class PdClusterSimulator(ClusterSimulator):
     """A :class:`ClusterSimulator` whose instances serve phases (``phases[i]`` for instance ``i``)."""
 
     def __init__(
-        self, config: ClusterConfig, requests: Sequence[RequestSpec], phases: Sequence[Phase], pd: PdParams
+        self,
+        config: ClusterConfig,
+        requests: Sequence[RequestSpec],
+        phases: Sequence[Phase],
+        pd: PdParams,
+        *,
+        startup_s: float = 30.0,
     ) -> None:
         super().__init__(config, requests)
+        self.startup_s = startup_s  # of an instance the per-phase autoscaler starts ([pd] autoscale_period_s)
+        self.scaled_out = self.scaled_in = 0
         if len(phases) != config.num_instances:
             raise ValueError(f"{len(phases)} phases for {config.num_instances} instances")
         self.pd = PdCore(pd)
@@ -67,6 +75,7 @@ class PdClusterSimulator(ClusterSimulator):
         change = self.pd.rebalance((self._snapshots[i] for i in self._live), self.now)
         if change is not None:
             self.index.upsert(self._snapshots[int(change.instance_id.rsplit("-", 1)[1])])  # re-filed in its pool
+        self._autoscale()
         moving = {m.request.request_id for m in self._migrations.values()}
         phase_of = self.pd.phase_of
         reports = [self._snapshots[i] for i in self._live if phase_of(self.instances[i].instance_id) == "prefill"]
@@ -86,6 +95,23 @@ class PdClusterSimulator(ClusterSimulator):
             )
             if self.counters.migrations_started + self.counters.migrations_aborted == started:
                 self.pd.on_handoff_ended(h.request_id, False)  # it was no longer running: nothing started
+
+    def _autoscale(self) -> None:
+        """The per-phase autoscaler (the same core decision as the live AutoscalerActor's): start an instance
+        for a pressed pool (it serves once ``startup_s`` passed), drain the least used one of an idle pool
+        and stop it once empty."""
+        for inst in self.instances:
+            if inst.state == "draining" and self.is_empty(inst):
+                self.stop_instance(inst)
+        actions = self.pd.autoscale((self._snapshots[i] for i in self._live), self.now, lambda iid: True)
+        for action in actions:
+            if action.delta > 0:
+                inst = self.add_instance(startup_s=self.startup_s)
+                self.pd.set_phase(inst.instance_id, action.phase)
+                self.scaled_out += 1
+            else:
+                self.start_drain(self.instances[int(action.instance_id.rsplit("-", 1)[1])])
+                self.scaled_in += 1
 
     def _prefix_of(self, request_id: str) -> tuple[int, ...]:
         record = self._records.get(request_id)

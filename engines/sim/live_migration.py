@@ -5,6 +5,11 @@ Source: stages copy the request's full blocks written since the last stage while
 core steps on concurrently); stop removes it from the batch keeping its blocks (``outgoing``) until commit.
 Destination: a reservation holds capacity in the core; the resumed request enters the batch holding its
 blocks (``add_resumed``), not recomputed, exactly as a request whose KV was loaded.
+
+As on the TCP data plane (``transport/kv_data.py``), a copy to a destination in this process that would
+write a block past its reservation fails ("block N exceeds the reservation"); ``reserve_latency_s`` models
+the time a destination takes to set up or grow one (vLLM's goes through its worker's side channel), during
+which the source keeps decoding.
 """
 
 from __future__ import annotations
@@ -22,6 +27,10 @@ from engines.sim.engine import SimEngine, token_at
 DEFAULT_KV_BYTES_PER_TOKEN = 2 * 32 * 4096 * 2
 # A PCIe 4.0 x16 host link moves ~25 GB/s; Llumnix copies GPU->CPU->network->CPU->GPU, so model 10 GB/s.
 DEFAULT_TRANSFER_BYTES_PER_S = 10e9
+
+# Data-plane address -> blocks its destination reserved, for the sim engines of this process (what the
+# receiving side of the TCP data plane checks every block against). Touched on the one bus loop only.
+_RESERVED: dict[str, int] = {}
 
 
 @dataclass(slots=True)
@@ -42,9 +51,11 @@ class MigratableSimEngine(SimEngine):
         *,
         kv_bytes_per_token: int = DEFAULT_KV_BYTES_PER_TOKEN,
         transfer_bytes_per_s: float = DEFAULT_TRANSFER_BYTES_PER_S,
+        reserve_latency_s: float = 0.0,
         **kwargs: object,
     ) -> None:
         super().__init__(instance_id, **kwargs)  # type: ignore[arg-type]
+        self.reserve_latency_s = reserve_latency_s  # modelled, scaled by time_scale
         self.block_bytes = kv_bytes_per_token * self.config.block_size
         self.transfer_bytes_per_s = transfer_bytes_per_s
         self._outgoing: dict[str, _Outgoing] = {}
@@ -67,6 +78,12 @@ class MigratableSimEngine(SimEngine):
     def _full_blocks(self, sim: SimRequest) -> int:
         return max(0, sim.context_len - 1) // self.config.block_size
 
+    def _check_reserved(self, destination: KvEndpoint, num_blocks: int) -> None:
+        """Refuse a copy that writes past the destination's reservation (when it lives in this process)."""
+        reserved = _RESERVED.get(destination.address)
+        if reserved is not None and num_blocks > reserved:
+            raise EngineError(f"block {num_blocks - 1} exceeds the reservation of {reserved} blocks")
+
     # ------------------------------------------------------------------------------------------ source
     async def migrate_out_begin(self, request_id: str, migration_id: str, destination: KvEndpoint) -> int:
         sim = self._sim(request_id)
@@ -82,6 +99,7 @@ class MigratableSimEngine(SimEngine):
             return StageReport(out.stage, 0, 0, 0, 0, 0.0, request_finished=True)
         started = time.perf_counter()
         to_copy = max(0, self._full_blocks(live.sim) - out.copied_blocks)
+        self._check_reserved(out.destination, out.copied_blocks + to_copy)
         await self._copy(to_copy)
         out.copied_blocks += to_copy
         out.stage += 1
@@ -104,18 +122,22 @@ class MigratableSimEngine(SimEngine):
             raise EngineError(f"request {out.request_id} ended before it could stop")
         started = time.perf_counter()
         sim = live.sim
+        # A copy past the reservation is refused before anything stops (the step in flight may add a token):
+        # the request goes on decoding here and the migration aborts, as a refused stage's does.
+        self._check_reserved(out.destination, self.core.blocks_for(sim.context_len + 1))
         self.core.remove(sim.request_id, keep_blocks=True)
         while self.core.requests.get(sim.request_id) is sim:  # removal lands when the current step ends
             await asyncio.sleep(0.0005)
         if live.done:  # it finished in that last step
             self.core.release_outgoing(sim.request_id)
             raise EngineError(f"request {out.request_id} finished while stopping")
-        live.done = True  # no more outputs from here; the stream ends as "migrated"
-        live.queue.put_nowait(EngineOutput(live.request.request_id, [], "migrated"))
-        blocks = sim.num_blocks
+        blocks = self.core.blocks_for(sim.context_len)  # its blocks moved to the outgoing pool: count them
         to_copy = max(0, blocks - out.copied_blocks)
+        # copied while its stream stays open: the stream ends (as "migrated") only once the state is handed over
         await self._copy(to_copy)
         out.copied_blocks += to_copy
+        live.done = True  # no more outputs from here; the stream ends as "migrated"
+        live.queue.put_nowait(EngineOutput(live.request.request_id, [], "migrated"))
         tokens = [token_at(live.seed, p) for p in range(sim.num_output)]  # deterministic: same as streamed
         out.frozen = FrozenRequest(
             request_id=sim.request_id,
@@ -152,14 +174,22 @@ class MigratableSimEngine(SimEngine):
 
     # ------------------------------------------------------------------------------------------ destination
     async def migrate_in_reserve(self, migration_id: str, num_blocks: int) -> KvEndpoint | None:
+        if self.reserve_latency_s > 0 and self.time_scale > 0:
+            await asyncio.sleep(self.reserve_latency_s * self.time_scale)
         held = self._reservations.get(migration_id, 0)
+        address = self._address(migration_id)
         if num_blocks > held:
             if not self.core.reserve(num_blocks - held):
                 return None
             self._reservations[migration_id] = num_blocks
-        return KvEndpoint(self.instance_id, f"sim://{self.instance_id}/{migration_id}", migration_id)
+            _RESERVED[address] = num_blocks
+        return KvEndpoint(self.instance_id, address, migration_id)
+
+    def _address(self, migration_id: str) -> str:
+        return f"sim://{self.instance_id}/{migration_id}"
 
     async def migrate_in_release(self, migration_id: str) -> None:
+        _RESERVED.pop(self._address(migration_id), None)
         held = self._reservations.pop(migration_id, 0)
         if held:
             self.core.release_reservation(held)
@@ -171,6 +201,7 @@ class MigratableSimEngine(SimEngine):
             super()._admit(request, sim)
             return
         held = self._reservations.pop(migration_id, 0)
+        _RESERVED.pop(self._address(migration_id), None)
         if not self.core.add_resumed(sim, self.clock, held):
             self.core.release_reservation(held)
             self._live.pop(request.request_id, None)

@@ -38,6 +38,15 @@ def test_reservation_grows_with_headroom() -> None:
     assert machine.grow_reservation(13) == 15 and machine.reserved == 15
 
 
+def test_reservation_keeps_room_for_what_the_request_wrote_during_the_last_round() -> None:
+    machine = MigrationStages(PolicyParams(), headroom_blocks=2, decoded_factor=2.0)
+    assert machine.first_reservation(10) == 12
+    assert machine.grow_reservation(10) is None  # it wrote nothing: the headroom is enough
+    assert machine.grow_reservation(14) == 14 + 2 + 2 * 4  # 4 blocks in one round: room for 8 more
+    assert machine.grow_reservation(15) is None  # 1 block: 15 + 2 + 2 = 19 fit in 24
+    assert machine.grow_reservation(25) == 25 + 2 + 20
+
+
 def test_bad_after_max_stages_is_refused() -> None:
     with pytest.raises(ValueError, match="after_max_stages"):
         PolicyParams().with_updates(after_max_stages="retry")

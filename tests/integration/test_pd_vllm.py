@@ -4,15 +4,18 @@ colocated run's, and neither side leaks a block. Engines come from the session's
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import nats
 import pytest
+from nats.aio.msg import Msg
 
 from control.client import DroverClient
 from control.settings import load_settings
 from tests.vllm_cluster import VllmCluster, idle_free_blocks
-from transport.messages import SamplingParams
+from transport.messages import Message, RequestDone, SamplingParams, TokenChunk, decode
 
 pytestmark = pytest.mark.vllm
 pytest_plugins = ["tests.conftest_vllm"]
@@ -27,10 +30,6 @@ async def pd_vllm_cluster(nats_url: str, vllm_engine_factory: Any) -> AsyncItera
             "engine": {"heartbeat_interval_s": 0.1},
             "policy": {"migration_enabled": False},  # only handoffs move requests
             "pd": {"mode": "disaggregated"},
-            # the tiny model decodes a block or more per migration round trip: reserve room for what it writes
-            # during the copy (the default, 2 blocks, is sized for real models; stages then abort with "block N
-            # exceeds the reservation" and the request stays on the prefill engine)
-            "migration": {"reserve_headroom_blocks": 16},
             # one control plane with its own in-memory state: the session's nats-server keeps the default state
             # and lease buckets of earlier tests' control planes (in CI a stale lease record vanished mid-test,
             # this control plane stepped down for a moment and the handoff was lost)
@@ -65,5 +64,56 @@ async def test_prefill_then_decode_on_vllm_equals_colocated(pd_vllm_cluster: Vll
                 assert result.done is not None and result.done.instances == ["a", "b"]
             assert await idle_free_blocks(client) == before  # no block leaked on either side
         finally:
+            for instance in ("a", "b"):
+                await client.set_phase(instance, "both")
+
+
+async def test_a_fault_during_the_kv_copy_runs_the_request_exactly_once_on_vllm(
+    pd_vllm_cluster: VllmCluster,
+) -> None:
+    """The handoff's migration aborts during the real KV copy (after its first stage: blocks are already in
+    the decode engine's staging), then, for a second request, loses its commit. Mid-copy the request stays on
+    the prefill engine (its retry is refused too); a lost commit leaves it on the decode engine. Either way a
+    second subscriber on the inbox sees every token index once and one done, the greedy tokens equal a
+    colocated run's, and neither engine keeps a block (staging reservations released)."""
+    migration = pd_vllm_cluster.settings.migration  # the migrator reads fault_stage at each step
+    async with DroverClient(pd_vllm_cluster.url, name="pd-vllm-fault") as client:
+        await client.wait_for_instances(2, timeout_s=60)
+        prompt = "A transfer that fails half way must not lose or repeat a token " * 5
+        # as long as the first test's: a lost commit must find the request still running to move it
+        sampling = SamplingParams(max_tokens=1200, ignore_eos=True)
+        tap = await nats.connect(pd_vllm_cluster.url)
+        try:
+            for instance in ("a", "b"):
+                assert (await client.set_phase(instance, "both")).ok
+            reference = await client.generate(prompt, sampling=sampling)
+            before = await idle_free_blocks(client)
+            assert (await client.set_phase("a", "prefill")).ok
+            assert (await client.set_phase("b", "decode")).ok
+            for stage, where in (("mid_copy", ["a"]), ("commit", ["a", "b"])):
+                migration.fault_stage = stage  # type: ignore[assignment]
+                seen: list[Message] = []
+
+                async def record(msg: Msg, into: list[Message] = seen) -> None:
+                    into.append(decode(msg.data))
+
+                stream = await client.submit(prompt, sampling=sampling, request_id=f"pd-vllm-fault-{stage}")
+                assert stream._subscription is not None
+                await tap.subscribe(stream._subscription.subject, cb=record)
+                result = await stream.result()
+                migration.fault_stage = ""
+                assert result.token_ids == reference.token_ids, stage
+                assert result.done is not None and result.done.instances == where, (stage, result.done.instances)
+                for _ in range(100):  # the tap's copy of the done
+                    if any(isinstance(m, RequestDone) for m in seen):
+                        break
+                    await asyncio.sleep(0.05)
+                chunks = sorted((m for m in seen if isinstance(m, TokenChunk)), key=lambda c: c.index)
+                assert [c.index + k for c in chunks for k in range(len(c.token_ids))] == list(range(1200)), stage
+                assert sum(isinstance(m, RequestDone) for m in seen) == 1, stage
+            assert await idle_free_blocks(client) == before  # no block leaked on either side
+        finally:
+            migration.fault_stage = ""
+            await tap.drain()
             for instance in ("a", "b"):
                 await client.set_phase(instance, "both")

@@ -113,7 +113,12 @@ async def test_a_live_run_replays_to_the_same_core_decisions(nats_url: str) -> N
     entries = log.entries()
     # The simulator's shell, configured as the live control plane was (policy and reservation headroom).
     simulator = ClusterSimulator(
-        ClusterConfig(policy=settings.policy, reserve_headroom_blocks=settings.migration.reserve_headroom_blocks), []
+        ClusterConfig(
+            policy=settings.policy,
+            reserve_headroom_blocks=settings.migration.reserve_headroom_blocks,
+            reserve_decoded_factor=settings.migration.reserve_decoded_factor,
+        ),
+        [],
     )
     scheduler_calls = [d for d in entries if d.what in SCHEDULER_CALLS]
     kinds = {d.what for d in scheduler_calls}

@@ -123,3 +123,40 @@ def test_load_balancing_migration_never_moves_a_request_onto_a_prefill_instance(
     assert result.migrations_committed >= sim.pd.handoffs_committed > 0
     for record in result.requests:
         assert all(index >= 2 for index in record.instances[1:]), record.instances
+
+
+def test_per_phase_autoscaler_starts_prefill_instances_for_a_prompt_queue_and_gives_back_idle_decode() -> None:
+    """1 prefill + 3 decode instances, long prompts and short outputs: the prefill pool's queue is over its
+    TTFT budget, so the autoscaler (the live AutoscalerActor's core decision) starts prefill instances; the
+    decode pool sits near empty, so it gives back decode instances, never its last one."""
+    long_prompts = generate_workload(
+        150, 30.0, prompt=LengthSpec.uniform(1500, 2500), output=LengthSpec.uniform(4, 16), seed=5, max_total_len=4096
+    )
+
+    def run_scaled(period: float) -> tuple[PdClusterSimulator, float]:
+        pd = PdParams(
+            mode="disaggregated",
+            autoscale_period_s=period,
+            autoscale_ttft_target_s=0.5,
+            autoscale_prefill_tokens_per_s=8000.0,
+            autoscale_max_instances=8,
+        )
+        sim = PdClusterSimulator(config(4), long_prompts, split_phases(4, 1), pd, startup_s=0.5)
+        result = sim.run()
+        assert result.completed == 150
+        for inst in sim.instances:  # nothing leaked on instances started or stopped on the way
+            assert inst.core.allocated_blocks == inst.core.reserved_blocks == inst.core.outgoing_blocks == 0
+        return sim, result.prefill.mean
+
+    fixed, fixed_ttft = run_scaled(0.0)
+    scaled, scaled_ttft = run_scaled(0.5)
+    assert fixed.scaled_out == fixed.scaled_in == 0 and len(fixed.instances) == 4
+    assert scaled.scaled_out >= 1 and scaled.scaled_in >= 1
+    started = scaled.instances[4:]
+    assert started and all(scaled.pd.phase_of(i.instance_id) == "prefill" for i in started)
+    decode_left = [
+        i for i in scaled.instances if scaled.pd.phase_of(i.instance_id) == "decode" and i.state != "stopped"
+    ]
+    assert len(decode_left) >= 1  # a pool keeps one instance
+    assert len(scaled.instances) <= 4 + 8
+    assert scaled_ttft < fixed_ttft  # virtual time: more prefill instances drain the prompt queue sooner
