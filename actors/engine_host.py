@@ -97,9 +97,7 @@ class EngineHost:
         self.tokenizer = tokenizer
         self.actor: pykka.ActorRef[Any] | None = None
         eng = settings.engine
-        self.local = (
-            LocalAutoscaler(eng.role, settings.autoscaling, eng.max_num_seqs) if eng.local_autoscaler else None
-        )
+        self.local = LocalAutoscaler(eng.role, settings.autoscaling, eng.max_num_seqs) if eng.local_autoscaler else None
         self.heartbeater = Heartbeater(
             bus, engine, eng.heartbeat_interval_s, role=eng.role, local=self.local, phase=eng.phase
         )

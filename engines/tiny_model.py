@@ -128,9 +128,7 @@ def _write_model(directory: Path, spec: ModelSpec) -> None:
     _write_weights(directory / "model.safetensors", spec)
     _write_tokenizer(directory, spec)
     # Written last: its presence marks a complete directory.
-    _write_json(
-        directory / "drover_model.json", {"tokenizer": "drover-bytes", "spec": dataclasses.asdict(spec)}
-    )
+    _write_json(directory / "drover_model.json", {"tokenizer": "drover-bytes", "spec": dataclasses.asdict(spec)})
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
@@ -168,9 +166,7 @@ def _weight_shapes(spec: ModelSpec) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, shape, init) of every parameter, in the fixed order the generator draws them."""
     h, kv = spec.hidden_size, spec.num_kv_heads * spec.head_dim
     q = spec.num_heads * spec.head_dim
-    shapes: list[tuple[str, tuple[int, ...], str]] = [
-        ("model.embed_tokens.weight", (spec.vocab_size, h), "embed")
-    ]
+    shapes: list[tuple[str, tuple[int, ...], str]] = [("model.embed_tokens.weight", (spec.vocab_size, h), "embed")]
     for i in range(spec.num_layers):
         p = f"model.layers.{i}"
         shapes += [
@@ -265,6 +261,4 @@ def _write_tokenizer(directory: Path, spec: ModelSpec) -> None:
             "model_max_length": spec.max_position_embeddings,
         },
     )
-    _write_json(
-        directory / "special_tokens_map.json", {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-    )
+    _write_json(directory / "special_tokens_map.json", {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})

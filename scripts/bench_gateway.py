@@ -63,8 +63,9 @@ class Run:
 
 async def direct_once(client: DroverClient, request_id: str, prompt: str, max_tokens: int) -> Run:
     started = time.perf_counter()
-    stream = await client.submit(prompt, request_id=request_id,
-                                 sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    stream = await client.submit(
+        prompt, request_id=request_id, sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    )
     run = Run([], [], [])
     pending = 0
     async for event in stream.events():
@@ -79,8 +80,14 @@ async def direct_once(client: DroverClient, request_id: str, prompt: str, max_to
 
 async def gateway_once(api: openai.AsyncOpenAI, model: str, request_id: str, prompt: str, max_tokens: int) -> Run:
     started = time.perf_counter()
-    stream = await api.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
-                                          stream=True, extra_body={"request_id": request_id, "ignore_eos": True})
+    stream = await api.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0.0,
+        stream=True,
+        extra_body={"request_id": request_id, "ignore_eos": True},
+    )
     run = Run([], [], [])
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
@@ -97,8 +104,9 @@ def per_token_gaps_ms(arrivals: list[float], tokens: list[int]) -> list[float]:
     return gaps
 
 
-async def measure(url: str, gateway_url: str, model: str, prompts: list[str], max_tokens: int,
-                  warmup: int) -> tuple[Samples, Samples, int]:
+async def measure(
+    url: str, gateway_url: str, model: str, prompts: list[str], max_tokens: int, warmup: int
+) -> tuple[Samples, Samples, int]:
     """Each prompt on both paths with the same request id, one after the other: engines seed their
     output by request id, so both runs stream the same text in the same pieces."""
     direct, gateway = Samples(), Samples()
@@ -132,9 +140,19 @@ def gateway_process(cluster: LocalCluster) -> Iterator[str]:
     port = _free_port()
     log = open(cluster.work_dir / "gateway.log", "ab")  # noqa: SIM115 - owned by the child
     proc = subprocess.Popen(
-        [sys.executable, "-m", "control.apps.cli", "--config", str(cluster.work_dir / "drover.toml"), "gateway",
-         "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        [
+            sys.executable,
+            "-m",
+            "control.apps.cli",
+            "--config",
+            str(cluster.work_dir / "drover.toml"),
+            "gateway",
+            "--port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -158,8 +176,11 @@ def gateway_process(cluster: LocalCluster) -> Iterator[str]:
 
 
 def paired_arrival_delays_ms(direct: Samples, gateway: Samples) -> list[float]:
-    return [(g - d) * 1e3 for ds, gs in zip(direct.arrivals, gateway.arrivals, strict=True)
-            for d, g in zip(ds, gs, strict=False)]
+    return [
+        (g - d) * 1e3
+        for ds, gs in zip(direct.arrivals, gateway.arrivals, strict=True)
+        for d, g in zip(ds, gs, strict=False)
+    ]
 
 
 def plot(directory: Path, kind: str, direct: Samples, gateway: Samples) -> None:
@@ -167,14 +188,32 @@ def plot(directory: Path, kind: str, direct: Samples, gateway: Samples) -> None:
     from scripts.plotting import cdf_plot
 
     title = f"Gateway (openai client -> HTTP/SSE -> NATS) vs direct NATS client ({kind})"
-    cdf_plot(directory, "gateway_ttft_cdf", {"direct": direct.ttft_ms, "gateway": gateway.ttft_ms},
-             xlabel="TTFT (ms)", title=title, log_x=True)
-    cdf_plot(directory, "gateway_itl_cdf", {"direct": direct.itl_ms, "gateway": gateway.itl_ms},
-             xlabel="inter-token latency (ms)", title=title, log_x=True)
-    cdf_plot(directory, "gateway_added_delay_cdf",
-             {"TTFT": [g - d for d, g in zip(direct.ttft_ms, gateway.ttft_ms, strict=True)],
-              "token arrival": paired_arrival_delays_ms(direct, gateway)},
-             xlabel="gateway - direct, paired by prompt (ms)", title=f"Latency the gateway adds ({kind})")
+    cdf_plot(
+        directory,
+        "gateway_ttft_cdf",
+        {"direct": direct.ttft_ms, "gateway": gateway.ttft_ms},
+        xlabel="TTFT (ms)",
+        title=title,
+        log_x=True,
+    )
+    cdf_plot(
+        directory,
+        "gateway_itl_cdf",
+        {"direct": direct.itl_ms, "gateway": gateway.itl_ms},
+        xlabel="inter-token latency (ms)",
+        title=title,
+        log_x=True,
+    )
+    cdf_plot(
+        directory,
+        "gateway_added_delay_cdf",
+        {
+            "TTFT": [g - d for d, g in zip(direct.ttft_ms, gateway.ttft_ms, strict=True)],
+            "token arrival": paired_arrival_delays_ms(direct, gateway),
+        },
+        xlabel="gateway - direct, paired by prompt (ms)",
+        title=f"Latency the gateway adds ({kind})",
+    )
 
 
 def main() -> None:
@@ -193,14 +232,19 @@ def main() -> None:
     settings = load_settings(overrides={"engine": {"kind": args.kind}, "observability": {"exporter": "none"}})
     prompts = [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] for i in range(args.requests + args.warmup)]
     console = Console()
-    console.print(f"engine={args.kind} requests={args.requests} (+{args.warmup} warm-up) per path, one at a "
-                  f"time, max_tokens={args.max_tokens}")
-    with console.status("starting nats-server, control plane, engine and gateway processes..."), \
-            local_cluster(settings, 1, args.work_dir) as cluster:
+    console.print(
+        f"engine={args.kind} requests={args.requests} (+{args.warmup} warm-up) per path, one at a "
+        f"time, max_tokens={args.max_tokens}"
+    )
+    with (
+        console.status("starting nats-server, control plane, engine and gateway processes..."),
+        local_cluster(settings, 1, args.work_dir) as cluster,
+    ):
         asyncio.run(wait_ready(cluster, 1, timeout_s=600))
         with gateway_process(cluster) as gateway_url:
             direct, gateway, mismatched = asyncio.run(
-                measure(cluster.url, gateway_url, settings.model.name, prompts, args.max_tokens, args.warmup))
+                measure(cluster.url, gateway_url, settings.model.name, prompts, args.max_tokens, args.warmup)
+            )
 
     table = Table(title=f"Gateway (openai client -> HTTP/SSE -> NATS) vs direct NATS client, ms ({args.kind})")
     for column in ("metric", "direct", "gateway", "gateway - direct"):
@@ -219,14 +263,18 @@ def main() -> None:
         table.add_row(f"token arrival p{q}", "", "", f"{percentile(delays, q):+.3f}")
     console.print(table)
     load = os.getloadavg()
-    console.print(f"{len(delays)} text pieces paired; runs whose text differed between paths: {mismatched}; "
-                  f"load average {load[0]:.1f} on {os.cpu_count()} CPUs (p99 is sensitive to other work)")
+    console.print(
+        f"{len(delays)} text pieces paired; runs whose text differed between paths: {mismatched}; "
+        f"load average {load[0]:.1f} on {os.cpu_count()} CPUs (p99 is sensitive to other work)"
+    )
     if mismatched:
         console.print("[red]the paths streamed different text: pairing is not exact[/]")
     ttft50, ttft99 = percentile(ttft_delays, 50), percentile(ttft_delays, 99)
-    console.print(f"summary: gateway adds TTFT p50 {ttft50:+.3f} ms / p99 {ttft99:+.3f} ms and per-token "
-                  f"arrival p50 {percentile(delays, 50):+.3f} ms / p99 {percentile(delays, 99):+.3f} ms "
-                  f"over the direct NATS client ({args.kind} engine)")
+    console.print(
+        f"summary: gateway adds TTFT p50 {ttft50:+.3f} ms / p99 {ttft99:+.3f} ms and per-token "
+        f"arrival p50 {percentile(delays, 50):+.3f} ms / p99 {percentile(delays, 99):+.3f} ms "
+        f"over the direct NATS client ({args.kind} engine)"
+    )
     if args.plot:
         plot(args.plot, args.kind, direct, gateway)
 

@@ -130,38 +130,61 @@ def main() -> None:
     console = Console()
     max_len = 2048
     arrivals = bursty_workload(args.requests, args.rate, args.cv, args.seed, max_len)
-    console.print(f"{args.kind}: {args.instances} instances, {len(arrivals)} requests over "
-                  f"{arrivals[-1].at_s:.1f} s (rate {args.rate}/s, CV {args.cv}), "
-                  f"prompt mean {statistics.fmean(a.prompt_tokens for a in arrivals):.0f}, "
-                  f"output mean {statistics.fmean(a.output_tokens for a in arrivals):.0f} tokens, "
-                  f"KV {args.kv_cache_gib} GiB per instance")
+    console.print(
+        f"{args.kind}: {args.instances} instances, {len(arrivals)} requests over "
+        f"{arrivals[-1].at_s:.1f} s (rate {args.rate}/s, CV {args.cv}), "
+        f"prompt mean {statistics.fmean(a.prompt_tokens for a in arrivals):.0f}, "
+        f"output mean {statistics.fmean(a.output_tokens for a in arrivals):.0f} tokens, "
+        f"KV {args.kv_cache_gib} GiB per instance"
+    )
     outcomes: dict[str, Outcome] = {}
     for name, policy in CONFIGS.items():
-        settings = load_settings(overrides={
-            "engine": {"kind": args.kind, "kv_cache_gib": args.kv_cache_gib, "sim_num_blocks": 96},
-            "model": {"max_model_len": max_len},
-            "policy": policy,
-            "observability": {"exporter": "none"},
-        })
-        with console.status(f"{name}: starting a fresh cluster and replaying the workload"), \
-                local_cluster(settings, args.instances) as cluster:
+        settings = load_settings(
+            overrides={
+                "engine": {"kind": args.kind, "kv_cache_gib": args.kv_cache_gib, "sim_num_blocks": 96},
+                "model": {"max_model_len": max_len},
+                "policy": policy,
+                "observability": {"exporter": "none"},
+            }
+        )
+        with (
+            console.status(f"{name}: starting a fresh cluster and replaying the workload"),
+            local_cluster(settings, args.instances) as cluster,
+        ):
             asyncio.run(wait_ready(cluster, args.instances, timeout_s=600))
             outcomes[name] = asyncio.run(drive(cluster.url, arrivals))
     table = Table(title="live cluster: dispatch and migration policies on the same bursty workload")
-    for column in ("policy", "TTFT p50 ms", "TTFT p99 ms", "e2e mean s", "e2e p99 s", "ITL p99 ms",
-                   "tokens/s", "migrations"):
+    for column in (
+        "policy",
+        "TTFT p50 ms",
+        "TTFT p99 ms",
+        "e2e mean s",
+        "e2e p99 s",
+        "ITL p99 ms",
+        "tokens/s",
+        "migrations",
+    ):
         table.add_column(column, justify="right")
     for name, o in outcomes.items():
-        table.add_row(name, f"{percentile(o.ttft_ms, 50):.1f}", f"{percentile(o.ttft_ms, 99):.1f}",
-                      f"{statistics.fmean(o.e2e_s):.2f}", f"{percentile(o.e2e_s, 99):.2f}",
-                      f"{percentile(o.itl_ms, 99):.1f}", f"{o.tokens / o.wall_s:.0f}", str(o.migrations))
+        table.add_row(
+            name,
+            f"{percentile(o.ttft_ms, 50):.1f}",
+            f"{percentile(o.ttft_ms, 99):.1f}",
+            f"{statistics.fmean(o.e2e_s):.2f}",
+            f"{percentile(o.e2e_s, 99):.2f}",
+            f"{percentile(o.itl_ms, 99):.1f}",
+            f"{o.tokens / o.wall_s:.0f}",
+            str(o.migrations),
+        )
     console.print(table)
     ll = outcomes["llumnix"]
     parts = []
     for base in ("round_robin", "infaas++"):
         b = outcomes[base]
-        parts.append(f"TTFT p99 {percentile(b.ttft_ms, 99) / percentile(ll.ttft_ms, 99):.2f}x vs {base}, "
-                     f"e2e p99 {percentile(b.e2e_s, 99) / percentile(ll.e2e_s, 99):.2f}x vs {base}")
+        parts.append(
+            f"TTFT p99 {percentile(b.ttft_ms, 99) / percentile(ll.ttft_ms, 99):.2f}x vs {base}, "
+            f"e2e p99 {percentile(b.e2e_s, 99) / percentile(ll.e2e_s, 99):.2f}x vs {base}"
+        )
     console.print(f"summary: llumnix ({ll.migrations} migrations) " + "; ".join(parts))
     if args.plot:
         plot(args.plot, args.kind, outcomes)

@@ -85,12 +85,30 @@ def plot(directory: Path, kind: str, direct: Samples, drover: Samples) -> None:
     from scripts.plotting import cdf_plot
 
     title = f"Drover NATS/actor path vs direct engine calls ({kind})"
-    cdf_plot(directory, "overhead_ttft_cdf", {"direct": direct.ttft_ms, "drover": drover.ttft_ms},
-             xlabel="TTFT (ms)", title=title, log_x=True)
-    cdf_plot(directory, "overhead_itl_cdf", {"direct": direct.itl_ms, "drover": drover.itl_ms},
-             xlabel="inter-token latency (ms)", title=title, log_x=True)
-    cdf_plot(directory, "overhead_transit_cdf", {"engine -> client": drover.transit_ms},
-             xlabel="transit per chunk (ms)", title=f"Overhead: engine -> client transit ({kind})", log_x=True)
+    cdf_plot(
+        directory,
+        "overhead_ttft_cdf",
+        {"direct": direct.ttft_ms, "drover": drover.ttft_ms},
+        xlabel="TTFT (ms)",
+        title=title,
+        log_x=True,
+    )
+    cdf_plot(
+        directory,
+        "overhead_itl_cdf",
+        {"direct": direct.itl_ms, "drover": drover.itl_ms},
+        xlabel="inter-token latency (ms)",
+        title=title,
+        log_x=True,
+    )
+    cdf_plot(
+        directory,
+        "overhead_transit_cdf",
+        {"engine -> client": drover.transit_ms},
+        xlabel="transit per chunk (ms)",
+        title=f"Overhead: engine -> client transit ({kind})",
+        log_x=True,
+    )
 
 
 def main() -> None:

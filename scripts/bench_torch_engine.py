@@ -176,10 +176,22 @@ def plot(directory: Path, spec: ModelSpec, tokens_per_s: dict[str, list[float]],
     """Output tokens/s per batch size (transformers vs torch engine), and KV blocks after a drop per g."""
     from scripts.plotting import bar_plot
 
-    bar_plot(directory, "torch_engine_throughput", ["batch 1", "batch 8"], tokens_per_s,
-             ylabel="output tokens/s", title=f"Torch engine vs transformers, {spec.name}, float32, CPU")
-    bar_plot(directory, "torch_engine_drop_kv_blocks", list(kv_blocks), {"KV blocks": list(kv_blocks.values())},
-             ylabel="KV blocks in the same memory budget", title=f"KunServe drop to 1/g of the layers, {spec.name}")
+    bar_plot(
+        directory,
+        "torch_engine_throughput",
+        ["batch 1", "batch 8"],
+        tokens_per_s,
+        ylabel="output tokens/s",
+        title=f"Torch engine vs transformers, {spec.name}, float32, CPU",
+    )
+    bar_plot(
+        directory,
+        "torch_engine_drop_kv_blocks",
+        list(kv_blocks),
+        {"KV blocks": list(kv_blocks.values())},
+        ylabel="KV blocks in the same memory budget",
+        title=f"KunServe drop to 1/g of the layers, {spec.name}",
+    )
 
 
 async def amain(args: argparse.Namespace) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-LEAKY = '''
+LEAKY = """
 import asyncio
 
 
@@ -32,7 +32,7 @@ def test_never_awaits_a_coroutine():
 
 def test_is_clean():
     asyncio.run(asyncio.sleep(0))
-'''
+"""
 
 
 def test_leaked_tasks_and_unawaited_coroutines_fail_their_test(tmp_path: Path) -> None:

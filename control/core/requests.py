@@ -157,7 +157,6 @@ class RequestTable(dict[str, R], Generic[R]):
         return len(self.finished)
 
 
-
 # ----------------------------------------------------------------------------------------------- commands
 @dataclass(frozen=True, slots=True)
 class Resume:

@@ -441,7 +441,10 @@ class MemorySimulator:
         singles = {str(u.members[0]): u for u in self.units.values() if u.size == 1}
         groups = [
             restore_snapshot(
-                str(unit.unit_id), unit.core.config.num_blocks, unit.core.num_free_blocks, len(unit.core.waiting),
+                str(unit.unit_id),
+                unit.core.config.num_blocks,
+                unit.core.num_free_blocks,
+                len(unit.core.waiting),
                 self.hw.instance_blocks,
             )
             for unit in self.units.values()

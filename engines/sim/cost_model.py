@@ -101,6 +101,7 @@ class CostModel:
         """How many whole steps of such a run have finished after ``elapsed_ms`` (0..max_steps)."""
         return self.steps_within(*self.run_coefficients(decode_seqs, context0), elapsed_ms, max_steps)
 
+
 # LLaMA-7B (fp16) on one A100-80GB with vLLM, the setting of Llumnix's main experiments. Llumnix publishes
 # no profile, so the constants come from the roofline of that GPU and model, checked against commonly
 # published vLLM figures (single-stream decode ~70-80 tokens/s, prefill ~12-15k tokens/s):

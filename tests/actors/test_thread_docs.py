@@ -42,7 +42,6 @@ def test_every_method_says_which_thread_runs_it(module: str) -> None:
 
 def test_the_check_finds_a_method_without_its_thread() -> None:
     source = (
-        'class A:\n    def f(self):\n        """Thread: the bus loop."""\n\n'
-        '    def g(self):\n        """Does g."""\n'
+        'class A:\n    def f(self):\n        """Thread: the bus loop."""\n\n    def g(self):\n        """Does g."""\n'
     )
     assert undocumented(source) == ["A.g"]

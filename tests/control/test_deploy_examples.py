@@ -113,9 +113,7 @@ def exec_start(unit: Path) -> list[str]:
     return shlex.split(parser["Service"]["ExecStart"].replace("%i", "gpu0"))
 
 
-@pytest.mark.parametrize(
-    "unit", ["drover-control.service", "drover-engine@.service", "drover-gateway.service"]
-)
+@pytest.mark.parametrize("unit", ["drover-control.service", "drover-engine@.service", "drover-gateway.service"])
 def test_systemd_units_run_existing_drover_commands(unit: str) -> None:
     command = exec_start(SYSTEMD / unit)
     assert Path(command[0]).name == "drover"

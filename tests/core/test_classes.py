@@ -11,7 +11,11 @@ PARAMS = AutoscaleParams()
 
 def load(iid: str, role: str, slots: int, interactive: int = 0, batch: int = 0) -> FleetInstance:
     return FleetInstance(
-        instance_id=iid, role=role, capacity=slots, num_interactive=interactive, num_batch=batch  # type: ignore[arg-type]
+        instance_id=iid,
+        role=role,
+        capacity=slots,
+        num_interactive=interactive,
+        num_batch=batch,  # type: ignore[arg-type]
     )
 
 

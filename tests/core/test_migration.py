@@ -15,9 +15,7 @@ def test_stop_once_few_blocks_remain() -> None:
     assert machine.stages == 2
 
 
-@pytest.mark.parametrize(
-    ("after", "step"), [("stop_and_copy", StageStep.STOP_AND_COPY), ("abort", StageStep.ABORT)]
-)
+@pytest.mark.parametrize(("after", "step"), [("stop_and_copy", StageStep.STOP_AND_COPY), ("abort", StageStep.ABORT)])
 def test_after_max_stages(after: str, step: StageStep) -> None:
     machine = MigrationStages(PolicyParams(last_stage_max_blocks=0, max_stages=2, after_max_stages=after))  # type: ignore[arg-type]
     assert machine.after_stage(5) is StageStep.COPY

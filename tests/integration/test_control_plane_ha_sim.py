@@ -237,8 +237,6 @@ async def test_request_that_ends_while_no_control_plane_runs_leaves_the_table(na
         await asyncio.to_thread(cluster.stop)
 
 
-
-
 # ---------------------------------------------------------------------------------------------- two processes
 class ControlProcess:
     """``drover control serve`` as a real process (SIGKILL is a real crash: its connection drops)."""

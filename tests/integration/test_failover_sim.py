@@ -35,8 +35,6 @@ def _cluster(nats_url: str) -> InProcessCluster:
     return cluster
 
 
-
-
 async def test_requests_of_a_dead_engine_resume_elsewhere_exactly_once(nats_url: str) -> None:
     cluster = await asyncio.to_thread(_cluster, nats_url)
     try:

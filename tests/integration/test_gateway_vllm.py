@@ -93,8 +93,9 @@ async def served_model(drover: DroverClient) -> str:
     return models.pop()
 
 
-async def test_models_list_the_model_the_vllm_engines_serve(api: openai.AsyncOpenAI, drover: DroverClient,
-                                                            vllm_engine_factory: Any) -> None:
+async def test_models_list_the_model_the_vllm_engines_serve(
+    api: openai.AsyncOpenAI, drover: DroverClient, vllm_engine_factory: Any
+) -> None:
     engine = await vllm_engine_factory.engine("a")
     model = await served_model(drover)
     assert model == engine.model_name
@@ -102,16 +103,18 @@ async def test_models_list_the_model_the_vllm_engines_serve(api: openai.AsyncOpe
     assert (await api.models.retrieve(model)).id == model
 
 
-async def test_greedy_completion_equals_drover_and_vllm(api: openai.AsyncOpenAI, drover: DroverClient,
-                                                        vllm_engine_factory: Any) -> None:
+async def test_greedy_completion_equals_drover_and_vllm(
+    api: openai.AsyncOpenAI, drover: DroverClient, vllm_engine_factory: Any
+) -> None:
     model = await served_model(drover)
     prompt = "The quick brown fox"
     engine_a = await vllm_engine_factory.engine("a")
     direct = await direct_greedy(engine_a, ByteTokenizer().encode(prompt), TOKENS, "gw-vllm-direct-1")
     via_drover = await drover.generate(prompt, sampling=SamplingParams(max_tokens=TOKENS, ignore_eos=True))
     assert via_drover.token_ids == direct  # Drover's own path is vLLM's greedy output
-    result = await api.completions.create(model=model, prompt=prompt, max_tokens=TOKENS, temperature=0,
-                                          extra_body={"ignore_eos": True})
+    result = await api.completions.create(
+        model=model, prompt=prompt, max_tokens=TOKENS, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert result.choices[0].text == via_drover.text
     assert result.choices[0].finish_reason == "length"
     assert result.usage is not None and result.usage.completion_tokens == TOKENS
@@ -130,14 +133,23 @@ async def test_greedy_completion_equals_drover_and_vllm(api: openai.AsyncOpenAI,
 
 async def test_streamed_chat_equals_the_whole_answer(api: openai.AsyncOpenAI, drover: DroverClient) -> None:
     model = await served_model(drover)
-    messages: list[ChatCompletionMessageParam] = [{"role": "system", "content": "be brief"},
-                                                  {"role": "user", "content": "hello vllm"}]
-    whole = await api.chat.completions.create(model=model, messages=messages, max_tokens=TOKENS, temperature=0,
-                                              extra_body={"ignore_eos": True})
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hello vllm"},
+    ]
+    whole = await api.chat.completions.create(
+        model=model, messages=messages, max_tokens=TOKENS, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert whole.choices[0].message.content
-    stream = await api.chat.completions.create(model=model, messages=messages, max_tokens=TOKENS, temperature=0,
-                                               stream=True, stream_options={"include_usage": True},
-                                               extra_body={"ignore_eos": True, "request_id": "gw-vllm-chat-1"})
+    stream = await api.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=TOKENS,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True, "request_id": "gw-vllm-chat-1"},
+    )
     chunks = [chunk async for chunk in stream]
     assert chunks[0].choices[0].delta.role == "assistant"
     pieces = [ch.choices[0].delta.content or "" for ch in chunks if ch.choices]
@@ -155,8 +167,11 @@ async def test_unknown_model_is_an_openai_shaped_404(api: openai.AsyncOpenAI, ga
     assert info.value.status_code == 404 and info.value.code == "model_not_found"
     assert info.value.param == "model" and info.value.type == "invalid_request_error"
     async with httpx.AsyncClient(timeout=10) as http:
-        raw = await http.post(f"{gateway.url}/v1/completions", json={"model": "gpt-9", "prompt": "x"},
-                              headers={"Authorization": f"Bearer {KEY}"})
+        raw = await http.post(
+            f"{gateway.url}/v1/completions",
+            json={"model": "gpt-9", "prompt": "x"},
+            headers={"Authorization": f"Bearer {KEY}"},
+        )
     assert raw.status_code == 404
     assert set(raw.json()) == {"error"} and set(raw.json()["error"]) == {"message", "type", "param", "code"}
 
@@ -181,8 +196,14 @@ async def test_closing_the_stream_early_cancels_the_request(api: openai.AsyncOpe
     model = await served_model(drover)
     request_id = "gw-vllm-close-1"
     ended = await _engine_end_of(drover.url, request_id)
-    stream = await api.completions.create(model=model, prompt="a long one", max_tokens=1500, temperature=0,
-                                          stream=True, extra_body={"ignore_eos": True, "request_id": request_id})
+    stream = await api.completions.create(
+        model=model,
+        prompt="a long one",
+        max_tokens=1500,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True, "request_id": request_id},
+    )
     got = 0
     async for chunk in stream:
         got += bool(chunk.choices and chunk.choices[0].text)
@@ -202,15 +223,24 @@ async def test_closing_the_stream_early_cancels_the_request(api: openai.AsyncOpe
         await asyncio.sleep(0.1)
 
 
-async def test_gateway_span_has_gen_ai_attributes(api: openai.AsyncOpenAI, drover: DroverClient,
-                                                  span_exporter: Any) -> None:
+async def test_gateway_span_has_gen_ai_attributes(
+    api: openai.AsyncOpenAI, drover: DroverClient, span_exporter: Any
+) -> None:
     model = await served_model(drover)
-    result = await api.completions.create(model=model, prompt="traced", max_tokens=4, temperature=0,
-                                          extra_body={"ignore_eos": True, "request_id": "gw-vllm-traced-1"})
+    result = await api.completions.create(
+        model=model,
+        prompt="traced",
+        max_tokens=4,
+        temperature=0,
+        extra_body={"ignore_eos": True, "request_id": "gw-vllm-traced-1"},
+    )
     deadline = time.monotonic() + 10
     while True:
-        ours = [s for s in span_exporter.get_finished_spans()
-                if s.name == spans.GATEWAY_REQUEST and s.attributes.get(spans.REQUEST_ID) == result.id]
+        ours = [
+            s
+            for s in span_exporter.get_finished_spans()
+            if s.name == spans.GATEWAY_REQUEST and s.attributes.get(spans.REQUEST_ID) == result.id
+        ]
         if ours:
             break
         assert time.monotonic() < deadline, "gateway span not exported"

@@ -94,9 +94,7 @@ async def test_killing_one_cluster_node_loses_no_request_and_no_token(nats_clust
     try:
         async with DroverClient(nats_cluster.url, name="cluster-kill") as client:
             await client.wait_for_instances(3, timeout_s=20)
-            for round_, (fault, victim_of) in enumerate(
-                [("kill", "control"), ("stop", "client"), ("kill", "engine")]
-            ):
+            for round_, (fault, victim_of) in enumerate([("kill", "control"), ("stop", "client"), ("kill", "engine")]):
                 streams = await _submit(client, f"nk{round_}", 9)
                 await _wait_streaming(streams)
                 assert drover.control_bus is not None

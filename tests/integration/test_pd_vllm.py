@@ -20,6 +20,11 @@ from transport.messages import Message, RequestDone, SamplingParams, TokenChunk,
 pytestmark = pytest.mark.vllm
 pytest_plugins = ["tests.conftest_vllm"]
 
+# A handoff is a live multi-stage copy while the request decodes on at the prefill engine; on a starved CI
+# core the tiny model can finish all its tokens first, and then the request rightly stays where it is. So a
+# test that needs a request moved tries a few times, checking every try's tokens and blocks.
+ATTEMPTS = 4
+
 
 @pytest.fixture(scope="module")
 async def pd_vllm_cluster(nats_url: str, vllm_engine_factory: Any) -> AsyncIterator[VllmCluster]:
@@ -58,10 +63,15 @@ async def test_prefill_then_decode_on_vllm_equals_colocated(pd_vllm_cluster: Vll
             before = await idle_free_blocks(client)
             assert (await client.set_phase("a", "prefill")).ok
             assert (await client.set_phase("b", "decode")).ok
-            for n in range(2):
+            moved = 0
+            for n in range(ATTEMPTS):
                 result = await client.generate(prompt, sampling=sampling, request_id=f"pd-vllm-{n}")
                 assert result.token_ids == reference.token_ids  # greedy, token for token, each once
-                assert result.done is not None and result.done.instances == ["a", "b"]
+                assert result.done is not None and result.done.instances in (["a", "b"], ["a"])
+                moved += result.done.instances == ["a", "b"]
+                if moved == 2:
+                    break
+            assert moved == 2, f"only {moved} of {n + 1} requests were handed off to the decode engine"
             assert await idle_free_blocks(client) == before  # no block leaked on either side
         finally:
             for instance in ("a", "b"):
@@ -90,20 +100,26 @@ async def test_a_fault_during_the_kv_copy_runs_the_request_exactly_once_on_vllm(
             before = await idle_free_blocks(client)
             assert (await client.set_phase("a", "prefill")).ok
             assert (await client.set_phase("b", "decode")).ok
-            for stage, where in (("mid_copy", ["a"]), ("commit", ["a", "b"])):
+            for stage, where, attempt in [("mid_copy", ["a"], 0)] + [
+                ("commit", ["a", "b"], k) for k in range(ATTEMPTS)
+            ]:
                 migration.fault_stage = stage  # type: ignore[assignment]
                 seen: list[Message] = []
 
                 async def record(msg: Msg, into: list[Message] = seen) -> None:
                     into.append(decode(msg.data))
 
-                stream = await client.submit(prompt, sampling=sampling, request_id=f"pd-vllm-fault-{stage}")
+                request_id = f"pd-vllm-fault-{stage}-{attempt}"
+                stream = await client.submit(prompt, sampling=sampling, request_id=request_id)
                 assert stream._subscription is not None
                 await tap.subscribe(stream._subscription.subject, cb=record)
                 result = await stream.result()
                 migration.fault_stage = ""
                 assert result.token_ids == reference.token_ids, stage
-                assert result.done is not None and result.done.instances == where, (stage, result.done.instances)
+                assert result.done is not None
+                finished_first = stage == "commit" and result.done.instances == ["a"] and attempt < ATTEMPTS - 1
+                # (a request that finished before its copy reached the commit stayed on the prefill engine)
+                assert finished_first or result.done.instances == where, (stage, result.done.instances)
                 for _ in range(100):  # the tap's copy of the done
                     if any(isinstance(m, RequestDone) for m in seen):
                         break
@@ -111,6 +127,8 @@ async def test_a_fault_during_the_kv_copy_runs_the_request_exactly_once_on_vllm(
                 chunks = sorted((m for m in seen if isinstance(m, TokenChunk)), key=lambda c: c.index)
                 assert [c.index + k for c in chunks for k in range(len(c.token_ids))] == list(range(1200)), stage
                 assert sum(isinstance(m, RequestDone) for m in seen) == 1, stage
+                if stage == "commit" and not finished_first:
+                    break
             assert await idle_free_blocks(client) == before  # no block leaked on either side
         finally:
             migration.fault_stage = ""

@@ -30,13 +30,31 @@ def test_each_helper_writes_a_non_empty_png(tmp_path: Path) -> None:
     out = tmp_path / "plots"  # created on demand
     paths = [
         cdf_plot(out, "cdf", {"a": [0.1, 0.2, 0.3, math.nan], "b": [0.15, 0.4]}, xlabel="s", title="t", log_x=True),
-        cdf_grid(out, "grid", {"x1": {"a": [1.0, 2.0]}, "x2": {"a": [3.0]}, "x3": {}, "x4": {"b": [1.0]}},
-                 xlabel="s", title="t"),
-        line_plot(out, "line", {"live": ([64, 256], [1.0, 2.0]), "recompute": ([64, 256], [5.0, 40.0])},
-                  xlabel="tokens", ylabel="ms", title="t", log_x=True, log_y=True),
+        cdf_grid(
+            out,
+            "grid",
+            {"x1": {"a": [1.0, 2.0]}, "x2": {"a": [3.0]}, "x3": {}, "x4": {"b": [1.0]}},
+            xlabel="s",
+            title="t",
+        ),
+        line_plot(
+            out,
+            "line",
+            {"live": ([64, 256], [1.0, 2.0]), "recompute": ([64, 256], [5.0, 40.0])},
+            xlabel="tokens",
+            ylabel="ms",
+            title="t",
+            log_x=True,
+            log_y=True,
+        ),
         bar_plot(out, "bars", ["batch 1", "batch 8"], {"a": [1.0, 2.0], "b": [3.0, 4.0]}, ylabel="tok/s", title="t"),
-        timeline_plot(out, "timeline", [("instances", {"x": ([0, 1, 2], [1, 3, 2])}), ("SLO", {"x": ([0.5], [0.9])})],
-                      xlabel="s", title="t"),
+        timeline_plot(
+            out,
+            "timeline",
+            [("instances", {"x": ([0, 1, 2], [1, 3, 2])}), ("SLO", {"x": ([0.5], [0.9])})],
+            xlabel="s",
+            title="t",
+        ),
     ]
     assert [p.name for p in paths] == ["cdf.png", "grid.png", "line.png", "bars.png", "timeline.png"]
     for path in paths:

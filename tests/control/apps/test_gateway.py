@@ -45,11 +45,14 @@ def cluster(nats_url: str) -> Iterator[InProcessCluster]:
 
 @pytest.fixture(scope="module")
 def gateway(cluster: InProcessCluster, span_exporter: object) -> Iterator[GatewayThread]:
-    settings = GatewaySettings(port=0, api_keys=[
-        ApiKeySettings(key=ALICE, client_id="alice", admin=True),
-        ApiKeySettings(key=BOB, client_id="bob", requests_per_minute=3),
-        ApiKeySettings(key=CAROL, client_id="carol", token_quota=40),
-    ])
+    settings = GatewaySettings(
+        port=0,
+        api_keys=[
+            ApiKeySettings(key=ALICE, client_id="alice", admin=True),
+            ApiKeySettings(key=BOB, client_id="bob", requests_per_minute=3),
+            ApiKeySettings(key=CAROL, client_id="carol", token_quota=40),
+        ],
+    )
     with GatewayThread(settings, cluster.url) as gw:
         deadline = time.monotonic() + 10
         while httpx.get(f"{gw.url}/readyz").status_code != 200:
@@ -86,8 +89,10 @@ def test_completion(gateway: GatewayThread) -> None:
 
 
 def test_chat_completion_uses_the_documented_template(gateway: GatewayThread) -> None:
-    messages: list[ChatCompletionMessageParam] = [{"role": "system", "content": "be brief"},
-                                                  {"role": "user", "content": "hi"}]
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+    ]
     result = client(gateway).chat.completions.create(model=MODEL, messages=messages, max_tokens=5)
     assert result.id.startswith("chatcmpl-") and result.object == "chat.completion"
     assert result.choices[0].message.role == "assistant"
@@ -100,11 +105,19 @@ def test_streamed_chat_equals_the_whole_answer(gateway: GatewayThread) -> None:
     # The same request id gives the same tokens (sim engines are seeded by it), so the two must match.
     c = client(gateway)
     messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "stream me"}]
-    whole = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=24,
-                                      extra_body={"request_id": "gw-stream-1"})
-    chunks = list(c.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, stream=True,
-                                            stream_options={"include_usage": True},
-                                            extra_body={"request_id": "gw-stream-1"}))
+    whole = c.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=24, extra_body={"request_id": "gw-stream-1"}
+    )
+    chunks = list(
+        c.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=24,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"request_id": "gw-stream-1"},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == whole.choices[0].message.content
@@ -116,10 +129,17 @@ def test_streamed_chat_equals_the_whole_answer(gateway: GatewayThread) -> None:
 
 
 def test_streamed_completion_sends_done(gateway: GatewayThread) -> None:
-    body = {"model": MODEL, "prompt": "raw sse", "max_tokens": 6, "stream": True, "priority": 1,
-            "request_class": "batch"}
-    with httpx.stream("POST", f"{gateway.url}/v1/completions", json=body,
-                      headers={"Authorization": f"Bearer {ALICE}"}, timeout=30) as response:
+    body = {
+        "model": MODEL,
+        "prompt": "raw sse",
+        "max_tokens": 6,
+        "stream": True,
+        "priority": 1,
+        "request_class": "batch",
+    }
+    with httpx.stream(
+        "POST", f"{gateway.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {ALICE}"}, timeout=30
+    ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in response.iter_lines() if line]
@@ -132,20 +152,30 @@ def test_streamed_completion_sends_done(gateway: GatewayThread) -> None:
 
 def test_stop_strings_truncate_and_end_the_request(gateway: GatewayThread) -> None:
     c = client(gateway)
-    full = c.completions.create(model=MODEL, prompt="stop probe", max_tokens=40,
-                                extra_body={"request_id": "gw-stop-1"}).choices[0].text
+    full = (
+        c.completions.create(model=MODEL, prompt="stop probe", max_tokens=40, extra_body={"request_id": "gw-stop-1"})
+        .choices[0]
+        .text
+    )
     stop = full[12:14]
     expected = full[: full.find(stop)]
     for stream in (False, True):
         if stream:
-            chunks = c.completions.create(model=MODEL, prompt="stop probe", max_tokens=40, stop=[stop],
-                                          stream=True, extra_body={"request_id": "gw-stop-1"})
+            chunks = c.completions.create(
+                model=MODEL,
+                prompt="stop probe",
+                max_tokens=40,
+                stop=[stop],
+                stream=True,
+                extra_body={"request_id": "gw-stop-1"},
+            )
             pieces = list(chunks)
             text = "".join(p.choices[0].text for p in pieces)
             reason = pieces[-1].choices[0].finish_reason
         else:
-            one = c.completions.create(model=MODEL, prompt="stop probe", max_tokens=40, stop=stop,
-                                       extra_body={"request_id": "gw-stop-1"})
+            one = c.completions.create(
+                model=MODEL, prompt="stop probe", max_tokens=40, stop=stop, extra_body={"request_id": "gw-stop-1"}
+            )
             text, reason = one.choices[0].text, one.choices[0].finish_reason
         assert text == expected
         assert reason == "stop"
@@ -186,8 +216,13 @@ def test_too_long_prompt_is_400_context_length_exceeded(gateway: GatewayThread) 
 
 @pytest.mark.parametrize(
     ("kwargs", "param"),
-    [({"n": 2}, "n"), ({"logprobs": 2}, "logprobs"), ({"presence_penalty": 0.5}, "presence_penalty"),
-     ({"temperature": 5}, "temperature"), ({"extra_body": {"request_id": "has.dots"}}, "request_id")],
+    [
+        ({"n": 2}, "n"),
+        ({"logprobs": 2}, "logprobs"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"temperature": 5}, "temperature"),
+        ({"extra_body": {"request_id": "has.dots"}}, "request_id"),
+    ],
 )
 def test_unsupported_or_invalid_parameters_are_400(gateway: GatewayThread, kwargs: dict, param: str) -> None:
     with pytest.raises(openai.BadRequestError) as info:
@@ -202,12 +237,16 @@ def test_unknown_model_is_404(gateway: GatewayThread) -> None:
 
 
 def test_malformed_body_is_an_openai_shaped_400(gateway: GatewayThread) -> None:
-    response = httpx.post(f"{gateway.url}/v1/chat/completions", content=b"{not json",
-                          headers={"Authorization": f"Bearer {ALICE}", "Content-Type": "application/json"})
+    response = httpx.post(
+        f"{gateway.url}/v1/chat/completions",
+        content=b"{not json",
+        headers={"Authorization": f"Bearer {ALICE}", "Content-Type": "application/json"},
+    )
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
-    response = httpx.post(f"{gateway.url}/v1/chat/completions", json={"model": MODEL},
-                          headers={"Authorization": f"Bearer {ALICE}"})
+    response = httpx.post(
+        f"{gateway.url}/v1/chat/completions", json={"model": MODEL}, headers={"Authorization": f"Bearer {ALICE}"}
+    )
     assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
 
 
@@ -254,8 +293,7 @@ async def _engine_end_of(nats_url: str, request_id: str) -> asyncio.Future[str]:
 
 
 @pytest.mark.parametrize("stream", [True, False])
-async def test_client_disconnect_aborts_the_request(gateway: GatewayThread, drover: DroverClient,
-                                                    stream: bool) -> None:
+async def test_client_disconnect_aborts_the_request(gateway: GatewayThread, drover: DroverClient, stream: bool) -> None:
     request_id = f"gw-disconnect-{int(stream)}"
     ended = await _engine_end_of(drover.url, request_id)
     body = {"model": MODEL, "prompt": "a long one", "max_tokens": 1500, "stream": stream, "request_id": request_id}
@@ -308,15 +346,18 @@ def test_gateway_without_nats_fails_to_start_with_a_clear_error() -> None:
 
 
 def test_gateway_span_parents_the_drover_trace(gateway: GatewayThread, span_exporter: Any) -> None:
-    result = client(gateway).completions.create(model=MODEL, prompt="traced", max_tokens=2,
-                                                extra_body={"request_id": "gw-traced-1"})
+    result = client(gateway).completions.create(
+        model=MODEL, prompt="traced", max_tokens=2, extra_body={"request_id": "gw-traced-1"}
+    )
     deadline = time.monotonic() + 5
     while True:
         finished = span_exporter.get_finished_spans()
-        ours = [s for s in finished if s.name == spans.GATEWAY_REQUEST
-                and s.attributes.get(spans.REQUEST_ID) == result.id]
-        if ours and any(s.name == spans.ENGINE_REQUEST and s.context.trace_id == ours[0].context.trace_id
-                        for s in finished):
+        ours = [
+            s for s in finished if s.name == spans.GATEWAY_REQUEST and s.attributes.get(spans.REQUEST_ID) == result.id
+        ]
+        if ours and any(
+            s.name == spans.ENGINE_REQUEST and s.context.trace_id == ours[0].context.trace_id for s in finished
+        ):
             break
         assert time.monotonic() < deadline, "gateway and engine spans not exported"
         time.sleep(0.05)
@@ -347,15 +388,22 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now)
-            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = directory / "cert.pem", directory / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return cert_path, key_path
-
 
 
 def test_drover_gateway_command_serves_openai_clients(cluster: InProcessCluster) -> None:
@@ -369,9 +417,21 @@ def test_drover_gateway_command_serves_openai_clients(cluster: InProcessCluster)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "control.apps.cli", "--nats-url", cluster.url, "gateway", "--port", str(port),
-         "--api-key", f"{ALICE}=alice"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "control.apps.cli",
+            "--nats-url",
+            cluster.url,
+            "gateway",
+            "--port",
+            str(port),
+            "--api-key",
+            f"{ALICE}=alice",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         env={**os.environ, "DROVER_OBSERVABILITY__EXPORTER": "none"},
     )
     try:
@@ -402,8 +462,9 @@ async def test_concurrent_streams_each_get_their_whole_answer(gateway: GatewayTh
 
     async def one(i: int) -> tuple[int, str | None]:
         tokens, reason = 0, None
-        stream = await api.completions.create(model=MODEL, prompt=f"concurrent {i}", max_tokens=20, stream=True,
-                                              stream_options={"include_usage": True})
+        stream = await api.completions.create(
+            model=MODEL, prompt=f"concurrent {i}", max_tokens=20, stream=True, stream_options={"include_usage": True}
+        )
         async for chunk in stream:
             if chunk.usage is not None:
                 tokens = chunk.usage.completion_tokens

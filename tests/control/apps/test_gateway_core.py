@@ -21,10 +21,13 @@ def run_stops(pieces: list[str], stops: list[str]) -> tuple[str, bool]:
     return out, matcher.stopped
 
 
-@given(st.lists(st.text(alphabet="abc", max_size=6), max_size=12),
-       st.lists(st.text(alphabet="abc", min_size=1, max_size=3), max_size=3))
-def test_stop_strings_cut_at_the_first_occurrence_however_the_text_is_split(pieces: list[str],
-                                                                             stops: list[str]) -> None:
+@given(
+    st.lists(st.text(alphabet="abc", max_size=6), max_size=12),
+    st.lists(st.text(alphabet="abc", min_size=1, max_size=3), max_size=3),
+)
+def test_stop_strings_cut_at_the_first_occurrence_however_the_text_is_split(
+    pieces: list[str], stops: list[str]
+) -> None:
     text = "".join(pieces)
     cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
     out, stopped = run_stops(pieces, stops)
@@ -51,10 +54,16 @@ def test_token_bucket_refills_at_its_rate() -> None:
 
 
 def test_keys_limits_and_usage() -> None:
-    access = AccessControl(GatewaySettings(token_quota=10, requests_per_minute=100, api_keys=[
-        ApiKeySettings(key="sk-aaaaaaaa", client_id="a"),
-        ApiKeySettings(key="sk-bbbbbbbb", client_id="b", token_quota=0, requests_per_minute=1),
-    ]))
+    access = AccessControl(
+        GatewaySettings(
+            token_quota=10,
+            requests_per_minute=100,
+            api_keys=[
+                ApiKeySettings(key="sk-aaaaaaaa", client_id="a"),
+                ApiKeySettings(key="sk-bbbbbbbb", client_id="b", token_quota=0, requests_per_minute=1),
+            ],
+        )
+    )
     with pytest.raises(GatewayError) as missing:
         access.authenticate(None)
     assert missing.value.status == 401
@@ -85,8 +94,12 @@ def test_settings_refuse_half_tls_and_duplicate_keys() -> None:
     with pytest.raises(ValueError, match="ssl"):
         GatewaySettings(ssl_certfile="cert.pem")
     with pytest.raises(ValueError, match="twice"):
-        GatewaySettings(api_keys=[ApiKeySettings(key="sk-aaaaaaaa", client_id="a"),
-                                  ApiKeySettings(key="sk-aaaaaaaa", client_id="b")])
+        GatewaySettings(
+            api_keys=[
+                ApiKeySettings(key="sk-aaaaaaaa", client_id="a"),
+                ApiKeySettings(key="sk-aaaaaaaa", client_id="b"),
+            ]
+        )
 
 
 def test_chat_template() -> None:
@@ -98,12 +111,27 @@ def test_chat_template() -> None:
 
 
 def test_request_translation() -> None:
-    spec = completion_spec(CompletionRequest(model="m", prompt=[1, 5, 7], max_tokens=3, temperature=0.5,
-                                             top_p=0.9, seed=7, stop="\n", priority=2, request_class="batch",
-                                             ignore_eos=True))
+    spec = completion_spec(
+        CompletionRequest(
+            model="m",
+            prompt=[1, 5, 7],
+            max_tokens=3,
+            temperature=0.5,
+            top_p=0.9,
+            seed=7,
+            stop="\n",
+            priority=2,
+            request_class="batch",
+            ignore_eos=True,
+        )
+    )
     assert spec.prompt is None and spec.prompt_token_ids == [1, 5, 7]
-    assert (spec.sampling.max_tokens, spec.sampling.temperature, spec.sampling.top_p, spec.sampling.seed) == \
-        (3, 0.5, 0.9, 7)
+    assert (spec.sampling.max_tokens, spec.sampling.temperature, spec.sampling.top_p, spec.sampling.seed) == (
+        3,
+        0.5,
+        0.9,
+        7,
+    )
     assert spec.stops == ("\n",) and spec.priority == 2 and spec.request_class == "batch"
     assert spec.sampling.ignore_eos
     assert spec.request_id.startswith("cmpl-")
@@ -117,9 +145,16 @@ def test_request_translation() -> None:
 
 @pytest.mark.parametrize(
     ("code", "status"),
-    [(ErrorCode.INVALID_REQUEST, 400), (ErrorCode.PROMPT_TOO_LONG, 400), (ErrorCode.OVERLOADED, 503),
-     (ErrorCode.NO_INSTANCE, 503), (ErrorCode.ENGINE_FAILED, 502), (ErrorCode.DUPLICATE_REQUEST, 409),
-     (ErrorCode.INTERNAL, 500), ("some_future_code", 500)],
+    [
+        (ErrorCode.INVALID_REQUEST, 400),
+        (ErrorCode.PROMPT_TOO_LONG, 400),
+        (ErrorCode.OVERLOADED, 503),
+        (ErrorCode.NO_INSTANCE, 503),
+        (ErrorCode.ENGINE_FAILED, 502),
+        (ErrorCode.DUPLICATE_REQUEST, 409),
+        (ErrorCode.INTERNAL, 500),
+        ("some_future_code", 500),
+    ],
 )
 def test_drover_codes_map_to_http_statuses(code: str, status: int) -> None:
     error = from_drover(code, "why")

@@ -78,8 +78,15 @@ def test_frames_infer_moves_between_instances(cluster: InProcessCluster) -> None
     from transport.messages import RequestClass, RequestStatus, StatusReply
 
     def status(instance: str) -> StatusReply:
-        request = RequestStatus(request_id="r1", instance_id=instance, state="running", prompt_tokens=3,
-                                age_s=1.0, priority=0, request_class=RequestClass.INTERACTIVE)
+        request = RequestStatus(
+            request_id="r1",
+            instance_id=instance,
+            state="running",
+            prompt_tokens=3,
+            age_s=1.0,
+            priority=0,
+            request_class=RequestClass.INTERACTIVE,
+        )
         return StatusReply(instances=[], requests=[request], queued=0, dispatch_policy="freeness")
 
     state = TopState()
@@ -111,8 +118,9 @@ def test_trace_shows_a_real_request(cluster: InProcessCluster, span_exporter: An
     span_exporter.clear()
     request_id = asyncio.run(one())
     deadline = time.monotonic() + 5
-    while {spans.CLIENT_SUBMIT, spans.SCHEDULER_DISPATCH, spans.ENGINE_REQUEST} - \
-            {s.name for s in span_exporter.get_finished_spans()}:
+    while {spans.CLIENT_SUBMIT, spans.SCHEDULER_DISPATCH, spans.ENGINE_REQUEST} - {
+        s.name for s in span_exporter.get_finished_spans()
+    }:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     path = tmp_path / "traces.jsonl"
@@ -137,12 +145,23 @@ def test_autoscaler_line_shows_the_last_decision_and_its_reason() -> None:
     from transport.messages import AutoscaleStatusReply, RoleScaleStatus
 
     role = RoleScaleStatus(
-        role="interactive", instances=2, starting=1, draining=0, target=3, min_instances=1, max_instances=4,
+        role="interactive",
+        instances=2,
+        starting=1,
+        draining=0,
+        target=3,
+        min_instances=1,
+        max_instances=4,
         pinned=False,
     )
     reply = AutoscaleStatusReply(
-        enabled=True, provisioner="local", period_s=5.0, startup_estimate_s=2.0, roles=[role],
-        last_reason="interactive 2 -> 3: backpressure 0.92 > 0.8", last_decision_at=100.0,
+        enabled=True,
+        provisioner="local",
+        period_s=5.0,
+        startup_estimate_s=2.0,
+        roles=[role],
+        last_reason="interactive 2 -> 3: backpressure 0.92 > 0.8",
+        last_decision_at=100.0,
     )
     text = autoscaler_line(reply, now=112.0).plain
     assert "last decision 12s ago" in text and "interactive 2 -> 3: backpressure 0.92 > 0.8" in text
