@@ -457,6 +457,38 @@ class RecordedPdCore(PdCore):
         self.log.add("pd_handoffs", "", (tuple(reports), seen, answers), tuple(planned))
         return planned
 
+    def wants_first_token(self, instance_id: str, num_prompt_tokens: int) -> bool:
+        wants = super().wants_first_token(instance_id, num_prompt_tokens)
+        self.log.add("pd_wants_first_token", instance_id, (num_prompt_tokens,), wants)
+        return wants
+
+    def first_token_handoffs(
+        self,
+        request_id: str,
+        source: InstanceSnapshot,
+        num_blocks: int,
+        instances: Iterable[InstanceSnapshot],
+        busy: Callable[[str], bool],
+        overlap: Callable[[str, Sequence[int]], int] | None = None,
+        prefix_of: Callable[[str], Sequence[int]] | None = None,
+    ) -> list[Handoff]:
+        seen = tuple(instances)
+        asked = AnswerLog(busy)
+        overlaps = AnswerLog(overlap) if overlap is not None else None
+        prefixes = AnswerLog(prefix_of) if prefix_of is not None else None
+        planned = super().first_token_handoffs(
+            request_id,
+            source,
+            num_blocks,
+            seen,
+            lambda rid: bool(asked(rid)),
+            (lambda iid, hashes: cast(int, overlaps(iid, hashes))) if overlaps is not None else None,
+            (lambda rid: cast(Sequence[int], prefixes(rid))) if prefixes is not None else None,
+        )
+        answers = (asked.answers, overlaps.answers if overlaps else None, prefixes.answers if prefixes else None)
+        self.log.add("pd_first_token_handoffs", request_id, (source, num_blocks, seen, answers), tuple(planned))
+        return planned
+
     def balancing_pool(self, snapshots: Sequence[InstanceSnapshot]) -> list[InstanceSnapshot]:
         pool = super().balancing_pool(snapshots)
         self.log.add("pd_balancing_pool", "", (tuple(snapshots),), tuple(pool))

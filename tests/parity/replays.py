@@ -36,6 +36,8 @@ PD_CALLS = {
     "pd_request",
     "pd_request_ended",
     "pd_handoffs",
+    "pd_wants_first_token",
+    "pd_first_token_handoffs",
     "pd_balancing_pool",
     "pd_rebalance",
     "pd_handoff_ended",
@@ -99,8 +101,13 @@ def _replay_pd(pd: PdCore, d: Decision, deviate: str, wrong: list[Mismatch]) -> 
             pd.on_request(d.key, d.inputs[0])  # type: ignore[arg-type]
     elif d.what == "pd_request_ended":
         pd.on_request_ended(d.key)
-    elif d.what == "pd_handoffs":
-        reports, seen, recorded = d.inputs
+    elif d.what == "pd_wants_first_token":
+        return pd.wants_first_token(d.key, int(cast(int, d.inputs[0])))
+    elif d.what in ("pd_handoffs", "pd_first_token_handoffs"):
+        if d.what == "pd_handoffs":
+            reports, seen, recorded = d.inputs
+        else:
+            source, num_blocks, seen, recorded = d.inputs
         busy, overlaps, prefixes = cast(tuple[Answers, Answers | None, Answers | None], recorded)
 
         def answer(answers: Answers, *args: object) -> Any:
@@ -116,6 +123,19 @@ def _replay_pd(pd: PdCore, d: Decision, deviate: str, wrong: list[Mismatch]) -> 
         def prefix_of(rid: str) -> Sequence[int]:
             return tuple(answer(prefixes or {}, rid))
 
+        if d.what == "pd_first_token_handoffs":
+            assert isinstance(source, InstanceSnapshot)
+            return tuple(
+                pd.first_token_handoffs(
+                    d.key,
+                    source,
+                    int(cast(int, num_blocks)),
+                    _snapshots(seen),
+                    lambda rid: bool(answer(busy, rid)),
+                    overlap if overlaps is not None else None,
+                    prefix_of if prefixes is not None else None,
+                )
+            )
         return tuple(
             pd.handoffs(
                 _snapshots(reports),

@@ -187,7 +187,10 @@ async def test_a_live_pd_run_replays_to_the_same_handoffs(nats_url: str) -> None
     entries = log.entries()
     kinds = {d.what for d in entries}
     assert {"pd_report", "pd_request", "pd_handoffs", "pd_handoff_ended", "pd_rebalance", "choose"} <= kinds, kinds
-    assert any(d.output for d in entries if d.what == "pd_handoffs"), "no handoff planned"
+    # handoffs start on the engine's first-token event (and at a heartbeat, for a retry after an abort)
+    assert {"pd_wants_first_token", "pd_first_token_handoffs"} <= kinds, kinds
+    handoff_calls = ("pd_handoffs", "pd_first_token_handoffs")
+    assert any(d.output for d in entries if d.what in handoff_calls), "no handoff planned"
 
     def simulator(pd: PdParams) -> PdClusterSimulator:
         return PdClusterSimulator(ClusterConfig(num_instances=1, policy=settings.policy), [], ("both",), pd)
