@@ -405,6 +405,37 @@ class AnswerLog:
         return answer
 
 
+class HandoffAnswers:
+    """The three callables a handoff round asks the shell (``busy``, ``overlap``, ``prefix_of``), each wrapped
+    in an :class:`AnswerLog`, typed as the round takes them; :attr:`answers` is what the log stores."""
+
+    def __init__(
+        self,
+        busy: Callable[[str], bool],
+        overlap: Callable[[str, Sequence[int]], int] | None,
+        prefix_of: Callable[[str], Sequence[int]] | None,
+    ) -> None:
+        self._busy = AnswerLog(busy)
+        self._overlap = AnswerLog(overlap) if overlap is not None else None
+        self._prefix_of = AnswerLog(prefix_of) if prefix_of is not None else None
+        overlaps, prefixes = self._overlap, self._prefix_of
+        self.busy: Callable[[str], bool] = lambda rid: bool(self._busy(rid))
+        self.overlap: Callable[[str, Sequence[int]], int] | None = (
+            (lambda iid, hashes: cast(int, overlaps(iid, hashes))) if overlaps is not None else None
+        )
+        self.prefix_of: Callable[[str], Sequence[int]] | None = (
+            (lambda rid: cast(Sequence[int], prefixes(rid))) if prefixes is not None else None
+        )
+
+    @property
+    def answers(self) -> tuple[object, object, object]:
+        return (
+            self._busy.answers,
+            self._overlap.answers if self._overlap else None,
+            self._prefix_of.answers if self._prefix_of else None,
+        )
+
+
 class RecordedPdCore(PdCore):
     """A :class:`PdCore` that records each call with its inputs and output in a
     :class:`~control.core.record.DecisionLog` (the replay parity test); it decides exactly as PdCore does."""
@@ -443,18 +474,9 @@ class RecordedPdCore(PdCore):
         prefix_of: Callable[[str], Sequence[int]] | None = None,
     ) -> list[Handoff]:
         seen = tuple(instances)
-        asked = AnswerLog(busy)
-        overlaps = AnswerLog(overlap) if overlap is not None else None
-        prefixes = AnswerLog(prefix_of) if prefix_of is not None else None
-        planned = super().handoffs(
-            reports,
-            seen,
-            lambda rid: bool(asked(rid)),
-            (lambda iid, hashes: cast(int, overlaps(iid, hashes))) if overlaps is not None else None,
-            (lambda rid: cast(Sequence[int], prefixes(rid))) if prefixes is not None else None,
-        )
-        answers = (asked.answers, overlaps.answers if overlaps else None, prefixes.answers if prefixes else None)
-        self.log.add("pd_handoffs", "", (tuple(reports), seen, answers), tuple(planned))
+        asked = HandoffAnswers(busy, overlap, prefix_of)
+        planned = super().handoffs(reports, seen, asked.busy, asked.overlap, asked.prefix_of)
+        self.log.add("pd_handoffs", "", (tuple(reports), seen, asked.answers), tuple(planned))
         return planned
 
     def wants_first_token(self, instance_id: str, num_prompt_tokens: int) -> bool:
@@ -473,20 +495,11 @@ class RecordedPdCore(PdCore):
         prefix_of: Callable[[str], Sequence[int]] | None = None,
     ) -> list[Handoff]:
         seen = tuple(instances)
-        asked = AnswerLog(busy)
-        overlaps = AnswerLog(overlap) if overlap is not None else None
-        prefixes = AnswerLog(prefix_of) if prefix_of is not None else None
+        asked = HandoffAnswers(busy, overlap, prefix_of)
         planned = super().first_token_handoffs(
-            request_id,
-            source,
-            num_blocks,
-            seen,
-            lambda rid: bool(asked(rid)),
-            (lambda iid, hashes: cast(int, overlaps(iid, hashes))) if overlaps is not None else None,
-            (lambda rid: cast(Sequence[int], prefixes(rid))) if prefixes is not None else None,
+            request_id, source, num_blocks, seen, asked.busy, asked.overlap, asked.prefix_of
         )
-        answers = (asked.answers, overlaps.answers if overlaps else None, prefixes.answers if prefixes else None)
-        self.log.add("pd_first_token_handoffs", request_id, (source, num_blocks, seen, answers), tuple(planned))
+        self.log.add("pd_first_token_handoffs", request_id, (source, num_blocks, seen, asked.answers), tuple(planned))
         return planned
 
     def balancing_pool(self, snapshots: Sequence[InstanceSnapshot]) -> list[InstanceSnapshot]:
