@@ -7,6 +7,7 @@ import asyncio
 import time
 
 import msgspec
+import pytest
 
 from actors.engine_actor import Heartbeater
 from actors.local_cluster import InProcessCluster
@@ -149,11 +150,13 @@ async def test_an_engine_add_nobody_received_is_sent_again(nats_url: str) -> Non
             )
             await asyncio.sleep(0.5)  # the first EngineAdd went nowhere
             await engine.shutdown()
+            # one heartbeat source at a time: this stand-in's beats (seq 0) after the real engine's would read
+            # as a restart of a live instance (a known bug, see the xfail test below)
+            stop_beats.set()
+            await beating
             await asyncio.to_thread(
                 cluster.add_engine, MigratableSimEngine("ghost", num_blocks=256, max_model_len=1024)
             )
-            stop_beats.set()
-            await beating
             result = await asyncio.wait_for(stream.result(), 30)
             assert result.token_ids == [token_at(request_seed(0, "la-1"), p) for p in range(30)]
     finally:
@@ -200,5 +203,34 @@ async def test_an_engine_taken_for_dead_that_comes_back_stops_what_failed_over(n
                 result = await asyncio.wait_for(stream.result(), 60)
                 assert result.token_ids == [token_at(request_seed(0, f"zb-{i}"), p) for p in range(900)]
                 assert result.done is not None and result.done.finish_reason != "abort"
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+@pytest.mark.xfail(
+    reason="known bug, open: a heartbeat whose seq goes back while the instance is alive (two processes under one "
+    "id) fails its request over onto the same engine, and the engine streams the resumed request's tokens after "
+    "its own (113 tokens for 60); a real restart, where the engine no longer holds the request, is exactly once",
+    strict=False,  # on a starved core the request may finish before the stray heartbeat arrives
+)
+async def test_a_false_restart_signal_of_a_live_instance_duplicates_nothing(nats_url: str) -> None:
+    cluster = await asyncio.to_thread(_cluster, nats_url, (), 60.0)
+    try:
+        await asyncio.to_thread(
+            cluster.add_engine, MigratableSimEngine("twin", num_blocks=256, max_model_len=1024, time_scale=1.0)
+        )
+        async with DroverClient(cluster.url, name="false-restart") as client:
+            await client.wait_for_instances(1, timeout_s=10)
+            sampling = SamplingParams(max_tokens=60, ignore_eos=True)
+            stream = await client.submit("false restart", sampling=sampling, request_id="fr-1")
+            async for _ in stream.events():
+                if len(stream.result_data.token_ids) >= 5:
+                    break
+            other = MigratableSimEngine("twin-2", num_blocks=256, max_model_len=1024)
+            info = msgspec.structs.replace(other.info, instance_id="twin", protocol_version=PROTOCOL_VERSION)
+            beat = InstanceHeartbeat(info=info, load=other.load(), seq=0, sent_at=time.time())
+            await client.nc.publish(subjects.heartbeat("twin"), encode(beat))  # seq back to 0: "restarted"
+            result = await asyncio.wait_for(stream.result(), 30)
+            assert result.token_ids == [token_at(request_seed(0, "fr-1"), p) for p in range(60)]
     finally:
         await asyncio.to_thread(cluster.stop)
