@@ -557,7 +557,7 @@ class SchedulerActor(SupervisedActor):
         decision = decide(  # the limits: control/core/admission.py
             self.settings,
             self.requests,
-            self.dispatch.pending,
+            self.dispatch.queued,
             submit,
             reply_to,
             len(token_ids),

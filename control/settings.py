@@ -350,6 +350,14 @@ class LimitsSettings(_Section):
         description="max_in_flight_per_client for named identities (the NATS user's client id, which the "
         "control plane reads from the subject, docs/security.md), e.g. {batch-team = 1024, trial = 4}.",
     )
+    max_queued_per_client: int = Field(
+        256,
+        ge=1,
+        description="Requests of one client (as max_in_flight_per_client counts them) waiting for an instance, in "
+        "the waiting queue or the fair queue; beyond: Overloaded at once. Drover's choice: a quarter of "
+        "scheduler.max_queued_requests, so one client (even one with a raised per_identity_max_in_flight) "
+        "cannot fill the shared queue alone.",
+    )
 
 
 class LifecycleSettings(_Section):

@@ -254,7 +254,11 @@ def main() -> None:
         {
             "engine": {"kind": "sim", "heartbeat_interval_s": args.heartbeat_s, "max_num_seqs": 64},
             # one client offers all the load: the per-client and total bounds must not be what refuses it
-            "limits": {"max_in_flight_per_client": 1_000_000, "max_in_flight_requests": 1_000_000},
+            "limits": {
+                "max_in_flight_per_client": 1_000_000,
+                "max_in_flight_requests": 1_000_000,
+                "max_queued_per_client": 1_000_000,
+            },
             "observability": {"exporter": "none", "log_level": "WARNING"},
         },
     )

@@ -214,7 +214,11 @@ def main() -> None:
         return load_settings(
             overrides={
                 "engine": {"kind": "sim", "sim_time_scale": 1.0},
-                "limits": {"max_in_flight_requests": limit, "max_in_flight_per_client": limit},
+                "limits": {
+                    "max_in_flight_requests": limit,
+                    "max_in_flight_per_client": limit,
+                    "max_queued_per_client": limit,
+                },
                 "scheduler": {"max_queued_requests": limit},
                 "observability": {"exporter": "none"},
             }

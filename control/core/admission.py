@@ -1,7 +1,8 @@
 """Admission: whether a submission is well formed (:func:`validate`), the longest prompt the fleet can take
-(:func:`max_prompt_tokens`), and the limits on load (:func:`decide`: queues, in-flight counts, deadlines, by
-:func:`control.policy.admission.admit`). No clock and no I/O: the shell passes its request table, its queue and
-a way to ask the dispatch index whether the request would fit now.
+(:func:`max_prompt_tokens`), and the limits on load (:func:`decide`: queues, each client's share of them,
+in-flight counts, deadlines, by :func:`control.policy.admission.admit`). No clock and no I/O: the shell passes
+its request table, its queued ids (waiting and fair queue) and a way to ask the dispatcher whether the request
+would start now.
 
 Both shells use :func:`max_prompt_tokens`: the SchedulerActor at each submission (over the instances that
 serve the request's model), the simulator at each arrival (over its instances), so a prompt the live
@@ -64,9 +65,16 @@ def decide(
     max_prompt_tokens: int,
     no_room: Callable[[], bool],
 ) -> Decision:
-    """Admit or refuse a submission by the configured limits over the shell's request table and queue (ids
-    of requests waiting for an instance). Queue counts per class and the dispatch try (``no_room``: True when
-    no instance would take it now) are computed only when a queue could be at its limit."""
+    """Admit or refuse a submission by the configured limits over the shell's request table and queue.
+
+    ``queue``: the ids of every request waiting for an instance, in the waiting queue and in the fair queue
+    (:attr:`control.core.dispatch.Dispatcher.queued`). The fair queue counts as much as the waiting queue:
+    with fairness on, the backlog waits there, and a limit that did not count it would bound nothing. A
+    client's queued requests are bounded too (``limits.max_queued_per_client``), so one client cannot fill
+    the shared queue however many requests it may have in flight. The global batch queue is not counted:
+    batch requests are meant to pile up there (in-flight limits bound them). Queue counts per class and per
+    client and the dispatch try (``no_room``: True when no instance would take it now) are computed only
+    when a queue could be at its limit."""
     lim = settings.limits
     key = client_key(submit.client_id, reply_to, subjects.INBOX_ROOT)
     limits = AdmissionLimits(
@@ -78,15 +86,20 @@ def decide(
         max_in_flight_per_client=lim.per_identity_max_in_flight.get(key, lim.max_in_flight_per_client),
         max_in_flight_requests=lim.max_in_flight_requests,
         max_deadline_s=lim.max_deadline_s,
+        max_queued_per_client=lim.max_queued_per_client,
     )
-    near_full = len(queue) >= min(lim.max_queued_interactive, lim.max_queued_batch, limits.max_queued_total)
-    in_class = _queued_in_class(requests, queue, submit) if near_full else 0
+    queued = len(queue)
+    near_full = queued >= min(
+        lim.max_queued_interactive, lim.max_queued_batch, limits.max_queued_total, limits.max_queued_per_client
+    )
+    in_class, of_client = _queued_by(requests, queue, submit, key) if near_full else (0, 0)
     load = AdmissionLoad(
         in_flight=len(requests),
         client_in_flight=requests.client_in_flight(key),
-        queued_total=len(queue),
+        queued_total=queued,
         queued_in_class=in_class,
         can_dispatch_now=not near_full or not no_room(),
+        client_queued=of_client,
     )
     request = AdmissionRequest(
         prompt_tokens=prompt_tokens,
@@ -97,6 +110,14 @@ def decide(
     return admit(request, load, limits)
 
 
-def _queued_in_class(requests: Mapping[str, Any], queue: Iterable[str], submit: SubmitRequest) -> int:
-    records = (requests.get(rid) for rid in queue)
-    return sum(1 for r in records if r is not None and r.submit.request_class == submit.request_class)
+def _queued_by(requests: Mapping[str, Any], queue: Iterable[str], submit: SubmitRequest, key: str) -> tuple[int, int]:
+    """(queued requests of the submission's class, queued requests of its client ``key``)."""
+    in_class = of_client = 0
+    for request_id in queue:
+        record = requests.get(request_id)
+        if record is None:
+            continue
+        queued = record.submit
+        in_class += queued.request_class == submit.request_class
+        of_client += client_key(queued.client_id, queued.reply_to, subjects.INBOX_ROOT) == key
+    return in_class, of_client

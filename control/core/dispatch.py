@@ -26,7 +26,7 @@ when the loop was written inside each shell.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -121,6 +121,12 @@ class Dispatcher:
         """Requests waiting here for an instance (not counting the batch queue)."""
         return len(self.pending) + (len(self.fair) if self.fair is not None else 0)
 
+    @property
+    def queued(self) -> Collection[str]:
+        """The ids of the requests waiting here for an instance: the waiting queue and the fair queue (what
+        admission's queue limits count; the batch queue is bounded by the in-flight limits alone)."""
+        return QueuedIds(self.pending, self.fair)
+
     def _record(self, what: str, key: str, inputs: tuple[object, ...], output: object) -> None:
         if self.log is not None:
             self.log.add(what, key, inputs, output)
@@ -145,7 +151,11 @@ class Dispatcher:
 
     def fits_now(self, demand: RequestDemand) -> bool:
         """Whether some instance would take the request now (admission asks when a queue is at its limit);
-        nothing is placed or counted."""
+        nothing is placed or counted. With fairness on, a request with others in the fair queue ahead of it
+        waits there (the queue is left only while the instances have room, and the last drain left these),
+        whatever the index would say."""
+        if self.fair is not None and len(self.fair):
+            return False
         chosen = self.index.choose(demand)
         self._record("choose", demand.request_id, (demand,), chosen)
         return chosen is not None
@@ -261,4 +271,23 @@ class Dispatcher:
         self.batch.forget(request_id)
 
 
-__all__ = ["Dispatcher", "FleetView", "Place", "Waiting"]
+class QueuedIds(Collection[str]):
+    """A live, read-only view of the ids waiting in a dispatcher's waiting queue and fair queue."""
+
+    def __init__(self, pending: deque[str], fair: FairQueue | None) -> None:
+        self.pending = pending
+        self.fair = fair
+
+    def __len__(self) -> int:
+        return len(self.pending) + (len(self.fair) if self.fair is not None else 0)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.pending
+        if self.fair is not None:
+            yield from self.fair
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self.pending or (self.fair is not None and request_id in self.fair)
+
+
+__all__ = ["Dispatcher", "FleetView", "Place", "QueuedIds", "Waiting"]

@@ -31,6 +31,7 @@ class AdmissionLimits:
     max_in_flight_per_client: int
     max_in_flight_requests: int
     max_deadline_s: float
+    max_queued_per_client: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,7 @@ class AdmissionLoad:
     queued_total: int
     queued_in_class: int  # queued requests of the request's class
     can_dispatch_now: bool  # an instance takes it at once (it would not wait in the queue)
+    client_queued: int = 0  # queued requests of this request's client
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +71,8 @@ ADMIT = Decision(Verdict.ADMIT)
 
 def admit(request: AdmissionRequest, load: AdmissionLoad, limits: AdmissionLimits) -> Decision:
     """Decide one submission. Order: what is wrong with the request itself first (so a too-long prompt is
-    not reported as overload), then the cluster-wide bound, the client's share, and the class's queue."""
+    not reported as overload), then the cluster-wide bound, the client's share, and, for a request that would
+    wait, the client's share of the queue, the class's queue and the whole queue."""
     if request.prompt_tokens > limits.max_prompt_tokens:
         return Decision(
             Verdict.PROMPT_TOO_LONG,
@@ -92,6 +95,11 @@ def admit(request: AdmissionRequest, load: AdmissionLoad, limits: AdmissionLimit
         )
     if load.can_dispatch_now:
         return ADMIT
+    if load.client_queued >= limits.max_queued_per_client:
+        return Decision(
+            Verdict.OVERLOADED,
+            f"this client has {load.client_queued} requests queued (limit {limits.max_queued_per_client}); retry later",
+        )
     class_limit = limits.max_queued_batch if request.request_class == "batch" else limits.max_queued_interactive
     if load.queued_in_class >= class_limit:
         return Decision(

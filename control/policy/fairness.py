@@ -16,6 +16,7 @@ backlog: one client's flood delays another's request by at most
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 
@@ -46,6 +47,10 @@ class FairQueue:
 
     def __contains__(self, item_id: object) -> bool:
         return item_id in self._where
+
+    def __iter__(self) -> Iterator[str]:
+        """The queued item ids (every key's, in no particular order)."""
+        return iter(self._where)
 
     def push(self, key: str, item_id: str, cost: int, now: float) -> None:
         """Queue ``item_id`` (cost in tokens, at least 1) behind ``key``'s earlier items."""

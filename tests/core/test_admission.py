@@ -1,11 +1,15 @@
 """The control core's admission (control/core/admission.py): the stateless checks the live scheduler and the
-simulator both apply, and the load limits over the scheduler's table and waiting queue."""
+simulator both apply, and the load limits over the scheduler's table and the dispatcher's queues."""
 
 from __future__ import annotations
 
 from control.core.admission import decide, max_prompt_tokens, validate
+from control.core.dispatch import Dispatcher, Waiting
 from control.core.requests import RequestRecord, RequestTable
-from control.policy.admission import Verdict
+from control.policy.admission import Decision, Verdict
+from control.policy.autoscaling import FleetInstance, RunningBatch
+from control.policy.dispatch import make_dispatch_policy
+from control.policy.snapshots import InstanceSnapshot, RequestDemand
 from control.settings import load_settings
 from control.simulator import ClusterConfig, ClusterSimulator
 from control.simulator.workload import RequestSpec
@@ -64,3 +68,76 @@ def test_a_full_queue_refuses_only_what_could_not_start_now() -> None:
     assert full.verdict is Verdict.OVERLOADED and "2 interactive requests queued" in full.reason and asked
     room = decide(settings, table, ["q1", "q2"], submit, INBOX, 1, max_prompt_tokens=100, no_room=lambda: False)
     assert room.admitted  # it would start at once: the queue's limit does not apply
+
+
+class _Fleet:
+    """The FleetView of a fleet whose engines' queues are full: the fair queue keeps every request."""
+
+    def __init__(self, table: RequestTable[RequestRecord]) -> None:
+        self.table = table
+
+    def waiting(self, request_id: str) -> Waiting | None:
+        record = self.table.get(request_id)
+        if record is None:
+            return None
+        demand = RequestDemand(request_id, len(record.prompt_token_ids), 1)
+        return Waiting(demand, client=record.submit.client_id, cost=1 + record.submit.sampling.max_tokens)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self.table
+
+    def class_loads(self) -> list[FleetInstance]:
+        return []
+
+    def evictable(self, instance_id: str) -> list[RunningBatch]:
+        return []
+
+    def serving_waiting(self) -> list[tuple[str, int]]:
+        return [("a", 1)]  # at fairness_max_waiting: no room
+
+
+def test_the_fair_queue_counts_towards_the_queue_limits_and_each_client_has_a_share() -> None:
+    """Before: the queue limits counted only the waiting queue, so with fairness on (where the backlog waits)
+    they bounded nothing, and one client could fill the queue. Now the fair queue counts, and a client's
+    queued requests stop at limits.max_queued_per_client while another client's are still admitted."""
+    settings = load_settings(
+        overrides={
+            "scheduler": {"fairness": True, "max_queued_requests": 5},
+            "limits": {"max_queued_per_client": 3},
+        }
+    )
+    table: RequestTable[RequestRecord] = RequestTable(settings.lifecycle, clock=lambda: 0.0)
+    index = make_dispatch_policy("least_loaded")
+    index.upsert(InstanceSnapshot("a", num_total_blocks=100, num_free_blocks=100, num_running=0, num_waiting=1))
+    core = Dispatcher(index, fair_quantum_tokens=16, fair_max_waiting=1)
+    fleet = _Fleet(table)
+
+    def submit(client: str, n: int) -> Decision:
+        request_id = f"{client}-{n}"
+        sub = SubmitRequest(reply_to=f"drover.v1.inbox.{client}.{n}", prompt="x", client_id=client)
+        demand = RequestDemand(request_id, 1, 1)
+        decision = decide(
+            settings,
+            table,
+            core.queued,
+            sub,
+            sub.reply_to,
+            1,
+            max_prompt_tokens=100,
+            no_room=lambda: not core.fits_now(demand),
+        )
+        if decision.admitted:
+            table[request_id] = RequestRecord(
+                submit=sub, request_id=request_id, cancel_token="t", prompt_token_ids=[1], arrival=0.0, headers={}
+            )
+            assert list(core.submit(request_id, fleet, 0.0)) == []  # no room: it waits in the fair queue
+        return decision
+
+    assert all(submit("flood", n).admitted for n in range(3))
+    assert not core.pending and core.num_queued == 3 and set(core.queued) == {"flood-0", "flood-1", "flood-2"}
+    assert not core.fits_now(RequestDemand("probe", 1, 1))  # the index has room, but the fair queue waits first
+    refused = submit("flood", 3)
+    assert refused.verdict is Verdict.OVERLOADED and "this client has 3 requests queued" in refused.reason
+    assert submit("polite", 0).admitted and submit("polite", 1).admitted  # another client's share is its own
+    full = submit("third", 0)
+    assert full.verdict is Verdict.OVERLOADED and "request queue is full (5)" in full.reason

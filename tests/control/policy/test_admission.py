@@ -26,7 +26,9 @@ LIMITS = AdmissionLimits(
     max_in_flight_per_client=3,
     max_in_flight_requests=20,
     max_deadline_s=60.0,
+    max_queued_per_client=5,
 )
+OVERLOADED = Verdict.OVERLOADED
 REQUEST = AdmissionRequest(prompt_tokens=10, max_tokens=5, request_class="interactive")
 IDLE = AdmissionLoad(in_flight=0, client_in_flight=0, queued_total=0, queued_in_class=0, can_dispatch_now=True)
 
@@ -48,6 +50,10 @@ def test_an_ordinary_request_is_admitted() -> None:
         ({}, {"queued_in_class": 6, "queued_total": 6, "can_dispatch_now": False}, Verdict.OVERLOADED),
         ({"request_class": "batch"}, {"queued_in_class": 4, "can_dispatch_now": False}, Verdict.OVERLOADED),
         ({}, {"queued_in_class": 1, "queued_total": 10, "can_dispatch_now": False}, Verdict.OVERLOADED),
+        # one client's share of the queue
+        ({}, {"queued_in_class": 5, "queued_total": 5, "client_queued": 5, "can_dispatch_now": False}, OVERLOADED),
+        ({}, {"queued_in_class": 5, "queued_total": 5, "client_queued": 5, "can_dispatch_now": True}, Verdict.ADMIT),
+        ({}, {"queued_in_class": 5, "queued_total": 5, "client_queued": 4, "can_dispatch_now": False}, Verdict.ADMIT),
         # a full queue does not matter when an instance takes the request at once
         ({}, {"queued_in_class": 6, "queued_total": 10, "can_dispatch_now": True}, Verdict.ADMIT),
         (
@@ -76,16 +82,17 @@ def test_the_request_itself_is_judged_before_load() -> None:
     in_class=st.integers(0, 20),
     now=st.booleans(),
     batch=st.booleans(),
+    client_queued=st.integers(0, 10),
 )
 def test_admitted_never_exceeds_a_bound(
-    in_flight: int, client: int, queued: int, in_class: int, now: bool, batch: bool
+    in_flight: int, client: int, queued: int, in_class: int, now: bool, batch: bool, client_queued: int
 ) -> None:
     request = dataclasses.replace(REQUEST, request_class="batch" if batch else "interactive")
-    load = AdmissionLoad(in_flight, client, queued, in_class, now)
+    load = AdmissionLoad(in_flight, client, queued, in_class, now, client_queued)
     if admit(request, load, LIMITS).admitted:
         assert in_flight < LIMITS.max_in_flight_requests and client < LIMITS.max_in_flight_per_client
         if not now:
-            assert queued < LIMITS.max_queued_total
+            assert queued < LIMITS.max_queued_total and client_queued < LIMITS.max_queued_per_client
             assert in_class < (LIMITS.max_queued_batch if batch else LIMITS.max_queued_interactive)
 
 
