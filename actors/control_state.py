@@ -201,7 +201,9 @@ class ControlState:
 
 def _recover(scheduler: SchedulerActor, record: RequestRecord) -> None:
     """Read back what the client has; the scheduler then drops the request or resumes it (failover path)."""
-    scheduler.carry_out([recover(record, unresumable="the control plane restarted and cannot resume this stream")])
+    scheduler.failovers.carry_out(
+        [recover(record, unresumable="the control plane restarted and cannot resume this stream")]
+    )
 
 
 def _release_migrations(scheduler: SchedulerActor, migrations: list[StoredMigration]) -> None:

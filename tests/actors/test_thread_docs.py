@@ -19,6 +19,11 @@ MODULES = (
     "memory_manager",
     "supervisor",
     "dispatching",
+    "scheduler_admin",
+    "scheduler_clients",
+    "scheduler_failover",
+    "scheduler_instances",
+    "scheduler_migration",
 )
 
 
