@@ -50,7 +50,7 @@ class InstanceRegistry:
         # re-rate all of them (O(instances) snapshot builds 20 times a second)
         self.built: dict[str, tuple[InstanceLoad, EngineInfo, object, InstanceSnapshot]] = {}
 
-    def record(self, what: str, key: str, inputs: tuple[object, ...], output: object) -> None:
+    def log_decision(self, what: str, key: str, inputs: tuple[object, ...], output: object) -> None:
         """Log one core call for the replay parity test (nothing without a log).
 
         Thread: the scheduler actor's thread."""
@@ -70,7 +70,7 @@ class InstanceRegistry:
         Thread: the scheduler actor's thread."""
         snapshot = self.snapshot(record)
         self.dispatch.index.upsert(snapshot)
-        self.record("upsert", record.info.instance_id, (snapshot,), None)
+        self.log_decision("upsert", record.info.instance_id, (snapshot,), None)
 
     def refresh(self, instance_id: str) -> None:
         """Re-read whether an instance takes dispatches (the memory manager grouped or released it).
@@ -89,7 +89,7 @@ class InstanceRegistry:
         self.built.pop(instance_id, None)
         self.dispatch.index.remove(instance_id)
         self.pd.forget_instance(instance_id)
-        self.record("remove", instance_id, (), None)
+        self.log_decision("remove", instance_id, (), None)
         metrics().remove_instance(instance_id)
 
     def serving(self) -> list[InstanceRecord]:
