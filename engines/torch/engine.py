@@ -6,8 +6,10 @@ a step computes. Requests join and leave between steps.
 
 Beyond the protocol it exposes what KunServe needs: :meth:`TorchEngine.drop_layers` /
 :meth:`TorchEngine.restore_layers` (parameter-centric memory), :meth:`TorchEngine.export_kv` /
-:meth:`TorchEngine.import_kv` (moving a request's KV for layers that change owner), and leading a
-:class:`~engines.torch.pipeline.PipelineGroup` (see :mod:`engines.torch.group`). Invariant: a request never
+:meth:`TorchEngine.import_kv` (moving a request's KV for layers that change owner), leading a
+:class:`~engines.torch.pipeline.PipelineGroup` (see :mod:`engines.torch.group`), and a member's requests
+moving into its group with their KV (:meth:`TorchEngine.park_paused` at the member, then
+:meth:`TorchEngine.adopt_kv_paused` at the leader; ``actors/engine_groups.py``). Invariant: a request never
 computes on missing KV: after layers come back, a running request whose KV for them was not imported is
 recomputed (preempted) before the next step.
 """
