@@ -102,13 +102,21 @@ class GroupAgent:
             raise EngineError(f"{self.instance_id} must hold every layer and be in no group to join one")
         started = time.perf_counter()
         self.parked.clear()
-        async with engine.paused():
-            handed = await self._hand_over_all()
-            report = await engine.drop_layers_paused((first, last))
-            engine.use_runner(engine.stage, "member")
-            engine.group_id, engine.group_members = command.group_id, list(command.members)
-            handed += await self._hand_over_all()  # a dispatch that raced the join: a member runs no request
-        self.server = StageServer(engine.stage, self.data_host, parked=self.parked)
+        handed: list[EngineAdd] = []
+        try:
+            async with engine.paused():
+                handed = await self._hand_over_all()
+                report = await engine.drop_layers_paused((first, last))
+                engine.use_runner(engine.stage, "member")
+                engine.group_id, engine.group_members = command.group_id, list(command.members)
+                handed += await self._hand_over_all()  # a dispatch that raced the join: a member runs no request
+            self.server = StageServer(engine.stage, self.data_host, parked=self.parked)
+        except BaseException:
+            # The join failed after its requests left this engine: the scheduler resumes them (recomputed).
+            self.parked.clear()
+            for add in handed:
+                await self._report_evicted(add.request_id, list(add.output_token_ids))
+            raise
         metrics().memory_event("join", report.freed_weight_bytes, time.perf_counter() - started)
         return GroupReply(
             group_id=command.group_id,
@@ -229,7 +237,12 @@ class GroupAgent:
         engine = self.engine
         taken = nbytes = 0
         for remote in remotes:
-            for request_id, num_tokens in await asyncio.to_thread(remote.parked):
+            try:
+                parked = await asyncio.to_thread(remote.parked)
+            except RemoteStageError as exc:  # a member from before the keep join parks nothing: its requests resumed
+                log.warning("engine %s: no parked KV listed at %s: %s", self.instance_id, remote.address, exc)
+                continue
+            for request_id, num_tokens in parked:
                 blocks = engine.adopt_kv_paused(request_id, num_tokens)  # None: no room, recomputed when added
                 try:
                     kv = await asyncio.to_thread(remote.take_parked, request_id, blocks)
