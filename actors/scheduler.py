@@ -89,6 +89,16 @@ class MigrationTick:
     """Every ``policy.migration_period_s``: plan migrations (Llumnix pairing) and start them."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Handed:
+    """A request a member joining a KunServe group handed over (``MemoryManager.on_handed``)."""
+
+    request_id: str
+    source: str
+    destination: str | None
+    outputs: list[int]
+
+
 class SchedulerActor(SupervisedActor):
     def __init__(
         self,
@@ -133,7 +143,13 @@ class SchedulerActor(SupervisedActor):
         )
         self.prefix_resyncs = ResyncRequests()  # PrefixResync requests to engines whose cache the index lost
         # KunServe groups; an instance it groups or releases is re-read into the dispatch index
-        self.memory = MemoryManager(bus, settings.memory, lambda i: self.registry.refresh(i), decision_log)
+        self.memory = MemoryManager(
+            bus,
+            settings.memory,
+            lambda i: self.registry.refresh(i),
+            decision_log,
+            on_handed=lambda *handed: self.tell_self(_Handed(*handed)),
+        )
         self.registry = InstanceRegistry(self.dispatch, self.pd, self.memory.blocks_dispatch, decision_log)
         self.instances = self.registry.records  # one dict: the state store's restore and the lifecycle read it
         # request classes and roles; the batch queue it reports is the dispatcher's
@@ -237,6 +253,8 @@ class SchedulerActor(SupervisedActor):
             self.classes.on_message(message, self.instances, self.requests, len(self.dispatch.pending))
         elif isinstance(message, AddUnacked):
             self.placements.on_add_unacked(message)
+        elif isinstance(message, _Handed):
+            self._on_handed(message)
         elif isinstance(message, PdPoolsQuery):  # the per-phase autoscaler's input
             pools = tuple(
                 (self.registry.snapshot(r), self.pd.phase_of(r.info.instance_id)) for r in self.registry.serving()
@@ -408,9 +426,7 @@ class SchedulerActor(SupervisedActor):
             self.failovers.carry_out([Resume(record.request_id)])
             return
         if ended.finish_reason == "evicted":  # a KunServe group step handed it back: resume after its outputs
-            record.resume_tokens, record.state, record.instance_id = list(ended.output_token_ids), "queued", None
-            self.state.save_request(record)
-            self.placements.dispatch_or_wait(record, time.monotonic())
+            self._resume_after(record, ended.output_token_ids)
             return
         self.requests.pop(ended.request_id)
         self.state.drop_request(ended.request_id)
@@ -418,3 +434,26 @@ class SchedulerActor(SupervisedActor):
         self.classes.on_ended(ended.request_id)
         self.dispatch.forget(ended.request_id)
         self.pd.on_request_ended(ended.request_id)
+
+    def _resume_after(self, record: RequestRecord, outputs: list[int]) -> None:
+        """Run a request again after the output tokens its client has (recomputed where it lands).
+
+        Thread: the scheduler actor's thread."""
+        record.resume_tokens, record.state, record.instance_id = list(outputs), "queued", None
+        self.state.save_request(record)
+        self.placements.dispatch_or_wait(record, time.monotonic())
+
+    def _on_handed(self, handed: _Handed) -> None:
+        """A member joining a KunServe group handed its request over: it is being added to the group's leader
+        (``destination``; on its KV, as a migrated request), or (None: it was not) resumes after its outputs.
+
+        Thread: the scheduler actor's thread."""
+        record = self.requests.get(handed.request_id)
+        if record is None or record.instance_id != handed.source:
+            return  # ended (or moved) meanwhile
+        if handed.destination is None:
+            self._resume_after(record, handed.outputs)
+            return
+        record.instance_id = handed.destination
+        record.served_by.append(handed.destination)
+        self.state.save_request(record)
