@@ -792,9 +792,12 @@ def ablation_variants() -> dict[str, PolicyParams]:
             drover, predict_hold=False, migration_pingpong_window_s=0.0, **load_migration
         ),
         # one queue for the cluster (issue 17, Azure): each rule off in turn, then both (round 24's drover)
-        "drover - aging (FCFS queue)": dataclasses.replace(drover, queue_aging_tokens_per_s=0.0),
-        "drover - hold all (one held)": dataclasses.replace(drover, queue_hold_all=False),
-        "drover - both (round 24)": dataclasses.replace(drover, queue_hold_all=False, queue_aging_tokens_per_s=0.0),
+        "drover - hold all (round 24)": dataclasses.replace(drover, queue_hold_all=False),
+        "drover, scan 32": dataclasses.replace(drover, queue_backfill_scan=32),
+        "drover + aging 250": dataclasses.replace(drover, queue_aging_tokens_per_s=250.0),
+        "drover + aging 250, scan 32": dataclasses.replace(
+            drover, queue_aging_tokens_per_s=250.0, queue_backfill_scan=32
+        ),
         "drover": drover,
     }
 

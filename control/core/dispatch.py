@@ -175,7 +175,7 @@ class Dispatcher:
             return None
         placed = self._try(request, view, now)
         if placed is False:
-            self.pending.append(request_id)
+            self.pending.append(request_id, now)
         return placed if isinstance(placed, Place) else None
 
     def _queue_params(self) -> tuple[bool, float, int]:
@@ -244,6 +244,7 @@ class Dispatcher:
         release = getattr(self.index, "release_reservations", None)
         if release is not None and pending:
             release()  # the head reserves afresh (see PredictiveIndex.release_reservations)
+        starving = float(getattr(getattr(self.index, "params", None), "queue_starvation_s", 0.0))
         for request_id in pending.head(scan):
             request = view.waiting(request_id)
             if request is None:  # ended or cancelled while it waited
@@ -251,6 +252,8 @@ class Dispatcher:
                 continue
             placed = self._try(request, view, now)
             if placed is False:
+                if starving > 0 and now - pending.queued_at(request_id) > starving:
+                    return  # it has waited too long: nothing behind it may overtake it (FCFS from here)
                 continue
             pending.remove(request_id)
             if isinstance(placed, Place):

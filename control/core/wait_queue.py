@@ -27,12 +27,13 @@ class WaitQueue:
 
     A :class:`collections.abc.Collection` of request ids (admission counts and reads it)."""
 
-    __slots__ = ("_ids", "_items", "_seq")
+    __slots__ = ("_ids", "_items", "_queued_at", "_seq")
 
     def __init__(self) -> None:
         self._items: list[tuple[float, int, str]] = []  # (key, arrival sequence, request id), sorted
         self._ids: dict[str, tuple[float, int, str]] = {}
         self._seq = 0
+        self._queued_at: dict[str, float] = {}  # request id -> when it was queued (the shell's clock)
 
     def push(self, request_id: str, now: float = 0.0, prompt_tokens: int = 0, aging_tokens_per_s: float = 0.0) -> None:
         """Queue ``request_id`` in its place: at the back (FCFS, ``aging_tokens_per_s`` 0), else by the key
@@ -43,13 +44,16 @@ class WaitQueue:
         key = now + prompt_tokens / aging_tokens_per_s if aging_tokens_per_s > 0 else 0.0
         item = (key, self._seq, request_id)
         self._ids[request_id] = item
+        self._queued_at[request_id] = now
         if not self._items or item > self._items[-1]:
             self._items.append(item)  # FCFS, and most keyed arrivals: no search
         else:
             insort(self._items, item)
 
-    def append(self, request_id: str) -> None:
-        """At the back, whatever the order (FCFS's push)."""
+    def append(self, request_id: str, now: float = float("inf")) -> None:
+        """At the back, whatever the order (FCFS's push); ``now`` unknown (a request restored as queued):
+        it never counts as having waited long."""
+        self._queued_at[request_id] = now
         self._seq += 1
         key = self._items[-1][0] if self._items else 0.0
         item = (key, self._seq, request_id)
@@ -64,11 +68,16 @@ class WaitQueue:
         item = self._ids.pop(request_id, None)
         if item is None:
             return
+        self._queued_at.pop(request_id, None)
         items = self._items
         if items and items[0] == item:
             del items[0]
             return
         items.pop(bisect_left(items, item))
+
+    def queued_at(self, request_id: str) -> float:
+        """When the request was queued (``now`` at its push), or ``inf`` when it is not queued."""
+        return self._queued_at.get(request_id, float("inf"))
 
     def __len__(self) -> int:
         return len(self._items)

@@ -65,6 +65,9 @@ class DispatchParams:
     queue_backfill_scan: int = 32
     """With ``queue_hold_all``: held requests tried per scheduler tick, head first (later ones may start on
     an instance the head does not fit; bounds a tick's cost however long the queue)."""
+    queue_starvation_s: float = 0.0
+    """With ``queue_hold_all``: a held request that has waited longer than this (seconds) and still fits
+    nowhere stops the tick's scan, so nothing queued behind it overtakes it any more (0 = off)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +90,7 @@ class PolicyParams:
     queue_hold_all: bool = False
     queue_aging_tokens_per_s: float = 0.0
     queue_backfill_scan: int = 32
+    queue_starvation_s: float = 0.0
 
     migration_enabled: bool = True
     migrate_threshold: float = 3.0
@@ -159,6 +163,7 @@ always empties."""
             queue_hold_all=self.queue_hold_all,
             queue_aging_tokens_per_s=self.queue_aging_tokens_per_s,
             queue_backfill_scan=self.queue_backfill_scan,
+            queue_starvation_s=self.queue_starvation_s,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -210,6 +215,8 @@ always empties."""
                 raise ValueError(f"{name} must be >= 1")
         if self.queue_aging_tokens_per_s < 0:
             raise ValueError("queue_aging_tokens_per_s must be >= 0 (0 = first come, first served)")
+        if self.queue_starvation_s < 0:
+            raise ValueError("queue_starvation_s must be >= 0 (0 = off)")
         if self.queue_backfill_scan < 1:
             raise ValueError("queue_backfill_scan must be >= 1")
         if self.migration_period_s <= 0:

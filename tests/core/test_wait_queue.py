@@ -103,7 +103,7 @@ def test_aging_tries_the_short_prompt_first_and_the_scan_is_bounded() -> None:
 
 def test_policy_params_validate_and_drover_turns_the_queue_rules_on() -> None:
     drover = user_policy_params("drover")
-    assert drover.queue_hold_all and drover.queue_aging_tokens_per_s > 0
+    assert drover.queue_hold_all and drover.queue_backfill_scan >= 1
     assert drover.dispatch_params().queue_hold_all
     assert not user_policy_params("least_loaded").queue_hold_all
     with pytest.raises(ValueError, match="queue_aging_tokens_per_s"):
@@ -121,3 +121,21 @@ def test_a_whole_simulated_burst_finishes_every_request_with_the_cluster_queue()
         result = simulate(dataclasses.replace(base, policy=params), specs)
         assert all(r.done for r in result.requests), params.queue_hold_all
         assert len(result.requests) == len(specs)
+
+
+def test_a_request_held_past_queue_starvation_s_is_not_overtaken_any_more() -> None:
+    params = DispatchParams(predict_hold=True, queue_hold_all=True, queue_starvation_s=2.0)
+    index = make_dispatch_policy("predictive", params)
+    core, shell = Dispatcher(index), Shell()
+    index.upsert(snapshot("a", free=20, running=3))
+    index.upsert(snapshot("b", free=10, running=3))
+    for rid, blocks in (("big", 50), ("small", 2)):
+        assert shell.run(core.submit(shell.add(rid, blocks=blocks), shell, 0.0)) == []
+    assert core.pending.queued_at("big") == 0.0 and core.pending.queued_at("gone") == float("inf")
+    index.upsert(snapshot("b", free=40, running=3))  # room for small only (a is big's, and too small)
+    assert shell.run(core.retry(shell, 1.0)) == ["small"]  # big has waited 1 s: small may overtake it
+    index.upsert(snapshot("b", free=10, running=3))
+    assert shell.run(core.submit(shell.add("small3", blocks=2), shell, 2.5)) == []  # no room: held
+    index.upsert(snapshot("b", free=40, running=3))
+    assert shell.run(core.retry(shell, 3.0)) == []  # big has waited 3 s > 2 s: small3 waits behind it
+    assert list(core.pending) == ["big", "small3"]
