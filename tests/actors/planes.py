@@ -1,13 +1,12 @@
 """What the autoscaler tests (``test_autoscaler.py``, ``test_autoscaler_pd.py``) share: a control plane whose
-provisioner starts simulated engines in this process, on a real nats-server, and the wait for a condition."""
+provisioner starts simulated engines in this process, on a real nats-server."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from actors.control_plane import ControlPlane
@@ -58,13 +57,3 @@ def started_plane(
         control.stop()
         bus.stop()
         provisioner.close()
-
-
-async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
-    """Poll ``predicate`` until it holds; fail naming ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await predicate():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")

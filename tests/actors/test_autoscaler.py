@@ -13,8 +13,9 @@ from control.policy.autoscaling import AutoscaleParams, InstanceRole, LocalParam
 from control.settings import Settings, load_settings
 from engines.sim.engine import request_seed, token_at
 from engines.sim.live_migration import MigratableSimEngine
-from tests.actors.planes import Plane, own_state, started_plane, wait_for
+from tests.actors.planes import Plane, own_state, started_plane
 from tests.parity.replays import replay_scaling
+from tests.waiting import wait_for
 from transport.messages import (
     AdminReply,
     AutoscaleStatusQuery,

@@ -13,7 +13,8 @@ from control.policy.autoscaling import InstanceRole
 from control.settings import Settings, load_settings
 from engines.sim.live_migration import MigratableSimEngine
 from engines.tokenizer import ByteTokenizer
-from tests.actors.planes import own_state, started_plane, wait_for
+from tests.actors.planes import own_state, started_plane
+from tests.waiting import wait_for
 from transport.bus import Bus, BusOptions
 from transport.messages import AutoscaleStatusQuery, AutoscaleStatusReply, SamplingParams
 
