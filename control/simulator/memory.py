@@ -161,6 +161,7 @@ class MemorySimulator(ClasslessFleet):
         )
         self.planner = MigrationPlanner(self.params)  # kept across rounds, as live (it remembers its moves)
         self._indexed: dict[str, Unit] = {}  # the units the dispatch index holds, by view id
+        self._shown: dict[str, tuple[int, int]] = {}  # view id -> (core version, held requests) it was shown at
         self._waiting: dict[str, SimRequest] = {}  # requests the dispatcher has not placed yet
         self._seq = itertools.count()
         self._events: list[tuple[float, int, int, Any]] = []  # (time, tie-break, kind, payload)
@@ -287,6 +288,7 @@ class MemorySimulator(ClasslessFleet):
         if unit.core.can_ever_fit(request.prompt_len, request.max_tokens) is not None:
             del self.requests[request.request_id]
             self.rejected += 1
+            self._shown.pop(place.instance_id, None)  # the index counted it there: show the unit afresh
             return
         unit.core.add(request)
         self._interrupt(unit, now)
@@ -299,14 +301,22 @@ class MemorySimulator(ClasslessFleet):
 
     def _show_units(self) -> None:
         """Every unit's view into the dispatch index, as a heartbeat at this instant would report it; units
-        gone since (formed into a group, split) leave it. A fresh view before every decision: the index then
-        counts no dispatch twice (a view includes what was dispatched since the last)."""
+        gone since (formed into a group, split) leave it. A fresh view before every decision, so the index
+        holds exact loads (a view includes what was dispatched since the last). A unit whose core has not
+        changed since it was last shown (``SimEngineCore.version``, the cluster simulator's snapshot key too;
+        a swap moves blocks, so the held queue never changes without it) keeps its view."""
         index = self.dispatcher.index
+        shown = self._shown
         current = {self._view_id(u): u for u in self.units.values()}
         for gone in self._indexed.keys() - current.keys():
             index.remove(gone)
+            shown.pop(gone, None)
             self._record("remove", gone, (), None)
         for view_id, unit in current.items():
+            key = (unit.core.version, len(unit.host_queue))
+            if shown.get(view_id) == key:
+                continue
+            shown[view_id] = key
             view = instance_view(view_id, unit.core, held=unit.host_queue)
             index.upsert(view)
             self._record("upsert", view_id, (view,), None)
