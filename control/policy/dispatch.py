@@ -29,7 +29,6 @@ an update costs O(log n).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import heapq
 from collections import Counter, OrderedDict
@@ -153,6 +152,10 @@ def _pool_names(snapshot: InstanceSnapshot) -> tuple[str, ...]:
 # A heap item: (key, instance id, entry version). Keys are floats or tuples of floats; smaller is better.
 _HeapItem = tuple[Any, str, int]
 
+_STALE_WALK = 4
+"""Stale heap items a read of the best few instances (``_IndexBase._peek``) steps over before it pops them for
+good instead."""
+
 
 class _IndexBase:
     """Entries plus per-model pools of lazy min-heaps; subclasses define the keys and the choice.
@@ -206,12 +209,17 @@ class _IndexBase:
             self._pool_members.subtract(entry.pools)
 
     def on_dispatched(self, instance_id: str, demand: RequestDemand) -> None:
+        self._add_pending(instance_id, demand.num_blocks, demand.priority)
+
+    def _add_pending(self, instance_id: str, num_blocks: int, priority: int) -> None:
+        """``on_dispatched`` with the demand's blocks given apart: a subclass that counts fewer (a prefix hit)
+        passes its own count instead of building a changed copy of the demand on every decision."""
         entry = self._entries.get(instance_id)
         if entry is None:
             return
         entry.extra_waiting += 1
-        entry.extra_blocks += demand.num_blocks
-        if demand.priority > 0:
+        entry.extra_blocks += num_blocks
+        if priority > 0:
             entry.extra_high = True
         self._rekey(entry)
 
@@ -350,6 +358,38 @@ class _IndexBase:
         for item in popped:
             heapq.heappush(heap, item)
         return [(item[0], item[1]) for item in popped]
+
+    def _peek(self, heap: list[_HeapItem], k: int) -> list[tuple[Any, str]]:
+        """The same pairs as ``_best``, read without changing the heap: a best-first walk down the heap's tree
+        (a parent sorts before its children), O(k log k) on a small frontier instead of k pops and k pushes
+        on the big heap, each of them a dozen comparisons of nested key tuples. Stale items are stepped over;
+        when more than a few are in the way, ``_best`` pops them for good instead, so they cannot pile up at
+        the top and slow every later walk (both give the same pairs: the live items in key order)."""
+        out: list[tuple[Any, str]] = []
+        size = len(heap)
+        if not size:
+            return out
+        entries = self._entries
+        stale = 0
+        frontier = [(heap[0], 0)]  # items are unique (one version per instance), so the index never compares
+        while frontier:
+            item, i = heappop(frontier)
+            entry = entries.get(item[1])
+            if entry is not None and entry.version == item[2]:
+                out.append((item[0], item[1]))
+                if len(out) == k:
+                    break
+            else:
+                stale += 1
+                if stale > _STALE_WALK:
+                    return self._best(heap, k)
+            child = 2 * i + 1
+            if child < size:
+                heappush(frontier, (heap[child], child))
+                child += 1
+                if child < size:
+                    heappush(frontier, (heap[child], child))
+        return out
 
     def _top(self, heap: list[_HeapItem]) -> _HeapItem | None:
         """The best live item, popping stale ones off the top."""
@@ -604,8 +644,9 @@ class PredictiveIndex(_IndexBase):
             if rid != demand.request_id or iid != instance_id:  # not the choice just made: look it up
                 cached = self.prefix_index.overlap(instance_id, demand.prefix_block_hashes)
             if cached:  # a hit is neither prefilled nor allocated again: only the rest is pending there
-                demand = dataclasses.replace(demand, num_blocks=max(0, demand.num_blocks - cached))
-        super().on_dispatched(instance_id, demand)
+                self._add_pending(instance_id, max(0, demand.num_blocks - cached), demand.priority)
+                return
+        self._add_pending(instance_id, demand.num_blocks, demand.priority)
 
     def choose(self, demand: RequestDemand) -> str | None:
         pool = self._pool(demand.model)
@@ -695,7 +736,7 @@ class PredictiveIndex(_IndexBase):
                 else:
                     reserved = reservation[1]
         need = demand.num_blocks + self.params.predict_growth_blocks
-        roomiest = next((c for c in self._best(pool[1], 2) if c[1] != reserved), None)
+        roomiest = next((c for c in self._peek(pool[1], 2) if c[1] != reserved), None)
         if roomiest is None:
             return None
         if -roomiest[0] < need:
@@ -706,7 +747,7 @@ class PredictiveIndex(_IndexBase):
                 return roomiest[1]  # one request is held already: queue at the roomiest other instance
             self._reservations[demand.model] = [demand.request_id, roomiest[1], 0]
             return None  # no instance can start it now: the scheduler holds it
-        for _, iid in self._best(pool[0], self._PROBE + 1):
+        for _, iid in self._peek(pool[0], self._PROBE + 1):
             if iid != reserved and -self._entries[iid].keys[1] >= need:  # type: ignore[operator]  # a float
                 return iid
         return roomiest[1]
