@@ -34,7 +34,6 @@ import heapq
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from heapq import heappop, heappush
-from itertools import islice
 from typing import Any, Protocol
 
 from control.policy.freeness import INF, dispatch_freeness, physical_usage, priority_headroom_blocks
@@ -641,7 +640,7 @@ class PredictiveIndex(_IndexBase):
     def on_dispatched(self, instance_id: str, demand: RequestDemand) -> None:
         if self.prefix_index is not None and demand.prefix_block_hashes:
             rid, iid, cached = self._last_hit
-            if rid != demand.request_id or iid != instance_id:  # not the choice just made: look it up
+            if rid != demand.request_id or (iid != instance_id and iid is not _ANY_INSTANCE):  # look it up
                 cached = self.prefix_index.overlap(instance_id, demand.prefix_block_hashes)
             if cached:  # a hit is neither prefilled nor allocated again: only the rest is pending there
                 self._add_pending(instance_id, max(0, demand.num_blocks - cached), demand.priority)
@@ -676,18 +675,15 @@ class PredictiveIndex(_IndexBase):
         index = self.prefix_index
         assert index is not None
         hashes = demand.prefix_block_hashes
-        deepest = index.deepest(hashes)
-        self._last_hit = ("", "", 0)
+        # deepest(), holders() and overlap() in one call with the lookups inlined (as kv_aware reads them)
+        deepest, found = index.deep_holders(hashes, self._HOLDERS)
         if not deepest:
+            # nobody holds the prompt's prefix: every instance's overlap is 0 too (holdings are a subset of
+            # the global map, so an instance's binary search misses wherever the global one did), which
+            # spares on_dispatched its lookup
+            self._last_hit = (demand.request_id, _ANY_INSTANCE, 0)
             return None
-        found: dict[str, int] = {}
-        for iid in islice(index.holders(hashes[deepest - 1]), self._HOLDERS):
-            found[iid] = deepest
-        half = deepest // 2
-        if half and len(found) < self._HOLDERS:
-            for iid in islice(index.holders(hashes[half - 1]), self._HOLDERS):
-                if iid not in found:
-                    found[iid] = index.overlap(iid, hashes, deepest, half)
+        self._last_hit = ("", "", 0)
         params = self.params
         reservation = self._reservations.get(demand.model)
         reserved = reservation[1] if reservation is not None and reservation[0] != demand.request_id else None
@@ -736,7 +732,13 @@ class PredictiveIndex(_IndexBase):
                 else:
                     reserved = reservation[1]
         need = demand.num_blocks + self.params.predict_growth_blocks
-        roomiest = next((c for c in self._peek(pool[1], 2) if c[1] != reserved), None)
+        # The best live item of a heap is its top once stale tops are popped (``_top``, cheap): the walk over
+        # the best few (``_peek``) is paid only when the top is ruled out (reserved, or no room).
+        roomiest: _HeapItem | tuple[Any, str] | None
+        if reserved is None:
+            roomiest = self._top(pool[1])
+        else:
+            roomiest = next((c for c in self._peek(pool[1], 2) if c[1] != reserved), None)
         if roomiest is None:
             return None
         if -roomiest[0] < need:
@@ -747,11 +749,17 @@ class PredictiveIndex(_IndexBase):
                 return roomiest[1]  # one request is held already: queue at the roomiest other instance
             self._reservations[demand.model] = [demand.request_id, roomiest[1], 0]
             return None  # no instance can start it now: the scheduler holds it
+        soonest = self._top(pool[0])
+        if soonest is not None and soonest[1] != reserved and -self._entries[soonest[1]].keys[1] >= need:  # type: ignore[operator]
+            return soonest[1]  # the first candidate of the loop below, found without the walk
         for _, iid in self._peek(pool[0], self._PROBE + 1):
             if iid != reserved and -self._entries[iid].keys[1] >= need:  # type: ignore[operator]  # a float
                 return iid
         return roomiest[1]
 
+
+_ANY_INSTANCE = "\x00any instance"
+"""``PredictiveIndex._last_hit``'s instance when the last choice found no instance holding the prompt's prefix."""
 
 RESERVATION_EXPIRY_DECISIONS = 1024
 """Late binding: a reservation whose request is not asked about again within this many other decisions is
