@@ -33,7 +33,7 @@ import functools
 import heapq
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
-from heapq import heappop, heappush
+from heapq import heappop, heappush, heapreplace
 from typing import Any, Protocol
 
 from control.policy.freeness import INF, dispatch_freeness, physical_usage, priority_headroom_blocks
@@ -300,10 +300,16 @@ class _IndexBase:
             for heap, key in zip(pool, keys, strict=False):
                 if key is None:
                     continue
-                heappush(heap, (key, iid, version))
-                if len(heap) > 4 * live + 16:
-                    self._rebuild(heap)
-                    continue
+                if heap and heap[0][1] == iid:
+                    # the top is this instance's item as it was (stale now: every item pushed for it before
+                    # carries an older version), as after a dispatch to the best instance: one sift, not a
+                    # push and then a pop
+                    heapreplace(heap, (key, iid, version))
+                else:
+                    heappush(heap, (key, iid, version))
+                    if len(heap) > 4 * live + 16:
+                        self._rebuild(heap)
+                        continue
                 # pop up to two stale items off the top: a policy that rarely reads a heap (prefix affinity
                 # answers most requests from its holders) would otherwise pay for thousands of stale tops in
                 # one read
