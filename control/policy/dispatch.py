@@ -190,6 +190,13 @@ class _IndexBase:
         if entry is None:
             entry = self._entries[snapshot.instance_id] = _Entry(snapshot)
             self._pool_members.update(entry.pools)
+        elif entry.keys and not snapshot.draining and snapshot.model == entry.snapshot.model:
+            # the usual heartbeat: a live member stays one, in the same pools, so ``_unlink`` then ``_link``
+            # in one step, as a dispatch re-keys (the same versions and heap items, less work)
+            entry.reset(snapshot)
+            entry.terms = self._terms(snapshot)
+            self._rekey(entry)
+            return
         else:
             self._unlink(entry)
             if snapshot.model != entry.snapshot.model:

@@ -115,16 +115,10 @@ class KvAwareIndex(FreenessIndex):
         if rid != demand.request_id or iid != instance_id:  # not the choice just made: look it up
             hashes = demand.prefix_block_hashes
             cached = self.prefix_index.overlap(instance_id, hashes) if hashes else 0
-        entry = self._entries.get(instance_id)
-        if entry is None:
-            return
-        # the base class's on_dispatched with only the blocks it will prefill counted as pending demand there
-        # (inlined: a copy of the demand cost more than the rest of the bookkeeping)
-        entry.extra_waiting += 1
-        entry.extra_blocks += max(0, demand.num_blocks - cached) if cached else demand.num_blocks
-        if demand.priority > 0:
-            entry.extra_high = True
-        self._rekey(entry)
+        # only the blocks it will prefill count as pending demand there
+        self._add_pending(
+            instance_id, max(0, demand.num_blocks - cached) if cached else demand.num_blocks, demand.priority
+        )
 
     def expected_hit_blocks(self, instance_id: str, hashes: Sequence[int]) -> int:
         return self.prefix_index.overlap(instance_id, hashes)
