@@ -697,24 +697,30 @@ class PredictiveIndex(_IndexBase):
             self._last_hit = (demand.request_id, _ANY_INSTANCE, 0)
             return None
         self._last_hit = ("", "", 0)
-        params = self.params
-        reservation = self._reservations.get(demand.model)
+        model = demand.model
+        reservation = self._reservations.get(model)
         reserved = reservation[1] if reservation is not None and reservation[0] != demand.request_id else None
         prompt = demand.num_prompt_tokens
+        blocks = demand.num_blocks
+        growth = self.params.predict_growth_blocks
         best: tuple[float, str, int] | None = None
         entries = self._entries
         for iid, cached in found.items():
             entry = entries.get(iid)
-            if entry is None or not entry.keys or iid == reserved or demand.model not in entry.pools:
+            if entry is None or iid == reserved or model not in entry.pools:
                 continue
-            key: Any = entry.keys[0]  # (tier, work ahead, load); see _keys
-            room: Any = entry.keys[1]  # minus the blocks it could take now (None without late binding)
+            keys = entry.keys
+            if not keys:  # draining
+                continue
+            key: Any = keys[0]  # (tier, work ahead, load); see _keys
             if key[0] != 0.0:  # outside the safe tier: memory pressure to come
                 continue
-            bs = entry.snapshot.block_size
-            if room is not None and -room < max(0, demand.num_blocks - cached) + params.predict_growth_blocks:
+            room: Any = keys[1]  # minus the blocks it could take now (None without late binding)
+            uncached = blocks - cached
+            if room is not None and -room < (uncached if uncached > 0 else 0) + growth:
                 continue
-            cost = key[1] + max(0, prompt - cached * bs)
+            uncomputed = prompt - cached * entry.snapshot.block_size
+            cost = key[1] + uncomputed if uncomputed > 0 else key[1]
             if best is None or cost < best[0]:
                 best = (cost, iid, cached)
         if best is None:
