@@ -371,13 +371,14 @@ class _IndexBase:
             heapq.heappush(heap, item)
         return [(item[0], item[1]) for item in popped]
 
-    def _peek(self, heap: list[_HeapItem], k: int) -> list[tuple[Any, str]]:
-        """The same pairs as ``_best``, read without changing the heap: a best-first walk down the heap's tree
-        (a parent sorts before its children), O(k log k) on a small frontier instead of k pops and k pushes
-        on the big heap, each of them a dozen comparisons of nested key tuples. Stale items are stepped over;
-        when more than a few are in the way, ``_best`` pops them for good instead, so they cannot pile up at
-        the top and slow every later walk (both give the same pairs: the live items in key order)."""
-        out: list[tuple[Any, str]] = []
+    def _peek(self, heap: list[_HeapItem], k: int) -> Sequence[tuple[Any, ...]]:
+        """What ``_best`` returns, read without changing the heap: the ``k`` best live items, each starting
+        (key, instance id). A best-first walk down the heap's tree (a parent sorts before its children),
+        O(k log k) on a small frontier instead of k pops and k pushes on the big heap, each of them a dozen
+        comparisons of nested key tuples. Stale items are stepped over; when more than a few are in the way,
+        ``_best`` pops them for good instead, so they cannot pile up at the top and slow every later walk
+        (both give the live items in key order)."""
+        out: list[_HeapItem] = []  # the heap's own items (key, instance id, version): no new tuples
         size = len(heap)
         if not size:
             return out
@@ -388,7 +389,7 @@ class _IndexBase:
             item, i = heappop(frontier)
             entry = entries.get(item[1])
             if entry is not None and entry.version == item[2]:
-                out.append((item[0], item[1]))
+                out.append(item)
                 if len(out) == k:
                     break
             else:
@@ -771,7 +772,8 @@ class PredictiveIndex(_IndexBase):
         soonest = self._top(pool[0])
         if soonest is not None and soonest[1] != reserved and -self._entries[soonest[1]].keys[1] >= need:  # type: ignore[operator]
             return soonest[1]  # the first candidate of the loop below, found without the walk
-        for _, iid in self._peek(pool[0], self._PROBE + 1):
+        for item in self._peek(pool[0], self._PROBE + 1):
+            iid = item[1]
             if iid != reserved and -self._entries[iid].keys[1] >= need:  # type: ignore[operator]  # a float
                 return iid
         return roomiest[1]

@@ -150,7 +150,7 @@ class KvAwareIndex(FreenessIndex):
     def _freest(self, heap: list[Any], k: int) -> list[str]:
         """The ``k`` freest live instances in key order, read without changing the heap (``_peek``: a
         best-first walk down the heap's tree, O(k log k) on a small frontier)."""
-        return [iid for _, iid in self._peek(heap, k)]
+        return [item[1] for item in self._peek(heap, k)]
 
     def _candidates(self, hashes: Sequence[int], freest: Iterable[str]) -> dict[str, int]:
         """Instance id -> cached prefix blocks, for the few instances worth scoring: holders of the deepest
