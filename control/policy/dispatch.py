@@ -640,6 +640,7 @@ class PredictiveIndex(_IndexBase):
         # None without predict_prefix, so nothing feeds or bounds an index no decision reads
         self.prefix_index: PrefixIndex | None = PrefixIndex() if params.predict_prefix else None
         self._last_hit: tuple[str, str, int] = ("", "", 0)  # (request, instance, cached blocks) of the last choice
+        self._no_prefix_at = -1  # the prefix index's ``changes`` when the last choice found no holder at all
 
     def upsert(self, snapshot: InstanceSnapshot) -> None:
         super().upsert(snapshot)
@@ -654,7 +655,9 @@ class PredictiveIndex(_IndexBase):
     def on_dispatched(self, instance_id: str, demand: RequestDemand) -> None:
         if self.prefix_index is not None and demand.prefix_block_hashes:
             rid, iid, cached = self._last_hit
-            if rid != demand.request_id or (iid != instance_id and iid is not _ANY_INSTANCE):  # look it up
+            if iid is _ANY_INSTANCE and self._no_prefix_at == self.prefix_index.changes:
+                iid = instance_id  # nobody held the prefix when it was chosen, and the holdings are the same
+            if rid != demand.request_id or iid != instance_id:  # not the choice just made: look it up
                 cached = self.prefix_index.overlap(instance_id, demand.prefix_block_hashes)
             if cached:  # a hit is neither prefilled nor allocated again: only the rest is pending there
                 self._add_pending(instance_id, max(0, demand.num_blocks - cached), demand.priority)
@@ -694,8 +697,9 @@ class PredictiveIndex(_IndexBase):
         if not deepest:
             # nobody holds the prompt's prefix: every instance's overlap is 0 too (holdings are a subset of
             # the global map, so an instance's binary search misses wherever the global one did), which
-            # spares on_dispatched its lookup
+            # spares on_dispatched its lookup while the holdings stay as they are
             self._last_hit = (demand.request_id, _ANY_INSTANCE, 0)
+            self._no_prefix_at = index.changes
             return None
         self._last_hit = ("", "", 0)
         model = demand.model

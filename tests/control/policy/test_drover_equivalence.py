@@ -272,3 +272,22 @@ def test_drover_dispatch_decides_as_a_full_scan(seed: int) -> None:
             assert index.pending(chosen) == reference.pending(chosen), f"step {step}"
             decisions += 1
     assert decisions > 800 and hits > 40 and holds > 20, (decisions, hits, holds)
+
+
+def test_a_dispatch_after_a_cache_report_counts_the_hit_the_report_made() -> None:
+    """A choice that found the prefix nowhere spares the dispatch its lookup, but only while the prefix index is
+    unchanged: a cache report between ``choose`` and ``on_dispatched`` (a shell placing by class after asking)
+    must be seen, as the lookup would see it."""
+    index = make_dispatch_policy("predictive", user_policy_params("drover").dispatch_params())
+    assert isinstance(index, PredictiveIndex) and index.prefix_index is not None
+    index.upsert(random_snapshot(random.Random(0), "a", "llama"))
+    hashes = prefix_block_hashes(list(range(10 * BS)), BS)
+    demand = RequestDemand("r", num_prompt_tokens=10 * BS, num_blocks=10, model="llama", prefix_block_hashes=hashes)
+    index.choose(demand)  # nobody holds it yet
+    index.prefix_index.apply("a", epoch="e", seq=0, stored=list(hashes[:6]))
+    index.on_dispatched("a", demand)
+    assert index.pending("a") == (1, 4)  # 10 blocks, 6 of them cached by now
+    other = dataclasses.replace(demand, request_id="r2", prefix_block_hashes=(1, 2, 3))
+    index.choose(other)
+    index.on_dispatched("a", other)
+    assert index.pending("a") == (2, 14)  # nobody holds (1, 2, 3): all 10 pending, without a lookup
