@@ -758,6 +758,11 @@ class PredictiveIndex(_IndexBase):
         need = demand.num_blocks + self.params.predict_growth_blocks
         # The best live item of a heap is its top once stale tops are popped (``_top``, cheap): the walk over
         # the best few (``_peek``) is paid only when the top is ruled out (reserved, or no room).
+        soonest = self._top(pool[0])
+        if soonest is not None and soonest[1] != reserved and -self._entries[soonest[1]].keys[1] >= need:  # type: ignore[operator]
+            # the first candidate of the loop below: the roomiest instance other than the reserved one has at
+            # least this room, so the steps before the loop would let it through
+            return soonest[1]
         roomiest: _HeapItem | tuple[Any, str] | None
         if reserved is None:
             roomiest = self._top(pool[1])
@@ -773,9 +778,6 @@ class PredictiveIndex(_IndexBase):
                 return roomiest[1]  # one request is held already: queue at the roomiest other instance
             self._reservations[demand.model] = [demand.request_id, roomiest[1], 0]
             return None  # no instance can start it now: the scheduler holds it
-        soonest = self._top(pool[0])
-        if soonest is not None and soonest[1] != reserved and -self._entries[soonest[1]].keys[1] >= need:  # type: ignore[operator]
-            return soonest[1]  # the first candidate of the loop below, found without the walk
         for item in self._peek(pool[0], self._PROBE + 1):
             iid = item[1]
             if iid != reserved and -self._entries[iid].keys[1] >= need:  # type: ignore[operator]  # a float
