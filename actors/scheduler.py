@@ -39,6 +39,8 @@ from control.core.record import DecisionLog
 from control.core.requests import (
     Drop,
     Fail,
+    FailoverHolds,
+    Hold,
     InstanceRecord,
     Redispatch,
     RequestRecord,
@@ -47,6 +49,8 @@ from control.core.requests import (
     expired_instances,
     fail_over,
     on_recovered,
+    on_released,
+    still_held_on,
 )
 from control.policy.block_hash import vllm_block_hashes
 from control.policy.dispatch import DispatchIndex, prefix_block_hashes, reads_engine_block_hashes
@@ -151,6 +155,7 @@ class SchedulerActor(SupervisedActor):
         self.instances: dict[str, InstanceRecord] = {}
         # Finished requests leave at once; their ids are remembered for lifecycle.finished_retention_s.
         self.requests: RequestTable[RequestRecord] = RequestTable(settings.lifecycle, clock=time.monotonic)
+        self.holds = FailoverHolds()  # failed over, waiting for the fenced instance to let go of its copy
         self.lifecycle = RequestLifecycle(bus, settings.lifecycle)  # deadlines, clients that went away
         self.params: PolicyParams = settings.policy
         # prefill/decode disaggregation ([pd]): phases, phase-aware dispatch, handoffs (control/core/pd.py)
@@ -282,6 +287,8 @@ class SchedulerActor(SupervisedActor):
         self.classes.on_heartbeat(beat)
         self.pd.on_report(instance_id, phase_or_both(beat.phase))
         self._upsert(record)
+        if self.holds:  # failed-over requests wait for their old copy here to go (control/core/requests.py)
+            self._resume_held(self.holds.on_heartbeat(instance_id, {r.request_id for r in beat.load.running}))
         now = time.monotonic()
         record.cached_blocks = apply_prefix_report(self.policy, instance_id, beat.prefix_cache, now)
         if beat.prefix_cache is not None:
@@ -404,7 +411,9 @@ class SchedulerActor(SupervisedActor):
             self.state.drop_instance(instance_id)
             self.state.drop_phase(instance_id)
             self._fail_over(instance_id)
+            self._resume_held(self.holds.on_instance_gone(instance_id))
             self.memory.on_instance_dead(instance_id)
+        self._resume_held(self.holds.expired(now, stale_after))
         self.lifecycle.tick(self)
         self.requests.forget_expired(now)
         self.memory.tick({i for i, r in self.instances.items() if r.state == "serving"})
@@ -457,8 +466,17 @@ class SchedulerActor(SupervisedActor):
 
         Thread: the scheduler actor's thread."""
         record = self.requests.get(recovered.request_id)
-        command = on_recovered(record, recovered.tokens, recovered.finished, recovered.error)
+        registered = recovered.fenced_on in self.instances
+        held_on = still_held_on(recovered.fenced_on, recovered.fence, registered)
+        command = on_recovered(record, recovered.tokens, recovered.finished, recovered.error, held_on)
         if record is None or command is None:
+            return
+        if isinstance(command, Hold):  # its copy there may still run: not resumed until it is gone
+            log.warning(
+                "request %s waits for %s to let go of it (fence: %s)", command.request_id, held_on, recovered.fence
+            )
+            self.holds.hold(command.request_id, command.instance_id, time.monotonic())
+            self.state.save_request(record)
             return
         if isinstance(command, Fail):
             self.fail_request(record, command.why)
@@ -469,6 +487,16 @@ class SchedulerActor(SupervisedActor):
         elif isinstance(command, Redispatch):
             log.info("request %s fails over after %d delivered tokens", recovered.request_id, len(recovered.tokens))
             self._dispatch_or_wait(record)
+
+    def _resume_held(self, request_ids: list[str]) -> None:
+        """Failed-over requests whose old instance let go of them resume now (``FailoverHolds``).
+
+        Thread: the scheduler actor's thread."""
+        for request_id in request_ids:
+            record = self.requests.get(request_id)
+            if record is not None and on_released(record) is not None:
+                log.info("request %s resumes: the instance it waited for let go of it", request_id)
+                self._dispatch_or_wait(record)
 
     def fail_request(self, record: RequestRecord, why: str) -> None:
         """End a request with ``engine_failed`` (its client is told why) and drop it from the

@@ -7,7 +7,7 @@ import asyncio
 import time
 
 import msgspec
-import pytest
+from nats.aio.msg import Msg
 
 from actors.engine_actor import Heartbeater
 from actors.local_cluster import InProcessCluster
@@ -17,7 +17,15 @@ from engines.sim.engine import request_seed, token_at
 from engines.sim.live_migration import MigratableSimEngine
 from engines.tokenizer import ByteTokenizer
 from transport import subjects
-from transport.messages import PROTOCOL_VERSION, InstanceHeartbeat, SamplingParams, encode
+from transport.messages import (
+    PROTOCOL_VERSION,
+    EngineAdd,
+    EngineFence,
+    InstanceHeartbeat,
+    SamplingParams,
+    decode,
+    encode,
+)
 from transport.nats_server import EmbeddedNatsServer
 from transport.output_stream import ensure_output_stream
 
@@ -150,8 +158,8 @@ async def test_an_engine_add_nobody_received_is_sent_again(nats_url: str) -> Non
             )
             await asyncio.sleep(0.5)  # the first EngineAdd went nowhere
             await engine.shutdown()
-            # one heartbeat source at a time: this stand-in's beats (seq 0) after the real engine's would read
-            # as a restart of a live instance (a known bug, see the xfail test below)
+            # one heartbeat source at a time: this stand-in's beats (seq 0) after the real engine's read as a
+            # restart of a live instance (test_a_false_restart_signal_of_a_live_instance_duplicates_nothing)
             stop_beats.set()
             await beating
             await asyncio.to_thread(
@@ -207,21 +215,27 @@ async def test_an_engine_taken_for_dead_that_comes_back_stops_what_failed_over(n
         await asyncio.to_thread(cluster.stop)
 
 
-@pytest.mark.xfail(
-    reason="known bug, open: a heartbeat whose seq goes back while the instance is alive (two processes under one "
-    "id) fails its request over onto the same engine, and the engine streams the resumed request's tokens after "
-    "its own (113 tokens for 60); a real restart, where the engine no longer holds the request, is exactly once",
-    strict=False,  # on a starved core the request may finish before the stray heartbeat arrives
-)
 async def test_a_false_restart_signal_of_a_live_instance_duplicates_nothing(nats_url: str) -> None:
+    """A heartbeat whose seq goes back while the instance is alive (a stray or second process under its id)
+    reads as a restart: its request is fenced and resumes on the same, live instance, the only one. The fenced
+    copy left the engine only at the end of the step under way; the resumed copy must not run beside it (it
+    did: 113 tokens for 60, two generators interleaved in one stream)."""
     cluster = await asyncio.to_thread(_cluster, nats_url, (), 60.0)
+    # paced (about 25 s for these tokens) until the resume is seen, so the request still runs when the stray
+    # heartbeat arrives even on a starved core; then at full speed
+    engine = MigratableSimEngine("twin", num_blocks=256, max_model_len=2048, time_scale=1.0)
+    max_tokens = 1000
     try:
-        await asyncio.to_thread(
-            cluster.add_engine, MigratableSimEngine("twin", num_blocks=256, max_model_len=1024, time_scale=1.0)
-        )
+        await asyncio.to_thread(cluster.add_engine, engine)
         async with DroverClient(cluster.url, name="false-restart") as client:
             await client.wait_for_instances(1, timeout_s=10)
-            sampling = SamplingParams(max_tokens=60, ignore_eos=True)
+            to_engine: list[object] = []  # what the scheduler sends the instance (a second subscriber)
+
+            async def watch(msg: Msg) -> None:
+                to_engine.append(decode(msg.data))
+
+            await client.nc.subscribe(subjects.engine("twin"), cb=watch)
+            sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
             stream = await client.submit("false restart", sampling=sampling, request_id="fr-1")
             async for _ in stream.events():
                 if len(stream.result_data.token_ids) >= 5:
@@ -230,7 +244,19 @@ async def test_a_false_restart_signal_of_a_live_instance_duplicates_nothing(nats
             info = msgspec.structs.replace(other.info, instance_id="twin", protocol_version=PROTOCOL_VERSION)
             beat = InstanceHeartbeat(info=info, load=other.load(), seq=0, sent_at=time.time())
             await client.nc.publish(subjects.heartbeat("twin"), encode(beat))  # seq back to 0: "restarted"
-            result = await asyncio.wait_for(stream.result(), 30)
-            assert result.token_ids == [token_at(request_seed(0, "fr-1"), p) for p in range(60)]
+
+            def resumed() -> bool:
+                return any(isinstance(m, EngineAdd) and m.output_token_ids for m in to_engine)
+
+            deadline = time.monotonic() + 30
+            while not resumed():
+                assert time.monotonic() < deadline, "the request was not failed over onto its instance"
+                await asyncio.sleep(0.05)
+            assert any(isinstance(m, EngineFence) for m in to_engine)
+            engine.time_scale = 0.0
+            result = await asyncio.wait_for(stream.result(), 60)
+            assert result.token_ids == [token_at(request_seed(0, "fr-1"), p) for p in range(max_tokens)]
+            assert result.done is not None and result.done.instances == ["twin", "twin"]
+            assert not engine.core.requests
     finally:
         await asyncio.to_thread(cluster.stop)
