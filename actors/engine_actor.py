@@ -324,7 +324,7 @@ class EngineActor(pykka.ThreadingActor):
             held = parked[0]  # its old copy ends quietly already: this one never started
         evicted = abort.reason == "evicted"  # the control plane requeues it; the client's stream goes on
         if held is not None:  # never reached the engine: end it here
-            if not evicted:
+            if not evicted and abort.reason != "superseded":  # (superseded: it runs elsewhere, its client waits)
                 self.bus.publish(
                     held.reply_to,
                     RequestDone(
