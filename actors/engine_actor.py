@@ -840,9 +840,9 @@ class EngineActor(pykka.ThreadingActor):
 def _continued(add: EngineAdd, sent: list[int]) -> EngineAdd:
     """A dispatch parked behind an ending copy of its id resumes after every token that copy sent (the
     client has them; resuming from fewer would make it generate those indices again), provided they extend
-    what the dispatch resumes from."""
+    what the dispatch resumes from (and it loads no migrated KV, which is for its own context only)."""
     resumed = add.output_token_ids
-    if len(sent) <= len(resumed) or sent[: len(resumed)] != resumed:
+    if add.kv_transfer is not None or len(sent) <= len(resumed) or sent[: len(resumed)] != resumed:
         return add
     return msgspec.structs.replace(add, output_token_ids=list(sent))
 
