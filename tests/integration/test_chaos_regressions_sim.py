@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import msgspec
 from nats.aio.msg import Msg
@@ -22,6 +23,7 @@ from transport.messages import (
     EngineAdd,
     EngineFence,
     InstanceHeartbeat,
+    RunningRequest,
     SamplingParams,
     decode,
     encode,
@@ -259,4 +261,78 @@ async def test_a_false_restart_signal_of_a_live_instance_duplicates_nothing(nats
             assert result.done is not None and result.done.instances == ["twin", "twin"]
             assert not engine.core.requests
     finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+async def test_a_request_failed_over_from_an_instance_that_may_still_hold_it_waits_for_it_to_let_go(
+    nats_url: str,
+) -> None:
+    """A restart signal from an instance that does not answer the fence (it hangs, or the answer is lost)
+    while its heartbeats still list the request: the request is not resumed (there or anywhere) until that
+    instance's heartbeat no longer lists it; then it resumes and completes exactly once."""
+    settings = load_settings(
+        overrides={
+            "nats": {"url": nats_url},
+            "engine": {"heartbeat_interval_s": 0.05},
+            "scheduler": {"instance_stale_after_s": 60.0},
+            "reliability": {"failover_fence_timeout_s": 0.3},
+            "policy": {"migration_enabled": False},
+        }
+    )
+    cluster = InProcessCluster(settings=settings, tokenizer=ByteTokenizer())
+    await asyncio.to_thread(cluster.start_control)
+    stand_in = MigratableSimEngine("mute", num_blocks=256, max_model_len=1024)
+    info = msgspec.structs.replace(stand_in.info, protocol_version=PROTOCOL_VERSION)
+    to_engine: list[object] = []
+    lists: list[str] = []  # what the stand-in's heartbeats say its engine runs
+    stop_beats = asyncio.Event()
+    try:
+        async with DroverClient(cluster.url, name="mute") as client:
+
+            async def watch(msg: Msg) -> None:  # takes the instance's messages and never answers
+                to_engine.append(decode(msg.data))
+
+            await client.nc.subscribe(subjects.engine("mute"), cb=watch)
+            seq = iter(range(1, 1_000_000))
+
+            async def beats() -> None:
+                while not stop_beats.is_set():
+                    load = msgspec.structs.replace(
+                        stand_in.load(),
+                        running=[RunningRequest(request_id=r, num_tokens=40, num_blocks=2) for r in lists],
+                    )
+                    beat = InstanceHeartbeat(info=info, load=load, seq=next(seq), sent_at=time.time())
+                    await client.nc.publish(subjects.heartbeat("mute"), encode(beat))
+                    await asyncio.sleep(0.05)
+
+            beating = asyncio.get_running_loop().create_task(beats())
+            await client.wait_for_instances(1, timeout_s=10)
+            stream = await client.submit(
+                "mute", sampling=SamplingParams(max_tokens=30, ignore_eos=True), request_id="mu-1"
+            )
+
+            async def until(condition: Callable[[], bool], what: str) -> None:
+                deadline = time.monotonic() + 30
+                while not condition():
+                    assert time.monotonic() < deadline, what
+                    await asyncio.sleep(0.02)
+
+            def adds() -> list[EngineAdd]:
+                return [m for m in to_engine if isinstance(m, EngineAdd)]
+
+            await until(lambda: bool(adds()), "mu-1 was not dispatched to the instance")
+            lists.append("mu-1")  # its engine runs it (as far as its heartbeats say)
+            seq = iter(range(0, 1_000_000))  # seq back to 0: "restarted"
+            await until(lambda: any(isinstance(m, EngineFence) for m in to_engine), "no failover")
+            first_adds = {m.served_by == [] for m in adds()}
+            assert first_adds == {True}
+            await asyncio.sleep(2.0)  # the fence timed out and the read-back finished long since
+            assert all(m.served_by == [] for m in adds()), "resumed while the instance may still run it"
+            stop_beats.set()  # the real engine takes over the id: its heartbeats do not list mu-1
+            await beating
+            await asyncio.to_thread(cluster.add_engine, MigratableSimEngine("mute", num_blocks=256, max_model_len=1024))
+            result = await asyncio.wait_for(stream.result(), 30)
+            assert result.token_ids == [token_at(request_seed(0, "mu-1"), p) for p in range(30)]
+    finally:
+        stop_beats.set()
         await asyncio.to_thread(cluster.stop)
