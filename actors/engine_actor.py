@@ -84,6 +84,7 @@ class _Running:
     future: concurrent.futures.Future[None]
     started_at: float = field(default_factory=time.time)
     stopping: bool = False  # fenced or aborted: a new dispatch of its id waits for its end (actor thread)
+    received: EngineAdd | None = None  # the dispatch as it came, where it runs extended (_continued)
 
 
 @dataclass(slots=True)
@@ -215,7 +216,8 @@ class EngineActor(pykka.ThreadingActor):
                 add.request_id,
                 len(add.output_token_ids),
             )
-            self.running[add.request_id] = _Running(add=add, future=self.bus.run(self._serve(add, parked[1])))
+            future = self.bus.run(self._serve(add, parked[1]))
+            self.running[add.request_id] = _Running(add=add, future=future, received=parked[0])
             return
         if self.local is not None:
             self.local.ended(ended.request_id)
@@ -271,7 +273,7 @@ class EngineActor(pykka.ThreadingActor):
         current = self.running.get(add.request_id)
         parked = self._parked.get(add.request_id)
         if (
-            (current is not None and current.add == add)
+            (current is not None and (current.add == add or current.received == add))
             or (parked is not None and parked[0] == add)
             or (self.local is not None and self.local.is_held(add.request_id))
         ):
