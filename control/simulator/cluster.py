@@ -41,13 +41,12 @@ from control.core.admission import max_prompt_tokens
 from control.core.dispatch import Dispatcher, Place, Waiting
 from control.core.migration import MigrationStages, StageStep
 from control.core.record import DecisionLog
-from control.policy.autoscaling import FleetInstance, RunningBatch
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy
 from control.policy.migration import InFlightMigration, MigrationDecision, MigrationPlanner
 from control.policy.params import PolicyParams
 from control.policy.snapshots import InstanceSnapshot, RequestDemand
 from control.simulator.metrics import RequestMetrics, SimulationResult, summarize
-from control.simulator.views import instance_view
+from control.simulator.views import ClasslessFleet, instance_view
 from control.simulator.workload import RequestSpec
 from engines.sim.core import FINISHED, REMOVED, RUNNING, SimEngineConfig, SimEngineCore, SimOutput, SimRequest
 from engines.sim.cost_model import LLAMA7B_A100, CostModel
@@ -147,7 +146,7 @@ class _Counters:
     plan_calls: int = 0
 
 
-class ClusterSimulator:
+class ClusterSimulator(ClasslessFleet):
     """Run ``requests`` through a simulated cluster under ``config``; ``run()`` returns the metrics."""
 
     lazy_token_counts = True
@@ -409,15 +408,6 @@ class ClusterSimulator:
 
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._waiting
-
-    def class_loads(self) -> Sequence[FleetInstance]:
-        return ()
-
-    def evictable(self, instance_id: str) -> Sequence[RunningBatch]:
-        return ()
-
-    def serving_waiting(self) -> Iterable[tuple[str, int]]:
-        return ()
 
     def _class_of(self, request: SimRequest) -> str:
         return "interactive"
