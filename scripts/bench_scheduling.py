@@ -791,15 +791,27 @@ def ablation_variants() -> dict[str, PolicyParams]:
         "old drover - ping-pong": dataclasses.replace(
             drover, predict_hold=False, migration_pingpong_window_s=0.0, **load_migration
         ),
+        # one queue for the cluster (issue 17, Azure): each rule off in turn, then both (round 24's drover)
+        "drover - hold all (round 24)": dataclasses.replace(drover, queue_hold_all=False),
+        "drover, scan 32": dataclasses.replace(drover, queue_backfill_scan=32),
+        "drover + aging 250": dataclasses.replace(drover, queue_aging_tokens_per_s=250.0),
+        "drover + aging 250, scan 32": dataclasses.replace(
+            drover, queue_aging_tokens_per_s=250.0, queue_backfill_scan=32
+        ),
         "drover": drover,
     }
 
 
 def section_ablation(
-    settings: Sequence[Setting], seeds: Sequence[int], rate_factor: float, *, with_goodput: bool = False
+    settings: Sequence[Setting],
+    seeds: Sequence[int],
+    rate_factor: float,
+    *,
+    with_goodput: bool = False,
+    only: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Every variant at a fixed, stressed load (``rate_factor`` x least_loaded's seed-0 goodput) and its
-    goodput: what each rule buys."""
+    """Every variant (or those named in ``only``) at a fixed, stressed load (``rate_factor`` x least_loaded's
+    seed-0 goodput) and its goodput: what each rule buys."""
     out: dict[str, Any] = {}
     variants = ablation_variants()
     for setting in settings:
@@ -816,6 +828,8 @@ def section_ablation(
         )
         rows: dict[str, Any] = {}
         for name, params in variants.items():
+            if only and name not in only:
+                continue
             good = [goodput(setting, params, seed, slo)["goodput"] for seed in seeds] if with_goodput else [math.nan]
             att, ttft, tpot, migr, max_per, mtp, otp, pre = [], [], [], [], [], [], [], []
             for seed in seeds:
@@ -942,6 +956,9 @@ def main() -> None:
     parser.add_argument("--ablation-goodput", action="store_true", help="also bisect every variant's goodput (slow)")
     parser.add_argument("--no-tails", action="store_true", help="goodput only, without the fixed-load tails")
     parser.add_argument(
+        "--variants", default="", help="--ablation: only these variants (comma-separated names; default all)"
+    )
+    parser.add_argument(
         "--cliff", type=float, default=None, help="capacity-cliff check around this rate (first of --settings)"
     )
     args = parser.parse_args()
@@ -966,6 +983,7 @@ def main() -> None:
             list(range(args.seed, args.seed + args.seeds)),
             args.ablation_rate,
             with_goodput=args.ablation_goodput,
+            only=[v.strip() for v in args.variants.split(",") if v.strip()],
         )
         if args.json:
             args.json.write_text(json.dumps(ablation, indent=1, default=str))

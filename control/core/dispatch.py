@@ -7,8 +7,12 @@ Sans-I/O, like the rest of the core: no clock (``now`` is passed in), no bus, no
 - the **dispatch index** (``control/policy/dispatch.py``): ``choose`` and ``on_dispatched`` are called here
   and nowhere else, so a placement is counted exactly once, whichever shell carries it out; ``drover``'s
   late binding (``predict_hold``) is the index answering None, after which the request waits here;
-- the **waiting queue**: first come, first served with head-of-line blocking (a request that fits nowhere
-  keeps every later one back, so a large prompt is not starved by small ones);
+- the **waiting queue** (:class:`control.core.wait_queue.WaitQueue`): first come, first served with
+  head-of-line blocking (a request that fits nowhere keeps every later one back, so a large prompt is not
+  starved by small ones). With ``queue_hold_all`` (``drover``) the index holds every request that cannot
+  start now, each tick tries the first ``queue_backfill_scan`` of them in order (a later one may start where
+  the head does not fit; the index's reservation keeps the head's instance for it), and with
+  ``queue_aging_tokens_per_s`` the order is shortest prefill first with aging instead of arrival;
 - the **fair queue** (``scheduler.fairness``): deficit round robin across clients
   (``control/policy/fairness.py``), released only while the instances have room (each at most
   ``fairness_max_waiting`` waiting), so the backlog waits here where the fair order applies;
@@ -25,13 +29,13 @@ when the loop was written inside each shell.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from control.core.classes import BatchQueue, place_by_class
 from control.core.record import DecisionLog
+from control.core.wait_queue import WaitQueue
 from control.policy.autoscaling import BATCH, AutoscaleParams, FleetInstance, RunningBatch
 from control.policy.dispatch import DispatchIndex
 from control.policy.fairness import FairQueue, dispatch_room
@@ -111,7 +115,7 @@ class Dispatcher:
         self.classes = classes
         self.fair = FairQueue(fair_quantum_tokens) if fair_quantum_tokens is not None else None
         self.fair_max_waiting = fair_max_waiting
-        self.pending: deque[str] = deque()  # first come, first served
+        self.pending = WaitQueue()  # in the order the index's params ask for (_queue_params)
         self.batch = BatchQueue()
         self.log = log
         self.attempts = 0  # placement decisions taken (the simulator reports them)
@@ -171,8 +175,18 @@ class Dispatcher:
             return None
         placed = self._try(request, view, now)
         if placed is False:
-            self.pending.append(request_id)
+            self.pending.append(request_id, now)
         return placed if isinstance(placed, Place) else None
+
+    def _queue_params(self) -> tuple[bool, float, int]:
+        """(hold every request, aging tokens/s, held requests tried per tick) from the index's params, read
+        at each use: ``drover policy set`` swaps the index and its params in one step."""
+        params = getattr(self.index, "params", None)
+        return (
+            bool(getattr(params, "queue_hold_all", False)),
+            float(getattr(params, "queue_aging_tokens_per_s", 0.0)),
+            int(getattr(params, "queue_backfill_scan", 1)),
+        )
 
     def submit(self, request_id: str, view: FleetView, now: float) -> Iterator[Place]:
         """A new request (acknowledged to its client): a batch one joins the batch queue; with fairness on it
@@ -192,7 +206,8 @@ class Dispatcher:
         if isinstance(placed, Place):
             yield placed
         elif placed is False:
-            self.pending.append(request_id)
+            _, aging, _ = self._queue_params()
+            self.pending.push(request_id, now, request.demand.num_prompt_tokens, aging)
 
     def wait(self, request_id: str) -> None:
         """The request waits at the back of the queue (the shell restored it as queued)."""
@@ -205,15 +220,42 @@ class Dispatcher:
         if self.fair is not None:
             yield from self._drain_fair(view, now)
         pending = self.pending
+        hold_all, _, scan = self._queue_params()
+        if hold_all:
+            yield from self._backfill(view, now, scan)
+            return
         while pending:
-            request = view.waiting(pending[0])
+            head = pending.head(1)[0]
+            request = view.waiting(head)
             if request is None:  # ended or cancelled while it waited
-                pending.popleft()
+                pending.remove(head)
                 continue
             placed = self._try(request, view, now)
             if placed is False:
                 return
-            pending.popleft()
+            pending.remove(head)
+            if isinstance(placed, Place):
+                yield placed
+
+    def _backfill(self, view: FleetView, now: float, scan: int) -> Iterator[Place]:
+        """``queue_hold_all``: try the first ``scan`` held requests in queue order; those that fit nowhere
+        stay in their places (EASY backfilling: the index keeps the head's reserved instance for the head)."""
+        pending = self.pending
+        release = getattr(self.index, "release_reservations", None)
+        if release is not None and pending:
+            release()  # the head reserves afresh (see PredictiveIndex.release_reservations)
+        starving = float(getattr(getattr(self.index, "params", None), "queue_starvation_s", 0.0))
+        for request_id in pending.head(scan):
+            request = view.waiting(request_id)
+            if request is None:  # ended or cancelled while it waited
+                pending.remove(request_id)
+                continue
+            placed = self._try(request, view, now)
+            if placed is False:
+                if starving > 0 and now - pending.queued_at(request_id) > starving:
+                    return  # it has waited too long: nothing behind it may overtake it (FCFS from here)
+                continue
+            pending.remove(request_id)
             if isinstance(placed, Place):
                 yield placed
 

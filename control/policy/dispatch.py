@@ -738,6 +738,12 @@ class PredictiveIndex(_IndexBase):
         self._last_hit = (demand.request_id, best[1], best[2])
         return best[1]
 
+    def release_reservations(self) -> None:
+        """Drop every late-binding reservation: the dispatch loop calls it before it tries its held requests
+        in queue order (``queue_hold_all``), so the first one asked, the queue's head, reserves, not whichever
+        request happened to fail first (with aging a later, shorter request may be the head now)."""
+        self._reservations.clear()
+
     def _choose_late(self, demand: RequestDemand, pool: tuple[list[_HeapItem], ...]) -> str | None:
         """Late binding with a reservation (EASY backfilling, from batch-job schedulers): the first request
         that finds no room reserves the roomiest instance; later requests may start elsewhere (backfill) but
@@ -775,7 +781,9 @@ class PredictiveIndex(_IndexBase):
             if entry.snapshot.is_empty and entry.extra_waiting == 0:
                 return roomiest[1]  # an idle instance always takes it (it may never fit with the reserve)
             if reservation is not None:
-                return roomiest[1]  # one request is held already: queue at the roomiest other instance
+                # one request is held already: hold this one too (queue_hold_all), else queue it at the
+                # roomiest other instance
+                return None if self.params.queue_hold_all else roomiest[1]
             self._reservations[demand.model] = [demand.request_id, roomiest[1], 0]
             return None  # no instance can start it now: the scheduler holds it
         for item in self._peek(pool[0], self._PROBE + 1):

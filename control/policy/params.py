@@ -53,6 +53,21 @@ class DispatchParams:
     """``predictive`` dispatch: weigh expected prefix-cache hits (a prefix index fed by engines' cache
     reports, as ``kv_aware``'s): an instance holding the prompt's prefix wins when the prefill work ahead of
     the request there plus the prompt tokens it would still compute is below the best load-only choice's."""
+    queue_hold_all: bool = False
+    """``predictive`` dispatch with ``predict_hold``: hold *every* request no instance can start now in the
+    scheduler's queue (the first one still reserves the roomiest instance, EASY backfilling), instead of
+    holding only that first one and sending the rest to the roomiest other instance's engine queue. A held
+    request binds to whichever instance frees room first (one queue for the cluster instead of one per
+    engine: no request waits behind a long prompt on one engine while another has room)."""
+    queue_aging_tokens_per_s: float = 0.0
+    """The scheduler's queue order (``control/core/wait_queue.py``): 0 = first come, first served; > 0 =
+    shortest prefill first with aging: key = arrival + prompt tokens / this rate (tokens per second)."""
+    queue_backfill_scan: int = 32
+    """With ``queue_hold_all``: held requests tried per scheduler tick, head first (later ones may start on
+    an instance the head does not fit; bounds a tick's cost however long the queue)."""
+    queue_starvation_s: float = 0.0
+    """With ``queue_hold_all``: a held request that has waited longer than this (seconds) and still fits
+    nowhere stops the tick's scan, so nothing queued behind it overtakes it any more (0 = off)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +87,10 @@ class PolicyParams:
     predict_decode_weight: float = 16.0
     predict_hold: bool = False
     predict_prefix: bool = False
+    queue_hold_all: bool = False
+    queue_aging_tokens_per_s: float = 0.0
+    queue_backfill_scan: int = 32
+    queue_starvation_s: float = 0.0
 
     migration_enabled: bool = True
     migrate_threshold: float = 3.0
@@ -141,6 +160,10 @@ always empties."""
             predict_decode_weight=self.predict_decode_weight,
             predict_hold=self.predict_hold,
             predict_prefix=self.predict_prefix,
+            queue_hold_all=self.queue_hold_all,
+            queue_aging_tokens_per_s=self.queue_aging_tokens_per_s,
+            queue_backfill_scan=self.queue_backfill_scan,
+            queue_starvation_s=self.queue_starvation_s,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -190,6 +213,12 @@ always empties."""
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.queue_aging_tokens_per_s < 0:
+            raise ValueError("queue_aging_tokens_per_s must be >= 0 (0 = first come, first served)")
+        if self.queue_starvation_s < 0:
+            raise ValueError("queue_starvation_s must be >= 0 (0 = off)")
+        if self.queue_backfill_scan < 1:
+            raise ValueError("queue_backfill_scan must be >= 1")
         if self.migration_period_s <= 0:
             raise ValueError("migration_period_s must be > 0")
 
