@@ -36,7 +36,7 @@ from actors.local_cluster import InProcessCluster
 from control.client import DroverClient
 from control.core.dispatch import Place
 from control.core.migration import MigrationStages
-from control.policy.dispatch import DispatchIndex, make_dispatch_policy
+from control.policy.dispatch import make_dispatch_policy
 from control.policy.migration import InFlightMigration, MigrationDecision, MigrationPlanner
 from control.policy.params import PolicyParams
 from control.policy.snapshots import InstanceSnapshot, RequestDemand
@@ -324,7 +324,7 @@ async def _live(nats_url: str) -> Outcome:
             for m in MIGRATIONS:
                 await client.policy(m.knobs())
                 reply = await client.migrate(m.request_id, m.destination)
-                outcome.migrations[m.request_id] = (reply.ok, int(reply.details["stages"]))  # type: ignore[call-overload]
+                outcome.migrations[m.request_id] = (reply.ok, int(reply.details["stages"]))
             for rid, stream in streams.items():
                 result = await asyncio.wait_for(stream.result(), 120)
                 assert result.done is not None and result.done.finish_reason == "length", (rid, result.done)
