@@ -21,7 +21,8 @@ from control.core.dispatch import Dispatcher, Place, Waiting
 from control.core.pd import PdCore
 from control.core.record import Decision
 from control.core.requests import fail_over
-from control.policy.autoscaling import AutoscaleParams, ClusterView, FleetInstance, RunningBatch
+from control.core.scaling import LocalSizer
+from control.policy.autoscaling import AutoscaleParams, ClusterView, FleetInstance, LocalObservation, RunningBatch
 from control.policy.memory import GroupSnapshot, MemoryParams, MemorySnapshot
 from control.policy.snapshots import InstanceSnapshot, RequestDemand
 from control.simulator import ClusterSimulator, ElasticConfig
@@ -357,3 +358,33 @@ def _start(dispatcher: Dispatcher, d: Decision, view: _TapeView) -> Iterator[Pla
     else:
         raise AssertionError(f"unknown queue event {name!r}")
     return iter(())
+
+
+def replay_local(simulator: ElasticSimulator, entries: list[Decision], deviate: str = "") -> list[Mismatch]:
+    """Each engine host's local autoscaler, replayed: every window's observation (what the host measured) into a
+    :class:`LocalSizer` the simulator builds for an instance (``ElasticSimulator.local_sizer``; the simulator
+    configured with the live engines' ``max_num_seqs`` and autoscaling parameters): each batch-size decision
+    (limit, capacity, backpressure, reason, what the rule remembers) identical, one instance after another.
+
+    ``deviate``: ``"unclamped"`` (the limits not clamped to the engine's ``max_num_seqs``, as the simulator
+    did before its local autoscaler was the core's)."""
+    sizers: dict[str, LocalSizer] = {}
+    wrong: list[Mismatch] = []
+    for d in entries:
+        if d.what != "local_batch":
+            continue
+        observation, engine_max_seqs = d.inputs
+        assert isinstance(observation, LocalObservation)
+        sizer = sizers.get(d.key)
+        if sizer is None:
+            if engine_max_seqs != simulator.config.engine.max_num_seqs:
+                wrong.append(("engine_max_seqs", d.key, engine_max_seqs, simulator.config.engine.max_num_seqs))
+            if deviate == "unclamped":
+                sizer = LocalSizer(simulator.as_params, 1 << 30, key=d.key)
+            else:
+                sizer = simulator.local_sizer(d.key)
+            sizers[d.key] = sizer
+        got = sizer.decide(observation)
+        if got != d.output:
+            wrong.append((d.what, d.key, d.output, got))
+    return wrong
