@@ -340,9 +340,9 @@ async def _live(nats_url: str) -> Outcome:
 
 async def test_both_shells_carry_out_the_same_placements_and_migrations_alike(nats_url: str) -> None:
     live = await _live(nats_url)
-    # the live run did what the script says (else the comparison below compares something else)
-    assert live.migrations == {"c0": (True, 2), "c2": (False, 1), "c1": (True, 1)}, live.migrations
     assert differences(live, ScriptedCluster().simulate()) == []
+    # and both did what the script says (else the comparison compared something else)
+    assert live.migrations == {"c0": (True, 2), "c2": (False, 1), "c1": (True, 1)}, live.migrations
     # a shell that carries the commands out differently is caught
     for deviation, what in (("elsewhere", "actions"), ("no_abort", "migrations"), ("recompute", "actions")):
         found = differences(live, ScriptedCluster(deviation).simulate())
