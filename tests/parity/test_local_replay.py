@@ -61,8 +61,8 @@ async def test_a_live_run_replays_to_the_same_local_batch_sizes(nats_url: str) -
     decisions = [d for d in log.entries() if d.what == "local_batch"]
     limits = [d.output.batch_limit for d in decisions if isinstance(d.output, LocalDecision)]
     assert len(limits) == len(decisions) >= 3
-    first = decisions[0].inputs[0]
-    assert isinstance(first, LocalObservation) and first.batch_limit == 2 and first.num_waiting > 0, first
+    observations = [d.inputs[0] for d in decisions if isinstance(d.inputs[0], LocalObservation)]
+    assert observations[0].batch_limit == 2 and any(o.num_waiting > 0 for o in observations), observations
     assert max(limits) == MAX_SEQS, limits  # the limit bound and grew, as far as the engine goes
 
     # The simulator's shell configured as the live one: its engines' max_num_seqs, the autoscaling parameters.
