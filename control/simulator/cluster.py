@@ -429,10 +429,13 @@ class ClusterSimulator:
         return ()
 
     def serving_waiting(self) -> Iterable[tuple[str, int]]:
-        # what a heartbeat reports of each serving instance: the requests waiting in its engine
-        instances = self.instances
+        # as live: the requests waiting in each serving instance's engine at its last snapshot (the heartbeat);
+        # the dispatcher adds what the index counts as dispatched there since
+        instances, snapshots = self.instances, self._snapshots
         return [
-            (instances[i].instance_id, len(instances[i].core.waiting)) for i in self._live if not instances[i].draining
+            (instances[i].instance_id, snapshots[i].num_waiting if snapshots else len(instances[i].core.waiting))
+            for i in self._live
+            if not instances[i].draining
         ]
 
     def _class_of(self, request: SimRequest) -> str:
