@@ -657,6 +657,28 @@ class EngineActor(pykka.ThreadingActor):
         if tail:
             await self._send_tokens(stream, tail, "")
 
+    async def hand_over(
+        self, request_id: str, outputs: list[int], kv_transfer: dict[str, Any] | None
+    ) -> EngineAdd | None:
+        """A request this engine stopped to hand it to another instance (a member joining a KunServe group):
+        its client first gets every output token it has not seen, its stream here ends without RequestDone
+        (as a migrated one), and the answer is the EngineAdd that resumes it after ``outputs`` (None: no
+        stream here).
+
+        Thread: the bus loop."""
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return None
+        await self.end_evicted(request_id, outputs)
+        add = stream.add
+        return msgspec.structs.replace(
+            add,
+            output_token_ids=list(outputs),
+            served_by=[*add.served_by, self.instance_id],
+            kv_transfer=kv_transfer,
+            report_first_token=False,
+        )
+
     # ------------------------------------------------------------------------------------------- migration
     def _migratable(self) -> MigratableEngine:
         """Thread: the bus loop (the migration coroutines)."""

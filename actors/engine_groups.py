@@ -7,8 +7,14 @@ its own stage and a :class:`~engines.torch.remote.RemoteStage` per member. The l
 samples (one block allocator for the group), so the group is one dispatch target whose KV capacity is the
 pooled one. KV of the leader's running requests for the layers that change owner crosses to the member
 (``import_kv`` over the stage connection) while the leader is paused: the live KV exchange; nothing is
-recomputed. A member's own requests are evicted when it joins (their outputs so far reach the client; the
-scheduler resumes them, recomputed, on the group or elsewhere): only the leader's requests keep their KV.
+recomputed. A member's own requests move into the group with their KV too, as in the KunServe paper (and
+the memory simulator, ``control/simulator/memory.py``): at ``join`` the member copies each running request's
+KV of every layer aside (parked at its stage server), ends its stream here after the client has every
+token sampled so far, and answers the EngineAdd that resumes it; at ``lead`` the leader holds group blocks
+for each parked request and takes its KV in over the stage connection (the member writes its own layers'
+share into its pools, the rest crosses to the leader's and other members' stages); the memory manager then
+adds the requests to the leader, where they continue on that KV: nothing recomputed, each token once. A
+request the group has no room for (or whose KV did not arrive) is recomputed on the leader.
 
 Faults: when a step fails because a member is gone, the leader halts, evicts every request (the scheduler
 resumes each from its delivered tokens: the failover path, each token once), restores its layers from the
@@ -25,14 +31,14 @@ from typing import TYPE_CHECKING
 from opentelemetry import trace
 
 from engines.base import EngineError
-from engines.torch.engine import TorchEngine
+from engines.torch.engine import GROUP_KV_KEY, TorchEngine
 from engines.torch.pipeline import PipelineGroup, Stage
-from engines.torch.remote import RemoteStage, RemoteStageError, StageServer
+from engines.torch.remote import ParkedKv, RemoteStage, RemoteStageError, StageServer
 from observability import spans
 from observability.metrics import metrics
 from observability.tracing import tracer
 from transport import subjects
-from transport.messages import EngineRequestEnded, GroupCommand, GroupReply
+from transport.messages import EngineAdd, EngineRequestEnded, GroupCommand, GroupReply
 
 if TYPE_CHECKING:
     from actors.engine_actor import EngineActor
@@ -48,6 +54,7 @@ class GroupAgent:
         self.engine = engine
         self.data_host = data_host
         self.server: StageServer | None = None  # as a member
+        self.parked: ParkedKv = {}  # as a member: KV of the requests it handed to the leader, until taken
         self.remotes: list[RemoteStage] = []  # as a leader
         self.pipeline: PipelineGroup | None = None
         self._busy = asyncio.Lock()
@@ -94,26 +101,55 @@ class GroupAgent:
         if engine.role != "standalone" or engine.stage.layer_range != (0, engine.config.num_layers):
             raise EngineError(f"{self.instance_id} must hold every layer and be in no group to join one")
         started = time.perf_counter()
-        async with engine.paused():
-            evicted = await self._evict_all()
-            report = await engine.drop_layers_paused((first, last))
-            engine.use_runner(engine.stage, "member")
-            engine.group_id, engine.group_members = command.group_id, list(command.members)
-            evicted += await self._evict_all()  # a dispatch that raced the join: a member runs no request
-        self.server = StageServer(engine.stage, self.data_host)
+        self.parked.clear()
+        handed: list[EngineAdd] = []
+        try:
+            async with engine.paused():
+                handed = await self._hand_over_all()
+                report = await engine.drop_layers_paused((first, last))
+                engine.use_runner(engine.stage, "member")
+                engine.group_id, engine.group_members = command.group_id, list(command.members)
+                handed += await self._hand_over_all()  # a dispatch that raced the join: a member runs no request
+            self.server = StageServer(engine.stage, self.data_host, parked=self.parked)
+        except BaseException:
+            # The join failed after its requests left this engine: the scheduler resumes them (recomputed).
+            self.parked.clear()
+            for add in handed:
+                await self._report_evicted(add.request_id, list(add.output_token_ids))
+            raise
         metrics().memory_event("join", report.freed_weight_bytes, time.perf_counter() - started)
         return GroupReply(
             group_id=command.group_id,
             ok=True,
             address=self.server.address,
-            evicted=evicted,
+            handed=handed,
             details={
                 "freed_weight_bytes": report.freed_weight_bytes,
                 "kv_blocks_before": report.kv_blocks_before,
                 "kv_blocks_after": report.kv_blocks_after,
+                "parked_requests": len(self.parked),
+                "parked_kv_bytes": sum(t.nbytes for _, kv in self.parked.values() for t in kv.values()),
                 "seconds": time.perf_counter() - started,
             },
         )
+
+    async def _hand_over_all(self) -> list[EngineAdd]:
+        """Stop every request here to hand it to the group (join): a running one's KV of every layer is parked
+        for the leader to take in; each answer resumes its request on the leader after its outputs so far."""
+        handed: list[EngineAdd] = []
+        for request_id in self.engine.live_request_ids():
+            parked = self.engine.park_paused(request_id)
+            if parked is None:
+                continue
+            outputs, num_tokens, kv = parked
+            add = await self.actor.hand_over(request_id, outputs, {GROUP_KV_KEY: {"num_tokens": num_tokens}})
+            if add is None:  # no stream here (cannot happen for a request the engine streams): resume it anyway
+                await self._report_evicted(request_id, outputs)
+                continue
+            if kv:
+                self.parked[request_id] = (num_tokens, kv)
+            handed.append(add)
+        return handed
 
     async def _leave(self, command: GroupCommand) -> GroupReply:
         engine = self.engine
@@ -123,6 +159,7 @@ class GroupAgent:
         if self.server is not None:
             self.server.close()
             self.server = None
+        self.parked.clear()  # what the leader did not take: those requests were recomputed there or elsewhere
         async with engine.paused():
             engine.use_runner(engine.stage, "standalone")
             report = await engine.restore_layers_paused()
@@ -161,8 +198,10 @@ class GroupAgent:
                 for _, payload in payloads:  # over each member's stage connection: the live KV exchange
                     await asyncio.to_thread(engine.import_kv, payload["request_id"], payload)
                     moved_bytes += sum(t.nbytes for t in payload["kv"].values())
+                adopted, adopted_bytes = await self._take_parked(remotes)
+                moved_bytes += adopted_bytes
                 exchange_s = time.perf_counter() - exchange_started
-                exchange.set_attribute("drover.memory.requests", len(moving))
+                exchange.set_attribute("drover.memory.requests", len(moving) + adopted)
                 exchange.set_attribute("drover.memory.bytes", moved_bytes)
                 exchange.end()
                 engine.group_id, engine.group_members = command.group_id, list(command.members)
@@ -184,11 +223,40 @@ class GroupAgent:
                 "kv_blocks_before": blocks_before,
                 "kv_blocks_after": blocks_after,
                 "moved_requests": len(moving),
+                "adopted_requests": adopted,
                 "moved_kv_bytes": moved_bytes,
                 "exchange_seconds": exchange_s,
                 "seconds": seconds,
             },
         )
+
+    async def _take_parked(self, remotes: list[RemoteStage]) -> tuple[int, int]:
+        """Take in the KV the members parked when they joined (the leader, paused, as the pipeline): group
+        blocks for each request; each member writes its own layers' share there, the rest crosses here and on
+        to the stage that holds it. Returns (requests, bytes that crossed a stage connection)."""
+        engine = self.engine
+        taken = nbytes = 0
+        for remote in remotes:
+            try:
+                parked = await asyncio.to_thread(remote.parked)
+            except RemoteStageError as exc:  # a member from before the keep join parks nothing: its requests resumed
+                log.warning("engine %s: no parked KV listed at %s: %s", self.instance_id, remote.address, exc)
+                continue
+            for request_id, num_tokens in parked:
+                blocks = engine.adopt_kv_paused(request_id, num_tokens)  # None: no room, recomputed when added
+                try:
+                    kv = await asyncio.to_thread(remote.take_parked, request_id, blocks)
+                    if blocks is not None:
+                        await asyncio.to_thread(engine.import_adopted_kv, request_id, kv)
+                except Exception as exc:  # the same tokens, recomputed when the request is added
+                    log.warning("engine %s: KV of handed %s not taken in: %s", self.instance_id, request_id, exc)
+                    engine.release_adopted(request_id)
+                    continue
+                if blocks is None:
+                    continue
+                taken += 1
+                nbytes += sum(t.nbytes for t in kv.values())
+        return taken, nbytes
 
     async def _dissolve(self, command: GroupCommand) -> GroupReply:
         engine = self.engine
@@ -276,19 +344,23 @@ class GroupAgent:
             outputs = self.engine.evict_paused(request_id)
             if outputs is None:
                 continue
-            await self.actor.end_evicted(request_id, outputs)
+            await self._report_evicted(request_id, outputs)
             evicted.append(request_id)
-            await self.actor.bus.apublish(
-                subjects.ENGINE_EVENTS,
-                EngineRequestEnded(
-                    instance_id=self.instance_id,
-                    request_id=request_id,
-                    finish_reason="evicted",
-                    num_output_tokens=len(outputs),
-                    output_token_ids=outputs,
-                ),
-            )
         return evicted
+
+    async def _report_evicted(self, request_id: str, outputs: list[int]) -> None:
+        """The client gets every output token first; then the scheduler resumes the request after them."""
+        await self.actor.end_evicted(request_id, outputs)
+        await self.actor.bus.apublish(
+            subjects.ENGINE_EVENTS,
+            EngineRequestEnded(
+                instance_id=self.instance_id,
+                request_id=request_id,
+                finish_reason="evicted",
+                num_output_tokens=len(outputs),
+                output_token_ids=outputs,
+            ),
+        )
 
     def _close_remotes(self) -> None:
         for remote in self.remotes:
@@ -303,6 +375,7 @@ class GroupAgent:
         if self.server is not None:
             self.server.close()
             self.server = None
+        self.parked.clear()
         self._close_remotes()
 
 

@@ -5,9 +5,13 @@ weights; :class:`~transport.messages.EngineMemory`) into :class:`~control.policy
 and :class:`~control.policy.memory.GroupSnapshot`, asks the pure policy (``should_drop`` / ``plan_drop`` /
 ``should_restore``, the same functions the memory simulator runs) what to do, and orders the engines:
 
-* **drop**: each member ``join``\\ s (evicts its own requests, which the scheduler resumes elsewhere,
-  drops to its layer range, serves it as a stage over TCP), then the leader ``lead``\\ s (moves its running
-  requests' KV for the members' layers to them, drops to the first range, computes as the pipeline);
+* **drop**: each member ``join``\\ s (hands its requests to the group: each running one's KV of every layer
+  is parked at the member; drops to its layer range, serves it as a stage over TCP), then the leader
+  ``lead``\\ s (moves its running requests' KV for the members' layers to them, drops to the first range,
+  computes as the pipeline, takes in the members' parked KV); then the members' requests are added to the
+  leader, where they continue on that KV (the KunServe paper's join, and the memory simulator's: one
+  behaviour in both shells). A handed request whose add fails is resumed by the scheduler from its outputs
+  (recomputed);
 * **restore**: the leader ``dissolve``\\ s (takes the KV back, reloads its layers, serves alone), then each
   member ``leave``\\ s (reloads its layers).
 
@@ -50,6 +54,7 @@ from transport import subjects
 from transport.bus import Bus
 from transport.messages import (
     AdminReply,
+    EngineAdd,
     EngineMemory,
     ErrorCode,
     GroupCommand,
@@ -122,9 +127,14 @@ class MemoryManager:
         settings: MemorySettings,
         on_change: Callable[[str], None],
         decision_log: DecisionLog | None = None,
+        on_handed: Callable[[str, str, str | None, list[int]], None] | None = None,
     ) -> None:
         """``on_change(instance_id)``: the scheduler re-reads whether an instance takes dispatches;
-        ``decision_log``: the core's calls with their inputs, recorded (parity tests); None: off.
+        ``decision_log``: the core's calls with their inputs, recorded (parity tests); None: off;
+        ``on_handed(request_id, source, destination, outputs)``: a joining member's request moves from
+        ``source`` to the group's leader (its record moves before the leader is told, so the leader's events
+        about it find it there), or, with ``destination`` None, the scheduler resumes it after ``outputs``.
+        Called on the bus loop: it must hand over to the scheduler's thread (in order).
 
         Thread: the one that builds the scheduler."""
         self.bus = bus
@@ -140,6 +150,7 @@ class MemoryManager:
         # Instances whose dispatchability changed on the bus loop; the scheduler's thread re-reads them on its
         # next tick. Shared by the two threads.
         self._dirty: Guarded[set[str]] = Guarded(set())
+        self.on_handed = on_handed
         self._lock = threading.RLock()
 
     def _record(self, what: str, key: str, inputs: tuple[object, ...], output: object) -> None:
@@ -420,6 +431,7 @@ class MemoryManager:
             try:
                 addresses: list[str] = []
                 evicted: list[str] = []
+                handed: list[tuple[str, EngineAdd]] = []  # (member, the add that resumes it on the leader)
                 for rank, member in enumerate(group.members[1:], start=1):
                     answer = await self._ask(
                         member,
@@ -433,6 +445,7 @@ class MemoryManager:
                     group.joined.append(member)
                     addresses.append(answer.address)
                     evicted += answer.evicted
+                    handed += [(member, add) for add in answer.handed]
                 answer = await self._ask(
                     group.leader,
                     GroupCommand(
@@ -448,12 +461,20 @@ class MemoryManager:
                 log.warning("group %s did not form: %s", group.group_id, exc)
                 span.set_status(StatusCode.ERROR, str(exc))
                 metrics().memory_event("drop_ordered", outcome="failed")
+                self._hand_back(handed)
                 with self._lock:
                     self._end(group, leave=list(group.joined))
                 if reply:
                     await self.bus.apublish(reply, AdminReply(ok=False, message=f"drop failed: {exc}"))
                 return
-            details = {**answer.details, "evicted": evicted, "seconds": time.perf_counter() - started}
+            kept = await self._add_handed(group.leader, handed)
+            details = {
+                **answer.details,
+                "evicted": evicted,
+                "handed": [add.request_id for _, add in handed],
+                "kept": kept,
+                "seconds": time.perf_counter() - started,
+            }
             for key in ("freed_weight_bytes", "kv_blocks_before", "kv_blocks_after", "moved_kv_bytes"):
                 if key in answer.details:
                     span.set_attribute(f"drover.memory.{key}", answer.details[key])
@@ -480,6 +501,39 @@ class MemoryManager:
                     },
                 ),
             )
+
+    async def _add_handed(self, leader: str, handed: list[tuple[str, EngineAdd]]) -> list[str]:
+        """Add the joining members' requests to the leader (each on the KV it took in at ``lead``); one the
+        leader does not take is resumed by the scheduler from its outputs. Returns the ids the leader took.
+
+        Thread: the bus loop."""
+        kept: list[str] = []
+        for member, add in handed:
+            outputs = list(add.output_token_ids)
+            self._tell_handed(add.request_id, member, leader, outputs)
+            try:
+                reply = await self.bus.arequest(subjects.engine(leader), add, timeout_s=self.settings.op_timeout_s)
+                ok = isinstance(reply, AdminReply) and reply.ok
+            except Exception as exc:  # timeout, no responders (the leader died): the scheduler resumes it
+                log.warning("handed %s not added to %s: %r", add.request_id, leader, exc)
+                ok = False
+            if ok:
+                kept.append(add.request_id)
+            else:
+                self._tell_handed(add.request_id, leader, None, outputs)
+        return kept
+
+    def _hand_back(self, handed: list[tuple[str, EngineAdd]]) -> None:
+        """The group did not form: the scheduler resumes the members' handed requests from their outputs.
+
+        Thread: the bus loop."""
+        for member, add in handed:
+            self._tell_handed(add.request_id, member, None, list(add.output_token_ids))
+
+    def _tell_handed(self, request_id: str, source: str, destination: str | None, outputs: list[int]) -> None:
+        """Thread: the bus loop."""
+        if self.on_handed is not None:
+            self.on_handed(request_id, source, destination, outputs)
 
     # ------------------------------------------------------------------------------------------ restore
     def _start_restore(self, group: LiveGroup, reply: str | None) -> None:

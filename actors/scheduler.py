@@ -109,6 +109,16 @@ class _Acknowledged:
 
 
 @dataclass(frozen=True, slots=True)
+class _Handed:
+    """A request a member joining a KunServe group handed over (``MemoryManager.on_handed``)."""
+
+    request_id: str
+    source: str
+    destination: str | None
+    outputs: list[int]
+
+
+@dataclass(frozen=True, slots=True)
 class _AddUnacked:
     """An EngineAdd got no acknowledgement (lost with a NATS node, or nobody subscribed yet)."""
 
@@ -175,7 +185,13 @@ class SchedulerActor(SupervisedActor):
         self._snapshot_of: dict[str, tuple[InstanceLoad, EngineInfo, object, InstanceSnapshot]] = {}
         self.migrations_done = 0
         self.migrations_aborted = 0
-        self.memory = MemoryManager(bus, settings.memory, self._refresh_instance, decision_log)  # KunServe groups
+        self.memory = MemoryManager(  # KunServe groups
+            bus,
+            settings.memory,
+            self._refresh_instance,
+            decision_log,
+            on_handed=lambda *handed: self.actor_ref.tell(_Handed(*handed)),
+        )
         # request classes and roles; the batch queue it reports is the dispatcher's
         self.classes = RequestClasses(settings, self._evict, self.dispatch.batch)
 
@@ -214,6 +230,8 @@ class SchedulerActor(SupervisedActor):
             self.classes.on_message(message, self.instances, self.requests, len(self.dispatch.pending))
         elif isinstance(message, _AddUnacked):
             self._on_add_unacked(message)
+        elif isinstance(message, _Handed):
+            self._on_handed(message)
         elif isinstance(message, PdPoolsQuery):  # the per-phase autoscaler's input
             serving = [r for r in self.instances.values() if r.state == "serving"]
             pools = tuple((self._snapshot(r), self.pd.phase_of(r.info.instance_id)) for r in serving)
@@ -775,9 +793,7 @@ class SchedulerActor(SupervisedActor):
             self.carry_out([Resume(record.request_id)])
             return
         if ended.finish_reason == "evicted":  # a KunServe group step handed it back: resume after its outputs
-            record.resume_tokens, record.state, record.instance_id = list(ended.output_token_ids), "queued", None
-            self.state.save_request(record)
-            self._dispatch_or_wait(record)
+            self._resume_after(record, ended.output_token_ids)
             return
         self.requests.pop(ended.request_id)
         self.state.drop_request(ended.request_id)
@@ -785,6 +801,29 @@ class SchedulerActor(SupervisedActor):
         self.classes.on_ended(ended.request_id)
         self.dispatch.forget(ended.request_id)
         self.pd.on_request_ended(ended.request_id)
+
+    def _resume_after(self, record: RequestRecord, outputs: list[int]) -> None:
+        """Run a request again after the output tokens its client has (recomputed where it lands).
+
+        Thread: the scheduler actor's thread."""
+        record.resume_tokens, record.state, record.instance_id = list(outputs), "queued", None
+        self.state.save_request(record)
+        self._dispatch_or_wait(record)
+
+    def _on_handed(self, handed: _Handed) -> None:
+        """A member joining a KunServe group handed its request over: it is being added to the group's leader
+        (``destination``; on its KV, as a migrated request), or (None: it was not) resumes after its outputs.
+
+        Thread: the scheduler actor's thread."""
+        record = self.requests.get(handed.request_id)
+        if record is None or record.instance_id != handed.source:
+            return  # ended (or moved) meanwhile
+        if handed.destination is None:
+            self._resume_after(record, handed.outputs)
+            return
+        record.instance_id = handed.destination
+        record.served_by.append(handed.destination)
+        self.state.save_request(record)
 
     def _refresh_instance(self, instance_id: str) -> None:
         """Re-read whether an instance takes dispatches (the memory manager grouped or released it).

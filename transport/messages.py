@@ -507,11 +507,12 @@ class PhaseCommand(_Msg, frozen=True, tag="phase_set"):
 class GroupCommand(_Msg, frozen=True, tag="group_command"):
     """Memory manager -> torch engine: one step of forming or ending a KunServe group.
 
-    ``op``: ``join`` (member: evict requests, keep ``layer_range``, serve it as a stage; reply: its address),
-    ``lead`` (leader: move running requests' KV of other layers to the members at ``stage_addresses``, drop
-    to ``layer_range``, compute as the pipeline), ``dissolve`` (leader: take the KV back, restore, serve alone),
-    ``leave`` (member: restore, serve alone), ``break`` (leader of a group that lost a member: evict its
-    requests for the scheduler to resume, restore).
+    ``op``: ``join`` (member: hand its requests to the group, the KV of every layer parked at its stage, keep
+    ``layer_range``, serve it as a stage; reply: its address and the handed requests), ``lead`` (leader: move
+    running requests' KV of other layers to the members at ``stage_addresses``, drop to ``layer_range``,
+    compute as the pipeline, take in the KV the members parked), ``dissolve`` (leader: take the KV back,
+    restore, serve alone), ``leave`` (member: restore, serve alone), ``break`` (leader of a group that lost a
+    member: evict its requests for the scheduler to resume, restore).
     """
 
     op: str
@@ -528,6 +529,9 @@ class GroupReply(_Msg, frozen=True, tag="group_reply"):
     error: str = ""
     address: str = ""  # a joined member's stage server
     evicted: list[str] = []  # request ids handed back to the scheduler
+    # join: the member's requests, each as the EngineAdd that resumes it on the leader after its outputs so far
+    # (kv_transfer names the KV parked at the member's stage, which the leader takes in at "lead")
+    handed: list[EngineAdd] = []
     details: dict[str, Any] = {}  # freed bytes, blocks, KV moved, seconds
 
 

@@ -6,8 +6,10 @@ a step computes. Requests join and leave between steps.
 
 Beyond the protocol it exposes what KunServe needs: :meth:`TorchEngine.drop_layers` /
 :meth:`TorchEngine.restore_layers` (parameter-centric memory), :meth:`TorchEngine.export_kv` /
-:meth:`TorchEngine.import_kv` (moving a request's KV for layers that change owner), and leading a
-:class:`~engines.torch.pipeline.PipelineGroup` (see :mod:`engines.torch.group`). Invariant: a request never
+:meth:`TorchEngine.import_kv` (moving a request's KV for layers that change owner), leading a
+:class:`~engines.torch.pipeline.PipelineGroup` (see :mod:`engines.torch.group`), and a member's requests
+moving into its group with their KV (:meth:`TorchEngine.park_paused` at the member, then
+:meth:`TorchEngine.adopt_kv_paused` at the leader; ``actors/engine_groups.py``). Invariant: a request never
 computes on missing KV: after layers come back, a running request whose KV for them was not imported is
 recomputed (preempted) before the next step.
 """
@@ -39,6 +41,9 @@ log = logging.getLogger(__name__)
 
 ENGINE_KIND = "torch"
 KV_PAYLOAD_VERSION = 1
+GROUP_KV_KEY = "torch_group_kv"
+"""``EngineRequest.kv_transfer`` key of a request a joining member handed into its group: ``{"num_tokens": n}``,
+whose KV the leader took in at ``lead`` (:meth:`TorchEngine.adopt_kv_paused`); without it, recomputed."""
 
 
 @dataclass(slots=True, eq=False)
@@ -96,6 +101,12 @@ class TorchEngine:
         self._core: EngineCore | None = None
         self._live: dict[str, _Live] = {}
         self._missing_kv: dict[str, set[int]] = {}  # request -> held layers whose KV it lacks
+        # request -> (blocks holding its KV, tokens they cover): handed in by a joining member, waiting for the
+        # request itself (an EngineAdd with GROUP_KV_KEY) to take them
+        self._adopted: dict[str, tuple[list[int], int]] = {}
+        self.group_counters: dict[str, int] = dict.fromkeys(("kv_adopted", "kv_recomputed"), 0)
+        """Requests handed in by a joining member since start: resumed on their KV, or recomputed (no room, or
+        their KV never arrived)."""
         self.role = "standalone"  # | "leader" (runs a pipeline group) | "member" (a stage of another's group)
         self.group_id = ""  # the KunServe group this engine is in (set by whoever forms it)
         self.group_members: list[str] = []
@@ -288,6 +299,10 @@ class TorchEngine:
 
     def _admit(self, request: EngineRequest, seq: Sequence) -> None:
         """Queue a validated request: recompute its context, or load KV handed over in ``kv_transfer``."""
+        handed = (request.kv_transfer or {}).get(GROUP_KV_KEY)
+        if handed is not None:
+            self._admit_handed(request.request_id, seq, int(handed.get("num_tokens", 0)))
+            return
         payload = (request.kv_transfer or {}).get("torch_kv")
         if payload is None:
             self.scheduler.add(seq)
@@ -302,6 +317,21 @@ class TorchEngine:
         self.core.runner.import_kv(payload["kv"], seq.block_ids)
         seq.num_computed = num_tokens
         self.scheduler.add_running(seq)
+
+    def _admit_handed(self, request_id: str, seq: Sequence, num_tokens: int) -> None:
+        """A joining member's request resumes here: on the KV this leader took in at ``lead``, else recomputed."""
+        adopted = self._adopted.pop(request_id, None)
+        if adopted is not None and adopted[1] == num_tokens and 0 < num_tokens <= seq.num_tokens:
+            seq.block_ids, seq.num_computed = adopted[0], num_tokens
+            self.scheduler.add_running(seq)
+            self.group_counters["kv_adopted"] += 1
+            return
+        if adopted is not None:
+            self.allocator.free(adopted[0])
+        if num_tokens:
+            log.info("torch engine %s: recomputing %s (its handed KV is not here)", self.instance_id, request_id)
+            self.group_counters["kv_recomputed"] += 1
+        self.scheduler.add(seq)
 
     async def _stream(self, live: _Live) -> AsyncIterator[EngineOutput]:
         try:
@@ -505,6 +535,50 @@ class TorchEngine:
         self._publish_load()
         return outputs
 
+    def park_paused(self, request_id: str) -> tuple[list[int], int, dict[int, torch.Tensor]] | None:
+        """:meth:`evict_paused`, but first copy the request's KV of every layer (a member joining a group hands
+        its requests to the leader with their KV). Returns (outputs, tokens the KV covers, ``{layer: blocks}``);
+        no KV (0, {}) for a request that holds none. Call inside :meth:`paused`."""
+        self._require_paused("park")
+        live = self._live.get(request_id)
+        if live is None or live.done:
+            return None
+        seq = live.seq
+        num_tokens, kv = 0, {}
+        complete = self._runner_complete() and request_id not in self._missing_kv
+        if complete and seq.status is SeqStatus.RUNNING and seq.block_ids and seq.num_computed > 0:
+            num_tokens = seq.num_computed
+            blocks = seq.block_ids[: self.scheduler.blocks_for(num_tokens)]
+            kv = self.core.runner.export_kv(list(range(self.config.num_layers)), blocks)
+        outputs = self.evict_paused(request_id)
+        return (outputs, num_tokens, kv) if outputs is not None else None
+
+    def adopt_kv_paused(self, request_id: str, num_tokens: int) -> list[int] | None:
+        """Hold blocks for the KV of a request a joining member hands in (the leader, at ``lead``); the request
+        takes them when it is added with ``kv_transfer={GROUP_KV_KEY: {"num_tokens": n}}``. None: no room (it
+        will be recomputed). Write its KV with :meth:`import_adopted_kv`. Call inside :meth:`paused`."""
+        self._require_paused("adopt_kv")
+        needed = self.scheduler.blocks_for(num_tokens)
+        if num_tokens <= 0 or request_id in self._adopted or not self.allocator.can_allocate(needed):
+            return None
+        blocks = self.allocator.allocate(needed)
+        self._adopted[request_id] = (blocks, num_tokens)
+        self._publish_load()
+        return blocks
+
+    def import_adopted_kv(self, request_id: str, kv: dict[int, torch.Tensor]) -> None:
+        """Write (part of) an adopted request's KV into the blocks held for it (any held layers)."""
+        self._require_paused("import_adopted_kv")
+        self.core.runner.import_kv(kv, self._adopted[request_id][0])
+
+    def release_adopted(self, request_id: str | None = None) -> None:
+        """Free the blocks held for a handed-in request (all of them: None) whose request did not come."""
+        for rid in [request_id] if request_id is not None else list(self._adopted):
+            adopted = self._adopted.pop(rid, None)
+            if adopted is not None:
+                self.allocator.free(adopted[0])
+        self._publish_load()
+
     def live_request_ids(self) -> list[str]:
         """Requests this engine streams (running or waiting)."""
         return [rid for rid, live in self._live.items() if not live.done]
@@ -598,6 +672,11 @@ class TorchEngine:
         requests until the rest fit, then compact (moving KV in every stage). Returns the preempted ids."""
         scheduler = self.scheduler
         preempted: list[str] = []
+        if self._adopted:  # KV handed in for requests that never came: compaction would not remap its blocks
+            log.warning(
+                "torch engine %s: freeing handed-in KV of %s (never added)", self.instance_id, list(self._adopted)
+            )
+            self.release_adopted()
         victims = sorted(scheduler.running, key=lambda s: (s.priority, -s.order))
         while self.allocator.num_used > num_blocks and victims:
             victim = victims.pop(0)

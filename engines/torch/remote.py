@@ -96,11 +96,22 @@ def _kv_from_named(named: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
     return {int(layer): tensor for layer, tensor in named.items()}
 
 
+ParkedKv = dict[str, tuple[int, dict[int, torch.Tensor]]]
+"""Requests a member handed to its group's leader when it joined: request id -> (tokens the KV covers, KV of
+every layer). The leader takes each (``take_parked``): the member writes its own layers' share into its pools
+and sends the rest."""
+
+
 class StageServer:
     """Serves one stage to remote callers (threads; the stage computes in the calling connection's thread)."""
 
-    def __init__(self, stage: ModelStage, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, stage: ModelStage, host: str = "127.0.0.1", port: int = 0, parked: ParkedKv | None = None
+    ) -> None:
+        """``parked``: KV of requests this member handed to the leader, until the leader takes it (calls
+        serialise on the server's lock; the owner fills it before serving and empties it after closing)."""
         self.stage = stage
+        self.parked: ParkedKv = parked if parked is not None else {}
         self._lock = threading.Lock()
         self._listener = socket.create_server((host, port))
         self._host = host
@@ -159,6 +170,18 @@ class StageServer:
         if call.op == "import_kv":
             stage.import_kv(_kv_from_named(decode_tensors(call.payload, "kv")), list(args["block_ids"]))
             return _Reply(ok=True)
+        if call.op == "parked":
+            return _Reply(ok=True, result={"requests": [[rid, n] for rid, (n, _) in sorted(self.parked.items())]})
+        if call.op == "take_parked":
+            entry = self.parked.pop(str(args["request_id"]), None)
+            block_ids = args.get("block_ids")
+            if entry is None or block_ids is None:  # unknown, or the leader has no room: the KV is dropped
+                return _Reply(ok=True)
+            held = set(stage.held_layers())
+            kv = entry[1]
+            stage.import_kv({layer: t for layer, t in kv.items() if layer in held}, list(block_ids))
+            rest = {layer: t for layer, t in kv.items() if layer not in held}
+            return _Reply(ok=True, payload=encode_tensors("kv", _kv_to_named(rest)))
         if call.op == "move_blocks":
             stage.move_blocks({int(old): int(new) for old, new in args["moves"]})
             return _Reply(ok=True)
@@ -226,6 +249,16 @@ class RemoteStage:
 
     def import_kv(self, kv: dict[int, torch.Tensor], block_ids: list[int]) -> None:
         self._call("import_kv", {"block_ids": block_ids}, encode_tensors("kv", _kv_to_named(kv)))
+
+    def parked(self) -> list[tuple[str, int]]:
+        """The requests (and the tokens their KV covers) this member handed to the leader when it joined."""
+        return [(str(rid), int(n)) for rid, n in self._call("parked").result["requests"]]
+
+    def take_parked(self, request_id: str, block_ids: list[int] | None) -> dict[int, torch.Tensor]:
+        """Take a handed request's KV into ``block_ids`` of the group: the member writes its own layers there
+        and returns every other layer's (for the caller to import); None drops it (no room: recomputed)."""
+        reply = self._call("take_parked", {"request_id": request_id, "block_ids": block_ids})
+        return _kv_from_named(decode_tensors(reply.payload, "kv")) if reply.payload else {}
 
     def move_blocks(self, moves: dict[int, int]) -> None:
         self._call("move_blocks", {"moves": [[old, new] for old, new in moves.items()]})

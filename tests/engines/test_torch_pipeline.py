@@ -5,6 +5,7 @@ requests' tokens identical to an undisturbed run without recomputing them."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import subprocess
 import sys
@@ -303,3 +304,57 @@ async def test_request_that_no_longer_fits_after_dissolve_is_aborted(
     outputs = [out async for out in stream]
     assert outputs[-1].finish_reason == "abort"
     assert_no_leak(members[0])
+
+
+@pytest.mark.parametrize("room", [True, False])
+async def test_a_joining_members_request_moves_into_the_group_with_its_kv(
+    model_dir: Path, reference: dict[int, list[int]], engines: list[TorchEngine], room: bool
+) -> None:
+    """The engine half of a live join (``actors/engine_groups.py``): the member parks a running request's
+    KV of every layer and drops to its stage, served over TCP; the leader, as the pipeline, holds blocks for
+    it and takes the KV in (the member writes its own layers, the rest crosses); the request resumes on the
+    leader after its outputs so far, on that KV: the reference tokens, nothing recomputed. Without room on
+    the leader it is recomputed there: the same tokens."""
+    from engines.torch.engine import GROUP_KV_KEY
+    from engines.torch.remote import StageServer
+
+    leader, member = [
+        await start_engine(engines, model_dir, f"join{room}-{r}", block_size=4, num_blocks=48) for r in range(2)
+    ]
+    stream = member.generate(request("handed", PROMPTS[3]))
+    got: list[int] = []
+    await _take(stream, 8, got)
+    async with member.paused():
+        parked = member.park_paused("handed")
+        assert parked is not None
+        outputs, num_tokens, kv = parked
+        assert outputs[: len(got)] == got and num_tokens > len(PROMPTS[3]) and sorted(kv) == [0, 1, 2, 3]
+        await member.drop_layers_paused((2, 4))
+        member.use_runner(member.stage, "member")
+    assert (await collect_stream(stream)) == []  # its stream here ends (as evicted), nothing more from it
+    server = StageServer(member.stage, parked={"handed": (num_tokens, kv)})
+    remote = RemoteStage(server.address)
+    try:
+        assert remote.parked() == [("handed", num_tokens)]
+        async with leader.paused():
+            await leader.drop_layers_paused((0, 2))
+            leader.use_runner(PipelineGroup([leader.stage, remote]), "leader")
+            blocks = leader.adopt_kv_paused("handed", num_tokens) if room else None
+            taken = remote.take_parked("handed", blocks)
+            if blocks is not None:
+                assert sorted(taken) == [0, 1]  # the member wrote layers 2-3 itself
+                leader.import_adopted_kv("handed", taken)
+        assert remote.parked() == []
+        resumed = dataclasses.replace(
+            request("handed", PROMPTS[3]),
+            output_token_ids=list(outputs),
+            kv_transfer={GROUP_KV_KEY: {"num_tokens": num_tokens}},
+        )
+        tokens, _ = await collect(leader, resumed)
+        assert outputs + tokens == reference[3]
+        assert leader.group_counters == {"kv_adopted": int(room), "kv_recomputed": int(not room)}
+        assert leader.scheduler.num_preemptions == 0 == member.scheduler.num_preemptions
+        assert_no_leak(leader)
+    finally:
+        remote.close()
+        server.close()

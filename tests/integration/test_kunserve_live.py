@@ -198,7 +198,7 @@ async def test_stream_across_forced_drop_and_restore_is_exact(
         exposition = metrics().render().decode()
         for name in ("drover_memory_events", "drover_memory_exchange_bytes", "drover_memory_freed_weight_bytes"):
             assert name in exposition
-        names = {s.name for s in span_exporter.get_finished_spans()}  # type: ignore[attr-defined]
+        names = {s.name for s in span_exporter.get_finished_spans()}
         assert {"drover.memory.drop", "drover.memory.restore", "drover.memory.exchange"} <= names
         assert {"drover.memory.group.join", "drover.memory.group.lead", "drover.memory.group.dissolve"} <= names
     finally:
@@ -212,31 +212,62 @@ def _idle(engine: MigratableTorchEngine) -> object:
     return check
 
 
-async def test_member_requests_are_evicted_and_resume_on_the_group(
+async def test_a_joining_members_request_keeps_its_kv_as_in_the_simulator(
     cluster: InProcessCluster, client: DroverClient
 ) -> None:
-    """The member's own requests leave it when it joins (outputs so far kept) and finish on the group."""
+    """Parity (b) for the join: one request decoding on each instance, then "form a group, ks-a leads". The
+    member's request moves into the group with its KV (parked at ``join``, taken in at ``lead``) and goes on
+    there: nothing recomputed or preempted, the tokens of a solo run, each once. The memory simulator's shell,
+    given the same commands, makes the same decision (``tests/parity/join.py``)."""
+    from tests.parity.join import simulated_join
+
     expected = (await client.generate(PROMPT, sampling=LONG)).token_ids
     log = await ChunkLog().start(cluster.url, client.inbox_prefix)
+    leader, member = "ks-a", "ks-b"
+    engines: dict[str, MigratableTorchEngine] = {}
+    for name in (leader, member):
+        engine = cluster.hosts[name].engine
+        assert isinstance(engine, MigratableTorchEngine)
+        engines[name] = engine
+    preemptions = {name: e.scheduler.num_preemptions for name, e in engines.items()}
+    counters = dict(engines[leader].group_counters)
     try:
         streams = []
-        for i, (_target, other) in enumerate((("ks-a", "ks-b"), ("ks-b", "ks-a"))):
-            await client.drain(other)  # pins the request to ``target``
-            streams.append(await client.submit(PROMPT, sampling=LONG, request_id=f"ks-ev-{i}"))
+        for i, other in enumerate((member, leader)):
+            await client.drain(other)  # pins the request to the other instance
+            streams.append(await client.submit(PROMPT, sampling=LONG, request_id=f"ks-join-{i}"))
             await _until_tokens(streams[-1], 10)
             await client.drain(other, undo=True)
-        leader, member = "ks-a", "ks-b"
         status = await client.status()
-        assert {r.request_id: r.instance_id for r in status.requests} == {"ks-ev-0": leader, "ks-ev-1": member}
+        assert {r.request_id: r.instance_id for r in status.requests} == {"ks-join-0": leader, "ks-join-1": member}
         dropped = await client.memory("drop", f"{leader},{member}")
         assert dropped.ok, dropped.message
-        assert dropped.details["evicted"] == ["ks-ev-1"]
+        assert dropped.details["evicted"] == []
+        assert dropped.details["handed"] == dropped.details["kept"] == ["ks-join-1"]
+        assert dropped.details["moved_requests"] == 1 and dropped.details["adopted_requests"] == 1
+        where = {r.request_id: r.instance_id for r in (await client.status()).requests}
         results = [await s.result() for s in streams]
         assert [r.token_ids for r in results] == [expected, expected]
-        assert await log.assert_exactly_once("ks-ev-1", results[1].token_ids) == {member, leader}
+        assert await log.assert_exactly_once("ks-join-0", results[0].token_ids) == {leader}
+        assert await log.assert_exactly_once("ks-join-1", results[1].token_ids) == {member, leader}
         assert results[1].done is not None and results[1].done.instances == [member, leader]
+        adopted = engines[leader].group_counters["kv_adopted"] - counters["kv_adopted"]
+        recomputed = engines[leader].group_counters["kv_recomputed"] - counters["kv_recomputed"]
+        preempted = {n: e.scheduler.num_preemptions - preemptions[n] for n, e in engines.items()}
+        assert (adopted, recomputed, preempted) == (1, 0, {leader: 0, member: 0})
+        live = {
+            "leader": ("group" if where["ks-join-0"] == leader else "elsewhere", preempted[leader] == 0),
+            "member": ("group" if where["ks-join-1"] == leader else "elsewhere", adopted == 1 and recomputed == 0),
+        }
+        assert live == simulated_join()
         restored = await client.memory("restore", dropped.details["group_id"])
         assert restored.ok, restored.message
+        for engine in engines.values():
+            assert isinstance(engine, MigratableTorchEngine)
+            await _until(_idle(engine))
+            assert (
+                engine.role == "standalone" and engine.allocator.num_blocks == NUM_BLOCKS == engine.allocator.num_free
+            )
     finally:
         await log.close()
 
@@ -466,7 +497,7 @@ async def test_burst_triggers_a_drop_and_the_group_restores_when_it_is_over(own_
         # hysteresis (tests/parity/replays.py), order the same drops and restores; deviating replays are caught.
         entries = decisions.entries()
         commands = [d.output for d in entries if d.what == "memory_poll"]
-        assert any(c.drops for c in commands) and any(c.restores for c in commands)  # type: ignore[attr-defined]
+        assert any(c.drops for c in commands) and any(c.restores for c in commands)
         params = memory_params(settings.memory)
         assert replay_memory(entries, params) == []
         assert replay_memory(entries, params, "skip_formed")
