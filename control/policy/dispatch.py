@@ -29,13 +29,11 @@ an update costs O(log n).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import heapq
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
-from heapq import heappop, heappush
-from itertools import islice
+from heapq import heappop, heappush, heapreplace
 from typing import Any, Protocol
 
 from control.policy.freeness import INF, dispatch_freeness, physical_usage, priority_headroom_blocks
@@ -153,6 +151,10 @@ def _pool_names(snapshot: InstanceSnapshot) -> tuple[str, ...]:
 # A heap item: (key, instance id, entry version). Keys are floats or tuples of floats; smaller is better.
 _HeapItem = tuple[Any, str, int]
 
+_STALE_WALK = 4
+"""Stale heap items a read of the best few instances (``_IndexBase._peek``) steps over before it pops them for
+good instead."""
+
 
 class _IndexBase:
     """Entries plus per-model pools of lazy min-heaps; subclasses define the keys and the choice.
@@ -188,6 +190,13 @@ class _IndexBase:
         if entry is None:
             entry = self._entries[snapshot.instance_id] = _Entry(snapshot)
             self._pool_members.update(entry.pools)
+        elif entry.keys and not snapshot.draining and snapshot.model == entry.snapshot.model:
+            # the usual heartbeat: a live member stays one, in the same pools, so ``_unlink`` then ``_link``
+            # in one step, as a dispatch re-keys (the same versions and heap items, less work)
+            entry.reset(snapshot)
+            entry.terms = self._terms(snapshot)
+            self._rekey(entry)
+            return
         else:
             self._unlink(entry)
             if snapshot.model != entry.snapshot.model:
@@ -206,12 +215,17 @@ class _IndexBase:
             self._pool_members.subtract(entry.pools)
 
     def on_dispatched(self, instance_id: str, demand: RequestDemand) -> None:
+        self._add_pending(instance_id, demand.num_blocks, demand.priority)
+
+    def _add_pending(self, instance_id: str, num_blocks: int, priority: int) -> None:
+        """``on_dispatched`` with the demand's blocks given apart: a subclass that counts fewer (a prefix hit)
+        passes its own count instead of building a changed copy of the demand on every decision."""
         entry = self._entries.get(instance_id)
         if entry is None:
             return
         entry.extra_waiting += 1
-        entry.extra_blocks += demand.num_blocks
-        if demand.priority > 0:
+        entry.extra_blocks += num_blocks
+        if priority > 0:
             entry.extra_high = True
         self._rekey(entry)
 
@@ -293,10 +307,16 @@ class _IndexBase:
             for heap, key in zip(pool, keys, strict=False):
                 if key is None:
                     continue
-                heappush(heap, (key, iid, version))
-                if len(heap) > 4 * live + 16:
-                    self._rebuild(heap)
-                    continue
+                if heap and heap[0][1] == iid:
+                    # the top is this instance's item as it was (stale now: every item pushed for it before
+                    # carries an older version), as after a dispatch to the best instance: one sift, not a
+                    # push and then a pop
+                    heapreplace(heap, (key, iid, version))
+                else:
+                    heappush(heap, (key, iid, version))
+                    if len(heap) > 4 * live + 16:
+                        self._rebuild(heap)
+                        continue
                 # pop up to two stale items off the top: a policy that rarely reads a heap (prefix affinity
                 # answers most requests from its holders) would otherwise pay for thousands of stale tops in
                 # one read
@@ -350,6 +370,39 @@ class _IndexBase:
         for item in popped:
             heapq.heappush(heap, item)
         return [(item[0], item[1]) for item in popped]
+
+    def _peek(self, heap: list[_HeapItem], k: int) -> Sequence[tuple[Any, ...]]:
+        """What ``_best`` returns, read without changing the heap: the ``k`` best live items, each starting
+        (key, instance id). A best-first walk down the heap's tree (a parent sorts before its children),
+        O(k log k) on a small frontier instead of k pops and k pushes on the big heap, each of them a dozen
+        comparisons of nested key tuples. Stale items are stepped over; when more than a few are in the way,
+        ``_best`` pops them for good instead, so they cannot pile up at the top and slow every later walk
+        (both give the live items in key order)."""
+        out: list[_HeapItem] = []  # the heap's own items (key, instance id, version): no new tuples
+        size = len(heap)
+        if not size:
+            return out
+        entries = self._entries
+        stale = 0
+        frontier = [(heap[0], 0)]  # items are unique (one version per instance), so the index never compares
+        while frontier:
+            item, i = heappop(frontier)
+            entry = entries.get(item[1])
+            if entry is not None and entry.version == item[2]:
+                out.append(item)
+                if len(out) == k:
+                    break
+            else:
+                stale += 1
+                if stale > _STALE_WALK:
+                    return self._best(heap, k)
+            child = 2 * i + 1
+            if child < size:
+                heappush(frontier, (heap[child], child))
+                child += 1
+                if child < size:
+                    heappush(frontier, (heap[child], child))
+        return out
 
     def _top(self, heap: list[_HeapItem]) -> _HeapItem | None:
         """The best live item, popping stale ones off the top."""
@@ -587,6 +640,7 @@ class PredictiveIndex(_IndexBase):
         # None without predict_prefix, so nothing feeds or bounds an index no decision reads
         self.prefix_index: PrefixIndex | None = PrefixIndex() if params.predict_prefix else None
         self._last_hit: tuple[str, str, int] = ("", "", 0)  # (request, instance, cached blocks) of the last choice
+        self._no_prefix_at = -1  # the prefix index's ``changes`` when the last choice found no holder at all
 
     def upsert(self, snapshot: InstanceSnapshot) -> None:
         super().upsert(snapshot)
@@ -601,11 +655,14 @@ class PredictiveIndex(_IndexBase):
     def on_dispatched(self, instance_id: str, demand: RequestDemand) -> None:
         if self.prefix_index is not None and demand.prefix_block_hashes:
             rid, iid, cached = self._last_hit
+            if iid is _ANY_INSTANCE and self._no_prefix_at == self.prefix_index.changes:
+                iid = instance_id  # nobody held the prefix when it was chosen, and the holdings are the same
             if rid != demand.request_id or iid != instance_id:  # not the choice just made: look it up
                 cached = self.prefix_index.overlap(instance_id, demand.prefix_block_hashes)
             if cached:  # a hit is neither prefilled nor allocated again: only the rest is pending there
-                demand = dataclasses.replace(demand, num_blocks=max(0, demand.num_blocks - cached))
-        super().on_dispatched(instance_id, demand)
+                self._add_pending(instance_id, max(0, demand.num_blocks - cached), demand.priority)
+                return
+        self._add_pending(instance_id, demand.num_blocks, demand.priority)
 
     def choose(self, demand: RequestDemand) -> str | None:
         pool = self._pool(demand.model)
@@ -635,36 +692,40 @@ class PredictiveIndex(_IndexBase):
         index = self.prefix_index
         assert index is not None
         hashes = demand.prefix_block_hashes
-        deepest = index.deepest(hashes)
-        self._last_hit = ("", "", 0)
+        # deepest(), holders() and overlap() in one call with the lookups inlined (as kv_aware reads them)
+        deepest, found = index.deep_holders(hashes, self._HOLDERS)
         if not deepest:
+            # nobody holds the prompt's prefix: every instance's overlap is 0 too (holdings are a subset of
+            # the global map, so an instance's binary search misses wherever the global one did), which
+            # spares on_dispatched its lookup while the holdings stay as they are
+            self._last_hit = (demand.request_id, _ANY_INSTANCE, 0)
+            self._no_prefix_at = index.changes
             return None
-        found: dict[str, int] = {}
-        for iid in islice(index.holders(hashes[deepest - 1]), self._HOLDERS):
-            found[iid] = deepest
-        half = deepest // 2
-        if half and len(found) < self._HOLDERS:
-            for iid in islice(index.holders(hashes[half - 1]), self._HOLDERS):
-                if iid not in found:
-                    found[iid] = index.overlap(iid, hashes, deepest, half)
-        params = self.params
-        reservation = self._reservations.get(demand.model)
+        self._last_hit = ("", "", 0)
+        model = demand.model
+        reservation = self._reservations.get(model)
         reserved = reservation[1] if reservation is not None and reservation[0] != demand.request_id else None
         prompt = demand.num_prompt_tokens
+        blocks = demand.num_blocks
+        growth = self.params.predict_growth_blocks
         best: tuple[float, str, int] | None = None
         entries = self._entries
         for iid, cached in found.items():
             entry = entries.get(iid)
-            if entry is None or not entry.keys or iid == reserved or demand.model not in entry.pools:
+            if entry is None or iid == reserved or model not in entry.pools:
                 continue
-            key: Any = entry.keys[0]  # (tier, work ahead, load); see _keys
-            room: Any = entry.keys[1]  # minus the blocks it could take now (None without late binding)
+            keys = entry.keys
+            if not keys:  # draining
+                continue
+            key: Any = keys[0]  # (tier, work ahead, load); see _keys
             if key[0] != 0.0:  # outside the safe tier: memory pressure to come
                 continue
-            bs = entry.snapshot.block_size
-            if room is not None and -room < max(0, demand.num_blocks - cached) + params.predict_growth_blocks:
+            room: Any = keys[1]  # minus the blocks it could take now (None without late binding)
+            uncached = blocks - cached
+            if room is not None and -room < (uncached if uncached > 0 else 0) + growth:
                 continue
-            cost = key[1] + max(0, prompt - cached * bs)
+            uncomputed = prompt - cached * entry.snapshot.block_size
+            cost = key[1] + uncomputed if uncomputed > 0 else key[1]
             if best is None or cost < best[0]:
                 best = (cost, iid, cached)
         if best is None:
@@ -695,7 +756,18 @@ class PredictiveIndex(_IndexBase):
                 else:
                     reserved = reservation[1]
         need = demand.num_blocks + self.params.predict_growth_blocks
-        roomiest = next((c for c in self._best(pool[1], 2) if c[1] != reserved), None)
+        # The best live item of a heap is its top once stale tops are popped (``_top``, cheap): the walk over
+        # the best few (``_peek``) is paid only when the top is ruled out (reserved, or no room).
+        soonest = self._top(pool[0])
+        if soonest is not None and soonest[1] != reserved and -self._entries[soonest[1]].keys[1] >= need:  # type: ignore[operator]
+            # the first candidate of the loop below: the roomiest instance other than the reserved one has at
+            # least this room, so the steps before the loop would let it through
+            return soonest[1]
+        roomiest: _HeapItem | tuple[Any, str] | None
+        if reserved is None:
+            roomiest = self._top(pool[1])
+        else:
+            roomiest = next((c for c in self._peek(pool[1], 2) if c[1] != reserved), None)
         if roomiest is None:
             return None
         if -roomiest[0] < need:
@@ -706,11 +778,15 @@ class PredictiveIndex(_IndexBase):
                 return roomiest[1]  # one request is held already: queue at the roomiest other instance
             self._reservations[demand.model] = [demand.request_id, roomiest[1], 0]
             return None  # no instance can start it now: the scheduler holds it
-        for _, iid in self._best(pool[0], self._PROBE + 1):
+        for item in self._peek(pool[0], self._PROBE + 1):
+            iid = item[1]
             if iid != reserved and -self._entries[iid].keys[1] >= need:  # type: ignore[operator]  # a float
                 return iid
         return roomiest[1]
 
+
+_ANY_INSTANCE = "\x00any instance"
+"""``PredictiveIndex._last_hit``'s instance when the last choice found no instance holding the prompt's prefix."""
 
 RESERVATION_EXPIRY_DECISIONS = 1024
 """Late binding: a reservation whose request is not asked about again within this many other decisions is

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from heapq import heappop, heappush
 from math import inf as INF
 from typing import Any
 
@@ -116,16 +115,10 @@ class KvAwareIndex(FreenessIndex):
         if rid != demand.request_id or iid != instance_id:  # not the choice just made: look it up
             hashes = demand.prefix_block_hashes
             cached = self.prefix_index.overlap(instance_id, hashes) if hashes else 0
-        entry = self._entries.get(instance_id)
-        if entry is None:
-            return
-        # the base class's on_dispatched with only the blocks it will prefill counted as pending demand there
-        # (inlined: a copy of the demand cost more than the rest of the bookkeeping)
-        entry.extra_waiting += 1
-        entry.extra_blocks += max(0, demand.num_blocks - cached) if cached else demand.num_blocks
-        if demand.priority > 0:
-            entry.extra_high = True
-        self._rekey(entry)
+        # only the blocks it will prefill count as pending demand there
+        self._add_pending(
+            instance_id, max(0, demand.num_blocks - cached) if cached else demand.num_blocks, demand.priority
+        )
 
     def expected_hit_blocks(self, instance_id: str, hashes: Sequence[int]) -> int:
         return self.prefix_index.overlap(instance_id, hashes)
@@ -155,36 +148,9 @@ class KvAwareIndex(FreenessIndex):
         self._scores[iid] = (queued + self.kv_params.used_weight * used, -float(own), snapshot.model)
 
     def _freest(self, heap: list[Any], k: int) -> list[str]:
-        """The ``k`` freest live instances in key order, read without changing the heap: a best-first walk
-        down the heap's tree (a parent sorts before its children), O(k log k) on a small heap instead of k
-        pops and pushes on the big one. Stale items are stepped over; when more than a few are in the way
-        (instances re-keyed since they were pushed), ``_best`` pops them for good instead, so they cannot
-        pile up at the top and slow every later walk (both give the same instances)."""
-        out: list[str] = []
-        size = len(heap)
-        if not size:
-            return out
-        entries = self._entries
-        stale = 0
-        frontier = [(heap[0], 0)]  # items are unique (one version per instance), so the index never compares
-        while frontier:
-            item, i = heappop(frontier)
-            entry = entries.get(item[1])
-            if entry is not None and entry.version == item[2]:
-                out.append(item[1])
-                if len(out) == k:
-                    break
-            else:
-                stale += 1
-                if stale > _STALE_WALK:
-                    return [iid for _, iid in self._best(heap, k)]
-            child = 2 * i + 1
-            if child < size:
-                heappush(frontier, (heap[child], child))
-                child += 1
-                if child < size:
-                    heappush(frontier, (heap[child], child))
-        return out
+        """The ``k`` freest live instances in key order, read without changing the heap (``_peek``: a
+        best-first walk down the heap's tree, O(k log k) on a small frontier)."""
+        return [item[1] for item in self._peek(heap, k)]
 
     def _candidates(self, hashes: Sequence[int], freest: Iterable[str]) -> dict[str, int]:
         """Instance id -> cached prefix blocks, for the few instances worth scoring: holders of the deepest
@@ -227,10 +193,6 @@ class KvAwareIndex(FreenessIndex):
             ):
                 best_cost, best_free, best = cost, freeness, iid
         return best or freest
-
-
-_STALE_WALK = 4
-"""Stale heap items a read of the freest instances steps over before it pops them for good instead."""
 
 
 def prefer_prefix_destinations(

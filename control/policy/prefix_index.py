@@ -81,6 +81,8 @@ class PrefixIndex:
     def __init__(self, params: PrefixIndexParams | None = None) -> None:
         self.params = params or PrefixIndexParams()
         self.stats = PrefixIndexStats()
+        self.changes = 0
+        """Counts the calls that may have changed the holdings: a reader caching a lookup checks it is unchanged."""
         self._holders: dict[int, set[str]] = {}
         self._instances: dict[str, _Holdings] = {}
         self._partial: dict[str, _Partial] = {}  # instance -> the chunked listing being received
@@ -99,6 +101,7 @@ class PrefixIndex:
     ) -> bool:
         """Apply one numbered batch (``cleared`` first, then ``removed``, then ``stored``). Returns True when
         the instance needs a resync (a gap, or a stream whose start was missed)."""
+        self.changes += 1
         if self._partial and self._partial.pop(instance_id, None) is not None:  # its last chunk was lost
             self.stats.chunk_gaps += 1
         holdings = self._instances.get(instance_id)
@@ -145,6 +148,7 @@ class PrefixIndex:
     def resync(self, instance_id: str, *, epoch: str, seq: int, hashes: Iterable[int], now: float = 0.0) -> bool:
         """Replace the instance's entries with a full listing taken at ``seq``. False (ignored) when it is
         older than what was already applied in the same epoch."""
+        self.changes += 1
         holdings = self._instances.get(instance_id)
         if holdings is not None and holdings.epoch == epoch and seq < holdings.seq:
             return False
@@ -226,10 +230,12 @@ class PrefixIndex:
             holdings = self._instances[instance_id] = _Holdings("", needs_resync=False)
         capacity = max(0, num_blocks)
         if capacity != holdings.capacity:  # every heartbeat says it; it rarely changes
+            self.changes += 1
             holdings.capacity = capacity
             self._enforce_capacity(instance_id, holdings)
 
     def remove_instance(self, instance_id: str) -> None:
+        self.changes += 1
         self._drop_all(instance_id)
 
     def expire(self, now: float) -> list[str]:
@@ -237,6 +243,7 @@ class PrefixIndex:
         cutoff = now - self.params.expiry_s
         gone = [iid for iid, h in self._instances.items() if h.last_heard < cutoff and h.blocks]
         for iid in gone:
+            self.changes += 1
             self._drop_all(iid)
             self.stats.expired += 1
         return gone

@@ -42,13 +42,12 @@ from control.core.admission import max_prompt_tokens
 from control.core.dispatch import Dispatcher, Place, Waiting
 from control.core.migration import MigrationStages, StageStep
 from control.core.record import DecisionLog
-from control.policy.autoscaling import FleetInstance, RunningBatch
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy
 from control.policy.migration import InFlightMigration, MigrationDecision, MigrationPlanner
 from control.policy.params import PolicyParams
 from control.policy.snapshots import InstanceSnapshot, RequestDemand
 from control.simulator.metrics import RequestMetrics, SimulationResult, summarize
-from control.simulator.views import instance_view
+from control.simulator.views import ClasslessFleet, instance_view
 from control.simulator.workload import RequestSpec
 from engines.sim.core import FINISHED, REMOVED, RUNNING, SimEngineConfig, SimEngineCore, SimOutput, SimRequest
 from engines.sim.cost_model import LLAMA7B_A100, CostModel
@@ -154,7 +153,7 @@ class _Counters:
     plan_calls: int = 0
 
 
-class ClusterSimulator:
+class ClusterSimulator(ClasslessFleet):
     """Run ``requests`` through a simulated cluster under ``config``; ``run()`` returns the metrics."""
 
     lazy_token_counts = True
@@ -422,15 +421,10 @@ class ClusterSimulator:
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._waiting
 
-    def class_loads(self) -> Sequence[FleetInstance]:
-        return ()
-
-    def evictable(self, instance_id: str) -> Sequence[RunningBatch]:
-        return ()
-
     def serving_waiting(self) -> Iterable[tuple[str, int]]:
-        # as live: the requests waiting in each serving instance's engine at its last snapshot (the heartbeat);
-        # the dispatcher adds what the index counts as dispatched there since
+        # the fair queue's room (ClasslessFleet counts none). As live: the requests waiting in each serving
+        # instance's engine at its last snapshot (the heartbeat); the dispatcher adds what the index counts as
+        # dispatched there since
         instances, snapshots = self.instances, self._snapshots
         return [
             (instances[i].instance_id, snapshots[i].num_waiting if snapshots else len(instances[i].core.waiting))

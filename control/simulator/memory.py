@@ -31,14 +31,16 @@ from typing import Any, Literal
 
 import numpy as np
 
+from control.core.dispatch import Dispatcher, Place, Waiting
 from control.core.memory import GroupHysteresis, restore_snapshot
-from control.policy.freeness import dispatch_freeness
+from control.core.record import DecisionLog
+from control.policy.dispatch import make_dispatch_policy
 from control.policy.memory import MemoryParams, MemorySnapshot, should_drop
-from control.policy.migration import plan_migrations
+from control.policy.migration import MigrationPlanner
 from control.policy.params import PolicyParams
-from control.policy.snapshots import InstanceSnapshot
+from control.policy.snapshots import RequestDemand
 from control.simulator.hardware import DEFAULT_HARDWARE, Hardware
-from control.simulator.views import instance_view
+from control.simulator.views import ClasslessFleet, instance_view
 from control.simulator.workload import RequestSpec
 from engines.sim.core import RUNNING, WAITING, SimEngineConfig, SimEngineCore, SimRequest
 
@@ -122,10 +124,18 @@ class Unit:
 _ARRIVAL, _STEP, _TICK, _RESUME, _KICK, _MIGRATED, _RELOADED = range(7)
 
 
-class MemorySimulator:
-    """One run over one workload. Call :meth:`run` once."""
+class MemorySimulator(ClasslessFleet):
+    """One run over one workload. Call :meth:`run` once.
 
-    def __init__(self, config: MemSimConfig, workload: Sequence[RequestSpec]) -> None:
+    Dispatch and Llumnix pairing are the live control plane's: the control core's dispatch loop
+    (:class:`Dispatcher`, which ``ClusterSimulator`` and the SchedulerActor drive) over the ``freeness``
+    dispatch index, and a kept :class:`MigrationPlanner`. Both see one instance view per unit
+    (:func:`instance_view`): a group counts once, with its pooled blocks. ``decision_log`` records their calls
+    as the live scheduler records its own (``tests/parity/replays.py`` replays them)."""
+
+    def __init__(
+        self, config: MemSimConfig, workload: Sequence[RequestSpec], *, decision_log: DecisionLog | None = None
+    ) -> None:
         config.memory.validate()
         self.config = config
         self.hw = config.hardware
@@ -135,8 +145,19 @@ class MemorySimulator:
         # When groups may form and restore (min group time, idle restore, cooldown): the control core's, the one
         # the live MemoryManager runs.
         self.hysteresis = GroupHysteresis(config.memory)
-        # Llumnix mode pairs migrations with the live policy; one migration per unit at a time.
-        self._migration_params = PolicyParams(migrate_threshold=config.migrate_threshold, max_migrations_per_instance=1)
+        # The live policy's parameters: freeness dispatch (Llumnix's, Drover's default) and, in llumnix mode,
+        # Llumnix pairing at its threshold, one migration per unit at a time.
+        self.params = PolicyParams(
+            dispatch_policy="freeness", migrate_threshold=config.migrate_threshold, max_migrations_per_instance=1
+        )
+        self.decision_log = decision_log
+        self.dispatcher = Dispatcher(
+            make_dispatch_policy(self.params.dispatch_policy, self.params.dispatch_params()), log=decision_log
+        )
+        self.planner = MigrationPlanner(self.params)  # kept across rounds, as live (it remembers its moves)
+        self._indexed: dict[str, Unit] = {}  # the units the dispatch index holds, by view id
+        self._shown: dict[str, tuple[int, int]] = {}  # view id -> (core version, held requests) it was shown at
+        self._waiting: dict[str, SimRequest] = {}  # requests the dispatcher has not placed yet
         self._seq = itertools.count()
         self._events: list[tuple[float, int, int, Any]] = []  # (time, tie-break, kind, payload)
         self.requests: dict[str, SimRequest] = {}
@@ -233,34 +254,76 @@ class MemorySimulator:
         return self._result(now, first)
 
     def _has_work(self) -> bool:
-        return any(u.core.has_work or u.host_queue for u in self.units.values())
+        return bool(self.dispatcher.num_queued) or any(u.core.has_work or u.host_queue for u in self.units.values())
 
     # ------------------------------------------------------------------------------------------ requests
     def _arrive(self, spec: RequestSpec, now: float) -> None:
         for other in self.units.values():
             other.core.advance_to(now)  # dispatch reads exact loads, not those at a fast-forward's start
-        unit = self._dispatch_target()
         request = SimRequest(spec.request_id, spec.prompt_len, spec.output_len, arrival_time=spec.arrival)
-        if unit.core.can_ever_fit(request.prompt_len, request.max_tokens) is not None:
-            self.rejected += 1
-            return
         self.requests[request.request_id] = request
+        self._waiting[request.request_id] = request
+        self._show_units()
+        for place in self.dispatcher.submit(request.request_id, self, now):
+            self._carry_out(place, now)
+
+    def _carry_out(self, place: Place, now: float) -> None:
+        """Start a placed request on its unit; one its unit can never fit is rejected."""
+        unit = self._indexed[place.instance_id]
+        request = self._waiting.pop(place.request_id)
+        if unit.core.can_ever_fit(request.prompt_len, request.max_tokens) is not None:
+            del self.requests[request.request_id]
+            self.rejected += 1
+            self._shown.pop(place.instance_id, None)  # the index counted it there: show the unit afresh
+            return
         unit.core.add(request)
         self._interrupt(unit, now)
 
-    def _dispatch_target(self) -> Unit:
-        """Llumnix/Drover freeness dispatch over units (a group counts once, with its pooled blocks)."""
-        best: Unit | None = None
-        best_f = -math.inf
-        for unit in self.units.values():
-            f = dispatch_freeness(self._snapshot(unit))
-            if best is None or f > best_f:
-                best, best_f = unit, f
-        assert best is not None
-        return best
+    @staticmethod
+    def _view_id(unit: Unit) -> str:
+        """A unit's instance id in the policies' views: zero-padded, so that ids sort as the units were made
+        (the index breaks a tie by id: the oldest unit wins it)."""
+        return f"{unit.unit_id:06d}"
 
-    def _snapshot(self, unit: Unit) -> InstanceSnapshot:
-        return instance_view(str(unit.unit_id), unit.core, held=unit.host_queue)
+    def _show_units(self) -> None:
+        """Every unit's view into the dispatch index, as a heartbeat at this instant would report it; units
+        gone since (formed into a group, split) leave it. A fresh view before every decision, so the index
+        holds exact loads (a view includes what was dispatched since the last). A unit whose core has not
+        changed since it was last shown (``SimEngineCore.version``, the cluster simulator's snapshot key too;
+        a swap moves blocks, so the held queue never changes without it) keeps its view."""
+        index = self.dispatcher.index
+        shown = self._shown
+        current = {self._view_id(u): u for u in self.units.values()}
+        for gone in self._indexed.keys() - current.keys():
+            index.remove(gone)
+            shown.pop(gone, None)
+            self._record("remove", gone, (), None)
+        for view_id, unit in current.items():
+            key = (unit.core.version, len(unit.host_queue))
+            if shown.get(view_id) == key:
+                continue
+            shown[view_id] = key
+            view = instance_view(view_id, unit.core, held=unit.host_queue)
+            index.upsert(view)
+            self._record("upsert", view_id, (view,), None)
+        self._indexed = current
+
+    def _record(self, what: str, key: str, inputs: tuple[object, ...], output: object) -> None:
+        if self.decision_log is not None:
+            self.decision_log.add(what, key, inputs, output)
+
+    # The control core reads the simulated cluster through these (control.core.dispatch.FleetView).
+    def waiting(self, request_id: str) -> Waiting | None:
+        request = self._waiting.get(request_id)
+        if request is None:
+            return None
+        # a recomputed request needs blocks for what it has output too
+        tokens = request.context_len
+        demand = RequestDemand(request_id, tokens, -(-tokens // self.hw.block_size))
+        return Waiting(demand, cost=request.prompt_len + request.max_tokens)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._waiting
 
     # ------------------------------------------------------------------------------------------ stepping
     def _interrupt(self, unit: Unit, now: float) -> None:
@@ -354,6 +417,10 @@ class MemorySimulator:
     def _tick(self, kind: str, now: float) -> None:
         for unit in self.units.values():
             unit.core.advance_to(now)
+        if self.dispatcher.num_queued:  # a request no unit would take yet (the index answered None)
+            self._show_units()
+            for place in self.dispatcher.retry(self, now):
+                self._carry_out(place, now)
         if kind == "migrate":
             self._plan_migrations(now)
             self._push(now + self.config.migration_period_s, _TICK, kind)
@@ -371,15 +438,19 @@ class MemorySimulator:
             self.overloaded_polls += 1
 
     def _plan_migrations(self, now: float) -> None:
-        """Llumnix pairing by the live policy (:func:`plan_migrations`) over the units not migrating now."""
+        """Llumnix pairing by the live policy's planner (:class:`MigrationPlanner`) over the units not migrating
+        now."""
         free = [u for u in self.units.values() if not u.migrating]
         views = [
             instance_view(
-                str(u.unit_id), u.core, held=u.host_queue, running=[r for r in u.core.running if not r.finished]
+                self._view_id(u), u.core, held=u.host_queue, running=[r for r in u.core.running if not r.finished]
             )
             for u in free
         ]
-        for decision in plan_migrations(views, (), self._migration_params):
+        self.planner.sync(views)
+        decisions = self.planner.plan((), now=now)
+        self._record("migration_plan", "", (tuple(views), (), now), tuple(decisions))
+        for decision in decisions:
             source, dest = self.units[int(decision.source_id)], self.units[int(decision.destination_id)]
             if source.migrating or dest.migrating:
                 continue

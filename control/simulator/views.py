@@ -3,6 +3,9 @@
 The live scheduler builds its :class:`InstanceSnapshot` from an engine's heartbeat (``InstanceLoad``, which
 ``engines/sim/engine.py`` fills from the same :class:`SimEngineCore` fields); the simulators build it here,
 straight from the core, so that every simulator shows the policies the same view.
+
+Also the part of the dispatch loop's view of a fleet (:class:`control.core.dispatch.FleetView`) that every
+simulator without request classes shows the same (:class:`ClasslessFleet`).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 
+from control.policy.autoscaling import FleetInstance, RunningBatch
 from control.policy.snapshots import InstanceSnapshot, RunningSnapshot
 from engines.sim.core import SimEngineCore, SimRequest
 
@@ -154,3 +158,17 @@ def instance_view(
         running=moving,
         high_priority_count=high,
     )
+
+
+class ClasslessFleet:
+    """What a simulated fleet without request classes or fair queueing shows the control core's dispatch loop
+    beside its waiting requests: no class loads, nothing to evict, no fair-queue room to count."""
+
+    def class_loads(self) -> Sequence[FleetInstance]:
+        return ()
+
+    def evictable(self, instance_id: str) -> Sequence[RunningBatch]:
+        return ()
+
+    def serving_waiting(self) -> Iterable[tuple[str, int]]:
+        return ()

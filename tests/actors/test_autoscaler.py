@@ -3,26 +3,19 @@ scale-out under load, drain + scale-in after, never below min or above max, manu
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import time
-import uuid
 from collections.abc import Iterator
 
 import pytest
 
-from actors.control_plane import ControlPlane
 from control.apps.cli_autoscale import request_admin
-from control.apps.provisioning import InProcessProvisioner
 from control.client import DroverClient, DroverError
-from control.core.record import DecisionLog
 from control.policy.autoscaling import AutoscaleParams, InstanceRole, LocalParams, PerRole, total
 from control.settings import Settings, load_settings
 from engines.sim.engine import request_seed, token_at
 from engines.sim.live_migration import MigratableSimEngine
-from engines.tokenizer import ByteTokenizer
+from tests.actors.planes import Plane, own_state, started_plane
 from tests.parity.replays import replay_scaling
-from transport.bus import Bus, BusOptions
+from tests.waiting import wait_for
 from transport.messages import (
     AdminReply,
     AutoscaleStatusQuery,
@@ -36,11 +29,10 @@ MAX_SEQS = 2
 
 
 def autoscale_settings(nats_url: str, *, enabled: bool, class_dispatch: bool | None = None) -> Settings:
-    suffix = uuid.uuid4().hex[:8]  # control state of its own: nothing restored from another test's plane
     settings = load_settings(
         overrides={
             "nats": {"url": nats_url},
-            "ha": {"state_bucket": f"as_state_{suffix}", "lease_bucket": f"as_lease_{suffix}"},
+            "ha": own_state("as"),
             "engine": {"kind": "sim", "heartbeat_interval_s": 0.05, "max_num_seqs": MAX_SEQS},
             "autoscaler": {"enabled": enabled, "class_dispatch": class_dispatch, "stop_timeout_s": 30.0},
         }
@@ -63,26 +55,11 @@ def make_engine(instance_id: str, role: InstanceRole) -> MigratableSimEngine:
     return MigratableSimEngine(instance_id, num_blocks=256, max_num_seqs=MAX_SEQS, time_scale=1.0)
 
 
-@dataclasses.dataclass
-class Plane:
-    control: ControlPlane
-    provisioner: InProcessProvisioner
-    bus: Bus
-    url: str
-    decisions: DecisionLog  # the control core's calls (replayed by the parity check below)
-
-
 @pytest.fixture
 def plane(request: pytest.FixtureRequest, nats_url: str) -> Iterator[Plane]:
     enabled, class_dispatch = getattr(request, "param", (True, None))
-    settings = autoscale_settings(nats_url, enabled=enabled, class_dispatch=class_dispatch)
-    provisioner = InProcessProvisioner(settings, make_engine, prefix=f"t{int(time.time() * 1000) % 100000}")
-    bus = Bus(BusOptions(url=nats_url, name="drover-control")).start()
-    decisions = DecisionLog()
-    control = ControlPlane(settings, bus, ByteTokenizer(), provisioner=provisioner, decision_log=decisions).start()
-    yield Plane(control, provisioner, bus, nats_url, decisions)
-    control.stop()
-    bus.stop()
+    with started_plane(autoscale_settings(nats_url, enabled=enabled, class_dispatch=class_dispatch), make_engine) as p:
+        yield p
 
 
 async def autoscale_status(url: str) -> AutoscaleStatusReply:
@@ -96,17 +73,8 @@ async def serving(client: DroverClient, prefix: str) -> list[str]:
     return [i.info.instance_id for i in status.instances if i.info.instance_id.startswith(prefix)]
 
 
-async def wait_for(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await predicate():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 async def test_scale_out_under_load_then_drain_and_scale_in(plane: Plane) -> None:
-    prefix = plane.provisioner._prefix
+    prefix = plane.prefix
     counts: list[int] = []
     async with DroverClient(plane.url, name="autoscale-test") as client:
 
@@ -126,7 +94,7 @@ async def test_scale_out_under_load_then_drain_and_scale_in(plane: Plane) -> Non
         for rid, result in zip(ids, results, strict=True):
             assert result.done is not None and result.done.finish_reason == "length"
             assert result.token_ids == [token_at(request_seed(0, rid), p) for p in range(400)], rid
-        served = {inst for r in results for inst in r.done.instances if r.done}
+        served = {inst for r in results if r.done for inst in r.done.instances}
         assert len(served) >= 2, f"load stayed on {served}"
         await wait_for(lambda: count_is(1), 60, "scale-in to min_instances (1) after the load")
         status = await autoscale_status(plane.url)
@@ -150,7 +118,7 @@ async def test_scale_out_under_load_then_drain_and_scale_in(plane: Plane) -> Non
 
 @pytest.mark.parametrize("plane", [(False, None)], indirect=True)
 async def test_manual_scale_starts_and_drains(plane: Plane) -> None:
-    prefix = plane.provisioner._prefix
+    prefix = plane.prefix
     async with DroverClient(plane.url, name="autoscale-manual") as client:
         assert await serving(client, prefix) == []  # disabled: nothing starts by itself
         reply = await request_admin(plane.url, "scale", ScaleCommand(role="interactive", count=2))
@@ -179,7 +147,7 @@ async def test_manual_scale_starts_and_drains(plane: Plane) -> None:
 async def test_batch_requests_wait_in_the_global_queue_and_run_on_batch_instances(plane: Plane) -> None:
     """Class dispatch (on here with the autoscaler off): batch requests go to the batch instance through the
     global batch queue, interactive ones to the interactive instance."""
-    prefix = plane.provisioner._prefix
+    prefix = plane.prefix
     async with DroverClient(plane.url, name="autoscale-classes") as client:
         for role in ("interactive", "batch"):
             await request_admin(plane.url, "scale", ScaleCommand(role=role, count=1))
@@ -207,7 +175,7 @@ async def test_batch_requests_wait_in_the_global_queue_and_run_on_batch_instance
 async def test_scale_in_drains_running_requests_by_migration_before_stopping(plane: Plane) -> None:
     """`scale interactive 1` with requests running on both instances: the victim's requests move to the
     survivor (live migration), and the victim stops only once empty; every token arrives exactly once."""
-    prefix = plane.provisioner._prefix
+    prefix = plane.prefix
     async with DroverClient(plane.url, name="autoscale-drain") as client:
         await request_admin(plane.url, "scale", ScaleCommand(role="interactive", count=2))
 
@@ -252,7 +220,7 @@ async def test_an_engine_told_its_new_role_reports_it(plane: Plane) -> None:
 
     await request_admin(plane.url, "scale", ScaleCommand(role="mixed", count=1))
 
-    prefix = plane.provisioner._prefix
+    prefix = plane.prefix
 
     async def role_is(role: str) -> bool:
         status = await autoscale_status(plane.url)
@@ -274,7 +242,7 @@ async def test_interactive_requests_evict_batch_ones_on_a_full_mixed_instance(pl
     the tokens its client has. Every token exactly once."""
     await request_admin(plane.url, "scale", ScaleCommand(role="mixed", count=1))
     async with DroverClient(plane.url, name="autoscale-evict") as client:
-        await wait_for(lambda: _serving_count(client, plane.provisioner._prefix, 1), 30, "a mixed instance")
+        await wait_for(lambda: _serving_count(client, plane.prefix, 1), 30, "a mixed instance")
         long = SamplingParams(max_tokens=300, ignore_eos=True)
         batch = await client.submit("batch", sampling=long, request_class=RequestClass.BATCH, request_id="ev-b")
         async for _ in batch.events():
@@ -312,9 +280,7 @@ async def test_a_scale_decision_is_a_span_and_moves_the_scale_events_counter(spa
     """The first plan starts min_instances (1 interactive): one `drover.autoscale.decision` span says why, with
     the role counts before and after; `drover scale` up and down moves the scale-out and scale-in counters."""
     async with DroverClient(plane.url, name="autoscale-span") as client:
-        await wait_for(
-            lambda: _serving_is(client, plane.provisioner._prefix, 1), 30, "the autoscaler to start min_instances"
-        )
+        await wait_for(lambda: _serving_is(client, plane.prefix, 1), 30, "the autoscaler to start min_instances")
     decisions = [s for s in span_exporter.get_finished_spans() if s.name == "drover.autoscale.decision"]
     ours = [s for s in decisions if (s.attributes or {}).get("drover.autoscale.start.interactive", 0) >= 1]
     assert ours, [dict(s.attributes or {}) for s in decisions]

@@ -6,29 +6,24 @@ completes with all its tokens. (The prefill pool's queue rule is tested in the s
 
 from __future__ import annotations
 
-import asyncio
-import time
-import uuid
-
-from actors.control_plane import ControlPlane
 from actors.engine_host import EngineHost
 from control.apps.cli_autoscale import request_admin
-from control.apps.provisioning import InProcessProvisioner
 from control.client import DroverClient
 from control.policy.autoscaling import InstanceRole
 from control.settings import Settings, load_settings
 from engines.sim.live_migration import MigratableSimEngine
 from engines.tokenizer import ByteTokenizer
+from tests.actors.planes import own_state, started_plane
+from tests.waiting import wait_for
 from transport.bus import Bus, BusOptions
 from transport.messages import AutoscaleStatusQuery, AutoscaleStatusReply, SamplingParams
 
 
 def pd_settings(nats_url: str) -> Settings:
-    suffix = uuid.uuid4().hex[:8]  # control state of its own: nothing restored from another test's plane
     return load_settings(
         overrides={
             "nats": {"url": nats_url},
-            "ha": {"state_bucket": f"pdas_state_{suffix}", "lease_bucket": f"pdas_lease_{suffix}"},
+            "ha": own_state("pdas"),
             "engine": {"kind": "sim", "heartbeat_interval_s": 0.05, "local_autoscaler": False},
             "autoscaler": {"enabled": True, "stop_timeout_s": 30.0},
             "policy": {"migration_enabled": False},
@@ -46,64 +41,50 @@ def make_engine(instance_id: str, role: InstanceRole) -> MigratableSimEngine:
     return MigratableSimEngine(instance_id, num_blocks=128, max_num_seqs=4, time_scale=1.0)
 
 
-async def wait_for(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await predicate():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 async def test_the_decode_pool_grows_under_its_queue_and_gives_the_instance_back(nats_url: str) -> None:
     settings = pd_settings(nats_url)
-    prefix = f"pd{int(time.time() * 1000) % 100000}"
-    provisioner = InProcessProvisioner(settings, make_engine, prefix=prefix, local_autoscaler=False)
-    bus = Bus(BusOptions(url=nats_url, name="drover-control")).start()
-    control = ControlPlane(settings, bus, ByteTokenizer(), provisioner=provisioner).start()
     fixed: list[tuple[EngineHost, Bus]] = []
-    try:
-        for name, phase in (("pdas-p", "prefill"), ("pdas-d", "decode")):  # not the provisioner's: never stopped
-            engine_settings = settings.engine.model_copy(update={"phase": phase})
-            host_bus = Bus(BusOptions(url=nats_url, name=f"drover-engine-{name}")).start()
-            seqs, blocks = (8, 256) if phase == "prefill" else (1, 64)  # decode: a queue of handed-off requests
-            engine = MigratableSimEngine(name, num_blocks=blocks, max_num_seqs=seqs, time_scale=1.0)
-            host = EngineHost(
-                settings.model_copy(update={"engine": engine_settings}), host_bus, engine, ByteTokenizer()
-            )
-            fixed.append((host.start(), host_bus))
-        async with DroverClient(nats_url, name="pd-autoscale") as client:
-            await client.wait_for_instances(2, timeout_s=30)
-            sampling = SamplingParams(max_tokens=60, ignore_eos=True)
-            streams = [
-                await client.submit("q" * 600, sampling=sampling, request_id=f"pdas-{i}") for i in range(8)
-            ]  # prefilled at once; the one decode instance decodes one at a time: they queue there
+    with started_plane(settings, make_engine, local_autoscaler=False) as plane:
+        prefix = plane.prefix
+        try:
+            for name, phase in (("pdas-p", "prefill"), ("pdas-d", "decode")):  # not the provisioner's: never stopped
+                engine_settings = settings.engine.model_copy(update={"phase": phase})
+                host_bus = Bus(BusOptions(url=nats_url, name=f"drover-engine-{name}")).start()
+                seqs, blocks = (8, 256) if phase == "prefill" else (1, 64)  # decode: a queue of handed-off requests
+                engine = MigratableSimEngine(name, num_blocks=blocks, max_num_seqs=seqs, time_scale=1.0)
+                host = EngineHost(
+                    settings.model_copy(update={"engine": engine_settings}), host_bus, engine, ByteTokenizer()
+                )
+                fixed.append((host.start(), host_bus))
+            async with DroverClient(nats_url, name="pd-autoscale") as client:
+                await client.wait_for_instances(2, timeout_s=30)
+                sampling = SamplingParams(max_tokens=60, ignore_eos=True)
+                streams = [
+                    await client.submit("q" * 600, sampling=sampling, request_id=f"pdas-{i}") for i in range(8)
+                ]  # prefilled at once; the one decode instance decodes one at a time: they queue there
 
-            async def started_decode() -> bool:
-                status = await client.status()
-                return any(i.info.instance_id.startswith(prefix) and i.phase == "decode" for i in status.instances)
+                async def started_decode() -> bool:
+                    status = await client.status()
+                    return any(i.info.instance_id.startswith(prefix) and i.phase == "decode" for i in status.instances)
 
-            await wait_for(started_decode, 60, "an instance started for the decode pool, serving decode")
-            results = [await s.result() for s in streams]
-            for result in results:
-                assert result.done is not None and result.done.num_tokens == 60, result.request_id
+                await wait_for(started_decode, 60, "an instance started for the decode pool, serving decode")
+                results = [await s.result() for s in streams]
+                for result in results:
+                    assert result.done is not None and result.done.num_tokens == 60, result.request_id
 
-            async def given_back() -> bool:
-                status = await client.status()
-                return not any(i.info.instance_id.startswith(prefix) for i in status.instances)
+                async def given_back() -> bool:
+                    status = await client.status()
+                    return not any(i.info.instance_id.startswith(prefix) for i in status.instances)
 
-            await wait_for(given_back, 90, "the idle decode pool to give its started instance back")
-        reply = await request_admin(nats_url, "autoscale", AutoscaleStatusQuery())
-        assert isinstance(reply, AutoscaleStatusReply)
-        actions = [(e.action, e.instance_id) for e in reply.events]
-        started = [iid for action, iid in actions if action == "start"]
-        assert len(started) == 1 and started[0].startswith(prefix)  # one start: the pool's max held
-        assert ("drain", started[0]) in actions and ("stop", started[0]) in actions
-        assert not any(action in ("drain", "stop") and not iid.startswith(prefix) for action, iid in actions)
-    finally:
-        control.stop()
-        bus.stop()
-        for host, host_bus in fixed:
-            host.stop()
-            host_bus.stop()
-        provisioner.close()
+                await wait_for(given_back, 90, "the idle decode pool to give its started instance back")
+            reply = await request_admin(nats_url, "autoscale", AutoscaleStatusQuery())
+            assert isinstance(reply, AutoscaleStatusReply)
+            actions = [(e.action, e.instance_id) for e in reply.events]
+            started = [iid for action, iid in actions if action == "start"]
+            assert len(started) == 1 and started[0].startswith(prefix)  # one start: the pool's max held
+            assert ("drain", started[0]) in actions and ("stop", started[0]) in actions
+            assert not any(action in ("drain", "stop") and not iid.startswith(prefix) for action, iid in actions)
+        finally:
+            for host, host_bus in fixed:
+                host.stop()
+                host_bus.stop()

@@ -40,6 +40,7 @@ from engines.sim.engine import request_seed, token_at
 from engines.tokenizer import ByteTokenizer
 from tests.netns import NetNs, netns_unavailable_reason
 from tests.raycluster import LocalRayCluster, ray_unavailable_reason
+from tests.waiting import wait_for
 from transport.bus import Bus, BusOptions
 from transport.messages import AdminReply, ErrorReply, Message, RequestDone, SamplingParams, ScaleCommand, TokenChunk
 from transport.messages import decode as decode_message
@@ -164,15 +165,6 @@ async def plane_factory(ray_env: RayEnv) -> AsyncIterator[Callable[[Settings], A
     yield make
     for plane in made:
         await plane.close()
-
-
-async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await predicate():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 async def serving(plane: Plane) -> list[str]:

@@ -260,30 +260,52 @@ def test_prefix_affinity_is_simulated() -> None:
     assert placed["again"] == placed["first"] and placed["other"] != placed["first"]
 
 
-def test_the_memory_simulator_dispatches_and_pairs_migrations_with_the_policy_code(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Before: control/memsim had its own migration pairing (sorted by freeness, its own threshold) instead of
-    the policy's. Now its Llumnix mode pairs with control.policy.migration.plan_migrations and dispatches by
-    control.policy.freeness, as the live control plane does."""
-    import control.simulator.memory as memory
+def test_the_memory_simulator_dispatches_and_pairs_migrations_through_the_core() -> None:
+    """Before: control/memsim had its own migration pairing (sorted by freeness, its own threshold), and after
+    the merge the memory simulator still picked its own dispatch target (a loop over its units' freeness).
+    Now it carries out the placements of the control core's Dispatcher over the live ``freeness`` index and
+    pairs with a kept MigrationPlanner, one view per unit (a group counts once, with its pooled blocks): its
+    recorded calls, replayed through the cluster simulator's index and planner, give the same choices (and
+    under another dispatch policy they would not)."""
+    import ast
+    from pathlib import Path
+
+    from control.core.dispatch import Dispatcher
+    from control.core.record import DecisionLog
+    from control.simulator import ClusterSimulator
     from tests.control.simulator.test_memory import burst
+    from tests.parity.replays import replay_scheduler
 
-    calls = {"plan": 0, "dispatch": 0}
-    plan, freeness = memory.plan_migrations, memory.dispatch_freeness
+    source = Path(__file__).resolve().parents[2] / "control" / "simulator" / "memory.py"
+    own = {"dispatch_freeness", "migration_freeness", "plan_migrations", "physical_usage"}
+    used = {
+        n.id if isinstance(n, ast.Name) else n.name
+        for n in ast.walk(ast.parse(source.read_text()))
+        if isinstance(n, ast.Name | ast.alias)
+    }
+    assert not used & own, f"control/simulator/memory.py ranks units itself ({sorted(used & own)})"
 
-    def counted_plan(*args: object, **kwargs: object) -> object:
-        calls["plan"] += 1
-        return plan(*args, **kwargs)  # type: ignore[arg-type]
-
-    def counted_freeness(*args: object, **kwargs: object) -> float:
-        calls["dispatch"] += 1
-        return freeness(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(memory, "plan_migrations", counted_plan)
-    monkeypatch.setattr(memory, "dispatch_freeness", counted_freeness)
-    simulate_memory(MemSimConfig(mode="llumnix", num_instances=2), burst())
-    assert calls["plan"] > 0 and calls["dispatch"] > 0
+    for config in (
+        MemSimConfig(mode="llumnix", num_instances=2),
+        MemSimConfig(mode="kunserve", num_instances=2),
+    ):
+        log = DecisionLog()
+        sim = MemorySimulator(config, burst(), decision_log=log)
+        assert isinstance(sim.dispatcher, Dispatcher)
+        result = sim.run()
+        entries = log.entries()
+        choices = [d for d in entries if d.what == "choose"]
+        assert len(choices) >= len(burst()), "an arrival was placed without the core"
+        assert replay_scheduler(ClusterSimulator(ClusterConfig(num_instances=0, policy=sim.params), []), entries) == []
+        other = sim.params.with_updates(dispatch_policy="least_loaded")
+        assert replay_scheduler(ClusterSimulator(ClusterConfig(num_instances=0, policy=other), []), entries)
+        if config.mode == "llumnix":
+            assert result.migrations > 0 and any(d.what == "migration_plan" and d.output for d in entries)
+        else:
+            # a group is one view with the pooled blocks, and requests go to it
+            pooled = config.hardware.group_blocks(2)
+            groups = {d.key for d in entries if d.what == "upsert" and d.inputs[0].num_total_blocks == pooled}  # type: ignore[attr-defined]
+            assert result.drops >= 1 and groups & {d.output for d in choices}
 
 
 class _SplitWatch(MemorySimulator):

@@ -22,6 +22,7 @@ from control.policy.params import DispatchParams
 from control.policy.recommended import user_policy_params
 from control.policy.snapshots import InstanceSnapshot, RequestDemand
 from scripts.bench_policy_scale import random_snapshot
+from tests.control.policy.streams import check_against_rebuilt
 
 MODELS = ("llama", "qwen")
 
@@ -51,37 +52,19 @@ def test_dispatch_index_matches_a_rebuilt_one(policy: str, seed: int) -> None:
     rng = random.Random(seed)
     n = rng.choice((3, 12, 60))
     index = make_dispatch_policy(policy)
-    current: dict[str, InstanceSnapshot] = {}
-    pending: dict[str, list[RequestDemand]] = {}  # dispatched since the instance's last heartbeat
     if seed % 2:  # read every pool from the start, so they are kept up to date rather than built late
         for model in (*MODELS, ""):
             index.choose(RequestDemand("probe", 16, 1, model=model))
-    decisions = 0
-    for step in range(1500):
-        roll = rng.random()
-        iid = f"i{rng.randrange(n)}"
-        if roll < 0.35:
-            current[iid] = _snapshot(rng, iid)
-            pending[iid] = []
-            index.upsert(current[iid])
-        elif roll < 0.38:
-            current.pop(iid, None)
-            pending.pop(iid, None)
-            index.remove(iid)
-        else:
-            demand = _demand(rng, step)
-            rebuilt = make_dispatch_policy(policy)
-            for snapshot in current.values():
-                rebuilt.upsert(snapshot)
-            for target, sent in pending.items():
-                for earlier in sent:
-                    rebuilt.on_dispatched(target, earlier)
-            chosen = index.choose(demand)
-            assert chosen == rebuilt.choose(demand), f"step {step}"
-            if chosen is not None:
-                index.on_dispatched(chosen, demand)
-                pending[chosen].append(demand)
-                decisions += 1
+    decisions = check_against_rebuilt(
+        rng,
+        index,
+        lambda: make_dispatch_policy(policy),
+        instances=n,
+        snapshot=lambda iid: _snapshot(rng, iid),
+        demand=lambda step: _demand(rng, step),
+        heartbeat_below=0.35,
+        departure_below=0.38,
+    )
     assert decisions > 300  # the stream did exercise dispatch
 
 

@@ -14,6 +14,7 @@ from control.policy.params import DispatchParams
 from control.policy.prefix_index import PrefixIndex
 from control.policy.snapshots import InstanceSnapshot, RequestDemand
 from scripts.bench_policy_scale import random_snapshot
+from tests.control.policy.streams import check_against_rebuilt
 
 HASHES = tuple(range(1000, 1064))  # a 64-block prompt
 
@@ -123,41 +124,33 @@ def test_long_lived_index_matches_a_rebuilt_one(seed: int) -> None:
     prefixes = [tuple(rng.getrandbits(62) for _ in range(64)) for _ in range(6)]
     holdings = PrefixIndex()
     index = KvAwareIndex(DispatchParams(), prefix_index=holdings)
-    current: dict[str, InstanceSnapshot] = {}
-    pending: dict[str, list[RequestDemand]] = {}
     seqs: dict[str, int] = {}
-    decisions = 0
-    for step in range(1500):
-        roll = rng.random()
-        iid = f"i{rng.randrange(n)}"
-        if roll < 0.3:
-            current[iid] = random_snapshot(rng, iid, "")
-            pending[iid] = []
-            index.upsert(current[iid])
-        elif roll < 0.32:
-            current.pop(iid, None)
-            pending.pop(iid, None)
-            index.remove(iid)
-        elif roll < 0.45:
-            seq = seqs[iid] = seqs.get(iid, -1) + 1
-            prefix = prefixes[rng.randrange(len(prefixes))]
-            holdings.apply(iid, epoch="e", seq=seq, stored=prefix[: rng.randint(1, 64)], removed=prefix[40:])
-        else:
-            prefix = prefixes[rng.randrange(len(prefixes))]
-            hashes = prefix[: rng.randint(1, 64)] + tuple(rng.getrandbits(62) for _ in range(rng.randint(0, 8)))
-            d = RequestDemand(f"r{step}", len(hashes) * 16, len(hashes), prefix_block_hashes=hashes)
-            rebuilt = KvAwareIndex(DispatchParams(), prefix_index=holdings)
-            for snapshot in current.values():
-                rebuilt.upsert(snapshot)
-            for target, sent in pending.items():
-                for earlier in sent:
-                    rebuilt.on_dispatched(target, earlier)
-            chosen = index.choose(d)
-            assert chosen == rebuilt.choose(d), f"step {step}"
-            if chosen is not None:
-                # what it adds to pending demand is fixed at dispatch (the blocks not cached then)
-                cached = holdings.overlap(chosen, hashes)
-                index.on_dispatched(chosen, d)
-                pending[chosen].append(dataclasses.replace(d, num_blocks=d.num_blocks - cached, prefix_block_hashes=()))
-                decisions += 1
+
+    def report(iid: str) -> None:  # the instance reports prefix blocks stored and removed
+        seq = seqs[iid] = seqs.get(iid, -1) + 1
+        prefix = prefixes[rng.randrange(len(prefixes))]
+        holdings.apply(iid, epoch="e", seq=seq, stored=prefix[: rng.randint(1, 64)], removed=prefix[40:])
+
+    def request(step: int) -> RequestDemand:
+        prefix = prefixes[rng.randrange(len(prefixes))]
+        hashes = prefix[: rng.randint(1, 64)] + tuple(rng.getrandbits(62) for _ in range(rng.randint(0, 8)))
+        return RequestDemand(f"r{step}", len(hashes) * 16, len(hashes), prefix_block_hashes=hashes)
+
+    def uncached(chosen: str, d: RequestDemand) -> RequestDemand:
+        # what it adds to pending demand is fixed at dispatch (the blocks not cached then)
+        cached = holdings.overlap(chosen, d.prefix_block_hashes)
+        return dataclasses.replace(d, num_blocks=d.num_blocks - cached, prefix_block_hashes=())
+
+    decisions = check_against_rebuilt(
+        rng,
+        index,
+        lambda: KvAwareIndex(DispatchParams(), prefix_index=holdings),
+        instances=n,
+        snapshot=lambda iid: random_snapshot(rng, iid, ""),
+        demand=request,
+        heartbeat_below=0.3,
+        departure_below=0.32,
+        other=(0.45, report),
+        pending_demand=uncached,
+    )
     assert decisions > 300

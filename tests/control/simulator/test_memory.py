@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import pytest
 
+from control.policy.dispatch import DispatchIndex
 from control.policy.memory import freed_blocks
+from control.policy.snapshots import InstanceSnapshot, RequestDemand
 from control.simulator.memory import DEFAULT_HARDWARE, MODES, MemorySimulator, MemSimConfig, MemSimResult, simulate
 from control.simulator.memory_workloads import burst_workload
 from control.simulator.workload import LengthSpec, RequestSpec
@@ -131,3 +134,45 @@ def test_fast_forward_and_sampling_do_not_change_results(mode: str) -> None:
     slow = simulate(replace(base, max_run_steps=1, memory=replace(base.memory, poll_period_s=0.37)), burst())
     assert fast.output_tokens == slow.output_tokens and fast.preemptions == slow.preemptions
     assert fast.ttft == pytest.approx(slow.ttft)
+
+
+class _HoldingIndex:
+    """A dispatch index that places nothing for its first ``hold`` choices (a policy's late binding, or no unit
+    that would take the request), then defers to the real one; it notes the core's queue at each choice."""
+
+    name = "holding"
+
+    def __init__(self, inner: DispatchIndex, hold: int, queued: Callable[[], int]) -> None:
+        self.inner = inner
+        self.hold = hold
+        self.queued = queued
+        self.seen: list[int] = []
+
+    def upsert(self, snapshot: InstanceSnapshot) -> None:
+        self.inner.upsert(snapshot)
+
+    def remove(self, instance_id: str) -> None:
+        self.inner.remove(instance_id)
+
+    def choose(self, demand: RequestDemand) -> str | None:
+        self.seen.append(self.queued())
+        if len(self.seen) <= self.hold:
+            return None
+        return self.inner.choose(demand)
+
+    def on_dispatched(self, instance_id: str, demand: RequestDemand) -> None:
+        self.inner.on_dispatched(instance_id, demand)
+
+
+def test_a_request_no_unit_takes_yet_waits_in_the_core_and_a_memory_tick_places_it() -> None:
+    """The memory simulator carries out the control core's placements: a request the index places nowhere
+    waits in the Dispatcher's queue, and the memory ticks retry it until it is placed."""
+    workload = burst()
+    sim = MemorySimulator(MemSimConfig(mode="vllm", num_instances=2), workload)
+    index = _HoldingIndex(sim.dispatcher.index, 3, lambda: sim.dispatcher.num_queued)
+    sim.dispatcher.index = index
+    result = sim.run()
+    # the first arrival, then two ticks' retries of it, find nowhere; the third tick places it
+    assert index.seen[:4] == [0, 1, 1, 1]
+    assert sim.dispatcher.num_queued == 0
+    assert result.completed == len(workload) and result.unfinished == 0 and result.rejected == 0
