@@ -4,6 +4,14 @@ The pykka actor is the single owner of the instance's request table (what runs h
 path never goes through the actor: each request is a coroutine on the bus loop that reads the engine's
 async iterator and publishes ``TokenChunk`` messages directly to the client's inbox, then ``RequestDone``.
 The control plane is told when a request leaves (``EngineRequestEnded``) so it can forget it.
+
+One copy of a request id at a time. An EngineAdd identical to what runs (or waits) here is a re-send of the
+same dispatch and is ignored. A different EngineAdd for an id whose copy still runs here is a new dispatch
+(the scheduler failed it over onto this instance, or resumed it here after an eviction, while the old copy
+still ends): the old copy is stopped quietly (no more chunks, no RequestDone), the new one is parked and starts
+only at the old copy's end (an engine lets go of an ended iterator's id: ``engines/base.py``), and it
+continues after every token the old copy sent, so the client's indices stay consecutive and each arrives once.
+The engine never runs two copies of one id, and the old copy's outputs cannot reach the new stream.
 """
 
 from __future__ import annotations
@@ -75,6 +83,8 @@ class _Running:
     add: EngineAdd
     future: concurrent.futures.Future[None]
     started_at: float = field(default_factory=time.time)
+    stopping: bool = False  # fenced or aborted: a new dispatch of its id waits for its end (actor thread)
+    received: EngineAdd | None = None  # the dispatch as it came, where it runs extended (_continued)
 
 
 @dataclass(slots=True)
@@ -96,6 +106,8 @@ class _Ended:
     """Internal: a request's coroutine finished (sent by the loop to the actor)."""
 
     request_id: str
+    add: EngineAdd  # which copy ended (an id can be dispatched here again while its last copy ends)
+    tokens: list[int] = field(default_factory=list)  # every output token its client has from it
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +136,8 @@ class EngineActor(pykka.ThreadingActor):
         self.tokenizer = tokenizer
         self.instance_id = engine.info.instance_id
         self.running: dict[str, _Running] = {}
+        # a new dispatch of an id whose copy still ends here: started at that copy's end (actor thread)
+        self._parked: dict[str, tuple[EngineAdd, dict[str, str]]] = {}
         self._evicted: set[str] = set()  # batch requests evicted for interactive ones: no RequestDone
         self.draining = False
         self._streams: dict[str, _Stream] = {}  # loop-only
@@ -180,13 +194,34 @@ class EngineActor(pykka.ThreadingActor):
         if isinstance(message, Envelope):
             self._on_envelope(message)
         elif isinstance(message, _Ended):
-            self.running.pop(message.request_id, None)
-            if self.local is not None:
-                self.local.ended(message.request_id)
-                self._admit_held()
+            self._on_ended(message)
         elif isinstance(message, _AdmitHeld):
             self._admit_held()
         return None
+
+    def _on_ended(self, ended: _Ended) -> None:
+        """A copy's coroutine finished: forget it, and start the dispatch parked behind it (it takes over the
+        old copy's admission slot), continuing after every token the old copy sent.
+        Thread: the engine actor's thread."""
+        current = self.running.get(ended.request_id)
+        if current is not None and current.add is not ended.add:
+            return  # an older copy's late end: the current one is not touched
+        self.running.pop(ended.request_id, None)
+        parked = self._parked.pop(ended.request_id, None)
+        if parked is not None:
+            add = _continued(parked[0], ended.tokens)
+            log.info(
+                "engine %s: %s runs again here after %d tokens",
+                self.instance_id,
+                add.request_id,
+                len(add.output_token_ids),
+            )
+            future = self.bus.run(self._serve(add, parked[1]))
+            self.running[add.request_id] = _Running(add=add, future=future, received=parked[0])
+            return
+        if self.local is not None:
+            self.local.ended(ended.request_id)
+            self._admit_held()
 
     def _admit_held(self) -> None:
         """Thread: the engine actor's thread."""
@@ -209,7 +244,7 @@ class EngineActor(pykka.ThreadingActor):
         elif isinstance(message, EngineAbort):
             self._abort(message, envelope.reply)
         elif isinstance(message, EngineFence):
-            self.bus.run(self._fence(message, envelope.reply))
+            self.bus.run(self._fence(message, envelope.reply, self._stop_here(message.request_id)))
         elif isinstance(message, GroupCommand) and self.groups is not None:
             self.bus.run(self.groups.handle(message, envelope.reply))
         elif isinstance(message, PrefixResync):
@@ -235,10 +270,16 @@ class EngineActor(pykka.ThreadingActor):
             )
             metrics().reply_refused("engine")
             return False
-        if add.request_id in self.running or (self.local is not None and self.local.is_held(add.request_id)):
-            # A second dispatch of what already streams (or waits) here (the scheduler re-sends an
-            # unacknowledged EngineAdd; or failed over from an earlier incarnation of this instance): the
-            # running copy serves the client; an error to the client would end a healthy request.
+        current = self.running.get(add.request_id)
+        parked = self._parked.get(add.request_id)
+        if (
+            (current is not None and (current.add == add or current.received == add))
+            or (parked is not None and parked[0] == add)
+            or (self.local is not None and self.local.is_held(add.request_id))
+        ):
+            # The scheduler re-sent an unacknowledged EngineAdd (or dispatched again what waits here for a
+            # slot and never started): the copy here serves the client (an error to the client would end a
+            # healthy request).
             log.warning("engine %s: %s already runs here; duplicate dispatch ignored", self.instance_id, add.request_id)
             return False
         context_len = len(add.prompt_token_ids) + len(add.output_token_ids)
@@ -246,18 +287,46 @@ class EngineActor(pykka.ThreadingActor):
         if not add.prompt_token_ids or context_len >= max_len:
             self._reject(add, ErrorCode.PROMPT_TOO_LONG, f"context of {context_len} tokens; limit {max_len - 1}")
             return False
+        if current is not None:
+            # A new dispatch of what still runs here: never two copies of one id in the engine (both would
+            # stream into one client's stream). The old copy stops quietly; this one starts at its end.
+            self._parked[add.request_id] = (add, headers)
+            if not current.stopping:
+                current.stopping = True
+                self.bus.run(self._supersede(add.request_id))
+            log.warning(
+                "engine %s: %s dispatched again while its copy here ends: it starts after that copy",
+                self.instance_id,
+                add.request_id,
+            )
+            return True
         if self.local is not None and not self.local.offer(add, headers):
             return True  # held by the admission limit; _admit_held starts it
         future = self.bus.run(self._serve(add, headers))
         self.running[add.request_id] = _Running(add=add, future=future)
         return True
 
+    def _stop_here(self, request_id: str) -> bool:
+        """The control plane takes ``request_id`` away from this instance (a fence): what waits here for a
+        slot or behind an ending copy never starts, and a running copy is marked stopping (a later dispatch
+        of the id waits for its end). True when a copy that never started was dropped.
+        Thread: the engine actor's thread."""
+        held = self.local.remove_held(request_id) if self.local is not None else None
+        parked = self._parked.pop(request_id, None)
+        current = self.running.get(request_id)
+        if current is not None:
+            current.stopping = True
+        return held is not None or parked is not None
+
     def _abort(self, abort: EngineAbort, reply: str) -> None:
         """Thread: the engine actor's thread."""
         held = self.local.remove_held(abort.request_id) if self.local is not None else None
+        parked = self._parked.pop(abort.request_id, None)
+        if held is None and parked is not None:
+            held = parked[0]  # its old copy ends quietly already: this one never started
         evicted = abort.reason == "evicted"  # the control plane requeues it; the client's stream goes on
         if held is not None:  # never reached the engine: end it here
-            if not evicted:
+            if not evicted and abort.reason != "superseded":  # (superseded: it runs elsewhere, its client waits)
                 self.bus.publish(
                     held.reply_to,
                     RequestDone(
@@ -285,6 +354,7 @@ class EngineActor(pykka.ThreadingActor):
                 reply, ErrorCode.UNKNOWN_REQUEST, f"no request {abort.request_id} on {self.instance_id}"
             )
             return
+        self.running[abort.request_id].stopping = True
         if abort.reason == "superseded":
             self.bus.run(self._supersede(abort.request_id))
             return
@@ -294,10 +364,12 @@ class EngineActor(pykka.ThreadingActor):
             self._evicted.add(abort.request_id)
         self.bus.run(self.engine.abort(abort.request_id))
 
-    async def _fence(self, fence: EngineFence, reply: str) -> None:
+    async def _fence(self, fence: EngineFence, reply: str, dropped: bool = False) -> None:
         """The control plane declared this instance dead and resumes the request elsewhere from what its client
         has: stop streaming it (ends as "migrated": no RequestDone) and free it. The answer goes out after its
         last chunk, on the same connection, so the control plane reads back every token it sent (bus loop).
+        ``dropped``: a copy that had not started was dropped (``_stop_here``). The answer's ``ended`` says the
+        engine lets go of the id (its copy ended, or none ran): the control plane may dispatch it here again.
         Thread: the bus loop."""
         stream = self._streams.get(fence.request_id)
         running = self.running.get(fence.request_id)
@@ -309,12 +381,16 @@ class EngineActor(pykka.ThreadingActor):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(running.future)), _FENCE_WAIT_S)
         if reply:
+            held = stream is not None or running is not None or dropped
             await self.bus.apublish(
                 reply,
                 AdminReply(
-                    ok=stream is not None,
-                    message="stopped" if stream is not None else f"no request {fence.request_id} here",
-                    details={"sent": stream.index if stream is not None else 0},
+                    ok=held,
+                    message="stopped" if held else f"no request {fence.request_id} here",
+                    details={
+                        "sent": stream.index if stream is not None else 0,
+                        "ended": running is None or running.future.done(),
+                    },
                     v=peer_version(fence.v),
                 ),
             )
@@ -432,7 +508,8 @@ class EngineActor(pykka.ThreadingActor):
             )
         finally:
             now = time.time()
-            self._streams.pop(add.request_id, None)
+            if self._streams.get(add.request_id) is stream:
+                del self._streams[add.request_id]
             index = stream.index
             if stream.migrated_out:
                 finish_reason = "migrated"
@@ -503,7 +580,7 @@ class EngineActor(pykka.ThreadingActor):
             span.set_attribute(spans.GEN_AI_RESPONSE_FINISH_REASONS, [finish_reason])
             span.end()
             if self.actor_ref.is_alive():
-                self.actor_ref.tell(_Ended(add.request_id))
+                self.actor_ref.tell(_Ended(add.request_id, add, stream.tokens[:index]))
 
     async def _send_tokens(self, stream: _Stream, token_ids: list[int], text: str) -> None:
         # Claim the index range before the first await: a concurrent sender (the migration tail) must see it.
@@ -782,6 +859,16 @@ class EngineActor(pykka.ThreadingActor):
             request_class=add.request_class,
             client_id=add.client_id,
         )
+
+
+def _continued(add: EngineAdd, sent: list[int]) -> EngineAdd:
+    """A dispatch parked behind an ending copy of its id resumes after every token that copy sent (the
+    client has them; resuming from fewer would make it generate those indices again), provided they extend
+    what the dispatch resumes from (and it loads no migrated KV, which is for its own context only)."""
+    resumed = add.output_token_ids
+    if add.kv_transfer is not None or len(sent) <= len(resumed) or sent[: len(resumed)] != resumed:
+        return add
+    return msgspec.structs.replace(add, output_token_ids=list(sent))
 
 
 def _stage_info(report: StageReport) -> MigrationStageInfo:

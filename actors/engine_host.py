@@ -11,6 +11,7 @@ import pykka
 
 from actors.engine_actor import EngineActor, Heartbeater
 from actors.local_autoscaler import LocalAutoscaler
+from control.core.record import DecisionLog
 from control.settings import Settings
 from engines.base import Engine
 from engines.tokenizer import Tokenizer, load_tokenizer
@@ -90,14 +91,28 @@ def build_engine(settings: Settings, instance_id: str) -> tuple[Engine, Tokenize
 
 
 class EngineHost:
-    def __init__(self, settings: Settings, bus: Bus, engine: Engine, tokenizer: Tokenizer) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        bus: Bus,
+        engine: Engine,
+        tokenizer: Tokenizer,
+        decision_log: DecisionLog | None = None,
+    ) -> None:
+        """``decision_log``: the local autoscaler's decisions with their observations (replay parity tests)."""
         self.settings = settings
         self.bus = bus
         self.engine = engine
         self.tokenizer = tokenizer
         self.actor: pykka.ActorRef[Any] | None = None
         eng = settings.engine
-        self.local = LocalAutoscaler(eng.role, settings.autoscaling, eng.max_num_seqs) if eng.local_autoscaler else None
+        self.local = (
+            LocalAutoscaler(
+                eng.role, settings.autoscaling, eng.max_num_seqs, log=decision_log, key=engine.info.instance_id
+            )
+            if eng.local_autoscaler
+            else None
+        )
         self.heartbeater = Heartbeater(
             bus, engine, eng.heartbeat_interval_s, role=eng.role, local=self.local, phase=eng.phase
         )

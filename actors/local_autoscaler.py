@@ -12,54 +12,50 @@ Thread-safe: the actor thread admits, the bus loop observes tokens, the heartbea
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from collections.abc import Callable
 
 import msgspec
 
-from control.policy.autoscaling import (
-    ROLES,
-    AutoscaleParams,
-    InstanceRole,
-    LocalDecision,
-    LocalObservation,
-    LocalState,
-    local_batch_limit,
-)
+from control.core.record import DecisionLog
+from control.core.scaling import LocalSizer, engine_local_params
+from control.policy.autoscaling import ROLES, AutoscaleParams, InstanceRole, LocalDecision, LocalObservation
 from transport.messages import EngineAdd, InstanceLoad, LocalReport, RequestClass
 
 Held = tuple[EngineAdd, dict[str, str]]
 
 
-def engine_local_params(params: AutoscaleParams, engine_max_seqs: int) -> AutoscaleParams:
-    """The policy's local limits clamped to the engine's own ``max_num_seqs`` (above it nothing binds)."""
-    local = params.local
-    top = max(1, min(local.max_batch, engine_max_seqs))
-    low = min(local.min_batch, top)
-    initial = min(max(local.initial_batch, low), top)
-    return dataclasses.replace(
-        params, local=dataclasses.replace(local, max_batch=top, min_batch=low, initial_batch=initial)
-    )
-
-
 class LocalAutoscaler:
-    def __init__(self, role: InstanceRole, params: AutoscaleParams, engine_max_seqs: int) -> None:
+    def __init__(
+        self,
+        role: InstanceRole,
+        params: AutoscaleParams,
+        engine_max_seqs: int,
+        *,
+        log: DecisionLog | None = None,
+        key: str = "",
+    ) -> None:
+        """``log``: each decision with its observation, under ``key`` (the instance id), for replay parity."""
         self.role = role
-        self.params = engine_local_params(params, engine_max_seqs)
-        self.limit = self.params.local.initial_batch
+        # the limit and the rule's memory: the control core's (the elastic simulator holds the same per instance)
+        self.sizer = LocalSizer(params, engine_max_seqs, log=log, key=key)
+        self.params = self.sizer.params
         self.wake: Callable[[], None] = lambda: None
         """Called (from the heartbeat thread) when the limit grew: the actor admits held requests."""
         self._lock = threading.Lock()
         self._admitted: dict[str, RequestClass] = {}
         self._held: list[Held] = []
-        self._state = LocalState()
         self._window_start = time.monotonic()
         self._tokens = 0
         self._gap_sum = 0.0
         self._gaps = 0
         self._report = LocalReport(batch_limit=self.limit, capacity=self.limit, backpressure=0.0, reason="initial")
+
+    @property
+    def limit(self) -> int:
+        """Requests the engine may run at once now (the sizer's limit)."""
+        return self.sizer.limit
 
     def set_role(self, role: str) -> bool:
         """A relabel by the global autoscaler; False (and no change) for an unknown role."""
@@ -140,9 +136,9 @@ class LocalAutoscaler:
                 num_used_blocks=load.num_total_blocks - load.num_free_blocks,
                 num_preempted=load.num_preempted,
             )
-            decision = local_batch_limit(obs, self._state, self.params)
-            grew = decision.batch_limit > self.limit
-            self.limit, self._state = decision.batch_limit, decision.state
+            before = self.limit
+            decision = self.sizer.decide(obs)
+            grew = decision.batch_limit > before
             self._window_start, self._tokens, self._gap_sum, self._gaps = now, 0, 0.0, 0
             self._report = self._make_report(decision.capacity, decision.backpressure, obs, decision.reason)
         if grew:
@@ -192,3 +188,6 @@ class LocalAutoscaler:
             waiting_blocks=load.waiting_blocks + held_blocks,
             batch_limit=limit,
         )
+
+
+__all__ = ["LocalAutoscaler", "engine_local_params"]

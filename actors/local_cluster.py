@@ -83,11 +83,14 @@ class InProcessCluster:
         self.standbys.append((plane, bus))
         return plane
 
-    def add_engine(self, engine: Engine, tokenizer: Tokenizer | None = None) -> EngineHost:
+    def add_engine(
+        self, engine: Engine, tokenizer: Tokenizer | None = None, decision_log: DecisionLog | None = None
+    ) -> EngineHost:
+        """Start an engine host; ``decision_log`` records its local autoscaler's decisions (parity tests)."""
         instance_id = engine.info.instance_id
         prefix = subjects.engine_inbox_prefix(instance_id)
         bus = Bus(self._bus_options(f"drover-engine-{instance_id}", self.engine_auth, prefix)).start()
-        host = EngineHost(self.settings, bus, engine, tokenizer or self.tokenizer).start()
+        host = EngineHost(self.settings, bus, engine, tokenizer or self.tokenizer, decision_log).start()
         self.hosts[instance_id] = host
         self._buses[instance_id] = bus
         return host

@@ -196,6 +196,7 @@ class SchedulerActor(SupervisedActor):
             self.placements,
             self.tell_self,
             decision_log,
+            self.instances,
         )
         self.admin = SchedulerAdmin(
             bus,
@@ -330,6 +331,10 @@ class SchedulerActor(SupervisedActor):
         self.classes.on_heartbeat(beat)
         self.pd.on_report(instance_id, phase_or_both(beat.phase))
         self.registry.upsert(record)
+        holds = self.failovers.holds
+        if holds:  # failed-over requests wait for their old copy here to go (control/core/requests.py)
+            running = {r.request_id for r in beat.load.running}
+            self.failovers.resume_held(holds.on_heartbeat(instance_id, running), time.monotonic())
         now = time.monotonic()
         record.cached_blocks = apply_prefix_report(self.policy, instance_id, beat.prefix_cache, now)
         if beat.prefix_cache is not None:
@@ -390,7 +395,9 @@ class SchedulerActor(SupervisedActor):
             self.state.drop_instance(instance_id)
             self.state.drop_phase(instance_id)
             self.failovers.fail_over(instance_id)
+            self.failovers.resume_held(self.failovers.holds.on_instance_gone(instance_id), time.monotonic())
             self.memory.on_instance_dead(instance_id)
+        self.failovers.resume_held(self.failovers.holds.expired(now, stale_after), time.monotonic())
         self.lifecycle.tick(self)
         self.requests.forget_expired(now)
         self.memory.tick({i for i, r in self.instances.items() if r.state == "serving"})

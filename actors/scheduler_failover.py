@@ -13,7 +13,7 @@ request an interactive one evicted, and requests restored after a control-plane 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import msgspec
 
@@ -23,7 +23,20 @@ from actors.dispatching import Placements
 from actors.failover import Recovered, read_delivered
 from actors.scheduler_migration import SchedulerMigrations
 from control.core.record import DecisionLog
-from control.core.requests import Drop, Fail, Redispatch, RequestRecord, RequestTable, Resume, fail_over, on_recovered
+from control.core.requests import (
+    Drop,
+    Fail,
+    FailoverHolds,
+    Hold,
+    Redispatch,
+    RequestRecord,
+    RequestTable,
+    Resume,
+    fail_over,
+    on_recovered,
+    on_released,
+    still_held_on,
+)
 from control.settings import ReliabilitySettings
 from transport.bus import Bus
 from transport.messages import ErrorCode
@@ -50,6 +63,7 @@ class Failovers:
         placements: Placements,
         tell: Callable[[object], None],
         decision_log: DecisionLog | None = None,
+        instances: Mapping[str, object] | None = None,
     ) -> None:
         """Thread: the one that builds the scheduler (before its thread starts)."""
         self.bus = bus
@@ -61,6 +75,8 @@ class Failovers:
         self.placements = placements
         self.tell = tell
         self.decision_log = decision_log
+        self.instances: Mapping[str, object] = instances if instances is not None else {}  # the registry's records
+        self.holds = FailoverHolds()  # failed over, waiting for the fenced instance to let go of its copy
 
     def fail_over(self, dead_instance: str) -> None:
         """Resume every request of a dead instance elsewhere, from the tokens its client already
@@ -104,8 +120,17 @@ class Failovers:
 
         Thread: the scheduler actor's thread."""
         record = self.requests.get(recovered.request_id)
-        command = on_recovered(record, recovered.tokens, recovered.finished, recovered.error)
+        registered = recovered.fenced_on in self.instances
+        held_on = still_held_on(recovered.fenced_on, recovered.fence, registered)
+        command = on_recovered(record, recovered.tokens, recovered.finished, recovered.error, held_on)
         if record is None or command is None:
+            return
+        if isinstance(command, Hold):  # its copy there may still run: not resumed until it is gone
+            log.warning(
+                "request %s waits for %s to let go of it (fence: %s)", command.request_id, held_on, recovered.fence
+            )
+            self.holds.hold(command.request_id, command.instance_id, now)
+            self.state.save_request(record)
             return
         if isinstance(command, Fail):
             self.fail_request(record, command.why)
@@ -116,6 +141,16 @@ class Failovers:
         elif isinstance(command, Redispatch):
             log.info("request %s fails over after %d delivered tokens", recovered.request_id, len(recovered.tokens))
             self.placements.dispatch_or_wait(record, now)
+
+    def resume_held(self, request_ids: list[str], now: float) -> None:
+        """Failed-over requests whose old instance let go of them resume now (``FailoverHolds``).
+
+        Thread: the scheduler actor's thread."""
+        for request_id in request_ids:
+            record = self.requests.get(request_id)
+            if record is not None and on_released(record) is not None:
+                log.info("request %s resumes: the instance it waited for let go of it", request_id)
+                self.placements.dispatch_or_wait(record, now)
 
     def fail_request(self, record: RequestRecord, why: str) -> None:
         """End a request with ``engine_failed`` (its client is told why) and drop it from the

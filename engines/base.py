@@ -84,7 +84,11 @@ class Engine(Protocol):
         ...
 
     async def abort(self, request_id: str) -> None:
-        """Stop a request; its iterator ends with ``finish_reason="abort"``. Unknown ids are ignored."""
+        """Stop a request; its iterator ends with ``finish_reason="abort"``. Unknown ids are ignored.
+
+        Once a request's iterator has ended, the same id may be generated again (a failover or a migration
+        back onto this instance): an engine that lets go of an aborted request later (at the end of the step
+        under way) keeps the two copies apart, so nothing of the old one reaches the new one's iterator."""
         ...
 
     def load(self) -> InstanceLoad:

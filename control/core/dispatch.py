@@ -25,11 +25,16 @@ Events in are method calls; commands out are :class:`Place` values. The methods 
 requests are generators: the shell carries out each :class:`Place` before asking for the next, so the state
 it shows through its :class:`FleetView` (which the core only reads) is current at every decision, exactly as
 when the loop was written inside each shell.
+
+Given a :class:`~control.core.record.DecisionLog`, the dispatcher records each event (``queue_event``), each
+placement it makes (``queue_place``), the event's end (``queue_end``) and every answer the shell's view gave it
+(``view``), in order: the replay parity test feeds them to the simulator's dispatcher, which must place the same
+requests in the same order (``tests/parity/replays.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -94,6 +99,40 @@ class FleetView(Protocol):
     def serving_waiting(self) -> Iterable[tuple[str, int]]:
         """(instance id, requests waiting in its engine) of every serving instance (the fair queue's room)."""
         ...
+
+
+class TapedView:
+    """A :class:`FleetView` that records each answer it gives the dispatcher (``view`` entries of a
+    :class:`DecisionLog`: which question, its arguments, the answer), so that a replay can give the same ones."""
+
+    def __init__(self, view: FleetView, log: DecisionLog) -> None:
+        self.view = view
+        self.log = log
+
+    def waiting(self, request_id: str) -> Waiting | None:
+        answer = self.view.waiting(request_id)
+        self.log.add("view", "waiting", (request_id,), answer)
+        return answer
+
+    def __contains__(self, request_id: object) -> bool:
+        answer = request_id in self.view
+        self.log.add("view", "contains", (request_id,), answer)
+        return answer
+
+    def class_loads(self) -> Sequence[FleetInstance]:
+        answer = tuple(self.view.class_loads())
+        self.log.add("view", "class_loads", (), answer)
+        return answer
+
+    def evictable(self, instance_id: str) -> Sequence[RunningBatch]:
+        answer = tuple(self.view.evictable(instance_id))
+        self.log.add("view", "evictable", (instance_id,), answer)
+        return answer
+
+    def serving_waiting(self) -> Iterable[tuple[str, int]]:
+        answer = tuple(self.view.serving_waiting())
+        self.log.add("view", "serving_waiting", (), answer)
+        return answer
 
 
 class Dispatcher:
@@ -162,6 +201,7 @@ class Dispatcher:
             return False
         chosen = self.index.choose(demand)
         self._record("choose", demand.request_id, (demand,), chosen)
+        self._record("queue_fits_now", demand.request_id, (demand,), chosen is not None)
         return chosen is not None
 
     def _dispatched(self, instance_id: str, demand: RequestDemand) -> None:
@@ -180,6 +220,17 @@ class Dispatcher:
         """A request to run again (failover, a KunServe group handing it back), or restored after a restart:
         place it now, or it waits at the back of the queue (a batch one in the batch queue, keeping its first
         place there)."""
+        log = self.log
+        if log is None:
+            return self._dispatch_or_wait(request_id, view, now)
+        log.add("queue_event", request_id, ("dispatch_or_wait", now), None)
+        place = self._dispatch_or_wait(request_id, TapedView(view, log), now)
+        if place is not None:
+            log.add("queue_place", place.request_id, (), place)
+        log.add("queue_end", request_id, ("dispatch_or_wait",), None)
+        return place
+
+    def _dispatch_or_wait(self, request_id: str, view: FleetView, now: float) -> Place | None:
         request = view.waiting(request_id)
         if request is None:
             return None
@@ -201,6 +252,11 @@ class Dispatcher:
     def submit(self, request_id: str, view: FleetView, now: float) -> Iterator[Place]:
         """A new request (acknowledged to its client): a batch one joins the batch queue; with fairness on it
         joins its client's fair queue, which is then served; otherwise it is placed now or waits."""
+        if self.log is None:
+            return self._submit(request_id, view, now)
+        return self._recorded("submit", request_id, now, lambda taped: self._submit(request_id, taped, now), view)
+
+    def _submit(self, request_id: str, view: FleetView, now: float) -> Iterator[Place]:
         request = view.waiting(request_id)
         if request is None:
             return
@@ -221,12 +277,42 @@ class Dispatcher:
 
     def wait(self, request_id: str) -> None:
         """The request waits at the back of the queue (the shell restored it as queued)."""
+        self._event("wait", request_id)
         self.pending.append(request_id)
+
+    def _event(self, name: str, key: str, *inputs: object) -> None:
+        """Record an event that places nothing (its start and end at once)."""
+        if self.log is not None:
+            self.log.add("queue_event", key, (name, *inputs), None)
+            self.log.add("queue_end", key, (name,), None)
+
+    def _recorded(
+        self,
+        name: str,
+        key: str,
+        now: float | None,
+        places: Callable[[FleetView], Iterator[Place]],
+        view: FleetView,
+    ) -> Iterator[Place]:
+        """An event that may place several requests, recorded: its start when the shell starts iterating, each
+        placement as it is handed out (the shell carries it out before asking for the next), its end."""
+        log = self.log
+        assert log is not None
+        log.add("queue_event", key, (name, now), None)
+        for place in places(TapedView(view, log)):
+            log.add("queue_place", place.request_id, (), place)
+            yield place
+        log.add("queue_end", key, (name,), None)
 
     # ------------------------------------------------------------------------------------------- queues
     def retry(self, view: FleetView, now: float) -> Iterator[Place]:
         """A tick, or a new instance: the fair queue while there is room, then the queue from its head until
         a request fits nowhere."""
+        if self.log is None:
+            return self._retry(view, now)
+        return self._recorded("retry", "", now, lambda taped: self._retry(taped, now), view)
+
+    def _retry(self, view: FleetView, now: float) -> Iterator[Place]:
         if self.fair is not None:
             yield from self._drain_fair(view, now)
         pending = self.pending
@@ -296,9 +382,16 @@ class Dispatcher:
         """A batch request waits in the global batch queue (earliest deadline first); one queued before keeps
         its first place, and one already queued is not queued twice."""
         self.batch.push(request.request_id, request.deadline, request.cost, now)
+        if self.log is not None:  # inside an event it is part of that event; a shell's own call is one
+            self.log.add("queue_batch", request.request_id, (request, now), None)
 
     def release_batch(self, view: FleetView) -> Iterator[Place]:
         """The head of the batch queue into the batch and mixed instances' spare slots (a tick)."""
+        if self.log is None:
+            return self._release_batch(view)
+        return self._recorded("release_batch", "", None, self._release_batch, view)
+
+    def _release_batch(self, view: FleetView) -> Iterator[Place]:
         if self.classes is None or not self.batch:
             return
         for request_id, instance_id in self.batch.release(view.class_loads(), self.classes, view):
@@ -310,6 +403,7 @@ class Dispatcher:
 
     def forget(self, request_id: str) -> None:
         """The request ended: the batch queue drops it (the other queues skip it when they reach it)."""
+        self._event("forget", request_id)
         self.batch.forget(request_id)
 
 
@@ -332,4 +426,4 @@ class QueuedIds(Collection[str]):
         return request_id in self.pending or (self.fair is not None and request_id in self.fair)
 
 
-__all__ = ["Dispatcher", "FleetView", "Place", "QueuedIds", "Waiting"]
+__all__ = ["Dispatcher", "FleetView", "Place", "QueuedIds", "TapedView", "Waiting"]

@@ -11,20 +11,40 @@ the record, encoded by msgspec, so the two cannot drift apart), and carries out 
   client already has, then dispatch it again from there) or :class:`Fail` (tell the client);
 * :func:`recover`: the same choice for one request (restored after a restart, or evicted for an interactive
   one);
-* :func:`on_recovered`: what the client had, read back: :class:`Drop` (it finished), :class:`Fail`, or
-  :class:`Redispatch` with the tokens to resume after.
+* :func:`on_recovered`: what the client had, read back: :class:`Drop` (it finished), :class:`Fail`,
+  :class:`Hold` (an instance may still hold a copy: see below), or :class:`Redispatch` with the tokens to resume
+  after;
+* :func:`still_held_on` and :class:`FailoverHolds`: where a failed-over request must not resume yet.
 
 Exactly-once bookkeeping lives here: a request being resumed is ``recovering`` with no instance (so no late
 event from the dead instance can end it, and a heartbeat that still lists it there has it stopped as
 superseded), its ``failovers`` count bounds the retries, and it is dispatched again only with the tokens its
 client already has as ``resume_tokens`` (the engine continues after them, so every output index reaches the
 client once). The simulator has no instance failures, so only the live shell drives these today.
+
+**Where a failed-over request may resume** (one copy of a request id at a time). A failover fences the instance
+it leaves first (``actors/failover.py``), because "declared dead" (missed heartbeats) and "restarted" (its
+heartbeat sequence went back, or its pid changed) are guesses: the instance may be alive and still run the
+request, and an instance that sends a stray or second heartbeat stream under its id is not restarted at all.
+The fence's answer is the evidence :func:`still_held_on` reads:
+
+* ``stopped`` (it ran the request, stopped it, and the copy ended), ``not_here`` (the process answering for that
+  id does not hold it: the new incarnation after a real restart never had it), ``gone`` (nobody listens on its
+  subject): no copy can run there, and the request resumes at once, on any instance, the fenced one included
+  (a real restart of the only instance resumes onto it);
+* ``stopping`` (it stopped streaming but the copy had not ended when it answered) or ``silent`` (no answer: it
+  hangs, or the answer was lost) from an instance still registered: its engine may still hold the request, so
+  the request waits (:class:`Hold`, still ``recovering``) until that instance's heartbeat no longer lists it,
+  the instance is declared dead, or a heartbeat timeout's worth of time has passed (a copy that outlives that is
+  stopped as superseded when its heartbeat lists it: ``_stop_superseded`` in the scheduler). Resuming it on that
+  instance earlier would start a second copy under the same id there, which the engine actor also refuses
+  (``actors/engine_actor.py``: the new copy waits for the old one's end): two guards, one in each layer.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -188,6 +208,19 @@ class Redispatch:
     request_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Keep the request ``recovering`` (its ``resume_tokens`` set) until ``instance_id`` no longer holds a copy
+    of it (:class:`FailoverHolds`), then dispatch it again."""
+
+    request_id: str
+    instance_id: str
+
+
+FENCE_ANSWERS = ("stopped", "stopping", "not_here", "gone", "silent")
+"""What a fence can answer (``actors/failover.py``): see the module docstring."""
+
+
 # ----------------------------------------------------------------------------------------------- decisions
 def resumable(reply_to: str) -> bool:
     """A stream can be resumed only where its output is kept: an inbox under the Drover inbox root."""
@@ -237,17 +270,75 @@ def fail_over(requests: Iterable[RequestRecord], dead_instance: str, max_attempt
     return commands
 
 
+def still_held_on(fenced_on: str, answer: str, registered: bool) -> str:
+    """The instance that may still hold a copy of a failed-over request, from the fence's ``answer`` (one of
+    :data:`FENCE_ANSWERS`); "" when none can. Only a ``stopping`` or ``silent`` instance that is still
+    ``registered`` (not declared dead: a restart signal, a fence that outran the copy's end) may; what a
+    declared-dead instance still runs is stopped as superseded if it comes back."""
+    if answer not in FENCE_ANSWERS:
+        raise ValueError(f"unknown fence answer {answer!r}")
+    return fenced_on if fenced_on and registered and answer in ("stopping", "silent") else ""
+
+
 def on_recovered(
-    record: RequestRecord | None, tokens: list[int], finished: bool, error: str = ""
-) -> Drop | Fail | Redispatch | None:
+    record: RequestRecord | None, tokens: list[int], finished: bool, error: str = "", held_on: str = ""
+) -> Drop | Fail | Hold | Redispatch | None:
     """What the client of a ``recovering`` request had (read back from the output stream): drop it when it
-    finished, fail it when that could not be read, else dispatch it again after those tokens. None: the
-    request is not recovering any more (cancelled, or a duplicate answer)."""
+    finished, fail it when that could not be read, else resume it after those tokens: at once, or once
+    ``held_on`` (:func:`still_held_on`) no longer holds a copy. None: the request is not recovering any more
+    (cancelled, or a duplicate answer)."""
     if record is None or record.state != "recovering":
         return None
     if error:
         return Fail(record.request_id, error)
     if finished:
         return Drop(record.request_id)
-    record.resume_tokens, record.state = list(tokens), "queued"
+    record.resume_tokens = list(tokens)
+    if held_on:
+        return Hold(record.request_id, held_on)
+    record.state = "queued"
     return Redispatch(record.request_id)
+
+
+def on_released(record: RequestRecord | None) -> Redispatch | None:
+    """A held request (:class:`Hold`) may resume now: dispatch it again after its ``resume_tokens``. None: it is
+    not recovering any more (cancelled meanwhile)."""
+    if record is None or record.state != "recovering":
+        return None
+    record.state = "queued"
+    return Redispatch(record.request_id)
+
+
+class FailoverHolds:
+    """Failed-over requests waiting for an instance to let go of its copy (:class:`Hold`): released when that
+    instance's heartbeat no longer lists them, when it is declared dead, or ``hold_s`` after they were held.
+    No clock of its own: ``now`` is the shell's monotonic clock."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[str, float]] = {}  # request id -> (instance id, held since)
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def hold(self, request_id: str, instance_id: str, now: float) -> None:
+        self._held[request_id] = (instance_id, now)
+
+    def on_heartbeat(self, instance_id: str, listed: Collection[str]) -> list[str]:
+        """``instance_id``'s heartbeat lists ``listed`` (the request ids its engine runs): what it let go of."""
+        return self._release(lambda rid, held_on, _since: held_on == instance_id and rid not in listed)
+
+    def on_instance_gone(self, instance_id: str) -> list[str]:
+        """``instance_id`` was declared dead: nothing of it can run any more."""
+        return self._release(lambda _rid, held_on, _since: held_on == instance_id)
+
+    def expired(self, now: float, hold_s: float) -> list[str]:
+        """Held longer than ``hold_s``: resumed anyway (a copy that lingers is stopped as superseded)."""
+        return self._release(lambda _rid, _held_on, since: now - since > hold_s)
+
+    def _release(self, released: Callable[[str, str, float], bool]) -> list[str]:
+        if not self._held:
+            return []
+        out = [rid for rid, (held_on, since) in self._held.items() if released(rid, held_on, since)]
+        for rid in out:
+            del self._held[rid]
+        return out

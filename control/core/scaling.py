@@ -1,6 +1,7 @@
 """The autoscaler's timing, with no I/O and no clock: when the global autoscaler plans, and when an instance
-it drains is stopped. The AutoscalerActor feeds it ``time.monotonic()``; the elastic simulator its virtual
-clock. The plan itself is :func:`control.policy.autoscaling.plan_scaling`.
+it drains is stopped; and each instance's batch-size limit (:class:`LocalSizer`, the local autoscaler). The
+AutoscalerActor feeds it ``time.monotonic()``; the elastic simulator its virtual clock. The plan itself is
+:func:`control.policy.autoscaling.plan_scaling`.
 
 One rule for both shells: **the first plan is due one whole period after the clock starts**, then one every
 period. A plan's inputs (arrival rates, measured throughput, backpressure) are counted over the period before
@@ -11,8 +12,12 @@ in; ``tests/parity/test_divergences.py`` holds both shells to this rule).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+
+from control.core.record import DecisionLog
+from control.policy.autoscaling import AutoscaleParams, LocalDecision, LocalObservation, LocalState, local_batch_limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,3 +75,43 @@ class ScalingClock:
             return None
         del self.draining[instance_id]
         return reason
+
+
+def engine_local_params(params: AutoscaleParams, engine_max_seqs: int) -> AutoscaleParams:
+    """The policy's local limits clamped to the engine's own ``max_num_seqs`` (above it nothing binds)."""
+    local = params.local
+    top = max(1, min(local.max_batch, engine_max_seqs))
+    low = min(local.min_batch, top)
+    initial = min(max(local.initial_batch, low), top)
+    return dataclasses.replace(
+        params, local=dataclasses.replace(local, max_batch=top, min_batch=low, initial_batch=initial)
+    )
+
+
+class LocalSizer:
+    """One instance's batch-size limit (Chiron's local autoscaler): the limit in force, what the rule remembers
+    between windows, and each window's decision (:func:`local_batch_limit` under the policy's limits clamped to
+    the engine's ``max_num_seqs``). Both shells hold one per instance: the engine host's LocalAutoscaler
+    (``actors/local_autoscaler.py``, which measures a window from the token stream) and the elastic simulator
+    (from its engine model). ``log``: each decision with its observation (replay parity); ``key`` names the
+    instance there."""
+
+    def __init__(
+        self, params: AutoscaleParams, engine_max_seqs: int, *, log: DecisionLog | None = None, key: str = ""
+    ) -> None:
+        self.params = engine_local_params(params, engine_max_seqs)
+        self.engine_max_seqs = engine_max_seqs
+        self.limit = self.params.local.initial_batch
+        self.state = LocalState()
+        self.log = log
+        self.key = key
+
+    def decide(self, observation: LocalObservation) -> LocalDecision:
+        """This window's decision; the limit in force during it is this sizer's (whatever ``batch_limit`` the
+        observation carries), and the new one is in force from now on."""
+        observation = dataclasses.replace(observation, batch_limit=self.limit)
+        decision = local_batch_limit(observation, self.state, self.params)
+        if self.log is not None:
+            self.log.add("local_batch", self.key, (observation, self.engine_max_seqs), decision)
+        self.limit, self.state = decision.batch_limit, decision.state
+        return decision

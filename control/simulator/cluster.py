@@ -6,7 +6,8 @@ The driver owns an event heap (arrivals, engine step ends, scheduler ticks, migr
 * dispatch: the control core's dispatch loop (:class:`control.core.dispatch.Dispatcher`, the one the live
   SchedulerActor runs) over a :class:`control.policy.dispatch.DispatchIndex` from ``make_dispatch_policy``
   (``upsert`` on each tick's fresh snapshots, the heartbeats); an arrival is placed or waits in the core's
-  queue, which every tick retries from its head;
+  queue, which every tick retries from its head (with ``fair_quantum_tokens``, in the core's fair queue
+  between clients, as live with ``[scheduler] fairness``);
 * migration: :func:`control.policy.migration.plan_migrations` every ``params.migration_period_s``, each
   decision run with the Llumnix multi-stage protocol of ``engines/migration.py``: the destination reserves
   before every stage; stage copy time = bytes / bandwidth (+ a per-stage overhead) while the request keeps
@@ -94,6 +95,12 @@ class ClusterConfig:
     policy's migration_period_s (Llumnix polls instance info at that same period)."""
     drain: tuple[tuple[float, int], ...] = ()
     """(time, instance index): mark the instance draining then (scale-in); its requests migrate away."""
+    fair_quantum_tokens: int | None = None
+    """The core's fair queue between clients (``RequestSpec.client``), with this quantum in tokens (live:
+    ``[scheduler] fairness`` and ``fairness_quantum_tokens``); None: off, first come first served."""
+    fair_max_waiting: int = 1
+    """With the fair queue: requests each instance may have waiting in its engine (live:
+    ``[scheduler] fairness_max_waiting``)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -159,7 +166,11 @@ class ClusterSimulator(ClasslessFleet):
         self.config = config
         self.params = config.policy
         # the control core's dispatch loop (the live scheduler's too): index, waiting queue, class routing
-        self.dispatcher = Dispatcher(make_dispatch_policy(self.params.dispatch_policy, self.params.dispatch_params()))
+        self.dispatcher = Dispatcher(
+            make_dispatch_policy(self.params.dispatch_policy, self.params.dispatch_params()),
+            fair_quantum_tokens=config.fair_quantum_tokens,
+            fair_max_waiting=config.fair_max_waiting,
+        )
         # incremental, and it remembers its own moves (per-request budget, cooldown, no ping-pong)
         self.planner = MigrationPlanner(self.params)
         self.instances = [
@@ -402,12 +413,24 @@ class ClusterSimulator(ClasslessFleet):
         return Waiting(
             self._demand(request),
             self._class_of(request),
+            client=self._records[request_id].spec.client,
             cost=request.prompt_len + request.max_tokens,
             deadline=self._deadline_of(request),
         )
 
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._waiting
+
+    def serving_waiting(self) -> Iterable[tuple[str, int]]:
+        # the fair queue's room (ClasslessFleet counts none). As live: the requests waiting in each serving
+        # instance's engine at its last snapshot (the heartbeat); the dispatcher adds what the index counts as
+        # dispatched there since
+        instances, snapshots = self.instances, self._snapshots
+        return [
+            (instances[i].instance_id, snapshots[i].num_waiting if snapshots else len(instances[i].core.waiting))
+            for i in self._live
+            if not instances[i].draining
+        ]
 
     def _class_of(self, request: SimRequest) -> str:
         return "interactive"

@@ -14,9 +14,10 @@ policies of ``control/policy/autoscaling.py`` exactly as the live AutoscalerActo
 * ``dispatch="llumnix"``: every request is dispatched on arrival by the cluster's dispatch policy (freeness
   by default), whatever its class, with Llumnix migration: Llumnix has no request classes.
 * local autoscaler (class-aware dispatch only): every ``LocalParams.period_s`` each serving instance's
-  :func:`local_batch_limit` sets its engine's ``max_num_seqs``; the observation is the mean engine step time
-  over the window (the inter-token latency of its decoding requests), its output tokens per second, its
-  running/waiting counts and KV use.
+  :class:`~control.core.scaling.LocalSizer` (the live engine hosts' too: :func:`local_batch_limit` under the
+  policy's limits clamped to the engine's own ``max_num_seqs``) sets its engine's ``max_num_seqs``; the
+  observation is the mean engine step time over the window (the inter-token latency of its decoding
+  requests), its output tokens per second, its running/waiting counts and KV use.
 * ``scaling="hierarchical"``: :func:`plan_scaling` every ``AutoscaleParams.period_s``; ``"threshold"``:
   :func:`threshold_scaling` every ``ThresholdParams.period_s``; ``"none"``: a fixed fleet.
 
@@ -37,7 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from control.core.scaling import ScalingClock
+from control.core.scaling import LocalSizer, ScalingClock
 from control.policy.autoscaling import (
     BATCH,
     ROLES,
@@ -47,13 +48,11 @@ from control.policy.autoscaling import (
     FleetInstance,
     InstanceRole,
     LocalObservation,
-    LocalState,
     PerRole,
     RunningBatch,
     ScalingPlan,
     ScalingState,
     ThresholdParams,
-    local_batch_limit,
     plan_scaling,
     threshold_scaling,
     total,
@@ -164,7 +163,7 @@ class _Extra:
     batch_limit: int
     capacity: int = 0
     backpressure: float = 0.0
-    local: LocalState = field(default_factory=LocalState)
+    sizer: LocalSizer | None = None  # its local autoscaler (the control core's), when that runs
     num_interactive: int = 0
     num_batch: int = 0
     entries: dict[str, tuple[SimRequest, int]] = field(default_factory=dict)  # id -> (request, output at entry)
@@ -252,9 +251,15 @@ class ElasticSimulator(ClusterSimulator):
             timeline=self._timeline,
         )
 
+    def local_sizer(self, instance_id: str = "") -> LocalSizer:
+        """The local autoscaler of one of this simulator's instances: the control core's :class:`LocalSizer`
+        under the autoscaling parameters and the engine's ``max_num_seqs`` (as a live engine host builds it)."""
+        return LocalSizer(self.as_params, self.config.engine.max_num_seqs, key=instance_id)
+
     def _init_extra(self, inst: SimInstance) -> None:
-        limit = self.as_params.local.initial_batch if self._local_on else inst.core.config.max_num_seqs
-        self._extra[inst.index] = _Extra(batch_limit=limit, l_time=self.now, g_time=self.now)
+        sizer = self.local_sizer(inst.instance_id) if self._local_on else None
+        limit = sizer.limit if sizer is not None else inst.core.config.max_num_seqs
+        self._extra[inst.index] = _Extra(batch_limit=limit, l_time=self.now, g_time=self.now, sizer=sizer)
         if self._local_on:
             inst.core.config = dataclasses.replace(inst.core.config, max_num_seqs=limit)
 
@@ -488,13 +493,14 @@ class ElasticSimulator(ClusterSimulator):
                 num_used_blocks=core.allocated_blocks,
                 num_preempted=core.num_preemptions - extra.l_preempt,
             )
-            decision = local_batch_limit(obs, extra.local, params)
+            assert extra.sizer is not None
+            decision = extra.sizer.decide(obs)
             if decision.batch_limit != extra.batch_limit:
                 self._interrupt(inst)
                 core.config = dataclasses.replace(core.config, max_num_seqs=decision.batch_limit)
                 extra.batch_limit = decision.batch_limit
                 self._schedule(inst)
-            extra.capacity, extra.backpressure, extra.local = decision.capacity, decision.backpressure, decision.state
+            extra.capacity, extra.backpressure = decision.capacity, decision.backpressure
             extra.l_time, extra.l_busy, extra.l_steps = self.now, core.busy_time, core.num_steps
             extra.l_out, extra.l_preempt = out, core.num_preemptions
         if not self.all_done:

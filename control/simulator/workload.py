@@ -46,6 +46,8 @@ class RequestSpec:
     """Prefix-block hashes of the prompt (a trace's ``hash_ids``): equal ids at the same position mean the
     same prefix; each covers ``prefix_block_tokens`` tokens."""
     prefix_block_tokens: int = 0
+    client: str = ""
+    """Who sent it: its share in the fair queue (``ClusterConfig.fair_quantum_tokens``)."""
 
 
 @dataclass(frozen=True, slots=True)

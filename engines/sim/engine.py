@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from engines.sim.core import SimEngineConfig, SimEngineCore, SimOutput, SimReque
 from engines.sim.cost_model import DEFAULT_COST_MODEL, CostModel
 from engines.sim.prefix_cache import PrefixCache, PrefixReporter
 from transport.messages import EngineInfo, InstanceLoad, PrefixCacheReport, RunningRequest
+
+log = logging.getLogger(__name__)
 
 TOKEN_LOW = 3  # first byte token id (engines.tokenizer.BYTE_OFFSET)
 TOKEN_SPAN = 256
@@ -119,6 +122,9 @@ class SimEngine:
             kv_layout=f"sim:{self.cost_model.name}",
         )
         self._live: dict[str, _Live] = {}
+        # Copies whose id the core still holds: an abort during a step takes effect when the step ends
+        # (SimEngineCore.remove), so a copy started again under that id is admitted only then.
+        self._deferred: list[_Live] = []
         self._clock = 0.0  # modelled seconds since start
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -194,6 +200,11 @@ class SimEngine:
         if request.remaining_tokens == 0:
             live.done = True
             live.queue.put_nowait(EngineOutput(request.request_id, [], "length"))
+        elif request.request_id in self.core.requests:
+            # its last copy ended (aborted) but leaves the core only when the step under way ends: two
+            # requests under one id in the core would both stream into this copy (the Engine contract: an
+            # ended iterator's id may run again, and nothing of the old copy reaches the new one)
+            self._deferred.append(live)
         else:
             self._admit(request, sim)
             self._kick()
@@ -294,14 +305,31 @@ class SimEngine:
             self._clock = end
             idle_since = loop.time()
             self._deliver(self.core.finish_plan())
+            if self._deferred:
+                self._admit_deferred()
             if self._prefix is not None:
                 self._prefix.collect()
+
+    def _admit_deferred(self) -> None:
+        """Admit the copies that waited for an earlier copy of their id to leave the core (at a step's end)."""
+        waiting, self._deferred = self._deferred, []
+        for live in waiting:
+            if live.done:  # aborted, or its consumer went away, while it waited
+                continue
+            if live.request.request_id in self.core.requests:
+                self._deferred.append(live)
+                continue
+            try:
+                self._admit(live.request, live.sim)
+            except (EngineError, ValueError) as exc:  # the caller is past generate(): end it here
+                log.warning("%s: %s could not be admitted: %s", self.instance_id, live.request.request_id, exc)
+                self._finish(live, [], "abort")
 
     def _deliver(self, outputs: list[SimOutput]) -> None:
         for out in outputs:
             live = self._live.get(out.request.request_id)
-            if live is None or live.done:
-                continue
+            if live is None or live.done or live.sim is not out.request:
+                continue  # gone, or an earlier copy under the same id (aborted during the step): not this one's
             sim = out.request
             start = sim.num_output - out.new_tokens
             tokens = [token_at(live.seed, p) for p in range(start, sim.num_output)]

@@ -112,9 +112,20 @@ def test_every_placement_is_counted_in_the_index_once_and_recorded() -> None:
     assert placed == ["r1", "r2"]
     assert [rid for rid, _ in index.dispatched] == ["r1", "r2"]
     assert {iid for _, iid in index.dispatched} == {"a", "b"}  # least loaded: the second goes elsewhere
-    kinds = [(d.what, d.key) for d in log.entries()]
+    kinds = [(d.what, d.key) for d in log.entries() if d.what in ("choose", "dispatched")]
     assert kinds == [("choose", "r1"), ("dispatched", "r1"), ("choose", "r2"), ("dispatched", "r2")]
     assert core.attempts == 2
+    # the queue events around them, with the view's answers, for the replay (tests/parity/replays.py)
+    events = [(d.what, d.key) for d in log.entries() if d.what.startswith("queue_")]
+    assert events == [
+        ("queue_event", "r1"),
+        ("queue_place", "r1"),
+        ("queue_end", "r1"),
+        ("queue_event", "r2"),
+        ("queue_place", "r2"),
+        ("queue_end", "r2"),
+    ]
+    assert [d.key for d in log.entries() if d.what == "view"] == ["waiting", "waiting"]
 
 
 def test_requests_that_ended_while_waiting_are_skipped() -> None:

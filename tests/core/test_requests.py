@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import msgspec
+import pytest
 
 from control.core.requests import (
+    FENCE_ANSWERS,
     Drop,
     Fail,
+    FailoverHolds,
+    Hold,
     InstanceRecord,
     Redispatch,
     RequestRecord,
@@ -14,7 +18,9 @@ from control.core.requests import (
     expired_instances,
     fail_over,
     on_recovered,
+    on_released,
     recover,
+    still_held_on,
 )
 from transport import subjects
 from transport.messages import EngineInfo, InstanceLoad, SubmitRequest
@@ -66,6 +72,45 @@ def test_recover_and_what_the_client_had() -> None:
     assert on_recovered(row, [], finished=False, error="unreadable") == Fail("a", "unreadable")
     assert on_recovered(None, [], finished=True) is None
     assert recover(record("b", "i1", reply_to="_INBOX.x"), unresumable="restarted") == Fail("b", "restarted")
+
+
+def test_a_failed_over_request_resumes_on_its_fenced_instance_only_once_no_copy_can_run_there() -> None:
+    """A restart signal of a live instance: the fence finds the request there. Resumed at once (anywhere, the
+    fenced instance included) when the fence saw the copy end, when the process answering never had it (a real
+    restart) or nobody answers on its subject; otherwise it waits for that instance to let go of it."""
+    for answer in ("stopped", "not_here", "gone"):
+        assert still_held_on("i1", answer, registered=True) == ""
+    for answer in ("stopping", "silent"):
+        assert still_held_on("i1", answer, registered=True) == "i1"
+        assert still_held_on("i1", answer, registered=False) == ""  # declared dead: nothing is dispatched there
+    assert all(still_held_on("", answer, registered=True) == "" for answer in FENCE_ANSWERS)  # nothing fenced
+    with pytest.raises(ValueError, match="unknown fence answer"):
+        still_held_on("i1", "maybe", registered=True)
+
+    row = record("a", "i1")
+    assert fail_over([row], "i1", max_attempts=3) == [Resume("a", fence_on="i1")]
+    held_on = still_held_on("i1", "stopping", registered=True)
+    assert on_recovered(row, [5, 6], finished=False, held_on=held_on) == Hold("a", "i1")
+    assert (row.state, row.instance_id, row.resume_tokens) == ("recovering", None, [5, 6])
+    assert on_recovered(row, [5, 6], finished=True, held_on="i1") == Drop("a")  # finished: nothing to hold
+    assert on_released(row) == Redispatch("a") and row.state == "queued"
+    assert on_released(row) is None and on_released(None) is None  # not recovering any more
+
+
+def test_held_requests_are_released_when_their_instance_lets_go_dies_or_the_hold_times_out() -> None:
+    holds = FailoverHolds()
+    holds.hold("a", "i1", now=0.0)
+    holds.hold("b", "i1", now=1.0)
+    holds.hold("c", "i2", now=2.0)
+    assert len(holds) == 3
+    assert holds.on_heartbeat("i1", listed={"a", "b"}) == []  # still runs both
+    assert holds.on_heartbeat("i2", listed={"a"}) == ["c"]  # i2 let go of c; a waits for i1, not i2
+    assert holds.on_heartbeat("i1", listed={"b"}) == ["a"]
+    assert holds.expired(now=5.0, hold_s=10.0) == []
+    holds.hold("d", "i3", now=5.0)
+    assert holds.expired(now=11.5, hold_s=10.0) == ["b"]
+    assert holds.on_instance_gone("i3") == ["d"] and len(holds) == 0
+    assert holds.on_heartbeat("i1", listed=()) == []
 
 
 def test_expired_instances_are_the_silent_and_the_stopping_ones() -> None:

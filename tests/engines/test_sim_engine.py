@@ -90,6 +90,29 @@ async def test_abort_ends_stream_and_frees_blocks() -> None:
         await engine.shutdown()
 
 
+async def test_an_id_run_again_right_after_its_abort_streams_only_the_new_copy() -> None:
+    """An abort during a step leaves the core when that step ends; a copy started again under the same id
+    meanwhile (a failover onto this instance) must not run beside it: both would stream into the new copy."""
+    engine = SimEngine("sim", time_scale=1.0)
+    await engine.start()
+    try:
+        first = engine.generate(req("r", max_tokens=40))
+        head: list[int] = []
+        async for out in first:
+            head.extend(out.new_token_ids)
+            if len(head) >= 5:
+                break
+        await first.aclose()  # the consumer leaves, as the engine actor's fence does after its abort
+        await engine.abort("r")
+        assert "r" in engine.core.requests  # a step is under way: the old copy leaves at its end
+        rest, reason = await collect(engine, req("r", max_tokens=40, outputs=head))
+        assert reason == "length"
+        assert head + rest == [token_at(request_seed(0, "r"), p) for p in range(40)]
+        assert engine.load().num_running == 0 and not engine.core.requests
+    finally:
+        await engine.shutdown()
+
+
 async def test_rejects_requests_that_cannot_fit() -> None:
     engine = SimEngine("sim", time_scale=0.0, max_model_len=128)
     await engine.start()

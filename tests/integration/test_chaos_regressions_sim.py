@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import msgspec
-import pytest
+from nats.aio.msg import Msg
 
 from actors.engine_actor import Heartbeater
 from actors.local_cluster import InProcessCluster
@@ -17,7 +18,16 @@ from engines.sim.engine import request_seed, token_at
 from engines.sim.live_migration import MigratableSimEngine
 from engines.tokenizer import ByteTokenizer
 from transport import subjects
-from transport.messages import PROTOCOL_VERSION, InstanceHeartbeat, SamplingParams, encode
+from transport.messages import (
+    PROTOCOL_VERSION,
+    EngineAdd,
+    EngineFence,
+    InstanceHeartbeat,
+    RunningRequest,
+    SamplingParams,
+    decode,
+    encode,
+)
 from transport.nats_server import EmbeddedNatsServer
 from transport.output_stream import ensure_output_stream
 
@@ -150,8 +160,8 @@ async def test_an_engine_add_nobody_received_is_sent_again(nats_url: str) -> Non
             )
             await asyncio.sleep(0.5)  # the first EngineAdd went nowhere
             await engine.shutdown()
-            # one heartbeat source at a time: this stand-in's beats (seq 0) after the real engine's would read
-            # as a restart of a live instance (a known bug, see the xfail test below)
+            # one heartbeat source at a time: this stand-in's beats (seq 0) after the real engine's read as a
+            # restart of a live instance (test_a_false_restart_signal_of_a_live_instance_duplicates_nothing)
             stop_beats.set()
             await beating
             await asyncio.to_thread(
@@ -207,21 +217,27 @@ async def test_an_engine_taken_for_dead_that_comes_back_stops_what_failed_over(n
         await asyncio.to_thread(cluster.stop)
 
 
-@pytest.mark.xfail(
-    reason="known bug, open: a heartbeat whose seq goes back while the instance is alive (two processes under one "
-    "id) fails its request over onto the same engine, and the engine streams the resumed request's tokens after "
-    "its own (113 tokens for 60); a real restart, where the engine no longer holds the request, is exactly once",
-    strict=False,  # on a starved core the request may finish before the stray heartbeat arrives
-)
 async def test_a_false_restart_signal_of_a_live_instance_duplicates_nothing(nats_url: str) -> None:
+    """A heartbeat whose seq goes back while the instance is alive (a stray or second process under its id)
+    reads as a restart: its request is fenced and resumes on the same, live instance, the only one. The fenced
+    copy left the engine only at the end of the step under way; the resumed copy must not run beside it (it
+    did: 113 tokens for 60, two generators interleaved in one stream)."""
     cluster = await asyncio.to_thread(_cluster, nats_url, (), 60.0)
+    # paced (about 25 s for these tokens) until the resume is seen, so the request still runs when the stray
+    # heartbeat arrives even on a starved core; then at full speed
+    engine = MigratableSimEngine("twin", num_blocks=256, max_model_len=2048, time_scale=1.0)
+    max_tokens = 1000
     try:
-        await asyncio.to_thread(
-            cluster.add_engine, MigratableSimEngine("twin", num_blocks=256, max_model_len=1024, time_scale=1.0)
-        )
+        await asyncio.to_thread(cluster.add_engine, engine)
         async with DroverClient(cluster.url, name="false-restart") as client:
             await client.wait_for_instances(1, timeout_s=10)
-            sampling = SamplingParams(max_tokens=60, ignore_eos=True)
+            to_engine: list[object] = []  # what the scheduler sends the instance (a second subscriber)
+
+            async def watch(msg: Msg) -> None:
+                to_engine.append(decode(msg.data))
+
+            await client.nc.subscribe(subjects.engine("twin"), cb=watch)
+            sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
             stream = await client.submit("false restart", sampling=sampling, request_id="fr-1")
             async for _ in stream.events():
                 if len(stream.result_data.token_ids) >= 5:
@@ -230,7 +246,93 @@ async def test_a_false_restart_signal_of_a_live_instance_duplicates_nothing(nats
             info = msgspec.structs.replace(other.info, instance_id="twin", protocol_version=PROTOCOL_VERSION)
             beat = InstanceHeartbeat(info=info, load=other.load(), seq=0, sent_at=time.time())
             await client.nc.publish(subjects.heartbeat("twin"), encode(beat))  # seq back to 0: "restarted"
-            result = await asyncio.wait_for(stream.result(), 30)
-            assert result.token_ids == [token_at(request_seed(0, "fr-1"), p) for p in range(60)]
+
+            def resumed() -> bool:
+                return any(isinstance(m, EngineAdd) and m.output_token_ids for m in to_engine)
+
+            deadline = time.monotonic() + 30
+            while not resumed():
+                assert time.monotonic() < deadline, "the request was not failed over onto its instance"
+                await asyncio.sleep(0.05)
+            assert any(isinstance(m, EngineFence) for m in to_engine)
+            engine.time_scale = 0.0
+            result = await asyncio.wait_for(stream.result(), 60)
+            assert result.token_ids == [token_at(request_seed(0, "fr-1"), p) for p in range(max_tokens)]
+            assert result.done is not None and result.done.instances == ["twin", "twin"]
+            assert not engine.core.requests
     finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+async def test_a_request_failed_over_from_an_instance_that_may_still_hold_it_waits_for_it_to_let_go(
+    nats_url: str,
+) -> None:
+    """A restart signal from an instance that does not answer the fence (it hangs, or the answer is lost)
+    while its heartbeats still list the request: the request is not resumed (there or anywhere) until that
+    instance's heartbeat no longer lists it; then it resumes and completes exactly once."""
+    settings = load_settings(
+        overrides={
+            "nats": {"url": nats_url},
+            "engine": {"heartbeat_interval_s": 0.05},
+            "scheduler": {"instance_stale_after_s": 60.0},
+            "reliability": {"failover_fence_timeout_s": 0.3},
+            "policy": {"migration_enabled": False},
+        }
+    )
+    cluster = InProcessCluster(settings=settings, tokenizer=ByteTokenizer())
+    await asyncio.to_thread(cluster.start_control)
+    stand_in = MigratableSimEngine("mute", num_blocks=256, max_model_len=1024)
+    info = msgspec.structs.replace(stand_in.info, protocol_version=PROTOCOL_VERSION)
+    to_engine: list[object] = []
+    lists: list[str] = []  # what the stand-in's heartbeats say its engine runs
+    stop_beats = asyncio.Event()
+    try:
+        async with DroverClient(cluster.url, name="mute") as client:
+
+            async def watch(msg: Msg) -> None:  # takes the instance's messages and never answers
+                to_engine.append(decode(msg.data))
+
+            await client.nc.subscribe(subjects.engine("mute"), cb=watch)
+            seq = iter(range(1, 1_000_000))
+
+            async def beats() -> None:
+                while not stop_beats.is_set():
+                    load = msgspec.structs.replace(
+                        stand_in.load(),
+                        running=[RunningRequest(request_id=r, num_tokens=40, num_blocks=2) for r in lists],
+                    )
+                    beat = InstanceHeartbeat(info=info, load=load, seq=next(seq), sent_at=time.time())
+                    await client.nc.publish(subjects.heartbeat("mute"), encode(beat))
+                    await asyncio.sleep(0.05)
+
+            beating = asyncio.get_running_loop().create_task(beats())
+            await client.wait_for_instances(1, timeout_s=10)
+            stream = await client.submit(
+                "mute", sampling=SamplingParams(max_tokens=30, ignore_eos=True), request_id="mu-1"
+            )
+
+            async def until(condition: Callable[[], bool], what: str) -> None:
+                deadline = time.monotonic() + 30
+                while not condition():
+                    assert time.monotonic() < deadline, what
+                    await asyncio.sleep(0.02)
+
+            def adds() -> list[EngineAdd]:
+                return [m for m in to_engine if isinstance(m, EngineAdd)]
+
+            await until(lambda: bool(adds()), "mu-1 was not dispatched to the instance")
+            lists.append("mu-1")  # its engine runs it (as far as its heartbeats say)
+            seq = iter(range(0, 1_000_000))  # seq back to 0: "restarted"
+            await until(lambda: any(isinstance(m, EngineFence) for m in to_engine), "no failover")
+            first_adds = {m.served_by == [] for m in adds()}
+            assert first_adds == {True}
+            await asyncio.sleep(2.0)  # the fence timed out and the read-back finished long since
+            assert all(m.served_by == [] for m in adds()), "resumed while the instance may still run it"
+            stop_beats.set()  # the real engine takes over the id: its heartbeats do not list mu-1
+            await beating
+            await asyncio.to_thread(cluster.add_engine, MigratableSimEngine("mute", num_blocks=256, max_model_len=1024))
+            result = await asyncio.wait_for(stream.result(), 30)
+            assert result.token_ids == [token_at(request_seed(0, "mu-1"), p) for p in range(30)]
+    finally:
+        stop_beats.set()
         await asyncio.to_thread(cluster.stop)

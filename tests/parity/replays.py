@@ -5,22 +5,26 @@ it deliberately wrong in one way, so a test can show that the comparison would c
 Used by ``tests/parity/test_replay.py`` and by the live tests whose run is recorded (the autoscaler's
 scale-out and scale-in, ``tests/actors/test_autoscaler.py``; KunServe's automatic drop and restore, which
 needs torch engines, ``tests/integration/test_kunserve_live.py``): a replay adds no second live run.
+:func:`replay_queues` replays the dispatch loop's queue events (``tests/parity/test_replay.py``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, cast
 
 import msgspec
 
+from control.core.dispatch import Dispatcher, Place, Waiting
 from control.core.pd import PdCore
 from control.core.record import Decision
 from control.core.requests import fail_over
-from control.policy.autoscaling import AutoscaleParams, ClusterView
+from control.core.scaling import LocalSizer
+from control.policy.autoscaling import AutoscaleParams, ClusterView, FleetInstance, LocalObservation, RunningBatch
 from control.policy.memory import GroupSnapshot, MemoryParams, MemorySnapshot
-from control.policy.snapshots import InstanceSnapshot
+from control.policy.snapshots import InstanceSnapshot, RequestDemand
 from control.simulator import ClusterSimulator, ElasticConfig
 from control.simulator.elastic import ElasticSimulator
 from control.simulator.memory import MemorySimulator, MemSimConfig
@@ -242,3 +246,145 @@ def replay_memory(entries: list[Decision], params: MemoryParams, deviate: str = 
 def _float(value: object) -> float:
     assert isinstance(value, float | int)
     return float(value)
+
+
+QUEUE_CALLS = {"queue_event", "queue_place", "queue_end", "queue_batch", "queue_fits_now", "view"}
+
+
+class _TapeView:
+    """The live shell's view as the dispatcher saw it: each question answered as it was answered live (the
+    ``view`` entries, in order). Asked something else, or more than the live dispatcher asked during an event,
+    it notes a mismatch and answers as an empty cluster would."""
+
+    NEUTRAL: dict[str, object] = {"waiting": None, "contains": False}
+
+    def __init__(self, tape: Iterable[tuple[int, Decision]], wrong: list[Mismatch]) -> None:
+        self.tape: deque[tuple[int, Decision]] = deque(tape)
+        self.wrong = wrong
+        self.end = -1  # the current event's end: answers recorded after it belong to later events
+
+    def _ask(self, question: str, args: tuple[object, ...]) -> object:
+        if self.tape and self.tape[0][0] < self.end:
+            _, d = self.tape.popleft()
+            if d.key == question and d.inputs == args:
+                return d.output
+            self.wrong.append(("view", question, (d.key, d.inputs), args))
+        else:
+            self.wrong.append(("view", question, "not asked live", args))
+        return self.NEUTRAL.get(question, ())
+
+    def unasked(self) -> None:
+        """The event ended: whatever the live dispatcher asked and the replay did not is a mismatch."""
+        while self.tape and self.tape[0][0] < self.end:
+            _, d = self.tape.popleft()
+            self.wrong.append(("view", d.key, d.inputs, "not asked in the replay"))
+
+    def waiting(self, request_id: str) -> Waiting | None:
+        answer = self._ask("waiting", (request_id,))
+        assert answer is None or isinstance(answer, Waiting)
+        return answer
+
+    def __contains__(self, request_id: object) -> bool:
+        return bool(self._ask("contains", (request_id,)))
+
+    def class_loads(self) -> Sequence[FleetInstance]:
+        return cast(Sequence[FleetInstance], self._ask("class_loads", ()))
+
+    def evictable(self, instance_id: str) -> Sequence[RunningBatch]:
+        return cast(Sequence[RunningBatch], self._ask("evictable", (instance_id,)))
+
+    def serving_waiting(self) -> Iterable[tuple[str, int]]:
+        return cast(Iterable[tuple[str, int]], self._ask("serving_waiting", ()))
+
+
+def replay_queues(dispatcher: Dispatcher, entries: list[Decision]) -> list[Mismatch]:
+    """The scheduler's dispatch loop, replayed: every queue event the live :class:`Dispatcher` recorded (a
+    submission, a retry at a tick, a batch release, a request run again, one waiting after a restart, one that
+    ended, admission's "would it start now?") into ``dispatcher`` (the simulator's, configured as the live one:
+    class routing, fair queue), with the index fed the same heartbeats and the live shell's view answering as it
+    did. Each placement (``Place``: request, instance, evictions), in order, and each event's end must agree;
+    so must the questions the dispatcher asks the view (which request it looks at next is the queues' order).
+    A deviating dispatcher is another ``dispatcher`` (e.g. one built without the fair queue)."""
+    wrong: list[Mismatch] = []
+    view = _TapeView(((k, d) for k, d in enumerate(entries) if d.what == "view"), wrong)
+    ends = [k for k, d in enumerate(entries) if d.what == "queue_end"]
+    active: Iterator[Place] | None = None
+    for k, d in enumerate(entries):
+        if d.what == "upsert":
+            dispatcher.index.upsert(cast(InstanceSnapshot, d.inputs[0]))
+        elif d.what == "remove":
+            dispatcher.index.remove(d.key)
+        elif d.what == "queue_event":
+            if active is not None:
+                raise AssertionError(f"queue event {d.inputs[0]} recorded inside another one")
+            view.end = next(e for e in ends if e > k)
+            active = _start(dispatcher, d, view)
+        elif d.what == "queue_place":
+            got = next(active, None) if active is not None else None
+            if got != d.output:
+                wrong.append(("queue_place", d.key, d.output, got))
+        elif d.what == "queue_end":
+            extra = tuple(active) if active is not None else ()
+            if extra:
+                wrong.append(("queue_end", d.key, (), extra))
+            view.unasked()
+            active = None
+        elif d.what == "queue_fits_now":
+            got_fits = dispatcher.fits_now(cast(RequestDemand, d.inputs[0]))
+            if got_fits != d.output:
+                wrong.append((d.what, d.key, d.output, got_fits))
+        elif d.what == "queue_batch" and active is None:  # a shell's own call (inside an event: the event's)
+            dispatcher.queue_batch(cast(Waiting, d.inputs[0]), _float(d.inputs[1]))
+    return wrong
+
+
+def _start(dispatcher: Dispatcher, d: Decision, view: _TapeView) -> Iterator[Place]:
+    """The replayed dispatcher's answer to one recorded event, as an iterator of its placements."""
+    name = d.inputs[0]
+    now = d.inputs[1] if len(d.inputs) > 1 else None
+    if name == "submit":
+        return dispatcher.submit(d.key, view, _float(now))
+    if name == "retry":
+        return dispatcher.retry(view, _float(now))
+    if name == "release_batch":
+        return dispatcher.release_batch(view)
+    if name == "dispatch_or_wait":
+        place = dispatcher.dispatch_or_wait(d.key, view, _float(now))
+        return iter([place] if place is not None else [])
+    if name == "wait":
+        dispatcher.wait(d.key)
+    elif name == "forget":
+        dispatcher.forget(d.key)
+    else:
+        raise AssertionError(f"unknown queue event {name!r}")
+    return iter(())
+
+
+def replay_local(simulator: ElasticSimulator, entries: list[Decision], deviate: str = "") -> list[Mismatch]:
+    """Each engine host's local autoscaler, replayed: every window's observation (what the host measured) into a
+    :class:`LocalSizer` the simulator builds for an instance (``ElasticSimulator.local_sizer``; the simulator
+    configured with the live engines' ``max_num_seqs`` and autoscaling parameters): each batch-size decision
+    (limit, capacity, backpressure, reason, what the rule remembers) identical, one instance after another.
+
+    ``deviate``: ``"unclamped"`` (the limits not clamped to the engine's ``max_num_seqs``, as the simulator
+    did before its local autoscaler was the core's)."""
+    sizers: dict[str, LocalSizer] = {}
+    wrong: list[Mismatch] = []
+    for d in entries:
+        if d.what != "local_batch":
+            continue
+        observation, engine_max_seqs = d.inputs
+        assert isinstance(observation, LocalObservation)
+        sizer = sizers.get(d.key)
+        if sizer is None:
+            if engine_max_seqs != simulator.config.engine.max_num_seqs:
+                wrong.append(("engine_max_seqs", d.key, engine_max_seqs, simulator.config.engine.max_num_seqs))
+            if deviate == "unclamped":
+                sizer = LocalSizer(simulator.as_params, 1 << 30, key=d.key)
+            else:
+                sizer = simulator.local_sizer(d.key)
+            sizers[d.key] = sizer
+        got = sizer.decide(observation)
+        if got != d.output:
+            wrong.append((d.what, d.key, d.output, got))
+    return wrong

@@ -370,3 +370,17 @@ def test_a_joining_members_requests_keep_their_kv_in_both_shells() -> None:
     assert sim.recomputed, "no drop found requests running on both instances"
     assert all(not leader and not members for leader, members in sim.recomputed), sim.recomputed
     assert simulated_join() == {"leader": ("group", True), "member": ("group", True)}
+
+
+def test_local_batch_limits_stop_at_the_engines_max_num_seqs_in_the_simulator() -> None:
+    """Live, an engine host clamps its local autoscaler's limits to the engine's ``max_num_seqs``; the elastic
+    simulator used to start every instance at ``initial_batch`` (64) and raise its engine's ``max_num_seqs`` to
+    whatever the limit said, past what the engine runs. Both now hold the control core's ``LocalSizer``."""
+    from control.simulator.elastic import ElasticSimulator
+
+    engine = SimEngineConfig(max_num_seqs=8)
+    config = ElasticConfig(cluster=ClusterConfig(engine=engine), scaling="none", initial=PerRole(0, 2, 0))
+    simulator = ElasticSimulator(config, [])
+    assert [i.core.config.max_num_seqs for i in simulator.instances] == [8, 8]
+    sizer = simulator.local_sizer()
+    assert (sizer.limit, sizer.params.local.max_batch) == (8, 8)

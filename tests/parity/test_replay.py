@@ -12,6 +12,12 @@ them: every output is identical.
 * failover: the request table as it was and the dead instance, into :func:`control.core.requests.fail_over`
   (the simulator has no instance failures; this is the function any shell calls).
 
+* the dispatcher's queues (third test): more requests than slots from two clients (the fair queue), a batch
+  request (class routing, the global batch queue); every event of the scheduler's
+  :class:`~control.core.dispatch.Dispatcher` (submissions, retries at ticks, batch releases, ends) with the
+  answers its view of the tables gave, into the dispatcher the simulator builds with the same configuration:
+  the same ``Place`` commands in the same order.
+
 * PD handoffs (second test): a prefill and a decode instance, adaptive disaggregation; every call of the
   scheduler's :class:`~control.core.pd.PdCore` (phases reported, requests dispatched and ended, each round of
   handoffs with the shell's answers, the split's rebalancing, each handoff's end) and of its phase-aware
@@ -32,15 +38,19 @@ from collections import defaultdict
 
 from actors.local_cluster import InProcessCluster
 from control.client import DroverClient, ReplyError
+from control.core.dispatch import Place
 from control.core.migration import MigrationStages
 from control.core.record import Decision, DecisionLog
 from control.policy.pd import PdParams
 from control.settings import load_settings
-from control.simulator import ClusterConfig, ClusterSimulator
+from control.simulator import ClusterConfig, ClusterSimulator, ElasticConfig
+from control.simulator.elastic import ElasticSimulator
 from control.simulator.pd import PdClusterSimulator
+from engines.sim.engine import SimEngine
 from engines.sim.live_migration import MigratableSimEngine
 from engines.tokenizer import ByteTokenizer
-from tests.parity.replays import SCHEDULER_CALLS, replay_scheduler
+from tests.parity.replays import SCHEDULER_CALLS, replay_queues, replay_scheduler
+from transport.messages import RequestClass
 
 
 def _replay(machine: MigrationStages, decisions: list[Decision]) -> list[object]:
@@ -200,3 +210,81 @@ async def test_a_live_pd_run_replays_to_the_same_handoffs(nats_url: str) -> None
     assert replay_scheduler(simulator(settings.pd), entries, "skip_pd_request")
     flipped = dataclasses.replace(settings.pd, decode_headroom_blocks=100_000)
     assert replay_scheduler(simulator(flipped), entries)
+
+
+async def test_a_live_run_replays_to_the_same_queue_order(nats_url: str) -> None:
+    """The dispatcher's queues: more requests than slots, two clients (the fair queue), a batch request (class
+    routing and the global batch queue). Every placement comes out of the simulator's dispatcher, configured as
+    the live one, in the same order."""
+    settings = load_settings(
+        overrides={
+            "nats": {"url": nats_url},
+            "engine": {"kind": "sim", "heartbeat_interval_s": 0.05},
+            "policy": {"migration_enabled": False},
+            "scheduler": {"fairness": True, "fairness_quantum_tokens": 200, "fairness_max_waiting": 1},
+            "autoscaler": {"class_dispatch": True},
+        }
+    )
+    log = DecisionLog()
+    cluster = InProcessCluster(settings=settings, tokenizer=ByteTokenizer())
+    await asyncio.to_thread(cluster.start_control, log)
+    try:
+        for name in ("rq-a", "rq-b"):  # two slots each
+            await asyncio.to_thread(cluster.add_engine, SimEngine(name, max_num_seqs=2, time_scale=1.0))
+        async with (
+            DroverClient(cluster.url, name="flood") as flood,
+            DroverClient(cluster.url, name="other") as other,
+        ):
+            await flood.wait_for_instances(2, timeout_s=10)
+            streams = [await flood.submit("f" * 60, max_tokens=100, request_id=f"rq-f{k}") for k in range(8)]
+            streams.append(
+                await other.submit(
+                    "b" * 40, max_tokens=20, request_id="rq-batch", request_class=RequestClass.BATCH, deadline_s=60
+                )
+            )
+            streams += [await other.submit("o" * 60, max_tokens=100, request_id=f"rq-o{k}") for k in range(2)]
+            results = [await asyncio.wait_for(stream.result(), 120) for stream in streams]
+    finally:
+        await asyncio.to_thread(cluster.stop)
+    assert all(r.done is not None and r.done.finish_reason == "length" for r in results)
+
+    entries = log.entries()
+    places = [d.output for d in entries if d.what == "queue_place"]
+    assert all(isinstance(p, Place) for p in places)
+    events = {d.inputs[0] for d in entries if d.what == "queue_event"}
+    assert {"submit", "retry", "release_batch", "forget"} <= events, events
+    placed = [p.request_id for p in places if isinstance(p, Place)]
+    assert sorted(placed) == sorted(r.request_id for r in results), "each request placed once"
+    # queueing happened: requests placed later than their submission (a tick's retry of the fair queue), the
+    # batch request by a release of the batch queue
+    placed_by: dict[str, str] = {}
+    event = ""
+    for d in entries:
+        if d.what == "queue_event":
+            event = str(d.inputs[0])
+        elif d.what == "queue_place":
+            placed_by[d.key] = event
+    assert "retry" in placed_by.values() and placed_by["rq-batch"] == "release_batch", placed_by
+    # and the fair queue let the other client's first request overtake flood requests queued before it (a
+    # round of deficit round robin serves each client once: with two or more of the flood's still waiting when
+    # it arrived, it goes before the last of them)
+    order = [p.request_id for p in places if isinstance(p, Place)]
+    submitted = next(k for k, d in enumerate(entries) if d.what == "queue_event" and d.key == "rq-o0")
+    placed_before = {d.key for d in entries[:submitted] if d.what == "queue_place"}
+    flood_waiting = [f"rq-f{k}" for k in range(8) if f"rq-f{k}" not in placed_before]
+    if len(flood_waiting) >= 2:
+        assert order.index("rq-o0") < max(order.index(rid) for rid in flood_waiting), order
+
+    def simulator(quantum: int | None = settings.scheduler.fairness_quantum_tokens) -> ElasticSimulator:
+        sched = settings.scheduler
+        cluster_config = ClusterConfig(
+            num_instances=0,
+            policy=settings.policy,
+            fair_quantum_tokens=quantum,
+            fair_max_waiting=sched.fairness_max_waiting,
+        )
+        return ElasticSimulator(ElasticConfig(cluster=cluster_config, autoscale=settings.autoscaling), [])
+
+    assert replay_queues(simulator().dispatcher, entries) == []
+    # a dispatcher that deviates is caught: one without the fair queue between the clients
+    assert replay_queues(simulator(None).dispatcher, entries)

@@ -163,7 +163,7 @@ class _ReferenceDrover:
             if s.is_empty and self.extra[roomiest[1]][0] == 0:
                 return roomiest[1]
             if reservation is not None:
-                return roomiest[1]
+                return None if self.params.queue_hold_all else roomiest[1]
             self.reservations[demand.model] = [demand.request_id, roomiest[1], 0]
             return None
         for _, iid in by_key[: self.PROBE + 1]:
