@@ -218,6 +218,11 @@ class SchedulerActor(SupervisedActor):
         Thread: the scheduler actor's thread."""
         return self.dispatch.index
 
+    @policy.setter
+    def policy(self, index: DispatchIndex) -> None:
+        """Thread: the scheduler actor's thread."""
+        self.dispatch.index = index
+
     def adopt(self, params: PolicyParams) -> None:
         """Put new policy parameters in force (an operator's ``drover policy set``, ``scheduler_admin.py``).
 
