@@ -9,6 +9,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
+import msgspec
 import nats
 import pytest
 from nats.aio.client import Client
@@ -95,6 +96,11 @@ def first_add(inbox: Inbox, request_id: str) -> EngineAdd:
     )
 
 
+def resumed_add(add: EngineAdd, have: list[int]) -> EngineAdd:
+    """The scheduler's dispatch of ``add`` again, resuming after the ``have`` tokens its client has."""
+    return msgspec.structs.replace(add, output_token_ids=have, served_by=["solo"])
+
+
 def assert_exactly_once(inbox: Inbox, request_id: str) -> None:
     expected = [token_at(request_seed(0, request_id), p) for p in range(MAX_TOKENS)]
     indices = [chunk.index + k for chunk in inbox.chunks for k in range(len(chunk.token_ids))]
@@ -120,16 +126,7 @@ async def test_a_new_dispatch_of_an_id_that_still_ends_here_starts_after_it(
     # the dispatch resumes from fewer tokens than the copy sent (its read-back lagged): the new copy goes on
     # after all of them, so none of the client's indices comes twice
     have = inbox.tokens()[:3]
-    again = EngineAdd(
-        v=PROTOCOL_VERSION,
-        request_id="oc-1",
-        prompt_token_ids=add.prompt_token_ids,
-        sampling=add.sampling,
-        reply_to=inbox.subject,
-        stream_text=False,
-        output_token_ids=have,
-        served_by=["solo"],
-    )
+    again = resumed_add(add, have)
     # one flush: the dispatch reaches the actor before the evicted copy's end does
     await nc.publish(subjects.engine("solo"), encode(EngineAbort(request_id="oc-1", reason="evicted")))
     await nc.publish(subjects.engine("solo"), encode(again))
@@ -158,16 +155,7 @@ async def test_a_resume_onto_the_instance_that_was_fenced_runs_one_copy(
     assert isinstance(reply, AdminReply) and reply.ok and reply.details["ended"] is True
     have = inbox.tokens()  # the fence answers after the copy's last chunk, on the same connection
     assert len(have) == reply.details["sent"]
-    resumed = EngineAdd(
-        v=PROTOCOL_VERSION,
-        request_id="oc-2",
-        prompt_token_ids=add.prompt_token_ids,
-        sampling=add.sampling,
-        reply_to=inbox.subject,
-        stream_text=False,
-        output_token_ids=have,
-        served_by=["solo"],
-    )
+    resumed = resumed_add(add, have)
     await nc.request(subjects.engine("solo"), encode(resumed), timeout=10)
     engine.time_scale = 0.0
     await asyncio.wait_for(inbox.done.wait(), 60)
