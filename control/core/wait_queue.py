@@ -2,15 +2,16 @@
 
 Sans-I/O and clock-free like the rest of the core: the caller passes ``now``. Two orders:
 
-* **first come, first served** (``aging_tokens_per_s == 0``, every policy but ``drover``): the order of
-  arrival, exactly the deque the loop kept before.
-* **shortest prefill first, with aging** (``drover``): a request's key is its arrival time plus its prompt
-  tokens divided by ``aging_tokens_per_s``, i.e. an earliest-deadline-first order on a deadline that grows
-  with the work the request needs before its first token. A short prompt overtakes a long one that came less
-  than ``(long - short) / aging`` seconds earlier and no more, so nothing starves: every request reaches the
-  head within ``prompt / aging`` seconds of arriving plus the time to serve what arrived before it. Why:
-  goodput counts requests that meet a TTFT SLO, and when a burst fills the cluster, serving the queue's short
-  prompts first lets many more of them start inside the SLO than a long prompt that would delay them all.
+* **first come, first served** (``aging_tokens_per_s == 0``, the default of every policy, ``drover``
+  included): the order of arrival, exactly the deque the loop kept before.
+* **shortest prefill first, with aging** (opt-in, ``queue_aging_tokens_per_s > 0``; off in ``drover`` because
+  past the knee it raised p99 TTFT above INFaaS++'s, see docs/policies.md): a request's key is its arrival time
+  plus its prompt tokens divided by ``aging_tokens_per_s``, i.e. an earliest-deadline-first order on a deadline
+  that grows with the work the request needs before its first token. A short prompt overtakes a long one that
+  came less than ``(long - short) / aging`` seconds earlier and no more, so nothing starves: every request
+  reaches the head within ``prompt / aging`` seconds of arriving plus the time to serve what arrived before it.
+  Why: goodput counts requests that meet a TTFT SLO, and when a burst fills the cluster, serving the queue's
+  short prompts first lets many more of them start inside the SLO than a long prompt that would delay them all.
 
 Keys are kept in a sorted list (``bisect``): the queue is short when the cluster keeps up, and a scan reads
 its head in order.
@@ -52,7 +53,10 @@ class WaitQueue:
 
     def append(self, request_id: str, now: float = float("inf")) -> None:
         """At the back, whatever the order (FCFS's push); ``now`` unknown (a request restored as queued):
-        it never counts as having waited long."""
+        it never counts as having waited long. A request queued already keeps its place, as in ``push``: a
+        second item under one id could never be removed (``_ids`` maps an id to one item)."""
+        if request_id in self._ids:
+            return
         self._queued_at[request_id] = now
         self._seq += 1
         key = self._items[-1][0] if self._items else 0.0

@@ -31,6 +31,18 @@ def test_first_come_first_served_without_aging() -> None:
     assert queue.head(2) == ["r0", "r2"]
 
 
+def test_a_request_appended_twice_keeps_its_first_place_and_leaves_with_one_remove() -> None:
+    """``dispatch_or_wait`` appends; an id appended while it still waits must not leave a second item that no
+    ``remove`` can take out (the dispatch loop would read it at the head forever)."""
+    queue = WaitQueue()
+    queue.append("a", 1.0)
+    queue.push("b", now=2.0)
+    queue.append("a", 3.0)
+    assert list(queue) == ["a", "b"] and queue.queued_at("a") == 1.0
+    queue.remove("a")
+    assert list(queue) == ["b"] and len(queue) == 1 and "a" not in queue
+
+
 def test_shortest_prefill_first_with_aging_overtakes_only_within_the_aging_window() -> None:
     queue = WaitQueue()
     aging = 100.0  # tokens per second
