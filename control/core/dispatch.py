@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from control.core.classes import BatchQueue, place_by_class
 from control.core.record import DecisionLog
@@ -101,6 +101,16 @@ class FleetView(Protocol):
         ...
 
 
+class QueueRules(NamedTuple):
+    """The waiting queue's rules, from the dispatch index's params (``control/policy/params.py``); an index
+    without them gets first come, first served with head-of-line blocking (``Dispatcher._queue_rules``)."""
+
+    hold_all: bool  # queue_hold_all
+    aging_tokens_per_s: float  # queue_aging_tokens_per_s
+    backfill_scan: int  # queue_backfill_scan
+    starvation_s: float  # queue_starvation_s
+
+
 class TapedView:
     """A :class:`FleetView` that records each answer it gives the dispatcher (``view`` entries of a
     :class:`DecisionLog`: which question, its arguments, the answer), so that a replay can give the same ones."""
@@ -154,7 +164,7 @@ class Dispatcher:
         self.classes = classes
         self.fair = FairQueue(fair_quantum_tokens) if fair_quantum_tokens is not None else None
         self.fair_max_waiting = fair_max_waiting
-        self.pending = WaitQueue()  # in the order the index's params ask for (_queue_params)
+        self.pending = WaitQueue()  # in the order the index's params ask for (_queue_rules)
         self.batch = BatchQueue()
         self.log = log
         self.attempts = 0  # placement decisions taken (the simulator reports them)
@@ -239,14 +249,15 @@ class Dispatcher:
             self.pending.append(request_id, now)
         return placed if isinstance(placed, Place) else None
 
-    def _queue_params(self) -> tuple[bool, float, int]:
-        """(hold every request, aging tokens/s, held requests tried per tick) from the index's params, read
-        at each use: ``drover policy set`` swaps the index and its params in one step."""
+    def _queue_rules(self) -> QueueRules:
+        """The queue's rules from the index's params, read at each use: ``drover policy set`` swaps the index
+        and its params in one step."""
         params = getattr(self.index, "params", None)
-        return (
+        return QueueRules(
             bool(getattr(params, "queue_hold_all", False)),
             float(getattr(params, "queue_aging_tokens_per_s", 0.0)),
             int(getattr(params, "queue_backfill_scan", 1)),
+            float(getattr(params, "queue_starvation_s", 0.0)),
         )
 
     def submit(self, request_id: str, view: FleetView, now: float) -> Iterator[Place]:
@@ -272,7 +283,7 @@ class Dispatcher:
         if isinstance(placed, Place):
             yield placed
         elif placed is False:
-            _, aging, _ = self._queue_params()
+            aging = self._queue_rules().aging_tokens_per_s
             self.pending.push(request_id, now, request.demand.num_prompt_tokens, aging)
 
     def wait(self, request_id: str) -> None:
@@ -316,9 +327,9 @@ class Dispatcher:
         if self.fair is not None:
             yield from self._drain_fair(view, now)
         pending = self.pending
-        hold_all, _, scan = self._queue_params()
-        if hold_all:
-            yield from self._backfill(view, now, scan)
+        rules = self._queue_rules()
+        if rules.hold_all:
+            yield from self._backfill(view, now, rules.backfill_scan, rules.starvation_s)
             return
         while pending:
             head = pending.head(1)[0]
@@ -333,14 +344,14 @@ class Dispatcher:
             if isinstance(placed, Place):
                 yield placed
 
-    def _backfill(self, view: FleetView, now: float, scan: int) -> Iterator[Place]:
+    def _backfill(self, view: FleetView, now: float, scan: int, starving: float) -> Iterator[Place]:
         """``queue_hold_all``: try the first ``scan`` held requests in queue order; those that fit nowhere
-        stay in their places (EASY backfilling: the index keeps the head's reserved instance for the head)."""
+        stay in their places (EASY backfilling: the index keeps the head's reserved instance for the head),
+        unless one has waited over ``starving`` seconds (0: never)."""
         pending = self.pending
         release = getattr(self.index, "release_reservations", None)
         if release is not None and pending:
             release()  # the head reserves afresh (see PredictiveIndex.release_reservations)
-        starving = float(getattr(getattr(self.index, "params", None), "queue_starvation_s", 0.0))
         for request_id in pending.head(scan):
             request = view.waiting(request_id)
             if request is None:  # ended or cancelled while it waited
