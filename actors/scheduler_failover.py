@@ -135,9 +135,7 @@ class Failovers:
         if isinstance(command, Fail):
             self.fail_request(record, command.why)
         elif isinstance(command, Drop):
-            self.requests.pop(recovered.request_id)
-            self.state.drop_request(recovered.request_id)
-            self.migrations.forget(recovered.request_id)  # the planner's move record of it is moot now
+            self.forget(recovered.request_id)
         elif isinstance(command, Redispatch):
             log.info("request %s fails over after %d delivered tokens", recovered.request_id, len(recovered.tokens))
             self.placements.dispatch_or_wait(record, now)
@@ -157,9 +155,7 @@ class Failovers:
         request table and the state store.
 
         Thread: the scheduler actor's thread."""
-        self.requests.pop(record.request_id, None)
-        self.state.drop_request(record.request_id)
-        self.migrations.forget(record.request_id)  # the planner's move record of it is moot now
+        self.forget(record.request_id)
         self.replies.error(
             owner_of(record.submit.reply_to),
             record.submit.reply_to,
@@ -168,3 +164,11 @@ class Failovers:
             record.request_id,
             "error",
         )
+
+    def forget(self, request_id: str) -> None:
+        """Drop a request that is over from the request table, the state store and the planner's moves.
+
+        Thread: the scheduler actor's thread."""
+        self.requests.pop(request_id, None)
+        self.state.drop_request(request_id)
+        self.migrations.forget(request_id)  # the planner's move record of it is moot now
