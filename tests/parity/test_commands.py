@@ -41,7 +41,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections import defaultdict
-from collections.abc import Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from actors.local_cluster import InProcessCluster
@@ -319,26 +320,37 @@ def live_settings(nats_url: str, **overrides: object) -> Settings:
     )
 
 
-async def add_recording_engines(
-    cluster: InProcessCluster, instance_ids: Sequence[str], engine: SimEngineConfig, outcome: Outcome
-) -> list[RecordingCore]:
-    """Start a sim engine host per instance, each over a :class:`RecordingCore` noting into ``outcome``."""
+@asynccontextmanager
+async def recording_cluster(
+    settings: Settings, instance_ids: Sequence[str], engine: SimEngineConfig, outcome: Outcome, name: str
+) -> AsyncIterator[tuple[InProcessCluster, DroverClient]]:
+    """A control plane and a sim engine host per instance, each over a :class:`RecordingCore` noting into
+    ``outcome``, and a client once every instance has joined; at the end, the blocks each engine still holds."""
     cores: list[RecordingCore] = []
-    for instance_id in instance_ids:
-        live_engine = MigratableSimEngine(
-            instance_id,
-            block_size=engine.block_size,
-            num_blocks=engine.num_blocks,
-            max_num_seqs=engine.max_num_seqs,
-            max_num_batched_tokens=engine.max_num_batched_tokens,
-            max_model_len=engine.max_model_len,
-            time_scale=1.0,
-            seed=SEED,
-        )
-        live_engine.core = core = RecordingCore(instance_id, outcome, engine)  # before the engine starts
-        cores.append(core)
-        await asyncio.to_thread(cluster.add_engine, live_engine)
-    return cores
+    cluster = InProcessCluster(settings=settings, tokenizer=ByteTokenizer())
+    await asyncio.to_thread(cluster.start_control)
+    try:
+        for instance_id in instance_ids:
+            live_engine = MigratableSimEngine(
+                instance_id,
+                block_size=engine.block_size,
+                num_blocks=engine.num_blocks,
+                max_num_seqs=engine.max_num_seqs,
+                max_num_batched_tokens=engine.max_num_batched_tokens,
+                max_model_len=engine.max_model_len,
+                time_scale=1.0,
+                seed=SEED,
+            )
+            live_engine.core = core = RecordingCore(instance_id, outcome, engine)  # before the engine starts
+            cores.append(core)
+            await asyncio.to_thread(cluster.add_engine, live_engine)
+        async with DroverClient(cluster.url, name=name) as client:
+            await client.wait_for_instances(len(instance_ids), timeout_s=30)
+            yield cluster, client
+    finally:
+        await asyncio.to_thread(cluster.stop)
+    for core in cores:
+        outcome.held_at_end[core.instance_id] = core.held()
 
 
 async def decoded(stream: RequestStream, n: int) -> None:
@@ -359,31 +371,25 @@ async def note_results(streams: dict[str, RequestStream], outcome: Outcome) -> N
 
 async def _live(nats_url: str) -> Outcome:
     outcome = Outcome()
-    cluster = InProcessCluster(settings=live_settings(nats_url), tokenizer=ByteTokenizer())
-    await asyncio.to_thread(cluster.start_control)
-    try:
-        cores = await add_recording_engines(cluster, INSTANCES, ENGINE, outcome)
-        async with DroverClient(cluster.url, name="command-parity") as client:
-            await client.wait_for_instances(len(INSTANCES), timeout_s=30)
-            assert cluster.control is not None and cluster.control.scheduler is not None
-            scheduler = cluster.control.scheduler.ref
-            assert scheduler is not None
-            # the scheduler's dispatch loop places by the script from now on (set on the actor's own thread)
-            await asyncio.to_thread(setattr, scheduler.proxy(), "policy", ScriptedIndex(PLACES))
-            streams = {
-                rid: await client.submit(PROMPTS[rid], max_tokens=MAX_TOKENS, request_id=rid) for rid in sorted(PROMPTS)
-            }
-            for stream in streams.values():  # each has decoded (and streamed) tokens where it was placed
-                await decoded(stream, 2)
-            for m in MIGRATIONS:
-                await client.policy(m.knobs())
-                reply = await client.migrate(m.request_id, m.destination)
-                outcome.migrations[m.request_id] = (reply.ok, int(reply.details["stages"]))
-            await note_results(streams, outcome)
-    finally:
-        await asyncio.to_thread(cluster.stop)
-    for core in cores:
-        outcome.held_at_end[core.instance_id] = core.held()
+    async with recording_cluster(live_settings(nats_url), INSTANCES, ENGINE, outcome, "command-parity") as (
+        cluster,
+        client,
+    ):
+        assert cluster.control is not None and cluster.control.scheduler is not None
+        scheduler = cluster.control.scheduler.ref
+        assert scheduler is not None
+        # the scheduler's dispatch loop places by the script from now on (set on the actor's own thread)
+        await asyncio.to_thread(setattr, scheduler.proxy(), "policy", ScriptedIndex(PLACES))
+        streams = {
+            rid: await client.submit(PROMPTS[rid], max_tokens=MAX_TOKENS, request_id=rid) for rid in sorted(PROMPTS)
+        }
+        for stream in streams.values():  # each has decoded (and streamed) tokens where it was placed
+            await decoded(stream, 2)
+        for m in MIGRATIONS:
+            await client.policy(m.knobs())
+            reply = await client.migrate(m.request_id, m.destination)
+            outcome.migrations[m.request_id] = (reply.ok, int(reply.details["stages"]))
+        await note_results(streams, outcome)
     return outcome
 
 
@@ -490,24 +496,15 @@ async def _live_eviction(nats_url: str) -> Outcome:
     settings = live_settings(nats_url, autoscaler={"class_dispatch": True})
     settings = settings.model_copy(update={"autoscaling": EVICT_PARAMS})
     outcome = Outcome()
-    cluster = InProcessCluster(settings=settings, tokenizer=ByteTokenizer())
-    await asyncio.to_thread(cluster.start_control)
-    try:
-        cores = await add_recording_engines(cluster, [EVICT_INSTANCE], EVICT_ENGINE, outcome)
-        async with DroverClient(cluster.url, name="eviction-parity") as client:
-            await client.wait_for_instances(1, timeout_s=30)
-            streams: dict[str, RequestStream] = {}
-            for s in EVICTIONS:
-                streams[s.request_id] = stream = await client.submit(
-                    s.prompt, max_tokens=s.max_tokens, request_id=s.request_id, request_class=s.request_class
-                )
-                if s is not EVICTIONS[-1]:
-                    await decoded(stream, 2)
-            await note_results(streams, outcome)
-    finally:
-        await asyncio.to_thread(cluster.stop)
-    for core in cores:
-        outcome.held_at_end[core.instance_id] = core.held()
+    async with recording_cluster(settings, [EVICT_INSTANCE], EVICT_ENGINE, outcome, "eviction-parity") as (_, client):
+        streams: dict[str, RequestStream] = {}
+        for s in EVICTIONS:
+            streams[s.request_id] = stream = await client.submit(
+                s.prompt, max_tokens=s.max_tokens, request_id=s.request_id, request_class=s.request_class
+            )
+            if s is not EVICTIONS[-1]:
+                await decoded(stream, 2)
+        await note_results(streams, outcome)
     return outcome
 
 
