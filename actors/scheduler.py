@@ -12,6 +12,7 @@ Each job has its own module, which the actor wires together:
   handoffs (the MigratorActor runs them);
 - ``actors/scheduler_admin.py``: operators' drain, phase, policy and status;
 - ``actors/scheduler_failover.py``: the core's failover decisions about a lost instance's requests;
+- ``actors/scheduler_ends.py``: a request that is over, forgotten in one place;
 - here: heartbeats, the housekeeping tick (dead instances, the prefill:decode split, the queues) and the
   ends of requests.
 
@@ -39,6 +40,7 @@ from actors.request_classes import RequestClasses, class_dispatch_enabled
 from actors.request_lifecycle import RequestLifecycle
 from actors.scheduler_admin import SchedulerAdmin
 from actors.scheduler_clients import Acknowledged, ClientRequests
+from actors.scheduler_ends import RequestEnds
 from actors.scheduler_failover import Failovers
 from actors.scheduler_instances import InstanceRegistry, instance_state
 from actors.scheduler_migration import SchedulerMigrations
@@ -173,6 +175,7 @@ class SchedulerActor(SupervisedActor):
         self.migrations = SchedulerMigrations(
             bus, self.peers, self.registry, self.requests, self.dispatch, self.pd, self.state, params, decision_log
         )
+        self.ends = RequestEnds(self.requests, self.state, self.migrations)
         self.clients = ClientRequests(
             bus,
             self.replies,
@@ -183,7 +186,7 @@ class SchedulerActor(SupervisedActor):
             self.dispatch,
             self.placements,
             self.state,
-            self.migrations,
+            self.ends,
             self.tell_self,
         )
         self.failovers = Failovers(
@@ -194,6 +197,7 @@ class SchedulerActor(SupervisedActor):
             self.replies,
             self.migrations,
             self.placements,
+            self.ends,
             self.tell_self,
             decision_log,
             self.instances,
@@ -440,9 +444,7 @@ class SchedulerActor(SupervisedActor):
         if ended.finish_reason == "evicted":  # a KunServe group step handed it back: resume after its outputs
             self._resume_after(record, ended.output_token_ids)
             return
-        self.requests.pop(ended.request_id)
-        self.state.drop_request(ended.request_id)
-        self.migrations.forget(ended.request_id)  # the planner's move record of it is moot now
+        self.ends.forget(ended.request_id)
         self.classes.on_ended(ended.request_id)
         self.dispatch.forget(ended.request_id)
         self.pd.on_request_ended(ended.request_id)
