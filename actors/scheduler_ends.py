@@ -114,6 +114,4 @@ class RequestEnds:
         if handed.destination is None:
             self.resume_after(record, handed.outputs)
             return
-        record.instance_id = handed.destination
-        record.served_by.append(handed.destination)
-        self.state.save_request(record)
+        self.migrations.moved(record, handed.destination)
