@@ -16,7 +16,9 @@ The driver owns an event heap (arrivals, engine step ends, scheduler ticks, migr
   copied (the downtime) and the destination resumes it with its KV loaded; the migration aborts (the
   request stays at the source) when a reservation fails or the request finishes or is preempted meanwhile.
   When to stop, when to give up after ``max_stages`` and how much to reserve is the control core's stage
-  machine (:class:`control.core.migration.MigrationStages`), the one the live MigratorActor runs.
+  machine (:class:`control.core.migration.MigrationStages`), the one the live MigratorActor runs; what each
+  step does to the two engine cores and how long a copy takes is :class:`control.simulator.staged_copy.StagedCopy`,
+  which the memory simulator runs too.
 
 Engines fast-forward runs of identical decode steps (see the core), and any external event on an
 instance (a dispatch, a reservation, a stop) first cuts its run at the step in progress, so results equal
@@ -47,7 +49,7 @@ from control.policy.migration import InFlightMigration, MigrationDecision, Migra
 from control.policy.params import PolicyParams
 from control.policy.snapshots import InstanceSnapshot, RequestDemand
 from control.simulator.metrics import RequestMetrics, SimulationResult, summarize
-from control.simulator.staged_copy import CopyLink, StagedCopy
+from control.simulator.staged_copy import RESUME_OVERHEAD_S, STAGE_OVERHEAD_S, CopyLink, StagedCopy
 from control.simulator.views import ClasslessFleet, instance_view
 from control.simulator.workload import RequestSpec
 from engines.sim.core import RUNNING, SimEngineConfig, SimEngineCore, SimOutput, SimRequest
@@ -81,14 +83,14 @@ class ClusterConfig:
     migration_bandwidth: float = 5e9
     """Bytes/s of a KV copy between instances. 5 GB/s makes the 16-block (16 tokens each, 128 MiB) last
     stage take ~27 ms, Llumnix's measured 20-30 ms downtime for LLaMA-7B."""
-    migration_stage_overhead_s: float = 0.001  # control messages of one stage (bus round trip)
+    migration_stage_overhead_s: float = STAGE_OVERHEAD_S  # control messages of one stage (bus round trip)
     reserve_headroom_blocks: int = 0
     """Extra blocks the destination reserves for tokens decoded during the copy (live:
     ``[migration] reserve_headroom_blocks``); the simulator reserves exactly what the stop needs instead."""
     reserve_decoded_factor: float = 0.0
     """Live: ``[migration] reserve_decoded_factor`` (times the blocks written during the last round, reserved on
     top); the simulator knows each step's exact size and keeps 0 (replays pass the live value)."""
-    resume_overhead_s: float = 0.02
+    resume_overhead_s: float = RESUME_OVERHEAD_S
     """Fixed part of the downtime: stop, final handshake, scatter of the staged KV, re-admission. Llumnix
     measured 20-30 ms of downtime for LLaMA-7B, flat in sequence length, so fixed costs dominate it."""
     tick_s: float | None = None

@@ -4,6 +4,16 @@ ways of handling memory overload.
 * ``vllm``: no special handling; a request that cannot get blocks preempts the newest (recompute).
 * ``llumnix``: as vllm, plus every 50 ms the least free instance migrates its shortest running request's
   KV to the freest (Llumnix freeness, threshold 3 blocks/request, one migration per instance at a time).
+  Each migration follows the control core's stage machine (:class:`control.core.migration.MigrationStages`,
+  the one the live MigratorActor and the cluster simulator run, with the live stage knobs of
+  :class:`PolicyParams`), carried out by the cluster simulator's helper
+  (:class:`control.simulator.staged_copy.StagedCopy`): the destination reserves, the first stage copies the
+  request's KV while it keeps decoding at the source, each later stage the blocks written meanwhile; stop
+  and copy once at most ``last_stage_max_blocks`` remain (or after ``max_stages``, or abort, as
+  ``after_max_stages`` says). A stage takes its bytes over the hardware's interconnect plus
+  ``migration_stage_overhead_s``; the downtime is the last copy plus ``resume_overhead_s`` (Llumnix measured
+  20-30 ms). At 50 GB/s a first stage ends before the request fills another block, so migrations here take
+  one stage; over slower links they take more (``tests/parity/test_divergences.py``).
 * ``swap``: as vllm, but a preempted request that was decoding has its KV swapped to host memory over PCIe
   and back when blocks free up (InferCept's swap; mid-prefill victims still recompute).
 * ``kunserve``: every 0.1 s the memory policy (:mod:`control.policy.memory`) may group instances; a group
@@ -14,9 +24,8 @@ ways of handling memory overload.
 Each instance, or group, is one :class:`engines.sim.core.SimEngineCore` (paged blocks, vLLM batching,
 chunked prefill, recompute preemption, multi-step fast-forward) in virtual time. There is no randomness:
 the same workload gives the same result. Deviations from the systems, kept conservative for the new
-modes: a migration's request keeps decoding at the source and switches at a step boundary once its KV is
-copied (Llumnix's downtime is ~ a step); KunServe's KV exchange pauses the whole group for its transfer
-(the paper overlaps it with execution); restore moves KV back the same way.
+modes: KunServe's KV exchange pauses the whole group for its transfer (the paper overlaps it with
+execution); restore moves KV back the same way.
 """
 
 from __future__ import annotations
@@ -145,7 +154,8 @@ class MemorySimulator(ClasslessFleet):
 
     Dispatch and Llumnix pairing are the live control plane's: the control core's dispatch loop
     (:class:`Dispatcher`, which ``ClusterSimulator`` and the SchedulerActor drive) over the ``freeness``
-    dispatch index, and a kept :class:`MigrationPlanner`. Both see one instance view per unit
+    dispatch index, and a kept :class:`MigrationPlanner`; each migration runs through the core's
+    :class:`MigrationStages` (its decisions are logged too). Both see one instance view per unit
     (:func:`instance_view`): a group counts once, with its pooled blocks. ``decision_log`` records their calls
     as the live scheduler records its own (``tests/parity/replays.py`` replays them)."""
 
