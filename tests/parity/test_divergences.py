@@ -400,9 +400,8 @@ def _stage_runs(entries: list[Decision]) -> list[list[Decision]]:
     return [run for per_request in runs.values() for run in per_request]
 
 
-def _replayed(params: PolicyParams, run: list[Decision]) -> list[object]:
-    """One migration's recorded decisions asked afresh of a new stage machine."""
-    machine = MigrationStages(params)
+def _replayed(machine: MigrationStages, run: list[Decision]) -> list[object]:
+    """One migration's recorded decisions asked afresh of ``machine`` (a new one)."""
     outputs: list[object] = []
     for d in run:
         if d.what == "first_reservation":
@@ -421,9 +420,11 @@ def test_the_memory_simulator_migrates_through_the_cores_stage_machine(after: st
     control core's stage machine. Now it runs the same machine through the helper the cluster simulator uses
     (``control/simulator/staged_copy.py``): over a slow link (0.2 GB/s) a migration takes a second stage, each
     stop-and-copy costs a downtime, and with ``max_stages=1`` and ``abort`` the core's ABORT leaves the request
-    at its source. Every decision replays to the same answer from a fresh ``MigrationStages``."""
+    at its source. Every decision replays to the same answer from the stage machine the cluster simulator's
+    shell builds for the same migration (``ClusterSimulator.stage_machine``, same parameters)."""
     from control.core.migration import StageStep
     from control.core.record import DecisionLog
+    from control.simulator import ClusterSimulator
     from control.simulator.hardware import DEFAULT_HARDWARE
     from tests.control.simulator.test_memory import burst
 
@@ -438,8 +439,9 @@ def test_the_memory_simulator_migrates_through_the_cores_stage_machine(after: st
 
     runs = _stage_runs(log.entries())
     assert runs, "no migration ran through the stage machine"
+    cluster = ClusterSimulator(ClusterConfig(num_instances=0, policy=sim.params), [])
     for run in runs:
-        assert _replayed(sim.params, run) == [d.output for d in run], run
+        assert _replayed(cluster.stage_machine(run[0].key), run) == [d.output for d in run], run
     steps = [[d.output for d in run if d.what == "after_stage"] for run in runs]
     ended = [s[-1] for s in steps if s]
     if after == "abort":
