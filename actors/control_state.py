@@ -3,7 +3,9 @@ JetStream KV bucket so that a restarted (or newly elected) control plane picks u
 
 What is stored is what the scheduler needs to keep accepted requests' guarantees: each request's submission,
 cancel token, prompt tokens, where it runs and its failover history (failover and request-id deduplication
-work across a restart), and each known instance (an instance that died while no control plane ran is still
+work across a restart), including the instance a failed-over request waits for to let go of its copy
+(``held_on``: the core's ``Hold``, taken again on restore, so a restarted control plane does not resume it
+beside that copy), and each known instance (an instance that died while no control plane ran is still
 noticed: it never heartbeats again, so its requests fail over). Loads and timings are not stored: heartbeats
 rebuild them within a beat.
 
@@ -67,6 +69,19 @@ class StoredMigration(msgspec.Struct, kw_only=True):
 
 
 _request_decoder = msgspec.msgpack.Decoder(RequestRecord)
+
+
+def encode_request(record: RequestRecord) -> bytes:
+    """A request table row as stored under ``req.<id>`` (the core's record itself, msgpack)."""
+    return msgspec.msgpack.encode(record)
+
+
+def decode_request(data: bytes) -> RequestRecord:
+    """A stored ``req.<id>`` value back into the core's record. Rows stored by older versions decode too: a
+    ``v`` field is ignored, and a field they lack takes its default (no ``held_on``: not held)."""
+    return _request_decoder.decode(data)
+
+
 _instance_decoder = msgspec.msgpack.Decoder(StoredInstance)
 _migration_decoder = msgspec.msgpack.Decoder(StoredMigration)
 _phase_decoder = msgspec.msgpack.Decoder(StoredPhase)
@@ -92,7 +107,7 @@ class ControlState:
         fields) still decode."""
         if self.writer is None:
             return
-        self.writer.put(kv_key(REQUEST_NS, record.request_id), msgspec.msgpack.encode(record))
+        self.writer.put(kv_key(REQUEST_NS, record.request_id), encode_request(record))
 
     def drop_request(self, request_id: str) -> None:
         self.unconfirmed.pop(request_id, None)
@@ -151,7 +166,7 @@ class ControlState:
             namespace = key.split(".", 1)[0].removesuffix("x")
             try:
                 if namespace == REQUEST_NS:
-                    requests.append(_request_decoder.decode(value))
+                    requests.append(decode_request(value))
                 elif namespace == INSTANCE_NS:
                     instances.append(_instance_decoder.decode(value))
                 elif namespace == MIGRATION_NS:
@@ -286,6 +301,7 @@ def _restore(scheduler: SchedulerActor) -> None:
         except ValueError as exc:
             log.warning("state store: skipping the phase of %s: %s", instance_id, exc)
     recover: list[RequestRecord] = []
+    held = 0
     for record in sorted(requests, key=lambda r: r.arrival):
         if record.request_id in scheduler.requests:
             continue
@@ -295,15 +311,18 @@ def _restore(scheduler: SchedulerActor) -> None:
             scheduler.dispatch.wait(record.request_id)
         elif record.state == "running" and record.instance_id in scheduler.instances:
             state.unconfirmed[record.request_id] = record.instance_id
+        elif scheduler.failovers.restore_hold(record, now):  # failed over, its old copy may still run there
+            held += 1
         else:  # recovering, or on an instance nobody knows: read back what its client has
             recover.append(record)
     for record in recover:
         _recover(scheduler, record)
     if requests or instances or state.phases:
         log.info(
-            "restored %d requests, %d instances and %d phases from the state store (%d to recover)",
+            "restored %d requests, %d instances and %d phases from the state store (%d to recover, %d held)",
             len(requests),
             len(instances),
             len(state.phases),
             len(recover),
+            held,
         )

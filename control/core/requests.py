@@ -14,7 +14,8 @@ the record, encoded by msgspec, so the two cannot drift apart), and carries out 
 * :func:`on_recovered`: what the client had, read back: :class:`Drop` (it finished), :class:`Fail`,
   :class:`Hold` (an instance may still hold a copy: see below), or :class:`Redispatch` with the tokens to resume
   after;
-* :func:`still_held_on` and :class:`FailoverHolds`: where a failed-over request must not resume yet.
+* :func:`still_held_on` and :class:`FailoverHolds`: where a failed-over request must not resume yet;
+  :func:`restored_hold`: the same hold taken again from a stored record after a control-plane restart.
 
 Exactly-once bookkeeping lives here: a request being resumed is ``recovering`` with no instance (so no late
 event from the dead instance can end it, and a heartbeat that still lists it there has it stopped as
@@ -70,6 +71,10 @@ class RequestRecord(msgspec.Struct, kw_only=True):
     served_by: list[str] = []
     resume_tokens: list[int] = []  # delivered before a failover
     failovers: int = 0
+    # A failed-over request waits for this instance to let go of its copy (Hold; "" when it waits for none).
+    # Stored with the record, so a restarted or newly elected control plane holds it again
+    # (:func:`restored_hold`); rows stored before this field read as "" (not held).
+    held_on: str = ""
 
 
 @dataclass(slots=True)
@@ -244,7 +249,7 @@ def recover(record: RequestRecord, fence_on: str = "", unresumable: str = "") ->
             record.request_id,
             unresumable or f"its stream cannot be resumed (use an inbox under {subjects.INBOX_ROOT})",
         )
-    record.state, record.instance_id = "recovering", None
+    record.state, record.instance_id, record.held_on = "recovering", None, ""
     return Resume(record.request_id, fence_on)
 
 
@@ -295,8 +300,9 @@ def on_recovered(
         return Drop(record.request_id)
     record.resume_tokens = list(tokens)
     if held_on:
+        record.held_on = held_on
         return Hold(record.request_id, held_on)
-    record.state = "queued"
+    record.state, record.held_on = "queued", ""
     return Redispatch(record.request_id)
 
 
@@ -305,8 +311,23 @@ def on_released(record: RequestRecord | None) -> Redispatch | None:
     not recovering any more (cancelled meanwhile)."""
     if record is None or record.state != "recovering":
         return None
-    record.state = "queued"
+    record.state, record.held_on = "queued", ""
     return Redispatch(record.request_id)
+
+
+def restored_hold(record: RequestRecord, registered: bool) -> Hold | None:
+    """A request restored from the state store (a control-plane restart or a new leader) that was held when
+    it was stored (``held_on``): hold it again, the same decision :func:`on_recovered` made, while that
+    instance is ``registered`` (restored from the store, not declared dead). Its ``resume_tokens`` were stored
+    with it, so nothing is read back: it resumes after them once released (:func:`on_released`), as it would
+    have under the last control plane. None: it was not held, or its instance is no longer known (nothing of
+    it can run any more; the hold lapses and the request is recovered like any other, :func:`recover`)."""
+    if record.state != "recovering" or not record.held_on:
+        return None
+    if not registered:
+        record.held_on = ""
+        return None
+    return Hold(record.request_id, record.held_on)
 
 
 class FailoverHolds:
@@ -321,7 +342,15 @@ class FailoverHolds:
         return len(self._held)
 
     def hold(self, request_id: str, instance_id: str, now: float) -> None:
+        """Hold ``request_id`` until ``instance_id`` lets go of it; ``now`` starts its time limit. A hold
+        restored from the state store starts its time limit again at the restore: the last control plane's
+        clock is not this one's, and a later release only errs on the side of waiting."""
         self._held[request_id] = (instance_id, now)
+
+    def held(self) -> dict[str, str]:
+        """What is held: request id -> the instance it waits for (a copy, taken in one step: an observer on
+        another thread, such as a test, never iterates the table while it changes)."""
+        return {rid: held_on for rid, (held_on, _since) in list(self._held.items())}
 
     def on_heartbeat(self, instance_id: str, listed: Collection[str]) -> list[str]:
         """``instance_id``'s heartbeat lists ``listed`` (the request ids its engine runs): what it let go of."""

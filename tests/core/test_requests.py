@@ -20,6 +20,7 @@ from control.core.requests import (
     on_recovered,
     on_released,
     recover,
+    restored_hold,
     still_held_on,
 )
 from transport import subjects
@@ -133,3 +134,27 @@ def test_the_stored_form_is_the_record_and_older_rows_still_decode() -> None:
     # what the previous StoredRequest wrote: the same fields plus a version number
     old = msgspec.msgpack.encode({"v": 1, **msgspec.structs.asdict(row)})
     assert msgspec.msgpack.decode(old, type=RequestRecord) == row
+
+
+def test_a_hold_is_kept_in_the_record_and_taken_again_from_it_after_a_restart() -> None:
+    """``held_on`` is what the state store keeps of a :class:`Hold`: set when the core holds a request,
+    cleared when it is released or recovered again; a restored record held on a known instance is held
+    again (the same decision), one whose instance is gone is recovered like any other."""
+    row = record("a", "i1")
+    fail_over([row], "i1", max_attempts=3)
+    assert on_recovered(row, [5], finished=False, held_on="i1") == Hold("a", "i1") and row.held_on == "i1"
+    stored = msgspec.msgpack.decode(msgspec.msgpack.encode(row), type=RequestRecord)  # what a restart reads
+    assert restored_hold(stored, registered=True) == Hold("a", "i1")
+    assert (stored.state, stored.held_on, stored.resume_tokens) == ("recovering", "i1", [5])
+    assert on_released(stored) == Redispatch("a") and (stored.state, stored.held_on) == ("queued", "")
+    assert restored_hold(stored, registered=True) is None  # released: nothing to hold
+
+    gone = msgspec.msgpack.decode(msgspec.msgpack.encode(row), type=RequestRecord)
+    assert restored_hold(gone, registered=False) is None and gone.held_on == ""  # the hold lapses
+    assert recover(gone) == Resume("a") and on_recovered(gone, [5, 6], finished=False) == Redispatch("a")
+
+    not_held = record("b", "i1", state="recovering")  # mid read-back when stored, or evicted
+    assert restored_hold(not_held, registered=True) is None
+    again = record("c", "i1")
+    again.held_on = "i1"
+    assert recover(again) == Resume("c") and again.held_on == ""  # recovered anew: the fence decides again

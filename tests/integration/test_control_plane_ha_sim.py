@@ -15,14 +15,17 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
 import nats
 import pytest
+from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError
 
+from actors.control_state import REQUEST_NS, decode_request
 from actors.leadership import LEASE_KEY, LeaseRecord
 from actors.local_cluster import InProcessCluster
 from control.client import DroverClient, DroverError, RequestStream
@@ -30,12 +33,19 @@ from control.settings import load_settings
 from engines.sim.engine import request_seed, token_at
 from engines.sim.live_migration import MigratableSimEngine
 from engines.tokenizer import ByteTokenizer
+from tests.waiting import wait_for
 from transport import subjects
+from transport.kv_store import kv_key
 from transport.messages import (
+    PROTOCOL_VERSION,
     Accepted,
+    EngineAbort,
+    EngineAdd,
     ErrorCode,
     ErrorReply,
+    InstanceHeartbeat,
     RequestDone,
+    RunningRequest,
     SamplingParams,
     SubmitRequest,
     TokenChunk,
@@ -234,6 +244,141 @@ async def test_request_that_ends_while_no_control_plane_runs_leaves_the_table(na
             again = await client.generate("next", max_tokens=4, request_id="he-next")
             assert again.token_ids == expected("he-next", 4)
     finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+async def scheduler_holds(cluster: InProcessCluster) -> dict[str, str] | None:
+    """The running scheduler's failover holds (request id -> instance), read from the control core's
+    ``FailoverHolds``; None while no scheduler runs (a control plane still starting)."""
+    control = cluster.control
+    ref = None if control is None or control.scheduler is None else control.scheduler.ref
+    if ref is None or not ref.is_alive():
+        return None
+    failovers = await asyncio.to_thread(lambda: ref.proxy().failovers.get(timeout=5))
+    return failovers.holds.held()  # type: ignore[no-any-return]
+
+
+async def test_a_restarted_control_plane_keeps_a_failover_hold(nats_url: str, tap_nc: nats.NATS) -> None:
+    """A request failed over from an instance that may still hold a copy (it never answers the fence, its
+    heartbeats still list the request) is held: stored with its record (``held_on``), a restarted control plane
+    holds it again instead of resuming it beside that copy (elsewhere, or on the instance itself), and resumes
+    it once that instance lets go; every token reaches the client once."""
+    settings = load_settings(
+        overrides={
+            "nats": {"url": nats_url},
+            "engine": {"kind": "sim", "heartbeat_interval_s": 0.05},
+            "scheduler": {"instance_stale_after_s": 60.0},  # never declared dead: only its heartbeats release it
+            "reliability": {"failover_fence_timeout_s": 0.3},
+            "policy": {"migration_enabled": False},
+            "ha": {"lease_ttl_s": 1.5, "renew_period_s": 0.3},
+        }
+    )
+    cluster = InProcessCluster(settings=settings, tokenizer=ByteTokenizer())
+    await asyncio.to_thread(cluster.start_control)
+    rid, n, before = "hold-1", 30, 5
+    stand_in = MigratableSimEngine("held", num_blocks=256, max_model_len=1024)  # a hung engine: its id and load
+    info = msgspec.structs.replace(stand_in.info, protocol_version=PROTOCOL_VERSION)
+    to_engines: list[tuple[str, object]] = []  # (instance, message) the control plane sent either instance
+    lists: list[str] = []  # what the stand-in's heartbeats say its engine runs
+    stop_beats = asyncio.Event()
+    seq = iter(range(1, 1_000_000))
+
+    async def beats() -> None:
+        while not stop_beats.is_set():
+            running = [RunningRequest(request_id=r, num_tokens=40, num_blocks=2) for r in lists]
+            load = msgspec.structs.replace(stand_in.load(), running=running)
+            beat = InstanceHeartbeat(info=info, load=load, seq=next(seq), sent_at=time.time())
+            await tap_nc.publish(subjects.heartbeat("held"), encode(beat))
+            await asyncio.sleep(0.05)
+
+    def watch(instance_id: str) -> Callable[[Msg], Awaitable[None]]:
+        async def on_message(msg: Msg) -> None:  # takes the instance's messages and never answers
+            to_engines.append((instance_id, decode(msg.data)))
+
+        return on_message
+
+    def resumed() -> list[EngineAdd]:
+        return [m for _, m in to_engines if isinstance(m, EngineAdd) and m.served_by]
+
+    beating = asyncio.get_running_loop().create_task(beats())
+    try:
+        for instance_id in ("held", "spare"):
+            await tap_nc.subscribe(subjects.engine(instance_id), cb=watch(instance_id))
+        async with DroverClient(cluster.url, name="ha-hold") as client:
+            await client.wait_for_instances(1, timeout_s=10)
+            stream = await client.submit("held", sampling=SamplingParams(max_tokens=n, ignore_eos=True), request_id=rid)
+            tap = InboxTap()
+            await tap.attach(tap_nc, inbox_of(stream))
+
+            async def dispatched() -> bool:
+                return any(isinstance(m, EngineAdd) for _, m in to_engines)
+
+            await wait_for(dispatched, 30, f"{rid} dispatched to the stand-in")
+            # Its engine runs it and streams the first tokens (as the engine would), then hangs.
+            lists.append(rid)
+            first = expected(rid, n)[:before]
+            await tap_nc.publish(inbox_of(stream), encode(TokenChunk(request_id=rid, index=0, token_ids=first)))
+            await wait_tokens(stream, before)
+            await asyncio.to_thread(
+                cluster.add_engine, MigratableSimEngine("spare", num_blocks=256, max_model_len=1024)
+            )
+            await client.wait_for_instances(2, timeout_s=10)
+            seq = iter(range(0, 1_000_000))  # seq back to 0: read as a restart; the fence is never answered
+
+            async def held_by_first() -> bool:
+                return await scheduler_holds(cluster) == {rid: "held"}
+
+            await wait_for(held_by_first, 30, "the first control plane's hold")
+            bucket = await tap_nc.jetstream().key_value(settings.ha.state_bucket)
+
+            async def stored_held() -> bool:
+                entry = await bucket.get(kv_key(REQUEST_NS, rid))
+                assert entry.value is not None
+                stored = decode_request(entry.value)
+                return stored.held_on == "held" and stored.resume_tokens == first
+
+            await wait_for(stored_held, 30, "the hold stored with the request's record")
+
+            await asyncio.to_thread(cluster.restart_control)
+            seen = len(to_engines)
+
+            async def restored() -> bool:
+                return await scheduler_holds(cluster) is not None
+
+            await wait_for(restored, 30, "the restarted scheduler")
+            assert await scheduler_holds(cluster) == {rid: "held"}  # the core got the hold back
+
+            async def superseded_after_restart() -> bool:  # the new scheduler read beats that list it (or resumed)
+                aborts = [m for _, m in to_engines[seen:] if isinstance(m, EngineAbort) and m.request_id == rid]
+                return len(aborts) >= 5 or bool(resumed())
+
+            await wait_for(superseded_after_restart, 30, "the restarted scheduler reading the stand-in's beats")
+            await asyncio.sleep(1.0)  # a resume would have been read back and dispatched long since
+            assert not resumed(), "resumed while the instance may still run it"
+            assert await scheduler_holds(cluster) == {rid: "held"}
+            assert stream.result_data.token_ids == first
+
+            # The instance lets go: the real engine takes over its id, and its heartbeats do not list the request.
+            stop_beats.set()
+            await beating
+            await asyncio.to_thread(cluster.add_engine, MigratableSimEngine("held", num_blocks=256, max_model_len=1024))
+            result = await asyncio.wait_for(stream.result(), 30)
+            assert result.token_ids == expected(rid, n)
+            again = {(i, tuple(m.output_token_ids), tuple(m.served_by)) for i, m in to_engines if m in resumed()}
+            assert len(again) == 1  # one resume (an unacknowledged add may be sent again as it was)
+            assert {(tokens, served) for _, tokens, served in again} == {(tuple(first), ("held",))}
+            assert await scheduler_holds(cluster) == {}
+            await asyncio.sleep(0.5)  # anything late would arrive now
+            sent = sorted((c.index, len(c.token_ids)) for c in tap.of(TokenChunk))  # type: ignore[attr-defined]
+            position = 0
+            for index, length in sent:  # each index once: no chunk twice, none overlapping another
+                assert index == position
+                position += length
+            assert position == n
+            assert len(tap.of(RequestDone)) == 1 and not tap.of(ErrorReply)
+    finally:
+        stop_beats.set()
+        await asyncio.gather(beating, return_exceptions=True)
         await asyncio.to_thread(cluster.stop)
 
 
