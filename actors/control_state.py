@@ -3,9 +3,7 @@ JetStream KV bucket so that a restarted (or newly elected) control plane picks u
 
 What is stored is what the scheduler needs to keep accepted requests' guarantees: each request's submission,
 cancel token, prompt tokens, where it runs and its failover history (failover and request-id deduplication
-work across a restart), including the instance a failed-over request waits for to let go of its copy
-(``held_on``: the core's ``Hold``, taken again on restore, so a restarted control plane does not resume it
-beside that copy), and each known instance (an instance that died while no control plane ran is still
+work across a restart), and each known instance (an instance that died while no control plane ran is still
 noticed: it never heartbeats again, so its requests fail over). Loads and timings are not stored: heartbeats
 rebuild them within a beat.
 
@@ -14,6 +12,9 @@ ordered and coalesced by :class:`transport.kv_store.KvWriter`) and :func:`restor
 After a restore, a request whose instance's heartbeat no longer lists it (it ended, or the engine restarted,
 while no control plane listened) is checked against the output stream exactly like a failover: finished
 requests leave the table, unfinished ones resume from what their client has.
+A request restored ``recovering`` (it was failing over when the last control plane stopped) is fenced again
+on the instance it failed over from, where that instance is still known: the failover's hold (the instance may
+still hold a copy) is derived again from that answer rather than stored (``control/core/requests.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from control.core.requests import InstanceRecord, RequestRecord, recover
+from control.core.requests import InstanceRecord, RequestRecord, recover, recover_restored
 from control.policy.pd import parse_phase
 from transport.kv_store import KvWriter, kv_key, read_all
 from transport.messages import EngineInfo, InstanceHeartbeat, InstanceLoad
@@ -78,7 +79,7 @@ def encode_request(record: RequestRecord) -> bytes:
 
 def decode_request(data: bytes) -> RequestRecord:
     """A stored ``req.<id>`` value back into the core's record. Rows stored by older versions decode too: a
-    ``v`` field is ignored, and a field they lack takes its default (no ``held_on``: not held)."""
+    ``v`` field is ignored, and a field they lack takes its default."""
     return _request_decoder.decode(data)
 
 
@@ -214,11 +215,20 @@ class ControlState:
                 _recover(scheduler, record)
 
 
+RESTARTED = "the control plane restarted and cannot resume this stream"
+
+
 def _recover(scheduler: SchedulerActor, record: RequestRecord) -> None:
     """Read back what the client has; the scheduler then drops the request or resumes it (failover path)."""
-    scheduler.failovers.carry_out(
-        [recover(record, unresumable="the control plane restarted and cannot resume this stream")]
-    )
+    scheduler.failovers.carry_out([recover(record, unresumable=RESTARTED)])
+
+
+def _recover_restored(scheduler: SchedulerActor, record: RequestRecord) -> None:
+    """A restored request to recover: as :func:`_recover`, but a ``recovering`` one first fences again the
+    instance it failed over from where that is still known (the core's ``recover_restored``), so a failover
+    the last control plane left unfinished (fence unanswered, or held: its hold is not stored) is decided
+    again on that instance's present answer, hold included."""
+    scheduler.failovers.carry_out([recover_restored(record, scheduler.instances, unresumable=RESTARTED)])
 
 
 def _release_migrations(scheduler: SchedulerActor, migrations: list[StoredMigration]) -> None:
@@ -301,7 +311,6 @@ def _restore(scheduler: SchedulerActor) -> None:
         except ValueError as exc:
             log.warning("state store: skipping the phase of %s: %s", instance_id, exc)
     recover: list[RequestRecord] = []
-    held = 0
     for record in sorted(requests, key=lambda r: r.arrival):
         if record.request_id in scheduler.requests:
             continue
@@ -311,18 +320,16 @@ def _restore(scheduler: SchedulerActor) -> None:
             scheduler.dispatch.wait(record.request_id)
         elif record.state == "running" and record.instance_id in scheduler.instances:
             state.unconfirmed[record.request_id] = record.instance_id
-        elif scheduler.failovers.restore_hold(record, now):  # failed over, its old copy may still run there
-            held += 1
-        else:  # recovering, or on an instance nobody knows: read back what its client has
+        else:  # recovering, or on an instance nobody knows: fence its last instance again, read back what
+            # its client has (a failover's hold is derived again here: control/core/requests.py)
             recover.append(record)
     for record in recover:
-        _recover(scheduler, record)
+        _recover_restored(scheduler, record)
     if requests or instances or state.phases:
         log.info(
-            "restored %d requests, %d instances and %d phases from the state store (%d to recover, %d held)",
+            "restored %d requests, %d instances and %d phases from the state store (%d to recover)",
             len(requests),
             len(instances),
             len(state.phases),
             len(recover),
-            held,
         )

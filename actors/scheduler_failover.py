@@ -35,7 +35,6 @@ from control.core.requests import (
     fail_over,
     on_recovered,
     on_released,
-    restored_hold,
     still_held_on,
 )
 from control.settings import ReliabilitySettings
@@ -140,23 +139,6 @@ class Failovers:
         elif isinstance(command, Redispatch):
             log.info("request %s fails over after %d delivered tokens", recovered.request_id, len(recovered.tokens))
             self.placements.dispatch_or_wait(record, now)
-
-    def restore_hold(self, record: RequestRecord, now: float) -> bool:
-        """A request restored from the state store that was held when it was stored: held again while its
-        instance is known (the core's decision, ``restored_hold``). False when it is not held now; the caller
-        then recovers it like any restored ``recovering`` request (``carry_out`` stores it again, its lapsed
-        hold cleared).
-
-        Thread: the scheduler actor's thread (its ``on_start``)."""
-        held_on = record.held_on
-        command = restored_hold(record, held_on in self.instances)
-        if command is None:
-            if held_on:
-                log.info("request %s was held on %s, which is no longer known: recovered", record.request_id, held_on)
-            return False
-        log.warning("request %s still waits for %s to let go of it (restored)", record.request_id, held_on)
-        self.holds.hold(command.request_id, command.instance_id, now)
-        return True
 
     def resume_held(self, request_ids: list[str], now: float) -> None:
         """Failed-over requests whose old instance let go of them resume now (``FailoverHolds``).

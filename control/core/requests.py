@@ -15,7 +15,7 @@ the record, encoded by msgspec, so the two cannot drift apart), and carries out 
   :class:`Hold` (an instance may still hold a copy: see below), or :class:`Redispatch` with the tokens to resume
   after;
 * :func:`still_held_on` and :class:`FailoverHolds`: where a failed-over request must not resume yet;
-  :func:`restored_hold`: the same hold taken again from a stored record after a control-plane restart.
+  :func:`recover_restored`: the same question asked again after a control-plane restart (see below).
 
 Exactly-once bookkeeping lives here: a request being resumed is ``recovering`` with no instance (so no late
 event from the dead instance can end it, and a heartbeat that still lists it there has it stopped as
@@ -40,6 +40,13 @@ The fence's answer is the evidence :func:`still_held_on` reads:
   stopped as superseded when its heartbeat lists it: ``_stop_superseded`` in the scheduler). Resuming it on that
   instance earlier would start a second copy under the same id there, which the engine actor also refuses
   (``actors/engine_actor.py``: the new copy waits for the old one's end): two guards, one in each layer.
+
+**After a control-plane restart** (a new leader, or a restart reading the state store back) the holds are not
+read from storage: they are derived again (:func:`recover_restored`). A request stored ``recovering`` names
+the instance it failed over from (the last of ``served_by``); where that instance is still known, the restored
+scheduler fences it again and the fresh answer decides by the same rule. A stored hold would only repeat the
+old answer: it would not cover a control plane that stopped before the fence answered, nor a leader killed
+before its last write was stored, and the instance's present answer (or its heartbeats) is the better evidence.
 """
 
 from __future__ import annotations
@@ -71,10 +78,6 @@ class RequestRecord(msgspec.Struct, kw_only=True):
     served_by: list[str] = []
     resume_tokens: list[int] = []  # delivered before a failover
     failovers: int = 0
-    # A failed-over request waits for this instance to let go of its copy (Hold; "" when it waits for none).
-    # Stored with the record, so a restarted or newly elected control plane holds it again
-    # (:func:`restored_hold`); rows stored before this field read as "" (not held).
-    held_on: str = ""
 
 
 @dataclass(slots=True)
@@ -249,7 +252,7 @@ def recover(record: RequestRecord, fence_on: str = "", unresumable: str = "") ->
             record.request_id,
             unresumable or f"its stream cannot be resumed (use an inbox under {subjects.INBOX_ROOT})",
         )
-    record.state, record.instance_id, record.held_on = "recovering", None, ""
+    record.state, record.instance_id = "recovering", None
     return Resume(record.request_id, fence_on)
 
 
@@ -300,9 +303,8 @@ def on_recovered(
         return Drop(record.request_id)
     record.resume_tokens = list(tokens)
     if held_on:
-        record.held_on = held_on
         return Hold(record.request_id, held_on)
-    record.state, record.held_on = "queued", ""
+    record.state = "queued"
     return Redispatch(record.request_id)
 
 
@@ -311,23 +313,20 @@ def on_released(record: RequestRecord | None) -> Redispatch | None:
     not recovering any more (cancelled meanwhile)."""
     if record is None or record.state != "recovering":
         return None
-    record.state, record.held_on = "queued", ""
+    record.state = "queued"
     return Redispatch(record.request_id)
 
 
-def restored_hold(record: RequestRecord, registered: bool) -> Hold | None:
-    """A request restored from the state store (a control-plane restart or a new leader) that was held when
-    it was stored (``held_on``): hold it again, the same decision :func:`on_recovered` made, while that
-    instance is ``registered`` (restored from the store, not declared dead). Its ``resume_tokens`` were stored
-    with it, so nothing is read back: it resumes after them once released (:func:`on_released`), as it would
-    have under the last control plane. None: it was not held, or its instance is no longer known (nothing of
-    it can run any more; the hold lapses and the request is recovered like any other, :func:`recover`)."""
-    if record.state != "recovering" or not record.held_on:
-        return None
-    if not registered:
-        record.held_on = ""
-        return None
-    return Hold(record.request_id, record.held_on)
+def recover_restored(record: RequestRecord, registered: Collection[str], unresumable: str = "") -> Resume | Fail:
+    """A request restored from the state store ``recovering`` (the last control plane stopped while it failed
+    over: before the fence answered, while it was held, or before it was dispatched again) or on an instance
+    nobody knows: recover it. Where a ``recovering`` request's last instance (``served_by[-1]``, the one it
+    failed over from) is still ``registered``, that instance is fenced again, so a copy it may still hold is
+    stopped and the fence's fresh answer decides (:func:`still_held_on`: resume at once, or :class:`Hold`).
+    Otherwise nothing of it can run there and it is read back without a fence."""
+    last = record.served_by[-1] if record.served_by else ""
+    fence_on = last if record.state == "recovering" and last in registered else ""
+    return recover(record, fence_on=fence_on, unresumable=unresumable)
 
 
 class FailoverHolds:
@@ -342,9 +341,7 @@ class FailoverHolds:
         return len(self._held)
 
     def hold(self, request_id: str, instance_id: str, now: float) -> None:
-        """Hold ``request_id`` until ``instance_id`` lets go of it; ``now`` starts its time limit. A hold
-        restored from the state store starts its time limit again at the restore: the last control plane's
-        clock is not this one's, and a later release only errs on the side of waiting."""
+        """Hold ``request_id`` until ``instance_id`` lets go of it; ``now`` starts its time limit."""
         self._held[request_id] = (instance_id, now)
 
     def held(self) -> dict[str, str]:

@@ -1,17 +1,18 @@
-"""The stored form of a request table row (actors/control_state.py): a failover hold is stored with it, and
-rows written before holds were stored read as not held."""
+"""The stored form of a request table row (actors/control_state.py) is what a restarted control plane derives
+a failover's hold from: a ``recovering`` row names the instance it failed over from (the last of
+``served_by``), and rows written by the previous version (a ``v`` field) read the same."""
 
 from __future__ import annotations
 
 import msgspec
 
 from actors.control_state import decode_request, encode_request
-from control.core.requests import RequestRecord
+from control.core.requests import RequestRecord, Resume, recover_restored
 from transport import subjects
 from transport.messages import SubmitRequest
 
 
-def held_record() -> RequestRecord:
+def failing_over() -> RequestRecord:
     return RequestRecord(
         submit=SubmitRequest(reply_to=f"{subjects.INBOX_ROOT}.alice.r", prompt_token_ids=[1, 2, 3]),
         request_id="r1",
@@ -19,15 +20,14 @@ def held_record() -> RequestRecord:
         prompt_token_ids=[1, 2, 3],
         arrival=12.5,
         state="recovering",
-        served_by=["i1"],
+        served_by=["i0", "i1"],
         resume_tokens=[7, 8],
-        failovers=1,
-        held_on="i1",
+        failovers=2,
     )
 
 
-class RecordBeforeHolds(msgspec.Struct, kw_only=True):
-    """The stored row as the previous version wrote it: the same fields but ``held_on``, plus ``v``."""
+class StoredBefore(msgspec.Struct, kw_only=True):
+    """A row as the previous stored form (``StoredRequest``) wrote it: the same fields plus ``v``."""
 
     v: int = 1
     submit: SubmitRequest
@@ -43,19 +43,16 @@ class RecordBeforeHolds(msgspec.Struct, kw_only=True):
     failovers: int = 0
 
 
-def test_a_hold_is_stored_with_its_request() -> None:
-    record = held_record()
-    data = encode_request(record)
-    assert msgspec.msgpack.decode(data)["held_on"] == "i1"  # a field of the stored map, not a key of its own
-    assert decode_request(data) == record
+def test_a_failing_over_row_round_trips_and_its_hold_is_derived_from_it() -> None:
+    record = failing_over()
+    restored = decode_request(encode_request(record))
+    assert restored == record
+    assert recover_restored(restored, registered={"i1"}) == Resume("r1", fence_on="i1")  # fenced again
 
 
-def test_a_row_stored_without_a_hold_reads_as_not_held() -> None:
-    new = held_record()
-    fields = {k: v for k, v in msgspec.structs.asdict(new).items() if k != "held_on"}
-    old = decode_request(msgspec.msgpack.encode(RecordBeforeHolds(**fields)))
-    assert old.held_on == ""
-    assert msgspec.structs.replace(old, held_on="i1") == new  # everything else as stored
-    unheld = msgspec.structs.replace(new, held_on="")
-    assert "held_on" in msgspec.msgpack.decode(encode_request(unheld))  # written as "", read back as ""
-    assert decode_request(encode_request(unheld)).held_on == ""
+def test_a_row_written_by_the_previous_version_reads_the_same() -> None:
+    record = failing_over()
+    old = decode_request(msgspec.msgpack.encode(StoredBefore(**msgspec.structs.asdict(record))))
+    assert old == record
+    assert recover_restored(old, registered={"i0", "i1"}) == Resume("r1", fence_on="i1")
+    assert recover_restored(decode_request(encode_request(record)), registered={"i0"}) == Resume("r1")
