@@ -277,12 +277,3 @@ def test_fast_forward_stamps_first_token_when_a_chunk_leaves_one_prompt_token() 
         firsts.append(long.first_token_time)
     step_by_step, fast_forward = firsts
     assert abs(step_by_step - fast_forward) < 1e-6
-
-
-def run_steps(core: SimEngineCore, steps: int, now: float) -> float:
-    for _ in range(steps):
-        end = core.plan(now, 1)
-        assert end is not None
-        core.finish_plan()
-        now = end
-    return now
