@@ -223,13 +223,13 @@ def _feed(indexes: tuple[PrefixIndex, ...], seq: int, rng: random.Random, iid: s
         target.apply(iid, epoch="e", seq=seq, **batch)
 
 
-@pytest.mark.parametrize(("seed", "prefill_blocks"), [(0, False), (1, False), (2, False), (3, False), (4, True)])
+@pytest.mark.parametrize(("seed", "prefill_blocks"), [(0, True), (1, True), (2, True), (3, True), (4, False)])
 def test_drover_dispatch_decides_as_a_full_scan(seed: int, prefill_blocks: bool) -> None:
     rng = random.Random(seed)
     n = rng.choice((4, 12, 40))
     params = user_policy_params("drover").dispatch_params()
-    if prefill_blocks:  # the opt-in rule (predict_prefill_blocks), mirrored in the reference's keys
-        params = dataclasses.replace(params, predict_prefill_blocks=True)
+    # drover counts the blocks running prompts' later chunks take (predict_prefill_blocks); one seed without
+    params = dataclasses.replace(params, predict_prefill_blocks=prefill_blocks)
     assert params.predict_hold and params.predict_prefix
     index = make_dispatch_policy("predictive", params)
     assert isinstance(index, PredictiveIndex) and index.prefix_index is not None
