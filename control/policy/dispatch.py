@@ -770,6 +770,10 @@ class PredictiveIndex(_IndexBase):
         need = demand.num_blocks + self.params.predict_growth_blocks
         # The best live item of a heap is its top once stale tops are popped (``_top``, cheap): the walk over
         # the best few (``_peek``) is paid only when the top is ruled out (reserved, or no room).
+        if self.params.predict_interference > 0:
+            quiet = self._least_interference(demand, pool, reserved, need)
+            if quiet is not None:
+                return quiet
         soonest = self._top(pool[0])
         if soonest is not None and soonest[1] != reserved and -self._entries[soonest[1]].keys[1] >= need:  # type: ignore[operator]
             # the first candidate of the loop below: the roomiest instance other than the reserved one has at
@@ -797,6 +801,28 @@ class PredictiveIndex(_IndexBase):
             if iid != reserved and -self._entries[iid].keys[1] >= need:  # type: ignore[operator]  # a float
                 return iid
         return roomiest[1]
+
+    def _least_interference(
+        self, demand: RequestDemand, pool: tuple[list[_HeapItem], ...], reserved: str | None, need: int
+    ) -> str | None:
+        """``predict_interference``: of the few best safe-tier instances with room now, the one where the work
+        ahead plus the slowdown the prompt's chunks impose on the decodes there is least (weight x running
+        requests x prompt tokens: each running request shares every step of the prefill with a chunk).
+        None: no such instance (late binding decides as without the rule)."""
+        weight = self.params.predict_interference * demand.num_prompt_tokens
+        entries = self._entries
+        best: tuple[float, str] | None = None
+        for item in self._peek(pool[0], self._PROBE + 1):
+            key, iid = item[0], item[1]
+            if key[0] != 0.0:  # outside the safe tier: the rest is worse still
+                break
+            entry = entries[iid]
+            if iid == reserved or -entry.keys[1] < need:  # type: ignore[operator]  # a float with late binding
+                continue
+            score = key[1] + weight * (entry.terms[3] + entry.extra_waiting)
+            if best is None or score < best[0]:
+                best = (score, iid)
+        return None if best is None else best[1]
 
 
 _ANY_INSTANCE = "\x00any instance"
