@@ -34,6 +34,7 @@ import heapq
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from heapq import heappop, heappush, heapreplace
+from operator import attrgetter
 from typing import Any, Protocol
 
 from control.policy.freeness import INF, dispatch_freeness, physical_usage, priority_headroom_blocks
@@ -111,7 +112,9 @@ class _Entry:
         "extra_high",
         "extra_waiting",
         "has_high",
+        "iid",
         "keys",
+        "model",
         "pools",
         "snapshot",
         "terms",
@@ -120,6 +123,10 @@ class _Entry:
 
     def __init__(self, snapshot: InstanceSnapshot) -> None:
         self.snapshot = snapshot
+        # the snapshot's id and model kept beside it: the hot paths read them here rather than from a snapshot
+        # object that is no longer in the CPU cache (a dispatch re-keys an instance last heard from a while ago)
+        self.iid = snapshot.instance_id
+        self.model = snapshot.model
         self.terms: Any = None  # what the policy derives from the snapshot alone (``_IndexBase._terms``)
         self.extra_waiting = 0
         self.extra_blocks = 0
@@ -131,8 +138,9 @@ class _Entry:
 
     def reset(self, snapshot: InstanceSnapshot) -> None:
         """A fresh heartbeat: it replaces the virtual bumps of earlier dispatches."""
-        if snapshot.model != self.snapshot.model:
+        if snapshot.model != self.model:
             self.pools = _pool_names(snapshot)
+            self.model = snapshot.model
         self.snapshot = snapshot
         self.extra_waiting = 0
         self.extra_blocks = 0
@@ -154,6 +162,10 @@ _HeapItem = tuple[Any, str, int]
 _STALE_WALK = 4
 """Stale heap items a read of the best few instances (``_IndexBase._peek``) steps over before it pops them for
 good instead."""
+
+
+_DECODING = attrgetter("decoding")
+"""A running request's ``decoding`` flag (``PredictiveIndex._terms`` reads all of them in C)."""
 
 
 class _IndexBase:
@@ -190,7 +202,7 @@ class _IndexBase:
         if entry is None:
             entry = self._entries[snapshot.instance_id] = _Entry(snapshot)
             self._pool_members.update(entry.pools)
-        elif entry.keys and not snapshot.draining and snapshot.model == entry.snapshot.model:
+        elif entry.keys and not snapshot.draining and snapshot.model == entry.model:
             # the usual heartbeat: a live member stays one, in the same pools, so ``_unlink`` then ``_link``
             # in one step, as a dispatch re-keys (the same versions and heap items, less work)
             entry.reset(snapshot)
@@ -199,7 +211,7 @@ class _IndexBase:
             return
         else:
             self._unlink(entry)
-            if snapshot.model != entry.snapshot.model:
+            if snapshot.model != entry.model:
                 self._pool_members.subtract(entry.pools)
                 entry.reset(snapshot)
                 self._pool_members.update(entry.pools)
@@ -295,7 +307,7 @@ class _IndexBase:
     def _push(self, entry: _Entry, keys: tuple[Any, ...], version: int, joined: int) -> None:
         """Push the entry's keys into its built pools; ``joined``: 1 when it becomes a live member, 0 when it
         already was (a re-key)."""
-        iid = entry.snapshot.instance_id
+        iid = entry.iid
         pools = self._pools
         sizes = self._pool_sizes
         entries = self._entries
@@ -303,7 +315,10 @@ class _IndexBase:
             pool = pools.get(pool_name)
             if pool is None:
                 continue  # not read yet: built from the entries' keys when it is
-            live = sizes[pool_name] = sizes[pool_name] + joined
+            live = sizes[pool_name]
+            if joined:
+                live = sizes[pool_name] = live + joined
+            limit = 4 * live + 16
             for heap, key in zip(pool, keys, strict=False):
                 if key is None:
                     continue
@@ -314,20 +329,21 @@ class _IndexBase:
                     heapreplace(heap, (key, iid, version))
                 else:
                     heappush(heap, (key, iid, version))
-                    if len(heap) > 4 * live + 16:
+                    if len(heap) > limit:
                         self._rebuild(heap)
                         continue
                 # pop up to two stale items off the top: a policy that rarely reads a heap (prefix affinity
                 # answers most requests from its holders) would otherwise pay for thousands of stale tops in
                 # one read
-                for _ in range(2):
-                    top = heap[0]
-                    other = entries.get(top[1])
-                    if other is not None and other.version == top[2]:
-                        break
+                top = heap[0]
+                other = entries.get(top[1])
+                if other is None or other.version != top[2]:
                     heappop(heap)
-                    if not heap:
-                        break
+                    if heap:
+                        top = heap[0]
+                        other = entries.get(top[1])
+                        if other is None or other.version != top[2]:
+                            heappop(heap)
 
     def _rekey(self, entry: _Entry) -> None:
         """``_unlink`` then ``_link`` in one step, for a dispatch: same versions and items, less work."""
@@ -600,17 +616,24 @@ class PredictiveIndex(_IndexBase):
         walking its running requests again."""
         bs = snapshot.block_size
         prefilling = 0
-        for r in snapshot.running:
-            if not r.decoding:
-                left = r.num_tokens - r.num_blocks * bs
-                if left > 0:
-                    prefilling += left
+        running_requests = snapshot.running
+        # the Python loop only when some request is still prefilling (``map`` over the flags runs in C): most
+        # heartbeats of a busy instance list decodes only
+        if False in map(_DECODING, running_requests):
+            for r in running_requests:
+                if not r.decoding:
+                    left = r.num_tokens - r.num_blocks * bs
+                    if left > 0:
+                        prefilling += left
+        total = snapshot.num_total_blocks
+        waiting_blocks = snapshot.waiting_blocks
+        running = snapshot.num_running
         return (
-            max(1, snapshot.num_total_blocks),
-            snapshot.num_used_blocks + snapshot.waiting_blocks,
-            snapshot.num_running + snapshot.num_waiting,
-            snapshot.num_running,
-            snapshot.waiting_blocks,
+            total if total > 1 else 1,
+            total - snapshot.num_free_blocks + waiting_blocks,  # num_used_blocks (a property) + queued
+            running + snapshot.num_waiting,
+            running,
+            waiting_blocks,
             bs,
             prefilling,
         )
@@ -643,7 +666,20 @@ class PredictiveIndex(_IndexBase):
         self._no_prefix_at = -1  # the prefix index's ``changes`` when the last choice found no holder at all
 
     def upsert(self, snapshot: InstanceSnapshot) -> None:
-        super().upsert(snapshot)
+        entry = self._entries.get(snapshot.instance_id)
+        if entry is not None and entry.keys and not snapshot.draining and snapshot.model == entry.model:
+            # the usual heartbeat: ``_IndexBase.upsert``'s first branch in one frame (``_Entry.reset`` with the
+            # model unchanged, then the re-key); a busy cluster sends about one per dispatch
+            entry.snapshot = snapshot
+            entry.extra_waiting = 0
+            entry.extra_blocks = 0
+            entry.extra_high = False
+            count = snapshot.high_priority_count
+            entry.has_high = count > 0 if count >= 0 else snapshot.num_high_priority > 0
+            entry.terms = self._terms(snapshot)
+            self._rekey(entry)
+        else:
+            super().upsert(snapshot)
         if self.prefix_index is not None:
             self.prefix_index.set_capacity(snapshot.instance_id, snapshot.num_total_blocks)
 
@@ -653,21 +689,33 @@ class PredictiveIndex(_IndexBase):
             self.prefix_index.remove_instance(instance_id)
 
     def on_dispatched(self, instance_id: str, demand: RequestDemand) -> None:
-        if self.prefix_index is not None and demand.prefix_block_hashes:
+        num_blocks = demand.num_blocks
+        index = self.prefix_index
+        if index is not None and demand.prefix_block_hashes:
             rid, iid, cached = self._last_hit
-            if iid is _ANY_INSTANCE and self._no_prefix_at == self.prefix_index.changes:
+            if iid is _ANY_INSTANCE and self._no_prefix_at == index.changes:
                 iid = instance_id  # nobody held the prefix when it was chosen, and the holdings are the same
             if rid != demand.request_id or iid != instance_id:  # not the choice just made: look it up
-                cached = self.prefix_index.overlap(instance_id, demand.prefix_block_hashes)
+                cached = index.overlap(instance_id, demand.prefix_block_hashes)
             if cached:  # a hit is neither prefilled nor allocated again: only the rest is pending there
-                self._add_pending(instance_id, max(0, demand.num_blocks - cached), demand.priority)
-                return
-        self._add_pending(instance_id, demand.num_blocks, demand.priority)
+                num_blocks = num_blocks - cached if num_blocks > cached else 0
+        # ``_add_pending``, inlined
+        entry = self._entries.get(instance_id)
+        if entry is None:
+            return
+        entry.extra_waiting += 1
+        entry.extra_blocks += num_blocks
+        if demand.priority > 0:
+            entry.extra_high = True
+        self._rekey(entry)
 
     def choose(self, demand: RequestDemand) -> str | None:
-        pool = self._pool(demand.model)
-        if not pool:
-            return None
+        model = demand.model
+        pool = self._pools.get(model)
+        if pool is None:
+            pool = self._pool(model)  # built on its first read
+            if not pool:
+                return None
         if self.prefix_index is not None and demand.prefix_block_hashes:
             holder = self._choose_holder(demand, pool)
             if holder is not None:
@@ -676,6 +724,60 @@ class PredictiveIndex(_IndexBase):
             top = self._top(pool[0])
             return None if top is None else top[1]
         return self._choose_late(demand, pool)
+
+    def _rekey(self, entry: _Entry) -> None:
+        """``_IndexBase._rekey`` with ``_keys`` inlined (every decision re-keys two instances: the one it chose,
+        and the one whose heartbeat follows). The formulas are ``_keys``'s in the same order of operations, so
+        the floats are the same; test_drover_equivalence checks both paths against a full scan."""
+        if not entry.keys:  # draining (or not linked): nothing to re-key, only the version moves on
+            self._unlink(entry)
+            self._link(entry)
+            return
+        self._clock += 2  # the version _unlink would set, then the one _link sets
+        entry.version = version = self._clock
+        total, used_queued, hosted, running, waiting_blocks, bs, prefilling = entry.terms
+        params = self.params
+        extra_blocks = entry.extra_blocks
+        extra_waiting = entry.extra_waiting
+        demand = used_queued + extra_blocks + params.predict_growth_blocks * (hosted + extra_waiting)
+        room = -float(total - demand) if params.predict_hold else None
+        load = demand / total
+        key: tuple[float, float, float]
+        if load >= params.predict_high_watermark:
+            key = (1.0, load, 0.0)
+        else:
+            ahead: float = (waiting_blocks + extra_blocks) * bs + prefilling
+            ahead += params.predict_decode_weight * (running + extra_waiting)
+            key = (0.0, float(ahead), load)
+        entry.keys = (key, room)
+        # ``_push`` for the two lists, inlined
+        iid = entry.iid
+        pools = self._pools
+        entries = self._entries
+        for pool_name in entry.pools:
+            pool = pools.get(pool_name)
+            if pool is None:
+                continue  # not read yet: built from the entries' keys when it is
+            limit = 4 * self._pool_sizes[pool_name] + 16
+            for heap, item in ((pool[0], (key, iid, version)), (pool[1], (room, iid, version))):
+                if item[0] is None:
+                    continue  # no room list without late binding
+                if heap and heap[0][1] == iid:
+                    heapreplace(heap, item)  # its own stale top, as after a dispatch to the best instance
+                else:
+                    heappush(heap, item)
+                    if len(heap) > limit:
+                        self._rebuild(heap)
+                        continue
+                top = heap[0]  # up to two stale tops popped, as _push does
+                other = entries.get(top[1])
+                if other is None or other.version != top[2]:
+                    heappop(heap)
+                    if heap:
+                        top = heap[0]
+                        other = entries.get(top[1])
+                        if other is None or other.version != top[2]:
+                            heappop(heap)
 
     _HOLDERS = 4  # holders of one depth scored (a prefix cached everywhere costs no more)
 
@@ -724,7 +826,7 @@ class PredictiveIndex(_IndexBase):
             uncached = blocks - cached
             if room is not None and -room < (uncached if uncached > 0 else 0) + growth:
                 continue
-            uncomputed = prompt - cached * entry.snapshot.block_size
+            uncomputed = prompt - cached * entry.terms[5]  # the block size (the snapshot may be out of cache)
             cost = key[1] + uncomputed if uncomputed > 0 else key[1]
             if best is None or cost < best[0]:
                 best = (cost, iid, cached)
@@ -764,11 +866,18 @@ class PredictiveIndex(_IndexBase):
         need = demand.num_blocks + self.params.predict_growth_blocks
         # The best live item of a heap is its top once stale tops are popped (``_top``, cheap): the walk over
         # the best few (``_peek``) is paid only when the top is ruled out (reserved, or no room).
-        soonest = self._top(pool[0])
-        if soonest is not None and soonest[1] != reserved and -self._entries[soonest[1]].keys[1] >= need:  # type: ignore[operator]
-            # the first candidate of the loop below: the roomiest instance other than the reserved one has at
-            # least this room, so the steps before the loop would let it through
-            return soonest[1]
+        heap = pool[0]
+        entries = self._entries
+        while heap:  # ``_top``, inlined
+            soonest = heap[0]
+            entry = entries.get(soonest[1])
+            if entry is not None and entry.version == soonest[2]:
+                if soonest[1] != reserved and -entry.keys[1] >= need:  # type: ignore[operator]  # a float
+                    # the first candidate of the loop below: the roomiest instance other than the reserved one
+                    # has at least this room, so the steps before the loop would let it through
+                    return soonest[1]
+                break
+            heappop(heap)
         roomiest: _HeapItem | tuple[Any, str] | None
         if reserved is None:
             roomiest = self._top(pool[1])

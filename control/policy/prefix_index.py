@@ -228,7 +228,7 @@ class PrefixIndex:
         holdings = self._instances.get(instance_id)
         if holdings is None:
             holdings = self._instances[instance_id] = _Holdings("", needs_resync=False)
-        capacity = max(0, num_blocks)
+        capacity = num_blocks if num_blocks > 0 else 0
         if capacity != holdings.capacity:  # every heartbeat says it; it rarely changes
             self.changes += 1
             holdings.capacity = capacity
@@ -331,15 +331,17 @@ class PrefixIndex:
 
     def overlap(self, instance_id: str, hashes: Sequence[int], upto: int | None = None, at_least: int = 0) -> int:
         """Longest prefix of ``hashes`` (in blocks, at most ``upto``) the instance holds, known to be at least
-        ``at_least``; binary search."""
-        holdings = self._instances.get(instance_id)
-        if holdings is None or not holdings.blocks:
-            return 0
-        blocks = holdings.blocks
+        ``at_least``; binary search.
+
+        Each probe asks the hash's holders (``block in holdings.blocks`` exactly when the instance is in
+        ``_holders[block]``: every change updates both) rather than the instance's own map: a popular prefix's
+        entries in the global map are in the CPU cache from the decisions before, one instance's map of a
+        thousand instances is not (this runs on nearly every ``drover`` dispatch)."""
+        all_holders = self._holders
         lo, hi = at_least, len(hashes) if upto is None else min(upto, len(hashes))
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if hashes[mid - 1] in blocks:
+            if instance_id in all_holders.get(hashes[mid - 1], _EMPTY):
                 lo = mid
             else:
                 hi = mid - 1
