@@ -34,7 +34,6 @@ import heapq
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from heapq import heappop, heappush, heapreplace
-from operator import attrgetter
 from typing import Any, Protocol
 
 from control.policy.freeness import INF, dispatch_freeness, physical_usage, priority_headroom_blocks
@@ -164,10 +163,6 @@ _HeapItem = tuple[Any, ...]
 _STALE_WALK = 4
 """Stale heap items a read of the best few instances (``_IndexBase._peek``) steps over before it pops them for
 good instead."""
-
-
-_DECODING = attrgetter("decoding")
-"""A running request's ``decoding`` flag (``PredictiveIndex._terms`` reads all of them in C)."""
 
 
 class _IndexBase:
@@ -621,15 +616,11 @@ class PredictiveIndex(_IndexBase):
         walking its running requests again."""
         bs = snapshot.block_size
         prefilling = 0
-        running_requests = snapshot.running
-        # the Python loop only when some request is still prefilling (``map`` over the flags runs in C): most
-        # heartbeats of a busy instance list decodes only
-        if False in map(_DECODING, running_requests):
-            for r in running_requests:
-                if not r.decoding:
-                    left = r.num_tokens - r.num_blocks * bs
-                    if left > 0:
-                        prefilling += left
+        for r in snapshot.running:
+            if not r.decoding:
+                left = r.num_tokens - r.num_blocks * bs
+                if left > 0:
+                    prefilling += left
         total = snapshot.num_total_blocks
         waiting_blocks = snapshot.waiting_blocks
         running = snapshot.num_running
@@ -747,15 +738,19 @@ class PredictiveIndex(_IndexBase):
         demand = used_queued + extra_blocks + params.predict_growth_blocks * (hosted + extra_waiting)
         room = -float(total - demand) if params.predict_hold else None
         load = demand / total
+        iid = entry.iid
         key: tuple[float, float, float]
         if load >= params.predict_high_watermark:
             key = (1.0, load, 0.0)
+            item = (1.0, load, 0.0, iid, version)
         else:
             ahead: float = (waiting_blocks + extra_blocks) * bs + prefilling
             ahead += params.predict_decode_weight * (running + extra_waiting)
-            key = (0.0, float(ahead), load)
-        entry.keys = keys = (key, room)
-        self._push(entry, keys, version, 0)
+            ahead = float(ahead)
+            key = (0.0, ahead, load)
+            item = (0.0, ahead, load, iid, version)
+        entry.keys = (key, room)
+        self._push_items(entry, item, room, version, 0)
 
     def _item(self, number: int, key: Any, iid: str, version: int) -> _HeapItem:
         """List 0's key laid out flat, (tier, work ahead or load, load, instance id, version): it orders as
@@ -765,7 +760,10 @@ class PredictiveIndex(_IndexBase):
 
     def _push(self, entry: _Entry, keys: tuple[Any, ...], version: int, joined: int) -> None:
         """``_IndexBase._push`` for the two lists, list 0's items laid out flat (``_item``)."""
-        key, room = keys
+        self._push_items(entry, (*keys[0], entry.iid, version), keys[1], version, joined)
+
+    def _push_items(self, entry: _Entry, item: _HeapItem, room: float | None, version: int, joined: int) -> None:
+        """``_push`` with list 0's item built (``_rekey`` has its parts at hand) and list 1's key."""
         iid = entry.iid
         pools = self._pools
         sizes = self._pool_sizes
@@ -778,13 +776,13 @@ class PredictiveIndex(_IndexBase):
             if joined:
                 live = sizes[pool_name] = live + joined
             limit = 4 * live + 16
-            for heap, item in ((pool[0], (*key, iid, version)), (pool[1], (room, iid, version))):
-                if item[0] is None:
+            for heap, pushed in ((pool[0], item), (pool[1], (room, iid, version))):
+                if pushed[0] is None:
                     continue  # no room list without late binding
                 if heap and heap[0][-2] == iid:
-                    heapreplace(heap, item)  # its own stale top, as after a dispatch to the best instance
+                    heapreplace(heap, pushed)  # its own stale top, as after a dispatch to the best instance
                 else:
-                    heappush(heap, item)
+                    heappush(heap, pushed)
                     if len(heap) > limit:
                         self._rebuild(heap)
                         continue
