@@ -33,7 +33,7 @@ import functools
 import heapq
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
-from heapq import heappop, heappush, heapreplace
+from heapq import heapify, heappop, heappush, heapreplace
 from typing import Any, Protocol
 
 from control.policy.freeness import INF, dispatch_freeness, physical_usage, priority_headroom_blocks
@@ -115,6 +115,7 @@ class _Entry:
         "keys",
         "model",
         "pools",
+        "room_version",
         "snapshot",
         "terms",
         "version",
@@ -134,6 +135,7 @@ class _Entry:
         self.keys: tuple[float | tuple[float, ...] | None, ...] = ()
         self.pools: tuple[str, ...] = _pool_names(snapshot)
         self.version = 0  # heap items carrying another version are stale
+        self.room_version = 0  # the same for ``PredictiveIndex``'s room list, which a dispatch leaves as it is
 
     def reset(self, snapshot: InstanceSnapshot) -> None:
         """A fresh heartbeat: it replaces the virtual bumps of earlier dispatches."""
@@ -280,21 +282,21 @@ class _IndexBase:
     def _build_pool(self, model: str) -> tuple[list[_HeapItem], ...]:
         pool: tuple[list[_HeapItem], ...] = tuple([] for _ in range(self.num_lists))
         live = 0
-        for iid, entry in self._entries.items():
+        for entry in self._entries.values():
             if entry.keys and model in entry.pools:
                 live += 1
                 for number, (heap, key) in enumerate(zip(pool, entry.keys, strict=False)):
                     if key is not None:
-                        heap.append(self._item(number, key, iid, entry.version))
+                        heap.append(self._item(number, key, entry))
         for heap in pool:
             heapq.heapify(heap)
         self._pools[model] = pool
         self._pool_sizes[model] = live
         return pool
 
-    def _item(self, number: int, key: Any, iid: str, version: int) -> _HeapItem:
-        """The heap item of list ``number`` (see ``_HeapItem``)."""
-        return (key, iid, version)
+    def _item(self, number: int, key: Any, entry: _Entry) -> _HeapItem:
+        """The entry's heap item in list ``number`` (see ``_HeapItem``)."""
+        return (key, entry.iid, entry.version)
 
     def _link(self, entry: _Entry) -> None:
         self._clock += 1
@@ -703,7 +705,7 @@ class PredictiveIndex(_IndexBase):
         entry.extra_blocks += num_blocks
         if demand.priority > 0:
             entry.extra_high = True
-        self._rekey(entry)
+        self._rekey(entry, dispatched=True)
 
     def choose(self, demand: RequestDemand) -> str | None:
         model = demand.model
@@ -721,10 +723,13 @@ class PredictiveIndex(_IndexBase):
             return None if top is None else top[-2]
         return self._choose_late(demand, pool)
 
-    def _rekey(self, entry: _Entry) -> None:
+    def _rekey(self, entry: _Entry, dispatched: bool = False) -> None:
         """``_IndexBase._rekey`` with ``_keys`` inlined (every decision re-keys two instances: the one it chose,
         and the one whose heartbeat follows). The formulas are ``_keys``'s in the same order of operations, so
-        the floats are the same; test_drover_equivalence checks both paths against a full scan."""
+        the floats are the same; test_drover_equivalence checks both paths against a full scan.
+
+        ``dispatched``: a dispatch re-keys it, which only takes room (more blocks and one more request
+        pending), so its item in the room list is left as it is (``_room_top``)."""
         if not entry.keys:  # draining (or not linked): nothing to re-key, only the version moves on
             self._unlink(entry)
             self._link(entry)
@@ -750,20 +755,24 @@ class PredictiveIndex(_IndexBase):
             key = (0.0, ahead, load)
             item = (0.0, ahead, load, iid, version)
         entry.keys = (key, room)
-        self._push_items(entry, item, room, version, 0)
+        self._push_items(entry, item, None if dispatched else room, version, 0)
 
-    def _item(self, number: int, key: Any, iid: str, version: int) -> _HeapItem:
+    def _item(self, number: int, key: Any, entry: _Entry) -> _HeapItem:
         """List 0's key laid out flat, (tier, work ahead or load, load, instance id, version): it orders as
         ((tier, ...), instance id, version) does, but a comparison reads the floats without stepping into a
-        nested tuple (twice: once for equality, once for order), which halved a sift's cost."""
-        return (*key, iid, version) if number == 0 else (key, iid, version)
+        nested tuple (twice: once for equality, once for order), which halved a sift's cost. List 1's items
+        carry the room version (``_room_top``)."""
+        return (*key, entry.iid, entry.version) if number == 0 else (key, entry.iid, entry.room_version)
 
     def _push(self, entry: _Entry, keys: tuple[Any, ...], version: int, joined: int) -> None:
         """``_IndexBase._push`` for the two lists, list 0's items laid out flat (``_item``)."""
         self._push_items(entry, (*keys[0], entry.iid, version), keys[1], version, joined)
 
     def _push_items(self, entry: _Entry, item: _HeapItem, room: float | None, version: int, joined: int) -> None:
-        """``_push`` with list 0's item built (``_rekey`` has its parts at hand) and list 1's key."""
+        """``_push`` with list 0's item built (``_rekey`` has its parts at hand) and list 1's key (None: the room
+        list is left as it is, see ``_room_top``)."""
+        if room is not None:
+            entry.room_version = version  # the room item pushed below supersedes the entry's earlier ones
         iid = entry.iid
         pools = self._pools
         sizes = self._pool_sizes
@@ -776,17 +785,15 @@ class PredictiveIndex(_IndexBase):
             if joined:
                 live = sizes[pool_name] = live + joined
             limit = 4 * live + 16
-            for heap, pushed in ((pool[0], item), (pool[1], (room, iid, version))):
-                if pushed[0] is None:
-                    continue  # no room list without late binding
-                if heap and heap[0][-2] == iid:
-                    heapreplace(heap, pushed)  # its own stale top, as after a dispatch to the best instance
-                else:
-                    heappush(heap, pushed)
-                    if len(heap) > limit:
-                        self._rebuild(heap)
-                        continue
-                top = heap[0]  # up to two stale tops popped, as _IndexBase._push does
+            heap = pool[0]
+            if heap and heap[0][-2] == iid:
+                heapreplace(heap, item)  # its own stale top, as after a dispatch to the best instance
+            else:
+                heappush(heap, item)
+                if len(heap) > limit:
+                    self._rebuild(heap)
+            if heap:  # up to two stale tops popped, as _IndexBase._push does
+                top = heap[0]
                 other = entries.get(top[-2])
                 if other is None or other.version != top[-1]:
                     heappop(heap)
@@ -795,6 +802,57 @@ class PredictiveIndex(_IndexBase):
                         other = entries.get(top[-2])
                         if other is None or other.version != top[-1]:
                             heappop(heap)
+            if room is None:
+                continue  # a dispatch (or no room list without late binding)
+            heap = pool[1]
+            if heap and heap[0][1] == iid:
+                heapreplace(heap, (room, iid, version))
+            else:
+                heappush(heap, (room, iid, version))
+                if len(heap) > limit:
+                    heap[:] = [item for item in heap if self._room_live(item)]
+                    heapify(heap)
+            for _ in range(2):  # up to two stale tops popped, as above
+                if not heap or self._room_live(heap[0]):
+                    break
+                heappop(heap)
+
+    def _room_live(self, item: _HeapItem) -> bool:
+        """Whether a room-list item is its instance's current one (its key may be above the instance's room now:
+        ``_room_top``)."""
+        entry = self._entries.get(item[1])
+        return entry is not None and entry.room_version == item[2] and bool(entry.keys)
+
+    def _room_top(self, heap: list[_HeapItem]) -> _HeapItem | None:
+        """The roomiest instance's item, its key the instance's room now.
+
+        A dispatch only takes room from its instance, so it leaves the instance's room item as it was (one
+        heap push less per decision): that item's key is then more room than the instance has, never less.
+        When such an item reaches the top it gets the room the instance has now, in place, and sinks to where
+        it belongs. Every other live instance's item has at least its real room, so a top that is exact is the
+        roomiest instance, as in an eagerly kept list, ties broken by instance id as there."""
+        entries = self._entries
+        while heap:
+            item = heap[0]
+            entry = entries.get(item[1])
+            if entry is None or entry.room_version != item[2] or not entry.keys:
+                heappop(heap)  # stale: superseded, unlinked or removed
+                continue
+            room = entry.keys[1]
+            if item[0] == room:
+                return item
+            heapreplace(heap, (room, item[1], item[2]))
+        return None
+
+    def _roomiest_but(self, heap: list[_HeapItem], reserved: str) -> _HeapItem | None:
+        """The roomiest instance other than ``reserved`` (the first of the best two that is not it)."""
+        top = self._room_top(heap)
+        if top is None or top[1] != reserved:
+            return top
+        heappop(heap)  # set aside while the next one is read
+        other = self._room_top(heap)
+        heappush(heap, top)
+        return other
 
     _HOLDERS = 4  # holders of one depth scored (a prefix cached everywhere costs no more)
 
@@ -896,11 +954,7 @@ class PredictiveIndex(_IndexBase):
                     return soonest[-2]
                 break
             heappop(heap)
-        roomiest: _HeapItem | tuple[Any, str] | None
-        if reserved is None:
-            roomiest = self._top(pool[1])
-        else:
-            roomiest = next((c for c in self._peek(pool[1], 2) if c[1] != reserved), None)
+        roomiest = self._room_top(pool[1]) if reserved is None else self._roomiest_but(pool[1], reserved)
         if roomiest is None:
             return None
         if -roomiest[0] < need:
