@@ -812,8 +812,12 @@ class PredictiveIndex(_IndexBase):
                 if len(heap) > limit:
                     heap[:] = [item for item in heap if self._room_live(item)]
                     heapify(heap)
-            for _ in range(2):  # up to two stale tops popped, as above
-                if not heap or self._room_live(heap[0]):
+            for _ in range(2):  # up to two stale tops popped, as above (``_room_live``, inlined)
+                if not heap:
+                    break
+                top = heap[0]
+                other = entries.get(top[1])
+                if other is not None and other.room_version == top[2] and other.keys:
                     break
                 heappop(heap)
 
