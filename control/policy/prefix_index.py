@@ -86,6 +86,9 @@ class PrefixIndex:
         self._holders: dict[int, set[str]] = {}
         self._instances: dict[str, _Holdings] = {}
         self._partial: dict[str, _Partial] = {}  # instance -> the chunked listing being received
+        # the last ``deep_holders`` call's prompt, ``changes`` then, and the holders of its first probe: an
+        # ``overlap`` of the same prompt right after (the dispatch of the choice) starts with the same probe
+        self._first_probe: tuple[Sequence[int], int, set[str] | None] = ((), -1, None)
 
     # ------------------------------------------------------------------------------------------ feed
     def apply(
@@ -290,17 +293,24 @@ class PrefixIndex:
         this runs on every ``kv_aware`` decision, where each probe of a million-entry dict is a cache miss."""
         all_holders = self._holders
         lo, hi = 0, len(hashes)
+        deepest_holders: set[str] = _EMPTY
+        first = True
         while lo < hi:  # deepest(), inlined
             mid = (lo + hi + 1) // 2
-            if hashes[mid - 1] in all_holders:
+            holders = all_holders.get(hashes[mid - 1])
+            if first:
+                self._first_probe = (hashes, self.changes, holders)
+                first = False
+            if holders:  # never an empty set: a hash nobody holds leaves the map
                 lo = mid
+                deepest_holders = holders  # the last hit is at the final depth: no second lookup of it
             else:
                 hi = mid - 1
         deepest = lo
         found: dict[str, int] = {}
         if not deepest:
             return 0, found
-        for iid in all_holders[hashes[deepest - 1]]:
+        for iid in deepest_holders:
             if len(found) == limit:
                 break
             found[iid] = deepest
@@ -339,6 +349,14 @@ class PrefixIndex:
         thousand instances is not (this runs on nearly every ``drover`` dispatch)."""
         all_holders = self._holders
         lo, hi = at_least, len(hashes) if upto is None else min(upto, len(hashes))
+        probed, changes, holders = self._first_probe
+        if probed is hashes and changes == self.changes and lo == 0 and hi == len(hashes) and hi:
+            # the first probe of ``deep_holders`` on this prompt, with nothing changed since: its holders
+            mid = (hi + 1) // 2
+            if holders is not None and instance_id in holders:
+                lo = mid
+            else:
+                hi = mid - 1
         while lo < hi:
             mid = (lo + hi + 1) // 2
             if instance_id in all_holders.get(hashes[mid - 1], _EMPTY):
