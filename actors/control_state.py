@@ -12,6 +12,9 @@ ordered and coalesced by :class:`transport.kv_store.KvWriter`) and :func:`restor
 After a restore, a request whose instance's heartbeat no longer lists it (it ended, or the engine restarted,
 while no control plane listened) is checked against the output stream exactly like a failover: finished
 requests leave the table, unfinished ones resume from what their client has.
+A request restored ``recovering`` (it was failing over when the last control plane stopped) is fenced again
+on the instance it failed over from, where that instance is still known: the failover's hold (the instance may
+still hold a copy) is derived again from that answer rather than stored (``control/core/requests.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from control.core.requests import InstanceRecord, RequestRecord, recover
+from control.core.requests import InstanceRecord, RequestRecord, recover, recover_restored
 from control.policy.pd import parse_phase
 from transport.kv_store import KvWriter, kv_key, read_all
 from transport.messages import EngineInfo, InstanceHeartbeat, InstanceLoad
@@ -67,6 +70,19 @@ class StoredMigration(msgspec.Struct, kw_only=True):
 
 
 _request_decoder = msgspec.msgpack.Decoder(RequestRecord)
+
+
+def encode_request(record: RequestRecord) -> bytes:
+    """A request table row as stored under ``req.<id>`` (the core's record itself, msgpack)."""
+    return msgspec.msgpack.encode(record)
+
+
+def decode_request(data: bytes) -> RequestRecord:
+    """A stored ``req.<id>`` value back into the core's record. Rows stored by older versions decode too: a
+    ``v`` field is ignored, and a field they lack takes its default."""
+    return _request_decoder.decode(data)
+
+
 _instance_decoder = msgspec.msgpack.Decoder(StoredInstance)
 _migration_decoder = msgspec.msgpack.Decoder(StoredMigration)
 _phase_decoder = msgspec.msgpack.Decoder(StoredPhase)
@@ -92,7 +108,7 @@ class ControlState:
         fields) still decode."""
         if self.writer is None:
             return
-        self.writer.put(kv_key(REQUEST_NS, record.request_id), msgspec.msgpack.encode(record))
+        self.writer.put(kv_key(REQUEST_NS, record.request_id), encode_request(record))
 
     def drop_request(self, request_id: str) -> None:
         self.unconfirmed.pop(request_id, None)
@@ -151,7 +167,7 @@ class ControlState:
             namespace = key.split(".", 1)[0].removesuffix("x")
             try:
                 if namespace == REQUEST_NS:
-                    requests.append(_request_decoder.decode(value))
+                    requests.append(decode_request(value))
                 elif namespace == INSTANCE_NS:
                     instances.append(_instance_decoder.decode(value))
                 elif namespace == MIGRATION_NS:
@@ -199,11 +215,20 @@ class ControlState:
                 _recover(scheduler, record)
 
 
+RESTARTED = "the control plane restarted and cannot resume this stream"
+
+
 def _recover(scheduler: SchedulerActor, record: RequestRecord) -> None:
     """Read back what the client has; the scheduler then drops the request or resumes it (failover path)."""
-    scheduler.failovers.carry_out(
-        [recover(record, unresumable="the control plane restarted and cannot resume this stream")]
-    )
+    scheduler.failovers.carry_out([recover(record, unresumable=RESTARTED)])
+
+
+def _recover_restored(scheduler: SchedulerActor, record: RequestRecord) -> None:
+    """A restored request to recover: as :func:`_recover`, but a ``recovering`` one first fences again the
+    instance it failed over from where that is still known (the core's ``recover_restored``), so a failover
+    the last control plane left unfinished (fence unanswered, or held: its hold is not stored) is decided
+    again on that instance's present answer, hold included."""
+    scheduler.failovers.carry_out([recover_restored(record, scheduler.instances, unresumable=RESTARTED)])
 
 
 def _release_migrations(scheduler: SchedulerActor, migrations: list[StoredMigration]) -> None:
@@ -295,10 +320,11 @@ def _restore(scheduler: SchedulerActor) -> None:
             scheduler.dispatch.wait(record.request_id)
         elif record.state == "running" and record.instance_id in scheduler.instances:
             state.unconfirmed[record.request_id] = record.instance_id
-        else:  # recovering, or on an instance nobody knows: read back what its client has
+        else:  # recovering, or on an instance nobody knows: fence its last instance again, read back what
+            # its client has (a failover's hold is derived again here: control/core/requests.py)
             recover.append(record)
     for record in recover:
-        _recover(scheduler, record)
+        _recover_restored(scheduler, record)
     if requests or instances or state.phases:
         log.info(
             "restored %d requests, %d instances and %d phases from the state store (%d to recover)",

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from opentelemetry import trace
 
@@ -49,13 +49,19 @@ class SchedulerView:
         classes: RequestClasses,
         demand: Callable[[RequestRecord], RequestDemand],
         now: float,
+        blocked: Callable[[str], bool] = lambda _instance_id: False,
     ) -> None:
-        """Thread: the scheduler actor's thread."""
+        """``blocked(instance_id)``: the instance takes no dispatch for another reason than its own record (a
+        KunServe group's member, see ``InstanceRegistry.blocks_dispatch``); class-aware placement reads it as
+        draining, as the freeness index does.
+
+        Thread: the scheduler actor's thread."""
         self.instances = instances
         self.requests = requests
         self.classes = classes
         self.demand = demand
         self.now = now
+        self.blocked = blocked
 
     def waiting(self, request_id: str) -> Waiting | None:
         """Thread: the scheduler actor's thread."""
@@ -82,7 +88,10 @@ class SchedulerView:
 
     def class_loads(self) -> Sequence[FleetInstance]:
         """Thread: the scheduler actor's thread."""
-        return self.classes.loads(self.instances, self.requests)
+        return [
+            replace(load, state="draining") if load.state != "draining" and self.blocked(load.instance_id) else load
+            for load in self.classes.loads(self.instances, self.requests)
+        ]
 
     def evictable(self, instance_id: str) -> Sequence[RunningBatch]:
         """Thread: the scheduler actor's thread."""
@@ -179,6 +188,7 @@ class Placements:
             self.classes,
             lambda r: self.demand(r.request_id, r.prompt_token_ids, r.submit),
             now,
+            blocked=self.registry.blocks_dispatch,
         )
 
     def on_acknowledged(self, request_id: str, now: float) -> None:

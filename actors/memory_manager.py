@@ -96,6 +96,7 @@ class LiveGroup:
     formed_wall: float = 0.0  # time.time() when the leader answered "lead"
     formed_mono: float = 0.0
     joined: list[str] = field(default_factory=list)
+    joined_wall: float = 0.0  # time.time() when the last member answered "join" (or the group was adopted)
     details: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -143,6 +144,11 @@ class MemoryManager:
         self.on_change = on_change
         self.groups: dict[str, LiveGroup] = {}
         self.seen: dict[str, _Seen] = {}
+        # Members of an ended group -> time.time() when they were last known to be members: until a heartbeat
+        # sent after it says otherwise, such an instance may still hold only its stage's layers (or be dead:
+        # a member that dies ends its group before its heartbeats run out), whatever an older beat said. (The
+        # engine's sent_at against our clock, as the leader's "serves alone again" check does.)
+        self.left: dict[str, float] = {}
         # When automatic steps may happen (min group time, idle restore, cooldown): the control core's, the
         # one the memory simulator runs; fed time.monotonic().
         self.hysteresis = GroupHysteresis(self.params)
@@ -177,14 +183,24 @@ class MemoryManager:
 
     def blocks_dispatch(self, instance_id: str) -> bool:
         """True for a group's members, for its leader while the group forms or restores, and for an instance
-        that still serves as a stage (a member whose group ended takes requests once it restored).
+        that still serves as a stage (a member whose group ended takes requests once it restored: once a
+        heartbeat it sent after its join says it is no member; an older one, from before the join, says
+        "standalone" but proves nothing, and a member that died never sends a newer one).
 
         Thread: the scheduler actor's thread."""
         group = self.group_of(instance_id)
         if group is None:
             seen = self.seen.get(instance_id)
-            return seen is not None and seen.memory.group_role == "member"
+            return seen is not None and (seen.memory.group_role == "member" or self._unheard(instance_id, seen))
         return instance_id != group.leader or group.state != "pipelined"
+
+    def _unheard(self, instance_id: str, seen: _Seen) -> bool:
+        """A member of an ended group whose last word predates its join (a beat from before it: "standalone"):
+        no sign that it restored, or that it is alive at all.
+
+        Thread: the scheduler actor's thread."""
+        left = self.left.get(instance_id)
+        return left is not None and seen.sent_at <= left
 
     def status(self) -> list[GroupStatus]:
         """Thread: the scheduler actor's thread."""
@@ -219,6 +235,9 @@ class MemoryManager:
             self.seen[instance_id] = _Seen(
                 beat.memory, beat.load, beat.info.model, beat.info.kv_layout, beat.sent_at, beat.draining
             )
+            left = self.left.get(instance_id)
+            if left is not None and beat.sent_at > left and beat.memory.group_role != "member":
+                self.left.pop(instance_id)  # it reported since its group: its own word counts again
             group = self.group_of(instance_id)
             if group is None and beat.memory.group_role == "leader" and beat.memory.group_id:
                 group = self._adopt(beat.memory)
@@ -239,13 +258,15 @@ class MemoryManager:
         members = tuple(memory.group_members)
         if len(members) < 2 or any(self.group_of(m) is not None for m in members):
             return None
+        now_wall = time.time()
         group = LiveGroup(
             group_id=memory.group_id,
             members=members,
             layer_ranges=split_layers(memory.num_layers, len(members)),
             state="pipelined",
-            formed_wall=time.time(),
+            formed_wall=now_wall,
             formed_mono=time.monotonic(),
+            joined_wall=now_wall,
         )
         self.groups[group.group_id] = group
         self.hysteresis.formed(group.group_id, group.formed_mono)
@@ -259,6 +280,7 @@ class MemoryManager:
         Thread: the scheduler actor's thread."""
         with self._lock:
             self.seen.pop(instance_id, None)
+            self.left.pop(instance_id, None)
             group = self.group_of(instance_id)
             if group is None:
                 return
@@ -270,11 +292,22 @@ class MemoryManager:
 
     def _end(self, group: LiveGroup, leave: list[str]) -> None:
         """Thread: the scheduler actor's thread."""
-        self.groups.pop(group.group_id, None)
+        self._forget(group)
         for member in leave:
             self.bus.run(self._ask_quietly(member, GroupCommand(op="leave", group_id=group.group_id)))
         self._cool(group.group_id, group.members)
         self._publish_gauges()
+
+    def _forget(self, group: LiveGroup) -> None:
+        """The group is over: its members stay out of dispatch until they report from after their join.
+
+        Thread: whichever thread ends the group (the scheduler actor's, or the bus loop when a group step
+        ends), under the lock."""
+        self.groups.pop(group.group_id, None)
+        if group.joined_wall:
+            for member in group.joined or group.members[1:]:  # (an adopted group lists no joins)
+                if member in self.seen:  # (one declared dead meanwhile is gone for good)
+                    self.left[member] = group.joined_wall
 
     def _cool(self, group_id: str, members: tuple[str, ...] | list[str]) -> None:
         """Thread: the scheduler actor's thread, or the bus loop when a group step ends (under the lock)."""
@@ -327,7 +360,7 @@ class MemoryManager:
             pending_blocks=load.waiting_blocks,
             num_waiting=load.num_waiting,
             draining=seen.draining,
-            grouped=not standalone or self.group_of(instance_id) is not None,
+            grouped=not standalone or self.group_of(instance_id) is not None or self._unheard(instance_id, seen),
             compat_key=f"{seen.model}|{seen.kv_layout}",
         )
 
@@ -443,6 +476,7 @@ class MemoryManager:
                         ),
                     )
                     group.joined.append(member)
+                    group.joined_wall = time.time()
                     addresses.append(answer.address)
                     evicted += answer.evicted
                     handed += [(member, add) for add in answer.handed]
@@ -563,7 +597,7 @@ class MemoryManager:
                 span.set_status(StatusCode.ERROR, message)
             details["seconds"] = time.perf_counter() - started
         with self._lock:
-            self.groups.pop(group.group_id, None)
+            self._forget(group)
             self._cool(group.group_id, group.members)
             self._publish_gauges()
         metrics().memory_event("restore_ordered", seconds=details["seconds"], outcome="ok" if ok else "failed")

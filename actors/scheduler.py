@@ -12,8 +12,9 @@ Each job has its own module, which the actor wires together:
   handoffs (the MigratorActor runs them);
 - ``actors/scheduler_admin.py``: operators' drain, phase, policy and status;
 - ``actors/scheduler_failover.py``: the core's failover decisions about a lost instance's requests;
-- here: heartbeats, the housekeeping tick (dead instances, the prefill:decode split, the queues) and the
-  ends of requests.
+- ``actors/scheduler_ends.py``: the ends of requests (an engine's end event, a KunServe member's hand-over),
+  and the one place a request that is over is forgotten;
+- here: heartbeats and the housekeeping tick (dead instances, the prefill:decode split, the queues).
 
 It never blocks: every input is a message (an ``Envelope`` from the bus or an internal tick), every output
 a non-blocking publish. Every method runs on the actor's own thread unless its docstring says otherwise.
@@ -39,6 +40,7 @@ from actors.request_classes import RequestClasses, class_dispatch_enabled
 from actors.request_lifecycle import RequestLifecycle
 from actors.scheduler_admin import SchedulerAdmin
 from actors.scheduler_clients import Acknowledged, ClientRequests
+from actors.scheduler_ends import Handed, RequestEnds
 from actors.scheduler_failover import Failovers
 from actors.scheduler_instances import InstanceRegistry, instance_state
 from actors.scheduler_migration import SchedulerMigrations
@@ -46,7 +48,7 @@ from actors.supervisor import SupervisedActor
 from control.core.dispatch import Dispatcher
 from control.core.pd import PdPools, PdPoolsQuery, make_dispatch, make_pd_core
 from control.core.record import DecisionLog
-from control.core.requests import InstanceRecord, RequestRecord, RequestTable, Resume, expired_instances
+from control.core.requests import InstanceRecord, RequestRecord, RequestTable, expired_instances
 from control.policy.dispatch import DispatchIndex
 from control.policy.params import PolicyParams
 from control.policy.pd import phase_or_both
@@ -87,16 +89,6 @@ class Tick:
 @dataclass(frozen=True, slots=True)
 class MigrationTick:
     """Every ``policy.migration_period_s``: plan migrations (Llumnix pairing) and start them."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Handed:
-    """A request a member joining a KunServe group handed over (``MemoryManager.on_handed``)."""
-
-    request_id: str
-    source: str
-    destination: str | None
-    outputs: list[int]
 
 
 class SchedulerActor(SupervisedActor):
@@ -148,7 +140,7 @@ class SchedulerActor(SupervisedActor):
             settings.memory,
             lambda i: self.registry.refresh(i),
             decision_log,
-            on_handed=lambda *handed: self.tell_self(_Handed(*handed)),
+            on_handed=lambda *handed: self.tell_self(Handed(*handed)),
         )
         self.registry = InstanceRegistry(self.dispatch, self.pd, self.memory.blocks_dispatch, decision_log)
         self.instances = self.registry.records  # one dict: the state store's restore and the lifecycle read it
@@ -173,6 +165,16 @@ class SchedulerActor(SupervisedActor):
         self.migrations = SchedulerMigrations(
             bus, self.peers, self.registry, self.requests, self.dispatch, self.pd, self.state, params, decision_log
         )
+        self.ends = RequestEnds(
+            self.requests,
+            self.state,
+            self.migrations,
+            self.classes,
+            self.dispatch,
+            self.pd,
+            self.placements,
+            lambda commands: self.failovers.carry_out(commands),
+        )
         self.clients = ClientRequests(
             bus,
             self.replies,
@@ -183,7 +185,7 @@ class SchedulerActor(SupervisedActor):
             self.dispatch,
             self.placements,
             self.state,
-            self.migrations,
+            self.ends,
             self.tell_self,
         )
         self.failovers = Failovers(
@@ -194,6 +196,7 @@ class SchedulerActor(SupervisedActor):
             self.replies,
             self.migrations,
             self.placements,
+            self.ends,
             self.tell_self,
             decision_log,
             self.instances,
@@ -259,8 +262,8 @@ class SchedulerActor(SupervisedActor):
             self.classes.on_message(message, self.instances, self.requests, len(self.dispatch.pending))
         elif isinstance(message, AddUnacked):
             self.placements.on_add_unacked(message)
-        elif isinstance(message, _Handed):
-            self._on_handed(message)
+        elif isinstance(message, Handed):
+            self.ends.on_handed(message)
         elif isinstance(message, PdPoolsQuery):  # the per-phase autoscaler's input
             pools = tuple(
                 (self.registry.snapshot(r), self.pd.phase_of(r.info.instance_id)) for r in self.registry.serving()
@@ -276,7 +279,7 @@ class SchedulerActor(SupervisedActor):
         elif isinstance(message, SubmitRequest):
             self.clients.on_submit(message, envelope)
         elif isinstance(message, EngineRequestEnded):
-            self._on_request_ended(message)
+            self.ends.on_engine_ended(message)
         elif isinstance(message, EngineFirstToken):
             self.migrations.on_first_token(message)
         elif isinstance(message, Cancel):
@@ -423,49 +426,3 @@ class SchedulerActor(SupervisedActor):
             log.info("pd split: %s now serves %s (%s)", change.instance_id, change.phase, change.reason)
             self.state.save_phase(change.instance_id, change.phase)
             self.registry.upsert(self.instances[change.instance_id])  # re-filed in its pool (recorded, as every upsert)
-
-    # ------------------------------------------------------------------------------------------- lifecycle
-    def _on_request_ended(self, ended: EngineRequestEnded) -> None:
-        """Thread: the scheduler actor's thread."""
-        if ended.finish_reason == "migrated":
-            return  # it lives on at the destination; MigrationEnded moves the record
-        record = self.requests.get(ended.request_id)
-        if record is None or record.instance_id != ended.instance_id:
-            return  # a late or duplicate event (e.g. after migration): the current owner reports again
-        if ended.finish_reason == "evicted" and self.classes.on_evicted(ended.request_id):
-            # preempted for an interactive request (Chiron): back to the batch queue from what the client has
-            record.state, record.instance_id = "recovering", None
-            self.failovers.carry_out([Resume(record.request_id)])
-            return
-        if ended.finish_reason == "evicted":  # a KunServe group step handed it back: resume after its outputs
-            self._resume_after(record, ended.output_token_ids)
-            return
-        self.requests.pop(ended.request_id)
-        self.state.drop_request(ended.request_id)
-        self.migrations.forget(ended.request_id)  # the planner's move record of it is moot now
-        self.classes.on_ended(ended.request_id)
-        self.dispatch.forget(ended.request_id)
-        self.pd.on_request_ended(ended.request_id)
-
-    def _resume_after(self, record: RequestRecord, outputs: list[int]) -> None:
-        """Run a request again after the output tokens its client has (recomputed where it lands).
-
-        Thread: the scheduler actor's thread."""
-        record.resume_tokens, record.state, record.instance_id = list(outputs), "queued", None
-        self.state.save_request(record)
-        self.placements.dispatch_or_wait(record, time.monotonic())
-
-    def _on_handed(self, handed: _Handed) -> None:
-        """A member joining a KunServe group handed its request over: it is being added to the group's leader
-        (``destination``; on its KV, as a migrated request), or (None: it was not) resumes after its outputs.
-
-        Thread: the scheduler actor's thread."""
-        record = self.requests.get(handed.request_id)
-        if record is None or record.instance_id != handed.source:
-            return  # ended (or moved) meanwhile
-        if handed.destination is None:
-            self._resume_after(record, handed.outputs)
-            return
-        record.instance_id = handed.destination
-        record.served_by.append(handed.destination)
-        self.state.save_request(record)

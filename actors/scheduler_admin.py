@@ -20,7 +20,7 @@ from actors.scheduler_instances import InstanceRegistry, instance_state
 from actors.scheduler_migration import SchedulerMigrations
 from control.core.dispatch import Dispatcher
 from control.core.pd import PdCore, make_dispatch
-from control.core.requests import RequestRecord
+from control.core.requests import InstanceRecord, RequestRecord
 from control.policy.params import PolicyParams
 from control.policy.pd import parse_phase
 from transport.bus import Bus
@@ -77,9 +77,8 @@ class SchedulerAdmin:
         migration drains), or back in service on undo.
 
         Thread: the scheduler actor's thread."""
-        record = self.registry.records.get(command.instance_id)
+        record = self.known_instance(command.instance_id, reply)
         if record is None:
-            self.bus.reply_error(reply, ErrorCode.UNKNOWN_INSTANCE, f"no instance {command.instance_id}")
             return
         record.drain_requested = not command.undo
         self.state.save_instance(record)
@@ -97,13 +96,21 @@ class SchedulerAdmin:
                 ),
             )
 
+    def known_instance(self, instance_id: str, reply: str) -> InstanceRecord | None:
+        """The instance an operator's command names; None (and the operator told so) when there is none.
+
+        Thread: the scheduler actor's thread."""
+        record = self.registry.records.get(instance_id)
+        if record is None:
+            self.bus.reply_error(reply, ErrorCode.UNKNOWN_INSTANCE, f"no instance {instance_id}")
+        return record
+
     def on_phase(self, command: PhaseCommand, reply: str) -> None:
         """An operator sets an instance's phase (audited by the control plane before it gets here).
 
         Thread: the scheduler actor's thread."""
-        record = self.registry.records.get(command.instance_id)
+        record = self.known_instance(command.instance_id, reply)
         if record is None:
-            self.bus.reply_error(reply, ErrorCode.UNKNOWN_INSTANCE, f"no instance {command.instance_id}")
             return
         try:
             phase = parse_phase(command.phase)

@@ -23,8 +23,8 @@ import msgspec
 from actors.client_replies import ClientReplies
 from actors.control_state import ControlState
 from actors.dispatching import Placements
+from actors.scheduler_ends import RequestEnds
 from actors.scheduler_instances import InstanceRegistry
-from actors.scheduler_migration import SchedulerMigrations
 from control.core.admission import decide, max_prompt_tokens, validate
 from control.core.dispatch import Dispatcher
 from control.core.requests import RequestRecord, RequestTable
@@ -61,7 +61,7 @@ class ClientRequests:
     Collaborators: the bus (engine aborts), ``replies`` (checked client-bound publishing), the settings, the
     ``tokenizer``, the request table (``requests``), the instance ``registry``, the core's ``dispatch`` loop
     (its queues, for admission), ``placements`` (would a request start now), the state store (``state``), the
-    ``migrations`` (a cancelled request's move record) and ``tell(message)``, which hands a message to the
+    ``ends`` (a request cancelled while it waits is forgotten) and ``tell(message)``, which hands a message to the
     scheduler actor from another thread (:class:`Acknowledged`, once the record is stored)."""
 
     def __init__(
@@ -75,7 +75,7 @@ class ClientRequests:
         dispatch: Dispatcher,
         placements: Placements,
         state: ControlState,
-        migrations: SchedulerMigrations,
+        ends: RequestEnds,
         tell: Callable[[object], None],
     ) -> None:
         """Thread: the one that builds the scheduler (before its thread starts)."""
@@ -88,7 +88,7 @@ class ClientRequests:
         self.dispatch = dispatch
         self.placements = placements
         self.state = state
-        self.migrations = migrations
+        self.ends = ends
         self.tell = tell
 
     def max_prompt_tokens(self, model: str) -> int:
@@ -238,9 +238,7 @@ class ClientRequests:
             return
         assert record is not None
         if record.state == "queued":
-            self.requests.pop(cancel.request_id)
-            self.state.drop_request(cancel.request_id)
-            self.migrations.forget(cancel.request_id)  # the planner's move record of it is moot now
+            self.ends.forget(cancel.request_id)
             self.replies.to_owner(
                 record.submit.reply_to,
                 RequestDone(

@@ -21,6 +21,7 @@ from actors.client_replies import ClientReplies, owner_of
 from actors.control_state import ControlState
 from actors.dispatching import Placements
 from actors.failover import Recovered, read_delivered
+from actors.scheduler_ends import RequestEnds
 from actors.scheduler_migration import SchedulerMigrations
 from control.core.record import DecisionLog
 from control.core.requests import (
@@ -49,8 +50,9 @@ class Failovers:
 
     Collaborators: the bus (the read-back runs on its loop), the ``reliability`` settings, the request table
     (``requests``), the state store (``state``), ``replies`` (the client hears why its request failed), the
-    ``migrations`` (a lost request's move is over), ``placements`` (a request dispatched again), the decision
-    log, and ``tell(message)``, which hands the read-back's :class:`Recovered` to the scheduler actor."""
+    ``migrations`` (a lost request's move is over), ``placements`` (a request dispatched again), ``ends`` (a
+    request that is over is forgotten), the decision log, and ``tell(message)``, which hands the read-back's
+    :class:`Recovered` to the scheduler actor."""
 
     def __init__(
         self,
@@ -61,6 +63,7 @@ class Failovers:
         replies: ClientReplies,
         migrations: SchedulerMigrations,
         placements: Placements,
+        ends: RequestEnds,
         tell: Callable[[object], None],
         decision_log: DecisionLog | None = None,
         instances: Mapping[str, object] | None = None,
@@ -73,6 +76,7 @@ class Failovers:
         self.replies = replies
         self.migrations = migrations
         self.placements = placements
+        self.ends = ends
         self.tell = tell
         self.decision_log = decision_log
         self.instances: Mapping[str, object] = instances if instances is not None else {}  # the registry's records
@@ -135,7 +139,7 @@ class Failovers:
         if isinstance(command, Fail):
             self.fail_request(record, command.why)
         elif isinstance(command, Drop):
-            self.forget(recovered.request_id)
+            self.ends.forget(recovered.request_id)
         elif isinstance(command, Redispatch):
             log.info("request %s fails over after %d delivered tokens", recovered.request_id, len(recovered.tokens))
             self.placements.dispatch_or_wait(record, now)
@@ -155,7 +159,7 @@ class Failovers:
         request table and the state store.
 
         Thread: the scheduler actor's thread."""
-        self.forget(record.request_id)
+        self.ends.forget(record.request_id)
         self.replies.error(
             owner_of(record.submit.reply_to),
             record.submit.reply_to,
@@ -164,11 +168,3 @@ class Failovers:
             record.request_id,
             "error",
         )
-
-    def forget(self, request_id: str) -> None:
-        """Drop a request that is over from the request table, the state store and the planner's moves.
-
-        Thread: the scheduler actor's thread."""
-        self.requests.pop(request_id, None)
-        self.state.drop_request(request_id)
-        self.migrations.forget(request_id)  # the planner's move record of it is moot now

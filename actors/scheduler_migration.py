@@ -146,9 +146,16 @@ class SchedulerMigrations:
             self.aborted += 1
         record = self.requests.get(ended.request_id)
         if record is not None and ended.ok:
-            record.instance_id = ended.destination
-            record.served_by.append(ended.destination)
-            self.state.save_request(record)
+            self.moved(record, ended.destination)
+
+    def moved(self, record: RequestRecord, destination: str) -> None:
+        """The request runs on ``destination`` now with the KV it had (a move that went well, or a KunServe
+        member's request handed to its group's leader): its record follows it, stored.
+
+        Thread: the scheduler actor's thread."""
+        record.instance_id = destination
+        record.served_by.append(destination)
+        self.state.save_request(record)
 
     # ------------------------------------------------------------------------------------------- operators
     def on_command(self, command: MigrateCommand, reply: str) -> None:

@@ -800,6 +800,8 @@ def ablation_variants() -> dict[str, PolicyParams]:
         "drover + aging 250, scan 32": dataclasses.replace(
             drover, queue_aging_tokens_per_s=250.0, queue_backfill_scan=32
         ),
+        # chunked-prefill-aware memory (issue 17, Azure, round 26): off, as drover was before
+        "drover, no prefill blocks": dataclasses.replace(drover, predict_prefill_blocks=False),
         "drover": drover,
     }
 

@@ -14,7 +14,8 @@ the record, encoded by msgspec, so the two cannot drift apart), and carries out 
 * :func:`on_recovered`: what the client had, read back: :class:`Drop` (it finished), :class:`Fail`,
   :class:`Hold` (an instance may still hold a copy: see below), or :class:`Redispatch` with the tokens to resume
   after;
-* :func:`still_held_on` and :class:`FailoverHolds`: where a failed-over request must not resume yet.
+* :func:`still_held_on` and :class:`FailoverHolds`: where a failed-over request must not resume yet;
+  :func:`recover_restored`: the same question asked again after a control-plane restart (see below).
 
 Exactly-once bookkeeping lives here: a request being resumed is ``recovering`` with no instance (so no late
 event from the dead instance can end it, and a heartbeat that still lists it there has it stopped as
@@ -39,6 +40,13 @@ The fence's answer is the evidence :func:`still_held_on` reads:
   stopped as superseded when its heartbeat lists it: ``_stop_superseded`` in the scheduler). Resuming it on that
   instance earlier would start a second copy under the same id there, which the engine actor also refuses
   (``actors/engine_actor.py``: the new copy waits for the old one's end): two guards, one in each layer.
+
+**After a control-plane restart** (a new leader, or a restart reading the state store back) the holds are not
+read from storage: they are derived again (:func:`recover_restored`). A request stored ``recovering`` names
+the instance it failed over from (the last of ``served_by``); where that instance is still known, the restored
+scheduler fences it again and the fresh answer decides by the same rule. A stored hold would only repeat the
+old answer: it would not cover a control plane that stopped before the fence answered, nor a leader killed
+before its last write was stored, and the instance's present answer (or its heartbeats) is the better evidence.
 """
 
 from __future__ import annotations
@@ -309,6 +317,18 @@ def on_released(record: RequestRecord | None) -> Redispatch | None:
     return Redispatch(record.request_id)
 
 
+def recover_restored(record: RequestRecord, registered: Collection[str], unresumable: str = "") -> Resume | Fail:
+    """A request restored from the state store ``recovering`` (the last control plane stopped while it failed
+    over: before the fence answered, while it was held, or before it was dispatched again) or on an instance
+    nobody knows: recover it. Where a ``recovering`` request's last instance (``served_by[-1]``, the one it
+    failed over from) is still ``registered``, that instance is fenced again, so a copy it may still hold is
+    stopped and the fence's fresh answer decides (:func:`still_held_on`: resume at once, or :class:`Hold`).
+    Otherwise nothing of it can run there and it is read back without a fence."""
+    last = record.served_by[-1] if record.served_by else ""
+    fence_on = last if record.state == "recovering" and last in registered else ""
+    return recover(record, fence_on=fence_on, unresumable=unresumable)
+
+
 class FailoverHolds:
     """Failed-over requests waiting for an instance to let go of its copy (:class:`Hold`): released when that
     instance's heartbeat no longer lists them, when it is declared dead, or ``hold_s`` after they were held.
@@ -321,7 +341,13 @@ class FailoverHolds:
         return len(self._held)
 
     def hold(self, request_id: str, instance_id: str, now: float) -> None:
+        """Hold ``request_id`` until ``instance_id`` lets go of it; ``now`` starts its time limit."""
         self._held[request_id] = (instance_id, now)
+
+    def held(self) -> dict[str, str]:
+        """What is held: request id -> the instance it waits for (a copy, taken in one step: an observer on
+        another thread, such as a test, never iterates the table while it changes)."""
+        return {rid: held_on for rid, (held_on, _since) in list(self._held.items())}
 
     def on_heartbeat(self, instance_id: str, listed: Collection[str]) -> list[str]:
         """``instance_id``'s heartbeat lists ``listed`` (the request ids its engine runs): what it let go of."""

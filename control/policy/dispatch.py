@@ -599,15 +599,21 @@ class PredictiveIndex(_IndexBase):
         size, unprefilled prompt tokens of running requests): a dispatch re-keys the instance without
         walking its running requests again."""
         bs = snapshot.block_size
-        prefilling = 0
+        prefilling = to_allocate = 0
         for r in snapshot.running:
             if not r.decoding:
                 left = r.num_tokens - r.num_blocks * bs
                 if left > 0:
                     prefilling += left
+                    to_allocate += -(-left // bs)
+        used_queued = snapshot.num_used_blocks + snapshot.waiting_blocks
+        if self.params.predict_prefill_blocks:
+            # the blocks the running prompts' later chunks will still take (under chunked prefill a prompt
+            # holds only its computed chunks' blocks, so one just started looks like free room)
+            used_queued += to_allocate
         return (
             max(1, snapshot.num_total_blocks),
-            snapshot.num_used_blocks + snapshot.waiting_blocks,
+            used_queued,
             snapshot.num_running + snapshot.num_waiting,
             snapshot.num_running,
             snapshot.waiting_blocks,

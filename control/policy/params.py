@@ -76,6 +76,11 @@ class DispatchParams:
     queue_starvation_s: float = 0.0
     """With ``queue_hold_all``: a held request that has waited longer than this (seconds) and still fits
     nowhere stops the tick's scan, so nothing queued behind it overtakes it any more (0 = off)."""
+    predict_prefill_blocks: bool = False
+    """``predictive`` dispatch: count the KV blocks a running prompt's remaining chunks will still allocate
+    in the instance's demand (its room and memory load). Under chunked prefill a prompt holds only the
+    blocks of the chunks computed so far, so a long prompt that has just started looks like free room, and
+    requests sent there wait in the engine's queue behind it once its chunks take that room."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +105,7 @@ class PolicyParams:
     queue_aging_tokens_per_s: float = 0.0
     queue_backfill_scan: int = 32
     queue_starvation_s: float = 0.0
+    predict_prefill_blocks: bool = False
 
     migration_enabled: bool = True
     migrate_threshold: float = 3.0
@@ -174,6 +180,7 @@ always empties."""
             queue_aging_tokens_per_s=self.queue_aging_tokens_per_s,
             queue_backfill_scan=self.queue_backfill_scan,
             queue_starvation_s=self.queue_starvation_s,
+            predict_prefill_blocks=self.predict_prefill_blocks,
         )
 
     def as_dict(self) -> dict[str, Any]:

@@ -44,6 +44,7 @@ RECOMMENDED_DISPATCH: Mapping[str, object] = {
     "predict_prefix_idle_first": True,
     "queue_hold_all": True,
     "queue_backfill_scan": 4,
+    "predict_prefill_blocks": True,
 }
 """Late binding: a request no instance can start now waits in the scheduler's queue, with one EASY-backfilling
 reservation (docs/policies.md, "Late binding"); and prefix-aware: an instance caching the prompt's prefix wins
@@ -55,7 +56,10 @@ without hashes) the decisions are exactly those of late binding alone. One queue
 Azure): every request no instance can start now is held (``queue_hold_all``), not only the first, and each
 tick tries the first 4 held ones in arrival order (``queue_backfill_scan``). Shortest-prefill-first aging
 (``queue_aging_tokens_per_s``) stays off: it raised attainment past the knee but made p99 TTFT there worse
-than INFaaS++'s (docs/policies.md, "One queue for the cluster")."""
+than INFaaS++'s (docs/policies.md, "One queue for the cluster"). Chunked-prefill-aware memory
+(``predict_prefill_blocks``, round 26): the blocks a running prompt's later chunks will still take count in
+an instance's demand, so a request is not queued behind a long prompt that has just started
+(docs/policies.md, "Chunked-prefill-aware memory")."""
 
 RECOMMENDED_MIGRATION: Mapping[str, object] = {
     "migration_cost_aware": True,

@@ -16,7 +16,9 @@ The driver owns an event heap (arrivals, engine step ends, scheduler ticks, migr
   copied (the downtime) and the destination resumes it with its KV loaded; the migration aborts (the
   request stays at the source) when a reservation fails or the request finishes or is preempted meanwhile.
   When to stop, when to give up after ``max_stages`` and how much to reserve is the control core's stage
-  machine (:class:`control.core.migration.MigrationStages`), the one the live MigratorActor runs.
+  machine (:class:`control.core.migration.MigrationStages`), the one the live MigratorActor runs; what each
+  step does to the two engine cores and how long a copy takes is :class:`control.simulator.staged_copy.StagedCopy`,
+  which the memory simulator runs too.
 
 Engines fast-forward runs of identical decode steps (see the core), and any external event on an
 instance (a dispatch, a reservation, a stop) first cuts its run at the step in progress, so results equal
@@ -47,9 +49,10 @@ from control.policy.migration import InFlightMigration, MigrationDecision, Migra
 from control.policy.params import PolicyParams
 from control.policy.snapshots import InstanceSnapshot, RequestDemand
 from control.simulator.metrics import RequestMetrics, SimulationResult, summarize
+from control.simulator.staged_copy import RESUME_OVERHEAD_S, STAGE_OVERHEAD_S, CopyLink, StagedCopy
 from control.simulator.views import ClasslessFleet, instance_view
 from control.simulator.workload import RequestSpec
-from engines.sim.core import FINISHED, REMOVED, RUNNING, SimEngineConfig, SimEngineCore, SimOutput, SimRequest
+from engines.sim.core import RUNNING, SimEngineConfig, SimEngineCore, SimOutput, SimRequest
 from engines.sim.cost_model import LLAMA7B_A100, CostModel
 
 _ARRIVAL, _STEP_END, _TICK, _STAGE_END, _RESUME, _DRAIN, _CALL = range(7)
@@ -80,14 +83,14 @@ class ClusterConfig:
     migration_bandwidth: float = 5e9
     """Bytes/s of a KV copy between instances. 5 GB/s makes the 16-block (16 tokens each, 128 MiB) last
     stage take ~27 ms, Llumnix's measured 20-30 ms downtime for LLaMA-7B."""
-    migration_stage_overhead_s: float = 0.001  # control messages of one stage (bus round trip)
+    migration_stage_overhead_s: float = STAGE_OVERHEAD_S  # control messages of one stage (bus round trip)
     reserve_headroom_blocks: int = 0
     """Extra blocks the destination reserves for tokens decoded during the copy (live:
     ``[migration] reserve_headroom_blocks``); the simulator reserves exactly what the stop needs instead."""
     reserve_decoded_factor: float = 0.0
     """Live: ``[migration] reserve_decoded_factor`` (times the blocks written during the last round, reserved on
     top); the simulator knows each step's exact size and keeps 0 (replays pass the live value)."""
-    resume_overhead_s: float = 0.02
+    resume_overhead_s: float = RESUME_OVERHEAD_S
     """Fixed part of the downtime: stop, final handshake, scatter of the staged KV, re-admission. Llumnix
     measured 20-30 ms of downtime for LLaMA-7B, flat in sequence length, so fixed costs dominate it."""
     tick_s: float | None = None
@@ -127,16 +130,19 @@ class _Migration:
     decision: MigrationDecision
     src: SimInstance
     dst: SimInstance
-    request: SimRequest
-    started: float
-    preemptions_at_start: int
-    stages: MigrationStages
-    copied: int = 0
-    stopped_at: float = -1.0
+    move: StagedCopy
+
+    @property
+    def request(self) -> SimRequest:
+        return self.move.request
+
+    @property
+    def stages(self) -> MigrationStages:
+        return self.move.stages
 
     @property
     def reserved(self) -> int:
-        return self.stages.reserved
+        return self.move.reserved
 
 
 @dataclass(slots=True)
@@ -181,6 +187,10 @@ class ClusterSimulator(ClasslessFleet):
         # every instance has config.engine's context (the elastic simulator adds more of the same)
         self._max_prompt_tokens = max_prompt_tokens(0, [config.engine.max_model_len], config.engine.max_model_len)
         self.block_bytes = config.engine.block_size * config.kv_bytes_per_token
+        # what each migration stage costs (the same copy model as the memory simulator's)
+        self.copy_link = CopyLink(
+            self.block_bytes, config.migration_bandwidth, config.migration_stage_overhead_s, config.resume_overhead_s
+        )
         self.tick_s = config.tick_s or self.params.migration_period_s
         self.now = 0.0
         self.counters = _Counters()
@@ -564,9 +574,6 @@ class ClusterSimulator(ClasslessFleet):
         )
 
     # ------------------------------------------------------------------------------------------ migration
-    def _copy_s(self, blocks: int) -> float:
-        return self.config.migration_stage_overhead_s + blocks * self.block_bytes / self.config.migration_bandwidth
-
     def stage_machine(self, request_id: str) -> MigrationStages:
         """The control core's stage machine for one migration of ``request_id``, as this shell drives it."""
         return MigrationStages(
@@ -584,26 +591,31 @@ class ClusterSimulator(ClasslessFleet):
         if request is None or request.state != RUNNING:
             return
         self.counters.migrations_started += 1
-        stages = self.stage_machine(decision.request_id)
-        migration = _Migration(self._next_mid, decision, src, dst, request, self.now, request.num_preemptions, stages)
+        move = StagedCopy(
+            request,
+            src.core,
+            dst.core,
+            self.stage_machine(decision.request_id),
+            self.copy_link,
+            self.now,
+            request.num_preemptions,
+        )
+        migration = _Migration(self._next_mid, decision, src, dst, move)
         self._next_mid += 1
-        blocks = request.num_blocks
         self._interrupt(dst)
-        if not dst.core.reserve(stages.first_reservation(blocks)):
-            stages.reserved = 0
+        first_s = move.begin()
+        if first_s is None:
             self._abort(migration, "reserve", registered=False)
             return
-        migration.copied = blocks
         self._migrations[migration.mid] = migration
         self._in_flight[migration.mid] = InFlightMigration(src.instance_id, dst.instance_id, request.request_id)
         self._migrations_dirty = True
-        self._push(self.now + self._copy_s(blocks), _STAGE_END, migration)
+        self._push(self.now + first_s, _STAGE_END, migration)
 
     def _abort(self, migration: _Migration, reason: str, *, registered: bool = True) -> None:
         if migration.reserved:
             self._interrupt(migration.dst)
-            migration.dst.core.release_reservation(migration.reserved)
-            migration.stages.reserved = 0
+            migration.move.release()
         self.counters.migrations_aborted += 1
         self.counters.abort_reasons[reason] = self.counters.abort_reasons.get(reason, 0) + 1
         self._on_aborted(migration.request, reason)
@@ -614,13 +626,12 @@ class ClusterSimulator(ClasslessFleet):
         self._schedule(migration.dst)
 
     def _on_stage_end(self, migration: _Migration) -> None:
-        request, src, dst = migration.request, migration.src, migration.dst
-        if request.state != RUNNING or request.num_preemptions != migration.preemptions_at_start:
-            self._abort(migration, "finished" if request.state == FINISHED else "preempted")
+        move, src, dst = migration.move, migration.src, migration.dst
+        broken = move.broken()
+        if broken is not None:
+            self._abort(migration, broken)
             return
-        src.core.advance_to(self.now)
-        remaining = request.num_blocks - migration.copied
-        step = migration.stages.after_stage(remaining)
+        step = move.after_stage(self.now)
         if step is StageStep.ABORT:
             self._abort(migration, "stages")
             return
@@ -628,53 +639,38 @@ class ClusterSimulator(ClasslessFleet):
             # the request stops after the step in progress; reserve what it will need then
             self._interrupt(src)
             stop_at = src.plan_end if src.core.has_plan and src.plan_end is not None else self.now
-            need = src.core.blocks_for(request.context_len + 1)
             self._interrupt(dst)
-            if not self._grow_reservation(migration, need):
+            resume_at = move.stop(stop_at)
+            if resume_at is None:
+                self._abort(migration, "reserve")
                 return
-            src.core.remove(request.request_id, keep_blocks=True)
-            migration.stopped_at = stop_at
-            last = max(0, need - migration.copied)
-            self._push(stop_at + self._copy_s(last) + self.config.resume_overhead_s, _RESUME, migration)
+            self._push(resume_at, _RESUME, migration)
             return
         self._interrupt(dst)
-        if not self._grow_reservation(migration, request.num_blocks):
-            return
-        migration.copied = request.num_blocks
-        self._push(self.now + self._copy_s(remaining), _STAGE_END, migration)
-
-    def _grow_reservation(self, migration: _Migration, total_blocks: int) -> bool:
-        """Grow the destination's reservation as the stage machine says; False: it failed (aborted)."""
-        before = migration.reserved
-        grown = migration.stages.grow_reservation(total_blocks)
-        if grown is not None and not migration.dst.core.reserve(grown - before):
-            migration.stages.reserved = before
+        copy_s = move.copy_again()
+        if copy_s is None:
             self._abort(migration, "reserve")
-            return False
-        return True
+            return
+        self._push(self.now + copy_s, _STAGE_END, migration)
 
     def _on_resume(self, migration: _Migration) -> None:
-        request, src, dst = migration.request, migration.src, migration.dst
+        move, request, src, dst = migration.move, migration.request, migration.src, migration.dst
         self._migrations.pop(migration.mid, None)
         self._in_flight.pop(migration.mid, None)
         self._migrations_dirty = True
-        if request.state != REMOVED:  # it finished at the source in its last step there
+        if not move.leave_source():  # it finished at the source in its last step there
             self._abort(migration, "finished", registered=False)
             return
-        src.core.release_outgoing(request.request_id)
         self._schedule(src)
         self._interrupt(dst)
-        if not dst.core.add_resumed(request, self.now, reservation_blocks=migration.reserved):
-            dst.core.release_reservation(migration.reserved)
-            dst.core.add(request)  # cannot happen with the reservation above; recompute as a fallback
-        migration.stages.reserved = 0
+        move.arrive(self.now)
         self._schedule(dst)
         self.counters.migrations_committed += 1
-        self.counters.downtimes.append(self.now - migration.stopped_at)
-        self.counters.migration_durations.append(self.now - migration.started)
+        self.counters.downtimes.append(self.now - move.stopped_at)
+        self.counters.migration_durations.append(self.now - move.started)
         record = self._records[request.request_id]
         record.migrations += 1
-        record.migration_downtime += self.now - migration.stopped_at
+        record.migration_downtime += self.now - move.stopped_at
         record.instances.append(dst.index)
         self._on_moved(request, src, dst)
 

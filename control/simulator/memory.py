@@ -4,6 +4,16 @@ ways of handling memory overload.
 * ``vllm``: no special handling; a request that cannot get blocks preempts the newest (recompute).
 * ``llumnix``: as vllm, plus every 50 ms the least free instance migrates its shortest running request's
   KV to the freest (Llumnix freeness, threshold 3 blocks/request, one migration per instance at a time).
+  Each migration follows the control core's stage machine (:class:`control.core.migration.MigrationStages`,
+  the one the live MigratorActor and the cluster simulator run, with the live stage knobs of
+  :class:`PolicyParams`), carried out by the cluster simulator's helper
+  (:class:`control.simulator.staged_copy.StagedCopy`): the destination reserves, the first stage copies the
+  request's KV while it keeps decoding at the source, each later stage the blocks written meanwhile; stop
+  and copy once at most ``last_stage_max_blocks`` remain (or after ``max_stages``, or abort, as
+  ``after_max_stages`` says). A stage takes its bytes over the hardware's interconnect plus
+  ``migration_stage_overhead_s``; the downtime is the last copy plus ``resume_overhead_s`` (Llumnix measured
+  20-30 ms). At 50 GB/s a first stage ends before the request fills another block, so migrations here take
+  one stage; over slower links they take more (``tests/parity/test_divergences.py``).
 * ``swap``: as vllm, but a preempted request that was decoding has its KV swapped to host memory over PCIe
   and back when blocks free up (InferCept's swap; mid-prefill victims still recompute).
 * ``kunserve``: every 0.1 s the memory policy (:mod:`control.policy.memory`) may group instances; a group
@@ -14,9 +24,8 @@ ways of handling memory overload.
 Each instance, or group, is one :class:`engines.sim.core.SimEngineCore` (paged blocks, vLLM batching,
 chunked prefill, recompute preemption, multi-step fast-forward) in virtual time. There is no randomness:
 the same workload gives the same result. Deviations from the systems, kept conservative for the new
-modes: a migration's request keeps decoding at the source and switches at a step boundary once its KV is
-copied (Llumnix's downtime is ~ a step); KunServe's KV exchange pauses the whole group for its transfer
-(the paper overlaps it with execution); restore moves KV back the same way.
+modes: KunServe's KV exchange pauses the whole group for its transfer (the paper overlaps it with
+execution); restore moves KV back the same way.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import numpy as np
 
 from control.core.dispatch import Dispatcher, Place, Waiting
 from control.core.memory import GroupHysteresis, restore_snapshot
+from control.core.migration import MigrationStages, StageStep
 from control.core.record import DecisionLog
 from control.policy.dispatch import make_dispatch_policy
 from control.policy.memory import MemoryParams, MemorySnapshot, should_drop
@@ -40,6 +50,7 @@ from control.policy.migration import MigrationPlanner
 from control.policy.params import PolicyParams
 from control.policy.snapshots import RequestDemand
 from control.simulator.hardware import DEFAULT_HARDWARE, Hardware
+from control.simulator.staged_copy import RESUME_OVERHEAD_S, STAGE_OVERHEAD_S, CopyLink, StagedCopy
 from control.simulator.views import ClasslessFleet, instance_view
 from control.simulator.workload import RequestSpec
 from engines.sim.core import RUNNING, WAITING, SimEngineConfig, SimEngineCore, SimRequest
@@ -62,6 +73,8 @@ class MemSimConfig:
     max_model_len: int = 4096  # LLaMA-2-7B context
     migration_period_s: float = 0.05  # Llumnix
     migrate_threshold: float = 3.0  # Llumnix freeness threshold, blocks per request
+    migration_stage_overhead_s: float = STAGE_OVERHEAD_S  # control messages of one copy stage
+    resume_overhead_s: float = RESUME_OVERHEAD_S  # fixed part of a migration's downtime
     max_run_steps: int = 32  # decode steps fast-forwarded at once (exact: truncated on any event)
     time_limit_s: float = 3600.0  # virtual seconds after the last arrival before giving up
 
@@ -88,6 +101,9 @@ class MemSimResult:
     peak_group_size: int = 0
     peak_memory_use: float = 0.0  # highest KV-pool occupancy of an ungrouped instance at a poll
     overloaded_s: float = 0.0  # poll time during which some ungrouped instance met the drop trigger
+    migration_aborts: int = 0  # migrations given up (refused reservation, request finished or preempted, stages)
+    migration_stages: int = 0  # copy stages of the committed migrations, all together
+    migration_downtime_s: float = 0.0  # stop to resume, summed over the committed migrations
 
     def ttft_p(self, q: float) -> float:
         return float(np.percentile(self.ttft, q)) if self.ttft else math.nan
@@ -121,7 +137,16 @@ class Unit:
         return len(self.members)
 
 
-_ARRIVAL, _STEP, _TICK, _RESUME, _KICK, _MIGRATED, _RELOADED = range(7)
+@dataclass(slots=True, eq=False)
+class UnitMigration:
+    """One live migration in flight between two units; ``move`` carries it out as the stage machine says."""
+
+    source: Unit
+    dest: Unit
+    move: StagedCopy
+
+
+_ARRIVAL, _STEP, _TICK, _RESUME, _KICK, _STAGE_END, _RELOADED, _MOVED = range(8)
 
 
 class MemorySimulator(ClasslessFleet):
@@ -129,7 +154,8 @@ class MemorySimulator(ClasslessFleet):
 
     Dispatch and Llumnix pairing are the live control plane's: the control core's dispatch loop
     (:class:`Dispatcher`, which ``ClusterSimulator`` and the SchedulerActor drive) over the ``freeness``
-    dispatch index, and a kept :class:`MigrationPlanner`. Both see one instance view per unit
+    dispatch index, and a kept :class:`MigrationPlanner`; each migration runs through the core's
+    :class:`MigrationStages` (its decisions are logged too). Both see one instance view per unit
     (:func:`instance_view`): a group counts once, with its pooled blocks. ``decision_log`` records their calls
     as the live scheduler records its own (``tests/parity/replays.py`` replays them)."""
 
@@ -168,7 +194,15 @@ class MemorySimulator(ClasslessFleet):
         self.overloaded_polls = 0
         self._swap_recompute_credit = 0
         self._pending_forms: list[tuple[list[int], tuple[int, ...]]] = []  # (unit ids, member instances)
-        self._pending_migrations: dict[int, list[tuple[SimRequest, Unit, int]]] = {}  # source unit id -> ...
+        self.migration_aborts = self.migration_stages = 0
+        self.migration_downtime_s = 0.0
+        # a migration stage's copy time: the hardware model's GPU-to-GPU link (the cluster simulator's model)
+        self.copy_link = CopyLink(
+            self.hw.kv_block_bytes,
+            self.hw.interconnect_bytes_per_s,
+            config.migration_stage_overhead_s,
+            config.resume_overhead_s,
+        )
         self._gaps: list[float] = []
         self._gap_counts: list[int] = []
         self._last_emit: dict[str, tuple[float, int]] = {}  # request -> (time, num_output) of its last output
@@ -233,15 +267,10 @@ class MemorySimulator(ClasslessFleet):
                 unit = self.units.get(int(payload))
                 if unit is not None:
                     self._kick(unit, now)
-            elif kind == _MIGRATED:
-                source_id, request, dest, reserved = payload
-                self._pending_migrations.setdefault(source_id, []).append((request, dest, reserved))
-                source = self.units[source_id]
-                if source.core.has_plan:
-                    self._interrupt(source, now)  # commit at the step boundary
-                else:
-                    self._commit_migrations(source, now)
-                    self._kick(source, now)
+            elif kind == _STAGE_END:
+                self._stage_end(payload, now)
+            elif kind == _MOVED:
+                self._moved(payload, now)
             elif kind == _RELOADED:
                 unit = self.units.get(int(payload))
                 if unit is not None:
@@ -328,14 +357,18 @@ class MemorySimulator(ClasslessFleet):
     # ------------------------------------------------------------------------------------------ stepping
     def _interrupt(self, unit: Unit, now: float) -> None:
         """Something changed: end a fast-forwarded run at the next step boundary, or start a step."""
-        core = unit.core
-        if core.has_plan:
-            end = core.truncate(now)
-            if end is not None:
-                unit.token += 1
-                self._push(end, _STEP, (unit.unit_id, unit.token))
+        if unit.core.has_plan:
+            self._cut(unit, now)
         else:
             self._kick(unit, now)
+
+    def _cut(self, unit: Unit, now: float) -> None:
+        """End a fast-forwarded run at the step in progress (a migration is about to take or give blocks: the
+        run's block growth was planned without that); an idle unit stays idle."""
+        end = unit.core.truncate(now)
+        if end is not None:
+            unit.token += 1
+            self._push(end, _STEP, (unit.unit_id, unit.token))
 
     def _kick(self, unit: Unit, now: float) -> None:
         core = unit.core
@@ -371,8 +404,6 @@ class MemorySimulator(ClasslessFleet):
             self._last_emit[request.request_id] = (now, request.num_output)
             if out.finished:
                 self._last_emit.pop(request.request_id, None)
-        if unit.unit_id in self._pending_migrations:
-            self._commit_migrations(unit, now)
         if unit.hold:
             self._at_boundary(unit, now)
             return
@@ -455,33 +486,78 @@ class MemorySimulator(ClasslessFleet):
             if source.migrating or dest.migrating:
                 continue
             request = source.core.requests.get(decision.request_id)
-            if request is None or request.finished:
+            if request is None or request.state != RUNNING:
                 continue
-            blocks = source.core.blocks_for(request.context_len + self.hw.block_size)
-            if not dest.core.reserve(blocks):
+            stages = MigrationStages(self.params, log=self.decision_log, key=request.request_id)
+            move = StagedCopy(request, source.core, dest.core, stages, self.copy_link, now, request.num_preemptions)
+            self._cut(dest, now)
+            first_s = move.begin()
+            if first_s is None:
+                self.migration_aborts += 1  # the destination refused the first reservation
                 continue
             source.migrating = dest.migrating = True
-            copy_s = self.hw.kv_seconds(blocks, self.hw.interconnect_bytes_per_s)
-            self._push(now + copy_s, _MIGRATED, (source.unit_id, request, dest, blocks))
+            self._push(now + first_s, _STAGE_END, UnitMigration(source, dest, move))
 
-    def _commit_migrations(self, source: Unit, now: float) -> None:
-        for request, dest, reserved in self._pending_migrations.pop(source.unit_id):
-            source.migrating = dest.migrating = False
-            needed = source.core.blocks_for(request.context_len)
-            ok = (
-                request.state == RUNNING
-                and request.request_id in source.core.requests
-                and dest.unit_id in self.units
-                and needed <= dest.core.num_free_blocks + reserved
-            )
-            if not ok:
-                if dest.unit_id in self.units:
-                    dest.core.release_reservation(reserved)
-                continue
-            source.core.remove(request.request_id)
-            dest.core.add_resumed(request, now, reservation_blocks=reserved)
-            self.migrations += 1
-            self._interrupt(dest, now)
+    def _stage_end(self, migration: UnitMigration, now: float) -> None:
+        """A copy stage finished: the stage machine says whether to copy again, stop and copy, or give up."""
+        source, dest, move = migration.source, migration.dest, migration.move
+        if source.unit_id not in self.units or dest.unit_id not in self.units:
+            self._abort_migration(migration, now)  # a unit went into a group meanwhile
+            return
+        if move.broken() is not None:
+            self._abort_migration(migration, now)
+            return
+        step = move.after_stage(now)
+        if step is StageStep.ABORT:
+            self._abort_migration(migration, now)
+            return
+        if step is StageStep.STOP_AND_COPY:
+            # the request stops after the source's step in progress; the downtime runs from there
+            self._cut(source, now)
+            stop_at = source.core.plan_end
+            self._cut(dest, now)
+            resume_at = move.stop(now if stop_at is None else stop_at)
+            if resume_at is None:
+                self._abort_migration(migration, now)
+                return
+            self._push(resume_at, _MOVED, migration)
+            return
+        self._cut(dest, now)
+        copy_s = move.copy_again()
+        if copy_s is None:
+            self._abort_migration(migration, now)
+            return
+        self._push(now + copy_s, _STAGE_END, migration)
+
+    def _moved(self, migration: UnitMigration, now: float) -> None:
+        """The last copy is done: the destination resumes the request with its KV, the source frees its blocks."""
+        source, dest, move = migration.source, migration.dest, migration.move
+        stop_step_end = source.core.plan_end
+        if move.request.state == RUNNING and stop_step_end is not None and stop_step_end <= now:
+            # The step after which the source stops the request ends now too, and its event comes after this one
+            # (a cut re-queued it): with nothing left to copy and no overheads the copy ends at that very instant.
+            self._push(now, _MOVED, migration)
+            return
+        if source.unit_id not in self.units or dest.unit_id not in self.units or not move.leave_source():
+            self._abort_migration(migration, now)  # it finished at the source in its last step there
+            return
+        source.migrating = dest.migrating = False
+        self._interrupt(source, now)  # its freed blocks may admit a waiting request
+        self._cut(dest, now)
+        move.arrive(now)
+        self._kick(dest, now)
+        self.migrations += 1
+        self.migration_stages += move.stages.stages
+        self.migration_downtime_s += now - move.stopped_at
+
+    def _abort_migration(self, migration: UnitMigration, now: float) -> None:
+        """Give up: the request stays at its source (or finished there); the destination's reservation is freed."""
+        migration.source.migrating = migration.dest.migrating = False
+        self.migration_aborts += 1
+        if migration.dest.unit_id in self.units:
+            self._cut(migration.dest, now)
+            migration.move.release()
+            self._kick(migration.dest, now)
 
     # ------------------------------------------------------------------------------------------ kunserve
     def _memory_snapshot(self, unit: Unit, instance_id: str = "") -> MemorySnapshot:
@@ -636,6 +712,9 @@ class MemorySimulator(ClasslessFleet):
             peak_group_size=self.peak_group_size,
             peak_memory_use=self.peak_memory_use,
             overloaded_s=self.overloaded_polls * self.config.memory.poll_period_s,
+            migration_aborts=self.migration_aborts,
+            migration_stages=self.migration_stages,
+            migration_downtime_s=self.migration_downtime_s,
         )
 
     # ------------------------------------------------------------------------------------------ checks

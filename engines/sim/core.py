@@ -260,6 +260,7 @@ class SimEngineCore:
         entries: list[tuple[SimRequest, int]] = []
         preempted = False
         prefill_tokens = decode_seqs = decode_context = 0
+        completes_prefill = False
         prefill_pairs = 0.0  # prefill attention's (query, key) pairs: a chunk attends to what precedes it
         # vLLM v0 without chunked prefill (``_schedule_default`` in ``vllm/core/scheduler.py``): waiting
         # prompts are scheduled first, with the whole token budget, and a step that schedules any runs no
@@ -284,6 +285,10 @@ class SimEngineCore:
             if need == 1 and request.num_computed > 0:
                 decode_seqs += 1
                 decode_context += request.context_len
+                if request.first_token_time < 0:
+                    # the prompt's last token (a chunk boundary left one): a decode-sized step, but it yields
+                    # the first token at this step's end, so no multi-step run may defer that output
+                    completes_prefill = True
             else:
                 prefill_tokens += n
                 prefill_pairs += n * (request.num_computed + (n + 1) / 2)
@@ -298,7 +303,7 @@ class SimEngineCore:
             return None
         steps = 1
         base_computed: list[int] = []
-        if max_steps > 1 and prefill_tokens == 0 and not preempted:
+        if max_steps > 1 and prefill_tokens == 0 and not preempted and not completes_prefill:
             steps = self._decode_run_length(entries, max_steps)
             if steps > 1:
                 base_computed = [r.num_computed for r, _ in entries]

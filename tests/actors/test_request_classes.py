@@ -125,6 +125,27 @@ def test_interactive_requests_wait_when_every_interactive_capable_instance_is_fu
     assert route(core, rc, request("c", RequestClass.INTERACTIVE), instances, {"a": first}) is None
 
 
+def test_class_aware_dispatch_skips_an_instance_the_registry_blocks() -> None:
+    """A KunServe group's member takes no dispatch: class-aware placement reads it as draining, as the freeness
+    index does (its record alone says serving)."""
+    rc = classes()
+    core = dispatcher(rc)
+    instances = {"member": instance(rc, "member", "interactive", 4)}
+    record = request("a", RequestClass.INTERACTIVE)
+    blocked = SchedulerView(
+        instances,
+        {"a": record},
+        rc,
+        lambda r: RequestDemand(r.request_id, 2, 1),
+        now=0.0,
+        blocked={"member"}.__contains__,
+    )
+    w = blocked.waiting("a")
+    assert w is not None
+    assert core.place(w, blocked) is None
+    assert route(core, rc, record, instances, {}) == "member"  # the same instance, not blocked
+
+
 def test_a_relabelled_instance_is_routed_by_its_new_role() -> None:
     from actors.request_classes import SetRole
 

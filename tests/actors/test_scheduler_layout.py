@@ -12,6 +12,7 @@ JOBS = (
     "dispatching",
     "scheduler_admin",
     "scheduler_clients",
+    "scheduler_ends",
     "scheduler_failover",
     "scheduler_instances",
     "scheduler_migration",

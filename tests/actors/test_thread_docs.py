@@ -21,6 +21,7 @@ MODULES = (
     "dispatching",
     "scheduler_admin",
     "scheduler_clients",
+    "scheduler_ends",
     "scheduler_failover",
     "scheduler_instances",
     "scheduler_migration",

@@ -20,6 +20,7 @@ from control.core.requests import (
     on_recovered,
     on_released,
     recover,
+    recover_restored,
     still_held_on,
 )
 from transport import subjects
@@ -133,3 +134,32 @@ def test_the_stored_form_is_the_record_and_older_rows_still_decode() -> None:
     # what the previous StoredRequest wrote: the same fields plus a version number
     old = msgspec.msgpack.encode({"v": 1, **msgspec.structs.asdict(row)})
     assert msgspec.msgpack.decode(old, type=RequestRecord) == row
+
+
+def test_a_restored_failover_fences_the_instance_it_left_again_so_its_hold_is_derived_again() -> None:
+    """After a control-plane restart a stored ``recovering`` request is recovered with a fence on the instance
+    it failed over from (the last of ``served_by``) while that instance is known: the fence's fresh answer
+    decides (hold or resume) by the same rule as before the restart. Nothing is fenced where nothing can run."""
+    row = record("a", "i1")
+    fail_over([row], "i1", max_attempts=3)
+    assert on_recovered(row, [5], finished=False, held_on="i1") == Hold("a", "i1")  # held when it stopped
+    stored = msgspec.msgpack.decode(msgspec.msgpack.encode(row), type=RequestRecord)  # what a restart reads
+    assert (stored.state, stored.served_by, stored.resume_tokens) == ("recovering", ["i1"], [5])
+    assert recover_restored(stored, registered={"i1", "i2"}) == Resume("a", fence_on="i1")
+    held_on = still_held_on("i1", "silent", registered=True)  # still silent: held again
+    assert on_recovered(stored, [5], finished=False, held_on=held_on) == Hold("a", "i1")
+    assert on_released(stored) == Redispatch("a") and stored.resume_tokens == [5]
+
+    moved = record("b", "i1")  # failed over from i1, then resumed on i2 and failed over from there
+    moved.served_by, moved.state, moved.instance_id = ["i1", "i2"], "recovering", None
+    assert recover_restored(moved, registered={"i1", "i2"}) == Resume("b", fence_on="i2")
+    assert recover_restored(moved, registered={"i1"}) == Resume("b")  # i2 is gone: nothing of it runs there
+    assert moved.state == "recovering" and moved.instance_id is None
+
+    lost = record("c", "gone")  # restored running on an instance nobody knows: no fence, read back
+    assert recover_restored(lost, registered={"i1"}) == Resume("c")
+    assert lost.state == "recovering"
+    never = record("d", None, state="recovering")  # never dispatched: nothing to fence
+    assert recover_restored(never, registered={"i1"}) == Resume("d")
+    plain = record("e", "i1", reply_to="_INBOX.x", state="recovering")
+    assert recover_restored(plain, registered={"i1"}, unresumable="restarted") == Fail("e", "restarted")

@@ -258,3 +258,22 @@ def test_advance_blocks_to_keeps_block_state_exact(seed: int, polls: list[float]
         now = end
     for x, y in zip(eager_requests, lazy_requests, strict=True):
         assert (x.first_token_time, x.finish_time, x.num_output) == (y.first_token_time, y.finish_time, y.num_output)
+
+
+def test_fast_forward_stamps_first_token_when_a_chunk_leaves_one_prompt_token() -> None:
+    """Two decodes take 2 of the 2,048-token budget, so a 2 x 2,046 + 1 token prompt has one token left after
+    its chunks: that step is decode-sized but yields the first token; a multi-step decode run planned over it
+    used to stamp the first token at the run's end (seconds late on the Azure trace's 4,08x-token prompts)."""
+    config = SimEngineConfig(num_blocks=2000, block_size=16, max_num_seqs=8, max_model_len=8192)
+    firsts = []
+    for max_steps in (1, 10_000):
+        core = SimEngineCore(config, LLAMA7B_A100)
+        for i in range(2):
+            core.add(SimRequest(f"d{i}", prompt_len=10, max_tokens=300))
+        now = run_steps(core, 1, 0.0)  # both prefilled: they decode from here on
+        long = SimRequest("long", prompt_len=2 * 2046 + 1, max_tokens=5)
+        core.add(long)
+        run_to_completion(core, max_steps, now)
+        firsts.append(long.first_token_time)
+    step_by_step, fast_forward = firsts
+    assert abs(step_by_step - fast_forward) < 1e-6

@@ -15,14 +15,17 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
 import nats
 import pytest
+from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError
 
+from actors.control_state import REQUEST_NS, decode_request
 from actors.leadership import LEASE_KEY, LeaseRecord
 from actors.local_cluster import InProcessCluster
 from control.client import DroverClient, DroverError, RequestStream
@@ -30,12 +33,20 @@ from control.settings import load_settings
 from engines.sim.engine import request_seed, token_at
 from engines.sim.live_migration import MigratableSimEngine
 from engines.tokenizer import ByteTokenizer
+from tests.waiting import wait_for
 from transport import subjects
+from transport.kv_store import kv_key
 from transport.messages import (
+    PROTOCOL_VERSION,
     Accepted,
+    EngineAbort,
+    EngineAdd,
+    EngineFence,
     ErrorCode,
     ErrorReply,
+    InstanceHeartbeat,
     RequestDone,
+    RunningRequest,
     SamplingParams,
     SubmitRequest,
     TokenChunk,
@@ -235,6 +246,199 @@ async def test_request_that_ends_while_no_control_plane_runs_leaves_the_table(na
             assert again.token_ids == expected("he-next", 4)
     finally:
         await asyncio.to_thread(cluster.stop)
+
+
+# ---------------------------------------------------------------------------------------------- failover holds
+async def scheduler_holds(cluster: InProcessCluster) -> dict[str, str] | None:
+    """The running scheduler's failover holds (request id -> instance), read from the control core's
+    ``FailoverHolds``; None while no scheduler runs (a control plane still starting)."""
+    control = cluster.control
+    ref = None if control is None or control.scheduler is None else control.scheduler.ref
+    if ref is None or not ref.is_alive():
+        return None
+    failovers = await asyncio.to_thread(lambda: ref.proxy().failovers.get(timeout=5))
+    return failovers.holds.held()
+
+
+class HungInstance:
+    """An instance that hangs with a request (a test double of an engine, as in the chaos tests): its
+    heartbeats go on and list what its engine runs, it answers nothing (fence, add, abort). ``sent`` records
+    every message the control plane sends it and the ``spare`` instance, as ``(instance, message)``."""
+
+    def __init__(self, nc: nats.NATS, instance_id: str) -> None:
+        self.nc, self.instance_id = nc, instance_id
+        engine = MigratableSimEngine(instance_id, num_blocks=256, max_model_len=1024)
+        self.engine, self.info = engine, msgspec.structs.replace(engine.info, protocol_version=PROTOCOL_VERSION)
+        self.sent: list[tuple[str, object]] = []
+        self.lists: list[str] = []
+        self.seq = iter(range(1, 1_000_000))
+        self.stopped = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self, spare: str) -> None:
+        for instance_id in (self.instance_id, spare):
+            await self.nc.subscribe(subjects.engine(instance_id), cb=self._watch(instance_id))
+        self.task = asyncio.get_running_loop().create_task(self._beats())
+
+    def _watch(self, instance_id: str) -> Callable[[Msg], Awaitable[None]]:
+        async def on_message(msg: Msg) -> None:  # taken, never answered
+            self.sent.append((instance_id, decode(msg.data)))
+
+        return on_message
+
+    async def _beats(self) -> None:
+        while not self.stopped.is_set():
+            running = [RunningRequest(request_id=r, num_tokens=40, num_blocks=2) for r in self.lists]
+            load = msgspec.structs.replace(self.engine.load(), running=running)
+            beat = InstanceHeartbeat(info=self.info, load=load, seq=next(self.seq), sent_at=time.time())
+            await self.nc.publish(subjects.heartbeat(self.instance_id), encode(beat))
+            await asyncio.sleep(0.05)
+
+    def restart_signal(self) -> None:
+        """Its heartbeat seq goes back to 0: read as a restart, so its requests fail over (fenced first)."""
+        self.seq = iter(range(0, 1_000_000))
+
+    async def stop(self) -> None:
+        self.stopped.set()
+        if self.task is not None:
+            await asyncio.gather(self.task, return_exceptions=True)
+
+    def of(self, kind: type, since: int = 0) -> list[object]:
+        return [m for _, m in self.sent[since:] if isinstance(m, kind)]
+
+    def resumed(self) -> list[EngineAdd]:
+        """EngineAdds of a request that ran before (a failover's resume), to either instance."""
+        return [m for m in self.of(EngineAdd) if isinstance(m, EngineAdd) and m.served_by]
+
+
+async def held_restart(nats_url: str, tap_nc: nats.NATS, *, hold_first: bool) -> None:
+    """A request failed over from an instance that may still hold a copy (it never answers the fence, its
+    heartbeats still list the request) must not resume beside that copy, and the control plane restarts:
+    after it held the request (``hold_first``) or while the fence was still unanswered. The restarted control
+    plane derives the hold again from the stored ``recovering`` record (it fences that instance again, which
+    stays silent) and holds it in the core, resumes it once that instance lets go, and every token reaches the
+    client once."""
+    settings = load_settings(
+        overrides={
+            "nats": {"url": nats_url},
+            "engine": {"kind": "sim", "heartbeat_interval_s": 0.05},
+            "scheduler": {"instance_stale_after_s": 60.0},  # never declared dead: only its heartbeats release it
+            # restarted mid-fence: the first control plane's fence outlasts the test
+            "reliability": {"failover_fence_timeout_s": 0.3 if hold_first else 60.0},
+            "policy": {"migration_enabled": False},
+            "ha": {"lease_ttl_s": 1.5, "renew_period_s": 0.3},
+        }
+    )
+    cluster = InProcessCluster(settings=settings, tokenizer=ByteTokenizer())
+    await asyncio.to_thread(cluster.start_control)
+    rid, n, before = "hold-1", 30, 5
+    hung = HungInstance(tap_nc, "held")
+    first = expected(rid, n)[:before]
+    try:
+        await hung.start(spare="spare")
+        bucket = await tap_nc.jetstream().key_value(cluster.settings.ha.state_bucket)
+
+        async def stored_held() -> bool:  # what a held request's record says: recovering, the tokens read back
+            entry = await bucket.get(kv_key(REQUEST_NS, rid))
+            assert entry.value is not None
+            record = decode_request(entry.value)
+            return (record.state, record.instance_id, record.served_by, record.resume_tokens) == (
+                "recovering",
+                None,
+                ["held"],
+                first,
+            )
+
+        async with DroverClient(cluster.url, name="ha-hold") as client:
+            await client.wait_for_instances(1, timeout_s=10)
+            stream = await client.submit("held", sampling=SamplingParams(max_tokens=n, ignore_eos=True), request_id=rid)
+            tap = InboxTap()
+            await tap.attach(tap_nc, inbox_of(stream))
+
+            async def dispatched() -> bool:
+                return bool(hung.of(EngineAdd))
+
+            await wait_for(dispatched, 30, f"{rid} dispatched to the hung instance")
+            # Its engine runs it and streams the first tokens (as an engine would), then hangs.
+            hung.lists.append(rid)
+            await tap_nc.publish(inbox_of(stream), encode(TokenChunk(request_id=rid, index=0, token_ids=first)))
+            await wait_tokens(stream, before)
+            await asyncio.to_thread(
+                cluster.add_engine, MigratableSimEngine("spare", num_blocks=256, max_model_len=1024)
+            )
+            await client.wait_for_instances(2, timeout_s=10)
+            hung.restart_signal()
+
+            async def held_by_first() -> bool:
+                return await scheduler_holds(cluster) == {rid: "held"} and await stored_held()
+
+            async def fenced_by_first() -> bool:  # the failover stored it (tokens not read back yet) and fences
+                entry = await bucket.get(kv_key(REQUEST_NS, rid))
+                assert entry.value is not None
+                return bool(hung.of(EngineFence)) and decode_request(entry.value).state == "recovering"
+
+            if hold_first:
+                await wait_for(held_by_first, 30, "the first control plane's hold (its record stored recovering)")
+            else:
+                await wait_for(fenced_by_first, 30, "the first control plane's fence")
+                cluster.settings = cluster.settings.model_copy(deep=True)  # the next one's fence times out soon
+                cluster.settings.reliability.failover_fence_timeout_s = 0.3
+                assert await scheduler_holds(cluster) == {}  # not held yet: the fence has not answered
+
+            seen = len(hung.sent)  # the first control plane's fence is in already (waited for above)
+            await asyncio.to_thread(cluster.restart_control)
+
+            async def holding() -> bool:
+                return await scheduler_holds(cluster) == {rid: "held"} or bool(hung.resumed())
+
+            await wait_for(holding, 30, "the restarted scheduler's hold")
+            assert not hung.resumed(), "resumed while the instance may still run it"
+            assert await scheduler_holds(cluster) == {rid: "held"}  # the core holds it again
+            assert hung.of(EngineFence, since=seen)  # decided again: the instance was fenced again
+            await wait_for(stored_held, 30, "the held request's record")
+            holding_since = len(hung.sent)
+
+            async def superseded() -> bool:  # the new scheduler read beats that still list it (or resumed it)
+                aborts = [m for m in hung.of(EngineAbort, since=holding_since) if isinstance(m, EngineAbort)]
+                return sum(m.request_id == rid for m in aborts) >= 5 or bool(hung.resumed())
+
+            await wait_for(superseded, 30, "the restarted scheduler reading the hung instance's beats")
+            await asyncio.sleep(1.0)  # a resume would have been dispatched long since
+            assert not hung.resumed(), "resumed while the instance may still run it"
+            assert await scheduler_holds(cluster) == {rid: "held"}
+            assert stream.result_data.token_ids == first
+
+            # The instance lets go: the real engine takes over its id, and its heartbeats do not list the request.
+            await hung.stop()
+            await asyncio.to_thread(cluster.add_engine, MigratableSimEngine("held", num_blocks=256, max_model_len=1024))
+            result = await asyncio.wait_for(stream.result(), 30)
+            assert result.token_ids == expected(rid, n)
+            again = {(i, tuple(m.output_token_ids), tuple(m.served_by)) for i, m in hung.sent if m in hung.resumed()}
+            assert len(again) == 1  # one resume (an unacknowledged add may be sent again as it was)
+            assert {(tokens, served) for _, tokens, served in again} == {(tuple(first), ("held",))}
+            assert await scheduler_holds(cluster) == {}
+            await asyncio.sleep(0.5)  # anything late would arrive now
+            sent = sorted((c.index, len(c.token_ids)) for c in tap.of(TokenChunk))  # type: ignore[attr-defined]
+            position = 0
+            for index, length in sent:  # each index once: no chunk twice, none overlapping another
+                assert index == position
+                position += length
+            assert position == n
+            assert len(tap.of(RequestDone)) == 1 and not tap.of(ErrorReply)
+    finally:
+        await hung.stop()
+        await asyncio.to_thread(cluster.stop)
+
+
+async def test_a_restarted_control_plane_keeps_a_failover_hold(nats_url: str, tap_nc: nats.NATS) -> None:
+    """Restarted while the request was held: the hold is derived again (fence, silence, hold)."""
+    await held_restart(nats_url, tap_nc, hold_first=True)
+
+
+async def test_a_control_plane_restarted_mid_fence_fences_again_and_holds(nats_url: str, tap_nc: nats.NATS) -> None:
+    """Stored ``recovering`` before the fence answered: the restarted control plane fences the instance again
+    (it resumed at once before, beside the copy that instance may still run) and holds the request."""
+    await held_restart(nats_url, tap_nc, hold_first=False)
 
 
 # ---------------------------------------------------------------------------------------------- two processes

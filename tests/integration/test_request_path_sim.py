@@ -36,7 +36,9 @@ async def test_submit_streams_every_token_in_order_then_done(client: DroverClien
 
 
 async def test_two_instances_are_both_used(client: DroverClient) -> None:
-    results = await asyncio.gather(*(client.generate(f"prompt {i}", max_tokens=4) for i in range(8)))
+    # Long enough (about a second each) that every request is still running when the next is placed, even on a
+    # loaded machine: 4-token requests could each end before the next arrived, and all land on one instance.
+    results = await asyncio.gather(*(client.generate(f"prompt {i}", max_tokens=100) for i in range(8)))
     served = {r.done.instances[0] for r in results if r.done}
     assert served == {"sim-0", "sim-1"}
 

@@ -1,4 +1,5 @@
-"""Parity (b) for dispatch and migration: each shell turns the same command sequence into the same engine actions.
+"""Parity (b) for dispatch, migration and eviction: each shell turns the same command sequence into the same
+engine actions.
 
 The command sequence is fixed (:data:`PLACES`, :data:`MIGRATIONS`): three requests placed on two instances
 (``Place`` commands of the core's dispatch loop, ``control/core/dispatch.py``), then three migrations one after
@@ -23,25 +24,38 @@ the end, the instances each request ran on, its token ids, and each migration's 
 Deliberately deviating simulator shells (a placement carried out on the other instance, the abort after
 ``max_stages`` turned into stop-and-copy as the live migrator once did, a migrated request recomputed instead of
 resumed with its KV) must disagree.
+
+**Eviction** (:data:`EVICTIONS`, a second live cluster: class-aware dispatch, one mixed instance of two slots,
+one kept for interactive requests): a batch request runs; an interactive one takes the second slot; the next
+interactive one finds the instance full, and the core's ``Place`` (``control/core/classes.py``) evicts the batch
+request. The live shell stops it with an ``EngineAbort`` "evicted" and later resumes it from the tokens its
+client has through the batch queue (``actors/request_classes.py``, ``actors/dispatching.py``); the simulator's
+shell (:class:`control.simulator.elastic.ElasticSimulator`) removes it from the engine, re-queues it and adds it
+again. The engine actions compared are the same; how many tokens the batch request had when it was stopped
+depends on timing, so an add notes only whether it came with output already generated. A simulator that
+places without evicting, or that restarts the evicted request from its prompt, must disagree.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import defaultdict
-from collections.abc import Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from actors.local_cluster import InProcessCluster
-from control.client import DroverClient
+from control.client import DroverClient, RequestStream
 from control.core.dispatch import Place
 from control.core.migration import MigrationStages
+from control.policy.autoscaling import AutoscaleParams, LocalParams, PerRole
 from control.policy.dispatch import make_dispatch_policy
 from control.policy.migration import InFlightMigration, MigrationDecision, MigrationPlanner
 from control.policy.params import PolicyParams
 from control.policy.snapshots import InstanceSnapshot, RequestDemand
-from control.settings import load_settings
-from control.simulator import ClusterConfig, ClusterSimulator
+from control.settings import Settings, load_settings
+from control.simulator import ClusterConfig, ClusterSimulator, ElasticConfig, ElasticSimulator
 from control.simulator.cluster import SimInstance
 from control.simulator.workload import RequestSpec
 from engines.sim.core import SimEngineConfig, SimEngineCore, SimOutput, SimRequest
@@ -49,6 +63,7 @@ from engines.sim.cost_model import DEFAULT_COST_MODEL
 from engines.sim.engine import request_seed, token_at
 from engines.sim.live_migration import DEFAULT_KV_BYTES_PER_TOKEN, DEFAULT_TRANSFER_BYTES_PER_S, MigratableSimEngine
 from engines.tokenizer import ByteTokenizer
+from transport.messages import RequestClass
 
 INSTANCES = ("sim-0000", "sim-0001")  # the simulator's names for its first two instances
 PROMPTS = {"c0": "a" * 120, "c1": "b" * 200, "c2": "c" * 80}
@@ -117,10 +132,14 @@ def differences(live: Outcome, simulated: Outcome) -> list[str]:
 class RecordingCore(SimEngineCore):
     """The engine model both shells drive, noting each engine-side action it is asked for.
 
+    An add notes whether the request came with output (resumed by recompute after an eviction or a migration
+    that could not take its KV), not how much: that depends on when it was stopped.
     ``refuse_resume``: a deviation; a migrated request cannot be resumed with its KV (the shell then recomputes)."""
 
-    def __init__(self, instance_id: str, outcome: Outcome, *, refuse_resume: bool = False) -> None:
-        super().__init__(ENGINE, DEFAULT_COST_MODEL)
+    def __init__(
+        self, instance_id: str, outcome: Outcome, engine: SimEngineConfig = ENGINE, *, refuse_resume: bool = False
+    ) -> None:
+        super().__init__(engine, DEFAULT_COST_MODEL)
         self.instance_id = instance_id
         self.outcome = outcome
         self.refuse_resume = refuse_resume
@@ -130,7 +149,7 @@ class RecordingCore(SimEngineCore):
 
     def add(self, request: SimRequest) -> None:
         super().add(request)
-        self._note("add", request.request_id, request.context_len)
+        self._note("add", request.request_id, request.prompt_len, request.num_output > 0)
 
     def add_resumed(self, request: SimRequest, now: float, reservation_blocks: int = 0) -> bool:
         if self.refuse_resume:
@@ -266,75 +285,111 @@ class ScriptedCluster(ClusterSimulator):
     def simulate(self) -> Outcome:
         result = self.run()
         assert result.completed == len(PROMPTS)
-        outcome = self.outcome
-        for inst in self.instances:
-            assert isinstance(inst.core, RecordingCore)
-            outcome.held_at_end[inst.instance_id] = inst.core.held()
-        for rid, instances in self.ran.items():
-            outcome.runs[rid] = tuple(instances)
-        for finished in outcome.finished.values():
-            for rid, num_output in finished:
-                seed = request_seed(SEED, rid)
-                outcome.tokens[rid] = tuple(token_at(seed, p) for p in range(num_output))
-        return outcome
+        return simulated_outcome(self.outcome, self.instances, self.ran)
+
+
+def simulated_outcome(outcome: Outcome, instances: Sequence[SimInstance], ran: dict[str, list[str]]) -> Outcome:
+    """What a finished simulation's engines did (``ran``: the instances each request was placed on, in order)."""
+    for inst in instances:
+        assert isinstance(inst.core, RecordingCore)
+        outcome.held_at_end[inst.instance_id] = inst.core.held()
+    for rid, placed_on in ran.items():
+        outcome.runs[rid] = distinct_runs(placed_on)
+    for finished in outcome.finished.values():
+        for rid, num_output in finished:
+            seed = request_seed(SEED, rid)
+            outcome.tokens[rid] = tuple(token_at(seed, p) for p in range(num_output))
+    return outcome
+
+
+def distinct_runs(instances: Sequence[str]) -> tuple[str, ...]:
+    """The instances a request ran on, one entry a stay (a request evicted and resumed where it was is one)."""
+    return tuple(i for k, i in enumerate(instances) if k == 0 or instances[k - 1] != i)
 
 
 # --------------------------------------------------------------------------------------------- the live shell
-async def _live(nats_url: str) -> Outcome:
-    settings = load_settings(
+def live_settings(nats_url: str, **overrides: object) -> Settings:
+    """A control plane over sim engines that migrates only when an operator asks."""
+    return load_settings(
         overrides={
             "nats": {"url": nats_url},
             "engine": {"kind": "sim", "heartbeat_interval_s": 0.05},
             "policy": {"migration_enabled": False},  # no migrations but the operator's
+            **overrides,
         }
     )
-    outcome = Outcome()
+
+
+@asynccontextmanager
+async def recording_cluster(
+    settings: Settings, instance_ids: Sequence[str], engine: SimEngineConfig, outcome: Outcome, name: str
+) -> AsyncIterator[tuple[InProcessCluster, DroverClient]]:
+    """A control plane and a sim engine host per instance, each over a :class:`RecordingCore` noting into
+    ``outcome``, and a client once every instance has joined; at the end, the blocks each engine still holds."""
     cores: list[RecordingCore] = []
     cluster = InProcessCluster(settings=settings, tokenizer=ByteTokenizer())
     await asyncio.to_thread(cluster.start_control)
     try:
-        for instance_id in INSTANCES:
-            engine = MigratableSimEngine(
+        for instance_id in instance_ids:
+            live_engine = MigratableSimEngine(
                 instance_id,
-                block_size=ENGINE.block_size,
-                num_blocks=ENGINE.num_blocks,
-                max_num_seqs=ENGINE.max_num_seqs,
-                max_num_batched_tokens=ENGINE.max_num_batched_tokens,
-                max_model_len=ENGINE.max_model_len,
+                block_size=engine.block_size,
+                num_blocks=engine.num_blocks,
+                max_num_seqs=engine.max_num_seqs,
+                max_num_batched_tokens=engine.max_num_batched_tokens,
+                max_model_len=engine.max_model_len,
                 time_scale=1.0,
                 seed=SEED,
             )
-            engine.core = core = RecordingCore(instance_id, outcome)  # before the engine starts
+            live_engine.core = core = RecordingCore(instance_id, outcome, engine)  # before the engine starts
             cores.append(core)
-            await asyncio.to_thread(cluster.add_engine, engine)
-        async with DroverClient(cluster.url, name="command-parity") as client:
-            await client.wait_for_instances(len(INSTANCES), timeout_s=30)
-            assert cluster.control is not None and cluster.control.scheduler is not None
-            scheduler = cluster.control.scheduler.ref
-            assert scheduler is not None
-            # the scheduler's dispatch loop places by the script from now on (set on the actor's own thread)
-            await asyncio.to_thread(setattr, scheduler.proxy(), "policy", ScriptedIndex(PLACES))
-            streams = {
-                rid: await client.submit(PROMPTS[rid], max_tokens=MAX_TOKENS, request_id=rid) for rid in sorted(PROMPTS)
-            }
-            for stream in streams.values():  # each has decoded (and streamed) tokens where it was placed
-                async for _ in stream.events():
-                    if len(stream.result_data.token_ids) >= 2:
-                        break
-            for m in MIGRATIONS:
-                await client.policy(m.knobs())
-                reply = await client.migrate(m.request_id, m.destination)
-                outcome.migrations[m.request_id] = (reply.ok, int(reply.details["stages"]))
-            for rid, stream in streams.items():
-                result = await asyncio.wait_for(stream.result(), 120)
-                assert result.done is not None and result.done.finish_reason == "length", (rid, result.done)
-                outcome.tokens[rid] = tuple(result.token_ids)
-                ran = [i for k, i in enumerate(result.instances) if k == 0 or result.instances[k - 1] != i]
-                outcome.runs[rid] = tuple(ran)
+            await asyncio.to_thread(cluster.add_engine, live_engine)
+        async with DroverClient(cluster.url, name=name) as client:
+            await client.wait_for_instances(len(instance_ids), timeout_s=30)
+            yield cluster, client
     finally:
         await asyncio.to_thread(cluster.stop)
     for core in cores:
         outcome.held_at_end[core.instance_id] = core.held()
+
+
+async def decoded(stream: RequestStream, n: int) -> None:
+    """Wait until the request has streamed ``n`` tokens (it runs where it was placed)."""
+    async for _ in stream.events():
+        if len(stream.result_data.token_ids) >= n:
+            return
+
+
+async def note_results(streams: dict[str, RequestStream], outcome: Outcome) -> None:
+    """Each request ran to its length: its token ids and the instances it ran on."""
+    for rid, stream in streams.items():
+        result = await asyncio.wait_for(stream.result(), 120)
+        assert result.done is not None and result.done.finish_reason == "length", (rid, result.done)
+        outcome.tokens[rid] = tuple(result.token_ids)
+        outcome.runs[rid] = distinct_runs(result.instances)
+
+
+async def _live(nats_url: str) -> Outcome:
+    outcome = Outcome()
+    async with recording_cluster(live_settings(nats_url), INSTANCES, ENGINE, outcome, "command-parity") as (
+        cluster,
+        client,
+    ):
+        assert cluster.control is not None and cluster.control.scheduler is not None
+        scheduler = cluster.control.scheduler.ref
+        assert scheduler is not None
+        # the scheduler's dispatch loop places by the script from now on (set on the actor's own thread)
+        await asyncio.to_thread(setattr, scheduler.proxy(), "policy", ScriptedIndex(PLACES))
+        streams = {
+            rid: await client.submit(PROMPTS[rid], max_tokens=MAX_TOKENS, request_id=rid) for rid in sorted(PROMPTS)
+        }
+        for stream in streams.values():  # each has decoded (and streamed) tokens where it was placed
+            await decoded(stream, 2)
+        for m in MIGRATIONS:
+            await client.policy(m.knobs())
+            reply = await client.migrate(m.request_id, m.destination)
+            outcome.migrations[m.request_id] = (reply.ok, int(reply.details["stages"]))
+        await note_results(streams, outcome)
     return outcome
 
 
@@ -347,3 +402,118 @@ async def test_both_shells_carry_out_the_same_placements_and_migrations_alike(na
     for deviation, what in (("elsewhere", "actions"), ("no_abort", "migrations"), ("recompute", "actions")):
         found = differences(live, ScriptedCluster(deviation).simulate())
         assert any(line.startswith(what) for line in found), (deviation, found)
+
+
+# --------------------------------------------------------------------------------------------- eviction
+EVICT_ENGINE = dataclasses.replace(ENGINE, max_num_seqs=2)
+# two slots per instance in both shells (no local autoscaler: the live shell counts initial_batch, the simulator
+# the engine's max_num_seqs); the mixed reserve (ceil(0.1 * 2) = 1) keeps one of them for interactive requests
+EVICT_PARAMS = AutoscaleParams(local=LocalParams(min_batch=1, initial_batch=2, max_batch=2))
+EVICT_INSTANCE = INSTANCES[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Submit:
+    """A request of the eviction script, in submission order; each waits for the one before to stream."""
+
+    request_id: str
+    request_class: RequestClass
+    prompt: str
+    max_tokens: int
+
+
+# e-b0 and e-i0 run long enough (about 3 s of 12.5 ms steps) that both still run when e-i1 is placed, however
+# slowly a loaded machine carries the submissions
+EVICTIONS = (
+    Submit("e-b0", RequestClass.BATCH, "d" * 100, 260),  # released from the batch queue into the spare slot
+    Submit("e-i0", RequestClass.INTERACTIVE, "e" * 60, 240),  # the second slot: nothing evicted
+    Submit("e-i1", RequestClass.INTERACTIVE, "f" * 70, 40),  # full: Place evicts e-b0
+)
+# what both shells must do on the one instance: e-b0 stopped for e-i1, and once both interactive requests have
+# left (the batch queue's spare slot again), added with the output it had
+# (prompt tokens: the byte tokenizer's, BOS included)
+EVICTION_ACTIONS = [
+    ("add", "e-b0", 101, False),
+    ("add", "e-i0", 61, False),
+    ("remove", "e-b0"),
+    ("add", "e-i1", 71, False),
+    ("add", "e-b0", 101, True),
+]
+
+
+class EvictingCluster(ElasticSimulator):
+    """The simulator's shell under the eviction script; ``deviation`` makes it carry the commands out wrongly:
+    ``keep`` places without evicting, ``restart`` adds the evicted request again from its prompt."""
+
+    def __init__(self, deviation: str = "") -> None:
+        config = ElasticConfig(
+            cluster=ClusterConfig(engine=EVICT_ENGINE, cost_model=DEFAULT_COST_MODEL),
+            scaling="none",
+            initial=PerRole(0, 1, 0),  # one mixed instance
+            local_autoscaler=False,
+            autoscale=EVICT_PARAMS,
+        )
+        # each arrives once the one before runs (as the live script waits for streamed tokens)
+        tokenizer = ByteTokenizer()
+        requests = [
+            RequestSpec(
+                s.request_id,
+                0.05 * k,
+                len(tokenizer.encode(s.prompt)),
+                s.max_tokens,
+                request_class=s.request_class.value,
+            )
+            for k, s in enumerate(EVICTIONS)
+        ]
+        super().__init__(config, requests)
+        self.deviation = deviation
+        self.outcome = Outcome()
+        for inst in self.instances:
+            inst.core = RecordingCore(inst.instance_id, self.outcome, EVICT_ENGINE)
+        self.ran: dict[str, list[str]] = defaultdict(list)
+
+    def _run_placement(self, place: Place) -> None:
+        if self.deviation == "keep":
+            place = Place(place.request_id, place.instance_id)
+        super()._run_placement(place)
+
+    def _requeue(self, inst: SimInstance, request: SimRequest, *, evicted: bool = True) -> None:
+        if self.deviation == "restart":
+            request.num_output = 0
+        super()._requeue(inst, request, evicted=evicted)
+
+    def _on_placed(self, inst: SimInstance, request: SimRequest) -> None:
+        super()._on_placed(inst, request)
+        self.ran[request.request_id].append(inst.instance_id)
+
+    def simulate(self) -> Outcome:
+        result = self.run_elastic()
+        assert result.sim.completed == len(EVICTIONS)
+        return simulated_outcome(self.outcome, self.instances, self.ran)
+
+
+async def _live_eviction(nats_url: str) -> Outcome:
+    settings = live_settings(nats_url, autoscaler={"class_dispatch": True})
+    settings = settings.model_copy(update={"autoscaling": EVICT_PARAMS})
+    outcome = Outcome()
+    async with recording_cluster(settings, [EVICT_INSTANCE], EVICT_ENGINE, outcome, "eviction-parity") as (_, client):
+        streams: dict[str, RequestStream] = {}
+        for s in EVICTIONS:
+            streams[s.request_id] = stream = await client.submit(
+                s.prompt, max_tokens=s.max_tokens, request_id=s.request_id, request_class=s.request_class
+            )
+            if s is not EVICTIONS[-1]:
+                await decoded(stream, 2)
+        await note_results(streams, outcome)
+    return outcome
+
+
+async def test_both_shells_carry_out_the_same_eviction_alike(nats_url: str) -> None:
+    live = await _live_eviction(nats_url)
+    assert differences(live, EvictingCluster().simulate()) == []
+    # the script did evict (else the comparison compared something else)
+    assert live.actions == {EVICT_INSTANCE: EVICTION_ACTIONS}, live.actions
+    # a shell that carries the eviction out differently is caught
+    for deviation in ("keep", "restart"):
+        found = differences(live, EvictingCluster(deviation).simulate())
+        assert any(line.startswith("actions") for line in found), (deviation, found)

@@ -3,6 +3,7 @@ because both shells run the control core. Each test here failed on the code befo
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -10,6 +11,8 @@ import pytest
 from actors.local_cluster import InProcessCluster
 from control.client import DroverClient
 from control.core.memory import GroupHysteresis, restore_snapshot
+from control.core.migration import MigrationStages
+from control.core.record import Decision
 from control.policy.autoscaling import PerRole
 from control.policy.memory import MemoryParams, should_restore
 from control.policy.params import PolicyParams
@@ -384,3 +387,70 @@ def test_local_batch_limits_stop_at_the_engines_max_num_seqs_in_the_simulator() 
     assert [i.core.config.max_num_seqs for i in simulator.instances] == [8, 8]
     sizer = simulator.local_sizer()
     assert (sizer.limit, sizer.params.local.max_batch) == (8, 8)
+
+
+def _stage_runs(entries: list[Decision]) -> list[list[Decision]]:
+    """The stage machine's decisions, one list per migration (each opens with its first reservation)."""
+    runs: dict[str, list[list[Decision]]] = {}
+    for d in entries:
+        if d.what == "first_reservation":
+            runs.setdefault(d.key, []).append([d])
+        elif d.what in ("grow_reservation", "after_stage"):
+            runs[d.key][-1].append(d)
+    return [run for per_request in runs.values() for run in per_request]
+
+
+def _replayed(machine: MigrationStages, run: list[Decision]) -> list[object]:
+    """One migration's recorded decisions asked afresh of ``machine`` (a new one)."""
+    outputs: list[object] = []
+    for d in run:
+        if d.what == "first_reservation":
+            outputs.append(machine.first_reservation(d.inputs[0]))  # type: ignore[arg-type]
+        elif d.what == "grow_reservation":
+            outputs.append(machine.grow_reservation(d.inputs[0]))  # type: ignore[arg-type]
+        else:
+            outputs.append(machine.after_stage(d.inputs[1]))  # type: ignore[arg-type]
+    return outputs
+
+
+@pytest.mark.parametrize("after", ["stop_and_copy", "abort"])
+def test_the_memory_simulator_migrates_through_the_cores_stage_machine(after: str) -> None:
+    """Before: the memory simulator carried out a Llumnix migration as one copy (the request switched at the
+    source's next step boundary, with no downtime), while the cluster simulator and the live migrator ran the
+    control core's stage machine. Now it runs the same machine through the helper the cluster simulator uses
+    (``control/simulator/staged_copy.py``): over a slow link (0.2 GB/s) a migration takes a second stage, each
+    stop-and-copy costs a downtime, and with ``max_stages=1`` and ``abort`` the core's ABORT leaves the request
+    at its source. Every decision replays to the same answer from the stage machine the cluster simulator's
+    shell builds for the same migration (``ClusterSimulator.stage_machine``, same parameters)."""
+    from control.core.migration import StageStep
+    from control.core.record import DecisionLog
+    from control.simulator import ClusterSimulator
+    from control.simulator.hardware import DEFAULT_HARDWARE
+    from tests.control.simulator.test_memory import burst
+
+    hardware = dataclasses.replace(DEFAULT_HARDWARE, interconnect_bytes_per_s=2e8)
+    config = MemSimConfig(mode="llumnix", num_instances=2, hardware=hardware)
+    log = DecisionLog()
+    sim = MemorySimulator(config, burst(), decision_log=log)
+    if after == "abort":
+        sim.params = sim.params.with_updates(max_stages=1, after_max_stages="abort")
+    result = sim.run()
+    assert result.completed == len(burst())
+
+    runs = _stage_runs(log.entries())
+    assert runs, "no migration ran through the stage machine"
+    cluster = ClusterSimulator(ClusterConfig(num_instances=0, policy=sim.params), [])
+    for run in runs:
+        assert _replayed(cluster.stage_machine(run[0].key), run) == [d.output for d in run], run
+    steps = [[d.output for d in run if d.what == "after_stage"] for run in runs]
+    ended = [s[-1] for s in steps if s]
+    if after == "abort":
+        assert StageStep.ABORT in ended  # the core gave up after one stage: the request stayed at its source
+        assert result.migration_aborts >= ended.count(StageStep.ABORT)
+    else:
+        assert any(len(s) > 1 for s in steps), steps  # a migration took more than one copy stage
+        assert result.migration_stages > result.migrations
+    # each stop-and-copy committed (nothing finished meanwhile in this run), with its stages and a downtime
+    assert result.migrations == ended.count(StageStep.STOP_AND_COPY) > 0
+    assert result.migration_stages == sum(len(s) for s in steps if s[-1] is StageStep.STOP_AND_COPY)
+    assert result.migration_downtime_s >= result.migrations * config.resume_overhead_s

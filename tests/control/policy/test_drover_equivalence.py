@@ -74,6 +74,12 @@ class _ReferenceDrover:
         prefilling = sum(max(0, r.num_tokens - r.num_blocks * s.block_size) for r in s.running if not r.decoding)
         total = max(1, s.num_total_blocks)
         demand = s.num_used_blocks + s.waiting_blocks + blocks
+        if p.predict_prefill_blocks:  # the blocks running prompts' later chunks will still take
+            demand += sum(
+                -(-(r.num_tokens - r.num_blocks * s.block_size) // s.block_size)
+                for r in s.running
+                if not r.decoding and r.num_tokens > r.num_blocks * s.block_size
+            )
         demand += p.predict_growth_blocks * (s.num_running + s.num_waiting + waiting)
         load = demand / total
         room = -float(total - demand)
@@ -238,11 +244,13 @@ def _feed(indexes: tuple[PrefixIndex, ...], seq: int, rng: random.Random, iid: s
         target.apply(iid, epoch="e", seq=seq, **batch)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_drover_dispatch_decides_as_a_full_scan(seed: int) -> None:
+@pytest.mark.parametrize(("seed", "prefill_blocks"), [(0, True), (1, True), (2, True), (3, True), (4, False)])
+def test_drover_dispatch_decides_as_a_full_scan(seed: int, prefill_blocks: bool) -> None:
     rng = random.Random(seed)
     n = rng.choice((4, 12, 40))
     params = user_policy_params("drover").dispatch_params()
+    # drover counts the blocks running prompts' later chunks take (predict_prefill_blocks); one seed without
+    params = dataclasses.replace(params, predict_prefill_blocks=prefill_blocks)
     assert params.predict_hold and params.predict_prefix
     index = make_dispatch_policy("predictive", params)
     assert isinstance(index, PredictiveIndex) and index.prefix_index is not None

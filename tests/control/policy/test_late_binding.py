@@ -3,6 +3,8 @@ reservation at a time (EASY backfilling), backfill elsewhere, expire a reservati
 
 from __future__ import annotations
 
+import dataclasses
+
 from control.policy.dispatch import RESERVATION_EXPIRY_DECISIONS, DispatchIndex, make_dispatch_policy
 from control.policy.params import DispatchParams
 from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot
@@ -80,3 +82,35 @@ def test_a_reservation_nobody_asks_about_again_expires() -> None:
 def test_without_late_binding_predictive_always_chooses() -> None:
     index = index_of(snap("a", 0, running=9), params=DispatchParams())
     assert index.choose(demand("r", 50)) == "a"
+
+
+def test_prefill_blocks_count_the_chunks_a_running_prompt_still_allocates() -> None:
+    """``predict_prefill_blocks``: a prompt admitted under chunked prefill holds only its computed chunks'
+    blocks. Without the rule ``a`` shows room 56 and a 16-block request is queued in its engine, where it
+    would wait until the prompt's later chunks (60 blocks) are in and something finishes; with it ``a``'s room
+    is -4 and ``b``'s 16 (< 16 + 4), so the request is held in the cluster's queue for whichever frees first."""
+    prefilling = RunningSnapshot("a-long", num_tokens=80 * 16, num_blocks=20, decoding=False)
+    a = InstanceSnapshot(
+        instance_id="a",
+        num_total_blocks=100,
+        num_free_blocks=60,
+        num_running=1,
+        num_waiting=0,
+        block_size=16,
+        running=(prefilling,),
+    )
+    b = snap("b", 24, running=2)
+    rule = DispatchParams(predict_hold=True, predict_growth_blocks=4, predict_prefill_blocks=True)
+    assert index_of(a, b).choose(demand("r", 16)) == "a"
+    assert index_of(a, b, params=rule).choose(demand("r", 16)) is None
+    # a decoding request holds all its blocks already: nothing more is counted for it
+    decoding = InstanceSnapshot(
+        instance_id="a",
+        num_total_blocks=100,
+        num_free_blocks=60,
+        num_running=1,
+        num_waiting=0,
+        block_size=16,
+        running=(dataclasses.replace(prefilling, decoding=True),),
+    )
+    assert index_of(decoding, b, params=rule).choose(demand("r", 16)) == "a"

@@ -74,7 +74,9 @@ def test_blocks_conserved_between_events(mode: str) -> None:
             held = sum(r.num_blocks for u in sim.units.values() for r in u.core.running)
             capacity = sum(u.core.config.num_blocks for u in sim.units.values())
             free = sum(u.core.num_free_blocks for u in sim.units.values())
-            assert held + free + sum(u.core.reserved_blocks for u in sim.units.values()) == capacity
+            # reserved: held at a migration's destination; outgoing: a stopped migration's source keeps its blocks
+            claimed = sum(u.core.reserved_blocks + u.core.outgoing_blocks for u in sim.units.values())
+            assert held + free + claimed == capacity
         return original_pop(heap)
 
     heapq.heappop = checked_pop
@@ -176,3 +178,16 @@ def test_a_request_no_unit_takes_yet_waits_in_the_core_and_a_memory_tick_places_
     assert index.seen[:4] == [0, 1, 1, 1]
     assert sim.dispatcher.num_queued == 0
     assert result.completed == len(workload) and result.unfinished == 0 and result.rejected == 0
+
+
+def test_a_migration_whose_last_copy_ends_with_the_sources_step_loses_no_request() -> None:
+    """With no stage or resume overhead a stop-and-copy with nothing left to copy ends at the very instant the
+    source's last step does, and a cut may have queued that step's end after the copy's. The resume must wait
+    for the stop: taken first, the request, still running, was given up while the source then stopped it for
+    good (a request lost, its blocks held as outgoing forever)."""
+    config = MemSimConfig(mode="llumnix", num_instances=2, migration_stage_overhead_s=0.0, resume_overhead_s=0.0)
+    sim = MemorySimulator(config, burst())
+    result = sim.run()
+    assert result.migrations > 0
+    assert result.completed == len(burst()) and result.unfinished == 0
+    assert all(u.core.outgoing_blocks == 0 for u in sim.units.values())
