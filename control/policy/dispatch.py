@@ -897,6 +897,8 @@ class PredictiveIndex(_IndexBase):
         growth = self.params.predict_growth_blocks
         best: tuple[float, str, int] | None = None
         entries = self._entries
+        top = self._top(pool[0])
+        spare_busy = self.params.predict_prefix_idle_first and top is not None and _idle(entries[top[-2]])
         for iid, cached in found.items():
             entry = entries.get(iid)
             if entry is None or iid == reserved or model not in entry.pools:
@@ -912,12 +914,13 @@ class PredictiveIndex(_IndexBase):
             if room is not None and -room < (uncached if uncached > 0 else 0) + growth:
                 continue
             uncomputed = prompt - cached * entry.terms[5]  # the block size (the snapshot may be out of cache)
+            if spare_busy and uncomputed > 0 and not _idle(entry):
+                continue  # its prefill would stall the holder's decodes; on the idle instance it stalls nobody
             cost = key[1] + uncomputed if uncomputed > 0 else key[1]
             if best is None or cost < best[0]:
                 best = (cost, iid, cached)
         if best is None:
             return None
-        top = self._top(pool[0])
         # list 0's items are flat (``_item``): tier, work ahead, load, instance id, version
         if top is not None and top[-2] != best[1] and top[0] == 0.0 and top[1] + prompt <= best[0]:
             return None  # the load-only choice is as soon without the hit
@@ -982,6 +985,11 @@ class PredictiveIndex(_IndexBase):
             if iid != reserved and -self._entries[iid].keys[1] >= need:  # type: ignore[operator]  # a float
                 return iid
         return roomiest[1]
+
+
+def _idle(entry: _Entry) -> bool:
+    """No request runs or waits on the instance, and none was dispatched to it since its snapshot."""
+    return entry.snapshot.is_empty and entry.extra_waiting == 0
 
 
 _ANY_INSTANCE = "\x00any instance"
