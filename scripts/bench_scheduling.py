@@ -721,6 +721,8 @@ def fixed_load_tails(
                 "tpot_p99_ms": mean_ci(tpot),
                 "itl_p99_ms": mean_ci(itl),
                 "ttft_p99_per_seed": ttft,
+                "tpot_p99_per_seed": tpot,
+                "itl_p99_per_seed": itl,
             }
     return out
 

@@ -53,6 +53,14 @@ class DispatchParams:
     """``predictive`` dispatch: weigh expected prefix-cache hits (a prefix index fed by engines' cache
     reports, as ``kv_aware``'s): an instance holding the prompt's prefix wins when the prefill work ahead of
     the request there plus the prompt tokens it would still compute is below the best load-only choice's."""
+    predict_prefix_idle_first: bool = False
+    """``predictive`` dispatch with ``predict_prefix``: while the load-only choice is idle (it hosts no
+    request), a prefix holder that hosts requests wins only if it caches the whole prompt. The prompt's
+    uncached rest would be prefilled in chunks that share every step with the holder's decodes, stretching
+    them (a short answer's per-token time doubles), where on the idle instance it stalls nobody. Only the
+    light-load case: when every instance is busy the hit's saved prefill is worth its stall (Mooncake: p99
+    TPOT +6-9% against INFaaS++ at light load without it, goodput unchanged with it; docs/policies.md,
+    "Prefix hits that stall decodes")."""
     queue_hold_all: bool = False
     """``predictive`` dispatch with ``predict_hold``: hold *every* request no instance can start now in the
     scheduler's queue (the first one still reserves the roomiest instance, EASY backfilling), instead of
@@ -97,6 +105,7 @@ class PolicyParams:
     predict_decode_weight: float = 16.0
     predict_hold: bool = False
     predict_prefix: bool = False
+    predict_prefix_idle_first: bool = False
     queue_hold_all: bool = False
     queue_aging_tokens_per_s: float = 0.0
     queue_backfill_scan: int = 32
@@ -172,6 +181,7 @@ always empties."""
             predict_decode_weight=self.predict_decode_weight,
             predict_hold=self.predict_hold,
             predict_prefix=self.predict_prefix,
+            predict_prefix_idle_first=self.predict_prefix_idle_first,
             queue_hold_all=self.queue_hold_all,
             queue_aging_tokens_per_s=self.queue_aging_tokens_per_s,
             queue_backfill_scan=self.queue_backfill_scan,
