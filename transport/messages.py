@@ -198,7 +198,7 @@ class RequestDone(_Msg, frozen=True, tag="done"):
     finish_reason: str  # "stop" | "length" | "abort"
     usage: Usage
     timings: Timings = Timings()
-    instances: list[str] = []  # every instance that served it, in order
+    instances: list[str] = []  # every instance it was sent to, in order (README: Wire schema)
     num_tokens: int = 0  # total tokens streamed; the client checks it saw them all
     # Every output token (from index 0): a client that lost chunks with a NATS node fills the gap from here.
     output_token_ids: list[int] = []

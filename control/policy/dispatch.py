@@ -33,7 +33,7 @@ import functools
 import heapq
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
-from heapq import heappop, heappush, heapreplace
+from heapq import heapify, heappop, heappush, heapreplace
 from typing import Any, Protocol
 
 from control.policy.freeness import INF, dispatch_freeness, physical_usage, priority_headroom_blocks
@@ -111,8 +111,11 @@ class _Entry:
         "extra_high",
         "extra_waiting",
         "has_high",
+        "iid",
         "keys",
+        "model",
         "pools",
+        "room_version",
         "snapshot",
         "terms",
         "version",
@@ -120,6 +123,10 @@ class _Entry:
 
     def __init__(self, snapshot: InstanceSnapshot) -> None:
         self.snapshot = snapshot
+        # the snapshot's id and model kept beside it: the hot paths read them here rather than from a snapshot
+        # object that is no longer in the CPU cache (a dispatch re-keys an instance last heard from a while ago)
+        self.iid = snapshot.instance_id
+        self.model = snapshot.model
         self.terms: Any = None  # what the policy derives from the snapshot alone (``_IndexBase._terms``)
         self.extra_waiting = 0
         self.extra_blocks = 0
@@ -128,11 +135,13 @@ class _Entry:
         self.keys: tuple[float | tuple[float, ...] | None, ...] = ()
         self.pools: tuple[str, ...] = _pool_names(snapshot)
         self.version = 0  # heap items carrying another version are stale
+        self.room_version = 0  # the same for ``PredictiveIndex``'s room list, which a dispatch leaves as it is
 
     def reset(self, snapshot: InstanceSnapshot) -> None:
         """A fresh heartbeat: it replaces the virtual bumps of earlier dispatches."""
-        if snapshot.model != self.snapshot.model:
+        if snapshot.model != self.model:
             self.pools = _pool_names(snapshot)
+            self.model = snapshot.model
         self.snapshot = snapshot
         self.extra_waiting = 0
         self.extra_blocks = 0
@@ -148,8 +157,10 @@ def _pool_names(snapshot: InstanceSnapshot) -> tuple[str, ...]:
     return (ANY_MODEL,) if snapshot.model == ANY_MODEL else (ANY_MODEL, snapshot.model)
 
 
-# A heap item: (key, instance id, entry version). Keys are floats or tuples of floats; smaller is better.
-_HeapItem = tuple[Any, str, int]
+# A heap item: (key, instance id, entry version), keys floats or tuples of floats, smaller better; or the parts of
+# a tuple key laid out flat, (part, ..., instance id, entry version), which orders the same (``PredictiveIndex``).
+# Either way an item ends with the instance id and the version: the shared code reads them as item[-2], item[-1].
+_HeapItem = tuple[Any, ...]
 
 _STALE_WALK = 4
 """Stale heap items a read of the best few instances (``_IndexBase._peek``) steps over before it pops them for
@@ -190,7 +201,7 @@ class _IndexBase:
         if entry is None:
             entry = self._entries[snapshot.instance_id] = _Entry(snapshot)
             self._pool_members.update(entry.pools)
-        elif entry.keys and not snapshot.draining and snapshot.model == entry.snapshot.model:
+        elif entry.keys and not snapshot.draining and snapshot.model == entry.model:
             # the usual heartbeat: a live member stays one, in the same pools, so ``_unlink`` then ``_link``
             # in one step, as a dispatch re-keys (the same versions and heap items, less work)
             entry.reset(snapshot)
@@ -199,7 +210,7 @@ class _IndexBase:
             return
         else:
             self._unlink(entry)
-            if snapshot.model != entry.snapshot.model:
+            if snapshot.model != entry.model:
                 self._pool_members.subtract(entry.pools)
                 entry.reset(snapshot)
                 self._pool_members.update(entry.pools)
@@ -271,17 +282,21 @@ class _IndexBase:
     def _build_pool(self, model: str) -> tuple[list[_HeapItem], ...]:
         pool: tuple[list[_HeapItem], ...] = tuple([] for _ in range(self.num_lists))
         live = 0
-        for iid, entry in self._entries.items():
+        for entry in self._entries.values():
             if entry.keys and model in entry.pools:
                 live += 1
-                for heap, key in zip(pool, entry.keys, strict=False):
+                for number, (heap, key) in enumerate(zip(pool, entry.keys, strict=False)):
                     if key is not None:
-                        heap.append((key, iid, entry.version))
+                        heap.append(self._item(number, key, entry))
         for heap in pool:
             heapq.heapify(heap)
         self._pools[model] = pool
         self._pool_sizes[model] = live
         return pool
+
+    def _item(self, number: int, key: Any, entry: _Entry) -> _HeapItem:
+        """The entry's heap item in list ``number`` (see ``_HeapItem``)."""
+        return (key, entry.iid, entry.version)
 
     def _link(self, entry: _Entry) -> None:
         self._clock += 1
@@ -295,7 +310,7 @@ class _IndexBase:
     def _push(self, entry: _Entry, keys: tuple[Any, ...], version: int, joined: int) -> None:
         """Push the entry's keys into its built pools; ``joined``: 1 when it becomes a live member, 0 when it
         already was (a re-key)."""
-        iid = entry.snapshot.instance_id
+        iid = entry.iid
         pools = self._pools
         sizes = self._pool_sizes
         entries = self._entries
@@ -303,31 +318,35 @@ class _IndexBase:
             pool = pools.get(pool_name)
             if pool is None:
                 continue  # not read yet: built from the entries' keys when it is
-            live = sizes[pool_name] = sizes[pool_name] + joined
+            live = sizes[pool_name]
+            if joined:
+                live = sizes[pool_name] = live + joined
+            limit = 4 * live + 16
             for heap, key in zip(pool, keys, strict=False):
                 if key is None:
                     continue
-                if heap and heap[0][1] == iid:
+                if heap and heap[0][-2] == iid:
                     # the top is this instance's item as it was (stale now: every item pushed for it before
                     # carries an older version), as after a dispatch to the best instance: one sift, not a
                     # push and then a pop
                     heapreplace(heap, (key, iid, version))
                 else:
                     heappush(heap, (key, iid, version))
-                    if len(heap) > 4 * live + 16:
+                    if len(heap) > limit:
                         self._rebuild(heap)
                         continue
                 # pop up to two stale items off the top: a policy that rarely reads a heap (prefix affinity
                 # answers most requests from its holders) would otherwise pay for thousands of stale tops in
                 # one read
-                for _ in range(2):
-                    top = heap[0]
-                    other = entries.get(top[1])
-                    if other is not None and other.version == top[2]:
-                        break
+                top = heap[0]
+                other = entries.get(top[-2])
+                if other is None or other.version != top[-1]:
                     heappop(heap)
-                    if not heap:
-                        break
+                    if heap:
+                        top = heap[0]
+                        other = entries.get(top[-2])
+                        if other is None or other.version != top[-1]:
+                            heappop(heap)
 
     def _rekey(self, entry: _Entry) -> None:
         """``_unlink`` then ``_link`` in one step, for a dispatch: same versions and items, less work."""
@@ -354,31 +373,30 @@ class _IndexBase:
     def _rebuild(self, heap: list[_HeapItem]) -> None:
         """Drop stale items (in place: the pool tuple keeps pointing at this list)."""
         entries = self._entries
-        fresh = [item for item in heap if (e := entries.get(item[1])) is not None and e.version == item[2]]
+        fresh = [item for item in heap if (e := entries.get(item[-2])) is not None and e.version == item[-1]]
         heap[:] = fresh
         heapq.heapify(heap)
 
-    def _best(self, heap: list[_HeapItem], k: int) -> list[tuple[Any, str]]:
-        """The ``k`` best live (key, instance id) pairs in order, O(k log n): popped, then pushed back."""
+    def _best(self, heap: list[_HeapItem], k: int) -> list[_HeapItem]:
+        """The ``k`` best live items in order, O(k log n): popped, then pushed back."""
         entries = self._entries
         popped: list[_HeapItem] = []
         while heap and len(popped) < k:
             item = heapq.heappop(heap)
-            entry = entries.get(item[1])
-            if entry is not None and entry.version == item[2]:
+            entry = entries.get(item[-2])
+            if entry is not None and entry.version == item[-1]:
                 popped.append(item)
         for item in popped:
             heapq.heappush(heap, item)
-        return [(item[0], item[1]) for item in popped]
+        return popped
 
-    def _peek(self, heap: list[_HeapItem], k: int) -> Sequence[tuple[Any, ...]]:
-        """What ``_best`` returns, read without changing the heap: the ``k`` best live items, each starting
-        (key, instance id). A best-first walk down the heap's tree (a parent sorts before its children),
-        O(k log k) on a small frontier instead of k pops and k pushes on the big heap, each of them a dozen
-        comparisons of nested key tuples. Stale items are stepped over; when more than a few are in the way,
-        ``_best`` pops them for good instead, so they cannot pile up at the top and slow every later walk
-        (both give the live items in key order)."""
-        out: list[_HeapItem] = []  # the heap's own items (key, instance id, version): no new tuples
+    def _peek(self, heap: list[_HeapItem], k: int) -> Sequence[_HeapItem]:
+        """What ``_best`` returns, read without changing the heap: the ``k`` best live items. A best-first walk
+        down the heap's tree (a parent sorts before its children), O(k log k) on a small frontier instead of k
+        pops and k pushes on the big heap, each of them a dozen comparisons of key tuples. Stale items are
+        stepped over; when more than a few are in the way, ``_best`` pops them for good instead, so they cannot
+        pile up at the top and slow every later walk (both give the live items in key order)."""
+        out: list[_HeapItem] = []  # the heap's own items: no new tuples
         size = len(heap)
         if not size:
             return out
@@ -387,8 +405,8 @@ class _IndexBase:
         frontier = [(heap[0], 0)]  # items are unique (one version per instance), so the index never compares
         while frontier:
             item, i = heappop(frontier)
-            entry = entries.get(item[1])
-            if entry is not None and entry.version == item[2]:
+            entry = entries.get(item[-2])
+            if entry is not None and entry.version == item[-1]:
                 out.append(item)
                 if len(out) == k:
                     break
@@ -409,8 +427,8 @@ class _IndexBase:
         entries = self._entries
         while heap:
             item = heap[0]
-            entry = entries.get(item[1])
-            if entry is not None and entry.version == item[2]:
+            entry = entries.get(item[-2])
+            if entry is not None and entry.version == item[-1]:
                 return item
             heapq.heappop(heap)
         return None
@@ -606,17 +624,20 @@ class PredictiveIndex(_IndexBase):
                 if left > 0:
                     prefilling += left
                     to_allocate += -(-left // bs)
-        used_queued = snapshot.num_used_blocks + snapshot.waiting_blocks
+        total = snapshot.num_total_blocks
+        waiting_blocks = snapshot.waiting_blocks
+        running = snapshot.num_running
+        used_queued = total - snapshot.num_free_blocks + waiting_blocks  # num_used_blocks (a property) + queued
         if self.params.predict_prefill_blocks:
             # the blocks the running prompts' later chunks will still take (under chunked prefill a prompt
             # holds only its computed chunks' blocks, so one just started looks like free room)
             used_queued += to_allocate
         return (
-            max(1, snapshot.num_total_blocks),
+            total if total > 1 else 1,
             used_queued,
-            snapshot.num_running + snapshot.num_waiting,
-            snapshot.num_running,
-            snapshot.waiting_blocks,
+            running + snapshot.num_waiting,
+            running,
+            waiting_blocks,
             bs,
             prefilling,
         )
@@ -649,7 +670,20 @@ class PredictiveIndex(_IndexBase):
         self._no_prefix_at = -1  # the prefix index's ``changes`` when the last choice found no holder at all
 
     def upsert(self, snapshot: InstanceSnapshot) -> None:
-        super().upsert(snapshot)
+        entry = self._entries.get(snapshot.instance_id)
+        if entry is not None and entry.keys and not snapshot.draining and snapshot.model == entry.model:
+            # the usual heartbeat: ``_IndexBase.upsert``'s first branch in one frame (``_Entry.reset`` with the
+            # model unchanged, then the re-key); a busy cluster sends about one per dispatch
+            entry.snapshot = snapshot
+            entry.extra_waiting = 0
+            entry.extra_blocks = 0
+            entry.extra_high = False
+            count = snapshot.high_priority_count
+            entry.has_high = count > 0 if count >= 0 else snapshot.num_high_priority > 0
+            entry.terms = self._terms(snapshot)
+            self._rekey(entry)
+        else:
+            super().upsert(snapshot)
         if self.prefix_index is not None:
             self.prefix_index.set_capacity(snapshot.instance_id, snapshot.num_total_blocks)
 
@@ -659,29 +693,176 @@ class PredictiveIndex(_IndexBase):
             self.prefix_index.remove_instance(instance_id)
 
     def on_dispatched(self, instance_id: str, demand: RequestDemand) -> None:
-        if self.prefix_index is not None and demand.prefix_block_hashes:
+        num_blocks = demand.num_blocks
+        index = self.prefix_index
+        if index is not None and demand.prefix_block_hashes:
             rid, iid, cached = self._last_hit
-            if iid is _ANY_INSTANCE and self._no_prefix_at == self.prefix_index.changes:
+            if iid is _ANY_INSTANCE and self._no_prefix_at == index.changes:
                 iid = instance_id  # nobody held the prefix when it was chosen, and the holdings are the same
             if rid != demand.request_id or iid != instance_id:  # not the choice just made: look it up
-                cached = self.prefix_index.overlap(instance_id, demand.prefix_block_hashes)
+                cached = index.overlap(instance_id, demand.prefix_block_hashes)
             if cached:  # a hit is neither prefilled nor allocated again: only the rest is pending there
-                self._add_pending(instance_id, max(0, demand.num_blocks - cached), demand.priority)
-                return
-        self._add_pending(instance_id, demand.num_blocks, demand.priority)
+                num_blocks = num_blocks - cached if num_blocks > cached else 0
+        # ``_add_pending``, inlined
+        entry = self._entries.get(instance_id)
+        if entry is None:
+            return
+        entry.extra_waiting += 1
+        entry.extra_blocks += num_blocks
+        if demand.priority > 0:
+            entry.extra_high = True
+        self._rekey(entry, dispatched=True)
 
     def choose(self, demand: RequestDemand) -> str | None:
-        pool = self._pool(demand.model)
-        if not pool:
-            return None
+        model = demand.model
+        pool = self._pools.get(model)
+        if pool is None:
+            pool = self._pool(model)  # built on its first read
+            if not pool:
+                return None
         if self.prefix_index is not None and demand.prefix_block_hashes:
             holder = self._choose_holder(demand, pool)
             if holder is not None:
                 return holder
         if not self.params.predict_hold:
             top = self._top(pool[0])
-            return None if top is None else top[1]
+            return None if top is None else top[-2]
         return self._choose_late(demand, pool)
+
+    def _rekey(self, entry: _Entry, dispatched: bool = False) -> None:
+        """``_IndexBase._rekey`` with ``_keys`` inlined (every decision re-keys two instances: the one it chose,
+        and the one whose heartbeat follows). The formulas are ``_keys``'s in the same order of operations, so
+        the floats are the same; test_drover_equivalence checks both paths against a full scan.
+
+        ``dispatched``: a dispatch re-keys it, which only takes room (more blocks and one more request
+        pending), so its item in the room list is left as it is (``_room_top``)."""
+        if not entry.keys:  # draining (or not linked): nothing to re-key, only the version moves on
+            self._unlink(entry)
+            self._link(entry)
+            return
+        self._clock += 2  # the version _unlink would set, then the one _link sets
+        entry.version = version = self._clock
+        total, used_queued, hosted, running, waiting_blocks, bs, prefilling = entry.terms
+        params = self.params
+        extra_blocks = entry.extra_blocks
+        extra_waiting = entry.extra_waiting
+        demand = used_queued + extra_blocks + params.predict_growth_blocks * (hosted + extra_waiting)
+        room = -float(total - demand) if params.predict_hold else None
+        load = demand / total
+        iid = entry.iid
+        key: tuple[float, float, float]
+        if load >= params.predict_high_watermark:
+            key = (1.0, load, 0.0)
+            item = (1.0, load, 0.0, iid, version)
+        else:
+            ahead: float = (waiting_blocks + extra_blocks) * bs + prefilling
+            ahead += params.predict_decode_weight * (running + extra_waiting)
+            ahead = float(ahead)
+            key = (0.0, ahead, load)
+            item = (0.0, ahead, load, iid, version)
+        entry.keys = (key, room)
+        self._push_items(entry, item, None if dispatched else room, version, 0)
+
+    def _item(self, number: int, key: Any, entry: _Entry) -> _HeapItem:
+        """List 0's key laid out flat, (tier, work ahead or load, load, instance id, version): it orders as
+        ((tier, ...), instance id, version) does, but a comparison reads the floats without stepping into a
+        nested tuple (twice: once for equality, once for order), which halved a sift's cost. List 1's items
+        carry the room version (``_room_top``)."""
+        return (*key, entry.iid, entry.version) if number == 0 else (key, entry.iid, entry.room_version)
+
+    def _push(self, entry: _Entry, keys: tuple[Any, ...], version: int, joined: int) -> None:
+        """``_IndexBase._push`` for the two lists, list 0's items laid out flat (``_item``)."""
+        self._push_items(entry, (*keys[0], entry.iid, version), keys[1], version, joined)
+
+    def _push_items(self, entry: _Entry, item: _HeapItem, room: float | None, version: int, joined: int) -> None:
+        """``_push`` with list 0's item built (``_rekey`` has its parts at hand) and list 1's key (None: the room
+        list is left as it is, see ``_room_top``)."""
+        if room is not None:
+            entry.room_version = version  # the room item pushed below supersedes the entry's earlier ones
+        iid = entry.iid
+        pools = self._pools
+        sizes = self._pool_sizes
+        entries = self._entries
+        for pool_name in entry.pools:
+            pool = pools.get(pool_name)
+            if pool is None:
+                continue  # not read yet: built from the entries' keys when it is
+            live = sizes[pool_name]
+            if joined:
+                live = sizes[pool_name] = live + joined
+            limit = 4 * live + 16
+            heap = pool[0]
+            if heap and heap[0][-2] == iid:
+                heapreplace(heap, item)  # its own stale top, as after a dispatch to the best instance
+            else:
+                heappush(heap, item)
+                if len(heap) > limit:
+                    self._rebuild(heap)
+            if heap:  # up to two stale tops popped, as _IndexBase._push does
+                top = heap[0]
+                other = entries.get(top[-2])
+                if other is None or other.version != top[-1]:
+                    heappop(heap)
+                    if heap:
+                        top = heap[0]
+                        other = entries.get(top[-2])
+                        if other is None or other.version != top[-1]:
+                            heappop(heap)
+            if room is None:
+                continue  # a dispatch (or no room list without late binding)
+            heap = pool[1]
+            if heap and heap[0][1] == iid:
+                heapreplace(heap, (room, iid, version))
+            else:
+                heappush(heap, (room, iid, version))
+                if len(heap) > limit:
+                    heap[:] = [item for item in heap if self._room_live(item)]
+                    heapify(heap)
+            for _ in range(2):  # up to two stale tops popped, as above (``_room_live``, inlined)
+                if not heap:
+                    break
+                top = heap[0]
+                other = entries.get(top[1])
+                if other is not None and other.room_version == top[2] and other.keys:
+                    break
+                heappop(heap)
+
+    def _room_live(self, item: _HeapItem) -> bool:
+        """Whether a room-list item is its instance's current one (its key may be above the instance's room now:
+        ``_room_top``)."""
+        entry = self._entries.get(item[1])
+        return entry is not None and entry.room_version == item[2] and bool(entry.keys)
+
+    def _room_top(self, heap: list[_HeapItem]) -> _HeapItem | None:
+        """The roomiest instance's item, its key the instance's room now.
+
+        A dispatch only takes room from its instance, so it leaves the instance's room item as it was (one
+        heap push less per decision): that item's key is then more room than the instance has, never less.
+        When such an item reaches the top it gets the room the instance has now, in place, and sinks to where
+        it belongs. Every other live instance's item has at least its real room, so a top that is exact is the
+        roomiest instance, as in an eagerly kept list, ties broken by instance id as there."""
+        entries = self._entries
+        while heap:
+            item = heap[0]
+            entry = entries.get(item[1])
+            if entry is None or entry.room_version != item[2] or not entry.keys:
+                heappop(heap)  # stale: superseded, unlinked or removed
+                continue
+            room = entry.keys[1]
+            if item[0] == room:
+                return item
+            heapreplace(heap, (room, item[1], item[2]))
+        return None
+
+    def _roomiest_but(self, heap: list[_HeapItem], reserved: str) -> _HeapItem | None:
+        """The roomiest instance other than ``reserved`` (the first of the best two that is not it)."""
+        top = self._room_top(heap)
+        if top is None or top[1] != reserved:
+            return top
+        heappop(heap)  # set aside while the next one is read
+        other = self._room_top(heap)
+        heappush(heap, top)
+        return other
 
     _HOLDERS = 4  # holders of one depth scored (a prefix cached everywhere costs no more)
 
@@ -716,6 +897,8 @@ class PredictiveIndex(_IndexBase):
         growth = self.params.predict_growth_blocks
         best: tuple[float, str, int] | None = None
         entries = self._entries
+        top = self._top(pool[0])
+        spare_busy = self.params.predict_prefix_idle_first and top is not None and _idle(entries[top[-2]])
         for iid, cached in found.items():
             entry = entries.get(iid)
             if entry is None or iid == reserved or model not in entry.pools:
@@ -730,14 +913,16 @@ class PredictiveIndex(_IndexBase):
             uncached = blocks - cached
             if room is not None and -room < (uncached if uncached > 0 else 0) + growth:
                 continue
-            uncomputed = prompt - cached * entry.snapshot.block_size
+            uncomputed = prompt - cached * entry.terms[5]  # the block size (the snapshot may be out of cache)
+            if spare_busy and uncomputed > 0 and not _idle(entry):
+                continue  # its prefill would stall the holder's decodes; on the idle instance it stalls nobody
             cost = key[1] + uncomputed if uncomputed > 0 else key[1]
             if best is None or cost < best[0]:
                 best = (cost, iid, cached)
         if best is None:
             return None
-        top = self._top(pool[0])
-        if top is not None and top[1] != best[1] and top[0][0] == 0.0 and top[0][1] + prompt <= best[0]:
+        # list 0's items are flat (``_item``): tier, work ahead, load, instance id, version
+        if top is not None and top[-2] != best[1] and top[0] == 0.0 and top[1] + prompt <= best[0]:
             return None  # the load-only choice is as soon without the hit
         if reservation is not None and reservation[0] == demand.request_id:
             del self._reservations[demand.model]  # the held request starts on a holder
@@ -770,16 +955,23 @@ class PredictiveIndex(_IndexBase):
         need = demand.num_blocks + self.params.predict_growth_blocks
         # The best live item of a heap is its top once stale tops are popped (``_top``, cheap): the walk over
         # the best few (``_peek``) is paid only when the top is ruled out (reserved, or no room).
-        soonest = self._top(pool[0])
-        if soonest is not None and soonest[1] != reserved and -self._entries[soonest[1]].keys[1] >= need:  # type: ignore[operator]
-            # the first candidate of the loop below: the roomiest instance other than the reserved one has at
-            # least this room, so the steps before the loop would let it through
-            return soonest[1]
-        roomiest: _HeapItem | tuple[Any, str] | None
-        if reserved is None:
-            roomiest = self._top(pool[1])
-        else:
-            roomiest = next((c for c in self._peek(pool[1], 2) if c[1] != reserved), None)
+        if self.params.predict_interference > 0:
+            quiet = self._least_interference(demand, pool, reserved, need)
+            if quiet is not None:
+                return quiet
+        heap = pool[0]
+        entries = self._entries
+        while heap:  # ``_top``, inlined
+            soonest = heap[0]
+            entry = entries.get(soonest[-2])
+            if entry is not None and entry.version == soonest[-1]:
+                if soonest[-2] != reserved and -entry.keys[1] >= need:  # type: ignore[operator]  # a float
+                    # the first candidate of the loop below: the roomiest instance other than the reserved one
+                    # has at least this room, so the steps before the loop would let it through
+                    return soonest[-2]
+                break
+            heappop(heap)
+        roomiest = self._room_top(pool[1]) if reserved is None else self._roomiest_but(pool[1], reserved)
         if roomiest is None:
             return None
         if -roomiest[0] < need:
@@ -793,10 +985,39 @@ class PredictiveIndex(_IndexBase):
             self._reservations[demand.model] = [demand.request_id, roomiest[1], 0]
             return None  # no instance can start it now: the scheduler holds it
         for item in self._peek(pool[0], self._PROBE + 1):
-            iid = item[1]
+            iid = item[-2]
             if iid != reserved and -self._entries[iid].keys[1] >= need:  # type: ignore[operator]  # a float
                 return iid
         return roomiest[1]
+
+    def _least_interference(
+        self, demand: RequestDemand, pool: tuple[list[_HeapItem], ...], reserved: str | None, need: int
+    ) -> str | None:
+        """``predict_interference``: of the few best safe-tier instances with room now, the one where the work
+        ahead plus the slowdown the prompt's chunks impose on the decodes there is least (weight x running
+        requests x prompt tokens: each running request shares every step of the prefill with a chunk).
+        None: no such instance (late binding decides as without the rule)."""
+        weight = self.params.predict_interference * demand.num_prompt_tokens
+        entries = self._entries
+        best: tuple[float, str] | None = None
+        for item in self._peek(pool[0], self._PROBE + 1):
+            iid = item[-2]  # list 0's items end (instance id, version)
+            entry = entries[iid]
+            key: Any = entry.keys[0]  # (tier, work ahead, load); see _keys
+            room: Any = entry.keys[1]  # minus the blocks it could take now (a float with late binding)
+            if key[0] != 0.0:  # outside the safe tier: the rest is worse still
+                break
+            if iid == reserved or -room < need:
+                continue
+            score = key[1] + weight * (entry.terms[3] + entry.extra_waiting)  # terms[3]: running requests
+            if best is None or score < best[0]:
+                best = (score, iid)
+        return None if best is None else best[1]
+
+
+def _idle(entry: _Entry) -> bool:
+    """No request runs or waits on the instance, and none was dispatched to it since its snapshot."""
+    return entry.snapshot.is_empty and entry.extra_waiting == 0
 
 
 _ANY_INSTANCE = "\x00any instance"

@@ -53,6 +53,14 @@ class DispatchParams:
     """``predictive`` dispatch: weigh expected prefix-cache hits (a prefix index fed by engines' cache
     reports, as ``kv_aware``'s): an instance holding the prompt's prefix wins when the prefill work ahead of
     the request there plus the prompt tokens it would still compute is below the best load-only choice's."""
+    predict_prefix_idle_first: bool = False
+    """``predictive`` dispatch with ``predict_prefix``: while the load-only choice is idle (it hosts no
+    request), a prefix holder that hosts requests wins only if it caches the whole prompt. The prompt's
+    uncached rest would be prefilled in chunks that share every step with the holder's decodes, stretching
+    them (a short answer's per-token time doubles), where on the idle instance it stalls nobody. Only the
+    light-load case: when every instance is busy the hit's saved prefill is worth its stall (Mooncake: p99
+    TPOT +6-9% against INFaaS++ at light load without it, goodput unchanged with it; docs/policies.md,
+    "Prefix hits that stall decodes")."""
     queue_hold_all: bool = False
     """``predictive`` dispatch with ``predict_hold``: hold *every* request no instance can start now in the
     scheduler's queue (the first one still reserves the roomiest instance, EASY backfilling), instead of
@@ -73,6 +81,11 @@ class DispatchParams:
     in the instance's demand (its room and memory load). Under chunked prefill a prompt holds only the
     blocks of the chunks computed so far, so a long prompt that has just started looks like free room, and
     requests sent there wait in the engine's queue behind it once its chunks take that room."""
+    predict_interference: float = 0.0
+    """``predictive`` dispatch with late binding: among the few best safe-tier instances with room now, pick
+    the one with the lowest work ahead + this weight x running requests there x the new prompt's tokens (a
+    long prompt's chunks share every step with the decodes there, so each of them is slowed for its whole
+    prefill). 0 = off (the best by work ahead alone). docs/policies.md, "Prefill-interference placement"."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,11 +105,13 @@ class PolicyParams:
     predict_decode_weight: float = 16.0
     predict_hold: bool = False
     predict_prefix: bool = False
+    predict_prefix_idle_first: bool = False
     queue_hold_all: bool = False
     queue_aging_tokens_per_s: float = 0.0
     queue_backfill_scan: int = 32
     queue_starvation_s: float = 0.0
     predict_prefill_blocks: bool = False
+    predict_interference: float = 0.0
 
     migration_enabled: bool = True
     migrate_threshold: float = 3.0
@@ -166,11 +181,13 @@ always empties."""
             predict_decode_weight=self.predict_decode_weight,
             predict_hold=self.predict_hold,
             predict_prefix=self.predict_prefix,
+            predict_prefix_idle_first=self.predict_prefix_idle_first,
             queue_hold_all=self.queue_hold_all,
             queue_aging_tokens_per_s=self.queue_aging_tokens_per_s,
             queue_backfill_scan=self.queue_backfill_scan,
             queue_starvation_s=self.queue_starvation_s,
             predict_prefill_blocks=self.predict_prefill_blocks,
+            predict_interference=self.predict_interference,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -226,6 +243,8 @@ always empties."""
             raise ValueError("queue_starvation_s must be >= 0 (0 = off)")
         if self.queue_backfill_scan < 1:
             raise ValueError("queue_backfill_scan must be >= 1")
+        if self.predict_interference < 0:
+            raise ValueError("predict_interference must be >= 0 (0 = off)")
         if self.migration_period_s <= 0:
             raise ValueError("migration_period_s must be > 0")
 

@@ -86,6 +86,9 @@ class PrefixIndex:
         self._holders: dict[int, set[str]] = {}
         self._instances: dict[str, _Holdings] = {}
         self._partial: dict[str, _Partial] = {}  # instance -> the chunked listing being received
+        # the last ``deep_holders`` call's prompt, ``changes`` then, and the holders of its first probe: an
+        # ``overlap`` of the same prompt right after (the dispatch of the choice) starts with the same probe
+        self._first_probe: tuple[Sequence[int], int, set[str] | None] = ((), -1, None)
 
     # ------------------------------------------------------------------------------------------ feed
     def apply(
@@ -228,7 +231,7 @@ class PrefixIndex:
         holdings = self._instances.get(instance_id)
         if holdings is None:
             holdings = self._instances[instance_id] = _Holdings("", needs_resync=False)
-        capacity = max(0, num_blocks)
+        capacity = num_blocks if num_blocks > 0 else 0
         if capacity != holdings.capacity:  # every heartbeat says it; it rarely changes
             self.changes += 1
             holdings.capacity = capacity
@@ -290,17 +293,24 @@ class PrefixIndex:
         this runs on every ``kv_aware`` decision, where each probe of a million-entry dict is a cache miss."""
         all_holders = self._holders
         lo, hi = 0, len(hashes)
+        deepest_holders: set[str] = _EMPTY
+        first = True
         while lo < hi:  # deepest(), inlined
             mid = (lo + hi + 1) // 2
-            if hashes[mid - 1] in all_holders:
+            holders = all_holders.get(hashes[mid - 1])
+            if first:
+                self._first_probe = (hashes, self.changes, holders)
+                first = False
+            if holders:  # never an empty set: a hash nobody holds leaves the map
                 lo = mid
+                deepest_holders = holders  # the last hit is at the final depth: no second lookup of it
             else:
                 hi = mid - 1
         deepest = lo
         found: dict[str, int] = {}
         if not deepest:
             return 0, found
-        for iid in all_holders[hashes[deepest - 1]]:
+        for iid in deepest_holders:
             if len(found) == limit:
                 break
             found[iid] = deepest
@@ -331,15 +341,25 @@ class PrefixIndex:
 
     def overlap(self, instance_id: str, hashes: Sequence[int], upto: int | None = None, at_least: int = 0) -> int:
         """Longest prefix of ``hashes`` (in blocks, at most ``upto``) the instance holds, known to be at least
-        ``at_least``; binary search."""
-        holdings = self._instances.get(instance_id)
-        if holdings is None or not holdings.blocks:
-            return 0
-        blocks = holdings.blocks
+        ``at_least``; binary search.
+
+        Each probe asks the hash's holders (``block in holdings.blocks`` exactly when the instance is in
+        ``_holders[block]``: every change updates both) rather than the instance's own map: a popular prefix's
+        entries in the global map are in the CPU cache from the decisions before, one instance's map of a
+        thousand instances is not (this runs on nearly every ``drover`` dispatch)."""
+        all_holders = self._holders
         lo, hi = at_least, len(hashes) if upto is None else min(upto, len(hashes))
+        probed, changes, holders = self._first_probe
+        if probed is hashes and changes == self.changes and lo == 0 and hi == len(hashes) and hi:
+            # the first probe of ``deep_holders`` on this prompt, with nothing changed since: its holders
+            mid = (hi + 1) // 2
+            if holders is not None and instance_id in holders:
+                lo = mid
+            else:
+                hi = mid - 1
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if hashes[mid - 1] in blocks:
+            if instance_id in all_holders.get(hashes[mid - 1], _EMPTY):
                 lo = mid
             else:
                 hi = mid - 1

@@ -41,6 +41,7 @@ the ablation and why load migration is off are in docs/policies.md."""
 RECOMMENDED_DISPATCH: Mapping[str, object] = {
     "predict_hold": True,
     "predict_prefix": True,
+    "predict_prefix_idle_first": True,
     "queue_hold_all": True,
     "queue_backfill_scan": 4,
     "predict_prefill_blocks": True,
@@ -48,7 +49,9 @@ RECOMMENDED_DISPATCH: Mapping[str, object] = {
 """Late binding: a request no instance can start now waits in the scheduler's queue, with one EASY-backfilling
 reservation (docs/policies.md, "Late binding"); and prefix-aware: an instance caching the prompt's prefix wins
 when its predicted time to first token (the work ahead plus the uncached prompt) is the soonest
-(docs/policies.md, "Dispatch: prefix-aware"). Without prefix reports (no engine caches, or prompts
+(docs/policies.md, "Dispatch: prefix-aware"), except that while an instance is idle a busy holder must cache
+the whole prompt (``predict_prefix_idle_first``: the rest's prefill would stall the holder's decodes; docs/policies.md,
+"Prefix hits that stall decodes"). Without prefix reports (no engine caches, or prompts
 without hashes) the decisions are exactly those of late binding alone. One queue for the cluster (issue 17,
 Azure): every request no instance can start now is held (``queue_hold_all``), not only the first, and each
 tick tries the first 4 held ones in arrival order (``queue_backfill_scan``). Shortest-prefill-first aging

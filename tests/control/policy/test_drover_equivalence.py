@@ -26,7 +26,7 @@ from control.policy.dispatch import (
 from control.policy.params import DispatchParams
 from control.policy.prefix_index import PrefixIndex
 from control.policy.recommended import user_policy_params
-from control.policy.snapshots import InstanceSnapshot, RequestDemand
+from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot
 from scripts.bench_policy_scale import random_snapshot
 
 MODELS = ("llama", "qwen")
@@ -120,6 +120,9 @@ class _ReferenceDrover:
                     found[iid] = index.overlap(iid, hashes, deepest, half)
         reservation = self.reservations.get(demand.model)
         reserved = reservation[1] if reservation is not None and reservation[0] != demand.request_id else None
+        # predict_prefix_idle_first: while the load-only choice is idle, a holder hosting requests must cache
+        # the whole prompt (the rest's prefill would stall its decodes)
+        spare_busy = self.params.predict_prefix_idle_first and bool(by_key) and self.idle(by_key[0][1])
         best: tuple[float, str, int] | None = None
         for iid, cached in found.items():
             if iid not in candidates or iid == reserved:
@@ -129,7 +132,10 @@ class _ReferenceDrover:
                 continue
             if -room < max(0, demand.num_blocks - cached) + self.params.predict_growth_blocks:
                 continue
-            cost = key[1] + max(0, demand.num_prompt_tokens - cached * self.snapshots[iid].block_size)
+            uncomputed = demand.num_prompt_tokens - cached * self.snapshots[iid].block_size
+            if spare_busy and uncomputed > 0 and not self.idle(iid):
+                continue
+            cost = key[1] + max(0, uncomputed)
             if best is None or cost < best[0]:
                 best = (cost, iid, cached)
         if best is None:
@@ -142,6 +148,9 @@ class _ReferenceDrover:
             del self.reservations[demand.model]
         self.last_hit = (demand.request_id, best[1], best[2])
         return best[1]
+
+    def idle(self, iid: str) -> bool:
+        return self.snapshots[iid].is_empty and self.extra[iid][0] == 0
 
     def choose_late(
         self, demand: RequestDemand, candidates: dict[str, Any], by_key: list[tuple[Any, str]]
@@ -196,6 +205,18 @@ def _snapshot(rng: random.Random, iid: str) -> InstanceSnapshot:
     roll = rng.random()
     if roll < 0.05:  # an idle instance
         snapshot = dataclasses.replace(snapshot, num_running=0, num_waiting=0, running=(), high_priority_count=0)
+    elif roll < 0.12:  # one request decoding, nothing queued: a holder whose hit beats an idle instance's start
+        lone = RunningSnapshot(f"{iid}/lone", num_tokens=rng.randint(16, 4000), num_blocks=rng.randint(1, 250))
+        snapshot = dataclasses.replace(
+            snapshot,
+            num_free_blocks=snapshot.num_total_blocks - lone.num_blocks,
+            num_running=1,
+            num_waiting=0,
+            waiting_blocks=0,
+            head_waiting_blocks=0,
+            running=(lone,),
+            high_priority_count=0,
+        )
     elif roll < 0.25:  # a quiet one, in the safe tier with room: where prefix hits can win
         snapshot = dataclasses.replace(
             snapshot,
@@ -233,6 +254,7 @@ def test_drover_dispatch_decides_as_a_full_scan(seed: int, prefill_blocks: bool)
     assert params.predict_hold and params.predict_prefix
     index = make_dispatch_policy("predictive", params)
     assert isinstance(index, PredictiveIndex) and index.prefix_index is not None
+    assert params.predict_prefix_idle_first  # the reference runs this rule of drover too
     reference = _ReferenceDrover(params)
     prefixes = [prefix_block_hashes(list(range(k * 1000, k * 1000 + BS * rng.randint(1, 24))), BS) for k in range(6)]
     held: list[RequestDemand] = []  # requests the index held (late binding): asked again later

@@ -119,3 +119,24 @@ def test_without_prefix_reports_the_decisions_equal_plain_late_binding() -> None
         if a is not None:
             plain.on_dispatched(a, d)
             aware.on_dispatched(a, d)
+
+
+IDLE_FIRST = DispatchParams(predict_hold=True, predict_prefix=True, predict_prefix_idle_first=True)
+
+
+def test_while_an_instance_is_idle_a_busy_holder_must_cache_the_whole_prompt() -> None:
+    """``predict_prefix_idle_first`` (``drover``): the uncached rest of the prompt would be prefilled in steps
+    shared with the holder's decodes; an idle instance stalls nobody (Mooncake at light load: p99 TPOT)."""
+    assert user_policy_params("drover").predict_prefix_idle_first
+    # a: one request decoding (16 tokens ahead), holds 30 of the 40 blocks: 16 + 160 tokens to the first token
+    # against 640 on the idle b, so time to first token alone picks a
+    for params, expected in ((PREFIX, "a"), (IDLE_FIRST, "b")):
+        index = index_of(snap("a", 300, running=1), snap("b", 400), params=params)
+        cache(index, "a", 30)
+        assert index.choose(demand("r")) == expected
+    index = index_of(snap("a", 300, running=1), snap("b", 400), params=IDLE_FIRST)
+    cache(index, "a", 40)  # the whole prompt cached: nothing to prefill there, nothing stalls
+    assert index.choose(demand("r")) == "a"
+    index = index_of(snap("a", 300, running=1), snap("b", 380, running=1), params=IDLE_FIRST)
+    cache(index, "a", 30)  # nobody idle: the hit's saved prefill is worth its stall, as before
+    assert index.choose(demand("r")) == "a"

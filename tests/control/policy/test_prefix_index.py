@@ -134,3 +134,52 @@ def test_no_resync_is_asked_for_while_a_listing_arrives_and_one_is_after_it_brok
     index.resync_chunk("i", epoch="e", seq=6, chunk=0, chunks=2, hashes=[1])
     index.apply("i", epoch="e", seq=7, stored=[9])  # events after a listing whose last chunk was lost
     assert index.needs_resync("i") and index.stats.chunk_gaps == 2
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_overlap_through_the_holder_sets_equals_the_instances_own_binary_search(seed: int) -> None:
+    """``overlap`` probes the global hash -> holders map (hot in the CPU cache) instead of the instance's own
+    map, and reuses the first probe of a ``deep_holders`` call on the same prompt; both maps are kept by every
+    change, so its answer must be the instance's own binary search's, including on holdings whose chains a
+    lost removal broke, after capacity drops, clears, resyncs, restarts, and a report after the choice."""
+    rng = random.Random(seed)
+    index = PrefixIndex(PrefixIndexParams(default_capacity_blocks=48))
+    chains = [[rng.getrandbits(40) for _ in range(rng.randint(1, 16))] for _ in range(5)]
+    seqs: dict[str, int] = {}
+    for _ in range(120):
+        iid = f"i{rng.randrange(4)}"
+        chain = rng.choice(chains)
+        roll = rng.random()
+        if roll < 0.05:
+            index.set_capacity(iid, rng.randint(4, 40))
+        elif roll < 0.1:
+            index.resync(iid, epoch="e", seq=seqs.get(iid, 0), hashes=rng.sample(chain, rng.randint(0, len(chain))))
+        elif roll < 0.13:
+            index.remove_instance(iid)
+            seqs.pop(iid, None)
+        else:
+            seq = seqs[iid] = seqs.get(iid, -1) + 1
+            batch: dict[str, object] = {"stored": chain[: rng.randint(1, len(chain))]}
+            if roll < 0.3:
+                batch = {"removed": chain[rng.randrange(len(chain)) :]}
+            elif roll < 0.35:
+                batch = {"cleared": True}
+            elif roll < 0.5:  # a broken chain
+                batch = {"stored": sorted(rng.sample(chain, rng.randint(1, len(chain))), key=chain.index)}
+            index.apply(iid, epoch="e", seq=seq, **batch)  # type: ignore[arg-type]
+        hashes = rng.choice(chains)
+        upto = rng.choice((None, None, rng.randint(0, len(hashes))))
+        at_least = rng.choice((0, 0, rng.randint(0, min(2, len(hashes) if upto is None else upto))))
+        if rng.random() < 0.6:  # a choice first (its first probe is reused while nothing changed) ...
+            index.deep_holders(hashes, 4)
+            if rng.random() < 0.3:  # ... and a cache report between the choice and the dispatch
+                changed = f"i{rng.randrange(4)}"
+                seq = seqs[changed] = seqs.get(changed, -1) + 1
+                index.apply(changed, epoch="e", seq=seq, stored=hashes[: rng.randint(1, len(hashes))])
+        for instance in ("i0", "i1", "i2", "i3"):
+            lo, hi = at_least, len(hashes) if upto is None else min(upto, len(hashes))
+            while lo < hi:  # the instance's own binary search, through ``holds``
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if index.holds(instance, hashes[mid - 1]) else (lo, mid - 1)
+            assert index.overlap(instance, hashes, upto, at_least) == lo
