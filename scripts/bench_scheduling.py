@@ -815,6 +815,8 @@ def ablation_variants() -> dict[str, PolicyParams]:
         # prefill-interference placement (issue 17, qwen azure): opt-in
         "drover + interference 1/128": dataclasses.replace(drover, predict_interference=1 / 128),
         "drover + interference 1/32": dataclasses.replace(drover, predict_interference=1 / 32),
+        # the hold test on physical room only, the growth reserve kept in the load key (issue 17, sweep)
+        "drover + physical hold": dataclasses.replace(drover, predict_hold_physical=True),
         "drover": drover,
     }
 

@@ -648,8 +648,12 @@ class PredictiveIndex(_IndexBase):
         extra_blocks = entry.extra_blocks
         reserve = params.predict_growth_blocks * (hosted + entry.extra_waiting)
         demand = used_queued + extra_blocks + reserve
-        # list 1: the blocks a new request could take now (free, less queued, less the growth reserve)
-        room = -float(total - demand) if params.predict_hold else None
+        # list 1: the blocks a new request could take now (free, less queued, less the growth reserve unless
+        # ``predict_hold_physical``: then the reserve weighs only in the load key below)
+        if params.predict_hold:
+            room = -float(total - (used_queued + extra_blocks if params.predict_hold_physical else demand))
+        else:
+            room = None
         load = demand / total
         if load >= params.predict_high_watermark:
             return ((1.0, load, 0.0), room)
@@ -747,7 +751,10 @@ class PredictiveIndex(_IndexBase):
         extra_blocks = entry.extra_blocks
         extra_waiting = entry.extra_waiting
         demand = used_queued + extra_blocks + params.predict_growth_blocks * (hosted + extra_waiting)
-        room = -float(total - demand) if params.predict_hold else None
+        if params.predict_hold:
+            room = -float(total - (used_queued + extra_blocks if params.predict_hold_physical else demand))
+        else:
+            room = None
         load = demand / total
         iid = entry.iid
         key: tuple[float, float, float]
@@ -894,7 +901,7 @@ class PredictiveIndex(_IndexBase):
         reserved = reservation[1] if reservation is not None and reservation[0] != demand.request_id else None
         prompt = demand.num_prompt_tokens
         blocks = demand.num_blocks
-        growth = self.params.predict_growth_blocks
+        growth = 0 if self.params.predict_hold_physical else self.params.predict_growth_blocks
         best: tuple[float, str, int] | None = None
         entries = self._entries
         top = self._top(pool[0])
@@ -952,7 +959,9 @@ class PredictiveIndex(_IndexBase):
                     reservation = None
                 else:
                     reserved = reservation[1]
-        need = demand.num_blocks + self.params.predict_growth_blocks
+        need = demand.num_blocks
+        if not self.params.predict_hold_physical:
+            need += self.params.predict_growth_blocks
         # The best live item of a heap is its top once stale tops are popped (``_top``, cheap): the walk over
         # the best few (``_peek``) is paid only when the top is ruled out (reserved, or no room).
         if self.params.predict_interference > 0:

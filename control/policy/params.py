@@ -86,6 +86,12 @@ class DispatchParams:
     the one with the lowest work ahead + this weight x running requests there x the new prompt's tokens (a
     long prompt's chunks share every step with the decodes there, so each of them is slowed for its whole
     prefill). 0 = off (the best by work ahead alone). docs/policies.md, "Prefill-interference placement"."""
+    predict_hold_physical: bool = False
+    """``predictive`` dispatch with ``predict_hold``: the hold decision (does the prompt fit now?) counts only
+    physical room (free blocks less what is queued there) against the new prompt's own blocks; the growth
+    reserve stays in the memory-load key, so placement still avoids instances about to grow. The reserve in
+    the hold test predicts a shortage vLLM's admission (and preemption) settles anyway, and held a
+    decode-heavy workload's requests while every instance had room (docs/policies.md, "Physical-room hold")."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +118,7 @@ class PolicyParams:
     queue_starvation_s: float = 0.0
     predict_prefill_blocks: bool = False
     predict_interference: float = 0.0
+    predict_hold_physical: bool = False
 
     migration_enabled: bool = True
     migrate_threshold: float = 3.0
@@ -188,6 +195,7 @@ always empties."""
             queue_starvation_s=self.queue_starvation_s,
             predict_prefill_blocks=self.predict_prefill_blocks,
             predict_interference=self.predict_interference,
+            predict_hold_physical=self.predict_hold_physical,
         )
 
     def as_dict(self) -> dict[str, Any]:

@@ -80,9 +80,10 @@ class _ReferenceDrover:
                 for r in s.running
                 if not r.decoding and r.num_tokens > r.num_blocks * s.block_size
             )
+        physical = demand  # predict_hold_physical: the hold test's room leaves the growth reserve out
         demand += p.predict_growth_blocks * (s.num_running + s.num_waiting + waiting)
         load = demand / total
-        room = -float(total - demand)
+        room = -float(total - (physical if p.predict_hold_physical else demand))
         if load >= p.predict_high_watermark:
             return (1.0, load, 0.0), room
         ahead = float((s.waiting_blocks + blocks) * s.block_size + prefilling)
@@ -130,7 +131,8 @@ class _ReferenceDrover:
             key, room = candidates[iid]
             if key[0] != 0.0:
                 continue
-            if -room < max(0, demand.num_blocks - cached) + self.params.predict_growth_blocks:
+            growth = 0 if self.params.predict_hold_physical else self.params.predict_growth_blocks
+            if -room < max(0, demand.num_blocks - cached) + growth:
                 continue
             uncomputed = demand.num_prompt_tokens - cached * self.snapshots[iid].block_size
             if spare_busy and uncomputed > 0 and not self.idle(iid):
@@ -168,7 +170,7 @@ class _ReferenceDrover:
                     reservation = None
                 else:
                     reserved = reservation[1]
-        need = demand.num_blocks + self.params.predict_growth_blocks
+        need = demand.num_blocks + (0 if self.params.predict_hold_physical else self.params.predict_growth_blocks)
         by_room = sorted((k[1], iid) for iid, k in candidates.items())[:2]
         roomiest = next((c for c in by_room if c[1] != reserved), None)
         if roomiest is None:
@@ -244,13 +246,18 @@ def _feed(indexes: tuple[PrefixIndex, ...], seq: int, rng: random.Random, iid: s
         target.apply(iid, epoch="e", seq=seq, **batch)
 
 
-@pytest.mark.parametrize(("seed", "prefill_blocks"), [(0, True), (1, True), (2, True), (3, True), (4, False)])
-def test_drover_dispatch_decides_as_a_full_scan(seed: int, prefill_blocks: bool) -> None:
+@pytest.mark.parametrize(
+    ("seed", "prefill_blocks", "physical"),
+    [(0, True, False), (1, True, False), (2, True, False), (3, True, False), (4, False, False), (5, True, True)],
+)
+def test_drover_dispatch_decides_as_a_full_scan(seed: int, prefill_blocks: bool, physical: bool) -> None:
     rng = random.Random(seed)
     n = rng.choice((4, 12, 40))
     params = user_policy_params("drover").dispatch_params()
     # drover counts the blocks running prompts' later chunks take (predict_prefill_blocks); one seed without
     params = dataclasses.replace(params, predict_prefill_blocks=prefill_blocks)
+    if physical:  # the hold test on physical room (opt-in, predict_hold_physical)
+        params = dataclasses.replace(params, predict_hold_physical=True)
     assert params.predict_hold and params.predict_prefix
     index = make_dispatch_policy("predictive", params)
     assert isinstance(index, PredictiveIndex) and index.prefix_index is not None

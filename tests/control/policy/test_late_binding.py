@@ -114,3 +114,16 @@ def test_prefill_blocks_count_the_chunks_a_running_prompt_still_allocates() -> N
         running=(dataclasses.replace(prefilling, decoding=True),),
     )
     assert index_of(decoding, b, params=rule).choose(demand("r", 16)) == "a"
+
+
+def test_physical_hold_starts_what_fits_now_and_keeps_the_reserve_in_placement() -> None:
+    # predict_hold_physical: the hold test is physical room (free, less queued) against the prompt's blocks;
+    # the same 20-block request the growth reserve holds (test_holds_a_request_no_instance_can_start_now)
+    # starts at once, on b: fewer decodes share its step there (the safe tier's key, reserve and all)
+    physical = dataclasses.replace(HOLD, predict_hold_physical=True)
+    index = index_of(snap("a", 30, running=5), snap("b", 20, running=2), params=physical)
+    assert index.choose(demand("big", 20)) == "b"
+    index.on_dispatched("b", demand("big", 20))
+    assert index.choose(demand("big2", 25)) == "a"  # b has no physical room left; a has 30
+    index.on_dispatched("a", demand("big2", 25))
+    assert index.choose(demand("big3", 10)) is None  # 5 and 0 blocks left: held
