@@ -538,6 +538,7 @@ def goodput_settings() -> list[Setting]:
     a10_engine = a10.engine_config(max_model_len=8192)
     a10_full = a10.engine_config()
     h200 = get_preset("llama3-8b-h200")
+    qwen = get_preset("qwen2.5-7b-a10")
     return [
         Setting("a10 poisson", a10_engine, a10.cost_model, cv=1.0, start_rate=8.0, preset=a10.name),
         Setting("a10 gamma4", a10_engine, a10.cost_model, cv=4.0, start_rate=8.0, preset=a10.name),
@@ -552,6 +553,15 @@ def goodput_settings() -> list[Setting]:
             trace_span_s=1022.0,
             preset=h200.name,
             prefix_caching=True,
+        ),
+        # issue 17: the Azure trace where KV does not bind (GQA), for the prefill-interference ablation
+        Setting(
+            "qwen azure",
+            qwen.engine_config(max_model_len=a10_full.max_model_len),
+            qwen.cost_model,
+            trace=AZURE_TRACE,
+            start_rate=1.0,
+            preset=qwen.name,
         ),
         # the stand-in used before the presets landed, and the default instance of the first round
         Setting("paper poisson", A10_ENGINE, A10_COST, cv=1.0),
@@ -802,6 +812,9 @@ def ablation_variants() -> dict[str, PolicyParams]:
         ),
         # chunked-prefill-aware memory (issue 17, Azure, round 26): off, as drover was before
         "drover, no prefill blocks": dataclasses.replace(drover, predict_prefill_blocks=False),
+        # prefill-interference placement (issue 17, qwen azure): opt-in
+        "drover + interference 1/128": dataclasses.replace(drover, predict_interference=1 / 128),
+        "drover + interference 1/32": dataclasses.replace(drover, predict_interference=1 / 32),
         "drover": drover,
     }
 

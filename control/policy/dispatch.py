@@ -955,6 +955,10 @@ class PredictiveIndex(_IndexBase):
         need = demand.num_blocks + self.params.predict_growth_blocks
         # The best live item of a heap is its top once stale tops are popped (``_top``, cheap): the walk over
         # the best few (``_peek``) is paid only when the top is ruled out (reserved, or no room).
+        if self.params.predict_interference > 0:
+            quiet = self._least_interference(demand, pool, reserved, need)
+            if quiet is not None:
+                return quiet
         heap = pool[0]
         entries = self._entries
         while heap:  # ``_top``, inlined
@@ -985,6 +989,30 @@ class PredictiveIndex(_IndexBase):
             if iid != reserved and -self._entries[iid].keys[1] >= need:  # type: ignore[operator]  # a float
                 return iid
         return roomiest[1]
+
+    def _least_interference(
+        self, demand: RequestDemand, pool: tuple[list[_HeapItem], ...], reserved: str | None, need: int
+    ) -> str | None:
+        """``predict_interference``: of the few best safe-tier instances with room now, the one where the work
+        ahead plus the slowdown the prompt's chunks impose on the decodes there is least (weight x running
+        requests x prompt tokens: each running request shares every step of the prefill with a chunk).
+        None: no such instance (late binding decides as without the rule)."""
+        weight = self.params.predict_interference * demand.num_prompt_tokens
+        entries = self._entries
+        best: tuple[float, str] | None = None
+        for item in self._peek(pool[0], self._PROBE + 1):
+            iid = item[-2]  # list 0's items end (instance id, version)
+            entry = entries[iid]
+            key: Any = entry.keys[0]  # (tier, work ahead, load); see _keys
+            room: Any = entry.keys[1]  # minus the blocks it could take now (a float with late binding)
+            if key[0] != 0.0:  # outside the safe tier: the rest is worse still
+                break
+            if iid == reserved or -room < need:
+                continue
+            score = key[1] + weight * (entry.terms[3] + entry.extra_waiting)  # terms[3]: running requests
+            if best is None or score < best[0]:
+                best = (score, iid)
+        return None if best is None else best[1]
 
 
 def _idle(entry: _Entry) -> bool:

@@ -81,6 +81,11 @@ class DispatchParams:
     in the instance's demand (its room and memory load). Under chunked prefill a prompt holds only the
     blocks of the chunks computed so far, so a long prompt that has just started looks like free room, and
     requests sent there wait in the engine's queue behind it once its chunks take that room."""
+    predict_interference: float = 0.0
+    """``predictive`` dispatch with late binding: among the few best safe-tier instances with room now, pick
+    the one with the lowest work ahead + this weight x running requests there x the new prompt's tokens (a
+    long prompt's chunks share every step with the decodes there, so each of them is slowed for its whole
+    prefill). 0 = off (the best by work ahead alone). docs/policies.md, "Prefill-interference placement"."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +111,7 @@ class PolicyParams:
     queue_backfill_scan: int = 32
     queue_starvation_s: float = 0.0
     predict_prefill_blocks: bool = False
+    predict_interference: float = 0.0
 
     migration_enabled: bool = True
     migrate_threshold: float = 3.0
@@ -181,6 +187,7 @@ always empties."""
             queue_backfill_scan=self.queue_backfill_scan,
             queue_starvation_s=self.queue_starvation_s,
             predict_prefill_blocks=self.predict_prefill_blocks,
+            predict_interference=self.predict_interference,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -236,6 +243,8 @@ always empties."""
             raise ValueError("queue_starvation_s must be >= 0 (0 = off)")
         if self.queue_backfill_scan < 1:
             raise ValueError("queue_backfill_scan must be >= 1")
+        if self.predict_interference < 0:
+            raise ValueError("predict_interference must be >= 0 (0 = off)")
         if self.migration_period_s <= 0:
             raise ValueError("migration_period_s must be > 0")
 

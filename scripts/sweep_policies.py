@@ -1,0 +1,386 @@
+"""Robustness sweep of ``drover`` against INFaaS++ (``least_loaded``) through the public CLI (issue 17).
+
+Every point is one ``drover sim run --policy least_loaded,drover --json ...`` call, exactly as an external
+checker calls it (a subprocess of ``python -m control.cli``, which is the ``drover`` entry point's app), so
+the sweep measures what the checker sees, not an in-process shortcut.
+
+The grid is fixed before measuring (docs/policies.md, "Robustness sweep"):
+
+* presets: ``llama7b-a10``, ``qwen2.5-7b-a10``, ``llama3-8b-h200``; 8 instances;
+* arrivals: Poisson, Gamma CV 4;
+* lengths: ``zipf:256:6144`` (Llumnix's), ``uniform:1000:4000`` (long prompts *and* outputs: the CLI's
+  ``uniform`` draws both), ``fixed:128:1024`` (decode-heavy), ``fixed:3072:32`` (prefill-heavy);
+* loads 0.3, 0.7, 1.0 of the capacity; seeds 0-2; a bounded request count per run.
+
+Rules fixed with the grid, the same for both policies:
+
+* **capacity** of a (preset, lengths): one ``least_loaded`` run of the whole request count arriving at once
+  (Poisson at 1000 req/s); capacity = 90 % of the requests / the time by which 90 % had finished (the 10 %
+  tail is one long request's decode, not throughput);
+* **SLOs** (docs/policies.md, "SLO rule"): SLO_TTFT = max(10x the median request's TTFT alone, 2x the
+  99th-percentile prompt's TTFT alone), SLO_TPOT = 5x the median request's TPOT alone; "alone" = a
+  one-request ``drover sim run`` on one instance; medians from the capacity run's lengths;
+* **flags**: p99 TTFT flagged where drover's seed mean exceeds INFaaS++'s by more than the larger seed
+  standard deviation of the two and by more than 1 %; p99 ITL and p99 TPOT where drover's mean is more
+  than 5 % worse; attainment where drover's mean is lower by more than the larger standard deviation and
+  0.5 points.
+
+``--ablate`` reruns the worst flagged points in-process with one of drover's parts switched off at a time
+(the CLI takes no policy-parameter override).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICIES = ("least_loaded", "drover")
+PRESETS = ("llama7b-a10", "qwen2.5-7b-a10", "llama3-8b-h200")
+WORKLOADS = (("poisson", 1.0), ("gamma", 4.0))
+LENGTHS = ("zipf:256:6144", "uniform:1000:4000", "fixed:128:1024", "fixed:3072:32")
+LOADS = (0.3, 0.7, 1.0)
+SEEDS = (0, 1, 2)
+INSTANCES = 8
+REQUESTS = 600
+METRICS = (("ttft_p99_s", "p99 TTFT s"), ("itl_p99_ms", "p99 ITL ms"), ("tpot_p99_ms", "p99 TPOT ms"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    presets: tuple[str, ...] = PRESETS
+    workloads: tuple[tuple[str, float], ...] = WORKLOADS
+    lengths: tuple[str, ...] = LENGTHS
+    loads: tuple[float, ...] = LOADS
+    seeds: tuple[int, ...] = SEEDS
+    instances: int = INSTANCES
+    requests: int = REQUESTS
+
+
+QUICK = Grid(
+    presets=("llama7b-a10",),
+    workloads=(("poisson", 1.0),),
+    lengths=("fixed:128:64",),
+    loads=(0.5,),
+    seeds=(0, 1),
+    instances=2,
+    requests=60,
+)
+
+
+def drover(args: Sequence[str]) -> str:
+    """``drover ARGS`` with this checkout's code; stdout. A failing run raises with its last stderr line."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "control.cli", *args], capture_output=True, text=True, env=env, cwd=ROOT, check=False
+    )
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
+        raise RuntimeError(f"drover {' '.join(args)}: exit {proc.returncode}: {last}")
+    return proc.stdout
+
+
+def sim_run(preset: str, instances: int, extra: Sequence[str]) -> list[dict[str, Any]]:
+    out = drover(["sim", "run", "--json", "--preset", preset, "-n", str(instances), *extra])
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def calibrate(preset: str, lengths: str, grid: Grid) -> dict[str, float]:
+    """Capacity (req/s) and SLOs of (preset, lengths) by the rules in the module docstring."""
+    base = ["--workload", "poisson", "--rate", "1000", "--requests", str(grid.requests), "--lengths", lengths]
+    with tempfile.TemporaryDirectory() as tmp:
+        csv_path = Path(tmp) / "requests.csv"
+        sim_run(preset, grid.instances, [*base, "--policy", "least_loaded", "--out", str(csv_path)])
+        with open(csv_path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    finishes = sorted(float(r["arrival_s"]) + float(r["e2e_s"]) for r in rows if r["status"] == "completed")
+    k = max(1, int(0.9 * len(rows)))
+    capacity = k / finishes[min(k, len(finishes)) - 1]
+    prompts = sorted(int(r["prompt_tokens"]) for r in rows)
+    outputs = sorted(int(r["output_tokens"]) for r in rows)
+    median_in, median_out = prompts[len(prompts) // 2], max(2, outputs[len(outputs) // 2])
+    p99_in = prompts[min(len(prompts) - 1, int(0.99 * len(prompts)))]
+
+    def alone(prompt: int, output: int) -> dict[str, Any]:
+        one = ["--workload", "poisson", "--rate", "1", "--requests", "1", "--lengths", f"fixed:{prompt}:{output}"]
+        return sim_run(preset, 1, [*one, "--policy", "least_loaded"])[0]
+
+    median = alone(median_in, median_out)
+    p99 = alone(p99_in, 2)
+    return {
+        "capacity_rps": capacity,
+        "slo_ttft_s": max(10 * median["ttft_p50_s"], 2 * p99["ttft_p50_s"]),
+        "slo_tpot_ms": 5 * median["tpot_p50_ms"],
+        "median_in": median_in,
+        "median_out": median_out,
+        "p99_in": p99_in,
+    }
+
+
+def point_args(
+    workload: str, cv: float, lengths: str, rate: float, seed: int, grid: Grid, cal: dict[str, float]
+) -> list[str]:
+    args = ["--workload", workload, "--rate", f"{rate:.4g}", "--requests", str(grid.requests), "--lengths", lengths]
+    if workload == "gamma":
+        args += ["--cv", f"{cv:g}"]
+    return [
+        *args,
+        "--seed",
+        str(seed),
+        "--slo-ttft-s",
+        f"{cal['slo_ttft_s']:.4g}",
+        "--slo-tpot-ms",
+        f"{cal['slo_tpot_ms']:.4g}",
+        "--policy",
+        ",".join(POLICIES),
+    ]
+
+
+def sweep(grid: Grid, jobs: int = 2, log: Any = sys.stderr) -> dict[str, Any]:
+    """Every grid point's rows; {"calibration": {...}, "points": [...]}. ``jobs`` subprocesses at a time."""
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        keys = [(p, length) for p in grid.presets for length in grid.lengths]
+        cals = dict(zip(keys, pool.map(lambda k: calibrate(k[0], k[1], grid), keys), strict=True))
+        for (p, length), cal in cals.items():
+            print(f"calibrated {p} {length}: {cal}", file=log, flush=True)
+        specs = [
+            (p, w, cv, length, load, seed)
+            for p in grid.presets
+            for w, cv in grid.workloads
+            for length in grid.lengths
+            for load in grid.loads
+            for seed in grid.seeds
+        ]
+
+        def one(spec: tuple[str, str, float, str, float, int]) -> dict[str, Any]:
+            p, w, cv, length, load, seed = spec
+            cal = cals[(p, length)]
+            rate = float(f"{load * cal['capacity_rps']:.4g}")  # what the command line carries, ablate reruns
+            rows = sim_run(p, grid.instances, point_args(w, cv, length, rate, seed, grid, cal))
+            by = {r["policy"]: r for r in rows}
+            return {
+                "preset": p,
+                "workload": w if w == "poisson" else f"gamma{cv:g}",
+                "lengths": length,
+                "load": load,
+                "rate": rate,
+                "seed": seed,
+                **{f"{pol}:{m}": by[pol].get(m) for pol in POLICIES for m in (*dict(METRICS), "slo_attainment")},
+            }
+
+        points = list(pool.map(one, specs))
+    return {
+        "grid": dataclasses.asdict(grid),
+        "calibration": {f"{p} {length}": cal for (p, length), cal in cals.items()},
+        "points": points,
+    }
+
+
+def _mean_sd(values: Sequence[float | None]) -> tuple[float, float]:
+    xs = [v for v in values if v is not None]
+    if not xs:
+        return float("nan"), float("nan")
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (preset, workload, lengths, load): per-policy mean/sd over seeds, ratios, flags."""
+    groups: dict[tuple[str, str, str, float], list[dict[str, Any]]] = {}
+    for pt in result["points"]:
+        groups.setdefault((pt["preset"], pt["workload"], pt["lengths"], pt["load"]), []).append(pt)
+    rows = []
+    for (preset, workload, lengths, load), pts in groups.items():
+        row: dict[str, Any] = {"preset": preset, "workload": workload, "lengths": lengths, "load": load}
+        row["rate"] = pts[0]["rate"]
+        flags = []
+        for metric, _ in (*METRICS, ("slo_attainment", "")):
+            ll = _mean_sd([p[f"least_loaded:{metric}"] for p in pts])
+            dr = _mean_sd([p[f"drover:{metric}"] for p in pts])
+            row[f"least_loaded:{metric}"], row[f"drover:{metric}"] = ll, dr
+            ratio = dr[0] / ll[0] if ll[0] else float("nan")
+            row[f"ratio:{metric}"] = ratio
+            noise = max(ll[1], dr[1])
+            if metric == "ttft_p99_s" and dr[0] - ll[0] > noise and ratio > 1.01:
+                flags.append("TTFT")
+            elif metric in ("itl_p99_ms", "tpot_p99_ms") and ratio > 1.05:
+                flags.append("ITL" if metric.startswith("itl") else "TPOT")
+            elif metric == "slo_attainment" and ll[0] - dr[0] > max(noise, 0.005):
+                flags.append("ATT")
+        row["flags"] = flags
+        rows.append(row)
+    return rows
+
+
+def print_tables(result: dict[str, Any], out: Any = sys.stdout) -> list[dict[str, Any]]:
+    print(
+        "| preset | workload | lengths | load | rate | seed | TTFT LL / dr s | ITL LL / dr ms | TPOT LL / dr ms | "
+        "attain LL / dr |",
+        file=out,
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|", file=out)
+    for p in result["points"]:
+        cells = []
+        for metric, _ in (*METRICS, ("slo_attainment", "")):
+            a, b = p[f"least_loaded:{metric}"], p[f"drover:{metric}"]
+            cells.append(f"{_f(a)} / {_f(b)}")
+        print(
+            f"| {p['preset']} | {p['workload']} | {p['lengths']} | {p['load']} | {p['rate']:.3g} | {p['seed']} | "
+            + " | ".join(cells)
+            + " |",
+            file=out,
+        )
+    rows = summarise(result)
+    print(file=out)
+    print(
+        "| preset | workload | lengths | load | rate | p99 TTFT s LL / dr (ratio) | p99 ITL ms LL / dr (ratio) | "
+        "p99 TPOT ms LL / dr (ratio) | attainment LL / dr | flags |",
+        file=out,
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|", file=out)
+    for r in rows:
+        cells = []
+        for metric, _ in (*METRICS, ("slo_attainment", "")):
+            (lm, ls), (dm, ds) = r[f"least_loaded:{metric}"], r[f"drover:{metric}"]
+            cell = f"{_f(lm)}±{_f(ls)} / {_f(dm)}±{_f(ds)}"
+            if metric != "slo_attainment":
+                cell += f" ({r[f'ratio:{metric}']:.3f})"
+            cells.append(cell)
+        flag = ",".join(r["flags"]) or "-"
+        print(
+            f"| {r['preset']} | {r['workload']} | {r['lengths']} | {r['load']} | {r['rate']:.3g} | "
+            + " | ".join(cells)
+            + f" | {flag} |",
+            file=out,
+        )
+    flagged = [r for r in rows if r["flags"]]
+    print(f"\n{len(flagged)} of {len(rows)} points flagged", file=out)
+    return rows
+
+
+def _f(v: float | None) -> str:
+    if v is None or v != v:
+        return "-"
+    return f"{v:.3g}"
+
+
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "drover": {},
+    "no predict_prefill_blocks": {"predict_prefill_blocks": False},
+    "no queue_hold_all": {"queue_hold_all": False},
+    "backfill scan 32": {"queue_backfill_scan": 32},
+    "no late binding": {"predict_hold": False, "queue_hold_all": False},
+    "no prefix": {"predict_prefix": False},
+    "no migration": {"migration_enabled": False},
+    "decode weight 0": {"predict_decode_weight": 0.0},
+    "growth blocks 0": {"predict_growth_blocks": 0},
+    "high watermark 1.0": {"predict_high_watermark": 1.0},
+    "freeness dispatch": {"dispatch_policy": "freeness"},
+}
+
+
+def ablate(result: dict[str, Any], row: dict[str, Any], out: Any = sys.stdout) -> None:
+    """``row``'s point in-process with one of drover's parts off at a time; p99 TTFT / TPOT and attainment
+    per seed (ITL needs the CLI's observer and is left out here)."""
+    import numpy as np
+
+    from control.policy.recommended import user_policy_params
+    from control.simulator.presets import get_preset
+    from control.simulator.runner import WorkloadSpec, build_workload, fixed_simulator
+
+    grid = result["grid"]
+    cal = result["calibration"][f"{row['preset']} {row['lengths']}"]
+    preset = get_preset(row["preset"])
+    path = preset.request_path_ms / 1000
+    kind, cv = ("poisson", None) if row["workload"] == "poisson" else ("gamma", float(row["workload"][5:]))
+    variants = {"least_loaded": user_policy_params("least_loaded")}
+    base = user_policy_params("drover")
+    variants.update({name: base.with_updates(**change) for name, change in ABLATIONS.items()})
+    print(f"\nablation: {row['preset']} {row['workload']} {row['lengths']} load {row['load']}", file=out)
+    print("| variant | p99 TTFT s per seed | mean | p99 TPOT ms mean | attainment mean |", file=out)
+    print("|---|---|---|---|---|", file=out)
+    for name, params in variants.items():
+        ttfts, tpots, atts = [], [], []
+        for seed in grid["seeds"]:
+            spec = WorkloadSpec(
+                kind=kind,
+                rate=float(f"{row['rate']:.4g}"),
+                cv=cv,
+                lengths=row["lengths"],
+                requests=grid["requests"],
+                seed=seed,
+            )
+            cluster = preset.cluster_config(grid["instances"], params)
+            res = fixed_simulator(cluster, build_workload(spec)).run()
+            done = [r for r in res.requests if r.done]
+            ttft = [r.prefill + path for r in done]
+            tpot = [d for r in done if (d := r.decode_per_token) is not None]
+            # numpy's interpolated percentile, as the CLI's rows: at a knee the top ranks are far apart
+            ttfts.append(float(np.percentile(ttft, 99)))
+            tpots.append(1000 * float(np.percentile(tpot, 99)) if tpot else float("nan"))
+            met = sum(
+                1
+                for r in done
+                if r.prefill + path <= cal["slo_ttft_s"]
+                and ((d := r.decode_per_token) is None or d * 1000 <= cal["slo_tpot_ms"])
+            )
+            atts.append(met / max(1, len(res.requests)))
+        print(
+            f"| {name} | {' '.join(_f(t) for t in ttfts)} | {_f(statistics.fmean(ttfts))} | "
+            f"{_f(statistics.fmean(tpots))} | {_f(statistics.fmean(atts))} |",
+            file=out,
+            flush=True,
+        )
+
+
+def plot(directory: Path, rows: list[dict[str, Any]]) -> None:
+    from scripts.plotting import bar_plot
+
+    labels = [f"{r['preset'][:6]} {r['workload'][:4]} {r['lengths'].split(':')[0][:4]} {r['load']}" for r in rows]
+    bar_plot(
+        directory,
+        "sweep_ttft_ratio",
+        labels,
+        {"drover / least_loaded p99 TTFT": [r["ratio:ttft_p99_s"] for r in rows]},
+        ylabel="ratio",
+        title="p99 TTFT, drover / INFaaS++",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="A tiny grid (seconds): one preset, one point.")
+    parser.add_argument("--jobs", type=int, default=2, help="Subprocesses at a time (default 2).")
+    parser.add_argument("--json-out", type=Path, help="Write every point's numbers here.")
+    parser.add_argument("--load-json", type=Path, help="Tabulate (and ablate) a --json-out file; no runs.")
+    parser.add_argument("--ablate", type=int, default=0, help="Ablate the N worst p99 TTFT ratios (> 1.01).")
+    parser.add_argument("--plot", type=Path, help="Write a ratio plot (PNG) into this folder.")
+    args = parser.parse_args(argv)
+    if args.load_json:
+        result = json.loads(args.load_json.read_text())
+    else:
+        result = sweep(QUICK if args.quick else Grid(), jobs=max(1, args.jobs))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=1))
+    rows = print_tables(result)
+    # the worst p99 TTFT ratios, flagged or inside the seed spread (a 10x ratio can hide in a wide spread)
+    worst = sorted((r for r in rows if r["ratio:ttft_p99_s"] > 1.01), key=lambda r: -r["ratio:ttft_p99_s"])
+    for row in worst[: args.ablate]:
+        ablate(result, row)
+    if args.plot:
+        plot(args.plot, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
