@@ -22,7 +22,12 @@ Tolerance of an unreliable feed (NATS core delivery is at most once):
 
 Bounded memory: an instance holds at most its KV capacity in blocks (it cannot cache more); entries past
 that (left behind by a lost removal) are dropped oldest first. Each entry costs one dict slot per instance
-plus one set member in the hash → holders map (roughly 150 bytes in CPython).
+plus one member in the hash → holders map (roughly 150 bytes in CPython).
+
+Holders are kept in insertion order (a dict used as an ordered set), never in a ``set``: a ``set`` of
+instance ids iterates in string-hash order, which changes with ``PYTHONHASHSEED``, and ``deep_holders``
+keeps only the first ``limit`` holders it meets, so a set made dispatch (and the simulator's results) differ
+from one process to the next.
 
 A wrong entry only costs a cache miss or a missed hit, never correctness: dispatch still works when the
 index is stale or empty.
@@ -31,7 +36,7 @@ index is stale or empty.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, KeysView, Sequence
 from dataclasses import dataclass, field
 
 
@@ -83,12 +88,12 @@ class PrefixIndex:
         self.stats = PrefixIndexStats()
         self.changes = 0
         """Counts the calls that may have changed the holdings: a reader caching a lookup checks it is unchanged."""
-        self._holders: dict[int, set[str]] = {}
+        self._holders: dict[int, dict[str, None]] = {}  # hash -> holders, oldest first (module docstring)
         self._instances: dict[str, _Holdings] = {}
         self._partial: dict[str, _Partial] = {}  # instance -> the chunked listing being received
         # the last ``deep_holders`` call's prompt, ``changes`` then, and the holders of its first probe: an
         # ``overlap`` of the same prompt right after (the dispatch of the choice) starts with the same probe
-        self._first_probe: tuple[Sequence[int], int, set[str] | None] = ((), -1, None)
+        self._first_probe: tuple[Sequence[int], int, dict[str, None] | None] = ((), -1, None)
 
     # ------------------------------------------------------------------------------------------ feed
     def apply(
@@ -131,7 +136,7 @@ class PrefixIndex:
             if blocks.pop(block_hash, 0) is None:
                 holders = all_holders.get(block_hash)
                 if holders is not None:
-                    holders.discard(instance_id)
+                    holders.pop(instance_id, None)
                     if not holders:
                         del all_holders[block_hash]
         for block_hash in stored:
@@ -141,9 +146,9 @@ class PrefixIndex:
             blocks[block_hash] = None
             holders = all_holders.get(block_hash)
             if holders is None:
-                all_holders[block_hash] = {instance_id}
+                all_holders[block_hash] = {instance_id: None}
             else:
-                holders.add(instance_id)
+                holders[instance_id] = None
         if len(blocks) > (holdings.capacity or self.params.default_capacity_blocks):
             self._enforce_capacity(instance_id, holdings)
         return holdings.needs_resync
@@ -268,9 +273,9 @@ class PrefixIndex:
         holdings = self._instances.get(instance_id)
         return holdings is not None and block_hash in holdings.blocks
 
-    def holders(self, block_hash: int) -> set[str]:
-        """Instances holding ``block_hash`` (do not modify)."""
-        return self._holders.get(block_hash, _EMPTY)
+    def holders(self, block_hash: int) -> KeysView[str]:
+        """Instances holding ``block_hash``, in the order they came to hold it (a set-like view)."""
+        return self._holders.get(block_hash, _EMPTY).keys()
 
     def deepest(self, hashes: Sequence[int]) -> int:
         """Longest prefix of ``hashes`` (in blocks) that some instance holds. Binary search: chained hashes
@@ -293,7 +298,7 @@ class PrefixIndex:
         this runs on every ``kv_aware`` decision, where each probe of a million-entry dict is a cache miss."""
         all_holders = self._holders
         lo, hi = 0, len(hashes)
-        deepest_holders: set[str] = _EMPTY
+        deepest_holders: dict[str, None] = _EMPTY
         first = True
         while lo < hi:  # deepest(), inlined
             mid = (lo + hi + 1) // 2
@@ -380,16 +385,16 @@ class PrefixIndex:
         blocks[block_hash] = None
         holders = self._holders.get(block_hash)
         if holders is None:
-            self._holders[block_hash] = {instance_id}
+            self._holders[block_hash] = {instance_id: None}
         else:
-            holders.add(instance_id)
+            holders[instance_id] = None
         if len(blocks) > (holdings.capacity or self.params.default_capacity_blocks):
             self._enforce_capacity(instance_id, holdings)
 
     def _unhold(self, instance_id: str, block_hash: int) -> None:
         holders = self._holders.get(block_hash)
         if holders is not None:
-            holders.discard(instance_id)
+            holders.pop(instance_id, None)
             if not holders:
                 del self._holders[block_hash]
 
@@ -421,4 +426,4 @@ class PrefixIndex:
             self._drop_blocks(instance_id, holdings)
 
 
-_EMPTY: set[str] = set()
+_EMPTY: dict[str, None] = {}

@@ -90,30 +90,25 @@ def test_prefill_blocks_count_the_chunks_a_running_prompt_still_allocates() -> N
     would wait until the prompt's later chunks (60 blocks) are in and something finishes; with it ``a``'s room
     is -4 and ``b``'s 16 (< 16 + 4), so the request is held in the cluster's queue for whichever frees first."""
     prefilling = RunningSnapshot("a-long", num_tokens=80 * 16, num_blocks=20, decoding=False)
-    a = InstanceSnapshot(
-        instance_id="a",
-        num_total_blocks=100,
-        num_free_blocks=60,
-        num_running=1,
-        num_waiting=0,
-        block_size=16,
-        running=(prefilling,),
-    )
+
+    def instance_a(running: RunningSnapshot) -> InstanceSnapshot:
+        return InstanceSnapshot(
+            instance_id="a",
+            num_total_blocks=100,
+            num_free_blocks=60,
+            num_running=1,
+            num_waiting=0,
+            block_size=16,
+            running=(running,),
+        )
+
     b = snap("b", 24, running=2)
     rule = DispatchParams(predict_hold=True, predict_growth_blocks=4, predict_prefill_blocks=True)
-    assert index_of(a, b).choose(demand("r", 16)) == "a"
-    assert index_of(a, b, params=rule).choose(demand("r", 16)) is None
+    assert index_of(instance_a(prefilling), b).choose(demand("r", 16)) == "a"
+    assert index_of(instance_a(prefilling), b, params=rule).choose(demand("r", 16)) is None
     # a decoding request holds all its blocks already: nothing more is counted for it
-    decoding = InstanceSnapshot(
-        instance_id="a",
-        num_total_blocks=100,
-        num_free_blocks=60,
-        num_running=1,
-        num_waiting=0,
-        block_size=16,
-        running=(dataclasses.replace(prefilling, decoding=True),),
-    )
-    assert index_of(decoding, b, params=rule).choose(demand("r", 16)) == "a"
+    decoding = dataclasses.replace(prefilling, decoding=True)
+    assert index_of(instance_a(decoding), b, params=rule).choose(demand("r", 16)) == "a"
 
 
 def test_physical_hold_starts_what_fits_now_and_keeps_the_reserve_in_placement() -> None:
