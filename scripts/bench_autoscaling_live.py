@@ -12,7 +12,7 @@ queue, requests in flight), every scale event with its reason, the start-up time
 of requests submitted while one instance served vs after the added one served (same run). Every TokenChunk
 the client receives is recorded raw and checked: no token lost, none duplicated.
 
-The same cycle is the live test (tests/integration/test_autoscaling_live_sim.py, test_vllm_autoscaling_live.py).
+The same cycle is the live test (tests/integration/test_autoscaling_live_sim.py, test_vllm_live_autoscaling.py).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ request finished) when they end.
 Each engine start costs the suite 10-25 s on CI's 2 cores, so modules share engines by name: "a" and "b"
 (and the plain ``direct`` one) serve tests/engines and every tests/integration module that needs two
 engines. Modules that shut cached engines down to start engine processes of their own (``reserve`` or
-``close``) are named to sort after every module that uses "a" and "b" (test_vllm_autoscaling_live.py,
+``close``) are named to sort after every module that uses "a" and "b" (test_vllm_live_autoscaling.py,
 test_vllm_failover.py), so that no cached engine is started twice.
 
 vLLM spawns its EngineCore and worker processes; with pytest as the main program that works as is (the

@@ -4,7 +4,7 @@ onto it, and after the load it drains one instance (the scheduler's drain-by-mig
 No request lost, every token exactly once (TokenChunk indices checked at the client). At most 2 vLLM
 engines alive (max_total): the session's shared vLLM engines are shut down first (the factory restarts them
 for later tests), so the session never has more than 3. The file's name sorts it after the modules that share
-those engines (tests/integration/test_vllm_cluster.py and those before it), so none of them restarts one."""
+those engines (tests/integration/test_vllm_cluster.py and those before it) and after test_vllm_failover.py, so none of them restarts one."""
 
 from __future__ import annotations
 
