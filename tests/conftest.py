@@ -108,12 +108,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # Every test collects garbage four times (above and below). A full collection walks every tracked object:
-# ~400k once the suite's modules are imported (torch among them), ~700k once vLLM is, 0.1-0.4 s of CPU each,
-# which made ~15 of CI's 45 minutes. So what is alive when a module's tests begin (imported modules, session
-# fixtures) is frozen (gc.freeze: left out of collections, still freed by reference counting), and each
-# test's collections walk only what was made since. At the end of each module everything is unfrozen and
-# collected once in full (its last test's teardown report): garbage among the frozen objects (a session
-# object dropped in the middle of a module, say) is found there, failing that teardown, and at session end.
+# ~390k once the suite is collected (torch imported), ~700k once vLLM is (from tests/control/test_errors.py
+# on), 0.2-0.4 s of CPU each: a trivial test cost ~1.5 s of CPU with both imported. So what is alive when a
+# module's tests begin (imported modules, session fixtures) is frozen (gc.freeze: left out of collections,
+# still freed by reference counting), and each test's collections walk only what was made since. At the end
+# of each module everything is unfrozen and collected once in full (its last test's teardown report):
+# garbage among the frozen objects (a session object dropped in the middle of a module, say) is found
+# there, failing that teardown (tests/test_asyncio_hygiene.py checks it), and at session end.
 _LAST_OF_MODULE = pytest.StashKey[bool]()
 
 
