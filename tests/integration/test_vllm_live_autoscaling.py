@@ -3,8 +3,9 @@ processes by the LocalProcessProvisioner: the autoscaler adds a second instance 
 onto it, and after the load it drains one instance (the scheduler's drain-by-migration path) and stops it.
 No request lost, every token exactly once (TokenChunk indices checked at the client). At most 2 vLLM
 engines alive (max_total): the session's shared vLLM engines are shut down first (the factory restarts them
-for later tests), so the session never has more than 3. The file's name sorts it after the modules that share
-those engines (tests/integration/test_vllm_cluster.py and those before it) and after test_vllm_failover.py, so none of them restarts one."""
+for later tests), so the session never has more than 3. The file's name sorts it after every module that
+shares those engines (tests/integration/test_vllm_cluster.py and those before it, test_vllm_failover.py
+too), so none is restarted for them."""
 
 from __future__ import annotations
 
