@@ -21,9 +21,13 @@ How it times (``--clock cpu`` and the defaults mirror the control plane, and the
 * the cyclic GC is on with Python's default thresholds, as in the control plane (``--gc off`` disables it
   while timing, as this benchmark did before round 27); the collections started inside a timed decision are
   counted (``gc_collections_timed``);
-* each heartbeat's snapshot is built anew right before its upsert (untimed), as the scheduler builds one from
-  a decoded heartbeat (actors/scheduler_instances.py), and ``--warmup`` decisions run untimed first (the first
-  read of a model's pool builds it, once in a scheduler's life); a full collection runs before the warm-up;
+* ``--warmup`` decisions run untimed first (the first read of a model's pool builds it, once in a scheduler's
+  life), and the full collection before timing runs before the warm-up, not between it and the timed
+  decisions (their first dozen were 2-3x slower: a collection walks every object and empties the caches);
+* the heartbeats' snapshots are built at start-up and held, as before round 27, so an upsert never frees the
+  snapshot it replaces. ``--fresh-snapshots`` builds each one just before its upsert (untimed) and lets the
+  upsert release the previous one, as the scheduler does (actors/scheduler_instances.py): measured +1-1.5 µs
+  on the upsert's p50, the release of the old snapshot's objects, long out of the CPU cache;
 * beside every decision, two controls are timed: fixed pure-Python work (``cpu control``) and a fixed number
   of cache misses (``mem control``). Their p99 over p50 is the noise floor the machine adds;
 * a decision whose wall time exceeds its CPU time by 5 µs was switched out by the OS: counted (``n``), and
@@ -108,7 +112,8 @@ scheduler's life), and the first decisions find the heaps without stale items.""
 def fresh_copy(snapshot: InstanceSnapshot) -> InstanceSnapshot:
     """The snapshot built anew, as the scheduler builds one from a decoded heartbeat right before it upserts it
     (actors/scheduler_instances.py): the upsert reads objects that are in the CPU cache, not ones built at
-    start-up. Building it is not timed."""
+    start-up, and it drops the index's last reference to the instance's previous snapshot, which is freed there
+    (its running requests' objects, long out of the CPU cache). Building it is not timed."""
     return InstanceSnapshot(
         instance_id=snapshot.instance_id,
         num_total_blocks=snapshot.num_total_blocks,
@@ -159,6 +164,9 @@ def memory_probes(table: dict[int, int], call: int) -> int:
     return x
 
 
+CONTROL_BLOCK = 100
+"""Decisions timed between two blocks of as many control measurements."""
+
 OFF_CPU_NS = 5_000
 """A decision whose wall time exceeds its thread CPU time by this much was switched out by the OS: another
 process ran on this core (its time is left out of ``--clock cpu``, but the caches it emptied are not). Read
@@ -182,15 +190,18 @@ def bench_dispatch(
     gc_mode: str = "on",
     replays: int = 1,
     warmup: int = WARMUP,
+    fresh: bool = False,
 ) -> dict[str, Any]:
     """Times ``ops`` decisions (after ``warmup`` untimed ones) on ``replays`` identical indexes, one after the
     other; the decisions must be the same in every replay. Besides each replay's percentiles (the first
     replay's under the usual names, every one's in ``reps``), the percentiles of each decision's fastest
     replay (``total_min_*``): what a decision costs without the machine's noise, which lands on different
-    decisions in each replay."""
+    decisions in each replay. ``fresh``: each heartbeat's snapshot built just before its upsert (``fresh_copy``)
+    and the previous one released inside it, as in the scheduler; else every snapshot is built at start-up and
+    held, so no upsert releases one."""
     if gc_mode not in GC_MODES:
         raise ValueError(f"gc_mode must be one of {GC_MODES}, got {gc_mode!r}")
-    runs = [_dispatch_once(n, name, ops, seed, clock, gc_mode, warmup) for _ in range(max(1, replays))]
+    runs = [_dispatch_once(n, name, ops, seed, clock, gc_mode, warmup, fresh) for _ in range(max(1, replays))]
     first, choices = runs[0]
     if any(other != choices for _, other in runs[1:]):
         raise RuntimeError(f"{name} at {n} instances chose differently in two replays of the same inputs")
@@ -204,7 +215,7 @@ def bench_dispatch(
 
 
 def _dispatch_once(
-    n: int, name: str, ops: int, seed: int, clock: str, gc_mode: str, warmup: int
+    n: int, name: str, ops: int, seed: int, clock: str, gc_mode: str, warmup: int, fresh: bool = False
 ) -> tuple[dict[str, Any], list[str | None]]:
     rng = random.Random(seed)
     index = make_index(name)
@@ -218,6 +229,7 @@ def _dispatch_once(
     prefix_index = getattr(index, "prefix_index", None)  # kv_aware, and drover's prefix-aware predictive index
     if isinstance(prefix_index, PrefixIndex):
         _hold_prefixes(prefix_index, pool, prefixes, seed)
+    del pool  # with ``fresh``, the index holds the only reference to each instance's first snapshot too
     demands = []
     for k in range(count):
         prompt = prefixes[rng.randrange(100)] + [rng.randrange(259) for _ in range(rng.randint(0, 64))]
@@ -240,7 +252,7 @@ def _dispatch_once(
         chosen = index.choose(demand)
         if chosen is not None:
             index.on_dispatched(chosen, demand)
-        index.upsert(snapshot)
+        index.upsert(fresh_copy(snapshot) if fresh else snapshot)
         choices.append(chosen)
     decide: list[int] = []
     beat: list[int] = []
@@ -265,8 +277,9 @@ def _dispatch_once(
         gc.disable()
     gc.callbacks.append(on_gc)
     try:
-        for demand, snapshot in zip(demands[warmup:], beats[warmup:], strict=True):
-            snapshot = fresh_copy(snapshot)
+        for k, (demand, snapshot) in enumerate(zip(demands[warmup:], beats[warmup:], strict=True)):
+            if fresh:
+                snapshot = fresh_copy(snapshot)
             timed[0] = True
             w0 = wall()
             c0 = thread_cpu()
@@ -285,15 +298,19 @@ def _dispatch_once(
             decide.append(t1 - t0)
             beat.append(t2 - t1)
             total.append(t2 - t0)
-            t0 = timer()
-            t1 = timer()
-            fixed_work()
-            t2 = timer()
-            memory_probes(table, len(total))
-            t3 = timer()
-            empty.append(t1 - t0)
-            control.append(t2 - t1)
-            control_memory.append(t3 - t2)
+            if k % CONTROL_BLOCK == CONTROL_BLOCK - 1:
+                # the controls run in blocks between the decisions' blocks: run after every decision, they
+                # took the decisions' data out of the caches and made them slower
+                for _ in range(CONTROL_BLOCK):
+                    t0 = timer()
+                    t1 = timer()
+                    fixed_work()
+                    t2 = timer()
+                    memory_probes(table, len(empty))
+                    t3 = timer()
+                    empty.append(t1 - t0)
+                    control.append(t2 - t1)
+                    control_memory.append(t3 - t2)
         flips: list[int] = []
         if name == "round_robin":
             for k in range(min(ops, 2000)):
@@ -418,6 +435,11 @@ def main() -> None:
         default=1,
         help="time the same decisions on this many identical indexes, and report each decision's fastest too",
     )
+    parser.add_argument(
+        "--fresh-snapshots",
+        action="store_true",
+        help="build each heartbeat's snapshot just before its upsert, which releases the previous one (the scheduler)",
+    )
     parser.add_argument("--warmup", type=int, default=WARMUP, help="untimed decisions first (pools built)")
     parser.add_argument("--plot", type=Path, default=None, help="write PNG plots here")
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
@@ -431,14 +453,17 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown policies {', '.join(unknown)}; choose from {', '.join(POLICY_NAMES)}, drover")
     results: dict[str, Any] = {"clock": args.clock, "gc": args.gc, "dispatch": {}, "planning": {}}
-    print(
-        f"== dispatch, µs, {args.clock} clock (decide = choose + on_dispatched; heartbeat = upsert of a snapshot "
-        "built just before, as the scheduler does; total = both)"
-    )
+    print(f"== dispatch, µs, {args.clock} clock (decide = choose + on_dispatched; heartbeat = upsert; total = both)")
     print(
         f"   gc {args.gc}"
         + (" (default thresholds, as the control plane runs)" if args.gc == "on" else " (disabled while timing)")
-        + f"; {args.warmup} untimed decisions first; load average {os.getloadavg()[0]:.2f}"
+        + f"; {args.warmup} untimed decisions first; "
+        + (
+            "snapshots built just before their upsert, which releases the previous one (as the scheduler does)"
+            if args.fresh_snapshots
+            else "snapshots built at start-up and held (no upsert releases one; --fresh-snapshots: as the scheduler)"
+        )
+        + f"; load average {os.getloadavg()[0]:.2f}"
     )
     print(
         "   uninterr. = decisions the OS did not switch out (n = how many it did); cpu / mem control = fixed "
@@ -453,7 +478,15 @@ def main() -> None:
     for n in sizes:
         for name in policies:
             r = bench_dispatch(
-                n, name, args.ops, args.seed, args.clock, gc_mode=args.gc, replays=args.replays, warmup=args.warmup
+                n,
+                name,
+                args.ops,
+                args.seed,
+                args.clock,
+                gc_mode=args.gc,
+                replays=args.replays,
+                warmup=args.warmup,
+                fresh=args.fresh_snapshots,
             )
             results["dispatch"][f"{n}/{name}"] = r
             flip = f"{r['drain_flip_p99_us']:>8.1f}" if "drain_flip_p99_us" in r else f"{'-':>8}"

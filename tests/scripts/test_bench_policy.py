@@ -25,7 +25,7 @@ def test_scale_benchmark_reports_every_operation() -> None:
 
 def test_scale_benchmark_replays_and_noise_floor() -> None:
     # replays time the same decisions on identical indexes (it raises if a replay chose differently)
-    row = bench_dispatch(16, "drover", 40, 0, "cpu", replays=2, warmup=10)
+    row = bench_dispatch(16, "drover", 40, 0, "cpu", replays=2, warmup=10, fresh=True)
     assert len(row["reps"]) == 2 and row["total_min_p99_us"] <= row["total_p99_us"]
     for label in ("total_uninterrupted", "control", "control_memory", "timer"):
         assert row[f"{label}_p50_us"] > 0
