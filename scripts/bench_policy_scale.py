@@ -264,6 +264,7 @@ def _dispatch_once(
     timer = CLOCKS[clock]
     wall, thread_cpu = time.perf_counter_ns, time.thread_time_ns
     by_cpu = clock == "cpu"
+    block = max(1, min(CONTROL_BLOCK, ops))
     timed = [False]
     collections = [0, 0]  # started, started while a decision was being timed
 
@@ -298,10 +299,10 @@ def _dispatch_once(
             decide.append(t1 - t0)
             beat.append(t2 - t1)
             total.append(t2 - t0)
-            if k % CONTROL_BLOCK == CONTROL_BLOCK - 1:
+            if k % block == block - 1:
                 # the controls run in blocks between the decisions' blocks: run after every decision, they
                 # took the decisions' data out of the caches and made them slower
-                for _ in range(CONTROL_BLOCK):
+                for _ in range(block):
                     t0 = timer()
                     t1 = timer()
                     fixed_work()
