@@ -229,7 +229,8 @@ def _dispatch_once(
     prefix_index = getattr(index, "prefix_index", None)  # kv_aware, and drover's prefix-aware predictive index
     if isinstance(prefix_index, PrefixIndex):
         _hold_prefixes(prefix_index, pool, prefixes, seed)
-    del pool  # with ``fresh``, the index holds the only reference to each instance's first snapshot too
+    if fresh:
+        del pool  # the index holds the only reference to every snapshot: an upsert releases the one it replaces
     demands = []
     for k in range(count):
         prompt = prefixes[rng.randrange(100)] + [rng.randrange(259) for _ in range(rng.randint(0, 64))]
