@@ -28,8 +28,9 @@ How it times (``--clock cpu`` and the defaults mirror the control plane, and the
   snapshot it replaces. ``--fresh-snapshots`` builds each one just before its upsert (untimed) and lets the
   upsert release the previous one, as the scheduler does (actors/scheduler_instances.py): measured +1-1.5 µs
   on the upsert's p50, the release of the old snapshot's objects, long out of the CPU cache;
-* beside every decision, two controls are timed: fixed pure-Python work (``cpu control``) and a fixed number
-  of cache misses (``mem control``). Their p99 over p50 is the noise floor the machine adds;
+* in the same run (half before the warm-up, half after the timed decisions: between them they slowed the
+  decisions), two controls are timed as often as the decisions: fixed pure-Python work (``cpu control``) and
+  a fixed number of cache misses (``mem control``). Their p99 over p50 is the noise floor the machine adds;
 * a decision whose wall time exceeds its CPU time by 5 µs was switched out by the OS: counted (``n``), and
   the p99 of the others is reported beside the p99 of all (``uninterr.``);
 * ``--replays R`` times the same decisions on R identical indexes (the choices must match) and reports the
@@ -52,6 +53,7 @@ import json
 import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -164,13 +166,26 @@ def memory_probes(table: dict[int, int], call: int) -> int:
     return x
 
 
-CONTROL_BLOCK = 100
-"""Decisions timed between two blocks of as many control measurements."""
-
 OFF_CPU_NS = 5_000
 """A decision whose wall time exceeds its thread CPU time by this much was switched out by the OS: another
 process ran on this core (its time is left out of ``--clock cpu``, but the caches it emptied are not). Read
 from the two clocks around every decision (the wall clock is a vDSO read, no system call)."""
+
+
+def time_controls(count: int, timer: Callable[[], int], out: dict[str, list[int]]) -> None:
+    """``count`` timings of each control (and of two clock readings with nothing between them)."""
+    table = probe_table()
+    empty, control, control_memory = out["timer"], out["control"], out["control_memory"]
+    for _ in range(count):
+        t0 = timer()
+        t1 = timer()
+        fixed_work()
+        t2 = timer()
+        memory_probes(table, len(empty))
+        t3 = timer()
+        empty.append(t1 - t0)
+        control.append(t2 - t1)
+        control_memory.append(t3 - t2)
 
 
 def make_index(name: str) -> DispatchIndex:
@@ -244,7 +259,10 @@ def _dispatch_once(
                 prefix_block_hashes=prefix_block_hashes(prompt, 16),
             )
         )
-    table = probe_table()
+    # the noise floor, in the same run: half the controls before the warm-up, half after the timed decisions (run
+    # between the decisions, even in blocks, they took the decisions' data out of the CPU caches and slowed them)
+    controls: dict[str, list[int]] = {"timer": [], "control": [], "control_memory": []}
+    time_controls(ops // 2, CLOCKS[clock], controls)
     # a full collection walks every object and leaves the index out of the CPU cache: done before the warm-up,
     # not between it and the timed decisions (their first dozen were 2-3x slower)
     gc.collect()
@@ -259,13 +277,9 @@ def _dispatch_once(
     beat: list[int] = []
     total: list[int] = []
     interrupted: list[bool] = []
-    control: list[int] = []
-    control_memory: list[int] = []
-    empty: list[int] = []
     timer = CLOCKS[clock]
     wall, thread_cpu = time.perf_counter_ns, time.thread_time_ns
     by_cpu = clock == "cpu"
-    block = max(1, min(CONTROL_BLOCK, ops))
     timed = [False]
     collections = [0, 0]  # started, started while a decision was being timed
 
@@ -279,7 +293,7 @@ def _dispatch_once(
         gc.disable()
     gc.callbacks.append(on_gc)
     try:
-        for k, (demand, snapshot) in enumerate(zip(demands[warmup:], beats[warmup:], strict=True)):
+        for demand, snapshot in zip(demands[warmup:], beats[warmup:], strict=True):
             if fresh:
                 snapshot = fresh_copy(snapshot)
             timed[0] = True
@@ -300,19 +314,7 @@ def _dispatch_once(
             decide.append(t1 - t0)
             beat.append(t2 - t1)
             total.append(t2 - t0)
-            if k % block == block - 1:
-                # the controls run in blocks between the decisions' blocks: run after every decision, they
-                # took the decisions' data out of the caches and made them slower
-                for _ in range(block):
-                    t0 = timer()
-                    t1 = timer()
-                    fixed_work()
-                    t2 = timer()
-                    memory_probes(table, len(empty))
-                    t3 = timer()
-                    empty.append(t1 - t0)
-                    control.append(t2 - t1)
-                    control_memory.append(t3 - t2)
+        time_controls(ops - ops // 2, timer, controls)
         flips: list[int] = []
         if name == "round_robin":
             for k in range(min(ops, 2000)):
@@ -332,9 +334,9 @@ def _dispatch_once(
         ("total", total),
         ("drain_flip", flips),
         ("total_uninterrupted", [t for t, hit in zip(total, interrupted, strict=True) if not hit]),
-        ("control", control),
-        ("control_memory", control_memory),
-        ("timer", empty),
+        ("control", controls["control"]),
+        ("control_memory", controls["control_memory"]),
+        ("timer", controls["timer"]),
     ):
         if samples:
             out[f"{label}_p50_us"], out[f"{label}_p99_us"] = percentiles_us(samples)
