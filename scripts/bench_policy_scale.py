@@ -471,7 +471,7 @@ def main() -> None:
     )
     print(
         "   uninterr. = decisions the OS did not switch out (n = how many it did); cpu / mem control = fixed "
-        "compute / fixed cache misses timed beside each decision (the noise floor); min = each decision's fastest "
+        "compute / fixed cache misses timed in the same run (the noise floor); min = each decision's fastest "
         "of the replays"
     )
     print(
