@@ -99,7 +99,8 @@ class DispatchParams:
     inter-token gaps stretch by the whole prefill). At 1 a token of the new request's wait weighs as much as
     a token of stall on each decode, so a long prompt joins an instance that is only prefilling (or queues a
     little) rather than stalling decodes; prompts that only prefill beside each other stall nobody's tokens.
-    0 = off. docs/policies.md, "Decode stalls: prompts beside decodes"."""
+    0 = off (the default, and ``drover``'s: on Mooncake's long prompts it cost attainment). docs/policies.md,
+    "Decode stalls: prompts beside decodes"."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,7 +45,6 @@ RECOMMENDED_DISPATCH: Mapping[str, object] = {
     "queue_hold_all": True,
     "queue_backfill_scan": 4,
     "predict_prefill_blocks": True,
-    "predict_decode_stall": 1.0,
 }
 """Late binding: a request no instance can start now waits in the scheduler's queue, with one EASY-backfilling
 reservation (docs/policies.md, "Late binding"); and prefix-aware: an instance caching the prompt's prefix wins
@@ -60,9 +59,9 @@ tick tries the first 4 held ones in arrival order (``queue_backfill_scan``). Sho
 than INFaaS++'s (docs/policies.md, "One queue for the cluster"). Chunked-prefill-aware memory
 (``predict_prefill_blocks``, round 26): the blocks a running prompt's later chunks will still take count in
 an instance's demand, so a request is not queued behind a long prompt that has just started
-(docs/policies.md, "Chunked-prefill-aware memory"). Decode stalls (``predict_decode_stall``, round 27): when
-the soonest start is beside decoding requests, a prompt's wait elsewhere is weighed against the stall its
-chunks put on those decodes, token for token (docs/policies.md, "Decode stalls: prompts beside decodes")."""
+(docs/policies.md, "Chunked-prefill-aware memory"). Decode stalls (``predict_decode_stall``) stay off: they
+fix the sweep's prefill-heavy TPOT flags but cost Mooncake's attainment (docs/policies.md, "Decode stalls:
+prompts beside decodes")."""
 
 RECOMMENDED_MIGRATION: Mapping[str, object] = {
     "migration_cost_aware": True,

@@ -1,7 +1,7 @@
-"""Decode stalls (``predict_decode_stall``, on in ``drover``): when the soonest start is beside decoding requests,
-a prompt's extra wait elsewhere is weighed against the stall its chunks put on those decodes, token for token.
-A long prompt then joins an instance that is only prefilling; a short one still starts beside the decodes
-(docs/policies.md, "Decode stalls: prompts beside decodes")."""
+"""Decode stalls (``predict_decode_stall``, opt-in; ``drover``'s other rules on): when the soonest start is
+beside decoding requests, a prompt's extra wait elsewhere is weighed against the stall its chunks put on those
+decodes, token for token. A long prompt then joins an instance that is only prefilling; a short one still
+starts beside the decodes (docs/policies.md, "Decode stalls: prompts beside decodes")."""
 
 from __future__ import annotations
 
@@ -31,10 +31,8 @@ def snap(iid: str, running: tuple[RunningSnapshot, ...]) -> InstanceSnapshot:
     )
 
 
-def choose(stall: float | None, prompt_tokens: int) -> str | None:
-    params = user_policy_params("drover").dispatch_params()
-    if stall is not None:
-        params = dataclasses.replace(params, predict_decode_stall=stall)
+def choose(stall: float, prompt_tokens: int) -> str | None:
+    params = dataclasses.replace(user_policy_params("drover").dispatch_params(), predict_decode_stall=stall)
     index = make_dispatch_policy("predictive", params)
     assert isinstance(index, PredictiveIndex)
     # "dec": one request decoding -> 16 tokens ahead (the decode weight); "pre": one 3,072-token prompt with
@@ -46,18 +44,18 @@ def choose(stall: float | None, prompt_tokens: int) -> str | None:
 
 def test_a_long_prompt_joins_the_prefilling_instance_rather_than_stall_a_decode() -> None:
     assert choose(0.0, 3072) == "dec"  # without the rule: the least work ahead
-    # drover: dec = 16 + 3,072 x 1 decode = 3,088 against pre = 1,040 (its wait), so the decode is spared
-    assert choose(None, 3072) == "pre"
+    # on: dec = 16 + 3,072 x 1 decode = 3,088 against pre = 1,040 (its wait), so the decode is spared
+    assert choose(1.0, 3072) == "pre"
 
 
 def test_a_short_prompt_still_starts_beside_the_decode() -> None:
     # 256 tokens: dec = 16 + 256 = 272 < pre = 1,040 (a short prefill stalls a decode less than it would wait)
-    assert choose(None, 256) == "dec"
+    assert choose(1.0, 256) == "dec"
 
 
-def test_on_in_drover_off_by_default_and_never_negative() -> None:
+def test_off_by_default_and_in_drover_and_never_negative() -> None:
     assert PolicyParams().predict_decode_stall == 0.0
-    assert user_policy_params("least_loaded").predict_decode_stall == 0.0
-    assert user_policy_params("drover").dispatch_params().predict_decode_stall == 1.0
+    assert user_policy_params("drover").predict_decode_stall == 0.0  # it cost Mooncake's attainment
+    assert PolicyParams(predict_decode_stall=1.0).dispatch_params().predict_decode_stall == 1.0
     with pytest.raises(ValueError, match="predict_decode_stall"):
         PolicyParams().with_updates(predict_decode_stall="-1")  # as `drover policy set` sends it

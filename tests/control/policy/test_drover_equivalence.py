@@ -275,7 +275,7 @@ def _feed(indexes: tuple[PrefixIndex, ...], seq: int, rng: random.Random, iid: s
         (3, True, False, None),
         (4, False, False, None),
         (5, True, True, None),
-        (6, True, False, 0.0),
+        (6, True, False, 1.0),
         (7, True, False, 0.25),
     ],
 )
@@ -289,7 +289,7 @@ def test_drover_dispatch_decides_as_a_full_scan(
     params = dataclasses.replace(params, predict_prefill_blocks=prefill_blocks)
     if physical:  # the hold test on physical room (opt-in, predict_hold_physical)
         params = dataclasses.replace(params, predict_hold_physical=True)
-    if stall is not None:  # drover's decode-stall weight changed: off, and a weight where ties are rare
+    if stall is not None:  # the decode-stall rule (opt-in): at weight 1, and at a weight where ties are rare
         params = dataclasses.replace(params, predict_decode_stall=stall)
     assert params.predict_hold and params.predict_prefix
     index = make_dispatch_policy("predictive", params)
