@@ -44,6 +44,7 @@ from control.core.admission import max_prompt_tokens
 from control.core.dispatch import Dispatcher, Place, Waiting
 from control.core.migration import MigrationStages, StageStep
 from control.core.record import DecisionLog
+from control.core.requests import takes_no_dispatch
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy
 from control.policy.migration import InFlightMigration, MigrationDecision, MigrationPlanner
 from control.policy.params import PolicyParams
@@ -122,6 +123,12 @@ class SimInstance:
     ready_at: float = 0.0
     stopped_at: float = -1.0
     block_watch: int = 0  # the live entry of the simulator's block-change heap (older entries are stale)
+
+    @property
+    def takes_no_dispatch(self) -> bool:
+        """The control core's rule, the one the live registry asks (``control.core.requests.takes_no_dispatch``):
+        its snapshot's ``draining``, and no fair-queue room."""
+        return takes_no_dispatch(serving=self.state == "active", draining=self.draining)
 
 
 @dataclass(slots=True, eq=False)
@@ -439,7 +446,7 @@ class ClusterSimulator(ClasslessFleet):
         return [
             (instances[i].instance_id, snapshots[i].num_waiting if snapshots else len(instances[i].core.waiting))
             for i in self._live
-            if not instances[i].draining
+            if not instances[i].takes_no_dispatch
         ]
 
     def _class_of(self, request: SimRequest) -> str:
@@ -537,7 +544,7 @@ class ClusterSimulator(ClasslessFleet):
             if (
                 inst.snapshot_core_version != core.version
                 or previous.num_preempted
-                or previous.draining != inst.draining
+                or previous.draining != inst.takes_no_dispatch
             ):
                 if not exact:
                     core.advance_to(self.now)
@@ -568,7 +575,7 @@ class ClusterSimulator(ClasslessFleet):
             inst.instance_id,
             core,
             model=self.config.model,
-            draining=inst.draining,
+            draining=inst.takes_no_dispatch,
             num_preempted=preempted,
             running=self._movable(inst),
         )
