@@ -4,10 +4,13 @@ every place that picks an instance, in the live shell and in the simulator.
 Before, the rule was written in the registry's snapshots (draining, drain asked, not serving, held by a
 KunServe group), again in the class-aware loads (without the KunServe hold, patched in afterwards), and in
 parts elsewhere: the fair queue's room counted every ``serving`` instance, and ``drover migrate`` without a
-destination excluded only a drain an operator asked. The last two fail on the code before the rule was one.
+destination excluded only a drain an operator asked, and the memory simulator dispatched to a unit whose group
+forms or restores (live blocks its leader). Those three fail on the code before the rule was one.
 """
 
 from __future__ import annotations
+
+from typing import cast
 
 import pytest
 
@@ -17,13 +20,15 @@ from actors.scheduler_instances import InstanceRegistry
 from actors.scheduler_migration import SchedulerMigrations
 from control.core.dispatch import Dispatcher
 from control.core.pd import PdCore
+from control.core.record import DecisionLog
 from control.core.requests import InstanceRecord, takes_no_dispatch
 from control.policy.dispatch import make_dispatch_policy
 from control.policy.params import PolicyParams
 from control.policy.pd import PdParams
-from control.policy.snapshots import RequestDemand
+from control.policy.snapshots import InstanceSnapshot, RequestDemand
 from control.settings import load_settings
 from control.simulator import ClusterConfig, ClusterSimulator
+from control.simulator.memory import MemorySimulator, MemSimConfig
 from transport.messages import EngineInfo, InstanceLoad
 
 SETTINGS = load_settings(overrides={"autoscaler": {"class_dispatch": True}})
@@ -102,3 +107,21 @@ def test_the_simulator_reads_the_same_rule() -> None:
     assert [i for i, _ in sim.serving_waiting()] == [first.instance_id]
     assert sim._snapshot(second).draining and not sim._snapshot(first).draining
     assert second.takes_no_dispatch == takes_no_dispatch(serving=False)  # "draining" is not "active"
+
+
+@pytest.mark.parametrize("changing", ["hold", "reloading"])
+def test_the_memory_simulator_closes_a_unit_that_changes_layout(changing: str) -> None:
+    """A unit forming a group (``hold``) or restoring one (``reloading``) takes no new request, as live the
+    MemoryManager blocks a group's leader while the group forms or restores (``blocks_dispatch``); the
+    dispatch index reads it as draining. Before: the memory simulator kept dispatching to it."""
+    log = DecisionLog()
+    sim = MemorySimulator(MemSimConfig(mode="kunserve", num_instances=2), [], decision_log=log)
+    first, second = sim.units.values()
+    setattr(first, changing, True)
+    sim._show_units()
+    shown = {d.key: cast(InstanceSnapshot, d.inputs[0]) for d in log.entries() if d.what == "upsert"}
+    assert shown[sim._view_id(first)].draining and not shown[sim._view_id(second)].draining
+    setattr(first, changing, False)
+    sim._show_units()
+    shown = {d.key: cast(InstanceSnapshot, d.inputs[0]) for d in log.entries() if d.what == "upsert"}
+    assert not shown[sim._view_id(first)].draining  # open again once its layout is done
