@@ -103,10 +103,12 @@ def test_the_simulator_reads_the_same_rule() -> None:
     sim = ClusterSimulator(ClusterConfig(num_instances=2), [])
     first, second = sim.instances
     sim.start_drain(second)
-    assert [first.takes_no_dispatch, second.takes_no_dispatch] == [False, True]
+    assert [first.draining, second.draining] == [False, True]
     assert [i for i, _ in sim.serving_waiting()] == [first.instance_id]
     assert sim._snapshot(second).draining and not sim._snapshot(first).draining
-    assert second.takes_no_dispatch == takes_no_dispatch(serving=False)  # "draining" is not "active"
+    for state in ("starting", "active", "draining", "stopped"):
+        first.set_state(state)
+        assert first.draining == takes_no_dispatch(serving=state == "active", draining=state == "draining")
 
 
 @pytest.mark.parametrize("changing", ["hold", "reloading"])
