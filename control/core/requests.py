@@ -100,7 +100,8 @@ def takes_no_dispatch(
     *, serving: bool, draining: bool = False, drain_requested: bool = False, blocked: bool = False
 ) -> bool:
     """The one rule for which instance takes no new request: no dispatch, no batch release, no fair-queue room,
-    no migration or prefill/decode handoff to it (its snapshot says ``draining``). Both shells call it, each
+    no migration or prefill/decode handoff to it (its snapshot says ``draining``), and ``drover migrate`` without
+    a destination does not pick it (one an operator names is theirs to choose). Both shells call it, each
     with its own words for the inputs:
 
     * ``serving``: it is in service. Live: its record's state is ``serving`` (not ``restored`` from the state
@@ -108,7 +109,8 @@ def takes_no_dispatch(
     * ``draining``: the engine says it drains (live), or the shell drains it for scale-in (simulated).
     * ``drain_requested``: an operator or the autoscaler's scale-in asked (``drover drain``; live only).
     * ``blocked``: held for another reason than its own report: a KunServe group's member, or its leader while
-      the group forms or restores (the MemoryManager's ``blocks_dispatch``).
+      the group forms or restores (live: the MemoryManager's ``blocks_dispatch``; the memory simulator: its
+      unit forms or restores a group).
 
     A dead instance has left the registry (and a stopped simulated one the simulator) before this is asked."""
     return not serving or draining or drain_requested or blocked
