@@ -817,6 +817,8 @@ def ablation_variants() -> dict[str, PolicyParams]:
         "drover + interference 1/32": dataclasses.replace(drover, predict_interference=1 / 32),
         # the hold test on physical room only, the growth reserve kept in the load key (issue 17, sweep)
         "drover + physical hold": dataclasses.replace(drover, predict_hold_physical=True),
+        # a prompt's stall on the decodes where it starts, weighed against its wait (issue 17, sweep): opt-in
+        "drover + decode stall": dataclasses.replace(drover, predict_decode_stall=1.0),
         "drover": drover,
     }
 
