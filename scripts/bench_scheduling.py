@@ -817,6 +817,9 @@ def ablation_variants() -> dict[str, PolicyParams]:
         "drover + interference 1/32": dataclasses.replace(drover, predict_interference=1 / 32),
         # the hold test on physical room only, the growth reserve kept in the load key (issue 17, sweep)
         "drover + physical hold": dataclasses.replace(drover, predict_hold_physical=True),
+        # the hold test's growth reserve per hosted request, 1 or 2 blocks instead of 4 (issue 17, sweep)
+        "drover + hold reserve 1": dataclasses.replace(drover, predict_hold_growth_blocks=1),
+        "drover + hold reserve 2": dataclasses.replace(drover, predict_hold_growth_blocks=2),
         "drover": drover,
     }
 

@@ -92,6 +92,9 @@ class DispatchParams:
     reserve stays in the memory-load key, so placement still avoids instances about to grow. The reserve in
     the hold test predicts a shortage vLLM's admission (and preemption) settles anyway, and held a
     decode-heavy workload's requests while every instance had room (docs/policies.md, "Physical-room hold")."""
+    predict_hold_growth_blocks: int = -1
+    """``predictive`` dispatch with ``predict_hold``: the growth reserve per hosted request that the hold test
+    counts (-1: ``predict_growth_blocks``); the load key keeps the full reserve."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +122,7 @@ class PolicyParams:
     predict_prefill_blocks: bool = False
     predict_interference: float = 0.0
     predict_hold_physical: bool = False
+    predict_hold_growth_blocks: int = -1
 
     migration_enabled: bool = True
     migrate_threshold: float = 3.0
@@ -196,6 +200,7 @@ always empties."""
             predict_prefill_blocks=self.predict_prefill_blocks,
             predict_interference=self.predict_interference,
             predict_hold_physical=self.predict_hold_physical,
+            predict_hold_growth_blocks=self.predict_hold_growth_blocks,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -251,6 +256,8 @@ always empties."""
             raise ValueError("queue_starvation_s must be >= 0 (0 = off)")
         if self.queue_backfill_scan < 1:
             raise ValueError("queue_backfill_scan must be >= 1")
+        if self.predict_hold_growth_blocks < -1:
+            raise ValueError("predict_hold_growth_blocks must be >= 0, or -1 (predict_growth_blocks)")
         if self.predict_interference < 0:
             raise ValueError("predict_interference must be >= 0 (0 = off)")
         if self.migration_period_s <= 0:
