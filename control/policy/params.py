@@ -94,7 +94,11 @@ class DispatchParams:
     decode-heavy workload's requests while every instance had room (docs/policies.md, "Physical-room hold")."""
     predict_hold_growth_blocks: int = -1
     """``predictive`` dispatch with ``predict_hold``: the growth reserve per hosted request that the hold test
-    counts (-1: ``predict_growth_blocks``); the load key keeps the full reserve."""
+    counts: the instance's room, the new request's own need and a prefix holder's room check (-1:
+    ``predict_growth_blocks``; 0 is ``predict_hold_physical``). The load key keeps the full reserve. A dial
+    between decode-heavy work's TTFT (fewer holds) and long prompts' clean decodes (fewer preemptions): 1 fixed
+    a short-prompt, long-output point's p99 TTFT but raised Azure's preemptions 37 to 237, so ``drover``
+    keeps -1 (docs/policies.md, "Why the hold persists")."""
 
 
 @dataclass(frozen=True, slots=True)
