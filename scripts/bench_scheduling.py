@@ -819,6 +819,9 @@ def ablation_variants() -> dict[str, PolicyParams]:
         "drover + physical hold": dataclasses.replace(drover, predict_hold_physical=True),
         # a prompt's stall on the decodes where it starts, weighed against its wait (issue 17, sweep): opt-in
         "drover + decode stall": dataclasses.replace(drover, predict_decode_stall=1.0),
+        # the hold test's growth reserve per hosted request, 1 or 2 blocks instead of 4 (issue 17, sweep)
+        "drover + hold reserve 1": dataclasses.replace(drover, predict_hold_growth_blocks=1),
+        "drover + hold reserve 2": dataclasses.replace(drover, predict_hold_growth_blocks=2),
         "drover": drover,
     }
 

@@ -651,10 +651,11 @@ class PredictiveIndex(_IndexBase):
         extra_blocks = entry.extra_blocks
         reserve = params.predict_growth_blocks * (hosted + entry.extra_waiting)
         demand = used_queued + extra_blocks + reserve
-        # list 1: the blocks a new request could take now (free, less queued, less the growth reserve unless
-        # ``predict_hold_physical``: then the reserve weighs only in the load key below)
+        # list 1: the blocks a new request could take now (free, less queued, less the hold's growth reserve:
+        # ``predict_hold_growth_blocks`` per hosted request, 0 with ``predict_hold_physical``; the full reserve
+        # weighs in the load key below)
         if params.predict_hold:
-            room = -float(total - (used_queued + extra_blocks if params.predict_hold_physical else demand))
+            room = -float(total - (used_queued + extra_blocks + self._hold_growth * (hosted + entry.extra_waiting)))
         else:
             room = None
         load = demand / total
@@ -665,6 +666,8 @@ class PredictiveIndex(_IndexBase):
         return ((0.0, float(ahead), load), room)
 
     def __init__(self, params: DispatchParams) -> None:
+        # the hold test's growth reserve per hosted request (the params are fixed for the index's life)
+        self._hold_growth = _hold_growth(params)
         super().__init__(params)
         # late binding: per model pool, the held request that reserved an instance, the instance, and how
         # many other decisions have passed since that request was last asked about
@@ -755,7 +758,7 @@ class PredictiveIndex(_IndexBase):
         extra_waiting = entry.extra_waiting
         demand = used_queued + extra_blocks + params.predict_growth_blocks * (hosted + extra_waiting)
         if params.predict_hold:
-            room = -float(total - (used_queued + extra_blocks if params.predict_hold_physical else demand))
+            room = -float(total - (used_queued + extra_blocks + self._hold_growth * (hosted + extra_waiting)))
         else:
             room = None
         load = demand / total
@@ -904,7 +907,7 @@ class PredictiveIndex(_IndexBase):
         reserved = reservation[1] if reservation is not None and reservation[0] != demand.request_id else None
         prompt = demand.num_prompt_tokens
         blocks = demand.num_blocks
-        growth = 0 if self.params.predict_hold_physical else self.params.predict_growth_blocks
+        growth = self._hold_growth
         best: tuple[float, str, int] | None = None
         entries = self._entries
         top = self._top(pool[0])
@@ -962,9 +965,7 @@ class PredictiveIndex(_IndexBase):
                     reservation = None
                 else:
                     reserved = reservation[1]
-        need = demand.num_blocks
-        if not self.params.predict_hold_physical:
-            need += self.params.predict_growth_blocks
+        need = demand.num_blocks + self._hold_growth
         # The best live item of a heap is its top once stale tops are popped (``_top``, cheap): the walk over
         # the best few (``_peek``) is paid only when the top is ruled out (reserved, or no room).
         if self.params.predict_interference > 0:
@@ -1039,6 +1040,15 @@ class PredictiveIndex(_IndexBase):
             if best is None or score < best[0]:
                 best = (score, iid)
         return None if best is None else best[1]
+
+
+def _hold_growth(params: DispatchParams) -> int:
+    """Late binding's growth reserve per hosted request in the hold test (does the prompt fit now?):
+    ``predict_hold_growth_blocks``, ``predict_growth_blocks`` when that is -1, 0 with ``predict_hold_physical``."""
+    if params.predict_hold_physical:
+        return 0
+    hold = params.predict_hold_growth_blocks
+    return params.predict_growth_blocks if hold < 0 else hold
 
 
 def _idle(entry: _Entry) -> bool:

@@ -101,6 +101,13 @@ class DispatchParams:
     little) rather than stalling decodes; prompts that only prefill beside each other stall nobody's tokens.
     0 = off (the default, and ``drover``'s: on Mooncake's long prompts it cost attainment). docs/policies.md,
     "Decode stalls: prompts beside decodes"."""
+    predict_hold_growth_blocks: int = -1
+    """``predictive`` dispatch with ``predict_hold``: the growth reserve per hosted request that the hold test
+    counts: the instance's room, the new request's own need and a prefix holder's room check (-1:
+    ``predict_growth_blocks``; 0 is ``predict_hold_physical``). The load key keeps the full reserve. A dial
+    between decode-heavy work's TTFT (fewer holds) and long prompts' clean decodes (fewer preemptions): 1 fixed
+    a short-prompt, long-output point's p99 TTFT but raised Azure's preemptions 37 to 237, so ``drover``
+    keeps -1 (docs/policies.md, "Why the hold persists")."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +136,7 @@ class PolicyParams:
     predict_interference: float = 0.0
     predict_hold_physical: bool = False
     predict_decode_stall: float = 0.0
+    predict_hold_growth_blocks: int = -1
 
     migration_enabled: bool = True
     migrate_threshold: float = 3.0
@@ -207,6 +215,7 @@ always empties."""
             predict_interference=self.predict_interference,
             predict_hold_physical=self.predict_hold_physical,
             predict_decode_stall=self.predict_decode_stall,
+            predict_hold_growth_blocks=self.predict_hold_growth_blocks,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -262,6 +271,8 @@ always empties."""
             raise ValueError("queue_starvation_s must be >= 0 (0 = off)")
         if self.queue_backfill_scan < 1:
             raise ValueError("queue_backfill_scan must be >= 1")
+        if self.predict_hold_growth_blocks < -1:
+            raise ValueError("predict_hold_growth_blocks must be >= 0, or -1 (predict_growth_blocks)")
         if self.predict_interference < 0:
             raise ValueError("predict_interference must be >= 0 (0 = off)")
         if self.predict_decode_stall < 0:
