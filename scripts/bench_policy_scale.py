@@ -47,6 +47,7 @@ two readings).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import gc
 import json
@@ -116,23 +117,8 @@ def fresh_copy(snapshot: InstanceSnapshot) -> InstanceSnapshot:
     (actors/scheduler_instances.py): the upsert reads objects that are in the CPU cache, not ones built at
     start-up, and it drops the index's last reference to the instance's previous snapshot, which is freed there
     (its running requests' objects, long out of the CPU cache). Building it is not timed."""
-    return InstanceSnapshot(
-        instance_id=snapshot.instance_id,
-        num_total_blocks=snapshot.num_total_blocks,
-        num_free_blocks=snapshot.num_free_blocks,
-        num_running=snapshot.num_running,
-        num_waiting=snapshot.num_waiting,
-        waiting_blocks=snapshot.waiting_blocks,
-        head_waiting_blocks=snapshot.head_waiting_blocks,
-        num_preempted=snapshot.num_preempted,
-        draining=snapshot.draining,
-        model=snapshot.model,
-        block_size=snapshot.block_size,
-        running=tuple(
-            RunningSnapshot(r.request_id, r.num_tokens, r.num_blocks, r.priority, r.decoding) for r in snapshot.running
-        ),
-        high_priority_count=snapshot.high_priority_count,
-    )
+    running = tuple(dataclasses.replace(r) for r in snapshot.running)  # new objects, as decoded
+    return dataclasses.replace(snapshot, running=running)
 
 
 def fixed_work() -> int:
