@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -54,6 +55,7 @@ from control.simulator.cluster import ClusterSimulator
 from control.simulator.prefix import PrefixTrace
 from control.simulator.presets import get_preset
 from control.simulator.runner import ObservedCluster, ObservedPrefixCluster, weighted_percentile
+from control.simulator.step_budget import with_slo_step_budget
 from control.simulator.traces import AZURE_CONV, MOONCAKE_SYNTHETIC
 from control.simulator.workload import RequestSpec, describe
 from engines.sim.core import SimEngineConfig
@@ -520,8 +522,14 @@ class Setting:
     def config(self, policy: PolicyParams) -> ClusterConfig:
         if self.preset is not None:
             config = get_preset(self.preset).cluster_config(self.instances, policy)
-            return dataclasses.replace(config, engine=self.engine, cost_model=self.cost)
-        return ClusterConfig(num_instances=self.instances, engine=self.engine, cost_model=self.cost, policy=policy)
+            config = dataclasses.replace(config, engine=self.engine, cost_model=self.cost)
+        else:
+            config = ClusterConfig(
+                num_instances=self.instances, engine=self.engine, cost_model=self.cost, policy=policy
+            )
+        if policy.step_budget_slo_share > 0:  # SLO-sized step budget: the setting's TPOT SLO, as the rule fixes it
+            config = with_slo_step_budget(config, cached_slo(self)[1])
+        return config
 
 
 GRID = ("a10 poisson", "a10 gamma4", "a10 azure", "h200 mooncake")
@@ -621,6 +629,12 @@ def slo_for(setting: Setting) -> tuple[float, float]:
     median_ttft, median_tpot = run_alone(setting, prompt, output)
     p99_ttft, _ = run_alone(setting, p99_prompt, 2)
     return max(SLO_TTFT_FACTOR * median_ttft, 2.0 * p99_ttft), SLO_TPOT_FACTOR * median_tpot
+
+
+@functools.cache
+def cached_slo(setting: Setting) -> tuple[float, float]:
+    """:func:`slo_for`, computed once per setting (policies that read the SLO ask for it at every run)."""
+    return slo_for(setting)
 
 
 def attainment(result: SimulationResult, slo_ttft: float, slo_tpot: float) -> float:
@@ -817,6 +831,9 @@ def ablation_variants() -> dict[str, PolicyParams]:
         "drover + interference 1/32": dataclasses.replace(drover, predict_interference=1 / 32),
         # the hold test on physical room only, the growth reserve kept in the load key (issue 17, sweep)
         "drover + physical hold": dataclasses.replace(drover, predict_hold_physical=True),
+        # SLO-sized step budget (issue 17, qwen azure): off, as drover was before; and the baseline with it
+        "drover, no step budget": dataclasses.replace(drover, step_budget_slo_share=0.0),
+        "least_loaded + step budget": dataclasses.replace(named_policy("least_loaded"), step_budget_slo_share=0.5),
         "drover": drover,
     }
 

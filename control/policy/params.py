@@ -119,6 +119,12 @@ class PolicyParams:
     predict_prefill_blocks: bool = False
     predict_interference: float = 0.0
     predict_hold_physical: bool = False
+    step_budget_slo_share: float = 0.0
+    """SLO-sized step budget (local control, read when an instance starts): each instance's per-step token
+    budget (vLLM's ``max_num_batched_tokens``) is the largest whose step of prompt tokens alone takes at most
+    this share of the TPOT SLO, by the instance's step-latency profile, never above the engine's configured
+    budget (:func:`control.policy.step_budget.slo_step_token_budget`). 0 = off (the engine's own budget).
+    docs/policies.md, "SLO-sized step budget"."""
 
     migration_enabled: bool = True
     migrate_threshold: float = 3.0
@@ -253,6 +259,8 @@ always empties."""
             raise ValueError("queue_backfill_scan must be >= 1")
         if self.predict_interference < 0:
             raise ValueError("predict_interference must be >= 0 (0 = off)")
+        if not 0 <= self.step_budget_slo_share <= 1:
+            raise ValueError("step_budget_slo_share must be in [0, 1] (0 = off)")
         if self.migration_period_s <= 0:
             raise ValueError("migration_period_s must be > 0")
 

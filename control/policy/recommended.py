@@ -73,6 +73,11 @@ RECOMMENDED_MIGRATION: Mapping[str, object] = {
 cost"); other policies keep Llumnix's defaults. Load migration (``migration_sources`` freeness or pressure)
 measured a net loss under vLLM-v1 admission, so ``drover`` migrates only off draining instances."""
 
+RECOMMENDED_LOCAL: Mapping[str, object] = {"step_budget_slo_share": 0.5}
+"""Local control ``drover`` adds (issue 17, qwen Azure): each instance's per-step token budget is sized from
+the TPOT SLO so a step of prompt tokens takes at most half of it, the rest left to the decodes beside it
+(docs/policies.md, "SLO-sized step budget")."""
+
 POLICY_CHOICES: tuple[str, ...] = (*USER_POLICIES, "drover", *ALIASES)
 
 
@@ -99,5 +104,5 @@ def user_policy_params(name: str, base: PolicyParams | None = None) -> PolicyPar
         )
     params = dataclasses.replace(base or PolicyParams(), dispatch_policy=dispatch, migration_enabled=migration)
     if key == "drover":
-        params = params.with_updates(**RECOMMENDED_DISPATCH, **RECOMMENDED_MIGRATION)
+        params = params.with_updates(**RECOMMENDED_DISPATCH, **RECOMMENDED_MIGRATION, **RECOMMENDED_LOCAL)
     return params
