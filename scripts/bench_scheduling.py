@@ -832,7 +832,7 @@ def ablation_variants() -> dict[str, PolicyParams]:
         # the hold test on physical room only, the growth reserve kept in the load key (issue 17, sweep)
         "drover + physical hold": dataclasses.replace(drover, predict_hold_physical=True),
         # SLO-sized step budget (issue 17, qwen azure): off, as drover was before; and the baseline with it
-        "drover, no step budget": dataclasses.replace(drover, step_budget_slo_share=0.0),
+        "drover - step budget": dataclasses.replace(drover, step_budget_slo_share=0.0),
         "least_loaded + step budget": dataclasses.replace(named_policy("least_loaded"), step_budget_slo_share=0.5),
         "drover": drover,
     }
