@@ -8,12 +8,6 @@ import dataclasses
 
 from control.policy.step_budget import slo_step_token_budget
 from control.simulator.cluster import ClusterConfig
-from engines.sim.cost_model import CostModel
-
-
-def prompt_step_ms(cost: CostModel, tokens: int) -> float:
-    """A step of ``tokens`` prompt tokens alone (a first chunk: it attends to itself only), by ``cost``."""
-    return cost.step_ms(tokens, 0, 0, tokens * (tokens + 1) / 2)
 
 
 def with_slo_step_budget(cluster: ClusterConfig, slo_tpot_s: float) -> ClusterConfig:
@@ -24,7 +18,7 @@ def with_slo_step_budget(cluster: ClusterConfig, slo_tpot_s: float) -> ClusterCo
         return cluster
     engine = cluster.engine
     budget = slo_step_token_budget(
-        lambda tokens: prompt_step_ms(cluster.cost_model, tokens),
+        cluster.cost_model.prompt_step_ms,
         slo_tpot_s,
         share=share,
         ceiling=engine.max_num_batched_tokens,
@@ -33,4 +27,4 @@ def with_slo_step_budget(cluster: ClusterConfig, slo_tpot_s: float) -> ClusterCo
     return dataclasses.replace(cluster, engine=dataclasses.replace(engine, max_num_batched_tokens=budget))
 
 
-__all__ = ["prompt_step_ms", "with_slo_step_budget"]
+__all__ = ["with_slo_step_budget"]

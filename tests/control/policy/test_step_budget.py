@@ -14,7 +14,7 @@ from control.policy.recommended import user_policy_params
 from control.policy.step_budget import slo_step_token_budget
 from control.simulator.presets import get_preset
 from control.simulator.runner import RunOptions, run_policy
-from control.simulator.step_budget import prompt_step_ms, with_slo_step_budget
+from control.simulator.step_budget import with_slo_step_budget
 from control.simulator.workload import RequestSpec
 
 
@@ -44,7 +44,8 @@ def test_drover_sizes_the_budget_from_the_slo_and_the_baseline_keeps_vllms() -> 
     assert baseline.engine.max_num_batched_tokens == 2048
     assert budget < 2048 and budget % drover.engine.block_size == 0
     share = drover.policy.step_budget_slo_share
-    assert prompt_step_ms(drover.cost_model, budget) <= share * 170 < prompt_step_ms(drover.cost_model, budget + 16)
+    cost = drover.cost_model
+    assert cost.prompt_step_ms(budget) <= share * 170 < cost.prompt_step_ms(budget + 16)
     # a loose SLO leaves vLLM's budget alone
     assert with_slo_step_budget(drover, 10.0).engine.max_num_batched_tokens == budget
 
