@@ -63,8 +63,27 @@ def test_decodes_beside_a_long_prompt_keep_their_gaps_under_the_slo() -> None:
     assert rows["drover"]["itl_p99_ms"] < 170.0
 
 
-def test_without_the_rule_drover_stalls_its_decodes_too() -> None:
-    """The same cluster with the rule switched off: the budget is vLLM's and the chunk steps exceed the SLO."""
+def test_with_the_share_at_zero_the_engine_keeps_vllms_budget() -> None:
     preset = get_preset("qwen2.5-7b-a10")
     off = dataclasses.replace(user_policy_params("drover"), step_budget_slo_share=0.0)
     assert with_slo_step_budget(preset.cluster_config(1, off), 0.170).engine.max_num_batched_tokens == 2048
+
+
+def test_the_live_engine_host_starts_its_engine_with_the_slo_sized_budget() -> None:
+    """The live shell follows the same rule at start-up: the engine is built with the budget (vLLM takes it as
+    ``max_num_batched_tokens``; it cannot change while running)."""
+    from actors.engine_host import build_engine, step_token_budget
+    from control.settings import Settings
+    from engines.sim.cost_model import DEFAULT_COST_MODEL
+
+    base = Settings()
+    on = base.model_copy(
+        update={"engine": base.engine.model_copy(update={"kind": "sim", "step_budget_slo_share": 0.5})}
+    )
+    off = base.model_copy(update={"engine": base.engine.model_copy(update={"kind": "sim"})})
+    budget = step_token_budget(on)
+    assert step_token_budget(off) == base.engine.max_num_batched_tokens == 2048
+    assert budget < 2048
+    assert DEFAULT_COST_MODEL.prompt_step_ms(budget) <= 0.5 * base.autoscaling.slo.itl_s * 1000
+    engine, _ = build_engine(on, "budget-0")
+    assert engine.config.max_num_batched_tokens == budget  # type: ignore[attr-defined]
