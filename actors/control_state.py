@@ -158,7 +158,8 @@ class ControlState:
     ) -> tuple[list[RequestRecord], list[StoredInstance], list[StoredMigration]]:
         if self.writer is None:
             return [], [], []
-        values = scheduler.bus.run(read_all(self.writer.kv)).result(timeout=self.load_timeout_s)
+        reading = read_all(scheduler.bus.nc, scheduler.settings.ha.state_bucket)
+        values = scheduler.bus.run(reading).result(timeout=self.load_timeout_s)
         self.phases = {}
         requests: list[RequestRecord] = []
         instances: list[StoredInstance] = []

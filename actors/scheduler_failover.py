@@ -159,6 +159,7 @@ class Failovers:
         request table and the state store.
 
         Thread: the scheduler actor's thread."""
+        log.warning("request %s failed: %s", record.request_id, why)  # the operator's only sign of it
         self.ends.forget(record.request_id)
         self.replies.error(
             owner_of(record.submit.reply_to),

@@ -831,6 +831,8 @@ def ablation_variants() -> dict[str, PolicyParams]:
         "drover + interference 1/32": dataclasses.replace(drover, predict_interference=1 / 32),
         # the hold test on physical room only, the growth reserve kept in the load key (issue 17, sweep)
         "drover + physical hold": dataclasses.replace(drover, predict_hold_physical=True),
+        # a prompt's stall on the decodes where it starts, weighed against its wait (issue 17, sweep): opt-in
+        "drover + decode stall": dataclasses.replace(drover, predict_decode_stall=1.0),
         # SLO-sized step budget (issue 17, qwen azure): off, as drover was before; and the baseline with it
         "drover - step budget": dataclasses.replace(drover, step_budget_slo_share=0.0),
         "least_loaded + step budget": dataclasses.replace(named_policy("least_loaded"), step_budget_slo_share=0.5),

@@ -23,6 +23,8 @@ from nats.aio.client import Client as NatsClient
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
+from transport.js_read import read_stored
+
 log = logging.getLogger(__name__)
 
 _PLAIN_KEY = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
@@ -61,22 +63,20 @@ async def open_bucket(
         return await js.key_value(name)
 
 
-async def read_all(kv: KeyValue, *, idle_s: float = 2.0) -> dict[str, bytes]:
-    """Every live key and its value (deleted keys left out)."""
-    watcher = await kv.watchall(ignore_deletes=True)
+KV_OPERATION_HEADERS = ("KV-Operation", "Nats-Marker-Reason")
+"""Headers that mark a KV message as a delete, a purge or an expiry rather than a value."""
+
+
+async def read_all(nc: NatsClient, bucket: str) -> dict[str, bytes]:
+    """Every live key of ``bucket`` and its value when the read began (deleted keys left out). Read with a
+    counted, deleted-after consumer (``transport/js_read.py``): a KV watch's end marker can arrive before the
+    values, which read a full bucket as empty."""
+    prefix = f"$KV.{bucket}."  # the JetStream KV convention: stream KV_<bucket>, one subject per key
     values: dict[str, bytes] = {}
-    try:
-        while True:
-            try:
-                entry = await watcher.updates(timeout=idle_s)
-            except TimeoutError:  # nats' TimeoutError is one too
-                break
-            if entry is None:  # the marker after the initial values
-                break
-            if entry.value is not None and entry.operation is None:
-                values[entry.key] = entry.value
-    finally:
-        await watcher.stop()
+    for msg in await read_stored(nc, f"KV_{bucket}", f"{prefix}>", last_per_subject=True):
+        if msg.headers and any(header in msg.headers for header in KV_OPERATION_HEADERS):
+            continue
+        values[msg.subject[len(prefix) :]] = msg.data
     return values
 
 

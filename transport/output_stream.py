@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 
 from nats.aio.client import Client as NatsClient
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
 from transport import subjects
+from transport.js_read import read_stored
 from transport.messages import ProtocolError, RequestDone, TokenChunk, decode
 
 log = logging.getLogger(__name__)
@@ -45,25 +45,10 @@ async def ensure_output_stream(nc: NatsClient, *, max_age_s: float, max_bytes: i
         return False
 
 
-async def read_subject(nc: NatsClient, subject: str, *, batch: int = 512, idle_s: float = 0.25) -> list[bytes]:
-    """Every stored message on ``subject`` (oldest first)."""
-    js = nc.jetstream(timeout=5)
-    sub = await js.pull_subscribe(subject, stream=subjects.OUTPUT_STREAM)
-    data: list[bytes] = []
-    try:
-        while True:
-            try:
-                msgs = await sub.fetch(batch=batch, timeout=idle_s)
-            except (TimeoutError, NatsTimeoutError):
-                break
-            for msg in msgs:
-                data.append(msg.data)
-                await msg.ack()
-            if len(msgs) < batch:
-                break
-    finally:
-        await sub.unsubscribe()
-    return data
+async def read_subject(nc: NatsClient, subject: str) -> list[bytes]:
+    """Every stored message on ``subject`` (oldest first), with a consumer deleted after the read
+    (``transport/js_read.py``)."""
+    return [msg.data for msg in await read_stored(nc, subjects.OUTPUT_STREAM, subject)]
 
 
 async def delivered_tokens(nc: NatsClient, reply_to: str, request_id: str) -> tuple[list[int], bool]:

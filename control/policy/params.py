@@ -92,6 +92,15 @@ class DispatchParams:
     reserve stays in the memory-load key, so placement still avoids instances about to grow. The reserve in
     the hold test predicts a shortage vLLM's admission (and preemption) settles anyway, and held a
     decode-heavy workload's requests while every instance had room (docs/policies.md, "Physical-room hold")."""
+    predict_decode_stall: float = 0.0
+    """``predictive`` dispatch with late binding: when the soonest-start instance has decoding requests, the
+    few best safe-tier instances with room are scored by work ahead + this weight x the new prompt's tokens x
+    the requests *decoding* there (each one shares every step of the new prefill with a chunk: its next
+    inter-token gaps stretch by the whole prefill). At 1 a token of the new request's wait weighs as much as
+    a token of stall on each decode, so a long prompt joins an instance that is only prefilling (or queues a
+    little) rather than stalling decodes; prompts that only prefill beside each other stall nobody's tokens.
+    0 = off (the default, and ``drover``'s: on Mooncake's long prompts it cost attainment). docs/policies.md,
+    "Decode stalls: prompts beside decodes"."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +128,7 @@ class PolicyParams:
     predict_prefill_blocks: bool = False
     predict_interference: float = 0.0
     predict_hold_physical: bool = False
+    predict_decode_stall: float = 0.0
     step_budget_slo_share: float = 0.0
     """SLO-sized step budget (local control, read when an instance starts): each instance's per-step token
     budget (vLLM's ``max_num_batched_tokens``) is the largest whose step of prompt tokens alone takes at most
@@ -202,6 +212,7 @@ always empties."""
             predict_prefill_blocks=self.predict_prefill_blocks,
             predict_interference=self.predict_interference,
             predict_hold_physical=self.predict_hold_physical,
+            predict_decode_stall=self.predict_decode_stall,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -259,6 +270,8 @@ always empties."""
             raise ValueError("queue_backfill_scan must be >= 1")
         if self.predict_interference < 0:
             raise ValueError("predict_interference must be >= 0 (0 = off)")
+        if self.predict_decode_stall < 0:
+            raise ValueError("predict_decode_stall must be >= 0 (0 = off)")
         if not 0 <= self.step_budget_slo_share <= 1:
             raise ValueError("step_budget_slo_share must be in [0, 1] (0 = off)")
         if self.migration_period_s <= 0:

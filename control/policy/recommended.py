@@ -59,7 +59,9 @@ tick tries the first 4 held ones in arrival order (``queue_backfill_scan``). Sho
 than INFaaS++'s (docs/policies.md, "One queue for the cluster"). Chunked-prefill-aware memory
 (``predict_prefill_blocks``, round 26): the blocks a running prompt's later chunks will still take count in
 an instance's demand, so a request is not queued behind a long prompt that has just started
-(docs/policies.md, "Chunked-prefill-aware memory")."""
+(docs/policies.md, "Chunked-prefill-aware memory"). Decode stalls (``predict_decode_stall``) stay off: they
+fix the sweep's prefill-heavy TPOT flags but cost Mooncake's attainment (docs/policies.md, "Decode stalls:
+prompts beside decodes")."""
 
 RECOMMENDED_MIGRATION: Mapping[str, object] = {
     "migration_cost_aware": True,

@@ -93,7 +93,7 @@ async def test_writer_orders_coalesces_and_fences(nc: nats.NATS) -> None:
         writer.delete(kv_key("req", "gone"))
         writer.then(done.set)
         await asyncio.wait_for(done.wait(), 10)
-        values = await read_all(kv)
+        values = await read_all(nc, bucket)
         assert values == {"req.a": b"49", kv_key("req", "weird id:1"): b"x"}
         assert writer.writes < 50  # coalesced
         leading = False
@@ -101,7 +101,7 @@ async def test_writer_orders_coalesces_and_fences(nc: nats.NATS) -> None:
         fenced = asyncio.Event()
         writer.then(fenced.set)
         await asyncio.wait_for(fenced.wait(), 10)
-        assert "req.late" not in await read_all(kv)  # not the leader: held, then dropped
+        assert "req.late" not in await read_all(nc, bucket)  # not the leader: held, then dropped
         leading = True
         writer.put(kv_key("req", "held"), b"h")
         leading = False
@@ -110,7 +110,7 @@ async def test_writer_orders_coalesces_and_fences(nc: nats.NATS) -> None:
         await asyncio.sleep(0.2)
         leading = True  # a late renewal: the held write goes through
         await asyncio.wait_for(held.wait(), 10)
-        assert (await read_all(kv))["req.held"] == b"h"
+        assert (await read_all(nc, bucket))["req.held"] == b"h"
     finally:
         await writer.stop()
         await delete_bucket(nc, bucket)
@@ -133,7 +133,7 @@ async def test_writer_compacts_delete_markers(nc: nats.NATS) -> None:
             if messages == 1:
                 break
         assert messages == 1  # only the live key is left
-        assert await read_all(kv) == {"req.live": b"y"}
+        assert await read_all(nc, bucket) == {"req.live": b"y"}
     finally:
         await writer.stop()
         await delete_bucket(nc, bucket)

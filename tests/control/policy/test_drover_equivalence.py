@@ -171,6 +171,26 @@ class _ReferenceDrover:
                 else:
                     reserved = reservation[1]
         need = demand.num_blocks + (0 if self.params.predict_hold_physical else self.params.predict_growth_blocks)
+        p = self.params
+        if p.predict_interference > 0 or p.predict_decode_stall > 0:
+            # of the few best safe-tier instances with room now, the least work ahead plus the stall the
+            # prompt's chunks impose there: on every running request (predict_interference), on every
+            # decoding one (predict_decode_stall)
+            wi = p.predict_interference * demand.num_prompt_tokens
+            ws = p.predict_decode_stall * demand.num_prompt_tokens
+            quiet: tuple[float, str] | None = None
+            for key, iid in by_key[: self.PROBE + 1]:
+                if key[0] != 0.0:
+                    break
+                if iid == reserved or -candidates[iid][1] < need:
+                    continue
+                s = self.snapshots[iid]
+                decoding = sum(1 for r in s.running if r.decoding)
+                score = key[1] + wi * (s.num_running + self.extra[iid][0]) + ws * decoding
+                if quiet is None or score < quiet[0]:
+                    quiet = (score, iid)
+            if quiet is not None:
+                return quiet[1]
         by_room = sorted((k[1], iid) for iid, k in candidates.items())[:2]
         roomiest = next((c for c in by_room if c[1] != reserved), None)
         if roomiest is None:
@@ -247,10 +267,21 @@ def _feed(indexes: tuple[PrefixIndex, ...], seq: int, rng: random.Random, iid: s
 
 
 @pytest.mark.parametrize(
-    ("seed", "prefill_blocks", "physical"),
-    [(0, True, False), (1, True, False), (2, True, False), (3, True, False), (4, False, False), (5, True, True)],
+    ("seed", "prefill_blocks", "physical", "stall"),
+    [
+        (0, True, False, None),
+        (1, True, False, None),
+        (2, True, False, None),
+        (3, True, False, None),
+        (4, False, False, None),
+        (5, True, True, None),
+        (6, True, False, 1.0),
+        (7, True, False, 0.25),
+    ],
 )
-def test_drover_dispatch_decides_as_a_full_scan(seed: int, prefill_blocks: bool, physical: bool) -> None:
+def test_drover_dispatch_decides_as_a_full_scan(
+    seed: int, prefill_blocks: bool, physical: bool, stall: float | None
+) -> None:
     rng = random.Random(seed)
     n = rng.choice((4, 12, 40))
     params = user_policy_params("drover").dispatch_params()
@@ -258,6 +289,8 @@ def test_drover_dispatch_decides_as_a_full_scan(seed: int, prefill_blocks: bool,
     params = dataclasses.replace(params, predict_prefill_blocks=prefill_blocks)
     if physical:  # the hold test on physical room (opt-in, predict_hold_physical)
         params = dataclasses.replace(params, predict_hold_physical=True)
+    if stall is not None:  # the decode-stall rule (opt-in): at weight 1, and at a weight where ties are rare
+        params = dataclasses.replace(params, predict_decode_stall=stall)
     assert params.predict_hold and params.predict_prefix
     index = make_dispatch_policy("predictive", params)
     assert isinstance(index, PredictiveIndex) and index.prefix_index is not None
