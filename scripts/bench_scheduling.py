@@ -48,6 +48,7 @@ from typing import Any
 from control.policy.dispatch import POLICY_NAMES, make_dispatch_policy, prefix_block_hashes
 from control.policy.migration import plan_migrations
 from control.policy.params import PolicyParams
+from control.policy.recommended import STEP_BUDGET_SHARE
 from control.policy.recommended import user_policy_params as named_policy
 from control.policy.snapshots import RequestDemand
 from control.simulator import ClusterConfig, LengthSpec, SimulationResult, generate_workload, load_trace, simulate
@@ -833,9 +834,11 @@ def ablation_variants() -> dict[str, PolicyParams]:
         "drover + physical hold": dataclasses.replace(drover, predict_hold_physical=True),
         # a prompt's stall on the decodes where it starts, weighed against its wait (issue 17, sweep): opt-in
         "drover + decode stall": dataclasses.replace(drover, predict_decode_stall=1.0),
-        # SLO-sized step budget (issue 17, qwen azure): off, as drover was before; and the baseline with it
-        "drover - step budget": dataclasses.replace(drover, step_budget_slo_share=0.0),
-        "least_loaded + step budget": dataclasses.replace(named_policy("least_loaded"), step_budget_slo_share=0.5),
+        # SLO-sized step budget (issue 17, qwen azure): opt-in; and the baseline with it
+        "drover + step budget": dataclasses.replace(drover, step_budget_slo_share=STEP_BUDGET_SHARE),
+        "least_loaded + step budget": dataclasses.replace(
+            named_policy("least_loaded"), step_budget_slo_share=STEP_BUDGET_SHARE
+        ),
         "drover": drover,
     }
 
