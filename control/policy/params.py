@@ -18,6 +18,12 @@ AfterMaxStages = Literal["stop_and_copy", "abort"]
 MigrationSources = Literal["freeness", "pressure", "drain"]
 
 
+ENGINE_STARTUP_KEYS = frozenset({"step_budget_slo_share"})
+"""Policy keys an engine reads once, when it starts (vLLM takes its step budget at start-up only): the
+simulator applies them per run; a running control plane refuses them in ``drover policy set`` and points to
+the ``[engine]`` setting of the same name, which the engine hosts read."""
+
+
 @dataclass(frozen=True, slots=True)
 class DispatchParams:
     """What dispatch policies read."""
@@ -137,6 +143,12 @@ class PolicyParams:
     predict_hold_physical: bool = False
     predict_decode_stall: float = 0.0
     predict_hold_growth_blocks: int = -1
+    step_budget_slo_share: float = 0.0
+    """SLO-sized step budget (local control, read when an instance starts): each instance's per-step token
+    budget (vLLM's ``max_num_batched_tokens``) is the largest whose step of prompt tokens alone takes at most
+    this share of the TPOT SLO, by the instance's step-latency profile, never above the engine's configured
+    budget (:func:`control.policy.step_budget.slo_step_token_budget`). 0 = off (the engine's own budget).
+    docs/policies.md, "SLO-sized step budget"."""
 
     migration_enabled: bool = True
     migrate_threshold: float = 3.0
@@ -277,6 +289,8 @@ always empties."""
             raise ValueError("predict_interference must be >= 0 (0 = off)")
         if self.predict_decode_stall < 0:
             raise ValueError("predict_decode_stall must be >= 0 (0 = off)")
+        if not 0 <= self.step_budget_slo_share <= 1:
+            raise ValueError("step_budget_slo_share must be in [0, 1] (0 = off)")
         if self.migration_period_s <= 0:
             raise ValueError("migration_period_s must be > 0")
 
