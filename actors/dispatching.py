@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from opentelemetry import trace
 
@@ -24,7 +24,7 @@ from actors.request_classes import RequestClasses
 from actors.scheduler_instances import InstanceRegistry
 from control.core.dispatch import Dispatcher, Place, Waiting
 from control.core.pd import PdCore
-from control.core.requests import InstanceRecord, RequestRecord
+from control.core.requests import InstanceRecord, RequestRecord, record_takes_no_dispatch
 from control.policy.autoscaling import FleetInstance, RunningBatch
 from control.policy.block_hash import vllm_block_hashes
 from control.policy.dispatch import prefix_block_hashes, reads_engine_block_hashes
@@ -52,8 +52,8 @@ class SchedulerView:
         blocked: Callable[[str], bool] = lambda _instance_id: False,
     ) -> None:
         """``blocked(instance_id)``: the instance takes no dispatch for another reason than its own record (a
-        KunServe group's member, see ``InstanceRegistry.blocks_dispatch``); class-aware placement reads it as
-        draining, as the freeness index does.
+        KunServe group's member, see ``InstanceRegistry.blocks_dispatch``); with the record it is the core's
+        ``takes_no_dispatch`` rule, as the registry's snapshots (the dispatch index) read it.
 
         Thread: the scheduler actor's thread."""
         self.instances = instances
@@ -88,10 +88,7 @@ class SchedulerView:
 
     def class_loads(self) -> Sequence[FleetInstance]:
         """Thread: the scheduler actor's thread."""
-        return [
-            replace(load, state="draining") if load.state != "draining" and self.blocked(load.instance_id) else load
-            for load in self.classes.loads(self.instances, self.requests)
-        ]
+        return self.classes.loads(self.instances, self.requests, self.blocked)
 
     def evictable(self, instance_id: str) -> Sequence[RunningBatch]:
         """Thread: the scheduler actor's thread."""
@@ -99,7 +96,12 @@ class SchedulerView:
 
     def serving_waiting(self) -> Iterable[tuple[str, int]]:
         """Thread: the scheduler actor's thread."""
-        return [(i, r.load.num_waiting) for i, r in self.instances.items() if r.state == "serving"]
+        # only instances that take dispatch give the fair queue room: one draining or held by a KunServe
+        # group would lend room that only the others can fill, past their fairness_max_waiting
+        blocked = self.blocked
+        return [
+            (i, r.load.num_waiting) for i, r in self.instances.items() if not record_takes_no_dispatch(r, blocked(i))
+        ]
 
 
 @dataclass(frozen=True, slots=True)

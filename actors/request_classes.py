@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sized
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from control.core.requests import record_takes_no_dispatch
 from control.policy.autoscaling import (
     ROLES,
     AutoscaleParams,
@@ -230,9 +231,17 @@ class RequestClasses:
         """Thread: the scheduler actor's thread."""
         return self.role_overrides.get(instance_id) or self.reported_roles.get(instance_id, "mixed")
 
-    def loads(self, instances: Mapping[str, Any], requests: Mapping[str, Any]) -> list[FleetInstance]:
+    def loads(
+        self,
+        instances: Mapping[str, Any],
+        requests: Mapping[str, Any],
+        blocked: Callable[[str], bool] = lambda _instance_id: False,
+    ) -> list[FleetInstance]:
         """Every known instance as the autoscaling policies read it; request counts come from the scheduler's
-        own table, so they include dispatches the instance has not reported yet.
+        own table, so they include dispatches the instance has not reported yet. An instance that takes no
+        dispatch (the core's ``takes_no_dispatch``) is ``draining``. ``blocked``: the registry's
+        ``blocks_dispatch``, which class-aware placement passes; the autoscaler's view passes none, so a
+        KunServe group's member counts there as the capacity it still is (a pipeline stage), not as leaving.
 
         Thread: the scheduler actor's thread."""
         counts: dict[str, list[int]] = {}
@@ -244,7 +253,7 @@ class RequestClasses:
         for iid, rec in instances.items():
             local = self.local.get(iid)
             n_int, n_batch = counts.get(iid, [0, 0])
-            draining = rec.drain_requested or rec.draining or rec.state != "serving"
+            draining = record_takes_no_dispatch(rec, blocked(iid))
             load = rec.load
             capacity = local.capacity if local is not None else 0
             slots = capacity or load.batch_limit or self.params.local.initial_batch

@@ -21,7 +21,7 @@ from actors.scheduler_migration import SchedulerMigrations
 from control.core.dispatch import Dispatcher
 from control.core.pd import PdCore, make_dispatch
 from control.core.requests import InstanceRecord, RequestRecord
-from control.policy.params import PolicyParams
+from control.policy.params import ENGINE_STARTUP_KEYS, PolicyParams
 from control.policy.pd import parse_phase
 from transport.bus import Bus
 from transport.messages import (
@@ -131,6 +131,12 @@ class SchedulerAdmin:
 
         Thread: the scheduler actor's thread."""
         if isinstance(message, PolicyUpdate):
+            startup = sorted(ENGINE_STARTUP_KEYS & set(message.changes))
+            if startup:  # read by each engine as it starts: a running control plane cannot change them
+                names = ", ".join(startup)
+                text = f"{names}: an engine start-up setting; set [engine] {startup[0]} where the engines start"
+                self.bus.reply_error(reply, ErrorCode.INVALID_REQUEST, text)
+                return
             current = self.params()
             try:
                 params = current.with_updates(**message.changes)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from control.core.dispatch import Dispatcher
 from control.core.pd import PdCore
 from control.core.record import DecisionLog
-from control.core.requests import InstanceRecord
+from control.core.requests import InstanceRecord, record_takes_no_dispatch
 from control.policy.snapshots import InstanceSnapshot, RunningSnapshot
 from observability.metrics import metrics
 from transport.messages import EngineInfo, InstanceLoad, peer_version
@@ -98,6 +98,14 @@ class InstanceRegistry:
         Thread: the scheduler actor's thread."""
         return [r for r in self.records.values() if r.state == "serving"]
 
+    def takes_no_dispatch(self, record: InstanceRecord) -> bool:
+        """The core's rule (:func:`control.core.requests.takes_no_dispatch`) for a row of this registry: its
+        snapshot's ``draining``, class-aware placement, the fair queue's room and an operator's migration
+        without a destination all read this.
+
+        Thread: the scheduler actor's thread."""
+        return record_takes_no_dispatch(record, self.blocks_dispatch(record.info.instance_id))
+
     def snapshot(self, record: InstanceRecord) -> InstanceSnapshot:
         """The instance's snapshot; the same object while its heartbeat, info and draining view are (a
         heartbeat's load is a fresh object, never changed in place).
@@ -105,12 +113,7 @@ class InstanceRegistry:
         Thread: the scheduler actor's thread."""
         load = record.load
         info = record.info
-        draining = (
-            record.draining
-            or record.drain_requested
-            or record.state != "serving"
-            or self.blocks_dispatch(info.instance_id)
-        )
+        draining = self.takes_no_dispatch(record)
         cached = self.built.get(info.instance_id)
         if cached is not None and cached[0] is load and cached[1] is info and cached[2] == draining:
             return cached[3]

@@ -208,13 +208,17 @@ class SchedulerMigrations:
         self.start(command.request_id, source.info.instance_id, destination, blocks, command.reason, reply)
 
     def pick_destination(self, source: InstanceRecord) -> str | None:
-        """The compatible instance with the most free blocks (an operator named none).
+        """The compatible instance with the most free blocks that takes new requests (an operator named none).
 
         Thread: the scheduler actor's thread."""
+        registry = self.registry
         candidates = [
             r
-            for r in self.registry.records.values()
-            if r is not source and r.can_migrate and not r.drain_requested and r.info.compatible_with(source.info)
+            for r in registry.records.values()
+            if r is not source
+            and r.can_migrate
+            and not registry.takes_no_dispatch(r)
+            and r.info.compatible_with(source.info)
         ]
         best = max(candidates, key=lambda r: r.load.num_free_blocks, default=None)
         return best.info.instance_id if best else None

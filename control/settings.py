@@ -174,6 +174,15 @@ class EngineSettings(_Section):
         description="Prefill/decode disaggregation ([pd]): the phase this instance serves, reported in its "
         "heartbeats; `drover phase set` overrides it live.",
     )
+    step_budget_slo_share: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="SLO-sized step budget (docs/policies.md): at start-up the engine's token budget per step "
+        "becomes the largest (at most max_num_batched_tokens) whose step of prompt tokens alone takes at most "
+        "this share of [autoscaling.slo] itl_s, by the engine's step profile (a sim engine's cost model; vLLM "
+        "and torch: the tiny model's CPU fit, engines/sim/cost_model.py TINY_CPU). 0: off.",
+    )
 
 
 class SchedulerSettings(_Section):

@@ -16,24 +16,49 @@ and for the incremental :class:`MigrationPlanner`: ``update`` (one heartbeat re-
 and ``round`` (``plan`` after 5 % of the instances sent a fresh heartbeat), against the stateless
 ``plan_migrations`` over the full list (Llumnix's way; the issue's 5 ms budget at 10,000 instances).
 
-GC is off while timing (collections are process-wide and amortised). Absolute µs depend on the machine:
-compare sizes and policies within one run. ``--clock cpu`` times with the thread's CPU clock instead of the
-wall clock: on a shared machine a wall-clock p99 is mostly the time the OS ran other processes (a 2-core
-host at load 8 preempts a thread for tens of ms), which CPU time leaves out (each reading costs ~0.3 µs
-more than ``perf_counter_ns``, included in the numbers).
+How it times (``--clock cpu`` and the defaults mirror the control plane, and the output says so):
+
+* the cyclic GC is on with Python's default thresholds, as in the control plane (``--gc off`` disables it
+  while timing, as this benchmark did before round 27); the collections started inside a timed decision are
+  counted (``gc_collections_timed``);
+* ``--warmup`` decisions run untimed first (the first read of a model's pool builds it, once in a scheduler's
+  life), and the full collection before timing runs before the warm-up, not between it and the timed
+  decisions (their first dozen were 2-3x slower: a collection walks every object and empties the caches);
+* the heartbeats' snapshots are built at start-up and held, as before round 27, so an upsert never frees the
+  snapshot it replaces. ``--fresh-snapshots`` builds each one just before its upsert (untimed) and lets the
+  upsert release the previous one, as the scheduler does (actors/scheduler_instances.py): measured +1-1.5 µs
+  on the upsert's p50, the release of the old snapshot's objects, long out of the CPU cache;
+* in the same run (half before the warm-up, half after the timed decisions: between them they slowed the
+  decisions), two controls are timed as often as the decisions: fixed pure-Python work (``cpu control``) and
+  a fixed number of cache misses (``mem control``). Their p99 over p50 is the noise floor the machine adds;
+* a decision whose wall time exceeds its CPU time by 5 µs was switched out by the OS: counted (``n``), and
+  the p99 of the others is reported beside the p99 of all (``uninterr.``);
+* ``--replays R`` times the same decisions on R identical indexes (the choices must match) and reports the
+  p50/p99 of each decision's fastest replay (``min``): the machine's noise lands on different decisions in
+  each replay, the policy's own slow decisions (a heap rebuild) are slow in every one.
+
+Absolute µs depend on the machine: compare sizes and policies within one run. ``--clock cpu`` times with the
+thread's CPU clock instead of the wall clock: on a shared machine a wall-clock p99 is mostly the time the OS ran
+other processes (a 2-core host at load 8 preempts a thread for tens of ms), which CPU time leaves out (each
+reading costs ~0.3 µs more than ``perf_counter_ns``, included in the numbers; ``timer_p50_us`` is the cost of
+two readings).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import gc
 import json
+import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from control.policy.dispatch import POLICY_NAMES, make_dispatch_policy, prefix_block_hashes
+from control.policy.dispatch import POLICY_NAMES, DispatchIndex, make_dispatch_policy, prefix_block_hashes
 from control.policy.migration import MigrationPlanner, plan_migrations
 from control.policy.params import PolicyParams
 from control.policy.prefix_index import PrefixIndex
@@ -81,27 +106,134 @@ def percentiles_us(samples_ns: list[int]) -> tuple[float, float]:
 
 
 CLOCKS = {"wall": time.perf_counter_ns, "cpu": time.thread_time_ns}
+GC_MODES = ("on", "off")
+WARMUP = 200
+"""Decisions made before timing starts: the first read of a model's pool builds it (O(instances), once in a
+scheduler's life), and the first decisions find the heaps without stale items."""
 
 
-def bench_dispatch(n: int, name: str, ops: int, seed: int, clock: str = "wall") -> dict[str, float]:
+def fresh_copy(snapshot: InstanceSnapshot) -> InstanceSnapshot:
+    """The snapshot built anew, as the scheduler builds one from a decoded heartbeat right before it upserts it
+    (actors/scheduler_instances.py): the upsert reads objects that are in the CPU cache, not ones built at
+    start-up, and it drops the index's last reference to the instance's previous snapshot, which is freed there
+    (its running requests' objects, long out of the CPU cache). Building it is not timed."""
+    running = tuple(dataclasses.replace(r) for r in snapshot.running)  # new objects, as decoded
+    return dataclasses.replace(snapshot, running=running)
+
+
+def fixed_work() -> int:
+    """The noise floor's first control: the same pure-Python work every call, timed beside every decision. Its
+    p99 over its p50 is what the machine adds to the tail of work that stays in the CPU's caches."""
+    x = 0
+    for k in range(250):
+        x += k
+    return x
+
+
+PROBE_TABLE_SIZE = 1 << 20
+PROBES = 24
+
+
+@functools.cache
+def probe_table() -> dict[int, int]:
+    """The memory control's table, built once per process: about 80 MB, more than this host's last-level cache."""
+    return dict.fromkeys(range(PROBE_TABLE_SIZE), 1)
+
+
+def memory_probes(table: dict[int, int], call: int) -> int:
+    """The second control: ``PROBES`` lookups in a dict of a million entries (the size of the prefix index at
+    1,000 instances), at keys no recent call probed: the same number of cache misses every call, as a
+    decision's reads of instances last touched long ago. Its p99 over its p50 is what the machine adds to the
+    tail of memory-bound work (other processes on this host share the last-level cache)."""
+    x = 0
+    base = call * PROBES * 7919
+    for k in range(PROBES):
+        x += table[(base + k * 7919) & (PROBE_TABLE_SIZE - 1)]
+    return x
+
+
+OFF_CPU_NS = 5_000
+"""A decision whose wall time exceeds its thread CPU time by this much was switched out by the OS: another
+process ran on this core (its time is left out of ``--clock cpu``, but the caches it emptied are not). Read
+from the two clocks around every decision (the wall clock is a vDSO read, no system call)."""
+
+
+def time_controls(count: int, timer: Callable[[], int], out: dict[str, list[int]]) -> None:
+    """``count`` timings of each control (and of two clock readings with nothing between them)."""
+    table = probe_table()
+    empty, control, control_memory = out["timer"], out["control"], out["control_memory"]
+    for _ in range(count):
+        t0 = timer()
+        t1 = timer()
+        fixed_work()
+        t2 = timer()
+        memory_probes(table, len(empty))
+        t3 = timer()
+        empty.append(t1 - t0)
+        control.append(t2 - t1)
+        control_memory.append(t3 - t2)
+
+
+def make_index(name: str) -> DispatchIndex:
+    # ``drover``: predictive, late binding and prefix-aware, as control/policy/recommended.py configures it
+    if name == "drover":
+        return make_dispatch_policy("predictive", user_policy_params("drover").dispatch_params())
+    return make_dispatch_policy(name)
+
+
+def bench_dispatch(
+    n: int,
+    name: str,
+    ops: int,
+    seed: int,
+    clock: str = "wall",
+    *,
+    gc_mode: str = "on",
+    replays: int = 1,
+    warmup: int = WARMUP,
+    fresh: bool = False,
+) -> dict[str, Any]:
+    """Times ``ops`` decisions (after ``warmup`` untimed ones) on ``replays`` identical indexes, one after the
+    other; the decisions must be the same in every replay. Besides each replay's percentiles (the first
+    replay's under the usual names, every one's in ``reps``), the percentiles of each decision's fastest
+    replay (``total_min_*``): what a decision costs without the machine's noise, which lands on different
+    decisions in each replay. ``fresh``: each heartbeat's snapshot built just before its upsert (``fresh_copy``)
+    and the previous one released inside it, as in the scheduler; else every snapshot is built at start-up and
+    held, so no upsert releases one."""
+    if gc_mode not in GC_MODES:
+        raise ValueError(f"gc_mode must be one of {GC_MODES}, got {gc_mode!r}")
+    runs = [_dispatch_once(n, name, ops, seed, clock, gc_mode, warmup, fresh) for _ in range(max(1, replays))]
+    first, choices = runs[0]
+    if any(other != choices for _, other in runs[1:]):
+        raise RuntimeError(f"{name} at {n} instances chose differently in two replays of the same inputs")
+    out = dict(first)
+    if len(runs) > 1:
+        fastest = [min(samples) for samples in zip(*(r["_total"] for r, _ in runs), strict=True)]
+        out["total_min_p50_us"], out["total_min_p99_us"] = percentiles_us(fastest)
+    out["reps"] = [{k: v for k, v in r.items() if not k.startswith("_")} for r, _ in runs]
+    out.pop("_total", None)
+    return out
+
+
+def _dispatch_once(
+    n: int, name: str, ops: int, seed: int, clock: str, gc_mode: str, warmup: int, fresh: bool = False
+) -> tuple[dict[str, Any], list[str | None]]:
     rng = random.Random(seed)
-    index = (
-        # what ``drover`` dispatches with: predictive, late binding and prefix-aware (control/policy/recommended.py)
-        make_dispatch_policy("predictive", user_policy_params("drover").dispatch_params())
-        if name == "drover"
-        else make_dispatch_policy(name)
-    )
+    index = make_index(name)
     pool = [random_snapshot(rng, f"i{i}", MODELS[i % 2]) for i in range(n)]
     for snapshot in pool:
         index.upsert(snapshot)
+    count = warmup + ops
     # fresh snapshots prepared up front: building them is the engine's cost, not the policy's
-    beats = [random_snapshot(rng, f"i{(i := rng.randrange(n))}", MODELS[i % 2]) for _ in range(ops)]
+    beats = [random_snapshot(rng, f"i{(i := rng.randrange(n))}", MODELS[i % 2]) for _ in range(count)]
     prefixes = [list(range(k * 1000, k * 1000 + 128)) for k in range(100)]
     prefix_index = getattr(index, "prefix_index", None)  # kv_aware, and drover's prefix-aware predictive index
     if isinstance(prefix_index, PrefixIndex):
         _hold_prefixes(prefix_index, pool, prefixes, seed)
+    if fresh:
+        del pool  # the index holds the only reference to every snapshot: an upsert releases the one it replaces
     demands = []
-    for k in range(ops):
+    for k in range(count):
         prompt = prefixes[rng.randrange(100)] + [rng.randrange(259) for _ in range(rng.randint(0, 64))]
         demands.append(
             RequestDemand(
@@ -113,24 +245,62 @@ def bench_dispatch(n: int, name: str, ops: int, seed: int, clock: str = "wall") 
                 prefix_block_hashes=prefix_block_hashes(prompt, 16),
             )
         )
+    # the noise floor, in the same run: half the controls before the warm-up, half after the timed decisions (run
+    # between the decisions, even in blocks, they took the decisions' data out of the CPU caches and slowed them)
+    controls: dict[str, list[int]] = {"timer": [], "control": [], "control_memory": []}
+    time_controls(ops // 2, CLOCKS[clock], controls)
+    # a full collection walks every object and leaves the index out of the CPU cache: done before the warm-up,
+    # not between it and the timed decisions (their first dozen were 2-3x slower)
+    gc.collect()
+    choices: list[str | None] = []
+    for demand, snapshot in zip(demands[:warmup], beats[:warmup], strict=True):
+        chosen = index.choose(demand)
+        if chosen is not None:
+            index.on_dispatched(chosen, demand)
+        index.upsert(fresh_copy(snapshot) if fresh else snapshot)
+        choices.append(chosen)
     decide: list[int] = []
     beat: list[int] = []
     total: list[int] = []
+    interrupted: list[bool] = []
     timer = CLOCKS[clock]
-    gc.collect()
-    gc.disable()
+    wall, thread_cpu = time.perf_counter_ns, time.thread_time_ns
+    by_cpu = clock == "cpu"
+    timed = [False]
+    collections = [0, 0]  # started, started while a decision was being timed
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collections[0] += 1
+            collections[1] += timed[0]
+
+    load_before = os.getloadavg()[0]
+    if gc_mode == "off":
+        gc.disable()
+    gc.callbacks.append(on_gc)
     try:
-        for demand, snapshot in zip(demands, beats, strict=True):
-            t0 = timer()
+        for demand, snapshot in zip(demands[warmup:], beats[warmup:], strict=True):
+            if fresh:
+                snapshot = fresh_copy(snapshot)
+            timed[0] = True
+            w0 = wall()
+            c0 = thread_cpu()
+            t0 = c0 if by_cpu else timer()
             chosen = index.choose(demand)
             if chosen is not None:
                 index.on_dispatched(chosen, demand)
             t1 = timer()
             index.upsert(snapshot)
             t2 = timer()
+            c2 = t2 if by_cpu else thread_cpu()
+            w2 = wall()
+            timed[0] = False
+            interrupted.append(w2 - w0 - (c2 - c0) > OFF_CPU_NS)
+            choices.append(chosen)
             decide.append(t1 - t0)
             beat.append(t2 - t1)
             total.append(t2 - t0)
+        time_controls(ops - ops // 2, timer, controls)
         flips: list[int] = []
         if name == "round_robin":
             for k in range(min(ops, 2000)):
@@ -141,12 +311,26 @@ def bench_dispatch(n: int, name: str, ops: int, seed: int, clock: str = "wall") 
                 index.choose(demands[k])
                 flips.append(timer() - t0)
     finally:
+        gc.callbacks.remove(on_gc)
         gc.enable()
-    out: dict[str, float] = {}
-    for label, samples in (("decide", decide), ("heartbeat", beat), ("total", total), ("drain_flip", flips)):
+    out: dict[str, Any] = {}
+    for label, samples in (
+        ("decide", decide),
+        ("heartbeat", beat),
+        ("total", total),
+        ("drain_flip", flips),
+        ("total_uninterrupted", [t for t, hit in zip(total, interrupted, strict=True) if not hit]),
+        ("control", controls["control"]),
+        ("control_memory", controls["control_memory"]),
+        ("timer", controls["timer"]),
+    ):
         if samples:
             out[f"{label}_p50_us"], out[f"{label}_p99_us"] = percentiles_us(samples)
-    return out
+    out["interrupted"] = sum(interrupted)
+    out["gc_collections"], out["gc_collections_timed"] = collections
+    out["load_before"], out["load_after"] = load_before, os.getloadavg()[0]
+    out["_total"] = total
+    return out, choices
 
 
 def _hold_prefixes(
@@ -211,6 +395,10 @@ def bench_planning(n: int, rounds: int, seed: int, params: PolicyParams, clock: 
     }
 
 
+def _pair(row: dict[str, Any], label: str) -> str:
+    return f"{row[label + '_p50_us']:.1f}/{row[label + '_p99_us']:.1f}".rjust(11)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="16,64,256,1000,4000,10000", help="instance counts, comma-separated")
@@ -225,6 +413,24 @@ def main() -> None:
     parser.add_argument(
         "--clock", choices=sorted(CLOCKS), default="wall", help="wall clock, or the thread's CPU time (shared hosts)"
     )
+    parser.add_argument(
+        "--gc",
+        choices=GC_MODES,
+        default="on",
+        help="the cyclic GC while timing: on with the default thresholds, as the control plane runs (default), or off",
+    )
+    parser.add_argument(
+        "--replays",
+        type=int,
+        default=1,
+        help="time the same decisions on this many identical indexes, and report each decision's fastest too",
+    )
+    parser.add_argument(
+        "--fresh-snapshots",
+        action="store_true",
+        help="build each heartbeat's snapshot just before its upsert, which releases the previous one (the scheduler)",
+    )
+    parser.add_argument("--warmup", type=int, default=WARMUP, help="untimed decisions first (pools built)")
     parser.add_argument("--plot", type=Path, default=None, help="write PNG plots here")
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
     args = parser.parse_args()
@@ -236,23 +442,60 @@ def main() -> None:
     unknown = [p for p in policies if p not in POLICY_NAMES and p != "drover"]
     if unknown:
         parser.error(f"unknown policies {', '.join(unknown)}; choose from {', '.join(POLICY_NAMES)}, drover")
-    results: dict[str, Any] = {"clock": args.clock, "dispatch": {}, "planning": {}}
-    print("== dispatch, µs (decide = choose + on_dispatched; heartbeat = upsert; total = both)")
+    results: dict[str, Any] = {"clock": args.clock, "gc": args.gc, "dispatch": {}, "planning": {}}
+    print(f"== dispatch, µs, {args.clock} clock (decide = choose + on_dispatched; heartbeat = upsert; total = both)")
     print(
-        f"{'instances':>9} {'policy':<16} {'decide p50':>10} {'decide p99':>10} {'hb p50':>8} {'hb p99':>8} "
-        f"{'total p50':>9} {'total p99':>9} {'flip p99':>9}"
+        f"   gc {args.gc}"
+        + (" (default thresholds, as the control plane runs)" if args.gc == "on" else " (disabled while timing)")
+        + f"; {args.warmup} untimed decisions first; "
+        + (
+            "snapshots built just before their upsert, which releases the previous one (as the scheduler does)"
+            if args.fresh_snapshots
+            else "snapshots built at start-up and held (no upsert releases one; --fresh-snapshots: as the scheduler)"
+        )
+        + f"; load average {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        "   uninterr. = decisions the OS did not switch out (n = how many it did); cpu / mem control = fixed "
+        "compute / fixed cache misses timed in the same run (the noise floor); min = each decision's fastest "
+        "of the replays"
+    )
+    print(
+        f"{'instances':>9} {'policy':<13} {'decide p50':>10} {'decide p99':>10} {'hb p50':>6} {'hb p99':>6} "
+        f"{'total p50':>9} {'total p99':>9} {'uninterr. p99':>13} {'n':>4} {'cpu control':>11} {'mem control':>11} "
+        f"{'min p50/p99':>11} {'load':>5} {'flip p99':>8}"
     )
     for n in sizes:
         for name in policies:
-            r = bench_dispatch(n, name, args.ops, args.seed, args.clock)
+            r = bench_dispatch(
+                n,
+                name,
+                args.ops,
+                args.seed,
+                args.clock,
+                gc_mode=args.gc,
+                replays=args.replays,
+                warmup=args.warmup,
+                fresh=args.fresh_snapshots,
+            )
             results["dispatch"][f"{n}/{name}"] = r
-            flip = f"{r['drain_flip_p99_us']:>9.1f}" if "drain_flip_p99_us" in r else f"{'-':>9}"
+            flip = f"{r['drain_flip_p99_us']:>8.1f}" if "drain_flip_p99_us" in r else f"{'-':>8}"
+            fastest = f"{r['total_min_p50_us']:.1f}/{r['total_min_p99_us']:.1f}" if "total_min_p99_us" in r else "-"
             print(
-                f"{n:>9} {name:<16} {r['decide_p50_us']:>10.1f} {r['decide_p99_us']:>10.1f} "
-                f"{r['heartbeat_p50_us']:>8.1f} {r['heartbeat_p99_us']:>8.1f} {r['total_p50_us']:>9.1f} "
-                f"{r['total_p99_us']:>9.1f} {flip}",
+                f"{n:>9} {name:<13} {r['decide_p50_us']:>10.1f} {r['decide_p99_us']:>10.1f} "
+                f"{r['heartbeat_p50_us']:>6.1f} {r['heartbeat_p99_us']:>6.1f} {r['total_p50_us']:>9.1f} "
+                f"{r['total_p99_us']:>9.1f} {r['total_uninterrupted_p99_us']:>13.1f} {r['interrupted']:>4} "
+                f"{_pair(r, 'control')} {_pair(r, 'control_memory')} {fastest:>11} {r['load_after']:>5.1f} {flip}",
                 flush=True,
             )
+            for k, rep in enumerate(r["reps"][1:], 2):
+                print(
+                    f"{'':>9} {'replay ' + str(k):<13} {rep['decide_p50_us']:>10.1f} {rep['decide_p99_us']:>10.1f} "
+                    f"{rep['heartbeat_p50_us']:>6.1f} {rep['heartbeat_p99_us']:>6.1f} {rep['total_p50_us']:>9.1f} "
+                    f"{rep['total_p99_us']:>9.1f} {rep['total_uninterrupted_p99_us']:>13.1f} {rep['interrupted']:>4} "
+                    f"{_pair(rep, 'control')} {_pair(rep, 'control_memory')} {'':>11} {rep['load_after']:>5.1f}",
+                    flush=True,
+                )
     print("\n== migration planning, µs (drover parameters; round = plan after 5 % fresh heartbeats)")
     print(
         f"{'instances':>9} {'update p50':>10} {'update p99':>10} {'round p50':>10} {'round p99':>10} "

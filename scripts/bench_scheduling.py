@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -47,6 +48,7 @@ from typing import Any
 from control.policy.dispatch import POLICY_NAMES, make_dispatch_policy, prefix_block_hashes
 from control.policy.migration import plan_migrations
 from control.policy.params import PolicyParams
+from control.policy.recommended import STEP_BUDGET_SHARE
 from control.policy.recommended import user_policy_params as named_policy
 from control.policy.snapshots import RequestDemand
 from control.simulator import ClusterConfig, LengthSpec, SimulationResult, generate_workload, load_trace, simulate
@@ -54,6 +56,7 @@ from control.simulator.cluster import ClusterSimulator
 from control.simulator.prefix import PrefixTrace
 from control.simulator.presets import get_preset
 from control.simulator.runner import ObservedCluster, ObservedPrefixCluster, weighted_percentile
+from control.simulator.step_budget import with_slo_step_budget
 from control.simulator.traces import AZURE_CONV, MOONCAKE_SYNTHETIC
 from control.simulator.workload import RequestSpec, describe
 from engines.sim.core import SimEngineConfig
@@ -520,8 +523,14 @@ class Setting:
     def config(self, policy: PolicyParams) -> ClusterConfig:
         if self.preset is not None:
             config = get_preset(self.preset).cluster_config(self.instances, policy)
-            return dataclasses.replace(config, engine=self.engine, cost_model=self.cost)
-        return ClusterConfig(num_instances=self.instances, engine=self.engine, cost_model=self.cost, policy=policy)
+            config = dataclasses.replace(config, engine=self.engine, cost_model=self.cost)
+        else:
+            config = ClusterConfig(
+                num_instances=self.instances, engine=self.engine, cost_model=self.cost, policy=policy
+            )
+        if policy.step_budget_slo_share > 0:  # SLO-sized step budget: the setting's TPOT SLO, as the rule fixes it
+            config = with_slo_step_budget(config, cached_slo(self)[1])
+        return config
 
 
 GRID = ("a10 poisson", "a10 gamma4", "a10 azure", "h200 mooncake")
@@ -621,6 +630,12 @@ def slo_for(setting: Setting) -> tuple[float, float]:
     median_ttft, median_tpot = run_alone(setting, prompt, output)
     p99_ttft, _ = run_alone(setting, p99_prompt, 2)
     return max(SLO_TTFT_FACTOR * median_ttft, 2.0 * p99_ttft), SLO_TPOT_FACTOR * median_tpot
+
+
+@functools.cache
+def cached_slo(setting: Setting) -> tuple[float, float]:
+    """:func:`slo_for`, computed once per setting (policies that read the SLO ask for it at every run)."""
+    return slo_for(setting)
 
 
 def attainment(result: SimulationResult, slo_ttft: float, slo_tpot: float) -> float:
@@ -817,6 +832,16 @@ def ablation_variants() -> dict[str, PolicyParams]:
         "drover + interference 1/32": dataclasses.replace(drover, predict_interference=1 / 32),
         # the hold test on physical room only, the growth reserve kept in the load key (issue 17, sweep)
         "drover + physical hold": dataclasses.replace(drover, predict_hold_physical=True),
+        # a prompt's stall on the decodes where it starts, weighed against its wait (issue 17, sweep): opt-in
+        "drover + decode stall": dataclasses.replace(drover, predict_decode_stall=1.0),
+        # the hold test's growth reserve per hosted request, 1 or 2 blocks instead of 4 (issue 17, sweep)
+        "drover + hold reserve 1": dataclasses.replace(drover, predict_hold_growth_blocks=1),
+        "drover + hold reserve 2": dataclasses.replace(drover, predict_hold_growth_blocks=2),
+        # SLO-sized step budget (issue 17, qwen azure): opt-in; and the baseline with it
+        "drover + step budget": dataclasses.replace(drover, step_budget_slo_share=STEP_BUDGET_SHARE),
+        "least_loaded + step budget": dataclasses.replace(
+            named_policy("least_loaded"), step_budget_slo_share=STEP_BUDGET_SHARE
+        ),
         "drover": drover,
     }
 

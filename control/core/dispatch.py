@@ -97,7 +97,8 @@ class FleetView(Protocol):
         ...
 
     def serving_waiting(self) -> Iterable[tuple[str, int]]:
-        """(instance id, requests waiting in its engine) of every serving instance (the fair queue's room)."""
+        """(instance id, requests waiting in its engine) of every instance that takes dispatch (the fair queue's
+        room; :func:`control.core.requests.takes_no_dispatch` says which)."""
         ...
 
 

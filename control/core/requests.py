@@ -96,6 +96,36 @@ class InstanceRecord:
     cached_blocks: int = -1  # prefix-cache blocks it reports (-1: none reported)
 
 
+def takes_no_dispatch(
+    *, serving: bool, draining: bool = False, drain_requested: bool = False, blocked: bool = False
+) -> bool:
+    """The one rule for which instance takes no new request: no dispatch, no batch release, no fair-queue room,
+    no migration or prefill/decode handoff to it (its snapshot says ``draining``), and ``drover migrate`` without
+    a destination does not pick it (one an operator names is theirs to choose). Both shells call it, each
+    with its own words for the inputs:
+
+    * ``serving``: it is in service. Live: its record's state is ``serving`` (not ``restored`` from the state
+      store and unheard since, not ``starting`` or ``stopping``); simulated: ``active``.
+    * ``draining``: the engine says it drains (live), or the shell drains it for scale-in (simulated).
+    * ``drain_requested``: an operator or the autoscaler's scale-in asked (``drover drain``; live only).
+    * ``blocked``: held for another reason than its own report: a KunServe group's member, or its leader while
+      the group forms or restores (live: the MemoryManager's ``blocks_dispatch``; the memory simulator: its
+      unit forms or restores a group).
+
+    A dead instance has left the registry (and a stopped simulated one the simulator) before this is asked."""
+    return not serving or draining or drain_requested or blocked
+
+
+def record_takes_no_dispatch(record: InstanceRecord, blocked: bool = False) -> bool:
+    """:func:`takes_no_dispatch` for a live registry row (``blocked``: the MemoryManager's answer for it)."""
+    return takes_no_dispatch(
+        serving=record.state == "serving",
+        draining=record.draining,
+        drain_requested=record.drain_requested,
+        blocked=blocked,
+    )
+
+
 # ----------------------------------------------------------------------------------------------- the table
 class TableRow(Protocol):
     """What the request table reads of a row (a :class:`RequestRecord`, or a test's own)."""

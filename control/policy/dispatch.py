@@ -614,16 +614,18 @@ class PredictiveIndex(_IndexBase):
 
     def _terms(self, snapshot: InstanceSnapshot) -> Any:
         """(total blocks, used + queued blocks, hosted requests, running requests, queued blocks, block
-        size, unprefilled prompt tokens of running requests): a dispatch re-keys the instance without
-        walking its running requests again."""
+        size, unprefilled prompt tokens of running requests, decoding requests): a dispatch re-keys the
+        instance without walking its running requests again."""
         bs = snapshot.block_size
-        prefilling = to_allocate = 0
+        prefilling = to_allocate = decoding = 0
         for r in snapshot.running:
             if not r.decoding:
                 left = r.num_tokens - r.num_blocks * bs
                 if left > 0:
                     prefilling += left
                     to_allocate += -(-left // bs)
+            else:
+                decoding += 1
         total = snapshot.num_total_blocks
         waiting_blocks = snapshot.waiting_blocks
         running = snapshot.num_running
@@ -640,18 +642,20 @@ class PredictiveIndex(_IndexBase):
             waiting_blocks,
             bs,
             prefilling,
+            decoding,
         )
 
     def _keys(self, entry: _Entry) -> tuple[Any, ...]:
-        total, used_queued, hosted, running, waiting_blocks, bs, prefilling = entry.terms
+        total, used_queued, hosted, running, waiting_blocks, bs, prefilling, _ = entry.terms
         params = self.params
         extra_blocks = entry.extra_blocks
         reserve = params.predict_growth_blocks * (hosted + entry.extra_waiting)
         demand = used_queued + extra_blocks + reserve
-        # list 1: the blocks a new request could take now (free, less queued, less the growth reserve unless
-        # ``predict_hold_physical``: then the reserve weighs only in the load key below)
+        # list 1: the blocks a new request could take now (free, less queued, less the hold's growth reserve:
+        # ``predict_hold_growth_blocks`` per hosted request, 0 with ``predict_hold_physical``; the full reserve
+        # weighs in the load key below)
         if params.predict_hold:
-            room = -float(total - (used_queued + extra_blocks if params.predict_hold_physical else demand))
+            room = -float(total - (used_queued + extra_blocks + self._hold_growth * (hosted + entry.extra_waiting)))
         else:
             room = None
         load = demand / total
@@ -662,6 +666,8 @@ class PredictiveIndex(_IndexBase):
         return ((0.0, float(ahead), load), room)
 
     def __init__(self, params: DispatchParams) -> None:
+        # the hold test's growth reserve per hosted request (the params are fixed for the index's life)
+        self._hold_growth = _hold_growth(params)
         super().__init__(params)
         # late binding: per model pool, the held request that reserved an instance, the instance, and how
         # many other decisions have passed since that request was last asked about
@@ -746,13 +752,13 @@ class PredictiveIndex(_IndexBase):
             return
         self._clock += 2  # the version _unlink would set, then the one _link sets
         entry.version = version = self._clock
-        total, used_queued, hosted, running, waiting_blocks, bs, prefilling = entry.terms
+        total, used_queued, hosted, running, waiting_blocks, bs, prefilling, _ = entry.terms
         params = self.params
         extra_blocks = entry.extra_blocks
         extra_waiting = entry.extra_waiting
         demand = used_queued + extra_blocks + params.predict_growth_blocks * (hosted + extra_waiting)
         if params.predict_hold:
-            room = -float(total - (used_queued + extra_blocks if params.predict_hold_physical else demand))
+            room = -float(total - (used_queued + extra_blocks + self._hold_growth * (hosted + extra_waiting)))
         else:
             room = None
         load = demand / total
@@ -901,7 +907,7 @@ class PredictiveIndex(_IndexBase):
         reserved = reservation[1] if reservation is not None and reservation[0] != demand.request_id else None
         prompt = demand.num_prompt_tokens
         blocks = demand.num_blocks
-        growth = 0 if self.params.predict_hold_physical else self.params.predict_growth_blocks
+        growth = self._hold_growth
         best: tuple[float, str, int] | None = None
         entries = self._entries
         top = self._top(pool[0])
@@ -959,9 +965,7 @@ class PredictiveIndex(_IndexBase):
                     reservation = None
                 else:
                     reserved = reservation[1]
-        need = demand.num_blocks
-        if not self.params.predict_hold_physical:
-            need += self.params.predict_growth_blocks
+        need = demand.num_blocks + self._hold_growth
         # The best live item of a heap is its top once stale tops are popped (``_top``, cheap): the walk over
         # the best few (``_peek``) is paid only when the top is ruled out (reserved, or no room).
         if self.params.predict_interference > 0:
@@ -977,6 +981,12 @@ class PredictiveIndex(_IndexBase):
                 if soonest[-2] != reserved and -entry.keys[1] >= need:  # type: ignore[operator]  # a float
                     # the first candidate of the loop below: the roomiest instance other than the reserved one
                     # has at least this room, so the steps before the loop would let it through
+                    if entry.terms[7] and self.params.predict_decode_stall > 0:
+                        # starting here stalls the decodes running there (terms[7]): weigh that against
+                        # the next few; with none decoding here it is the least cost anyway
+                        quiet = self._least_interference(demand, pool, reserved, need)
+                        if quiet is not None:
+                            return quiet
                     return soonest[-2]
                 break
             heappop(heap)
@@ -993,6 +1003,10 @@ class PredictiveIndex(_IndexBase):
                 return None if self.params.queue_hold_all else roomiest[1]
             self._reservations[demand.model] = [demand.request_id, roomiest[1], 0]
             return None  # no instance can start it now: the scheduler holds it
+        if self.params.predict_decode_stall > 0:
+            quiet = self._least_interference(demand, pool, reserved, need)
+            if quiet is not None:
+                return quiet
         for item in self._peek(pool[0], self._PROBE + 1):
             iid = item[-2]
             if iid != reserved and -self._entries[iid].keys[1] >= need:  # type: ignore[operator]  # a float
@@ -1005,8 +1019,11 @@ class PredictiveIndex(_IndexBase):
         """``predict_interference``: of the few best safe-tier instances with room now, the one where the work
         ahead plus the slowdown the prompt's chunks impose on the decodes there is least (weight x running
         requests x prompt tokens: each running request shares every step of the prefill with a chunk).
-        None: no such instance (late binding decides as without the rule)."""
+        ``predict_decode_stall`` adds its weight x decoding requests x prompt tokens: a request still
+        prefilling has no token whose gap the chunks stretch. None: no such instance (late binding decides as
+        without the rules)."""
         weight = self.params.predict_interference * demand.num_prompt_tokens
+        stall = self.params.predict_decode_stall * demand.num_prompt_tokens
         entries = self._entries
         best: tuple[float, str] | None = None
         for item in self._peek(pool[0], self._PROBE + 1):
@@ -1018,10 +1035,20 @@ class PredictiveIndex(_IndexBase):
                 break
             if iid == reserved or -room < need:
                 continue
-            score = key[1] + weight * (entry.terms[3] + entry.extra_waiting)  # terms[3]: running requests
+            terms = entry.terms  # [3]: running requests, [7]: decoding ones
+            score = key[1] + weight * (terms[3] + entry.extra_waiting) + stall * terms[7]
             if best is None or score < best[0]:
                 best = (score, iid)
         return None if best is None else best[1]
+
+
+def _hold_growth(params: DispatchParams) -> int:
+    """Late binding's growth reserve per hosted request in the hold test (does the prompt fit now?):
+    ``predict_hold_growth_blocks``, ``predict_growth_blocks`` when that is -1, 0 with ``predict_hold_physical``."""
+    if params.predict_hold_physical:
+        return 0
+    hold = params.predict_hold_growth_blocks
+    return params.predict_growth_blocks if hold < 0 else hold
 
 
 def _idle(entry: _Entry) -> bool:

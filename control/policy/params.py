@@ -18,6 +18,12 @@ AfterMaxStages = Literal["stop_and_copy", "abort"]
 MigrationSources = Literal["freeness", "pressure", "drain"]
 
 
+ENGINE_STARTUP_KEYS = frozenset({"step_budget_slo_share"})
+"""Policy keys an engine reads once, when it starts (vLLM takes its step budget at start-up only): the
+simulator applies them per run; a running control plane refuses them in ``drover policy set`` and points to
+the ``[engine]`` setting of the same name, which the engine hosts read."""
+
+
 @dataclass(frozen=True, slots=True)
 class DispatchParams:
     """What dispatch policies read."""
@@ -92,6 +98,22 @@ class DispatchParams:
     reserve stays in the memory-load key, so placement still avoids instances about to grow. The reserve in
     the hold test predicts a shortage vLLM's admission (and preemption) settles anyway, and held a
     decode-heavy workload's requests while every instance had room (docs/policies.md, "Physical-room hold")."""
+    predict_decode_stall: float = 0.0
+    """``predictive`` dispatch with late binding: when the soonest-start instance has decoding requests, the
+    few best safe-tier instances with room are scored by work ahead + this weight x the new prompt's tokens x
+    the requests *decoding* there (each one shares every step of the new prefill with a chunk: its next
+    inter-token gaps stretch by the whole prefill). At 1 a token of the new request's wait weighs as much as
+    a token of stall on each decode, so a long prompt joins an instance that is only prefilling (or queues a
+    little) rather than stalling decodes; prompts that only prefill beside each other stall nobody's tokens.
+    0 = off (the default, and ``drover``'s: on Mooncake's long prompts it cost attainment). docs/policies.md,
+    "Decode stalls: prompts beside decodes"."""
+    predict_hold_growth_blocks: int = -1
+    """``predictive`` dispatch with ``predict_hold``: the growth reserve per hosted request that the hold test
+    counts: the instance's room, the new request's own need and a prefix holder's room check (-1:
+    ``predict_growth_blocks``; 0 is ``predict_hold_physical``). The load key keeps the full reserve. A dial
+    between decode-heavy work's TTFT (fewer holds) and long prompts' clean decodes (fewer preemptions): 1 fixed
+    a short-prompt, long-output point's p99 TTFT but raised Azure's preemptions 37 to 237, so ``drover``
+    keeps -1 (docs/policies.md, "Why the hold persists")."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +141,14 @@ class PolicyParams:
     predict_prefill_blocks: bool = False
     predict_interference: float = 0.0
     predict_hold_physical: bool = False
+    predict_decode_stall: float = 0.0
+    predict_hold_growth_blocks: int = -1
+    step_budget_slo_share: float = 0.0
+    """SLO-sized step budget (local control, read when an instance starts): each instance's per-step token
+    budget (vLLM's ``max_num_batched_tokens``) is the largest whose step of prompt tokens alone takes at most
+    this share of the TPOT SLO, by the instance's step-latency profile, never above the engine's configured
+    budget (:func:`control.policy.step_budget.slo_step_token_budget`). 0 = off (the engine's own budget).
+    docs/policies.md, "SLO-sized step budget"."""
 
     migration_enabled: bool = True
     migrate_threshold: float = 3.0
@@ -196,6 +226,8 @@ always empties."""
             predict_prefill_blocks=self.predict_prefill_blocks,
             predict_interference=self.predict_interference,
             predict_hold_physical=self.predict_hold_physical,
+            predict_decode_stall=self.predict_decode_stall,
+            predict_hold_growth_blocks=self.predict_hold_growth_blocks,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -251,8 +283,14 @@ always empties."""
             raise ValueError("queue_starvation_s must be >= 0 (0 = off)")
         if self.queue_backfill_scan < 1:
             raise ValueError("queue_backfill_scan must be >= 1")
+        if self.predict_hold_growth_blocks < -1:
+            raise ValueError("predict_hold_growth_blocks must be >= 0, or -1 (predict_growth_blocks)")
         if self.predict_interference < 0:
             raise ValueError("predict_interference must be >= 0 (0 = off)")
+        if self.predict_decode_stall < 0:
+            raise ValueError("predict_decode_stall must be >= 0 (0 = off)")
+        if not 0 <= self.step_budget_slo_share <= 1:
+            raise ValueError("step_budget_slo_share must be in [0, 1] (0 = off)")
         if self.migration_period_s <= 0:
             raise ValueError("migration_period_s must be > 0")
 

@@ -44,6 +44,7 @@ from control.core.admission import max_prompt_tokens
 from control.core.dispatch import Dispatcher, Place, Waiting
 from control.core.migration import MigrationStages, StageStep
 from control.core.record import DecisionLog
+from control.core.requests import takes_no_dispatch
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy
 from control.policy.migration import InFlightMigration, MigrationDecision, MigrationPlanner
 from control.policy.params import PolicyParams
@@ -113,7 +114,7 @@ class SimInstance:
     core: SimEngineCore
     version: int = 0  # of its scheduled step-end event
     plan_end: float | None = None
-    draining: bool = False
+    draining: bool = False  # takes no new request (the core's rule, set with the state: set_state)
     snapshot_core_version: int = -1
     reported_preemptions: int = 0
     role: str = "mixed"
@@ -122,6 +123,13 @@ class SimInstance:
     ready_at: float = 0.0
     stopped_at: float = -1.0
     block_watch: int = 0  # the live entry of the simulator's block-change heap (older entries are stale)
+
+    def set_state(self, state: str) -> None:
+        """Move to ``state``; ``draining`` (its snapshot's, and no fair-queue room) follows the control core's
+        rule, the one the live registry asks (``control.core.requests.takes_no_dispatch``). Kept in the field
+        because the snapshot refresh reads it for every busy instance at every tick."""
+        self.state = state
+        self.draining = takes_no_dispatch(serving=state == "active", draining=state == "draining")
 
 
 @dataclass(slots=True, eq=False)
@@ -285,7 +293,8 @@ class ClusterSimulator(ClasslessFleet):
         """Ask for a new instance now; it serves (joins dispatch and migration) after ``startup_s``."""
         index = len(self.instances)
         inst = SimInstance(index, f"sim-{index:04d}", SimEngineCore(self.config.engine, self.config.cost_model))
-        inst.role, inst.requested_at, inst.state = role, self.now, "starting"
+        inst.role, inst.requested_at = role, self.now
+        inst.set_state("starting")
         self.instances.append(inst)
         if self._snapshots:
             self._snapshots.append(self._snapshot(inst))
@@ -295,7 +304,8 @@ class ClusterSimulator(ClasslessFleet):
     def _on_ready(self, inst: SimInstance) -> None:
         if inst.state != "starting":
             return
-        inst.state, inst.ready_at = "active", self.now
+        inst.set_state("active")
+        inst.ready_at = self.now
         insort(self._live, inst.index)
         inst.snapshot_core_version = -1
         self._touched.add(inst.index)
@@ -309,8 +319,7 @@ class ClusterSimulator(ClasslessFleet):
             return
         if inst.state != "active":
             return
-        inst.state = "draining"
-        inst.draining = True
+        inst.set_state("draining")
         inst.snapshot_core_version = -1
         self._touched.add(inst.index)
 
@@ -330,8 +339,8 @@ class ClusterSimulator(ClasslessFleet):
         if inst.state != "starting":
             self._live.remove(inst.index)
             self.index.remove(inst.instance_id)
-        inst.state, inst.stopped_at = "stopped", self.now
-        inst.draining = True
+        inst.set_state("stopped")
+        inst.stopped_at = self.now
         self._busy.discard(inst.index)
         self._touched.discard(inst.index)
         self._migrations_dirty = True

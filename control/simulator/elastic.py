@@ -588,7 +588,7 @@ class ElasticSimulator(ClusterSimulator):
         core = inst.core
         if core.has_plan:
             core.advance_to(self.now)
-        return instance_view(inst.instance_id, core, model=self.config.model, draining=inst.state == "draining")
+        return instance_view(inst.instance_id, core, model=self.config.model, draining=inst.draining)
 
 
 def _class_of(request: SimRequest) -> str:

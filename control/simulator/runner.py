@@ -41,6 +41,7 @@ from control.simulator.memory import simulate as simulate_memory
 from control.simulator.metrics import RequestMetrics, SimulationResult
 from control.simulator.prefix import PrefixClusterSimulator, PrefixTrace
 from control.simulator.presets import GIB, Preset
+from control.simulator.step_budget import with_slo_step_budget
 from control.simulator.traces import TRACES_DIR, resolve_trace
 from control.simulator.workload import LengthSpec, RequestSpec, arrival_times, load_trace
 from engines.sim.core import SimOutput
@@ -357,6 +358,7 @@ def run_policy(policy: str, workload: Sequence[RequestSpec], options: RunOptions
     if options.kunserve:
         return _run_kunserve(name, workload, options)
     cluster = preset.cluster_config(options.instances, params, max_model_len=options.max_model_len)
+    cluster = with_slo_step_budget(cluster, options.slo_tpot_ms / 1000)  # drover reads the run's TPOT SLO
     started = time.perf_counter()
     cpu_started = time.process_time()
     sim: ObservedCluster | ObservedElastic | ObservedPrefixCluster

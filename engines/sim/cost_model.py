@@ -61,6 +61,11 @@ class CostModel:
             + self.prefill_attention_ms_per_pair * prefill_pairs
         )
 
+    def prompt_step_ms(self, tokens: int) -> float:
+        """A step of ``tokens`` prompt tokens alone (a first chunk: it attends to itself only), ms: the step
+        profile the SLO-sized step budget reads (``control/policy/step_budget.py``)."""
+        return self.step_ms(tokens, 0, 0, tokens * (tokens + 1) / 2)
+
     def run_coefficients(self, decode_seqs: int, context0: int) -> tuple[float, float]:
         """(first step's ms, ms added per later step) of a decode-only run of a fixed batch: step i (from 0)
         takes ``base + growth·i`` (the batch's summed context grows by ``decode_seqs`` a step)."""

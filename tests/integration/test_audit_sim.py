@@ -60,6 +60,10 @@ async def test_admin_commands_are_audited(cluster: InProcessCluster, audit_file:
         assert code == 0, out
         code, out = await asyncio.to_thread(drover, cluster, "policy", "set", "dispatch_policy=nope", operator="alice")
         assert code == 1, out
+        code, out = await asyncio.to_thread(
+            drover, cluster, "policy", "set", "step_budget_slo_share=0.5", operator="alice"
+        )
+        assert code == 1 and "[engine] step_budget_slo_share" in out, out  # read at engine start-up only
 
         stream = await client.submit("x" * 100, max_tokens=300, request_id="audited-1")
         async for _ in stream.events():
@@ -85,6 +89,7 @@ async def test_admin_commands_are_audited(cluster: InProcessCluster, audit_file:
         (getpass.getuser(), "policy_update", True),
         ("alice", "policy_update", True),
         ("alice", "policy_update", False),
+        ("alice", "policy_update", False),
         ("bob", "migrate", True),
         ("bob", "migrate", False),
         ("carol", "drain", True),
@@ -95,9 +100,10 @@ async def test_admin_commands_are_audited(cluster: InProcessCluster, audit_file:
         assert record["subject"].startswith("drover.v1.admin.") and record["duration_s"] >= 0
     assert records[1]["params"] == {"changes": {"migrate_threshold": "4"}}
     assert records[2]["result"].startswith("invalid_request")
-    assert records[3]["params"]["request_id"] == "audited-1" and records[3]["params"]["destination"] == destination
-    assert records[3]["details"]["stages"] >= 1  # the migration's figures come along
-    assert records[4]["result"].startswith("unknown_request")
-    assert records[5]["params"] == {"instance_id": destination, "undo": False}
-    assert records[5]["result"].startswith(f"draining {destination}")
-    assert records[6]["params"]["undo"] is True and "back in service" in records[6]["result"]
+    assert records[3]["result"].startswith("invalid_request") and "[engine]" in records[3]["result"]
+    assert records[4]["params"]["request_id"] == "audited-1" and records[4]["params"]["destination"] == destination
+    assert records[4]["details"]["stages"] >= 1  # the migration's figures come along
+    assert records[5]["result"].startswith("unknown_request")
+    assert records[6]["params"] == {"instance_id": destination, "undo": False}
+    assert records[6]["result"].startswith(f"draining {destination}")
+    assert records[7]["params"]["undo"] is True and "back in service" in records[7]["result"]

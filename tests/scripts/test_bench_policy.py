@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
+
+import pytest
 
 from control.policy.recommended import user_policy_params as named_policy
 from control.simulator import simulate
-from scripts.bench_policy_scale import bench_dispatch, bench_planning
+from scripts.bench_policy_scale import bench_dispatch, bench_planning, fresh_copy, random_snapshot
 from scripts.bench_scheduling import attainment, goodput, goodput_settings, mean_ci, slo_for
 
 
@@ -18,6 +21,24 @@ def test_scale_benchmark_reports_every_operation() -> None:
         assert ("drain_flip_p99_us" in row) == (name == "round_robin")
     plan = bench_planning(16, 5, 0, named_policy("drover"))
     assert plan["round_p99_us"] > 0 and plan["changed_per_round"] == 1
+
+
+def test_scale_benchmark_replays_and_noise_floor() -> None:
+    # replays time the same decisions on identical indexes (it raises if a replay chose differently)
+    row = bench_dispatch(16, "drover", 40, 0, "cpu", replays=2, warmup=10, fresh=True)
+    assert len(row["reps"]) == 2 and row["total_min_p99_us"] <= row["total_p99_us"]
+    for label in ("total_uninterrupted", "control", "control_memory", "timer"):
+        assert row[f"{label}_p50_us"] > 0
+    assert 0 <= row["interrupted"] <= 40 and 0 <= row["gc_collections_timed"] <= row["gc_collections"]
+    with pytest.raises(ValueError):
+        bench_dispatch(16, "drover", 10, 0, gc_mode="frozen")
+
+
+def test_fresh_copy_is_an_equal_new_snapshot() -> None:
+    snapshot = random_snapshot(random.Random(3), "i1", "llama")
+    copy = fresh_copy(snapshot)
+    assert copy == snapshot and copy is not snapshot
+    assert all(a is not b for a, b in zip(copy.running, snapshot.running, strict=True))
 
 
 def test_attainment_counts_unfinished_and_rejected_as_misses() -> None:

@@ -66,6 +66,14 @@ class _ReferenceDrover:
         # an instance without a model serves only requests that name none; draining ones serve nobody
         return [iid for iid, s in self.snapshots.items() if not s.draining and (model == "" or s.model == model)]
 
+    def hold_growth(self) -> int:
+        """The hold test's growth reserve per hosted request: predict_hold_growth_blocks (-1: the load key's
+        predict_growth_blocks), 0 with predict_hold_physical (the room leaves the reserve out)."""
+        p = self.params
+        if p.predict_hold_physical:
+            return 0
+        return p.predict_growth_blocks if p.predict_hold_growth_blocks < 0 else p.predict_hold_growth_blocks
+
     def keys(self, iid: str) -> tuple[tuple[float, float, float], float]:
         """(tier, prefill work ahead or load, load) and minus the blocks a new request could take now."""
         s = self.snapshots[iid]
@@ -83,7 +91,7 @@ class _ReferenceDrover:
         physical = demand  # predict_hold_physical: the hold test's room leaves the growth reserve out
         demand += p.predict_growth_blocks * (s.num_running + s.num_waiting + waiting)
         load = demand / total
-        room = -float(total - (physical if p.predict_hold_physical else demand))
+        room = -float(total - (physical + self.hold_growth() * (s.num_running + s.num_waiting + waiting)))
         if load >= p.predict_high_watermark:
             return (1.0, load, 0.0), room
         ahead = float((s.waiting_blocks + blocks) * s.block_size + prefilling)
@@ -131,7 +139,7 @@ class _ReferenceDrover:
             key, room = candidates[iid]
             if key[0] != 0.0:
                 continue
-            growth = 0 if self.params.predict_hold_physical else self.params.predict_growth_blocks
+            growth = self.hold_growth()
             if -room < max(0, demand.num_blocks - cached) + growth:
                 continue
             uncomputed = demand.num_prompt_tokens - cached * self.snapshots[iid].block_size
@@ -170,7 +178,27 @@ class _ReferenceDrover:
                     reservation = None
                 else:
                     reserved = reservation[1]
-        need = demand.num_blocks + (0 if self.params.predict_hold_physical else self.params.predict_growth_blocks)
+        need = demand.num_blocks + self.hold_growth()
+        p = self.params
+        if p.predict_interference > 0 or p.predict_decode_stall > 0:
+            # of the few best safe-tier instances with room now, the least work ahead plus the stall the
+            # prompt's chunks impose there: on every running request (predict_interference), on every
+            # decoding one (predict_decode_stall)
+            wi = p.predict_interference * demand.num_prompt_tokens
+            ws = p.predict_decode_stall * demand.num_prompt_tokens
+            quiet: tuple[float, str] | None = None
+            for key, iid in by_key[: self.PROBE + 1]:
+                if key[0] != 0.0:
+                    break
+                if iid == reserved or -candidates[iid][1] < need:
+                    continue
+                s = self.snapshots[iid]
+                decoding = sum(1 for r in s.running if r.decoding)
+                score = key[1] + wi * (s.num_running + self.extra[iid][0]) + ws * decoding
+                if quiet is None or score < quiet[0]:
+                    quiet = (score, iid)
+            if quiet is not None:
+                return quiet[1]
         by_room = sorted((k[1], iid) for iid, k in candidates.items())[:2]
         roomiest = next((c for c in by_room if c[1] != reserved), None)
         if roomiest is None:
@@ -247,17 +275,33 @@ def _feed(indexes: tuple[PrefixIndex, ...], seq: int, rng: random.Random, iid: s
 
 
 @pytest.mark.parametrize(
-    ("seed", "prefill_blocks", "physical"),
-    [(0, True, False), (1, True, False), (2, True, False), (3, True, False), (4, False, False), (5, True, True)],
+    ("seed", "prefill_blocks", "physical", "stall"),
+    [
+        (0, True, False, None),
+        (1, True, False, None),
+        (2, True, False, None),
+        (3, True, False, None),
+        (4, False, False, None),
+        (5, True, True, None),
+        (6, True, False, 1.0),
+        (7, True, False, 0.25),
+        (8, True, 1, None),
+    ],
 )
-def test_drover_dispatch_decides_as_a_full_scan(seed: int, prefill_blocks: bool, physical: bool) -> None:
+def test_drover_dispatch_decides_as_a_full_scan(
+    seed: int, prefill_blocks: bool, physical: bool | int, stall: float | None
+) -> None:
     rng = random.Random(seed)
     n = rng.choice((4, 12, 40))
     params = user_policy_params("drover").dispatch_params()
     # drover counts the blocks running prompts' later chunks take (predict_prefill_blocks); one seed without
     params = dataclasses.replace(params, predict_prefill_blocks=prefill_blocks)
-    if physical:  # the hold test on physical room (opt-in, predict_hold_physical)
+    if physical is True:  # the hold test on physical room (opt-in, predict_hold_physical)
         params = dataclasses.replace(params, predict_hold_physical=True)
+    elif physical is not False:  # a smaller growth reserve in the hold test (opt-in, predict_hold_growth_blocks)
+        params = dataclasses.replace(params, predict_hold_growth_blocks=physical)
+    if stall is not None:  # the decode-stall rule (opt-in): at weight 1, and at a weight where ties are rare
+        params = dataclasses.replace(params, predict_decode_stall=stall)
     assert params.predict_hold and params.predict_prefix
     index = make_dispatch_policy("predictive", params)
     assert isinstance(index, PredictiveIndex) and index.prefix_index is not None

@@ -122,3 +122,19 @@ def test_physical_hold_starts_what_fits_now_and_keeps_the_reserve_in_placement()
     assert index.choose(demand("big2", 25)) == "a"  # b has no physical room left; a has 30
     index.on_dispatched("a", demand("big2", 25))
     assert index.choose(demand("big3", 10)) is None  # 5 and 0 blocks left: held
+
+
+def test_hold_growth_blocks_lets_a_small_prompt_start_among_many_small_decodes() -> None:
+    # many hosted requests: the hold test's growth reserve (10 x 4 = 40 blocks) exceeds the 30 free blocks, so
+    # a 4-block prompt is held although the instance has the room; with a 1-block reserve per hosted request
+    # in the hold test (predict_hold_growth_blocks) it starts: 30 - 10 x 1 = 20 >= 4 + 1
+    crowded = snap("a", 30, running=10)
+    assert index_of(crowded).choose(demand("small", 4)) is None
+    smaller = dataclasses.replace(HOLD, predict_hold_growth_blocks=1)
+    assert index_of(crowded, params=smaller).choose(demand("small", 4)) == "a"
+    assert index_of(crowded, params=smaller).choose(demand("big", 20)) is None  # 20 < 20 + 1: still held
+    # -1 is the full reserve (predict_growth_blocks), as without the knob
+    assert (
+        index_of(crowded, params=dataclasses.replace(HOLD, predict_hold_growth_blocks=-1)).choose(demand("small", 4))
+        is None
+    )
