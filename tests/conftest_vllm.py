@@ -8,8 +8,10 @@ every test that uses them must be an ``async def`` test on that loop. Tests must
 request finished) when they end.
 
 Each engine start costs the suite 10-25 s on CI's 2 cores, so modules share engines by name: "a" and "b"
-(and the plain ``direct`` one) serve tests/engines and every tests/integration module that needs two
-engines. Modules that shut cached engines down to start engine processes of their own (``reserve`` or
+(and the plain ``direct`` one) serve tests/engines and most tests/integration modules that need two engines.
+test_kv_routing_vllm.py keeps its own "kv-a" and "kv-b": its routing assertions read the engines' prefix
+caches and loads, which on the shared engines carry what earlier modules left (it failed once on CI there).
+Modules that shut cached engines down to start engine processes of their own (``reserve`` or
 ``close``) are named to sort after every module that uses "a" and "b" (test_vllm_live_autoscaling.py,
 test_vllm_failover.py), so that no cached engine is started twice.
 

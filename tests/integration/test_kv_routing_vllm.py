@@ -36,7 +36,7 @@ async def kv_cluster(nats_url: str, vllm_engine_factory: Any) -> AsyncIterator[V
         }
     )
     cluster = VllmCluster(nats_url, settings, name="drover-control-kv")
-    for name in ("a", "b"):  # the session's shared engines (as the other vLLM modules): none started here
+    for name in ("kv-a", "kv-b"):
         await cluster.add(await vllm_engine_factory.engine(name))
     yield cluster
     await cluster.close()
@@ -66,7 +66,7 @@ async def test_vllm_events_hash_like_drover(vllm_engine_factory: Any) -> None:
     """The hashes vLLM publishes for a prompt are the ones Drover computes for it."""
     from engines.base import EngineRequest
 
-    engine = await vllm_engine_factory.engine("a")
+    engine = await vllm_engine_factory.engine("kv-a")
     prompt = [random.Random(7).randrange(1, 250) for _ in range(200)]
     request = EngineRequest("kv-hash-1", prompt, SamplingParams(max_tokens=1))
     async for _ in engine.generate(request):
@@ -87,7 +87,7 @@ async def test_repeated_long_prefix_goes_to_its_holder(client: DroverClient) -> 
     first = await client.generate(prefix + " first question?", sampling=sampling)
     assert first.done is not None
     holder = first.done.instances[0]
-    other = {"a", "b"} - {holder}
+    other = {"kv-a", "kv-b"} - {holder}
     await cached_blocks(client, holder, PREFIX_CHARS // 32 - 1)
     _, hits_before, _ = metrics().prefix_cache_totals()
     ttfts = []
