@@ -407,6 +407,7 @@ async def test_client_delivers_only_its_requests_messages(alice: DroverClient, s
             break
         await asyncio.sleep(0.02)
     seen = (stream.dropped, stream.finished, len(stream.raw_chunks), stream.resubmits, spy.conn.errors)
+    seen += (alice.nc.is_connected, dict(alice.nc.stats), dict(spy.conn.nc.stats))  # what each connection moved
     assert stream.dropped == 2 and not stream.finished, seen  # both dropped, and the forged end did not end it
     await stream.cancel()
     result = await stream.result()
