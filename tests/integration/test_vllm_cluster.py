@@ -31,6 +31,10 @@ async def vllm_cluster(nats_url: str, vllm_engine_factory: Any) -> AsyncIterator
             "model": {"max_model_len": 2048},
             "engine": {"heartbeat_interval_s": 0.1},
             "policy": {"migration_enabled": False},  # tests decide every migration
+            # a starved test host lets the engine decode many tokens between a stage's report and the stop;
+            # past the margin the migration aborts cleanly (the request goes on at its source), but these tests
+            # check what a migration that goes through delivers
+            "migration": {"reserve_headroom_blocks": 16},
         }
     )
     cluster = VllmCluster(nats_url, settings)
