@@ -14,7 +14,7 @@ from control.core.dispatch import Dispatcher
 from control.core.pd import PdCore
 from control.core.record import DecisionLog
 from control.core.requests import InstanceRecord, record_takes_no_dispatch
-from control.policy.snapshots import InstanceSnapshot, RunningSnapshot
+from control.policy.snapshots import InstanceSnapshot, RunningSnapshot, running_totals
 from observability.metrics import metrics
 from transport.messages import EngineInfo, InstanceLoad, peer_version
 
@@ -117,6 +117,17 @@ class InstanceRegistry:
         cached = self.built.get(info.instance_id)
         if cached is not None and cached[0] is load and cached[1] is info and cached[2] == draining:
             return cached[3]
+        running = tuple(
+            RunningSnapshot(
+                request_id=r.request_id,
+                num_tokens=r.num_tokens,
+                num_blocks=r.num_blocks,
+                priority=r.priority,
+                decoding=r.decoding,
+            )
+            for r in load.running
+        )
+        block_size = record.info.block_size
         snapshot = InstanceSnapshot(
             instance_id=record.info.instance_id,
             num_total_blocks=load.num_total_blocks,
@@ -128,17 +139,11 @@ class InstanceRegistry:
             num_preempted=load.num_preempted,
             draining=draining,
             model=record.info.model,
-            block_size=record.info.block_size,
-            running=tuple(
-                RunningSnapshot(
-                    request_id=r.request_id,
-                    num_tokens=r.num_tokens,
-                    num_blocks=r.num_blocks,
-                    priority=r.priority,
-                    decoding=r.decoding,
-                )
-                for r in load.running
-            ),
+            block_size=block_size,
+            running=running,
+            # counted and summed while the requests just built are in the CPU cache, not again on dispatch's upsert
+            high_priority_count=sum(1 for r in running if r.priority > 0),
+            running_totals=running_totals(running, block_size) if block_size > 0 else None,
         )
         self.built[info.instance_id] = (load, info, draining, snapshot)
         return snapshot

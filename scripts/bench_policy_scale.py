@@ -63,7 +63,7 @@ from control.policy.migration import MigrationPlanner, plan_migrations
 from control.policy.params import PolicyParams
 from control.policy.prefix_index import PrefixIndex
 from control.policy.recommended import user_policy_params
-from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot
+from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot, running_totals
 
 MODELS = ("llama", "qwen")
 
@@ -97,6 +97,7 @@ def random_snapshot(rng: random.Random, iid: str, model: str, *, draining: bool 
         block_size=16,
         running=running,
         high_priority_count=sum(1 for r in running if r.priority > 0),  # heartbeat builders count it
+        running_totals=running_totals(running, 16),  # and sum these (actors/scheduler_instances.py)
     )
 
 

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 from control.policy.freeness import INF, dispatch_freeness, physical_usage, priority_headroom_blocks
 from control.policy.params import DispatchParams
 from control.policy.prefix_index import PrefixIndex
-from control.policy.snapshots import InstanceSnapshot, RequestDemand
+from control.policy.snapshots import InstanceSnapshot, RequestDemand, running_totals
 
 POLICY_NAMES: tuple[str, ...] = ("round_robin", "least_loaded", "freeness", "prefix_affinity", "kv_aware", "predictive")
 POLICY_NAMES += ("queue_size",)  # a line of its own: other branches edit the line above
@@ -614,18 +614,13 @@ class PredictiveIndex(_IndexBase):
 
     def _terms(self, snapshot: InstanceSnapshot) -> Any:
         """(total blocks, used + queued blocks, hosted requests, running requests, queued blocks, block
-        size, unprefilled prompt tokens of running requests, decoding requests): a dispatch re-keys the
-        instance without walking its running requests again."""
+        size, unprefilled prompt tokens of running requests, decoding requests, no request running or
+        waiting): a dispatch re-keys the instance without walking its running requests again, and a decision
+        reads whether an instance is idle (``_idle``) here, beside the keys it reads anyway, not from a snapshot
+        object that is out of the CPU cache by then."""
         bs = snapshot.block_size
-        prefilling = to_allocate = decoding = 0
-        for r in snapshot.running:
-            if not r.decoding:
-                left = r.num_tokens - r.num_blocks * bs
-                if left > 0:
-                    prefilling += left
-                    to_allocate += -(-left // bs)
-            else:
-                decoding += 1
+        totals = snapshot.running_totals  # summed by the snapshot's builder, or here
+        prefilling, to_allocate, decoding = running_totals(snapshot.running, bs) if totals is None else totals
         total = snapshot.num_total_blocks
         waiting_blocks = snapshot.waiting_blocks
         running = snapshot.num_running
@@ -643,10 +638,11 @@ class PredictiveIndex(_IndexBase):
             bs,
             prefilling,
             decoding,
+            running == 0 and snapshot.num_waiting == 0,  # InstanceSnapshot.is_empty
         )
 
     def _keys(self, entry: _Entry) -> tuple[Any, ...]:
-        total, used_queued, hosted, running, waiting_blocks, bs, prefilling, _ = entry.terms
+        total, used_queued, hosted, running, waiting_blocks, bs, prefilling, _, _ = entry.terms
         params = self.params
         extra_blocks = entry.extra_blocks
         reserve = params.predict_growth_blocks * (hosted + entry.extra_waiting)
@@ -752,7 +748,7 @@ class PredictiveIndex(_IndexBase):
             return
         self._clock += 2  # the version _unlink would set, then the one _link sets
         entry.version = version = self._clock
-        total, used_queued, hosted, running, waiting_blocks, bs, prefilling, _ = entry.terms
+        total, used_queued, hosted, running, waiting_blocks, bs, prefilling, _, _ = entry.terms
         params = self.params
         extra_blocks = entry.extra_blocks
         extra_waiting = entry.extra_waiting
@@ -995,7 +991,7 @@ class PredictiveIndex(_IndexBase):
             return None
         if -roomiest[0] < need:
             entry = self._entries[roomiest[1]]
-            if entry.snapshot.is_empty and entry.extra_waiting == 0:
+            if _idle(entry):
                 return roomiest[1]  # an idle instance always takes it (it may never fit with the reserve)
             if reservation is not None:
                 # one request is held already: hold this one too (queue_hold_all), else queue it at the
@@ -1052,8 +1048,9 @@ def _hold_growth(params: DispatchParams) -> int:
 
 
 def _idle(entry: _Entry) -> bool:
-    """No request runs or waits on the instance, and none was dispatched to it since its snapshot."""
-    return entry.snapshot.is_empty and entry.extra_waiting == 0
+    """No request runs or waits on the instance, and none was dispatched to it since its snapshot (a
+    ``PredictiveIndex`` entry: its terms say whether the snapshot is empty)."""
+    return entry.terms[8] and entry.extra_waiting == 0
 
 
 _ANY_INSTANCE = "\x00any instance"

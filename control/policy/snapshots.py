@@ -3,6 +3,7 @@ build these from what they know and call the same policy functions."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -39,6 +40,10 @@ class InstanceSnapshot:
     cached_prefix_hashes: frozenset[int] = frozenset()
     high_priority_count: int = -1
     """Running requests with priority > 0 when the builder counted them; -1: count ``running``."""
+    running_totals: tuple[int, int, int] | None = None
+    """:func:`running_totals` of ``running`` when the builder summed them; None: dispatch sums ``running``. A
+    builder walks the running requests anyway, while they are in the CPU cache; dispatch would walk them again on
+    the heartbeat's upsert, which is timed as part of a decision (issue 17)."""
 
     @property
     def num_high_priority(self) -> int:
@@ -53,6 +58,22 @@ class InstanceSnapshot:
     @property
     def is_empty(self) -> bool:
         return self.num_running == 0 and self.num_waiting == 0
+
+
+def running_totals(running: Iterable[RunningSnapshot], block_size: int) -> tuple[int, int, int]:
+    """(prompt tokens that running requests still in their prefill have left to compute past the blocks they
+    hold, the blocks those tokens will take, requests decoding): what ``predictive`` dispatch reads of an
+    instance's running requests. ``block_size`` > 0."""
+    prefilling = to_allocate = decoding = 0
+    for r in running:
+        if not r.decoding:
+            left = r.num_tokens - r.num_blocks * block_size
+            if left > 0:
+                prefilling += left
+                to_allocate += -(-left // block_size)
+        else:
+            decoding += 1
+    return prefilling, to_allocate, decoding
 
 
 @dataclass(frozen=True, slots=True)

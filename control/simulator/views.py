@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 
 from control.policy.autoscaling import FleetInstance, RunningBatch
-from control.policy.snapshots import InstanceSnapshot, RunningSnapshot
+from control.policy.snapshots import InstanceSnapshot, RunningSnapshot, running_totals
 from engines.sim.core import SimEngineCore, SimRequest
 
 # The snapshots' fields in declaration order, as the slot-by-slot builders below set them (see _slot_setters);
@@ -34,6 +34,7 @@ _FIELDS = (
     "running",
     "cached_prefix_hashes",
     "high_priority_count",
+    "running_totals",
 )
 _RUNNING_FIELDS = ("request_id", "num_tokens", "num_blocks", "priority", "decoding")
 _NO_HASHES: frozenset[int] = frozenset()
@@ -110,6 +111,8 @@ def instance_view(
     if held:
         waiting_blocks += sum(core.blocks_for(r.context_len) for r in held)
     config = core.config
+    # summed here, as a heartbeat's builder does (InstanceSnapshot.running_totals), not again in dispatch's upsert
+    totals = running_totals(moving, config.block_size) if config.block_size > 0 else None
     if _INSTANCE_SETTERS is not None:
         (
             set_id,
@@ -126,6 +129,7 @@ def instance_view(
             set_moving,
             set_hashes,
             set_high,
+            set_totals,
         ) = _INSTANCE_SETTERS
         view = object.__new__(InstanceSnapshot)
         set_id(view, instance_id)
@@ -142,6 +146,7 @@ def instance_view(
         set_moving(view, moving)
         set_hashes(view, _NO_HASHES)
         set_high(view, high)
+        set_totals(view, totals)
         return view
     return InstanceSnapshot(
         instance_id=instance_id,
@@ -157,6 +162,7 @@ def instance_view(
         block_size=config.block_size,
         running=moving,
         high_priority_count=high,
+        running_totals=totals,
     )
 
 

@@ -26,7 +26,7 @@ from control.policy.dispatch import (
 from control.policy.params import DispatchParams
 from control.policy.prefix_index import PrefixIndex
 from control.policy.recommended import user_policy_params
-from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot
+from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot, running_totals
 from scripts.bench_policy_scale import random_snapshot
 
 MODELS = ("llama", "qwen")
@@ -234,7 +234,9 @@ def _snapshot(rng: random.Random, iid: str) -> InstanceSnapshot:
     snapshot = random_snapshot(rng, iid, model)
     roll = rng.random()
     if roll < 0.05:  # an idle instance
-        snapshot = dataclasses.replace(snapshot, num_running=0, num_waiting=0, running=(), high_priority_count=0)
+        snapshot = dataclasses.replace(
+            snapshot, num_running=0, num_waiting=0, running=(), high_priority_count=0, running_totals=(0, 0, 0)
+        )
     elif roll < 0.12:  # one request decoding, nothing queued: a holder whose hit beats an idle instance's start
         lone = RunningSnapshot(f"{iid}/lone", num_tokens=rng.randint(16, 4000), num_blocks=rng.randint(1, 250))
         snapshot = dataclasses.replace(
@@ -246,6 +248,7 @@ def _snapshot(rng: random.Random, iid: str) -> InstanceSnapshot:
             head_waiting_blocks=0,
             running=(lone,),
             high_priority_count=0,
+            running_totals=None,  # summed by the index (a builder that does not sum them)
         )
     elif roll < 0.25:  # a quiet one, in the safe tier with room: where prefix hits can win
         snapshot = dataclasses.replace(
@@ -254,6 +257,7 @@ def _snapshot(rng: random.Random, iid: str) -> InstanceSnapshot:
             num_running=min(snapshot.num_running, 6),
             running=snapshot.running[:6],
             high_priority_count=-1,
+            running_totals=running_totals(snapshot.running[:6], snapshot.block_size),  # a builder that sums them
         )
     return snapshot
 

@@ -31,7 +31,9 @@ def _snapshot(rng: random.Random, iid: str) -> InstanceSnapshot:
     model = rng.choice(MODELS) if rng.random() < 0.97 else ""  # an any-model instance now and then
     snapshot = random_snapshot(rng, iid, model)
     if rng.random() < 0.03:  # an idle instance: freeness is infinite there
-        snapshot = dataclasses.replace(snapshot, num_running=0, num_waiting=0, running=(), high_priority_count=0)
+        snapshot = dataclasses.replace(
+            snapshot, num_running=0, num_waiting=0, running=(), high_priority_count=0, running_totals=None
+        )
     return snapshot
 
 
