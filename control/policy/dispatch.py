@@ -325,10 +325,12 @@ class _IndexBase:
             for heap, key in zip(pool, keys, strict=False):
                 if key is None:
                     continue
-                if heap and heap[0][-2] == iid:
-                    # the top is this instance's item as it was (stale now: every item pushed for it before
-                    # carries an older version), as after a dispatch to the best instance: one sift, not a
-                    # push and then a pop
+                top = heap[0] if heap else None
+                if top is not None and ((other := entries.get(top[-2])) is None or other.version != top[-1]):
+                    # a stale top: this instance's item as it was (every item pushed for it before carries an
+                    # older version), as after a dispatch to the best instance, or another instance's superseded
+                    # item that surfaced (issue 17: in the slowest 5 % of decisions a push was followed by a pop
+                    # of one). The new item takes its place: one sift down, not a push and then a pop
                     heapreplace(heap, (key, iid, version))
                 else:
                     heappush(heap, (key, iid, version))
@@ -759,29 +761,41 @@ class PredictiveIndex(_IndexBase):
             room = None
         load = demand / total
         iid = entry.iid
-        key: tuple[float, float, float]
+        item: _HeapItem
         if load >= params.predict_high_watermark:
-            key = (1.0, load, 0.0)
             item = (1.0, load, 0.0, iid, version)
         else:
             ahead: float = (waiting_blocks + extra_blocks) * bs + prefilling
             ahead += params.predict_decode_weight * (running + extra_waiting)
-            ahead = float(ahead)
-            key = (0.0, ahead, load)
-            item = (0.0, ahead, load, iid, version)
-        entry.keys = (key, room)
+            item = (0.0, float(ahead), load, iid, version)
+        entry.keys = (item, room)  # list 0's key is its heap item (``_link``)
         self._push_items(entry, item, None if dispatched else room, version, 0)
+
+    def _link(self, entry: _Entry) -> None:
+        """``_IndexBase._link``, keeping list 0's heap item as the entry's key: the item starts with the key's
+        three parts (``_item``), so the readers of ``keys[0][0]`` and ``keys[0][1]`` read the same, and a re-key
+        builds one tuple, not a key and then an item holding its parts (two per decision)."""
+        self._clock += 1
+        entry.version = version = self._clock
+        if entry.snapshot.draining:
+            entry.keys = ()
+            return
+        key, room = self._keys(entry)
+        item = (*key, entry.iid, version)
+        entry.keys = (item, room)
+        self._push_items(entry, item, room, version, 1)
 
     def _item(self, number: int, key: Any, entry: _Entry) -> _HeapItem:
         """List 0's key laid out flat, (tier, work ahead or load, load, instance id, version): it orders as
         ((tier, ...), instance id, version) does, but a comparison reads the floats without stepping into a
-        nested tuple (twice: once for equality, once for order), which halved a sift's cost. List 1's items
-        carry the room version (``_room_top``)."""
-        return (*key, entry.iid, entry.version) if number == 0 else (key, entry.iid, entry.room_version)
+        nested tuple (twice: once for equality, once for order), which halved a sift's cost. The entry keeps that
+        item as its list-0 key (``_link``), with the entry's version. List 1's items carry the room version
+        (``_room_top``)."""
+        return key if number == 0 else (key, entry.iid, entry.room_version)
 
     def _push(self, entry: _Entry, keys: tuple[Any, ...], version: int, joined: int) -> None:
-        """``_IndexBase._push`` for the two lists, list 0's items laid out flat (``_item``)."""
-        self._push_items(entry, (*keys[0], entry.iid, version), keys[1], version, joined)
+        """``_IndexBase._push`` for the two lists, ``keys`` as ``_link`` keeps them (list 0's, its heap item)."""
+        self._push_items(entry, keys[0], keys[1], version, joined)
 
     def _push_items(self, entry: _Entry, item: _HeapItem, room: float | None, version: int, joined: int) -> None:
         """``_push`` with list 0's item built (``_rekey`` has its parts at hand) and list 1's key (None: the room
@@ -801,8 +815,10 @@ class PredictiveIndex(_IndexBase):
                 live = sizes[pool_name] = live + joined
             limit = 4 * live + 16
             heap = pool[0]
-            if heap and heap[0][-2] == iid:
-                heapreplace(heap, item)  # its own stale top, as after a dispatch to the best instance
+            top = heap[0] if heap else None
+            if top is not None and ((other := entries.get(top[-2])) is None or other.version != top[-1]):
+                # a stale top (``_IndexBase._push``): the new item takes its place, one sift
+                heapreplace(heap, item)
             else:
                 heappush(heap, item)
                 if len(heap) > limit:
@@ -820,7 +836,10 @@ class PredictiveIndex(_IndexBase):
             if room is None:
                 continue  # a dispatch (or no room list without late binding)
             heap = pool[1]
-            if heap and heap[0][1] == iid:
+            top = heap[0] if heap else None
+            if top is not None and (
+                (other := entries.get(top[1])) is None or other.room_version != top[2] or not other.keys
+            ):  # a stale top (``_room_live``, inlined), its own superseded item or another's: replaced, as above
                 heapreplace(heap, (room, iid, version))
             else:
                 heappush(heap, (room, iid, version))
@@ -915,7 +934,7 @@ class PredictiveIndex(_IndexBase):
             keys = entry.keys
             if not keys:  # draining
                 continue
-            key: Any = keys[0]  # (tier, work ahead, load); see _keys
+            key: Any = keys[0]  # (tier, work ahead, load, ...): its list-0 heap item; see _keys, _link
             if key[0] != 0.0:  # outside the safe tier: memory pressure to come
                 continue
             room: Any = keys[1]  # minus the blocks it could take now (None without late binding)
@@ -1025,7 +1044,7 @@ class PredictiveIndex(_IndexBase):
         for item in self._peek(pool[0], self._PROBE + 1):
             iid = item[-2]  # list 0's items end (instance id, version)
             entry = entries[iid]
-            key: Any = entry.keys[0]  # (tier, work ahead, load); see _keys
+            key: Any = entry.keys[0]  # (tier, work ahead, load, ...): its list-0 heap item; see _keys, _link
             room: Any = entry.keys[1]  # minus the blocks it could take now (a float with late binding)
             if key[0] != 0.0:  # outside the safe tier: the rest is worse still
                 break

@@ -38,6 +38,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, KeysView, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,13 +313,10 @@ class PrefixIndex:
             else:
                 hi = mid - 1
         deepest = lo
-        found: dict[str, int] = {}
         if not deepest:
-            return 0, found
-        for iid in deepest_holders:
-            if len(found) == limit:
-                break
-            found[iid] = deepest
+            return 0, {}
+        # the first ``limit`` holders, in the order they came to hold it (one C-level pass, not a loop here)
+        found: dict[str, int] = dict.fromkeys(islice(deepest_holders, limit), deepest)
         half = deepest // 2
         if not half or len(found) >= limit:
             return deepest, found
