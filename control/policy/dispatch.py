@@ -132,7 +132,7 @@ class _Entry:
         self.extra_blocks = 0
         self.extra_high = False
         self.has_high = snapshot.num_high_priority > 0
-        self.keys: tuple[float | tuple[float, ...] | None, ...] = ()
+        self.keys: tuple[Any, ...] = ()  # per list: a float, a tuple of floats or a heap item (predictive); None
         self.pools: tuple[str, ...] = _pool_names(snapshot)
         self.version = 0  # heap items carrying another version are stale
         self.room_version = 0  # the same for ``PredictiveIndex``'s room list, which a dispatch leaves as it is
