@@ -993,7 +993,7 @@ class PredictiveIndex(_IndexBase):
             soonest = heap[0]
             entry = entries.get(soonest[-2])
             if entry is not None and entry.version == soonest[-1]:
-                if soonest[-2] != reserved and -entry.keys[1] >= need:  # type: ignore[operator]  # a float
+                if soonest[-2] != reserved and -entry.keys[1] >= need:  # a float (late binding)
                     # the first candidate of the loop below: the roomiest instance other than the reserved one
                     # has at least this room, so the steps before the loop would let it through
                     if entry.terms[7] and self.params.predict_decode_stall > 0:
@@ -1024,7 +1024,7 @@ class PredictiveIndex(_IndexBase):
                 return quiet
         for item in self._peek(pool[0], self._PROBE + 1):
             iid = item[-2]
-            if iid != reserved and -self._entries[iid].keys[1] >= need:  # type: ignore[operator]  # a float
+            if iid != reserved and -self._entries[iid].keys[1] >= need:  # a float (late binding)
                 return iid
         return roomiest[1]
 
@@ -1203,10 +1203,10 @@ class PrefixAffinityIndex(FreenessIndex):
                     ruled_out.add(iid)
                     continue
                 negated = entry.keys[key]
-                if negated > ceiling:  # type: ignore[operator]
+                if negated > ceiling:
                     ruled_out.add(iid)
                 elif best is None or (negated, iid) < best:
-                    best = (negated, iid)  # type: ignore[assignment]
+                    best = (negated, iid)
             if best is not None:
                 return best[1]
         return None
