@@ -376,3 +376,29 @@ def test_a_dispatch_after_a_cache_report_counts_the_hit_the_report_made() -> Non
     index.choose(other)
     index.on_dispatched("a", other)
     assert index.pending("a") == (2, 14)  # nobody holds (1, 2, 3): all 10 pending, without a lookup
+
+
+def test_running_totals_summed_by_the_builder_or_by_the_index_decide_alike() -> None:
+    """A heartbeat builder that sums its running requests (``InstanceSnapshot.running_totals``, the scheduler and
+    the simulators) and one that leaves it to the index (None) give the same keys and the same choices."""
+    rng = random.Random(11)
+    params = user_policy_params("drover").dispatch_params()
+    given, summed = make_dispatch_policy("predictive", params), make_dispatch_policy("predictive", params)
+    assert isinstance(given, PredictiveIndex) and isinstance(summed, PredictiveIndex)
+    prefilling = 0
+    for step in range(2000):
+        iid = f"i{rng.randrange(30)}"
+        snapshot = random_snapshot(rng, iid, MODELS[0])
+        assert snapshot.running_totals == running_totals(snapshot.running, snapshot.block_size)
+        prefilling += snapshot.running_totals[0] > 0
+        given.upsert(snapshot)
+        summed.upsert(dataclasses.replace(snapshot, running_totals=None))
+        demand = RequestDemand(f"r{step}", num_prompt_tokens=300, num_blocks=19, model=MODELS[0])
+        chosen = given.choose(demand)
+        assert chosen == summed.choose(demand), f"step {step}"
+        if chosen is not None:
+            given.on_dispatched(chosen, demand)
+            summed.on_dispatched(chosen, demand)
+    assert prefilling > 100  # the prefill terms were exercised, not only zeros
+    for iid in ("i0", "i7", "i29"):
+        assert given._entries[iid].keys == summed._entries[iid].keys

@@ -10,7 +10,7 @@ import pytest
 
 from control.policy.params import PolicyParams
 from control.policy.recommended import user_policy_params
-from control.policy.snapshots import InstanceSnapshot, RunningSnapshot
+from control.policy.snapshots import InstanceSnapshot, RunningSnapshot, running_totals
 from control.simulator import (
     ClusterConfig,
     ClusterSimulator,
@@ -195,6 +195,17 @@ def test_instance_view_reports_the_core(slot_by_slot: bool, monkeypatch: pytest.
     core.finish_plan()
     assert core.running and core.waiting
     view = instance_view("sim-0000", core, model="m", draining=True, num_preempted=2, running=core.running)
+    running = tuple(
+        RunningSnapshot(
+            r.request_id,
+            r.context_len,
+            r.num_blocks,
+            r.priority,
+            r.num_output > 0 and r.num_computed >= r.context_len - 1,
+        )
+        for r in core.running
+    )
+    assert any(not r.decoding for r in running)  # a prefill left to count
     expected = InstanceSnapshot(
         instance_id="sim-0000",
         num_total_blocks=core.config.num_blocks,
@@ -207,17 +218,9 @@ def test_instance_view_reports_the_core(slot_by_slot: bool, monkeypatch: pytest.
         draining=True,
         model="m",
         block_size=core.config.block_size,
-        running=tuple(
-            RunningSnapshot(
-                r.request_id,
-                r.context_len,
-                r.num_blocks,
-                r.priority,
-                r.num_output > 0 and r.num_computed >= r.context_len - 1,
-            )
-            for r in core.running
-        ),
+        running=running,
         high_priority_count=sum(1 for r in core.running if r.priority > 0),
+        running_totals=running_totals(running, core.config.block_size),  # summed by the builder, as a heartbeat's
     )
     assert view == expected
     assert [hash(r) for r in view.running] == [hash(r) for r in expected.running]
