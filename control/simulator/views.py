@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 
 from control.policy.autoscaling import FleetInstance, RunningBatch
-from control.policy.snapshots import InstanceSnapshot, RunningSnapshot, running_totals
+from control.policy.snapshots import InstanceSnapshot, RunningSnapshot
 from engines.sim.core import SimEngineCore, SimRequest
 
 # The snapshots' fields in declaration order, as the slot-by-slot builders below set them (see _slot_setters);
@@ -102,17 +102,26 @@ def instance_view(
     """``core`` as a heartbeat would report it. ``running``: the requests migration may move (none: a view
     for counting only); ``held``: requests outside the core that still wait for it (swapped out)."""
     moving = running_view(running)
-    high = 0
+    config = core.config
+    block_size = config.block_size
+    # counted and summed in one pass, as a heartbeat's builder does (InstanceSnapshot.high_priority_count and
+    # running_totals, the latter control.policy.snapshots.running_totals inlined), not again in dispatch's upsert
+    high = prefilling = to_allocate = decoding = 0
     for r in moving:
         if r.priority > 0:
             high += 1
+        if r.decoding:
+            decoding += 1
+        elif block_size > 0:
+            left = r.num_tokens - r.num_blocks * block_size
+            if left > 0:
+                prefilling += left
+                to_allocate += -(-left // block_size)
+    totals = (prefilling, to_allocate, decoding) if block_size > 0 else None
     waiting = core.waiting
     waiting_blocks = core.waiting_blocks
     if held:
         waiting_blocks += sum(core.blocks_for(r.context_len) for r in held)
-    config = core.config
-    # summed here, as a heartbeat's builder does (InstanceSnapshot.running_totals), not again in dispatch's upsert
-    totals = running_totals(moving, config.block_size) if config.block_size > 0 else None
     if _INSTANCE_SETTERS is not None:
         (
             set_id,
