@@ -326,18 +326,17 @@ class _IndexBase:
                 if key is None:
                     continue
                 top = heap[0] if heap else None
-                if top is not None and ((other := entries.get(top[-2])) is None or other.version != top[-1]):
-                    # a stale top: this instance's item as it was (every item pushed for it before carries an
-                    # older version), as after a dispatch to the best instance, or another instance's superseded
-                    # item that surfaced (issue 17: in the slowest 5 % of decisions a push was followed by a pop
-                    # of one). The new item takes its place: one sift down, not a push and then a pop
-                    heapreplace(heap, (key, iid, version))
-                else:
+                if top is None or ((other := entries.get(top[-2])) is not None and other.version == top[-1]):
                     heappush(heap, (key, iid, version))
                     if len(heap) > limit:
                         self._rebuild(heap)
-                        continue
-                # pop up to two stale items off the top: a policy that rarely reads a heap (prefix affinity
+                    continue  # the top is live: the one read above, or the new item
+                # A stale top: this instance's item as it was (every item pushed for it before carries an older
+                # version), as after a dispatch to the best instance, or another instance's superseded item that
+                # surfaced (issue 17: in the slowest 5 % of decisions a push was followed by a pop of one). The
+                # new item takes its place: one sift down, not a push and then a pop.
+                heapreplace(heap, (key, iid, version))
+                # pop up to two more stale items off the top: a policy that rarely reads a heap (prefix affinity
                 # answers most requests from its holders) would otherwise pay for thousands of stale tops in
                 # one read
                 top = heap[0]
@@ -816,14 +815,12 @@ class PredictiveIndex(_IndexBase):
             limit = 4 * live + 16
             heap = pool[0]
             top = heap[0] if heap else None
-            if top is not None and ((other := entries.get(top[-2])) is None or other.version != top[-1]):
-                # a stale top (``_IndexBase._push``): the new item takes its place, one sift
-                heapreplace(heap, item)
-            else:
-                heappush(heap, item)
+            if top is None or ((other := entries.get(top[-2])) is not None and other.version == top[-1]):
+                heappush(heap, item)  # the top stays live: the one read here, or the new item
                 if len(heap) > limit:
                     self._rebuild(heap)
-            if heap:  # up to two stale tops popped, as _IndexBase._push does
+            else:  # a stale top (``_IndexBase._push``): the new item takes its place, one sift; two more popped
+                heapreplace(heap, item)
                 top = heap[0]
                 other = entries.get(top[-2])
                 if other is None or other.version != top[-1]:
@@ -837,16 +834,16 @@ class PredictiveIndex(_IndexBase):
                 continue  # a dispatch (or no room list without late binding)
             heap = pool[1]
             top = heap[0] if heap else None
-            if top is not None and (
-                (other := entries.get(top[1])) is None or other.room_version != top[2] or not other.keys
-            ):  # a stale top (``_room_live``, inlined), its own superseded item or another's: replaced, as above
-                heapreplace(heap, (room, iid, version))
-            else:
+            if top is None or (
+                (other := entries.get(top[1])) is not None and other.room_version == top[2] and other.keys
+            ):  # the top is live (``_room_live``, inlined): it stays live, or the new item takes its place
                 heappush(heap, (room, iid, version))
                 if len(heap) > limit:
                     heap[:] = [item for item in heap if self._room_live(item)]
                     heapify(heap)
-            for _ in range(2):  # up to two stale tops popped, as above (``_room_live``, inlined)
+                continue
+            heapreplace(heap, (room, iid, version))  # a stale top, its own superseded item or another's: replaced
+            for _ in range(2):  # up to two more stale tops popped, as above (``_room_live``, inlined)
                 if not heap:
                     break
                 top = heap[0]
