@@ -31,12 +31,9 @@ async def vllm_cluster(nats_url: str, vllm_engine_factory: Any) -> AsyncIterator
             "model": {"max_model_len": 2048},
             "engine": {"heartbeat_interval_s": 0.1},
             "policy": {"migration_enabled": False},  # tests decide every migration
-            # a starved test host lets the engine decode many tokens between a stage's report and the stop;
-            # past the margin the migration aborts cleanly (the request goes on at its source), but these tests
-            # check what a migration that goes through delivers
-            "migration": {"reserve_headroom_blocks": 16},
         }
     )
+    assert settings.migration.reserve_headroom_blocks == 2  # the default: a stop that outgrows it grows it
     cluster = VllmCluster(nats_url, settings)
     for name in ("a", "b"):
         await cluster.add(await vllm_engine_factory.engine(name))
@@ -123,10 +120,11 @@ async def test_live_migration_back_and_forth_is_token_exact(client: DroverClient
 
 async def test_refused_migration_leaves_the_request_unharmed(client: DroverClient) -> None:
     prompt = "abort path " * 10
-    reference = await client.generate(prompt, sampling=SamplingParams(max_tokens=60, ignore_eos=True))
-    stream = await client.submit(
-        prompt, sampling=SamplingParams(max_tokens=60, ignore_eos=True), request_id="vllm-mig-2"
-    )
+    # long enough to still run at the migrate call on a starved host (60 tokens once ended before it and the
+    # migrate was answered unknown_request)
+    sampling = SamplingParams(max_tokens=400, ignore_eos=True)
+    reference = await client.generate(prompt, sampling=sampling)
+    stream = await client.submit(prompt, sampling=sampling, request_id="vllm-mig-2")
     await _advance(stream, 5)
     source = await _location(client, "vllm-mig-2")
     await client.policy({"migration_enabled": "false"})
