@@ -322,7 +322,12 @@ class MigratableTorchEngine(TorchEngine):
         loop = self._loop
         if loop is None or loop.is_closed():
             return f"engine {self.instance_id} is not running"
-        future = asyncio.run_coroutine_threadsafe(self._grow_reservation(migration_id, total_blocks), loop)
+        coroutine = self._grow_reservation(migration_id, total_blocks)
+        try:
+            future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+        except RuntimeError as exc:  # the loop closed meanwhile (shutdown)
+            coroutine.close()
+            return f"engine {self.instance_id} is not running ({exc})"
         try:
             return future.result(timeout=GROW_TIMEOUT_S)
         except TimeoutError:
