@@ -337,10 +337,17 @@ class MigratableTorchEngine(TorchEngine):
             return f"{type(exc).__name__}: {exc}"
 
     async def _grow_reservation(self, migration_id: str, total_blocks: int) -> str | None:
-        if migration_id not in self._incoming:  # released (aborted) meanwhile: nothing to grow
+        """On the loop, with no await: a release cannot slip in between the check and the allocation."""
+        incoming, staging = self._incoming.get(migration_id), self._staging
+        if incoming is None or staging is None:  # released (aborted) meanwhile: nothing to grow
             return f"no reservation for migration {migration_id}"
-        if await self.migrate_in_reserve(migration_id, total_blocks) is None:
-            return f"{self.instance_id} has {self.allocator.num_free} free blocks"
+        extra = total_blocks - len(incoming.blocks)
+        if extra <= 0:
+            return None
+        if self._reshaping or not self.allocator.can_allocate(extra) or not staging.reserve(migration_id, total_blocks):
+            return f"{self.instance_id} cannot hold {total_blocks} blocks ({self.allocator.num_free} free)"
+        incoming.blocks += self.allocator.allocate(extra)
+        self._publish_load()
         log.info("torch engine %s: reservation %s grew to %d blocks", self.instance_id, migration_id, total_blocks)
         return None
 

@@ -822,6 +822,12 @@ class VllmEngine:
         except side_channel.ControlError as exc:
             log.info("engine %s cannot reserve %d blocks: %s", self.instance_id, num_blocks, exc)
             return None
+        if held and migration_id not in self._reserved:
+            # Released while the worker reserved (an abort raced a growth): drop what the worker holds again
+            # rather than count a reservation nobody will release.
+            with contextlib.suppress(side_channel.ControlError):
+                await channel.call("worker", side_channel.Release(migration_id=migration_id))
+            return None
         self._reserved[migration_id] = max(held, num_blocks)
         return KvEndpoint(self.instance_id, channel.hello("worker").data_address, migration_id)
 
