@@ -111,6 +111,12 @@ async def test_live_migration_back_and_forth_is_token_exact(client: DroverClient
         reply = await client.migrate("vllm-mig-1", destination)
         assert reply.ok, reply.message
         hops.append((source, destination, reply.details))
+        # The operator's reply can come before the scheduler's table has the move: a status read right away
+        # once named the old source, and the next hop asked it for a request it no longer had
+        for _ in range(200):
+            if await _location(client, "vllm-mig-1") == destination:
+                break
+            await asyncio.sleep(0.05)
         await _advance(stream, target_tokens)
     result = await stream.result()
     assert result.token_ids == reference.token_ids  # token-for-token, each exactly once, in order
@@ -120,9 +126,9 @@ async def test_live_migration_back_and_forth_is_token_exact(client: DroverClient
 
 async def test_refused_migration_leaves_the_request_unharmed(client: DroverClient) -> None:
     prompt = "abort path " * 10
-    # long enough to still run at the migrate call on a starved host (60 tokens once ended before it and the
-    # migrate was answered unknown_request)
-    sampling = SamplingParams(max_tokens=400, ignore_eos=True)
+    # Long enough to still run at the migrate call: vLLM's EngineCore decodes in its own process while a loaded
+    # host starves this loop; 60 and then 400 tokens had ended at the engine by then (answer: unknown_request)
+    sampling = SamplingParams(max_tokens=1800, ignore_eos=True)
     reference = await client.generate(prompt, sampling=sampling)
     stream = await client.submit(prompt, sampling=sampling, request_id="vllm-mig-2")
     await _advance(stream, 5)
