@@ -856,6 +856,8 @@ def ablation_variants() -> dict[str, PolicyParams]:
         "least_loaded + step budget": dataclasses.replace(
             named_policy("least_loaded"), step_budget_slo_share=STEP_BUDGET_SHARE
         ),
+        # goodput-first order of the cluster queue at the setting's TTFT SLO (issue 17, round 28): opt-in
+        "drover + goodput-first": named_policy(FEASIBLE),
         "drover": drover,
     }
 
