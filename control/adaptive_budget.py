@@ -70,11 +70,17 @@ class AdaptiveStepBudget:
         step without decodes changes nothing: no gap saw it."""
         if decode_gaps <= 0:
             return state
+        return BudgetState(*self.update(state.share, state.pressed, decode_gaps, prefill_tokens))
+
+    def update(self, share: float, pressed: bool, decode_gaps: int, prefill_tokens: int) -> tuple[float, bool]:
+        """:meth:`observe` on the state's two fields, for a caller that keeps them itself (the simulated
+        engine calls this once per step: no object made)."""
+        if decode_gaps <= 0:
+            return share, pressed
         keep = math.exp(-decode_gaps / self.window_gaps)
-        carried = min(1.0, prefill_tokens / self.ceiling)
-        share = state.share * keep + (1.0 - keep) * carried
-        pressed = share > self.gap_share or (state.pressed and share > self.release_share)
-        return BudgetState(share, pressed)
+        carried = prefill_tokens / self.ceiling if prefill_tokens < self.ceiling else 1.0
+        share = share * keep + (1.0 - keep) * carried
+        return share, share > self.gap_share or (pressed and share > self.release_share)
 
     def budget(self, state: BudgetState) -> int:
         """This step's token budget."""

@@ -858,11 +858,13 @@ def ablation_variants() -> dict[str, PolicyParams]:
         "drover + hold reserve 1": dataclasses.replace(drover, predict_hold_growth_blocks=1),
         "drover + hold reserve 2": dataclasses.replace(drover, predict_hold_growth_blocks=2),
         # SLO-sized step budget (issue 17, qwen azure): opt-in; and the baseline with it
-        "drover + step budget": dataclasses.replace(drover, step_budget_slo_share=STEP_BUDGET_SHARE),
+        "drover + step budget": dataclasses.replace(
+            drover, step_budget_slo_share=STEP_BUDGET_SHARE, step_budget_adaptive=False
+        ),
         "least_loaded + step budget": dataclasses.replace(
             named_policy("least_loaded"), step_budget_slo_share=STEP_BUDGET_SHARE
         ),
-        # the same budget as a floor, each step's budget from the decoders' TPOT slack (issue 17, round 28)
+        # the same budget only under pressure, per step (issue 17, round 28; drover's default since)
         "drover + adaptive budget": dataclasses.replace(
             drover, step_budget_slo_share=STEP_BUDGET_SHARE, step_budget_adaptive=True
         ),

@@ -143,7 +143,9 @@ class SimEngineCore:
         self._outgoing: dict[str, int] = {}  # request id -> blocks held for its migration
         # Prefix caching (engines/sim/prefix_cache.py): None = off. Every hook below is one guarded line.
         self.prefix_cache: PrefixCache | None = None
-        self.budget_state = BudgetState()  # the adaptive step budget's memory (control/adaptive_budget.py)
+        # the adaptive step budget's memory (control/adaptive_budget.py): BudgetState's fields, kept flat
+        self.budget_share = 0.0
+        self.budget_pressed = False
 
     # ------------------------------------------------------------------------------------------ capacity
     @property
@@ -263,7 +265,7 @@ class SimEngineCore:
             return None
         budget = self.config.max_num_batched_tokens
         if self.config.adaptive_budget is not None:  # configured or SLO-sized, by recent pressure
-            budget = self.config.adaptive_budget.budget(self.budget_state)
+            budget = self.config.adaptive_budget.floor if self.budget_pressed else self.config.adaptive_budget.ceiling
         entries: list[tuple[SimRequest, int]] = []
         preempted = False
         prefill_tokens = decode_seqs = decode_context = 0
@@ -340,7 +342,9 @@ class SimEngineCore:
         if rule is not None:  # before the commit: the entries' counts are still the plan's (a decode: 1 token
             # of a request with computed context, as plan() counts it)
             prefill = 0 if plan.steps > 1 else sum(n for r, n in plan.entries if n > 1 or r.num_computed == 0)
-            self.budget_state = rule.observe(self.budget_state, plan.decode_seqs * plan.steps, prefill)
+            self.budget_share, self.budget_pressed = rule.update(
+                self.budget_share, self.budget_pressed, plan.decode_seqs * plan.steps, prefill
+            )
         outputs = self._commit_single(plan) if plan.steps == 1 else self._commit_run(plan, plan.steps)
         self.num_steps += plan.steps
         self.busy_time += plan.end - plan.start
@@ -405,6 +409,11 @@ class SimEngineCore:
         return plan.end
 
     # ------------------------------------------------------------------------------------------ reporting
+    @property
+    def budget_state(self) -> BudgetState:
+        """The adaptive step budget's state (``control/adaptive_budget.py``)."""
+        return BudgetState(self.budget_share, self.budget_pressed)
+
     def head_waiting_blocks(self) -> int:
         return self.waiting[0]._waiting_need if self.waiting else 0
 
