@@ -197,7 +197,13 @@ class ControlPlane:
             writer: KvWriter | None = None
             if state_kv is not None:
                 leadership = self.leadership
-                writer = KvWriter(self.bus.loop, state_kv, fence=leadership.is_leader if leadership else (lambda: True))
+                writer = KvWriter(
+                    self.bus.loop,
+                    state_kv,
+                    nc=self.bus.nc,
+                    bucket=self.settings.ha.state_bucket,
+                    fence=leadership.is_leader if leadership else (lambda: True),
+                )
                 self.bus.call_soon(writer.start)
             self.state = ControlState(writer)
             sup = self.settings.supervisor

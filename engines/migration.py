@@ -21,7 +21,10 @@ Source side semantics:
   elsewhere by recompute.
 
 Destination side: ``migrate_in_reserve`` holds capacity (and staging) for ``num_blocks`` in total; KV arrives
-over the data plane (:mod:`transport.kv_data`) at ``KvEndpoint.address``; ``generate`` with the frozen
+over the data plane (:mod:`transport.kv_data`) at ``KvEndpoint.address``. A stage that writes past the
+reservation (the request decoded on since it was last grown, above all before its stop) grows it on demand
+from the destination's free capacity, counted as used like the rest; only a destination without the room
+refuses it ("exceeds the reservation") and the migration aborts; ``generate`` with the frozen
 ``kv_transfer`` handle loads the staged KV instead of recomputing it and releases the reservation itself;
 ``migrate_in_release`` drops a reservation on every abort path (idempotent).
 """

@@ -25,8 +25,9 @@ Rules fixed with the grid, the same for both policies:
   than 5 % worse; attainment where drover's mean is lower by more than the larger standard deviation and
   0.5 points.
 
-``--ablate`` reruns the worst flagged points in-process with one of drover's parts switched off at a time
-(the CLI takes no policy-parameter override).
+``--ablate`` reruns the worst points (by ``--ablate-by``: p99 TTFT, TPOT or ITL ratio) in-process with one of
+drover's parts switched off at a time (the CLI takes no policy-parameter override); it reports preemptions
+and the p99 TPOT of the requests never preempted beside the tails.
 """
 
 from __future__ import annotations
@@ -286,6 +287,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "growth blocks 0": {"predict_growth_blocks": 0},
     "high watermark 1.0": {"predict_high_watermark": 1.0},
     "freeness dispatch": {"dispatch_policy": "freeness"},
+    "hold reserve 16": {"predict_hold_growth_blocks": 16},
 }
 
 
@@ -307,10 +309,14 @@ def ablate(result: dict[str, Any], row: dict[str, Any], out: Any = sys.stdout) -
     base = user_policy_params("drover")
     variants.update({name: base.with_updates(**change) for name, change in ABLATIONS.items()})
     print(f"\nablation: {row['preset']} {row['workload']} {row['lengths']} load {row['load']}", file=out)
-    print("| variant | p99 TTFT s per seed | mean | p99 TPOT ms mean | attainment mean |", file=out)
-    print("|---|---|---|---|---|", file=out)
+    print(
+        "| variant | p99 TTFT s per seed | mean | p99 TPOT ms mean | attainment mean | preemptions mean | "
+        "p99 TPOT ms never preempted |",
+        file=out,
+    )
+    print("|---|---|---|---|---|---|---|", file=out)
     for name, params in variants.items():
-        ttfts, tpots, atts = [], [], []
+        ttfts, tpots, atts, preempts, clean = [], [], [], [], []
         for seed in grid["seeds"]:
             spec = WorkloadSpec(
                 kind=kind,
@@ -328,6 +334,11 @@ def ablate(result: dict[str, Any], row: dict[str, Any], out: Any = sys.stdout) -
             # numpy's interpolated percentile, as the CLI's rows: at a knee the top ranks are far apart
             ttfts.append(float(np.percentile(ttft, 99)))
             tpots.append(1000 * float(np.percentile(tpot, 99)) if tpot else float("nan"))
+            # a KV-bound point's TPOT tail is its preempted requests' wait to be readmitted (round 28): the
+            # count, and the tail without them, say whether a variant changes preemption or decoding speed
+            preempts.append(sum(r.sim.num_preemptions for r in done if r.sim is not None))
+            kept = [d for r in done if r.sim is not None and not r.sim.num_preemptions and (d := r.decode_per_token)]
+            clean.append(1000 * float(np.percentile(kept, 99)) if kept else float("nan"))
             met = sum(
                 1
                 for r in done
@@ -337,10 +348,18 @@ def ablate(result: dict[str, Any], row: dict[str, Any], out: Any = sys.stdout) -
             atts.append(met / max(1, len(res.requests)))
         print(
             f"| {name} | {' '.join(_f(t) for t in ttfts)} | {_f(statistics.fmean(ttfts))} | "
-            f"{_f(statistics.fmean(tpots))} | {_f(statistics.fmean(atts))} |",
+            f"{_f(statistics.fmean(tpots))} | {_f(statistics.fmean(atts))} | {_f(statistics.fmean(preempts))} | "
+            f"{_f(statistics.fmean(clean))} |",
             file=out,
             flush=True,
         )
+
+
+def worst_points(rows: Sequence[dict[str, Any]], by: str, n: int) -> list[dict[str, Any]]:
+    """The ``n`` points with the worst drover / INFaaS++ ratio (> 1.01) of p99 ``by`` (ttft, tpot or itl),
+    flagged or inside the seed spread (a 10x TTFT ratio can hide in a wide spread), worst first."""
+    key = {"ttft": "ratio:ttft_p99_s", "tpot": "ratio:tpot_p99_ms", "itl": "ratio:itl_p99_ms"}[by]
+    return sorted((r for r in rows if r[key] > 1.01), key=lambda r: -r[key])[:n]
 
 
 def plot(directory: Path, rows: list[dict[str, Any]]) -> None:
@@ -363,7 +382,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="Subprocesses at a time (default 2).")
     parser.add_argument("--json-out", type=Path, help="Write every point's numbers here.")
     parser.add_argument("--load-json", type=Path, help="Tabulate (and ablate) a --json-out file; no runs.")
-    parser.add_argument("--ablate", type=int, default=0, help="Ablate the N worst p99 TTFT ratios (> 1.01).")
+    parser.add_argument("--ablate", type=int, default=0, help="Ablate the N worst ratios (> 1.01) of --ablate-by.")
+    parser.add_argument(
+        "--ablate-by",
+        choices=("ttft", "tpot", "itl"),
+        default="ttft",
+        help="The p99 metric whose worst drover / INFaaS++ ratios --ablate picks (default ttft).",
+    )
     parser.add_argument("--plot", type=Path, help="Write a ratio plot (PNG) into this folder.")
     args = parser.parse_args(argv)
     if args.load_json:
@@ -373,9 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=1))
     rows = print_tables(result)
-    # the worst p99 TTFT ratios, flagged or inside the seed spread (a 10x ratio can hide in a wide spread)
-    worst = sorted((r for r in rows if r["ratio:ttft_p99_s"] > 1.01), key=lambda r: -r["ratio:ttft_p99_s"])
-    for row in worst[: args.ablate]:
+    for row in worst_points(rows, args.ablate_by, args.ablate):
         ablate(result, row)
     if args.plot:
         plot(args.plot, rows)

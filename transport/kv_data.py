@@ -11,7 +11,7 @@ Wire protocol (one TCP connection per migration, source -> destination)::
 
     HELLO {migration_id, layout, block_nbytes}      -> ACK {ok, error}
     repeated per stage:
-      STAGE {stage, num_blocks, meta}
+      STAGE {stage, num_blocks, meta, total_blocks}
       BLOCK <u32 index> <block_nbytes raw bytes>     x num_blocks
       END {stage}                                    -> ACK {ok, error, blocks, nbytes}
     BYE
@@ -21,6 +21,14 @@ stops it once the destination's receive buffer and the sender's send buffer (``S
 are full, so at most ``2 * SOCKET_BUFFER_BYTES / block_nbytes`` chunks are in flight and the receiver reads
 each chunk directly into its preallocated staging slot (no intermediate copy, no allocation). A stage is
 complete only when the receiver has acknowledged it.
+
+Reservations grow on demand: a STAGE header carries the request's size once the stage is in
+(``total_blocks``). A live request keeps decoding between the size its reservation was last grown to and a
+stage's snapshot, and above all until its stop, so the last stage may write past the reservation. Before it
+takes the stage's blocks the receiver asks its sink to grow the reservation to ``total_blocks`` from the
+destination's free capacity (the sink's engine counts it in its KV use, so its scheduler never over-commits);
+only when the destination really has no room is the stage refused ("exceeds the reservation"), and the
+migration aborts cleanly.
 
 Transports are pluggable by address scheme (:func:`register_transport`): ``tcp://host:port`` is built in;
 NCCL or NIXL transports for GPU memory can register their own schemes behind the same interfaces.
@@ -78,8 +86,17 @@ class StageAck:
 class KvSender(Protocol):
     """One migration's outgoing stream of blocks."""
 
-    def send_stage(self, stage: int, blocks: Sequence[tuple[int, BlockSegments]], meta: dict[str, Any]) -> StageAck:
-        """Send ``(logical index, segments)`` blocks and return once the destination acknowledged them."""
+    def send_stage(
+        self,
+        stage: int,
+        blocks: Sequence[tuple[int, BlockSegments]],
+        meta: dict[str, Any],
+        total_blocks: int = 0,
+    ) -> StageAck:
+        """Send ``(logical index, segments)`` blocks and return once the destination acknowledged them.
+
+        ``total_blocks``: the blocks the request holds once this stage is in; the destination grows its
+        reservation to that many if it can (0: ask for nothing; a block past the reservation is refused)."""
         ...
 
     def close(self) -> None:
@@ -96,6 +113,11 @@ class StagingSink(Protocol):
 
     def block_buffer(self, migration_id: str, index: int) -> memoryview | None:
         """A writable ``block_nbytes`` buffer for logical block ``index``; None past the reservation."""
+        ...
+
+    def grow(self, migration_id: str, total_blocks: int) -> str | None:
+        """Make the reservation hold ``total_blocks`` before a stage that needs them arrives (may block while
+        the destination's engine decides); None once it does, else why not."""
         ...
 
     def stage_received(self, migration_id: str, stage: int, num_blocks: int, meta: dict[str, Any]) -> None:
@@ -230,10 +252,17 @@ class TcpKvSender:
         except OSError as exc:
             raise KvTransferError(f"cannot open KV stream to {address}: {exc}") from exc
 
-    def send_stage(self, stage: int, blocks: Sequence[tuple[int, BlockSegments]], meta: dict[str, Any]) -> StageAck:
+    def send_stage(
+        self,
+        stage: int,
+        blocks: Sequence[tuple[int, BlockSegments]],
+        meta: dict[str, Any],
+        total_blocks: int = 0,
+    ) -> StageAck:
         start = time.perf_counter()
         try:
-            _send_frame(self._sock, _STAGE, {"stage": stage, "num_blocks": len(blocks), "meta": meta})
+            header = {"stage": stage, "num_blocks": len(blocks), "meta": meta, "total_blocks": total_blocks}
+            _send_frame(self._sock, _STAGE, header)
             for index, segments in blocks:
                 if sum(s.nbytes for s in segments) != self.block_nbytes:
                     raise KvTransferError(f"block {index} is not {self.block_nbytes} bytes")
@@ -349,6 +378,9 @@ class TcpKvServer:
                 header = _read_payload(conn.sock, value)
                 stage, num_blocks, meta = int(header["stage"]), int(header["num_blocks"]), header.get("meta", {})
                 received, nbytes, problem = 0, 0, ""
+                total = int(header.get("total_blocks", 0))
+                if total > 0:  # before its blocks: a stage that outgrew the reservation grows it, if there is room
+                    problem = self._sink.grow(conn.migration_id, total) or ""
             elif kind == _END:
                 _read_payload(conn.sock, value)
                 if received != num_blocks:
@@ -409,12 +441,18 @@ class StagingPool:
         layout: str,
         buffer_of: Callable[[int], memoryview],
         on_stage: Callable[[str, int, int, dict[str, Any]], None] | None = None,
+        on_grow: Callable[[str, int], str | None] | None = None,
     ) -> None:
+        """``on_grow(migration_id, total_blocks)``: asks the owning engine to grow a reservation that a stage
+        outgrew (called on a receiver thread; it may block). The engine takes the blocks from its free
+        capacity, counts them as used and calls :meth:`reserve` itself; it returns None then, else why not.
+        Without it a stage past the reservation is refused."""
         self.num_slots = num_slots
         self.block_nbytes = block_nbytes
         self.layout = layout
         self._buffer_of = buffer_of
         self._on_stage = on_stage
+        self._on_grow = on_grow
         self._free = list(range(num_slots - 1, -1, -1))
         self._reservations: dict[str, _Reservation] = {}
         self._lock = threading.Lock()
@@ -466,6 +504,23 @@ class StagingPool:
             if migration_id not in self._reservations:
                 return f"no reservation for migration {migration_id}"
         return None
+
+    def grow(self, migration_id: str, total_blocks: int) -> str | None:
+        with self._lock:
+            reservation = self._reservations.get(migration_id)
+            if reservation is None:
+                return f"no reservation for migration {migration_id}"
+            held = reservation.limit
+        if total_blocks <= held:
+            return None
+        why = "this destination does not grow reservations"
+        if self._on_grow is not None:
+            why = self._on_grow(migration_id, total_blocks) or ""
+        with self._lock:
+            reservation = self._reservations.get(migration_id)
+            if not why and reservation is not None and reservation.limit >= total_blocks:
+                return None
+        return f"block {total_blocks - 1} exceeds the reservation of {held} blocks ({why or 'it was released'})"
 
     def block_buffer(self, migration_id: str, index: int) -> memoryview | None:
         with self._lock:

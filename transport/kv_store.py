@@ -17,7 +17,6 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from typing import Any
 
 from nats.aio.client import Client as NatsClient
 from nats.js.api import KeyValueConfig, StorageType
@@ -99,7 +98,8 @@ class KvWriter:
     for a batch). A failed write is retried (``retry_s`` apart) for ``give_up_s``, then logged and dropped:
     the serving path never waits on the store forever. ``fence`` is checked before each write: while it is
     False (this process may not lead: a late renewal, or deposed) the write waits, and is dropped after
-    ``give_up_s``.
+    ``give_up_s``. ``nc`` and ``bucket`` (the connection and name ``kv`` was opened with) are what the periodic
+    compaction reads the bucket's delete markers with.
     """
 
     def __init__(
@@ -107,6 +107,8 @@ class KvWriter:
         loop: asyncio.AbstractEventLoop,
         kv: KeyValue,
         *,
+        nc: NatsClient,
+        bucket: str,
         fence: Callable[[], bool] = lambda: True,
         retry_s: float = 0.2,
         give_up_s: float = 10.0,
@@ -115,6 +117,8 @@ class KvWriter:
     ) -> None:
         self.loop = loop
         self.kv = kv
+        self.nc = nc
+        self.bucket = bucket
         self.fence = fence
         self.retry_s = retry_s
         self.give_up_s = give_up_s
@@ -227,27 +231,22 @@ class KvWriter:
 
     async def _compact(self) -> None:
         """Drop delete markers (one per finished request) older than a compaction period, so the bucket stays
-        bounded. (nats-py's ``purge_deletes`` leaves its watcher subscribed: one leaked subscription a call.)"""
+        bounded. The markers are found with :func:`read_all`'s read (``transport/js_read.py``: a counted read
+        whose consumer is deleted after it), not with nats-py's ``watchall`` or ``purge_deletes``: a watch's
+        end marker can arrive before the values (a round that finds nothing) and its consumer outlives it."""
         if not self.fence():
             return
+        stream, prefix = f"KV_{self.bucket}", f"$KV.{self.bucket}."  # the JetStream KV convention
         try:
-            markers: list[str] = []
             cutoff = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=self.compact_period_s)
-            watcher = await self.kv.watchall()
-            try:
-                while True:
-                    try:
-                        entry = await watcher.updates(timeout=2.0)
-                    except TimeoutError:
-                        break
-                    if entry is None:
-                        break
-                    if entry.operation in ("DEL", "PURGE") and (entry.created is None or entry.created < cutoff):
-                        markers.append(entry.key)
-            finally:
-                await watcher.stop()
-            kv: Any = self.kv  # its stream and subject prefix are not public in nats-py
-            for key in markers:
-                await kv._js.purge_stream(kv._stream, subject=f"{kv._pre}{key}", keep=0)
+            markers: list[str] = []
+            for msg in await read_stored(self.nc, stream, f"{prefix}>", last_per_subject=True):
+                if not msg.headers or not any(header in msg.headers for header in KV_OPERATION_HEADERS):
+                    continue  # a live value
+                if msg.metadata.timestamp < cutoff:
+                    markers.append(msg.subject)
+            js = self.nc.jetstream()
+            for subject in markers:
+                await js.purge_stream(stream, subject=subject, keep=0)
         except Exception as exc:
             log.debug("state store compaction skipped: %r", exc)

@@ -11,7 +11,10 @@ when to give up or how much to reserve:
   round trip, the next command's): ``decoded_factor`` times the blocks it wrote during the last round are
   reserved on top, so a fast decoder does not outrun a fixed headroom (vLLM-CPU's tiny model wrote more than
   the default 2 blocks during one round and its copy was refused). The simulator, which knows the exact
-  size at each step, keeps 0;
+  size at each step, keeps 0. The margin makes a growth at the destination rare, not impossible: a stage
+  (the stop's above all) that still outgrows the reservation grows it on demand at the destination, from its
+  free blocks, below this machine (``transport/kv_data.py``, the sim engine), as ``StagedCopy.stop`` does
+  in the simulators;
 * after each copy stage: stop-and-copy once at most ``last_stage_max_blocks`` remain; otherwise copy again,
   unless ``max_stages`` stages ran, where ``after_max_stages`` decides (``PolicyParams`` documents the
   measurement behind the default).

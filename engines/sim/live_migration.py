@@ -7,14 +7,18 @@ Destination: a reservation holds capacity in the core; the resumed request enter
 blocks (``add_resumed``), not recomputed, exactly as a request whose KV was loaded.
 
 As on the TCP data plane (``transport/kv_data.py``), a copy to a destination in this process that would
-write a block past its reservation fails ("block N exceeds the reservation"); ``reserve_latency_s`` models
-the time a destination takes to set up or grow one (vLLM's goes through its worker's side channel), during
-which the source keeps decoding.
+write a block past its reservation first grows the reservation from the destination's free blocks (the
+request decoded on since the reservation was last grown, above all before its stop); only when the
+destination has no room does the copy fail ("block N exceeds the reservation"). A stop refused that way has
+already stopped the request, as on the live engines: the abort hands back its state without KV, to resume
+by recompute. ``reserve_latency_s`` models the time a destination takes to set up or grow a reservation
+(vLLM's goes through its worker's side channel), during which the source keeps decoding.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -28,9 +32,9 @@ DEFAULT_KV_BYTES_PER_TOKEN = 2 * 32 * 4096 * 2
 # A PCIe 4.0 x16 host link moves ~25 GB/s; Llumnix copies GPU->CPU->network->CPU->GPU, so model 10 GB/s.
 DEFAULT_TRANSFER_BYTES_PER_S = 10e9
 
-# Data-plane address -> blocks its destination reserved, for the sim engines of this process (what the
-# receiving side of the TCP data plane checks every block against). Touched on the one bus loop only.
-_RESERVED: dict[str, int] = {}
+# Data-plane address -> the sim engine that reserved it (in this process): what a copy's blocks are checked
+# against, and grown at, as the receiving side of the TCP data plane does. Touched on the one bus loop only.
+_DESTINATIONS: dict[str, MigratableSimEngine] = {}
 
 
 @dataclass(slots=True)
@@ -78,11 +82,31 @@ class MigratableSimEngine(SimEngine):
     def _full_blocks(self, sim: SimRequest) -> int:
         return max(0, sim.context_len - 1) // self.config.block_size
 
-    def _check_reserved(self, destination: KvEndpoint, num_blocks: int) -> None:
-        """Refuse a copy that writes past the destination's reservation (when it lives in this process)."""
-        reserved = _RESERVED.get(destination.address)
-        if reserved is not None and num_blocks > reserved:
-            raise EngineError(f"block {num_blocks - 1} exceeds the reservation of {reserved} blocks")
+    async def _fit_reservation(self, destination: KvEndpoint, num_blocks: int) -> None:
+        """Before a copy that leaves the request holding ``num_blocks`` at the destination (when it lives in this
+        process): grow its reservation if needed, or refuse the copy when the destination has no room."""
+        engine = _DESTINATIONS.get(destination.address)
+        if engine is not None:
+            await engine._grow_for_copy(destination.migration_id, num_blocks)
+
+    async def _grow_for_copy(self, migration_id: str, num_blocks: int) -> None:
+        """Destination: a copy needs the reservation to hold ``num_blocks``; take the rest from the free blocks
+        (after the modelled round trip) or raise."""
+        held = self._reservations.get(migration_id, 0)
+        if num_blocks <= held:
+            return
+        if self.reserve_latency_s > 0 and self.time_scale > 0:
+            await asyncio.sleep(self.reserve_latency_s * self.time_scale)
+        if migration_id not in self._reservations:
+            raise EngineError(f"block {num_blocks - 1} exceeds the reservation (released meanwhile)")
+        held = self._reservations[migration_id]
+        if num_blocks > held:
+            if not self.core.reserve(num_blocks - held):
+                raise EngineError(
+                    f"block {num_blocks - 1} exceeds the reservation of {held} blocks "
+                    f"({self.instance_id} has {self.core.num_free_blocks} free)"
+                )
+            self._reservations[migration_id] = num_blocks
 
     # ------------------------------------------------------------------------------------------ source
     async def migrate_out_begin(self, request_id: str, migration_id: str, destination: KvEndpoint) -> int:
@@ -99,7 +123,7 @@ class MigratableSimEngine(SimEngine):
             return StageReport(out.stage, 0, 0, 0, 0, 0.0, request_finished=True)
         started = time.perf_counter()
         to_copy = max(0, self._full_blocks(live.sim) - out.copied_blocks)
-        self._check_reserved(out.destination, out.copied_blocks + to_copy)
+        await self._fit_reservation(out.destination, out.copied_blocks + to_copy)
         await self._copy(to_copy)
         out.copied_blocks += to_copy
         out.stage += 1
@@ -122,9 +146,6 @@ class MigratableSimEngine(SimEngine):
             raise EngineError(f"request {out.request_id} ended before it could stop")
         started = time.perf_counter()
         sim = live.sim
-        # A copy past the reservation is refused before anything stops (the step in flight may add a token):
-        # the request goes on decoding here and the migration aborts, as a refused stage's does.
-        self._check_reserved(out.destination, self.core.blocks_for(sim.context_len + 1))
         self.core.remove(sim.request_id, keep_blocks=True)
         while self.core.requests.get(sim.request_id) is sim:  # removal lands when the current step ends
             await asyncio.sleep(0.0005)
@@ -133,17 +154,31 @@ class MigratableSimEngine(SimEngine):
             raise EngineError(f"request {out.request_id} finished while stopping")
         blocks = self.core.blocks_for(sim.context_len)  # its blocks moved to the outgoing pool: count them
         to_copy = max(0, blocks - out.copied_blocks)
+        tokens = [token_at(live.seed, p) for p in range(sim.num_output)]  # deterministic: same as streamed
+        frozen = FrozenRequest(
+            request_id=sim.request_id,
+            prompt_token_ids=list(live.request.prompt_token_ids),
+            output_token_ids=tokens,
+            num_blocks=blocks,
+            final_stage=StageReport(out.stage, 0, 0, 0, blocks, 0.0),
+        )
+        try:
+            # the stopped request's exact size: the destination grows its reservation to it, or refuses
+            await self._fit_reservation(out.destination, blocks)
+        except EngineError:
+            # Stopped, as on the live engines when their last stage is refused: the stream ends and the
+            # abort hands back the state without KV (resumed by recompute).
+            live.done = True
+            live.queue.put_nowait(EngineOutput(live.request.request_id, [], "migrated"))
+            out.frozen = frozen
+            raise
         # copied while its stream stays open: the stream ends (as "migrated") only once the state is handed over
         await self._copy(to_copy)
         out.copied_blocks += to_copy
         live.done = True  # no more outputs from here; the stream ends as "migrated"
         live.queue.put_nowait(EngineOutput(live.request.request_id, [], "migrated"))
-        tokens = [token_at(live.seed, p) for p in range(sim.num_output)]  # deterministic: same as streamed
-        out.frozen = FrozenRequest(
-            request_id=sim.request_id,
-            prompt_token_ids=list(live.request.prompt_token_ids),
-            output_token_ids=tokens,
-            num_blocks=blocks,
+        out.frozen = dataclasses.replace(
+            frozen,
             final_stage=StageReport(
                 out.stage, to_copy, to_copy * self.block_bytes, 0, blocks, time.perf_counter() - started
             ),
@@ -161,10 +196,11 @@ class MigratableSimEngine(SimEngine):
         out = self._outgoing.pop(migration_id, None)
         if out is None:
             return None
-        if out.frozen is not None:
-            self.core.release_outgoing(out.request_id)
-            self._kick()
-        return out.frozen
+        if out.frozen is None:
+            return None
+        self.core.release_outgoing(out.request_id)
+        self._kick()
+        return dataclasses.replace(out.frozen, kv_transfer={})  # its KV stays behind: resumed by recompute
 
     def _outgoing_state(self, migration_id: str) -> _Outgoing:
         out = self._outgoing.get(migration_id)
@@ -182,14 +218,14 @@ class MigratableSimEngine(SimEngine):
             if not self.core.reserve(num_blocks - held):
                 return None
             self._reservations[migration_id] = num_blocks
-            _RESERVED[address] = num_blocks
+            _DESTINATIONS[address] = self
         return KvEndpoint(self.instance_id, address, migration_id)
 
     def _address(self, migration_id: str) -> str:
         return f"sim://{self.instance_id}/{migration_id}"
 
     async def migrate_in_release(self, migration_id: str) -> None:
-        _RESERVED.pop(self._address(migration_id), None)
+        _DESTINATIONS.pop(self._address(migration_id), None)
         held = self._reservations.pop(migration_id, 0)
         if held:
             self.core.release_reservation(held)
@@ -201,7 +237,7 @@ class MigratableSimEngine(SimEngine):
             super()._admit(request, sim)
             return
         held = self._reservations.pop(migration_id, 0)
-        _RESERVED.pop(self._address(migration_id), None)
+        _DESTINATIONS.pop(self._address(migration_id), None)
         if not self.core.add_resumed(sim, self.clock, held):
             self.core.release_reservation(held)
             self._live.pop(request.request_id, None)

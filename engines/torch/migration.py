@@ -7,7 +7,10 @@ full blocks written since the last stage while the request keeps decoding at the
 never written again); the stop sends the rest, the partial last block included.
 
 Destination capacity is held for real: a reservation allocates pool blocks (they show as used in the load
-report) and staging slots, and the resumed request takes those blocks. If the staged KV turns out
+report) and staging slots, and the resumed request takes those blocks. A stage that writes past the
+reservation (the request decoded on after the reservation was last grown, above all before its stop) grows
+it on demand from the free pool, on the engine's loop, before its blocks are taken; only when the pool has
+no room is the stage refused and the migration aborted. If the staged KV turns out
 incomplete, the request is recomputed instead: slower, same tokens.
 
 Only an engine that computes alone (not in a pipeline group) migrates; layer drops and group changes wait
@@ -37,6 +40,8 @@ from transport import kv_data
 log = logging.getLogger(__name__)
 
 MIGRATION_KEY = "torch_migration_id"
+GROW_TIMEOUT_S = 10.0
+"""Longest a stage that outgrew its reservation waits for the engine's loop to grow it (then it is refused)."""
 
 
 @dataclass(slots=True)
@@ -79,6 +84,7 @@ class MigratableTorchEngine(TorchEngine):
         self._staging: kv_data.StagingPool | None = None
         self._staging_kv: torch.Tensor | None = None  # [slots, layers, 2, block_size, kv_heads, head_dim]
         self._server: kv_data.KvServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the engine's: where on-demand growth runs
         self.migration_counters: dict[str, int] = dict.fromkeys(
             ("stages_sent", "blocks_sent", "bytes_sent", "blocks_loaded", "recomputed"), 0
         )
@@ -162,7 +168,7 @@ class MigratableTorchEngine(TorchEngine):
 
         def send() -> kv_data.StageAck:
             blocks = list(zip(range(first, last), self._segments(block_ids), strict=True))
-            return out.sender.send_stage(out.stage, blocks, {"request_id": out.request_id})
+            return out.sender.send_stage(out.stage, blocks, {"request_id": out.request_id}, total_blocks=last)
 
         try:
             ack = await asyncio.to_thread(send)
@@ -287,7 +293,9 @@ class MigratableTorchEngine(TorchEngine):
             def buffer_of(slot: int) -> memoryview:
                 return memoryview(staging_rows[slot])
 
-            self._staging = kv_data.StagingPool(self.staging_blocks, self.block_nbytes, self.kv_layout, buffer_of)
+            self._staging = kv_data.StagingPool(
+                self.staging_blocks, self.block_nbytes, self.kv_layout, buffer_of, on_grow=self._grow_on_demand
+            )
             self._server = kv_data.transport_for("tcp://").serve(self.data_host, self._staging)
         return self._staging
 
@@ -295,6 +303,7 @@ class MigratableTorchEngine(TorchEngine):
         self._require_alone()
         if self._reshaping:
             return None  # the pools are being reallocated: no capacity to promise now
+        self._loop = asyncio.get_running_loop()
         staging = await asyncio.to_thread(self._ensure_staging)
         assert self._server is not None
         incoming = self._incoming.get(migration_id) or _Incoming()
@@ -306,6 +315,41 @@ class MigratableTorchEngine(TorchEngine):
             self._incoming[migration_id] = incoming
             self._publish_load()
         return KvEndpoint(self.instance_id, self._server.address, migration_id)
+
+    def _grow_on_demand(self, migration_id: str, total_blocks: int) -> str | None:
+        """A stage outgrew the reservation (a receiver thread asks): grow it on the engine's loop, which owns
+        the allocator. Returns why not, or None once the reservation holds ``total_blocks``."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return f"engine {self.instance_id} is not running"
+        coroutine = self._grow_reservation(migration_id, total_blocks)
+        try:
+            future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+        except RuntimeError as exc:  # the loop closed meanwhile (shutdown)
+            coroutine.close()
+            return f"engine {self.instance_id} is not running ({exc})"
+        try:
+            return future.result(timeout=GROW_TIMEOUT_S)
+        except TimeoutError:
+            future.cancel()
+            return f"engine {self.instance_id} did not grow the reservation in {GROW_TIMEOUT_S:.0f} s"
+        except Exception as exc:  # e.g. it joined a pipeline group meanwhile: refuse the stage, keep serving
+            return f"{type(exc).__name__}: {exc}"
+
+    async def _grow_reservation(self, migration_id: str, total_blocks: int) -> str | None:
+        """On the loop, with no await: a release cannot slip in between the check and the allocation."""
+        incoming, staging = self._incoming.get(migration_id), self._staging
+        if incoming is None or staging is None:  # released (aborted) meanwhile: nothing to grow
+            return f"no reservation for migration {migration_id}"
+        extra = total_blocks - len(incoming.blocks)
+        if extra <= 0:
+            return None
+        if self._reshaping or not self.allocator.can_allocate(extra) or not staging.reserve(migration_id, total_blocks):
+            return f"{self.instance_id} cannot hold {total_blocks} blocks ({self.allocator.num_free} free)"
+        incoming.blocks += self.allocator.allocate(extra)
+        self._publish_load()
+        log.info("torch engine %s: reservation %s grew to %d blocks", self.instance_id, migration_id, total_blocks)
+        return None
 
     async def migrate_in_release(self, migration_id: str) -> None:
         self._release_incoming(migration_id)

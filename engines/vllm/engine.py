@@ -200,6 +200,7 @@ class VllmEngine:
         self._requests: dict[str, _Request] = {}
         self._outgoing: dict[str, _Outgoing] = {}
         self._reserved: dict[str, int] = {}  # incoming migration id -> blocks held
+        self._growing: set[asyncio.Future[None]] = set()  # on-demand growths in flight (kept from the GC)
         self._control: side_channel.ControlServer | None = None
         self._control_dir: str | None = None
         self._eos_token_ids = _eos_token_ids(self.model_dir)
@@ -549,6 +550,10 @@ class VllmEngine:
                 _resolve(outgoing.ended, frame)
         elif isinstance(frame, side_channel.StageReceived):
             self._preload(frame)
+        elif isinstance(frame, side_channel.GrowReservation):
+            task = asyncio.ensure_future(self._grow_on_demand(frame.migration_id, frame.num_blocks))
+            self._growing.add(task)
+            task.add_done_callback(self._growing.discard)
         elif isinstance(frame, side_channel.Loaded):
             if frame.preload:
                 self._count(blocks_preloaded=frame.num_blocks)
@@ -832,8 +837,30 @@ class VllmEngine:
         except side_channel.ControlError as exc:
             log.info("engine %s cannot reserve %d blocks: %s", self.instance_id, num_blocks, exc)
             return None
+        if held and migration_id not in self._reserved:
+            # Released while the worker reserved (an abort raced a growth): drop what the worker holds again
+            # rather than count a reservation nobody will release.
+            with contextlib.suppress(side_channel.ControlError):
+                await channel.call("worker", side_channel.Release(migration_id=migration_id))
+            return None
         self._reserved[migration_id] = max(held, num_blocks)
         return KvEndpoint(self.instance_id, channel.hello("worker").data_address, migration_id)
+
+    async def _grow_on_demand(self, migration_id: str, num_blocks: int) -> None:
+        """The worker received a stage that outgrew the reservation (the request decoded on since it was last
+        grown, above all before its stop): grow it from the free blocks, as a reservation, or tell why not."""
+        error = ""
+        if migration_id not in self._reserved:  # released (aborted) meanwhile: nothing to grow
+            error = f"no reservation for migration {migration_id}"
+        elif await self.migrate_in_reserve(migration_id, num_blocks) is None:
+            free = self._free_blocks() - sum(self._reserved.values())
+            error = f"{self.instance_id} cannot hold {num_blocks} blocks ({max(0, free)} free)"
+        else:
+            log.info("engine %s: reservation %s grew to %d blocks", self.instance_id, migration_id, num_blocks)
+        if self._control is not None:
+            self._control.notify(
+                "worker", side_channel.ReservationGrown(migration_id=migration_id, num_blocks=num_blocks, error=error)
+            )
 
     async def migrate_in_release(self, migration_id: str) -> None:
         if self._control is None:

@@ -93,6 +93,15 @@ class Release(_Frame, frozen=True, tag="release"):
     migration_id: str
 
 
+class ReservationGrown(_Frame, frozen=True, tag="reservation_grown"):
+    """Engine -> worker (destination), no reply: the answer to a :class:`GrowReservation` (the engine grew the
+    reservation with a :class:`Reserve` first, or ``error`` says why it could not)."""
+
+    migration_id: str
+    num_blocks: int
+    error: str = ""
+
+
 class PreloadPlan(_Frame, frozen=True, tag="preload_plan"):
     """Engine -> worker (destination), no reply: whether a received stage is being preloaded. The worker
     acknowledges the stage to the source only once that preload ran, so the source stops the request
@@ -146,6 +155,14 @@ class StageReceived(_Frame, frozen=True, tag="stage_received"):
     meta: dict[str, Any] = {}
 
 
+class GrowReservation(_Frame, frozen=True, tag="grow_reservation"):
+    """Worker (destination): a stage arriving now needs the reservation to hold ``num_blocks``; its receiver
+    waits for the engine's :class:`ReservationGrown` (the engine owns the accounting of free blocks)."""
+
+    migration_id: str
+    num_blocks: int
+
+
 class Loaded(_Frame, frozen=True, tag="loaded"):
     """Worker (destination): the resumed request's KV was scattered from staging into its blocks."""
 
@@ -166,11 +183,13 @@ Frame: TypeAlias = (
     | Reserve
     | Release
     | PreloadPlan
+    | ReservationGrown
     | StageSent
     | Frozen
     | MigrationEnded
     | StageReceived
     | Loaded
+    | GrowReservation
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 DEFAULT_STAGING_BLOCKS = 256
 PLAN_TIMEOUT_S = 2.0  # longest a received stage waits for the engine to say whether it preloads it
 PRELOAD_TIMEOUT_S = 10.0  # longest it waits for that preload to run
+GROW_TIMEOUT_S = 10.0  # longest a stage that outgrew its reservation waits for the engine to grow it
 
 
 class _KvCache:
@@ -130,6 +131,13 @@ class _PreloadGate:
     preloaded: threading.Event = field(default_factory=threading.Event)
 
 
+@dataclass
+class _GrowGate:
+    answered: threading.Event = field(default_factory=threading.Event)
+    num_blocks: int = 0
+    error: str = ""
+
+
 class _Sender:
     """One migration's outgoing stream: a thread sending its jobs in order."""
 
@@ -180,7 +188,9 @@ class _Sender:
                         self.destination, self.migration_id, cache.layout, cache.block_nbytes
                     )
                 blocks = [(index, cache.segments(block_id, bounce)) for index, block_id in job.blocks]
-                ack = self._stream.send_stage(job.stage, blocks, job.meta)
+                # the request's size once this stage is in: the destination grows its reservation to it
+                total = max((index for index, _ in job.blocks), default=-1) + 1
+                ack = self._stream.send_stage(job.stage, blocks, job.meta, total_blocks=total)
                 self.side.report(
                     side_channel.StageSent(
                         migration_id=self.migration_id,
@@ -216,6 +226,7 @@ class WorkerSide:
         self._finished_seen: set[str] = set()
         self._load_errors: set[int] = set()
         self._gates: dict[tuple[str, int], _PreloadGate] = {}
+        self._grows: dict[str, _GrowGate] = {}  # migration id -> a receiver waiting for the engine to grow it
         self._preloaded: set[str] = set()  # migrations preloaded in this step (worker thread only)
 
     # Setup ------------------------------------------------------------------------------------------------
@@ -232,6 +243,7 @@ class WorkerSide:
             cache.layout,
             buffer_of=lambda slot: memoryview(staging_rows[slot]),
             on_stage=self._stage_received,
+            on_grow=self._grow,
         )
         transport = kv_data.transport_for(str(self.extra.get("data_scheme", "tcp")) + "://")
         self._server = transport.serve(str(self.extra.get("data_host", "127.0.0.1")), self.pool)
@@ -275,6 +287,12 @@ class WorkerSide:
         elif isinstance(frame, side_channel.Release):
             self._control.reply(frame, freed=self.pool.release(frame.migration_id))
             self._open_gates(frame.migration_id)
+        elif isinstance(frame, side_channel.ReservationGrown):
+            with self._lock:
+                grow = self._grows.get(frame.migration_id)
+            if grow is not None:
+                grow.num_blocks, grow.error = frame.num_blocks, frame.error
+                grow.answered.set()
         elif isinstance(frame, side_channel.PreloadPlan):
             with self._lock:
                 gate = self._gates.get((frame.migration_id, frame.stage))
@@ -287,6 +305,23 @@ class WorkerSide:
     def report(self, frame: side_channel.Frame) -> None:
         if self._control is not None:
             self._control.send(frame)
+
+    def _grow(self, migration_id: str, total_blocks: int) -> str | None:
+        """A stage outgrew its reservation (receiver thread): the engine, which knows this engine's free blocks
+        and counts reservations in its load, grows it (its Reserve reaches the pool on the control thread) or
+        says why not. One stream per migration, so at most one receiver waits per migration."""
+        gate = _GrowGate()
+        with self._lock:
+            self._grows[migration_id] = gate
+        try:
+            self.report(side_channel.GrowReservation(migration_id=migration_id, num_blocks=total_blocks))
+            if not gate.answered.wait(GROW_TIMEOUT_S):
+                return f"the engine did not answer in {GROW_TIMEOUT_S:.0f} s"
+            return gate.error or None
+        finally:
+            with self._lock:
+                if self._grows.get(migration_id) is gate:
+                    del self._grows[migration_id]
 
     def _stage_received(self, migration_id: str, stage: int, num_blocks: int, meta: dict[str, Any]) -> None:
         """A stage is in staging (receiver thread). If the engine preloads it, hold the source's ack until

@@ -82,7 +82,9 @@ async def test_writer_orders_coalesces_and_fences(nc: nats.NATS) -> None:
     bucket = f"state_test_{uuid.uuid4().hex[:8]}"
     kv = await open_bucket(nc, bucket, memory=True)
     leading = True
-    writer = KvWriter(asyncio.get_running_loop(), kv, fence=lambda: leading, retry_s=0.05, give_up_s=0.5)
+    writer = KvWriter(
+        asyncio.get_running_loop(), kv, nc=nc, bucket=bucket, fence=lambda: leading, retry_s=0.05, give_up_s=0.5
+    )
     writer.start()
     try:
         done = asyncio.Event()
@@ -119,7 +121,7 @@ async def test_writer_orders_coalesces_and_fences(nc: nats.NATS) -> None:
 async def test_writer_compacts_delete_markers(nc: nats.NATS) -> None:
     bucket = f"state_compact_{uuid.uuid4().hex[:8]}"
     kv = await open_bucket(nc, bucket, memory=True)
-    writer = KvWriter(asyncio.get_running_loop(), kv, compact_period_s=0.3)
+    writer = KvWriter(asyncio.get_running_loop(), kv, nc=nc, bucket=bucket, compact_period_s=0.3)
     writer.start()
     try:
         for i in range(5):
@@ -134,6 +136,9 @@ async def test_writer_compacts_delete_markers(nc: nats.NATS) -> None:
                 break
         assert messages == 1  # only the live key is left
         assert await read_all(nc, bucket) == {"req.live": b"y"}
+        await writer.stop()
+        # each compaction's read deleted its consumer (a KV watch's outlived it)
+        assert (await nc.jetstream().stream_info(f"KV_{bucket}")).state.consumer_count == 0
     finally:
         await writer.stop()
         await delete_bucket(nc, bucket)

@@ -506,6 +506,38 @@ async def test_live_migration_back_and_forth_matches_never_migrated(
     assert_no_leak(b)
 
 
+async def test_a_stop_past_the_reservation_grows_it_from_free_blocks(
+    model_dir: Path, engines: list[TorchEngine]
+) -> None:
+    """The request decodes far past what the destination reserved (2 blocks) before its stop; the destination
+    has free blocks, so the last stage grows the reservation to the request's size instead of being refused:
+    the request resumes there with its KV loaded (not recomputed), the same tokens, and the grown blocks are
+    counted as used until it resumes; nothing leaks."""
+    a = await start_migratable(engines, model_dir, "grow-a")
+    b = await start_migratable(engines, model_dir, "grow-b")
+    expected, _ = await collect(a, request("ref", PROMPTS[1], max_tokens=120))
+    client = Client("g", PROMPTS[1], max_tokens=120)
+    client.on(a)
+    await client.wait_tokens(20)  # the prompt plus 20 tokens: many more than 2 blocks of 4 tokens
+    endpoint = await b.migrate_in_reserve("mg", 2)
+    assert endpoint is not None
+    await a.migrate_out_begin("g", "mg", endpoint)
+    frozen = await a.migrate_out_stop("mg")
+    assert frozen.num_blocks > 2 and frozen.kv_transfer
+    assert b.allocator.num_blocks - b.load().num_free_blocks >= frozen.num_blocks  # the growth counts as used
+    client.take_tail(frozen)
+    client.on(b, frozen.kv_transfer)
+    await a.migrate_out_commit("mg")
+    await client.finish()
+    assert client.tokens == expected
+    assert client.reasons == ["migrated", "length"]
+    assert b.migration_counters["blocks_loaded"] == frozen.num_blocks
+    assert b.migration_counters["recomputed"] == 0
+    await asyncio.sleep(0.01)
+    assert_no_leak(a)
+    assert_no_leak(b)
+
+
 async def test_migration_abort_paths(model_dir: Path, engines: list[TorchEngine]) -> None:
     a = await start_migratable(engines, model_dir, "ab-a")
     b = await start_migratable(engines, model_dir, "ab-b")
@@ -542,20 +574,24 @@ async def test_migration_abort_paths(model_dir: Path, engines: list[TorchEngine]
     await client.finish()
     assert client.tokens == expected and client.reasons == ["migrated", "length"]
 
-    # The stop copies more blocks than the destination reserved: the stop fails, the frozen state comes
+    # The stop copies more blocks than the destination reserved and the destination has no room to grow
+    # the reservation (another reservation holds its free blocks): the stop fails, the frozen state comes
     # back without KV and the request resumes by recompute, with the same tokens.
     client = Client("w", PROMPTS[1], max_tokens=120)
     client.on(a)
     await client.wait_tokens(5)
     endpoint = await b.migrate_in_reserve("m4", 2)
     assert endpoint is not None
+    assert await b.migrate_in_reserve("hog", b.allocator.num_free) is not None
     await a.migrate_out_begin("w", "m4", endpoint)
-    with pytest.raises(MigrationAborted, match="exceeds the reservation"):
+    with pytest.raises(MigrationAborted, match="exceeds the reservation of 2 blocks"):
         await a.migrate_out_stop("m4")
     frozen = await a.migrate_out_abort("m4")
     assert frozen is not None and frozen.kv_transfer == {}
     await b.migrate_in_release("m4")
+    await b.migrate_in_release("hog")
     assert_no_leak(a)
+    assert_no_leak(b)  # the refused growth took nothing
     client.take_tail(frozen)
     client.on(b)
     await client.finish()

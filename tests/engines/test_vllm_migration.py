@@ -174,6 +174,35 @@ async def test_back_and_forth_matches_never_migrated(vllm_engine_a: Any, vllm_en
     await wait_idle(a, b)
 
 
+async def test_a_stop_past_the_reservation_grows_it(vllm_engine_a: Any, vllm_engine_b: Any) -> None:
+    """The destination reserved 1 block, the request holds several when it stops (a fast decoder outran the
+    reservation before its stop): the destination's worker asks its engine to grow the reservation from its
+    free blocks (over the side channel) before taking the last stage, so the migration goes through with
+    every block loaded, not refused."""
+    a, b = vllm_engine_a, vllm_engine_b
+    sampling = SamplingParams(max_tokens=400, ignore_eos=True)  # still decoding at the stop on a starved host
+    prompt = prompt_of(11, 100)
+    expected = await reference(a, "ref-grow", prompt, sampling)
+    loaded_before = b.migration_counters["blocks_loaded"]
+    client = Client("grow-1", prompt, sampling)
+    client.on(a)
+    await client.wait_tokens(40)
+    endpoint = await b.migrate_in_reserve("mig-grow", 1)
+    assert endpoint is not None
+    await a.migrate_out_begin("grow-1", "mig-grow", endpoint)
+    frozen = await a.migrate_out_stop("mig-grow")  # no pre-copy: the last stage carries every block
+    assert frozen.num_blocks >= 5 and frozen.kv_transfer
+    assert frozen.final_stage.copied_blocks == frozen.num_blocks
+    client.take_tail(frozen)
+    client.on(b, frozen.kv_transfer)
+    await a.migrate_out_commit("mig-grow")
+    await client.finish()
+    assert client.tokens == expected and client.finish_reasons == ["migrated", "length"]
+    assert b.migration_counters["blocks_loaded"] - loaded_before >= frozen.kv_transfer["kv_tokens"] // BLOCK
+    assert b.migration_counters["blocks_missing"] == 0
+    await wait_idle(a, b)
+
+
 async def test_destination_cannot_reserve(vllm_engine_a: Any, vllm_engine_b: Any) -> None:
     a, b = vllm_engine_a, vllm_engine_b
     sampling = SamplingParams(max_tokens=60, ignore_eos=True)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 
-from scripts.sweep_policies import QUICK, print_tables, summarise, sweep
+from scripts.sweep_policies import QUICK, ablate, print_tables, summarise, sweep, worst_points
 
 
 def test_quick_sweep_tabulates_every_point_with_ratios() -> None:
@@ -42,3 +43,31 @@ def test_flags_follow_the_targets() -> None:
 
     (row,) = summarise({"points": [pt(0, 1.0, 30.0), pt(1, 1.1, 30.0)]})
     assert row["flags"] == ["TTFT"]  # twice as slow, far past the seed spread; ITL and TPOT equal
+
+
+def test_worst_points_rank_by_the_metric_asked() -> None:
+    rows = [
+        {"name": "a", "ratio:ttft_p99_s": 3.0, "ratio:tpot_p99_ms": 1.0, "ratio:itl_p99_ms": 1.0},
+        {"name": "b", "ratio:ttft_p99_s": 0.5, "ratio:tpot_p99_ms": 1.2, "ratio:itl_p99_ms": 1.0},
+        {"name": "c", "ratio:ttft_p99_s": 1.5, "ratio:tpot_p99_ms": 1.1, "ratio:itl_p99_ms": 1.005},
+    ]
+    assert [r["name"] for r in worst_points(rows, "ttft", 5)] == ["a", "c"]
+    assert [r["name"] for r in worst_points(rows, "tpot", 1)] == ["b"]
+    assert worst_points(rows, "itl", 5) == []  # 1.005 is inside the 1 % margin
+
+
+def test_ablation_reports_preemptions_and_the_clean_tail() -> None:
+    # a KV-bound point (8 instances' worth of long requests on one a10 instance) so that some preempt
+    grid = dataclasses.replace(QUICK, seeds=(0,), instances=1, requests=12, lengths=("fixed:3000:1500",))
+    result = {
+        "grid": dataclasses.asdict(grid),
+        "calibration": {"llama7b-a10 fixed:3000:1500": {"slo_ttft_s": 5.0, "slo_tpot_ms": 200.0}},
+    }
+    row = {"preset": "llama7b-a10", "workload": "poisson", "lengths": "fixed:3000:1500", "load": 1.0, "rate": 5.0}
+    out = io.StringIO()
+    ablate(result, row, out)
+    lines = [line for line in out.getvalue().splitlines() if line.startswith("| ")]
+    assert "preemptions mean" in lines[0] and "never preempted" in lines[0]
+    by_name = {line.split("|")[1].strip(): line.split("|") for line in lines[1:]}
+    assert {"least_loaded", "drover", "hold reserve 16"} <= set(by_name)
+    assert float(by_name["least_loaded"][6]) > 0  # four 4,500-token requests cannot share 791 blocks of 16

@@ -95,6 +95,50 @@ def test_reservation_limits_and_refusals(staging: Any) -> None:
     assert pool.reserve("too-big", 31)
 
 
+def test_a_stage_past_the_reservation_grows_it_when_the_engine_has_room() -> None:
+    """A stage whose header says the request now holds more blocks than reserved asks the pool's engine to
+    grow the reservation before taking its blocks: granted, the stage lands; refused (the engine has no room),
+    the stage is refused and nothing more is held."""
+    rows = np.zeros((32, BLOCK), dtype=np.uint8)
+    asked: list[tuple[str, int]] = []
+    room = {"free": 3}  # the engine's free blocks beyond the first reservation
+
+    def on_grow(migration_id: str, total_blocks: int) -> str | None:
+        asked.append((migration_id, total_blocks))
+        extra = total_blocks - 2
+        if extra > room["free"]:
+            return f"{room['free']} free blocks"
+        room["free"] -= extra
+        assert pool.reserve(migration_id, total_blocks)  # the engine reserves in staging itself
+        return None
+
+    pool = kv_data.StagingPool(32, BLOCK, LAYOUT, buffer_of=lambda slot: memoryview(rows[slot]), on_grow=on_grow)
+    server = kv_data.TcpTransport().serve("127.0.0.1", pool)
+    cache = source_blocks(8)
+    try:
+        assert pool.reserve("g1", 2)
+        sender = kv_data.connect(server.address, "g1", LAYOUT, BLOCK)
+        ack = sender.send_stage(0, [(i, segments(cache, i)) for i in range(2)], {}, total_blocks=2)
+        assert ack.num_blocks == 2 and asked == []  # within the reservation: nothing asked
+        ack = sender.send_stage(1, [(i, segments(cache, i)) for i in range(2, 5)], {}, total_blocks=5)
+        sender.close()
+        assert ack.num_blocks == 3 and asked == [("g1", 5)] and pool.reserved_blocks() == 5
+        slots = pool.slots_of("g1", list(range(5)))
+        for index, slot in enumerate(slots):
+            assert slot is not None and bytes(rows[slot]) == cache[:, index].tobytes()
+        pool.release("g1")
+        room["free"] = 3  # the engine freed what g1 held
+
+        assert pool.reserve("g2", 2)
+        sender = kv_data.connect(server.address, "g2", LAYOUT, BLOCK)
+        with pytest.raises(kv_data.KvTransferError, match=r"block 7 exceeds the reservation of 2 blocks \(3 free"):
+            sender.send_stage(0, [(i, segments(cache, i)) for i in range(8)], {}, total_blocks=8)
+        sender.close()
+        assert asked[-1] == ("g2", 8) and pool.reserved_blocks() == 2
+    finally:
+        server.close()
+
+
 def test_wrong_block_size_is_rejected_by_sender(staging: Any) -> None:
     pool, _, _, server = staging
     assert pool.reserve("m4", 1)
@@ -144,6 +188,9 @@ def test_slow_receiver_bounds_data_in_flight() -> None:
         def block_buffer(self, migration_id: str, index: int) -> memoryview | None:
             gate.wait()
             return scratch.data
+
+        def grow(self, migration_id: str, total_blocks: int) -> str | None:
+            return "never asked: the stage says no total"
 
         def stage_received(self, migration_id: str, stage: int, num_blocks: int, meta: dict[str, Any]) -> None:
             pass
