@@ -473,8 +473,12 @@ class DroverClient:
         otherwise make every request wait forever for replies it cannot receive)."""
         probe = f"{self.inbox_prefix}.probe"
         sub = await self.nc.subscribe(probe)
-        await self.nc.flush(timeout=5)  # the server's -ERR, if any, comes before the PONG
-        await self.nc.flush(timeout=5)  # ... but nats-py may run the error callback as a task: let it run
+        # Two flushes: nats-py writes a flush's PING straight to the socket, ahead of the SUB still in its write
+        # buffer, so the first PONG can come before the server has even read the SUB. Its flusher task writes the
+        # SUB while we wait; the second PING follows it, so the server's -ERR, if any, comes before that PONG
+        # (nats-py runs the error callback for a permissions violation before it reads on).
+        await self.nc.flush(timeout=5)
+        await self.nc.flush(timeout=5)
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
         if probe.lower() in self._denied:

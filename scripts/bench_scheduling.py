@@ -48,8 +48,7 @@ from typing import Any
 from control.policy.dispatch import POLICY_NAMES, make_dispatch_policy, prefix_block_hashes
 from control.policy.migration import plan_migrations
 from control.policy.params import PolicyParams
-from control.policy.recommended import STEP_BUDGET_SHARE
-from control.policy.recommended import user_policy_params as named_policy
+from control.policy.recommended import STEP_BUDGET_SHARE, user_policy_params
 from control.policy.snapshots import RequestDemand
 from control.simulator import ClusterConfig, LengthSpec, SimulationResult, generate_workload, load_trace, simulate
 from control.simulator.cluster import ClusterSimulator
@@ -63,6 +62,17 @@ from engines.sim.core import SimEngineConfig
 from engines.sim.cost_model import CostModel
 from engines.sim.prefix_cache import TRACE_BLOCK_TOKENS
 from scripts.bench_policy_scale import percentiles_us, random_snapshot
+
+FEASIBLE = "drover+feasible"
+"""``drover`` with the goodput-first queue order on, at the setting's TTFT SLO (``queue_ttft_slo_s`` -1)."""
+
+
+def named_policy(name: str) -> PolicyParams:
+    """A user-facing policy's params (``drover sim run --policy``), or :data:`FEASIBLE`."""
+    if name.strip().lower() == FEASIBLE:
+        return dataclasses.replace(user_policy_params("drover"), queue_ttft_slo_s=-1.0)
+    return user_policy_params(name)
+
 
 AZURE_TRACE = AZURE_CONV
 MOONCAKE_TRACE = MOONCAKE_SYNTHETIC
@@ -528,6 +538,10 @@ class Setting:
             config = ClusterConfig(
                 num_instances=self.instances, engine=self.engine, cost_model=self.cost, policy=policy
             )
+        if policy.queue_ttft_slo_s < 0:  # goodput-first queue order: the setting's TTFT SLO, as the rule fixes it
+            config = dataclasses.replace(
+                config, policy=dataclasses.replace(policy, queue_ttft_slo_s=cached_slo(self)[0])
+            )
         if policy.step_budget_slo_share > 0:  # SLO-sized step budget: the setting's TPOT SLO, as the rule fixes it
             config = with_slo_step_budget(config, cached_slo(self)[1])
         return config
@@ -869,6 +883,8 @@ def ablation_variants() -> dict[str, PolicyParams]:
             drover, step_budget_slo_share=STEP_BUDGET_SHARE, step_budget_adaptive=True
         ),
         "drover - step budget": dataclasses.replace(drover, step_budget_slo_share=0.0, step_budget_adaptive=False),
+        # goodput-first order of the cluster queue at the setting's TTFT SLO (issue 17, round 28): opt-in
+        "drover + goodput-first": named_policy(FEASIBLE),
         "drover": drover,
     }
 

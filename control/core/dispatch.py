@@ -34,6 +34,7 @@ requests in the same order (``tests/parity/replays.py``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
@@ -110,6 +111,7 @@ class QueueRules(NamedTuple):
     aging_tokens_per_s: float  # queue_aging_tokens_per_s
     backfill_scan: int  # queue_backfill_scan
     starvation_s: float  # queue_starvation_s
+    ttft_slo_s: float  # queue_ttft_slo_s (<= 0: off)
 
 
 class TapedView:
@@ -259,6 +261,7 @@ class Dispatcher:
             float(getattr(params, "queue_aging_tokens_per_s", 0.0)),
             int(getattr(params, "queue_backfill_scan", 1)),
             float(getattr(params, "queue_starvation_s", 0.0)),
+            float(getattr(params, "queue_ttft_slo_s", 0.0)),
         )
 
     def submit(self, request_id: str, view: FleetView, now: float) -> Iterator[Place]:
@@ -330,7 +333,7 @@ class Dispatcher:
         pending = self.pending
         rules = self._queue_rules()
         if rules.hold_all:
-            yield from self._backfill(view, now, rules.backfill_scan, rules.starvation_s)
+            yield from self._backfill(view, now, rules)
             return
         while pending:
             head = pending.head(1)[0]
@@ -345,15 +348,25 @@ class Dispatcher:
             if isinstance(placed, Place):
                 yield placed
 
-    def _backfill(self, view: FleetView, now: float, scan: int, starving: float) -> Iterator[Place]:
-        """``queue_hold_all``: try the first ``scan`` held requests in queue order; those that fit nowhere
+    def _backfill(self, view: FleetView, now: float, rules: QueueRules) -> Iterator[Place]:
+        """``queue_hold_all``: try the first ``backfill_scan`` held requests in queue order; those that fit nowhere
         stay in their places (EASY backfilling: the index keeps the head's reserved instance for the head),
-        unless one has waited over ``starving`` seconds (0: never)."""
+        unless one has waited over ``starvation_s`` seconds (0: never). With ``ttft_slo_s`` (goodput first) the
+        requests that can still meet their TTFT SLO are tried before those that have waited past it, so the
+        first of them reserves: under a burst the queue no longer spends the freed room on requests that miss
+        anyway while the ones behind them run past their SLO too (a cascade of misses)."""
         pending = self.pending
+        starving = rules.starvation_s
         release = getattr(self.index, "release_reservations", None)
         if release is not None and pending:
             release()  # the head reserves afresh (see PredictiveIndex.release_reservations)
-        for request_id in pending.head(scan):
+        if rules.ttft_slo_s > 0:
+            scanned = pending.head_meetable_first(
+                rules.backfill_scan, now - rules.ttft_slo_s, now - starving if starving > 0 else -math.inf
+            )
+        else:
+            scanned = pending.head(rules.backfill_scan)
+        for request_id in scanned:
             request = view.waiting(request_id)
             if request is None:  # ended or cancelled while it waited
                 pending.remove(request_id)

@@ -19,6 +19,7 @@ its head in order.
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left, insort
 from collections.abc import Iterator
 
@@ -67,6 +68,30 @@ class WaitQueue:
     def head(self, limit: int) -> list[str]:
         """The first ``limit`` request ids, head first (a copy: the caller may remove them meanwhile)."""
         return [item[2] for item in self._items[:limit]]
+
+    def head_meetable_first(self, limit: int, lost_before: float, starved_before: float = -math.inf) -> list[str]:
+        """The first ``limit`` request ids in the goodput-first order (``queue_ttft_slo_s``): those queued at or
+        before ``starved_before`` (waited past the starvation bound, kept first so it still bounds a wait), then
+        those queued after ``lost_before`` (they can still meet the TTFT SLO), then the rest (queued at or
+        before ``lost_before``: lost already), each group in queue order. A request restored without its
+        queue time never counts as lost. The walk stops once the first two groups fill ``limit``; a long run
+        of lost requests at the head is walked once a tick."""
+        starved: list[str] = []
+        meetable: list[str] = []
+        lost: list[str] = []
+        queued_at = self._queued_at
+        for item in self._items:
+            request_id = item[2]
+            at = queued_at[request_id]
+            if at <= starved_before:
+                starved.append(request_id)
+            elif at > lost_before:
+                meetable.append(request_id)
+            elif len(lost) < limit:
+                lost.append(request_id)
+            if len(starved) + len(meetable) >= limit:
+                break
+        return (starved + meetable + lost)[:limit]
 
     def remove(self, request_id: str) -> None:
         item = self._ids.pop(request_id, None)

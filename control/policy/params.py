@@ -82,6 +82,12 @@ class DispatchParams:
     queue_starvation_s: float = 0.0
     """With ``queue_hold_all``: a held request that has waited longer than this (seconds) and still fits
     nowhere stops the tick's scan, so nothing queued behind it overtakes it any more (0 = off)."""
+    queue_ttft_slo_s: float = 0.0
+    """With ``queue_hold_all``: goodput-first order of the scheduler's queue. A held request that has waited at
+    least this long (seconds; the TTFT SLO) can no longer meet it, so each tick tries the held requests that
+    still can first (in queue order), then the lost ones (they still run: behind the meetable ones, never
+    dropped); ``queue_starvation_s`` keeps its bound on top. 0 = off; -1 = the run's TTFT SLO (the simulator's
+    ``--slo-ttft-s``; a live control plane has none, so off). docs/policies.md, "Goodput-first queue order"."""
     predict_prefill_blocks: bool = False
     """``predictive`` dispatch: count the KV blocks a running prompt's remaining chunks will still allocate
     in the instance's demand (its room and memory load). Under chunked prefill a prompt holds only the
@@ -138,6 +144,7 @@ class PolicyParams:
     queue_aging_tokens_per_s: float = 0.0
     queue_backfill_scan: int = 32
     queue_starvation_s: float = 0.0
+    queue_ttft_slo_s: float = 0.0
     predict_prefill_blocks: bool = False
     predict_interference: float = 0.0
     predict_hold_physical: bool = False
@@ -228,6 +235,7 @@ always empties."""
             queue_aging_tokens_per_s=self.queue_aging_tokens_per_s,
             queue_backfill_scan=self.queue_backfill_scan,
             queue_starvation_s=self.queue_starvation_s,
+            queue_ttft_slo_s=self.queue_ttft_slo_s,
             predict_prefill_blocks=self.predict_prefill_blocks,
             predict_interference=self.predict_interference,
             predict_hold_physical=self.predict_hold_physical,
@@ -286,6 +294,8 @@ always empties."""
             raise ValueError("queue_aging_tokens_per_s must be >= 0 (0 = first come, first served)")
         if self.queue_starvation_s < 0:
             raise ValueError("queue_starvation_s must be >= 0 (0 = off)")
+        if self.queue_ttft_slo_s < 0 and self.queue_ttft_slo_s != -1:
+            raise ValueError("queue_ttft_slo_s must be >= 0 (0 = off) or -1 (the run's TTFT SLO)")
         if self.queue_backfill_scan < 1:
             raise ValueError("queue_backfill_scan must be >= 1")
         if self.predict_hold_growth_blocks < -1:

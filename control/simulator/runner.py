@@ -354,6 +354,8 @@ def run_policy(policy: str, workload: Sequence[RequestSpec], options: RunOptions
     options.validate()
     name = canonical_policy(policy)
     params = user_policy_params(name)
+    if params.queue_ttft_slo_s < 0:  # the goodput-first queue order reads the run's TTFT SLO
+        params = dataclasses.replace(params, queue_ttft_slo_s=options.slo_ttft_s)
     preset = options.preset
     if options.kunserve:
         return _run_kunserve(name, workload, options)

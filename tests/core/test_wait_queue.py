@@ -151,3 +151,52 @@ def test_a_request_held_past_queue_starvation_s_is_not_overtaken_any_more() -> N
     index.upsert(snapshot("b", free=40, running=3))
     assert shell.run(core.retry(shell, 3.0)) == []  # big has waited 3 s > 2 s: small3 waits behind it
     assert list(core.pending) == ["big", "small3"]
+
+
+def _two_held(ttft_slo_s: float) -> tuple[PredictiveIndex, Dispatcher, Shell]:
+    """One instance with no room; "old" held at 0 s, "new" at 1.5 s; each needs 20 of the instance's blocks."""
+    params = DispatchParams(predict_hold=True, queue_hold_all=True, queue_backfill_scan=4, queue_ttft_slo_s=ttft_slo_s)
+    index = make_dispatch_policy("predictive", params)
+    assert isinstance(index, PredictiveIndex)
+    core, shell = Dispatcher(index), Shell()
+    index.upsert(snapshot("a", free=5, running=3))
+    for rid, t in (("old", 0.0), ("new", 1.5)):
+        assert shell.run(core.submit(shell.add(rid, blocks=20), shell, t)) == []
+    return index, core, shell
+
+
+def test_goodput_first_order_serves_the_request_that_can_still_meet_its_ttft_slo() -> None:
+    """Room for one at 2 s with a 1 s TTFT SLO: "old" has waited 2 s (its TTFT is lost whatever happens),
+    "new" 0.5 s. First come, first served spends the room on "old", and "new" misses too; goodput first
+    starts "new" and "old" still runs when room frees again (demoted, not dropped)."""
+    for slo, first in ((0.0, "old"), (1.0, "new")):
+        index, core, shell = _two_held(slo)
+        index.upsert(snapshot("a", free=40, running=3))  # room for one 20-block prompt beside the growth reserve
+        assert shell.run(core.retry(shell, 2.0)) == [first], slo
+        index.upsert(snapshot("a", free=40, running=3))
+        assert shell.run(core.retry(shell, 2.1)) == [{"old": "new", "new": "old"}[first]] and not core.pending
+
+
+def test_goodput_first_order_keeps_the_starvation_bound_first() -> None:
+    queue = WaitQueue()
+    for rid, t in (("starved", 0.0), ("lost", 5.0), ("meetable", 9.5), ("meetable2", 9.8)):
+        queue.push(rid, now=t)
+    queue.append("restored")  # no queue time: never counts as lost
+    now, slo, starvation = 10.0, 1.0, 8.0
+    assert queue.head_meetable_first(4, now - slo) == ["meetable", "meetable2", "restored", "starved"]
+    assert queue.head_meetable_first(9, now - slo, now - starvation) == [
+        "starved",
+        "meetable",
+        "meetable2",
+        "restored",
+        "lost",
+    ]
+    assert queue.head_meetable_first(1, now - slo) == ["meetable"]
+    assert list(queue) == ["starved", "lost", "meetable", "meetable2", "restored"]  # the queue itself is unchanged
+
+
+def test_queue_ttft_slo_s_validates_and_takes_the_run_slo_in_the_simulator() -> None:
+    assert PolicyParams().with_updates(queue_ttft_slo_s="-1").dispatch_params().queue_ttft_slo_s == -1.0
+    with pytest.raises(ValueError, match="queue_ttft_slo_s"):
+        PolicyParams().with_updates(queue_ttft_slo_s="-2")
+    assert user_policy_params("drover").queue_ttft_slo_s == 0.0  # opt-in

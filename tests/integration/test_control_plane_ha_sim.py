@@ -127,7 +127,6 @@ async def test_restart_keeps_streams_and_deduplicates_retries(nats_url: str, tap
             taps = {rid: InboxTap() for rid in streams}
             for rid, stream in streams.items():
                 await taps[rid].attach(tap_nc, inbox_of(stream))
-            await tap_nc.flush()  # the taps' subscriptions are on the server from here on
             for stream in streams.values():
                 await wait_tokens(stream, 5)
             accepted = {rid: (await s.accepted).cancel_token for rid, s in streams.items()}
@@ -143,6 +142,7 @@ async def test_restart_keeps_streams_and_deduplicates_retries(nats_url: str, tap
 
             # A client retry with the same id and inbox is acknowledged again (same token) and runs once.
             # The tap joined after the submit, so it may or may not have seen the first Accepted: count from here.
+            # The retry goes out on the tap's own connection, behind its SUBs, so the tap sees what answers it.
             first = "ha-r0"
             acks_before = len(taps[first].of(Accepted))
             await tap_nc.publish(

@@ -115,7 +115,24 @@ class Spy:
                     self.seen.append((msg.subject, message))
 
         await self.conn.nc.subscribe(subject, cb=record)
-        await self.conn.nc.flush()
+        await registered(self.conn.nc)
+
+
+async def registered(nc: Any, timeout_s: float = 30.0) -> None:
+    """Return once the server has every subscription ``nc`` made so far. Not ``nc.flush()``: nats-py (2.16)
+    writes a flush's PING straight to the socket, ahead of SUBs still in its write buffer, so its PONG can come
+    back before the server has them. A message this connection sends itself goes through that buffer behind
+    them, and the server handles a connection's commands in order: when it comes back, they are in."""
+    echo = nc.new_inbox()
+    back = asyncio.Event()
+
+    async def on_echo(msg: Any) -> None:
+        back.set()
+
+    sub = await nc.subscribe(echo, cb=on_echo)
+    await nc.publish(echo, b"")
+    await asyncio.wait_for(back.wait(), timeout_s)
+    await sub.unsubscribe()
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -392,9 +409,11 @@ async def test_client_delivers_only_its_requests_messages(alice: DroverClient, s
     # Far longer than the test needs (a sim engine in real time), and cancelled once the forged messages are in:
     # they must arrive while the stream is open, and on a starved host a short request could end first.
     stream = await alice.submit("mine", max_tokens=3500, request_id="mine-1")
-    # the inbox subscription must reach the server before the forged messages do (they come over another
-    # connection): without this flush they can arrive while alice's SUB is still in her write buffer
-    await alice.nc.flush()
+    # The forged messages come over another connection: alice's inbox subscription must be on the server first,
+    # or the server has nobody to give them to. The Accepted came to alice through that subscription, so it is.
+    # (Not alice.nc.flush(): nats-py writes its PING ahead of the SUB still in alice's write buffer, and the
+    # PONG can come back before the server has the SUB; on a starved host the forged messages then beat it.)
+    await asyncio.wait_for(stream.accepted, 30)
     forged = [
         TokenChunk(request_id="someone-else", index=0, token_ids=[999_999] * 6),
         RequestDone(request_id="someone-else", finish_reason="stop", usage=Usage(prompt_tokens=1, completion_tokens=0)),
