@@ -11,6 +11,7 @@ import pykka
 
 from actors.engine_actor import EngineActor, Heartbeater
 from actors.local_autoscaler import LocalAutoscaler
+from control.adaptive_budget import AdaptiveStepBudget
 from control.core.record import DecisionLog
 from control.policy.step_budget import slo_step_token_budget
 from control.settings import Settings
@@ -51,10 +52,20 @@ def step_token_budget(settings: Settings) -> int:
     )
 
 
+def adaptive_step_budget(settings: Settings) -> AdaptiveStepBudget | None:
+    """With ``[engine] step_budget_adaptive`` (and a share set): the per-step rule choosing between
+    ``max_num_batched_tokens`` and the SLO-sized budget (``control/adaptive_budget.py``); None otherwise."""
+    eng = settings.engine
+    if not eng.step_budget_adaptive or eng.step_budget_slo_share <= 0:
+        return None
+    return AdaptiveStepBudget(floor=step_token_budget(settings), ceiling=eng.max_num_batched_tokens)
+
+
 def build_engine(settings: Settings, instance_id: str) -> tuple[Engine, Tokenizer]:
     """Construct (not start) the configured engine kind for ``instance_id``."""
     eng = settings.engine
     budget = step_token_budget(settings)
+    adaptive = adaptive_step_budget(settings)
     if eng.kind == "sim":
         from engines.sim.live_migration import MigratableSimEngine
 
@@ -64,9 +75,10 @@ def build_engine(settings: Settings, instance_id: str) -> tuple[Engine, Tokenize
             block_size=eng.block_size,
             num_blocks=eng.sim_num_blocks,
             max_num_seqs=eng.max_num_seqs,
-            max_num_batched_tokens=budget,
+            max_num_batched_tokens=budget if adaptive is None else adaptive.ceiling,
             max_model_len=settings.model.max_model_len,
             time_scale=eng.sim_time_scale,
+            adaptive_budget=adaptive,
             seed=eng.seed,
             prefix_caching=eng.sim_prefix_caching,
         )
@@ -103,7 +115,8 @@ def build_engine(settings: Settings, instance_id: str) -> tuple[Engine, Tokenize
         block_size=eng.block_size,
         max_model_len=settings.model.max_model_len,
         max_num_seqs=eng.max_num_seqs,
-        max_num_batched_tokens=budget,
+        max_num_batched_tokens=budget if adaptive is None else adaptive.ceiling,
+        adaptive_budget=adaptive,
         kv_cache_gib=eng.kv_cache_gib,
         dtype=settings.model.dtype,
         cpu_threads=eng.cpu_threads,

@@ -183,6 +183,12 @@ class EngineSettings(_Section):
         "this share of [autoscaling.slo] itl_s, by the engine's step profile (a sim engine's cost model; vLLM "
         "and torch: the tiny model's CPU fit, engines/sim/cost_model.py TINY_CPU). 0: off.",
     )
+    step_budget_adaptive: bool = Field(
+        False,
+        description="With step_budget_slo_share > 0: the SLO-sized budget only under pressure, chosen per step "
+        '(docs/policies.md, "Adaptive step budget"): max_num_batched_tokens while fewer than 1 % of recent '
+        "decode gaps would carry a full-budget chunk. Sim and vLLM engines (torch: the SLO-sized budget).",
+    )
 
 
 class SchedulerSettings(_Section):

@@ -741,7 +741,7 @@ def fixed_load_tails(
             tpot: list[float] = []
             itl: list[float] = []
             for seed in seeds:
-                result, itl_p99 = observed_run(setting, named_policy(name), rate, seed)
+                result, itl_p99 = observed_run(setting, policy_by_name(name), rate, seed)
                 ttft.append(result.prefill.p99)
                 tpot.append(result.decode.p99 * 1e3)
                 itl.append(itl_p99 * 1e3)
@@ -754,6 +754,33 @@ def fixed_load_tails(
                 "itl_p99_per_seed": itl,
             }
     return out
+
+
+def policy_by_name(name: str) -> PolicyParams:
+    """A user-facing policy (``drover``, ``least_loaded``, ...) or an ablation variant's name."""
+    try:
+        return named_policy(name)
+    except ValueError:
+        variants = ablation_variants()
+        if name in variants:
+            return variants[name]
+        raise
+
+
+def print_tails(setting: Setting, tails: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Print :func:`fixed_load_tails`' rows (mean ± 95 % CI, then per seed); returns them."""
+    print(f"\n== fixed-load tails, {setting.name}")
+    print(
+        f"   {'rate':>7} {'policy':<26} {'p99 TTFT s':>18} {'p99 TPOT ms':>18} {'p99 ITL ms':>18}  per seed (TTFT/ITL)"
+    )
+    for key, row in tails.items():
+        rate, name = key.split("/", 1)
+        (t, tc), (d, dc), (i, ic) = row["ttft_p99_s"], row["tpot_p99_ms"], row["itl_p99_ms"]
+        pairs = zip(row["ttft_p99_per_seed"], row["itl_p99_per_seed"], strict=True)
+        per_seed = " ".join(f"{a:.2f}/{b:.0f}" for a, b in pairs)
+        line = f"   {rate:>7} {name:<26} {t:>10.3f} ± {tc:<6.3f} {d:>10.1f} ± {dc:<6.1f} {i:>10.1f} ± {ic:<6.1f}"
+        print(f"{line}  {per_seed}", flush=True)
+    return tails
 
 
 def section_goodput(
@@ -770,7 +797,7 @@ def section_goodput(
         print(f"{'policy':<14} {'goodput':>9} {'± 95% CI':>9} {'per seed':<32} {'vs least_loaded':>15}")
         per_policy: dict[str, Any] = {}
         for name in policies:
-            runs = [goodput(setting, named_policy(name), seed, slo) for seed in seeds]
+            runs = [goodput(setting, policy_by_name(name), seed, slo) for seed in seeds]
             values = [r["goodput"] for r in runs]
             mean, ci = mean_ci(values)
             per_policy[name] = {"mean": mean, "ci95": ci, "per_seed": runs}
@@ -784,14 +811,7 @@ def section_goodput(
         tails = fixed_load_tails(setting, policies, rates, seeds) if rates else {}
         if tails:
             print("   fixed loads (fractions of least_loaded's mean goodput): mean ± 95% CI over seeds")
-            print(f"   {'rate':>7} {'policy':<14} {'p99 TTFT s':>18} {'p99 TPOT ms':>18} {'p99 ITL ms':>18}")
-            for key, row in tails.items():
-                rate, name = key.split("/")
-                (t, tc), (d, dc), (i, ic) = row["ttft_p99_s"], row["tpot_p99_ms"], row["itl_p99_ms"]
-                print(
-                    f"   {rate:>7} {name:<14} {t:>10.3f} ± {tc:<6.3f} {d:>10.1f} ± {dc:<6.1f} {i:>10.1f} ± {ic:<6.1f}",
-                    flush=True,
-                )
+            print_tails(setting, tails)
         out[setting.name] = {"slo_ttft_s": slo[0], "slo_tpot_s": slo[1], "goodput": per_policy, "tails": tails}
     return out
 
@@ -852,10 +872,17 @@ def ablation_variants() -> dict[str, PolicyParams]:
         "drover + hold reserve 1": dataclasses.replace(drover, predict_hold_growth_blocks=1),
         "drover + hold reserve 2": dataclasses.replace(drover, predict_hold_growth_blocks=2),
         # SLO-sized step budget (issue 17, qwen azure): opt-in; and the baseline with it
-        "drover + step budget": dataclasses.replace(drover, step_budget_slo_share=STEP_BUDGET_SHARE),
+        "drover + step budget": dataclasses.replace(
+            drover, step_budget_slo_share=STEP_BUDGET_SHARE, step_budget_adaptive=False
+        ),
         "least_loaded + step budget": dataclasses.replace(
             named_policy("least_loaded"), step_budget_slo_share=STEP_BUDGET_SHARE
         ),
+        # the same budget only under pressure, per step (issue 17, round 28; drover's default since)
+        "drover + adaptive budget": dataclasses.replace(
+            drover, step_budget_slo_share=STEP_BUDGET_SHARE, step_budget_adaptive=True
+        ),
+        "drover - step budget": dataclasses.replace(drover, step_budget_slo_share=0.0, step_budget_adaptive=False),
         # goodput-first order of the cluster queue at the setting's TTFT SLO (issue 17, round 28): opt-in
         "drover + goodput-first": named_policy(FEASIBLE),
         "drover": drover,
@@ -1016,6 +1043,11 @@ def main() -> None:
     parser.add_argument("--ablation-goodput", action="store_true", help="also bisect every variant's goodput (slow)")
     parser.add_argument("--no-tails", action="store_true", help="goodput only, without the fixed-load tails")
     parser.add_argument(
+        "--tail-rates",
+        default="",
+        help="--goodput: only the fixed-load tails, at these rates (comma-separated), no bisection",
+    )
+    parser.add_argument(
         "--variants", default="", help="--ablation: only these variants (comma-separated names; default all)"
     )
     parser.add_argument(
@@ -1056,11 +1088,19 @@ def main() -> None:
         names = [p.strip() for p in args.policies.split(",") if p.strip()]
         for name in names:
             try:
-                named_policy(name)
+                policy_by_name(name)
             except ValueError as exc:
                 parser.error(str(exc))
         chosen = [dataclasses.replace(s, duration_s=100.0 if args.quick else args.duration) for s in chosen]
         started = time.perf_counter()
+        if args.tail_rates:
+            fixed = [float(r) for r in args.tail_rates.split(",") if r.strip()]
+            seeds = list(range(args.seed, args.seed + args.seeds))
+            tails_out = {s.name: print_tails(s, fixed_load_tails(s, names, fixed, seeds)) for s in chosen}
+            if args.json:
+                args.json.write_text(json.dumps(tails_out, indent=1, default=str))
+            print(f"\n(tails took {time.perf_counter() - started:.0f} s)")
+            return
         results = section_goodput(
             chosen, names, list(range(args.seed, args.seed + args.seeds)), tails_wanted=not args.no_tails
         )

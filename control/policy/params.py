@@ -18,7 +18,7 @@ AfterMaxStages = Literal["stop_and_copy", "abort"]
 MigrationSources = Literal["freeness", "pressure", "drain"]
 
 
-ENGINE_STARTUP_KEYS = frozenset({"step_budget_slo_share"})
+ENGINE_STARTUP_KEYS = frozenset({"step_budget_slo_share", "step_budget_adaptive"})
 """Policy keys an engine reads once, when it starts (vLLM takes its step budget at start-up only): the
 simulator applies them per run; a running control plane refuses them in ``drover policy set`` and points to
 the ``[engine]`` setting of the same name, which the engine hosts read."""
@@ -156,6 +156,11 @@ class PolicyParams:
     this share of the TPOT SLO, by the instance's step-latency profile, never above the engine's configured
     budget (:func:`control.policy.step_budget.slo_step_token_budget`). 0 = off (the engine's own budget).
     docs/policies.md, "SLO-sized step budget"."""
+    step_budget_adaptive: bool = False
+    """With ``step_budget_slo_share`` > 0: the SLO-sized budget is a floor, not the budget; each step takes
+    the largest budget (up to the engine's configured one) that every running decoder's TPOT slack allows
+    (:mod:`control.adaptive_budget`): the full budget at light load, the SLO-sized one under pressure.
+    docs/policies.md, "Adaptive step budget"."""
 
     migration_enabled: bool = True
     migrate_threshold: float = 3.0

@@ -1,11 +1,14 @@
 """The simulator shell of the SLO-sized step budget: each simulated instance starts with the token budget the
 policy's rule gives for the run's TPOT SLO and the preset's step-latency profile (its cost model), as a live
-engine host passes it to vLLM as ``max_num_batched_tokens`` at start-up (:mod:`control.policy.step_budget`)."""
+engine host passes it to vLLM as ``max_num_batched_tokens`` at start-up (:mod:`control.policy.step_budget`).
+With ``step_budget_adaptive`` each engine chooses per step between its configured budget and the SLO-sized
+one, by recent pressure (:mod:`control.adaptive_budget`)."""
 
 from __future__ import annotations
 
 import dataclasses
 
+from control.adaptive_budget import AdaptiveStepBudget
 from control.policy.step_budget import slo_step_token_budget
 from control.simulator.cluster import ClusterConfig
 
@@ -24,6 +27,9 @@ def with_slo_step_budget(cluster: ClusterConfig, slo_tpot_s: float) -> ClusterCo
         ceiling=engine.max_num_batched_tokens,
         quantum=engine.block_size,
     )
+    if cluster.policy.step_budget_adaptive:
+        rule = AdaptiveStepBudget(floor=budget, ceiling=engine.max_num_batched_tokens)
+        return dataclasses.replace(cluster, engine=dataclasses.replace(engine, adaptive_budget=rule))
     return dataclasses.replace(cluster, engine=dataclasses.replace(engine, max_num_batched_tokens=budget))
 
 

@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from control.adaptive_budget import AdaptiveStepBudget, BudgetState
 from engines.sim.cost_model import DEFAULT_COST_MODEL, CostModel
 from engines.sim.prefix_cache import PrefixCache
 
@@ -51,6 +52,9 @@ class SimEngineConfig:
     """Admit a waiting request only when its whole sequence (prompt and any output so far) fits the free
     blocks, not just its first chunk: vLLM v1's ``scheduler_reserve_full_isl`` (default on). Off, a long
     prompt is admitted chunk by chunk and can thrash beside a growing older request (older vLLM v1)."""
+    adaptive_budget: AdaptiveStepBudget | None = None
+    """Choose each step's token budget between the rule's ceiling and its SLO-sized floor by recent pressure
+    (``control/adaptive_budget.py``) instead of ``max_num_batched_tokens``; None: the fixed budget, as vLLM."""
 
 
 @dataclass(slots=True, eq=False)
@@ -139,6 +143,9 @@ class SimEngineCore:
         self._outgoing: dict[str, int] = {}  # request id -> blocks held for its migration
         # Prefix caching (engines/sim/prefix_cache.py): None = off. Every hook below is one guarded line.
         self.prefix_cache: PrefixCache | None = None
+        # the adaptive step budget's memory (control/adaptive_budget.py): BudgetState's fields, kept flat
+        self.budget_share = 0.0
+        self.budget_pressed = False
 
     # ------------------------------------------------------------------------------------------ capacity
     @property
@@ -257,6 +264,8 @@ class SimEngineCore:
         if not self.running and not self.waiting:
             return None
         budget = self.config.max_num_batched_tokens
+        if self.config.adaptive_budget is not None:  # configured or SLO-sized, by recent pressure
+            budget = self.config.adaptive_budget.floor if self.budget_pressed else self.config.adaptive_budget.ceiling
         entries: list[tuple[SimRequest, int]] = []
         preempted = False
         prefill_tokens = decode_seqs = decode_context = 0
@@ -329,6 +338,13 @@ class SimEngineCore:
         """Commit the planned step(s); return the requests that produced tokens."""
         plan = self._plan
         assert plan is not None, "no plan to finish"
+        rule = self.config.adaptive_budget
+        if rule is not None:  # before the commit: the entries' counts are still the plan's (a decode: 1 token
+            # of a request with computed context, as plan() counts it)
+            prefill = 0 if plan.steps > 1 else sum(n for r, n in plan.entries if n > 1 or r.num_computed == 0)
+            self.budget_share, self.budget_pressed = rule.update(
+                self.budget_share, self.budget_pressed, plan.decode_seqs * plan.steps, prefill
+            )
         outputs = self._commit_single(plan) if plan.steps == 1 else self._commit_run(plan, plan.steps)
         self.num_steps += plan.steps
         self.busy_time += plan.end - plan.start
@@ -393,6 +409,11 @@ class SimEngineCore:
         return plan.end
 
     # ------------------------------------------------------------------------------------------ reporting
+    @property
+    def budget_state(self) -> BudgetState:
+        """The adaptive step budget's state (``control/adaptive_budget.py``)."""
+        return BudgetState(self.budget_share, self.budget_pressed)
+
     def head_waiting_blocks(self) -> int:
         return self.waiting[0]._waiting_need if self.waiting else 0
 

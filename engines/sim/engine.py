@@ -20,6 +20,7 @@ import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from control.adaptive_budget import AdaptiveStepBudget
 from control.block_hash import vllm_block_hashes
 from engines.base import EngineError, EngineOutput, EngineRequest
 from engines.prefix_listing import DEFAULT_MAX_BLOCKS
@@ -94,7 +95,10 @@ class SimEngine:
         chunked_prefill: bool = True,
         prefix_caching: bool = False,
         prefix_full_every_s: float = 10.0,
+        adaptive_budget: AdaptiveStepBudget | None = None,
     ) -> None:
+        """``adaptive_budget``: choose each step's token budget by recent pressure
+        (``control/adaptive_budget.py``; its ceiling should be ``max_num_batched_tokens``)."""
         if time_scale < 0:
             raise ValueError("time_scale must be >= 0")
         self.instance_id = instance_id
@@ -109,6 +113,7 @@ class SimEngine:
             max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=max_model_len,
             chunked_prefill=chunked_prefill,
+            adaptive_budget=adaptive_budget,
         )
         self.core = SimEngineCore(self.config, self.cost_model)
         self._info = EngineInfo(

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from control.adaptive_budget import AdaptiveStepBudget
 from engines.base import EngineError, EngineOutput, EngineRequest
 from engines.migration import FrozenRequest, KvEndpoint, MigrationAborted, StageReport
 from engines.prefix_listing import DEFAULT_MAX_BLOCKS
@@ -159,18 +160,23 @@ class VllmEngine:
         stage_timeout_s: float = 120.0,
         enable_preload: bool = True,
         kv_events: bool = True,
+        adaptive_budget: AdaptiveStepBudget | None = None,
     ) -> None:
         """``staging_blocks``: receive buffer for incoming migrations (default: two max-length requests).
         ``data_host``: address this engine's KV data-plane server binds and advertises (use a routable one
         across hosts). ``enable_preload``: as stages arrive, load their blocks into the prefix cache (a
-        one-token warm-up request per stage), so that resuming loads only the last blocks."""
+        one-token warm-up request per stage), so that resuming loads only the last blocks.
+        ``adaptive_budget``: choose each step's token budget by recent pressure (``control/adaptive_budget.py``,
+        in vLLM's scheduler: ``engines/vllm/budget_scheduler.py``); ``max_num_batched_tokens`` is then its
+        ceiling."""
         self.instance_id = instance_id
         self.model_dir = Path(model_dir)
         self.model_name = model_name
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_batched_tokens = max_num_batched_tokens if adaptive_budget is None else adaptive_budget.ceiling
+        self.adaptive_budget = adaptive_budget
         self.kv_cache_gib = kv_cache_gib
         self.dtype = dtype
         self.cpu_threads = cpu_threads
@@ -279,6 +285,14 @@ class VllmEngine:
             self._kv_listener = KvEventListener(endpoint)
             self._kv_listener.start()  # a SUB may connect before the PUB binds; ZMQ reconnects by itself
             self._stats.kv_events = self._kv_listener
+        budget_args: dict[str, Any] = {}
+        if self.adaptive_budget is not None:
+            from engines.vllm.budget_scheduler import ADDITIONAL_CONFIG_KEY, SCHEDULER_QUALNAME, rule_config
+
+            budget_args = {
+                "scheduler_cls": SCHEDULER_QUALNAME,
+                "additional_config": {ADDITIONAL_CONFIG_KEY: rule_config(self.adaptive_budget)},
+            }
         return AsyncEngineArgs(
             model=str(self.model_dir),
             served_model_name=self.model_name,
@@ -296,6 +310,7 @@ class VllmEngine:
             kv_transfer_config=kv_transfer,
             distributed_executor_backend=self.executor,
             kv_events_config=kv_events_config,
+            **budget_args,
         )
 
     def _construct(self, args: Any) -> Any:

@@ -37,7 +37,10 @@ def test_bad_input_is_refused() -> None:
 
 
 def with_budget() -> PolicyParams:
-    return dataclasses.replace(user_policy_params("drover"), step_budget_slo_share=STEP_BUDGET_SHARE)
+    """``drover`` with the fixed SLO-sized budget (its default is the adaptive one, test_adaptive_budget.py)."""
+    return dataclasses.replace(
+        user_policy_params("drover"), step_budget_slo_share=STEP_BUDGET_SHARE, step_budget_adaptive=False
+    )
 
 
 def test_the_rule_sizes_the_budget_from_the_slo_and_the_baseline_keeps_vllms() -> None:
@@ -61,7 +64,8 @@ def test_decodes_beside_a_long_prompt_keep_their_gaps_under_the_slo() -> None:
     preset = get_preset("qwen2.5-7b-a10")
     specs = [RequestSpec(f"d{i}", 0.0, 64, 100) for i in range(8)] + [RequestSpec("long", 0.5, 6000, 2)]
     p99: dict[str, float] = {}
-    for name, params in (("off", user_policy_params("drover")), ("on", with_budget())):
+    off = dataclasses.replace(user_policy_params("drover"), step_budget_slo_share=0.0, step_budget_adaptive=False)
+    for name, params in (("off", off), ("on", with_budget())):
         sim = fixed_simulator(with_slo_step_budget(preset.cluster_config(1, params), 0.170), specs)
         result = sim.run()
         assert sum(1 for r in result.requests if r.done) == 9
@@ -72,12 +76,17 @@ def test_decodes_beside_a_long_prompt_keep_their_gaps_under_the_slo() -> None:
     assert p99["on"] < 170.0
 
 
-def test_drover_leaves_it_off_and_the_engine_keeps_vllms_budget() -> None:
-    """Off in ``drover`` (it costs p99 ITL at light load, docs/policies.md); the knob turns it on."""
+def test_drover_runs_it_adaptive_and_the_baseline_keeps_vllms_budget() -> None:
+    """``drover`` takes the SLO-sized budget only under pressure (the adaptive rule, round 28): its engines
+    start at vLLM's budget with the rule; ``least_loaded`` keeps vLLM's fixed budget."""
     preset = get_preset("qwen2.5-7b-a10")
-    off = user_policy_params("drover")
-    assert off.step_budget_slo_share == 0.0
-    assert with_slo_step_budget(preset.cluster_config(1, off), 0.170).engine.max_num_batched_tokens == 2048
+    drover = user_policy_params("drover")
+    assert drover.step_budget_slo_share == STEP_BUDGET_SHARE and drover.step_budget_adaptive
+    engine = with_slo_step_budget(preset.cluster_config(1, drover), 0.170).engine
+    assert engine.max_num_batched_tokens == 2048
+    assert engine.adaptive_budget is not None and engine.adaptive_budget.floor == 480
+    baseline = with_slo_step_budget(preset.cluster_config(1, user_policy_params("least_loaded")), 0.170).engine
+    assert baseline.max_num_batched_tokens == 2048 and baseline.adaptive_budget is None
 
 
 def test_the_live_engine_host_starts_its_engine_with_the_slo_sized_budget() -> None:
