@@ -180,7 +180,7 @@ async def test_a_stop_past_the_reservation_grows_it(vllm_engine_a: Any, vllm_eng
     free blocks (over the side channel) before taking the last stage, so the migration goes through with
     every block loaded, not refused."""
     a, b = vllm_engine_a, vllm_engine_b
-    sampling = SamplingParams(max_tokens=400, ignore_eos=True)  # still decoding at the stop on a starved host
+    sampling = SamplingParams(max_tokens=1000, ignore_eos=True)  # still decoding at the stop on a starved host
     prompt = prompt_of(11, 100)
     expected = await reference(a, "ref-grow", prompt, sampling)
     loaded_before = b.migration_counters["blocks_loaded"]

@@ -153,7 +153,9 @@ async def test_streamed_chat_equals_the_whole_answer(api: openai.AsyncOpenAI, dr
     chunks = [chunk async for chunk in stream]
     assert chunks[0].choices[0].delta.role == "assistant"
     pieces = [ch.choices[0].delta.content or "" for ch in chunks if ch.choices]
-    assert len([p for p in pieces if p]) > 1  # really streamed, not one chunk
+    # How many content pieces there are is timing: 12 tokens can reach the gateway in one engine output when its
+    # loop is starved (seen in CI). The stream's shape is not: role first, content, a finish, then usage.
+    assert [p for p in pieces if p] and len(chunks) >= 3
     assert "".join(pieces) == whole.choices[0].message.content
     finals = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
     assert finals == ["length"]
