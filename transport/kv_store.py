@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
@@ -66,17 +67,33 @@ KV_OPERATION_HEADERS = ("KV-Operation", "Nats-Marker-Reason")
 """Headers that mark a KV message as a delete, a purge or an expiry rather than a value."""
 
 
+def kv_stream(bucket: str) -> str:
+    """The JetStream stream behind KV ``bucket`` (the KV convention: stream KV_<bucket>, one subject per key)."""
+    return f"KV_{bucket}"
+
+
+def kv_subject_prefix(bucket: str) -> str:
+    """The subject prefix of ``bucket``'s keys: a key's subject is this prefix and the key."""
+    return f"$KV.{bucket}."
+
+
+def is_kv_marker(msg: Msg) -> bool:
+    """Whether a KV stream message marks a delete, a purge or an expiry rather than carrying a value."""
+    headers = msg.headers
+    return headers is not None and any(header in headers for header in KV_OPERATION_HEADERS)
+
+
+async def read_latest(nc: NatsClient, bucket: str) -> list[Msg]:
+    """Each key's last message in ``bucket`` (values and markers) when the read began. Read with a counted,
+    deleted-after consumer (``transport/js_read.py``): a KV watch's end marker can arrive before the values
+    (a full bucket read as empty) and its consumer outlives it."""
+    return await read_stored(nc, kv_stream(bucket), f"{kv_subject_prefix(bucket)}>", last_per_subject=True)
+
+
 async def read_all(nc: NatsClient, bucket: str) -> dict[str, bytes]:
-    """Every live key of ``bucket`` and its value when the read began (deleted keys left out). Read with a
-    counted, deleted-after consumer (``transport/js_read.py``): a KV watch's end marker can arrive before the
-    values, which read a full bucket as empty."""
-    prefix = f"$KV.{bucket}."  # the JetStream KV convention: stream KV_<bucket>, one subject per key
-    values: dict[str, bytes] = {}
-    for msg in await read_stored(nc, f"KV_{bucket}", f"{prefix}>", last_per_subject=True):
-        if msg.headers and any(header in msg.headers for header in KV_OPERATION_HEADERS):
-            continue
-        values[msg.subject[len(prefix) :]] = msg.data
-    return values
+    """Every live key of ``bucket`` and its value when the read began (deleted keys left out)."""
+    prefix = kv_subject_prefix(bucket)
+    return {msg.subject[len(prefix) :]: msg.data for msg in await read_latest(nc, bucket) if not is_kv_marker(msg)}
 
 
 async def delete_bucket(nc: NatsClient, name: str) -> None:
@@ -231,22 +248,17 @@ class KvWriter:
 
     async def _compact(self) -> None:
         """Drop delete markers (one per finished request) older than a compaction period, so the bucket stays
-        bounded. The markers are found with :func:`read_all`'s read (``transport/js_read.py``: a counted read
+        bounded. The markers are found with :func:`read_latest` (``transport/js_read.py``: a counted read
         whose consumer is deleted after it), not with nats-py's ``watchall`` or ``purge_deletes``: a watch's
         end marker can arrive before the values (a round that finds nothing) and its consumer outlives it."""
         if not self.fence():
             return
-        stream, prefix = f"KV_{self.bucket}", f"$KV.{self.bucket}."  # the JetStream KV convention
         try:
             cutoff = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=self.compact_period_s)
-            markers: list[str] = []
-            for msg in await read_stored(self.nc, stream, f"{prefix}>", last_per_subject=True):
-                if not msg.headers or not any(header in msg.headers for header in KV_OPERATION_HEADERS):
-                    continue  # a live value
-                if msg.metadata.timestamp < cutoff:
-                    markers.append(msg.subject)
+            latest = await read_latest(self.nc, self.bucket)
+            markers = [msg.subject for msg in latest if is_kv_marker(msg) and msg.metadata.timestamp < cutoff]
             js = self.nc.jetstream()
             for subject in markers:
-                await js.purge_stream(stream, subject=subject, keep=0)
+                await js.purge_stream(kv_stream(self.bucket), subject=subject, keep=0)
         except Exception as exc:
             log.debug("state store compaction skipped: %r", exc)
