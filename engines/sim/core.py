@@ -146,6 +146,8 @@ class SimEngineCore:
         # the adaptive step budget's memory (control/adaptive_budget.py): BudgetState's fields, kept flat
         self.budget_share = 0.0
         self.budget_pressed = False
+        self.budget_seen = 0.0
+        self.budget_second = 0.0
 
     # ------------------------------------------------------------------------------------------ capacity
     @property
@@ -342,8 +344,13 @@ class SimEngineCore:
         if rule is not None:  # before the commit: the entries' counts are still the plan's (a decode: 1 token
             # of a request with computed context, as plan() counts it)
             prefill = 0 if plan.steps > 1 else sum(n for r, n in plan.entries if n > 1 or r.num_computed == 0)
-            self.budget_share, self.budget_pressed = rule.update(
-                self.budget_share, self.budget_pressed, plan.decode_seqs * plan.steps, prefill
+            self.budget_share, self.budget_second, self.budget_seen, self.budget_pressed = rule.update(
+                self.budget_share,
+                self.budget_second,
+                self.budget_seen,
+                self.budget_pressed,
+                plan.decode_seqs * plan.steps,
+                prefill,
             )
         outputs = self._commit_single(plan) if plan.steps == 1 else self._commit_run(plan, plan.steps)
         self.num_steps += plan.steps
@@ -412,7 +419,7 @@ class SimEngineCore:
     @property
     def budget_state(self) -> BudgetState:
         """The adaptive step budget's state (``control/adaptive_budget.py``)."""
-        return BudgetState(self.budget_share, self.budget_pressed)
+        return BudgetState(self.budget_share, self.budget_pressed, self.budget_seen, self.budget_second)
 
     def head_waiting_blocks(self) -> int:
         return self.waiting[0]._waiting_need if self.waiting else 0
