@@ -65,8 +65,6 @@ from scripts.bench_policy_scale import percentiles_us, random_snapshot
 
 FEASIBLE = "drover+feasible"
 """``drover`` with the goodput-first queue order on, at the setting's TTFT SLO (``queue_ttft_slo_s`` -1)."""
-PREFILL_HOLD_TOKENS = 2048
-"""``predict_hold_prefill_tokens`` of the prefill-hold variants: vLLM's default step budget, one full step."""
 
 
 def named_policy(name: str) -> PolicyParams:
@@ -887,12 +885,9 @@ def ablation_variants() -> dict[str, PolicyParams]:
         "drover - step budget": dataclasses.replace(drover, step_budget_slo_share=0.0, step_budget_adaptive=False),
         # goodput-first order of the cluster queue at the setting's TTFT SLO (issue 17, round 28): opt-in
         "drover + goodput-first": named_policy(FEASIBLE),
-        # engines keep at most one full step of prompt work queued; the rest waits in the cluster queue
-        # (issue 17, round 29): opt-in
-        "drover + prefill hold": dataclasses.replace(drover, predict_hold_prefill_tokens=PREFILL_HOLD_TOKENS),
-        "drover + prefill hold + goodput-first": dataclasses.replace(
-            named_policy(FEASIBLE), predict_hold_prefill_tokens=PREFILL_HOLD_TOKENS
-        ),
+        # engines keep at most one full step of prompt work queued, the rest waits in the cluster queue (issue
+        # 17, round 29; drover's default since)
+        "drover - prefill hold": dataclasses.replace(drover, predict_hold_prefill_tokens=0),
         "drover": drover,
     }
 

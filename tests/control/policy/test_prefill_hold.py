@@ -75,9 +75,11 @@ def test_an_idle_instance_takes_a_prompt_larger_than_the_limit() -> None:
     assert index_of(snap("a")).choose(demand("long", 8000)) == "a"
 
 
-def test_off_by_default_and_validated() -> None:
+def test_off_by_default_on_in_drover_and_validated() -> None:
     assert DispatchParams().predict_hold_prefill_tokens == 0
-    assert user_policy_params("drover").predict_hold_prefill_tokens == 0
+    assert PolicyParams().predict_hold_prefill_tokens == 0
+    assert user_policy_params("drover").predict_hold_prefill_tokens == LIMIT
+    assert user_policy_params("least_loaded").predict_hold_prefill_tokens == 0
     with pytest.raises(ValueError, match="predict_hold_prefill_tokens"):
         PolicyParams().with_updates(predict_hold_prefill_tokens="-1")
     assert PolicyParams().with_updates(predict_hold_prefill_tokens="2048").dispatch_params().predict_hold_prefill_tokens == LIMIT
@@ -103,8 +105,8 @@ def test_a_burst_waits_in_the_cluster_queue_and_every_request_finishes() -> None
     """40 prompts of 1,500 tokens at once on 2 qwen instances: with the hold only ~2 of them queue on an engine
     at a time, the rest in the scheduler's queue, and every one finishes; a light run (one prompt every 2 s)
     is decided exactly as without the hold."""
-    drover = user_policy_params("drover")
-    hold = dataclasses.replace(drover, predict_hold_prefill_tokens=LIMIT)
+    hold = user_policy_params("drover")
+    drover = dataclasses.replace(hold, predict_hold_prefill_tokens=0)
     burst = [RequestSpec(f"b{i}", 0.0, 1500, 50) for i in range(40)]
     held, ttft_held, _ = run(hold, burst)
     plain, ttft_plain, _ = run(drover, burst)
