@@ -320,7 +320,9 @@ def test_drover_dispatch_decides_as_a_full_scan(
         params = dataclasses.replace(params, predict_hold_growth_blocks=physical)
     if stall is not None:  # the decode-stall rule (opt-in): at weight 1, and at a weight where ties are rare
         params = dataclasses.replace(params, predict_decode_stall=stall)
-    if not prefill_hold:  # drover's prefill-backlog hold (predict_hold_prefill_tokens) off: the index's paths without it
+    if (
+        not prefill_hold
+    ):  # drover's prefill-backlog hold (predict_hold_prefill_tokens) off: the index's paths without it
         params = dataclasses.replace(params, predict_hold_prefill_tokens=0)
     assert params.predict_hold_prefill_tokens == (2048 if prefill_hold else 0)
     assert params.predict_hold and params.predict_prefix

@@ -11,10 +11,10 @@ import pytest
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy
 from control.policy.params import DispatchParams, PolicyParams
 from control.policy.recommended import user_policy_params
+from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot
 from control.simulator.presets import get_preset
 from control.simulator.runner import fixed_simulator
 from control.simulator.workload import RequestSpec
-from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot
 
 LIMIT = 2048
 HOLD = DispatchParams(predict_hold=True, predict_hold_prefill_tokens=LIMIT)
@@ -24,7 +24,9 @@ BS = 32  # InstanceSnapshot's default block size
 def snap(iid: str, *, waiting_tokens: int = 0, prefilling: int = 0, free: int = 5000) -> InstanceSnapshot:
     """An instance with room for anything, ``waiting_tokens`` of prompts queued and one running prompt with
     ``prefilling`` tokens still to compute (its blocks so far: one)."""
-    running = (RunningSnapshot(f"{iid}-p", num_tokens=BS + prefilling, num_blocks=1, decoding=False),) if prefilling else ()
+    running = (
+        (RunningSnapshot(f"{iid}-p", num_tokens=BS + prefilling, num_blocks=1, decoding=False),) if prefilling else ()
+    )
     waiting = waiting_tokens // BS
     return InstanceSnapshot(
         instance_id=iid,
@@ -82,7 +84,10 @@ def test_off_by_default_on_in_drover_and_validated() -> None:
     assert user_policy_params("least_loaded").predict_hold_prefill_tokens == 0
     with pytest.raises(ValueError, match="predict_hold_prefill_tokens"):
         PolicyParams().with_updates(predict_hold_prefill_tokens="-1")
-    assert PolicyParams().with_updates(predict_hold_prefill_tokens="2048").dispatch_params().predict_hold_prefill_tokens == LIMIT
+    assert (
+        PolicyParams().with_updates(predict_hold_prefill_tokens="2048").dispatch_params().predict_hold_prefill_tokens
+        == LIMIT
+    )
 
 
 QWEN = get_preset("qwen2.5-7b-a10")
