@@ -266,7 +266,7 @@ class SimEngineCore:
             return None
         budget = self.config.max_num_batched_tokens
         if self.config.adaptive_budget is not None:  # configured or SLO-sized, by recent pressure
-            budget = self.config.adaptive_budget.floor if self.budget_pressed else self.config.adaptive_budget.ceiling
+            budget = self.config.adaptive_budget.budget_when(self.budget_pressed)
         entries: list[tuple[SimRequest, int]] = []
         preempted = False
         prefill_tokens = decode_seqs = decode_context = 0
