@@ -47,9 +47,9 @@ def test_reservation_keeps_room_for_what_the_request_wrote_during_the_last_round
 
 def test_no_reservation_exceeds_what_the_request_can_ever_hold() -> None:
     """A live vLLM migration of a 272 + 1,500-token request (at most 56 blocks of 32) once asked its destination
-    for 131 blocks: the heartbeat's size (the front end's received tokens) lagged the EngineCore's exact size
-    at ``begin``, and the first growth took the lag for blocks written in one round (9 -> 49 blocks: 49 + 2 +
-    2 * 40). Capped at the request's maximum, it reserves 56; without a known maximum it is unchanged."""
+    for 131 blocks. The heartbeat's size (the front end's received tokens) can lag the EngineCore's exact size
+    at ``begin``, and the first growth takes the lag for blocks written in one round (e.g. 9 -> 49 blocks:
+    49 + 2 + 2 * 40). Capped at the request's maximum, it reserves 56; without a known maximum it is unchanged."""
     cap = request_max_blocks(prompt_tokens=272, max_tokens=1500, max_model_len=2048, block_size=32)
     assert cap == 56
     machine = MigrationStages(PolicyParams(), headroom_blocks=2, decoded_factor=2.0, max_blocks=cap)
