@@ -789,12 +789,6 @@ class EngineActor(pykka.ThreadingActor):
                 endpoint = await engine.migrate_in_reserve(message.migration_id, message.num_blocks)
             except ReservationRefused as exc:  # the engine names the limit (its KV blocks, its staging pool)
                 return MigrateInReply(migration_id=message.migration_id, ok=False, error=str(exc))
-            if endpoint is None:
-                return MigrateInReply(
-                    migration_id=message.migration_id,
-                    ok=False,
-                    error=f"{message.num_blocks} blocks are not free on {self.instance_id}",
-                )
             return MigrateInReply(migration_id=message.migration_id, ok=True, address=endpoint.address)
         if message.op == "release":
             await engine.migrate_in_release(message.migration_id)

@@ -100,10 +100,9 @@ class MigratableEngine(Protocol):
 
     async def migrate_out_abort(self, migration_id: str) -> FrozenRequest | None: ...
 
-    async def migrate_in_reserve(self, migration_id: str, num_blocks: int) -> KvEndpoint | None:
-        """Hold ``num_blocks`` (cumulative for this migration). When the capacity is not there: raises
-        :class:`ReservationRefused` naming the limit, or returns None (an engine whose only limit is its free
-        KV blocks)."""
+    async def migrate_in_reserve(self, migration_id: str, num_blocks: int) -> KvEndpoint:
+        """Hold ``num_blocks`` (cumulative for this migration); raises :class:`ReservationRefused` naming the
+        limit (free KV blocks, staging pool) when the capacity is not there."""
         ...
 
     async def migrate_in_release(self, migration_id: str) -> None: ...
