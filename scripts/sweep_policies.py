@@ -288,6 +288,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "high watermark 1.0": {"predict_high_watermark": 1.0},
     "freeness dispatch": {"dispatch_policy": "freeness"},
     "hold reserve 16": {"predict_hold_growth_blocks": 16},
+    "no prefill hold": {"predict_hold_prefill_tokens": 0},
 }
 
 
