@@ -123,7 +123,8 @@ class DispatchParams:
     predict_hold_prefill_tokens: int = 0
     """``predictive`` dispatch with ``predict_hold``: an instance takes a new request only while the prefill
     work queued on it (waiting prompts, dispatched-but-unreported ones and the unprefilled rest of running
-    prompts, in tokens) is at most this; when no instance is, the request waits in the scheduler's queue
+    prompts, in tokens) is at most this; when none of the instances late binding looks at (the soonest few by
+    work ahead, and the roomiest) is, the request waits in the scheduler's queue
     (with ``queue_hold_all``) and goes to the first instance whose queue falls under it. Under a prefill burst
     the engines' own first-come queues otherwise hold the backlog, each instance's apart (a request waits
     behind its instance's queue while another's empties first) and out of reach of the cluster queue's order
