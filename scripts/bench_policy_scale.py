@@ -262,9 +262,10 @@ def slowest_share(runs: list[dict[str, Any]], fastest: list[int]) -> dict[str, i
 
 
 def steal_jiffies() -> tuple[int, int] | None:
-    """(stolen, all) CPU time of this machine so far (Linux's /proc/stat, in clock ticks): time the hypervisor ran
-    other virtual machines on this one's CPUs. A thread's CPU clock cannot see it: a decision the host paused
-    looks like one that took longer. None where there is no /proc/stat."""
+    """(stolen, all) CPU time of this machine so far (Linux's /proc/stat, in clock ticks of 10 ms, so only a whole
+    run's share means anything): time the hypervisor ran other virtual machines on this one's CPUs. A thread's
+    CPU clock cannot see it: a decision the host paused looks like one that took longer. None where there is no
+    /proc/stat."""
     try:
         with open("/proc/stat") as stat:
             fields = [int(x) for x in stat.readline().split()[1:]]
@@ -339,7 +340,6 @@ def _dispatch_once(
             pause[1] = max(pause[1], wall() - pause[0])
 
     load_before = os.getloadavg()[0]
-    steal_before = steal_jiffies()
     collector = gc_tuning.describe()  # what the timed decisions ran under (the product's setting or not)
     if gc_mode == "off":
         gc.disable()
@@ -404,9 +404,6 @@ def _dispatch_once(
     out["gc_pause_max_us"] = pause[1] / 1e3
     out["load_before"], out["load_after"] = load_before, os.getloadavg()[0]
     out["_total"], out["_gc_hit"], out["_interrupted"] = total, gc_hit, interrupted
-    steal_after = steal_jiffies()
-    if steal_before is not None and steal_after is not None and steal_after[1] > steal_before[1]:
-        out["steal_pct"] = 100 * (steal_after[0] - steal_before[0]) / (steal_after[1] - steal_before[1])
     return out, choices
 
 
@@ -482,10 +479,6 @@ def _tail(row: dict[str, Any]) -> str:
     return f"{row['total_cpu_p99_us']:>7.1f} {row['total_p999_us']:>7.1f} {gc_hits:>10}"
 
 
-def _steal(row: dict[str, Any]) -> str:
-    return f"{row['steal_pct']:>5.1f}%" if "steal_pct" in row else f"{'-':>6}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="16,64,256,1000,4000,10000", help="instance counts, comma-separated")
@@ -550,8 +543,7 @@ def main() -> None:
     )
     print(
         "   slowest 1 % = over every replay, how many of the slowest 1 % of decisions a collection ran in (gc), the "
-        "OS switched out (out), are slow in every replay (own: the code's) or only in one (noise: the machine's); "
-        "steal = the share of this machine's CPU time the hypervisor gave to other virtual machines meanwhile"
+        "OS switched out (out), are slow in every replay (own: the code's) or only in one (noise: the machine's)"
     )
     print(
         "   uninterr. = decisions the OS did not switch out (n = how many it did); cpu p99 = the p99 of each "
@@ -563,8 +555,9 @@ def main() -> None:
         f"{'instances':>9} {'policy':<13} {'decide p50':>10} {'decide p99':>10} {'hb p50':>6} {'hb p99':>6} "
         f"{'total p50':>9} {'total p99':>9} {'uninterr. p99':>13} {'n':>4} {'cpu p99':>7} {'p99.9':>7} "
         f"{'gc n/max':>10} {'cpu control':>11} {'mem control':>11} {'min p50/p99':>11} {'load':>5} {'flip p99':>8} "
-        f"{'slowest 1 %: gc/out/own/noise':>29} {'steal':>6}"
+        f"{'slowest 1 %: gc/out/own/noise':>29}"
     )
+    steal_before = steal_jiffies()
     for n in sizes:
         for name in policies:
             r = bench_dispatch(
@@ -586,7 +579,7 @@ def main() -> None:
                 f"{r['heartbeat_p50_us']:>6.1f} {r['heartbeat_p99_us']:>6.1f} {r['total_p50_us']:>9.1f} "
                 f"{r['total_p99_us']:>9.1f} {r['total_uninterrupted_p99_us']:>13.1f} {r['interrupted']:>4} "
                 f"{_tail(r)} {_pair(r, 'control')} {_pair(r, 'control_memory')} {fastest:>11} {r['load_after']:>5.1f} "
-                f"{flip} {'/'.join(str(v) for v in r['slowest_1pct'].values()):>29} {_steal(r)}",
+                f"{flip} {'/'.join(str(v) for v in r['slowest_1pct'].values()):>29}",
                 flush=True,
             )
             for k, rep in enumerate(r["reps"][1:], 2):
@@ -595,9 +588,16 @@ def main() -> None:
                     f"{rep['heartbeat_p50_us']:>6.1f} {rep['heartbeat_p99_us']:>6.1f} {rep['total_p50_us']:>9.1f} "
                     f"{rep['total_p99_us']:>9.1f} {rep['total_uninterrupted_p99_us']:>13.1f} {rep['interrupted']:>4} "
                     f"{_tail(rep)} {_pair(rep, 'control')} {_pair(rep, 'control_memory')} {'':>11} "
-                    f"{rep['load_after']:>5.1f} {'':>8} {'':>29} {_steal(rep)}",
+                    f"{rep['load_after']:>5.1f}",
                     flush=True,
                 )
+    steal_after = steal_jiffies()
+    if steal_before is not None and steal_after is not None and steal_after[1] > steal_before[1]:
+        results["steal_pct"] = 100 * (steal_after[0] - steal_before[0]) / (steal_after[1] - steal_before[1])
+        print(
+            f"   steal: {results['steal_pct']:.1f} % of this machine's CPU time went to other virtual machines while "
+            "the dispatch rows ran (/proc/stat; a paused virtual CPU looks like a slower decision to both clocks)"
+        )
     print("\n== migration planning, µs (drover parameters; round = plan after 5 % fresh heartbeats)")
     print(
         f"{'instances':>9} {'update p50':>10} {'update p99':>10} {'round p50':>10} {'round p99':>10} "
