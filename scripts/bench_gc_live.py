@@ -69,14 +69,8 @@ async def drive(url: str, requests: int, concurrency: int, log: CollectionLog) -
         await client.close()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=3000)
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--gc", choices=("service", "defaults"), default="service")
-    args = parser.parse_args()
-    if args.requests < 1 or args.concurrency < 1:
-        parser.error("--requests and --concurrency must be at least 1")
+def run(requests: int, concurrency: int, gc_mode: str) -> tuple[str, float, CollectionLog]:
+    """The collector's setting, the seconds the requests took and the collections meanwhile."""
     server = EmbeddedNatsServer()
     url = server.start()
     settings = load_settings(overrides={"nats": {"url": url}, "engine": {"kind": "sim", "heartbeat_interval_s": 0.05}})
@@ -85,23 +79,36 @@ def main() -> None:
         cluster.start_control()
         for index in range(2):
             cluster.add_engine(MigratableSimEngine(f"sim-{index}", time_scale=0.0))
-        if args.gc == "defaults":
+        if gc_mode == "defaults":
             gc_tuning.restore()  # what the control plane took in start(): Python's defaults for this run
-        print(f"== {args.requests} requests, {args.concurrency} at a time; {gc_tuning.describe()}")
+        setting = gc_tuning.describe()
         log = CollectionLog()
-        elapsed = asyncio.run(drive(url, args.requests, args.concurrency, log))
-        paused = sum(row[1] for row in log.rows.values())
-        print(f"   {elapsed:.2f} s, {paused * 1e3:.1f} ms of it in collections")
-        print(f"{'thread':<16} {'generation':>10} {'collections':>11} {'per request':>11}", end="")
-        print(f" {'total ms':>9} {'max ms':>7}")
-        for (thread, generation), (count, total, longest) in sorted(log.rows.items(), key=lambda kv: kv[0][::-1]):
-            print(
-                f"{thread:<16} {generation:>10} {int(count):>11} {count / args.requests:>11.3f} {total * 1e3:>9.1f} "
-                f"{longest * 1e3:>7.2f}"
-            )
+        elapsed = asyncio.run(drive(url, requests, concurrency, log))
+        return setting, elapsed, log
     finally:
         cluster.stop()
         server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--gc", choices=("service", "defaults"), default="service")
+    args = parser.parse_args()
+    if args.requests < 1 or args.concurrency < 1:
+        parser.error("--requests and --concurrency must be at least 1")
+    setting, elapsed, log = run(args.requests, args.concurrency, args.gc)
+    print(f"== {args.requests} requests, {args.concurrency} at a time; {setting}")
+    paused = sum(row[1] for row in log.rows.values())
+    print(f"   {elapsed:.2f} s, {paused * 1e3:.1f} ms of it in collections")
+    print(f"{'thread':<16} {'generation':>10} {'collections':>11} {'per request':>11}", end="")
+    print(f" {'total ms':>9} {'max ms':>7}")
+    for (thread, generation), (count, total, longest) in sorted(log.rows.items(), key=lambda kv: kv[0][::-1]):
+        print(
+            f"{thread:<16} {generation:>10} {int(count):>11} {count / args.requests:>11.3f} {total * 1e3:>9.1f} "
+            f"{longest * 1e3:>7.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -82,3 +82,13 @@ def test_mean_ci_and_named_policies() -> None:
     assert mean == 2.0 and math.isclose(ci, 4.30 * 1.0 / math.sqrt(3))
     assert named_policy("infaas++") == named_policy("least_loaded")
     assert named_policy("drover").dispatch_policy == "predictive"
+
+
+def test_live_gc_benchmark_counts_collections_under_the_product_setting() -> None:
+    from scripts.bench_gc_live import run
+
+    before = gc.get_threshold()
+    setting, elapsed, log = run(20, 4, "service")
+    assert f"thresholds {gc_tuning.YOUNG_THRESHOLD}/" in setting and elapsed > 0
+    assert all(count >= 1 and longest <= total for count, total, longest in log.rows.values())
+    assert gc.get_threshold() == before  # the control plane gave the setting back when it stopped
