@@ -100,6 +100,30 @@ class _LoadLogger:
             self.kv_events.record_stats(prefix.queries, prefix.hits)
 
 
+def estimate_held_blocks(used_blocks: int, running: list[tuple[int, bool]], block_size: int) -> list[int]:
+    """KV blocks each running request holds, for the load report: ``running`` is (tokens, decoding) in
+    admission order, ``used_blocks`` what vLLM's KV usage says is allocated.
+
+    A decoding request holds all its tokens' blocks. One still in its prefill holds only the blocks of the
+    chunks scheduled so far, and the rest of its prompt is work queued on the instance (what ``predictive``
+    dispatch and its prefill-backlog hold read: ``running_totals``; the simulator and the sim and torch
+    engines report exactly that). vLLM's front end does not see a request's computed tokens, so the blocks
+    used beyond the decoding requests' are given to the prefilling ones oldest first (vLLM schedules running
+    requests in order, so the oldest prompt's chunks come first); without that a prompt being prefilled
+    counted as done, and the hold let requests through behind a long prompt that the simulator holds."""
+    full = [-(-tokens // block_size) for tokens, _ in running]
+    left = used_blocks - sum(b for b, (_, decoding) in zip(full, running, strict=True) if decoding)
+    held = []
+    for blocks, (_, decoding) in zip(full, running, strict=True):
+        if decoding:
+            held.append(blocks)
+        else:
+            take = max(0, min(blocks, left))
+            held.append(take)
+            left -= take
+    return held
+
+
 @dataclass
 class _Request:
     """A request this engine runs, as the front end tracks it."""
@@ -500,6 +524,12 @@ class VllmEngine:
         waiting = sorted((s for s in active if s.streamed == 0), key=lambda s: s.arrival)
         waiting = waiting[len(waiting) - min(stats.num_waiting, len(waiting)) :]  # FCFS: the newest wait
         waiting_blocks = [self._blocks(s.context_len + 1) for s in waiting]
+        running = [s for s in active if s not in waiting]
+        # a request still in its prefill holds only its computed chunks' blocks (the front end does not see
+        # vLLM's num_computed_tokens; the KV usage says how many blocks they hold together)
+        held = estimate_held_blocks(
+            self._num_blocks - self._free_blocks(), [(s.num_tokens, s.streamed > 0) for s in running], self.block_size
+        )
         return InstanceLoad(
             num_total_blocks=self._num_blocks,
             num_free_blocks=max(0, free),
@@ -512,12 +542,11 @@ class VllmEngine:
                 RunningRequest(
                     request_id=s.request.request_id,
                     num_tokens=s.num_tokens,
-                    num_blocks=self._blocks(s.num_tokens),
+                    num_blocks=blocks,
                     priority=s.request.priority,
                     decoding=s.streamed > 0,
                 )
-                for s in active
-                if s not in waiting
+                for s, blocks in zip(running, held, strict=True)
             ],
         )
 
