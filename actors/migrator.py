@@ -77,6 +77,7 @@ class StartMigration:
     reason: str = "policy"
     reply_to: str = ""  # operator inbox for an AdminReply
     headers: dict[str, str] | None = None  # the request's trace context: its migration joins its trace
+    max_blocks: int = 0  # the most blocks the request can ever hold: caps the reservation (0: unknown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +228,7 @@ class MigratorActor(SupervisedActor):
                     log=self.decision_log,
                     key=rid,
                     decoded_factor=self.settings.reserve_decoded_factor,
+                    max_blocks=start.max_blocks,
                 )
                 address = await self._reserve(dst, migration_id, machine.first_reservation(start.num_blocks))
                 begin = await self._out(

@@ -25,6 +25,7 @@ from actors.migrator import MigrationEnded, StartMigration
 from actors.prefix_feed import prefix_aware_destinations
 from actors.scheduler_instances import InstanceRegistry
 from control.core.dispatch import Dispatcher
+from control.core.migration import request_max_blocks
 from control.core.pd import PdCore
 from control.core.record import DecisionLog
 from control.core.requests import InstanceRecord, RequestRecord
@@ -98,8 +99,15 @@ class SchedulerMigrations:
         self.in_flight[request_id] = InFlightMigration(source, destination, request_id)
         record = self.requests.get(request_id)
         headers = record.headers if record is not None else None  # the migration joins the request's trace
+        max_blocks = 0  # the reservation's cap: the heartbeat's size may lag the engine's (control/core/migration.py)
+        info = self.registry.records[source].info if source in self.registry.records else None
+        if record is not None and info is not None:
+            prompt, max_tokens = len(record.prompt_token_ids), record.submit.sampling.max_tokens
+            max_blocks = request_max_blocks(prompt, max_tokens, info.max_model_len, info.block_size)
         migrator.tell(
-            StartMigration(request_id, source, destination, num_blocks, self.params(), reason, reply_to, headers)
+            StartMigration(
+                request_id, source, destination, num_blocks, self.params(), reason, reply_to, headers, max_blocks
+            )
         )
         return True
 

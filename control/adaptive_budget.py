@@ -84,7 +84,11 @@ class AdaptiveStepBudget:
 
     def budget(self, state: BudgetState) -> int:
         """This step's token budget."""
-        return self.floor if state.pressed else self.ceiling
+        return self.budget_when(state.pressed)
+
+    def budget_when(self, pressed: bool) -> int:
+        """:meth:`budget` from the state's ``pressed`` field (the simulated engine keeps it flat)."""
+        return self.floor if pressed else self.ceiling
 
 
 __all__ = ["AdaptiveStepBudget", "BudgetState"]

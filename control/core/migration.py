@@ -15,6 +15,15 @@ when to give up or how much to reserve:
   (the stop's above all) that still outgrows the reservation grows it on demand at the destination, from its
   free blocks, below this machine (``transport/kv_data.py``, the sim engine), as ``StagedCopy.stop`` does
   in the simulators;
+* no reservation exceeds ``max_blocks``, the most the request can ever hold (its prompt and every token it
+  may generate, within the model's context; :func:`request_max_blocks`), or its size when that is larger:
+  blocks beyond it are never written. Without the cap the first growth could ask for more than a request
+  can ever hold: vLLM's engine reports a request's size in its heartbeat from the tokens its front end has
+  received, which on a starved event loop lags the EngineCore (its own process) by hundreds of tokens; the
+  growth after ``begin`` (the EngineCore's exact size) took that lag for blocks written in one round and
+  reserved twice it on top (e.g. 9 blocks reported and 49 at ``begin``: 49 + 2 + 2 * 40 = 131 for a
+  272 + 1,500-token request that holds at most 56, above the destination's 128-block staging pool, which
+  refused it);
 * after each copy stage: stop-and-copy once at most ``last_stage_max_blocks`` remain; otherwise copy again,
   unless ``max_stages`` stages ran, where ``after_max_stages`` decides (``PolicyParams`` documents the
   measurement behind the default).
@@ -58,17 +67,25 @@ class MigrationStages:
     """The request's size at the last reservation decision."""
     written: int = 0
     """Blocks it wrote between the last two reservation decisions (one round of the protocol)."""
+    max_blocks: int = 0
+    """The most blocks the request can ever hold (:func:`request_max_blocks`); no reservation exceeds it (or
+    the request's size, if larger). 0: unknown, no cap."""
 
     def margin(self) -> int:
         """Blocks reserved beyond the request's size now."""
         return self.headroom_blocks + math.ceil(self.decoded_factor * self.written)
 
+    def _capped(self, blocks: int, size: int) -> int:
+        """``blocks`` to reserve for a request of ``size`` blocks, at most what it can ever hold."""
+        return blocks if self.max_blocks <= 0 else min(blocks, max(size, self.max_blocks))
+
     def first_reservation(self, num_blocks: int) -> int:
         """Blocks to reserve at the destination before anything is copied."""
         self.last_total = num_blocks
-        self.reserved = num_blocks + self.headroom_blocks
+        self.reserved = self._capped(num_blocks + self.headroom_blocks, num_blocks)
         if self.log is not None:
-            self.log.add("first_reservation", self.key, (num_blocks, self.headroom_blocks), self.reserved)
+            inputs = (num_blocks, self.headroom_blocks, self.max_blocks)
+            self.log.add("first_reservation", self.key, inputs, self.reserved)
         return self.reserved
 
     def grow_reservation(self, total_blocks: int) -> int | None:
@@ -76,7 +93,7 @@ class MigrationStages:
         what it writes until the next copy); None: it fits."""
         self.written = max(0, total_blocks - self.last_total)
         self.last_total = max(self.last_total, total_blocks)
-        need = total_blocks + self.margin()
+        need = self._capped(total_blocks + self.margin(), total_blocks)
         grown = None if need <= self.reserved else need
         if self.log is not None:
             self.log.add("grow_reservation", self.key, (total_blocks, self.headroom_blocks, self.reserved), grown)
@@ -96,3 +113,14 @@ class MigrationStages:
         if self.log is not None:
             self.log.add("after_stage", self.key, (self.stages, remaining_blocks), step)
         return step
+
+
+def request_max_blocks(prompt_tokens: int, max_tokens: int, max_model_len: int, block_size: int) -> int:
+    """The most KV blocks a request can ever hold: its prompt and all ``max_tokens`` output tokens (its total,
+    resumed ones included), within ``max_model_len`` (0: no limit); 0 when ``block_size`` is unknown."""
+    if block_size <= 0:
+        return 0
+    tokens = prompt_tokens + max_tokens
+    if max_model_len > 0:
+        tokens = min(tokens, max_model_len)
+    return -(-tokens // block_size)

@@ -42,7 +42,7 @@ from typing import cast
 
 from control.core.admission import max_prompt_tokens
 from control.core.dispatch import Dispatcher, Place, Waiting
-from control.core.migration import MigrationStages, StageStep
+from control.core.migration import MigrationStages, StageStep, request_max_blocks
 from control.core.record import DecisionLog
 from control.core.requests import takes_no_dispatch
 from control.policy.dispatch import DispatchIndex, make_dispatch_policy
@@ -600,11 +600,13 @@ class ClusterSimulator(ClasslessFleet):
         if request is None or request.state != RUNNING:
             return
         self.counters.migrations_started += 1
+        machine = self.stage_machine(decision.request_id)
+        machine.max_blocks = _max_blocks(request, src.core)  # as the live scheduler passes it
         move = StagedCopy(
             request,
             src.core,
             dst.core,
-            self.stage_machine(decision.request_id),
+            machine,
             self.copy_link,
             self.now,
             request.num_preemptions,
@@ -693,3 +695,10 @@ class ClusterSimulator(ClasslessFleet):
 def simulate(config: ClusterConfig, requests: Sequence[RequestSpec]) -> SimulationResult:
     """Convenience: one run."""
     return ClusterSimulator(config, requests).run()
+
+
+def _max_blocks(request: SimRequest, core: SimEngineCore) -> int:
+    """The reservation's cap for a move of ``request`` (the live scheduler's input: its prompt and every token
+    it may generate, within the instance's context)."""
+    config = core.config
+    return request_max_blocks(request.prompt_len, request.max_tokens, config.max_model_len, config.block_size)

@@ -42,7 +42,7 @@ import numpy as np
 
 from control.core.dispatch import Dispatcher, Place, Waiting
 from control.core.memory import GroupHysteresis, restore_snapshot
-from control.core.migration import MigrationStages, StageStep
+from control.core.migration import MigrationStages, StageStep, request_max_blocks
 from control.core.record import DecisionLog
 from control.core.requests import takes_no_dispatch
 from control.policy.dispatch import make_dispatch_policy
@@ -492,7 +492,10 @@ class MemorySimulator(ClasslessFleet):
             request = source.core.requests.get(decision.request_id)
             if request is None or request.state != RUNNING:
                 continue
-            stages = MigrationStages(self.params, log=self.decision_log, key=request.request_id)
+            cap = request_max_blocks(
+                request.prompt_len, request.max_tokens, source.core.config.max_model_len, source.core.config.block_size
+            )
+            stages = MigrationStages(self.params, log=self.decision_log, key=request.request_id, max_blocks=cap)
             move = StagedCopy(request, source.core, dest.core, stages, self.copy_link, now, request.num_preemptions)
             self._cut(dest, now)
             first_s = move.begin()

@@ -114,6 +114,7 @@ class _Plan:
     done: int
     entries: list[tuple[SimRequest, int]]  # (request, tokens computed this step) for single steps
     decode_seqs: int
+    prefill_tokens: int  # prompt tokens the step computes, as its cost counts them (0 in a multi-step run)
     context0: int  # sum of decode contexts at the first step (multi-step runs only)
     base_computed: list[int]  # per entry, num_computed at plan time (multi-step runs only)
     run_base: float = 0.0  # multi-step runs: the first step's ms and the ms each later step adds
@@ -265,7 +266,7 @@ class SimEngineCore:
             return None
         budget = self.config.max_num_batched_tokens
         if self.config.adaptive_budget is not None:  # configured or SLO-sized, by recent pressure
-            budget = self.config.adaptive_budget.floor if self.budget_pressed else self.config.adaptive_budget.ceiling
+            budget = self.config.adaptive_budget.budget_when(self.budget_pressed)
         entries: list[tuple[SimRequest, int]] = []
         preempted = False
         prefill_tokens = decode_seqs = decode_context = 0
@@ -324,7 +325,17 @@ class SimEngineCore:
             duration_ms = self.cost.step_ms(prefill_tokens, decode_seqs, decode_context, prefill_pairs)
         end = now + duration_ms / 1000.0
         self._plan = _Plan(
-            now, end, steps, 0, entries, decode_seqs, decode_context, base_computed, run_base, run_growth
+            now,
+            end,
+            steps,
+            0,
+            entries,
+            decode_seqs,
+            prefill_tokens,
+            decode_context,
+            base_computed,
+            run_base,
+            run_growth,
         )
         if steps > 1:
             self._set_bump(self._plan)
@@ -339,11 +350,9 @@ class SimEngineCore:
         plan = self._plan
         assert plan is not None, "no plan to finish"
         rule = self.config.adaptive_budget
-        if rule is not None:  # before the commit: the entries' counts are still the plan's (a decode: 1 token
-            # of a request with computed context, as plan() counts it)
-            prefill = 0 if plan.steps > 1 else sum(n for r, n in plan.entries if n > 1 or r.num_computed == 0)
+        if rule is not None:  # a truncated run keeps decode_seqs per step; steps is what actually ran
             self.budget_share, self.budget_pressed = rule.update(
-                self.budget_share, self.budget_pressed, plan.decode_seqs * plan.steps, prefill
+                self.budget_share, self.budget_pressed, plan.decode_seqs * plan.steps, plan.prefill_tokens
             )
         outputs = self._commit_single(plan) if plan.steps == 1 else self._commit_run(plan, plan.steps)
         self.num_steps += plan.steps

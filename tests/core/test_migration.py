@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from control.core.migration import MigrationStages, StageStep
+from control.core.migration import MigrationStages, StageStep, request_max_blocks
 from control.policy.params import PolicyParams
 
 
@@ -43,6 +43,32 @@ def test_reservation_keeps_room_for_what_the_request_wrote_during_the_last_round
     assert machine.grow_reservation(14) == 14 + 2 + 2 * 4  # 4 blocks in one round: room for 8 more
     assert machine.grow_reservation(15) is None  # 1 block: 15 + 2 + 2 = 19 fit in 24
     assert machine.grow_reservation(25) == 25 + 2 + 20
+
+
+def test_no_reservation_exceeds_what_the_request_can_ever_hold() -> None:
+    """A live vLLM migration of a 272 + 1,500-token request (at most 56 blocks of 32) once asked its destination
+    for 131 blocks. The heartbeat's size (the front end's received tokens) can lag the EngineCore's exact size
+    at ``begin``, and the first growth takes the lag for blocks written in one round (e.g. 9 -> 49 blocks:
+    49 + 2 + 2 * 40). Capped at the request's maximum, it reserves 56; without a known maximum it is unchanged."""
+    cap = request_max_blocks(prompt_tokens=272, max_tokens=1500, max_model_len=2048, block_size=32)
+    assert cap == 56
+    machine = MigrationStages(PolicyParams(), headroom_blocks=2, decoded_factor=2.0, max_blocks=cap)
+    assert machine.first_reservation(9) == 11
+    assert machine.grow_reservation(49) == 56 and machine.reserved == 56
+    assert machine.grow_reservation(56) is None  # the request at its largest: already held
+    uncapped = MigrationStages(PolicyParams(), headroom_blocks=2, decoded_factor=2.0)
+    assert uncapped.first_reservation(9) == 11 and uncapped.grow_reservation(49) == 131
+    # near its end the headroom is cut to what it can still write; a size past the cap is still reserved whole
+    near_end = MigrationStages(PolicyParams(), headroom_blocks=2, max_blocks=10)
+    assert near_end.first_reservation(9) == 10
+    assert near_end.grow_reservation(12) == 12
+
+
+def test_a_requests_maximum_blocks() -> None:
+    assert request_max_blocks(100, 28, 0, 32) == 4  # 128 tokens: 4 full blocks
+    assert request_max_blocks(100, 29, 0, 32) == 5
+    assert request_max_blocks(1000, 5000, 2048, 32) == 64  # the model's context bounds it
+    assert request_max_blocks(100, 28, 2048, 0) == 0  # block size unknown: no cap
 
 
 def test_bad_after_max_stages_is_refused() -> None:

@@ -57,6 +57,7 @@ def _replay(machine: MigrationStages, decisions: list[Decision]) -> list[object]
     outputs: list[object] = []
     for d in decisions:
         if d.what == "first_reservation":
+            machine.max_blocks = d.inputs[2]  # type: ignore[assignment]  # the request's cap: the shell's input
             outputs.append(machine.first_reservation(d.inputs[0]))  # type: ignore[arg-type]
         elif d.what == "grow_reservation":
             outputs.append(machine.grow_reservation(d.inputs[0]))  # type: ignore[arg-type]

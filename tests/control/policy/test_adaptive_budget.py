@@ -16,7 +16,7 @@ from control.simulator.presets import get_preset
 from control.simulator.runner import fixed_simulator
 from control.simulator.step_budget import with_slo_step_budget
 from control.simulator.workload import RequestSpec
-from engines.sim.core import SimEngineCore, SimRequest
+from engines.sim.core import SimEngineConfig, SimEngineCore, SimRequest
 
 RULE = AdaptiveStepBudget(floor=480, ceiling=2048, window_gaps=100.0)
 
@@ -157,6 +157,32 @@ def test_fast_forward_observes_what_step_by_step_observes() -> None:
     assert times_1 == pytest.approx(times_k, rel=1e-9)
     assert state_1.pressed == state_k.pressed
     assert state_1.share == pytest.approx(state_k.share, rel=1e-9)
+
+
+def test_a_one_token_prompt_chunk_is_observed_as_prompt_tokens() -> None:
+    """A 2-token budget beside a decoder leaves a running prompt one token per step. The rule sees that
+    token as prompt (as the step's cost counts it, and as vLLM's scheduler reports a 1-token prompt chunk),
+    so each step carried half a full chunk; it is not a decode-only step."""
+    rule = AdaptiveStepBudget(floor=2, ceiling=2, window_gaps=10.0)
+    config = SimEngineConfig(block_size=4, num_blocks=64, max_num_batched_tokens=2, max_model_len=64)
+    core = SimEngineCore(dataclasses.replace(config, adaptive_budget=rule))
+    core.add(SimRequest("d", prompt_len=1, max_tokens=1000))
+    now = core.plan(0.0)
+    assert now is not None
+    core.finish_plan()  # d's one-token prompt: its first token, no decode gap yet
+    prompt = SimRequest("p", prompt_len=10, max_tokens=2)
+    core.add(prompt)
+    expected = core.budget_state
+    for _ in range(8):  # p's prompt one token a step (the first admits it), d decoding beside it
+        before = prompt.num_computed
+        end = core.plan(now)
+        assert end is not None
+        core.finish_plan()
+        now = end
+        assert prompt.num_computed - before == 1
+        expected = rule.observe(expected, 1, 1)
+    assert core.budget_state.pressed == expected.pressed
+    assert core.budget_state.share == pytest.approx(expected.share, rel=1e-12)
 
 
 def test_the_simulator_builds_the_rule_only_when_asked() -> None:
