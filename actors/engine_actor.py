@@ -34,7 +34,7 @@ from opentelemetry import trace
 
 from actors.local_autoscaler import LocalAutoscaler
 from engines.base import Engine, EngineError, EngineRequest
-from engines.migration import FrozenRequest, KvEndpoint, MigratableEngine, StageReport
+from engines.migration import FrozenRequest, KvEndpoint, MigratableEngine, ReservationRefused, StageReport
 from engines.prefix_listing import DEFAULT_MAX_BLOCKS, max_blocks_for
 from engines.tokenizer import IncrementalDetokenizer, Tokenizer
 from observability import spans
@@ -785,13 +785,10 @@ class EngineActor(pykka.ThreadingActor):
         """Thread: the bus loop."""
         engine = self._migratable()
         if message.op == "reserve":
-            endpoint = await engine.migrate_in_reserve(message.migration_id, message.num_blocks)
-            if endpoint is None:
-                return MigrateInReply(
-                    migration_id=message.migration_id,
-                    ok=False,
-                    error=f"{message.num_blocks} blocks are not free on {self.instance_id}",
-                )
+            try:
+                endpoint = await engine.migrate_in_reserve(message.migration_id, message.num_blocks)
+            except ReservationRefused as exc:  # the engine names the limit (its KV blocks, its staging pool)
+                return MigrateInReply(migration_id=message.migration_id, ok=False, error=str(exc))
             return MigrateInReply(migration_id=message.migration_id, ok=True, address=endpoint.address)
         if message.op == "release":
             await engine.migrate_in_release(message.migration_id)

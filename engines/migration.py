@@ -43,6 +43,15 @@ class MigrationAborted(EngineError):
     default_code = "migration_aborted"
 
 
+class ReservationRefused(EngineError):
+    """A destination cannot hold the blocks a migration asks for; the message names the limit that refused
+    (its free KV blocks, or its staging pool, which receives a stage before the request resumes) with the
+    numbers. A refusal that only said "N blocks are not free" sent a reader to the KV cache of a destination
+    with 1,023 free blocks when its 128-slot staging pool was the limit."""
+
+    default_code = "reservation_refused"
+
+
 @dataclass(frozen=True, slots=True)
 class StageReport:
     """What one copy stage did."""
@@ -91,8 +100,9 @@ class MigratableEngine(Protocol):
 
     async def migrate_out_abort(self, migration_id: str) -> FrozenRequest | None: ...
 
-    async def migrate_in_reserve(self, migration_id: str, num_blocks: int) -> KvEndpoint | None:
-        """Hold ``num_blocks`` (cumulative for this migration); None if the capacity is not there."""
+    async def migrate_in_reserve(self, migration_id: str, num_blocks: int) -> KvEndpoint:
+        """Hold ``num_blocks`` (cumulative for this migration); raises :class:`ReservationRefused` naming the
+        limit (free KV blocks, staging pool) when the capacity is not there."""
         ...
 
     async def migrate_in_release(self, migration_id: str) -> None: ...

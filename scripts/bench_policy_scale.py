@@ -18,9 +18,13 @@ and ``round`` (``plan`` after 5 % of the instances sent a fresh heartbeat), agai
 
 How it times (``--clock cpu`` and the defaults mirror the control plane, and the output says so):
 
-* the cyclic GC is on with Python's default thresholds, as in the control plane (``--gc off`` disables it
-  while timing, as this benchmark did before round 27); the collections started inside a timed decision are
-  counted (``gc_collections_timed``);
+* the cyclic GC runs as in the product (``--gc service``, the default): the control plane and the simulator
+  freeze what is alive after start-up and raise the young generation's threshold from 700 to 10,000
+  (control/gc_tuning.py), taken here before the index is built, as a control plane takes it before instances
+  join. ``--gc on``: Python's defaults (what this benchmark measured in rounds 27-28; a young collection
+  landed in ~0.5 % of decisions, half of the slowest 1 %); ``--gc off``: disabled while timing. The collections
+  that ran inside a timed decision are counted (``gc_collections_timed``) with their longest pause, and the
+  decisions they hit are reported apart (``gc n``);
 * ``--warmup`` decisions run untimed first (the first read of a model's pool builds it, once in a scheduler's
   life), and the full collection before timing runs before the warm-up, not between it and the timed
   decisions (their first dozen were 2-3x slower: a collection walks every object and empties the caches);
@@ -32,7 +36,13 @@ How it times (``--clock cpu`` and the defaults mirror the control plane, and the
   decisions), two controls are timed as often as the decisions: fixed pure-Python work (``cpu control``) and
   a fixed number of cache misses (``mem control``). Their p99 over p50 is the noise floor the machine adds;
 * a decision whose wall time exceeds its CPU time by 5 µs was switched out by the OS: counted (``n``), and
-  the p99 of the others is reported beside the p99 of all (``uninterr.``);
+  the p99 of the others is reported beside the p99 of all (``uninterr.``), and the p99 of every decision's
+  thread CPU time beside its wall time (``cpu p99``: the work, with what a switch-out leaves in it: the
+  kernel's time on the thread and cold caches); ``p99.9`` shows where the rare long pauses went;
+* what the slowest 1 % were (``slowest_share``): each such decision of every replay put down to a collection,
+  a switch-out, the code (slow in every replay) or the machine (slow in one replay only), and the share of the
+  machine's CPU time a hypervisor stole meanwhile (``steal``, from /proc/stat): a paused virtual CPU looks to
+  both of the thread's clocks like a decision that took longer;
 * ``--replays R`` times the same decisions on R identical indexes (the choices must match) and reports the
   p50/p99 of each decision's fastest replay (``min``): the machine's noise lands on different decisions in
   each replay, the policy's own slow decisions (a heap rebuild) are slow in every one.
@@ -47,6 +57,7 @@ two readings).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -58,6 +69,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from control import gc_tuning
 from control.policy.dispatch import POLICY_NAMES, DispatchIndex, make_dispatch_policy, prefix_block_hashes
 from control.policy.migration import MigrationPlanner, plan_migrations
 from control.policy.params import PolicyParams
@@ -107,7 +119,7 @@ def percentiles_us(samples_ns: list[int]) -> tuple[float, float]:
 
 
 CLOCKS = {"wall": time.perf_counter_ns, "cpu": time.thread_time_ns}
-GC_MODES = ("on", "off")
+GC_MODES = ("service", "on", "off")
 WARMUP = 200
 """Decisions made before timing starts: the first read of a model's pool builds it (O(instances), once in a
 scheduler's life), and the first decisions find the heaps without stale items."""
@@ -189,7 +201,7 @@ def bench_dispatch(
     seed: int,
     clock: str = "wall",
     *,
-    gc_mode: str = "on",
+    gc_mode: str = "service",
     replays: int = 1,
     warmup: int = WARMUP,
     fresh: bool = False,
@@ -203,17 +215,63 @@ def bench_dispatch(
     held, so no upsert releases one."""
     if gc_mode not in GC_MODES:
         raise ValueError(f"gc_mode must be one of {GC_MODES}, got {gc_mode!r}")
-    runs = [_dispatch_once(n, name, ops, seed, clock, gc_mode, warmup, fresh) for _ in range(max(1, replays))]
+    runs = []
+    for _ in range(max(1, replays)):
+        # ``service``: the collector as the product sets it, from before the index is built (control/gc_tuning.py)
+        with gc_tuning.service_gc() if gc_mode == "service" else contextlib.nullcontext():
+            runs.append(_dispatch_once(n, name, ops, seed, clock, gc_mode, warmup, fresh))
     first, choices = runs[0]
     if any(other != choices for _, other in runs[1:]):
         raise RuntimeError(f"{name} at {n} instances chose differently in two replays of the same inputs")
     out = dict(first)
+    fastest = [min(samples) for samples in zip(*(r["_total"] for r, _ in runs), strict=True)]
     if len(runs) > 1:
-        fastest = [min(samples) for samples in zip(*(r["_total"] for r, _ in runs), strict=True)]
         out["total_min_p50_us"], out["total_min_p99_us"] = percentiles_us(fastest)
+    out["slowest_1pct"] = slowest_share([r for r, _ in runs], fastest)
     out["reps"] = [{k: v for k, v in r.items() if not k.startswith("_")} for r, _ in runs]
-    out.pop("_total", None)
+    for key in [k for k in out if k.startswith("_")]:
+        del out[key]
     return out
+
+
+def slowest_share(runs: list[dict[str, Any]], fastest: list[int]) -> dict[str, int]:
+    """What the slowest 1 % of decisions were, over every replay: a collection ran in it (``gc``), else the OS
+    switched the thread out (``switched_out``), else the decision is slow in every replay (``own``: its
+    fastest replay is in the slowest 1 % of the fastest replays: the code's own slow path, a heap rebuild), else
+    ``noise``: slow in this replay only, the machine's (other processes and virtual machines sharing the caches
+    and the cores; with one replay every such decision counts as ``own``)."""
+    ordered = sorted(fastest)
+    own_from = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    share = {"gc": 0, "switched_out": 0, "own": 0, "noise": 0}
+    for run in runs:
+        total = run["_total"]
+        ordered = sorted(total)
+        slow_from = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+        for k, ns in enumerate(total):
+            if ns < slow_from:
+                continue
+            if run["_gc_hit"][k]:
+                share["gc"] += 1
+            elif run["_interrupted"][k]:
+                share["switched_out"] += 1
+            elif fastest[k] >= own_from:
+                share["own"] += 1
+            else:
+                share["noise"] += 1
+    return share
+
+
+def steal_jiffies() -> tuple[int, int] | None:
+    """(stolen, all) CPU time of this machine so far (Linux's /proc/stat, in clock ticks of 10 ms, so only a whole
+    run's share means anything): time the hypervisor ran other virtual machines on this one's CPUs. A thread's
+    CPU clock cannot see it: a decision the host paused looks like one that took longer. None where there is no
+    /proc/stat."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7], sum(fields[:8])) if len(fields) >= 8 else None
 
 
 def _dispatch_once(
@@ -263,19 +321,26 @@ def _dispatch_once(
     decide: list[int] = []
     beat: list[int] = []
     total: list[int] = []
+    total_cpu: list[int] = []
     interrupted: list[bool] = []
+    gc_hit: list[bool] = []
     timer = CLOCKS[clock]
     wall, thread_cpu = time.perf_counter_ns, time.thread_time_ns
     by_cpu = clock == "cpu"
     timed = [False]
     collections = [0, 0]  # started, started while a decision was being timed
+    pause = [0, 0]  # when the last collection started, the longest one inside a timed decision (ns)
 
     def on_gc(phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             collections[0] += 1
             collections[1] += timed[0]
+            pause[0] = wall()
+        elif timed[0]:
+            pause[1] = max(pause[1], wall() - pause[0])
 
     load_before = os.getloadavg()[0]
+    collector = gc_tuning.describe()  # what the timed decisions ran under (the product's setting or not)
     if gc_mode == "off":
         gc.disable()
     gc.callbacks.append(on_gc)
@@ -284,6 +349,7 @@ def _dispatch_once(
             if fresh:
                 snapshot = fresh_copy(snapshot)
             timed[0] = True
+            seen = collections[1]
             w0 = wall()
             c0 = thread_cpu()
             t0 = c0 if by_cpu else timer()
@@ -297,6 +363,8 @@ def _dispatch_once(
             w2 = wall()
             timed[0] = False
             interrupted.append(w2 - w0 - (c2 - c0) > OFF_CPU_NS)
+            gc_hit.append(collections[1] != seen)
+            total_cpu.append(c2 - c0)
             choices.append(chosen)
             decide.append(t1 - t0)
             beat.append(t2 - t1)
@@ -321,6 +389,7 @@ def _dispatch_once(
         ("total", total),
         ("drain_flip", flips),
         ("total_uninterrupted", [t for t, hit in zip(total, interrupted, strict=True) if not hit]),
+        ("total_cpu", total_cpu),
         ("control", controls["control"]),
         ("control_memory", controls["control_memory"]),
         ("timer", controls["timer"]),
@@ -328,9 +397,13 @@ def _dispatch_once(
         if samples:
             out[f"{label}_p50_us"], out[f"{label}_p99_us"] = percentiles_us(samples)
     out["interrupted"] = sum(interrupted)
+    out["total_p999_us"] = sorted(total)[min(len(total) - 1, int(len(total) * 0.999))] / 1e3 if total else 0.0
     out["gc_collections"], out["gc_collections_timed"] = collections
+    out["gc"] = "gc disabled while timing" if gc_mode == "off" else collector
+    out["gc_decisions"] = sum(gc_hit)  # timed decisions a collection ran in
+    out["gc_pause_max_us"] = pause[1] / 1e3
     out["load_before"], out["load_after"] = load_before, os.getloadavg()[0]
-    out["_total"] = total
+    out["_total"], out["_gc_hit"], out["_interrupted"] = total, gc_hit, interrupted
     return out, choices
 
 
@@ -400,6 +473,12 @@ def _pair(row: dict[str, Any], label: str) -> str:
     return f"{row[label + '_p50_us']:.1f}/{row[label + '_p99_us']:.1f}".rjust(11)
 
 
+def _tail(row: dict[str, Any]) -> str:
+    """cpu p99, p99.9 and gc n/max of a dispatch row."""
+    gc_hits = f"{row['gc_decisions']}/{row['gc_pause_max_us']:.0f}"
+    return f"{row['total_cpu_p99_us']:>7.1f} {row['total_p999_us']:>7.1f} {gc_hits:>10}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="16,64,256,1000,4000,10000", help="instance counts, comma-separated")
@@ -417,8 +496,9 @@ def main() -> None:
     parser.add_argument(
         "--gc",
         choices=GC_MODES,
-        default="on",
-        help="the cyclic GC while timing: on with the default thresholds, as the control plane runs (default), or off",
+        default="service",
+        help="the cyclic GC while timing: service = as the control plane and simulator set it (control/gc_tuning.py, "
+        "default), on = Python's default thresholds, off = disabled",
     )
     parser.add_argument(
         "--replays",
@@ -445,9 +525,14 @@ def main() -> None:
         parser.error(f"unknown policies {', '.join(unknown)}; choose from {', '.join(POLICY_NAMES)}, drover")
     results: dict[str, Any] = {"clock": args.clock, "gc": args.gc, "dispatch": {}, "planning": {}}
     print(f"== dispatch, µs, {args.clock} clock (decide = choose + on_dispatched; heartbeat = upsert; total = both)")
+    gc_modes = {
+        "service": "as the control plane and simulator run (control/gc_tuning.py: start-up frozen, young threshold "
+        f"{gc_tuning.YOUNG_THRESHOLD})",
+        "on": f"Python's default thresholds {gc.get_threshold()}, nothing frozen (not the product's setting)",
+        "off": "disabled while timing (not the product's setting)",
+    }
     print(
-        f"   gc {args.gc}"
-        + (" (default thresholds, as the control plane runs)" if args.gc == "on" else " (disabled while timing)")
+        f"   gc {args.gc}: {gc_modes[args.gc]}"
         + f"; {args.warmup} untimed decisions first; "
         + (
             "snapshots built just before their upsert, which releases the previous one (as the scheduler does)"
@@ -457,15 +542,22 @@ def main() -> None:
         + f"; load average {os.getloadavg()[0]:.2f}"
     )
     print(
-        "   uninterr. = decisions the OS did not switch out (n = how many it did); cpu / mem control = fixed "
-        "compute / fixed cache misses timed in the same run (the noise floor); min = each decision's fastest "
-        "of the replays"
+        "   slowest 1 % = over every replay, how many of the slowest 1 % of decisions a collection ran in (gc), the "
+        "OS switched out (out), are slow in every replay (own: the code's) or only in one (noise: the machine's)"
+    )
+    print(
+        "   uninterr. = decisions the OS did not switch out (n = how many it did); cpu p99 = the p99 of each "
+        "decision's thread CPU time; gc n/max = timed decisions a collection ran in / its longest pause, µs; "
+        "cpu / mem control = fixed compute / fixed cache misses timed in the same run (the noise floor); min = "
+        "each decision's fastest of the replays"
     )
     print(
         f"{'instances':>9} {'policy':<13} {'decide p50':>10} {'decide p99':>10} {'hb p50':>6} {'hb p99':>6} "
-        f"{'total p50':>9} {'total p99':>9} {'uninterr. p99':>13} {'n':>4} {'cpu control':>11} {'mem control':>11} "
-        f"{'min p50/p99':>11} {'load':>5} {'flip p99':>8}"
+        f"{'total p50':>9} {'total p99':>9} {'uninterr. p99':>13} {'n':>4} {'cpu p99':>7} {'p99.9':>7} "
+        f"{'gc n/max':>10} {'cpu control':>11} {'mem control':>11} {'min p50/p99':>11} {'load':>5} {'flip p99':>8} "
+        f"{'slowest 1 %: gc/out/own/noise':>29}"
     )
+    steal_before = steal_jiffies()
     for n in sizes:
         for name in policies:
             r = bench_dispatch(
@@ -486,7 +578,8 @@ def main() -> None:
                 f"{n:>9} {name:<13} {r['decide_p50_us']:>10.1f} {r['decide_p99_us']:>10.1f} "
                 f"{r['heartbeat_p50_us']:>6.1f} {r['heartbeat_p99_us']:>6.1f} {r['total_p50_us']:>9.1f} "
                 f"{r['total_p99_us']:>9.1f} {r['total_uninterrupted_p99_us']:>13.1f} {r['interrupted']:>4} "
-                f"{_pair(r, 'control')} {_pair(r, 'control_memory')} {fastest:>11} {r['load_after']:>5.1f} {flip}",
+                f"{_tail(r)} {_pair(r, 'control')} {_pair(r, 'control_memory')} {fastest:>11} {r['load_after']:>5.1f} "
+                f"{flip} {'/'.join(str(v) for v in r['slowest_1pct'].values()):>29}",
                 flush=True,
             )
             for k, rep in enumerate(r["reps"][1:], 2):
@@ -494,9 +587,17 @@ def main() -> None:
                     f"{'':>9} {'replay ' + str(k):<13} {rep['decide_p50_us']:>10.1f} {rep['decide_p99_us']:>10.1f} "
                     f"{rep['heartbeat_p50_us']:>6.1f} {rep['heartbeat_p99_us']:>6.1f} {rep['total_p50_us']:>9.1f} "
                     f"{rep['total_p99_us']:>9.1f} {rep['total_uninterrupted_p99_us']:>13.1f} {rep['interrupted']:>4} "
-                    f"{_pair(rep, 'control')} {_pair(rep, 'control_memory')} {'':>11} {rep['load_after']:>5.1f}",
+                    f"{_tail(rep)} {_pair(rep, 'control')} {_pair(rep, 'control_memory')} {'':>11} "
+                    f"{rep['load_after']:>5.1f}",
                     flush=True,
                 )
+    steal_after = steal_jiffies()
+    if steal_before is not None and steal_after is not None and steal_after[1] > steal_before[1]:
+        results["steal_pct"] = 100 * (steal_after[0] - steal_before[0]) / (steal_after[1] - steal_before[1])
+        print(
+            f"   steal: {results['steal_pct']:.1f} % of this machine's CPU time went to other virtual machines while "
+            "the dispatch rows ran (/proc/stat; a paused virtual CPU looks like a slower decision to both clocks)"
+        )
     print("\n== migration planning, µs (drover parameters; round = plan after 5 % fresh heartbeats)")
     print(
         f"{'instances':>9} {'update p50':>10} {'update p99':>10} {'round p50':>10} {'round p99':>10} "

@@ -885,6 +885,9 @@ def ablation_variants() -> dict[str, PolicyParams]:
         "drover - step budget": dataclasses.replace(drover, step_budget_slo_share=0.0, step_budget_adaptive=False),
         # goodput-first order of the cluster queue at the setting's TTFT SLO (issue 17, round 28): opt-in
         "drover + goodput-first": named_policy(FEASIBLE),
+        # engines keep at most one full step of prompt work queued, the rest waits in the cluster queue (issue
+        # 17, round 29; drover's default since)
+        "drover - prefill hold": dataclasses.replace(drover, predict_hold_prefill_tokens=0),
         "drover": drover,
     }
 

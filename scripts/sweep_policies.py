@@ -393,6 +393,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "high watermark 1.0": {"predict_high_watermark": 1.0},
     "freeness dispatch": {"dispatch_policy": "freeness"},
     "hold reserve 16": {"predict_hold_growth_blocks": 16},
+    "no prefill hold": {"predict_hold_prefill_tokens": 0},
     # round 29: the step budget drover got by default in round 28
     "fixed step budget": {"step_budget_adaptive": False},
     "no step budget": {"step_budget_adaptive": False, "step_budget_slo_share": 0.0},

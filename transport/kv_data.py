@@ -488,6 +488,18 @@ class StagingPool:
             slots = reservation.slots if reservation else {}
             return [slots.get(i) for i in indices]
 
+    def refusal(self, migration_id: str, num_blocks: int) -> str:
+        """Why :meth:`reserve` refused ``num_blocks`` slots in total for ``migration_id``, with the numbers (the
+        text a destination's refusal carries). Read after the refusal: a concurrent release may have changed
+        the counts since, never the pool's size."""
+        with self._lock:
+            current = self._reservations.get(migration_id)
+            held = current.limit if current else 0
+            unreserved = self._unreserved()
+        text = f"staging pool holds {self.num_slots} blocks ({unreserved} unreserved"
+        text += f", {held} held by this migration)" if held else ")"
+        return f"{text}, asked {num_blocks}"
+
     def reserved_blocks(self) -> int:
         with self._lock:
             return sum(r.limit for r in self._reservations.values())

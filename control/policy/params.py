@@ -120,6 +120,15 @@ class DispatchParams:
     between decode-heavy work's TTFT (fewer holds) and long prompts' clean decodes (fewer preemptions): 1 fixed
     a short-prompt, long-output point's p99 TTFT but raised Azure's preemptions 37 to 237, so ``drover``
     keeps -1 (docs/policies.md, "Why the hold persists")."""
+    predict_hold_prefill_tokens: int = 0
+    """``predictive`` dispatch with ``predict_hold``: an instance takes a new request only while the prefill
+    work queued on it (waiting prompts, dispatched-but-unreported ones and the unprefilled rest of running
+    prompts, in tokens) is at most this; when none of the instances late binding looks at (the soonest few by
+    work ahead, and the roomiest) is, the request waits in the scheduler's queue
+    (with ``queue_hold_all``) and goes to the first instance whose queue falls under it. Under a prefill burst
+    the engines' own first-come queues otherwise hold the backlog, each instance's apart (a request waits
+    behind its instance's queue while another's empties first) and out of reach of the cluster queue's order
+    (``queue_ttft_slo_s``). 0 = off. docs/policies.md, "Prefill-backlog hold"."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +159,7 @@ class PolicyParams:
     predict_hold_physical: bool = False
     predict_decode_stall: float = 0.0
     predict_hold_growth_blocks: int = -1
+    predict_hold_prefill_tokens: int = 0
     step_budget_slo_share: float = 0.0
     """SLO-sized step budget (local control, read when an instance starts): each instance's per-step token
     budget (vLLM's ``max_num_batched_tokens``) is the largest whose step of prompt tokens alone takes at most
@@ -241,6 +251,7 @@ always empties."""
             predict_hold_physical=self.predict_hold_physical,
             predict_decode_stall=self.predict_decode_stall,
             predict_hold_growth_blocks=self.predict_hold_growth_blocks,
+            predict_hold_prefill_tokens=self.predict_hold_prefill_tokens,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -302,6 +313,8 @@ always empties."""
             raise ValueError("predict_hold_growth_blocks must be >= 0, or -1 (predict_growth_blocks)")
         if self.predict_interference < 0:
             raise ValueError("predict_interference must be >= 0 (0 = off)")
+        if self.predict_hold_prefill_tokens < 0:
+            raise ValueError("predict_hold_prefill_tokens must be >= 0 (0 = off)")
         if self.predict_decode_stall < 0:
             raise ValueError("predict_decode_stall must be >= 0 (0 = off)")
         if not 0 <= self.step_budget_slo_share <= 1:

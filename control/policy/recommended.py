@@ -45,6 +45,7 @@ RECOMMENDED_DISPATCH: Mapping[str, object] = {
     "queue_hold_all": True,
     "queue_backfill_scan": 4,
     "predict_prefill_blocks": True,
+    "predict_hold_prefill_tokens": 2048,
 }
 """Late binding: a request no instance can start now waits in the scheduler's queue, with one EASY-backfilling
 reservation (docs/policies.md, "Late binding"); and prefix-aware: an instance caching the prompt's prefix wins
@@ -61,7 +62,10 @@ than INFaaS++'s (docs/policies.md, "One queue for the cluster"). Chunked-prefill
 an instance's demand, so a request is not queued behind a long prompt that has just started
 (docs/policies.md, "Chunked-prefill-aware memory"). Decode stalls (``predict_decode_stall``) stay off: they
 fix the sweep's prefill-heavy TPOT flags but cost Mooncake's attainment (docs/policies.md, "Decode stalls:
-prompts beside decodes")."""
+prompts beside decodes"). Prefill-backlog hold (``predict_hold_prefill_tokens``, round 29): an instance takes a
+request only while at most 2,048 prompt tokens (vLLM's default step budget) are queued on it, so under a prefill
+burst the backlog waits in the one cluster queue, not in each engine's (docs/policies.md, "Prefill-backlog
+hold")."""
 
 RECOMMENDED_MIGRATION: Mapping[str, object] = {
     "migration_cost_aware": True,

@@ -147,6 +147,8 @@ class SimEngineCore:
         # the adaptive step budget's memory (control/adaptive_budget.py): BudgetState's fields, kept flat
         self.budget_share = 0.0
         self.budget_pressed = False
+        self.budget_seen = 0.0
+        self.budget_second = 0.0
 
     # ------------------------------------------------------------------------------------------ capacity
     @property
@@ -351,8 +353,13 @@ class SimEngineCore:
         assert plan is not None, "no plan to finish"
         rule = self.config.adaptive_budget
         if rule is not None:  # a truncated run keeps decode_seqs per step; steps is what actually ran
-            self.budget_share, self.budget_pressed = rule.update(
-                self.budget_share, self.budget_pressed, plan.decode_seqs * plan.steps, plan.prefill_tokens
+            self.budget_share, self.budget_second, self.budget_seen, self.budget_pressed = rule.update(
+                self.budget_share,
+                self.budget_second,
+                self.budget_seen,
+                self.budget_pressed,
+                plan.decode_seqs * plan.steps,
+                plan.prefill_tokens,
             )
         outputs = self._commit_single(plan) if plan.steps == 1 else self._commit_run(plan, plan.steps)
         self.num_steps += plan.steps
@@ -421,7 +428,7 @@ class SimEngineCore:
     @property
     def budget_state(self) -> BudgetState:
         """The adaptive step budget's state (``control/adaptive_budget.py``)."""
-        return BudgetState(self.budget_share, self.budget_pressed)
+        return BudgetState(self.budget_share, self.budget_pressed, self.budget_seen, self.budget_second)
 
     def head_waiting_blocks(self) -> int:
         return self.waiting[0]._waiting_need if self.waiting else 0

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 
 from engines.base import EngineError, EngineOutput, EngineRequest
-from engines.migration import FrozenRequest, KvEndpoint, StageReport
+from engines.migration import FrozenRequest, KvEndpoint, ReservationRefused, StageReport
 from engines.sim.core import SimRequest
 from engines.sim.engine import SimEngine, token_at
 
@@ -209,14 +209,17 @@ class MigratableSimEngine(SimEngine):
         return out
 
     # ------------------------------------------------------------------------------------------ destination
-    async def migrate_in_reserve(self, migration_id: str, num_blocks: int) -> KvEndpoint | None:
+    async def migrate_in_reserve(self, migration_id: str, num_blocks: int) -> KvEndpoint:
         if self.reserve_latency_s > 0 and self.time_scale > 0:
             await asyncio.sleep(self.reserve_latency_s * self.time_scale)
         held = self._reservations.get(migration_id, 0)
         address = self._address(migration_id)
         if num_blocks > held:
-            if not self.core.reserve(num_blocks - held):
-                return None
+            if not self.core.reserve(num_blocks - held):  # its only limit: no staging pool in between
+                free = self.core.num_free_blocks
+                raise ReservationRefused(
+                    f"{free} KV blocks free, asked {num_blocks - held} more ({num_blocks} in total)"
+                )
             self._reservations[migration_id] = num_blocks
             _DESTINATIONS[address] = self
         return KvEndpoint(self.instance_id, address, migration_id)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from engines.base import EngineError, EngineOutput, EngineRequest
-from engines.migration import FrozenRequest, KvEndpoint, MigrationAborted, StageReport
+from engines.migration import FrozenRequest, KvEndpoint, MigrationAborted, ReservationRefused, StageReport
 from engines.torch.core import StageRunner
 from engines.torch.engine import TorchEngine
 from engines.torch.scheduler import SeqStatus, Sequence
@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 MIGRATION_KEY = "torch_migration_id"
 GROW_TIMEOUT_S = 10.0
 """Longest a stage that outgrew its reservation waits for the engine's loop to grow it (then it is refused)."""
+RESHAPING = "its pools are being reallocated: no capacity to promise now"
+"""Why a destination refuses a reservation while a stage change regrows its pools."""
 
 
 @dataclass(slots=True)
@@ -299,18 +301,21 @@ class MigratableTorchEngine(TorchEngine):
             self._server = kv_data.transport_for("tcp://").serve(self.data_host, self._staging)
         return self._staging
 
-    async def migrate_in_reserve(self, migration_id: str, num_blocks: int) -> KvEndpoint | None:
+    async def migrate_in_reserve(self, migration_id: str, num_blocks: int) -> KvEndpoint:
+        """Raises :class:`ReservationRefused` naming the limit: the pools being reallocated, this engine's free
+        KV blocks, or its staging pool."""
         self._require_alone()
         if self._reshaping:
-            return None  # the pools are being reallocated: no capacity to promise now
+            raise ReservationRefused(RESHAPING)
         self._loop = asyncio.get_running_loop()
         staging = await asyncio.to_thread(self._ensure_staging)
         assert self._server is not None
         incoming = self._incoming.get(migration_id) or _Incoming()
         extra = num_blocks - len(incoming.blocks)
         if extra > 0:
-            if not self.allocator.can_allocate(extra) or not staging.reserve(migration_id, num_blocks):
-                return None
+            refused = self._refusal(staging, migration_id, num_blocks, extra)
+            if refused:
+                raise ReservationRefused(refused)
             incoming.blocks += self.allocator.allocate(extra)
             self._incoming[migration_id] = incoming
             self._publish_load()
@@ -344,12 +349,25 @@ class MigratableTorchEngine(TorchEngine):
         extra = total_blocks - len(incoming.blocks)
         if extra <= 0:
             return None
-        if self._reshaping or not self.allocator.can_allocate(extra) or not staging.reserve(migration_id, total_blocks):
-            return f"{self.instance_id} cannot hold {total_blocks} blocks ({self.allocator.num_free} free)"
+        refused = self._refusal(staging, migration_id, total_blocks, extra)
+        if refused:
+            return f"{self.instance_id} cannot hold {total_blocks} blocks: {refused}"
         incoming.blocks += self.allocator.allocate(extra)
         self._publish_load()
         log.info("torch engine %s: reservation %s grew to %d blocks", self.instance_id, migration_id, total_blocks)
         return None
+
+    def _refusal(self, staging: kv_data.StagingPool, migration_id: str, num_blocks: int, extra: int) -> str:
+        """Reserve ``extra`` more staging slots (``num_blocks`` in total) unless a limit refuses; "" when it is
+        reserved (the caller then takes ``extra`` KV blocks, on the loop with no await between), else which
+        limit refused, with the numbers."""
+        if self._reshaping:
+            return RESHAPING
+        if not self.allocator.can_allocate(extra):
+            return f"{self.allocator.num_free} KV blocks free, asked {extra} more ({num_blocks} in total)"
+        if not staging.reserve(migration_id, num_blocks):
+            return staging.refusal(migration_id, num_blocks)
+        return ""
 
     async def migrate_in_release(self, migration_id: str) -> None:
         self._release_incoming(migration_id)

@@ -37,7 +37,7 @@ from typing import Any
 
 from control.adaptive_budget import AdaptiveStepBudget
 from engines.base import EngineError, EngineOutput, EngineRequest
-from engines.migration import FrozenRequest, KvEndpoint, MigrationAborted, StageReport
+from engines.migration import FrozenRequest, KvEndpoint, MigrationAborted, ReservationRefused, StageReport
 from engines.prefix_listing import DEFAULT_MAX_BLOCKS
 from engines.vllm import side_channel
 from engines.vllm.connector import PARAMS_KEY
@@ -826,23 +826,26 @@ class VllmEngine:
         except Exception as exc:  # a failed warm-up only costs the resume a larger load
             log.warning("preload %s failed: %s", request_id, exc)
 
-    async def migrate_in_reserve(self, migration_id: str, num_blocks: int) -> KvEndpoint | None:
+    async def migrate_in_reserve(self, migration_id: str, num_blocks: int) -> KvEndpoint:
+        """Raises :class:`ReservationRefused` naming the limit: this engine's free KV blocks, or its worker's
+        staging pool (``staging_blocks`` slots: two max-length requests by default)."""
         channel = self._channel()
         held = self._reserved.get(migration_id, 0)
         others = sum(self._reserved.values()) - held
-        if num_blocks > held and num_blocks > self._free_blocks() - others:
-            return None
+        free = self._free_blocks() - others
+        if num_blocks > held and num_blocks > free:
+            raise ReservationRefused(f"{max(0, free)} KV blocks free, asked {num_blocks}")
         try:
             await channel.call("worker", side_channel.Reserve(migration_id=migration_id, num_blocks=num_blocks))
-        except side_channel.ControlError as exc:
+        except side_channel.ControlError as exc:  # the worker's staging pool (its text names it) or no worker
             log.info("engine %s cannot reserve %d blocks: %s", self.instance_id, num_blocks, exc)
-            return None
+            raise ReservationRefused(str(exc)) from exc
         if held and migration_id not in self._reserved:
             # Released while the worker reserved (an abort raced a growth): drop what the worker holds again
             # rather than count a reservation nobody will release.
             with contextlib.suppress(side_channel.ControlError):
                 await channel.call("worker", side_channel.Release(migration_id=migration_id))
-            return None
+            raise ReservationRefused(f"migration {migration_id} was released while its reservation grew")
         self._reserved[migration_id] = max(held, num_blocks)
         return KvEndpoint(self.instance_id, channel.hello("worker").data_address, migration_id)
 
@@ -852,11 +855,12 @@ class VllmEngine:
         error = ""
         if migration_id not in self._reserved:  # released (aborted) meanwhile: nothing to grow
             error = f"no reservation for migration {migration_id}"
-        elif await self.migrate_in_reserve(migration_id, num_blocks) is None:
-            free = self._free_blocks() - sum(self._reserved.values())
-            error = f"{self.instance_id} cannot hold {num_blocks} blocks ({max(0, free)} free)"
         else:
-            log.info("engine %s: reservation %s grew to %d blocks", self.instance_id, migration_id, num_blocks)
+            try:
+                await self.migrate_in_reserve(migration_id, num_blocks)
+                log.info("engine %s: reservation %s grew to %d blocks", self.instance_id, migration_id, num_blocks)
+            except ReservationRefused as exc:
+                error = f"{self.instance_id} cannot hold {num_blocks} blocks: {exc}"
         if self._control is not None:
             self._control.notify(
                 "worker", side_channel.ReservationGrown(migration_id=migration_id, num_blocks=num_blocks, error=error)

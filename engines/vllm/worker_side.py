@@ -278,12 +278,7 @@ class WorkerSide:
             if self.pool.reserve(frame.migration_id, frame.num_blocks):
                 self._control.reply(frame)
             else:
-                self._control.reply(
-                    frame,
-                    ok=False,
-                    error=f"staging cannot hold {frame.num_blocks} blocks "
-                    f"({self.pool.num_slots - self.pool.reserved_blocks()} of {self.pool.num_slots} free)",
-                )
+                self._control.reply(frame, ok=False, error=self.pool.refusal(frame.migration_id, frame.num_blocks))
         elif isinstance(frame, side_channel.Release):
             self._control.reply(frame, freed=self.pool.release(frame.migration_id))
             self._open_gates(frame.migration_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from control.core.migration import MigrationStages, StageStep, request_max_blocks
+from control.core.record import DecisionLog
 from control.policy.params import PolicyParams
 
 
@@ -45,19 +46,38 @@ def test_reservation_keeps_room_for_what_the_request_wrote_during_the_last_round
     assert machine.grow_reservation(25) == 25 + 2 + 20
 
 
+def test_a_lagging_heartbeat_is_not_read_as_one_rounds_writes() -> None:
+    """The first reservation is sized from the scheduler's view (vLLM's heartbeat counts the tokens its front
+    end received, which lag the EngineCore on a starved loop); ``begin`` and the stages report the EngineCore's
+    own size. Before, the growth after ``begin`` took the difference of the two views for one round's writes and
+    asked for 2x it on top: 9 reported, 49 at ``begin`` -> 49 + 2 + 2 * 40 = 131 blocks. Now the rate is taken
+    only between two of the source's own reports: the first growth keeps the headroom alone, and the margin
+    follows what the request wrote from one stage to the next."""
+    log = DecisionLog()
+    machine = MigrationStages(PolicyParams(), headroom_blocks=2, decoded_factor=2.0, log=log, key="r")
+    assert machine.first_reservation(9) == 11
+    assert machine.grow_reservation(49) == 49 + 2  # was 131: the lag is not decode progress
+    assert machine.grow_reservation(52) == 52 + 2 + 2 * 3  # 3 blocks written between begin and the first stage
+    assert machine.grow_reservation(53) is None  # 1 block: 53 + 2 + 2 = 57 fit in 60
+    grows = [d.inputs for d in log.entries() if d.what == "grow_reservation"]
+    # each growth records the source's previous report the rate was measured from (None: none yet)
+    assert grows == [(49, 2, 11, None), (52, 2, 51, 49), (53, 2, 60, 52)]
+
+
 def test_no_reservation_exceeds_what_the_request_can_ever_hold() -> None:
-    """A live vLLM migration of a 272 + 1,500-token request (at most 56 blocks of 32) once asked its destination
-    for 131 blocks. The heartbeat's size (the front end's received tokens) can lag the EngineCore's exact size
-    at ``begin``, and the first growth takes the lag for blocks written in one round (e.g. 9 -> 49 blocks:
-    49 + 2 + 2 * 40). Capped at the request's maximum, it reserves 56; without a known maximum it is unchanged."""
+    """No reservation asks for more than the request can ever hold (a 272 + 1,500-token request holds at most
+    56 blocks of 32), even when the margin measured between two stages would: 49 -> 54 blocks in one round
+    asks 54 + 2 + 2 * 5 = 66, capped at 56; without a known maximum it is unchanged."""
     cap = request_max_blocks(prompt_tokens=272, max_tokens=1500, max_model_len=2048, block_size=32)
     assert cap == 56
     machine = MigrationStages(PolicyParams(), headroom_blocks=2, decoded_factor=2.0, max_blocks=cap)
     assert machine.first_reservation(9) == 11
-    assert machine.grow_reservation(49) == 56 and machine.reserved == 56
+    assert machine.grow_reservation(49) == 51
+    assert machine.grow_reservation(54) == 56 and machine.reserved == 56
     assert machine.grow_reservation(56) is None  # the request at its largest: already held
     uncapped = MigrationStages(PolicyParams(), headroom_blocks=2, decoded_factor=2.0)
-    assert uncapped.first_reservation(9) == 11 and uncapped.grow_reservation(49) == 131
+    assert uncapped.first_reservation(9) == 11 and uncapped.grow_reservation(49) == 51
+    assert uncapped.grow_reservation(54) == 66
     # near its end the headroom is cut to what it can still write; a size past the cap is still reserved whole
     near_end = MigrationStages(PolicyParams(), headroom_blocks=2, max_blocks=10)
     assert near_end.first_reservation(9) == 10

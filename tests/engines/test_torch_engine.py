@@ -18,7 +18,7 @@ from actors.local_cluster import InProcessCluster
 from control.client import DroverClient
 from control.settings import load_settings
 from engines.base import Engine, EngineError, EngineOutput, EngineRequest
-from engines.migration import FrozenRequest, MigratableEngine, MigrationAborted, StageReport
+from engines.migration import FrozenRequest, MigratableEngine, MigrationAborted, ReservationRefused, StageReport
 from engines.tiny_model import TINY, ensure_model
 from engines.tokenizer import ByteTokenizer
 from engines.torch import ModelStage, StageBatch, TorchEngine
@@ -538,6 +538,17 @@ async def test_a_stop_past_the_reservation_grows_it_from_free_blocks(
     assert_no_leak(b)
 
 
+async def test_a_refused_reservation_names_the_limit(model_dir: Path, engines: list[TorchEngine]) -> None:
+    """The destination says which limit refused a reservation: its staging pool (8 slots here, far fewer than
+    its 96 KV blocks), or its free KV blocks; nothing is held after either refusal."""
+    b = await start_migratable(engines, model_dir, "small-staging", staging_blocks=8)
+    with pytest.raises(ReservationRefused, match=r"^staging pool holds 8 blocks \(8 unreserved\), asked 9$"):
+        await b.migrate_in_reserve("too-big", 9)
+    with pytest.raises(ReservationRefused, match=r"^\d+ KV blocks free, asked 97 more \(97 in total\)$"):
+        await b.migrate_in_reserve("too-big", 97)
+    assert_no_leak(b)
+
+
 async def test_migration_abort_paths(model_dir: Path, engines: list[TorchEngine]) -> None:
     a = await start_migratable(engines, model_dir, "ab-a")
     b = await start_migratable(engines, model_dir, "ab-b")
@@ -598,7 +609,8 @@ async def test_migration_abort_paths(model_dir: Path, engines: list[TorchEngine]
     assert client.tokens == expected
 
     # The destination cannot hold the blocks; a request that ends while migrating reports it.
-    assert await b.migrate_in_reserve("big", b.allocator.num_blocks + 1) is None
+    with pytest.raises(ReservationRefused, match=rf"KV blocks free, asked {b.allocator.num_blocks + 1} more"):
+        await b.migrate_in_reserve("big", b.allocator.num_blocks + 1)
     client = Client("z", PROMPTS[0], max_tokens=12)
     client.on(a)
     await client.wait_tokens(1)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from engines.base import EngineRequest
-from engines.migration import FrozenRequest, MigrationAborted, StageReport
+from engines.migration import FrozenRequest, MigrationAborted, ReservationRefused, StageReport
 from transport.messages import SamplingParams
 
 pytest_plugins = ["tests.conftest_vllm"]
@@ -211,8 +211,13 @@ async def test_destination_cannot_reserve(vllm_engine_a: Any, vllm_engine_b: Any
     client = Client("noroom", prompt, sampling)
     client.on(a)
     await client.wait_tokens(5)
-    assert await b.migrate_in_reserve("mig-noroom", b.info.num_blocks + 1) is None
-    assert await b.migrate_in_reserve("mig-noroom-staging", b.staging_blocks + 1) is None  # staging too small
+    with pytest.raises(ReservationRefused, match=rf"KV blocks free, asked {b.info.num_blocks + 1}$"):
+        await b.migrate_in_reserve("mig-noroom", b.info.num_blocks + 1)
+    # staging too small (the KV blocks are there): the refusal names the staging pool, not the KV blocks
+    asked = b.staging_blocks + 1
+    staging = rf"^staging pool holds {b.staging_blocks} blocks \({b.staging_blocks} unreserved\), asked {asked}$"
+    with pytest.raises(ReservationRefused, match=staging):
+        await b.migrate_in_reserve("mig-noroom-staging", asked)
     await b.migrate_in_release("mig-noroom")
     await client.finish()
     assert client.tokens == expected and client.finish_reasons == ["length"]

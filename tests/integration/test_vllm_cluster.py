@@ -96,7 +96,10 @@ async def _advance(stream: RequestStream, tokens: int) -> None:
 
 async def test_live_migration_back_and_forth_is_token_exact(client: DroverClient, vllm_engine_factory: Any) -> None:
     prompt = "Live migration moves the KV cache " * 8
-    max_tokens = 600  # long enough that the request is still decoding at the last hop
+    # Long enough that the request is still decoding at the last hop: vLLM's EngineCore decodes in its own
+    # process while a loaded host starves this loop; 600 tokens had once ended at the engine by the first hop.
+    # 272 prompt tokens + 1,700 stay inside max_model_len 2,048
+    max_tokens = 1700
     reference = await client.generate(prompt, sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True))
     before = await idle_free_blocks(client)
     stream = await client.submit(
@@ -143,11 +146,11 @@ async def test_refused_migration_leaves_the_request_unharmed(client: DroverClien
 
 async def test_drain_moves_every_request_with_its_kv(client: DroverClient) -> None:
     prompt = "drain me " * 12
-    reference = await client.generate(prompt, sampling=SamplingParams(max_tokens=1200, ignore_eos=True))
-    streams = [
-        await client.submit(prompt, sampling=SamplingParams(max_tokens=1200, ignore_eos=True), request_id=f"drain-{i}")
-        for i in range(2)
-    ]
+    # As long as max_model_len allows (108 + 1,900 tokens): with 1,200 a loaded host's EngineCore had finished a
+    # request before the drain could move it ("the request finished at the source")
+    sampling = SamplingParams(max_tokens=1900, ignore_eos=True)
+    reference = await client.generate(prompt, sampling=sampling)
+    streams = [await client.submit(prompt, sampling=sampling, request_id=f"drain-{i}") for i in range(2)]
     for i, stream in enumerate(streams):
         await _advance(stream, 4)
         if await _location(client, f"drain-{i}") != "a":  # both start on "a", so the drain has work

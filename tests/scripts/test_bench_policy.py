@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import random
 
 import pytest
 
+from control import gc_tuning
 from control.policy.recommended import user_policy_params as named_policy
 from control.simulator import simulate
 from scripts.bench_policy_scale import bench_dispatch, bench_planning, fresh_copy, random_snapshot
@@ -30,8 +32,22 @@ def test_scale_benchmark_replays_and_noise_floor() -> None:
     for label in ("total_uninterrupted", "control", "control_memory", "timer"):
         assert row[f"{label}_p50_us"] > 0
     assert 0 <= row["interrupted"] <= 40 and 0 <= row["gc_collections_timed"] <= row["gc_collections"]
+    # each replay's slowest 1 % (at least its slowest decision), each one put down to one cause
+    assert set(row["slowest_1pct"]) == {"gc", "switched_out", "own", "noise"}
+    assert 2 <= sum(row["slowest_1pct"].values()) <= 2 * 40
     with pytest.raises(ValueError):
         bench_dispatch(16, "drover", 10, 0, gc_mode="frozen")
+
+
+def test_scale_benchmark_times_the_collector_as_the_product_sets_it() -> None:
+    # default: control/gc_tuning.py's setting, as the control plane and the simulator run; "on": Python's defaults
+    before = gc.get_threshold()
+    row = bench_dispatch(16, "drover", 20, 0, warmup=5)
+    assert f"thresholds {gc_tuning.YOUNG_THRESHOLD}/" in row["gc"] and "objects frozen" in row["gc"]
+    assert 0 <= row["gc_decisions"] <= 20 and row["total_cpu_p99_us"] > 0 and row["total_p999_us"] > 0
+    assert gc.get_threshold() == before  # given back after the run
+    row = bench_dispatch(16, "drover", 20, 0, warmup=5, gc_mode="on")
+    assert f"thresholds {before[0]}/" in row["gc"]
 
 
 def test_fresh_copy_is_an_equal_new_snapshot() -> None:
@@ -66,3 +82,13 @@ def test_mean_ci_and_named_policies() -> None:
     assert mean == 2.0 and math.isclose(ci, 4.30 * 1.0 / math.sqrt(3))
     assert named_policy("infaas++") == named_policy("least_loaded")
     assert named_policy("drover").dispatch_policy == "predictive"
+
+
+def test_live_gc_benchmark_counts_collections_under_the_product_setting() -> None:
+    from scripts.bench_gc_live import run
+
+    before = gc.get_threshold()
+    setting, elapsed, log = run(20, 4, "service")
+    assert f"thresholds {gc_tuning.YOUNG_THRESHOLD}/" in setting and elapsed > 0
+    assert all(count >= 1 and longest <= total for count, total, longest in log.rows.values())
+    assert gc.get_threshold() == before  # the control plane gave the setting back when it stopped

@@ -213,3 +213,17 @@ def test_slow_receiver_bounds_data_in_flight() -> None:
     assert result and result[0].num_blocks == count
     # Kernel socket buffers (a few MiB each way, possibly auto-tuned) bound what left the sender.
     assert taken_while_blocked < count // 2
+
+
+def test_a_refused_reservation_names_the_staging_pool_and_its_numbers() -> None:
+    """A destination whose staging pool (not its KV blocks) is the limit says so: a vLLM destination with 1,023
+    free KV blocks once refused 131 blocks with "131 blocks are not free on b", when its 128-slot staging pool
+    was what could not hold them."""
+    rows = np.zeros((128, 8), dtype=np.uint8)
+    pool = kv_data.StagingPool(128, 8, LAYOUT, buffer_of=lambda slot: memoryview(rows[slot]))
+    assert not pool.reserve("m", 131)
+    assert pool.refusal("m", 131) == "staging pool holds 128 blocks (128 unreserved), asked 131"
+    assert pool.reserve("m", 100) and pool.reserve("other", 20)
+    assert not pool.reserve("m", 110)  # 10 more than this migration holds, 8 left
+    held = "staging pool holds 128 blocks (8 unreserved, 100 held by this migration), asked 110"
+    assert pool.refusal("m", 110) == held

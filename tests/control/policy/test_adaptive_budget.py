@@ -36,19 +36,58 @@ def test_a_step_of_many_gaps_equals_its_gaps_one_by_one() -> None:
 
 def test_hand_worked_pressure_and_release() -> None:
     """10 gaps beside a full 2,048-token chunk: share 1 - e^-0.1 = 0.0952 > 1 %: pressed, the SLO-sized
-    budget. Decode-only steps decay it by e^(-gaps/100); it is released once it falls under 0.7 %:
-    0.0952 e^(-n/100) < 0.007 first at n = 261."""
+    budget. Decode-only steps decay it by e^(-gaps/100); it is released once the average over the gaps seen,
+    0.0952 e^(-n/100) / (1 - e^(-(10 + n)/100)), falls under 0.7 %: first at n = 268."""
     state = RULE.observe(BudgetState(), 10, 2048)
     assert state.share == pytest.approx(1 - math.exp(-0.1))
+    assert state.seen == pytest.approx(1 - math.exp(-0.1))
     assert state.pressed and RULE.budget(state) == 480
-    held = RULE.observe(state, 260, 0)
-    assert held.share == pytest.approx(0.0070680, abs=1e-6)
+    held = RULE.observe(state, 267, 0)
+    assert held.share / held.seen == pytest.approx(0.0070308, abs=1e-6)
     assert held.pressed and RULE.budget(held) == 480  # under 1 % but over 0.7 %: hysteresis holds it
-    released = RULE.observe(state, 261, 0)
+    released = RULE.observe(state, 268, 0)
     assert not released.pressed and RULE.budget(released) == 2048
-    # between the thresholds an unpressed instance stays on the full budget
-    between = BudgetState(share=0.008, pressed=False)
+    # between the thresholds an unpressed instance stays on the full budget (its window seen: no cold test)
+    between = BudgetState(share=0.008, pressed=False, seen=1.0, second=0.008)
     assert not RULE.observe(between, 1, 0).pressed
+
+
+COLD = AdaptiveStepBudget(floor=480, ceiling=2048)  # the defaults: a 20,000-gap window, z = 2
+
+
+def cold_start(rule: AdaptiveStepBudget, steps: int, every: int) -> BudgetState:
+    """A cold instance: 16 decoders, a full chunk in one step of every ``every``."""
+    state = BudgetState()
+    for k in range(steps):
+        state = rule.observe(state, 16, 2048 if k % every == 0 else 0)
+        if state.pressed:
+            return state
+    return state
+
+
+def test_a_cold_instance_under_pressure_presses_once_the_gaps_seen_show_it() -> None:
+    """True share 10 %. The average starts at 0, so it reads 10 % x (1 - e^(-gaps / 20,000)): under 1 % for
+    the first ~2,100 gaps (the rule before this correction waited that long: ~5 s of a Mooncake run at 4x).
+    Divided by the weight gathered it reads ~10 %, and once that is 2 standard errors above 1 % (a step's
+    16 gaps one draw) the instance presses, after ~1,000 gaps."""
+    state = cold_start(COLD, 200, every=10)
+    gaps = round(-COLD.window_gaps * math.log(1 - state.seen))
+    assert state.pressed and COLD.budget(state) == 480
+    assert gaps <= 1200 and state.share < COLD.gap_share  # the uncorrected reading alone would not press yet
+    uncorrected = dataclasses.replace(COLD, evidence_z=0.0)
+    assert not cold_start(uncorrected, gaps // 16, every=10).pressed
+    assert cold_start(uncorrected, 140, every=10).pressed  # ... until 2,240 gaps
+
+
+def test_a_cold_instance_does_not_press_on_a_few_chunks() -> None:
+    """A light instance's early burst: a full chunk in one step of every 50 (2 %) over 5,000 gaps reads 2 %
+    corrected, but that is 8 chunks: not 2 standard errors above 1 %. The bias correction alone would press
+    (it raised qwen's light-load p99 ITL from 71-79 to 85-86 ms)."""
+    state = cold_start(COLD, 5000 // 16, every=50)
+    assert not state.pressed
+    mean = state.share / state.seen
+    assert 0.015 < mean < 0.025
+    assert mean > COLD.gap_share  # the corrected mean alone would have pressed
 
 
 def test_a_step_without_decodes_changes_nothing() -> None:
@@ -63,6 +102,8 @@ def test_bad_rules_are_refused() -> None:
         AdaptiveStepBudget(floor=480, ceiling=2048, gap_share=0.005, release_share=0.01)
     with pytest.raises(ValueError, match="window_gaps"):
         AdaptiveStepBudget(floor=480, ceiling=2048, window_gaps=0.0)
+    with pytest.raises(ValueError, match="evidence_z"):
+        AdaptiveStepBudget(floor=480, ceiling=2048, evidence_z=-1.0)
 
 
 def test_the_policy_key_is_a_start_up_key_and_coerces_from_text() -> None:
@@ -157,6 +198,7 @@ def test_fast_forward_observes_what_step_by_step_observes() -> None:
     assert times_1 == pytest.approx(times_k, rel=1e-9)
     assert state_1.pressed == state_k.pressed
     assert state_1.share == pytest.approx(state_k.share, rel=1e-9)
+    assert state_1.seen == pytest.approx(state_k.seen, rel=1e-9)
 
 
 def test_a_one_token_prompt_chunk_is_observed_as_prompt_tokens() -> None:

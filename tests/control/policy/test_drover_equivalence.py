@@ -190,7 +190,7 @@ class _ReferenceDrover:
             for key, iid in by_key[: self.PROBE + 1]:
                 if key[0] != 0.0:
                     break
-                if iid == reserved or -candidates[iid][1] < need:
+                if iid == reserved or -candidates[iid][1] < need or not self.under_limit(iid):
                     continue
                 s = self.snapshots[iid]
                 decoding = sum(1 for r in s.running if r.decoding)
@@ -212,9 +212,21 @@ class _ReferenceDrover:
             self.reservations[demand.model] = [demand.request_id, roomiest[1], 0]
             return None
         for _, iid in by_key[: self.PROBE + 1]:
-            if iid != reserved and -candidates[iid][1] >= need:
+            if iid != reserved and -candidates[iid][1] >= need and self.under_limit(iid):
                 return iid
+        if not self.under_limit(roomiest[1]):
+            return None  # predict_hold_prefill_tokens: held in the scheduler's queue, no reservation
         return roomiest[1]
+
+    def under_limit(self, iid: str) -> bool:
+        """predict_hold_prefill_tokens: the prompt tokens queued there (waiting, dispatched since the snapshot,
+        the rest of running prompts) are at most the limit (0: no limit)."""
+        limit = self.params.predict_hold_prefill_tokens
+        if not limit:
+            return True
+        s = self.snapshots[iid]
+        prefilling = sum(max(0, r.num_tokens - r.num_blocks * s.block_size) for r in s.running if not r.decoding)
+        return (s.waiting_blocks + self.extra[iid][1]) * s.block_size + prefilling <= limit
 
     def on_dispatched(self, instance_id: str, demand: RequestDemand) -> None:
         if instance_id not in self.extra:
@@ -279,21 +291,23 @@ def _feed(indexes: tuple[PrefixIndex, ...], seq: int, rng: random.Random, iid: s
 
 
 @pytest.mark.parametrize(
-    ("seed", "prefill_blocks", "physical", "stall"),
+    ("seed", "prefill_blocks", "physical", "stall", "prefill_hold"),
     [
-        (0, True, False, None),
-        (1, True, False, None),
-        (2, True, False, None),
-        (3, True, False, None),
-        (4, False, False, None),
-        (5, True, True, None),
-        (6, True, False, 1.0),
-        (7, True, False, 0.25),
-        (8, True, 1, None),
+        (0, True, False, None, True),
+        (1, True, False, None, True),
+        (2, True, False, None, True),
+        (3, True, False, None, True),
+        (4, False, False, None, True),
+        (5, True, True, None, True),
+        (6, True, False, 1.0, True),
+        (7, True, False, 0.25, True),
+        (8, True, 1, None, True),
+        (9, True, False, None, False),
+        (10, True, False, 1.0, False),
     ],
 )
 def test_drover_dispatch_decides_as_a_full_scan(
-    seed: int, prefill_blocks: bool, physical: bool | int, stall: float | None
+    seed: int, prefill_blocks: bool, physical: bool | int, stall: float | None, prefill_hold: bool
 ) -> None:
     rng = random.Random(seed)
     n = rng.choice((4, 12, 40))
@@ -306,6 +320,11 @@ def test_drover_dispatch_decides_as_a_full_scan(
         params = dataclasses.replace(params, predict_hold_growth_blocks=physical)
     if stall is not None:  # the decode-stall rule (opt-in): at weight 1, and at a weight where ties are rare
         params = dataclasses.replace(params, predict_decode_stall=stall)
+    if (
+        not prefill_hold
+    ):  # drover's prefill-backlog hold (predict_hold_prefill_tokens) off: the index's paths without it
+        params = dataclasses.replace(params, predict_hold_prefill_tokens=0)
+    assert params.predict_hold_prefill_tokens == (2048 if prefill_hold else 0)
     assert params.predict_hold and params.predict_prefix
     index = make_dispatch_policy("predictive", params)
     assert isinstance(index, PredictiveIndex) and index.prefix_index is not None
@@ -356,7 +375,7 @@ def test_drover_dispatch_decides_as_a_full_scan(
             reference.on_dispatched(chosen, demand)
             assert index.pending(chosen) == reference.pending(chosen), f"step {step}"
             decisions += 1
-    assert decisions > 800 and hits > 40 and holds > 20, (decisions, hits, holds)
+    assert decisions > 500 and hits > 40 and holds > 20, (decisions, hits, holds)
 
 
 def test_a_dispatch_after_a_cache_report_counts_the_hit_the_report_made() -> None:
