@@ -157,14 +157,9 @@ def calibrate(preset: str, lengths: str, grid: Grid) -> dict[str, float]:
     }
 
 
-def point_args(
-    workload: str, cv: float, lengths: str, rate: float, seed: int, grid: Grid, cal: dict[str, float]
-) -> list[str]:
-    args = ["--workload", workload, "--rate", f"{rate:.4g}", "--requests", str(grid.requests), "--lengths", lengths]
-    if workload == "gamma":
-        args += ["--cv", f"{cv:g}"]
+def seed_slo_policy_args(seed: int, cal: dict[str, Any]) -> list[str]:
+    """The CLI arguments every sweep run ends with: its seed, the point's SLOs and the policies compared."""
     return [
-        *args,
         "--seed",
         str(seed),
         "--slo-ttft-s",
@@ -174,6 +169,15 @@ def point_args(
         "--policy",
         ",".join(POLICIES),
     ]
+
+
+def point_args(
+    workload: str, cv: float, lengths: str, rate: float, seed: int, grid: Grid, cal: dict[str, float]
+) -> list[str]:
+    args = ["--workload", workload, "--rate", f"{rate:.4g}", "--requests", str(grid.requests), "--lengths", lengths]
+    if workload == "gamma":
+        args += ["--cv", f"{cv:g}"]
+    return [*args, *seed_slo_policy_args(seed, cal)]
 
 
 def sweep(grid: Grid, jobs: int = 2, log: Any = sys.stderr) -> dict[str, Any]:
@@ -247,14 +251,7 @@ def trace_args(cal: dict[str, Any], rate: float, seed: int) -> list[str]:
         f"{cal['duration_s'] * rate:.6g}",
         "--max-model-len",
         str(cal["max_model_len"]),
-        "--seed",
-        str(seed),
-        "--slo-ttft-s",
-        f"{cal['slo_ttft_s']:.4g}",
-        "--slo-tpot-ms",
-        f"{cal['slo_tpot_ms']:.4g}",
-        "--policy",
-        ",".join(POLICIES),
+        *seed_slo_policy_args(seed, cal),
     ]
 
 
