@@ -25,6 +25,13 @@ Rules fixed with the grid, the same for both policies:
   than 5 % worse; attainment where drover's mean is lower by more than the larger standard deviation and
   0.5 points.
 
+``--traces`` adds the shared traces at fixed loads (round 29): Azure conversation on ``llama7b-a10`` and
+``qwen2.5-7b-a10`` (16 instances), Mooncake on ``llama3-8b-h200`` (8 instances, vLLM's prefix caching from
+its ``hash_ids``), each at 0.25, 0.5 and 1.0 of INFaaS++'s goodput as measured in round 28 (the compressions
+are fixed in :data:`TRACES`, not re-bisected), 300 s of arrivals (Mooncake 200 s) after compression, seeds
+0-2 (a seeded window of the trace), SLOs by ``scripts/bench_scheduling.py``'s rule for that setting (the
+goodput's). ``--no-generated`` leaves the generated grid out.
+
 ``--ablate`` reruns the worst points (by ``--ablate-by``: p99 TTFT, TPOT or ITL ratio) in-process with one of
 drover's parts switched off at a time (the CLI takes no policy-parameter override); it reports preemptions
 and the p99 TPOT of the requests never preempted beside the tails.
@@ -80,6 +87,27 @@ QUICK = Grid(
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class TraceSetting:
+    """One of ``scripts/bench_scheduling.py``'s goodput settings on a shared trace, at fixed compressions."""
+
+    setting: str
+    """bench_scheduling's setting name: its preset, trace, instances, context length and SLO rule."""
+    rates: tuple[float, ...]
+    """Compressions at :data:`TRACE_LOADS` of INFaaS++'s mean goodput, round 28 (docs/policies.md,
+    "Adaptive step budget"): fixed beforehand, not re-measured per sweep."""
+    duration_s: float
+    """Seconds of arrivals after compression (bench_scheduling's ``--duration`` of the same tails)."""
+
+
+TRACE_LOADS = (0.25, 0.5, 1.0)
+TRACES = (
+    TraceSetting("a10 azure", (0.47, 0.93, 1.86), 300.0),
+    TraceSetting("qwen azure", (1.32, 2.63, 5.27), 300.0),
+    TraceSetting("h200 mooncake", (0.26, 0.51, 1.02), 200.0),
+)
+
+
 def drover(args: Sequence[str]) -> str:
     """``drover ARGS`` with this checkout's code; stdout. A failing run raises with its last stderr line."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -129,14 +157,9 @@ def calibrate(preset: str, lengths: str, grid: Grid) -> dict[str, float]:
     }
 
 
-def point_args(
-    workload: str, cv: float, lengths: str, rate: float, seed: int, grid: Grid, cal: dict[str, float]
-) -> list[str]:
-    args = ["--workload", workload, "--rate", f"{rate:.4g}", "--requests", str(grid.requests), "--lengths", lengths]
-    if workload == "gamma":
-        args += ["--cv", f"{cv:g}"]
+def seed_slo_policy_args(seed: int, cal: dict[str, Any]) -> list[str]:
+    """The CLI arguments every sweep run ends with: its seed, the point's SLOs and the policies compared."""
     return [
-        *args,
         "--seed",
         str(seed),
         "--slo-ttft-s",
@@ -146,6 +169,15 @@ def point_args(
         "--policy",
         ",".join(POLICIES),
     ]
+
+
+def point_args(
+    workload: str, cv: float, lengths: str, rate: float, seed: int, grid: Grid, cal: dict[str, float]
+) -> list[str]:
+    args = ["--workload", workload, "--rate", f"{rate:.4g}", "--requests", str(grid.requests), "--lengths", lengths]
+    if workload == "gamma":
+        args += ["--cv", f"{cv:g}"]
+    return [*args, *seed_slo_policy_args(seed, cal)]
 
 
 def sweep(grid: Grid, jobs: int = 2, log: Any = sys.stderr) -> dict[str, Any]:
@@ -186,6 +218,76 @@ def sweep(grid: Grid, jobs: int = 2, log: Any = sys.stderr) -> dict[str, Any]:
         "calibration": {f"{p} {length}": cal for (p, length), cal in cals.items()},
         "points": points,
     }
+
+
+def trace_calibration(ts: TraceSetting) -> dict[str, Any]:
+    """The CLI arguments and SLOs of a trace setting (bench_scheduling's, so the goodput's SLO rule)."""
+    from scripts.bench_scheduling import cached_slo, goodput_settings
+
+    (setting,) = [s for s in goodput_settings() if s.name == ts.setting]
+    assert setting.trace is not None and setting.preset is not None
+    slo_ttft_s, slo_tpot_s = cached_slo(setting)
+    return {
+        "setting": ts.setting,
+        "trace": str(setting.trace),
+        "preset": setting.preset,
+        "instances": setting.instances,
+        "max_model_len": setting.engine.max_model_len,
+        "duration_s": ts.duration_s,
+        "slo_ttft_s": slo_ttft_s,
+        "slo_tpot_ms": slo_tpot_s * 1000,
+    }
+
+
+def trace_args(cal: dict[str, Any], rate: float, seed: int) -> list[str]:
+    """``drover sim run`` arguments of one trace point: ``duration_s`` of arrivals after compression (the
+    CLI's ``--duration`` counts trace seconds), a seeded window."""
+    return [
+        "--trace",
+        cal["trace"],
+        "--compression",
+        f"{rate:g}",
+        "--duration",
+        f"{cal['duration_s'] * rate:.6g}",
+        "--max-model-len",
+        str(cal["max_model_len"]),
+        *seed_slo_policy_args(seed, cal),
+    ]
+
+
+def sweep_traces(
+    traces: Sequence[TraceSetting], seeds: Sequence[int] = SEEDS, jobs: int = 2, log: Any = sys.stderr
+) -> dict[str, Any]:
+    """The trace points, in :func:`sweep`'s shape (workload ``trace``, lengths = the trace's name)."""
+    cals = {ts.setting: trace_calibration(ts) for ts in traces}
+    for name, cal in cals.items():
+        print(f"calibrated {name}: {cal}", file=log, flush=True)
+    specs = [
+        (ts, load, rate, seed)
+        for ts in traces
+        for load, rate in zip(TRACE_LOADS, ts.rates, strict=True)
+        for seed in seeds
+    ]
+
+    def one(spec: tuple[TraceSetting, float, float, int]) -> dict[str, Any]:
+        ts, load, rate, seed = spec
+        cal = cals[ts.setting]
+        rows = sim_run(cal["preset"], cal["instances"], trace_args(cal, rate, seed))
+        by = {r["policy"]: r for r in rows}
+        return {
+            "preset": cal["preset"],
+            "workload": "trace",
+            "lengths": Path(cal["trace"]).stem,
+            "load": load,
+            "rate": rate,
+            "seed": seed,
+            **{f"{pol}:{m}": by[pol].get(m) for pol in POLICIES for m in (*dict(METRICS), "slo_attainment")},
+        }
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        points = list(pool.map(one, specs))
+    calibration = {f"{cal['preset']} {Path(cal['trace']).stem}": cal for cal in cals.values()}
+    return {"traces": [dataclasses.asdict(ts) for ts in traces], "calibration": calibration, "points": points}
 
 
 def _mean_sd(values: Sequence[float | None]) -> tuple[float, float]:
@@ -289,46 +391,66 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "freeness dispatch": {"dispatch_policy": "freeness"},
     "hold reserve 16": {"predict_hold_growth_blocks": 16},
     "no prefill hold": {"predict_hold_prefill_tokens": 0},
+    # round 29: the step budget drover got by default in round 28
+    "fixed step budget": {"step_budget_adaptive": False},
+    "no step budget": {"step_budget_adaptive": False, "step_budget_slo_share": 0.0},
 }
 
 
 def ablate(result: dict[str, Any], row: dict[str, Any], out: Any = sys.stdout) -> None:
-    """``row``'s point in-process with one of drover's parts off at a time; p99 TTFT / TPOT and attainment
-    per seed (ITL needs the CLI's observer and is left out here)."""
+    """``row``'s point in-process with one of drover's parts off at a time, built as ``drover sim run`` builds
+    it (the step budget sized from the point's TPOT SLO, the CLI's observer for ITL): p99 TTFT per seed, p99
+    TPOT and ITL, attainment."""
     import numpy as np
 
     from control.policy.recommended import user_policy_params
     from control.simulator.presets import get_preset
-    from control.simulator.runner import WorkloadSpec, build_workload, fixed_simulator
+    from control.simulator.runner import WorkloadSpec, build_workload, fixed_simulator, weighted_percentile
+    from control.simulator.step_budget import with_slo_step_budget
 
     grid = result["grid"]
     cal = result["calibration"][f"{row['preset']} {row['lengths']}"]
     preset = get_preset(row["preset"])
     path = preset.request_path_ms / 1000
-    kind, cv = ("poisson", None) if row["workload"] == "poisson" else ("gamma", float(row["workload"][5:]))
+    trace = row["workload"] == "trace"
+    instances = cal["instances"] if trace else grid["instances"]
+    kind, cv = ("poisson", None) if row["workload"] in ("poisson", "trace") else ("gamma", float(row["workload"][5:]))
     variants = {"least_loaded": user_policy_params("least_loaded")}
     base = user_policy_params("drover")
     variants.update({name: base.with_updates(**change) for name, change in ABLATIONS.items()})
     print(f"\nablation: {row['preset']} {row['workload']} {row['lengths']} load {row['load']}", file=out)
     print(
-        "| variant | p99 TTFT s per seed | mean | p99 TPOT ms mean | attainment mean | preemptions mean | "
-        "p99 TPOT ms never preempted |",
+        "| variant | p99 TTFT s per seed | mean | p99 TPOT ms mean | p99 ITL ms mean | attainment mean | "
+        "preemptions mean | p99 TPOT ms never preempted |",
         file=out,
     )
-    print("|---|---|---|---|---|---|---|", file=out)
+    print("|---|---|---|---|---|---|---|---|", file=out)
     for name, params in variants.items():
-        ttfts, tpots, atts, preempts, clean = [], [], [], [], []
+        ttfts, tpots, itls, atts, preempts, clean = [], [], [], [], [], []
         for seed in grid["seeds"]:
-            spec = WorkloadSpec(
-                kind=kind,
-                rate=float(f"{row['rate']:.4g}"),
-                cv=cv,
-                lengths=row["lengths"],
-                requests=grid["requests"],
-                seed=seed,
-            )
-            cluster = preset.cluster_config(grid["instances"], params)
-            res = fixed_simulator(cluster, build_workload(spec)).run()
+            if trace:
+                spec = WorkloadSpec(
+                    trace=Path(cal["trace"]),
+                    compression=row["rate"],
+                    duration=float(f"{cal['duration_s'] * row['rate']:.6g}"),
+                    seed=seed,
+                )
+            else:
+                spec = WorkloadSpec(
+                    kind=kind,
+                    rate=float(f"{row['rate']:.4g}"),
+                    cv=cv,
+                    lengths=row["lengths"],
+                    requests=grid["requests"],
+                    seed=seed,
+                )
+            cluster = preset.cluster_config(instances, params, max_model_len=cal.get("max_model_len"))
+            # the CLI sizes drover's step budget from the run's TPOT SLO (its SLO argument, rounded as passed)
+            cluster = with_slo_step_budget(cluster, float(f"{cal['slo_tpot_ms']:.4g}") / 1000)
+            sim = fixed_simulator(cluster, build_workload(spec))
+            res = sim.run()
+            itl = weighted_percentile(sim.gaps, sim.gap_weights, 99)
+            itls.append(float("nan") if itl is None else 1000 * itl)
             done = [r for r in res.requests if r.done]
             ttft = [r.prefill + path for r in done]
             tpot = [d for r in done if (d := r.decode_per_token) is not None]
@@ -349,7 +471,8 @@ def ablate(result: dict[str, Any], row: dict[str, Any], out: Any = sys.stdout) -
             atts.append(met / max(1, len(res.requests)))
         print(
             f"| {name} | {' '.join(_f(t) for t in ttfts)} | {_f(statistics.fmean(ttfts))} | "
-            f"{_f(statistics.fmean(tpots))} | {_f(statistics.fmean(atts))} | {_f(statistics.fmean(preempts))} | "
+            f"{_f(statistics.fmean(tpots))} | {_f(statistics.fmean(itls))} | {_f(statistics.fmean(atts))} | "
+            f"{_f(statistics.fmean(preempts))} | "
             f"{_f(statistics.fmean(clean))} |",
             file=out,
             flush=True,
@@ -382,7 +505,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="A tiny grid (seconds): one preset, one point.")
     parser.add_argument("--jobs", type=int, default=2, help="Subprocesses at a time (default 2).")
     parser.add_argument("--json-out", type=Path, help="Write every point's numbers here.")
-    parser.add_argument("--load-json", type=Path, help="Tabulate (and ablate) a --json-out file; no runs.")
+    parser.add_argument(
+        "--load-json",
+        type=Path,
+        action="append",
+        help="Tabulate (and ablate) a --json-out file; no runs. Repeat to join several sweeps' files.",
+    )
     parser.add_argument("--ablate", type=int, default=0, help="Ablate the N worst ratios (> 1.01) of --ablate-by.")
     parser.add_argument(
         "--ablate-by",
@@ -391,11 +519,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="The p99 metric whose worst drover / INFaaS++ ratios --ablate picks (default ttft).",
     )
     parser.add_argument("--plot", type=Path, help="Write a ratio plot (PNG) into this folder.")
+    parser.add_argument(
+        "--traces", action="store_true", help="Add the shared traces at fixed loads (Azure, Mooncake; TRACES)."
+    )
+    parser.add_argument("--no-generated", action="store_true", help="Leave the generated grid out (with --traces).")
+    parser.add_argument(
+        "--presets",
+        help=f"Only these of the grid's presets (comma-separated; default all: {','.join(PRESETS)}).",
+    )
     args = parser.parse_args(argv)
+    grid = QUICK if args.quick else Grid()
+    if args.presets:
+        chosen = tuple(p.strip() for p in args.presets.split(",") if p.strip())
+        unknown = [p for p in chosen if p not in grid.presets]
+        if unknown or not chosen:
+            parser.error(f"--presets: {','.join(unknown) or '(none)'} not in the grid ({','.join(grid.presets)})")
+        grid = dataclasses.replace(grid, presets=chosen)
+    if args.no_generated and not args.traces:
+        parser.error("--no-generated needs --traces")
     if args.load_json:
-        result = json.loads(args.load_json.read_text())
+        result = json.loads(args.load_json[0].read_text())
+        for more in args.load_json[1:]:
+            other = json.loads(more.read_text())
+            result["calibration"].update(other["calibration"])
+            result["points"] += other["points"]
+            result.setdefault("traces", other.get("traces"))
     else:
-        result = sweep(QUICK if args.quick else Grid(), jobs=max(1, args.jobs))
+        jobs = max(1, args.jobs)
+        result = {"grid": dataclasses.asdict(grid), "calibration": {}, "points": []}
+        if not args.no_generated:
+            result = sweep(grid, jobs=jobs)
+        if args.traces:
+            traced = sweep_traces(TRACES, seeds=grid.seeds, jobs=jobs)
+            result["traces"] = traced["traces"]
+            result["calibration"].update(traced["calibration"])
+            result["points"] += traced["points"]
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=1))
     rows = print_tables(result)

@@ -17,12 +17,14 @@ Why not nats-py's ``pull_subscribe`` or a KV ``watchall``:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +62,21 @@ async def read_stored(
         expected = info.num_pending or 0
         if expected:
             sub = await js.pull_subscribe_bind(consumer=name, stream=stream)
+            loop = asyncio.get_running_loop()
+            unavailable_until = loop.time() + timeout_s
             try:
                 while len(messages) < expected:
                     try:
                         fetched = await sub.fetch(batch=min(batch, expected - len(messages)), timeout=idle_s)
                     except (TimeoutError, NatsTimeoutError):
                         break
+                    except ServiceUnavailableError:
+                        # No responder for the pull yet: on a clustered stream the new consumer is replicated
+                        # and answers once its group has elected a leader (seen in CI on a 3-node cluster).
+                        if loop.time() >= unavailable_until:
+                            raise
+                        await asyncio.sleep(0.1)
+                        continue
                     messages.extend(fetched)
             finally:
                 await sub.unsubscribe()

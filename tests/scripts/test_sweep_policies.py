@@ -6,7 +6,17 @@ import dataclasses
 import io
 import math
 
-from scripts.sweep_policies import QUICK, ablate, print_tables, summarise, sweep, worst_points
+from scripts.sweep_policies import (
+    QUICK,
+    TRACE_LOADS,
+    TraceSetting,
+    ablate,
+    print_tables,
+    summarise,
+    sweep,
+    sweep_traces,
+    worst_points,
+)
 
 
 def test_quick_sweep_tabulates_every_point_with_ratios() -> None:
@@ -71,3 +81,35 @@ def test_ablation_reports_preemptions_and_the_clean_tail() -> None:
     by_name = {line.split("|")[1].strip(): line.split("|") for line in lines[1:]}
     assert {"least_loaded", "drover", "hold reserve 16"} <= set(by_name)
     assert float(by_name["least_loaded"][6]) > 0  # four 4,500-token requests cannot share 791 blocks of 16
+
+
+def test_trace_points_run_through_the_cli_and_the_ablation_rebuilds_them() -> None:
+    # three short windows of the Azure trace on llama7b-a10 (16 instances), one seed
+    ts = TraceSetting("a10 azure", (0.47, 0.93, 1.86), 8.0)
+    result = sweep_traces([ts], seeds=(1,), jobs=1, log=io.StringIO())
+    points = result["points"]
+    assert [(p["load"], p["rate"]) for p in points] == list(zip(TRACE_LOADS, ts.rates, strict=True))
+    for p in points:
+        assert (p["preset"], p["workload"], p["lengths"]) == ("llama7b-a10", "trace", "azure2023_conv")
+        for policy in ("least_loaded", "drover"):
+            assert p[f"{policy}:ttft_p99_s"] > 0 and p[f"{policy}:itl_p99_ms"] > 0
+            assert 0.0 <= p[f"{policy}:slo_attainment"] <= 1.0
+    result["grid"] = {"seeds": [1]}
+    (row,) = [r for r in summarise(result) if r["load"] == 1.0]
+    out = io.StringIO()
+    ablate(result, row, out)
+    lines = [line.split("|") for line in out.getvalue().splitlines() if line.startswith("| ")]
+    assert "p99 ITL ms mean" in lines[0][5]
+    by_name = {cells[1].strip(): cells for cells in lines[1:]}
+    assert {"least_loaded", "drover", "no step budget"} <= set(by_name)
+    # the in-process rerun is the CLI's run: the same p99 TTFT, TPOT and ITL for both policies
+    (cli,) = [p for p in points if p["load"] == 1.0]
+    for name in ("least_loaded", "drover"):
+        cells = by_name[name]
+        assert float(cells[2]) == float(_g(cli[f"{name}:ttft_p99_s"]))
+        assert float(cells[4]) == float(_g(cli[f"{name}:tpot_p99_ms"]))
+        assert float(cells[5]) == float(_g(cli[f"{name}:itl_p99_ms"]))
+
+
+def _g(v: float) -> str:
+    return f"{v:.3g}"
