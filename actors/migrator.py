@@ -95,6 +95,8 @@ class MigrationEnded:
     copied_blocks: int = 0
     copied_bytes: int = 0
     resumed_on_source: bool = False
+    reply_to: str = ""  # the operator's inbox: the scheduler answers there once its table has the outcome
+    reply: AdminReply | None = None
 
 
 class MigratorActor(SupervisedActor):
@@ -323,22 +325,21 @@ class MigratorActor(SupervisedActor):
             copied_blocks=copied_blocks,
             copied_bytes=copied_bytes,
             resumed_on_source=resumed_on_source,
+            # Not published here: an operator who reads `drover status` right after "migrated" must see the
+            # request at its destination (CI once read the source), so the scheduler answers after moving it.
+            reply_to=start.reply_to,
+            reply=AdminReply(
+                ok=outcome == "ok",
+                message="migrated" if outcome == "ok" else f"aborted: {outcome}",
+                details={
+                    "migration_id": migration_id,
+                    "downtime_ms": round(downtime * 1e3, 3),
+                    "stages": stages,
+                    "copied_blocks": copied_blocks,
+                    "copied_bytes": copied_bytes,
+                },
+            ),
         )
-        if start.reply_to:
-            await self.bus.apublish(
-                start.reply_to,
-                AdminReply(
-                    ok=ended.ok,
-                    message="migrated" if ended.ok else f"aborted: {outcome}",
-                    details={
-                        "migration_id": migration_id,
-                        "downtime_ms": round(downtime * 1e3, 3),
-                        "stages": stages,
-                        "copied_blocks": copied_blocks,
-                        "copied_bytes": copied_bytes,
-                    },
-                ),
-            )
         if self.actor_ref.is_alive():
             self.actor_ref.tell(ended)
         else:

@@ -155,6 +155,8 @@ class SchedulerMigrations:
         record = self.requests.get(ended.request_id)
         if record is not None and ended.ok:
             self.moved(record, ended.destination)
+        if ended.reply_to and ended.reply is not None:
+            self.bus.publish(ended.reply_to, ended.reply)  # after the table: a status read next sees the move
 
     def moved(self, record: RequestRecord, destination: str) -> None:
         """The request runs on ``destination`` now with the KV it had (a move that went well, or a KunServe
