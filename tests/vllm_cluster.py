@@ -19,6 +19,10 @@ class VllmCluster:
 
     def __init__(self, url: str, settings: Settings, name: str = "drover-control") -> None:
         self.url = url
+        # The only control plane here: a lapsed lease can only make it pass its own status replies on. vLLM's
+        # EngineCore processes can starve this process's loop past the 3 s default (CI: "the lease key
+        # vanished", then a status query timed out); the HA tests keep their own short leases.
+        settings.ha.lease_ttl_s = max(settings.ha.lease_ttl_s, 30.0)
         self.settings = settings
         self.control_bus = Bus(BusOptions(url=url, name=name)).start()
         self.control = ControlPlane(settings, self.control_bus, ByteTokenizer()).start()
