@@ -117,33 +117,38 @@ class InstanceRegistry:
         cached = self.built.get(info.instance_id)
         if cached is not None and cached[0] is load and cached[1] is info and cached[2] == draining:
             return cached[3]
-        running = tuple(
-            RunningSnapshot(
-                request_id=r.request_id,
-                num_tokens=r.num_tokens,
-                num_blocks=r.num_blocks,
-                priority=r.priority,
-                decoding=r.decoding,
-            )
-            for r in load.running
-        )
-        block_size = record.info.block_size
-        snapshot = InstanceSnapshot(
-            instance_id=record.info.instance_id,
-            num_total_blocks=load.num_total_blocks,
-            num_free_blocks=load.num_free_blocks,
-            num_running=load.num_running,
-            num_waiting=load.num_waiting,
-            waiting_blocks=load.waiting_blocks,
-            head_waiting_blocks=load.head_waiting_blocks,
-            num_preempted=load.num_preempted,
-            draining=draining,
-            model=record.info.model,
-            block_size=block_size,
-            running=running,
-            # counted and summed while the requests just built are in the CPU cache, not again on dispatch's upsert
-            high_priority_count=sum(1 for r in running if r.priority > 0),
-            running_totals=running_totals(running, block_size) if block_size > 0 else None,
-        )
+        snapshot = snapshot_from_load(load, info, draining)
         self.built[info.instance_id] = (load, info, draining, snapshot)
         return snapshot
+
+
+def snapshot_from_load(load: InstanceLoad, info: EngineInfo, draining: bool) -> InstanceSnapshot:
+    """What dispatch and planning read of an instance, built from its heartbeat's load and its info."""
+    running = tuple(
+        RunningSnapshot(
+            request_id=r.request_id,
+            num_tokens=r.num_tokens,
+            num_blocks=r.num_blocks,
+            priority=r.priority,
+            decoding=r.decoding,
+        )
+        for r in load.running
+    )
+    block_size = info.block_size
+    return InstanceSnapshot(
+        instance_id=info.instance_id,
+        num_total_blocks=load.num_total_blocks,
+        num_free_blocks=load.num_free_blocks,
+        num_running=load.num_running,
+        num_waiting=load.num_waiting,
+        waiting_blocks=load.waiting_blocks,
+        head_waiting_blocks=load.head_waiting_blocks,
+        num_preempted=load.num_preempted,
+        draining=draining,
+        model=info.model,
+        block_size=block_size,
+        running=running,
+        # counted and summed while the requests just built are in the CPU cache, not again on dispatch's upsert
+        high_priority_count=sum(1 for r in running if r.priority > 0),
+        running_totals=running_totals(running, block_size) if block_size > 0 else None,
+    )
