@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from control.adaptive_budget import AdaptiveStepBudget
+from control.block_hash import vllm_block_hashes
 from engines.base import EngineError, EngineOutput, EngineRequest
 from engines.migration import FrozenRequest, KvEndpoint, MigrationAborted, ReservationRefused, StageReport
 from engines.prefix_listing import DEFAULT_MAX_BLOCKS
@@ -100,7 +101,9 @@ class _LoadLogger:
             self.kv_events.record_stats(prefix.queries, prefix.hits)
 
 
-def estimate_held_blocks(used_blocks: int, running: list[tuple[int, bool]], block_size: int) -> list[int]:
+def estimate_held_blocks(
+    used_blocks: int, running: list[tuple[int, bool]], block_size: int, cached: list[int] | None = None
+) -> list[int]:
     """KV blocks each running request holds, for the load report: ``running`` is (tokens, decoding) in
     admission order, ``used_blocks`` what vLLM's KV usage says is allocated.
 
@@ -110,15 +113,23 @@ def estimate_held_blocks(used_blocks: int, running: list[tuple[int, bool]], bloc
     engines report exactly that). vLLM's front end does not see a request's computed tokens, so the blocks
     used beyond the decoding requests' are given to the prefilling ones oldest first (vLLM schedules running
     requests in order, so the oldest prompt's chunks come first); without that a prompt being prefilled
-    counted as done, and the hold let requests through behind a long prompt that the simulator holds."""
+    counted as done, and the hold let requests through behind a long prompt that the simulator holds.
+
+    ``cached`` (per running request, the blocks of its prompt's prefix that the engine's prefix cache held
+    when it was admitted) is a floor for a prompt not decoding yet: vLLM takes those blocks at its first
+    schedule without computing them. vLLM's usage comes from its last step, so until the first step after
+    admission a prompt whose prefix is cached showed no blocks held, i.e. its whole prompt as work queued
+    on the instance that holds its prefix, and prefix-aware dispatch sent the next request with that
+    prefix elsewhere (CI, ``test_kv_routing_vllm``)."""
     full = [-(-tokens // block_size) for tokens, _ in running]
     left = used_blocks - sum(b for b, (_, decoding) in zip(full, running, strict=True) if decoding)
+    floors = cached if cached is not None else [0] * len(running)
     held = []
-    for blocks, (_, decoding) in zip(full, running, strict=True):
+    for blocks, (_, decoding), floor in zip(full, running, floors, strict=True):
         if decoding:
             held.append(blocks)
         else:
-            take = max(0, min(blocks, left))
+            take = max(0, min(floor, blocks), min(blocks, left))
             held.append(take)
             left -= take
     return held
@@ -130,6 +141,7 @@ class _Request:
 
     request: EngineRequest
     context_len: int  # prompt + resumed output tokens given to vLLM
+    cached_blocks: int = 0  # blocks of its context's prefix in the prefix cache at admission (load's floor)
     arrival: float = field(default_factory=time.monotonic)
     streamed: int = 0  # tokens generated here and yielded
     migration_id: str | None = None  # migrating out
@@ -435,7 +447,7 @@ class VllmEngine:
             # Warm-ups still in flight are not awaited: vLLM schedules them first (FCFS), so the resume
             # finds their blocks cached, or loads the rest from staging itself.
             self._preloads.pop(load_id, None)
-        state = _Request(request, len(context))
+        state = _Request(request, len(context), cached_blocks=self._cached_prefix_blocks(context, load_id))
         self._requests[rid] = state
         try:
             outputs = self._llm.generate(prompt, self._sampling_params(request, load_id), request_id=rid)
@@ -528,7 +540,10 @@ class VllmEngine:
         # a request still in its prefill holds only its computed chunks' blocks (the front end does not see
         # vLLM's num_computed_tokens; the KV usage says how many blocks they hold together)
         held = estimate_held_blocks(
-            self._num_blocks - self._free_blocks(), [(s.num_tokens, s.streamed > 0) for s in running], self.block_size
+            self._num_blocks - self._free_blocks(),
+            [(s.num_tokens, s.streamed > 0) for s in running],
+            self.block_size,
+            [s.cached_blocks for s in running],
         )
         return InstanceLoad(
             num_total_blocks=self._num_blocks,
@@ -549,6 +564,16 @@ class VllmEngine:
                 for s, blocks in zip(running, held, strict=True)
             ],
         )
+
+    def _cached_prefix_blocks(self, context: list[int], load_id: str | None) -> int:
+        """Blocks of ``context``'s prefix the prefix cache holds now, as its KV events say (0 without events,
+        and for a migrated request, whose blocks are cached under a salt of their own). vLLM computes at
+        least a prompt's last token, so a fully cached prompt counts one block less."""
+        listener = self._kv_listener
+        if listener is None or load_id is not None:
+            return 0
+        usable = (len(context) - 1) // self.block_size
+        return listener.cached_prefix_blocks(vllm_block_hashes(context, self.block_size, max_blocks=usable))
 
     def _free_blocks(self) -> int:
         return round((1.0 - self._stats.kv_cache_usage) * self._num_blocks)

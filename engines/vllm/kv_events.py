@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 from engines.prefix_listing import DEFAULT_MAX_BLOCKS, ChunkedListing, take_pending
@@ -82,6 +83,15 @@ class KvEventListener:
     def cached_hashes(self) -> set[int]:
         with self._lock:
             return set(self._cached)
+
+    def cached_prefix_blocks(self, hashes: Sequence[int]) -> int:
+        """How many of a prompt's chained block hashes, from the first on, the prefix cache holds now."""
+        with self._lock:
+            cached = self._cached
+            for depth, block_hash in enumerate(hashes):
+                if block_hash not in cached:
+                    return depth
+            return len(hashes)
 
     def record_stats(self, query_tokens: int, hit_tokens: int) -> None:
         """vLLM's prefix-cache counters of one step (from its stat logger)."""
