@@ -21,6 +21,10 @@ a submission got no ``Accepted`` / a "no responders" status) replays its inbox f
 submission that left no trace there is sent again with the same request id (Drover runs an id once). Chunks
 lost for good are filled from the final ``RequestDone`` (it carries every output token).
 
+Reads (``status``, ``autoscale_status``, ``policy`` without changes) are asked again while no control plane
+answers (a takeover, a lapsed lease) until their timeout, then fail with :class:`NoAnswerError`; commands
+(migrate, drain, set_phase, memory, policy changes) are sent once.
+
 Liveness: unless ``liveness=False``, a request's client answers probes on ``subjects.alive(inbox)``; when
 nothing answers there for ``lifecycle.client_gone_after_s``, Drover stops the request and frees its blocks.
 """

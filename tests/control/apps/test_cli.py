@@ -44,7 +44,7 @@ def test_status_instances_requests(cluster: InProcessCluster) -> None:
     assert code == 0 and "sim-0" in out and "dispatch: freeness" in out
     code, out = drover(cluster, "requests")
     assert code == 0 and "queued" in out
-    code, out = drover(cluster, "status", "--json")
+    code, out = drover(cluster, "status", "--json", "--timeout", "30")
     assert code == 0 and '"instances"' in out
     assert '"cached_blocks": -1' in out  # simulated engines report no prefix cache
 
