@@ -116,11 +116,13 @@ UNACKNOWLEDGED_REPAIR_S = 3.0
 REPAIR_GIVE_UP_S = 15.0
 # Read-only questions (status, autoscale status, reading the policy) are asked again until the caller's timeout
 # is spent: while a lone control plane's lease lapses (its loop starved past ha.lease_ttl_s) it answers
-# nothing for a moment, then leads again. A try waits a third of the timeout (at least READ_TRY_MIN_S) for an
-# answer; after "no responders" (nobody subscribed) the next try waits READ_PAUSE_S, doubling up to
-# READ_PAUSE_MAX_S.
+# nothing for a moment, then leads again. A try waits a third of the timeout (READ_TRY_MIN_S to READ_TRY_MAX_S)
+# for an answer; the next one uses the same inbox, so an answer that comes late still counts and a short wait
+# costs only a repeated question. After "no responders" (nobody subscribed) the next try waits READ_PAUSE_S,
+# doubling up to READ_PAUSE_MAX_S.
 READ_TRIES = 3
 READ_TRY_MIN_S = 1.0
+READ_TRY_MAX_S = 5.0
 READ_PAUSE_S = 0.1
 READ_PAUSE_MAX_S = 1.0
 
@@ -546,12 +548,12 @@ class DroverClient:
     async def _read(self, subject: str, data: bytes, timeout_s: float) -> Msg:
         """Request/reply for a read-only question, asked again until ``timeout_s`` is spent: after a "no
         responders" status (no control plane subscribed: a lapsed lease, a takeover) following a short pause,
-        and after a try left unanswered for a third of ``timeout_s`` (a control plane whose lease lapsed drops
-        what it was asked meanwhile). Every try uses one inbox, so a late answer to an earlier try still counts.
+        and after a try left unanswered for a third of ``timeout_s``, 1 to 5 s (a control plane whose lease
+        lapsed drops what it was asked meanwhile). Every try uses one inbox: a late answer to any try counts.
         Raises :class:`NoAnswerError` naming the tries; never use it for a command that changes something."""
         started = time.monotonic()
         deadline = started + timeout_s
-        try_s = max(READ_TRY_MIN_S, timeout_s / READ_TRIES)
+        try_s = min(READ_TRY_MAX_S, max(READ_TRY_MIN_S, timeout_s / READ_TRIES))
         pause = READ_PAUSE_S
         answers: asyncio.Queue[Msg] = asyncio.Queue()
 

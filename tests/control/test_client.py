@@ -17,6 +17,8 @@ import nats
 import nats.errors
 import pytest
 from nats.aio.msg import Msg
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
 
 from actors.leadership import LEASE_KEY, LeaseRecord
 from actors.local_cluster import InProcessCluster
@@ -26,7 +28,7 @@ from engines.tokenizer import ByteTokenizer
 from tests.waiting import wait_for
 from transport import subjects
 from transport.kv_store import open_bucket
-from transport.messages import StatusReply
+from transport.messages import StatusQuery, StatusReply, encode
 from transport.nats_server import EmbeddedNatsServer
 
 
@@ -162,6 +164,11 @@ async def test_a_command_left_unanswered_is_sent_once(quiet_url: str, client: Dr
         with pytest.raises(TimeoutError) as failed:
             await client.drain("sim-0", timeout_s=1.0)
         assert not isinstance(failed.value, NoAnswerError)
+
+        async def arrived() -> bool:
+            return len(silent.received) >= 1
+
+        await wait_for(arrived, 10, "the drain command")
         assert silent.nc is not None
         await silent.nc.flush()
         assert len(silent.received) == 1
@@ -169,58 +176,100 @@ async def test_a_command_left_unanswered_is_sent_once(quiet_url: str, client: Dr
         await silent.stop()
 
 
+async def lease_gone(kv: KeyValue) -> bool:
+    try:
+        await kv.get(LEASE_KEY)
+    except KeyNotFoundError:
+        return True
+    return False
+
+
 async def test_status_survives_a_lone_control_plane_whose_loop_starved_past_its_lease(
     quiet_url: str, client: DroverClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     """What CI saw with vLLM's processes hogging the CPU: the lone control plane's loop stalls past the lease
-    TTL, so its lease lapses (the bucket's TTL removes the key); what it is asked meanwhile it passes on for
-    another leader (there is none) or, once it stepped down, nobody is subscribed. It leads again a moment
-    later; a status read asked during the stall gets its answer."""
+    TTL and its lease lapses (the bucket's TTL removes the key); what it is asked meanwhile it passes on for
+    another leader (there is none) or, had it stepped down, nobody would be subscribed. It leads again a
+    moment later; a status read asked during the stall gets its answer."""
     ttl_s = 1.0
     cluster = await asyncio.to_thread(lone_control_plane, quiet_url, lease_ttl_s=ttl_s)
+    observer = await Silent().start(quiet_url, subjects.status("reads"))  # sees the query; never answers
+    release = threading.Event()
     try:
         assert isinstance(await client.status(), StatusReply)  # leading
-        assert cluster.control is not None and cluster.control_bus is not None
+        assert cluster.control_bus is not None
+        kv = await open_bucket(client.nc, cluster.settings.ha.lease_bucket, ttl_s=ttl_s, memory=True)
         stalled = threading.Event()
 
-        def starve() -> None:  # the control plane's bus loop (lease renewal, subscriptions) stops for 4 TTLs
+        def starve() -> None:  # the control plane's bus loop (lease renewal, its subscriptions) stops
             stalled.set()
-            time.sleep(4 * ttl_s)
+            release.wait(60)
 
         caplog.set_level(logging.INFO, logger="actors")
         cluster.control_bus.loop.call_soon_threadsafe(starve)
         assert await asyncio.to_thread(stalled.wait, 30)
-        status = await client.status(timeout_s=60)  # sent while the loop is stalled
+        await wait_for(lambda: lease_gone(kv), 30, "the stalled leader's lease to lapse")
+        asking = asyncio.get_running_loop().create_task(client.status(timeout_s=30))
+
+        async def asked() -> bool:
+            return len(observer.received) >= 1
+
+        await wait_for(asked, 30, "the status query to be sent while the loop is stalled")
+        release.set()
+        status = await asking
         assert isinstance(status, StatusReply)
         assert "scheduler" in status.actors
-        lapsed = ("lease taken again", "stepping down", "lost its lease", "passing on")
+        lapsed = ("lease taken again", "stepping down")  # the leader found its lease gone (or stepped down)
         assert any(word in r.getMessage() for r in caplog.records for word in lapsed), [
             r.getMessage() for r in caplog.records
         ]
     finally:
+        release.set()
+        await observer.stop()
         await asyncio.to_thread(cluster.stop)
 
 
 async def test_status_survives_the_lease_going_to_another_holder_and_back(quiet_url: str, client: DroverClient) -> None:
-    """A lone leader that loses its lease steps down (leaves every subject: status gets "no responders"), waits
-    until the other holder's lease lapses, and leads again; a status read asked meanwhile gets its answer."""
-    cluster = await asyncio.to_thread(lone_control_plane, quiet_url, lease_ttl_s=2.0, renew_period_s=0.5)
+    """A lone leader that loses its lease steps down (leaves every subject: status gets "no responders"), and
+    leads again once the other holder's lease lapses; a status read asked meanwhile gets its answer."""
+    ttl_s = 1.0
+    cluster = await asyncio.to_thread(lone_control_plane, quiet_url, lease_ttl_s=ttl_s)
     try:
         assert cluster.control is not None
-        assert isinstance(await client.status(), StatusReply)
-        kv = await open_bucket(client.nc, cluster.settings.ha.lease_bucket, ttl_s=2.0, memory=True)
-        now = time.time()
-        foreign = LeaseRecord(holder="gone-elsewhere", host="nowhere", pid=1, acquired_at=now, renewed_at=now)
-        await kv.put(LEASE_KEY, msgspec.msgpack.encode(foreign))  # another holder renewed once, then vanished
         plane = cluster.control
+        assert isinstance(await client.status(), StatusReply)
+        kv = await open_bucket(client.nc, cluster.settings.ha.lease_bucket, ttl_s=ttl_s, memory=True)
+        renewing = True
 
-        async def stepped_down() -> bool:
-            return not plane.leading
+        async def other_holder() -> None:  # takes the lease and renews it while `renewing`, then vanishes
+            while renewing:
+                now = time.time()
+                record = LeaseRecord(holder="elsewhere", host="nowhere", pid=1, acquired_at=now, renewed_at=now)
+                await kv.put(LEASE_KEY, msgspec.msgpack.encode(record))
+                await asyncio.sleep(ttl_s / 4)
+
+        holder = asyncio.get_running_loop().create_task(other_holder())
+
+        async def stepped_down() -> bool:  # it left the subjects: a plain request gets "no responders"
+            try:
+                await client.nc.request(subjects.status("reads"), encode(StatusQuery()), timeout=5)
+            except nats.errors.NoRespondersError:
+                return not plane.leading
+            except TimeoutError:  # passed on while it steps down, and dropped
+                return False
+            return False
 
         await wait_for(stepped_down, 30, "the control plane to step down")
-        status = await client.status(timeout_s=60)
+        asking = asyncio.get_running_loop().create_task(client.status(timeout_s=60))
+
+        async def asked_again() -> bool:
+            return client.read_retries >= 1
+
+        await wait_for(asked_again, 30, "the status read to be asked again (no leader)")
+        renewing = False
+        await holder
+        status = await asking
         assert isinstance(status, StatusReply)
-        assert plane.leading
-        assert client.read_retries >= 1
+        assert "scheduler" in status.actors
     finally:
         await asyncio.to_thread(cluster.stop)
