@@ -21,6 +21,10 @@ a submission got no ``Accepted`` / a "no responders" status) replays its inbox f
 submission that left no trace there is sent again with the same request id (Drover runs an id once). Chunks
 lost for good are filled from the final ``RequestDone`` (it carries every output token).
 
+Reads (``status``, ``autoscale_status``, ``policy`` without changes) are asked again while no control plane
+answers (a takeover, a lapsed lease) until their timeout, then fail with :class:`NoAnswerError`; commands
+(migrate, drain, set_phase, memory, policy changes) are sent once.
+
 Liveness: unless ``liveness=False``, a request's client answers probes on ``subjects.alive(inbox)``; when
 nothing answers there for ``lifecycle.client_gone_after_s``, Drover stops the request and frees its blocks.
 """
@@ -110,6 +114,17 @@ SILENT_REPAIR_S = 5.0  # a running request that sent nothing for this long is re
 # KV, which on a loaded host takes over a second; repairing sooner only resubmits (harmlessly) what runs.
 UNACKNOWLEDGED_REPAIR_S = 3.0
 REPAIR_GIVE_UP_S = 15.0
+# Read-only questions (status, autoscale status, reading the policy) are asked again until the caller's timeout
+# is spent: while a lone control plane's lease lapses (its loop starved past ha.lease_ttl_s) it answers
+# nothing for a moment, then leads again. A try waits a third of the timeout (READ_TRY_MIN_S to READ_TRY_MAX_S)
+# for an answer; the next one uses the same inbox, so an answer that comes late still counts and a short wait
+# costs only a repeated question. After "no responders" (nobody subscribed) the next try waits READ_PAUSE_S,
+# doubling up to READ_PAUSE_MAX_S.
+READ_TRIES = 3
+READ_TRY_MIN_S = 1.0
+READ_TRY_MAX_S = 5.0
+READ_PAUSE_S = 0.1
+READ_PAUSE_MAX_S = 1.0
 
 
 class ReplyError(DroverError):
@@ -120,6 +135,32 @@ class ReplyError(DroverError):
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
+
+
+class NoAnswerError(DroverError, TimeoutError):
+    """No control plane answered a read-only question within the caller's timeout, though it was asked again
+    after every "no responders" and every try left unanswered. A ``TimeoutError`` too, as a single
+    unanswered request was before."""
+
+    default_code = "no_answer"
+
+    def __init__(self, subject: str, timeout_s: float, no_responders: int, unanswered: int) -> None:
+        tries = no_responders + unanswered
+        outcomes = ", ".join(
+            part
+            for part in (
+                f"{no_responders} with no responders" if no_responders else "",
+                f"{unanswered} unanswered" if unanswered else "",
+            )
+            if part
+        )
+        super().__init__(
+            f"no control plane answered {subject} in {timeout_s:.1f} s "
+            f"({tries} {'try' if tries == 1 else 'tries'}: {outcomes})"
+        )
+        self.subject = subject
+        self.timeout_s = timeout_s
+        self.tries = tries
 
 
 @dataclass(slots=True)
@@ -421,6 +462,7 @@ class DroverClient:
         self._streams: dict[str, RequestStream] = {}  # inbox -> open stream (watched and repaired)
         self._watchdog: asyncio.Task[None] | None = None
         self.reconnects = 0
+        self.read_retries = 0  # read-only questions asked again (no responders, or a try left unanswered)
 
     async def _on_error(self, exc: Exception) -> None:
         found = _VIOLATION.search(str(exc))
@@ -492,12 +534,56 @@ class DroverClient:
         try:
             return await self.nc.request(subject, data, timeout=timeout_s)
         except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError):
-            if subject.lower() in self._denied:
-                raise ReplyError(
-                    PERMISSION_DENIED,
-                    f"this NATS user may not publish to {subject} (admin commands need operator credentials)",
-                ) from None
+            self._raise_if_denied(subject)
             raise
+
+    def _raise_if_denied(self, subject: str) -> None:
+        """A request that got no answer because the server refused this user the subject: say so."""
+        if subject.lower() in self._denied:
+            raise ReplyError(
+                PERMISSION_DENIED,
+                f"this NATS user may not publish to {subject} (admin commands need operator credentials)",
+            ) from None
+
+    async def _read(self, subject: str, data: bytes, timeout_s: float) -> Msg:
+        """Request/reply for a read-only question, asked again until ``timeout_s`` is spent: after a "no
+        responders" status (no control plane subscribed: a lapsed lease, a takeover) following a short pause,
+        and after a try left unanswered for a third of ``timeout_s``, 1 to 5 s (a control plane whose lease
+        lapsed drops what it was asked meanwhile). Every try uses one inbox: a late answer to any try counts.
+        Raises :class:`NoAnswerError` naming the tries; never use it for a command that changes something."""
+        started = time.monotonic()
+        deadline = started + timeout_s
+        try_s = min(READ_TRY_MAX_S, max(READ_TRY_MIN_S, timeout_s / READ_TRIES))
+        pause = READ_PAUSE_S
+        answers: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def on_answer(msg: Msg) -> None:
+            answers.put_nowait(msg)
+
+        sub = await self.nc.subscribe(self.nc.new_inbox(), cb=on_answer)
+        no_responders = unanswered = 0
+        try:
+            while True:
+                await self.nc.publish(subject, data, reply=sub.subject)
+                try_ends = min(deadline, time.monotonic() + try_s)
+                try:
+                    answer = await asyncio.wait_for(answers.get(), max(0.0, try_ends - time.monotonic()))
+                except TimeoutError:
+                    self._raise_if_denied(subject)
+                    unanswered += 1
+                else:
+                    if answer.data or not answer.headers or answer.headers.get("Status") != "503":
+                        return answer
+                    no_responders += 1
+                    await asyncio.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+                    pause = min(pause * 2, READ_PAUSE_MAX_S)
+                if time.monotonic() >= deadline:
+                    raise NoAnswerError(subject, timeout_s, no_responders, unanswered)
+                self.read_retries += 1
+                log.info("no answer on %s yet (%d tries): asking again", subject, no_responders + unanswered)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     async def _on_reconnected(self) -> None:
         """nats-py resubscribed; chunks sent while we were away are in the output stream: the watchdog
@@ -741,7 +827,9 @@ class DroverClient:
             raise ReplyError(ErrorCode.INTERNAL, f"unexpected reply {type(message).__name__}")
 
     async def status(self, *, timeout_s: float = 5.0) -> StatusReply:
-        reply = await self._request(self._subject("status"), encode(StatusQuery()), timeout_s)
+        """The cluster's status. Read-only: asked again while no control plane answers (a lapsed lease, a
+        takeover) until ``timeout_s`` is spent; then :class:`NoAnswerError`."""
+        reply = await self._read(self._subject("status"), encode(StatusQuery()), timeout_s)
         message = decode(reply.data)
         if isinstance(message, ErrorReply):
             raise ReplyError(message.code, message.message)
@@ -750,8 +838,9 @@ class DroverClient:
         return message
 
     async def autoscale_status(self, *, timeout_s: float = 5.0) -> AutoscaleStatusReply:
-        """The autoscaler's state and last decision (``drover autoscale``; operators' credentials)."""
-        reply = await self._request(subjects.admin("autoscale"), encode(AutoscaleStatusQuery()), timeout_s)
+        """The autoscaler's state and last decision (``drover autoscale``; operators' credentials). Read-only:
+        asked again like :meth:`status`."""
+        reply = await self._read(subjects.admin("autoscale"), encode(AutoscaleStatusQuery()), timeout_s)
         message = decode(reply.data)
         if isinstance(message, ErrorReply):
             raise ReplyError(message.code, message.message)
@@ -759,10 +848,13 @@ class DroverClient:
             raise ReplyError(ErrorCode.INTERNAL, f"unexpected reply {type(message).__name__}")
         return message
 
-    async def _admin(self, verb: str, message: Message, timeout_s: float) -> AdminReply:
+    async def _admin(self, verb: str, message: Message, timeout_s: float, *, read_only: bool = False) -> AdminReply:
+        """One admin request; ``read_only`` ones are asked again while no control plane answers (:meth:`_read`),
+        commands are sent once (a command whose answer was lost may have run: repeating it is the caller's call)."""
         if "operator" in type(message).__struct_fields__:
             message = msgspec.structs.replace(message, operator=self.operator)
-        reply = await self._request(subjects.admin(verb), encode(message), timeout_s)
+        ask = self._read if read_only else self._request
+        reply = await ask(subjects.admin(verb), encode(message), timeout_s)
         answer = decode(reply.data)
         if isinstance(answer, ErrorReply):
             raise ReplyError(answer.code, answer.message, answer.request_id)
@@ -792,9 +884,11 @@ class DroverClient:
         return await self._admin("memory", MemoryCommand(op=op, target=target), timeout_s)
 
     async def policy(self, changes: dict[str, str] | None = None, *, timeout_s: float = 5.0) -> dict[str, object]:
-        """Read (or, with ``changes``, set then read) the scheduler's policy parameters."""
-        message: Message = PolicyUpdate(changes=changes) if changes else PolicyQuery()
-        return dict((await self._admin("policy", message, timeout_s)).details)
+        """Read (or, with ``changes``, set then read) the scheduler's policy parameters. A read is asked again
+        while no control plane answers, like :meth:`status`; a change is sent once."""
+        if changes:
+            return dict((await self._admin("policy", PolicyUpdate(changes=changes), timeout_s)).details)
+        return dict((await self._admin("policy", PolicyQuery(), timeout_s, read_only=True)).details)
 
     async def wait_for_instances(self, count: int, *, timeout_s: float = 120.0) -> StatusReply:
         """Wait until ``count`` instances are serving (used by `drover up` and tests)."""

@@ -29,6 +29,7 @@ from control.apps.cli_common import (
     emit_json,
     fail,
     need_url,
+    read_timeout_option,
     set_root_options,
     setting_default,
 )
@@ -362,8 +363,8 @@ def _trace_path(s: Settings) -> str:
     return str(context_traces(s))
 
 
-def _status() -> Any:
-    return admin_call(lambda c: c.status())
+def _status(timeout_s: float) -> Any:
+    return admin_call(lambda c: c.status(timeout_s=timeout_s))
 
 
 def listing(title: str) -> Table:
@@ -425,9 +426,11 @@ def _requests_table(status: Any) -> Table:
 
 
 @app.command()
-def status(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+def status(
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP), timeout_s: float = read_timeout_option()
+) -> None:
     """Cluster overview: instances with load, queue, running requests, actor health."""
-    st = _status()
+    st = _status(timeout_s)
     if as_json:
         emit_json(st)
         return
@@ -441,9 +444,11 @@ def status(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> Non
 
 
 @app.command()
-def instances(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+def instances(
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP), timeout_s: float = read_timeout_option()
+) -> None:
     """Instances with their load."""
-    st = _status()
+    st = _status(timeout_s)
     if as_json:
         emit_json(st.instances)
         return
@@ -451,9 +456,11 @@ def instances(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> 
 
 
 @app.command("requests")
-def requests_cmd(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+def requests_cmd(
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP), timeout_s: float = read_timeout_option()
+) -> None:
     """Requests the control plane knows (queued and running)."""
-    st = _status()
+    st = _status(timeout_s)
     if as_json:
         emit_json(st.requests)
         return
@@ -526,7 +533,8 @@ def drain(
         ) as progress:
             task = progress.add_task(f"draining {instance_id}")
             while time.monotonic() < deadline:
-                status = await client.status()
+                # the wait's own deadline bounds each status read (asked again while no control plane answers)
+                status = await client.status(timeout_s=max(0.1, min(5.0, deadline - time.monotonic())))
                 inst = next((i for i in status.instances if i.info.instance_id == instance_id), None)
                 if inst is None:
                     return "gone"
@@ -564,9 +572,11 @@ def _print_policy(values: dict[str, Any], as_json: bool = False) -> None:
 
 
 @policy_app.command("get")
-def policy_get(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+def policy_get(
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP), timeout_s: float = read_timeout_option()
+) -> None:
     """Show the scheduler's current policy parameters."""
-    _print_policy(admin_call(lambda c: c.policy()), as_json)
+    _print_policy(admin_call(lambda c: c.policy(timeout_s=timeout_s)), as_json)
 
 
 @policy_app.command("set")

@@ -38,8 +38,10 @@ async def request_admin(
     nats_settings: Any = None,
     operator: str | None = None,
 ) -> Message:
-    """One request/reply on ``drover.v1.admin.<verb>`` (with the operator filled in, for the audit log); an
-    ErrorReply becomes a DroverError."""
+    """One request/reply on ``drover.v1.admin.<verb>`` (with the operator filled in, for the audit log). A
+    command (``scale``) is sent once: it must not be repeated behind the operator's back. The autoscaler's
+    status is read-only: it is asked again while no control plane answers (``DroverClient.autoscale_status``).
+    An ErrorReply becomes a DroverError."""
     import msgspec
 
     from control.apps.cli_common import CLI_CONNECT
@@ -51,6 +53,8 @@ async def request_admin(
     if "operator" in type(message).__struct_fields__:
         message = msgspec.structs.replace(message, operator=client.operator)
     try:
+        if isinstance(message, AutoscaleStatusQuery):
+            return await client.autoscale_status(timeout_s=timeout_s)
         reply = await client.nc.request(subjects.admin(verb), encode(message), timeout=timeout_s)
     finally:
         await client.close()
@@ -164,18 +168,19 @@ def register(app: typer.Typer) -> None:
         console.print(f"[{'green' if reply.ok else 'red'}]{reply.message}[/] {details}")
         raise typer.Exit(0 if reply.ok else 1)
 
+    from control.apps.cli_common import read_timeout_option
+
     @autoscale_app.command("status")
     def autoscale_status(
-        ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")
+        as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+        timeout_s: float = read_timeout_option(10.0),
     ) -> None:
         """Each level's inputs and last decision with its reason; recent scale events."""
 
-        from control.apps.cli import console
+        from control.apps.cli import admin_call, console
 
-        reply = _call(ctx, "autoscale", AutoscaleStatusQuery())
-        if not isinstance(reply, AutoscaleStatusReply):
-            console.print(f"[red]unexpected reply {type(reply).__name__}[/]")
-            raise typer.Exit(1)
+        # read-only: the client asks again while no control plane answers (a lapsed lease), until --timeout
+        reply: AutoscaleStatusReply = admin_call(lambda c: c.autoscale_status(timeout_s=timeout_s))
         if as_json:
             from control.apps.cli_common import emit_json
 

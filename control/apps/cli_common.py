@@ -45,6 +45,17 @@ EXIT_USAGE = 2
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
+READ_TIMEOUT_HELP = (
+    "Seconds to wait for an answer; meanwhile the question is asked again while no control plane answers "
+    "(a lapsed leader lease, a takeover)."
+)
+
+
+def read_timeout_option(default: float = 5.0) -> Any:
+    """``--timeout`` of a read-only command (status, instances, requests, policy get, autoscale status): the
+    client's overall timeout, within which it asks again (``DroverClient.status``)."""
+    return typer.Option(default, "--timeout", min=0.1, help=READ_TIMEOUT_HELP)
+
 
 class CliError(DroverError):
     """An error the CLI reports as one line, with ``exit_code`` (default :data:`EXIT_USAGE`)."""
@@ -80,12 +91,14 @@ def error_line(exc: BaseException) -> tuple[str, int]:
     """One line and an exit code for ``exc``, blaming what actually failed."""
     import nats.errors
 
-    from control.client import ReplyError
+    from control.client import NoAnswerError, ReplyError
     from control.settings import SettingsError
 
     where = describe_target()
     if isinstance(exc, CliError):
         return exc.message, exc.exit_code
+    if isinstance(exc, NoAnswerError):  # a read asked again until its timeout: name what was tried, and where
+        return f"{exc.message}; is one running at {where}? (`--timeout` waits longer)", EXIT_USAGE
     if isinstance(exc, SettingsError):
         return str(exc), EXIT_USAGE
     if isinstance(exc, ReplyError):  # the cluster answered, and the answer was no

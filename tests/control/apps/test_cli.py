@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from actors.local_cluster import InProcessCluster
 from control.apps.cli import app
 from tests.integration.conftest import make_sim_cluster
+from transport.nats_server import EmbeddedNatsServer
 
 runner = CliRunner()
 
@@ -43,7 +44,7 @@ def test_status_instances_requests(cluster: InProcessCluster) -> None:
     assert code == 0 and "sim-0" in out and "dispatch: freeness" in out
     code, out = drover(cluster, "requests")
     assert code == 0 and "queued" in out
-    code, out = drover(cluster, "status", "--json")
+    code, out = drover(cluster, "status", "--json", "--timeout", "30")
     assert code == 0 and '"instances"' in out
     assert '"cached_blocks": -1' in out  # simulated engines report no prefix cache
 
@@ -78,6 +79,41 @@ def test_no_control_plane_is_a_clear_error() -> None:
     result = runner.invoke(app, ["--nats-url", "nats://127.0.0.1:1", "status"])
     assert result.exit_code == 2
     assert "cannot reach NATS at nats://127.0.0.1:1" in result.output
+
+
+@pytest.fixture(scope="module")
+def quiet_url() -> Iterator[str]:
+    """A nats-server no control plane subscribes to."""
+    with EmbeddedNatsServer() as server:
+        yield server.url
+
+
+@pytest.mark.parametrize(
+    ("args", "subject"),
+    [
+        (["status"], "drover.v1.admin.status."),
+        (["instances"], "drover.v1.admin.status."),
+        (["requests"], "drover.v1.admin.status."),
+        (["policy", "get"], "drover.v1.admin.policy"),
+        (["autoscale", "status"], "drover.v1.admin.autoscale"),
+    ],
+)
+def test_a_read_nobody_answers_is_one_line_naming_the_tries(quiet_url: str, args: list[str], subject: str) -> None:
+    result = runner.invoke(app, ["--nats-url", quiet_url, *args, "--timeout", "1.5"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert lines[0].startswith(f"drover: error: no control plane answered {subject}"), lines[0]
+    assert " in 1.5 s (" in lines[0] and "no responders" in lines[0]  # --timeout reached the client
+    assert quiet_url in lines[0]
+
+
+def test_a_command_nobody_answers_is_not_repeated(quiet_url: str) -> None:
+    result = runner.invoke(app, ["--nats-url", quiet_url, "drain", "sim-0", "--no-wait"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == (
+        f"drover: error: nothing answers on NATS at {quiet_url}: is a control plane running there?"
+    )
 
 
 def test_config_show_reflects_flags_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
