@@ -120,6 +120,15 @@ class DispatchParams:
     between decode-heavy work's TTFT (fewer holds) and long prompts' clean decodes (fewer preemptions): 1 fixed
     a short-prompt, long-output point's p99 TTFT but raised Azure's preemptions 37 to 237, so ``drover``
     keeps -1 (docs/policies.md, "Why the hold persists")."""
+    predict_hold_growth_share: float = 0.0
+    """``predictive`` dispatch with ``predict_hold``: the hold test's growth reserve on an instance (the hold
+    reserve per hosted request x its hosted requests) is at most this share of its free room (free blocks less
+    what is queued there); 0 = off (the whole reserve). The reserve forecasts every hosted request growing for
+    the whole window with none completing; on a pool that is small against the reserve (ten short requests on a
+    96-block instance reserve 40 of its 50 free blocks) that forecast holds requests for growth the hosted
+    requests' own completions pay back. With the bound a request starts where it leaves the hosted requests at
+    least this share of the free room. Long prompts on a large pool are never near the bound, so their
+    decisions stay as without it. ``drover``: 0.5. docs/policies.md, "Growth reserve bounded by free room"."""
     predict_hold_prefill_tokens: int = 0
     """``predictive`` dispatch with ``predict_hold``: an instance takes a new request only while the prefill
     work queued on it (waiting prompts, dispatched-but-unreported ones and the unprefilled rest of running
@@ -159,6 +168,7 @@ class PolicyParams:
     predict_hold_physical: bool = False
     predict_decode_stall: float = 0.0
     predict_hold_growth_blocks: int = -1
+    predict_hold_growth_share: float = 0.0
     predict_hold_prefill_tokens: int = 0
     step_budget_slo_share: float = 0.0
     """SLO-sized step budget (local control, read when an instance starts): each instance's per-step token
@@ -251,6 +261,7 @@ always empties."""
             predict_hold_physical=self.predict_hold_physical,
             predict_decode_stall=self.predict_decode_stall,
             predict_hold_growth_blocks=self.predict_hold_growth_blocks,
+            predict_hold_growth_share=self.predict_hold_growth_share,
             predict_hold_prefill_tokens=self.predict_hold_prefill_tokens,
         )
 
@@ -311,6 +322,8 @@ always empties."""
             raise ValueError("queue_backfill_scan must be >= 1")
         if self.predict_hold_growth_blocks < -1:
             raise ValueError("predict_hold_growth_blocks must be >= 0, or -1 (predict_growth_blocks)")
+        if not 0 <= self.predict_hold_growth_share <= 1:
+            raise ValueError("predict_hold_growth_share must be in [0, 1] (0 = off)")
         if self.predict_interference < 0:
             raise ValueError("predict_interference must be >= 0 (0 = off)")
         if self.predict_hold_prefill_tokens < 0:
