@@ -11,11 +11,13 @@ KV pools are kept small so that bursts exhaust them (preemption or queueing), as
                                         [--plot DIR]
 
 ``--policies`` picks other configurations by name, among them ``drover`` (the recommended keys, as
-``drover sim run --policy drover`` uses them) and ``drover-nohold`` (the same with
-``predict_hold_prefill_tokens=0``: the prefill-backlog hold off). ``--seeds N`` replays N workloads (seeds
-``--seed`` ... ``--seed``+N-1), a fresh cluster per policy and seed, and prints each point per seed and the
-mean ± stdev over seeds. ``--long-share F`` makes a fraction F of the prompts long (uniform between
-``--long-min`` and max_model_len/2 tokens): the bursts of long prompts the prefill-backlog hold acts on.
+``drover sim run --policy drover`` uses them), ``drover-nohold`` (the same with
+``predict_hold_prefill_tokens=0``: the prefill-backlog hold off) and ``drover-noshare`` (the same with
+``predict_hold_growth_share=0``: the hold test's growth reserve not bounded by the free room). ``--seeds N``
+replays N workloads (seeds ``--seed`` ... ``--seed``+N-1), a fresh cluster per policy and seed, and prints
+each point per seed and the mean ± stdev over seeds. ``--long-share F`` makes a fraction F of the prompts long
+(uniform between ``--long-min`` and max_model_len/2 tokens): the bursts of long prompts the prefill-backlog
+hold acts on.
 Attainment: the share of requests whose TTFT is within ``--slo-ttft-ms`` and whose mean inter-token gap is
 within ``--slo-tpot-ms``.
 """
@@ -47,18 +49,22 @@ CONFIGS = {
     "llumnix": {"dispatch_policy": "freeness", "migration_enabled": True},
 }
 DEFAULT_CONFIGS = ("round_robin", "infaas++", "llumnix")
+DROVER_CONFIGS = ("drover", "drover-nohold", "drover-noshare")
 
 
 def policy_overrides(name: str) -> dict[str, object]:
-    """The ``[policy]`` settings of configuration ``name`` (:data:`CONFIGS`, ``drover``, ``drover-nohold``)."""
+    """The ``[policy]`` settings of configuration ``name`` (:data:`CONFIGS`, ``drover``, ``drover-nohold``,
+    ``drover-noshare``)."""
     if name in CONFIGS:
         return dict(CONFIGS[name])
-    if name in ("drover", "drover-nohold"):
+    if name in DROVER_CONFIGS:
         params = user_policy_params("drover")
         if name == "drover-nohold":
             params = dataclasses.replace(params, predict_hold_prefill_tokens=0)
+        elif name == "drover-noshare":
+            params = dataclasses.replace(params, predict_hold_growth_share=0.0)
         return dataclasses.asdict(params)
-    raise SystemExit(f"unknown policy {name!r}; choose from {', '.join((*CONFIGS, 'drover', 'drover-nohold'))}")
+    raise SystemExit(f"unknown policy {name!r}; choose from {', '.join((*CONFIGS, *DROVER_CONFIGS))}")
 
 
 @dataclass(frozen=True)

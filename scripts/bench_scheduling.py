@@ -888,6 +888,9 @@ def ablation_variants() -> dict[str, PolicyParams]:
         # engines keep at most one full step of prompt work queued, the rest waits in the cluster queue (issue
         # 17, round 29; drover's default since)
         "drover - prefill hold": dataclasses.replace(drover, predict_hold_prefill_tokens=0),
+        # the hold test's growth reserve bounded by half the free room (issue 17, round 30; drover's default
+        # since): without the bound, as drover was before
+        "drover - growth share": dataclasses.replace(drover, predict_hold_growth_share=0.0),
         "drover": drover,
     }
 

@@ -652,7 +652,12 @@ class PredictiveIndex(_IndexBase):
         # ``predict_hold_growth_blocks`` per hosted request, 0 with ``predict_hold_physical``; the full reserve
         # weighs in the load key below)
         if params.predict_hold:
-            room = -float(total - (used_queued + extra_blocks + self._hold_growth * (hosted + entry.extra_waiting)))
+            free = total - used_queued - extra_blocks
+            held_back: float = self._hold_growth * (hosted + entry.extra_waiting)
+            share = self._hold_share
+            if share and held_back > share * free:  # the reserve bounded by a share of the free room (0: off)
+                held_back = share * free if free > 0 else 0
+            room = -float(free - held_back)
         else:
             room = None
         load = demand / total
@@ -665,6 +670,8 @@ class PredictiveIndex(_IndexBase):
     def __init__(self, params: DispatchParams) -> None:
         # the hold test's growth reserve per hosted request (the params are fixed for the index's life)
         self._hold_growth = _hold_growth(params)
+        # and the share of an instance's free room that reserve may take at most (0: no bound)
+        self._hold_share = params.predict_hold_growth_share
         super().__init__(params)
         # late binding: per model pool, the held request that reserved an instance, the instance, and how
         # many other decisions have passed since that request was last asked about
@@ -755,7 +762,12 @@ class PredictiveIndex(_IndexBase):
         extra_waiting = entry.extra_waiting
         demand = used_queued + extra_blocks + params.predict_growth_blocks * (hosted + extra_waiting)
         if params.predict_hold:
-            room = -float(total - (used_queued + extra_blocks + self._hold_growth * (hosted + extra_waiting)))
+            free = total - used_queued - extra_blocks
+            held_back: float = self._hold_growth * (hosted + extra_waiting)
+            share = self._hold_share
+            if share and held_back > share * free:  # ``_keys``' bound on the reserve
+                held_back = share * free if free > 0 else 0
+            room = -float(free - held_back)
         else:
             room = None
         load = demand / total

@@ -46,6 +46,7 @@ RECOMMENDED_DISPATCH: Mapping[str, object] = {
     "queue_backfill_scan": 4,
     "predict_prefill_blocks": True,
     "predict_hold_prefill_tokens": 2048,
+    "predict_hold_growth_share": 0.5,
 }
 """Late binding: a request no instance can start now waits in the scheduler's queue, with one EASY-backfilling
 reservation (docs/policies.md, "Late binding"); and prefix-aware: an instance caching the prompt's prefix wins
@@ -65,7 +66,9 @@ fix the sweep's prefill-heavy TPOT flags but cost Mooncake's attainment (docs/po
 prompts beside decodes"). Prefill-backlog hold (``predict_hold_prefill_tokens``, round 29): an instance takes a
 request only while at most 2,048 prompt tokens (vLLM's default step budget) are queued on it, so under a prefill
 burst the backlog waits in the one cluster queue, not in each engine's (docs/policies.md, "Prefill-backlog
-hold")."""
+hold"). The hold test's growth reserve takes at most half an instance's free room (``predict_hold_growth_share``,
+round 30): on a small pool the full reserve held requests for growth that the hosted requests' completions pay
+back (docs/policies.md, "Growth reserve bounded by free room")."""
 
 RECOMMENDED_MIGRATION: Mapping[str, object] = {
     "migration_cost_aware": True,

@@ -91,7 +91,11 @@ class _ReferenceDrover:
         physical = demand  # predict_hold_physical: the hold test's room leaves the growth reserve out
         demand += p.predict_growth_blocks * (s.num_running + s.num_waiting + waiting)
         load = demand / total
-        room = -float(total - (physical + self.hold_growth() * (s.num_running + s.num_waiting + waiting)))
+        free = total - physical
+        held_back = float(self.hold_growth() * (s.num_running + s.num_waiting + waiting))
+        if p.predict_hold_growth_share > 0:  # the reserve takes at most this share of the free room
+            held_back = min(held_back, p.predict_hold_growth_share * max(0, free))
+        room = -float(free - held_back)
         if load >= p.predict_high_watermark:
             return (1.0, load, 0.0), room
         ahead = float((s.waiting_blocks + blocks) * s.block_size + prefilling)
@@ -304,6 +308,8 @@ def _feed(indexes: tuple[PrefixIndex, ...], seq: int, rng: random.Random, iid: s
         (8, True, 1, None, True),
         (9, True, False, None, False),
         (10, True, False, 1.0, False),
+        (11, True, False, None, True),
+        (12, True, False, None, False),
     ],
 )
 def test_drover_dispatch_decides_as_a_full_scan(
@@ -318,6 +324,8 @@ def test_drover_dispatch_decides_as_a_full_scan(
         params = dataclasses.replace(params, predict_hold_physical=True)
     elif physical is not False:  # a smaller growth reserve in the hold test (opt-in, predict_hold_growth_blocks)
         params = dataclasses.replace(params, predict_hold_growth_blocks=physical)
+    if seed in (11, 12):  # the hold reserve unbounded by the free room (predict_hold_growth_share off)
+        params = dataclasses.replace(params, predict_hold_growth_share=0.0)
     if stall is not None:  # the decode-stall rule (opt-in): at weight 1, and at a weight where ties are rare
         params = dataclasses.replace(params, predict_decode_stall=stall)
     if (

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from control.policy.dispatch import RESERVATION_EXPIRY_DECISIONS, DispatchIndex, make_dispatch_policy
 from control.policy.params import DispatchParams
 from control.policy.snapshots import InstanceSnapshot, RequestDemand, RunningSnapshot
@@ -137,4 +139,50 @@ def test_hold_growth_blocks_lets_a_small_prompt_start_among_many_small_decodes()
     assert (
         index_of(crowded, params=dataclasses.replace(HOLD, predict_hold_growth_blocks=-1)).choose(demand("small", 4))
         is None
+    )
+
+
+def test_growth_share_bounds_the_reserve_by_the_free_room() -> None:
+    # ten small decodes on a small pool: the hold reserve (10 x 4 = 40 blocks) leaves 50 - 40 = 10 blocks of
+    # room, so a 15-block prompt (15 + 4) is held though the instance has 50 blocks free; bounded by half the
+    # free room (predict_hold_growth_share 0.5) the reserve is 25 and the prompt starts: 50 - 25 = 25 >= 19
+    crowded = snap("a", 50, running=10, total=96)
+    assert index_of(crowded).choose(demand("r", 15)) is None
+    bounded = dataclasses.replace(HOLD, predict_hold_growth_share=0.5)
+    assert index_of(crowded, params=bounded).choose(demand("r", 15)) == "a"
+    # the newcomer still leaves the hosted requests half the free room: 27 + 4 > 25, held
+    assert index_of(crowded, params=bounded).choose(demand("big", 27)) is None
+
+
+def test_growth_share_leaves_a_reserve_under_the_bound_as_it_is() -> None:
+    # two decodes with 60 free blocks: the reserve (8) is under half the free room (30), so the bound changes
+    # nothing: room 52, a 48-block prompt (48 + 4) starts and a 49-block one is held, with the bound or without
+    roomy = snap("a", 60, running=2)
+    bounded = dataclasses.replace(HOLD, predict_hold_growth_share=0.5)
+    for params in (HOLD, bounded):
+        assert index_of(roomy, params=params).choose(demand("fits", 48)) == "a"
+        assert index_of(roomy, params=params).choose(demand("over", 49)) is None
+
+
+def test_growth_share_follows_dispatches_until_the_next_report() -> None:
+    # each dispatch takes its blocks from the free room, so the bound shrinks with it: 50 free, 10 hosted, half
+    # the free room reserved; after a 15-block dispatch 35 are free, the reserve is 17.5 (under 11 x 4), room
+    # 17.5: a second 15-block prompt (15 + 4) is held, a 13-block one (13 + 4) starts
+    bounded = dataclasses.replace(HOLD, predict_hold_growth_share=0.5)
+    index = index_of(snap("a", 50, running=10, total=96), params=bounded)
+    assert index.choose(demand("r1", 15)) == "a"
+    index.on_dispatched("a", demand("r1", 15))
+    assert index.choose(demand("r2", 13)) == "a"
+    index.on_dispatched("a", demand("r2", 13))
+    # 22 free, 12 hosted: room 11 < 15 + 4, and a has requests running (no idle exception): held
+    assert index.choose(demand("r3", 15)) is None
+
+
+def test_growth_share_rejects_values_outside_zero_to_one() -> None:
+    from control.policy.params import PolicyParams
+
+    with pytest.raises(ValueError, match="predict_hold_growth_share"):
+        PolicyParams().with_updates(predict_hold_growth_share="1.5")
+    assert (
+        PolicyParams().with_updates(predict_hold_growth_share="0.5").dispatch_params().predict_hold_growth_share == 0.5
     )
