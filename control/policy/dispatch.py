@@ -652,12 +652,9 @@ class PredictiveIndex(_IndexBase):
         # ``predict_hold_growth_blocks`` per hosted request, 0 with ``predict_hold_physical``; the full reserve
         # weighs in the load key below)
         if params.predict_hold:
-            free = total - used_queued - extra_blocks
-            held_back: float = self._hold_growth * (hosted + entry.extra_waiting)
-            share = self._hold_share
-            if share and held_back > share * free:  # the reserve bounded by a share of the free room (0: off)
-                held_back = share * free if free > 0 else 0
-            room = -float(free - held_back)
+            room = _hold_room(
+                total - used_queued - extra_blocks, self._hold_growth * (hosted + entry.extra_waiting), self._hold_share
+            )
         else:
             room = None
         load = demand / total
@@ -762,12 +759,9 @@ class PredictiveIndex(_IndexBase):
         extra_waiting = entry.extra_waiting
         demand = used_queued + extra_blocks + params.predict_growth_blocks * (hosted + extra_waiting)
         if params.predict_hold:
-            free = total - used_queued - extra_blocks
-            held_back: float = self._hold_growth * (hosted + extra_waiting)
-            share = self._hold_share
-            if share and held_back > share * free:  # ``_keys``' bound on the reserve
-                held_back = share * free if free > 0 else 0
-            room = -float(free - held_back)
+            room = _hold_room(
+                total - used_queued - extra_blocks, self._hold_growth * (hosted + extra_waiting), self._hold_share
+            )
         else:
             room = None
         load = demand / total
@@ -1085,6 +1079,15 @@ def _hold_growth(params: DispatchParams) -> int:
         return 0
     hold = params.predict_hold_growth_blocks
     return params.predict_growth_blocks if hold < 0 else hold
+
+
+def _hold_room(free: int, reserve: int, share: float) -> float:
+    """The hold test's key (minus the room a new prompt may take): the free room less the hosted requests'
+    growth reserve, which takes at most ``share`` of the free room (``predict_hold_growth_share``; 0: all of
+    it)."""
+    if share and reserve > share * free:
+        return -(free - share * free) if free > 0 else -float(free)
+    return -float(free - reserve)
 
 
 def _prefill_ahead(entry: _Entry) -> int:
