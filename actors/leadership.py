@@ -149,6 +149,13 @@ class Leadership:
             self._valid_until = started + self.ttl_s
             return True
         except KeyWrongLastSequenceError:
+            own = await self._own_revision()
+            if own is not None:
+                # a renewal whose reply was lost (a timeout on a starved loop) was applied all the same: the
+                # key moved under our own name, not another control plane's; carry on from its revision
+                self.revision = own
+                log.warning("%s: a renewal reported as failed had been applied; lease kept", self.holder)
+                return await self.renew()
             if await self._lease_vanished():
                 try:  # the bucket came back empty (a restarted single NATS server): take the lease again
                     self.revision = await self.kv.create(LEASE_KEY, self._value())
@@ -167,6 +174,18 @@ class Leadership:
                 return False
             log.warning("lease renewal failed (%r); retrying", exc)
             return True
+
+    async def _own_revision(self) -> int | None:
+        """The lease key's revision when the record there names this holder (None: another's, gone or unread)."""
+        assert self.kv is not None
+        try:
+            entry = await self.kv.get(LEASE_KEY)
+            record = msgspec.msgpack.decode(entry.value or b"", type=LeaseRecord)
+        except Exception:
+            return None
+        if record.holder != self.holder or not entry.revision or entry.revision == self.revision:
+            return None
+        return entry.revision
 
     async def _lease_vanished(self) -> bool:
         assert self.kv is not None

@@ -7,10 +7,11 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
+import msgspec
 import nats
 import pytest
 
-from actors.leadership import Leadership
+from actors.leadership import LEASE_KEY, Leadership, LeaseRecord
 from transport.kv_store import KvWriter, delete_bucket, kv_key, open_bucket, read_all
 
 
@@ -28,6 +29,10 @@ async def _pair(nc: nats.NATS, ttl_s: float = 1.0) -> tuple[Leadership, Leadersh
     await one.open()
     await two.open()
     return one, two, bucket
+
+
+def _record(holder: str) -> bytes:
+    return msgspec.msgpack.encode(LeaseRecord(holder=holder, host="h", pid=1, acquired_at=0.0, renewed_at=0.0))
 
 
 async def test_one_holder_and_release_hands_over(nc: nats.NATS) -> None:
@@ -74,6 +79,27 @@ async def test_renewal_keeps_the_lease(nc: nats.NATS) -> None:
             assert await one.renew()
             assert not await two.try_acquire()
         assert one.is_leader()
+    finally:
+        await delete_bucket(nc, bucket)
+
+
+async def test_a_renewal_applied_though_reported_failed_keeps_the_lease(nc: nats.NATS) -> None:
+    """A renewal whose reply was lost (a timeout on a starved loop) moved the key under the leader's own name:
+    the next renewal must keep the lease, not take it for another control plane's (CI: a lone control plane
+    stepped down and stood by, and status and drain went unanswered)."""
+    one, two, bucket = await _pair(nc)
+    try:
+        assert await one.try_acquire()
+        assert one.kv is not None
+        applied = await one.kv.update(LEASE_KEY, _record("one"), last=one.revision)  # the "lost" renewal
+        assert applied != one.revision
+        assert await one.renew()
+        assert one.is_leader() and one.revision > applied
+        # another holder's write is still a lost lease
+        assert two.kv is not None
+        await two.kv.update(LEASE_KEY, _record("two"), last=one.revision)
+        assert not await one.renew()
+        assert not one.is_leader()
     finally:
         await delete_bucket(nc, bucket)
 
