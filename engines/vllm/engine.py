@@ -573,6 +573,9 @@ class VllmEngine:
         if listener is None or load_id is not None:
             return 0
         usable = (len(context) - 1) // self.block_size
+        # most prompts miss at their first block: hash one block before hashing them all (once per admission)
+        if usable == 0 or not listener.cached_prefix_blocks(vllm_block_hashes(context, self.block_size, max_blocks=1)):
+            return 0
         return listener.cached_prefix_blocks(vllm_block_hashes(context, self.block_size, max_blocks=usable))
 
     def _free_blocks(self) -> int:
